@@ -1,0 +1,1 @@
+"""The harness: parity matrix, benchmarks, overheads, reports and the `fusedmlp` CLI."""

@@ -1,0 +1,53 @@
+"""TileConfig: one tiling for a kernel launch, read by both stacks.
+
+A configuration tuned on one side can be pinned on the other and the two kernels compared bit for bit.
+Field names follow Triton's tutorials (BLOCK_M/N/K, GROUP_M, num_warps, num_stages); the Pallas twins
+read the same fields into BlockSpecs and `CompilerParams`, the Mosaic GPU siblings into their tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        # tl.dot / wgmma need every tile dimension to be a power of two of at least 16.
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not _is_power_of_two(value):
+                raise ValueError(f"{name}: expected a power of two >= 16, got {value!r}")
+            if value < 16:
+                raise ValueError(f"{name}: expected a power of two >= 16, got {value}")
+        if not isinstance(self.group_m, int) or self.group_m < 1:
+            raise ValueError(f"group_m: expected a positive int, got {self.group_m!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected one of (1, 2, 4, 8, 16), got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"num_stages: expected a positive int, got {self.num_stages!r}")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TileConfig:
+        return cls(**data)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
+            f"w{self.num_warps} s{self.num_stages}"
+        )

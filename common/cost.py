@@ -1,0 +1,71 @@
+"""FLOP and byte formulas for a spec and a batch size M, defined once.
+
+FLOPs count the matrix products only (2·M·K·N per product, two products for a gated layer); the
+elementwise epilogue is under 0.1% of them at every preset. Bytes are the fewest that must cross device
+memory: each input read once and each output written once, for two ways of running the MLP:
+
+- `per_layer`: one kernel per layer (the `triton`, `pallas_*` paths and the baselines at their best):
+  every hidden layer is written once and read once more by the next layer.
+- `whole`: the whole MLP in one kernel (`fused_small`, `fused_decode`): only x, params and y move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .dtypes import numpy_dtype
+from .params import param_shapes
+from .spec import MLPSpec
+
+
+def flops(spec: MLPSpec, m: int) -> int:
+    total = 0
+    for layer in spec.layers():
+        products = 2 if layer.gated else 1
+        total += 2 * m * layer.d_in * layer.d_out * products
+    return total
+
+
+def param_bytes(spec: MLPSpec) -> int:
+    itemsize = numpy_dtype(spec.dtype).itemsize
+    return sum(itemsize * _numel(shape) for shape in param_shapes(spec).values())
+
+
+def min_bytes(spec: MLPSpec, m: int, *, whole: bool = False) -> int:
+    itemsize = numpy_dtype(spec.dtype).itemsize
+    io = itemsize * m * (spec.d_in + spec.d_out)
+    hidden = 0 if whole else 2 * itemsize * m * sum(spec.widths[1:-1])
+    return param_bytes(spec) + io + hidden
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The roofline floor of one case at measured ceilings."""
+
+    flops: int
+    bytes: int
+    compute_s: float
+    memory_s: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.compute_s, self.memory_s)
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+def floor(
+    spec: MLPSpec, m: int, *, flops_per_s: float, bytes_per_s: float, whole: bool = False
+) -> Floor:
+    """Time floor at the given ceilings: max(FLOPs / matmul rate, bytes / copy bandwidth)."""
+    f, b = flops(spec, m), min_bytes(spec, m, whole=whole)
+    return Floor(f, b, f / flops_per_s, b / bytes_per_s)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,211 @@
+"""Golden files: reference inputs and float64 outputs that both stacks' tests read.
+
+Each case is one `.npz` (written with fixed zip timestamps and no compression, so regeneration is
+bit-identical) holding the inputs in the spec dtype (bfloat16 as raw uint16 bits), the float64
+reference output `y`, the output with the kernels' storage rounding `y_rounded`, and float64
+gradients `grad_x`, `grad_<param>` of `sum(y * dy)`. `MANIFEST.json` lists every case with its spec
+and the SHA-256 of its file.
+
+Regenerate with `python -m fusedmlp.common.golden` (add `--check` to verify instead of writing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import reference
+from ..dtypes import DTYPES, numpy_dtype
+from ..params import init_params, make_grad_output, make_input
+from ..spec import ACTIVATIONS, MLPSpec
+
+GOLDEN_DIR = Path(__file__).resolve().parent
+MANIFEST = "MANIFEST.json"
+FORMAT_VERSION = 1
+
+# Odd sizes, multiples of neither 8 nor 16, so every kernel needs masks on every edge.
+ODD_WIDTHS = (33, 67, 21)
+ODD_M = 19
+
+
+@dataclass(frozen=True)
+class CaseDef:
+    name: str
+    spec: MLPSpec
+    lead_shape: tuple[int, ...]  # x is [*lead_shape, d_in]
+    seed: int
+    nan_at: tuple[int, ...] | None = None  # an x element set to NaN
+
+
+@dataclass
+class GoldenCase:
+    name: str
+    spec: MLPSpec
+    x: np.ndarray
+    params: dict[str, np.ndarray]
+    dy: np.ndarray
+    y: np.ndarray
+    y_rounded: np.ndarray
+    grads: dict[str, np.ndarray]
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(self.name.split("-"))
+
+
+def case_defs() -> list[CaseDef]:
+    """Every activation × dtype × bias at odd sizes, plus multi-layer, 3-D, M=1 and NaN cases."""
+    defs = []
+    seed = 100
+    for activation in ACTIVATIONS:
+        for dtype in DTYPES:
+            for bias in (True, False):
+                spec = MLPSpec(ODD_WIDTHS, activation, bias, dtype)
+                name = f"{activation}-{dtype}-{'bias' if bias else 'nobias'}"
+                defs.append(CaseDef(name, spec, (ODD_M,), seed))
+                seed += 1
+    defs += [
+        CaseDef("deep-gelu_tanh-float16", MLPSpec((29, 72, 40, 56, 13), "gelu_tanh", True, "float16"),
+                (23,), 200),
+        CaseDef("deep-swiglu-bfloat16", MLPSpec((24, 40, 56, 24), "swiglu", False, "bfloat16"),
+                (37,), 201),
+        CaseDef("batch3d-silu-float32", MLPSpec(ODD_WIDTHS, "silu", True, "float32"), (3, 5), 202),
+        CaseDef("m1-swiglu-bfloat16", MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16"), (1,), 203),
+        CaseDef("tf32-gelu-float32", MLPSpec(ODD_WIDTHS, "gelu", True, "float32", "tf32"), (ODD_M,),
+                204),
+        CaseDef("nan-relu-float32", MLPSpec(ODD_WIDTHS, "relu", True, "float32"), (ODD_M,), 205,
+                nan_at=(4, 7)),
+    ]
+    return defs
+
+
+def build_case(d: CaseDef) -> GoldenCase:
+    params = init_params(d.spec, seed=d.seed)
+    x = make_input(d.spec, d.lead_shape, seed=d.seed + 10_000)
+    if d.nan_at is not None:
+        x[d.nan_at] = np.nan
+    dy = make_grad_output(d.spec, d.lead_shape, seed=d.seed + 20_000)
+    y = reference.forward(d.spec, x, params)
+    y_rounded = reference.forward(d.spec, x, params, round_hidden=True)
+    grads = reference.backward(d.spec, x, params, dy)
+    return GoldenCase(d.name, d.spec, x, params, dy, y, y_rounded, grads)
+
+
+# ---- file format ---------------------------------------------------------------------------------
+def _to_storable(a: np.ndarray) -> np.ndarray:
+    if a.dtype == numpy_dtype("bfloat16"):
+        return a.view(np.uint16)  # .npy has no bfloat16; keep the raw bits
+    return a
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key in sorted(arrays):
+            item = io.BytesIO()
+            np.lib.format.write_array(item, np.ascontiguousarray(_to_storable(arrays[key])),
+                                      allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, item.getvalue())
+    return buf.getvalue()
+
+
+def _case_arrays(case: GoldenCase) -> dict[str, np.ndarray]:
+    arrays = {"x": case.x, "dy": case.dy, "y": case.y, "y_rounded": case.y_rounded}
+    arrays.update({f"param_{k}": v for k, v in case.params.items()})
+    arrays.update({f"grad_{k}": v for k, v in case.grads.items()})
+    return arrays
+
+
+def render() -> tuple[dict[str, bytes], dict]:
+    """Every case's file contents and the manifest, computed from the reference."""
+    files, entries = {}, {}
+    for d in case_defs():
+        case = build_case(d)
+        data = _npz_bytes(_case_arrays(case))
+        fname = f"{d.name}.npz"
+        files[fname] = data
+        entries[d.name] = {
+            "file": fname,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "spec": d.spec.to_dict(),
+            "x_shape": list(case.x.shape),
+            "seed": d.seed,
+            "nan_at": list(d.nan_at) if d.nan_at else None,
+        }
+    manifest = {"format": FORMAT_VERSION, "numpy": np.__version__, "cases": entries}
+    return files, manifest
+
+
+def _manifest_text(manifest: dict) -> str:
+    # The numpy version is informative only; it is left out of the bytes compared by --check.
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+def regenerate(directory: Path = GOLDEN_DIR) -> dict:
+    files, manifest = render()
+    for old in directory.glob("*.npz"):
+        old.unlink()
+    for fname, data in files.items():
+        (directory / fname).write_bytes(data)
+    (directory / MANIFEST).write_text(_manifest_text(manifest))
+    return manifest
+
+
+def check(directory: Path = GOLDEN_DIR) -> list[str]:
+    """Regenerate in memory; returns a list of differences from the files on disk (empty: identical)."""
+    files, manifest = render()
+    problems = []
+    stored = load_manifest(directory)
+    if set(stored["cases"]) != set(manifest["cases"]):
+        problems.append(f"case names differ: {sorted(set(stored['cases']) ^ set(manifest['cases']))}")
+    for name, entry in manifest["cases"].items():
+        path = directory / entry["file"]
+        if not path.exists():
+            problems.append(f"{name}: missing file {path.name}")
+            continue
+        on_disk = hashlib.sha256(path.read_bytes()).hexdigest()
+        if on_disk != entry["sha256"]:
+            problems.append(f"{name}: regenerated sha256 {entry['sha256']} != file {on_disk}")
+        if stored["cases"].get(name, {}).get("sha256") != on_disk:
+            problems.append(f"{name}: manifest sha256 does not match the file")
+    return problems
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def load_manifest(directory: Path = GOLDEN_DIR) -> dict:
+    return json.loads((directory / MANIFEST).read_text())
+
+
+def case_names(directory: Path = GOLDEN_DIR) -> list[str]:
+    return list(load_manifest(directory)["cases"])
+
+
+def load(name: str, directory: Path = GOLDEN_DIR) -> GoldenCase:
+    manifest = load_manifest(directory)
+    try:
+        entry = manifest["cases"][name]
+    except KeyError:
+        raise ValueError(f"golden case: unknown name {name!r}; known: {sorted(manifest['cases'])}") from None
+    spec = MLPSpec.from_dict(entry["spec"])
+    dtype = numpy_dtype(spec.dtype)
+    with np.load(directory / entry["file"], allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+
+    def inp(a: np.ndarray) -> np.ndarray:
+        return a.view(dtype) if a.dtype == np.uint16 else a
+
+    params = {k.removeprefix("param_"): inp(v) for k, v in arrays.items() if k.startswith("param_")}
+    grads = {k.removeprefix("grad_"): v for k, v in arrays.items() if k.startswith("grad_")}
+    return GoldenCase(name, spec, inp(arrays["x"]), params, inp(arrays["dy"]), arrays["y"],
+                      arrays["y_rounded"], grads)
+
+
+def load_all(directory: Path = GOLDEN_DIR) -> list[GoldenCase]:
+    return [load(n, directory) for n in case_names(directory)]

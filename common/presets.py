@@ -1,0 +1,67 @@
+"""Named specs, each with the batch sizes M it is benchmarked at."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import MLPSpec
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    spec: MLPSpec
+    batch_sizes: tuple[int, ...]
+    note: str
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "llama3-8b",
+            MLPSpec((4096, 14336, 4096), "swiglu", bias=False, dtype="bfloat16"),
+            (16, 8192),
+            "Llama 3 8B MLP (gate/up/down); M=16 is decode, M=8192 prefill",
+        ),
+        Preset(
+            "gpt-mlp",
+            MLPSpec((4096, 16384, 4096), "gelu_tanh", bias=True, dtype="bfloat16"),
+            (8192,),
+            "GPT-style 4x MLP with biases and tanh-GELU",
+        ),
+        Preset(
+            "hf-blog-geglu",
+            MLPSpec((768, 3072, 768), "geglu_tanh", bias=False, dtype="bfloat16"),
+            (8192,),
+            "batch 64 x seq 128, the case profiled in the Hugging Face article "
+            "'Profiling in PyTorch (Part 2): From nn.Linear to a Fused MLP'",
+        ),
+        Preset(
+            "nerf-64x5",
+            MLPSpec((64,) * 6, "relu", bias=False, dtype="float16"),
+            (2_097_152,),
+            "NeRF-style narrow MLP: 5 layers of width 64 over 2M rows",
+        ),
+        Preset(
+            "cpu-small",
+            MLPSpec((96, 256, 96), "swiglu", bias=True, dtype="float32"),
+            (64,),
+            "the embedded default on a CPU: small enough for the kernel interpreters",
+        ),
+    )
+}
+
+DEFAULT_CPU_PRESET = "cpu-small"
+DEFAULT_GPU_PRESETS: tuple[str, ...] = ("llama3-8b", "gpt-mlp", "hf-blog-geglu", "nerf-64x5")
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"preset: unknown name {name!r}; known presets are {sorted(PRESETS)}") from None
+
+
+def preset_batch_sizes(name: str) -> tuple[int, ...]:
+    return get_preset(name).batch_sizes

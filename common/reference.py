@@ -1,0 +1,160 @@
+"""The float64 reference: the third twin, against which every kernel is judged.
+
+`forward` computes `y` in float64 on the dtype-rounded inputs (the arrays as stored), with no
+intermediate rounding. Kernels round at these points, which the tolerance policy accounts for:
+
+1. products are accumulated in float32 (tf32 operands when `fp32_precision="tf32"`);
+2. bias, activation and gate product are computed in float32 from the accumulator (the epilogue);
+3. each hidden layer is rounded to the spec dtype when it is stored (per-layer kernels), or kept in
+   registers and rounded to the dtype before the next layer's dot (fused kernels);
+4. the output is rounded to the spec dtype once, at the store.
+
+`forward(..., round_hidden=True)` applies rounding points 3 and 4 in float64, to separate the error a
+kernel must have (dtype storage) from the error it adds (accumulation, activation formulas).
+
+`backward` gives the gradients of `sum(y * dy)` with respect to x and every param.
+Activation formulas (each kernel helper computes the same expressions):
+    relu(z)      = max(z, 0)            (NaN propagates)
+    gelu(z)      = z/2 · (1 + erf(z/√2))
+    gelu_tanh(z) = z/2 · (1 + tanh(√(2/π) · (z + 0.044715 z³)))
+    silu(z)      = z · sigmoid(z)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .dtypes import round_to
+from .params import param_shapes
+from .spec import MLPSpec
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_TANH_COEFF = 0.044715
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def erf(z: np.ndarray) -> np.ndarray:
+    return _erf(z).astype(np.float64)
+
+
+def activation(name: str, z: np.ndarray) -> np.ndarray:
+    """Elementwise activation in float64."""
+    if name == "identity":
+        return z
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "gelu":
+        return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * z * (1.0 + np.tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * z**3)))
+    if name == "silu":
+        with np.errstate(over="ignore"):
+            return z / (1.0 + np.exp(-z))
+    raise ValueError(f"activation: unknown kernel activation {name!r}")
+
+
+def activation_grad(name: str, z: np.ndarray) -> np.ndarray:
+    """d act(z) / dz in float64."""
+    if name == "identity":
+        return np.ones_like(z)
+    if name == "relu":
+        return np.where(np.isnan(z), np.nan, (z > 0).astype(np.float64))
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
+        pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        return cdf + z * pdf
+    if name == "gelu_tanh":
+        u = SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * z**3)
+        t = np.tanh(u)
+        du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * z * z)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+    if name == "silu":
+        with np.errstate(over="ignore"):
+            s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    raise ValueError(f"activation: unknown kernel activation {name!r}")
+
+
+def _check(spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray]) -> None:
+    if x.ndim < 1 or x.shape[-1] != spec.d_in:
+        raise ValueError(f"x: expected shape [..., {spec.d_in}], got {list(x.shape)}")
+    expected = param_shapes(spec)
+    if set(params) != set(expected):
+        missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+        raise ValueError(f"params: missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {params[name].shape}")
+
+
+def _layers_forward(
+    spec: MLPSpec, x2d: np.ndarray, p: dict[str, np.ndarray], round_hidden: bool
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Per layer: (input, pre-activation z = x·W + b, gate g = x·V + c or None). Last entry: output."""
+    saved = []
+    h = x2d
+    for layer in spec.layers():
+        i = layer.index
+        z = h @ p[f"w{i}"] + (p[f"b{i}"] if layer.bias else 0.0)
+        gate = h @ p[f"v{i}"] + (p[f"c{i}"] if layer.bias else 0.0) if layer.gated else None
+        saved.append((h, z, gate))
+        out = activation(layer.activation, z)
+        if gate is not None:
+            out = out * gate
+        h = round_to(out, spec.dtype) if round_hidden else out
+    saved.append((h, h, None))
+    return saved
+
+
+def _as_float64(spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray]):
+    _check(spec, x, params)
+    x2d = np.asarray(x, dtype=np.float64).reshape(-1, spec.d_in)
+    return x2d, {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+
+
+def forward(
+    spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray], *, round_hidden: bool = False
+) -> np.ndarray:
+    """y in float64, shape `[..., d_out]`. `round_hidden` rounds hidden layers and y to the dtype."""
+    x2d, p = _as_float64(spec, x, params)
+    y = _layers_forward(spec, x2d, p, round_hidden)[-1][0]
+    return y.reshape(*np.shape(x)[:-1], spec.d_out)
+
+
+def backward(
+    spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray], dy: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Gradients of `sum(y * dy)` in float64: key "x" and every param name, each in its input's shape.
+
+    For a gated layer h = act(z) ⊙ g with z = x·W + b and g = x·V + c:
+    dz = dh ⊙ g ⊙ act'(z), dg = dh ⊙ act(z), dW = xᵀ·dz, db = Σ dz, dV = xᵀ·dg, dc = Σ dg,
+    dx = dz·Wᵀ + dg·Vᵀ. Plain layers drop the g terms (g ≡ 1).
+    """
+    x2d, p = _as_float64(spec, x, params)
+    if np.shape(dy) != (*np.shape(x)[:-1], spec.d_out):
+        raise ValueError(
+            f"dy: expected shape {[*np.shape(x)[:-1], spec.d_out]}, got {list(np.shape(dy))}"
+        )
+    saved = _layers_forward(spec, x2d, p, round_hidden=False)
+    grads: dict[str, np.ndarray] = {}
+    dh = np.asarray(dy, dtype=np.float64).reshape(-1, spec.d_out)
+    for layer in reversed(spec.layers()):
+        i = layer.index
+        h_in, z, gate = saved[i]
+        dz = dh * activation_grad(layer.activation, z)
+        if gate is not None:
+            dz = dz * gate
+            dg = dh * activation(layer.activation, z)
+            grads[f"v{i}"] = h_in.T @ dg
+            if layer.bias:
+                grads[f"c{i}"] = dg.sum(axis=0)
+        grads[f"w{i}"] = h_in.T @ dz
+        if layer.bias:
+            grads[f"b{i}"] = dz.sum(axis=0)
+        dh = dz @ p[f"w{i}"].T
+        if gate is not None:
+            dh = dh + dg @ p[f"v{i}"].T
+    grads["x"] = dh.reshape(np.shape(x))
+    return {k: grads[k] for k in ("x", *param_shapes(spec))}

@@ -1,0 +1,195 @@
+"""The tolerance policy: the only place where numeric thresholds live.
+
+Two measures of a kernel's output `out` against the float64 reference `ref`:
+
+- rel_fro   = ‖out − ref‖_F / ‖ref‖_F, the error of the whole tensor;
+- max_scaled = max |out − ref| / max |ref|, the worst element, scaled by the output's magnitude so that
+  one bound serves every layer width and input scale.
+
+Bounds are multiples of the unit roundoff u of the compute format (common.dtypes.UNIT_ROUNDOFF):
+
+- A kernel must round the output once (≤ u relative) and, in per-layer kernels, every hidden layer once;
+  a rounding error of the hidden propagates through the next product with random signs, so it adds about
+  u/√3 RMS per layer to rel_fro. A 2–8 layer MLP therefore lands near 1–3 u; REL_FRO_UNITS = 8 leaves
+  room for fp32 accumulation over K up to 16384 (√K · 2^-24 ≈ 8e-6 ≪ 8 u for the 16-bit formats).
+- One element can be unlucky: the output's own rounding is ≤ u·|y|, the propagated hidden error is
+  ~u·|y| with a tail of a few sigma over millions of elements. MAX_SCALED_UNITS = 32 bounds it.
+- float32: u = 2^-24 is far below the accumulation error √K·u of a K-long fp32 sum, so float32 bounds
+  are set by accumulation instead: FP32_REL_FRO = 2e-5 and FP32_MAX_SCALED = 2e-4 (√16384 · 2^-24 · a
+  few, and the float32 activation formulas' own few ulps).
+- tf32 rounds operands to 11 significant bits: u = 2^-11, the same bounds as float16.
+
+Where the caller passes the framework's own result in the same dtype (eager torch, jax.numpy) as a
+`baseline`, the kernel must also be within 2× the baseline's error plus a floor of 1 u (quack's rule):
+a kernel may not be much worse than the framework whatever the absolute bounds allow.
+
+NaN or ±Inf where the reference is finite fails, and so does a finite value where the reference is NaN
+(NaN must propagate); a report says where (index, got, expected) and how many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dtypes import UNIT_ROUNDOFF
+from .spec import MLPSpec
+
+REL_FRO_UNITS = 8.0
+MAX_SCALED_UNITS = 32.0
+FP32_REL_FRO = 2e-5
+FP32_MAX_SCALED = 2e-4
+BASELINE_FACTOR = 2.0
+BASELINE_FLOOR_UNITS = 1.0
+REPORT_LIMIT = 5
+
+
+@dataclass(frozen=True)
+class Bounds:
+    rel_fro: float
+    max_scaled: float
+    unit: float  # the unit roundoff the bounds derive from
+
+
+def compute_format(spec: MLPSpec) -> str:
+    """The format whose rounding dominates: the dtype, or tf32 for float32 with tf32 products."""
+    if spec.dtype == "float32":
+        return "tf32" if spec.fp32_precision == "tf32" else "float32"
+    return spec.dtype
+
+
+def bounds(spec: MLPSpec) -> Bounds:
+    fmt = compute_format(spec)
+    u = UNIT_ROUNDOFF[fmt]
+    if fmt == "float32":
+        return Bounds(FP32_REL_FRO, FP32_MAX_SCALED, u)
+    return Bounds(REL_FRO_UNITS * u, MAX_SCALED_UNITS * u, u)
+
+
+@dataclass
+class Comparison:
+    passed: bool
+    rel_fro: float
+    max_abs: float
+    max_scaled: float
+    bounds: Bounds
+    baseline_rel_fro: float | None = None
+    baseline_limit: float | None = None
+    mismatches: int = 0
+    failures: list[str] = field(default_factory=list)
+    examples: list[tuple[tuple[int, ...], float, float]] = field(default_factory=list)
+
+    def report(self) -> str:
+        lines = [
+            f"{'PASS' if self.passed else 'FAIL'}: rel_fro={self.rel_fro:.3e} "
+            f"(bound {self.bounds.rel_fro:.3e}), max_scaled={self.max_scaled:.3e} "
+            f"(bound {self.bounds.max_scaled:.3e}), max_abs={self.max_abs:.3e}"
+        ]
+        if self.baseline_rel_fro is not None:
+            lines.append(
+                f"  baseline rel_fro={self.baseline_rel_fro:.3e} -> limit {self.baseline_limit:.3e}"
+            )
+        lines += [f"  {reason}" for reason in self.failures]
+        if self.mismatches:
+            lines.append(f"  {self.mismatches} element(s) out of bounds; first {len(self.examples)}:")
+            lines += [f"    at {idx}: got {g!r}, expected {e!r}" for idx, g, e in self.examples]
+        return "\n".join(lines)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+def _errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+    finite = np.isfinite(ref)
+    diff = np.where(finite, out - ref, 0.0)
+    ref_f = np.where(finite, ref, 0.0)
+    ref_norm = float(np.linalg.norm(ref_f))
+    ref_max = float(np.max(np.abs(ref_f))) if ref_f.size else 0.0
+    diff_norm = float(np.linalg.norm(diff))
+    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
+    # An all-zero reference: fall back to absolute error (relative error is undefined there).
+    rel_fro = diff_norm / ref_norm if ref_norm > 0 else diff_norm
+    max_scaled = max_abs / ref_max if ref_max > 0 else max_abs
+    return rel_fro, max_abs, max_scaled
+
+
+def compare(
+    out: object, ref: np.ndarray, spec: MLPSpec, *, baseline: object | None = None
+) -> Comparison:
+    """Judge `out` (any array-like; converted to float64) against the float64 reference `ref`."""
+    out64 = np.asarray(out, dtype=np.float64)
+    ref64 = np.asarray(ref, dtype=np.float64)
+    b = bounds(spec)
+    if out64.shape != ref64.shape:
+        return Comparison(
+            False, np.inf, np.inf, np.inf, b,
+            failures=[f"shape: expected {list(ref64.shape)}, got {list(out64.shape)}"],
+        )
+    failures: list[str] = []
+    ref_nan, out_nan = np.isnan(ref64), np.isnan(out64)
+    ref_finite = np.isfinite(ref64)
+    bad_nonfinite = ref_finite & ~np.isfinite(out64)  # NaN/Inf where the reference is finite
+    lost_nan = ref_nan & ~out_nan  # NaN in the reference that did not propagate
+    inf_mismatch = np.isinf(ref64) & (out64 != ref64)
+    if bad_nonfinite.any():
+        failures.append(f"{int(bad_nonfinite.sum())} NaN/Inf where the reference is finite")
+    if lost_nan.any():
+        failures.append(f"{int(lost_nan.sum())} finite value(s) where the reference is NaN")
+    if inf_mismatch.any():
+        failures.append(f"{int(inf_mismatch.sum())} value(s) where the reference is ±Inf")
+    # Norms over the elements both sides agree are finite; non-finite mismatches are counted above.
+    comparable = ref_finite & np.isfinite(out64)
+    rel_fro, max_abs, max_scaled = _errors(np.where(comparable, out64, 0.0),
+                                           np.where(comparable, ref64, np.nan))
+    if rel_fro > b.rel_fro:
+        failures.append(f"rel_fro {rel_fro:.3e} > bound {b.rel_fro:.3e}")
+    if max_scaled > b.max_scaled:
+        failures.append(f"max_scaled {max_scaled:.3e} > bound {b.max_scaled:.3e}")
+
+    baseline_rel = baseline_limit = None
+    if baseline is not None:
+        base64 = np.asarray(baseline, dtype=np.float64)
+        if base64.shape == ref64.shape:
+            keep = comparable & np.isfinite(base64)
+            baseline_rel = _errors(np.where(keep, base64, 0.0), np.where(keep, ref64, np.nan))[0]
+            baseline_limit = BASELINE_FACTOR * baseline_rel + BASELINE_FLOOR_UNITS * b.unit
+            if rel_fro > baseline_limit:
+                failures.append(
+                    f"rel_fro {rel_fro:.3e} > {BASELINE_FACTOR:g} x baseline {baseline_rel:.3e} "
+                    f"+ {BASELINE_FLOOR_UNITS:g} u = {baseline_limit:.3e}"
+                )
+
+    # Where: elements whose error exceeds the max bound, plus every non-finite mismatch.
+    ref_max = float(np.max(np.abs(ref64[ref_finite]))) if ref_finite.any() else 0.0
+    elem_limit = b.max_scaled * (ref_max if ref_max > 0 else 1.0)
+    with np.errstate(invalid="ignore"):
+        too_far = comparable & (np.abs(out64 - ref64) > elem_limit)
+    bad = too_far | bad_nonfinite | lost_nan | inf_mismatch
+    where = np.argwhere(bad)[:REPORT_LIMIT]
+    examples = [
+        (tuple(int(i) for i in idx), float(out64[tuple(idx)]), float(ref64[tuple(idx)]))
+        for idx in where
+    ]
+    return Comparison(
+        passed=not failures,
+        rel_fro=rel_fro,
+        max_abs=max_abs,
+        max_scaled=max_scaled,
+        bounds=b,
+        baseline_rel_fro=baseline_rel,
+        baseline_limit=baseline_limit,
+        mismatches=int(bad.sum()),
+        failures=failures,
+        examples=examples,
+    )
+
+
+def assert_close(
+    out: object, ref: np.ndarray, spec: MLPSpec, *, baseline: object | None = None, what: str = ""
+) -> Comparison:
+    """`compare`, raising AssertionError with the full report on failure (for tests)."""
+    result = compare(out, ref, spec, baseline=baseline)
+    if not result.passed:
+        raise AssertionError(f"{what}: {result.report()}" if what else result.report())
+    return result

@@ -1,0 +1,47 @@
+"""One place for what differs between jax 0.10.2 (CPU machines) and 0.11.2 (the GPU image).
+
+- Pallas interpret mode: on a machine without a GPU every Pallas kernel runs interpreted.
+- The Mosaic GPU interpreter: `jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams` in
+  0.10.2, public as `plgpu.InterpretGPUParams` in 0.11.2.
+- The Pallas Triton backend warns on every lowering from 0.11 on; `quiet_pallas_triton` filters
+  exactly that warning where the twin is used on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+
+PALLAS_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
+
+
+@functools.cache
+def on_gpu() -> bool:
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
+def interpret_mode() -> bool:
+    """True where Pallas kernels must run interpreted (no GPU)."""
+    return not on_gpu()
+
+
+def mosaic_interpret_params() -> Any:
+    """An `InterpretGPUParams()` for `plgpu.kernel(..., interpret=...)`, from either jax version."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    cls = getattr(plgpu, "InterpretGPUParams", None)
+    if cls is None:  # jax 0.10.x: still private
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+    return cls()
+
+
+@contextlib.contextmanager
+def quiet_pallas_triton() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PALLAS_TRITON_DEPRECATION)
+        yield

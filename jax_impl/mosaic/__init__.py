@@ -1,0 +1,1 @@
+"""Mosaic GPU siblings of the Pallas kernels (impl `pallas_mosaic`): TMA, wgmma, warpgroups."""

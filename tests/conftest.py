@@ -1,0 +1,59 @@
+"""Test set-up shared by every test file.
+
+- TRITON_INTERPRET=1 is set before anything imports triton when there is no CUDA GPU, so every Triton
+  kernel runs under the interpreter on CPU machines (`fusedmlp.torch_impl.runtime` does the same for
+  users; it is repeated here because a test module may import triton first).
+- Outputs are poisoned: torch fills every `torch.empty` with NaN (deterministic mode), so a kernel that
+  skips an element fails the NaN check of the tolerance policy; Pallas' interpreters fill outputs and
+  out-of-bounds reads with NaN themselves.
+- `-m gpu` selects the GPU tests; they are skipped, with the reason, on a machine without one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+
+def _has_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Keep JAX off any accelerator-less warnings and on float32 defaults (x64 stays off, as for users).
+os.environ.setdefault("JAX_PLATFORMS", "" if _has_cuda() else "cpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: run `pytest -m gpu` on the GPU image")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _poison_torch_outputs():
+    """NaN-fill every uninitialised torch allocation for the duration of each test."""
+    if importlib.util.find_spec("torch") is None:
+        yield
+        return
+    import torch
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill

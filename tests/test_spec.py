@@ -1,0 +1,134 @@
+"""MLPSpec, presets, TileConfig and the implementation registry: every field, every error path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusedmlp.common import (
+    ACTIVATIONS,
+    DTYPES,
+    IMPLEMENTATIONS,
+    PRESETS,
+    MLPSpec,
+    TileConfig,
+    get_implementation,
+    impl_names,
+    param_shapes,
+    preset_batch_sizes,
+)
+from fusedmlp.common.registry import check_impl
+
+
+def test_valid_spec_and_derived_facts():
+    spec = MLPSpec((8, 16, 32, 4), "swiglu", True, "bfloat16")
+    assert spec.d_in == 8 and spec.d_out == 4 and spec.num_layers == 3
+    assert spec.gated and spec.base_activation == "silu"
+    layers = spec.layers()
+    assert [(l.d_in, l.d_out, l.activation, l.gated) for l in layers] == [
+        (8, 16, "silu", True),
+        (16, 32, "silu", True),
+        (32, 4, "identity", False),
+    ]
+    assert list(param_shapes(spec)) == ["w0", "b0", "v0", "c0", "w1", "b1", "v1", "c1", "w2", "b2"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"widths": (8,)}, "widths: expected at least 2"),
+        ({"widths": ()}, "widths: expected at least 2"),
+        ({"widths": (8, 0)}, "widths[1]: expected a positive int, got 0"),
+        ({"widths": (8, -3)}, "widths[1]: expected a positive int, got -3"),
+        ({"widths": (8, 2.5)}, "widths[1]: expected a positive int, got 2.5"),
+        ({"widths": (True, 4)}, "widths[0]: expected a positive int, got True"),
+        ({"widths": "84"}, "widths: expected a sequence"),
+        ({"widths": 8}, "widths: expected a sequence"),
+        ({"activation": "tanh"}, "activation: expected one of"),
+        ({"bias": 1}, "bias: expected a bool, got 1"),
+        ({"dtype": "float64"}, "dtype: expected one of ('float32', 'float16', 'bfloat16'), got 'float64'"),
+        ({"fp32_precision": "fast"}, "fp32_precision: expected one of ('ieee', 'tf32'), got 'fast'"),
+        ({"dtype": "float16", "fp32_precision": "tf32"}, "'tf32' applies to dtype 'float32' only"),
+    ],
+)
+def test_invalid_spec_names_field_value_and_allowed(kwargs, message):
+    base = {"widths": (8, 16, 4), "activation": "relu", "bias": True, "dtype": "float32"}
+    with pytest.raises(ValueError) as info:
+        MLPSpec(**{**base, **kwargs})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_json_round_trip(tmp_path, activation, dtype):
+    spec = MLPSpec((5, 7, 3), activation, False, dtype)
+    assert MLPSpec.from_json(spec.to_json()) == spec
+    path = tmp_path / "spec.json"
+    spec.to_json(path)
+    assert MLPSpec.from_json(path) == spec
+    assert MLPSpec.from_json(str(path)) == spec
+
+
+def test_from_json_rejects_unknown_and_missing_fields():
+    with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
+        MLPSpec.from_dict({"widths": [4, 4], "activation": "relu", "bias": True, "dtype": "float32",
+                           "depth": 3})
+    with pytest.raises(ValueError, match=r"missing fields \['dtype'\]"):
+        MLPSpec.from_json(json.dumps({"widths": [4, 4], "activation": "relu", "bias": True}))
+
+
+def test_presets_match_the_issue():
+    llama = MLPSpec.preset("llama3-8b")
+    assert llama == MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
+    assert preset_batch_sizes("llama3-8b") == (16, 8192)
+    assert MLPSpec.preset("gpt-mlp") == MLPSpec((4096, 16384, 4096), "gelu_tanh", True, "bfloat16")
+    assert MLPSpec.preset("hf-blog-geglu") == MLPSpec((768, 3072, 768), "geglu_tanh", False, "bfloat16")
+    assert preset_batch_sizes("hf-blog-geglu") == (8192,)
+    assert MLPSpec.preset("nerf-64x5") == MLPSpec((64,) * 6, "relu", False, "float16")
+    assert preset_batch_sizes("nerf-64x5") == (2_097_152,)
+    assert MLPSpec.preset("cpu-small") == MLPSpec((96, 256, 96), "swiglu", True, "float32")
+    for preset in PRESETS.values():
+        assert preset.batch_sizes
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError) as info:
+        MLPSpec.preset("llama4")
+    assert "'llama4'" in str(info.value)
+    for name in PRESETS:
+        assert name in str(info.value)
+
+
+def test_tile_config_validation_and_round_trip():
+    cfg = TileConfig(64, 128, 32, group_m=4, num_warps=8, num_stages=2)
+    assert TileConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="block_m: expected a power of two >= 16, got 48"):
+        TileConfig(48, 64, 32)
+    with pytest.raises(ValueError, match="block_k: expected a power of two >= 16, got 8"):
+        TileConfig(64, 64, 8)
+    with pytest.raises(ValueError, match="num_warps"):
+        TileConfig(64, 64, 32, num_warps=3)
+    with pytest.raises(ValueError, match="group_m"):
+        TileConfig(64, 64, 32, group_m=0)
+    with pytest.raises(ValueError, match="num_stages"):
+        TileConfig(64, 64, 32, num_stages=0)
+
+
+def test_registry_lists_the_design_names():
+    assert set(impl_names()) == {
+        "triton", "triton_tma", "pallas_triton", "pallas_mosaic", "fused_small", "fused_decode",
+        "eager", "compile", "xla",
+    }
+    assert impl_names("torch") == ("triton", "triton_tma", "fused_small", "fused_decode", "eager",
+                                   "compile")
+    assert impl_names("jax") == ("pallas_triton", "pallas_mosaic", "fused_small", "fused_decode", "xla")
+    assert impl_names("jax", baselines=False) == ("pallas_triton", "pallas_mosaic", "fused_small",
+                                                  "fused_decode")
+    assert all(impl.description for impl in IMPLEMENTATIONS)
+    assert get_implementation("xla").baseline
+    with pytest.raises(ValueError, match="impl: expected one of"):
+        get_implementation("cuda")
+    with pytest.raises(ValueError, match="for the torch front, got 'xla'"):
+        check_impl("xla", "torch")
+    assert check_impl("auto", "jax") == "auto"

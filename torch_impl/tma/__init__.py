@@ -1,0 +1,1 @@
+"""Triton Hopper kernels (impl `triton_tma`): tensor descriptors, persistent grouped grid."""

@@ -1,7 +1,9 @@
 """TileConfig: one tiling for a kernel launch, read by both stacks.
 
-A configuration tuned on one side can be pinned on the other and the two kernels compared bit for bit.
-Field names follow Triton's tutorials (BLOCK_M/N/K, GROUP_M, num_warps, num_stages); the Pallas twins
+A configuration tuned on one side can be pinned on the other and the two kernels compared bit for
+bit.
+Field names follow Triton's tutorials (BLOCK_M/N/K, GROUP_M, num_warps, num_stages); the Pallas
+twins
 read the same fields into BlockSpecs and `CompilerParams`, the Mosaic GPU siblings into their tiles.
 """
 

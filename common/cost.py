@@ -1,10 +1,12 @@
 """FLOP and byte formulas for a spec and a batch size M, defined once.
 
 FLOPs count the matrix products only (2·M·K·N per product, two products for a gated layer); the
-elementwise epilogue is under 0.1% of them at every preset. Bytes are the fewest that must cross device
+elementwise epilogue is under 0.1% of them at every preset. Bytes are the fewest that must cross
+device
 memory: each input read once and each output written once, for two ways of running the MLP:
 
-- `per_layer`: one kernel per layer (the `triton`, `pallas_*` paths and the baselines at their best):
+- `per_layer`: one kernel per layer (the `triton`, `pallas_*` paths and the baselines at their
+  best):
   every hidden layer is written once and read once more by the next layer.
 - `whole`: the whole MLP in one kernel (`fused_small`, `fused_decode`): only x, params and y move.
 """

@@ -45,5 +45,5 @@ def dtype_name(dtype: object) -> str:
 
 
 def round_to(array: np.ndarray, name: str) -> np.ndarray:
-    """Round `array` to the named dtype and return it as float64 (the reference's rounding points)."""
+    """Round `array` to the named dtype as float64 (a reference rounding point)."""
     return np.asarray(array).astype(numpy_dtype(name)).astype(np.float64)

@@ -1,7 +1,8 @@
 """Parameter naming and deterministic initialisation, shared by both stacks.
 
 Params are a flat dict: `w{i}`, `b{i}` for layer i, and `v{i}`, `c{i}` for the linear branch of a
-gated hidden layer. Weights are `[in, out]` (`x @ W`); converters to `nn.Linear`'s `[out, in]` live in
+gated hidden layer. Weights are `[in, out]` (`x @ W`); converters to `nn.Linear`'s `[out, in]` live
+in
 `torch_impl/`.
 """
 
@@ -31,7 +32,7 @@ def param_shapes(spec: MLPSpec) -> dict[str, tuple[int, ...]]:
 
 
 def init_params(spec: MLPSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic params in the spec's dtype: N(0, 1) scaled by 1/sqrt(fan_in), weights and biases."""
+    """Deterministic params in the spec's dtype: N(0, 1)/sqrt(fan_in), weights and biases."""
     rng = np.random.default_rng(seed)
     dtype = numpy_dtype(spec.dtype)
     params = {}
@@ -45,7 +46,7 @@ def init_params(spec: MLPSpec, seed: int = 0) -> dict[str, np.ndarray]:
 def make_input(
     spec: MLPSpec, shape: int | Sequence[int], seed: int = 1, *, scale: float = 1.0
 ) -> np.ndarray:
-    """Random N(0, scale²) input of shape `[*shape, d_in]` (an int means `[M, d_in]`) in the spec dtype."""
+    """Random N(0, scale²) input of shape `[*shape, d_in]` (int: `[M, d_in]`), spec dtype."""
     lead = (shape,) if isinstance(shape, int) else tuple(shape)
     rng = np.random.default_rng(seed)
     return (scale * rng.standard_normal((*lead, spec.d_in))).astype(numpy_dtype(spec.dtype))

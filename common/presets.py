@@ -60,7 +60,9 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"preset: unknown name {name!r}; known presets are {sorted(PRESETS)}") from None
+        raise ValueError(
+            f"preset: unknown name {name!r}; known presets are {sorted(PRESETS)}"
+        ) from None
 
 
 def preset_batch_sizes(name: str) -> tuple[int, ...]:

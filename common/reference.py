@@ -9,7 +9,8 @@ intermediate rounding. Kernels round at these points, which the tolerance policy
    registers and rounded to the dtype before the next layer's dot (fused kernels);
 4. the output is rounded to the spec dtype once, at the store.
 
-`forward(..., round_hidden=True)` applies rounding points 3 and 4 in float64, to separate the error a
+`forward(..., round_hidden=True)` applies rounding points 3 and 4 in float64, to separate the error
+a
 kernel must have (dtype storage) from the error it adds (accumulation, activation formulas).
 
 `backward` gives the gradients of `sum(y * dy)` with respect to x and every param.
@@ -92,7 +93,7 @@ def _check(spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray]) -> None:
 def _layers_forward(
     spec: MLPSpec, x2d: np.ndarray, p: dict[str, np.ndarray], round_hidden: bool
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Per layer: (input, pre-activation z = x·W + b, gate g = x·V + c or None). Last entry: output."""
+    """Per layer: (input, pre-activation z = x·W + b, gate g = x·V + c or None); last: output."""
     saved = []
     h = x2d
     for layer in spec.layers():
@@ -117,7 +118,7 @@ def _as_float64(spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray]):
 def forward(
     spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray], *, round_hidden: bool = False
 ) -> np.ndarray:
-    """y in float64, shape `[..., d_out]`. `round_hidden` rounds hidden layers and y to the dtype."""
+    """y in float64, shape `[..., d_out]`. `round_hidden`: hidden and y rounded to the dtype."""
     x2d, p = _as_float64(spec, x, params)
     y = _layers_forward(spec, x2d, p, round_hidden)[-1][0]
     return y.reshape(*np.shape(x)[:-1], spec.d_out)
@@ -126,7 +127,7 @@ def forward(
 def backward(
     spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray], dy: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Gradients of `sum(y * dy)` in float64: key "x" and every param name, each in its input's shape.
+    """Gradients of `sum(y * dy)` in float64: key "x" and every param, in its input's shape.
 
     For a gated layer h = act(z) ⊙ g with z = x·W + b and g = x·V + c:
     dz = dh ⊙ g ⊙ act'(z), dg = dh ⊙ act(z), dW = xᵀ·dz, db = Σ dz, dV = xᵀ·dg, dc = Σ dg,

@@ -1,4 +1,4 @@
-"""The implementation names of the `impl` argument, kept here so fronts, tests and harness list one set."""
+"""The implementation names of the `impl` argument, one set for fronts, tests, harness."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ class Implementation:
 
 
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
-    Implementation("triton", ("torch",), "portable Triton kernels (linear_act, gated): pointers and masks"),
+    Implementation(
+        "triton", ("torch",), "portable Triton kernels (linear_act, gated): pointers and masks"
+    ),
     Implementation(
         "triton_tma", ("torch",), "Hopper Triton: tensor descriptors, persistent grouped grid"
     ),
@@ -23,12 +25,18 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         "pallas_triton", ("jax",), "Pallas on the Triton backend: the line-for-line twin of triton"
     ),
     Implementation("pallas_mosaic", ("jax",), "Pallas Mosaic GPU: TMA, wgmma, warpgroup pipeline"),
-    Implementation("fused_small", ("torch", "jax"), "the whole narrow MLP (widths <= 128) in one kernel"),
+    Implementation(
+        "fused_small", ("torch", "jax"), "the whole narrow MLP (widths <= 128) in one kernel"
+    ),
     Implementation(
         "fused_decode", ("torch", "jax"), "the whole 2-layer MLP for small M in one launch"
     ),
-    Implementation("eager", ("torch",), "baseline: plain torch ops in the spec dtype", baseline=True),
-    Implementation("compile", ("torch",), "baseline: torch.compile of the eager path", baseline=True),
+    Implementation(
+        "eager", ("torch",), "baseline: plain torch ops in the spec dtype", baseline=True
+    ),
+    Implementation(
+        "compile", ("torch",), "baseline: torch.compile of the eager path", baseline=True
+    ),
     Implementation("xla", ("jax",), "baseline: jax.jit of plain jax.numpy", baseline=True),
 )
 

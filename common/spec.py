@@ -2,7 +2,8 @@
 
 `widths = (d_in, hidden..., d_out)`; layer i maps widths[i] -> widths[i+1]; every layer but the last
 applies the activation. Gated activations make each hidden layer `act(x·W + b) ⊙ (x·V + c)` (the GLU
-paper's W and V): silu for swiglu (Llama), erf-gelu for geglu, tanh-gelu for geglu_tanh (Gemma, Liger).
+paper's W and V): silu for swiglu (Llama), erf-gelu for geglu, tanh-gelu for geglu_tanh (Gemma,
+Liger).
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ class MLPSpec:
     def __post_init__(self) -> None:
         widths = self.widths
         if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
-            raise ValueError(f"widths: expected a sequence of at least 2 positive ints, got {widths!r}")
+            raise ValueError(
+                f"widths: expected a sequence of at least 2 positive ints, got {widths!r}"
+            )
         widths = tuple(widths)
         if len(widths) < 2:
             raise ValueError(
-                f"widths: expected at least 2 positive ints (d_in, d_out), got {len(widths)}: {widths}"
+                f"widths: expected at least 2 positive ints (d_in, d_out), got {widths}"
             )
         for i, w in enumerate(widths):
             if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
@@ -135,7 +138,9 @@ class MLPSpec:
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ValueError(f"spec: unknown fields {unknown}; allowed fields are {sorted(allowed)}")
+            raise ValueError(
+                f"spec: unknown fields {unknown}; allowed fields are {sorted(allowed)}"
+            )
         missing = sorted({"widths", "activation", "bias", "dtype"} - set(data))
         if missing:
             raise ValueError(f"spec: missing fields {missing}")

@@ -1,6 +1,7 @@
 """Heuristic TileConfigs per kernel family, read by both stacks so their twins tile alike.
 
-The raw kernels are un-autotuned; launchers call `heuristic_config` unless a config is passed, and the
+The raw kernels are un-autotuned; launchers call `heuristic_config` unless a config is passed, and
+the
 GPU tuned wrappers search `search_space` (benchmarks tune, tests run the heuristic).
 """
 
@@ -11,16 +12,20 @@ from .config import TileConfig
 FAMILIES: tuple[str, ...] = ("linear_act", "gated")
 
 # Under an interpreter: one fixed config (Triton's autotuner cannot run more than one there). Blocks
-# are small enough that the golden shapes (odd sizes of 13..97) span several tiles in every dimension,
+# are small enough that the golden shapes (odd sizes of 13..97) span several tiles in every
+# dimension,
 # so masking and the grouped order are exercised, and large enough to keep interpretation fast.
-INTERPRET_CONFIG = TileConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
+INTERPRET_CONFIG = TileConfig(
+    block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1
+)
 
 
 def heuristic_config(
     family: str, m: int, n: int, k: int, dtype: str, *, interpret: bool = False
 ) -> TileConfig:
     """A good config without tuning. 16-bit tiles follow Triton's Hopper matmul tutorial; the gated
-    family holds two fp32 accumulators, so its N tile is half the linear one at the same register cost.
+    family holds two fp32 accumulators, so its N tile is half the linear one at the same register
+    cost.
     """
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
@@ -37,7 +42,7 @@ def heuristic_config(
 
 
 def search_space(family: str, m: int, dtype: str) -> tuple[TileConfig, ...]:
-    """The configs a GPU sweep tries for one family, M bucket and dtype (pruned by shared memory use)."""
+    """The configs a GPU sweep tries for one family, M bucket and dtype (pruned by smem)."""
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     gated = family == "gated"

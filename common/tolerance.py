@@ -3,27 +3,35 @@
 Two measures of a kernel's output `out` against the float64 reference `ref`:
 
 - rel_fro   = ‖out − ref‖_F / ‖ref‖_F, the error of the whole tensor;
-- max_scaled = max |out − ref| / max |ref|, the worst element, scaled by the output's magnitude so that
+- max_scaled = max |out − ref| / max |ref|, the worst element, scaled by the output's magnitude so
+  that
   one bound serves every layer width and input scale.
 
 Bounds are multiples of the unit roundoff u of the compute format (common.dtypes.UNIT_ROUNDOFF):
 
-- A kernel must round the output once (≤ u relative) and, in per-layer kernels, every hidden layer once;
-  a rounding error of the hidden propagates through the next product with random signs, so it adds about
-  u/√3 RMS per layer to rel_fro. A 2–8 layer MLP therefore lands near 1–3 u; REL_FRO_UNITS = 8 leaves
+- A kernel must round the output once (≤ u relative) and, in per-layer kernels, every hidden layer
+  once;
+  a rounding error of the hidden propagates through the next product with random signs, so it adds
+  about
+  u/√3 RMS per layer to rel_fro. A 2–8 layer MLP therefore lands near 1–3 u; REL_FRO_UNITS = 8
+  leaves
   room for fp32 accumulation over K up to 16384 (√K · 2^-24 ≈ 8e-6 ≪ 8 u for the 16-bit formats).
 - One element can be unlucky: the output's own rounding is ≤ u·|y|, the propagated hidden error is
   ~u·|y| with a tail of a few sigma over millions of elements. MAX_SCALED_UNITS = 32 bounds it.
-- float32: u = 2^-24 is far below the accumulation error √K·u of a K-long fp32 sum, so float32 bounds
-  are set by accumulation instead: FP32_REL_FRO = 2e-5 and FP32_MAX_SCALED = 2e-4 (√16384 · 2^-24 · a
+- float32: u = 2^-24 is far below the accumulation error √K·u of a K-long fp32 sum, so float32
+  bounds
+  are set by accumulation instead: FP32_REL_FRO = 2e-5 and FP32_MAX_SCALED = 2e-4 (√16384 · 2^-24 ·
+  a
   few, and the float32 activation formulas' own few ulps).
 - tf32 rounds operands to 11 significant bits: u = 2^-11, the same bounds as float16.
 
 Where the caller passes the framework's own result in the same dtype (eager torch, jax.numpy) as a
-`baseline`, the kernel must also be within 2× the baseline's error plus a floor of 1 u (quack's rule):
+`baseline`, the kernel must also be within 2× the baseline's error plus a floor of 1 u (quack's
+rule):
 a kernel may not be much worse than the framework whatever the absolute bounds allow.
 
-NaN or ±Inf where the reference is finite fails, and so does a finite value where the reference is NaN
+NaN or ±Inf where the reference is finite fails, and so does a finite value where the reference is
+NaN
 (NaN must propagate); a report says where (index, got, expected) and how many.
 """
 
@@ -92,7 +100,9 @@ class Comparison:
             )
         lines += [f"  {reason}" for reason in self.failures]
         if self.mismatches:
-            lines.append(f"  {self.mismatches} element(s) out of bounds; first {len(self.examples)}:")
+            lines.append(
+                f"  {self.mismatches} element(s) out of bounds; first {len(self.examples)}:"
+            )
             lines += [f"    at {idx}: got {g!r}, expected {e!r}" for idx, g, e in self.examples]
         return "\n".join(lines)
 
@@ -123,7 +133,11 @@ def compare(
     b = bounds(spec)
     if out64.shape != ref64.shape:
         return Comparison(
-            False, np.inf, np.inf, np.inf, b,
+            False,
+            np.inf,
+            np.inf,
+            np.inf,
+            b,
             failures=[f"shape: expected {list(ref64.shape)}, got {list(out64.shape)}"],
         )
     failures: list[str] = []
@@ -140,8 +154,9 @@ def compare(
         failures.append(f"{int(inf_mismatch.sum())} value(s) where the reference is ±Inf")
     # Norms over the elements both sides agree are finite; non-finite mismatches are counted above.
     comparable = ref_finite & np.isfinite(out64)
-    rel_fro, max_abs, max_scaled = _errors(np.where(comparable, out64, 0.0),
-                                           np.where(comparable, ref64, np.nan))
+    rel_fro, max_abs, max_scaled = _errors(
+        np.where(comparable, out64, 0.0), np.where(comparable, ref64, np.nan)
+    )
     if rel_fro > b.rel_fro:
         failures.append(f"rel_fro {rel_fro:.3e} > bound {b.rel_fro:.3e}")
     if max_scaled > b.max_scaled:

@@ -1,1 +1,9 @@
-"""The JAX path: Pallas kernels (Pallas-Triton twins, Mosaic GPU siblings) and the JAX front."""
+"""The JAX path: Pallas kernels (Pallas-Triton twins, Mosaic GPU siblings) and the JAX front.
+
+from fusedmlp.jax_impl import mlp, plan
+y = mlp(x, params, spec)            # impl="auto"; or "pallas_triton", "pallas_mosaic", ...
+"""
+
+from .front import is_interpreted, mlp, plan, unavailable_reason
+
+__all__ = ["is_interpreted", "mlp", "plan", "unavailable_reason"]

@@ -1,8 +1,10 @@
 """Activation helpers for the Pallas kernels' fp32 epilogues.
 
 Twin: torch_impl/activations.py (the same expressions, so the two stacks can agree to the last bit).
-The activation is a static Python string, so each kernel is traced with exactly one branch. Formulas are
-the float64 reference's (common/reference.py); tanh is written through exp so that both stacks and both
+The activation is a static Python string, so each kernel is traced with exactly one branch. Formulas
+are
+the float64 reference's (common/reference.py); tanh is written through exp so that both stacks and
+both
 interpreters evaluate the same expression, and relu is a select so that NaN propagates (a max would
 return 0 for NaN on the GPU).
 """

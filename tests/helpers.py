@@ -1,9 +1,8 @@
-"""Small helpers the test files share: array conversion between the stacks and golden-case selection."""
+"""Small helpers the test files share: stack-neutral arrays, golden-case selection."""
 
 from __future__ import annotations
 
 import numpy as np
-
 from fusedmlp.common import golden
 
 

@@ -1,9 +1,8 @@
-"""Golden files: regeneration is bit-identical, the manifest covers the promised cases, size is bounded."""
+"""Golden files: regeneration is bit-identical, coverage, size."""
 
 from __future__ import annotations
 
 import numpy as np
-
 from fusedmlp.common import ACTIVATIONS, DTYPES, golden, reference
 
 

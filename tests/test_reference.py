@@ -1,11 +1,11 @@
-"""The float64 reference against independent formulations: torch.nn.functional and jax.numpy in float64
+"""The float64 reference against independent formulations:
+torch.nn.functional and jax.numpy in float64
 (forward and autodiff backward), plus the cost formulas."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fusedmlp.common import (
     ACTIVATIONS,
     MLPSpec,
@@ -61,8 +61,9 @@ def test_reference_matches_torch_float64(activation, bias):
     assert set(grads) == {"x", *params}
     np.testing.assert_allclose(grads["x"], tx.grad.numpy(), rtol=1e-10, atol=1e-12)
     for name, t in tp.items():
-        np.testing.assert_allclose(grads[name], t.grad.numpy(), rtol=1e-10, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            grads[name], t.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -93,8 +94,9 @@ def test_reference_matches_jax_float64(activation):
         jx = jnp.asarray(x, dtype=jnp.float64)
         y, vjp = jax.vjp(f, jx, jp)
         gx, gp = vjp(jnp.asarray(dy, dtype=jnp.float64))
-        np.testing.assert_allclose(reference.forward(spec, x, params), np.asarray(y), rtol=1e-12,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            reference.forward(spec, x, params), np.asarray(y), rtol=1e-12, atol=1e-12
+        )
         grads = reference.backward(spec, x, params, dy)
         np.testing.assert_allclose(grads["x"], np.asarray(gx), rtol=1e-10, atol=1e-12)
         for name in params:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fusedmlp.common import (
     ACTIVATIONS,
     DTYPES,
@@ -47,8 +46,14 @@ def test_valid_spec_and_derived_facts():
         ({"widths": 8}, "widths: expected a sequence"),
         ({"activation": "tanh"}, "activation: expected one of"),
         ({"bias": 1}, "bias: expected a bool, got 1"),
-        ({"dtype": "float64"}, "dtype: expected one of ('float32', 'float16', 'bfloat16'), got 'float64'"),
-        ({"fp32_precision": "fast"}, "fp32_precision: expected one of ('ieee', 'tf32'), got 'fast'"),
+        (
+            {"dtype": "float64"},
+            "dtype: expected one of ('float32', 'float16', 'bfloat16'), got 'float64'",
+        ),
+        (
+            {"fp32_precision": "fast"},
+            "fp32_precision: expected one of ('ieee', 'tf32'), got 'fast'",
+        ),
         ({"dtype": "float16", "fp32_precision": "tf32"}, "'tf32' applies to dtype 'float32' only"),
     ],
 )
@@ -72,8 +77,9 @@ def test_json_round_trip(tmp_path, activation, dtype):
 
 def test_from_json_rejects_unknown_and_missing_fields():
     with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
-        MLPSpec.from_dict({"widths": [4, 4], "activation": "relu", "bias": True, "dtype": "float32",
-                           "depth": 3})
+        MLPSpec.from_dict(
+            {"widths": [4, 4], "activation": "relu", "bias": True, "dtype": "float32", "depth": 3}
+        )
     with pytest.raises(ValueError, match=r"missing fields \['dtype'\]"):
         MLPSpec.from_json(json.dumps({"widths": [4, 4], "activation": "relu", "bias": True}))
 
@@ -83,7 +89,9 @@ def test_presets_match_the_issue():
     assert llama == MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
     assert preset_batch_sizes("llama3-8b") == (16, 8192)
     assert MLPSpec.preset("gpt-mlp") == MLPSpec((4096, 16384, 4096), "gelu_tanh", True, "bfloat16")
-    assert MLPSpec.preset("hf-blog-geglu") == MLPSpec((768, 3072, 768), "geglu_tanh", False, "bfloat16")
+    assert MLPSpec.preset("hf-blog-geglu") == MLPSpec(
+        (768, 3072, 768), "geglu_tanh", False, "bfloat16"
+    )
     assert preset_batch_sizes("hf-blog-geglu") == (8192,)
     assert MLPSpec.preset("nerf-64x5") == MLPSpec((64,) * 6, "relu", False, "float16")
     assert preset_batch_sizes("nerf-64x5") == (2_097_152,)
@@ -117,14 +125,37 @@ def test_tile_config_validation_and_round_trip():
 
 def test_registry_lists_the_design_names():
     assert set(impl_names()) == {
-        "triton", "triton_tma", "pallas_triton", "pallas_mosaic", "fused_small", "fused_decode",
-        "eager", "compile", "xla",
+        "triton",
+        "triton_tma",
+        "pallas_triton",
+        "pallas_mosaic",
+        "fused_small",
+        "fused_decode",
+        "eager",
+        "compile",
+        "xla",
     }
-    assert impl_names("torch") == ("triton", "triton_tma", "fused_small", "fused_decode", "eager",
-                                   "compile")
-    assert impl_names("jax") == ("pallas_triton", "pallas_mosaic", "fused_small", "fused_decode", "xla")
-    assert impl_names("jax", baselines=False) == ("pallas_triton", "pallas_mosaic", "fused_small",
-                                                  "fused_decode")
+    assert impl_names("torch") == (
+        "triton",
+        "triton_tma",
+        "fused_small",
+        "fused_decode",
+        "eager",
+        "compile",
+    )
+    assert impl_names("jax") == (
+        "pallas_triton",
+        "pallas_mosaic",
+        "fused_small",
+        "fused_decode",
+        "xla",
+    )
+    assert impl_names("jax", baselines=False) == (
+        "pallas_triton",
+        "pallas_mosaic",
+        "fused_small",
+        "fused_decode",
+    )
     assert all(impl.description for impl in IMPLEMENTATIONS)
     assert get_implementation("xla").baseline
     with pytest.raises(ValueError, match="impl: expected one of"):

@@ -1,10 +1,9 @@
-"""The tolerance policy itself: passes the reference, fails a perturbed output and NaN, says where."""
+"""The tolerance policy itself: passes the reference, fails perturbed/NaN, says where."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fusedmlp.common import DTYPES, MLPSpec, golden, tolerance
 from fusedmlp.common.dtypes import UNIT_ROUNDOFF, numpy_dtype
 
@@ -84,5 +83,6 @@ def test_bounds_scale_with_the_format():
     assert b32.rel_fro < btf.rel_fro == b16.rel_fro < bbf.rel_fro
     assert tolerance.assert_close(np.ones(3), np.ones(3), MLPSpec((4, 4), "relu", True, "float16"))
     with pytest.raises(AssertionError, match="where: FAIL"):
-        tolerance.assert_close(np.zeros(3), np.ones(3), MLPSpec((4, 4), "relu", True, "float16"),
-                               what="where")
+        tolerance.assert_close(
+            np.zeros(3), np.ones(3), MLPSpec((4, 4), "relu", True, "float16"), what="where"
+        )

@@ -1,8 +1,10 @@
 """Activation helpers for the Triton kernels' fp32 epilogues.
 
 Twin: jax_impl/activations.py (the same expressions, so the two stacks can agree to the last bit).
-The activation is a string constexpr, so each kernel is compiled with exactly one branch. Formulas are
-the float64 reference's (common/reference.py); tanh is written through exp so that both stacks and both
+The activation is a string constexpr, so each kernel is compiled with exactly one branch. Formulas
+are
+the float64 reference's (common/reference.py); tanh is written through exp so that both stacks and
+both
 interpreters evaluate the same expression, and relu is a select so that NaN propagates (a max would
 return 0 for NaN on the GPU).
 """

@@ -1,7 +1,9 @@
 """Where Triton kernels run: the GPU, or Triton's CPU interpreter when there is none.
 
-Triton reads TRITON_INTERPRET when a `@triton.jit` function is defined, so this module must run before
-any kernel module is imported (fusedmlp.torch_impl imports it first). On a machine without CUDA it sets
+Triton reads TRITON_INTERPRET when a `@triton.jit` function is defined, so this module must run
+before
+any kernel module is imported (fusedmlp.torch_impl imports it first). On a machine without CUDA it
+sets
 TRITON_INTERPRET=1: the interpreter is then the only way the kernels can run at all.
 """
 

@@ -71,16 +71,30 @@ def case_defs() -> list[CaseDef]:
                 defs.append(CaseDef(name, spec, (ODD_M,), seed))
                 seed += 1
     defs += [
-        CaseDef("deep-gelu_tanh-float16", MLPSpec((29, 72, 40, 56, 13), "gelu_tanh", True, "float16"),
-                (23,), 200),
-        CaseDef("deep-swiglu-bfloat16", MLPSpec((24, 40, 56, 24), "swiglu", False, "bfloat16"),
-                (37,), 201),
+        CaseDef(
+            "deep-gelu_tanh-float16",
+            MLPSpec((29, 72, 40, 56, 13), "gelu_tanh", True, "float16"),
+            (23,),
+            200,
+        ),
+        CaseDef(
+            "deep-swiglu-bfloat16",
+            MLPSpec((24, 40, 56, 24), "swiglu", False, "bfloat16"),
+            (37,),
+            201,
+        ),
         CaseDef("batch3d-silu-float32", MLPSpec(ODD_WIDTHS, "silu", True, "float32"), (3, 5), 202),
         CaseDef("m1-swiglu-bfloat16", MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16"), (1,), 203),
-        CaseDef("tf32-gelu-float32", MLPSpec(ODD_WIDTHS, "gelu", True, "float32", "tf32"), (ODD_M,),
-                204),
-        CaseDef("nan-relu-float32", MLPSpec(ODD_WIDTHS, "relu", True, "float32"), (ODD_M,), 205,
-                nan_at=(4, 7)),
+        CaseDef(
+            "tf32-gelu-float32", MLPSpec(ODD_WIDTHS, "gelu", True, "float32", "tf32"), (ODD_M,), 204
+        ),
+        CaseDef(
+            "nan-relu-float32",
+            MLPSpec(ODD_WIDTHS, "relu", True, "float32"),
+            (ODD_M,),
+            205,
+            nan_at=(4, 7),
+        ),
     ]
     return defs
 
@@ -109,8 +123,9 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for key in sorted(arrays):
             item = io.BytesIO()
-            np.lib.format.write_array(item, np.ascontiguousarray(_to_storable(arrays[key])),
-                                      allow_pickle=False)
+            np.lib.format.write_array(
+                item, np.ascontiguousarray(_to_storable(arrays[key])), allow_pickle=False
+            )
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             zf.writestr(info, item.getvalue())
     return buf.getvalue()
@@ -159,12 +174,14 @@ def regenerate(directory: Path = GOLDEN_DIR) -> dict:
 
 
 def check(directory: Path = GOLDEN_DIR) -> list[str]:
-    """Regenerate in memory; returns a list of differences from the files on disk (empty: identical)."""
-    files, manifest = render()
+    """Regenerate in memory; list the differences from the files on disk (empty: identical)."""
+    _, manifest = render()
     problems = []
     stored = load_manifest(directory)
     if set(stored["cases"]) != set(manifest["cases"]):
-        problems.append(f"case names differ: {sorted(set(stored['cases']) ^ set(manifest['cases']))}")
+        problems.append(
+            f"case names differ: {sorted(set(stored['cases']) ^ set(manifest['cases']))}"
+        )
     for name, entry in manifest["cases"].items():
         path = directory / entry["file"]
         if not path.exists():
@@ -192,7 +209,9 @@ def load(name: str, directory: Path = GOLDEN_DIR) -> GoldenCase:
     try:
         entry = manifest["cases"][name]
     except KeyError:
-        raise ValueError(f"golden case: unknown name {name!r}; known: {sorted(manifest['cases'])}") from None
+        raise ValueError(
+            f"golden case: unknown name {name!r}; known: {sorted(manifest['cases'])}"
+        ) from None
     spec = MLPSpec.from_dict(entry["spec"])
     dtype = numpy_dtype(spec.dtype)
     with np.load(directory / entry["file"], allow_pickle=False) as npz:
@@ -203,8 +222,16 @@ def load(name: str, directory: Path = GOLDEN_DIR) -> GoldenCase:
 
     params = {k.removeprefix("param_"): inp(v) for k, v in arrays.items() if k.startswith("param_")}
     grads = {k.removeprefix("grad_"): v for k, v in arrays.items() if k.startswith("grad_")}
-    return GoldenCase(name, spec, inp(arrays["x"]), params, inp(arrays["dy"]), arrays["y"],
-                      arrays["y_rounded"], grads)
+    return GoldenCase(
+        name,
+        spec,
+        inp(arrays["x"]),
+        params,
+        inp(arrays["dy"]),
+        arrays["y"],
+        arrays["y_rounded"],
+        grads,
+    )
 
 
 def load_all(directory: Path = GOLDEN_DIR) -> list[GoldenCase]:

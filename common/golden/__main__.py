@@ -16,7 +16,9 @@ def main() -> int:
         problems = check()
         for p in problems:
             print(p)
-        print("golden files reproduce bit for bit" if not problems else f"{len(problems)} problem(s)")
+        print(
+            "golden files reproduce bit for bit" if not problems else f"{len(problems)} problem(s)"
+        )
         return 1 if problems else 0
     manifest = regenerate()
     size = sum(p.stat().st_size for p in GOLDEN_DIR.glob("*.npz"))

@@ -1,0 +1,205 @@
+"""Both fronts: the same validation messages, plans, auto dispatch and empty-batch behaviour."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from fusedmlp import jax_impl, torch_impl
+from fusedmlp.common import MLPSpec, TileConfig, impl_names, init_params, make_input, reference
+from fusedmlp.common.tolerance import assert_close
+
+SPEC = MLPSpec((33, 67, 21), "swiglu", True, "float32")
+
+
+def _torch_inputs(spec, x, params):
+    return torch.from_numpy(np.asarray(x, np.float32)).to(getattr(torch, spec.dtype)), {
+        k: torch.from_numpy(np.asarray(v, np.float32)).to(getattr(torch, spec.dtype))
+        for k, v in params.items()
+    }
+
+
+def _jax_inputs(spec, x, params):
+    return jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}
+
+
+STACKS = {
+    "torch": (torch_impl, _torch_inputs),
+    "jax": (jax_impl, _jax_inputs),
+}
+
+
+def _error(stack, spec, x, params, **kwargs):
+    front, wrap = STACKS[stack]
+    tx, tp = wrap(spec, x, params)
+    mutate = kwargs.pop("mutate", None)
+    if mutate is not None:
+        tx, tp = mutate(stack, tx, tp)
+    with pytest.raises((ValueError, TypeError)) as info:
+        front.mlp(
+            tx, tp, spec, impl=kwargs.pop("impl", "eager" if stack == "torch" else "xla"), **kwargs
+        )
+    return type(info.value), str(info.value)
+
+
+def _drop(name):
+    def mutate(stack, x, p):
+        return x, {k: v for k, v in p.items() if k != name}
+
+    return mutate
+
+
+def _transpose(name):
+    def mutate(stack, x, p):
+        return x, {**p, name: p[name].T}
+
+    return mutate
+
+
+def _cast(name, to):
+    def mutate(stack, x, p):
+        dt = getattr(torch, to) if stack == "torch" else getattr(jnp, to)
+        if name == "x":
+            return x.to(dt) if stack == "torch" else x.astype(dt), p
+        return x, {**p, name: p[name].to(dt) if stack == "torch" else p[name].astype(dt)}
+
+    return mutate
+
+
+def _extra(stack, x, p):
+    return x, {**p, "w9": p["w0"]}
+
+
+def _wrong_width(stack, x, p):
+    return x[:, :-1], p
+
+
+def _not_array(stack, x, p):
+    return x.tolist(), p
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (_drop("c0"), "params: missing ['c0']"),
+        (_extra, "params: unexpected ['w9']"),
+        (_transpose("w1"), "params['w1']: expected shape [67, 21], got [21, 67]"),
+        (_cast("v0", "float16"), "params['v0']: expected dtype float32, got float16"),
+        (_cast("x", "bfloat16"), "x: expected dtype float32 (the spec's), got bfloat16"),
+        (_wrong_width, "x: expected shape [..., 33], got [5, 32]"),
+        (_not_array, "x: expected a "),
+    ],
+)
+def test_both_fronts_give_the_same_errors(mutate, expected):
+    params = init_params(SPEC, 0)
+    x = make_input(SPEC, 5, 1)
+    results = {s: _error(s, SPEC, x, params, mutate=mutate) for s in STACKS}
+    for stack, (_kind, message) in results.items():
+        assert expected in message, f"{stack}: {message}"
+    if expected != "x: expected a ":
+        assert results["torch"] == results["jax"]
+
+
+def test_bad_impl_config_spec_and_residual():
+    params = init_params(SPEC, 0)
+    x = make_input(SPEC, 5, 1)
+    for stack in STACKS:
+        assert "impl: expected one of" in _error(stack, SPEC, x, params, impl="cuda")[1]
+        kind, msg = _error(stack, SPEC, x, params, config={"block_m": 16})
+        assert kind is TypeError and msg.startswith("config: expected a fusedmlp.common.TileConfig")
+        front, wrap = STACKS[stack]
+        tx, tp = wrap(SPEC, x, params)
+        bad_spec = r"spec: expected a fusedmlp\.common\.MLPSpec, got dict"
+        with pytest.raises(TypeError, match=bad_spec):
+            front.mlp(tx, tp, SPEC.to_dict())
+        res = tx[:, :3]
+        with pytest.raises(ValueError, match=r"residual: expected shape \[5, 21\], got \[5, 3\]"):
+            front.mlp(tx, tp, SPEC, residual=res)
+    with pytest.raises(ValueError, match="for the torch front, got 'xla'"):
+        torch_impl.plan(SPEC, (5, 33), impl="xla")
+    with pytest.raises(ValueError, match="for the jax front, got 'eager'"):
+        jax_impl.plan(SPEC, (5, 33), impl="eager")
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+@pytest.mark.parametrize("lead", [(0,), (3, 0), (0, 4)])
+def test_empty_batch_returns_empty_output(stack, lead):
+    front, wrap = STACKS[stack]
+    params = init_params(SPEC, 0)
+    x = make_input(SPEC, lead, 1)
+    tx, tp = wrap(SPEC, x, params)
+    for impl in impl_names(stack):
+        try:
+            y = front.mlp(tx, tp, SPEC, impl=impl)
+        except NotImplementedError:
+            continue
+        assert tuple(y.shape) == (*lead, SPEC.d_out)
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_baselines_match_reference_with_residual_and_batch_dims(stack):
+    front, wrap = STACKS[stack]
+    spec = MLPSpec((13, 29, 7), "geglu_tanh", True, "float32")
+    params = init_params(spec, 3)
+    x = make_input(spec, (2, 3), 4)
+    r = make_input(spec.replace(widths=(7, 7)), (2, 3), 5)
+    tx, tp = wrap(spec, x, params)
+    tr = torch.from_numpy(r) if stack == "torch" else jnp.asarray(r)
+    impl = "eager" if stack == "torch" else "xla"
+    y = front.mlp(tx, tp, spec, impl=impl, residual=tr)
+    assert_close(np.asarray(y), reference.forward(spec, x, params) + r, spec)
+
+
+def test_plan_per_layer_names_kernels_and_configs():
+    spec = MLPSpec((300, 500, 200), "swiglu", True, "bfloat16")
+    p = torch_impl.plan(spec, (4, 8, 300), impl="triton")
+    assert p.impl == "triton" and [k.kernel for k in p.launches] == ["gated", "linear_act"]
+    assert p.launches[0].m == 32 and (p.launches[0].n, p.launches[0].k) == (500, 300)
+    assert p.launches[1].activation == "identity"
+    assert all(isinstance(k.config, TileConfig) for k in p.launches)
+    pinned = TileConfig(16, 16, 16)
+    q = jax_impl.plan(spec, (32, 300), impl="pallas_triton", config=pinned, residual=True)
+    assert [k.kernel for k in q.launches] == ["gated", "linear_act"]
+    assert all(k.config == pinned for k in q.launches) and q.launches[-1].residual
+    assert "gated(silu)" in q.describe()
+
+
+def test_auto_dispatch_on_cpu():
+    wide = MLPSpec((300, 500, 200), "swiglu", True, "bfloat16")
+    assert torch_impl.plan(wide, (512, 300)).impl == "triton"
+    assert jax_impl.plan(wide, (512, 300)).impl == "pallas_triton"
+    assert torch_impl.plan(wide, (16, 300)).impl == "fused_decode"
+    assert jax_impl.plan(wide, (16, 300)).impl == "fused_decode"
+    narrow = MLPSpec((64,) * 6, "relu", False, "float16")
+    assert torch_impl.plan(narrow, (1000, 64)).impl == "fused_small"
+    assert jax_impl.plan(narrow, (1000, 64)).impl == "fused_small"
+    deep_wide = MLPSpec((300, 500, 400, 200), "gelu", True, "float32")
+    assert torch_impl.plan(deep_wide, (8, 300)).impl == "triton"
+    # An explicit impl that cannot take the spec says so instead of silently falling back.
+    with pytest.raises(NotImplementedError, match="fused_small"):
+        torch_impl.plan(wide, (512, 300), impl="fused_small")
+    with pytest.raises(NotImplementedError, match="fused_decode"):
+        jax_impl.plan(deep_wide, (8, 300), impl="fused_decode")
+
+
+def test_availability_on_cpu():
+    for impl in impl_names("torch"):
+        assert torch_impl.unavailable_reason(impl, "cpu") is None
+    assert torch_impl.is_interpreted("triton", "cpu") and not torch_impl.is_interpreted("eager")
+    assert torch_impl.unavailable_reason("triton", "cuda") == "no CUDA GPU on this machine"
+    for impl in impl_names("jax"):
+        assert jax_impl.unavailable_reason(impl, "cpu") is None
+    assert jax_impl.is_interpreted("pallas_mosaic") and not jax_impl.is_interpreted("xla")
+    assert jax_impl.unavailable_reason("pallas_triton", "gpu").startswith("no GPU")
+
+
+def test_jax_front_inside_jit_with_static_spec():
+    spec = MLPSpec((13, 29, 7), "gelu", False, "float32")
+    params = init_params(spec, 3)
+    x = make_input(spec, 6, 4)
+    jx, jp = _jax_inputs(spec, x, params)
+    f = jax.jit(lambda a, p: jax_impl.mlp(a, p, spec, impl="xla"))
+    assert_close(np.asarray(f(jx, jp)), reference.forward(spec, x, params), spec)

@@ -25,6 +25,7 @@ from types import ModuleType
 
 import jax
 import numpy as np
+
 from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig, heuristic_config
 from fusedmlp.common.registry import AUTO, check_impl, get_implementation
 from fusedmlp.common.validate import ArrayInfo, check_call, check_spec

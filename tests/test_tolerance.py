@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fusedmlp.common import DTYPES, MLPSpec, golden, tolerance
 from fusedmlp.common.dtypes import UNIT_ROUNDOFF, numpy_dtype
 

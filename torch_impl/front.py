@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 
 import torch
+
 from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig, heuristic_config
 from fusedmlp.common.registry import AUTO, check_impl, get_implementation
 from fusedmlp.common.validate import ArrayInfo, check_call, check_spec

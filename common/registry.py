@@ -32,6 +32,18 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         "fused_decode", ("torch", "jax"), "the whole 2-layer MLP for small M in one launch"
     ),
     Implementation(
+        "mosaic",
+        ("torch",),
+        "the pallas_mosaic kernels called on torch tensors (plgpu.as_torch_kernel)",
+        gpu_only=True,
+    ),
+    Implementation(
+        "jax_triton",
+        ("jax",),
+        "the triton kernels called on jax arrays (jax_triton.triton_call)",
+        gpu_only=True,
+    ),
+    Implementation(
         "eager", ("torch",), "baseline: plain torch ops in the spec dtype", baseline=True
     ),
     Implementation(

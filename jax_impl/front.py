@@ -33,7 +33,7 @@ from fusedmlp.common.validate import ArrayInfo, check_call, check_spec
 from . import baselines, compat
 
 STACK = "jax"
-KERNEL_IMPLS = ("pallas_triton", "pallas_mosaic", "fused_small", "fused_decode")
+KERNEL_IMPLS = ("pallas_triton", "pallas_mosaic", "fused_small", "fused_decode", "jax_triton")
 BASELINE_IMPLS = ("xla",)
 # Per-layer implementations: the package whose `linear_act` and `gated` modules hold the launchers.
 _LAYER_PACKAGES = {
@@ -69,12 +69,14 @@ def unavailable_reason(impl: str, device: str = "cpu") -> str | None:
         return "no GPU visible to jax on this machine"
     if impl == "pallas_mosaic" and on_gpu_device and not _is_hopper():
         return "pallas_mosaic needs a Hopper GPU (TMA, wgmma)"
+    if impl != AUTO and get_implementation(impl).gpu_only and not on_gpu_device:
+        return f"{impl} is a cross-stack call of GPU kernels: it needs a GPU (no interpreter)"
     return None
 
 
 def is_interpreted(impl: str, device: str = "cpu") -> bool:
     """True where `impl` runs its kernels under a Pallas interpreter (not timed by the harness)."""
-    return impl in KERNEL_IMPLS and device == "cpu"
+    return impl in KERNEL_IMPLS and impl != "jax_triton" and device == "cpu"
 
 
 # ---- plan ----------------------------------------------------------------------------------------
@@ -204,6 +206,7 @@ def _run_baseline(fn: Callable) -> Callable:
 _RUNNERS: dict[str, Callable] = {
     "pallas_triton": _run_per_layer,
     "pallas_mosaic": _run_per_layer,
+    "jax_triton": _run_per_layer,
     "fused_small": _run_whole,
     "fused_decode": _run_whole,
     "xla": _run_baseline(baselines.xla),

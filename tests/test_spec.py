@@ -135,12 +135,15 @@ def test_registry_lists_the_design_names():
         "eager",
         "compile",
         "xla",
+        "mosaic",
+        "jax_triton",
     }
     assert impl_names("torch") == (
         "triton",
         "triton_tma",
         "fused_small",
         "fused_decode",
+        "mosaic",
         "eager",
         "compile",
     )
@@ -149,6 +152,7 @@ def test_registry_lists_the_design_names():
         "pallas_mosaic",
         "fused_small",
         "fused_decode",
+        "jax_triton",
         "xla",
     )
     assert impl_names("jax", baselines=False) == (
@@ -156,6 +160,7 @@ def test_registry_lists_the_design_names():
         "pallas_mosaic",
         "fused_small",
         "fused_decode",
+        "jax_triton",
     )
     assert all(impl.description for impl in IMPLEMENTATIONS)
     assert get_implementation("xla").baseline

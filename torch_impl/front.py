@@ -30,11 +30,17 @@ from . import baselines
 from .runtime import INTERPRET
 
 STACK = "torch"
-KERNEL_IMPLS = ("triton", "triton_tma", "fused_small", "fused_decode")
+KERNEL_IMPLS = ("triton", "triton_tma", "fused_small", "fused_decode", "mosaic")
 BASELINE_IMPLS = ("eager", "compile")
 # Per-layer implementations: the package whose `linear_act` and `gated` modules hold the launchers.
-_LAYER_PACKAGES = {"triton": "fusedmlp.torch_impl", "triton_tma": "fusedmlp.torch_impl.tma"}
-_KERNEL_PREFIX = {"triton": "", "triton_tma": "tma."}
+# `mosaic` is the cross-stack route: jax_impl's Mosaic GPU kernels on torch tensors (GPU only; the
+# one place the torch path imports jax, lazily: calling a kernel across stacks is its purpose).
+_LAYER_PACKAGES = {
+    "triton": "fusedmlp.torch_impl",
+    "triton_tma": "fusedmlp.torch_impl.tma",
+    "mosaic": "fusedmlp.torch_impl.cross",
+}
+_KERNEL_PREFIX = {"triton": "", "triton_tma": "tma.", "mosaic": "mosaic."}
 # Whole-MLP implementations: module with `supports(spec, m)` and `<name>_fwd(x2d, params, spec,
 # ...)`.
 _WHOLE_MODULES = {
@@ -60,6 +66,8 @@ def unavailable_reason(impl: str, device: str = "cpu") -> str | None:
         return "no CUDA GPU on this machine"
     if impl in BASELINE_IMPLS or impl == AUTO:
         return None
+    if get_implementation(impl).gpu_only and (kind != "cuda" or not _is_hopper()):
+        return f"{impl} calls Hopper kernels across stacks: it needs a Hopper GPU (no interpreter)"
     if kind == "cpu" and not INTERPRET:
         return (
             f"{impl} runs Triton kernels, which need CUDA tensors; set TRITON_INTERPRET=1 before "
@@ -91,9 +99,14 @@ def _per_layer_launches(
             if reason is not None:
                 prefix = ""
                 fallbacks.append(f"layer {layer.index}: {reason}")
-        cfg = config or heuristic_config(
-            family, m, layer.d_out, layer.d_in, spec.dtype, interpret=INTERPRET
-        )
+        if impl == "mosaic":
+            cfg = config or _module("fusedmlp.jax_impl.mosaic").default_config(
+                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=False
+            )
+        else:
+            cfg = config or heuristic_config(
+                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=INTERPRET
+            )
         launches.append(
             KernelLaunch(
                 prefix + family,
@@ -155,7 +168,8 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
     h = x2d
     for layer, launch in zip(spec.layers(), the_plan.launches, strict=True):
         i = layer.index
-        package = _LAYER_PACKAGES["triton_tma" if launch.kernel.startswith("tma.") else "triton"]
+        # A triton_tma layer that cannot meet TMA's stride rule runs the portable kernel (see plan).
+        package = _LAYER_PACKAGES[the_plan.impl if "." in launch.kernel else "triton"]
         precision = spec.fp32_precision
         if layer.gated:
             h = _module(f"{package}.gated").gated_fwd(
@@ -196,6 +210,7 @@ def _run_baseline(fn: Callable) -> Callable:
 _RUNNERS: dict[str, Callable] = {
     "triton": _run_per_layer,
     "triton_tma": _run_per_layer,
+    "mosaic": _run_per_layer,
     "fused_small": _run_whole,
     "fused_decode": _run_whole,
     "eager": _run_baseline(baselines.run_eager),

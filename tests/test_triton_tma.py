@@ -1,0 +1,395 @@
+"""impl `triton_tma`: the Hopper per-layer kernels (tensor descriptors, persistent grouped grid).
+
+On the CPU every kernel runs under Triton's interpreter with 3 persistent programs, so each program
+walks several tiles. Cases: golden files (those whose widths break TMA's 16-byte stride rule must
+take the portable fallback, and `tma_unsupported_reason` must say why; `deep-swiglu-bfloat16` meets
+the rule and runs the descriptor kernels), random odd-but-aligned shapes for every activation x
+dtype x bias on both kernels, M = 0 and 1, 3-D input, a residual, tf32, non-contiguous and
+misaligned operands, validation errors. GPU checks (`-m gpu`) run the heuristic (Hopper) configs
+and look for TMA and wgmma in the PTX. Only `tolerance.assert_close` decides pass/fail.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from fusedmlp.common import (
+    KERNEL_ACTIVATIONS,
+    MLPSpec,
+    TileConfig,
+    golden,
+    init_params,
+    make_input,
+    reference,
+)
+from fusedmlp.common.dtypes import DTYPES, numpy_dtype
+from fusedmlp.common.tiling import INTERPRET_CONFIG
+from fusedmlp.common.tolerance import assert_close
+from fusedmlp.torch_impl import gated as portable_gated
+from fusedmlp.torch_impl import linear_act as portable_linear
+from fusedmlp.torch_impl.runtime import INTERPRET
+from fusedmlp.torch_impl.tma import gated as tma_gated
+from fusedmlp.torch_impl.tma import linear_act as tma_linear
+from fusedmlp.torch_impl.tma import support, tma_unsupported_reason
+from helpers import GOLDEN_NAMES, to_numpy
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+# Aligned but odd widths: 16-bit rows of 40 and 72 elements are 80 and 144 bytes; fp32 rows of 20
+# and 36 elements are 80 and 144 bytes. Neither is a multiple of any block.
+ALIGNED = {"float32": (20, 36), "float16": (40, 72), "bfloat16": (40, 72)}
+GATED_BASE = ("silu", "gelu", "gelu_tanh")  # the branch activations of swiglu, geglu, geglu_tanh
+
+# Triton 3.6's interpreter turns a runtime loop bound into a Python int via a 1-element array,
+# which NumPy 2.3 deprecates (and 2.4 rejects: TOOLCHAIN.md); the warning is the interpreter's own.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"
+)
+
+
+def to_torch(a: np.ndarray) -> torch.Tensor:
+    if a.dtype == numpy_dtype("bfloat16"):  # NumPy has no bfloat16: move the raw bits
+        t = torch.from_numpy(np.ascontiguousarray(a).view(np.uint16).copy()).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(a).copy())
+    return t.to(DEVICE)
+
+
+def f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def ref_linear(x, w, b, activation, residual=None):
+    """float64: act(x·W + b) (+ residual), from the reference's own activation formulas."""
+    z = f64(x) @ f64(w) + (f64(b) if b is not None else 0.0)
+    y = reference.activation(activation, z)
+    return y + f64(residual) if residual is not None else y
+
+
+def ref_gated(x, w, v, b, c, activation):
+    z = f64(x) @ f64(w) + (f64(b) if b is not None else 0.0)
+    g = f64(x) @ f64(v) + (f64(c) if c is not None else 0.0)
+    return reference.activation(activation, z) * g
+
+
+def layer_problem(dtype: str, bias: bool, m: int | tuple[int, ...], seed: int, *, gated: bool,
+                  widths: tuple[int, int] | None = None, fp32_precision: str = "ieee"):
+    """(spec for the tolerance, x, params w0/b0/v0/c0) in `dtype` for one [K] -> [N] layer."""
+    k, n = widths or ALIGNED[dtype]
+    # A gated spec's layer 0 is the gated layer; the extra narrow last layer is never run here.
+    spec = MLPSpec((k, n, 8) if gated else (k, n), "swiglu" if gated else "relu", bias, dtype,
+                   fp32_precision)
+    return spec, make_input(spec, m, seed=seed), init_params(spec, seed=seed + 1)
+
+
+def run_tma_layers(spec: MLPSpec, x: torch.Tensor, params: dict[str, torch.Tensor]):
+    """The MLP through the triton_tma public functions, chained as the front chains layers."""
+    h = x
+    for layer in spec.layers():
+        i = layer.index
+        if layer.gated:
+            h = tma_gated.gated(h, params[f"w{i}"], params[f"v{i}"], params.get(f"b{i}"),
+                                params.get(f"c{i}"), activation=layer.activation,
+                                fp32_precision=spec.fp32_precision)
+        else:
+            h = tma_linear.linear_act(h, params[f"w{i}"], params.get(f"b{i}"),
+                                      activation=layer.activation,
+                                      fp32_precision=spec.fp32_precision)
+    return h
+
+
+def all_layers_aligned(spec: MLPSpec) -> bool:
+    return all(tma_unsupported_reason(1, ly.d_out, ly.d_in, spec.dtype) is None
+               for ly in spec.layers())
+
+
+# ---- the contract -------------------------------------------------------------------------------
+def test_same_names_and_signatures_as_the_portable_kernels():
+    pairs = [(tma_linear, portable_linear, ("linear_act_fwd", "linear_act")),
+             (tma_gated, portable_gated, ("gated_fwd", "gated"))]
+    for tma_mod, portable_mod, names in pairs:
+        for name in names:
+            assert inspect.signature(getattr(tma_mod, name)) == inspect.signature(
+                getattr(portable_mod, name)
+            ), name
+    assert hasattr(tma_linear._linear_act_fwd_kernel, "run")
+    assert hasattr(tma_gated._gated_fwd_kernel, "run")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unsupported_reason_names_rule_value_and_fallback(dtype):
+    size = 4 if dtype == "float32" else 2
+    # The golden widths 33 -> 67 -> 21: K = 33 rows are 33·size bytes, never a multiple of 16.
+    reason = tma_unsupported_reason(19, 67, 33, dtype)
+    assert reason is not None
+    assert "16-byte" in reason and "K=33" in reason and f"{33 * size} bytes" in reason
+    assert "falls back to impl 'triton'" in reason
+    # Aligned K but odd N: the reason names N.
+    reason_n = tma_unsupported_reason(19, 21, ALIGNED[dtype][0], dtype)
+    assert reason_n is not None and "N=21" in reason_n
+    k, n = ALIGNED[dtype]
+    for m in (0, 1, 37):
+        assert tma_unsupported_reason(m, n, k, dtype) is None
+    with pytest.raises(ValueError, match="dtype"):
+        tma_unsupported_reason(1, n, k, "float64")
+
+
+def test_golden_rule_split():
+    """The standard golden widths break the rule in every dtype; deep-swiglu-bfloat16 meets it."""
+    assert not all_layers_aligned(golden.load("relu-float32-bias").spec)
+    assert not all_layers_aligned(golden.load("silu-float16-nobias").spec)
+    assert not all_layers_aligned(golden.load("swiglu-bfloat16-bias").spec)
+    assert all_layers_aligned(golden.load("deep-swiglu-bfloat16").spec)
+
+
+# ---- golden files -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", GOLDEN_NAMES)
+def test_golden(name):
+    case = golden.load(name)
+    x = to_torch(case.x)
+    params = {k: to_torch(v) for k, v in case.params.items()}
+    y = run_tma_layers(case.spec, x, params)
+    assert_close(to_numpy(y), case.y, case.spec, what=name)
+
+
+def test_golden_fallback_is_the_portable_kernel():
+    """Where the rule fails the public functions return exactly what impl `triton` returns."""
+    case = golden.load("geglu-float16-bias")
+    x = to_torch(case.x)
+    p = {k: to_torch(v) for k, v in case.params.items()}
+    got = tma_gated.gated(x, p["w0"], p["v0"], p["b0"], p["c0"], activation="gelu")
+    want = portable_gated.gated(x, p["w0"], p["v0"], p["b0"], p["c0"], activation="gelu")
+    assert torch.equal(got, want)
+    spec = case.spec
+    assert_close(to_numpy(got), ref_gated(case.x, case.params["w0"], case.params["v0"],
+                                          case.params["b0"], case.params["c0"], "gelu"),
+                 spec, what="fallback gated layer")
+    got_l = tma_linear.linear_act(got, p["w1"], p["b1"])
+    assert torch.equal(got_l, portable_linear.linear_act(got, p["w1"], p["b1"]))
+    assert_close(to_numpy(got_l), case.y, spec, what="fallback MLP")
+
+
+def test_reachable_through_the_front_with_fallback_in_the_plan():
+    from fusedmlp.torch_impl import front
+
+    aligned, odd = golden.load("deep-swiglu-bfloat16"), golden.load("relu-float16-bias")
+    plan = front.plan(aligned.spec, aligned.x.shape, impl="triton_tma")
+    assert plan.impl == "triton_tma" and all(k.kernel.startswith("tma.") for k in plan.launches)
+    plan = front.plan(odd.spec, odd.x.shape, impl="triton_tma")
+    assert not any(k.kernel.startswith("tma.") for k in plan.launches)
+    assert "K=33 x 2 bytes = 66 bytes" in plan.reason
+    assert "falls back to impl 'triton'" in plan.reason
+    for case in (aligned, odd):
+        y = front.mlp(to_torch(case.x), {k: to_torch(v) for k, v in case.params.items()},
+                      case.spec, impl="triton_tma")
+        assert_close(to_numpy(y), case.y, case.spec, what=f"front {case.name}")
+
+
+# ---- random aligned shapes: every activation x dtype x bias -------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", KERNEL_ACTIVATIONS)
+def test_linear_act_random(activation, bias, dtype):
+    seed = 10 + KERNEL_ACTIVATIONS.index(activation) * 6 + DTYPES.index(dtype) * 2 + bias
+    spec, x, p = layer_problem(dtype, bias, 37, seed, gated=False)
+    b = p.get("b0")
+    y = tma_linear.linear_act(to_torch(x), to_torch(p["w0"]),
+                              to_torch(b) if b is not None else None, activation=activation)
+    assert_close(to_numpy(y), ref_linear(x, p["w0"], b, activation), spec,
+                 what=f"linear_act {activation} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", GATED_BASE)
+def test_gated_random(activation, bias, dtype):
+    seed = 100 + GATED_BASE.index(activation) * 6 + DTYPES.index(dtype) * 2 + bias
+    spec, x, p = layer_problem(dtype, bias, 37, seed, gated=True)
+    b, c = p.get("b0"), p.get("c0")
+    y = tma_gated.gated(to_torch(x), to_torch(p["w0"]), to_torch(p["v0"]),
+                        to_torch(b) if bias else None, to_torch(c) if bias else None,
+                        activation=activation)
+    assert_close(to_numpy(y), ref_gated(x, p["w0"], p["v0"], b, c, activation), spec,
+                 what=f"gated {activation} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_m1_and_3d_input(dtype):
+    for gated, lead, seed in ((False, (1,), 200), (True, (1,), 201), (False, (3, 5), 202),
+                              (True, (2, 7), 203)):
+        spec, x, p = layer_problem(dtype, True, lead, seed + DTYPES.index(dtype) * 4, gated=gated)
+        xt = to_torch(x)
+        if gated:
+            y = tma_gated.gated(xt, to_torch(p["w0"]), to_torch(p["v0"]), to_torch(p["b0"]),
+                                to_torch(p["c0"]), activation="silu")
+            ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "silu")
+        else:
+            y = tma_linear.linear_act(xt, to_torch(p["w0"]), to_torch(p["b0"]),
+                                      activation="gelu")
+            ref = ref_linear(x, p["w0"], p["b0"], "gelu")
+        assert tuple(y.shape) == (*lead, spec.widths[1])
+        assert_close(to_numpy(y), ref, spec, what=f"{'gated' if gated else 'linear'} {lead}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_m0_returns_empty(dtype):
+    k, n = ALIGNED[dtype]
+    torch_dtype = getattr(torch, dtype)
+    x = torch.empty((0, k), dtype=torch_dtype, device=DEVICE)
+    w = torch.randn((k, n)).to(torch_dtype).to(DEVICE)
+    y = tma_linear.linear_act(x, w, activation="relu")
+    z = tma_gated.gated(x.reshape(2, 0, k), w, w, activation="silu")
+    assert tuple(y.shape) == (0, n) and y.dtype == torch_dtype
+    assert tuple(z.shape) == (2, 0, n) and z.dtype == torch_dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual(dtype):
+    spec, x, p = layer_problem(dtype, True, (5, 9), 300 + DTYPES.index(dtype), gated=False)
+    r = make_input(MLPSpec((spec.widths[1], 4), "relu", True, dtype), (5, 9), seed=301)
+    y = tma_linear.linear_act(to_torch(x), to_torch(p["w0"]), to_torch(p["b0"]),
+                              activation="identity", residual=to_torch(r))
+    assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "identity", r), spec,
+                 what=f"residual {dtype}")
+
+
+def test_tf32():
+    spec, x, p = layer_problem("float32", True, 37, 400, gated=True, fp32_precision="tf32")
+    y = tma_gated.gated(to_torch(x), to_torch(p["w0"]), to_torch(p["v0"]), to_torch(p["b0"]),
+                        to_torch(p["c0"]), activation="gelu_tanh", fp32_precision="tf32")
+    assert_close(to_numpy(y), ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "gelu_tanh"),
+                 spec, what="gated tf32")
+
+
+# ---- the persistent loop ------------------------------------------------------------------------
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's program count")
+def test_several_tiles_per_program_uneven_split():
+    """16 tiles over 3 programs (6, 5, 5), 4 tile rows in groups of 2, a ragged K tail."""
+    m, k, n = 53, 40, 104
+    cfg = INTERPRET_CONFIG
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    programs = support.num_programs(tiles, torch.device(DEVICE))
+    assert (tiles, programs) == (16, 3)
+    for dtype, seed in (("bfloat16", 500), ("float16", 501)):
+        for gated in (False, True):
+            spec, x, p = layer_problem(dtype, True, m, seed, gated=gated, widths=(k, n))
+            xt = to_torch(x)
+            if gated:
+                y = tma_gated.gated_fwd(xt, to_torch(p["w0"]), to_torch(p["b0"]),
+                                        to_torch(p["v0"]), to_torch(p["c0"]),
+                                        activation="gelu", config=cfg)
+                ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "gelu")
+            else:
+                y = tma_linear.linear_act_fwd(xt, to_torch(p["w0"]), to_torch(p["b0"]), None,
+                                              activation="silu", config=cfg)
+                ref = ref_linear(x, p["w0"], p["b0"], "silu")
+            assert_close(to_numpy(y), ref, spec, what=f"persistent {dtype} gated={gated}")
+
+
+def test_explicit_configs_cover_edges():
+    """Blocks larger than the problem, and a single program walking every tile."""
+    spec, x, p = layer_problem("float16", True, 37, 600, gated=False)
+    ref = ref_linear(x, p["w0"], p["b0"], "relu")
+    for cfg in (TileConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=1),
+                TileConfig(16, 16, 16, group_m=1, num_warps=4, num_stages=1)):
+        y = tma_linear.linear_act(to_torch(x), to_torch(p["w0"]), to_torch(p["b0"]),
+                                  activation="relu", config=cfg)
+        assert_close(to_numpy(y), ref, spec, what=f"config {cfg}")
+
+
+def test_non_contiguous_and_misaligned_operands():
+    """The launcher makes operands contiguous and 16-byte aligned: a transposed w, a strided x and
+    an x whose base sits 2 bytes past an aligned address give the same result."""
+    spec, x, p = layer_problem("float16", True, 37, 700, gated=True)
+    k, n = spec.widths[0], spec.widths[1]
+    ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "silu")
+    xt = to_torch(x)
+    w_t = to_torch(np.ascontiguousarray(p["w0"].T)).t()  # [K, N] view of an [N, K] buffer
+    assert not w_t.is_contiguous()
+    x_strided = torch.zeros((37, 2 * k), dtype=xt.dtype, device=DEVICE)[:, ::2]
+    x_strided.copy_(xt)
+    flat = torch.zeros(37 * k + 1, dtype=xt.dtype, device=DEVICE)
+    x_offset = flat[1:].view(37, k)
+    x_offset.copy_(xt)
+    assert x_offset.data_ptr() % 16 != 0
+    for xin in (x_strided, x_offset):
+        y = tma_gated.gated(xin, w_t, to_torch(p["v0"]), to_torch(p["b0"]), to_torch(p["c0"]),
+                            activation="silu")
+        assert_close(to_numpy(y), ref, spec, what="non-contiguous / misaligned")
+    assert n == ALIGNED["float16"][1]
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def test_validation_errors():
+    k, n = ALIGNED["float16"]
+    x = torch.zeros((3, k), dtype=torch.float16, device=DEVICE)
+    w = torch.zeros((k, n), dtype=torch.float16, device=DEVICE)
+    b = torch.zeros((n,), dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"w: expected shape \[40, 72\], got \[41, 72\]"):
+        tma_linear.linear_act(x, torch.zeros((k + 1, n), dtype=torch.float16, device=DEVICE))
+    with pytest.raises(TypeError, match="w: expected dtype float16, got float32"):
+        tma_linear.linear_act(x, w.float())
+    with pytest.raises(ValueError, match=r"b: expected shape \[72\]"):
+        tma_linear.linear_act(x, w, b[:-1])
+    with pytest.raises(ValueError, match="residual: expected shape"):
+        tma_linear.linear_act(x, w, residual=torch.zeros((3, n + 1), dtype=torch.float16,
+                                                         device=DEVICE))
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        tma_linear.linear_act(x, w, activation="swish")
+    with pytest.raises(ValueError, match="fp32_precision: 'tf32' applies to dtype 'float32'"):
+        tma_gated.gated(x, w, w, fp32_precision="tf32")
+    with pytest.raises(ValueError, match="c: expected an array because b is given"):
+        tma_gated.gated(x, w, w, b)
+    with pytest.raises(TypeError, match="config: expected a TileConfig or None, got dict"):
+        tma_gated.gated(x, w, w, config={"block_m": 16})
+    with pytest.raises(TypeError, match=r"x: expected a torch\.Tensor"):
+        tma_linear.linear_act(np.zeros((3, k)), w)
+
+
+# ---- GPU: the Hopper configs, TMA and wgmma in the compiled code ------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [False, True], ids=["linear_act", "gated"])
+def test_gpu_heuristic_configs_odd_aligned_shapes(dtype, gated):
+    # M = 777, K = 520 / 260 and N = 1096 / 552 are multiples of no block (but meet the 16-byte
+    # rule); M = 4099 gives more tiles than the H100's 132 SMs, so programs walk several tiles.
+    widths = (520, 1096) if dtype != "float32" else (260, 552)
+    for m, seed in ((1, 800), (777, 801), (4099, 802)):
+        spec, x, p = layer_problem(dtype, True, m, seed, gated=gated, widths=widths)
+        xt = to_torch(x)
+        if gated:
+            y = tma_gated.gated(xt, to_torch(p["w0"]), to_torch(p["v0"]), to_torch(p["b0"]),
+                                to_torch(p["c0"]), activation="gelu_tanh")
+            ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "gelu_tanh")
+        else:
+            r = make_input(MLPSpec((widths[1], 8), "relu", True, dtype), m, seed=seed + 50)
+            y = tma_linear.linear_act(xt, to_torch(p["w0"]), to_torch(p["b0"]),
+                                      activation="silu", residual=to_torch(r))
+            ref = ref_linear(x, p["w0"], p["b0"], "silu", r)
+        torch.cuda.synchronize()
+        assert_close(to_numpy(y), ref, spec, what=f"gpu {dtype} gated={gated} M={m}")
+
+
+@pytest.mark.gpu
+def test_gpu_ptx_uses_tma_and_wgmma():
+    spec, x, p = layer_problem("bfloat16", True, 300, 900, gated=False, widths=(256, 512))
+    xt, wt, bt = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"])
+    out = torch.empty((300, 512), dtype=torch.bfloat16, device="cuda")
+    support.ensure_allocator()
+    cfg = TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+    compiled = tma_linear._linear_act_fwd_kernel[(1,)](
+        xt, wt, bt, None, out, 300, 512, 256, 1,
+        ACTIVATION="relu", HAS_BIAS=True, HAS_RESIDUAL=False, INPUT_PRECISION="ieee",
+        UPCAST=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, FLATTEN=True, WARP_SPECIALIZE=False,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    torch.cuda.synchronize()
+    assert_close(to_numpy(out), ref_linear(x, p["w0"], p["b0"], "relu"), spec,
+                 what="one program, every tile")
+    ptx = compiled.asm["ptx"]
+    assert "cp.async.bulk.tensor" in ptx, "no TMA copy in the PTX"
+    assert "wgmma" in ptx, "no wgmma in the PTX: the dot is on a slower path"

@@ -1,0 +1,201 @@
+"""linear_act, the Hopper way: out = act(x·W + b) (+ residual) through tensor descriptors (TMA).
+
+Formula (as the portable kernel, torch_impl/linear_act.py): acc = Σ_k x[m, k]·W[k, n] in fp32;
+out = act(acc + b[n]) + residual[m, n], cast once to the dtype at the store.
+
+Grid: persistent. min(#SMs, #tiles) programs; program p walks tiles p, p + P, p + 2P, ... in the
+grouped order of the portable kernel (`_grouped_tile`, GROUP_M tile rows column by column, so that
+programs running together share W columns and X rows in L2). Each program walks K in BLOCK_K steps.
+`tl.range(..., flatten=True)` lets the software pipeliner run across the tile loop too, so the next
+tile's first loads overlap the current tile's epilogue; `warp_specialize` is on by default on
+Blackwell only (`support.warp_specialize_default`), and ignored by the interpreter.
+
+Addressing: x, W and the output through descriptors built in the kernel
+(`tl.make_tensor_descriptor`). Chosen over host-side `TensorDescriptor`s because the launch then
+takes plain pointers, as the portable kernel does (one launch path for both impls), and the block
+shapes come straight from the constexprs of the config rather than being baked into a host object
+per launch; the cost is a global scratch of 128 bytes per descriptor and program, asked of
+the host at launch (`support.ensure_allocator`). TMA zero-fills reads past the edges (the ragged
+K tail adds zeros to the dot) and clips writes, so the kernel has no masks but the epilogue's:
+the bias (descriptors are 2-D to 5-D) and the residual (a TMA load would need one more
+shared-memory tile; see there) are masked pointer loads. Descriptors
+need 16-byte row strides: `support.tma_unsupported_reason` says when the portable kernel must run.
+
+Interpreter: 16-bit tiles are upcast to fp32 right after the load (its bf16 arithmetic is wrong).
+
+Twin: none in JAX — the sibling is jax_impl/mosaic/ (TMA + wgmma); the portable twin is
+torch_impl/linear_act.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedmlp.common.config import TileConfig
+from fusedmlp.common.tiling import heuristic_config
+
+from .. import linear_act as portable
+from ..activations import apply_activation
+from ..linear_act import (
+    _check_devices,
+    _check_options,
+    _check_tensor,
+    _dtype_name,
+    _grouped_tile,
+    _input_precision,
+)
+from ..runtime import INTERPRET
+from .support import (
+    as_tma_operand,
+    ensure_allocator,
+    num_programs,
+    tma_unsupported_reason,
+    warp_specialize_default,
+)
+
+
+# ==== forward kernel ==============================================================================
+@triton.jit
+def _linear_act_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
+    M, N, K, NUM_PROGRAMS,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[N, 1],
+                                       block_shape=[BLOCK_K, BLOCK_N])
+    o_desc = tl.make_tensor_descriptor(o_ptr, shape=[M, N], strides=[N, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
+    # loop flattened, a value used by both the next tile's loads and this tile's store would tie the
+    # pipeliner's prologue to its epilogue.
+    tile_out = tl.program_id(0) - NUM_PROGRAMS
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS,
+                         flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_tiles):
+            # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
+            x = x_desc.load([off_m, k * BLOCK_K])
+            w = w_desc.load([k * BLOCK_K, off_n])
+            if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            # 3. compute: fp32 accumulate
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+
+        # 3. compute: the epilogue, all in fp32
+        tile_out += NUM_PROGRAMS
+        tile_m, tile_n = _grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        out_m = tile_m * BLOCK_M
+        out_n = tile_n * BLOCK_N
+        if HAS_BIAS:
+            offs_n = out_n + tl.arange(0, BLOCK_N)
+            b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            acc = acc + b[None, :]
+        acc = apply_activation(acc, ACTIVATION)
+        if HAS_RESIDUAL:
+            # A masked pointer load, not TMA: a descriptor load would stage the tile in shared
+            # memory beside the pipeline's stages and the output tile, and 128x256x64 with 3
+            # stages (211 KB in 16-bit) would then pass the H100's 227 KB per block.
+            rows = (out_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+            cols = out_n + tl.arange(0, BLOCK_N)
+            mask = (rows[:, None] < M) & (cols[None, :] < N)
+            r = tl.load(r_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+            acc = acc + r.to(tl.float32)
+
+        # 4. store: one rounding to the output dtype; TMA clips the tile at M and N
+        o_desc.store([out_m, out_n], acc.to(o_ptr.dtype.element_ty))
+
+
+# ==== launcher ====================================================================================
+def linear_act_fwd(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    *,
+    activation: str,
+    config: TileConfig,
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """Launch on a 2-D x [M, K], w [K, N] meeting the 16-byte rule; returns [M, N] in x.dtype.
+
+    Trusts its input; makes operands contiguous and 16-byte aligned (copies only where not).
+    """
+    M, K = x.shape
+    N = w.shape[1]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return out
+    x, w = as_tma_operand(x), as_tma_operand(w)
+    b = b.contiguous() if b is not None else None
+    residual = residual.contiguous() if residual is not None else None  # row stride N
+    num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    programs = num_programs(num_tiles, x.device)
+    ensure_allocator()
+    _linear_act_fwd_kernel[(programs,)](
+        x, w, b, residual, out,
+        M, N, K, programs,
+        ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
+        INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, FLATTEN=not INTERPRET,
+        WARP_SPECIALIZE=warp_specialize_default(x.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+# ==== public function =============================================================================
+def linear_act(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    activation: str = "identity",
+    residual: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N].
+
+    Where K or N breaks TMA's 16-byte stride rule, runs the portable `torch_impl.linear_act`.
+    """
+    _check_tensor("x", x, shape=None, dtype=None)
+    dtype = _dtype_name(x)
+    K = x.shape[-1]
+    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
+    N = w.shape[-1]
+    _check_tensor("w", w, shape=[K, N], dtype=dtype)
+    if b is not None:
+        _check_tensor("b", b, shape=[N], dtype=dtype)
+    lead = list(x.shape[:-1])
+    if residual is not None:
+        _check_tensor("residual", residual, shape=[*lead, N], dtype=dtype)
+    _check_options(activation, fp32_precision, dtype, config)
+    _check_devices(x, w=w, b=b, residual=residual)
+
+    x2d = x.reshape(-1, K)
+    M = x2d.shape[0]
+    if tma_unsupported_reason(M, N, K, dtype) is not None:
+        return portable.linear_act(x, w, b, activation=activation, residual=residual,
+                                   config=config, fp32_precision=fp32_precision)
+    r2d = residual.reshape(-1, N) if residual is not None else None
+    if config is None:
+        config = heuristic_config("linear_act", M, N, K, dtype, interpret=INTERPRET)
+    out = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
+                         fp32_precision=fp32_precision)
+    return out.reshape(*lead, N)

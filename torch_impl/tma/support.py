@@ -1,0 +1,110 @@
+"""What the `triton_tma` kernels need from the host: the 16-byte rule, the persistent grid, scratch.
+
+- `tma_unsupported_reason(m, n, k, dtype)`: a TMA descriptor needs every row stride (all but the
+  last dimension's) to be a multiple of 16 bytes and a 16-byte aligned base. The launchers make
+  every operand contiguous and 16-byte aligned, so the rule reduces to `K * itemsize % 16 == 0`
+  (rows of x) and `N * itemsize % 16 == 0` (rows of w, v, the residual and the output).
+  The front records the reason in its plan and runs impl `triton` instead.
+- `num_programs(num_tiles, device)`: the persistent grid, min(#SMs, #tiles) programs on a GPU; under
+  the interpreter a handful, so that each program really walks several tiles.
+- `ensure_allocator()`: descriptors built inside a kernel (`tl.make_tensor_descriptor`) live in a
+  global-memory scratch that Triton asks the host for at launch (128 bytes per descriptor and
+  program); without an allocator the launch fails. The interpreter needs none.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from fusedmlp.common.dtypes import DTYPES
+
+from ..runtime import INTERPRET
+
+TMA_ALIGN_BYTES = 16
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Under the interpreter: 3 programs. The test shapes have 6-20 tiles, so every program runs the
+# persistent loop several times, and tile counts that 3 does not divide leave the programs uneven.
+INTERPRET_PROGRAMS = 3
+WARP_SPECIALIZE_ENV = "FUSEDMLP_TMA_WARP_SPECIALIZE"
+
+
+def tma_unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
+    """None if TMA descriptors can address a [m, k] x [k, n] layer in `dtype`, else why not.
+
+    `m` never matters (the rule is on row strides, and rows are K or N elements long); it is taken
+    so that every implementation's check has the dispatcher's shape signature.
+    """
+    del m
+    if dtype not in _ITEMSIZE:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+    size = _ITEMSIZE[dtype]
+    for what, width, name in (("K", k, "x"), ("N", n, "w and the output")):
+        row_bytes = width * size
+        if row_bytes % TMA_ALIGN_BYTES:
+            return (
+                f"TMA's 16-byte stride rule: rows of {name} are {what}={width} x {size} bytes "
+                f"= {row_bytes} bytes, not a multiple of {TMA_ALIGN_BYTES}; "
+                "falls back to impl 'triton'"
+            )
+    return None
+
+
+def as_tma_operand(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous with a 16-byte aligned base (a view at an odd offset is copied)."""
+    t = t.contiguous()
+    if t.data_ptr() % TMA_ALIGN_BYTES:
+        t = t.clone()
+    return t
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(num_tiles: int, device: torch.device) -> int:
+    """Programs of the persistent grid: one per SM (never more than there are tiles)."""
+    if INTERPRET or device.type != "cuda":
+        return max(1, min(INTERPRET_PROGRAMS, num_tiles))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(_sm_count(index), num_tiles))
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Through torch's caching allocator: cheap per launch, and legal inside CUDA-graph capture.
+    del alignment, stream  # torch's blocks are 256-byte aligned; the stream is torch's current one
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Give Triton a scratch allocator for in-kernel descriptors, unless the user has set one."""
+    if INTERPRET:
+        return
+    try:  # the current allocator is not public API; if the probe breaks, install ours
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # pragma: no cover - depends on the triton version
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
+def warp_specialize_default(device: torch.device) -> bool:
+    """Whether the tile loop asks for warp specialisation (`tl.range(..., warp_specialize=)`).
+
+    Triton 3.6 has a pass for it on Blackwell (cc >= 10, on by default there, as in its tutorial
+    09) and an experimental Hopper one (`add_hopper_warpspec`) that nobody has measured on these
+    kernels yet, so Hopper defaults to off. `FUSEDMLP_TMA_WARP_SPECIALIZE=1` / `=0` forces it, so
+    that a GPU session can time both without editing the code.
+    """
+    if INTERPRET or device.type != "cuda":
+        return False
+    forced = os.environ.get(WARP_SPECIALIZE_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return torch.cuda.get_device_capability(device)[0] >= 10

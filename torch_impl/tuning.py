@@ -1,0 +1,173 @@
+"""Autotuned launchers for GPUs: time each candidate config once on the real inputs, cache the best.
+
+The raw launchers (`torch_impl.linear_act.linear_act_fwd`, `torch_impl.gated.gated_fwd` and their
+`torch_impl.tma` siblings) stay un-autotuned: they take a config. `tuned_config` picks one:
+
+1. under the interpreter, the heuristic config, untimed (Triton's interpreter runs one config; a
+   sweep there would measure Python, not the kernel);
+2. else the cached winner for (GPU name, impl, family, M bucket, N, K, dtype, fp32 precision) in the
+   JSON file of `common.tuning` (`$FUSEDMLP_TUNING_CACHE`, default ~/.cache/fusedmlp/tuning.json);
+3. else a sweep: every config of `common.tiling.search_space` (and the heuristic one) is launched on
+   the caller's tensors and timed with `triton.testing.do_bench`, median of the repetitions (it
+   warms up first, so compilation stays out of the number, and clears L2 before each repetition).
+   A config that cannot compile or launch (shared memory, registers) is skipped and its reason is
+   recorded next to the timings; the fastest is cached.
+
+`tuned(family, launcher)` wraps a launcher so that `config=None` means "tuned". The impl name that
+keys the cache comes from the launcher's module (`torch_impl.tma.*` -> "triton_tma", else "triton").
+The JAX side reuses `common.tuning` for the same file and keys.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import triton
+
+from fusedmlp.common.config import TileConfig
+from fusedmlp.common.tiling import FAMILIES, heuristic_config, search_space
+from fusedmlp.common.tuning import (
+    TuningCache,
+    TuningKey,
+    TuningRecord,
+    cache_path,
+    candidate_skipped,
+    candidate_timing,
+    make_key,
+)
+
+from .runtime import INTERPRET
+
+Launcher = Callable[..., torch.Tensor]
+# bench(fn) -> median milliseconds of fn(); injectable so the sweep logic is testable off a GPU.
+Bench = Callable[[Callable[[], Any]], float]
+
+_CACHES: dict[str, TuningCache] = {}
+
+
+def _cache(path: str | None) -> TuningCache:
+    """One TuningCache per file in this process, so a winner is read from disk once."""
+    resolved = str(cache_path(path))
+    if resolved not in _CACHES:
+        _CACHES[resolved] = TuningCache(resolved)
+    return _CACHES[resolved]
+
+
+def impl_of(launcher: Launcher) -> str:
+    """The impl name a launcher belongs to: "triton_tma" for torch_impl.tma, else "triton"."""
+    module = getattr(launcher, "__module__", "") or ""
+    return "triton_tma" if ".tma." in f"{module}." else "triton"
+
+
+def _median_ms(fn: Callable[[], Any]) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _candidates(family: str, m: int, n: int, k: int, dtype: str,
+                configs: Iterable[TileConfig] | None) -> list[TileConfig]:
+    # The heuristic first: a sweep can then never pick worse than the untuned default.
+    chosen = list(configs) if configs is not None else [
+        heuristic_config(family, m, n, k, dtype), *search_space(family, m, dtype)
+    ]
+    return list(dict.fromkeys(chosen))  # TileConfig is frozen (hashable): drop repeats, keep order
+
+
+def sweep(
+    family: str,
+    launcher: Launcher,
+    args: tuple[Any, ...],
+    configs: Iterable[TileConfig],
+    *,
+    activation: str,
+    fp32_precision: str = "ieee",
+    bench: Bench | None = None,
+) -> TuningRecord:
+    """Time `launcher(*args, activation=..., config=c, fp32_precision=...)` for every config c.
+
+    Raises RuntimeError, with every reason, when no config runs.
+    """
+    bench = bench or _median_ms
+    timings: list[tuple[float, TileConfig]] = []
+    candidates: list[dict[str, Any]] = []
+    for config in configs:
+        def run(config: TileConfig = config) -> torch.Tensor:
+            return launcher(*args, activation=activation, config=config,
+                            fp32_precision=fp32_precision)
+
+        try:
+            ms = bench(run)
+        except Exception as err:  # any failure of one candidate is a skip reason, not an abort
+            # OutOfResources (shared memory, registers) is the expected one; a compile error or
+            # a launch failure in one candidate must not stop the sweep either.
+            candidates.append(candidate_skipped(config, f"{type(err).__name__}: {err}"[:500]))
+            continue
+        timings.append((ms, config))
+        candidates.append(candidate_timing(config, ms))
+    if not timings:
+        reasons = "; ".join(f"{c['config']}: {c['skipped']}" for c in candidates)
+        raise RuntimeError(f"{family}: no config ran ({reasons})")
+    best_ms, best = min(timings, key=lambda t: t[0])
+    versions = {"triton": triton.__version__, "torch": torch.__version__}
+    return TuningRecord(best, best_ms, candidates, versions)
+
+
+def tuned_config(
+    family: str,
+    launcher: Launcher,
+    args: tuple[Any, ...],
+    *,
+    activation: str,
+    fp32_precision: str = "ieee",
+    configs: Iterable[TileConfig] | None = None,
+    cache_file: str | None = None,
+    interpret: bool | None = None,
+    device_name: str | None = None,
+    bench: Bench | None = None,
+) -> TileConfig:
+    """The config for `launcher` on `args` (x [M, K], w [K, N], ...): cached, swept, or heuristic.
+
+    `interpret`, `device_name` and `bench` default to this process's interpreter flag, the GPU of x
+    and `do_bench`'s median; tests pass their own to exercise the sweep without a GPU.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    x, w = args[0], args[1]
+    m, k = x.shape
+    n = w.shape[1]
+    dtype = str(x.dtype).removeprefix("torch.")
+    if INTERPRET if interpret is None else interpret:
+        return heuristic_config(family, m, n, k, dtype, interpret=True)
+    if device_name is None:
+        device_name = torch.cuda.get_device_name(x.device)
+    key: TuningKey = make_key(device_name, impl_of(launcher), family, m, n, k, dtype,
+                              fp32_precision)
+    cache = _cache(cache_file)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    record = sweep(family, launcher, args, _candidates(family, m, n, k, dtype, configs),
+                   activation=activation, fp32_precision=fp32_precision, bench=bench)
+    cache.put(key, record)
+    return record.config
+
+
+def tuned(family: str, launcher: Launcher, **tune_options: Any) -> Launcher:
+    """`launcher` with `config=None` meaning: the tuned config for these inputs.
+
+    Same signature as the launcher (`*args, activation, config, fp32_precision`); `tune_options`
+    go to `tuned_config` (configs, cache_file, ...).
+    """
+
+    @functools.wraps(launcher)
+    def run(*args: Any, activation: str, config: TileConfig | None = None,
+            fp32_precision: str = "ieee") -> torch.Tensor:
+        if config is None:
+            config = tuned_config(family, launcher, args, activation=activation,
+                                  fp32_precision=fp32_precision, **tune_options)
+        return launcher(*args, activation=activation, config=config,
+                        fp32_precision=fp32_precision)
+
+    return run

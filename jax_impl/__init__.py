@@ -4,6 +4,9 @@ from fusedmlp.jax_impl import mlp, plan
 y = mlp(x, params, spec)            # impl="auto"; or "pallas_triton", "pallas_mosaic", ...
 """
 
+from . import compat
 from .front import is_interpreted, mlp, plan, unavailable_reason
+
+compat.filter_pallas_triton_deprecation()
 
 __all__ = ["is_interpreted", "mlp", "plan", "unavailable_reason"]

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
 from fusedmlp.common import MLPSpec
 
 _ACTIVATIONS = {

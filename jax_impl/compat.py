@@ -40,6 +40,17 @@ def mosaic_interpret_params() -> Any:
     return cls()
 
 
+def filter_pallas_triton_deprecation() -> None:
+    """Silence exactly the Pallas-Triton deprecation warning, for the whole process.
+
+    jax >= 0.11 warns when a Pallas-Triton kernel is lowered, and lowering happens wherever the
+    outermost `jax.jit` compiles — often the caller's own jit, outside any context manager of ours.
+    The twin is used on purpose (it is the line-for-line port of the Triton kernels), so
+    `fusedmlp.jax_impl` installs this filter on import; every other warning is untouched.
+    """
+    warnings.filterwarnings("ignore", message=PALLAS_TRITON_DEPRECATION)
+
+
 @contextlib.contextmanager
 def quiet_pallas_triton() -> Iterator[None]:
     with warnings.catch_warnings():

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
 from fusedmlp.common import MLPSpec
 
 _ACTIVATIONS = {

@@ -85,7 +85,7 @@ def is_interpreted(impl: str, device: str = "cpu") -> bool:
 
 # ---- plan ----------------------------------------------------------------------------------------
 def _per_layer_launches(
-    spec: MLPSpec, m: int, impl: str, config: TileConfig | None, residual: bool
+    spec: MLPSpec, m: int, impl: str, config: TileConfig | None, residual: bool, tune: bool
 ) -> tuple[tuple[KernelLaunch, ...], str]:
     launches, fallbacks = [], []
     last = spec.num_layers - 1
@@ -103,6 +103,8 @@ def _per_layer_launches(
             cfg = config or _module("fusedmlp.jax_impl.mosaic").default_config(
                 family, m, layer.d_out, layer.d_in, spec.dtype, interpret=False
             )
+        elif tune and config is None and not INTERPRET:
+            cfg = None  # tuned on the first call for this shape (torch_impl/tuning.py), then cached
         else:
             cfg = config or heuristic_config(
                 family, m, layer.d_out, layer.d_in, spec.dtype, interpret=INTERPRET
@@ -139,6 +141,7 @@ def plan(
     device: str = "cpu",
     config: TileConfig | None = None,
     residual: bool = False,
+    tune: bool = False,
 ) -> Plan:
     """Which kernels `mlp` would launch for an input of `x_shape`, with their configs.
 
@@ -157,7 +160,7 @@ def plan(
         launch = KernelLaunch(chosen, m, spec.d_out, spec.d_in, spec.activation, config)
         return Plan(chosen, impl, (launch,), reason)
     if chosen in _LAYER_PACKAGES:
-        launches, fallback = _per_layer_launches(spec, m, chosen, config, residual)
+        launches, fallback = _per_layer_launches(spec, m, chosen, config, residual, tune)
         return Plan(chosen, impl, launches, "; ".join(r for r in (reason, fallback) if r))
     launch = KernelLaunch(f"torch.{chosen}", m, spec.d_out, spec.d_in, spec.activation)
     return Plan(chosen, impl, (launch,), get_implementation(chosen).description)
@@ -171,8 +174,12 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
         # A triton_tma layer that cannot meet TMA's stride rule runs the portable kernel (see plan).
         package = _LAYER_PACKAGES[the_plan.impl if "." in launch.kernel else "triton"]
         precision = spec.fp32_precision
+        family = "gated" if layer.gated else "linear_act"
+        launcher = getattr(_module(f"{package}.{family}"), f"{family}_fwd")
+        if launch.config is None:  # plan(tune=True) on a GPU: sweep once per shape, then cached
+            launcher = _module("fusedmlp.torch_impl.tuning").tuned(family, launcher)
         if layer.gated:
-            h = _module(f"{package}.gated").gated_fwd(
+            h = launcher(
                 h,
                 params[f"w{i}"],
                 params.get(f"b{i}"),
@@ -183,7 +190,7 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
                 fp32_precision=precision,
             )
         else:
-            h = _module(f"{package}.linear_act").linear_act_fwd(
+            h = launcher(
                 h,
                 params[f"w{i}"],
                 params.get(f"b{i}"),
@@ -249,12 +256,14 @@ def mlp(
     impl: str = AUTO,
     config: TileConfig | None = None,
     residual: torch.Tensor | None = None,
+    tune: bool = False,
 ) -> torch.Tensor:
     """y = MLP(x) (+ residual) for x of shape [..., d_in]; returns [..., d_out] in the spec dtype.
 
     `impl` is one of `fusedmlp.common.impl_names("torch")` or "auto"; `config` pins one TileConfig
     for
-    every kernel launch (None: the heuristic per layer).
+    every kernel launch (None: the heuristic per layer). `tune=True` on a GPU sweeps the configs of
+    `common.tiling.search_space` once per shape and caches the winner (torch_impl/tuning.py).
     """
     spec = check_spec(spec)
     check_impl(impl, STACK)
@@ -272,6 +281,7 @@ def mlp(
         device=x.device.type,
         config=config,
         residual=residual is not None,
+        tune=tune,
     )
     reason = unavailable_reason(the_plan.impl, x.device.type)
     if reason is not None:
@@ -282,5 +292,7 @@ def mlp(
         return x.new_empty((*lead, spec.d_out))
     x2d = x.reshape(m, spec.d_in)
     residual2d = residual.reshape(m, spec.d_out) if residual is not None else None
-    y2d = _RUNNERS[the_plan.impl](x2d, dict(params), spec, the_plan, residual2d)
+    # Launchers index biases with unit stride (N elements: cheaper than more stride arguments).
+    flat = {k: v.contiguous() if v.ndim == 1 else v for k, v in params.items()}
+    y2d = _RUNNERS[the_plan.impl](x2d, flat, spec, the_plan, residual2d)
     return y2d.reshape(*lead, spec.d_out)

@@ -1,0 +1,240 @@
+"""linear_act: out = act(x·W + b) (+ residual), one Triton GEMM with the whole epilogue fused.
+
+Formula: acc = Σ_k x[m, k]·W[k, n] in fp32; out = act(acc + b[n]) + residual[m, n], cast once to
+the dtype at the store. The pre-activation never touches memory.
+
+Grid: 1-D, one program per (BLOCK_M × BLOCK_N) output tile; `_grouped_tile` maps the program id to
+(pid_m, pid_n) in groups of GROUP_M tile rows (Triton tutorial 03's grouped ordering: programs that
+run together share W columns and X rows in L2). Each program walks K in BLOCK_K steps.
+
+Masks on every edge (no size needs to divide a block); offsets are formed in int64, so
+`index * stride` may pass 2^31; any strides (non-contiguous x, w, residual) go to the kernel.
+
+Interpreter: under TRITON_INTERPRET=1 16-bit tiles are upcast to fp32 right after the load (the
+interpreter's bf16 arithmetic operates on raw bit patterns); on a GPU the dot takes the 16-bit tiles
+natively (an upcast there would take the tensor cores away).
+
+Twin: jax_impl/linear_act.py (Pallas-Triton), line for line; differences carry `# twin-diff:`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedmlp.common.config import TileConfig
+from fusedmlp.common.dtypes import DTYPES, FP32_PRECISIONS
+from fusedmlp.common.tiling import heuristic_config
+
+from .activations import ACTIVATION_KEYS, apply_activation
+from .runtime import INTERPRET, kernel_device_ok
+
+
+# ==== forward kernel ==============================================================================
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n), walking GROUP_M tile rows column by column (L2 reuse)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _cast_out(acc, out_dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """The output rounding: fp32 -> out_dtype, round to nearest even."""
+    if UPCAST and out_dtype == tl.bfloat16:
+        # Interpreter only: its fp32 -> bf16 cast truncates (and its "rtne" mode loses the carry
+        # into the exponent), so round to nearest even on the bits; NaN stays a quiet NaN.
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16)
+        out = tl.where(acc != acc, 0x7FC0, out).to(tl.uint16)
+        return out.to(tl.bfloat16, bitcast=True)
+    else:
+        return acc.to(out_dtype)
+
+
+@triton.jit
+def _linear_act_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # 1. program -> tile
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # int64 offsets: with arbitrary strides any of row·stride, col·stride, k·stride may pass 2^31
+    # (M·K ≥ 2^31 elements, or a transposed view); the address arithmetic is 64-bit anyway.
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm
+    w_ptrs = w_ptr + cols[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        # 2. load: masked on M (or N) and on the ragged K tail, zeros outside
+        offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        ks = offs_k.to(tl.int64)
+        x = tl.load(x_ptrs + ks[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs + ks[:, None] * stride_wk,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        # 3. compute: fp32 accumulate
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+
+    # 3. compute: the epilogue, all in fp32
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    acc = apply_activation(acc, ACTIVATION)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
+                    mask=mask_mn, other=0.0).to(tl.float32)
+        acc = acc + r
+
+    # 4. store: one rounding to the output dtype
+    o_ptrs = o_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(o_ptrs, _cast_out(acc, o_ptr.dtype.element_ty, UPCAST), mask=mask_mn)
+
+
+# ==== launcher ====================================================================================
+def _input_precision(fp32_precision: str) -> str:
+    """tl.dot's input_precision for the contract's fp32_precision ("ieee" or "tf32")."""
+    return "tf32" if fp32_precision == "tf32" else "ieee"
+
+
+def linear_act_fwd(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    *,
+    activation: str,
+    config: TileConfig,
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """Launch on a 2-D x [M, K] (any strides), w [K, N]; returns [M, N] in x.dtype. Trusts input."""
+    M, K = x.shape
+    N = w.shape[1]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return out
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
+    r = residual if residual is not None else out  # a placeholder pointer, never read
+    _linear_act_fwd_kernel[grid](
+        x, w, b, residual, out,
+        M, N, K,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), r.stride(0), r.stride(1),
+        out.stride(0), out.stride(1),
+        ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
+        INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+# ==== public function =============================================================================
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_tensor(name: str, t: object, *, shape: list[int] | None, dtype: str | None,
+                 ndim_min: int = 1) -> None:
+    """TypeError/ValueError naming `name`, the expected and the actual value."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtype is None:
+        if _dtype_name(t) not in DTYPES:
+            raise TypeError(f"{name}: expected dtype one of {DTYPES}, got {_dtype_name(t)}")
+    elif _dtype_name(t) != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {_dtype_name(t)}")
+    if shape is None:
+        if t.ndim < ndim_min:
+            raise ValueError(
+                f"{name}: expected at least {ndim_min} dim(s), got shape {list(t.shape)}"
+            )
+    elif list(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
+
+
+def _check_options(activation: str, fp32_precision: str, dtype: str, config: object) -> None:
+    if activation not in ACTIVATION_KEYS:
+        raise ValueError(f"activation: expected one of {ACTIVATION_KEYS}, got {activation!r}")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(
+            f"fp32_precision: expected one of {FP32_PRECISIONS}, got {fp32_precision!r}"
+        )
+    if fp32_precision == "tf32" and dtype != "float32":
+        raise ValueError(
+            f"fp32_precision: 'tf32' applies to dtype 'float32' only, got dtype {dtype!r}"
+        )
+    if config is not None and not isinstance(config, TileConfig):
+        raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
+
+
+def _check_devices(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    # twin-diff: devices are a torch concern; jax arrays are placed by jax.
+    if not kernel_device_ok(x):
+        where = "CPU under TRITON_INTERPRET=1" if INTERPRET else "CUDA"
+        raise NotImplementedError(
+            f"x: the triton kernels need a {where} tensor, got device {x.device}; "
+            "fallback: impl='eager'"
+        )
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device}, got {t.device}")
+
+
+def linear_act(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    activation: str = "identity",
+    residual: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N]."""
+    _check_tensor("x", x, shape=None, dtype=None)
+    dtype = _dtype_name(x)
+    K = x.shape[-1]
+    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
+    N = w.shape[-1]
+    _check_tensor("w", w, shape=[K, N], dtype=dtype)
+    if b is not None:
+        _check_tensor("b", b, shape=[N], dtype=dtype)
+        b = b.contiguous()  # N elements: cheaper than one more stride argument
+    lead = list(x.shape[:-1])
+    if residual is not None:
+        _check_tensor("residual", residual, shape=[*lead, N], dtype=dtype)
+    _check_options(activation, fp32_precision, dtype, config)
+    _check_devices(x, w=w, b=b, residual=residual)
+
+    x2d = x.reshape(-1, K)  # a view where the strides allow; the kernel takes any strides
+    r2d = residual.reshape(-1, N) if residual is not None else None
+    M = x2d.shape[0]
+    if config is None:
+        config = heuristic_config("linear_act", M, N, K, dtype, interpret=INTERPRET)
+    out = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
+                         fp32_precision=fp32_precision)
+    return out.reshape(*lead, N)

@@ -28,6 +28,7 @@ from fusedmlp.common.tiling import heuristic_config
 from .. import gated as portable
 from ..activations import apply_activation
 from ..linear_act import (
+    _cast_out,
     _check_devices,
     _check_options,
     _check_tensor,
@@ -106,7 +107,7 @@ def _gated_fwd_kernel(
         acc = apply_activation(acc_w, ACTIVATION) * acc_v
 
         # 4. store: one rounding to the output dtype; TMA clips the tile at M and N
-        o_desc.store([out_m, out_n], acc.to(o_ptr.dtype.element_ty))
+        o_desc.store([out_m, out_n], _cast_out(acc, o_ptr.dtype.element_ty, UPCAST))
 
 
 # ==== launcher ====================================================================================

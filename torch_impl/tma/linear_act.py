@@ -39,6 +39,7 @@ from fusedmlp.common.tiling import heuristic_config
 from .. import linear_act as portable
 from ..activations import apply_activation
 from ..linear_act import (
+    _cast_out,
     _check_devices,
     _check_options,
     _check_tensor,
@@ -117,7 +118,7 @@ def _linear_act_fwd_kernel(
             acc = acc + r.to(tl.float32)
 
         # 4. store: one rounding to the output dtype; TMA clips the tile at M and N
-        o_desc.store([out_m, out_n], acc.to(o_ptr.dtype.element_ty))
+        o_desc.store([out_m, out_n], _cast_out(acc, o_ptr.dtype.element_ty, UPCAST))
 
 
 # ==== launcher ====================================================================================

@@ -1,0 +1,86 @@
+"""The two ceilings of the roofline, measured in the same run as the numbers they judge.
+
+- matmul: a large square product through the framework's library (cuBLAS via torch on the GPU,
+  8192³; 1024³ on a CPU), per dtype the run needs (float32 in IEEE and TF32 counted apart);
+- copy: a device-to-device copy of a large buffer (1 GiB on the GPU, 64 MiB on a CPU), counting the
+  bytes read plus the bytes written.
+
+Datasheet rates are leads only; measured ceilings are what "% of roofline" divides by (on the H100
+of 2026-11-22: bf16 788 TFLOP/s, copy 3.02 TB/s). Timed with the same method as the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from .metrics import Ceilings
+from .timing import time_cuda_events, time_host
+
+GPU_MATMUL_N = 8192
+CPU_MATMUL_N = 1024
+GPU_COPY_BYTES = 2**30
+CPU_COPY_BYTES = 64 * 2**20
+
+
+@contextlib.contextmanager
+def _fp32_precision(mode: str) -> Iterator[None]:
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = mode
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:  # older torch
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = mode == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+
+
+def measure(device: str, keys: tuple[str, ...], *, quick: bool = False) -> Ceilings:
+    """Ceilings for `device` and the matmul formats in `keys` ("float32", "tf32", "bfloat16")."""
+    import torch
+
+    gpu = device == "cuda"
+    n = GPU_MATMUL_N if gpu else CPU_MATMUL_N
+    if quick:
+        n //= 2
+    reps = {"min_reps": 20, "max_reps": 50, "target_s": 0.1 if quick else 0.3}
+
+    def timer(fn: Any) -> Any:
+        return time_cuda_events(fn, **reps) if gpu else time_host(fn, lambda _: None, **reps)
+
+    matmul: dict[str, float] = {}
+    detail: dict[str, Any] = {"matmul_n": n}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for key in sorted(set(keys)):
+        dtype = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}[key]
+        # Random operands, never zeros: zeros run faster than real data on the H200 (METHOD.md).
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        mode = "tf32" if key == "tf32" else "ieee"
+        ctx = _fp32_precision(mode) if gpu else contextlib.nullcontext()
+        with ctx:
+            stats = timer(lambda i, a=a, b=b, out=out: torch.matmul(a, b, out=out))
+        matmul[key] = 2 * n**3 / stats.median
+        detail[f"matmul_{key}"] = stats.to_dict()
+        del a, b, out
+    nbytes = (GPU_COPY_BYTES if gpu else CPU_COPY_BYTES) // (4 if quick else 1)
+    src = torch.randn(nbytes // 4, device=device, generator=gen)
+    dst = torch.empty_like(src)
+    stats = timer(lambda i, src=src, dst=dst: dst.copy_(src))
+    detail["copy"] = {**stats.to_dict(), "bytes_each_way": nbytes}
+    del src, dst
+    if gpu:
+        torch.cuda.empty_cache()
+    return Ceilings(matmul, 2 * nbytes / stats.median, device, detail)

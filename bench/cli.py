@@ -1,0 +1,408 @@
+"""`fusedmlp`: the command line of the harness.
+
+    fusedmlp                      the main job: CPU -> parity matrix of cpu-small through every
+                                  implementation that runs here; GPU -> parity + bench of the
+                                  default presets
+    fusedmlp parity   [--preset NAME | --spec FILE] [--m LIST] [--impl LIST] [--dtype LIST]
+                      [--device cpu|cuda] [--json PATH] [--markdown PATH]
+    fusedmlp bench    [--preset ...] [--m 16,8192] [--impl LIST] [--device ...] [--json PATH]
+                      [--markdown PATH] [--plot PATH]
+    fusedmlp overhead [--device ...] [--impl LIST] [--json PATH] [--markdown PATH] [--plot PATH]
+    fusedmlp sweep    [--short] [--widths 16,32] [--depths 2,4] [--m M] [--json ...] [--plot ...]
+    fusedmlp report   RESULTS.json [MORE.json ...] [--markdown PATH] [--plot-dir DIR] [--json PATH]
+
+Exit status: 0 on success, 1 when any parity check fails (parity, and bench's parity gate, which
+flags failing paths instead of timing them), 2 on a usage error. Nothing here imports torch or jax
+until a command needs them, so `fusedmlp --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fusedmlp.common import MLPSpec
+from fusedmlp.common.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESETS, PRESETS, get_preset
+
+from . import report as rep
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Wide enough for the bench table when the output is a log file, not a terminal ($COLUMNS wins).
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(width=None if wide else 200, highlight=False)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of ints, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative ints, got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+# ---- what to run --------------------------------------------------------------------------------
+def resolve_device(name: str | None, cpu_threads: int | None = None) -> str:
+    """The device to run on; on a CPU, also the frameworks' thread count (see `_cpu_threads`)."""
+    from .cases import default_device
+
+    if name is None:
+        name = default_device()
+    if name not in ("cpu", "cuda"):
+        raise SystemExit(f"fusedmlp: --device: expected 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and default_device() != "cuda":
+        raise SystemExit("fusedmlp: --device cuda: no CUDA GPU on this machine")
+    if name == "cpu":
+        _cpu_threads(DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads)
+    return name
+
+
+# On a CPU shared with other work, torch's OpenMP threads spin-wait on each other: cpu-small's
+# eager MLP took a 48 ms median with 2 threads on a loaded 2-core machine and 0.40 ms with 1
+# (2026-11-23). One thread per framework makes CPU timings stable; --cpu-threads 0 keeps defaults.
+DEFAULT_CPU_THREADS = 1
+CPU_THREADS: dict[str, int] = {}
+
+
+def _cpu_threads(n: int) -> None:
+    if n <= 0:
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    CPU_THREADS["torch"] = n
+    if "jax" not in sys.modules and n == 1:
+        # XLA reads its flags when the backend starts: only effective before JAX is first used.
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+        )
+        CPU_THREADS["xla"] = 1
+
+
+def resolve_items(args: argparse.Namespace, device: str) -> list[tuple[str, MLPSpec, int]]:
+    """(label, spec, M) for every case named by --preset/--spec, --m and --dtype."""
+    try:
+        return _items(args, device)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fusedmlp: {exc}") from None
+
+
+def _items(args: argparse.Namespace, device: str) -> list[tuple[str, MLPSpec, int]]:
+    base: list[tuple[str, MLPSpec, tuple[int, ...]]] = []
+    if getattr(args, "spec", None):
+        for path in args.spec:
+            spec = MLPSpec.from_json(Path(path))
+            base.append((Path(path).stem, spec, (64,)))
+    presets = args.preset or ([] if base else
+                              [DEFAULT_CPU_PRESET] if device == "cpu" else
+                              list(DEFAULT_GPU_PRESETS))
+    for name in presets:
+        for one in _names(name):
+            p = get_preset(one)
+            base.append((p.name, p.spec, p.batch_sizes))
+    items = []
+    for label, spec, sizes in base:
+        specs = [spec.replace(dtype=d, fp32_precision="ieee") if d != spec.dtype else spec
+                 for d in (args.dtype or (spec.dtype,))]
+        for s in specs:
+            for m in args.m or sizes:
+                items.append((label, s, m))
+    return items
+
+
+def _providers(args: argparse.Namespace) -> list[Any]:
+    from .providers import FAULTS, select
+
+    FAULTS.clear()
+    FAULTS.update(getattr(args, "inject_fault", None) or ())
+    try:
+        return select(args.impl)
+    except ValueError as exc:
+        raise SystemExit(f"fusedmlp: {exc}") from None
+
+
+_ENV: dict[str, Any] = {}
+
+
+def _results(section: str, payload: dict[str, Any]) -> dict[str, Any]:
+    from .env import environment
+
+    if not _ENV:  # read once per process: checkpoints would otherwise call nvidia-smi each time
+        _ENV.update(environment())
+        _ENV["cpu_threads"] = dict(CPU_THREADS)
+    return {"kind": rep.RESULTS_KIND, "version": rep.RESULTS_VERSION,
+            "environment": dict(_ENV), section: payload}
+
+
+def _checkpoint(args: argparse.Namespace, section: str) -> Any:
+    """Save partial results to --json after each case, so a runner's time limit keeps them."""
+    if not getattr(args, "json", None):
+        return None
+    return lambda partial: rep.write_json(_results(section, partial), Path(args.json))
+
+
+def _write(args: argparse.Namespace, results: dict[str, Any], console: Any) -> None:
+    if getattr(args, "json", None):
+        rep.write_json(results, Path(args.json))
+        console.print(f"wrote {args.json}")
+    if getattr(args, "markdown", None):
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(rep.to_markdown(results))
+        console.print(f"wrote {args.markdown}")
+    if getattr(args, "plot", None):
+        for name, fn in rep.PLOTS.items():
+            if name in results:
+                fn(results[name], Path(args.plot))
+                console.print(f"wrote {args.plot}")
+
+
+class _Progress:
+    """A rich progress bar over provider rows; `row` advances it and names the last finished."""
+
+    def __init__(self, console: Any, total: int, what: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), console=console, transient=True)
+        self.task = self.progress.add_task(what, total=total)
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def row(self, row: dict[str, Any]) -> None:
+        self.progress.update(self.task, advance=1,
+                             description=f"{row.get('provider', '')}: {row.get('status', '')}")
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def cmd_parity(args: argparse.Namespace, console: Any) -> int:
+    from .parity import run_parity
+
+    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
+    providers = _providers(args)
+    items = resolve_items(args, device)
+    with _Progress(console, len(items) * len(providers), "parity") as bar:
+        result = run_parity([(s, m) for _, s, m in items], providers, device, on_row=bar.row,
+                            checkpoint=_checkpoint(args, "parity"))
+    results = _results("parity", result)
+    rep.print_tables(console, rep.parity_tables(result))
+    _write(args, results, console)
+    if result["passed"]:
+        console.print(f"[green]parity: PASS[/] ({result['counts']})")
+        return 0
+    console.print("[bold red]parity: FAIL[/]")
+    for line in result["failures"]:
+        console.print(f"[bold red]  FAILED: {line}[/]")
+    for case in result["cases"]:
+        for row in case["rows"]:
+            if row["status"] in ("FAIL", "error") and row.get("message"):
+                console.print(f"[red]{row['provider']}:[/] {row['message']}")
+    return 1
+
+
+def _timing(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "reps", None):
+        out["min_reps"] = args.reps
+        out["max_reps"] = max(args.reps, 200)
+    if getattr(args, "quick", False):
+        out.update(warmup_s=0.02, target_s=0.05, max_reps=max(out.get("min_reps", 20), 20))
+    return out
+
+
+def cmd_bench(args: argparse.Namespace, console: Any) -> int:
+    from .benchmark import run_bench
+
+    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
+    providers = _providers(args)
+    items = resolve_items(args, device)
+    with _Progress(console, len(items) * len(providers), "bench") as bar:
+        result = run_bench(items, providers, device, quick=args.quick, timing=_timing(args),
+                           on_row=bar.row, checkpoint=_checkpoint(args, "bench"))
+    results = _results("bench", result)
+    rep.print_tables(console, rep.bench_tables(result))
+    _write(args, results, console)
+    failed = [f"{c.get('preset')} M={c['m']}: {r['provider']}" for c in result["cases"]
+              for r in c["rows"] if r["status"].startswith("FAIL") or r["status"] == "error"]
+    for line in failed:
+        console.print(f"[bold red]not timed, failed: {line}[/]")
+    return 1 if failed else 0
+
+
+def cmd_overhead(args: argparse.Namespace, console: Any) -> int:
+    from .overhead import run_overhead
+
+    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
+    providers = _providers(args)
+    with _Progress(console, len(providers) + 1, "overhead") as bar:
+        result = run_overhead(providers, device, timing=_timing(args), on_row=bar.row)
+    results = _results("overhead", result)
+    rep.print_tables(console, rep.overhead_tables(result))
+    _write(args, results, console)
+    return 1 if any(r["status"] == "error" for r in result["rows"]) else 0
+
+
+def cmd_sweep(args: argparse.Namespace, console: Any) -> int:
+    from .sweep import run_sweep
+
+    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
+    short = args.short if args.short is not None else device == "cpu"
+    with console.status("sweep") as status:
+        result = run_sweep(
+            device, short=short, widths=args.widths, depths=args.depths,
+            m=args.m[0] if args.m else None, impls=args.impl, timing=_timing(args),
+            on_cell=lambda c: status.update(f"sweep: width {c['width']} depth {c['depth']} done"),
+            checkpoint=_checkpoint(args, "sweep"),
+        )
+    results = _results("sweep", result)
+    rep.print_tables(console, rep.sweep_tables(result))
+    _write(args, results, console)
+    bad = [c for c in result["cells"] for r in c["rows"]
+           if r["status"].startswith("FAIL") or r["status"] == "error"]
+    return 1 if bad else 0
+
+
+def cmd_report(args: argparse.Namespace, console: Any) -> int:
+    try:
+        results = rep.merge([rep.load(Path(p)) for p in args.results])
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fusedmlp report: {exc}") from None
+    rep.print_tables(console, rep.tables(results))
+    md = Path(args.markdown) if args.markdown else Path(args.results[0]).with_suffix(".md")
+    md.write_text(rep.to_markdown(results))
+    console.print(f"wrote {md}")
+    plot_dir = Path(args.plot_dir) if args.plot_dir else md.parent
+    for path in rep.plot_all(results, plot_dir, stem=args.stem):
+        console.print(f"wrote {path}")
+    if args.json:
+        rep.write_json(results, Path(args.json))
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_default(args: argparse.Namespace, console: Any) -> int:
+    """The main job on the embedded default."""
+    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
+    ns = argparse.Namespace(preset=None, spec=None, m=None, impl=None, dtype=None,
+                            device=device, cpu_threads=None, json=args.json,
+                            markdown=args.markdown, plot=None,
+                            inject_fault=None, reps=None, quick=False)
+    code = cmd_parity(ns, console)
+    if device == "cuda":
+        ns.json = str(Path(args.json).with_suffix(".bench.json")) if args.json else None
+        ns.markdown = None
+        code = max(code, cmd_bench(ns, console))
+    return code
+
+
+# ---- parser --------------------------------------------------------------------------------------
+def _case_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", action="append", metavar="NAME",
+                   help=f"preset name(s), comma list or repeated; known: {', '.join(PRESETS)}")
+    p.add_argument("--spec", action="append", metavar="FILE",
+                   help="an MLPSpec JSON file (MLPSpec.to_json); runs at M=64 unless --m")
+    p.add_argument("--m", type=_ints, metavar="LIST", help="batch sizes, e.g. 16,8192")
+    p.add_argument("--dtype", type=_names, metavar="LIST",
+                   help="run the spec(s) in these dtypes instead (float32,float16,bfloat16)")
+
+
+def _common(p: argparse.ArgumentParser, *, plot: bool = True) -> None:
+    p.add_argument("--impl", metavar="LIST",
+                   help="implementations: triton, torch:eager, jax, kernels, baselines, ...")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present, else cpu")
+    p.add_argument("--json", metavar="PATH", help="write the results (with environment) as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    if plot:
+        p.add_argument("--plot", metavar="PATH", help="write a PNG plot")
+    p.add_argument("--cpu-threads", type=int, metavar="N",
+                   help=f"threads per framework on a CPU (default {DEFAULT_CPU_THREADS}; "
+                        "0: the frameworks' defaults)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusedmlp",
+        description="Parity, benchmarks and overheads of the fused MLP in PyTorch/Triton and "
+                    "JAX/Pallas. With no command: the parity matrix of the default preset on "
+                    "this machine (CPU), or parity + bench of the default presets (GPU).",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("parity", help="every implementation vs the float64 reference and each "
+                                      "other; exit 1 on any failure")
+    _case_args(p)
+    _common(p, plot=False)
+    p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("bench", help="side-by-side timings with ceilings and roofline")
+    _case_args(p)
+    _common(p)
+    p.add_argument("--reps", type=int, metavar="N", help="minimum timed repetitions (>= 20)")
+    p.add_argument("--quick", action="store_true", help="short warm-up and time targets")
+    p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("overhead", help="host/device time per call and first-call costs")
+    _common(p)
+    p.add_argument("--reps", type=int, metavar="N", help="minimum timed repetitions (>= 20)")
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_overhead)
+
+    p = sub.add_parser("sweep", help="narrow MLPs: fused_small speedup over the best baselines")
+    _common(p)
+    p.add_argument("--short", action="store_true", default=None,
+                   help="the short CPU grid (default on a CPU)")
+    p.add_argument("--full", dest="short", action="store_false", help="the full grid on a CPU")
+    p.add_argument("--widths", type=_ints, metavar="LIST")
+    p.add_argument("--depths", type=_ints, metavar="LIST")
+    p.add_argument("--m", type=_ints, metavar="M")
+    p.add_argument("--reps", type=int, metavar="N", help="minimum timed repetitions (>= 20)")
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="Markdown tables and PNG plots from saved results")
+    p.add_argument("results", nargs="+", metavar="RESULTS.json")
+    p.add_argument("--markdown", metavar="PATH", help="default: RESULTS.md beside the first file")
+    p.add_argument("--plot-dir", metavar="DIR", help="default: the Markdown file's folder")
+    p.add_argument("--stem", default="", help="prefix of the PNG file names")
+    p.add_argument("--json", metavar="PATH", help="also write the merged results")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # JAX would otherwise take 75% of the GPU's memory at start-up, leaving torch (which owns the
+    # shared buffers) the rest.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if getattr(args, "reps", None) is not None and args.reps < 20:
+        parser.error(f"--reps: expected at least 20, got {args.reps}")
+    console = _console()
+    func = getattr(args, "func", None)
+    return (func or cmd_default)(args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The one-command GPU runner: bash bench/gpu_check.sh OUTDIR
+#
+# On the GPU image (nvidia-smi sees a GPU): installs the project offline, then runs the parity matrix,
+# the benchmark of the default presets, the overhead table, the narrow sweep and `pytest -m gpu`,
+# each under its own time limit inside an 8-minute budget, and writes into OUTDIR at most 6 files:
+#   results.json  every section with the environment block (machine, versions, commit)
+#   results.md    the tables          bench.png, sweep.png, overhead.png   the plots
+#   log.txt       everything printed, with each step's time and exit status
+# On a machine without a GPU it runs the same pipeline in its short mode (cpu-small, short sweep, no
+# pytest -m gpu: CI runs the CPU tests itself), in about a minute; .ci/run calls it that way.
+# Exit status: non-zero if any step failed or parity failed (a step's time limit counts as failure).
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+exec > >(tee -a "$out/log.txt") 2>&1
+start=$SECONDS
+work=$(mktemp -d)
+status=0
+
+if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then
+  mode=gpu
+  budget=${FUSEDMLP_BUDGET_S:-460}
+else
+  mode=cpu
+  budget=${FUSEDMLP_BUDGET_S:-170}
+fi
+if [ -n "${PYTHON:-}" ]; then py=$PYTHON
+elif [ -x .venv/bin/python ]; then py=.venv/bin/python
+else py=python3
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+echo "== gpu_check: mode $mode, python $py, budget ${budget}s, out $out"
+
+# step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left of the budget).
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$((budget - (SECONDS - start)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "== $name: SKIPPED (budget spent)"; status=1; return
+  fi
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s): $*"
+  timeout -k 10 "$limit" "$@"
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" -ne 0 ] && status=1
+}
+
+cli=("$py" -m fusedmlp.bench.cli)
+if [ "$mode" = gpu ]; then
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
+  step install 50 "$py" -m pip install -q --no-deps --no-build-isolation -e .
+  if compgen -G ".wheels/*.whl" > /dev/null; then
+    # Wheels the image lacks (jax_triton for impl jax_triton), carried by the device tool's `carry`
+    # after bench/fetch_wheels.sh; installed beside the image's packages, never into them.
+    step wheels 30 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$work/wheels" .wheels/*.whl
+    export PYTHONPATH="$work/wheels${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if ! "$py" -c "import fusedmlp.bench.cli" > /dev/null 2>&1; then
+    # Fallback: the package-dir mapping by hand (fusedmlp.X -> ./X), through symbolic links.
+    echo "== install did not give an importable fusedmlp: using symbolic links on PYTHONPATH"
+    mkdir -p "$work/site/fusedmlp"
+    for d in common torch_impl jax_impl bench; do ln -s "$PWD/$d" "$work/site/fusedmlp/$d"; done
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  # The main job, parity then bench of the default presets in one process, so that the bench
+  # reuses what parity compiled (torch.compile, Triton, jitted JAX executables). It writes
+  # parity.json and parity.bench.json, each saved after every case.
+  step parity+bench 240 "${cli[@]}" --json "$work/parity.json"
+  # A fresh Triton cache, so that first calls include the Triton JIT compile.
+  step overhead 40 env TRITON_CACHE_DIR="$work/triton-cache" \
+    "${cli[@]}" overhead --json "$work/overhead.json"
+  # torch.compile is left out of the runner's sweep for time (a compile per cell); `fusedmlp sweep`
+  # includes it by default.
+  step sweep 60 "${cli[@]}" sweep --full --depths 2,4,8 --impl fused_small,eager,xla \
+    --json "$work/sweep.json"
+  step pytest-gpu 150 "$py" -m pytest -m gpu -q -p no:cacheprovider
+else
+  step parity 60 "${cli[@]}" parity --device cpu --json "$work/parity.json"
+  step bench 45 "${cli[@]}" bench --device cpu --quick --json "$work/bench.json"
+  step overhead 45 "${cli[@]}" overhead --device cpu --quick --json "$work/overhead.json"
+  step sweep 30 "${cli[@]}" sweep --device cpu --short --quick --json "$work/sweep.json"
+fi
+
+jsons=()
+for name in parity parity.bench bench overhead sweep; do
+  [ -f "$work/$name.json" ] && jsons+=("$work/$name.json")
+done
+if [ ${#jsons[@]} -gt 0 ]; then
+  budget=$((budget + 20)) step report 20 "${cli[@]}" report "${jsons[@]}" \
+    --markdown "$out/results.md" --plot-dir "$out" --json "$out/results.json"
+else
+  echo "== report: no results to report"; status=1
+fi
+rm -rf "$work"
+echo "== gpu_check: mode $mode, exit $status, total $((SECONDS - start)) s; files:"
+ls -la "$out"
+exit $status

@@ -1,0 +1,73 @@
+"""Metrics as functions of (spec, M, impl, seconds, ceilings), defined once, tritonbench style.
+
+FLOPs and bytes come from `common.cost`; whole-MLP implementations (fused_small, fused_decode) are
+charged the bytes of one kernel (x, params, y), per-layer ones the hidden round trips too, so "% of
+roofline" says how far each path is from the floor of its own way of running the MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fusedmlp.common import MLPSpec, cost
+
+WHOLE_IMPLS = ("fused_small", "fused_decode")
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Measured in the same run: matmul rate per dtype (FLOP/s) and device-to-device copy (B/s)."""
+
+    matmul: dict[str, float]
+    copy: float
+    device: str
+    detail: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"matmul": self.matmul, "copy": self.copy, "device": self.device,
+                "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ceilings:
+        return cls(dict(data["matmul"]), float(data["copy"]), data["device"], data.get("detail",
+        {}))
+
+
+def matmul_key(spec: MLPSpec) -> str:
+    return "tf32" if spec.dtype == "float32" and spec.fp32_precision == "tf32" else spec.dtype
+
+
+def floor(spec: MLPSpec, m: int, impl: str, ceilings: Ceilings) -> cost.Floor:
+    return cost.floor(
+        spec,
+        m,
+        flops_per_s=ceilings.matmul[matmul_key(spec)],
+        bytes_per_s=ceilings.copy,
+        whole=impl in WHOLE_IMPLS,
+    )
+
+
+def tflops(spec: MLPSpec, m: int, seconds: float) -> float:
+    return cost.flops(spec, m) / seconds / 1e12
+
+
+def gbps(spec: MLPSpec, m: int, impl: str, seconds: float) -> float:
+    return cost.min_bytes(spec, m, whole=impl in WHOLE_IMPLS) / seconds / 1e9
+
+
+def pct_roofline(spec: MLPSpec, m: int, impl: str, seconds: float, ceilings: Ceilings) -> float:
+    """Floor time over measured time, in percent (100 = at the roofline)."""
+    return 100.0 * floor(spec, m, impl, ceilings).seconds / seconds
+
+
+METRICS = {
+    "tflops": lambda spec, m, impl, s, c: tflops(spec, m, s),
+    "gbps": lambda spec, m, impl, s, c: gbps(spec, m, impl, s),
+    "pct_roofline": pct_roofline,
+}
+
+
+def all_metrics(spec: MLPSpec, m: int, impl: str, seconds: float, ceilings: Ceilings
+                ) -> dict[str, float]:
+    return {name: fn(spec, m, impl, seconds, ceilings) for name, fn in METRICS.items()}

@@ -1,0 +1,374 @@
+"""Reports from results: tables (rich on the console, Markdown in files) and PNG plots.
+
+Every section of a results JSON (`parity`, `bench`, `overhead`, `sweep`) turns into a list of
+`Table`s (title, headers, rows of text) by one function, so the console and the Markdown files show
+the same numbers. Plots (matplotlib, Agg backend): the benchmark as bars of median time with min/max
+whiskers and the floor as a line, one panel per case; the sweep as a heat map of fused_small's
+speedup over the best baseline of each stack, each cell annotated with its floor; overheads as bars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .env import describe
+
+RESULTS_KIND = "fusedmlp-results"
+RESULTS_VERSION = 1
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+# ---- formatting
+# ------------------------------------------------------------------------------------
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def fmt_num(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _status(row: dict[str, Any]) -> str:
+    status = row["status"]
+    if status in ("n/a", "skipped", "error") and row.get("message"):
+        msg = row["message"].splitlines()[0]
+        return f"{status} ({msg[:60]}{'…' if len(msg) > 60 else ''})"
+    return status
+
+
+# ---- tables per section
+# -----------------------------------------------------------------------------
+def parity_tables(parity: dict[str, Any]) -> list[Table]:
+    tables = []
+    for case in parity["cases"]:
+        rows = []
+        for r in case["rows"]:
+            rows.append([
+                r["provider"],
+                r.get("kernels", "-"),
+                "yes" if r.get("interpreted") else "no",
+                fmt_num(r.get("rel_fro"), ".2e"),
+                fmt_num(r.get("max_abs"), ".2e"),
+                fmt_num(r.get("bound_rel_fro"), ".1e"),
+                fmt_num(r.get("baseline_limit"), ".1e"),
+                _status(r),
+            ])
+        subset = (f", {case['rows_checked']} of {case['m']} rows checked"
+                  if case["row_subset"] else "")
+        tables.append(Table(
+            f"Parity: {case['spec_text']}, M={case['m']} on {case['device']}{subset}",
+            ["provider", "kernels", "interp.", "rel_fro", "max_abs", "tol rel_fro",
+             "2x baseline", "status"],
+            rows,
+        ))
+        if case["cross"]:
+            tables.append(Table(
+                "Twins on the same inputs (difference scaled by the reference; tol = 2x policy)",
+                ["pair", "rel_fro", "max_abs", "tol rel_fro", "identical bits", "status"],
+                [[x["pair"], fmt_num(x["rel_fro"], ".2e"), fmt_num(x["max_abs"], ".2e"),
+                  fmt_num(x["bound_rel_fro"], ".1e"), "yes" if x["identical"] else "no",
+                  x["status"]] for x in case["cross"]],
+            ))
+    return tables
+
+
+def bench_tables(bench: dict[str, Any]) -> list[Table]:
+    c = bench["ceilings"]
+    mm = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in c["matmul"].items())
+    tables = [Table("Ceilings (measured in this run)", ["matmul", "copy (read + write)"],
+                    [[mm, f"{c['copy'] / 1e9:.4g} GB/s"]])]
+    for case in bench["cases"]:
+        fl = case["floor"]
+        rows = []
+        for r in case["rows"]:
+            t = r.get("time")
+            rows.append([
+                r["provider"] + (" (baseline)" if r.get("baseline") else ""),
+                r.get("kernels", "-"),
+                fmt_time(t["median"]) if t else "-",
+                f"{fmt_time(t['min'])} … {fmt_time(t['max'])}" if t else "-",
+                str(t["n"]) if t else "-",
+                fmt_num(r.get("tflops"), ".3g"),
+                fmt_num(r.get("gbps"), ".4g"),
+                fmt_num(r.get("pct_roofline"), ".1f"),
+                fmt_time(r.get("host_dispatch_s")),
+                _status(r),
+            ])
+        tables.append(Table(
+            f"Bench: {case.get('preset', '')} {case['spec_text']}, M={case['m']} "
+            f"on {case['device']}",
+            ["provider", "kernels", "median", "min … max", "n", "TFLOP/s", "GB/s", "% roofline",
+             "host dispatch", "status"],
+            rows,
+            caption=(f"floor {fmt_time(fl['per_layer_s'])} per-layer / {fmt_time(fl['whole_s'])} "
+                     f"whole-MLP ({fl['bound']}-bound); {case.get('input_sets', 1)} input set(s) "
+                     "rotated; timed with "
+                     + ("; ".join(sorted({r["time"]["method"] for r in case["rows"]
+                                          if r.get("time")})) or "-")),
+        ))
+    return tables
+
+
+def overhead_tables(overhead: dict[str, Any]) -> list[Table]:
+    rows = []
+    for r in overhead["rows"]:
+        rows.append([
+            r["provider"],
+            fmt_time(r.get("first_call_s")),
+            fmt_time(r.get("host_async_s")),
+            fmt_time(r.get("host_sync_s")),
+            fmt_time(r.get("device_s")),
+            fmt_time(r.get("overhead_s")),
+            r.get("what", ""),
+            _status(r),
+        ])
+    return [Table(
+        f"Overhead: {overhead['spec_text']}, M={overhead['m']} on {overhead['device']}",
+        ["path", "first call", "host/call async", "host/call sync", "device/call",
+         "sync - device", "first call is", "status"],
+        rows,
+        caption=overhead.get("note", ""),
+    )]
+
+
+def sweep_tables(sweep: dict[str, Any]) -> list[Table]:
+    rows = []
+    for cell in sweep["cells"]:
+        rows.append([
+            str(cell["width"]),
+            str(cell["depth"]),
+            fmt_time(cell["floor_s"]),
+            *(fmt_time(cell["times"].get(p)) for p in sweep["providers"]),
+            *(fmt_num(cell["speedup"].get(s), ".2f") for s in ("torch", "jax")),
+            cell.get("note", ""),
+        ])
+    return [Table(
+        f"Narrow sweep: {sweep['activation']}, {sweep['dtype']}, M={sweep['m']} on "
+        f"{sweep['device']}",
+        ["width", "depth", "floor", *sweep["providers"], "speedup torch", "speedup jax", "note"],
+        rows,
+        caption="speedup = best baseline of the stack / fused_small of the stack (n/a where "
+                "fused_small is interpreted, unsupported or failed parity)",
+    )]
+
+
+SECTIONS = {
+    "parity": parity_tables,
+    "bench": bench_tables,
+    "overhead": overhead_tables,
+    "sweep": sweep_tables,
+}
+
+
+def tables(results: dict[str, Any]) -> list[Table]:
+    out = []
+    for name, fn in SECTIONS.items():
+        if name in results:
+            out += fn(results[name])
+    return out
+
+
+# ---- renderers
+# ------------------------------------------------------------------------------------
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    lines = ["# fusedmlp results", ""]
+    if "environment" in results:
+        lines += [f"Machine: {describe(results['environment'])}", ""]
+    for t in tables(results):
+        lines += [f"## {t.title}", "", "| " + " | ".join(t.headers) + " |",
+                  "|" + "---|" * len(t.headers)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
+        if t.caption:
+            lines += ["", t.caption]
+        lines.append("")
+    if "parity" in results:
+        p = results["parity"]
+        lines.append("Parity: " + ("PASS" if p["passed"] else "FAIL: " + "; ".join(p["failures"])))
+    return "\n".join(lines) + "\n"
+
+
+def print_tables(console: Any, items: list[Table]) -> None:
+    from rich.table import Table as RichTable
+
+    for t in items:
+        table = RichTable(title=t.title, caption=t.caption or None, title_justify="left")
+        for i, h in enumerate(t.headers):
+            table.add_column(h, overflow="fold", no_wrap=i == 0)
+        for row in t.rows:
+            styled = []
+            for cell in row:
+                if cell.startswith(("FAIL", "error")):
+                    cell = f"[bold red]{cell}[/]"
+                elif cell == "pass" or cell == "timed":
+                    cell = f"[green]{cell}[/]"
+                styled.append(cell)
+            table.add_row(*styled)
+        console.print(table)
+
+
+# ---- plots
+# ----------------------------------------------------------------------------------------
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bench(bench: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    import textwrap
+
+    cases = bench["cases"]
+    heights = [1.6 + 0.3 * max(1, sum(1 for r in c["rows"] if r.get("time"))) for c in cases]
+    fig, axes = plt.subplots(len(cases), 1, figsize=(9, sum(heights) + 0.3), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, case in zip(axes[:, 0], cases, strict=True):
+        timed = [r for r in case["rows"] if r.get("time")]
+        names = [r["provider"] for r in timed]
+        med = [r["time"]["median"] * 1e3 for r in timed]
+        lo = [m - r["time"]["min"] * 1e3 for m, r in zip(med, timed, strict=True)]
+        hi = [r["time"]["max"] * 1e3 - m for m, r in zip(med, timed, strict=True)]
+        colors = ["#888888" if r.get("baseline") else
+                  ("#1f77b4" if r["stack"] == "torch" else "#d62728") for r in timed]
+        ax.barh(names, med, xerr=[lo, hi], color=colors, capsize=3)
+        ax.axvline(case["floor"]["per_layer_s"] * 1e3, color="k", ls="--", lw=1,
+                   label="floor, per-layer")
+        ax.axvline(case["floor"]["whole_s"] * 1e3, color="k", ls=":", lw=1,
+                   label="floor, whole MLP")
+        untimed = [r["provider"] for r in case["rows"] if not r.get("time")]
+        title = f"{case.get('preset', '')} M={case['m']} ({case['spec_text']})"
+        if untimed:
+            title += "\n" + textwrap.fill(f"not timed: {', '.join(untimed)}", 120)
+        ax.set_title(title, fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("median time per call, ms, log scale (whiskers: min/max)")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
+    import numpy as np
+
+    plt = _plt()
+    widths, depths = sweep["widths"], sweep["depths"]
+    stacks = ("torch", "jax")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, stack in zip(axes, stacks, strict=True):
+        grid = np.full((len(depths), len(widths)), np.nan)
+        notes = {}
+        for cell in sweep["cells"]:
+            i, j = depths.index(cell["depth"]), widths.index(cell["width"])
+            s = cell["speedup"].get(stack)
+            if s is not None:
+                grid[i, j] = s
+            notes[(i, j)] = cell["floor_s"]
+        finite = grid[np.isfinite(grid)]
+        span = max(2.0, float(np.max(np.abs(np.log2(finite))))) if finite.size else 2.0
+        im = ax.imshow(np.log2(grid), cmap="RdYlGn", vmin=-span, vmax=span, origin="lower",
+                       aspect="auto")
+        for (i, j), fl in notes.items():
+            val = "n/a" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:.2f}x"
+            ax.text(j, i, f"{val}\nfloor {fmt_time(fl)}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(widths)), [str(w) for w in widths])
+        ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+        ax.set_xlabel("width")
+        ax.set_ylabel("depth (layers)")
+        ax.set_title(f"{stack}: fused_small speedup over best baseline", fontsize=9)
+        fig.colorbar(im, ax=ax, label="log2 speedup")
+    fig.suptitle(f"{sweep['activation']}, {sweep['dtype']}, M={sweep['m']}, {sweep['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    rows = [r for r in overhead["rows"] if r.get("host_sync_s") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.8 + 0.4 * max(3, len(rows))))
+    names = [r["provider"] for r in rows]
+    series = [("host_async_s", "host, async"), ("host_sync_s", "host, sync"),
+              ("device_s", "device")]
+    height = 0.8 / len(series)
+    for k, (key, label) in enumerate(series):
+        vals = [(r.get(key) or 0) * 1e6 for r in rows]
+        axes[0].barh([i + k * height for i in range(len(rows))], vals, height=height, label=label)
+    axes[0].set_yticks([i + height for i in range(len(rows))], names, fontsize=7)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("µs per call, log scale")
+    axes[0].legend(fontsize=7, loc="best", framealpha=0.6)
+    firsts = [r for r in overhead["rows"] if r.get("first_call_s") is not None]
+    axes[1].barh([r["provider"] for r in firsts], [r["first_call_s"] for r in firsts])
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("first call, s (trace + compile)")
+    axes[1].tick_params(labelsize=7)
+    fig.suptitle(f"Overhead: {overhead['spec_text']}, M={overhead['m']}, {overhead['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+PLOTS = {"bench": plot_bench, "sweep": plot_sweep, "overhead": plot_overhead}
+
+
+def plot_all(results: dict[str, Any], out_dir: Path, stem: str = "") -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [fn(results[name], out_dir / f"{stem}{name}.png")
+            for name, fn in PLOTS.items() if name in results]
+
+
+# ---- files
+# ----------------------------------------------------------------------------------------
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    if data.get("kind") != RESULTS_KIND:
+        raise ValueError(f"{path}: expected a fusedmlp results file (kind {RESULTS_KIND!r}), "
+                         f"got kind {data.get('kind')!r}")
+    return data
+
+
+def merge(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results object from several (later sections win; the first environment is kept)."""
+    out: dict[str, Any] = {"kind": RESULTS_KIND, "version": RESULTS_VERSION}
+    for data in items:
+        for key, value in data.items():
+            if key == "environment" and "environment" in out:
+                continue
+            out[key] = value
+    return out

@@ -1,0 +1,279 @@
+"""The harness and the `fusedmlp` CLI, run in-process on the CPU (tiny specs from --spec files).
+
+What is proved: parity of cpu-small passes through both stacks; a deliberately broken kernel makes
+`fusedmlp parity` exit 1 naming the failing row (the front's dispatch patched, and the hidden
+--inject-fault hook); bench times the CPU baselines (median/min/max over >= 20 repetitions) and
+lists
+interpreted kernels as not timed, never timing a path that fails parity; overhead records host times
+and first-call costs; report turns saved JSON into Markdown and PNG; every JSON carries the
+environment block. GPU-only checks (DLPack zero-copy, profiler timing of JAX) are marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusedmlp.bench import cli, providers
+from fusedmlp.bench.timing import Stats, time_host
+from fusedmlp.common import MLPSpec
+
+# Odd widths and M (multiples of no block size) keep the interpreted kernels honest and fast.
+TINY = MLPSpec((13, 24, 11), "swiglu", bias=True, dtype="float32")
+TINY_M = "7"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_faults():
+    import torch
+
+    threads = torch.get_num_threads()  # the CLI pins CPU threads; give other tests theirs back
+    providers.FAULTS.clear()
+    yield
+    providers.FAULTS.clear()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("specs") / "tiny.json"
+    TINY.to_json(path)
+    return path
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["kind"] == "fusedmlp-results"
+    env = data["environment"]
+    assert env["versions"]["python"] and env["versions"]["numpy"]
+    assert env["versions"]["torch"] and env["versions"]["jax"]
+    assert "commit" in env["git"] and "dirty" in env["git"]
+    assert env["cpu"]
+    return data
+
+
+def _rows(data: dict, section: str = "parity") -> dict[str, dict]:
+    (case,) = data[section]["cases"]
+    return {r["provider"]: r for r in case["rows"]}
+
+
+# ---- parity ------------------------------------------------------------------------------------
+def test_main_job_parity_of_cpu_small_passes_both_stacks(tmp_path: Path) -> None:
+    out = tmp_path / "parity.json"
+    assert cli.main(["--json", str(out)]) == 0  # `fusedmlp` with no command, on a CPU
+    data = _load(out)
+    assert data["environment"]["cpu_threads"] == {"torch": 1, **data["environment"]["cpu_threads"]}
+    assert [c["spec_text"] for c in data["parity"]["cases"]] == [str(MLPSpec.preset("cpu-small"))]
+    assert data["parity"]["passed"] and not data["parity"]["failures"]
+    rows = _rows(data)
+    statuses = {name: r["status"] for name, r in rows.items()}
+    assert set(statuses.values()) <= {"pass", "n/a", "skipped"}, statuses
+    # Both stacks' kernels and baselines really ran and were judged by the tolerance policy.
+    for name in ("torch:triton", "torch:eager", "torch:compile", "jax:pallas_triton", "jax:xla"):
+        row = rows[name]
+        assert row["status"] == "pass", (name, row)
+        assert 0 <= row["rel_fro"] <= row["bound_rel_fro"]
+    assert rows["torch:triton"]["interpreted"] and not rows["torch:eager"]["interpreted"]
+    assert rows["torch:triton"]["kernels"] == "gated+linear_act"
+    pairs = {x["pair"]: x for x in data["parity"]["cases"][0]["cross"]}
+    assert pairs["torch:eager vs jax:xla"]["status"] == "pass"
+    assert pairs["torch:triton vs jax:pallas_triton"]["rel_fro"] <= (
+        pairs["torch:triton vs jax:pallas_triton"]["bound_rel_fro"])
+
+
+def test_parity_fails_loudly_on_a_broken_kernel(
+    spec_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fusedmlp.torch_impl import front
+
+    good = front._RUNNERS["triton"]
+
+    def broken(*args, **kwargs):
+        y = good(*args, **kwargs).clone()
+        y[3, 5] += 0.5  # one wrong element is enough
+        return y
+
+    monkeypatch.setitem(front._RUNNERS, "triton", broken)
+    out = tmp_path / "parity.json"
+    code = cli.main(["parity", "--spec", str(spec_file), "--m", TINY_M, "--device", "cpu",
+                     "--impl", "triton,eager", "--json", str(out)])
+    assert code == 1
+    text = capsys.readouterr().out
+    assert "parity: FAIL" in text and "FAILED:" in text and "torch:triton FAIL" in text
+    assert "at (3, 5)" in text  # the report says where
+    rows = _rows(_load(out))
+    assert rows["torch:triton"]["status"] == "FAIL" and rows["torch:eager"]["status"] == "pass"
+    assert not json.loads(out.read_text())["parity"]["passed"]
+
+
+def test_parity_inject_fault_hook(spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["parity", "--spec", str(spec_file), "--m", TINY_M, "--device", "cpu",
+                     "--impl", "jax", "--inject-fault", "jax:pallas_triton"])
+    assert code == 1
+    assert "jax:pallas_triton FAIL" in capsys.readouterr().out
+
+
+def test_parity_dtype_override_and_bad_impl(spec_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    code = cli.main(["parity", "--spec", str(spec_file), "--m", "1", "--dtype",
+                     "bfloat16,float16", "--impl", "eager,xla", "--json", str(out)])
+    assert code == 0
+    cases = _load(out)["parity"]["cases"]
+    assert [c["spec"]["dtype"] for c in cases] == ["bfloat16", "float16"]
+    assert all(r["status"] == "pass" for c in cases for r in c["rows"])
+    with pytest.raises(SystemExit, match="unknown implementation 'nope'"):
+        cli.main(["parity", "--spec", str(spec_file), "--impl", "nope"])
+
+
+# ---- bench -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench_json(spec_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    code = cli.main(["bench", "--spec", str(spec_file), "--m", "33", "--device", "cpu",
+                     "--impl", "triton,fused_small,eager,jax", "--quick", "--json", str(out)])
+    assert code == 0
+    return out
+
+
+def test_bench_times_baselines_and_lists_interpreted(bench_json: Path) -> None:
+    data = _load(bench_json)
+    ceilings = data["bench"]["ceilings"]
+    assert ceilings["copy"] > 0 and ceilings["matmul"]["float32"] > 0
+    rows = _rows(data, "bench")
+    for name in ("torch:eager", "jax:xla"):
+        row = rows[name]
+        t = row["time"]
+        assert row["status"] == "timed" and row["parity"] == "pass"
+        assert t["n"] >= 20 and 0 < t["min"] <= t["median"] <= t["max"]
+        assert row["tflops"] > 0 and row["gbps"] > 0 and row["pct_roofline"] > 0
+        assert row["host_dispatch_s"] > 0
+    for name in ("torch:triton", "jax:pallas_triton", "torch:fused_small", "jax:fused_small"):
+        assert rows[name]["status"] == "interpreted — not timed", rows[name]
+        assert "time" not in rows[name]
+    case = data["bench"]["cases"][0]
+    assert case["floor"]["whole_s"] <= case["floor"]["per_layer_s"]
+
+
+def test_bench_never_times_a_failing_path(spec_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    code = cli.main(["bench", "--spec", str(spec_file), "--m", TINY_M, "--device", "cpu",
+                     "--impl", "eager,xla", "--quick", "--inject-fault", "jax:xla",
+                     "--json", str(out)])
+    assert code == 1
+    rows = _rows(_load(out), "bench")
+    assert rows["jax:xla"]["status"] == "FAIL parity — not timed"
+    assert "time" not in rows["jax:xla"] and rows["jax:xla"]["rel_fro"] > 1e-3
+    assert rows["torch:eager"]["status"] == "timed"
+
+
+def test_timing_stats_have_spread_and_at_least_20_reps() -> None:
+    calls = []
+    stats = time_host(lambda i: calls.append(i), lambda _: None, warmup_s=0.0, target_s=0.0)
+    assert isinstance(stats, Stats) and stats.n >= 20
+    assert stats.min <= stats.median <= stats.max
+    assert len(calls) >= 23  # >= 3 warm-up calls before the timed ones
+
+
+# ---- overhead, sweep, report --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def overhead_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("overhead") / "overhead.json"
+    assert cli.main(["overhead", "--device", "cpu", "--impl", "baselines,triton", "--quick",
+                     "--json", str(out)]) == 0
+    return out
+
+
+def test_overhead_records_host_and_first_call(overhead_json: Path) -> None:
+    data = _load(overhead_json)
+    rows = {r["provider"]: r for r in data["overhead"]["rows"]}
+    for name in ("torch:eager", "torch:compile", "jax:xla"):
+        r = rows[name]
+        assert r["status"] == "measured", r
+        assert r["first_call_s"] > 0 and r["host_async_s"] > 0 and r["host_sync_s"] > 0
+        assert "device_s" not in r  # no device on a CPU: not invented
+    # Compilation is the first call's cost: far above a compiled call's.
+    assert rows["torch:compile"]["first_call_s"] > 10 * rows["torch:compile"]["host_sync_s"]
+    assert rows["jax:xla"]["first_call_s"] > 10 * rows["jax:xla"]["host_sync_s"]
+    assert rows["torch:triton"]["status"] == "interpreted — not measured"
+
+
+def test_sweep_short_mode(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    assert cli.main(["sweep", "--device", "cpu", "--short", "--widths", "16,32", "--depths", "2",
+                     "--m", "40", "--quick", "--json", str(out)]) == 0
+    sweep = _load(out)["sweep"]
+    assert [(c["width"], c["depth"]) for c in sweep["cells"]] == [(16, 2), (32, 2)]
+    for cell in sweep["cells"]:
+        assert cell["floor_s"] > 0
+        assert cell["times"]["torch:eager"] > 0 and cell["times"]["jax:xla"] > 0
+        # fused_small runs interpreted here: no speedup is claimed.
+        assert cell["speedup"] == {"torch": None, "jax": None}
+
+
+def test_report_writes_markdown_and_png(
+    bench_json: Path, overhead_json: Path, tmp_path: Path
+) -> None:
+    md = tmp_path / "r.md"
+    merged = tmp_path / "all.json"
+    assert cli.main(["report", str(bench_json), str(overhead_json), "--markdown", str(md),
+                     "--plot-dir", str(tmp_path), "--json", str(merged)]) == 0
+    text = md.read_text()
+    assert "| provider | kernels | median |" in text and "torch:eager" in text
+    assert "Overhead:" in text and "Machine: CPU" in text
+    for name in ("bench.png", "overhead.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    data = _load(merged)
+    assert "bench" in data and "overhead" in data
+    with pytest.raises(SystemExit, match="expected a fusedmlp results file"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("{}")
+        cli.main(["report", str(bad)])
+
+
+def test_provider_selection() -> None:
+    names = [p.name for p in providers.select("fused_small,torch:eager")]
+    assert names == ["torch:fused_small", "jax:fused_small", "torch:eager"]
+    assert all(p.baseline for p in providers.select("baselines"))
+    assert {p.stack for p in providers.select("jax")} == {"jax"}
+
+
+# ---- GPU only ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_inputs_are_shared_through_dlpack() -> None:
+    from fusedmlp.bench.cases import Case
+
+    case = Case(TINY.replace(dtype="bfloat16"), 4096, "cuda")
+    (tx, tp), *_ = case.torch_sets()
+    jx, jp = case.jax_sets()[0]
+    assert jx.unsafe_buffer_pointer() == tx.data_ptr()
+    assert jp["w0"].unsafe_buffer_pointer() == tp["w0"].data_ptr()
+    np.testing.assert_array_equal(np.asarray(jx.astype("float32")), tx.float().cpu().numpy())
+
+
+@pytest.mark.gpu
+def test_gpu_jax_profiler_timing_reads_device_spans() -> None:
+    from fusedmlp.bench.cases import Case
+    from fusedmlp.bench.timing import time_cuda_events, time_jax_profiler
+
+    case = Case(MLPSpec((1024, 4096, 1024), "gelu", bias=True, dtype="bfloat16"), 4096, "cuda")
+    jstats = time_jax_profiler(providers.Provider("jax", "xla", True).make(case))
+    tstats = time_cuda_events(providers.Provider("torch", "eager", True).make(case))
+    assert jstats.method.startswith("jax.profiler") and jstats.n >= 20
+    assert 0 < jstats.min <= jstats.median <= jstats.max
+    # The same MLP through cuBLAS either way: device times within a factor of 3 of each other.
+    assert tstats.median / 3 < jstats.median < 3 * tstats.median
+
+
+def test_profiler_events_split_into_calls_by_gaps() -> None:
+    from fusedmlp.bench.timing import split_spans
+
+    # Three calls of 2, 3 and 1 kernels (ns), separated by idle gaps wider than any inside a call.
+    events = [(0, 10), (12, 5), (100, 4), (106, 4), (111, 9), (300, 7)]
+    assert split_spans(events, 3) == pytest.approx([17e-9, 20e-9, 7e-9])
+    with pytest.raises(RuntimeError, match="2 kernel events for 3"):
+        split_spans(events[:2], 3)

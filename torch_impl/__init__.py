@@ -8,3 +8,20 @@ from . import runtime  # noqa: F401  (first: sets TRITON_INTERPRET on a machine 
 from .front import is_interpreted, mlp, plan, unavailable_reason
 
 __all__ = ["is_interpreted", "mlp", "plan", "unavailable_reason"]
+
+# ---- the user-facing layer: the module, the registered op, the converters -----------------------
+from . import custom_op  # registers torch.ops.fusedmlp.mlp
+from .convert import from_hf, from_linears, linear_to_param, param_to_linear, to_linears
+from .custom_op import mlp as mlp_op
+from .module import FusedMLP
+
+__all__ += [
+    "FusedMLP",
+    "custom_op",
+    "from_hf",
+    "from_linears",
+    "linear_to_param",
+    "mlp_op",
+    "param_to_linear",
+    "to_linears",
+]

@@ -1,0 +1,243 @@
+"""FusedMLP: the fused MLP as an `nn.Module`, a drop-in for a Llama-, Gemma- or GPT-style MLP block.
+
+    y = MLP(x) (+ residual),   hidden layer i: act(h·W_i + b_i) [⊙ (h·V_i + c_i) when gated]
+
+Parameters are registered under the contract's names (`w0`, `b0`, `v0`, `c0`, `w1`, ...; weights
+`[in, out]`, so `x @ w`), initialised deterministically by `fusedmlp.common.init_params(spec,
+seed)`, the same numbers the JAX stack and the golden files use. `forward` calls the registered
+op `torch.ops.fusedmlp.mlp` (custom_op.py), which runs `fusedmlp.torch_impl.front.mlp`: the front
+validates, plans (`impl`, "auto" by default) and launches the kernels. torch.compile(fullgraph=True)
+sees one node.
+
+dtype: the module computes in its parameters' dtype, as `nn.Linear` does: `FusedMLP(spec)` holds
+params in `spec.dtype`; `dtype=` or a later `.to(torch.bfloat16)` changes both, and `.spec` follows.
+The input must then have that dtype (the front's ValueError names both otherwise).
+
+Mixed precision: under `torch.autocast` (cuda: float16/bfloat16; cpu: bfloat16) the module casts x,
+the params and the residual to the autocast dtype and runs the spec of that dtype, as nn.Linear's
+autocast rule does; the output has the autocast dtype and matches the reference of that dtype.
+Like nn.Linear's, the cast reads every float32 weight and writes a 16-bit copy on each call, three
+times the weight bytes the kernels then read: for inference, `.to(torch.bfloat16)` the module.
+
+Training: forward-only kernels in this issue. Forward works in grad mode (the output has a
+grad_fn); `backward()` raises NotImplementedError naming the fix (no_grad / inference_mode for
+inference, the original module for training). Nothing ever falls back silently.
+
+Converters from Hugging Face modules and `nn.Linear` stacks: convert.py (`FusedMLP.from_hf`,
+`FusedMLP.from_linears`). Twin: none (the JAX stack is functional: jax_impl.front.mlp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusedmlp.common import DTYPES, MLPSpec, TileConfig, init_params, param_shapes
+from fusedmlp.common.registry import AUTO, check_impl
+from fusedmlp.common.validate import check_spec
+
+from . import front
+from .custom_op import MLP_OP, config_to_json, spec_to_json
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The contract name ("float32", "float16", "bfloat16") of a torch dtype, or ValueError."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype}")
+    return name
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """A NumPy array (bfloat16 from ml_dtypes included) as a torch tensor, bit for bit."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":
+        # torch.from_numpy knows no ml_dtypes bfloat16: move the raw bits and reinterpret them.
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+def _with_dtype(spec: MLPSpec, dtype: str) -> MLPSpec:
+    if dtype == spec.dtype:
+        return spec
+    # tf32 describes float32 products only; a 16-bit spec has IEEE products with fp32 accumulation.
+    precision = spec.fp32_precision if dtype == "float32" else "ieee"
+    return spec.replace(dtype=dtype, fp32_precision=precision)
+
+
+class FusedMLP(nn.Module):
+    """The fused MLP of `spec` with registered parameters (see the module docstring).
+
+    Args:
+        spec: widths, activation, bias, dtype (the parameters' dtype unless `dtype` is given).
+        impl: the front's implementation name ("auto", "triton", "triton_tma", "fused_small",
+            "fused_decode", "eager", ...): `fusedmlp.common.impl_names("torch")`.
+        config: one TileConfig for every kernel launch (None: the heuristic per layer).
+        device, dtype: where and in what dtype the parameters live (`dtype` overrides spec.dtype).
+        seed: the seed of `init_params` (deterministic initialisation); None leaves the
+            parameters uninitialised, for `load_params` to fill (what the converters do).
+    """
+
+    def __init__(
+        self,
+        spec: MLPSpec,
+        *,
+        impl: str = AUTO,
+        config: TileConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        spec = check_spec(spec)
+        check_impl(impl, front.STACK)
+        if config is not None and not isinstance(config, TileConfig):
+            got = type(config).__name__
+            raise TypeError(f"config: expected a fusedmlp.common.TileConfig or None, got {got}")
+        if dtype is not None:
+            spec = _with_dtype(spec, dtype_name(dtype))
+        self._spec = spec  # widths, activation, bias, precision; the dtype follows the params
+        self.impl = impl
+        self.config = config
+        self._names = tuple(param_shapes(spec))
+        for name, shape in param_shapes(spec).items():
+            empty = torch.empty(shape, device=device, dtype=getattr(torch, spec.dtype))
+            self.register_parameter(name, nn.Parameter(empty))
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    # ---- parameters ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Refill every parameter with `init_params(spec, seed)` (in place; device, dtype kept)."""
+        for name, value in init_params(self.spec, seed).items():
+            param = getattr(self, name)
+            param.copy_(to_torch(value).to(param.device))
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The parameters as the front's params dict (`param_shapes(spec)` order)."""
+        return {name: getattr(self, name) for name in self._names}
+
+    @torch.no_grad()
+    def load_params(self, params: Mapping[str, torch.Tensor | np.ndarray]) -> FusedMLP:
+        """Copy `params` (the contract's names and [in, out] shapes) into the parameters."""
+        expected = param_shapes(self._spec)
+        missing = [n for n in expected if n not in params]
+        extra = sorted(n for n in params if n not in expected)
+        if missing or extra:
+            raise ValueError(
+                f"params: missing {missing}, unexpected {extra}; the spec {self.spec} needs "
+                f"{list(expected)}"
+            )
+        for name, shape in expected.items():
+            value = params[name]
+            value = to_torch(value) if isinstance(value, np.ndarray) else value
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"params[{name!r}]: expected a torch.Tensor or np.ndarray, "
+                    f"got {type(value).__name__}"
+                )
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"params[{name!r}]: expected shape {list(shape)}, got {list(value.shape)}"
+                )
+            param = getattr(self, name)
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+        return self
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Mapping[str, torch.Tensor | np.ndarray],
+        spec: MLPSpec,
+        *,
+        impl: str = AUTO,
+        config: TileConfig | None = None,
+        device: torch.device | str | None = None,
+    ) -> FusedMLP:
+        """A FusedMLP holding a copy of `params` (dtype: spec.dtype; device: `device`, else the
+        first param's)."""
+        spec = check_spec(spec)
+        if device is None:
+            first = next(iter(params.values()), None)
+            device = first.device if isinstance(first, torch.Tensor) else None
+        module = cls(spec, impl=impl, config=config, device=device, seed=None)
+        return module.load_params(params)
+
+    # ---- the spec the parameters have now ------------------------------------------------------
+    @property
+    def spec(self) -> MLPSpec:
+        """The spec of the current parameters (its dtype follows `.to(dtype)`)."""
+        return _spec_for(self._spec, self.w0.dtype)
+
+    def extra_repr(self) -> str:
+        config = f", config={self.config}" if self.config is not None else ""
+        return f"spec={self.spec}, impl={self.impl!r}{config}"
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """y = MLP(x) (+ residual), x of shape [..., d_in] -> [..., d_out]."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        params = [getattr(self, name) for name in self._names]
+        dtype = params[0].dtype
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # nn.Linear's autocast rule: floating inputs (not float64) are cast to the autocast
+            # dtype, the product runs there, the output keeps it. A cast is a no-op when equal.
+            dtype = torch.get_autocast_dtype(device_type)
+            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(
+                    f"autocast: expected dtype float16 or bfloat16 (or float32), got {dtype} "
+                    f"(device type {device_type})"
+                )
+            x = _autocast(x, dtype)
+            params = [_autocast(p, dtype) for p in params]
+            residual = _autocast(residual, dtype) if residual is not None else None
+        spec_json = _spec_json_for(self._spec, dtype)
+        return MLP_OP(x, params, spec_json, self.impl, config_to_json(self.config), residual)
+
+    # ---- converters (convert.py) -----------------------------------------------------------------
+    @classmethod
+    def from_hf(
+        cls, module: nn.Module, *, impl: str = AUTO, config: TileConfig | None = None
+    ) -> FusedMLP:
+        """A FusedMLP computing what a Hugging Face LlamaMLP / GemmaMLP / GPT2MLP computes."""
+        from .convert import from_hf
+
+        return from_hf(module, impl=impl, config=config)
+
+    @classmethod
+    def from_linears(
+        cls,
+        *linears: nn.Linear,
+        activation: str,
+        impl: str = AUTO,
+        config: TileConfig | None = None,
+    ) -> FusedMLP:
+        """A FusedMLP computing linears[-1](act(... act(linears[0](x)))) (plain activations)."""
+        from .convert import from_linears
+
+        return from_linears(*linears, activation=activation, impl=impl, config=config)
+
+
+def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
+def _spec_for(spec: MLPSpec, dtype: torch.dtype) -> MLPSpec:
+    # A dtype outside the contract (float64 params, say) keeps the spec: the front then names it.
+    name = str(dtype).removeprefix("torch.")
+    return _with_dtype(spec, name) if name in DTYPES else spec
+
+
+@torch.compiler.assume_constant_result
+def _spec_json_for(spec: MLPSpec, dtype: torch.dtype) -> str:
+    # Run once at trace time under torch.compile, its result a constant of the graph: Dynamo cannot
+    # trace json.dumps (a C encoder) and need not unroll dataclasses.replace on every trace.
+    return spec_to_json(_spec_for(spec, dtype))

@@ -36,13 +36,15 @@ STACK = "jax"
 KERNEL_IMPLS = ("pallas_triton", "pallas_mosaic", "fused_small", "fused_decode", "jax_triton")
 BASELINE_IMPLS = ("xla",)
 # Per-layer implementations: the package whose `linear_act` and `gated` modules hold the launchers.
+# `jax_triton` is the cross-stack route: torch_impl's Triton kernels on jax arrays (GPU only; the
+# one place the JAX path imports the Triton kernel modules, lazily: that call is its purpose).
 _LAYER_PACKAGES = {
     "pallas_triton": "fusedmlp.jax_impl",
     "pallas_mosaic": "fusedmlp.jax_impl.mosaic",
+    "jax_triton": "fusedmlp.jax_impl.cross",
 }
-_KERNEL_PREFIX = {"pallas_triton": "", "pallas_mosaic": "mosaic."}
-# Whole-MLP implementations: module with `supports(spec, m)` and `<name>_fwd(x2d, params, spec,
-# ...)`.
+_KERNEL_PREFIX = {"pallas_triton": "", "pallas_mosaic": "mosaic.", "jax_triton": "triton."}
+# Whole-MLP implementations: a module with `supports(spec, m)` and `<name>_fwd(x2d, params, spec)`.
 _WHOLE_MODULES = {
     "fused_small": "fusedmlp.jax_impl.fused_small",
     "fused_decode": "fusedmlp.jax_impl.fused_decode",

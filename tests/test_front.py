@@ -209,3 +209,13 @@ def test_jax_front_inside_jit_with_static_spec():
     jx, jp = _jax_inputs(spec, x, params)
     f = jax.jit(lambda a, p: jax_impl.mlp(a, p, spec, impl="xla"))
     assert_close(np.asarray(f(jx, jp)), reference.forward(spec, x, params), spec)
+
+
+def test_cross_stack_impls_plan_per_layer_kernels():
+    # Planning needs no GPU: the plans name the other stack's kernels with their configs.
+    spec = MLPSpec((300, 500, 200), "geglu", False, "bfloat16")
+    p = jax_impl.plan(spec, (64, 300), impl="jax_triton", device="gpu")
+    assert [k.kernel for k in p.launches] == ["triton.gated", "triton.linear_act"]
+    q = torch_impl.plan(spec, (64, 300), impl="mosaic", device="cuda")
+    assert [k.kernel for k in q.launches] == ["mosaic.gated", "mosaic.linear_act"]
+    assert all(k.config is not None and k.config.block_m % 64 == 0 for k in q.launches)

@@ -12,9 +12,11 @@ return 0 for NaN on the GPU).
 import triton
 import triton.language as tl
 
-SQRT_1_2 = 0.7071067811865476  # 1/√2, for erf-gelu
-SQRT_2_OVER_PI = 0.7978845608028654  # √(2/π), for tanh-gelu
-GELU_TANH_COEFF = 0.044715
+# constexpr: the Triton compiler refuses plain Python globals inside @triton.jit code (the
+# interpreter accepts them, so only a GPU compile would catch this).
+SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1/√2, for erf-gelu
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # √(2/π), for tanh-gelu
+GELU_TANH_COEFF = tl.constexpr(0.044715)
 
 ACTIVATION_KEYS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 

@@ -41,8 +41,7 @@ _LAYER_PACKAGES = {
     "mosaic": "fusedmlp.torch_impl.cross",
 }
 _KERNEL_PREFIX = {"triton": "", "triton_tma": "tma.", "mosaic": "mosaic."}
-# Whole-MLP implementations: module with `supports(spec, m)` and `<name>_fwd(x2d, params, spec,
-# ...)`.
+# Whole-MLP implementations: a module with `supports(spec, m)` and `<name>_fwd(x2d, params, spec)`.
 _WHOLE_MODULES = {
     "fused_small": "fusedmlp.torch_impl.fused_small",
     "fused_decode": "fusedmlp.torch_impl.fused_decode",

@@ -1,0 +1,141 @@
+"""gated from JAX: torch_impl/gated.py's Triton kernel on jax arrays (impl `jax_triton`, GPU only).
+
+    h[m, n] = act(Σ_k x[m, k]·W[k, n] + b[n]) · (Σ_k x[m, k]·V[k, n] + c[n])   (fp32, one rounding)
+
+Grid, tiles, masks, constexprs: the native launcher's (`fusedmlp.torch_impl.gated.gated_fwd`), one
+program per BLOCK_M × BLOCK_N tile of h in grouped order, from the same TileConfig. The call goes
+through `jax_triton.triton_call` with the adapter `_gated_fwd_jt` (runtime parameters in
+jax_triton's order, outputs last; the native kernel inlined), exactly as linear_act (see its
+docstring for the why, the placeholder pointers and the lazy imports: `fusedmlp.torch_impl`, hence
+torch, is imported on the first call).
+
+Twin: torch_impl/cross/gated.py (the Mosaic GPU kernel called from torch), the other direction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from fusedmlp.common.config import TileConfig
+
+from .linear_act import (
+    TritonLaunch,
+    call,
+    cdiv,
+    import_native,
+    input_precision,
+    kernel_for_jax_triton,
+)
+
+FAMILY = "gated"
+NATIVE_MODULE = "fusedmlp.torch_impl.gated"
+NATIVE_KERNEL = "_gated_fwd_kernel"
+
+# Bound on the first call (`native_kernel`), before Triton compiles the adapter that calls it.
+_gated_fwd_kernel: Any = None
+
+
+# ==== forward kernel ==============================================================================
+@triton.jit
+def _gated_fwd_jt(
+    x_ptr, w_ptr, b_ptr, v_ptr, c_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_vk, stride_vn, stride_om, stride_on,
+    o_ptr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # jax_triton's argument order (outputs last) -> the native kernel's, by name; inlined by Triton.
+    _gated_fwd_kernel(
+        x_ptr=x_ptr, w_ptr=w_ptr, b_ptr=b_ptr, v_ptr=v_ptr, c_ptr=c_ptr, o_ptr=o_ptr,
+        M=M, N=N, K=K,
+        stride_xm=stride_xm, stride_xk=stride_xk, stride_wk=stride_wk, stride_wn=stride_wn,
+        stride_vk=stride_vk, stride_vn=stride_vn, stride_om=stride_om, stride_on=stride_on,
+        ACTIVATION=ACTIVATION, HAS_BIAS=HAS_BIAS, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+    )  # fmt: skip
+
+
+def native_kernel(*, require_compiled: bool = True) -> Any:
+    """torch_impl's `_gated_fwd_kernel`, bound for the adapter on the first call."""
+    global _gated_fwd_kernel
+    if _gated_fwd_kernel is None:
+        _gated_fwd_kernel = import_native(
+            NATIVE_MODULE, NATIVE_KERNEL, require_compiled=require_compiled
+        )
+    return _gated_fwd_kernel
+
+
+# ==== launch plan (pure) ==========================================================================
+def launch_plan(
+    m: int,
+    n: int,
+    k: int,
+    *,
+    activation: str,
+    has_bias: bool,
+    config: TileConfig,
+    fp32_precision: str = "ieee",
+    upcast: bool = False,
+) -> TritonLaunch:
+    """The native launcher's launch of `_gated_fwd_kernel` for dense row-major operands.
+
+    has_bias covers b and c together (HAS_BIAS, as the native launcher); without them both
+    pointers are the placeholder "x", never loaded.
+    """
+    return TritonLaunch(
+        grid=(cdiv(m, config.block_m) * cdiv(n, config.block_n),),
+        arrays={
+            "x_ptr": "x",
+            "w_ptr": "w",
+            "b_ptr": "b" if has_bias else "x",
+            "v_ptr": "v",
+            "c_ptr": "c" if has_bias else "x",
+        },
+        scalars=dict(
+            M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wk=n, stride_wn=1,
+            stride_vk=n, stride_vn=1, stride_om=n, stride_on=1,
+        ),
+        constexprs=dict(
+            ACTIVATION=activation, HAS_BIAS=has_bias,
+            INPUT_PRECISION=input_precision(fp32_precision), UPCAST=upcast,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m,
+        ),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+# ==== launcher ====================================================================================
+def gated_fwd(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None,
+    v: jax.Array,
+    c: jax.Array | None,
+    *,
+    activation: str,
+    config: TileConfig,
+    fp32_precision: str = "ieee",
+) -> jax.Array:
+    """act(x @ w + b) * (x @ v + c) for 2-D x [M, K], w and v [K, N], b and c [N] or both None;
+    returns [M, N] in x.dtype. The native Triton kernel through jax_triton (GPU only); trusts input.
+    """
+    m, k = x.shape
+    n = w.shape[1]
+    if m == 0 or n == 0:
+        return jnp.zeros((m, n), x.dtype)
+    kernel = kernel_for_jax_triton(native_kernel(), _gated_fwd_jt, ("o_ptr",))
+    plan = launch_plan(
+        m, n, k, activation=activation, has_bias=b is not None, config=config,
+        fp32_precision=fp32_precision,
+    )
+    operands = {"x": x, "w": w, "b": b, "v": v, "c": c}
+    return call(plan, kernel, operands, jax.ShapeDtypeStruct((m, n), x.dtype), name="gated_fwd")

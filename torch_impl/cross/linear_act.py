@@ -1,0 +1,233 @@
+"""linear_act from PyTorch: jax_impl/mosaic/linear_act.py's Mosaic GPU kernel on torch tensors
+(impl `mosaic`, Hopper GPU only).
+
+    y[m, n] = act(Σ_k x[m, k]·W[k, n] + b[n]) + r[m, n]          (fp32 epilogue, one rounding)
+
+Grid, tiles, pipeline: the Mosaic GPU sibling's, unchanged — one warpgroup per BLOCK_M × BLOCK_N
+tile in grouped order, a `num_stages`-slot TMA ring feeding wgmma — from the same TileConfig
+(`fusedmlp.jax_impl.mosaic.default_config`), so `mosaic` here and `pallas_mosaic` in the JAX front
+run the same compiled kernel and can be compared bit for bit and timed against each other.
+
+How the call is made (`jax.experimental.pallas.mosaic_gpu.as_torch_kernel`):
+- as_torch_kernel lowers a JAX function once per (function, input shapes/dtypes) and accepts only a
+  *single* Mosaic GPU call in it, with no other JAX op (a pad or a slice is refused: "Unsupported
+  operation found in the kernel module"). The JAX launcher pads M, N, K to the tiles and slices
+  the result in JAX; here torch does both (`padded_shapes`, `pad2d`), so the JAX launcher is handed
+  tile-aligned operands and traces to the bare kernel call (checked on a CPU by lowering for CUDA).
+- It reads `data_ptr()` and assumes dense row-major buffers: every operand is made contiguous.
+- It launches on `torch.cuda.default_stream()` of the *current* device, not on the current stream:
+  the call is fenced (`_on_default_stream`) when a side stream is current, and runs under the
+  tensor's device.
+- jax < 0.11.1 passes the buffers to the compiled launcher with the wrong calling convention
+  (fixed upstream in jax-ml/jax PR #39640, in 0.11.1 and 0.11.2): older jax is refused.
+- One wrapped function per static variant (activation, bias, residual, TileConfig) is cached, so
+  as_torch_kernel's own cache (keyed by function and shapes) compiles each shape once.
+
+Imports: jax (and the Mosaic GPU kernels) are imported lazily on the first call, the one documented
+place where torch_impl reaches jax; a missing jax raises ImportError naming it.
+
+Twin: jax_impl/cross/linear_act.py (the Triton kernel called from JAX), the other direction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from fusedmlp.common.config import TileConfig
+
+FAMILY = "linear_act"
+IMPL = "mosaic"
+FALLBACK = "triton"
+MIN_JAX = (0, 11, 1)  # as_torch_kernel's launch convention fixed here (jax-ml/jax PR #39640)
+MOSAIC_PACKAGE = "fusedmlp.jax_impl.mosaic"
+
+
+# ==== lazy imports ================================================================================
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+@functools.cache
+def as_torch_kernel() -> Callable[[Callable], Callable]:
+    """`plgpu.as_torch_kernel`, from a jax new enough for it to pass the right pointers."""
+    try:
+        jax = importlib.import_module("jax")
+        plgpu = importlib.import_module("jax.experimental.pallas.mosaic_gpu")
+    except ImportError as err:
+        raise ImportError(
+            f"impl {IMPL!r} calls the Mosaic GPU kernels of {MOSAIC_PACKAGE}, which needs jax "
+            f"(with the CUDA plugin and absl-py): {err}"
+        ) from err
+    if _version_tuple(jax.__version__) < MIN_JAX:
+        raise ImportError(
+            f"impl {IMPL!r}: jax {jax.__version__} is too old for as_torch_kernel (it passes the "
+            f"buffers with the wrong calling convention before {'.'.join(map(str, MIN_JAX))}); "
+            f"use jax >= {'.'.join(map(str, MIN_JAX))} or impl '{FALLBACK}'"
+        )
+    return plgpu.as_torch_kernel
+
+
+def mosaic_module(family: str) -> Any:
+    """jax_impl's Mosaic GPU module of `family` (imports jax)."""
+    return importlib.import_module(f"{MOSAIC_PACKAGE}.{family}")
+
+
+# ==== launch plan (pure) ==========================================================================
+def round_up(value: int, multiple: int) -> int:
+    """The Mosaic launcher's rounding (pipeline.round_up): at least one tile, even for 0."""
+    return max(1, -(-value // multiple)) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicLaunch:
+    """Tile-aligned extents of one Mosaic GPU launch: operands are padded to them in torch."""
+
+    m: int
+    n: int
+    k: int
+    mp: int
+    np_: int
+    kp: int
+    grid: tuple[int, ...]
+
+
+def padded_shapes(m: int, n: int, k: int, config: TileConfig) -> MosaicLaunch:
+    """M, N, K rounded up to the tiles (TMA moves whole boxes) and the 1-D grid over the tiles —
+    what the JAX launcher pads to and launches; the CPU tests check it against that launcher."""
+    mp = round_up(m, config.block_m)
+    np_ = round_up(n, config.block_n)
+    kp = round_up(k, config.block_k)
+    return MosaicLaunch(m, n, k, mp, np_, kp, ((mp // config.block_m) * (np_ // config.block_n),))
+
+
+# ==== launcher helpers ============================================================================
+def pad2d(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`t` zero-padded at the end to [rows, cols], dense row-major (as_torch_kernel reads
+    data_ptr()); no copy when `t` is already that. Zero K padding adds nothing to the products."""
+    if tuple(t.shape) == (rows, cols):
+        return t.contiguous()
+    out = t.new_zeros((rows, cols))
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def pad1d(t: torch.Tensor, size: int) -> torch.Tensor:
+    if t.shape[0] == size:
+        return t.contiguous()
+    out = t.new_zeros((size,))
+    out[: t.shape[0]] = t
+    return out
+
+
+def check_launchable(x: torch.Tensor, config: TileConfig, num_weights: int, residual: bool) -> None:
+    """NotImplementedError for what the Mosaic GPU kernels cannot take (the torch front does not ask
+    jax_impl.mosaic.unsupported_reason), ValueError for a TileConfig they cannot run."""
+    dtype = str(x.dtype).removeprefix("torch.")
+    pipeline = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline")
+    if dtype not in pipeline.SUPPORTED_DTYPES:
+        raise NotImplementedError(
+            f"x: impl {IMPL!r} takes dtypes {pipeline.SUPPORTED_DTYPES} (wgmma's 16-bit inputs), "
+            f"got {dtype}; fallback: impl '{FALLBACK}'"
+        )
+    if x.device.type != "cuda":
+        raise ValueError(f"x: impl {IMPL!r} expected a CUDA tensor, got device {x.device}")
+    pipeline.check_config(config, dtype, num_weights=num_weights, residual=residual)
+
+
+@contextlib.contextmanager
+def _on_default_stream(device: torch.device) -> Iterator[None]:
+    """as_torch_kernel launches on the device's default stream: order it after the current stream's
+    work and the current stream after it, so callers on side streams see the usual semantics."""
+    if device.type != "cuda":  # nothing to fence (the CPU tests drive `run` with a stand-in)
+        yield
+        return
+    with torch.cuda.device(device):
+        current = torch.cuda.current_stream(device)
+        default = torch.cuda.default_stream(device)
+        if current == default:
+            yield
+            return
+        default.wait_stream(current)
+        yield
+        current.wait_stream(default)
+
+
+def run(kernel: Callable, operands: list[torch.Tensor], plan: MosaicLaunch) -> torch.Tensor:
+    """Launch a wrapped kernel on tile-aligned operands; slice the [M, N] result (contiguous)."""
+    device = operands[0].device
+    with _on_default_stream(device):
+        y = kernel(*operands)
+    if (plan.mp, plan.np_) == (plan.m, plan.n):
+        return y
+    return y[: plan.m, : plan.n].contiguous()
+
+
+# ==== launcher ====================================================================================
+@functools.cache
+def mosaic_function(
+    activation: str, has_bias: bool, has_residual: bool, config: TileConfig
+) -> Callable[..., Any]:
+    """The JAX function handed to as_torch_kernel for one static variant: the JAX launcher on
+    tile-aligned operands, so its pad and slice are no-ops and it traces to the bare Mosaic GPU
+    call (the CPU tests lower it for CUDA and run as_torch_kernel's own module check on it)."""
+    mosaic = mosaic_module(FAMILY)
+
+    def fn(x: Any, w: Any, *rest: Any) -> Any:
+        rest = list(rest)
+        b = rest.pop(0) if has_bias else None
+        r = rest.pop(0) if has_residual else None
+        return mosaic.linear_act_fwd(
+            x, w, b, r, activation=activation, config=config, interpret=False
+        )
+
+    fn.__name__ = f"linear_act_fwd_{activation}"
+    return fn
+
+
+@functools.cache
+def wrapped_kernel(
+    activation: str, has_bias: bool, has_residual: bool, config: TileConfig
+) -> Callable[..., torch.Tensor]:
+    """`mosaic_function` on torch tensors (compiled per shape on first use, then cached)."""
+    return as_torch_kernel()(mosaic_function(activation, has_bias, has_residual, config))
+
+
+def linear_act_fwd(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    *,
+    activation: str,
+    config: TileConfig,
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """act(x @ w + b) (+ residual) for 2-D x [M, K], w [K, N] on a Hopper GPU; returns [M, N].
+
+    fp32_precision is accepted for the siblings' signature (fp16/bf16 products are exact in fp32).
+    """
+    del fp32_precision
+    m, k = x.shape
+    n = w.shape[1]
+    if m == 0:
+        return x.new_empty((0, n))
+    check_launchable(x, config, num_weights=1, residual=residual is not None)
+    plan = padded_shapes(m, n, k, config)
+    operands = [pad2d(x, plan.mp, plan.kp), pad2d(w, plan.kp, plan.np_)]
+    if b is not None:
+        operands.append(pad1d(b, plan.np_))
+    if residual is not None:
+        operands.append(pad2d(residual, plan.mp, plan.np_))
+    kernel = wrapped_kernel(activation, b is not None, residual is not None, config)
+    return run(kernel, operands, plan)

@@ -53,7 +53,7 @@ FALLBACK = "triton"  # the per-layer kernels
 INTERPRET_CONFIG = TileConfig(block_m=32, block_n=16, block_k=16, group_m=1, num_warps=4,
                               num_stages=1)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---- helpers shared by the whole-MLP kernels -----------------------------------------------------
@@ -225,7 +225,7 @@ def validate(x: torch.Tensor, params: dict[str, torch.Tensor], spec: MLPSpec) ->
         raise TypeError(f"spec: expected an MLPSpec, got {type(spec).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    dtype = TORCH_DTYPES[spec.dtype]
+    dtype = _TORCH_DTYPES[spec.dtype]
     if x.dim() < 1 or x.shape[-1] != spec.d_in:
         raise ValueError(f"x: expected shape [..., {spec.d_in}], got {list(x.shape)}")
     if x.dtype != dtype:

@@ -20,7 +20,7 @@ Shapes are tile-aligned by default (M, N, K multiples of 128), so neither launch
 device time is the kernel's alone. Inputs are created once in torch on the GPU and shared with JAX
 through DLPack (zero-copy): both frameworks read the same buffers, and `same_bits` says whether the
 two outputs are bitwise equal. GPU only: on any other machine `decompose` returns no rows and the
-reason. The method and what to expect are written up in docs/cross_stack.md.
+reason. The method and what to expect are written up in docs/porting.md, part 3.
 """
 
 from __future__ import annotations

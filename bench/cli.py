@@ -300,7 +300,10 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
 def cmd_default(args: argparse.Namespace, console: Any) -> int:
     """The main job on the embedded default."""
     device = resolve_device(args.device, getattr(args, "cpu_threads", None))
-    ns = argparse.Namespace(preset=None, spec=None, m=None, impl=None, dtype=None,
+    # On a CPU, cpu-small runs in its own float32 and again in bfloat16, so that every
+    # implementation that runs here is exercised (pallas_mosaic's wgmma takes 16-bit operands only).
+    dtypes = (get_preset(DEFAULT_CPU_PRESET).spec.dtype, "bfloat16") if device == "cpu" else None
+    ns = argparse.Namespace(preset=None, spec=None, m=None, impl=None, dtype=dtypes,
                             device=device, cpu_threads=None, json=args.json,
                             markdown=args.markdown, plot=None,
                             inject_fault=None, reps=None, quick=False)

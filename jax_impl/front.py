@@ -78,7 +78,8 @@ def unavailable_reason(impl: str, device: str = "cpu") -> str | None:
 
 def is_interpreted(impl: str, device: str = "cpu") -> bool:
     """True where `impl` runs its kernels under a Pallas interpreter (not timed by the harness)."""
-    return impl in KERNEL_IMPLS and impl != "jax_triton" and device == "cpu"
+    gpu_only = impl in KERNEL_IMPLS and get_implementation(impl).gpu_only
+    return impl in KERNEL_IMPLS and not gpu_only and device == "cpu"
 
 
 # ---- plan ----------------------------------------------------------------------------------------

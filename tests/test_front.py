@@ -194,6 +194,7 @@ def test_availability_on_cpu():
     assert "needs a Hopper GPU" in torch_impl.unavailable_reason("mosaic", "cpu")
     assert "needs a GPU" in jax_impl.unavailable_reason("jax_triton", "cpu")
     assert torch_impl.is_interpreted("triton", "cpu") and not torch_impl.is_interpreted("eager")
+    assert not torch_impl.is_interpreted("mosaic") and not jax_impl.is_interpreted("jax_triton")
     assert torch_impl.unavailable_reason("triton", "cuda") == "no CUDA GPU on this machine"
     for impl in impl_names("jax"):
         if impl != "jax_triton":

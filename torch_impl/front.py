@@ -79,7 +79,9 @@ def unavailable_reason(impl: str, device: str = "cpu") -> str | None:
 
 def is_interpreted(impl: str, device: str = "cpu") -> bool:
     """True where `impl` runs its kernels under Triton's interpreter (not timed by the harness)."""
-    return impl in KERNEL_IMPLS and INTERPRET and torch.device(device).type == "cpu"
+    gpu_only = impl in KERNEL_IMPLS and get_implementation(impl).gpu_only
+    on_cpu = torch.device(device).type == "cpu"
+    return impl in KERNEL_IMPLS and not gpu_only and INTERPRET and on_cpu
 
 
 # ---- plan ----------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from fusedmlp.common.config import TileConfig
 
 FAMILY = "linear_act"
 IMPL = "jax_triton"
-JAX_TRITON_VERSION = "0.3.1"  # checked against jax 0.11.2 and triton 3.6.0 (docs/porting.md, part 3)
+JAX_TRITON_VERSION = "0.3.1"  # checked against jax 0.11.2, triton 3.6.0 (docs/porting.md, part 3)
 NATIVE_MODULE = "fusedmlp.torch_impl.linear_act"
 NATIVE_KERNEL = "_linear_act_fwd_kernel"
 

@@ -124,10 +124,11 @@ def _items(args: argparse.Namespace, device: str) -> list[tuple[str, MLPSpec, in
 
 
 def _providers(args: argparse.Namespace) -> list[Any]:
-    from .providers import FAULTS, select
+    from .providers import FAULTS, TUNING, select
 
     FAULTS.clear()
     FAULTS.update(getattr(args, "inject_fault", None) or ())
+    TUNING["torch"] = bool(getattr(args, "tune", False))
     try:
         return select(args.impl)
     except ValueError as exc:
@@ -253,6 +254,11 @@ def cmd_overhead(args: argparse.Namespace, console: Any) -> int:
     providers = _providers(args)
     with _Progress(console, len(providers) + 1, "overhead") as bar:
         result = run_overhead(providers, device, timing=_timing(args), on_row=bar.row)
+    # The same compiled kernel called from both frameworks: every difference is the framework's.
+    from .cross_overhead import attribute, decompose
+
+    rows, reason = decompose() if device == "cuda" else ([], "the decomposition needs a GPU")
+    result["decomposition"] = {"rows": rows, "reason": reason, "attribution": attribute(rows)}
     results = _results("overhead", result)
     rep.print_tables(console, rep.overhead_tables(result))
     _write(args, results, console)
@@ -363,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--reps", type=int, metavar="N", help="minimum timed repetitions (>= 20)")
     p.add_argument("--quick", action="store_true", help="short warm-up and time targets")
+    p.add_argument("--tune", action="store_true",
+                   help="GPU: sweep the Triton kernels' tile configs once per shape (cached in "
+                        "$FUSEDMLP_TUNING_CACHE) before timing; default: the heuristic configs")
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 

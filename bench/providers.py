@@ -32,6 +32,9 @@ STACKS = ("torch", "jax")
 FRONT_MODULES = {"torch": "fusedmlp.torch_impl", "jax": "fusedmlp.jax_impl"}
 # Provider names ("torch:triton") or impl names ("triton") whose outputs are deliberately perturbed.
 FAULTS: set[str] = set()
+# `fusedmlp bench --tune`: the torch front's per-layer Triton kernels use tuned configs on a GPU
+# (torch_impl/tuning.py; the first call of each shape sweeps, later ones read the cache).
+TUNING: dict[str, bool] = {"torch": False}
 # Twins compared across stacks on the same inputs (torch impl, jax impl).
 TWINS: tuple[tuple[str, str], ...] = (
     ("triton", "pallas_triton"),
@@ -102,9 +105,11 @@ class Provider:
         if self.stack == "torch":
             sets = case.torch_sets()
 
+            tune = TUNING["torch"] and impl in ("triton", "triton_tma")
+
             def run(i: int) -> Any:
                 x, params = sets[i % len(sets)]
-                y = fr.mlp(x, params, spec, impl=impl)
+                y = fr.mlp(x, params, spec, impl=impl, **({"tune": True} if tune else {}))
                 return y * 1.01 if faulty else y
 
             return run

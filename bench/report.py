@@ -139,13 +139,40 @@ def overhead_tables(overhead: dict[str, Any]) -> list[Table]:
             r.get("what", ""),
             _status(r),
         ])
-    return [Table(
+    out = [Table(
         f"Overhead: {overhead['spec_text']}, M={overhead['m']} on {overhead['device']}",
         ["path", "first call", "host/call async", "host/call sync", "device/call",
          "sync - device", "first call is", "status"],
         rows,
         caption=overhead.get("note", ""),
     )]
+    return out + decomposition_tables(overhead.get("decomposition"))
+
+
+def decomposition_tables(decomposition: dict[str, Any] | None) -> list[Table]:
+    """The same kernel from both frameworks (bench/cross_overhead.py) and the framework's share."""
+    if not decomposition:
+        return []
+    if not decomposition.get("rows"):
+        reason = decomposition.get("reason") or "no rows"
+        return [Table("Overhead decomposition (same kernel, both frameworks)", ["status"],
+                      [[f"not measured: {reason}"]])]
+    rows = [[r["kernel"], r["framework"], fmt_num(r.get("device_us"), ".1f"),
+             fmt_num(r.get("host_us_per_call"), ".1f"), fmt_num(r.get("first_call_ms"), ".1f"),
+             str(r.get("same_bits")), r.get("note") or ""]
+            for r in decomposition["rows"]]
+    deltas = [[d["kernel"], f"{d['cross']} - {d['native']}",
+               fmt_num(d.get("device_us_delta"), "+.1f"),
+               fmt_num(d.get("host_us_per_call_delta"), "+.1f"),
+               fmt_num(d.get("first_call_ms_delta"), "+.1f")]
+              for d in decomposition.get("attribution", [])]
+    return [
+        Table("Overhead decomposition: the same compiled kernel from each framework",
+              ["kernel", "framework", "device µs", "host µs/call", "first call ms",
+               "same bits as native", "note"], rows),
+        Table("Attributed to the framework (cross call minus native call)",
+              ["kernel", "frameworks", "device µs", "host µs/call", "first call ms"], deltas),
+    ]
 
 
 def sweep_tables(sweep: dict[str, Any]) -> list[Table]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusedmlp.bench import cli, providers
+from fusedmlp.bench import cli, providers, report
 from fusedmlp.bench.timing import Stats, time_host
 from fusedmlp.common import MLPSpec
 
@@ -200,6 +200,10 @@ def test_overhead_records_host_and_first_call(overhead_json: Path) -> None:
     assert rows["torch:compile"]["first_call_s"] > 10 * rows["torch:compile"]["host_sync_s"]
     assert rows["jax:xla"]["first_call_s"] > 10 * rows["jax:xla"]["host_sync_s"]
     assert rows["torch:triton"]["status"] == "interpreted — not measured"
+    # The same-kernel-from-both-frameworks decomposition needs a GPU; on a CPU it says so.
+    decomposition = data["overhead"]["decomposition"]
+    assert decomposition["rows"] == [] and "needs a GPU" in decomposition["reason"]
+    assert "not measured: the decomposition needs a GPU" in report.to_markdown(data)
 
 
 def test_sweep_short_mode(tmp_path: Path) -> None:

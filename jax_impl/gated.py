@@ -149,18 +149,8 @@ def gated_fwd(
 
 
 # ==== public function =============================================================================
-def gated(
-    x: jax.Array,
-    w: jax.Array,
-    v: jax.Array,
-    b: jax.Array | None = None,
-    c: jax.Array | None = None,
-    *,
-    activation: str = "silu",
-    config: TileConfig | None = None,
-    fp32_precision: str = "ieee",
-) -> jax.Array:
-    """act(x @ w + b) * (x @ v + c): x [..., K], w and v [K, N], b and c [N] (both or neither)."""
+def _check_gated_args(x, w, v, b, c, activation, config, fp32_precision):
+    """Every check of the public function; returns dtype, K, N, b and c."""
     _check_tensor("x", x, shape=None, dtype=None)
     dtype = _dtype_name(x)
     K = x.shape[-1]
@@ -178,7 +168,23 @@ def gated(
         _check_tensor("b", b, shape=[N], dtype=dtype)
         _check_tensor("c", c, shape=[N], dtype=dtype)
     _check_options(activation, fp32_precision, dtype, config)
-    # twin-diff: no device check; jax places the arrays.
+    # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are).
+    return dtype, K, N, b, c
+
+
+def gated(
+    x: jax.Array,
+    w: jax.Array,
+    v: jax.Array,
+    b: jax.Array | None = None,
+    c: jax.Array | None = None,
+    *,
+    activation: str = "silu",
+    config: TileConfig | None = None,
+    fp32_precision: str = "ieee",
+) -> jax.Array:
+    """act(x @ w + b) * (x @ v + c): x [..., K], w and v [K, N], b and c [N] (both or neither)."""
+    dtype, K, N, b, c = _check_gated_args(x, w, v, b, c, activation, config, fp32_precision)
 
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)

@@ -231,6 +231,23 @@ def _check_options(activation: str, fp32_precision: str, dtype: str, config: obj
         raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
 
 
+def _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision):
+    """Every check of the public function; returns dtype, K, N and b."""
+    _check_tensor("x", x, shape=None, dtype=None)
+    dtype = _dtype_name(x)
+    K = x.shape[-1]
+    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
+    N = w.shape[-1]
+    _check_tensor("w", w, shape=[K, N], dtype=dtype)
+    if b is not None:
+        _check_tensor("b", b, shape=[N], dtype=dtype)
+    if residual is not None:
+        _check_tensor("residual", residual, shape=[*x.shape[:-1], N], dtype=dtype)
+    _check_options(activation, fp32_precision, dtype, config)
+    # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are).
+    return dtype, K, N, b
+
+
 def linear_act(
     x: jax.Array,
     w: jax.Array,
@@ -242,20 +259,8 @@ def linear_act(
     fp32_precision: str = "ieee",
 ) -> jax.Array:
     """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N]."""
-    _check_tensor("x", x, shape=None, dtype=None)
-    dtype = _dtype_name(x)
-    K = x.shape[-1]
-    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
-    N = w.shape[-1]
-    _check_tensor("w", w, shape=[K, N], dtype=dtype)
-    if b is not None:
-        _check_tensor("b", b, shape=[N], dtype=dtype)
+    dtype, K, N, b = _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision)
     lead = list(x.shape[:-1])
-    if residual is not None:
-        _check_tensor("residual", residual, shape=[*lead, N], dtype=dtype)
-    _check_options(activation, fp32_precision, dtype, config)
-    # twin-diff: no device check; jax places the arrays.
-
     x2d = x.reshape(-1, K)
     r2d = residual.reshape(-1, N) if residual is not None else None
     M = x2d.shape[0]

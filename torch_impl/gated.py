@@ -129,18 +129,9 @@ def gated_fwd(
 
 
 # ==== public function =============================================================================
-def gated(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    v: torch.Tensor,
-    b: torch.Tensor | None = None,
-    c: torch.Tensor | None = None,
-    *,
-    activation: str = "silu",
-    config: TileConfig | None = None,
-    fp32_precision: str = "ieee",
-) -> torch.Tensor:
-    """act(x @ w + b) * (x @ v + c): x [..., K], w and v [K, N], b and c [N] (both or neither)."""
+def _check_gated_args(x, w, v, b, c, activation, config, fp32_precision):
+    """Every check of the public function (shared with torch_impl/tma/); returns dtype, K, N and
+    b, c made contiguous (N elements: cheaper than more stride arguments)."""
     _check_tensor("x", x, shape=None, dtype=None)
     dtype = _dtype_name(x)
     K = x.shape[-1]
@@ -157,9 +148,25 @@ def gated(
     if b is not None:
         _check_tensor("b", b, shape=[N], dtype=dtype)
         _check_tensor("c", c, shape=[N], dtype=dtype)
-        b, c = b.contiguous(), c.contiguous()  # N elements: cheaper than more stride arguments
+        b, c = b.contiguous(), c.contiguous()
     _check_options(activation, fp32_precision, dtype, config)
     _check_devices(x, w=w, v=v, b=b, c=c)
+    return dtype, K, N, b, c
+
+
+def gated(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    v: torch.Tensor,
+    b: torch.Tensor | None = None,
+    c: torch.Tensor | None = None,
+    *,
+    activation: str = "silu",
+    config: TileConfig | None = None,
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """act(x @ w + b) * (x @ v + c): x [..., K], w and v [K, N], b and c [N] (both or neither)."""
+    dtype, K, N, b, c = _check_gated_args(x, w, v, b, c, activation, config, fp32_precision)
 
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)  # a view where the strides allow; the kernel takes any strides

@@ -204,6 +204,25 @@ def _check_devices(x: torch.Tensor, **others: torch.Tensor | None) -> None:
             raise ValueError(f"{name}: expected device {x.device}, got {t.device}")
 
 
+def _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision):
+    """Every check of the public function (shared with torch_impl/tma/); returns dtype, K, N and b
+    made contiguous (N elements: cheaper than one more stride argument)."""
+    _check_tensor("x", x, shape=None, dtype=None)
+    dtype = _dtype_name(x)
+    K = x.shape[-1]
+    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
+    N = w.shape[-1]
+    _check_tensor("w", w, shape=[K, N], dtype=dtype)
+    if b is not None:
+        _check_tensor("b", b, shape=[N], dtype=dtype)
+        b = b.contiguous()
+    if residual is not None:
+        _check_tensor("residual", residual, shape=[*x.shape[:-1], N], dtype=dtype)
+    _check_options(activation, fp32_precision, dtype, config)
+    _check_devices(x, w=w, b=b, residual=residual)
+    return dtype, K, N, b
+
+
 def linear_act(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -215,21 +234,8 @@ def linear_act(
     fp32_precision: str = "ieee",
 ) -> torch.Tensor:
     """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N]."""
-    _check_tensor("x", x, shape=None, dtype=None)
-    dtype = _dtype_name(x)
-    K = x.shape[-1]
-    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
-    N = w.shape[-1]
-    _check_tensor("w", w, shape=[K, N], dtype=dtype)
-    if b is not None:
-        _check_tensor("b", b, shape=[N], dtype=dtype)
-        b = b.contiguous()  # N elements: cheaper than one more stride argument
+    dtype, K, N, b = _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision)
     lead = list(x.shape[:-1])
-    if residual is not None:
-        _check_tensor("residual", residual, shape=[*lead, N], dtype=dtype)
-    _check_options(activation, fp32_precision, dtype, config)
-    _check_devices(x, w=w, b=b, residual=residual)
-
     x2d = x.reshape(-1, K)  # a view where the strides allow; the kernel takes any strides
     r2d = residual.reshape(-1, N) if residual is not None else None
     M = x2d.shape[0]

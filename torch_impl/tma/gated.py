@@ -27,12 +27,9 @@ from fusedmlp.common.tiling import heuristic_config
 
 from .. import gated as portable
 from ..activations import apply_activation
+from ..gated import _check_gated_args
 from ..linear_act import (
     _cast_out,
-    _check_devices,
-    _check_options,
-    _check_tensor,
-    _dtype_name,
     _grouped_tile,
     _input_precision,
 )
@@ -164,24 +161,7 @@ def gated(
 
     Where K or N breaks TMA's 16-byte stride rule, runs the portable `torch_impl.gated`.
     """
-    _check_tensor("x", x, shape=None, dtype=None)
-    dtype = _dtype_name(x)
-    K = x.shape[-1]
-    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
-    N = w.shape[-1]
-    _check_tensor("w", w, shape=[K, N], dtype=dtype)
-    _check_tensor("v", v, shape=[K, N], dtype=dtype)
-    if (b is None) != (c is None):
-        given, missing = ("b", "c") if c is None else ("c", "b")
-        raise ValueError(
-            f"{missing}: expected an array because {given} is given (b and c are both None or "
-            "both given), got None"
-        )
-    if b is not None:
-        _check_tensor("b", b, shape=[N], dtype=dtype)
-        _check_tensor("c", c, shape=[N], dtype=dtype)
-    _check_options(activation, fp32_precision, dtype, config)
-    _check_devices(x, w=w, v=v, b=b, c=c)
+    dtype, K, N, b, c = _check_gated_args(x, w, v, b, c, activation, config, fp32_precision)
 
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)

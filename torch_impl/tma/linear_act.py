@@ -40,10 +40,7 @@ from .. import linear_act as portable
 from ..activations import apply_activation
 from ..linear_act import (
     _cast_out,
-    _check_devices,
-    _check_options,
-    _check_tensor,
-    _dtype_name,
+    _check_linear_act_args,
     _grouped_tile,
     _input_precision,
 )
@@ -175,19 +172,8 @@ def linear_act(
 
     Where K or N breaks TMA's 16-byte stride rule, runs the portable `torch_impl.linear_act`.
     """
-    _check_tensor("x", x, shape=None, dtype=None)
-    dtype = _dtype_name(x)
-    K = x.shape[-1]
-    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
-    N = w.shape[-1]
-    _check_tensor("w", w, shape=[K, N], dtype=dtype)
-    if b is not None:
-        _check_tensor("b", b, shape=[N], dtype=dtype)
+    dtype, K, N, b = _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision)
     lead = list(x.shape[:-1])
-    if residual is not None:
-        _check_tensor("residual", residual, shape=[*lead, N], dtype=dtype)
-    _check_options(activation, fp32_precision, dtype, config)
-    _check_devices(x, w=w, b=b, residual=residual)
 
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]

@@ -393,3 +393,19 @@ def test_gpu_ptx_uses_tma_and_wgmma():
     ptx = compiled.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx, "no TMA copy in the PTX"
     assert "wgmma" in ptx, "no wgmma in the PTX: the dot is on a slower path"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_biases_are_read_correctly(dtype):
+    # The descriptor kernels index b and c with unit stride; the public function must hand them over
+    # contiguous (a regression: the gated one once passed a strided view straight to the kernel).
+    spec, x, p = layer_problem(dtype, True, 37, seed=11, gated=True)
+    b2 = to_torch(np.repeat(p["b0"], 2))  # every other element is the real bias
+    c2 = to_torch(np.repeat(p["c0"], 2))
+    y = tma_gated.gated(to_torch(x), to_torch(p["w0"]), to_torch(p["v0"]), b2[::2], c2[::2],
+                        activation="silu")
+    ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "silu")
+    assert_close(to_numpy(y), ref, spec, what=f"tma gated, strided b/c, {dtype}")
+    z = tma_linear.linear_act(to_torch(x), to_torch(p["w0"]), b2[::2], activation="gelu")
+    assert_close(to_numpy(z), ref_linear(x, p["w0"], p["b0"], "gelu"), spec,
+                 what=f"tma linear_act, strided b, {dtype}")

@@ -1,12 +1,13 @@
 """Activation helpers for the Pallas kernels' fp32 epilogues.
 
-Twin: torch_impl/activations.py (the same expressions, so the two stacks can agree to the last bit).
-The activation is a static Python string, so each kernel is traced with exactly one branch. Formulas
-are
-the float64 reference's (common/reference.py); tanh is written through exp so that both stacks and
-both
-interpreters evaluate the same expression, and relu is a select so that NaN propagates (a max would
-return 0 for NaN on the GPU).
+Twin: torch_impl/activations.py (the same expressions, so the two stacks can agree to the last bit
+where their exp agrees: under the interpreters; on a GPU Triton's tl.exp is ex2.approx while
+Pallas-Triton calls libdevice's expf). The activation is a static Python string, so each kernel is
+traced with exactly one branch. Formulas are the float64 reference's (common/reference.py), built
+only from exp, +, ×, ÷ and selects, as those lower everywhere: erf has no Pallas-Triton lowering
+rule (0.10 or 0.11) and no Mosaic GPU layout rule in jax 0.11 — both found by lowering for CUDA on a
+CPU. So tanh goes through exp, erf-gelu through `erfc` below, and relu is a select so that NaN
+propagates (a max would return 0 for NaN on the GPU).
 """
 
 import jax
@@ -24,12 +25,29 @@ def tanh(x: jax.Array) -> jax.Array:
     return 1.0 - 2.0 / (1.0 + jnp.exp(2.0 * x))
 
 
+def erfc(x: jax.Array) -> jax.Array:
+    # Chebyshev fit of erfc (Press et al., Numerical Recipes, 2nd ed., §6.2): fractional error
+    # < 1.2e-7 for every x, so gelu's 1 + erf(x) = erfc(-x) stays accurate where it is tiny.
+    z = jnp.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    p = -0.82215223 + t * 0.17087277
+    p = 1.48851587 + t * p
+    p = -1.13520398 + t * p
+    p = 0.27886807 + t * p
+    p = -0.18628806 + t * p
+    p = 0.09678418 + t * p
+    p = 0.37409196 + t * p
+    p = 1.00002368 + t * p
+    r = t * jnp.exp(-z * z - 1.26551223 + t * p)
+    return jnp.where(x >= 0.0, r, 2.0 - r)
+
+
 def apply_activation(x: jax.Array, activation: str) -> jax.Array:
     """act(x) for an fp32 tile; activation is one of ACTIVATION_KEYS."""
     if activation == "relu":
         x = jnp.where(x < 0.0, 0.0, x)
     elif activation == "gelu":
-        x = 0.5 * x * (1.0 + jax.lax.erf(x * SQRT_1_2))
+        x = 0.5 * x * erfc(-x * SQRT_1_2)  # = x/2 · (1 + erf(x/√2))
     elif activation == "gelu_tanh":
         x = 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x)))
     elif activation == "silu":

@@ -56,3 +56,19 @@ def quiet_pallas_triton() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PALLAS_TRITON_DEPRECATION)
         yield
+
+
+def mosaic_load(ref: Any, *, layout: Any) -> Any:
+    """`plgpu.load` of a whole ref with a register layout, in either jax version.
+
+    jax 0.10.2 requires the index argument (`plgpu.load(ref, (), layout=...)`); jax 0.11 deprecates
+    passing it ("index the reference via ref.at[idx]") on its way to an error.
+    """
+    import inspect
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    idx = inspect.signature(plgpu.load).parameters["idx"]
+    if idx.default is inspect.Parameter.empty:  # jax 0.10.x
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)

@@ -134,12 +134,18 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
 
 def fused_small_config(spec: MLPSpec, m: int, *, interpret: bool | None = None) -> TileConfig:
     """The default config. GPU: 128 rows per program up to width 64; at width 128 the fp32 hidden
-    tile (and the gate's) is 64 KiB of registers at BLOCK_M=128, so 64 rows with 4 warps."""
+    tile (and the gate's) is 64 KiB of registers at BLOCK_M=128, so 64 rows with 4 warps. float32
+    holds twice the registers: at 64 rows and width 128 ptxas spilled 13 KB a thread (and took
+    minutes on a gated MLP); at 128 rows and width 32 it spilled 560 B (triton.compile for sm_90),
+    so float32 takes 32 rows at width 128 and 64 below."""
     del m
     if interpret if interpret is not None else interpret_mode():
         return INTERPRET_CONFIG
     width = padded_width(max(spec.widths))
-    block_m = 64 if width == 128 else 128
+    if spec.dtype == "float32":
+        block_m = 32 if width == 128 else 64
+    else:
+        block_m = 64 if width == 128 else 128
     return TileConfig(block_m=block_m, block_n=width, block_k=width, group_m=1, num_warps=4,
                       num_stages=1)
 

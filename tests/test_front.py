@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from fusedmlp import jax_impl, torch_impl
-from fusedmlp.common import MLPSpec, TileConfig, impl_names, init_params, make_input, reference
+from fusedmlp.common import (
+    MLPSpec,
+    TileConfig,
+    golden,
+    impl_names,
+    init_params,
+    make_input,
+    reference,
+)
 from fusedmlp.common.tolerance import assert_close
 
 SPEC = MLPSpec((33, 67, 21), "swiglu", True, "float32")
@@ -220,3 +228,18 @@ def test_cross_stack_impls_plan_per_layer_kernels():
     q = torch_impl.plan(spec, (64, 300), impl="mosaic", device="cuda")
     assert [k.kernel for k in q.launches] == ["mosaic.gated", "mosaic.linear_act"]
     assert all(k.config is not None and k.config.block_m % 64 == 0 for k in q.launches)
+
+
+@pytest.mark.parametrize(
+    "name", ["swiglu-bfloat16-bias", "gelu_tanh-float16-nobias", "batch3d-silu-float32"]
+)
+def test_baselines_compile(name):
+    case = golden.load(name)
+    x = torch.from_numpy(np.asarray(case.x, np.float32)).to(getattr(torch, case.spec.dtype))
+    params = {
+        k: torch.from_numpy(np.asarray(v, np.float32)).to(getattr(torch, case.spec.dtype))
+        for k, v in case.params.items()
+    }
+    out = torch_impl.mlp(x, params, case.spec, impl="compile").float().numpy()
+    assert_close(out, case.y, case.spec, what=f"compile/{name}")
+

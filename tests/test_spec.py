@@ -19,6 +19,7 @@ from fusedmlp.common import (
     preset_batch_sizes,
 )
 from fusedmlp.common.registry import check_impl
+from fusedmlp.common.tiling import INTERPRET_CONFIG, heuristic_config, search_space
 
 
 def test_valid_spec_and_derived_facts():
@@ -169,3 +170,28 @@ def test_registry_lists_the_design_names():
     with pytest.raises(ValueError, match="for the torch front, got 'xla'"):
         check_impl("xla", "torch")
     assert check_impl("auto", "jax") == "auto"
+
+
+
+def test_heuristic_configs_follow_the_sm90_compiles():
+    # triton.compile for sm_90 (no GPU needed): the persistent TMA linear kernel at 128x256x64
+    # needs 240 KiB with 3 stages, over the H100's 227 KiB, and 192 KiB with 2.
+    big = dict(m=8192, n=4096, k=4096, dtype="bfloat16")
+    assert heuristic_config("linear_act", **big).num_stages == 3
+    tma = heuristic_config("linear_act", **big, persistent=True)
+    assert (tma.block_m, tma.block_n, tma.block_k, tma.num_stages) == (128, 256, 64, 2)
+    assert heuristic_config("gated", **big, persistent=True).num_stages == 3  # 176 KiB: fits
+    assert heuristic_config("gated", 16, 64, 64, "float16", interpret=True) == INTERPRET_CONFIG
+
+
+@pytest.mark.parametrize("family", ["linear_act", "gated"])
+def test_search_space_is_pruned_to_shared_memory(family):
+    operands = 2 if family == "gated" else 1
+    for m, dtype in ((16, "bfloat16"), (8192, "bfloat16"), (8192, "float32")):
+        space = search_space(family, m, dtype)
+        assert space, (family, m, dtype)
+        itemsize = 4 if dtype == "float32" else 2
+        for c in space:  # the estimate the pruning uses: ring + one stage + the output tile
+            ring = (c.num_stages + 1) * itemsize * (c.block_m * c.block_k
+                                                    + operands * c.block_k * c.block_n)
+            assert ring + itemsize * c.block_m * c.block_n <= 227 * 1024, c

@@ -108,7 +108,8 @@ def _per_layer_launches(
             cfg = None  # tuned on the first call for this shape (torch_impl/tuning.py), then cached
         else:
             cfg = config or heuristic_config(
-                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=INTERPRET
+                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=INTERPRET,
+                persistent=prefix == "tma.",
             )
         launches.append(
             KernelLaunch(

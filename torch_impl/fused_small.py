@@ -104,7 +104,10 @@ def _fused_small_fwd_kernel(
     dtype = y_ptr.dtype.element_ty
 
     # 2. load: x once; padded lanes and rows past M read as 0
-    h = tl.load(x_ptr + rows[:, None] * stride_xm + lanes[None, :],
+    # int64 row offsets: rows · stride passes 2^31 from 2^31 / 128 ≈ 16.8M rows at width 128.
+    # twin-diff: the Pallas lowering widens offsets itself for arrays over 2^32 bytes.
+    row_offs = rows.to(tl.int64)[:, None]
+    h = tl.load(x_ptr + row_offs * stride_xm + lanes[None, :],
                 mask=row_ok[:, None] & (lanes[None, :] < D_IN), other=0.0)
     if INTERPRET:
         h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
@@ -132,7 +135,7 @@ def _fused_small_fwd_kernel(
 
     # 4. store: only y leaves the program (z is the last layer's, after the unrolled loop)
     y = round_to_dtype(z, dtype, INTERPRET)
-    tl.store(y_ptr + rows[:, None] * stride_ym + lanes[None, :], y.to(dtype),
+    tl.store(y_ptr + row_offs * stride_ym + lanes[None, :], y.to(dtype),
              mask=row_ok[:, None] & (lanes[None, :] < D_OUT))
 
 
@@ -153,12 +156,18 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
 
 def fused_small_config(spec: MLPSpec, m: int, *, interpret: bool = INTERPRET) -> TileConfig:
     """The default config. GPU: 128 rows per program up to width 64; at width 128 the fp32 hidden
-    tile (and the gate's) is 64 KiB of registers at BLOCK_M=128, so 64 rows with 4 warps."""
+    tile (and the gate's) is 64 KiB of registers at BLOCK_M=128, so 64 rows with 4 warps. float32
+    holds twice the registers: at 64 rows and width 128 ptxas spilled 13 KB a thread (and took
+    minutes on a gated MLP); at 128 rows and width 32 it spilled 560 B (triton.compile for sm_90),
+    so float32 takes 32 rows at width 128 and 64 below."""
     del m
     if interpret:
         return INTERPRET_CONFIG
     width = padded_width(max(spec.widths))
-    block_m = 64 if width == 128 else 128
+    if spec.dtype == "float32":
+        block_m = 32 if width == 128 else 64
+    else:
+        block_m = 64 if width == 128 else 128
     return TileConfig(block_m=block_m, block_n=width, block_k=width, group_m=1, num_warps=4,
                       num_stages=1)
 

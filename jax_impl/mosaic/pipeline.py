@@ -37,6 +37,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ...common.config import TileConfig
 from ...common.dtypes import FP32_PRECISIONS
+from .. import compat
 
 IMPL = "pallas_mosaic"
 FALLBACK = "pallas_triton"
@@ -268,7 +269,7 @@ def row_vector(ref: Any, rows: int, *, interpret: bool) -> jax.Array:
     """
     # The compiled variant is checked by lowering for CUDA on the CPU and run by `pytest -m gpu`.
     layout = plgpu.Layout.WGMMA.reduce(0)
-    v = ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+    v = ref[...] if interpret else compat.mosaic_load(ref, layout=layout)
     v = v.astype(jnp.float32)
     return lax.broadcast_in_dim(v, (rows, v.shape[0]), (1,))
 

@@ -170,7 +170,8 @@ def gated(
         return portable.gated(x, w, v, b, c, activation=activation, config=config,
                               fp32_precision=fp32_precision)
     if config is None:
-        config = heuristic_config("gated", M, N, K, dtype, interpret=INTERPRET)
+        config = heuristic_config("gated", M, N, K, dtype, interpret=INTERPRET,
+                                  persistent=True)
     out = gated_fwd(x2d, w, b, v, c, activation=activation, config=config,
                     fp32_precision=fp32_precision)
     return out.reshape(*lead, N)

@@ -182,7 +182,8 @@ def linear_act(
                                    config=config, fp32_precision=fp32_precision)
     r2d = residual.reshape(-1, N) if residual is not None else None
     if config is None:
-        config = heuristic_config("linear_act", M, N, K, dtype, interpret=INTERPRET)
+        config = heuristic_config("linear_act", M, N, K, dtype, interpret=INTERPRET,
+                                  persistent=True)
     out = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
                          fp32_precision=fp32_precision)
     return out.reshape(*lead, N)

@@ -292,6 +292,7 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
         raise SystemExit(f"fusedmlp report: {exc}") from None
     rep.print_tables(console, rep.tables(results))
     md = Path(args.markdown) if args.markdown else Path(args.results[0]).with_suffix(".md")
+    md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(rep.to_markdown(results))
     console.print(f"wrote {md}")
     plot_dir = Path(args.plot_dir) if args.plot_dir else md.parent

@@ -222,7 +222,7 @@ def test_sweep_short_mode(tmp_path: Path) -> None:
 def test_report_writes_markdown_and_png(
     bench_json: Path, overhead_json: Path, tmp_path: Path
 ) -> None:
-    md = tmp_path / "r.md"
+    md = tmp_path / "new" / "r.md"  # folders that do not exist yet are made
     merged = tmp_path / "all.json"
     assert cli.main(["report", str(bench_json), str(overhead_json), "--markdown", str(md),
                      "--plot-dir", str(tmp_path), "--json", str(merged)]) == 0

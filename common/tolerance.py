@@ -52,6 +52,14 @@ BASELINE_FACTOR = 2.0
 BASELINE_FLOOR_UNITS = 1.0
 REPORT_LIMIT = 5
 
+# The float64 reference against independent float64 formulations (torch, jax.numpy): two float64
+# evaluations of the same small MLP differ by a few ulps of 2^-53 per operation, summed over K ≤ 100
+# terms and a few layers: ~1e-14 relative. Gradients add a layer of products: ~1e-13. The bounds
+# leave two orders of magnitude; a wrong formula is off by far more (tested by perturbation).
+REFERENCE_RTOL = 1e-12
+REFERENCE_GRAD_RTOL = 1e-10
+REFERENCE_ATOL = 1e-12
+
 
 @dataclass(frozen=True)
 class Bounds:

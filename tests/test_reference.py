@@ -16,6 +16,7 @@ from fusedmlp.common import (
     make_input,
     reference,
 )
+from fusedmlp.common.tolerance import REFERENCE_ATOL, REFERENCE_GRAD_RTOL, REFERENCE_RTOL
 
 torch = pytest.importorskip("torch")  # the cpu extra installs it; CI always has it
 
@@ -57,13 +58,15 @@ def test_reference_matches_torch_float64(activation, bias):
     (ty * torch.tensor(dy, dtype=torch.float64)).sum().backward()
 
     y = reference.forward(spec, x, params)
-    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=REFERENCE_RTOL, atol=REFERENCE_ATOL)
     grads = reference.backward(spec, x, params, dy)
     assert set(grads) == {"x", *params}
-    np.testing.assert_allclose(grads["x"], tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        grads["x"], tx.grad.numpy(), rtol=REFERENCE_GRAD_RTOL, atol=REFERENCE_ATOL
+    )
     for name, t in tp.items():
         np.testing.assert_allclose(
-            grads[name], t.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=name
+            grads[name], t.grad.numpy(), rtol=REFERENCE_GRAD_RTOL, atol=REFERENCE_ATOL, err_msg=name
         )
 
 
@@ -96,12 +99,19 @@ def test_reference_matches_jax_float64(activation):
         y, vjp = jax.vjp(f, jx, jp)
         gx, gp = vjp(jnp.asarray(dy, dtype=jnp.float64))
         np.testing.assert_allclose(
-            reference.forward(spec, x, params), np.asarray(y), rtol=1e-12, atol=1e-12
+            reference.forward(spec, x, params),
+            np.asarray(y),
+            rtol=REFERENCE_RTOL,
+            atol=REFERENCE_ATOL,
         )
         grads = reference.backward(spec, x, params, dy)
-        np.testing.assert_allclose(grads["x"], np.asarray(gx), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            grads["x"], np.asarray(gx), rtol=REFERENCE_GRAD_RTOL, atol=REFERENCE_ATOL
+        )
         for name in params:
-            np.testing.assert_allclose(grads[name], np.asarray(gp[name]), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                grads[name], np.asarray(gp[name]), rtol=REFERENCE_GRAD_RTOL, atol=REFERENCE_ATOL
+            )
 
 
 def test_reference_nan_propagates_and_rounding_points():

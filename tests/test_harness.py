@@ -67,8 +67,15 @@ def test_main_job_parity_of_cpu_small_passes_both_stacks(tmp_path: Path) -> None
     assert cli.main(["--json", str(out)]) == 0  # `fusedmlp` with no command, on a CPU
     data = _load(out)
     assert data["environment"]["cpu_threads"] == {"torch": 1, **data["environment"]["cpu_threads"]}
-    assert [c["spec_text"] for c in data["parity"]["cases"]] == [str(MLPSpec.preset("cpu-small"))]
+    # cpu-small in its float32 and again in bfloat16, so pallas_mosaic (16-bit wgmma) runs too.
+    small = MLPSpec.preset("cpu-small")
+    assert [c["spec_text"] for c in data["parity"]["cases"]] == [
+        str(small), str(small.replace(dtype="bfloat16"))
+    ]
     assert data["parity"]["passed"] and not data["parity"]["failures"]
+    bf16 = {r["provider"]: r for r in data["parity"]["cases"][1]["rows"]}
+    assert bf16["jax:pallas_mosaic"]["status"] == "pass", bf16["jax:pallas_mosaic"]
+    data["parity"]["cases"] = data["parity"]["cases"][:1]
     rows = _rows(data)
     statuses = {name: r["status"] for name, r in rows.items()}
     assert set(statuses.values()) <= {"pass", "n/a", "skipped"}, statuses

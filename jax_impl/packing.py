@@ -1,0 +1,50 @@
+"""`pack_params` for jax arrays: the packed gated layout of common/packing.py, done once.
+
+Gate and up weights (and biases) of every gated layer become one interleaved operand, `wv{i}`
+[K, 2·Np] (`bc{i}` [2·Np]), so the gated kernels run ONE GEMM per layer. Call it once, outside the
+jitted step: inside a trace it is a copy of every gated weight on every call.
+
+Twin: torch_impl/packing.py (the same function on torch tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from fusedmlp.common import MLPSpec
+from fusedmlp.common.packing import PACK_BLOCK, is_packed, packed_width
+
+
+def pack_gated(w: jax.Array, v: jax.Array) -> jax.Array:
+    """[..., N] gate and up -> [..., 2·Np], interleaved in blocks of PACK_BLOCK columns."""
+    if w.shape != v.shape:
+        raise ValueError(f"v: expected the shape of w, {list(w.shape)}, got {list(v.shape)}")
+    n = w.shape[-1]
+    half = packed_width(n) // 2
+    lead = tuple(w.shape[:-1])
+    pad = [(0, 0)] * len(lead) + [(0, half - n)]
+    blocks = [
+        jnp.pad(t, pad).reshape(*lead, half // PACK_BLOCK, 1, PACK_BLOCK) for t in (w, v)
+    ]
+    return jnp.concatenate(blocks, axis=-2).reshape(*lead, 2 * half)
+
+
+def pack_params(spec: MLPSpec, params: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Params in the contract's names -> the packed names (already packed params pass through)."""
+    if is_packed(params):
+        return dict(params)
+    out: dict[str, jax.Array] = {}
+    for layer in spec.layers():
+        i = layer.index
+        if layer.gated:
+            out[f"wv{i}"] = pack_gated(params[f"w{i}"], params[f"v{i}"])
+            if layer.bias:
+                out[f"bc{i}"] = pack_gated(params[f"b{i}"], params[f"c{i}"])
+        else:
+            out[f"w{i}"] = params[f"w{i}"]
+            if layer.bias:
+                out[f"b{i}"] = params[f"b{i}"]
+    return out

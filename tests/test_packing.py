@@ -1,0 +1,85 @@
+"""The packed gated layout (common/packing.py): index rules, round trip, odd widths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusedmlp.common import MLPSpec, init_params
+from fusedmlp.common.packing import (
+    PACK_BLOCK,
+    is_packed,
+    pack_gated,
+    pack_params,
+    packed_names,
+    packed_width,
+    unpack_gated,
+)
+
+
+@pytest.mark.parametrize("n", [1, 13, 63, 64, 65, 97, 128, 200])
+def test_pack_round_trip_and_block_rule(n):
+    rng = np.random.default_rng(n)
+    w, v = rng.standard_normal((5, n)), rng.standard_normal((5, n))
+    packed = pack_gated(w, v)
+    assert packed.shape == (5, packed_width(n))
+    assert packed_width(n) % (2 * PACK_BLOCK) == 0
+    for j in range(-(-n // PACK_BLOCK)):
+        cols = slice(j * PACK_BLOCK, min((j + 1) * PACK_BLOCK, n))
+        width = cols.stop - cols.start
+        gate = packed[:, 2 * j * PACK_BLOCK : 2 * j * PACK_BLOCK + width]
+        up = packed[:, (2 * j + 1) * PACK_BLOCK : (2 * j + 1) * PACK_BLOCK + width]
+        np.testing.assert_array_equal(gate, w[:, cols])
+        np.testing.assert_array_equal(up, v[:, cols])
+    # Padding is zero, so it adds nothing to any product.
+    live = np.zeros(packed.shape[1], bool)
+    for j in range(-(-n // PACK_BLOCK)):
+        width = min(PACK_BLOCK, n - j * PACK_BLOCK)
+        live[2 * j * PACK_BLOCK : 2 * j * PACK_BLOCK + width] = True
+        live[(2 * j + 1) * PACK_BLOCK : (2 * j + 1) * PACK_BLOCK + width] = True
+    assert not packed[:, ~live].any()
+    w2, v2 = unpack_gated(packed, n)
+    np.testing.assert_array_equal(w2, w)
+    np.testing.assert_array_equal(v2, v)
+
+
+def test_pack_params_names_and_shapes():
+    spec = MLPSpec((24, 97, 33, 7), "swiglu", bias=True, dtype="bfloat16")
+    params = init_params(spec, seed=3)
+    packed = pack_params(spec, params)
+    assert is_packed(packed) and not is_packed(params)
+    assert {k: v.shape for k, v in packed.items()} == packed_names(spec)
+    assert packed["wv0"].dtype == params["w0"].dtype
+    np.testing.assert_array_equal(packed["w2"], params["w2"])  # the output layer is plain
+
+
+def test_pack_rejects_mismatched_and_bad_widths():
+    with pytest.raises(ValueError, match="v: expected the shape of w"):
+        pack_gated(np.zeros((3, 4)), np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="packed: expected 128 columns"):
+        unpack_gated(np.zeros((3, 64)), 10)
+    with pytest.raises(ValueError, match="n: expected"):
+        packed_width(-1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_stack_pack_params_match_numpy_bitwise(dtype):
+    import jax.numpy as jnp
+    import torch
+
+    from fusedmlp.jax_impl.packing import pack_params as jax_pack
+    from fusedmlp.torch_impl.module import to_torch
+    from fusedmlp.torch_impl.packing import pack_params as torch_pack
+
+    spec = MLPSpec((19, 70, 11), "geglu", bias=True, dtype=dtype)
+    params = init_params(spec, seed=5)
+    want = pack_params(spec, params)
+    got_torch = torch_pack(spec, {k: to_torch(v) for k, v in params.items()})
+    got_jax = jax_pack(spec, {k: jnp.asarray(v) for k, v in params.items()})
+    for name, ref in want.items():
+        t = got_torch[name]
+        bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        ref_bits = ref.view(np.int16) if dtype == "bfloat16" else ref
+        np.testing.assert_array_equal(bits.numpy(), ref_bits)
+        np.testing.assert_array_equal(np.asarray(got_jax[name]).view(ref.dtype), ref)
+    assert torch_pack(spec, got_torch).keys() == got_torch.keys()  # packing twice is a no-op

@@ -1,10 +1,19 @@
 """TileConfig: one tiling for a kernel launch, read by both stacks.
 
 A configuration tuned on one side can be pinned on the other and the two kernels compared bit for
-bit.
-Field names follow Triton's tutorials (BLOCK_M/N/K, GROUP_M, num_warps, num_stages); the Pallas
-twins
-read the same fields into BlockSpecs and `CompilerParams`, the Mosaic GPU siblings into their tiles.
+bit. Field names follow Triton's tutorials (BLOCK_M/N/K, GROUP_M, num_warps, num_stages); the
+Pallas twins read the same fields into BlockSpecs and `CompilerParams`, the Mosaic GPU siblings into
+their tiles.
+
+`block_n` is always the OUTPUT columns of one tile: for the gated family, whose packed `[W|V]`
+operand interleaves gate and up in blocks of `common.packing.PACK_BLOCK` columns, the operand
+tile is `2 * block_n` wide and `block_n` must be a multiple of PACK_BLOCK.
+
+Hopper knobs, ignored where they mean nothing (the portable kernels, the interpreters):
+- `warp_specialize`: producer/consumer warp roles in the main loop (Triton's
+  `tl.range(..., warp_specialize=True)`; Mosaic GPU's warp-specialised pipeline);
+- `epilogue_subtile`: the output tile is stored in this many column slices, so only a slice of it is
+  staged in shared memory at a time (frees shared memory for pipeline stages).
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ class TileConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    warp_specialize: bool = False
+    epilogue_subtile: int = 1
 
     def __post_init__(self) -> None:
         # tl.dot / wgmma need every tile dimension to be a power of two of at least 16.
@@ -40,6 +51,19 @@ class TileConfig:
             raise ValueError(f"num_warps: expected one of (1, 2, 4, 8, 16), got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages: expected a positive int, got {self.num_stages!r}")
+        if not isinstance(self.warp_specialize, bool):
+            raise ValueError(
+                f"warp_specialize: expected a bool, got {self.warp_specialize!r}"
+            )
+        if self.epilogue_subtile not in (1, 2, 4) or isinstance(self.epilogue_subtile, bool):
+            raise ValueError(
+                f"epilogue_subtile: expected one of (1, 2, 4), got {self.epilogue_subtile!r}"
+            )
+        if self.block_n % self.epilogue_subtile or self.block_n // self.epilogue_subtile < 16:
+            raise ValueError(
+                f"epilogue_subtile: block_n={self.block_n} must split into {self.epilogue_subtile}"
+                " slices of at least 16 columns"
+            )
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -49,7 +73,10 @@ class TileConfig:
         return cls(**data)
 
     def __str__(self) -> str:
+        extras = ("" if not self.warp_specialize else " ws") + (
+            "" if self.epilogue_subtile == 1 else f" sub{self.epilogue_subtile}"
+        )
         return (
             f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
-            f"w{self.num_warps} s{self.num_stages}"
+            f"w{self.num_warps} s{self.num_stages}{extras}"
         )

@@ -1,0 +1,105 @@
+"""The measured dispatch table (common/dispatch.py): derivation, ranges, minimax, lookup."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusedmlp.common import MLPSpec
+from fusedmlp.common.dispatch import (
+    Measurement,
+    Table,
+    derive,
+    gpu_slug,
+    load_table,
+    measurements_from_bench,
+    shape_class,
+)
+
+LLAMA = MLPSpec((4096, 14336, 4096), "swiglu", bias=False, dtype="bfloat16")
+BLOG = MLPSpec((768, 3072, 768), "geglu_tanh", bias=False, dtype="bfloat16")
+NERF = MLPSpec((64,) * 6, "relu", bias=False, dtype="float16")
+
+
+def rows(spec, m, label, **times_us):
+    return [
+        Measurement("torch", impl, impl in ("eager", "compile"), spec, m, t * 1e-6, label)
+        for impl, t in times_us.items()
+    ]
+
+
+def test_shape_class():
+    assert shape_class(LLAMA) == "mlp2-gated"
+    assert shape_class(NERF) == "narrow"
+    assert shape_class(MLPSpec((256, 512, 512, 256), "relu", bias=True, dtype="float32")) == "deep"
+    assert gpu_slug("NVIDIA H200") == "nvidia-h200"
+    assert gpu_slug(" NVIDIA H100 80GB HBM3 ") == "nvidia-h100-80gb-hbm3"
+
+
+def test_derive_picks_fastest_and_splits_m_at_geometric_midpoints():
+    data = (
+        rows(LLAMA, 16, "llama3-8b", fused_decode=85, triton=230, eager=111)
+        + rows(LLAMA, 8192, "llama3-8b", fused_decode=9e9, triton_tma=3600, eager=3950)
+    )
+    table = derive(data, gpu="NVIDIA H200", source="test")
+    assert [(e.m_min, e.m_max, e.impl) for e in table.entries] == [
+        (1, 362, "fused_decode"),  # floor(sqrt(16 * 8192)) = 362
+        (363, 2**62 - 1, "triton_tma"),
+    ]
+    assert "fused_decode 85.0 µs vs eager 111.0 µs" in table.entries[0].evidence
+    assert table.lookup("torch", LLAMA, 1).impl == "fused_decode"
+    assert table.lookup("torch", LLAMA, 363).impl == "triton_tma"
+    assert table.lookup("jax", LLAMA, 16) is None  # the other stack was not measured
+    assert table.lookup("torch", LLAMA.replace(dtype="float16"), 16) is None
+
+
+def test_derive_is_minimax_over_presets_of_one_class():
+    # triton_tma wins llama by a little and loses the blog case by a lot: eager is the safe pick.
+    data = rows(LLAMA, 8192, "llama3-8b", triton_tma=3800, eager=3950) + rows(
+        BLOG, 8192, "hf-blog-geglu", triton_tma=400, eager=240
+    )
+    (entry,) = derive(data, gpu="g", source="s").entries
+    assert entry.impl == "eager"
+    assert "hf-blog-geglu" in entry.evidence and "llama3-8b" in entry.evidence
+
+
+def test_derive_merges_neighbouring_ranges_with_the_same_choice():
+    data = [r for m in (1, 4, 16, 64) for r in rows(LLAMA, m, "l", fused_decode=80, eager=110)]
+    (entry,) = derive(data, gpu="g", source="s").entries
+    assert (entry.m_min, entry.m_max, entry.impl) == (1, 2**62 - 1, "fused_decode")
+    assert entry.evidence.count("M=") == 4
+
+
+def test_table_json_round_trip_and_missing_file(tmp_path):
+    table = derive(rows(NERF, 2_097_152, "nerf", fused_small=140, eager=1680), gpu="G", source="x")
+    again = Table.from_json(table.to_json())
+    assert again == table
+    (tmp_path / "nvidia-h200.json").write_text(table.to_json())
+    assert load_table("NVIDIA H200", tmp_path) == table
+    assert load_table("Some Other GPU", tmp_path) is None
+
+
+def test_measurements_from_bench_keeps_timed_rows_only():
+    bench = {
+        "cases": [
+            {
+                "preset": "llama3-8b",
+                "m": 16,
+                "spec": LLAMA.to_dict(),
+                "rows": [
+                    {"stack": "torch", "impl": "eager", "baseline": True, "status": "timed",
+                     "time": {"median": 111e-6}},
+                    {"stack": "torch", "impl": "auto", "baseline": False, "status": "timed",
+                     "time": {"median": 90e-6}},
+                    {"stack": "torch", "impl": "triton", "baseline": False,
+                     "status": "invalid measurement", "time": {"median": 1e-6}},
+                    {"stack": "jax", "impl": "xla", "baseline": True, "status": "timed",
+                     "device_s": 97e-6},
+                ],
+            }
+        ]
+    }
+    got = measurements_from_bench(bench)
+    assert [(m.stack, m.impl, m.seconds) for m in got] == [
+        ("torch", "eager", pytest.approx(111e-6)),
+        ("jax", "xla", pytest.approx(97e-6)),
+    ]

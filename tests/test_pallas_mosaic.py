@@ -80,7 +80,7 @@ def mlp_per_layer(x, params, spec: MLPSpec, *, residual=None, config=None, gated
     ("activation", "dtype", "bias", "m", "config", "gated_config"),
     [
         ("swiglu", "bfloat16", True, 136, WS, None),  # 2 M tiles (one ragged), 2 blocks
-        ("geglu", "float16", False, 70, ONE_WG, None),  # one warpgroup, 3 slots > K steps
+        ("geglu", "float16", False, 70, ONE_WG, None),  # one warpgroup, 3 slots
         ("geglu_tanh", "bfloat16", True, 1, WS, SPLIT_N),  # M=1; gated split along N
         ("gelu", "float16", True, 131, ONE_SLOT, None),  # odd M: rows padded to 136
         ("gelu_tanh", "bfloat16", False, 200, SUBTILED, None),  # 2 epilogue tiles a warpgroup
@@ -111,6 +111,15 @@ def test_bilinear_gate_and_k_ragged_against_the_slab() -> None:
     f64 = [a.astype(np.float64) for a in (x, w, v, b, c)]
     ref = (f64[0] @ f64[1] + f64[3]) * (f64[0] @ f64[2] + f64[4])
     tolerance.assert_close(out, ref, spec, what="identity gate")
+
+
+@pytest.mark.parametrize("config", [ONE_WG, WS], ids=["one_warpgroup", "warp_specialized"])
+def test_one_k_step_fewer_than_the_slots(config: TileConfig) -> None:
+    spec = MLPSpec((16, 64), "relu", True, "bfloat16")  # one layer, K=16: a single K step
+    params = init_params(spec, seed=31)
+    x = make_input(spec, 72, seed=32)
+    out = mlp_per_layer(x, params, spec, config=config)
+    tolerance.assert_close(out, reference.forward(spec, x, params), spec)
 
 
 def test_residual_and_3d_input() -> None:
@@ -252,6 +261,19 @@ def test_tuned_table_is_read(tmp_path, monkeypatch) -> None:
         for e in entries:
             pipeline.check_config(TileConfig.from_dict(e["config"]), "bfloat16",
                                   num_weights=2 if family == "gated" else 1, residual=False)
+
+
+def test_sweep_grid_is_legal() -> None:
+    """Every config bench/sweep_mosaic.py will time passes check_config (its --dry-run also lowers
+    them for CUDA, ~40 s: not run here)."""
+    from fusedmlp.bench import sweep_mosaic
+
+    for g in sweep_mosaic.GEMMS.values():
+        for m in (512, 2048, 8192):
+            for first in (True, False):
+                for cfg in sweep_mosaic.grid(g.family, m, first=first):
+                    pipeline.check_config(cfg, "bfloat16", residual=False,
+                                          num_weights=2 if g.family == "gated" else 1)
 
 
 def test_padded_extents() -> None:

@@ -27,6 +27,7 @@ tiny shapes under the Mosaic GPU interpreter (nothing it prints is a measurement
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import json
 import math
@@ -45,6 +46,9 @@ MAX_SETS = 8
 SAMPLES = 5
 SAMPLE_S = 0.05
 REL_ERR_LIMIT = 2e-2  # bf16 GEMM vs fp32: ~2e-3 expected; above this a kernel is wrong
+# A measurement (compile included) that takes longer than this is a hang: the process dumps its
+# stacks and exits, and the JSON written so far names the variant in flight ("in_flight").
+WATCHDOG_S = 90
 
 
 # ==== what is swept ===============================================================================
@@ -238,6 +242,16 @@ def measure(op: Callable[[dict[str, Any]], Any], sets: list[dict[str, Any]]) -> 
     import jax
 
     batch = jax.jit(lambda ss: [op(s) for s in ss])
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+    try:
+        return _measure(batch, sets)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _measure(batch: Callable[..., Any], sets: list[dict[str, Any]]) -> dict[str, Any]:
+    import jax
+
     t0 = time.perf_counter()
     outs = batch(sets)
     jax.block_until_ready(outs)
@@ -270,6 +284,7 @@ class Sweep:
     mlps: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     env: dict[str, Any] = field(default_factory=dict)
+    in_flight: str | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -280,7 +295,8 @@ class Sweep:
     def write(self) -> None:
         data = {"what": "pallas_mosaic sweep (bench/sweep_mosaic.py)", "smoke": self.smoke,
                 "budget_s": self.budget_s, "elapsed_s": round(self.elapsed(), 1),
-                "env": self.env, "rows": self.rows, "mlps": self.mlps, "skipped": self.skipped,
+                "env": self.env, "in_flight": self.in_flight, "rows": self.rows,
+                "mlps": self.mlps, "skipped": self.skipped,
                 "best": best_rows(self.rows)}
         self.out_path.write_text(json.dumps(data, indent=1, default=str))
         if self.tuned_path is not None:
@@ -295,6 +311,8 @@ class Sweep:
         row: dict[str, Any] = {"gemm": g.name, "family": g.family, "m": m, "n": g.n, "k": g.k,
                                "op_n": g.op_n, "dtype": dtype, "impl": impl,
                                "config": _config_dict(config)}
+        self.in_flight = label
+        self.write()
         try:
             res = measure(op, sets)
             row.update({k: v for k, v in res.items() if k != "first"})
@@ -306,6 +324,7 @@ class Sweep:
             row["error"] = f"{type(exc).__name__}: {exc}"[:600]
             if "exceeds available shared memory" not in str(exc):
                 row["traceback"] = traceback.format_exc()[-1500:]
+        self.in_flight = None
         self.rows.append(row)
         print(_row_line(row), flush=True)
         self.write()
@@ -452,6 +471,8 @@ def sweep_mlp(sw: Sweep, preset: str, m: int, interpret: bool) -> None:
         row: dict[str, Any] = {"mlp": preset, "m": m, "impl": impl,
                                "configs": [_config_dict(c) for c in configs]
                                if impl != "xla" else None}
+        sw.in_flight = f"mlp {preset} M={m} {impl}"
+        sw.write()
         try:
             res = measure(op, sets)
             out = jnp.asarray(res.pop("first"), jnp.float32)
@@ -464,6 +485,7 @@ def sweep_mlp(sw: Sweep, preset: str, m: int, interpret: bool) -> None:
             row["status"] = "error"
             row["error"] = f"{type(exc).__name__}: {exc}"[:600]
             row["traceback"] = traceback.format_exc()[-1500:]
+        sw.in_flight = None
         sw.mlps.append(row)
         print(f"MLP {preset:<14} M={m:<5} {impl:<14} "
               + (f"{row['ms']:8.4f} ms {row['tflops']:6.1f} TF/s err vs xla "

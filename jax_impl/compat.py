@@ -3,6 +3,8 @@
 - Pallas interpret mode: on a machine without a GPU every Pallas kernel runs interpreted.
 - The Mosaic GPU interpreter: `jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams` in
   0.10.2, public as `plgpu.InterpretGPUParams` in 0.11.2.
+- The Mosaic GPU interpreter of 0.11 models TMA's edges (zero fill of reads past the end of an
+  array, clipped writes) and runs `plgpu.load`/`layout_cast`; 0.10.2's raises on both.
 - The Pallas Triton backend warns on every lowering from 0.11 on; `quiet_pallas_triton` filters
   exactly that warning where the twin is used on purpose.
 """
@@ -38,6 +40,22 @@ def mosaic_interpret_params() -> Any:
     if cls is None:  # jax 0.10.x: still private
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
     return cls()
+
+
+def jax_version() -> tuple[int, int]:
+    major, minor = jax.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def mosaic_interpreter_models_tma_edges() -> bool:
+    """True where the Mosaic GPU interpreter zero-fills TMA reads past an array's end and clips
+    writes, as the GPU does (jax >= 0.11); jax 0.10.2 raises "Out-of-bounds read"."""
+    return jax_version() >= (0, 11)
+
+
+def mosaic_interpreter_has_layouts() -> bool:
+    """True where the Mosaic GPU interpreter runs `plgpu.load` and `layout_cast` (jax >= 0.11)."""
+    return jax_version() >= (0, 11)
 
 
 def filter_pallas_triton_deprecation() -> None:

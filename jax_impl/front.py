@@ -30,7 +30,7 @@ from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig, heuristic_c
 from fusedmlp.common.registry import AUTO, check_impl, get_implementation
 from fusedmlp.common.validate import ArrayInfo, check_call, check_spec
 
-from . import baselines, compat
+from . import baselines, compat, packing
 
 STACK = "jax"
 KERNEL_IMPLS = ("pallas_triton", "pallas_mosaic", "fused_small", "fused_decode", "jax_triton")
@@ -170,7 +170,15 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
         i = layer.index
         package = _LAYER_PACKAGES[the_plan.impl]
         precision = spec.fp32_precision
-        if layer.gated:
+        if layer.gated and the_plan.impl == "pallas_mosaic":
+            # TODO(merge): packed once by the front (pack_params), not on every call.
+            bc = (packing.pack_gated(params[f"b{i}"], params[f"c{i}"])
+                  if f"b{i}" in params else None)
+            h = _module(f"{package}.gated").gated_fwd(
+                h, packing.pack_gated(params[f"w{i}"], params[f"v{i}"]), bc, n=layer.d_out,
+                activation=layer.activation, config=launch.config, fp32_precision=precision,
+            )
+        elif layer.gated:
             h = _module(f"{package}.gated").gated_fwd(
                 h,
                 params[f"w{i}"],

@@ -1,13 +1,22 @@
 """pallas_mosaic: the Mosaic GPU siblings (jax_impl/mosaic/) against the float64 reference.
 
-On a CPU machine every kernel runs under the Mosaic GPU interpreter (TMA copies, barriers and wgmma
-are simulated; 0.5-1.5 s a launch at the interpreter tiles, 64×64×16, 2 stages), and the compiled
-variant is lowered for CUDA without running. The MLP is chained per layer through the public
-functions: `gated` for gated hidden layers, `linear_act` otherwise. `-m gpu` runs the compiled
-kernels at the default (large) tiles on an H100.
+On a CPU machine every kernel runs under the Mosaic GPU interpreter, the warp-specialised pipeline
+included (three warpgroups, TMA copies, barriers and wgmma are simulated; 1-2 s a launch under jax
+0.11.2, 3-7 s under 0.10.2 at 64-128-row tiles), and the compiled variant is lowered for CUDA
+without running — a lowering that runs Mosaic GPU's own checks (layouts, swizzles, TMA tiling,
+shared memory). The MLP is chained per layer through the public functions: `gated` (on the packed
+[W|V] operand) for gated hidden layers, `linear_act` otherwise. `-m gpu` runs the compiled kernels.
+
+Shapes: M, N and K are ragged against every tile (TMA zero-fills and clips; nothing is padded under
+jax 0.11) but K and N are multiples of 16 (Mosaic GPU's swizzled TMA tiles need it; other widths
+fall back to pallas_triton, which the golden cases, of widths 13..97, check by name).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +25,10 @@ import pytest
 
 from fusedmlp.common import golden, reference, tolerance
 from fusedmlp.common.config import TileConfig
+from fusedmlp.common.packing import packed_width
 from fusedmlp.common.params import init_params, make_input
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.jax_impl import compat
+from fusedmlp.jax_impl import compat, packing
 from fusedmlp.jax_impl import mosaic as mosaic_pkg
 from fusedmlp.jax_impl.mosaic import gated as gated_mod
 from fusedmlp.jax_impl.mosaic import linear_act as linear_act_mod
@@ -30,6 +40,12 @@ pytest.importorskip("absl")  # jax.experimental.pallas.mosaic_gpu needs it on CP
 
 SIXTEEN_BIT = ("float16", "bfloat16")
 GOLDEN = [n for n in golden.case_names() if golden.load(n).spec.dtype in SIXTEEN_BIT]
+WS = pipeline.INTERPRET_CONFIG  # 128×64×16, two slots, warp-specialised
+ONE_WG = TileConfig(64, 64, 16, group_m=2, num_stages=3)  # one warpgroup, three slots
+ONE_SLOT = TileConfig(64, 64, 32, group_m=1, num_stages=1)  # one warpgroup, no overlap
+SPLIT_N = TileConfig(64, 128, 16, group_m=2, num_stages=2, warp_specialize=True)  # gated: N split
+SUBTILED = TileConfig(128, 128, 16, group_m=2, num_stages=2, warp_specialize=True,
+                      epilogue_subtile=2)  # linear_act: two 64-column epilogue tiles per warpgroup
 
 
 @pytest.fixture(autouse=True)
@@ -42,134 +58,342 @@ def _reset_interpreter():
         interpret_pallas_call.reset_gpu_interpret_mode_state()
 
 
-def mlp_per_layer(x, params, spec: MLPSpec, *, residual=None, config=None):
-    """The spec's MLP, one public-function call per layer (the dispatcher's per-layer plan)."""
+def mlp_per_layer(x, params, spec: MLPSpec, *, residual=None, config=None, gated_config=None):
+    """The spec's MLP, one public-function call per layer (the dispatcher's per-layer plan), gated
+    layers on their packed weights (packed here once, as `pack_params` does)."""
     h = jnp.asarray(x)
+    p = packing.pack_params(spec, {k: jnp.asarray(v) for k, v in params.items()})
     last = spec.num_layers - 1
     for layer in spec.layers():
         i = layer.index
-        p = {k: jnp.asarray(v) for k, v in params.items()}
         if layer.gated:
-            h = gated(h, p[f"w{i}"], p[f"v{i}"], p.get(f"b{i}"), p.get(f"c{i}"),
-                      activation=layer.activation, config=config)
+            h = gated(h, p[f"wv{i}"], p.get(f"bc{i}"), n=layer.d_out,
+                      activation=layer.activation, config=gated_config or config)
         else:
             h = linear_act(h, p[f"w{i}"], p.get(f"b{i}"), activation=layer.activation,
                            residual=residual if i == last else None, config=config)
     return h
 
 
-# ---- golden parity -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", GOLDEN)
-def test_golden(name: str) -> None:
-    case = golden.load(name)
-    out = mlp_per_layer(case.x, case.params, case.spec)
-    assert out.shape == case.y.shape
-    assert out.dtype == jnp.dtype(case.spec.dtype)
-    tolerance.assert_close(out, case.y, case.spec, what=name)
-
-
-def test_golden_inside_jit() -> None:
-    case = golden.load("swiglu-bfloat16-bias")
-    params = {k: jnp.asarray(v) for k, v in case.params.items()}
-    fn = jax.jit(lambda x, p: mlp_per_layer(x, p, case.spec))
-    out = fn(jnp.asarray(case.x), params)
-    tolerance.assert_close(out, case.y, case.spec, what="jit")
-
-
-# ---- fresh inputs: several M tiles, ring depths, residual, 3-D, M=1, M=0 -------------------------
+# ---- fresh inputs: every activation, both dtypes, bias or not, ragged tiles, both pipelines ----
 @pytest.mark.parametrize(
-    ("activation", "dtype", "bias", "m", "stages", "seed"),
+    ("activation", "dtype", "bias", "m", "config", "gated_config"),
     [
-        ("gelu_tanh", "float16", True, 131, 1, 1),  # 3 M tiles; a one-slot ring (no overlap)
-        ("geglu", "bfloat16", False, 70, 3, 2),  # 2 M tiles; 3 slots, fewer K steps than slots
-        ("silu", "bfloat16", True, 1, 2, 3),
+        ("swiglu", "bfloat16", True, 136, WS, None),  # 2 M tiles (one ragged), 2 blocks
+        ("geglu", "float16", False, 70, ONE_WG, None),  # one warpgroup, 3 slots
+        ("geglu_tanh", "bfloat16", True, 1, WS, SPLIT_N),  # M=1; gated split along N
+        ("gelu", "float16", True, 131, ONE_SLOT, None),  # odd M: rows padded to 136
+        ("gelu_tanh", "bfloat16", False, 200, SUBTILED, None),  # 2 epilogue tiles a warpgroup
+        ("relu", "float16", True, 64, WS, None),
+        ("silu", "bfloat16", False, 9, ONE_WG, None),
     ],
 )
-def test_fresh_inputs(activation, dtype, bias, m, stages, seed) -> None:
-    spec = MLPSpec((45, 83, 29), activation, bias, dtype)
-    params = init_params(spec, seed=seed)
-    x = make_input(spec, m, seed=seed + 100)
-    config = TileConfig(64, 64, 16, group_m=2, num_stages=stages)
+def test_fresh_inputs(activation, dtype, bias, m, config, gated_config) -> None:
+    spec = MLPSpec((48, 80, 32), activation, bias, dtype)  # N=80: a ragged 64-column tile
+    params = init_params(spec, seed=m)
+    x = make_input(spec, m, seed=m + 100)
+    out = mlp_per_layer(x, params, spec, config=config, gated_config=gated_config)
+    assert out.shape == (m, 32) and out.dtype == jnp.dtype(dtype)
+    tolerance.assert_close(out, reference.forward(spec, x, params), spec, what=activation)
+
+
+def test_bilinear_gate_and_k_ragged_against_the_slab() -> None:
+    # identity gate (the bilinear GLU); K=48 against 32-wide slabs (the second one half past the
+    # end of X and WV: zero-filled), N=48 < one 64-column gate/up pair
+    spec = MLPSpec((48, 48), "relu", True, "float16")  # only for the tolerance's dtype bounds
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((152, 48)).astype(np.float16)
+    w, v = (rng.standard_normal((48, 48)).astype(np.float16) / 7 for _ in range(2))
+    b, c = (rng.standard_normal(48).astype(np.float16) for _ in range(2))
+    wv, bc = packing.pack_gated(jnp.asarray(w), jnp.asarray(v)), packing.pack_gated(b, c)
+    config = TileConfig(128, 64, 32, group_m=2, num_stages=2, warp_specialize=True)
+    out = gated(jnp.asarray(x), wv, jnp.asarray(bc), n=48, activation="identity", config=config)
+    f64 = [a.astype(np.float64) for a in (x, w, v, b, c)]
+    ref = (f64[0] @ f64[1] + f64[3]) * (f64[0] @ f64[2] + f64[4])
+    tolerance.assert_close(out, ref, spec, what="identity gate")
+
+
+@pytest.mark.parametrize("config", [ONE_WG, WS], ids=["one_warpgroup", "warp_specialized"])
+def test_one_k_step_fewer_than_the_slots(config: TileConfig) -> None:
+    spec = MLPSpec((16, 64), "relu", True, "bfloat16")  # one layer, K=16: a single K step
+    params = init_params(spec, seed=31)
+    x = make_input(spec, 72, seed=32)
     out = mlp_per_layer(x, params, spec, config=config)
     tolerance.assert_close(out, reference.forward(spec, x, params), spec)
 
 
 def test_residual_and_3d_input() -> None:
-    spec = MLPSpec((37, 22), "relu", True, "float16")  # one layer: identity + residual
+    spec = MLPSpec((32, 48), "relu", True, "float16")  # one layer: identity + residual
     params = init_params(spec, seed=7)
-    x = make_input(spec, (3, 5), seed=8)
-    r = np.random.default_rng(9).standard_normal((3, 5, 22)).astype(np.float16)
-    out = mlp_per_layer(x, params, spec, residual=jnp.asarray(r))
-    assert out.shape == (3, 5, 22)
+    x = make_input(spec, (3, 5), seed=8)  # M=15: rows padded to 16
+    r = np.random.default_rng(9).standard_normal((3, 5, 48)).astype(np.float16)
+    out = mlp_per_layer(x, params, spec, residual=jnp.asarray(r), config=SUBTILED)
+    assert out.shape == (3, 5, 48)
     ref = reference.forward(spec, x, params) + r.astype(np.float64)
     tolerance.assert_close(out, ref, spec)
 
 
+def test_inside_jit() -> None:
+    spec = MLPSpec((32, 64, 16), "swiglu", True, "bfloat16")
+    params = init_params(spec, seed=3)
+    x = make_input(spec, 24, seed=4)
+    fn = jax.jit(lambda x, p: mlp_per_layer(x, p, spec))
+    out = fn(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()})
+    tolerance.assert_close(out, reference.forward(spec, x, params), spec, what="jit")
+
+
 @pytest.mark.parametrize("fn", ["linear_act", "gated"])
 def test_m0_returns_empty(fn: str) -> None:
-    x = jnp.zeros((2, 0, 33), jnp.bfloat16)
-    w = jnp.ones((33, 67), jnp.bfloat16)
-    out = linear_act(x, w) if fn == "linear_act" else gated(x, w, w)
-    assert out.shape == (2, 0, 67)
+    x = jnp.zeros((2, 0, 32), jnp.bfloat16)
+    w = jnp.ones((32, 80), jnp.bfloat16)
+    wv = jnp.ones((32, packed_width(80)), jnp.bfloat16)
+    out = linear_act(x, w) if fn == "linear_act" else gated(x, wv, n=80)
+    assert out.shape == (2, 0, 80)
     assert out.dtype == jnp.bfloat16
 
 
 # ---- what pallas_mosaic does not take ------------------------------------------------------------
 def test_float32_not_implemented_names_fallback() -> None:
     x = jnp.ones((4, 16), jnp.float32)
-    w = jnp.ones((16, 8), jnp.float32)
-    reason = mosaic_pkg.unsupported_reason(4, 8, 16, "float32")
+    w = jnp.ones((16, 16), jnp.float32)
+    reason = mosaic_pkg.unsupported_reason(4, 16, 16, "float32")
     assert reason is not None and "pallas_triton" in reason and "float32" in reason
     with pytest.raises(NotImplementedError, match="falls back to impl 'pallas_triton'"):
         linear_act(x, w)
     with pytest.raises(NotImplementedError, match="dtype float32 is not supported"):
-        gated(x, w, w)
-    assert mosaic_pkg.unsupported_reason(4, 8, 16, "bfloat16") is None
+        gated(x, jnp.ones((16, packed_width(16)), jnp.float32), n=16)
+    assert mosaic_pkg.unsupported_reason(4, 16, 16, "bfloat16") is None
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_widths_fall_back_by_name(name: str) -> None:
+    """The golden widths (33, 67, 21, ...) are not multiples of 16: each layer says so, naming
+    the width and the fallback, and the public functions refuse before any launch."""
+    case = golden.load(name)
+    m = int(np.prod(case.x.shape[:-1]))
+    reasons = [pipeline.unsupported_reason(m, layer.d_out, layer.d_in, case.spec.dtype)
+               for layer in case.spec.layers()]
+    assert any(reasons), name
+    for r in filter(None, reasons):
+        assert re.search(r"(K|N)=\d+ is not a multiple of 16", r) and "pallas_triton" in r
+    with pytest.raises(NotImplementedError, match="falls back to impl 'pallas_triton'"):
+        mlp_per_layer(case.x, case.params, case.spec)
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda x, w: linear_act(x, w[:8]), r"w: expected shape \(16, 8\), got \(8, 8\)"),
-        (lambda x, w: linear_act(x, w.astype(jnp.bfloat16)), "w: expected dtype float16"),
-        (lambda x, w: linear_act(x, w, jnp.ones((9,), jnp.float16)),
-         r"b: expected shape \(8,\), got \(9,\)"),
-        (lambda x, w: linear_act(x, w, residual=jnp.ones((4, 9), jnp.float16)),
-         r"residual: expected shape \(4, 8\), got \(4, 9\)"),
-        (lambda x, w: linear_act(x, w, activation="swish"), "activation: expected one of"),
-        (lambda x, w: linear_act(x, None), "w: expected a 2-D jax.Array, got None"),
-        (lambda x, w: gated(x, w, None), r"v: expected a jax.Array of shape \(16, 8\), got None"),
-        (lambda x, w: linear_act(x.astype(jnp.int32), w), "x: expected a floating dtype"),
-        (lambda x, w: gated(x, w, w[:, :4]), r"v: expected shape \(16, 8\), got \(16, 4\)"),
-        (lambda x, w: gated(x, w, w, c=jnp.ones((8,), jnp.bfloat16)), "c: expected dtype float16"),
-        (lambda x, w: linear_act(x, w, config=TileConfig(32, 64, 16)),
-         "config.block_m: expected a multiple of 64"),
-        (lambda x, w: linear_act(x, w, config=TileConfig(64, 32, 16)),
-         "config.block_n: expected a multiple of 64 for float16"),
-        (lambda x, w: gated(x, w, w, config=TileConfig(128, 128, 64)),
-         "2 × block_m × block_n"),
-        (lambda x, w: linear_act(x, w, config=TileConfig(64, 256, 128, num_stages=4)),
+        (lambda x, w, wv: linear_act(x, w[:8]), r"w: expected shape \(16, 32\), got \(8, 32\)"),
+        (lambda x, w, wv: linear_act(x, w.astype(jnp.bfloat16)), "w: expected dtype float16"),
+        (lambda x, w, wv: linear_act(x, w, jnp.ones((9,), jnp.float16)),
+         r"b: expected shape \(32,\), got \(9,\)"),
+        (lambda x, w, wv: linear_act(x, w, residual=jnp.ones((4, 9), jnp.float16)),
+         r"residual: expected shape \(4, 32\), got \(4, 9\)"),
+        (lambda x, w, wv: linear_act(x, w, activation="swish"), "activation: expected one of"),
+        (lambda x, w, wv: linear_act(x, None), "w: expected a 2-D jax.Array, got None"),
+        (lambda x, w, wv: gated(x, None, n=32),
+         r"wv: expected a jax.Array of shape \(16, 128\), got None"),
+        (lambda x, w, wv: linear_act(x.astype(jnp.int32), w), "x: expected a floating dtype"),
+        (lambda x, w, wv: gated(x, w, n=32), r"wv: expected shape \(16, 128\), got \(16, 32\)"),
+        (lambda x, w, wv: gated(x, wv, n=0), "n: expected a positive int"),
+        (lambda x, w, wv: gated(x, wv, jnp.ones((128,), jnp.bfloat16), n=32),
+         "bc: expected dtype float16"),
+        (lambda x, w, wv: linear_act(x, w, config=TileConfig(32, 64, 16)),
+         "config.block_m: expected 64, 128 or 256"),
+        (lambda x, w, wv: linear_act(x, w, config=TileConfig(64, 32, 16)),
+         "config.block_n: expected at least 64"),
+        (lambda x, w, wv: gated(x, wv, n=32, config=TileConfig(128, 128, 64)),
+         "a compute warpgroup's fp32 accumulator would be 128 × 256"),
+        (lambda x, w, wv: gated(x, wv, n=32, config=TileConfig(64, 32, 64)),
+         "config.block_n: expected a multiple of 64 for gated"),
+        (lambda x, w, wv: linear_act(x, w, config=TileConfig(64, 64, 16, warp_specialize=True)),
+         "expected at least 128 with warp_specialize"),
+        (lambda x, w, wv: gated(x, wv, n=32, config=TileConfig(
+            128, 64, 16, warp_specialize=True, epilogue_subtile=2)),
+         "must be a multiple of 64"),
+        (lambda x, w, wv: linear_act(x, w, config=TileConfig(128, 256, 64, num_stages=5,
+                                                             warp_specialize=True)),
          "bytes of shared memory"),
-        (lambda x, w: linear_act(x, w, fp32_precision="high"), "fp32_precision: expected one of"),
+        (lambda x, w, wv: linear_act(x, w, fp32_precision="high"),
+         "fp32_precision: expected one of"),
+        (lambda x, w, wv: linear_act(x[:, :8], w[:8]), "K=8 is not a multiple of 16"),
+        (lambda x, w, wv: linear_act(x, w[:, :24]), "N=24 is not a multiple of 16"),
     ],
 )
 def test_validation_messages(call, match) -> None:
     x = jnp.ones((4, 16), jnp.float16)
-    w = jnp.ones((16, 8), jnp.float16)
-    with pytest.raises((ValueError, TypeError), match=match):
-        call(x, w)
+    w = jnp.ones((16, 32), jnp.float16)
+    wv = jnp.ones((16, packed_width(32)), jnp.float16)
+    with pytest.raises((ValueError, TypeError, NotImplementedError), match=match):
+        call(x, w, wv)
 
 
-def test_config_mapping() -> None:
-    # The heuristic tiles fit one warpgroup and the H100's shared memory, with a residual tile too.
+# ---- configs: heuristic, tuned table, shared-memory model ---------------------------------------
+def test_default_configs_fit() -> None:
+    # The heuristic tiles fit a compute warpgroup's registers and the H200's shared memory.
     for family, weights in (("linear_act", 1), ("gated", 2)):
-        for m in (1, 64, 4096):
+        for m in (1, 64, 512, 8192):
             for dtype in SIXTEEN_BIT:
                 cfg = pipeline.default_config(family, m, 4096, 4096, dtype)
+                assert cfg.warp_specialize
                 pipeline.check_config(cfg, dtype, num_weights=weights, residual=True)
-    assert pipeline.default_config("gated", 19, 67, 33, "float16", interpret=True) == (
-        pipeline.INTERPRET_CONFIG)
+    assert pipeline.default_config("gated", 19, 67, 33, "float16", interpret=True) == WS
     assert linear_act_mod.FAMILY == "linear_act" and gated_mod.FAMILY == "gated"
+
+
+def test_tuned_table_is_read(tmp_path, monkeypatch) -> None:
+    best = TileConfig(256, 128, 64, group_m=4, num_stages=4, warp_specialize=True,
+                      epilogue_subtile=2)
+    entry = {"m": 8192, "n": 4096, "k": 14336, "dtype": "bfloat16", "config": best.to_dict()}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"gpu": "test", "configs": {"linear_act": [entry]}}))
+    monkeypatch.setattr(pipeline, "TUNED_FILE", path)
+    pipeline.tuned_table.cache_clear()
+    try:
+        assert pipeline.default_config("linear_act", 8192, 4096, 14336, "float16") == best
+        assert pipeline.default_config("linear_act", 6000, 4096, 14336, "bfloat16") == best
+        assert pipeline.default_config("linear_act", 8192, 4096, 4096, "bfloat16") != best
+        assert pipeline.default_config("gated", 8192, 4096, 14336, "bfloat16") != best
+    finally:
+        pipeline.tuned_table.cache_clear()
+    # The committed table parses and every entry it holds is a legal config.
+    for family, entries in pipeline.tuned_table().items():
+        for e in entries:
+            pipeline.check_config(TileConfig.from_dict(e["config"]), "bfloat16",
+                                  num_weights=2 if family == "gated" else 1, residual=False)
+
+
+def test_sweep_grid_is_legal() -> None:
+    """Every config bench/sweep_mosaic.py will time passes check_config (its --dry-run also lowers
+    them for CUDA, ~40 s: not run here)."""
+    from fusedmlp.bench import sweep_mosaic
+
+    for g in sweep_mosaic.GEMMS.values():
+        for m in (512, 2048, 8192):
+            for first in (True, False):
+                for cfg in sweep_mosaic.grid(g.family, m, first=first):
+                    pipeline.check_config(cfg, "bfloat16", residual=False,
+                                          num_weights=2 if g.family == "gated" else 1)
+
+
+def test_padded_extents() -> None:
+    tiles = pipeline.plan_tiles(WS, "linear_act")
+    if compat.mosaic_interpreter_models_tma_edges():
+        assert pipeline.padded_extents(8192, 4096, 14336, tiles, interpret=True) == (
+            8192, 4096, 14336)
+        assert pipeline.padded_extents(131, 80, 48, tiles, interpret=True) == (136, 80, 48)
+    assert pipeline.padded_extents(131, 80, 48, tiles, interpret=False) == (136, 80, 48)
+    assert pipeline.padded_extents(7, 80, 48, tiles, interpret=False) == (7, 80, 48)
+    assert pipeline.padded_extents(8191, 14336, 4096, tiles, interpret=False) == (
+        8192, 14336, 4096)
+
+
+def _lower(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _lower_family(family, m, n, k, dtype, activation, bias, config, residual=False) -> str:
+    dt = jnp.dtype(dtype)
+    S = jax.ShapeDtypeStruct
+    x = S((m, k), dt)
+    if family == "linear_act":
+        b = S((n,), dt) if bias else None
+        r = S((m, n), dt) if residual else None
+        fn = lambda x, w, b, r: linear_act_mod.linear_act_fwd(  # noqa: E731
+            x, w, b, r, activation=activation, config=config, interpret=False)
+        return _lower(fn, x, S((k, n), dt), b, r)
+    width = packed_width(n)
+    bc = S((width,), dt) if bias else None
+    fn = lambda x, wv, bc: gated_mod.gated_fwd(  # noqa: E731
+        x, wv, bc, n=n, activation=activation, config=config, interpret=False)
+    return _lower(fn, x, S((k, width), dt), bc)
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "expected"),
+    [
+        ("linear_act", TileConfig(128, 256, 64, num_stages=4, warp_specialize=True,
+                                  epilogue_subtile=2), None),
+        ("linear_act", TileConfig(256, 128, 64, num_stages=4, warp_specialize=True,
+                                  epilogue_subtile=2), None),
+        ("linear_act", TileConfig(256, 128, 64, num_stages=4, warp_specialize=True,
+                                  epilogue_subtile=1), "exceeds"),  # 128-wide staging slots
+        ("gated", TileConfig(128, 128, 64, num_stages=4, warp_specialize=True), None),
+        ("linear_act", TileConfig(128, 256, 64, num_stages=5, warp_specialize=True,
+                                  epilogue_subtile=2), "exceeds"),
+        ("gated", TileConfig(64, 128, 128, num_stages=2), None),
+    ],
+)
+def test_smem_model_matches_mosaic(monkeypatch, family, config, expected) -> None:
+    """Mosaic GPU totals the kernel's shared memory at lowering time and refuses more than 227 KiB
+    ("exceeds available shared memory"). The model (`Tiles.smem_bytes`, check_config) must count
+    what Mosaic counts, within its barriers and alignment, so the sweep prunes exactly."""
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+
+    tiles = pipeline.plan_tiles(config, family)
+    model = tiles.smem_bytes(2, has_bias=True)
+    monkeypatch.setattr(mgpu_core, "_SMEM_SIZE_BOUND", 1)  # every kernel "exceeds": read the total
+    with pytest.raises(ValueError, match="exceeds available shared memory") as err:
+        _lower_family(family, 1024, 4096, 4096, "bfloat16", "silu", True, config)
+    got = int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
+    assert model <= got <= model + 2048, (model, got)
+    fits = got <= pipeline.SMEM_BYTES
+    assert fits == (expected is None), (got, config)
+    assert fits == (model <= pipeline.SMEM_BYTES)
+
+
+# ---- the GPU variant, lowered for CUDA on the CPU ------------------------------------------------
+LOWER_CASES = [
+    # family, dtype, activation, bias, config (None: the default), (m, n, k)
+    ("linear_act", "float16", "gelu", True, None, (8192, 4096, 14336)),
+    ("linear_act", "bfloat16", "identity", False, None, (300, 1008, 528)),  # odd M, 32B swizzle
+    ("linear_act", "bfloat16", "gelu_tanh", True,
+     TileConfig(256, 128, 64, num_stages=4, warp_specialize=True, epilogue_subtile=2),
+     (2048, 768, 3072)),
+    ("linear_act", "float16", "relu", True, ONE_WG, (264, 80, 48)),
+    ("linear_act", "bfloat16", "silu", True, SUBTILED, (7, 4096, 4096)),
+    ("gated", "bfloat16", "silu", True, None, (8192, 14336, 4096)),
+    ("gated", "float16", "gelu", False, None, (264, 960, 576)),
+    ("gated", "bfloat16", "gelu_tanh", True, TileConfig(64, 256, 64, num_stages=2,
+                                                        warp_specialize=True, epilogue_subtile=2),
+     (512, 3072, 768)),
+    ("gated", "float16", "identity", True, WS, (136, 80, 48)),
+    ("gated", "bfloat16", "relu", True, ONE_SLOT, (1, 80, 48)),
+    ("gated", "float16", "silu", True, SPLIT_N, (136, 144, 48)),
+]
+
+
+@pytest.mark.parametrize(("family", "dtype", "activation", "bias", "config", "mnk"), LOWER_CASES)
+def test_gpu_variant_lowers_for_cuda(family, dtype, activation, bias, config, mnk) -> None:
+    """The interpreter checks none of wgmma's, TMA's or the register layouts' constraints;
+    lowering the GPU variant to a Mosaic GPU module for CUDA (no GPU needed) does — and counts the
+    shared memory. It stops short of ptxas and of running."""
+    m, n, k = mnk
+    cfg = config or pipeline.default_config(family, m, n, k, dtype)
+    text = _lower_family(family, m, n, k, dtype, activation, bias, cfg,
+                         residual=family == "linear_act" and bias)
+    assert "mosaic_gpu" in text
+
+
+# ---- the interpreter's race detector over the pipelines ------------------------------------------
+@pytest.mark.parametrize("config", [WS, ONE_WG], ids=["warp_specialized", "one_warpgroup"])
+def test_no_races(monkeypatch, config: TileConfig) -> None:
+    """With detect_races the interpreter keeps vector clocks for the TMA unit and the warpgroups
+    and flags a shared-memory access not ordered by a barrier (and raises when a barrier completes
+    twice unseen, as when a barrier_wait is left out). It does not model wgmma or TMA stores as
+    asynchronous: a slot refilled while a wgmma still reads it, or restaged while a store still
+    reads it, would go unseen; those rest on wgmma_wait and wait_smem_to_gmem."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    params = dataclasses.replace(compat.mosaic_interpret_params(), detect_races=True)
+    monkeypatch.setattr(pipeline, "interpret_param", lambda interpret: params)
+    spec = MLPSpec((48, 80, 32), "swiglu", True, "float16")
+    p = init_params(spec, seed=21)
+    x = make_input(spec, 136, seed=22)
+    r = np.random.default_rng(23).standard_normal((136, 32)).astype(np.float16)
+    out = mlp_per_layer(x, p, spec, residual=jnp.asarray(r), config=config)
+    assert not interpret_pallas_call.get_races().races_found
+    tolerance.assert_close(out, reference.forward(spec, x, p) + r.astype(np.float64), spec)
 
 
 # ---- GPU: the compiled kernels at their default tiles --------------------------------------------
@@ -177,7 +401,7 @@ def test_config_mapping() -> None:
 @pytest.mark.parametrize("activation", ["gelu", "swiglu", "geglu_tanh", "relu"])
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT)
 def test_gpu_default_tiles(activation: str, dtype: str) -> None:
-    spec = MLPSpec((520, 1000, 264), activation, True, dtype)
+    spec = MLPSpec((512, 1008, 272), activation, True, dtype)
     params = init_params(spec, seed=11)
     x = make_input(spec, 300, seed=12)
     out = jax.jit(lambda x, p: mlp_per_layer(x, p, spec))(
@@ -186,71 +410,13 @@ def test_gpu_default_tiles(activation: str, dtype: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "name", ["geglu-float16-bias", "silu-bfloat16-nobias", "m1-swiglu-bfloat16"]
-)
-def test_gpu_golden_interpreter_tiles(name: str) -> None:
+@pytest.mark.parametrize(("config", "gated_config"),
+                         [(WS, WS), (ONE_WG, ONE_WG), (ONE_SLOT, ONE_SLOT), (SUBTILED, SPLIT_N)],
+                         ids=["ws", "one_wg", "one_slot", "subtiled_split_n"])
+def test_gpu_interpreter_tiles(config: TileConfig, gated_config: TileConfig) -> None:
     # The tiles the interpreter checks are legal on the GPU too: the same code path, compiled.
-    case = golden.load(name)
-    out = mlp_per_layer(case.x, case.params, case.spec, config=pipeline.INTERPRET_CONFIG)
-    tolerance.assert_close(out, case.y, case.spec, what=name)
-
-
-# ---- the GPU variant, lowered for CUDA on the CPU ------------------------------------------------
-@pytest.mark.parametrize(
-    ("family", "dtype", "activation", "bias", "config"),
-    [
-        ("linear_act", "float16", "gelu", True, None),
-        ("linear_act", "bfloat16", "identity", False, None),
-        ("gated", "bfloat16", "gelu_tanh", True, None),
-        ("gated", "float16", "silu", False, None),
-        ("linear_act", "bfloat16", "relu", True, pipeline.INTERPRET_CONFIG),
-        ("gated", "float16", "gelu", True, pipeline.INTERPRET_CONFIG),
-        ("linear_act", "float16", "silu", True, TileConfig(128, 128, 64, num_stages=1)),
-    ],
-)
-def test_gpu_variant_lowers_for_cuda(family, dtype, activation, bias, config) -> None:
-    """The interpreter runs the `interpret=True` variant and checks none of wgmma's, TMA's or the
-    register layouts' constraints; lowering the GPU variant to a Mosaic GPU module for CUDA (no GPU
-    needed) does. It stops short of ptxas and of running."""
-    m, k, n = 300, 520, 1000
-    dt = jnp.dtype(dtype)
-    cfg = config or pipeline.default_config(family, m, n, k, dtype)
-    x = jax.ShapeDtypeStruct((m, k), dt)
-    w = jax.ShapeDtypeStruct((k, n), dt)
-    b = jax.ShapeDtypeStruct((n,), dt) if bias else None
-    if family == "linear_act":
-        r = jax.ShapeDtypeStruct((m, n), dt) if bias else None
-        fn = lambda x, w, b, r: linear_act_mod.linear_act_fwd(  # noqa: E731
-            x, w, b, r, activation=activation, config=cfg, interpret=False)
-        args = (x, w, b, r)
-    else:
-        fn = lambda x, w, b: gated_mod.gated_fwd(  # noqa: E731
-            x, w, b, w, b, activation=activation, config=cfg, interpret=False)
-        args = (x, w, b)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
-
-
-# ---- the interpreter's race detector over the TMA ring -------------------------------------------
-@pytest.mark.parametrize("stages", [2, 3])
-def test_no_races_in_ring(monkeypatch, stages: int) -> None:
-    """With detect_races the interpreter keeps vector clocks for the TMA unit and the warpgroup and
-    flags an smem access not ordered by a barrier (and raises when a barrier completes twice
-    unseen, as when a barrier_wait is left out). It does not model wgmma as asynchronous, so a
-    refill of a slot that an in-flight wgmma still reads would go unseen: that rests on
-    wgmma_wait."""
-    import dataclasses
-
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-
-    params = dataclasses.replace(compat.mosaic_interpret_params(), detect_races=True)
-    monkeypatch.setattr(pipeline, "interpret_param", lambda interpret: params)
-    spec = MLPSpec((45, 83, 29), "swiglu", True, "float16")
-    p = init_params(spec, seed=21)
-    x = make_input(spec, 70, seed=22)
-    r = np.random.default_rng(23).standard_normal((70, 29)).astype(np.float16)
-    config = TileConfig(64, 64, 16, group_m=2, num_stages=stages)
-    out = mlp_per_layer(x, p, spec, residual=jnp.asarray(r), config=config)
-    assert not interpret_pallas_call.get_races().races_found
-    tolerance.assert_close(out, reference.forward(spec, x, p) + r.astype(np.float64), spec)
+    spec = MLPSpec((48, 80, 32), "geglu", True, "bfloat16")
+    params = init_params(spec, seed=13)
+    x = make_input(spec, 131, seed=14)
+    out = mlp_per_layer(x, params, spec, config=config, gated_config=gated_config)
+    tolerance.assert_close(out, reference.forward(spec, x, params), spec)

@@ -2,18 +2,20 @@
 
     y[m, n] = act(Σ_k x[m, k]·W[k, n] + b[n]) + r[m, n]      (fp32 epilogue, rounded once)
 
-Grid: 1-D, one program (CUDA block = one warpgroup) per BLOCK_M × BLOCK_N output tile, in Triton's
-grouped order (`pipeline.program_tile`). Each program streams its row of X slabs and its column of
-W slabs through a `num_stages`-slot shared-memory ring, filled by TMA and drained by wgmma into one
-fp32 accumulator in registers (`pipeline.k_pipeline`). Bias and residual tiles are fetched by TMA
-before the K loop so they land while it runs. The epilogue reads the accumulator once, adds the
-bias, applies the activation, adds the residual, casts, and stores the tile through shared memory
-with a TMA copy. Nothing is saved for a backward pass (forward only).
+Grid: persistent, one CUDA block per SM walking the BLOCK_M × BLOCK_N output tiles in grouped,
+snaking order; per tile a TMA → shared memory → wgmma pipeline over K, warp-specialised (one
+memory warpgroup, two compute warpgroups that split the tile) or on one warpgroup
+(`pipeline.persistent_matmul`, the module table in pipeline.py). The epilogue, per 64-row ×
+`epi_n` slice of a compute warpgroup's fp32 accumulator, adds the bias, applies the activation,
+adds the residual (loaded by TMA into the slice's output staging slot), casts, and stores the slice
+by TMA from one of two staging slots. Ragged M, N, K: TMA zero-fills and clips, nothing is padded.
+Nothing is saved for a backward pass (forward only).
 
 Sibling, not twin: jax_impl/linear_act.py (Pallas-Triton) and torch_impl/linear_act.py (Triton)
-export the same names; the dispatcher picks this module for impl "pallas_mosaic". fp16/bf16 only;
-float32 raises NotImplementedError naming the fallback. Without a GPU the kernel runs under the
-Mosaic GPU interpreter (`interpret=None` picks it).
+export the same names; the dispatcher picks this module for impl "pallas_mosaic"; its Hopper
+Triton counterpart is torch_impl/tma/linear_act.py. fp16/bf16 only, K and N multiples of 8
+(TMA's 16-byte strides); other inputs raise NotImplementedError naming the fallback. Without a GPU
+the kernel runs under the Mosaic GPU interpreter (`interpret=None` picks it).
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ...common.config import TileConfig
 from ...common.spec import KERNEL_ACTIVATIONS
 from ..activations import apply_activation
 from ..compat import interpret_mode
 from . import pipeline
-from .pipeline import k_pipeline, program_tile, ring_allocations, row_vector, store_tile
+from .pipeline import EPI_M, Tiles, persistent_matmul, row_vector
 
 FAMILY = "linear_act"
 
@@ -43,14 +44,7 @@ def _linear_act_fwd_kernel(
     activation: str,
     has_bias: bool,
     has_residual: bool,
-    num_pid_m: int,
-    num_pid_n: int,
-    k_iters: int,
-    BLOCK_M: int,
-    BLOCK_N: int,
-    BLOCK_K: int,
-    GROUP_M: int,
-    NUM_STAGES: int,
+    tiles: Tiles,
     interpret: bool,
 ) -> None:
     x_gmem, w_gmem, *rest = refs
@@ -58,47 +52,20 @@ def _linear_act_fwd_kernel(
     r_gmem = rest.pop(0) if has_residual else None
     (o_gmem,) = rest
     dtype = o_gmem.dtype
+    epi_n = tiles.epi_n
 
-    # 1. program -> tile
-    pid_m, pid_n = program_tile(num_pid_m, num_pid_n, GROUP_M)
-    m_slice = pl.ds(pid_m * BLOCK_M, BLOCK_M)
-    n_slice = pl.ds(pid_n * BLOCK_N, BLOCK_N)
+    def epilogue(acc: jax.Array, b_ref: Any, rows: slice, en: int, o_slot: Any) -> None:
+        # 3. compute: y = act(acc + b) + r in fp32 on one 64 × epi_n slice, rounded once
+        y = acc[rows, en * epi_n:(en + 1) * epi_n]
+        if b_ref is not None:
+            y = y + row_vector(b_ref.at[pl.ds(en * epi_n, epi_n)], EPI_M, interpret=interpret)
+        y = apply_activation(y, activation)
+        if has_residual:  # the driver loaded the residual slice into o_slot
+            y = y + o_slot[...].astype(jnp.float32)
+        o_slot[...] = y.astype(dtype)
 
-    def smem_scope(
-        ring: dict[str, Any], o_smem: Any, b_smem: Any, r_smem: Any, epi_bars: Any
-    ) -> None:
-        # 2. load: epilogue operands first (they arrive during the K loop), then the K ring.
-        if has_bias:
-            plgpu.copy_gmem_to_smem(b_gmem.at[n_slice], b_smem, epi_bars.at[0])
-        if has_residual:
-            plgpu.copy_gmem_to_smem(r_gmem.at[m_slice, n_slice], r_smem, epi_bars.at[1])
-        (acc,) = k_pipeline(
-            x_gmem, (w_gmem,), ring, m_slice=m_slice, n_slice=n_slice, block_m=BLOCK_M,
-            block_n=BLOCK_N, block_k=BLOCK_K, k_iters=k_iters, num_stages=NUM_STAGES,
-        )
-
-        # 3. compute: fp32 epilogue straight from the accumulator
-        if has_bias:
-            plgpu.barrier_wait(epi_bars.at[0])
-            acc = acc + row_vector(b_smem, BLOCK_M, interpret=interpret)
-        acc = apply_activation(acc, activation)
-        if has_residual:
-            plgpu.barrier_wait(epi_bars.at[1])
-            acc = acc + r_smem[...].astype(jnp.float32)
-
-        # 4. store
-        store_tile(acc.astype(dtype), o_smem, o_gmem.at[m_slice, n_slice])
-
-    out_transforms = pipeline.mma_transforms(BLOCK_N, dtype)
-    pl.run_scoped(
-        smem_scope,
-        ring=ring_allocations(dtype, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, num_weights=1),
-        o_smem=plgpu.SMEM((BLOCK_M, BLOCK_N), dtype, transforms=out_transforms),
-        b_smem=plgpu.SMEM((BLOCK_N,), dtype) if has_bias else None,
-        r_smem=plgpu.SMEM((BLOCK_M, BLOCK_N), dtype, transforms=out_transforms)
-        if has_residual else None,
-        epi_bars=plgpu.Barrier(num_barriers=2),
-    )
+    # 1. program -> tile, 2. load, 4. store: the shared persistent driver
+    persistent_matmul(x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue)
 
 
 # ==== launcher ====================================================================================
@@ -115,9 +82,10 @@ def linear_act_fwd(
 ) -> jax.Array:
     """act(x @ w + b) (+ residual) for 2-D x [M, K], w [K, N]; returns [M, N] in x.dtype.
 
-    Pads M, N, K to the tile multiples (TMA moves whole boxes; zero K padding adds nothing) and
-    slices the result. M = 0 returns an empty array without a launch. fp32_precision is taken for
-    the twins' signature: 16-bit products are exact in the fp32 accumulator.
+    One kernel call on the operands as they are (TMA handles ragged edges; M ≥ 8 not a multiple
+    of 8 is padded, `pipeline.padded_extents`); M = 0 returns an empty array without a launch.
+    fp32_precision is taken for the twins' signature: 16-bit products are exact in the fp32
+    accumulator.
     """
     del fp32_precision
     if interpret is None:
@@ -126,38 +94,24 @@ def linear_act_fwd(
     n = w.shape[1]
     if m == 0:
         return jnp.zeros((0, n), x.dtype)
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
-    mp, np_, kp = pipeline.round_up(m, bm), pipeline.round_up(n, bn), pipeline.round_up(k, bk)
+    tiles = pipeline.plan_tiles(config, FAMILY)
+    mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, interpret)
     operands = [pipeline.pad_to(x, (mp, kp)), pipeline.pad_to(w, (kp, np_))]
     if b is not None:
         operands.append(pipeline.pad_to(b, (np_,)))
     if residual is not None:
         operands.append(pipeline.pad_to(residual, (mp, np_)))
-    num_pid_m, num_pid_n = mp // bm, np_ // bn
     kernel = functools.partial(
         _linear_act_fwd_kernel,
         activation=activation,
         has_bias=b is not None,
         has_residual=residual is not None,
-        num_pid_m=num_pid_m,
-        num_pid_n=num_pid_n,
-        k_iters=kp // bk,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=config.group_m,
-        NUM_STAGES=config.num_stages,
+        tiles=tiles,
         interpret=interpret,
     )
-    y = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((mp, np_), x.dtype),
-        grid=(num_pid_m * num_pid_n,),
-        grid_names=("tile",),
-        interpret=pipeline.interpret_param(interpret),
-        kernel_name="linear_act_fwd",
-    )(*operands)
-    return y[:m, :n]
+    y = pipeline.launch(kernel, operands, (mp, np_), x.dtype, tiles, name="linear_act_fwd",
+                        interpret=interpret)
+    return y if (mp, np_) == (m, n) else y[:m, :n]
 
 
 # ==== public function =============================================================================

@@ -1,32 +1,60 @@
-"""Shared pieces of the Mosaic GPU siblings (linear_act, gated): tiles, TMA ring, epilogue.
+"""Shared pieces of the Mosaic GPU siblings (linear_act, gated): tiles, persistent pipeline, store.
 
-A Pallas thread is one warpgroup (4 warps, 128 CUDA threads); each program (CUDA block) runs one
-warpgroup that owns one BLOCK_M × BLOCK_N output tile. The K loop is a hand-written ring of
-`num_stages` shared-memory slots filled by TMA (`copy_gmem_to_smem`, one barrier per slot and
-operand) and drained by `wgmma` into fp32 accumulators held in registers (`plgpu.ACC`). The same
-ring feeds one accumulator (linear_act: X·W) or two from one X slab (gated: X·W and X·V).
+One kernel shape serves both families, in the manner of jax's own Hopper matmul
+(`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`): a persistent grid of one CUDA block per SM
+walks the output tiles (`plgpu.nd_loop`, in `plgpu.planar_snake` order), and each tile's K loop is
+a TMA → shared memory → wgmma pipeline. With `warp_specialize` the block holds three warpgroups:
+one memory warpgroup that only issues TMA copies (`plgpu.emit_pipeline_warp_specialized`, 40
+registers a thread) and two compute warpgroups that split the tile, issue wgmma into their own fp32
+accumulator and run the epilogue; the memory warpgroup is already loading the next tile's slabs
+while they do. Without it one warpgroup does both (`plgpu.emit_pipeline`). The epilogue reads the
+accumulator once and, per 64-row × `epi_n` epilogue tile, applies the family's fp32 "compute"
+(bias, activation, gate, residual), stages the result in one of two shared-memory slots per
+warpgroup and stores it by TMA, so the store of one tile overlaps the math of the next.
 
 How TileConfig maps onto Mosaic GPU (the portable twins read the same fields as Triton tiles):
 
-| field      | Mosaic GPU meaning                                                                 |
-| ---------- | ---------------------------------------------------------------------------------- |
-| block_m    | rows of the output tile = wgmma M: a multiple of 64 (one wgmma covers 64 rows)     |
-| block_n    | columns of the output tile = wgmma N (≤ 256); TMA box of W, V, bias, out, residual |
-| block_k    | K slab per ring slot: TMA box of X and W; with block_n it picks the swizzle        |
-| group_m    | grouped program order over the 1-D grid: Triton's L2 trick, the same formula       |
-| num_stages | ring slots = TMA copies in flight ahead of the tensor core (1: no overlap)         |
-| num_warps  | ignored: one Pallas thread is one warpgroup (4 warps)                              |
+| field            | Mosaic GPU meaning                                                          |
+| ---------------- | --------------------------------------------------------------------------- |
+| block_m          | rows of a block's output tile: 64, 128 or 256                              |
+| block_n          | OUTPUT columns of a block's tile; the operand tile is block_n wide           |
+|                  | (linear_act) or 2·block_n wide (gated: [W|V] packed in 64-column blocks)     |
+| block_k          | K slab per pipeline step (TMA box of X and of the weight); picks the swizzle |
+| group_m          | `planar_snake` band width along M: Triton's grouped order, snaking back on   |
+|                  | every other band so consecutive tiles share X or W slabs in L2              |
+| num_stages       | pipeline slots = K steps in flight (`max_concurrent_steps`)                  |
+| warp_specialize  | True: 1 memory + 2 compute warpgroups; the compute warpgroups split the tile |
+|                  | along N when the operand tile is ≥ 256 wide, else along M (block_m ≥ 128).   |
+|                  | False: one warpgroup issues the TMA copies and the wgmma                     |
+| epilogue_subtile | column slices of a compute warpgroup's output tile per epilogue tile         |
+|                  | (epi_n = warpgroup columns / epilogue_subtile; gated: a multiple of 64)     |
+| num_warps        | ignored: a Pallas thread is one warpgroup (4 warps)                          |
 
-Edges: TMA moves whole boxes, so the launchers pad M, N and K up to the tile multiples (K with
-zeros, which add nothing to the products) and slice the result; aligned operands are not copied.
-The Mosaic GPU interpreter (CPU) runs all of this except the layout-annotated bias load
-(`row_vector`), the one place where the interpreted and compiled variants differ.
+A compute warpgroup's accumulator is at most 128×128 fp32 (128 of a thread's registers; the
+warp-specialised split leaves a compute thread 232). The packed gated operand is ONE wgmma of
+2·block_n columns; the epilogue splits it into its 64-column (gate, up) blocks.
+
+Edges: no padding of tile-ragged problems. TMA zero-fills the parts of a box that lie past the
+end of an array (reads; zero K columns add nothing) and clips them (writes), so M, N and K need
+not be multiples of the tiles. What TMA into swizzled tiles does need, as Mosaic GPU describes the
+copy (the array cut into whole swizzle atoms: "dimension 1 must have size smaller or a multiple of
+its tiling"): K and N multiples of the swizzle width, at least 32 bytes (16 elements) since wgmma
+takes no narrower swizzle — `unsupported_reason` refuses other widths (fallback pallas_triton);
+every model width is a multiple of 64, which gets the 128-byte swizzle — and M a multiple of 8
+(the atom's rows) or below 8: other M are padded by up to 7 rows (`padded_extents`, the one copy
+left, for odd M only). The Mosaic GPU interpreter of jax 0.10 models neither the zero fill nor the
+clipping (an out-of-bounds copy raises), so there — and only there — the launchers pad every
+extent to whole tiles (`compat.mosaic_interpreter_models_tma_edges`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,104 +65,236 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ...common.config import TileConfig
 from ...common.dtypes import FP32_PRECISIONS
+from ...common.packing import PACK_BLOCK
+from ...common.tiling import shape_bucket
 from .. import compat
 
 IMPL = "pallas_mosaic"
 FALLBACK = "pallas_triton"
+FAMILIES = ("linear_act", "gated")
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 WGMMA_M = 64  # rows of one wgmma instruction (one warpgroup)
 WGMMA_MAX_N = 256
-# Pallas' TMA lowering splits each copy's byte count over the 128 threads of the warpgroup, so every
-# copy must move a multiple of 128 bytes (GPU lowering: "Only copies transferring a number of bytes
-# divisible by the warpgroup size are supported"; the interpreter does not check it).
-TMA_GRANULE = 128
-SMEM_BYTES = 227 * 1024  # H100 shared memory per block
-# fp32 accumulator registers per thread of the warpgroup: 128×128 fp32 over 128 threads is 128 of
-# the 255 a thread has; more leaves no room for the epilogue (ptxas spills).
+EPI_M = 64  # rows of one epilogue tile: one wgmma row block
+MIN_SWIZZLE_BYTES = 32  # wgmma's narrowest operand swizzle; K and N rows are multiples of it
+ROW_TILE = 8  # rows of a swizzle atom: M is cut into whole 8-row tiles by the TMA descriptors
+SMEM_BYTES = 227 * 1024  # H100/H200 shared memory per block
+# fp32 accumulator elements per compute warpgroup: 128×128 over 128 threads is 128 registers of a
+# thread; more leaves no room for the epilogue (ptxas spills).
 MAX_ACC_ELEMS = 128 * 128
+MEMORY_REGISTERS = 40  # the memory warpgroup only issues TMA (jax's example uses 40 on H100)
+COMPUTE_WARPGROUPS = 2  # with warp_specialize
+# Under the interpreter the persistent grid has two blocks, so each walks several tiles.
+INTERPRET_NUM_SMS = 2
+DEFAULT_NUM_SMS = 132  # H200 / H100 SXM, when no GPU is visible (lowering for CUDA on a CPU)
 
-# Under the interpreter: the smallest legal wgmma M (64) and the narrowest legal N (64: one TMA copy
-# of the bias row is 128 bytes) and K tiles, so the golden shapes (odd widths 13..97) span several
-# N tiles and K steps, with a two-slot ring so refills happen. Legal on the GPU too.
-INTERPRET_CONFIG = TileConfig(block_m=64, block_n=64, block_k=16, group_m=2, num_warps=4,
-                              num_stages=2)
+# Under the interpreter: the smallest tiles that exercise the warp-specialised path — two compute
+# warpgroups splitting 128 rows, a two-slot pipeline over 16-wide K slabs (three K steps at K=48),
+# 64 output columns (one gate/up pair for gated). Legal on the GPU too.
+INTERPRET_CONFIG = TileConfig(block_m=128, block_n=64, block_k=16, group_m=2, num_warps=4,
+                              num_stages=2, warp_specialize=True)
+
+TUNED_FILE = Path(__file__).with_name("tuned_h200.json")
 
 
 # ==== support and configs =========================================================================
 def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
-    """Why pallas_mosaic cannot take this problem (None: it can). Any M, N, K is taken (padding).
+    """Why pallas_mosaic cannot take this problem (None: it can). Any M is taken.
 
     float32: wgmma reads 32-bit operands as tf32 only, and tf32 wgmma takes no transposed operand
     (GPU lowering: "Only f16 WGMMA supports transposes"), so W [K, N] would need a K-major copy.
+    K and N: TMA boxes land in swizzled shared-memory tiles, and Mosaic GPU describes such a copy
+    with the array cut into whole swizzle-wide column tiles (lowering: "dimension 1 must have size
+    smaller or a multiple of its tiling"); wgmma's narrowest swizzle is 32 bytes ("Swizzle 16 is
+    not supported"). So K and N must be multiples of 32 bytes (16 elements); padding them instead
+    would copy the weights on every call.
     """
-    del m, n, k
+    del m
     if dtype not in SUPPORTED_DTYPES:
         return (
             f"{IMPL}: dtype {dtype} is not supported (wgmma takes fp16/bf16 here); "
             f"falls back to impl '{FALLBACK}'"
         )
+    itemsize = jnp.dtype(dtype).itemsize
+    for name, size in (("K", k), ("N", n)):
+        if size * itemsize % MIN_SWIZZLE_BYTES:
+            return (
+                f"{IMPL}: {name}={size} is not a multiple of {MIN_SWIZZLE_BYTES // itemsize} for "
+                f"{dtype} (rows of {size * itemsize} bytes; the swizzled TMA tiles of Mosaic GPU "
+                f"need multiples of {MIN_SWIZZLE_BYTES}); falls back to impl '{FALLBACK}'"
+            )
     return None
+
+
+def _heuristic(family: str, m: int) -> TileConfig:
+    # The shape of jax's example at its best on the H200 (740-753 TFLOP/s): a 128×256 operand tile
+    # per block, split into two 128×128 warpgroup tiles, 64-wide K slabs (128-byte swizzle), 4
+    # slots; a tiled epilogue so 4 slots still fit. Small M: 64 rows, the operand tile split
+    # along N into 64×128 warpgroup tiles.
+    block_m = 64 if m <= WGMMA_M else 128
+    if family == "gated":  # block_n = output columns: the packed operand tile is 256 wide
+        return TileConfig(block_m, 128, 64, group_m=8, num_warps=4, num_stages=4,
+                          warp_specialize=True, epilogue_subtile=1)
+    return TileConfig(block_m, 256, 64, group_m=8, num_warps=4, num_stages=4,
+                      warp_specialize=True, epilogue_subtile=2)
+
+
+@functools.cache
+def tuned_table() -> dict[str, list[dict[str, Any]]]:
+    """The committed H200 sweep's best configs ({family: [entry, ...]}; empty if none)."""
+    if not TUNED_FILE.exists():
+        return {}
+    data = json.loads(TUNED_FILE.read_text())
+    return data.get("configs", {})
+
+
+def tuned_config(family: str, m: int, n: int, k: int, dtype: str) -> TileConfig | None:
+    """The tuned entry for (family, N, K) at M's bucket (else the nearest measured M), or None.
+    Entries are measured in bfloat16; float16 takes the same tiles (the same wgmma and bytes)."""
+    del dtype
+    entries = [e for e in tuned_table().get(family, []) if (e["n"], e["k"]) == (n, k)]
+    if not entries:
+        return None
+    bucket = int(shape_bucket(m))
+    best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["m"])) / bucket)))
+    return TileConfig.from_dict(best["config"])
 
 
 def default_config(
     family: str, m: int, n: int, k: int, dtype: str, *, interpret: bool = False
 ) -> TileConfig:
-    """The Mosaic GPU tiles without tuning (benchmarks tune). One warpgroup per block: linear_act
-    holds one 128×128 fp32 accumulator (128 registers a thread), gated two 64×128 ones (the same
-    128); 4 ring slots of 64-wide K slabs (128-byte swizzle) fit in shared memory with the epilogue.
+    """The tiles without tuning: the committed H200 sweep's entry for this shape if there is one
+    (jax_impl/mosaic/tuned_h200.json), else the heuristic; INTERPRET_CONFIG under the interpreter.
     """
-    del n, k, dtype
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     if interpret:
         return INTERPRET_CONFIG
-    if family == "gated" or m <= WGMMA_M:
-        return TileConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
-    return TileConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4)
+    return tuned_config(family, m, n, k, dtype) or _heuristic(family, m)
 
 
-def smem_bytes(config: TileConfig, itemsize: int, num_weights: int, residual: bool) -> int:
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
-    ring = config.num_stages * itemsize * (bm * bk + num_weights * bk * bn)
-    epilogue = itemsize * (bm * bn * (1 + residual) + num_weights * bn)
-    return ring + epilogue
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """The static geometry of one launch, derived from a TileConfig (see the module table)."""
+
+    gated: bool
+    block_m: int
+    block_k: int
+    op_n: int  # operand columns of a block's tile (gated: 2·block_n)
+    out_n: int  # output columns of a block's tile
+    warp_specialize: bool
+    split_n: bool  # the compute warpgroups split the tile along N (else along M)
+    wg_m: int  # rows of a compute warpgroup's tile
+    wg_op_n: int  # operand columns of a compute warpgroup's tile
+    epi_n: int  # output columns of one epilogue tile
+    num_stages: int
+    group_m: int
+
+    @property
+    def wgs(self) -> int:
+        """Compute warpgroups per block."""
+        return COMPUTE_WARPGROUPS if self.warp_specialize else 1
+
+    @property
+    def wg_out_n(self) -> int:
+        return self.wg_op_n // 2 if self.gated else self.wg_op_n
+
+    @property
+    def epi_tiles(self) -> tuple[int, int]:
+        """Epilogue tiles of a compute warpgroup: (along M, along N)."""
+        return self.wg_m // EPI_M, self.wg_out_n // self.epi_n
+
+    @property
+    def out_slots(self) -> int:
+        """Shared-memory slots of a compute warpgroup's output staging: 2 (double buffer) unless
+        the warpgroup stores a single epilogue tile."""
+        return min(2, math.prod(self.epi_tiles))
+
+    def smem_bytes(self, itemsize: int, has_bias: bool) -> int:
+        """Shared memory of the kernel: pipeline slots, output staging, bias rows (barriers add
+        a few bytes)."""
+        ring = self.num_stages * itemsize * (self.block_m + self.op_n) * self.block_k
+        out = self.wgs * self.out_slots * EPI_M * self.epi_n * itemsize
+        bias = self.wgs * self.wg_op_n * itemsize if has_bias else 0
+        return ring + out + bias
 
 
-def check_config(config: TileConfig, dtype: str, num_weights: int, residual: bool) -> None:
-    """ValueError naming the field when a TileConfig cannot drive the Mosaic GPU kernel."""
-    itemsize = jnp.dtype(dtype).itemsize
-    if config.block_m % WGMMA_M:
+def plan_tiles(config: TileConfig, family: str) -> Tiles:
+    """The launch geometry of `config` for `family`; ValueError naming the field that cannot be."""
+    gated = family == "gated"
+    bm, bn = config.block_m, config.block_n
+    op_n = 2 * bn if gated else bn
+    if bm not in (64, 128, 256):
+        raise ValueError(f"config.block_m: expected 64, 128 or 256 for {IMPL} (wgmma rows per "
+                         f"warpgroup are a multiple of {WGMMA_M}), got {bm}")
+    if gated and bn % PACK_BLOCK:
+        raise ValueError(f"config.block_n: expected a multiple of {PACK_BLOCK} for gated (whole "
+                         f"gate/up blocks of the packed operand), got {bn}")
+    if bn < 64:
+        raise ValueError(f"config.block_n: expected at least 64 for {IMPL} (a 128-byte swizzled "
+                         f"row of the output staging), got {bn}")
+    if config.block_k < 16:
+        raise ValueError(f"config.block_k: expected at least 16 for {IMPL}, got {config.block_k}")
+    if config.warp_specialize:
+        split_n = op_n >= 2 * 128
+        if not split_n and bm < 2 * WGMMA_M:
+            raise ValueError(
+                f"config.block_m: expected at least {2 * WGMMA_M} with warp_specialize and an "
+                f"operand tile {op_n} < 256 wide (the two compute warpgroups split the rows), "
+                f"got {bm}")
+        wg_m, wg_op_n = (bm, op_n // 2) if split_n else (bm // 2, op_n)
+    else:
+        split_n, wg_m, wg_op_n = False, bm, op_n
+    if wg_op_n > WGMMA_MAX_N:
+        raise ValueError(f"config.block_n: a warpgroup's operand tile is {wg_op_n} columns, over "
+                         f"wgmma's {WGMMA_MAX_N} (block_n={bn}, family {family})")
+    if wg_m * wg_op_n > MAX_ACC_ELEMS:
         raise ValueError(
-            f"config.block_m: expected a multiple of {WGMMA_M} for {IMPL} (wgmma M per "
-            f"warpgroup), got {config.block_m}"
-        )
-    if config.block_n > WGMMA_MAX_N:
+            f"config: a compute warpgroup's fp32 accumulator would be {wg_m} × {wg_op_n}, over "
+            f"{MAX_ACC_ELEMS} elements (128 registers a thread); got block_m={bm}, block_n={bn}, "
+            f"warp_specialize={config.warp_specialize}, family {family}")
+    wg_out_n = wg_op_n // 2 if gated else wg_op_n
+    if wg_out_n % config.epilogue_subtile:
+        raise ValueError(f"config.epilogue_subtile: {config.epilogue_subtile} does not divide a "
+                         f"warpgroup's {wg_out_n} output columns")
+    epi_n = wg_out_n // config.epilogue_subtile
+    if gated and epi_n % PACK_BLOCK:
         raise ValueError(
-            f"config.block_n: expected at most {WGMMA_MAX_N} for {IMPL} (wgmma N), "
-            f"got {config.block_n}"
-        )
-    if config.block_n * itemsize % TMA_GRANULE:
-        raise ValueError(
-            f"config.block_n: expected a multiple of {TMA_GRANULE // itemsize} for {dtype} on "
-            f"{IMPL} (a TMA copy moves a multiple of {TMA_GRANULE} bytes; the bias row is one "
-            f"BLOCK_N wide), got {config.block_n}"
-        )
-    acc = num_weights * config.block_m * config.block_n
-    if acc > MAX_ACC_ELEMS:
-        raise ValueError(
-            f"config: expected {num_weights} × block_m × block_n ≤ {MAX_ACC_ELEMS} fp32 "
-            f"accumulator elements for one warpgroup, got {num_weights} × {config.block_m} × "
-            f"{config.block_n}"
-        )
-    need = smem_bytes(config, itemsize, num_weights, residual)
+            f"config.epilogue_subtile: gated epilogue tiles hold whole gate/up blocks, so a "
+            f"warpgroup's {wg_out_n} output columns / {config.epilogue_subtile} = {epi_n} must "
+            f"be a multiple of {PACK_BLOCK}")
+    if epi_n < 32:
+        raise ValueError(f"config.epilogue_subtile: epilogue tiles of {epi_n} columns; expected "
+                         f"at least 32 (got {wg_out_n} / {config.epilogue_subtile})")
+    return Tiles(gated=gated, block_m=bm, block_k=config.block_k, op_n=op_n, out_n=bn,
+                 warp_specialize=config.warp_specialize, split_n=split_n, wg_m=wg_m,
+                 wg_op_n=wg_op_n, epi_n=epi_n, num_stages=config.num_stages,
+                 group_m=config.group_m)
+
+
+def check_config(config: TileConfig, dtype: str, num_weights: int, residual: bool) -> Tiles:
+    """ValueError naming the field when a TileConfig cannot drive the Mosaic GPU kernel.
+    num_weights: 1 for linear_act, 2 for gated (the packed [W|V] operand). The residual is
+    staged in the output slots, so it costs no shared memory of its own."""
+    del residual
+    tiles = plan_tiles(config, "gated" if num_weights == 2 else "linear_act")
+    need = tiles.smem_bytes(jnp.dtype(dtype).itemsize, has_bias=True)
     if need > SMEM_BYTES:
         raise ValueError(
             f"config: expected at most {SMEM_BYTES} bytes of shared memory, got {need} for "
-            f"{config} (lower num_stages or the tiles)"
+            f"{config} (lower num_stages, raise epilogue_subtile or shrink the tiles)"
         )
+    return tiles
 
 
 # ==== launcher helpers ============================================================================
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def round_up(value: int, multiple: int) -> int:
-    return max(1, math.ceil(value / multiple)) * multiple
+    """At least one tile, even for 0 (torch_impl/cross pads to this)."""
+    return max(1, cdiv(value, multiple)) * multiple
 
 
 def pad_to(a: jax.Array, shape: Sequence[int]) -> jax.Array:
@@ -145,13 +305,35 @@ def pad_to(a: jax.Array, shape: Sequence[int]) -> jax.Array:
     return jnp.pad(a, widths)
 
 
+def padded_extents(m: int, n: int, k: int, tiles: Tiles, interpret: bool) -> tuple[int, int, int]:
+    """(M, N, K) the launcher pads the operands to; the problem's own extents mean no copy.
+
+    M ≥ 8 that is not a multiple of 8: the TMA descriptors of X, the output and the residual cut
+    M into whole 8-row swizzle atoms, so those rows are padded (X read once more, the output
+    sliced): the one copy left, for odd M only. The jax 0.10 interpreter raises on the
+    out-of-bounds boxes that the GPU (and the 0.11 interpreter) zero-fill and clip, so there every
+    extent is padded to whole tiles (`compat.mosaic_interpreter_models_tma_edges`).
+    """
+    if interpret and not compat.mosaic_interpreter_models_tma_edges():
+        return (round_up(m, tiles.block_m), round_up(n, tiles.out_n),
+                round_up(k, tiles.block_k))
+    return (m if m <= ROW_TILE else round_up(m, ROW_TILE)), n, k
+
+
 def interpret_param(interpret: bool) -> Any:
     """`plgpu.kernel(interpret=...)`: the Mosaic GPU interpreter's params, or None to compile."""
     if not interpret:
         return None
-    from ..compat import mosaic_interpret_params
+    return compat.mosaic_interpret_params()
 
-    return mosaic_interpret_params()
+
+def num_sms(interpret: bool) -> int:
+    """Blocks of the persistent grid: one per SM of the GPU."""
+    if interpret:
+        return INTERPRET_NUM_SMS
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    count = getattr(gpus[0], "core_count", None) if gpus else None
+    return int(count) if count else DEFAULT_NUM_SMS
 
 
 def mma_transforms(cols: int, dtype: Any) -> tuple[Any, Any]:
@@ -161,125 +343,202 @@ def mma_transforms(cols: int, dtype: Any) -> tuple[Any, Any]:
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-# ==== in-kernel pieces ============================================================================
-def program_tile(num_pid_m: int, num_pid_n: int, group_m: int) -> tuple[jax.Array, jax.Array]:
-    """(pid_m, pid_n) of this program on a 1-D grid, in Triton's grouped order: group_m rows of
-    tiles are visited column by column so that W tiles stay in L2 while X tiles are reused."""
-    pid = lax.axis_index("tile")
-    # lax.div/rem/min rather than // % jnp.minimum: non-negative scalars, and jnp's floor division
-    # expands into sign fix-ups that are pointless here.
-    num_pid_in_group = group_m * num_pid_n
-    group_id = lax.div(pid, num_pid_in_group)
-    first_pid_m = group_id * group_m
-    group_size_m = lax.min(num_pid_m - first_pid_m, group_m)
-    pid_m = first_pid_m + lax.rem(lax.rem(pid, num_pid_in_group), group_size_m)
-    pid_n = lax.div(lax.rem(pid, num_pid_in_group), group_size_m)
-    return pid_m, pid_n
-
-
-def ring_allocations(
-    dtype: Any, block_m: int, block_n: int, block_k: int, num_stages: int, num_weights: int
-) -> dict[str, Any]:
-    """run_scoped types of the K ring: X slots, one set of weight slots and barriers per weight."""
-    # wgmma wants A and B with the same swizzle, K a multiple of the swizzle's width and the B tile
-    # tiled by it: take the swizzle of the narrower of BLOCK_K and BLOCK_N (powers of two, so it
-    # divides both). The interpreter does not check this; the GPU lowering raises.
-    transforms = mma_transforms(min(block_k, block_n), dtype)
-    return dict(
-        x_smem=plgpu.SMEM((num_stages, block_m, block_k), dtype, transforms=transforms),
-        w_smems=[plgpu.SMEM((num_stages, block_k, block_n), dtype, transforms=transforms)]
-        * num_weights,
-        # One barrier per slot and operand: each TMA copy arrives on its own barrier with its byte
-        # count, so a slot is ready when every operand's barrier has flipped.
-        x_bars=plgpu.Barrier(num_barriers=num_stages),
-        w_bars=[plgpu.Barrier(num_barriers=num_stages)] * num_weights,
-    )
-
-
-def k_pipeline(
-    x_gmem: Any,
-    w_gmems: Sequence[Any],
-    ring: dict[str, Any],
+def launch(
+    kernel: Callable[..., None],
+    operands: Sequence[jax.Array],
+    out_shape: tuple[int, int],
+    dtype: Any,
+    tiles: Tiles,
     *,
-    m_slice: Any,
-    n_slice: Any,
-    block_m: int,
-    block_n: int,
-    block_k: int,
-    k_iters: int,
-    num_stages: int,
-) -> tuple[jax.Array, ...]:
-    """Σ_k X[m, k]·W_j[k, n] for each weight j, in fp32, through a `num_stages`-slot TMA ring.
-
-    Step ki waits for slot ki % S, issues one wgmma per weight on it (one X slab feeds all), then
-    waits until at most one wgmma group is in flight: every step up to ki - 1 has finished reading
-    its slot, so the slot of step ki - 1 is refilled with step ki - 1 + S while the tensor core
-    works on step ki. With S = 1 there is nothing to overlap: wait for all, refill with ki + 1.
-    """
-    x_smem, w_smems = ring["x_smem"], ring["w_smems"]
-    x_bars, w_bars = ring["x_bars"], ring["w_bars"]
-    in_flight = min(1, num_stages - 1)
-
-    def fetch(ki: Any, slot: Any) -> None:
-        k_slice = pl.ds(ki * block_k, block_k)
-        plgpu.copy_gmem_to_smem(x_gmem.at[m_slice, k_slice], x_smem.at[slot], x_bars.at[slot])
-        for w_gmem, w_smem, w_bar in zip(w_gmems, w_smems, w_bars, strict=True):
-            plgpu.copy_gmem_to_smem(w_gmem.at[k_slice, n_slice], w_smem.at[slot], w_bar.at[slot])
-
-    for slot in range(min(num_stages, k_iters)):  # prologue: fill the ring
-        fetch(slot, slot)
-
-    def acc_scope(*acc_refs: Any) -> tuple[jax.Array, ...]:
-        def step(ki: jax.Array, carry: None) -> None:
-            slot = lax.rem(ki, num_stages)
-            plgpu.barrier_wait(x_bars.at[slot])
-            for w_bar in w_bars:
-                plgpu.barrier_wait(w_bar.at[slot])
-            for acc_ref, w_smem in zip(acc_refs, w_smems, strict=True):
-                plgpu.wgmma(acc_ref, x_smem.at[slot], w_smem.at[slot])
-            plgpu.wgmma_wait(in_flight)
-            done = ki - in_flight  # the newest step whose wgmmas have finished
-            refill = done + num_stages
-
-            @pl.when(jnp.logical_and(done >= 0, refill < k_iters))
-            def _refill() -> None:
-                fetch(refill, lax.rem(done, num_stages))
-
-            return carry
-
-        lax.fori_loop(0, k_iters, step, None)
-        # Reading an accumulator awaits every outstanding wgmma.
-        return tuple(acc_ref[...] for acc_ref in acc_refs)
-
-    acc_types = [plgpu.ACC((block_m, block_n), jnp.float32)] * len(w_gmems)
-    # The accumulators get their own run_scoped nested in the shared-memory one: mixing register
-    # and shared-memory allocations in one run_scoped is refused by the interpreter.
-    return pl.run_scoped(acc_scope, *acc_types)
+    name: str,
+    interpret: bool,
+) -> jax.Array:
+    """One `plgpu.kernel` call: a persistent grid of min(SMs, tiles) blocks of 1 or 3 warpgroups."""
+    m, n = out_shape
+    num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.out_n)
+    threads = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg") if (
+        tiles.warp_specialize) else {}
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+        grid=(max(1, min(num_sms(interpret), num_tiles)),),
+        grid_names=("sm",),
+        **threads,
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_param(interpret),
+        kernel_name=name,
+    )(*operands)
 
 
+# ==== in-kernel pieces ============================================================================
 def row_vector(ref: Any, rows: int, *, interpret: bool) -> jax.Array:
-    """A [BLOCK_N] vector from shared memory as an fp32 [rows, BLOCK_N] tile in the accumulator's
-    layout, to add to it (bias of the epilogue).
+    """A [cols] vector in shared memory as an fp32 [rows, cols] tile in the accumulator's layout,
+    to add to it (the bias of the epilogue).
 
     On the GPU the load must produce wgmma's column layout (`Layout.WGMMA.reduce(0)`), from which
-    broadcasting over the rows is free; a plain `ref[...]` gives a strided layout that cannot be
-    added to the accumulator. The interpreter has no rule for plgpu.load's primitive nor for
-    `layout_cast` (CPU: "MLIR translation rule for primitive 'layout_cast' not found") and needs no
-    layouts, so the interpreted variant reads the ref plainly.
+    broadcasting over the rows is free. The jax 0.10 interpreter has no rule for plgpu.load's
+    primitive nor for `layout_cast` and needs no layouts, so there the ref is read plainly.
     """
-    # The compiled variant is checked by lowering for CUDA on the CPU and run by `pytest -m gpu`.
-    layout = plgpu.Layout.WGMMA.reduce(0)
-    v = ref[...] if interpret else compat.mosaic_load(ref, layout=layout)
+    if not interpret or compat.mosaic_interpreter_has_layouts():
+        v = compat.mosaic_load(ref, layout=plgpu.Layout.WGMMA.reduce(0))
+    else:
+        v = ref[...]
     v = v.astype(jnp.float32)
     return lax.broadcast_in_dim(v, (rows, v.shape[0]), (1,))
 
 
-def store_tile(out: jax.Array, o_smem: Any, o_gmem_tile: Any) -> None:
-    """Registers -> shared memory -> TMA store of one output tile."""
-    o_smem[...] = out
-    plgpu.commit_smem()  # make the generic-proxy smem writes visible to the TMA unit
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem_tile)
-    plgpu.wait_smem_to_gmem(0)  # the block may not exit while its TMA store still reads smem
+# The family's "3. compute" for one epilogue tile: (acc, bias_ref or None, rows, en, o_slot) ->
+# None, writing the tile (cast to the output dtype) into the shared-memory slot o_slot. For
+# linear_act with a residual, o_slot already holds the residual tile when it is called.
+EpilogueFn = Callable[[jax.Array, Any, slice, int, Any], None]
+
+
+def persistent_matmul(
+    x_gmem: Any,
+    w_gmem: Any,
+    b_gmem: Any | None,
+    r_gmem: Any | None,
+    o_gmem: Any,
+    *,
+    tiles: Tiles,
+    epilogue: EpilogueFn,
+) -> None:
+    """The kernel body both families share: 1. program -> tile, 2. load, the K pipeline, the
+    epilogue tiles (3. compute: `epilogue`), 4. store. Refs are whole arrays in GMEM."""
+    dtype = o_gmem.dtype
+    t = tiles
+    m, k = x_gmem.shape
+    n_out = o_gmem.shape[1]
+    m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_out, t.out_n), cdiv(k, t.block_k)
+    ws = t.warp_specialize
+    em_tiles, en_tiles = t.epi_tiles
+    slots = t.out_slots
+
+    # wgmma wants A and B with one swizzle, of at least 32 bytes; a TMA box into a swizzled tile
+    # needs the array's minor dimension to be a multiple of the swizzle's width (Mosaic GPU:
+    # "dimension 1 must have size smaller or a multiple of its tiling"). So the swizzle is the
+    # largest that divides the K slab, K, the weight tile and the weight's width: 128 bytes for
+    # every model width (multiples of 64), 32 at least (unsupported_reason).
+    transforms = mma_transforms(math.gcd(t.block_k, k, t.op_n, w_gmem.shape[1]), dtype)
+    in_specs = [
+        plgpu.BlockSpec((t.block_m, t.block_k), lambda ki: (0, ki), transforms=transforms,
+                        memory_space=plgpu.SMEM),
+        plgpu.BlockSpec((t.block_k, t.op_n), lambda ki: (ki, 0), transforms=transforms,
+                        memory_space=plgpu.SMEM),
+    ]
+
+    def warpgroup_slices(wg: Any) -> tuple[Any, Any]:
+        """This compute warpgroup's rows of the X slab and columns of the weight slab."""
+        if not ws:
+            return slice(None), slice(None)
+        if t.split_n:
+            return slice(None), pl.ds(wg * t.wg_op_n, t.wg_op_n)
+        return pl.ds(wg * t.wg_m, t.wg_m), slice(None)
+
+    def mma_body(idxs: Any, x_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
+        del idxs
+        wg = lax.axis_index("wg") if ws else 0
+        rows, cols = warpgroup_slices(wg)
+        plgpu.wgmma(acc_ref, x_smem.at[rows], w_smem.at[:, cols])
+        # Warp-specialised: the slot goes back to the memory warpgroup when this returns, so
+        # the wgmma must be done reading it; the other compute warpgroup keeps the tensor core
+        # busy meanwhile. One warpgroup: keep one wgmma in flight (the slot is released a step
+        # later, delay_release=1).
+        plgpu.wgmma_wait(0 if ws or t.num_stages == 1 else 1)
+        return acc_ref
+
+    def ws_pipeline(compute_context: Any) -> Any:
+        return plgpu.emit_pipeline_warp_specialized(
+            mma_body,
+            grid=(k_iters,),
+            memory_registers=MEMORY_REGISTERS,
+            in_specs=in_specs,
+            wg_axis="wg",
+            num_compute_wgs=COMPUTE_WARPGROUPS,
+            max_concurrent_steps=t.num_stages,
+            compute_context=compute_context,
+        )
+
+    def plain_pipeline(acc_ref: Any) -> Any:
+        delay = 0 if t.num_stages == 1 else 1
+        specs = [dataclasses.replace(s, delay_release=delay) for s in in_specs]
+        return plgpu.emit_pipeline(
+            lambda idxs, x_smem, w_smem: mma_body(idxs, x_smem, w_smem, acc_ref),
+            grid=(k_iters,),
+            in_specs=specs,
+            max_concurrent_steps=t.num_stages,
+        )
+
+    # The output staging tile: the largest swizzle that divides its width and N (TMA, as above).
+    out_transforms = mma_transforms(math.gcd(t.epi_n, n_out), dtype)
+    ignore = lambda *_, **__: None  # noqa: E731  (the allocations do not depend on the bodies)
+    allocations = dict(
+        pipeline_allocs=ws_pipeline(ignore).get_allocations(x_gmem, w_gmem) if ws else None,
+        # Per compute warpgroup: `slots` output staging tiles and its bias row.
+        out_smem=plgpu.SMEM((t.wgs, slots, EPI_M, t.epi_n), dtype, transforms=out_transforms),
+        b_smem=plgpu.SMEM((t.wgs, t.wg_op_n), dtype) if b_gmem is not None else None,
+        b_bars=plgpu.Barrier(num_barriers=t.wgs) if b_gmem is not None else None,
+        r_bars=plgpu.Barrier(num_barriers=t.wgs * slots) if r_gmem is not None else None,
+    )
+
+    def scope(pipeline_allocs: Any, out_smem: Any, b_smem: Any, b_bars: Any, r_bars: Any) -> None:
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info: Any) -> None:
+            # 1. program -> tile: grouped, snaking order of the output tiles (group_m-row bands)
+            (lin,) = info.index
+            m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 0, t.group_m)
+            m_slice = pl.ds(m_idx * t.block_m, t.block_m)
+            op_slice = pl.ds(n_idx * t.op_n, t.op_n)
+
+            def compute_context(run_pipeline: Callable[[Any], Any]) -> None:
+                wg = lax.axis_index("wg") if ws else 0
+                row0 = m_idx * t.block_m + (wg * t.wg_m if ws and not t.split_n else 0)
+                op0 = n_idx * t.op_n + (wg * t.wg_op_n if t.split_n else 0)
+                col0 = n_idx * t.out_n + (wg * t.wg_out_n if t.split_n else 0)
+
+                def acc_scope(acc_ref: Any) -> None:
+                    # 2. load: this warpgroup's bias row, landing while the K loop runs
+                    if b_gmem is not None:
+                        plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(op0, t.wg_op_n)], b_smem.at[wg],
+                                                b_bars.at[wg])
+                    run_pipeline(acc_ref)
+                    acc = acc_ref[...]  # awaits every wgmma
+                    bias = None
+                    if b_gmem is not None:
+                        plgpu.barrier_wait(b_bars.at[wg])
+                        bias = b_smem.at[wg]
+                    # The previous tile's stores must be done reading the staging slots.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for em in range(em_tiles):
+                        for en in range(en_tiles):
+                            slot = (em * en_tiles + en) % slots
+                            o_slot = out_smem.at[wg, slot]
+                            gm = pl.ds(row0 + em * EPI_M, EPI_M)
+                            gn = pl.ds(col0 + en * t.epi_n, t.epi_n)
+                            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                            if r_gmem is not None:
+                                bar = r_bars.at[wg * slots + slot]
+                                plgpu.copy_gmem_to_smem(r_gmem.at[gm, gn], o_slot, bar)
+                                plgpu.barrier_wait(bar)
+                            # 3. compute (the family's fp32 epilogue, staged in o_slot)
+                            epilogue(acc, bias, slice(em * EPI_M, (em + 1) * EPI_M), en, o_slot)
+                            # 4. store
+                            plgpu.commit_smem()  # generic-proxy writes -> visible to TMA
+                            plgpu.copy_smem_to_gmem(o_slot, o_gmem.at[gm, gn])
+
+                pl.run_scoped(acc_scope, plgpu.ACC((t.wg_m, t.wg_op_n), jnp.float32))
+
+            x_tile, w_tile = x_gmem.at[m_slice, :], w_gmem.at[:, op_slice]
+            if ws:
+                ws_pipeline(compute_context)(x_tile, w_tile, allocations=pipeline_allocs)
+            else:
+                compute_context(lambda acc_ref: plain_pipeline(acc_ref)(x_tile, w_tile))
+
+        # The block may not exit while a TMA store still reads its shared memory.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    pl.run_scoped(scope, **allocations, collective_axes="wg" if ws else ())
 
 
 # ==== validation (public functions) ===============================================================

@@ -5,8 +5,10 @@
 - copy: a device-to-device copy of a large buffer (1 GiB on the GPU, 64 MiB on a CPU), counting the
   bytes read plus the bytes written.
 
-Datasheet rates are leads only; measured ceilings are what "% of roofline" divides by (on the H100
-of 2026-11-22: bf16 788 TFLOP/s, copy 3.02 TB/s). Timed with the same method as the kernels.
+Datasheet rates are leads only; measured ceilings are what "% of roofline" divides by and what the
+floor check of every row uses (H200, 2026-12-01: bf16 754–811 TFLOP/s, copy 4.24 TB/s). Timed with
+the kernels' own device method on a GPU (timing.time_device: torch.profiler, each call after the L2
+flush; the copy is a DtoD memcpy, so memcpy activity counts here), the host clock on a CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .metrics import Ceilings
-from .timing import time_cuda_events, time_host
+from .timing import Stats, reps_for, time_device, time_host, warmup
 
 GPU_MATMUL_N = 8192
 CPU_MATMUL_N = 1024
@@ -55,8 +57,15 @@ def measure(device: str, keys: tuple[str, ...], *, quick: bool = False) -> Ceili
         n //= 2
     reps = {"min_reps": 20, "max_reps": 50, "target_s": 0.1 if quick else 0.3}
 
-    def timer(fn: Any) -> Any:
-        return time_cuda_events(fn, **reps) if gpu else time_host(fn, lambda _: None, **reps)
+    def wait(_: Any) -> None:
+        if gpu:
+            torch.cuda.synchronize()
+
+    def timer(fn: Any) -> Stats:
+        if not gpu:
+            return time_host(fn, wait, **reps)
+        calls = reps_for(warmup(fn, wait), **reps)
+        return time_device("torch", fn, calls, wait, count_copies=True).device
 
     matmul: dict[str, float] = {}
     detail: dict[str, Any] = {"matmul_n": n}

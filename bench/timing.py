@@ -216,7 +216,7 @@ class Flush:
 
     def __init__(self, stack: str, run: Callable[[], None], wait: Callable[[], None]) -> None:
         self.stack = stack
-        self.names: frozenset[str] = frozenset()
+        self.names: dict[str, frozenset[str]] = {}  # per profiler: the flush's kernel names
         self._run, self._wait = run, wait
 
     @classmethod
@@ -246,23 +246,29 @@ class Flush:
     def wait(self) -> None:
         self._wait()
 
-    def is_flush(self, k: Kernel) -> bool:
-        if k.module:  # XLA's own tag names the executable
-            return self.MODULE in k.module
-        return k.name in self.names
+    def predicate(self, profiler: str) -> Callable[[Kernel], bool]:
+        """Is a kernel of a `profiler` trace the flush? (`learn` first.)"""
+        names = self.names.get(profiler, frozenset())
 
-    def learn(self, trace: Tracer) -> None:
-        """Trace the flush alone (once) and keep the names of its kernels."""
-        if self.names:
+        def is_flush(k: Kernel) -> bool:
+            if k.module:  # XLA's own tag names the executable
+                return self.MODULE in k.module
+            return k.name in names
+
+        return is_flush
+
+    def learn(self, profiler: str, trace: Tracer) -> None:
+        """Trace the flush alone (once per profiler) and keep the names of its kernels."""
+        if profiler in self.names:
             return
         self()
         self.wait()  # compiled and warm
         kernels = trace(self.__call__, 1, lambda _: self.wait())
         names = {k.name for k in kernels if not (k.copy or is_copy_name(k.name))}
         if not names:
-            raise TimingError(f"the profiler recorded no kernel for the {self.stack} L2 flush: "
-                              "it cannot see this stack's kernels")
-        self.names = frozenset(names)
+            raise TimingError(f"{profiler}.profiler recorded no kernel for the {self.stack} L2 "
+                              "flush: it cannot see this stack's kernels")
+        self.names[profiler] = frozenset(names)
 
 
 @functools.cache
@@ -402,7 +408,7 @@ def time_device(
     if profiler != stack:
         method += f" on {stack}'s kernels"
     flush = flush or flush_for(stack)
-    flush.learn(trace)
+    flush.learn(profiler, trace)
     counter = itertools.count()
 
     def body() -> Any:
@@ -414,7 +420,8 @@ def time_device(
         flush.wait()
 
     kernels = trace(body, calls, finish)
-    return device_timing(kernels, calls, flush.is_flush, method, count_copies=count_copies)
+    return device_timing(kernels, calls, flush.predicate(profiler), method,
+                         count_copies=count_copies)
 
 
 # ---- host clocks ---------------------------------------------------------------------------------

@@ -110,11 +110,14 @@ def test_flush_and_copies_are_excluded_by_name_and_copies_can_count() -> None:
 
 def test_flush_recognised_by_xla_module_tag() -> None:
     flush = Flush("jax", lambda: None, lambda: None)
-    flush.names = frozenset({"loop_not_fusion"})
+    flush.names = {"jax": frozenset({"loop_not_fusion"})}
+    is_flush = flush.predicate("jax")
     tagged = Kernel("wrapped_not", 0, 1, module="jit_fusedmlp_l2_flush")
     call = Kernel("loop_not_fusion", 0, 1, module="jit_fusedmlp_xla")  # same name, other module
-    assert flush.is_flush(tagged) and not flush.is_flush(call)
-    assert flush.is_flush(Kernel("loop_not_fusion", 0, 1)) and not flush.is_flush(Kernel("x", 0, 1))
+    assert is_flush(tagged) and not is_flush(call)
+    assert is_flush(Kernel("loop_not_fusion", 0, 1)) and not is_flush(Kernel("x", 0, 1))
+    # Names are learned per profiler: another profiler's trace has not been learned.
+    assert not flush.predicate("torch")(Kernel("loop_not_fusion", 0, 1))
 
 
 @pytest.mark.parametrize(
@@ -177,7 +180,7 @@ def test_time_device_on_a_fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
         return i
 
     t = timing.time_device("fake", fn, 5, waited.append, profiler="fake", flush=flush)
-    assert flush.names == frozenset({"flush_kernel"})  # learned from a trace of the flush alone
+    assert flush.names == {"fake": frozenset({"flush_kernel"})}  # from a trace of the flush alone
     assert waited == [4]  # the last call's output, once
     assert t.kernels_per_call == 2 and t.kernel_names == ("gemm", "epilogue")
     assert t.excluded == {"flush": 5, "memcpy/memset": 5}
@@ -189,7 +192,7 @@ def test_time_device_on_a_fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
     # A profiler that cannot see the stack's kernels fails loudly, at the flush.
     blind = Flush("fake", lambda: None, lambda: None)
-    with pytest.raises(TimingError, match="no kernel for the fake L2 flush"):
+    with pytest.raises(TimingError, match=r"fake\.profiler recorded no kernel for the fake L2"):
         timing.time_device("fake", fn, 5, waited.append, profiler="fake", flush=blind)
 
 
@@ -247,6 +250,20 @@ def test_xspace_planes_become_kernels() -> None:
         timing.xspace_kernels([host])
     with pytest.raises(TimingError, match="no device events on /device:GPU:0"):
         timing.xspace_kernels([_plane("/device:GPU:0", {"XLA Ops": [("x", 0.0, 1.0, {})]})])
+
+
+def test_jax_trace_reads_a_real_xspace_and_says_when_there_is_no_gpu() -> None:
+    """The real jax.profiler path on this jax (start_trace with our options, the .xplane.pb file,
+    ProfileData): on a CPU the trace has host planes only, and the error names them."""
+    import jax
+    import jax.numpy as jnp
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is present: the GPU tests cover this path")
+    f = jax.jit(lambda a: a * 2)
+    a = jnp.ones(8)
+    with pytest.raises(TimingError, match=r"no /device:GPU plane \(planes: \[.*/host:CPU"):
+        timing.jax_trace(lambda: f(a), 3, jax.block_until_ready)
 
 
 def test_jax_profiler_choice(monkeypatch: pytest.MonkeyPatch) -> None:

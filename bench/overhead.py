@@ -154,8 +154,10 @@ def run_overhead(providers: list[Provider], device: str, *, m: int = 8,
         if reason is not None:
             row = {"provider": p.name, "status": "skipped", "message": reason}
         elif p.interpreted(device, case):
-            row = {"provider": p.name, "status": "interpreted — not measured",
-                   "what": FIRST_CALL.get(p.chosen(case), "")}
+            chosen = p.chosen(case)
+            row = {"provider": p.name if chosen == p.impl else f"{p.name} → {chosen}",
+                   "impl": p.impl, "chosen": chosen, "status": "interpreted — not measured",
+                   "what": FIRST_CALL.get(chosen, "")}
         else:
             row = measure_row(p.name, p.stack, p.impl, lambda p=p: p.make(case), device, timing,
                               chosen=p.chosen(case))

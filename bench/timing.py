@@ -348,14 +348,18 @@ def xspace_kernels(planes: Iterable[Any]) -> list[Kernel]:
     lines = list(plane.lines)
     streams = [ln for ln in lines if ln.name.startswith("Stream")] or [
         ln for ln in lines if ln.name not in _DERIVED_LINES]
-    out = []
+    out, graphs = [], []
     for line in streams:
         for e in line.events:
             stats = {str(k): v for k, v in e.stats}
             copy = "memcpy_details" in stats or "memset_details" in stats or is_copy_name(e.name)
             start = float(e.start_ns)
-            out.append(Kernel(e.name, start, start + float(e.duration_ns), line=line.name,
-                              module=str(stats.get("hlo_module", "") or ""), copy=copy))
+            k = Kernel(e.name, start, start + float(e.duration_ns), line=line.name,
+                       module=str(stats.get("hlo_module", "") or ""), copy=copy)
+            # A whole CUDA graph's span (XLA command buffers, where CUPTI traces graphs as one
+            # record) would count its kernels twice beside their own records.
+            (graphs if "cuda_graph_exec_id" in stats else out).append(k)
+    out = out or graphs  # graph spans only where the graphs' kernels were not recorded one by one
     if not out:
         raise TimingError(f"no device events on {plane.name} (lines: {[ln.name for ln in lines]})")
     return out

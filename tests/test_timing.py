@@ -246,6 +246,15 @@ def test_xspace_planes_become_kernels() -> None:
         ("Memset", 31.0, 32.0, "", True),
         ("fusedmlp_gated", 33.0, 83.0, "jit_fusedmlp_pallas_triton", False),
     ]
+    # A CUDA graph's own record beside its kernels' records is not counted twice; alone, it is
+    # the device activity there is.
+    graph = ("cudaGraphLaunch", 0.0, 90.0, {"cuda_graph_exec_id": 3})
+    with_graph = _plane("/device:GPU:0", {"Stream #13(Kernel,CudaGraph)": [
+        graph, ("loop_not_fusion", 0.0, 30.0, {}), ("fusedmlp_gated", 33.0, 50.0, {})]})
+    assert [k.name for k in timing.xspace_kernels([with_graph])] == ["loop_not_fusion",
+                                                                    "fusedmlp_gated"]
+    only = _plane("/device:GPU:0", {"Stream #13(CudaGraph)": [graph]})
+    assert [(k.name, k.end_ns) for k in timing.xspace_kernels([only])] == [("cudaGraphLaunch", 90)]
     with pytest.raises(TimingError, match="no /device:GPU plane"):
         timing.xspace_kernels([host])
     with pytest.raises(TimingError, match="no device events on /device:GPU:0"):

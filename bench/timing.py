@@ -138,13 +138,14 @@ def split_calls(
     """The kernels of each of `calls` calls, each call issued right after a flush.
 
     In start order, a run of flush kernels opens a call; every kernel up to the next flush belongs
-    to it. Raises TimingError unless there are exactly `calls` flushes, no kernel before the first,
-    and every call has the same kernels (count and names): K is learned from the trace and checked
-    on every call, never inferred from idle gaps. memcpy/memset activity is excluded unless
-    `count_copies` (the copy ceiling is one).
+    to it. Raises TimingError unless there are exactly `calls` flushes and every call has the same
+    kernels (count and names): K is learned from the trace and checked on every call, never
+    inferred from idle gaps. memcpy/memset activity is excluded unless `count_copies` (the copy
+    ceiling is one); so is work that ran before the first flush (issued before the timed calls: no
+    call can own it), counted as "before the first flush".
     """
     groups: list[list[Kernel]] = []
-    excluded = {"flush": 0, "memcpy/memset": 0}
+    excluded = {"flush": 0, "memcpy/memset": 0, "before the first flush": 0}
     in_flush = False
     for k in sorted(kernels, key=lambda k: (k.start_ns, k.end_ns)):
         if is_flush(k):
@@ -158,8 +159,8 @@ def split_calls(
             excluded["memcpy/memset"] += 1
             continue
         if not groups:
-            raise TimingError(f"kernel {k.name!r} (start {k.start_ns:.0f} ns) runs before the "
-                              "first flush: the trace holds work that is not ours")
+            excluded["before the first flush"] += 1
+            continue
         groups[-1].append(k)
     if len(groups) != calls:
         raise TimingError(f"{len(groups)} flushes in the trace for {calls} calls "

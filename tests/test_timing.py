@@ -58,7 +58,7 @@ def test_kernels_are_assigned_to_calls_between_flushes() -> None:
     # Any order in the list: the assignment sorts by start.
     groups, excluded = split_calls(reversed(events), 3, _flush_names)
     assert [[k.name for k in g] for g in groups] == [["gemm", "act", "gemm2"]] * 3
-    assert excluded == {"flush": 3, "memcpy/memset": 0}
+    assert excluded == {"flush": 3, "memcpy/memset": 0, "before the first flush": 0}
     t = device_timing(events, 3, _flush_names, "fake")
     assert t.kernels_per_call == 3 and t.kernel_names == ("gemm", "act", "gemm2")
     # device = sum of the durations (75 ns); span = first start to last end (75 + 2 gaps of 3 ns).
@@ -93,12 +93,21 @@ def test_kernels_on_two_streams_go_to_the_call_they_start_in() -> None:
     assert t.span.median == pytest.approx(40e-9)
 
 
+def test_work_before_the_first_flush_belongs_to_no_call() -> None:
+    """Kernels still running from before the timed calls (issued before the first flush) are
+    counted apart, never in a call."""
+    t = device_timing([Kernel("stray", 0, 500), *_trace([[("gemm", 40)]] * 2)], 2, _flush_names,
+                      "fake")
+    assert t.device.max == pytest.approx(40e-9) and t.kernels_per_call == 1
+    assert t.excluded == {"flush": 2, "memcpy/memset": 0, "before the first flush": 1}
+
+
 def test_flush_and_copies_are_excluded_by_name_and_copies_can_count() -> None:
     calls = [[("gemm", 40), ("Memset (Device)", 2), ("Memcpy DtoD (Device -> Device)", 7)]] * 2
     events = _trace(calls)
     t = device_timing(events, 2, _flush_names, "fake")
     assert t.kernels_per_call == 1 and t.device.median == pytest.approx(40e-9)
-    assert t.excluded == {"flush": 2, "memcpy/memset": 4}
+    assert t.excluded == {"flush": 2, "memcpy/memset": 4, "before the first flush": 0}
     # The copy ceiling times a DtoD memcpy: there copies are the work.
     t = device_timing(events, 2, _flush_names, "fake", count_copies=True)
     assert t.kernels_per_call == 3 and t.device.median == pytest.approx(49e-9)
@@ -123,8 +132,6 @@ def test_flush_recognised_by_xla_module_tag() -> None:
 @pytest.mark.parametrize(
     ("events", "calls", "message"),
     [
-        # A kernel before the first flush: work that is not ours.
-        ([Kernel("stray", 0, 5), *_trace([[("gemm", 40)]] * 2)], 2, "before the first flush"),
         # One flush too few for the calls made (a call the profiler lost).
         (_trace([[("gemm", 40)]] * 2), 3, "2 flushes in the trace for 3 calls"),
         # K not constant: one call launched an extra kernel.
@@ -183,7 +190,7 @@ def test_time_device_on_a_fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert flush.names == {"fake": frozenset({"flush_kernel"})}  # from a trace of the flush alone
     assert waited == [4]  # the last call's output, once
     assert t.kernels_per_call == 2 and t.kernel_names == ("gemm", "epilogue")
-    assert t.excluded == {"flush": 5, "memcpy/memset": 5}
+    assert t.excluded == {"flush": 5, "memcpy/memset": 5, "before the first flush": 0}
     # Calls 0..4 in order: gemm 100..104 ns + epilogue 10 ns; the span adds the memset's slot.
     assert t.device.median == pytest.approx(112e-9) and t.device.min == pytest.approx(110e-9)
     assert t.device.max == pytest.approx(114e-9)

@@ -115,8 +115,11 @@ def parity_tables(parity: dict[str, Any]) -> list[Table]:
 def bench_tables(bench: dict[str, Any]) -> list[Table]:
     c = bench["ceilings"]
     mm = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in c["matmul"].items())
-    tables = [Table("Ceilings (measured in this run)", ["matmul", "copy (read + write)"],
-                    [[mm, f"{c['copy'] / 1e9:.4g} GB/s"]])]
+    read = c.get("read")
+    tables = [Table("Ceilings (measured in this run)",
+                    ["matmul", "copy (read + write)", "read only"],
+                    [[mm, f"{c['copy'] / 1e9:.4g} GB/s",
+                      f"{read / 1e9:.4g} GB/s" if read else "-"]])]
     for case in bench["cases"]:
         fl = case["floor"]
         gpu = case["device"] == "cuda"

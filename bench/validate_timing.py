@@ -14,8 +14,8 @@ fronts' baselines, as the bench calls them), it prints and saves:
   flush) for torch; for JAX a jitted loop of 16 calls unrolled in one executable (each call's input
   depends on the previous output through one elementwise op, so nothing is hoisted; no host work
   between the calls), per call; and JAX's device time read a second way, through torch.profiler;
-- the roofline floor from ceilings measured in this run, and each row's verdict (judge_timing);
-  and a read-only bandwidth probe (a sum over 1 GiB) beside the copy ceiling the floors use;
+- the roofline floor from ceilings measured in this run (matmul, copy, and read-only, which the
+  floor check uses where it is faster than the copy), and each row's verdict (judge_timing);
 - checks, each PASS/FAIL: llama3-8b M=16 device time between the floor and 125 µs (independent
   values at bef0e52: eager 111 µs, XLA 97 µs); no row below its floor; torch device within 5 % of
   do_bench_cudagraph where the call is not host-bound; JAX device ≤ throughput × 1.05; JAX device
@@ -107,23 +107,6 @@ def _jax_loop(spec: Any, x: Any, params: dict[str, Any], calls: int = LOOP_CALLS
                                          "(wall clock / calls, 5 runs)"}
 
 
-def _read_rate(nbytes: int = 2**30) -> float | None:
-    """Read-only bandwidth (a sum over 1 GiB), beside the copy ceiling the floors use: a kernel
-    that only streams weights may beat a read+write copy, and the floor check allows 3 %."""
-    import torch
-
-    from fusedmlp.bench.timing import time_device
-
-    try:
-        buf = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-        t = time_device("torch", lambda i: buf.sum(dtype=torch.float32), 30,
-                        lambda _: torch.cuda.synchronize())
-        return nbytes / t.device.median
-    except Exception as exc:  # informative only
-        print(f"read-only probe failed: {type(exc).__name__}: {exc}")
-        return None
-
-
 def _fmt(seconds: float | None) -> str:
     return f"{'-':>9}" if seconds is None else f"{seconds * 1e6:9.1f}"
 
@@ -154,9 +137,9 @@ def run(out: Path, *, target_s: float = 0.1, smoke_cpu: bool = False) -> int:
     cases = _cases()[-1:] if smoke_cpu else _cases()
     ceil = ceilings_mod.measure(device, tuple(sorted({matmul_key(s) for _, s, _ in cases})),
                                 quick=smoke_cpu)
-    read = None if smoke_cpu else _read_rate()
     print(f"ceilings: matmul {ceil.matmul}, copy {ceil.copy / 1e12:.3f} TB/s, read-only "
-          f"{(read or 0) / 1e12:.3f} TB/s ({time.perf_counter() - t_start:.0f} s)", flush=True)
+          f"{(ceil.read or 0) / 1e12:.3f} TB/s ({time.perf_counter() - t_start:.0f} s)",
+          flush=True)
     rows: list[dict[str, Any]] = []
     keep_case = None
     for label, spec, m in cases:
@@ -186,9 +169,11 @@ def run(out: Path, *, target_s: float = 0.1, smoke_cpu: bool = False) -> int:
                     _guard(row, "device_via_torch_profiler", lambda fn=fn, wait=wait: time_device(
                         "jax", fn, 50, wait, profiler="torch").device.to_dict())
             fl = floor(spec, m, provider.impl, ceil)
-            row["floor_s"], row["bound"] = fl.seconds, fl.bound
+            check = floor(spec, m, provider.impl, ceil, check=True)
+            row["floor_s"], row["floor_check_s"], row["bound"] = (fl.seconds, check.seconds,
+                                                                  fl.bound)
             if m_ is not None and "time" in m_ and not smoke_cpu:
-                invalid, flags = judge_timing(m_, fl.seconds, fl.bound)
+                invalid, flags = judge_timing(m_, check.seconds, check.bound)
                 row["invalid"], row["flags"] = invalid, flags
             row["seconds"] = time.perf_counter() - t0
             print(f"  {label} M={m} {provider.name}: {row['seconds']:.1f} s", flush=True)
@@ -207,8 +192,7 @@ def run(out: Path, *, target_s: float = 0.1, smoke_cpu: bool = False) -> int:
     checks = _checks(rows)
     _print_table(rows, checks, ceil)
     result = {"kind": "fusedmlp-validate-timing", "version": 1, "environment": environment(),
-              "ceilings": ceil.to_dict(), "read_only_bytes_per_s": read, "rows": rows,
-              "checks": checks,
+              "ceilings": ceil.to_dict(), "rows": rows, "checks": checks,
               "seconds": time.perf_counter() - t_start}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")

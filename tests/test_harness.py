@@ -151,7 +151,7 @@ def bench_json(spec_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_bench_times_baselines_and_lists_interpreted(bench_json: Path) -> None:
     data = _load(bench_json)
     ceilings = data["bench"]["ceilings"]
-    assert ceilings["copy"] > 0 and ceilings["matmul"]["float32"] > 0
+    assert ceilings["copy"] > 0 and ceilings["read"] > 0 and ceilings["matmul"]["float32"] > 0
     rows = _rows(data, "bench")
     for name in ("torch:eager", "jax:xla"):
         row = rows[name]

@@ -416,6 +416,20 @@ def test_benchmark_rows_invalid_flagged_and_timed(monkeypatch: pytest.MonkeyPatc
     assert row["_cudagraph_arg"] is False
 
 
+def test_floor_check_allows_the_faster_of_copy_and_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode kernel that streams llama3-8b's 352 MB of weights at 4.4 TB/s (80 µs) is faster
+    than a copy moves bytes (4.24 TB/s: floor 83.6 µs) but not than reads go (4.6 TB/s): a result,
+    held to the read rate; without a read ceiling it would be called impossible."""
+    case = Case(LLAMA, 16, "cuda")
+    monkeypatch.setattr(benchmark, "measure", _fake_measure(80e-6, throughput_s=90e-6))
+    decode = Provider("torch", "fused_decode", False)
+    with_read = Ceilings(CEIL.matmul, CEIL.copy, "cuda", {}, read=4.6e12)
+    row = benchmark.time_row(decode, case, None, with_read, {})
+    assert row["status"] == "timed" and row["pct_roofline"] == pytest.approx(104, abs=1)
+    assert row["floor_check_s"] == pytest.approx(352e6 / 4.6e12, rel=0.01)
+    assert benchmark.time_row(decode, case, None, CEIL, {})["status"] == "invalid measurement"
+
+
 def test_auto_rows_are_floored_as_the_implementation_chosen(monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     """nerf-64x5 at 2M rows: the whole-MLP floor (x and y once: 0.5 GB, 127 µs) is far below the

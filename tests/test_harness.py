@@ -290,7 +290,7 @@ def test_gpu_bench_rows_carry_every_measure(tmp_path: Path) -> None:
         row = rows[name]
         assert row["status"] == "timed", row
         assert row["time"]["method"].startswith(f"{row['stack']}.profiler (CUPTI)")
-        assert row["kernels_per_call"] >= 1 and row["excluded_kernels"]["flush"] == row["time"]["n"]
+        assert row["kernels_per_call"] >= 1 and row["excluded_kernels"]["flush"] >= row["time"]["n"]
         assert row["time"]["median"] <= row["span"]["median"] * 1.001
     assert rows["torch:eager"]["cudagraph"]["median"] > 0
     assert rows["torch:auto"]["chosen"] in ("triton", "triton_tma")

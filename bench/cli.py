@@ -12,7 +12,8 @@
     fusedmlp report   RESULTS.json [MORE.json ...] [--markdown PATH] [--plot-dir DIR] [--json PATH]
 
 Exit status: 0 on success, 1 when any parity check fails (parity, and bench's parity gate, which
-flags failing paths instead of timing them), 2 on a usage error. Nothing here imports torch or jax
+flags failing paths instead of timing them) or a timed row is an error or an invalid measurement
+(below its roofline floor: bench, sweep), 2 on a usage error. Nothing here imports torch or jax
 until a command needs them, so `fusedmlp --help` is instant.
 """
 
@@ -240,11 +241,16 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     results = _results("bench", result)
     rep.print_tables(console, rep.bench_tables(result))
     _write(args, results, console)
-    failed = [f"{c.get('preset')} M={c['m']}: {r['provider']}" for c in result["cases"]
-              for r in c["rows"] if r["status"].startswith("FAIL") or r["status"] == "error"]
+    failed = [f"{c.get('preset')} M={c['m']}: {r['provider']}: {r['status']}"
+              for c in result["cases"] for r in c["rows"] if _failed(r)]
     for line in failed:
-        console.print(f"[bold red]not timed, failed: {line}[/]")
+        console.print(f"[bold red]not a result: {line}[/]")
     return 1 if failed else 0
+
+
+def _failed(row: dict[str, Any]) -> bool:
+    """Failed parity, raised, or measured below its floor (timing.judge_timing): exit status 1."""
+    return row["status"].startswith("FAIL") or row["status"] in ("error", "invalid measurement")
 
 
 def cmd_overhead(args: argparse.Namespace, console: Any) -> int:
@@ -280,8 +286,7 @@ def cmd_sweep(args: argparse.Namespace, console: Any) -> int:
     results = _results("sweep", result)
     rep.print_tables(console, rep.sweep_tables(result))
     _write(args, results, console)
-    bad = [c for c in result["cells"] for r in c["rows"]
-           if r["status"].startswith("FAIL") or r["status"] == "error"]
+    bad = [c for c in result["cells"] for r in c["rows"] if _failed(r)]
     return 1 if bad else 0
 
 

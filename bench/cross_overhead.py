@@ -3,18 +3,23 @@
 Holding the kernel fixed makes every difference the framework's. For each kernel — the Triton
 kernels of torch_impl (native from torch, `jax_triton` from JAX) and the Mosaic GPU kernels of
 jax_impl/mosaic (native from JAX, `as_torch_kernel` from torch), families linear_act and gated — and
-each framework, `decompose` measures:
+each framework, `decompose` measures, with the definitions of the bench (timing.measure):
 
-- device_us: median device time per call (timing.time_device: CUDA events around the torch call,
-  jax.profiler's XLA-module span for the jitted JAX call). The same kernel should give the same
-  number from both sides; a gap means extra device work on one side (a pad, a copy, a memset).
-- host_us_per_call: median host time to issue one call without waiting (timing.host_dispatch):
-  torch's launcher (Triton's Python launch path, or as_torch_kernel's argument marshalling) vs
-  JAX's jitted dispatch (pytree flattening, executable lookup, the custom call's launch).
+- device_us: the sum of the call's kernel durations, from the framework's own profiler (each call
+  after the L2 flush), with kernels_per_call (K) and span_us. The same kernel gives the same device
+  time from both sides; a difference is extra device work on one side (a pad, a copy), and shows as
+  a larger K too.
+- throughput_us: per call, N calls issued back to back and one wait.
+- host_issue_us: host time to issue one call without waiting: torch's launcher (Triton's Python
+  launch path, or as_torch_kernel's argument marshalling) vs JAX's jitted dispatch (pytree
+  flattening, executable lookup, the custom call's launch); host_sync_us: one call and its wait.
 - first_call_ms: the first call, synchronised: trace + lowering + compile + launch. Triton's disk
   cache is pointed at a fresh directory for the run so torch's first call compiles; jax_triton and
   as_torch_kernel keep in-memory caches only, so their first call is only a first call in a process
   that has not run the kernel before (run this first, or in its own process).
+
+`attribute` subtracts the native call from the cross call, column by column: the framework is
+charged only what these same-definition columns of the same kernel show.
 
 Shapes are tile-aligned by default (M, N, K multiples of 128), so neither launcher pads and the
 device time is the kernel's alone. Inputs are created once in torch on the GPU and shared with JAX
@@ -38,6 +43,9 @@ import numpy as np
 from fusedmlp.common.config import TileConfig
 
 FAMILIES = ("linear_act", "gated")
+# The measured columns, each with the same definition for every route (attribute() subtracts them).
+MEASURED = ("device_us", "span_us", "throughput_us", "host_issue_us", "host_sync_us",
+            "first_call_ms")
 # kernel -> (native framework, cross framework)
 KERNELS = {"triton": ("torch", "jax"), "mosaic": ("jax", "torch")}
 ROUTE = {
@@ -169,7 +177,7 @@ def _fresh_triton_cache() -> Iterator[None]:
 
 def _measure(site: CallSite) -> tuple[dict[str, Any], Any]:
     from .providers import sync
-    from .timing import host_dispatch, time_device
+    from .timing import measure
 
     def wait(out: Any) -> None:
         sync(site.framework, out)
@@ -178,20 +186,26 @@ def _measure(site: CallSite) -> tuple[dict[str, Any], Any]:
     out = site.fn(0)
     wait(out)
     first_s = time.perf_counter() - t0
-    device, note = time_device(site.framework, "cuda", site.fn)
-    host = host_dispatch(site.fn, wait)
+    m = measure(site.framework, "cuda", site.fn, wait, target_s=0.1)
+    if "device_error" in m:
+        raise RuntimeError(f"device time: {m['device_error']}")
     row = {
         "kernel": site.kernel,
         "framework": site.framework,
-        "device_us": device.median * 1e6,
-        "host_us_per_call": host.median * 1e6,
+        "device_us": m["time"]["median"] * 1e6,
+        "kernels_per_call": m["kernels_per_call"],
+        "span_us": m["span"]["median"] * 1e6,
+        "throughput_us": m["throughput"]["median"] * 1e6,
+        "host_issue_us": m["host_issue"]["median"] * 1e6,
+        "host_sync_us": m["host_sync"]["median"] * 1e6,
         "first_call_ms": first_s * 1e3,
         "route": site.route,
         "config": str(site.config),
-        "device_method": device.method,
-        "device_us_min": device.min * 1e6,
-        "device_us_max": device.max * 1e6,
-        "note": note or "",
+        "device_method": m["time"]["method"],
+        "device_us_min": m["time"]["min"] * 1e6,
+        "device_us_max": m["time"]["max"] * 1e6,
+        "kernel_names": m["kernel_names"],
+        "note": "",
     }
     return row, out
 
@@ -218,8 +232,9 @@ def decompose(
     families: tuple[str, ...] = FAMILIES,
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Rows (kernel, framework, device_us, host_us_per_call, first_call_ms, route, config,
-    device_method, same_bits, note, ...) for each kernel family from both frameworks, and None;
+    """Rows (kernel, framework, device_us, kernels_per_call, span_us, throughput_us, host_issue_us,
+    host_sync_us, first_call_ms, route, config, device_method, same_bits, note, ...) for each kernel
+    family from both frameworks, and None;
     or no rows and the reason where this machine cannot run it. A call site that fails gets a row
     with NaN times and the error in `note`, so one missing wheel does not hide the rest.
 
@@ -245,8 +260,8 @@ def decompose(
                 except Exception as exc:  # a missing wheel or a failing route: say so, go on
                     row = {
                         "kernel": site.kernel, "framework": site.framework,
-                        "device_us": float("nan"), "host_us_per_call": float("nan"),
-                        "first_call_ms": float("nan"), "route": site.route,
+                        **{col: float("nan") for col in MEASURED},
+                        "kernels_per_call": None, "route": site.route,
                         "config": str(site.config), "device_method": "",
                         "note": f"{type(exc).__name__}: {exc}",
                     }
@@ -260,7 +275,8 @@ def decompose(
 
 def attribute(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per kernel: cross call minus native call for each measured column — the framework's share,
-    since the kernel is the same. Positive: the cross route costs more."""
+    since the kernel is the same. Positive: the cross route costs more. `kernels_delta` counts the
+    extra kernels per call (a pad or a copy on one side is device work of that framework)."""
     out = []
     by_key = {(r["kernel"], r["framework"]): r for r in rows}
     for (kernel, fw), row in by_key.items():
@@ -272,12 +288,15 @@ def attribute(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "kernel": kernel,
             "native": native_fw,
             "cross": cross_fw,
-            **{f"{col}_delta": cross[col] - row[col]
-               for col in ("device_us", "host_us_per_call", "first_call_ms")},
+            **{f"{col}_delta": cross[col] - row[col] for col in MEASURED},
+            "kernels_delta": (cross["kernels_per_call"] - row["kernels_per_call"]
+                              if cross.get("kernels_per_call") is not None
+                              and row.get("kernels_per_call") is not None else None),
         })
     return out
 
 
 # The columns every row has, in display order (for the CLI's table).
-COLUMNS = ("kernel", "framework", "device_us", "host_us_per_call", "first_call_ms", "same_bits",
-           "route", "config", "device_method", "note")
+COLUMNS = ("kernel", "framework", "device_us", "kernels_per_call", "span_us", "throughput_us",
+           "host_issue_us", "host_sync_us", "first_call_ms", "same_bits", "route", "config",
+           "device_method", "note")

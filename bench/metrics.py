@@ -17,33 +17,43 @@ WHOLE_IMPLS = ("fused_small", "fused_decode")
 
 @dataclass(frozen=True)
 class Ceilings:
-    """Measured in the same run: matmul rate per dtype (FLOP/s) and device-to-device copy (B/s)."""
+    """Measured in the same run: matmul rate per dtype (FLOP/s), device-to-device copy (B/s, read
+    plus written) and, where measured, read-only bandwidth (B/s)."""
 
     matmul: dict[str, float]
     copy: float
     device: str
     detail: dict[str, Any]
+    read: float | None = None
+
+    @property
+    def memory(self) -> float:
+        """The fastest memory rate measured: what no kernel can beat (the floor check's rate)."""
+        return max(self.copy, self.read or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"matmul": self.matmul, "copy": self.copy, "device": self.device,
-                "detail": self.detail}
+        return {"matmul": self.matmul, "copy": self.copy, "read": self.read,
+                "device": self.device, "detail": self.detail}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ceilings:
-        return cls(dict(data["matmul"]), float(data["copy"]), data["device"], data.get("detail",
-        {}))
+        return cls(dict(data["matmul"]), float(data["copy"]), data["device"],
+                   data.get("detail", {}), data.get("read"))
 
 
 def matmul_key(spec: MLPSpec) -> str:
     return "tf32" if spec.dtype == "float32" and spec.fp32_precision == "tf32" else spec.dtype
 
 
-def floor(spec: MLPSpec, m: int, impl: str, ceilings: Ceilings) -> cost.Floor:
+def floor(spec: MLPSpec, m: int, impl: str, ceilings: Ceilings, *, check: bool = False
+          ) -> cost.Floor:
+    """The roofline floor of `impl`'s way of running the MLP at the copy rate; with `check`, at the
+    fastest memory rate measured (the floor below which a time is an invalid measurement)."""
     return cost.floor(
         spec,
         m,
         flops_per_s=ceilings.matmul[matmul_key(spec)],
-        bytes_per_s=ceilings.copy,
+        bytes_per_s=ceilings.memory if check else ceilings.copy,
         whole=impl in WHOLE_IMPLS,
     )
 

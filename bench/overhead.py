@@ -1,15 +1,18 @@
 """Framework overhead, measured: what each path costs around its kernels on a tiny problem.
 
-On a problem this small (64→128→64, M=8) the kernels take microseconds, so the host side shows:
+On a problem this small (64→128→64, M=8) the kernels take microseconds, so the host side shows.
+Every path is measured by timing.measure, with the definitions of the bench:
 
 - first call: the first call of a fresh callable, synchronised — Dynamo trace + Inductor compile for
   `compile`, trace + lowering + XLA compile for `jax.jit`, Triton JIT (with a fresh TRITON_CACHE_DIR
   when the runner sets one) and Pallas lowering for the kernels;
-- host per call, asynchronous: the time to issue one call without waiting (what a training loop pays
-  when the device keeps up);
-- host per call, synchronised: issue + wait, median over >= 20 calls;
-- device per call (GPU only, timing.py's device methods), and the difference sync − device: the host
-  cost the device cannot hide when every call is waited for.
+- host issue: the time to issue one call without waiting (what a training loop pays when the device
+  keeps up);
+- host sync: issue + wait, median over >= 20 calls;
+- throughput: per call, N calls back to back and one wait (max of host cost and device time);
+- device (GPU only): the sum of the call's kernel durations from the framework's profiler, with the
+  kernels per call (K) and the span; host sync − device is the host cost the device cannot hide
+  when every call is waited for.
 
 On a CPU only real costs are measured: the baselines' dispatch and compile costs and, where it is
 registered, the custom op wrapper `torch.ops.fusedmlp.mlp` around the eager path; interpreted
@@ -27,7 +30,7 @@ from fusedmlp.common import MLPSpec
 
 from .cases import Case
 from .providers import Provider, front, sync
-from .timing import host_dispatch, time_device, time_host
+from .timing import measure
 
 FIRST_CALL = {
     "eager": "first eager dispatch",
@@ -40,6 +43,8 @@ FIRST_CALL = {
     "pallas_triton": "trace + Pallas lowering + Triton compile",
     "pallas_mosaic": "trace + Pallas lowering + Mosaic GPU compile",
     "custom_op": "custom op dispatch (first use)",
+    "mosaic": "JAX trace + Mosaic GPU compile, called from torch",
+    "jax_triton": "jax.jit trace + Triton compile through jax_triton",
 }
 
 
@@ -99,9 +104,14 @@ def custom_op_thunk(case: Case) -> tuple[Any, str] | str:
 
 
 def measure_row(name: str, stack: str, impl: str, make: Any, device: str,
-                timing: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {"provider": name, "stack": stack, "impl": impl,
-                           "what": FIRST_CALL.get(impl, "")}
+                timing: dict[str, Any], *, chosen: str | None = None) -> dict[str, Any]:
+    """One path: first call, then timing.measure (device on a GPU, throughput, host issue/sync).
+    Flat fields in seconds for the table: first_call_s, host_async_s (issue), host_sync_s,
+    throughput_s, device_s, span_s, kernels_per_call, overhead_s (host sync − device)."""
+    chosen = chosen or impl
+    row: dict[str, Any] = {"provider": name if chosen == impl else f"{name} → {chosen}",
+                           "stack": stack, "impl": impl, "chosen": chosen,
+                           "what": FIRST_CALL.get(chosen, "")}
 
     def wait(out: Any) -> None:
         sync(stack, out)
@@ -111,15 +121,19 @@ def measure_row(name: str, stack: str, impl: str, make: Any, device: str,
         fn = make()
         wait(fn(0))
         row["first_call_s"] = time.perf_counter() - t0
-        row["host_async_s"] = host_dispatch(fn, wait, reps=50).median
-        row["host_sync_s"] = time_host(fn, wait, **timing).median
+        m = measure(stack, device, fn, wait, **timing)
+        row["timing"] = m
+        row["host_async_s"] = m["host_issue"]["median"]
+        row["host_sync_s"] = m["host_sync"]["median"]
+        row["throughput_s"] = m["throughput"]["median"]
         if device == "cuda":
-            stats, note = time_device(stack, device, fn, **timing)
-            row["device_s"] = stats.median
-            row["device_method"] = stats.method
-            row["overhead_s"] = row["host_sync_s"] - stats.median
-            if note:
-                row["note"] = note
+            if "device_error" in m:
+                raise RuntimeError(f"device time: {m['device_error']}")
+            row["device_s"] = m["time"]["median"]
+            row["span_s"] = m["span"]["median"]
+            row["kernels_per_call"] = m["kernels_per_call"]
+            row["device_method"] = m["time"]["method"]
+            row["overhead_s"] = row["host_sync_s"] - row["device_s"]
         row["status"] = "measured"
     except NotImplementedError as exc:
         row.update(status="n/a", message=str(exc))
@@ -139,11 +153,14 @@ def run_overhead(providers: list[Provider], device: str, *, m: int = 8,
         reason = p.enabled(device)
         if reason is not None:
             row = {"provider": p.name, "status": "skipped", "message": reason}
-        elif p.interpreted(device):
-            row = {"provider": p.name, "status": "interpreted — not measured",
-                   "what": FIRST_CALL.get(p.impl, "")}
+        elif p.interpreted(device, case):
+            chosen = p.chosen(case)
+            row = {"provider": p.name if chosen == p.impl else f"{p.name} → {chosen}",
+                   "impl": p.impl, "chosen": chosen, "status": "interpreted — not measured",
+                   "what": FIRST_CALL.get(chosen, "")}
         else:
-            row = measure_row(p.name, p.stack, p.impl, lambda p=p: p.make(case), device, timing)
+            row = measure_row(p.name, p.stack, p.impl, lambda p=p: p.make(case), device, timing,
+                              chosen=p.chosen(case))
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -163,6 +180,9 @@ def run_overhead(providers: list[Provider], device: str, *, m: int = 8,
         "m": m,
         "device": device,
         "note": "first call = a fresh callable's first synchronised call in this process; "
-                "host async = issue time per call; sync − device = host cost not hidden",
+                "host issue = time to issue one call; host sync = one call and its wait; "
+                "throughput = N calls back to back + one wait, per call; device = the call's "
+                "kernel durations from the framework's profiler (K kernels per call); "
+                "sync − device = host cost not hidden",
         "rows": rows,
     }

@@ -39,7 +39,8 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 def run_provider(p: Provider, case: Case) -> dict[str, Any]:
     """Plan and run one provider once; the row without judgement (output kept under '_out')."""
     row: dict[str, Any] = {"provider": p.name, "stack": p.stack, "impl": p.impl,
-                           "baseline": p.baseline, "interpreted": p.interpreted(case.device)}
+                           "baseline": p.baseline,
+                           "interpreted": p.interpreted(case.device, case)}
     reason = p.enabled(case.device)
     if reason is not None:
         return {**row, "status": "skipped", "message": reason}
@@ -50,7 +51,7 @@ def run_provider(p: Provider, case: Case) -> dict[str, Any]:
     except Exception as exc:
         return {**row, "status": "error", "message": _short(exc),
                 "traceback": traceback.format_exc()}
-    row.update(plan=plan.describe(), kernels=plan.kernels())
+    row.update(plan=plan.describe(), kernels=plan.kernels(), chosen=plan.impl)
     t0 = time.perf_counter()
     try:
         fn = p.make(case)

@@ -10,6 +10,10 @@ so the harness measures what users call, validation included. JAX thunks are `ja
 per (impl, spec) (the front is jit-compatible; parity and bench in one process share it), so a timed
 call is one XLA executable.
 
+Each stack's `auto` is a provider too (`torch:auto`, `jax:auto`): what users call. Its rows name the
+implementation the front's `plan()` chose (`Provider.chosen`), and are judged, floored and labelled
+as that implementation.
+
 `FAULTS` is a test hook (`fusedmlp parity --inject-fault IMPL`): the named provider's outputs are
 perturbed by one part in a hundred, which the parity matrix must catch.
 """
@@ -18,13 +22,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from fusedmlp.common import MLPSpec, impl_names
-from fusedmlp.common.registry import get_implementation
+from fusedmlp.common.registry import AUTO, get_implementation
 
 from .cases import Case
 
@@ -35,6 +40,11 @@ FAULTS: set[str] = set()
 # `fusedmlp bench --tune`: the torch front's per-layer Triton kernels use tuned configs on a GPU
 # (torch_impl/tuning.py; the first call of each shape sweeps, later ones read the cache).
 TUNING: dict[str, bool] = {"torch": False}
+# Implementations that need a module the GPU image may lack: the row is skipped with the reason.
+OPTIONAL_MODULES = {
+    "jax_triton": ("jax_triton", "the jax_triton wheel is not installed: run bench/fetch_wheels.sh "
+                                 "and carry .wheels/ (bench/gpu_check.sh installs it)"),
+}
 # Twins compared across stacks on the same inputs (torch impl, jax impl).
 TWINS: tuple[tuple[str, str], ...] = (
     ("triton", "pallas_triton"),
@@ -82,13 +92,28 @@ class Provider:
         except Exception as exc:  # a stack that does not import is reported, not fatal
             return f"{FRONT_MODULES[self.stack]} does not import: {type(exc).__name__}: {exc}"
         try:
-            return fr.unavailable_reason(self.impl, device)
+            reason = fr.unavailable_reason(self.impl, device)
         except Exception as exc:
             return f"unavailable_reason failed: {type(exc).__name__}: {exc}"
+        if reason is None and self.impl in OPTIONAL_MODULES:
+            module, why = OPTIONAL_MODULES[self.impl]
+            if importlib.util.find_spec(module) is None:
+                return why
+        return reason
 
-    def interpreted(self, device: str) -> bool:
+    def chosen(self, case: Case | None = None) -> str:
+        """The implementation that runs: `impl`, or for `auto` what the front's plan picks for the
+        case (`auto` itself where the plan cannot be made)."""
+        if self.impl != AUTO or case is None:
+            return self.impl
         try:
-            return bool(front(self.stack).is_interpreted(self.impl, device))
+            return self.plan(case).impl
+        except Exception:
+            return self.impl
+
+    def interpreted(self, device: str, case: Case | None = None) -> bool:
+        try:
+            return bool(front(self.stack).is_interpreted(self.chosen(case), device))
         except Exception:
             return False
 
@@ -141,12 +166,14 @@ def _jax_jitted(impl: str, spec: MLPSpec, faulty: bool) -> Callable[..., Any]:
 
 
 def all_providers(stacks: tuple[str, ...] = STACKS) -> list[Provider]:
-    """Every registered provider, torch first, kernels before baselines in registry order."""
-    return [
-        Provider(stack, name, get_implementation(name).baseline)
-        for stack in stacks
-        for name in impl_names(stack)
-    ]
+    """Every registered provider, torch first, in registry order (kernels before baselines), each
+    stack's `auto` last."""
+    out = []
+    for stack in stacks:
+        out += [Provider(stack, name, get_implementation(name).baseline)
+                for name in impl_names(stack)]
+        out.append(Provider(stack, AUTO, False))
+    return out
 
 
 def select(spec: str | None, stacks: tuple[str, ...] = STACKS) -> list[Provider]:

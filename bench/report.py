@@ -45,12 +45,35 @@ def fmt_num(x: float | None, spec: str = ".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def _status(row: dict[str, Any]) -> str:
+def _status(row: dict[str, Any], limit: int = 60) -> str:
     status = row["status"]
     if status in ("n/a", "skipped", "error") and row.get("message"):
         msg = row["message"].splitlines()[0]
-        return f"{status} ({msg[:60]}{'…' if len(msg) > 60 else ''})"
+        return f"{status} ({msg[:limit]}{'…' if len(msg) > limit else ''})"
+    if status == "invalid measurement" and row.get("message"):
+        return row["message"]  # says which time, the floor and the slack
+    if row.get("flags"):
+        return f"{status}; flagged: " + "; ".join(row["flags"])
     return status
+
+
+def _provider(row: dict[str, Any]) -> str:
+    """The provider, with the implementation `auto` chose."""
+    name = row["provider"]
+    chosen = row.get("chosen")
+    if chosen and chosen != row.get("impl") and "→" not in name:
+        name += f" → {chosen}"
+    return name
+
+
+def is_result(row: dict[str, Any]) -> bool:
+    """A timed row whose numbers are results (not failed, not an invalid measurement)."""
+    return row.get("status") == "timed" and bool(row.get("time"))
+
+
+def _stat(row: dict[str, Any], key: str, what: str = "median") -> float | None:
+    value = row.get(key)
+    return value.get(what) if isinstance(value, dict) else None
 
 
 # ---- tables per section
@@ -61,7 +84,7 @@ def parity_tables(parity: dict[str, Any]) -> list[Table]:
         rows = []
         for r in case["rows"]:
             rows.append([
-                r["provider"],
+                _provider(r),
                 r.get("kernels", "-"),
                 "yes" if r.get("interpreted") else "no",
                 fmt_num(r.get("rel_fro"), ".2e"),
@@ -92,36 +115,56 @@ def parity_tables(parity: dict[str, Any]) -> list[Table]:
 def bench_tables(bench: dict[str, Any]) -> list[Table]:
     c = bench["ceilings"]
     mm = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in c["matmul"].items())
-    tables = [Table("Ceilings (measured in this run)", ["matmul", "copy (read + write)"],
-                    [[mm, f"{c['copy'] / 1e9:.4g} GB/s"]])]
+    read = c.get("read")
+    tables = [Table("Ceilings (measured in this run)",
+                    ["matmul", "copy (read + write)", "read only"],
+                    [[mm, f"{c['copy'] / 1e9:.4g} GB/s",
+                      f"{read / 1e9:.4g} GB/s" if read else "-"]])]
     for case in bench["cases"]:
         fl = case["floor"]
+        gpu = case["device"] == "cuda"
         rows = []
         for r in case["rows"]:
-            t = r.get("time")
+            t = r.get("time") if is_result(r) else None
+            graph = r.get("cudagraph")
             rows.append([
-                r["provider"] + (" (baseline)" if r.get("baseline") else ""),
+                _provider(r) + (" (baseline)" if r.get("baseline") else ""),
                 r.get("kernels", "-"),
                 fmt_time(t["median"]) if t else "-",
                 f"{fmt_time(t['min'])} … {fmt_time(t['max'])}" if t else "-",
                 str(t["n"]) if t else "-",
+                fmt_time(_stat(r, "span")) if t else "-",
+                str(r["kernels_per_call"]) if t and r.get("kernels_per_call") else "-",
+                fmt_time(_stat(r, "throughput")),
+                fmt_time(_stat(r, "host_issue") or r.get("host_dispatch_s")),
+                fmt_time(graph["median"]) if graph else (
+                    "n/a" if r.get("cudagraph_note") else "-"),
                 fmt_num(r.get("tflops"), ".3g"),
                 fmt_num(r.get("gbps"), ".4g"),
                 fmt_num(r.get("pct_roofline"), ".1f"),
-                fmt_time(r.get("host_dispatch_s")),
                 _status(r),
             ])
+        methods = sorted({r["time"]["method"] for r in case["rows"] if is_result(r)})
+        notes = sorted({f"{_provider(r)}: {r['cudagraph_note']}" for r in case["rows"]
+                        if r.get("cudagraph_note")})
         tables.append(Table(
             f"Bench: {case.get('preset', '')} {case['spec_text']}, M={case['m']} "
             f"on {case['device']}",
-            ["provider", "kernels", "median", "min … max", "n", "TFLOP/s", "GB/s", "% roofline",
-             "host dispatch", "status"],
+            ["provider", "kernels", "device" if gpu else "host sync", "min … max", "n", "span",
+             "K", "throughput", "host issue", "cudagraph", "TFLOP/s", "GB/s", "% roofline",
+             "status"],
             rows,
             caption=(f"floor {fmt_time(fl['per_layer_s'])} per-layer / {fmt_time(fl['whole_s'])} "
                      f"whole-MLP ({fl['bound']}-bound); {case.get('input_sets', 1)} input set(s) "
-                     "rotated; timed with "
-                     + ("; ".join(sorted({r["time"]["method"] for r in case["rows"]
-                                          if r.get("time")})) or "-")),
+                     "rotated. " + (
+                         "device = sum of the call's kernel durations (K per call), span = first "
+                         "kernel start to last end, each call after an L2 flush; throughput = N "
+                         "calls back to back + one wait, per call; cudagraph = "
+                         "do_bench_cudagraph (flagged beyond 5 %)" if gpu else
+                         "No device on a CPU: the time is the host clock around each "
+                         "synchronised call") +
+                     "; timed with " + ("; ".join(methods) or "-") +
+                     ("" if not notes else "; " + "; ".join(notes))),
         ))
     return tables
 
@@ -134,14 +177,16 @@ def overhead_tables(overhead: dict[str, Any]) -> list[Table]:
             fmt_time(r.get("first_call_s")),
             fmt_time(r.get("host_async_s")),
             fmt_time(r.get("host_sync_s")),
+            fmt_time(r.get("throughput_s")),
             fmt_time(r.get("device_s")),
+            str(r["kernels_per_call"]) if r.get("kernels_per_call") else "-",
             fmt_time(r.get("overhead_s")),
             r.get("what", ""),
             _status(r),
         ])
     out = [Table(
         f"Overhead: {overhead['spec_text']}, M={overhead['m']} on {overhead['device']}",
-        ["path", "first call", "host/call async", "host/call sync", "device/call",
+        ["path", "first call", "host issue", "host sync", "throughput", "device", "K",
          "sync - device", "first call is", "status"],
         rows,
         caption=overhead.get("note", ""),
@@ -158,20 +203,29 @@ def decomposition_tables(decomposition: dict[str, Any] | None) -> list[Table]:
         return [Table("Overhead decomposition (same kernel, both frameworks)", ["status"],
                       [[f"not measured: {reason}"]])]
     rows = [[r["kernel"], r["framework"], fmt_num(r.get("device_us"), ".1f"),
-             fmt_num(r.get("host_us_per_call"), ".1f"), fmt_num(r.get("first_call_ms"), ".1f"),
+             str(r.get("kernels_per_call") or "-"), fmt_num(r.get("span_us"), ".1f"),
+             fmt_num(r.get("throughput_us"), ".1f"), fmt_num(r.get("host_issue_us"), ".1f"),
+             fmt_num(r.get("host_sync_us"), ".1f"), fmt_num(r.get("first_call_ms"), ".1f"),
              str(r.get("same_bits")), r.get("note") or ""]
             for r in decomposition["rows"]]
     deltas = [[d["kernel"], f"{d['cross']} - {d['native']}",
                fmt_num(d.get("device_us_delta"), "+.1f"),
-               fmt_num(d.get("host_us_per_call_delta"), "+.1f"),
+               "-" if d.get("kernels_delta") is None else f"{d['kernels_delta']:+d}",
+               fmt_num(d.get("throughput_us_delta"), "+.1f"),
+               fmt_num(d.get("host_issue_us_delta"), "+.1f"),
+               fmt_num(d.get("host_sync_us_delta"), "+.1f"),
                fmt_num(d.get("first_call_ms_delta"), "+.1f")]
               for d in decomposition.get("attribution", [])]
     return [
         Table("Overhead decomposition: the same compiled kernel from each framework",
-              ["kernel", "framework", "device µs", "host µs/call", "first call ms",
-               "same bits as native", "note"], rows),
+              ["kernel", "framework", "device µs", "K", "span µs", "throughput µs",
+               "host issue µs", "host sync µs", "first call ms", "same bits as native", "note"],
+              rows),
         Table("Attributed to the framework (cross call minus native call)",
-              ["kernel", "frameworks", "device µs", "host µs/call", "first call ms"], deltas),
+              ["kernel", "frameworks", "device µs", "K", "throughput µs", "host issue µs",
+               "host sync µs", "first call ms"], deltas,
+              caption="device and K differ only where one route runs extra device work (a pad, a "
+                      "copy); the host columns are the framework's call path"),
     ]
 
 
@@ -270,12 +324,12 @@ def plot_bench(bench: dict[str, Any], path: Path) -> Path:
     import textwrap
 
     cases = bench["cases"]
-    heights = [1.6 + 0.3 * max(1, sum(1 for r in c["rows"] if r.get("time"))) for c in cases]
+    heights = [1.6 + 0.3 * max(1, sum(1 for r in c["rows"] if is_result(r))) for c in cases]
     fig, axes = plt.subplots(len(cases), 1, figsize=(9, sum(heights) + 0.3), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     for ax, case in zip(axes[:, 0], cases, strict=True):
-        timed = [r for r in case["rows"] if r.get("time")]
-        names = [r["provider"] for r in timed]
+        timed = [r for r in case["rows"] if is_result(r)]
+        names = [_provider(r) for r in timed]
         med = [r["time"]["median"] * 1e3 for r in timed]
         lo = [m - r["time"]["min"] * 1e3 for m, r in zip(med, timed, strict=True)]
         hi = [r["time"]["max"] * 1e3 - m for m, r in zip(med, timed, strict=True)]
@@ -286,7 +340,7 @@ def plot_bench(bench: dict[str, Any], path: Path) -> Path:
                    label="floor, per-layer")
         ax.axvline(case["floor"]["whole_s"] * 1e3, color="k", ls=":", lw=1,
                    label="floor, whole MLP")
-        untimed = [r["provider"] for r in case["rows"] if not r.get("time")]
+        untimed = [r["provider"] for r in case["rows"] if not is_result(r)]
         title = f"{case.get('preset', '')} M={case['m']} ({case['spec_text']})"
         if untimed:
             title += "\n" + textwrap.fill(f"not timed: {', '.join(untimed)}", 120)
@@ -343,8 +397,8 @@ def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
     rows = [r for r in overhead["rows"] if r.get("host_sync_s") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.8 + 0.4 * max(3, len(rows))))
     names = [r["provider"] for r in rows]
-    series = [("host_async_s", "host, async"), ("host_sync_s", "host, sync"),
-              ("device_s", "device")]
+    series = [("host_async_s", "host issue"), ("host_sync_s", "host sync"),
+              ("throughput_s", "throughput"), ("device_s", "device")]
     height = 0.8 / len(series)
     for k, (key, label) in enumerate(series):
         vals = [(r.get(key) or 0) * 1e6 for r in rows]

@@ -7,6 +7,9 @@ speedup of each stack's `fused_small` over that stack's fastest baseline (torch:
 JAX: xla), and the cell's floor is the whole-MLP roofline floor (x read once, y written once,
 weights once).
 
+Times are the bench's (device time on a GPU, each call after an L2 flush; timing.py); a row that
+is an invalid measurement counts as untimed.
+
 `--short` (the CPU mode): widths 16, 32 × depths 2, 3, float32, M = 512, and torch.compile left out
 unless asked for (its first compile costs tens of seconds per cell on two CPU cores). On a CPU
 fused_small runs interpreted, so cells show the baselines' times and floors and speedup "n/a".
@@ -23,6 +26,7 @@ from .benchmark import bench_case
 from .cases import Case
 from .metrics import Ceilings, floor
 from .providers import Provider, select
+from .report import is_result
 
 WIDTHS = (16, 32, 64, 128)
 DEPTHS = (2, 4, 6, 8)
@@ -39,7 +43,9 @@ def sweep_spec(width: int, depth: int, dtype: str, activation: str = "relu") -> 
 
 
 def speedups(rows: list[dict[str, Any]]) -> tuple[dict[str, float | None], dict[str, float]]:
-    times = {r["provider"]: r["time"]["median"] for r in rows if r.get("time")}
+    """Each stack's best-baseline / fused_small speedup, from rows whose time is a result (timed
+    and not an invalid measurement); and those times by provider."""
+    times = {r["provider"]: r["time"]["median"] for r in rows if is_result(r)}
     out: dict[str, float | None] = {}
     for stack in ("torch", "jax"):
         fused = times.get(f"{stack}:fused_small")

@@ -2,11 +2,12 @@
 
 What is proved: parity of cpu-small passes through both stacks; a deliberately broken kernel makes
 `fusedmlp parity` exit 1 naming the failing row (the front's dispatch patched, and the hidden
---inject-fault hook); bench times the CPU baselines (median/min/max over >= 20 repetitions) and
-lists
-interpreted kernels as not timed, never timing a path that fails parity; overhead records host times
+--inject-fault hook); bench times the CPU baselines (median/min/max over >= 20 repetitions, with
+throughput and host issue beside), lists interpreted kernels as not timed, never times a path that
+fails parity, and has a row for each stack's `auto` naming its choice; overhead records host times
 and first-call costs; report turns saved JSON into Markdown and PNG; every JSON carries the
-environment block. GPU-only checks (DLPack zero-copy, profiler timing of JAX) are marked `gpu`.
+environment block. GPU-only checks (DLPack zero-copy, a small bench with the profilers) are marked
+`gpu`. The timing method itself is tested in test_timing.py.
 """
 
 from __future__ import annotations
@@ -150,18 +151,24 @@ def bench_json(spec_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_bench_times_baselines_and_lists_interpreted(bench_json: Path) -> None:
     data = _load(bench_json)
     ceilings = data["bench"]["ceilings"]
-    assert ceilings["copy"] > 0 and ceilings["matmul"]["float32"] > 0
+    assert ceilings["copy"] > 0 and ceilings["read"] > 0 and ceilings["matmul"]["float32"] > 0
     rows = _rows(data, "bench")
     for name in ("torch:eager", "jax:xla"):
         row = rows[name]
         t = row["time"]
         assert row["status"] == "timed" and row["parity"] == "pass"
         assert t["n"] >= 20 and 0 < t["min"] <= t["median"] <= t["max"]
+        assert t == row["host_sync"] and t["method"] == "host clock, synchronised"  # no device
         assert row["tflops"] > 0 and row["gbps"] > 0 and row["pct_roofline"] > 0
-        assert row["host_dispatch_s"] > 0
+        assert row["host_issue"]["median"] > 0 and row["host_issue"]["n"] == 30
+        assert row["throughput"]["median"] > 0 and row["throughput"]["n"] == 5
+        assert "span" not in row and "cudagraph" not in row  # device-only measures: not invented
     for name in ("torch:triton", "jax:pallas_triton", "torch:fused_small", "jax:fused_small"):
         assert rows[name]["status"] == "interpreted — not timed", rows[name]
         assert "time" not in rows[name]
+    # `auto` (what users call) is a row, naming what it chose: fused_small for this narrow MLP.
+    assert rows["jax:auto"]["chosen"] == "fused_small"
+    assert rows["jax:auto"]["status"] == "interpreted — not timed"
     case = data["bench"]["cases"][0]
     assert case["floor"]["whole_s"] <= case["floor"]["per_layer_s"]
 
@@ -234,7 +241,8 @@ def test_report_writes_markdown_and_png(
     assert cli.main(["report", str(bench_json), str(overhead_json), "--markdown", str(md),
                      "--plot-dir", str(tmp_path), "--json", str(merged)]) == 0
     text = md.read_text()
-    assert "| provider | kernels | median |" in text and "torch:eager" in text
+    assert "| provider | kernels | host sync | min … max | n | span | K | throughput |" in text
+    assert "torch:eager" in text and "| jax:auto → fused_small |" in text
     assert "Overhead:" in text and "Machine: CPU" in text
     for name in ("bench.png", "overhead.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
@@ -267,24 +275,25 @@ def test_gpu_inputs_are_shared_through_dlpack() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_jax_profiler_timing_reads_device_spans() -> None:
-    from fusedmlp.bench.cases import Case
-    from fusedmlp.bench.timing import time_cuda_events, time_jax_profiler
-
-    case = Case(MLPSpec((1024, 4096, 1024), "gelu", bias=True, dtype="bfloat16"), 4096, "cuda")
-    jstats = time_jax_profiler(providers.Provider("jax", "xla", True).make(case))
-    tstats = time_cuda_events(providers.Provider("torch", "eager", True).make(case))
-    assert jstats.method.startswith("jax.profiler") and jstats.n >= 20
-    assert 0 < jstats.min <= jstats.median <= jstats.max
-    # The same MLP through cuBLAS either way: device times within a factor of 3 of each other.
-    assert tstats.median / 3 < jstats.median < 3 * tstats.median
-
-
-def test_profiler_events_split_into_calls_by_gaps() -> None:
-    from fusedmlp.bench.timing import split_spans
-
-    # Three calls of 2, 3 and 1 kernels (ns), separated by idle gaps wider than any inside a call.
-    events = [(0, 10), (12, 5), (100, 4), (106, 4), (111, 9), (300, 7)]
-    assert split_spans(events, 3) == pytest.approx([17e-9, 20e-9, 7e-9])
-    with pytest.raises(RuntimeError, match="2 kernel events for 3"):
-        split_spans(events[:2], 3)
+def test_gpu_bench_rows_carry_every_measure(tmp_path: Path) -> None:
+    """A small GPU bench through the CLI: device time from each stack's profiler, one definition
+    (kernels per call, span, throughput, host issue/sync), the CUDA-graph cross-check on torch
+    rows, every row judged against the floor of the same run."""
+    spec = tmp_path / "mid.json"
+    MLPSpec((1024, 4096, 1024), "gelu", bias=True, dtype="bfloat16").to_json(spec)
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--spec", str(spec), "--m", "4096", "--impl", "eager,xla,auto",
+                     "--json", str(out)])
+    rows = _rows(_load(out), "bench")
+    assert code == 0, {n: (r["status"], r.get("message")) for n, r in rows.items()}
+    for name in ("torch:eager", "jax:xla", "torch:auto", "jax:auto"):
+        row = rows[name]
+        assert row["status"] == "timed", row
+        assert row["time"]["method"].startswith(f"{row['stack']}.profiler (CUPTI)")
+        assert row["kernels_per_call"] >= 1 and row["excluded_kernels"]["flush"] >= row["time"]["n"]
+        assert row["time"]["median"] <= row["span"]["median"] * 1.001
+    assert rows["torch:eager"]["cudagraph"]["median"] > 0
+    assert rows["torch:auto"]["chosen"] in ("triton", "triton_tma")
+    # The same cuBLAS-class MLP either way: device times within a factor of 3 of each other.
+    t, j = rows["torch:eager"]["time"]["median"], rows["jax:xla"]["time"]["median"]
+    assert t / 3 < j < 3 * t

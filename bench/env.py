@@ -49,7 +49,16 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+# The device tool copies the working tree to the GPU machine with a git directory that may be an
+# older snapshot (seen 2026-12-01: `git rev-parse HEAD` there named the checkout's first commit), so
+# a GPU run is told its commit: FUSEDMLP_COMMIT set by whoever sends the tree wins over git.
+COMMIT_ENV = "FUSEDMLP_COMMIT"
+
+
 def git_info() -> dict[str, Any]:
+    given = os.environ.get(COMMIT_ENV)
+    if given:
+        return {"commit": given, "dirty": False, "source": COMMIT_ENV}
     commit = _run(["git", "rev-parse", "HEAD"], REPO_ROOT)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO_ROOT)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}

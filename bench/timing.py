@@ -28,9 +28,14 @@ floor by more than the ceilings' own spread (3 % memory-bound, 10 % compute-boun
 is flagged where device > throughput × 1.05 (the device cannot work longer per call than a loop of
 calls takes).
 
-`FUSEDMLP_JAX_PROFILER=torch` reads JAX's kernels through torch.profiler instead (CUPTI sees every
-kernel of the process): a stated alternative for a machine where jax.profiler cannot trace, recorded
-in the row's method — never chosen silently.
+One CUPTI client per process: on the H200 (2026-12-01, torch 2.11, jax 0.11.2) jax.profiler's GPU
+tracer fails with "CUPTI call error" once torch.profiler has traced in the same process (the
+planes then hold no /device:GPU), while torch.profiler reads JAX's kernels fine (CUPTI sees every
+kernel of the process; it gave 101.1 µs for XLA's llama3-8b M=16 where a jitted loop gave 103).
+So where torch is loaded with CUDA — the harness, which runs both stacks in one process — both
+stacks' kernels are read through torch.profiler: one reader, one definition. jax.profiler reads
+them in a JAX-only process. `FUSEDMLP_JAX_PROFILER=jax|torch` forces one; the row's method names
+the reader either way.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import glob
 import itertools
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -389,7 +395,12 @@ def jax_trace(body: Callable[[], Any], calls: int, finish: Callable[[Any], None]
 
 
 def jax_profiler_choice() -> str:
-    choice = os.environ.get(JAX_PROFILER_ENV, "jax")
+    """The reader of JAX's kernels: $FUSEDMLP_JAX_PROFILER, else torch.profiler where torch is
+    loaded with CUDA (one CUPTI client per process, module docstring), else jax.profiler."""
+    choice = os.environ.get(JAX_PROFILER_ENV)
+    if choice is None:
+        torch = sys.modules.get("torch")
+        return "torch" if torch is not None and torch.cuda.is_available() else "jax"
     if choice not in ("jax", "torch"):
         raise ValueError(f"{JAX_PROFILER_ENV}: expected 'jax' or 'torch', got {choice!r}")
     return choice

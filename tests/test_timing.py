@@ -284,7 +284,21 @@ def test_jax_trace_reads_a_real_xspace_and_says_when_there_is_no_gpu() -> None:
 
 
 def test_jax_profiler_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
     monkeypatch.delenv(timing.JAX_PROFILER_ENV, raising=False)
+    # No torch with CUDA in the process: JAX's own profiler.
+    cpu_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: False))
+    monkeypatch.setitem(sys.modules, "torch", cpu_torch)
+    assert timing.jax_profiler_choice() == "jax"
+    monkeypatch.delitem(sys.modules, "torch")
+    assert timing.jax_profiler_choice() == "jax"
+    # torch loaded with CUDA: one CUPTI client for the process, torch.profiler reads both stacks.
+    gpu_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True))
+    monkeypatch.setitem(sys.modules, "torch", gpu_torch)
+    assert timing.jax_profiler_choice() == "torch"
+    monkeypatch.setenv(timing.JAX_PROFILER_ENV, "jax")
     assert timing.jax_profiler_choice() == "jax"
     monkeypatch.setenv(timing.JAX_PROFILER_ENV, "torch")
     assert timing.jax_profiler_choice() == "torch"

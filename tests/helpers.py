@@ -35,3 +35,14 @@ def golden_names(*, gated: bool | None = None, dtypes: tuple[str, ...] | None = 
             continue
         out.append(name)
     return out
+
+
+def to_torch(a: np.ndarray) -> object:
+    """A NumPy array (ml_dtypes bfloat16 included) as a CPU torch tensor, bit for bit: the one
+    NumPy -> torch conversion of the test suite (torch.from_numpy knows no bfloat16)."""
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())

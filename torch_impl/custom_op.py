@@ -42,7 +42,7 @@ import torch
 
 from fusedmlp.common import MLPSpec, TileConfig, param_shapes
 from fusedmlp.common.registry import AUTO, check_impl
-from fusedmlp.common.validate import ArrayInfo, check_call, check_spec
+from fusedmlp.common.validate import ArrayInfo, check_call, check_spec, check_types
 
 from . import front
 
@@ -199,7 +199,7 @@ def mlp(
     one node under torch.compile. Computes in the spec dtype (autocast is FusedMLP's business)."""
     spec = check_spec(spec)
     check_impl(impl, front.STACK)
-    front._check_types(x, params, config, residual)
+    check_types(front.ADAPTER, x, params, config, residual)
     names = param_names(spec)
     missing = [n for n in names if n not in params]
     extra = sorted(n for n in params if n not in names)

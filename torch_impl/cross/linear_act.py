@@ -41,10 +41,11 @@ from typing import Any
 import torch
 
 from fusedmlp.common.config import TileConfig
+from fusedmlp.common.registry import FALLBACK as _FALLBACKS
 
 FAMILY = "linear_act"
 IMPL = "mosaic"
-FALLBACK = "triton"
+FALLBACK = _FALLBACKS["torch"]
 MIN_JAX = (0, 11, 1)  # as_torch_kernel's launch convention fixed here (jax-ml/jax PR #39640)
 MOSAIC_PACKAGE = "fusedmlp.jax_impl.mosaic"
 
@@ -81,6 +82,20 @@ def as_torch_kernel() -> Callable[[Callable], Callable]:
 def mosaic_module(family: str) -> Any:
     """jax_impl's Mosaic GPU module of `family` (imports jax)."""
     return importlib.import_module(f"{MOSAIC_PACKAGE}.{family}")
+
+
+# ==== what this route can take ====================================================================
+def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
+    """The Mosaic GPU kernels' rule (jax_impl.mosaic.pipeline.unsupported_reason) under this
+    route's name and fallback: the registry's `supports` for impl `mosaic` (imports jax)."""
+    del m, n, k
+    supported = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline").SUPPORTED_DTYPES
+    if dtype not in supported:
+        return (
+            f"{IMPL}: dtype {dtype} is not supported (wgmma takes {'/'.join(supported)} here); "
+            f"falls back to impl '{FALLBACK}'"
+        )
+    return None
 
 
 # ==== launch plan (pure) ==========================================================================

@@ -37,10 +37,12 @@ from torch import nn
 
 from fusedmlp.common import DTYPES, MLPSpec, TileConfig, init_params, param_shapes
 from fusedmlp.common.registry import AUTO, check_impl
-from fusedmlp.common.validate import check_spec
+from fusedmlp.common.validate import check_config, check_spec
 
 from . import front
 from .custom_op import MLP_OP, config_to_json, spec_to_json
+
+_TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -93,13 +95,14 @@ class FusedMLP(nn.Module):
     ) -> None:
         super().__init__()
         spec = check_spec(spec)
-        check_impl(impl, front.STACK)
-        if config is not None and not isinstance(config, TileConfig):
-            got = type(config).__name__
-            raise TypeError(f"config: expected a fusedmlp.common.TileConfig or None, got {got}")
         if dtype is not None:
             spec = _with_dtype(spec, dtype_name(dtype))
         self._spec = spec  # widths, activation, bias, precision; the dtype follows the params
+        # The op's string arguments, built here and when impl/config change, never in forward:
+        # torch.compile then traces no dataclass (torch 2.11's Dynamo cannot make constants of
+        # frozen dataclass instances). One spec string per dtype the params or autocast may have.
+        self._spec_json = {_TORCH_DTYPES[d]: spec_to_json(_with_dtype(spec, d)) for d in DTYPES}
+        self._spec_json_default = self._spec_json[_TORCH_DTYPES[spec.dtype]]
         self.impl = impl
         self.config = config
         self._names = tuple(param_shapes(spec))
@@ -167,6 +170,24 @@ class FusedMLP(nn.Module):
         module = cls(spec, impl=impl, config=config, device=device, seed=None)
         return module.load_params(params)
 
+    # ---- impl and config: validated, their op strings precomputed -------------------------------
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        self._impl = check_impl(impl, front.STACK)
+
+    @property
+    def config(self) -> TileConfig | None:
+        return self._config
+
+    @config.setter
+    def config(self, config: TileConfig | None) -> None:
+        self._config = check_config(config)
+        self._config_json = config_to_json(config)
+
     # ---- the spec the parameters have now ------------------------------------------------------
     @property
     def spec(self) -> MLPSpec:
@@ -182,7 +203,7 @@ class FusedMLP(nn.Module):
         """y = MLP(x) (+ residual), x of shape [..., d_in] -> [..., d_out]."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        params = [getattr(self, name) for name in self._names]
+        params = [self._parameters[name] for name in self._names]
         dtype = params[0].dtype
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -197,8 +218,9 @@ class FusedMLP(nn.Module):
             x = _autocast(x, dtype)
             params = [_autocast(p, dtype) for p in params]
             residual = _autocast(residual, dtype) if residual is not None else None
-        spec_json = _spec_json_for(self._spec, dtype)
-        return MLP_OP(x, params, spec_json, self.impl, config_to_json(self.config), residual)
+        # A dtype outside the contract (float64 params, say) keeps the spec: the front names it.
+        spec_json = self._spec_json.get(dtype, self._spec_json_default)
+        return MLP_OP(x, params, spec_json, self._impl, self._config_json, residual)
 
     # ---- converters (convert.py) -----------------------------------------------------------------
     @classmethod
@@ -234,10 +256,3 @@ def _spec_for(spec: MLPSpec, dtype: torch.dtype) -> MLPSpec:
     # A dtype outside the contract (float64 params, say) keeps the spec: the front then names it.
     name = str(dtype).removeprefix("torch.")
     return _with_dtype(spec, name) if name in DTYPES else spec
-
-
-@torch.compiler.assume_constant_result
-def _spec_json_for(spec: MLPSpec, dtype: torch.dtype) -> str:
-    # Run once at trace time under torch.compile, its result a constant of the graph: Dynamo cannot
-    # trace json.dumps (a C encoder) and need not unroll dataclasses.replace on every trace.
-    return spec_to_json(_spec_for(spec, dtype))

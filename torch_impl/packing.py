@@ -72,10 +72,14 @@ def unpack_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> dict[str
     out: dict[str, torch.Tensor] = {}
     for layer in spec.layers():
         i = layer.index
-        if layer.gated:
-            out[f"w{i}"], out[f"v{i}"] = unpack_gated(params[f"wv{i}"], layer.d_out)
+        if layer.gated:  # canonical order: w, b, v, c
+            w, v = unpack_gated(params[f"wv{i}"], layer.d_out)
+            out[f"w{i}"] = w
             if layer.bias:
                 out[f"b{i}"], out[f"c{i}"] = unpack_gated(params[f"bc{i}"], layer.d_out)
+            out[f"v{i}"] = v
+            if layer.bias:
+                out[f"c{i}"] = out.pop(f"c{i}")
         else:
             out[f"w{i}"] = params[f"w{i}"]
             if layer.bias:

@@ -4,9 +4,10 @@ Hopper GPU only).
     h[m, n] = act(Σ_k x[m, k]·W[k, n] + b[n]) · (Σ_k x[m, k]·V[k, n] + c[n])   (fp32, one rounding)
 
 Grid, tiles, pipeline: the Mosaic GPU sibling's (one X tile feeds both wgmma accumulators), from the
-same TileConfig. Called through `as_torch_kernel` on tile-aligned operands padded in torch, exactly
-as linear_act (see its docstring: one bare Mosaic GPU call per traced function, dense operands, the
-default-stream launch, jax >= 0.11.1, lazy jax import).
+same TileConfig. Called through the per-shape compile of `as_torch_kernel` on operands padded in
+torch only where the JAX launcher would pad them, exactly as linear_act (see its docstring: one
+bare Mosaic GPU call per traced function, dense operands, the default-stream launch, the cached
+compiled callable, jax >= 0.11.1, lazy jax import).
 
 As in the JAX launcher, one bias alone gets zeros for the other branch (one kernel variant).
 
@@ -24,8 +25,9 @@ import torch
 from fusedmlp.common.config import TileConfig
 
 from .linear_act import (
-    as_torch_kernel,
     check_launchable,
+    check_operand,
+    compiled_kernel,
     mosaic_module,
     pad1d,
     pad2d,
@@ -52,14 +54,6 @@ def mosaic_function(activation: str, has_bias: bool, config: TileConfig) -> Call
     return fn
 
 
-@functools.cache
-def wrapped_kernel(
-    activation: str, has_bias: bool, config: TileConfig
-) -> Callable[..., torch.Tensor]:
-    """`mosaic_function` on torch tensors (compiled per shape on first use, then cached)."""
-    return as_torch_kernel()(mosaic_function(activation, has_bias, config))
-
-
 def gated_fwd(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -78,8 +72,8 @@ def gated_fwd(
     n = w.shape[1]
     if m == 0:
         return x.new_empty((0, n))
-    check_launchable(x, config, num_weights=2, residual=False)
-    plan = padded_shapes(m, n, k, config)
+    check_operand(x)
+    plan = padded_shapes(m, n, k, config, FAMILY)
     operands = [
         pad2d(x, plan.mp, plan.kp), pad2d(w, plan.kp, plan.np_), pad2d(v, plan.kp, plan.np_)
     ]
@@ -88,5 +82,10 @@ def gated_fwd(
         b = b if b is not None else x.new_zeros((n,))
         c = c if c is not None else x.new_zeros((n,))
         operands += [pad1d(b, plan.np_), pad1d(c, plan.np_)]
-    kernel = wrapped_kernel(activation, has_bias, config)
+
+    def make() -> Callable[..., Any]:
+        check_launchable(x, config, num_weights=2, residual=False)
+        return mosaic_function(activation, has_bias, config)
+
+    kernel = compiled_kernel((FAMILY, activation, has_bias, config), make, operands)
     return run(kernel, operands, plan)

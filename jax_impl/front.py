@@ -15,8 +15,8 @@ Callers that run `mlp` in a loop pack once, outside, in the layout the registry 
 
 `auto` picks, in order:
   1. `fused_small` — every width ≤ 128: the whole narrow MLP in one kernel;
-  2. `fused_decode` — a 2-layer MLP at decode batch sizes (M ≤ 64): one launch, weights streamed
-     once;
+  2. `fused_decode` — a 2-layer MLP at decode batch sizes (M ≤ 64): one launch, the weights
+     streamed once;
   3. `pallas_mosaic` on Hopper for 16-bit dtypes (Mosaic GPU is where Pallas on NVIDIA is going);
   4. `pallas_triton`, the line-for-line twin of the Triton kernels, everywhere else (and on the CPU,
      interpreted). The Pallas Triton backend is deprecated upstream from jax 0.11; its warning is

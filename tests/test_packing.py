@@ -69,8 +69,8 @@ def test_stack_pack_params_match_numpy_bitwise(dtype):
     import torch
 
     from fusedmlp.jax_impl.packing import pack_params as jax_pack
-    from fusedmlp.torch_impl.module import to_torch
     from fusedmlp.torch_impl.packing import pack_params as torch_pack
+    from helpers import to_torch
 
     spec = MLPSpec((19, 70, 11), "geglu", bias=True, dtype=dtype)
     params = init_params(spec, seed=5)

@@ -15,8 +15,8 @@ the conversion is dropped with the tensors.
 
 `auto` picks, in order:
   1. `fused_small` — every width ≤ 128: the whole narrow MLP in one kernel;
-  2. `fused_decode` — a 2-layer MLP at decode batch sizes (M ≤ 64): one launch, weights streamed
-     once;
+  2. `fused_decode` — a 2-layer MLP at decode batch sizes (M ≤ 64): one launch, the weights
+     streamed once;
   3. `triton_tma` on Hopper, with each layer that misses TMA's 16-byte stride rule run by the
      portable kernel;
   4. `triton`, the portable kernels, everywhere else (and on the CPU, under Triton's interpreter).

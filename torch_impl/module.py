@@ -10,7 +10,10 @@ and the golden files use; `params()` gives them back in the contract's names. `l
 `load_state_dict` take either layout (a state dict saved with `w0`, `v0`, ... is packed on load).
 `forward` calls the registered op `torch.ops.fusedmlp.mlp` (custom_op.py), which runs
 `fusedmlp.torch_impl.front.mlp`: the front validates and plans once per call signature (`impl`,
-"auto" by default) and launches the kernels. torch.compile(fullgraph=True) sees one node.
+"auto" by default) and launches the kernels. torch.compile(fullgraph=True) sees one node. Where
+nothing needs the op — an eager call with no gradient to build (no_grad, inference_mode, or
+frozen params), no trace, no export — forward calls the front directly: the same kernels, without
+the op's dispatch cost.
 
 dtype: the module computes in its parameters' dtype, as `nn.Linear` does: `FusedMLP(spec)` holds
 params in `spec.dtype`; `dtype=` or a later `.to(torch.bfloat16)` changes both, and `.spec` follows.
@@ -107,7 +110,8 @@ class FusedMLP(nn.Module):
         # The op's string arguments, built here and when impl/config change, never in forward:
         # torch.compile then traces no dataclass (torch 2.11's Dynamo cannot make constants of
         # frozen dataclass instances). One spec string per dtype the params or autocast may have.
-        self._spec_json = {_TORCH_DTYPES[d]: spec_to_json(_with_dtype(spec, d)) for d in DTYPES}
+        self._specs = {_TORCH_DTYPES[d]: _with_dtype(spec, d) for d in DTYPES}
+        self._spec_json = {t: spec_to_json(s) for t, s in self._specs.items()}
         self._spec_json_default = self._spec_json[_TORCH_DTYPES[spec.dtype]]
         self.impl = impl
         self.config = config
@@ -251,6 +255,14 @@ class FusedMLP(nn.Module):
             x = _autocast(x, dtype)
             params = [_autocast(p, dtype) for p in params]
             residual = _autocast(residual, dtype) if residual is not None else None
+        if not torch.compiler.is_compiling() and _eager_without_autograd(x, params, residual):
+            # Nothing needs the registered op here (no trace to keep it one node, no gradient to
+            # refuse): call the front directly and skip the op's dispatch, about 29 µs a call on
+            # the 2-core CPU machine (FusedMLP 70 µs vs the front's 35 µs with eager ops, f32).
+            spec = self._specs.get(dtype, self._spec)
+            named = dict(zip(self._names, params, strict=True))
+            config = self._config
+            return front.mlp(x, named, spec, impl=self._impl, config=config, residual=residual)
         # A dtype outside the contract (float64 params, say) keeps the spec: the front names it.
         spec_json = self._spec_json.get(dtype, self._spec_json_default)
         return MLP_OP(x, params, spec_json, self._impl, self._config_json, residual)
@@ -277,6 +289,24 @@ class FusedMLP(nn.Module):
         from .convert import from_linears
 
         return from_linears(*linears, activation=activation, impl=impl, config=config)
+
+
+def _eager_without_autograd(
+    x: torch.Tensor, params: list[torch.Tensor], residual: torch.Tensor | None
+) -> bool:
+    """True where calling the front directly is the op's call exactly: plain tensors (no fake,
+    functional or proxy tensor of a trace or an export), no dispatch mode, no jit trace, and no
+    gradient to build (the op's backward is what raises NotImplementedError)."""
+    if type(x) is not torch.Tensor or torch.jit.is_tracing() or _dispatch_modes() > 0:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (x.requires_grad or any(p.requires_grad for p in params)
+                or (residual is not None and residual.requires_grad))
+
+
+def _dispatch_modes() -> int:
+    return torch._C._len_torch_dispatch_stack()
 
 
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import TileConfig
 from .dtypes import DTYPES, FP32_PRECISIONS
-from .packing import is_packed, packed_names
+from .packing import is_packed, packed_names, packed_width
 from .params import param_shapes
 from .spec import KERNEL_ACTIVATIONS, MLPSpec
 
@@ -244,6 +244,35 @@ def check_layer(
         infos["residual"] = check_array(
             adapter, "residual", residual, shape=[*xi.shape[:-1], n], dtype=dtype
         )
+    check_options(activation, fp32_precision, dtype, config, activations)
+    for name, info in infos.items():
+        if xi.device and info.device and info.device != xi.device:
+            raise ValueError(f"{name}: expected device {xi.device}, got {info.device}")
+    return LayerShape(dtype, k, n)
+
+
+def check_packed_gated(
+    adapter: Adapter,
+    x: object,
+    wv: object,
+    bc: object = None,
+    *,
+    n: int,
+    activation: str,
+    config: object,
+    fp32_precision: str,
+    activations: Sequence[str] = KERNEL_ACTIVATIONS,
+) -> LayerShape:
+    """Every check of a packed gated public function, `gated(x, wv, bc=None, *, n, ...)`:
+    x [..., K], wv [K, packed_width(n)] and bc [packed_width(n)] (common/packing.py) in x's dtype,
+    on x's device. Returns (dtype, K, n)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int (the layer's output width), got {n!r}")
+    xi = check_array(adapter, "x", x, shape=None, dtype=None)
+    dtype, k, width = xi.dtype, xi.shape[-1], packed_width(n)
+    infos = {"wv": check_array(adapter, "wv", wv, shape=[k, width], dtype=dtype)}
+    if bc is not None:
+        infos["bc"] = check_array(adapter, "bc", bc, shape=[width], dtype=dtype)
     check_options(activation, fp32_precision, dtype, config, activations)
     for name, info in infos.items():
         if xi.device and info.device and info.device != xi.device:

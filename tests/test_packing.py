@@ -158,3 +158,53 @@ def test_stack_unpack_params_round_trip(stack):
     for name, value in unpacked.items():
         np.testing.assert_array_equal(to_numpy(value), to_numpy(params[name]))
     assert mod.unpack_params(GATED, params).keys() == params.keys()  # plain passes through
+
+
+@pytest.mark.parametrize("stack", ["torch", "jax"])
+def test_front_feeds_a_packed_entry(stack, monkeypatch):
+    """What the fronts do once a registry entry declares layout="packed" (the kernel branches flip
+    them at merge): plain params are packed — once per set of tensors in torch — and the gated
+    launcher gets (x, wv, bc, n=...). A stand-in launcher unpacks and calls today's kernel."""
+    import dataclasses
+    import importlib
+
+    from fusedmlp.common.registry import get_implementation
+
+    front = importlib.import_module(f"fusedmlp.{stack}_impl.front")
+    packing = importlib.import_module(f"fusedmlp.{stack}_impl.packing")
+    impl = "triton" if stack == "torch" else "pallas_triton"
+    real_launcher = front._launcher
+    seen = []
+
+    def entry(name):
+        e = get_implementation(name)
+        return dataclasses.replace(e, layout="packed") if name == impl else e
+
+    def launcher(name, family, *rest):
+        fwd = real_launcher(name, family, *rest)
+        if family != "gated":
+            return fwd
+
+        def packed_fwd(x, wv, bc, *, n, activation, config, fp32_precision):
+            seen.append((tuple(wv.shape), n))
+            w, v = packing.unpack_gated(wv, n)
+            b, c = packing.unpack_gated(bc, n) if bc is not None else (None, None)
+            return fwd(x, w, b, v, c, activation=activation, config=config,
+                        fp32_precision=fp32_precision)
+
+        return packed_fwd
+
+    monkeypatch.setattr(front, "_entry", entry)
+    monkeypatch.setattr(front, "_launcher", launcher)
+    monkeypatch.setattr(front, "_PREPARED", {})
+    derived = []
+    if stack == "torch":
+        real_derive = front._derive
+        monkeypatch.setattr(front, "_derive", lambda *a: derived.append(1) or real_derive(*a))
+    x, params, packed = _stack_inputs(stack, GATED)
+    want = to_numpy(front.mlp(x, packed, GATED, impl=impl))  # packed in, packed taken: no copy
+    for _ in range(3):
+        np.testing.assert_array_equal(to_numpy(front.mlp(x, params, GATED, impl=impl)), want)
+    assert seen and all(s == ((19, 256), 70) for s in seen)
+    if stack == "torch":
+        assert len(derived) == 1  # the plain tensors were packed once, then read from the cache

@@ -86,13 +86,22 @@ CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TileCo
 def _spec_json(
     widths: tuple[int, ...], activation: str, bias: bool, dtype: str, fp32_precision: str
 ) -> str:
-    spec = MLPSpec(tuple(widths), activation, bias, dtype, fp32_precision)
+    return _spec_json_of(tuple(widths), activation, bias, dtype, fp32_precision)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_json_of(*fields: object) -> str:
     # Compact, one line: the string is a constant in every traced or exported graph that prints it.
-    return json.dumps(spec.to_dict(), separators=(",", ":"))
+    return json.dumps(MLPSpec(*fields).to_dict(), separators=(",", ":"))  # type: ignore[arg-type]
 
 
 @torch.compiler.assume_constant_result
 def _config_json(values: tuple[object, ...]) -> str:
+    return _config_json_of(tuple(values))
+
+
+@functools.lru_cache(maxsize=256)
+def _config_json_of(values: tuple[object, ...]) -> str:
     return json.dumps(dict(zip(CONFIG_FIELDS, values, strict=True)), separators=(",", ":"))
 
 

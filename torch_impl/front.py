@@ -211,7 +211,8 @@ def plan(
 
 # ---- params in the layout the kernels take (converted once per set of tensors) -------------------
 def _layouts(the_plan: Plan) -> frozenset[str]:
-    """The params layouts the launches read ("plain", "packed"); empty: as the caller gave them."""
+    """The params layouts the launches read: "plain", "packed", or both (a per-layer fallback to
+    an implementation of the other layout)."""
     return frozenset(_entry(k.impl).layout for k in the_plan.launches)
 
 

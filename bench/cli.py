@@ -406,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stem", default="", help="prefix of the PNG file names")
     p.add_argument("--json", metavar="PATH", help="also write the merged results")
     p.set_defaults(func=cmd_report)
+
+    from .models import add_parser as add_models_parser  # `fusedmlp models` (bench/models.py)
+
+    add_models_parser(sub)
     return parser
 
 

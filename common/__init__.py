@@ -3,19 +3,28 @@
 Nothing here imports torch or jax.
 """
 
-from . import cost, reference, tolerance
+from . import cost, reference, tolerance, validate
 from .config import TileConfig
 from .dtypes import DTYPES, FP32_PRECISIONS, numpy_dtype
 from .params import init_params, make_grad_output, make_input, param_shapes
 from .plan import KernelLaunch, Plan
 from .presets import PRESETS, Preset, get_preset, preset_batch_sizes
-from .registry import IMPLEMENTATIONS, Implementation, get_implementation, impl_names
+from .registry import (
+    AUTO,
+    FALLBACK,
+    IMPLEMENTATIONS,
+    Implementation,
+    get_implementation,
+    impl_names,
+)
 from .spec import ACTIVATIONS, GATED_ACTIVATIONS, KERNEL_ACTIVATIONS, PLAIN_ACTIVATIONS, MLPSpec
 from .tiling import heuristic_config
 
 __all__ = [
     "ACTIVATIONS",
+    "AUTO",
     "DTYPES",
+    "FALLBACK",
     "FP32_PRECISIONS",
     "GATED_ACTIVATIONS",
     "IMPLEMENTATIONS",
@@ -41,4 +50,5 @@ __all__ = [
     "preset_batch_sizes",
     "reference",
     "tolerance",
+    "validate",
 ]

@@ -2,8 +2,7 @@
 
 Params are a flat dict: `w{i}`, `b{i}` for layer i, and `v{i}`, `c{i}` for the linear branch of a
 gated hidden layer. Weights are `[in, out]` (`x @ W`); converters to `nn.Linear`'s `[out, in]` live
-in
-`torch_impl/`.
+in `torch_impl/`. The packed layout of gated layers (`wv{i}`, `bc{i}`) is common/packing.py's.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """What a front would run for a spec and an input shape: the kernels, their shapes and configs.
 
 Both fronts' `plan()` return a `Plan`; the harness prints it beside every parity and benchmark row.
+A launch names its kernel family and the implementation whose kernel runs as two fields (a
+triton_tma plan whose layer falls back runs `impl="triton"` for that layer), so a runner reads them
+and parses nothing. A launch whose config is to be tuned on its first call says so (`tune=True`,
+`config=None`); otherwise `config` is the TileConfig that runs (None only for baselines).
 """
 
 from __future__ import annotations
@@ -8,20 +12,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import TileConfig
+from .registry import get_implementation
 
 
 @dataclass(frozen=True)
 class KernelLaunch:
-    kernel: str  # "linear_act", "gated", "fused_small", "fused_decode", or a baseline's op
+    family: str  # "linear_act", "gated", "fused_small", "fused_decode", or a baseline's name
+    impl: str  # the implementation whose kernel runs (registry name)
     m: int
     n: int
     k: int
     activation: str
     config: TileConfig | None = None
-    residual: bool = False
+    residual: bool = False  # the residual is added in this launch's epilogue
+    layer: int = 0  # the spec layer a per-layer launch computes (0 for whole-MLP launches)
+    tune: bool = False  # True: the config is swept on the first call of this shape, then cached
+
+    @property
+    def kernel(self) -> str:
+        """How plans print the kernel: "gated", "tma.gated", "mosaic.linear_act", "torch.eager"."""
+        return get_implementation(self.impl).kernel_prefix + self.family
 
     def __str__(self) -> str:
-        cfg = f" [{self.config}]" if self.config is not None else ""
+        cfg = f" [{self.config}]" if self.config is not None else " [tuned]" if self.tune else ""
         res = " +residual" if self.residual else ""
         return f"{self.kernel}({self.activation}{res}) {self.m}x{self.n}x{self.k}{cfg}"
 

@@ -1,8 +1,46 @@
-"""The implementation names of the `impl` argument, one set for fronts, tests, harness."""
+"""The implementations of the `impl` argument: ONE table that the fronts, the tests and the harness
+read. Adding an implementation is one entry here plus its kernel files.
+
+An entry says everything a front needs to plan and launch it:
+
+- `runner`: how the front drives it —
+  `"per_layer"`: one kernel per layer; `launcher` is a package whose `linear_act` and `gated`
+  modules hold `linear_act_fwd(x2d, w, b, residual, *, activation, config, fp32_precision)` and
+  `gated_fwd(x2d, w, b, v, c, *, activation, config, fp32_precision)`;
+  `"whole"`: the whole MLP in one launch; `launcher` is a module with `<name>_fwd(x2d, params,
+  spec, *, config)`;
+  `"baseline"`: a framework's own ops; `launcher` is `"module:function"` taking
+  `(x2d, params, spec, residual2d)`.
+- `launcher`, `config`, `supports`: module paths, where `{stack}` stands for "torch" or "jax" (an
+  implementation on both stacks has a twin module in each). `config` is `"module:function"`
+  choosing a launch's TileConfig: per layer `(family, m, n, k, dtype, *, interpret, **options)`,
+  whole-MLP `(spec, m, *, interpret)`. `supports` is `"module:function"` returning None or the
+  reason this implementation cannot take the problem: per layer `(m, n, k, dtype)`, whole-MLP
+  `(spec, m)`.
+- `on_unsupported`: `"refuse"` — the front raises NotImplementedError with the reason (an explicit
+  `impl` never falls back silently); `"fallback"` — that layer runs the stack's FALLBACK kernels
+  and the plan says why (triton_tma's 16-byte rule).
+- `layout`: the params layout the kernels take, `"plain"` (`w{i}`, `v{i}`, `b{i}`, `c{i}`) or
+  `"packed"` (`wv{i}`, `bc{i}` of gated layers: common/packing.py). The fronts accept either from
+  the caller and convert once (cached) to what the entry declares.
+- `gpu_only` (no interpreter can run it), `hopper` (on a GPU it needs sm_90: TMA, wgmma),
+  `tunable` (`mlp(tune=True)` sweeps its configs on a GPU), `kernel_prefix` (how plans print its
+  kernels: "tma.gated", "torch.eager").
+
+Nothing here imports torch or jax: the entries are strings, imported by the fronts on first use.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+STACKS: tuple[str, ...] = ("torch", "jax")
+AUTO = "auto"
+RUNNERS: tuple[str, ...] = ("per_layer", "whole", "baseline")
+LAYOUTS: tuple[str, ...] = ("plain", "packed")
+# The portable per-layer kernels of each stack: what `auto` takes when nothing better applies, and
+# where a whole-MLP or Hopper implementation that cannot take a problem points the caller.
+FALLBACK: dict[str, str] = {"torch": "triton", "jax": "pallas_triton"}
 
 
 @dataclass(frozen=True)
@@ -10,49 +48,145 @@ class Implementation:
     name: str
     stacks: tuple[str, ...]  # "torch", "jax" or both
     description: str
-    baseline: bool = False
+    runner: str  # "per_layer", "whole" or "baseline" (see the module docstring)
+    launcher: str  # module (per-layer: package) path; "{stack}" is replaced by the stack
+    config: str = ""  # "module:function" choosing a TileConfig ("" for baselines)
+    config_options: tuple[tuple[str, object], ...] = ()  # extra keywords for `config`
+    supports: str = ""  # "module:function" -> None or why not ("" : takes every problem)
+    on_unsupported: str = "refuse"  # "refuse" (NotImplementedError) or "fallback" (per layer)
+    layout: str = "plain"  # the params layout its kernels take: "plain" or "packed"
     gpu_only: bool = False  # True: needs a GPU (no interpreter can run it)
+    hopper: bool = False  # True: on a GPU it needs Hopper (sm_90)
+    tunable: bool = False  # True: `tune=True` sweeps its configs on a GPU (torch_impl/tuning.py)
+    kernel_prefix: str = ""  # plans print its kernels as prefix + family
+
+    @property
+    def baseline(self) -> bool:
+        return self.runner == "baseline"
+
+    def module(self, stack: str) -> str:
+        """The launcher module (or package) of this implementation on `stack`."""
+        return self.launcher.split(":")[0].format(stack=stack)
+
+    def function(self, field: str, stack: str) -> tuple[str, str] | None:
+        """("module", "function") of the `config` or `supports` field on `stack` (None: empty)."""
+        value = getattr(self, field).format(stack=stack)
+        if not value:
+            return None
+        module, _, function = value.partition(":")
+        return module, function
 
 
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation(
-        "triton", ("torch",), "portable Triton kernels (linear_act, gated): pointers and masks"
+        "triton",
+        ("torch",),
+        "portable Triton kernels (linear_act, gated): pointers and masks",
+        runner="per_layer",
+        launcher="fusedmlp.torch_impl",
+        config="fusedmlp.common.tiling:heuristic_config",
+        tunable=True,
     ),
     Implementation(
-        "triton_tma", ("torch",), "Hopper Triton: tensor descriptors, persistent grouped grid"
+        "triton_tma",
+        ("torch",),
+        "Hopper Triton: tensor descriptors, persistent grouped grid",
+        runner="per_layer",
+        launcher="fusedmlp.torch_impl.tma",
+        config="fusedmlp.common.tiling:heuristic_config",
+        config_options=(("persistent", True),),
+        supports="fusedmlp.torch_impl.tma.support:tma_unsupported_reason",
+        on_unsupported="fallback",
+        tunable=True,
+        kernel_prefix="tma.",
     ),
     Implementation(
-        "pallas_triton", ("jax",), "Pallas on the Triton backend: the line-for-line twin of triton"
+        "pallas_triton",
+        ("jax",),
+        "Pallas on the Triton backend: the line-for-line twin of triton",
+        runner="per_layer",
+        launcher="fusedmlp.jax_impl",
+        config="fusedmlp.common.tiling:heuristic_config",
     ),
-    Implementation("pallas_mosaic", ("jax",), "Pallas Mosaic GPU: TMA, wgmma, warpgroup pipeline"),
     Implementation(
-        "fused_small", ("torch", "jax"), "the whole narrow MLP (widths <= 128) in one kernel"
+        "pallas_mosaic",
+        ("jax",),
+        "Pallas Mosaic GPU: TMA, wgmma, warpgroup pipeline",
+        runner="per_layer",
+        layout="packed",
+        launcher="fusedmlp.jax_impl.mosaic",
+        config="fusedmlp.jax_impl.mosaic.pipeline:default_config",
+        supports="fusedmlp.jax_impl.mosaic.pipeline:unsupported_reason",
+        hopper=True,
+        kernel_prefix="mosaic.",
     ),
     Implementation(
-        "fused_decode", ("torch", "jax"), "the whole 2-layer MLP for small M in one launch"
+        "fused_small",
+        ("torch", "jax"),
+        "the whole narrow MLP (widths <= 128) in one kernel",
+        runner="whole",
+        launcher="fusedmlp.{stack}_impl.fused_small",
+        config="fusedmlp.{stack}_impl.fused_small:fused_small_config",
+        supports="fusedmlp.{stack}_impl.fused_small:supports",
+    ),
+    Implementation(
+        "fused_decode",
+        ("torch", "jax"),
+        "the whole 2-layer MLP for small M in one launch",
+        runner="whole",
+        launcher="fusedmlp.{stack}_impl.fused_decode",
+        config="fusedmlp.{stack}_impl.fused_decode:fused_decode_config",
+        supports="fusedmlp.{stack}_impl.fused_decode:supports",
     ),
     Implementation(
         "mosaic",
         ("torch",),
         "the pallas_mosaic kernels called on torch tensors (plgpu.as_torch_kernel)",
+        runner="per_layer",
+        layout="packed",
+        launcher="fusedmlp.torch_impl.cross",
+        config="fusedmlp.jax_impl.mosaic.pipeline:default_config",
+        supports="fusedmlp.torch_impl.cross.linear_act:unsupported_reason",
         gpu_only=True,
+        hopper=True,
+        kernel_prefix="mosaic.",
     ),
     Implementation(
         "jax_triton",
         ("jax",),
         "the triton kernels called on jax arrays (jax_triton.triton_call)",
+        runner="per_layer",
+        launcher="fusedmlp.jax_impl.cross",
+        config="fusedmlp.common.tiling:heuristic_config",
         gpu_only=True,
+        kernel_prefix="triton.",
     ),
     Implementation(
-        "eager", ("torch",), "baseline: plain torch ops in the spec dtype", baseline=True
+        "eager",
+        ("torch",),
+        "baseline: plain torch ops in the spec dtype",
+        runner="baseline",
+        launcher="fusedmlp.torch_impl.baselines:run_eager",
+        kernel_prefix="torch.",
     ),
     Implementation(
-        "compile", ("torch",), "baseline: torch.compile of the eager path", baseline=True
+        "compile",
+        ("torch",),
+        "baseline: torch.compile of the eager path",
+        runner="baseline",
+        launcher="fusedmlp.torch_impl.baselines:run_compile",
+        kernel_prefix="torch.",
     ),
-    Implementation("xla", ("jax",), "baseline: jax.jit of plain jax.numpy", baseline=True),
+    Implementation(
+        "xla",
+        ("jax",),
+        "baseline: jax.jit of plain jax.numpy",
+        runner="baseline",
+        launcher="fusedmlp.jax_impl.baselines:xla",
+        kernel_prefix="jax.",
+    ),
 )
 
-AUTO = "auto"
 _BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}
 
 
@@ -65,7 +199,7 @@ def get_implementation(name: str) -> Implementation:
 
 def impl_names(stack: str | None = None, *, baselines: bool = True) -> tuple[str, ...]:
     """Names for one stack ("torch" or "jax") or all, optionally without the baselines."""
-    if stack not in (None, "torch", "jax"):
+    if stack not in (None, *STACKS):
         raise ValueError(f"stack: expected 'torch', 'jax' or None, got {stack!r}")
     return tuple(
         impl.name
@@ -74,9 +208,17 @@ def impl_names(stack: str | None = None, *, baselines: bool = True) -> tuple[str
     )
 
 
+_ALLOWED = {stack: (*impl_names(stack), AUTO) for stack in STACKS}
+
+
 def check_impl(name: str, stack: str) -> str:
     """Validate an `impl` argument for one stack; returns it unchanged."""
-    allowed = (*impl_names(stack), AUTO)
+    allowed = _ALLOWED[stack]
     if name not in allowed:
         raise ValueError(f"impl: expected one of {allowed} for the {stack} front, got {name!r}")
     return name
+
+
+def fallback(stack: str) -> str:
+    """The implementation a caller is pointed to when another cannot take a problem."""
+    return FALLBACK[stack]

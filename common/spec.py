@@ -2,7 +2,7 @@
 
 `widths = (d_in, hidden..., d_out)`; layer i maps widths[i] -> widths[i+1]; every layer but the last
 applies the activation. Gated activations make each hidden layer `act(x·W + b) ⊙ (x·V + c)` (the GLU
-paper's W and V): silu for swiglu (Llama), erf-gelu for geglu, tanh-gelu for geglu_tanh (Gemma,
+paper's W and V): silu for swiglu (Llama), erf-gelu for geglu, tanh-gelu for geglu_tanh (Gemma and
 Liger).
 """
 

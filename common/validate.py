@@ -1,16 +1,32 @@
-"""Front-door validation shared by both fronts, one message per mistake in each stack.
+"""The one check layer: every input check of both stacks and its message live here.
 
-The fronts describe their arrays as (shape, dtype name, device) and call `check_call`; nothing here
-imports torch or jax. Messages name the argument, the expected and the actual value.
+Each stack supplies an `Adapter` that turns its arrays into the shared description (`ArrayInfo`:
+shape, dtype name, device) and says what counts as an array; nothing here imports torch or jax.
+The fronts call `check_call_inputs` once per call signature (the result is cached with the plan,
+so a repeated call checks nothing again); kernel public functions call `check_layer` (phase 2 of
+issue 27: their private `_check_*` helpers go).
+
+One exception type per kind of mistake, in both stacks:
+- TypeError: the argument is not the kind of object expected (not an array, not a mapping, not an
+  MLPSpec or TileConfig);
+- ValueError: the right kind with a wrong value (shape, dtype, device, a name, an option);
+- NotImplementedError (raised by the fronts from the registry's `supports` functions): valid input
+  that the requested implementation cannot take; the message names the constraint, the value and
+  the fallback.
+Messages name the argument, the expected and the actual value; shapes print as `[16, 8]`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from .config import TileConfig
+from .dtypes import DTYPES, FP32_PRECISIONS
+from .packing import is_packed, packed_names, packed_width
 from .params import param_shapes
-from .spec import MLPSpec
+from .spec import KERNEL_ACTIVATIONS, MLPSpec
 
 
 @dataclass(frozen=True)
@@ -20,14 +36,60 @@ class ArrayInfo:
     device: str = ""  # "" where the framework has no per-array device to compare (jax under jit)
 
 
-def _fmt(shape: tuple[int, ...]) -> str:
+@dataclass(frozen=True)
+class Adapter:
+    """What a stack tells the check layer about its arrays."""
+
+    stack: str  # "torch" or "jax"
+    array_type: str  # how messages name an array: "torch.Tensor", "jax.Array"
+    is_array: Callable[[object], bool]
+    describe: Callable[[Any], ArrayInfo]
+
+
+def fmt_shape(shape: Sequence[int]) -> str:
+    """A shape as every message prints it: `[16, 8]` (never a tuple's `(16, 8)`)."""
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+_fmt = fmt_shape
+
+
+# ---- arguments that are not arrays ---------------------------------------------------------------
 def check_spec(spec: object) -> MLPSpec:
     if not isinstance(spec, MLPSpec):
         raise TypeError(f"spec: expected a fusedmlp.common.MLPSpec, got {type(spec).__name__}")
     return spec
+
+
+def check_config(config: object) -> TileConfig | None:
+    if config is not None and not isinstance(config, TileConfig):
+        raise TypeError(
+            f"config: expected a fusedmlp.common.TileConfig or None, got {type(config).__name__}"
+        )
+    return config
+
+
+def check_types(adapter: Adapter, x: object, params: object, config: object,
+                residual: object) -> None:
+    """TypeError naming the first argument that is not the kind of object expected."""
+    kind = adapter.array_type
+    if not adapter.is_array(x):
+        raise TypeError(f"x: expected a {kind}, got {type(x).__name__}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a dict of {kind}, got {type(params).__name__}")
+    for name, value in params.items():
+        if not adapter.is_array(value):
+            raise TypeError(f"params[{name!r}]: expected a {kind}, got {type(value).__name__}")
+    if residual is not None and not adapter.is_array(residual):
+        raise TypeError(f"residual: expected a {kind} or None, got {type(residual).__name__}")
+    check_config(config)
+
+
+# ---- a whole-MLP call ----------------------------------------------------------------------------
+def expected_params(spec: MLPSpec, params: Mapping[str, object]) -> dict[str, tuple[int, ...]]:
+    """The names and shapes `params` must have: the packed ones (common/packing.py) when it uses
+    the packed names (any `wv{i}`), else the contract's."""
+    return packed_names(spec) if is_packed(params) else param_shapes(spec)
 
 
 def check_call(
@@ -36,18 +98,24 @@ def check_call(
     params: Mapping[str, ArrayInfo],
     residual: ArrayInfo | None = None,
 ) -> None:
-    """Every check of `mlp(x, params, spec, residual=...)`; ValueError naming what is wrong."""
+    """Every value check of `mlp(x, params, spec, residual=...)`; ValueError naming what is wrong.
+    `params` may use the contract's names or the packed ones (`pack_params`)."""
     if len(x.shape) < 1 or x.shape[-1] != spec.d_in:
         raise ValueError(f"x: expected shape [..., {spec.d_in}], got {_fmt(x.shape)}")
     if x.dtype != spec.dtype:
         raise ValueError(f"x: expected dtype {spec.dtype} (the spec's), got {x.dtype}")
-    expected = param_shapes(spec)
+    expected = expected_params(spec, params)
     missing = [n for n in expected if n not in params]
     extra = sorted(n for n in params if n not in expected)
+    packed = " (packed)" if is_packed(params) else ""
     if missing:
-        raise ValueError(f"params: missing {missing}; the spec {spec} needs {list(expected)}")
+        raise ValueError(
+            f"params: missing {missing}; the spec {spec} needs{packed} {list(expected)}"
+        )
     if extra:
-        raise ValueError(f"params: unexpected {extra}; the spec {spec} needs {list(expected)}")
+        raise ValueError(
+            f"params: unexpected {extra}; the spec {spec} needs{packed} {list(expected)}"
+        )
     for name, shape in expected.items():
         info = params[name]
         if info.shape != shape:
@@ -70,3 +138,143 @@ def check_call(
             raise ValueError(
                 f"residual: expected device {x.device} (the device of x), got {residual.device}"
             )
+
+
+def check_call_inputs(
+    adapter: Adapter,
+    spec: object,
+    x: object,
+    params: object,
+    config: object = None,
+    residual: object = None,
+) -> MLPSpec:
+    """Every check of a front's `mlp()` in order: spec, types, then values. Returns the spec."""
+    spec = check_spec(spec)
+    check_types(adapter, x, params, config, residual)
+    describe = adapter.describe
+    check_call(
+        spec,
+        describe(x),
+        {k: describe(v) for k, v in params.items()},  # type: ignore[union-attr]
+        describe(residual) if residual is not None else None,
+    )
+    return spec
+
+
+# ---- one layer (the kernel public functions: the seam for phase 2) ------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    dtype: str
+    k: int
+    n: int
+
+
+def check_array(adapter: Adapter, name: str, a: object, *, shape: Sequence[int] | None,
+                dtype: str | None, ndim_min: int = 1) -> ArrayInfo:
+    """TypeError unless `a` is an array; ValueError unless it has `shape` (None: at least
+    `ndim_min` dims) and `dtype` (None: one of the contract's DTYPES)."""
+    if not adapter.is_array(a):
+        raise TypeError(f"{name}: expected a {adapter.array_type}, got {type(a).__name__}")
+    info = adapter.describe(a)
+    if dtype is None:
+        if info.dtype not in DTYPES:
+            raise ValueError(f"{name}: expected dtype one of {DTYPES}, got {info.dtype}")
+    elif info.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {info.dtype}")
+    if shape is None:
+        if len(info.shape) < ndim_min:
+            raise ValueError(
+                f"{name}: expected at least {ndim_min} dim(s), got shape {_fmt(info.shape)}"
+            )
+    elif tuple(info.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {_fmt(shape)}, got {_fmt(info.shape)}")
+    return info
+
+
+def check_options(activation: str, fp32_precision: str, dtype: str, config: object,
+                  activations: Sequence[str] = KERNEL_ACTIVATIONS) -> None:
+    if activation not in activations:
+        raise ValueError(f"activation: expected one of {tuple(activations)}, got {activation!r}")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(
+            f"fp32_precision: expected one of {FP32_PRECISIONS}, got {fp32_precision!r}"
+        )
+    if fp32_precision == "tf32" and dtype != "float32":
+        raise ValueError(
+            f"fp32_precision: 'tf32' applies to dtype 'float32' only, got dtype {dtype!r}"
+        )
+    check_config(config)
+
+
+def check_layer(
+    adapter: Adapter,
+    x: object,
+    w: object,
+    b: object = None,
+    *,
+    v: object = None,
+    c: object = None,
+    residual: object = None,
+    gated: bool = False,
+    activation: str,
+    config: object,
+    fp32_precision: str,
+    activations: Sequence[str] = KERNEL_ACTIVATIONS,
+) -> LayerShape:
+    """Every check of a per-layer public function, `linear_act(x, w, b, residual=...)` or (gated)
+    `gated(x, w, v, b, c)`: x [..., K], w and v [K, N], b and c [N] (gated: both or neither),
+    residual [..., N], all in x's dtype, on x's device. Returns (dtype, K, N)."""
+    xi = check_array(adapter, "x", x, shape=None, dtype=None)
+    dtype, k = xi.dtype, xi.shape[-1]
+    n = check_array(adapter, "w", w, shape=None, dtype=dtype, ndim_min=2).shape[-1]
+    infos = {"w": check_array(adapter, "w", w, shape=[k, n], dtype=dtype)}
+    if gated:
+        infos["v"] = check_array(adapter, "v", v, shape=[k, n], dtype=dtype)
+        if (b is None) != (c is None):
+            given, missing = ("b", "c") if c is None else ("c", "b")
+            raise ValueError(
+                f"{missing}: expected an array because {given} is given (b and c are both None or "
+                "both given), got None"
+            )
+    if b is not None:
+        infos["b"] = check_array(adapter, "b", b, shape=[n], dtype=dtype)
+    if gated and c is not None:
+        infos["c"] = check_array(adapter, "c", c, shape=[n], dtype=dtype)
+    if residual is not None:
+        infos["residual"] = check_array(
+            adapter, "residual", residual, shape=[*xi.shape[:-1], n], dtype=dtype
+        )
+    check_options(activation, fp32_precision, dtype, config, activations)
+    for name, info in infos.items():
+        if xi.device and info.device and info.device != xi.device:
+            raise ValueError(f"{name}: expected device {xi.device}, got {info.device}")
+    return LayerShape(dtype, k, n)
+
+
+def check_packed_gated(
+    adapter: Adapter,
+    x: object,
+    wv: object,
+    bc: object = None,
+    *,
+    n: int,
+    activation: str,
+    config: object,
+    fp32_precision: str,
+    activations: Sequence[str] = KERNEL_ACTIVATIONS,
+) -> LayerShape:
+    """Every check of a packed gated public function, `gated(x, wv, bc=None, *, n, ...)`:
+    x [..., K], wv [K, packed_width(n)] and bc [packed_width(n)] (common/packing.py) in x's dtype,
+    on x's device. Returns (dtype, K, n)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int (the layer's output width), got {n!r}")
+    xi = check_array(adapter, "x", x, shape=None, dtype=None)
+    dtype, k, width = xi.dtype, xi.shape[-1], packed_width(n)
+    infos = {"wv": check_array(adapter, "wv", wv, shape=[k, width], dtype=dtype)}
+    if bc is not None:
+        infos["bc"] = check_array(adapter, "bc", bc, shape=[width], dtype=dtype)
+    check_options(activation, fp32_precision, dtype, config, activations)
+    for name, info in infos.items():
+        if xi.device and info.device and info.device != xi.device:
+            raise ValueError(f"{name}: expected device {xi.device}, got {info.device}")
+    return LayerShape(dtype, k, n)

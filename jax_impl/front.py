@@ -1,14 +1,22 @@
 """The JAX front: `mlp()` runs the fused MLP, `plan()` says which kernels would run and how.
 
-Twin: torch_impl/front.py (the same sections, checks and messages). The front validates once
-(common/validate.py, shared with the torch front), flattens leading batch dims, asks `plan()` for an
-implementation, and runs it under `jax.jit` with the spec and plan static, so `mlp` is callable
-inside the caller's own `jax.jit` as well.
+    mlp(x, params, spec) -> validate (common/validate.py) -> plan (the registry's entry) -> launch
+
+Twin: torch_impl/front.py (the same sections, checks and messages). Everything an implementation
+needs is its entry in `fusedmlp.common.registry`; this file reads that one table and holds no
+other. Validation and the plan are computed once per call signature (spec, impl, config and the
+shape/dtype of every array) and cached with one jitted runner (spec and plan bound), so `mlp` is
+also callable inside the caller's own `jax.jit`.
+
+Params may come in the contract's names or packed (`fusedmlp.jax_impl.packing.pack_params`); a
+layout other than the kernels' is converted inside the jitted runner, i.e. on every call of an
+eager caller and once per trace of a jitted one — a copy of every gated weight each time it runs.
+Callers that run `mlp` in a loop pack once, outside, in the layout the registry entry declares.
 
 `auto` picks, in order:
   1. `fused_small` — every width ≤ 128: the whole narrow MLP in one kernel;
-  2. `fused_decode` — a 2-layer MLP at decode batch sizes (M ≤ 64): one launch, weights streamed
-     once;
+  2. `fused_decode` — a 2-layer MLP at decode batch sizes (M ≤ 64): one launch, the weights
+     streamed once;
   3. `pallas_mosaic` on Hopper for 16-bit dtypes (Mosaic GPU is where Pallas on NVIDIA is going);
   4. `pallas_triton`, the line-for-line twin of the Triton kernels, everywhere else (and on the CPU,
      interpreted). The Pallas Triton backend is deprecated upstream from jax 0.11; its warning is
@@ -21,41 +29,67 @@ import functools
 import importlib
 import math
 from collections.abc import Callable, Mapping
-from types import ModuleType
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
 
-from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig, heuristic_config
-from fusedmlp.common.registry import AUTO, check_impl, get_implementation
-from fusedmlp.common.validate import ArrayInfo, check_call, check_spec
+from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig
+from fusedmlp.common.packing import is_packed
+from fusedmlp.common.registry import (
+    AUTO,
+    FALLBACK,
+    Implementation,
+    check_impl,
+    get_implementation,
+    impl_names,
+)
+from fusedmlp.common.validate import Adapter, ArrayInfo, check_call_inputs, check_config, check_spec
 
-from . import baselines, compat, packing
+from . import compat
+from .packing import pack_params, unpack_params
 
 STACK = "jax"
-KERNEL_IMPLS = ("pallas_triton", "pallas_mosaic", "fused_small", "fused_decode", "jax_triton")
-BASELINE_IMPLS = ("xla",)
-# Per-layer implementations: the package whose `linear_act` and `gated` modules hold the launchers.
-# `jax_triton` is the cross-stack route: torch_impl's Triton kernels on jax arrays (GPU only; the
-# one place the JAX path imports the Triton kernel modules, lazily: that call is its purpose).
-_LAYER_PACKAGES = {
-    "pallas_triton": "fusedmlp.jax_impl",
-    "pallas_mosaic": "fusedmlp.jax_impl.mosaic",
-    "jax_triton": "fusedmlp.jax_impl.cross",
-}
-_KERNEL_PREFIX = {"pallas_triton": "", "pallas_mosaic": "mosaic.", "jax_triton": "triton."}
-# Whole-MLP implementations: a module with `supports(spec, m)` and `<name>_fwd(x2d, params, spec)`.
-_WHOLE_MODULES = {
-    "fused_small": "fusedmlp.jax_impl.fused_small",
-    "fused_decode": "fusedmlp.jax_impl.fused_decode",
-}
 
 
-def _module(path: str) -> ModuleType:
-    return importlib.import_module(path)
+# ---- the stack's adapter for the check layer -----------------------------------------------------
+def _describe(a: jax.Array) -> ArrayInfo:
+    # twin-diff: no per-array device check; jax places arrays itself (and tracers have no device).
+    return ArrayInfo(tuple(a.shape), np.dtype(a.dtype).name)
 
 
-# ---- where an implementation can run ------------------------------------------------------------
+ADAPTER = Adapter(STACK, "jax.Array", lambda a: isinstance(a, jax.Array), _describe)
+
+
+# ---- the registry's entries, imported once -------------------------------------------------------
+@functools.cache
+def _entry(impl: str) -> Implementation:
+    return get_implementation(impl)
+
+
+@functools.cache
+def _function(impl: str, field: str) -> Callable[..., Any]:
+    """The entry's `config` or `supports` function on this stack."""
+    module, name = _entry(impl).function(field, STACK)  # type: ignore[misc]
+    return getattr(importlib.import_module(module), name)
+
+
+@functools.cache
+def _launcher(impl: str, family: str) -> Callable[..., Any]:
+    """The function a launch calls: `<family>_fwd` of a per-layer package's family module, a
+    whole-MLP module's `<name>_fwd`, or a baseline's `module:function`."""
+    entry = _entry(impl)
+    if entry.runner == "baseline":
+        module, _, name = entry.launcher.partition(":")
+        return getattr(importlib.import_module(module), name)
+    if entry.runner == "whole":
+        return getattr(importlib.import_module(entry.module(STACK)), f"{impl}_fwd")
+    return getattr(importlib.import_module(f"{entry.module(STACK)}.{family}"), f"{family}_fwd")
+
+
+# ---- where an implementation can run (device facts read once) ----------------------------------
+@functools.cache
 def _is_hopper() -> bool:
     if not compat.on_gpu():
         return False
@@ -69,66 +103,55 @@ def unavailable_reason(impl: str, device: str = "cpu") -> str | None:
     on_gpu_device = device in ("cuda", "gpu")
     if on_gpu_device and not compat.on_gpu():
         return "no GPU visible to jax on this machine"
-    if impl == "pallas_mosaic" and on_gpu_device and not _is_hopper():
-        return "pallas_mosaic needs a Hopper GPU (TMA, wgmma)"
-    if impl != AUTO and get_implementation(impl).gpu_only and not on_gpu_device:
-        return f"{impl} is a cross-stack call of GPU kernels: it needs a GPU (no interpreter)"
+    if impl == AUTO or _entry(impl).baseline:
+        return None
+    entry = _entry(impl)
+    if entry.gpu_only and not on_gpu_device:
+        gpu = "a Hopper GPU" if entry.hopper else "a GPU"
+        return f"{impl} runs GPU kernels only: it needs {gpu} (no interpreter)"
+    if entry.hopper and on_gpu_device and not _is_hopper():
+        return f"{impl} needs a Hopper GPU (TMA, wgmma)"
     return None
 
 
 def is_interpreted(impl: str, device: str = "cpu") -> bool:
     """True where `impl` runs its kernels under a Pallas interpreter (not timed by the harness)."""
-    gpu_only = impl in KERNEL_IMPLS and get_implementation(impl).gpu_only
-    return impl in KERNEL_IMPLS and not gpu_only and device == "cpu"
+    if impl == AUTO:
+        return False
+    entry = _entry(impl)
+    return not entry.baseline and not entry.gpu_only and device == "cpu"
+
+
+def _interpret(entry: Implementation) -> bool:
+    return compat.interpret_mode() and not entry.gpu_only
 
 
 # ---- plan ----------------------------------------------------------------------------------------
-def _per_layer_launches(
-    spec: MLPSpec, m: int, impl: str, config: TileConfig | None, residual: bool
-) -> tuple[tuple[KernelLaunch, ...], str]:
-    launches = []
-    last = spec.num_layers - 1
-    for layer in spec.layers():
-        family = "gated" if layer.gated else "linear_act"
-        if impl == "pallas_mosaic":
-            mosaic = _module("fusedmlp.jax_impl.mosaic")
-            reason = mosaic.unsupported_reason(m, layer.d_out, layer.d_in, spec.dtype)
-            if reason is not None:
-                raise NotImplementedError(reason)
-            cfg = config or mosaic.default_config(
-                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=compat.interpret_mode()
-            )
-        else:
-            cfg = config or heuristic_config(
-                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=compat.interpret_mode()
-            )
-        launches.append(
-            KernelLaunch(
-                _KERNEL_PREFIX[impl] + family,
-                m,
-                layer.d_out,
-                layer.d_in,
-                layer.activation,
-                cfg,
-                residual=residual and layer.index == last,
-            )
-        )
-    return tuple(launches), ""
-
-
 def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:
     for name in ("fused_small", "fused_decode"):
-        if _module(_WHOLE_MODULES[name]).supports(spec, m) is None:
-            why = "every width <= 128" if name == "fused_small" else "2 layers at decode-sized M"
-            return name, f"auto: {why}"
+        if _function(name, "supports")(spec, m) is None:
+            return name, f"auto: {_entry(name).description}"
     if device in ("cuda", "gpu") and _is_hopper():
-        mosaic = _module("fusedmlp.jax_impl.mosaic")
-        layers = spec.layers()
-        reasons = [mosaic.unsupported_reason(m, l.d_out, l.d_in, spec.dtype) for l in layers]
+        supports = _function("pallas_mosaic", "supports")
+        reasons = [supports(m, l.d_out, l.d_in, spec.dtype) for l in spec.layers()]
         if all(r is None for r in reasons):
             return "pallas_mosaic", "auto: Hopper GPU"
-        return "pallas_triton", f"auto: Hopper GPU, but {next(r for r in reasons if r)}"
-    return "pallas_triton", "auto: portable kernels"
+        return FALLBACK[STACK], f"auto: Hopper GPU, but {next(r for r in reasons if r)}"
+    return FALLBACK[STACK], "auto: portable kernels"
+
+
+def _layer_launch(spec, layer, impl, m, config, residual) -> KernelLaunch:
+    entry = _entry(impl)
+    family = "gated" if layer.gated else "linear_act"
+    cfg = config or _function(impl, "config")(
+        family, m, layer.d_out, layer.d_in, spec.dtype, interpret=_interpret(entry),
+        **dict(entry.config_options),
+    )  # fmt: skip
+    # twin-diff: no `tune` (the torch front's GPU sweep of the Triton kernels has no JAX twin yet).
+    return KernelLaunch(
+        family, impl, m, layer.d_out, layer.d_in, layer.activation, cfg,
+        residual=residual and layer.index == spec.num_layers - 1, layer=layer.index,
+    )  # fmt: skip
 
 
 def plan(
@@ -143,124 +166,168 @@ def plan(
     """Which kernels `mlp` would launch for an input of `x_shape`, with their configs.
 
     Raises NotImplementedError when an explicitly requested `impl` cannot take this spec (the
-    message
-    names the constraint, the value and the fallback); `auto` never does.
+    message names the constraint, the value and the fallback); `auto` never does.
     """
     spec = check_spec(spec)
     check_impl(impl, STACK)
+    check_config(config)
     m = math.prod(tuple(x_shape)[:-1])
     chosen, reason = (impl, "") if impl != AUTO else _resolve_auto(spec, m, device)
-    if chosen in _WHOLE_MODULES:
-        unsupported = _module(_WHOLE_MODULES[chosen]).supports(spec, m)
+    entry = _entry(chosen)
+    if entry.runner == "baseline":
+        launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation)
+        return Plan(chosen, impl, (launch,), entry.description)
+    if entry.runner == "whole":
+        unsupported = _function(chosen, "supports")(spec, m)
         if unsupported is not None:
             raise NotImplementedError(unsupported)
-        launch = KernelLaunch(chosen, m, spec.d_out, spec.d_in, spec.activation, config)
+        cfg = config or _function(chosen, "config")(spec, m, interpret=_interpret(entry))
+        launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation, cfg)
         return Plan(chosen, impl, (launch,), reason)
-    if chosen in _LAYER_PACKAGES:
-        launches, fallback = _per_layer_launches(spec, m, chosen, config, residual)
-        return Plan(chosen, impl, launches, "; ".join(r for r in (reason, fallback) if r))
-    launch = KernelLaunch(f"jax.{chosen}", m, spec.d_out, spec.d_in, spec.activation)
-    return Plan(chosen, impl, (launch,), get_implementation(chosen).description)
+    launches, fallbacks = [], []
+    for layer in spec.layers():
+        layer_impl = chosen
+        if entry.supports:
+            why = _function(chosen, "supports")(m, layer.d_out, layer.d_in, spec.dtype)
+            if why is not None and entry.on_unsupported == "refuse":
+                raise NotImplementedError(why)
+            if why is not None:  # this layer runs the portable kernel; the plan says why
+                layer_impl = FALLBACK[STACK]
+                fallbacks.append(f"layer {layer.index}: {why}")
+        launches.append(_layer_launch(spec, layer, layer_impl, m, config, residual))
+    return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
 
 
-# ---- runners: 2-D input, validated params, a plan -> 2-D output ---------------------------------
+# ---- params in the layout the kernels take -------------------------------------------------------
+def _layouts(the_plan: Plan) -> frozenset[str]:
+    """The params layouts the launches read ("plain", "packed")."""
+    return frozenset(_entry(k.impl).layout for k in the_plan.launches)
+
+
+def _with_layouts(spec: MLPSpec, params: Mapping[str, jax.Array], layouts: frozenset[str]):
+    """`params` with every name the launches read (traced: a copy per run, see the docstring)."""
+    packed = is_packed(params)
+    out = dict(params)
+    if "plain" in layouts and packed:
+        out |= unpack_params(spec, params)
+    if "packed" in layouts and not packed:
+        out |= pack_params(spec, params)
+    return out
+
+
+# ---- runners: 2-D input, params in the kernels' layout, a plan -> 2-D output --------------------
 def _run_per_layer(x2d, params, spec, the_plan, residual2d):
     h = x2d
-    for layer, launch in zip(spec.layers(), the_plan.launches, strict=True):
-        i = layer.index
-        package = _LAYER_PACKAGES[the_plan.impl]
-        precision = spec.fp32_precision
-        if layer.gated and the_plan.impl == "pallas_mosaic":
-            # TODO(merge): packed once by the front (pack_params), not on every call.
-            bc = (packing.pack_gated(params[f"b{i}"], params[f"c{i}"])
-                  if f"b{i}" in params else None)
-            h = _module(f"{package}.gated").gated_fwd(
-                h, packing.pack_gated(params[f"w{i}"], params[f"v{i}"]), bc, n=layer.d_out,
-                activation=layer.activation, config=launch.config, fp32_precision=precision,
-            )
-        elif layer.gated:
-            h = _module(f"{package}.gated").gated_fwd(
-                h,
-                params[f"w{i}"],
-                params.get(f"b{i}"),
-                params[f"v{i}"],
-                params.get(f"c{i}"),
-                activation=layer.activation,
-                config=launch.config,
-                fp32_precision=precision,
-            )
+    precision = spec.fp32_precision
+    for launch in the_plan.launches:
+        i = launch.layer
+        fwd = _launcher(launch.impl, launch.family)
+        if launch.family == "gated" and _entry(launch.impl).layout == "packed":
+            h = fwd(
+                h, params[f"wv{i}"], params.get(f"bc{i}"), n=launch.n,
+                activation=launch.activation, config=launch.config, fp32_precision=precision,
+            )  # fmt: skip
+        elif launch.family == "gated":
+            h = fwd(
+                h, params[f"w{i}"], params.get(f"b{i}"), params[f"v{i}"], params.get(f"c{i}"),
+                activation=launch.activation, config=launch.config, fp32_precision=precision,
+            )  # fmt: skip
         else:
-            h = _module(f"{package}.linear_act").linear_act_fwd(
-                h,
-                params[f"w{i}"],
-                params.get(f"b{i}"),
-                residual2d if launch.residual else None,
-                activation=layer.activation,
-                config=launch.config,
-                fp32_precision=precision,
-            )
+            h = fwd(
+                h, params[f"w{i}"], params.get(f"b{i}"), residual2d if launch.residual else None,
+                activation=launch.activation, config=launch.config, fp32_precision=precision,
+            )  # fmt: skip
     return h
 
 
 def _run_whole(x2d, params, spec, the_plan, residual2d):
-    module = _module(_WHOLE_MODULES[the_plan.impl])
-    y = getattr(module, f"{the_plan.impl}_fwd")(
-        x2d, params, spec, config=the_plan.launches[0].config
-    )
+    launch = the_plan.launches[0]
+    y = _launcher(launch.impl, launch.family)(x2d, params, spec, config=launch.config)
     return y + residual2d if residual2d is not None else y
 
 
-def _run_baseline(fn: Callable) -> Callable:
-    return lambda x2d, params, spec, the_plan, residual2d: fn(x2d, params, spec, residual2d)
+def _run_baseline(x2d, params, spec, the_plan, residual2d):
+    launch = the_plan.launches[0]
+    return _launcher(launch.impl, launch.family)(x2d, params, spec, residual2d)
 
 
+_RUNNER_OF_KIND = {"per_layer": _run_per_layer, "whole": _run_whole, "baseline": _run_baseline}
 _RUNNERS: dict[str, Callable] = {
-    "pallas_triton": _run_per_layer,
-    "pallas_mosaic": _run_per_layer,
-    "jax_triton": _run_per_layer,
-    "fused_small": _run_whole,
-    "fused_decode": _run_whole,
-    "xla": _run_baseline(baselines.xla),
+    name: _RUNNER_OF_KIND[_entry(name).runner] for name in impl_names(STACK)
 }
 
 
-# twin-diff: torch runs eagerly; here the whole runner is one jitted computation (spec and plan are
-# static), so the Pallas kernels and the glue between them compile together.
-@functools.partial(jax.jit, static_argnames=("spec", "the_plan"))
-def _run(x2d, params, residual2d, *, spec: MLPSpec, the_plan: Plan):
-    return _RUNNERS[the_plan.impl](x2d, params, spec, the_plan, residual2d)
+# ---- validate and plan, once per call signature --------------------------------------------------
+@dataclass(frozen=True)
+class _Prepared:
+    plan: Plan
+    lead: tuple[int, ...]
+    m: int
+    run: Callable[..., jax.Array]  # jitted (x2d, params, residual2d) -> y2d, spec and plan bound
+
+
+_PREPARED: dict[tuple, _Prepared] = {}
+_PREPARED_MAX = 4096  # distinct call signatures kept (a dynamic-shape server stays bounded)
+
+
+def _signature(a: Any) -> tuple:
+    return (type(a), a.shape, a.dtype)
+
+
+def _jitted_runner(spec: MLPSpec, the_plan: Plan) -> Callable[..., jax.Array]:
+    # twin-diff: torch runs eagerly; here the whole runner is one jitted computation (spec and plan
+    # bound), so the Pallas kernels and the glue between them compile together.
+    runner, layouts = _RUNNERS[the_plan.impl], _layouts(the_plan)
+
+    def run(x2d, params, residual2d):
+        return runner(x2d, _with_layouts(spec, params, layouts), spec, the_plan, residual2d)
+
+    run.__name__ = f"fusedmlp_{the_plan.impl}"
+    return jax.jit(run)
+
+
+def _check_available(impl: str, device: str) -> None:
+    reason = unavailable_reason(impl, device)
+    if reason is not None:
+        raise ValueError(f"x: impl {impl!r} cannot run on device {device}: {reason}")
+
+
+def _validate_and_plan(x, params, spec, impl, config, residual) -> _Prepared:
+    check_impl(impl, STACK)
+    spec = check_call_inputs(ADAPTER, spec, x, params, config, residual)
+    device = "gpu" if compat.on_gpu() else "cpu"
+    _check_available(impl, device)  # where it cannot run at all comes before what it cannot take
+    the_plan = plan(
+        spec, tuple(x.shape), impl=impl, device=device, config=config,
+        residual=residual is not None,
+    )  # fmt: skip
+    _check_available(the_plan.impl, device)
+    lead = tuple(x.shape[:-1])
+    return _Prepared(the_plan, lead, math.prod(lead), _jitted_runner(spec, the_plan))
+
+
+def prepare(x, params, spec, impl=AUTO, config=None, residual=None) -> _Prepared:
+    """The validated plan of this call, from the cache when the signature was seen before."""
+    try:
+        key = (
+            spec, impl, config, _signature(x),
+            tuple((k, *_signature(v)) for k, v in params.items()),
+            None if residual is None else _signature(residual),
+        )  # fmt: skip
+        hit = _PREPARED.get(key)
+    except (AttributeError, TypeError):  # not arrays, or unhashable: the checks name the argument
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    prepared = _validate_and_plan(x, params, spec, impl, config, residual)
+    if key is not None:
+        if len(_PREPARED) >= _PREPARED_MAX:
+            _PREPARED.clear()
+        _PREPARED[key] = prepared
+    return prepared
 
 
 # ---- public function -----------------------------------------------------------------------------
-def _dtype_name(a: jax.Array) -> str:
-    return np.dtype(a.dtype).name
-
-
-def _info(a: jax.Array) -> ArrayInfo:
-    # twin-diff: no per-array device check; jax places arrays itself (and tracers have no device).
-    return ArrayInfo(tuple(a.shape), _dtype_name(a))
-
-
-def _is_array(a: object) -> bool:
-    return isinstance(a, jax.Array)
-
-
-def _check_types(x: object, params: object, config: object, residual: object) -> None:
-    if not _is_array(x):
-        raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a dict of jax.Array, got {type(params).__name__}")
-    for name, value in params.items():
-        if not _is_array(value):
-            raise TypeError(f"params[{name!r}]: expected a jax.Array, got {type(value).__name__}")
-    if residual is not None and not _is_array(residual):
-        raise TypeError(f"residual: expected a jax.Array or None, got {type(residual).__name__}")
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(
-            f"config: expected a fusedmlp.common.TileConfig or None, got {type(config).__name__}"
-        )
-
-
 def mlp(
     x: jax.Array,
     params: Mapping[str, jax.Array],
@@ -272,30 +339,14 @@ def mlp(
 ) -> jax.Array:
     """y = MLP(x) (+ residual) for x of shape [..., d_in]; returns [..., d_out] in the spec dtype.
 
+    `params`: the contract's names or the packed ones (`fusedmlp.jax_impl.packing.pack_params`).
     `impl` is one of `fusedmlp.common.impl_names("jax")` or "auto"; `config` pins one TileConfig for
     every kernel launch (None: the heuristic per layer). Callable inside `jax.jit` (spec static).
     """
-    spec = check_spec(spec)
-    check_impl(impl, STACK)
-    _check_types(x, params, config, residual)
-    check_call(
-        spec,
-        _info(x),
-        {k: _info(v) for k, v in params.items()},
-        _info(residual) if residual is not None else None,
-    )
-    device = "gpu" if compat.on_gpu() else "cpu"
-    the_plan = plan(
-        spec, tuple(x.shape), impl=impl, device=device, config=config, residual=residual is not None
-    )
-    reason = unavailable_reason(the_plan.impl, device)
-    if reason is not None:
-        raise ValueError(f"x: impl {the_plan.impl!r} cannot run on device {device}: {reason}")
-    lead = tuple(x.shape[:-1])
-    m = math.prod(lead)
-    if m == 0:
-        return jax.numpy.zeros((*lead, spec.d_out), x.dtype)
-    x2d = x.reshape(m, spec.d_in)
-    residual2d = residual.reshape(m, spec.d_out) if residual is not None else None
-    y2d = _run(x2d, dict(params), residual2d, spec=spec, the_plan=the_plan)
-    return y2d.reshape(*lead, spec.d_out)
+    call = prepare(x, params, spec, impl, config, residual)
+    if call.m == 0:
+        return jax.numpy.zeros((*call.lead, spec.d_out), x.dtype)
+    x2d = x.reshape(call.m, spec.d_in)
+    residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
+    y2d = call.run(x2d, dict(params), residual2d)
+    return y2d.reshape(*call.lead, spec.d_out)

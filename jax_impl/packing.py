@@ -48,3 +48,40 @@ def pack_params(spec: MLPSpec, params: Mapping[str, jax.Array]) -> dict[str, jax
             if layer.bias:
                 out[f"b{i}"] = params[f"b{i}"]
     return out
+
+
+def unpack_gated(packed: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `pack_gated` for a layer of width n: (w, v), padding dropped (views)."""
+    width = packed_width(n)
+    if packed.shape[-1] != width:
+        raise ValueError(
+            f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}"
+        )
+    lead = tuple(packed.shape[:-1])
+    blocks = packed.reshape(*lead, width // (2 * PACK_BLOCK), 2, PACK_BLOCK)
+    w = blocks[..., 0, :].reshape(*lead, width // 2)[..., :n]
+    v = blocks[..., 1, :].reshape(*lead, width // 2)[..., :n]
+    return w, v
+
+
+def unpack_params(spec: MLPSpec, params: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Packed params -> the contract's names (plain params pass through): what the baselines and
+    the kernels that take w and v apart read."""
+    if not is_packed(params):
+        return dict(params)
+    out: dict[str, jax.Array] = {}
+    for layer in spec.layers():
+        i = layer.index
+        if layer.gated:  # canonical order: w, b, v, c
+            w, v = unpack_gated(params[f"wv{i}"], layer.d_out)
+            out[f"w{i}"] = w
+            if layer.bias:
+                out[f"b{i}"], out[f"c{i}"] = unpack_gated(params[f"bc{i}"], layer.d_out)
+            out[f"v{i}"] = v
+            if layer.bias:
+                out[f"c{i}"] = out.pop(f"c{i}")
+        else:
+            out[f"w{i}"] = params[f"w{i}"]
+            if layer.bias:
+                out[f"b{i}"] = params[f"b{i}"]
+    return out

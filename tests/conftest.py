@@ -1,14 +1,11 @@
 """Test set-up shared by every test file.
 
 - TRITON_INTERPRET=1 is set before anything imports triton when there is no CUDA GPU, so every
-  Triton
-  kernel runs under the interpreter on CPU machines (`fusedmlp.torch_impl.runtime` does the same for
-  users; it is repeated here because a test module may import triton first).
+  Triton kernel runs under the interpreter on CPU machines (`fusedmlp.torch_impl.runtime` does the
+  same for users; it is repeated here because a test module may import triton first).
 - Outputs are poisoned: torch fills every `torch.empty` with NaN (deterministic mode), so a kernel
-  that
-  skips an element fails the NaN check of the tolerance policy; Pallas' interpreters fill outputs
-  and
-  out-of-bounds reads with NaN themselves.
+  that skips an element fails the NaN check of the tolerance policy; Pallas' interpreters fill
+  outputs and out-of-bounds reads with NaN themselves.
 - `-m gpu` selects the GPU tests; they are skipped, with the reason, on a machine without one.
 """
 

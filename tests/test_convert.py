@@ -323,5 +323,5 @@ def test_to_linears_round_trip():
 def test_gpu_from_hf(model):
     original = _randomise(MODELS[model](), seed=8).to("cuda", torch.bfloat16)
     fused = FusedMLP.from_hf(original)
-    assert fused.w0.is_cuda
+    assert fused.w1.is_cuda
     _check(fused, original, _x(fused.spec.d_in, "bfloat16", lead=(3, 7), seed=4).cuda(), model)

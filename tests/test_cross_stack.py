@@ -41,6 +41,7 @@ from fusedmlp.jax_impl import linear_act as jlinear
 from fusedmlp.torch_impl import gated as tgated
 from fusedmlp.torch_impl import linear_act as tlinear
 from fusedmlp.torch_impl import runtime
+from helpers import to_torch
 
 pytestmark = pytest.mark.skipif(
     not runtime.INTERPRET, reason="compares the two CPU interpreters (TRITON_INTERPRET=1)"
@@ -76,10 +77,7 @@ def _inputs(family: str, dtype: str) -> dict[str, np.ndarray]:
     return {k: a.astype(dt) for k, a in arrays.items()}
 
 
-def _torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == numpy_dtype("bfloat16"):
-        return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(a.copy())
+_torch = to_torch
 
 
 def _from_torch(t: torch.Tensor) -> np.ndarray:

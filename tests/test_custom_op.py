@@ -10,8 +10,7 @@ import torch
 from fusedmlp.common import MLPSpec, init_params, make_input, param_shapes, reference
 from fusedmlp.common.tolerance import assert_close
 from fusedmlp.torch_impl import FusedMLP, custom_op, front
-from fusedmlp.torch_impl.module import to_torch
-from helpers import to_numpy
+from helpers import to_numpy, to_torch
 
 # widths <= 128 and 2 layers: every kernel impl can take it (fused_small, fused_decode at M <= 64).
 SPEC = MLPSpec((33, 67, 21), "swiglu", True, "float32")

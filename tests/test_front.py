@@ -19,15 +19,13 @@ from fusedmlp.common import (
     reference,
 )
 from fusedmlp.common.tolerance import assert_close
+from helpers import to_torch
 
 SPEC = MLPSpec((33, 67, 21), "swiglu", True, "float32")
 
 
 def _torch_inputs(spec, x, params):
-    return torch.from_numpy(np.asarray(x, np.float32)).to(getattr(torch, spec.dtype)), {
-        k: torch.from_numpy(np.asarray(v, np.float32)).to(getattr(torch, spec.dtype))
-        for k, v in params.items()
-    }
+    return to_torch(x), {k: to_torch(v) for k, v in params.items()}
 
 
 def _jax_inputs(spec, x, params):
@@ -235,11 +233,7 @@ def test_cross_stack_impls_plan_per_layer_kernels():
 )
 def test_baselines_compile(name):
     case = golden.load(name)
-    x = torch.from_numpy(np.asarray(case.x, np.float32)).to(getattr(torch, case.spec.dtype))
-    params = {
-        k: torch.from_numpy(np.asarray(v, np.float32)).to(getattr(torch, case.spec.dtype))
-        for k, v in case.params.items()
-    }
+    x, params = _torch_inputs(case.spec, case.x, case.params)
     out = torch_impl.mlp(x, params, case.spec, impl="compile").float().numpy()
     assert_close(out, case.y, case.spec, what=f"compile/{name}")
 

@@ -21,9 +21,11 @@ from fusedmlp.common import (
     param_shapes,
     reference,
 )
+from fusedmlp.common.packing import packed_names
 from fusedmlp.common.tolerance import assert_close
 from fusedmlp.torch_impl import FusedMLP
 from fusedmlp.torch_impl.module import to_torch
+from fusedmlp.torch_impl.packing import pack_params
 from helpers import to_numpy
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -51,19 +53,21 @@ def test_parameters_registered_and_deterministic(dtype):
     spec = SMALL.replace(dtype=dtype)
     module = FusedMLP(spec, seed=3)
     names = [name for name, _ in module.named_parameters()]
-    assert names == list(param_shapes(spec)) == ["w0", "b0", "v0", "c0", "w1", "b1"]
+    assert names == list(packed_names(spec)) == ["wv0", "bc0", "w1", "b1"]  # packed once
     expected = init_params(spec, seed=3)
-    for name, param in module.params().items():
+    for param in module.packed_params().values():
         assert isinstance(param, torch.nn.Parameter) and param.dtype == getattr(torch, dtype)
+    assert list(module.params()) == list(param_shapes(spec))
+    for name, value in module.params().items():
         # bit for bit the arrays the JAX stack and the golden files get from init_params
-        np.testing.assert_array_equal(to_numpy(param), expected[name].astype(np.float32))
+        np.testing.assert_array_equal(to_numpy(value), expected[name].astype(np.float32))
     assert module.spec == spec
     assert "33→67→21 swiglu" in repr(module)
 
 
 def test_dtype_argument_and_to_follow_the_parameters():
     module = FusedMLP(SMALL, dtype=torch.bfloat16, impl="triton")
-    assert module.spec.dtype == "bfloat16" and module.w0.dtype == torch.bfloat16
+    assert module.spec.dtype == "bfloat16" and module.wv0.dtype == torch.bfloat16
     module = FusedMLP(SMALL.replace(fp32_precision="tf32"), impl="triton").to(torch.float16)
     assert module.spec == SMALL.replace(dtype="float16")  # tf32 applies to float32 only
     x = _input(module.spec, 5, seed=2)
@@ -84,6 +88,30 @@ def test_load_params_and_from_params():
         ValueError, match=r"params\['w1'\]: expected shape \[67, 21\], got \[21, 67\]"
     ):
         module.load_params({**params, "w1": params["w1"].T})
+
+
+def test_packed_layout_load_and_state_dict():
+    params = {k: to_torch(v) for k, v in init_params(SMALL, seed=5).items()}
+    packed = pack_params(SMALL, params)
+    a = FusedMLP.from_params(params, SMALL, impl="eager")  # plain names: packed once here
+    b = FusedMLP.from_params(packed, SMALL, impl="eager")  # packed names: taken as they are
+    for name, value in a.packed_params().items():
+        assert torch.equal(value, packed[name]) and torch.equal(value, b.packed_params()[name])
+    # A state dict in the contract's names (an older checkpoint) is packed on load.
+    c = FusedMLP(SMALL, impl="eager", seed=None)
+    c.load_state_dict(params)
+    assert all(torch.equal(v, packed[k]) for k, v in c.packed_params().items())
+    d = FusedMLP(SMALL, impl="eager", seed=None)
+    d.load_state_dict(a.state_dict())
+    assert all(torch.equal(v, packed[k]) for k, v in d.packed_params().items())
+    with pytest.raises(RuntimeError, match="Missing key"):  # neither layout complete: torch says
+        d.load_state_dict({k: v for k, v in params.items() if k != "v0"})
+    x = _input(SMALL, 3, seed=1)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and torch.equal(a(x), c(x))
+    missing = r"params: missing \['bc0'\], unexpected \[\]; .*\(packed\)"
+    with pytest.raises(ValueError, match=missing):
+        a.load_params({k: v for k, v in packed.items() if k != "bc0"})
 
 
 # ---- every implementation, every dtype -----------------------------------------------------------
@@ -209,7 +237,7 @@ def test_autocast_cpu_bfloat16(impl, spec):
     residual = torch.randn(3, 5, spec.d_out, generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x, residual)
-    assert out.dtype == torch.bfloat16 and module.w0.dtype == torch.float32
+    assert out.dtype == torch.bfloat16 and module.w1.dtype == torch.float32
     # nn.Linear's rule: inputs and params rounded to bfloat16, the product in bfloat16.
     spec16 = spec.replace(dtype="bfloat16")
     params16 = {k: to_numpy(v.to(torch.bfloat16)) for k, v in module.params().items()}
@@ -283,7 +311,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="dtype: expected one of"):
         FusedMLP(SMALL, dtype=torch.float64)
     module.double()  # parameters outside the contract: the front names the first one
-    with pytest.raises(ValueError, match=r"params\['w0'\]: expected dtype float32, got float64"):
+    with pytest.raises(ValueError, match=r"params\['wv0'\]: expected dtype float32, got float64"):
         module(torch.zeros(4, 33))
 
 

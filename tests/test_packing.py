@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusedmlp.common import MLPSpec, init_params
+from fusedmlp.common import MLPSpec, init_params, make_input
 from fusedmlp.common.packing import (
     PACK_BLOCK,
     is_packed,
@@ -15,6 +15,7 @@ from fusedmlp.common.packing import (
     packed_width,
     unpack_gated,
 )
+from helpers import to_numpy
 
 
 @pytest.mark.parametrize("n", [1, 13, 63, 64, 65, 97, 128, 200])
@@ -68,8 +69,8 @@ def test_stack_pack_params_match_numpy_bitwise(dtype):
     import torch
 
     from fusedmlp.jax_impl.packing import pack_params as jax_pack
-    from fusedmlp.torch_impl.module import to_torch
     from fusedmlp.torch_impl.packing import pack_params as torch_pack
+    from helpers import to_torch
 
     spec = MLPSpec((19, 70, 11), "geglu", bias=True, dtype=dtype)
     params = init_params(spec, seed=5)
@@ -83,3 +84,127 @@ def test_stack_pack_params_match_numpy_bitwise(dtype):
         np.testing.assert_array_equal(bits.numpy(), ref_bits)
         np.testing.assert_array_equal(np.asarray(got_jax[name]).view(ref.dtype), ref)
     assert torch_pack(spec, got_torch).keys() == got_torch.keys()  # packing twice is a no-op
+
+
+# ---- packed params through the fronts, the custom op and FusedMLP -------------------------------
+GATED = MLPSpec((19, 70, 11), "swiglu", bias=True, dtype="bfloat16")
+
+
+def _stack_inputs(stack, spec, m=5):
+    import jax.numpy as jnp
+
+    from helpers import to_torch
+
+    conv = to_torch if stack == "torch" else jnp.asarray
+    params = {k: conv(v) for k, v in init_params(spec, seed=7).items()}
+    packed = {k: conv(v) for k, v in pack_params(spec, init_params(spec, seed=7)).items()}
+    return conv(make_input(spec, m, seed=8)), params, packed
+
+
+@pytest.mark.parametrize(
+    "stack, impl",
+    [("torch", "eager"), ("torch", "triton"), ("torch", "fused_decode"), ("jax", "xla"),
+     ("jax", "pallas_triton")],
+)
+def test_fronts_take_packed_params(stack, impl):
+    from fusedmlp import jax_impl, torch_impl
+
+    front = torch_impl if stack == "torch" else jax_impl
+    x, params, packed = _stack_inputs(stack, GATED)
+    plain_out = np.asarray(to_numpy(front.mlp(x, params, GATED, impl=impl)))
+    packed_out = np.asarray(to_numpy(front.mlp(x, packed, GATED, impl=impl)))
+    np.testing.assert_array_equal(packed_out, plain_out)
+
+
+def test_custom_op_and_module_take_packed_params():
+    import torch
+
+    from fusedmlp.torch_impl import FusedMLP, custom_op
+
+    x, params, packed = _stack_inputs("torch", GATED)
+    want = custom_op.mlp(x, params, GATED, impl="triton")
+    assert torch.equal(custom_op.mlp(x, packed, GATED, impl="triton"), want)
+    module = FusedMLP.from_params(packed, GATED, impl="triton")
+    with torch.no_grad():
+        assert torch.equal(module(x), want)
+    for name, value in module.params().items():  # the contract's names, bit for bit
+        assert torch.equal(value, params[name])
+
+
+@pytest.mark.parametrize("stack", ["torch", "jax"])
+def test_packed_shapes_are_checked_alike(stack):
+    from fusedmlp import jax_impl, torch_impl
+
+    front = torch_impl if stack == "torch" else jax_impl
+    x, _, packed = _stack_inputs(stack, GATED)
+    bad = {**packed, "wv0": packed["wv0"][:, :64]}
+    msg = r"params\['wv0'\]: expected shape \[19, 256\], got \[19, 64\]"
+    with pytest.raises(ValueError, match=msg):
+        front.mlp(x, bad, GATED, impl="eager" if stack == "torch" else "xla")
+    mixed = {**packed, "v0": packed["wv0"]}
+    with pytest.raises(ValueError, match=r"params: unexpected \['v0'\]; .* needs \(packed\)"):
+        front.mlp(x, mixed, GATED, impl="eager" if stack == "torch" else "xla")
+
+
+@pytest.mark.parametrize("stack", ["torch", "jax"])
+def test_stack_unpack_params_round_trip(stack):
+    from fusedmlp.jax_impl import packing as jpacking
+    from fusedmlp.torch_impl import packing as tpacking
+
+    mod = tpacking if stack == "torch" else jpacking
+    _, params, packed = _stack_inputs(stack, GATED)
+    unpacked = mod.unpack_params(GATED, packed)
+    assert list(unpacked) == list(params)
+    for name, value in unpacked.items():
+        np.testing.assert_array_equal(to_numpy(value), to_numpy(params[name]))
+    assert mod.unpack_params(GATED, params).keys() == params.keys()  # plain passes through
+
+
+@pytest.mark.parametrize("stack", ["torch", "jax"])
+def test_front_feeds_a_packed_entry(stack, monkeypatch):
+    """What the fronts do once a registry entry declares layout="packed" (the kernel branches flip
+    them at merge): plain params are packed — once per set of tensors in torch — and the gated
+    launcher gets (x, wv, bc, n=...). A stand-in launcher unpacks and calls today's kernel."""
+    import dataclasses
+    import importlib
+
+    from fusedmlp.common.registry import get_implementation
+
+    front = importlib.import_module(f"fusedmlp.{stack}_impl.front")
+    packing = importlib.import_module(f"fusedmlp.{stack}_impl.packing")
+    impl = "triton" if stack == "torch" else "pallas_triton"
+    real_launcher = front._launcher
+    seen = []
+
+    def entry(name):
+        e = get_implementation(name)
+        return dataclasses.replace(e, layout="packed") if name == impl else e
+
+    def launcher(name, family, *rest):
+        fwd = real_launcher(name, family, *rest)
+        if family != "gated":
+            return fwd
+
+        def packed_fwd(x, wv, bc, *, n, activation, config, fp32_precision):
+            seen.append((tuple(wv.shape), n))
+            w, v = packing.unpack_gated(wv, n)
+            b, c = packing.unpack_gated(bc, n) if bc is not None else (None, None)
+            return fwd(x, w, b, v, c, activation=activation, config=config,
+                        fp32_precision=fp32_precision)
+
+        return packed_fwd
+
+    monkeypatch.setattr(front, "_entry", entry)
+    monkeypatch.setattr(front, "_launcher", launcher)
+    monkeypatch.setattr(front, "_PREPARED", {})
+    derived = []
+    if stack == "torch":
+        real_derive = front._derive
+        monkeypatch.setattr(front, "_derive", lambda *a: derived.append(1) or real_derive(*a))
+    x, params, packed = _stack_inputs(stack, GATED)
+    want = to_numpy(front.mlp(x, packed, GATED, impl=impl))  # packed in, packed taken: no copy
+    for _ in range(3):
+        np.testing.assert_array_equal(to_numpy(front.mlp(x, params, GATED, impl=impl)), want)
+    assert seen and all(s == ((19, 256), 70) for s in seen)
+    if stack == "torch":
+        assert len(derived) == 1  # the plain tensors were packed once, then read from the cache

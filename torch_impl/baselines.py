@@ -1,11 +1,10 @@
-"""Baselines of the PyTorch stack: plain torch ops in the spec dtype (`eager`) and
-`torch.compile` of the
-same function (`compile`). Twin: jax_impl/baselines.py (`xla`).
+"""Baselines of the PyTorch stack: plain torch ops in the spec dtype (`eager`) and `torch.compile`
+of the same function (`compile`). Twin: jax_impl/baselines.py (`xla`).
 
 These are what a user without this project writes; the harness times every kernel against them and
-the
-tolerance policy's baseline rule (error ≤ 2 × the framework's own + a floor) is measured against
-`eager`.
+the tolerance policy's baseline rule (error ≤ 2 × the framework's own + a floor) is measured
+against `eager`. They take the contract's plain params (`w{i}`, `v{i}`, ...): the front unpacks
+packed ones for them, once.
 """
 
 from __future__ import annotations

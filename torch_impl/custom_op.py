@@ -11,12 +11,21 @@ included, on the GPU and on the CPU under TRITON_INTERPRET=1.
 
 Schema: `fusedmlp::mlp(Tensor x, Tensor[] params, str spec_json, str impl, str? config_json,
 Tensor? residual) -> Tensor`. A custom op takes no MLPSpec or dict, so the spec and the TileConfig
-travel as JSON strings (parsed once: functools.lru_cache) and the params as a list in
-`fusedmlp.common.param_shapes(spec)` order; `mlp()` below takes the front's arguments and builds
-these, and `FusedMLP` (module.py) calls the op. No defaults in the schema, on purpose: a traced
-call drops trailing arguments left at their default, and the autograd binding then sees fewer
-inputs than its backward returns gradients for (torch 2.13: "Expected the return from backward to
-be of the same structure as the inputs").
+travel as JSON strings (parsed once: functools.lru_cache) and the params as a list in the order of
+`fusedmlp.common.param_shapes(spec)` — or of `packing.packed_names(spec)` for packed params (the
+count tells them apart: a gated layer is two tensors fewer packed). `FusedMLP` (module.py) holds
+these strings ready-made (built when the module is built or changed); `mlp()` below builds them
+from the front's arguments. No defaults in the schema, on purpose: a traced call drops trailing
+arguments left at their default, and the autograd binding then sees fewer inputs than its
+backward returns gradients for (torch 2.13: "Expected the return from backward to be of the same
+structure as the inputs").
+
+Compiling on every supported torch: no dataclass instance is ever an argument of a function that
+Dynamo must turn into a constant. torch 2.11's Dynamo converts the arguments of an
+`assume_constant_result` function with `as_python_constant`, which cannot reconstruct a frozen
+dataclass ("currently can't reconstruct arbitrary frozen dataclass instances"; torch 2.13 passes
+the object through). So `mlp()` hands those functions the spec's and the config's fields
+(ints, strings, bools), and FusedMLP's forward touches no dataclass at all.
 
 Backward: the kernels are forward-only in this issue. The op registers an autograd formula whose
 backward is a second op, `fusedmlp::mlp_backward`, that raises NotImplementedError when it runs. So
@@ -25,15 +34,16 @@ error comes where the gradient is actually needed, `loss.backward()`, as PyTorch
 ops without a derivative; nothing is ever silently zero. Training support is the next issue.
 
 Validation: `mlp()` checks types and param names before the op (ValueError/TypeError, the front's
-messages); the op's fake runs the front's shape/dtype checks at trace time, so a compiled call
-fails with the same message as an eager one; the real implementation is the front, which checks
-everything again before any launch.
+messages); the op's fake runs the front's checks at trace time, so a compiled call fails with the
+same message as an eager one; the real implementation is the front, whose checks run once per
+call signature (cached with the plan).
 
 Twin: none (JAX needs no registration: `jax.jit` traces `jax_impl.front.mlp` directly).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping
@@ -41,8 +51,9 @@ from collections.abc import Mapping
 import torch
 
 from fusedmlp.common import MLPSpec, TileConfig, param_shapes
+from fusedmlp.common.packing import is_packed, packed_names
 from fusedmlp.common.registry import AUTO, check_impl
-from fusedmlp.common.validate import ArrayInfo, check_call, check_spec
+from fusedmlp.common.validate import check_call_inputs, check_spec, check_types
 
 from . import front
 
@@ -65,52 +76,80 @@ def parse_config(config_json: str | None) -> TileConfig | None:
     return None if config_json is None else TileConfig.from_dict(json.loads(config_json))
 
 
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TileConfig))
+
+
 # assume_constant_result: Dynamo cannot trace json.dumps (a C encoder: a graph break), so under
-# torch.compile these run once at trace time and their result is baked into the graph as a constant.
+# torch.compile these run once at trace time and their result is a constant of the graph. Their
+# arguments are primitives, never a dataclass (see "Compiling on every supported torch").
 @torch.compiler.assume_constant_result
-def spec_to_json(spec: MLPSpec) -> str:
-    """The op's `spec_json` argument for `spec` (cached)."""
-    return _spec_json(spec)
+def _spec_json(
+    widths: tuple[int, ...], activation: str, bias: bool, dtype: str, fp32_precision: str
+) -> str:
+    return _spec_json_of(tuple(widths), activation, bias, dtype, fp32_precision)
 
 
 @functools.lru_cache(maxsize=256)
-def _spec_json(spec: MLPSpec) -> str:
+def _spec_json_of(*fields: object) -> str:
     # Compact, one line: the string is a constant in every traced or exported graph that prints it.
-    return json.dumps(spec.to_dict(), separators=(",", ":"))
+    return json.dumps(MLPSpec(*fields).to_dict(), separators=(",", ":"))  # type: ignore[arg-type]
 
 
 @torch.compiler.assume_constant_result
+def _config_json(values: tuple[object, ...]) -> str:
+    return _config_json_of(tuple(values))
+
+
+@functools.lru_cache(maxsize=256)
+def _config_json_of(values: tuple[object, ...]) -> str:
+    return json.dumps(dict(zip(CONFIG_FIELDS, values, strict=True)), separators=(",", ":"))
+
+
+@torch.compiler.assume_constant_result
+def _param_names(spec_json: str, packed: bool) -> tuple[str, ...]:
+    return names_for(spec_json, packed)
+
+
+def spec_to_json(spec: MLPSpec) -> str:
+    """The op's `spec_json` argument for `spec`."""
+    return _spec_json(spec.widths, spec.activation, spec.bias, spec.dtype, spec.fp32_precision)
+
+
 def config_to_json(config: TileConfig | None) -> str | None:
     """The op's `config_json` argument for `config` (None stays None)."""
-    return None if config is None else json.dumps(config.to_dict(), separators=(",", ":"))
-
-
-@torch.compiler.assume_constant_result
-def param_names(spec: MLPSpec) -> tuple[str, ...]:
-    """Param names in the op's list order: `param_shapes(spec)` order (w, b, v, c per layer)."""
-    return _param_names(spec)
+    if config is None:
+        return None
+    return _config_json(tuple(getattr(config, name) for name in CONFIG_FIELDS))
 
 
 @functools.lru_cache(maxsize=256)
-def _param_names(spec: MLPSpec) -> tuple[str, ...]:
-    return tuple(param_shapes(spec))
+def names_for(spec_json: str, packed: bool) -> tuple[str, ...]:
+    """Param names in the op's list order: `param_shapes(spec)` (w, b, v, c per layer), or
+    `packed_names(spec)` (wv|w, bc|b per layer) for packed params."""
+    spec = parse_spec(spec_json)
+    return tuple(packed_names(spec) if packed else param_shapes(spec))
+
+
+@functools.lru_cache(maxsize=256)
+def _names_of_list(spec_json: str, count: int) -> tuple[str, ...]:
+    # A gated layer is two tensors fewer packed than plain, so the count says which list this is.
+    packed = names_for(spec_json, True)
+    plain = names_for(spec_json, False)
+    names = packed if count == len(packed) and packed != plain else plain
+    if count != len(names):
+        raise ValueError(
+            f"params: expected {len(plain)} tensors in the order {list(plain)} (or "
+            f"{len(packed)} packed: {list(packed)}) for the spec {parse_spec(spec_json)}, "
+            f"got {count}"
+        )
+    return names
+
+
+def _named(spec_json: str, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(zip(_names_of_list(spec_json, len(params)), params, strict=True))
 
 
 # ---- the operator --------------------------------------------------------------------------------
-def _info(t: torch.Tensor) -> ArrayInfo:
-    return ArrayInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."), str(t.device))
-
-
-def _named(spec: MLPSpec, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = _param_names(spec)
-    if len(params) != len(names):
-        raise ValueError(
-            f"params: expected {len(names)} tensors in the order {list(names)} for the spec "
-            f"{spec}, got {len(params)}"
-        )
-    return dict(zip(names, params, strict=True))
-
-
 @torch.library.custom_op("fusedmlp::mlp", mutates_args=())
 def _mlp_op(
     x: torch.Tensor,
@@ -121,11 +160,10 @@ def _mlp_op(
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     """The registered forward: `front.mlp` with the spec, params and config unpacked."""
-    spec = parse_spec(spec_json)
     return front.mlp(
         x,
-        _named(spec, params),
-        spec,
+        _named(spec_json, params),
+        parse_spec(spec_json),
         impl=impl,
         config=parse_config(config_json),
         residual=residual,
@@ -138,13 +176,7 @@ def _mlp_fake(x, params, spec_json, impl, config_json, residual):
     # the same message as an eager call. Output: [..., d_out] in the spec dtype, on x's device.
     spec = parse_spec(spec_json)
     check_impl(impl, front.STACK)
-    named = _named(spec, params)
-    check_call(
-        spec,
-        _info(x),
-        {k: _info(v) for k, v in named.items()},
-        _info(residual) if residual is not None else None,
-    )
+    check_call_inputs(front.ADAPTER, spec, x, _named(spec_json, params), None, residual)
     return x.new_empty((*x.shape[:-1], spec.d_out))
 
 
@@ -195,22 +227,17 @@ def mlp(
     config: TileConfig | None = None,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`fusedmlp.torch_impl.mlp` through the registered op: the same arguments, the same result,
-    one node under torch.compile. Computes in the spec dtype (autocast is FusedMLP's business)."""
+    """`fusedmlp.torch_impl.mlp` through the registered op: the same arguments (params plain or
+    packed), the same result, one node under torch.compile. Computes in the spec dtype (autocast
+    is FusedMLP's business)."""
     spec = check_spec(spec)
     check_impl(impl, front.STACK)
-    front._check_types(x, params, config, residual)
-    names = param_names(spec)
-    missing = [n for n in names if n not in params]
-    extra = sorted(n for n in params if n not in names)
-    if missing or extra:
+    check_types(front.ADAPTER, x, params, config, residual)
+    spec_json = spec_to_json(spec)
+    names = _param_names(spec_json, is_packed(params))
+    if len(params) != len(names) or any(n not in params for n in names):
         # The front's message (common/validate.py), before the names are lost in a list.
-        check_call(spec, _info(x), {k: _info(v) for k, v in params.items()})
+        check_call_inputs(front.ADAPTER, spec, x, params)
     return MLP_OP(
-        x,
-        [params[n] for n in names],
-        spec_to_json(spec),
-        impl,
-        config_to_json(config),
-        residual,
+        x, [params[n] for n in names], spec_json, impl, config_to_json(config), residual
     )

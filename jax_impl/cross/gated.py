@@ -4,9 +4,10 @@
 
 Grid, tiles, masks, constexprs: the native launcher's (`fusedmlp.torch_impl.gated.gated_fwd`), one
 program per BLOCK_M × BLOCK_N tile of h in grouped order, from the same TileConfig. The call goes
-through `jax_triton.triton_call` with the adapter `_gated_fwd_jt` (runtime parameters in
-jax_triton's order, outputs last; the native kernel inlined), exactly as linear_act (see its
-docstring for the why, the placeholder pointers and the lazy imports: `fusedmlp.torch_impl`, hence
+through `jax_triton.triton_call` with M, N, K and the strides as compile-time constants and the
+native kernel called directly (the adapter `_gated_fwd_jt` is the route for a kernel whose
+pointers are not first), exactly as linear_act: see its docstring for the why (the 5.9× of
+runtime shapes), the placeholder pointers and the lazy imports (`fusedmlp.torch_impl`, hence
 torch, is imported on the first call).
 
 Twin: torch_impl/cross/gated.py (the Mosaic GPU kernel called from torch), the other direction.
@@ -132,10 +133,10 @@ def gated_fwd(
     n = w.shape[1]
     if m == 0 or n == 0:
         return jnp.zeros((m, n), x.dtype)
-    kernel = kernel_for_jax_triton(native_kernel(), _gated_fwd_jt, ("o_ptr",))
     plan = launch_plan(
         m, n, k, activation=activation, has_bias=b is not None, config=config,
         fp32_precision=fp32_precision,
     )
+    kernel = kernel_for_jax_triton(native_kernel(), _gated_fwd_jt, ("o_ptr",), plan.scalars)
     operands = {"x": x, "w": w, "b": b, "v": v, "c": c}
     return call(plan, kernel, operands, jax.ShapeDtypeStruct((m, n), x.dtype), name="gated_fwd")

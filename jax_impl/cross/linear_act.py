@@ -18,10 +18,17 @@ Pallas Triton backend is deprecated):
   last, `kernel_for_jax_triton` calls it directly.
 - jax_triton drops `None` arguments (they flatten to nothing), so an absent bias or residual gets a
   placeholder pointer (x), never read: HAS_BIAS / HAS_RESIDUAL are False.
-- jax arrays are dense and row-major: the strides are (K, 1), (N, 1), (N, 1) — stride 1 becomes a
-  constexpr on both sides (Triton and jax_triton specialise 1 alike). jax_triton does not specialise
-  scalars on divisibility by 16 (the native launcher does), so on shapes with multiples of 16 the
-  two compiled kernels may differ in vectorisation hints; the arithmetic, and so the bits, do not.
+- jax arrays are dense and row-major: the strides are (K, 1), (N, 1), (N, 1). Shapes are static
+  per trace, so M, N, K and the strides go to jax_triton as *compile-time constants* (its
+  metaparams), not as runtime scalars: jax_triton gives scalars no divisibility-by-16
+  specialisation, and the kernel it compiled from runtime shapes had neither 16-byte vector loads
+  nor a pipelined K loop — 31.9 ms against 5.4 ms for the same kernel launched from torch
+  (llama3-8b, M=8192, H200; issue 23). With constants Triton knows every stride and alignment
+  and makes the torch launch's loads (tests/test_cross_launch.py compares the PTX). The cost: one
+  Triton compile per distinct shape, which jax.jit already implies. Only the pointers remain
+  runtime arguments, and they lead the native kernel's parameter list with the output last, as
+  jax_triton passes them, so the native kernel is called directly; the adapter below is the
+  route for a kernel whose pointers are not in that order (runtime scalars, as before).
 - `launch_plan` is the pure function that derives grid, positional arguments and constexprs; the
   CPU tests check it against what the native launcher passes to its kernel.
 
@@ -149,9 +156,27 @@ def runtime_params(kernel: Any) -> tuple[str, ...]:
     return tuple(p.name for p in params if "constexpr" not in str(p.annotation))
 
 
-def kernel_for_jax_triton(native: Any, adapter: Any, outputs: tuple[str, ...]) -> Any:
-    """`native` if its runtime parameters end with `outputs` (jax_triton's order), else
-    `adapter`."""
+def param_names(kernel: Any) -> tuple[str, ...]:
+    """Names of all of a Triton function's parameters, in order (constexprs included)."""
+    return tuple(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+
+
+def takes_constant_shapes(kernel: Any, constants: Any, outputs: tuple[str, ...]) -> bool:
+    """True where jax_triton can call `kernel` with `constants` as compile-time constants: its
+    other runtime parameters lead its parameter list (jax_triton names positional arguments by
+    position) and end with the outputs (jax_triton passes them last)."""
+    runtime = tuple(p for p in runtime_params(kernel) if p not in constants)
+    return runtime == param_names(kernel)[: len(runtime)] and runtime[-len(outputs):] == outputs
+
+
+def kernel_for_jax_triton(
+    native: Any, adapter: Any, outputs: tuple[str, ...], constants: Any = ()
+) -> Any:
+    """`native` if jax_triton can call it: with `constants` passed as compile-time constants
+    (`takes_constant_shapes`), or with its runtime parameters already ending with `outputs`;
+    else `adapter` (jax_triton's order: outputs after every runtime scalar)."""
+    if constants and takes_constant_shapes(native, constants, outputs):
+        return native
     names = runtime_params(native)
     return native if names[-len(outputs):] == outputs else adapter
 
@@ -237,9 +262,18 @@ def call(
     plan: TritonLaunch, kernel: Any, operands: dict[str, jax.Array], out: jax.ShapeDtypeStruct,
     *, name: str,
 ) -> jax.Array:
-    """`jax_triton.triton_call` of `kernel` with `plan` (traceable: works inside jax.jit)."""
+    """`jax_triton.triton_call` of `kernel` with `plan` (traceable: works inside jax.jit).
+
+    Shapes and strides are compile-time constants wherever the kernel's parameter order allows
+    (`takes_constant_shapes`: the module docstring says why); otherwise runtime scalars."""
     jt = import_jax_triton()
-    args = plan.positional(runtime_params(kernel), operands)
+    if takes_constant_shapes(kernel, plan.scalars, plan.outputs):
+        runtime = [p for p in runtime_params(kernel) if p not in plan.scalars]
+        args = [operands[plan.arrays[p]] for p in runtime if p not in plan.outputs]
+        constants = {**plan.scalars, **plan.constexprs}
+    else:
+        args = plan.positional(runtime_params(kernel), operands)
+        constants = dict(plan.constexprs)
     return jt.triton_call(
         *args,
         kernel=kernel,
@@ -248,7 +282,7 @@ def call(
         name=name,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
-        **plan.constexprs,
+        **constants,
     )
 
 
@@ -271,11 +305,11 @@ def linear_act_fwd(
     n = w.shape[1]
     if m == 0 or n == 0:
         return jnp.zeros((m, n), x.dtype)
-    kernel = kernel_for_jax_triton(native_kernel(), _linear_act_fwd_jt, ("o_ptr",))
     plan = launch_plan(
         m, n, k, activation=activation, has_bias=b is not None, has_residual=residual is not None,
         config=config, fp32_precision=fp32_precision,
     )
+    kernel = kernel_for_jax_triton(native_kernel(), _linear_act_fwd_jt, ("o_ptr",), plan.scalars)
     operands = {"x": x, "w": w, "b": b, "residual": residual}
     out = jax.ShapeDtypeStruct((m, n), x.dtype)
     return call(plan, kernel, operands, out, name="linear_act_fwd")

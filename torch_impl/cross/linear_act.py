@@ -11,17 +11,25 @@ run the same compiled kernel and can be compared bit for bit and timed against e
 How the call is made (`jax.experimental.pallas.mosaic_gpu.as_torch_kernel`):
 - as_torch_kernel lowers a JAX function once per (function, input shapes/dtypes) and accepts only a
   *single* Mosaic GPU call in it, with no other JAX op (a pad or a slice is refused: "Unsupported
-  operation found in the kernel module"). The JAX launcher pads M, N, K to the tiles and slices
-  the result in JAX; here torch does both (`padded_shapes`, `pad2d`), so the JAX launcher is handed
-  tile-aligned operands and traces to the bare kernel call (checked on a CPU by lowering for CUDA).
+  operation found in the kernel module"). Whatever the JAX launcher pads (today's launcher: M, N,
+  K to whole tiles; the launcher that relies on TMA's zero-fill and clipping: only M ≥ 8 that is
+  not a multiple of 8, its `pipeline.padded_extents`), torch pads here (`padded_shapes`, `pad2d`)
+  and slices after, so the JAX launcher is handed operands it need not pad and traces to the bare
+  kernel call (checked on a CPU by lowering for CUDA). Where the launcher pads nothing, no copy is
+  made in torch either.
 - It reads `data_ptr()` and assumes dense row-major buffers: every operand is made contiguous.
 - It launches on `torch.cuda.default_stream()` of the *current* device, not on the current stream:
-  the call is fenced (`_on_default_stream`) when a side stream is current, and runs under the
-  tensor's device.
+  the call is fenced when a side stream is current and runs under the tensor's device — both
+  checked per call and skipped when already so (`run`).
 - jax < 0.11.1 passes the buffers to the compiled launcher with the wrong calling convention
   (fixed upstream in jax-ml/jax PR #39640, in 0.11.1 and 0.11.2): older jax is refused.
-- One wrapped function per static variant (activation, bias, residual, TileConfig) is cached, so
-  as_torch_kernel's own cache (keyed by function and shapes) compiles each shape once.
+- Per call, the public as_torch_kernel wrapper rebuilds a ShapeDtypeStruct per argument through
+  jax.tree.map and looks the shapes up in its compile cache (797 µs against 128 µs for the same
+  kernels from JAX at llama3-8b M=16 on the H200, with the per-call config checks and copies this
+  file then had). Here the compiled callable itself is cached per (variant, shapes, dtypes)
+  (`compiled_kernel`), taken from the same per-shape compile the wrapper uses, and the config is
+  checked once per variant: a repeated call is a dict lookup, the pads that are needed, and the
+  launch.
 
 Imports: jax (and the Mosaic GPU kernels) are imported lazily on the first call, the one documented
 place where torch_impl reaches jax; a missing jax raises ImportError naming it.
@@ -31,20 +39,20 @@ Twin: jax_impl/cross/linear_act.py (the Triton kernel called from JAX), the othe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fusedmlp.common.config import TileConfig
+from fusedmlp.common.registry import FALLBACK as _FALLBACKS
 
 FAMILY = "linear_act"
 IMPL = "mosaic"
-FALLBACK = "triton"
+FALLBACK = _FALLBACKS["torch"]
 MIN_JAX = (0, 11, 1)  # as_torch_kernel's launch convention fixed here (jax-ml/jax PR #39640)
 MOSAIC_PACKAGE = "fusedmlp.jax_impl.mosaic"
 
@@ -83,6 +91,20 @@ def mosaic_module(family: str) -> Any:
     return importlib.import_module(f"{MOSAIC_PACKAGE}.{family}")
 
 
+# ==== what this route can take ====================================================================
+def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
+    """The Mosaic GPU kernels' rule (jax_impl.mosaic.pipeline.unsupported_reason) under this
+    route's name and fallback: the registry's `supports` for impl `mosaic` (imports jax)."""
+    del m, n, k
+    supported = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline").SUPPORTED_DTYPES
+    if dtype not in supported:
+        return (
+            f"{IMPL}: dtype {dtype} is not supported (wgmma takes {'/'.join(supported)} here); "
+            f"falls back to impl '{FALLBACK}'"
+        )
+    return None
+
+
 # ==== launch plan (pure) ==========================================================================
 def round_up(value: int, multiple: int) -> int:
     """The Mosaic launcher's rounding (pipeline.round_up): at least one tile, even for 0."""
@@ -102,13 +124,21 @@ class MosaicLaunch:
     grid: tuple[int, ...]
 
 
-def padded_shapes(m: int, n: int, k: int, config: TileConfig) -> MosaicLaunch:
-    """M, N, K rounded up to the tiles (TMA moves whole boxes) and the 1-D grid over the tiles —
-    what the JAX launcher pads to and launches; the CPU tests check it against that launcher."""
-    mp = round_up(m, config.block_m)
-    np_ = round_up(n, config.block_n)
-    kp = round_up(k, config.block_k)
-    return MosaicLaunch(m, n, k, mp, np_, kp, ((mp // config.block_m) * (np_ // config.block_n),))
+@functools.cache
+def padded_shapes(m: int, n: int, k: int, config: TileConfig, family: str = FAMILY) -> MosaicLaunch:
+    """The extents the JAX launcher would pad M, N, K to (its `pipeline.padded_extents` where it
+    has one: TMA zero-fills and clips, so only odd M rows are padded; else whole tiles) and the
+    1-D grid over the tiles. The CPU tests check it against that launcher."""
+    pipeline = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline")
+    extents = getattr(pipeline, "padded_extents", None)
+    if extents is not None and hasattr(pipeline, "plan_tiles"):
+        mp, np_, kp = extents(m, n, k, pipeline.plan_tiles(config, family), False)
+    else:
+        mp = round_up(m, config.block_m)
+        np_ = round_up(n, config.block_n)
+        kp = round_up(k, config.block_k)
+    grid = (-(-mp // config.block_m) * -(-np_ // config.block_n),)
+    return MosaicLaunch(m, n, k, mp, np_, kp, grid)
 
 
 # ==== launcher helpers ============================================================================
@@ -130,44 +160,90 @@ def pad1d(t: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def check_launchable(x: torch.Tensor, config: TileConfig, num_weights: int, residual: bool) -> None:
-    """NotImplementedError for what the Mosaic GPU kernels cannot take (the torch front does not ask
-    jax_impl.mosaic.unsupported_reason), ValueError for a TileConfig they cannot run."""
-    dtype = str(x.dtype).removeprefix("torch.")
-    pipeline = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline")
-    if dtype not in pipeline.SUPPORTED_DTYPES:
+@functools.cache
+def _supported_dtypes() -> tuple[tuple[str, ...], tuple[torch.dtype, ...]]:
+    names = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline").SUPPORTED_DTYPES
+    return names, tuple(getattr(torch, name) for name in names)
+
+
+def check_operand(x: torch.Tensor) -> None:
+    """What the launcher still checks per call, for callers that skip the front: NotImplementedError
+    for a dtype the Mosaic GPU kernels cannot take, ValueError for a tensor off the GPU (a tuple
+    membership and a device type: no import, no string)."""
+    names, dtypes = _supported_dtypes()
+    if x.dtype not in dtypes:
+        dtype = str(x.dtype).removeprefix("torch.")
         raise NotImplementedError(
-            f"x: impl {IMPL!r} takes dtypes {pipeline.SUPPORTED_DTYPES} (wgmma's 16-bit inputs), "
-            f"got {dtype}; fallback: impl '{FALLBACK}'"
+            f"x: impl {IMPL!r} takes dtypes {names} (wgmma's 16-bit inputs), got {dtype}; "
+            f"fallback: impl '{FALLBACK}'"
         )
     if x.device.type != "cuda":
         raise ValueError(f"x: impl {IMPL!r} expected a CUDA tensor, got device {x.device}")
+
+
+def check_launchable(x: torch.Tensor, config: TileConfig, num_weights: int, residual: bool) -> None:
+    """ValueError for a TileConfig the Mosaic GPU kernels cannot run: checked once per compiled
+    variant, not per call."""
+    dtype = str(x.dtype).removeprefix("torch.")
+    pipeline = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline")
     pipeline.check_config(config, dtype, num_weights=num_weights, residual=residual)
 
 
-@contextlib.contextmanager
-def _on_default_stream(device: torch.device) -> Iterator[None]:
-    """as_torch_kernel launches on the device's default stream: order it after the current stream's
-    work and the current stream after it, so callers on side streams see the usual semantics."""
-    if device.type != "cuda":  # nothing to fence (the CPU tests drive `run` with a stand-in)
-        yield
-        return
-    with torch.cuda.device(device):
-        current = torch.cuda.current_stream(device)
-        default = torch.cuda.default_stream(device)
-        if current == default:
-            yield
-            return
-        default.wait_stream(current)
-        yield
-        current.wait_stream(default)
+_COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+
+def _compile(fn: Callable[..., Any], operands: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The compiled torch callable of `fn` for these operands' shapes and dtypes: the per-shape
+    compile inside as_torch_kernel (jax._src.pallas.mosaic_gpu.torch._compile_fn, jax 0.11.1 and
+    0.11.2), or the public wrapper where that is gone (it then re-derives the shapes per call)."""
+    wrapper = as_torch_kernel()(fn)  # also the jax version check
+    jax = importlib.import_module("jax")
+    try:
+        compile_fn = importlib.import_module("jax._src.pallas.mosaic_gpu.torch")._compile_fn
+    except (ImportError, AttributeError):
+        return wrapper
+    structs = tuple(
+        jax.ShapeDtypeStruct(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for t in operands
+    )
+    return compile_fn(fn, structs)
+
+
+def compiled_kernel(
+    key: tuple, make_fn: Callable[[], Callable[..., Any]], operands: list[torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """The compiled callable of the variant `key` (family, activation, flags, config) for these
+    operands' shapes and dtypes: compiled on first use, then a dict lookup."""
+    full = (key, tuple((tuple(t.shape), t.dtype) for t in operands))
+    kernel = _COMPILED.get(full)
+    if kernel is None:
+        kernel = _COMPILED[full] = _compile(make_fn(), operands)
+    return kernel
+
+
+def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """as_torch_kernel launches on the current device's default stream: under `device` (entered
+    only when it is not current) and fenced against the current stream only when that is a side
+    stream, so callers on side streams see the usual semantics."""
+    if device.type != "cuda":  # the CPU tests drive `run` with a stand-in kernel
+        return kernel(*operands)
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return _launch(kernel, operands, device)
+    current = torch.cuda.current_stream(device)
+    default = torch.cuda.default_stream(device)
+    if current == default:
+        return kernel(*operands)
+    default.wait_stream(current)
+    y = kernel(*operands)
+    current.wait_stream(default)
+    return y
 
 
 def run(kernel: Callable, operands: list[torch.Tensor], plan: MosaicLaunch) -> torch.Tensor:
-    """Launch a wrapped kernel on tile-aligned operands; slice the [M, N] result (contiguous)."""
-    device = operands[0].device
-    with _on_default_stream(device):
-        y = kernel(*operands)
+    """Launch a compiled kernel on operands at the plan's extents; the [M, N] result (contiguous:
+    sliced only where the launcher padded)."""
+    y = _launch(kernel, operands, operands[0].device)
     if (plan.mp, plan.np_) == (plan.m, plan.n):
         return y
     return y[: plan.m, : plan.n].contiguous()
@@ -195,14 +271,6 @@ def mosaic_function(
     return fn
 
 
-@functools.cache
-def wrapped_kernel(
-    activation: str, has_bias: bool, has_residual: bool, config: TileConfig
-) -> Callable[..., torch.Tensor]:
-    """`mosaic_function` on torch tensors (compiled per shape on first use, then cached)."""
-    return as_torch_kernel()(mosaic_function(activation, has_bias, has_residual, config))
-
-
 def linear_act_fwd(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -222,12 +290,18 @@ def linear_act_fwd(
     n = w.shape[1]
     if m == 0:
         return x.new_empty((0, n))
-    check_launchable(x, config, num_weights=1, residual=residual is not None)
+    check_operand(x)
     plan = padded_shapes(m, n, k, config)
     operands = [pad2d(x, plan.mp, plan.kp), pad2d(w, plan.kp, plan.np_)]
     if b is not None:
         operands.append(pad1d(b, plan.np_))
     if residual is not None:
         operands.append(pad2d(residual, plan.mp, plan.np_))
-    kernel = wrapped_kernel(activation, b is not None, residual is not None, config)
+    has_bias, has_residual = b is not None, residual is not None
+
+    def make() -> Callable[..., Any]:
+        check_launchable(x, config, num_weights=1, residual=has_residual)
+        return mosaic_function(activation, has_bias, has_residual, config)
+
+    kernel = compiled_kernel((FAMILY, activation, has_bias, has_residual, config), make, operands)
     return run(kernel, operands, plan)

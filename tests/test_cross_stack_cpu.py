@@ -53,6 +53,9 @@ SMALL = TileConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, n
 MOSAIC_DTYPES = ("float16", "bfloat16")
 # (M, K, N): odd sizes spanning several tiles, M = 1, and aligned sizes (no padding on Mosaic).
 ODD = [(37, 53, 45), (1, 29, 70), (130, 96, 200)]
+# Mosaic GPU takes K and N in multiples of 16 (its swizzle atoms: jax_impl/mosaic/pipeline.py); M
+# is free (odd M >= 8 is padded to a multiple of 8 by the launcher, and the torch side mirrors it).
+MOSAIC_SHAPES = [(37, 64, 80), (1, 32, 48), (130, 96, 208)]
 
 
 # ---- shared helpers ------------------------------------------------------------------------------
@@ -550,17 +553,30 @@ def test_missing_jax_triton_names_the_wheel(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 # ==== CPU: Mosaic GPU from torch plumbing =========================================================
+def _packed_jax(ops: dict) -> tuple:
+    """(wv, bc) of a gated problem's w, v, b, c, packed as the fronts pack them (jax arrays)."""
+    import jax.numpy as jnp
+
+    from fusedmlp.jax_impl.packing import pack_gated
+
+    wv = pack_gated(jnp.asarray(ops["w"]), jnp.asarray(ops["v"]))
+    bc = (pack_gated(jnp.asarray(ops["b"]), jnp.asarray(ops["c"]))
+          if ops.get("b") is not None else None)
+    return wv, bc
+
+
 @pytest.mark.parametrize("family", ["linear_act", "gated"])
-@pytest.mark.parametrize("m,k,n", ODD)
+@pytest.mark.parametrize("m,k,n", MOSAIC_SHAPES)
 def test_mosaic_padding_matches_jax_launcher(monkeypatch: pytest.MonkeyPatch, family: str, m: int,
                                              k: int, n: int) -> None:
-    """The torch side pads to the extents and launches the grid the JAX launcher does."""
+    """The torch side pads to the extents and expects the persistent grid the JAX launcher uses."""
     import importlib
 
     import jax
     import jax.numpy as jnp
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    from fusedmlp.common.packing import packed_width
     from fusedmlp.jax_impl.mosaic import default_config
     from fusedmlp.torch_impl.cross import linear_act as tl_
 
@@ -578,20 +594,21 @@ def test_mosaic_padding_matches_jax_launcher(monkeypatch: pytest.MonkeyPatch, fa
     mod = importlib.import_module(f"fusedmlp.jax_impl.mosaic.{family}")
     ops = {name: (jnp.asarray(a) if a is not None else None)
            for name, a in _problem(family, m, k, n, "bfloat16", True).items()}
+    plan = tl_.padded_shapes(m, n, k, cfg, family)
     if family == "gated":
-        y = mod.gated_fwd(ops["x"], ops["w"], ops["b"], ops["v"], ops["c"], activation="silu",
-                          config=cfg, interpret=False)
-        wanted = 3 + 2
+        wv, bc = _packed_jax(ops)
+        y = mod.gated_fwd(ops["x"], wv, bc, n=n, activation="silu", config=cfg, interpret=False)
+        operand_shapes = [(plan.mp, plan.kp), (plan.kp, packed_width(n)), (packed_width(n),)]
     else:
         y = mod.linear_act_fwd(ops["x"], ops["w"], ops["b"], None, activation="silu",
                                config=cfg, interpret=False)
-        wanted = 2 + 1
-    plan = tl_.padded_shapes(m, n, k, cfg)
+        operand_shapes = [(plan.mp, plan.kp), (plan.kp, plan.np_), (plan.np_,)]
     [(out_shape, grid, shapes)] = seen
     assert out_shape == (plan.mp, plan.np_)
+    assert (plan.np_, plan.kp) == (n, k)  # TMA clips N and zero-fills K: no padding there
+    assert plan.mp == (m if m <= 8 else -(-m // 8) * 8)
     assert grid == plan.grid
-    assert shapes[:2] == [(plan.mp, plan.kp), (plan.kp, plan.np_)]
-    assert len(shapes) == wanted
+    assert shapes == operand_shapes
     assert tuple(y.shape) == (m, n)
     assert isinstance(y, jax.Array)
 
@@ -607,18 +624,19 @@ def _torch_to_jax(t):
 
 @pytest.mark.parametrize("family", ["linear_act", "gated"])
 @pytest.mark.parametrize("dtype", MOSAIC_DTYPES)
-@pytest.mark.parametrize("m,k,n,bias", [(37, 53, 45, True), (1, 29, 70, False)])
+@pytest.mark.parametrize("m,k,n,bias", [(37, 64, 80, True), (1, 32, 48, False)])
 def test_mosaic_torch_padding_gives_the_jax_launchers_bits(family: str, dtype: str, m: int, k: int,
                                                            n: int, bias: bool) -> None:
     """What the torch side does around as_torch_kernel — pad in torch, run the JAX launcher on the
-    aligned operands, slice in torch (`run`) — gives the JAX launcher's own bits. The kernel runs
-    under the Mosaic GPU interpreter here, standing in for the compiled one."""
+    operands it need not pad, slice in torch (`run`) — gives the JAX launcher's own bits. The
+    kernel runs under the Mosaic GPU interpreter here, standing in for the compiled one."""
     import importlib
 
     import torch
 
     from fusedmlp.jax_impl.mosaic import INTERPRET_CONFIG as cfg
     from fusedmlp.torch_impl.cross import linear_act as tl_
+    from fusedmlp.torch_impl.packing import pack_gated as torch_pack
 
     mod = importlib.import_module(f"fusedmlp.jax_impl.mosaic.{family}")
     activation = "gelu_tanh" if family == "linear_act" else "silu"
@@ -626,31 +644,31 @@ def test_mosaic_torch_padding_gives_the_jax_launchers_bits(family: str, dtype: s
     ops = _problem(family, m, k, n, dtype, bias, residual)
     t = {name: _torch(a) for name, a in ops.items()}
     j = {name: (_torch_to_jax(v) if v is not None else None) for name, v in t.items()}
-    plan = tl_.padded_shapes(m, n, k, cfg)
-    operands = [tl_.pad2d(t["x"], plan.mp, plan.kp), tl_.pad2d(t["w"], plan.kp, plan.np_)]
+    plan = tl_.padded_shapes(m, n, k, cfg, family)
     if family == "gated":
-        native = mod.gated_fwd(j["x"], j["w"], j["b"], j["v"], j["c"], activation=activation,
-                               config=cfg, interpret=True)
-        operands.append(tl_.pad2d(t["v"], plan.kp, plan.np_))
-        operands += [tl_.pad1d(t["b"], plan.np_), tl_.pad1d(t["c"], plan.np_)] if bias else []
+        wv, bc = _packed_jax(j)
+        native = mod.gated_fwd(j["x"], wv, bc, n=n, activation=activation, config=cfg,
+                               interpret=True)
+        operands = [tl_.pad2d(t["x"], plan.mp, plan.kp), torch_pack(t["w"], t["v"])]
+        operands += [torch_pack(t["b"], t["c"])] if bias else []
     else:
         native = mod.linear_act_fwd(j["x"], j["w"], j["b"], j["residual"], activation=activation,
                                     config=cfg, interpret=True)
+        operands = [tl_.pad2d(t["x"], plan.mp, plan.kp), tl_.pad2d(t["w"], plan.kp, plan.np_)]
         operands += [tl_.pad1d(t["b"], plan.np_)] if bias else []
         operands += [tl_.pad2d(t["residual"], plan.mp, plan.np_)] if residual else []
 
-    def interpreted(*aligned):  # the JAX launcher on aligned operands, as as_torch_kernel runs it
+    def interpreted(*aligned):  # the JAX launcher on the operands as as_torch_kernel passes them
         args = [_torch_to_jax(a) for a in aligned]
         if family == "gated":
-            x, w, v, *bc = args
-            b, c = bc if bias else (None, None)
-            y = mod.gated_fwd(x, w, b, v, c, activation=activation, config=cfg, interpret=True)
+            x, wv_, *rest = args
+            y = mod.gated_fwd(x, wv_, rest[0] if bias else None, n=n, activation=activation,
+                              config=cfg, interpret=True)
         else:
             x, w, *rest = args
             b = rest.pop(0) if bias else None
             r = rest.pop(0) if residual else None
             y = mod.linear_act_fwd(x, w, b, r, activation=activation, config=cfg, interpret=True)
-        assert tuple(y.shape) == (plan.mp, plan.np_)
         return _torch(np.asarray(y))
 
     assert all(o.is_contiguous() for o in operands)
@@ -669,20 +687,22 @@ def test_mosaic_torch_padding_gives_the_jax_launchers_bits(family: str, dtype: s
 def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: bool) -> None:
     """Lowered for CUDA on this CPU, the function handed to as_torch_kernel passes as_torch_kernel's
     own module check (jax's private `_find_mgpu_call_in_module`, the same in 0.10.2 and 0.11.2):
-    one Mosaic GPU call and nothing else. The unpadded launcher would be refused (pad, slice)."""
+    one Mosaic GPU call and nothing else — at an odd M, where the torch side pads the rows the
+    launcher would pad; without that padding the launcher's own pad would be refused."""
     import jax
     import jax.experimental.mosaic.gpu as mgpu
     import jax.numpy as jnp
     from jax._src.lib.mlir import passmanager
     from jax._src.pallas.mosaic_gpu import torch as mgpu_torch
 
+    from fusedmlp.common.packing import packed_width
     from fusedmlp.jax_impl.mosaic import default_config
     from fusedmlp.torch_impl.cross import gated as tg
     from fusedmlp.torch_impl.cross import linear_act as tl_
 
-    m, k, n = 37, 53, 45
+    m, k, n = 37, 64, 80
     cfg = default_config(family, m, n, k, "bfloat16", interpret=False)
-    plan = tl_.padded_shapes(m, n, k, cfg)
+    plan = tl_.padded_shapes(m, n, k, cfg, family)
 
     def s(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -696,9 +716,9 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
             return mgpu_torch._find_mgpu_call_in_module(module)[0]
 
     if family == "gated":
-        fn = tg.mosaic_function("gelu_tanh", bias, cfg)
-        structs = [s(plan.mp, plan.kp), s(plan.kp, plan.np_), s(plan.kp, plan.np_)]
-        structs += [s(plan.np_), s(plan.np_)] if bias else []
+        fn = tg.mosaic_function("gelu_tanh", bias, n, cfg)
+        structs = [s(plan.mp, plan.kp), s(plan.kp, packed_width(n))]
+        structs += [s(packed_width(n))] if bias else []
     else:
         fn = tl_.mosaic_function("gelu_tanh", bias, residual, cfg)
         structs = [s(plan.mp, plan.kp), s(plan.kp, plan.np_)]
@@ -707,11 +727,12 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
     call = mgpu_call(fn, structs)
     assert len(list(call.operands)) == len(structs)
     assert [tuple(r.type.shape) for r in call.results] == [(plan.mp, plan.np_)]
-    unpadded = [s(m, k), s(k, n)] + ([s(k, n)] if family == "gated" else [])
+    assert plan.mp != m  # the odd M really was padded on the torch side
+    unpadded = [s(m, k), structs[1]]
     if family == "linear_act":
         fn = tl_.mosaic_function("gelu_tanh", False, False, cfg)
     else:
-        fn = tg.mosaic_function("gelu_tanh", False, cfg)
+        fn = tg.mosaic_function("gelu_tanh", False, n, cfg)
     with pytest.raises(ValueError, match="Unsupported operation"):
         mgpu_call(fn, unpadded)
 

@@ -126,18 +126,14 @@ class MosaicLaunch:
 
 @functools.cache
 def padded_shapes(m: int, n: int, k: int, config: TileConfig, family: str = FAMILY) -> MosaicLaunch:
-    """The extents the JAX launcher would pad M, N, K to (its `pipeline.padded_extents` where it
-    has one: TMA zero-fills and clips, so only odd M rows are padded; else whole tiles) and the
-    1-D grid over the tiles. The CPU tests check it against that launcher."""
+    """The extents the JAX launcher pads M, N, K to (`pipeline.padded_extents`: TMA zero-fills
+    and clips, so only M >= 8 that is not a multiple of 8 is padded) and its persistent grid. The
+    CPU tests check both against that launcher."""
     pipeline = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline")
-    extents = getattr(pipeline, "padded_extents", None)
-    if extents is not None and hasattr(pipeline, "plan_tiles"):
-        mp, np_, kp = extents(m, n, k, pipeline.plan_tiles(config, family), False)
-    else:
-        mp = round_up(m, config.block_m)
-        np_ = round_up(n, config.block_n)
-        kp = round_up(k, config.block_k)
-    grid = (-(-mp // config.block_m) * -(-np_ // config.block_n),)
+    tiles = pipeline.plan_tiles(config, family)
+    mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, False)
+    num_tiles = -(-mp // tiles.block_m) * -(-np_ // tiles.out_n)
+    grid = (max(1, min(pipeline.num_sms(False), num_tiles)),)  # the persistent grid
     return MosaicLaunch(m, n, k, mp, np_, kp, grid)
 
 

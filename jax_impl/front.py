@@ -170,7 +170,21 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
         i = layer.index
         package = _LAYER_PACKAGES[the_plan.impl]
         precision = spec.fp32_precision
-        if layer.gated:
+        if layer.gated and package != _LAYER_PACKAGES["pallas_mosaic"]:
+            # TODO(merge): packed once by the front (the Triton kernels take the packed W|V).
+            from .packing import pack_gated
+
+            b, c = params.get(f"b{i}"), params.get(f"c{i}")
+            h = _module(f"{package}.gated").gated_fwd(
+                h,
+                pack_gated(params[f"w{i}"], params[f"v{i}"]),
+                pack_gated(b, c) if b is not None else None,
+                n=layer.d_out,
+                activation=layer.activation,
+                config=launch.config,
+                fp32_precision=precision,
+            )
+        elif layer.gated:
             h = _module(f"{package}.gated").gated_fwd(
                 h,
                 params[f"w{i}"],

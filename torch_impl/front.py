@@ -180,7 +180,21 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
         launcher = getattr(_module(f"{package}.{family}"), f"{family}_fwd")
         if launch.config is None:  # plan(tune=True) on a GPU: sweep once per shape, then cached
             launcher = _module("fusedmlp.torch_impl.tuning").tuned(family, launcher)
-        if layer.gated:
+        if layer.gated and package != _LAYER_PACKAGES["mosaic"]:
+            # TODO(merge): packed once by the front (the Triton kernels take the packed W|V).
+            from .packing import pack_gated
+
+            b, c = params.get(f"b{i}"), params.get(f"c{i}")
+            h = launcher(
+                h,
+                pack_gated(params[f"w{i}"], params[f"v{i}"]),
+                pack_gated(b, c) if b is not None else None,
+                n=layer.d_out,
+                activation=layer.activation,
+                config=launch.config,
+                fp32_precision=precision,
+            )
+        elif layer.gated:
             h = launcher(
                 h,
                 params[f"w{i}"],

@@ -1,4 +1,5 @@
-"""The shared-memory model (common/tiling.py `smem_bytes`) against the sm_90 compiler, on this CPU.
+"""The tiling of the per-layer kernels: the shared-memory model (common/tiling.py `smem_bytes`)
+against the sm_90 compiler on this CPU, the heuristics, the search space, the committed tables.
 
 Triton compiles for sm_90 without a GPU (`triton.compile(ASTSource(...), target=GPUTarget("cuda",
 90, 32))`): the compiled kernel's `metadata.shared` is the shared memory a block asks for, and ptxas
@@ -16,8 +17,11 @@ absent pointers None), for
   that has one): it fits, ptxas reports no spills, and the PTX has TMA copies (persistent
   kernels) and wgmma (16-bit and tf32 tiles of 64 rows or more).
 
-About 40 s on one core; it runs in CI (a GPU compile error or a config that cannot launch must not
-wait for the GPU).
+About 30 s on one core; it runs in CI (a GPU compile error or a config that cannot launch must not
+wait for the GPU). The rest needs no compiler: the heuristics' tile choices, the search space
+(pruned by the model, with the Hopper knobs), and the committed tuned table (common/tuned/: exact
+key, nearest M bucket, a GPU variant's name, the off switch, heuristic_config's preference on a
+registered GPU).
 """
 
 from __future__ import annotations
@@ -32,8 +36,18 @@ from typing import Any
 
 import pytest
 
-from fusedmlp.common import TileConfig
-from fusedmlp.common.tiling import SMEM_LIMIT, heuristic_config, smem_bytes, uses_wgmma
+from fusedmlp.common import TileConfig, tuning
+from fusedmlp.common.tiling import (
+    INTERPRET_CONFIG_GATED,
+    SMEM_LIMIT,
+    fits,
+    gated_config,
+    heuristic_config,
+    search_space,
+    smem_bytes,
+    uses_wgmma,
+    warp_specialize_applies,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WGMMA_SLACK = 1024  # bytes the model may overcount on the wgmma path
@@ -214,3 +228,110 @@ def test_default_configs_compile_for_hopper(name, family, persistent, dtype, pre
     assert got["wgmma"] == uses_wgmma(config, dtype, precision), f"{name} {config}: wgmma"
     if persistent:
         assert got["tma"], f"{name} {config}: no TMA copy (cp.async.bulk.tensor) in the PTX"
+
+
+# ---- the heuristics, the search space, the committed tuned table (no compiler needed) -----------
+def test_heuristic_tiles_follow_wave_quantisation():
+    """128×256 where the last wave of 132 programs stays full; 128×128 where 128×256 would leave
+    it mostly empty (hf-blog's down projection: 192 tiles = 1.45 waves vs 384 = 2.9)."""
+    def hc(family, m, n, k, dtype="bfloat16", **kw):
+        cfg = heuristic_config(family, m, n, k, dtype, persistent=True, **kw)
+        return cfg.block_m, cfg.block_n, cfg.num_stages, cfg.epilogue_subtile
+
+    assert hc("linear_act", 8192, 4096, 14336) == (128, 256, 4, 2)
+    assert hc("gated", 8192, 14336, 4096) == (128, 128, 4, 2)
+    assert hc("linear_act", 8192, 768, 3072) == (128, 128, 4, 2)
+    assert hc("gated", 8192, 3072, 768) == (128, 128, 4, 2)
+    assert hc("gated", 16, 14336, 4096)[:2] == (16, 64)
+    assert hc("gated", 2048, 4096, 1024, "float32")[:2] == (128, 64)
+    for family, m, n, k in (("linear_act", 8192, 4096, 14336), ("gated", 8192, 14336, 4096),
+                            ("linear_act", 777, 1096, 520), ("gated", 4099, 1096, 520)):
+        for dtype in ("bfloat16", "float16", "float32"):
+            for persistent in (True, False):
+                cfg = heuristic_config(family, m, n, k, dtype, persistent=persistent)
+                assert fits(family, cfg, dtype, persistent=persistent), (family, dtype, cfg)
+                assert family == "linear_act" or cfg.block_n % 64 == 0
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("family", ["linear_act", "gated"])
+def test_search_space_fits_and_has_the_hopper_knobs(family, dtype, persistent):
+    for m in (16, 8192):
+        space = search_space(family, m, dtype, persistent=persistent)
+        assert space and len(space) == len(set(space))
+        assert all(fits(family, c, dtype, persistent=persistent) for c in space)
+        if family == "gated":
+            assert all(c.block_n % 64 == 0 and not c.warp_specialize for c in space)
+    big = search_space(family, 8192, dtype, persistent=persistent)
+    if persistent:
+        assert any(c.epilogue_subtile > 1 for c in big)
+        assert any(c.warp_specialize for c in big) == (family == "linear_act")
+        assert all(not c.warp_specialize or warp_specialize_applies(family, c) for c in big)
+    else:
+        assert all(c.epilogue_subtile == 1 and not c.warp_specialize for c in big)
+    if family == "gated" and dtype == "bfloat16" and persistent:
+        # The winner the old count pruned: the packed 128×(2·128)×64 tile at 4 stages.
+        assert TileConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2) in big
+
+
+def test_gated_config_reads_narrow_block_n_as_one_pair():
+    assert gated_config(TileConfig(16, 16, 16)).block_n == 64
+    wide = TileConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2)
+    assert gated_config(wide) is wide
+
+
+@pytest.fixture
+def tuned_dir(tmp_path, monkeypatch):
+    """A committed-table folder with one H200 table, and no GPU registered by the test process."""
+    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
+    monkeypatch.delenv(tuning.NO_TUNED_ENV, raising=False)
+    tuning._committed_entries.cache_clear()
+    previous = tuning.registered_device()
+    cfg = TileConfig(128, 128, 64, num_warps=8, num_stages=3, epilogue_subtile=2)
+    key = tuning.make_key("NVIDIA H200", "triton_tma", "gated", 8192, 14336, 4096, "bfloat16")
+    table = {"format": 1, "entries": {str(key): tuning.TuningRecord(cfg, 1.5).to_dict(key)}}
+    (tmp_path / "nvidia-h200.json").write_text(json.dumps(table))
+    yield cfg
+    tuning.register_device(previous)
+    tuning._committed_entries.cache_clear()
+
+
+def test_committed_table_lookup(tuned_dir, monkeypatch):
+    cfg = tuned_dir
+    look = functools.partial(tuning.committed_config, impl="triton_tma", family="gated",
+                             n=14336, k=4096, dtype="bfloat16")
+    assert look("NVIDIA H200", m=8192) == cfg
+    assert look("NVIDIA H200", m=3000) == cfg  # the nearest measured bucket (8192 for 4096)
+    assert look("NVIDIA H200 NVL", m=8192) == cfg  # a variant's name finds the family's file
+    assert look("NVIDIA H100 80GB HBM3", m=8192) is None  # no table for that GPU
+    assert tuning.committed_config("NVIDIA H200", "triton_tma", "gated", 8192, 4096, 4096,
+                                   "bfloat16") is None  # another layer shape
+    assert tuning.committed_config("NVIDIA H200", "triton", "gated", 8192, 14336, 4096,
+                                   "bfloat16") is None  # another impl
+    monkeypatch.setenv(tuning.NO_TUNED_ENV, "1")
+    assert look("NVIDIA H200", m=8192) is None
+
+
+def test_heuristic_config_prefers_the_committed_config_on_a_registered_gpu(tuned_dir):
+    cfg = tuned_dir
+    args = ("gated", 8192, 14336, 4096, "bfloat16")
+    rules = heuristic_config(*args, persistent=True)
+    assert rules != cfg
+    tuning.register_device("NVIDIA H200")
+    assert heuristic_config(*args, persistent=True) == cfg
+    assert heuristic_config(*args, persistent=False) == heuristic_config(
+        *args, persistent=False, device="none")  # the portable kernel has no table entry
+    assert heuristic_config(*args, interpret=True) == INTERPRET_CONFIG_GATED  # CPU: never
+
+
+def test_committed_h200_table_parses():
+    """The table in the repo (empty until the H200 sweep fills it) is readable, and every entry a
+    config that fits."""
+    path = tuning.TUNED_DIR / "nvidia-h200.json"
+    data = json.loads(path.read_text())
+    assert data["format"] == tuning.FORMAT_VERSION and isinstance(data["entries"], dict)
+    for entry in data["entries"].values():
+        key, cfg = entry["key"], TileConfig.from_dict(entry["config"])
+        assert fits(key["family"], cfg, key["dtype"], persistent=key["impl"] == "triton_tma",
+                    fp32_precision=key["fp32_precision"])

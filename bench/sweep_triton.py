@@ -1,6 +1,6 @@
 """The GPU sweep of the Triton per-layer kernels (issue 21): one call on the H200, under 3 minutes.
 
-    python3 bench/sweep_triton.py OUT.json [--budget-s 170] [--tuned-out PATH]
+    python3 bench/sweep_triton.py OUT.json [--budget-s 150] [--tuned-out PATH]
 
 For every GEMM of llama3-8b, gpt-mlp and hf-blog-geglu at M = 8192 (and a few at M = 512, 2048):
 cuBLAS on the same shape (torch.matmul, for gated the one [K, 2·Np] product the packed kernel
@@ -15,7 +15,7 @@ no per-call packing) against torch eager.
 Timing: `triton.testing.do_bench` (it clears L2 with a 256 MB write before every repetition and
 times each call with CUDA events), median of the repetitions; TFLOP/s count 2·M·N·K per GEMM
 (gated: N = 2·n). A variant that fails to compile or launch (shared memory, registers) is recorded
-with its error. A time budget (default 170 s, compiles included) stops the variant grid early; what
+with its error. A time budget (default 150 s, compiles included) stops the variant grid early; what
 was measured is still written.
 
 Output: OUT.json (environment, every row, the best config per GEMM, whole-MLP times) and the tuned
@@ -33,6 +33,7 @@ timing, to check this script end to end without a GPU (the numbers mean nothing)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -40,7 +41,7 @@ import sys
 import time
 import traceback
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,12 +150,18 @@ def bench_ms(fn: Callable[[], Any], smoke: bool) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 
-def fp32_precision(precision: str):
-    """cuBLAS float32 products as IEEE or TF32 (the same switch the eager baseline uses)."""
-    from fusedmlp.common import MLPSpec
-    from fusedmlp.torch_impl.baselines import fp32_matmul_precision
-
-    return fp32_matmul_precision(MLPSpec((2, 2), "relu", False, "float32", precision))
+@contextlib.contextmanager
+def fp32_precision(precision: str) -> Iterator[None]:
+    """cuBLAS float32 products as IEEE or TF32, restored afterwards (torch >= 2.9 spells it
+    `fp32_precision`, older ones `allow_tf32`)."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    previous = getattr(matmul, name)
+    setattr(matmul, name, precision if name == "fp32_precision" else precision == "tf32")
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
 
 
 # ---- one GEMM: operands, reference, cuBLAS, variants ---------------------------------------------
@@ -427,7 +434,7 @@ def print_table(summaries: list[dict[str, Any]], mlps: list[dict[str, Any]]) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="JSON file to write")
-    ap.add_argument("--budget-s", type=float, default=170.0,
+    ap.add_argument("--budget-s", type=float, default=150.0,
                     help="stop timing new variants after this many seconds (compiles included)")
     ap.add_argument("--tuned-out", type=Path, default=None,
                     help="the tuned table's file (default: <out dir>/<gpu slug>.json)")

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_width
+from fusedmlp.common.tiling import gated_config
 
 from .linear_act import (
     TritonLaunch,
@@ -94,6 +95,7 @@ def launch_plan(
     the placeholder "x", never loaded.
     """
     width = packed_width(n)
+    config = gated_config(config)  # as the native launcher: block_n at least one packed pair
     return TritonLaunch(
         grid=(cdiv(m, config.block_m) * cdiv(n, config.block_n),),
         arrays={

@@ -7,11 +7,15 @@ their tiles.
 
 `block_n` is always the OUTPUT columns of one tile: for the gated family, whose packed `[W|V]`
 operand interleaves gate and up in blocks of `common.packing.PACK_BLOCK` columns, the operand
-tile is `2 * block_n` wide and `block_n` must be a multiple of PACK_BLOCK.
+tile is `2 * block_n` wide and `block_n` a multiple of PACK_BLOCK (block_n is a power of two, so
+any block_n ≥ 64 is; the gated kernels read a smaller one — a config pinned for every layer of an
+MLP — as 64: `tiling.gated_config`).
 
 Hopper knobs, ignored where they mean nothing (the portable kernels, the interpreters):
 - `warp_specialize`: producer/consumer warp roles in the main loop (Triton's
-  `tl.range(..., warp_specialize=True)`; Mosaic GPU's warp-specialised pipeline);
+  `tl.range(..., warp_specialize=True)`; Mosaic GPU's warp-specialised pipeline). Triton 3.6 on
+  Hopper can apply it only to some kernels and configs (`tiling.warp_specialize_applies`);
+  elsewhere the Triton kernels ignore it;
 - `epilogue_subtile`: the output tile is stored in this many column slices, so only a slice of it is
   staged in shared memory at a time (frees shared memory for pipeline stages).
 """

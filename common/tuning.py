@@ -16,14 +16,25 @@ M is bucketed by powers of two (a config chosen for M=3000 serves M=2049..4096);
          "versions": {"triton": "3.6.0", ...}, "tuned_at": "2026-11-23T12:00:00+00:00"}}}
 
 Writes re-read the file and replace it atomically, so sweeps in several processes merge their
-entries.
-No torch or jax here: each stack's tuning module times configs and calls this one.
+entries. No torch or jax here: each stack's tuning module times configs and calls this one.
+
+Committed tuned configs: `common/tuned/<device slug>.json` (e.g. `nvidia-h200.json` for
+"NVIDIA H200"), in the same format, written by bench/sweep_triton.py on that GPU and committed with
+the repo. `committed_config` reads it (once per process): the entry for the exact key, else the
+same impl / family / n / k / dtype / precision at the nearest M bucket, else None.
+`tiling.heuristic_config` consults it first on a GPU — the device is passed in, or the one a stack
+registered at import (`register_device`, called by torch_impl when CUDA is there) — so `auto`
+launches measured configs without tuning at the first call. `FUSEDMLP_NO_TUNED=1` turns the
+committed tables off (to measure the rules themselves).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -36,6 +47,8 @@ from .dtypes import DTYPES, FP32_PRECISIONS
 from .tiling import FAMILIES, shape_bucket
 
 CACHE_ENV = "FUSEDMLP_TUNING_CACHE"
+NO_TUNED_ENV = "FUSEDMLP_NO_TUNED"
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 DEFAULT_CACHE = "~/.cache/fusedmlp/tuning.json"
 FORMAT_VERSION = 1
 
@@ -167,3 +180,75 @@ class TuningCache:
             Path(tmp).unlink(missing_ok=True)
             raise
         self._entries = entries
+
+
+# ---- committed tuned configs (common/tuned/) -----------------------------------------------------
+_REGISTERED_DEVICE: str | None = None
+
+
+def register_device(name: str | None) -> None:
+    """The GPU this process launches on, for `tiling.heuristic_config`'s committed-config lookup
+    (a stack calls it at import when it has a GPU; None forgets it)."""
+    global _REGISTERED_DEVICE
+    _REGISTERED_DEVICE = name
+
+
+def registered_device() -> str | None:
+    return _REGISTERED_DEVICE
+
+
+def device_slug(device: str) -> str:
+    """ "NVIDIA H200" -> "nvidia-h200": the committed file's name for a GPU."""
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def tuned_path(device: str) -> Path | None:
+    """The committed table for `device`: its slug, or the longest prefix of it that has a file
+    ("NVIDIA H200 NVL" uses nvidia-h200.json when there is no nvidia-h200-nvl.json)."""
+    parts = device_slug(device).split("-")
+    for end in range(len(parts), 0, -1):
+        path = TUNED_DIR / f"{'-'.join(parts[:end])}.json"
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.cache
+def _committed_entries(path: str) -> dict[str, dict[str, Any]]:
+    return TuningCache(path).entries
+
+
+def committed_config(
+    device: str, impl: str, family: str, m: int, n: int, k: int, dtype: str,
+    fp32_precision: str = "ieee",
+) -> TileConfig | None:
+    """The committed tuned config for this launch on `device`, or None (see the module docstring).
+
+    Entries are matched on every key field but the device (one file is one GPU) and M, which goes
+    to the nearest power-of-two bucket that was measured for the same layer shape.
+    """
+    if os.environ.get(NO_TUNED_ENV) == "1":
+        return None
+    path = tuned_path(device)
+    if path is None:
+        return None
+    want = make_key(device, impl, family, m, n, k, dtype, fp32_precision)
+    best: tuple[float, dict[str, Any]] | None = None
+    for entry in _committed_entries(str(path)).values():
+        key = entry.get("key", {})
+        same = all(key.get(f) == getattr(want, f)
+                   for f in ("impl", "family", "n", "k", "dtype", "fp32_precision"))
+        if not same:
+            continue
+        distance = abs(math.log2(max(int(key["m_bucket"]), 1)) -
+                       math.log2(max(int(want.m_bucket), 1)))
+        if best is None or distance < best[0]:
+            best = (distance, entry)
+    if best is None:
+        return None
+    try:
+        return TileConfig.from_dict(best[1]["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        warnings.warn(f"tuned table {path}: bad entry for {want} ({err}); ignoring it",
+                      stacklevel=2)
+        return None

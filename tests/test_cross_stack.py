@@ -33,8 +33,9 @@ import triton.language as tl
 
 from fusedmlp.common import MLPSpec, reference
 from fusedmlp.common.dtypes import DTYPES, UNIT_ROUNDOFF, numpy_dtype
+from fusedmlp.common.packing import pack_gated
 from fusedmlp.common.spec import GATED_ACTIVATIONS
-from fusedmlp.common.tiling import INTERPRET_CONFIG
+from fusedmlp.common.tiling import INTERPRET_CONFIG, INTERPRET_CONFIG_GATED
 from fusedmlp.common.tolerance import assert_close
 from fusedmlp.jax_impl import gated as jgated
 from fusedmlp.jax_impl import linear_act as jlinear
@@ -48,6 +49,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 CONFIG = INTERPRET_CONFIG  # pinned on both sides
+GATED_CONFIG = INTERPRET_CONFIG_GATED
 M, K, N = 19, 67, 45  # odd: ragged tiles in every dimension, a ragged K tail
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "cross_stack_cpu.md"
 
@@ -89,10 +91,13 @@ def _from_torch(t: torch.Tensor) -> np.ndarray:
 def run_both(family: str, activation: str, a: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """The two kernels' outputs (NumPy, in the dtype) for the same inputs and the pinned config."""
     if family == "gated":
+        # The gated kernels take W|V and b|c packed (common/packing.py) and a 64-wide output tile.
         base = GATED_ACTIVATIONS[activation]
-        t = tgated.gated_fwd(*(_torch(a[k]) for k in "xwbvc"), activation=base, config=CONFIG)
-        j = jgated.gated_fwd(*(jnp.asarray(a[k]) for k in "xwbvc"), activation=base,
-                             config=CONFIG, interpret=True)
+        wv, bc = pack_gated(a["w"], a["v"]), pack_gated(a["b"], a["c"])
+        t = tgated.gated_fwd(_torch(a["x"]), _torch(wv), _torch(bc), n=N, activation=base,
+                             config=GATED_CONFIG)
+        j = jgated.gated_fwd(jnp.asarray(a["x"]), jnp.asarray(wv), jnp.asarray(bc), n=N,
+                             activation=base, config=GATED_CONFIG, interpret=True)
     else:
         t = tlinear.linear_act_fwd(_torch(a["x"]), _torch(a["w"]), _torch(a["b"]), None,
                                    activation=activation, config=CONFIG)

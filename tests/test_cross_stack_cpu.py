@@ -41,6 +41,7 @@ import pytest
 
 from fusedmlp.common import MLPSpec, TileConfig, golden, reference
 from fusedmlp.common.dtypes import DTYPES, numpy_dtype
+from fusedmlp.common.packing import pack_gated
 from fusedmlp.common.tolerance import assert_close
 from helpers import to_numpy
 
@@ -50,6 +51,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = TileConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
+# The packed gated kernels' output tiles are whole 64-column packed blocks.
+SMALL_GATED = TileConfig(block_m=16, block_n=64, block_k=16, group_m=2, num_warps=4,
+                         num_stages=1)
 MOSAIC_DTYPES = ("float16", "bfloat16")
 # (M, K, N): odd sizes spanning several tiles, M = 1, and aligned sizes (no padding on Mosaic).
 ODD = [(37, 53, 45), (1, 29, 70), (130, 96, 200)]
@@ -92,6 +96,9 @@ def _problem(family: str, m: int, k: int, n: int, dtype: str, bias: bool, residu
     if family == "gated":
         ops["v"] = _rand(rng, (k, n), dtype, k**-0.5)
         ops["c"] = _rand(rng, (n,), dtype, 0.1) if bias else None
+        # The gated kernels take W|V and b|c packed (common/packing.py).
+        ops["wv"] = pack_gated(ops["w"], ops["v"])
+        ops["bc"] = pack_gated(ops["b"], ops["c"]) if bias else None
     else:
         ops["residual"] = _rand(rng, (m, n), dtype) if residual else None
     return ops
@@ -260,10 +267,10 @@ def test_triton_launch_plan_matches_native_launcher(
     ops = _problem(family, m, k, n, "float16", bias, residual)
     t = {name: _torch(a) for name, a in ops.items()}
     if family == "gated":
-        native_mod.gated_fwd(t["x"], t["w"], t["b"], t["v"], t["c"], activation="silu",
-                             config=SMALL)
-        plan = cross_mod.launch_plan(m, n, k, activation="silu", has_bias=bias, config=SMALL,
-                                     upcast=INTERPRET)
+        native_mod.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation="silu",
+                             config=SMALL_GATED)
+        plan = cross_mod.launch_plan(m, n, k, activation="silu", has_bias=bias,
+                                     config=SMALL_GATED, upcast=INTERPRET)
     else:
         native_mod.linear_act_fwd(t["x"], t["w"], t["b"], t["residual"], activation="silu",
                                   config=SMALL)
@@ -310,10 +317,10 @@ def test_adapters_interpreted_give_native_bits(dtype: str, m: int, k: int, n: in
         ops = _problem(family, m, k, n, dtype, bias, residual)
         t = {name: _torch(a) for name, a in ops.items()}
         if family == "gated":
-            native = tg.gated_fwd(t["x"], t["w"], t["b"], t["v"], t["c"], activation=activation,
-                                  config=SMALL)
-            plan = jg.launch_plan(m, n, k, activation=activation, has_bias=bias, config=SMALL,
-                                  upcast=True)
+            native = tg.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation=activation,
+                                  config=SMALL_GATED)
+            plan = jg.launch_plan(m, n, k, activation=activation, has_bias=bias,
+                                  config=SMALL_GATED, upcast=True)
             adapter = jg._gated_fwd_jt
         else:
             native = tla.linear_act_fwd(t["x"], t["w"], t["b"], t["residual"],
@@ -461,6 +468,7 @@ _LOWER_SCRIPT = textwrap.dedent(
     from fusedmlp.jax_impl.cross import gated as jg, linear_act as jl
 
     cfg = TileConfig(64, 32, 32, group_m=8, num_warps=4, num_stages=3)
+    cfg_gated = TileConfig(64, 64, 32, group_m=8, num_warps=4, num_stages=3)  # packed: 64 wide
     out = {}
     for dtype in ("float32", "bfloat16"):
         def s(*shape):
@@ -471,9 +479,9 @@ _LOWER_SCRIPT = textwrap.dedent(
                 x, w, b, r, activation="silu", config=cfg), (s(m, k), s(k, n), s(n), s(m, n))),
             "linear_act-nobias": (lambda x, w: jl.linear_act_fwd(
                 x, w, None, None, activation="relu", config=cfg), (s(m, k), s(k, n))),
-            "gated": (lambda x, w, b, v, c: jg.gated_fwd(
-                x, w, b, v, c, activation="silu", config=cfg),
-                (s(m, k), s(k, n), s(n), s(k, n), s(n))),
+            "gated": (lambda x, wv, bc: jg.gated_fwd(
+                x, wv, bc, n=n, activation="silu", config=cfg_gated),
+                (s(m, k), s(k, 128), s(128))),
         }
         for name, (fn, structs) in cases.items():
             calls.clear()
@@ -518,8 +526,9 @@ def test_jax_triton_lowering_with_the_real_wheel() -> None:
         nb = result[f"linear_act-nobias-{dtype}"]
         assert [p[0] for p in nb["params"]] == kinds  # placeholders keep the positions
         g = result[f"gated-{dtype}"]
-        assert g["kernel"] == "_gated_fwd_kernel" and g["grid"] == grid
-        assert [p[0] for p in g["params"]] == ["array"] * 5 + ["array"]
+        assert g["kernel"] == "_gated_fwd_kernel"
+        assert g["grid"] == [-(-m // 64) * -(-n // 64), 1, 1]  # packed: 64 output columns a tile
+        assert [p[0] for p in g["params"]] == ["array"] * 3 + ["array"]  # x, wv, bc, the output
         assert la["ptx_lines"] > 100 and g["ptx_lines"] > 100
         assert la["cache_dir"] == "<unset>"  # the import's TRITON_CACHE_DIR="" was undone
 

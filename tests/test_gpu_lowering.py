@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fusedmlp.common import DTYPES, KERNEL_ACTIVATIONS, MLPSpec, param_shapes
+from fusedmlp.common import DTYPES, KERNEL_ACTIVATIONS, MLPSpec, TileConfig, param_shapes
+from fusedmlp.common.packing import packed_width
 from fusedmlp.common.tiling import heuristic_config
 from fusedmlp.jax_impl import fused_decode, fused_small, gated, linear_act
 
@@ -44,11 +45,20 @@ def test_per_layer_kernels_lower_for_cuda(activation, dtype):
     if activation == "identity":
         return
     cfg = heuristic_config("gated", M, N, K, dtype)
+    width = packed_width(N)  # the packed W|V operand (N = 136: three 64-column block pairs)
     _lower(
-        functools.partial(gated.gated_fwd, activation=activation, config=cfg,
+        functools.partial(gated.gated_fwd, n=N, activation=activation, config=cfg,
                           fp32_precision=precision, interpret=False),
-        S((M, K), dt), S((K, N), dt), S((N,), dt), S((K, N), dt), S((N,), dt),
+        S((M, K), dt), S((K, width), dt), S((width,), dt),
     )
+    # The packed tile at the other output widths: 64 (one block pair) and 128 (two).
+    for block_n in (64, 128):
+        narrow = TileConfig(64, block_n, 32, group_m=8, num_warps=4, num_stages=2)
+        _lower(
+            functools.partial(gated.gated_fwd, n=N, activation=activation, config=narrow,
+                              fp32_precision=precision, interpret=False),
+            S((M, K), dt), S((K, width), dt), None,
+        )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -1,11 +1,13 @@
 """The portable per-layer kernels of both stacks: `triton` (torch_impl), `pallas_triton` (jax_impl).
 
 Every golden case runs through the per-layer kernels chained as the fronts chain them (`run_layers`:
-gated for gated hidden layers, linear_act for plain hidden layers and for the identity last layer),
-then random odd shapes: M = 0 and 1, 3-D inputs, a residual, non-contiguous x (torch), a NaN row,
-tf32, small explicit TileConfigs (several tiles in every dimension), validation messages (the same
-text in both stacks) and, for JAX, the kernels inside `jax.jit`. Only `tolerance.assert_close`
-decides.
+gated — on the packed W|V operand, common/packing.py — for gated hidden layers, linear_act for plain
+hidden layers and for the identity last layer), then random odd shapes: M = 0 and 1, 3-D inputs, a
+residual, non-contiguous x (torch), a NaN row, tf32, small explicit TileConfigs (several tiles in
+every dimension; gated tiles whose packed operand tile runs past the padded width), every gated
+activation × bias × dtype at an N that is no multiple of 64, the two stacks bit for bit on the gated
+kernel, validation messages (the same text in both stacks) and, for JAX, the kernels inside
+`jax.jit`. Only `tolerance.assert_close` decides.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from helpers import to_numpy
 
 # Small tiles: the odd sizes below span several tiles in every dimension (and a ragged K tail).
 SMALL = TileConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
+# The gated kernels' output tile is a whole number of 64-column packed blocks (128 packed columns;
+# SMALL's block_n = 16 is read as 64); WIDE reads 256 packed columns per tile, so with N <= 64 half
+# its operand tile is past 2·Np.
+SMALL_GATED = TileConfig(block_m=16, block_n=64, block_k=16, group_m=2, num_warps=4, num_stages=1)
+WIDE_GATED = TileConfig(block_m=16, block_n=128, block_k=32, group_m=1, num_warps=4, num_stages=1)
 
 
 # ---- the two stacks behind one interface ---------------------------------------------------------
@@ -34,6 +41,12 @@ class Stack:
     linear_act: Callable
     gated: Callable
     asarray: Callable[[np.ndarray], object]
+    pack: Callable  # the stack's pack_gated: [..., N] gate and up -> [..., 2·Np] packed
+
+    def gated_unpacked(self, x, w, v, b=None, c=None, **kw):
+        """gated from W, V, b, c kept apart, packed here (callers pack once: a test's shortcut)."""
+        bc = self.pack(b, c) if b is not None else None
+        return self.gated(x, self.pack(w, v), bc, n=w.shape[-1], **kw)
 
 
 def _torch_stack() -> Stack:
@@ -41,6 +54,7 @@ def _torch_stack() -> Stack:
 
     from fusedmlp.torch_impl.gated import gated
     from fusedmlp.torch_impl.linear_act import linear_act
+    from fusedmlp.torch_impl.packing import pack_gated
     from fusedmlp.torch_impl.runtime import INTERPRET
 
     device = "cpu" if INTERPRET else "cuda"
@@ -50,7 +64,7 @@ def _torch_stack() -> Stack:
             return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16).to(device)
         return torch.from_numpy(a.copy()).to(device)
 
-    return Stack("triton", linear_act, gated, asarray)
+    return Stack("triton", linear_act, gated, asarray, pack_gated)
 
 
 def _jax_stack() -> Stack:
@@ -58,8 +72,9 @@ def _jax_stack() -> Stack:
 
     from fusedmlp.jax_impl.gated import gated
     from fusedmlp.jax_impl.linear_act import linear_act
+    from fusedmlp.jax_impl.packing import pack_gated
 
-    return Stack("pallas_triton", linear_act, gated, jnp.asarray)
+    return Stack("pallas_triton", linear_act, gated, jnp.asarray, pack_gated)
 
 
 @functools.cache
@@ -77,15 +92,15 @@ def stack(request: pytest.FixtureRequest) -> Stack:
 
 def run_layers(stack: Stack, spec: MLPSpec, x: object, params: dict[str, object],
                config: TileConfig | None = None) -> object:
-    """The MLP as the fronts chain the per-layer kernels."""
+    """The MLP as the fronts chain the per-layer kernels (gated layers on the packed operand)."""
     h = x
     for layer in spec.layers():
         i = layer.index
         b = params.get(f"b{i}")
         if layer.gated:
-            h = stack.gated(h, params[f"w{i}"], params[f"v{i}"], b, params.get(f"c{i}"),
-                            activation=layer.activation, config=config,
-                            fp32_precision=spec.fp32_precision)
+            h = stack.gated_unpacked(h, params[f"w{i}"], params[f"v{i}"], b, params.get(f"c{i}"),
+                                     activation=layer.activation, config=config,
+                                     fp32_precision=spec.fp32_precision)
         else:
             h = stack.linear_act(h, params[f"w{i}"], b, activation=layer.activation,
                                  config=config, fp32_precision=spec.fp32_precision)
@@ -150,25 +165,76 @@ def test_linear_act_random(stack: Stack, dtype: str, lead: tuple[int, ...], K: i
                  what=f"{stack.name} linear_act {dtype}")
 
 
+GATED_BASE = ("silu", "gelu", "gelu_tanh")  # the branch activations of swiglu, geglu, geglu_tanh
+GATED_ODD = {"silu": ((37,), 53, 70), "gelu": ((2, 9), 17, 45), "gelu_tanh": ((1,), 29, 33)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead,K,N,activation,bias", [
-    ((37,), 53, 45, "silu", True),
-    ((1,), 29, 70, "gelu", False),
-    ((2, 9), 17, 33, "gelu_tanh", True),
-])
-def test_gated_random(stack: Stack, dtype: str, lead: tuple[int, ...], K: int, N: int,
-                      activation: str, bias: bool) -> None:
-    rng = np.random.default_rng(zlib.crc32(repr((lead, K, N, dtype, "gated")).encode()))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", GATED_BASE)
+def test_gated_random(stack: Stack, dtype: str, activation: str, bias: bool) -> None:
+    """The packed gated kernel at N = 70, 45, 33 (no multiple of 64: zero-padded packed blocks)."""
+    lead, K, N = GATED_ODD[activation]
+    rng = np.random.default_rng(zlib.crc32(repr((lead, K, N, dtype, bias, "gated")).encode()))
     x = _rand(rng, (*lead, K), dtype)
     w = _rand(rng, (K, N), dtype, 1 / np.sqrt(K))
     v = _rand(rng, (K, N), dtype, 1 / np.sqrt(K))
     b, c = (_rand(rng, (N,), dtype), _rand(rng, (N,), dtype)) if bias else (None, None)
     arr = stack.asarray
-    out = stack.gated(arr(x), arr(w), arr(v), arr(b) if bias else None,
-                      arr(c) if bias else None, activation=activation, config=SMALL)
+    out = stack.gated_unpacked(arr(x), arr(w), arr(v), arr(b) if bias else None,
+                               arr(c) if bias else None, activation=activation,
+                               config=SMALL_GATED)
     assert tuple(out.shape) == (*lead, N)
     assert_close(to_numpy(out), _layer_ref(x, w, b, activation, v, c), _spec(dtype),
-                 what=f"{stack.name} gated {dtype}")
+                 what=f"{stack.name} gated {activation} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gated_packed_tile_past_the_padded_width(stack: Stack, dtype: str) -> None:
+    """block_n = 128: N = 45 pads to one block pair (128 packed columns), so half of the tile's
+    256 packed columns lie past 2·Np (masked to zeros); N = 150 gives a ragged second tile."""
+    for n, seed in ((45, 1), (150, 2)):
+        rng = np.random.default_rng(seed)
+        x = _rand(rng, (21, 40), dtype)
+        w, v = _rand(rng, (40, n), dtype, 0.15), _rand(rng, (40, n), dtype, 0.15)
+        b, c = _rand(rng, (n,), dtype), _rand(rng, (n,), dtype)
+        a = stack.asarray
+        out = stack.gated_unpacked(a(x), a(w), a(v), a(b), a(c), activation="gelu_tanh",
+                                   config=WIDE_GATED)
+        assert_close(to_numpy(out), _layer_ref(x, w, b, "gelu_tanh", v, c), _spec(dtype),
+                     what=f"{stack.name} gated block_n=128 N={n} {dtype}")
+
+
+def test_gated_reads_a_narrow_pinned_block_n_as_one_packed_pair(stack: Stack) -> None:
+    """A config pinned for a whole MLP (`mlp(..., config=TileConfig(16, 16, 16))`) reaches the
+    gated layers too: block_n = 16 is read as 64, the same launch bit for bit."""
+    rng = np.random.default_rng(5)
+    x, w, v = _rand(rng, (20, 24), "float16"), _rand(rng, (24, 50), "float16", 0.2), _rand(
+        rng, (24, 50), "float16", 0.2)
+    a = stack.asarray
+    got = stack.gated_unpacked(a(x), a(w), a(v), activation="gelu", config=SMALL)
+    want = stack.gated_unpacked(a(x), a(w), a(v), activation="gelu", config=SMALL_GATED)
+    np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+    assert_close(to_numpy(got), _layer_ref(x, w, None, "gelu", v), _spec("float16"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_twins_bitwise(dtype: str) -> None:
+    """torch:triton and jax:pallas_triton on the same packed operands and pinned config, bit for bit
+    under the interpreters: the packed product, the bias, the gate/up split and the product of the
+    halves. With a select activation (relu) every operation rounds alike in both; the exp of
+    silu/gelu is the one known difference between the interpreters (tests/test_cross_stack.py)."""
+    rng = np.random.default_rng(99 + DTYPES.index(dtype))
+    x = _rand(rng, (19, 33), dtype)
+    w, v = _rand(rng, (33, 70), dtype, 0.2), _rand(rng, (33, 70), dtype, 0.2)
+    b, c = _rand(rng, (70,), dtype), _rand(rng, (70,), dtype)
+    outs = []
+    for st in (get_stack("triton"), get_stack("pallas_triton")):
+        a = st.asarray
+        outs.append(to_numpy(st.gated_unpacked(a(x), a(w), a(v), a(b), a(c), activation="relu",
+                                               config=SMALL_GATED)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert_close(outs[0], _layer_ref(x, w, b, "relu", v, c), _spec(dtype), what="gated twins")
 
 
 @pytest.mark.parametrize("family", ["linear_act", "gated"])
@@ -176,7 +242,7 @@ def test_empty_batch(stack: Stack, family: str) -> None:
     x = stack.asarray(np.zeros((0, 3, 19), np.float32))
     w = stack.asarray(np.ones((19, 7), np.float32))
     out = (stack.linear_act(x, w, activation="relu") if family == "linear_act"
-           else stack.gated(x, w, w))
+           else stack.gated_unpacked(x, w, w))
     assert tuple(out.shape) == (0, 3, 7)
     assert_close(to_numpy(out), np.zeros((0, 3, 7)), _spec("float32"))
 
@@ -192,7 +258,8 @@ def test_nan_row_propagates(stack: Stack) -> None:
     ref = _layer_ref(x, w, None, "relu")
     assert np.isnan(ref[5]).all() and np.isfinite(ref[0]).all()
     assert_close(to_numpy(out), ref, _spec("float32"), what=f"{stack.name} NaN rows")
-    out = stack.gated(stack.asarray(x), stack.asarray(w), stack.asarray(v), config=SMALL)
+    out = stack.gated_unpacked(stack.asarray(x), stack.asarray(w), stack.asarray(v),
+                               config=SMALL_GATED)
     assert_close(to_numpy(out), _layer_ref(x, w, None, "silu", v), _spec("float32"),
                  what=f"{stack.name} gated NaN rows")
 
@@ -250,12 +317,13 @@ def test_inside_jit() -> None:
     w2, b2 = _rand(rng, (36, 13), "bfloat16", 0.2), _rand(rng, (13,), "bfloat16")
 
     @functools.partial(jax.jit, static_argnames=("activation", "config"))
-    def two_layers(x, w, v, w2, b2, *, activation, config):
-        h = st.gated(x, w, v, activation=activation, config=config)
+    def two_layers(wv, x, w2, b2, *, activation, config):
+        h = st.gated(x, wv, n=36, activation=activation, config=config)
         return st.linear_act(h, w2, b2, config=config)
 
     arr = st.asarray
-    out = two_layers(arr(x), arr(w), arr(v), arr(w2), arr(b2), activation="gelu", config=SMALL)
+    wv = st.pack(arr(w), arr(v))  # packed once, outside the jitted step
+    out = two_layers(wv, arr(x), arr(w2), arr(b2), activation="gelu", config=SMALL_GATED)
     spec = MLPSpec((29, 36, 13), "geglu", True, "bfloat16")
     params = {"w0": w, "v0": v, "w1": w2, "b1": b2,
               "b0": np.zeros(36, w.dtype), "c0": np.zeros(36, w.dtype)}
@@ -267,6 +335,7 @@ def _bad_calls(st: Stack) -> list[tuple[str, Callable[[], object]]]:
     a = st.asarray
     f32 = np.zeros((4, 6), np.float32)
     w = a(np.zeros((6, 5), np.float32))
+    wv = a(np.zeros((6, 128), np.float32))  # packed: n = 5 pads to one 64-column block pair
     return [
         ("w: expected shape [6, 5]",
          lambda: st.linear_act(a(f32), a(np.zeros((7, 5), np.float32)))),
@@ -284,11 +353,15 @@ def _bad_calls(st: Stack) -> list[tuple[str, Callable[[], object]]]:
                                fp32_precision="tf32")),
         ("config: expected a TileConfig or None, got dict",
          lambda: st.linear_act(a(f32), w, config={"block_m": 16})),
-        ("v: expected shape [6, 5], got [6, 4]",
-         lambda: st.gated(a(f32), w, a(np.zeros((6, 4), np.float32)))),
-        ("c: expected an array because b is given",
-         lambda: st.gated(a(f32), w, w, a(np.zeros(5, np.float32)))),
-        ("activation: expected one of", lambda: st.gated(a(f32), w, w, activation="geglu")),
+        ("wv: expected shape [6, 128], got [6, 10]",
+         lambda: st.gated(a(f32), a(np.zeros((6, 10), np.float32)), n=5)),
+        ("bc: expected shape [128], got [10]",
+         lambda: st.gated(a(f32), wv, a(np.zeros(10, np.float32)), n=5)),
+        ("n: expected the layer's output width, an int >= 0, got -1",
+         lambda: st.gated(a(f32), wv, n=-1)),
+        ("wv: expected dtype float32, got float16",
+         lambda: st.gated(a(f32), a(np.zeros((6, 128), np.float16)), n=5)),
+        ("activation: expected one of", lambda: st.gated(a(f32), wv, n=5, activation="geglu")),
     ]
 
 

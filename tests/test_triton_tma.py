@@ -4,9 +4,12 @@ On the CPU every kernel runs under Triton's interpreter with 3 persistent progra
 walks several tiles. Cases: golden files (those whose widths break TMA's 16-byte stride rule must
 take the portable fallback, and `tma_unsupported_reason` must say why; `deep-swiglu-bfloat16` meets
 the rule and runs the descriptor kernels), random odd-but-aligned shapes for every activation x
-dtype x bias on both kernels, M = 0 and 1, 3-D input, a residual, tf32, non-contiguous and
-misaligned operands, validation errors. GPU checks (`-m gpu`) run the heuristic (Hopper) configs
-and look for TMA and wgmma in the PTX. Only `tolerance.assert_close` decides pass/fail.
+dtype x bias on both kernels (gated on the packed W|V operand, N no multiple of 64), M = 0 and 1,
+3-D input, a residual, tf32, the subtiled epilogue (2 and 4 slices, with and without a residual),
+warp-specialised configs (the flag is ignored by the interpreter, the rest of the config is not),
+a K-major W, non-contiguous and misaligned operands, validation errors. GPU checks (`-m gpu`) run
+the heuristic (Hopper) configs and look for TMA and wgmma in the PTX. Only `tolerance.assert_close`
+decides pass/fail.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from fusedmlp.common import (
     reference,
 )
 from fusedmlp.common.dtypes import DTYPES, numpy_dtype
-from fusedmlp.common.tiling import INTERPRET_CONFIG
+from fusedmlp.common.packing import pack_gated, packed_width
+from fusedmlp.common.tiling import INTERPRET_CONFIG, INTERPRET_CONFIG_GATED
 from fusedmlp.common.tolerance import assert_close
 from fusedmlp.torch_impl import gated as portable_gated
 from fusedmlp.torch_impl import linear_act as portable_linear
@@ -85,17 +89,26 @@ def layer_problem(dtype: str, bias: bool, m: int | tuple[int, ...], seed: int, *
     return spec, make_input(spec, m, seed=seed), init_params(spec, seed=seed + 1)
 
 
-def run_tma_layers(spec: MLPSpec, x: torch.Tensor, params: dict[str, torch.Tensor]):
+def packed(p: dict[str, np.ndarray], i: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer i's W|V and b|c in the packed layout (common/packing.py), as torch tensors."""
+    wv = to_torch(pack_gated(p[f"w{i}"], p[f"v{i}"]))
+    bc = to_torch(pack_gated(p[f"b{i}"], p[f"c{i}"])) if f"b{i}" in p else None
+    return wv, bc
+
+
+def run_tma_layers(spec: MLPSpec, x: torch.Tensor, params: dict[str, np.ndarray]):
     """The MLP through the triton_tma public functions, chained as the front chains layers."""
     h = x
     for layer in spec.layers():
         i = layer.index
         if layer.gated:
-            h = tma_gated.gated(h, params[f"w{i}"], params[f"v{i}"], params.get(f"b{i}"),
-                                params.get(f"c{i}"), activation=layer.activation,
+            wv, bc = packed(params, i)
+            h = tma_gated.gated(h, wv, bc, n=layer.d_out, activation=layer.activation,
                                 fp32_precision=spec.fp32_precision)
         else:
-            h = tma_linear.linear_act(h, params[f"w{i}"], params.get(f"b{i}"),
+            b = params.get(f"b{i}")
+            h = tma_linear.linear_act(h, to_torch(params[f"w{i}"]),
+                                      to_torch(b) if b is not None else None,
                                       activation=layer.activation,
                                       fp32_precision=spec.fp32_precision)
     return h
@@ -150,8 +163,7 @@ def test_golden_rule_split():
 def test_golden(name):
     case = golden.load(name)
     x = to_torch(case.x)
-    params = {k: to_torch(v) for k, v in case.params.items()}
-    y = run_tma_layers(case.spec, x, params)
+    y = run_tma_layers(case.spec, x, case.params)
     assert_close(to_numpy(y), case.y, case.spec, what=name)
 
 
@@ -160,8 +172,10 @@ def test_golden_fallback_is_the_portable_kernel():
     case = golden.load("geglu-float16-bias")
     x = to_torch(case.x)
     p = {k: to_torch(v) for k, v in case.params.items()}
-    got = tma_gated.gated(x, p["w0"], p["v0"], p["b0"], p["c0"], activation="gelu")
-    want = portable_gated.gated(x, p["w0"], p["v0"], p["b0"], p["c0"], activation="gelu")
+    wv, bc = packed(case.params)
+    n = case.spec.widths[1]
+    got = tma_gated.gated(x, wv, bc, n=n, activation="gelu")
+    want = portable_gated.gated(x, wv, bc, n=n, activation="gelu")
     assert torch.equal(got, want)
     spec = case.spec
     assert_close(to_numpy(got), ref_gated(case.x, case.params["w0"], case.params["v0"],
@@ -209,9 +223,8 @@ def test_gated_random(activation, bias, dtype):
     seed = 100 + GATED_BASE.index(activation) * 6 + DTYPES.index(dtype) * 2 + bias
     spec, x, p = layer_problem(dtype, bias, 37, seed, gated=True)
     b, c = p.get("b0"), p.get("c0")
-    y = tma_gated.gated(to_torch(x), to_torch(p["w0"]), to_torch(p["v0"]),
-                        to_torch(b) if bias else None, to_torch(c) if bias else None,
-                        activation=activation)
+    wv, bc = packed(p)
+    y = tma_gated.gated(to_torch(x), wv, bc, n=spec.widths[1], activation=activation)
     assert_close(to_numpy(y), ref_gated(x, p["w0"], p["v0"], b, c, activation), spec,
                  what=f"gated {activation} {dtype}")
 
@@ -223,8 +236,7 @@ def test_m1_and_3d_input(dtype):
         spec, x, p = layer_problem(dtype, True, lead, seed + DTYPES.index(dtype) * 4, gated=gated)
         xt = to_torch(x)
         if gated:
-            y = tma_gated.gated(xt, to_torch(p["w0"]), to_torch(p["v0"]), to_torch(p["b0"]),
-                                to_torch(p["c0"]), activation="silu")
+            y = tma_gated.gated(xt, *packed(p), n=spec.widths[1], activation="silu")
             ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "silu")
         else:
             y = tma_linear.linear_act(xt, to_torch(p["w0"]), to_torch(p["b0"]),
@@ -241,7 +253,8 @@ def test_m0_returns_empty(dtype):
     x = torch.empty((0, k), dtype=torch_dtype, device=DEVICE)
     w = torch.randn((k, n)).to(torch_dtype).to(DEVICE)
     y = tma_linear.linear_act(x, w, activation="relu")
-    z = tma_gated.gated(x.reshape(2, 0, k), w, w, activation="silu")
+    wv = torch.zeros((k, packed_width(n)), dtype=torch_dtype, device=DEVICE)
+    z = tma_gated.gated(x.reshape(2, 0, k), wv, n=n, activation="silu")
     assert tuple(y.shape) == (0, n) and y.dtype == torch_dtype
     assert tuple(z.shape) == (2, 0, n) and z.dtype == torch_dtype
 
@@ -258,8 +271,8 @@ def test_residual(dtype):
 
 def test_tf32():
     spec, x, p = layer_problem("float32", True, 37, 400, gated=True, fp32_precision="tf32")
-    y = tma_gated.gated(to_torch(x), to_torch(p["w0"]), to_torch(p["v0"]), to_torch(p["b0"]),
-                        to_torch(p["c0"]), activation="gelu_tanh", fp32_precision="tf32")
+    y = tma_gated.gated(to_torch(x), *packed(p), n=spec.widths[1], activation="gelu_tanh",
+                        fp32_precision="tf32")
     assert_close(to_numpy(y), ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "gelu_tanh"),
                  spec, what="gated tf32")
 
@@ -273,14 +286,15 @@ def test_several_tiles_per_program_uneven_split():
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     programs = support.num_programs(tiles, torch.device(DEVICE))
     assert (tiles, programs) == (16, 3)
+    gated_tiles = -(-m // INTERPRET_CONFIG_GATED.block_m) * -(-n // INTERPRET_CONFIG_GATED.block_n)
+    assert gated_tiles == 8 and support.num_programs(gated_tiles, torch.device(DEVICE)) == 3
     for dtype, seed in (("bfloat16", 500), ("float16", 501)):
         for gated in (False, True):
             spec, x, p = layer_problem(dtype, True, m, seed, gated=gated, widths=(k, n))
             xt = to_torch(x)
             if gated:
-                y = tma_gated.gated_fwd(xt, to_torch(p["w0"]), to_torch(p["b0"]),
-                                        to_torch(p["v0"]), to_torch(p["c0"]),
-                                        activation="gelu", config=cfg)
+                y = tma_gated.gated_fwd(xt, *packed(p), n=n, activation="gelu",
+                                        config=INTERPRET_CONFIG_GATED)
                 ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "gelu")
             else:
                 y = tma_linear.linear_act_fwd(xt, to_torch(p["w0"]), to_torch(p["b0"]), None,
@@ -307,8 +321,9 @@ def test_non_contiguous_and_misaligned_operands():
     k, n = spec.widths[0], spec.widths[1]
     ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "silu")
     xt = to_torch(x)
-    w_t = to_torch(np.ascontiguousarray(p["w0"].T)).t()  # [K, N] view of an [N, K] buffer
-    assert not w_t.is_contiguous()
+    wv, bc = packed(p)
+    wv_t = wv.t().contiguous().t()  # [K, 2·Np] view of a [2·Np, K] buffer
+    assert not wv_t.is_contiguous()
     x_strided = torch.zeros((37, 2 * k), dtype=xt.dtype, device=DEVICE)[:, ::2]
     x_strided.copy_(xt)
     flat = torch.zeros(37 * k + 1, dtype=xt.dtype, device=DEVICE)
@@ -316,10 +331,92 @@ def test_non_contiguous_and_misaligned_operands():
     x_offset.copy_(xt)
     assert x_offset.data_ptr() % 16 != 0
     for xin in (x_strided, x_offset):
-        y = tma_gated.gated(xin, w_t, to_torch(p["v0"]), to_torch(p["b0"]), to_torch(p["c0"]),
-                            activation="silu")
+        y = tma_gated.gated(xin, wv_t, bc, n=n, activation="silu")
         assert_close(to_numpy(y), ref, spec, what="non-contiguous / misaligned")
     assert n == ALIGNED["float16"][1]
+
+
+# ---- the epilogue slices, warp specialisation, a K-major W --------------------------------------
+SLICED = [  # (config, residual): 2 and 4 column slices, warp-specialised forms, tiles past N
+    (TileConfig(16, 64, 16, group_m=2, num_warps=4, num_stages=1, epilogue_subtile=2), True),
+    (TileConfig(16, 64, 16, group_m=2, num_warps=4, num_stages=1, epilogue_subtile=4), True),
+    (TileConfig(16, 128, 32, group_m=1, num_warps=4, num_stages=2, epilogue_subtile=4), False),
+    (TileConfig(64, 64, 16, group_m=2, num_warps=4, num_stages=2, warp_specialize=True), True),
+    (TileConfig(16, 64, 16, group_m=2, num_warps=4, num_stages=1, epilogue_subtile=2,
+                warp_specialize=True), False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg,residual", SLICED, ids=[str(c) for c, _ in SLICED])
+def test_linear_act_epilogue_slices_and_ws(dtype, cfg, residual):
+    """Each slice stored through the slice-wide descriptor, the residual read per slice; M = 37 and
+    N = 72 / 36 are ragged against every slice (TMA clips), bias and activation before the split."""
+    spec, x, p = layer_problem(dtype, True, 37, 1000 + DTYPES.index(dtype), gated=False)
+    n = spec.widths[1]
+    r = make_input(MLPSpec((n, 4), "relu", True, dtype), 37, seed=1001) if residual else None
+    y = tma_linear.linear_act_fwd(to_torch(x), to_torch(p["w0"]), to_torch(p["b0"]),
+                                  to_torch(r) if residual else None, activation="gelu_tanh",
+                                  config=cfg)
+    assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "gelu_tanh", r), spec,
+                 what=f"linear_act {cfg} residual={residual} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cfg", [
+    TileConfig(16, 64, 16, group_m=2, num_warps=4, num_stages=1, epilogue_subtile=2),
+    TileConfig(16, 64, 16, group_m=1, num_warps=4, num_stages=2, epilogue_subtile=4,
+               warp_specialize=True),
+    TileConfig(16, 128, 32, group_m=2, num_warps=8, num_stages=1, epilogue_subtile=2),
+], ids=["sub2", "sub4-ws", "bn128-sub2"])
+def test_gated_epilogue_slices(dtype, bias, cfg):
+    """h from the packed split stored in slices; block_n = 128 reads 256 packed columns, in float32
+    (n = 36, 2·Np = 128) half of them past the packed width: TMA zero-fills them, the output is
+    clipped at n."""
+    spec, x, p = layer_problem(dtype, bias, 37, 1100 + DTYPES.index(dtype) * 2 + bias, gated=True)
+    wv, bc = packed(p)
+    y = tma_gated.gated_fwd(to_torch(x), wv, bc, n=spec.widths[1], activation="gelu",
+                            config=cfg)
+    ref = ref_gated(x, p["w0"], p["v0"], p.get("b0"), p.get("c0"), "gelu")
+    assert_close(to_numpy(y), ref, spec, what=f"gated {cfg} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_major_w_is_read_in_place(dtype, monkeypatch):
+    """A [K, N] view of an [N, K] row-major W (the layout of a K-major down projection, packed once
+    at load) is read through an [N, K] descriptor, transposed in the dot: no copy, same result."""
+    spec, x, p = layer_problem(dtype, True, 37, 1200 + DTYPES.index(dtype), gated=False)
+    w_kn = to_torch(p["w0"])
+    w_nk = w_kn.t().contiguous().t()
+    assert support.is_k_major(w_nk) and not support.is_k_major(w_kn)
+    assert not support.is_k_major(w_kn[:, :1])  # one column: row-major as well
+    copies = []
+    real = support.as_tma_operand
+    monkeypatch.setattr(tma_linear, "as_tma_operand",
+                        lambda t: copies.append(t.data_ptr()) or real(t))
+    cfg = TileConfig(16, 32, 16, group_m=2, num_warps=4, num_stages=1, epilogue_subtile=2)
+    y = tma_linear.linear_act(to_torch(x), w_nk, to_torch(p["b0"]), activation="silu",
+                              config=cfg)
+    assert w_nk.data_ptr() in copies  # handed over as the [N, K] buffer, not a transposed copy
+    assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "silu"), spec,
+                 what=f"K-major W {dtype}")
+
+
+def test_residual_gets_room_in_shared_memory():
+    """The 16-bit large-M linear config (4 stages, 2 slices: 225 KB) would pass 227 KB with the
+    residual's slice; the launcher takes 4 slices instead (209 KB + 16 KB); configs that fit keep
+    theirs."""
+    from fusedmlp.common.tiling import fits, heuristic_config, with_residual_room
+
+    cfg = heuristic_config("linear_act", 8192, 4096, 14336, "bfloat16", persistent=True)
+    assert (cfg.block_m, cfg.block_n, cfg.num_stages, cfg.epilogue_subtile) == (128, 256, 4, 2)
+    assert not fits("linear_act", cfg, "bfloat16", persistent=True, residual=True)
+    roomy = with_residual_room(cfg, "bfloat16")
+    assert roomy.epilogue_subtile == 4 and roomy.num_stages == 4
+    assert fits("linear_act", roomy, "bfloat16", persistent=True, residual=True)
+    small = TileConfig(128, 128, 64, num_warps=8, num_stages=3, epilogue_subtile=1)
+    assert with_residual_room(small, "bfloat16") == small
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -339,12 +436,15 @@ def test_validation_errors():
                                                          device=DEVICE))
     with pytest.raises(ValueError, match="activation: expected one of"):
         tma_linear.linear_act(x, w, activation="swish")
+    wv = torch.zeros((k, packed_width(n)), dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="fp32_precision: 'tf32' applies to dtype 'float32'"):
-        tma_gated.gated(x, w, w, fp32_precision="tf32")
-    with pytest.raises(ValueError, match="c: expected an array because b is given"):
-        tma_gated.gated(x, w, w, b)
+        tma_gated.gated(x, wv, n=n, fp32_precision="tf32")
+    with pytest.raises(ValueError, match=r"wv: expected shape \[40, 256\], got \[40, 72\]"):
+        tma_gated.gated(x, w, n=n)
+    with pytest.raises(ValueError, match=r"bc: expected shape \[256\], got \[72\]"):
+        tma_gated.gated(x, wv, b, n=n)
     with pytest.raises(TypeError, match="config: expected a TileConfig or None, got dict"):
-        tma_gated.gated(x, w, w, config={"block_m": 16})
+        tma_gated.gated(x, wv, n=n, config={"block_m": 16})
     with pytest.raises(TypeError, match=r"x: expected a torch\.Tensor"):
         tma_linear.linear_act(np.zeros((3, k)), w)
 
@@ -361,8 +461,7 @@ def test_gpu_heuristic_configs_odd_aligned_shapes(dtype, gated):
         spec, x, p = layer_problem(dtype, True, m, seed, gated=gated, widths=widths)
         xt = to_torch(x)
         if gated:
-            y = tma_gated.gated(xt, to_torch(p["w0"]), to_torch(p["v0"]), to_torch(p["b0"]),
-                                to_torch(p["c0"]), activation="gelu_tanh")
+            y = tma_gated.gated(xt, *packed(p), n=widths[1], activation="gelu_tanh")
             ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "gelu_tanh")
         else:
             r = make_input(MLPSpec((widths[1], 8), "relu", True, dtype), m, seed=seed + 50)
@@ -384,7 +483,7 @@ def test_gpu_ptx_uses_tma_and_wgmma():
         xt, wt, bt, None, out, 300, 512, 256, 1,
         ACTIVATION="relu", HAS_BIAS=True, HAS_RESIDUAL=False, INPUT_PRECISION="ieee",
         UPCAST=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, FLATTEN=True, WARP_SPECIALIZE=False,
+        GROUP_M=cfg.group_m, SUBTILE=1, W_KMAJOR=False, FLATTEN=True, WARP_SPECIALIZE=False,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     torch.cuda.synchronize()
@@ -400,12 +499,12 @@ def test_strided_biases_are_read_correctly(dtype):
     # The descriptor kernels index b and c with unit stride; the public function must hand them over
     # contiguous (a regression: the gated one once passed a strided view straight to the kernel).
     spec, x, p = layer_problem(dtype, True, 37, seed=11, gated=True)
-    b2 = to_torch(np.repeat(p["b0"], 2))  # every other element is the real bias
-    c2 = to_torch(np.repeat(p["c0"], 2))
-    y = tma_gated.gated(to_torch(x), to_torch(p["w0"]), to_torch(p["v0"]), b2[::2], c2[::2],
-                        activation="silu")
+    wv, _ = packed(p)
+    bc2 = to_torch(np.repeat(pack_gated(p["b0"], p["c0"]), 2))  # every other element is real
+    y = tma_gated.gated(to_torch(x), wv, bc2[::2], n=spec.widths[1], activation="silu")
     ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "silu")
-    assert_close(to_numpy(y), ref, spec, what=f"tma gated, strided b/c, {dtype}")
+    assert_close(to_numpy(y), ref, spec, what=f"tma gated, strided bc, {dtype}")
+    b2 = to_torch(np.repeat(p["b0"], 2))
     z = tma_linear.linear_act(to_torch(x), to_torch(p["w0"]), b2[::2], activation="gelu")
     assert_close(to_numpy(z), ref_linear(x, p["w0"], p["b0"], "gelu"), spec,
                  what=f"tma linear_act, strided b, {dtype}")

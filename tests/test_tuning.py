@@ -19,7 +19,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from fusedmlp.common import MLPSpec, TileConfig, init_params, make_input, reference
-from fusedmlp.common.tiling import INTERPRET_CONFIG, search_space, shape_bucket
+from fusedmlp.common.tiling import INTERPRET_CONFIG_GATED, search_space, shape_bucket
 from fusedmlp.common.tolerance import assert_close
 from fusedmlp.common.tuning import (
     CACHE_ENV,
@@ -33,6 +33,7 @@ from fusedmlp.common.tuning import (
 from fusedmlp.torch_impl import gated as portable_gated
 from fusedmlp.torch_impl import linear_act as portable_linear
 from fusedmlp.torch_impl import tuning
+from fusedmlp.torch_impl.packing import pack_gated
 from fusedmlp.torch_impl.runtime import INTERPRET
 from fusedmlp.torch_impl.tma import gated as tma_gated
 from fusedmlp.torch_impl.tma import linear_act as tma_linear
@@ -214,11 +215,12 @@ def test_interpreter_uses_heuristic_untimed_and_tuned_launchers_are_right(dtype,
     def timer(fn):  # pragma: no cover - must not be called
         raise AssertionError("the interpreter must not time configs")
 
+    wvt, bct = pack_gated(wt, vt), pack_gated(bt, ct)  # the gated kernels take W|V packed
     for launcher in (portable_gated.gated_fwd, tma_gated.gated_fwd):
-        cfg = tuning.tuned_config("gated", launcher, (xt, wt, bt, vt, ct), activation="gelu",
-                                  bench=timer)
-        assert cfg == INTERPRET_CONFIG
-        y = tuning.tuned("gated", launcher, bench=timer)(xt, wt, bt, vt, ct, activation="gelu")
+        cfg = tuning.tuned_config("gated", launcher, (xt, wvt, bct), activation="gelu",
+                                  bench=timer, n=n)
+        assert cfg == INTERPRET_CONFIG_GATED
+        y = tuning.tuned("gated", launcher, bench=timer)(xt, wvt, bct, n=n, activation="gelu")
         z = np.asarray(x, np.float64) @ np.asarray(p["w0"], np.float64) + np.asarray(p["b0"],
                                                                                     np.float64)
         g = np.asarray(x, np.float64) @ np.asarray(p["v0"], np.float64) + np.asarray(p["c0"],

@@ -1,16 +1,23 @@
-"""gated: out = act(x·W + b) ⊙ (x·V + c), one Triton kernel, two accumulators (GLU hidden layer).
+"""gated: out = act(x·W + b) ⊙ (x·V + c), one Triton GEMM over the packed [W|V] operand.
 
-Formula: acc_w = Σ_k x[m, k]·W[k, n], acc_v = Σ_k x[m, k]·V[k, n], both fp32;
-out = act(acc_w + b[n]) · (acc_v + c[n]), cast once to the dtype at the store. Each X tile is loaded
-once and feeds both products; only the gated hidden is written (neither branch touches memory).
+Formula: with W and V packed once into `wv` [K, 2·Np] (common/packing.py: gate and up interleaved
+in blocks of PACK_BLOCK = 64 columns, N padded to Np with zeros) and `bc` [2·Np] likewise,
+acc = Σ_k x[m, k]·wv[k, p] in fp32 over a [BLOCK_M, 2·BLOCK_N] packed tile; acc += bc[p]; the tile
+splits into its gate and up halves, out = act(gate) · up, cast once to the dtype at the store. One
+dot per K step (X read once, one accumulator, one MMA group); only the gated hidden is written.
 
-Grid: 1-D, one program per (BLOCK_M × BLOCK_N) output tile, grouped by GROUP_M tile rows for L2
-reuse (`_grouped_tile`, shared with linear_act); each program walks K in BLOCK_K steps. Two
-accumulators double the register cost of a tile, which is why the heuristic gives this family half
-linear_act's BLOCK_N.
+Grid: 1-D, one program per (BLOCK_M × BLOCK_N) OUTPUT tile (BLOCK_N ≥ 64: `tiling.gated_config`
+reads a pinned block_n under 64 as 64), grouped by
+GROUP_M tile rows for L2 reuse (`_grouped_tile`, shared with linear_act); output tile n reads packed
+columns [2·n·BLOCK_N, 2·(n+1)·BLOCK_N), which hold BLOCK_N/64 whole (gate, up) block pairs. Each
+program walks K in BLOCK_K steps.
 
-Masks on every edge, int64 offsets, any strides for x, w and v; under TRITON_INTERPRET=1 16-bit
-tiles are upcast to fp32 right after the load (never on a GPU) — as in linear_act.
+The split (`_gate_split`) is a reshape to [BLOCK_M, pairs, 2, 64], a permute that puts the
+gate/up axis last and `tl.split`: an outer-dimension split, which moves no data between threads.
+
+Masks on every edge (rows past M, packed columns past 2·Np, the ragged K tail, output columns past
+N), int64 offsets, any strides for x and wv; under TRITON_INTERPRET=1 16-bit tiles are upcast to
+fp32 right after the load (never on a GPU) — as in linear_act.
 
 Twin: jax_impl/gated.py (Pallas-Triton), line for line; differences carry `# twin-diff:`.
 """
@@ -22,7 +29,8 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.packing import PACK_BLOCK, packed_width
+from fusedmlp.common.tiling import gated_config, heuristic_config
 
 from .activations import apply_activation
 from .linear_act import (
@@ -36,58 +44,66 @@ from .linear_act import (
 )
 from .runtime import INTERPRET
 
+# The packed layout's block (common/packing.py), a constexpr for the kernels.
+_PACK = tl.constexpr(PACK_BLOCK)
+
 
 # ==== forward kernel ==============================================================================
 @triton.jit
+def _gate_split(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr):
+    """A packed [BLOCK_M, 2·BLOCK_N] tile -> its gate and up halves, [BLOCK_M, BLOCK_N] each."""
+    acc = tl.reshape(acc, (BLOCK_M, BLOCK_N // PACK, 2, PACK))
+    acc = tl.permute(acc, (0, 1, 3, 2))  # the gate/up axis last: tl.split takes it apart
+    g, u = tl.split(acc)
+    return tl.reshape(g, (BLOCK_M, BLOCK_N)), tl.reshape(u, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
 def _gated_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, v_ptr, c_ptr, o_ptr,
+    x_ptr, wv_ptr, bc_ptr, o_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_vk, stride_vn, stride_om, stride_on,
+    stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # 1. program -> tile
+    # 1. program -> tile: an output tile of h, and the packed tile of wv twice as wide
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    mask_p = offs_p < 2 * tl.cdiv(N, _PACK) * _PACK  # the packed width, 2·Np
     # int64 offsets: with arbitrary strides any of row·stride, col·stride, k·stride may pass 2^31
     # (M·K ≥ 2^31 elements, or a transposed view); the address arithmetic is 64-bit anyway.
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm
-    w_ptrs = w_ptr + cols[None, :] * stride_wn
-    v_ptrs = v_ptr + cols[None, :] * stride_vn
+    wv_ptrs = wv_ptr + offs_p.to(tl.int64)[None, :] * stride_wvn
 
-    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        # 2. load: one X tile for both products; masked on M (or N) and the ragged K tail
+        # 2. load: one X tile, one packed tile; masked on M (or 2·Np) and the ragged K tail
         offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         ks = offs_k.to(tl.int64)
-        mask_kn = mask_k[:, None] & mask_n[None, :]
         x = tl.load(x_ptrs + ks[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs + ks[:, None] * stride_wk, mask=mask_kn, other=0.0)
-        v = tl.load(v_ptrs + ks[:, None] * stride_vk, mask=mask_kn, other=0.0)
+        wv = tl.load(wv_ptrs + ks[:, None] * stride_wvk,
+                     mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
             x = x.to(tl.float32)
-            w = w.to(tl.float32)
-            v = v.to(tl.float32)
-        # 3. compute: fp32 accumulate, two products from one X tile
-        acc_w = tl.dot(x, w, acc_w, input_precision=INPUT_PRECISION)
-        acc_v = tl.dot(x, v, acc_v, input_precision=INPUT_PRECISION)
+            wv = wv.to(tl.float32)
+        # 3. compute: fp32 accumulate, gate and up in one product
+        acc = tl.dot(x, wv, acc, input_precision=INPUT_PRECISION)
 
     # 3. compute: the epilogue, all in fp32
     if HAS_BIAS:
-        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc_w = acc_w + b[None, :]
-        acc_v = acc_v + c[None, :]
-    acc = apply_activation(acc_w, ACTIVATION) * acc_v
+        bc = tl.load(bc_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        acc = acc + bc[None, :]
+    g, u = _gate_split(acc, BLOCK_M, BLOCK_N, _PACK)
+    acc = apply_activation(g, ACTIVATION) * u
     mask_mn = mask_m[:, None] & mask_n[None, :]
 
     # 4. store: one rounding to the output dtype
@@ -98,29 +114,27 @@ def _gated_fwd_kernel(
 # ==== launcher ====================================================================================
 def gated_fwd(
     x: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    v: torch.Tensor,
-    c: torch.Tensor | None,
+    wv: torch.Tensor,
+    bc: torch.Tensor | None,
     *,
+    n: int,
     activation: str,
     config: TileConfig,
     fp32_precision: str = "ieee",
 ) -> torch.Tensor:
-    """Launch on a 2-D x [M, K] (any strides), w and v [K, N], b and c [N] or both None; returns
-    [M, N] in x.dtype. Trusts input."""
+    """Launch on a 2-D x [M, K] (any strides), wv [K, packed_width(n)], bc [packed_width(n)] or
+    None; returns h [M, n] in x.dtype. Trusts input; a block_n under 64 is read as 64."""
     M, K = x.shape
-    N = w.shape[1]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:
+    out = torch.empty((M, n), device=x.device, dtype=x.dtype)
+    if M == 0 or n == 0:
         return out
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
+    config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(n, config.block_n),)
     _gated_fwd_kernel[grid](
-        x, w, b, v, c, out,
-        M, N, K,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        ACTIVATION=activation, HAS_BIAS=b is not None,
+        x, wv, bc, out,
+        M, n, K,
+        x.stride(0), x.stride(1), wv.stride(0), wv.stride(1), out.stride(0), out.stride(1),
+        ACTIVATION=activation, HAS_BIAS=bc is not None,
         INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
@@ -129,50 +143,43 @@ def gated_fwd(
 
 
 # ==== public function =============================================================================
-def _check_gated_args(x, w, v, b, c, activation, config, fp32_precision):
-    """Every check of the public function (shared with torch_impl/tma/); returns dtype, K, N and
-    b, c made contiguous (N elements: cheaper than more stride arguments)."""
+def _check_gated_args(x, wv, bc, n, activation, config, fp32_precision):
+    """Every check of the public function (shared with torch_impl/tma/); returns dtype, K and bc
+    made contiguous (2·Np elements: cheaper than one more stride argument)."""
     _check_tensor("x", x, shape=None, dtype=None)
     dtype = _dtype_name(x)
     K = x.shape[-1]
-    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
-    N = w.shape[-1]
-    _check_tensor("w", w, shape=[K, N], dtype=dtype)
-    _check_tensor("v", v, shape=[K, N], dtype=dtype)
-    if (b is None) != (c is None):
-        given, missing = ("b", "c") if c is None else ("c", "b")
-        raise ValueError(
-            f"{missing}: expected an array because {given} is given (b and c are both None or "
-            "both given), got None"
-        )
-    if b is not None:
-        _check_tensor("b", b, shape=[N], dtype=dtype)
-        _check_tensor("c", c, shape=[N], dtype=dtype)
-        b, c = b.contiguous(), c.contiguous()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected the layer's output width, an int >= 0, got {n!r}")
+    width = packed_width(n)
+    _check_tensor("wv", wv, shape=[K, width], dtype=dtype)
+    if bc is not None:
+        _check_tensor("bc", bc, shape=[width], dtype=dtype)
+        bc = bc.contiguous()
     _check_options(activation, fp32_precision, dtype, config)
-    _check_devices(x, w=w, v=v, b=b, c=c)
-    return dtype, K, N, b, c
+    _check_devices(x, wv=wv, bc=bc)
+    return dtype, K, bc
 
 
 def gated(
     x: torch.Tensor,
-    w: torch.Tensor,
-    v: torch.Tensor,
-    b: torch.Tensor | None = None,
-    c: torch.Tensor | None = None,
+    wv: torch.Tensor,
+    bc: torch.Tensor | None = None,
     *,
+    n: int,
     activation: str = "silu",
     config: TileConfig | None = None,
     fp32_precision: str = "ieee",
 ) -> torch.Tensor:
-    """act(x @ w + b) * (x @ v + c): x [..., K], w and v [K, N], b and c [N] (both or neither)."""
-    dtype, K, N, b, c = _check_gated_args(x, w, v, b, c, activation, config, fp32_precision)
+    """act(x @ w + b) * (x @ v + c) from the packed operands (`torch_impl.packing.pack_gated`):
+    x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n]."""
+    dtype, K, bc = _check_gated_args(x, wv, bc, n, activation, config, fp32_precision)
 
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)  # a view where the strides allow; the kernel takes any strides
     M = x2d.shape[0]
     if config is None:
-        config = heuristic_config("gated", M, N, K, dtype, interpret=INTERPRET)
-    out = gated_fwd(x2d, w, b, v, c, activation=activation, config=config,
+        config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET)
+    out = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
                     fp32_precision=fp32_precision)
-    return out.reshape(*lead, N)
+    return out.reshape(*lead, n)

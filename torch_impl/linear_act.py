@@ -27,6 +27,7 @@ from fusedmlp.common.config import TileConfig
 from fusedmlp.common.dtypes import DTYPES, FP32_PRECISIONS
 from fusedmlp.common.tiling import heuristic_config
 
+from . import tuning  # noqa: F401  (registers the GPU for the committed tuned configs)
 from .activations import ACTIVATION_KEYS, apply_activation
 from .runtime import INTERPRET, kernel_device_ok
 

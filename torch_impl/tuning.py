@@ -7,7 +7,8 @@ The raw launchers (`torch_impl.linear_act.linear_act_fwd`, `torch_impl.gated.gat
    sweep there would measure Python, not the kernel);
 2. else the cached winner for (GPU name, impl, family, M bucket, N, K, dtype, fp32 precision) in the
    JSON file of `common.tuning` (`$FUSEDMLP_TUNING_CACHE`, default ~/.cache/fusedmlp/tuning.json);
-3. else a sweep: every config of `common.tiling.search_space` (and the heuristic one) is launched on
+3. else the config committed for this GPU (common/tuned/, `common.tuning.committed_config`);
+4. else a sweep: every config of `common.tiling.search_space` (and the heuristic one) is launched on
    the caller's tensors and timed with `triton.testing.do_bench`, median of the repetitions (it
    warms up first, so compilation stays out of the number, and clears L2 before each repetition).
    A config that cannot compile or launch (shared memory, registers) is skipped and its reason is
@@ -15,7 +16,11 @@ The raw launchers (`torch_impl.linear_act.linear_act_fwd`, `torch_impl.gated.gat
 
 `tuned(family, launcher)` wraps a launcher so that `config=None` means "tuned". The impl name that
 keys the cache comes from the launcher's module (`torch_impl.tma.*` -> "triton_tma", else "triton").
-The JAX side reuses `common.tuning` for the same file and keys.
+N is the layer's output width: `w.shape[1]` for linear_act, the launcher's `n=` for the packed
+gated layer. The JAX side reuses `common.tuning` for the same file and keys.
+
+On import with a CUDA GPU, this module registers the GPU's name with `common.tuning`, so that
+`tiling.heuristic_config` finds the committed configs (torch_impl's kernel modules import it).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from fusedmlp.common.tuning import (
     cache_path,
     candidate_skipped,
     candidate_timing,
+    committed_config,
     make_key,
+    register_device,
 )
 
 from .runtime import INTERPRET
@@ -46,6 +53,9 @@ Launcher = Callable[..., torch.Tensor]
 Bench = Callable[[Callable[[], Any]], float]
 
 _CACHES: dict[str, TuningCache] = {}
+
+if torch.cuda.is_available() and not INTERPRET:
+    register_device(torch.cuda.get_device_name())
 
 
 def _cache(path: str | None) -> TuningCache:
@@ -66,11 +76,14 @@ def _median_ms(fn: Callable[[], Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def _candidates(family: str, m: int, n: int, k: int, dtype: str,
-                configs: Iterable[TileConfig] | None) -> list[TileConfig]:
+def _candidates(family: str, m: int, n: int, k: int, dtype: str, impl: str,
+                fp32_precision: str, configs: Iterable[TileConfig] | None) -> list[TileConfig]:
     # The heuristic first: a sweep can then never pick worse than the untuned default.
+    persistent = impl == "triton_tma"
     chosen = list(configs) if configs is not None else [
-        heuristic_config(family, m, n, k, dtype), *search_space(family, m, dtype)
+        heuristic_config(family, m, n, k, dtype, persistent=persistent, impl=impl,
+                         fp32_precision=fp32_precision),
+        *search_space(family, m, dtype, persistent=persistent, fp32_precision=fp32_precision),
     ]
     return list(dict.fromkeys(chosen))  # TileConfig is frozen (hashable): drop repeats, keep order
 
@@ -84,8 +97,10 @@ def sweep(
     activation: str,
     fp32_precision: str = "ieee",
     bench: Bench | None = None,
+    **launch_kw: Any,
 ) -> TuningRecord:
-    """Time `launcher(*args, activation=..., config=c, fp32_precision=...)` for every config c.
+    """Time `launcher(*args, activation=..., config=c, fp32_precision=..., **launch_kw)` for every
+    config c (`launch_kw`: the gated launcher's `n`).
 
     Raises RuntimeError, with every reason, when no config runs.
     """
@@ -95,7 +110,7 @@ def sweep(
     for config in configs:
         def run(config: TileConfig = config) -> torch.Tensor:
             return launcher(*args, activation=activation, config=config,
-                            fp32_precision=fp32_precision)
+                            fp32_precision=fp32_precision, **launch_kw)
 
         try:
             ms = bench(run)
@@ -126,8 +141,11 @@ def tuned_config(
     interpret: bool | None = None,
     device_name: str | None = None,
     bench: Bench | None = None,
+    use_committed: bool = True,
+    n: int | None = None,
 ) -> TileConfig:
-    """The config for `launcher` on `args` (x [M, K], w [K, N], ...): cached, swept, or heuristic.
+    """The config for `launcher` on `args` (x [M, K], w [K, N] or wv [K, 2·Np], ...): cached,
+    committed, swept, or heuristic. `n`: the gated layer's output width (its launcher's `n=`).
 
     `interpret`, `device_name` and `bench` default to this process's interpreter flag, the GPU of x
     and `do_bench`'s median; tests pass their own to exercise the sweep without a GPU.
@@ -136,20 +154,30 @@ def tuned_config(
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     x, w = args[0], args[1]
     m, k = x.shape
-    n = w.shape[1]
+    if n is None:
+        if family == "gated":
+            raise ValueError("n: expected the gated layer's output width, got None")
+        n = w.shape[1]
     dtype = str(x.dtype).removeprefix("torch.")
+    launch_kw = {"n": n} if family == "gated" else {}
     if INTERPRET if interpret is None else interpret:
         return heuristic_config(family, m, n, k, dtype, interpret=True)
     if device_name is None:
         device_name = torch.cuda.get_device_name(x.device)
-    key: TuningKey = make_key(device_name, impl_of(launcher), family, m, n, k, dtype,
-                              fp32_precision)
+    impl = impl_of(launcher)
+    key: TuningKey = make_key(device_name, impl, family, m, n, k, dtype, fp32_precision)
     cache = _cache(cache_file)
     cached = cache.get(key)
     if cached is not None:
         return cached
-    record = sweep(family, launcher, args, _candidates(family, m, n, k, dtype, configs),
-                   activation=activation, fp32_precision=fp32_precision, bench=bench)
+    if use_committed and configs is None:
+        committed = committed_config(device_name, impl, family, m, n, k, dtype, fp32_precision)
+        if committed is not None:
+            return committed
+    record = sweep(family, launcher, args,
+                   _candidates(family, m, n, k, dtype, impl, fp32_precision, configs),
+                   activation=activation, fp32_precision=fp32_precision, bench=bench,
+                   **launch_kw)
     cache.put(key, record)
     return record.config
 
@@ -157,17 +185,18 @@ def tuned_config(
 def tuned(family: str, launcher: Launcher, **tune_options: Any) -> Launcher:
     """`launcher` with `config=None` meaning: the tuned config for these inputs.
 
-    Same signature as the launcher (`*args, activation, config, fp32_precision`); `tune_options`
-    go to `tuned_config` (configs, cache_file, ...).
+    Same signature as the launcher (`*args, activation, config, fp32_precision`, and the gated
+    launcher's `n`); `tune_options` go to `tuned_config` (configs, cache_file, ...).
     """
 
     @functools.wraps(launcher)
     def run(*args: Any, activation: str, config: TileConfig | None = None,
-            fp32_precision: str = "ieee") -> torch.Tensor:
+            fp32_precision: str = "ieee", **launch_kw: Any) -> torch.Tensor:
         if config is None:
             config = tuned_config(family, launcher, args, activation=activation,
-                                  fp32_precision=fp32_precision, **tune_options)
+                                  fp32_precision=fp32_precision, n=launch_kw.get("n"),
+                                  **tune_options)
         return launcher(*args, activation=activation, config=config,
-                        fp32_precision=fp32_precision)
+                        fp32_precision=fp32_precision, **launch_kw)
 
     return run

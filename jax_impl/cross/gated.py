@@ -2,13 +2,14 @@
 
     h[m, n] = act(Σ_k x[m, k]·W[k, n] + b[n]) · (Σ_k x[m, k]·V[k, n] + c[n])   (fp32, one rounding)
 
-Grid, tiles, masks, constexprs: the native launcher's (`fusedmlp.torch_impl.gated.gated_fwd`), one
-program per BLOCK_M × BLOCK_N tile of h in grouped order, from the same TileConfig. The call goes
-through `jax_triton.triton_call` with M, N, K and the strides as compile-time constants and the
-native kernel called directly (the adapter `_gated_fwd_jt` is the route for a kernel whose
-pointers are not first), exactly as linear_act: see its docstring for the why (the 5.9× of
-runtime shapes), the placeholder pointers and the lazy imports (`fusedmlp.torch_impl`, hence
-torch, is imported on the first call).
+with W|V and b|c packed (`wv` [K, 2·Np], `bc` [2·Np], common/packing.py), as the native kernel
+takes them. Grid, tiles, masks, constexprs: the native launcher's
+(`fusedmlp.torch_impl.gated.gated_fwd`), one program per BLOCK_M × BLOCK_N tile of h in grouped
+order, from the same TileConfig. The call goes through `jax_triton.triton_call` with M, N, K and
+the strides as compile-time constants and the native kernel called directly (the adapter
+`_gated_fwd_jt` is the route for a kernel whose pointers are not first), exactly as linear_act:
+see its docstring for the why (the 5.9× of runtime shapes), the placeholder pointers and the
+lazy imports (`fusedmlp.torch_impl`, hence torch, is imported on the first call).
 
 Twin: torch_impl/cross/gated.py (the Mosaic GPU kernel called from torch), the other direction.
 """
@@ -23,6 +24,8 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
+from fusedmlp.common.packing import packed_width
+from fusedmlp.common.tiling import gated_config
 
 from .linear_act import (
     TritonLaunch,
@@ -44,9 +47,9 @@ _gated_fwd_kernel: Any = None
 # ==== forward kernel ==============================================================================
 @triton.jit
 def _gated_fwd_jt(
-    x_ptr, w_ptr, b_ptr, v_ptr, c_ptr,
+    x_ptr, wv_ptr, bc_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_vk, stride_vn, stride_om, stride_on,
+    stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
     o_ptr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -54,10 +57,10 @@ def _gated_fwd_jt(
 ):  # fmt: skip
     # jax_triton's argument order (outputs last) -> the native kernel's, by name; inlined by Triton.
     _gated_fwd_kernel(
-        x_ptr=x_ptr, w_ptr=w_ptr, b_ptr=b_ptr, v_ptr=v_ptr, c_ptr=c_ptr, o_ptr=o_ptr,
+        x_ptr=x_ptr, wv_ptr=wv_ptr, bc_ptr=bc_ptr, o_ptr=o_ptr,
         M=M, N=N, K=K,
-        stride_xm=stride_xm, stride_xk=stride_xk, stride_wk=stride_wk, stride_wn=stride_wn,
-        stride_vk=stride_vk, stride_vn=stride_vn, stride_om=stride_om, stride_on=stride_on,
+        stride_xm=stride_xm, stride_xk=stride_xk, stride_wvk=stride_wvk, stride_wvn=stride_wvn,
+        stride_om=stride_om, stride_on=stride_on,
         ACTIVATION=ACTIVATION, HAS_BIAS=HAS_BIAS, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
     )  # fmt: skip
@@ -85,23 +88,24 @@ def launch_plan(
     fp32_precision: str = "ieee",
     upcast: bool = False,
 ) -> TritonLaunch:
-    """The native launcher's launch of `_gated_fwd_kernel` for dense row-major operands.
+    """The native launcher's launch of `_gated_fwd_kernel` for dense row-major operands
+    (x [m, k], wv [k, packed_width(n)], bc [packed_width(n)], h [m, n]).
 
-    has_bias covers b and c together (HAS_BIAS, as the native launcher); without them both
-    pointers are the placeholder "x", never loaded.
+    has_bias covers the packed bc (HAS_BIAS, as the native launcher); without it the pointer is
+    the placeholder "x", never loaded.
     """
+    width = packed_width(n)
+    config = gated_config(config)  # as the native launcher: block_n at least one packed pair
     return TritonLaunch(
         grid=(cdiv(m, config.block_m) * cdiv(n, config.block_n),),
         arrays={
             "x_ptr": "x",
-            "w_ptr": "w",
-            "b_ptr": "b" if has_bias else "x",
-            "v_ptr": "v",
-            "c_ptr": "c" if has_bias else "x",
+            "wv_ptr": "wv",
+            "bc_ptr": "bc" if has_bias else "x",
         },
         scalars=dict(
-            M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wk=n, stride_wn=1,
-            stride_vk=n, stride_vn=1, stride_om=n, stride_on=1,
+            M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wvk=width, stride_wvn=1,
+            stride_om=n, stride_on=1,
         ),
         constexprs=dict(
             ACTIVATION=activation, HAS_BIAS=has_bias,
@@ -117,26 +121,24 @@ def launch_plan(
 # ==== launcher ====================================================================================
 def gated_fwd(
     x: jax.Array,
-    w: jax.Array,
-    b: jax.Array | None,
-    v: jax.Array,
-    c: jax.Array | None,
+    wv: jax.Array,
+    bc: jax.Array | None,
     *,
+    n: int,
     activation: str,
     config: TileConfig,
     fp32_precision: str = "ieee",
 ) -> jax.Array:
-    """act(x @ w + b) * (x @ v + c) for 2-D x [M, K], w and v [K, N], b and c [N] or both None;
-    returns [M, N] in x.dtype. The native Triton kernel through jax_triton (GPU only); trusts input.
-    """
+    """act(x @ w + b) * (x @ v + c) for 2-D x [M, K] and the packed wv [K, packed_width(n)], bc
+    [packed_width(n)] or None; returns [M, n] in x.dtype. The native Triton kernel through
+    jax_triton (GPU only); trusts input."""
     m, k = x.shape
-    n = w.shape[1]
     if m == 0 or n == 0:
         return jnp.zeros((m, n), x.dtype)
     plan = launch_plan(
-        m, n, k, activation=activation, has_bias=b is not None, config=config,
+        m, n, k, activation=activation, has_bias=bc is not None, config=config,
         fp32_precision=fp32_precision,
     )
     kernel = kernel_for_jax_triton(native_kernel(), _gated_fwd_jt, ("o_ptr",), plan.scalars)
-    operands = {"x": x, "w": w, "b": b, "v": v, "c": c}
+    operands = {"x": x, "wv": wv, "bc": bc}
     return call(plan, kernel, operands, jax.ShapeDtypeStruct((m, n), x.dtype), name="gated_fwd")

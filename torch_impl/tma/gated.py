@@ -1,19 +1,32 @@
-"""gated, the Hopper way: out = act(x·W + b) ⊙ (x·V + c) through tensor descriptors (TMA).
+"""gated, the Hopper way: out = act(x·W + b) ⊙ (x·V + c) as ONE GEMM over the packed [W|V] operand.
 
-Formula (as the portable kernel, torch_impl/gated.py): acc_w = Σ_k x[m, k]·W[k, n] and
-acc_v = Σ_k x[m, k]·V[k, n], both fp32; out = act(acc_w + b[n]) · (acc_v + c[n]), cast once to the
-dtype at the store. Each X tile is copied into shared memory once and feeds both products; only the
-gated hidden is written.
+Formula (as the portable kernel, torch_impl/gated.py): `wv` [K, 2·Np] holds W and V interleaved in
+blocks of PACK_BLOCK = 64 columns (common/packing.py), `bc` [2·Np] the biases likewise;
+acc = Σ_k x[m, k]·wv[k, p] in fp32 over a [BLOCK_M, 2·BLOCK_N] packed tile, acc += bc[p], the
+tile splits into gate and up (`_gate_split`, shared with the portable kernel: an outer-dimension
+split, no data movement), out = act(gate) · up, cast once at the store. One X tile and one packed
+tile per K step feed ONE wgmma group with a 2·BLOCK_N wide accumulator (128×256 for the 16-bit
+large-M config): the X tile is read from shared memory once, there is one MMA group to wait on,
+and the TMA copies are as large as linear_act's. Only h [M, N] is written.
 
-Grid: persistent, as tma/linear_act.py: min(#SMs, #tiles) programs, each walking tiles
-p, p + P, ... in the portable kernel's grouped order (`_grouped_tile`), K in BLOCK_K steps;
-`flatten=True` lets the pipeliner overlap the next tile's loads with this tile's epilogue.
+Grid: persistent, as tma/linear_act.py: min(#SMs, #tiles) programs, each walking output tiles
+p, p + P, ... in the portable kernel's grouped order (`_grouped_tile` over h's [M, N]), K in
+BLOCK_K steps; `flatten=True` lets the pipeliner overlap the next tile's loads with this tile's
+epilogue. `TileConfig.warp_specialize` is ignored: triton 3.6's Hopper warp-specialisation pass
+cannot partition the reshape / permute / split of the gate split (common/tiling.py
+`warp_specialize_applies`, found by compiling for sm_90).
 
-Addressing: x, W, V and the output through in-kernel descriptors (why in-kernel: see
-tma/linear_act.py); reads past the edges give zeros, writes are clipped, only the 1-D biases are
-masked. Interpreter: 16-bit tiles are upcast to fp32 after the load.
+Epilogue: bc added to the packed tile, the split, act(g)·u in fp32, then h stored in
+`TileConfig.epilogue_subtile` column slices through a descriptor whose block is one slice
+(tma/linear_act.py `_store_tile`), so that only a slice is staged in shared memory.
 
-Twin: none in JAX — the sibling is jax_impl/mosaic/; portable twin torch_impl/gated.py.
+Addressing: x, wv and h through in-kernel descriptors (why in-kernel: see tma/linear_act.py);
+reads past the edges give zeros (rows past M, the K tail), writes are clipped at M and N (the
+packed padding columns, zeros, meet only output columns ≥ N); only the 1-D bias is masked.
+Interpreter: 16-bit tiles are upcast to fp32 after the load.
+
+Twin: none in JAX — the sibling is jax_impl/mosaic/gated.py (same signatures); portable twin
+torch_impl/gated.py.
 """
 
 from __future__ import annotations
@@ -23,45 +36,40 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.tiling import gated_config, heuristic_config, warp_specialize_applies
 
 from .. import gated as portable
 from ..activations import apply_activation
-from ..gated import _check_gated_args
-from ..linear_act import (
-    _cast_out,
-    _grouped_tile,
-    _input_precision,
-)
+from ..gated import _PACK, _check_gated_args, _gate_split
+from ..linear_act import _grouped_tile, _input_precision
 from ..runtime import INTERPRET
+from .linear_act import _store_tile
 from .support import (
     as_tma_operand,
     ensure_allocator,
     num_programs,
     tma_unsupported_reason,
-    warp_specialize_default,
 )
 
 
 # ==== forward kernel ==============================================================================
 @triton.jit
 def _gated_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, v_ptr, c_ptr, o_ptr,
+    x_ptr, wv_ptr, bc_ptr, o_ptr,
     M, N, K, NUM_PROGRAMS,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
+    # 1. program -> tile: descriptors once per program, then a strided walk over the output tiles
+    n_packed = 2 * tl.cdiv(N, _PACK) * _PACK  # 2·Np
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[N, 1],
-                                       block_shape=[BLOCK_K, BLOCK_N])
-    v_desc = tl.make_tensor_descriptor(v_ptr, shape=[K, N], strides=[N, 1],
-                                       block_shape=[BLOCK_K, BLOCK_N])
+    wv_desc = tl.make_tensor_descriptor(wv_ptr, shape=[K, n_packed], strides=[n_packed, 1],
+                                        block_shape=[BLOCK_K, 2 * BLOCK_N])
     o_desc = tl.make_tensor_descriptor(o_ptr, shape=[M, N], strides=[N, 1],
-                                       block_shape=[BLOCK_M, BLOCK_N])
+                                       block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
@@ -72,22 +80,18 @@ def _gated_fwd_kernel(
                          flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        off_p = pid_n * 2 * BLOCK_N
 
-        acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         for k in range(k_tiles):
-            # 2. load: one X tile for both products; past the edges TMA reads zeros
+            # 2. load: one X tile, one packed tile; past the edges TMA reads zeros
             x = x_desc.load([off_m, k * BLOCK_K])
-            w = w_desc.load([k * BLOCK_K, off_n])
-            v = v_desc.load([k * BLOCK_K, off_n])
+            wv = wv_desc.load([k * BLOCK_K, off_p])
             if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
                 x = x.to(tl.float32)
-                w = w.to(tl.float32)
-                v = v.to(tl.float32)
-            # 3. compute: fp32 accumulate, two products from one X tile
-            acc_w = tl.dot(x, w, acc_w, input_precision=INPUT_PRECISION)
-            acc_v = tl.dot(x, v, acc_v, input_precision=INPUT_PRECISION)
+                wv = wv.to(tl.float32)
+            # 3. compute: fp32 accumulate, gate and up in one product
+            acc = tl.dot(x, wv, acc, input_precision=INPUT_PRECISION)
 
         # 3. compute: the epilogue, all in fp32
         tile_out += NUM_PROGRAMS
@@ -95,51 +99,50 @@ def _gated_fwd_kernel(
         out_m = tile_m * BLOCK_M
         out_n = tile_n * BLOCK_N
         if HAS_BIAS:
-            offs_n = out_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc_w = acc_w + b[None, :]
-            acc_v = acc_v + c[None, :]
-        acc = apply_activation(acc_w, ACTIVATION) * acc_v
+            offs_p = tile_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+            bc = tl.load(bc_ptr + offs_p, mask=offs_p < n_packed, other=0.0).to(tl.float32)
+            acc = acc + bc[None, :]
+        g, u = _gate_split(acc, BLOCK_M, BLOCK_N, _PACK)
+        h = apply_activation(g, ACTIVATION) * u
 
-        # 4. store: one rounding to the output dtype; TMA clips the tile at M and N
-        o_desc.store([out_m, out_n], _cast_out(acc, o_ptr.dtype.element_ty, UPCAST))
+        # 4. store: slice by slice, one rounding each; TMA clips at M and N
+        _store_tile(o_desc, h, o_ptr, out_m, out_n, M, N,
+                    False, UPCAST, BLOCK_M, BLOCK_N, SUBTILE)
 
 
 # ==== launcher ====================================================================================
 def gated_fwd(
     x: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    v: torch.Tensor,
-    c: torch.Tensor | None,
+    wv: torch.Tensor,
+    bc: torch.Tensor | None,
     *,
+    n: int,
     activation: str,
     config: TileConfig,
     fp32_precision: str = "ieee",
 ) -> torch.Tensor:
-    """Launch on a 2-D x [M, K], w and v [K, N] meeting the 16-byte rule, b and c [N] or both None;
-    returns [M, N] in x.dtype. Trusts its input; makes operands contiguous and 16-byte aligned."""
+    """Launch on a 2-D x [M, K], wv [K, packed_width(n)], bc [packed_width(n)] or None, meeting the
+    16-byte rule; returns h [M, n] in x.dtype. Trusts its input (a block_n under 64 is read as
+    64); makes operands contiguous and 16-byte aligned."""
     M, K = x.shape
-    N = w.shape[1]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:
+    out = torch.empty((M, n), device=x.device, dtype=x.dtype)
+    if M == 0 or n == 0:
         return out
-    x, w, v = as_tma_operand(x), as_tma_operand(w), as_tma_operand(v)
-    if b is not None:
-        b, c = b.contiguous(), c.contiguous()
-    num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
+    x, wv = as_tma_operand(x), as_tma_operand(wv)
+    bc = bc.contiguous() if bc is not None else None
+    num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(n, config.block_n)
     programs = num_programs(num_tiles, x.device)
+    ws = warp_specialize_applies("gated", config)
     ensure_allocator()
     _gated_fwd_kernel[(programs,)](
-        x, w, b, v, c, out,
-        M, N, K, programs,
-        ACTIVATION=activation, HAS_BIAS=b is not None,
+        x, wv, bc, out,
+        M, n, K, programs,
+        ACTIVATION=activation, HAS_BIAS=bc is not None,
         INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, FLATTEN=not INTERPRET,
-        WARP_SPECIALIZE=warp_specialize_default(x.device),
+        GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
+        FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -148,30 +151,30 @@ def gated_fwd(
 # ==== public function =============================================================================
 def gated(
     x: torch.Tensor,
-    w: torch.Tensor,
-    v: torch.Tensor,
-    b: torch.Tensor | None = None,
-    c: torch.Tensor | None = None,
+    wv: torch.Tensor,
+    bc: torch.Tensor | None = None,
     *,
+    n: int,
     activation: str = "silu",
     config: TileConfig | None = None,
     fp32_precision: str = "ieee",
 ) -> torch.Tensor:
-    """act(x @ w + b) * (x @ v + c) for x [..., K], w and v [K, N], b and c [N] (both or neither).
+    """act(x @ w + b) * (x @ v + c) from the packed operands (`torch_impl.packing.pack_gated`):
+    x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n].
 
-    Where K or N breaks TMA's 16-byte stride rule, runs the portable `torch_impl.gated`.
+    Where K or n breaks TMA's 16-byte stride rule, runs the portable `torch_impl.gated`.
     """
-    dtype, K, N, b, c = _check_gated_args(x, w, v, b, c, activation, config, fp32_precision)
+    dtype, K, bc = _check_gated_args(x, wv, bc, n, activation, config, fp32_precision)
 
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]
-    if tma_unsupported_reason(M, N, K, dtype) is not None:
-        return portable.gated(x, w, v, b, c, activation=activation, config=config,
+    if tma_unsupported_reason(M, n, K, dtype) is not None:
+        return portable.gated(x, wv, bc, n=n, activation=activation, config=config,
                               fp32_precision=fp32_precision)
     if config is None:
-        config = heuristic_config("gated", M, N, K, dtype, interpret=INTERPRET,
+        config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET,
                                   persistent=True)
-    out = gated_fwd(x2d, w, b, v, c, activation=activation, config=config,
+    out = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
                     fp32_precision=fp32_precision)
-    return out.reshape(*lead, N)
+    return out.reshape(*lead, n)

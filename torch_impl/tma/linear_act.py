@@ -3,23 +3,39 @@
 Formula (as the portable kernel, torch_impl/linear_act.py): acc = Σ_k x[m, k]·W[k, n] in fp32;
 out = act(acc + b[n]) + residual[m, n], cast once to the dtype at the store.
 
-Grid: persistent. min(#SMs, #tiles) programs; program p walks tiles p, p + P, p + 2P, ... in the
-grouped order of the portable kernel (`_grouped_tile`, GROUP_M tile rows column by column, so that
-programs running together share W columns and X rows in L2). Each program walks K in BLOCK_K steps.
-`tl.range(..., flatten=True)` lets the software pipeliner run across the tile loop too, so the next
-tile's first loads overlap the current tile's epilogue; `warp_specialize` is on by default on
-Blackwell only (`support.warp_specialize_default`), and ignored by the interpreter.
+Grid: persistent, the shape of Triton's tutorial 09. min(#SMs, #tiles) programs; program p walks
+tiles p, p + P, p + 2P, ... in the grouped order of the portable kernel (`_grouped_tile`, GROUP_M
+tile rows column by column, so that programs running together share W columns and X rows in L2),
+each tile's K in BLOCK_K steps. `tl.range(..., flatten=True)` lets the software pipeliner run
+across the tile loop too, so the next tile's first loads overlap this tile's epilogue.
+`TileConfig.warp_specialize` goes to `tl.range(..., warp_specialize=)` where triton 3.6's Hopper
+pass can take it (common/tiling.py `warp_specialize_applies`: 4 warps, an unsliced epilogue, the
+tile loop not flattened): a producer warpgroup issues the TMA loads and two consumer warpgroups
+split the tile's rows (12 warps); elsewhere the flag is ignored, as under the interpreter.
+
+Epilogue (`_store_tile`): bias and activation on the whole fp32 tile in registers, then the tile is
+stored in `TileConfig.epilogue_subtile` column slices (1, 2 or 4) through a descriptor whose block
+is one slice, so only a slice is staged in shared memory: 128×256 in 16-bit stages 64 KB whole,
+16 KB in quarters — the difference between 2 and 4 pipeline stages in 227 KB (common/tiling.py's
+`smem_bytes` has the count the compiler confirms). The slices come from reshape / permute /
+`tl.split` of the accumulator (an outer-dimension split: no data moves between threads). The
+residual is read per slice with a masked pointer load (no shared memory).
+
+W layout: [K, N] row-major as everywhere, or K-major — a [K, N] view of an [N, K] row-major buffer
+(`w_nk.t()`), detected from the strides: the descriptor is then [N, K] and the dot takes its
+tile transposed (`W_KMAJOR`), the layout of cuBLAS's "TN" GEMM. Worth it only if measured
+(bench/sweep_triton.py times both for the down projection); a caller who wants it keeps W2 so,
+packed once at load, never transposed per call.
 
 Addressing: x, W and the output through descriptors built in the kernel
-(`tl.make_tensor_descriptor`). Chosen over host-side `TensorDescriptor`s because the launch then
-takes plain pointers, as the portable kernel does (one launch path for both impls), and the block
-shapes come straight from the constexprs of the config rather than being baked into a host object
-per launch; the cost is a global scratch of 128 bytes per descriptor and program, asked of
-the host at launch (`support.ensure_allocator`). TMA zero-fills reads past the edges (the ragged
-K tail adds zeros to the dot) and clips writes, so the kernel has no masks but the epilogue's:
-the bias (descriptors are 2-D to 5-D) and the residual (a TMA load would need one more
-shared-memory tile; see there) are masked pointer loads. Descriptors
-need 16-byte row strides: `support.tma_unsupported_reason` says when the portable kernel must run.
+(`tl.make_tensor_descriptor`): the launch then takes plain pointers, as the portable kernel does,
+and the block shapes come straight from the config's constexprs; the cost is a global scratch of
+128 bytes per descriptor and program, asked of the host at launch (`support.ensure_allocator`).
+TMA zero-fills reads past the edges (the ragged K tail adds zeros to the dot) and clips writes,
+so the kernel has no masks but the epilogue's: the bias (descriptors are 2-D to 5-D) and the
+residual. With a residual, a config whose shared memory would pass 227 KB gets more epilogue
+slices (common/tiling.py `with_residual_room`). Descriptors need 16-byte row strides:
+`support.tma_unsupported_reason` says when the portable kernel must run.
 
 Interpreter: 16-bit tiles are upcast to fp32 right after the load (its bf16 arithmetic is wrong).
 
@@ -34,13 +50,18 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.tiling import (
+    heuristic_config,
+    warp_specialize_applies,
+    with_residual_room,
+)
 
 from .. import linear_act as portable
 from ..activations import apply_activation
 from ..linear_act import (
     _cast_out,
     _check_linear_act_args,
+    _dtype_name,
     _grouped_tile,
     _input_precision,
 )
@@ -48,13 +69,64 @@ from ..runtime import INTERPRET
 from .support import (
     as_tma_operand,
     ensure_allocator,
+    is_k_major,
     num_programs,
     tma_unsupported_reason,
-    warp_specialize_default,
 )
 
 
 # ==== forward kernel ==============================================================================
+@triton.jit
+def _halves(acc, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """[BLOCK_M, WIDTH] -> its left and right column halves (an outer split: no data movement)."""
+    acc = tl.reshape(acc, (BLOCK_M, 2, WIDTH // 2))
+    acc = tl.permute(acc, (0, 2, 1))
+    return tl.split(acc)
+
+
+@triton.jit
+def _store_slice(o_desc, acc, r_ptr, off_m, off_n, M, N,
+                 HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    if HAS_RESIDUAL:
+        # A masked pointer load per slice, not TMA: a descriptor load would stage the slice in
+        # shared memory beside the pipeline's stages, for data read once.
+        rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = off_n + tl.arange(0, WIDTH)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        r = tl.load(r_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        acc = acc + r.to(tl.float32)
+    # one rounding to the output dtype; TMA clips the slice at M and N
+    o_desc.store([off_m, off_n], _cast_out(acc, o_desc.dtype, UPCAST))
+
+
+@triton.jit
+def _store_tile(o_desc, acc, r_ptr, off_m, off_n, M, N,
+                HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr):
+    """Store an fp32 [BLOCK_M, BLOCK_N] tile in SUBTILE column slices (o_desc's block is one)."""
+    if SUBTILE == 1:
+        _store_slice(o_desc, acc, r_ptr, off_m, off_n, M, N,
+                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N)
+    elif SUBTILE == 2:
+        a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
+        _store_slice(o_desc, a0, r_ptr, off_m, off_n, M, N,
+                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N // 2)
+        _store_slice(o_desc, a1, r_ptr, off_m, off_n + BLOCK_N // 2, M, N,
+                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N // 2)
+    else:
+        a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
+        a00, a01 = _halves(a0, BLOCK_M, BLOCK_N // 2)
+        a10, a11 = _halves(a1, BLOCK_M, BLOCK_N // 2)
+        Q: tl.constexpr = BLOCK_N // 4
+        _store_slice(o_desc, a00, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
+        _store_slice(o_desc, a01, r_ptr, off_m, off_n + Q, M, N, HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
+        _store_slice(o_desc, a10, r_ptr, off_m, off_n + 2 * Q, M, N,
+                     HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
+        _store_slice(o_desc, a11, r_ptr, off_m, off_n + 3 * Q, M, N,
+                     HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
+
+
 @triton.jit
 def _linear_act_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
@@ -62,15 +134,20 @@ def _linear_act_fwd_kernel(
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[N, 1],
-                                       block_shape=[BLOCK_K, BLOCK_N])
+    if W_KMAJOR:  # w is [N, K] in memory
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[N, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
     o_desc = tl.make_tensor_descriptor(o_ptr, shape=[M, N], strides=[N, 1],
-                                       block_shape=[BLOCK_M, BLOCK_N])
+                                       block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
@@ -87,7 +164,10 @@ def _linear_act_fwd_kernel(
         for k in range(k_tiles):
             # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
             x = x_desc.load([off_m, k * BLOCK_K])
-            w = w_desc.load([k * BLOCK_K, off_n])
+            if W_KMAJOR:
+                w = w_desc.load([off_n, k * BLOCK_K]).T
+            else:
+                w = w_desc.load([k * BLOCK_K, off_n])
             if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -104,18 +184,10 @@ def _linear_act_fwd_kernel(
             b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc = acc + b[None, :]
         acc = apply_activation(acc, ACTIVATION)
-        if HAS_RESIDUAL:
-            # A masked pointer load, not TMA: a descriptor load would stage the tile in shared
-            # memory beside the pipeline's stages and the output tile, and 128x256x64 with 3
-            # stages (211 KB in 16-bit) would then pass the H100's 227 KB per block.
-            rows = (out_m + tl.arange(0, BLOCK_M)).to(tl.int64)
-            cols = out_n + tl.arange(0, BLOCK_N)
-            mask = (rows[:, None] < M) & (cols[None, :] < N)
-            r = tl.load(r_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
-            acc = acc + r.to(tl.float32)
 
-        # 4. store: one rounding to the output dtype; TMA clips the tile at M and N
-        o_desc.store([out_m, out_n], _cast_out(acc, o_ptr.dtype.element_ty, UPCAST))
+        # 4. store: the residual added and the tile stored slice by slice
+        _store_tile(o_desc, acc, r_ptr, out_m, out_n, M, N,
+                    HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N, SUBTILE)
 
 
 # ==== launcher ====================================================================================
@@ -131,18 +203,24 @@ def linear_act_fwd(
 ) -> torch.Tensor:
     """Launch on a 2-D x [M, K], w [K, N] meeting the 16-byte rule; returns [M, N] in x.dtype.
 
-    Trusts its input; makes operands contiguous and 16-byte aligned (copies only where not).
+    Trusts its input; makes operands contiguous and 16-byte aligned (copies only where not); a
+    K-major w (`w_nk.t()`) is read as it is.
     """
     M, K = x.shape
     N = w.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
-    x, w = as_tma_operand(x), as_tma_operand(w)
+    w_kmajor = is_k_major(w)
+    x = as_tma_operand(x)
+    w = as_tma_operand(w.t()).t() if w_kmajor else as_tma_operand(w)
     b = b.contiguous() if b is not None else None
-    residual = residual.contiguous() if residual is not None else None  # row stride N
+    if residual is not None:
+        residual = residual.contiguous()  # row stride N
+        config = with_residual_room(config, _dtype_name(x), fp32_precision=fp32_precision)
     num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = num_programs(num_tiles, x.device)
+    ws = warp_specialize_applies("linear_act", config)
     ensure_allocator()
     _linear_act_fwd_kernel[(programs,)](
         x, w, b, residual, out,
@@ -150,8 +228,8 @@ def linear_act_fwd(
         ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
         INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, FLATTEN=not INTERPRET,
-        WARP_SPECIALIZE=warp_specialize_default(x.device),
+        GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
+        FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -3,8 +3,11 @@
 - `tma_unsupported_reason(m, n, k, dtype)`: a TMA descriptor needs every row stride (all but the
   last dimension's) to be a multiple of 16 bytes and a 16-byte aligned base. The launchers make
   every operand contiguous and 16-byte aligned, so the rule reduces to `K * itemsize % 16 == 0`
-  (rows of x) and `N * itemsize % 16 == 0` (rows of w, v, the residual and the output).
+  (rows of x, and of a K-major w) and `N * itemsize % 16 == 0` (rows of w, the residual and the
+  output; the packed gated operand's rows, 2·Np = a multiple of 128 elements, always meet it).
   The front records the reason in its plan and runs impl `triton` instead.
+- `is_k_major(w)`: a [K, N] w that is the transposed view of a row-major [N, K] buffer, read by
+  the linear_act kernel as it is (W_KMAJOR) instead of being copied.
 - `num_programs(num_tiles, device)`: the persistent grid, min(#SMs, #tiles) programs on a GPU; under
   the interpreter a handful, so that each program really walks several tiles.
 - `ensure_allocator()`: descriptors built inside a kernel (`tl.make_tensor_descriptor`) live in a
@@ -15,13 +18,13 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
 from fusedmlp.common.dtypes import DTYPES
 
+from .. import tuning  # noqa: F401  (registers the GPU for the committed tuned configs)
 from ..runtime import INTERPRET
 
 TMA_ALIGN_BYTES = 16
@@ -29,7 +32,6 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Under the interpreter: 3 programs. The test shapes have 6-20 tiles, so every program runs the
 # persistent loop several times, and tile counts that 3 does not divide leave the programs uneven.
 INTERPRET_PROGRAMS = 3
-WARP_SPECIALIZE_ENV = "FUSEDMLP_TMA_WARP_SPECIALIZE"
 
 
 def tma_unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
@@ -51,6 +53,16 @@ def tma_unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
                 "falls back to impl 'triton'"
             )
     return None
+
+
+def is_k_major(w: torch.Tensor) -> bool:
+    """True when a [K, N] `w` is the transposed view of a row-major [N, K] buffer (`w_nk.t()`).
+
+    The linear_act kernel then reads it K-major, as it is, instead of copying it row-major.
+    A [K, N] that is row-major as well (N == 1 or K == 1) counts as row-major.
+    """
+    k, n = w.shape
+    return not w.is_contiguous() and w.stride() == (1, k) and n > 1
 
 
 def as_tma_operand(t: torch.Tensor) -> torch.Tensor:
@@ -92,19 +104,3 @@ def ensure_allocator() -> None:
     except ImportError:  # pragma: no cover - depends on the triton version
         pass
     triton.set_allocator(_torch_scratch)
-
-
-def warp_specialize_default(device: torch.device) -> bool:
-    """Whether the tile loop asks for warp specialisation (`tl.range(..., warp_specialize=)`).
-
-    Triton 3.6 has a pass for it on Blackwell (cc >= 10, on by default there, as in its tutorial
-    09) and an experimental Hopper one (`add_hopper_warpspec`) that nobody has measured on these
-    kernels yet, so Hopper defaults to off. `FUSEDMLP_TMA_WARP_SPECIALIZE=1` / `=0` forces it, so
-    that a GPU session can time both without editing the code.
-    """
-    if INTERPRET or device.type != "cuda":
-        return False
-    forced = os.environ.get(WARP_SPECIALIZE_ENV)
-    if forced in ("0", "1"):
-        return forced == "1"
-    return torch.cuda.get_device_capability(device)[0] >= 10

@@ -1,0 +1,337 @@
+"""The tiling of the per-layer kernels: the shared-memory model (common/tiling.py `smem_bytes`)
+against the sm_90 compiler on this CPU, the heuristics, the search space, the committed tables.
+
+Triton compiles for sm_90 without a GPU (`triton.compile(ASTSource(...), target=GPUTarget("cuda",
+90, 32))`): the compiled kernel's `metadata.shared` is the shared memory a block asks for, and ptxas
+(shipped with Triton) reports registers and spills. One subprocess (TRITON_INTERPRET=0) compiles
+the project's own kernels, specialised as the launchers specialise them (unit strides constexpr,
+absent pointers None), for
+
+- MODEL_CASES: configs that fit in 227 KB and configs that do not (the compiler's count passes the
+  limit; a launch would raise OutOfResources), both kernel kinds (persistent TMA and portable
+  pointer kernels), both families, 16-bit, tf32 and FMA float32, a residual, warp specialisation;
+  the model must never undercount, must overcount the wgmma path by at most 1 KB, and must give the
+  compiler's verdict on fitting;
+- DEFAULT_CASES: the default config of every path the dispatcher takes on an H200 (large M,
+  M = 512, decode-sized M, float32 ieee and tf32; the rules here, the committed table on a GPU
+  that has one): it fits, ptxas reports no spills, and the PTX has TMA copies (persistent
+  kernels) and wgmma (16-bit and tf32 tiles of 64 rows or more).
+
+About 30 s on one core; it runs in CI (a GPU compile error or a config that cannot launch must not
+wait for the GPU). The rest needs no compiler: the heuristics' tile choices, the search space
+(pruned by the model, with the Hopper knobs), and the committed tuned table (common/tuned/: exact
+key, nearest M bucket, a GPU variant's name, the off switch, heuristic_config's preference on a
+registered GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusedmlp.common import TileConfig, tuning
+from fusedmlp.common.tiling import (
+    INTERPRET_CONFIG_GATED,
+    SMEM_LIMIT,
+    fits,
+    gated_config,
+    heuristic_config,
+    search_space,
+    smem_bytes,
+    uses_wgmma,
+    warp_specialize_applies,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+WGMMA_SLACK = 1024  # bytes the model may overcount on the wgmma path
+
+
+def _cfg(bm, bn, bk, w, s, sub=1, ws=False) -> TileConfig:
+    return TileConfig(bm, bn, bk, group_m=8, num_warps=w, num_stages=s, epilogue_subtile=sub,
+                      warp_specialize=ws)
+
+
+# (name, family, persistent, dtype, fp32_precision, residual, config)
+MODEL_CASES = [
+    ("tma-linear-128x256-s4-sub2", "linear_act", True, "bfloat16", "ieee", False,
+     _cfg(128, 256, 64, 8, 4, 2)),
+    ("tma-linear-128x256-s4-whole-epilogue", "linear_act", True, "bfloat16", "ieee", False,
+     _cfg(128, 256, 64, 8, 4, 1)),  # 257 KB: does not fit
+    ("tma-linear-128x256-s3-sub2-residual", "linear_act", True, "float16", "ieee", True,
+     _cfg(128, 256, 64, 8, 3, 2)),
+    ("tma-linear-128x256-s4-sub2-residual", "linear_act", True, "bfloat16", "ieee", True,
+     _cfg(128, 256, 64, 8, 4, 2)),  # the residual's slice pushes it past 227 KB
+    ("tma-linear-128x128-s4-ws", "linear_act", True, "bfloat16", "ieee", False,
+     _cfg(128, 128, 64, 4, 4, 1, ws=True)),
+    ("tma-gated-128x128-s4-sub2", "gated", True, "bfloat16", "ieee", False,
+     _cfg(128, 128, 64, 8, 4, 2)),
+    ("tma-gated-128x128-s4-whole-epilogue", "gated", True, "float16", "ieee", False,
+     _cfg(128, 128, 64, 8, 4, 1)),
+    ("tma-gated-256x128-s3", "gated", True, "bfloat16", "ieee", False,
+     _cfg(256, 128, 64, 8, 3, 1)),  # 257 KB: does not fit
+    ("tma-linear-tf32-128x128x32-s3", "linear_act", True, "float32", "tf32", False,
+     _cfg(128, 128, 32, 8, 3, 1)),
+    ("tma-gated-decode-16x64x128-s4", "gated", True, "bfloat16", "ieee", False,
+     _cfg(16, 64, 128, 4, 4, 1)),  # mma.sync, not wgmma: an upper bound
+    ("portable-linear-128x256-s4", "linear_act", False, "bfloat16", "ieee", False,
+     _cfg(128, 256, 64, 8, 4)),
+    ("portable-gated-128x128-s4", "gated", False, "float16", "ieee", False,
+     _cfg(128, 128, 64, 8, 4)),
+    ("portable-gated-256x128-s4", "gated", False, "bfloat16", "ieee", False,
+     _cfg(256, 128, 64, 8, 4)),  # 256 KB: does not fit
+    ("portable-linear-fp32-ieee-128x128x32-s3", "linear_act", False, "float32", "ieee", False,
+     _cfg(128, 128, 32, 8, 3)),  # FMA: num_stages - 1 buffers
+]
+
+# The heuristic's choices for the paths the dispatcher takes on an H200:
+# (name, family, persistent, m, n, k, dtype, fp32_precision)
+DEFAULT_SHAPES = [
+    ("llama3-8b gate/up", "gated", 8192, 14336, 4096, "bfloat16", "ieee"),
+    ("llama3-8b down", "linear_act", 8192, 4096, 14336, "bfloat16", "ieee"),
+    ("hf-blog gate/up", "gated", 8192, 3072, 768, "float16", "ieee"),
+    ("hf-blog down", "linear_act", 8192, 768, 3072, "bfloat16", "ieee"),
+    ("M=512 gate/up", "gated", 512, 14336, 4096, "bfloat16", "ieee"),
+    ("decode gate/up", "gated", 16, 14336, 4096, "bfloat16", "ieee"),
+    ("fp32 tf32 gated", "gated", 2048, 4096, 1024, "float32", "tf32"),
+    ("fp32 ieee linear", "linear_act", 2048, 4096, 1024, "float32", "ieee"),
+]
+DEFAULT_CASES = [
+    (f"{'tma' if persistent else 'portable'} {name}", family, persistent, dtype, precision, False,
+     heuristic_config(family, m, n, k, dtype, persistent=persistent, fp32_precision=precision))
+    for name, family, m, n, k, dtype, precision in DEFAULT_SHAPES
+    for persistent in (True, False)
+    if persistent or name.startswith(("llama", "fp32"))
+]
+
+_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedmlp.common import TileConfig
+from fusedmlp.common.tiling import warp_specialize_applies
+from fusedmlp.torch_impl import gated as pg, linear_act as pl
+from fusedmlp.torch_impl.tma import gated as tg, linear_act as tl_
+
+PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
+PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+
+def compile_one(family, persistent, dtype, precision, residual, cfg):
+    const = dict(ACTIVATION="silu", HAS_BIAS=True, INPUT_PRECISION=precision, UPCAST=False,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                 GROUP_M=cfg.group_m)
+    if persistent:
+        ws = warp_specialize_applies(family, cfg)
+        const.update(SUBTILE=cfg.epilogue_subtile, FLATTEN=not ws, WARP_SPECIALIZE=ws)
+        fn = tg._gated_fwd_kernel if family == "gated" else tl_._linear_act_fwd_kernel
+    else:  # the launch specialises unit strides to constexpr 1
+        fn = pg._gated_fwd_kernel if family == "gated" else pl._linear_act_fwd_kernel
+        const.update(stride_xk=1, stride_on=1)
+        const.update(stride_wvn=1) if family == "gated" else const.update(stride_wn=1)
+    if family == "linear_act":
+        const["HAS_RESIDUAL"] = residual
+        if residual and not persistent:
+            const["stride_rn"] = 1
+        if not residual:
+            const["r_ptr"] = None
+        if persistent:
+            const["W_KMAJOR"] = False
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in const:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name], attrs[(i,)] = PTR[dtype], [["tt.divisibility", 16]]
+        else:
+            sig[p.name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = k.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    info = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                          capture_output=True, text=True)
+    os.unlink(f.name)
+    log = info.stdout + info.stderr
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", log)]
+    regs = [int(v) for v in re.findall(r"Used (\d+) registers", log)]
+    return dict(shared=k.metadata.shared, warps=k.metadata.num_warps, spills=spills, regs=regs,
+                wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                ptxas_ok=not info.returncode)
+
+out = {}
+for name, family, persistent, dtype, precision, residual, cfg in json.loads(sys.argv[1]):
+    try:
+        out[name] = compile_one(family, persistent, dtype, precision, residual,
+                                TileConfig.from_dict(cfg))
+    except Exception as exc:  # reported by the case's own test
+        out[name] = {"error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@functools.cache
+def compiled() -> dict[str, Any]:
+    cases = [(n, f, p, d, pr, r, c.to_dict()) for n, f, p, d, pr, r, c in
+             MODEL_CASES + DEFAULT_CASES]
+    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(cases)], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=ROOT)
+    if "RESULT" not in proc.stdout:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise AssertionError(f"compiling the kernels for sm_90 failed:\n{tail}")
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+def _result(name: str) -> dict[str, Any]:
+    got = compiled()[name]
+    if "error" in got:
+        raise AssertionError(f"{name}: Triton could not compile it for sm_90: {got['error']}")
+    return got
+
+
+@pytest.mark.parametrize("name,family,persistent,dtype,precision,residual,config", MODEL_CASES,
+                         ids=[c[0] for c in MODEL_CASES])
+def test_model_matches_the_compiler(name, family, persistent, dtype, precision, residual, config):
+    got = _result(name)["shared"]
+    model = smem_bytes(family, config, dtype, persistent=persistent, fp32_precision=precision,
+                       residual=residual)
+    assert model >= got, f"{name}: the model undercounts: {model} < {got} bytes"
+    if uses_wgmma(config, dtype, precision):
+        assert model - got <= WGMMA_SLACK, f"{name}: model {model}, compiler {got} bytes"
+    assert (model <= SMEM_LIMIT) == (got <= SMEM_LIMIT), (
+        f"{name}: model {model} and compiler {got} disagree on the {SMEM_LIMIT}-byte limit")
+
+
+def test_model_cases_include_configs_that_do_not_fit():
+    over = [name for name, *_ in MODEL_CASES if _result(name)["shared"] > SMEM_LIMIT]
+    assert len(over) >= 3, over
+
+
+@pytest.mark.parametrize("name,family,persistent,dtype,precision,residual,config", DEFAULT_CASES,
+                         ids=[c[0] for c in DEFAULT_CASES])
+def test_default_configs_compile_for_hopper(name, family, persistent, dtype, precision, residual,
+                                            config):
+    got = _result(name)
+    assert got["ptxas_ok"], f"{name}: ptxas failed on the PTX"
+    assert got["shared"] <= SMEM_LIMIT, f"{name} {config}: {got['shared']} bytes of shared memory"
+    assert got["spills"] and max(got["spills"]) == 0, f"{name} {config}: spills {got['spills']}"
+    assert got["wgmma"] == uses_wgmma(config, dtype, precision), f"{name} {config}: wgmma"
+    if persistent:
+        assert got["tma"], f"{name} {config}: no TMA copy (cp.async.bulk.tensor) in the PTX"
+
+
+# ---- the heuristics, the search space, the committed tuned table (no compiler needed) -----------
+def test_heuristic_tiles_follow_wave_quantisation():
+    """128×256 where the last wave of 132 programs stays full; 128×128 where 128×256 would leave
+    it mostly empty (hf-blog's down projection: 192 tiles = 1.45 waves vs 384 = 2.9)."""
+    def hc(family, m, n, k, dtype="bfloat16", **kw):
+        cfg = heuristic_config(family, m, n, k, dtype, persistent=True, **kw)
+        return cfg.block_m, cfg.block_n, cfg.num_stages, cfg.epilogue_subtile
+
+    assert hc("linear_act", 8192, 4096, 14336) == (128, 256, 4, 2)
+    assert hc("gated", 8192, 14336, 4096) == (128, 128, 4, 2)
+    assert hc("linear_act", 8192, 768, 3072) == (128, 128, 4, 2)
+    assert hc("gated", 8192, 3072, 768) == (128, 128, 4, 2)
+    assert hc("gated", 16, 14336, 4096)[:2] == (16, 64)
+    assert hc("gated", 2048, 4096, 1024, "float32")[:2] == (128, 64)
+    for family, m, n, k in (("linear_act", 8192, 4096, 14336), ("gated", 8192, 14336, 4096),
+                            ("linear_act", 777, 1096, 520), ("gated", 4099, 1096, 520)):
+        for dtype in ("bfloat16", "float16", "float32"):
+            for persistent in (True, False):
+                cfg = heuristic_config(family, m, n, k, dtype, persistent=persistent)
+                assert fits(family, cfg, dtype, persistent=persistent), (family, dtype, cfg)
+                assert family == "linear_act" or cfg.block_n % 64 == 0
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("family", ["linear_act", "gated"])
+def test_search_space_fits_and_has_the_hopper_knobs(family, dtype, persistent):
+    for m in (16, 8192):
+        space = search_space(family, m, dtype, persistent=persistent)
+        assert space and len(space) == len(set(space))
+        assert all(fits(family, c, dtype, persistent=persistent) for c in space)
+        if family == "gated":
+            assert all(c.block_n % 64 == 0 and not c.warp_specialize for c in space)
+    big = search_space(family, 8192, dtype, persistent=persistent)
+    if persistent:
+        assert any(c.epilogue_subtile > 1 for c in big)
+        assert any(c.warp_specialize for c in big) == (family == "linear_act")
+        assert all(not c.warp_specialize or warp_specialize_applies(family, c) for c in big)
+    else:
+        assert all(c.epilogue_subtile == 1 and not c.warp_specialize for c in big)
+    if family == "gated" and dtype == "bfloat16" and persistent:
+        # The winner the old count pruned: the packed 128×(2·128)×64 tile at 4 stages.
+        assert TileConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2) in big
+
+
+def test_gated_config_reads_narrow_block_n_as_one_pair():
+    assert gated_config(TileConfig(16, 16, 16)).block_n == 64
+    wide = TileConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2)
+    assert gated_config(wide) is wide
+
+
+@pytest.fixture
+def tuned_dir(tmp_path, monkeypatch):
+    """A committed-table folder with one H200 table, and no GPU registered by the test process."""
+    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
+    monkeypatch.delenv(tuning.NO_TUNED_ENV, raising=False)
+    tuning._committed_entries.cache_clear()
+    previous = tuning.registered_device()
+    cfg = TileConfig(128, 128, 64, num_warps=8, num_stages=3, epilogue_subtile=2)
+    key = tuning.make_key("NVIDIA H200", "triton_tma", "gated", 8192, 14336, 4096, "bfloat16")
+    table = {"format": 1, "entries": {str(key): tuning.TuningRecord(cfg, 1.5).to_dict(key)}}
+    (tmp_path / "nvidia-h200.json").write_text(json.dumps(table))
+    yield cfg
+    tuning.register_device(previous)
+    tuning._committed_entries.cache_clear()
+
+
+def test_committed_table_lookup(tuned_dir, monkeypatch):
+    cfg = tuned_dir
+    look = functools.partial(tuning.committed_config, impl="triton_tma", family="gated",
+                             n=14336, k=4096, dtype="bfloat16")
+    assert look("NVIDIA H200", m=8192) == cfg
+    assert look("NVIDIA H200", m=3000) == cfg  # the nearest measured bucket (8192 for 4096)
+    assert look("NVIDIA H200 NVL", m=8192) == cfg  # a variant's name finds the family's file
+    assert look("NVIDIA H100 80GB HBM3", m=8192) is None  # no table for that GPU
+    assert tuning.committed_config("NVIDIA H200", "triton_tma", "gated", 8192, 4096, 4096,
+                                   "bfloat16") is None  # another layer shape
+    assert tuning.committed_config("NVIDIA H200", "triton", "gated", 8192, 14336, 4096,
+                                   "bfloat16") is None  # another impl
+    monkeypatch.setenv(tuning.NO_TUNED_ENV, "1")
+    assert look("NVIDIA H200", m=8192) is None
+
+
+def test_heuristic_config_prefers_the_committed_config_on_a_registered_gpu(tuned_dir):
+    cfg = tuned_dir
+    args = ("gated", 8192, 14336, 4096, "bfloat16")
+    rules = heuristic_config(*args, persistent=True)
+    assert rules != cfg
+    tuning.register_device("NVIDIA H200")
+    assert heuristic_config(*args, persistent=True) == cfg
+    assert heuristic_config(*args, persistent=False) == heuristic_config(
+        *args, persistent=False, device="none")  # the portable kernel has no table entry
+    assert heuristic_config(*args, interpret=True) == INTERPRET_CONFIG_GATED  # CPU: never
+
+
+def test_committed_h200_table_parses():
+    """The table in the repo (empty until the H200 sweep fills it) is readable, and every entry a
+    config that fits."""
+    path = tuning.TUNED_DIR / "nvidia-h200.json"
+    data = json.loads(path.read_text())
+    assert data["format"] == tuning.FORMAT_VERSION and isinstance(data["entries"], dict)
+    for entry in data["entries"].values():
+        key, cfg = entry["key"], TileConfig.from_dict(entry["config"])
+        assert fits(key["family"], cfg, key["dtype"], persistent=key["impl"] == "triton_tma",
+                    fp32_precision=key["fp32_precision"])

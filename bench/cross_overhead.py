@@ -101,8 +101,11 @@ def _operands(family: str, m: int, n: int, k: int, dtype: str, seed: int) -> dic
         return to_torch((rng.standard_normal(shape) * s).astype(numpy_dtype(dtype)), "cuda")
 
     ops = {"x": arr(m, k), "w": arr(k, n, s=scale), "b": arr(n, s=0.1)}
-    if family == "gated":
-        ops["v"], ops["c"] = arr(k, n, s=scale), arr(n, s=0.1)
+    if family == "gated":  # the gated kernels take W|V and b|c packed once (common/packing.py)
+        from fusedmlp.torch_impl.packing import pack_gated
+
+        v, c = arr(k, n, s=scale), arr(n, s=0.1)
+        ops = {"x": ops["x"], "wv": pack_gated(ops["w"], v), "bc": pack_gated(ops["b"], c)}
     return ops
 
 
@@ -129,15 +132,15 @@ def _call_sites(
     def torch_call(launcher: Callable, cfg: TileConfig) -> Callable[[int], Any]:
         o = t_ops
         if family == "gated":
-            return lambda i: launcher(o["x"], o["w"], o["b"], o["v"], o["c"],
-                                      activation=activation, config=cfg)
+            return lambda i: launcher(o["x"], o["wv"], o["bc"], n=n, activation=activation,
+                                      config=cfg)
         return lambda i: launcher(o["x"], o["w"], o["b"], None, activation=activation, config=cfg)
 
     def jax_call(launcher: Callable, cfg: TileConfig, name: str, **extra: Any) -> Callable:
         if family == "gated":
-            def body(x: Any, w: Any, b: Any, v: Any, c: Any) -> Any:
-                return launcher(x, w, b, v, c, activation=activation, config=cfg, **extra)
-            args = (j_ops["x"], j_ops["w"], j_ops["b"], j_ops["v"], j_ops["c"])
+            def body(x: Any, wv: Any, bc: Any) -> Any:
+                return launcher(x, wv, bc, n=n, activation=activation, config=cfg, **extra)
+            args = (j_ops["x"], j_ops["wv"], j_ops["bc"])
         else:
             def body(x: Any, w: Any, b: Any) -> Any:
                 return launcher(x, w, b, None, activation=activation, config=cfg, **extra)

@@ -245,7 +245,37 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
               for c in result["cases"] for r in c["rows"] if _failed(r)]
     for line in failed:
         console.print(f"[bold red]not a result: {line}[/]")
+    if getattr(args, "derive_auto", None) is not None:
+        _derive_auto(results, args.derive_auto or None, console)
     return 1 if failed else 0
+
+
+def _derive_auto(results: dict[str, Any], out: str | None, console: Any) -> Path:
+    """The dispatch table of `auto` (common/dispatch.py) from a bench result, written to `out`
+    (default: common/dispatch/<gpu>.json in the source tree, to be committed with the results)."""
+    from fusedmlp.common import dispatch
+
+    gpus = (results.get("environment") or {}).get("gpus") or []
+    gpu = gpus[0].get("name") if gpus else None
+    if not gpu:
+        raise SystemExit("--derive-auto: the results name no GPU (a CPU run decides nothing)")
+    commit = ((results.get("environment") or {}).get("git") or {}).get("commit") or "unknown"
+    rows = dispatch.measurements_from_bench(results["bench"])
+    table = dispatch.derive(rows, gpu=gpu, source=f"fusedmlp bench at commit {commit[:10]}")
+    path = Path(out) if out else dispatch.TABLE_DIR / f"{dispatch.gpu_slug(gpu)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table.to_json())
+    console.print(f"wrote {path}: {len(table.entries)} entries for {gpu}")
+    return path
+
+
+def cmd_derive_auto(args: argparse.Namespace, console: Any) -> int:
+    """`fusedmlp derive-auto RESULTS.json`: the dispatch table from saved bench results."""
+    results = rep.merge([rep.load(Path(p)) for p in args.results])
+    if "bench" not in results:
+        raise SystemExit("derive-auto: the results hold no bench section")
+    _derive_auto(results, args.out, console)
+    return 0
 
 
 def _failed(row: dict[str, Any]) -> bool:
@@ -378,8 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true",
                    help="GPU: sweep the Triton kernels' tile configs once per shape (cached in "
                         "$FUSEDMLP_TUNING_CACHE) before timing; default: the heuristic configs")
+    p.add_argument("--derive-auto", nargs="?", const="", default=None, metavar="PATH",
+                   help="GPU: write auto's dispatch table from this run's timings (default "
+                        "common/dispatch/<gpu>.json)")
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("derive-auto", help="auto's dispatch table from saved bench results")
+    p.add_argument("results", nargs="+", metavar="RESULTS.json")
+    p.add_argument("--out", metavar="PATH", help="default: common/dispatch/<gpu>.json")
+    p.set_defaults(func=cmd_derive_auto)
 
     p = sub.add_parser("overhead", help="host/device time per call and first-call costs")
     _common(p)

@@ -103,3 +103,64 @@ def test_measurements_from_bench_keeps_timed_rows_only():
         ("torch", "eager", pytest.approx(111e-6)),
         ("jax", "xla", pytest.approx(97e-6)),
     ]
+
+
+def test_fronts_take_the_measured_choice(monkeypatch, tmp_path):
+    """With a table for "this GPU", both fronts' `auto` run its choice and quote the evidence;
+    a choice that cannot take the problem (fused_small on wide layers) is passed over."""
+    import torch
+
+    from fusedmlp.common import dispatch
+    from fusedmlp.jax_impl import front as jfront
+    from fusedmlp.torch_impl import front as tfront
+
+    spec = MLPSpec((96, 256, 96), "swiglu", bias=True, dtype="float32")
+    data = [
+        Measurement("torch", "eager", True, spec, 64, 50e-6, "cpu-small"),
+        Measurement("torch", "triton", False, spec, 64, 90e-6, "cpu-small"),
+        Measurement("jax", "xla", True, spec, 64, 40e-6, "cpu-small"),
+        Measurement("jax", "pallas_triton", False, spec, 64, 80e-6, "cpu-small"),
+    ]
+    table = derive(data, gpu="Test GPU", source="test")
+    monkeypatch.setattr(dispatch, "load_table", lambda name: table if name == "Test GPU" else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tfront, "_gpu_name", lambda: "Test GPU")
+    monkeypatch.setattr(jfront, "_gpu_name", lambda: "Test GPU")
+    monkeypatch.setattr(jfront.compat, "on_gpu", lambda: True)
+
+    tplan = tfront.plan(spec, (64, 96), device="cuda")
+    assert tplan.impl == "eager"
+    assert "measured on Test GPU" in tplan.reason and "eager 50.0 µs" in tplan.reason
+    jplan = jfront.plan(spec, (64, 96), device="gpu")
+    assert jplan.impl == "xla" and "measured on Test GPU" in jplan.reason
+
+    # A measured choice that cannot take the problem falls through to the static order.
+    bad = Table("Test GPU", "test", (dispatch.Entry("torch", "float32", "mlp2-gated", 1, 10**9,
+                                                    "fused_small", "made up"),))
+    monkeypatch.setattr(dispatch, "load_table", lambda name: bad)
+    monkeypatch.setattr(tfront, "_is_hopper", lambda: False)
+    assert tfront.plan(spec, (64, 96), device="cuda").impl != "fused_small"
+
+
+def test_cli_derive_auto_from_saved_results(tmp_path):
+    import json
+
+    from fusedmlp.bench.cli import main
+
+    results = {
+        "kind": "fusedmlp-results", "version": 1,
+        "environment": {"gpus": [{"name": "NVIDIA H200"}], "git": {"commit": "abc1234def"}},
+        "bench": {"cases": [{"preset": "llama3-8b", "m": 16, "spec": LLAMA.to_dict(), "rows": [
+            {"stack": "torch", "impl": "eager", "baseline": True, "status": "timed",
+             "time": {"median": 111e-6}},
+            {"stack": "torch", "impl": "fused_decode", "baseline": False, "status": "timed",
+             "time": {"median": 88e-6}},
+        ]}]},
+    }
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(results))
+    out = tmp_path / "nvidia-h200.json"
+    assert main(["derive-auto", str(src), "--out", str(out)]) == 0
+    table = Table.from_json(out.read_text())
+    assert table.gpu == "NVIDIA H200" and "abc1234def" in table.source
+    assert table.lookup("torch", LLAMA, 16).impl == "fused_decode"

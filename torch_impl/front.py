@@ -13,14 +13,16 @@ the kernels take (packed vs plain, common/packing.py) are converted once per set
 keyed by each tensor's identity and version counter, so an in-place update converts again — and
 the conversion is dropped with the tensors.
 
-`auto` picks, in order:
+`auto`, on a GPU with a committed dispatch table (common/dispatch/<gpu>.json, derived by
+`fusedmlp bench --derive-auto` from a benchmark run on that GPU), runs what was measured fastest
+for the stack, dtype, shape class and M — a baseline where none of our kernels won, so `auto`
+never loses to the unfused code — and the plan quotes the measurement. Elsewhere, in order:
   1. `fused_small` — every width ≤ 128: the whole narrow MLP in one kernel;
   2. `fused_decode` — a 2-layer MLP at decode batch sizes (M ≤ 64): one launch, the weights
      streamed once;
   3. `triton_tma` on Hopper, with each layer that misses TMA's 16-byte stride rule run by the
      portable kernel;
   4. `triton`, the portable kernels, everywhere else (and on the CPU, under Triton's interpreter).
-The order of 1–3 is a default until the GPU measurements of the performance issue decide it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig
+from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig, dispatch
 from fusedmlp.common.packing import is_packed
 from fusedmlp.common.registry import (
     AUTO,
@@ -138,7 +140,39 @@ def _interpret(entry: Implementation) -> bool:
 
 
 # ---- plan ----------------------------------------------------------------------------------------
+@functools.cache
+def _gpu_name() -> str:
+    return torch.cuda.get_device_name(torch.cuda.current_device())
+
+
+def _can_take(impl: str, spec: MLPSpec, m: int, device: str) -> bool:
+    """Whether `impl` runs here and takes this problem (what a measured choice must pass)."""
+    entry = _entry(impl)
+    if unavailable_reason(impl, device) is not None:
+        return False
+    if entry.runner == "whole":
+        return _function(impl, "supports")(spec, m) is None
+    if entry.runner == "per_layer" and entry.supports and entry.on_unsupported == "refuse":
+        supports = _function(impl, "supports")
+        return all(supports(m, lay.d_out, lay.d_in, spec.dtype) is None for lay in spec.layers())
+    return True
+
+
+def _measured_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | None:
+    """The committed dispatch table's choice for this GPU (common/dispatch.py), if it has one."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    table = dispatch.load_table(_gpu_name())
+    found = table.lookup(STACK, spec, m) if table is not None else None
+    if found is None or not _can_take(found.impl, spec, m, device):
+        return None
+    return found.impl, f"auto: measured on {table.gpu}: {found.evidence}"
+
+
 def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:
+    measured = _measured_choice(spec, m, device)
+    if measured is not None:
+        return measured
     for name in ("fused_small", "fused_decode"):
         if _function(name, "supports")(spec, m) is None:
             return name, f"auto: {_entry(name).description}"
@@ -187,7 +221,7 @@ def plan(
     entry = _entry(chosen)
     if entry.runner == "baseline":
         launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation)
-        return Plan(chosen, impl, (launch,), entry.description)
+        return Plan(chosen, impl, (launch,), "; ".join(r for r in (reason, entry.description) if r))
     if entry.runner == "whole":
         unsupported = _function(chosen, "supports")(spec, m)
         if unsupported is not None:

@@ -206,6 +206,9 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
 
 def _run_whole(x2d, params, spec, the_plan, residual2d):
     module = _module(_WHOLE_MODULES[the_plan.impl])
+    # TODO(merge): packed once by the front (the whole-MLP kernels take the packed layout)
+    packed = _module("fusedmlp.torch_impl.packing").pack_params(spec, params)
+    params = {k: v.contiguous() for k, v in packed.items()}
     y = getattr(module, f"{the_plan.impl}_fwd")(
         x2d, params, spec, config=the_plan.launches[0].config
     )

@@ -393,3 +393,18 @@ def test_gpu_pdl():
     a = to_numpy(stack.call(x, params, spec, config=base))
     b = to_numpy(stack.call(x, params, spec, config=pdl))
     assert a.tobytes() == b.tobytes()
+
+
+def test_sweep_script_dry_run(tmp_path):
+    """bench/sweep_decode.py (the lead's one H200 call) runs end to end on this CPU: tiny shapes,
+    kernels interpreted, every row checked against the reference, JSON written."""
+    from fusedmlp.bench import sweep_decode
+
+    out = tmp_path / "sweep.json"
+    assert sweep_decode.main([str(out), "--dry-run", "--sections", "llama,nerf"]) == 0
+    data = json.loads(out.read_text())
+    providers = {r["provider"] for r in data["rows"]}
+    assert providers == {"torch:fused_decode", "torch:eager", "jax:fused_decode", "jax:xla",
+                         "torch:fused_small", "jax:fused_small"}
+    assert all(r["check"]["passed"] for r in data["rows"]), [r.get("error") for r in data["rows"]]
+    assert data["dry_run"] and data["ceilings"]["copy_TBps"] > 0

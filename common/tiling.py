@@ -361,15 +361,21 @@ def decode_config_for(
 ) -> DecodeConfig:
     """What a fused_decode launcher runs: the heuristic (None), a pinned DecodeConfig as is, or a
     pinned TileConfig mapped by DecodeConfig.from_tile (split_k from the heuristic; a gated
-    spec's hidden block capped at one packed block)."""
-    if isinstance(config, DecodeConfig):
-        return config
-    default = fused_decode_config(spec, m, interpret=interpret)
+    spec's hidden block capped at one packed block). A pinned config the kernels cannot run
+    raises ValueError here, so that no caller path (the public function, a front) can run it."""
     if config is None:
-        return default
-    decode = DecodeConfig.from_tile(config, default.split_k)
-    if spec.gated and decode.block_h > PACK_BLOCK:
-        decode = DecodeConfig(**{**decode.__dict__, "block_h": PACK_BLOCK})
+        return fused_decode_config(spec, m, interpret=interpret)
+    if isinstance(config, DecodeConfig):
+        decode = config
+    else:
+        decode = DecodeConfig.from_tile(config, fused_decode_config(spec, m).split_k)
+        if spec.gated and decode.block_h > PACK_BLOCK:
+            decode = DecodeConfig(**{**decode.__dict__, "block_h": PACK_BLOCK})
+    if decode.block_m < m:
+        raise ValueError(f"config: expected block_m >= M = {m}, got {decode.block_m}")
+    if spec.gated and PACK_BLOCK % decode.block_h:
+        raise ValueError(f"config: a gated spec's block_h must divide the packed block "
+                         f"{PACK_BLOCK}, got {decode.block_h}")
     return decode
 
 

@@ -308,11 +308,7 @@ def fused_decode(
         if not isinstance(config, (TileConfig, DecodeConfig)):
             raise TypeError(f"config: expected a TileConfig, DecodeConfig or None, got "
                             f"{type(config).__name__}")
-        if config.block_m < m:
-            raise ValueError(f"config: expected block_m >= M = {m}, got {config.block_m}")
-        if isinstance(config, DecodeConfig) and spec.gated and PACK_BLOCK % config.block_h:
-            raise ValueError(f"config: a gated spec's block_h must divide the packed block "
-                             f"{PACK_BLOCK}, got {config.block_h}")
+        decode_config_for(config, spec, max(m, 1))  # ValueError for what the kernels cannot run
     if m == 0:
         return jnp.zeros((*lead, spec.d_out), x.dtype)
     y = fused_decode_fwd(x2d, params, spec, config=config, interpret=interpret)

@@ -206,6 +206,11 @@ def test_unsupported(stack):
     small = TileConfig(block_m=16, block_n=32, block_k=16)
     with pytest.raises(ValueError, match="config: expected block_m >= M = 17, got 16"):
         stack.run(make_input(spec, 17, seed=1), params, spec, config=small)
+    # the launcher (what a front calls) refuses it too: a 16-row tile would drop rows 16..
+    packed = {k: stack.array(v) for k, v in pack_params(spec, params).items()}
+    with pytest.raises(ValueError, match="config: expected block_m >= M = 17, got 16"):
+        stack.mod.fused_decode_fwd(stack.array(make_input(spec, 17, seed=1)), packed, spec,
+                                   config=small)
     gated = MLPSpec(ODD_WIDTHS, "swiglu", True, "float32")
     wide = DecodeConfig(block_h=128)
     with pytest.raises(ValueError, match="block_h must divide the packed block 64, got 128"):

@@ -33,14 +33,16 @@ and the partials are fresh `torch.empty` buffers, fully overwritten where read.
 
 Bandwidth (the H200, 132 SMs, predictions for bench/sweep_decode.py to measure): HBM latency under
 load is ~1 us, so 4.2 TB/s needs ~4 MB in flight, ~32-64 KiB per SM. Each program pipelines its
-weight tiles through shared memory with cp.async (`num_stages` buffers of 32 KiB at the default
-64x128 / 128x128 tiles), two programs fit per SM, so ~2 x 64 KiB are in flight per SM in both
-launches; weight loads are evict-first so that x, h and the partials stay in L2. llama3-8b (M = 1
-to 16): launch 1 streams 235 MB (55.5 us at 4.24 TB/s), launch 2 117 MB (27.7 us), each with a
-~1-2 us ramp and tail, launch 3 ~2 us: predicted 87-92 us, against the 83 us floor. The tiniest M
-run the same padded tl.dot (16 rows) as M = 16: at decode sizes the tensor cores idle either way,
-and a dot keeps the weight tiles on the cp.async pipeline (an FMA GEMV would load them to
-registers, without it).
+weight tiles through shared memory with 16-byte cp.async (at M <= 16, 4 stages: 3 buffers of 36
+KiB, two 32 KiB weight tiles in flight while one is multiplied; sm_90 compile: 110,592 B, 80
+registers, no spills), two programs fit per SM, so ~128 KiB are in flight per SM in both launches.
+The weight loads ask for evict-first (so that x, h and the partials stay in L2), but Triton 3.6
+drops the hint on cp.async (plain `cp.async.cg` in the PTX). llama3-8b (M = 1 to 16): launch 1
+streams 235 MB (55.5 us at 4.24 TB/s), launch 2 117 MB (27.7 us), each with a ~1-2 us ramp and
+tail, launch 3 and the seams 2-4 us: predicted 87-93 us, against the 83 us floor. The tiniest M
+run the same padded tl.dot (16 rows, mma.sync) as M = 16: at decode sizes the tensor cores idle
+either way, and a dot keeps the weight tiles on the cp.async pipeline (an FMA GEMV would load them
+to registers, without it). M = 64 runs wgmma on 2 buffers of 48 KiB.
 
 Seams: launches 2 and 3 read what the launch before wrote, so they are three launches in one stream.
 A host never waits between them (they are enqueued back to back; the harness times them in one CUDA
@@ -242,8 +244,8 @@ def fused_decode_fwd(
     config: TileConfig | DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Launch on a contiguous [M, d_in] input with 1 <= M <= 64 and PACKED params (`wv0`/`bc0` for
-    a gated first layer, common/packing.py); returns [M, d_out]. Trusts its inputs (checked by
-    `fused_decode`: block_m >= M, a gated spec's block_h divides 64)."""
+    a gated first layer, common/packing.py); returns [M, d_out]. Trusts its inputs; a pinned
+    config it cannot run raises ValueError (`decode_config_for`)."""
     m = x2d.shape[0]
     d_in, hidden, d_out = spec.widths
     cfg = decode_config_for(config, spec, m, interpret=INTERPRET)
@@ -306,11 +308,7 @@ def fused_decode(
         if not isinstance(config, (TileConfig, DecodeConfig)):
             raise TypeError(f"config: expected a TileConfig, DecodeConfig or None, got "
                             f"{type(config).__name__}")
-        if config.block_m < m:
-            raise ValueError(f"config: expected block_m >= M = {m}, got {config.block_m}")
-        if isinstance(config, DecodeConfig) and spec.gated and PACK_BLOCK % config.block_h:
-            raise ValueError(f"config: a gated spec's block_h must divide the packed block "
-                             f"{PACK_BLOCK}, got {config.block_h}")
+        decode_config_for(config, spec, max(m, 1))  # ValueError for what the kernels cannot run
     if m == 0:
         return x.new_empty(*lead, spec.d_out)
     params = {k: p.contiguous() for k, p in params.items()}

@@ -47,7 +47,12 @@ from jax.experimental.pallas import triton as plgpu
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import PACK_BLOCK
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.common.tiling import DecodeConfig, decode_config_for, decode_splits
+from fusedmlp.common.tiling import (
+    DecodeConfig,
+    decode_config_for,
+    decode_splits,
+    fused_decode_config,  # noqa: F401  (the registry's config function)
+)
 
 from .activations import apply_activation
 from .compat import interpret_mode, quiet_pallas_triton

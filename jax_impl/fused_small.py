@@ -50,6 +50,7 @@ from fusedmlp.common.tiling import (
     NUM_SMS,
     WHOLE_WIDTHS,
     SmallConfig,
+    fused_small_config,  # noqa: F401  (the registry's config function)
     fused_small_programs,
     padded_width,
     small_config_for,

@@ -68,7 +68,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import PACK_BLOCK
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.common.tiling import DecodeConfig, decode_config_for, decode_splits
+from fusedmlp.common.tiling import (
+    DecodeConfig,
+    decode_config_for,
+    decode_splits,
+    fused_decode_config,  # noqa: F401  (the registry's config function)
+)
 
 from .activations import apply_activation
 from .fused_small import dot_precision, round_to_dtype, validate

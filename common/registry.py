@@ -128,8 +128,9 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         ("torch", "jax"),
         "the whole narrow MLP (widths <= 128) in one kernel",
         runner="whole",
+        layout="packed",
         launcher="fusedmlp.{stack}_impl.fused_small",
-        config="fusedmlp.{stack}_impl.fused_small:fused_small_config",
+        config="fusedmlp.common.tiling:fused_small_config",
         supports="fusedmlp.{stack}_impl.fused_small:supports",
     ),
     Implementation(
@@ -137,8 +138,9 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         ("torch", "jax"),
         "the whole 2-layer MLP for small M in one launch",
         runner="whole",
+        layout="packed",
         launcher="fusedmlp.{stack}_impl.fused_decode",
-        config="fusedmlp.{stack}_impl.fused_decode:fused_decode_config",
+        config="fusedmlp.common.tiling:fused_decode_config",
         supports="fusedmlp.{stack}_impl.fused_decode:supports",
     ),
     Implementation(

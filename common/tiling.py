@@ -318,3 +318,308 @@ def shape_bucket(m: int) -> str:
     if m <= 0:
         return "0"
     return str(1 << (m - 1).bit_length())
+
+
+# ==== whole-MLP kernels: fused_decode and fused_small (issue 22) ==================================
+# One section, read by both twins (torch_impl/ and jax_impl/ fused_decode.py, fused_small.py), so
+# the two stacks tile alike by construction. Nothing here knows the GPU it runs on: NUM_SMS is the
+# H100/H200 SXM count the heuristics aim at (a launcher may pass another). The section keeps its
+# imports with it, so that it merges apart from the per-layer heuristics above.
+
+from dataclasses import dataclass  # noqa: E402
+
+from .packing import PACK_BLOCK  # noqa: E402
+from .spec import MLPSpec  # noqa: E402
+
+NUM_SMS = 132
+SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KiB usable per block)
+WHOLE_WIDTHS = (16, 32, 64, 128)  # fused_small's closed set of compile-time widths
+
+
+def _pow2(name: str, value: object, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value & (value - 1):
+        raise ValueError(f"{name}: expected a power of two >= {low}, got {value!r}")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The tiles of fused_decode's launches (torch_impl/fused_decode.py has the design).
+
+    Launch 1 (up): program j owns hidden columns [j·block_h, (j+1)·block_h) and streams the first
+    layer's weights over d_in in block_k rows. Launch 2 (down): program (n, s) owns output columns
+    [n·block_n, (n+1)·block_n) and the s-th of `split_k` equal runs of the hidden, in block_k2
+    rows. With split_k > 1, launch 3 sums the split_k fp32 partials in order s = 0, 1, ….
+    `block_m` is M padded to a power of two >= 16 (tl.dot's smallest tile). `pdl` (torch on Hopper
+    only): launches 2 and 3 use programmatic dependent launch, so each is scheduled while the one
+    before it drains (Pallas has no such launch attribute; ignored there and by the interpreter).
+    """
+
+    block_m: int = 16
+    block_h: int = 64
+    block_k: int = 128
+    block_n: int = 128
+    block_k2: int = 128
+    split_k: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    pdl: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_h", "block_k", "block_n", "block_k2"):
+            _pow2(name, getattr(self, name), 16)
+        if isinstance(self.split_k, bool) or not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"split_k: expected an int >= 1, got {self.split_k!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected one of (1, 2, 4, 8, 16), got {self.num_warps!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) \
+                or self.num_stages < 1:
+            raise ValueError(f"num_stages: expected an int >= 1, got {self.num_stages!r}")
+        if not isinstance(self.pdl, bool):
+            raise ValueError(f"pdl: expected a bool, got {self.pdl!r}")
+
+    @classmethod
+    def from_tile(cls, tile: TileConfig, split_k: int) -> DecodeConfig:
+        """A pinned TileConfig (`mlp(..., config=...)`): block_m as is, block_n as both launches'
+        column tile (block_h and block_n), block_k as both K chunks, warps and stages as is."""
+        return cls(tile.block_m, tile.block_n, tile.block_k, tile.block_n, tile.block_k, split_k,
+                   tile.num_warps, tile.num_stages)
+
+    def __str__(self) -> str:
+        return (f"m{self.block_m} up {self.block_h}x{self.block_k} down {self.block_n}x"
+                f"{self.block_k2} split{self.split_k} w{self.num_warps} s{self.num_stages}"
+                + (" pdl" if self.pdl else ""))
+
+
+@dataclass(frozen=True)
+class SmallConfig:
+    """The tiles of fused_small (torch_impl/fused_small.py has the design): `block_m` rows per
+    tile, a persistent grid of min(tiles, num_sms·programs_per_sm) programs that stride over the
+    row tiles, `num_stages` x tiles in flight per program (the software pipeline), and `hoist`:
+    the weights stay in shared memory for the whole row loop (where they fit) instead of being
+    read from L2 again for every tile."""
+
+    block_m: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 2
+    hoist: bool = True  # every layer's weights loaded once per program, before its row loop
+
+    def __post_init__(self) -> None:
+        _pow2("block_m", self.block_m, 16)
+        if not isinstance(self.hoist, bool):
+            raise ValueError(f"hoist: expected a bool, got {self.hoist!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected one of (1, 2, 4, 8, 16), got {self.num_warps!r}")
+        for name in ("num_stages", "programs_per_sm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+    def __str__(self) -> str:
+        return (f"m{self.block_m} w{self.num_warps} s{self.num_stages} "
+                f"p{self.programs_per_sm}/SM" + (" hoist" if self.hoist else ""))
+
+
+# Under the interpreters (about 4 ms per program iteration): tiles small enough that the tests' odd
+# widths span several of them in every dimension — hidden 75 is 3 up programs crossing a packed
+# block, d_out 33 is 2 down tiles (the second ragged), a 2-way split of the hidden — and few
+# iterations in all. No 16-wide dot output: XLA CPU (Pallas' interpreter) multiplies [16, 16] x
+# [16, 16] fp32 tiles in another order than NumPy (the Triton interpreter), 32 wide in the same
+# one, and the twins are compared bit for bit.
+DECODE_INTERPRET_CONFIG = DecodeConfig(block_m=16, block_h=32, block_k=16, block_n=32, block_k2=16,
+                                       split_k=2, num_warps=4, num_stages=1)
+# 32-row tiles over 3 persistent programs: M = 300 is 10 tiles, 4 + 3 + 3 per program, the last
+# one ragged (and program 1 and 2's fourth tile past M, fully masked), so the persistent loop and
+# its tail run in every test.
+SMALL_INTERPRET_CONFIG = SmallConfig(block_m=32, num_warps=4, num_stages=1, programs_per_sm=1)
+INTERPRET_NUM_SMS = 3
+# fused_small keeps every layer's weights in shared memory for the whole row loop up to this many
+# bytes (two programs per SM: these, plus num_stages x tiles each, within 228 KiB).
+SMALL_HOIST_BYTES = 64 * 1024
+
+
+def decode_block_m(m: int) -> int:
+    """M padded to a power of two >= 16 (tl.dot's smallest tile)."""
+    return max(16, _next_pow2(m))
+
+
+def decode_splits(hidden: int, block_k2: int, split_k: int) -> tuple[int, int]:
+    """(splits, chunks per split) for launch 2: the hidden's block_k2 chunks dealt into at most
+    split_k equal runs, none empty (so every partial is a real sum)."""
+    chunks = _cdiv(hidden, block_k2)
+    per_split = _cdiv(chunks, max(1, min(split_k, chunks)))
+    return _cdiv(chunks, per_split), per_split
+
+
+def decode_smem_bytes(config: DecodeConfig, gated: bool, itemsize: int) -> tuple[int, int]:
+    """Shared memory of launches 1 and 2 (bytes), as triton.compile for sm_90 reports it: the
+    pipelined x/h and weight tiles in num_stages buffers where the dot is a wgmma (block_m >= 64
+    with 4 warps: it reads both operands from shared memory), num_stages - 1 where it is an
+    mma.sync (block_m < 64: the tile being multiplied sits in registers). Tiles in flight while
+    one is multiplied: buffers - 1."""
+    buffers = max(1, config.num_stages - (config.block_m < 64))
+    up = config.block_m * config.block_k + (2 if gated else 1) * config.block_k * config.block_h
+    down = config.block_m * config.block_k2 + config.block_k2 * config.block_n
+    return buffers * up * itemsize, buffers * down * itemsize
+
+
+def fused_decode_config(
+    spec: MLPSpec, m: int, *, interpret: bool = False, num_sms: int = NUM_SMS
+) -> DecodeConfig:
+    """The default tiles for a (d_in, hidden, d_out) MLP at M = m rows.
+
+    The reasoning (H200: 132 SMs, 4.24 TB/s copy rate; predictions, measured by
+    bench/sweep_decode.py): covering HBM latency at full bandwidth needs ~40-64 KiB of loads in
+    flight per SM, so each launch should have about two programs per SM, each with num_stages - 1
+    weight tiles of 16-32 KiB in flight (cp.async pipelining of the tl.dot operands), and every
+    weight row fragment should be >= 256 B (8 full L2 sectors): a 64-wide packed block is 128 B of
+    gate plus the adjacent 128 B of up. Launch 1 takes the widest hidden block that still gives
+    num_sms programs (llama3-8b: 64 -> 224 programs); launch 2 takes 256-byte columns (128 16-bit)
+    and splits the hidden until there are ~2 programs per SM (llama3-8b: 32 column tiles x 8 = 256
+    programs; the fp32 partials are 8·M·d_out·4 B <= 8 MiB, L2-resident). Stages: as many (<= 5)
+    as keep two programs' buffers within an SM's shared memory (llama3-8b bf16, M <= 32: 3 buffers
+    of 36 KiB, two 32 KiB weight tiles in flight per program; M = 64: 2 of 48 KiB).
+    """
+    block_m = decode_block_m(m)
+    if interpret:
+        return DecodeConfig(**{**DECODE_INTERPRET_CONFIG.__dict__, "block_m": block_m})
+    _, hidden, d_out = spec.widths
+    gated = spec.gated
+    itemsize = 4 if spec.dtype == "float32" else 2
+    # 256 B rows: 128 16-bit or 64 fp32 columns; fragments of at least 64 B otherwise
+    wide, narrow = (128, 32) if itemsize == 2 else (64, 16)
+    choices = [b for b in (128, 64, 32, 16) if narrow <= b <= wide]
+    if gated:  # a hidden block must sit inside one packed (gate, up) pair
+        choices = [b for b in choices if PACK_BLOCK % b == 0]
+    block_h = next((b for b in choices if _cdiv(hidden, b) >= num_sms), choices[-1])
+    block_k = 128 if itemsize == 2 else 64
+    block_n, block_k2 = wide, block_k
+    tiles = _cdiv(d_out, block_n)
+    chunks = _cdiv(hidden, block_k2)
+    split_k = max(1, min(round(2 * num_sms / tiles), chunks // 2))
+    config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, 2)
+    budget = SMEM_PER_SM // 2 - 2048  # two programs per SM
+    for stages in (5, 4, 3, 2):
+        config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, stages)
+        if max(decode_smem_bytes(config, gated, itemsize)) <= budget:
+            break
+    return config
+
+
+def padded_width(width: int) -> int:
+    """fused_small's compile-time width: the smallest of 16/32/64/128 that holds `width`."""
+    return next(w for w in WHOLE_WIDTHS if w >= width)
+
+
+def fused_small_config(spec: MLPSpec, m: int, *, interpret: bool = False) -> SmallConfig:
+    """The default tiles for a narrow MLP (every width <= 128) over m rows.
+
+    The reasoning (predictions, measured by bench/sweep_decode.py): the floor is reading x and
+    writing y once (nerf-64x5 fp16, 2M rows: 537 MB, 127 us at 4.24 TB/s), and the matrix work is
+    not far below it (86 GFLOP: ~110 us of wgmma), so each SM needs loads in flight and tensor-core
+    work to overlap them: a persistent grid of 2 programs per SM where shared memory allows (1
+    otherwise), each pipelining num_stages - 1 x tiles of block_m rows (16-bit, width <= 64: 128
+    rows, 16 KiB at width 64, so ~32 KiB in flight per program) while it computes one. Width 128
+    halves the rows to keep the fp32 accumulators (and the gate's) in registers. float32 "ieee"
+    products are FMA loops that the compiler unrolls over the whole width, with their operands in
+    registers: few rows, more warps and no pipeline keep code size and ptxas time bounded (sm_90
+    compile of a depth-8 width-128 geglu: ~3 s at 16 rows and 8 warps, 56 s at 32 rows and 4).
+    """
+    del m
+    hoist = small_hoist(spec)
+    if interpret:  # float32 "ieee" takes the unhoisted path there too, so the tests run both
+        return SmallConfig(**{**SMALL_INTERPRET_CONFIG.__dict__, "hoist": hoist})
+    width = padded_width(max(spec.widths))
+    if spec.dtype == "float32":
+        block_m, warps, stages = {128: (16, 8, 1), 64: (32, 4, 1)}.get(width, (64, 4, 1))
+    else:
+        block_m, warps, stages = (64 if width == 128 else 128), 4, 3
+    config = SmallConfig(block_m, warps, stages, 2, hoist)
+    if small_smem_bytes(spec, config) > SMEM_PER_SM // 2 - 2048:
+        config = SmallConfig(block_m, warps, stages, 1, hoist)
+    return config
+
+
+def small_smem_bytes(spec: MLPSpec, config: SmallConfig) -> int:
+    """fused_small's shared memory per program, as triton.compile for sm_90 reports it (measured
+    on the default configs of the narrow sweep; exact for 16-bit, an upper bound for tf32): the x
+    tiles' num_stages buffers and the weights — every layer's tiles and a conversion buffer of the
+    hidden (hoisted), or the pipeline's num_stages - 1 buffers of one hidden layer's tiles, plus
+    the last layer's tile where hidden layers are gated (streamed). float32 products stage one
+    layer's operand tiles (a tile per product) in shared memory."""
+    width = padded_width(max(spec.widths))
+    itemsize = 4 if spec.dtype == "float32" else 2
+    tile = width * width * itemsize
+    rows = config.num_stages * config.block_m * width * itemsize
+    per_layer = 2 if spec.gated else 1
+    if spec.dtype == "float32":
+        return rows + per_layer * tile
+    if config.hoist:
+        return rows + small_weight_bytes(spec) + config.block_m * width
+    return rows + max(1, config.num_stages - 1) * per_layer * tile + (tile if spec.gated else 0)
+
+
+def small_weight_bytes(spec: MLPSpec) -> int:
+    """Bytes of fused_small's on-chip weight tiles: a [WIDTH, WIDTH] tile per product."""
+    width = padded_width(max(spec.widths))
+    itemsize = 4 if spec.dtype == "float32" else 2
+    products = sum(2 if layer.gated else 1 for layer in spec.layers())
+    return products * width * width * itemsize
+
+
+def small_hoist(spec: MLPSpec) -> bool:
+    """Keep the weights on chip for the whole row loop: where tensor cores read them from shared
+    memory (16-bit, or tf32) and they fit SMALL_HOIST_BYTES. float32 "ieee" products are FMA loops
+    that hold their operands in registers: hoisting would pin every layer's tile there."""
+    tensor_cores = spec.dtype != "float32" or spec.fp32_precision == "tf32"
+    return tensor_cores and small_weight_bytes(spec) <= SMALL_HOIST_BYTES
+
+
+def fused_small_programs(m: int, config: SmallConfig, num_sms: int = NUM_SMS) -> int:
+    """The persistent grid: one program per row tile, at most programs_per_sm per SM."""
+    return max(1, min(_cdiv(m, config.block_m), num_sms * config.programs_per_sm))
+
+
+def decode_config_for(
+    config: TileConfig | DecodeConfig | None, spec: MLPSpec, m: int, *, interpret: bool = False
+) -> DecodeConfig:
+    """What a fused_decode launcher runs: the heuristic (None), a pinned DecodeConfig as is, or a
+    pinned TileConfig mapped by DecodeConfig.from_tile (split_k from the heuristic; a gated
+    spec's hidden block capped at one packed block). A pinned config the kernels cannot run
+    raises ValueError here, so that no caller path (the public function, a front) can run it."""
+    if config is None:
+        return fused_decode_config(spec, m, interpret=interpret)
+    if isinstance(config, DecodeConfig):
+        decode = config
+    else:
+        decode = DecodeConfig.from_tile(config, fused_decode_config(spec, m).split_k)
+        if spec.gated and decode.block_h > PACK_BLOCK:
+            decode = DecodeConfig(**{**decode.__dict__, "block_h": PACK_BLOCK})
+    if decode.block_m < m:
+        raise ValueError(f"config: expected block_m >= M = {m}, got {decode.block_m}")
+    if spec.gated and PACK_BLOCK % decode.block_h:
+        raise ValueError(f"config: a gated spec's block_h must divide the packed block "
+                         f"{PACK_BLOCK}, got {decode.block_h}")
+    return decode
+
+
+def small_config_for(
+    config: TileConfig | SmallConfig | None, spec: MLPSpec, m: int, *, interpret: bool = False
+) -> SmallConfig:
+    """What a fused_small launcher runs: the heuristic (None), a SmallConfig as is, or a pinned
+    TileConfig (block_m, num_warps, num_stages; hoisting as the heuristic would)."""
+    if isinstance(config, SmallConfig):
+        return config
+    if config is None:
+        return fused_small_config(spec, m, interpret=interpret)
+    # a pinned TileConfig: block_m, num_warps, num_stages as is (the tile's N and K are the width)
+    return SmallConfig(config.block_m, config.num_warps, config.num_stages,
+                       hoist=small_hoist(spec))

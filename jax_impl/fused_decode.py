@@ -1,38 +1,38 @@
-"""fused_decode: the whole 2-layer MLP for small M (1..64) in one Pallas-Triton launch.
+"""fused_decode: the whole 2-layer MLP for small M (1..64), weights streamed once at full bandwidth.
 
-    h = round(act(x·W1 + b1) [⊙ (x·V1 + c1)])        [M, hidden]
-    y = Σ_s h[:, S_s]·W2[S_s, :] + b2                 the sum over hidden slices S_s, in slice order
+    h = round(act(x·W + b) [⊙ (x·V + c)])                  [M, hidden]    launch 1 (up)
+    p_s = h[:, K_s]·W2[K_s, :]                              [M, d_out]     launch 2 (down), s < S
+    y = round(p_0 + p_1 + ... + p_{S-1} + b2)               [M, d_out]     launch 3 (reduce), S > 1
 
-At decode batch sizes an MLP is a weight-streaming problem: every weight must be read once at full
-bandwidth, and a launch per layer with the hidden's round trip through memory costs real time.
+At decode batch sizes an MLP is a weight-streaming problem: llama3-8b's MLP (4096 -> 14336 -> 4096
+SwiGLU, bf16) reads 352 MB of weights for 16 rows of x; at the H200's measured copy rate of 4.24
+TB/s that is 83 us, the floor. Everything else (x, h, y, partials) is under 3 % of those bytes, and
+the matrix work is small, so the time is set by how close the weight stream comes to the bandwidth
+of HBM — and by the seams between the launches.
 
-Grid: (cdiv(hidden, BLOCK_H),); program s owns the hidden slice S_s = [s·BLOCK_H, (s+1)·BLOCK_H). It
-streams x·W1[:, S_s] (and x·V1[:, S_s]) over d_in in BLOCK_K chunks for all M rows (M padded to
-BLOCK_M, a power of two >= 16 for the dot), applies bias, activation and gate, rounds the hidden
-slice to the dtype (as a per-layer kernel's store would), multiplies it by W2[S_s, :] in
-BLOCK_K-wide chunks of d_out and writes each fp32 partial into the workspace [num_slices, BLOCK_M,
-d_out].
+Launch 1, grid (cdiv(hidden, BLOCK_H),): program j owns hidden columns [j·BLOCK_H, (j+1)·BLOCK_H)
+and streams the first layer's weights over d_in in BLOCK_K rows. Gated layers come PACKED
+(common/packing.py: `wv0` [d_in, 2·Np], gate and up interleaved in 64-column blocks): BLOCK_H
+divides 64, so each program reads one contiguous gate run and the up run right after it, runs one
+dot on each with the same x tile, adds `bc0`, applies act(gate)·up in fp32, rounds to the dtype and
+stores its slice of h (only the M real rows).
 
-Reduction, deterministic and in the same launch: every d_out chunk n has an int32 ticket counter.
-After writing its partial of chunk n a program takes a ticket (`plgpu.atomic_add`, acq_rel at GPU
-scope: integer atomics are exact, so the counts do not depend on timing); the program that draws the
-last ticket (num_slices - 1) knows every partial of chunk n is written, sums them in slice order 0,
-1, ..., num_slices - 1 (so the bits never depend on which program came last), adds b2 and stores
-y[:, chunk n]. Programs walk the d_out chunks starting at chunk (s mod num_chunks), so the
-reductions spread over programs instead of all falling to the one that finishes last. There are no
-float atomics and no second kernel: the counters (an input aliased to an output, zeroed per call)
-are the only extra input. In interpret mode this works because the interpreter runs the grid in
-order, carrying every output buffer (workspace and counters) from one program to the next: the last
-program of each chunk sees all partials, as on the GPU. Memory ordering on the GPU: a CTA barrier,
-then the release of the ticket, makes every thread's partial stores visible before the count; the
-reducer reads partials with volatile loads after its acquire.
+Launch 2, grid (cdiv(d_out, BLOCK_N), S): program (n, s) owns output columns [n·BLOCK_N,
+(n+1)·BLOCK_N) and the s-th of S equal runs of the hidden (K_ITERS chunks of BLOCK_K2). S = 1: it
+adds b2 and stores y itself. S > 1: it stores its fp32 partial p_s, and launch 3 sums the S
+partials of each output tile in the fixed order s = 0, 1, ..., adds b2, rounds once and stores y.
 
-TileConfig mapping: `block_n` = BLOCK_H (the hidden slice per program), `block_k` = BLOCK_K (the
-d_in chunk of the first product and the d_out chunk of the second), `block_m` = BLOCK_M (the padded
-M, >= M), `num_warps`, `num_stages`. Refs are whole arrays addressed with `pl.ds` and masks, as the
-twin's pointers are.
+Deterministic by construction: no atomics, every sum in a fixed order. No memset, no repack: h and
+the partials are outputs of the launch that writes them, fully overwritten where read. The three
+`pallas_call`s are one jitted computation: XLA enqueues them back to back (no host in between);
+time it as a jitted call (bench/sweep_decode.py loops it over rotating inputs).
 
-Twin: torch_impl/fused_decode.py (Triton, same names and sections).
+Refs are whole arrays addressed with `pl.ds` and masks, as the twin's pointers are: on the GPU the
+Pallas-Triton lowering does not mask blocks that overhang an array, and in interpret mode a masked
+`pl.ds` load pads instead of shifting the window. The bandwidth reasoning and the predicted times
+are the twin's (torch_impl/fused_decode.py); `DecodeConfig` (common/tiling.py) is read by both.
+
+Twin: torch_impl/fused_decode.py (Triton, same names, sections and launches).
 """
 
 from __future__ import annotations
@@ -45,7 +45,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
+from fusedmlp.common.packing import PACK_BLOCK
 from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import (
+    DecodeConfig,
+    decode_config_for,
+    decode_splits,
+)
 
 from .activations import apply_activation
 from .compat import interpret_mode, quiet_pallas_triton
@@ -53,28 +59,33 @@ from .fused_small import dot_precision, round_to_dtype, validate
 
 MAX_M = 64
 FALLBACK = "pallas_triton"  # the per-layer kernels
+REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 programs)
 
 
-# ---- forward kernel ------------------------------------------------------------------------------
-def _fused_decode_fwd_kernel(
-    x_ref, w1_ref, v1_ref, b1_ref, c1_ref, w2_ref, b2_ref, count_in_ref,
-    y_ref, ws_ref, count_ref,
-    *, M, D_IN, HIDDEN, D_OUT,
-    ACTIVATION, GATED, HAS_BIAS, BLOCK_M, BLOCK_H, BLOCK_K, DOT_PRECISION, INTERPRET,
+# ---- forward kernels -----------------------------------------------------------------------------
+def _fused_decode_up_kernel(
+    x_ref, w_ref, b_ref, h_ref,
+    *, M, D_IN, HIDDEN,
+    ACTIVATION, GATED, HAS_BIAS, PACK, BLOCK_M, BLOCK_H, BLOCK_K, DOT_PRECISION, INTERPRET,
 ):
-    del count_in_ref  # aliased to count_ref
-    # 1. program -> tile: every (padded) row, one slice of the hidden
+    # 1. program -> tile: every (padded) row, hidden columns [pid·BLOCK_H, (pid+1)·BLOCK_H)
     pid = pl.program_id(0)
-    num_slices = pl.num_programs(0)
     rows = jnp.arange(BLOCK_M)
     row_ok = rows < M
     cols_h = pid * BLOCK_H + jnp.arange(BLOCK_H)
     h_ok = cols_h < HIDDEN
+    if GATED:
+        # packed: hidden column c is operand column 2·PACK·(c // PACK) + c % PACK (gate) and that
+        # + PACK (up); BLOCK_H divides PACK, so this tile's gate and up runs are contiguous
+        per_pack = PACK // BLOCK_H
+        col0 = (pid // per_pack) * (2 * PACK) + (pid % per_pack) * BLOCK_H
+    else:
+        col0 = pid * BLOCK_H
     offs_k = jnp.arange(BLOCK_K)
-    dtype = y_ref.dtype
+    dtype = h_ref.dtype
+    # twin-diff: no programmatic dependent launch in Pallas (the launches are enqueued by XLA)
 
-    # 2. load + 3. compute, first layer: stream W1[:, slice] (and V1) over d_in
-    # twin-diff: no fp32 upcast when interpreting; the Pallas interpreter's bf16 is right
+    # 2. load + 3. compute: stream the weights over d_in; x is the same small tile for every program
     def k_step(i, carry):
         acc_z, acc_g = carry
         k = i * BLOCK_K
@@ -82,69 +93,119 @@ def _fused_decode_fwd_kernel(
         k_ok = kk < D_IN
         x = plgpu.load(x_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = plgpu.load(w1_ref.at[pl.ds(k, BLOCK_K), pl.ds(pid * BLOCK_H, BLOCK_H)],
-                       mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        acc_z += plgpu.dot(x, w, precision=DOT_PRECISION)
+        w = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0, BLOCK_H)],
+                       mask=k_ok[:, None] & h_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if INTERPRET:
+            x = x.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
+            w = w.astype(jnp.float32)
+        acc_z = acc_z + plgpu.dot(x, w, precision=DOT_PRECISION)
         if GATED:
-            v = plgpu.load(v1_ref.at[pl.ds(k, BLOCK_K), pl.ds(pid * BLOCK_H, BLOCK_H)],
-                           mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-            acc_g += plgpu.dot(x, v, precision=DOT_PRECISION)
+            v = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0 + PACK, BLOCK_H)],
+                           mask=k_ok[:, None] & h_ok[None, :], other=0.0,
+                           eviction_policy="evict_first")
+            if INTERPRET:
+                v = v.astype(jnp.float32)
+            acc_g = acc_g + plgpu.dot(x, v, precision=DOT_PRECISION)
         return acc_z, acc_g
 
     acc_z = jnp.zeros((BLOCK_M, BLOCK_H), jnp.float32)
     acc_g = jnp.zeros((BLOCK_M, BLOCK_H), jnp.float32)
     acc_z, acc_g = jax.lax.fori_loop(0, pl.cdiv(D_IN, BLOCK_K), k_step, (acc_z, acc_g))
 
-    # 3. compute: the epilogue of the first layer; padded hidden lanes are act(0)·0 = 0
+    # 3. compute: bias, activation, gate in fp32; padded hidden lanes are never stored
     z = acc_z
     if HAS_BIAS:
-        z += plgpu.load(b1_ref.at[pl.ds(pid * BLOCK_H, BLOCK_H)], mask=h_ok,
+        z += plgpu.load(b_ref.at[pl.ds(col0, BLOCK_H)], mask=h_ok,
                         other=0.0).astype(jnp.float32)[None, :]
     z = apply_activation(z, ACTIVATION)
     if GATED:
         g = acc_g
         if HAS_BIAS:
-            g += plgpu.load(c1_ref.at[pl.ds(pid * BLOCK_H, BLOCK_H)], mask=h_ok,
+            g += plgpu.load(b_ref.at[pl.ds(col0 + PACK, BLOCK_H)], mask=h_ok,
                             other=0.0).astype(jnp.float32)[None, :]
         z = z * g
     h = round_to_dtype(z, dtype)  # what a per-layer kernel's store would hold
 
-    # 3. compute + 4. store, second layer: partial products per d_out chunk, then the reduction
-    num_chunks = pl.cdiv(D_OUT, BLOCK_K)
+    # 4. store: the M real rows of this hidden slice
+    plgpu.store(h_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)], h.astype(dtype),
+                mask=row_ok[:, None] & h_ok[None, :])
 
-    def n_step(j, carry):
-        n = jax.lax.rem(pid + j, num_chunks)  # rotated start: spreads the reductions over programs
-        cols_n = n * BLOCK_K + offs_k
-        n_ok = cols_n < D_OUT
-        w2 = plgpu.load(w2_ref.at[pl.ds(pid * BLOCK_H, BLOCK_H), pl.ds(n * BLOCK_K, BLOCK_K)],
-                        mask=h_ok[:, None] & n_ok[None, :], other=0.0)
-        part = plgpu.dot(h, w2, precision=DOT_PRECISION)
-        plgpu.store(ws_ref.at[pid, :, pl.ds(n * BLOCK_K, BLOCK_K)], part, mask=n_ok[None, :])
-        if not INTERPRET:
-            # every thread's partial is stored before the ticket's release
-            # twin-diff: debug_barrier has no interpreter rule; the interpreter runs programs whole
-            plgpu.debug_barrier()
-        ticket = plgpu.atomic_add(count_ref, n, jnp.int32(1))
 
-        @pl.when(ticket == num_slices - 1)
-        def _reduce():
-            # last of chunk n: sum the slices in fixed order, so the bits are the same every run
-            def s_step(s, acc):
-                return acc + plgpu.load(ws_ref.at[s, :, pl.ds(n * BLOCK_K, BLOCK_K)],
-                                        mask=n_ok[None, :], other=0.0, volatile=True)
+def _fused_decode_down_kernel(
+    h_ref, w_ref, b_ref, out_ref,
+    *, M, HIDDEN, D_OUT,
+    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, K_ITERS, SPLIT_K, DOT_PRECISION, INTERPRET,
+):
+    # 1. program -> tile: every (padded) row, output columns of tile n, hidden run s
+    pid_n = pl.program_id(0)
+    pid_s = pl.program_id(1)
+    rows = jnp.arange(BLOCK_M)
+    row_ok = rows < M
+    cols_n = pid_n * BLOCK_N + jnp.arange(BLOCK_N)
+    n_ok = cols_n < D_OUT
+    k_lo = pid_s * (K_ITERS * BLOCK_K)
+    offs_k = jnp.arange(BLOCK_K)
+    dtype = w_ref.dtype
 
-            acc = jax.lax.fori_loop(0, num_slices, s_step,
-                                    jnp.zeros((BLOCK_M, BLOCK_K), jnp.float32))
-            if HAS_BIAS:
-                acc += plgpu.load(b2_ref.at[pl.ds(n * BLOCK_K, BLOCK_K)], mask=n_ok,
-                                  other=0.0).astype(jnp.float32)[None, :]
-            y = round_to_dtype(acc, dtype)
-            plgpu.store(y_ref.at[pl.ds(0, BLOCK_M), pl.ds(n * BLOCK_K, BLOCK_K)], y.astype(dtype),
-                        mask=row_ok[:, None] & n_ok[None, :])
+    # 2. load + 3. compute: stream W2[run s, tile n]; h comes from L2
+    def k_step(i, acc):
+        k = k_lo + i * BLOCK_K
+        kk = k + offs_k
+        k_ok = kk < HIDDEN
+        h = plgpu.load(h_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
+                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
+                       mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if INTERPRET:
+            h = h.astype(jnp.float32)
+            w = w.astype(jnp.float32)
+        return acc + plgpu.dot(h, w, precision=DOT_PRECISION)
 
-        return carry
+    acc = jax.lax.fori_loop(0, K_ITERS, k_step, jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32))
 
-    jax.lax.fori_loop(0, num_chunks, n_step, 0)
+    # 4. store: y itself (one run), or this run's fp32 partial for launch 3
+    mask = row_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        # 3. compute: the bias and the one rounding of y
+        if HAS_BIAS:
+            acc += plgpu.load(b_ref.at[pl.ds(pid_n * BLOCK_N, BLOCK_N)], mask=n_ok,
+                              other=0.0).astype(jnp.float32)[None, :]
+        y = round_to_dtype(acc, dtype)
+        plgpu.store(out_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
+                    y.astype(dtype), mask=mask)
+    else:
+        plgpu.store(out_ref.at[pid_s, pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], acc,
+                    mask=mask)
+
+
+def _fused_decode_reduce_kernel(
+    ws_ref, b_ref, y_ref,
+    *, M, D_OUT,
+    HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K,
+):
+    # twin-diff: no USE_PDL (see launch 1) and no INTERPRET (round_to_dtype needs none here)
+    # 1. program -> tile: every (padded) row, output columns of tile n
+    pid = pl.program_id(0)
+    rows = jnp.arange(BLOCK_M)
+    cols_n = pid * BLOCK_N + jnp.arange(BLOCK_N)
+    n_ok = cols_n < D_OUT
+    mask = (rows < M)[:, None] & n_ok[None, :]
+    dtype = y_ref.dtype
+
+    # 2. load + 3. compute: the partials in the fixed order s = 0, 1, ...: the same bits every run
+    acc = jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32)
+    for s in range(SPLIT_K):
+        # twin-diff: a static index into a ref must be an array scalar in the interpreter
+        partial = ws_ref.at[jnp.int32(s), pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)]
+        acc += plgpu.load(partial, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += plgpu.load(b_ref.at[pl.ds(pid * BLOCK_N, BLOCK_N)], mask=n_ok,
+                          other=0.0).astype(jnp.float32)[None, :]
+    y = round_to_dtype(acc, dtype)
+
+    # 4. store
+    plgpu.store(y_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)], y.astype(dtype),
+                mask=mask)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -159,71 +220,73 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     return None
 
 
-def block_m_for(m: int) -> int:
-    """M padded to a power of two >= 16 (the dot's smallest tile)."""
-    return max(16, pl.next_power_of_2(m))
-
-
-def fused_decode_config(spec: MLPSpec, m: int, *, interpret: bool | None = None) -> TileConfig:
-    """The default config. GPU: 64-wide hidden slices give a 4096 x 14336 MLP 224 programs for 132
-    SMs; 128-long K chunks stream W1 in 16 KiB (fp16) tiles. Tuned in the performance issue."""
-    block_m = block_m_for(m)
-    if interpret if interpret is not None else interpret_mode():
-        return TileConfig(block_m=block_m, block_n=32, block_k=16, group_m=1, num_warps=4,
-                          num_stages=1)
-    # fp32 at 64 rows, gated: 3 stages need 288 KiB of shared memory, over the H100's 227 KiB
-    # (triton.compile for sm_90 on a CPU); 2 stages need 192 KiB.
-    stages = 2 if spec.dtype == "float32" and block_m >= 64 else 3
-    return TileConfig(block_m=block_m, block_n=64, block_k=128, group_m=1, num_warps=4,
-                      num_stages=stages)
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "config", "interpret"))
 def fused_decode_fwd(
     x2d: jax.Array,
     params: dict[str, jax.Array],
     spec: MLPSpec,
     *,
-    config: TileConfig | None = None,
+    config: TileConfig | DecodeConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Launch on an [M, d_in] input with 1 <= M <= 64; returns [M, d_out]. Trusts its inputs
-    (config.block_m >= M). Jitted as fused_small_fwd is, so a call is traced once per shape."""
+    """Launch on an [M, d_in] input with 1 <= M <= 64 and PACKED params (`wv0`/`bc0` for a gated
+    first layer, common/packing.py); returns [M, d_out]. Trusts its inputs (checked by
+    `fused_decode`). Jitted: the three launches are traced once per shape, enqueued together."""
     interpret = interpret_mode() if interpret is None else interpret
     m = x2d.shape[0]
     d_in, hidden, d_out = spec.widths
-    config = config or fused_decode_config(spec, m, interpret=interpret)
-    num_slices = pl.cdiv(hidden, config.block_n)
-    num_chunks = pl.cdiv(d_out, config.block_k)
-    count = jnp.zeros((num_chunks,), jnp.int32)
-    w1, w2 = params["w0"], params["w1"]
-    # absent params: any array will do, the static flags keep the kernel from reading them
-    v1 = params.get("v0", w1)
-    b1 = params.get("b0", w1)
-    c1 = params.get("c0", w1)
+    cfg = decode_config_for(config, spec, m, interpret=interpret)
+    w1 = params["wv0"] if spec.gated else params["w0"]
+    w2 = params["w1"]
+    # absent biases: any array will do, HAS_BIAS keeps the kernels from reading them
+    b1 = params.get("bc0" if spec.gated else "b0", w1)
     b2 = params.get("b1", w2)
-    kernel = functools.partial(
-        _fused_decode_fwd_kernel, M=m, D_IN=d_in, HIDDEN=hidden, D_OUT=d_out,
-        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
-        BLOCK_M=config.block_m, BLOCK_H=config.block_n, BLOCK_K=config.block_k,
-        DOT_PRECISION=dot_precision(spec), INTERPRET=interpret,
+    splits, k_iters = decode_splits(hidden, cfg.block_k2, cfg.split_k)
+    compiler = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    precision = dot_precision(spec)
+    up = functools.partial(
+        _fused_decode_up_kernel, M=m, D_IN=d_in, HIDDEN=hidden,
+        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
+        BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=precision, INTERPRET=interpret,
+    )
+    down = functools.partial(
+        _fused_decode_down_kernel, M=m, HIDDEN=hidden, D_OUT=d_out,
+        HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
+        K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION=precision, INTERPRET=interpret,
     )
     with quiet_pallas_triton():
-        y, _, _ = pl.pallas_call(
-            kernel,
-            out_shape=(
-                jax.ShapeDtypeStruct((m, d_out), x2d.dtype),
-                jax.ShapeDtypeStruct((num_slices, config.block_m, d_out), jnp.float32),
-                jax.ShapeDtypeStruct((num_chunks,), jnp.int32),
-            ),
-            grid=(num_slices,),
-            input_output_aliases={7: 2},  # the zeroed counters are updated in place
-            compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                                 num_stages=config.num_stages),
+        h = pl.pallas_call(
+            up,
+            out_shape=jax.ShapeDtypeStruct((m, hidden), x2d.dtype),
+            grid=(pl.cdiv(hidden, cfg.block_h),),
+            compiler_params=compiler,
             interpret=interpret,
-            name="fused_decode_fwd",
-        )(x2d, w1, v1, b1, c1, w2, b2, count)
-    return y
+            name="fused_decode_up",
+        )(x2d, w1, b1)
+        out_shape = (m, d_out) if splits == 1 else (splits, m, d_out)
+        out = pl.pallas_call(
+            down,
+            out_shape=jax.ShapeDtypeStruct(out_shape, x2d.dtype if splits == 1 else jnp.float32),
+            grid=(pl.cdiv(d_out, cfg.block_n), splits),
+            compiler_params=compiler,
+            interpret=interpret,
+            name="fused_decode_down",
+        )(h, w2, b2)
+        if splits == 1:
+            return out
+        reduce = functools.partial(
+            _fused_decode_reduce_kernel, M=m, D_OUT=d_out,
+            HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
+        )
+        return pl.pallas_call(
+            reduce,
+            out_shape=jax.ShapeDtypeStruct((m, d_out), x2d.dtype),
+            grid=(pl.cdiv(d_out, REDUCE_BLOCK_N),),
+            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+            interpret=interpret,
+            name="fused_decode_reduce",
+        )(out, b2)
 
 
 # ---- public function -----------------------------------------------------------------------------
@@ -232,11 +295,12 @@ def fused_decode(
     params: dict[str, jax.Array],
     spec: MLPSpec,
     *,
-    config: TileConfig | None = None,
+    config: TileConfig | DecodeConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """y = MLP(x) for a 2-layer spec and x of shape [..., d_in] with at most 64 rows, in one launch;
-    raises NotImplementedError (with the reason and the fallback) otherwise."""
+    """y = MLP(x) for a 2-layer spec, x of shape [..., d_in] with at most 64 rows and packed params
+    (`fusedmlp.jax_impl.packing.pack_params`, once, outside any jitted step); raises
+    NotImplementedError (with the reason and the fallback) for what it cannot take."""
     validate(x, params, spec)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in)
@@ -245,10 +309,10 @@ def fused_decode(
     if reason is not None:
         raise NotImplementedError(reason)
     if config is not None:
-        if not isinstance(config, TileConfig):
-            raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
-        if config.block_m < m:
-            raise ValueError(f"config: expected block_m >= M = {m}, got {config.block_m}")
+        if not isinstance(config, (TileConfig, DecodeConfig)):
+            raise TypeError(f"config: expected a TileConfig, DecodeConfig or None, got "
+                            f"{type(config).__name__}")
+        decode_config_for(config, spec, max(m, 1))  # ValueError for what the kernels cannot run
     if m == 0:
         return jnp.zeros((*lead, spec.d_out), x.dtype)
     y = fused_decode_fwd(x2d, params, spec, config=config, interpret=interpret)

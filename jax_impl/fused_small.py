@@ -1,33 +1,34 @@
-"""fused_small: the whole narrow MLP (every width <= 128) in one Pallas-Triton kernel.
+"""fused_small: the whole narrow MLP (every width <= 128) in one persistent Pallas-Triton kernel.
 
     h_0 = x;   h_{l+1} = round(act(h_l·W_l + b_l) [⊙ (h_l·V_l + c_l)])   (l < L-1)
     y = h_{L-1}·W_{L-1} + b_{L-1}
 
 Neural fields, small policies and per-pixel MLPs run 16..128-wide MLPs over millions of rows; as
-separate GEMMs they are bound by the traffic of their hidden activations. Here each program takes
-BLOCK_M rows, reads its x tile once, carries the hidden through every layer in registers (one `dot`
-per layer, two for a gated layer, both fed by the same register input) and writes only y.
+separate GEMMs they are bound by the traffic of their hidden activations. Here only x is read and y
+written: each row tile's hidden goes through every layer in registers (one `dot` per layer, two for
+a gated layer, both fed by the same register input). The floor is that traffic (nerf-64x5 fp16 over
+2M rows: 537 MB, 127 us at 4.24 TB/s); the products (~110 us of wgmma there) must overlap it.
 
-Widths are compile-time constants from the closed set 16/32/64/128 (tiny-cuda-nn's fully fused MLP):
-every layer is padded to one WIDTH, the smallest member of the set >= max(widths). Odd widths work
-by zero padding: padded rows/columns of W, V, b, c are 0, so padded lanes of every hidden are
-act(0)·0 = 0 (relu, gelu, gelu_tanh, silu all map 0 to 0) and contribute nothing to the next layer;
-x's padded lanes are masked to 0 at the load and y's at the store.
+Persistent grid: min(row tiles, programs_per_sm · 132) programs; program p takes row tiles p, p + P,
+p + 2P, ... (TILES_PER_PROGRAM of them, a static count; a tile past M is fully masked). Before its
+row loop, a program loads every layer's zero-padded [WIDTH, WIDTH] weight tiles once (`hoist`:
+they are loop invariants of the row loop, kept on chip) where they fit SMALL_HOIST_BYTES; else each
+tile reads them again. The x tiles are software-pipelined over `num_stages` by the Triton compiler.
 
-Grid: (cdiv(M, BLOCK_M),); program i owns rows [i·BLOCK_M, (i+1)·BLOCK_M). TileConfig mapping:
-`block_m` = BLOCK_M, `num_warps`, `num_stages`; `block_n`/`block_k` are unused (the tile's N and K
-are WIDTH). Refs are whole arrays addressed with `pl.ds` and masks, as the twin's pointers are: on
-the GPU the Pallas-Triton lowering does not mask blocks that overhang an array, and in interpret
-mode a masked `pl.ds` load pads instead of shifting the window.
+Params are read where they are: the kernel takes each layer's own weight and bias refs (no
+repacking, no host work beyond one launch). Gated layers come in the packed layout
+(common/packing.py): `wv{i}` [d_in, 2·Np], gate lane c at packed column 2·64·(c // 64) + c % 64,
+up lane at that + 64 — a gather of columns, loaded once per program.
 
-Params are packed by the launcher into one [L, WIDTH, WIDTH] weight array (and one for V when gated)
-and one [L, WIDTH] float32 bias array (and c), zero-padded, so the kernel walks the layers with a
-static Python loop over one ref. Packing is traced with the call (under `jax.jit` XLA fuses it into
-one small op; params are <= 8·128·128 elements); `pack_params` and `packed=` let a caller pack once.
+Widths are compile-time constants from the closed set 16/32/64/128: every layer is padded to one
+WIDTH by masked loads (padded lanes of every hidden are act(0)·0 = 0 and contribute nothing). Refs
+are whole arrays addressed with `pl.ds`, index arrays and masks, as the twin's pointers are: on the
+GPU the Pallas-Triton lowering does not mask blocks that overhang an array, and in interpret mode a
+masked `pl.ds` load pads instead of shifting the window.
 
-Rounding points (common/reference.py): fp32 accumulation; bias, activation and gate in fp32; the
-hidden is rounded to the spec dtype before the next layer's dot (what a per-layer kernel's store
-would do, so the two paths agree and tensor-core operands stay 16-bit); y rounded once at the store.
+Config: `SmallConfig` (common/tiling.py, read by both twins). Rounding points (common/reference.py):
+fp32 accumulation; bias, activation and gate in fp32; the hidden rounded to the spec dtype before
+the next layer's dot; y rounded once at the store.
 
 Twin: torch_impl/fused_small.py (Triton, same names and sections).
 """
@@ -42,19 +43,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.params import param_shapes
+from fusedmlp.common.packing import PACK_BLOCK, packed_names
 from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import (
+    INTERPRET_NUM_SMS,
+    NUM_SMS,
+    WHOLE_WIDTHS,
+    SmallConfig,
+    fused_small_programs,
+    padded_width,
+    small_config_for,
+)
 
 from .activations import apply_activation
 from .compat import interpret_mode, quiet_pallas_triton
 
-WIDTHS_SUPPORTED = (16, 32, 64, 128)  # the closed set of compile-time widths
+WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
 FALLBACK = "pallas_triton"  # the per-layer kernels
-
-# Under the interpreter: few programs, yet M = 37 and 300 still span several ragged row blocks.
-INTERPRET_CONFIG = TileConfig(block_m=32, block_n=16, block_k=16, group_m=1, num_warps=4,
-                              num_stages=1)
 
 
 # ---- helpers shared by the whole-MLP kernels -----------------------------------------------------
@@ -71,50 +77,135 @@ def dot_precision(spec: MLPSpec) -> jax.lax.Precision:
     return jax.lax.Precision.HIGH if spec.fp32_precision == "tf32" else jax.lax.Precision.HIGHEST
 
 
-def padded_width(width: int) -> int:
-    """The smallest member of the closed set 16/32/64/128 that holds `width`."""
-    return next(w for w in WIDTHS_SUPPORTED if w >= width)
-
-
 # ---- forward kernel ------------------------------------------------------------------------------
-def _fused_small_fwd_kernel(
-    x_ref, w_ref, v_ref, b_ref, c_ref, y_ref,
-    *, M, D_IN, D_OUT,
-    NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
+def _layer_operands(
+    w_ref, b_ref, d_in, d_out,
+    WIDTH, GATED_LAYER, HAS_BIAS, PACK,
 ):
-    # 1. program -> tile: BLOCK_M rows, every lane of the padded width
-    pid = pl.program_id(0)
-    rows = pid * BLOCK_M + jnp.arange(BLOCK_M)
+    """One layer's zero-padded operands: the [WIDTH, WIDTH] weight tile (the gate's, for a gated
+    layer), the up tile (gated; else the weight tile again), and the fp32 bias rows."""
     lanes = jnp.arange(WIDTH)
-    row_ok = rows < M
+    # a gated layer's gate lanes are packed columns 2·PACK·(c // PACK) + c % PACK, up lanes + PACK
+    cols = (lanes // PACK) * (2 * PACK) + lanes % PACK if GATED_LAYER else lanes
+    # twin-diff: rows and columns as index arrays (a gather) where the twin adds offsets; the
+    # ref knows its row stride
+    w_ok = (lanes[:, None] < d_in) & (lanes[None, :] < d_out)
+    w = plgpu.load(w_ref.at[lanes[:, None], cols[None, :]], mask=w_ok, other=0.0)
+    v = w
+    b = jnp.zeros((WIDTH,), jnp.float32)
+    c = b
+    if HAS_BIAS:
+        b = plgpu.load(b_ref.at[cols], mask=lanes < d_out, other=0.0).astype(jnp.float32)
+    if GATED_LAYER:
+        v = plgpu.load(w_ref.at[lanes[:, None], cols[None, :] + PACK], mask=w_ok, other=0.0)
+        if HAS_BIAS:
+            c = plgpu.load(b_ref.at[cols + PACK], mask=lanes < d_out,
+                           other=0.0).astype(jnp.float32)
+    return w, v, b, c
+
+
+def _select_layer(w_refs, b_refs, layer, WIDTHS, NUM_HIDDEN, WIDTH, GATED, HAS_BIAS, PACK):
+    """Hidden layer `layer` (a runtime index < NUM_HIDDEN): its operands."""
+    # twin-diff: a ref cannot be selected at run time; switch between per-layer loads (the twin
+    # selects the pointer and loads once)
+    branches = [
+        functools.partial(_layer_operands, w_refs[j], b_refs[j], WIDTHS[j], WIDTHS[j + 1], WIDTH,
+                          GATED, HAS_BIAS, PACK)
+        for j in range(NUM_HIDDEN)
+    ]
+    return jax.lax.switch(layer, branches)
+
+
+def _hidden_layer(
+    h, w, v, b, c,
+    ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, DTYPE, INTERPRET,
+):
+    """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers."""
+    if INTERPRET:
+        w = w.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
+        v = v.astype(jnp.float32)
+    z = plgpu.dot(h, w, precision=DOT_PRECISION)
+    if HAS_BIAS:
+        z += b[None, :]
+    z = apply_activation(z, ACTIVATION)
+    if GATED:
+        g = plgpu.dot(h, v, precision=DOT_PRECISION)
+        if HAS_BIAS:
+            g += c[None, :]
+        z = z * g
+    # round the hidden as a per-layer kernel's store would, then feed the next dot
+    h = round_to_dtype(z, DTYPE)
+    return h.astype(jnp.float32) if INTERPRET else h
+
+
+def _fused_small_fwd_kernel(
+    x_ref, *refs,
+    M, TILES_PER_PROGRAM,
+    WIDTHS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
+    DOT_PRECISION, INTERPRET,
+):
+    # twin-diff: the layers' refs arrive flat (weights, biases, then y); Triton takes tuples
+    w_refs, b_refs, y_ref = refs[:NUM_LAYERS], refs[NUM_LAYERS:2 * NUM_LAYERS], refs[-1]
+    # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
+    pid = pl.program_id(0)
+    num_programs = pl.num_programs(0)
+    lanes = jnp.arange(WIDTH)
+    last = NUM_LAYERS - 1
     dtype = y_ref.dtype
 
-    # 2. load: x once; padded lanes and rows past M read as 0
-    h = plgpu.load(x_ref.at[pl.ds(pid * BLOCK_M, BLOCK_M), pl.ds(0, WIDTH)],
-                   mask=row_ok[:, None] & (lanes[None, :] < D_IN), other=0.0)
-    # twin-diff: no fp32 upcast when interpreting; the Pallas interpreter's bf16 is right
+    # 2. load: HOIST — every layer's weights once per program, on chip for all its row tiles
+    hidden = ()
+    if HOIST:
+        for layer in range(last):
+            operands = _layer_operands(w_refs[layer], b_refs[layer], WIDTHS[layer],
+                                       WIDTHS[layer + 1], WIDTH, GATED, HAS_BIAS, PACK)
+            hidden = hidden + (operands,)  # noqa: RUF005 (the twin's tuple, grown per layer)
+        w_out, _, b_out, _ = _layer_operands(w_refs[last], b_refs[last], WIDTHS[last],
+                                             WIDTHS[NUM_LAYERS], WIDTH, False, HAS_BIAS, PACK)
 
-    # 3. compute: every layer from registers; the hidden never leaves the program
-    for layer in range(NUM_LAYERS):
-        w = w_ref[layer]
-        z = plgpu.dot(h, w, precision=DOT_PRECISION)
+    def row_tile(i, carry):
+        start = (pid + i * num_programs) * BLOCK_M
+        rows = start + jnp.arange(BLOCK_M)
+        row_ok = rows < M
+        # 2. load: the x tile (pipelined: the next tiles' loads are in flight during this one)
+        h = plgpu.load(x_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+                       mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]), other=0.0)
+        if INTERPRET:
+            h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
+
+        # 3. compute: every layer from registers; the hidden never leaves the program
+        if HOIST:
+            w_last, b_last = w_out, b_out
+            for layer in range(last):
+                w, v, b, c = hidden[layer]
+                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
+                                  dtype, INTERPRET)
+        else:
+            # weights streamed from L2 per tile, through a runtime loop: the code (and compile
+            # time) of one hidden layer whatever the depth
+            def layer_step(layer, h):
+                w, v, b, c = _select_layer(w_refs, b_refs, layer, WIDTHS, last, WIDTH, GATED,
+                                           HAS_BIAS, PACK)
+                return _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
+                                     dtype, INTERPRET)
+
+            h = jax.lax.fori_loop(0, last, layer_step, h) if last else h
+            w_last, _, b_last, _ = _layer_operands(w_refs[last], b_refs[last], WIDTHS[last],
+                                                   WIDTHS[NUM_LAYERS], WIDTH, False, HAS_BIAS,
+                                                   PACK)
+        if INTERPRET:
+            w_last = w_last.astype(jnp.float32)
+        z = plgpu.dot(h, w_last, precision=DOT_PRECISION)
         if HAS_BIAS:
-            z += b_ref[layer][None, :]
-        if layer < NUM_LAYERS - 1:
-            z = apply_activation(z, ACTIVATION)
-            if GATED:
-                v = v_ref[layer]
-                g = plgpu.dot(h, v, precision=DOT_PRECISION)
-                if HAS_BIAS:
-                    g += c_ref[layer][None, :]
-                z = z * g
-            # round the hidden as a per-layer kernel's store would, then feed the next dot
-            h = round_to_dtype(z, dtype)
+            z += b_last[None, :]
 
-    # 4. store: only y leaves the program (z is the last layer's, after the unrolled loop)
-    y = round_to_dtype(z, dtype)
-    plgpu.store(y_ref.at[pl.ds(pid * BLOCK_M, BLOCK_M), pl.ds(0, WIDTH)], y.astype(dtype),
-                mask=row_ok[:, None] & (lanes[None, :] < D_OUT))
+        # 4. store: only y leaves the program
+        y = round_to_dtype(z, dtype)
+        plgpu.store(y_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)], y.astype(dtype),
+                    mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]))
+        return carry
+
+    jax.lax.fori_loop(0, TILES_PER_PROGRAM, row_tile, 0)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -132,47 +223,18 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     return None
 
 
-def fused_small_config(spec: MLPSpec, m: int, *, interpret: bool | None = None) -> TileConfig:
-    """The default config. GPU: 128 rows per program up to width 64; at width 128 the fp32 hidden
-    tile (and the gate's) is 64 KiB of registers at BLOCK_M=128, so 64 rows with 4 warps. float32
-    holds twice the registers: at 64 rows and width 128 ptxas spilled 13 KB a thread (and took
-    minutes on a gated MLP); at 128 rows and width 32 it spilled 560 B (triton.compile for sm_90),
-    so float32 takes 32 rows at width 128 and 64 below."""
-    del m
-    if interpret if interpret is not None else interpret_mode():
-        return INTERPRET_CONFIG
-    width = padded_width(max(spec.widths))
-    if spec.dtype == "float32":
-        block_m = 32 if width == 128 else 64
-    else:
-        block_m = 64 if width == 128 else 128
-    return TileConfig(block_m=block_m, block_n=width, block_k=width, group_m=1, num_warps=4,
-                      num_stages=1)
-
-
-def pack_params(params: dict[str, jax.Array], spec: MLPSpec) -> dict[str, jax.Array]:
-    """Zero-padded packs: "w" [L, WIDTH, WIDTH] (and "v") in the dtype, "b" [L, WIDTH] (and "c") in
-    float32 (exact; saves the kernel an upcast). Missing packs are absent from the dict."""
-    layers = spec.layers()
-    width = padded_width(max(spec.widths))
-    dtype = params["w0"].dtype
-    packed = {"w": jnp.zeros((len(layers), width, width), dtype)}
-    if spec.gated:
-        packed["v"] = jnp.zeros_like(packed["w"])
-    if spec.bias:
-        packed["b"] = jnp.zeros((len(layers), width), jnp.float32)
-        if spec.gated:
-            packed["c"] = jnp.zeros_like(packed["b"])
-    for layer in layers:
-        i, d_in, d_out = layer.index, layer.d_in, layer.d_out
-        packed["w"] = packed["w"].at[i, :d_in, :d_out].set(params[f"w{i}"])
-        if layer.bias:
-            packed["b"] = packed["b"].at[i, :d_out].set(params[f"b{i}"].astype(jnp.float32))
-        if layer.gated:
-            packed["v"] = packed["v"].at[i, :d_in, :d_out].set(params[f"v{i}"])
-            if layer.bias:
-                packed["c"] = packed["c"].at[i, :d_out].set(params[f"c{i}"].astype(jnp.float32))
-    return packed
+def layer_params(
+    params: dict[str, jax.Array], spec: MLPSpec
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """The packed params as the kernel takes them: per layer its weight (`wv{i}` for a gated
+    layer, else `w{i}`) and its bias (`bc{i}`/`b{i}`; the weight again where there is none)."""
+    weights, biases = [], []
+    for layer in spec.layers():
+        i = layer.index
+        w = params[f"wv{i}" if layer.gated else f"w{i}"]
+        weights.append(w)
+        biases.append(params.get(f"bc{i}" if layer.gated else f"b{i}", w))
+    return tuple(weights), tuple(biases)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "config", "interpret"))
@@ -181,44 +243,42 @@ def fused_small_fwd(
     params: dict[str, jax.Array],
     spec: MLPSpec,
     *,
-    config: TileConfig | None = None,
+    config: TileConfig | SmallConfig | None = None,
     interpret: bool | None = None,
-    packed: dict[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """Launch on an [M, d_in] input with M >= 1; returns [M, d_out]. Trusts its inputs.
+    """Launch on an [M, d_in] input with M >= 1 and PACKED params (common/packing.py); returns
+    [M, d_out]. Trusts its inputs.
 
     Jitted (spec, config and interpret static): an eager `pallas_call` is traced and lowered again
     on every call (0.35-1.2 s a call interpreted here), a jitted one once per shape."""
     interpret = interpret_mode() if interpret is None else interpret
     m = x2d.shape[0]
-    config = config or fused_small_config(spec, m, interpret=interpret)
-    packed = packed if packed is not None else pack_params(params, spec)
-    w = packed["w"]
-    # absent packs: any array will do, the static flags keep the kernel from reading them
-    v = packed.get("v", w)
-    b = packed.get("b", w)
-    c = packed.get("c", b)
+    cfg = small_config_for(config, spec, m, interpret=interpret)
+    weights, biases = layer_params(params, spec)
+    programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if interpret else NUM_SMS)
     kernel = functools.partial(
-        _fused_small_fwd_kernel, M=m, D_IN=spec.d_in, D_OUT=spec.d_out,
-        NUM_LAYERS=spec.num_layers, WIDTH=w.shape[-1], BLOCK_M=config.block_m,
-        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
-        DOT_PRECISION=dot_precision(spec),
+        _fused_small_fwd_kernel, M=m, TILES_PER_PROGRAM=pl.cdiv(pl.cdiv(m, cfg.block_m), programs),
+        WIDTHS=spec.widths, NUM_LAYERS=spec.num_layers, WIDTH=padded_width(max(spec.widths)),
+        BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, GATED=spec.gated,
+        HAS_BIAS=spec.bias, PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION=dot_precision(spec),
+        INTERPRET=interpret,
     )
     with quiet_pallas_triton():
         return pl.pallas_call(
             kernel,
             out_shape=jax.ShapeDtypeStruct((m, spec.d_out), x2d.dtype),
-            grid=(pl.cdiv(m, config.block_m),),
-            compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                                 num_stages=config.num_stages),
+            grid=(programs,),
+            compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                 num_stages=cfg.num_stages),
             interpret=interpret,
             name="fused_small_fwd",
-        )(x2d, w, v, b, c)
+        )(x2d, *weights, *biases)
 
 
 # ---- public function -----------------------------------------------------------------------------
 def validate(x: jax.Array, params: dict[str, jax.Array], spec: MLPSpec) -> None:
-    """The front-door checks shared by fused_small and fused_decode (names the argument)."""
+    """The front-door checks shared by fused_small and fused_decode (names the argument). Params
+    must be in the packed layout (common/packing.py) — packed once, never per call."""
     if not isinstance(spec, MLPSpec):
         raise TypeError(f"spec: expected an MLPSpec, got {type(spec).__name__}")
     if not isinstance(x, jax.Array):
@@ -230,10 +290,13 @@ def validate(x: jax.Array, params: dict[str, jax.Array], spec: MLPSpec) -> None:
         raise TypeError(f"x: expected dtype {dtype}, got {x.dtype}")
     if not isinstance(params, dict):
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    expected = param_shapes(spec)
+    expected = packed_names(spec)
     if set(params) != set(expected):
         missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-        raise ValueError(f"params: missing {missing}, unexpected {extra}")
+        hint = ("; gated layers take the packed layout: pack once with "
+                "fusedmlp.jax_impl.packing.pack_params(spec, params)"
+                if any(name.startswith("wv") for name in missing) else "")
+        raise ValueError(f"params: missing {missing}, unexpected {extra}{hint}")
     for name, shape in expected.items():
         p = params[name]
         if not isinstance(p, jax.Array):
@@ -249,17 +312,19 @@ def fused_small(
     params: dict[str, jax.Array],
     spec: MLPSpec,
     *,
-    config: TileConfig | None = None,
+    config: TileConfig | SmallConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """y = MLP(x) for x of shape [..., d_in] in one kernel; raises NotImplementedError (with the
-    reason and the fallback) for specs fused_small cannot take."""
+    """y = MLP(x) for x of shape [..., d_in] and packed params
+    (`fusedmlp.jax_impl.packing.pack_params`, once) in one kernel; raises NotImplementedError
+    (with the reason and the fallback) for specs fused_small cannot take."""
     validate(x, params, spec)
     reason = supports(spec)
     if reason is not None:
         raise NotImplementedError(reason)
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
+    if config is not None and not isinstance(config, (TileConfig, SmallConfig)):
+        raise TypeError(f"config: expected a TileConfig, SmallConfig or None, got "
+                        f"{type(config).__name__}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in)
     if x2d.shape[0] == 0:

@@ -1,9 +1,20 @@
-"""fused_decode (both stacks) against the float64 reference: every activation x dtype x bias, M in
-{1, 5, 64}, odd widths spanning several hidden slices and d_out chunks, golden 2-layer cases, a 3-D
-input, bit-identical repeats of the in-launch reduction, unsupported specs.
+"""fused_decode (both stacks) against the float64 reference, params in the packed layout.
+
+Every activation x dtype x bias at the golden odd widths; M in {0, 1, 37, 64}; odd widths whose
+hidden is not a multiple of 64 (the packed gated blocks end in zero padding); pinned configs (no
+split, a split capped by the hidden, 16-wide hidden blocks, a TileConfig); NaN propagation;
+bit-identical repeats and twins; the default tiles' arithmetic; an sm_90 compile of the default
+configs (shared memory, registers, 16-byte cp.async, wgmma at M = 64) on this CPU.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 
 import numpy as np
 import pytest
@@ -11,20 +22,31 @@ import pytest
 from fusedmlp.common import golden, reference
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.dtypes import DTYPES
+from fusedmlp.common.packing import pack_params
 from fusedmlp.common.params import init_params, make_input
 from fusedmlp.common.spec import ACTIVATIONS, MLPSpec
+from fusedmlp.common.tiling import (
+    NUM_SMS,
+    SMEM_PER_SM,
+    DecodeConfig,
+    decode_config_for,
+    decode_smem_bytes,
+    decode_splits,
+    fused_decode_config,
+)
 from fusedmlp.common.tolerance import assert_close
 from helpers import golden_names, to_numpy
 
-# Interpreter config: BLOCK_H=32, BLOCK_K=16 -> hidden 75 is 3 slices, d_in 19 is 2 K chunks,
-# d_out 33 is 3 d_out chunks, all ragged.
+# Interpreter config (common/tiling.py): BLOCK_H=32, BLOCK_K=16, BLOCK_N=32, BLOCK_K2=16, split 2
+# -> hidden 75 is 3 up programs (the third in the second packed block), d_in 19 is 2 K chunks,
+# d_out 33 is 2 down tiles (one ragged), the hidden's 5 chunks split 3 + 2.
 ODD_WIDTHS = (19, 75, 33)
-# The golden files' odd widths and M (hidden 67: 3 slices; d_in 33: 3 K chunks; d_out 21: 2 chunks):
-# fresh random inputs at the golden shapes let the golden tests reuse the jitted Pallas kernels,
-# which halves this file's run time (Pallas interpret compiles dominate it).
+# The golden files' odd widths and M (hidden 67: 3 up programs; d_in 33: 3 K chunks): fresh random
+# inputs at the golden shapes reuse the jitted Pallas kernels of the golden tests.
 GOLDEN_WIDTHS, GOLDEN_M = golden.ODD_WIDTHS, golden.ODD_M
-PUBLIC_NAMES = ("supports", "fused_decode_fwd", "fused_decode", "fused_decode_config", "MAX_M",
-                "FALLBACK")
+PUBLIC_NAMES = ("supports", "fused_decode_fwd", "fused_decode", "MAX_M", "FALLBACK",
+                "REDUCE_BLOCK_N")
+LLAMA = MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
 
 
 class Stack:
@@ -56,7 +78,9 @@ class Stack:
         return self.jnp.asarray(a)
 
     def call(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw):
-        return self.mod.fused_decode(self.array(x), {k: self.array(v) for k, v in params.items()},
+        """Runs on the packed params (packed here, once, as a caller would)."""
+        packed = pack_params(spec, params)
+        return self.mod.fused_decode(self.array(x), {k: self.array(v) for k, v in packed.items()},
                                      spec, **kw)
 
     def run(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw) -> np.ndarray:
@@ -83,7 +107,7 @@ def test_activation_dtype_bias(stack, activation, dtype, bias):
     check(stack, MLPSpec(GOLDEN_WIDTHS, activation, bias, dtype), GOLDEN_M, seed)
 
 
-@pytest.mark.parametrize("m", [0, 1, 5, 17, 64])
+@pytest.mark.parametrize("m", [0, 1, 37, 64])
 def test_rows(stack, m):
     check(stack, MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16"), m, seed=m)
 
@@ -91,7 +115,7 @@ def test_rows(stack, m):
 @pytest.mark.parametrize(
     "widths, activation, dtype",
     [((64, 128, 32), "gelu", "float16"), ((16, 16, 16), "relu", "float32"),
-     ((128, 96, 7), "geglu_tanh", "bfloat16")],
+     ((128, 96, 7), "geglu_tanh", "bfloat16"), ((40, 200, 70), "swiglu", "float16")],
     ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else v,
 )
 def test_widths(stack, widths, activation, dtype):
@@ -102,21 +126,59 @@ def test_3d_input(stack):
     check(stack, MLPSpec(ODD_WIDTHS, "silu", True, "float32"), (2, 3), seed=9)
 
 
-def test_pinned_config(stack):
-    # 16-wide slices and 32-long chunks: 5 slices, 2 d_out chunks; M=20 in a 32-row block
-    config = TileConfig(block_m=32, block_n=16, block_k=32, group_m=1, num_warps=4, num_stages=1)
+@pytest.mark.parametrize(
+    "config",
+    [
+        # one hidden run: launch 2 adds b2 and stores y itself (no launch 3)
+        DecodeConfig(block_m=32, block_h=16, block_k=32, block_n=32, block_k2=32, split_k=1,
+                     num_warps=4, num_stages=1),
+        # more runs asked for than the hidden has chunks: capped at 5 one-chunk runs
+        DecodeConfig(block_m=32, block_h=64, block_k=16, block_n=64, block_k2=16, split_k=9,
+                     num_warps=4, num_stages=1),
+        # a pinned TileConfig: 32-wide blocks in both launches, the heuristic's split
+        TileConfig(block_m=32, block_n=32, block_k=16, group_m=1, num_warps=4, num_stages=1),
+    ],
+    ids=["split1-h16", "split9-h64", "tileconfig"],
+)
+def test_pinned_config(stack, config):
     check(stack, MLPSpec(ODD_WIDTHS, "geglu", True, "float16"), 20, seed=4, config=config)
 
 
-def test_deterministic(stack):
-    """The reduction sums slices in a fixed order: three runs give the same bits."""
-    spec = MLPSpec(ODD_WIDTHS, "swiglu", True, "float32")
+def test_nan_propagates(stack):
+    """A NaN in one row of x makes that row of y NaN (relu is a select) and no other."""
+    spec = MLPSpec(ODD_WIDTHS, "relu", True, "float32")
+    params = init_params(spec, seed=13)
+    x = make_input(spec, 5, seed=14)
+    x[2, 7] = np.nan
+    out = stack.run(x, params, spec)
+    assert np.isnan(out[2]).all() and not np.isnan(np.delete(out, 2, axis=0)).any()
+    assert_close(out, reference.forward(spec, x, params), spec)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deterministic(stack, dtype):
+    """Every sum in a fixed order, no atomics: three runs give the same bits."""
+    spec = MLPSpec(ODD_WIDTHS, "swiglu", True, dtype)
     params = init_params(spec, seed=21)
     x = make_input(spec, 7, seed=22)
     outs = [to_numpy(stack.call(x, params, spec)).tobytes() for _ in range(3)]
     assert outs[0] == outs[1] == outs[2]
-    assert_close(np.frombuffer(outs[0], np.float32).reshape(7, spec.d_out),
-                 reference.forward(spec, x, params), spec)
+
+
+@pytest.mark.parametrize(
+    "activation, dtype",
+    [("relu", "float32"), ("relu", "float16"), ("relu", "bfloat16"), ("swiglu", "float16"),
+     ("geglu_tanh", "bfloat16")],
+)
+def test_twins_bitwise(activation, dtype):
+    """The same algorithm in both stacks: identical bits under the interpreters (fp32 activations
+    built on exp are the exception: each interpreter has its own exp, docs/cross_stack_cpu.md)."""
+    spec = MLPSpec(ODD_WIDTHS, activation, True, dtype)
+    params = init_params(spec, seed=31)
+    x = make_input(spec, 11, seed=32)
+    out_t = Stack("torch").run(x, params, spec)
+    out_j = Stack("jax").run(x, params, spec)
+    assert out_t.tobytes() == out_j.tobytes(), np.sum(out_t != out_j)
 
 
 @pytest.mark.parametrize(
@@ -144,16 +206,33 @@ def test_unsupported(stack):
     small = TileConfig(block_m=16, block_n=32, block_k=16)
     with pytest.raises(ValueError, match="config: expected block_m >= M = 17, got 16"):
         stack.run(make_input(spec, 17, seed=1), params, spec, config=small)
+    # the launcher (what a front calls) refuses it too: a 16-row tile would drop rows 16..
+    packed = {k: stack.array(v) for k, v in pack_params(spec, params).items()}
+    with pytest.raises(ValueError, match="config: expected block_m >= M = 17, got 16"):
+        stack.mod.fused_decode_fwd(stack.array(make_input(spec, 17, seed=1)), packed, spec,
+                                   config=small)
+    gated = MLPSpec(ODD_WIDTHS, "swiglu", True, "float32")
+    wide = DecodeConfig(block_h=128)
+    with pytest.raises(ValueError, match="block_h must divide the packed block 64, got 128"):
+        stack.run(make_input(gated, 2, seed=1), init_params(gated, seed=0), gated, config=wide)
 
 
 def test_validation(stack):
     spec = MLPSpec(ODD_WIDTHS, "geglu", False, "bfloat16")
     params = init_params(spec, seed=0)
     x = make_input(spec, 3, seed=1)
-    with pytest.raises(TypeError, match=r"params\['v0'\]: expected dtype"):
-        stack.run(x, dict(params, v0=params["v0"].astype(np.float32)), spec)
+    packed = {k: stack.array(v) for k, v in pack_params(spec, params).items()}
+    with pytest.raises(TypeError, match=r"params\['wv0'\]: expected dtype"):
+        bad = dict(pack_params(spec, params))
+        bad["wv0"] = bad["wv0"].astype(np.float32)
+        stack.mod.fused_decode(stack.array(x), {k: stack.array(v) for k, v in bad.items()}, spec)
     with pytest.raises(ValueError, match=r"params: missing \[\], unexpected \['b0'\]"):
-        stack.run(x, dict(params, b0=np.zeros(75, params["w0"].dtype)), spec)
+        extra = dict(packed, b0=stack.array(np.zeros(75, params["w0"].dtype)))
+        stack.mod.fused_decode(stack.array(x), extra, spec)
+    # the contract's names (w0, v0) are not what this kernel reads: the message says how to pack
+    plain = {k: stack.array(v) for k, v in params.items()}
+    with pytest.raises(ValueError, match=r"missing \['wv0'\].*pack_params\(spec, params\)"):
+        stack.mod.fused_decode(stack.array(x), plain, spec)
 
 
 def test_twin_contract():
@@ -162,11 +241,128 @@ def test_twin_contract():
 
     for name in PUBLIC_NAMES:
         assert hasattr(torch_mod, name) and hasattr(jax_mod, name), name
-    spec = MLPSpec(ODD_WIDTHS, "relu", True, "float16")
-    for m in (1, 17, 64):
-        for interpret in (True, False):
-            assert (torch_mod.fused_decode_config(spec, m, interpret=interpret)
-                    == jax_mod.fused_decode_config(spec, m, interpret=interpret))
+        if name.isupper() and name != "FALLBACK":  # each stack falls back to its own
+            assert getattr(torch_mod, name) == getattr(jax_mod, name), name
+
+
+def test_default_tiles():
+    """The heuristic's arithmetic (common/tiling.py) on the presets it is meant for."""
+    for m in (1, 2, 4, 8, 16, 32, 64):
+        cfg = fused_decode_config(LLAMA, m)
+        assert cfg.block_m == max(16, 1 << (m - 1).bit_length())
+        assert 64 % cfg.block_h == 0  # a gated hidden block sits in one packed pair
+        assert 14336 // cfg.block_h >= NUM_SMS  # launch 1 fills the GPU
+        splits, _ = decode_splits(14336, cfg.block_k2, cfg.split_k)
+        assert 4096 // cfg.block_n * splits >= NUM_SMS  # and so does launch 2
+        # two programs per SM fit in shared memory
+        assert 2 * max(decode_smem_bytes(cfg, True, 2)) <= SMEM_PER_SM - 4096
+        assert cfg.num_stages >= 2
+    gpt = MLPSpec((4096, 16384, 4096), "gelu_tanh", True, "bfloat16")
+    assert fused_decode_config(gpt, 1).block_h == 64  # 256 programs, 128-byte rows
+    assert decode_splits(75, 16, 2) == (2, 3)
+    assert decode_splits(75, 16, 9) == (5, 1)
+    pinned = decode_config_for(TileConfig(32, 128, 32), LLAMA, 20)
+    assert (pinned.block_h, pinned.block_n, pinned.block_m) == (64, 128, 32)
+
+
+_COMPILE = textwrap.dedent(
+    """
+    import json, os, re, sys
+    os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusedmlp.common import MLPSpec
+    from fusedmlp.common.packing import PACK_BLOCK
+    from fusedmlp.common.tiling import decode_splits, fused_decode_config
+    from fusedmlp.torch_impl import fused_decode as fd
+
+    def compile_one(fn, types, constexprs, cfg):
+        sig, attrs = {}, {}
+        for i, p in enumerate(fn.params):
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+            else:
+                sig[p.name] = types[p.name]
+                if types[p.name].startswith("*") or p.name in ("D_IN", "HIDDEN", "W_COLS",
+                                                               "D_OUT"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        k = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        ptx = k.asm["ptx"]
+        return dict(shared=k.metadata.shared,
+                    cp_async_16=len(re.findall(r"cp\\.async\\.cg\\.shared\\.global.*0x10", ptx)),
+                    wgmma=len(re.findall(r"wgmma\\.mma_async", ptx)),
+                    local=len(re.findall(r"\\b(ld|st)\\.local", ptx)))
+
+    spec = MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
+    out = {}
+    for m in json.loads(sys.argv[1]):
+        cfg = fused_decode_config(spec, m)
+        splits, k_iters = decode_splits(14336, cfg.block_k2, cfg.split_k)
+        up = compile_one(
+            fd._fused_decode_up_kernel,
+            dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", h_ptr="*bf16", M="i32", D_IN="i32",
+                 HIDDEN="i32", W_COLS="i32"),
+            dict(ACTIVATION="silu", GATED=True, HAS_BIAS=False, PACK=PACK_BLOCK,
+                 BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+                 DOT_PRECISION="ieee", USE_PDL=True, INTERPRET=False), cfg)
+        down = compile_one(
+            fd._fused_decode_down_kernel,
+            dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", M="i32",
+                 HIDDEN="i32", D_OUT="i32"),
+            dict(HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
+                 K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION="ieee", USE_PDL=True,
+                 INTERPRET=False), cfg)
+        out[m] = dict(up=up, down=down)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_sm90_compile_default_configs():
+    """llama3-8b's default tiles compile for the H200 here: two programs' shared memory per SM,
+    no local-memory spills, 16-byte cp.async weight loads, wgmma where M = 64."""
+    ms = [1, 32, 64]
+    with tempfile.TemporaryDirectory() as cache:  # a cold Triton cache: really compiled here
+        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": cache}
+        done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(ms)],
+                              capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for m in ms:
+        for launch, info in result[str(m)].items():
+            assert 2 * (info["shared"] + 1024) <= SMEM_PER_SM, (m, launch, info)
+            assert info["local"] == 0, (m, launch, info)
+            assert info["cp_async_16"] > 0, (m, launch, info)
+            assert (info["wgmma"] > 0) == (m == 64), (m, launch, info)
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+@pytest.mark.parametrize("activation, dtype", [("swiglu", "bfloat16"), ("gelu_tanh", "float32")])
+def test_pallas_lowers_for_cuda(activation, dtype, split_k):
+    """The Pallas twin's launches (with and without the reduce launch) lower for CUDA on this CPU
+    (jax 0.10.2; jax 0.11 asks for a GPU description, tests/test_gpu_lowering.py)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp.common.packing import packed_names
+    from fusedmlp.jax_impl import fused_decode as mod
+
+    if not jax.__version__.startswith("0.10."):
+        pytest.skip(f"lowering Pallas-Triton for CUDA without a GPU needs jax 0.10, got "
+                    f"{jax.__version__}")
+    spec = MLPSpec((200, 300, 136), activation, True, dtype)
+    config = DecodeConfig(**{**fused_decode_config(spec, 16).__dict__, "split_k": split_k})
+    shapes = {k: jax.ShapeDtypeStruct(v, jnp.dtype(dtype)) for k, v in packed_names(spec).items()}
+    fn = functools.partial(mod.fused_decode_fwd, spec=spec, config=config, interpret=False)
+    x = jax.ShapeDtypeStruct((16, 200), jnp.dtype(dtype))
+    text = jax.jit(fn).trace(x, shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "fused_decode_up" in text and "fused_decode_down" in text
+    assert ("fused_decode_reduce" in text) == (split_k > 1)
 
 
 @pytest.mark.gpu
@@ -188,3 +384,32 @@ def test_gpu_deterministic(stack, dtype):
     assert outs[0] == outs[1] == outs[2]
     out = np.frombuffer(outs[0], np.float32).reshape(64, spec.d_out)
     assert_close(out, reference.forward(spec, x, params), spec)
+
+
+@pytest.mark.gpu
+def test_gpu_pdl():
+    """torch only: the programmatic-dependent-launch variant gives the same bits."""
+    stack = Stack("torch")
+    spec = MLPSpec((2048, 5632, 2048), "swiglu", False, "bfloat16")
+    params = init_params(spec, seed=41)
+    x = make_input(spec, 16, seed=42)
+    base = fused_decode_config(spec, 16)
+    pdl = DecodeConfig(**{**base.__dict__, "pdl": True})
+    a = to_numpy(stack.call(x, params, spec, config=base))
+    b = to_numpy(stack.call(x, params, spec, config=pdl))
+    assert a.tobytes() == b.tobytes()
+
+
+def test_sweep_script_dry_run(tmp_path):
+    """bench/sweep_decode.py (the lead's one H200 call) runs end to end on this CPU: tiny shapes,
+    kernels interpreted, every row checked against the reference, JSON written."""
+    from fusedmlp.bench import sweep_decode
+
+    out = tmp_path / "sweep.json"
+    assert sweep_decode.main([str(out), "--dry-run", "--sections", "llama,nerf"]) == 0
+    data = json.loads(out.read_text())
+    providers = {r["provider"] for r in data["rows"]}
+    assert providers == {"torch:fused_decode", "torch:eager", "jax:fused_decode", "jax:xla",
+                         "torch:fused_small", "jax:fused_small"}
+    assert all(r["check"]["passed"] for r in data["rows"]), [r.get("error") for r in data["rows"]]
+    assert data["dry_run"] and data["ceilings"]["copy_TBps"] > 0

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fusedmlp.common import DTYPES, KERNEL_ACTIVATIONS, MLPSpec, TileConfig, param_shapes
-from fusedmlp.common.packing import packed_width
+from fusedmlp.common import DTYPES, KERNEL_ACTIVATIONS, MLPSpec, TileConfig
+from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.tiling import heuristic_config
 from fusedmlp.jax_impl import fused_decode, fused_small, gated, linear_act
 
@@ -69,6 +69,6 @@ def test_whole_mlp_kernels_lower_for_cuda(activation, dtype):
         (fused_small, "fused_small_fwd", MLPSpec((45, 64, 33, 17), activation, True, dtype), 300),
         (fused_decode, "fused_decode_fwd", MLPSpec((200, 300, 136), activation, True, dtype), 16),
     ):
-        shapes = {k: S(v, dt) for k, v in param_shapes(spec).items()}
+        shapes = {k: S(v, dt) for k, v in packed_names(spec).items()}  # the packed layout
         fn = functools.partial(getattr(module, name), spec=spec, interpret=False)
         _lower(lambda x, p, fn=fn: fn(x, p), S((m, spec.d_in), dt), shapes)

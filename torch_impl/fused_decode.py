@@ -1,35 +1,61 @@
-"""fused_decode: the whole 2-layer MLP for small M (1..64) in one Triton launch.
+"""fused_decode: the whole 2-layer MLP for small M (1..64), weights streamed once at full bandwidth.
 
-    h = round(act(x·W1 + b1) [⊙ (x·V1 + c1)])        [M, hidden]
-    y = Σ_s h[:, S_s]·W2[S_s, :] + b2                 the sum over hidden slices S_s, in slice order
+    h = round(act(x·W + b) [⊙ (x·V + c)])                  [M, hidden]    launch 1 (up)
+    p_s = h[:, K_s]·W2[K_s, :]                              [M, d_out]     launch 2 (down), s < S
+    y = round(p_0 + p_1 + ... + p_{S-1} + b2)               [M, d_out]     launch 3 (reduce), S > 1
 
-At decode batch sizes an MLP is a weight-streaming problem: every weight must be read once at full
-bandwidth, and a launch per layer with the hidden's round trip through memory costs real time.
+At decode batch sizes an MLP is a weight-streaming problem: llama3-8b's MLP (4096 -> 14336 -> 4096
+SwiGLU, bf16) reads 352 MB of weights for 16 rows of x; at the H200's measured copy rate of 4.24
+TB/s that is 83 us, the floor. Everything else (x, h, y, partials) is under 3 % of those bytes, and
+the matrix work is small (M·352M multiply-adds: ~11 us of tensor-core time at M = 64), so the time
+is set by how close the weight stream comes to the bandwidth of HBM — and by the seams between the
+launches (a few us each).
 
-Grid: (cdiv(hidden, BLOCK_H),); program s owns the hidden slice S_s = [s·BLOCK_H, (s+1)·BLOCK_H). It
-streams x·W1[:, S_s] (and x·V1[:, S_s]) over d_in in BLOCK_K chunks for all M rows (M padded to
-BLOCK_M, a power of two >= 16 for tl.dot), applies bias, activation and gate, rounds the hidden
-slice to the dtype (as a per-layer kernel's store would), multiplies it by W2[S_s, :] in
-BLOCK_K-wide chunks of d_out and writes each fp32 partial into the workspace [num_slices, BLOCK_M,
-d_out].
+Launch 1, grid (cdiv(hidden, BLOCK_H),): program j owns hidden columns [j·BLOCK_H, (j+1)·BLOCK_H)
+and streams the first layer's weights over d_in in BLOCK_K rows. Gated layers come PACKED
+(common/packing.py: `wv0` [d_in, 2·Np], gate and up interleaved in 64-column blocks): BLOCK_H
+divides 64, so each program reads one contiguous gate run and the up run right after it (64-wide
+blocks: 128 + 128 B = 256 contiguous bytes per weight row, 8 full L2 sectors), runs one dot on each
+with the same x tile, adds `bc0`, applies act(gate)·up in fp32, rounds to the dtype (as a per-layer
+kernel's store would) and stores its slice of h — only the M real rows: h is M·hidden·2 B (1.8 MB at
+M = 64), written once and read back from L2 by launch 2.
 
-Reduction, deterministic and in the same launch: every d_out chunk n has an int32 ticket counter.
-After writing its partial of chunk n a program takes a ticket (`tl.atomic_add`, acq_rel at GPU
-scope: integer atomics are exact, so the counts do not depend on timing); the program that draws the
-last ticket (num_slices - 1) knows every partial of chunk n is written, sums them in slice order 0,
-1, ..., num_slices - 1 (so the bits never depend on which program came last), adds b2 and stores
-y[:, chunk n]. Programs walk the d_out chunks starting at chunk (s mod num_chunks), so the
-reductions spread over programs instead of all falling to the one that finishes last. There are no
-float atomics and no second kernel: the counters are the only extra allocation (zeroed per call).
-Memory ordering on the GPU: a CTA barrier, then the release of the ticket, makes every thread's
-partial stores visible before the count; the reducer reads partials with volatile loads after its
-acquire.
+Launch 2, grid (cdiv(d_out, BLOCK_N), S): program (n, s) owns output columns [n·BLOCK_N,
+(n+1)·BLOCK_N) (128 16-bit columns: 256-byte rows of W2) and the s-th of S equal runs of the hidden
+(K_ITERS chunks of BLOCK_K2), so W2 is streamed by ~2 programs per SM although d_out has only 32
+such column tiles. S = 1: it adds b2 and stores y itself. S > 1: it stores its fp32 partial p_s
+(S·M·d_out·4 B: 8 MiB at llama3-8b, M = 64 — L2-resident), and launch 3 sums the S partials of
+each output tile in the fixed order s = 0, 1, ..., adds b2, rounds once and stores y.
 
-TileConfig mapping: `block_n` = BLOCK_H (the hidden slice per program), `block_k` = BLOCK_K (the
-d_in chunk of the first product and the d_out chunk of the second), `block_m` = BLOCK_M (the padded
-M, >= M), `num_warps`, `num_stages`.
+Deterministic by construction: no atomics, every sum in a fixed order, so repeated runs give the
+same bits (a given config's bits; another split S sums in another order). No memset, no repack: h
+and the partials are fresh `torch.empty` buffers, fully overwritten where read.
 
-Twin: jax_impl/fused_decode.py (Pallas-Triton, same names and sections).
+Bandwidth (the H200, 132 SMs, predictions for bench/sweep_decode.py to measure): HBM latency under
+load is ~1 us, so 4.2 TB/s needs ~4 MB in flight, ~32-64 KiB per SM. Each program pipelines its
+weight tiles through shared memory with 16-byte cp.async (at M <= 16, 4 stages: 3 buffers of 36
+KiB, two 32 KiB weight tiles in flight while one is multiplied; sm_90 compile: 110,592 B, 80
+registers, no spills), two programs fit per SM, so ~128 KiB are in flight per SM in both launches.
+The weight loads ask for evict-first (so that x, h and the partials stay in L2), but Triton 3.6
+drops the hint on cp.async (plain `cp.async.cg` in the PTX). llama3-8b (M = 1 to 16): launch 1
+streams 235 MB (55.5 us at 4.24 TB/s), launch 2 117 MB (27.7 us), each with a ~1-2 us ramp and
+tail, launch 3 and the seams 2-4 us: predicted 87-93 us, against the 83 us floor. The tiniest M
+run the same padded tl.dot (16 rows, mma.sync) as M = 16: at decode sizes the tensor cores idle
+either way, and a dot keeps the weight tiles on the cp.async pipeline (an FMA GEMV would load them
+to registers, without it). M = 64 runs wgmma on 2 buffers of 48 KiB.
+
+Seams: launches 2 and 3 read what the launch before wrote, so they are three launches in one stream.
+A host never waits between them (they are enqueued back to back; the harness times them in one CUDA
+graph, `do_bench_cudagraph`), but each seam costs the GPU a launch latency plus the previous
+launch's tail. With `pdl=True` (Hopper) launches 2 and 3 use programmatic dependent launch: launch 1
+(and 2) tell the GPU at their start that the next grid may be scheduled, so its programs are
+resident and waiting (`griddepcontrol.wait`) when the previous grid's last write lands.
+
+Config: `DecodeConfig` (common/tiling.py, read by both twins): block_m (M padded to a power of two
+>= 16), block_h and block_k (launch 1), block_n, block_k2 and split_k (launch 2), num_warps,
+num_stages, pdl; a pinned `TileConfig` maps onto it (`decode_config_for`).
+
+Twin: jax_impl/fused_decode.py (Pallas-Triton, same names, sections and launches).
 """
 
 from __future__ import annotations
@@ -37,9 +63,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fusedmlp.common.config import TileConfig
+from fusedmlp.common.packing import PACK_BLOCK
 from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import (
+    DecodeConfig,
+    decode_config_for,
+    decode_splits,
+)
 
 from .activations import apply_activation
 from .fused_small import dot_precision, round_to_dtype, validate
@@ -47,28 +80,38 @@ from .runtime import INTERPRET
 
 MAX_M = 64
 FALLBACK = "triton"  # the per-layer kernels
+REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 programs)
 
 
-# ---- forward kernel ------------------------------------------------------------------------------
+# ---- forward kernels -----------------------------------------------------------------------------
 @triton.jit
-def _fused_decode_fwd_kernel(
-    x_ptr, w1_ptr, v1_ptr, b1_ptr, c1_ptr, w2_ptr, b2_ptr, ws_ptr, count_ptr, y_ptr,
-    M, D_IN, HIDDEN, D_OUT,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _fused_decode_up_kernel(
+    x_ptr, w_ptr, b_ptr, h_ptr,
+    M, D_IN, HIDDEN, W_COLS,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # 1. program -> tile: every (padded) row, one slice of the hidden
+    # 1. program -> tile: every (padded) row, hidden columns [pid·BLOCK_H, (pid+1)·BLOCK_H)
     pid = tl.program_id(0)
-    num_slices = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = cols_h < HIDDEN
+    if GATED:
+        # packed: hidden column c is operand column 2·PACK·(c // PACK) + c % PACK (gate) and that
+        # + PACK (up); BLOCK_H divides PACK, so this tile's gate and up runs are contiguous
+        per_pack = PACK // BLOCK_H
+        col0 = (pid // per_pack) * (2 * PACK) + (pid % per_pack) * BLOCK_H
+    else:
+        col0 = pid * BLOCK_H
+    cols_w = col0 + tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
-    dtype = y_ptr.dtype.element_ty
+    dtype = h_ptr.dtype.element_ty
+    if USE_PDL:
+        gdc_launch_dependents()  # launch 2 may be scheduled now; it waits for our h itself
 
-    # 2. load + 3. compute, first layer: stream W1[:, slice] (and V1) over d_in
+    # 2. load + 3. compute: stream the weights over d_in; x is the same small tile for every program
     acc_z = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     for k in range(0, D_IN, BLOCK_K):
@@ -76,58 +119,113 @@ def _fused_decode_fwd_kernel(
         k_ok = kk < D_IN
         x = tl.load(x_ptr + rows[:, None] * D_IN + kk[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w1_ptr + kk[:, None] * HIDDEN + cols_h[None, :],
-                    mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + kk[:, None] * W_COLS + cols_w[None, :],
+                    mask=k_ok[:, None] & h_ok[None, :], other=0.0, eviction_policy="evict_first")
         if INTERPRET:
             x = x.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
             w = w.to(tl.float32)
         acc_z = tl.dot(x, w, acc_z, input_precision=DOT_PRECISION)
         if GATED:
-            v = tl.load(v1_ptr + kk[:, None] * HIDDEN + cols_h[None, :],
-                        mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+            v = tl.load(w_ptr + kk[:, None] * W_COLS + (cols_w + PACK)[None, :],
+                        mask=k_ok[:, None] & h_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
             if INTERPRET:
                 v = v.to(tl.float32)
             acc_g = tl.dot(x, v, acc_g, input_precision=DOT_PRECISION)
 
-    # 3. compute: the epilogue of the first layer; padded hidden lanes are act(0)·0 = 0
+    # 3. compute: bias, activation, gate in fp32; padded hidden lanes are never stored
     z = acc_z
     if HAS_BIAS:
-        z += tl.load(b1_ptr + cols_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(b_ptr + cols_w, mask=h_ok, other=0.0).to(tl.float32)[None, :]
     z = apply_activation(z, ACTIVATION)
     if GATED:
         g = acc_g
         if HAS_BIAS:
-            g += tl.load(c1_ptr + cols_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+            g += tl.load(b_ptr + cols_w + PACK, mask=h_ok, other=0.0).to(tl.float32)[None, :]
         z = z * g
     h = round_to_dtype(z, dtype, INTERPRET)  # what a per-layer kernel's store would hold
 
-    # 3. compute + 4. store, second layer: partial products per d_out chunk, then the reduction
-    num_chunks = tl.cdiv(D_OUT, BLOCK_K)
-    for j in range(0, num_chunks):
-        n = (pid + j) % num_chunks  # rotated start: spreads the reductions over programs
-        cols_n = n * BLOCK_K + offs_k
-        n_ok = cols_n < D_OUT
-        w2 = tl.load(w2_ptr + cols_h[:, None] * D_OUT + cols_n[None, :],
-                     mask=h_ok[:, None] & n_ok[None, :], other=0.0)
+    # 4. store: the M real rows of this hidden slice
+    tl.store(h_ptr + rows[:, None] * HIDDEN + cols_h[None, :], h.to(dtype),
+             mask=row_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _fused_decode_down_kernel(
+    h_ptr, w_ptr, b_ptr, out_ptr,
+    M, HIDDEN, D_OUT,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # 1. program -> tile: every (padded) row, output columns of tile n, hidden run s
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols_n < D_OUT
+    k_lo = pid_s * (K_ITERS * BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    dtype = w_ptr.dtype.element_ty
+    if USE_PDL:
+        gdc_launch_dependents()  # launch 3 may be scheduled now
+        gdc_wait()  # h: launch 1's writes are complete and visible
+
+    # 2. load + 3. compute: stream W2[run s, tile n]; h comes from L2
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, K_ITERS):
+        kk = k_lo + i * BLOCK_K + offs_k
+        k_ok = kk < HIDDEN
+        h = tl.load(h_ptr + rows[:, None] * HIDDEN + kk[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + kk[:, None] * D_OUT + cols_n[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         if INTERPRET:
-            w2 = w2.to(tl.float32)
-        part = tl.dot(h, w2, input_precision=DOT_PRECISION)
-        ws_offs = rows[:, None] * D_OUT + cols_n[None, :]
-        tl.store(ws_ptr + pid * BLOCK_M * D_OUT + ws_offs, part, mask=n_ok[None, :])
-        # every thread's partial is stored before the ticket's release
-        tl.debug_barrier()
-        ticket = tl.atomic_add(count_ptr + n, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_slices - 1:
-            # last of chunk n: sum the slices in fixed order, so the bits are the same every run
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for s in range(0, num_slices):
-                acc += tl.load(ws_ptr + s * BLOCK_M * D_OUT + ws_offs, mask=n_ok[None, :],
-                               other=0.0, volatile=True)
-            if HAS_BIAS:
-                acc += tl.load(b2_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            y = round_to_dtype(acc, dtype, INTERPRET)
-            tl.store(y_ptr + rows[:, None] * D_OUT + cols_n[None, :], y.to(dtype),
-                     mask=row_ok[:, None] & n_ok[None, :])
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+
+    # 4. store: y itself (one run), or this run's fp32 partial for launch 3
+    mask = row_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        # 3. compute: the bias and the one rounding of y
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = round_to_dtype(acc, dtype, INTERPRET)
+        tl.store(out_ptr + rows[:, None] * D_OUT + cols_n[None, :], y.to(dtype), mask=mask)
+    else:
+        tl.store(out_ptr + (pid_s * M + rows[:, None]) * D_OUT + cols_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _fused_decode_reduce_kernel(
+    ws_ptr, b_ptr, y_ptr,
+    M, D_OUT,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # 1. program -> tile: every (padded) row, output columns of tile n
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols_n < D_OUT
+    mask = (rows < M)[:, None] & n_ok[None, :]
+    offs = rows[:, None] * D_OUT + cols_n[None, :]
+    dtype = y_ptr.dtype.element_ty
+    if USE_PDL:
+        gdc_wait()  # the partials: launch 2's writes are complete and visible
+
+    # 2. load + 3. compute: the partials in the fixed order s = 0, 1, ...: the same bits every run
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * D_OUT + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = round_to_dtype(acc, dtype, INTERPRET)
+
+    # 4. store
+    tl.store(y_ptr + offs, y.to(dtype), mask=mask)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -142,56 +240,53 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     return None
 
 
-def block_m_for(m: int) -> int:
-    """M padded to a power of two >= 16 (tl.dot's smallest tile)."""
-    return max(16, triton.next_power_of_2(m))
-
-
-def fused_decode_config(spec: MLPSpec, m: int, *, interpret: bool = INTERPRET) -> TileConfig:
-    """The default config. GPU: 64-wide hidden slices give a 4096 x 14336 MLP 224 programs for 132
-    SMs; 128-long K chunks stream W1 in 16 KiB (fp16) tiles. Tuned in the performance issue."""
-    block_m = block_m_for(m)
-    if interpret:
-        return TileConfig(block_m=block_m, block_n=32, block_k=16, group_m=1, num_warps=4,
-                          num_stages=1)
-    # fp32 at 64 rows, gated: 3 stages need 288 KiB of shared memory, over the H100's 227 KiB
-    # (triton.compile for sm_90 on a CPU); 2 stages need 192 KiB.
-    stages = 2 if spec.dtype == "float32" and block_m >= 64 else 3
-    return TileConfig(block_m=block_m, block_n=64, block_k=128, group_m=1, num_warps=4,
-                      num_stages=stages)
-
-
 def fused_decode_fwd(
     x2d: torch.Tensor,
     params: dict[str, torch.Tensor],
     spec: MLPSpec,
     *,
-    config: TileConfig | None = None,
+    config: TileConfig | DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Launch on a contiguous [M, d_in] input with 1 <= M <= 64; returns [M, d_out]. Trusts its
-    inputs (config.block_m >= M)."""
+    """Launch on a contiguous [M, d_in] input with 1 <= M <= 64 and PACKED params (`wv0`/`bc0` for
+    a gated first layer, common/packing.py); returns [M, d_out]. Trusts its inputs; a pinned
+    config it cannot run raises ValueError (`decode_config_for`)."""
     m = x2d.shape[0]
     d_in, hidden, d_out = spec.widths
-    config = config or fused_decode_config(spec, m)
-    num_slices = triton.cdiv(hidden, config.block_n)
-    num_chunks = triton.cdiv(d_out, config.block_k)
-    y = torch.empty(m, d_out, dtype=x2d.dtype, device=x2d.device)
-    ws = torch.empty(num_slices, config.block_m, d_out, dtype=torch.float32, device=x2d.device)
-    count = torch.zeros(num_chunks, dtype=torch.int32, device=x2d.device)
-    w1, w2 = params["w0"], params["w1"]
-    # absent params: any pointer will do, the constexpr flags keep the kernel from reading them
-    v1 = params.get("v0", w1)
-    b1 = params.get("b0", w1)
-    c1 = params.get("c0", w1)
+    cfg = decode_config_for(config, spec, m, interpret=INTERPRET)
+    w1 = params["wv0"] if spec.gated else params["w0"]
+    w2 = params["w1"]
+    # absent biases: any pointer will do, HAS_BIAS keeps the kernels from reading them
+    b1 = params.get("bc0" if spec.gated else "b0", w1)
     b2 = params.get("b1", w2)
-    _fused_decode_fwd_kernel[(num_slices,)](
-        x2d, w1, v1, b1, c1, w2, b2, ws, count, y,
-        m, d_in, hidden, d_out,
-        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
-        BLOCK_M=config.block_m, BLOCK_H=config.block_n, BLOCK_K=config.block_k,
-        DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    splits, k_iters = decode_splits(hidden, cfg.block_k2, cfg.split_k)
+    pdl = cfg.pdl and not INTERPRET
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    dependent = {**launch, "launch_pdl": True} if pdl else launch
+    h = torch.empty(m, hidden, dtype=x2d.dtype, device=x2d.device)
+    y = torch.empty(m, d_out, dtype=x2d.dtype, device=x2d.device)
+    out = y if splits == 1 else torch.empty(splits, m, d_out, dtype=torch.float32,
+                                            device=x2d.device)
+    _fused_decode_up_kernel[(triton.cdiv(hidden, cfg.block_h),)](
+        x2d, w1, b1, h,
+        m, d_in, hidden, w1.shape[1],
+        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
+        BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **launch,
     )
+    _fused_decode_down_kernel[(triton.cdiv(d_out, cfg.block_n), splits)](
+        h, w2, b2, out,
+        m, hidden, d_out,
+        HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
+        K_ITERS=k_iters, SPLIT_K=splits,
+        DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **dependent,
+    )
+    if splits > 1:
+        _fused_decode_reduce_kernel[(triton.cdiv(d_out, REDUCE_BLOCK_N),)](
+            out, b2, y,
+            m, d_out,
+            HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
+            USE_PDL=pdl, INTERPRET=INTERPRET, **{**dependent, "num_warps": 4, "num_stages": 1},
+        )
     return y
 
 
@@ -201,10 +296,11 @@ def fused_decode(
     params: dict[str, torch.Tensor],
     spec: MLPSpec,
     *,
-    config: TileConfig | None = None,
+    config: TileConfig | DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """y = MLP(x) for a 2-layer spec and x of shape [..., d_in] with at most 64 rows, in one launch;
-    raises NotImplementedError (with the reason and the fallback) otherwise."""
+    """y = MLP(x) for a 2-layer spec, x of shape [..., d_in] with at most 64 rows and packed params
+    (`fusedmlp.torch_impl.packing.pack_params`, once); raises NotImplementedError (with the reason
+    and the fallback) for what it cannot take."""
     validate(x, params, spec)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in).contiguous()
@@ -213,10 +309,10 @@ def fused_decode(
     if reason is not None:
         raise NotImplementedError(reason)
     if config is not None:
-        if not isinstance(config, TileConfig):
-            raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
-        if config.block_m < m:
-            raise ValueError(f"config: expected block_m >= M = {m}, got {config.block_m}")
+        if not isinstance(config, (TileConfig, DecodeConfig)):
+            raise TypeError(f"config: expected a TileConfig, DecodeConfig or None, got "
+                            f"{type(config).__name__}")
+        decode_config_for(config, spec, max(m, 1))  # ValueError for what the kernels cannot run
     if m == 0:
         return x.new_empty(*lead, spec.d_out)
     params = {k: p.contiguous() for k, p in params.items()}

@@ -1,28 +1,40 @@
-"""fused_small: the whole narrow MLP (every width <= 128) in one Triton kernel.
+"""fused_small: the whole narrow MLP (every width <= 128) in one persistent Triton kernel.
 
     h_0 = x;   h_{l+1} = round(act(h_l·W_l + b_l) [⊙ (h_l·V_l + c_l)])   (l < L-1)
     y = h_{L-1}·W_{L-1} + b_{L-1}
 
 Neural fields, small policies and per-pixel MLPs run 16..128-wide MLPs over millions of rows; as
-separate GEMMs they are bound by the traffic of their hidden activations. Here each program takes
-BLOCK_M rows, reads its x tile once, carries the hidden through every layer in registers (one
-`tl.dot` per layer, two for a gated layer, both fed by the same register input) and writes only y.
+separate GEMMs they are bound by the traffic of their hidden activations. Here only x is read and y
+written: each row tile's hidden goes through every layer in registers (one `tl.dot` per layer, two
+for a gated layer, both fed by the same register input). The floor is that traffic: nerf-64x5 (64
+wide, 5 layers, fp16) over 2,097,152 rows reads 268 MB and writes 268 MB, 127 us at the H200's 4.24
+TB/s — while its 86 GFLOP of products need ~110 us of wgmma, so loads, stores and tensor-core work
+must overlap.
+
+Persistent grid: min(row tiles, programs_per_sm · 132) programs; program p takes row tiles p, p + P,
+p + 2P, ... (TILES_PER_PROGRAM of them; a tile past M is fully masked). Before its row loop, a
+program loads every layer's zero-padded [WIDTH, WIDTH] weight tiles once (`hoist`: they stay in
+shared memory for all its tiles — 40 KiB for nerf-64x5 — where they fit SMALL_HOIST_BYTES; else each
+tile reads them again, from L2). The x tiles are software-pipelined (`num_stages` - 1 tiles of
+BLOCK_M rows in flight through cp.async while one is computed: 2 x 16 KiB at the default 128 rows
+of 64 fp16, and two programs per SM), loaded and stored with 16-byte accesses where the row stride
+allows it.
+
+Params are read where they are: the kernel takes a tuple of the layers' own weight pointers (and one
+of biases) — Triton passes tuples of tensors as kernel arguments and indexes them in
+`tl.static_range` — so a call does no repacking and no host work beyond one launch. Gated layers
+come in the packed layout (common/packing.py): `wv{i}` [d_in, 2·Np] with gate and up interleaved in
+64-column blocks, so hidden lane c of the gate is packed column 2·64·(c // 64) + c % 64 and the up
+lane is that + 64; `bc{i}` likewise.
 
 Widths are compile-time constants from the closed set 16/32/64/128 (tiny-cuda-nn's fully fused MLP):
-every layer is padded to one WIDTH, the smallest member of the set >= max(widths). Odd widths work
-by zero padding: padded rows/columns of W, V, b, c are 0, so padded lanes of every hidden are
-act(0)·0 = 0 (relu, gelu, gelu_tanh, silu all map 0 to 0) and contribute nothing to the next layer;
-x's padded lanes are masked to 0 at the load and y's at the store.
+every layer is padded to one WIDTH, the smallest member of the set >= max(widths), by masked loads:
+padded rows/columns of W, V, b, c read as 0, so padded lanes of every hidden are act(0)·0 = 0 (relu,
+gelu, gelu_tanh, silu all map 0 to 0) and contribute nothing to the next layer; x's padded lanes are
+masked to 0 at the load and y's at the store.
 
-Grid: (cdiv(M, BLOCK_M),); program i owns rows [i·BLOCK_M, (i+1)·BLOCK_M). TileConfig mapping:
-`block_m` = BLOCK_M, `num_warps`, `num_stages`; `block_n`/`block_k` are unused (the tile's N and K
-are WIDTH).
-
-Params are packed by the launcher into one [L, WIDTH, WIDTH] weight tensor (and one for V when
-gated) and one [L, WIDTH] float32 bias tensor (and c), zero-padded, so the kernel walks the layers
-with `tl.static_range(NUM_LAYERS)` on a single pointer. Packing runs once per call (params are tiny:
-<= 8·128·128 elements, L+1 small copies); a caller that reuses params (a module) can pack once with
-`pack_params` and pass `packed=` to the launcher.
+Config: `SmallConfig` (common/tiling.py, read by both twins): block_m, num_warps, num_stages,
+programs_per_sm, hoist; a pinned `TileConfig` maps onto it (`small_config_for`).
 
 Rounding points (common/reference.py): fp32 accumulation; bias, activation and gate in fp32; the
 hidden is rounded to the spec dtype before the next layer's dot (what a per-layer kernel's store
@@ -38,20 +50,24 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.params import param_shapes
+from fusedmlp.common.packing import PACK_BLOCK, packed_names
 from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import (
+    INTERPRET_NUM_SMS,
+    NUM_SMS,
+    WHOLE_WIDTHS,
+    SmallConfig,
+    fused_small_programs,
+    padded_width,
+    small_config_for,
+)
 
 from .activations import apply_activation
 from .runtime import INTERPRET, kernel_device_ok
 
-WIDTHS_SUPPORTED = (16, 32, 64, 128)  # the closed set of compile-time widths
+WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
 FALLBACK = "triton"  # the per-layer kernels
-
-# Under the interpreter: few programs (each program iteration costs milliseconds), yet M = 37 and
-# 300 still span several ragged row blocks.
-INTERPRET_CONFIG = TileConfig(block_m=32, block_n=16, block_k=16, group_m=1, num_warps=4,
-                              num_stages=1)
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -81,62 +97,145 @@ def dot_precision(spec: MLPSpec) -> str:
     return "tf32" if spec.fp32_precision == "tf32" else "ieee"
 
 
-def padded_width(width: int) -> int:
-    """The smallest member of the closed set 16/32/64/128 that holds `width`."""
-    return next(w for w in WIDTHS_SUPPORTED if w >= width)
-
-
 # ---- forward kernel ------------------------------------------------------------------------------
 @triton.jit
-def _fused_small_fwd_kernel(
-    x_ptr, w_ptr, v_ptr, b_ptr, c_ptr, y_ptr,
-    M, D_IN, D_OUT, stride_xm, stride_ym,
-    NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+def _layer_operands(
+    w_ptr, b_ptr, d_in, d_out, w_cols,
+    WIDTH: tl.constexpr, GATED_LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
+):
+    """One layer's zero-padded operands: the [WIDTH, WIDTH] weight tile (the gate's, for a gated
+    layer), the up tile (gated; else the weight tile again), and the fp32 bias rows."""
+    lanes = tl.arange(0, WIDTH)
+    # a gated layer's gate lanes are packed columns 2·PACK·(c // PACK) + c % PACK, up lanes + PACK
+    cols = (lanes // PACK) * (2 * PACK) + lanes % PACK if GATED_LAYER else lanes
+    w_offs = lanes[:, None] * w_cols + cols[None, :]
+    w_ok = (lanes[:, None] < d_in) & (lanes[None, :] < d_out)
+    w = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0)
+    v = w
+    b = tl.zeros((WIDTH,), dtype=tl.float32)
+    c = b
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=lanes < d_out, other=0.0).to(tl.float32)
+    if GATED_LAYER:
+        v = tl.load(w_ptr + w_offs + PACK, mask=w_ok, other=0.0)
+        if HAS_BIAS:
+            c = tl.load(b_ptr + cols + PACK, mask=lanes < d_out, other=0.0).to(tl.float32)
+    return w, v, b, c
+
+
+@triton.jit
+def _select_layer(w_ptrs, b_ptrs, layer, WIDTHS: tl.constexpr, W_COLS: tl.constexpr,
+                  NUM_HIDDEN: tl.constexpr):
+    """Hidden layer `layer` (a runtime index < NUM_HIDDEN): its weight and bias pointers, widths
+    and weight row stride, picked from the constant tuples by a chain of selects."""
+    # twin-diff: Pallas cannot select a ref at run time; it switches between per-layer loads
+    w_ptr = w_ptrs[0]
+    b_ptr = b_ptrs[0]
+    d_in = WIDTHS[0] + 0 * layer
+    d_out = WIDTHS[1] + 0 * layer
+    w_cols = W_COLS[0] + 0 * layer
+    for j in tl.static_range(1, NUM_HIDDEN):
+        pick = layer == j
+        w_ptr = tl.where(pick, w_ptrs[j], w_ptr)
+        b_ptr = tl.where(pick, b_ptrs[j], b_ptr)
+        d_in = tl.where(pick, WIDTHS[j], d_in)
+        d_out = tl.where(pick, WIDTHS[j + 1], d_out)
+        w_cols = tl.where(pick, W_COLS[j], w_cols)
+    return w_ptr, b_ptr, d_in, d_out, w_cols
+
+
+@triton.jit
+def _hidden_layer(
+    h, w, v, b, c,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers."""
+    if INTERPRET:
+        w = w.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
+        v = v.to(tl.float32)
+    z = tl.dot(h, w, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        z += b[None, :]
+    z = apply_activation(z, ACTIVATION)
+    if GATED:
+        g = tl.dot(h, v, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            g += c[None, :]
+        z = z * g
+    # round the hidden as a per-layer kernel's store would, then feed the next dot
+    return round_to_dtype(z, DTYPE, INTERPRET)
+
+
+@triton.jit
+def _fused_small_fwd_kernel(
+    x_ptr, w_ptrs, b_ptrs, y_ptr,
+    M, stride_xm, stride_ym, TILES_PER_PROGRAM,
+    WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # 1. program -> tile: BLOCK_M rows, every lane of the padded width
+    # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_programs = tl.num_programs(0)
     lanes = tl.arange(0, WIDTH)
-    row_ok = rows < M
-    w_offs = lanes[:, None] * WIDTH + lanes[None, :]  # one packed [WIDTH, WIDTH] layer, row-major
+    last: tl.constexpr = NUM_LAYERS - 1
     dtype = y_ptr.dtype.element_ty
 
-    # 2. load: x once; padded lanes and rows past M read as 0
-    # int64 row offsets: rows · stride passes 2^31 from 2^31 / 128 ≈ 16.8M rows at width 128.
-    # twin-diff: the Pallas lowering widens offsets itself for arrays over 2^32 bytes.
-    row_offs = rows.to(tl.int64)[:, None]
-    h = tl.load(x_ptr + row_offs * stride_xm + lanes[None, :],
-                mask=row_ok[:, None] & (lanes[None, :] < D_IN), other=0.0)
-    if INTERPRET:
-        h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
+    # 2. load: HOIST — every layer's weights once per program, on chip for all its row tiles
+    hidden = ()
+    if HOIST:
+        for layer in tl.static_range(last):
+            operands = _layer_operands(w_ptrs[layer], b_ptrs[layer], WIDTHS[layer],
+                                       WIDTHS[layer + 1], W_COLS[layer], WIDTH, GATED, HAS_BIAS,
+                                       PACK)
+            hidden = hidden + (operands,)  # noqa: RUF005 (no starred tuples in Triton's frontend)
+        w_out, _, b_out, _ = _layer_operands(w_ptrs[last], b_ptrs[last], WIDTHS[last],
+                                             WIDTHS[NUM_LAYERS], W_COLS[last], WIDTH, False,
+                                             HAS_BIAS, PACK)
 
-    # 3. compute: every layer from registers; the hidden never leaves the program
-    for layer in tl.static_range(NUM_LAYERS):
-        w = tl.load(w_ptr + layer * WIDTH * WIDTH + w_offs)
+    for i in range(0, TILES_PER_PROGRAM):
+        rows = (pid + i * num_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        # int64 row offsets: rows · stride passes 2^31 from 2^31 / 128 ≈ 16.8M rows at width 128.
+        # twin-diff: the Pallas lowering widens offsets itself for arrays over 2^32 bytes.
+        row_offs = rows.to(tl.int64)[:, None]
+        # 2. load: the x tile (pipelined: the next tiles' loads are in flight during this one)
+        h = tl.load(x_ptr + row_offs * stride_xm + lanes[None, :],
+                    mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]), other=0.0)
         if INTERPRET:
-            w = w.to(tl.float32)
-        z = tl.dot(h, w, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + layer * WIDTH + lanes)[None, :]
-        if layer < NUM_LAYERS - 1:
-            z = apply_activation(z, ACTIVATION)
-            if GATED:
-                v = tl.load(v_ptr + layer * WIDTH * WIDTH + w_offs)
-                if INTERPRET:
-                    v = v.to(tl.float32)
-                g = tl.dot(h, v, input_precision=DOT_PRECISION)
-                if HAS_BIAS:
-                    g += tl.load(c_ptr + layer * WIDTH + lanes)[None, :]
-                z = z * g
-            # round the hidden as a per-layer kernel's store would, then feed the next dot
-            h = round_to_dtype(z, dtype, INTERPRET)
+            h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
 
-    # 4. store: only y leaves the program (z is the last layer's, after the unrolled loop)
-    y = round_to_dtype(z, dtype, INTERPRET)
-    tl.store(y_ptr + row_offs * stride_ym + lanes[None, :], y.to(dtype),
-             mask=row_ok[:, None] & (lanes[None, :] < D_OUT))
+        # 3. compute: every layer from registers; the hidden never leaves the program
+        if HOIST:
+            for layer in tl.static_range(last):
+                w, v, b, c = hidden[layer]
+                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
+                                  dtype, INTERPRET)
+        else:
+            # weights streamed from L2 per tile, through a runtime loop: the code (and compile
+            # time) of one hidden layer whatever the depth
+            for layer in range(0, last):
+                w_ptr, b_ptr, d_in, d_out, w_cols = _select_layer(w_ptrs, b_ptrs, layer, WIDTHS,
+                                                                  W_COLS, last)
+                w, v, b, c = _layer_operands(w_ptr, b_ptr, d_in, d_out, w_cols, WIDTH, GATED,
+                                             HAS_BIAS, PACK)
+                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
+                                  dtype, INTERPRET)
+            w_out, _, b_out, _ = _layer_operands(w_ptrs[last], b_ptrs[last], WIDTHS[last],
+                                                 WIDTHS[NUM_LAYERS], W_COLS[last], WIDTH, False,
+                                                 HAS_BIAS, PACK)
+        if INTERPRET:
+            w_out = w_out.to(tl.float32)
+        z = tl.dot(h, w_out, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            z += b_out[None, :]
+
+        # 4. store: only y leaves the program
+        y = round_to_dtype(z, dtype, INTERPRET)
+        tl.store(y_ptr + row_offs * stride_ym + lanes[None, :], y.to(dtype),
+                 mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]))
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -154,47 +253,18 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     return None
 
 
-def fused_small_config(spec: MLPSpec, m: int, *, interpret: bool = INTERPRET) -> TileConfig:
-    """The default config. GPU: 128 rows per program up to width 64; at width 128 the fp32 hidden
-    tile (and the gate's) is 64 KiB of registers at BLOCK_M=128, so 64 rows with 4 warps. float32
-    holds twice the registers: at 64 rows and width 128 ptxas spilled 13 KB a thread (and took
-    minutes on a gated MLP); at 128 rows and width 32 it spilled 560 B (triton.compile for sm_90),
-    so float32 takes 32 rows at width 128 and 64 below."""
-    del m
-    if interpret:
-        return INTERPRET_CONFIG
-    width = padded_width(max(spec.widths))
-    if spec.dtype == "float32":
-        block_m = 32 if width == 128 else 64
-    else:
-        block_m = 64 if width == 128 else 128
-    return TileConfig(block_m=block_m, block_n=width, block_k=width, group_m=1, num_warps=4,
-                      num_stages=1)
-
-
-def pack_params(params: dict[str, torch.Tensor], spec: MLPSpec) -> dict[str, torch.Tensor]:
-    """Zero-padded packs: "w" [L, WIDTH, WIDTH] (and "v") in the dtype, "b" [L, WIDTH] (and "c") in
-    float32 (exact; saves the kernel an upcast). Missing packs are absent from the dict."""
-    layers = spec.layers()
-    width = padded_width(max(spec.widths))
-    ref = params["w0"]
-    packed = {"w": torch.zeros(len(layers), width, width, dtype=ref.dtype, device=ref.device)}
-    if spec.gated:
-        packed["v"] = torch.zeros_like(packed["w"])
-    if spec.bias:
-        packed["b"] = torch.zeros(len(layers), width, dtype=torch.float32, device=ref.device)
-        if spec.gated:
-            packed["c"] = torch.zeros_like(packed["b"])
-    for layer in layers:
-        i, d_in, d_out = layer.index, layer.d_in, layer.d_out
-        packed["w"][i, :d_in, :d_out] = params[f"w{i}"]
-        if layer.bias:
-            packed["b"][i, :d_out] = params[f"b{i}"]
-        if layer.gated:
-            packed["v"][i, :d_in, :d_out] = params[f"v{i}"]
-            if layer.bias:
-                packed["c"][i, :d_out] = params[f"c{i}"]
-    return packed
+def layer_params(
+    params: dict[str, torch.Tensor], spec: MLPSpec
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The packed params as the kernel takes them: per layer its weight (`wv{i}` for a gated
+    layer, else `w{i}`) and its bias (`bc{i}`/`b{i}`; the weight again where there is none)."""
+    weights, biases = [], []
+    for layer in spec.layers():
+        i = layer.index
+        w = params[f"wv{i}" if layer.gated else f"w{i}"]
+        weights.append(w)
+        biases.append(params.get(f"bc{i}" if layer.gated else f"b{i}", w))
+    return tuple(weights), tuple(biases)
 
 
 def fused_small_fwd(
@@ -202,34 +272,31 @@ def fused_small_fwd(
     params: dict[str, torch.Tensor],
     spec: MLPSpec,
     *,
-    config: TileConfig | None = None,
-    packed: dict[str, torch.Tensor] | None = None,
+    config: TileConfig | SmallConfig | None = None,
 ) -> torch.Tensor:
-    """Launch on a contiguous [M, d_in] input with M >= 1; returns [M, d_out]. Trusts its inputs."""
+    """Launch on an [M, d_in] input (unit column stride) with M >= 1 and PACKED params
+    (common/packing.py), each contiguous; returns [M, d_out]. Trusts its inputs."""
     m = x2d.shape[0]
-    config = config or fused_small_config(spec, m)
-    packed = packed if packed is not None else pack_params(params, spec)
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    weights, biases = layer_params(params, spec)
     y = torch.empty(m, spec.d_out, dtype=x2d.dtype, device=x2d.device)
-    w = packed["w"]
-    # absent packs: any pointer will do, the constexpr flags keep the kernel from reading them
-    v = packed.get("v", w)
-    b = packed.get("b", w)
-    c = packed.get("c", b)
-    grid = (triton.cdiv(m, config.block_m),)
-    _fused_small_fwd_kernel[grid](
-        x2d, w, v, b, c, y,
-        m, spec.d_in, spec.d_out, x2d.stride(0), y.stride(0),
-        NUM_LAYERS=spec.num_layers, WIDTH=w.shape[-1], BLOCK_M=config.block_m,
-        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
-        DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
+    _fused_small_fwd_kernel[(programs,)](
+        x2d, weights, biases, y,
+        m, x2d.stride(0), y.stride(0), triton.cdiv(triton.cdiv(m, cfg.block_m), programs),
+        WIDTHS=spec.widths, W_COLS=tuple(w.shape[1] for w in weights), NUM_LAYERS=spec.num_layers,
+        WIDTH=padded_width(max(spec.widths)), BLOCK_M=cfg.block_m,
+        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
+        HOIST=cfg.hoist, DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
 
 # ---- public function -----------------------------------------------------------------------------
 def validate(x: torch.Tensor, params: dict[str, torch.Tensor], spec: MLPSpec) -> None:
-    """The front-door checks shared by fused_small and fused_decode (names the argument)."""
+    """The front-door checks shared by fused_small and fused_decode (names the argument). Params
+    must be in the packed layout (common/packing.py) — packed once, never per call."""
     if not isinstance(spec, MLPSpec):
         raise TypeError(f"spec: expected an MLPSpec, got {type(spec).__name__}")
     if not isinstance(x, torch.Tensor):
@@ -244,10 +311,13 @@ def validate(x: torch.Tensor, params: dict[str, torch.Tensor], spec: MLPSpec) ->
         raise ValueError(f"x: expected {where}, got device {x.device}")
     if not isinstance(params, dict):
         raise TypeError(f"params: expected a dict of tensors, got {type(params).__name__}")
-    expected = param_shapes(spec)
+    expected = packed_names(spec)
     if set(params) != set(expected):
         missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-        raise ValueError(f"params: missing {missing}, unexpected {extra}")
+        hint = ("; gated layers take the packed layout: pack once with "
+                "fusedmlp.torch_impl.packing.pack_params(spec, params)"
+                if any(name.startswith("wv") for name in missing) else "")
+        raise ValueError(f"params: missing {missing}, unexpected {extra}{hint}")
     for name, shape in expected.items():
         p = params[name]
         if not isinstance(p, torch.Tensor):
@@ -265,18 +335,22 @@ def fused_small(
     params: dict[str, torch.Tensor],
     spec: MLPSpec,
     *,
-    config: TileConfig | None = None,
+    config: TileConfig | SmallConfig | None = None,
 ) -> torch.Tensor:
-    """y = MLP(x) for x of shape [..., d_in] in one kernel; raises NotImplementedError (with the
-    reason and the fallback) for specs fused_small cannot take."""
+    """y = MLP(x) for x of shape [..., d_in] and packed params
+    (`fusedmlp.torch_impl.packing.pack_params`, once) in one kernel; raises NotImplementedError
+    (with the reason and the fallback) for specs fused_small cannot take."""
     validate(x, params, spec)
     reason = supports(spec)
     if reason is not None:
         raise NotImplementedError(reason)
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
+    if config is not None and not isinstance(config, (TileConfig, SmallConfig)):
+        raise TypeError(f"config: expected a TileConfig, SmallConfig or None, got "
+                        f"{type(config).__name__}")
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, spec.d_in).contiguous()
+    x2d = x.reshape(-1, spec.d_in)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
     if x2d.shape[0] == 0:
         return x.new_empty(*lead, spec.d_out)
     params = {k: p.contiguous() for k, p in params.items()}

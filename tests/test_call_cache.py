@@ -66,7 +66,9 @@ def test_torch_front_checks_and_plans_once_per_signature(counts, impl):
     torch_impl.mlp(x7, params, SPEC, impl=impl)
     torch_impl.mlp(x7, params, SPEC, impl=impl)
     assert counts["torch.plan"] == 2 and counts["check_call"] == 2
-    assert counts["torch.derive"] == 0  # plain params for plain kernels: nothing to convert
+    # Plain params: the eager baseline reads them as they are; the Triton kernels take the packed
+    # layout, converted once for this set of tensors (not per call, not per shape).
+    assert counts["torch.derive"] == (0 if impl == "eager" else 1)
 
 
 def test_torch_bad_call_after_good_one_still_raises(counts):

@@ -152,10 +152,12 @@ def run_bench(
     on_row: Any = None,
     on_case: Any = None,
     checkpoint: Any = None,
+    ceilings: Ceilings | None = None,
 ) -> dict[str, Any]:
     """`items` are (preset name or label, spec, M). Ceilings first, then every case; `checkpoint`
     gets the results so far after each case (the runner saves them, so a time limit keeps them)."""
-    ceil = ceilings_mod.measure(device, ceiling_keys([s for _, s, _ in items]), quick=quick)
+    ceil = ceilings or ceilings_mod.measure(device, ceiling_keys([s for _, s, _ in items]),
+                                            quick=quick)
     cases = []
     for label, spec, m in items:
         if on_case is not None:

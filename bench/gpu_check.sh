@@ -27,7 +27,7 @@ failed=()
 
 if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then
   mode=gpu
-  budget=${FUSEDMLP_BUDGET_S:-470}
+  budget=${FUSEDMLP_BUDGET_S:-520}
 else
   mode=cpu
   budget=${FUSEDMLP_BUDGET_S:-200}
@@ -96,13 +96,15 @@ if [ "$mode" = gpu ]; then
   # The main job, parity then bench of the default presets in one process, so that the bench
   # reuses what parity compiled (torch.compile, Triton, jitted JAX executables). It writes
   # parity.json and parity.bench.json, each saved after every case.
-  step parity+bench 210 "${cli[@]}" --json "$work/parity.json"
+  # --derive-auto: auto's dispatch table from this run's timings (common/dispatch.py), then the
+  # auto rows timed again under it; the table comes back as dispatch.json to be committed.
+  step parity+bench 250 "${cli[@]}" --json "$work/parity.json" --derive-auto "$out/dispatch.json"
   # A fresh Triton cache, so that first calls include the Triton JIT compile.
   step overhead 45 env TRITON_CACHE_DIR="$work/triton-cache" \
     "${cli[@]}" overhead --quick --json "$work/overhead.json"
   # torch.compile is left out of the runner's sweep for time (a compile per cell), and depths 2
   # and 8 bracket the grid; `fusedmlp sweep` runs the full grid with torch.compile by default.
-  step sweep 55 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
+  step sweep 50 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
     --json "$work/sweep.json"
 else
   step parity 70 "${cli[@]}" parity --device cpu --json "$work/parity.json"

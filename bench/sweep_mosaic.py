@@ -98,7 +98,7 @@ def grid(family: str, m: int, *, first: bool) -> list[Any]:
     Every one fits 227 KiB of shared memory (pipeline.check_config; --dry-run lowers them)."""
     from fusedmlp.jax_impl.mosaic import pipeline
 
-    default = pipeline._heuristic(family, m)
+    default = pipeline._heuristic(family, m, 4096)  # every GEMM swept here is > 128 wide
     if family == "gated":  # block_n = output columns; the operand tile is 2·block_n
         head = [default, _cfg(256, 64, 64, 4), _cfg(128, 64, 64, 5)]
         tail = [_cfg(128, 128, 64, 3), _cfg(128, 128, 64, 4, group_m=16),

@@ -180,6 +180,7 @@ def derive(rows: Iterable[Measurement], *, gpu: str, source: str) -> Table:
 
 
 _TABLES: dict[str, Table | None] = {}
+_GENERATION = [0]
 
 
 def load_table(gpu_name: str, directory: Path | None = None) -> Table | None:
@@ -189,6 +190,18 @@ def load_table(gpu_name: str, directory: Path | None = None) -> Table | None:
     if key not in _TABLES:
         _TABLES[key] = Table.from_json(path.read_text()) if path.is_file() else None
     return _TABLES[key]
+
+
+def install(table: Table) -> None:
+    """Make `table` the one `auto` reads for its GPU in this process (`fusedmlp bench
+    --derive-auto` re-times the `auto` rows with the table it has just derived)."""
+    _TABLES[str(TABLE_DIR / f"{gpu_slug(table.gpu)}.json")] = table
+    _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """Changes whenever a table is installed: the fronts key their cached `auto` plans on it."""
+    return _GENERATION[0]
 
 
 def measurements_from_bench(bench: Mapping[str, Any]) -> list[Measurement]:

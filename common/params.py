@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .dtypes import numpy_dtype
+from .dtypes import cast
 from .spec import MLPSpec
 
 
@@ -33,12 +33,11 @@ def param_shapes(spec: MLPSpec) -> dict[str, tuple[int, ...]]:
 def init_params(spec: MLPSpec, seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic params in the spec's dtype: N(0, 1)/sqrt(fan_in), weights and biases."""
     rng = np.random.default_rng(seed)
-    dtype = numpy_dtype(spec.dtype)
     params = {}
     for name, shape in param_shapes(spec).items():
         fan_in = shape[0] if len(shape) == 2 else spec.widths[int(name[1:])]
         values = rng.standard_normal(shape) / np.sqrt(fan_in)
-        params[name] = values.astype(dtype)
+        params[name] = cast(values, spec.dtype)
     return params
 
 
@@ -48,11 +47,11 @@ def make_input(
     """Random N(0, scale²) input of shape `[*shape, d_in]` (int: `[M, d_in]`), spec dtype."""
     lead = (shape,) if isinstance(shape, int) else tuple(shape)
     rng = np.random.default_rng(seed)
-    return (scale * rng.standard_normal((*lead, spec.d_in))).astype(numpy_dtype(spec.dtype))
+    return cast(scale * rng.standard_normal((*lead, spec.d_in)), spec.dtype)
 
 
 def make_grad_output(spec: MLPSpec, shape: int | Sequence[int], seed: int = 2) -> np.ndarray:
     """Random upstream gradient dy of shape `[*shape, d_out]` in the spec dtype."""
     lead = (shape,) if isinstance(shape, int) else tuple(shape)
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((*lead, spec.d_out)).astype(numpy_dtype(spec.dtype))
+    return cast(rng.standard_normal((*lead, spec.d_out)), spec.dtype)

@@ -21,8 +21,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "llama3-8b",
             MLPSpec((4096, 14336, 4096), "swiglu", bias=False, dtype="bfloat16"),
-            (16, 8192),
-            "Llama 3 8B MLP (gate/up/down); M=16 is decode, M=8192 prefill",
+            (16, 64, 8192),
+            "Llama 3 8B MLP (gate/up/down); M=16 and 64 are decode, M=8192 prefill",
         ),
         Preset(
             "gpt-mlp",

@@ -501,6 +501,11 @@ def fused_decode_config(
         choices = [b for b in choices if PACK_BLOCK % b == 0]
     block_h = next((b for b in choices if _cdiv(hidden, b) >= num_sms), choices[-1])
     block_k = 128 if itemsize == 2 else 64
+    if m <= 16 and itemsize == 2:
+        # Measured on the H200 (bench/results/2026-12-01-h200-tuning, llama3-8b bf16): 64-row K
+        # steps (more of them in flight) streamed 86.3 / 88.8 µs at M = 1 / 16 against 90.3 /
+        # 92.3 µs with 128; at M = 64 they lost (124.6 vs 105.7 µs), so only small M takes them.
+        block_k = 64
     block_n, block_k2 = wide, block_k
     tiles = _cdiv(d_out, block_n)
     chunks = _cdiv(hidden, block_k2)

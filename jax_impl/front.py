@@ -345,7 +345,7 @@ def prepare(x, params, spec, impl=AUTO, config=None, residual=None) -> _Prepared
     """The validated plan of this call, from the cache when the signature was seen before."""
     try:
         key = (
-            spec, impl, config, _signature(x),
+            spec, impl, dispatch.generation() if impl == AUTO else 0, config, _signature(x),
             tuple((k, *_signature(v)) for k, v in params.items()),
             None if residual is None else _signature(residual),
         )  # fmt: skip

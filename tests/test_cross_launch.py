@@ -59,6 +59,7 @@ _PTX_SCRIPT = textwrap.dedent(
         setattr(gpu_triton, key, value)
 
     from fusedmlp.common import TileConfig
+    from fusedmlp.common.packing import packed_width
     from fusedmlp.jax_impl.cross import gated as jg, linear_act as jl
 
     def mix(ptx):
@@ -103,9 +104,9 @@ _PTX_SCRIPT = textwrap.dedent(
             x, w, b, None, activation="silu", config=cfg), (s(m, k), s(k, n), s(n)),
             jl.launch_plan(m, n, k, activation="silu", has_bias=True, has_residual=False,
                            config=cfg)),
-        "gated": (jg, lambda x, w, b, v, c: jg.gated_fwd(
-            x, w, b, v, c, activation="silu", config=cfg),
-            (s(m, k), s(k, n), s(n), s(k, n), s(n)),
+        "gated": (jg, lambda x, wv, bc: jg.gated_fwd(
+            x, wv, bc, n=n, activation="silu", config=cfg),
+            (s(m, k), s(k, packed_width(n)), s(packed_width(n))),
             jg.launch_plan(m, n, k, activation="silu", has_bias=True, config=cfg)),
     }
     for name, (mod, fn, structs, plan) in cases.items():

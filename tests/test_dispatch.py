@@ -164,3 +164,38 @@ def test_cli_derive_auto_from_saved_results(tmp_path):
     table = Table.from_json(out.read_text())
     assert table.gpu == "NVIDIA H200" and "abc1234def" in table.source
     assert table.lookup("torch", LLAMA, 16).impl == "fused_decode"
+
+
+def test_bench_derive_auto_writes_the_table_and_retimes_auto(monkeypatch, tmp_path):
+    """The whole `fusedmlp bench --derive-auto` flow on a CPU, the environment made to name a GPU:
+    the table comes from the timed rows (baselines here), is installed, and the auto rows run
+    again under it (the dispatch generation moves, so cached auto plans are not reused)."""
+    import json
+
+    from fusedmlp.bench import cli
+    from fusedmlp.common import dispatch
+
+    real_env = cli._results
+
+    def with_gpu(section, payload):
+        out = real_env(section, payload)
+        out["environment"] = {**out["environment"], "gpus": [{"name": "Test GPU"}]}
+        return out
+
+    monkeypatch.setattr(cli, "_results", with_gpu)
+    before = dispatch.generation()
+    table_path = tmp_path / "test-gpu.json"
+    json_path = tmp_path / "bench.json"
+    code = cli.main(["bench", "--device", "cpu", "--preset", "cpu-small", "--impl",
+                     "eager,xla,auto", "--quick", "--derive-auto", str(table_path),
+                     "--json", str(json_path)])
+    assert code == 0
+    table = Table.from_json(table_path.read_text())
+    spec = MLPSpec.preset("cpu-small")
+    assert table.gpu == "Test GPU"
+    assert table.lookup("torch", spec, 64).impl == "eager"
+    assert table.lookup("jax", spec, 64).impl == "xla"
+    assert dispatch.generation() == before + 1
+    saved = json.loads(json_path.read_text())["bench"]
+    assert saved["auto_table"]["path"] == str(table_path)
+    assert {r["provider"] for r in saved["cases"][0]["rows"]} >= {"torch:auto", "jax:auto"}

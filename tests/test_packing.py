@@ -162,39 +162,30 @@ def test_stack_unpack_params_round_trip(stack):
 
 @pytest.mark.parametrize("stack", ["torch", "jax"])
 def test_front_feeds_a_packed_entry(stack, monkeypatch):
-    """What the fronts do once a registry entry declares layout="packed" (the kernel branches flip
-    them at merge): plain params are packed — once per set of tensors in torch — and the gated
-    launcher gets (x, wv, bc, n=...). A stand-in launcher unpacks and calls today's kernel."""
-    import dataclasses
+    """The portable entries declare layout="packed": plain params are packed — once per set of
+    tensors in torch — and the gated launcher gets (x, wv, bc, n=...)."""
     import importlib
 
     from fusedmlp.common.registry import get_implementation
 
     front = importlib.import_module(f"fusedmlp.{stack}_impl.front")
-    packing = importlib.import_module(f"fusedmlp.{stack}_impl.packing")
     impl = "triton" if stack == "torch" else "pallas_triton"
+    assert get_implementation(impl).layout == "packed"
     real_launcher = front._launcher
     seen = []
-
-    def entry(name):
-        e = get_implementation(name)
-        return dataclasses.replace(e, layout="packed") if name == impl else e
 
     def launcher(name, family, *rest):
         fwd = real_launcher(name, family, *rest)
         if family != "gated":
             return fwd
 
-        def packed_fwd(x, wv, bc, *, n, activation, config, fp32_precision):
+        def spy(x, wv, bc, *, n, activation, config, fp32_precision):
             seen.append((tuple(wv.shape), n))
-            w, v = packing.unpack_gated(wv, n)
-            b, c = packing.unpack_gated(bc, n) if bc is not None else (None, None)
-            return fwd(x, w, b, v, c, activation=activation, config=config,
-                        fp32_precision=fp32_precision)
+            return fwd(x, wv, bc, n=n, activation=activation, config=config,
+                       fp32_precision=fp32_precision)
 
-        return packed_fwd
+        return spy
 
-    monkeypatch.setattr(front, "_entry", entry)
     monkeypatch.setattr(front, "_launcher", launcher)
     monkeypatch.setattr(front, "_PREPARED", {})
     derived = []

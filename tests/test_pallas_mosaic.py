@@ -420,3 +420,25 @@ def test_gpu_interpreter_tiles(config: TileConfig, gated_config: TileConfig) -> 
     x = make_input(spec, 131, seed=14)
     out = mlp_per_layer(x, params, spec, config=config, gated_config=gated_config)
     tolerance.assert_close(out, reference.forward(spec, x, params), spec)
+
+
+@pytest.mark.gpu
+def test_gpu_narrow_layers_at_many_rows() -> None:
+    """nerf-64x5's shape (64-wide fp16 layers) over many rows at the default tiles: it failed
+    parity on the H200 (2026-12-01) with a 256-wide tile, one warpgroup's half wholly past N."""
+    spec = MLPSpec((64, 64, 64, 64), "relu", False, "float16")
+    params = init_params(spec, seed=15)
+    x = make_input(spec, 262_147, seed=16)
+    out = jax.jit(lambda x, p: mlp_per_layer(x, p, spec))(
+        jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()})
+    rows = np.random.default_rng(17).choice(x.shape[0], 512, replace=False)
+    tolerance.assert_close(np.asarray(out)[rows], reference.forward(spec, x[rows], params), spec)
+
+
+def test_narrow_outputs_take_narrow_tiles() -> None:
+    # The heuristic never gives a tile whose warpgroup half lies wholly past N (see above).
+    for family in ("linear_act", "gated"):
+        for n in (16, 48, 64):
+            cfg = pipeline.default_config(family, 2_097_152, n, 64, "float16")
+            assert cfg.block_n == 64, (family, n, cfg)
+    assert pipeline.default_config("linear_act", 8192, 128, 4096, "bfloat16").block_n == 128

@@ -96,7 +96,7 @@ def test_from_json_rejects_unknown_and_missing_fields():
 def test_presets_match_the_issue():
     llama = MLPSpec.preset("llama3-8b")
     assert llama == MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
-    assert preset_batch_sizes("llama3-8b") == (16, 8192)
+    assert preset_batch_sizes("llama3-8b") == (16, 64, 8192)
     assert MLPSpec.preset("gpt-mlp") == MLPSpec((4096, 16384, 4096), "gelu_tanh", True, "bfloat16")
     assert MLPSpec.preset("hf-blog-geglu") == MLPSpec(
         (768, 3072, 768), "geglu_tanh", False, "bfloat16"

@@ -390,7 +390,7 @@ def prepare(x, params, spec, impl=AUTO, config=None, residual=None, tune=False) 
     """The validated plan of this call, from the cache when the signature was seen before."""
     try:
         key = (
-            spec, impl, config, tune, _signature(x),
+            spec, impl, dispatch.generation() if impl == AUTO else 0, config, tune, _signature(x),
             tuple((k, *_signature(v)) for k, v in params.items()),
             None if residual is None else _signature(residual),
         )  # fmt: skip

@@ -126,17 +126,24 @@ def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
     return None
 
 
-def _heuristic(family: str, m: int) -> TileConfig:
+def _heuristic(family: str, m: int, n: int) -> TileConfig:
     # The shape of jax's example at its best on the H200 (740-753 TFLOP/s): a 128×256 operand tile
     # per block, split into two 128×128 warpgroup tiles, 64-wide K slabs (128-byte swizzle), 4
     # slots; a tiled epilogue so 4 slots still fit. Small M: 64 rows, the operand tile split
     # along N into 64×128 warpgroup tiles.
+    # Narrow outputs (n <= 64, nerf-64x5's layers) take a 64-column tile split along M instead:
+    # with the 256-wide tile one compute warpgroup's half lies wholly past N, and nerf-64x5
+    # (2M rows, 64→64 layers) failed parity on the H200 with it (rel. error 1.0, 2026-12-01),
+    # while 64-column tiles split along M pass there (tests/test_pallas_mosaic.py, -m gpu).
     block_m = 64 if m <= WGMMA_M else 128
+    if n <= PACK_BLOCK:
+        return TileConfig(128, PACK_BLOCK, 64, group_m=8, num_warps=4, num_stages=4,
+                          warp_specialize=True, epilogue_subtile=1)
     if family == "gated":  # block_n = output columns: the packed operand tile is 256 wide
         return TileConfig(block_m, 128, 64, group_m=8, num_warps=4, num_stages=4,
                           warp_specialize=True, epilogue_subtile=1)
-    return TileConfig(block_m, 256, 64, group_m=8, num_warps=4, num_stages=4,
-                      warp_specialize=True, epilogue_subtile=2)
+    return TileConfig(block_m, 256 if n > 128 else 128, 64, group_m=8, num_warps=4,
+                      num_stages=4, warp_specialize=True, epilogue_subtile=2)
 
 
 @functools.cache
@@ -170,7 +177,7 @@ def default_config(
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     if interpret:
         return INTERPRET_CONFIG
-    return tuned_config(family, m, n, k, dtype) or _heuristic(family, m)
+    return tuned_config(family, m, n, k, dtype) or _heuristic(family, m, n)
 
 
 @dataclasses.dataclass(frozen=True)

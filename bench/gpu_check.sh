@@ -27,7 +27,7 @@ failed=()
 
 if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then
   mode=gpu
-  budget=${FUSEDMLP_BUDGET_S:-520}
+  budget=${FUSEDMLP_BUDGET_S:-480}
 else
   mode=cpu
   budget=${FUSEDMLP_BUDGET_S:-200}
@@ -88,9 +88,9 @@ if [ "$mode" = gpu ]; then
   xdist=()
   if "$py" -c "import xdist" > /dev/null 2>&1; then xdist=(-n 4); fi
   t_pytest=$SECONDS
-  step pytest-gpu 110 "$py" -m pytest -m gpu -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
+  step pytest-gpu 105 "$py" -m pytest -m gpu -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
     --durations=15 --ignore=tests/test_timing.py
-  step pytest-gpu-timing 30 "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=5 \
+  step pytest-gpu-timing 25 "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=5 \
     tests/test_timing.py
   echo "== pytest -m gpu: $((SECONDS - t_pytest)) s in all (target <= 120 s)"
   # The main job, parity then bench of the default presets in one process, so that the bench
@@ -100,11 +100,11 @@ if [ "$mode" = gpu ]; then
   # auto rows timed again under it; the table comes back as dispatch.json to be committed.
   step parity+bench 250 "${cli[@]}" --json "$work/parity.json" --derive-auto "$out/dispatch.json"
   # A fresh Triton cache, so that first calls include the Triton JIT compile.
-  step overhead 45 env TRITON_CACHE_DIR="$work/triton-cache" \
+  step overhead 40 env TRITON_CACHE_DIR="$work/triton-cache" \
     "${cli[@]}" overhead --quick --json "$work/overhead.json"
   # torch.compile is left out of the runner's sweep for time (a compile per cell), and depths 2
   # and 8 bracket the grid; `fusedmlp sweep` runs the full grid with torch.compile by default.
-  step sweep 50 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
+  step sweep 40 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
     --json "$work/sweep.json"
 else
   step parity 70 "${cli[@]}" parity --device cpu --json "$work/parity.json"

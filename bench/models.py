@@ -9,8 +9,9 @@ on a GPU the MLP shapes of the issue — Llama 2048→8192, Gemma 2048→16384, 
    `torch.compile(fullgraph=True)`, in bfloat16 and under autocast (float32 params, bfloat16
    compute);
 2. the forward time of each model beside the original's, eager and compiled: device time
-   (`triton.testing.do_bench`: CUDA events over many back-to-back calls, L2 flushed) and host time
-   per call apart (the issue time of N calls with no sync between, per call);
+   (the harness's: the sum of each call's kernel durations from torch.profiler, every call after
+   an L2 flush; bench/timing.py) and host time per call apart (the issue time of N calls with no
+   sync between, per call);
 3. one MLP: FusedMLP against the Hugging Face module it replaces at 1, 16, 512 and 4096 tokens,
    eager and compiled (the same two times).
 
@@ -146,10 +147,20 @@ def check(ours: Any, ref64: Any, baseline: Any, spec: Any) -> dict[str, Any]:
 
 # ---- timing --------------------------------------------------------------------------------------
 def device_ms(fn: Callable[[], Any]) -> float:
-    """Median device time of one call (triton.testing.do_bench: CUDA events, L2 flushed)."""
-    import triton
+    """Median device time of one call, as the harness defines it (bench/timing.py): the sum of
+    the call's kernel durations read by torch.profiler, each call after an L2 flush. (CUDA events
+    around one call would read host time for the small-token MLPs, whose front is slower than
+    their kernels.)"""
+    import torch
 
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    from .timing import reps_for, time_device, warmup
+
+    def wait(_: Any) -> None:
+        torch.cuda.synchronize()
+
+    per_call = warmup(lambda i: fn(), wait)
+    timing = time_device("torch", lambda i: fn(), reps_for(per_call), wait)
+    return timing.device.median * 1e3
 
 
 def host_us(fn: Callable[[], Any], calls: int = 50) -> float:

@@ -366,8 +366,8 @@ def test_pallas_lowers_for_cuda(activation, dtype, split_k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 16, 64])
+# Each dtype once and M's extremes, not the product: `pytest -m gpu` stays within 120 s (issue 20).
+@pytest.mark.parametrize(("m", "dtype"), [(1, "bfloat16"), (16, "float16"), (64, "float32")])
 def test_gpu_default_config(stack, m, dtype):
     spec = MLPSpec((1024, 2816, 1000), "swiglu", True, dtype)
     check(stack, spec, m, seed=m)

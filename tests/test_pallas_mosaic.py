@@ -442,3 +442,8 @@ def test_narrow_outputs_take_narrow_tiles() -> None:
             cfg = pipeline.default_config(family, 2_097_152, n, 64, "float16")
             assert cfg.block_n == 64, (family, n, cfg)
     assert pipeline.default_config("linear_act", 8192, 128, 4096, "bfloat16").block_n == 128
+    # Every heuristic config is a legal launch geometry, small M and narrow N included.
+    for family in ("linear_act", "gated"):
+        for m in (1, 64, 65, 8192):
+            for n in (16, 64, 96, 128, 200, 4096):
+                pipeline.plan_tiles(pipeline.default_config(family, m, n, 64, "bfloat16"), family)

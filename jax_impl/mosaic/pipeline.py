@@ -142,8 +142,11 @@ def _heuristic(family: str, m: int, n: int) -> TileConfig:
     if family == "gated":  # block_n = output columns: the packed operand tile is 256 wide
         return TileConfig(block_m, 128, 64, group_m=8, num_warps=4, num_stages=4,
                           warp_specialize=True, epilogue_subtile=1)
-    return TileConfig(block_m, 256 if n > 128 else 128, 64, group_m=8, num_warps=4,
-                      num_stages=4, warp_specialize=True, epilogue_subtile=2)
+    if n <= 128:  # a 128-wide operand tile: the two compute warpgroups split 128 rows
+        return TileConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4,
+                          warp_specialize=True, epilogue_subtile=2)
+    return TileConfig(block_m, 256, 64, group_m=8, num_warps=4, num_stages=4,
+                      warp_specialize=True, epilogue_subtile=2)
 
 
 @functools.cache

@@ -88,7 +88,7 @@ if [ "$mode" = gpu ]; then
   xdist=()
   if "$py" -c "import xdist" > /dev/null 2>&1; then xdist=(-n 4); fi
   t_pytest=$SECONDS
-  step pytest-gpu 105 "$py" -m pytest -m gpu -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
+  step pytest-gpu 100 "$py" -m pytest -m gpu -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
     --durations=15 --ignore=tests/test_timing.py
   step pytest-gpu-timing 25 "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=5 \
     tests/test_timing.py
@@ -98,13 +98,13 @@ if [ "$mode" = gpu ]; then
   # parity.json and parity.bench.json, each saved after every case.
   # --derive-auto: auto's dispatch table from this run's timings (common/dispatch.py), then the
   # auto rows timed again under it; the table comes back as dispatch.json to be committed.
-  step parity+bench 250 "${cli[@]}" --json "$work/parity.json" --derive-auto "$out/dispatch.json"
+  step parity+bench 230 "${cli[@]}" --json "$work/parity.json" --derive-auto "$out/dispatch.json"
   # A fresh Triton cache, so that first calls include the Triton JIT compile.
-  step overhead 40 env TRITON_CACHE_DIR="$work/triton-cache" \
+  step overhead 45 env TRITON_CACHE_DIR="$work/triton-cache" \
     "${cli[@]}" overhead --quick --json "$work/overhead.json"
   # torch.compile is left out of the runner's sweep for time (a compile per cell), and depths 2
   # and 8 bracket the grid; `fusedmlp sweep` runs the full grid with torch.compile by default.
-  step sweep 40 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
+  step sweep 60 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
     --json "$work/sweep.json"
 else
   step parity 70 "${cli[@]}" parity --device cpu --json "$work/parity.json"

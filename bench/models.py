@@ -334,8 +334,8 @@ def run_cross() -> dict[str, Any]:
             ratios.append({
                 "kernel": kernel,
                 "device_ratio": by[cross]["device_us"] / by[native]["device_us"],
-                "host_us_native": by[native]["host_us_per_call"],
-                "host_us_cross": by[cross]["host_us_per_call"],
+                "host_us_native": by[native]["host_issue_us"],
+                "host_us_cross": by[cross]["host_issue_us"],
                 "same_bits": by[cross].get("same_bits"), "note": by[cross].get("note", ""),
             })
     return {"status": "measured", "rows": rows, "ratios": ratios}

@@ -41,6 +41,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _keep_triton_cache_dir():
+    """jax_triton 0.3.1 clears TRITON_CACHE_DIR at import, after which every Triton compile in the
+    process fails ("Could not create or locate cache dir": 11 GPU tests of one xdist worker on the
+    H200, 2026-12-01). The package imports it through a helper that puts the variable back; this
+    keeps any other import from leaking into the next test."""
+    before = os.environ.get("TRITON_CACHE_DIR")
+    yield
+    if before is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = before
+
+
+@pytest.fixture(autouse=True)
 def _poison_torch_outputs():
     """NaN-fill every uninitialised torch allocation for the duration of each test."""
     if importlib.util.find_spec("torch") is None:

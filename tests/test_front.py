@@ -220,12 +220,16 @@ def test_jax_front_inside_jit_with_static_spec():
 
 def test_cross_stack_impls_plan_per_layer_kernels():
     # Planning needs no GPU: the plans name the other stack's kernels with their configs.
-    spec = MLPSpec((300, 500, 200), "geglu", False, "bfloat16")
-    p = jax_impl.plan(spec, (64, 300), impl="jax_triton", device="gpu")
+    spec = MLPSpec((304, 512, 208), "geglu", False, "bfloat16")  # Mosaic: multiples of 16
+    p = jax_impl.plan(spec, (64, 304), impl="jax_triton", device="gpu")
     assert [k.kernel for k in p.launches] == ["triton.gated", "triton.linear_act"]
-    q = torch_impl.plan(spec, (64, 300), impl="mosaic", device="cuda")
+    q = torch_impl.plan(spec, (64, 304), impl="mosaic", device="cuda")
     assert [k.kernel for k in q.launches] == ["mosaic.gated", "mosaic.linear_act"]
     assert all(k.config is not None and k.config.block_m % 64 == 0 for k in q.launches)
+    # Widths Mosaic GPU cannot tile are refused by name, with the fallback (as pallas_mosaic).
+    odd = MLPSpec((300, 500, 200), "geglu", False, "bfloat16")
+    with pytest.raises(NotImplementedError, match=r"^mosaic: K=300 .* falls back to impl 'triton'"):
+        torch_impl.plan(odd, (64, 300), impl="mosaic", device="cuda")
 
 
 @pytest.mark.parametrize(

@@ -289,7 +289,9 @@ def test_gpu_bench_rows_carry_every_measure(tmp_path: Path) -> None:
     for name in ("torch:eager", "jax:xla", "torch:auto", "jax:auto"):
         row = rows[name]
         assert row["status"] == "timed", row
-        assert row["time"]["method"].startswith(f"{row['stack']}.profiler (CUPTI)")
+        # One CUPTI reader per process: torch.profiler reads both stacks where torch has CUDA
+        # (bench/timing.py's docstring: jax.profiler cannot trace after torch.profiler has).
+        assert row["time"]["method"].startswith("torch.profiler (CUPTI)"), row["time"]
         assert row["kernels_per_call"] >= 1 and row["excluded_kernels"]["flush"] >= row["time"]["n"]
         assert row["time"]["median"] <= row["span"]["median"] * 1.001
     assert rows["torch:eager"]["cudagraph"]["median"] > 0

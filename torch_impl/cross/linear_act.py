@@ -95,14 +95,12 @@ def mosaic_module(family: str) -> Any:
 def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
     """The Mosaic GPU kernels' rule (jax_impl.mosaic.pipeline.unsupported_reason) under this
     route's name and fallback: the registry's `supports` for impl `mosaic` (imports jax)."""
-    del m, n, k
-    supported = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline").SUPPORTED_DTYPES
-    if dtype not in supported:
-        return (
-            f"{IMPL}: dtype {dtype} is not supported (wgmma takes {'/'.join(supported)} here); "
-            f"falls back to impl '{FALLBACK}'"
-        )
-    return None
+    pipeline = importlib.import_module(f"{MOSAIC_PACKAGE}.pipeline")
+    why = pipeline.unsupported_reason(m, n, k, dtype)
+    if why is None:
+        return None
+    # The kernels' own reason (dtype; K and N in multiples of 16), under this route's name.
+    return why.replace(pipeline.IMPL, IMPL).replace(f"'{pipeline.FALLBACK}'", f"'{FALLBACK}'")
 
 
 # ==== launch plan (pure) ==========================================================================

@@ -46,19 +46,21 @@ from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     DecodeConfig,
     decode_config_for,
     decode_splits,
 )
+from fusedmlp.common.validate import check_packed_call
 
-from .activations import apply_activation
+from .activations import apply_activation, round_to_dtype
 from .compat import interpret_mode, quiet_pallas_triton
-from .fused_small import dot_precision, round_to_dtype, validate
+from .front import ADAPTER, STACK
+from .fused_small import dot_precision
 
 MAX_M = 64
-FALLBACK = "pallas_triton"  # the per-layer kernels
 REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 programs)
 
 
@@ -124,10 +126,10 @@ def _fused_decode_up_kernel(
             g += plgpu.load(b_ref.at[pl.ds(col0 + PACK, BLOCK_H)], mask=h_ok,
                             other=0.0).astype(jnp.float32)[None, :]
         z = z * g
-    h = round_to_dtype(z, dtype)  # what a per-layer kernel's store would hold
+    h = round_to_dtype(z, dtype, INTERPRET)  # what a per-layer kernel's store would hold
 
     # 4. store: the M real rows of this hidden slice
-    plgpu.store(h_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)], h.astype(dtype),
+    plgpu.store(h_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)], h,
                 mask=row_ok[:, None] & h_ok[None, :])
 
 
@@ -170,9 +172,9 @@ def _fused_decode_down_kernel(
         if HAS_BIAS:
             acc += plgpu.load(b_ref.at[pl.ds(pid_n * BLOCK_N, BLOCK_N)], mask=n_ok,
                               other=0.0).astype(jnp.float32)[None, :]
-        y = round_to_dtype(acc, dtype)
-        plgpu.store(out_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
-                    y.astype(dtype), mask=mask)
+        y = round_to_dtype(acc, dtype, INTERPRET)
+        plgpu.store(out_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], y,
+                    mask=mask)
     else:
         plgpu.store(out_ref.at[pid_s, pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], acc,
                     mask=mask)
@@ -181,9 +183,9 @@ def _fused_decode_down_kernel(
 def _fused_decode_reduce_kernel(
     ws_ref, b_ref, y_ref,
     *, M, D_OUT,
-    HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K,
+    HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K, INTERPRET,
 ):
-    # twin-diff: no USE_PDL (see launch 1) and no INTERPRET (round_to_dtype needs none here)
+    # twin-diff: no USE_PDL (see launch 1)
     # 1. program -> tile: every (padded) row, output columns of tile n
     pid = pl.program_id(0)
     rows = jnp.arange(BLOCK_M)
@@ -201,17 +203,16 @@ def _fused_decode_reduce_kernel(
     if HAS_BIAS:
         acc += plgpu.load(b_ref.at[pl.ds(pid * BLOCK_N, BLOCK_N)], mask=n_ok,
                           other=0.0).astype(jnp.float32)[None, :]
-    y = round_to_dtype(acc, dtype)
+    y = round_to_dtype(acc, dtype, INTERPRET)
 
     # 4. store
-    plgpu.store(y_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)], y.astype(dtype),
-                mask=mask)
+    plgpu.store(y_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)], y, mask=mask)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
 def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_decode can run `spec` at M = m (None: any M it takes), else the reason."""
-    fallback = f"falls back to the per-layer kernels (impl {FALLBACK!r})"
+    fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     if spec.num_layers != 2:
         return (f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
                 f"{spec.num_layers} (widths {spec.widths}); {fallback}")
@@ -278,6 +279,7 @@ def fused_decode_fwd(
         reduce = functools.partial(
             _fused_decode_reduce_kernel, M=m, D_OUT=d_out,
             HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
+            INTERPRET=interpret,
         )
         return pl.pallas_call(
             reduce,
@@ -301,7 +303,9 @@ def fused_decode(
     """y = MLP(x) for a 2-layer spec, x of shape [..., d_in] with at most 64 rows and packed params
     (`fusedmlp.jax_impl.packing.pack_params`, once, outside any jitted step); raises
     NotImplementedError (with the reason and the fallback) for what it cannot take."""
-    validate(x, params, spec)
+    spec = check_packed_call(ADAPTER, spec, x, params, config,
+                             config_types=(TileConfig, DecodeConfig))
+    # twin-diff: no device check (jax places the arrays)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in)
     m = x2d.shape[0]
@@ -309,9 +313,6 @@ def fused_decode(
     if reason is not None:
         raise NotImplementedError(reason)
     if config is not None:
-        if not isinstance(config, (TileConfig, DecodeConfig)):
-            raise TypeError(f"config: expected a TileConfig, DecodeConfig or None, got "
-                            f"{type(config).__name__}")
         decode_config_for(config, spec, max(m, 1))  # ValueError for what the kernels cannot run
     if m == 0:
         return jnp.zeros((*lead, spec.d_out), x.dtype)

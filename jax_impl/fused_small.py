@@ -43,7 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK, packed_names
+from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     INTERPRET_NUM_SMS,
@@ -54,23 +55,17 @@ from fusedmlp.common.tiling import (
     padded_width,
     small_config_for,
 )
+from fusedmlp.common.validate import check_packed_call
 
-from .activations import apply_activation
+from .activations import apply_activation, round_to_dtype
 from .compat import interpret_mode, quiet_pallas_triton
+from .front import ADAPTER, STACK
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
-FALLBACK = "pallas_triton"  # the per-layer kernels
 
 
 # ---- helpers shared by the whole-MLP kernels -----------------------------------------------------
-def round_to_dtype(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Round an fp32 tile to dtype (jnp's cast rounds to nearest even in both modes)."""
-    # twin-diff: the Triton twin keeps fp32 tiles under its interpreter (broken bf16 there); the
-    # Pallas interpreter computes bf16 correctly, so one path serves both modes.
-    return x.astype(dtype)
-
-
 def dot_precision(spec: MLPSpec) -> jax.lax.Precision:
     """The dot precision: HIGH is tf32 in the Pallas-Triton lowering, HIGHEST is ieee (DEFAULT would
     be tf32 for float32 operands)."""
@@ -134,8 +129,10 @@ def _hidden_layer(
             g += c[None, :]
         z = z * g
     # round the hidden as a per-layer kernel's store would, then feed the next dot
-    h = round_to_dtype(z, DTYPE)
-    return h.astype(jnp.float32) if INTERPRET else h
+    h = round_to_dtype(z, DTYPE, INTERPRET)
+    if INTERPRET:
+        h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
+    return h
 
 
 def _fused_small_fwd_kernel(
@@ -200,8 +197,8 @@ def _fused_small_fwd_kernel(
             z += b_last[None, :]
 
         # 4. store: only y leaves the program
-        y = round_to_dtype(z, dtype)
-        plgpu.store(y_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)], y.astype(dtype),
+        y = round_to_dtype(z, dtype, INTERPRET)
+        plgpu.store(y_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)], y,
                     mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]))
         return carry
 
@@ -212,7 +209,7 @@ def _fused_small_fwd_kernel(
 def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_small can run `spec`, else the reason: constraint, value and fallback."""
     del m  # any number of rows
-    fallback = f"falls back to the per-layer kernels (impl {FALLBACK!r})"
+    fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     for i, width in enumerate(spec.widths):
         if width > WIDTHS_SUPPORTED[-1]:
             return (f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
@@ -276,37 +273,6 @@ def fused_small_fwd(
 
 
 # ---- public function -----------------------------------------------------------------------------
-def validate(x: jax.Array, params: dict[str, jax.Array], spec: MLPSpec) -> None:
-    """The front-door checks shared by fused_small and fused_decode (names the argument). Params
-    must be in the packed layout (common/packing.py) — packed once, never per call."""
-    if not isinstance(spec, MLPSpec):
-        raise TypeError(f"spec: expected an MLPSpec, got {type(spec).__name__}")
-    if not isinstance(x, jax.Array):
-        raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
-    dtype = jnp.dtype(spec.dtype)
-    if x.ndim < 1 or x.shape[-1] != spec.d_in:
-        raise ValueError(f"x: expected shape [..., {spec.d_in}], got {list(x.shape)}")
-    if x.dtype != dtype:
-        raise TypeError(f"x: expected dtype {dtype}, got {x.dtype}")
-    if not isinstance(params, dict):
-        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    expected = packed_names(spec)
-    if set(params) != set(expected):
-        missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-        hint = ("; gated layers take the packed layout: pack once with "
-                "fusedmlp.jax_impl.packing.pack_params(spec, params)"
-                if any(name.startswith("wv") for name in missing) else "")
-        raise ValueError(f"params: missing {missing}, unexpected {extra}{hint}")
-    for name, shape in expected.items():
-        p = params[name]
-        if not isinstance(p, jax.Array):
-            raise TypeError(f"params[{name!r}]: expected a jax.Array, got {type(p).__name__}")
-        if tuple(p.shape) != shape:
-            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {tuple(p.shape)}")
-        if p.dtype != dtype:
-            raise TypeError(f"params[{name!r}]: expected dtype {dtype}, got {p.dtype}")
-
-
 def fused_small(
     x: jax.Array,
     params: dict[str, jax.Array],
@@ -318,13 +284,12 @@ def fused_small(
     """y = MLP(x) for x of shape [..., d_in] and packed params
     (`fusedmlp.jax_impl.packing.pack_params`, once) in one kernel; raises NotImplementedError
     (with the reason and the fallback) for specs fused_small cannot take."""
-    validate(x, params, spec)
+    spec = check_packed_call(ADAPTER, spec, x, params, config,
+                             config_types=(TileConfig, SmallConfig))
+    # twin-diff: no device check (jax places the arrays)
     reason = supports(spec)
     if reason is not None:
         raise NotImplementedError(reason)
-    if config is not None and not isinstance(config, (TileConfig, SmallConfig)):
-        raise TypeError(f"config: expected a TileConfig, SmallConfig or None, got "
-                        f"{type(config).__name__}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in)
     if x2d.shape[0] == 0:

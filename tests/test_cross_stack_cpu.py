@@ -270,12 +270,12 @@ def test_triton_launch_plan_matches_native_launcher(
         native_mod.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation="silu",
                              config=SMALL_GATED)
         plan = cross_mod.launch_plan(m, n, k, activation="silu", has_bias=bias,
-                                     config=SMALL_GATED, upcast=INTERPRET)
+                                     config=SMALL_GATED, interpret=INTERPRET)
     else:
         native_mod.linear_act_fwd(t["x"], t["w"], t["b"], t["residual"], activation="silu",
                                   config=SMALL)
         plan = cross_mod.launch_plan(m, n, k, activation="silu", has_bias=bias,
-                                     has_residual=residual, config=SMALL, upcast=INTERPRET)
+                                     has_residual=residual, config=SMALL, interpret=INTERPRET)
     [(grid, args, kwargs)] = rec.calls
     names = jl.runtime_params(rec.real)
     assert grid == plan.grid
@@ -320,13 +320,13 @@ def test_adapters_interpreted_give_native_bits(dtype: str, m: int, k: int, n: in
             native = tg.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation=activation,
                                   config=SMALL_GATED)
             plan = jg.launch_plan(m, n, k, activation=activation, has_bias=bias,
-                                  config=SMALL_GATED, upcast=True)
+                                  config=SMALL_GATED, interpret=True)
             adapter = jg._gated_fwd_jt
         else:
             native = tla.linear_act_fwd(t["x"], t["w"], t["b"], t["residual"],
                                         activation=activation, config=SMALL)
             plan = jl.launch_plan(m, n, k, activation=activation, has_bias=bias,
-                                  has_residual=residual, config=SMALL, upcast=True)
+                                  has_residual=residual, config=SMALL, interpret=True)
             adapter = jl._linear_act_fwd_jt
         out = torch.full((m, n), float("nan"), dtype=native.dtype)
         args = plan.positional(jl.runtime_params(adapter), t)

@@ -34,6 +34,8 @@ def test_entry_resolves(impl, stack):
     if impl.runner == "whole":
         assert callable(getattr(module, f"{impl.name}_fwd"))
     else:
+        # gated layers run on the packed operand (`gated_fwd(x2d, wv, bc, *, n, ...)`)
+        assert impl.layout == "packed", impl.name
         for family in ("linear_act", "gated"):
             fam = importlib.import_module(f"{impl.module(stack)}.{family}")
             assert callable(getattr(fam, f"{family}_fwd")), (impl.name, family)

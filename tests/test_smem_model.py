@@ -125,7 +125,7 @@ PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
 
 def compile_one(family, persistent, dtype, precision, residual, cfg):
-    const = dict(ACTIVATION="silu", HAS_BIAS=True, INPUT_PRECISION=precision, UPCAST=False,
+    const = dict(ACTIVATION="silu", HAS_BIAS=True, INPUT_PRECISION=precision, INTERPRET=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                  GROUP_M=cfg.group_m)
     if persistent:

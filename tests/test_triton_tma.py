@@ -427,7 +427,7 @@ def test_validation_errors():
     b = torch.zeros((n,), dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match=r"w: expected shape \[40, 72\], got \[41, 72\]"):
         tma_linear.linear_act(x, torch.zeros((k + 1, n), dtype=torch.float16, device=DEVICE))
-    with pytest.raises(TypeError, match="w: expected dtype float16, got float32"):
+    with pytest.raises(ValueError, match="w: expected dtype float16, got float32"):
         tma_linear.linear_act(x, w.float())
     with pytest.raises(ValueError, match=r"b: expected shape \[72\]"):
         tma_linear.linear_act(x, w, b[:-1])
@@ -443,7 +443,7 @@ def test_validation_errors():
         tma_gated.gated(x, w, n=n)
     with pytest.raises(ValueError, match=r"bc: expected shape \[256\], got \[72\]"):
         tma_gated.gated(x, wv, b, n=n)
-    with pytest.raises(TypeError, match="config: expected a TileConfig or None, got dict"):
+    with pytest.raises(TypeError, match=r"config: expected a fusedmlp\.common\.TileConfig or None"):
         tma_gated.gated(x, wv, n=n, config={"block_m": 16})
     with pytest.raises(TypeError, match=r"x: expected a torch\.Tensor"):
         tma_linear.linear_act(np.zeros((3, k)), w)
@@ -482,7 +482,7 @@ def test_gpu_ptx_uses_tma_and_wgmma():
     compiled = tma_linear._linear_act_fwd_kernel[(1,)](
         xt, wt, bt, None, out, 300, 512, 256, 1,
         ACTIVATION="relu", HAS_BIAS=True, HAS_RESIDUAL=False, INPUT_PRECISION="ieee",
-        UPCAST=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        INTERPRET=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, SUBTILE=1, W_KMAJOR=False, FLATTEN=True, WARP_SPECIALIZE=False,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -67,19 +67,21 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     DecodeConfig,
     decode_config_for,
     decode_splits,
 )
+from fusedmlp.common.validate import check_packed_call
 
-from .activations import apply_activation
-from .fused_small import dot_precision, round_to_dtype, validate
-from .runtime import INTERPRET
+from .activations import apply_activation, round_to_dtype
+from .front import ADAPTER, STACK
+from .fused_small import dot_precision
+from .runtime import INTERPRET, check_kernel_device
 
 MAX_M = 64
-FALLBACK = "triton"  # the per-layer kernels
 REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 programs)
 
 
@@ -146,7 +148,7 @@ def _fused_decode_up_kernel(
     h = round_to_dtype(z, dtype, INTERPRET)  # what a per-layer kernel's store would hold
 
     # 4. store: the M real rows of this hidden slice
-    tl.store(h_ptr + rows[:, None] * HIDDEN + cols_h[None, :], h.to(dtype),
+    tl.store(h_ptr + rows[:, None] * HIDDEN + cols_h[None, :], h,
              mask=row_ok[:, None] & h_ok[None, :])
 
 
@@ -193,7 +195,7 @@ def _fused_decode_down_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = round_to_dtype(acc, dtype, INTERPRET)
-        tl.store(out_ptr + rows[:, None] * D_OUT + cols_n[None, :], y.to(dtype), mask=mask)
+        tl.store(out_ptr + rows[:, None] * D_OUT + cols_n[None, :], y, mask=mask)
     else:
         tl.store(out_ptr + (pid_s * M + rows[:, None]) * D_OUT + cols_n[None, :], acc, mask=mask)
 
@@ -225,13 +227,13 @@ def _fused_decode_reduce_kernel(
     y = round_to_dtype(acc, dtype, INTERPRET)
 
     # 4. store
-    tl.store(y_ptr + offs, y.to(dtype), mask=mask)
+    tl.store(y_ptr + offs, y, mask=mask)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
 def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_decode can run `spec` at M = m (None: any M it takes), else the reason."""
-    fallback = f"falls back to the per-layer kernels (impl {FALLBACK!r})"
+    fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     if spec.num_layers != 2:
         return (f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
                 f"{spec.num_layers} (widths {spec.widths}); {fallback}")
@@ -301,7 +303,9 @@ def fused_decode(
     """y = MLP(x) for a 2-layer spec, x of shape [..., d_in] with at most 64 rows and packed params
     (`fusedmlp.torch_impl.packing.pack_params`, once); raises NotImplementedError (with the reason
     and the fallback) for what it cannot take."""
-    validate(x, params, spec)
+    spec = check_packed_call(ADAPTER, spec, x, params, config,
+                             config_types=(TileConfig, DecodeConfig))
+    check_kernel_device(x)  # twin-diff: TRITON_INTERPRET decides where the kernels run
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in).contiguous()
     m = x2d.shape[0]
@@ -309,9 +313,6 @@ def fused_decode(
     if reason is not None:
         raise NotImplementedError(reason)
     if config is not None:
-        if not isinstance(config, (TileConfig, DecodeConfig)):
-            raise TypeError(f"config: expected a TileConfig, DecodeConfig or None, got "
-                            f"{type(config).__name__}")
         decode_config_for(config, spec, max(m, 1))  # ValueError for what the kernels cannot run
     if m == 0:
         return x.new_empty(*lead, spec.d_out)

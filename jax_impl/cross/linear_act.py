@@ -76,7 +76,7 @@ def _linear_act_fwd_jt(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
     o_ptr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # jax_triton's argument order (outputs last) -> the native kernel's, by name; inlined by Triton.
@@ -85,7 +85,7 @@ def _linear_act_fwd_jt(
         stride_xm=stride_xm, stride_xk=stride_xk, stride_wk=stride_wk, stride_wn=stride_wn,
         stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on,
         ACTIVATION=ACTIVATION, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
-        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        INPUT_PRECISION=INPUT_PRECISION, INTERPRET=INTERPRET,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
     )  # fmt: skip
 
@@ -227,11 +227,11 @@ def launch_plan(
     has_residual: bool,
     config: TileConfig,
     fp32_precision: str = "ieee",
-    upcast: bool = False,
+    interpret: bool = False,
 ) -> TritonLaunch:
     """The native launcher's launch of `_linear_act_fwd_kernel` for dense row-major operands.
 
-    `upcast` is the interpreter's 16-bit workaround (False on a GPU; the CPU tests run the adapter
+    `interpret` is the kernels' interpreter flag (False on a GPU; the CPU tests run the adapter
     interpreted with True). Absent bias/residual read the placeholder "x" (never loaded).
     """
     return TritonLaunch(
@@ -249,7 +249,7 @@ def launch_plan(
         ),
         constexprs=dict(
             ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
-            INPUT_PRECISION=input_precision(fp32_precision), UPCAST=upcast,
+            INPUT_PRECISION=input_precision(fp32_precision), INTERPRET=interpret,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_M=config.group_m,
         ),

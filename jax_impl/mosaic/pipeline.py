@@ -64,13 +64,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ...common.config import TileConfig
-from ...common.dtypes import FP32_PRECISIONS
 from ...common.packing import PACK_BLOCK
+from ...common.registry import FALLBACK
 from ...common.tiling import shape_bucket
 from .. import compat
+from ..front import STACK
 
 IMPL = "pallas_mosaic"
-FALLBACK = "pallas_triton"
 FAMILIES = ("linear_act", "gated")
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 WGMMA_M = 64  # rows of one wgmma instruction (one warpgroup)
@@ -113,7 +113,7 @@ def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
     if dtype not in SUPPORTED_DTYPES:
         return (
             f"{IMPL}: dtype {dtype} is not supported (wgmma takes fp16/bf16 here); "
-            f"falls back to impl '{FALLBACK}'"
+            f"falls back to impl '{FALLBACK[STACK]}'"
         )
     itemsize = jnp.dtype(dtype).itemsize
     for name, size in (("K", k), ("N", n)):
@@ -121,7 +121,7 @@ def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
             return (
                 f"{IMPL}: {name}={size} is not a multiple of {MIN_SWIZZLE_BYTES // itemsize} for "
                 f"{dtype} (rows of {size * itemsize} bytes; the swizzled TMA tiles of Mosaic GPU "
-                f"need multiples of {MIN_SWIZZLE_BYTES}); falls back to impl '{FALLBACK}'"
+                f"need multiples of {MIN_SWIZZLE_BYTES}); falls back to impl '{FALLBACK[STACK]}'"
             )
     return None
 
@@ -549,45 +549,3 @@ def persistent_matmul(
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     pl.run_scoped(scope, **allocations, collective_axes="wg" if ws else ())
-
-
-# ==== validation (public functions) ===============================================================
-def check_array(
-    name: str, a: Any, shape: tuple[int, ...] | None, dtype: Any, *, optional: bool = False
-) -> None:
-    """TypeError/ValueError naming `name` unless `a` is an array of `shape` and `dtype` (or None,
-    where optional). shape None checks only that `a` is 2-D (its width is read from it next)."""
-    if a is None:
-        if optional:
-            return
-        want = "a 2-D jax.Array" if shape is None else f"a jax.Array of shape {tuple(shape)}"
-        raise TypeError(f"{name}: expected {want}, got None")
-    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-        raise TypeError(f"{name}: expected a jax.Array, got {type(a).__name__}")
-    if shape is None:
-        if a.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-D array, got shape {tuple(a.shape)}")
-    elif tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
-    if a.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {jnp.dtype(dtype).name} (the dtype of x), "
-                         f"got {jnp.dtype(a.dtype).name}")
-
-
-def check_common(
-    x: Any, activation: str, activations: Sequence[str], config: Any, fp32_precision: str
-) -> None:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
-    if x.ndim < 1:
-        raise ValueError(f"x: expected at least 1 dimension [..., K], got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x: expected a floating dtype (float16, bfloat16, float32), got {x.dtype}")
-    if activation not in activations:
-        raise ValueError(f"activation: expected one of {tuple(activations)}, got {activation!r}")
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
-    if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(
-            f"fp32_precision: expected one of {FP32_PRECISIONS}, got {fp32_precision!r}"
-        )

@@ -37,12 +37,14 @@ import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.tiling import gated_config, heuristic_config, warp_specialize_applies
+from fusedmlp.common.validate import check_packed_gated
 
 from .. import gated as portable
 from ..activations import apply_activation
-from ..gated import _PACK, _check_gated_args, _gate_split
+from ..front import ADAPTER
+from ..gated import _PACK, _gate_split
 from ..linear_act import _grouped_tile, _input_precision
-from ..runtime import INTERPRET
+from ..runtime import INTERPRET, check_kernel_device
 from .linear_act import _store_tile
 from .support import (
     as_tma_operand,
@@ -58,7 +60,7 @@ def _gated_fwd_kernel(
     x_ptr, wv_ptr, bc_ptr, o_ptr,
     M, N, K, NUM_PROGRAMS,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
@@ -87,7 +89,7 @@ def _gated_fwd_kernel(
             # 2. load: one X tile, one packed tile; past the edges TMA reads zeros
             x = x_desc.load([off_m, k * BLOCK_K])
             wv = wv_desc.load([k * BLOCK_K, off_p])
-            if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
                 x = x.to(tl.float32)
                 wv = wv.to(tl.float32)
             # 3. compute: fp32 accumulate, gate and up in one product
@@ -107,7 +109,7 @@ def _gated_fwd_kernel(
 
         # 4. store: slice by slice, one rounding each; TMA clips at M and N
         _store_tile(o_desc, h, o_ptr, out_m, out_n, M, N,
-                    False, UPCAST, BLOCK_M, BLOCK_N, SUBTILE)
+                    False, INTERPRET, BLOCK_M, BLOCK_N, SUBTILE)
 
 
 # ==== launcher ====================================================================================
@@ -139,7 +141,7 @@ def gated_fwd(
         x, wv, bc, out,
         M, n, K, programs,
         ACTIVATION=activation, HAS_BIAS=bc is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
+        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
         FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
@@ -164,7 +166,9 @@ def gated(
 
     Where K or n breaks TMA's 16-byte stride rule, runs the portable `torch_impl.gated`.
     """
-    dtype, K, bc = _check_gated_args(x, wv, bc, n, activation, config, fp32_precision)
+    dtype, K, n = check_packed_gated(ADAPTER, x, wv, bc, n=n, activation=activation,
+                                     config=config, fp32_precision=fp32_precision)
+    check_kernel_device(x)
 
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)

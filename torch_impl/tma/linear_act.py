@@ -55,17 +55,13 @@ from fusedmlp.common.tiling import (
     warp_specialize_applies,
     with_residual_room,
 )
+from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
-from ..activations import apply_activation
-from ..linear_act import (
-    _cast_out,
-    _check_linear_act_args,
-    _dtype_name,
-    _grouped_tile,
-    _input_precision,
-)
-from ..runtime import INTERPRET
+from ..activations import apply_activation, round_to_dtype
+from ..front import ADAPTER
+from ..linear_act import _grouped_tile, _input_precision
+from ..runtime import INTERPRET, check_kernel_device
 from .support import (
     as_tma_operand,
     ensure_allocator,
@@ -86,7 +82,7 @@ def _halves(acc, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
 
 @triton.jit
 def _store_slice(o_desc, acc, r_ptr, off_m, off_n, M, N,
-                 HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
                  BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
     if HAS_RESIDUAL:
         # A masked pointer load per slice, not TMA: a descriptor load would stage the slice in
@@ -97,34 +93,35 @@ def _store_slice(o_desc, acc, r_ptr, off_m, off_n, M, N,
         r = tl.load(r_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
         acc = acc + r.to(tl.float32)
     # one rounding to the output dtype; TMA clips the slice at M and N
-    o_desc.store([off_m, off_n], _cast_out(acc, o_desc.dtype, UPCAST))
+    o_desc.store([off_m, off_n], round_to_dtype(acc, o_desc.dtype, INTERPRET))
 
 
 @triton.jit
 def _store_tile(o_desc, acc, r_ptr, off_m, off_n, M, N,
-                HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr):
     """Store an fp32 [BLOCK_M, BLOCK_N] tile in SUBTILE column slices (o_desc's block is one)."""
     if SUBTILE == 1:
         _store_slice(o_desc, acc, r_ptr, off_m, off_n, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N)
+                     HAS_RESIDUAL, INTERPRET, BLOCK_M, BLOCK_N)
     elif SUBTILE == 2:
         a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
         _store_slice(o_desc, a0, r_ptr, off_m, off_n, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N // 2)
+                     HAS_RESIDUAL, INTERPRET, BLOCK_M, BLOCK_N // 2)
         _store_slice(o_desc, a1, r_ptr, off_m, off_n + BLOCK_N // 2, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N // 2)
+                     HAS_RESIDUAL, INTERPRET, BLOCK_M, BLOCK_N // 2)
     else:
         a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
         a00, a01 = _halves(a0, BLOCK_M, BLOCK_N // 2)
         a10, a11 = _halves(a1, BLOCK_M, BLOCK_N // 2)
         Q: tl.constexpr = BLOCK_N // 4
-        _store_slice(o_desc, a00, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
-        _store_slice(o_desc, a01, r_ptr, off_m, off_n + Q, M, N, HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
+        _store_slice(o_desc, a00, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, INTERPRET, BLOCK_M, Q)
+        _store_slice(o_desc, a01, r_ptr, off_m, off_n + Q, M, N,
+                     HAS_RESIDUAL, INTERPRET, BLOCK_M, Q)
         _store_slice(o_desc, a10, r_ptr, off_m, off_n + 2 * Q, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
+                     HAS_RESIDUAL, INTERPRET, BLOCK_M, Q)
         _store_slice(o_desc, a11, r_ptr, off_m, off_n + 3 * Q, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
+                     HAS_RESIDUAL, INTERPRET, BLOCK_M, Q)
 
 
 @triton.jit
@@ -132,7 +129,7 @@ def _linear_act_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
     M, N, K, NUM_PROGRAMS,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -168,7 +165,7 @@ def _linear_act_fwd_kernel(
                 w = w_desc.load([off_n, k * BLOCK_K]).T
             else:
                 w = w_desc.load([k * BLOCK_K, off_n])
-            if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             # 3. compute: fp32 accumulate
@@ -187,7 +184,7 @@ def _linear_act_fwd_kernel(
 
         # 4. store: the residual added and the tile stored slice by slice
         _store_tile(o_desc, acc, r_ptr, out_m, out_n, M, N,
-                    HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N, SUBTILE)
+                    HAS_RESIDUAL, INTERPRET, BLOCK_M, BLOCK_N, SUBTILE)
 
 
 # ==== launcher ====================================================================================
@@ -217,7 +214,8 @@ def linear_act_fwd(
     b = b.contiguous() if b is not None else None
     if residual is not None:
         residual = residual.contiguous()  # row stride N
-        config = with_residual_room(config, _dtype_name(x), fp32_precision=fp32_precision)
+        dtype = str(x.dtype).removeprefix("torch.")
+        config = with_residual_room(config, dtype, fp32_precision=fp32_precision)
     num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = num_programs(num_tiles, x.device)
     ws = warp_specialize_applies("linear_act", config)
@@ -226,7 +224,7 @@ def linear_act_fwd(
         x, w, b, residual, out,
         M, N, K, programs,
         ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
+        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
         FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
@@ -250,7 +248,9 @@ def linear_act(
 
     Where K or N breaks TMA's 16-byte stride rule, runs the portable `torch_impl.linear_act`.
     """
-    dtype, K, N, b = _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision)
+    dtype, K, N = check_layer(ADAPTER, x, w, b, residual=residual, activation=activation,
+                              config=config, fp32_precision=fp32_precision)
+    check_kernel_device(x)
     lead = list(x.shape[:-1])
 
     x2d = x.reshape(-1, K)

@@ -23,8 +23,10 @@ import torch
 import triton
 
 from fusedmlp.common.dtypes import DTYPES
+from fusedmlp.common.registry import FALLBACK
 
 from .. import tuning  # noqa: F401  (registers the GPU for the committed tuned configs)
+from ..front import STACK
 from ..runtime import INTERPRET
 
 TMA_ALIGN_BYTES = 16
@@ -50,7 +52,7 @@ def tma_unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
             return (
                 f"TMA's 16-byte stride rule: rows of {name} are {what}={width} x {size} bytes "
                 f"= {row_bytes} bytes, not a multiple of {TMA_ALIGN_BYTES}; "
-                "falls back to impl 'triton'"
+                f"falls back to impl '{FALLBACK[STACK]}'"
             )
     return None
 

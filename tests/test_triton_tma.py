@@ -419,6 +419,69 @@ def test_residual_gets_room_in_shared_memory():
     assert with_residual_room(small, "bfloat16") == small
 
 
+# ---- device facts read once, not per launch (issue 23) -----------------------------------------
+DEVICE_FACTS = ("get_device_properties", "get_device_capability", "get_device_name",
+                "current_device", "device_count")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts interpreted launches (the GPU path simulated)")
+def test_launches_read_device_facts_once(monkeypatch):
+    """Repeated launches read no device fact per call: the SM count once per device, the launch
+    config once per (family, config, dtype, precision, residual), the allocator probe imported
+    once. Counted over real launches under the interpreter, then on the GPU path of the same
+    support functions with the interpreter switched off (a stand-in device property, our
+    allocator installed in a copied context so it does not leak into the process)."""
+    import collections
+    import contextvars
+    import types
+
+    import triton
+
+    calls: collections.Counter[str] = collections.Counter()
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in DEVICE_FACTS:
+        monkeypatch.setattr(torch.cuda, name, counting(name, getattr(torch.cuda, name)))
+    monkeypatch.setattr(triton, "set_allocator", counting("set_allocator", triton.set_allocator))
+    for cached in (support.launch_config, support._max_programs, support._allocator_probe):
+        cached.cache_clear()
+
+    spec, x, p = layer_problem("float16", True, 9, 800, gated=True)
+    xt, wv, bc = to_torch(x), *packed(p)
+    n = spec.widths[1]
+    w, b = to_torch(p["w0"]), to_torch(p["b0"])
+    r = torch.zeros(9, n, dtype=torch.float16, device=DEVICE)
+    for _ in range(3):
+        tma_linear.linear_act_fwd(xt, w, b, r, activation="silu", config=INTERPRET_CONFIG)
+        tma_gated.gated_fwd(xt, wv, bc, n=n, activation="silu", config=INTERPRET_CONFIG_GATED)
+    assert not calls, calls
+    info = support.launch_config.cache_info()
+    assert (info.misses, info.hits) == (2, 4), info  # one per (family, config, ...) key
+    assert support._max_programs.cache_info().misses == 1
+
+    monkeypatch.setattr(support, "INTERPRET", False)
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        counting("get_device_properties", lambda index: props))
+
+    def launches() -> list[int]:
+        grids = []
+        for _ in range(5):
+            grids.append(support.num_programs(1000, torch.device("cuda", 0)))
+            support.ensure_allocator()
+        return grids
+
+    assert contextvars.copy_context().run(launches) == [132] * 5
+    assert calls == {"get_device_properties": 1, "set_allocator": 1}, calls
+    assert support._allocator_probe.cache_info().misses == 1
+
+
 # ---- validation ---------------------------------------------------------------------------------
 def test_validation_errors():
     k, n = ALIGNED["float16"]

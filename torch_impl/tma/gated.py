@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import gated_config, heuristic_config, warp_specialize_applies
+from fusedmlp.common.tiling import heuristic_config
 from fusedmlp.common.validate import check_packed_gated
 
 from .. import gated as portable
@@ -49,6 +49,7 @@ from .linear_act import _store_tile
 from .support import (
     as_tma_operand,
     ensure_allocator,
+    launch_config,
     num_programs,
     tma_unsupported_reason,
 )
@@ -130,12 +131,12 @@ def gated_fwd(
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
     if M == 0 or n == 0:
         return out
-    config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
+    # block_n: whole packed block pairs (at least 64)
+    config, ws = launch_config("gated", config, x.dtype, fp32_precision, False)
     x, wv = as_tma_operand(x), as_tma_operand(wv)
     bc = bc.contiguous() if bc is not None else None
     num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(n, config.block_n)
     programs = num_programs(num_tiles, x.device)
-    ws = warp_specialize_applies("gated", config)
     ensure_allocator()
     _gated_fwd_kernel[(programs,)](
         x, wv, bc, out,

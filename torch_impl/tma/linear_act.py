@@ -50,11 +50,7 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import (
-    heuristic_config,
-    warp_specialize_applies,
-    with_residual_room,
-)
+from fusedmlp.common.tiling import heuristic_config
 from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
@@ -66,6 +62,7 @@ from .support import (
     as_tma_operand,
     ensure_allocator,
     is_k_major,
+    launch_config,
     num_programs,
     tma_unsupported_reason,
 )
@@ -214,11 +211,10 @@ def linear_act_fwd(
     b = b.contiguous() if b is not None else None
     if residual is not None:
         residual = residual.contiguous()  # row stride N
-        dtype = str(x.dtype).removeprefix("torch.")
-        config = with_residual_room(config, dtype, fp32_precision=fp32_precision)
+    # a residual gets room in shared memory (more epilogue slices, then fewer stages)
+    config, ws = launch_config("linear_act", config, x.dtype, fp32_precision, residual is not None)
     num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = num_programs(num_tiles, x.device)
-    ws = warp_specialize_applies("linear_act", config)
     ensure_allocator()
     _linear_act_fwd_kernel[(programs,)](
         x, w, b, residual, out,

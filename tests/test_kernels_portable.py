@@ -1,13 +1,13 @@
 """The portable per-layer kernels of both stacks: `triton` (torch_impl), `pallas_triton` (jax_impl).
 
-Every golden case runs through the per-layer kernels chained as the fronts chain them (`run_layers`:
-gated — on the packed W|V operand, common/packing.py — for gated hidden layers, linear_act for plain
-hidden layers and for the identity last layer), then random odd shapes: M = 0 and 1, 3-D inputs, a
-residual, non-contiguous x (torch), a NaN row, tf32, small explicit TileConfigs (several tiles in
-every dimension; gated tiles whose packed operand tile runs past the padded width), every gated
+Random odd shapes through the public functions: M = 0 and 1, 3-D inputs, a residual,
+non-contiguous x (torch), a NaN row, tf32, small explicit TileConfigs (several tiles in every
+dimension; gated tiles whose packed operand tile runs past the padded width), every gated
 activation × bias × dtype at an N that is no multiple of 64, the two stacks bit for bit on the gated
 kernel and, for JAX, the kernels inside `jax.jit`. Only `tolerance.assert_close` decides.
-Validation (the shared check layer, the same text in both stacks) is tests/test_validate.py's.
+
+The golden cases run through these kernels once, via the front, in tests/test_parity_golden.py;
+their validation (the shared check layer, the same text in both stacks) is tests/test_validate.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fusedmlp.common import MLPSpec, TileConfig, golden, reference
+from fusedmlp.common import MLPSpec, TileConfig, reference
 from fusedmlp.common.dtypes import DTYPES, numpy_dtype
 from fusedmlp.common.tolerance import assert_close
 from helpers import to_numpy
@@ -88,32 +88,6 @@ STACKS = ("triton", "pallas_triton")
 @pytest.fixture(params=STACKS)
 def stack(request: pytest.FixtureRequest) -> Stack:
     return get_stack(request.param)
-
-
-def run_layers(stack: Stack, spec: MLPSpec, x: object, params: dict[str, object],
-               config: TileConfig | None = None) -> object:
-    """The MLP as the fronts chain the per-layer kernels (gated layers on the packed operand)."""
-    h = x
-    for layer in spec.layers():
-        i = layer.index
-        b = params.get(f"b{i}")
-        if layer.gated:
-            h = stack.gated_unpacked(h, params[f"w{i}"], params[f"v{i}"], b, params.get(f"c{i}"),
-                                     activation=layer.activation, config=config,
-                                     fp32_precision=spec.fp32_precision)
-        else:
-            h = stack.linear_act(h, params[f"w{i}"], b, activation=layer.activation,
-                                 config=config, fp32_precision=spec.fp32_precision)
-    return h
-
-
-# ---- golden files --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", golden.case_names())
-def test_golden(stack: Stack, name: str) -> None:
-    case = golden.load(name)
-    params = {k: stack.asarray(v) for k, v in case.params.items()}
-    out = run_layers(stack, case.spec, stack.asarray(case.x), params)
-    assert_close(to_numpy(out), case.y, case.spec, what=f"{stack.name} {name}")
 
 
 # ---- random odd shapes ---------------------------------------------------------------------------

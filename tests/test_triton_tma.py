@@ -1,15 +1,15 @@
 """impl `triton_tma`: the Hopper per-layer kernels (tensor descriptors, persistent grouped grid).
 
 On the CPU every kernel runs under Triton's interpreter with 3 persistent programs, so each program
-walks several tiles. Cases: golden files (those whose widths break TMA's 16-byte stride rule must
-take the portable fallback, and `tma_unsupported_reason` must say why; `deep-swiglu-bfloat16` meets
-the rule and runs the descriptor kernels), random odd-but-aligned shapes for every activation x
-dtype x bias on both kernels (gated on the packed W|V operand, N no multiple of 64), M = 0 and 1,
-3-D input, a residual, tf32, the subtiled epilogue (2 and 4 slices, with and without a residual),
-warp-specialised configs (the flag is ignored by the interpreter, the rest of the config is not),
-a K-major W, non-contiguous and misaligned operands, validation errors. GPU checks (`-m gpu`) run
-the heuristic (Hopper) configs and look for TMA and wgmma in the PTX. Only `tolerance.assert_close`
-decides pass/fail.
+walks several tiles. The golden files run once, through the front, in tests/test_parity_golden.py;
+here: which of them meet TMA's 16-byte stride rule (those that break it take the portable
+fallback, and `tma_unsupported_reason` says why; `deep-swiglu-bfloat16` meets it), random
+odd-but-aligned shapes for every activation x dtype x bias on both kernels (gated on the packed
+W|V operand, N no multiple of 64), M = 0 and 1, 3-D input, a residual, tf32, the subtiled epilogue
+(2 and 4 slices, with and without a residual), warp-specialised configs (the flag is ignored by
+the interpreter, the rest of the config is not), a K-major W, non-contiguous and misaligned
+operands, validation errors. GPU checks (`-m gpu`) run the heuristic (Hopper) configs and look for
+TMA and wgmma in the PTX. Only `tolerance.assert_close` decides pass/fail.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from fusedmlp.torch_impl.runtime import INTERPRET
 from fusedmlp.torch_impl.tma import gated as tma_gated
 from fusedmlp.torch_impl.tma import linear_act as tma_linear
 from fusedmlp.torch_impl.tma import support, tma_unsupported_reason
-from helpers import GOLDEN_NAMES, to_numpy
+from helpers import to_numpy
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 # Aligned but odd widths: 16-bit rows of 40 and 72 elements are 80 and 144 bytes; fp32 rows of 20
@@ -96,24 +96,6 @@ def packed(p: dict[str, np.ndarray], i: int = 0) -> tuple[torch.Tensor, torch.Te
     return wv, bc
 
 
-def run_tma_layers(spec: MLPSpec, x: torch.Tensor, params: dict[str, np.ndarray]):
-    """The MLP through the triton_tma public functions, chained as the front chains layers."""
-    h = x
-    for layer in spec.layers():
-        i = layer.index
-        if layer.gated:
-            wv, bc = packed(params, i)
-            h = tma_gated.gated(h, wv, bc, n=layer.d_out, activation=layer.activation,
-                                fp32_precision=spec.fp32_precision)
-        else:
-            b = params.get(f"b{i}")
-            h = tma_linear.linear_act(h, to_torch(params[f"w{i}"]),
-                                      to_torch(b) if b is not None else None,
-                                      activation=layer.activation,
-                                      fp32_precision=spec.fp32_precision)
-    return h
-
-
 def all_layers_aligned(spec: MLPSpec) -> bool:
     return all(tma_unsupported_reason(1, ly.d_out, ly.d_in, spec.dtype) is None
                for ly in spec.layers())
@@ -159,14 +141,6 @@ def test_golden_rule_split():
 
 
 # ---- golden files -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", GOLDEN_NAMES)
-def test_golden(name):
-    case = golden.load(name)
-    x = to_torch(case.x)
-    y = run_tma_layers(case.spec, x, case.params)
-    assert_close(to_numpy(y), case.y, case.spec, what=name)
-
-
 def test_golden_fallback_is_the_portable_kernel():
     """Where the rule fails the public functions return exactly what impl `triton` returns."""
     case = golden.load("geglu-float16-bias")

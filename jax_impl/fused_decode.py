@@ -69,7 +69,7 @@ def _fused_decode_up_kernel(
     x_ref, w_ref, b_ref, h_ref,
     *, M, D_IN, HIDDEN,
     ACTIVATION, GATED, HAS_BIAS, PACK, BLOCK_M, BLOCK_H, BLOCK_K, DOT_PRECISION, INTERPRET,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, hidden columns [pid·BLOCK_H, (pid+1)·BLOCK_H)
     pid = pl.program_id(0)
     rows = jnp.arange(BLOCK_M)
@@ -137,7 +137,7 @@ def _fused_decode_down_kernel(
     h_ref, w_ref, b_ref, out_ref,
     *, M, HIDDEN, D_OUT,
     HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, K_ITERS, SPLIT_K, DOT_PRECISION, INTERPRET,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, output columns of tile n, hidden run s
     pid_n = pl.program_id(0)
     pid_s = pl.program_id(1)
@@ -184,7 +184,7 @@ def _fused_decode_reduce_kernel(
     ws_ref, b_ref, y_ref,
     *, M, D_OUT,
     HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K, INTERPRET,
-):
+):  # fmt: skip
     # twin-diff: no USE_PDL (see launch 1)
     # 1. program -> tile: every (padded) row, output columns of tile n
     pid = pl.program_id(0)
@@ -250,12 +250,12 @@ def fused_decode_fwd(
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         DOT_PRECISION=precision, INTERPRET=interpret,
-    )
+    )  # fmt: skip
     down = functools.partial(
         _fused_decode_down_kernel, M=m, HIDDEN=hidden, D_OUT=d_out,
         HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
         K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION=precision, INTERPRET=interpret,
-    )
+    )  # fmt: skip
     with quiet_pallas_triton():
         h = pl.pallas_call(
             up,
@@ -280,7 +280,7 @@ def fused_decode_fwd(
             _fused_decode_reduce_kernel, M=m, D_OUT=d_out,
             HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
             INTERPRET=interpret,
-        )
+        )  # fmt: skip
         return pl.pallas_call(
             reduce,
             out_shape=jax.ShapeDtypeStruct((m, d_out), x2d.dtype),

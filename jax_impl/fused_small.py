@@ -76,7 +76,7 @@ def dot_precision(spec: MLPSpec) -> jax.lax.Precision:
 def _layer_operands(
     w_ref, b_ref, d_in, d_out,
     WIDTH, GATED_LAYER, HAS_BIAS, PACK,
-):
+):  # fmt: skip
     """One layer's zero-padded operands: the [WIDTH, WIDTH] weight tile (the gate's, for a gated
     layer), the up tile (gated; else the weight tile again), and the fp32 bias rows."""
     lanes = jnp.arange(WIDTH)
@@ -114,7 +114,7 @@ def _select_layer(w_refs, b_refs, layer, WIDTHS, NUM_HIDDEN, WIDTH, GATED, HAS_B
 def _hidden_layer(
     h, w, v, b, c,
     ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, DTYPE, INTERPRET,
-):
+):  # fmt: skip
     """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers."""
     if INTERPRET:
         w = w.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
@@ -140,7 +140,7 @@ def _fused_small_fwd_kernel(
     M, TILES_PER_PROGRAM,
     WIDTHS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
     DOT_PRECISION, INTERPRET,
-):
+):  # fmt: skip
     # twin-diff: the layers' refs arrive flat (weights, biases, then y); Triton takes tuples
     w_refs, b_refs, y_ref = refs[:NUM_LAYERS], refs[NUM_LAYERS:2 * NUM_LAYERS], refs[-1]
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
@@ -259,7 +259,7 @@ def fused_small_fwd(
         BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, GATED=spec.gated,
         HAS_BIAS=spec.bias, PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION=dot_precision(spec),
         INTERPRET=interpret,
-    )
+    )  # fmt: skip
     with quiet_pallas_triton():
         return pl.pallas_call(
             kernel,

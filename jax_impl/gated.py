@@ -61,7 +61,7 @@ def _gated_fwd_kernel(
     *, M, N, K,
     ACTIVATION, PRECISION, INTERPRET,
     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-):
+):  # fmt: skip
     # twin-diff: strides and HAS_BIAS are implied by the refs (an absent bc_ref is None).
     # 1. program -> tile: an output tile of h, and the packed tile of wv twice as wide
     pid_m, pid_n = _grouped_tile(pl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -137,7 +137,7 @@ def _gated_fwd_jit(x, wv, bc, *, n, activation, config, fp32_precision, interpre
         ACTIVATION=activation, PRECISION=_precision(fp32_precision), INTERPRET=interpret,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
-    )
+    )  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),

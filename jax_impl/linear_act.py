@@ -58,7 +58,7 @@ def _linear_act_fwd_kernel(
     *, M, N, K,
     ACTIVATION, PRECISION, INTERPRET,
     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-):
+):  # fmt: skip
     # twin-diff: strides and HAS_BIAS/HAS_RESIDUAL are implied by the refs (absent refs are None).
     # 1. program -> tile
     pid_m, pid_n = _grouped_tile(pl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -146,7 +146,7 @@ def _linear_act_fwd_jit(x, w, b, residual, *, activation, config, fp32_precision
         ACTIVATION=activation, PRECISION=_precision(fp32_precision), INTERPRET=interpret,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
-    )
+    )  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),

@@ -93,7 +93,7 @@ def _fused_decode_up_kernel(
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, hidden columns [pid·BLOCK_H, (pid+1)·BLOCK_H)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -159,7 +159,7 @@ def _fused_decode_down_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, output columns of tile n, hidden run s
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -206,7 +206,7 @@ def _fused_decode_reduce_kernel(
     M, D_OUT,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, output columns of tile n
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -274,21 +274,21 @@ def fused_decode_fwd(
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **launch,
-    )
+    )  # fmt: skip
     _fused_decode_down_kernel[(triton.cdiv(d_out, cfg.block_n), splits)](
         h, w2, b2, out,
         m, hidden, d_out,
         HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
         K_ITERS=k_iters, SPLIT_K=splits,
         DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **dependent,
-    )
+    )  # fmt: skip
     if splits > 1:
         _fused_decode_reduce_kernel[(triton.cdiv(d_out, REDUCE_BLOCK_N),)](
             out, b2, y,
             m, d_out,
             HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
             USE_PDL=pdl, INTERPRET=INTERPRET, **{**dependent, "num_warps": 4, "num_stages": 1},
-        )
+        )  # fmt: skip
     return y
 
 

@@ -83,7 +83,7 @@ def dot_precision(spec: MLPSpec) -> str:
 def _layer_operands(
     w_ptr, b_ptr, d_in, d_out, w_cols,
     WIDTH: tl.constexpr, GATED_LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
-):
+):  # fmt: skip
     """One layer's zero-padded operands: the [WIDTH, WIDTH] weight tile (the gate's, for a gated
     layer), the up tile (gated; else the weight tile again), and the fp32 bias rows."""
     lanes = tl.arange(0, WIDTH)
@@ -130,7 +130,7 @@ def _hidden_layer(
     h, w, v, b, c,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers."""
     if INTERPRET:
         w = w.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
@@ -159,7 +159,7 @@ def _fused_small_fwd_kernel(
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -273,7 +273,7 @@ def fused_small_fwd(
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
         HOIST=cfg.hoist, DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    )  # fmt: skip
     return y
 
 

@@ -60,7 +60,7 @@ def _gated_fwd_kernel(
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: an output tile of h, and the packed tile of wv twice as wide
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -132,7 +132,7 @@ def gated_fwd(
         INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    )  # fmt: skip
     return out
 
 

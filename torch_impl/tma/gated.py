@@ -64,7 +64,7 @@ def _gated_fwd_kernel(
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the output tiles
     n_packed = 2 * tl.cdiv(N, _PACK) * _PACK  # 2·Np
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1],
@@ -147,7 +147,7 @@ def gated_fwd(
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
         FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
         num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    )  # fmt: skip
     return out
 
 

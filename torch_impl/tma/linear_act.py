@@ -130,7 +130,7 @@ def _linear_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
@@ -225,7 +225,7 @@ def linear_act_fwd(
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
         FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
         num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    )  # fmt: skip
     return out
 
 

@@ -71,8 +71,9 @@ def check_config(config: object) -> TileConfig | None:
     return config
 
 
-def check_types(adapter: Adapter, x: object, params: object, config: object,
-                residual: object) -> None:
+def check_types(
+    adapter: Adapter, x: object, params: object, config: object, residual: object
+) -> None:
     """TypeError naming the first argument that is not the kind of object expected."""
     kind = adapter.array_type
     if not adapter.is_array(x):
@@ -208,8 +209,15 @@ class LayerShape(NamedTuple):
     n: int
 
 
-def check_array(adapter: Adapter, name: str, a: object, *, shape: Sequence[int] | None,
-                dtype: str | None, ndim_min: int = 1) -> ArrayInfo:
+def check_array(
+    adapter: Adapter,
+    name: str,
+    a: object,
+    *,
+    shape: Sequence[int] | None,
+    dtype: str | None,
+    ndim_min: int = 1,
+) -> ArrayInfo:
     """TypeError unless `a` is an array; ValueError unless it has `shape` (None: at least
     `ndim_min` dims) and `dtype` (None: one of the contract's DTYPES)."""
     if not adapter.is_array(a):
@@ -230,8 +238,13 @@ def check_array(adapter: Adapter, name: str, a: object, *, shape: Sequence[int] 
     return info
 
 
-def check_options(activation: str, fp32_precision: str, dtype: str, config: object,
-                  activations: Sequence[str] = KERNEL_ACTIVATIONS) -> None:
+def check_options(
+    activation: str,
+    fp32_precision: str,
+    dtype: str,
+    config: object,
+    activations: Sequence[str] = KERNEL_ACTIVATIONS,
+) -> None:
     if activation not in activations:
         raise ValueError(f"activation: expected one of {tuple(activations)}, got {activation!r}")
     if fp32_precision not in FP32_PRECISIONS:

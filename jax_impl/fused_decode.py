@@ -93,18 +93,28 @@ def _fused_decode_up_kernel(
         k = i * BLOCK_K
         kk = k + offs_k
         k_ok = kk < D_IN
-        x = plgpu.load(x_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
-                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0, BLOCK_H)],
-                       mask=k_ok[:, None] & h_ok[None, :], other=0.0, eviction_policy="evict_first")
+        x = plgpu.load(
+            x_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = plgpu.load(
+            w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0, BLOCK_H)],
+            mask=k_ok[:, None] & h_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         if INTERPRET:
             x = x.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
             w = w.astype(jnp.float32)
         acc_z = acc_z + plgpu.dot(x, w, precision=DOT_PRECISION)
         if GATED:
-            v = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0 + PACK, BLOCK_H)],
-                           mask=k_ok[:, None] & h_ok[None, :], other=0.0,
-                           eviction_policy="evict_first")
+            v = plgpu.load(
+                w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0 + PACK, BLOCK_H)],
+                mask=k_ok[:, None] & h_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
             if INTERPRET:
                 v = v.astype(jnp.float32)
             acc_g = acc_g + plgpu.dot(x, v, precision=DOT_PRECISION)
@@ -117,20 +127,25 @@ def _fused_decode_up_kernel(
     # 3. compute: bias, activation, gate in fp32; padded hidden lanes are never stored
     z = acc_z
     if HAS_BIAS:
-        z += plgpu.load(b_ref.at[pl.ds(col0, BLOCK_H)], mask=h_ok,
-                        other=0.0).astype(jnp.float32)[None, :]
+        z += plgpu.load(b_ref.at[pl.ds(col0, BLOCK_H)], mask=h_ok, other=0.0).astype(jnp.float32)[
+            None, :
+        ]
     z = apply_activation(z, ACTIVATION)
     if GATED:
         g = acc_g
         if HAS_BIAS:
-            g += plgpu.load(b_ref.at[pl.ds(col0 + PACK, BLOCK_H)], mask=h_ok,
-                            other=0.0).astype(jnp.float32)[None, :]
+            g += plgpu.load(b_ref.at[pl.ds(col0 + PACK, BLOCK_H)], mask=h_ok, other=0.0).astype(
+                jnp.float32
+            )[None, :]
         z = z * g
     h = round_to_dtype(z, dtype, INTERPRET)  # what a per-layer kernel's store would hold
 
     # 4. store: the M real rows of this hidden slice
-    plgpu.store(h_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)], h,
-                mask=row_ok[:, None] & h_ok[None, :])
+    plgpu.store(
+        h_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)],
+        h,
+        mask=row_ok[:, None] & h_ok[None, :],
+    )
 
 
 def _fused_decode_down_kernel(
@@ -154,10 +169,17 @@ def _fused_decode_down_kernel(
         k = k_lo + i * BLOCK_K
         kk = k + offs_k
         k_ok = kk < HIDDEN
-        h = plgpu.load(h_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
-                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
-                       mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        h = plgpu.load(
+            h_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = plgpu.load(
+            w_ref.at[pl.ds(k, BLOCK_K), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         if INTERPRET:
             h = h.astype(jnp.float32)
             w = w.astype(jnp.float32)
@@ -170,14 +192,15 @@ def _fused_decode_down_kernel(
     if SPLIT_K == 1:
         # 3. compute: the bias and the one rounding of y
         if HAS_BIAS:
-            acc += plgpu.load(b_ref.at[pl.ds(pid_n * BLOCK_N, BLOCK_N)], mask=n_ok,
-                              other=0.0).astype(jnp.float32)[None, :]
+            acc += plgpu.load(
+                b_ref.at[pl.ds(pid_n * BLOCK_N, BLOCK_N)], mask=n_ok, other=0.0
+            ).astype(jnp.float32)[None, :]
         y = round_to_dtype(acc, dtype, INTERPRET)
-        plgpu.store(out_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], y,
-                    mask=mask)
+        plgpu.store(out_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], y, mask=mask)
     else:
-        plgpu.store(out_ref.at[pid_s, pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], acc,
-                    mask=mask)
+        plgpu.store(
+            out_ref.at[pid_s, pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], acc, mask=mask
+        )
 
 
 def _fused_decode_reduce_kernel(
@@ -201,8 +224,9 @@ def _fused_decode_reduce_kernel(
         partial = ws_ref.at[jnp.int32(s), pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)]
         acc += plgpu.load(partial, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += plgpu.load(b_ref.at[pl.ds(pid * BLOCK_N, BLOCK_N)], mask=n_ok,
-                          other=0.0).astype(jnp.float32)[None, :]
+        acc += plgpu.load(b_ref.at[pl.ds(pid * BLOCK_N, BLOCK_N)], mask=n_ok, other=0.0).astype(
+            jnp.float32
+        )[None, :]
     y = round_to_dtype(acc, dtype, INTERPRET)
 
     # 4. store
@@ -214,8 +238,10 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_decode can run `spec` at M = m (None: any M it takes), else the reason."""
     fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     if spec.num_layers != 2:
-        return (f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
-                f"{spec.num_layers} (widths {spec.widths}); {fallback}")
+        return (
+            f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
+            f"{spec.num_layers} (widths {spec.widths}); {fallback}"
+        )
     if m is not None and m > MAX_M:
         return f"fused_decode: M must be <= {MAX_M}, got {m}; {fallback}"
     return None
@@ -303,8 +329,9 @@ def fused_decode(
     """y = MLP(x) for a 2-layer spec, x of shape [..., d_in] with at most 64 rows and packed params
     (`fusedmlp.jax_impl.packing.pack_params`, once, outside any jitted step); raises
     NotImplementedError (with the reason and the fallback) for what it cannot take."""
-    spec = check_packed_call(ADAPTER, spec, x, params, config,
-                             config_types=(TileConfig, DecodeConfig))
+    spec = check_packed_call(
+        ADAPTER, spec, x, params, config, config_types=(TileConfig, DecodeConfig)
+    )
     # twin-diff: no device check (jax places the arrays)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in)

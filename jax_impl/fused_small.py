@@ -94,8 +94,7 @@ def _layer_operands(
     if GATED_LAYER:
         v = plgpu.load(w_ref.at[lanes[:, None], cols[None, :] + PACK], mask=w_ok, other=0.0)
         if HAS_BIAS:
-            c = plgpu.load(b_ref.at[cols + PACK], mask=lanes < d_out,
-                           other=0.0).astype(jnp.float32)
+            c = plgpu.load(b_ref.at[cols + PACK], mask=lanes < d_out, other=0.0).astype(jnp.float32)
     return w, v, b, c
 
 
@@ -104,8 +103,17 @@ def _select_layer(w_refs, b_refs, layer, WIDTHS, NUM_HIDDEN, WIDTH, GATED, HAS_B
     # twin-diff: a ref cannot be selected at run time; switch between per-layer loads (the twin
     # selects the pointer and loads once)
     branches = [
-        functools.partial(_layer_operands, w_refs[j], b_refs[j], WIDTHS[j], WIDTHS[j + 1], WIDTH,
-                          GATED, HAS_BIAS, PACK)
+        functools.partial(
+            _layer_operands,
+            w_refs[j],
+            b_refs[j],
+            WIDTHS[j],
+            WIDTHS[j + 1],
+            WIDTH,
+            GATED,
+            HAS_BIAS,
+            PACK,
+        )
         for j in range(NUM_HIDDEN)
     ]
     return jax.lax.switch(layer, branches)
@@ -142,7 +150,7 @@ def _fused_small_fwd_kernel(
     DOT_PRECISION, INTERPRET,
 ):  # fmt: skip
     # twin-diff: the layers' refs arrive flat (weights, biases, then y); Triton takes tuples
-    w_refs, b_refs, y_ref = refs[:NUM_LAYERS], refs[NUM_LAYERS:2 * NUM_LAYERS], refs[-1]
+    w_refs, b_refs, y_ref = refs[:NUM_LAYERS], refs[NUM_LAYERS : 2 * NUM_LAYERS], refs[-1]
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = pl.program_id(0)
     num_programs = pl.num_programs(0)
@@ -154,19 +162,38 @@ def _fused_small_fwd_kernel(
     hidden = ()
     if HOIST:
         for layer in range(last):
-            operands = _layer_operands(w_refs[layer], b_refs[layer], WIDTHS[layer],
-                                       WIDTHS[layer + 1], WIDTH, GATED, HAS_BIAS, PACK)
+            operands = _layer_operands(
+                w_refs[layer],
+                b_refs[layer],
+                WIDTHS[layer],
+                WIDTHS[layer + 1],
+                WIDTH,
+                GATED,
+                HAS_BIAS,
+                PACK,
+            )
             hidden = hidden + (operands,)  # noqa: RUF005 (the twin's tuple, grown per layer)
-        w_out, _, b_out, _ = _layer_operands(w_refs[last], b_refs[last], WIDTHS[last],
-                                             WIDTHS[NUM_LAYERS], WIDTH, False, HAS_BIAS, PACK)
+        w_out, _, b_out, _ = _layer_operands(
+            w_refs[last],
+            b_refs[last],
+            WIDTHS[last],
+            WIDTHS[NUM_LAYERS],
+            WIDTH,
+            False,
+            HAS_BIAS,
+            PACK,
+        )
 
     def row_tile(i, carry):
         start = (pid + i * num_programs) * BLOCK_M
         rows = start + jnp.arange(BLOCK_M)
         row_ok = rows < M
         # 2. load: the x tile (pipelined: the next tiles' loads are in flight during this one)
-        h = plgpu.load(x_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
-                       mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]), other=0.0)
+        h = plgpu.load(
+            x_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
+            other=0.0,
+        )
         if INTERPRET:
             h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
 
@@ -175,21 +202,31 @@ def _fused_small_fwd_kernel(
             w_last, b_last = w_out, b_out
             for layer in range(last):
                 w, v, b, c = hidden[layer]
-                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
-                                  dtype, INTERPRET)
+                h = _hidden_layer(
+                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
         else:
             # weights streamed from L2 per tile, through a runtime loop: the code (and compile
             # time) of one hidden layer whatever the depth
             def layer_step(layer, h):
-                w, v, b, c = _select_layer(w_refs, b_refs, layer, WIDTHS, last, WIDTH, GATED,
-                                           HAS_BIAS, PACK)
-                return _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
-                                     dtype, INTERPRET)
+                w, v, b, c = _select_layer(
+                    w_refs, b_refs, layer, WIDTHS, last, WIDTH, GATED, HAS_BIAS, PACK
+                )
+                return _hidden_layer(
+                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
 
             h = jax.lax.fori_loop(0, last, layer_step, h) if last else h
-            w_last, _, b_last, _ = _layer_operands(w_refs[last], b_refs[last], WIDTHS[last],
-                                                   WIDTHS[NUM_LAYERS], WIDTH, False, HAS_BIAS,
-                                                   PACK)
+            w_last, _, b_last, _ = _layer_operands(
+                w_refs[last],
+                b_refs[last],
+                WIDTHS[last],
+                WIDTHS[NUM_LAYERS],
+                WIDTH,
+                False,
+                HAS_BIAS,
+                PACK,
+            )
         if INTERPRET:
             w_last = w_last.astype(jnp.float32)
         z = plgpu.dot(h, w_last, precision=DOT_PRECISION)
@@ -198,8 +235,11 @@ def _fused_small_fwd_kernel(
 
         # 4. store: only y leaves the program
         y = round_to_dtype(z, dtype, INTERPRET)
-        plgpu.store(y_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)], y,
-                    mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]))
+        plgpu.store(
+            y_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+            y,
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
+        )
         return carry
 
     jax.lax.fori_loop(0, TILES_PER_PROGRAM, row_tile, 0)
@@ -212,11 +252,15 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     for i, width in enumerate(spec.widths):
         if width > WIDTHS_SUPPORTED[-1]:
-            return (f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
-                    f"widths[{i}]; {fallback}")
+            return (
+                f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
+                f"widths[{i}]; {fallback}"
+            )
     if spec.num_layers > MAX_LAYERS:
-        return (f"fused_small: at most {MAX_LAYERS} layers, got {spec.num_layers} "
-                f"(widths {spec.widths}); {fallback}")
+        return (
+            f"fused_small: at most {MAX_LAYERS} layers, got {spec.num_layers} "
+            f"(widths {spec.widths}); {fallback}"
+        )
     return None
 
 
@@ -265,8 +309,9 @@ def fused_small_fwd(
             kernel,
             out_shape=jax.ShapeDtypeStruct((m, spec.d_out), x2d.dtype),
             grid=(programs,),
-            compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                                 num_stages=cfg.num_stages),
+            compiler_params=plgpu.CompilerParams(
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            ),
             interpret=interpret,
             name="fused_small_fwd",
         )(x2d, *weights, *biases)
@@ -284,8 +329,9 @@ def fused_small(
     """y = MLP(x) for x of shape [..., d_in] and packed params
     (`fusedmlp.jax_impl.packing.pack_params`, once) in one kernel; raises NotImplementedError
     (with the reason and the fallback) for specs fused_small cannot take."""
-    spec = check_packed_call(ADAPTER, spec, x, params, config,
-                             config_types=(TileConfig, SmallConfig))
+    spec = check_packed_call(
+        ADAPTER, spec, x, params, config, config_types=(TileConfig, SmallConfig)
+    )
     # twin-diff: no device check (jax places the arrays)
     reason = supports(spec)
     if reason is not None:

@@ -77,10 +77,16 @@ def _gated_fwd_kernel(
         # 2. load: one X tile, one packed tile; masked on M (or 2·Np) and the ragged K tail
         offs_k = k * BLOCK_K + jnp.arange(BLOCK_K)
         mask_k = offs_k < K
-        x = plgpu.load(x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
-                       mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wv = plgpu.load(wv_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :],
-                        mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        x = plgpu.load(
+            x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        wv = plgpu.load(
+            wv_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :],
+            mask=mask_k[:, None] & mask_p[None, :],
+            other=0.0,
+        )
         if INTERPRET:  # interpreter only: keeps the twin's arithmetic (see linear_act)
             x = x.astype(jnp.float32)
             wv = wv.astype(jnp.float32)
@@ -105,8 +111,14 @@ def _gated_fwd_kernel(
 # ==== launcher ====================================================================================
 def _packed_specs(M: int, N: int, K: int, config: TileConfig):
     """BlockSpecs of x's row panel, wv's packed column panel, bc's slice and an output tile."""
-    tile = functools.partial(_grouped_tile, M=M, N=N, BLOCK_M=config.block_m,
-                             BLOCK_N=config.block_n, GROUP_M=config.group_m)
+    tile = functools.partial(
+        _grouped_tile,
+        M=M,
+        N=N,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        GROUP_M=config.group_m,
+    )
 
     def x_map(pid):
         return tile(pid)[0], 0
@@ -144,8 +156,9 @@ def _gated_fwd_jit(x, wv, bc, *, n, activation, config, fp32_precision, interpre
         grid=grid,
         in_specs=[x_spec, wv_spec, bc_spec if bc is not None else None],
         out_specs=o_spec,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                             num_stages=config.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
         name="gated_fwd",
     )(x, wv, bc)
@@ -172,8 +185,16 @@ def gated_fwd(
     # Triton caches compiled kernels itself. The filter covers the lowering done here; under a
     # caller's jax.jit the lowering (and the warning) comes later, at the caller's compile.
     with compat.quiet_pallas_triton():
-        return _gated_fwd_jit(x, wv, bc, n=n, activation=activation, config=config,
-                              fp32_precision=fp32_precision, interpret=interpret)
+        return _gated_fwd_jit(
+            x,
+            wv,
+            bc,
+            n=n,
+            activation=activation,
+            config=config,
+            fp32_precision=fp32_precision,
+            interpret=interpret,
+        )
 
 
 # ==== public function =============================================================================
@@ -191,8 +212,9 @@ def gated(
     """act(x @ w + b) * (x @ v + c) from the packed operands (`jax_impl.packing.pack_gated`):
     x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n].
     `interpret`: run under Pallas' interpreter (None: where there is no GPU)."""
-    dtype, K, n = check_packed_gated(ADAPTER, x, wv, bc, n=n, activation=activation,
-                                     config=config, fp32_precision=fp32_precision)
+    dtype, K, n = check_packed_gated(
+        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are);
     # `interpret` is a call's choice here, a process's (TRITON_INTERPRET) in the Triton twin.
     interpret = compat.interpret_mode() if interpret is None else interpret
@@ -201,6 +223,14 @@ def gated(
     M = x2d.shape[0]
     if config is None:
         config = heuristic_config("gated", M, n, K, dtype, interpret=interpret)
-    out = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
-                    fp32_precision=fp32_precision, interpret=interpret)
+    out = gated_fwd(
+        x2d,
+        wv,
+        bc,
+        n=n,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
     return out.reshape(*lead, n)

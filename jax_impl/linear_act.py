@@ -72,10 +72,16 @@ def _linear_act_fwd_kernel(
         # 2. load: masked on M (or N) and on the ragged K tail, zeros outside
         offs_k = k * BLOCK_K + jnp.arange(BLOCK_K)
         mask_k = offs_k < K
-        x = plgpu.load(x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
-                       mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = plgpu.load(w_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :],
-                       mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        x = plgpu.load(
+            x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = plgpu.load(
+            w_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         if INTERPRET:  # interpreter only: keeps the twin's arithmetic (see module docstring)
             x = x.astype(jnp.float32)
             w = w.astype(jnp.float32)
@@ -111,8 +117,14 @@ def _precision(fp32_precision: str) -> jax.lax.Precision:
 
 def _specs(M: int, N: int, K: int, config: TileConfig):
     """BlockSpecs of the row panel of x, the column panel of w, b's slice, and an output tile."""
-    tile = functools.partial(_grouped_tile, M=M, N=N, BLOCK_M=config.block_m,
-                             BLOCK_N=config.block_n, GROUP_M=config.group_m)
+    tile = functools.partial(
+        _grouped_tile,
+        M=M,
+        N=N,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        GROUP_M=config.group_m,
+    )
 
     def x_map(pid):
         return tile(pid)[0], 0
@@ -151,11 +163,16 @@ def _linear_act_fwd_jit(x, w, b, residual, *, activation, config, fp32_precision
         kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),
         grid=grid,
-        in_specs=[x_spec, w_spec, b_spec if b is not None else None,
-                  o_spec if residual is not None else None],
+        in_specs=[
+            x_spec,
+            w_spec,
+            b_spec if b is not None else None,
+            o_spec if residual is not None else None,
+        ],
         out_specs=o_spec,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                             num_stages=config.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
         name="linear_act_fwd",
     )(x, w, b, residual)
@@ -180,8 +197,16 @@ def linear_act_fwd(
     # Triton caches compiled kernels itself. The filter covers the lowering done here; under a
     # caller's jax.jit the lowering (and the warning) comes later, at the caller's compile.
     with compat.quiet_pallas_triton():
-        return _linear_act_fwd_jit(x, w, b, residual, activation=activation, config=config,
-                                   fp32_precision=fp32_precision, interpret=interpret)
+        return _linear_act_fwd_jit(
+            x,
+            w,
+            b,
+            residual,
+            activation=activation,
+            config=config,
+            fp32_precision=fp32_precision,
+            interpret=interpret,
+        )
 
 
 # ==== public function =============================================================================
@@ -198,8 +223,16 @@ def linear_act(
 ) -> jax.Array:
     """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N].
     `interpret`: run under Pallas' interpreter (None: where there is no GPU)."""
-    dtype, K, N = check_layer(ADAPTER, x, w, b, residual=residual, activation=activation,
-                              config=config, fp32_precision=fp32_precision)
+    dtype, K, N = check_layer(
+        ADAPTER,
+        x,
+        w,
+        b,
+        residual=residual,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+    )
     # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are);
     # `interpret` is a call's choice here, a process's (TRITON_INTERPRET) in the Triton twin.
     interpret = compat.interpret_mode() if interpret is None else interpret
@@ -209,6 +242,14 @@ def linear_act(
     M = x2d.shape[0]
     if config is None:
         config = heuristic_config("linear_act", M, N, K, dtype, interpret=interpret)
-    out = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
-                         fp32_precision=fp32_precision, interpret=interpret)
+    out = linear_act_fwd(
+        x2d,
+        w,
+        b,
+        r2d,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
     return out.reshape(*lead, N)

@@ -30,8 +30,9 @@ SECTIONS = ("# 1. program -> tile", "# 2. load", "# 3. compute", "# 4. store")
 
 
 def twin_names() -> list[str]:
-    return [n for n in CANDIDATES if (TORCH_DIR / f"{n}.py").exists()
-            and (JAX_DIR / f"{n}.py").exists()]
+    return [
+        n for n in CANDIDATES if (TORCH_DIR / f"{n}.py").exists() and (JAX_DIR / f"{n}.py").exists()
+    ]
 
 
 def defined_names(path: Path) -> set[str]:
@@ -78,8 +79,12 @@ def test_same_public_names(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in SECTIONED if n in twin_names()])
 def test_same_kernel_sections(name: str) -> None:
     def order(path: Path) -> list[str]:
-        return [s for line in path.read_text().splitlines() for s in SECTIONS
-                if line.strip().startswith(s)]
+        return [
+            s
+            for line in path.read_text().splitlines()
+            for s in SECTIONS
+            if line.strip().startswith(s)
+        ]
 
     torch_order, jax_order = order(TORCH_DIR / f"{name}.py"), order(JAX_DIR / f"{name}.py")
     assert torch_order == jax_order, f"{name}: {torch_order} vs {jax_order}"
@@ -98,8 +103,9 @@ def test_modules_import_and_export(name: str) -> None:
     # The public names the source defines are really there after import, in both stacks.
     for package, folder in (("torch_impl", TORCH_DIR), ("jax_impl", JAX_DIR)):
         module = importlib.import_module(f"fusedmlp.{package}.{name}")
-        missing = [n for n in public(defined_names(folder / f"{name}.py"))
-                   if not hasattr(module, n)]
+        missing = [
+            n for n in public(defined_names(folder / f"{name}.py")) if not hasattr(module, n)
+        ]
         assert not missing, f"{package}/{name}.py: {missing}"
 
 
@@ -107,17 +113,29 @@ def test_modules_import_and_export(name: str) -> None:
 # Every kernel module of both stacks: the portable twins, their Hopper and Mosaic GPU siblings, the
 # cross-stack launchers.
 KERNEL_MODULES = (
-    "torch_impl/linear_act.py", "torch_impl/gated.py", "torch_impl/fused_small.py",
-    "torch_impl/fused_decode.py", "torch_impl/tma/linear_act.py", "torch_impl/tma/gated.py",
-    "torch_impl/cross/linear_act.py", "torch_impl/cross/gated.py",
-    "jax_impl/linear_act.py", "jax_impl/gated.py", "jax_impl/fused_small.py",
-    "jax_impl/fused_decode.py", "jax_impl/mosaic/linear_act.py", "jax_impl/mosaic/gated.py",
-    "jax_impl/mosaic/pipeline.py", "jax_impl/cross/linear_act.py", "jax_impl/cross/gated.py",
+    "torch_impl/linear_act.py",
+    "torch_impl/gated.py",
+    "torch_impl/fused_small.py",
+    "torch_impl/fused_decode.py",
+    "torch_impl/tma/linear_act.py",
+    "torch_impl/tma/gated.py",
+    "torch_impl/cross/linear_act.py",
+    "torch_impl/cross/gated.py",
+    "jax_impl/linear_act.py",
+    "jax_impl/gated.py",
+    "jax_impl/fused_small.py",
+    "jax_impl/fused_decode.py",
+    "jax_impl/mosaic/linear_act.py",
+    "jax_impl/mosaic/gated.py",
+    "jax_impl/mosaic/pipeline.py",
+    "jax_impl/cross/linear_act.py",
+    "jax_impl/cross/gated.py",
 )
 # The modules whose kernels round an fp32 tile to the output dtype (tma/gated.py stores through
 # tma/linear_act.py's `_store_tile`).
-ROUNDING_MODULES = tuple(m for m in KERNEL_MODULES
-                         if not any(s in m for s in ("cross", "pipeline", "tma/gated")))
+ROUNDING_MODULES = tuple(
+    m for m in KERNEL_MODULES if not any(s in m for s in ("cross", "pipeline", "tma/gated"))
+)
 ROUNDING = "round_to_dtype"  # the one name (activations.py of each stack defines it)
 
 
@@ -145,8 +163,11 @@ def test_one_name_for_the_interpreter_rounding():
     epilogue helpers, activations.py) and called by every kernel module that rounds; one name for
     the interpreter flag (INTERPRET, never UPCAST); no second helper (`_cast_out`)."""
     for stack in ("torch_impl", "jax_impl"):
-        defs = [node for node in _tree(f"{stack}/activations.py").body
-                if isinstance(node, ast.FunctionDef) and node.name == ROUNDING]
+        defs = [
+            node
+            for node in _tree(f"{stack}/activations.py").body
+            if isinstance(node, ast.FunctionDef) and node.name == ROUNDING
+        ]
         assert len(defs) == 1, f"{stack}/activations.py: no {ROUNDING}"
         params = [a.arg for a in defs[0].args.args]
         assert params == ["x", "DTYPE", "INTERPRET"], (stack, params)
@@ -163,14 +184,20 @@ def _upcasts(rel: str) -> list[str]:
     the rounded hidden fed to the next dot), in source order."""
     out = []
     for node in ast.walk(_tree(rel)):
-        if not (isinstance(node, ast.If) and isinstance(node.test, ast.Name)
-                and node.test.id == "INTERPRET"):
+        if not (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Name)
+            and node.test.id == "INTERPRET"
+        ):
             continue
         for stmt in node.body:
-            if (isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call)
-                    and isinstance(stmt.value.func, ast.Attribute)
-                    and stmt.value.func.attr in ("to", "astype")
-                    and "float32" in ast.unparse(stmt.value.args[0])):
+            if (
+                isinstance(stmt, ast.Assign)
+                and isinstance(stmt.value, ast.Call)
+                and isinstance(stmt.value.func, ast.Attribute)
+                and stmt.value.func.attr in ("to", "astype")
+                and "float32" in ast.unparse(stmt.value.args[0])
+            ):
                 out.append(ast.unparse(stmt.targets[0]))
     return sorted(out)
 
@@ -211,14 +238,20 @@ def test_jax_functions_take_interpret(module: str) -> None:
         param = inspect.signature(fn).parameters.get("interpret")
         assert param is not None, f"{module}.{fn_name}: no interpret="
         assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None, (
-            f"{module}.{fn_name}: interpret must be keyword-only with default None")
-    assert "interpret_mode" in _names(_tree(module.removeprefix("fusedmlp.").replace(".", "/")
-                                            + ".py"))
+            f"{module}.{fn_name}: interpret must be keyword-only with default None"
+        )
+    assert "interpret_mode" in _names(
+        _tree(module.removeprefix("fusedmlp.").replace(".", "/") + ".py")
+    )
 
 
 GATED_MODULES = (
-    "fusedmlp.torch_impl.gated", "fusedmlp.torch_impl.tma.gated", "fusedmlp.torch_impl.cross.gated",
-    "fusedmlp.jax_impl.gated", "fusedmlp.jax_impl.mosaic.gated", "fusedmlp.jax_impl.cross.gated",
+    "fusedmlp.torch_impl.gated",
+    "fusedmlp.torch_impl.tma.gated",
+    "fusedmlp.torch_impl.cross.gated",
+    "fusedmlp.jax_impl.gated",
+    "fusedmlp.jax_impl.mosaic.gated",
+    "fusedmlp.jax_impl.cross.gated",
 )
 
 
@@ -255,8 +288,11 @@ def test_fallback_comes_from_the_registry():
         assert "FALLBACK" not in defined_names(ROOT / rel), f"{rel}: defines FALLBACK"
         if "FALLBACK" in _names(tree):
             imported = [
-                n for node in tree.body if isinstance(node, ast.ImportFrom)
-                and (node.module or "").endswith("common.registry") for n in node.names
+                n
+                for node in tree.body
+                if isinstance(node, ast.ImportFrom)
+                and (node.module or "").endswith("common.registry")
+                for n in node.names
                 if n.name == "FALLBACK"
             ]
             assert imported, f"{rel}: uses FALLBACK without importing common.registry's"

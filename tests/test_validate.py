@@ -31,37 +31,87 @@ def _calls(adapter, a):
     w = a(np.zeros((6, 5), np.float32))
     layer = dict(activation="identity", config=None, fp32_precision="ieee")
     return [
-        (ValueError, "w: expected shape [6, 5], got [7, 5]",
-         lambda: check_layer(adapter, a(F32), a(np.zeros((7, 5), np.float32)), **layer)),
-        (ValueError, "w: expected dtype float32, got float16",
-         lambda: check_layer(adapter, a(F32), a(np.zeros((6, 5), np.float16)), **layer)),
-        (ValueError, "x: expected dtype one of",
-         lambda: check_layer(adapter, a(F32.astype(np.int32)), w, **layer)),
-        (ValueError, "b: expected shape [5], got [4]",
-         lambda: check_layer(adapter, a(F32), w, a(np.zeros(4, np.float32)), **layer)),
-        (ValueError, "residual: expected shape [4, 5], got [5, 4]",
-         lambda: check_layer(adapter, a(F32), w, residual=a(np.zeros((5, 4), np.float32)),
-                             **layer)),
-        (ValueError, "activation: expected one of",
-         lambda: check_layer(adapter, a(F32), w, **{**layer, "activation": "swiglu"})),
-        (ValueError, "fp32_precision: 'tf32' applies to dtype 'float32' only",
-         lambda: check_layer(adapter, a(F32.astype(np.float16)),
-                             a(np.zeros((6, 5), np.float16)),
-                             **{**layer, "fp32_precision": "tf32"})),
-        (TypeError, "config: expected a fusedmlp.common.TileConfig or None, got dict",
-         lambda: check_layer(adapter, a(F32), w, **{**layer, "config": {"block_m": 16}})),
-        (TypeError, f"w: expected a {adapter.array_type}, got list",
-         lambda: check_layer(adapter, a(F32), [[0.0]], **layer)),
-        (ValueError, "wv: expected shape [6, 128], got [6, 10]",
-         lambda: check_packed_gated(adapter, a(F32), a(np.zeros((6, 10), np.float32)), n=5,
-                                    **layer)),
-        (ValueError, "bc: expected shape [128], got [10]",
-         lambda: check_packed_gated(adapter, a(F32), a(np.zeros((6, 128), np.float32)),
-                                    a(np.zeros(10, np.float32)), n=5, **layer)),
-        (ValueError, "n: expected a positive int",
-         lambda: check_packed_gated(adapter, a(F32), w, n=0, **layer)),
-        (TypeError, "n: expected an int (the layer's output width), got str",
-         lambda: check_packed_gated(adapter, a(F32), w, n="5", **layer)),
+        (
+            ValueError,
+            "w: expected shape [6, 5], got [7, 5]",
+            lambda: check_layer(adapter, a(F32), a(np.zeros((7, 5), np.float32)), **layer),
+        ),
+        (
+            ValueError,
+            "w: expected dtype float32, got float16",
+            lambda: check_layer(adapter, a(F32), a(np.zeros((6, 5), np.float16)), **layer),
+        ),
+        (
+            ValueError,
+            "x: expected dtype one of",
+            lambda: check_layer(adapter, a(F32.astype(np.int32)), w, **layer),
+        ),
+        (
+            ValueError,
+            "b: expected shape [5], got [4]",
+            lambda: check_layer(adapter, a(F32), w, a(np.zeros(4, np.float32)), **layer),
+        ),
+        (
+            ValueError,
+            "residual: expected shape [4, 5], got [5, 4]",
+            lambda: check_layer(
+                adapter, a(F32), w, residual=a(np.zeros((5, 4), np.float32)), **layer
+            ),
+        ),
+        (
+            ValueError,
+            "activation: expected one of",
+            lambda: check_layer(adapter, a(F32), w, **{**layer, "activation": "swiglu"}),
+        ),
+        (
+            ValueError,
+            "fp32_precision: 'tf32' applies to dtype 'float32' only",
+            lambda: check_layer(
+                adapter,
+                a(F32.astype(np.float16)),
+                a(np.zeros((6, 5), np.float16)),
+                **{**layer, "fp32_precision": "tf32"},
+            ),
+        ),
+        (
+            TypeError,
+            "config: expected a fusedmlp.common.TileConfig or None, got dict",
+            lambda: check_layer(adapter, a(F32), w, **{**layer, "config": {"block_m": 16}}),
+        ),
+        (
+            TypeError,
+            f"w: expected a {adapter.array_type}, got list",
+            lambda: check_layer(adapter, a(F32), [[0.0]], **layer),
+        ),
+        (
+            ValueError,
+            "wv: expected shape [6, 128], got [6, 10]",
+            lambda: check_packed_gated(
+                adapter, a(F32), a(np.zeros((6, 10), np.float32)), n=5, **layer
+            ),
+        ),
+        (
+            ValueError,
+            "bc: expected shape [128], got [10]",
+            lambda: check_packed_gated(
+                adapter,
+                a(F32),
+                a(np.zeros((6, 128), np.float32)),
+                a(np.zeros(10, np.float32)),
+                n=5,
+                **layer,
+            ),
+        ),
+        (
+            ValueError,
+            "n: expected a positive int",
+            lambda: check_packed_gated(adapter, a(F32), w, n=0, **layer),
+        ),
+        (
+            TypeError,
+            "n: expected an int (the layer's output width), got str",
+            lambda: check_packed_gated(adapter, a(F32), w, n="5", **layer),
+        ),
     ]
 
 
@@ -80,11 +130,25 @@ def test_both_stacks_same_types_and_messages():
 
 def test_valid_layers_return_their_shape():
     w = np.zeros((6, 5), np.float32)
-    shape = check_layer(TORCH, torch.zeros(2, 3, 6), torch.from_numpy(w), activation="silu",
-                        config=TileConfig(16, 16, 16), fp32_precision="tf32")
+    shape = check_layer(
+        TORCH,
+        torch.zeros(2, 3, 6),
+        torch.from_numpy(w),
+        activation="silu",
+        config=TileConfig(16, 16, 16),
+        fp32_precision="tf32",
+    )
     assert (shape.dtype, shape.k, shape.n) == ("float32", 6, 5)
-    dtype, k, n = check_packed_gated(JAX, jnp.zeros((3, 6)), jnp.zeros((6, 128)), jnp.zeros(128),
-                                     n=5, activation="silu", config=None, fp32_precision="ieee")
+    dtype, k, n = check_packed_gated(
+        JAX,
+        jnp.zeros((3, 6)),
+        jnp.zeros((6, 128)),
+        jnp.zeros(128),
+        n=5,
+        activation="silu",
+        config=None,
+        fp32_precision="ieee",
+    )
     assert (dtype, k, n) == ("float32", 6, 5)
     assert fmt_shape((16, 8)) == "[16, 8]"
 
@@ -116,34 +180,57 @@ def _bad_layer_calls(name: str) -> list[tuple[str, Callable[[], object]]]:
     w = a(np.zeros((6, 5), np.float32))
     wv = a(np.zeros((6, 128), np.float32))  # packed: n = 5 pads to one 64-column block pair
     return [
-        ("w: expected shape [6, 5], got [7, 5]",
-         lambda: linear_act(a(f32), a(np.zeros((7, 5), np.float32)))),
-        ("w: expected dtype float32, got float16",
-         lambda: linear_act(a(f32), a(np.zeros((6, 5), np.float16)))),
+        (
+            "w: expected shape [6, 5], got [7, 5]",
+            lambda: linear_act(a(f32), a(np.zeros((7, 5), np.float32))),
+        ),
+        (
+            "w: expected dtype float32, got float16",
+            lambda: linear_act(a(f32), a(np.zeros((6, 5), np.float16))),
+        ),
         ("x: expected dtype one of", lambda: linear_act(a(f32.astype(np.int32)), w)),
-        ("b: expected shape [5], got [4]",
-         lambda: linear_act(a(f32), w, a(np.zeros(4, np.float32)))),
-        ("residual: expected shape [4, 5], got [5, 4]",
-         lambda: linear_act(a(f32), w, residual=a(np.zeros((5, 4), np.float32)))),
+        (
+            "b: expected shape [5], got [4]",
+            lambda: linear_act(a(f32), w, a(np.zeros(4, np.float32))),
+        ),
+        (
+            "residual: expected shape [4, 5], got [5, 4]",
+            lambda: linear_act(a(f32), w, residual=a(np.zeros((5, 4), np.float32))),
+        ),
         ("activation: expected one of", lambda: linear_act(a(f32), w, activation="swiglu")),
         ("fp32_precision: expected one of", lambda: linear_act(a(f32), w, fp32_precision="x")),
-        ("fp32_precision: 'tf32' applies to dtype 'float32' only",
-         lambda: linear_act(a(f32.astype(np.float16)), a(np.zeros((6, 5), np.float16)),
-                            fp32_precision="tf32")),
-        ("config: expected a fusedmlp.common.TileConfig or None, got dict",
-         lambda: linear_act(a(f32), w, config={"block_m": 16})),
+        (
+            "fp32_precision: 'tf32' applies to dtype 'float32' only",
+            lambda: linear_act(
+                a(f32.astype(np.float16)), a(np.zeros((6, 5), np.float16)), fp32_precision="tf32"
+            ),
+        ),
+        (
+            "config: expected a fusedmlp.common.TileConfig or None, got dict",
+            lambda: linear_act(a(f32), w, config={"block_m": 16}),
+        ),
         ("w: expected a ", lambda: linear_act(a(f32), None)),
         ("x: expected a ", lambda: linear_act([[0.0] * 6], w)),
-        ("wv: expected shape [6, 128], got [6, 10]",
-         lambda: gated(a(f32), a(np.zeros((6, 10), np.float32)), n=5)),
-        ("bc: expected shape [128], got [10]",
-         lambda: gated(a(f32), wv, a(np.zeros(10, np.float32)), n=5)),
-        ("n: expected a positive int (the layer's output width), got -1",
-         lambda: gated(a(f32), wv, n=-1)),
-        ("n: expected an int (the layer's output width), got float",
-         lambda: gated(a(f32), wv, n=5.0)),
-        ("wv: expected dtype float32, got float16",
-         lambda: gated(a(f32), a(np.zeros((6, 128), np.float16)), n=5)),
+        (
+            "wv: expected shape [6, 128], got [6, 10]",
+            lambda: gated(a(f32), a(np.zeros((6, 10), np.float32)), n=5),
+        ),
+        (
+            "bc: expected shape [128], got [10]",
+            lambda: gated(a(f32), wv, a(np.zeros(10, np.float32)), n=5),
+        ),
+        (
+            "n: expected a positive int (the layer's output width), got -1",
+            lambda: gated(a(f32), wv, n=-1),
+        ),
+        (
+            "n: expected an int (the layer's output width), got float",
+            lambda: gated(a(f32), wv, n=5.0),
+        ),
+        (
+            "wv: expected dtype float32, got float16",
+            lambda: gated(a(f32), a(np.zeros((6, 128), np.float16)), n=5),
+        ),
         ("activation: expected one of", lambda: gated(a(f32), wv, n=5, activation="geglu")),
         ("wv: expected a ", lambda: gated(a(f32), None, n=5)),
     ]
@@ -210,16 +297,23 @@ def _bad_whole_calls(name: str) -> list[tuple[str, Callable[[], object]]]:
     plain = {k: a(v) for k, v in params.items()}
     return [
         ("x: expected shape [..., 19], got [5, 18]", lambda: fn(a(x[:, :18]), packed, SPEC)),
-        ("x: expected dtype float16 (the spec's), got float32",
-         lambda: fn(a(x.astype(np.float32)), packed, SPEC)),
-        ("params: missing ['bc0']",
-         lambda: fn(a(x), {k: v for k, v in packed.items() if k != "bc0"}, SPEC)),
-        ("params: unexpected ['b9']",
-         lambda: fn(a(x), dict(packed, b9=packed["b1"]), SPEC)),
-        ("params['w1']: expected shape [45, 7], got [45, 5]",
-         lambda: fn(a(x), dict(packed, w1=packed["w1"][:, :5]), SPEC)),
-        ("params['b1']: expected dtype float16, got float32",
-         lambda: fn(a(x), dict(packed, b1=a(np.zeros(7, np.float32))), SPEC)),
+        (
+            "x: expected dtype float16 (the spec's), got float32",
+            lambda: fn(a(x.astype(np.float32)), packed, SPEC),
+        ),
+        (
+            "params: missing ['bc0']",
+            lambda: fn(a(x), {k: v for k, v in packed.items() if k != "bc0"}, SPEC),
+        ),
+        ("params: unexpected ['b9']", lambda: fn(a(x), dict(packed, b9=packed["b1"]), SPEC)),
+        (
+            "params['w1']: expected shape [45, 7], got [45, 5]",
+            lambda: fn(a(x), dict(packed, w1=packed["w1"][:, :5]), SPEC),
+        ),
+        (
+            "params['b1']: expected dtype float16, got float32",
+            lambda: fn(a(x), dict(packed, b1=a(np.zeros(7, np.float32))), SPEC),
+        ),
         ("params: missing ['wv0', 'bc0']", lambda: fn(a(x), plain, SPEC)),
         ("spec: expected a fusedmlp.common.MLPSpec, got dict", lambda: fn(a(x), packed, {})),
         ("params: expected a dict of ", lambda: fn(a(x), [1], SPEC)),
@@ -242,7 +336,10 @@ def test_whole_mlp_public_functions_share_the_check_layer(kernel):
 
 
 def test_check_packed_call_directly():
-    spec = check_packed_call(JAX, SPEC, jnp.zeros((2, 19), jnp.float16),
-                             {k: jnp.asarray(v) for k, v in
-                              pack_params(SPEC, init_params(SPEC, seed=0)).items()})
+    spec = check_packed_call(
+        JAX,
+        SPEC,
+        jnp.zeros((2, 19), jnp.float16),
+        {k: jnp.asarray(v) for k, v in pack_params(SPEC, init_params(SPEC, seed=0)).items()},
+    )
     assert spec is SPEC

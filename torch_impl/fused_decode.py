@@ -119,18 +119,28 @@ def _fused_decode_up_kernel(
     for k in range(0, D_IN, BLOCK_K):
         kk = k + offs_k
         k_ok = kk < D_IN
-        x = tl.load(x_ptr + rows[:, None] * D_IN + kk[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + kk[:, None] * W_COLS + cols_w[None, :],
-                    mask=k_ok[:, None] & h_ok[None, :], other=0.0, eviction_policy="evict_first")
+        x = tl.load(
+            x_ptr + rows[:, None] * D_IN + kk[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + kk[:, None] * W_COLS + cols_w[None, :],
+            mask=k_ok[:, None] & h_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         if INTERPRET:
             x = x.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
             w = w.to(tl.float32)
         acc_z = tl.dot(x, w, acc_z, input_precision=DOT_PRECISION)
         if GATED:
-            v = tl.load(w_ptr + kk[:, None] * W_COLS + (cols_w + PACK)[None, :],
-                        mask=k_ok[:, None] & h_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            v = tl.load(
+                w_ptr + kk[:, None] * W_COLS + (cols_w + PACK)[None, :],
+                mask=k_ok[:, None] & h_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
             if INTERPRET:
                 v = v.to(tl.float32)
             acc_g = tl.dot(x, v, acc_g, input_precision=DOT_PRECISION)
@@ -148,8 +158,9 @@ def _fused_decode_up_kernel(
     h = round_to_dtype(z, dtype, INTERPRET)  # what a per-layer kernel's store would hold
 
     # 4. store: the M real rows of this hidden slice
-    tl.store(h_ptr + rows[:, None] * HIDDEN + cols_h[None, :], h,
-             mask=row_ok[:, None] & h_ok[None, :])
+    tl.store(
+        h_ptr + rows[:, None] * HIDDEN + cols_h[None, :], h, mask=row_ok[:, None] & h_ok[None, :]
+    )
 
 
 @triton.jit
@@ -179,10 +190,17 @@ def _fused_decode_down_kernel(
     for i in range(0, K_ITERS):
         kk = k_lo + i * BLOCK_K + offs_k
         k_ok = kk < HIDDEN
-        h = tl.load(h_ptr + rows[:, None] * HIDDEN + kk[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + kk[:, None] * D_OUT + cols_n[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        h = tl.load(
+            h_ptr + rows[:, None] * HIDDEN + kk[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + kk[:, None] * D_OUT + cols_n[None, :],
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         if INTERPRET:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -235,8 +253,10 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_decode can run `spec` at M = m (None: any M it takes), else the reason."""
     fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     if spec.num_layers != 2:
-        return (f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
-                f"{spec.num_layers} (widths {spec.widths}); {fallback}")
+        return (
+            f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
+            f"{spec.num_layers} (widths {spec.widths}); {fallback}"
+        )
     if m is not None and m > MAX_M:
         return f"fused_decode: M must be <= {MAX_M}, got {m}; {fallback}"
     return None
@@ -266,8 +286,9 @@ def fused_decode_fwd(
     dependent = {**launch, "launch_pdl": True} if pdl else launch
     h = torch.empty(m, hidden, dtype=x2d.dtype, device=x2d.device)
     y = torch.empty(m, d_out, dtype=x2d.dtype, device=x2d.device)
-    out = y if splits == 1 else torch.empty(splits, m, d_out, dtype=torch.float32,
-                                            device=x2d.device)
+    out = (
+        y if splits == 1 else torch.empty(splits, m, d_out, dtype=torch.float32, device=x2d.device)
+    )
     _fused_decode_up_kernel[(triton.cdiv(hidden, cfg.block_h),)](
         x2d, w1, b1, h,
         m, d_in, hidden, w1.shape[1],
@@ -303,8 +324,9 @@ def fused_decode(
     """y = MLP(x) for a 2-layer spec, x of shape [..., d_in] with at most 64 rows and packed params
     (`fusedmlp.torch_impl.packing.pack_params`, once); raises NotImplementedError (with the reason
     and the fallback) for what it cannot take."""
-    spec = check_packed_call(ADAPTER, spec, x, params, config,
-                             config_types=(TileConfig, DecodeConfig))
+    spec = check_packed_call(
+        ADAPTER, spec, x, params, config, config_types=(TileConfig, DecodeConfig)
+    )
     check_kernel_device(x)  # twin-diff: TRITON_INTERPRET decides where the kernels run
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in).contiguous()

@@ -105,8 +105,9 @@ def _layer_operands(
 
 
 @triton.jit
-def _select_layer(w_ptrs, b_ptrs, layer, WIDTHS: tl.constexpr, W_COLS: tl.constexpr,
-                  NUM_HIDDEN: tl.constexpr):
+def _select_layer(
+    w_ptrs, b_ptrs, layer, WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_HIDDEN: tl.constexpr
+):
     """Hidden layer `layer` (a runtime index < NUM_HIDDEN): its weight and bias pointers, widths
     and weight row stride, picked from the constant tuples by a chain of selects."""
     # twin-diff: Pallas cannot select a ref at run time; it switches between per-layer loads
@@ -171,13 +172,29 @@ def _fused_small_fwd_kernel(
     hidden = ()
     if HOIST:
         for layer in tl.static_range(last):
-            operands = _layer_operands(w_ptrs[layer], b_ptrs[layer], WIDTHS[layer],
-                                       WIDTHS[layer + 1], W_COLS[layer], WIDTH, GATED, HAS_BIAS,
-                                       PACK)
+            operands = _layer_operands(
+                w_ptrs[layer],
+                b_ptrs[layer],
+                WIDTHS[layer],
+                WIDTHS[layer + 1],
+                W_COLS[layer],
+                WIDTH,
+                GATED,
+                HAS_BIAS,
+                PACK,
+            )
             hidden = hidden + (operands,)  # noqa: RUF005 (no starred tuples in Triton's frontend)
-        w_out, _, b_out, _ = _layer_operands(w_ptrs[last], b_ptrs[last], WIDTHS[last],
-                                             WIDTHS[NUM_LAYERS], W_COLS[last], WIDTH, False,
-                                             HAS_BIAS, PACK)
+        w_out, _, b_out, _ = _layer_operands(
+            w_ptrs[last],
+            b_ptrs[last],
+            WIDTHS[last],
+            WIDTHS[NUM_LAYERS],
+            W_COLS[last],
+            WIDTH,
+            False,
+            HAS_BIAS,
+            PACK,
+        )
 
     for i in range(0, TILES_PER_PROGRAM):
         rows = (pid + i * num_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -186,8 +203,11 @@ def _fused_small_fwd_kernel(
         # twin-diff: the Pallas lowering widens offsets itself for arrays over 2^32 bytes.
         row_offs = rows.to(tl.int64)[:, None]
         # 2. load: the x tile (pipelined: the next tiles' loads are in flight during this one)
-        h = tl.load(x_ptr + row_offs * stride_xm + lanes[None, :],
-                    mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]), other=0.0)
+        h = tl.load(
+            x_ptr + row_offs * stride_xm + lanes[None, :],
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
+            other=0.0,
+        )
         if INTERPRET:
             h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
 
@@ -195,21 +215,33 @@ def _fused_small_fwd_kernel(
         if HOIST:
             for layer in tl.static_range(last):
                 w, v, b, c = hidden[layer]
-                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
-                                  dtype, INTERPRET)
+                h = _hidden_layer(
+                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
         else:
             # weights streamed from L2 per tile, through a runtime loop: the code (and compile
             # time) of one hidden layer whatever the depth
             for layer in range(0, last):
-                w_ptr, b_ptr, d_in, d_out, w_cols = _select_layer(w_ptrs, b_ptrs, layer, WIDTHS,
-                                                                  W_COLS, last)
-                w, v, b, c = _layer_operands(w_ptr, b_ptr, d_in, d_out, w_cols, WIDTH, GATED,
-                                             HAS_BIAS, PACK)
-                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
-                                  dtype, INTERPRET)
-            w_out, _, b_out, _ = _layer_operands(w_ptrs[last], b_ptrs[last], WIDTHS[last],
-                                                 WIDTHS[NUM_LAYERS], W_COLS[last], WIDTH, False,
-                                                 HAS_BIAS, PACK)
+                w_ptr, b_ptr, d_in, d_out, w_cols = _select_layer(
+                    w_ptrs, b_ptrs, layer, WIDTHS, W_COLS, last
+                )
+                w, v, b, c = _layer_operands(
+                    w_ptr, b_ptr, d_in, d_out, w_cols, WIDTH, GATED, HAS_BIAS, PACK
+                )
+                h = _hidden_layer(
+                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
+            w_out, _, b_out, _ = _layer_operands(
+                w_ptrs[last],
+                b_ptrs[last],
+                WIDTHS[last],
+                WIDTHS[NUM_LAYERS],
+                W_COLS[last],
+                WIDTH,
+                False,
+                HAS_BIAS,
+                PACK,
+            )
         if INTERPRET:
             w_out = w_out.to(tl.float32)
         z = tl.dot(h, w_out, input_precision=DOT_PRECISION)
@@ -218,8 +250,11 @@ def _fused_small_fwd_kernel(
 
         # 4. store: only y leaves the program
         y = round_to_dtype(z, dtype, INTERPRET)
-        tl.store(y_ptr + row_offs * stride_ym + lanes[None, :], y,
-                 mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]))
+        tl.store(
+            y_ptr + row_offs * stride_ym + lanes[None, :],
+            y,
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
+        )
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -229,11 +264,15 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     for i, width in enumerate(spec.widths):
         if width > WIDTHS_SUPPORTED[-1]:
-            return (f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
-                    f"widths[{i}]; {fallback}")
+            return (
+                f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
+                f"widths[{i}]; {fallback}"
+            )
     if spec.num_layers > MAX_LAYERS:
-        return (f"fused_small: at most {MAX_LAYERS} layers, got {spec.num_layers} "
-                f"(widths {spec.widths}); {fallback}")
+        return (
+            f"fused_small: at most {MAX_LAYERS} layers, got {spec.num_layers} "
+            f"(widths {spec.widths}); {fallback}"
+        )
     return None
 
 
@@ -288,8 +327,9 @@ def fused_small(
     """y = MLP(x) for x of shape [..., d_in] and packed params
     (`fusedmlp.torch_impl.packing.pack_params`, once) in one kernel; raises NotImplementedError
     (with the reason and the fallback) for specs fused_small cannot take."""
-    spec = check_packed_call(ADAPTER, spec, x, params, config,
-                             config_types=(TileConfig, SmallConfig))
+    spec = check_packed_call(
+        ADAPTER, spec, x, params, config, config_types=(TileConfig, SmallConfig)
+    )
     check_kernel_device(x)  # twin-diff: TRITON_INTERPRET decides where the kernels run
     reason = supports(spec)
     if reason is not None:

@@ -82,10 +82,12 @@ def _gated_fwd_kernel(
         offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         ks = offs_k.to(tl.int64)
-        x = tl.load(x_ptrs + ks[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wv = tl.load(wv_ptrs + ks[:, None] * stride_wvk,
-                     mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        x = tl.load(
+            x_ptrs + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        wv = tl.load(
+            wv_ptrs + ks[:, None] * stride_wvk, mask=mask_k[:, None] & mask_p[None, :], other=0.0
+        )
         if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
             x = x.to(tl.float32)
             wv = wv.to(tl.float32)
@@ -149,8 +151,9 @@ def gated(
 ) -> torch.Tensor:
     """act(x @ w + b) * (x @ v + c) from the packed operands (`torch_impl.packing.pack_gated`):
     x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n]."""
-    dtype, K, n = check_packed_gated(ADAPTER, x, wv, bc, n=n, activation=activation,
-                                     config=config, fp32_precision=fp32_precision)
+    dtype, K, n = check_packed_gated(
+        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     # twin-diff: the device check (TRITON_INTERPRET decides where the kernels run) and a
     # contiguous bc (2·Np elements: cheaper than one more stride argument) are torch's.
     check_kernel_device(x)
@@ -160,6 +163,7 @@ def gated(
     M = x2d.shape[0]
     if config is None:
         config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET)
-    out = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
-                    fp32_precision=fp32_precision)
+    out = gated_fwd(
+        x2d, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     return out.reshape(*lead, n)

@@ -76,10 +76,12 @@ def _linear_act_fwd_kernel(
         offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         ks = offs_k.to(tl.int64)
-        x = tl.load(x_ptrs + ks[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs + ks[:, None] * stride_wk,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        x = tl.load(
+            x_ptrs + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        w = tl.load(
+            w_ptrs + ks[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0
+        )
         if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -93,8 +95,9 @@ def _linear_act_fwd_kernel(
     acc = apply_activation(acc, ACTIVATION)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
-                    mask=mask_mn, other=0.0).to(tl.float32)
+        r = tl.load(
+            r_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask_mn, other=0.0
+        ).to(tl.float32)
         acc = acc + r
 
     # 4. store: one rounding to the output dtype
@@ -151,8 +154,16 @@ def linear_act(
     fp32_precision: str = "ieee",
 ) -> torch.Tensor:
     """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N]."""
-    dtype, K, N = check_layer(ADAPTER, x, w, b, residual=residual, activation=activation,
-                              config=config, fp32_precision=fp32_precision)
+    dtype, K, N = check_layer(
+        ADAPTER,
+        x,
+        w,
+        b,
+        residual=residual,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+    )
     # twin-diff: the device check (TRITON_INTERPRET decides where the kernels run) and a
     # contiguous b (N elements: cheaper than one more stride argument) are torch's.
     check_kernel_device(x)
@@ -163,6 +174,7 @@ def linear_act(
     M = x2d.shape[0]
     if config is None:
         config = heuristic_config("linear_act", M, N, K, dtype, interpret=INTERPRET)
-    out = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
-                         fp32_precision=fp32_precision)
+    out = linear_act_fwd(
+        x2d, w, b, r2d, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     return out.reshape(*lead, N)

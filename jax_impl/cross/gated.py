@@ -105,13 +105,24 @@ def launch_plan(
             "bc_ptr": "bc" if has_bias else "x",
         },
         scalars=dict(
-            M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wvk=width, stride_wvn=1,
-            stride_om=n, stride_on=1,
+            M=m,
+            N=n,
+            K=k,
+            stride_xm=k,
+            stride_xk=1,
+            stride_wvk=width,
+            stride_wvn=1,
+            stride_om=n,
+            stride_on=1,
         ),
         constexprs=dict(
-            ACTIVATION=activation, HAS_BIAS=has_bias,
-            INPUT_PRECISION=input_precision(fp32_precision), INTERPRET=interpret,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            ACTIVATION=activation,
+            HAS_BIAS=has_bias,
+            INPUT_PRECISION=input_precision(fp32_precision),
+            INTERPRET=interpret,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
             GROUP_M=config.group_m,
         ),
         num_warps=config.num_warps,
@@ -137,7 +148,12 @@ def gated_fwd(
     if m == 0 or n == 0:
         return jnp.zeros((m, n), x.dtype)
     plan = launch_plan(
-        m, n, k, activation=activation, has_bias=bc is not None, config=config,
+        m,
+        n,
+        k,
+        activation=activation,
+        has_bias=bc is not None,
+        config=config,
         fp32_precision=fp32_precision,
     )
     kernel = kernel_for_jax_triton(native_kernel(), _gated_fwd_jt, ("o_ptr",), plan.scalars)

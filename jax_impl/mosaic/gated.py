@@ -62,12 +62,13 @@ def _gated_fwd_kernel(
         # 3. compute: per pair j of the slice, h = act(g + b) · (u + c) in fp32, rounded once
         for p in range(pairs):
             j = en * pairs + p  # pair index in this warpgroup's accumulator
-            gate, up = acc[rows, 2 * j * P:2 * j * P + P], acc[rows, 2 * j * P + P:2 * (j + 1) * P]
+            gate, up = (
+                acc[rows, 2 * j * P : 2 * j * P + P],
+                acc[rows, 2 * j * P + P : 2 * (j + 1) * P],
+            )
             if bc_ref is not None:
-                gate = gate + row_vector(bc_ref.at[pl.ds(2 * j * P, P)], EPI_M,
-                                         interpret=interpret)
-                up = up + row_vector(bc_ref.at[pl.ds(2 * j * P + P, P)], EPI_M,
-                                     interpret=interpret)
+                gate = gate + row_vector(bc_ref.at[pl.ds(2 * j * P, P)], EPI_M, interpret=interpret)
+                up = up + row_vector(bc_ref.at[pl.ds(2 * j * P + P, P)], EPI_M, interpret=interpret)
             h = apply_activation(gate, activation) * up
             dst = o_slot if pairs == 1 else o_slot.at[:, pl.ds(p * P, P)]
             dst[...] = round_to_dtype(h, dtype, interpret)
@@ -114,8 +115,9 @@ def gated_fwd(
         tiles=tiles,
         interpret=interpret,
     )
-    h = pipeline.launch(kernel, operands, (mp, np_), x.dtype, tiles, name="gated_fwd",
-                        interpret=interpret)
+    h = pipeline.launch(
+        kernel, operands, (mp, np_), x.dtype, tiles, name="gated_fwd", interpret=interpret
+    )
     return h if (mp, np_) == (m, n) else h[:m, :n]
 
 
@@ -135,8 +137,9 @@ def gated(
     gated layer of width n (`jax_impl.packing.pack_gated`); returns [..., n] in x.dtype.
     `interpret`: run under the Mosaic GPU interpreter (None: where there is no GPU). The W
     branch's activation may be "identity" (the bilinear GLU variant)."""
-    dtype, k, n = check_packed_gated(ADAPTER, x, wv, bc, n=n, activation=activation,
-                                     config=config, fp32_precision=fp32_precision)
+    dtype, k, n = check_packed_gated(
+        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     interpret = interpret_mode() if interpret is None else interpret
     lead = x.shape[:-1]
     m = math.prod(lead)
@@ -147,6 +150,14 @@ def gated(
     if config is None:
         config = pipeline.default_config(FAMILY, m, n, k, dtype, interpret=interpret)
     pipeline.check_config(config, dtype, num_weights=2, residual=False)
-    h = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
-                  fp32_precision=fp32_precision, interpret=interpret)
+    h = gated_fwd(
+        x2d,
+        wv,
+        bc,
+        n=n,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
     return h.reshape(*lead, n)

@@ -57,7 +57,7 @@ def _linear_act_fwd_kernel(
 
     def epilogue(acc: jax.Array, b_ref: Any, rows: slice, en: int, o_slot: Any) -> None:
         # 3. compute: y = act(acc + b) + r in fp32 on one 64 × epi_n slice, rounded once
-        y = acc[rows, en * epi_n:(en + 1) * epi_n]
+        y = acc[rows, en * epi_n : (en + 1) * epi_n]
         if b_ref is not None:
             y = y + row_vector(b_ref.at[pl.ds(en * epi_n, epi_n)], EPI_M, interpret=interpret)
         y = apply_activation(y, activation)
@@ -110,8 +110,9 @@ def linear_act_fwd(
         tiles=tiles,
         interpret=interpret,
     )
-    y = pipeline.launch(kernel, operands, (mp, np_), x.dtype, tiles, name="linear_act_fwd",
-                        interpret=interpret)
+    y = pipeline.launch(
+        kernel, operands, (mp, np_), x.dtype, tiles, name="linear_act_fwd", interpret=interpret
+    )
     return y if (mp, np_) == (m, n) else y[:m, :n]
 
 
@@ -129,8 +130,16 @@ def linear_act(
 ) -> jax.Array:
     """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N]; returns [..., N] in x.dtype.
     `interpret`: run under the Mosaic GPU interpreter (None: where there is no GPU)."""
-    dtype, k, n = check_layer(ADAPTER, x, w, b, residual=residual, activation=activation,
-                              config=config, fp32_precision=fp32_precision)
+    dtype, k, n = check_layer(
+        ADAPTER,
+        x,
+        w,
+        b,
+        residual=residual,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+    )
     interpret = interpret_mode() if interpret is None else interpret
     lead = x.shape[:-1]
     m = math.prod(lead)
@@ -142,6 +151,14 @@ def linear_act(
         config = pipeline.default_config(FAMILY, m, n, k, dtype, interpret=interpret)
     pipeline.check_config(config, dtype, num_weights=1, residual=residual is not None)
     r2d = residual.reshape(m, n) if residual is not None else None
-    y = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
-                       fp32_precision=fp32_precision, interpret=interpret)
+    y = linear_act_fwd(
+        x2d,
+        w,
+        b,
+        r2d,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
     return y.reshape(*lead, n)

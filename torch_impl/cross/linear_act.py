@@ -199,8 +199,7 @@ def _compile(fn: Callable[..., Any], operands: list[torch.Tensor]) -> Callable[.
     except (ImportError, AttributeError):
         return wrapper
     structs = tuple(
-        jax.ShapeDtypeStruct(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-        for t in operands
+        jax.ShapeDtypeStruct(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in operands
     )
     return compile_fn(fn, structs)
 

@@ -67,20 +67,24 @@ def _gated_fwd_kernel(
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the output tiles
     n_packed = 2 * tl.cdiv(N, _PACK) * _PACK  # 2·Np
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
-    wv_desc = tl.make_tensor_descriptor(wv_ptr, shape=[K, n_packed], strides=[n_packed, 1],
-                                        block_shape=[BLOCK_K, 2 * BLOCK_N])
-    o_desc = tl.make_tensor_descriptor(o_ptr, shape=[M, N], strides=[N, 1],
-                                       block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
+    x_desc = tl.make_tensor_descriptor(
+        x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
+    )
+    wv_desc = tl.make_tensor_descriptor(
+        wv_ptr, shape=[K, n_packed], strides=[n_packed, 1], block_shape=[BLOCK_K, 2 * BLOCK_N]
+    )
+    o_desc = tl.make_tensor_descriptor(
+        o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
+    )
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
     # loop flattened, a value used by both the next tile's loads and this tile's store would tie the
     # pipeliner's prologue to its epilogue.
     tile_out = tl.program_id(0) - NUM_PROGRAMS
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS,
-                         flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(
+        tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    ):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_p = pid_n * 2 * BLOCK_N
@@ -109,8 +113,9 @@ def _gated_fwd_kernel(
         h = apply_activation(g, ACTIVATION) * u
 
         # 4. store: slice by slice, one rounding each; TMA clips at M and N
-        _store_tile(o_desc, h, o_ptr, out_m, out_n, M, N,
-                    False, INTERPRET, BLOCK_M, BLOCK_N, SUBTILE)
+        _store_tile(
+            o_desc, h, o_ptr, out_m, out_n, M, N, False, INTERPRET, BLOCK_M, BLOCK_N, SUBTILE
+        )
 
 
 # ==== launcher ====================================================================================
@@ -167,19 +172,21 @@ def gated(
 
     Where K or n breaks TMA's 16-byte stride rule, runs the portable `torch_impl.gated`.
     """
-    dtype, K, n = check_packed_gated(ADAPTER, x, wv, bc, n=n, activation=activation,
-                                     config=config, fp32_precision=fp32_precision)
+    dtype, K, n = check_packed_gated(
+        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     check_kernel_device(x)
 
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]
     if tma_unsupported_reason(M, n, K, dtype) is not None:
-        return portable.gated(x, wv, bc, n=n, activation=activation, config=config,
-                              fp32_precision=fp32_precision)
+        return portable.gated(
+            x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+        )
     if config is None:
-        config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET,
-                                  persistent=True)
-    out = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
-                    fp32_precision=fp32_precision)
+        config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET, persistent=True)
+    out = gated_fwd(
+        x2d, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     return out.reshape(*lead, n)

@@ -104,8 +104,9 @@ def num_programs(num_tiles: int, device: torch.device) -> int:
 
 
 @functools.cache
-def launch_config(family: str, config: TileConfig, dtype: torch.dtype, fp32_precision: str,
-                  residual: bool) -> tuple[TileConfig, bool]:
+def launch_config(
+    family: str, config: TileConfig, dtype: torch.dtype, fp32_precision: str, residual: bool
+) -> tuple[TileConfig, bool]:
     """The config a launch runs and whether its tile loop is warp-specialised, once per key:
     gated tiles are whole packed block pairs (`gated_config`); a linear_act with a residual gets
     room for it in shared memory (`with_residual_room`)."""

@@ -14,7 +14,9 @@ TMA and wgmma in the PTX. Only `tolerance.assert_close` decides pass/fail.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 
 import numpy as np
 import pytest
@@ -492,6 +494,18 @@ DEVICE_FACTS = (
 )
 
 
+def _counting(calls, name, fn):
+    """`fn`, counting in `calls[name]` the calls made by fusedmlp's own code (Triton and torch
+    read device facts for themselves: not ours to count)."""
+
+    def wrapper(*args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("fusedmlp."):
+            calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.skipif(not INTERPRET, reason="counts interpreted launches (the GPU path simulated)")
 def test_launches_read_device_facts_once(monkeypatch):
     """Repeated launches read no device fact per call: the SM count once per device, the launch
@@ -506,13 +520,7 @@ def test_launches_read_device_facts_once(monkeypatch):
     import triton
 
     calls: collections.Counter[str] = collections.Counter()
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
+    counting = functools.partial(_counting, calls)
 
     for name in DEVICE_FACTS:
         monkeypatch.setattr(torch.cuda, name, counting(name, getattr(torch.cuda, name)))
@@ -549,6 +557,35 @@ def test_launches_read_device_facts_once(monkeypatch):
     assert contextvars.copy_context().run(launches) == [132] * 5
     assert calls == {"get_device_properties": 1, "set_allocator": 1}, calls
     assert support._allocator_probe.cache_info().misses == 1
+
+
+@pytest.mark.gpu
+def test_gpu_launches_read_device_facts_once(monkeypatch):
+    """On the GPU: repeated real launches of both families read the SM count once and install the
+    allocator at most once (not at all where this thread already has one)."""
+    import collections
+
+    import triton
+
+    calls: collections.Counter[str] = collections.Counter()
+    counting = functools.partial(_counting, calls)
+
+    for name in DEVICE_FACTS:
+        monkeypatch.setattr(torch.cuda, name, counting(name, getattr(torch.cuda, name)))
+    monkeypatch.setattr(triton, "set_allocator", counting("set_allocator", triton.set_allocator))
+    for cached in (support.launch_config, support._max_programs, support._allocator_probe):
+        cached.cache_clear()
+    spec, x, p = layer_problem("bfloat16", True, 300, 810, gated=True, widths=(256, 512))
+    xt, (wv, bc), n = to_torch(x), packed(p), spec.widths[1]
+    w, b = to_torch(p["w0"]), to_torch(p["b0"])
+    cfg = TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+    for _ in range(5):
+        tma_linear.linear_act_fwd(xt, w, b, None, activation="silu", config=cfg)
+        tma_gated.gated_fwd(xt, wv, bc, n=n, activation="silu", config=cfg)
+    torch.cuda.synchronize()
+    assert calls["get_device_properties"] == 1 and calls["set_allocator"] <= 1, calls
+    assert not calls["get_device_capability"] and not calls["get_device_name"], calls
+    assert support.launch_config.cache_info().misses == 2
 
 
 # ---- validation ---------------------------------------------------------------------------------

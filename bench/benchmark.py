@@ -62,12 +62,23 @@ def bench_case(
         if row is None:
             reason = p.enabled(case.device)
             if reason is not None:
-                row = {"provider": p.name, "stack": p.stack, "impl": p.impl,
-                       "baseline": p.baseline, "status": "skipped", "message": reason}
+                row = {
+                    "provider": p.name,
+                    "stack": p.stack,
+                    "impl": p.impl,
+                    "baseline": p.baseline,
+                    "status": "skipped",
+                    "message": reason,
+                }
             elif p.interpreted(case.device, case):
-                row = {"provider": p.name, "stack": p.stack, "impl": p.impl,
-                       "baseline": p.baseline, "interpreted": True,
-                       "status": NOT_TIMED_INTERPRETED}
+                row = {
+                    "provider": p.name,
+                    "stack": p.stack,
+                    "impl": p.impl,
+                    "baseline": p.baseline,
+                    "interpreted": True,
+                    "status": NOT_TIMED_INTERPRETED,
+                }
                 try:
                     plan = p.plan(case)
                     row.update(plan=plan.describe(), kernels=plan.kernels(), chosen=plan.impl)
@@ -83,8 +94,9 @@ def bench_case(
             if row["parity"] != "pass":
                 row["status"] = NOT_TIMED_FAILED
             else:
-                row.update(time_row(p, case, row["_fn"], ceil, timing,
-                                    chosen=row.get("chosen", p.impl)))
+                row.update(
+                    time_row(p, case, row["_fn"], ceil, timing, chosen=row.get("chosen", p.impl))
+                )
         strip(row)
         rows.append(row)
         if on_row is not None:
@@ -97,9 +109,14 @@ def bench_case(
         "m": m,
         "device": case.device,
         "input_sets": len(case.torch_sets()) if case._torch_sets is not None else 1,
-        "floor": {"per_layer_s": per_layer.seconds, "whole_s": whole.seconds,
-                  "bound": per_layer.bound, "flops": per_layer.flops,
-                  "bytes_per_layer": per_layer.bytes, "bytes_whole": whole.bytes},
+        "floor": {
+            "per_layer_s": per_layer.seconds,
+            "whole_s": whole.seconds,
+            "bound": per_layer.bound,
+            "flops": per_layer.flops,
+            "bytes_per_layer": per_layer.bytes,
+            "bytes_whole": whole.bytes,
+        },
         "rows": rows,
     }
 
@@ -111,16 +128,32 @@ def cudagraph_request(p: Provider, device: str, chosen: str) -> bool | str:
     return NO_CUDAGRAPH.get(chosen, True)
 
 
-def time_row(p: Provider, case: Case, fn: Any, ceil: Ceilings, timing: dict[str, Any], *,
-             chosen: str | None = None) -> dict[str, Any]:
+def time_row(
+    p: Provider,
+    case: Case,
+    fn: Any,
+    ceil: Ceilings,
+    timing: dict[str, Any],
+    *,
+    chosen: str | None = None,
+) -> dict[str, Any]:
     """The timing fields and verdict of one row (`chosen`: the impl that runs, for `auto`)."""
     chosen = chosen or p.impl
     try:
-        out = measure(p.stack, case.device, fn, lambda o: sync(p.stack, o),
-                      cudagraph=cudagraph_request(p, case.device, chosen), **timing)
+        out = measure(
+            p.stack,
+            case.device,
+            fn,
+            lambda o: sync(p.stack, o),
+            cudagraph=cudagraph_request(p, case.device, chosen),
+            **timing,
+        )
     except Exception as exc:
-        return {"status": "error", "message": f"timing failed: {type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc()}
+        return {
+            "status": "error",
+            "message": f"timing failed: {type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
     if "device_error" in out:
         return {**out, "status": "error", "message": f"device time: {out['device_error']}"}
     out["floor_s"] = floor(case.spec, case.m, chosen, ceil).seconds
@@ -134,8 +167,11 @@ def time_row(p: Provider, case: Case, fn: Any, ceil: Ceilings, timing: dict[str,
             out["flags"] = flags
         if invalid:
             return {**out, "status": INVALID, "message": invalid}
-    return {**out, "status": TIMED,
-            **all_metrics(case.spec, case.m, chosen, out["time"]["median"], ceil)}
+    return {
+        **out,
+        "status": TIMED,
+        **all_metrics(case.spec, case.m, chosen, out["time"]["median"], ceil),
+    }
 
 
 def ceiling_keys(specs: list[MLPSpec]) -> tuple[str, ...]:
@@ -156,8 +192,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """`items` are (preset name or label, spec, M). Ceilings first, then every case; `checkpoint`
     gets the results so far after each case (the runner saves them, so a time limit keeps them)."""
-    ceil = ceilings or ceilings_mod.measure(device, ceiling_keys([s for _, s, _ in items]),
-                                            quick=quick)
+    ceil = ceilings or ceilings_mod.measure(
+        device, ceiling_keys([s for _, s, _ in items]), quick=quick
+    )
     cases = []
     for label, spec, m in items:
         if on_case is not None:

@@ -74,8 +74,12 @@ def measure(device: str, keys: tuple[str, ...], *, quick: bool = False) -> Ceili
     detail: dict[str, Any] = {"matmul_n": n}
     gen = torch.Generator(device=device).manual_seed(0)
     for key in sorted(set(keys)):
-        dtype = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16,
-                 "bfloat16": torch.bfloat16}[key]
+        dtype = {
+            "float32": torch.float32,
+            "tf32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+        }[key]
         # Random operands, never zeros: zeros run faster than real data on the H200 (METHOD.md).
         a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
         b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)

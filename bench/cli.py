@@ -87,9 +87,7 @@ def _cpu_threads(n: int) -> None:
     if "jax" not in sys.modules and n == 1:
         # XLA reads its flags when the backend starts: only effective before JAX is first used.
         flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
-        )
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
         CPU_THREADS["xla"] = 1
 
 
@@ -107,17 +105,19 @@ def _items(args: argparse.Namespace, device: str) -> list[tuple[str, MLPSpec, in
         for path in args.spec:
             spec = MLPSpec.from_json(Path(path))
             base.append((Path(path).stem, spec, (64,)))
-    presets = args.preset or ([] if base else
-                              [DEFAULT_CPU_PRESET] if device == "cpu" else
-                              list(DEFAULT_GPU_PRESETS))
+    presets = args.preset or (
+        [] if base else [DEFAULT_CPU_PRESET] if device == "cpu" else list(DEFAULT_GPU_PRESETS)
+    )
     for name in presets:
         for one in _names(name):
             p = get_preset(one)
             base.append((p.name, p.spec, p.batch_sizes))
     items = []
     for label, spec, sizes in base:
-        specs = [spec.replace(dtype=d, fp32_precision="ieee") if d != spec.dtype else spec
-                 for d in (args.dtype or (spec.dtype,))]
+        specs = [
+            spec.replace(dtype=d, fp32_precision="ieee") if d != spec.dtype else spec
+            for d in (args.dtype or (spec.dtype,))
+        ]
         for s in specs:
             for m in args.m or sizes:
                 items.append((label, s, m))
@@ -145,8 +145,12 @@ def _results(section: str, payload: dict[str, Any]) -> dict[str, Any]:
     if not _ENV:  # read once per process: checkpoints would otherwise call nvidia-smi each time
         _ENV.update(environment())
         _ENV["cpu_threads"] = dict(CPU_THREADS)
-    return {"kind": rep.RESULTS_KIND, "version": rep.RESULTS_VERSION,
-            "environment": dict(_ENV), section: payload}
+    return {
+        "kind": rep.RESULTS_KIND,
+        "version": rep.RESULTS_VERSION,
+        "environment": dict(_ENV),
+        section: payload,
+    }
 
 
 def _checkpoint(args: argparse.Namespace, section: str) -> Any:
@@ -177,8 +181,13 @@ class _Progress:
     def __init__(self, console: Any, total: int, what: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), console=console, transient=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=True,
+        )
         self.task = self.progress.add_task(what, total=total)
 
     def __enter__(self) -> _Progress:
@@ -189,8 +198,9 @@ class _Progress:
         self.progress.__exit__(*exc)
 
     def row(self, row: dict[str, Any]) -> None:
-        self.progress.update(self.task, advance=1,
-                             description=f"{row.get('provider', '')}: {row.get('status', '')}")
+        self.progress.update(
+            self.task, advance=1, description=f"{row.get('provider', '')}: {row.get('status', '')}"
+        )
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -201,8 +211,13 @@ def cmd_parity(args: argparse.Namespace, console: Any) -> int:
     providers = _providers(args)
     items = resolve_items(args, device)
     with _Progress(console, len(items) * len(providers), "parity") as bar:
-        result = run_parity([(s, m) for _, s, m in items], providers, device, on_row=bar.row,
-                            checkpoint=_checkpoint(args, "parity"))
+        result = run_parity(
+            [(s, m) for _, s, m in items],
+            providers,
+            device,
+            on_row=bar.row,
+            checkpoint=_checkpoint(args, "parity"),
+        )
     results = _results("parity", result)
     rep.print_tables(console, rep.parity_tables(result))
     _write(args, results, console)
@@ -236,13 +251,24 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     providers = _providers(args)
     items = resolve_items(args, device)
     with _Progress(console, len(items) * len(providers), "bench") as bar:
-        result = run_bench(items, providers, device, quick=args.quick, timing=_timing(args),
-                           on_row=bar.row, checkpoint=_checkpoint(args, "bench"))
+        result = run_bench(
+            items,
+            providers,
+            device,
+            quick=args.quick,
+            timing=_timing(args),
+            on_row=bar.row,
+            checkpoint=_checkpoint(args, "bench"),
+        )
     results = _results("bench", result)
     rep.print_tables(console, rep.bench_tables(result))
     _write(args, results, console)
-    failed = [f"{c.get('preset')} M={c['m']}: {r['provider']}: {r['status']}"
-              for c in result["cases"] for r in c["rows"] if _failed(r)]
+    failed = [
+        f"{c.get('preset')} M={c['m']}: {r['provider']}: {r['status']}"
+        for c in result["cases"]
+        for r in c["rows"]
+        if _failed(r)
+    ]
     for line in failed:
         console.print(f"[bold red]not a result: {line}[/]")
     if getattr(args, "derive_auto", None) is not None:
@@ -251,8 +277,15 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     return 1 if failed else 0
 
 
-def _retime_auto(path: Path, result: dict[str, Any], items: list, providers: list, device: str,
-                 args: argparse.Namespace, console: Any) -> list[str]:
+def _retime_auto(
+    path: Path,
+    result: dict[str, Any],
+    items: list,
+    providers: list,
+    device: str,
+    args: argparse.Namespace,
+    console: Any,
+) -> list[str]:
     """Time the `auto` rows again with the table just derived (installed in this process), so
     the saved run shows what `auto` does with the table committed from it. Returns failures."""
     from fusedmlp.common import dispatch
@@ -264,8 +297,14 @@ def _retime_auto(path: Path, result: dict[str, Any], items: list, providers: lis
     if not auto:
         return []
     dispatch.install(dispatch.Table.from_json(path.read_text()))
-    again = run_bench(items, auto, device, quick=args.quick, timing=_timing(args),
-                      ceilings=Ceilings.from_dict(result["ceilings"]))
+    again = run_bench(
+        items,
+        auto,
+        device,
+        quick=args.quick,
+        timing=_timing(args),
+        ceilings=Ceilings.from_dict(result["ceilings"]),
+    )
     for case, new in zip(result["cases"], again["cases"], strict=True):
         fresh = {row["provider"]: row for row in new["rows"]}
         case["rows"] = [fresh.get(row["provider"], row) for row in case["rows"]]
@@ -273,8 +312,12 @@ def _retime_auto(path: Path, result: dict[str, Any], items: list, providers: lis
     results = _results("bench", result)
     rep.print_tables(console, rep.bench_tables(result))
     _write(args, results, console)
-    return [f"{c.get('preset')} M={c['m']}: {r['provider']}: {r['status']}"
-            for c in again["cases"] for r in c["rows"] if _failed(r)]
+    return [
+        f"{c.get('preset')} M={c['m']}: {r['provider']}: {r['status']}"
+        for c in again["cases"]
+        for r in c["rows"]
+        if _failed(r)
+    ]
 
 
 def _derive_auto(results: dict[str, Any], out: str | None, console: Any) -> Path:
@@ -335,8 +378,13 @@ def cmd_sweep(args: argparse.Namespace, console: Any) -> int:
     short = args.short if args.short is not None else device == "cpu"
     with console.status("sweep") as status:
         result = run_sweep(
-            device, short=short, widths=args.widths, depths=args.depths,
-            m=args.m[0] if args.m else None, impls=args.impl, timing=_timing(args),
+            device,
+            short=short,
+            widths=args.widths,
+            depths=args.depths,
+            m=args.m[0] if args.m else None,
+            impls=args.impl,
+            timing=_timing(args),
             on_cell=lambda c: status.update(f"sweep: width {c['width']} depth {c['depth']} done"),
             checkpoint=_checkpoint(args, "sweep"),
         )
@@ -372,11 +420,22 @@ def cmd_default(args: argparse.Namespace, console: Any) -> int:
     # On a CPU, cpu-small runs in its own float32 and again in bfloat16, so that every
     # implementation that runs here is exercised (pallas_mosaic's wgmma takes 16-bit operands only).
     dtypes = (get_preset(DEFAULT_CPU_PRESET).spec.dtype, "bfloat16") if device == "cpu" else None
-    ns = argparse.Namespace(preset=None, spec=None, m=None, impl=None, dtype=dtypes,
-                            device=device, cpu_threads=None, json=args.json,
-                            markdown=args.markdown, plot=None,
-                            inject_fault=None, reps=None, quick=False,
-                            derive_auto=getattr(args, "derive_auto", None))
+    ns = argparse.Namespace(
+        preset=None,
+        spec=None,
+        m=None,
+        impl=None,
+        dtype=dtypes,
+        device=device,
+        cpu_threads=None,
+        json=args.json,
+        markdown=args.markdown,
+        plot=None,
+        inject_fault=None,
+        reps=None,
+        quick=False,
+        derive_auto=getattr(args, "derive_auto", None),
+    )
     code = cmd_parity(ns, console)
     if device == "cuda":
         ns.json = str(Path(args.json).with_suffix(".bench.json")) if args.json else None
@@ -387,34 +446,53 @@ def cmd_default(args: argparse.Namespace, console: Any) -> int:
 
 # ---- parser --------------------------------------------------------------------------------------
 def _case_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", action="append", metavar="NAME",
-                   help=f"preset name(s), comma list or repeated; known: {', '.join(PRESETS)}")
-    p.add_argument("--spec", action="append", metavar="FILE",
-                   help="an MLPSpec JSON file (MLPSpec.to_json); runs at M=64 unless --m")
+    p.add_argument(
+        "--preset",
+        action="append",
+        metavar="NAME",
+        help=f"preset name(s), comma list or repeated; known: {', '.join(PRESETS)}",
+    )
+    p.add_argument(
+        "--spec",
+        action="append",
+        metavar="FILE",
+        help="an MLPSpec JSON file (MLPSpec.to_json); runs at M=64 unless --m",
+    )
     p.add_argument("--m", type=_ints, metavar="LIST", help="batch sizes, e.g. 16,8192")
-    p.add_argument("--dtype", type=_names, metavar="LIST",
-                   help="run the spec(s) in these dtypes instead (float32,float16,bfloat16)")
+    p.add_argument(
+        "--dtype",
+        type=_names,
+        metavar="LIST",
+        help="run the spec(s) in these dtypes instead (float32,float16,bfloat16)",
+    )
 
 
 def _common(p: argparse.ArgumentParser, *, plot: bool = True) -> None:
-    p.add_argument("--impl", metavar="LIST",
-                   help="implementations: triton, torch:eager, jax, kernels, baselines, ...")
+    p.add_argument(
+        "--impl",
+        metavar="LIST",
+        help="implementations: triton, torch:eager, jax, kernels, baselines, ...",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present, else cpu")
     p.add_argument("--json", metavar="PATH", help="write the results (with environment) as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
     if plot:
         p.add_argument("--plot", metavar="PATH", help="write a PNG plot")
-    p.add_argument("--cpu-threads", type=int, metavar="N",
-                   help=f"threads per framework on a CPU (default {DEFAULT_CPU_THREADS}; "
-                        "0: the frameworks' defaults)")
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        metavar="N",
+        help=f"threads per framework on a CPU (default {DEFAULT_CPU_THREADS}; "
+        "0: the frameworks' defaults)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusedmlp",
         description="Parity, benchmarks and overheads of the fused MLP in PyTorch/Triton and "
-                    "JAX/Pallas. With no command: the parity matrix of the default preset on "
-                    "this machine (CPU), or parity + bench of the default presets (GPU).",
+        "JAX/Pallas. With no command: the parity matrix of the default preset on "
+        "this machine (CPU), or parity + bench of the default presets (GPU).",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -422,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--derive-auto", nargs="?", const="", default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("parity", help="every implementation vs the float64 reference and each "
-                                      "other; exit 1 on any failure")
+    p = sub.add_parser(
+        "parity",
+        help="every implementation vs the float64 reference and each other; exit 1 on any failure",
+    )
     _case_args(p)
     _common(p, plot=False)
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
@@ -434,12 +514,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--reps", type=int, metavar="N", help="minimum timed repetitions (>= 20)")
     p.add_argument("--quick", action="store_true", help="short warm-up and time targets")
-    p.add_argument("--tune", action="store_true",
-                   help="GPU: sweep the Triton kernels' tile configs once per shape (cached in "
-                        "$FUSEDMLP_TUNING_CACHE) before timing; default: the heuristic configs")
-    p.add_argument("--derive-auto", nargs="?", const="", default=None, metavar="PATH",
-                   help="GPU: write auto's dispatch table from this run's timings (default "
-                        "common/dispatch/<gpu>.json)")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="GPU: sweep the Triton kernels' tile configs once per shape (cached in "
+        "$FUSEDMLP_TUNING_CACHE) before timing; default: the heuristic configs",
+    )
+    p.add_argument(
+        "--derive-auto",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="GPU: write auto's dispatch table from this run's timings (default "
+        "common/dispatch/<gpu>.json)",
+    )
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
@@ -456,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="narrow MLPs: fused_small speedup over the best baselines")
     _common(p)
-    p.add_argument("--short", action="store_true", default=None,
-                   help="the short CPU grid (default on a CPU)")
+    p.add_argument(
+        "--short", action="store_true", default=None, help="the short CPU grid (default on a CPU)"
+    )
     p.add_argument("--full", dest="short", action="store_false", help="the full grid on a CPU")
     p.add_argument("--widths", type=_ints, metavar="LIST")
     p.add_argument("--depths", type=_ints, metavar="LIST")

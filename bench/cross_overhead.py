@@ -44,8 +44,14 @@ from fusedmlp.common.config import TileConfig
 
 FAMILIES = ("linear_act", "gated")
 # The measured columns, each with the same definition for every route (attribute() subtracts them).
-MEASURED = ("device_us", "span_us", "throughput_us", "host_issue_us", "host_sync_us",
-            "first_call_ms")
+MEASURED = (
+    "device_us",
+    "span_us",
+    "throughput_us",
+    "host_issue_us",
+    "host_sync_us",
+    "first_call_ms",
+)
 # kernel -> (native framework, cross framework)
 KERNELS = {"triton": ("torch", "jax"), "mosaic": ("jax", "torch")}
 ROUTE = {
@@ -132,18 +138,23 @@ def _call_sites(
     def torch_call(launcher: Callable, cfg: TileConfig) -> Callable[[int], Any]:
         o = t_ops
         if family == "gated":
-            return lambda i: launcher(o["x"], o["wv"], o["bc"], n=n, activation=activation,
-                                      config=cfg)
+            return lambda i: launcher(
+                o["x"], o["wv"], o["bc"], n=n, activation=activation, config=cfg
+            )
         return lambda i: launcher(o["x"], o["w"], o["b"], None, activation=activation, config=cfg)
 
     def jax_call(launcher: Callable, cfg: TileConfig, name: str, **extra: Any) -> Callable:
         if family == "gated":
+
             def body(x: Any, wv: Any, bc: Any) -> Any:
                 return launcher(x, wv, bc, n=n, activation=activation, config=cfg, **extra)
+
             args = (j_ops["x"], j_ops["wv"], j_ops["bc"])
         else:
+
             def body(x: Any, w: Any, b: Any) -> Any:
                 return launcher(x, w, b, None, activation=activation, config=cfg, **extra)
+
             args = (j_ops["x"], j_ops["w"], j_ops["b"])
         body.__name__ = f"fusedmlp_{name}_{family}"  # profiler module name: jit_fusedmlp_*
         jitted = jax.jit(body)
@@ -151,15 +162,39 @@ def _call_sites(
 
     fwd = f"{family}_fwd"
     return [
-        CallSite(f"triton.{family}", "torch", ROUTE["triton", "torch"], tri_cfg,
-                 torch_call(getattr(mod("fusedmlp.torch_impl"), fwd), tri_cfg)),
-        CallSite(f"triton.{family}", "jax", ROUTE["triton", "jax"], tri_cfg,
-                 jax_call(getattr(mod("fusedmlp.jax_impl.cross"), fwd), tri_cfg, "jax_triton")),
-        CallSite(f"mosaic.{family}", "jax", ROUTE["mosaic", "jax"], mos_cfg,
-                 jax_call(getattr(mod("fusedmlp.jax_impl.mosaic"), fwd), mos_cfg,
-                          "pallas_mosaic", interpret=False)),
-        CallSite(f"mosaic.{family}", "torch", ROUTE["mosaic", "torch"], mos_cfg,
-                 torch_call(getattr(mod("fusedmlp.torch_impl.cross"), fwd), mos_cfg)),
+        CallSite(
+            f"triton.{family}",
+            "torch",
+            ROUTE["triton", "torch"],
+            tri_cfg,
+            torch_call(getattr(mod("fusedmlp.torch_impl"), fwd), tri_cfg),
+        ),
+        CallSite(
+            f"triton.{family}",
+            "jax",
+            ROUTE["triton", "jax"],
+            tri_cfg,
+            jax_call(getattr(mod("fusedmlp.jax_impl.cross"), fwd), tri_cfg, "jax_triton"),
+        ),
+        CallSite(
+            f"mosaic.{family}",
+            "jax",
+            ROUTE["mosaic", "jax"],
+            mos_cfg,
+            jax_call(
+                getattr(mod("fusedmlp.jax_impl.mosaic"), fwd),
+                mos_cfg,
+                "pallas_mosaic",
+                interpret=False,
+            ),
+        ),
+        CallSite(
+            f"mosaic.{family}",
+            "torch",
+            ROUTE["mosaic", "torch"],
+            mos_cfg,
+            torch_call(getattr(mod("fusedmlp.torch_impl.cross"), fwd), mos_cfg),
+        ),
     ]
 
 
@@ -262,10 +297,13 @@ def decompose(
                     outs[site.kernel, site.framework] = out
                 except Exception as exc:  # a missing wheel or a failing route: say so, go on
                     row = {
-                        "kernel": site.kernel, "framework": site.framework,
+                        "kernel": site.kernel,
+                        "framework": site.framework,
                         **{col: float("nan") for col in MEASURED},
-                        "kernels_per_call": None, "route": site.route,
-                        "config": str(site.config), "device_method": "",
+                        "kernels_per_call": None,
+                        "route": site.route,
+                        "config": str(site.config),
+                        "device_method": "",
                         "note": f"{type(exc).__name__}: {exc}",
                     }
                 row.update(m=m, n=n, k=k, dtype=dtype, activation=activation)
@@ -287,19 +325,37 @@ def attribute(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if fw != native_fw or (kernel, cross_fw) not in by_key:
             continue
         cross = by_key[kernel, cross_fw]
-        out.append({
-            "kernel": kernel,
-            "native": native_fw,
-            "cross": cross_fw,
-            **{f"{col}_delta": cross[col] - row[col] for col in MEASURED},
-            "kernels_delta": (cross["kernels_per_call"] - row["kernels_per_call"]
-                              if cross.get("kernels_per_call") is not None
-                              and row.get("kernels_per_call") is not None else None),
-        })
+        out.append(
+            {
+                "kernel": kernel,
+                "native": native_fw,
+                "cross": cross_fw,
+                **{f"{col}_delta": cross[col] - row[col] for col in MEASURED},
+                "kernels_delta": (
+                    cross["kernels_per_call"] - row["kernels_per_call"]
+                    if cross.get("kernels_per_call") is not None
+                    and row.get("kernels_per_call") is not None
+                    else None
+                ),
+            }
+        )
     return out
 
 
 # The columns every row has, in display order (for the CLI's table).
-COLUMNS = ("kernel", "framework", "device_us", "kernels_per_call", "span_us", "throughput_us",
-           "host_issue_us", "host_sync_us", "first_call_ms", "same_bits", "route", "config",
-           "device_method", "note")
+COLUMNS = (
+    "kernel",
+    "framework",
+    "device_us",
+    "kernels_per_call",
+    "span_us",
+    "throughput_us",
+    "host_issue_us",
+    "host_sync_us",
+    "first_call_ms",
+    "same_bits",
+    "route",
+    "config",
+    "device_method",
+    "note",
+)

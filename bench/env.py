@@ -125,6 +125,7 @@ def describe(env: dict[str, Any]) -> str:
     v = env.get("versions", {})
     git = env.get("git", {})
     commit = (git.get("commit") or "unknown")[:10] + ("+dirty" if git.get("dirty") else "")
-    libs = ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "triton", "jax", "numpy") if
-    v.get(k))
+    libs = ", ".join(
+        f"{k} {v[k]}" for k in ("python", "torch", "triton", "jax", "numpy") if v.get(k)
+    )
     return f"{machine} · {libs} · commit {commit}"

@@ -32,21 +32,32 @@ class Ceilings:
         return max(self.copy, self.read or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"matmul": self.matmul, "copy": self.copy, "read": self.read,
-                "device": self.device, "detail": self.detail}
+        return {
+            "matmul": self.matmul,
+            "copy": self.copy,
+            "read": self.read,
+            "device": self.device,
+            "detail": self.detail,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ceilings:
-        return cls(dict(data["matmul"]), float(data["copy"]), data["device"],
-                   data.get("detail", {}), data.get("read"))
+        return cls(
+            dict(data["matmul"]),
+            float(data["copy"]),
+            data["device"],
+            data.get("detail", {}),
+            data.get("read"),
+        )
 
 
 def matmul_key(spec: MLPSpec) -> str:
     return "tf32" if spec.dtype == "float32" and spec.fp32_precision == "tf32" else spec.dtype
 
 
-def floor(spec: MLPSpec, m: int, impl: str, ceilings: Ceilings, *, check: bool = False
-          ) -> cost.Floor:
+def floor(
+    spec: MLPSpec, m: int, impl: str, ceilings: Ceilings, *, check: bool = False
+) -> cost.Floor:
     """The roofline floor of `impl`'s way of running the MLP at the copy rate; with `check`, at the
     fastest memory rate measured (the floor below which a time is an invalid measurement)."""
     return cost.floor(
@@ -78,6 +89,7 @@ METRICS = {
 }
 
 
-def all_metrics(spec: MLPSpec, m: int, impl: str, seconds: float, ceilings: Ceilings
-                ) -> dict[str, float]:
+def all_metrics(
+    spec: MLPSpec, m: int, impl: str, seconds: float, ceilings: Ceilings
+) -> dict[str, float]:
     return {name: fn(spec, m, impl, seconds, ceilings) for name, fn in METRICS.items()}

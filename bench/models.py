@@ -141,8 +141,12 @@ def check(ours: Any, ref64: Any, baseline: Any, spec: Any) -> dict[str, Any]:
         return t.detach().float().cpu().numpy()
 
     result = compare(np_(ours), ref64.detach().cpu().numpy(), spec, baseline=np_(baseline))
-    return {"passed": result.passed, "rel_fro": result.rel_fro,
-            "baseline_rel_fro": result.baseline_rel_fro, "report": result.report()}
+    return {
+        "passed": result.passed,
+        "rel_fro": result.rel_fro,
+        "baseline_rel_fro": result.baseline_rel_fro,
+        "report": result.report(),
+    }
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -193,9 +197,17 @@ def _timed(fn: Callable[[], Any], timed: bool) -> dict[str, Any]:
 
 
 # ---- one family ----------------------------------------------------------------------------------
-def run_family(family: str, device: str, tokens: Sequence[int], budget: Budget,
-               compile_backend: str | None, impl: str = "auto", *, size: ModelSize | None = None,
-               timed: bool | None = None) -> dict[str, Any]:
+def run_family(
+    family: str,
+    device: str,
+    tokens: Sequence[int],
+    budget: Budget,
+    compile_backend: str | None,
+    impl: str = "auto",
+    *,
+    size: ModelSize | None = None,
+    timed: bool | None = None,
+) -> dict[str, Any]:
     """Checks (always) and timings (`timed`: default on a GPU) of one family. `compile_backend`
     None is inductor; the autocast check always compiles with aot_eager (it proves the trace and
     the numbers; inductor's time is spent once, on the bf16 model that is also timed)."""
@@ -210,8 +222,15 @@ def run_family(family: str, device: str, tokens: Sequence[int], budget: Budget,
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, size.vocab, (size.batch, size.seq), generator=gen).to(device)
     ref64 = logits(copy.deepcopy(original).double(), ids)
-    out: dict[str, Any] = {"family": family, "size": size.__dict__, "spec": str(spec),
-                           "tokens": size.batch * size.seq, "checks": {}, "model": {}, "mlp": []}
+    out: dict[str, Any] = {
+        "family": family,
+        "size": size.__dict__,
+        "spec": str(spec),
+        "tokens": size.batch * size.seq,
+        "checks": {},
+        "model": {},
+        "mlp": [],
+    }
     backend = compile_backend or "inductor"
 
     def compiled(module: Any, **kw: Any) -> Any:
@@ -293,16 +312,21 @@ def run_overhead(device: str, impl: str = "auto") -> list[dict[str, Any]]:
         with torch.no_grad():
             ours(x)
             call = front.prepare(x, ours.packed_params(), ours.spec, ours.impl)
-            params = {**ours.packed_params(),
-                      **front._CONVERTED.get(ours.spec, ours.packed_params(), call.layouts)}
+            params = {
+                **ours.packed_params(),
+                **front._CONVERTED.get(ours.spec, ours.packed_params(), call.layouts),
+            }
             runner = front._RUNNERS[call.plan.impl]
 
             def launches(x=x, call=call, params=params, runner=runner):
                 return runner(x, params, ours.spec, call.plan, None)
 
-            row = {"tokens": m, "plan": call.plan.describe(),
-                   "launches_host_us": host_us(launches),
-                   "fused_no_grad_host_us": host_us(lambda x=x: ours(x))}
+            row = {
+                "tokens": m,
+                "plan": call.plan.describe(),
+                "launches_host_us": host_us(launches),
+                "fused_no_grad_host_us": host_us(lambda x=x: ours(x)),
+            }
         # Grad mode with trainable params: the registered op's path (its backward would raise).
         row["fused_grad_mode_host_us"] = host_us(lambda x=x: ours(x))
         row["above_launches_us"] = row["fused_no_grad_host_us"] - row["launches_host_us"]
@@ -331,13 +355,16 @@ def run_cross() -> dict[str, Any]:
         native, cross = ("torch", "jax") if kernel.startswith("triton") else ("jax", "torch")
         by = {r["framework"]: r for r in rows if r["kernel"] == kernel}
         if native in by and cross in by:
-            ratios.append({
-                "kernel": kernel,
-                "device_ratio": by[cross]["device_us"] / by[native]["device_us"],
-                "host_us_native": by[native]["host_issue_us"],
-                "host_us_cross": by[cross]["host_issue_us"],
-                "same_bits": by[cross].get("same_bits"), "note": by[cross].get("note", ""),
-            })
+            ratios.append(
+                {
+                    "kernel": kernel,
+                    "device_ratio": by[cross]["device_us"] / by[native]["device_us"],
+                    "host_us_native": by[native]["host_issue_us"],
+                    "host_us_cross": by[cross]["host_issue_us"],
+                    "same_bits": by[cross].get("same_bits"),
+                    "note": by[cross].get("note", ""),
+                }
+            )
     return {"status": "measured", "rows": rows, "ratios": ratios}
 
 
@@ -375,8 +402,11 @@ def table(result: dict[str, Any]) -> str:
         for name, c in fam["checks"].items():
             mark = "PASS" if c["passed"] else "FAIL"
             base = c["baseline_rel_fro"]
-            lines.append(f"  logits {name:18s} {mark} rel_fro {c['rel_fro']:.2e} (original "
-                         f"{base:.2e})" if base is not None else f"  logits {name:18s} {mark}")
+            lines.append(
+                f"  logits {name:18s} {mark} rel_fro {c['rel_fro']:.2e} (original {base:.2e})"
+                if base is not None
+                else f"  logits {name:18s} {mark}"
+            )
         for name, cell in fam["model"].items():
             lines.append(f"  model {name:19s} {_fmt(cell)}")
         for row in fam["mlp"]:
@@ -388,9 +418,14 @@ def table(result: dict[str, Any]) -> str:
 SECTIONS = ("models", "overhead", "cross")
 
 
-def run(device: str, families: Sequence[str] = FAMILIES, tokens: Sequence[int] = TOKENS,
-        budget_s: float = 60.0, impl: str = "auto",
-        sections: Sequence[str] = SECTIONS) -> dict[str, Any]:
+def run(
+    device: str,
+    families: Sequence[str] = FAMILIES,
+    tokens: Sequence[int] = TOKENS,
+    budget_s: float = 60.0,
+    impl: str = "auto",
+    sections: Sequence[str] = SECTIONS,
+) -> dict[str, Any]:
     import torch
 
     import fusedmlp.torch_impl  # noqa: F401  (before transformers, which imports triton)
@@ -418,17 +453,27 @@ def run(device: str, families: Sequence[str] = FAMILIES, tokens: Sequence[int] =
 
 def add_parser(sub: Any) -> None:
     """The `models` subcommand of bench/cli.py."""
-    p = sub.add_parser("models", help="FusedMLP swapped into small Llama/Gemma/GPT-2 models: "
-                                      "logits checks and forward times")
+    p = sub.add_parser(
+        "models",
+        help="FusedMLP swapped into small Llama/Gemma/GPT-2 models: "
+        "logits checks and forward times",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present, else cpu")
     p.add_argument("--models", default=",".join(FAMILIES), help="comma list: " + ",".join(FAMILIES))
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="per-MLP token counts")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds before compiled timings "
-                                                               "are skipped (default 60)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="seconds before compiled timings are skipped (default 60)",
+    )
     p.add_argument("--impl", default="auto", help="FusedMLP's impl (default auto)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help="comma list of models (logits + times), overhead (host time above the "
-                        "launches), cross (jax_triton and torch:mosaic vs native)")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma list of models (logits + times), overhead (host time above the "
+        "launches), cross (jax_triton and torch:mosaic vs native)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=lambda args, console: main_args(args))
 

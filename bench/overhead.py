@@ -49,8 +49,9 @@ FIRST_CALL = {
 
 
 def tiny_spec(device: str) -> MLPSpec:
-    return MLPSpec((64, 128, 64), "gelu_tanh", bias=True,
-                   dtype="bfloat16" if device == "cuda" else "float32")
+    return MLPSpec(
+        (64, 128, 64), "gelu_tanh", bias=True, dtype="bfloat16" if device == "cuda" else "float32"
+    )
 
 
 def custom_op_thunk(case: Case) -> tuple[Any, str] | str:
@@ -103,15 +104,27 @@ def custom_op_thunk(case: Case) -> tuple[Any, str] | str:
     return (lambda i: packet(*built[i % len(built)])), impl
 
 
-def measure_row(name: str, stack: str, impl: str, make: Any, device: str,
-                timing: dict[str, Any], *, chosen: str | None = None) -> dict[str, Any]:
+def measure_row(
+    name: str,
+    stack: str,
+    impl: str,
+    make: Any,
+    device: str,
+    timing: dict[str, Any],
+    *,
+    chosen: str | None = None,
+) -> dict[str, Any]:
     """One path: first call, then timing.measure (device on a GPU, throughput, host issue/sync).
     Flat fields in seconds for the table: first_call_s, host_async_s (issue), host_sync_s,
     throughput_s, device_s, span_s, kernels_per_call, overhead_s (host sync − device)."""
     chosen = chosen or impl
-    row: dict[str, Any] = {"provider": name if chosen == impl else f"{name} → {chosen}",
-                           "stack": stack, "impl": impl, "chosen": chosen,
-                           "what": FIRST_CALL.get(chosen, "")}
+    row: dict[str, Any] = {
+        "provider": name if chosen == impl else f"{name} → {chosen}",
+        "stack": stack,
+        "impl": impl,
+        "chosen": chosen,
+        "what": FIRST_CALL.get(chosen, ""),
+    }
 
     def wait(out: Any) -> None:
         sync(stack, out)
@@ -138,13 +151,20 @@ def measure_row(name: str, stack: str, impl: str, make: Any, device: str,
     except NotImplementedError as exc:
         row.update(status="n/a", message=str(exc))
     except Exception as exc:
-        row.update(status="error", message=f"{type(exc).__name__}: {exc}",
-                   traceback=traceback.format_exc())
+        row.update(
+            status="error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+        )
     return row
 
 
-def run_overhead(providers: list[Provider], device: str, *, m: int = 8,
-                 timing: dict[str, Any] | None = None, on_row: Any = None) -> dict[str, Any]:
+def run_overhead(
+    providers: list[Provider],
+    device: str,
+    *,
+    m: int = 8,
+    timing: dict[str, Any] | None = None,
+    on_row: Any = None,
+) -> dict[str, Any]:
     timing = timing or {}
     spec = tiny_spec(device)
     case = Case(spec, m, device, rotate=False)
@@ -155,12 +175,23 @@ def run_overhead(providers: list[Provider], device: str, *, m: int = 8,
             row = {"provider": p.name, "status": "skipped", "message": reason}
         elif p.interpreted(device, case):
             chosen = p.chosen(case)
-            row = {"provider": p.name if chosen == p.impl else f"{p.name} → {chosen}",
-                   "impl": p.impl, "chosen": chosen, "status": "interpreted — not measured",
-                   "what": FIRST_CALL.get(chosen, "")}
+            row = {
+                "provider": p.name if chosen == p.impl else f"{p.name} → {chosen}",
+                "impl": p.impl,
+                "chosen": chosen,
+                "status": "interpreted — not measured",
+                "what": FIRST_CALL.get(chosen, ""),
+            }
         else:
-            row = measure_row(p.name, p.stack, p.impl, lambda p=p: p.make(case), device, timing,
-                              chosen=p.chosen(case))
+            row = measure_row(
+                p.name,
+                p.stack,
+                p.impl,
+                lambda p=p: p.make(case),
+                device,
+                timing,
+                chosen=p.chosen(case),
+            )
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -169,8 +200,9 @@ def run_overhead(providers: list[Provider], device: str, *, m: int = 8,
         row = {"provider": "torch.ops.fusedmlp.mlp", "status": "skipped", "message": op}
     else:
         thunk, impl = op
-        row = measure_row(f"torch.ops.fusedmlp.mlp ({impl})", "torch", "custom_op",
-                          lambda: thunk, device, timing)
+        row = measure_row(
+            f"torch.ops.fusedmlp.mlp ({impl})", "torch", "custom_op", lambda: thunk, device, timing
+        )
     rows.append(row)
     if on_row is not None:
         on_row(row)
@@ -180,9 +212,9 @@ def run_overhead(providers: list[Provider], device: str, *, m: int = 8,
         "m": m,
         "device": device,
         "note": "first call = a fresh callable's first synchronised call in this process; "
-                "host issue = time to issue one call; host sync = one call and its wait; "
-                "throughput = N calls back to back + one wait, per call; device = the call's "
-                "kernel durations from the framework's profiler (K kernels per call); "
-                "sync − device = host cost not hidden",
+        "host issue = time to issue one call; host sync = one call and its wait; "
+        "throughput = N calls back to back + one wait, per call; device = the call's "
+        "kernel durations from the framework's profiler (K kernels per call); "
+        "sync − device = host cost not hidden",
         "rows": rows,
     }

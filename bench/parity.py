@@ -38,9 +38,13 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 
 def run_provider(p: Provider, case: Case) -> dict[str, Any]:
     """Plan and run one provider once; the row without judgement (output kept under '_out')."""
-    row: dict[str, Any] = {"provider": p.name, "stack": p.stack, "impl": p.impl,
-                           "baseline": p.baseline,
-                           "interpreted": p.interpreted(case.device, case)}
+    row: dict[str, Any] = {
+        "provider": p.name,
+        "stack": p.stack,
+        "impl": p.impl,
+        "baseline": p.baseline,
+        "interpreted": p.interpreted(case.device, case),
+    }
     reason = p.enabled(case.device)
     if reason is not None:
         return {**row, "status": "skipped", "message": reason}
@@ -49,8 +53,12 @@ def run_provider(p: Provider, case: Case) -> dict[str, Any]:
     except NotImplementedError as exc:
         return {**row, "status": "n/a", "message": str(exc)}
     except Exception as exc:
-        return {**row, "status": "error", "message": _short(exc),
-                "traceback": traceback.format_exc()}
+        return {
+            **row,
+            "status": "error",
+            "message": _short(exc),
+            "traceback": traceback.format_exc(),
+        }
     row.update(plan=plan.describe(), kernels=plan.kernels(), chosen=plan.impl)
     t0 = time.perf_counter()
     try:
@@ -60,8 +68,12 @@ def run_provider(p: Provider, case: Case) -> dict[str, Any]:
     except NotImplementedError as exc:
         return {**row, "status": "n/a", "message": str(exc)}
     except Exception as exc:
-        return {**row, "status": "error", "message": _short(exc),
-                "traceback": traceback.format_exc()}
+        return {
+            **row,
+            "status": "error",
+            "message": _short(exc),
+            "traceback": traceback.format_exc(),
+        }
     row["seconds"] = time.perf_counter() - t0  # first call: includes compilation
     row["_out"] = case.select(out)
     row["_fn"] = fn
@@ -162,10 +174,14 @@ def strip(row: dict[str, Any]) -> dict[str, Any]:
 def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
     failures = [
         f"{c['spec_text']} M={c['m']}: {r['provider']} {r['status']}"
-        for c in cases for r in c["rows"] if r["status"] in FAILING
+        for c in cases
+        for r in c["rows"]
+        if r["status"] in FAILING
     ] + [
         f"{c['spec_text']} M={c['m']}: {x['pair']} FAIL"
-        for c in cases for x in c["cross"] if x["status"] == "FAIL"
+        for c in cases
+        for x in c["cross"]
+        if x["status"] == "FAIL"
     ]
     counts: dict[str, int] = {}
     for c in cases:
@@ -175,8 +191,12 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_parity(
-    items: list[tuple[MLPSpec, int]], providers: list[Provider], device: str, *,
-    on_row: Any = None, checkpoint: Any = None,
+    items: list[tuple[MLPSpec, int]],
+    providers: list[Provider],
+    device: str,
+    *,
+    on_row: Any = None,
+    checkpoint: Any = None,
 ) -> dict[str, Any]:
     """Every case in turn; `checkpoint` gets the results so far after each case."""
     cases = []

@@ -42,8 +42,11 @@ FAULTS: set[str] = set()
 TUNING: dict[str, bool] = {"torch": False}
 # Implementations that need a module the GPU image may lack: the row is skipped with the reason.
 OPTIONAL_MODULES = {
-    "jax_triton": ("jax_triton", "the jax_triton wheel is not installed: run bench/fetch_wheels.sh "
-                                 "and carry .wheels/ (bench/gpu_check.sh installs it)"),
+    "jax_triton": (
+        "jax_triton",
+        "the jax_triton wheel is not installed: run bench/fetch_wheels.sh "
+        "and carry .wheels/ (bench/gpu_check.sh installs it)",
+    ),
 }
 # Twins compared across stacks on the same inputs (torch impl, jax impl).
 TWINS: tuple[tuple[str, str], ...] = (
@@ -119,13 +122,15 @@ class Provider:
 
     def plan(self, case: Case) -> Any:
         """The front's Plan (raises NotImplementedError where the impl cannot take the spec)."""
-        return front(self.stack).plan(case.spec, (case.m, case.spec.d_in), impl=self.impl,
-                                      device=case.device)
+        return front(self.stack).plan(
+            case.spec, (case.m, case.spec.d_in), impl=self.impl, device=case.device
+        )
 
     def layouts(self, case: Case) -> frozenset[str]:
         """The params layouts this provider's launches read ("plain", "packed")."""
-        return frozenset(get_implementation(launch.impl).layout
-                         for launch in self.plan(case).launches)
+        return frozenset(
+            get_implementation(launch.impl).layout for launch in self.plan(case).launches
+        )
 
     def make(self, case: Case) -> Callable[[int], Any]:
         """A thunk `fn(i)` running this provider on input set i (mod the number of sets)."""
@@ -165,8 +170,7 @@ class Provider:
 
 
 @functools.cache
-def _jax_jitted(impl: str, spec: MLPSpec, faulty: bool, generation: int = 0
-                ) -> Callable[..., Any]:
+def _jax_jitted(impl: str, spec: MLPSpec, faulty: bool, generation: int = 0) -> Callable[..., Any]:
     """One jitted function per (impl, spec): parity and bench in one process share its compiled
     executables (jit caches them per input shape), so the second use does not recompile.
     `generation`: the dispatch table's (common/dispatch.py), for `auto` only."""
@@ -189,8 +193,9 @@ def all_providers(stacks: tuple[str, ...] = STACKS) -> list[Provider]:
     stack's `auto` last."""
     out = []
     for stack in stacks:
-        out += [Provider(stack, name, get_implementation(name).baseline)
-                for name in impl_names(stack)]
+        out += [
+            Provider(stack, name, get_implementation(name).baseline) for name in impl_names(stack)
+        ]
         out.append(Provider(stack, AUTO, False))
     return out
 

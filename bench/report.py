@@ -83,32 +83,56 @@ def parity_tables(parity: dict[str, Any]) -> list[Table]:
     for case in parity["cases"]:
         rows = []
         for r in case["rows"]:
-            rows.append([
-                _provider(r),
-                r.get("kernels", "-"),
-                "yes" if r.get("interpreted") else "no",
-                fmt_num(r.get("rel_fro"), ".2e"),
-                fmt_num(r.get("max_abs"), ".2e"),
-                fmt_num(r.get("bound_rel_fro"), ".1e"),
-                fmt_num(r.get("baseline_limit"), ".1e"),
-                _status(r),
-            ])
-        subset = (f", {case['rows_checked']} of {case['m']} rows checked"
-                  if case["row_subset"] else "")
-        tables.append(Table(
-            f"Parity: {case['spec_text']}, M={case['m']} on {case['device']}{subset}",
-            ["provider", "kernels", "interp.", "rel_fro", "max_abs", "tol rel_fro",
-             "2x baseline", "status"],
-            rows,
-        ))
+            rows.append(
+                [
+                    _provider(r),
+                    r.get("kernels", "-"),
+                    "yes" if r.get("interpreted") else "no",
+                    fmt_num(r.get("rel_fro"), ".2e"),
+                    fmt_num(r.get("max_abs"), ".2e"),
+                    fmt_num(r.get("bound_rel_fro"), ".1e"),
+                    fmt_num(r.get("baseline_limit"), ".1e"),
+                    _status(r),
+                ]
+            )
+        subset = (
+            f", {case['rows_checked']} of {case['m']} rows checked" if case["row_subset"] else ""
+        )
+        tables.append(
+            Table(
+                f"Parity: {case['spec_text']}, M={case['m']} on {case['device']}{subset}",
+                [
+                    "provider",
+                    "kernels",
+                    "interp.",
+                    "rel_fro",
+                    "max_abs",
+                    "tol rel_fro",
+                    "2x baseline",
+                    "status",
+                ],
+                rows,
+            )
+        )
         if case["cross"]:
-            tables.append(Table(
-                "Twins on the same inputs (difference scaled by the reference; tol = 2x policy)",
-                ["pair", "rel_fro", "max_abs", "tol rel_fro", "identical bits", "status"],
-                [[x["pair"], fmt_num(x["rel_fro"], ".2e"), fmt_num(x["max_abs"], ".2e"),
-                  fmt_num(x["bound_rel_fro"], ".1e"), "yes" if x["identical"] else "no",
-                  x["status"]] for x in case["cross"]],
-            ))
+            tables.append(
+                Table(
+                    "Twins on the same inputs "
+                    "(difference scaled by the reference; tol = 2x policy)",
+                    ["pair", "rel_fro", "max_abs", "tol rel_fro", "identical bits", "status"],
+                    [
+                        [
+                            x["pair"],
+                            fmt_num(x["rel_fro"], ".2e"),
+                            fmt_num(x["max_abs"], ".2e"),
+                            fmt_num(x["bound_rel_fro"], ".1e"),
+                            "yes" if x["identical"] else "no",
+                            x["status"],
+                        ]
+                        for x in case["cross"]
+                    ],
+                )
+            )
     return tables
 
 
@@ -116,10 +140,13 @@ def bench_tables(bench: dict[str, Any]) -> list[Table]:
     c = bench["ceilings"]
     mm = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in c["matmul"].items())
     read = c.get("read")
-    tables = [Table("Ceilings (measured in this run)",
-                    ["matmul", "copy (read + write)", "read only"],
-                    [[mm, f"{c['copy'] / 1e9:.4g} GB/s",
-                      f"{read / 1e9:.4g} GB/s" if read else "-"]])]
+    tables = [
+        Table(
+            "Ceilings (measured in this run)",
+            ["matmul", "copy (read + write)", "read only"],
+            [[mm, f"{c['copy'] / 1e9:.4g} GB/s", f"{read / 1e9:.4g} GB/s" if read else "-"]],
+        )
+    ]
     for case in bench["cases"]:
         fl = case["floor"]
         gpu = case["device"] == "cuda"
@@ -127,70 +154,113 @@ def bench_tables(bench: dict[str, Any]) -> list[Table]:
         for r in case["rows"]:
             t = r.get("time") if is_result(r) else None
             graph = r.get("cudagraph")
-            rows.append([
-                _provider(r) + (" (baseline)" if r.get("baseline") else ""),
-                r.get("kernels", "-"),
-                fmt_time(t["median"]) if t else "-",
-                f"{fmt_time(t['min'])} … {fmt_time(t['max'])}" if t else "-",
-                str(t["n"]) if t else "-",
-                fmt_time(_stat(r, "span")) if t else "-",
-                str(r["kernels_per_call"]) if t and r.get("kernels_per_call") else "-",
-                fmt_time(_stat(r, "throughput")),
-                fmt_time(_stat(r, "host_issue") or r.get("host_dispatch_s")),
-                fmt_time(graph["median"]) if graph else (
-                    "n/a" if r.get("cudagraph_note") else "-"),
-                fmt_num(r.get("tflops"), ".3g"),
-                fmt_num(r.get("gbps"), ".4g"),
-                fmt_num(r.get("pct_roofline"), ".1f"),
-                _status(r),
-            ])
+            rows.append(
+                [
+                    _provider(r) + (" (baseline)" if r.get("baseline") else ""),
+                    r.get("kernels", "-"),
+                    fmt_time(t["median"]) if t else "-",
+                    f"{fmt_time(t['min'])} … {fmt_time(t['max'])}" if t else "-",
+                    str(t["n"]) if t else "-",
+                    fmt_time(_stat(r, "span")) if t else "-",
+                    str(r["kernels_per_call"]) if t and r.get("kernels_per_call") else "-",
+                    fmt_time(_stat(r, "throughput")),
+                    fmt_time(_stat(r, "host_issue") or r.get("host_dispatch_s")),
+                    fmt_time(graph["median"])
+                    if graph
+                    else ("n/a" if r.get("cudagraph_note") else "-"),
+                    fmt_num(r.get("tflops"), ".3g"),
+                    fmt_num(r.get("gbps"), ".4g"),
+                    fmt_num(r.get("pct_roofline"), ".1f"),
+                    _status(r),
+                ]
+            )
         methods = sorted({r["time"]["method"] for r in case["rows"] if is_result(r)})
-        notes = sorted({f"{_provider(r)}: {r['cudagraph_note']}" for r in case["rows"]
-                        if r.get("cudagraph_note")})
-        tables.append(Table(
-            f"Bench: {case.get('preset', '')} {case['spec_text']}, M={case['m']} "
-            f"on {case['device']}",
-            ["provider", "kernels", "device" if gpu else "host sync", "min … max", "n", "span",
-             "K", "throughput", "host issue", "cudagraph", "TFLOP/s", "GB/s", "% roofline",
-             "status"],
-            rows,
-            caption=(f"floor {fmt_time(fl['per_layer_s'])} per-layer / {fmt_time(fl['whole_s'])} "
-                     f"whole-MLP ({fl['bound']}-bound); {case.get('input_sets', 1)} input set(s) "
-                     "rotated. " + (
-                         "device = sum of the call's kernel durations (K per call), span = first "
-                         "kernel start to last end, each call after an L2 flush; throughput = N "
-                         "calls back to back + one wait, per call; cudagraph = "
-                         "do_bench_cudagraph (flagged beyond 5 %)" if gpu else
-                         "No device on a CPU: the time is the host clock around each "
-                         "synchronised call") +
-                     "; timed with " + ("; ".join(methods) or "-") +
-                     ("" if not notes else "; " + "; ".join(notes))),
-        ))
+        notes = sorted(
+            {
+                f"{_provider(r)}: {r['cudagraph_note']}"
+                for r in case["rows"]
+                if r.get("cudagraph_note")
+            }
+        )
+        tables.append(
+            Table(
+                f"Bench: {case.get('preset', '')} {case['spec_text']}, M={case['m']} "
+                f"on {case['device']}",
+                [
+                    "provider",
+                    "kernels",
+                    "device" if gpu else "host sync",
+                    "min … max",
+                    "n",
+                    "span",
+                    "K",
+                    "throughput",
+                    "host issue",
+                    "cudagraph",
+                    "TFLOP/s",
+                    "GB/s",
+                    "% roofline",
+                    "status",
+                ],
+                rows,
+                caption=(
+                    f"floor {fmt_time(fl['per_layer_s'])} per-layer / {fmt_time(fl['whole_s'])} "
+                    f"whole-MLP ({fl['bound']}-bound); {case.get('input_sets', 1)} input set(s) "
+                    "rotated. "
+                    + (
+                        "device = sum of the call's kernel durations (K per call), span = first "
+                        "kernel start to last end, each call after an L2 flush; throughput = N "
+                        "calls back to back + one wait, per call; cudagraph = "
+                        "do_bench_cudagraph (flagged beyond 5 %)"
+                        if gpu
+                        else "No device on a CPU: the time is the host clock around each "
+                        "synchronised call"
+                    )
+                    + "; timed with "
+                    + ("; ".join(methods) or "-")
+                    + ("" if not notes else "; " + "; ".join(notes))
+                ),
+            )
+        )
     return tables
 
 
 def overhead_tables(overhead: dict[str, Any]) -> list[Table]:
     rows = []
     for r in overhead["rows"]:
-        rows.append([
-            r["provider"],
-            fmt_time(r.get("first_call_s")),
-            fmt_time(r.get("host_async_s")),
-            fmt_time(r.get("host_sync_s")),
-            fmt_time(r.get("throughput_s")),
-            fmt_time(r.get("device_s")),
-            str(r["kernels_per_call"]) if r.get("kernels_per_call") else "-",
-            fmt_time(r.get("overhead_s")),
-            r.get("what", ""),
-            _status(r),
-        ])
-    out = [Table(
-        f"Overhead: {overhead['spec_text']}, M={overhead['m']} on {overhead['device']}",
-        ["path", "first call", "host issue", "host sync", "throughput", "device", "K",
-         "sync - device", "first call is", "status"],
-        rows,
-        caption=overhead.get("note", ""),
-    )]
+        rows.append(
+            [
+                r["provider"],
+                fmt_time(r.get("first_call_s")),
+                fmt_time(r.get("host_async_s")),
+                fmt_time(r.get("host_sync_s")),
+                fmt_time(r.get("throughput_s")),
+                fmt_time(r.get("device_s")),
+                str(r["kernels_per_call"]) if r.get("kernels_per_call") else "-",
+                fmt_time(r.get("overhead_s")),
+                r.get("what", ""),
+                _status(r),
+            ]
+        )
+    out = [
+        Table(
+            f"Overhead: {overhead['spec_text']}, M={overhead['m']} on {overhead['device']}",
+            [
+                "path",
+                "first call",
+                "host issue",
+                "host sync",
+                "throughput",
+                "device",
+                "K",
+                "sync - device",
+                "first call is",
+                "status",
+            ],
+            rows,
+            caption=overhead.get("note", ""),
+        )
+    ]
     return out + decomposition_tables(overhead.get("decomposition"))
 
 
@@ -200,54 +270,110 @@ def decomposition_tables(decomposition: dict[str, Any] | None) -> list[Table]:
         return []
     if not decomposition.get("rows"):
         reason = decomposition.get("reason") or "no rows"
-        return [Table("Overhead decomposition (same kernel, both frameworks)", ["status"],
-                      [[f"not measured: {reason}"]])]
-    rows = [[r["kernel"], r["framework"], fmt_num(r.get("device_us"), ".1f"),
-             str(r.get("kernels_per_call") or "-"), fmt_num(r.get("span_us"), ".1f"),
-             fmt_num(r.get("throughput_us"), ".1f"), fmt_num(r.get("host_issue_us"), ".1f"),
-             fmt_num(r.get("host_sync_us"), ".1f"), fmt_num(r.get("first_call_ms"), ".1f"),
-             str(r.get("same_bits")), r.get("note") or ""]
-            for r in decomposition["rows"]]
-    deltas = [[d["kernel"], f"{d['cross']} - {d['native']}",
-               fmt_num(d.get("device_us_delta"), "+.1f"),
-               "-" if d.get("kernels_delta") is None else f"{d['kernels_delta']:+d}",
-               fmt_num(d.get("throughput_us_delta"), "+.1f"),
-               fmt_num(d.get("host_issue_us_delta"), "+.1f"),
-               fmt_num(d.get("host_sync_us_delta"), "+.1f"),
-               fmt_num(d.get("first_call_ms_delta"), "+.1f")]
-              for d in decomposition.get("attribution", [])]
+        return [
+            Table(
+                "Overhead decomposition (same kernel, both frameworks)",
+                ["status"],
+                [[f"not measured: {reason}"]],
+            )
+        ]
+    rows = [
+        [
+            r["kernel"],
+            r["framework"],
+            fmt_num(r.get("device_us"), ".1f"),
+            str(r.get("kernels_per_call") or "-"),
+            fmt_num(r.get("span_us"), ".1f"),
+            fmt_num(r.get("throughput_us"), ".1f"),
+            fmt_num(r.get("host_issue_us"), ".1f"),
+            fmt_num(r.get("host_sync_us"), ".1f"),
+            fmt_num(r.get("first_call_ms"), ".1f"),
+            str(r.get("same_bits")),
+            r.get("note") or "",
+        ]
+        for r in decomposition["rows"]
+    ]
+    deltas = [
+        [
+            d["kernel"],
+            f"{d['cross']} - {d['native']}",
+            fmt_num(d.get("device_us_delta"), "+.1f"),
+            "-" if d.get("kernels_delta") is None else f"{d['kernels_delta']:+d}",
+            fmt_num(d.get("throughput_us_delta"), "+.1f"),
+            fmt_num(d.get("host_issue_us_delta"), "+.1f"),
+            fmt_num(d.get("host_sync_us_delta"), "+.1f"),
+            fmt_num(d.get("first_call_ms_delta"), "+.1f"),
+        ]
+        for d in decomposition.get("attribution", [])
+    ]
     return [
-        Table("Overhead decomposition: the same compiled kernel from each framework",
-              ["kernel", "framework", "device µs", "K", "span µs", "throughput µs",
-               "host issue µs", "host sync µs", "first call ms", "same bits as native", "note"],
-              rows),
-        Table("Attributed to the framework (cross call minus native call)",
-              ["kernel", "frameworks", "device µs", "K", "throughput µs", "host issue µs",
-               "host sync µs", "first call ms"], deltas,
-              caption="device and K differ only where one route runs extra device work (a pad, a "
-                      "copy); the host columns are the framework's call path"),
+        Table(
+            "Overhead decomposition: the same compiled kernel from each framework",
+            [
+                "kernel",
+                "framework",
+                "device µs",
+                "K",
+                "span µs",
+                "throughput µs",
+                "host issue µs",
+                "host sync µs",
+                "first call ms",
+                "same bits as native",
+                "note",
+            ],
+            rows,
+        ),
+        Table(
+            "Attributed to the framework (cross call minus native call)",
+            [
+                "kernel",
+                "frameworks",
+                "device µs",
+                "K",
+                "throughput µs",
+                "host issue µs",
+                "host sync µs",
+                "first call ms",
+            ],
+            deltas,
+            caption="device and K differ only where one route runs extra device work (a pad, a "
+            "copy); the host columns are the framework's call path",
+        ),
     ]
 
 
 def sweep_tables(sweep: dict[str, Any]) -> list[Table]:
     rows = []
     for cell in sweep["cells"]:
-        rows.append([
-            str(cell["width"]),
-            str(cell["depth"]),
-            fmt_time(cell["floor_s"]),
-            *(fmt_time(cell["times"].get(p)) for p in sweep["providers"]),
-            *(fmt_num(cell["speedup"].get(s), ".2f") for s in ("torch", "jax")),
-            cell.get("note", ""),
-        ])
-    return [Table(
-        f"Narrow sweep: {sweep['activation']}, {sweep['dtype']}, M={sweep['m']} on "
-        f"{sweep['device']}",
-        ["width", "depth", "floor", *sweep["providers"], "speedup torch", "speedup jax", "note"],
-        rows,
-        caption="speedup = best baseline of the stack / fused_small of the stack (n/a where "
-                "fused_small is interpreted, unsupported or failed parity)",
-    )]
+        rows.append(
+            [
+                str(cell["width"]),
+                str(cell["depth"]),
+                fmt_time(cell["floor_s"]),
+                *(fmt_time(cell["times"].get(p)) for p in sweep["providers"]),
+                *(fmt_num(cell["speedup"].get(s), ".2f") for s in ("torch", "jax")),
+                cell.get("note", ""),
+            ]
+        )
+    return [
+        Table(
+            f"Narrow sweep: {sweep['activation']}, {sweep['dtype']}, M={sweep['m']} on "
+            f"{sweep['device']}",
+            [
+                "width",
+                "depth",
+                "floor",
+                *sweep["providers"],
+                "speedup torch",
+                "speedup jax",
+                "note",
+            ],
+            rows,
+            caption="speedup = best baseline of the stack / fused_small of the stack (n/a where "
+            "fused_small is interpreted, unsupported or failed parity)",
+        )
+    ]
 
 
 SECTIONS = {
@@ -277,8 +403,12 @@ def to_markdown(results: dict[str, Any]) -> str:
     if "environment" in results:
         lines += [f"Machine: {describe(results['environment'])}", ""]
     for t in tables(results):
-        lines += [f"## {t.title}", "", "| " + " | ".join(t.headers) + " |",
-                  "|" + "---|" * len(t.headers)]
+        lines += [
+            f"## {t.title}",
+            "",
+            "| " + " | ".join(t.headers) + " |",
+            "|" + "---|" * len(t.headers),
+        ]
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
         if t.caption:
             lines += ["", t.caption]
@@ -325,21 +455,30 @@ def plot_bench(bench: dict[str, Any], path: Path) -> Path:
 
     cases = bench["cases"]
     heights = [1.6 + 0.3 * max(1, sum(1 for r in c["rows"] if is_result(r))) for c in cases]
-    fig, axes = plt.subplots(len(cases), 1, figsize=(9, sum(heights) + 0.3), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(cases),
+        1,
+        figsize=(9, sum(heights) + 0.3),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     for ax, case in zip(axes[:, 0], cases, strict=True):
         timed = [r for r in case["rows"] if is_result(r)]
         names = [_provider(r) for r in timed]
         med = [r["time"]["median"] * 1e3 for r in timed]
         lo = [m - r["time"]["min"] * 1e3 for m, r in zip(med, timed, strict=True)]
         hi = [r["time"]["max"] * 1e3 - m for m, r in zip(med, timed, strict=True)]
-        colors = ["#888888" if r.get("baseline") else
-                  ("#1f77b4" if r["stack"] == "torch" else "#d62728") for r in timed]
+        colors = [
+            "#888888" if r.get("baseline") else ("#1f77b4" if r["stack"] == "torch" else "#d62728")
+            for r in timed
+        ]
         ax.barh(names, med, xerr=[lo, hi], color=colors, capsize=3)
-        ax.axvline(case["floor"]["per_layer_s"] * 1e3, color="k", ls="--", lw=1,
-                   label="floor, per-layer")
-        ax.axvline(case["floor"]["whole_s"] * 1e3, color="k", ls=":", lw=1,
-                   label="floor, whole MLP")
+        ax.axvline(
+            case["floor"]["per_layer_s"] * 1e3, color="k", ls="--", lw=1, label="floor, per-layer"
+        )
+        ax.axvline(
+            case["floor"]["whole_s"] * 1e3, color="k", ls=":", lw=1, label="floor, whole MLP"
+        )
         untimed = [r["provider"] for r in case["rows"] if not is_result(r)]
         title = f"{case.get('preset', '')} M={case['m']} ({case['spec_text']})"
         if untimed:
@@ -373,8 +512,9 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
             notes[(i, j)] = cell["floor_s"]
         finite = grid[np.isfinite(grid)]
         span = max(2.0, float(np.max(np.abs(np.log2(finite))))) if finite.size else 2.0
-        im = ax.imshow(np.log2(grid), cmap="RdYlGn", vmin=-span, vmax=span, origin="lower",
-                       aspect="auto")
+        im = ax.imshow(
+            np.log2(grid), cmap="RdYlGn", vmin=-span, vmax=span, origin="lower", aspect="auto"
+        )
         for (i, j), fl in notes.items():
             val = "n/a" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:.2f}x"
             ax.text(j, i, f"{val}\nfloor {fmt_time(fl)}", ha="center", va="center", fontsize=7)
@@ -384,8 +524,9 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("depth (layers)")
         ax.set_title(f"{stack}: fused_small speedup over best baseline", fontsize=9)
         fig.colorbar(im, ax=ax, label="log2 speedup")
-    fig.suptitle(f"{sweep['activation']}, {sweep['dtype']}, M={sweep['m']}, {sweep['device']}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{sweep['activation']}, {sweep['dtype']}, M={sweep['m']}, {sweep['device']}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -397,8 +538,12 @@ def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
     rows = [r for r in overhead["rows"] if r.get("host_sync_s") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.8 + 0.4 * max(3, len(rows))))
     names = [r["provider"] for r in rows]
-    series = [("host_async_s", "host issue"), ("host_sync_s", "host sync"),
-              ("throughput_s", "throughput"), ("device_s", "device")]
+    series = [
+        ("host_async_s", "host issue"),
+        ("host_sync_s", "host sync"),
+        ("throughput_s", "throughput"),
+        ("device_s", "device"),
+    ]
     height = 0.8 / len(series)
     for k, (key, label) in enumerate(series):
         vals = [(r.get(key) or 0) * 1e6 for r in rows]
@@ -412,8 +557,9 @@ def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
     axes[1].set_xscale("log")
     axes[1].set_xlabel("first call, s (trace + compile)")
     axes[1].tick_params(labelsize=7)
-    fig.suptitle(f"Overhead: {overhead['spec_text']}, M={overhead['m']}, {overhead['device']}",
-                 fontsize=9)
+    fig.suptitle(
+        f"Overhead: {overhead['spec_text']}, M={overhead['m']}, {overhead['device']}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -425,8 +571,11 @@ PLOTS = {"bench": plot_bench, "sweep": plot_sweep, "overhead": plot_overhead}
 
 def plot_all(results: dict[str, Any], out_dir: Path, stem: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [fn(results[name], out_dir / f"{stem}{name}.png")
-            for name, fn in PLOTS.items() if name in results]
+    return [
+        fn(results[name], out_dir / f"{stem}{name}.png")
+        for name, fn in PLOTS.items()
+        if name in results
+    ]
 
 
 # ---- files
@@ -439,8 +588,10 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 def load(path: Path) -> dict[str, Any]:
     data = json.loads(Path(path).read_text())
     if data.get("kind") != RESULTS_KIND:
-        raise ValueError(f"{path}: expected a fusedmlp results file (kind {RESULTS_KIND!r}), "
-                         f"got kind {data.get('kind')!r}")
+        raise ValueError(
+            f"{path}: expected a fusedmlp results file (kind {RESULTS_KIND!r}), "
+            f"got kind {data.get('kind')!r}"
+        )
     return data
 
 

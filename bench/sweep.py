@@ -49,8 +49,13 @@ def speedups(rows: list[dict[str, Any]]) -> tuple[dict[str, float | None], dict[
     out: dict[str, float | None] = {}
     for stack in ("torch", "jax"):
         fused = times.get(f"{stack}:fused_small")
-        base = [t for r in rows if r.get("baseline") and r["stack"] == stack
-                and (t := times.get(r["provider"])) is not None]
+        base = [
+            t
+            for r in rows
+            if r.get("baseline")
+            and r["stack"] == stack
+            and (t := times.get(r["provider"])) is not None
+        ]
         out[stack] = min(base) / fused if fused and base else None
     return out, times
 
@@ -101,14 +106,36 @@ def run_sweep(
             if on_cell is not None:
                 on_cell(cell)
             if checkpoint is not None:
-                checkpoint(_result(device, dtype, activation, m, widths, depths, providers, ceil,
-                                   cells, partial=True))
+                checkpoint(
+                    _result(
+                        device,
+                        dtype,
+                        activation,
+                        m,
+                        widths,
+                        depths,
+                        providers,
+                        ceil,
+                        cells,
+                        partial=True,
+                    )
+                )
     return _result(device, dtype, activation, m, widths, depths, providers, ceil, cells)
 
 
-def _result(device: str, dtype: str, activation: str, m: int, widths: tuple[int, ...],
-            depths: tuple[int, ...], providers: list[Provider], ceil: Ceilings,
-            cells: list[dict[str, Any]], *, partial: bool = False) -> dict[str, Any]:
+def _result(
+    device: str,
+    dtype: str,
+    activation: str,
+    m: int,
+    widths: tuple[int, ...],
+    depths: tuple[int, ...],
+    providers: list[Provider],
+    ceil: Ceilings,
+    cells: list[dict[str, Any]],
+    *,
+    partial: bool = False,
+) -> dict[str, Any]:
     return {
         "device": device,
         "dtype": dtype,

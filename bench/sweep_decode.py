@@ -68,8 +68,11 @@ from fusedmlp.common.tiling import (
 )
 from fusedmlp.common.tolerance import compare
 
-DECODE_M = {"llama3-8b": (1, 2, 4, 8, 16, 32, 64), "gpt-mlp": (1, 16, 64),
-            "hf-blog-geglu": (1, 16, 64)}
+DECODE_M = {
+    "llama3-8b": (1, 2, 4, 8, 16, 32, 64),
+    "gpt-mlp": (1, 16, 64),
+    "hf-blog-geglu": (1, 16, 64),
+}
 DECODE_M_ALL = (1, 2, 4, 8, 16, 32, 64)
 VARIANT_M = (1, 16, 64)
 NERF_M = 2_097_152
@@ -90,8 +93,10 @@ def _device() -> str:
 
 def _dry_spec(spec: MLPSpec) -> MLPSpec:
     """A small stand-in of a spec for --dry-run (same activation, bias, dtype and depth)."""
-    widths = tuple(min(w, 48) if i in (0, len(spec.widths) - 1) else min(w, 80)
-                   for i, w in enumerate(spec.widths))
+    widths = tuple(
+        min(w, 48) if i in (0, len(spec.widths) - 1) else min(w, 80)
+        for i, w in enumerate(spec.widths)
+    )
     return spec.replace(widths=widths)
 
 
@@ -123,12 +128,17 @@ class Run:
         t = row.get("time_us")
         err = row.get("error")
         check = row.get("check", {})
-        print(f"[{self.elapsed():6.1f} s] {row['case']:<30} {row['provider']:<18} "
-              f"{row.get('variant', ''):<14} {row.get('config', ''):<40} "
-              + (f"{t:9.1f} us {row['pct_floor']:5.1f}% floor" if t is not None else
-                 f"ERROR {err}")
-              + (f"  {'ok' if check.get('passed') else 'FAIL'} rel {check.get('rel_fro', 0):.1e}"
-                 if check else ""), flush=True)
+        print(
+            f"[{self.elapsed():6.1f} s] {row['case']:<30} {row['provider']:<18} "
+            f"{row.get('variant', ''):<14} {row.get('config', ''):<40} "
+            + (f"{t:9.1f} us {row['pct_floor']:5.1f}% floor" if t is not None else f"ERROR {err}")
+            + (
+                f"  {'ok' if check.get('passed') else 'FAIL'} rel {check.get('rel_fro', 0):.1e}"
+                if check
+                else ""
+            ),
+            flush=True,
+        )
 
 
 def case_name(spec: MLPSpec, m: int, preset: str | None = None) -> str:
@@ -231,8 +241,9 @@ def time_jax(fn: Callable[..., Any], args: list[tuple[Any, ...]], calls: int) ->
     return 1e6 * statistics.median(times), outs[0]
 
 
-def measure(run: Run, case: Case, base: dict[str, Any],
-            timer: Callable[[], tuple[float, Any]]) -> None:
+def measure(
+    run: Run, case: Case, base: dict[str, Any], timer: Callable[[], tuple[float, Any]]
+) -> None:
     """Time one provider, check its output, add the row (an error becomes the row's result)."""
     row = dict(base)
     try:
@@ -241,12 +252,16 @@ def measure(run: Run, case: Case, base: dict[str, Any],
         row["time_us"] = t_us
         row["pct_floor"] = 100.0 * row["floor_us"] / t_us
         if row.get("weight_bytes"):
-            row["weight_pct_copy"] = 100.0 * row["weight_bytes"] / (t_us * 1e-6) / \
-                (run.ceilings["copy_TBps"] * 1e12)
+            row["weight_pct_copy"] = (
+                100.0 * row["weight_bytes"] / (t_us * 1e-6) / (run.ceilings["copy_TBps"] * 1e12)
+            )
         if case.ref is not None:
             c = compare(got, case.ref, case.spec)
-            row["check"] = {"passed": bool(c.passed), "rel_fro": c.rel_fro,
-                            "max_scaled": c.max_scaled}
+            row["check"] = {
+                "passed": bool(c.passed),
+                "rel_fro": c.rel_fro,
+                "max_scaled": c.max_scaled,
+            }
     except Exception as exc:  # a variant that does not compile or run is a result too
         row["time_us"] = None
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -264,10 +279,15 @@ def ceilings(run: Run) -> None:
     t_copy = time_torch(lambda: dst.copy_(src), [()], rep_ms=50)
     words = src.view(torch.float32)
     t_read = time_torch(lambda: words.sum(), [()], rep_ms=50)
-    run.ceilings = {"copy_TBps": 2 * n / (t_copy * 1e-6) / 1e12,
-                    "read_TBps": n / (t_read * 1e-6) / 1e12}
-    print(f"copy {run.ceilings['copy_TBps']:.3f} TB/s (read + write), "
-          f"read {run.ceilings['read_TBps']:.3f} TB/s", flush=True)
+    run.ceilings = {
+        "copy_TBps": 2 * n / (t_copy * 1e-6) / 1e12,
+        "read_TBps": n / (t_read * 1e-6) / 1e12,
+    }
+    print(
+        f"copy {run.ceilings['copy_TBps']:.3f} TB/s (read + write), "
+        f"read {run.ceilings['read_TBps']:.3f} TB/s",
+        flush=True,
+    )
 
 
 # ---- one case, every provider --------------------------------------------------------------------
@@ -286,8 +306,9 @@ class SpecData:
         n_params = 1 if narrow else copies(cost.param_bytes(spec))
         # decode: x is a few KiB, L2-resident in any real decode step: one copy
         n_x = copies(itemsize * m_max * spec.d_in) if narrow else 1
-        self.plain = [plain] + [{k: v.clone() for k, v in plain.items()}
-                                for _ in range(n_params - 1)]
+        self.plain = [plain] + [
+            {k: v.clone() for k, v in plain.items()} for _ in range(n_params - 1)
+        ]
         self.packed = [pack_params(spec, p) for p in self.plain]
         self.xs = [torch_input(spec, m_max, seed + 1 + i) for i in range(n_x)]
         # narrow: the first and last CHECK_ROWS rows are checked; decode: every row
@@ -300,9 +321,11 @@ class SpecData:
 
     def jax_arrays(self) -> dict[str, Any]:
         if self.jax is None:  # zero-copy views of the same buffers
-            self.jax = {"xs": [to_jax(x) for x in self.xs],
-                        "plain": [{k: to_jax(v) for k, v in p.items()} for p in self.plain],
-                        "packed": [{k: to_jax(v) for k, v in p.items()} for p in self.packed]}
+            self.jax = {
+                "xs": [to_jax(x) for x in self.xs],
+                "plain": [{k: to_jax(v) for k, v in p.items()} for p in self.plain],
+                "packed": [{k: to_jax(v) for k, v in p.items()} for p in self.packed],
+            }
         return self.jax
 
 
@@ -337,13 +360,13 @@ class Case:
 
     def torch_args(self, packed: bool) -> list[tuple[Any, ...]]:
         params = self.data.packed if packed else self.data.plain
-        xs = [x[:self.m] for x in self.data.xs]
+        xs = [x[: self.m] for x in self.data.xs]
         return [(xs[i % len(xs)], params[i % len(params)]) for i in range(self.n)]
 
     def jax_args(self, packed: bool) -> list[tuple[Any, ...]]:
         arrays = self.data.jax_arrays()
         params = arrays["packed" if packed else "plain"]
-        xs = [x[:self.m] for x in arrays["xs"]]
+        xs = [x[: self.m] for x in arrays["xs"]]
         return [(xs[i % len(xs)], params[i % len(params)]) for i in range(self.n)]
 
     def checked(self, out: Any) -> np.ndarray:
@@ -352,14 +375,22 @@ class Case:
             return np.concatenate([as_float(out[:CHECK_ROWS]), as_float(out[-CHECK_ROWS:])])
         return as_float(out)
 
-    def base(self, run: Run, stack: str, provider: str, variant: str = "",
-             config: object = None) -> dict[str, Any]:
+    def base(
+        self, run: Run, stack: str, provider: str, variant: str = "", config: object = None
+    ) -> dict[str, Any]:
         floor_us = self.floor_bytes / (run.ceilings["copy_TBps"] * 1e12) * 1e6
-        return {"case": self.name, "spec": self.spec.to_dict(), "m": self.m, "stack": stack,
-                "provider": f"{stack}:{provider}", "variant": variant,
-                "config": str(config) if config is not None else "", "floor_us": floor_us,
-                "floor_bytes": self.floor_bytes,
-                "weight_bytes": None if self.narrow else self.weight_bytes}
+        return {
+            "case": self.name,
+            "spec": self.spec.to_dict(),
+            "m": self.m,
+            "stack": stack,
+            "provider": f"{stack}:{provider}",
+            "variant": variant,
+            "config": str(config) if config is not None else "",
+            "floor_us": floor_us,
+            "floor_bytes": self.floor_bytes,
+            "weight_bytes": None if self.narrow else self.weight_bytes,
+        }
 
 
 def sync() -> None:
@@ -396,6 +427,7 @@ def run_providers(run: Run, case: Case, section: str, *, only_compile: bool) -> 
             out = fn(*args[0])
             sync()
             return time_torch(fn, args), out
+
         return timer
 
     def jax_timer(fn, packed):
@@ -403,20 +435,25 @@ def run_providers(run: Run, case: Case, section: str, *, only_compile: bool) -> 
 
     interpret = DRY["on"]
     jobs = [
-        ("torch", kernel, "default", torch_timer(
-            lambda x, p: t_fwd(x, p, spec, config=cfg), True)),
+        ("torch", kernel, "default", torch_timer(lambda x, p: t_fwd(x, p, spec, config=cfg), True)),
         ("torch", "eager", "", torch_timer(lambda x, p: tbase.run_eager(x, p, spec), False)),
-        ("jax", kernel, "default", jax_timer(
-            lambda x, p: j_fwd(x, p, spec, config=cfg, interpret=interpret), True)),
+        (
+            "jax",
+            kernel,
+            "default",
+            jax_timer(lambda x, p: j_fwd(x, p, spec, config=cfg, interpret=interpret), True),
+        ),
         ("jax", "xla", "", jax_timer(lambda x, p: jbase.xla(x, p, spec), False)),
     ]
     if only_compile:
-        jobs = [("torch", "compile", "", torch_timer(
-            lambda x, p: tbase.run_compile(x, p, spec), False))]
+        jobs = [
+            ("torch", "compile", "", torch_timer(lambda x, p: tbase.run_compile(x, p, spec), False))
+        ]
     for stack, provider, variant, timer in jobs:
         if run.allowed(f"{case.name} {stack}:{provider}", section):
-            measure(run, case, case.base(run, stack, provider, variant,
-                                         cfg if variant else None), timer)
+            measure(
+                run, case, case.base(run, stack, provider, variant, cfg if variant else None), timer
+            )
 
 
 def run_variants(run: Run, case: Case, section: str, variants: list[tuple[str, Any]]) -> None:
@@ -441,28 +478,32 @@ def run_variants(run: Run, case: Case, section: str, variants: list[tuple[str, A
 
 def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
     d = fused_decode_config(spec, m, interpret=DRY["on"])
-    out = [("pdl", replace(d, pdl=True)),
-           ("split1 n32", replace(d, split_k=1, block_n=32)),
-           ("split1 n32 pdl", replace(d, split_k=1, block_n=32, pdl=True)),
-           ("split4", replace(d, split_k=4)),
-           ("split16", replace(d, split_k=16)),
-           ("h32", replace(d, block_h=32)),
-           ("k64", replace(d, block_k=64, block_k2=64)),
-           ("stages+1", replace(d, num_stages=d.num_stages + 1)),
-           ("stages-1", replace(d, num_stages=max(1, d.num_stages - 1))),
-           ("warps8", replace(d, num_warps=8))]
+    out = [
+        ("pdl", replace(d, pdl=True)),
+        ("split1 n32", replace(d, split_k=1, block_n=32)),
+        ("split1 n32 pdl", replace(d, split_k=1, block_n=32, pdl=True)),
+        ("split4", replace(d, split_k=4)),
+        ("split16", replace(d, split_k=16)),
+        ("h32", replace(d, block_h=32)),
+        ("k64", replace(d, block_k=64, block_k2=64)),
+        ("stages+1", replace(d, num_stages=d.num_stages + 1)),
+        ("stages-1", replace(d, num_stages=max(1, d.num_stages - 1))),
+        ("warps8", replace(d, num_warps=8)),
+    ]
     return out
 
 
 def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
     d = fused_small_config(spec, m, interpret=DRY["on"])
-    out = [("1/SM", replace(d, programs_per_sm=1)),
-           ("3/SM", replace(d, programs_per_sm=3)),
-           ("rows/2", replace(d, block_m=max(16, d.block_m // 2))),
-           ("stages+1", replace(d, num_stages=d.num_stages + 1)),
-           ("stages-1", replace(d, num_stages=max(1, d.num_stages - 1))),
-           ("warps8", replace(d, num_warps=8)),
-           ("hoist" if not d.hoist else "streamed", replace(d, hoist=not d.hoist))]
+    out = [
+        ("1/SM", replace(d, programs_per_sm=1)),
+        ("3/SM", replace(d, programs_per_sm=3)),
+        ("rows/2", replace(d, block_m=max(16, d.block_m // 2))),
+        ("stages+1", replace(d, num_stages=d.num_stages + 1)),
+        ("stages-1", replace(d, num_stages=max(1, d.num_stages - 1))),
+        ("warps8", replace(d, num_warps=8)),
+        ("hoist" if not d.hoist else "streamed", replace(d, hoist=not d.hoist)),
+    ]
     return out
 
 
@@ -479,10 +520,11 @@ def shapes() -> dict[str, Any]:
         "llama": (spec(get_preset("llama3-8b").spec), (1, 5) if dry else DECODE_M["llama3-8b"]),
         "nerf": (spec(get_preset("nerf-64x5").spec), 300 if dry else NERF_M),
         "variant_m": (5,) if dry else VARIANT_M,
-        "decode": [(p, spec(get_preset(p).spec), (3,) if dry else DECODE_M[p])
-                   for p in ("gpt-mlp", "hf-blog-geglu")],
-        "narrow": [(MLPSpec((w,) * (d + 1), "relu", False, "float16"), narrow_m)
-                   for w, d in cells],
+        "decode": [
+            (p, spec(get_preset(p).spec), (3,) if dry else DECODE_M[p])
+            for p in ("gpt-mlp", "hf-blog-geglu")
+        ],
+        "narrow": [(MLPSpec((w,) * (d + 1), "relu", False, "float16"), narrow_m) for w, d in cells],
         "wide": (MLPSpec(((32 if dry else 128),) * 9, "relu", False, "float16"), narrow_m),
     }
 
@@ -552,10 +594,12 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 
 def table(run: Run) -> str:
-    lines = [f"copy {run.ceilings.get('copy_TBps', float('nan')):.3f} TB/s, read "
-             f"{run.ceilings.get('read_TBps', float('nan')):.3f} TB/s; floors at the copy rate",
-             f"{'case':<30} {'provider':<18} {'variant':<14} {'us':>9} {'%floor':>7} "
-             f"{'%copy(w)':>8} {'vs base':>7} {'check':>5}"]
+    lines = [
+        f"copy {run.ceilings.get('copy_TBps', float('nan')):.3f} TB/s, read "
+        f"{run.ceilings.get('read_TBps', float('nan')):.3f} TB/s; floors at the copy rate",
+        f"{'case':<30} {'provider':<18} {'variant':<14} {'us':>9} {'%floor':>7} "
+        f"{'%copy(w)':>8} {'vs base':>7} {'check':>5}",
+    ]
     for r in run.rows:
         t = r.get("time_us")
         sp = r.get("speedup_vs_best_baseline")
@@ -566,10 +610,14 @@ def table(run: Run) -> str:
             + (f"{t:9.1f} {r['pct_floor']:6.1f}% " if t else f"{'error':>9} {'':>7} ")
             + (f"{wc:7.1f}% " if wc else f"{'':>8} ")
             + (f"{sp:6.2f}x " if sp else f"{'':>7} ")
-            + (f"{'ok' if chk.get('passed') else 'FAIL':>5}" if chk else f"{'':>5}"))
+            + (f"{'ok' if chk.get('passed') else 'FAIL':>5}" if chk else f"{'':>5}")
+        )
     if run.skipped:
-        lines.append(f"skipped ({len(run.skipped)}): " + "; ".join(run.skipped[:8])
-                     + (" ..." if len(run.skipped) > 8 else ""))
+        lines.append(
+            f"skipped ({len(run.skipped)}): "
+            + "; ".join(run.skipped[:8])
+            + (" ..." if len(run.skipped) > 8 else "")
+        )
     return "\n".join(lines)
 
 
@@ -614,27 +662,42 @@ def compile_report() -> list[dict[str, Any]]:
             if isinstance(types[p.name], tuple):
                 for j in range(len(types[p.name])):
                     attrs[(i, j)] = [["tt.divisibility", 16]]
-            elif types[p.name].startswith("*") or p.name in ("D_IN", "HIDDEN", "W_COLS", "D_OUT",
-                                                             "stride_xm", "stride_ym"):
+            elif types[p.name].startswith("*") or p.name in (
+                "D_IN",
+                "HIDDEN",
+                "W_COLS",
+                "D_OUT",
+                "stride_xm",
+                "stride_ym",
+            ):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         start = time.perf_counter()
-        k = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=warps, num_stages=stages))
+        k = triton.compile(
+            ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=warps, num_stages=stages),
+        )
         seconds = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.ptx")
             with open(path, "w") as f:
                 f.write(k.asm["ptx"])
-            info = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
-                                  capture_output=True, text=True).stderr
+            info = subprocess.run(
+                [ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                capture_output=True,
+                text=True,
+            ).stderr
         regs = re.search(r"Used (\d+) registers", info)
         spill = re.search(r"(\d+) bytes spill stores", info)
         ptx = k.asm["ptx"]
-        return {"seconds": round(seconds, 2), "shared": k.metadata.shared,
-                "regs": int(regs.group(1)) if regs else None,
-                "spill": int(spill.group(1)) if spill else None,
-                "wgmma": "wgmma.mma_async" in ptx, "cp_async": "cp.async" in ptx}
+        return {
+            "seconds": round(seconds, 2),
+            "shared": k.metadata.shared,
+            "regs": int(regs.group(1)) if regs else None,
+            "spill": int(spill.group(1)) if spill else None,
+            "wgmma": "wgmma.mma_async" in ptx,
+            "cp_async": "cp.async" in ptx,
+        }
 
     out = []
     for preset in ("llama3-8b", "gpt-mlp", "hf-blog-geglu"):
@@ -645,44 +708,118 @@ def compile_report() -> list[dict[str, Any]]:
             splits, k_iters = decode_splits(spec.widths[1], cfg.block_k2, cfg.split_k)
             w_cols = packed_names(spec)["wv0" if spec.gated else "w0"][1]
             del w_cols
-            up = build(fd._fused_decode_up_kernel,
-                       dict(x_ptr=d, w_ptr=d, b_ptr=d, h_ptr=d, M="i32", D_IN="i32",
-                            HIDDEN="i32", W_COLS="i32"),
-                       dict(ACTIVATION=spec.base_activation, GATED=spec.gated,
-                            HAS_BIAS=spec.bias, PACK=PACK_BLOCK, BLOCK_M=cfg.block_m,
-                            BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION="ieee",
-                            USE_PDL=cfg.pdl, INTERPRET=False), cfg.num_warps, cfg.num_stages)
-            down = build(fd._fused_decode_down_kernel,
-                         dict(h_ptr=d, w_ptr=d, b_ptr=d, out_ptr="*fp32" if splits > 1 else d,
-                              M="i32", HIDDEN="i32", D_OUT="i32"),
-                         dict(HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                              BLOCK_K=cfg.block_k2, K_ITERS=k_iters, SPLIT_K=splits,
-                              DOT_PRECISION="ieee", USE_PDL=cfg.pdl, INTERPRET=False),
-                         cfg.num_warps, cfg.num_stages)
+            up = build(
+                fd._fused_decode_up_kernel,
+                dict(
+                    x_ptr=d,
+                    w_ptr=d,
+                    b_ptr=d,
+                    h_ptr=d,
+                    M="i32",
+                    D_IN="i32",
+                    HIDDEN="i32",
+                    W_COLS="i32",
+                ),
+                dict(
+                    ACTIVATION=spec.base_activation,
+                    GATED=spec.gated,
+                    HAS_BIAS=spec.bias,
+                    PACK=PACK_BLOCK,
+                    BLOCK_M=cfg.block_m,
+                    BLOCK_H=cfg.block_h,
+                    BLOCK_K=cfg.block_k,
+                    DOT_PRECISION="ieee",
+                    USE_PDL=cfg.pdl,
+                    INTERPRET=False,
+                ),
+                cfg.num_warps,
+                cfg.num_stages,
+            )
+            down = build(
+                fd._fused_decode_down_kernel,
+                dict(
+                    h_ptr=d,
+                    w_ptr=d,
+                    b_ptr=d,
+                    out_ptr="*fp32" if splits > 1 else d,
+                    M="i32",
+                    HIDDEN="i32",
+                    D_OUT="i32",
+                ),
+                dict(
+                    HAS_BIAS=spec.bias,
+                    BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n,
+                    BLOCK_K=cfg.block_k2,
+                    K_ITERS=k_iters,
+                    SPLIT_K=splits,
+                    DOT_PRECISION="ieee",
+                    USE_PDL=cfg.pdl,
+                    INTERPRET=False,
+                ),
+                cfg.num_warps,
+                cfg.num_stages,
+            )
             for launch, info in (("up", up), ("down", down)):
-                out.append({"case": f"{preset} M={m}", "kernel": f"fused_decode {launch}",
-                            "config": str(cfg), **info})
+                out.append(
+                    {
+                        "case": f"{preset} M={m}",
+                        "kernel": f"fused_decode {launch}",
+                        "config": str(cfg),
+                        **info,
+                    }
+                )
                 print(out[-1], flush=True)
     narrow = [(get_preset("nerf-64x5").spec, "nerf-64x5")]
-    narrow += [(MLPSpec((w,) * (dep + 1), "relu", False, "float16"), None)
-               for dep in NARROW_DEPTHS for w in NARROW_WIDTHS]
+    narrow += [
+        (MLPSpec((w,) * (dep + 1), "relu", False, "float16"), None)
+        for dep in NARROW_DEPTHS
+        for w in NARROW_WIDTHS
+    ]
     for spec, preset in narrow:
         cfg = fused_small_config(spec, NARROW_M)
         shapes = packed_names(spec)
-        w_cols = tuple(shapes[("wv" if lay.gated else "w") + str(lay.index)][1]
-                       for lay in spec.layers())
+        w_cols = tuple(
+            shapes[("wv" if lay.gated else "w") + str(lay.index)][1] for lay in spec.layers()
+        )
         d = dt[spec.dtype]
-        info = build(fs._fused_small_fwd_kernel,
-                     dict(x_ptr=d, w_ptrs=(d,) * spec.num_layers, b_ptrs=(d,) * spec.num_layers,
-                          y_ptr=d, M="i32", stride_xm="i32", stride_ym="i32",
-                          TILES_PER_PROGRAM="i32"),
-                     dict(WIDTHS=spec.widths, W_COLS=w_cols, NUM_LAYERS=spec.num_layers,
-                          WIDTH=padded_width(max(spec.widths)), BLOCK_M=cfg.block_m,
-                          ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
-                          PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION="ieee",
-                          INTERPRET=False), cfg.num_warps, cfg.num_stages)
-        out.append({"case": case_name(spec, NARROW_M, preset), "kernel": "fused_small",
-                    "config": str(cfg), **info})
+        info = build(
+            fs._fused_small_fwd_kernel,
+            dict(
+                x_ptr=d,
+                w_ptrs=(d,) * spec.num_layers,
+                b_ptrs=(d,) * spec.num_layers,
+                y_ptr=d,
+                M="i32",
+                stride_xm="i32",
+                stride_ym="i32",
+                TILES_PER_PROGRAM="i32",
+            ),
+            dict(
+                WIDTHS=spec.widths,
+                W_COLS=w_cols,
+                NUM_LAYERS=spec.num_layers,
+                WIDTH=padded_width(max(spec.widths)),
+                BLOCK_M=cfg.block_m,
+                ACTIVATION=spec.base_activation,
+                GATED=spec.gated,
+                HAS_BIAS=spec.bias,
+                PACK=PACK_BLOCK,
+                HOIST=cfg.hoist,
+                DOT_PRECISION="ieee",
+                INTERPRET=False,
+            ),
+            cfg.num_warps,
+            cfg.num_stages,
+        )
+        out.append(
+            {
+                "case": case_name(spec, NARROW_M, preset),
+                "kernel": "fused_small",
+                "config": str(cfg),
+                **info,
+            }
+        )
         print(out[-1], flush=True)
     return out
 
@@ -691,14 +828,23 @@ def compile_report() -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="path of the JSON results")
-    parser.add_argument("--budget-s", type=float, default=170.0,
-                        help="stop starting new measurements after this many seconds")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma list of {SECTIONS}")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile the default configs for sm_90 here (no GPU needed)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="a CPU check of this script: tiny shapes, interpreters, no timing")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=170.0,
+        help="stop starting new measurements after this many seconds",
+    )
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile the default configs for sm_90 here (no GPU needed)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="a CPU check of this script: tiny shapes, interpreters, no timing",
+    )
     args = parser.parse_args(argv)
     if args.compile_only:
         result = {"compile": compile_report()}
@@ -711,8 +857,10 @@ def main(argv: list[str] | None = None) -> int:
     import fusedmlp.torch_impl  # noqa: F401  (before triton: sets TRITON_INTERPRET without a GPU)
 
     if not torch.cuda.is_available() and not args.dry_run:
-        print("sweep_decode: needs a CUDA GPU (--compile-only and --dry-run run on a CPU)",
-              file=sys.stderr)
+        print(
+            "sweep_decode: needs a CUDA GPU (--compile-only and --dry-run run on a CPU)",
+            file=sys.stderr,
+        )
         return 2
     sections = tuple(s for s in args.sections.split(",") if s)
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -723,13 +871,18 @@ def main(argv: list[str] | None = None) -> int:
         sweep(run)
     finally:
         add_speedups(run.rows)
-        result = {"env": environment(), "ceilings": run.ceilings, "rows": run.rows,
-                  "skipped": run.skipped, "seconds": run.elapsed(),
-                  "dry_run": args.dry_run,
-                  "decode_defaults": {
-                      f"llama3-8b M={m}": asdict(fused_decode_config(get_preset("llama3-8b").spec,
-                                                                     m))
-                      for m in DECODE_M["llama3-8b"]}}
+        result = {
+            "env": environment(),
+            "ceilings": run.ceilings,
+            "rows": run.rows,
+            "skipped": run.skipped,
+            "seconds": run.elapsed(),
+            "dry_run": args.dry_run,
+            "decode_defaults": {
+                f"llama3-8b M={m}": asdict(fused_decode_config(get_preset("llama3-8b").spec, m))
+                for m in DECODE_M["llama3-8b"]
+            },
+        }
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, default=str)
         print(table(run), flush=True)

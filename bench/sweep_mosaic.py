@@ -81,16 +81,28 @@ GEMMS = {
     "hf.gate_up": Gemm("hf.gate_up", "gated", 3072, 768, "gelu_tanh", False),
     "hf.down": Gemm("hf.down", "linear_act", 768, 3072, "identity", False),
 }
-MLPS = {"llama3-8b": ("llama.gate_up", "llama.down"), "gpt-mlp": ("gpt.up", "gpt.down"),
-        "hf-blog-geglu": ("hf.gate_up", "hf.down")}
+MLPS = {
+    "llama3-8b": ("llama.gate_up", "llama.down"),
+    "gpt-mlp": ("gpt.up", "gpt.down"),
+    "hf-blog-geglu": ("hf.gate_up", "hf.down"),
+}
 
 
-def _cfg(bm: int, bn: int, bk: int, stages: int, ws: bool = True, sub: int = 1,
-         group_m: int = 8) -> Any:
+def _cfg(
+    bm: int, bn: int, bk: int, stages: int, ws: bool = True, sub: int = 1, group_m: int = 8
+) -> Any:
     from fusedmlp.common.config import TileConfig
 
-    return TileConfig(bm, bn, bk, group_m=group_m, num_warps=4, num_stages=stages,
-                      warp_specialize=ws, epilogue_subtile=sub)
+    return TileConfig(
+        bm,
+        bn,
+        bk,
+        group_m=group_m,
+        num_warps=4,
+        num_stages=stages,
+        warp_specialize=ws,
+        epilogue_subtile=sub,
+    )
 
 
 def grid(family: str, m: int, *, first: bool) -> list[Any]:
@@ -101,16 +113,33 @@ def grid(family: str, m: int, *, first: bool) -> list[Any]:
     default = pipeline._heuristic(family, m, 4096)  # every GEMM swept here is > 128 wide
     if family == "gated":  # block_n = output columns; the operand tile is 2·block_n
         head = [default, _cfg(256, 64, 64, 4), _cfg(128, 64, 64, 5)]
-        tail = [_cfg(128, 128, 64, 3), _cfg(128, 128, 64, 4, group_m=16),
-                _cfg(128, 64, 64, 4, ws=False), _cfg(64, 128, 64, 4), _cfg(256, 64, 64, 3)]
+        tail = [
+            _cfg(128, 128, 64, 3),
+            _cfg(128, 128, 64, 4, group_m=16),
+            _cfg(128, 64, 64, 4, ws=False),
+            _cfg(64, 128, 64, 4),
+            _cfg(256, 64, 64, 3),
+        ]
     else:
         head = [default, _cfg(256, 128, 64, 4, sub=2), _cfg(128, 128, 64, 5)]
-        tail = [_cfg(128, 256, 64, 3), _cfg(128, 256, 64, 4, sub=2, group_m=16),
-                _cfg(128, 128, 64, 4, ws=False), _cfg(64, 256, 64, 4, sub=2),
-                _cfg(128, 256, 128, 2, sub=2)]
+        tail = [
+            _cfg(128, 256, 64, 3),
+            _cfg(128, 256, 64, 4, sub=2, group_m=16),
+            _cfg(128, 128, 64, 4, ws=False),
+            _cfg(64, 256, 64, 4, sub=2),
+            _cfg(128, 256, 128, 2, sub=2),
+        ]
     if m <= 2048:  # fewer tiles than 2 waves of 132 SMs at 128×256: smaller tiles matter
-        head = [default, _cfg(64, 256 if family == "linear_act" else 128, 64, 4, sub=2
-                              if family == "linear_act" else 1)]
+        head = [
+            default,
+            _cfg(
+                64,
+                256 if family == "linear_act" else 128,
+                64,
+                4,
+                sub=2 if family == "linear_act" else 1,
+            ),
+        ]
         tail = [_cfg(128, 128, 64, 5) if family == "linear_act" else _cfg(128, 64, 64, 5)]
     seen: list[Any] = []
     for c in head if first else tail:
@@ -124,13 +153,23 @@ def example_configs(*, first: bool) -> list[Any]:
     steps, 64×64 epilogue tiles): the compute warpgroups side by side along N, then along M."""
     from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
 
-    mk = functools.partial(hm.TuningConfig, tile_m=128, tile_n=128, tile_k=64,
-                           max_concurrent_steps=4, epi_tile_n=64, epi_tile_m=64,
-                           grid_minor_dim=hm.MatmulDimension.N, grid_tile_width=8)
+    mk = functools.partial(
+        hm.TuningConfig,
+        tile_m=128,
+        tile_n=128,
+        tile_k=64,
+        max_concurrent_steps=4,
+        epi_tile_n=64,
+        epi_tile_m=64,
+        grid_minor_dim=hm.MatmulDimension.N,
+        grid_tile_width=8,
+    )
     if first:
         return [mk(wg_dimension=hm.MatmulDimension.N)]
-    return [mk(wg_dimension=hm.MatmulDimension.M), mk(wg_dimension=hm.MatmulDimension.N,
-                                                      grid_tile_width=16)]
+    return [
+        mk(wg_dimension=hm.MatmulDimension.M),
+        mk(wg_dimension=hm.MatmulDimension.N, grid_tile_width=16),
+    ]
 
 
 # ==== inputs ======================================================================================
@@ -145,7 +184,7 @@ def make_sets(g: Gemm, m: int, dtype: Any, count: int, seed: int = 0) -> list[di
     for i in range(count):
         keys = jax.random.split(jax.random.key(seed * 100 + i), 5)
         x = jax.random.normal(keys[0], (m, g.k), jnp.float32).astype(dtype)
-        scale = g.k ** -0.5
+        scale = g.k**-0.5
         w = (jax.random.normal(keys[1], (g.k, g.n), jnp.float32) * scale).astype(dtype)
         s: dict[str, Any] = {"x": x, "w": w}
         if g.bias:
@@ -211,12 +250,24 @@ def mosaic_op(g: Gemm, config: Any, interpret: bool) -> Callable[[dict[str, Any]
     from fusedmlp.jax_impl.mosaic import gated, linear_act
 
     if g.family == "gated":
-        return lambda s: gated.gated_fwd(s["x"], s["wv"], s["bc"], n=g.n,
-                                         activation=g.activation, config=config,
-                                         interpret=interpret)
-    return lambda s: linear_act.linear_act_fwd(s["x"], s["w"], s.get("b"), None,
-                                               activation=g.activation, config=config,
-                                               interpret=interpret)
+        return lambda s: gated.gated_fwd(
+            s["x"],
+            s["wv"],
+            s["bc"],
+            n=g.n,
+            activation=g.activation,
+            config=config,
+            interpret=interpret,
+        )
+    return lambda s: linear_act.linear_act_fwd(
+        s["x"],
+        s["w"],
+        s.get("b"),
+        None,
+        activation=g.activation,
+        config=config,
+        interpret=interpret,
+    )
 
 
 def example_op(g: Gemm, config: Any) -> Callable[[dict[str, Any]], Any]:
@@ -269,8 +320,15 @@ def _measure(batch: Callable[..., Any], sets: list[dict[str, Any]]) -> dict[str,
         jax.block_until_ready(outs)
         samples.append((time.perf_counter() - t0) / (reps * len(sets)))
     ms = statistics.median(samples) * 1e3
-    return {"ms": ms, "ms_min": min(samples) * 1e3, "ms_max": max(samples) * 1e3,
-            "compile_s": compile_s, "reps": reps, "sets": len(sets), "first": first}
+    return {
+        "ms": ms,
+        "ms_min": min(samples) * 1e3,
+        "ms_max": max(samples) * 1e3,
+        "compile_s": compile_s,
+        "reps": reps,
+        "sets": len(sets),
+        "first": first,
+    }
 
 
 @dataclass
@@ -293,24 +351,48 @@ class Sweep:
         return self.elapsed() < self.budget_s
 
     def write(self) -> None:
-        data = {"what": "pallas_mosaic sweep (bench/sweep_mosaic.py)", "smoke": self.smoke,
-                "budget_s": self.budget_s, "elapsed_s": round(self.elapsed(), 1),
-                "env": self.env, "in_flight": self.in_flight, "rows": self.rows,
-                "mlps": self.mlps, "skipped": self.skipped,
-                "best": best_rows(self.rows)}
+        data = {
+            "what": "pallas_mosaic sweep (bench/sweep_mosaic.py)",
+            "smoke": self.smoke,
+            "budget_s": self.budget_s,
+            "elapsed_s": round(self.elapsed(), 1),
+            "env": self.env,
+            "in_flight": self.in_flight,
+            "rows": self.rows,
+            "mlps": self.mlps,
+            "skipped": self.skipped,
+            "best": best_rows(self.rows),
+        }
         self.out_path.write_text(json.dumps(data, indent=1, default=str))
         if self.tuned_path is not None:
             self.tuned_path.write_text(json.dumps(tuned_file(self.rows, self.env), indent=1))
 
-    def run(self, g: Gemm, m: int, impl: str, op: Callable, sets: list[dict[str, Any]],
-            ref: Any, config: Any, dtype: str = "bfloat16") -> dict[str, Any] | None:
+    def run(
+        self,
+        g: Gemm,
+        m: int,
+        impl: str,
+        op: Callable,
+        sets: list[dict[str, Any]],
+        ref: Any,
+        config: Any,
+        dtype: str = "bfloat16",
+    ) -> dict[str, Any] | None:
         label = f"{g.name} M={m} {impl} {config if config is not None else ''}"
         if not self.left():
             self.skipped.append(label)
             return None
-        row: dict[str, Any] = {"gemm": g.name, "family": g.family, "m": m, "n": g.n, "k": g.k,
-                               "op_n": g.op_n, "dtype": dtype, "impl": impl,
-                               "config": _config_dict(config)}
+        row: dict[str, Any] = {
+            "gemm": g.name,
+            "family": g.family,
+            "m": m,
+            "n": g.n,
+            "k": g.k,
+            "op_n": g.op_n,
+            "dtype": dtype,
+            "impl": impl,
+            "config": _config_dict(config),
+        }
         self.in_flight = label
         self.write()
         try:
@@ -337,15 +419,19 @@ def _config_dict(config: Any) -> Any:
     if hasattr(config, "to_dict"):
         return config.to_dict()
     d = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    return {k: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v)
-            for k, v in d.items()}
+    return {
+        k: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v)
+        for k, v in d.items()
+    }
 
 
 def _config_str(cfg: Any) -> str:
     if isinstance(cfg, dict) and "block_m" in cfg:
-        return (f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} s{cfg['num_stages']} "
-                f"{'ws' if cfg['warp_specialize'] else '1wg'} sub{cfg['epilogue_subtile']} "
-                f"g{cfg['group_m']}")
+        return (
+            f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} s{cfg['num_stages']} "
+            f"{'ws' if cfg['warp_specialize'] else '1wg'} sub{cfg['epilogue_subtile']} "
+            f"g{cfg['group_m']}"
+        )
     if isinstance(cfg, dict):
         return f"wg{cfg.get('wg_dimension')} gw{cfg.get('grid_tile_width')}"
     return ""
@@ -353,12 +439,13 @@ def _config_str(cfg: Any) -> str:
 
 def _row_line(r: dict[str, Any]) -> str:
     dt = {"bfloat16": "bf16", "float16": "fp16"}.get(r["dtype"], r["dtype"])
-    head = (f"{r['gemm']:<14} M={r['m']:<5} {dt} {r['impl']:<14} "
-            f"{_config_str(r.get('config')):<32}")
+    head = f"{r['gemm']:<14} M={r['m']:<5} {dt} {r['impl']:<14} {_config_str(r.get('config')):<32}"
     if r["status"] == "error":
         return f"{head} ERROR {r['error'][:120]}"
-    return (f"{head} {r['ms']:8.4f} ms {r['tflops']:6.1f} TF/s err {r['rel_err']:.1e} "
-            f"compile {r['compile_s']:.1f}s {r['status'] if r['status'] != 'ok' else ''}")
+    return (
+        f"{head} {r['ms']:8.4f} ms {r['tflops']:6.1f} TF/s err {r['rel_err']:.1e} "
+        f"compile {r['compile_s']:.1f}s {r['status'] if r['status'] != 'ok' else ''}"
+    )
 
 
 def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -379,19 +466,41 @@ def tuned_file(rows: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any
     for _key, r in sorted(best_rows(rows).items()):
         if r["impl"] != "pallas_mosaic" or r["dtype"] != "bfloat16" or r["m"] & (r["m"] - 1):
             continue  # odd M rows measure the row padding, not a tile choice
-        configs.setdefault(r["family"], []).append({
-            "m": r["m"], "n": r["n"], "k": r["k"], "dtype": r["dtype"], "config": r["config"],
-            "ms": round(r["ms"], 5), "tflops": round(r["tflops"], 1), "gemm": r["gemm"]})
+        configs.setdefault(r["family"], []).append(
+            {
+                "m": r["m"],
+                "n": r["n"],
+                "k": r["k"],
+                "dtype": r["dtype"],
+                "config": r["config"],
+                "ms": round(r["ms"], 5),
+                "tflops": round(r["tflops"], 1),
+                "gemm": r["gemm"],
+            }
+        )
     gpus = env.get("gpus") or [{}]
-    return {"about": "Best pallas_mosaic TileConfigs per (family, N, K, M), read by "
-                     "jax_impl/mosaic/pipeline.default_config. Written by bench/sweep_mosaic.py.",
-            "gpu": gpus[0].get("name"), "commit": (env.get("git") or {}).get("commit"),
-            "jax": (env.get("versions") or {}).get("jax"), "configs": configs}
+    return {
+        "about": "Best pallas_mosaic TileConfigs per (family, N, K, M), read by "
+        "jax_impl/mosaic/pipeline.default_config. Written by bench/sweep_mosaic.py.",
+        "gpu": gpus[0].get("name"),
+        "commit": (env.get("git") or {}).get("commit"),
+        "jax": (env.get("versions") or {}).get("jax"),
+        "configs": configs,
+    }
 
 
 # ==== phases ======================================================================================
-def sweep_gemm(sw: Sweep, g: Gemm, m: int, *, ours: list[Any], examples: list[Any],
-               xla: bool, dtype_name: str = "bfloat16", interpret: bool = False) -> None:
+def sweep_gemm(
+    sw: Sweep,
+    g: Gemm,
+    m: int,
+    *,
+    ours: list[Any],
+    examples: list[Any],
+    xla: bool,
+    dtype_name: str = "bfloat16",
+    interpret: bool = False,
+) -> None:
     import jax.numpy as jnp
 
     if not sw.left():
@@ -438,10 +547,21 @@ def sweep_mlp(sw: Sweep, preset: str, m: int, interpret: bool) -> None:
         sw.skipped.append(f"mlp {preset} M={m} (a layer has no measured config)")
         return
     dtype = jnp.dtype(spec.dtype)
-    layer_bytes = sum(spec.widths[i] * spec.widths[i + 1] * (2 if spec.gated else 1)
-                      for i in range(spec.num_layers))
-    count = 2 if sw.smoke else max(2, min(MAX_SETS, math.ceil(
-        2 * L2_BYTES / (dtype.itemsize * (layer_bytes + m * sum(spec.widths))))))
+    layer_bytes = sum(
+        spec.widths[i] * spec.widths[i + 1] * (2 if spec.gated else 1)
+        for i in range(spec.num_layers)
+    )
+    count = (
+        2
+        if sw.smoke
+        else max(
+            2,
+            min(
+                MAX_SETS,
+                math.ceil(2 * L2_BYTES / (dtype.itemsize * (layer_bytes + m * sum(spec.widths)))),
+            ),
+        )
+    )
     sets = []
     for i in range(count):
         params = {k: jnp.asarray(v) for k, v in init_params(spec, seed=i).items()}
@@ -455,22 +575,29 @@ def sweep_mlp(sw: Sweep, preset: str, m: int, interpret: bool) -> None:
             i = layer.index
             if layer.gated:
                 h = mosaic_op(dataclass_replace(g, n=layer.d_out, k=layer.d_in), cfg, interpret)(
-                    {"x": h, "wv": s["packed"][f"wv{i}"], "bc": s["packed"].get(f"bc{i}")})
+                    {"x": h, "wv": s["packed"][f"wv{i}"], "bc": s["packed"].get(f"bc{i}")}
+                )
             else:
                 h = mosaic_op(dataclass_replace(g, n=layer.d_out, k=layer.d_in), cfg, interpret)(
-                    {"x": h, "w": s["packed"][f"w{i}"], "b": s["packed"].get(f"b{i}")})
+                    {"x": h, "w": s["packed"][f"w{i}"], "b": s["packed"].get(f"b{i}")}
+                )
         return h
 
     def xla(s: dict[str, Any]) -> Any:
         return baselines.xla(s["x"], s["p"], spec)
 
-    flops = sum(2 * m * spec.widths[i] * spec.widths[i + 1] * (2 if layer.gated else 1)
-                for i, layer in enumerate(spec.layers()))
+    flops = sum(
+        2 * m * spec.widths[i] * spec.widths[i + 1] * (2 if layer.gated else 1)
+        for i, layer in enumerate(spec.layers())
+    )
     ref = None
     for impl, op in (("xla", xla), ("pallas_mosaic", ours)):
-        row: dict[str, Any] = {"mlp": preset, "m": m, "impl": impl,
-                               "configs": [_config_dict(c) for c in configs]
-                               if impl != "xla" else None}
+        row: dict[str, Any] = {
+            "mlp": preset,
+            "m": m,
+            "impl": impl,
+            "configs": [_config_dict(c) for c in configs] if impl != "xla" else None,
+        }
         sw.in_flight = f"mlp {preset} M={m} {impl}"
         sw.write()
         try:
@@ -487,10 +614,16 @@ def sweep_mlp(sw: Sweep, preset: str, m: int, interpret: bool) -> None:
             row["traceback"] = traceback.format_exc()[-1500:]
         sw.in_flight = None
         sw.mlps.append(row)
-        print(f"MLP {preset:<14} M={m:<5} {impl:<14} "
-              + (f"{row['ms']:8.4f} ms {row['tflops']:6.1f} TF/s err vs xla "
-                 f"{row['rel_err_vs_xla']:.1e}" if row["status"] == "ok" else row["error"][:200]),
-              flush=True)
+        print(
+            f"MLP {preset:<14} M={m:<5} {impl:<14} "
+            + (
+                f"{row['ms']:8.4f} ms {row['tflops']:6.1f} TF/s err vs xla "
+                f"{row['rel_err_vs_xla']:.1e}"
+                if row["status"] == "ok"
+                else row["error"][:200]
+            ),
+            flush=True,
+        )
         sw.write()
 
 
@@ -504,9 +637,11 @@ def dataclass_replace(g: Gemm, **kw: Any) -> Gemm:
 def _smoke_specs() -> dict[str, Any]:
     from fusedmlp.common.spec import MLPSpec
 
-    return {"llama3-8b": MLPSpec((64, 128, 64), "swiglu", bias=False, dtype="bfloat16"),
-            "gpt-mlp": MLPSpec((64, 128, 64), "gelu_tanh", bias=True, dtype="bfloat16"),
-            "hf-blog-geglu": MLPSpec((64, 128, 64), "geglu_tanh", bias=False, dtype="bfloat16")}
+    return {
+        "llama3-8b": MLPSpec((64, 128, 64), "swiglu", bias=False, dtype="bfloat16"),
+        "gpt-mlp": MLPSpec((64, 128, 64), "gelu_tanh", bias=True, dtype="bfloat16"),
+        "hf-blog-geglu": MLPSpec((64, 128, 64), "geglu_tanh", bias=False, dtype="bfloat16"),
+    }
 
 
 SMOKE_SPECS: dict[str, Any] = {}
@@ -535,13 +670,19 @@ def smoke_setup() -> None:
 # ==== main ========================================================================================
 def table(sw: Sweep) -> str:
     best = best_rows(sw.rows)
-    lines = [f"{'gemm':<18} {'M':>5} {'xla ms':>9} {'xla TF':>7} {'example TF':>10} "
-             f"{'ours ms':>9} {'ours TF':>7} {'vs xla':>6} {'vs ex':>6}  best config"]
-    keys = sorted({(r["gemm"], r["m"], r["dtype"]) for r in sw.rows},
-                  key=lambda t: (list(GEMMS).index(t[0]) if t[0] in GEMMS else 99, -t[1], t[2]))
+    lines = [
+        f"{'gemm':<18} {'M':>5} {'xla ms':>9} {'xla TF':>7} {'example TF':>10} "
+        f"{'ours ms':>9} {'ours TF':>7} {'vs xla':>6} {'vs ex':>6}  best config"
+    ]
+    keys = sorted(
+        {(r["gemm"], r["m"], r["dtype"]) for r in sw.rows},
+        key=lambda t: (list(GEMMS).index(t[0]) if t[0] in GEMMS else 99, -t[1], t[2]),
+    )
     for gemm, m, dtype in keys:
-        x, e, o = (best.get(f"{gemm}|{m}|{dtype}|{impl}")
-                   for impl in ("xla", "mgpu_example", "pallas_mosaic"))
+        x, e, o = (
+            best.get(f"{gemm}|{m}|{dtype}|{impl}")
+            for impl in ("xla", "mgpu_example", "pallas_mosaic")
+        )
         name = gemm if dtype == "bfloat16" else f"{gemm} fp16"
         lines.append(
             f"{name:<18} {m:>5} "
@@ -550,13 +691,16 @@ def table(sw: Sweep) -> str:
             f"{o['ms'] if o else float('nan'):9.4f} {o['tflops'] if o else float('nan'):7.1f} "
             f"{(x['ms'] / o['ms']) if x and o else float('nan'):6.3f} "
             f"{(o['tflops'] / e['tflops']) if e and o else float('nan'):6.3f}  "
-            f"{_config_str(o['config']) if o else ''}")
+            f"{_config_str(o['config']) if o else ''}"
+        )
     for preset in MLPS:
         rows = {r["impl"]: r for r in sw.mlps if r["mlp"] == preset and r["status"] == "ok"}
         if "xla" in rows and "pallas_mosaic" in rows:
             x, o = rows["xla"], rows["pallas_mosaic"]
-            lines.append(f"MLP {preset:<14} M={x['m']}: xla {x['ms']:.4f} ms, pallas_mosaic "
-                         f"{o['ms']:.4f} ms -> {x['ms'] / o['ms']:.3f}x xla")
+            lines.append(
+                f"MLP {preset:<14} M={x['m']}: xla {x['ms']:.4f} ms, pallas_mosaic "
+                f"{o['ms']:.4f} ms -> {x['ms'] / o['ms']:.3f}x xla"
+            )
     if sw.skipped:
         lines.append(f"skipped for the budget: {len(sw.skipped)} (see JSON 'skipped')")
     return "\n".join(lines)
@@ -570,16 +714,24 @@ def dry_run() -> int:
     from fusedmlp.jax_impl.mosaic import pipeline
 
     failures = 0
-    plan = [(g, m, grid(g.family, m, first=f)) for g in GEMMS.values() for m in (8192,)
-            for f in (True, False)]
-    plan += [(GEMMS[n], m, grid(GEMMS[n].family, m, first=True))
-             for n in ("llama.gate_up", "llama.down", "hf.gate_up") for m in (512, 2048, 8191)]
+    plan = [
+        (g, m, grid(g.family, m, first=f))
+        for g in GEMMS.values()
+        for m in (8192,)
+        for f in (True, False)
+    ]
+    plan += [
+        (GEMMS[n], m, grid(GEMMS[n].family, m, first=True))
+        for n in ("llama.gate_up", "llama.down", "hf.gate_up")
+        for m in (512, 2048, 8191)
+    ]
     count = 0
     for g, m, configs in plan:
         for cfg in configs:
             count += 1
-            pipeline.check_config(cfg, "bfloat16", num_weights=2 if g.family == "gated" else 1,
-                                  residual=False)
+            pipeline.check_config(
+                cfg, "bfloat16", num_weights=2 if g.family == "gated" else 1, residual=False
+            )
             dt = jnp.bfloat16
             s = {"x": jax.ShapeDtypeStruct((m, g.k), dt)}
             if g.family == "gated":
@@ -603,15 +755,29 @@ def dry_run() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, nargs="?", help="JSON file to write")
-    ap.add_argument("--tuned-out", type=Path, default=None,
-                    help="write the best configs here (tuned_h200.json format)")
-    ap.add_argument("--budget-s", type=float, default=150.0,
-                    help="stop starting new measurements after this many seconds")
-    ap.add_argument("--full", action="store_true",
-                    help="a 560 s budget (the whole grid; a second call of its own)")
+    ap.add_argument(
+        "--tuned-out",
+        type=Path,
+        default=None,
+        help="write the best configs here (tuned_h200.json format)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=150.0,
+        help="stop starting new measurements after this many seconds",
+    )
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="a 560 s budget (the whole grid; a second call of its own)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="lower every kernel for CUDA; no GPU")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes under the interpreter (CPU; checks the script, not speed)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes under the interpreter (CPU; checks the script, not speed)",
+    )
     args = ap.parse_args(argv)
     if args.dry_run:
         return dry_run()
@@ -635,8 +801,15 @@ def main(argv: list[str] | None = None) -> int:
     big = 128 if args.smoke else 8192
     # 1. every GEMM at M=8192
     for g in GEMMS.values():
-        sweep_gemm(sw, g, big, ours=grid(g.family, big, first=True), examples=examples_first,
-                   xla=True, interpret=interpret)
+        sweep_gemm(
+            sw,
+            g,
+            big,
+            ours=grid(g.family, big, first=True),
+            examples=examples_first,
+            xla=True,
+            interpret=interpret,
+        )
     # 2. whole MLPs with the best per-layer configs
     for preset in MLPS:
         sweep_mlp(sw, preset, big, interpret)
@@ -646,23 +819,42 @@ def main(argv: list[str] | None = None) -> int:
             g = GEMMS[name]
             ours = grid(g.family, m, first=True)
             if m == 8191:  # the odd M: the best M=8192 config and the heuristic
-                ours = [c for c in (best_config(sw, name, big), grid(g.family, m, first=True)[0])
-                        if c is not None][:2]
+                ours = [
+                    c
+                    for c in (best_config(sw, name, big), grid(g.family, m, first=True)[0])
+                    if c is not None
+                ][:2]
                 ours = list(dict.fromkeys(ours))
             sweep_gemm(sw, g, m, ours=ours, examples=[], xla=True, interpret=interpret)
     g = GEMMS["llama.gate_up"]
-    sweep_gemm(sw, g, big, ours=[best_config(sw, g.name, big) or grid(g.family, big,
-                                                                       first=True)[0]],
-               examples=[], xla=True, dtype_name="float16", interpret=interpret)
+    sweep_gemm(
+        sw,
+        g,
+        big,
+        ours=[best_config(sw, g.name, big) or grid(g.family, big, first=True)[0]],
+        examples=[],
+        xla=True,
+        dtype_name="float16",
+        interpret=interpret,
+    )
     # 4. the rest of the grid, the example's other configs
     for g in GEMMS.values():
-        sweep_gemm(sw, g, big, ours=grid(g.family, big, first=False), examples=examples_rest,
-                   xla=False, interpret=interpret)
+        sweep_gemm(
+            sw,
+            g,
+            big,
+            ours=grid(g.family, big, first=False),
+            examples=examples_rest,
+            xla=False,
+            interpret=interpret,
+        )
     sw.write()
     print()
     print(table(sw))
-    print(f"elapsed {sw.elapsed():.0f} s; JSON: {args.out}"
-          + (f"; tuned configs: {args.tuned_out}" if args.tuned_out else ""))
+    print(
+        f"elapsed {sw.elapsed():.0f} s; JSON: {args.out}"
+        + (f"; tuned configs: {args.tuned_out}" if args.tuned_out else "")
+    )
     return 0
 
 

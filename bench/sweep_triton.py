@@ -96,45 +96,67 @@ class Gemm:
 
 
 def _c(bm, bn, bk, w=8, s=4, sub=1, ws=False, g=8) -> TileConfig:
-    return TileConfig(bm, bn, bk, group_m=g, num_warps=w, num_stages=s, epilogue_subtile=sub,
-                      warp_specialize=ws)
+    return TileConfig(
+        bm, bn, bk, group_m=g, num_warps=w, num_stages=s, epilogue_subtile=sub, warp_specialize=ws
+    )
 
 
 # The grids: the heuristic's choice first (added per shape), then what the probes and the shared
 # memory model say is worth a measurement. ~5 compiled variants per family and layout.
-GATED_GRID = [_c(128, 128, 64, s=4, sub=2), _c(128, 128, 64, s=4, sub=1), _c(128, 128, 64, s=3),
-              _c(128, 64, 64, s=4), _c(128, 128, 64, s=4, sub=2, g=16)]
-LINEAR_GRID = [_c(128, 256, 64, s=4, sub=2), _c(128, 256, 64, s=4, sub=4),
-               _c(128, 256, 64, s=3, sub=2), _c(128, 128, 64, s=4, sub=2),
-               _c(128, 128, 64, w=4, s=4, ws=True), _c(128, 256, 64, w=4, s=3, ws=True)]
+GATED_GRID = [
+    _c(128, 128, 64, s=4, sub=2),
+    _c(128, 128, 64, s=4, sub=1),
+    _c(128, 128, 64, s=3),
+    _c(128, 64, 64, s=4),
+    _c(128, 128, 64, s=4, sub=2, g=16),
+]
+LINEAR_GRID = [
+    _c(128, 256, 64, s=4, sub=2),
+    _c(128, 256, 64, s=4, sub=4),
+    _c(128, 256, 64, s=3, sub=2),
+    _c(128, 128, 64, s=4, sub=2),
+    _c(128, 128, 64, w=4, s=4, ws=True),
+    _c(128, 256, 64, w=4, s=3, ws=True),
+]
 KMAJOR_GRID = [_c(128, 256, 64, s=4, sub=2), _c(128, 128, 64, s=4, sub=2)]
-FP32_GRID = {"ieee": [_c(128, 128, 32, s=3), _c(64, 128, 32, w=4, s=3)],
-             "tf32": [_c(128, 128, 32, s=3), _c(128, 256, 32, s=3, sub=2)]}
+FP32_GRID = {
+    "ieee": [_c(128, 128, 32, s=3), _c(64, 128, 32, w=4, s=3)],
+    "tf32": [_c(128, 128, 32, s=3), _c(128, 256, 32, s=3, sub=2)],
+}
 
 
 def gemms(smoke: bool) -> list[Gemm]:
     if smoke:
-        return [Gemm("llama3-8b up", "gated", 256, 136, 64, "silu", False),
-                Gemm("llama3-8b down", "linear_act", 256, 80, 136, "identity", False,
-                     kmajor=True),
-                Gemm("up", "gated", 40, 72, 32, "gelu_tanh", True, "float32", "tf32")]
+        return [
+            Gemm("llama3-8b up", "gated", 256, 136, 64, "silu", False),
+            Gemm("llama3-8b down", "linear_act", 256, 80, 136, "identity", False, kmajor=True),
+            Gemm("up", "gated", 40, 72, 32, "gelu_tanh", True, "float32", "tf32"),
+        ]
     out = []
     for m in (8192, 2048, 512):
         full = m == 8192
-        out += [Gemm("llama3-8b up", "gated", m, 14336, 4096, "silu", False),
-                Gemm("llama3-8b down", "linear_act", m, 4096, 14336, "identity", False,
-                     kmajor=full)]
+        out += [
+            Gemm("llama3-8b up", "gated", m, 14336, 4096, "silu", False),
+            Gemm("llama3-8b down", "linear_act", m, 4096, 14336, "identity", False, kmajor=full),
+        ]
         if full:
-            out += [Gemm("gpt-mlp up", "linear_act", m, 16384, 4096, "gelu_tanh", True),
-                    Gemm("gpt-mlp down", "linear_act", m, 4096, 16384, "identity", True,
-                         kmajor=True)]
+            out += [
+                Gemm("gpt-mlp up", "linear_act", m, 16384, 4096, "gelu_tanh", True),
+                Gemm("gpt-mlp down", "linear_act", m, 4096, 16384, "identity", True, kmajor=True),
+            ]
         if m >= 2048:
-            out += [Gemm("hf-blog up", "gated", m, 3072, 768, "gelu_tanh", False),
-                    Gemm("hf-blog down", "linear_act", m, 768, 3072, "identity", False)]
-    out += [Gemm("llama3-8b up", "gated", 2048, 14336, 4096, "silu", False, "float32", p)
-            for p in ("ieee", "tf32")]
-    out += [Gemm("llama3-8b down", "linear_act", 2048, 4096, 14336, "identity", False, "float32",
-                 p) for p in ("ieee", "tf32")]
+            out += [
+                Gemm("hf-blog up", "gated", m, 3072, 768, "gelu_tanh", False),
+                Gemm("hf-blog down", "linear_act", m, 768, 3072, "identity", False),
+            ]
+    out += [
+        Gemm("llama3-8b up", "gated", 2048, 14336, 4096, "silu", False, "float32", p)
+        for p in ("ieee", "tf32")
+    ]
+    out += [
+        Gemm("llama3-8b down", "linear_act", 2048, 4096, 14336, "identity", False, "float32", p)
+        for p in ("ieee", "tf32")
+    ]
     return out
 
 
@@ -185,7 +207,7 @@ def make_operands(g: Gemm, device: str) -> Operands:
     def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * scale).to(dt).to(device)
 
-    s = g.k ** -0.5
+    s = g.k**-0.5
     x, w = rnd(g.m, g.k), rnd(g.k, g.n, scale=s)
     v = rnd(g.k, g.n, scale=s) if g.family == "gated" else None
     b = rnd(g.n, scale=0.1) if g.bias else None
@@ -217,8 +239,9 @@ def cublas_call(g: Gemm, ops: Operands) -> Callable[[], Any]:
     return lambda: ops.x @ w
 
 
-def kernel_call(g: Gemm, ops: Operands, impl: str, cfg: TileConfig,
-                kmajor: bool = False) -> Callable[[], torch.Tensor]:
+def kernel_call(
+    g: Gemm, ops: Operands, impl: str, cfg: TileConfig, kmajor: bool = False
+) -> Callable[[], torch.Tensor]:
     kw = dict(activation=g.activation, config=cfg, fp32_precision=g.precision)
     if g.family == "gated":
         mod = tma_gated if impl == "triton_tma" else portable_gated
@@ -238,14 +261,26 @@ class Sweep:
     def over_budget(self) -> bool:
         return time.perf_counter() > self.deadline
 
-    def measure(self, g: Gemm, ops: Operands, impl: str, cfg: TileConfig | None,
-                kmajor: bool = False) -> dict[str, Any]:
-        row: dict[str, Any] = dict(gemm=g.label, name=g.name, family=g.family, m=g.m, n=g.n,
-                                   k=g.k, dtype=g.dtype, precision=g.precision, impl=impl,
-                                   config=cfg.to_dict() if cfg else None, kmajor=kmajor)
+    def measure(
+        self, g: Gemm, ops: Operands, impl: str, cfg: TileConfig | None, kmajor: bool = False
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = dict(
+            gemm=g.label,
+            name=g.name,
+            family=g.family,
+            m=g.m,
+            n=g.n,
+            k=g.k,
+            dtype=g.dtype,
+            precision=g.precision,
+            impl=impl,
+            config=cfg.to_dict() if cfg else None,
+            kmajor=kmajor,
+        )
         if cfg is not None:
-            row["smem_model"] = smem_bytes(g.family, cfg, g.dtype, persistent=impl == "triton_tma",
-                                           fp32_precision=g.precision)
+            row["smem_model"] = smem_bytes(
+                g.family, cfg, g.dtype, persistent=impl == "triton_tma", fp32_precision=g.precision
+            )
         if impl != "cublas" and self.over_budget():
             row["skipped"] = "time budget"
             self.rows.append(row)
@@ -276,8 +311,9 @@ class Sweep:
 def sweep_gemm(sw: Sweep, g: Gemm, device: str) -> dict[str, Any]:
     ops = make_operands(g, device)
     cublas = sw.measure(g, ops, "cublas", None)
-    heur = heuristic_config(g.family, g.m, g.n, g.k, g.dtype, persistent=True,
-                            fp32_precision=g.precision)
+    heur = heuristic_config(
+        g.family, g.m, g.n, g.k, g.dtype, persistent=True, fp32_precision=g.precision
+    )
     if g.dtype == "float32":
         grid = FP32_GRID[g.precision]
     else:
@@ -288,26 +324,48 @@ def sweep_gemm(sw: Sweep, g: Gemm, device: str) -> dict[str, Any]:
         grid = [_c(16, 64, 32, w=4, s=1, sub=2), _c(32, 64, 16, w=4, s=2, ws=True)]
         heur = _c(16, 64, 16, w=4, s=1)
     variants = list(dict.fromkeys([heur, *grid]))
-    rows = [sw.measure(g, ops, "triton_tma", cfg) for cfg in variants
-            if fits(g.family, cfg, g.dtype, persistent=True, fp32_precision=g.precision)]
+    rows = [
+        sw.measure(g, ops, "triton_tma", cfg)
+        for cfg in variants
+        if fits(g.family, cfg, g.dtype, persistent=True, fp32_precision=g.precision)
+    ]
     if g.kmajor:
         kgrid = [_c(16, 64, 32, w=4, s=1)] if sw.smoke else KMAJOR_GRID
         rows += [sw.measure(g, ops, "triton_tma", cfg, kmajor=True) for cfg in kgrid]
-    portable_cfg = (_c(16, 64, 16, w=4, s=1) if sw.smoke else
-                    heuristic_config(g.family, g.m, g.n, g.k, g.dtype, persistent=False,
-                                     fp32_precision=g.precision))
+    portable_cfg = (
+        _c(16, 64, 16, w=4, s=1)
+        if sw.smoke
+        else heuristic_config(
+            g.family, g.m, g.n, g.k, g.dtype, persistent=False, fp32_precision=g.precision
+        )
+    )
     portable = sw.measure(g, ops, "triton", portable_cfg)
     good = [r for r in rows if "ms" in r and not r.get("bad") and not r["kmajor"]]
     best = min(good, key=lambda r: r["ms"]) if good else None
-    best_k = min((r for r in rows if "ms" in r and not r.get("bad") and r["kmajor"]),
-                 key=lambda r: r["ms"], default=None)
+    best_k = min(
+        (r for r in rows if "ms" in r and not r.get("bad") and r["kmajor"]),
+        key=lambda r: r["ms"],
+        default=None,
+    )
     del ops
     if not sw.smoke:
         torch.cuda.empty_cache()
-    return dict(gemm=g.label, name=g.name, family=g.family, m=g.m, n=g.n, k=g.k, dtype=g.dtype,
-                precision=g.precision, flops=g.flops, cublas_ms=cublas.get("ms"),
-                heuristic=heur.to_dict(), best=best, best_kmajor=best_k,
-                portable_ms=portable.get("ms"))
+    return dict(
+        gemm=g.label,
+        name=g.name,
+        family=g.family,
+        m=g.m,
+        n=g.n,
+        k=g.k,
+        dtype=g.dtype,
+        precision=g.precision,
+        flops=g.flops,
+        cublas_ms=cublas.get("ms"),
+        heuristic=heur.to_dict(),
+        best=best,
+        best_kmajor=best_k,
+        portable_ms=portable.get("ms"),
+    )
 
 
 # ---- whole MLPs ----------------------------------------------------------------------------------
@@ -318,15 +376,19 @@ MLPS = {  # preset: (GEMM name prefix, widths, activation, gated, bias), as comm
 }
 
 
-def sweep_mlp(sw: Sweep, name: str, m: int, best: dict[tuple[str, str], TileConfig],
-              best_kmajor: dict[tuple[str, str], tuple[TileConfig, float, float]],
-              device: str) -> dict[str, Any]:
+def sweep_mlp(
+    sw: Sweep,
+    name: str,
+    m: int,
+    best: dict[tuple[str, str], TileConfig],
+    best_kmajor: dict[tuple[str, str], tuple[TileConfig, float, float]],
+    device: str,
+) -> dict[str, Any]:
     prefix, (d_in, hidden, d_out), act, gated, bias = MLPS[name]
     if sw.smoke:
         d_in, hidden, d_out = 64, 136, 80
     up = Gemm(f"{prefix} up", "gated" if gated else "linear_act", m, hidden, d_in, act, bias)
-    down = Gemm(f"{prefix} down", "linear_act", m, d_out, hidden, "identity", bias,
-                kmajor=True)
+    down = Gemm(f"{prefix} down", "linear_act", m, d_out, hidden, "identity", bias, kmajor=True)
     ops_up, ops_dn = make_operands(up, device), make_operands(down, device)
 
     def eager() -> torch.Tensor:
@@ -342,20 +404,27 @@ def sweep_mlp(sw: Sweep, name: str, m: int, best: dict[tuple[str, str], TileConf
 
         def run() -> torch.Tensor:
             h = up_fn()
-            return tma_linear.linear_act_fwd(h, w2, ops_dn.b, None, activation="identity",
-                                             config=cfg_dn)
+            return tma_linear.linear_act_fwd(
+                h, w2, ops_dn.b, None, activation="identity", config=cfg_dn
+            )
 
         return run
 
-    heur = (heuristic_config(up.family, m, hidden, d_in, "bfloat16", persistent=True),
-            heuristic_config("linear_act", m, d_out, hidden, "bfloat16", persistent=True))
+    heur = (
+        heuristic_config(up.family, m, hidden, d_in, "bfloat16", persistent=True),
+        heuristic_config("linear_act", m, d_out, hidden, "bfloat16", persistent=True),
+    )
     if sw.smoke:
         heur = (_c(16, 64, 16, w=4, s=1), _c(16, 32, 16, w=4, s=1))
     tuned = (best.get((up.name, str(m)), heur[0]), best.get((down.name, str(m)), heur[1]))
-    result: dict[str, Any] = dict(mlp=name, m=m, heuristic=[c.to_dict() for c in heur],
-                                  tuned=[c.to_dict() for c in tuned])
-    variants = [("eager", eager), ("triton_tma heuristic", ours(*heur)),
-                ("triton_tma tuned", ours(*tuned))]
+    result: dict[str, Any] = dict(
+        mlp=name, m=m, heuristic=[c.to_dict() for c in heur], tuned=[c.to_dict() for c in tuned]
+    )
+    variants = [
+        ("eager", eager),
+        ("triton_tma heuristic", ours(*heur)),
+        ("triton_tma tuned", ours(*tuned)),
+    ]
     k_best = best_kmajor.get((down.name, str(m)))
     if k_best is not None and (k_best[1] < k_best[2] or sw.smoke):  # K-major W2 won
         result["tuned_kmajor_down"] = k_best[0].to_dict()
@@ -368,16 +437,18 @@ def sweep_mlp(sw: Sweep, name: str, m: int, best: dict[tuple[str, str], TileConf
             result[f"{label} ms"] = bench_ms(fn, sw.smoke)
         except Exception as err:
             result[f"{label} error"] = f"{type(err).__name__}: {str(err)[:300]}"
-    ours_ms = [v for k, v in result.items() if k.startswith("triton_tma tuned") and
-               k.endswith(" ms")]
+    ours_ms = [
+        v for k, v in result.items() if k.startswith("triton_tma tuned") and k.endswith(" ms")
+    ]
     if ours_ms and result.get("eager ms"):
         result["speedup_vs_eager"] = result["eager ms"] / min(ours_ms)
     return result
 
 
 # ---- the tuned table -----------------------------------------------------------------------------
-def tuned_table(device_name: str, summaries: list[dict[str, Any]], versions: dict[str, str]
-                ) -> dict[str, Any]:
+def tuned_table(
+    device_name: str, summaries: list[dict[str, Any]], versions: dict[str, str]
+) -> dict[str, Any]:
     entries: dict[str, Any] = {}
     now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     for s in summaries:
@@ -386,17 +457,31 @@ def tuned_table(device_name: str, summaries: list[dict[str, Any]], versions: dic
             continue
         dtypes = ("bfloat16", "float16") if s["dtype"] == "bfloat16" else (s["dtype"],)
         for dtype in dtypes:
-            key = make_key(device_name, "triton_tma", s["family"], s["m"], s["n"], s["k"], dtype,
-                           s["precision"])
+            key = make_key(
+                device_name,
+                "triton_tma",
+                s["family"],
+                s["m"],
+                s["n"],
+                s["k"],
+                dtype,
+                s["precision"],
+            )
             entries[str(key)] = {
                 "key": {f: getattr(key, f) for f in key.__dataclass_fields__},
-                "config": best["config"], "median_ms": best["ms"],
-                "measured_dtype": s["dtype"], "cublas_ms": s["cublas_ms"],
-                "candidates": [], "versions": versions, "tuned_at": now,
+                "config": best["config"],
+                "median_ms": best["ms"],
+                "measured_dtype": s["dtype"],
+                "cublas_ms": s["cublas_ms"],
+                "candidates": [],
+                "versions": versions,
+                "tuned_at": now,
             }
-    return {"format": FORMAT_VERSION,
-            "note": "bench/sweep_triton.py on this GPU; read by common/tuning.committed_config",
-            "entries": entries}
+    return {
+        "format": FORMAT_VERSION,
+        "note": "bench/sweep_triton.py on this GPU; read by common/tuning.committed_config",
+        "entries": entries,
+    }
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -406,8 +491,10 @@ def _fmt_cfg(c: dict[str, Any] | None) -> str:
 
 def print_table(summaries: list[dict[str, Any]], mlps: list[dict[str, Any]]) -> None:
     print()
-    print(f"{'GEMM':<44} {'cuBLAS':>8} {'best tma':>9} {'%cuBLAS':>8} {'TF/s':>6} "
-          f"{'portable':>9} {'kmajor':>8}  best config")
+    print(
+        f"{'GEMM':<44} {'cuBLAS':>8} {'best tma':>9} {'%cuBLAS':>8} {'TF/s':>6} "
+        f"{'portable':>9} {'kmajor':>8}  best config"
+    )
     for s in summaries:
         best = s["best"] or {}
         ms, cb = best.get("ms"), s["cublas_ms"]
@@ -418,26 +505,38 @@ def print_table(summaries: list[dict[str, Any]], mlps: list[dict[str, Any]]) -> 
         def f(v: float | None) -> str:
             return f"{v:.3f}" if v else "-"
 
-        print(f"{s['gemm']:<44} {f(cb):>8} {f(ms):>9} {pct:>8} {tf:>6} {f(s['portable_ms']):>9} "
-              f"{f(km):>8}  {_fmt_cfg(best.get('config'))}")
+        print(
+            f"{s['gemm']:<44} {f(cb):>8} {f(ms):>9} {pct:>8} {tf:>6} {f(s['portable_ms']):>9} "
+            f"{f(km):>8}  {_fmt_cfg(best.get('config'))}"
+        )
     print()
     for r in mlps:
         e, h, t = r.get("eager ms"), r.get("triton_tma heuristic ms"), r.get("triton_tma tuned ms")
         k = r.get("triton_tma tuned, K-major W2 ms")
         sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
         nan = float("nan")
-        print(f"MLP {r['mlp']:<14} M={r['m']:<5} eager {e or nan:.3f} ms  "
-              f"tma heuristic {h or nan:.3f} ms  tma tuned {t or nan:.3f} ms  "
-              f"K-major W2 {k or nan:.3f} ms  best vs eager {sp}")
+        print(
+            f"MLP {r['mlp']:<14} M={r['m']:<5} eager {e or nan:.3f} ms  "
+            f"tma heuristic {h or nan:.3f} ms  tma tuned {t or nan:.3f} ms  "
+            f"K-major W2 {k or nan:.3f} ms  best vs eager {sp}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="JSON file to write")
-    ap.add_argument("--budget-s", type=float, default=150.0,
-                    help="stop timing new variants after this many seconds (compiles included)")
-    ap.add_argument("--tuned-out", type=Path, default=None,
-                    help="the tuned table's file (default: <out dir>/<gpu slug>.json)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=150.0,
+        help="stop timing new variants after this many seconds (compiles included)",
+    )
+    ap.add_argument(
+        "--tuned-out",
+        type=Path,
+        default=None,
+        help="the tuned table's file (default: <out dir>/<gpu slug>.json)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under the interpreter (CPU)")
     args = ap.parse_args(argv)
     # The heuristic's own rules, not a committed table: this script is what writes the table.
@@ -460,19 +559,30 @@ def main(argv: list[str] | None = None) -> int:
             summaries.append(dict(gemm=g.label, error=traceback.format_exc()[-500:]))
         s = summaries[-1]
         best = s.get("best") or {}
-        print(f"[{time.perf_counter() - start:6.1f} s] {g.label}: cuBLAS {s.get('cublas_ms')} ms, "
-              f"best {best.get('ms')} ms {_fmt_cfg(best.get('config'))}", flush=True)
+        print(
+            f"[{time.perf_counter() - start:6.1f} s] {g.label}: cuBLAS {s.get('cublas_ms')} ms, "
+            f"best {best.get('ms')} ms {_fmt_cfg(best.get('config'))}",
+            flush=True,
+        )
     ok = [s for s in summaries if "error" not in s]
-    best_cfg = {(s["name"], str(s["m"])): TileConfig.from_dict(s["best"]["config"])
-                for s in ok if s["best"] and s["dtype"] == "bfloat16"}
-    best_k = {(s["name"], str(s["m"])): (TileConfig.from_dict(s["best_kmajor"]["config"]),
-                                         s["best_kmajor"]["ms"], s["best"]["ms"])
-              for s in ok if s["best"] and s.get("best_kmajor") and s["dtype"] == "bfloat16"}
+    best_cfg = {
+        (s["name"], str(s["m"])): TileConfig.from_dict(s["best"]["config"])
+        for s in ok
+        if s["best"] and s["dtype"] == "bfloat16"
+    }
+    best_k = {
+        (s["name"], str(s["m"])): (
+            TileConfig.from_dict(s["best_kmajor"]["config"]),
+            s["best_kmajor"]["ms"],
+            s["best"]["ms"],
+        )
+        for s in ok
+        if s["best"] and s.get("best_kmajor") and s["dtype"] == "bfloat16"
+    }
     mlps = []
     for name in MLPS:
         try:
-            mlps.append(sweep_mlp(sw, name, 256 if args.smoke else 8192, best_cfg, best_k,
-                                  device))
+            mlps.append(sweep_mlp(sw, name, 256 if args.smoke else 8192, best_cfg, best_k, device))
         except Exception:
             traceback.print_exc()
             mlps.append(dict(mlp=name, error=traceback.format_exc()[-500:]))
@@ -486,18 +596,28 @@ def main(argv: list[str] | None = None) -> int:
 
     versions = {"triton": triton.__version__, "torch": torch.__version__}
     table = tuned_table(device_name, ok, versions)
-    result = dict(device=device_name, env=env, smem_limit=SMEM_LIMIT, pack_block=PACK_BLOCK,
-                  elapsed_s=time.perf_counter() - start, gemms=summaries, mlps=mlps,
-                  rows=sw.rows, tuned_table=table)
+    result = dict(
+        device=device_name,
+        env=env,
+        smem_limit=SMEM_LIMIT,
+        pack_block=PACK_BLOCK,
+        elapsed_s=time.perf_counter() - start,
+        gemms=summaries,
+        mlps=mlps,
+        rows=sw.rows,
+        tuned_table=table,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     tuned_out = args.tuned_out or args.out.parent / f"{device_slug(device_name)}.json"
     tuned_out.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     print_table(ok, [r for r in mlps if "error" not in r])
-    print(f"\nwrote {args.out} and {tuned_out} in {time.perf_counter() - start:.0f} s "
-          f"({sum('ms' in r for r in sw.rows)} timed rows, "
-          f"{sum('error' in r for r in sw.rows)} errors, "
-          f"{sum(bool(r.get('bad')) for r in sw.rows)} wrong)")
+    print(
+        f"\nwrote {args.out} and {tuned_out} in {time.perf_counter() - start:.0f} s "
+        f"({sum('ms' in r for r in sw.rows)} timed rows, "
+        f"{sum('error' in r for r in sw.rows)} errors, "
+        f"{sum(bool(r.get('bad')) for r in sw.rows)} wrong)"
+    )
     return 0
 
 

@@ -129,9 +129,13 @@ class DeviceTiming:
     excluded: dict[str, int] = field(default_factory=dict)  # flush, memcpy/memset: counts
 
     def to_row(self) -> dict[str, Any]:
-        return {"time": self.device.to_dict(), "span": self.span.to_dict(),
-                "kernels_per_call": self.kernels_per_call,
-                "kernel_names": list(self.kernel_names), "excluded_kernels": dict(self.excluded)}
+        return {
+            "time": self.device.to_dict(),
+            "span": self.span.to_dict(),
+            "kernels_per_call": self.kernels_per_call,
+            "kernel_names": list(self.kernel_names),
+            "excluded_kernels": dict(self.excluded),
+        }
 
 
 def split_calls(
@@ -169,12 +173,16 @@ def split_calls(
             continue
         groups[-1].append(k)
     if len(groups) != calls:
-        raise TimingError(f"{len(groups)} flushes in the trace for {calls} calls "
-                          f"({excluded['flush']} flush kernels)")
+        raise TimingError(
+            f"{len(groups)} flushes in the trace for {calls} calls "
+            f"({excluded['flush']} flush kernels)"
+        )
     counts = collections.Counter(len(g) for g in groups)
     if len(counts) != 1:
-        raise TimingError(f"kernels per call are not constant: {dict(sorted(counts.items()))} "
-                          "(calls -> count); cannot assign kernels to calls")
+        raise TimingError(
+            f"kernels per call are not constant: {dict(sorted(counts.items()))} "
+            "(calls -> count); cannot assign kernels to calls"
+        )
     if not groups[0]:
         raise TimingError("a call launched no kernel between two flushes")
     first = sorted(k.name for k in groups[0])
@@ -182,8 +190,10 @@ def split_calls(
         names = sorted(k.name for k in g)
         if names != first:
             diff = sorted(set(names) ^ set(first))[:3]
-            raise TimingError(f"call {i} ran other kernels than call 0 (e.g. {diff}); "
-                              "cannot assign kernels to calls")
+            raise TimingError(
+                f"call {i} ran other kernels than call 0 (e.g. {diff}); "
+                "cannot assign kernels to calls"
+            )
     return groups, excluded
 
 
@@ -202,8 +212,13 @@ def device_timing(
     lines = len({k.line for g in groups for k in g})
     k = len(groups[0])
     how = f"{method}: sum of {k} kernel(s) per call" + (f" on {lines} streams" if lines > 1 else "")
-    return DeviceTiming(Stats.of(device, how), Stats.of(span, f"{method}: first start to last end"),
-                        k, tuple(x.name for x in groups[0]), excluded)
+    return DeviceTiming(
+        Stats.of(device, how),
+        Stats.of(span, f"{method}: first start to last end"),
+        k,
+        tuple(x.name for x in groups[0]),
+        excluded,
+    )
 
 
 # ---- the L2 flush, on each stack's own stream ---------------------------------------------
@@ -273,8 +288,10 @@ class Flush:
         kernels = trace(self.__call__, 1, lambda _: self.wait())
         names = {k.name for k in kernels if not (k.copy or is_copy_name(k.name))}
         if not names:
-            raise TimingError(f"{profiler}.profiler recorded no kernel for the {self.stack} L2 "
-                              "flush: it cannot see this stack's kernels")
+            raise TimingError(
+                f"{profiler}.profiler recorded no kernel for the {self.stack} L2 "
+                "flush: it cannot see this stack's kernels"
+            )
         self.names[profiler] = frozenset(names)
 
 
@@ -301,13 +318,19 @@ def torch_kernels(events: Iterable[Any]) -> list[Kernel]:
         if kind in _TORCH_NOT_KERNELS:
             continue
         copy = kind in ("gpu_memcpy", "gpu_memset") or is_copy_name(e.name)
-        out.append(Kernel(e.name, e.time_range.start * 1e3, e.time_range.end * 1e3,
-                          line=str(getattr(e, "device_resource_id", "") or ""), copy=copy))
+        out.append(
+            Kernel(
+                e.name,
+                e.time_range.start * 1e3,
+                e.time_range.end * 1e3,
+                line=str(getattr(e, "device_resource_id", "") or ""),
+                copy=copy,
+            )
+        )
     return out
 
 
-def torch_trace(body: Callable[[], Any], calls: int, finish: Callable[[Any], None]
-                ) -> list[Kernel]:
+def torch_trace(body: Callable[[], Any], calls: int, finish: Callable[[Any], None]) -> list[Kernel]:
     """Run `body` `calls` times under torch.profiler (CPU + CUDA activity), then `finish(last
     output)` (the wait); the device activity."""
     import torch
@@ -322,8 +345,10 @@ def torch_trace(body: Callable[[], Any], calls: int, finish: Callable[[Any], Non
         torch.cuda.synchronize()  # every stream of the device, JAX's included
     kernels = torch_kernels(prof.events())
     if not kernels:
-        raise TimingError("torch.profiler recorded no CUDA activity (is CUPTI held by another "
-                          "profiler in this process?)")
+        raise TimingError(
+            "torch.profiler recorded no CUDA activity (is CUPTI held by another "
+            "profiler in this process?)"
+        )
     return kernels
 
 
@@ -338,9 +363,21 @@ def _jax_options() -> Any:
 
 
 # Lines the profiler derives from annotations (not CUPTI activity), in case a file carries them.
-_DERIVED_LINES = frozenset({"XLA Modules", "XLA Ops", "Steps", "Launch Stats", "Source code",
-                            "Framework Name Scope", "XLA TraceMe", "Async XLA Ops",
-                            "CUPTI overhead", "TensorFlow Name Scope", "TensorFlow Ops"})
+_DERIVED_LINES = frozenset(
+    {
+        "XLA Modules",
+        "XLA Ops",
+        "Steps",
+        "Launch Stats",
+        "Source code",
+        "Framework Name Scope",
+        "XLA TraceMe",
+        "Async XLA Ops",
+        "CUPTI overhead",
+        "TensorFlow Name Scope",
+        "TensorFlow Ops",
+    }
+)
 
 
 def xspace_kernels(planes: Iterable[Any]) -> list[Kernel]:
@@ -349,20 +386,29 @@ def xspace_kernels(planes: Iterable[Any]) -> list[Kernel]:
     planes = list(planes)
     gpu = sorted((p for p in planes if p.name.startswith("/device:GPU:")), key=lambda p: p.name)
     if not gpu:
-        raise TimingError("the jax.profiler trace has no /device:GPU plane (planes: "
-                          f"{[p.name for p in planes]}): the GPU tracer did not run")
+        raise TimingError(
+            "the jax.profiler trace has no /device:GPU plane (planes: "
+            f"{[p.name for p in planes]}): the GPU tracer did not run"
+        )
     plane = gpu[0]
     lines = list(plane.lines)
     streams = [ln for ln in lines if ln.name.startswith("Stream")] or [
-        ln for ln in lines if ln.name not in _DERIVED_LINES]
+        ln for ln in lines if ln.name not in _DERIVED_LINES
+    ]
     out, graphs = [], []
     for line in streams:
         for e in line.events:
             stats = {str(k): v for k, v in e.stats}
             copy = "memcpy_details" in stats or "memset_details" in stats or is_copy_name(e.name)
             start = float(e.start_ns)
-            k = Kernel(e.name, start, start + float(e.duration_ns), line=line.name,
-                       module=str(stats.get("hlo_module", "") or ""), copy=copy)
+            k = Kernel(
+                e.name,
+                start,
+                start + float(e.duration_ns),
+                line=line.name,
+                module=str(stats.get("hlo_module", "") or ""),
+                copy=copy,
+            )
             # A whole CUDA graph's span (XLA command buffers, where CUPTI traces graphs as one
             # record) would count its kernels twice beside their own records.
             (graphs if "cuda_graph_exec_id" in stats else out).append(k)
@@ -372,8 +418,7 @@ def xspace_kernels(planes: Iterable[Any]) -> list[Kernel]:
     return out
 
 
-def jax_trace(body: Callable[[], Any], calls: int, finish: Callable[[Any], None]
-              ) -> list[Kernel]:
+def jax_trace(body: Callable[[], Any], calls: int, finish: Callable[[Any], None]) -> list[Kernel]:
     """Run `body` `calls` times under a jax.profiler trace, then `finish(last output)` (the wait);
     the GPU plane's device activity."""
     import jax
@@ -411,8 +456,14 @@ TRACERS: dict[str, Tracer] = {"torch": torch_trace, "jax": jax_trace}
 
 
 def time_device(
-    stack: str, fn: Callable[[int], Any], calls: int, wait: Callable[[Any], None], *,
-    count_copies: bool = False, profiler: str | None = None, flush: Flush | None = None,
+    stack: str,
+    fn: Callable[[int], Any],
+    calls: int,
+    wait: Callable[[Any], None],
+    *,
+    count_copies: bool = False,
+    profiler: str | None = None,
+    flush: Flush | None = None,
 ) -> DeviceTiming:
     """Device time per call of `fn(i)` on a GPU, i = 0..calls-1, each call after the L2 flush.
     `fn` must be warm: a compile or autotuning inside the trace would add kernels to one call.
@@ -437,20 +488,26 @@ def time_device(
         flush.wait()
 
     kernels = trace(body, calls, finish)
-    return device_timing(kernels, calls, flush.predicate(profiler), method,
-                         count_copies=count_copies)
+    return device_timing(
+        kernels, calls, flush.predicate(profiler), method, count_copies=count_copies
+    )
 
 
 # ---- host clocks ---------------------------------------------------------------------------------
-def reps_for(per_call_s: float, min_reps: int = MIN_REPS, max_reps: int = MAX_REPS,
-             target_s: float = TARGET_S) -> int:
+def reps_for(
+    per_call_s: float,
+    min_reps: int = MIN_REPS,
+    max_reps: int = MAX_REPS,
+    target_s: float = TARGET_S,
+) -> int:
     if per_call_s <= 0:
         return max_reps
     return max(min_reps, min(max_reps, int(target_s / per_call_s)))
 
 
-def warmup(fn: Callable[[int], Any], wait: Callable[[Any], None], warmup_s: float = WARMUP_S
-           ) -> float:
+def warmup(
+    fn: Callable[[int], Any], wait: Callable[[Any], None], warmup_s: float = WARMUP_S
+) -> float:
     """Call until `warmup_s` has passed (at least 3 calls); returns the last call's sync time."""
     start = time.perf_counter()
     calls, last = 0, 0.0
@@ -483,8 +540,9 @@ def time_host(
     return Stats.of(samples, "host clock, synchronised")
 
 
-def host_issue(fn: Callable[[int], Any], wait: Callable[[Any], None],
-               reps: int = HOST_ISSUE_REPS) -> Stats:
+def host_issue(
+    fn: Callable[[int], Any], wait: Callable[[Any], None], reps: int = HOST_ISSUE_REPS
+) -> Stats:
     """Host time to issue one call without waiting for it (asynchronous dispatch), per call."""
     samples, out = [], None
     for i in range(reps):
@@ -497,8 +555,12 @@ def host_issue(fn: Callable[[int], Any], wait: Callable[[Any], None],
     return Stats.of(samples, "host clock, issue only")
 
 
-def throughput(fn: Callable[[int], Any], wait: Callable[[Any], None], calls: int,
-               batches: int = THROUGHPUT_BATCHES) -> Stats:
+def throughput(
+    fn: Callable[[int], Any],
+    wait: Callable[[Any], None],
+    calls: int,
+    batches: int = THROUGHPUT_BATCHES,
+) -> Stats:
     """Per call: the wall clock of `calls` calls issued back to back, then one wait."""
     samples, i = [], 0
     for _ in range(batches):
@@ -509,8 +571,9 @@ def throughput(fn: Callable[[int], Any], wait: Callable[[Any], None], calls: int
             i += 1
         wait(out)
         samples.append((time.perf_counter() - t0) / calls)
-    return Stats.of(samples, f"wall clock of {calls} back-to-back calls + one wait, "
-                             f"{batches} batches")
+    return Stats.of(
+        samples, f"wall clock of {calls} back-to-back calls + one wait, {batches} batches"
+    )
 
 
 def time_cudagraph(fn: Callable[[int], Any], rep_ms: float = 20.0) -> Stats:
@@ -544,8 +607,9 @@ def measure(
     per_call = warmup(fn, wait, warmup_s)
     reps = reps_for(per_call, min_reps, max_reps, target_s)
     row: dict[str, Any] = {}
-    sync = time_host(fn, wait, min_reps=min_reps, max_reps=max_reps, warmup_s=0.0,
-                     target_s=target_s)
+    sync = time_host(
+        fn, wait, min_reps=min_reps, max_reps=max_reps, warmup_s=0.0, target_s=target_s
+    )
     if device == "cuda":
         try:
             row.update(time_device(stack, fn, reps, wait, count_copies=count_copies).to_row())
@@ -564,8 +628,9 @@ def measure(
             row["cudagraph"] = time_cudagraph(fn).to_dict()
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            row["cudagraph_note"] = f"cannot be captured in a CUDA graph: {type(exc).__name__}: "\
-                                    f"{first}"
+            row["cudagraph_note"] = (
+                f"cannot be captured in a CUDA graph: {type(exc).__name__}: {first}"
+            )
     return row
 
 
@@ -575,12 +640,13 @@ def floor_violation(times: dict[str, float | None], floor_s: float, bound: str) 
     ceilings' spread (FLOOR_SLACK[bound]); None when none does."""
     slack = FLOOR_SLACK[bound]
     limit = floor_s * (1 - slack)
-    below = [f"{name} {t * 1e6:.1f} µs" for name, t in times.items()
-             if t is not None and t < limit]
+    below = [f"{name} {t * 1e6:.1f} µs" for name, t in times.items() if t is not None and t < limit]
     if not below:
         return None
-    return (f"invalid measurement: {', '.join(below)} below the {bound}-bound floor "
-            f"{floor_s * 1e6:.1f} µs by more than {slack:.0%}")
+    return (
+        f"invalid measurement: {', '.join(below)} below the {bound}-bound floor "
+        f"{floor_s * 1e6:.1f} µs by more than {slack:.0%}"
+    )
 
 
 def disagreement(a: float, b: float) -> float:

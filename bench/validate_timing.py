@@ -73,13 +73,16 @@ def _do_bench(fn: Callable[[int], Any]) -> dict[str, Any]:
 
     counter = itertools.count()
     times = do_bench(lambda: fn(next(counter)), return_mode="all")
-    return {"median": statistics.median(times) / 1e3, "min": min(times) / 1e3,
-            "max": max(times) / 1e3, "n": len(times),
-            "method": "triton.testing.do_bench (CUDA events per call, 256 MB flush)"}
+    return {
+        "median": statistics.median(times) / 1e3,
+        "min": min(times) / 1e3,
+        "max": max(times) / 1e3,
+        "n": len(times),
+        "method": "triton.testing.do_bench (CUDA events per call, 256 MB flush)",
+    }
 
 
-def _jax_loop(spec: Any, x: Any, params: dict[str, Any], calls: int = LOOP_CALLS
-              ) -> dict[str, Any]:
+def _jax_loop(spec: Any, x: Any, params: dict[str, Any], calls: int = LOOP_CALLS) -> dict[str, Any]:
     """Per call: one executable running the MLP `calls` times back to back (no host between)."""
     import jax
     import jax.numpy as jnp
@@ -102,9 +105,14 @@ def _jax_loop(spec: Any, x: Any, params: dict[str, Any], calls: int = LOOP_CALLS
         t0 = time.perf_counter()
         jax.block_until_ready(looped(x, params))
         samples.append((time.perf_counter() - t0) / calls)
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "n": len(samples), "method": f"jitted loop of {calls} calls unrolled in one executable "
-                                         "(wall clock / calls, 5 runs)"}
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+        "method": f"jitted loop of {calls} calls unrolled in one executable "
+        "(wall clock / calls, 5 runs)",
+    }
 
 
 def _jax_only_probe(calls: int = 50) -> dict[str, float]:
@@ -126,8 +134,13 @@ def _jax_only_probe(calls: int = 50) -> dict[str, float]:
         xs = [jnp.asarray(make_input(spec, m, seed=s)) for s in range(4)]
         f = jax.jit(lambda x, p, spec=spec: mlp(x, p, spec, impl="xla"))
         jax.block_until_ready(f(xs[0], params))
-        timing = time_device("jax", lambda i, f=f, xs=xs, p=params: f(xs[i % len(xs)], p),
-                             calls, jax.block_until_ready, profiler="jax")
+        timing = time_device(
+            "jax",
+            lambda i, f=f, xs=xs, p=params: f(xs[i % len(xs)], p),
+            calls,
+            jax.block_until_ready,
+            profiler="jax",
+        )
         out[f"{label}/{m}"] = timing.device.to_dict()["median"]
     return out
 
@@ -137,8 +150,13 @@ def _jax_profiler_in_own_process() -> tuple[dict[str, float] | None, str | None]
 
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     try:
-        done = subprocess.run([sys.executable, __file__, "-", "--jax-only-probe"], env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, __file__, "-", "--jax-only-probe"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except subprocess.TimeoutExpired:
         return None, "the JAX-only probe ran past 120 s"
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -175,18 +193,25 @@ def run(out: Path, *, target_s: float = 0.1, smoke_cpu: bool = False) -> int:
         return 2
     t_start = time.perf_counter()
     cases = _cases()[-1:] if smoke_cpu else _cases()
-    ceil = ceilings_mod.measure(device, tuple(sorted({matmul_key(s) for _, s, _ in cases})),
-                                quick=smoke_cpu)
-    print(f"ceilings: matmul {ceil.matmul}, copy {ceil.copy / 1e12:.3f} TB/s, read-only "
-          f"{(ceil.read or 0) / 1e12:.3f} TB/s ({time.perf_counter() - t_start:.0f} s)",
-          flush=True)
+    ceil = ceilings_mod.measure(
+        device, tuple(sorted({matmul_key(s) for _, s, _ in cases})), quick=smoke_cpu
+    )
+    print(
+        f"ceilings: matmul {ceil.matmul}, copy {ceil.copy / 1e12:.3f} TB/s, read-only "
+        f"{(ceil.read or 0) / 1e12:.3f} TB/s ({time.perf_counter() - t_start:.0f} s)",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     keep_case = None
     for label, spec, m in cases:
         case = Case(spec, m, device)
         for provider in (Provider("torch", "eager", True), Provider("jax", "xla", True)):
-            row: dict[str, Any] = {"case": label, "spec": str(spec), "m": m,
-                                   "provider": provider.name}
+            row: dict[str, Any] = {
+                "case": label,
+                "spec": str(spec),
+                "m": m,
+                "provider": provider.name,
+            }
             rows.append(row)
             t0 = time.perf_counter()
             fn = provider.make(case)
@@ -195,20 +220,35 @@ def run(out: Path, *, target_s: float = 0.1, smoke_cpu: bool = False) -> int:
                 sync(stack, o)
 
             wait(fn(0))  # compile outside every clock
-            m_ = _guard(row, "measure", lambda fn=fn, wait=wait, p=provider: measure(
-                p.stack, device, fn, wait, cudagraph=p.stack == "torch" and not smoke_cpu,
-                target_s=target_s))
+            m_ = _guard(
+                row,
+                "measure",
+                lambda fn=fn, wait=wait, p=provider: measure(
+                    p.stack,
+                    device,
+                    fn,
+                    wait,
+                    cudagraph=p.stack == "torch" and not smoke_cpu,
+                    target_s=target_s,
+                ),
+            )
             if provider.stack == "torch":
                 if not smoke_cpu:
                     _guard(row, "do_bench", lambda fn=fn: _do_bench(fn))
             else:
                 x, params = case.jax_sets()[0]
-                _guard(row, "jax_loop", lambda x=x, params=params, spec=spec: _jax_loop(
-                    spec, x, params))
+                _guard(
+                    row,
+                    "jax_loop",
+                    lambda x=x, params=params, spec=spec: _jax_loop(spec, x, params),
+                )
             fl = floor(spec, m, provider.impl, ceil)
             check = floor(spec, m, provider.impl, ceil, check=True)
-            row["floor_s"], row["floor_check_s"], row["bound"] = (fl.seconds, check.seconds,
-                                                                  fl.bound)
+            row["floor_s"], row["floor_check_s"], row["bound"] = (
+                fl.seconds,
+                check.seconds,
+                fl.bound,
+            )
             if m_ is not None and "time" in m_ and not smoke_cpu:
                 invalid, flags = judge_timing(m_, check.seconds, check.bound)
                 row["invalid"], row["flags"] = invalid, flags
@@ -222,8 +262,11 @@ def run(out: Path, *, target_s: float = 0.1, smoke_cpu: bool = False) -> int:
     assert keep_case is not None
     fn = Provider("torch", "eager", True).make(keep_case)
     again = {"case": cases[0][0], "m": cases[0][2], "provider": "torch:eager (after JAX traces)"}
-    _guard(again, "measure", lambda: measure(
-        "torch", device, fn, lambda o: sync("torch", o), target_s=target_s))
+    _guard(
+        again,
+        "measure",
+        lambda: measure("torch", device, fn, lambda o: sync("torch", o), target_s=target_s),
+    )
     keep_case.release()
     rows.append(again)
     if not smoke_cpu:
@@ -236,9 +279,15 @@ def run(out: Path, *, target_s: float = 0.1, smoke_cpu: bool = False) -> int:
                     row.setdefault("errors", {})["jax_profiler_own_process"] = str(err)
     checks = _checks(rows)
     _print_table(rows, checks, ceil)
-    result = {"kind": "fusedmlp-validate-timing", "version": 1, "environment": environment(),
-              "ceilings": ceil.to_dict(), "rows": rows, "checks": checks,
-              "seconds": time.perf_counter() - t_start}
+    result = {
+        "kind": "fusedmlp-validate-timing",
+        "version": 1,
+        "environment": environment(),
+        "ceilings": ceil.to_dict(),
+        "rows": rows,
+        "checks": checks,
+        "seconds": time.perf_counter() - t_start,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {out} ({result['seconds']:.0f} s)")
@@ -264,64 +313,97 @@ def _checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             why = m.get("device_error") or (row.get("errors") or {}).get("measure", "no time")
             check(f"{name}: device time read", False, why)
             continue
-        check(f"{name}: device time read", True,
-              f"{dev * 1e6:.1f} µs, K={m.get('kernels_per_call')}, "
-              f"{m.get('excluded_kernels')} excluded")
+        check(
+            f"{name}: device time read",
+            True,
+            f"{dev * 1e6:.1f} µs, K={m.get('kernels_per_call')}, "
+            f"{m.get('excluded_kernels')} excluded",
+        )
         if "floor_s" in row:
-            check(f"{name}: not below the floor", not row.get("invalid"),
-                  row.get("invalid") or f"floor {row['floor_s'] * 1e6:.1f} µs ({row['bound']})")
+            check(
+                f"{name}: not below the floor",
+                not row.get("invalid"),
+                row.get("invalid") or f"floor {row['floor_s'] * 1e6:.1f} µs ({row['bound']})",
+            )
         if row["case"] == "llama3-8b" and "after" not in row["provider"]:
-            check(f"{name}: between the floor and 125 µs", row["floor_s"] * 0.97 <= dev
-                  <= LLAMA_MAX_S, f"{dev * 1e6:.1f} µs (floor {row['floor_s'] * 1e6:.1f} µs)")
+            check(
+                f"{name}: between the floor and 125 µs",
+                row["floor_s"] * 0.97 <= dev <= LLAMA_MAX_S,
+                f"{dev * 1e6:.1f} µs (floor {row['floor_s'] * 1e6:.1f} µs)",
+            )
         graph = _med(m, "cudagraph")
         host_bound = (_med(m, "host_sync") or 0) > 1.5 * dev
         if graph is not None and not host_bound:
-            check(f"{name}: device within 5 % of do_bench_cudagraph", abs(graph / dev - 1) <= 0.05,
-                  f"cudagraph {graph * 1e6:.1f} µs vs device {dev * 1e6:.1f} µs")
+            check(
+                f"{name}: device within 5 % of do_bench_cudagraph",
+                abs(graph / dev - 1) <= 0.05,
+                f"cudagraph {graph * 1e6:.1f} µs vs device {dev * 1e6:.1f} µs",
+            )
         thr = _med(m, "throughput")
         if row["provider"].startswith("jax") and thr is not None:
-            check(f"{name}: device <= throughput x 1.05", dev <= thr * 1.05,
-                  f"device {dev * 1e6:.1f} µs, throughput {thr * 1e6:.1f} µs")
+            check(
+                f"{name}: device <= throughput x 1.05",
+                dev <= thr * 1.05,
+                f"device {dev * 1e6:.1f} µs, throughput {thr * 1e6:.1f} µs",
+            )
         other = row.get("device_via_jax_profiler")
         probed = other or "jax_profiler_own_process" in (row.get("errors") or {})
         if row["provider"] == "jax:xla" and m.get("time") and probed:
-            check(f"{name}: jax.profiler (own process) and torch.profiler agree within 3 %",
-                  bool(other) and abs(other["median"] / dev - 1) <= 0.03,
-                  f"torch.profiler {dev * 1e6:.1f} µs, jax.profiler "
-                  + (f"{other['median'] * 1e6:.1f} µs" if other else
-                     str((row.get("errors") or {}).get("jax_profiler_own_process"))))
-    first = next((r for r in rows if r["case"] == "llama3-8b" and r["provider"] == "torch:eager"),
-                 None)
+            check(
+                f"{name}: jax.profiler (own process) and torch.profiler agree within 3 %",
+                bool(other) and abs(other["median"] / dev - 1) <= 0.03,
+                f"torch.profiler {dev * 1e6:.1f} µs, jax.profiler "
+                + (
+                    f"{other['median'] * 1e6:.1f} µs"
+                    if other
+                    else str((row.get("errors") or {}).get("jax_profiler_own_process"))
+                ),
+            )
+    first = next(
+        (r for r in rows if r["case"] == "llama3-8b" and r["provider"] == "torch:eager"), None
+    )
     again = next((r for r in rows if "after" in r["provider"]), None)
     if first and again and _device(first) and _device(again):
         a, b = _device(first), _device(again)
-        check("torch.profiler after jax.profiler: same device time within 5 %",
-              abs(b / a - 1) <= 0.05, f"before {a * 1e6:.1f} µs, after {b * 1e6:.1f} µs")
+        check(
+            "torch.profiler after jax.profiler: same device time within 5 %",
+            abs(b / a - 1) <= 0.05,
+            f"before {a * 1e6:.1f} µs, after {b * 1e6:.1f} µs",
+        )
     return checks
 
 
 def _print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]], ceil: Any) -> None:
-    head = (f"{'case':14} {'M':>5} {'provider':31} {'device':>9} {'min':>9} {'max':>9} "
-            f"{'span':>9} {'K':>3} {'thruput':>9} {'h.issue':>9} {'h.sync':>9} {'graph':>9} "
-            f"{'do_bench':>9} {'jax loop':>9} {'jax.prof':>9} {'floor':>9}  verdict")
-    print("\nall times in µs per call; ceilings: " + ", ".join(
-        f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in ceil.matmul.items())
-        + f", copy {ceil.copy / 1e12:.2f} TB/s")
+    head = (
+        f"{'case':14} {'M':>5} {'provider':31} {'device':>9} {'min':>9} {'max':>9} "
+        f"{'span':>9} {'K':>3} {'thruput':>9} {'h.issue':>9} {'h.sync':>9} {'graph':>9} "
+        f"{'do_bench':>9} {'jax loop':>9} {'jax.prof':>9} {'floor':>9}  verdict"
+    )
+    print(
+        "\nall times in µs per call; ceilings: "
+        + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in ceil.matmul.items())
+        + f", copy {ceil.copy / 1e12:.2f} TB/s"
+    )
     print(head)
     print("-" * len(head))
     for row in rows:
         m = row.get("measure") or {}
         t = m.get("time") or {}
-        verdict = row.get("invalid") or "; ".join(row.get("flags") or []) or (
-            "ok" if t else (m.get("device_error") or "error"))
-        print(f"{row['case']:14} {row['m']:>5} {row['provider'][:31]:31} "
-              f"{_fmt(t.get('median'))} {_fmt(t.get('min'))} {_fmt(t.get('max'))} "
-              f"{_fmt(_med(m, 'span'))} {m.get('kernels_per_call') or '-':>3} "
-              f"{_fmt(_med(m, 'throughput'))} {_fmt(_med(m, 'host_issue'))} "
-              f"{_fmt(_med(m, 'host_sync'))} {_fmt(_med(m, 'cudagraph'))} "
-              f"{_fmt(_med(row, 'do_bench'))} {_fmt(_med(row, 'jax_loop'))} "
-              f"{_fmt(_med(row, 'device_via_jax_profiler'))} {_fmt(row.get('floor_s'))}  "
-              f"{verdict[:70]}")
+        verdict = (
+            row.get("invalid")
+            or "; ".join(row.get("flags") or [])
+            or ("ok" if t else (m.get("device_error") or "error"))
+        )
+        print(
+            f"{row['case']:14} {row['m']:>5} {row['provider'][:31]:31} "
+            f"{_fmt(t.get('median'))} {_fmt(t.get('min'))} {_fmt(t.get('max'))} "
+            f"{_fmt(_med(m, 'span'))} {m.get('kernels_per_call') or '-':>3} "
+            f"{_fmt(_med(m, 'throughput'))} {_fmt(_med(m, 'host_issue'))} "
+            f"{_fmt(_med(m, 'host_sync'))} {_fmt(_med(m, 'cudagraph'))} "
+            f"{_fmt(_med(row, 'do_bench'))} {_fmt(_med(row, 'jax_loop'))} "
+            f"{_fmt(_med(row, 'device_via_jax_profiler'))} {_fmt(row.get('floor_s'))}  "
+            f"{verdict[:70]}"
+        )
         for key, err in (row.get("errors") or {}).items():
             print(f"    {key}: {err.splitlines()[0][:150]}")
     print("\nchecks:")
@@ -334,12 +416,22 @@ def _print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]], ceil:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="where to write the JSON")
-    parser.add_argument("--target-s", type=float, default=0.1,
-                        help="timed calls aim at this much time per measure (default 0.1 s)")
-    parser.add_argument("--smoke-cpu", action="store_true",
-                        help="the tiny case on the CPU, host clocks only: tests this script")
-    parser.add_argument("--jax-only-probe", action="store_true",
-                        help="internal: print JAX device times read by jax.profiler (no torch)")
+    parser.add_argument(
+        "--target-s",
+        type=float,
+        default=0.1,
+        help="timed calls aim at this much time per measure (default 0.1 s)",
+    )
+    parser.add_argument(
+        "--smoke-cpu",
+        action="store_true",
+        help="the tiny case on the CPU, host clocks only: tests this script",
+    )
+    parser.add_argument(
+        "--jax-only-probe",
+        action="store_true",
+        help="internal: print JAX device times read by jax.profiler (no torch)",
+    )
     args = parser.parse_args(argv)
     if args.jax_only_probe:
         print(json.dumps(_jax_only_probe()))

@@ -56,9 +56,7 @@ class TileConfig:
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages: expected a positive int, got {self.num_stages!r}")
         if not isinstance(self.warp_specialize, bool):
-            raise ValueError(
-                f"warp_specialize: expected a bool, got {self.warp_specialize!r}"
-            )
+            raise ValueError(f"warp_specialize: expected a bool, got {self.warp_specialize!r}")
         if self.epilogue_subtile not in (1, 2, 4) or isinstance(self.epilogue_subtile, bool):
             raise ValueError(
                 f"epilogue_subtile: expected one of (1, 2, 4), got {self.epilogue_subtile!r}"

@@ -219,7 +219,14 @@ def measurements_from_bench(bench: Mapping[str, Any]) -> list[Measurement]:
             if not seconds:
                 continue
             out.append(
-                Measurement(row["stack"], row["impl"], bool(row.get("baseline")), spec,
-                            int(case["m"]), float(seconds), case.get("preset", ""))
+                Measurement(
+                    row["stack"],
+                    row["impl"],
+                    bool(row.get("baseline")),
+                    spec,
+                    int(case["m"]),
+                    float(seconds),
+                    case.get("preset", ""),
+                )
             )
     return out

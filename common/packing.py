@@ -88,9 +88,7 @@ def unpack_gated(packed: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of `pack_gated` for a layer of width n: (w, v), padding dropped."""
     width = packed_width(n)
     if packed.shape[-1] != width:
-        raise ValueError(
-            f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}"
-        )
+        raise ValueError(f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}")
     lead = packed.shape[:-1]
     blocks = packed.reshape(*lead, width // (2 * PACK_BLOCK), 2, PACK_BLOCK)
     w = blocks[..., 0, :].reshape(*lead, width // 2)[..., :n]

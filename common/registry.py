@@ -6,7 +6,8 @@ An entry says everything a front needs to plan and launch it:
 - `runner`: how the front drives it —
   `"per_layer"`: one kernel per layer; `launcher` is a package whose `linear_act` and `gated`
   modules hold `linear_act_fwd(x2d, w, b, residual, *, activation, config, fp32_precision)` and
-  `gated_fwd(x2d, w, b, v, c, *, activation, config, fp32_precision)`;
+  `gated_fwd(x2d, wv, bc, *, n, activation, config, fp32_precision)` (gated layers always on the
+  packed operand, so a per-layer entry's layout is "packed");
   `"whole"`: the whole MLP in one launch; `launcher` is a module with `<name>_fwd(x2d, params,
   spec, *, config)`;
   `"baseline"`: a framework's own ops; `launcher` is `"module:function"` taking

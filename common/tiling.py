@@ -99,8 +99,13 @@ def warp_specialize_applies(family: str, config: TileConfig) -> bool:
     the gated split are made of. So: linear_act with epilogue_subtile=1 and num_warps=4; elsewhere
     the kernels ignore the flag (the loop is flattened as usual).
     """
-    return (config.warp_specialize and family == "linear_act" and config.epilogue_subtile == 1
-            and config.num_warps == 4 and config.block_m >= 64)
+    return (
+        config.warp_specialize
+        and family == "linear_act"
+        and config.epilogue_subtile == 1
+        and config.num_warps == 4
+        and config.block_m >= 64
+    )
 
 
 def smem_bytes(
@@ -147,14 +152,16 @@ def smem_bytes(
     return total + bias + barriers
 
 
-def with_residual_room(config: TileConfig, dtype: str, *, fp32_precision: str = "ieee"
-                       ) -> TileConfig:
+def with_residual_room(
+    config: TileConfig, dtype: str, *, fp32_precision: str = "ieee"
+) -> TileConfig:
     """A persistent linear_act config that fits with a residual: the residual's slice is converted
     through shared memory beside the staged output slice, so a config chosen without it (the
     heuristic's 128×256×64 at 4 stages in two slices: 225 KB, 257 KB with the residual) gets more
     epilogue slices, then fewer stages, until it fits. Other configs come back unchanged."""
-    while not fits("linear_act", config, dtype, persistent=True, fp32_precision=fp32_precision,
-                   residual=True):
+    while not fits(
+        "linear_act", config, dtype, persistent=True, fp32_precision=fp32_precision, residual=True
+    ):
         sub = config.epilogue_subtile
         if sub < 4 and config.block_n // (2 * sub) >= 16:
             config = _with(config, epilogue_subtile=2 * sub)
@@ -165,11 +172,27 @@ def with_residual_room(config: TileConfig, dtype: str, *, fp32_precision: str = 
     return config
 
 
-def fits(family: str, config: TileConfig, dtype: str, *, persistent: bool,
-         fp32_precision: str = "ieee", residual: bool = False) -> bool:
+def fits(
+    family: str,
+    config: TileConfig,
+    dtype: str,
+    *,
+    persistent: bool,
+    fp32_precision: str = "ieee",
+    residual: bool = False,
+) -> bool:
     """Whether the kernel's shared memory stays within an sm_90 block's 227 KB (`smem_bytes`)."""
-    return smem_bytes(family, config, dtype, persistent=persistent, fp32_precision=fp32_precision,
-                      residual=residual) <= SMEM_LIMIT
+    return (
+        smem_bytes(
+            family,
+            config,
+            dtype,
+            persistent=persistent,
+            fp32_precision=fp32_precision,
+            residual=residual,
+        )
+        <= SMEM_LIMIT
+    )
 
 
 # ---- heuristics ----------------------------------------------------------------------------------
@@ -195,8 +218,9 @@ def _large_m_16bit(family: str, m: int, n: int, persistent: bool, num_sms: int) 
     shapes = [(128, 128), (128, 64)] if gated else [(128, 256), (128, 128)]
     if m < 1024:
         shapes.append((64, 64) if gated else (64, 128))
-    best = min(shapes, key=lambda s: _waves_cost(m, n, s[0], s[1], (2 if gated else 1) * s[1],
-                                                 num_sms))
+    best = min(
+        shapes, key=lambda s: _waves_cost(m, n, s[0], s[1], (2 if gated else 1) * s[1], num_sms)
+    )
     bm, bn = best
     warps = 8 if bm >= 128 else 4
     if not persistent:
@@ -245,8 +269,7 @@ def heuristic_config(
     device = device or tuning.registered_device()
     if device is not None:
         chosen = impl or ("triton_tma" if persistent else "triton")
-        committed = tuning.committed_config(device, chosen, family, m, n, k, dtype,
-                                            fp32_precision)
+        committed = tuning.committed_config(device, chosen, family, m, n, k, dtype, fp32_precision)
         if committed is not None:
             return committed
     if dtype == "float32":
@@ -259,8 +282,9 @@ def heuristic_config(
 
 
 # ---- the tuning search space ---------------------------------------------------------------------
-def search_space(family: str, m: int, dtype: str, *, persistent: bool = False,
-                 fp32_precision: str = "ieee") -> tuple[TileConfig, ...]:
+def search_space(
+    family: str, m: int, dtype: str, *, persistent: bool = False, fp32_precision: str = "ieee"
+) -> tuple[TileConfig, ...]:
     """The configs a GPU sweep tries for one family, M bucket and dtype, pruned by `fits`.
 
     Persistent (triton_tma): each tile and stage count with the smallest epilogue slicing that
@@ -275,13 +299,18 @@ def search_space(family: str, m: int, dtype: str, *, persistent: bool = False,
             tiles += [(bm, 32, bk) for bm in (16, 32, 64) for bk in (64, 128, 256)]
         warps, stages = (4,), (3, 4, 5)
     elif dtype == "float32":  # 4-byte operands: half the K depth of the 16-bit tiles
-        tiles = ([(128, 64, 32), (64, 64, 64), (128, 64, 16), (64, 128, 32)] if gated else
-                 [(128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 64), (128, 128, 16)])
+        tiles = (
+            [(128, 64, 32), (64, 64, 64), (128, 64, 16), (64, 128, 32)]
+            if gated
+            else [(128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 64), (128, 128, 16)]
+        )
         warps, stages = (4, 8), (2, 3, 4)
     else:  # output tiles; a gated tile reads a packed operand tile twice as wide
-        tiles = ([(128, 128, 64), (128, 64, 64), (256, 64, 64), (64, 128, 64), (128, 64, 128)]
-                 if gated else
-                 [(128, 128, 64), (128, 256, 64), (256, 128, 64), (128, 128, 128), (64, 256, 64)])
+        tiles = (
+            [(128, 128, 64), (128, 64, 64), (256, 64, 64), (64, 128, 64), (128, 64, 128)]
+            if gated
+            else [(128, 128, 64), (128, 256, 64), (256, 128, 64), (128, 128, 128), (64, 256, 64)]
+        )
         warps, stages = (4, 8), (2, 3, 4)
     out: list[TileConfig] = []
 
@@ -299,9 +328,17 @@ def search_space(family: str, m: int, dtype: str, *, persistent: bool = False,
                     add(base)
                     continue
                 subtiles = [sub for sub in (1, 2, 4) if bn // sub >= 16]
-                fitting = [sub for sub in subtiles
-                           if fits(family, _with(base, epilogue_subtile=sub), dtype,
-                                   persistent=True, fp32_precision=fp32_precision)]
+                fitting = [
+                    sub
+                    for sub in subtiles
+                    if fits(
+                        family,
+                        _with(base, epilogue_subtile=sub),
+                        dtype,
+                        persistent=True,
+                        fp32_precision=fp32_precision,
+                    )
+                ]
                 for sub in fitting[:2]:
                     add(_with(base, epilogue_subtile=sub))
                 if not gated and w == 4 and bm >= 128:
@@ -379,8 +416,11 @@ class DecodeConfig:
             raise ValueError(f"split_k: expected an int >= 1, got {self.split_k!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps: expected one of (1, 2, 4, 8, 16), got {self.num_warps!r}")
-        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) \
-                or self.num_stages < 1:
+        if (
+            isinstance(self.num_stages, bool)
+            or not isinstance(self.num_stages, int)
+            or self.num_stages < 1
+        ):
             raise ValueError(f"num_stages: expected an int >= 1, got {self.num_stages!r}")
         if not isinstance(self.pdl, bool):
             raise ValueError(f"pdl: expected a bool, got {self.pdl!r}")
@@ -389,13 +429,23 @@ class DecodeConfig:
     def from_tile(cls, tile: TileConfig, split_k: int) -> DecodeConfig:
         """A pinned TileConfig (`mlp(..., config=...)`): block_m as is, block_n as both launches'
         column tile (block_h and block_n), block_k as both K chunks, warps and stages as is."""
-        return cls(tile.block_m, tile.block_n, tile.block_k, tile.block_n, tile.block_k, split_k,
-                   tile.num_warps, tile.num_stages)
+        return cls(
+            tile.block_m,
+            tile.block_n,
+            tile.block_k,
+            tile.block_n,
+            tile.block_k,
+            split_k,
+            tile.num_warps,
+            tile.num_stages,
+        )
 
     def __str__(self) -> str:
-        return (f"m{self.block_m} up {self.block_h}x{self.block_k} down {self.block_n}x"
-                f"{self.block_k2} split{self.split_k} w{self.num_warps} s{self.num_stages}"
-                + (" pdl" if self.pdl else ""))
+        return (
+            f"m{self.block_m} up {self.block_h}x{self.block_k} down {self.block_n}x"
+            f"{self.block_k2} split{self.split_k} w{self.num_warps} s{self.num_stages}"
+            + (" pdl" if self.pdl else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -424,8 +474,10 @@ class SmallConfig:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
     def __str__(self) -> str:
-        return (f"m{self.block_m} w{self.num_warps} s{self.num_stages} "
-                f"p{self.programs_per_sm}/SM" + (" hoist" if self.hoist else ""))
+        return (
+            f"m{self.block_m} w{self.num_warps} s{self.num_stages} "
+            f"p{self.programs_per_sm}/SM" + (" hoist" if self.hoist else "")
+        )
 
 
 # Under the interpreters (about 4 ms per program iteration): tiles small enough that the tests' odd
@@ -434,8 +486,16 @@ class SmallConfig:
 # iterations in all. No 16-wide dot output: XLA CPU (Pallas' interpreter) multiplies [16, 16] x
 # [16, 16] fp32 tiles in another order than NumPy (the Triton interpreter), 32 wide in the same
 # one, and the twins are compared bit for bit.
-DECODE_INTERPRET_CONFIG = DecodeConfig(block_m=16, block_h=32, block_k=16, block_n=32, block_k2=16,
-                                       split_k=2, num_warps=4, num_stages=1)
+DECODE_INTERPRET_CONFIG = DecodeConfig(
+    block_m=16,
+    block_h=32,
+    block_k=16,
+    block_n=32,
+    block_k2=16,
+    split_k=2,
+    num_warps=4,
+    num_stages=1,
+)
 # 32-row tiles over 3 persistent programs: M = 300 is 10 tiles, 4 + 3 + 3 per program, the last
 # one ragged (and program 1 and 2's fourth tile past M, fully masked), so the persistent loop and
 # its tail run in every test.
@@ -611,8 +671,10 @@ def decode_config_for(
     if decode.block_m < m:
         raise ValueError(f"config: expected block_m >= M = {m}, got {decode.block_m}")
     if spec.gated and PACK_BLOCK % decode.block_h:
-        raise ValueError(f"config: a gated spec's block_h must divide the packed block "
-                         f"{PACK_BLOCK}, got {decode.block_h}")
+        raise ValueError(
+            f"config: a gated spec's block_h must divide the packed block "
+            f"{PACK_BLOCK}, got {decode.block_h}"
+        )
     return decode
 
 
@@ -626,5 +688,4 @@ def small_config_for(
     if config is None:
         return fused_small_config(spec, m, interpret=interpret)
     # a pinned TileConfig: block_m, num_warps, num_stages as is (the tile's N and K are the width)
-    return SmallConfig(config.block_m, config.num_warps, config.num_stages,
-                       hoist=small_hoist(spec))
+    return SmallConfig(config.block_m, config.num_warps, config.num_stages, hoist=small_hoist(spec))

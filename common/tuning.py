@@ -71,12 +71,28 @@ class TuningKey:
     fp32_precision: str = "ieee"
 
     def __str__(self) -> str:
-        return "|".join((self.device, self.impl, self.family, f"m={self.m_bucket}", f"n={self.n}",
-                         f"k={self.k}", self.dtype, self.fp32_precision))
+        return "|".join(
+            (
+                self.device,
+                self.impl,
+                self.family,
+                f"m={self.m_bucket}",
+                f"n={self.n}",
+                f"k={self.k}",
+                self.dtype,
+                self.fp32_precision,
+            )
+        )
 
 
 def make_key(
-    device: str, impl: str, family: str, m: int, n: int, k: int, dtype: str,
+    device: str,
+    impl: str,
+    family: str,
+    m: int,
+    n: int,
+    k: int,
+    dtype: str,
     fp32_precision: str = "ieee",
 ) -> TuningKey:
     """The cache key of one launch shape; M goes into its power-of-two bucket."""
@@ -141,8 +157,9 @@ class TuningCache:
         except (ValueError, AttributeError) as err:
             # A cache is an optimisation: a broken one is replaced by the next sweep, not fatal.
             if warn:
-                warnings.warn(f"tuning cache {self.path}: unreadable ({err}); ignoring it",
-                              stacklevel=3)
+                warnings.warn(
+                    f"tuning cache {self.path}: unreadable ({err}); ignoring it", stacklevel=3
+                )
             return {}
         return data["entries"]
 
@@ -160,8 +177,9 @@ class TuningCache:
         try:
             return TileConfig.from_dict(entry["config"])
         except (KeyError, TypeError, ValueError) as err:
-            warnings.warn(f"tuning cache {self.path}: bad entry {key} ({err}); ignoring it",
-                          stacklevel=2)
+            warnings.warn(
+                f"tuning cache {self.path}: bad entry {key} ({err}); ignoring it", stacklevel=2
+            )
             return None
 
     def put(self, key: TuningKey, record: TuningRecord) -> None:
@@ -219,7 +237,13 @@ def _committed_entries(path: str) -> dict[str, dict[str, Any]]:
 
 
 def committed_config(
-    device: str, impl: str, family: str, m: int, n: int, k: int, dtype: str,
+    device: str,
+    impl: str,
+    family: str,
+    m: int,
+    n: int,
+    k: int,
+    dtype: str,
     fp32_precision: str = "ieee",
 ) -> TileConfig | None:
     """The committed tuned config for this launch on `device`, or None (see the module docstring).
@@ -236,12 +260,15 @@ def committed_config(
     best: tuple[float, dict[str, Any]] | None = None
     for entry in _committed_entries(str(path)).values():
         key = entry.get("key", {})
-        same = all(key.get(f) == getattr(want, f)
-                   for f in ("impl", "family", "n", "k", "dtype", "fp32_precision"))
+        same = all(
+            key.get(f) == getattr(want, f)
+            for f in ("impl", "family", "n", "k", "dtype", "fp32_precision")
+        )
         if not same:
             continue
-        distance = abs(math.log2(max(int(key["m_bucket"]), 1)) -
-                       math.log2(max(int(want.m_bucket), 1)))
+        distance = abs(
+            math.log2(max(int(key["m_bucket"]), 1)) - math.log2(max(int(want.m_bucket), 1))
+        )
         if best is None or distance < best[0]:
             best = (distance, entry)
     if best is None:
@@ -249,6 +276,7 @@ def committed_config(
     try:
         return TileConfig.from_dict(best[1]["config"])
     except (KeyError, TypeError, ValueError) as err:
-        warnings.warn(f"tuned table {path}: bad entry for {want} ({err}); ignoring it",
-                      stacklevel=2)
+        warnings.warn(
+            f"tuned table {path}: bad entry for {want} ({err}); ignoring it", stacklevel=2
+        )
         return None

@@ -3,16 +3,18 @@
 Each stack supplies an `Adapter` that turns its arrays into the shared description (`ArrayInfo`:
 shape, dtype name, device) and says what counts as an array; nothing here imports torch or jax.
 The fronts call `check_call_inputs` once per call signature (the result is cached with the plan,
-so a repeated call checks nothing again); kernel public functions call `check_layer` (phase 2 of
-issue 27: their private `_check_*` helpers go).
+so a repeated call checks nothing again); the kernels' public functions call `check_layer`,
+`check_packed_gated` (per layer) or `check_packed_call` (whole MLP) with their stack's adapter
+(`torch_impl.front.ADAPTER`, `jax_impl.front.ADAPTER`), so both stacks raise the same exception
+with the same message for the same mistake.
 
 One exception type per kind of mistake, in both stacks:
 - TypeError: the argument is not the kind of object expected (not an array, not a mapping, not an
   MLPSpec or TileConfig);
 - ValueError: the right kind with a wrong value (shape, dtype, device, a name, an option);
-- NotImplementedError (raised by the fronts from the registry's `supports` functions): valid input
-  that the requested implementation cannot take; the message names the constraint, the value and
-  the fallback.
+- NotImplementedError (raised by the fronts and the kernels' public functions from the registry's
+  `supports` functions): valid input that the requested implementation cannot take; the message
+  names the constraint, the value and the fallback.
 Messages name the argument, the expected and the actual value; shapes print as `[16, 8]`.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import TileConfig
 from .dtypes import DTYPES, FP32_PRECISIONS
@@ -69,8 +71,9 @@ def check_config(config: object) -> TileConfig | None:
     return config
 
 
-def check_types(adapter: Adapter, x: object, params: object, config: object,
-                residual: object) -> None:
+def check_types(
+    adapter: Adapter, x: object, params: object, config: object, residual: object
+) -> None:
     """TypeError naming the first argument that is not the kind of object expected."""
     kind = adapter.array_type
     if not adapter.is_array(x):
@@ -97,20 +100,27 @@ def check_call(
     x: ArrayInfo,
     params: Mapping[str, ArrayInfo],
     residual: ArrayInfo | None = None,
+    *,
+    packed_only: bool = False,
+    pack_hint: str = "",
 ) -> None:
     """Every value check of `mlp(x, params, spec, residual=...)`; ValueError naming what is wrong.
-    `params` may use the contract's names or the packed ones (`pack_params`)."""
+    `params` may use the contract's names or the packed ones (`pack_params`); with `packed_only`
+    (the whole-MLP kernels) only the packed ones, and a message for missing names ends with
+    `pack_hint` (how to pack)."""
     if len(x.shape) < 1 or x.shape[-1] != spec.d_in:
         raise ValueError(f"x: expected shape [..., {spec.d_in}], got {_fmt(x.shape)}")
     if x.dtype != spec.dtype:
         raise ValueError(f"x: expected dtype {spec.dtype} (the spec's), got {x.dtype}")
-    expected = expected_params(spec, params)
+    as_packed = packed_only or is_packed(params)
+    expected = packed_names(spec) if packed_only else expected_params(spec, params)
     missing = [n for n in expected if n not in params]
     extra = sorted(n for n in params if n not in expected)
-    packed = " (packed)" if is_packed(params) else ""
+    packed = " (packed)" if as_packed else ""
     if missing:
+        hint = f"; pack once with {pack_hint}" if pack_hint and not is_packed(params) else ""
         raise ValueError(
-            f"params: missing {missing}; the spec {spec} needs{packed} {list(expected)}"
+            f"params: missing {missing}; the spec {spec} needs{packed} {list(expected)}{hint}"
         )
     if extra:
         raise ValueError(
@@ -161,16 +171,53 @@ def check_call_inputs(
     return spec
 
 
-# ---- one layer (the kernel public functions: the seam for phase 2) ------------------------------
-@dataclass(frozen=True)
-class LayerShape:
+def check_packed_call(
+    adapter: Adapter,
+    spec: object,
+    x: object,
+    params: object,
+    config: object = None,
+    *,
+    config_types: tuple[type, ...] = (TileConfig,),
+) -> MLPSpec:
+    """Every check of a whole-MLP public function, `fused_small(x, params, spec, config=...)` or
+    `fused_decode(...)`: those of a front's `mlp()`, with params in the packed layout only (the
+    whole-MLP kernels read `wv{i}`/`bc{i}` of gated layers, packed once, never per call) and
+    `config` one of `config_types` or None. Returns the spec."""
+    spec = check_spec(spec)
+    check_types(adapter, x, params, None, None)
+    if config is not None and not isinstance(config, config_types):
+        names = ", ".join(t.__name__ for t in config_types)
+        raise TypeError(f"config: expected a {names} or None, got {type(config).__name__}")
+    describe = adapter.describe
+    check_call(
+        spec,
+        describe(x),
+        {k: describe(v) for k, v in params.items()},  # type: ignore[union-attr]
+        packed_only=True,
+        pack_hint=f"fusedmlp.{adapter.stack}_impl.packing.pack_params(spec, params)",
+    )
+    return spec
+
+
+# ---- one layer (the kernels' per-layer public functions) -----------------------------------------
+class LayerShape(NamedTuple):
+    """What a per-layer check returns: the dtype of x, its K and the layer's output width N."""
+
     dtype: str
     k: int
     n: int
 
 
-def check_array(adapter: Adapter, name: str, a: object, *, shape: Sequence[int] | None,
-                dtype: str | None, ndim_min: int = 1) -> ArrayInfo:
+def check_array(
+    adapter: Adapter,
+    name: str,
+    a: object,
+    *,
+    shape: Sequence[int] | None,
+    dtype: str | None,
+    ndim_min: int = 1,
+) -> ArrayInfo:
     """TypeError unless `a` is an array; ValueError unless it has `shape` (None: at least
     `ndim_min` dims) and `dtype` (None: one of the contract's DTYPES)."""
     if not adapter.is_array(a):
@@ -191,8 +238,13 @@ def check_array(adapter: Adapter, name: str, a: object, *, shape: Sequence[int] 
     return info
 
 
-def check_options(activation: str, fp32_precision: str, dtype: str, config: object,
-                  activations: Sequence[str] = KERNEL_ACTIVATIONS) -> None:
+def check_options(
+    activation: str,
+    fp32_precision: str,
+    dtype: str,
+    config: object,
+    activations: Sequence[str] = KERNEL_ACTIVATIONS,
+) -> None:
     if activation not in activations:
         raise ValueError(f"activation: expected one of {tuple(activations)}, got {activation!r}")
     if fp32_precision not in FP32_PRECISIONS:
@@ -212,43 +264,34 @@ def check_layer(
     w: object,
     b: object = None,
     *,
-    v: object = None,
-    c: object = None,
     residual: object = None,
-    gated: bool = False,
     activation: str,
     config: object,
     fp32_precision: str,
     activations: Sequence[str] = KERNEL_ACTIVATIONS,
 ) -> LayerShape:
-    """Every check of a per-layer public function, `linear_act(x, w, b, residual=...)` or (gated)
-    `gated(x, w, v, b, c)`: x [..., K], w and v [K, N], b and c [N] (gated: both or neither),
-    residual [..., N], all in x's dtype, on x's device. Returns (dtype, K, N)."""
+    """Every check of a per-layer public function, `linear_act(x, w, b, residual=...)`:
+    x [..., K], w [K, N], b [N], residual [..., N], all in x's dtype, on x's device. Returns
+    (dtype, K, N)."""
     xi = check_array(adapter, "x", x, shape=None, dtype=None)
     dtype, k = xi.dtype, xi.shape[-1]
     n = check_array(adapter, "w", w, shape=None, dtype=dtype, ndim_min=2).shape[-1]
     infos = {"w": check_array(adapter, "w", w, shape=[k, n], dtype=dtype)}
-    if gated:
-        infos["v"] = check_array(adapter, "v", v, shape=[k, n], dtype=dtype)
-        if (b is None) != (c is None):
-            given, missing = ("b", "c") if c is None else ("c", "b")
-            raise ValueError(
-                f"{missing}: expected an array because {given} is given (b and c are both None or "
-                "both given), got None"
-            )
     if b is not None:
         infos["b"] = check_array(adapter, "b", b, shape=[n], dtype=dtype)
-    if gated and c is not None:
-        infos["c"] = check_array(adapter, "c", c, shape=[n], dtype=dtype)
     if residual is not None:
         infos["residual"] = check_array(
             adapter, "residual", residual, shape=[*xi.shape[:-1], n], dtype=dtype
         )
     check_options(activation, fp32_precision, dtype, config, activations)
-    for name, info in infos.items():
-        if xi.device and info.device and info.device != xi.device:
-            raise ValueError(f"{name}: expected device {xi.device}, got {info.device}")
+    _check_devices(xi, infos)
     return LayerShape(dtype, k, n)
+
+
+def _check_devices(x: ArrayInfo, others: Mapping[str, ArrayInfo]) -> None:
+    for name, info in others.items():
+        if x.device and info.device and info.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device}, got {info.device}")
 
 
 def check_packed_gated(
@@ -266,7 +309,9 @@ def check_packed_gated(
     """Every check of a packed gated public function, `gated(x, wv, bc=None, *, n, ...)`:
     x [..., K], wv [K, packed_width(n)] and bc [packed_width(n)] (common/packing.py) in x's dtype,
     on x's device. Returns (dtype, K, n)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int (the layer's output width), got {type(n).__name__}")
+    if n < 1:
         raise ValueError(f"n: expected a positive int (the layer's output width), got {n!r}")
     xi = check_array(adapter, "x", x, shape=None, dtype=None)
     dtype, k, width = xi.dtype, xi.shape[-1], packed_width(n)
@@ -274,7 +319,5 @@ def check_packed_gated(
     if bc is not None:
         infos["bc"] = check_array(adapter, "bc", bc, shape=[width], dtype=dtype)
     check_options(activation, fp32_precision, dtype, config, activations)
-    for name, info in infos.items():
-        if xi.device and info.device and info.device != xi.device:
-            raise ValueError(f"{name}: expected device {xi.device}, got {info.device}")
+    _check_devices(xi, infos)
     return LayerShape(dtype, k, n)

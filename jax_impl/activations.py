@@ -1,4 +1,4 @@
-"""Activation helpers for the Pallas kernels' fp32 epilogues.
+"""Epilogue helpers for the Pallas kernels: the activations on fp32 tiles, and the output rounding.
 
 Twin: torch_impl/activations.py (the same expressions, so the two stacks can agree to the last bit
 where their exp agrees: under the interpreters; on a GPU Triton's tl.exp is ex2.approx while
@@ -8,6 +8,10 @@ only from exp, +, ×, ÷ and selects, as those lower everywhere: erf has no Pall
 rule (0.10 or 0.11) and no Mosaic GPU layout rule in jax 0.11 — both found by lowering for CUDA on a
 CPU. So tanh goes through exp, erf-gelu through `erfc` below, and relu is a select so that NaN
 propagates (a max would return 0 for NaN on the GPU).
+
+`round_to_dtype(x, DTYPE, INTERPRET)` is every kernel's one rounding of an fp32 tile to the output
+(or hidden) dtype, in both stacks: a DTYPE tile, rounded to nearest even. Where the rounded value
+feeds another dot under the interpreter, the caller upcasts it again, as after a load.
 """
 
 import jax
@@ -53,3 +57,11 @@ def apply_activation(x: jax.Array, activation: str) -> jax.Array:
     elif activation == "silu":
         x = x / (1.0 + jnp.exp(-x))
     return x
+
+
+def round_to_dtype(x: jax.Array, DTYPE: jnp.dtype, INTERPRET: bool) -> jax.Array:
+    """An fp32 tile rounded to DTYPE (round to nearest even), as a DTYPE tile."""
+    # twin-diff: the Triton interpreter needs a hand-written bf16 rounding; Pallas' interpreter
+    # rounds to nearest even itself, and so do both GPU backends.
+    del INTERPRET
+    return x.astype(DTYPE)

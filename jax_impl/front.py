@@ -257,14 +257,9 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
     for launch in the_plan.launches:
         i = launch.layer
         fwd = _launcher(launch.impl, launch.family)
-        if launch.family == "gated" and _entry(launch.impl).layout == "packed":
+        if launch.family == "gated":  # one GEMM over the packed operand (common/packing.py)
             h = fwd(
                 h, params[f"wv{i}"], params.get(f"bc{i}"), n=launch.n,
-                activation=launch.activation, config=launch.config, fp32_precision=precision,
-            )  # fmt: skip
-        elif launch.family == "gated":
-            h = fwd(
-                h, params[f"w{i}"], params.get(f"b{i}"), params[f"v{i}"], params.get(f"c{i}"),
                 activation=launch.activation, config=launch.config, fp32_precision=precision,
             )  # fmt: skip
         else:

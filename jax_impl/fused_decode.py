@@ -46,19 +46,21 @@ from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     DecodeConfig,
     decode_config_for,
     decode_splits,
 )
+from fusedmlp.common.validate import check_packed_call
 
-from .activations import apply_activation
+from .activations import apply_activation, round_to_dtype
 from .compat import interpret_mode, quiet_pallas_triton
-from .fused_small import dot_precision, round_to_dtype, validate
+from .front import ADAPTER, STACK
+from .fused_small import dot_precision
 
 MAX_M = 64
-FALLBACK = "pallas_triton"  # the per-layer kernels
 REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 programs)
 
 
@@ -67,7 +69,7 @@ def _fused_decode_up_kernel(
     x_ref, w_ref, b_ref, h_ref,
     *, M, D_IN, HIDDEN,
     ACTIVATION, GATED, HAS_BIAS, PACK, BLOCK_M, BLOCK_H, BLOCK_K, DOT_PRECISION, INTERPRET,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, hidden columns [pid·BLOCK_H, (pid+1)·BLOCK_H)
     pid = pl.program_id(0)
     rows = jnp.arange(BLOCK_M)
@@ -91,18 +93,28 @@ def _fused_decode_up_kernel(
         k = i * BLOCK_K
         kk = k + offs_k
         k_ok = kk < D_IN
-        x = plgpu.load(x_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
-                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0, BLOCK_H)],
-                       mask=k_ok[:, None] & h_ok[None, :], other=0.0, eviction_policy="evict_first")
+        x = plgpu.load(
+            x_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = plgpu.load(
+            w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0, BLOCK_H)],
+            mask=k_ok[:, None] & h_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         if INTERPRET:
             x = x.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
             w = w.astype(jnp.float32)
         acc_z = acc_z + plgpu.dot(x, w, precision=DOT_PRECISION)
         if GATED:
-            v = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0 + PACK, BLOCK_H)],
-                           mask=k_ok[:, None] & h_ok[None, :], other=0.0,
-                           eviction_policy="evict_first")
+            v = plgpu.load(
+                w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0 + PACK, BLOCK_H)],
+                mask=k_ok[:, None] & h_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
             if INTERPRET:
                 v = v.astype(jnp.float32)
             acc_g = acc_g + plgpu.dot(x, v, precision=DOT_PRECISION)
@@ -115,27 +127,32 @@ def _fused_decode_up_kernel(
     # 3. compute: bias, activation, gate in fp32; padded hidden lanes are never stored
     z = acc_z
     if HAS_BIAS:
-        z += plgpu.load(b_ref.at[pl.ds(col0, BLOCK_H)], mask=h_ok,
-                        other=0.0).astype(jnp.float32)[None, :]
+        z += plgpu.load(b_ref.at[pl.ds(col0, BLOCK_H)], mask=h_ok, other=0.0).astype(jnp.float32)[
+            None, :
+        ]
     z = apply_activation(z, ACTIVATION)
     if GATED:
         g = acc_g
         if HAS_BIAS:
-            g += plgpu.load(b_ref.at[pl.ds(col0 + PACK, BLOCK_H)], mask=h_ok,
-                            other=0.0).astype(jnp.float32)[None, :]
+            g += plgpu.load(b_ref.at[pl.ds(col0 + PACK, BLOCK_H)], mask=h_ok, other=0.0).astype(
+                jnp.float32
+            )[None, :]
         z = z * g
-    h = round_to_dtype(z, dtype)  # what a per-layer kernel's store would hold
+    h = round_to_dtype(z, dtype, INTERPRET)  # what a per-layer kernel's store would hold
 
     # 4. store: the M real rows of this hidden slice
-    plgpu.store(h_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)], h.astype(dtype),
-                mask=row_ok[:, None] & h_ok[None, :])
+    plgpu.store(
+        h_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)],
+        h,
+        mask=row_ok[:, None] & h_ok[None, :],
+    )
 
 
 def _fused_decode_down_kernel(
     h_ref, w_ref, b_ref, out_ref,
     *, M, HIDDEN, D_OUT,
     HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, K_ITERS, SPLIT_K, DOT_PRECISION, INTERPRET,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, output columns of tile n, hidden run s
     pid_n = pl.program_id(0)
     pid_s = pl.program_id(1)
@@ -152,10 +169,17 @@ def _fused_decode_down_kernel(
         k = k_lo + i * BLOCK_K
         kk = k + offs_k
         k_ok = kk < HIDDEN
-        h = plgpu.load(h_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
-                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = plgpu.load(w_ref.at[pl.ds(k, BLOCK_K), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
-                       mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        h = plgpu.load(
+            h_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = plgpu.load(
+            w_ref.at[pl.ds(k, BLOCK_K), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         if INTERPRET:
             h = h.astype(jnp.float32)
             w = w.astype(jnp.float32)
@@ -168,22 +192,23 @@ def _fused_decode_down_kernel(
     if SPLIT_K == 1:
         # 3. compute: the bias and the one rounding of y
         if HAS_BIAS:
-            acc += plgpu.load(b_ref.at[pl.ds(pid_n * BLOCK_N, BLOCK_N)], mask=n_ok,
-                              other=0.0).astype(jnp.float32)[None, :]
-        y = round_to_dtype(acc, dtype)
-        plgpu.store(out_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
-                    y.astype(dtype), mask=mask)
+            acc += plgpu.load(
+                b_ref.at[pl.ds(pid_n * BLOCK_N, BLOCK_N)], mask=n_ok, other=0.0
+            ).astype(jnp.float32)[None, :]
+        y = round_to_dtype(acc, dtype, INTERPRET)
+        plgpu.store(out_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], y, mask=mask)
     else:
-        plgpu.store(out_ref.at[pid_s, pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], acc,
-                    mask=mask)
+        plgpu.store(
+            out_ref.at[pid_s, pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], acc, mask=mask
+        )
 
 
 def _fused_decode_reduce_kernel(
     ws_ref, b_ref, y_ref,
     *, M, D_OUT,
-    HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K,
-):
-    # twin-diff: no USE_PDL (see launch 1) and no INTERPRET (round_to_dtype needs none here)
+    HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K, INTERPRET,
+):  # fmt: skip
+    # twin-diff: no USE_PDL (see launch 1)
     # 1. program -> tile: every (padded) row, output columns of tile n
     pid = pl.program_id(0)
     rows = jnp.arange(BLOCK_M)
@@ -199,22 +224,24 @@ def _fused_decode_reduce_kernel(
         partial = ws_ref.at[jnp.int32(s), pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)]
         acc += plgpu.load(partial, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += plgpu.load(b_ref.at[pl.ds(pid * BLOCK_N, BLOCK_N)], mask=n_ok,
-                          other=0.0).astype(jnp.float32)[None, :]
-    y = round_to_dtype(acc, dtype)
+        acc += plgpu.load(b_ref.at[pl.ds(pid * BLOCK_N, BLOCK_N)], mask=n_ok, other=0.0).astype(
+            jnp.float32
+        )[None, :]
+    y = round_to_dtype(acc, dtype, INTERPRET)
 
     # 4. store
-    plgpu.store(y_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)], y.astype(dtype),
-                mask=mask)
+    plgpu.store(y_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)], y, mask=mask)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
 def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_decode can run `spec` at M = m (None: any M it takes), else the reason."""
-    fallback = f"falls back to the per-layer kernels (impl {FALLBACK!r})"
+    fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     if spec.num_layers != 2:
-        return (f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
-                f"{spec.num_layers} (widths {spec.widths}); {fallback}")
+        return (
+            f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
+            f"{spec.num_layers} (widths {spec.widths}); {fallback}"
+        )
     if m is not None and m > MAX_M:
         return f"fused_decode: M must be <= {MAX_M}, got {m}; {fallback}"
     return None
@@ -249,12 +276,12 @@ def fused_decode_fwd(
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         DOT_PRECISION=precision, INTERPRET=interpret,
-    )
+    )  # fmt: skip
     down = functools.partial(
         _fused_decode_down_kernel, M=m, HIDDEN=hidden, D_OUT=d_out,
         HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
         K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION=precision, INTERPRET=interpret,
-    )
+    )  # fmt: skip
     with quiet_pallas_triton():
         h = pl.pallas_call(
             up,
@@ -278,7 +305,8 @@ def fused_decode_fwd(
         reduce = functools.partial(
             _fused_decode_reduce_kernel, M=m, D_OUT=d_out,
             HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
-        )
+            INTERPRET=interpret,
+        )  # fmt: skip
         return pl.pallas_call(
             reduce,
             out_shape=jax.ShapeDtypeStruct((m, d_out), x2d.dtype),
@@ -301,7 +329,10 @@ def fused_decode(
     """y = MLP(x) for a 2-layer spec, x of shape [..., d_in] with at most 64 rows and packed params
     (`fusedmlp.jax_impl.packing.pack_params`, once, outside any jitted step); raises
     NotImplementedError (with the reason and the fallback) for what it cannot take."""
-    validate(x, params, spec)
+    spec = check_packed_call(
+        ADAPTER, spec, x, params, config, config_types=(TileConfig, DecodeConfig)
+    )
+    # twin-diff: no device check (jax places the arrays)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in)
     m = x2d.shape[0]
@@ -309,9 +340,6 @@ def fused_decode(
     if reason is not None:
         raise NotImplementedError(reason)
     if config is not None:
-        if not isinstance(config, (TileConfig, DecodeConfig)):
-            raise TypeError(f"config: expected a TileConfig, DecodeConfig or None, got "
-                            f"{type(config).__name__}")
         decode_config_for(config, spec, max(m, 1))  # ValueError for what the kernels cannot run
     if m == 0:
         return jnp.zeros((*lead, spec.d_out), x.dtype)

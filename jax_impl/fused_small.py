@@ -43,7 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK, packed_names
+from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     INTERPRET_NUM_SMS,
@@ -54,23 +55,17 @@ from fusedmlp.common.tiling import (
     padded_width,
     small_config_for,
 )
+from fusedmlp.common.validate import check_packed_call
 
-from .activations import apply_activation
+from .activations import apply_activation, round_to_dtype
 from .compat import interpret_mode, quiet_pallas_triton
+from .front import ADAPTER, STACK
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
-FALLBACK = "pallas_triton"  # the per-layer kernels
 
 
 # ---- helpers shared by the whole-MLP kernels -----------------------------------------------------
-def round_to_dtype(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Round an fp32 tile to dtype (jnp's cast rounds to nearest even in both modes)."""
-    # twin-diff: the Triton twin keeps fp32 tiles under its interpreter (broken bf16 there); the
-    # Pallas interpreter computes bf16 correctly, so one path serves both modes.
-    return x.astype(dtype)
-
-
 def dot_precision(spec: MLPSpec) -> jax.lax.Precision:
     """The dot precision: HIGH is tf32 in the Pallas-Triton lowering, HIGHEST is ieee (DEFAULT would
     be tf32 for float32 operands)."""
@@ -81,7 +76,7 @@ def dot_precision(spec: MLPSpec) -> jax.lax.Precision:
 def _layer_operands(
     w_ref, b_ref, d_in, d_out,
     WIDTH, GATED_LAYER, HAS_BIAS, PACK,
-):
+):  # fmt: skip
     """One layer's zero-padded operands: the [WIDTH, WIDTH] weight tile (the gate's, for a gated
     layer), the up tile (gated; else the weight tile again), and the fp32 bias rows."""
     lanes = jnp.arange(WIDTH)
@@ -99,8 +94,7 @@ def _layer_operands(
     if GATED_LAYER:
         v = plgpu.load(w_ref.at[lanes[:, None], cols[None, :] + PACK], mask=w_ok, other=0.0)
         if HAS_BIAS:
-            c = plgpu.load(b_ref.at[cols + PACK], mask=lanes < d_out,
-                           other=0.0).astype(jnp.float32)
+            c = plgpu.load(b_ref.at[cols + PACK], mask=lanes < d_out, other=0.0).astype(jnp.float32)
     return w, v, b, c
 
 
@@ -109,8 +103,17 @@ def _select_layer(w_refs, b_refs, layer, WIDTHS, NUM_HIDDEN, WIDTH, GATED, HAS_B
     # twin-diff: a ref cannot be selected at run time; switch between per-layer loads (the twin
     # selects the pointer and loads once)
     branches = [
-        functools.partial(_layer_operands, w_refs[j], b_refs[j], WIDTHS[j], WIDTHS[j + 1], WIDTH,
-                          GATED, HAS_BIAS, PACK)
+        functools.partial(
+            _layer_operands,
+            w_refs[j],
+            b_refs[j],
+            WIDTHS[j],
+            WIDTHS[j + 1],
+            WIDTH,
+            GATED,
+            HAS_BIAS,
+            PACK,
+        )
         for j in range(NUM_HIDDEN)
     ]
     return jax.lax.switch(layer, branches)
@@ -119,7 +122,7 @@ def _select_layer(w_refs, b_refs, layer, WIDTHS, NUM_HIDDEN, WIDTH, GATED, HAS_B
 def _hidden_layer(
     h, w, v, b, c,
     ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, DTYPE, INTERPRET,
-):
+):  # fmt: skip
     """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers."""
     if INTERPRET:
         w = w.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
@@ -134,8 +137,10 @@ def _hidden_layer(
             g += c[None, :]
         z = z * g
     # round the hidden as a per-layer kernel's store would, then feed the next dot
-    h = round_to_dtype(z, DTYPE)
-    return h.astype(jnp.float32) if INTERPRET else h
+    h = round_to_dtype(z, DTYPE, INTERPRET)
+    if INTERPRET:
+        h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
+    return h
 
 
 def _fused_small_fwd_kernel(
@@ -143,9 +148,9 @@ def _fused_small_fwd_kernel(
     M, TILES_PER_PROGRAM,
     WIDTHS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
     DOT_PRECISION, INTERPRET,
-):
+):  # fmt: skip
     # twin-diff: the layers' refs arrive flat (weights, biases, then y); Triton takes tuples
-    w_refs, b_refs, y_ref = refs[:NUM_LAYERS], refs[NUM_LAYERS:2 * NUM_LAYERS], refs[-1]
+    w_refs, b_refs, y_ref = refs[:NUM_LAYERS], refs[NUM_LAYERS : 2 * NUM_LAYERS], refs[-1]
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = pl.program_id(0)
     num_programs = pl.num_programs(0)
@@ -157,19 +162,38 @@ def _fused_small_fwd_kernel(
     hidden = ()
     if HOIST:
         for layer in range(last):
-            operands = _layer_operands(w_refs[layer], b_refs[layer], WIDTHS[layer],
-                                       WIDTHS[layer + 1], WIDTH, GATED, HAS_BIAS, PACK)
+            operands = _layer_operands(
+                w_refs[layer],
+                b_refs[layer],
+                WIDTHS[layer],
+                WIDTHS[layer + 1],
+                WIDTH,
+                GATED,
+                HAS_BIAS,
+                PACK,
+            )
             hidden = hidden + (operands,)  # noqa: RUF005 (the twin's tuple, grown per layer)
-        w_out, _, b_out, _ = _layer_operands(w_refs[last], b_refs[last], WIDTHS[last],
-                                             WIDTHS[NUM_LAYERS], WIDTH, False, HAS_BIAS, PACK)
+        w_out, _, b_out, _ = _layer_operands(
+            w_refs[last],
+            b_refs[last],
+            WIDTHS[last],
+            WIDTHS[NUM_LAYERS],
+            WIDTH,
+            False,
+            HAS_BIAS,
+            PACK,
+        )
 
     def row_tile(i, carry):
         start = (pid + i * num_programs) * BLOCK_M
         rows = start + jnp.arange(BLOCK_M)
         row_ok = rows < M
         # 2. load: the x tile (pipelined: the next tiles' loads are in flight during this one)
-        h = plgpu.load(x_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
-                       mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]), other=0.0)
+        h = plgpu.load(
+            x_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
+            other=0.0,
+        )
         if INTERPRET:
             h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
 
@@ -178,21 +202,31 @@ def _fused_small_fwd_kernel(
             w_last, b_last = w_out, b_out
             for layer in range(last):
                 w, v, b, c = hidden[layer]
-                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
-                                  dtype, INTERPRET)
+                h = _hidden_layer(
+                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
         else:
             # weights streamed from L2 per tile, through a runtime loop: the code (and compile
             # time) of one hidden layer whatever the depth
             def layer_step(layer, h):
-                w, v, b, c = _select_layer(w_refs, b_refs, layer, WIDTHS, last, WIDTH, GATED,
-                                           HAS_BIAS, PACK)
-                return _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
-                                     dtype, INTERPRET)
+                w, v, b, c = _select_layer(
+                    w_refs, b_refs, layer, WIDTHS, last, WIDTH, GATED, HAS_BIAS, PACK
+                )
+                return _hidden_layer(
+                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
 
             h = jax.lax.fori_loop(0, last, layer_step, h) if last else h
-            w_last, _, b_last, _ = _layer_operands(w_refs[last], b_refs[last], WIDTHS[last],
-                                                   WIDTHS[NUM_LAYERS], WIDTH, False, HAS_BIAS,
-                                                   PACK)
+            w_last, _, b_last, _ = _layer_operands(
+                w_refs[last],
+                b_refs[last],
+                WIDTHS[last],
+                WIDTHS[NUM_LAYERS],
+                WIDTH,
+                False,
+                HAS_BIAS,
+                PACK,
+            )
         if INTERPRET:
             w_last = w_last.astype(jnp.float32)
         z = plgpu.dot(h, w_last, precision=DOT_PRECISION)
@@ -200,9 +234,12 @@ def _fused_small_fwd_kernel(
             z += b_last[None, :]
 
         # 4. store: only y leaves the program
-        y = round_to_dtype(z, dtype)
-        plgpu.store(y_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)], y.astype(dtype),
-                    mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]))
+        y = round_to_dtype(z, dtype, INTERPRET)
+        plgpu.store(
+            y_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+            y,
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
+        )
         return carry
 
     jax.lax.fori_loop(0, TILES_PER_PROGRAM, row_tile, 0)
@@ -212,14 +249,18 @@ def _fused_small_fwd_kernel(
 def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_small can run `spec`, else the reason: constraint, value and fallback."""
     del m  # any number of rows
-    fallback = f"falls back to the per-layer kernels (impl {FALLBACK!r})"
+    fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     for i, width in enumerate(spec.widths):
         if width > WIDTHS_SUPPORTED[-1]:
-            return (f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
-                    f"widths[{i}]; {fallback}")
+            return (
+                f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
+                f"widths[{i}]; {fallback}"
+            )
     if spec.num_layers > MAX_LAYERS:
-        return (f"fused_small: at most {MAX_LAYERS} layers, got {spec.num_layers} "
-                f"(widths {spec.widths}); {fallback}")
+        return (
+            f"fused_small: at most {MAX_LAYERS} layers, got {spec.num_layers} "
+            f"(widths {spec.widths}); {fallback}"
+        )
     return None
 
 
@@ -262,51 +303,21 @@ def fused_small_fwd(
         BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, GATED=spec.gated,
         HAS_BIAS=spec.bias, PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION=dot_precision(spec),
         INTERPRET=interpret,
-    )
+    )  # fmt: skip
     with quiet_pallas_triton():
         return pl.pallas_call(
             kernel,
             out_shape=jax.ShapeDtypeStruct((m, spec.d_out), x2d.dtype),
             grid=(programs,),
-            compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                                 num_stages=cfg.num_stages),
+            compiler_params=plgpu.CompilerParams(
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            ),
             interpret=interpret,
             name="fused_small_fwd",
         )(x2d, *weights, *biases)
 
 
 # ---- public function -----------------------------------------------------------------------------
-def validate(x: jax.Array, params: dict[str, jax.Array], spec: MLPSpec) -> None:
-    """The front-door checks shared by fused_small and fused_decode (names the argument). Params
-    must be in the packed layout (common/packing.py) — packed once, never per call."""
-    if not isinstance(spec, MLPSpec):
-        raise TypeError(f"spec: expected an MLPSpec, got {type(spec).__name__}")
-    if not isinstance(x, jax.Array):
-        raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
-    dtype = jnp.dtype(spec.dtype)
-    if x.ndim < 1 or x.shape[-1] != spec.d_in:
-        raise ValueError(f"x: expected shape [..., {spec.d_in}], got {list(x.shape)}")
-    if x.dtype != dtype:
-        raise TypeError(f"x: expected dtype {dtype}, got {x.dtype}")
-    if not isinstance(params, dict):
-        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    expected = packed_names(spec)
-    if set(params) != set(expected):
-        missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-        hint = ("; gated layers take the packed layout: pack once with "
-                "fusedmlp.jax_impl.packing.pack_params(spec, params)"
-                if any(name.startswith("wv") for name in missing) else "")
-        raise ValueError(f"params: missing {missing}, unexpected {extra}{hint}")
-    for name, shape in expected.items():
-        p = params[name]
-        if not isinstance(p, jax.Array):
-            raise TypeError(f"params[{name!r}]: expected a jax.Array, got {type(p).__name__}")
-        if tuple(p.shape) != shape:
-            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {tuple(p.shape)}")
-        if p.dtype != dtype:
-            raise TypeError(f"params[{name!r}]: expected dtype {dtype}, got {p.dtype}")
-
-
 def fused_small(
     x: jax.Array,
     params: dict[str, jax.Array],
@@ -318,13 +329,13 @@ def fused_small(
     """y = MLP(x) for x of shape [..., d_in] and packed params
     (`fusedmlp.jax_impl.packing.pack_params`, once) in one kernel; raises NotImplementedError
     (with the reason and the fallback) for specs fused_small cannot take."""
-    validate(x, params, spec)
+    spec = check_packed_call(
+        ADAPTER, spec, x, params, config, config_types=(TileConfig, SmallConfig)
+    )
+    # twin-diff: no device check (jax places the arrays)
     reason = supports(spec)
     if reason is not None:
         raise NotImplementedError(reason)
-    if config is not None and not isinstance(config, (TileConfig, SmallConfig)):
-        raise TypeError(f"config: expected a TileConfig, SmallConfig or None, got "
-                        f"{type(config).__name__}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in)
     if x2d.shape[0] == 0:

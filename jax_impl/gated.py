@@ -34,20 +34,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK, packed_width
+from fusedmlp.common.packing import PACK_BLOCK
 from fusedmlp.common.tiling import gated_config, heuristic_config
+from fusedmlp.common.validate import check_packed_gated
 
 from . import compat
-from .activations import apply_activation
-from .linear_act import (
-    _STATICS,
-    _cast_out,
-    _check_options,
-    _check_tensor,
-    _dtype_name,
-    _grouped_tile,
-    _precision,
-)
+from .activations import apply_activation, round_to_dtype
+from .front import ADAPTER
+from .linear_act import _STATICS, _grouped_tile, _precision
 
 # The packed layout's block (common/packing.py), a static for the kernels.
 _PACK = PACK_BLOCK
@@ -65,9 +59,9 @@ def _gate_split(acc, BLOCK_M: int, BLOCK_N: int, PACK: int):
 def _gated_fwd_kernel(
     x_ref, wv_ref, bc_ref, o_ref,
     *, M, N, K,
-    ACTIVATION, PRECISION, UPCAST,
+    ACTIVATION, PRECISION, INTERPRET,
     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-):
+):  # fmt: skip
     # twin-diff: strides and HAS_BIAS are implied by the refs (an absent bc_ref is None).
     # 1. program -> tile: an output tile of h, and the packed tile of wv twice as wide
     pid_m, pid_n = _grouped_tile(pl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -83,11 +77,17 @@ def _gated_fwd_kernel(
         # 2. load: one X tile, one packed tile; masked on M (or 2·Np) and the ragged K tail
         offs_k = k * BLOCK_K + jnp.arange(BLOCK_K)
         mask_k = offs_k < K
-        x = plgpu.load(x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
-                       mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wv = plgpu.load(wv_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :],
-                        mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-        if UPCAST:  # interpreter only: keeps the twin's arithmetic (see linear_act)
+        x = plgpu.load(
+            x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        wv = plgpu.load(
+            wv_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :],
+            mask=mask_k[:, None] & mask_p[None, :],
+            other=0.0,
+        )
+        if INTERPRET:  # interpreter only: keeps the twin's arithmetic (see linear_act)
             x = x.astype(jnp.float32)
             wv = wv.astype(jnp.float32)
         # 3. compute: fp32 accumulate, gate and up in one product
@@ -105,14 +105,20 @@ def _gated_fwd_kernel(
     mask_mn = mask_m[:, None] & mask_n[None, :]
 
     # 4. store: one rounding to the output dtype
-    plgpu.store(o_ref, _cast_out(acc, o_ref.dtype, UPCAST), mask=mask_mn)
+    plgpu.store(o_ref, round_to_dtype(acc, o_ref.dtype, INTERPRET), mask=mask_mn)
 
 
 # ==== launcher ====================================================================================
 def _packed_specs(M: int, N: int, K: int, config: TileConfig):
     """BlockSpecs of x's row panel, wv's packed column panel, bc's slice and an output tile."""
-    tile = functools.partial(_grouped_tile, M=M, N=N, BLOCK_M=config.block_m,
-                             BLOCK_N=config.block_n, GROUP_M=config.group_m)
+    tile = functools.partial(
+        _grouped_tile,
+        M=M,
+        N=N,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        GROUP_M=config.group_m,
+    )
 
     def x_map(pid):
         return tile(pid)[0], 0
@@ -140,18 +146,19 @@ def _gated_fwd_jit(x, wv, bc, *, n, activation, config, fp32_precision, interpre
     x_spec, wv_spec, bc_spec, o_spec = _packed_specs(M, N, K, config)
     kernel = functools.partial(
         _gated_fwd_kernel, M=M, N=N, K=K,
-        ACTIVATION=activation, PRECISION=_precision(fp32_precision), UPCAST=interpret,
+        ACTIVATION=activation, PRECISION=_precision(fp32_precision), INTERPRET=interpret,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
-    )
+    )  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),
         grid=grid,
         in_specs=[x_spec, wv_spec, bc_spec if bc is not None else None],
         out_specs=o_spec,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                             num_stages=config.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
         name="gated_fwd",
     )(x, wv, bc)
@@ -178,27 +185,19 @@ def gated_fwd(
     # Triton caches compiled kernels itself. The filter covers the lowering done here; under a
     # caller's jax.jit the lowering (and the warning) comes later, at the caller's compile.
     with compat.quiet_pallas_triton():
-        return _gated_fwd_jit(x, wv, bc, n=n, activation=activation, config=config,
-                              fp32_precision=fp32_precision, interpret=interpret)
+        return _gated_fwd_jit(
+            x,
+            wv,
+            bc,
+            n=n,
+            activation=activation,
+            config=config,
+            fp32_precision=fp32_precision,
+            interpret=interpret,
+        )
 
 
 # ==== public function =============================================================================
-def _check_gated_args(x, wv, bc, n, activation, config, fp32_precision):
-    """Every check of the public function; returns dtype, K and bc."""
-    _check_tensor("x", x, shape=None, dtype=None)
-    dtype = _dtype_name(x)
-    K = x.shape[-1]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n: expected the layer's output width, an int >= 0, got {n!r}")
-    width = packed_width(n)
-    _check_tensor("wv", wv, shape=[K, width], dtype=dtype)
-    if bc is not None:
-        _check_tensor("bc", bc, shape=[width], dtype=dtype)
-    _check_options(activation, fp32_precision, dtype, config)
-    # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are).
-    return dtype, K, bc
-
-
 def gated(
     x: jax.Array,
     wv: jax.Array,
@@ -208,16 +207,30 @@ def gated(
     activation: str = "silu",
     config: TileConfig | None = None,
     fp32_precision: str = "ieee",
+    interpret: bool | None = None,
 ) -> jax.Array:
     """act(x @ w + b) * (x @ v + c) from the packed operands (`jax_impl.packing.pack_gated`):
-    x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n]."""
-    dtype, K, bc = _check_gated_args(x, wv, bc, n, activation, config, fp32_precision)
-
+    x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n].
+    `interpret`: run under Pallas' interpreter (None: where there is no GPU)."""
+    dtype, K, n = check_packed_gated(
+        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
+    # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are);
+    # `interpret` is a call's choice here, a process's (TRITON_INTERPRET) in the Triton twin.
+    interpret = compat.interpret_mode() if interpret is None else interpret
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]
     if config is None:
-        config = heuristic_config("gated", M, n, K, dtype, interpret=compat.interpret_mode())
-    out = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
-                    fp32_precision=fp32_precision)
+        config = heuristic_config("gated", M, n, K, dtype, interpret=interpret)
+    out = gated_fwd(
+        x2d,
+        wv,
+        bc,
+        n=n,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
     return out.reshape(*lead, n)

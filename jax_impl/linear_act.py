@@ -27,16 +27,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.dtypes import DTYPES, FP32_PRECISIONS
 from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.validate import check_layer
 
 from . import compat
-from .activations import ACTIVATION_KEYS, apply_activation
+from .activations import apply_activation, round_to_dtype
+from .front import ADAPTER
 
 
 # ==== forward kernel ==============================================================================
@@ -53,20 +53,12 @@ def _grouped_tile(pid, M, N, BLOCK_M: int, BLOCK_N: int, GROUP_M: int):
     return pid_m, pid_n
 
 
-def _cast_out(acc, out_dtype, UPCAST: bool):
-    """The output rounding: fp32 -> out_dtype, round to nearest even."""
-    # twin-diff: the Triton interpreter needs a hand-written bf16 rounding; Pallas' interpreter
-    # rounds to nearest even itself, and so do both GPU backends.
-    del UPCAST
-    return acc.astype(out_dtype)
-
-
 def _linear_act_fwd_kernel(
     x_ref, w_ref, b_ref, r_ref, o_ref,
     *, M, N, K,
-    ACTIVATION, PRECISION, UPCAST,
+    ACTIVATION, PRECISION, INTERPRET,
     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-):
+):  # fmt: skip
     # twin-diff: strides and HAS_BIAS/HAS_RESIDUAL are implied by the refs (absent refs are None).
     # 1. program -> tile
     pid_m, pid_n = _grouped_tile(pl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -80,11 +72,17 @@ def _linear_act_fwd_kernel(
         # 2. load: masked on M (or N) and on the ragged K tail, zeros outside
         offs_k = k * BLOCK_K + jnp.arange(BLOCK_K)
         mask_k = offs_k < K
-        x = plgpu.load(x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
-                       mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = plgpu.load(w_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :],
-                       mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:  # interpreter only: keeps the twin's arithmetic (see module docstring)
+        x = plgpu.load(
+            x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = plgpu.load(
+            w_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if INTERPRET:  # interpreter only: keeps the twin's arithmetic (see module docstring)
             x = x.astype(jnp.float32)
             w = w.astype(jnp.float32)
         # 3. compute: fp32 accumulate
@@ -104,7 +102,7 @@ def _linear_act_fwd_kernel(
         acc = acc + r
 
     # 4. store: one rounding to the output dtype
-    plgpu.store(o_ref, _cast_out(acc, o_ref.dtype, UPCAST), mask=mask_mn)
+    plgpu.store(o_ref, round_to_dtype(acc, o_ref.dtype, INTERPRET), mask=mask_mn)
 
 
 # ==== launcher ====================================================================================
@@ -119,8 +117,14 @@ def _precision(fp32_precision: str) -> jax.lax.Precision:
 
 def _specs(M: int, N: int, K: int, config: TileConfig):
     """BlockSpecs of the row panel of x, the column panel of w, b's slice, and an output tile."""
-    tile = functools.partial(_grouped_tile, M=M, N=N, BLOCK_M=config.block_m,
-                             BLOCK_N=config.block_n, GROUP_M=config.group_m)
+    tile = functools.partial(
+        _grouped_tile,
+        M=M,
+        N=N,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        GROUP_M=config.group_m,
+    )
 
     def x_map(pid):
         return tile(pid)[0], 0
@@ -151,19 +155,24 @@ def _linear_act_fwd_jit(x, w, b, residual, *, activation, config, fp32_precision
     x_spec, w_spec, b_spec, o_spec = _specs(M, N, K, config)
     kernel = functools.partial(
         _linear_act_fwd_kernel, M=M, N=N, K=K,
-        ACTIVATION=activation, PRECISION=_precision(fp32_precision), UPCAST=interpret,
+        ACTIVATION=activation, PRECISION=_precision(fp32_precision), INTERPRET=interpret,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
-    )
+    )  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),
         grid=grid,
-        in_specs=[x_spec, w_spec, b_spec if b is not None else None,
-                  o_spec if residual is not None else None],
+        in_specs=[
+            x_spec,
+            w_spec,
+            b_spec if b is not None else None,
+            o_spec if residual is not None else None,
+        ],
         out_specs=o_spec,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                             num_stages=config.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
         name="linear_act_fwd",
     )(x, w, b, residual)
@@ -188,66 +197,19 @@ def linear_act_fwd(
     # Triton caches compiled kernels itself. The filter covers the lowering done here; under a
     # caller's jax.jit the lowering (and the warning) comes later, at the caller's compile.
     with compat.quiet_pallas_triton():
-        return _linear_act_fwd_jit(x, w, b, residual, activation=activation, config=config,
-                                   fp32_precision=fp32_precision, interpret=interpret)
+        return _linear_act_fwd_jit(
+            x,
+            w,
+            b,
+            residual,
+            activation=activation,
+            config=config,
+            fp32_precision=fp32_precision,
+            interpret=interpret,
+        )
 
 
 # ==== public function =============================================================================
-def _dtype_name(t: jax.Array) -> str:
-    return str(jnp.dtype(t.dtype))
-
-
-def _check_tensor(name: str, t: object, *, shape: list[int] | None, dtype: str | None,
-                  ndim_min: int = 1) -> None:
-    """TypeError/ValueError naming `name`, the expected and the actual value."""
-    if not isinstance(t, (jax.Array, np.ndarray)):
-        raise TypeError(f"{name}: expected a jax.Array, got {type(t).__name__}")
-    if dtype is None:
-        if _dtype_name(t) not in DTYPES:
-            raise TypeError(f"{name}: expected dtype one of {DTYPES}, got {_dtype_name(t)}")
-    elif _dtype_name(t) != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {_dtype_name(t)}")
-    if shape is None:
-        if t.ndim < ndim_min:
-            raise ValueError(
-                f"{name}: expected at least {ndim_min} dim(s), got shape {list(t.shape)}"
-            )
-    elif list(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
-
-
-def _check_options(activation: str, fp32_precision: str, dtype: str, config: object) -> None:
-    if activation not in ACTIVATION_KEYS:
-        raise ValueError(f"activation: expected one of {ACTIVATION_KEYS}, got {activation!r}")
-    if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(
-            f"fp32_precision: expected one of {FP32_PRECISIONS}, got {fp32_precision!r}"
-        )
-    if fp32_precision == "tf32" and dtype != "float32":
-        raise ValueError(
-            f"fp32_precision: 'tf32' applies to dtype 'float32' only, got dtype {dtype!r}"
-        )
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
-
-
-def _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision):
-    """Every check of the public function; returns dtype, K, N and b."""
-    _check_tensor("x", x, shape=None, dtype=None)
-    dtype = _dtype_name(x)
-    K = x.shape[-1]
-    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
-    N = w.shape[-1]
-    _check_tensor("w", w, shape=[K, N], dtype=dtype)
-    if b is not None:
-        _check_tensor("b", b, shape=[N], dtype=dtype)
-    if residual is not None:
-        _check_tensor("residual", residual, shape=[*x.shape[:-1], N], dtype=dtype)
-    _check_options(activation, fp32_precision, dtype, config)
-    # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are).
-    return dtype, K, N, b
-
-
 def linear_act(
     x: jax.Array,
     w: jax.Array,
@@ -257,15 +219,37 @@ def linear_act(
     residual: jax.Array | None = None,
     config: TileConfig | None = None,
     fp32_precision: str = "ieee",
+    interpret: bool | None = None,
 ) -> jax.Array:
-    """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N]."""
-    dtype, K, N, b = _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision)
+    """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N].
+    `interpret`: run under Pallas' interpreter (None: where there is no GPU)."""
+    dtype, K, N = check_layer(
+        ADAPTER,
+        x,
+        w,
+        b,
+        residual=residual,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+    )
+    # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are);
+    # `interpret` is a call's choice here, a process's (TRITON_INTERPRET) in the Triton twin.
+    interpret = compat.interpret_mode() if interpret is None else interpret
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)
     r2d = residual.reshape(-1, N) if residual is not None else None
     M = x2d.shape[0]
     if config is None:
-        config = heuristic_config("linear_act", M, N, K, dtype, interpret=compat.interpret_mode())
-    out = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
-                         fp32_precision=fp32_precision)
+        config = heuristic_config("linear_act", M, N, K, dtype, interpret=interpret)
+    out = linear_act_fwd(
+        x2d,
+        w,
+        b,
+        r2d,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
     return out.reshape(*lead, N)

@@ -26,9 +26,7 @@ def pack_gated(w: jax.Array, v: jax.Array) -> jax.Array:
     half = packed_width(n) // 2
     lead = tuple(w.shape[:-1])
     pad = [(0, 0)] * len(lead) + [(0, half - n)]
-    blocks = [
-        jnp.pad(t, pad).reshape(*lead, half // PACK_BLOCK, 1, PACK_BLOCK) for t in (w, v)
-    ]
+    blocks = [jnp.pad(t, pad).reshape(*lead, half // PACK_BLOCK, 1, PACK_BLOCK) for t in (w, v)]
     return jnp.concatenate(blocks, axis=-2).reshape(*lead, 2 * half)
 
 
@@ -54,9 +52,7 @@ def unpack_gated(packed: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     """The inverse of `pack_gated` for a layer of width n: (w, v), padding dropped (views)."""
     width = packed_width(n)
     if packed.shape[-1] != width:
-        raise ValueError(
-            f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}"
-        )
+        raise ValueError(f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}")
     lead = tuple(packed.shape[:-1])
     blocks = packed.reshape(*lead, width // (2 * PACK_BLOCK), 2, PACK_BLOCK)
     w = blocks[..., 0, :].reshape(*lead, width // 2)[..., :n]

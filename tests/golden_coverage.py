@@ -19,8 +19,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = (
-    "tests/test_parity_golden.py", "tests/test_kernels_portable.py", "tests/test_fused_small.py",
-    "tests/test_fused_decode.py", "tests/test_triton_tma.py", "tests/test_pallas_mosaic.py",
+    "tests/test_parity_golden.py",
+    "tests/test_kernels_portable.py",
+    "tests/test_fused_small.py",
+    "tests/test_fused_decode.py",
+    "tests/test_triton_tma.py",
+    "tests/test_pallas_mosaic.py",
     "tests/test_module.py",
 )
 # test id pattern -> (stack, impl) of each parametrisation; `case` is the golden name.

@@ -88,9 +88,7 @@ def dynamo_as_torch_2_11(*, strict: bool = True) -> Iterator[None]:
             return x.as_python_constant()  # torch 2.11: no pass-through of user objects
 
         res = fn(*[convert(a) for a in args], **{k: convert(v) for k, v in kwargs.items()})
-        return tx.output.register_attr_or_module(
-            res, name, source=functions.ConstantSource(name)
-        )
+        return tx.output.register_attr_or_module(res, name, source=functions.ConstantSource(name))
 
     original = builder.is_frozen_dataclass
 

@@ -139,8 +139,14 @@ def test_jax_triton_compiles_the_torch_launch_ptx() -> None:
         pytest.skip("no jax_triton wheel in .wheels/: run bench/fetch_wheels.sh (needs network)")
     env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
     env.pop("TRITON_CACHE_DIR", None)
-    proc = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, str(wheel)], capture_output=True,
-                          text=True, env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PTX_SCRIPT, str(wheel)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert "RESULT" in proc.stdout, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     for family in ("linear_act", "gated"):
@@ -197,8 +203,9 @@ def _torch_like_ptx(jl, m: int, n: int, k: int, cfg) -> str:
     from triton.compiler import ASTSource
 
     native = jl.native_kernel()
-    plan = jl.launch_plan(m, n, k, activation="silu", has_bias=False, has_residual=False,
-                          config=cfg)
+    plan = jl.launch_plan(
+        m, n, k, activation="silu", has_bias=False, has_residual=False, config=cfg
+    )
     sig, attrs, constexprs = {}, {}, dict(plan.constexprs)
     for i, p in enumerate(native.params):
         if p.is_constexpr:
@@ -211,9 +218,11 @@ def _torch_like_ptx(jl, m: int, n: int, k: int, cfg) -> str:
             sig[p.name] = "i32"
             if plan.scalars[p.name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(native, sig, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    compiled = triton.compile(
+        ASTSource(native, sig, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
     return compiled.asm["ptx"]
 
 

@@ -58,7 +58,7 @@ REPORT = Path(__file__).resolve().parents[1] / "docs" / "cross_stack_cpu.md"
 PRIMITIVES = {"identity": (), "relu": (), "gelu": ("exp",), "gelu_tanh": ("exp",), "silu": ("exp",)}
 WHY = {
     "exp": "exp: the Triton interpreter calls NumPy's float32 `np.exp`; Pallas' interpreter runs "
-           "XLA CPU's float32 exp (its own polynomial) — both within a few ulps, not the same ulps",
+    "XLA CPU's float32 exp (its own polynomial) — both within a few ulps, not the same ulps",
 }
 CASES = [("linear_act", a) for a in PRIMITIVES] + [("gated", a) for a in GATED_ACTIVATIONS]
 
@@ -94,16 +94,36 @@ def run_both(family: str, activation: str, a: dict[str, np.ndarray]) -> tuple[np
         # The gated kernels take W|V and b|c packed (common/packing.py) and a 64-wide output tile.
         base = GATED_ACTIVATIONS[activation]
         wv, bc = pack_gated(a["w"], a["v"]), pack_gated(a["b"], a["c"])
-        t = tgated.gated_fwd(_torch(a["x"]), _torch(wv), _torch(bc), n=N, activation=base,
-                             config=GATED_CONFIG)
-        j = jgated.gated_fwd(jnp.asarray(a["x"]), jnp.asarray(wv), jnp.asarray(bc), n=N,
-                             activation=base, config=GATED_CONFIG, interpret=True)
+        t = tgated.gated_fwd(
+            _torch(a["x"]), _torch(wv), _torch(bc), n=N, activation=base, config=GATED_CONFIG
+        )
+        j = jgated.gated_fwd(
+            jnp.asarray(a["x"]),
+            jnp.asarray(wv),
+            jnp.asarray(bc),
+            n=N,
+            activation=base,
+            config=GATED_CONFIG,
+            interpret=True,
+        )
     else:
-        t = tlinear.linear_act_fwd(_torch(a["x"]), _torch(a["w"]), _torch(a["b"]), None,
-                                   activation=activation, config=CONFIG)
-        j = jlinear.linear_act_fwd(jnp.asarray(a["x"]), jnp.asarray(a["w"]),
-                                   jnp.asarray(a["b"]), None, activation=activation,
-                                   config=CONFIG, interpret=True)
+        t = tlinear.linear_act_fwd(
+            _torch(a["x"]),
+            _torch(a["w"]),
+            _torch(a["b"]),
+            None,
+            activation=activation,
+            config=CONFIG,
+        )
+        j = jlinear.linear_act_fwd(
+            jnp.asarray(a["x"]),
+            jnp.asarray(a["w"]),
+            jnp.asarray(a["b"]),
+            None,
+            activation=activation,
+            config=CONFIG,
+            interpret=True,
+        )
     return _from_torch(t), np.asarray(j)
 
 
@@ -112,7 +132,8 @@ def _reference(family: str, activation: str, a: dict[str, np.ndarray]) -> np.nda
     z = f64["x"] @ f64["w"] + f64["b"]
     if family == "gated":
         return reference.activation(GATED_ACTIVATIONS[activation], z) * (
-            f64["x"] @ f64["v"] + f64["c"])
+            f64["x"] @ f64["v"] + f64["c"]
+        )
     return reference.activation(activation, z)
 
 
@@ -125,10 +146,18 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def preactivations(family: str, dtype: str, w: str, b: str) -> tuple[np.ndarray, np.ndarray]:
     """x·w + b in fp32 from both kernels (identity linear_act on the fp32-upcast inputs)."""
     f32 = {k: v.astype(np.float32) for k, v in _inputs(family, dtype).items()}
-    t = tlinear.linear_act_fwd(_torch(f32["x"]), _torch(f32[w]), _torch(f32[b]), None,
-                               activation="identity", config=CONFIG)
-    j = jlinear.linear_act_fwd(jnp.asarray(f32["x"]), jnp.asarray(f32[w]), jnp.asarray(f32[b]),
-                               None, activation="identity", config=CONFIG, interpret=True)
+    t = tlinear.linear_act_fwd(
+        _torch(f32["x"]), _torch(f32[w]), _torch(f32[b]), None, activation="identity", config=CONFIG
+    )
+    j = jlinear.linear_act_fwd(
+        jnp.asarray(f32["x"]),
+        jnp.asarray(f32[w]),
+        jnp.asarray(f32[b]),
+        None,
+        activation="identity",
+        config=CONFIG,
+        interpret=True,
+    )
     return t.numpy(), np.asarray(j)
 
 
@@ -179,23 +208,33 @@ def compare_case(family: str, activation: str, dtype: str) -> Row:
     diff = np.abs(out_t.astype(np.float64) - out_j.astype(np.float64))
     units = float(diff.max() / np.abs(ref).max() / UNIT_ROUNDOFF[dtype])
     if not differ.any():
-        return Row(family, activation, dtype, True, 0, 0.0, "—",
-                   "same operations in the same order")
+        return Row(
+            family, activation, dtype, True, 0, 0.0, "—", "same operations in the same order"
+        )
     # 1. the fp32 products + bias (both branches for gated)
     branches = [("w", "b")] + ([("v", "c")] if family == "gated" else [])
     for w, b in branches:
         z_t, z_j = preactivations(family, dtype, w, b)
         if (_bits(z_t) != _bits(z_j)).any():
-            return Row(family, activation, dtype, False, int(differ.sum()), units, "dot",
-                       "accumulation order of the fp32 tile products")
+            return Row(
+                family,
+                activation,
+                dtype,
+                False,
+                int(differ.sum()),
+                units,
+                "dot",
+                "accumulation order of the fp32 tile products",
+            )
     # 2. the activation's primitives, on the (identical) pre-activations
     base = GATED_ACTIVATIONS.get(activation, activation)
     z = preactivations(family, dtype, "w", "b")[0]
     for op in PRIMITIVES[base]:
         if primitive_diff(op, z):
             return Row(family, activation, dtype, False, int(differ.sum()), units, op, WHY[op])
-    return Row(family, activation, dtype, False, int(differ.sum()), units, "cast",
-               "output rounding")
+    return Row(
+        family, activation, dtype, False, int(differ.sum()), units, "cast", "output rounding"
+    )
 
 
 # ---- tests ---------------------------------------------------------------------------------------

@@ -52,8 +52,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = TileConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
 # The packed gated kernels' output tiles are whole 64-column packed blocks.
-SMALL_GATED = TileConfig(block_m=16, block_n=64, block_k=16, group_m=2, num_warps=4,
-                         num_stages=1)
+SMALL_GATED = TileConfig(block_m=16, block_n=64, block_k=16, group_m=2, num_warps=4, num_stages=1)
 MOSAIC_DTYPES = ("float16", "bfloat16")
 # (M, K, N): odd sizes spanning several tiles, M = 1, and aligned sizes (no padding on Mosaic).
 ODD = [(37, 53, 45), (1, 29, 70), (130, 96, 200)]
@@ -153,8 +152,12 @@ def test_modules_import_without_gpu_and_decompose_says_why() -> None:
     from fusedmlp.torch_impl.cross import gated as tg
     from fusedmlp.torch_impl.cross import linear_act as tl_
 
-    for module, name in ((jl, "linear_act_fwd"), (jg, "gated_fwd"), (tl_, "linear_act_fwd"),
-                         (tg, "gated_fwd")):
+    for module, name in (
+        (jl, "linear_act_fwd"),
+        (jg, "gated_fwd"),
+        (tl_, "linear_act_fwd"),
+        (tg, "gated_fwd"),
+    ):
         assert callable(getattr(module, name))
     rows, reason = cross_overhead.decompose()
     assert rows == []
@@ -167,11 +170,20 @@ def test_decomposition_attribution_and_bit_check() -> None:
 
     from fusedmlp.bench import cross_overhead
 
-    def row(kernel: str, framework: str, device: float, k: int, issue: float, sync: float,
-            first: float) -> dict:
-        return dict(kernel=kernel, framework=framework, device_us=device, kernels_per_call=k,
-                    span_us=device + 1, throughput_us=max(device, issue), host_issue_us=issue,
-                    host_sync_us=sync, first_call_ms=first)
+    def row(
+        kernel: str, framework: str, device: float, k: int, issue: float, sync: float, first: float
+    ) -> dict:
+        return dict(
+            kernel=kernel,
+            framework=framework,
+            device_us=device,
+            kernels_per_call=k,
+            span_us=device + 1,
+            throughput_us=max(device, issue),
+            host_issue_us=issue,
+            host_sync_us=sync,
+            first_call_ms=first,
+        )
 
     rows = [
         row("triton.gated", "torch", 10.0, 1, 12.0, 30.0, 900.0),
@@ -204,8 +216,13 @@ def test_torch_cross_refuses_jax_before_the_launch_fix(monkeypatch: pytest.Monke
 
     from fusedmlp.torch_impl.cross import linear_act as tl_
 
-    for version, ok in (("0.10.2", False), ("0.11.0", False), ("0.11.1", True), ("0.11.2", True),
-                        ("0.12.0.dev20261101", True)):
+    for version, ok in (
+        ("0.10.2", False),
+        ("0.11.0", False),
+        ("0.11.1", True),
+        ("0.11.2", True),
+        ("0.12.0.dev20261101", True),
+    ):
         tl_.as_torch_kernel.cache_clear()
         monkeypatch.setattr(jax, "__version__", version)
         if ok:
@@ -228,8 +245,9 @@ def test_torch_cross_refuses_what_mosaic_cannot_take() -> None:
         tl_.linear_act_fwd(x, w, None, None, activation="relu", config=cfg)
     with pytest.raises(ValueError, match=r"x: impl 'mosaic' expected a CUDA tensor, got device"):
         tl_.linear_act_fwd(x.bfloat16(), w.bfloat16(), None, None, activation="relu", config=cfg)
-    out = tl_.linear_act_fwd(x[:0].bfloat16(), w.bfloat16(), None, None, activation="relu",
-                             config=cfg)
+    out = tl_.linear_act_fwd(
+        x[:0].bfloat16(), w.bfloat16(), None, None, activation="relu", config=cfg
+    )
     assert tuple(out.shape) == (0, 7)
 
 
@@ -267,15 +285,24 @@ def test_triton_launch_plan_matches_native_launcher(
     ops = _problem(family, m, k, n, "float16", bias, residual)
     t = {name: _torch(a) for name, a in ops.items()}
     if family == "gated":
-        native_mod.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation="silu",
-                             config=SMALL_GATED)
-        plan = cross_mod.launch_plan(m, n, k, activation="silu", has_bias=bias,
-                                     config=SMALL_GATED, upcast=INTERPRET)
+        native_mod.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation="silu", config=SMALL_GATED)
+        plan = cross_mod.launch_plan(
+            m, n, k, activation="silu", has_bias=bias, config=SMALL_GATED, interpret=INTERPRET
+        )
     else:
-        native_mod.linear_act_fwd(t["x"], t["w"], t["b"], t["residual"], activation="silu",
-                                  config=SMALL)
-        plan = cross_mod.launch_plan(m, n, k, activation="silu", has_bias=bias,
-                                     has_residual=residual, config=SMALL, upcast=INTERPRET)
+        native_mod.linear_act_fwd(
+            t["x"], t["w"], t["b"], t["residual"], activation="silu", config=SMALL
+        )
+        plan = cross_mod.launch_plan(
+            m,
+            n,
+            k,
+            activation="silu",
+            has_bias=bias,
+            has_residual=residual,
+            config=SMALL,
+            interpret=INTERPRET,
+        )
     [(grid, args, kwargs)] = rec.calls
     names = jl.runtime_params(rec.real)
     assert grid == plan.grid
@@ -296,8 +323,9 @@ def test_triton_launch_plan_matches_native_launcher(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", ODD[:2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_adapters_interpreted_give_native_bits(dtype: str, m: int, k: int, n: int,
-                                               bias: bool) -> None:
+def test_adapters_interpreted_give_native_bits(
+    dtype: str, m: int, k: int, n: int, bias: bool
+) -> None:
     """The adapter kernels (jax_triton's argument order) run by Triton's interpreter on the plan's
     arguments: the native launcher's bits, and within tolerance of the float64 reference."""
     import torch
@@ -317,25 +345,43 @@ def test_adapters_interpreted_give_native_bits(dtype: str, m: int, k: int, n: in
         ops = _problem(family, m, k, n, dtype, bias, residual)
         t = {name: _torch(a) for name, a in ops.items()}
         if family == "gated":
-            native = tg.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation=activation,
-                                  config=SMALL_GATED)
-            plan = jg.launch_plan(m, n, k, activation=activation, has_bias=bias,
-                                  config=SMALL_GATED, upcast=True)
+            native = tg.gated_fwd(
+                t["x"], t["wv"], t["bc"], n=n, activation=activation, config=SMALL_GATED
+            )
+            plan = jg.launch_plan(
+                m, n, k, activation=activation, has_bias=bias, config=SMALL_GATED, interpret=True
+            )
             adapter = jg._gated_fwd_jt
         else:
-            native = tla.linear_act_fwd(t["x"], t["w"], t["b"], t["residual"],
-                                        activation=activation, config=SMALL)
-            plan = jl.launch_plan(m, n, k, activation=activation, has_bias=bias,
-                                  has_residual=residual, config=SMALL, upcast=True)
+            native = tla.linear_act_fwd(
+                t["x"], t["w"], t["b"], t["residual"], activation=activation, config=SMALL
+            )
+            plan = jl.launch_plan(
+                m,
+                n,
+                k,
+                activation=activation,
+                has_bias=bias,
+                has_residual=residual,
+                config=SMALL,
+                interpret=True,
+            )
             adapter = jl._linear_act_fwd_jt
         out = torch.full((m, n), float("nan"), dtype=native.dtype)
         args = plan.positional(jl.runtime_params(adapter), t)
-        adapter[plan.grid](*args, out, num_warps=plan.num_warps, num_stages=plan.num_stages,
-                           **plan.constexprs)
-        assert torch.equal(out.view(torch.int16 if dtype != "float32" else torch.int32),
-                           native.view(torch.int16 if dtype != "float32" else torch.int32)), family
-        assert_close(to_numpy(out), _reference(family, ops, activation), _spec(dtype),
-                     what=f"adapter {family} {dtype}")
+        adapter[plan.grid](
+            *args, out, num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.constexprs
+        )
+        assert torch.equal(
+            out.view(torch.int16 if dtype != "float32" else torch.int32),
+            native.view(torch.int16 if dtype != "float32" else torch.int32),
+        ), family
+        assert_close(
+            to_numpy(out),
+            _reference(family, ops, activation),
+            _spec(dtype),
+            what=f"adapter {family} {dtype}",
+        )
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
@@ -397,16 +443,23 @@ _COMPILE_SCRIPT = textwrap.dedent(
     print("RESULT" + json.dumps(result))
     """
 )
-COMPILE_CASES = [("linear_act", act, "bfloat16")
-                 for act in ("identity", "relu", "gelu", "gelu_tanh", "silu")]
+COMPILE_CASES = [
+    ("linear_act", act, "bfloat16") for act in ("identity", "relu", "gelu", "gelu_tanh", "silu")
+]
 COMPILE_CASES += [("gated", "silu", "float16"), ("gated", "gelu_tanh", "float32")]
 
 
 @functools.cache
 def _compiled_mixes() -> dict[str, Any]:
     env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(COMPILE_CASES)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(COMPILE_CASES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     if "RESULT" not in proc.stdout:
         # One failing case fails them all: say which (the compiler's message is in stderr).
         tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
@@ -415,8 +468,9 @@ def _compiled_mixes() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("family,activation,dtype", COMPILE_CASES)
-def test_adapter_compiles_to_the_native_instruction_mix(family: str, activation: str,
-                                                        dtype: str) -> None:
+def test_adapter_compiles_to_the_native_instruction_mix(
+    family: str, activation: str, dtype: str
+) -> None:
     """Compiled for sm_90 on this CPU (Triton makes PTX without a GPU): the adapter that puts the
     output last for jax_triton has the native kernel's PTX instruction counts and shared memory —
     Triton inlined the native kernel, nothing else changed."""
@@ -424,9 +478,11 @@ def test_adapter_compiles_to_the_native_instruction_mix(family: str, activation:
     if isinstance(result, dict):
         raise AssertionError(f"Triton could not compile the kernel for sm_90: {result['error']}")
     (native_ops, native_smem), (adapter_ops, adapter_smem) = result
-    diff = {op: (native_ops.get(op, 0), adapter_ops.get(op, 0))
-            for op in set(native_ops) | set(adapter_ops)
-            if native_ops.get(op, 0) != adapter_ops.get(op, 0)}
+    diff = {
+        op: (native_ops.get(op, 0), adapter_ops.get(op, 0))
+        for op in set(native_ops) | set(adapter_ops)
+        if native_ops.get(op, 0) != adapter_ops.get(op, 0)
+    }
     assert diff == {}, f"PTX instruction counts (native, adapter) differ: {diff}"
     assert adapter_smem == native_smem
     assert sum(native_ops.values()) > 100
@@ -511,8 +567,14 @@ def test_jax_triton_lowering_with_the_real_wheel() -> None:
         pytest.skip("no jax_triton wheel in .wheels/: run bench/fetch_wheels.sh (needs network)")
     env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
     env.pop("TRITON_CACHE_DIR", None)
-    proc = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT, str(wheel)], capture_output=True,
-                          text=True, env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOWER_SCRIPT, str(wheel)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert "RESULT" in proc.stdout, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     m, n = 37, 45
@@ -533,14 +595,16 @@ def test_jax_triton_lowering_with_the_real_wheel() -> None:
         assert la["cache_dir"] == "<unset>"  # the import's TRITON_CACHE_DIR="" was undone
 
 
-def test_import_jax_triton_keeps_the_triton_cache(monkeypatch: pytest.MonkeyPatch,
-                                                  tmp_path: Path) -> None:
+def test_import_jax_triton_keeps_the_triton_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """jax_triton 0.3.1 sets TRITON_CACHE_DIR="" at import, which makes every later Triton compile
     fail; the lazy import puts the variable back. A stand-in module with the same side effect."""
     from fusedmlp.jax_impl.cross import linear_act as jl
 
     (tmp_path / "jax_triton.py").write_text(
-        "import os\nos.environ['TRITON_CACHE_DIR'] = ''\nVALUE = 17\n")
+        "import os\nos.environ['TRITON_CACHE_DIR'] = ''\nVALUE = 17\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "jax_triton", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
@@ -569,15 +633,19 @@ def _packed_jax(ops: dict) -> tuple:
     from fusedmlp.jax_impl.packing import pack_gated
 
     wv = pack_gated(jnp.asarray(ops["w"]), jnp.asarray(ops["v"]))
-    bc = (pack_gated(jnp.asarray(ops["b"]), jnp.asarray(ops["c"]))
-          if ops.get("b") is not None else None)
+    bc = (
+        pack_gated(jnp.asarray(ops["b"]), jnp.asarray(ops["c"]))
+        if ops.get("b") is not None
+        else None
+    )
     return wv, bc
 
 
 @pytest.mark.parametrize("family", ["linear_act", "gated"])
 @pytest.mark.parametrize("m,k,n", MOSAIC_SHAPES)
-def test_mosaic_padding_matches_jax_launcher(monkeypatch: pytest.MonkeyPatch, family: str, m: int,
-                                             k: int, n: int) -> None:
+def test_mosaic_padding_matches_jax_launcher(
+    monkeypatch: pytest.MonkeyPatch, family: str, m: int, k: int, n: int
+) -> None:
     """The torch side pads to the extents and expects the persistent grid the JAX launcher uses."""
     import importlib
 
@@ -601,16 +669,19 @@ def test_mosaic_padding_matches_jax_launcher(monkeypatch: pytest.MonkeyPatch, fa
     monkeypatch.setattr(plgpu, "kernel", fake_kernel)
     cfg = default_config(family, m, n, k, "bfloat16", interpret=False)
     mod = importlib.import_module(f"fusedmlp.jax_impl.mosaic.{family}")
-    ops = {name: (jnp.asarray(a) if a is not None else None)
-           for name, a in _problem(family, m, k, n, "bfloat16", True).items()}
+    ops = {
+        name: (jnp.asarray(a) if a is not None else None)
+        for name, a in _problem(family, m, k, n, "bfloat16", True).items()
+    }
     plan = tl_.padded_shapes(m, n, k, cfg, family)
     if family == "gated":
         wv, bc = _packed_jax(ops)
         y = mod.gated_fwd(ops["x"], wv, bc, n=n, activation="silu", config=cfg, interpret=False)
         operand_shapes = [(plan.mp, plan.kp), (plan.kp, packed_width(n)), (packed_width(n),)]
     else:
-        y = mod.linear_act_fwd(ops["x"], ops["w"], ops["b"], None, activation="silu",
-                               config=cfg, interpret=False)
+        y = mod.linear_act_fwd(
+            ops["x"], ops["w"], ops["b"], None, activation="silu", config=cfg, interpret=False
+        )
         operand_shapes = [(plan.mp, plan.kp), (plan.kp, plan.np_), (plan.np_,)]
     [(out_shape, grid, shapes)] = seen
     assert out_shape == (plan.mp, plan.np_)
@@ -634,8 +705,9 @@ def _torch_to_jax(t):
 @pytest.mark.parametrize("family", ["linear_act", "gated"])
 @pytest.mark.parametrize("dtype", MOSAIC_DTYPES)
 @pytest.mark.parametrize("m,k,n,bias", [(37, 64, 80, True), (1, 32, 48, False)])
-def test_mosaic_torch_padding_gives_the_jax_launchers_bits(family: str, dtype: str, m: int, k: int,
-                                                           n: int, bias: bool) -> None:
+def test_mosaic_torch_padding_gives_the_jax_launchers_bits(
+    family: str, dtype: str, m: int, k: int, n: int, bias: bool
+) -> None:
     """What the torch side does around as_torch_kernel — pad in torch, run the JAX launcher on the
     operands it need not pad, slice in torch (`run`) — gives the JAX launcher's own bits. The
     kernel runs under the Mosaic GPU interpreter here, standing in for the compiled one."""
@@ -656,13 +728,15 @@ def test_mosaic_torch_padding_gives_the_jax_launchers_bits(family: str, dtype: s
     plan = tl_.padded_shapes(m, n, k, cfg, family)
     if family == "gated":
         wv, bc = _packed_jax(j)
-        native = mod.gated_fwd(j["x"], wv, bc, n=n, activation=activation, config=cfg,
-                               interpret=True)
+        native = mod.gated_fwd(
+            j["x"], wv, bc, n=n, activation=activation, config=cfg, interpret=True
+        )
         operands = [tl_.pad2d(t["x"], plan.mp, plan.kp), torch_pack(t["w"], t["v"])]
         operands += [torch_pack(t["b"], t["c"])] if bias else []
     else:
-        native = mod.linear_act_fwd(j["x"], j["w"], j["b"], j["residual"], activation=activation,
-                                    config=cfg, interpret=True)
+        native = mod.linear_act_fwd(
+            j["x"], j["w"], j["b"], j["residual"], activation=activation, config=cfg, interpret=True
+        )
         operands = [tl_.pad2d(t["x"], plan.mp, plan.kp), tl_.pad2d(t["w"], plan.kp, plan.np_)]
         operands += [tl_.pad1d(t["b"], plan.np_)] if bias else []
         operands += [tl_.pad2d(t["residual"], plan.mp, plan.np_)] if residual else []
@@ -671,8 +745,15 @@ def test_mosaic_torch_padding_gives_the_jax_launchers_bits(family: str, dtype: s
         args = [_torch_to_jax(a) for a in aligned]
         if family == "gated":
             x, wv_, *rest = args
-            y = mod.gated_fwd(x, wv_, rest[0] if bias else None, n=n, activation=activation,
-                              config=cfg, interpret=True)
+            y = mod.gated_fwd(
+                x,
+                wv_,
+                rest[0] if bias else None,
+                n=n,
+                activation=activation,
+                config=cfg,
+                interpret=True,
+            )
         else:
             x, w, *rest = args
             b = rest.pop(0) if bias else None
@@ -690,9 +771,15 @@ def test_mosaic_torch_padding_gives_the_jax_launchers_bits(family: str, dtype: s
     assert isinstance(out, torch.Tensor)
 
 
-@pytest.mark.parametrize("family,bias,residual", [("linear_act", True, True),
-                                                  ("linear_act", False, False),
-                                                  ("gated", True, False), ("gated", False, False)])
+@pytest.mark.parametrize(
+    "family,bias,residual",
+    [
+        ("linear_act", True, True),
+        ("linear_act", False, False),
+        ("gated", True, False),
+        ("gated", False, False),
+    ],
+)
 def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: bool) -> None:
     """Lowered for CUDA on this CPU, the function handed to as_torch_kernel passes as_torch_kernel's
     own module check (jax's private `_find_mgpu_call_in_module`, the same in 0.10.2 and 0.11.2):
@@ -721,7 +808,8 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
         with module.context:
             mgpu.dialect.register_inliner_extensions(module.context)
             passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(
-                module.operation)
+                module.operation
+            )
             return mgpu_torch._find_mgpu_call_in_module(module)[0]
 
     if family == "gated":
@@ -747,11 +835,22 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
 
 
 # ==== CPU: bench/fetch_wheels.sh's compatibility check ============================================
-def _wheel(path: Path, *, requires: list[str], python: str = ">=3.11", tag: str = "py3-none-any",
-           source: str = "") -> Path:
+def _wheel(
+    path: Path,
+    *,
+    requires: list[str],
+    python: str = ">=3.11",
+    tag: str = "py3-none-any",
+    source: str = "",
+) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
-        meta = ["Metadata-Version: 2.4", "Name: jax-triton", "Version: 9.9.9",
-                f"Requires-Python: {python}", *[f"Requires-Dist: {r}" for r in requires]]
+        meta = [
+            "Metadata-Version: 2.4",
+            "Name: jax-triton",
+            "Version: 9.9.9",
+            f"Requires-Python: {python}",
+            *[f"Requires-Dist: {r}" for r in requires],
+        ]
         zf.writestr("jax_triton-9.9.9.dist-info/METADATA", "\n".join(meta) + "\n")
         zf.writestr("jax_triton-9.9.9.dist-info/WHEEL", f"Wheel-Version: 1.0\nTag: {tag}\n")
         zf.writestr("jax_triton/__init__.py", source)
@@ -760,14 +859,21 @@ def _wheel(path: Path, *, requires: list[str], python: str = ">=3.11", tag: str 
 
 def _check(*wheels: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable)
-    return subprocess.run(["bash", str(ROOT / "bench" / "fetch_wheels.sh"), "--check",
-                           *map(str, wheels)], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "fetch_wheels.sh"), "--check", *map(str, wheels)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_fetch_wheels_check(tmp_path: Path) -> None:
-    good = _wheel(tmp_path / "good.whl", requires=["absl-py>=1.4.0", "jax>=0.8.2", "triton>=3.6",
-                                                   'pytest; extra == "tests"'],
-                  source="from jax._src.lib import gpu_triton\ngpu_triton.get_compute_capability\n")
+    good = _wheel(
+        tmp_path / "good.whl",
+        requires=["absl-py>=1.4.0", "jax>=0.8.2", "triton>=3.6", 'pytest; extra == "tests"'],
+        source="from jax._src.lib import gpu_triton\ngpu_triton.get_compute_capability\n",
+    )
     proc = _check(good)
     assert proc.returncode == 0, proc.stderr
     assert "ok: jax-triton 9.9.9" in proc.stdout
@@ -778,8 +884,13 @@ def test_fetch_wheels_check(tmp_path: Path) -> None:
         "unknown_dep.whl": dict(requires=["not-on-the-image>=1"]),
         "api.whl": dict(requires=[], source="gpu_triton.TritonKernelCallV9\n"),
     }
-    expected = ["the image has jax 0.11.2", "excludes the image's 3.12.3", "do not install",
-                "not on the image: carry it too", "gpu_triton.['TritonKernelCallV9']"]
+    expected = [
+        "the image has jax 0.11.2",
+        "excludes the image's 3.12.3",
+        "do not install",
+        "not on the image: carry it too",
+        "gpu_triton.['TritonKernelCallV9']",
+    ]
     for (name, kwargs), message in zip(bad.items(), expected, strict=True):
         proc = _check(_wheel(tmp_path / name, **kwargs))
         assert proc.returncode == 1, name

@@ -38,7 +38,7 @@ HAVE_JAX_TRITON = importlib.util.find_spec("jax_triton") is not None
 needs_jax_triton = pytest.mark.skipif(
     not HAVE_JAX_TRITON,
     reason="jax_triton is not installed: run bench/fetch_wheels.sh and carry .wheels/ "
-           "(bench/gpu_check.sh installs it onto PYTHONPATH)",
+    "(bench/gpu_check.sh installs it onto PYTHONPATH)",
 )
 # (family, dtype, M, K, N, bias)
 JAX_TRITON_CASES = [
@@ -87,8 +87,9 @@ def _bits_equal(a, b) -> bool:
 @pytest.mark.gpu
 @needs_jax_triton
 @pytest.mark.parametrize(("family", "dtype", "m", "k", "n", "bias"), JAX_TRITON_CASES)
-def test_jax_triton_same_bits_as_torch_triton(family: str, dtype: str, m: int, k: int, n: int,
-                                              bias: bool) -> None:
+def test_jax_triton_same_bits_as_torch_triton(
+    family: str, dtype: str, m: int, k: int, n: int, bias: bool
+) -> None:
     import jax
 
     from fusedmlp.common.tiling import heuristic_config
@@ -105,26 +106,34 @@ def test_jax_triton_same_bits_as_torch_triton(family: str, dtype: str, m: int, k
     cfg = heuristic_config(family, max(m, 1), n, k, dtype, interpret=False)
     if family == "gated":
         native = tg.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation=activation, config=cfg)
-        cross = jax.jit(functools.partial(jg.gated_fwd, n=n, activation=activation,
-                                          config=cfg))(j["x"], j["wv"], j["bc"])
+        cross = jax.jit(functools.partial(jg.gated_fwd, n=n, activation=activation, config=cfg))(
+            j["x"], j["wv"], j["bc"]
+        )
     else:
-        native = tla.linear_act_fwd(t["x"], t["w"], t["b"], t["residual"],
-                                    activation=activation, config=cfg)
+        native = tla.linear_act_fwd(
+            t["x"], t["w"], t["b"], t["residual"], activation=activation, config=cfg
+        )
         cross = jax.jit(functools.partial(jl.linear_act_fwd, activation=activation, config=cfg))(
-            j["x"], j["w"], j["b"], j["residual"])
+            j["x"], j["w"], j["b"], j["residual"]
+        )
     cross.block_until_ready()
     if m == 0:
         assert tuple(cross.shape) == tuple(native.shape) == (0, n)
         return
     assert _bits_equal(cross, native), f"{family} {dtype} {(m, k, n)} bias={bias}"
-    assert_close(to_numpy(cross), _reference(family, ops, activation), _spec(dtype),
-                 what=f"jax_triton {family} {dtype}")
+    assert_close(
+        to_numpy(cross),
+        _reference(family, ops, activation),
+        _spec(dtype),
+        what=f"jax_triton {family} {dtype}",
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("family", "dtype", "m", "k", "n", "bias"), MOSAIC_CASES)
-def test_mosaic_from_torch_same_bits_as_pallas_mosaic(family: str, dtype: str, m: int, k: int,
-                                                      n: int, bias: bool) -> None:
+def test_mosaic_from_torch_same_bits_as_pallas_mosaic(
+    family: str, dtype: str, m: int, k: int, n: int, bias: bool
+) -> None:
     import jax
 
     from fusedmlp.jax_impl.mosaic import default_config
@@ -141,22 +150,28 @@ def test_mosaic_from_torch_same_bits_as_pallas_mosaic(family: str, dtype: str, m
     cfg = default_config(family, max(m, 1), n, k, dtype, interpret=False)
     if family == "gated":
         cross = tg.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation=activation, config=cfg)
-        native = jax.jit(functools.partial(mg.gated_fwd, n=n, activation=activation, config=cfg,
-                                           interpret=False))(j["x"], j["wv"], j["bc"])
+        native = jax.jit(
+            functools.partial(mg.gated_fwd, n=n, activation=activation, config=cfg, interpret=False)
+        )(j["x"], j["wv"], j["bc"])
     else:
-        cross = tl_.linear_act_fwd(t["x"], t["w"], t["b"], t["residual"], activation=activation,
-                                   config=cfg)
-        native = jax.jit(functools.partial(ml.linear_act_fwd, activation=activation, config=cfg,
-                                           interpret=False))(j["x"], j["w"], j["b"],
-                                                             j["residual"])
+        cross = tl_.linear_act_fwd(
+            t["x"], t["w"], t["b"], t["residual"], activation=activation, config=cfg
+        )
+        native = jax.jit(
+            functools.partial(ml.linear_act_fwd, activation=activation, config=cfg, interpret=False)
+        )(j["x"], j["w"], j["b"], j["residual"])
     native.block_until_ready()
     assert tuple(cross.shape) == (m, n) and cross.is_contiguous()
     if m == 0:
         assert tuple(native.shape) == (0, n)
         return
     assert _bits_equal(cross, native), f"{family} {dtype} {(m, k, n)} bias={bias}"
-    assert_close(to_numpy(cross), _reference(family, ops, activation), _spec(dtype),
-                 what=f"mosaic-from-torch {family} {dtype}")
+    assert_close(
+        to_numpy(cross),
+        _reference(family, ops, activation),
+        _spec(dtype),
+        what=f"mosaic-from-torch {family} {dtype}",
+    )
 
 
 @pytest.mark.gpu
@@ -198,8 +213,10 @@ def _golden_on_gpu(name: str):
 
 # Mosaic GPU takes widths in multiples of 16 (the golden files' odd widths fall back by name), so
 # its whole-MLP cases are their own: gated with bias in float16, plain without in bfloat16, odd M.
-MOSAIC_FRONT_SPECS = [MLPSpec((64, 96, 48), "geglu", True, "float16"),
-                      MLPSpec((48, 160, 64, 32), "gelu_tanh", False, "bfloat16")]
+MOSAIC_FRONT_SPECS = [
+    MLPSpec((64, 96, 48), "geglu", True, "float16"),
+    MLPSpec((48, 160, 64, 32), "gelu_tanh", False, "bfloat16"),
+]
 
 
 @pytest.mark.gpu
@@ -253,8 +270,9 @@ def test_decompose_on_the_gpu() -> None:
     counts = collections.Counter((r["kernel"].split(".")[0], r["framework"]) for r in rows)
     assert set(counts.values()) == {2}
     assert all(re.match(r"(triton|mosaic)\.(linear_act|gated)$", r["kernel"]) for r in rows)
-    measured = [r for r in rows if HAVE_JAX_TRITON or r["route"] != cross_overhead.ROUTE[
-        "triton", "jax"]]
+    measured = [
+        r for r in rows if HAVE_JAX_TRITON or r["route"] != cross_overhead.ROUTE["triton", "jax"]
+    ]
     assert len(measured) == (8 if HAVE_JAX_TRITON else 6)
     for row in rows:
         if row not in measured:
@@ -265,9 +283,13 @@ def test_decompose_on_the_gpu() -> None:
             assert row[col] > 0, (col, row)
         assert row["device_us"] <= row["span_us"] * 1.001
         assert row["kernels_per_call"] >= 1
-        assert row["same_bits"] is (True if HAVE_JAX_TRITON or row["kernel"].startswith(
-            "mosaic") else None), row
-    natives = [r for r in measured if (r["kernel"].split(".")[0], r["framework"]) in (
-        ("triton", "torch"), ("mosaic", "jax"))]
+        assert row["same_bits"] is (
+            True if HAVE_JAX_TRITON or row["kernel"].startswith("mosaic") else None
+        ), row
+    natives = [
+        r
+        for r in measured
+        if (r["kernel"].split(".")[0], r["framework"]) in (("triton", "torch"), ("mosaic", "jax"))
+    ]
     assert all(r["kernels_per_call"] == 1 for r in natives), natives
     assert len(cross_overhead.attribute(rows)) == (4 if HAVE_JAX_TRITON else 2)

@@ -36,9 +36,8 @@ def test_shape_class():
 
 
 def test_derive_picks_fastest_and_splits_m_at_geometric_midpoints():
-    data = (
-        rows(LLAMA, 16, "llama3-8b", fused_decode=85, triton=230, eager=111)
-        + rows(LLAMA, 8192, "llama3-8b", fused_decode=9e9, triton_tma=3600, eager=3950)
+    data = rows(LLAMA, 16, "llama3-8b", fused_decode=85, triton=230, eager=111) + rows(
+        LLAMA, 8192, "llama3-8b", fused_decode=9e9, triton_tma=3600, eager=3950
     )
     table = derive(data, gpu="NVIDIA H200", source="test")
     assert [(e.m_min, e.m_max, e.impl) for e in table.entries] == [
@@ -86,14 +85,34 @@ def test_measurements_from_bench_keeps_timed_rows_only():
                 "m": 16,
                 "spec": LLAMA.to_dict(),
                 "rows": [
-                    {"stack": "torch", "impl": "eager", "baseline": True, "status": "timed",
-                     "time": {"median": 111e-6}},
-                    {"stack": "torch", "impl": "auto", "baseline": False, "status": "timed",
-                     "time": {"median": 90e-6}},
-                    {"stack": "torch", "impl": "triton", "baseline": False,
-                     "status": "invalid measurement", "time": {"median": 1e-6}},
-                    {"stack": "jax", "impl": "xla", "baseline": True, "status": "timed",
-                     "device_s": 97e-6},
+                    {
+                        "stack": "torch",
+                        "impl": "eager",
+                        "baseline": True,
+                        "status": "timed",
+                        "time": {"median": 111e-6},
+                    },
+                    {
+                        "stack": "torch",
+                        "impl": "auto",
+                        "baseline": False,
+                        "status": "timed",
+                        "time": {"median": 90e-6},
+                    },
+                    {
+                        "stack": "torch",
+                        "impl": "triton",
+                        "baseline": False,
+                        "status": "invalid measurement",
+                        "time": {"median": 1e-6},
+                    },
+                    {
+                        "stack": "jax",
+                        "impl": "xla",
+                        "baseline": True,
+                        "status": "timed",
+                        "device_s": 97e-6,
+                    },
                 ],
             }
         ]
@@ -135,8 +154,11 @@ def test_fronts_take_the_measured_choice(monkeypatch, tmp_path):
     assert jplan.impl == "xla" and "measured on Test GPU" in jplan.reason
 
     # A measured choice that cannot take the problem falls through to the static order.
-    bad = Table("Test GPU", "test", (dispatch.Entry("torch", "float32", "mlp2-gated", 1, 10**9,
-                                                    "fused_small", "made up"),))
+    bad = Table(
+        "Test GPU",
+        "test",
+        (dispatch.Entry("torch", "float32", "mlp2-gated", 1, 10**9, "fused_small", "made up"),),
+    )
     monkeypatch.setattr(dispatch, "load_table", lambda name: bad)
     monkeypatch.setattr(tfront, "_is_hopper", lambda: False)
     assert tfront.plan(spec, (64, 96), device="cuda").impl != "fused_small"
@@ -148,14 +170,34 @@ def test_cli_derive_auto_from_saved_results(tmp_path):
     from fusedmlp.bench.cli import main
 
     results = {
-        "kind": "fusedmlp-results", "version": 1,
+        "kind": "fusedmlp-results",
+        "version": 1,
         "environment": {"gpus": [{"name": "NVIDIA H200"}], "git": {"commit": "abc1234def"}},
-        "bench": {"cases": [{"preset": "llama3-8b", "m": 16, "spec": LLAMA.to_dict(), "rows": [
-            {"stack": "torch", "impl": "eager", "baseline": True, "status": "timed",
-             "time": {"median": 111e-6}},
-            {"stack": "torch", "impl": "fused_decode", "baseline": False, "status": "timed",
-             "time": {"median": 88e-6}},
-        ]}]},
+        "bench": {
+            "cases": [
+                {
+                    "preset": "llama3-8b",
+                    "m": 16,
+                    "spec": LLAMA.to_dict(),
+                    "rows": [
+                        {
+                            "stack": "torch",
+                            "impl": "eager",
+                            "baseline": True,
+                            "status": "timed",
+                            "time": {"median": 111e-6},
+                        },
+                        {
+                            "stack": "torch",
+                            "impl": "fused_decode",
+                            "baseline": False,
+                            "status": "timed",
+                            "time": {"median": 88e-6},
+                        },
+                    ],
+                }
+            ]
+        },
     }
     src = tmp_path / "results.json"
     src.write_text(json.dumps(results))
@@ -186,9 +228,22 @@ def test_bench_derive_auto_writes_the_table_and_retimes_auto(monkeypatch, tmp_pa
     before = dispatch.generation()
     table_path = tmp_path / "test-gpu.json"
     json_path = tmp_path / "bench.json"
-    code = cli.main(["bench", "--device", "cpu", "--preset", "cpu-small", "--impl",
-                     "eager,xla,auto", "--quick", "--derive-auto", str(table_path),
-                     "--json", str(json_path)])
+    code = cli.main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--preset",
+            "cpu-small",
+            "--impl",
+            "eager,xla,auto",
+            "--quick",
+            "--derive-auto",
+            str(table_path),
+            "--json",
+            str(json_path),
+        ]
+    )
     assert code == 0
     table = Table.from_json(table_path.read_text())
     spec = MLPSpec.preset("cpu-small")

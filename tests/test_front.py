@@ -240,4 +240,3 @@ def test_baselines_compile(name):
     x, params = _torch_inputs(case.spec, case.x, case.params)
     out = torch_impl.mlp(x, params, case.spec, impl="compile").float().numpy()
     assert_close(out, case.y, case.spec, what=f"compile/{name}")
-

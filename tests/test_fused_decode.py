@@ -35,7 +35,7 @@ from fusedmlp.common.tiling import (
     fused_decode_config,
 )
 from fusedmlp.common.tolerance import assert_close
-from helpers import golden_names, to_numpy
+from helpers import to_numpy
 
 # Interpreter config (common/tiling.py): BLOCK_H=32, BLOCK_K=16, BLOCK_N=32, BLOCK_K2=16, split 2
 # -> hidden 75 is 3 up programs (the third in the second packed block), d_in 19 is 2 K chunks,
@@ -44,8 +44,7 @@ ODD_WIDTHS = (19, 75, 33)
 # The golden files' odd widths and M (hidden 67: 3 up programs; d_in 33: 3 K chunks): fresh random
 # inputs at the golden shapes reuse the jitted Pallas kernels of the golden tests.
 GOLDEN_WIDTHS, GOLDEN_M = golden.ODD_WIDTHS, golden.ODD_M
-PUBLIC_NAMES = ("supports", "fused_decode_fwd", "fused_decode", "MAX_M", "FALLBACK",
-                "REDUCE_BLOCK_N")
+PUBLIC_NAMES = ("supports", "fused_decode_fwd", "fused_decode", "MAX_M", "REDUCE_BLOCK_N")
 LLAMA = MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
 
 
@@ -80,8 +79,9 @@ class Stack:
     def call(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw):
         """Runs on the packed params (packed here, once, as a caller would)."""
         packed = pack_params(spec, params)
-        return self.mod.fused_decode(self.array(x), {k: self.array(v) for k, v in packed.items()},
-                                     spec, **kw)
+        return self.mod.fused_decode(
+            self.array(x), {k: self.array(v) for k, v in packed.items()}, spec, **kw
+        )
 
     def run(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw) -> np.ndarray:
         return to_numpy(self.call(x, params, spec, **kw))
@@ -114,8 +114,12 @@ def test_rows(stack, m):
 
 @pytest.mark.parametrize(
     "widths, activation, dtype",
-    [((64, 128, 32), "gelu", "float16"), ((16, 16, 16), "relu", "float32"),
-     ((128, 96, 7), "geglu_tanh", "bfloat16"), ((40, 200, 70), "swiglu", "float16")],
+    [
+        ((64, 128, 32), "gelu", "float16"),
+        ((16, 16, 16), "relu", "float32"),
+        ((128, 96, 7), "geglu_tanh", "bfloat16"),
+        ((40, 200, 70), "swiglu", "float16"),
+    ],
     ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else v,
 )
 def test_widths(stack, widths, activation, dtype):
@@ -130,11 +134,27 @@ def test_3d_input(stack):
     "config",
     [
         # one hidden run: launch 2 adds b2 and stores y itself (no launch 3)
-        DecodeConfig(block_m=32, block_h=16, block_k=32, block_n=32, block_k2=32, split_k=1,
-                     num_warps=4, num_stages=1),
+        DecodeConfig(
+            block_m=32,
+            block_h=16,
+            block_k=32,
+            block_n=32,
+            block_k2=32,
+            split_k=1,
+            num_warps=4,
+            num_stages=1,
+        ),
         # more runs asked for than the hidden has chunks: capped at 5 one-chunk runs
-        DecodeConfig(block_m=32, block_h=64, block_k=16, block_n=64, block_k2=16, split_k=9,
-                     num_warps=4, num_stages=1),
+        DecodeConfig(
+            block_m=32,
+            block_h=64,
+            block_k=16,
+            block_n=64,
+            block_k2=16,
+            split_k=9,
+            num_warps=4,
+            num_stages=1,
+        ),
         # a pinned TileConfig: 32-wide blocks in both launches, the heuristic's split
         TileConfig(block_m=32, block_n=32, block_k=16, group_m=1, num_warps=4, num_stages=1),
     ],
@@ -167,8 +187,13 @@ def test_deterministic(stack, dtype):
 
 @pytest.mark.parametrize(
     "activation, dtype",
-    [("relu", "float32"), ("relu", "float16"), ("relu", "bfloat16"), ("swiglu", "float16"),
-     ("geglu_tanh", "bfloat16")],
+    [
+        ("relu", "float32"),
+        ("relu", "float16"),
+        ("relu", "bfloat16"),
+        ("swiglu", "float16"),
+        ("geglu_tanh", "bfloat16"),
+    ],
 )
 def test_twins_bitwise(activation, dtype):
     """The same algorithm in both stacks: identical bits under the interpreters (fp32 activations
@@ -179,17 +204,6 @@ def test_twins_bitwise(activation, dtype):
     out_t = Stack("torch").run(x, params, spec)
     out_j = Stack("jax").run(x, params, spec)
     assert out_t.tobytes() == out_j.tobytes(), np.sum(out_t != out_j)
-
-
-@pytest.mark.parametrize(
-    "name", [n for n in golden_names() if golden.load(n).spec.num_layers == 2]
-)
-def test_golden(stack, name):
-    case = golden.load(name)
-    m = int(np.prod(case.x.shape[:-1]))
-    assert stack.mod.supports(case.spec, m) is None
-    out = stack.run(case.x, case.params, case.spec)
-    assert_close(out, case.y, case.spec, what=f"{stack.name} golden {name}")
 
 
 def test_unsupported(stack):
@@ -209,8 +223,9 @@ def test_unsupported(stack):
     # the launcher (what a front calls) refuses it too: a 16-row tile would drop rows 16..
     packed = {k: stack.array(v) for k, v in pack_params(spec, params).items()}
     with pytest.raises(ValueError, match="config: expected block_m >= M = 17, got 16"):
-        stack.mod.fused_decode_fwd(stack.array(make_input(spec, 17, seed=1)), packed, spec,
-                                   config=small)
+        stack.mod.fused_decode_fwd(
+            stack.array(make_input(spec, 17, seed=1)), packed, spec, config=small
+        )
     gated = MLPSpec(ODD_WIDTHS, "swiglu", True, "float32")
     wide = DecodeConfig(block_h=128)
     with pytest.raises(ValueError, match="block_h must divide the packed block 64, got 128"):
@@ -222,11 +237,11 @@ def test_validation(stack):
     params = init_params(spec, seed=0)
     x = make_input(spec, 3, seed=1)
     packed = {k: stack.array(v) for k, v in pack_params(spec, params).items()}
-    with pytest.raises(TypeError, match=r"params\['wv0'\]: expected dtype"):
+    with pytest.raises(ValueError, match=r"params\['wv0'\]: expected dtype"):
         bad = dict(pack_params(spec, params))
         bad["wv0"] = bad["wv0"].astype(np.float32)
         stack.mod.fused_decode(stack.array(x), {k: stack.array(v) for k, v in bad.items()}, spec)
-    with pytest.raises(ValueError, match=r"params: missing \[\], unexpected \['b0'\]"):
+    with pytest.raises(ValueError, match=r"params: unexpected \['b0'\]"):
         extra = dict(packed, b0=stack.array(np.zeros(75, params["w0"].dtype)))
         stack.mod.fused_decode(stack.array(x), extra, spec)
     # the contract's names (w0, v0) are not what this kernel reads: the message says how to pack
@@ -241,7 +256,7 @@ def test_twin_contract():
 
     for name in PUBLIC_NAMES:
         assert hasattr(torch_mod, name) and hasattr(jax_mod, name), name
-        if name.isupper() and name != "FALLBACK":  # each stack falls back to its own
+        if name.isupper():
             assert getattr(torch_mod, name) == getattr(jax_mod, name), name
 
 
@@ -327,8 +342,13 @@ def test_sm90_compile_default_configs():
     ms = [1, 32, 64]
     with tempfile.TemporaryDirectory() as cache:  # a cold Triton cache: really compiled here
         env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": cache}
-        done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(ms)],
-                              capture_output=True, text=True, env=env, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", _COMPILE, json.dumps(ms)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for m in ms:
@@ -353,8 +373,9 @@ def test_pallas_lowers_for_cuda(activation, dtype, split_k):
     from fusedmlp.jax_impl import fused_decode as mod
 
     if not jax.__version__.startswith("0.10."):
-        pytest.skip(f"lowering Pallas-Triton for CUDA without a GPU needs jax 0.10, got "
-                    f"{jax.__version__}")
+        pytest.skip(
+            f"lowering Pallas-Triton for CUDA without a GPU needs jax 0.10, got {jax.__version__}"
+        )
     spec = MLPSpec((200, 300, 136), activation, True, dtype)
     config = DecodeConfig(**{**fused_decode_config(spec, 16).__dict__, "split_k": split_k})
     shapes = {k: jax.ShapeDtypeStruct(v, jnp.dtype(dtype)) for k, v in packed_names(spec).items()}
@@ -409,7 +430,13 @@ def test_sweep_script_dry_run(tmp_path):
     assert sweep_decode.main([str(out), "--dry-run", "--sections", "llama,nerf"]) == 0
     data = json.loads(out.read_text())
     providers = {r["provider"] for r in data["rows"]}
-    assert providers == {"torch:fused_decode", "torch:eager", "jax:fused_decode", "jax:xla",
-                         "torch:fused_small", "jax:fused_small"}
+    assert providers == {
+        "torch:fused_decode",
+        "torch:eager",
+        "jax:fused_decode",
+        "jax:xla",
+        "torch:fused_small",
+        "jax:fused_small",
+    }
     assert all(r["check"]["passed"] for r in data["rows"]), [r.get("error") for r in data["rows"]]
     assert data["dry_run"] and data["ceilings"]["copy_TBps"] > 0

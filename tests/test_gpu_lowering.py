@@ -37,9 +37,17 @@ def test_per_layer_kernels_lower_for_cuda(activation, dtype):
     precision = "tf32" if dtype == "float32" else "ieee"
     cfg = heuristic_config("linear_act", M, N, K, dtype)
     text = _lower(
-        functools.partial(linear_act.linear_act_fwd, activation=activation, config=cfg,
-                          fp32_precision=precision, interpret=False),
-        S((M, K), dt), S((K, N), dt), S((N,), dt), S((M, N), dt),
+        functools.partial(
+            linear_act.linear_act_fwd,
+            activation=activation,
+            config=cfg,
+            fp32_precision=precision,
+            interpret=False,
+        ),
+        S((M, K), dt),
+        S((K, N), dt),
+        S((N,), dt),
+        S((M, N), dt),
     )
     assert "triton" in text.lower()
     if activation == "identity":
@@ -47,17 +55,33 @@ def test_per_layer_kernels_lower_for_cuda(activation, dtype):
     cfg = heuristic_config("gated", M, N, K, dtype)
     width = packed_width(N)  # the packed W|V operand (N = 136: three 64-column block pairs)
     _lower(
-        functools.partial(gated.gated_fwd, n=N, activation=activation, config=cfg,
-                          fp32_precision=precision, interpret=False),
-        S((M, K), dt), S((K, width), dt), S((width,), dt),
+        functools.partial(
+            gated.gated_fwd,
+            n=N,
+            activation=activation,
+            config=cfg,
+            fp32_precision=precision,
+            interpret=False,
+        ),
+        S((M, K), dt),
+        S((K, width), dt),
+        S((width,), dt),
     )
     # The packed tile at the other output widths: 64 (one block pair) and 128 (two).
     for block_n in (64, 128):
         narrow = TileConfig(64, block_n, 32, group_m=8, num_warps=4, num_stages=2)
         _lower(
-            functools.partial(gated.gated_fwd, n=N, activation=activation, config=narrow,
-                              fp32_precision=precision, interpret=False),
-            S((M, K), dt), S((K, width), dt), None,
+            functools.partial(
+                gated.gated_fwd,
+                n=N,
+                activation=activation,
+                config=narrow,
+                fp32_precision=precision,
+                interpret=False,
+            ),
+            S((M, K), dt),
+            S((K, width), dt),
+            None,
         )
 
 

@@ -71,7 +71,8 @@ def test_main_job_parity_of_cpu_small_passes_both_stacks(tmp_path: Path) -> None
     # cpu-small in its float32 and again in bfloat16, so pallas_mosaic (16-bit wgmma) runs too.
     small = MLPSpec.preset("cpu-small")
     assert [c["spec_text"] for c in data["parity"]["cases"]] == [
-        str(small), str(small.replace(dtype="bfloat16"))
+        str(small),
+        str(small.replace(dtype="bfloat16")),
     ]
     assert data["parity"]["passed"] and not data["parity"]["failures"]
     bf16 = {r["provider"]: r for r in data["parity"]["cases"][1]["rows"]}
@@ -89,12 +90,16 @@ def test_main_job_parity_of_cpu_small_passes_both_stacks(tmp_path: Path) -> None
     assert rows["torch:triton"]["kernels"] == "gated+linear_act"
     pairs = {x["pair"]: x for x in data["parity"]["cases"][0]["cross"]}
     assert pairs["torch:eager vs jax:xla"]["status"] == "pass"
-    assert pairs["torch:triton vs jax:pallas_triton"]["rel_fro"] <= (
-        pairs["torch:triton vs jax:pallas_triton"]["bound_rel_fro"])
+    assert (
+        pairs["torch:triton vs jax:pallas_triton"]["rel_fro"]
+        <= (pairs["torch:triton vs jax:pallas_triton"]["bound_rel_fro"])
+    )
 
 
 def test_parity_fails_loudly_on_a_broken_kernel(
-    spec_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    spec_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from fusedmlp.torch_impl import front
@@ -108,8 +113,21 @@ def test_parity_fails_loudly_on_a_broken_kernel(
 
     monkeypatch.setitem(front._RUNNERS, "triton", broken)
     out = tmp_path / "parity.json"
-    code = cli.main(["parity", "--spec", str(spec_file), "--m", TINY_M, "--device", "cpu",
-                     "--impl", "triton,eager", "--json", str(out)])
+    code = cli.main(
+        [
+            "parity",
+            "--spec",
+            str(spec_file),
+            "--m",
+            TINY_M,
+            "--device",
+            "cpu",
+            "--impl",
+            "triton,eager",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 1
     text = capsys.readouterr().out
     assert "parity: FAIL" in text and "FAILED:" in text and "torch:triton FAIL" in text
@@ -120,16 +138,42 @@ def test_parity_fails_loudly_on_a_broken_kernel(
 
 
 def test_parity_inject_fault_hook(spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["parity", "--spec", str(spec_file), "--m", TINY_M, "--device", "cpu",
-                     "--impl", "jax", "--inject-fault", "jax:pallas_triton"])
+    code = cli.main(
+        [
+            "parity",
+            "--spec",
+            str(spec_file),
+            "--m",
+            TINY_M,
+            "--device",
+            "cpu",
+            "--impl",
+            "jax",
+            "--inject-fault",
+            "jax:pallas_triton",
+        ]
+    )
     assert code == 1
     assert "jax:pallas_triton FAIL" in capsys.readouterr().out
 
 
 def test_parity_dtype_override_and_bad_impl(spec_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
-    code = cli.main(["parity", "--spec", str(spec_file), "--m", "1", "--dtype",
-                     "bfloat16,float16", "--impl", "eager,xla", "--json", str(out)])
+    code = cli.main(
+        [
+            "parity",
+            "--spec",
+            str(spec_file),
+            "--m",
+            "1",
+            "--dtype",
+            "bfloat16,float16",
+            "--impl",
+            "eager,xla",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     cases = _load(out)["parity"]["cases"]
     assert [c["spec"]["dtype"] for c in cases] == ["bfloat16", "float16"]
@@ -142,8 +186,22 @@ def test_parity_dtype_override_and_bad_impl(spec_file: Path, tmp_path: Path) -> 
 @pytest.fixture(scope="module")
 def bench_json(spec_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    code = cli.main(["bench", "--spec", str(spec_file), "--m", "33", "--device", "cpu",
-                     "--impl", "triton,fused_small,eager,jax", "--quick", "--json", str(out)])
+    code = cli.main(
+        [
+            "bench",
+            "--spec",
+            str(spec_file),
+            "--m",
+            "33",
+            "--device",
+            "cpu",
+            "--impl",
+            "triton,fused_small,eager,jax",
+            "--quick",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -175,9 +233,24 @@ def test_bench_times_baselines_and_lists_interpreted(bench_json: Path) -> None:
 
 def test_bench_never_times_a_failing_path(spec_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    code = cli.main(["bench", "--spec", str(spec_file), "--m", TINY_M, "--device", "cpu",
-                     "--impl", "eager,xla", "--quick", "--inject-fault", "jax:xla",
-                     "--json", str(out)])
+    code = cli.main(
+        [
+            "bench",
+            "--spec",
+            str(spec_file),
+            "--m",
+            TINY_M,
+            "--device",
+            "cpu",
+            "--impl",
+            "eager,xla",
+            "--quick",
+            "--inject-fault",
+            "jax:xla",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 1
     rows = _rows(_load(out), "bench")
     assert rows["jax:xla"]["status"] == "FAIL parity — not timed"
@@ -197,8 +270,21 @@ def test_timing_stats_have_spread_and_at_least_20_reps() -> None:
 @pytest.fixture(scope="module")
 def overhead_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("overhead") / "overhead.json"
-    assert cli.main(["overhead", "--device", "cpu", "--impl", "baselines,triton", "--quick",
-                     "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "overhead",
+                "--device",
+                "cpu",
+                "--impl",
+                "baselines,triton",
+                "--quick",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -222,8 +308,26 @@ def test_overhead_records_host_and_first_call(overhead_json: Path) -> None:
 
 def test_sweep_short_mode(tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
-    assert cli.main(["sweep", "--device", "cpu", "--short", "--widths", "16,32", "--depths", "2",
-                     "--m", "40", "--quick", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "sweep",
+                "--device",
+                "cpu",
+                "--short",
+                "--widths",
+                "16,32",
+                "--depths",
+                "2",
+                "--m",
+                "40",
+                "--quick",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     sweep = _load(out)["sweep"]
     assert [(c["width"], c["depth"]) for c in sweep["cells"]] == [(16, 2), (32, 2)]
     for cell in sweep["cells"]:
@@ -238,8 +342,22 @@ def test_report_writes_markdown_and_png(
 ) -> None:
     md = tmp_path / "new" / "r.md"  # folders that do not exist yet are made
     merged = tmp_path / "all.json"
-    assert cli.main(["report", str(bench_json), str(overhead_json), "--markdown", str(md),
-                     "--plot-dir", str(tmp_path), "--json", str(merged)]) == 0
+    assert (
+        cli.main(
+            [
+                "report",
+                str(bench_json),
+                str(overhead_json),
+                "--markdown",
+                str(md),
+                "--plot-dir",
+                str(tmp_path),
+                "--json",
+                str(merged),
+            ]
+        )
+        == 0
+    )
     text = md.read_text()
     assert "| provider | kernels | host sync | min … max | n | span | K | throughput |" in text
     assert "torch:eager" in text and "| jax:auto → fused_small |" in text
@@ -282,8 +400,19 @@ def test_gpu_bench_rows_carry_every_measure(tmp_path: Path) -> None:
     spec = tmp_path / "mid.json"
     MLPSpec((1024, 4096, 1024), "gelu", bias=True, dtype="bfloat16").to_json(spec)
     out = tmp_path / "bench.json"
-    code = cli.main(["bench", "--spec", str(spec), "--m", "4096", "--impl", "eager,xla,auto",
-                     "--json", str(out)])
+    code = cli.main(
+        [
+            "bench",
+            "--spec",
+            str(spec),
+            "--m",
+            "4096",
+            "--impl",
+            "eager,xla,auto",
+            "--json",
+            str(out),
+        ]
+    )
     rows = _rows(_load(out), "bench")
     assert code == 0, {n: (r["status"], r.get("message")) for n, r in rows.items()}
     for name in ("torch:eager", "jax:xla", "torch:auto", "jax:auto"):

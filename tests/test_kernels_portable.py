@@ -1,13 +1,13 @@
 """The portable per-layer kernels of both stacks: `triton` (torch_impl), `pallas_triton` (jax_impl).
 
-Every golden case runs through the per-layer kernels chained as the fronts chain them (`run_layers`:
-gated — on the packed W|V operand, common/packing.py — for gated hidden layers, linear_act for plain
-hidden layers and for the identity last layer), then random odd shapes: M = 0 and 1, 3-D inputs, a
-residual, non-contiguous x (torch), a NaN row, tf32, small explicit TileConfigs (several tiles in
-every dimension; gated tiles whose packed operand tile runs past the padded width), every gated
+Random odd shapes through the public functions: M = 0 and 1, 3-D inputs, a residual,
+non-contiguous x (torch), a NaN row, tf32, small explicit TileConfigs (several tiles in every
+dimension; gated tiles whose packed operand tile runs past the padded width), every gated
 activation × bias × dtype at an N that is no multiple of 64, the two stacks bit for bit on the gated
-kernel, validation messages (the same text in both stacks) and, for JAX, the kernels inside
-`jax.jit`. Only `tolerance.assert_close` decides.
+kernel and, for JAX, the kernels inside `jax.jit`. Only `tolerance.assert_close` decides.
+
+The golden cases run through these kernels once, via the front, in tests/test_parity_golden.py;
+their validation (the shared check layer, the same text in both stacks) is tests/test_validate.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fusedmlp.common import MLPSpec, TileConfig, golden, reference
+from fusedmlp.common import MLPSpec, TileConfig, reference
 from fusedmlp.common.dtypes import DTYPES, numpy_dtype
 from fusedmlp.common.tolerance import assert_close
 from helpers import to_numpy
@@ -90,36 +90,16 @@ def stack(request: pytest.FixtureRequest) -> Stack:
     return get_stack(request.param)
 
 
-def run_layers(stack: Stack, spec: MLPSpec, x: object, params: dict[str, object],
-               config: TileConfig | None = None) -> object:
-    """The MLP as the fronts chain the per-layer kernels (gated layers on the packed operand)."""
-    h = x
-    for layer in spec.layers():
-        i = layer.index
-        b = params.get(f"b{i}")
-        if layer.gated:
-            h = stack.gated_unpacked(h, params[f"w{i}"], params[f"v{i}"], b, params.get(f"c{i}"),
-                                     activation=layer.activation, config=config,
-                                     fp32_precision=spec.fp32_precision)
-        else:
-            h = stack.linear_act(h, params[f"w{i}"], b, activation=layer.activation,
-                                 config=config, fp32_precision=spec.fp32_precision)
-    return h
-
-
-# ---- golden files --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", golden.case_names())
-def test_golden(stack: Stack, name: str) -> None:
-    case = golden.load(name)
-    params = {k: stack.asarray(v) for k, v in case.params.items()}
-    out = run_layers(stack, case.spec, stack.asarray(case.x), params)
-    assert_close(to_numpy(out), case.y, case.spec, what=f"{stack.name} {name}")
-
-
 # ---- random odd shapes ---------------------------------------------------------------------------
-def _layer_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, activation: str,
-               v: np.ndarray | None = None, c: np.ndarray | None = None,
-               residual: np.ndarray | None = None) -> np.ndarray:
+def _layer_ref(
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray | None,
+    activation: str,
+    v: np.ndarray | None = None,
+    c: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+) -> np.ndarray:
     """One layer in float64, from the reference's activation formulas."""
     f64 = functools.partial(np.asarray, dtype=np.float64)
     z = f64(x) @ f64(w) + (f64(b) if b is not None else 0.0)
@@ -131,8 +111,9 @@ def _layer_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, activation: s
     return out
 
 
-def _rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str,
-          scale: float = 1.0) -> np.ndarray:
+def _rand(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: str, scale: float = 1.0
+) -> np.ndarray:
     return (scale * rng.standard_normal(shape)).astype(numpy_dtype(dtype))
 
 
@@ -150,19 +131,29 @@ ODD = [  # (lead shape, K, N, activation, bias)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,K,N,activation,bias", ODD)
-def test_linear_act_random(stack: Stack, dtype: str, lead: tuple[int, ...], K: int, N: int,
-                           activation: str, bias: bool) -> None:
+def test_linear_act_random(
+    stack: Stack, dtype: str, lead: tuple[int, ...], K: int, N: int, activation: str, bias: bool
+) -> None:
     rng = np.random.default_rng(zlib.crc32(repr((lead, K, N, dtype)).encode()))
     x = _rand(rng, (*lead, K), dtype)
     w = _rand(rng, (K, N), dtype, 1 / np.sqrt(K))
     b = _rand(rng, (N,), dtype) if bias else None
     r = _rand(rng, (*lead, N), dtype) if len(lead) == 2 else None  # the 3-D case adds a residual
-    out = stack.linear_act(stack.asarray(x), stack.asarray(w),
-                           stack.asarray(b) if bias else None, activation=activation,
-                           residual=stack.asarray(r) if r is not None else None, config=SMALL)
+    out = stack.linear_act(
+        stack.asarray(x),
+        stack.asarray(w),
+        stack.asarray(b) if bias else None,
+        activation=activation,
+        residual=stack.asarray(r) if r is not None else None,
+        config=SMALL,
+    )
     assert tuple(out.shape) == (*lead, N)
-    assert_close(to_numpy(out), _layer_ref(x, w, b, activation, residual=r), _spec(dtype),
-                 what=f"{stack.name} linear_act {dtype}")
+    assert_close(
+        to_numpy(out),
+        _layer_ref(x, w, b, activation, residual=r),
+        _spec(dtype),
+        what=f"{stack.name} linear_act {dtype}",
+    )
 
 
 GATED_BASE = ("silu", "gelu", "gelu_tanh")  # the branch activations of swiglu, geglu, geglu_tanh
@@ -181,12 +172,22 @@ def test_gated_random(stack: Stack, dtype: str, activation: str, bias: bool) -> 
     v = _rand(rng, (K, N), dtype, 1 / np.sqrt(K))
     b, c = (_rand(rng, (N,), dtype), _rand(rng, (N,), dtype)) if bias else (None, None)
     arr = stack.asarray
-    out = stack.gated_unpacked(arr(x), arr(w), arr(v), arr(b) if bias else None,
-                               arr(c) if bias else None, activation=activation,
-                               config=SMALL_GATED)
+    out = stack.gated_unpacked(
+        arr(x),
+        arr(w),
+        arr(v),
+        arr(b) if bias else None,
+        arr(c) if bias else None,
+        activation=activation,
+        config=SMALL_GATED,
+    )
     assert tuple(out.shape) == (*lead, N)
-    assert_close(to_numpy(out), _layer_ref(x, w, b, activation, v, c), _spec(dtype),
-                 what=f"{stack.name} gated {activation} {dtype}")
+    assert_close(
+        to_numpy(out),
+        _layer_ref(x, w, b, activation, v, c),
+        _spec(dtype),
+        what=f"{stack.name} gated {activation} {dtype}",
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -199,18 +200,26 @@ def test_gated_packed_tile_past_the_padded_width(stack: Stack, dtype: str) -> No
         w, v = _rand(rng, (40, n), dtype, 0.15), _rand(rng, (40, n), dtype, 0.15)
         b, c = _rand(rng, (n,), dtype), _rand(rng, (n,), dtype)
         a = stack.asarray
-        out = stack.gated_unpacked(a(x), a(w), a(v), a(b), a(c), activation="gelu_tanh",
-                                   config=WIDE_GATED)
-        assert_close(to_numpy(out), _layer_ref(x, w, b, "gelu_tanh", v, c), _spec(dtype),
-                     what=f"{stack.name} gated block_n=128 N={n} {dtype}")
+        out = stack.gated_unpacked(
+            a(x), a(w), a(v), a(b), a(c), activation="gelu_tanh", config=WIDE_GATED
+        )
+        assert_close(
+            to_numpy(out),
+            _layer_ref(x, w, b, "gelu_tanh", v, c),
+            _spec(dtype),
+            what=f"{stack.name} gated block_n=128 N={n} {dtype}",
+        )
 
 
 def test_gated_reads_a_narrow_pinned_block_n_as_one_packed_pair(stack: Stack) -> None:
     """A config pinned for a whole MLP (`mlp(..., config=TileConfig(16, 16, 16))`) reaches the
     gated layers too: block_n = 16 is read as 64, the same launch bit for bit."""
     rng = np.random.default_rng(5)
-    x, w, v = _rand(rng, (20, 24), "float16"), _rand(rng, (24, 50), "float16", 0.2), _rand(
-        rng, (24, 50), "float16", 0.2)
+    x, w, v = (
+        _rand(rng, (20, 24), "float16"),
+        _rand(rng, (24, 50), "float16", 0.2),
+        _rand(rng, (24, 50), "float16", 0.2),
+    )
     a = stack.asarray
     got = stack.gated_unpacked(a(x), a(w), a(v), activation="gelu", config=SMALL)
     want = stack.gated_unpacked(a(x), a(w), a(v), activation="gelu", config=SMALL_GATED)
@@ -231,8 +240,13 @@ def test_gated_twins_bitwise(dtype: str) -> None:
     outs = []
     for st in (get_stack("triton"), get_stack("pallas_triton")):
         a = st.asarray
-        outs.append(to_numpy(st.gated_unpacked(a(x), a(w), a(v), a(b), a(c), activation="relu",
-                                               config=SMALL_GATED)))
+        outs.append(
+            to_numpy(
+                st.gated_unpacked(
+                    a(x), a(w), a(v), a(b), a(c), activation="relu", config=SMALL_GATED
+                )
+            )
+        )
     np.testing.assert_array_equal(outs[0], outs[1])
     assert_close(outs[0], _layer_ref(x, w, b, "relu", v, c), _spec(dtype), what="gated twins")
 
@@ -241,8 +255,11 @@ def test_gated_twins_bitwise(dtype: str) -> None:
 def test_empty_batch(stack: Stack, family: str) -> None:
     x = stack.asarray(np.zeros((0, 3, 19), np.float32))
     w = stack.asarray(np.ones((19, 7), np.float32))
-    out = (stack.linear_act(x, w, activation="relu") if family == "linear_act"
-           else stack.gated_unpacked(x, w, w))
+    out = (
+        stack.linear_act(x, w, activation="relu")
+        if family == "linear_act"
+        else stack.gated_unpacked(x, w, w)
+    )
     assert tuple(out.shape) == (0, 3, 7)
     assert_close(to_numpy(out), np.zeros((0, 3, 7)), _spec("float32"))
 
@@ -258,19 +275,34 @@ def test_nan_row_propagates(stack: Stack) -> None:
     ref = _layer_ref(x, w, None, "relu")
     assert np.isnan(ref[5]).all() and np.isfinite(ref[0]).all()
     assert_close(to_numpy(out), ref, _spec("float32"), what=f"{stack.name} NaN rows")
-    out = stack.gated_unpacked(stack.asarray(x), stack.asarray(w), stack.asarray(v),
-                               config=SMALL_GATED)
-    assert_close(to_numpy(out), _layer_ref(x, w, None, "silu", v), _spec("float32"),
-                 what=f"{stack.name} gated NaN rows")
+    out = stack.gated_unpacked(
+        stack.asarray(x), stack.asarray(w), stack.asarray(v), config=SMALL_GATED
+    )
+    assert_close(
+        to_numpy(out),
+        _layer_ref(x, w, None, "silu", v),
+        _spec("float32"),
+        what=f"{stack.name} gated NaN rows",
+    )
 
 
 def test_tf32(stack: Stack) -> None:
     rng = np.random.default_rng(11)
     x, w, b = _rand(rng, (19, 67), "float32"), _rand(rng, (67, 21), "float32", 0.1), None
-    out = stack.linear_act(stack.asarray(x), stack.asarray(w), b, activation="gelu",
-                           config=SMALL, fp32_precision="tf32")
-    assert_close(to_numpy(out), _layer_ref(x, w, b, "gelu"), _spec("float32", "tf32"),
-                 what=f"{stack.name} tf32")
+    out = stack.linear_act(
+        stack.asarray(x),
+        stack.asarray(w),
+        b,
+        activation="gelu",
+        config=SMALL,
+        fp32_precision="tf32",
+    )
+    assert_close(
+        to_numpy(out),
+        _layer_ref(x, w, b, "gelu"),
+        _spec("float32", "tf32"),
+        what=f"{stack.name} tf32",
+    )
 
 
 def test_heuristic_config(stack: Stack) -> None:
@@ -302,8 +334,12 @@ def test_non_contiguous_x_torch() -> None:
     wt = st.asarray(np.ascontiguousarray(w.T)).t()
     assert wt.stride() == (1, 53)
     out3 = linear_act(x3, wt, activation="identity", config=SMALL)
-    assert_close(to_numpy(out3), _layer_ref(base3[..., ::2], w, None, "identity"),
-                 _spec("bfloat16"), what="non-contiguous 3-D x, column-major w")
+    assert_close(
+        to_numpy(out3),
+        _layer_ref(base3[..., ::2], w, None, "identity"),
+        _spec("bfloat16"),
+        what="non-contiguous 3-D x, column-major w",
+    )
     assert torch.equal(out3[1], linear_act(x3[1].contiguous(), wt.contiguous(), config=SMALL))
 
 
@@ -325,53 +361,12 @@ def test_inside_jit() -> None:
     wv = st.pack(arr(w), arr(v))  # packed once, outside the jitted step
     out = two_layers(wv, arr(x), arr(w2), arr(b2), activation="gelu", config=SMALL_GATED)
     spec = MLPSpec((29, 36, 13), "geglu", True, "bfloat16")
-    params = {"w0": w, "v0": v, "w1": w2, "b1": b2,
-              "b0": np.zeros(36, w.dtype), "c0": np.zeros(36, w.dtype)}
+    params = {
+        "w0": w,
+        "v0": v,
+        "w1": w2,
+        "b1": b2,
+        "b0": np.zeros(36, w.dtype),
+        "c0": np.zeros(36, w.dtype),
+    }
     assert_close(to_numpy(out), reference.forward(spec, x, params), spec, what="jax.jit")
-
-
-# ---- validation: the same messages in both stacks ------------------------------------------------
-def _bad_calls(st: Stack) -> list[tuple[str, Callable[[], object]]]:
-    a = st.asarray
-    f32 = np.zeros((4, 6), np.float32)
-    w = a(np.zeros((6, 5), np.float32))
-    wv = a(np.zeros((6, 128), np.float32))  # packed: n = 5 pads to one 64-column block pair
-    return [
-        ("w: expected shape [6, 5]",
-         lambda: st.linear_act(a(f32), a(np.zeros((7, 5), np.float32)))),
-        ("w: expected dtype float32, got float16",
-         lambda: st.linear_act(a(f32), a(np.zeros((6, 5), np.float16)))),
-        ("x: expected dtype one of", lambda: st.linear_act(a(f32.astype(np.int32)), w)),
-        ("b: expected shape [5], got [4]",
-         lambda: st.linear_act(a(f32), w, a(np.zeros(4, np.float32)))),
-        ("residual: expected shape [4, 5], got [5, 4]",
-         lambda: st.linear_act(a(f32), w, residual=a(np.zeros((5, 4), np.float32)))),
-        ("activation: expected one of", lambda: st.linear_act(a(f32), w, activation="swiglu")),
-        ("fp32_precision: expected one of", lambda: st.linear_act(a(f32), w, fp32_precision="x")),
-        ("fp32_precision: 'tf32' applies to dtype 'float32' only",
-         lambda: st.linear_act(a(f32.astype(np.float16)), a(np.zeros((6, 5), np.float16)),
-                               fp32_precision="tf32")),
-        ("config: expected a TileConfig or None, got dict",
-         lambda: st.linear_act(a(f32), w, config={"block_m": 16})),
-        ("wv: expected shape [6, 128], got [6, 10]",
-         lambda: st.gated(a(f32), a(np.zeros((6, 10), np.float32)), n=5)),
-        ("bc: expected shape [128], got [10]",
-         lambda: st.gated(a(f32), wv, a(np.zeros(10, np.float32)), n=5)),
-        ("n: expected the layer's output width, an int >= 0, got -1",
-         lambda: st.gated(a(f32), wv, n=-1)),
-        ("wv: expected dtype float32, got float16",
-         lambda: st.gated(a(f32), a(np.zeros((6, 128), np.float16)), n=5)),
-        ("activation: expected one of", lambda: st.gated(a(f32), wv, n=5, activation="geglu")),
-    ]
-
-
-def test_validation_messages_match() -> None:
-    torch_calls, jax_calls = _bad_calls(get_stack("triton")), _bad_calls(get_stack("pallas_triton"))
-    for (expected, call_t), (_, call_j) in zip(torch_calls, jax_calls, strict=True):
-        with pytest.raises((ValueError, TypeError)) as err_t:
-            call_t()
-        with pytest.raises((ValueError, TypeError)) as err_j:
-            call_j()
-        assert expected in str(err_t.value), (expected, str(err_t.value))
-        assert type(err_t.value) is type(err_j.value)
-        assert str(err_t.value) == str(err_j.value)

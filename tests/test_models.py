@@ -18,8 +18,12 @@ def test_swapped_model_logits_cpu(family):
 
     torch._dynamo.reset()
     result = models.run_family(family, "cpu", (1,), models.Budget(60.0), "aot_eager")
-    assert set(result["checks"]) == {"bf16 eager", "bf16 compiled", "autocast eager",
-                                     "autocast compiled"}
+    assert set(result["checks"]) == {
+        "bf16 eager",
+        "bf16 compiled",
+        "autocast eager",
+        "autocast compiled",
+    }
     for name, check in result["checks"].items():
         assert check["passed"], f"{family} {name}: {check['report']}"
 
@@ -47,7 +51,8 @@ def test_swapped_model_logits_gpu(family):
     torch._dynamo.reset()
     size = models.SIZES["cuda"][family]
     size = models.ModelSize(**{**size.__dict__, "batch": 2, "seq": 128})  # 256 tokens
-    result = models.run_family(family, "cuda", (16,), models.Budget(0.0), None, size=size,
-                               timed=False)
+    result = models.run_family(
+        family, "cuda", (16,), models.Budget(0.0), None, size=size, timed=False
+    )
     for name, check in result["checks"].items():
         assert check["passed"], f"{family} {name}: {check['report']}"

@@ -103,8 +103,13 @@ def _stack_inputs(stack, spec, m=5):
 
 @pytest.mark.parametrize(
     "stack, impl",
-    [("torch", "eager"), ("torch", "triton"), ("torch", "fused_decode"), ("jax", "xla"),
-     ("jax", "pallas_triton")],
+    [
+        ("torch", "eager"),
+        ("torch", "triton"),
+        ("torch", "fused_decode"),
+        ("jax", "xla"),
+        ("jax", "pallas_triton"),
+    ],
 )
 def test_fronts_take_packed_params(stack, impl):
     from fusedmlp import jax_impl, torch_impl
@@ -181,8 +186,9 @@ def test_front_feeds_a_packed_entry(stack, monkeypatch):
 
         def spy(x, wv, bc, *, n, activation, config, fp32_precision):
             seen.append((tuple(wv.shape), n))
-            return fwd(x, wv, bc, n=n, activation=activation, config=config,
-                       fp32_precision=fp32_precision)
+            return fwd(
+                x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+            )
 
         return spy
 

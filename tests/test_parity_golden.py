@@ -8,8 +8,9 @@ Torch outputs are poisoned (conftest); Pallas interpreters NaN-fill theirs. An i
 cannot take a case must say so with NotImplementedError naming itself (asserted, not skipped).
 GPU-only implementations are refused by name on a CPU: one test each, not one per case.
 
-Per-kernel test files keep what is specific to their kernel (configs, odd shapes, validation);
-their own golden loops repeat this body (see the coverage script tests/golden_coverage.py).
+Per-kernel test files keep what is specific to their kernel (configs, odd shapes); validation is
+tests/test_validate.py's. No other file loops over the golden cases: tests/golden_coverage.py
+counts the (case × implementation × dtype) triples exercised here.
 """
 
 from __future__ import annotations

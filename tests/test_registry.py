@@ -34,6 +34,8 @@ def test_entry_resolves(impl, stack):
     if impl.runner == "whole":
         assert callable(getattr(module, f"{impl.name}_fwd"))
     else:
+        # gated layers run on the packed operand (`gated_fwd(x2d, wv, bc, *, n, ...)`)
+        assert impl.layout == "packed", impl.name
         for family in ("linear_act", "gated"):
             fam = importlib.import_module(f"{impl.module(stack)}.{family}")
             assert callable(getattr(fam, f"{family}_fwd")), (impl.name, family)
@@ -49,7 +51,11 @@ def test_names_and_fallback():
     for stack, name in FALLBACK.items():
         assert stack in get_implementation(name).stacks and not get_implementation(name).baseline
     assert impl_names("torch", baselines=False) == (
-        "triton", "triton_tma", "fused_small", "fused_decode", "mosaic"
+        "triton",
+        "triton_tma",
+        "fused_small",
+        "fused_decode",
+        "mosaic",
     )
     assert check_impl("auto", "jax") == "auto"
     with pytest.raises(ValueError, match="for the jax front, got 'eager'"):
@@ -62,7 +68,8 @@ def test_launch_fields_fallback_and_tune(monkeypatch):
     odd = MLPSpec((33, 67, 21), "swiglu", True, "bfloat16")  # K=33: TMA's 16-byte rule fails
     p = front.plan(odd, (300, 33), impl="triton_tma")
     assert [(k.family, k.impl, k.layer) for k in p.launches] == [
-        ("gated", "triton", 0), ("linear_act", "triton", 1)
+        ("gated", "triton", 0),
+        ("linear_act", "triton", 1),
     ]
     assert "layer 0: TMA's 16-byte stride rule" in p.reason
     aligned = MLPSpec((64, 128, 32), "gelu", False, "bfloat16")
@@ -72,5 +79,7 @@ def test_launch_fields_fallback_and_tune(monkeypatch):
     t = front.plan(aligned, (300, 64), impl="triton", tune=True)
     assert all(k.tune and k.config is None for k in t.launches) and "[tuned]" in str(t)
     pinned = TileConfig(16, 16, 16)
-    assert not any(k.tune for k in front.plan(aligned, (300, 64), impl="triton", tune=True,
-                                              config=pinned).launches)
+    assert not any(
+        k.tune
+        for k in front.plan(aligned, (300, 64), impl="triton", tune=True, config=pinned).launches
+    )

@@ -54,40 +54,139 @@ WGMMA_SLACK = 1024  # bytes the model may overcount on the wgmma path
 
 
 def _cfg(bm, bn, bk, w, s, sub=1, ws=False) -> TileConfig:
-    return TileConfig(bm, bn, bk, group_m=8, num_warps=w, num_stages=s, epilogue_subtile=sub,
-                      warp_specialize=ws)
+    return TileConfig(
+        bm, bn, bk, group_m=8, num_warps=w, num_stages=s, epilogue_subtile=sub, warp_specialize=ws
+    )
 
 
 # (name, family, persistent, dtype, fp32_precision, residual, config)
 MODEL_CASES = [
-    ("tma-linear-128x256-s4-sub2", "linear_act", True, "bfloat16", "ieee", False,
-     _cfg(128, 256, 64, 8, 4, 2)),
-    ("tma-linear-128x256-s4-whole-epilogue", "linear_act", True, "bfloat16", "ieee", False,
-     _cfg(128, 256, 64, 8, 4, 1)),  # 257 KB: does not fit
-    ("tma-linear-128x256-s3-sub2-residual", "linear_act", True, "float16", "ieee", True,
-     _cfg(128, 256, 64, 8, 3, 2)),
-    ("tma-linear-128x256-s4-sub2-residual", "linear_act", True, "bfloat16", "ieee", True,
-     _cfg(128, 256, 64, 8, 4, 2)),  # the residual's slice pushes it past 227 KB
-    ("tma-linear-128x128-s4-ws", "linear_act", True, "bfloat16", "ieee", False,
-     _cfg(128, 128, 64, 4, 4, 1, ws=True)),
-    ("tma-gated-128x128-s4-sub2", "gated", True, "bfloat16", "ieee", False,
-     _cfg(128, 128, 64, 8, 4, 2)),
-    ("tma-gated-128x128-s4-whole-epilogue", "gated", True, "float16", "ieee", False,
-     _cfg(128, 128, 64, 8, 4, 1)),
-    ("tma-gated-256x128-s3", "gated", True, "bfloat16", "ieee", False,
-     _cfg(256, 128, 64, 8, 3, 1)),  # 257 KB: does not fit
-    ("tma-linear-tf32-128x128x32-s3", "linear_act", True, "float32", "tf32", False,
-     _cfg(128, 128, 32, 8, 3, 1)),
-    ("tma-gated-decode-16x64x128-s4", "gated", True, "bfloat16", "ieee", False,
-     _cfg(16, 64, 128, 4, 4, 1)),  # mma.sync, not wgmma: an upper bound
-    ("portable-linear-128x256-s4", "linear_act", False, "bfloat16", "ieee", False,
-     _cfg(128, 256, 64, 8, 4)),
-    ("portable-gated-128x128-s4", "gated", False, "float16", "ieee", False,
-     _cfg(128, 128, 64, 8, 4)),
-    ("portable-gated-256x128-s4", "gated", False, "bfloat16", "ieee", False,
-     _cfg(256, 128, 64, 8, 4)),  # 256 KB: does not fit
-    ("portable-linear-fp32-ieee-128x128x32-s3", "linear_act", False, "float32", "ieee", False,
-     _cfg(128, 128, 32, 8, 3)),  # FMA: num_stages - 1 buffers
+    (
+        "tma-linear-128x256-s4-sub2",
+        "linear_act",
+        True,
+        "bfloat16",
+        "ieee",
+        False,
+        _cfg(128, 256, 64, 8, 4, 2),
+    ),
+    (
+        "tma-linear-128x256-s4-whole-epilogue",
+        "linear_act",
+        True,
+        "bfloat16",
+        "ieee",
+        False,
+        _cfg(128, 256, 64, 8, 4, 1),
+    ),  # 257 KB: does not fit
+    (
+        "tma-linear-128x256-s3-sub2-residual",
+        "linear_act",
+        True,
+        "float16",
+        "ieee",
+        True,
+        _cfg(128, 256, 64, 8, 3, 2),
+    ),
+    (
+        "tma-linear-128x256-s4-sub2-residual",
+        "linear_act",
+        True,
+        "bfloat16",
+        "ieee",
+        True,
+        _cfg(128, 256, 64, 8, 4, 2),
+    ),  # the residual's slice pushes it past 227 KB
+    (
+        "tma-linear-128x128-s4-ws",
+        "linear_act",
+        True,
+        "bfloat16",
+        "ieee",
+        False,
+        _cfg(128, 128, 64, 4, 4, 1, ws=True),
+    ),
+    (
+        "tma-gated-128x128-s4-sub2",
+        "gated",
+        True,
+        "bfloat16",
+        "ieee",
+        False,
+        _cfg(128, 128, 64, 8, 4, 2),
+    ),
+    (
+        "tma-gated-128x128-s4-whole-epilogue",
+        "gated",
+        True,
+        "float16",
+        "ieee",
+        False,
+        _cfg(128, 128, 64, 8, 4, 1),
+    ),
+    (
+        "tma-gated-256x128-s3",
+        "gated",
+        True,
+        "bfloat16",
+        "ieee",
+        False,
+        _cfg(256, 128, 64, 8, 3, 1),
+    ),  # 257 KB: does not fit
+    (
+        "tma-linear-tf32-128x128x32-s3",
+        "linear_act",
+        True,
+        "float32",
+        "tf32",
+        False,
+        _cfg(128, 128, 32, 8, 3, 1),
+    ),
+    (
+        "tma-gated-decode-16x64x128-s4",
+        "gated",
+        True,
+        "bfloat16",
+        "ieee",
+        False,
+        _cfg(16, 64, 128, 4, 4, 1),
+    ),  # mma.sync, not wgmma: an upper bound
+    (
+        "portable-linear-128x256-s4",
+        "linear_act",
+        False,
+        "bfloat16",
+        "ieee",
+        False,
+        _cfg(128, 256, 64, 8, 4),
+    ),
+    (
+        "portable-gated-128x128-s4",
+        "gated",
+        False,
+        "float16",
+        "ieee",
+        False,
+        _cfg(128, 128, 64, 8, 4),
+    ),
+    (
+        "portable-gated-256x128-s4",
+        "gated",
+        False,
+        "bfloat16",
+        "ieee",
+        False,
+        _cfg(256, 128, 64, 8, 4),
+    ),  # 256 KB: does not fit
+    (
+        "portable-linear-fp32-ieee-128x128x32-s3",
+        "linear_act",
+        False,
+        "float32",
+        "ieee",
+        False,
+        _cfg(128, 128, 32, 8, 3),
+    ),  # FMA: num_stages - 1 buffers
 ]
 
 # The heuristic's choices for the paths the dispatcher takes on an H200:
@@ -103,8 +202,15 @@ DEFAULT_SHAPES = [
     ("fp32 ieee linear", "linear_act", 2048, 4096, 1024, "float32", "ieee"),
 ]
 DEFAULT_CASES = [
-    (f"{'tma' if persistent else 'portable'} {name}", family, persistent, dtype, precision, False,
-     heuristic_config(family, m, n, k, dtype, persistent=persistent, fp32_precision=precision))
+    (
+        f"{'tma' if persistent else 'portable'} {name}",
+        family,
+        persistent,
+        dtype,
+        precision,
+        False,
+        heuristic_config(family, m, n, k, dtype, persistent=persistent, fp32_precision=precision),
+    )
     for name, family, m, n, k, dtype, precision in DEFAULT_SHAPES
     for persistent in (True, False)
     if persistent or name.startswith(("llama", "fp32"))
@@ -125,7 +231,7 @@ PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
 
 def compile_one(family, persistent, dtype, precision, residual, cfg):
-    const = dict(ACTIVATION="silu", HAS_BIAS=True, INPUT_PRECISION=precision, UPCAST=False,
+    const = dict(ACTIVATION="silu", HAS_BIAS=True, INPUT_PRECISION=precision, INTERPRET=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                  GROUP_M=cfg.group_m)
     if persistent:
@@ -181,11 +287,18 @@ print("RESULT" + json.dumps(out))
 
 @functools.cache
 def compiled() -> dict[str, Any]:
-    cases = [(n, f, p, d, pr, r, c.to_dict()) for n, f, p, d, pr, r, c in
-             MODEL_CASES + DEFAULT_CASES]
+    cases = [
+        (n, f, p, d, pr, r, c.to_dict()) for n, f, p, d, pr, r, c in MODEL_CASES + DEFAULT_CASES
+    ]
     env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(cases)], capture_output=True,
-                          text=True, env=env, timeout=900, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=ROOT,
+    )
     if "RESULT" not in proc.stdout:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         raise AssertionError(f"compiling the kernels for sm_90 failed:\n{tail}")
@@ -199,17 +312,22 @@ def _result(name: str) -> dict[str, Any]:
     return got
 
 
-@pytest.mark.parametrize("name,family,persistent,dtype,precision,residual,config", MODEL_CASES,
-                         ids=[c[0] for c in MODEL_CASES])
+@pytest.mark.parametrize(
+    "name,family,persistent,dtype,precision,residual,config",
+    MODEL_CASES,
+    ids=[c[0] for c in MODEL_CASES],
+)
 def test_model_matches_the_compiler(name, family, persistent, dtype, precision, residual, config):
     got = _result(name)["shared"]
-    model = smem_bytes(family, config, dtype, persistent=persistent, fp32_precision=precision,
-                       residual=residual)
+    model = smem_bytes(
+        family, config, dtype, persistent=persistent, fp32_precision=precision, residual=residual
+    )
     assert model >= got, f"{name}: the model undercounts: {model} < {got} bytes"
     if uses_wgmma(config, dtype, precision):
         assert model - got <= WGMMA_SLACK, f"{name}: model {model}, compiler {got} bytes"
     assert (model <= SMEM_LIMIT) == (got <= SMEM_LIMIT), (
-        f"{name}: model {model} and compiler {got} disagree on the {SMEM_LIMIT}-byte limit")
+        f"{name}: model {model} and compiler {got} disagree on the {SMEM_LIMIT}-byte limit"
+    )
 
 
 def test_model_cases_include_configs_that_do_not_fit():
@@ -217,10 +335,14 @@ def test_model_cases_include_configs_that_do_not_fit():
     assert len(over) >= 3, over
 
 
-@pytest.mark.parametrize("name,family,persistent,dtype,precision,residual,config", DEFAULT_CASES,
-                         ids=[c[0] for c in DEFAULT_CASES])
-def test_default_configs_compile_for_hopper(name, family, persistent, dtype, precision, residual,
-                                            config):
+@pytest.mark.parametrize(
+    "name,family,persistent,dtype,precision,residual,config",
+    DEFAULT_CASES,
+    ids=[c[0] for c in DEFAULT_CASES],
+)
+def test_default_configs_compile_for_hopper(
+    name, family, persistent, dtype, precision, residual, config
+):
     got = _result(name)
     assert got["ptxas_ok"], f"{name}: ptxas failed on the PTX"
     assert got["shared"] <= SMEM_LIMIT, f"{name} {config}: {got['shared']} bytes of shared memory"
@@ -234,6 +356,7 @@ def test_default_configs_compile_for_hopper(name, family, persistent, dtype, pre
 def test_heuristic_tiles_follow_wave_quantisation():
     """128×256 where the last wave of 132 programs stays full; 128×128 where 128×256 would leave
     it mostly empty (hf-blog's down projection: 192 tiles = 1.45 waves vs 384 = 2.9)."""
+
     def hc(family, m, n, k, dtype="bfloat16", **kw):
         cfg = heuristic_config(family, m, n, k, dtype, persistent=True, **kw)
         return cfg.block_m, cfg.block_n, cfg.num_stages, cfg.epilogue_subtile
@@ -244,8 +367,12 @@ def test_heuristic_tiles_follow_wave_quantisation():
     assert hc("gated", 8192, 3072, 768) == (128, 128, 4, 2)
     assert hc("gated", 16, 14336, 4096)[:2] == (16, 64)
     assert hc("gated", 2048, 4096, 1024, "float32")[:2] == (128, 64)
-    for family, m, n, k in (("linear_act", 8192, 4096, 14336), ("gated", 8192, 14336, 4096),
-                            ("linear_act", 777, 1096, 520), ("gated", 4099, 1096, 520)):
+    for family, m, n, k in (
+        ("linear_act", 8192, 4096, 14336),
+        ("gated", 8192, 14336, 4096),
+        ("linear_act", 777, 1096, 520),
+        ("gated", 4099, 1096, 520),
+    ):
         for dtype in ("bfloat16", "float16", "float32"):
             for persistent in (True, False):
                 cfg = heuristic_config(family, m, n, k, dtype, persistent=persistent)
@@ -299,16 +426,26 @@ def tuned_dir(tmp_path, monkeypatch):
 
 def test_committed_table_lookup(tuned_dir, monkeypatch):
     cfg = tuned_dir
-    look = functools.partial(tuning.committed_config, impl="triton_tma", family="gated",
-                             n=14336, k=4096, dtype="bfloat16")
+    look = functools.partial(
+        tuning.committed_config,
+        impl="triton_tma",
+        family="gated",
+        n=14336,
+        k=4096,
+        dtype="bfloat16",
+    )
     assert look("NVIDIA H200", m=8192) == cfg
     assert look("NVIDIA H200", m=3000) == cfg  # the nearest measured bucket (8192 for 4096)
     assert look("NVIDIA H200 NVL", m=8192) == cfg  # a variant's name finds the family's file
     assert look("NVIDIA H100 80GB HBM3", m=8192) is None  # no table for that GPU
-    assert tuning.committed_config("NVIDIA H200", "triton_tma", "gated", 8192, 4096, 4096,
-                                   "bfloat16") is None  # another layer shape
-    assert tuning.committed_config("NVIDIA H200", "triton", "gated", 8192, 14336, 4096,
-                                   "bfloat16") is None  # another impl
+    assert (
+        tuning.committed_config("NVIDIA H200", "triton_tma", "gated", 8192, 4096, 4096, "bfloat16")
+        is None
+    )  # another layer shape
+    assert (
+        tuning.committed_config("NVIDIA H200", "triton", "gated", 8192, 14336, 4096, "bfloat16")
+        is None
+    )  # another impl
     monkeypatch.setenv(tuning.NO_TUNED_ENV, "1")
     assert look("NVIDIA H200", m=8192) is None
 
@@ -321,7 +458,8 @@ def test_heuristic_config_prefers_the_committed_config_on_a_registered_gpu(tuned
     tuning.register_device("NVIDIA H200")
     assert heuristic_config(*args, persistent=True) == cfg
     assert heuristic_config(*args, persistent=False) == heuristic_config(
-        *args, persistent=False, device="none")  # the portable kernel has no table entry
+        *args, persistent=False, device="none"
+    )  # the portable kernel has no table entry
     assert heuristic_config(*args, interpret=True) == INTERPRET_CONFIG_GATED  # CPU: never
 
 
@@ -333,5 +471,10 @@ def test_committed_h200_table_parses():
     assert data["format"] == tuning.FORMAT_VERSION and isinstance(data["entries"], dict)
     for entry in data["entries"].values():
         key, cfg = entry["key"], TileConfig.from_dict(entry["config"])
-        assert fits(key["family"], cfg, key["dtype"], persistent=key["impl"] == "triton_tma",
-                    fp32_precision=key["fp32_precision"])
+        assert fits(
+            key["family"],
+            cfg,
+            key["dtype"],
+            persistent=key["impl"] == "triton_tma",
+            fp32_precision=key["fp32_precision"],
+        )

@@ -179,7 +179,6 @@ def test_registry_lists_the_design_names():
     assert check_impl("auto", "jax") == "auto"
 
 
-
 def test_heuristic_configs_follow_the_sm90_compiles():
     # triton.compile for sm_90 (no GPU needed; tests/test_smem_model.py): the persistent TMA linear
     # kernel at 128x256x64 fits 4 stages with its epilogue stored in 2 slices (225 KiB of 227), the
@@ -192,9 +191,11 @@ def test_heuristic_configs_follow_the_sm90_compiles():
     gated = heuristic_config("gated", **big, persistent=True)
     assert (gated.block_n, gated.num_stages) == (128, 4)
     assert heuristic_config("gated", 16, 64, 64, "float16", interpret=True) == (
-        INTERPRET_CONFIG_GATED)
+        INTERPRET_CONFIG_GATED
+    )
     assert heuristic_config("linear_act", 16, 64, 64, "float16", interpret=True) == (
-        INTERPRET_CONFIG)
+        INTERPRET_CONFIG
+    )
 
 
 @pytest.mark.parametrize("family", ["linear_act", "gated"])

@@ -38,8 +38,13 @@ def _flush_names(k: Kernel) -> bool:
     return k.name == FLUSH
 
 
-def _trace(calls: list[list[tuple[str, float]]], *, flush_ns: float = 100.0, gap_ns: float = 3.0,
-           t0: float = 1000.0) -> list[Kernel]:
+def _trace(
+    calls: list[list[tuple[str, float]]],
+    *,
+    flush_ns: float = 100.0,
+    gap_ns: float = 3.0,
+    t0: float = 1000.0,
+) -> list[Kernel]:
     """A stream: before each call a flush kernel, then the call's (name, duration) kernels, each
     `gap_ns` after the previous one ends."""
     out, t = [], t0
@@ -72,8 +77,12 @@ def test_idle_gaps_do_not_split_calls() -> None:
     kernels (a slow host between launches) and call 1 follows its flush with no gap at all: the
     assignment is still by place between flushes, and the idle time is span, not device."""
     trace = [
-        Kernel(FLUSH, 0, 100), Kernel("a", 103, 113), Kernel("b", 50_113, 50_123),
-        Kernel(FLUSH, 50_123, 50_223), Kernel("a", 50_223, 50_233), Kernel("b", 50_233, 50_243),
+        Kernel(FLUSH, 0, 100),
+        Kernel("a", 103, 113),
+        Kernel("b", 50_113, 50_123),
+        Kernel(FLUSH, 50_123, 50_223),
+        Kernel("a", 50_223, 50_233),
+        Kernel("b", 50_233, 50_243),
     ]
     groups, _ = split_calls(trace, 2, _flush_names)
     assert [[k.start_ns for k in g] for g in groups] == [[103, 50_113], [50_223, 50_233]]
@@ -85,8 +94,11 @@ def test_idle_gaps_do_not_split_calls() -> None:
 
 def test_kernels_on_two_streams_go_to_the_call_they_start_in() -> None:
     events = _trace([[("gemm", 40)], [("gemm", 40)]])
-    side = [Kernel("reduce", k.start_ns + 5, k.start_ns + 25, line="s9")
-            for k in events if k.name == "gemm"]
+    side = [
+        Kernel("reduce", k.start_ns + 5, k.start_ns + 25, line="s9")
+        for k in events
+        if k.name == "gemm"
+    ]
     t = device_timing(events + side, 2, _flush_names, "fake")
     assert t.kernels_per_call == 2 and "on 2 streams" in t.device.method
     assert t.device.median == pytest.approx(60e-9)
@@ -96,8 +108,9 @@ def test_kernels_on_two_streams_go_to_the_call_they_start_in() -> None:
 def test_work_before_the_first_flush_belongs_to_no_call() -> None:
     """Kernels still running from before the timed calls (issued before the first flush) are
     counted apart, never in a call."""
-    t = device_timing([Kernel("stray", 0, 500), *_trace([[("gemm", 40)]] * 2)], 2, _flush_names,
-                      "fake")
+    t = device_timing(
+        [Kernel("stray", 0, 500), *_trace([[("gemm", 40)]] * 2)], 2, _flush_names, "fake"
+    )
     assert t.device.max == pytest.approx(40e-9) and t.kernels_per_call == 1
     assert t.excluded == {"flush": 2, "memcpy/memset": 0, "before the first flush": 1}
 
@@ -135,16 +148,20 @@ def test_flush_recognised_by_xla_module_tag() -> None:
         # One flush too few for the calls made (a call the profiler lost).
         (_trace([[("gemm", 40)]] * 2), 3, "2 flushes in the trace for 3 calls"),
         # K not constant: one call launched an extra kernel.
-        (_trace([[("gemm", 40)], [("gemm", 40), ("pad", 3)], [("gemm", 40)]]), 3,
-         r"kernels per call are not constant: \{1: 2, 2: 1\}"),
+        (
+            _trace([[("gemm", 40)], [("gemm", 40), ("pad", 3)], [("gemm", 40)]]),
+            3,
+            r"kernels per call are not constant: \{1: 2, 2: 1\}",
+        ),
         # Same count, other kernels: not the same call.
         (_trace([[("gemm", 40)], [("gemv", 40)]]), 2, "call 1 ran other kernels than call 0"),
         # Two flushes in a row: a call without any kernel.
         (_trace([[], [("gemm", 40)]]), 2, "1 flushes in the trace for 2 calls"),
     ],
 )
-def test_traces_that_cannot_be_assigned_are_rejected(events: list[Kernel], calls: int,
-                                                     message: str) -> None:
+def test_traces_that_cannot_be_assigned_are_rejected(
+    events: list[Kernel], calls: int, message: str
+) -> None:
     with pytest.raises(TimingError, match=message):
         split_calls(events, calls, _flush_names)
 
@@ -210,8 +227,9 @@ def test_torch_function_events_become_kernels() -> None:
     from torch.autograd.profiler_util import FunctionEvent
 
     def ev(name: str, start: float, end: float, device: Any = DeviceType.CUDA, **kw: Any):
-        return FunctionEvent(id=1, name=name, thread=0, start_us=start, end_us=end,
-                             device_type=device, **kw)
+        return FunctionEvent(
+            id=1, name=name, thread=0, start_us=start, end_us=end, device_type=device, **kw
+        )
 
     events = [
         ev("aten::mm", 0.0, 9.0, DeviceType.CPU, activity_type="cpu_op"),
@@ -230,23 +248,39 @@ def test_torch_function_events_become_kernels() -> None:
 
 
 def _plane(name: str, lines: dict[str, list[tuple[str, float, float, dict]]]) -> Any:
-    return SimpleNamespace(name=name, stats=[], lines=[
-        SimpleNamespace(name=ln, events=[
-            SimpleNamespace(name=n, start_ns=s, duration_ns=d, stats=list(st.items()))
-            for n, s, d, st in evs])
-        for ln, evs in lines.items()])
+    return SimpleNamespace(
+        name=name,
+        stats=[],
+        lines=[
+            SimpleNamespace(
+                name=ln,
+                events=[
+                    SimpleNamespace(name=n, start_ns=s, duration_ns=d, stats=list(st.items()))
+                    for n, s, d, st in evs
+                ],
+            )
+            for ln, evs in lines.items()
+        ],
+    )
 
 
 def test_xspace_planes_become_kernels() -> None:
-    gpu = _plane("/device:GPU:0", {
-        "XLA Modules": [("jit_fusedmlp_xla", 0.0, 100.0, {})],  # derived: not device activity
-        "Stream #13(Kernel,Memset)": [
-            ("loop_not_fusion", 0.0, 30.0, {"hlo_module": "jit_fusedmlp_l2_flush"}),
-            ("Memset", 31.0, 1.0, {"memset_details": "kind:device num_bytes:64"}),
-            ("fusedmlp_gated", 33.0, 50.0, {"hlo_module": "jit_fusedmlp_pallas_triton",
-                                            "hlo_op": "custom-call.1"}),
-        ],
-    })
+    gpu = _plane(
+        "/device:GPU:0",
+        {
+            "XLA Modules": [("jit_fusedmlp_xla", 0.0, 100.0, {})],  # derived: not device activity
+            "Stream #13(Kernel,Memset)": [
+                ("loop_not_fusion", 0.0, 30.0, {"hlo_module": "jit_fusedmlp_l2_flush"}),
+                ("Memset", 31.0, 1.0, {"memset_details": "kind:device num_bytes:64"}),
+                (
+                    "fusedmlp_gated",
+                    33.0,
+                    50.0,
+                    {"hlo_module": "jit_fusedmlp_pallas_triton", "hlo_op": "custom-call.1"},
+                ),
+            ],
+        },
+    )
     host = _plane("/host:CPU", {"python": [("PjitFunction", 0.0, 5.0, {})]})
     kernels = timing.xspace_kernels([host, _plane("/device:GPU:1", {}), gpu])
     assert [(k.name, k.start_ns, k.end_ns, k.module, k.copy) for k in kernels] == [
@@ -257,10 +291,20 @@ def test_xspace_planes_become_kernels() -> None:
     # A CUDA graph's own record beside its kernels' records is not counted twice; alone, it is
     # the device activity there is.
     graph = ("cudaGraphLaunch", 0.0, 90.0, {"cuda_graph_exec_id": 3})
-    with_graph = _plane("/device:GPU:0", {"Stream #13(Kernel,CudaGraph)": [
-        graph, ("loop_not_fusion", 0.0, 30.0, {}), ("fusedmlp_gated", 33.0, 50.0, {})]})
-    assert [k.name for k in timing.xspace_kernels([with_graph])] == ["loop_not_fusion",
-                                                                    "fusedmlp_gated"]
+    with_graph = _plane(
+        "/device:GPU:0",
+        {
+            "Stream #13(Kernel,CudaGraph)": [
+                graph,
+                ("loop_not_fusion", 0.0, 30.0, {}),
+                ("fusedmlp_gated", 33.0, 50.0, {}),
+            ]
+        },
+    )
+    assert [k.name for k in timing.xspace_kernels([with_graph])] == [
+        "loop_not_fusion",
+        "fusedmlp_gated",
+    ]
     only = _plane("/device:GPU:0", {"Stream #13(CudaGraph)": [graph]})
     assert [(k.name, k.end_ns) for k in timing.xspace_kernels([only])] == [("cudaGraphLaunch", 90)]
     with pytest.raises(TimingError, match="no /device:GPU plane"):
@@ -310,11 +354,29 @@ def test_jax_profiler_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- host clocks ---------------------------------------------------------------------------------
 def test_throughput_issues_back_to_back_and_waits_once_per_batch() -> None:
     log: list[tuple[str, int]] = []
-    stats = timing.throughput(lambda i: log.append(("call", i)) or i,
-                              lambda out: log.append(("wait", out)), calls=4, batches=3)
-    assert log == [("call", 0), ("call", 1), ("call", 2), ("call", 3), ("wait", 3),
-                   ("call", 4), ("call", 5), ("call", 6), ("call", 7), ("wait", 7),
-                   ("call", 8), ("call", 9), ("call", 10), ("call", 11), ("wait", 11)]
+    stats = timing.throughput(
+        lambda i: log.append(("call", i)) or i,
+        lambda out: log.append(("wait", out)),
+        calls=4,
+        batches=3,
+    )
+    assert log == [
+        ("call", 0),
+        ("call", 1),
+        ("call", 2),
+        ("call", 3),
+        ("wait", 3),
+        ("call", 4),
+        ("call", 5),
+        ("call", 6),
+        ("call", 7),
+        ("wait", 7),
+        ("call", 8),
+        ("call", 9),
+        ("call", 10),
+        ("call", 11),
+        ("wait", 11),
+    ]
     assert stats.n == 3 and 0 < stats.min <= stats.median <= stats.max
     assert "4 back-to-back calls" in stats.method
 
@@ -340,8 +402,15 @@ def test_measure_on_a_cpu_and_a_device_that_cannot_be_read(monkeypatch: pytest.M
         raise TimingError("the trace has no /device:GPU plane")
 
     monkeypatch.setattr(timing, "time_device", unreadable)
-    row = timing.measure("jax", "cuda", fn, lambda _: None, warmup_s=0.0, target_s=0.0,
-                         cudagraph="not captured: reason")
+    row = timing.measure(
+        "jax",
+        "cuda",
+        fn,
+        lambda _: None,
+        warmup_s=0.0,
+        target_s=0.0,
+        cudagraph="not captured: reason",
+    )
     # No host clock stands in for the device: the row says why, the host measures are kept.
     assert "time" not in row and "no /device:GPU plane" in row["device_error"]
     assert row["throughput"]["median"] > 0 and row["cudagraph_note"] == "not captured: reason"
@@ -350,8 +419,13 @@ def test_measure_on_a_cpu_and_a_device_that_cannot_be_read(monkeypatch: pytest.M
 # ---- the checks ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("bound", "fraction", "invalid"),
-    [("memory", 0.975, False), ("memory", 0.965, True), ("compute", 0.91, False),
-     ("compute", 0.89, True), ("memory", 1.5, False)],
+    [
+        ("memory", 0.975, False),
+        ("memory", 0.965, True),
+        ("compute", 0.91, False),
+        ("compute", 0.89, True),
+        ("memory", 1.5, False),
+    ],
 )
 def test_floor_check(bound: str, fraction: float, invalid: bool) -> None:
     floor = 83e-6  # llama3-8b M=16: 352 MB of weights at 4.24 TB/s
@@ -373,13 +447,20 @@ def test_floor_check_catches_a_minimum_below_the_floor() -> None:
 
 @pytest.mark.parametrize(
     ("graph", "throughput", "flags"),
-    [(104e-6, 150e-6, []), (106e-6, 150e-6, ["cudagraph +6% vs device"]),
-     (96e-6, 150e-6, []), (94e-6, 150e-6, ["cudagraph -6% vs device"]),
-     (None, 96e-6, []), (None, 94e-6, ["device +6% over throughput"])],
+    [
+        (104e-6, 150e-6, []),
+        (106e-6, 150e-6, ["cudagraph +6% vs device"]),
+        (96e-6, 150e-6, []),
+        (94e-6, 150e-6, ["cudagraph -6% vs device"]),
+        (None, 96e-6, []),
+        (None, 94e-6, ["device +6% over throughput"]),
+    ],
 )
 def test_cross_check_flags(graph: float | None, throughput: float, flags: list[str]) -> None:
-    row: dict[str, Any] = {"time": {"median": 100e-6, "min": 99e-6},
-                           "throughput": {"median": throughput}}
+    row: dict[str, Any] = {
+        "time": {"median": 100e-6, "min": 99e-6},
+        "throughput": {"median": throughput},
+    }
     if graph is not None:
         row["cudagraph"] = {"median": graph}
     invalid, got = timing.judge_timing(row, 50e-6, "compute")
@@ -393,11 +474,21 @@ LLAMA = MLPSpec((4096, 14336, 4096), "swiglu", bias=False, dtype="bfloat16")
 
 def _fake_measure(device_s: float, graph_s: float | None = None, throughput_s: float = 150e-6):
     def fake(stack: str, device: str, fn: Any, wait: Any, **kwargs: Any) -> dict[str, Any]:
-        stats = {"median": device_s, "min": device_s * 0.99, "max": device_s * 1.01, "n": 20,
-                 "method": "fake"}
-        row = {"time": stats, "span": stats, "kernels_per_call": 3,
-               "throughput": {**stats, "median": throughput_s}, "host_issue": stats,
-               "host_sync": stats}
+        stats = {
+            "median": device_s,
+            "min": device_s * 0.99,
+            "max": device_s * 1.01,
+            "n": 20,
+            "method": "fake",
+        }
+        row = {
+            "time": stats,
+            "span": stats,
+            "kernels_per_call": 3,
+            "throughput": {**stats, "median": throughput_s},
+            "host_issue": stats,
+            "host_sync": stats,
+        }
         if graph_s is not None:
             row["cudagraph"] = {**stats, "median": graph_s}
         row["_cudagraph_arg"] = kwargs.get("cudagraph")
@@ -444,8 +535,9 @@ def test_floor_check_allows_the_faster_of_copy_and_read(monkeypatch: pytest.Monk
     assert benchmark.time_row(decode, case, None, CEIL, {})["status"] == "invalid measurement"
 
 
-def test_auto_rows_are_floored_as_the_implementation_chosen(monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
+def test_auto_rows_are_floored_as_the_implementation_chosen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """nerf-64x5 at 2M rows: the whole-MLP floor (x and y once: 0.5 GB, 127 µs) is far below the
     per-layer one (hidden layers written and read too: 2.7 GB, 633 µs). 300 µs is a result for
     `auto` choosing fused_small, an invalid measurement for `auto` choosing per-layer kernels."""
@@ -516,8 +608,14 @@ def test_gpu_cudagraph_cross_check_agrees_on_a_stream_kernel() -> None:
 
     src = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda").normal_()
     dst = torch.empty_like(src)
-    row = timing.measure("torch", "cuda", lambda i: torch.mul(src, 2.0, out=dst),
-                         lambda _: torch.cuda.synchronize(), cudagraph=True, target_s=0.05)
+    row = timing.measure(
+        "torch",
+        "cuda",
+        lambda i: torch.mul(src, 2.0, out=dst),
+        lambda _: torch.cuda.synchronize(),
+        cudagraph=True,
+        target_s=0.05,
+    )
     invalid, flags = timing.judge_timing(row, 1e-9, "memory")
     assert invalid is None and row["kernels_per_call"] >= 1
     assert abs(row["cudagraph"]["median"] / row["time"]["median"] - 1) < 0.10, row

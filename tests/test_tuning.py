@@ -63,7 +63,8 @@ def test_key_buckets_m_and_names_every_field():
     key = make_key("NVIDIA H100 80GB HBM3", "triton_tma", "gated", 3000, 14336, 4096, "bfloat16")
     assert key.m_bucket == "4096" == shape_bucket(3000) == shape_bucket(2049)
     assert make_key("g", "triton", "gated", 2049, 1, 2, "float16") == make_key(
-        "g", "triton", "gated", 4096, 1, 2, "float16")
+        "g", "triton", "gated", 4096, 1, 2, "float16"
+    )
     assert make_key("g", "triton", "gated", 4097, 1, 2, "float16").m_bucket == "8192"
     assert str(key) == "NVIDIA H100 80GB HBM3|triton_tma|gated|m=4096|n=14336|k=4096|bfloat16|ieee"
     assert make_key("g", "triton", "linear_act", 0, 8, 8, "float32", "tf32").m_bucket == "0"
@@ -90,8 +91,11 @@ def test_put_get_round_trip_in_a_readable_file(tmp_path):
     cache = TuningCache(path)
     key = make_key("Fake GPU", "triton", "linear_act", 100, 72, 40, "float16")
     assert cache.get(key) is None
-    candidates = [candidate_timing(CFG_A, 0.5), candidate_timing(CFG_B, 0.25),
-                  candidate_skipped(CFG_BIG, "OutOfResources: shared memory")]
+    candidates = [
+        candidate_timing(CFG_A, 0.5),
+        candidate_timing(CFG_B, 0.25),
+        candidate_skipped(CFG_BIG, "OutOfResources: shared memory"),
+    ]
     record = TuningRecord(CFG_B, 0.25, candidates, {"triton": "3.6.0"})
     cache.put(key, record)
     assert cache.get(key) == CFG_B
@@ -154,13 +158,19 @@ def test_sweep_picks_fastest_records_skips_and_reuses(tmp_path):
     x = torch.zeros((100, 40), dtype=torch.float16)
     w = torch.zeros((40, 72), dtype=torch.float16)
     args = (x, w, None, None)
-    options = dict(activation="relu", cache_file=str(tmp_path / "t.json"), interpret=False,
-                   device_name="Fake GPU", bench=_run_bench)
+    options = dict(
+        activation="relu",
+        cache_file=str(tmp_path / "t.json"),
+        interpret=False,
+        device_name="Fake GPU",
+        bench=_run_bench,
+    )
     got = tuning.tuned_config("linear_act", fake, args, configs=[CFG_A, CFG_BIG, CFG_B], **options)
     assert got == CFG_B
     assert calls == [CFG_A, CFG_BIG, CFG_B]
     entry = json.loads((tmp_path / "t.json").read_text())["entries"][
-        "Fake GPU|triton|linear_act|m=128|n=72|k=40|float16|ieee"]
+        "Fake GPU|triton|linear_act|m=128|n=72|k=40|float16|ieee"
+    ]
     assert entry["median_ms"] == 0.3
     skipped = [c for c in entry["candidates"] if "skipped" in c]
     assert len(skipped) == 1 and skipped[0]["config"] == CFG_BIG.to_dict()
@@ -173,18 +183,31 @@ def test_sweep_picks_fastest_records_skips_and_reuses(tmp_path):
     x300 = torch.zeros((300, 40), dtype=torch.float16)
     tuning.tuned_config("linear_act", fake, (x300, w, None, None), **options)
     space = search_space("linear_act", 300, "float16")
-    assert len(calls) == 3 + len(set(space) | {tuning.heuristic_config("linear_act", 300, 72, 40,
-                                                                       "float16")})
+    assert len(calls) == 3 + len(
+        set(space) | {tuning.heuristic_config("linear_act", 300, 72, 40, "float16")}
+    )
 
 
 def test_sweep_with_no_runnable_config_names_every_reason(tmp_path):
     fake = _fake_launcher([])
-    args = (torch.zeros((8, 40), dtype=torch.float16), torch.zeros((40, 72), dtype=torch.float16),
-            None, None)
+    args = (
+        torch.zeros((8, 40), dtype=torch.float16),
+        torch.zeros((40, 72), dtype=torch.float16),
+        None,
+        None,
+    )
     with pytest.raises(RuntimeError, match=r"linear_act: no config ran .*OutOfResources"):
-        tuning.tuned_config("linear_act", fake, args, activation="relu", configs=[CFG_BIG],
-                            cache_file=str(tmp_path / "t.json"), interpret=False,
-                            device_name="Fake GPU", bench=_run_bench)
+        tuning.tuned_config(
+            "linear_act",
+            fake,
+            args,
+            activation="relu",
+            configs=[CFG_BIG],
+            cache_file=str(tmp_path / "t.json"),
+            interpret=False,
+            device_name="Fake GPU",
+            bench=_run_bench,
+        )
     assert not (tmp_path / "t.json").exists()
 
 
@@ -194,15 +217,20 @@ def test_impl_names_from_launchers():
     assert tuning.impl_of(tma_linear.linear_act_fwd) == "triton_tma"
     assert tuning.impl_of(tma_gated.gated_fwd) == "triton_tma"
     with pytest.raises(ValueError, match="family: expected one of"):
-        tuning.tuned_config("mlp", tma_linear.linear_act_fwd, (torch.zeros(1, 8),
-                            torch.zeros(8, 8)), activation="relu")
+        tuning.tuned_config(
+            "mlp",
+            tma_linear.linear_act_fwd,
+            (torch.zeros(1, 8), torch.zeros(8, 8)),
+            activation="relu",
+        )
 
 
 # ---- under the interpreter: the heuristic config, untimed; tuned launchers are right -----------
 @pytest.mark.skipif(not INTERPRET, reason="interpreter behaviour")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_interpreter_uses_heuristic_untimed_and_tuned_launchers_are_right(dtype, tmp_path,
-                                                                          monkeypatch):
+def test_interpreter_uses_heuristic_untimed_and_tuned_launchers_are_right(
+    dtype, tmp_path, monkeypatch
+):
     cache_file = tmp_path / "never.json"
     monkeypatch.setenv("FUSEDMLP_TUNING_CACHE", str(cache_file))
     k, n = (20, 36) if dtype == "float32" else (40, 72)
@@ -217,20 +245,28 @@ def test_interpreter_uses_heuristic_untimed_and_tuned_launchers_are_right(dtype,
 
     wvt, bct = pack_gated(wt, vt), pack_gated(bt, ct)  # the gated kernels take W|V packed
     for launcher in (portable_gated.gated_fwd, tma_gated.gated_fwd):
-        cfg = tuning.tuned_config("gated", launcher, (xt, wvt, bct), activation="gelu",
-                                  bench=timer, n=n)
+        cfg = tuning.tuned_config(
+            "gated", launcher, (xt, wvt, bct), activation="gelu", bench=timer, n=n
+        )
         assert cfg == INTERPRET_CONFIG_GATED
         y = tuning.tuned("gated", launcher, bench=timer)(xt, wvt, bct, n=n, activation="gelu")
-        z = np.asarray(x, np.float64) @ np.asarray(p["w0"], np.float64) + np.asarray(p["b0"],
-                                                                                    np.float64)
-        g = np.asarray(x, np.float64) @ np.asarray(p["v0"], np.float64) + np.asarray(p["c0"],
-                                                                                    np.float64)
-        assert_close(to_numpy(y), reference.activation("gelu", z) * g, spec,
-                     what=f"tuned {launcher.__module__}")
+        z = np.asarray(x, np.float64) @ np.asarray(p["w0"], np.float64) + np.asarray(
+            p["b0"], np.float64
+        )
+        g = np.asarray(x, np.float64) @ np.asarray(p["v0"], np.float64) + np.asarray(
+            p["c0"], np.float64
+        )
+        assert_close(
+            to_numpy(y),
+            reference.activation("gelu", z) * g,
+            spec,
+            what=f"tuned {launcher.__module__}",
+        )
     for launcher in (portable_linear.linear_act_fwd, tma_linear.linear_act_fwd):
         y = tuning.tuned("linear_act", launcher)(xt, wt, bt, None, activation="silu")
-        assert_close(to_numpy(y), reference.activation("silu", z), spec,
-                     what=f"tuned {launcher.__module__}")
+        assert_close(
+            to_numpy(y), reference.activation("silu", z), spec, what=f"tuned {launcher.__module__}"
+        )
     assert not cache_file.exists()
 
 
@@ -258,13 +294,18 @@ def test_gpu_sweep_times_configs_and_skips_what_does_not_fit(impl, tmp_path):
     p = init_params(spec, seed=41)
     x = make_input(spec, 777, seed=42)
     args = (to_torch(x), to_torch(p["w0"]), to_torch(p["b0"]), None)
-    configs = [CFG_A, CFG_B, CFG_BIG, TileConfig(128, 128, 64, group_m=8, num_warps=8,
-                                                 num_stages=3)]
+    configs = [
+        CFG_A,
+        CFG_B,
+        CFG_BIG,
+        TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3),
+    ]
     cache_file = str(tmp_path / "gpu.json")
-    best = tuning.tuned_config("linear_act", launcher, args, activation="gelu", configs=configs,
-                               cache_file=cache_file)
+    best = tuning.tuned_config(
+        "linear_act", launcher, args, activation="gelu", configs=configs, cache_file=cache_file
+    )
     data = json.loads((tmp_path / "gpu.json").read_text())
-    (key, entry), = data["entries"].items()
+    ((key, entry),) = data["entries"].items()
     assert key.startswith(torch.cuda.get_device_name()) and f"|{impl}|linear_act|m=1024|" in key
     timed = [c for c in entry["candidates"] if "median_ms" in c]
     skipped = [c for c in entry["candidates"] if "skipped" in c]
@@ -279,6 +320,7 @@ def test_gpu_sweep_times_configs_and_skips_what_does_not_fit(impl, tmp_path):
     assert best.to_dict() == entry["config"]
     y = tuning.tuned("linear_act", launcher, cache_file=cache_file)(*args, activation="gelu")
     torch.cuda.synchronize()
-    z = np.asarray(x, np.float64) @ np.asarray(p["w0"], np.float64) + np.asarray(p["b0"],
-                                                                                np.float64)
+    z = np.asarray(x, np.float64) @ np.asarray(p["w0"], np.float64) + np.asarray(
+        p["b0"], np.float64
+    )
     assert_close(to_numpy(y), reference.activation("gelu", z), spec, what=f"tuned {impl}")

@@ -1,4 +1,4 @@
-"""Activation helpers for the Triton kernels' fp32 epilogues.
+"""Epilogue helpers for the Triton kernels: the activations on fp32 tiles, and the output rounding.
 
 Twin: jax_impl/activations.py (the same expressions, so the two stacks can agree to the last bit
 where their exp agrees: under the interpreters; on a GPU Triton's tl.exp is ex2.approx while
@@ -8,6 +8,10 @@ only from exp, +, ×, ÷ and selects, as those lower everywhere: erf has no Pall
 rule (0.10 or 0.11) and no Mosaic GPU layout rule in jax 0.11, and the twins keep one formula. So
 tanh goes through exp, erf-gelu through `erfc` below, and relu is a select so that NaN propagates
 (a max would return 0 for NaN on the GPU).
+
+`round_to_dtype(x, DTYPE, INTERPRET)` is every kernel's one rounding of an fp32 tile to the output
+(or hidden) dtype, in both stacks: a DTYPE tile, rounded to nearest even. Where the rounded value
+feeds another dot under the interpreter, the caller upcasts it again, as after a load.
 """
 
 import triton
@@ -58,3 +62,19 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "silu":
         x = x / (1.0 + tl.exp(-x))
     return x
+
+
+@triton.jit
+def round_to_dtype(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """An fp32 tile rounded to DTYPE (round to nearest even), as a DTYPE tile."""
+    if INTERPRET and DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is the constexpr)
+        # Interpreter only: its fp32 -> bf16 cast truncates (523 of 1000 randn values off by one
+        # ulp) and its "rtne" mode loses the carry into the exponent, so round to nearest even on
+        # the bits; NaN stays a quiet NaN.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16)
+        out = tl.where(x != x, 0x7FC0, out).to(tl.uint16)
+        return out.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)

@@ -238,6 +238,4 @@ def mlp(
     if len(params) != len(names) or any(n not in params for n in names):
         # The front's message (common/validate.py), before the names are lost in a list.
         check_call_inputs(front.ADAPTER, spec, x, params)
-    return MLP_OP(
-        x, [params[n] for n in names], spec_json, impl, config_to_json(config), residual
-    )
+    return MLP_OP(x, [params[n] for n in names], spec_json, impl, config_to_json(config), residual)

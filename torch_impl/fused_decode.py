@@ -67,19 +67,21 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     DecodeConfig,
     decode_config_for,
     decode_splits,
 )
+from fusedmlp.common.validate import check_packed_call
 
-from .activations import apply_activation
-from .fused_small import dot_precision, round_to_dtype, validate
-from .runtime import INTERPRET
+from .activations import apply_activation, round_to_dtype
+from .front import ADAPTER, STACK
+from .fused_small import dot_precision
+from .runtime import INTERPRET, check_kernel_device
 
 MAX_M = 64
-FALLBACK = "triton"  # the per-layer kernels
 REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 programs)
 
 
@@ -91,7 +93,7 @@ def _fused_decode_up_kernel(
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, hidden columns [pid·BLOCK_H, (pid+1)·BLOCK_H)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -117,18 +119,28 @@ def _fused_decode_up_kernel(
     for k in range(0, D_IN, BLOCK_K):
         kk = k + offs_k
         k_ok = kk < D_IN
-        x = tl.load(x_ptr + rows[:, None] * D_IN + kk[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + kk[:, None] * W_COLS + cols_w[None, :],
-                    mask=k_ok[:, None] & h_ok[None, :], other=0.0, eviction_policy="evict_first")
+        x = tl.load(
+            x_ptr + rows[:, None] * D_IN + kk[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + kk[:, None] * W_COLS + cols_w[None, :],
+            mask=k_ok[:, None] & h_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         if INTERPRET:
             x = x.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
             w = w.to(tl.float32)
         acc_z = tl.dot(x, w, acc_z, input_precision=DOT_PRECISION)
         if GATED:
-            v = tl.load(w_ptr + kk[:, None] * W_COLS + (cols_w + PACK)[None, :],
-                        mask=k_ok[:, None] & h_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            v = tl.load(
+                w_ptr + kk[:, None] * W_COLS + (cols_w + PACK)[None, :],
+                mask=k_ok[:, None] & h_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
             if INTERPRET:
                 v = v.to(tl.float32)
             acc_g = tl.dot(x, v, acc_g, input_precision=DOT_PRECISION)
@@ -146,8 +158,9 @@ def _fused_decode_up_kernel(
     h = round_to_dtype(z, dtype, INTERPRET)  # what a per-layer kernel's store would hold
 
     # 4. store: the M real rows of this hidden slice
-    tl.store(h_ptr + rows[:, None] * HIDDEN + cols_h[None, :], h.to(dtype),
-             mask=row_ok[:, None] & h_ok[None, :])
+    tl.store(
+        h_ptr + rows[:, None] * HIDDEN + cols_h[None, :], h, mask=row_ok[:, None] & h_ok[None, :]
+    )
 
 
 @triton.jit
@@ -157,7 +170,7 @@ def _fused_decode_down_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, output columns of tile n, hidden run s
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -177,10 +190,17 @@ def _fused_decode_down_kernel(
     for i in range(0, K_ITERS):
         kk = k_lo + i * BLOCK_K + offs_k
         k_ok = kk < HIDDEN
-        h = tl.load(h_ptr + rows[:, None] * HIDDEN + kk[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + kk[:, None] * D_OUT + cols_n[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        h = tl.load(
+            h_ptr + rows[:, None] * HIDDEN + kk[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + kk[:, None] * D_OUT + cols_n[None, :],
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         if INTERPRET:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -193,7 +213,7 @@ def _fused_decode_down_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = round_to_dtype(acc, dtype, INTERPRET)
-        tl.store(out_ptr + rows[:, None] * D_OUT + cols_n[None, :], y.to(dtype), mask=mask)
+        tl.store(out_ptr + rows[:, None] * D_OUT + cols_n[None, :], y, mask=mask)
     else:
         tl.store(out_ptr + (pid_s * M + rows[:, None]) * D_OUT + cols_n[None, :], acc, mask=mask)
 
@@ -204,7 +224,7 @@ def _fused_decode_reduce_kernel(
     M, D_OUT,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: every (padded) row, output columns of tile n
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -225,16 +245,18 @@ def _fused_decode_reduce_kernel(
     y = round_to_dtype(acc, dtype, INTERPRET)
 
     # 4. store
-    tl.store(y_ptr + offs, y.to(dtype), mask=mask)
+    tl.store(y_ptr + offs, y, mask=mask)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
 def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_decode can run `spec` at M = m (None: any M it takes), else the reason."""
-    fallback = f"falls back to the per-layer kernels (impl {FALLBACK!r})"
+    fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     if spec.num_layers != 2:
-        return (f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
-                f"{spec.num_layers} (widths {spec.widths}); {fallback}")
+        return (
+            f"fused_decode: exactly 2 layers (widths (d_in, hidden, d_out)), got "
+            f"{spec.num_layers} (widths {spec.widths}); {fallback}"
+        )
     if m is not None and m > MAX_M:
         return f"fused_decode: M must be <= {MAX_M}, got {m}; {fallback}"
     return None
@@ -264,29 +286,30 @@ def fused_decode_fwd(
     dependent = {**launch, "launch_pdl": True} if pdl else launch
     h = torch.empty(m, hidden, dtype=x2d.dtype, device=x2d.device)
     y = torch.empty(m, d_out, dtype=x2d.dtype, device=x2d.device)
-    out = y if splits == 1 else torch.empty(splits, m, d_out, dtype=torch.float32,
-                                            device=x2d.device)
+    out = (
+        y if splits == 1 else torch.empty(splits, m, d_out, dtype=torch.float32, device=x2d.device)
+    )
     _fused_decode_up_kernel[(triton.cdiv(hidden, cfg.block_h),)](
         x2d, w1, b1, h,
         m, d_in, hidden, w1.shape[1],
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **launch,
-    )
+    )  # fmt: skip
     _fused_decode_down_kernel[(triton.cdiv(d_out, cfg.block_n), splits)](
         h, w2, b2, out,
         m, hidden, d_out,
         HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
         K_ITERS=k_iters, SPLIT_K=splits,
         DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **dependent,
-    )
+    )  # fmt: skip
     if splits > 1:
         _fused_decode_reduce_kernel[(triton.cdiv(d_out, REDUCE_BLOCK_N),)](
             out, b2, y,
             m, d_out,
             HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
             USE_PDL=pdl, INTERPRET=INTERPRET, **{**dependent, "num_warps": 4, "num_stages": 1},
-        )
+        )  # fmt: skip
     return y
 
 
@@ -301,7 +324,10 @@ def fused_decode(
     """y = MLP(x) for a 2-layer spec, x of shape [..., d_in] with at most 64 rows and packed params
     (`fusedmlp.torch_impl.packing.pack_params`, once); raises NotImplementedError (with the reason
     and the fallback) for what it cannot take."""
-    validate(x, params, spec)
+    spec = check_packed_call(
+        ADAPTER, spec, x, params, config, config_types=(TileConfig, DecodeConfig)
+    )
+    check_kernel_device(x)  # twin-diff: TRITON_INTERPRET decides where the kernels run
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in).contiguous()
     m = x2d.shape[0]
@@ -309,9 +335,6 @@ def fused_decode(
     if reason is not None:
         raise NotImplementedError(reason)
     if config is not None:
-        if not isinstance(config, (TileConfig, DecodeConfig)):
-            raise TypeError(f"config: expected a TileConfig, DecodeConfig or None, got "
-                            f"{type(config).__name__}")
         decode_config_for(config, spec, max(m, 1))  # ValueError for what the kernels cannot run
     if m == 0:
         return x.new_empty(*lead, spec.d_out)

@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK, packed_names
+from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     INTERPRET_NUM_SMS,
@@ -61,37 +62,17 @@ from fusedmlp.common.tiling import (
     padded_width,
     small_config_for,
 )
+from fusedmlp.common.validate import check_packed_call
 
-from .activations import apply_activation
-from .runtime import INTERPRET, kernel_device_ok
+from .activations import apply_activation, round_to_dtype
+from .front import ADAPTER, STACK
+from .runtime import INTERPRET, check_kernel_device
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
-FALLBACK = "triton"  # the per-layer kernels
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---- helpers shared by the whole-MLP kernels -----------------------------------------------------
-@triton.jit
-def round_to_dtype(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Round an fp32 tile to DTYPE. On the GPU: the dtype itself. Interpreting: the rounded value
-    held in fp32, because the interpreter's bf16 arithmetic is broken and its fp32 -> bf16 cast
-    truncates (523 of 1000 randn values off by one ulp); bf16 is rounded to nearest even through
-    the bits.
-    """
-    if INTERPRET:
-        if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is the constexpr)
-            bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-        elif DTYPE == tl.float16:  # noqa: SIM300
-            x = x.to(tl.float16).to(tl.float32)
-    else:
-        x = x.to(DTYPE)
-    return x
-
-
 def dot_precision(spec: MLPSpec) -> str:
     """tl.dot's input_precision: 'tf32' only where the spec asks for it (float32 only)."""
     return "tf32" if spec.fp32_precision == "tf32" else "ieee"
@@ -102,7 +83,7 @@ def dot_precision(spec: MLPSpec) -> str:
 def _layer_operands(
     w_ptr, b_ptr, d_in, d_out, w_cols,
     WIDTH: tl.constexpr, GATED_LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
-):
+):  # fmt: skip
     """One layer's zero-padded operands: the [WIDTH, WIDTH] weight tile (the gate's, for a gated
     layer), the up tile (gated; else the weight tile again), and the fp32 bias rows."""
     lanes = tl.arange(0, WIDTH)
@@ -124,8 +105,9 @@ def _layer_operands(
 
 
 @triton.jit
-def _select_layer(w_ptrs, b_ptrs, layer, WIDTHS: tl.constexpr, W_COLS: tl.constexpr,
-                  NUM_HIDDEN: tl.constexpr):
+def _select_layer(
+    w_ptrs, b_ptrs, layer, WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_HIDDEN: tl.constexpr
+):
     """Hidden layer `layer` (a runtime index < NUM_HIDDEN): its weight and bias pointers, widths
     and weight row stride, picked from the constant tuples by a chain of selects."""
     # twin-diff: Pallas cannot select a ref at run time; it switches between per-layer loads
@@ -149,7 +131,7 @@ def _hidden_layer(
     h, w, v, b, c,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers."""
     if INTERPRET:
         w = w.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
@@ -164,7 +146,10 @@ def _hidden_layer(
             g += c[None, :]
         z = z * g
     # round the hidden as a per-layer kernel's store would, then feed the next dot
-    return round_to_dtype(z, DTYPE, INTERPRET)
+    h = round_to_dtype(z, DTYPE, INTERPRET)
+    if INTERPRET:
+        h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
+    return h
 
 
 @triton.jit
@@ -175,7 +160,7 @@ def _fused_small_fwd_kernel(
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -187,13 +172,29 @@ def _fused_small_fwd_kernel(
     hidden = ()
     if HOIST:
         for layer in tl.static_range(last):
-            operands = _layer_operands(w_ptrs[layer], b_ptrs[layer], WIDTHS[layer],
-                                       WIDTHS[layer + 1], W_COLS[layer], WIDTH, GATED, HAS_BIAS,
-                                       PACK)
+            operands = _layer_operands(
+                w_ptrs[layer],
+                b_ptrs[layer],
+                WIDTHS[layer],
+                WIDTHS[layer + 1],
+                W_COLS[layer],
+                WIDTH,
+                GATED,
+                HAS_BIAS,
+                PACK,
+            )
             hidden = hidden + (operands,)  # noqa: RUF005 (no starred tuples in Triton's frontend)
-        w_out, _, b_out, _ = _layer_operands(w_ptrs[last], b_ptrs[last], WIDTHS[last],
-                                             WIDTHS[NUM_LAYERS], W_COLS[last], WIDTH, False,
-                                             HAS_BIAS, PACK)
+        w_out, _, b_out, _ = _layer_operands(
+            w_ptrs[last],
+            b_ptrs[last],
+            WIDTHS[last],
+            WIDTHS[NUM_LAYERS],
+            W_COLS[last],
+            WIDTH,
+            False,
+            HAS_BIAS,
+            PACK,
+        )
 
     for i in range(0, TILES_PER_PROGRAM):
         rows = (pid + i * num_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -202,8 +203,11 @@ def _fused_small_fwd_kernel(
         # twin-diff: the Pallas lowering widens offsets itself for arrays over 2^32 bytes.
         row_offs = rows.to(tl.int64)[:, None]
         # 2. load: the x tile (pipelined: the next tiles' loads are in flight during this one)
-        h = tl.load(x_ptr + row_offs * stride_xm + lanes[None, :],
-                    mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]), other=0.0)
+        h = tl.load(
+            x_ptr + row_offs * stride_xm + lanes[None, :],
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
+            other=0.0,
+        )
         if INTERPRET:
             h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
 
@@ -211,21 +215,33 @@ def _fused_small_fwd_kernel(
         if HOIST:
             for layer in tl.static_range(last):
                 w, v, b, c = hidden[layer]
-                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
-                                  dtype, INTERPRET)
+                h = _hidden_layer(
+                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
         else:
             # weights streamed from L2 per tile, through a runtime loop: the code (and compile
             # time) of one hidden layer whatever the depth
             for layer in range(0, last):
-                w_ptr, b_ptr, d_in, d_out, w_cols = _select_layer(w_ptrs, b_ptrs, layer, WIDTHS,
-                                                                  W_COLS, last)
-                w, v, b, c = _layer_operands(w_ptr, b_ptr, d_in, d_out, w_cols, WIDTH, GATED,
-                                             HAS_BIAS, PACK)
-                h = _hidden_layer(h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION,
-                                  dtype, INTERPRET)
-            w_out, _, b_out, _ = _layer_operands(w_ptrs[last], b_ptrs[last], WIDTHS[last],
-                                                 WIDTHS[NUM_LAYERS], W_COLS[last], WIDTH, False,
-                                                 HAS_BIAS, PACK)
+                w_ptr, b_ptr, d_in, d_out, w_cols = _select_layer(
+                    w_ptrs, b_ptrs, layer, WIDTHS, W_COLS, last
+                )
+                w, v, b, c = _layer_operands(
+                    w_ptr, b_ptr, d_in, d_out, w_cols, WIDTH, GATED, HAS_BIAS, PACK
+                )
+                h = _hidden_layer(
+                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
+            w_out, _, b_out, _ = _layer_operands(
+                w_ptrs[last],
+                b_ptrs[last],
+                WIDTHS[last],
+                WIDTHS[NUM_LAYERS],
+                W_COLS[last],
+                WIDTH,
+                False,
+                HAS_BIAS,
+                PACK,
+            )
         if INTERPRET:
             w_out = w_out.to(tl.float32)
         z = tl.dot(h, w_out, input_precision=DOT_PRECISION)
@@ -234,22 +250,29 @@ def _fused_small_fwd_kernel(
 
         # 4. store: only y leaves the program
         y = round_to_dtype(z, dtype, INTERPRET)
-        tl.store(y_ptr + row_offs * stride_ym + lanes[None, :], y.to(dtype),
-                 mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]))
+        tl.store(
+            y_ptr + row_offs * stride_ym + lanes[None, :],
+            y,
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
+        )
 
 
 # ---- launcher ------------------------------------------------------------------------------------
 def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     """None when fused_small can run `spec`, else the reason: constraint, value and fallback."""
     del m  # any number of rows
-    fallback = f"falls back to the per-layer kernels (impl {FALLBACK!r})"
+    fallback = f"falls back to the per-layer kernels (impl {FALLBACK[STACK]!r})"
     for i, width in enumerate(spec.widths):
         if width > WIDTHS_SUPPORTED[-1]:
-            return (f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
-                    f"widths[{i}]; {fallback}")
+            return (
+                f"fused_small: every width must be <= {WIDTHS_SUPPORTED[-1]}, got {width} at "
+                f"widths[{i}]; {fallback}"
+            )
     if spec.num_layers > MAX_LAYERS:
-        return (f"fused_small: at most {MAX_LAYERS} layers, got {spec.num_layers} "
-                f"(widths {spec.widths}); {fallback}")
+        return (
+            f"fused_small: at most {MAX_LAYERS} layers, got {spec.num_layers} "
+            f"(widths {spec.widths}); {fallback}"
+        )
     return None
 
 
@@ -289,47 +312,11 @@ def fused_small_fwd(
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
         HOIST=cfg.hoist, DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    )  # fmt: skip
     return y
 
 
 # ---- public function -----------------------------------------------------------------------------
-def validate(x: torch.Tensor, params: dict[str, torch.Tensor], spec: MLPSpec) -> None:
-    """The front-door checks shared by fused_small and fused_decode (names the argument). Params
-    must be in the packed layout (common/packing.py) — packed once, never per call."""
-    if not isinstance(spec, MLPSpec):
-        raise TypeError(f"spec: expected an MLPSpec, got {type(spec).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    dtype = _TORCH_DTYPES[spec.dtype]
-    if x.dim() < 1 or x.shape[-1] != spec.d_in:
-        raise ValueError(f"x: expected shape [..., {spec.d_in}], got {list(x.shape)}")
-    if x.dtype != dtype:
-        raise TypeError(f"x: expected dtype {dtype}, got {x.dtype}")
-    if not kernel_device_ok(x):
-        where = "a CPU tensor (Triton interpreter)" if INTERPRET else "a CUDA tensor"
-        raise ValueError(f"x: expected {where}, got device {x.device}")
-    if not isinstance(params, dict):
-        raise TypeError(f"params: expected a dict of tensors, got {type(params).__name__}")
-    expected = packed_names(spec)
-    if set(params) != set(expected):
-        missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-        hint = ("; gated layers take the packed layout: pack once with "
-                "fusedmlp.torch_impl.packing.pack_params(spec, params)"
-                if any(name.startswith("wv") for name in missing) else "")
-        raise ValueError(f"params: missing {missing}, unexpected {extra}{hint}")
-    for name, shape in expected.items():
-        p = params[name]
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"params[{name!r}]: expected a torch.Tensor, got {type(p).__name__}")
-        if tuple(p.shape) != shape:
-            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {tuple(p.shape)}")
-        if p.dtype != dtype:
-            raise TypeError(f"params[{name!r}]: expected dtype {dtype}, got {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"params[{name!r}]: expected device {x.device}, got {p.device}")
-
-
 def fused_small(
     x: torch.Tensor,
     params: dict[str, torch.Tensor],
@@ -340,13 +327,13 @@ def fused_small(
     """y = MLP(x) for x of shape [..., d_in] and packed params
     (`fusedmlp.torch_impl.packing.pack_params`, once) in one kernel; raises NotImplementedError
     (with the reason and the fallback) for specs fused_small cannot take."""
-    validate(x, params, spec)
+    spec = check_packed_call(
+        ADAPTER, spec, x, params, config, config_types=(TileConfig, SmallConfig)
+    )
+    check_kernel_device(x)  # twin-diff: TRITON_INTERPRET decides where the kernels run
     reason = supports(spec)
     if reason is not None:
         raise NotImplementedError(reason)
-    if config is not None and not isinstance(config, (TileConfig, SmallConfig)):
-        raise TypeError(f"config: expected a TileConfig, SmallConfig or None, got "
-                        f"{type(config).__name__}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.d_in)
     if x2d.stride(-1) != 1:

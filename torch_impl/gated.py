@@ -29,20 +29,14 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK, packed_width
+from fusedmlp.common.packing import PACK_BLOCK
 from fusedmlp.common.tiling import gated_config, heuristic_config
+from fusedmlp.common.validate import check_packed_gated
 
-from .activations import apply_activation
-from .linear_act import (
-    _cast_out,
-    _check_devices,
-    _check_options,
-    _check_tensor,
-    _dtype_name,
-    _grouped_tile,
-    _input_precision,
-)
-from .runtime import INTERPRET
+from .activations import apply_activation, round_to_dtype
+from .front import ADAPTER
+from .linear_act import _grouped_tile, _input_precision
+from .runtime import INTERPRET, check_kernel_device
 
 # The packed layout's block (common/packing.py), a constexpr for the kernels.
 _PACK = tl.constexpr(PACK_BLOCK)
@@ -64,9 +58,9 @@ def _gated_fwd_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: an output tile of h, and the packed tile of wv twice as wide
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,11 +82,13 @@ def _gated_fwd_kernel(
         offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         ks = offs_k.to(tl.int64)
-        x = tl.load(x_ptrs + ks[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wv = tl.load(wv_ptrs + ks[:, None] * stride_wvk,
-                     mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-        if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+        x = tl.load(
+            x_ptrs + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        wv = tl.load(
+            wv_ptrs + ks[:, None] * stride_wvk, mask=mask_k[:, None] & mask_p[None, :], other=0.0
+        )
+        if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
             x = x.to(tl.float32)
             wv = wv.to(tl.float32)
         # 3. compute: fp32 accumulate, gate and up in one product
@@ -108,7 +104,7 @@ def _gated_fwd_kernel(
 
     # 4. store: one rounding to the output dtype
     o_ptrs = o_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(o_ptrs, _cast_out(acc, o_ptr.dtype.element_ty, UPCAST), mask=mask_mn)
+    tl.store(o_ptrs, round_to_dtype(acc, o_ptr.dtype.element_ty, INTERPRET), mask=mask_mn)
 
 
 # ==== launcher ====================================================================================
@@ -135,32 +131,14 @@ def gated_fwd(
         M, n, K,
         x.stride(0), x.stride(1), wv.stride(0), wv.stride(1), out.stride(0), out.stride(1),
         ACTIVATION=activation, HAS_BIAS=bc is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
+        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    )  # fmt: skip
     return out
 
 
 # ==== public function =============================================================================
-def _check_gated_args(x, wv, bc, n, activation, config, fp32_precision):
-    """Every check of the public function (shared with torch_impl/tma/); returns dtype, K and bc
-    made contiguous (2·Np elements: cheaper than one more stride argument)."""
-    _check_tensor("x", x, shape=None, dtype=None)
-    dtype = _dtype_name(x)
-    K = x.shape[-1]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n: expected the layer's output width, an int >= 0, got {n!r}")
-    width = packed_width(n)
-    _check_tensor("wv", wv, shape=[K, width], dtype=dtype)
-    if bc is not None:
-        _check_tensor("bc", bc, shape=[width], dtype=dtype)
-        bc = bc.contiguous()
-    _check_options(activation, fp32_precision, dtype, config)
-    _check_devices(x, wv=wv, bc=bc)
-    return dtype, K, bc
-
-
 def gated(
     x: torch.Tensor,
     wv: torch.Tensor,
@@ -173,13 +151,19 @@ def gated(
 ) -> torch.Tensor:
     """act(x @ w + b) * (x @ v + c) from the packed operands (`torch_impl.packing.pack_gated`):
     x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n]."""
-    dtype, K, bc = _check_gated_args(x, wv, bc, n, activation, config, fp32_precision)
-
+    dtype, K, n = check_packed_gated(
+        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
+    # twin-diff: the device check (TRITON_INTERPRET decides where the kernels run) and a
+    # contiguous bc (2·Np elements: cheaper than one more stride argument) are torch's.
+    check_kernel_device(x)
+    bc = bc.contiguous() if bc is not None else None
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)  # a view where the strides allow; the kernel takes any strides
     M = x2d.shape[0]
     if config is None:
         config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET)
-    out = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
-                    fp32_precision=fp32_precision)
+    out = gated_fwd(
+        x2d, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     return out.reshape(*lead, n)

@@ -24,12 +24,13 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.dtypes import DTYPES, FP32_PRECISIONS
 from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.validate import check_layer
 
 from . import tuning  # noqa: F401  (registers the GPU for the committed tuned configs)
-from .activations import ACTIVATION_KEYS, apply_activation
-from .runtime import INTERPRET, kernel_device_ok
+from .activations import apply_activation, round_to_dtype
+from .front import ADAPTER
+from .runtime import INTERPRET, check_kernel_device
 
 
 # ==== forward kernel ==============================================================================
@@ -48,29 +49,14 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def _cast_out(acc, out_dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """The output rounding: fp32 -> out_dtype, round to nearest even."""
-    if UPCAST and out_dtype == tl.bfloat16:
-        # Interpreter only: its fp32 -> bf16 cast truncates (and its "rtne" mode loses the carry
-        # into the exponent), so round to nearest even on the bits; NaN stays a quiet NaN.
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16)
-        out = tl.where(acc != acc, 0x7FC0, out).to(tl.uint16)
-        return out.to(tl.bfloat16, bitcast=True)
-    else:
-        return acc.to(out_dtype)
-
-
-@triton.jit
 def _linear_act_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -90,11 +76,13 @@ def _linear_act_fwd_kernel(
         offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         ks = offs_k.to(tl.int64)
-        x = tl.load(x_ptrs + ks[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs + ks[:, None] * stride_wk,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+        x = tl.load(
+            x_ptrs + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        w = tl.load(
+            w_ptrs + ks[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0
+        )
+        if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         # 3. compute: fp32 accumulate
@@ -107,13 +95,14 @@ def _linear_act_fwd_kernel(
     acc = apply_activation(acc, ACTIVATION)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
-                    mask=mask_mn, other=0.0).to(tl.float32)
+        r = tl.load(
+            r_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask_mn, other=0.0
+        ).to(tl.float32)
         acc = acc + r
 
     # 4. store: one rounding to the output dtype
     o_ptrs = o_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(o_ptrs, _cast_out(acc, o_ptr.dtype.element_ty, UPCAST), mask=mask_mn)
+    tl.store(o_ptrs, round_to_dtype(acc, o_ptr.dtype.element_ty, INTERPRET), mask=mask_mn)
 
 
 # ==== launcher ====================================================================================
@@ -146,84 +135,14 @@ def linear_act_fwd(
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), r.stride(0), r.stride(1),
         out.stride(0), out.stride(1),
         ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
+        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    )  # fmt: skip
     return out
 
 
 # ==== public function =============================================================================
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _check_tensor(name: str, t: object, *, shape: list[int] | None, dtype: str | None,
-                 ndim_min: int = 1) -> None:
-    """TypeError/ValueError naming `name`, the expected and the actual value."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if dtype is None:
-        if _dtype_name(t) not in DTYPES:
-            raise TypeError(f"{name}: expected dtype one of {DTYPES}, got {_dtype_name(t)}")
-    elif _dtype_name(t) != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {_dtype_name(t)}")
-    if shape is None:
-        if t.ndim < ndim_min:
-            raise ValueError(
-                f"{name}: expected at least {ndim_min} dim(s), got shape {list(t.shape)}"
-            )
-    elif list(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
-
-
-def _check_options(activation: str, fp32_precision: str, dtype: str, config: object) -> None:
-    if activation not in ACTIVATION_KEYS:
-        raise ValueError(f"activation: expected one of {ACTIVATION_KEYS}, got {activation!r}")
-    if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(
-            f"fp32_precision: expected one of {FP32_PRECISIONS}, got {fp32_precision!r}"
-        )
-    if fp32_precision == "tf32" and dtype != "float32":
-        raise ValueError(
-            f"fp32_precision: 'tf32' applies to dtype 'float32' only, got dtype {dtype!r}"
-        )
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
-
-
-def _check_devices(x: torch.Tensor, **others: torch.Tensor | None) -> None:
-    # twin-diff: devices are a torch concern; jax arrays are placed by jax.
-    if not kernel_device_ok(x):
-        where = "CPU under TRITON_INTERPRET=1" if INTERPRET else "CUDA"
-        raise NotImplementedError(
-            f"x: the triton kernels need a {where} tensor, got device {x.device}; "
-            "fallback: impl='eager'"
-        )
-    for name, t in others.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device}, got {t.device}")
-
-
-def _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision):
-    """Every check of the public function (shared with torch_impl/tma/); returns dtype, K, N and b
-    made contiguous (N elements: cheaper than one more stride argument)."""
-    _check_tensor("x", x, shape=None, dtype=None)
-    dtype = _dtype_name(x)
-    K = x.shape[-1]
-    _check_tensor("w", w, shape=None, dtype=dtype, ndim_min=2)
-    N = w.shape[-1]
-    _check_tensor("w", w, shape=[K, N], dtype=dtype)
-    if b is not None:
-        _check_tensor("b", b, shape=[N], dtype=dtype)
-        b = b.contiguous()
-    if residual is not None:
-        _check_tensor("residual", residual, shape=[*x.shape[:-1], N], dtype=dtype)
-    _check_options(activation, fp32_precision, dtype, config)
-    _check_devices(x, w=w, b=b, residual=residual)
-    return dtype, K, N, b
-
-
 def linear_act(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -235,13 +154,27 @@ def linear_act(
     fp32_precision: str = "ieee",
 ) -> torch.Tensor:
     """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N], residual [..., N]."""
-    dtype, K, N, b = _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision)
+    dtype, K, N = check_layer(
+        ADAPTER,
+        x,
+        w,
+        b,
+        residual=residual,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+    )
+    # twin-diff: the device check (TRITON_INTERPRET decides where the kernels run) and a
+    # contiguous b (N elements: cheaper than one more stride argument) are torch's.
+    check_kernel_device(x)
+    b = b.contiguous() if b is not None else None
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)  # a view where the strides allow; the kernel takes any strides
     r2d = residual.reshape(-1, N) if residual is not None else None
     M = x2d.shape[0]
     if config is None:
         config = heuristic_config("linear_act", M, N, K, dtype, interpret=INTERPRET)
-    out = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
-                         fp32_precision=fp32_precision)
+    out = linear_act_fwd(
+        x2d, w, b, r2d, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     return out.reshape(*lead, N)

@@ -180,7 +180,7 @@ class FusedMLP(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A state dict in the contract's names (saved before the params were packed, or written
         # by hand): pack its gated layers here, so load_state_dict takes either layout.
-        names = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        names = {k[len(prefix) :] for k in state_dict if k.startswith(prefix)}
         plain = set(param_shapes(self._spec)) - set(self._names)
         if plain and plain <= names:
             ours = {n: state_dict.pop(prefix + n) for n in param_shapes(self._spec)}
@@ -301,8 +301,11 @@ def _eager_without_autograd(
         return False
     if not torch.is_grad_enabled():
         return True
-    return not (x.requires_grad or any(p.requires_grad for p in params)
-                or (residual is not None and residual.requires_grad))
+    return not (
+        x.requires_grad
+        or any(p.requires_grad for p in params)
+        or (residual is not None and residual.requires_grad)
+    )
 
 
 def _dispatch_modes() -> int:

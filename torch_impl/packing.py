@@ -54,9 +54,7 @@ def unpack_gated(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     """The inverse of `pack_gated` for a layer of width n: (w, v), padding dropped (views)."""
     width = packed_width(n)
     if packed.shape[-1] != width:
-        raise ValueError(
-            f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}"
-        )
+        raise ValueError(f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}")
     lead = tuple(packed.shape[:-1])
     blocks = packed.reshape(*lead, width // (2 * PACK_BLOCK), 2, PACK_BLOCK)
     w = blocks[..., 0, :].reshape(*lead, width // 2)[..., :n]

@@ -31,3 +31,11 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def kernel_device_ok(tensor: torch.Tensor) -> bool:
     """Triton kernels take CUDA tensors, or CPU tensors under the interpreter."""
     return tensor.device.type == "cuda" if not INTERPRET else tensor.device.type == "cpu"
+
+
+def check_kernel_device(x: torch.Tensor) -> None:
+    """ValueError unless the Triton kernels of this process can take `x` (the one device check
+    that is the kernels' own, not the shared check layer's: it depends on TRITON_INTERPRET)."""
+    if not kernel_device_ok(x):
+        where = "a CPU tensor (TRITON_INTERPRET=1)" if INTERPRET else "a CUDA tensor"
+        raise ValueError(f"x: the Triton kernels expected {where}, got device {x.device}")

@@ -76,15 +76,35 @@ def _median_ms(fn: Callable[[], Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def _candidates(family: str, m: int, n: int, k: int, dtype: str, impl: str,
-                fp32_precision: str, configs: Iterable[TileConfig] | None) -> list[TileConfig]:
+def _candidates(
+    family: str,
+    m: int,
+    n: int,
+    k: int,
+    dtype: str,
+    impl: str,
+    fp32_precision: str,
+    configs: Iterable[TileConfig] | None,
+) -> list[TileConfig]:
     # The heuristic first: a sweep can then never pick worse than the untuned default.
     persistent = impl == "triton_tma"
-    chosen = list(configs) if configs is not None else [
-        heuristic_config(family, m, n, k, dtype, persistent=persistent, impl=impl,
-                         fp32_precision=fp32_precision),
-        *search_space(family, m, dtype, persistent=persistent, fp32_precision=fp32_precision),
-    ]
+    chosen = (
+        list(configs)
+        if configs is not None
+        else [
+            heuristic_config(
+                family,
+                m,
+                n,
+                k,
+                dtype,
+                persistent=persistent,
+                impl=impl,
+                fp32_precision=fp32_precision,
+            ),
+            *search_space(family, m, dtype, persistent=persistent, fp32_precision=fp32_precision),
+        ]
+    )
     return list(dict.fromkeys(chosen))  # TileConfig is frozen (hashable): drop repeats, keep order
 
 
@@ -108,9 +128,15 @@ def sweep(
     timings: list[tuple[float, TileConfig]] = []
     candidates: list[dict[str, Any]] = []
     for config in configs:
+
         def run(config: TileConfig = config) -> torch.Tensor:
-            return launcher(*args, activation=activation, config=config,
-                            fp32_precision=fp32_precision, **launch_kw)
+            return launcher(
+                *args,
+                activation=activation,
+                config=config,
+                fp32_precision=fp32_precision,
+                **launch_kw,
+            )
 
         try:
             ms = bench(run)
@@ -174,10 +200,16 @@ def tuned_config(
         committed = committed_config(device_name, impl, family, m, n, k, dtype, fp32_precision)
         if committed is not None:
             return committed
-    record = sweep(family, launcher, args,
-                   _candidates(family, m, n, k, dtype, impl, fp32_precision, configs),
-                   activation=activation, fp32_precision=fp32_precision, bench=bench,
-                   **launch_kw)
+    record = sweep(
+        family,
+        launcher,
+        args,
+        _candidates(family, m, n, k, dtype, impl, fp32_precision, configs),
+        activation=activation,
+        fp32_precision=fp32_precision,
+        bench=bench,
+        **launch_kw,
+    )
     cache.put(key, record)
     return record.config
 
@@ -190,13 +222,25 @@ def tuned(family: str, launcher: Launcher, **tune_options: Any) -> Launcher:
     """
 
     @functools.wraps(launcher)
-    def run(*args: Any, activation: str, config: TileConfig | None = None,
-            fp32_precision: str = "ieee", **launch_kw: Any) -> torch.Tensor:
+    def run(
+        *args: Any,
+        activation: str,
+        config: TileConfig | None = None,
+        fp32_precision: str = "ieee",
+        **launch_kw: Any,
+    ) -> torch.Tensor:
         if config is None:
-            config = tuned_config(family, launcher, args, activation=activation,
-                                  fp32_precision=fp32_precision, n=launch_kw.get("n"),
-                                  **tune_options)
-        return launcher(*args, activation=activation, config=config,
-                        fp32_precision=fp32_precision, **launch_kw)
+            config = tuned_config(
+                family,
+                launcher,
+                args,
+                activation=activation,
+                fp32_precision=fp32_precision,
+                n=launch_kw.get("n"),
+                **tune_options,
+            )
+        return launcher(
+            *args, activation=activation, config=config, fp32_precision=fp32_precision, **launch_kw
+        )
 
     return run

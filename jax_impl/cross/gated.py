@@ -52,7 +52,7 @@ def _gated_fwd_jt(
     stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
     o_ptr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # jax_triton's argument order (outputs last) -> the native kernel's, by name; inlined by Triton.
@@ -61,7 +61,8 @@ def _gated_fwd_jt(
         M=M, N=N, K=K,
         stride_xm=stride_xm, stride_xk=stride_xk, stride_wvk=stride_wvk, stride_wvn=stride_wvn,
         stride_om=stride_om, stride_on=stride_on,
-        ACTIVATION=ACTIVATION, HAS_BIAS=HAS_BIAS, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        ACTIVATION=ACTIVATION, HAS_BIAS=HAS_BIAS, INPUT_PRECISION=INPUT_PRECISION,
+        INTERPRET=INTERPRET,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
     )  # fmt: skip
 
@@ -86,7 +87,7 @@ def launch_plan(
     has_bias: bool,
     config: TileConfig,
     fp32_precision: str = "ieee",
-    upcast: bool = False,
+    interpret: bool = False,
 ) -> TritonLaunch:
     """The native launcher's launch of `_gated_fwd_kernel` for dense row-major operands
     (x [m, k], wv [k, packed_width(n)], bc [packed_width(n)], h [m, n]).
@@ -104,13 +105,24 @@ def launch_plan(
             "bc_ptr": "bc" if has_bias else "x",
         },
         scalars=dict(
-            M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wvk=width, stride_wvn=1,
-            stride_om=n, stride_on=1,
+            M=m,
+            N=n,
+            K=k,
+            stride_xm=k,
+            stride_xk=1,
+            stride_wvk=width,
+            stride_wvn=1,
+            stride_om=n,
+            stride_on=1,
         ),
         constexprs=dict(
-            ACTIVATION=activation, HAS_BIAS=has_bias,
-            INPUT_PRECISION=input_precision(fp32_precision), UPCAST=upcast,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            ACTIVATION=activation,
+            HAS_BIAS=has_bias,
+            INPUT_PRECISION=input_precision(fp32_precision),
+            INTERPRET=interpret,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
             GROUP_M=config.group_m,
         ),
         num_warps=config.num_warps,
@@ -136,7 +148,12 @@ def gated_fwd(
     if m == 0 or n == 0:
         return jnp.zeros((m, n), x.dtype)
     plan = launch_plan(
-        m, n, k, activation=activation, has_bias=bc is not None, config=config,
+        m,
+        n,
+        k,
+        activation=activation,
+        has_bias=bc is not None,
+        config=config,
         fp32_precision=fp32_precision,
     )
     kernel = kernel_for_jax_triton(native_kernel(), _gated_fwd_jt, ("o_ptr",), plan.scalars)

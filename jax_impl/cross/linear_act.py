@@ -76,7 +76,7 @@ def _linear_act_fwd_jt(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
     o_ptr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # jax_triton's argument order (outputs last) -> the native kernel's, by name; inlined by Triton.
@@ -85,7 +85,7 @@ def _linear_act_fwd_jt(
         stride_xm=stride_xm, stride_xk=stride_xk, stride_wk=stride_wk, stride_wn=stride_wn,
         stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on,
         ACTIVATION=ACTIVATION, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
-        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        INPUT_PRECISION=INPUT_PRECISION, INTERPRET=INTERPRET,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
     )  # fmt: skip
 
@@ -106,7 +106,7 @@ def import_jax_triton() -> ModuleType:
         raise ImportError(
             f"impl {IMPL!r} needs the jax_triton package (jax-triton=={JAX_TRITON_VERSION}), which "
             f"failed to import: {err}. The GPU image lacks it: carry the wheel from "
-            "bench/fetch_wheels.sh (`carry: [\".wheels\"]`) and `pip install --no-deps "
+            'bench/fetch_wheels.sh (`carry: [".wheels"]`) and `pip install --no-deps '
             ".wheels/jax_triton-*.whl`; it also needs jax with the CUDA plugin (a GPU)."
         ) from err
     finally:
@@ -166,7 +166,7 @@ def takes_constant_shapes(kernel: Any, constants: Any, outputs: tuple[str, ...])
     other runtime parameters lead its parameter list (jax_triton names positional arguments by
     position) and end with the outputs (jax_triton passes them last)."""
     runtime = tuple(p for p in runtime_params(kernel) if p not in constants)
-    return runtime == param_names(kernel)[: len(runtime)] and runtime[-len(outputs):] == outputs
+    return runtime == param_names(kernel)[: len(runtime)] and runtime[-len(outputs) :] == outputs
 
 
 def kernel_for_jax_triton(
@@ -178,7 +178,7 @@ def kernel_for_jax_triton(
     if constants and takes_constant_shapes(native, constants, outputs):
         return native
     names = runtime_params(native)
-    return native if names[-len(outputs):] == outputs else adapter
+    return native if names[-len(outputs) :] == outputs else adapter
 
 
 # ==== launch plan (pure) ==========================================================================
@@ -227,11 +227,11 @@ def launch_plan(
     has_residual: bool,
     config: TileConfig,
     fp32_precision: str = "ieee",
-    upcast: bool = False,
+    interpret: bool = False,
 ) -> TritonLaunch:
     """The native launcher's launch of `_linear_act_fwd_kernel` for dense row-major operands.
 
-    `upcast` is the interpreter's 16-bit workaround (False on a GPU; the CPU tests run the adapter
+    `interpret` is the kernels' interpreter flag (False on a GPU; the CPU tests run the adapter
     interpreted with True). Absent bias/residual read the placeholder "x" (never loaded).
     """
     return TritonLaunch(
@@ -244,13 +244,27 @@ def launch_plan(
         },
         # The residual strides are the output's when there is none (the native placeholder).
         scalars=dict(
-            M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wk=n, stride_wn=1,
-            stride_rm=n, stride_rn=1, stride_om=n, stride_on=1,
+            M=m,
+            N=n,
+            K=k,
+            stride_xm=k,
+            stride_xk=1,
+            stride_wk=n,
+            stride_wn=1,
+            stride_rm=n,
+            stride_rn=1,
+            stride_om=n,
+            stride_on=1,
         ),
         constexprs=dict(
-            ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
-            INPUT_PRECISION=input_precision(fp32_precision), UPCAST=upcast,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            ACTIVATION=activation,
+            HAS_BIAS=has_bias,
+            HAS_RESIDUAL=has_residual,
+            INPUT_PRECISION=input_precision(fp32_precision),
+            INTERPRET=interpret,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
             GROUP_M=config.group_m,
         ),
         num_warps=config.num_warps,
@@ -259,8 +273,12 @@ def launch_plan(
 
 
 def call(
-    plan: TritonLaunch, kernel: Any, operands: dict[str, jax.Array], out: jax.ShapeDtypeStruct,
-    *, name: str,
+    plan: TritonLaunch,
+    kernel: Any,
+    operands: dict[str, jax.Array],
+    out: jax.ShapeDtypeStruct,
+    *,
+    name: str,
 ) -> jax.Array:
     """`jax_triton.triton_call` of `kernel` with `plan` (traceable: works inside jax.jit).
 
@@ -306,8 +324,14 @@ def linear_act_fwd(
     if m == 0 or n == 0:
         return jnp.zeros((m, n), x.dtype)
     plan = launch_plan(
-        m, n, k, activation=activation, has_bias=b is not None, has_residual=residual is not None,
-        config=config, fp32_precision=fp32_precision,
+        m,
+        n,
+        k,
+        activation=activation,
+        has_bias=b is not None,
+        has_residual=residual is not None,
+        config=config,
+        fp32_precision=fp32_precision,
     )
     kernel = kernel_for_jax_triton(native_kernel(), _linear_act_fwd_jt, ("o_ptr",), plan.scalars)
     operands = {"x": x, "w": w, "b": b, "residual": residual}

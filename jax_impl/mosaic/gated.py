@@ -31,16 +31,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ...common.config import TileConfig
-from ...common.packing import PACK_BLOCK, packed_width
-from ...common.spec import PLAIN_ACTIVATIONS
-from ..activations import apply_activation
+from ...common.packing import PACK_BLOCK
+from ...common.validate import check_packed_gated
+from ..activations import apply_activation, round_to_dtype
 from ..compat import interpret_mode
+from ..front import ADAPTER
 from . import pipeline
 from .pipeline import EPI_M, Tiles, persistent_matmul, row_vector
 
 FAMILY = "gated"
-# The W branch's activation; "identity" gives the bilinear GLU variant.
-GATED_KERNEL_ACTIVATIONS = ("identity", *PLAIN_ACTIVATIONS)
 P = PACK_BLOCK
 
 
@@ -63,15 +62,16 @@ def _gated_fwd_kernel(
         # 3. compute: per pair j of the slice, h = act(g + b) · (u + c) in fp32, rounded once
         for p in range(pairs):
             j = en * pairs + p  # pair index in this warpgroup's accumulator
-            gate, up = acc[rows, 2 * j * P:2 * j * P + P], acc[rows, 2 * j * P + P:2 * (j + 1) * P]
+            gate, up = (
+                acc[rows, 2 * j * P : 2 * j * P + P],
+                acc[rows, 2 * j * P + P : 2 * (j + 1) * P],
+            )
             if bc_ref is not None:
-                gate = gate + row_vector(bc_ref.at[pl.ds(2 * j * P, P)], EPI_M,
-                                         interpret=interpret)
-                up = up + row_vector(bc_ref.at[pl.ds(2 * j * P + P, P)], EPI_M,
-                                     interpret=interpret)
+                gate = gate + row_vector(bc_ref.at[pl.ds(2 * j * P, P)], EPI_M, interpret=interpret)
+                up = up + row_vector(bc_ref.at[pl.ds(2 * j * P + P, P)], EPI_M, interpret=interpret)
             h = apply_activation(gate, activation) * up
             dst = o_slot if pairs == 1 else o_slot.at[:, pl.ds(p * P, P)]
-            dst[...] = h.astype(dtype)
+            dst[...] = round_to_dtype(h, dtype, interpret)
 
     # 1. program -> tile, 2. load, 4. store: the shared persistent driver
     persistent_matmul(x_gmem, wv_gmem, bc_gmem, None, o_gmem, tiles=tiles, epilogue=epilogue)
@@ -115,8 +115,9 @@ def gated_fwd(
         tiles=tiles,
         interpret=interpret,
     )
-    h = pipeline.launch(kernel, operands, (mp, np_), x.dtype, tiles, name="gated_fwd",
-                        interpret=interpret)
+    h = pipeline.launch(
+        kernel, operands, (mp, np_), x.dtype, tiles, name="gated_fwd", interpret=interpret
+    )
     return h if (mp, np_) == (m, n) else h[:m, :n]
 
 
@@ -130,26 +131,33 @@ def gated(
     activation: str = "silu",
     config: TileConfig | None = None,
     fp32_precision: str = "ieee",
+    interpret: bool | None = None,
 ) -> jax.Array:
     """act(x @ w + b) * (x @ v + c) for x [..., K] and the packed wv [K, 2·Np], bc [2·Np] of a
-    gated layer of width n (`jax_impl.packing.pack_gated`); returns [..., n] in x.dtype."""
-    pipeline.check_common(x, activation, GATED_KERNEL_ACTIVATIONS, config, fp32_precision)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int (the layer's width), got {n!r}")
-    k = x.shape[-1]
-    width = packed_width(n)
-    pipeline.check_array("wv", wv, (k, width), x.dtype)
-    pipeline.check_array("bc", bc, (width,), x.dtype, optional=True)
+    gated layer of width n (`jax_impl.packing.pack_gated`); returns [..., n] in x.dtype.
+    `interpret`: run under the Mosaic GPU interpreter (None: where there is no GPU). The W
+    branch's activation may be "identity" (the bilinear GLU variant)."""
+    dtype, k, n = check_packed_gated(
+        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
+    interpret = interpret_mode() if interpret is None else interpret
     lead = x.shape[:-1]
     m = math.prod(lead)
     x2d = x.reshape(m, k)
-    reason = pipeline.unsupported_reason(m, n, k, x.dtype.name)
+    reason = pipeline.unsupported_reason(m, n, k, dtype)
     if reason is not None:
         raise NotImplementedError(reason)
-    interpret = interpret_mode()
     if config is None:
-        config = pipeline.default_config(FAMILY, m, n, k, x.dtype.name, interpret=interpret)
-    pipeline.check_config(config, x.dtype.name, num_weights=2, residual=False)
-    h = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
-                  fp32_precision=fp32_precision, interpret=interpret)
+        config = pipeline.default_config(FAMILY, m, n, k, dtype, interpret=interpret)
+    pipeline.check_config(config, dtype, num_weights=2, residual=False)
+    h = gated_fwd(
+        x2d,
+        wv,
+        bc,
+        n=n,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
     return h.reshape(*lead, n)

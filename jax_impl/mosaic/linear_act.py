@@ -29,9 +29,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ...common.config import TileConfig
-from ...common.spec import KERNEL_ACTIVATIONS
-from ..activations import apply_activation
+from ...common.validate import check_layer
+from ..activations import apply_activation, round_to_dtype
 from ..compat import interpret_mode
+from ..front import ADAPTER
 from . import pipeline
 from .pipeline import EPI_M, Tiles, persistent_matmul, row_vector
 
@@ -56,13 +57,13 @@ def _linear_act_fwd_kernel(
 
     def epilogue(acc: jax.Array, b_ref: Any, rows: slice, en: int, o_slot: Any) -> None:
         # 3. compute: y = act(acc + b) + r in fp32 on one 64 × epi_n slice, rounded once
-        y = acc[rows, en * epi_n:(en + 1) * epi_n]
+        y = acc[rows, en * epi_n : (en + 1) * epi_n]
         if b_ref is not None:
             y = y + row_vector(b_ref.at[pl.ds(en * epi_n, epi_n)], EPI_M, interpret=interpret)
         y = apply_activation(y, activation)
         if has_residual:  # the driver loaded the residual slice into o_slot
             y = y + o_slot[...].astype(jnp.float32)
-        o_slot[...] = y.astype(dtype)
+        o_slot[...] = round_to_dtype(y, dtype, interpret)
 
     # 1. program -> tile, 2. load, 4. store: the shared persistent driver
     persistent_matmul(x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue)
@@ -109,8 +110,9 @@ def linear_act_fwd(
         tiles=tiles,
         interpret=interpret,
     )
-    y = pipeline.launch(kernel, operands, (mp, np_), x.dtype, tiles, name="linear_act_fwd",
-                        interpret=interpret)
+    y = pipeline.launch(
+        kernel, operands, (mp, np_), x.dtype, tiles, name="linear_act_fwd", interpret=interpret
+    )
     return y if (mp, np_) == (m, n) else y[:m, :n]
 
 
@@ -124,27 +126,39 @@ def linear_act(
     residual: jax.Array | None = None,
     config: TileConfig | None = None,
     fp32_precision: str = "ieee",
+    interpret: bool | None = None,
 ) -> jax.Array:
-    """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N]; returns [..., N] in x.dtype."""
-    pipeline.check_common(x, activation, KERNEL_ACTIVATIONS, config, fp32_precision)
-    k = x.shape[-1]
-    pipeline.check_array("w", w, None, x.dtype)
-    n = w.shape[1]
-    pipeline.check_array("w", w, (k, n), x.dtype)
-    pipeline.check_array("b", b, (n,), x.dtype, optional=True)
-    pipeline.check_array("residual", residual, (*x.shape[:-1], n), x.dtype,
-                         optional=True)
+    """act(x @ w + b) (+ residual) for x [..., K], w [K, N], b [N]; returns [..., N] in x.dtype.
+    `interpret`: run under the Mosaic GPU interpreter (None: where there is no GPU)."""
+    dtype, k, n = check_layer(
+        ADAPTER,
+        x,
+        w,
+        b,
+        residual=residual,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+    )
+    interpret = interpret_mode() if interpret is None else interpret
     lead = x.shape[:-1]
     m = math.prod(lead)
     x2d = x.reshape(m, k)
-    reason = pipeline.unsupported_reason(m, n, k, x.dtype.name)
+    reason = pipeline.unsupported_reason(m, n, k, dtype)
     if reason is not None:
         raise NotImplementedError(reason)
-    interpret = interpret_mode()
     if config is None:
-        config = pipeline.default_config(FAMILY, m, n, k, x.dtype.name, interpret=interpret)
-    pipeline.check_config(config, x.dtype.name, num_weights=1, residual=residual is not None)
+        config = pipeline.default_config(FAMILY, m, n, k, dtype, interpret=interpret)
+    pipeline.check_config(config, dtype, num_weights=1, residual=residual is not None)
     r2d = residual.reshape(m, n) if residual is not None else None
-    y = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
-                       fp32_precision=fp32_precision, interpret=interpret)
+    y = linear_act_fwd(
+        x2d,
+        w,
+        b,
+        r2d,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
     return y.reshape(*lead, n)

@@ -64,13 +64,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ...common.config import TileConfig
-from ...common.dtypes import FP32_PRECISIONS
 from ...common.packing import PACK_BLOCK
+from ...common.registry import FALLBACK
 from ...common.tiling import shape_bucket
 from .. import compat
+from ..front import STACK
 
 IMPL = "pallas_mosaic"
-FALLBACK = "pallas_triton"
 FAMILIES = ("linear_act", "gated")
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 WGMMA_M = 64  # rows of one wgmma instruction (one warpgroup)
@@ -91,8 +91,9 @@ DEFAULT_NUM_SMS = 132  # H200 / H100 SXM, when no GPU is visible (lowering for C
 # Under the interpreter: the smallest tiles that exercise the warp-specialised path — two compute
 # warpgroups splitting 128 rows, a two-slot pipeline over 16-wide K slabs (three K steps at K=48),
 # 64 output columns (one gate/up pair for gated). Legal on the GPU too.
-INTERPRET_CONFIG = TileConfig(block_m=128, block_n=64, block_k=16, group_m=2, num_warps=4,
-                              num_stages=2, warp_specialize=True)
+INTERPRET_CONFIG = TileConfig(
+    block_m=128, block_n=64, block_k=16, group_m=2, num_warps=4, num_stages=2, warp_specialize=True
+)
 
 TUNED_FILE = Path(__file__).with_name("tuned_h200.json")
 
@@ -113,7 +114,7 @@ def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
     if dtype not in SUPPORTED_DTYPES:
         return (
             f"{IMPL}: dtype {dtype} is not supported (wgmma takes fp16/bf16 here); "
-            f"falls back to impl '{FALLBACK}'"
+            f"falls back to impl '{FALLBACK[STACK]}'"
         )
     itemsize = jnp.dtype(dtype).itemsize
     for name, size in (("K", k), ("N", n)):
@@ -121,7 +122,7 @@ def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
             return (
                 f"{IMPL}: {name}={size} is not a multiple of {MIN_SWIZZLE_BYTES // itemsize} for "
                 f"{dtype} (rows of {size * itemsize} bytes; the swizzled TMA tiles of Mosaic GPU "
-                f"need multiples of {MIN_SWIZZLE_BYTES}); falls back to impl '{FALLBACK}'"
+                f"need multiples of {MIN_SWIZZLE_BYTES}); falls back to impl '{FALLBACK[STACK]}'"
             )
     return None
 
@@ -137,16 +138,48 @@ def _heuristic(family: str, m: int, n: int) -> TileConfig:
     # while 64-column tiles split along M pass there (tests/test_pallas_mosaic.py, -m gpu).
     block_m = 64 if m <= WGMMA_M else 128
     if n <= PACK_BLOCK:
-        return TileConfig(128, PACK_BLOCK, 64, group_m=8, num_warps=4, num_stages=4,
-                          warp_specialize=True, epilogue_subtile=1)
+        return TileConfig(
+            128,
+            PACK_BLOCK,
+            64,
+            group_m=8,
+            num_warps=4,
+            num_stages=4,
+            warp_specialize=True,
+            epilogue_subtile=1,
+        )
     if family == "gated":  # block_n = output columns: the packed operand tile is 256 wide
-        return TileConfig(block_m, 128, 64, group_m=8, num_warps=4, num_stages=4,
-                          warp_specialize=True, epilogue_subtile=1)
+        return TileConfig(
+            block_m,
+            128,
+            64,
+            group_m=8,
+            num_warps=4,
+            num_stages=4,
+            warp_specialize=True,
+            epilogue_subtile=1,
+        )
     if n <= 128:  # a 128-wide operand tile: the two compute warpgroups split 128 rows
-        return TileConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4,
-                          warp_specialize=True, epilogue_subtile=2)
-    return TileConfig(block_m, 256, 64, group_m=8, num_warps=4, num_stages=4,
-                      warp_specialize=True, epilogue_subtile=2)
+        return TileConfig(
+            128,
+            128,
+            64,
+            group_m=8,
+            num_warps=4,
+            num_stages=4,
+            warp_specialize=True,
+            epilogue_subtile=2,
+        )
+    return TileConfig(
+        block_m,
+        256,
+        64,
+        group_m=8,
+        num_warps=4,
+        num_stages=4,
+        warp_specialize=True,
+        epilogue_subtile=2,
+    )
 
 
 @functools.cache
@@ -235,14 +268,20 @@ def plan_tiles(config: TileConfig, family: str) -> Tiles:
     bm, bn = config.block_m, config.block_n
     op_n = 2 * bn if gated else bn
     if bm not in (64, 128, 256):
-        raise ValueError(f"config.block_m: expected 64, 128 or 256 for {IMPL} (wgmma rows per "
-                         f"warpgroup are a multiple of {WGMMA_M}), got {bm}")
+        raise ValueError(
+            f"config.block_m: expected 64, 128 or 256 for {IMPL} (wgmma rows per "
+            f"warpgroup are a multiple of {WGMMA_M}), got {bm}"
+        )
     if gated and bn % PACK_BLOCK:
-        raise ValueError(f"config.block_n: expected a multiple of {PACK_BLOCK} for gated (whole "
-                         f"gate/up blocks of the packed operand), got {bn}")
+        raise ValueError(
+            f"config.block_n: expected a multiple of {PACK_BLOCK} for gated (whole "
+            f"gate/up blocks of the packed operand), got {bn}"
+        )
     if bn < 64:
-        raise ValueError(f"config.block_n: expected at least 64 for {IMPL} (a 128-byte swizzled "
-                         f"row of the output staging), got {bn}")
+        raise ValueError(
+            f"config.block_n: expected at least 64 for {IMPL} (a 128-byte swizzled "
+            f"row of the output staging), got {bn}"
+        )
     if config.block_k < 16:
         raise ValueError(f"config.block_k: expected at least 16 for {IMPL}, got {config.block_k}")
     if config.warp_specialize:
@@ -251,35 +290,54 @@ def plan_tiles(config: TileConfig, family: str) -> Tiles:
             raise ValueError(
                 f"config.block_m: expected at least {2 * WGMMA_M} with warp_specialize and an "
                 f"operand tile {op_n} < 256 wide (the two compute warpgroups split the rows), "
-                f"got {bm}")
+                f"got {bm}"
+            )
         wg_m, wg_op_n = (bm, op_n // 2) if split_n else (bm // 2, op_n)
     else:
         split_n, wg_m, wg_op_n = False, bm, op_n
     if wg_op_n > WGMMA_MAX_N:
-        raise ValueError(f"config.block_n: a warpgroup's operand tile is {wg_op_n} columns, over "
-                         f"wgmma's {WGMMA_MAX_N} (block_n={bn}, family {family})")
+        raise ValueError(
+            f"config.block_n: a warpgroup's operand tile is {wg_op_n} columns, over "
+            f"wgmma's {WGMMA_MAX_N} (block_n={bn}, family {family})"
+        )
     if wg_m * wg_op_n > MAX_ACC_ELEMS:
         raise ValueError(
             f"config: a compute warpgroup's fp32 accumulator would be {wg_m} × {wg_op_n}, over "
             f"{MAX_ACC_ELEMS} elements (128 registers a thread); got block_m={bm}, block_n={bn}, "
-            f"warp_specialize={config.warp_specialize}, family {family}")
+            f"warp_specialize={config.warp_specialize}, family {family}"
+        )
     wg_out_n = wg_op_n // 2 if gated else wg_op_n
     if wg_out_n % config.epilogue_subtile:
-        raise ValueError(f"config.epilogue_subtile: {config.epilogue_subtile} does not divide a "
-                         f"warpgroup's {wg_out_n} output columns")
+        raise ValueError(
+            f"config.epilogue_subtile: {config.epilogue_subtile} does not divide a "
+            f"warpgroup's {wg_out_n} output columns"
+        )
     epi_n = wg_out_n // config.epilogue_subtile
     if gated and epi_n % PACK_BLOCK:
         raise ValueError(
             f"config.epilogue_subtile: gated epilogue tiles hold whole gate/up blocks, so a "
             f"warpgroup's {wg_out_n} output columns / {config.epilogue_subtile} = {epi_n} must "
-            f"be a multiple of {PACK_BLOCK}")
+            f"be a multiple of {PACK_BLOCK}"
+        )
     if epi_n < 32:
-        raise ValueError(f"config.epilogue_subtile: epilogue tiles of {epi_n} columns; expected "
-                         f"at least 32 (got {wg_out_n} / {config.epilogue_subtile})")
-    return Tiles(gated=gated, block_m=bm, block_k=config.block_k, op_n=op_n, out_n=bn,
-                 warp_specialize=config.warp_specialize, split_n=split_n, wg_m=wg_m,
-                 wg_op_n=wg_op_n, epi_n=epi_n, num_stages=config.num_stages,
-                 group_m=config.group_m)
+        raise ValueError(
+            f"config.epilogue_subtile: epilogue tiles of {epi_n} columns; expected "
+            f"at least 32 (got {wg_out_n} / {config.epilogue_subtile})"
+        )
+    return Tiles(
+        gated=gated,
+        block_m=bm,
+        block_k=config.block_k,
+        op_n=op_n,
+        out_n=bn,
+        warp_specialize=config.warp_specialize,
+        split_n=split_n,
+        wg_m=wg_m,
+        wg_op_n=wg_op_n,
+        epi_n=epi_n,
+        num_stages=config.num_stages,
+        group_m=config.group_m,
+    )
 
 
 def check_config(config: TileConfig, dtype: str, num_weights: int, residual: bool) -> Tiles:
@@ -325,8 +383,7 @@ def padded_extents(m: int, n: int, k: int, tiles: Tiles, interpret: bool) -> tup
     extent is padded to whole tiles (`compat.mosaic_interpreter_models_tma_edges`).
     """
     if interpret and not compat.mosaic_interpreter_models_tma_edges():
-        return (round_up(m, tiles.block_m), round_up(n, tiles.out_n),
-                round_up(k, tiles.block_k))
+        return (round_up(m, tiles.block_m), round_up(n, tiles.out_n), round_up(k, tiles.block_k))
     return (m if m <= ROW_TILE else round_up(m, ROW_TILE)), n, k
 
 
@@ -366,16 +423,18 @@ def launch(
     """One `plgpu.kernel` call: a persistent grid of min(SMs, tiles) blocks of 1 or 3 warpgroups."""
     m, n = out_shape
     num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.out_n)
-    threads = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg") if (
-        tiles.warp_specialize) else {}
+    threads = (
+        dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
+        if (tiles.warp_specialize)
+        else {}
+    )
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(out_shape, dtype),
         grid=(max(1, min(num_sms(interpret), num_tiles)),),
         grid_names=("sm",),
         **threads,
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_param(interpret),
         kernel_name=name,
     )(*operands)
@@ -432,10 +491,15 @@ def persistent_matmul(
     # every model width (multiples of 64), 32 at least (unsupported_reason).
     transforms = mma_transforms(math.gcd(t.block_k, k, t.op_n, w_gmem.shape[1]), dtype)
     in_specs = [
-        plgpu.BlockSpec((t.block_m, t.block_k), lambda ki: (0, ki), transforms=transforms,
-                        memory_space=plgpu.SMEM),
-        plgpu.BlockSpec((t.block_k, t.op_n), lambda ki: (ki, 0), transforms=transforms,
-                        memory_space=plgpu.SMEM),
+        plgpu.BlockSpec(
+            (t.block_m, t.block_k),
+            lambda ki: (0, ki),
+            transforms=transforms,
+            memory_space=plgpu.SMEM,
+        ),
+        plgpu.BlockSpec(
+            (t.block_k, t.op_n), lambda ki: (ki, 0), transforms=transforms, memory_space=plgpu.SMEM
+        ),
     ]
 
     def warpgroup_slices(wg: Any) -> tuple[Any, Any]:
@@ -510,8 +574,9 @@ def persistent_matmul(
                 def acc_scope(acc_ref: Any) -> None:
                     # 2. load: this warpgroup's bias row, landing while the K loop runs
                     if b_gmem is not None:
-                        plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(op0, t.wg_op_n)], b_smem.at[wg],
-                                                b_bars.at[wg])
+                        plgpu.copy_gmem_to_smem(
+                            b_gmem.at[pl.ds(op0, t.wg_op_n)], b_smem.at[wg], b_bars.at[wg]
+                        )
                     run_pipeline(acc_ref)
                     acc = acc_ref[...]  # awaits every wgmma
                     bias = None
@@ -549,45 +614,3 @@ def persistent_matmul(
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     pl.run_scoped(scope, **allocations, collective_axes="wg" if ws else ())
-
-
-# ==== validation (public functions) ===============================================================
-def check_array(
-    name: str, a: Any, shape: tuple[int, ...] | None, dtype: Any, *, optional: bool = False
-) -> None:
-    """TypeError/ValueError naming `name` unless `a` is an array of `shape` and `dtype` (or None,
-    where optional). shape None checks only that `a` is 2-D (its width is read from it next)."""
-    if a is None:
-        if optional:
-            return
-        want = "a 2-D jax.Array" if shape is None else f"a jax.Array of shape {tuple(shape)}"
-        raise TypeError(f"{name}: expected {want}, got None")
-    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-        raise TypeError(f"{name}: expected a jax.Array, got {type(a).__name__}")
-    if shape is None:
-        if a.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-D array, got shape {tuple(a.shape)}")
-    elif tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
-    if a.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {jnp.dtype(dtype).name} (the dtype of x), "
-                         f"got {jnp.dtype(a.dtype).name}")
-
-
-def check_common(
-    x: Any, activation: str, activations: Sequence[str], config: Any, fp32_precision: str
-) -> None:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
-    if x.ndim < 1:
-        raise ValueError(f"x: expected at least 1 dimension [..., K], got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x: expected a floating dtype (float16, bfloat16, float32), got {x.dtype}")
-    if activation not in activations:
-        raise ValueError(f"activation: expected one of {tuple(activations)}, got {activation!r}")
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
-    if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(
-            f"fp32_precision: expected one of {FP32_PRECISIONS}, got {fp32_precision!r}"
-        )

@@ -48,11 +48,12 @@ from typing import Any
 import torch
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.registry import FALLBACK as _FALLBACKS
+from fusedmlp.common.registry import FALLBACK
+
+from ..front import STACK
 
 FAMILY = "linear_act"
 IMPL = "mosaic"
-FALLBACK = _FALLBACKS["torch"]
 MIN_JAX = (0, 11, 1)  # as_torch_kernel's launch convention fixed here (jax-ml/jax PR #39640)
 MOSAIC_PACKAGE = "fusedmlp.jax_impl.mosaic"
 
@@ -81,7 +82,7 @@ def as_torch_kernel() -> Callable[[Callable], Callable]:
         raise ImportError(
             f"impl {IMPL!r}: jax {jax.__version__} is too old for as_torch_kernel (it passes the "
             f"buffers with the wrong calling convention before {'.'.join(map(str, MIN_JAX))}); "
-            f"use jax >= {'.'.join(map(str, MIN_JAX))} or impl '{FALLBACK}'"
+            f"use jax >= {'.'.join(map(str, MIN_JAX))} or impl '{FALLBACK[STACK]}'"
         )
     return plgpu.as_torch_kernel
 
@@ -100,7 +101,8 @@ def unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
     if why is None:
         return None
     # The kernels' own reason (dtype; K and N in multiples of 16), under this route's name.
-    return why.replace(pipeline.IMPL, IMPL).replace(f"'{pipeline.FALLBACK}'", f"'{FALLBACK}'")
+    theirs, ours = f"'{FALLBACK['jax']}'", f"'{FALLBACK[STACK]}'"
+    return why.replace(pipeline.IMPL, IMPL).replace(theirs, ours)
 
 
 # ==== launch plan (pure) ==========================================================================
@@ -169,7 +171,7 @@ def check_operand(x: torch.Tensor) -> None:
         dtype = str(x.dtype).removeprefix("torch.")
         raise NotImplementedError(
             f"x: impl {IMPL!r} takes dtypes {names} (wgmma's 16-bit inputs), got {dtype}; "
-            f"fallback: impl '{FALLBACK}'"
+            f"fallback: impl '{FALLBACK[STACK]}'"
         )
     if x.device.type != "cuda":
         raise ValueError(f"x: impl {IMPL!r} expected a CUDA tensor, got device {x.device}")
@@ -197,8 +199,7 @@ def _compile(fn: Callable[..., Any], operands: list[torch.Tensor]) -> Callable[.
     except (ImportError, AttributeError):
         return wrapper
     structs = tuple(
-        jax.ShapeDtypeStruct(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-        for t in operands
+        jax.ShapeDtypeStruct(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in operands
     )
     return compile_fn(fn, structs)
 

@@ -36,17 +36,20 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import gated_config, heuristic_config, warp_specialize_applies
+from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.validate import check_packed_gated
 
 from .. import gated as portable
 from ..activations import apply_activation
-from ..gated import _PACK, _check_gated_args, _gate_split
+from ..front import ADAPTER
+from ..gated import _PACK, _gate_split
 from ..linear_act import _grouped_tile, _input_precision
-from ..runtime import INTERPRET
+from ..runtime import INTERPRET, check_kernel_device
 from .linear_act import _store_tile
 from .support import (
     as_tma_operand,
     ensure_allocator,
+    launch_config,
     num_programs,
     tma_unsupported_reason,
 )
@@ -58,26 +61,30 @@ def _gated_fwd_kernel(
     x_ptr, wv_ptr, bc_ptr, o_ptr,
     M, N, K, NUM_PROGRAMS,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the output tiles
     n_packed = 2 * tl.cdiv(N, _PACK) * _PACK  # 2·Np
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
-    wv_desc = tl.make_tensor_descriptor(wv_ptr, shape=[K, n_packed], strides=[n_packed, 1],
-                                        block_shape=[BLOCK_K, 2 * BLOCK_N])
-    o_desc = tl.make_tensor_descriptor(o_ptr, shape=[M, N], strides=[N, 1],
-                                       block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
+    x_desc = tl.make_tensor_descriptor(
+        x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
+    )
+    wv_desc = tl.make_tensor_descriptor(
+        wv_ptr, shape=[K, n_packed], strides=[n_packed, 1], block_shape=[BLOCK_K, 2 * BLOCK_N]
+    )
+    o_desc = tl.make_tensor_descriptor(
+        o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
+    )
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
     # loop flattened, a value used by both the next tile's loads and this tile's store would tie the
     # pipeliner's prologue to its epilogue.
     tile_out = tl.program_id(0) - NUM_PROGRAMS
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS,
-                         flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(
+        tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    ):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_p = pid_n * 2 * BLOCK_N
@@ -87,7 +94,7 @@ def _gated_fwd_kernel(
             # 2. load: one X tile, one packed tile; past the edges TMA reads zeros
             x = x_desc.load([off_m, k * BLOCK_K])
             wv = wv_desc.load([k * BLOCK_K, off_p])
-            if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
                 x = x.to(tl.float32)
                 wv = wv.to(tl.float32)
             # 3. compute: fp32 accumulate, gate and up in one product
@@ -106,8 +113,9 @@ def _gated_fwd_kernel(
         h = apply_activation(g, ACTIVATION) * u
 
         # 4. store: slice by slice, one rounding each; TMA clips at M and N
-        _store_tile(o_desc, h, o_ptr, out_m, out_n, M, N,
-                    False, UPCAST, BLOCK_M, BLOCK_N, SUBTILE)
+        _store_tile(
+            o_desc, h, o_ptr, out_m, out_n, M, N, False, INTERPRET, BLOCK_M, BLOCK_N, SUBTILE
+        )
 
 
 # ==== launcher ====================================================================================
@@ -128,23 +136,23 @@ def gated_fwd(
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
     if M == 0 or n == 0:
         return out
-    config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
+    # block_n: whole packed block pairs (at least 64)
+    config, ws = launch_config("gated", config, x.dtype, fp32_precision, False)
     x, wv = as_tma_operand(x), as_tma_operand(wv)
     bc = bc.contiguous() if bc is not None else None
     num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(n, config.block_n)
     programs = num_programs(num_tiles, x.device)
-    ws = warp_specialize_applies("gated", config)
     ensure_allocator()
     _gated_fwd_kernel[(programs,)](
         x, wv, bc, out,
         M, n, K, programs,
         ACTIVATION=activation, HAS_BIAS=bc is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
+        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
         FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
         num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    )  # fmt: skip
     return out
 
 
@@ -164,17 +172,21 @@ def gated(
 
     Where K or n breaks TMA's 16-byte stride rule, runs the portable `torch_impl.gated`.
     """
-    dtype, K, bc = _check_gated_args(x, wv, bc, n, activation, config, fp32_precision)
+    dtype, K, n = check_packed_gated(
+        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
+    check_kernel_device(x)
 
     lead = list(x.shape[:-1])
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]
     if tma_unsupported_reason(M, n, K, dtype) is not None:
-        return portable.gated(x, wv, bc, n=n, activation=activation, config=config,
-                              fp32_precision=fp32_precision)
+        return portable.gated(
+            x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+        )
     if config is None:
-        config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET,
-                                  persistent=True)
-    out = gated_fwd(x2d, wv, bc, n=n, activation=activation, config=config,
-                    fp32_precision=fp32_precision)
+        config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET, persistent=True)
+    out = gated_fwd(
+        x2d, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     return out.reshape(*lead, n)

@@ -50,26 +50,19 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import (
-    heuristic_config,
-    warp_specialize_applies,
-    with_residual_room,
-)
+from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
-from ..activations import apply_activation
-from ..linear_act import (
-    _cast_out,
-    _check_linear_act_args,
-    _dtype_name,
-    _grouped_tile,
-    _input_precision,
-)
-from ..runtime import INTERPRET
+from ..activations import apply_activation, round_to_dtype
+from ..front import ADAPTER
+from ..linear_act import _grouped_tile, _input_precision
+from ..runtime import INTERPRET, check_kernel_device
 from .support import (
     as_tma_operand,
     ensure_allocator,
     is_k_major,
+    launch_config,
     num_programs,
     tma_unsupported_reason,
 )
@@ -85,9 +78,19 @@ def _halves(acc, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _store_slice(o_desc, acc, r_ptr, off_m, off_n, M, N,
-                 HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+def _store_slice(
+    o_desc,
+    acc,
+    r_ptr,
+    off_m,
+    off_n,
+    M,
+    N,
+    HAS_RESIDUAL: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
     if HAS_RESIDUAL:
         # A masked pointer load per slice, not TMA: a descriptor load would stage the slice in
         # shared memory beside the pipeline's stages, for data read once.
@@ -97,34 +100,62 @@ def _store_slice(o_desc, acc, r_ptr, off_m, off_n, M, N,
         r = tl.load(r_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
         acc = acc + r.to(tl.float32)
     # one rounding to the output dtype; TMA clips the slice at M and N
-    o_desc.store([off_m, off_n], _cast_out(acc, o_desc.dtype, UPCAST))
+    o_desc.store([off_m, off_n], round_to_dtype(acc, o_desc.dtype, INTERPRET))
 
 
 @triton.jit
-def _store_tile(o_desc, acc, r_ptr, off_m, off_n, M, N,
-                HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr):
+def _store_tile(
+    o_desc,
+    acc,
+    r_ptr,
+    off_m,
+    off_n,
+    M,
+    N,
+    HAS_RESIDUAL: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SUBTILE: tl.constexpr,
+):
     """Store an fp32 [BLOCK_M, BLOCK_N] tile in SUBTILE column slices (o_desc's block is one)."""
     if SUBTILE == 1:
-        _store_slice(o_desc, acc, r_ptr, off_m, off_n, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N)
+        _store_slice(
+            o_desc, acc, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, INTERPRET, BLOCK_M, BLOCK_N
+        )
     elif SUBTILE == 2:
         a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
-        _store_slice(o_desc, a0, r_ptr, off_m, off_n, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N // 2)
-        _store_slice(o_desc, a1, r_ptr, off_m, off_n + BLOCK_N // 2, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N // 2)
+        _store_slice(
+            o_desc, a0, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, INTERPRET, BLOCK_M, BLOCK_N // 2
+        )
+        _store_slice(
+            o_desc,
+            a1,
+            r_ptr,
+            off_m,
+            off_n + BLOCK_N // 2,
+            M,
+            N,
+            HAS_RESIDUAL,
+            INTERPRET,
+            BLOCK_M,
+            BLOCK_N // 2,
+        )
     else:
         a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
         a00, a01 = _halves(a0, BLOCK_M, BLOCK_N // 2)
         a10, a11 = _halves(a1, BLOCK_M, BLOCK_N // 2)
         Q: tl.constexpr = BLOCK_N // 4
-        _store_slice(o_desc, a00, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
-        _store_slice(o_desc, a01, r_ptr, off_m, off_n + Q, M, N, HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
-        _store_slice(o_desc, a10, r_ptr, off_m, off_n + 2 * Q, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
-        _store_slice(o_desc, a11, r_ptr, off_m, off_n + 3 * Q, M, N,
-                     HAS_RESIDUAL, UPCAST, BLOCK_M, Q)
+        _store_slice(o_desc, a00, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, INTERPRET, BLOCK_M, Q)
+        _store_slice(
+            o_desc, a01, r_ptr, off_m, off_n + Q, M, N, HAS_RESIDUAL, INTERPRET, BLOCK_M, Q
+        )
+        _store_slice(
+            o_desc, a10, r_ptr, off_m, off_n + 2 * Q, M, N, HAS_RESIDUAL, INTERPRET, BLOCK_M, Q
+        )
+        _store_slice(
+            o_desc, a11, r_ptr, off_m, off_n + 3 * Q, M, N, HAS_RESIDUAL, INTERPRET, BLOCK_M, Q
+        )
 
 
 @triton.jit
@@ -132,30 +163,35 @@ def _linear_act_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
     M, N, K, NUM_PROGRAMS,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):
+):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
+    x_desc = tl.make_tensor_descriptor(
+        x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
+    )
     if W_KMAJOR:  # w is [N, K] in memory
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
     else:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[N, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    o_desc = tl.make_tensor_descriptor(o_ptr, shape=[M, N], strides=[N, 1],
-                                       block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N]
+        )
+    o_desc = tl.make_tensor_descriptor(
+        o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
+    )
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
     # loop flattened, a value used by both the next tile's loads and this tile's store would tie the
     # pipeliner's prologue to its epilogue.
     tile_out = tl.program_id(0) - NUM_PROGRAMS
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS,
-                         flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(
+        tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    ):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -168,7 +204,7 @@ def _linear_act_fwd_kernel(
                 w = w_desc.load([off_n, k * BLOCK_K]).T
             else:
                 w = w_desc.load([k * BLOCK_K, off_n])
-            if UPCAST:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             # 3. compute: fp32 accumulate
@@ -186,8 +222,20 @@ def _linear_act_fwd_kernel(
         acc = apply_activation(acc, ACTIVATION)
 
         # 4. store: the residual added and the tile stored slice by slice
-        _store_tile(o_desc, acc, r_ptr, out_m, out_n, M, N,
-                    HAS_RESIDUAL, UPCAST, BLOCK_M, BLOCK_N, SUBTILE)
+        _store_tile(
+            o_desc,
+            acc,
+            r_ptr,
+            out_m,
+            out_n,
+            M,
+            N,
+            HAS_RESIDUAL,
+            INTERPRET,
+            BLOCK_M,
+            BLOCK_N,
+            SUBTILE,
+        )
 
 
 # ==== launcher ====================================================================================
@@ -217,21 +265,21 @@ def linear_act_fwd(
     b = b.contiguous() if b is not None else None
     if residual is not None:
         residual = residual.contiguous()  # row stride N
-        config = with_residual_room(config, _dtype_name(x), fp32_precision=fp32_precision)
+    # a residual gets room in shared memory (more epilogue slices, then fewer stages)
+    config, ws = launch_config("linear_act", config, x.dtype, fp32_precision, residual is not None)
     num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = num_programs(num_tiles, x.device)
-    ws = warp_specialize_applies("linear_act", config)
     ensure_allocator()
     _linear_act_fwd_kernel[(programs,)](
         x, w, b, residual, out,
         M, N, K, programs,
         ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), UPCAST=INTERPRET,
+        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
         FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
         num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    )  # fmt: skip
     return out
 
 
@@ -250,18 +298,37 @@ def linear_act(
 
     Where K or N breaks TMA's 16-byte stride rule, runs the portable `torch_impl.linear_act`.
     """
-    dtype, K, N, b = _check_linear_act_args(x, w, b, residual, activation, config, fp32_precision)
+    dtype, K, N = check_layer(
+        ADAPTER,
+        x,
+        w,
+        b,
+        residual=residual,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+    )
+    check_kernel_device(x)
     lead = list(x.shape[:-1])
 
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]
     if tma_unsupported_reason(M, N, K, dtype) is not None:
-        return portable.linear_act(x, w, b, activation=activation, residual=residual,
-                                   config=config, fp32_precision=fp32_precision)
+        return portable.linear_act(
+            x,
+            w,
+            b,
+            activation=activation,
+            residual=residual,
+            config=config,
+            fp32_precision=fp32_precision,
+        )
     r2d = residual.reshape(-1, N) if residual is not None else None
     if config is None:
-        config = heuristic_config("linear_act", M, N, K, dtype, interpret=INTERPRET,
-                                  persistent=True)
-    out = linear_act_fwd(x2d, w, b, r2d, activation=activation, config=config,
-                         fp32_precision=fp32_precision)
+        config = heuristic_config(
+            "linear_act", M, N, K, dtype, interpret=INTERPRET, persistent=True
+        )
+    out = linear_act_fwd(
+        x2d, w, b, r2d, activation=activation, config=config, fp32_precision=fp32_precision
+    )
     return out.reshape(*lead, N)

@@ -10,21 +10,35 @@
   the linear_act kernel as it is (W_KMAJOR) instead of being copied.
 - `num_programs(num_tiles, device)`: the persistent grid, min(#SMs, #tiles) programs on a GPU; under
   the interpreter a handful, so that each program really walks several tiles.
+- `launch_config(family, config, dtype, fp32_precision, residual)`: the config a launch runs and
+  whether its tile loop is warp-specialised.
 - `ensure_allocator()`: descriptors built inside a kernel (`tl.make_tensor_descriptor`) live in a
   global-memory scratch that Triton asks the host for at launch (128 bytes per descriptor and
   program); without an allocator the launch fails. The interpreter needs none.
+
+Nothing that is fixed for a device or a config is read per launch (issue 23: a launch once
+imported its allocator probe and read the device's capability and SM count on every call): the SM
+count is read once per device, the launch config once per (family, config, dtype, precision,
+residual), the allocator probe imported once. What remains per launch is one read of Triton's
+allocator context variable — Triton keeps the allocator per context (thread), so a thread that
+has none gets ours at its first launch — and the operands' own facts (alignment, strides).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
 
+from fusedmlp.common.config import TileConfig
 from fusedmlp.common.dtypes import DTYPES
+from fusedmlp.common.registry import FALLBACK
+from fusedmlp.common.tiling import gated_config, warp_specialize_applies, with_residual_room
 
 from .. import tuning  # noqa: F401  (registers the GPU for the committed tuned configs)
+from ..front import STACK
 from ..runtime import INTERPRET
 
 TMA_ALIGN_BYTES = 16
@@ -50,7 +64,7 @@ def tma_unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
             return (
                 f"TMA's 16-byte stride rule: rows of {name} are {what}={width} x {size} bytes "
                 f"= {row_bytes} bytes, not a multiple of {TMA_ALIGN_BYTES}; "
-                "falls back to impl 'triton'"
+                f"falls back to impl '{FALLBACK[STACK]}'"
             )
     return None
 
@@ -74,16 +88,34 @@ def as_tma_operand(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
+def _max_programs(device_type: str, index: int | None) -> int:
+    """Programs a persistent grid may have on a device: its SM count (read once per device)."""
+    if INTERPRET or device_type != "cuda":
+        return INTERPRET_PROGRAMS
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def num_programs(num_tiles: int, device: torch.device) -> int:
     """Programs of the persistent grid: one per SM (never more than there are tiles)."""
-    if INTERPRET or device.type != "cuda":
-        return max(1, min(INTERPRET_PROGRAMS, num_tiles))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(_sm_count(index), num_tiles))
+    index = device.index
+    if index is None and device.type == "cuda" and not INTERPRET:  # a bare "cuda" device
+        index = torch.cuda.current_device()
+    return max(1, min(_max_programs(device.type, index), num_tiles))
+
+
+@functools.cache
+def launch_config(
+    family: str, config: TileConfig, dtype: torch.dtype, fp32_precision: str, residual: bool
+) -> tuple[TileConfig, bool]:
+    """The config a launch runs and whether its tile loop is warp-specialised, once per key:
+    gated tiles are whole packed block pairs (`gated_config`); a linear_act with a residual gets
+    room for it in shared memory (`with_residual_room`)."""
+    if family == "gated":
+        config = gated_config(config)
+    elif residual:
+        name = str(dtype).removeprefix("torch.")
+        config = with_residual_room(config, name, fp32_precision=fp32_precision)
+    return config, warp_specialize_applies(family, config)
 
 
 def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -92,15 +124,22 @@ def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tenso
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+@functools.cache
+def _allocator_probe() -> tuple[Any, type] | None:
+    """Triton's current-allocator context variable and its null allocator's class, imported once
+    (not public API: where the import breaks, `ensure_allocator` installs ours every launch)."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:  # pragma: no cover - depends on the triton version
+        return None
+    return _allocator, NullAllocator
+
+
 def ensure_allocator() -> None:
     """Give Triton a scratch allocator for in-kernel descriptors, unless the user has set one."""
     if INTERPRET:
         return
-    try:  # the current allocator is not public API; if the probe breaks, install ours
-        from triton.runtime._allocation import NullAllocator, _allocator
-
-        if not isinstance(_allocator.get(), NullAllocator):
-            return
-    except ImportError:  # pragma: no cover - depends on the triton version
-        pass
+    probe = _allocator_probe()
+    if probe is not None and not isinstance(probe[0].get(), probe[1]):
+        return
     triton.set_allocator(_torch_scratch)

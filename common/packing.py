@@ -22,19 +22,24 @@ no data between threads. The layout is a storage choice only: the float64 refere
 files keep W and V apart, and `unpack_gated` gives them back bit for bit.
 
 Names in a packed params dict: `wv{i}` replaces `w{i}` and `v{i}`, `bc{i}` replaces `b{i}` and
-`c{i}`, for every gated layer i; other layers keep their names. Each stack has its own
-`pack_params` (torch_impl/packing.py, jax_impl/packing.py) built on the index rules here.
+`c{i}`, for every gated layer i; other layers keep their names. The walk over the layers
+(`pack_params`, `unpack_params`) and `unpack_gated` (reshapes and slices only) are written once,
+here, for any array type; each stack supplies only its `pack_gated` (torch_impl/packing.py,
+jax_impl/packing.py), whose padding and concatenation are the framework's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .spec import MLPSpec
 
 PACK_BLOCK = 64
+# NumPy arrays here; torch tensors and jax arrays in the stacks' packing modules.
+ArrayT = TypeVar("ArrayT", bound=Any)
 
 
 def packed_width(n: int) -> int:
@@ -84,27 +89,55 @@ def pack_gated(w: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.concatenate([w_b, v_b], axis=-2).reshape(*lead, 2 * half)
 
 
-def unpack_gated(packed: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The inverse of `pack_gated` for a layer of width n: (w, v), padding dropped."""
+def unpack_gated(packed: ArrayT, n: int) -> tuple[ArrayT, ArrayT]:
+    """The inverse of `pack_gated` for a layer of width n: (w, v), padding dropped. Reshapes and
+    slices only, so it serves NumPy, torch and jax arrays alike."""
     width = packed_width(n)
     if packed.shape[-1] != width:
         raise ValueError(f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}")
-    lead = packed.shape[:-1]
+    lead = tuple(packed.shape[:-1])
     blocks = packed.reshape(*lead, width // (2 * PACK_BLOCK), 2, PACK_BLOCK)
     w = blocks[..., 0, :].reshape(*lead, width // 2)[..., :n]
     v = blocks[..., 1, :].reshape(*lead, width // 2)[..., :n]
     return w, v
 
 
-def pack_params(spec: MLPSpec, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """NumPy params in the contract's names -> the packed names (see the module docstring)."""
-    out: dict[str, np.ndarray] = {}
+def pack_params(
+    spec: MLPSpec,
+    params: Mapping[str, ArrayT],
+    pack: Callable[[ArrayT, ArrayT], ArrayT] = pack_gated,
+) -> dict[str, ArrayT]:
+    """Params in the contract's names -> the packed names (see the module docstring); already
+    packed params pass through. `pack`: the stack's `pack_gated` (NumPy's by default)."""
+    if is_packed(params):
+        return dict(params)
+    out: dict[str, ArrayT] = {}
     for layer in spec.layers():
         i = layer.index
         if layer.gated:
-            out[f"wv{i}"] = pack_gated(params[f"w{i}"], params[f"v{i}"])
+            out[f"wv{i}"] = pack(params[f"w{i}"], params[f"v{i}"])
             if layer.bias:
-                out[f"bc{i}"] = pack_gated(params[f"b{i}"], params[f"c{i}"])
+                out[f"bc{i}"] = pack(params[f"b{i}"], params[f"c{i}"])
+        else:
+            out[f"w{i}"] = params[f"w{i}"]
+            if layer.bias:
+                out[f"b{i}"] = params[f"b{i}"]
+    return out
+
+
+def unpack_params(spec: MLPSpec, params: Mapping[str, ArrayT]) -> dict[str, ArrayT]:
+    """Packed params -> the contract's names, in canonical order (per layer w, b, v, c); plain
+    params pass through. What the baselines and the kernels that take w and v apart read."""
+    if not is_packed(params):
+        return dict(params)
+    out: dict[str, ArrayT] = {}
+    for layer in spec.layers():
+        i = layer.index
+        if layer.gated:
+            w, v = unpack_gated(params[f"wv{i}"], layer.d_out)
+            b, c = unpack_gated(params[f"bc{i}"], layer.d_out) if layer.bias else (None, None)
+            named = {f"w{i}": w, f"b{i}": b, f"v{i}": v, f"c{i}": c}
+            out |= {name: a for name, a in named.items() if a is not None}
         else:
             out[f"w{i}"] = params[f"w{i}"]
             if layer.bias:

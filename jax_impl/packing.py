@@ -14,8 +14,11 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from fusedmlp.common import MLPSpec
-from fusedmlp.common.packing import PACK_BLOCK, is_packed, packed_width
+from fusedmlp.common import MLPSpec, packing
+from fusedmlp.common.packing import PACK_BLOCK, packed_width, unpack_gated, unpack_params
+
+# unpack_gated and unpack_params reshape and slice only: common/packing.py's serve every stack.
+__all__ = ["pack_gated", "pack_params", "unpack_gated", "unpack_params"]
 
 
 def pack_gated(w: jax.Array, v: jax.Array) -> jax.Array:
@@ -31,53 +34,6 @@ def pack_gated(w: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def pack_params(spec: MLPSpec, params: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Params in the contract's names -> the packed names (already packed params pass through)."""
-    if is_packed(params):
-        return dict(params)
-    out: dict[str, jax.Array] = {}
-    for layer in spec.layers():
-        i = layer.index
-        if layer.gated:
-            out[f"wv{i}"] = pack_gated(params[f"w{i}"], params[f"v{i}"])
-            if layer.bias:
-                out[f"bc{i}"] = pack_gated(params[f"b{i}"], params[f"c{i}"])
-        else:
-            out[f"w{i}"] = params[f"w{i}"]
-            if layer.bias:
-                out[f"b{i}"] = params[f"b{i}"]
-    return out
-
-
-def unpack_gated(packed: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """The inverse of `pack_gated` for a layer of width n: (w, v), padding dropped (views)."""
-    width = packed_width(n)
-    if packed.shape[-1] != width:
-        raise ValueError(f"packed: expected {width} columns for width {n}, got {packed.shape[-1]}")
-    lead = tuple(packed.shape[:-1])
-    blocks = packed.reshape(*lead, width // (2 * PACK_BLOCK), 2, PACK_BLOCK)
-    w = blocks[..., 0, :].reshape(*lead, width // 2)[..., :n]
-    v = blocks[..., 1, :].reshape(*lead, width // 2)[..., :n]
-    return w, v
-
-
-def unpack_params(spec: MLPSpec, params: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Packed params -> the contract's names (plain params pass through): what the baselines and
-    the kernels that take w and v apart read."""
-    if not is_packed(params):
-        return dict(params)
-    out: dict[str, jax.Array] = {}
-    for layer in spec.layers():
-        i = layer.index
-        if layer.gated:  # canonical order: w, b, v, c
-            w, v = unpack_gated(params[f"wv{i}"], layer.d_out)
-            out[f"w{i}"] = w
-            if layer.bias:
-                out[f"b{i}"], out[f"c{i}"] = unpack_gated(params[f"bc{i}"], layer.d_out)
-            out[f"v{i}"] = v
-            if layer.bias:
-                out[f"c{i}"] = out.pop(f"c{i}")
-        else:
-            out[f"w{i}"] = params[f"w{i}"]
-            if layer.bias:
-                out[f"b{i}"] = params[f"b{i}"]
-    return out
+    """Params in the contract's names -> the packed names (already packed params pass through):
+    common/packing.py's walk over the layers with this stack's `pack_gated`."""
+    return packing.pack_params(spec, params, pack_gated)

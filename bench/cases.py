@@ -2,7 +2,7 @@
 
 NumPy params and inputs come from `common.init_params` / `make_input`. Each stack wraps the same
 bytes: on the GPU torch allocates the device buffers and JAX reads them through DLPack (zero-copy,
-so both stacks time the very same memory); on the CPU torch wraps the NumPy arrays and JAX takes
+so both stacks time the very same memory); on the CPU torch copies the NumPy arrays and JAX takes
 them through DLPack too where it can (else a copy — the values are the same either way).
 
 Inputs are rotated: `sets` holds several copies of (x, params) whose total exceeds twice the
@@ -70,17 +70,6 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def to_torch(a: np.ndarray, device: str) -> Any:
-    """A NumPy array (bfloat16 through ml_dtypes too) as a torch tensor on `device`, same bits."""
-    import torch
-
-    if a.dtype.name == "bfloat16":
-        t = torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.to(device)
 
 
 def torch_to_jax(t: Any) -> Any:
@@ -156,6 +145,8 @@ class Case:
     def torch_sets(self) -> list[tuple[Any, dict[str, Any]]]:
         if self._torch_sets is None:
             import torch
+
+            from fusedmlp.torch_impl.module import to_torch
 
             x = to_torch(self.x, self.device)
             params = {k: to_torch(v, self.device) for k, v in self.params.items()}

@@ -97,8 +97,7 @@ class CallSite:
 def _operands(family: str, m: int, n: int, k: int, dtype: str, seed: int) -> dict[str, Any]:
     """torch CUDA tensors of the problem, random normal scaled like a layer (1/sqrt(K))."""
     from fusedmlp.common.dtypes import numpy_dtype
-
-    from .cases import to_torch
+    from fusedmlp.torch_impl.module import to_torch
 
     rng = np.random.default_rng(seed)
     scale = 1.0 / np.sqrt(k)

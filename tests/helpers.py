@@ -1,5 +1,7 @@
-"""Helpers the test files share: stack-neutral arrays (the one NumPy -> torch conversion), golden
-case selection, the golden test body (`GoldenParity`), and torch 2.11's Dynamo on any torch."""
+"""Helpers the test files share: stack-neutral arrays (the one NumPy -> torch conversion), random
+layer operands and their float64 reference, golden case selection, the golden test body
+(`GoldenParity`), the whole-MLP kernels' shared test body (`WholeMLPTests`), subprocess scripts
+(sm_90 compiles, lowering for CUDA), and torch 2.11's Dynamo on any torch."""
 
 from __future__ import annotations
 
@@ -7,29 +9,47 @@ import contextlib
 import dataclasses
 import functools
 import importlib
-from collections.abc import Iterator
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fusedmlp.common import golden
+from fusedmlp.bench.cases import to_numpy  # the one torch/jax -> NumPy conversion
+from fusedmlp.common import golden, reference
+from fusedmlp.common.dtypes import DTYPES, numpy_dtype
+from fusedmlp.common.packing import pack_params
+from fusedmlp.common.params import init_params, make_input
 from fusedmlp.common.registry import get_implementation, impl_names
+from fusedmlp.common.spec import ACTIVATIONS, MLPSpec
 from fusedmlp.common.tolerance import assert_close
 
+ROOT = Path(__file__).resolve().parents[1]
+STACKS = ("torch", "jax")
 
-def to_numpy(a: object) -> np.ndarray:
-    """A torch tensor or jax array as a NumPy array (bfloat16 upcast exactly to float32)."""
-    mod = type(a).__module__
-    if mod.startswith("torch"):
-        t = a.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            t = t.float()
-        return t.numpy()
-    arr = np.asarray(a)
-    if arr.dtype.name == "bfloat16":
-        arr = arr.astype(np.float32)
-    return arr
+
+def rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str, scale: float = 1.0):
+    """Standard normal values times `scale`, in the contract dtype `dtype` (NumPy)."""
+    return (scale * rng.standard_normal(shape)).astype(numpy_dtype(dtype))
+
+
+def layer_ref(x, w, b, activation: str, v=None, c=None, residual=None) -> np.ndarray:
+    """One layer in float64, from the reference's activation formulas: act(x·w + b), times
+    (x·v + c) for a gated layer, plus the residual."""
+    f64 = functools.partial(np.asarray, dtype=np.float64)
+    z = f64(x) @ f64(w) + (f64(b) if b is not None else 0.0)
+    out = reference.activation(activation, z)
+    if v is not None:
+        out = out * (f64(x) @ f64(v) + (f64(c) if c is not None else 0.0))
+    if residual is not None:
+        out = out + f64(residual)
+    return out
 
 
 GOLDEN_NAMES = golden.case_names()
@@ -54,13 +74,13 @@ def golden_names(*, gated: bool | None = None, dtypes: tuple[str, ...] | None = 
     return out
 
 
-def to_torch(a: np.ndarray) -> Any:
-    """A NumPy array (ml_dtypes bfloat16 included) as a CPU torch tensor, bit for bit: the one
-    NumPy -> torch conversion (fusedmlp.torch_impl.module.to_torch; torch.from_numpy knows no
-    bfloat16). Imported lazily: the JAX-only CI job has no torch."""
+def to_torch(a: np.ndarray, device: Any = None) -> Any:
+    """A NumPy array (ml_dtypes bfloat16 included) as a torch tensor on `device` (None: the CPU),
+    bit for bit: the one NumPy -> torch conversion (fusedmlp.torch_impl.module.to_torch;
+    torch.from_numpy knows no bfloat16). Imported lazily: the JAX-only CI job has no torch."""
     from fusedmlp.torch_impl.module import to_torch as convert
 
-    return convert(a)
+    return convert(a, device)
 
 
 # ---- torch 2.11's Dynamo, on any torch (the compile guard) ---------------------------------------
@@ -168,7 +188,7 @@ class GoldenParity:
     def wrap(stack: str, case: golden.GoldenCase) -> tuple[Any, dict[str, Any]]:
         if stack == "torch":
             device = "cuda" if _has_gpu("torch") else "cpu"
-            conv = lambda a: to_torch(a).to(device)  # noqa: E731
+            conv = functools.partial(to_torch, device=device)
         else:
             import jax.numpy as jnp
 
@@ -191,3 +211,210 @@ class GoldenParity:
         base = BASELINE[self.stack]
         baseline = _golden_output(self.stack, base, name) if impl != base else None
         assert_close(out, case.y, case.spec, baseline=baseline, what=f"{self.stack}/{impl}/{name}")
+
+
+# ---- the whole-MLP kernels' shared test body -----------------------------------------------------
+class WholeStack:
+    """One stack's whole-MLP module (`fused_small` or `fused_decode`) behind one interface: NumPy
+    in, NumPy out, params packed here once (as a caller would)."""
+
+    def __init__(self, name: str, family: str):
+        self.name = name
+        self.mod = importlib.import_module(f"fusedmlp.{name}_impl.{family}")
+        self.fn = getattr(self.mod, family)
+
+    def array(self, a: np.ndarray) -> Any:
+        if self.name == "torch":
+            import torch
+
+            return to_torch(a, "cuda" if torch.cuda.is_available() else None)
+        import jax.numpy as jnp
+
+        return jnp.asarray(a)
+
+    def packed(self, spec: MLPSpec, params: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {k: self.array(v) for k, v in pack_params(spec, params).items()}
+
+    def call(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw) -> Any:
+        return self.fn(self.array(x), self.packed(spec, params), spec, **kw)
+
+    def run(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw) -> np.ndarray:
+        return to_numpy(self.call(x, params, spec, **kw))
+
+    def check(self, spec: MLPSpec, lead: Any, seed: int, **kw) -> None:
+        """Fresh params and input (seeds `seed`, `seed + 1`) against the float64 reference."""
+        params = init_params(spec, seed=seed)
+        x = make_input(spec, lead, seed=seed + 1)
+        out = self.run(x, params, spec, **kw)
+        assert_close(out, reference.forward(spec, x, params), spec, what=f"{self.name} {spec}")
+
+
+def whole_stack_fixture(family: str) -> Any:
+    """A module's `stack` fixture: `family` in each stack in turn (`stack = whole_stack_fixture(
+    "fused_small")` at the top of a test file)."""
+
+    @pytest.fixture(params=STACKS, scope="module")
+    def stack(request: pytest.FixtureRequest) -> WholeStack:
+        return WholeStack(request.param, family)
+
+    return stack
+
+
+def widths_id(value: Any) -> Any:
+    """Test ids for widths tuples: (19, 45, 7) -> "19-45-7"."""
+    return "-".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+class WholeMLPTests:
+    """The tests fused_small and fused_decode share (tokamax's shared test base): a subclass in
+    each file binds `family`, the module's `PUBLIC_NAMES`, its odd widths, and the cases below;
+    the file's `stack` fixture (`whole_stack_fixture`) runs each on both stacks."""
+
+    family: str = ""
+    public_names: tuple[str, ...] = ()
+    # Fresh random inputs at the golden files' odd shapes: the golden tests' jitted Pallas kernels
+    # are reused (Pallas interpret compiles dominate these files' run time).
+    golden_widths: tuple[int, ...] = golden.ODD_WIDTHS
+    golden_m: int = golden.ODD_M
+    odd_widths: tuple[int, ...] = ()
+    nan_case: tuple[str, int, int, int] = ("float32", 5, 0, 0)  # dtype, M, NaN row and column
+    twin_m: int = 1
+    twin_cases: tuple[tuple[tuple[int, ...], str, str], ...] = ()  # (widths, activation, dtype)
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        if metafunc.function.__name__ == "test_twins_bitwise":
+            ids = ["-".join(map(str, (widths_id(w), a, d))) for w, a, d in self.twin_cases]
+            metafunc.parametrize("widths, activation, dtype", self.twin_cases, ids=ids)
+
+    @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    def test_activation_dtype_bias(self, stack, activation, dtype, bias):
+        """Every activation x dtype x bias at the golden files' odd shapes (fresh inputs)."""
+        seed = 7 * ACTIVATIONS.index(activation) + 3 * DTYPES.index(dtype) + bias
+        stack.check(MLPSpec(self.golden_widths, activation, bias, dtype), self.golden_m, seed)
+
+    def test_nan_propagates(self, stack):
+        """A NaN in one row of x makes that row of y NaN (relu is a select) and no other."""
+        dtype, m, row, col = self.nan_case
+        spec = MLPSpec(self.odd_widths, "relu", True, dtype)
+        params = init_params(spec, seed=13)
+        x = make_input(spec, m, seed=14)
+        x[row, col] = np.nan
+        out = stack.run(x, params, spec)
+        assert np.isnan(out[row]).all() and not np.isnan(np.delete(out, row, axis=0)).any()
+        assert_close(out, reference.forward(spec, x, params), spec)
+
+    def test_twins_bitwise(self, widths, activation, dtype):
+        """The same algorithm in both stacks: identical bits under the interpreters (fp32
+        activations built on exp are the exception: each interpreter has its own exp,
+        docs/cross_stack_cpu.md)."""
+        spec = MLPSpec(widths, activation, True, dtype)
+        params = init_params(spec, seed=31)
+        x = make_input(spec, self.twin_m, seed=32)
+        out_t, out_j = (WholeStack(name, self.family).run(x, params, spec) for name in STACKS)
+        assert out_t.tobytes() == out_j.tobytes(), np.sum(out_t != out_j)
+
+    def test_twin_contract(self):
+        """The public names of both twins, the constants with the same values."""
+        torch_mod, jax_mod = (
+            importlib.import_module(f"fusedmlp.{name}_impl.{self.family}") for name in STACKS
+        )
+        for name in self.public_names:
+            assert hasattr(torch_mod, name) and hasattr(jax_mod, name), name
+            if name.isupper():
+                assert getattr(torch_mod, name) == getattr(jax_mod, name), name
+
+
+# ---- subprocess scripts: sm_90 compiles, lowering for CUDA ---------------------------------------
+def run_script(script: str, *args: object, timeout: float = 600, cache: str = "inherit") -> Any:
+    """Runs `script` in a fresh Python from the repository root, with real Triton functions
+    (TRITON_INTERPRET=0: compile for sm_90, launch nothing) and JAX on the CPU, `args` as its
+    argv; returns the JSON it prints after "RESULT". `cache`: Triton's cache dir as this process
+    has it ("inherit"), unset ("unset": what a fresh shell has, as jax_triton's import tests
+    want), or a new empty one ("cold": real compile times). A script that prints no result
+    fails with the end of its stderr (the compiler's message)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
+    if cache != "inherit":
+        env.pop("TRITON_CACHE_DIR", None)
+    with tempfile.TemporaryDirectory() as cold:
+        if cache == "cold":
+            env["TRITON_CACHE_DIR"] = cold
+        proc = subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+    if "RESULT" not in proc.stdout:
+        raise AssertionError(f"the script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+def jax_triton_wheel() -> Path | None:
+    """The jax_triton wheel bench/fetch_wheels.sh puts in .wheels/ (None: not fetched)."""
+    wheels = sorted((ROOT / ".wheels").glob("jax_triton-*.whl"))
+    return wheels[-1] if wheels else None
+
+
+def torch_like_ptx(native: Any, plan: Any, dtype: str, num_warps: int, num_stages: int) -> str:
+    """sm_90 PTX of a native Triton kernel specialised as the torch launcher specialises it for
+    `plan` (a jax_impl.cross TritonLaunch): 16-byte aligned pointers of type `dtype` ("*bf16"),
+    ints divisible by 16 marked so, 1 a constant."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs, constexprs = {}, {}, dict(plan.constexprs)
+    for i, p in enumerate(native.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name], attrs[(i,)] = dtype, [["tt.divisibility", 16]]
+        elif plan.scalars[p.name] == 1:
+            sig[p.name], constexprs[p.name] = "constexpr", 1
+        else:
+            sig[p.name] = "i32"
+            if plan.scalars[p.name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(
+        ASTSource(native, sig, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=num_warps, num_stages=num_stages),
+    )
+    return compiled.asm["ptx"]
+
+
+def lower_for_cuda(fn: Callable, *args: Any) -> str:
+    """`jax.jit(fn)` traced on `args` (ShapeDtypeStructs) and lowered for CUDA on this CPU: the
+    real lowering rules, stopped before any GPU compiler runs. Its StableHLO text."""
+    import jax
+
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def needs_jax_0_10_lowering() -> None:
+    """Skips the calling test unless jax is 0.10: lowering Pallas-Triton for CUDA without a GPU
+    needs it (jax 0.11 asks for a GPU device description)."""
+    import jax
+
+    if not jax.__version__.startswith("0.10."):
+        pytest.skip(
+            f"lowering Pallas-Triton for CUDA without a GPU needs jax 0.10, got {jax.__version__}"
+        )
+
+
+def lower_whole_mlp(fwd: Callable, spec: MLPSpec, m: int, **kw) -> str:
+    """A JAX whole-MLP launcher (`fused_small_fwd`, `fused_decode_fwd`) lowered for CUDA on the
+    packed params' shapes and an [m, d_in] input, `interpret=False`."""
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp.common.packing import packed_names
+
+    dt = jnp.dtype(spec.dtype)
+    shapes = {k: jax.ShapeDtypeStruct(v, dt) for k, v in packed_names(spec).items()}
+    x = jax.ShapeDtypeStruct((m, spec.d_in), dt)
+    return lower_for_cuda(functools.partial(fwd, spec=spec, interpret=False, **kw), x, shapes)

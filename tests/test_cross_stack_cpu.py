@@ -43,7 +43,7 @@ from fusedmlp.common import MLPSpec, TileConfig, golden, reference
 from fusedmlp.common.dtypes import DTYPES, numpy_dtype
 from fusedmlp.common.packing import pack_gated
 from fusedmlp.common.tolerance import assert_close
-from helpers import to_numpy
+from helpers import to_numpy, to_torch
 
 # torch and JAX share the GPU in these tests: JAX must not grab 75% of its memory up front (set
 # before JAX's backend starts; the `fusedmlp` CLI does the same).
@@ -104,13 +104,7 @@ def _problem(family: str, m: int, k: int, n: int, dtype: str, bias: bool, residu
 
 
 def _torch(a: np.ndarray | None, device: str = "cpu"):
-    import torch
-
-    if a is None:
-        return None
-    if a.dtype == numpy_dtype("bfloat16"):  # NumPy has no bfloat16: move the raw bits
-        return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16).to(device)
-    return torch.from_numpy(a.copy()).to(device)
+    return None if a is None else to_torch(a, device)
 
 
 def _reference(family: str, ops: dict[str, Any], activation: str) -> np.ndarray:

@@ -10,21 +10,16 @@ configs (shared memory, registers, 16-byte cp.async, wgmma at M = 64) on this CP
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import textwrap
 
 import numpy as np
 import pytest
 
-from fusedmlp.common import golden, reference
+from fusedmlp.common import reference
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.dtypes import DTYPES
 from fusedmlp.common.packing import pack_params
 from fusedmlp.common.params import init_params, make_input
-from fusedmlp.common.spec import ACTIVATIONS, MLPSpec
+from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     NUM_SMS,
     SMEM_PER_SM,
@@ -35,81 +30,47 @@ from fusedmlp.common.tiling import (
     fused_decode_config,
 )
 from fusedmlp.common.tolerance import assert_close
-from helpers import to_numpy
+from helpers import (
+    WholeMLPTests,
+    WholeStack,
+    lower_whole_mlp,
+    needs_jax_0_10_lowering,
+    run_script,
+    to_numpy,
+    whole_stack_fixture,
+    widths_id,
+)
 
 # Interpreter config (common/tiling.py): BLOCK_H=32, BLOCK_K=16, BLOCK_N=32, BLOCK_K2=16, split 2
 # -> hidden 75 is 3 up programs (the third in the second packed block), d_in 19 is 2 K chunks,
 # d_out 33 is 2 down tiles (one ragged), the hidden's 5 chunks split 3 + 2.
 ODD_WIDTHS = (19, 75, 33)
-# The golden files' odd widths and M (hidden 67: 3 up programs; d_in 33: 3 K chunks): fresh random
-# inputs at the golden shapes reuse the jitted Pallas kernels of the golden tests.
-GOLDEN_WIDTHS, GOLDEN_M = golden.ODD_WIDTHS, golden.ODD_M
 PUBLIC_NAMES = ("supports", "fused_decode_fwd", "fused_decode", "MAX_M", "REDUCE_BLOCK_N")
 LLAMA = MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
 
 
-class Stack:
-    """One stack's fused_decode module and array conversion."""
-
-    def __init__(self, name: str):
-        self.name = name
-        if name == "torch":
-            import torch
-
-            from fusedmlp.torch_impl import fused_decode as mod
-
-            self.torch = torch
-        else:
-            import jax.numpy as jnp
-
-            from fusedmlp.jax_impl import fused_decode as mod
-
-            self.jnp = jnp
-        self.mod = mod
-
-    def array(self, a: np.ndarray):
-        if self.name == "torch":
-            if a.dtype.name == "bfloat16":
-                t = self.torch.from_numpy(a.view(np.uint16).copy()).view(self.torch.bfloat16)
-            else:
-                t = self.torch.from_numpy(a.copy())
-            return t.cuda() if self.torch.cuda.is_available() else t
-        return self.jnp.asarray(a)
-
-    def call(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw):
-        """Runs on the packed params (packed here, once, as a caller would)."""
-        packed = pack_params(spec, params)
-        return self.mod.fused_decode(
-            self.array(x), {k: self.array(v) for k, v in packed.items()}, spec, **kw
-        )
-
-    def run(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw) -> np.ndarray:
-        return to_numpy(self.call(x, params, spec, **kw))
+stack = whole_stack_fixture("fused_decode")
 
 
-@pytest.fixture(params=["torch", "jax"], scope="module")
-def stack(request) -> Stack:
-    return Stack(request.param)
-
-
-def check(stack: Stack, spec: MLPSpec, lead, seed: int, **kw) -> None:
-    params = init_params(spec, seed=seed)
-    x = make_input(spec, lead, seed=seed + 1)
-    out = stack.run(x, params, spec, **kw)
-    assert_close(out, reference.forward(spec, x, params), spec, what=f"{stack.name} {spec}")
-
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_activation_dtype_bias(stack, activation, dtype, bias):
-    seed = 7 * ACTIVATIONS.index(activation) + 3 * DTYPES.index(dtype) + bias
-    check(stack, MLPSpec(GOLDEN_WIDTHS, activation, bias, dtype), GOLDEN_M, seed)
+class TestShared(WholeMLPTests):
+    # the golden shapes (the base's): hidden 67 is 3 up programs, d_in 33 is 3 K chunks
+    family = "fused_decode"
+    public_names = PUBLIC_NAMES
+    odd_widths = ODD_WIDTHS
+    nan_case = ("float32", 5, 2, 7)
+    twin_m = 11
+    twin_cases = (
+        (ODD_WIDTHS, "relu", "float32"),
+        (ODD_WIDTHS, "relu", "float16"),
+        (ODD_WIDTHS, "relu", "bfloat16"),
+        (ODD_WIDTHS, "swiglu", "float16"),
+        (ODD_WIDTHS, "geglu_tanh", "bfloat16"),
+    )
 
 
 @pytest.mark.parametrize("m", [0, 1, 37, 64])
 def test_rows(stack, m):
-    check(stack, MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16"), m, seed=m)
+    stack.check(MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16"), m, seed=m)
 
 
 @pytest.mark.parametrize(
@@ -120,14 +81,14 @@ def test_rows(stack, m):
         ((128, 96, 7), "geglu_tanh", "bfloat16"),
         ((40, 200, 70), "swiglu", "float16"),
     ],
-    ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else v,
+    ids=widths_id,
 )
 def test_widths(stack, widths, activation, dtype):
-    check(stack, MLPSpec(widths, activation, True, dtype), 3, seed=widths[1])
+    stack.check(MLPSpec(widths, activation, True, dtype), 3, seed=widths[1])
 
 
 def test_3d_input(stack):
-    check(stack, MLPSpec(ODD_WIDTHS, "silu", True, "float32"), (2, 3), seed=9)
+    stack.check(MLPSpec(ODD_WIDTHS, "silu", True, "float32"), (2, 3), seed=9)
 
 
 @pytest.mark.parametrize(
@@ -161,18 +122,7 @@ def test_3d_input(stack):
     ids=["split1-h16", "split9-h64", "tileconfig"],
 )
 def test_pinned_config(stack, config):
-    check(stack, MLPSpec(ODD_WIDTHS, "geglu", True, "float16"), 20, seed=4, config=config)
-
-
-def test_nan_propagates(stack):
-    """A NaN in one row of x makes that row of y NaN (relu is a select) and no other."""
-    spec = MLPSpec(ODD_WIDTHS, "relu", True, "float32")
-    params = init_params(spec, seed=13)
-    x = make_input(spec, 5, seed=14)
-    x[2, 7] = np.nan
-    out = stack.run(x, params, spec)
-    assert np.isnan(out[2]).all() and not np.isnan(np.delete(out, 2, axis=0)).any()
-    assert_close(out, reference.forward(spec, x, params), spec)
+    stack.check(MLPSpec(ODD_WIDTHS, "geglu", True, "float16"), 20, seed=4, config=config)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -183,27 +133,6 @@ def test_deterministic(stack, dtype):
     x = make_input(spec, 7, seed=22)
     outs = [to_numpy(stack.call(x, params, spec)).tobytes() for _ in range(3)]
     assert outs[0] == outs[1] == outs[2]
-
-
-@pytest.mark.parametrize(
-    "activation, dtype",
-    [
-        ("relu", "float32"),
-        ("relu", "float16"),
-        ("relu", "bfloat16"),
-        ("swiglu", "float16"),
-        ("geglu_tanh", "bfloat16"),
-    ],
-)
-def test_twins_bitwise(activation, dtype):
-    """The same algorithm in both stacks: identical bits under the interpreters (fp32 activations
-    built on exp are the exception: each interpreter has its own exp, docs/cross_stack_cpu.md)."""
-    spec = MLPSpec(ODD_WIDTHS, activation, True, dtype)
-    params = init_params(spec, seed=31)
-    x = make_input(spec, 11, seed=32)
-    out_t = Stack("torch").run(x, params, spec)
-    out_j = Stack("jax").run(x, params, spec)
-    assert out_t.tobytes() == out_j.tobytes(), np.sum(out_t != out_j)
 
 
 def test_unsupported(stack):
@@ -221,7 +150,7 @@ def test_unsupported(stack):
     with pytest.raises(ValueError, match="config: expected block_m >= M = 17, got 16"):
         stack.run(make_input(spec, 17, seed=1), params, spec, config=small)
     # the launcher (what a front calls) refuses it too: a 16-row tile would drop rows 16..
-    packed = {k: stack.array(v) for k, v in pack_params(spec, params).items()}
+    packed = stack.packed(spec, params)
     with pytest.raises(ValueError, match="config: expected block_m >= M = 17, got 16"):
         stack.mod.fused_decode_fwd(
             stack.array(make_input(spec, 17, seed=1)), packed, spec, config=small
@@ -236,7 +165,7 @@ def test_validation(stack):
     spec = MLPSpec(ODD_WIDTHS, "geglu", False, "bfloat16")
     params = init_params(spec, seed=0)
     x = make_input(spec, 3, seed=1)
-    packed = {k: stack.array(v) for k, v in pack_params(spec, params).items()}
+    packed = stack.packed(spec, params)
     with pytest.raises(ValueError, match=r"params\['wv0'\]: expected dtype"):
         bad = dict(pack_params(spec, params))
         bad["wv0"] = bad["wv0"].astype(np.float32)
@@ -248,16 +177,6 @@ def test_validation(stack):
     plain = {k: stack.array(v) for k, v in params.items()}
     with pytest.raises(ValueError, match=r"missing \['wv0'\].*pack_params\(spec, params\)"):
         stack.mod.fused_decode(stack.array(x), plain, spec)
-
-
-def test_twin_contract():
-    from fusedmlp.jax_impl import fused_decode as jax_mod
-    from fusedmlp.torch_impl import fused_decode as torch_mod
-
-    for name in PUBLIC_NAMES:
-        assert hasattr(torch_mod, name) and hasattr(jax_mod, name), name
-        if name.isupper():
-            assert getattr(torch_mod, name) == getattr(jax_mod, name), name
 
 
 def test_default_tiles():
@@ -331,7 +250,7 @@ _COMPILE = textwrap.dedent(
                  K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION="ieee", USE_PDL=True,
                  INTERPRET=False), cfg)
         out[m] = dict(up=up, down=down)
-    print(json.dumps(out))
+    print("RESULT" + json.dumps(out))
     """
 )
 
@@ -340,17 +259,7 @@ def test_sm90_compile_default_configs():
     """llama3-8b's default tiles compile for the H200 here: two programs' shared memory per SM,
     no local-memory spills, 16-byte cp.async weight loads, wgmma where M = 64."""
     ms = [1, 32, 64]
-    with tempfile.TemporaryDirectory() as cache:  # a cold Triton cache: really compiled here
-        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": cache}
-        done = subprocess.run(
-            [sys.executable, "-c", _COMPILE, json.dumps(ms)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_script(_COMPILE, json.dumps(ms), cache="cold")  # really compiled here
     for m in ms:
         for launch, info in result[str(m)].items():
             assert 2 * (info["shared"] + 1024) <= SMEM_PER_SM, (m, launch, info)
@@ -364,24 +273,12 @@ def test_sm90_compile_default_configs():
 def test_pallas_lowers_for_cuda(activation, dtype, split_k):
     """The Pallas twin's launches (with and without the reduce launch) lower for CUDA on this CPU
     (jax 0.10.2; jax 0.11 asks for a GPU description, tests/test_gpu_lowering.py)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from fusedmlp.common.packing import packed_names
     from fusedmlp.jax_impl import fused_decode as mod
 
-    if not jax.__version__.startswith("0.10."):
-        pytest.skip(
-            f"lowering Pallas-Triton for CUDA without a GPU needs jax 0.10, got {jax.__version__}"
-        )
+    needs_jax_0_10_lowering()
     spec = MLPSpec((200, 300, 136), activation, True, dtype)
     config = DecodeConfig(**{**fused_decode_config(spec, 16).__dict__, "split_k": split_k})
-    shapes = {k: jax.ShapeDtypeStruct(v, jnp.dtype(dtype)) for k, v in packed_names(spec).items()}
-    fn = functools.partial(mod.fused_decode_fwd, spec=spec, config=config, interpret=False)
-    x = jax.ShapeDtypeStruct((16, 200), jnp.dtype(dtype))
-    text = jax.jit(fn).trace(x, shapes).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_whole_mlp(mod.fused_decode_fwd, spec, 16, config=config)
     assert "fused_decode_up" in text and "fused_decode_down" in text
     assert ("fused_decode_reduce" in text) == (split_k > 1)
 
@@ -391,7 +288,7 @@ def test_pallas_lowers_for_cuda(activation, dtype, split_k):
 @pytest.mark.parametrize(("m", "dtype"), [(1, "bfloat16"), (16, "float16"), (64, "float32")])
 def test_gpu_default_config(stack, m, dtype):
     spec = MLPSpec((1024, 2816, 1000), "swiglu", True, dtype)
-    check(stack, spec, m, seed=m)
+    stack.check(spec, m, seed=m)
 
 
 @pytest.mark.gpu
@@ -410,7 +307,7 @@ def test_gpu_deterministic(stack, dtype):
 @pytest.mark.gpu
 def test_gpu_pdl():
     """torch only: the programmatic-dependent-launch variant gives the same bits."""
-    stack = Stack("torch")
+    stack = WholeStack("torch", "fused_decode")
     spec = MLPSpec((2048, 5632, 2048), "swiglu", False, "bfloat16")
     params = init_params(spec, seed=41)
     x = make_input(spec, 16, seed=42)

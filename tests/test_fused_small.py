@@ -13,21 +13,14 @@ base)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import textwrap
 
 import numpy as np
 import pytest
 
-from fusedmlp.common import golden, reference
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.dtypes import DTYPES
-from fusedmlp.common.packing import pack_params
 from fusedmlp.common.params import init_params, make_input
-from fusedmlp.common.spec import ACTIVATIONS, MLPSpec
+from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     SMEM_PER_SM,
     SmallConfig,
@@ -36,13 +29,16 @@ from fusedmlp.common.tiling import (
     small_config_for,
     small_smem_bytes,
 )
-from fusedmlp.common.tolerance import assert_close
-from helpers import to_numpy
+from helpers import (
+    WholeMLPTests,
+    lower_whole_mlp,
+    needs_jax_0_10_lowering,
+    run_script,
+    whole_stack_fixture,
+    widths_id,
+)
 
 ODD_WIDTHS = (19, 45, 33, 7)
-# Fresh random inputs at the golden files' odd shapes let the golden tests reuse the jitted Pallas
-# kernels (Pallas interpret compiles dominate this file's run time).
-GOLDEN_WIDTHS, GOLDEN_M = golden.ODD_WIDTHS, golden.ODD_M
 PUBLIC_NAMES = (
     "supports",
     "fused_small_fwd",
@@ -55,58 +51,22 @@ PUBLIC_NAMES = (
 COMPILE_LIMIT_S = 10.0  # issue 22: every default config compiles for sm_90 within this
 
 
-class Stack:
-    """One stack's fused_small module and array conversion."""
-
-    def __init__(self, name: str):
-        self.name = name
-        if name == "torch":
-            import torch
-
-            from fusedmlp.torch_impl import fused_small as mod
-
-            self.torch = torch
-        else:
-            import jax.numpy as jnp
-
-            from fusedmlp.jax_impl import fused_small as mod
-
-            self.jnp = jnp
-        self.mod = mod
-
-    def array(self, a: np.ndarray):
-        if self.name == "torch":
-            if a.dtype.name == "bfloat16":
-                t = self.torch.from_numpy(a.view(np.uint16).copy()).view(self.torch.bfloat16)
-            else:
-                t = self.torch.from_numpy(a.copy())
-            return t.cuda() if self.torch.cuda.is_available() else t
-        return self.jnp.asarray(a)
-
-    def run(self, x: np.ndarray, params: dict[str, np.ndarray], spec: MLPSpec, **kw) -> np.ndarray:
-        """Runs on the packed params (packed here, once, as a caller would)."""
-        packed = {k: self.array(v) for k, v in pack_params(spec, params).items()}
-        return to_numpy(self.mod.fused_small(self.array(x), packed, spec, **kw))
+stack = whole_stack_fixture("fused_small")
 
 
-@pytest.fixture(params=["torch", "jax"], scope="module")
-def stack(request) -> Stack:
-    return Stack(request.param)
-
-
-def check(stack: Stack, spec: MLPSpec, lead, seed: int, **kw) -> None:
-    params = init_params(spec, seed=seed)
-    x = make_input(spec, lead, seed=seed + 1)
-    out = stack.run(x, params, spec, **kw)
-    assert_close(out, reference.forward(spec, x, params), spec, what=f"{stack.name} {spec}")
-
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_activation_dtype_bias(stack, activation, dtype, bias):
-    seed = 7 * ACTIVATIONS.index(activation) + 3 * DTYPES.index(dtype) + bias
-    check(stack, MLPSpec(GOLDEN_WIDTHS, activation, bias, dtype), GOLDEN_M, seed)
+class TestShared(WholeMLPTests):
+    family = "fused_small"
+    public_names = PUBLIC_NAMES
+    odd_widths = ODD_WIDTHS
+    nan_case = ("float16", 40, 33, 3)
+    twin_m = 90
+    twin_cases = (
+        (ODD_WIDTHS, "relu", "float32"),
+        (ODD_WIDTHS, "relu", "float16"),
+        ((19, 100, 33, 7), "relu", "bfloat16"),
+        ((19, 100, 33, 7), "swiglu", "float16"),
+        (ODD_WIDTHS, "geglu_tanh", "bfloat16"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,20 +80,20 @@ def test_activation_dtype_bias(stack, activation, dtype, bias):
         ((24, 16, 32, 64, 128, 128, 64, 32, 9), "silu", "bfloat16"),  # depth 8
         ((128, 100, 128, 128, 128, 128, 128, 128, 128), "geglu", "float16"),  # depth 8, width 128
     ],
-    ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else v,
+    ids=widths_id,
 )
 def test_widths_and_depths(stack, widths, activation, dtype):
-    check(stack, MLPSpec(widths, activation, True, dtype), 37, seed=len(widths))
+    stack.check(MLPSpec(widths, activation, True, dtype), 37, seed=len(widths))
 
 
 @pytest.mark.parametrize("m", [0, 1, 37, 300])
 def test_rows(stack, m):
     spec = MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16")
-    check(stack, spec, m, seed=m)
+    stack.check(spec, m, seed=m)
 
 
 def test_3d_input(stack):
-    check(stack, MLPSpec(ODD_WIDTHS, "gelu_tanh", False, "float16"), (3, 5), seed=11)
+    stack.check(MLPSpec(ODD_WIDTHS, "gelu_tanh", False, "float16"), (3, 5), seed=11)
 
 
 @pytest.mark.parametrize(
@@ -150,18 +110,7 @@ def test_3d_input(stack):
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pinned_config(stack, config, dtype):
-    check(stack, MLPSpec(ODD_WIDTHS, "geglu", True, dtype), 300, seed=5, config=config)
-
-
-def test_nan_propagates(stack):
-    """A NaN in one row of x makes that row of y NaN (relu is a select) and no other."""
-    spec = MLPSpec(ODD_WIDTHS, "relu", True, "float16")
-    params = init_params(spec, seed=13)
-    x = make_input(spec, 40, seed=14)
-    x[33, 3] = np.nan
-    out = stack.run(x, params, spec)
-    assert np.isnan(out[33]).all() and not np.isnan(np.delete(out, 33, axis=0)).any()
-    assert_close(out, reference.forward(spec, x, params), spec)
+    stack.check(MLPSpec(ODD_WIDTHS, "geglu", True, dtype), 300, seed=5, config=config)
 
 
 def test_deterministic(stack):
@@ -170,28 +119,6 @@ def test_deterministic(stack):
     x = make_input(spec, 100, seed=22)
     outs = [stack.run(x, params, spec).tobytes() for _ in range(2)]
     assert outs[0] == outs[1]
-
-
-@pytest.mark.parametrize(
-    "widths, activation, dtype",
-    [
-        (ODD_WIDTHS, "relu", "float32"),
-        (ODD_WIDTHS, "relu", "float16"),
-        ((19, 100, 33, 7), "relu", "bfloat16"),
-        ((19, 100, 33, 7), "swiglu", "float16"),
-        (ODD_WIDTHS, "geglu_tanh", "bfloat16"),
-    ],
-    ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else v,
-)
-def test_twins_bitwise(widths, activation, dtype):
-    """The same algorithm in both stacks: identical bits under the interpreters (fp32 activations
-    built on exp are the exception: each interpreter has its own exp, docs/cross_stack_cpu.md)."""
-    spec = MLPSpec(widths, activation, True, dtype)
-    params = init_params(spec, seed=31)
-    x = make_input(spec, 90, seed=32)
-    out_t = Stack("torch").run(x, params, spec)
-    out_j = Stack("jax").run(x, params, spec)
-    assert out_t.tobytes() == out_j.tobytes(), np.sum(out_t != out_j)
 
 
 def test_unsupported(stack):
@@ -215,7 +142,7 @@ def test_validation(stack):
         stack.run(x[:, :18], params, spec)
     with pytest.raises(ValueError, match="x: expected dtype float16 \\(the spec's\\), got float32"):
         stack.run(x.astype(np.float32), params, spec)
-    packed = {k: stack.array(v) for k, v in pack_params(spec, params).items()}
+    packed = stack.packed(spec, params)
     with pytest.raises(ValueError, match=r"params: missing \['bc1'\]"):
         stack.mod.fused_small(stack.array(x), {k: v for k, v in packed.items() if k != "bc1"}, spec)
     bad = dict(packed, w2=packed["w2"][:, :5])
@@ -224,16 +151,6 @@ def test_validation(stack):
     plain = {k: stack.array(v) for k, v in params.items()}
     with pytest.raises(ValueError, match=r"missing \['wv0', 'bc0', 'wv1', 'bc1'\].*pack_params"):
         stack.mod.fused_small(stack.array(x), plain, spec)
-
-
-def test_twin_contract():
-    from fusedmlp.jax_impl import fused_small as jax_mod
-    from fusedmlp.torch_impl import fused_small as torch_mod
-
-    for name in PUBLIC_NAMES:
-        assert hasattr(torch_mod, name) and hasattr(jax_mod, name), name
-        if name.isupper():
-            assert getattr(torch_mod, name) == getattr(jax_mod, name), name
 
 
 def test_default_tiles():
@@ -316,7 +233,7 @@ _COMPILE = textwrap.dedent(
                         programs_per_sm=cfg.programs_per_sm,
                         spill=int(spill.group(1)) if spill else None,
                         wgmma="wgmma.mma_async" in k.asm["ptx"]))
-    print(json.dumps(out))
+    print("RESULT" + json.dumps(out))
     """
 )
 
@@ -330,17 +247,8 @@ def test_sm90_compile_default_configs():
         ((128,) * 9, "swiglu", True, "bfloat16"),  # the streamed path, gated, depth 8
         ((128,) * 9, "geglu", True, "float32"),
     ]  # the worst float32 case: FMA products
-    with tempfile.TemporaryDirectory() as cache:  # a cold Triton cache: real compile times
-        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": cache}
-        done = subprocess.run(
-            [sys.executable, "-c", _COMPILE, json.dumps(cases)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=900,
-        )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for info in json.loads(done.stdout.strip().splitlines()[-1]):
+    # a cold Triton cache: real compile times
+    for info in run_script(_COMPILE, json.dumps(cases), timeout=900, cache="cold"):
         assert info["seconds"] <= COMPILE_LIMIT_S, info
         assert info["programs_per_sm"] * (info["shared"] + 1024) <= SMEM_PER_SM, info
         if info["dtype"] != "float32":
@@ -352,25 +260,12 @@ def test_sm90_compile_default_configs():
 def test_pallas_lowers_for_cuda(activation, dtype, hoist):
     """Both weight paths of the Pallas twin (the streamed one through lax.switch) lower for CUDA
     on this CPU (jax 0.10.2; jax 0.11 asks for a GPU description, tests/test_gpu_lowering.py)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from fusedmlp.common.packing import packed_names
     from fusedmlp.jax_impl import fused_small as mod
 
-    if not jax.__version__.startswith("0.10."):
-        pytest.skip(
-            f"lowering Pallas-Triton for CUDA without a GPU needs jax 0.10, got {jax.__version__}"
-        )
+    needs_jax_0_10_lowering()
     spec = MLPSpec((45, 128, 100, 17), activation, True, dtype)
     config = SmallConfig(block_m=64, num_warps=4, num_stages=3, hoist=hoist)
-    shapes = {k: jax.ShapeDtypeStruct(v, jnp.dtype(dtype)) for k, v in packed_names(spec).items()}
-    fn = functools.partial(mod.fused_small_fwd, spec=spec, config=config, interpret=False)
-    x = jax.ShapeDtypeStruct((300, 45), jnp.dtype(dtype))
-    text = jax.jit(fn).trace(x, shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert "fused_small_fwd" in text
+    assert "fused_small_fwd" in lower_whole_mlp(mod.fused_small_fwd, spec, 300, config=config)
 
 
 @pytest.mark.gpu
@@ -378,4 +273,4 @@ def test_pallas_lowers_for_cuda(activation, dtype, hoist):
 @pytest.mark.parametrize(("width", "dtype"), [(16, "float16"), (64, "bfloat16"), (128, "float32")])
 def test_gpu_default_config(stack, width, dtype):
     spec = MLPSpec((width, width, width, width, 3), "swiglu", True, dtype)
-    check(stack, spec, 100_003, seed=width)
+    stack.check(spec, 100_003, seed=width)

@@ -23,7 +23,7 @@ import pytest
 from fusedmlp.common import MLPSpec, TileConfig, reference
 from fusedmlp.common.dtypes import DTYPES, numpy_dtype
 from fusedmlp.common.tolerance import assert_close
-from helpers import to_numpy
+from helpers import to_numpy, to_torch
 
 # Small tiles: the odd sizes below span several tiles in every dimension (and a ragged K tail).
 SMALL = TileConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
@@ -50,7 +50,6 @@ class Stack:
 
 
 def _torch_stack() -> Stack:
-    import torch
 
     from fusedmlp.torch_impl.gated import gated
     from fusedmlp.torch_impl.linear_act import linear_act
@@ -59,11 +58,7 @@ def _torch_stack() -> Stack:
 
     device = "cpu" if INTERPRET else "cuda"
 
-    def asarray(a: np.ndarray) -> torch.Tensor:
-        if a.dtype == numpy_dtype("bfloat16"):  # NumPy has no bfloat16: move the raw bits
-            return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16).to(device)
-        return torch.from_numpy(a.copy()).to(device)
-
+    asarray = functools.partial(to_torch, device=device)
     return Stack("triton", linear_act, gated, asarray, pack_gated)
 
 

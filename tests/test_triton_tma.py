@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from fusedmlp.common import (
     KERNEL_ACTIVATIONS,
     MLPSpec,
@@ -31,7 +32,7 @@ from fusedmlp.common import (
     make_input,
     reference,
 )
-from fusedmlp.common.dtypes import DTYPES, numpy_dtype
+from fusedmlp.common.dtypes import DTYPES
 from fusedmlp.common.packing import pack_gated, packed_width
 from fusedmlp.common.tiling import INTERPRET_CONFIG, INTERPRET_CONFIG_GATED
 from fusedmlp.common.tolerance import assert_close
@@ -56,12 +57,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == numpy_dtype("bfloat16"):  # NumPy has no bfloat16: move the raw bits
-        t = torch.from_numpy(np.ascontiguousarray(a).view(np.uint16).copy()).view(torch.bfloat16)
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(a).copy())
-    return t.to(DEVICE)
+to_torch = functools.partial(helpers.to_torch, device=DEVICE)
 
 
 def f64(a: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ sweep with `do_bench`, each config timed or skipped with its reason as the hardw
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
+import helpers
 from fusedmlp.common import MLPSpec, TileConfig, init_params, make_input, reference
 from fusedmlp.common.tiling import INTERPRET_CONFIG_GATED, search_space, shape_bucket
 from fusedmlp.common.tolerance import assert_close
@@ -52,10 +54,7 @@ CFG_B = TileConfig(128, 64, 64, group_m=8, num_warps=4, num_stages=3)
 CFG_BIG = TileConfig(256, 256, 128, group_m=8, num_warps=8, num_stages=5)
 
 
-def to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16).to(DEVICE)
-    return torch.from_numpy(a.copy()).to(DEVICE)
+to_torch = functools.partial(helpers.to_torch, device=DEVICE)
 
 
 # ---- common/tuning.py: keys, the file ------------------------------------------------------------

@@ -62,13 +62,17 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return name
 
 
-def to_torch(array: np.ndarray) -> torch.Tensor:
-    """A NumPy array (bfloat16 from ml_dtypes included) as a torch tensor, bit for bit."""
+def to_torch(array: np.ndarray, device: str | torch.device | None = None) -> torch.Tensor:
+    """A NumPy array (bfloat16 from ml_dtypes included) as a torch tensor, bit for bit, on `device`
+    (None: the CPU). The one NumPy -> torch conversion of the project (tests and bench use it);
+    the tensor owns its memory (a copy: the array may be read-only, as golden files' are)."""
     array = np.ascontiguousarray(array)
     if array.dtype.name == "bfloat16":
         # torch.from_numpy knows no ml_dtypes bfloat16: move the raw bits and reinterpret them.
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
+        t = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(array.copy())
+    return t if device is None else t.to(device)
 
 
 def _with_dtype(spec: MLPSpec, dtype: str) -> MLPSpec:

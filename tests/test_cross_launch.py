@@ -15,28 +15,22 @@ torch launcher specialises it.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import needs_jax_triton_wheel, run_script, torch_like_ptx
 
 _PTX_SCRIPT = textwrap.dedent(
     """
     import collections, json, os, re, sys
     os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile PTX, launch nothing
     sys.path.insert(0, sys.argv[1])  # the jax_triton wheel, imported from the zip
+    sys.path.insert(1, "tests")  # helpers.torch_like_ptx
     import jax, jax.numpy as jnp
     from jax._src.lib import gpu_triton
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     calls = []
 
@@ -62,6 +56,7 @@ _PTX_SCRIPT = textwrap.dedent(
     from fusedmlp.common import TileConfig
     from fusedmlp.common.packing import packed_width
     from fusedmlp.jax_impl.cross import gated as jg, linear_act as jl
+    from helpers import torch_like_ptx
 
     def mix(ptx):
         ops = collections.Counter()
@@ -74,27 +69,6 @@ _PTX_SCRIPT = textwrap.dedent(
             if hit:
                 ops[hit.group(1)] += 1
         return dict(ops)
-
-    def torch_like(mod, plan, dtype, num_warps, num_stages):
-        # The torch launcher's specialisation: 16-byte aligned pointers, ints divisible by 16
-        # marked so, 1 a constant.
-        native = mod.native_kernel()
-        sig, attrs, constexprs = {}, {}, dict(plan.constexprs)
-        for i, p in enumerate(native.params):
-            if p.is_constexpr:
-                sig[p.name] = "constexpr"
-            elif p.name.endswith("_ptr"):
-                sig[p.name], attrs[(i,)] = dtype, [["tt.divisibility", 16]]
-            elif plan.scalars[p.name] == 1:
-                sig[p.name], constexprs[p.name] = "constexpr", 1
-            else:
-                sig[p.name] = "i32"
-                if plan.scalars[p.name] % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        k = triton.compile(ASTSource(native, sig, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=num_warps, num_stages=num_stages))
-        return mix(k.asm["ptx"])
 
     cfg = TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
     m, k, n = 256, 512, 384
@@ -115,15 +89,11 @@ _PTX_SCRIPT = textwrap.dedent(
         jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",))
         [call] = calls
         out[name] = dict(kernel=call["kernel"], params=call["params"], jax_triton=mix(call["ptx"]),
-                         torch=torch_like(mod, plan, "*bf16", cfg.num_warps, cfg.num_stages))
+                         torch=mix(torch_like_ptx(mod.native_kernel(), plan, "*bf16",
+                                                  cfg.num_warps, cfg.num_stages)))
     print("RESULT" + json.dumps(out))
     """
 )
-
-
-def _jax_triton_wheel() -> Path | None:
-    wheels = sorted((ROOT / ".wheels").glob("jax_triton-*.whl"))
-    return wheels[-1] if wheels else None
 
 
 def _async_16(ops: dict[str, int]) -> int:
@@ -134,21 +104,7 @@ def test_jax_triton_compiles_the_torch_launch_ptx() -> None:
     """On a CPU, through jax_triton 0.3.1's own compile path: only pointers are runtime arguments,
     the native kernel is called, and its PTX has the torch launch's 16-byte asynchronous copies
     (the runtime-scalar call had none: no vectorised, pipelined loads) and its wgmma."""
-    wheel = _jax_triton_wheel()
-    if wheel is None:
-        pytest.skip("no jax_triton wheel in .wheels/: run bench/fetch_wheels.sh (needs network)")
-    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
-    env.pop("TRITON_CACHE_DIR", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _PTX_SCRIPT, str(wheel)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert "RESULT" in proc.stdout, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    result = run_script(_PTX_SCRIPT, needs_jax_triton_wheel(), cache="unset")
     for family in ("linear_act", "gated"):
         got, kernel = result[family], f"_{family}_fwd_kernel"
         assert got["kernel"] == kernel, got["kernel"]
@@ -191,39 +147,12 @@ def test_jax_triton_real_compile_ptx_and_bits(tmp_path: Path, monkeypatch) -> No
     assert np.array_equal(np.asarray(y_jax.astype(jnp.float32)), y_torch.float().cpu().numpy())
     [ptx_file] = list(tmp_path.glob("*/*.ptx"))
     jt_async = ptx_file.read_text().count("cp.async.cg.shared.global")
-    torch_async = _torch_like_ptx(jl, m, n, k, cfg).count("cp.async.cg.shared.global")
-    assert jt_async > 0 and jt_async == torch_async, (jt_async, torch_async)
-
-
-def _torch_like_ptx(jl, m: int, n: int, k: int, cfg) -> str:
-    """PTX of the native linear_act kernel specialised as the torch launcher specialises it
-    (16-byte aligned pointers, ints divisible by 16 marked so, 1 a constant), for sm_90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    native = jl.native_kernel()
     plan = jl.launch_plan(
         m, n, k, activation="silu", has_bias=False, has_residual=False, config=cfg
     )
-    sig, attrs, constexprs = {}, {}, dict(plan.constexprs)
-    for i, p in enumerate(native.params):
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name.endswith("_ptr"):
-            sig[p.name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
-        elif plan.scalars[p.name] == 1:
-            sig[p.name], constexprs[p.name] = "constexpr", 1
-        else:
-            sig[p.name] = "i32"
-            if plan.scalars[p.name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(
-        ASTSource(native, sig, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", 90, 32),
-        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-    )
-    return compiled.asm["ptx"]
+    ptx = torch_like_ptx(jl.native_kernel(), plan, "*bf16", cfg.num_warps, cfg.num_stages)
+    torch_async = ptx.count("cp.async.cg.shared.global")
+    assert jt_async > 0 and jt_async == torch_async, (jt_async, torch_async)
 
 
 # ---- torch:mosaic plumbing (CPU: a stand-in kernel) ----------------------------------------------

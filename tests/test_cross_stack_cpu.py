@@ -39,17 +39,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fusedmlp.common import MLPSpec, TileConfig, golden, reference
+from fusedmlp.common import TileConfig, golden
 from fusedmlp.common.dtypes import DTYPES, numpy_dtype
 from fusedmlp.common.packing import pack_gated
 from fusedmlp.common.tolerance import assert_close
-from helpers import to_numpy, to_torch
+from helpers import (
+    ROOT,
+    layer_ref,
+    layer_spec,
+    needs_jax_triton_wheel,
+    rand,
+    run_script,
+    to_numpy,
+    to_torch,
+)
 
 # torch and JAX share the GPU in these tests: JAX must not grab 75% of its memory up front (set
 # before JAX's backend starts; the `fusedmlp` CLI does the same).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = TileConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
 # The packed gated kernels' output tiles are whole 64-column packed blocks.
 SMALL_GATED = TileConfig(block_m=16, block_n=64, block_k=16, group_m=2, num_warps=4, num_stages=1)
@@ -66,40 +74,19 @@ def _rng(*key: object) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
-def _rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str, scale: float = 1.0):
-    return (scale * rng.standard_normal(shape)).astype(numpy_dtype(dtype))
-
-
-def _spec(dtype: str) -> MLPSpec:
-    # Only the dtype and precision matter to the tolerance bounds.
-    return MLPSpec((2, 2), "relu", True, dtype)
-
-
-def _layer_ref(x, w, b, activation, v=None, c=None, residual=None) -> np.ndarray:
-    """One layer in float64, from the reference's activation formulas."""
-    f64 = functools.partial(np.asarray, dtype=np.float64)
-    z = f64(x) @ f64(w) + (f64(b) if b is not None else 0.0)
-    out = reference.activation(activation, z)
-    if v is not None:
-        out = out * (f64(x) @ f64(v) + (f64(c) if c is not None else 0.0))
-    if residual is not None:
-        out = out + f64(residual)
-    return out
-
-
 def _problem(family: str, m: int, k: int, n: int, dtype: str, bias: bool, residual: bool = False):
     """NumPy operands of one layer, scaled like a layer (1/sqrt(K)), fresh per shape and dtype."""
     rng = _rng(family, m, k, n, dtype, bias, residual)
-    ops = {"x": _rand(rng, (m, k), dtype), "w": _rand(rng, (k, n), dtype, k**-0.5)}
-    ops["b"] = _rand(rng, (n,), dtype, 0.1) if bias else None
+    ops = {"x": rand(rng, (m, k), dtype), "w": rand(rng, (k, n), dtype, k**-0.5)}
+    ops["b"] = rand(rng, (n,), dtype, 0.1) if bias else None
     if family == "gated":
-        ops["v"] = _rand(rng, (k, n), dtype, k**-0.5)
-        ops["c"] = _rand(rng, (n,), dtype, 0.1) if bias else None
+        ops["v"] = rand(rng, (k, n), dtype, k**-0.5)
+        ops["c"] = rand(rng, (n,), dtype, 0.1) if bias else None
         # The gated kernels take W|V and b|c packed (common/packing.py).
         ops["wv"] = pack_gated(ops["w"], ops["v"])
         ops["bc"] = pack_gated(ops["b"], ops["c"]) if bias else None
     else:
-        ops["residual"] = _rand(rng, (m, n), dtype) if residual else None
+        ops["residual"] = rand(rng, (m, n), dtype) if residual else None
     return ops
 
 
@@ -109,8 +96,8 @@ def _torch(a: np.ndarray | None, device: str = "cpu"):
 
 def _reference(family: str, ops: dict[str, Any], activation: str) -> np.ndarray:
     if family == "gated":
-        return _layer_ref(ops["x"], ops["w"], ops["b"], activation, ops["v"], ops["c"])
-    return _layer_ref(ops["x"], ops["w"], ops["b"], activation, residual=ops["residual"])
+        return layer_ref(ops["x"], ops["w"], ops["b"], activation, ops["v"], ops["c"])
+    return layer_ref(ops["x"], ops["w"], ops["b"], activation, residual=ops["residual"])
 
 
 # ==== CPU: the fronts refuse, the modules import ==================================================
@@ -373,7 +360,7 @@ def test_adapters_interpreted_give_native_bits(
         assert_close(
             to_numpy(out),
             _reference(family, ops, activation),
-            _spec(dtype),
+            layer_spec(dtype),
             what=f"adapter {family} {dtype}",
         )
 
@@ -445,20 +432,7 @@ COMPILE_CASES += [("gated", "silu", "float16"), ("gated", "gelu_tanh", "float32"
 
 @functools.cache
 def _compiled_mixes() -> dict[str, Any]:
-    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(COMPILE_CASES)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=ROOT,
-    )
-    if "RESULT" not in proc.stdout:
-        # One failing case fails them all: say which (the compiler's message is in stderr).
-        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
-        raise AssertionError(f"compiling the kernels for sm_90 failed:\n{tail}")
-    return json.loads(proc.stdout.split("RESULT", 1)[1])
+    return run_script(_COMPILE_SCRIPT, json.dumps(COMPILE_CASES))
 
 
 @pytest.mark.parametrize("family,activation,dtype", COMPILE_CASES)
@@ -545,32 +519,13 @@ _LOWER_SCRIPT = textwrap.dedent(
 )
 
 
-def _jax_triton_wheel() -> Path | None:
-    wheels = sorted((ROOT / ".wheels").glob("jax_triton-*.whl"))
-    return wheels[-1] if wheels else None
-
-
 def test_jax_triton_lowering_with_the_real_wheel() -> None:
     """jax_triton 0.3.1's own compile path, on this CPU: the cross launchers lowered for CUDA under
     jax.jit (the CUDA plugin's Triton runtime replaced by a recorder). One custom call each, the
     native kernel, the plan's grid, and only pointers as runtime arguments (inputs, then the
     output): M, N, K and the strides are compile-time constants (issue 23; the PTX is compared
     with the torch launch's in tests/test_cross_launch.py)."""
-    wheel = _jax_triton_wheel()
-    if wheel is None:
-        pytest.skip("no jax_triton wheel in .wheels/: run bench/fetch_wheels.sh (needs network)")
-    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
-    env.pop("TRITON_CACHE_DIR", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _LOWER_SCRIPT, str(wheel)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert "RESULT" in proc.stdout, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    result = run_script(_LOWER_SCRIPT, needs_jax_triton_wheel(), cache="unset")
     m, n = 37, 45
     grid = [-(-m // 64) * -(-n // 32), 1, 1]
     for dtype in ("float32", "bfloat16"):

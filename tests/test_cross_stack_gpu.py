@@ -23,12 +23,12 @@ import os
 import re
 
 import pytest
-from test_cross_stack_cpu import _problem, _reference, _spec, _torch
+from test_cross_stack_cpu import _problem, _reference, _torch
 
 from fusedmlp.common import MLPSpec, golden
 from fusedmlp.common.dtypes import numpy_dtype
 from fusedmlp.common.tolerance import assert_close
-from helpers import to_numpy
+from helpers import layer_spec, to_numpy
 
 # torch and JAX share the GPU in these tests: JAX must not grab 75% of its memory up front (set
 # before JAX's backend starts; the `fusedmlp` CLI does the same).
@@ -124,7 +124,7 @@ def test_jax_triton_same_bits_as_torch_triton(
     assert_close(
         to_numpy(cross),
         _reference(family, ops, activation),
-        _spec(dtype),
+        layer_spec(dtype),
         what=f"jax_triton {family} {dtype}",
     )
 
@@ -169,7 +169,7 @@ def test_mosaic_from_torch_same_bits_as_pallas_mosaic(
     assert_close(
         to_numpy(cross),
         _reference(family, ops, activation),
-        _spec(dtype),
+        layer_spec(dtype),
         what=f"mosaic-from-torch {family} {dtype}",
     )
 

@@ -18,16 +18,28 @@ import jax.numpy as jnp
 import pytest
 
 from fusedmlp.common import DTYPES, KERNEL_ACTIVATIONS, MLPSpec, TileConfig
-from fusedmlp.common.packing import packed_names, packed_width
+from fusedmlp.common.packing import packed_width
 from fusedmlp.common.tiling import heuristic_config
 from fusedmlp.jax_impl import fused_decode, fused_small, gated, linear_act
+from helpers import lower_for_cuda, lower_whole_mlp
 
 S = jax.ShapeDtypeStruct
 M, K, N = 300, 200, 136  # ragged against every block; large enough for the GPU default tiles
 
 
-def _lower(fn, *shapes) -> str:
-    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+def _lower_gated(activation: str, dt, precision: str, config: TileConfig, bias: bool) -> str:
+    """The packed gated launcher (N = 136: three 64-column block pairs in W|V) lowered for CUDA."""
+    width = packed_width(N)
+    fwd = functools.partial(
+        gated.gated_fwd,
+        n=N,
+        activation=activation,
+        config=config,
+        fp32_precision=precision,
+        interpret=False,
+    )
+    bc = S((width,), dt) if bias else None
+    return lower_for_cuda(fwd, S((M, K), dt), S((K, width), dt), bc)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -35,64 +47,30 @@ def _lower(fn, *shapes) -> str:
 def test_per_layer_kernels_lower_for_cuda(activation, dtype):
     dt = jnp.dtype(dtype)
     precision = "tf32" if dtype == "float32" else "ieee"
-    cfg = heuristic_config("linear_act", M, N, K, dtype)
-    text = _lower(
-        functools.partial(
-            linear_act.linear_act_fwd,
-            activation=activation,
-            config=cfg,
-            fp32_precision=precision,
-            interpret=False,
-        ),
-        S((M, K), dt),
-        S((K, N), dt),
-        S((N,), dt),
-        S((M, N), dt),
+    fwd = functools.partial(
+        linear_act.linear_act_fwd,
+        activation=activation,
+        config=heuristic_config("linear_act", M, N, K, dtype),
+        fp32_precision=precision,
+        interpret=False,
     )
+    text = lower_for_cuda(fwd, S((M, K), dt), S((K, N), dt), S((N,), dt), S((M, N), dt))
     assert "triton" in text.lower()
     if activation == "identity":
         return
-    cfg = heuristic_config("gated", M, N, K, dtype)
-    width = packed_width(N)  # the packed W|V operand (N = 136: three 64-column block pairs)
-    _lower(
-        functools.partial(
-            gated.gated_fwd,
-            n=N,
-            activation=activation,
-            config=cfg,
-            fp32_precision=precision,
-            interpret=False,
-        ),
-        S((M, K), dt),
-        S((K, width), dt),
-        S((width,), dt),
-    )
+    _lower_gated(activation, dt, precision, heuristic_config("gated", M, N, K, dtype), True)
     # The packed tile at the other output widths: 64 (one block pair) and 128 (two).
     for block_n in (64, 128):
         narrow = TileConfig(64, block_n, 32, group_m=8, num_warps=4, num_stages=2)
-        _lower(
-            functools.partial(
-                gated.gated_fwd,
-                n=N,
-                activation=activation,
-                config=narrow,
-                fp32_precision=precision,
-                interpret=False,
-            ),
-            S((M, K), dt),
-            S((K, width), dt),
-            None,
-        )
+        _lower_gated(activation, dt, precision, narrow, False)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"])
 def test_whole_mlp_kernels_lower_for_cuda(activation, dtype):
-    dt = jnp.dtype(dtype)
-    for module, name, spec, m in (
-        (fused_small, "fused_small_fwd", MLPSpec((45, 64, 33, 17), activation, True, dtype), 300),
-        (fused_decode, "fused_decode_fwd", MLPSpec((200, 300, 136), activation, True, dtype), 16),
-    ):
-        shapes = {k: S(v, dt) for k, v in packed_names(spec).items()}  # the packed layout
-        fn = functools.partial(getattr(module, name), spec=spec, interpret=False)
-        _lower(lambda x, p, fn=fn: fn(x, p), S((m, spec.d_in), dt), shapes)
+    lower_whole_mlp(
+        fused_small.fused_small_fwd, MLPSpec((45, 64, 33, 17), activation, True, dtype), 300
+    )
+    lower_whole_mlp(
+        fused_decode.fused_decode_fwd, MLPSpec((200, 300, 136), activation, True, dtype), 16
+    )

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from fusedmlp.common import MLPSpec, TileConfig, reference
-from fusedmlp.common.dtypes import DTYPES, numpy_dtype
+from fusedmlp.common.dtypes import DTYPES
 from fusedmlp.common.tolerance import assert_close
-from helpers import to_numpy, to_torch
+from helpers import layer_ref, layer_spec, rand, to_numpy, to_torch
 
 # Small tiles: the odd sizes below span several tiles in every dimension (and a ragged K tail).
 SMALL = TileConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
@@ -86,37 +86,6 @@ def stack(request: pytest.FixtureRequest) -> Stack:
 
 
 # ---- random odd shapes ---------------------------------------------------------------------------
-def _layer_ref(
-    x: np.ndarray,
-    w: np.ndarray,
-    b: np.ndarray | None,
-    activation: str,
-    v: np.ndarray | None = None,
-    c: np.ndarray | None = None,
-    residual: np.ndarray | None = None,
-) -> np.ndarray:
-    """One layer in float64, from the reference's activation formulas."""
-    f64 = functools.partial(np.asarray, dtype=np.float64)
-    z = f64(x) @ f64(w) + (f64(b) if b is not None else 0.0)
-    out = reference.activation(activation, z)
-    if v is not None:
-        out = out * (f64(x) @ f64(v) + (f64(c) if c is not None else 0.0))
-    if residual is not None:
-        out = out + f64(residual)
-    return out
-
-
-def _rand(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: str, scale: float = 1.0
-) -> np.ndarray:
-    return (scale * rng.standard_normal(shape)).astype(numpy_dtype(dtype))
-
-
-def _spec(dtype: str, fp32_precision: str = "ieee") -> MLPSpec:
-    # Only the dtype and precision matter to the tolerance bounds.
-    return MLPSpec((2, 2), "relu", True, dtype, fp32_precision)
-
-
 ODD = [  # (lead shape, K, N, activation, bias)
     ((37,), 53, 45, "gelu_tanh", True),
     ((1,), 29, 70, "silu", False),
@@ -130,10 +99,10 @@ def test_linear_act_random(
     stack: Stack, dtype: str, lead: tuple[int, ...], K: int, N: int, activation: str, bias: bool
 ) -> None:
     rng = np.random.default_rng(zlib.crc32(repr((lead, K, N, dtype)).encode()))
-    x = _rand(rng, (*lead, K), dtype)
-    w = _rand(rng, (K, N), dtype, 1 / np.sqrt(K))
-    b = _rand(rng, (N,), dtype) if bias else None
-    r = _rand(rng, (*lead, N), dtype) if len(lead) == 2 else None  # the 3-D case adds a residual
+    x = rand(rng, (*lead, K), dtype)
+    w = rand(rng, (K, N), dtype, 1 / np.sqrt(K))
+    b = rand(rng, (N,), dtype) if bias else None
+    r = rand(rng, (*lead, N), dtype) if len(lead) == 2 else None  # the 3-D case adds a residual
     out = stack.linear_act(
         stack.asarray(x),
         stack.asarray(w),
@@ -145,8 +114,8 @@ def test_linear_act_random(
     assert tuple(out.shape) == (*lead, N)
     assert_close(
         to_numpy(out),
-        _layer_ref(x, w, b, activation, residual=r),
-        _spec(dtype),
+        layer_ref(x, w, b, activation, residual=r),
+        layer_spec(dtype),
         what=f"{stack.name} linear_act {dtype}",
     )
 
@@ -162,10 +131,10 @@ def test_gated_random(stack: Stack, dtype: str, activation: str, bias: bool) -> 
     """The packed gated kernel at N = 70, 45, 33 (no multiple of 64: zero-padded packed blocks)."""
     lead, K, N = GATED_ODD[activation]
     rng = np.random.default_rng(zlib.crc32(repr((lead, K, N, dtype, bias, "gated")).encode()))
-    x = _rand(rng, (*lead, K), dtype)
-    w = _rand(rng, (K, N), dtype, 1 / np.sqrt(K))
-    v = _rand(rng, (K, N), dtype, 1 / np.sqrt(K))
-    b, c = (_rand(rng, (N,), dtype), _rand(rng, (N,), dtype)) if bias else (None, None)
+    x = rand(rng, (*lead, K), dtype)
+    w = rand(rng, (K, N), dtype, 1 / np.sqrt(K))
+    v = rand(rng, (K, N), dtype, 1 / np.sqrt(K))
+    b, c = (rand(rng, (N,), dtype), rand(rng, (N,), dtype)) if bias else (None, None)
     arr = stack.asarray
     out = stack.gated_unpacked(
         arr(x),
@@ -179,8 +148,8 @@ def test_gated_random(stack: Stack, dtype: str, activation: str, bias: bool) -> 
     assert tuple(out.shape) == (*lead, N)
     assert_close(
         to_numpy(out),
-        _layer_ref(x, w, b, activation, v, c),
-        _spec(dtype),
+        layer_ref(x, w, b, activation, v, c),
+        layer_spec(dtype),
         what=f"{stack.name} gated {activation} {dtype}",
     )
 
@@ -191,17 +160,17 @@ def test_gated_packed_tile_past_the_padded_width(stack: Stack, dtype: str) -> No
     256 packed columns lie past 2·Np (masked to zeros); N = 150 gives a ragged second tile."""
     for n, seed in ((45, 1), (150, 2)):
         rng = np.random.default_rng(seed)
-        x = _rand(rng, (21, 40), dtype)
-        w, v = _rand(rng, (40, n), dtype, 0.15), _rand(rng, (40, n), dtype, 0.15)
-        b, c = _rand(rng, (n,), dtype), _rand(rng, (n,), dtype)
+        x = rand(rng, (21, 40), dtype)
+        w, v = rand(rng, (40, n), dtype, 0.15), rand(rng, (40, n), dtype, 0.15)
+        b, c = rand(rng, (n,), dtype), rand(rng, (n,), dtype)
         a = stack.asarray
         out = stack.gated_unpacked(
             a(x), a(w), a(v), a(b), a(c), activation="gelu_tanh", config=WIDE_GATED
         )
         assert_close(
             to_numpy(out),
-            _layer_ref(x, w, b, "gelu_tanh", v, c),
-            _spec(dtype),
+            layer_ref(x, w, b, "gelu_tanh", v, c),
+            layer_spec(dtype),
             what=f"{stack.name} gated block_n=128 N={n} {dtype}",
         )
 
@@ -211,15 +180,15 @@ def test_gated_reads_a_narrow_pinned_block_n_as_one_packed_pair(stack: Stack) ->
     gated layers too: block_n = 16 is read as 64, the same launch bit for bit."""
     rng = np.random.default_rng(5)
     x, w, v = (
-        _rand(rng, (20, 24), "float16"),
-        _rand(rng, (24, 50), "float16", 0.2),
-        _rand(rng, (24, 50), "float16", 0.2),
+        rand(rng, (20, 24), "float16"),
+        rand(rng, (24, 50), "float16", 0.2),
+        rand(rng, (24, 50), "float16", 0.2),
     )
     a = stack.asarray
     got = stack.gated_unpacked(a(x), a(w), a(v), activation="gelu", config=SMALL)
     want = stack.gated_unpacked(a(x), a(w), a(v), activation="gelu", config=SMALL_GATED)
     np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
-    assert_close(to_numpy(got), _layer_ref(x, w, None, "gelu", v), _spec("float16"))
+    assert_close(to_numpy(got), layer_ref(x, w, None, "gelu", v), layer_spec("float16"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -229,9 +198,9 @@ def test_gated_twins_bitwise(dtype: str) -> None:
     halves. With a select activation (relu) every operation rounds alike in both; the exp of
     silu/gelu is the one known difference between the interpreters (tests/test_cross_stack.py)."""
     rng = np.random.default_rng(99 + DTYPES.index(dtype))
-    x = _rand(rng, (19, 33), dtype)
-    w, v = _rand(rng, (33, 70), dtype, 0.2), _rand(rng, (33, 70), dtype, 0.2)
-    b, c = _rand(rng, (70,), dtype), _rand(rng, (70,), dtype)
+    x = rand(rng, (19, 33), dtype)
+    w, v = rand(rng, (33, 70), dtype, 0.2), rand(rng, (33, 70), dtype, 0.2)
+    b, c = rand(rng, (70,), dtype), rand(rng, (70,), dtype)
     outs = []
     for st in (get_stack("triton"), get_stack("pallas_triton")):
         a = st.asarray
@@ -243,7 +212,7 @@ def test_gated_twins_bitwise(dtype: str) -> None:
             )
         )
     np.testing.assert_array_equal(outs[0], outs[1])
-    assert_close(outs[0], _layer_ref(x, w, b, "relu", v, c), _spec(dtype), what="gated twins")
+    assert_close(outs[0], layer_ref(x, w, b, "relu", v, c), layer_spec(dtype), what="gated twins")
 
 
 @pytest.mark.parametrize("family", ["linear_act", "gated"])
@@ -256,34 +225,34 @@ def test_empty_batch(stack: Stack, family: str) -> None:
         else stack.gated_unpacked(x, w, w)
     )
     assert tuple(out.shape) == (0, 3, 7)
-    assert_close(to_numpy(out), np.zeros((0, 3, 7)), _spec("float32"))
+    assert_close(to_numpy(out), np.zeros((0, 3, 7)), layer_spec("float32"))
 
 
 def test_nan_row_propagates(stack: Stack) -> None:
     rng = np.random.default_rng(7)
-    x = _rand(rng, (21, 35), "float32")
+    x = rand(rng, (21, 35), "float32")
     x[5] = np.nan
     x[9, 3] = np.nan
-    w = _rand(rng, (35, 40), "float32", 0.2)
-    v = _rand(rng, (35, 40), "float32", 0.2)
+    w = rand(rng, (35, 40), "float32", 0.2)
+    v = rand(rng, (35, 40), "float32", 0.2)
     out = stack.linear_act(stack.asarray(x), stack.asarray(w), activation="relu", config=SMALL)
-    ref = _layer_ref(x, w, None, "relu")
+    ref = layer_ref(x, w, None, "relu")
     assert np.isnan(ref[5]).all() and np.isfinite(ref[0]).all()
-    assert_close(to_numpy(out), ref, _spec("float32"), what=f"{stack.name} NaN rows")
+    assert_close(to_numpy(out), ref, layer_spec("float32"), what=f"{stack.name} NaN rows")
     out = stack.gated_unpacked(
         stack.asarray(x), stack.asarray(w), stack.asarray(v), config=SMALL_GATED
     )
     assert_close(
         to_numpy(out),
-        _layer_ref(x, w, None, "silu", v),
-        _spec("float32"),
+        layer_ref(x, w, None, "silu", v),
+        layer_spec("float32"),
         what=f"{stack.name} gated NaN rows",
     )
 
 
 def test_tf32(stack: Stack) -> None:
     rng = np.random.default_rng(11)
-    x, w, b = _rand(rng, (19, 67), "float32"), _rand(rng, (67, 21), "float32", 0.1), None
+    x, w, b = rand(rng, (19, 67), "float32"), rand(rng, (67, 21), "float32", 0.1), None
     out = stack.linear_act(
         stack.asarray(x),
         stack.asarray(w),
@@ -294,8 +263,8 @@ def test_tf32(stack: Stack) -> None:
     )
     assert_close(
         to_numpy(out),
-        _layer_ref(x, w, b, "gelu"),
-        _spec("float32", "tf32"),
+        layer_ref(x, w, b, "gelu"),
+        layer_spec("float32", "tf32"),
         what=f"{stack.name} tf32",
     )
 
@@ -303,9 +272,9 @@ def test_tf32(stack: Stack) -> None:
 def test_heuristic_config(stack: Stack) -> None:
     # config=None: the interpreter's heuristic config, through the public function.
     rng = np.random.default_rng(12)
-    x, w = _rand(rng, (3, 5, 33), "float16"), _rand(rng, (33, 50), "float16", 0.2)
+    x, w = rand(rng, (3, 5, 33), "float16"), rand(rng, (33, 50), "float16", 0.2)
     out = stack.linear_act(stack.asarray(x), stack.asarray(w), activation="silu")
-    assert_close(to_numpy(out), _layer_ref(x, w, None, "silu"), _spec("float16"))
+    assert_close(to_numpy(out), layer_ref(x, w, None, "silu"), layer_spec("float16"))
 
 
 def test_non_contiguous_x_torch() -> None:
@@ -315,15 +284,15 @@ def test_non_contiguous_x_torch() -> None:
 
     st = get_stack("triton")
     rng = np.random.default_rng(13)
-    base = _rand(rng, (53, 2 * 37), "bfloat16")
-    w, b = _rand(rng, (53, 45), "bfloat16", 0.15), _rand(rng, (45,), "bfloat16")
+    base = rand(rng, (53, 2 * 37), "bfloat16")
+    w, b = rand(rng, (53, 45), "bfloat16", 0.15), rand(rng, (45,), "bfloat16")
     x = st.asarray(base).t()[::2]  # [37, 53] with strides (2, 74)
     assert not x.is_contiguous()
     out = linear_act(x, st.asarray(w), st.asarray(b), activation="gelu", config=SMALL)
-    ref = _layer_ref(base.T[::2], w, b, "gelu")
-    assert_close(to_numpy(out), ref, _spec("bfloat16"), what="non-contiguous x")
+    ref = layer_ref(base.T[::2], w, b, "gelu")
+    assert_close(to_numpy(out), ref, layer_spec("bfloat16"), what="non-contiguous x")
     # a 3-D x with a non-unit K stride (reshaped to 2-D as a view) and a column-major w
-    base3 = _rand(rng, (2, 37, 2 * 53), "bfloat16")
+    base3 = rand(rng, (2, 37, 2 * 53), "bfloat16")
     x3 = st.asarray(base3)[..., ::2]
     assert x3.reshape(-1, 53).stride() == (106, 2)
     wt = st.asarray(np.ascontiguousarray(w.T)).t()
@@ -331,8 +300,8 @@ def test_non_contiguous_x_torch() -> None:
     out3 = linear_act(x3, wt, activation="identity", config=SMALL)
     assert_close(
         to_numpy(out3),
-        _layer_ref(base3[..., ::2], w, None, "identity"),
-        _spec("bfloat16"),
+        layer_ref(base3[..., ::2], w, None, "identity"),
+        layer_spec("bfloat16"),
         what="non-contiguous 3-D x, column-major w",
     )
     assert torch.equal(out3[1], linear_act(x3[1].contiguous(), wt.contiguous(), config=SMALL))
@@ -343,9 +312,9 @@ def test_inside_jit() -> None:
 
     st = get_stack("pallas_triton")
     rng = np.random.default_rng(14)
-    x = _rand(rng, (2, 7, 29), "bfloat16")
-    w, v = _rand(rng, (29, 36), "bfloat16", 0.2), _rand(rng, (29, 36), "bfloat16", 0.2)
-    w2, b2 = _rand(rng, (36, 13), "bfloat16", 0.2), _rand(rng, (13,), "bfloat16")
+    x = rand(rng, (2, 7, 29), "bfloat16")
+    w, v = rand(rng, (29, 36), "bfloat16", 0.2), rand(rng, (29, 36), "bfloat16", 0.2)
+    w2, b2 = rand(rng, (36, 13), "bfloat16", 0.2), rand(rng, (13,), "bfloat16")
 
     @functools.partial(jax.jit, static_argnames=("activation", "config"))
     def two_layers(wv, x, w2, b2, *, activation, config):

@@ -28,10 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,8 +44,8 @@ from fusedmlp.common.tiling import (
     uses_wgmma,
     warp_specialize_applies,
 )
+from helpers import run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 WGMMA_SLACK = 1024  # bytes the model may overcount on the wgmma path
 
 
@@ -59,134 +55,38 @@ def _cfg(bm, bn, bk, w, s, sub=1, ws=False) -> TileConfig:
     )
 
 
-# (name, family, persistent, dtype, fp32_precision, residual, config)
+LIN, GATED = "linear_act", "gated"
+BF16, F16, F32 = "bfloat16", "float16", "float32"
+
+
+def _case(name, family, dtype, cfg, precision="ieee", res=False) -> tuple:
+    """One compile case, (name, family, persistent, dtype, fp32_precision, residual, config): a
+    persistent TMA kernel where the name starts with "tma-", else the portable one; `res`: with
+    a residual."""
+    return name, family, name.startswith("tma-"), dtype, precision, res, cfg
+
+
 MODEL_CASES = [
-    (
-        "tma-linear-128x256-s4-sub2",
-        "linear_act",
-        True,
-        "bfloat16",
-        "ieee",
-        False,
-        _cfg(128, 256, 64, 8, 4, 2),
-    ),
-    (
-        "tma-linear-128x256-s4-whole-epilogue",
-        "linear_act",
-        True,
-        "bfloat16",
-        "ieee",
-        False,
-        _cfg(128, 256, 64, 8, 4, 1),
-    ),  # 257 KB: does not fit
-    (
-        "tma-linear-128x256-s3-sub2-residual",
-        "linear_act",
-        True,
-        "float16",
-        "ieee",
-        True,
-        _cfg(128, 256, 64, 8, 3, 2),
-    ),
-    (
-        "tma-linear-128x256-s4-sub2-residual",
-        "linear_act",
-        True,
-        "bfloat16",
-        "ieee",
-        True,
-        _cfg(128, 256, 64, 8, 4, 2),
-    ),  # the residual's slice pushes it past 227 KB
-    (
-        "tma-linear-128x128-s4-ws",
-        "linear_act",
-        True,
-        "bfloat16",
-        "ieee",
-        False,
-        _cfg(128, 128, 64, 4, 4, 1, ws=True),
-    ),
-    (
-        "tma-gated-128x128-s4-sub2",
-        "gated",
-        True,
-        "bfloat16",
-        "ieee",
-        False,
-        _cfg(128, 128, 64, 8, 4, 2),
-    ),
-    (
-        "tma-gated-128x128-s4-whole-epilogue",
-        "gated",
-        True,
-        "float16",
-        "ieee",
-        False,
-        _cfg(128, 128, 64, 8, 4, 1),
-    ),
-    (
-        "tma-gated-256x128-s3",
-        "gated",
-        True,
-        "bfloat16",
-        "ieee",
-        False,
-        _cfg(256, 128, 64, 8, 3, 1),
-    ),  # 257 KB: does not fit
-    (
-        "tma-linear-tf32-128x128x32-s3",
-        "linear_act",
-        True,
-        "float32",
-        "tf32",
-        False,
-        _cfg(128, 128, 32, 8, 3, 1),
-    ),
-    (
-        "tma-gated-decode-16x64x128-s4",
-        "gated",
-        True,
-        "bfloat16",
-        "ieee",
-        False,
-        _cfg(16, 64, 128, 4, 4, 1),
-    ),  # mma.sync, not wgmma: an upper bound
-    (
-        "portable-linear-128x256-s4",
-        "linear_act",
-        False,
-        "bfloat16",
-        "ieee",
-        False,
-        _cfg(128, 256, 64, 8, 4),
-    ),
-    (
-        "portable-gated-128x128-s4",
-        "gated",
-        False,
-        "float16",
-        "ieee",
-        False,
-        _cfg(128, 128, 64, 8, 4),
-    ),
-    (
-        "portable-gated-256x128-s4",
-        "gated",
-        False,
-        "bfloat16",
-        "ieee",
-        False,
-        _cfg(256, 128, 64, 8, 4),
-    ),  # 256 KB: does not fit
-    (
-        "portable-linear-fp32-ieee-128x128x32-s3",
-        "linear_act",
-        False,
-        "float32",
-        "ieee",
-        False,
-        _cfg(128, 128, 32, 8, 3),
-    ),  # FMA: num_stages - 1 buffers
+    _case("tma-linear-128x256-s4-sub2", LIN, BF16, _cfg(128, 256, 64, 8, 4, 2)),
+    # 257 KB: does not fit
+    _case("tma-linear-128x256-s4-whole-epilogue", LIN, BF16, _cfg(128, 256, 64, 8, 4, 1)),
+    _case("tma-linear-128x256-s3-sub2-residual", LIN, F16, _cfg(128, 256, 64, 8, 3, 2), res=True),
+    # the residual's slice pushes it past 227 KB
+    _case("tma-linear-128x256-s4-sub2-residual", LIN, BF16, _cfg(128, 256, 64, 8, 4, 2), res=True),
+    _case("tma-linear-128x128-s4-ws", LIN, BF16, _cfg(128, 128, 64, 4, 4, 1, ws=True)),
+    _case("tma-gated-128x128-s4-sub2", GATED, BF16, _cfg(128, 128, 64, 8, 4, 2)),
+    _case("tma-gated-128x128-s4-whole-epilogue", GATED, F16, _cfg(128, 128, 64, 8, 4, 1)),
+    # 257 KB: does not fit
+    _case("tma-gated-256x128-s3", GATED, BF16, _cfg(256, 128, 64, 8, 3, 1)),
+    _case("tma-linear-tf32-128x128x32-s3", LIN, F32, _cfg(128, 128, 32, 8, 3, 1), precision="tf32"),
+    # mma.sync, not wgmma: an upper bound
+    _case("tma-gated-decode-16x64x128-s4", GATED, BF16, _cfg(16, 64, 128, 4, 4, 1)),
+    _case("portable-linear-128x256-s4", LIN, BF16, _cfg(128, 256, 64, 8, 4)),
+    _case("portable-gated-128x128-s4", GATED, F16, _cfg(128, 128, 64, 8, 4)),
+    # 256 KB: does not fit
+    _case("portable-gated-256x128-s4", GATED, BF16, _cfg(256, 128, 64, 8, 4)),
+    # FMA: num_stages - 1 buffers
+    _case("portable-linear-fp32-ieee-128x128x32-s3", LIN, F32, _cfg(128, 128, 32, 8, 3)),
 ]
 
 # The heuristic's choices for the paths the dispatcher takes on an H200:
@@ -290,19 +190,7 @@ def compiled() -> dict[str, Any]:
     cases = [
         (n, f, p, d, pr, r, c.to_dict()) for n, f, p, d, pr, r, c in MODEL_CASES + DEFAULT_CASES
     ]
-    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        cwd=ROOT,
-    )
-    if "RESULT" not in proc.stdout:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-        raise AssertionError(f"compiling the kernels for sm_90 failed:\n{tail}")
-    return json.loads(proc.stdout.split("RESULT", 1)[1])
+    return run_script(_SCRIPT, json.dumps(cases), timeout=900)
 
 
 def _result(name: str) -> dict[str, Any]:

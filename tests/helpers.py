@@ -368,6 +368,42 @@ def needs_jax_triton_wheel() -> Path:
     return wheels[-1]
 
 
+def record_jax_triton_calls() -> list[dict[str, Any]]:
+    """Puts a recorder in place of the CUDA plugin's Triton runtime (absent on a CPU) and returns
+    the list it fills, one dict per kernel call jax_triton lowers (kernel name, PTX, grid,
+    parameters): jax_triton's whole compile path (TTIR -> PTX with triton 3.6) runs without a
+    GPU. For the subprocess scripts (`sys.path.insert(1, "tests")`), before the first lowering."""
+    from jax._src.lib import gpu_triton
+
+    calls: list[dict[str, Any]] = []
+
+    class Kernel:
+        def __init__(self, name, num_warps, num_ctas, smem, ptx, ttir, cc):
+            self.name, self.ptx = name, ptx
+
+    class KernelCall:
+        def __init__(self, kernel, g0, g1, g2, params):
+            calls.append(dict(kernel=kernel.name, ptx=kernel.ptx, grid=[g0, g1, g2], params=params))
+
+        def to_proto(self, name, metadata):
+            return b"stub"
+
+    stub = dict(
+        TritonKernel=Kernel,
+        TritonKernelCall=KernelCall,
+        TritonAutotunedKernelCall=None,
+        create_array_parameter=lambda zeroed, align: ["array", align],
+        create_scalar_parameter=lambda value, dtype: ["scalar", value, dtype],
+        get_compute_capability=lambda device: 90,
+        get_arch_details=lambda device: "sm_90",
+        get_serialized_metadata=lambda b: b,
+        get_custom_call=lambda: None,
+    )
+    for key, value in stub.items():
+        setattr(gpu_triton, key, value)
+    return calls
+
+
 def torch_like_ptx(native: Any, plan: Any, dtype: str, num_warps: int, num_stages: int) -> str:
     """sm_90 PTX of a native Triton kernel specialised as the torch launcher specialises it for
     `plan` (a jax_impl.cross TritonLaunch): 16-byte aligned pointers of type `dtype` ("*bf16"),

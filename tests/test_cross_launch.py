@@ -28,35 +28,15 @@ _PTX_SCRIPT = textwrap.dedent(
     import collections, json, os, re, sys
     os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile PTX, launch nothing
     sys.path.insert(0, sys.argv[1])  # the jax_triton wheel, imported from the zip
-    sys.path.insert(1, "tests")  # helpers.torch_like_ptx
+    sys.path.insert(1, "tests")  # helpers
     import jax, jax.numpy as jnp
-    from jax._src.lib import gpu_triton
+    from helpers import record_jax_triton_calls, torch_like_ptx
 
-    calls = []
-
-    class Kernel:  # the CUDA plugin's Triton runtime, replaced by a recorder (no GPU here)
-        def __init__(self, name, num_warps, num_ctas, smem, ptx, ttir, cc):
-            self.name, self.ptx = name, ptx
-
-    class KernelCall:
-        def __init__(self, kernel, g0, g1, g2, params):
-            calls.append(dict(kernel=kernel.name, ptx=kernel.ptx, params=[p[0] for p in params]))
-
-        def to_proto(self, name, metadata):
-            return b"stub"
-
-    stub = dict(TritonKernel=Kernel, TritonKernelCall=KernelCall, TritonAutotunedKernelCall=None,
-                create_array_parameter=lambda zeroed, align: ["array", align],
-                create_scalar_parameter=lambda value, dtype: ["scalar", value, dtype],
-                get_compute_capability=lambda device: 90, get_arch_details=lambda d: "sm_90",
-                get_serialized_metadata=lambda b: b, get_custom_call=lambda: None)
-    for key, value in stub.items():
-        setattr(gpu_triton, key, value)
+    calls = record_jax_triton_calls()  # the CUDA plugin's Triton runtime (no GPU here)
 
     from fusedmlp.common import TileConfig
     from fusedmlp.common.packing import packed_width
     from fusedmlp.jax_impl.cross import gated as jg, linear_act as jl
-    from helpers import torch_like_ptx
 
     def mix(ptx):
         ops = collections.Counter()
@@ -88,7 +68,8 @@ _PTX_SCRIPT = textwrap.dedent(
         calls.clear()
         jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",))
         [call] = calls
-        out[name] = dict(kernel=call["kernel"], params=call["params"], jax_triton=mix(call["ptx"]),
+        out[name] = dict(kernel=call["kernel"], params=[p[0] for p in call["params"]],
+                         jax_triton=mix(call["ptx"]),
                          torch=mix(torch_like_ptx(mod.native_kernel(), plan, "*bf16",
                                                   cfg.num_warps, cfg.num_stages)))
     print("RESULT" + json.dumps(out))

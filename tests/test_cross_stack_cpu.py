@@ -461,32 +461,13 @@ _LOWER_SCRIPT = textwrap.dedent(
     import json, os, sys
     os.environ["TRITON_INTERPRET"] = "0"  # jax_triton compiles: it needs real Triton functions
     sys.path.insert(0, sys.argv[1])  # the jax_triton wheel, imported from the zip
+    sys.path.insert(1, "tests")  # helpers
     import jax, jax.numpy as jnp
-    from jax._src.lib import gpu_triton
+    from helpers import record_jax_triton_calls
 
     # A stand-in for the CUDA plugin's Triton runtime (absent on a CPU): records what jax_triton
     # hands it, so the whole compile path (TTIR -> PTX with triton 3.6) runs without a GPU.
-    calls = []
-
-    class Kernel:
-        def __init__(self, name, num_warps, num_ctas, smem, ptx, ttir, cc):
-            self.name, self.ptx_lines = name, len(ptx.splitlines())
-
-    class KernelCall:
-        def __init__(self, kernel, g0, g1, g2, params):
-            calls.append(dict(kernel=kernel.name, ptx_lines=kernel.ptx_lines, grid=[g0, g1, g2],
-                              params=params))
-
-        def to_proto(self, name, metadata):
-            return b"stub"
-
-    stub = dict(TritonKernel=Kernel, TritonKernelCall=KernelCall, TritonAutotunedKernelCall=None,
-                create_array_parameter=lambda zeroed, align: ["array", align],
-                create_scalar_parameter=lambda value, dtype: ["scalar", value, dtype],
-                get_compute_capability=lambda device: 90, get_arch_details=lambda d: "sm_90",
-                get_serialized_metadata=lambda b: b, get_custom_call=lambda: None)
-    for key, value in stub.items():
-        setattr(gpu_triton, key, value)
+    calls = record_jax_triton_calls()
 
     from fusedmlp.common import TileConfig
     from fusedmlp.jax_impl.cross import gated as jg, linear_act as jl
@@ -511,6 +492,7 @@ _LOWER_SCRIPT = textwrap.dedent(
             calls.clear()
             text = jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).as_text()
             [call] = calls
+            call["ptx_lines"] = len(call.pop("ptx").splitlines())
             call["custom_calls"] = text.count("stablehlo.custom_call @triton_kernel_call")
             call["cache_dir"] = os.environ.get("TRITON_CACHE_DIR", "<unset>")
             out[f"{name}-{dtype}"] = call

@@ -84,6 +84,35 @@ def _bits_equal(a, b) -> bool:
     return bool(torch.equal(a.contiguous().view(ints), b.contiguous().view(ints)))
 
 
+def _gpu_operands(family: str, dtype: str, m: int, k: int, n: int, bias: bool):
+    """One layer's operands on the GPU in both frameworks (the same buffers, shared through
+    DLPack), with the activation (and, for linear_act with a bias, the residual) each family is
+    checked with: (activation, NumPy ops, torch ops, jax ops)."""
+    activation = "gelu_tanh" if family == "linear_act" else "silu"
+    residual = family == "linear_act" and bias
+    ops = _problem(family, m, k, n, dtype, bias, residual)
+    t = {name: _torch(a, "cuda") for name, a in ops.items()}
+    j = {name: _jax_from_torch(v) for name, v in t.items()}
+    return activation, ops, t, j
+
+
+def _launch(family: str, mod, ops: dict, *, n: int, **kw):
+    """`mod`'s launcher of `family` on `ops`: gated_fwd(x, wv, bc, n=n) or
+    linear_act_fwd(x, w, b, residual), with the keyword arguments `kw`."""
+    if family == "gated":
+        return mod.gated_fwd(ops["x"], ops["wv"], ops["bc"], n=n, **kw)
+    return mod.linear_act_fwd(ops["x"], ops["w"], ops["b"], ops["residual"], **kw)
+
+
+def _same_bits_and_close(
+    what: str, family: str, dtype: str, shape, bias, activation, out, other, ops
+):
+    """`out` has `other`'s bits and is within tolerance of the float64 reference."""
+    assert _bits_equal(out, other), f"{family} {dtype} {shape} bias={bias}"
+    ref = _reference(family, ops, activation)
+    assert_close(to_numpy(out), ref, layer_spec(dtype), what=f"{what} {family} {dtype}")
+
+
 @pytest.mark.gpu
 @needs_jax_triton
 @pytest.mark.parametrize(("family", "dtype", "m", "k", "n", "bias"), JAX_TRITON_CASES)
@@ -98,35 +127,17 @@ def test_jax_triton_same_bits_as_torch_triton(
     from fusedmlp.torch_impl import gated as tg
     from fusedmlp.torch_impl import linear_act as tla
 
-    activation = "gelu_tanh" if family == "linear_act" else "silu"
-    residual = family == "linear_act" and bias
-    ops = _problem(family, m, k, n, dtype, bias, residual)
-    t = {name: _torch(a, "cuda") for name, a in ops.items()}
-    j = {name: _jax_from_torch(v) for name, v in t.items()}  # the same buffers (DLPack)
+    activation, ops, t, j = _gpu_operands(family, dtype, m, k, n, bias)
     cfg = heuristic_config(family, max(m, 1), n, k, dtype, interpret=False)
-    if family == "gated":
-        native = tg.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation=activation, config=cfg)
-        cross = jax.jit(functools.partial(jg.gated_fwd, n=n, activation=activation, config=cfg))(
-            j["x"], j["wv"], j["bc"]
-        )
-    else:
-        native = tla.linear_act_fwd(
-            t["x"], t["w"], t["b"], t["residual"], activation=activation, config=cfg
-        )
-        cross = jax.jit(functools.partial(jl.linear_act_fwd, activation=activation, config=cfg))(
-            j["x"], j["w"], j["b"], j["residual"]
-        )
+    launch = functools.partial(_launch, family, n=n, activation=activation, config=cfg)
+    native = launch(tg if family == "gated" else tla, t)
+    cross = jax.jit(functools.partial(launch, jg if family == "gated" else jl))(j)
     cross.block_until_ready()
     if m == 0:
         assert tuple(cross.shape) == tuple(native.shape) == (0, n)
         return
-    assert _bits_equal(cross, native), f"{family} {dtype} {(m, k, n)} bias={bias}"
-    assert_close(
-        to_numpy(cross),
-        _reference(family, ops, activation),
-        layer_spec(dtype),
-        what=f"jax_triton {family} {dtype}",
-    )
+    what = ("jax_triton", family, dtype, (m, k, n), bias, activation)
+    _same_bits_and_close(*what, cross, native, ops)
 
 
 @pytest.mark.gpu
@@ -142,36 +153,18 @@ def test_mosaic_from_torch_same_bits_as_pallas_mosaic(
     from fusedmlp.torch_impl.cross import gated as tg
     from fusedmlp.torch_impl.cross import linear_act as tl_
 
-    activation = "gelu_tanh" if family == "linear_act" else "silu"
-    residual = family == "linear_act" and bias
-    ops = _problem(family, m, k, n, dtype, bias, residual)
-    t = {name: _torch(a, "cuda") for name, a in ops.items()}
-    j = {name: _jax_from_torch(v) for name, v in t.items()}
+    activation, ops, t, j = _gpu_operands(family, dtype, m, k, n, bias)
     cfg = default_config(family, max(m, 1), n, k, dtype, interpret=False)
-    if family == "gated":
-        cross = tg.gated_fwd(t["x"], t["wv"], t["bc"], n=n, activation=activation, config=cfg)
-        native = jax.jit(
-            functools.partial(mg.gated_fwd, n=n, activation=activation, config=cfg, interpret=False)
-        )(j["x"], j["wv"], j["bc"])
-    else:
-        cross = tl_.linear_act_fwd(
-            t["x"], t["w"], t["b"], t["residual"], activation=activation, config=cfg
-        )
-        native = jax.jit(
-            functools.partial(ml.linear_act_fwd, activation=activation, config=cfg, interpret=False)
-        )(j["x"], j["w"], j["b"], j["residual"])
+    launch = functools.partial(_launch, family, n=n, activation=activation, config=cfg)
+    cross = launch(tg if family == "gated" else tl_, t)
+    native = jax.jit(functools.partial(launch, mg if family == "gated" else ml, interpret=False))(j)
     native.block_until_ready()
     assert tuple(cross.shape) == (m, n) and cross.is_contiguous()
     if m == 0:
         assert tuple(native.shape) == (0, n)
         return
-    assert _bits_equal(cross, native), f"{family} {dtype} {(m, k, n)} bias={bias}"
-    assert_close(
-        to_numpy(cross),
-        _reference(family, ops, activation),
-        layer_spec(dtype),
-        what=f"mosaic-from-torch {family} {dtype}",
-    )
+    what = ("mosaic-from-torch", family, dtype, (m, k, n), bias, activation)
+    _same_bits_and_close(*what, cross, native, ops)
 
 
 @pytest.mark.gpu
@@ -204,11 +197,10 @@ def test_mosaic_from_torch_on_a_side_stream() -> None:
 FRONT_CASES = ["geglu-float16-bias", "gelu_tanh-bfloat16-nobias"]
 
 
-def _golden_on_gpu(name: str):
-    case = golden.load(name)
-    tx = _torch(case.x, "cuda")
-    tp = {k: _torch(v, "cuda") for k, v in case.params.items()}
-    return case, tx, tp, _jax_from_torch(tx), {k: _jax_from_torch(v) for k, v in tp.items()}
+def _on_gpu(x, params):
+    """x and params on the GPU in both frameworks, the same buffers: (tx, tp, jx, jp)."""
+    tx, tp = _torch(x, "cuda"), {k: _torch(v, "cuda") for k, v in params.items()}
+    return tx, tp, _jax_from_torch(tx), {k: _jax_from_torch(v) for k, v in tp.items()}
 
 
 # Mosaic GPU takes widths in multiples of 16 (the golden files' odd widths fall back by name), so
@@ -229,8 +221,7 @@ def test_fronts_mosaic_matches_pallas_mosaic(spec: MLPSpec) -> None:
     from fusedmlp.torch_impl import front as tfront
 
     params, x = init_params(spec, seed=31), make_input(spec, 37, seed=32)
-    tx, tp = _torch(x, "cuda"), {k: _torch(v, "cuda") for k, v in params.items()}
-    jx, jp = _jax_from_torch(tx), {k: _jax_from_torch(v) for k, v in tp.items()}
+    tx, tp, jx, jp = _on_gpu(x, params)
     y_mosaic = tfront.mlp(tx, tp, spec, impl="mosaic")
     y_pallas = jfront.mlp(jx, jp, spec, impl="pallas_mosaic")
     assert _bits_equal(y_mosaic, y_pallas), str(spec)
@@ -245,7 +236,8 @@ def test_fronts_jax_triton_matches_triton(name: str) -> None:
     from fusedmlp.jax_impl import front as jfront
     from fusedmlp.torch_impl import front as tfront
 
-    case, tx, tp, jx, jp = _golden_on_gpu(name)
+    case = golden.load(name)
+    tx, tp, jx, jp = _on_gpu(case.x, case.params)
     y_jt = jfront.mlp(jx, jp, case.spec, impl="jax_triton")
     y_triton = tfront.mlp(tx, tp, case.spec, impl="triton")
     assert _bits_equal(y_jt, y_triton), name

@@ -27,6 +27,16 @@ def rows(spec, m, label, **times_us):
     ]
 
 
+def bench_row(stack: str, impl: str, status: str = "timed", **measured) -> dict:
+    """One row of a saved bench case, as the CLI writes it (the baselines flagged)."""
+    baseline = impl in ("eager", "compile", "xla")
+    return {"stack": stack, "impl": impl, "baseline": baseline, "status": status, **measured}
+
+
+def bench_case(spec: MLPSpec, m: int, *case_rows: dict, preset: str = "llama3-8b") -> dict:
+    return {"preset": preset, "m": m, "spec": spec.to_dict(), "rows": list(case_rows)}
+
+
 def test_shape_class():
     assert shape_class(LLAMA) == "mlp2-gated"
     assert shape_class(NERF) == "narrow"
@@ -80,41 +90,14 @@ def test_table_json_round_trip_and_missing_file(tmp_path):
 def test_measurements_from_bench_keeps_timed_rows_only():
     bench = {
         "cases": [
-            {
-                "preset": "llama3-8b",
-                "m": 16,
-                "spec": LLAMA.to_dict(),
-                "rows": [
-                    {
-                        "stack": "torch",
-                        "impl": "eager",
-                        "baseline": True,
-                        "status": "timed",
-                        "time": {"median": 111e-6},
-                    },
-                    {
-                        "stack": "torch",
-                        "impl": "auto",
-                        "baseline": False,
-                        "status": "timed",
-                        "time": {"median": 90e-6},
-                    },
-                    {
-                        "stack": "torch",
-                        "impl": "triton",
-                        "baseline": False,
-                        "status": "invalid measurement",
-                        "time": {"median": 1e-6},
-                    },
-                    {
-                        "stack": "jax",
-                        "impl": "xla",
-                        "baseline": True,
-                        "status": "timed",
-                        "device_s": 97e-6,
-                    },
-                ],
-            }
+            bench_case(
+                LLAMA,
+                16,
+                bench_row("torch", "eager", time={"median": 111e-6}),
+                bench_row("torch", "auto", time={"median": 90e-6}),
+                bench_row("torch", "triton", "invalid measurement", time={"median": 1e-6}),
+                bench_row("jax", "xla", device_s=97e-6),
+            )
         ]
     }
     got = measurements_from_bench(bench)
@@ -175,27 +158,12 @@ def test_cli_derive_auto_from_saved_results(tmp_path):
         "environment": {"gpus": [{"name": "NVIDIA H200"}], "git": {"commit": "abc1234def"}},
         "bench": {
             "cases": [
-                {
-                    "preset": "llama3-8b",
-                    "m": 16,
-                    "spec": LLAMA.to_dict(),
-                    "rows": [
-                        {
-                            "stack": "torch",
-                            "impl": "eager",
-                            "baseline": True,
-                            "status": "timed",
-                            "time": {"median": 111e-6},
-                        },
-                        {
-                            "stack": "torch",
-                            "impl": "fused_decode",
-                            "baseline": False,
-                            "status": "timed",
-                            "time": {"median": 88e-6},
-                        },
-                    ],
-                }
+                bench_case(
+                    LLAMA,
+                    16,
+                    bench_row("torch", "eager", time={"median": 111e-6}),
+                    bench_row("torch", "fused_decode", time={"median": 88e-6}),
+                )
             ]
         },
     }
@@ -228,22 +196,8 @@ def test_bench_derive_auto_writes_the_table_and_retimes_auto(monkeypatch, tmp_pa
     before = dispatch.generation()
     table_path = tmp_path / "test-gpu.json"
     json_path = tmp_path / "bench.json"
-    code = cli.main(
-        [
-            "bench",
-            "--device",
-            "cpu",
-            "--preset",
-            "cpu-small",
-            "--impl",
-            "eager,xla,auto",
-            "--quick",
-            "--derive-auto",
-            str(table_path),
-            "--json",
-            str(json_path),
-        ]
-    )
+    args = ["bench", "--device", "cpu", "--preset", "cpu-small", "--impl", "eager,xla,auto"]
+    code = cli.main([*args, "--quick", "--derive-auto", str(table_path), "--json", str(json_path)])
     assert code == 0
     table = Table.from_json(table_path.read_text())
     spec = MLPSpec.preset("cpu-small")

@@ -59,12 +59,15 @@ class TestShared(WholeMLPTests):
     odd_widths = ODD_WIDTHS
     nan_case = ("float32", 5, 2, 7)
     twin_m = 11
-    twin_cases = (
-        (ODD_WIDTHS, "relu", "float32"),
-        (ODD_WIDTHS, "relu", "float16"),
-        (ODD_WIDTHS, "relu", "bfloat16"),
-        (ODD_WIDTHS, "swiglu", "float16"),
-        (ODD_WIDTHS, "geglu_tanh", "bfloat16"),
+    twin_cases = tuple(
+        (ODD_WIDTHS, activation, dtype)
+        for activation, dtype in (
+            ("relu", "float32"),
+            ("relu", "float16"),
+            ("relu", "bfloat16"),
+            ("swiglu", "float16"),
+            ("geglu_tanh", "bfloat16"),
+        )
     )
 
 

@@ -46,6 +46,16 @@ def spec_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _cli(command: str, *paths: Path, **flags: object) -> int:
+    """`fusedmlp` in-process: the words of `command`, the `paths`, then each flag as `--name value`
+    (underscores as dashes); --device cpu unless a flag says otherwise (None: no --device)."""
+    args = [*command.split(), *map(str, paths)]
+    for name, value in {"device": "cpu", **flags}.items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return cli.main(args)
+
+
 def _load(path: Path) -> dict:
     data = json.loads(path.read_text())
     assert data["kind"] == "fusedmlp-results"
@@ -113,21 +123,7 @@ def test_parity_fails_loudly_on_a_broken_kernel(
 
     monkeypatch.setitem(front._RUNNERS, "triton", broken)
     out = tmp_path / "parity.json"
-    code = cli.main(
-        [
-            "parity",
-            "--spec",
-            str(spec_file),
-            "--m",
-            TINY_M,
-            "--device",
-            "cpu",
-            "--impl",
-            "triton,eager",
-            "--json",
-            str(out),
-        ]
-    )
+    code = _cli("parity", spec=spec_file, m=TINY_M, impl="triton,eager", json=out)
     assert code == 1
     text = capsys.readouterr().out
     assert "parity: FAIL" in text and "FAILED:" in text and "torch:triton FAIL" in text
@@ -138,41 +134,21 @@ def test_parity_fails_loudly_on_a_broken_kernel(
 
 
 def test_parity_inject_fault_hook(spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(
-        [
-            "parity",
-            "--spec",
-            str(spec_file),
-            "--m",
-            TINY_M,
-            "--device",
-            "cpu",
-            "--impl",
-            "jax",
-            "--inject-fault",
-            "jax:pallas_triton",
-        ]
-    )
+    code = _cli("parity", spec=spec_file, m=TINY_M, impl="jax", inject_fault="jax:pallas_triton")
     assert code == 1
     assert "jax:pallas_triton FAIL" in capsys.readouterr().out
 
 
 def test_parity_dtype_override_and_bad_impl(spec_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
-    code = cli.main(
-        [
-            "parity",
-            "--spec",
-            str(spec_file),
-            "--m",
-            "1",
-            "--dtype",
-            "bfloat16,float16",
-            "--impl",
-            "eager,xla",
-            "--json",
-            str(out),
-        ]
+    code = _cli(
+        "parity",
+        spec=spec_file,
+        m="1",
+        dtype="bfloat16,float16",
+        impl="eager,xla",
+        json=out,
+        device=None,
     )
     assert code == 0
     cases = _load(out)["parity"]["cases"]
@@ -186,21 +162,8 @@ def test_parity_dtype_override_and_bad_impl(spec_file: Path, tmp_path: Path) -> 
 @pytest.fixture(scope="module")
 def bench_json(spec_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    code = cli.main(
-        [
-            "bench",
-            "--spec",
-            str(spec_file),
-            "--m",
-            "33",
-            "--device",
-            "cpu",
-            "--impl",
-            "triton,fused_small,eager,jax",
-            "--quick",
-            "--json",
-            str(out),
-        ]
+    code = _cli(
+        "bench --quick", spec=spec_file, m="33", impl="triton,fused_small,eager,jax", json=out
     )
     assert code == 0
     return out
@@ -233,23 +196,13 @@ def test_bench_times_baselines_and_lists_interpreted(bench_json: Path) -> None:
 
 def test_bench_never_times_a_failing_path(spec_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    code = cli.main(
-        [
-            "bench",
-            "--spec",
-            str(spec_file),
-            "--m",
-            TINY_M,
-            "--device",
-            "cpu",
-            "--impl",
-            "eager,xla",
-            "--quick",
-            "--inject-fault",
-            "jax:xla",
-            "--json",
-            str(out),
-        ]
+    code = _cli(
+        "bench --quick",
+        spec=spec_file,
+        m=TINY_M,
+        impl="eager,xla",
+        inject_fault="jax:xla",
+        json=out,
     )
     assert code == 1
     rows = _rows(_load(out), "bench")
@@ -270,21 +223,7 @@ def test_timing_stats_have_spread_and_at_least_20_reps() -> None:
 @pytest.fixture(scope="module")
 def overhead_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("overhead") / "overhead.json"
-    assert (
-        cli.main(
-            [
-                "overhead",
-                "--device",
-                "cpu",
-                "--impl",
-                "baselines,triton",
-                "--quick",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _cli("overhead --quick", impl="baselines,triton", json=out) == 0
     return out
 
 
@@ -308,26 +247,7 @@ def test_overhead_records_host_and_first_call(overhead_json: Path) -> None:
 
 def test_sweep_short_mode(tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
-    assert (
-        cli.main(
-            [
-                "sweep",
-                "--device",
-                "cpu",
-                "--short",
-                "--widths",
-                "16,32",
-                "--depths",
-                "2",
-                "--m",
-                "40",
-                "--quick",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _cli("sweep --short --quick", widths="16,32", depths="2", m="40", json=out) == 0
     sweep = _load(out)["sweep"]
     assert [(c["width"], c["depth"]) for c in sweep["cells"]] == [(16, 2), (32, 2)]
     for cell in sweep["cells"]:
@@ -343,18 +263,14 @@ def test_report_writes_markdown_and_png(
     md = tmp_path / "new" / "r.md"  # folders that do not exist yet are made
     merged = tmp_path / "all.json"
     assert (
-        cli.main(
-            [
-                "report",
-                str(bench_json),
-                str(overhead_json),
-                "--markdown",
-                str(md),
-                "--plot-dir",
-                str(tmp_path),
-                "--json",
-                str(merged),
-            ]
+        _cli(
+            "report",
+            bench_json,
+            overhead_json,
+            markdown=md,
+            plot_dir=tmp_path,
+            json=merged,
+            device=None,
         )
         == 0
     )
@@ -400,19 +316,7 @@ def test_gpu_bench_rows_carry_every_measure(tmp_path: Path) -> None:
     spec = tmp_path / "mid.json"
     MLPSpec((1024, 4096, 1024), "gelu", bias=True, dtype="bfloat16").to_json(spec)
     out = tmp_path / "bench.json"
-    code = cli.main(
-        [
-            "bench",
-            "--spec",
-            str(spec),
-            "--m",
-            "4096",
-            "--impl",
-            "eager,xla,auto",
-            "--json",
-            str(out),
-        ]
-    )
+    code = _cli("bench", spec=spec, m="4096", impl="eager,xla,auto", json=out, device=None)
     rows = _rows(_load(out), "bench")
     assert code == 0, {n: (r["status"], r.get("message")) for n, r in rows.items()}
     for name in ("torch:eager", "jax:xla", "torch:auto", "jax:auto"):

@@ -36,6 +36,7 @@ from fusedmlp.jax_impl.mosaic import linear_act as linear_act_mod
 from fusedmlp.jax_impl.mosaic import pipeline
 from fusedmlp.jax_impl.mosaic.gated import gated
 from fusedmlp.jax_impl.mosaic.linear_act import linear_act
+from helpers import lower_for_cuda
 
 pytest.importorskip("absl")  # jax.experimental.pallas.mosaic_gpu needs it on CPU machines
 
@@ -44,6 +45,15 @@ WS = pipeline.INTERPRET_CONFIG  # 128×64×16, two slots, warp-specialised
 ONE_WG = TileConfig(64, 64, 16, group_m=2, num_stages=3)  # one warpgroup, three slots
 ONE_SLOT = TileConfig(64, 64, 32, group_m=1, num_stages=1)  # one warpgroup, no overlap
 SPLIT_N = TileConfig(64, 128, 16, group_m=2, num_stages=2, warp_specialize=True)  # gated: N split
+
+
+def _ws(block_m: int, block_n: int, stages: int, subtile: int = 1) -> TileConfig:
+    """A warp-specialised 64-deep config (the GPU variant's large tiles)."""
+    return TileConfig(
+        block_m, block_n, 64, num_stages=stages, warp_specialize=True, epilogue_subtile=subtile
+    )
+
+
 SUBTILED = TileConfig(
     128, 128, 16, group_m=2, num_stages=2, warp_specialize=True, epilogue_subtile=2
 )  # linear_act: two 64-column epilogue tiles per warpgroup
@@ -231,9 +241,7 @@ def test_float32_not_implemented_names_fallback() -> None:
             "must be a multiple of 64",
         ),
         (
-            lambda x, w, wv: linear_act(
-                x, w, config=TileConfig(128, 256, 64, num_stages=5, warp_specialize=True)
-            ),
+            lambda x, w, wv: linear_act(x, w, config=_ws(128, 256, 5)),
             "bytes of shared memory",
         ),
         (
@@ -320,10 +328,6 @@ def test_padded_extents() -> None:
     assert pipeline.padded_extents(8191, 14336, 4096, tiles, interpret=False) == (8192, 14336, 4096)
 
 
-def _lower(fn, *args) -> str:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
 def _lower_family(family, m, n, k, dtype, activation, bias, config, residual=False) -> str:
     dt = jnp.dtype(dtype)
     S = jax.ShapeDtypeStruct
@@ -334,13 +338,13 @@ def _lower_family(family, m, n, k, dtype, activation, bias, config, residual=Fal
         fn = lambda x, w, b, r: linear_act_mod.linear_act_fwd(  # noqa: E731
             x, w, b, r, activation=activation, config=config, interpret=False
         )
-        return _lower(fn, x, S((k, n), dt), b, r)
+        return lower_for_cuda(fn, x, S((k, n), dt), b, r)
     width = packed_width(n)
     bc = S((width,), dt) if bias else None
     fn = lambda x, wv, bc: gated_mod.gated_fwd(  # noqa: E731
         x, wv, bc, n=n, activation=activation, config=config, interpret=False
     )
-    return _lower(fn, x, S((k, width), dt), bc)
+    return lower_for_cuda(fn, x, S((k, width), dt), bc)
 
 
 @pytest.mark.parametrize(
@@ -348,23 +352,23 @@ def _lower_family(family, m, n, k, dtype, activation, bias, config, residual=Fal
     [
         (
             "linear_act",
-            TileConfig(128, 256, 64, num_stages=4, warp_specialize=True, epilogue_subtile=2),
+            _ws(128, 256, 4, 2),
             None,
         ),
         (
             "linear_act",
-            TileConfig(256, 128, 64, num_stages=4, warp_specialize=True, epilogue_subtile=2),
+            _ws(256, 128, 4, 2),
             None,
         ),
         (
             "linear_act",
-            TileConfig(256, 128, 64, num_stages=4, warp_specialize=True, epilogue_subtile=1),
+            _ws(256, 128, 4, 1),
             "exceeds",
         ),  # 128-wide staging slots
-        ("gated", TileConfig(128, 128, 64, num_stages=4, warp_specialize=True), None),
+        ("gated", _ws(128, 128, 4), None),
         (
             "linear_act",
-            TileConfig(128, 256, 64, num_stages=5, warp_specialize=True, epilogue_subtile=2),
+            _ws(128, 256, 5, 2),
             "exceeds",
         ),
         ("gated", TileConfig(64, 128, 128, num_stages=2), None),
@@ -398,7 +402,7 @@ LOWER_CASES = [
         "bfloat16",
         "gelu_tanh",
         True,
-        TileConfig(256, 128, 64, num_stages=4, warp_specialize=True, epilogue_subtile=2),
+        _ws(256, 128, 4, 2),
         (2048, 768, 3072),
     ),
     ("linear_act", "float16", "relu", True, ONE_WG, (264, 80, 48)),
@@ -410,7 +414,7 @@ LOWER_CASES = [
         "bfloat16",
         "gelu_tanh",
         True,
-        TileConfig(64, 256, 64, num_stages=2, warp_specialize=True, epilogue_subtile=2),
+        _ws(64, 256, 2, 2),
         (512, 3072, 768),
     ),
     ("gated", "float16", "identity", True, WS, (136, 80, 48)),

@@ -4,7 +4,7 @@
 # On the GPU image (nvidia-smi sees a GPU): installs the project offline (and .wheels/*.whl when
 # carried), then runs `pytest -m gpu`, the parity matrix and the benchmark of the default presets
 # (both stacks, every implementation, each stack's `auto`), the overhead table and the narrow
-# sweep, each under its own time limit inside a 9-minute budget, and writes into OUTDIR at most 6
+# sweep, each under its own time limit inside an 8-minute budget, and writes into OUTDIR at most 6
 # files:
 #   results.json  every section with the environment block (machine, versions, commit)
 #   results.md    the tables          bench.png, sweep.png, overhead.png   the plots
@@ -27,7 +27,7 @@ failed=()
 
 if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then
   mode=gpu
-  budget=${FUSEDMLP_BUDGET_S:-540}
+  budget=${FUSEDMLP_BUDGET_S:-480}
 else
   mode=cpu
   budget=${FUSEDMLP_BUDGET_S:-200}
@@ -81,18 +81,18 @@ if [ "$mode" = gpu ]; then
     for d in common torch_impl jax_impl bench; do ln -s "$PWD/$d" "$work/site/fusedmlp/$d"; done
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  # pytest -m gpu first, alone on the GPU (nothing is timed while it runs), target <= 150 s in
+  # pytest -m gpu first, alone on the GPU (nothing is timed while it runs), target <= 120 s in
   # all. Its cost is compiling kernels (CPU work), so 8 workers share the 16 cores; the timing
   # tests (tests/test_timing.py) then run by themselves, since they compare clocks. pytest prints
   # its own time and the slowest tests.
   xdist=()
   if "$py" -c "import xdist" > /dev/null 2>&1; then xdist=(-n 8); fi
   t_pytest=$SECONDS
-  step pytest-gpu 150 "$py" -m pytest -m gpu -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
+  step pytest-gpu 110 "$py" -m pytest -m gpu -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
     --durations=15 --ignore=tests/test_timing.py
   step pytest-gpu-timing 25 "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=5 \
     tests/test_timing.py
-  echo "== pytest -m gpu: $((SECONDS - t_pytest)) s in all (target <= 150 s)"
+  echo "== pytest -m gpu: $((SECONDS - t_pytest)) s in all (target <= 120 s)"
   # The main job, parity then bench of the default presets in one process, so that the bench
   # reuses what parity compiled (torch.compile, Triton, jitted JAX executables). It writes
   # parity.json and parity.bench.json, each saved after every case.
@@ -104,7 +104,7 @@ if [ "$mode" = gpu ]; then
     "${cli[@]}" overhead --quick --json "$work/overhead.json"
   # torch.compile is left out of the runner's sweep for time (a compile per cell), and depths 2
   # and 8 bracket the grid; `fusedmlp sweep` runs the full grid with torch.compile by default.
-  step sweep 60 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
+  step sweep 80 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
     --json "$work/sweep.json"
 else
   step parity 70 "${cli[@]}" parity --device cpu --json "$work/parity.json"

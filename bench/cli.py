@@ -136,6 +136,18 @@ def _providers(args: argparse.Namespace) -> list[Any]:
         raise SystemExit(f"fusedmlp: {exc}") from None
 
 
+def _device(args: argparse.Namespace) -> str:
+    return resolve_device(args.device, getattr(args, "cpu_threads", None))
+
+
+def _device_providers_items(
+    args: argparse.Namespace,
+) -> tuple[str, list[Any], list[tuple[str, MLPSpec, int]]]:
+    """What `parity` and `bench` run: the device, the providers, the (label, spec, M) items."""
+    device = _device(args)
+    return device, _providers(args), resolve_items(args, device)
+
+
 _ENV: dict[str, Any] = {}
 
 
@@ -207,9 +219,7 @@ class _Progress:
 def cmd_parity(args: argparse.Namespace, console: Any) -> int:
     from .parity import run_parity
 
-    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
-    providers = _providers(args)
-    items = resolve_items(args, device)
+    device, providers, items = _device_providers_items(args)
     with _Progress(console, len(items) * len(providers), "parity") as bar:
         result = run_parity(
             [(s, m) for _, s, m in items],
@@ -247,9 +257,7 @@ def _timing(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     from .benchmark import run_bench
 
-    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
-    providers = _providers(args)
-    items = resolve_items(args, device)
+    device, providers, items = _device_providers_items(args)
     with _Progress(console, len(items) * len(providers), "bench") as bar:
         result = run_bench(
             items,
@@ -356,7 +364,7 @@ def _failed(row: dict[str, Any]) -> bool:
 def cmd_overhead(args: argparse.Namespace, console: Any) -> int:
     from .overhead import run_overhead
 
-    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
+    device = _device(args)
     providers = _providers(args)
     with _Progress(console, len(providers) + 1, "overhead") as bar:
         result = run_overhead(providers, device, timing=_timing(args), on_row=bar.row)
@@ -374,7 +382,7 @@ def cmd_overhead(args: argparse.Namespace, console: Any) -> int:
 def cmd_sweep(args: argparse.Namespace, console: Any) -> int:
     from .sweep import run_sweep
 
-    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
+    device = _device(args)
     short = args.short if args.short is not None else device == "cpu"
     with console.status("sweep") as status:
         result = run_sweep(
@@ -416,7 +424,7 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
 
 def cmd_default(args: argparse.Namespace, console: Any) -> int:
     """The main job on the embedded default."""
-    device = resolve_device(args.device, getattr(args, "cpu_threads", None))
+    device = _device(args)
     # On a CPU, cpu-small runs in its own float32 and again in bfloat16, so that every
     # implementation that runs here is exercised (pallas_mosaic's wgmma takes 16-bit operands only).
     dtypes = (get_preset(DEFAULT_CPU_PRESET).spec.dtype, "bfloat16") if device == "cpu" else None

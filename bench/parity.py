@@ -36,6 +36,14 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _failed(row: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    """`row` ended by an exception: "n/a" for a NotImplementedError, else "error" with its
+    traceback (called inside the `except` block that caught it)."""
+    if isinstance(exc, NotImplementedError):
+        return {**row, "status": "n/a", "message": str(exc)}
+    return {**row, "status": "error", "message": _short(exc), "traceback": traceback.format_exc()}
+
+
 def run_provider(p: Provider, case: Case) -> dict[str, Any]:
     """Plan and run one provider once; the row without judgement (output kept under '_out')."""
     row: dict[str, Any] = {
@@ -50,30 +58,16 @@ def run_provider(p: Provider, case: Case) -> dict[str, Any]:
         return {**row, "status": "skipped", "message": reason}
     try:
         plan = p.plan(case)
-    except NotImplementedError as exc:
-        return {**row, "status": "n/a", "message": str(exc)}
     except Exception as exc:
-        return {
-            **row,
-            "status": "error",
-            "message": _short(exc),
-            "traceback": traceback.format_exc(),
-        }
+        return _failed(row, exc)
     row.update(plan=plan.describe(), kernels=plan.kernels(), chosen=plan.impl)
     t0 = time.perf_counter()
     try:
         fn = p.make(case)
         out = fn(0)
         sync(p.stack, out)
-    except NotImplementedError as exc:
-        return {**row, "status": "n/a", "message": str(exc)}
     except Exception as exc:
-        return {
-            **row,
-            "status": "error",
-            "message": _short(exc),
-            "traceback": traceback.format_exc(),
-        }
+        return _failed(row, exc)
     row["seconds"] = time.perf_counter() - t0  # first call: includes compilation
     row["_out"] = case.select(out)
     row["_fn"] = fn

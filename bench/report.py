@@ -449,6 +449,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_bench(bench: dict[str, Any], path: Path) -> Path:
     plt = _plt()
     import textwrap
@@ -488,10 +495,7 @@ def plot_bench(bench: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("median time per call, ms, log scale (whiskers: min/max)")
         ax.legend(fontsize=7, loc="lower right")
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
@@ -527,10 +531,7 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
     fig.suptitle(
         f"{sweep['activation']}, {sweep['dtype']}, M={sweep['m']}, {sweep['device']}", fontsize=9
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
@@ -560,10 +561,7 @@ def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
     fig.suptitle(
         f"Overhead: {overhead['spec_text']}, M={overhead['m']}, {overhead['device']}", fontsize=9
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 PLOTS = {"bench": plot_bench, "sweep": plot_sweep, "overhead": plot_overhead}

@@ -796,20 +796,17 @@ def main(argv: list[str] | None = None) -> int:
     sw = Sweep(args.out, args.tuned_out, 560.0 if args.full else args.budget_s, args.smoke)
     sw.env = environment()
     interpret = not on_gpu
-    examples_first = [] if args.smoke else example_configs(first=True)
-    examples_rest = [] if args.smoke else example_configs(first=False)
     big = 128 if args.smoke else 8192
+
+    def every_gemm(first: bool) -> None:
+        # at M=8192: the first configs with XLA beside them (step 1), or the rest (step 4)
+        examples = [] if args.smoke else example_configs(first=first)
+        for g in GEMMS.values():
+            ours = grid(g.family, big, first=first)
+            sweep_gemm(sw, g, big, ours=ours, examples=examples, xla=first, interpret=interpret)
+
     # 1. every GEMM at M=8192
-    for g in GEMMS.values():
-        sweep_gemm(
-            sw,
-            g,
-            big,
-            ours=grid(g.family, big, first=True),
-            examples=examples_first,
-            xla=True,
-            interpret=interpret,
-        )
+    every_gemm(first=True)
     # 2. whole MLPs with the best per-layer configs
     for preset in MLPS:
         sweep_mlp(sw, preset, big, interpret)
@@ -838,16 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         interpret=interpret,
     )
     # 4. the rest of the grid, the example's other configs
-    for g in GEMMS.values():
-        sweep_gemm(
-            sw,
-            g,
-            big,
-            ours=grid(g.family, big, first=False),
-            examples=examples_rest,
-            xla=False,
-            interpret=interpret,
-        )
+    every_gemm(first=False)
     sw.write()
     print()
     print(table(sw))

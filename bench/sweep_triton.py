@@ -84,6 +84,11 @@ class Gemm:
     precision: str = "ieee"
     kmajor: bool = False  # also time W stored K-major (the down projections)
 
+    def fields(self) -> dict[str, Any]:
+        """What names this GEMM in a result row (every row and summary starts with these)."""
+        names = ("name", "family", "m", "n", "k", "dtype", "precision")
+        return {"gemm": self.label, **{f: getattr(self, f) for f in names}}
+
     @property
     def flops(self) -> float:
         return 2.0 * self.m * self.k * (2 * self.n if self.family == "gated" else self.n)
@@ -265,14 +270,7 @@ class Sweep:
         self, g: Gemm, ops: Operands, impl: str, cfg: TileConfig | None, kmajor: bool = False
     ) -> dict[str, Any]:
         row: dict[str, Any] = dict(
-            gemm=g.label,
-            name=g.name,
-            family=g.family,
-            m=g.m,
-            n=g.n,
-            k=g.k,
-            dtype=g.dtype,
-            precision=g.precision,
+            **g.fields(),
             impl=impl,
             config=cfg.to_dict() if cfg else None,
             kmajor=kmajor,
@@ -351,14 +349,7 @@ def sweep_gemm(sw: Sweep, g: Gemm, device: str) -> dict[str, Any]:
     if not sw.smoke:
         torch.cuda.empty_cache()
     return dict(
-        gemm=g.label,
-        name=g.name,
-        family=g.family,
-        m=g.m,
-        n=g.n,
-        k=g.k,
-        dtype=g.dtype,
-        precision=g.precision,
+        **g.fields(),
         flops=g.flops,
         cublas_ms=cublas.get("ms"),
         heuristic=heur.to_dict(),

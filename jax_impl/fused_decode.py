@@ -65,6 +65,28 @@ REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 pr
 
 
 # ---- forward kernels -----------------------------------------------------------------------------
+def _k_slab(a_ref, w_ref, row_ok, k, k_ok, col0, col_ok, INTERPRET):
+    """One K step's operands: the activation tile (x or h: the rows × K run k) and the weight tile
+    (K run k × the columns from col0; read once per call: evict first)."""
+    # twin-diff: ref windows of the masks' sizes where the twin adds row and column offsets
+    block_m, block_k, block_n = row_ok.shape[0], k_ok.shape[0], col_ok.shape[0]
+    a = plgpu.load(
+        a_ref.at[pl.ds(0, block_m), pl.ds(k, block_k)],
+        mask=row_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )
+    w = plgpu.load(
+        w_ref.at[pl.ds(k, block_k), pl.ds(col0, block_n)],
+        mask=k_ok[:, None] & col_ok[None, :],
+        other=0.0,
+        eviction_policy="evict_first",
+    )
+    if INTERPRET:
+        a = a.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
+        w = w.astype(jnp.float32)
+    return a, w
+
+
 def _fused_decode_up_kernel(
     x_ref, w_ref, b_ref, h_ref,
     *, M, D_IN, HIDDEN,
@@ -93,20 +115,7 @@ def _fused_decode_up_kernel(
         k = i * BLOCK_K
         kk = k + offs_k
         k_ok = kk < D_IN
-        x = plgpu.load(
-            x_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w = plgpu.load(
-            w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0, BLOCK_H)],
-            mask=k_ok[:, None] & h_ok[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        )
-        if INTERPRET:
-            x = x.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
-            w = w.astype(jnp.float32)
+        x, w = _k_slab(x_ref, w_ref, row_ok, k, k_ok, col0, h_ok, INTERPRET)
         acc_z = acc_z + plgpu.dot(x, w, precision=DOT_PRECISION)
         if GATED:
             v = plgpu.load(
@@ -169,20 +178,7 @@ def _fused_decode_down_kernel(
         k = k_lo + i * BLOCK_K
         kk = k + offs_k
         k_ok = kk < HIDDEN
-        h = plgpu.load(
-            h_ref.at[pl.ds(0, BLOCK_M), pl.ds(k, BLOCK_K)],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w = plgpu.load(
-            w_ref.at[pl.ds(k, BLOCK_K), pl.ds(pid_n * BLOCK_N, BLOCK_N)],
-            mask=k_ok[:, None] & n_ok[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        )
-        if INTERPRET:
-            h = h.astype(jnp.float32)
-            w = w.astype(jnp.float32)
+        h, w = _k_slab(h_ref, w_ref, row_ok, k, k_ok, pid_n * BLOCK_N, n_ok, INTERPRET)
         return acc + plgpu.dot(h, w, precision=DOT_PRECISION)
 
     acc = jax.lax.fori_loop(0, K_ITERS, k_step, jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32))

@@ -98,6 +98,16 @@ def _layer_operands(
     return w, v, b, c
 
 
+def _output_operands(w_refs, b_refs, WIDTHS, NUM_LAYERS, WIDTH, HAS_BIAS, PACK):
+    """The output layer's weight tile and fp32 bias row (a plain layer: no up half)."""
+    last = NUM_LAYERS - 1
+    w, _, b, _ = _layer_operands(
+        w_refs[last], b_refs[last], WIDTHS[last], WIDTHS[NUM_LAYERS],
+        WIDTH, False, HAS_BIAS, PACK,
+    )  # fmt: skip
+    return w, b
+
+
 def _select_layer(w_refs, b_refs, layer, WIDTHS, NUM_HIDDEN, WIDTH, GATED, HAS_BIAS, PACK):
     """Hidden layer `layer` (a runtime index < NUM_HIDDEN): its operands."""
     # twin-diff: a ref cannot be selected at run time; switch between per-layer loads (the twin
@@ -173,16 +183,7 @@ def _fused_small_fwd_kernel(
                 PACK,
             )
             hidden = hidden + (operands,)  # noqa: RUF005 (the twin's tuple, grown per layer)
-        w_out, _, b_out, _ = _layer_operands(
-            w_refs[last],
-            b_refs[last],
-            WIDTHS[last],
-            WIDTHS[NUM_LAYERS],
-            WIDTH,
-            False,
-            HAS_BIAS,
-            PACK,
-        )
+        w_out, b_out = _output_operands(w_refs, b_refs, WIDTHS, NUM_LAYERS, WIDTH, HAS_BIAS, PACK)
 
     def row_tile(i, carry):
         start = (pid + i * num_programs) * BLOCK_M
@@ -217,15 +218,8 @@ def _fused_small_fwd_kernel(
                 )
 
             h = jax.lax.fori_loop(0, last, layer_step, h) if last else h
-            w_last, _, b_last, _ = _layer_operands(
-                w_refs[last],
-                b_refs[last],
-                WIDTHS[last],
-                WIDTHS[NUM_LAYERS],
-                WIDTH,
-                False,
-                HAS_BIAS,
-                PACK,
+            w_last, b_last = _output_operands(
+                w_refs, b_refs, WIDTHS, NUM_LAYERS, WIDTH, HAS_BIAS, PACK
             )
         if INTERPRET:
             w_last = w_last.astype(jnp.float32)

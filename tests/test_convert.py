@@ -35,28 +35,18 @@ DTYPES = ("float32", "float16", "bfloat16")
 # Tiny configs, odd where the class allows: Llama/Gemma need hidden % heads == 0 and an even head
 # dim (RoPE), so hidden 42 with 3 heads; the intermediate size is free (73), GPT-2's width too (45).
 HIDDEN, INTERMEDIATE, GPT2_HIDDEN = 42, 73, 45
+TINY = dict(
+    hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=3, num_key_value_heads=3
+)  # Llama's and Gemma's
 
 
 def _llama(bias: bool, act: str = "silu") -> nn.Module:
-    config = LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_attention_heads=3,
-        num_key_value_heads=3,
-        mlp_bias=bias,
-        hidden_act=act,
-    )
+    config = LlamaConfig(**TINY, mlp_bias=bias, hidden_act=act)
     return LlamaMLP(config)
 
 
 def _gemma() -> nn.Module:
-    config = GemmaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_attention_heads=3,
-        num_key_value_heads=3,
-        head_dim=14,
-    )
+    config = GemmaConfig(**TINY, head_dim=14)
     return GemmaMLP(config)
 
 
@@ -222,14 +212,7 @@ def test_swap_into_a_whole_model(family, dtype):
     # same model (same rounded weights) in float64; the baseline, the unswapped model in `dtype`.
     torch.manual_seed(3)
     if family == "llama":
-        config = LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_attention_heads=3,
-            num_key_value_heads=3,
-            num_hidden_layers=2,
-            vocab_size=97,
-        )
+        config = LlamaConfig(**TINY, num_hidden_layers=2, vocab_size=97)
         model = LlamaForCausalLM(config)
         blocks = model.model.layers
     else:

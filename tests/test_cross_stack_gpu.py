@@ -113,26 +113,36 @@ def _same_bits_and_close(
     assert_close(to_numpy(out), ref, layer_spec(dtype), what=f"{what} {family} {dtype}")
 
 
+def _torch_and_jax(family, dtype, m, k, n, bias, config_fn, torch_mods, jax_mods, **jax_kw):
+    """One case through a torch launcher and a jax one (under jax.jit), both with `config_fn`'s
+    config; the modules are (gated, linear_act) pairs. (activation, ops, torch out, jax out)."""
+    import jax
+
+    activation, ops, t, j = _gpu_operands(family, dtype, m, k, n, bias)
+    cfg = config_fn(family, max(m, 1), n, k, dtype, interpret=False)
+    launch = functools.partial(_launch, family, n=n, activation=activation, config=cfg)
+    pick = 0 if family == "gated" else 1
+    out_torch = launch(torch_mods[pick], t)
+    out_jax = jax.jit(functools.partial(launch, jax_mods[pick], **jax_kw))(j)
+    out_jax.block_until_ready()
+    return activation, ops, out_torch, out_jax
+
+
 @pytest.mark.gpu
 @needs_jax_triton
 @pytest.mark.parametrize(("family", "dtype", "m", "k", "n", "bias"), JAX_TRITON_CASES)
 def test_jax_triton_same_bits_as_torch_triton(
     family: str, dtype: str, m: int, k: int, n: int, bias: bool
 ) -> None:
-    import jax
-
     from fusedmlp.common.tiling import heuristic_config
     from fusedmlp.jax_impl.cross import gated as jg
     from fusedmlp.jax_impl.cross import linear_act as jl
     from fusedmlp.torch_impl import gated as tg
     from fusedmlp.torch_impl import linear_act as tla
 
-    activation, ops, t, j = _gpu_operands(family, dtype, m, k, n, bias)
-    cfg = heuristic_config(family, max(m, 1), n, k, dtype, interpret=False)
-    launch = functools.partial(_launch, family, n=n, activation=activation, config=cfg)
-    native = launch(tg if family == "gated" else tla, t)
-    cross = jax.jit(functools.partial(launch, jg if family == "gated" else jl))(j)
-    cross.block_until_ready()
+    activation, ops, native, cross = _torch_and_jax(
+        family, dtype, m, k, n, bias, heuristic_config, (tg, tla), (jg, jl)
+    )
     if m == 0:
         assert tuple(cross.shape) == tuple(native.shape) == (0, n)
         return
@@ -145,20 +155,15 @@ def test_jax_triton_same_bits_as_torch_triton(
 def test_mosaic_from_torch_same_bits_as_pallas_mosaic(
     family: str, dtype: str, m: int, k: int, n: int, bias: bool
 ) -> None:
-    import jax
-
     from fusedmlp.jax_impl.mosaic import default_config
     from fusedmlp.jax_impl.mosaic import gated as mg
     from fusedmlp.jax_impl.mosaic import linear_act as ml
     from fusedmlp.torch_impl.cross import gated as tg
     from fusedmlp.torch_impl.cross import linear_act as tl_
 
-    activation, ops, t, j = _gpu_operands(family, dtype, m, k, n, bias)
-    cfg = default_config(family, max(m, 1), n, k, dtype, interpret=False)
-    launch = functools.partial(_launch, family, n=n, activation=activation, config=cfg)
-    cross = launch(tg if family == "gated" else tl_, t)
-    native = jax.jit(functools.partial(launch, mg if family == "gated" else ml, interpret=False))(j)
-    native.block_until_ready()
+    activation, ops, cross, native = _torch_and_jax(
+        family, dtype, m, k, n, bias, default_config, (tg, tl_), (mg, ml), interpret=False
+    )
     assert tuple(cross.shape) == (m, n) and cross.is_contiguous()
     if m == 0:
         assert tuple(native.shape) == (0, n)

@@ -502,6 +502,23 @@ def _counting(calls, name, fn):
     return wrapper
 
 
+def _count_device_facts(monkeypatch):
+    """Counts fusedmlp's reads of the device facts and its set_allocator calls, with the support
+    caches emptied: (the counter, the wrapper factory for further stand-ins)."""
+    import collections
+
+    import triton
+
+    calls: collections.Counter[str] = collections.Counter()
+    counting = functools.partial(_counting, calls)
+    for name in DEVICE_FACTS:
+        monkeypatch.setattr(torch.cuda, name, counting(name, getattr(torch.cuda, name)))
+    monkeypatch.setattr(triton, "set_allocator", counting("set_allocator", triton.set_allocator))
+    for cached in (support.launch_config, support._max_programs, support._allocator_probe):
+        cached.cache_clear()
+    return calls, counting
+
+
 @pytest.mark.skipif(not INTERPRET, reason="counts interpreted launches (the GPU path simulated)")
 def test_launches_read_device_facts_once(monkeypatch):
     """Repeated launches read no device fact per call: the SM count once per device, the launch
@@ -509,20 +526,10 @@ def test_launches_read_device_facts_once(monkeypatch):
     once. Counted over real launches under the interpreter, then on the GPU path of the same
     support functions with the interpreter switched off (a stand-in device property, our
     allocator installed in a copied context so it does not leak into the process)."""
-    import collections
     import contextvars
     import types
 
-    import triton
-
-    calls: collections.Counter[str] = collections.Counter()
-    counting = functools.partial(_counting, calls)
-
-    for name in DEVICE_FACTS:
-        monkeypatch.setattr(torch.cuda, name, counting(name, getattr(torch.cuda, name)))
-    monkeypatch.setattr(triton, "set_allocator", counting("set_allocator", triton.set_allocator))
-    for cached in (support.launch_config, support._max_programs, support._allocator_probe):
-        cached.cache_clear()
+    calls, counting = _count_device_facts(monkeypatch)
 
     spec, x, p = layer_problem("float16", True, 9, 800, gated=True)
     xt, wv, bc = to_torch(x), *packed(p)
@@ -559,18 +566,7 @@ def test_launches_read_device_facts_once(monkeypatch):
 def test_gpu_launches_read_device_facts_once(monkeypatch):
     """On the GPU: repeated real launches of both families read the SM count once and install the
     allocator at most once (not at all where this thread already has one)."""
-    import collections
-
-    import triton
-
-    calls: collections.Counter[str] = collections.Counter()
-    counting = functools.partial(_counting, calls)
-
-    for name in DEVICE_FACTS:
-        monkeypatch.setattr(torch.cuda, name, counting(name, getattr(torch.cuda, name)))
-    monkeypatch.setattr(triton, "set_allocator", counting("set_allocator", triton.set_allocator))
-    for cached in (support.launch_config, support._max_programs, support._allocator_probe):
-        cached.cache_clear()
+    calls, _ = _count_device_facts(monkeypatch)
     spec, x, p = layer_problem("bfloat16", True, 300, 810, gated=True, widths=(256, 512))
     xt, (wv, bc), n = to_torch(x), packed(p), spec.widths[1]
     w, b = to_torch(p["w0"]), to_torch(p["b0"])

@@ -87,6 +87,30 @@ REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 pr
 
 # ---- forward kernels -----------------------------------------------------------------------------
 @triton.jit
+def _k_slab(
+    a_ptr, w_ptr, rows, row_ok, kk, k_ok, cols, col_ok,
+    A_COLS, W_COLS, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """One K step's operands: the activation tile (x or h: `rows` × `kk`, rows of A_COLS) and the
+    weight tile (`kk` × `cols`, rows of W_COLS; read once per call: evict first)."""
+    a = tl.load(
+        a_ptr + rows[:, None] * A_COLS + kk[None, :],
+        mask=row_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )
+    w = tl.load(
+        w_ptr + kk[:, None] * W_COLS + cols[None, :],
+        mask=k_ok[:, None] & col_ok[None, :],
+        other=0.0,
+        eviction_policy="evict_first",
+    )
+    if INTERPRET:
+        a = a.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
+        w = w.to(tl.float32)
+    return a, w
+
+
+@triton.jit
 def _fused_decode_up_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr,
     M, D_IN, HIDDEN, W_COLS,
@@ -119,20 +143,7 @@ def _fused_decode_up_kernel(
     for k in range(0, D_IN, BLOCK_K):
         kk = k + offs_k
         k_ok = kk < D_IN
-        x = tl.load(
-            x_ptr + rows[:, None] * D_IN + kk[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + kk[:, None] * W_COLS + cols_w[None, :],
-            mask=k_ok[:, None] & h_ok[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        )
-        if INTERPRET:
-            x = x.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
-            w = w.to(tl.float32)
+        x, w = _k_slab(x_ptr, w_ptr, rows, row_ok, kk, k_ok, cols_w, h_ok, D_IN, W_COLS, INTERPRET)
         acc_z = tl.dot(x, w, acc_z, input_precision=DOT_PRECISION)
         if GATED:
             v = tl.load(
@@ -190,20 +201,7 @@ def _fused_decode_down_kernel(
     for i in range(0, K_ITERS):
         kk = k_lo + i * BLOCK_K + offs_k
         k_ok = kk < HIDDEN
-        h = tl.load(
-            h_ptr + rows[:, None] * HIDDEN + kk[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + kk[:, None] * D_OUT + cols_n[None, :],
-            mask=k_ok[:, None] & n_ok[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        )
-        if INTERPRET:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
+        h, w = _k_slab(h_ptr, w_ptr, rows, row_ok, kk, k_ok, cols_n, n_ok, HIDDEN, D_OUT, INTERPRET)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
 
     # 4. store: y itself (one run), or this run's fp32 partial for launch 3

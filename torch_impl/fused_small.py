@@ -105,6 +105,21 @@ def _layer_operands(
 
 
 @triton.jit
+def _output_operands(
+    w_ptrs, b_ptrs,
+    WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
+):  # fmt: skip
+    """The output layer's weight tile and fp32 bias row (a plain layer: no up half)."""
+    last: tl.constexpr = NUM_LAYERS - 1
+    w, _, b, _ = _layer_operands(
+        w_ptrs[last], b_ptrs[last], WIDTHS[last], WIDTHS[NUM_LAYERS], W_COLS[last],
+        WIDTH, False, HAS_BIAS, PACK,
+    )  # fmt: skip
+    return w, b
+
+
+@triton.jit
 def _select_layer(
     w_ptrs, b_ptrs, layer, WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_HIDDEN: tl.constexpr
 ):
@@ -184,16 +199,8 @@ def _fused_small_fwd_kernel(
                 PACK,
             )
             hidden = hidden + (operands,)  # noqa: RUF005 (no starred tuples in Triton's frontend)
-        w_out, _, b_out, _ = _layer_operands(
-            w_ptrs[last],
-            b_ptrs[last],
-            WIDTHS[last],
-            WIDTHS[NUM_LAYERS],
-            W_COLS[last],
-            WIDTH,
-            False,
-            HAS_BIAS,
-            PACK,
+        w_out, b_out = _output_operands(
+            w_ptrs, b_ptrs, WIDTHS, W_COLS, NUM_LAYERS, WIDTH, HAS_BIAS, PACK
         )
 
     for i in range(0, TILES_PER_PROGRAM):
@@ -231,16 +238,8 @@ def _fused_small_fwd_kernel(
                 h = _hidden_layer(
                     h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
                 )
-            w_out, _, b_out, _ = _layer_operands(
-                w_ptrs[last],
-                b_ptrs[last],
-                WIDTHS[last],
-                WIDTHS[NUM_LAYERS],
-                W_COLS[last],
-                WIDTH,
-                False,
-                HAS_BIAS,
-                PACK,
+            w_out, b_out = _output_operands(
+                w_ptrs, b_ptrs, WIDTHS, W_COLS, NUM_LAYERS, WIDTH, HAS_BIAS, PACK
             )
         if INTERPRET:
             w_out = w_out.to(tl.float32)

@@ -27,14 +27,7 @@ from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_width
 from fusedmlp.common.tiling import gated_config
 
-from .linear_act import (
-    TritonLaunch,
-    call,
-    cdiv,
-    import_native,
-    input_precision,
-    kernel_for_jax_triton,
-)
+from .linear_act import TritonLaunch, call, import_native, kernel_for_jax_triton, tile_launch
 
 FAMILY = "gated"
 NATIVE_MODULE = "fusedmlp.torch_impl.gated"
@@ -97,36 +90,18 @@ def launch_plan(
     """
     width = packed_width(n)
     config = gated_config(config)  # as the native launcher: block_n at least one packed pair
-    return TritonLaunch(
-        grid=(cdiv(m, config.block_m) * cdiv(n, config.block_n),),
-        arrays={
-            "x_ptr": "x",
-            "wv_ptr": "wv",
-            "bc_ptr": "bc" if has_bias else "x",
-        },
-        scalars=dict(
-            M=m,
-            N=n,
-            K=k,
-            stride_xm=k,
-            stride_xk=1,
-            stride_wvk=width,
-            stride_wvn=1,
-            stride_om=n,
-            stride_on=1,
+    return tile_launch(
+        m,
+        n,
+        k,
+        config,
+        arrays={"x_ptr": "x", "wv_ptr": "wv", "bc_ptr": "bc" if has_bias else "x"},
+        strides=dict(
+            stride_xm=k, stride_xk=1, stride_wvk=width, stride_wvn=1, stride_om=n, stride_on=1
         ),
-        constexprs=dict(
-            ACTIVATION=activation,
-            HAS_BIAS=has_bias,
-            INPUT_PRECISION=input_precision(fp32_precision),
-            INTERPRET=interpret,
-            BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k,
-            GROUP_M=config.group_m,
-        ),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        flags=dict(ACTIVATION=activation, HAS_BIAS=has_bias),
+        fp32_precision=fp32_precision,
+        interpret=interpret,
     )
 
 

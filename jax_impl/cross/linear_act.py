@@ -234,19 +234,19 @@ def launch_plan(
     `interpret` is the kernels' interpreter flag (False on a GPU; the CPU tests run the adapter
     interpreted with True). Absent bias/residual read the placeholder "x" (never loaded).
     """
-    return TritonLaunch(
-        grid=(cdiv(m, config.block_m) * cdiv(n, config.block_n),),
+    # The residual strides are the output's when there is none (the native placeholder).
+    return tile_launch(
+        m,
+        n,
+        k,
+        config,
         arrays={
             "x_ptr": "x",
             "w_ptr": "w",
             "b_ptr": "b" if has_bias else "x",
             "r_ptr": "residual" if has_residual else "x",
         },
-        # The residual strides are the output's when there is none (the native placeholder).
-        scalars=dict(
-            M=m,
-            N=n,
-            K=k,
+        strides=dict(
             stride_xm=k,
             stride_xk=1,
             stride_wk=n,
@@ -256,10 +256,33 @@ def launch_plan(
             stride_om=n,
             stride_on=1,
         ),
+        flags=dict(ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual),
+        fp32_precision=fp32_precision,
+        interpret=interpret,
+    )
+
+
+def tile_launch(
+    m: int,
+    n: int,
+    k: int,
+    config: TileConfig,
+    *,
+    arrays: dict[str, str],
+    strides: dict[str, int],
+    flags: dict[str, Any],
+    fp32_precision: str,
+    interpret: bool,
+) -> TritonLaunch:
+    """What the portable launchers (linear_act, gated) share: one program per BLOCK_M × BLOCK_N
+    tile of the [m, n] output, the scalars M, N, K then `strides`, the constexprs `flags` (the
+    activation and HAS_* switches, in the kernel's order) then precision, interpreter and tiles."""
+    return TritonLaunch(
+        grid=(cdiv(m, config.block_m) * cdiv(n, config.block_n),),
+        arrays=arrays,
+        scalars=dict(M=m, N=n, K=k, **strides),
         constexprs=dict(
-            ACTIVATION=activation,
-            HAS_BIAS=has_bias,
-            HAS_RESIDUAL=has_residual,
+            **flags,
             INPUT_PRECISION=input_precision(fp32_precision),
             INTERPRET=interpret,
             BLOCK_M=config.block_m,

@@ -138,47 +138,25 @@ def _heuristic(family: str, m: int, n: int) -> TileConfig:
     # while 64-column tiles split along M pass there (tests/test_pallas_mosaic.py, -m gpu).
     block_m = 64 if m <= WGMMA_M else 128
     if n <= PACK_BLOCK:
-        return TileConfig(
-            128,
-            PACK_BLOCK,
-            64,
-            group_m=8,
-            num_warps=4,
-            num_stages=4,
-            warp_specialize=True,
-            epilogue_subtile=1,
-        )
+        return _ws_tile(128, PACK_BLOCK, epilogue_subtile=1)
     if family == "gated":  # block_n = output columns: the packed operand tile is 256 wide
-        return TileConfig(
-            block_m,
-            128,
-            64,
-            group_m=8,
-            num_warps=4,
-            num_stages=4,
-            warp_specialize=True,
-            epilogue_subtile=1,
-        )
+        return _ws_tile(block_m, 128, epilogue_subtile=1)
     if n <= 128:  # a 128-wide operand tile: the two compute warpgroups split 128 rows
-        return TileConfig(
-            128,
-            128,
-            64,
-            group_m=8,
-            num_warps=4,
-            num_stages=4,
-            warp_specialize=True,
-            epilogue_subtile=2,
-        )
+        return _ws_tile(128, 128, epilogue_subtile=2)
+    return _ws_tile(block_m, 256, epilogue_subtile=2)
+
+
+def _ws_tile(block_m: int, block_n: int, *, epilogue_subtile: int) -> TileConfig:
+    # Every heuristic tile: 64-wide K slabs (128-byte swizzle), 4 slots, warp-specialized.
     return TileConfig(
         block_m,
-        256,
+        block_n,
         64,
         group_m=8,
         num_warps=4,
         num_stages=4,
         warp_specialize=True,
-        epilogue_subtile=2,
+        epilogue_subtile=epilogue_subtile,
     )
 
 

@@ -79,18 +79,9 @@ def _halves(acc, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
 
 @triton.jit
 def _store_slice(
-    o_desc,
-    acc,
-    r_ptr,
-    off_m,
-    off_n,
-    M,
-    N,
-    HAS_RESIDUAL: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    WIDTH: tl.constexpr,
-):
+    o_desc, acc, r_ptr, off_m, off_n, M, N,
+    HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+):  # fmt: skip
     if HAS_RESIDUAL:
         # A masked pointer load per slice, not TMA: a descriptor load would stage the slice in
         # shared memory beside the pipeline's stages, for data read once.
@@ -105,19 +96,10 @@ def _store_slice(
 
 @triton.jit
 def _store_tile(
-    o_desc,
-    acc,
-    r_ptr,
-    off_m,
-    off_n,
-    M,
-    N,
-    HAS_RESIDUAL: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SUBTILE: tl.constexpr,
-):
+    o_desc, acc, r_ptr, off_m, off_n, M, N,
+    HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr,
+):  # fmt: skip
     """Store an fp32 [BLOCK_M, BLOCK_N] tile in SUBTILE column slices (o_desc's block is one)."""
     if SUBTILE == 1:
         _store_slice(

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import packed_width
+from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import gated_config, heuristic_config
 from fusedmlp.common.validate import check_saved
@@ -424,9 +424,9 @@ def mlp_backward(
     config: TileConfig | None = None,
     need_dx: bool = True,
 ) -> dict[str, torch.Tensor | None]:
-    """Gradients of sum(y ⊙ dy): "x" (None unless `need_dx`) and every param of `params` (the
-    packed layout: `wv{i}`/`bc{i}` come back packed), from `forward_saving`'s residuals of the
-    same `saved` policy ("inputs": the saving forward is recomputed here first)."""
+    """Gradients of sum(y ⊙ dy): "x" (None unless `need_dx`) and every param in the packed
+    layout (`packed_names(spec)`: `wv{i}`/`bc{i}` come back packed), from `forward_saving`'s
+    residuals of the same `saved` policy ("inputs": the saving forward is recomputed here)."""
     check_saved(saved)
     if saved == "inputs":
         _, residuals = forward_saving(residuals[0], params, spec, saved="preact", config=config)
@@ -470,4 +470,4 @@ def mlp_backward(
         )
         if i == 0:
             grads["x"] = dz
-    return {"x": grads["x"], **{k: grads[k] for k in params}}
+    return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}

@@ -22,7 +22,7 @@ import triton.language as tl
 SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1/√2, for erf-gelu
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # √(2/π), for tanh-gelu
 GELU_TANH_COEFF = tl.constexpr(0.044715)
-INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π), gelu's pdf
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π), gelu's pdf
 
 ACTIVATION_KEYS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 
@@ -73,7 +73,7 @@ def apply_activation_grad(x, ACTIVATION: tl.constexpr):
         d = tl.where(x != x, x, tl.where(x > 0.0, 1.0, 0.0))
     elif ACTIVATION == "gelu":
         cdf = 0.5 * erfc(-x * SQRT_1_2)
-        pdf = tl.exp(-0.5 * x * x) * INV_SQRT_2PI
+        pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
         d = cdf + x * pdf
     elif ACTIVATION == "gelu_tanh":
         t = tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x))

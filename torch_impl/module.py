@@ -288,7 +288,8 @@ class FusedMLP(nn.Module):
             return front.mlp(x, named, spec, impl=self._impl, config=config, residual=residual)
         # A dtype outside the contract (float64 params, say) keeps the spec: the front names it.
         spec_json = self._spec_json.get(dtype, self._spec_json_default)
-        if _builds_grad(x, params, residual):
+        # torch.export keeps the one inference op (it differentiates too, as saved="inputs").
+        if _builds_grad(x, params, residual) and not torch.compiler.is_exporting():
             if self._baseline:  # torch's own autograd through the baseline's ops
                 spec = self._specs.get(dtype, self._spec)
                 named = dict(zip(self._names, params, strict=True))

@@ -384,3 +384,18 @@ def test_bad_saved_policy():
         with pytest.raises(ValueError) as err:
             call(x, params, spec, impl="triton", saved="foo")
         assert str(err.value) == message
+
+
+def test_baseline_module_trains_repeatedly():
+    # FusedMLP(impl="eager") holds packed params; the baseline reads them unpacked: in training the
+    # unpacking is part of the graph, each call (a cached copy would hold a freed graph).
+    spec = _spec(CASES[6])
+    module = FusedMLP(spec, impl="eager", seed=40)
+    x = to_torch(make_input(spec, 5, seed=41))
+    dy = to_torch(make_grad_output(spec, 5, seed=42))
+    first = _module_grads(module, x, dy)
+    second = _module_grads(module, x, dy)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    ref = _reference(spec, x, module.params(), dy)
+    assert_grads_close(first, ref, spec)

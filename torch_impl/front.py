@@ -498,7 +498,13 @@ def forward(
         return x.new_empty((*call.lead, spec.d_out))
     x2d = x.reshape(call.m, spec.d_in)
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
-    flat = {**params, **_CONVERTED.get(spec, params, call.layouts)} if call.convert else params
+    flat = params
+    if call.convert:
+        # A baseline in training differentiates through the conversion itself: converted afresh
+        # (a cached copy would hold the graph of the call that made it).
+        grad = needs_grad(x, params, residual)
+        derived = _derive(spec, params, call.layouts) if grad else None
+        flat = {**params, **(derived or _CONVERTED.get(spec, params, call.layouts))}
     y2d = _RUNNERS[call.plan.impl](x2d, flat, spec, call.plan, residual2d)
     return y2d.reshape(*call.lead, spec.d_out)
 

@@ -41,6 +41,7 @@ Twin: jax_impl/backward.py (Pallas-Triton), line for line; differences carry `# 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -59,6 +60,11 @@ from .linear_act import _grouped_tile, _input_precision, linear_act_fwd
 from .runtime import INTERPRET
 
 EPILOGUES = ("none", "dact", "dact_gated")
+# The "dact" epilogue loads the saved z tile beside the accumulator: at the 16-bit heuristic's
+# 128×256 tile (8 warps) that is 255 registers and 92–108 B spilled per thread for gelu/silu/relu
+# (ptxas -v, sm_90a, triton 3.6, 2026-12-01); at 128×128, 150–197 registers and no spill. A
+# heuristic config is capped there (a pinned config is taken as given).
+DACT_MAX_BLOCK_N = 128
 
 
 # ==== the act' epilogue (kernels 1 and 3) =========================================================
@@ -465,6 +471,8 @@ def mlp_backward(
             z, act = zs[i - 1], prev.activation
         family = "gated" if epilogue == "dact_gated" else "linear_act"
         cfg = _config(spec, family, m, layer.d_in, width, config)
+        if epilogue == "dact" and config is None and cfg.block_n > DACT_MAX_BLOCK_N:
+            cfg = dataclasses.replace(cfg, block_n=DACT_MAX_BLOCK_N)
         dz = dgrad_fwd(
             dz, w, z, epilogue=epilogue, activation=act, config=cfg, fp32_precision=precision
         )

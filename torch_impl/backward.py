@@ -63,7 +63,9 @@ EPILOGUES = ("none", "dact", "dact_gated")
 # The "dact" epilogue loads the saved z tile beside the accumulator: at the 16-bit heuristic's
 # 128×256 tile (8 warps) that is 255 registers and 92–108 B spilled per thread for gelu/silu/relu
 # (ptxas -v, sm_90a, triton 3.6, 2026-12-01); at 128×128, 150–197 registers and no spill. A
-# heuristic config is capped there (a pinned config is taken as given).
+# heuristic config is capped there (a pinned config is taken as given). The same holds for the
+# plain saving forward (linear_act with STORE_PREACT, gelu: 128×256 spills 128 B, 128×128 none;
+# the forward-only kernel at 128×256 already spills 16 B).
 DACT_MAX_BLOCK_N = 128
 
 
@@ -407,6 +409,8 @@ def forward_saving(
             )  # fmt: skip
         else:
             cfg = _config(spec, "linear_act", m, layer.d_out, layer.d_in, config)
+            if store and config is None and cfg.block_n > DACT_MAX_BLOCK_N:
+                cfg = dataclasses.replace(cfg, block_n=DACT_MAX_BLOCK_N)  # see DACT_MAX_BLOCK_N
             outs = linear_act_fwd(
                 h, params[f"w{i}"], params.get(f"b{i}"), residual if i == last else None,
                 activation=layer.activation, config=cfg, fp32_precision=precision,

@@ -308,14 +308,16 @@ def test_dgrad_kernel_epilogues(dtype):
     assert_grads_close({"x": to_numpy(out)}, {"x": want}, spec)
     # gated: the output is the packed [dz|dg] of the gated layer's ko output columns
     zg = to_torch(rand(rng, (m, packed_width(ko)), dtype))
-    out = backward.dgrad_fwd(a, w, zg, epilogue="dact_gated", activation="silu", config=CONFIG)
-    out = to_numpy(out)
     zz, gg = (_f64(t) for t in _unpack(zg, ko))
     dz = acc * gg * reference.activation_grad("silu", zz)
     dg = acc * reference.activation("silu", zz)
-    got_z, got_g = _unpack(out, ko)
-    assert_grads_close({"z": got_z, "g": got_g}, {"z": dz, "g": dg}, spec)
-    assert (out[:, _padded(ko)] == 0).all()
+    # block_n 16 is read as 64 (one gate/up pair per tile); 128 holds two pairs (the GPU's tile)
+    for config in (CONFIG, TileConfig(16, 128, 16, group_m=1, num_stages=1)):
+        out = backward.dgrad_fwd(a, w, zg, epilogue="dact_gated", activation="silu", config=config)
+        out = to_numpy(out)
+        got_z, got_g = _unpack(out, ko)
+        assert_grads_close({"z": got_z, "g": got_g}, {"z": dz, "g": dg}, spec, what=str(config))
+        assert (out[:, _padded(ko)] == 0).all()
 
 
 def _unpack(packed, n):
@@ -399,3 +401,15 @@ def test_baseline_module_trains_repeatedly():
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
     ref = _reference(spec, x, module.params(), dy)
     assert_grads_close(first, ref, spec)
+
+
+def test_wide_pinned_tiles():
+    # A tile of two gate/up pairs (block_n 128, as the GPU heuristic's) through the whole training
+    # step: the saving forward, the packed dgrad epilogue, the wgrad over the packed width.
+    spec = MLPSpec((19, 150, 23), "geglu", True, "bfloat16")
+    config = TileConfig(32, 128, 32, group_m=2, num_warps=4, num_stages=1)
+    module = FusedMLP(spec, impl="triton", config=config, seed=43)
+    x = to_torch(make_input(spec, 29, seed=44))
+    dy = to_torch(make_grad_output(spec, 29, seed=45))
+    got = _module_grads(module, x, dy)
+    assert_grads_close(got, _reference(spec, x, module.params(), dy), spec)

@@ -46,8 +46,10 @@ def saved_bytes(spec: MLPSpec, m: int, saved: str) -> int:
     """Bytes the training forward keeps for the backward under policy `saved` (SAVED_POLICIES).
 
     "inputs": x only, M·d_in. "preact": per layer its input h_i (h_0 = x) and its pre-activation,
-    M·(K_i + Z_i) with Z_i = N_i (plain) or the packed 2·Np_i (gated, `[z|g]`). Both in the spec's
-    dtype; params and the output y are not counted (kept by the caller either way)."""
+    M·(K_i + Z_i) with Z_i = N_i (plain), the packed 2·Np_i (gated, `[z|g]`), or 0 for a plain
+    identity layer (act' = 1: its z is never read, so it is not stored — every preset's last
+    layer). Both in the spec's dtype; params and the output y are not counted (kept by the caller
+    either way)."""
     if saved not in SAVED_POLICIES:
         raise ValueError(f"saved: expected one of {SAVED_POLICIES}, got {saved!r}")
     itemsize = numpy_dtype(spec.dtype).itemsize
@@ -56,6 +58,8 @@ def saved_bytes(spec: MLPSpec, m: int, saved: str) -> int:
     total = 0
     for layer in spec.layers():
         z = packed_width(layer.d_out) if layer.gated else layer.d_out
+        if not layer.gated and layer.activation == "identity":
+            z = 0  # never read by the backward: not saved
         total += m * (layer.d_in + z)
     return itemsize * total
 

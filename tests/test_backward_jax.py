@@ -193,7 +193,8 @@ def test_every_implementation_trains(impl: str) -> None:
 def test_plan_reports_the_policy_and_its_bytes(saved: str) -> None:
     spec = MLPSpec((19, 45, 33, 13), "geglu_tanh", False, "float16")
     the_plan = jax_impl.plan(spec, (3, 7, 19), impl="pallas_triton", saved=saved)
-    assert f"saved={saved}, {saved_bytes(spec, 21, saved)} bytes" in the_plan.reason
+    mib = saved_bytes(spec, 21, saved) / 2**20
+    assert f"training: saved={saved!r} keeps {mib:.1f} MiB" in the_plan.reason
     assert "saved=" not in jax_impl.plan(spec, (3, 7, 19), impl="pallas_triton").reason
     assert "jax autodiff" in jax_impl.plan(spec, (3, 7, 19), impl="xla", saved=saved).reason
 

@@ -29,6 +29,7 @@ compiler's own verdict against the 227 KB an sm_90 block may use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from .config import TileConfig
@@ -230,6 +231,22 @@ def _large_m_16bit(family: str, m: int, n: int, persistent: bool, num_sms: int) 
     # (804 TFLOP/s at 8192×14336×4096, cuBLAS 811).
     config = TileConfig(bm, bn, 64, group_m=8, num_warps=warps, num_stages=4, epilogue_subtile=2)
     return config
+
+
+# A kernel that loads a saved pre-activation tile beside its accumulator (the backward's "dact"
+# epilogue, the plain saving forward) needs more registers than the forward: at the 16-bit
+# heuristic's 128×256 tile (8 warps) the "dact" dgrad takes 255 registers and spills 92–108 B per
+# thread for gelu/silu/relu, the saving linear_act (gelu) 128 B (ptxas -v, sm_90a, triton 3.6,
+# 2026-12-01); at 128×128, 136–197 registers and no spill. Heuristic configs of those kernels are
+# capped there; a pinned config is taken as given.
+PREACT_MAX_BLOCK_N = 128
+
+
+def cap_for_preact(config: TileConfig) -> TileConfig:
+    """A heuristic config for a kernel that also loads or stores a pre-activation tile."""
+    if config.block_n <= PREACT_MAX_BLOCK_N:
+        return config
+    return dataclasses.replace(config, block_n=PREACT_MAX_BLOCK_N)
 
 
 def heuristic_config(

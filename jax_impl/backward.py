@@ -55,7 +55,7 @@ from jax.experimental.pallas import triton as plgpu
 from fusedmlp.common import MLPSpec
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
-from fusedmlp.common.tiling import gated_config, heuristic_config
+from fusedmlp.common.tiling import cap_for_preact, gated_config, heuristic_config
 from fusedmlp.common.validate import check_saved
 
 from . import compat
@@ -431,14 +431,23 @@ def dact_fwd(
 
 # ==== orchestration ===============================================================================
 def _config(
-    spec: MLPSpec, family: str, m: int, n: int, k: int, config: TileConfig | None
+    spec: MLPSpec,
+    family: str,
+    m: int,
+    n: int,
+    k: int,
+    config: TileConfig | None,
+    preact: bool = False,
 ) -> TileConfig:
+    """`config` if pinned, else the heuristic's; `preact`: the kernel also loads or stores a
+    pre-activation tile (capped: common.tiling.PREACT_MAX_BLOCK_N)."""
     if config is not None:
         return config
-    return heuristic_config(
+    cfg = heuristic_config(
         family, m, n, k, spec.dtype, interpret=compat.interpret_mode(),
         fp32_precision=spec.fp32_precision,
     )  # fmt: skip
+    return cap_for_preact(cfg) if preact else cfg
 
 
 def _stores_preact(layer) -> bool:
@@ -476,7 +485,7 @@ def forward_saving(
                 store_preact=store,
             )  # fmt: skip
         else:
-            cfg = _config(spec, "linear_act", m, layer.d_out, layer.d_in, config)
+            cfg = _config(spec, "linear_act", m, layer.d_out, layer.d_in, config, preact=store)
             outs = linear_act_fwd(
                 h, params[f"w{i}"], params.get(f"b{i}"), residual if i == last else None,
                 activation=layer.activation, config=cfg, fp32_precision=precision,
@@ -539,7 +548,7 @@ def mlp_backward(
             epilogue = "dact_gated" if prev.gated else "dact"
             z, act = zs[i - 1], prev.activation
         family = "gated" if epilogue == "dact_gated" else "linear_act"
-        cfg = _config(spec, family, m, layer.d_in, width, config)
+        cfg = _config(spec, family, m, layer.d_in, width, config, preact=epilogue == "dact")
         dz = dgrad_fwd(
             dz, w, z, epilogue=epilogue, activation=act, config=cfg, fp32_precision=precision
         )

@@ -41,7 +41,6 @@ Twin: jax_impl/backward.py (Pallas-Triton), line for line; differences carry `# 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -51,7 +50,7 @@ import triton.language as tl
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.common.tiling import gated_config, heuristic_config
+from fusedmlp.common.tiling import cap_for_preact, gated_config, heuristic_config
 from fusedmlp.common.validate import check_saved
 
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
@@ -60,13 +59,6 @@ from .linear_act import _grouped_tile, _input_precision, linear_act_fwd
 from .runtime import INTERPRET
 
 EPILOGUES = ("none", "dact", "dact_gated")
-# The "dact" epilogue loads the saved z tile beside the accumulator: at the 16-bit heuristic's
-# 128×256 tile (8 warps) that is 255 registers and 92–108 B spilled per thread for gelu/silu/relu
-# (ptxas -v, sm_90a, triton 3.6, 2026-12-01); at 128×128, 150–197 registers and no spill. A
-# heuristic config is capped there (a pinned config is taken as given). The same holds for the
-# plain saving forward (linear_act with STORE_PREACT, gelu: 128×256 spills 128 B, 128×128 none;
-# the forward-only kernel at 128×256 already spills 16 B).
-DACT_MAX_BLOCK_N = 128
 
 
 # ==== the act' epilogue (kernels 1 and 3) =========================================================
@@ -364,13 +356,22 @@ def dact_fwd(
 
 # ==== orchestration ===============================================================================
 def _config(
-    spec: MLPSpec, family: str, m: int, n: int, k: int, config: TileConfig | None
+    spec: MLPSpec,
+    family: str,
+    m: int,
+    n: int,
+    k: int,
+    config: TileConfig | None,
+    preact: bool = False,
 ) -> TileConfig:
+    """`config` if pinned, else the heuristic's; `preact`: the kernel also loads or stores a
+    pre-activation tile (capped: common.tiling.PREACT_MAX_BLOCK_N)."""
     if config is not None:
         return config
-    return heuristic_config(
+    cfg = heuristic_config(
         family, m, n, k, spec.dtype, interpret=INTERPRET, fp32_precision=spec.fp32_precision
     )
+    return cap_for_preact(cfg) if preact else cfg
 
 
 def _stores_preact(layer) -> bool:
@@ -408,9 +409,7 @@ def forward_saving(
                 store_preact=store,
             )  # fmt: skip
         else:
-            cfg = _config(spec, "linear_act", m, layer.d_out, layer.d_in, config)
-            if store and config is None and cfg.block_n > DACT_MAX_BLOCK_N:
-                cfg = dataclasses.replace(cfg, block_n=DACT_MAX_BLOCK_N)  # see DACT_MAX_BLOCK_N
+            cfg = _config(spec, "linear_act", m, layer.d_out, layer.d_in, config, preact=store)
             outs = linear_act_fwd(
                 h, params[f"w{i}"], params.get(f"b{i}"), residual if i == last else None,
                 activation=layer.activation, config=cfg, fp32_precision=precision,
@@ -474,9 +473,7 @@ def mlp_backward(
             epilogue = "dact_gated" if prev.gated else "dact"
             z, act = zs[i - 1], prev.activation
         family = "gated" if epilogue == "dact_gated" else "linear_act"
-        cfg = _config(spec, family, m, layer.d_in, width, config)
-        if epilogue == "dact" and config is None and cfg.block_n > DACT_MAX_BLOCK_N:
-            cfg = dataclasses.replace(cfg, block_n=DACT_MAX_BLOCK_N)
+        cfg = _config(spec, family, m, layer.d_in, width, config, preact=epilogue == "dact")
         dz = dgrad_fwd(
             dz, w, z, epilogue=epilogue, activation=act, config=cfg, fp32_precision=precision
         )

@@ -428,3 +428,28 @@ def test_compress_study_small(tmp_path) -> None:
             assert -1.0 <= row["cos_min"] <= row["cos_mean"] <= 1.0 + 1e-6, row
     assert "| 128 |" in (tmp_path / "c.md").read_text()
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("r, m", [(64, 8192), (256, 16), (17, 100)])
+def test_jax_twin_lowers_for_cuda(r: int, m: int) -> None:
+    """The Pallas-Triton twin with the heuristic configs lowers for CUDA (the real lowering rules,
+    no GPU compiler)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp.jax_impl.lowrank import lowrank_linear_act_fwd
+    from helpers import lower_for_cuda, needs_jax_0_10_lowering
+
+    needs_jax_0_10_lowering()
+    k, n, dt = 4096, 14336, jnp.bfloat16
+    fwd = functools.partial(
+        lowrank_linear_act_fwd,
+        activation="gelu",
+        config=lowrank.lowrank_config(m, n, k, r, "bfloat16"),
+        interpret=False,
+    )
+    S = jax.ShapeDtypeStruct
+    text = lower_for_cuda(fwd, S((m, k), dt), S((k, r), dt), S((r, n), dt), S((n,), dt))
+    assert "triton" in text.lower()

@@ -139,9 +139,10 @@ def svd_parts(
         return SVDParts(a, s, bt)
     if np.shape(cov) != (k, k):
         raise ValueError(f"cov: expected shape [{k}, {k}], got {list(np.shape(cov))}")
-    t, t_inv = whitening(cov, damp)
+    t = whitening(cov, damp)
     a, s, bt = np.linalg.svd(t @ w, full_matrices=False)
-    return SVDParts(t_inv @ a, s, bt)
+    # T⁻¹·A by a solve (one LU), not an explicit inverse (3× the work at K = 1536)
+    return SVDParts(np.linalg.solve(t, a), s, bt)
 
 
 def svd_factor(
@@ -163,8 +164,8 @@ def input_covariance(x: np.ndarray) -> np.ndarray:
     return x2d.T @ x2d / x2d.shape[0]
 
 
-def whitening(cov: np.ndarray, damp: float = DEFAULT_DAMP) -> tuple[np.ndarray, np.ndarray]:
-    """(T, T⁻¹) with TᵀT = cov + δ·I, δ = damp · tr(cov) / K, so ‖X·Δ‖_F² / n ≈ ‖T·Δ‖_F².
+def whitening(cov: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """T with TᵀT = cov + δ·I, δ = damp · tr(cov) / K, so ‖X·Δ‖_F² / n ≈ ‖T·Δ‖_F².
 
     T = Lᵀ from the Cholesky factorisation (cov + δI = L·Lᵀ): ~10× cheaper than an eigen-
     decomposition (1536²: 0.05 s vs 0.5 s unloaded). Should rounding still defeat Cholesky (a
@@ -179,12 +180,10 @@ def whitening(cov: np.ndarray, damp: float = DEFAULT_DAMP) -> tuple[np.ndarray, 
     sym = 0.5 * (cov + cov.T)
     delta = damp * max(float(np.trace(sym)) / k, np.finfo(np.float64).tiny)
     try:
-        t = np.linalg.cholesky(sym + delta * np.eye(k)).T
-        return t, np.linalg.inv(t)
+        return np.linalg.cholesky(sym + delta * np.eye(k)).T
     except np.linalg.LinAlgError:
         lam, q = np.linalg.eigh(sym)
-        root = np.sqrt(np.maximum(lam, 0.0) + delta)
-        return (q * root) @ q.T, (q / root) @ q.T
+        return (q * np.sqrt(np.maximum(lam, 0.0) + delta)) @ q.T
 
 
 def whitened_svd_factor(

@@ -111,6 +111,25 @@ def test_singular_covariance_is_regularised() -> None:
     np.testing.assert_allclose(u @ vt, w, atol=1e-9)
 
 
+def test_whitening_is_a_square_root_of_the_ridged_covariance(monkeypatch) -> None:
+    """TᵀT = cov + δI, δ = damp·tr(cov)/K, from Cholesky and from the eigh fallback alike."""
+    rng = _rng("whiten")
+    x = rng.standard_normal((6, 10))  # rank 6 < K = 10: singular
+    cov = lowrank.input_covariance(x)
+    want = cov + 1e-2 * np.trace(cov) / 10 * np.eye(10)
+    t = lowrank.whitening(cov)
+    np.testing.assert_allclose(t.T @ t, want, atol=1e-12)
+
+    def refuse(a):
+        raise np.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(np.linalg, "cholesky", refuse)
+    t = lowrank.whitening(cov)
+    np.testing.assert_allclose(t.T @ t, want, atol=1e-12)
+    with pytest.raises(ValueError, match=r"damp: expected a float > 0, got 0\.0"):
+        lowrank.whitening(cov, damp=0.0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -5,7 +5,8 @@
 llama3-8b-shaped layer (K = 4096 -> N = 14336), bf16, ranks r = 64, 128, 256, M = 16 and 8192:
 - `fused`: torch_impl.lowrank.lowrank_linear_act(x, U, V, b, activation="silu") with the
   heuristic config (common/lowrank.lowrank_config), plus one or two alternative configs per case
-  (the panel count at M = 16, the row block at M = 8192, r = 256);
+  (4 tiles a panel at M = 16; at M = 8192 one panel a row block for r ≤ 128, 128-row blocks and
+  two panels for r = 256);
 - `eager`: silu(x @ U @ V + b) in eager torch (two cuBLAS GEMMs, the bias add, the activation);
 - `dense`: silu(x @ W + b), W = U·V materialised (what the factorisation replaces), for context.
 Every variant is checked against a float64 reference with the kernel's rounding point (t = x·U
@@ -14,7 +15,7 @@ rounded to bf16) before it is timed; a failing one is reported, not timed. Times
 useful FLOPs 2·M·r·(K + N) at 800 TFLOP/s and the bytes 2·(M·K + K·r + r·N + N + M·N) at 4.24
 TB/s (TOOLCHAIN.md's measured ceilings of the H200).
 
-Predictions (written before any run, from docs of the design in torch_impl/lowrank.py):
+Predictions (written before any run, from the cost model in torch_impl/lowrank.py):
 - M = 8192: the layer is bound by x and out (302 MB: 71 us) for r ≤ 128, by the MMAs for r = 256
   (77 GFLOP: 97 us). fused ~100-130 us (r = 64, 128; pointer stores of a 235 MB output, t
   recomputed twice: +22 % MMA) and ~170-220 us (r = 256: 64-row blocks, 2 stages); eager ~300-340
@@ -23,8 +24,8 @@ Predictions (written before any run, from docs of the design in torch_impl/lowra
 - M = 16: floors 0.7 / 1.3 / 2.4 us (U + V bytes), but each of the 112 programs reads all of U
   (0.5 / 1 / 2 MiB) from L2 at one SM's rate (~150 GB/s): fused ~5 / ~8 / ~15 us; eager ~15-25
   us (four launches, host-bound under do_bench). fused/eager ~1.5-3x at r = 64, ~1-1.5x at r =
-  256, where the per-program read of U sets the time; n_tiles = 2-4 halves or quarters the L2
-  reads of U but leaves SMs idle.
+  256, where the per-program read of U sets the time; n_tiles = 4 quarters the L2 reads of U but
+  leaves 104 SMs idle: slower at r = 64 (V's stream on 28 SMs), about even at r = 256.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def alternatives(m: int, r: int, base: Any) -> list[tuple[str, Any]]:
 
     out = [("heuristic", base)]
     if m <= 16:
-        for tiles in (2, 4):
-            out.append((f"n_tiles={tiles}", dataclasses.replace(base, n_tiles=tiles)))
+        # 4 tiles a panel: 28 programs read U from L2 (a quarter of the heuristic's reads)
+        out.append(("n_tiles=4", dataclasses.replace(base, n_tiles=4)))
     elif r == 256:
         n_total = -(-N // 128)
         out.append(

@@ -22,10 +22,12 @@ Predictions (written before any run, from the cost model in torch_impl/lowrank.p
   us (x@U ~25, t@V ~65-80, the bias add and the activation each read and write 235 MB: ~110 us
   each). fused/eager 1.6-3x.
 - M = 16: floors 0.7 / 1.3 / 2.4 us (U + V bytes), but each of the 112 programs reads all of U
-  (0.5 / 1 / 2 MiB) from L2 at one SM's rate (~150 GB/s): fused ~5 / ~8 / ~15 us; eager ~15-25
-  us (four launches, host-bound under do_bench). fused/eager ~1.5-3x at r = 64, ~1-1.5x at r =
-  256, where the per-program read of U sets the time; n_tiles = 4 quarters the L2 reads of U but
-  leaves 104 SMs idle: slower at r = 64 (V's stream on 28 SMs), about even at r = 256.
+  (0.5 / 1 / 2 MiB) from L2: 56 / 112 / 224 MiB of L2 reads, ~5 / ~11 / ~22 us at ~10 TB/s of L2
+  (and ≥ 3.5 / 7 / 14 us at one SM's ~150 GB/s): fused ~5 / ~11 / ~22 us; eager ~15-25 us (four
+  launches, host-bound under do_bench). fused/eager ~3x at r = 64, ~1.5-2x at r = 128, ~1x at
+  r = 256 (the 1.3x target likely missed there: the per-program read of U sets the time; the fix
+  is a split-K x·U, i.e. a second launch or a cluster reduction). n_tiles = 4 quarters the L2
+  reads but puts the work on 28 SMs: slower at r = 64, about even at r = 256.
 """
 
 from __future__ import annotations

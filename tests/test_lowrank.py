@@ -472,3 +472,28 @@ def test_jax_twin_lowers_for_cuda(r: int, m: int) -> None:
     S = jax.ShapeDtypeStruct
     text = lower_for_cuda(fwd, S((m, k), dt), S((k, r), dt), S((r, n), dt), S((n,), dt))
     assert "triton" in text.lower()
+
+
+def test_compress_text_split_is_deterministic_and_disjoint() -> None:
+    from fusedmlp.bench import compress
+
+    calib, evaluate = compress.split_text(16)
+    assert (calib, evaluate) == compress.split_text(16)
+    assert len(calib) == len(evaluate) == 16 and not set(calib) & set(evaluate)
+    half = len(compress.sentences()) // 2
+    with pytest.raises(ValueError, match=rf"sentences: expected an int in \[1, {half}\], got 0"):
+        compress.split_text(0)
+
+
+def test_compress_without_the_model_package_skips(monkeypatch, capsys) -> None:
+    """No model package: `fusedmlp compress` says what to install and exits 0 (nothing written)."""
+    from fusedmlp.bench import cli, compress
+
+    def missing() -> None:
+        raise compress.MissingModel(
+            f"the accuracy study needs the model package: {compress.PACKAGE}"
+        )
+
+    monkeypatch.setattr(compress, "model_dir", missing)
+    assert cli.main(["compress", "--ranks", "16", "--sentences", "2"]) == 0
+    assert "skipped: the accuracy study needs the model package" in capsys.readouterr().out

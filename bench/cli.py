@@ -10,6 +10,7 @@
     fusedmlp overhead [--device ...] [--impl LIST] [--json PATH] [--markdown PATH] [--plot PATH]
     fusedmlp sweep    [--short] [--widths 16,32] [--depths 2,4] [--m M] [--json ...] [--plot ...]
     fusedmlp report   RESULTS.json [MORE.json ...] [--markdown PATH] [--plot-dir DIR] [--json PATH]
+    fusedmlp compress [--ranks 16,64] [--sentences N] [--json PATH] [--markdown PATH] [--plot PATH]
 
 Exit status: 0 on success, 1 when any parity check fails (parity, and bench's parity gate, which
 flags failing paths instead of timing them) or a timed row is an error or an invalid measurement
@@ -575,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import add_parser as add_models_parser  # `fusedmlp models` (bench/models.py)
 
     add_models_parser(sub)
+    from .compress import (
+        add_parser as add_compress_parser,
+    )  # `fusedmlp compress` (bench/compress.py)
+
+    add_compress_parser(sub)
     return parser
 
 

@@ -122,20 +122,23 @@ def test_fused_mlp_skips_the_op_only_where_nothing_needs_it(monkeypatch):
     from fusedmlp.torch_impl import module as module_py
 
     calls = []
-    real = module_py.MLP_OP
 
-    def counting(*args):
-        calls.append(1)
-        return real(*args)
+    def counting(name, real):
+        def op(*args):
+            calls.append(name)
+            return real(*args)
 
-    monkeypatch.setattr(module_py, "MLP_OP", counting)
+        return op
+
+    monkeypatch.setattr(module_py, "MLP_OP", counting("mlp", module_py.MLP_OP))
+    monkeypatch.setattr(module_py, "MLP_TRAIN_OP", counting("train", module_py.MLP_TRAIN_OP))
     fused = FusedMLP(SPEC, impl="triton", seed=4)
     x, _ = _torch_inputs(SPEC, 3)
     with torch.no_grad():
         direct = fused(x)  # eager, no gradient: the front directly
     assert calls == []
-    via_op = fused(x)  # grad mode with trainable params: the op (its backward raises)
-    assert calls == [1] and via_op.requires_grad and torch.equal(via_op.detach(), direct)
+    via_op = fused(x)  # grad mode with trainable params: the training op (it saves for backward)
+    assert calls == ["train"] and via_op.requires_grad and torch.equal(via_op.detach(), direct)
     fused.requires_grad_(False)
     fused(x)  # frozen params, grad mode: nothing to differentiate, the front directly
-    assert calls == [1]
+    assert calls == ["train"]

@@ -110,6 +110,14 @@ def all_layers_aligned(spec: MLPSpec) -> bool:
 
 
 # ---- the contract -------------------------------------------------------------------------------
+def _without_store_preact(fn) -> inspect.Signature:
+    # The portable launchers' `store_preact` (the training forward's pre-activation output,
+    # torch_impl/backward.py) is theirs alone: the saving forward is portable-only for now.
+    sig = inspect.signature(fn)
+    params = [p for name, p in sig.parameters.items() if name != "store_preact"]
+    return sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
+
+
 def test_same_names_and_signatures_as_the_portable_kernels():
     pairs = [
         (tma_linear, portable_linear, ("linear_act_fwd", "linear_act")),
@@ -117,9 +125,9 @@ def test_same_names_and_signatures_as_the_portable_kernels():
     ]
     for tma_mod, portable_mod, names in pairs:
         for name in names:
-            assert inspect.signature(getattr(tma_mod, name)) == inspect.signature(
-                getattr(portable_mod, name)
-            ), name
+            ours, portable = getattr(tma_mod, name), getattr(portable_mod, name)
+            assert _without_store_preact(ours) == _without_store_preact(portable), name
+    assert "store_preact" in inspect.signature(portable_linear.linear_act_fwd).parameters
     assert hasattr(tma_linear._linear_act_fwd_kernel, "run")
     assert hasattr(tma_gated._gated_fwd_kernel, "run")
 

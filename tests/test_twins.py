@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_DIR, JAX_DIR = ROOT / "torch_impl", ROOT / "jax_impl"
 REQUIRED = ("activations", "linear_act", "gated", "backward")
 CANDIDATES = (*REQUIRED, "fused_small", "fused_decode", "lowrank")
-SECTIONED = ("linear_act", "gated", "backward", "lowrank")  # kernel files with the `# 1.` ... `# 4.` sections
+# kernel files with the `# 1.` ... `# 4.` sections
+SECTIONED = ("linear_act", "gated", "backward", "lowrank")
 SECTIONS = ("# 1. program -> tile", "# 2. load", "# 3. compute", "# 4. store")
 
 

@@ -4,7 +4,7 @@
                                   implementation that runs here; GPU -> parity + bench of the
                                   default presets
     fusedmlp parity   [--preset NAME | --spec FILE] [--m LIST] [--impl LIST] [--dtype LIST]
-                      [--device cpu|cuda] [--json PATH] [--markdown PATH]
+                      [--backward] [--device cpu|cuda] [--json PATH] [--markdown PATH]
     fusedmlp bench    [--preset ...] [--m 16,8192] [--impl LIST] [--device ...] [--json PATH]
                       [--markdown PATH] [--plot PATH]
     fusedmlp overhead [--device ...] [--impl LIST] [--json PATH] [--markdown PATH] [--plot PATH]
@@ -218,11 +218,14 @@ class _Progress:
 
 # ---- commands ------------------------------------------------------------------------------------
 def cmd_parity(args: argparse.Namespace, console: Any) -> int:
+    from .grad_parity import run_grad_parity
     from .parity import run_parity
 
+    # --backward: the gradients (bench/grad_parity.py) instead of the outputs, same report
+    run = run_grad_parity if getattr(args, "backward", False) else run_parity
     device, providers, items = _device_providers_items(args)
     with _Progress(console, len(items) * len(providers), "parity") as bar:
-        result = run_parity(
+        result = run(
             [(s, m) for _, s, m in items],
             providers,
             device,
@@ -515,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _case_args(p)
     _common(p, plot=False)
+    p.add_argument(
+        "--backward",
+        action="store_true",
+        help="the gradients (dx and every param) vs the float64 reference backward, M <= 4096",
+    )
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_parity)
 

@@ -98,9 +98,11 @@ def parity_tables(parity: dict[str, Any]) -> list[Table]:
         subset = (
             f", {case['rows_checked']} of {case['m']} rows checked" if case["row_subset"] else ""
         )
+        # Gradient parity (`parity --backward`): each row's measures are its worst gradient's.
+        what = "Gradient parity (worst of dx, dW, db per row)" if case.get("backward") else "Parity"
         tables.append(
             Table(
-                f"Parity: {case['spec_text']}, M={case['m']} on {case['device']}{subset}",
+                f"{what}: {case['spec_text']}, M={case['m']} on {case['device']}{subset}",
                 [
                     "provider",
                     "kernels",

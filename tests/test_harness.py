@@ -20,7 +20,7 @@ import pytest
 
 from fusedmlp.bench import cli, providers, report
 from fusedmlp.bench.timing import Stats, time_host
-from fusedmlp.common import MLPSpec
+from fusedmlp.common import MLPSpec, param_shapes
 
 # Odd widths and M (multiples of no block size) keep the interpreted kernels honest and fast.
 TINY = MLPSpec((13, 24, 11), "swiglu", bias=True, dtype="float32")
@@ -137,6 +137,36 @@ def test_parity_inject_fault_hook(spec_file: Path, capsys: pytest.CaptureFixture
     code = _cli("parity", spec=spec_file, m=TINY_M, impl="jax", inject_fault="jax:pallas_triton")
     assert code == 1
     assert "jax:pallas_triton FAIL" in capsys.readouterr().out
+
+
+def test_parity_backward_judges_every_gradient_and_twins(spec_file: Path, tmp_path: Path) -> None:
+    """`parity --backward`: each provider's dx and param gradients against the float64 reference
+    backward, the twins bit for bit in bfloat16 (same kernels, same order of arithmetic)."""
+    out = tmp_path / "grads.json"
+    args = dict(spec=spec_file, m=TINY_M, impl="triton,pallas_triton,eager,xla", json=out)
+    assert _cli("parity --backward", dtype="bfloat16", **args) == 0
+    (case,) = _load(out)["parity"]["cases"]
+    assert case["backward"] and not case["row_subset"]
+    rows = {r["provider"]: r for r in case["rows"]}
+    names = {"dx", *(f"d{k}" for k in param_shapes(TINY))}
+    for row in rows.values():
+        assert row["status"] == "pass", row
+        assert set(row["grads"]) == names and all(g["passed"] for g in row["grads"].values())
+    twins = {x["pair"]: x for x in case["cross"]}
+    assert twins["torch:triton vs jax:pallas_triton"]["identical"]
+
+
+def test_parity_backward_catches_a_wrong_gradient(
+    spec_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One part in a hundred on every gradient: far outside float32's gradient bounds.
+    code = _cli(
+        "parity --backward", spec=spec_file, m=TINY_M, impl="torch:triton,torch:eager",
+        dtype="float32", inject_fault="torch:triton",
+    )  # fmt: skip
+    assert code == 1
+    text = capsys.readouterr().out
+    assert "torch:triton FAIL" in text and "Gradient parity" in text
 
 
 def test_parity_dtype_override_and_bad_impl(spec_file: Path, tmp_path: Path) -> None:

@@ -1,0 +1,243 @@
+"""`fusedmlp parity --backward`: every implementation's gradients against the float64 reference
+backward, and the twins' gradients against each other, on the same inputs.
+
+For each case (spec, M) and provider: one training call — torch: `loss.backward()` through the
+front (`torch_impl.mlp` runs the training op: the portable saving forward and the backward
+kernels), JAX: `jax.vjp` of `jax_impl.mlp` (its custom_vjp) — with the same cotangent dy for every
+provider. Each gradient (dx and every param, in the contract's plain names) is judged by
+`common.tolerance.compare_grads` against `reference.backward(round_hidden=True)` (the forward as
+the kernels store it: the linearisation point the gradient bounds are set at), with the stack's
+framework gradients (`eager`'s torch autograd, `xla`'s jax.vjp) as the baseline of the 2× rule.
+A row's numbers are its worst gradient's; `grads` lists every one. Twin pairs are compared
+gradient by gradient within twice the gradient bounds, and said whether bit-identical.
+
+The reference backward needs the whole batch (dW sums over every row), so unlike the forward's
+parity there is no row subset: cases are capped at `MAX_M` rows (float64 on the host), and larger
+M is reported `n/a`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from fusedmlp.common import reference, tolerance
+from fusedmlp.common.dtypes import cast
+
+from .cases import Case, to_numpy
+from .parity import BASELINE_OF, _failed, strip, summarize
+from .providers import FAULTS, TWINS, Provider, front, sync
+
+MAX_M = 4096  # rows of the float64 reference backward (M·widths² float64 FLOPs on the host)
+
+
+def cotangent(case: Case) -> np.ndarray:
+    """dy [M, d_out] in the spec dtype, seeded (the same for every provider of the case)."""
+    rng = np.random.default_rng(case.seed + 3)
+    return cast(rng.standard_normal((case.m, case.spec.d_out)), case.spec.dtype)
+
+
+def grad_reference(case: Case) -> dict[str, np.ndarray]:
+    return reference.backward(
+        case.spec, case.x, case.params, cotangent(case).astype(np.float64), round_hidden=True
+    )
+
+
+def _faulty(p: Provider) -> bool:
+    # `--inject-fault IMPL` (providers.FAULTS): the output scaled by 1.01, so every gradient is.
+    return p.name in FAULTS or p.impl in FAULTS
+
+
+def _torch_grads(p: Provider, case: Case) -> dict[str, Any]:
+    import torch
+
+    from fusedmlp.torch_impl.module import to_torch
+
+    x0, params0 = case.torch_sets()[0]
+    x = x0.detach().clone().requires_grad_()
+    params = {k: v.detach().clone().requires_grad_() for k, v in params0.items()}
+    dy = to_torch(cotangent(case), case.device)
+    y = front("torch").mlp(x, params, case.spec, impl=p.impl)
+    (y * 1.01 if _faulty(p) else y).backward(dy)
+    grads = {"x": x.grad, **{k: v.grad for k, v in params.items()}}
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+    return grads
+
+
+def _jax_grads(p: Provider, case: Case) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    x, params = case.jax_sets()[0]
+    spec, impl, scale = case.spec, p.impl, 1.01 if _faulty(p) else 1.0
+
+    def call(x: Any, prm: Any) -> Any:
+        return front("jax").mlp(x, prm, spec, impl=impl) * scale
+
+    _, vjp = jax.vjp(call, x, params)
+    dx, dparams = vjp(jnp.asarray(cotangent(case)))
+    grads = {"x": dx, **dparams}
+    sync("jax", dx)
+    return grads
+
+
+def run_provider(p: Provider, case: Case) -> dict[str, Any]:
+    """One provider's gradients (kept under '_grads', NumPy), not yet judged."""
+    row: dict[str, Any] = {
+        "provider": p.name,
+        "stack": p.stack,
+        "impl": p.impl,
+        "baseline": p.baseline,
+        "interpreted": p.interpreted(case.device, case),
+    }
+    reason = p.enabled(case.device)
+    if reason is not None:
+        return {**row, "status": "skipped", "message": reason}
+    if case.m > MAX_M:
+        return {**row, "status": "n/a", "message": f"M={case.m} > {MAX_M}: reference too slow"}
+    try:
+        plan = front(p.stack).plan(
+            case.spec, (case.m, case.spec.d_in), impl=p.impl, device=case.device
+        )
+        row.update(plan=plan.describe(), kernels=plan.kernels(), chosen=plan.impl)
+        t0 = time.perf_counter()
+        grads = _torch_grads(p, case) if p.stack == "torch" else _jax_grads(p, case)
+    except Exception as exc:
+        return _failed(row, exc)
+    row["seconds"] = time.perf_counter() - t0  # first call: includes compilation
+    row["_grads"] = {k: to_numpy(v) for k, v in grads.items()}
+    return row
+
+
+def judge(
+    row: dict[str, Any],
+    ref: dict[str, np.ndarray],
+    case: Case,
+    baseline: dict[str, np.ndarray] | None,
+) -> None:
+    """The policy's verdict per gradient; the row's measures are its worst gradient's."""
+    results = tolerance.compare_grads(row["_grads"], ref, case.spec, baselines=baseline)
+    worst = max(results.items(), key=lambda kv: kv[1].rel_fro / kv[1].bounds.rel_fro)
+    cmp = worst[1]
+    row.update(
+        status="pass" if all(c.passed for c in results.values()) else "FAIL",
+        rel_fro=cmp.rel_fro,
+        max_abs=cmp.max_abs,
+        max_scaled=max(c.max_scaled for c in results.values()),
+        bound_rel_fro=cmp.bounds.rel_fro,
+        bound_max_scaled=cmp.bounds.max_scaled,
+        baseline_rel_fro=cmp.baseline_rel_fro,
+        baseline_limit=cmp.baseline_limit,
+        worst=f"d{worst[0]}",
+        grads={
+            f"d{k}": {"passed": c.passed, "rel_fro": c.rel_fro, "max_scaled": c.max_scaled}
+            for k, c in results.items()
+        },
+    )
+    bad = [f"d{k}: {c.report()}" for k, c in results.items() if not c.passed]
+    if bad:
+        row["message"] = "; ".join(bad)
+
+
+def cross(
+    a: dict[str, Any], b: dict[str, Any], ref: dict[str, np.ndarray], case: Case
+) -> dict[str, Any]:
+    """Two providers' gradients compared with each other, gradient by gradient."""
+    bounds = tolerance.grad_bounds(case.spec)
+    worst_rel, worst_scaled, worst_abs, identical, nan_ok = 0.0, 0.0, 0.0, True, True
+    for key, r in ref.items():
+        x = np.asarray(a["_grads"][key], dtype=np.float64)
+        y = np.asarray(b["_grads"][key], dtype=np.float64)
+        finite = np.isfinite(r)
+        diff = np.where(finite, x - y, 0.0)
+        norm = float(np.linalg.norm(np.where(finite, r, 0.0))) or 1.0
+        top = float(np.max(np.abs(r[finite]))) if finite.any() else 1.0
+        worst_rel = max(worst_rel, float(np.linalg.norm(diff)) / norm)
+        biggest = float(np.max(np.abs(diff))) if diff.size else 0.0
+        worst_abs = max(worst_abs, biggest)
+        worst_scaled = max(worst_scaled, biggest / (top or 1.0))
+        identical = identical and bool(np.array_equal(x, y, equal_nan=True))
+        nan_ok = nan_ok and bool(np.array_equal(np.isnan(x), np.isnan(y)))
+    ok = (
+        np.isfinite(worst_rel)
+        and worst_rel <= 2 * bounds.rel_fro
+        and worst_scaled <= 2 * bounds.max_scaled
+        and nan_ok
+    )
+    return {
+        "pair": f"{a['provider']} vs {b['provider']}",
+        "rel_fro": worst_rel,
+        "max_abs": worst_abs,
+        "max_scaled": worst_scaled,
+        "bound_rel_fro": 2 * bounds.rel_fro,
+        "bound_max_scaled": 2 * bounds.max_scaled,
+        "identical": identical,
+        "status": "pass" if ok else "FAIL",
+    }
+
+
+def parity_case(case: Case, providers: list[Provider], *, on_row: Any = None) -> dict[str, Any]:
+    """Every provider's gradients on one case, judged, plus the twins' cross-checks."""
+    by_name: dict[str, dict[str, Any]] = {}
+    baselines: dict[str, dict[str, np.ndarray] | None] = {}
+    for stack, impl in BASELINE_OF.items():
+        if any(p.stack == stack for p in providers):
+            base = Provider(stack, impl, True)
+            row = run_provider(base, case)
+            baselines[stack] = row.get("_grads")
+            if base in providers:
+                by_name[base.name] = row
+    ref = grad_reference(case) if case.m <= MAX_M else {}
+    rows = []
+    for p in providers:
+        row = by_name.get(p.name) or run_provider(p, case)
+        if "_grads" in row:
+            judge(row, ref, case, None if p.baseline else baselines.get(p.stack))
+        by_name[p.name] = row
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    pairs = [
+        cross(a, b, ref, case)
+        for ti, ji in TWINS
+        if (a := by_name.get(f"torch:{ti}")) is not None
+        and (b := by_name.get(f"jax:{ji}")) is not None
+        and "_grads" in a
+        and "_grads" in b
+    ]
+    for row in rows:
+        row.pop("_grads", None)
+        strip(row)
+    return {
+        "spec": case.spec.to_dict(),
+        "spec_text": str(case.spec),
+        "m": case.m,
+        "device": case.device,
+        "backward": True,
+        "rows_checked": case.m,
+        "row_subset": False,
+        "rows": rows,
+        "cross": pairs,
+    }
+
+
+def run_grad_parity(
+    items: list[tuple[Any, int]],
+    providers: list[Provider],
+    device: str,
+    *,
+    on_row: Any = None,
+    checkpoint: Any = None,
+) -> dict[str, Any]:
+    """Every case in turn; `checkpoint` gets the results so far after each case."""
+    cases = []
+    for spec, m in items:
+        case = Case(spec, m, device, rotate=False)
+        cases.append(parity_case(case, providers, on_row=on_row))
+        case.release()
+        if checkpoint is not None:
+            checkpoint({"cases": cases, **summarize(cases), "partial": True})
+    return {"cases": cases, **summarize(cases)}

@@ -10,6 +10,8 @@
     fusedmlp overhead [--device ...] [--impl LIST] [--json PATH] [--markdown PATH] [--plot PATH]
     fusedmlp sweep    [--short] [--widths 16,32] [--depths 2,4] [--m M] [--json ...] [--plot ...]
     fusedmlp report   RESULTS.json [MORE.json ...] [--markdown PATH] [--plot-dir DIR] [--json PATH]
+    fusedmlp train    image|lm [--stack torch,jax] [--impl auto,baseline] [--precision bf16,fp16]
+                      [--steps N] [--device cpu|cuda] [--out DIR]   (bench/train.py)
 
 Exit status: 0 on success, 1 when any parity check fails (parity, and bench's parity gate, which
 flags failing paths instead of timing them) or a timed row is an error or an invalid measurement
@@ -567,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import add_parser as add_models_parser  # `fusedmlp models` (bench/models.py)
 
     add_models_parser(sub)
+    from .train import add_parser as add_train_parser  # `fusedmlp train` (bench/train.py)
+
+    add_train_parser(sub)
     return parser
 
 

@@ -142,7 +142,7 @@ def astronaut(size: int) -> np.ndarray:
     if 512 % size:
         raise ValueError(f"size: expected a divisor of 512 (the photograph's side), got {size}")
     f = 512 // size
-    return img.reshape(size, f, size, f, 3).mean(axis=(1, 3), dtype=np.float32)
+    return img.reshape(size, f, size, f, 3).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
 
 
 def frequency_encoding(coords: np.ndarray, freqs: int) -> np.ndarray:

@@ -1,0 +1,308 @@
+"""Training under the one mixed-precision policy (issue 25): common/precision.py,
+torch_impl/training.py, jax_impl/training.py and the two tasks of bench/train.py.
+
+- the policy's names and errors; the dynamic loss-scaling machine written once
+  (`next_loss_scale`) against torch.amp.GradScaler's own sequence, and under jax.jit;
+- both stacks: master params stay float32 through bf16/fp16 steps, and an fp16 gradient overflow
+  skips the step (params and optimizer state unchanged) and halves the scale;
+- the tasks: their shipped data, the baselines learn (loss falls) in a few CPU seconds, the
+  `fusedmlp train` command writes its JSON and PNGs and `fusedmlp report` renders them again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fusedmlp.bench import train as tr
+from fusedmlp.common import MLPSpec, init_params
+from fusedmlp.common.precision import (
+    PRECISIONS,
+    LossScaleConfig,
+    get_policy,
+    next_loss_scale,
+)
+
+# A tiny image fit and a tiny LM: seconds on the CPU with the baselines.
+TINY_IMAGE = tr.ImageConfig(size=8, freqs=2, width=16, hidden_layers=2, steps=4, eval_every=2)
+TINY_LM = tr.LMConfig(
+    context=2, embed=8, hidden=16, blocks=1, batch=16, steps=4, eval_every=2, val_windows=32
+)
+# A scale that overflows any fp16 cotangent: loss × 2^40 is finite in float32, its gradient
+# entering the 16-bit model is not (> 65504).
+OVERFLOW = LossScaleConfig(init_scale=2.0**40)
+SMALL_SPEC = MLPSpec((6, 16, 16, 3), "relu", bias=True, dtype="float32")
+
+
+# ---- the policy ----------------------------------------------------------------------------------
+def test_policies() -> None:
+    assert PRECISIONS == ("fp32", "bf16", "fp16")
+    for name in PRECISIONS:
+        p = get_policy(name)
+        assert p.param_dtype == "float32" and p.loss_dtype == "float32"
+        assert (p.loss_scale is not None) == (name == "fp16")
+    assert get_policy("bf16").compute_dtype == "bfloat16"
+    assert get_policy("fp16").compute_dtype == "float16"
+    assert not get_policy("fp32").mixed and get_policy("bf16").mixed
+    assert get_policy("fp16", OVERFLOW).loss_scale == OVERFLOW
+
+
+def test_policy_errors() -> None:
+    with pytest.raises(ValueError, match=r"precision: expected one of .*'fp32'.*got 'fp8'"):
+        get_policy("fp8")
+    with pytest.raises(ValueError, match="loss_scale: only the fp16 policy"):
+        get_policy("bf16", OVERFLOW)
+
+
+FLAGS = [True, True, True, False, True, True, True, True, False, False, True, True]
+
+
+def _machine(cfg: LossScaleConfig) -> list[float]:
+    scale, good, out = cfg.init_scale, 0, []
+    for finite in FLAGS:
+        scale, good = next_loss_scale(scale, good, finite, cfg)
+        out.append(scale)
+    return out
+
+
+def test_loss_scale_machine_is_grad_scalers() -> None:
+    """The same scale sequence from `next_loss_scale` in Python, from torch's GradScaler built
+    by torch_impl.training.make_scaler, and from jax_impl.training's jitted update."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from fusedmlp.jax_impl import training as jt
+    from fusedmlp.torch_impl import training as tt
+
+    cfg = LossScaleConfig(init_scale=2.0**10, growth_interval=3)
+    expected = _machine(cfg)
+    assert expected[:4] == [2.0**10, 2.0**10, 2.0**11, 2.0**10]  # grown after 3 finite, halved
+
+    policy = get_policy("fp16", cfg)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = tt.make_scaler(policy, "cpu")
+    got = []
+    for finite in FLAGS:
+        opt.zero_grad()
+        scaler.scale(p.sum()).backward()
+        if not finite:
+            p.grad[1] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        got.append(scaler.get_scale())
+    assert got == expected
+
+    update = jax.jit(lambda s, f: jt.update_loss_scale(s, f, policy))
+    state, got_jax = jt.init_loss_scale(policy), []
+    for finite in FLAGS:
+        state = update(state, jnp.asarray(finite))
+        got_jax.append(float(state.scale))
+    assert got_jax == expected
+    assert jt.init_loss_scale("bf16").scale == 1.0
+
+
+# ---- torch ---------------------------------------------------------------------------------------
+def _torch_fit(impl: str, precision: str, loss_scale: LossScaleConfig | None = None, steps=2):
+    """A small MLP trained `steps` steps: (params before, model, optimizer, scaler, losses)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fusedmlp.torch_impl import training as tt
+
+    policy = get_policy(precision, loss_scale)
+    model = tr._torch_mlp(SMALL_SPEC, init_params(SMALL_SPEC, 3), impl, "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((17, 6)).astype(np.float32))
+    t = torch.from_numpy(rng.uniform(size=(17, 3)).astype(np.float32))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = tt.make_scaler(policy, "cpu")
+
+    def loss_fn(m, batch):
+        return F.mse_loss(m(batch[0]).float(), batch[1])
+
+    losses = []
+    for _ in range(steps):
+        losses.append(float(tt.train_step(model, loss_fn, (x, t), opt, scaler, policy)))
+    return before, model, opt, scaler, losses
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_torch_master_params_stay_fp32(precision: str) -> None:
+    import torch
+
+    from fusedmlp.torch_impl import training as tt
+
+    before, model, _, _, losses = _torch_fit(tr.BASELINE, precision)
+    tt.check_master(model, precision)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        assert not torch.equal(p, before[name]), f"{name} did not change"
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_torch_fp16_overflow_skips_the_step() -> None:
+    import torch
+
+    before, model, opt, scaler, _ = _torch_fit(tr.BASELINE, "fp16", OVERFLOW, steps=1)
+    assert scaler.get_scale() == 2.0**39
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} changed on a skipped step"
+    assert any(not torch.isfinite(p.grad).all() for p in model.parameters()), "no overflow"
+    assert not opt.state, "Adam stepped on a skipped step"
+
+
+def test_check_master_names_the_param() -> None:
+    import torch
+
+    from fusedmlp.torch_impl import training as tt
+
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"model: expected master params in torch.float32"):
+        tt.check_master(model, "bf16")
+
+
+# ---- JAX -----------------------------------------------------------------------------------------
+def _jax_fit(impl: str, precision: str, loss_scale: LossScaleConfig | None = None, steps=2):
+    import jax.numpy as jnp
+    import optax
+
+    from fusedmlp.jax_impl import training as jt
+
+    policy = get_policy(precision, loss_scale)
+    params = tr._jax_mlp_params(SMALL_SPEC, init_params(SMALL_SPEC, 3), impl)
+    apply = tr._jax_apply_mlp(SMALL_SPEC, impl, policy)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((17, 6)).astype(np.float32))
+    t = jnp.asarray(rng.uniform(size=(17, 3)).astype(np.float32))
+
+    def loss_fn(p, batch):
+        return jnp.mean((apply(batch[0], p).astype(jnp.float32) - batch[1]) ** 2)
+
+    opt = optax.adam(1e-3)
+    step = jt.make_train_step(loss_fn, opt, policy)
+    state = [params, opt.init(params), jt.init_loss_scale(policy)]
+    losses = []
+    for _ in range(steps):
+        *state, loss = step(*state, (x, t))
+        losses.append(float(loss))
+    return params, state, losses
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_jax_master_params_stay_fp32(precision: str) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp.jax_impl import training as jt
+
+    before, (params, _, _), losses = _jax_fit(tr.BASELINE, precision)
+    jt.check_master(params, precision)
+    for name, p in params.items():
+        assert p.dtype == jnp.float32, name
+        assert not np.array_equal(np.asarray(p), np.asarray(before[name])), name
+    assert all(math.isfinite(v) for v in losses)
+    # The grads of the master params are float32 whatever the compute dtype (the cast's transpose).
+    grads = jax.grad(lambda p: jnp.sum(jt.cast_to_compute(p, precision)["w0"]))(params)
+    assert grads["w0"].dtype == jnp.float32
+
+
+def test_jax_fp16_overflow_skips_the_step() -> None:
+    before, (params, opt_state, scale), _ = _jax_fit(tr.BASELINE, "fp16", OVERFLOW, steps=1)
+    assert float(scale.scale) == 2.0**39 and int(scale.good_steps) == 0
+    for name, p in params.items():
+        assert np.array_equal(np.asarray(p), np.asarray(before[name])), name
+    assert int(opt_state[0].count) == 0, "Adam's state moved on a skipped step"
+
+
+def test_jax_check_master_and_casts() -> None:
+    import jax.numpy as jnp
+
+    from fusedmlp.jax_impl import training as jt
+
+    tree = {"w": jnp.ones(2), "i": jnp.arange(3)}
+    cast = jt.cast_to_compute(tree, "bf16")
+    assert cast["w"].dtype == jnp.bfloat16 and cast["i"].dtype == tree["i"].dtype
+    with pytest.raises(ValueError, match=r"params: expected master params in float32"):
+        jt.check_master({"w": jnp.ones(2, jnp.bfloat16)}, "bf16")
+    assert bool(jt.all_finite(tree)) and not bool(jt.all_finite({"w": jnp.array([1.0, jnp.inf])}))
+
+
+# ---- the tasks -----------------------------------------------------------------------------------
+def test_task_data() -> None:
+    d = tr.image_data(TINY_IMAGE)
+    assert d["x"].shape == (64, 8) and d["rgb"].shape == (64, 3) and d["x"].dtype == np.float32
+    assert d["rgb"].min() >= 0 and d["rgb"].max() <= 1
+    # Block means of the real photograph, not noise: its mean colour.
+    full = tr.astronaut(512)
+    mean = d["image"].mean(axis=(0, 1), dtype=np.float64)
+    np.testing.assert_allclose(mean, full.mean(axis=(0, 1), dtype=np.float64), rtol=1e-6)
+    with pytest.raises(ValueError, match="size: expected a divisor of 512"):
+        tr.astronaut(100)
+    text = tr.corpus()
+    assert len(text) > 400_000 and text.dtype == np.uint8
+    lm = tr.lm_data(TINY_LM)
+    assert lm["starts"].shape == (4, 16) and len(lm["val"]) == len(text) - len(lm["train"])
+    assert lm["starts"].max() + 3 <= len(lm["train"])
+    again = tr.lm_data(TINY_LM)
+    assert np.array_equal(lm["starts"], again["starts"])  # the same data order every run
+
+
+@pytest.mark.parametrize("task", tr.TASKS)
+def test_baselines_learn_and_agree_across_stacks(task: str) -> None:
+    """Both stacks' baselines from the same init and data: the loss falls, and the two curves
+    agree closely over the first steps (same policy, same Adam)."""
+    cfg = (
+        tr.ImageConfig(size=16, freqs=4, width=32, hidden_layers=2, steps=40, eval_every=20)
+        if task == "image"
+        else tr.LMConfig(
+            context=4, embed=8, batch=64, lr=1e-2, steps=40, eval_every=20, val_windows=256
+        )
+    )
+    out = tr.run_task(
+        task, cfg, stacks=tr.STACKS, impls=[tr.BASELINE], precisions=["fp32"], device="cpu"
+    )
+    for run in out["runs"]:
+        assert run["loss"][-1] < 0.75 * run["loss"][0], (run["stack"], run["loss"])
+        if task == "lm":
+            assert run["val_loss"][-1] < 0.8 * run["val_loss"][0]
+    for row in out["summary"]:
+        assert row["cross_stack_max_rel_first"] < 1e-3, row
+
+
+def test_cli_writes_and_report_renders(tmp_path) -> None:
+    from fusedmlp.bench.cli import main
+
+    out = tmp_path / "runs"
+    args = ["train", "image", "--device", "cpu", "--impl", "baseline", "--stack", "torch"]
+    args += ["--steps", "2", "--size", "8", "--precision", "bf16,fp16", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "train-image.json").read_text())
+    assert results["kind"] == "fusedmlp-results" and "environment" in results
+    runs = results["train"]["runs"]
+    assert [(r["precision"], r["steps"], len(r["loss"])) for r in runs] == [
+        ("bf16", 2, 2),
+        ("fp16", 2, 2),
+    ]
+    assert len(runs[1]["scale"]) == 2
+    for name in ("train-image.png", "image-original.png", "image-torch-bf16-baseline.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert main(["report", str(out / "train-image.json"), "--plot-dir", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "train.png").exists()
+    assert "Training, image fit" in (out / "train-image.md").read_text()
+
+
+def test_cli_errors(capsys) -> None:
+    from fusedmlp.bench.cli import main
+
+    with pytest.raises(SystemExit, match=r"--precision: expected .*got \['fp8'\]"):
+        main(["train", "lm", "--precision", "fp8"])
+    with pytest.raises(SystemExit, match=r"--impl: torch has .*got \['nope'\]"):
+        main(["train", "lm", "--stack", "torch", "--impl", "nope"])
+    with pytest.raises(SystemExit, match="--size: an image option"):
+        main(["train", "lm", "--size", "8"])

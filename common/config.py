@@ -25,6 +25,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# What the training forward keeps for the backward (issue 24), the same names and default in both
+# stacks: "preact" saves every layer's input h_i and pre-activation z_i (gated: the packed [z|g]),
+# "inputs" saves only x and recomputes the forward once in the backward (less memory, one extra
+# forward's FLOPs). `cost.saved_bytes` gives the memory of each, `plan()` reports it.
+SAVED_POLICIES = ("preact", "inputs")
+DEFAULT_SAVED = "preact"
+
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .config import SAVED_POLICIES
 from .dtypes import numpy_dtype
+from .packing import packed_width
 from .params import param_shapes
 from .spec import MLPSpec
 
@@ -38,6 +40,28 @@ def min_bytes(spec: MLPSpec, m: int, *, whole: bool = False) -> int:
     io = itemsize * m * (spec.d_in + spec.d_out)
     hidden = 0 if whole else 2 * itemsize * m * sum(spec.widths[1:-1])
     return param_bytes(spec) + io + hidden
+
+
+def saved_bytes(spec: MLPSpec, m: int, saved: str) -> int:
+    """Bytes the training forward keeps for the backward under policy `saved` (SAVED_POLICIES).
+
+    "inputs": x only, M·d_in. "preact": per layer its input h_i (h_0 = x) and its pre-activation,
+    M·(K_i + Z_i) with Z_i = N_i (plain), the packed 2·Np_i (gated, `[z|g]`), or 0 for a plain
+    identity layer (act' = 1: its z is never read, so it is not stored — every preset's last
+    layer). Both in the spec's dtype; params and the output y are not counted (kept by the caller
+    either way)."""
+    if saved not in SAVED_POLICIES:
+        raise ValueError(f"saved: expected one of {SAVED_POLICIES}, got {saved!r}")
+    itemsize = numpy_dtype(spec.dtype).itemsize
+    if saved == "inputs":
+        return itemsize * m * spec.d_in
+    total = 0
+    for layer in spec.layers():
+        z = packed_width(layer.d_out) if layer.gated else layer.d_out
+        if not layer.gated and layer.activation == "identity":
+            z = 0  # never read by the backward: not saved
+        total += m * (layer.d_in + z)
+    return itemsize * total
 
 
 @dataclass(frozen=True)

@@ -125,9 +125,16 @@ def forward(
 
 
 def backward(
-    spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray], dy: np.ndarray
+    spec: MLPSpec,
+    x: np.ndarray,
+    params: dict[str, np.ndarray],
+    dy: np.ndarray,
+    *,
+    round_hidden: bool = False,
 ) -> dict[str, np.ndarray]:
     """Gradients of `sum(y * dy)` in float64: key "x" and every param, in its input's shape.
+    `round_hidden`: at the forward with hidden layers rounded to the dtype, as the kernels store
+    them (the linearisation point the gradient tolerance uses: common/tolerance.py).
 
     For a gated layer h = act(z) ⊙ g with z = x·W + b and g = x·V + c:
     dz = dh ⊙ g ⊙ act'(z), dg = dh ⊙ act(z), dW = xᵀ·dz, db = Σ dz, dV = xᵀ·dg, dc = Σ dg,
@@ -138,7 +145,7 @@ def backward(
         raise ValueError(
             f"dy: expected shape {[*np.shape(x)[:-1], spec.d_out]}, got {list(np.shape(dy))}"
         )
-    saved = _layers_forward(spec, x2d, p, round_hidden=False)
+    saved = _layers_forward(spec, x2d, p, round_hidden)
     grads: dict[str, np.ndarray] = {}
     dh = np.asarray(dy, dtype=np.float64).reshape(-1, spec.d_out)
     for layer in reversed(spec.layers()):

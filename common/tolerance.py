@@ -33,10 +33,26 @@ a kernel may not be much worse than the framework whatever the absolute bounds a
 NaN or ±Inf where the reference is finite fails, and so does a finite value where the reference is
 NaN
 (NaN must propagate); a report says where (index, got, expected) and how many.
+
+Gradients (`grad_bounds`, `compare_grads`; issue 24) are judged per tensor (x and every param) with
+the same two measures against `reference.backward(..., round_hidden=True)`: the float64 gradient of
+the forward AS THE KERNELS STORE IT (hidden layers rounded to the dtype). The linearisation point
+matters for relu only: its derivative jumps at 0, and against the unrounded forward a rounded hidden
+flips the sign of a fraction ~u of the next pre-activations, each flip an O(1) error in its element
+(rel_fro ~ √u, 0.06 in bfloat16: no multiple of u bounds that); torch autograd flips the same way.
+At the rounded forward the only flips left come from float32 accumulation (~2^-24 relative).
+A backward rounds more often than a forward: per layer the saved pre-activation (and gate), the
+activation-gradient product dZ and the propagated dh, each ≤ u, plus the forward's hidden; about
+three times the forward's rounding points, √3 times its random-sign error, so the gradient bounds
+are twice the forward's: GRAD_REL_FRO_UNITS = 16, GRAD_MAX_SCALED_UNITS = 64, and for float32
+(accumulation over M as well as K in dW = hᵀ·dZ) FP32_GRAD_REL_FRO = 4e-5, FP32_GRAD_MAX_SCALED =
+4e-4. The baseline rule (2× torch autograd / jax.grad of the plain baseline + 1 u) applies
+unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +67,11 @@ FP32_MAX_SCALED = 2e-4
 BASELINE_FACTOR = 2.0
 BASELINE_FLOOR_UNITS = 1.0
 REPORT_LIMIT = 5
+# Gradients: see the module docstring (twice the forward's bounds, at the rounded forward).
+GRAD_REL_FRO_UNITS = 16.0
+GRAD_MAX_SCALED_UNITS = 64.0
+FP32_GRAD_REL_FRO = 4e-5
+FP32_GRAD_MAX_SCALED = 4e-4
 
 # The float64 reference against independent float64 formulations (torch, jax.numpy): two float64
 # evaluations of the same small MLP differ by a few ulps of 2^-53 per operation, summed over K ≤ 100
@@ -81,6 +102,15 @@ def bounds(spec: MLPSpec) -> Bounds:
     if fmt == "float32":
         return Bounds(FP32_REL_FRO, FP32_MAX_SCALED, u)
     return Bounds(REL_FRO_UNITS * u, MAX_SCALED_UNITS * u, u)
+
+
+def grad_bounds(spec: MLPSpec) -> Bounds:
+    """The bounds for every gradient of `spec`'s MLP (x and each param)."""
+    fmt = compute_format(spec)
+    u = UNIT_ROUNDOFF[fmt]
+    if fmt == "float32":
+        return Bounds(FP32_GRAD_REL_FRO, FP32_GRAD_MAX_SCALED, u)
+    return Bounds(GRAD_REL_FRO_UNITS * u, GRAD_MAX_SCALED_UNITS * u, u)
 
 
 @dataclass
@@ -136,9 +166,49 @@ def compare(
     out: object, ref: np.ndarray, spec: MLPSpec, *, baseline: object | None = None
 ) -> Comparison:
     """Judge `out` (any array-like; converted to float64) against the float64 reference `ref`."""
+    return _compare(out, ref, bounds(spec), baseline)
+
+
+def compare_grads(
+    grads: Mapping[str, object],
+    ref: Mapping[str, np.ndarray],
+    spec: MLPSpec,
+    *,
+    baselines: Mapping[str, object] | None = None,
+) -> dict[str, Comparison]:
+    """Judge every gradient in `ref` (keys "x" and the params', `reference.backward`) against
+    `grads[key]` with `grad_bounds(spec)`, and against `baselines[key]` where given. A key missing
+    from `grads` fails with a shape failure."""
+    b = grad_bounds(spec)
+    out: dict[str, Comparison] = {}
+    for key, r in ref.items():
+        if key not in grads:
+            out[key] = Comparison(False, np.inf, np.inf, np.inf, b, failures=["missing gradient"])
+            continue
+        base = None if baselines is None else baselines.get(key)
+        out[key] = _compare(grads[key], r, b, base)
+    return out
+
+
+def assert_grads_close(
+    grads: Mapping[str, object],
+    ref: Mapping[str, np.ndarray],
+    spec: MLPSpec,
+    *,
+    baselines: Mapping[str, object] | None = None,
+    what: str = "",
+) -> dict[str, Comparison]:
+    """`compare_grads`, raising AssertionError with every failing gradient's report (for tests)."""
+    results = compare_grads(grads, ref, spec, baselines=baselines)
+    bad = [f"d{key}: {c.report()}" for key, c in results.items() if not c.passed]
+    if bad:
+        raise AssertionError((f"{what}:\n" if what else "") + "\n".join(bad))
+    return results
+
+
+def _compare(out: object, ref: np.ndarray, b: Bounds, baseline: object | None) -> Comparison:
     out64 = np.asarray(out, dtype=np.float64)
     ref64 = np.asarray(ref, dtype=np.float64)
-    b = bounds(spec)
     if out64.shape != ref64.shape:
         return Comparison(
             False,

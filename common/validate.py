@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .config import TileConfig
+from .config import SAVED_POLICIES, TileConfig
 from .dtypes import DTYPES, FP32_PRECISIONS
 from .packing import is_packed, packed_names, packed_width
 from .params import param_shapes
@@ -86,6 +86,14 @@ def check_types(
     if residual is not None and not adapter.is_array(residual):
         raise TypeError(f"residual: expected a {kind} or None, got {type(residual).__name__}")
     check_config(config)
+
+
+def check_saved(saved: object) -> str:
+    """The training policy `saved=` (config.SAVED_POLICIES); ValueError naming it otherwise (the
+    same message in both stacks)."""
+    if not isinstance(saved, str) or saved not in SAVED_POLICIES:
+        raise ValueError(f"saved: expected one of {SAVED_POLICIES}, got {saved!r}")
+    return saved
 
 
 # ---- a whole-MLP call ----------------------------------------------------------------------------

@@ -1,14 +1,15 @@
 """torch.ops.fusedmlp.mlp: the registered op agrees with the front bit for bit, passes opcheck
 (schema, fake tensors, AOT dispatch with dynamic shapes), compiles with fullgraph=True, validates
-like the front, and raises NotImplementedError on backward (forward-only kernels)."""
+like the front, and differentiates (the training op; tests/test_backward_torch.py for the rest)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fusedmlp.common import MLPSpec, init_params, make_input, param_shapes, reference
-from fusedmlp.common.tolerance import assert_close
+from fusedmlp.common.tolerance import assert_close, assert_grads_close
 from fusedmlp.torch_impl import FusedMLP, custom_op, front
 from helpers import to_numpy, to_torch
 
@@ -125,21 +126,38 @@ def test_compiled_call_validates_at_trace_time():
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
-def test_backward_raises_not_implemented(backend):
+def test_backward_through_both_ops(backend):
+    # Training (issue 24; tests/test_backward_torch.py has the full matrix): custom_op.mlp in grad
+    # mode calls the training op; the inference op called directly differentiates too, as the
+    # saved="inputs" policy. Same kernels, so the same gradients bit for bit, eager or compiled.
     torch._dynamo.reset()
     x, params = _inputs(SPEC, 3)
-    params = {k: v.requires_grad_() for k, v in params.items()}
+    spec_json = custom_op.spec_to_json(SPEC)
 
-    def fn(x, p):
-        return custom_op.mlp(x, p, SPEC, impl="eager")
+    def training(a, p):
+        return custom_op.mlp(a, p, SPEC, impl="triton", saved="inputs")
 
-    if backend is not None:
-        fn = torch.compile(fn, fullgraph=True, backend=backend)
-    out = fn(x, params)  # forward in grad mode works: inference without no_grad is fine
-    assert out.requires_grad
-    assert_close(to_numpy(out), _reference(SPEC, x, params), SPEC)
-    with pytest.raises(NotImplementedError, match="backward is not implemented yet"):
+    def inference_op(a, p):
+        return custom_op.MLP_OP(
+            a, [p[n] for n in param_shapes(SPEC)], spec_json, "triton", None, None
+        )
+
+    grads = []
+    for fn in (training, inference_op):
+        if backend is not None:
+            fn = torch.compile(fn, fullgraph=True, backend=backend)
+        xs = x.clone().requires_grad_()
+        ps = {k: v.clone().requires_grad_() for k, v in params.items()}
+        out = fn(xs, ps)
+        assert_close(to_numpy(out), _reference(SPEC, x, params), SPEC)
         out.sum().backward()
+        grads.append([xs.grad, *(ps[n].grad for n in param_shapes(SPEC))])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+    dy = np.ones((3, SPEC.d_out))
+    ref = reference.backward(SPEC, to_numpy(x), {k: to_numpy(v) for k, v in params.items()}, dy)
+    got = dict(zip(["x", *param_shapes(SPEC)], map(to_numpy, grads[0]), strict=True))
+    assert_grads_close(got, ref, SPEC)
 
 
 def test_torch_export_keeps_one_op():

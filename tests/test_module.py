@@ -321,14 +321,16 @@ def test_impl_constraint_is_not_implemented_error():
         module(_input(WIDE, 2))
 
 
-def test_backward_raises_not_implemented():
+def test_backward_lands_in_packed_params():
+    # Training (issue 24; tests/test_backward_torch.py has the full matrix).
     module = FusedMLP(SMALL, impl="triton")
     x = _input(SMALL, 3, seed=4)
-    out = module(x)  # grad mode: the forward runs and the output has a grad_fn
+    out = module(x)  # grad mode: the training op
     assert out.requires_grad
     assert_close(to_numpy(out), _reference(module, x), SMALL)
-    with pytest.raises(NotImplementedError, match=r"torch.no_grad\(\) or torch.inference_mode\(\)"):
-        out.sum().backward()
+    out.sum().backward()
+    for name, p in module.packed_params().items():
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype, name
     with torch.inference_mode():
         assert_close(to_numpy(module(x)), _reference(module, x), SMALL)
 

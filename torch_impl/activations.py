@@ -22,6 +22,7 @@ import triton.language as tl
 SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1/√2, for erf-gelu
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # √(2/π), for tanh-gelu
 GELU_TANH_COEFF = tl.constexpr(0.044715)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π), gelu's pdf
 
 ACTIVATION_KEYS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 
@@ -62,6 +63,28 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "silu":
         x = x / (1.0 + tl.exp(-x))
     return x
+
+
+@triton.jit
+def apply_activation_grad(x, ACTIVATION: tl.constexpr):
+    """act'(x) for an fp32 tile (the backward, backward.py): reference.activation_grad's formulas
+    from the same exp-built helpers; relu' of NaN is NaN there, and here."""
+    if ACTIVATION == "relu":
+        d = tl.where(x != x, x, tl.where(x > 0.0, 1.0, 0.0))
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * erfc(-x * SQRT_1_2)
+        pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        d = cdf + x * pdf
+    elif ACTIVATION == "gelu_tanh":
+        t = tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x))
+        du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * x * x)
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    elif ACTIVATION == "silu":
+        s = 1.0 / (1.0 + tl.exp(-x))
+        d = s * (1.0 + x * (1.0 - s))
+    else:  # identity
+        d = tl.zeros_like(x) + 1.0
+    return d
 
 
 @triton.jit

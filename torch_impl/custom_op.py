@@ -27,11 +27,15 @@ dataclass ("currently can't reconstruct arbitrary frozen dataclass instances"; t
 the object through). So `mlp()` hands those functions the spec's and the config's fields
 (ints, strings, bools), and FusedMLP's forward touches no dataclass at all.
 
-Backward: the kernels are forward-only in this issue. The op registers an autograd formula whose
-backward is a second op, `fusedmlp::mlp_backward`, that raises NotImplementedError when it runs. So
-inference in grad mode works (eager and compiled: the backward graph traces, as fakes), and the
-error comes where the gradient is actually needed, `loss.backward()`, as PyTorch does for its own
-ops without a derivative; nothing is ever silently zero. Training support is the next issue.
+Training (issue 24): a second op, `fusedmlp::mlp_train(x, params, spec_json, impl, config_json,
+residual, saved) -> (y, Tensor[] kept)`, runs the saving forward (`front.training_forward`; policy
+`saved`, common.config.SAVED_POLICIES) and returns what the backward needs besides x and the params
+(x is an input: an output may not alias it); its `register_autograd` backward calls
+`fusedmlp::mlp_backward(dy, x, kept, params, spec_json, config_json, saved, need_dx) -> Tensor[]`
+([dx, d params in the list's order and layout]; backward.py's kernels). Both have fakes, so
+torch.compile(fullgraph=True) traces forward and backward as two opaque nodes. `mlp()` and
+FusedMLP call the training op where a gradient is to be built, the inference op elsewhere; the
+inference op differentiates too, as the "inputs" policy (it kept only x and the params).
 
 Validation: `mlp()` checks types and param names before the op (ValueError/TypeError, the front's
 messages); the op's fake runs the front's checks at trace time, so a compiled call fails with the
@@ -51,17 +55,13 @@ from collections.abc import Mapping
 import torch
 
 from fusedmlp.common import MLPSpec, TileConfig, param_shapes
-from fusedmlp.common.packing import is_packed, packed_names
-from fusedmlp.common.registry import AUTO, check_impl
-from fusedmlp.common.validate import check_call_inputs, check_spec, check_types
+from fusedmlp.common.config import DEFAULT_SAVED
+from fusedmlp.common.packing import is_packed, packed_names, packed_width
+from fusedmlp.common.registry import AUTO, check_impl, get_implementation
+from fusedmlp.common.validate import check_call_inputs, check_saved, check_spec, check_types
 
-from . import front
-
-BACKWARD_MESSAGE = (
-    "fusedmlp::mlp: backward is not implemented yet (the kernels are forward-only; training "
-    "support is the next issue). Run inference under torch.no_grad() or torch.inference_mode(), "
-    "or keep the original module for training."
-)
+from . import backward, front
+from .packing import unpack_params
 
 
 # ---- spec and config as strings ------------------------------------------------------------------
@@ -184,34 +184,141 @@ def _mlp_fake(x, params, spec_json, impl, config_json, residual):
 MLP_OP = torch.ops.fusedmlp.mlp.default
 
 
-# ---- autodiff binding: forward-only, a loud backward ---------------------------------------------
+# ---- training: the saving forward, the backward op, the autograd bindings ------------------------
+def _preact_shapes(spec: MLPSpec, m) -> list[tuple]:
+    """Shapes of the training op's residuals for "preact" (backward.forward_saving's without x):
+    z_0, h_1, z_1, …, z_L; a plain identity layer's z is [M, 0] (not stored)."""
+    shapes: list[tuple] = []
+    for layer in spec.layers():
+        if layer.gated:
+            width = packed_width(layer.d_out)
+        else:
+            width = 0 if layer.activation == "identity" else layer.d_out
+        shapes.append((m, width))
+        if layer.index != spec.num_layers - 1:
+            shapes.append((m, layer.d_out))
+    return shapes
+
+
+@torch.library.custom_op("fusedmlp::mlp_train", mutates_args=())
+def _mlp_train_op(
+    x: torch.Tensor,
+    params: list[torch.Tensor],
+    spec_json: str,
+    impl: str,
+    config_json: str | None,
+    residual: torch.Tensor | None,
+    saved: str,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The training forward: (y, what the backward needs besides x and params) for `saved`."""
+    return front.training_forward(
+        x,
+        _named(spec_json, params),
+        parse_spec(spec_json),
+        impl=impl,
+        config=parse_config(config_json),
+        residual=residual,
+        saved=saved,
+    )
+
+
+@_mlp_train_op.register_fake
+def _mlp_train_fake(x, params, spec_json, impl, config_json, residual, saved):
+    spec = parse_spec(spec_json)
+    check_impl(impl, front.STACK)
+    check_saved(saved)
+    check_call_inputs(front.ADAPTER, spec, x, _named(spec_json, params), None, residual)
+    m = 1
+    for d in x.shape[:-1]:
+        m = m * d
+    kept = [x.new_empty(s) for s in _preact_shapes(spec, m)] if saved == "preact" else []
+    return x.new_empty((*x.shape[:-1], spec.d_out)), kept
+
+
 @torch.library.custom_op("fusedmlp::mlp_backward", mutates_args=())
 def _mlp_backward_op(
-    grad_y: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor]
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    kept: list[torch.Tensor],
+    params: list[torch.Tensor],
+    spec_json: str,
+    config_json: str | None,
+    saved: str,
+    need_dx: bool,
 ) -> list[torch.Tensor]:
-    """Stands where the backward kernels will go; raises when the engine runs it."""
-    raise NotImplementedError(BACKWARD_MESSAGE)
+    """[dx (an empty [0] tensor unless need_dx), d params in the list order and layout of
+    `params`] from backward.mlp_backward."""
+    spec = parse_spec(spec_json)
+    named = _named(spec_json, params)
+    m = x.numel() // spec.d_in if spec.d_in else 0
+    x2d = x.reshape(m, spec.d_in)
+    grads = backward.mlp_backward(
+        grad_y.reshape(m, spec.d_out),
+        (x2d, *kept),
+        front.kernel_params(spec, named),
+        spec,
+        saved=saved,
+        config=parse_config(config_json),
+        need_dx=need_dx,
+    )
+    dx = grads.pop("x")
+    if not is_packed(named) and spec.gated:  # the caller's params are plain: unpack W|V, b|c
+        packed = set(grads)
+        # Copies: an op's outputs may not alias one another (the slices of one packed gradient).
+        grads = {k: v if k in packed else v.clone() for k, v in unpack_params(spec, grads).items()}
+    dx = dx.reshape(x.shape) if dx is not None else x.new_empty((0,))
+    return [dx, *(grads[n] for n in named)]
 
 
 @_mlp_backward_op.register_fake
-def _mlp_backward_fake(grad_y, x, params):
-    # Gradients' shapes, so that AOTAutograd can trace the joint graph in grad mode; the op is kept
-    # in the backward graph because its outputs are the gradients the engine asks for.
-    return [torch.empty_like(x), *(torch.empty_like(p) for p in params)]
+def _mlp_backward_fake(grad_y, x, kept, params, spec_json, config_json, saved, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    return [dx, *(torch.empty_like(p) for p in params)]
 
 
+def _train_setup_context(ctx, inputs, output):
+    x, params, spec_json, _, config_json, residual, saved = inputs
+    ctx.save_for_backward(x, *params, *output[1])
+    ctx.n_params = len(params)
+    ctx.strings = (spec_json, config_json, saved)
+    ctx.has_residual = residual is not None
+
+
+def _train_backward(ctx, grad_y, _grad_kept):
+    x, *rest = ctx.saved_tensors
+    params, kept = rest[: ctx.n_params], rest[ctx.n_params :]
+    spec_json, config_json, saved = ctx.strings
+    need_dx = ctx.needs_input_grad[0]
+    grads = _mlp_backward_op(
+        grad_y, x, list(kept), list(params), spec_json, config_json, saved, need_dx
+    )
+    # d(y + residual)/d(residual) is the identity: exact, so it needs no kernel.
+    grad_residual = grad_y if ctx.has_residual else None
+    dx = grads[0] if need_dx else None
+    return dx, list(grads[1:]), None, None, None, grad_residual, None
+
+
+_mlp_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+MLP_TRAIN_OP = torch.ops.fusedmlp.mlp_train.default
+
+
+# The inference op differentiates too (a caller of torch.ops.fusedmlp.mlp in grad mode): it kept
+# only x and the params, so its backward is the "inputs" policy's (the forward recomputed).
 def _setup_context(ctx, inputs, output):
     x, params = inputs[0], inputs[1]
     ctx.save_for_backward(x, *params)
+    ctx.strings = (inputs[2], inputs[4])
     ctx.has_residual = inputs[5] is not None
 
 
 def _backward(ctx, grad_y):
     x, *params = ctx.saved_tensors
-    grads = _mlp_backward_op(grad_y, x, list(params))
-    # d(y + residual)/d(residual) is the identity: exact, so it needs no kernel.
+    spec_json, config_json = ctx.strings
+    need_dx = ctx.needs_input_grad[0]
+    grads = _mlp_backward_op(grad_y, x, [], list(params), spec_json, config_json, "inputs", need_dx)
     grad_residual = grad_y if ctx.has_residual else None
-    return grads[0], list(grads[1:]), None, None, None, grad_residual
+    return grads[0] if need_dx else None, list(grads[1:]), None, None, None, grad_residual
 
 
 _mlp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -226,16 +333,26 @@ def mlp(
     impl: str = AUTO,
     config: TileConfig | None = None,
     residual: torch.Tensor | None = None,
+    saved: str = DEFAULT_SAVED,
 ) -> torch.Tensor:
     """`fusedmlp.torch_impl.mlp` through the registered op: the same arguments (params plain or
     packed), the same result, one node under torch.compile. Computes in the spec dtype (autocast
-    is FusedMLP's business)."""
+    is FusedMLP's business). Where a gradient is to be built it calls the training op
+    (`fusedmlp::mlp_train`, policy `saved`); a baseline impl differentiates through torch
+    autograd (the front's eager call, not one op)."""
     spec = check_spec(spec)
     check_impl(impl, front.STACK)
+    check_saved(saved)
     check_types(front.ADAPTER, x, params, config, residual)
     spec_json = spec_to_json(spec)
     names = _param_names(spec_json, is_packed(params))
     if len(params) != len(names) or any(n not in params for n in names):
         # The front's message (common/validate.py), before the names are lost in a list.
         check_call_inputs(front.ADAPTER, spec, x, params)
-    return MLP_OP(x, [params[n] for n in names], spec_json, impl, config_to_json(config), residual)
+    listed = [params[n] for n in names]
+    config_json = config_to_json(config)
+    if front.needs_grad(x, params, residual):
+        if impl != AUTO and get_implementation(impl).baseline:
+            return front.forward(x, params, spec, impl=impl, config=config, residual=residual)
+        return MLP_TRAIN_OP(x, listed, spec_json, impl, config_json, residual, saved)[0]
+    return MLP_OP(x, listed, spec_json, impl, config_json, residual)

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig, dispatch
+from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig, cost, dispatch
+from fusedmlp.common.config import DEFAULT_SAVED
 from fusedmlp.common.packing import is_packed
 from fusedmlp.common.registry import (
     AUTO,
@@ -47,7 +48,14 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
-from fusedmlp.common.validate import Adapter, ArrayInfo, check_call_inputs, check_config, check_spec
+from fusedmlp.common.validate import (
+    Adapter,
+    ArrayInfo,
+    check_call_inputs,
+    check_config,
+    check_saved,
+    check_spec,
+)
 
 from .packing import pack_params, unpack_params
 from .runtime import INTERPRET
@@ -207,15 +215,24 @@ def plan(
     config: TileConfig | None = None,
     residual: bool = False,
     tune: bool = False,
+    saved: str | None = None,
 ) -> Plan:
     """Which kernels `mlp` would launch for an input of `x_shape`, with their configs.
 
+    `saved` (a policy of common.config.SAVED_POLICIES): the plan of a TRAINING call — its reason
+    names the policy, the bytes it keeps for the backward (`cost.saved_bytes`) and, for "preact",
+    that the saving forward runs the portable kernels whatever impl was asked for (backward.py).
     Raises NotImplementedError when an explicitly requested `impl` cannot take this spec (the
     message names the constraint, the value and the fallback); `auto` never does.
     """
     spec = check_spec(spec)
     check_impl(impl, STACK)
     check_config(config)
+    if saved is not None:
+        the_plan = plan(
+            spec, x_shape, impl=impl, device=device, config=config, residual=residual, tune=tune
+        )
+        return _training_plan(spec, the_plan, math.prod(tuple(x_shape)[:-1]), check_saved(saved))
     m = math.prod(tuple(x_shape)[:-1])
     chosen, reason = (impl, "") if impl != AUTO else _resolve_auto(spec, m, device)
     entry = _entry(chosen)
@@ -241,6 +258,25 @@ def plan(
                 fallbacks.append(f"layer {layer.index}: {why}")
         launches.append(_layer_launch(spec, layer, layer_impl, m, config, residual, tune))
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
+
+
+def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
+    mib = cost.saved_bytes(spec, m, saved) / 2**20
+    if _entry(the_plan.impl).baseline:
+        note = f"training: {the_plan.impl} differentiates through torch autograd"
+    elif saved == "preact":
+        note = (
+            f"training: saved='preact' keeps {mib:.1f} MiB (every layer's input and "
+            "pre-activation); the saving forward runs the portable triton kernels; backward: "
+            "portable dgrad/wgrad kernels (torch_impl/backward.py)"
+        )
+    else:
+        note = (
+            f"training: saved='inputs' keeps {mib:.1f} MiB (x); the backward recomputes the "
+            "forward with the portable saving kernels, then the portable dgrad/wgrad kernels"
+        )
+    reason = "; ".join(r for r in (the_plan.reason, note) if r)
+    return Plan(the_plan.impl, the_plan.requested, the_plan.launches, reason)
 
 
 # ---- params in the layout the kernels take (converted once per set of tensors) -------------------
@@ -412,6 +448,7 @@ def mlp(
     config: TileConfig | None = None,
     residual: torch.Tensor | None = None,
     tune: bool = False,
+    saved: str = DEFAULT_SAVED,
 ) -> torch.Tensor:
     """y = MLP(x) (+ residual) for x of shape [..., d_in]; returns [..., d_out] in the spec dtype.
 
@@ -420,12 +457,90 @@ def mlp(
     kernels take). `impl` is one of `fusedmlp.common.impl_names("torch")` or "auto"; `config` pins
     one TileConfig for every kernel launch (None: the heuristic per layer). `tune=True` on a GPU
     sweeps the configs of `common.tiling.search_space` once per shape and caches the winner.
+
+    Training: where a gradient is to be built (grad mode, and x, a param or the residual requires
+    grad) the call goes through the registered training op (custom_op.py: its backward runs
+    backward.py's kernels) with the `saved` policy ("preact" or "inputs", common.config);
+    baselines ("eager", "compile") differentiate through torch autograd as they are.
     """
+    check_saved(saved)
+    if needs_grad(x, params, residual) and (impl == AUTO or not _entry(impl).baseline):
+        from . import custom_op  # custom_op imports this module
+
+        return custom_op.mlp(
+            x, params, spec, impl=impl, config=config, residual=residual, saved=saved
+        )
+    return forward(x, params, spec, impl=impl, config=config, residual=residual, tune=tune)
+
+
+def needs_grad(x: object, params: object, residual: object = None) -> bool:
+    """Whether autograd would record this call: grad mode, and a tensor that requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [x, residual, *(params.values() if isinstance(params, Mapping) else ())]
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def forward(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    impl: str = AUTO,
+    config: TileConfig | None = None,
+    residual: torch.Tensor | None = None,
+    tune: bool = False,
+) -> torch.Tensor:
+    """`mlp` without the training route: the kernels' output, no autograd record (the registered
+    ops' implementations call this)."""
     call = prepare(x, params, spec, impl, config, residual, tune)
     if call.m == 0:
         return x.new_empty((*call.lead, spec.d_out))
     x2d = x.reshape(call.m, spec.d_in)
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
-    flat = {**params, **_CONVERTED.get(spec, params, call.layouts)} if call.convert else params
+    flat = params
+    if call.convert:
+        # A baseline in training differentiates through the conversion itself: converted afresh
+        # (a cached copy would hold the graph of the call that made it).
+        grad = needs_grad(x, params, residual)
+        derived = _derive(spec, params, call.layouts) if grad else None
+        flat = {**params, **(derived or _CONVERTED.get(spec, params, call.layouts))}
     y2d = _RUNNERS[call.plan.impl](x2d, flat, spec, call.plan, residual2d)
     return y2d.reshape(*call.lead, spec.d_out)
+
+
+_PACKED = frozenset({"packed"})
+
+
+def training_forward(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    impl: str,
+    config: TileConfig | None,
+    residual: torch.Tensor | None,
+    saved: str,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The training op's forward (custom_op.py): (y, residuals without x) under policy `saved`.
+    "preact": backward.forward_saving (the portable saving kernels); "inputs": the asked impl
+    (`forward`), nothing saved but x (which the op keeps as its input)."""
+    from . import backward
+
+    check_saved(saved)
+    if saved == "inputs":
+        return forward(x, params, spec, impl=impl, config=config, residual=residual), []
+    call = prepare(x, params, spec, impl, config, residual)
+    x2d = x.reshape(call.m, spec.d_in)
+    residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
+    y2d, kept = backward.forward_saving(
+        x2d, kernel_params(spec, params), spec, saved="preact", config=config, residual=residual2d
+    )
+    return y2d.reshape(*call.lead, spec.d_out), list(kept[1:])
+
+
+def kernel_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`params` with the packed names the backward kernels read (converted once, cached)."""
+    if not _needs_conversion(spec, params, _PACKED):
+        return dict(params)
+    return {**params, **_CONVERTED.get(spec, params, _PACKED)}

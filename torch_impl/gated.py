@@ -54,12 +54,13 @@ def _gate_split(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.cons
 
 @triton.jit
 def _gated_fwd_kernel(
-    x_ptr, wv_ptr, bc_ptr, o_ptr,
+    x_ptr, wv_ptr, bc_ptr, o_ptr, z_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STORE_PREACT: tl.constexpr = False,
 ):  # fmt: skip
     # 1. program -> tile: an output tile of h, and the packed tile of wv twice as wide
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -98,6 +99,11 @@ def _gated_fwd_kernel(
     if HAS_BIAS:
         bc = tl.load(bc_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         acc = acc + bc[None, :]
+    if STORE_PREACT:  # training (backward.py): the packed [z|g] tile, contiguous [M, 2·Np]
+        width = 2 * tl.cdiv(N, _PACK) * _PACK
+        z_ptrs = z_ptr + rows[:, None] * width + offs_p.to(tl.int64)[None, :]
+        z_mask = mask_m[:, None] & mask_p[None, :]
+        tl.store(z_ptrs, round_to_dtype(acc, z_ptr.dtype.element_ty, INTERPRET), mask=z_mask)
     g, u = _gate_split(acc, BLOCK_M, BLOCK_N, _PACK)
     acc = apply_activation(g, ACTIVATION) * u
     mask_mn = mask_m[:, None] & mask_n[None, :]
@@ -117,25 +123,33 @@ def gated_fwd(
     activation: str,
     config: TileConfig,
     fp32_precision: str = "ieee",
-) -> torch.Tensor:
+    store_preact: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch on a 2-D x [M, K] (any strides), wv [K, packed_width(n)], bc [packed_width(n)] or
-    None; returns h [M, n] in x.dtype. Trusts input; a block_n under 64 is read as 64."""
+    None; returns h [M, n] in x.dtype. Trusts input; a block_n under 64 is read as 64.
+    `store_preact` (training, backward.py): returns (h, zg) with zg = x·wv + bc, the packed
+    [M, packed_width(n)] pre-activation (padded columns 0 for finite x); off, the kernel is
+    compiled exactly as before (STORE_PREACT=False, z_ptr None)."""
     M, K = x.shape
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
+    z = None
+    if store_preact:
+        z = torch.empty((M, wv.shape[1]), device=x.device, dtype=x.dtype)
     if M == 0 or n == 0:
-        return out
+        return out if z is None else (out, z)
     config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(n, config.block_n),)
     _gated_fwd_kernel[grid](
-        x, wv, bc, out,
+        x, wv, bc, out, z,
         M, n, K,
         x.stride(0), x.stride(1), wv.stride(0), wv.stride(1), out.stride(0), out.stride(1),
         ACTIVATION=activation, HAS_BIAS=bc is not None,
         INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+        STORE_PREACT=store_preact,
     )  # fmt: skip
-    return out
+    return out if z is None else (out, z)
 
 
 # ==== public function =============================================================================

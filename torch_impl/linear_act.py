@@ -1,7 +1,8 @@
 """linear_act: out = act(x·W + b) (+ residual), one Triton GEMM with the whole epilogue fused.
 
 Formula: acc = Σ_k x[m, k]·W[k, n] in fp32; out = act(acc + b[n]) + residual[m, n], cast once to
-the dtype at the store. The pre-activation never touches memory.
+the dtype at the store. The pre-activation never touches memory, except in the training forward
+(`STORE_PREACT`, backward.py), which also stores z = acc + b once in the dtype.
 
 Grid: 1-D, one program per (BLOCK_M × BLOCK_N) output tile; `_grouped_tile` maps the program id to
 (pid_m, pid_n) in groups of GROUP_M tile rows (Triton tutorial 03's grouped ordering: programs that
@@ -50,12 +51,13 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _linear_act_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STORE_PREACT: tl.constexpr = False,
 ):  # fmt: skip
     # 1. program -> tile
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -92,6 +94,10 @@ def _linear_act_fwd_kernel(
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
+    if STORE_PREACT:  # training (backward.py): z = x·W + b, rounded once, laid out as out
+        z_ptrs = z_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        z_mask = mask_m[:, None] & mask_n[None, :]
+        tl.store(z_ptrs, round_to_dtype(acc, z_ptr.dtype.element_ty, INTERPRET), mask=z_mask)
     acc = apply_activation(acc, ACTIVATION)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
@@ -120,17 +126,21 @@ def linear_act_fwd(
     activation: str,
     config: TileConfig,
     fp32_precision: str = "ieee",
-) -> torch.Tensor:
-    """Launch on a 2-D x [M, K] (any strides), w [K, N]; returns [M, N] in x.dtype. Trusts input."""
+    store_preact: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Launch on a 2-D x [M, K] (any strides), w [K, N]; returns [M, N] in x.dtype. Trusts input.
+    `store_preact` (training, backward.py): returns (out, z) with z = x·W + b [M, N] as well;
+    off, the kernel is compiled exactly as before (STORE_PREACT=False, z_ptr None)."""
     M, K = x.shape
     N = w.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_preact else None
     if M == 0 or N == 0:
-        return out
+        return out if z is None else (out, z)
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
     r = residual if residual is not None else out  # a placeholder pointer, never read
     _linear_act_fwd_kernel[grid](
-        x, w, b, residual, out,
+        x, w, b, residual, out, z,
         M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), r.stride(0), r.stride(1),
         out.stride(0), out.stride(1),
@@ -138,8 +148,9 @@ def linear_act_fwd(
         INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+        STORE_PREACT=store_preact,
     )  # fmt: skip
-    return out
+    return out if z is None else (out, z)
 
 
 # ==== public function =============================================================================

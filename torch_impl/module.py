@@ -25,9 +25,13 @@ autocast rule does; the output has the autocast dtype and matches the reference 
 Like nn.Linear's, the cast reads every float32 weight and writes a 16-bit copy on each call, three
 times the weight bytes the kernels then read: for inference, `.to(torch.bfloat16)` the module.
 
-Training: forward-only kernels in this issue. Forward works in grad mode (the output has a
-grad_fn); `backward()` raises NotImplementedError naming the fix (no_grad / inference_mode for
-inference, the original module for training). Nothing ever falls back silently.
+Training: `loss.backward()` works (issue 24). Where a gradient is to be built, forward calls the
+training op `torch.ops.fusedmlp.mlp_train` (custom_op.py) with the module's `saved` policy
+("preact", the default, or "inputs": common.config.SAVED_POLICIES); its backward runs the portable
+backward kernels (backward.py) and the gradients land in the parameters in their dtype and packed
+layout (a gated layer's `wv{i}` gets the packed gradient directly). Under autocast the cast to the
+autocast dtype is an ordinary differentiable op outside the custom op, so float32 parameters get
+float32 gradients. A baseline impl ("eager", "compile") differentiates through torch autograd.
 
 Converters from Hugging Face modules and `nn.Linear` stacks: convert.py (`FusedMLP.from_hf`,
 `FusedMLP.from_linears`). Twin: none (the JAX stack is functional: jax_impl.front.mlp).
@@ -43,12 +47,13 @@ from torch import nn
 
 from fusedmlp.common import DTYPES, MLPSpec, TileConfig, init_params, param_shapes
 from fusedmlp.common import packing as common_packing
+from fusedmlp.common.config import DEFAULT_SAVED
 from fusedmlp.common.packing import is_packed, packed_names
-from fusedmlp.common.registry import AUTO, check_impl
-from fusedmlp.common.validate import check_config, check_spec, fmt_shape
+from fusedmlp.common.registry import AUTO, check_impl, get_implementation
+from fusedmlp.common.validate import check_config, check_saved, check_spec, fmt_shape
 
 from . import front
-from .custom_op import MLP_OP, config_to_json, spec_to_json
+from .custom_op import MLP_OP, MLP_TRAIN_OP, config_to_json, spec_to_json
 from .packing import pack_params, unpack_params
 
 _TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -94,6 +99,8 @@ class FusedMLP(nn.Module):
         device, dtype: where and in what dtype the parameters live (`dtype` overrides spec.dtype).
         seed: the seed of `init_params` (deterministic initialisation); None leaves the
             parameters uninitialised, for `load_params` to fill (what the converters do).
+        saved: what a training forward keeps for the backward, "preact" (default) or "inputs"
+            (common.config.SAVED_POLICIES; `front.plan(..., saved=)` gives the bytes).
     """
 
     def __init__(
@@ -105,8 +112,10 @@ class FusedMLP(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         seed: int | None = 0,
+        saved: str = DEFAULT_SAVED,
     ) -> None:
         super().__init__()
+        self.saved = check_saved(saved)
         spec = check_spec(spec)
         if dtype is not None:
             spec = _with_dtype(spec, dtype_name(dtype))
@@ -219,6 +228,15 @@ class FusedMLP(nn.Module):
     @impl.setter
     def impl(self, impl: str) -> None:
         self._impl = check_impl(impl, front.STACK)
+        self._baseline = impl != AUTO and get_implementation(impl).baseline
+
+    @property
+    def saved(self) -> str:
+        return self._saved
+
+    @saved.setter
+    def saved(self, saved: str) -> None:
+        self._saved = check_saved(saved)
 
     @property
     def config(self) -> TileConfig | None:
@@ -237,7 +255,8 @@ class FusedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         config = f", config={self.config}" if self.config is not None else ""
-        return f"spec={self.spec}, impl={self.impl!r}{config}"
+        saved = f", saved={self.saved!r}" if self.saved != DEFAULT_SAVED else ""
+        return f"spec={self.spec}, impl={self.impl!r}{config}{saved}"
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,6 +288,16 @@ class FusedMLP(nn.Module):
             return front.mlp(x, named, spec, impl=self._impl, config=config, residual=residual)
         # A dtype outside the contract (float64 params, say) keeps the spec: the front names it.
         spec_json = self._spec_json.get(dtype, self._spec_json_default)
+        # torch.export keeps the one inference op (it differentiates too, as saved="inputs").
+        if _builds_grad(x, params, residual) and not torch.compiler.is_exporting():
+            if self._baseline:  # torch's own autograd through the baseline's ops
+                spec = self._specs.get(dtype, self._spec)
+                named = dict(zip(self._names, params, strict=True))
+                return front.forward(
+                    x, named, spec, impl=self._impl, config=self._config, residual=residual
+                )
+            impl, config_json = self._impl, self._config_json
+            return MLP_TRAIN_OP(x, params, spec_json, impl, config_json, residual, self._saved)[0]
         return MLP_OP(x, params, spec_json, self._impl, self._config_json, residual)
 
     # ---- converters (convert.py) -----------------------------------------------------------------
@@ -300,12 +329,22 @@ def _eager_without_autograd(
 ) -> bool:
     """True where calling the front directly is the op's call exactly: plain tensors (no fake,
     functional or proxy tensor of a trace or an export), no dispatch mode, no jit trace, and no
-    gradient to build (the op's backward is what raises NotImplementedError)."""
+    gradient to build (the training op's backward is what computes it)."""
     if type(x) is not torch.Tensor or torch.jit.is_tracing() or _dispatch_modes() > 0:
         return False
     if not torch.is_grad_enabled():
         return True
     return not (
+        x.requires_grad
+        or any(p.requires_grad for p in params)
+        or (residual is not None and residual.requires_grad)
+    )
+
+
+def _builds_grad(
+    x: torch.Tensor, params: list[torch.Tensor], residual: torch.Tensor | None
+) -> bool:
+    return torch.is_grad_enabled() and (
         x.requires_grad
         or any(p.requires_grad for p in params)
         or (residual is not None and residual.requires_grad)

@@ -1,0 +1,401 @@
+"""Training through the torch stack (issue 24): the backward kernels (torch_impl/backward.py), the
+training op and its autograd binding (custom_op.py), FusedMLP's `loss.backward()`, against the
+float64 reference backward under the gradient tolerance (common/tolerance.py: `grad_bounds`, at
+the rounded forward) and the baseline rule against torch autograd of the eager baseline.
+
+Interpreted kernels are slow on the 2-core CPU machines: shapes stay tiny (M ≤ 33, widths ≤ 80)
+and the case matrix is pruned so that every activation, dtype, bias/no bias, plain and gated,
+2 and 3 layers appear at least once. Outputs are poisoned (conftest.py), so an element a kernel
+skips is NaN and fails the NaN check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fusedmlp.common import (
+    MLPSpec,
+    TileConfig,
+    cost,
+    init_params,
+    make_grad_output,
+    make_input,
+    reference,
+)
+from fusedmlp.common.config import DEFAULT_SAVED, SAVED_POLICIES
+from fusedmlp.common.packing import (
+    pack_gated,
+    pack_params,
+    packed_width,
+    unpack_gated,
+    unpack_params,
+)
+from fusedmlp.common.tolerance import assert_grads_close, grad_bounds
+from fusedmlp.torch_impl import FusedMLP, backward, custom_op, front
+from fusedmlp.torch_impl.baselines import eager
+from fusedmlp.torch_impl.gated import gated
+from helpers import dynamo_as_torch_2_11, rand, to_numpy, to_torch
+
+# (widths, activation, bias, dtype, fp32_precision, M): every activation, dtype, bias or not,
+# plain and gated, 2 and 3 layers; odd sizes, none a multiple of a block.
+CASES = [
+    ((19, 37, 23), "relu", True, "float32", "ieee", 21),
+    ((19, 37, 23), "gelu", False, "float16", "ieee", 21),
+    ((19, 37, 29, 23), "gelu_tanh", True, "bfloat16", "ieee", 21),
+    ((19, 37, 23), "silu", True, "bfloat16", "ieee", 33),
+    ((19, 23), "relu", True, "float16", "ieee", 13),  # one layer: identity only
+    ((19, 37, 23), "silu", False, "float32", "tf32", 21),
+    ((19, 70, 23), "swiglu", True, "bfloat16", "ieee", 21),
+    ((19, 37, 41, 23), "geglu", False, "float16", "ieee", 21),
+    ((19, 37, 23), "geglu_tanh", True, "float32", "ieee", 21),
+]
+
+
+def _case_id(case) -> str:
+    widths, act, bias, dtype, precision, m = case
+    tf32 = "-tf32" if precision == "tf32" else ""
+    return f"{'x'.join(map(str, widths))}-{act}-{'b' if bias else 'nob'}-{dtype}{tf32}-M{m}"
+
+
+def _spec(case) -> MLPSpec:
+    widths, act, bias, dtype, precision, _ = case
+    return MLPSpec(widths, act, bias, dtype, precision)
+
+
+def _reference(spec, x, params, dy) -> dict[str, np.ndarray]:
+    plain = {k: to_numpy(v) for k, v in params.items()}
+    return reference.backward(spec, to_numpy(x), plain, to_numpy(dy), round_hidden=True)
+
+
+def _eager_grads(spec, x, params, dy, residual=None) -> dict[str, np.ndarray]:
+    """torch autograd through the eager baseline in the same dtype: the baseline rule's baseline."""
+    xs = x.detach().clone().requires_grad_()
+    ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    y = eager(xs.reshape(-1, spec.d_in), ps, spec).reshape(*x.shape[:-1], spec.d_out)
+    y.backward(dy)
+    return {"x": to_numpy(xs.grad), **{k: to_numpy(v.grad) for k, v in ps.items()}}
+
+
+def _module_grads(module, x, dy, residual=None) -> dict[str, np.ndarray]:
+    """loss.backward() through `module` (packed params): the gradients in the contract's names."""
+    for p in module.parameters():
+        p.grad = None
+    xs = x.detach().clone().requires_grad_()
+    y = module(xs, residual)
+    (y.float() * dy.float()).sum().backward()
+    packed = {k: to_numpy(v.grad) for k, v in module.packed_params().items()}
+    return {"x": to_numpy(xs.grad), **unpack_params(module.spec, packed)}
+
+
+# ---- gradients vs the float64 reference, and the baseline rule ----------------------------------
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_module_gradients_match_reference(case):
+    spec = _spec(case)
+    m = case[-1]
+    module = FusedMLP(spec, impl="triton", seed=3)
+    x = to_torch(make_input(spec, m, seed=4))
+    dy = to_torch(make_grad_output(spec, m, seed=5))
+    got = _module_grads(module, x, dy)
+    params = module.params()
+    for name, p in module.packed_params().items():
+        assert p.grad.dtype == p.dtype and p.grad.shape == p.shape, name
+    assert_grads_close(
+        got,
+        _reference(spec, x, params, dy),
+        spec,
+        baselines=_eager_grads(spec, x, params, dy),
+        what=str(spec),
+    )
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[6]], ids=_case_id)
+def test_functional_plain_params_gradients(case):
+    # custom_op.mlp with the contract's (plain) params: the packed gradient comes back unpacked.
+    spec = _spec(case)
+    m = case[-1]
+    params = {k: to_torch(v).requires_grad_() for k, v in init_params(spec, 6).items()}
+    x = to_torch(make_input(spec, m, seed=7)).requires_grad_()
+    dy = to_torch(make_grad_output(spec, m, seed=8))
+    y = custom_op.mlp(x, params, spec, impl="triton")
+    y.backward(dy)
+    got = {"x": to_numpy(x.grad), **{k: to_numpy(v.grad) for k, v in params.items()}}
+    assert_grads_close(got, _reference(spec, x.detach(), params, dy), spec)
+
+
+def test_front_mlp_routes_training_and_baselines_use_autograd():
+    spec = _spec(CASES[6])
+    params = {k: to_torch(v).requires_grad_() for k, v in init_params(spec, 1).items()}
+    x = to_torch(make_input(spec, 5, seed=2))
+    y = front.mlp(x, params, spec, impl="triton")
+    assert y.requires_grad
+    dy = to_torch(make_grad_output(spec, 5, seed=3))
+    y.backward(dy)
+    kern = {k: to_numpy(v.grad) for k, v in params.items()}
+    for v in params.values():
+        v.grad = None
+    front.mlp(x, params, spec, impl="eager").backward(dy)  # torch autograd of the baseline
+    base = {k: to_numpy(v.grad) for k, v in params.items()}
+    ref = _reference(spec, x, params, dy)
+    ref.pop("x")
+    assert_grads_close(kern, ref, spec, baselines=base)
+    with torch.no_grad():  # no gradient to build: the inference path, the same forward
+        assert torch.equal(front.mlp(x, params, spec, impl="triton"), y.detach())
+
+
+# ---- the saved policies ------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [CASES[3], CASES[7]], ids=_case_id)
+def test_saved_policies_give_identical_gradients(case):
+    spec = _spec(case)
+    m = case[-1]
+    x = to_torch(make_input(spec, m, seed=9))
+    dy = to_torch(make_grad_output(spec, m, seed=10))
+    grads = {}
+    for saved in SAVED_POLICIES:
+        module = FusedMLP(spec, impl="triton", seed=11, saved=saved)
+        grads[saved] = _module_grads(module, x, dy)
+    for name in grads["preact"]:
+        np.testing.assert_array_equal(grads["preact"][name], grads["inputs"][name], err_msg=name)
+
+
+def test_saved_bytes_and_plan():
+    spec = MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
+    m = 8192
+    assert cost.saved_bytes(spec, m, "inputs") == 2 * m * 4096
+    # layer 0: x + the packed [z|g]; layer 1: h (identity: its z is not kept)
+    assert cost.saved_bytes(spec, m, "preact") == 2 * m * (4096 + 2 * 14336 + 14336)
+    text = front.plan(spec, (m, 4096), impl="triton", saved="preact").describe()
+    assert "saved='preact' keeps 736.0 MiB" in text and "portable" in text
+    assert "saved='inputs' keeps 64.0 MiB" in front.plan(spec, (m, 4096), saved="inputs").reason
+    assert DEFAULT_SAVED == "preact" and FusedMLP(spec, seed=None, device="meta").saved == "preact"
+
+
+def test_forward_saving_residuals_and_preact_outputs():
+    # The kept tensors: per layer its input and pre-activation; the packed [z|g] of a gated layer
+    # is the float64 pre-activation rounded once, padded columns exact zeros.
+    spec = MLPSpec((19, 70, 23), "swiglu", True, "float32")
+    params = {k: to_torch(v) for k, v in init_params(spec, 2).items()}
+    packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 2)).items()}
+    x = to_torch(make_input(spec, 9, seed=3))
+    y, kept = backward.forward_saving(x, packed, spec, saved="preact")
+    assert [tuple(t.shape) for t in kept] == [(9, 19), (9, packed_width(70)), (9, 70), (9, 0)]
+    assert kept[0] is x
+    assert torch.equal(y, front.mlp(x, params, spec, impl="triton"))
+    h1 = gated(x, packed["wv0"], packed["bc0"], n=70, activation="silu")
+    assert torch.equal(kept[2], h1)  # the hidden the forward-only kernel writes, bit for bit
+    zg = to_numpy(kept[1])
+    ref = to_numpy(x).astype(np.float64) @ to_numpy(packed["wv0"]) + to_numpy(packed["bc0"])
+    np.testing.assert_allclose(zg, ref, rtol=1e-5, atol=1e-5)
+    assert (zg[:, _padded(70)] == 0).all()
+    _, inputs_kept = backward.forward_saving(x, packed, spec, saved="inputs")
+    assert len(inputs_kept) == 1 and inputs_kept[0] is x
+
+
+# ---- shapes: 3-D input, M = 1, residual; NaN propagation -----------------------------------------
+def test_3d_input_and_residual():
+    spec = _spec(CASES[6])
+    module = FusedMLP(spec, impl="triton", seed=12)
+    x = to_torch(make_input(spec, (2, 3, 5), seed=13))
+    dy = to_torch(make_grad_output(spec, (2, 3, 5), seed=14))
+    residual = to_torch(make_grad_output(spec, (2, 3, 5), seed=15)).requires_grad_()
+    got = _module_grads(module, x, dy, residual)
+    assert torch.equal(residual.grad.float(), dy.float())  # d(y + r)/dr = dy, exactly
+    assert got["x"].shape == (2, 3, 5, 19)
+    assert_grads_close(got, _reference(spec, x, module.params(), dy), spec)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=_case_id)
+def test_single_row(case):
+    spec = _spec(case)
+    module = FusedMLP(spec, impl="triton", seed=16)
+    x = to_torch(make_input(spec, 1, seed=17))
+    dy = to_torch(make_grad_output(spec, 1, seed=18))
+    got = _module_grads(module, x, dy)
+    assert_grads_close(got, _reference(spec, x, module.params(), dy), spec)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=_case_id)
+def test_nan_propagates(case):
+    # A NaN in one row of x: NaN wherever the reference has it (that row of dx, all of dW0, ...),
+    # finite where the reference is (the other rows of dx); relu' of NaN is NaN.
+    spec = _spec(case)
+    module = FusedMLP(spec, impl="triton", seed=19)
+    x = to_torch(make_input(spec, 7, seed=20))
+    x[3, 5] = float("nan")
+    dy = to_torch(make_grad_output(spec, 7, seed=21))
+    got = _module_grads(module, x, dy)
+    ref = _reference(spec, x, module.params(), dy)
+    assert np.isnan(ref["x"][3]).all() and np.isfinite(np.delete(ref["x"], 3, axis=0)).all()
+    assert_grads_close(got, ref, spec)
+
+
+# ---- torch.compile(fullgraph=True), autocast ----------------------------------------------------
+CONFIG = TileConfig(16, 16, 16, group_m=1, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("saved", SAVED_POLICIES)
+def test_compiled_training_as_torch_2_11(saved):
+    torch._dynamo.reset()
+    spec = _spec(CASES[6])
+    module = FusedMLP(spec, impl="triton", config=CONFIG, seed=22, saved=saved)
+    x = to_torch(make_input(spec, 6, seed=23))
+    dy = to_torch(make_grad_output(spec, 6, seed=24))
+    eager_grads = _module_grads(module, x, dy)
+    with dynamo_as_torch_2_11():
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        compiled_grads = _module_grads(compiled, x, dy)
+        with torch.no_grad():  # inference through the same compiled module
+            assert torch.equal(compiled(x), module(x))
+    for name in eager_grads:
+        np.testing.assert_array_equal(compiled_grads[name], eager_grads[name], err_msg=name)
+
+
+def test_compiled_functional_training():
+    torch._dynamo.reset()
+    spec = _spec(CASES[2])
+    params = {k: to_torch(v).requires_grad_() for k, v in init_params(spec, 25).items()}
+    x = to_torch(make_input(spec, 5, seed=26)).requires_grad_()
+    dy = to_torch(make_grad_output(spec, 5, seed=27))
+    with dynamo_as_torch_2_11(strict=False):
+        fn = torch.compile(
+            lambda a, p: custom_op.mlp(a, p, spec, impl="triton", saved="inputs"),
+            fullgraph=True,
+            backend="aot_eager",
+        )
+        fn(x, params).backward(dy)
+    got = {"x": to_numpy(x.grad), **{k: to_numpy(v.grad) for k, v in params.items()}}
+    assert_grads_close(got, _reference(spec, x.detach(), params, dy), spec)
+
+
+def test_autocast_gradients_reach_float32_params():
+    spec = _spec(CASES[6]).replace(dtype="float32")
+    module = FusedMLP(spec, impl="triton", seed=28)
+    x = to_torch(make_input(spec, 7, seed=29))
+    dy = to_torch(make_grad_output(spec.replace(dtype="bfloat16"), 7, seed=30))
+    xs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(xs)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy)
+    for name, p in module.packed_params().items():
+        assert p.grad.dtype == torch.float32, name
+    low = spec.replace(dtype="bfloat16")
+    params16 = {k: v.detach().to(torch.bfloat16) for k, v in module.params().items()}
+    packed = {k: to_numpy(v.grad) for k, v in module.packed_params().items()}
+    got = {"x": to_numpy(xs.grad), **unpack_params(spec, packed)}
+    # The cast's gradient is exact (bf16 -> fp32): the kernels' bf16 gradients, widened.
+    assert_grads_close(got, _reference(low, x.to(torch.bfloat16), params16, dy), low)
+
+
+# ---- the three kernels directly -----------------------------------------------------------------
+def _f64(t) -> np.ndarray:
+    return to_numpy(t).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dgrad_kernel_epilogues(dtype):
+    rng = np.random.default_rng(31)
+    m, kc, ko = 21, 37, 70
+    a, w = to_torch(rand(rng, (m, kc), dtype)), to_torch(rand(rng, (ko, kc), dtype))
+    z = to_torch(rand(rng, (m, ko), dtype))
+    spec = MLPSpec((2, 2), "relu", True, dtype)
+    acc = _f64(a) @ _f64(w).T
+    out = backward.dgrad_fwd(a, w, epilogue="none", config=CONFIG)
+    assert_grads_close({"x": to_numpy(out)}, {"x": acc}, spec)
+    out = backward.dgrad_fwd(a, w, z, epilogue="dact", activation="gelu", config=CONFIG)
+    want = acc * reference.activation_grad("gelu", _f64(z))
+    assert_grads_close({"x": to_numpy(out)}, {"x": want}, spec)
+    # gated: the output is the packed [dz|dg] of the gated layer's ko output columns
+    zg = to_torch(rand(rng, (m, packed_width(ko)), dtype))
+    out = backward.dgrad_fwd(a, w, zg, epilogue="dact_gated", activation="silu", config=CONFIG)
+    out = to_numpy(out)
+    zz, gg = (_f64(t) for t in _unpack(zg, ko))
+    dz = acc * gg * reference.activation_grad("silu", zz)
+    dg = acc * reference.activation("silu", zz)
+    got_z, got_g = _unpack(out, ko)
+    assert_grads_close({"z": got_z, "g": got_g}, {"z": dz, "g": dg}, spec)
+    assert (out[:, _padded(ko)] == 0).all()
+
+
+def _unpack(packed, n):
+    return unpack_gated(
+        np.asarray(to_numpy(packed) if isinstance(packed, torch.Tensor) else packed), n
+    )
+
+
+def _padded(n: int) -> np.ndarray:
+    """The packed columns of a width-n gated layer that are padding (common/packing.py)."""
+    ones = np.ones((n,))
+    return np.flatnonzero(pack_gated(ones, ones) == 0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_wgrad_kernel_with_bias(dtype):
+    rng = np.random.default_rng(32)
+    m, k, nc = 33, 19, 45
+    h, d = to_torch(rand(rng, (m, k), dtype)), to_torch(rand(rng, (m, nc), dtype))
+    dw, db = backward.wgrad_fwd(h.t().contiguous().t(), d, has_bias=True, config=CONFIG)
+    spec = MLPSpec((2, 2), "relu", True, dtype)
+    assert dw.dtype == h.dtype and db.dtype == h.dtype
+    want = {"w": _f64(h).T @ _f64(d), "b": _f64(d).sum(axis=0)}
+    assert_grads_close({"w": to_numpy(dw), "b": to_numpy(db)}, want, spec)
+    dw2, db2 = backward.wgrad_fwd(h, d, has_bias=False, config=CONFIG)
+    assert db2 is None and torch.equal(dw2, dw)  # deterministic, strides only
+
+
+def test_dact_kernel_plain_and_gated():
+    rng = np.random.default_rng(33)
+    m, n = 13, 70
+    spec = MLPSpec((2, 2), "relu", True, "bfloat16")
+    dy, z = to_torch(rand(rng, (m, n), "bfloat16")), to_torch(rand(rng, (m, n), "bfloat16"))
+    out = backward.dact_fwd(dy, z, activation="gelu_tanh", gated=False, config=CONFIG)
+    want = _f64(dy) * reference.activation_grad("gelu_tanh", _f64(z))
+    assert_grads_close({"z": to_numpy(out)}, {"z": want}, spec)
+    zg = to_torch(rand(rng, (m, packed_width(n)), "bfloat16"))
+    zg[:, _padded(n)] = float("nan")  # padded columns: written as exact zeros whatever was saved
+    out = to_numpy(backward.dact_fwd(dy, zg, activation="relu", gated=True, config=CONFIG))
+    zz, gg = (_f64(t) for t in _unpack(zg, n))
+    got_z, got_g = _unpack(out, n)
+    want = {"z": _f64(dy) * gg * reference.activation_grad("relu", zz)}
+    want["g"] = _f64(dy) * reference.activation("relu", zz)
+    assert_grads_close({"z": got_z, "g": got_g}, want, spec)
+    assert (out[:, _padded(n)] == 0).all()
+
+
+# ---- the tolerance and bad input ----------------------------------------------------------------
+def test_grad_bounds_are_twice_the_forward():
+    from fusedmlp.common.tolerance import bounds
+
+    for dtype in ("float32", "float16", "bfloat16"):
+        spec = MLPSpec((2, 2), "relu", True, dtype)
+        assert grad_bounds(spec).rel_fro == 2 * bounds(spec).rel_fro
+
+
+def test_bad_saved_policy():
+    spec = _spec(CASES[6])
+    message = "saved: expected one of ('preact', 'inputs'), got 'foo'"
+    with pytest.raises(ValueError) as err:
+        FusedMLP(spec, seed=None, device="meta", saved="foo")
+    assert str(err.value) == message
+    params = {k: to_torch(v) for k, v in init_params(spec, 0).items()}
+    x = to_torch(make_input(spec, 2))
+    for call in (front.mlp, custom_op.mlp):
+        with pytest.raises(ValueError) as err:
+            call(x, params, spec, impl="triton", saved="foo")
+        assert str(err.value) == message
+
+
+def test_baseline_module_trains_repeatedly():
+    # FusedMLP(impl="eager") holds packed params; the baseline reads them unpacked: in training the
+    # unpacking is part of the graph, each call (a cached copy would hold a freed graph).
+    spec = _spec(CASES[6])
+    module = FusedMLP(spec, impl="eager", seed=40)
+    x = to_torch(make_input(spec, 5, seed=41))
+    dy = to_torch(make_grad_output(spec, 5, seed=42))
+    first = _module_grads(module, x, dy)
+    second = _module_grads(module, x, dy)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    ref = _reference(spec, x, module.params(), dy)
+    assert_grads_close(first, ref, spec)

@@ -1,0 +1,485 @@
+"""backward: the MLP's gradients from three Triton kernels, and the forward that saves for them.
+
+Formula (one layer i, in reverse; the float64 twin is `common.reference.backward`): forward
+plain `z = h·W + b`, `out = act(z)`; gated `[z|g] = h·wv + bc` (packed, common/packing.py),
+`out = act(z) ⊙ g`. Given dout = ∂L/∂out [M, N]:
+- plain: dZ = dout ⊙ act'(z)                                   [M, N]
+- gated: dz = dout ⊙ g ⊙ act'(z), dg = dout ⊙ act(z)           dZ = [dz|dg] packed [M, 2·Np]
+- dW = hᵀ·dZ (the packed dwv directly: one GEMM), db = Σ_m dZ (the packed dbc)
+- dh = dZ·Wᵀ (one GEMM over N or the packed 2·Np; the padded columns are 0 in both operands).
+dh is the previous layer's dout, so the previous layer's act' step is fused into this GEMM's
+epilogue (`_dgrad_kernel`, EPILOGUE "dact"/"dact_gated"): no separate elementwise pass, except for
+the last layer (`_dact_kernel`), which has no GEMM before it — and which every preset skips (plain
+identity: dZ = dy).
+
+Kernels:
+1. `_dgrad_kernel`: out = epilogue(a·wᵀ), a [M, Kc], w [Ko, Kc] read through its strides (the
+   forward weight [K, N] as it is: no transpose materialised), fp32 accumulate.
+2. `_wgrad_kernel`: dw = aᵀ·d, a = the layer input h [M, K] read transposed through strides,
+   d = dZ [M, Nc]; one program per (K-block × Nc-block) reduces over ALL of M (deterministic: no
+   atomics, no split); with HAS_DBIAS the programs of the first K-block also sum the dZ tiles they
+   load anyway -> db [Nc] (fp32, one rounding).
+3. `_dact_kernel`: elementwise dZ = dy ⊙ act'(z) (or the gated form), the last layer only.
+The act' step (`_dact_epilogue`) is one helper shared by kernels 1 and 3.
+
+Grid: 1-D over output tiles, `_grouped_tile` order (linear_act's). Masks on every edge, int64
+offsets, any strides; under TRITON_INTERPRET=1 16-bit tiles are upcast after each load; every
+store rounds once (`round_to_dtype`): dZ and dh in the compute dtype, dW and db in the param dtype
+(the same here: the spec's), as torch autograd on 16-bit tensors rounds.
+
+Saved policy (`saved=`, common.config.SAVED_POLICIES): "preact" (default) — the training forward
+(`forward_saving`) runs the portable `linear_act`/`gated` kernels with STORE_PREACT and keeps per
+layer its input h_i and pre-activation z_i (gated: the packed [z|g]; a plain identity layer's z is
+not kept: act' = 1); this is the portable forward whatever impl was asked for (a saving Hopper
+forward is later work). "inputs" — the forward is the asked impl and saves x only; `mlp_backward`
+recomputes the saving forward once (one extra forward's FLOPs, `cost.saved_bytes` less memory).
+fused_small / fused_decode train through this per-layer backward (a whole-MLP backward is later
+work). The backward kernels are always these portable ones.
+
+Twin: jax_impl/backward.py (Pallas-Triton), line for line; differences carry `# twin-diff:`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedmlp.common.config import TileConfig
+from fusedmlp.common.packing import packed_names, packed_width
+from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import gated_config, heuristic_config
+from fusedmlp.common.validate import check_saved
+
+from .activations import apply_activation, apply_activation_grad, round_to_dtype
+from .gated import _PACK, _gate_split, gated_fwd
+from .linear_act import _grouped_tile, _input_precision, linear_act_fwd
+from .runtime import INTERPRET
+
+EPILOGUES = ("none", "dact", "dact_gated")
+# The "dact" epilogue loads the saved z tile beside the accumulator: at the 16-bit heuristic's
+# 128×256 tile (8 warps) that is 255 registers and 92–108 B spilled per thread for gelu/silu/relu
+# (ptxas -v, sm_90a, triton 3.6, 2026-12-01); at 128×128, 150–197 registers and no spill. A
+# heuristic config is capped there (a pinned config is taken as given). The same holds for the
+# plain saving forward (linear_act with STORE_PREACT, gelu: 128×256 spills 128 B, 128×128 none;
+# the forward-only kernel at 128×256 already spills 16 B).
+DACT_MAX_BLOCK_N = 128
+
+
+# ==== the act' epilogue (kernels 1 and 3) =========================================================
+@triton.jit
+def _gate_join(gate, up, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr):
+    """`_gate_split` undone: gate and up halves [BLOCK_M, BLOCK_N] -> the packed [BLOCK_M,
+    2·BLOCK_N] tile (blocks of PACK columns, gate block then up block)."""
+    gate = tl.reshape(gate, (BLOCK_M, BLOCK_N // PACK, PACK))
+    up = tl.reshape(up, (BLOCK_M, BLOCK_N // PACK, PACK))
+    t = tl.join(gate, up)  # [BLOCK_M, pairs, PACK, 2]
+    t = tl.permute(t, (0, 1, 3, 2))  # [BLOCK_M, pairs, 2, PACK]: the packed order
+    return tl.reshape(t, (BLOCK_M, 2 * BLOCK_N))
+
+
+@triton.jit
+def _dact_epilogue(
+    dout, z_ptr, o_ptr, pid_n, offs_m, offs_n, M, N,
+    stride_zm, stride_zn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dout (fp32 [BLOCK_M, BLOCK_N], output columns offs_n of the layer) -> dZ stored: plain
+    dout ⊙ act'(z) [M, N]; gated the packed [dz|dg] tile of those columns [M, 2·Np], padded
+    columns (n ≥ N) exact zeros whatever the saved tile holds."""
+    rows = offs_m.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if GATED:
+        # 2. load: the saved packed [z|g] tile of these output columns (the forward's tile)
+        offs_p = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        mask_p = offs_p < 2 * tl.cdiv(N, _PACK) * _PACK  # the packed width, 2·Np
+        ps = offs_p.to(tl.int64)
+        mask_mp = mask_m[:, None] & mask_p[None, :]
+        zg = tl.load(
+            z_ptr + rows[:, None] * stride_zm + ps[None, :] * stride_zn, mask=mask_mp, other=0.0
+        ).to(tl.float32)
+        z, g = _gate_split(zg, BLOCK_M, BLOCK_N, _PACK)
+        # 3. compute: dz = dout ⊙ g ⊙ act'(z), dg = dout ⊙ act(z), in fp32
+        dz = dout * g * apply_activation_grad(z, ACTIVATION)
+        dg = dout * apply_activation(z, ACTIVATION)
+        dz = tl.where(mask_n[None, :], dz, 0.0)
+        dg = tl.where(mask_n[None, :], dg, 0.0)
+        out = _gate_join(dz, dg, BLOCK_M, BLOCK_N, _PACK)
+        # 4. store: one rounding, the packed layout
+        o_ptrs = o_ptr + rows[:, None] * stride_om + ps[None, :] * stride_on
+        tl.store(o_ptrs, round_to_dtype(out, o_ptr.dtype.element_ty, INTERPRET), mask=mask_mp)
+    else:
+        cols = offs_n.to(tl.int64)
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        z = tl.load(
+            z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=mask_mn, other=0.0
+        ).to(tl.float32)
+        out = dout * apply_activation_grad(z, ACTIVATION)
+        o_ptrs = o_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, round_to_dtype(out, o_ptr.dtype.element_ty, INTERPRET), mask=mask_mn)
+
+
+# ==== kernel 1: dgrad, out = epilogue(a · wᵀ) =====================================================
+@triton.jit
+def _dgrad_kernel(
+    a_ptr, w_ptr, z_ptr, o_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_zm, stride_zn, stride_om, stride_on,
+    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # N: output columns (Ko: the previous layer's output width); K: the contraction (Kc). The
+    # weight tile [BLOCK_K, BLOCK_N] of wᵀ is read through the forward weight's strides.
+    # 1. program -> tile
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am
+    w_ptrs = w_ptr + cols[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        # 2. load: masked on M (or N) and on the ragged K tail, zeros outside
+        offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        ks = offs_k.to(tl.int64)
+        a = tl.load(
+            a_ptrs + ks[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        w = tl.load(
+            w_ptrs + ks[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0
+        )
+        if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        # 3. compute: fp32 accumulate
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+
+    # 3. compute + 4. store: the epilogue
+    if EPILOGUE == "none":
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        o_ptrs = o_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, round_to_dtype(acc, o_ptr.dtype.element_ty, INTERPRET), mask=mask_mn)
+    else:
+        _dact_epilogue(
+            acc, z_ptr, o_ptr, pid_n, offs_m, offs_n, M, N,
+            stride_zm, stride_zn, stride_om, stride_on,
+            ACTIVATION, EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+
+
+# ==== kernel 2: wgrad, dw = aᵀ · d (+ db = Σ_m d) =================================================
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, d_ptr, dw_ptr, db_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_dm, stride_dn, stride_wk, stride_wn,
+    HAS_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # The output dw is [K, N]: BLOCK_M rows of it (a block of K), BLOCK_N columns; the reduction
+    # runs over M in BLOCK_K steps (the config's fields keep their tile meaning: out rows, out
+    # columns, reduction step).
+    # 1. program -> tile
+    pid_k, pid_n = _grouped_tile(tl.program_id(0), K, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    ks = offs_k.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    a_ptrs = a_ptr + ks[:, None] * stride_ak
+    d_ptrs = d_ptr + cols[None, :] * stride_dn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m in range(0, tl.cdiv(M, BLOCK_K)):
+        # 2. load: hᵀ tile [BLOCK_M (k), BLOCK_K (m)] and dZ tile [BLOCK_K (m), BLOCK_N]
+        offs_r = m * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_r = offs_r < M
+        rs = offs_r.to(tl.int64)
+        a = tl.load(
+            a_ptrs + rs[None, :] * stride_am, mask=mask_k[:, None] & mask_r[None, :], other=0.0
+        )
+        d = tl.load(
+            d_ptrs + rs[:, None] * stride_dm, mask=mask_r[:, None] & mask_n[None, :], other=0.0
+        )
+        if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            a = a.to(tl.float32)
+            d = d.to(tl.float32)
+        # 3. compute: fp32 accumulate over all of M; the bias gradient from the same dZ tiles
+        acc = tl.dot(a, d, acc, input_precision=INPUT_PRECISION)
+        if HAS_DBIAS:  # noqa: SIM102 (a constexpr, then a runtime test: two ifs in Triton)
+            if pid_k == 0:
+                db = db + tl.sum(d.to(tl.float32), axis=0)
+
+    # 4. store: one rounding to the param dtype
+    mask_kn = mask_k[:, None] & mask_n[None, :]
+    dw_ptrs = dw_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    tl.store(dw_ptrs, round_to_dtype(acc, dw_ptr.dtype.element_ty, INTERPRET), mask=mask_kn)
+    if HAS_DBIAS:
+        db_out = round_to_dtype(db, db_ptr.dtype.element_ty, INTERPRET)
+        tl.store(db_ptr + cols, db_out, mask=mask_n & (pid_k == 0))
+
+
+# ==== kernel 3: dact, dZ = dy ⊙ act'(z) (the last layer) ==========================================
+@triton.jit
+def _dact_kernel(
+    dy_ptr, z_ptr, o_ptr,
+    M, N,
+    stride_dm, stride_dn, stride_zm, stride_zn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # 1. program -> tile: BLOCK_N output columns of the layer (gated: a packed tile twice as wide)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    # 2. load
+    mask_mn = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    dy = tl.load(
+        dy_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn, mask=mask_mn, other=0.0
+    ).to(tl.float32)
+    # 3. compute + 4. store
+    _dact_epilogue(
+        dy, z_ptr, o_ptr, pid_n, offs_m, offs_n, M, N,
+        stride_zm, stride_zn, stride_om, stride_on,
+        ACTIVATION, GATED, INTERPRET, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+
+
+# ==== launchers ===================================================================================
+def dgrad_fwd(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    z: torch.Tensor | None = None,
+    *,
+    epilogue: str = "none",
+    activation: str = "identity",
+    config: TileConfig,
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """epilogue(a · wᵀ) for a [M, Kc] and the forward weight w [Ko, Kc] (any strides): "none"
+    [M, Ko]; "dact" ⊙ act'(z), z [M, Ko]; "dact_gated" (z the packed [M, packed_width(Ko)] of the
+    gated layer whose output gradient this is) the packed [dz|dg] [M, packed_width(Ko)]. Trusts
+    input; for "dact_gated" a block_n under 64 is read as 64."""
+    M, Kc = a.shape
+    Ko = w.shape[0]
+    width = packed_width(Ko) if epilogue == "dact_gated" else Ko
+    out = torch.empty((M, width), device=a.device, dtype=a.dtype)
+    if M == 0 or Ko == 0:
+        return out
+    if epilogue == "dact_gated":
+        config = gated_config(config)  # whole packed block pairs per tile
+    zz = z if z is not None else out  # a placeholder for the strides, never read
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(Ko, config.block_n),)
+    _dgrad_kernel[grid](
+        a, w, z, out,
+        M, Ko, Kc,
+        a.stride(0), a.stride(1), w.stride(1), w.stride(0), zz.stride(0), zz.stride(1),
+        out.stride(0), out.stride(1),
+        EPILOGUE=epilogue, ACTIVATION=activation,
+        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def wgrad_fwd(
+    a: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    has_bias: bool,
+    config: TileConfig,
+    fp32_precision: str = "ieee",
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(aᵀ·d [K, Nc], Σ_m d [Nc] or None) for a [M, K], d [M, Nc] (any strides), in `dtype` (the
+    param dtype; default a's). config: block_m × block_n tiles of the output, block_k the M step.
+    Trusts input."""
+    M, K = a.shape
+    Nc = d.shape[1]
+    dtype = dtype or a.dtype
+    if M == 0:  # a sum over no rows
+        dw = torch.zeros((K, Nc), device=a.device, dtype=dtype)
+        return dw, torch.zeros((Nc,), device=a.device, dtype=dtype) if has_bias else None
+    dw = torch.empty((K, Nc), device=a.device, dtype=dtype)
+    db = torch.empty((Nc,), device=a.device, dtype=dtype) if has_bias else None
+    if K == 0 or Nc == 0:
+        return dw, db
+    grid = (triton.cdiv(K, config.block_m) * triton.cdiv(Nc, config.block_n),)
+    _wgrad_kernel[grid](
+        a, d, dw, db,
+        M, Nc, K,
+        a.stride(0), a.stride(1), d.stride(0), d.stride(1), dw.stride(0), dw.stride(1),
+        HAS_DBIAS=has_bias, INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return dw, db
+
+
+def dact_fwd(
+    dy: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    activation: str,
+    gated: bool,
+    config: TileConfig,
+) -> torch.Tensor:
+    """dy [M, N] ⊙ act'(z) (z [M, N]), or for `gated` the packed [dz|dg] [M, packed_width(N)]
+    from the packed z [M, packed_width(N)]. Trusts input; gated: a block_n under 64 is read as
+    64."""
+    M, N = dy.shape
+    width = packed_width(N) if gated else N
+    out = torch.empty((M, width), device=dy.device, dtype=dy.dtype)
+    if M == 0 or N == 0:
+        return out
+    if gated:
+        config = gated_config(config)
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
+    _dact_kernel[grid](
+        dy, z, out,
+        M, N,
+        dy.stride(0), dy.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+        ACTIVATION=activation, GATED=gated, INTERPRET=INTERPRET,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+    return out
+
+
+# ==== orchestration ===============================================================================
+def _config(
+    spec: MLPSpec, family: str, m: int, n: int, k: int, config: TileConfig | None
+) -> TileConfig:
+    if config is not None:
+        return config
+    return heuristic_config(
+        family, m, n, k, spec.dtype, interpret=INTERPRET, fp32_precision=spec.fp32_precision
+    )
+
+
+def _stores_preact(layer) -> bool:
+    # A plain identity layer's z is never read (act' = 1): not stored (cost.saved_bytes).
+    return layer.gated or layer.activation != "identity"
+
+
+def forward_saving(
+    x2d: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    config: TileConfig | None = None,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(y2d, residuals) for x2d [M, d_in] and params in the packed layout (`w{i}`, `b{i}`,
+    `wv{i}`, `bc{i}`), with the portable kernels. residuals: "preact" (h_0, z_0, h_1, z_1, …) with
+    h_0 = x2d, z_i [M, N_i] (plain), the packed [M, 2·Np_i] (gated) or [M, 0] (plain identity);
+    "inputs" (x2d,). `residual` [M, d_out] is added in the last layer's epilogue."""
+    check_saved(saved)
+    layers = spec.layers()
+    last = layers[-1].index
+    precision = spec.fp32_precision
+    h = x2d
+    kept: list[torch.Tensor] = [x2d]
+    for layer in layers:
+        i, m = layer.index, h.shape[0]
+        store = saved == "preact" and _stores_preact(layer)
+        if layer.gated:
+            cfg = _config(spec, "gated", m, layer.d_out, layer.d_in, config)
+            outs = gated_fwd(
+                h, params[f"wv{i}"], params.get(f"bc{i}"), n=layer.d_out,
+                activation=layer.activation, config=cfg, fp32_precision=precision,
+                store_preact=store,
+            )  # fmt: skip
+        else:
+            cfg = _config(spec, "linear_act", m, layer.d_out, layer.d_in, config)
+            if store and config is None and cfg.block_n > DACT_MAX_BLOCK_N:
+                cfg = dataclasses.replace(cfg, block_n=DACT_MAX_BLOCK_N)  # see DACT_MAX_BLOCK_N
+            outs = linear_act_fwd(
+                h, params[f"w{i}"], params.get(f"b{i}"), residual if i == last else None,
+                activation=layer.activation, config=cfg, fp32_precision=precision,
+                store_preact=store,
+            )  # fmt: skip
+        h, z = outs if store else (outs, h.new_empty((m, 0)))
+        if layer.gated and i == last and residual is not None:  # no preset has one; kept exact
+            h = h + residual
+        if saved == "preact":
+            kept += [z, h] if i != last else [z]
+    return h, tuple(kept) if saved == "preact" else (x2d,)
+
+
+def mlp_backward(
+    dy2d: torch.Tensor,
+    residuals: tuple[torch.Tensor, ...],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    config: TileConfig | None = None,
+    need_dx: bool = True,
+) -> dict[str, torch.Tensor | None]:
+    """Gradients of sum(y ⊙ dy): "x" (None unless `need_dx`) and every param in the packed
+    layout (`packed_names(spec)`: `wv{i}`/`bc{i}` come back packed), from `forward_saving`'s
+    residuals of the same `saved` policy ("inputs": the saving forward is recomputed here)."""
+    check_saved(saved)
+    if saved == "inputs":
+        _, residuals = forward_saving(residuals[0], params, spec, saved="preact", config=config)
+    layers = spec.layers()
+    hs, zs = residuals[0::2], residuals[1::2]
+    precision = spec.fp32_precision
+    m = dy2d.shape[0]
+    grads: dict[str, torch.Tensor | None] = {"x": None}
+    # The last layer has no GEMM before it to fuse its act' step into: dact, unless identity.
+    top = layers[-1]
+    if _stores_preact(top):
+        cfg = _config(spec, "gated" if top.gated else "linear_act", m, top.d_out, top.d_in, config)
+        dz = dact_fwd(dy2d, zs[-1], activation=top.activation, gated=top.gated, config=cfg)
+    else:
+        dz = dy2d
+    for layer in reversed(layers):
+        i = layer.index
+        wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
+        w = params[wname]
+        width = w.shape[1]  # N, or the packed 2·Np
+        cfg = _config(spec, "linear_act", layer.d_in, width, m, config)
+        dw, db = wgrad_fwd(
+            hs[i], dz, has_bias=layer.bias, config=cfg, fp32_precision=precision, dtype=w.dtype
+        )
+        grads[wname] = dw
+        if layer.bias:
+            grads[bname] = db
+        if i == 0 and not need_dx:
+            break
+        # dh = dZ·Wᵀ, with the previous layer's act' step in the epilogue (dh is its dout)
+        prev = layers[i - 1] if i > 0 else None
+        if prev is None or not _stores_preact(prev):
+            epilogue, z, act = "none", None, "identity"
+        else:
+            epilogue = "dact_gated" if prev.gated else "dact"
+            z, act = zs[i - 1], prev.activation
+        family = "gated" if epilogue == "dact_gated" else "linear_act"
+        cfg = _config(spec, family, m, layer.d_in, width, config)
+        if epilogue == "dact" and config is None and cfg.block_n > DACT_MAX_BLOCK_N:
+            cfg = dataclasses.replace(cfg, block_n=DACT_MAX_BLOCK_N)
+        dz = dgrad_fwd(
+            dz, w, z, epilogue=epilogue, activation=act, config=cfg, fp32_precision=precision
+        )
+        if i == 0:
+            grads["x"] = dz
+    return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}

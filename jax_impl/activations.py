@@ -20,6 +20,7 @@ import jax.numpy as jnp
 SQRT_1_2 = 0.7071067811865476  # 1/√2, for erf-gelu
 SQRT_2_OVER_PI = 0.7978845608028654  # √(2/π), for tanh-gelu
 GELU_TANH_COEFF = 0.044715
+_INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π), gelu's normal density
 
 ACTIVATION_KEYS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 
@@ -57,6 +58,27 @@ def apply_activation(x: jax.Array, activation: str) -> jax.Array:
     elif activation == "silu":
         x = x / (1.0 + jnp.exp(-x))
     return x
+
+
+def apply_activation_grad(x: jax.Array, activation: str) -> jax.Array:
+    """act'(x) for an fp32 tile (the backward, backward.py): reference.activation_grad's formulas
+    from the same exp-built helpers; relu' of NaN is NaN there, and here."""
+    if activation == "relu":
+        d = jnp.where(x != x, x, jnp.where(x > 0.0, 1.0, 0.0))
+    elif activation == "gelu":
+        cdf = 0.5 * erfc(-x * SQRT_1_2)
+        pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        d = cdf + x * pdf
+    elif activation == "gelu_tanh":
+        t = tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x))
+        du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * x * x)
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    elif activation == "silu":
+        s = 1.0 / (1.0 + jnp.exp(-x))
+        d = s * (1.0 + x * (1.0 - s))
+    else:  # identity
+        d = jnp.zeros_like(x) + 1.0
+    return d
 
 
 def round_to_dtype(x: jax.Array, DTYPE: jnp.dtype, INTERPRET: bool) -> jax.Array:

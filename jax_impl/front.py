@@ -24,6 +24,16 @@ never loses to the unfused code — and the plan quotes the measurement. Elsewhe
   4. `pallas_triton`, the line-for-line twin of the Triton kernels, everywhere else (and on the CPU,
      interpreted). The Pallas Triton backend is deprecated upstream from jax 0.11; its warning is
      filtered by the launchers, where the twin is used on purpose.
+
+Training: `mlp` is differentiable (`jax.grad`, `value_and_grad`, under `jit` and `vmap`). Every
+implementation but the `xla` baseline (which JAX differentiates itself) is wrapped in one
+`jax.custom_vjp` whose backward is `backward.mlp_backward`, the portable Pallas-Triton kernels.
+`saved=` picks what the differentiated forward keeps (common/config.py's SAVED_POLICIES):
+"preact" (the default) runs the portable saving forward (`backward.forward_saving`, whatever
+`impl` was asked for: a Hopper saving forward is later work); "inputs" runs the asked `impl` and
+keeps x only, the backward running the saving forward again. A call that is not differentiated
+runs the asked `impl` exactly as before. `plan(..., saved=...)` reports the policy and its bytes.
+The torch twin of this wiring is torch_impl/custom_op.py (`register_autograd`).
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ import jax
 import numpy as np
 
 from fusedmlp.common import KernelLaunch, MLPSpec, Plan, TileConfig, dispatch
+from fusedmlp.common.config import DEFAULT_SAVED
+from fusedmlp.common.cost import saved_bytes
 from fusedmlp.common.packing import is_packed
 from fusedmlp.common.registry import (
     AUTO,
@@ -48,7 +60,14 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
-from fusedmlp.common.validate import Adapter, ArrayInfo, check_call_inputs, check_config, check_spec
+from fusedmlp.common.validate import (
+    Adapter,
+    ArrayInfo,
+    check_call_inputs,
+    check_config,
+    check_saved,
+    check_spec,
+)
 
 from . import compat
 from .packing import pack_params, unpack_params
@@ -197,12 +216,21 @@ def plan(
     device: str = "cpu",
     config: TileConfig | None = None,
     residual: bool = False,
+    saved: str | None = None,
 ) -> Plan:
     """Which kernels `mlp` would launch for an input of `x_shape`, with their configs.
 
     Raises NotImplementedError when an explicitly requested `impl` cannot take this spec (the
-    message names the constraint, the value and the fallback); `auto` never does.
+    message names the constraint, the value and the fallback); `auto` never does. `saved` (a
+    training policy, common/config.py's SAVED_POLICIES): the plan's reason also says what a
+    differentiated call keeps for the backward, in bytes, and which kernels train (None: the
+    inference plan only).
     """
+    if saved is not None:
+        the_plan = plan(
+            spec, x_shape, impl=impl, device=device, config=config, residual=residual
+        )  # fmt: skip
+        return _with_training(the_plan, spec, math.prod(tuple(x_shape)[:-1]), check_saved(saved))
     spec = check_spec(spec)
     check_impl(impl, STACK)
     check_config(config)
@@ -231,6 +259,21 @@ def plan(
                 fallbacks.append(f"layer {layer.index}: {why}")
         launches.append(_layer_launch(spec, layer, layer_impl, m, config, residual))
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
+
+
+def _with_training(the_plan: Plan, spec: MLPSpec, m: int, saved: str) -> Plan:
+    """The plan with the training policy in its reason: bytes kept, what runs forward and back."""
+    if _entry(the_plan.impl).baseline:
+        training = f"training: jax autodiff of {the_plan.impl} (saved= does not apply)"
+    else:
+        again = ", pallas_triton saving forward again in the backward" if saved == "inputs" else ""
+        forward = "pallas_triton saving" if saved == "preact" else the_plan.impl
+        training = (
+            f"training: saved={saved}, {saved_bytes(spec, m, saved)} bytes kept for the backward "
+            f"({forward} forward{again}; pallas_triton backward: dact, wgrad, dgrad)"
+        )
+    reason = "; ".join(r for r in (the_plan.reason, training) if r)
+    return Plan(the_plan.impl, the_plan.requested, the_plan.launches, reason)
 
 
 # ---- params in the layout the kernels take -------------------------------------------------------
@@ -294,6 +337,7 @@ class _Prepared:
     lead: tuple[int, ...]
     m: int
     run: Callable[..., jax.Array]  # jitted (x2d, params, residual2d) -> y2d, spec and plan bound
+    train: Callable[..., jax.Array]  # `run` with the custom_vjp of the portable backward
 
 
 _PREPARED: dict[tuple, _Prepared] = {}
@@ -316,14 +360,84 @@ def _jitted_runner(spec: MLPSpec, the_plan: Plan) -> Callable[..., jax.Array]:
     return jax.jit(run)
 
 
+# ---- autodiff binding: jax.custom_vjp over the runner, the portable backward --------------------
+@functools.cache
+def _saving_forward(spec: MLPSpec, config: TileConfig | None) -> Callable[..., Any]:
+    """The jitted "preact" training forward (x2d, packed params, residual2d) -> (y2d, kept), one
+    per (spec, config): every implementation's custom_vjp shares its compilation."""
+    from . import backward
+
+    def forward(x2d, params, residual2d):
+        return backward.forward_saving(
+            x2d, params, spec, saved="preact", config=config, residual=residual2d
+        )
+
+    return jax.jit(forward)
+
+
+@functools.cache
+def _backward_pass(spec: MLPSpec, saved: str, config: TileConfig | None) -> Callable[..., Any]:
+    """The jitted backward (dy2d, kept, packed params) -> gradients, per (spec, saved, config)."""
+    from . import backward
+
+    def backward_pass(dy2d, kept, params):
+        return backward.mlp_backward(dy2d, kept, params, spec, saved=saved, config=config)
+
+    return jax.jit(backward_pass)
+
+
+def _trainable(
+    spec: MLPSpec,
+    run: Callable[..., jax.Array],
+    *,
+    saved: str,
+    config: TileConfig | None,
+    names: tuple[str, ...],
+    has_residual: bool,
+) -> Callable[..., jax.Array]:
+    """`run` (x2d, params, residual2d) -> y2d, differentiable through `backward.mlp_backward`.
+
+    `names`: the caller's param names (packed or not: gradients come back in those names, the
+    packed dwv/dbc as they are, or unpacked to dw/dv, db/dc); d(y + r)/dr = dy. Spec, policy,
+    config, names and whether there is a residual are bound (the call signature fixes them), so
+    the custom_vjp has array arguments only.
+    """
+    # twin-diff: torch registers its autograd on the custom op (torch_impl/custom_op.py).
+    packed = is_packed(dict.fromkeys(names))
+
+    @jax.custom_vjp
+    def core(x2d, params, residual2d):
+        return run(x2d, params, residual2d)
+
+    def core_fwd(x2d, params, residual2d):
+        kernel_params = pack_params(spec, params)  # the packed names only (a copy when plain)
+        if saved == "preact":
+            y2d, kept = _saving_forward(spec, config)(x2d, kernel_params, residual2d)
+        else:  # "inputs": the asked implementation's forward; x is all the backward needs
+            y2d, kept = run(x2d, params, residual2d), (x2d,)
+        return y2d, (kept, kernel_params)
+
+    def core_bwd(res, dy2d):
+        kept, kernel_params = res
+        grads = _backward_pass(spec, saved, config)(dy2d, kept, kernel_params)
+        dx = grads.pop("x")
+        if not packed:
+            grads = unpack_params(spec, grads)
+        return dx, {name: grads[name] for name in names}, dy2d if has_residual else None
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
 def _check_available(impl: str, device: str) -> None:
     reason = unavailable_reason(impl, device)
     if reason is not None:
         raise ValueError(f"x: impl {impl!r} cannot run on device {device}: {reason}")
 
 
-def _validate_and_plan(x, params, spec, impl, config, residual) -> _Prepared:
+def _validate_and_plan(x, params, spec, impl, config, residual, saved) -> _Prepared:
     check_impl(impl, STACK)
+    check_saved(saved)
     spec = check_call_inputs(ADAPTER, spec, x, params, config, residual)
     device = "gpu" if compat.on_gpu() else "cpu"
     _check_available(impl, device)  # where it cannot run at all comes before what it cannot take
@@ -333,23 +447,32 @@ def _validate_and_plan(x, params, spec, impl, config, residual) -> _Prepared:
     )  # fmt: skip
     _check_available(the_plan.impl, device)
     lead = tuple(x.shape[:-1])
-    return _Prepared(the_plan, lead, math.prod(lead), _jitted_runner(spec, the_plan))
+    run = _jitted_runner(spec, the_plan)
+    train = run  # the baselines: jax differentiates their plain jax.numpy itself
+    if not _entry(the_plan.impl).baseline:
+        train = _trainable(
+            spec, run, saved=saved, config=config, names=tuple(params),
+            has_residual=residual is not None,
+        )  # fmt: skip
+    return _Prepared(the_plan, lead, math.prod(lead), run, train)
 
 
-def prepare(x, params, spec, impl=AUTO, config=None, residual=None) -> _Prepared:
+def prepare(
+    x, params, spec, impl=AUTO, config=None, residual=None, saved=DEFAULT_SAVED
+) -> _Prepared:
     """The validated plan of this call, from the cache when the signature was seen before."""
     try:
         key = (
             spec, impl, dispatch.generation() if impl == AUTO else 0, config, _signature(x),
             tuple((k, *_signature(v)) for k, v in params.items()),
-            None if residual is None else _signature(residual),
+            None if residual is None else _signature(residual), saved,
         )  # fmt: skip
         hit = _PREPARED.get(key)
     except (AttributeError, TypeError):  # not arrays, or unhashable: the checks name the argument
         key, hit = None, None
     if hit is not None:
         return hit
-    prepared = _validate_and_plan(x, params, spec, impl, config, residual)
+    prepared = _validate_and_plan(x, params, spec, impl, config, residual, saved)
     if key is not None:
         if len(_PREPARED) >= _PREPARED_MAX:
             _PREPARED.clear()
@@ -366,17 +489,21 @@ def mlp(
     impl: str = AUTO,
     config: TileConfig | None = None,
     residual: jax.Array | None = None,
+    saved: str = DEFAULT_SAVED,
 ) -> jax.Array:
     """y = MLP(x) (+ residual) for x of shape [..., d_in]; returns [..., d_out] in the spec dtype.
 
     `params`: the contract's names or the packed ones (`fusedmlp.jax_impl.packing.pack_params`).
     `impl` is one of `fusedmlp.common.impl_names("jax")` or "auto"; `config` pins one TileConfig for
     every kernel launch (None: the heuristic per layer). Callable inside `jax.jit` (spec static).
+    Differentiable (grad, value_and_grad, under jit and vmap): `saved` ("preact" or "inputs") is
+    what the forward keeps for the backward (see the module docstring); gradients come back in the
+    params' own names and dtypes.
     """
-    call = prepare(x, params, spec, impl, config, residual)
+    call = prepare(x, params, spec, impl, config, residual, saved)
     if call.m == 0:
         return jax.numpy.zeros((*call.lead, spec.d_out), x.dtype)
     x2d = x.reshape(call.m, spec.d_in)
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
-    y2d = call.run(x2d, dict(params), residual2d)
+    y2d = call.train(x2d, dict(params), residual2d)
     return y2d.reshape(*call.lead, spec.d_out)

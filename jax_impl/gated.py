@@ -57,12 +57,13 @@ def _gate_split(acc, BLOCK_M: int, BLOCK_N: int, PACK: int):
 
 
 def _gated_fwd_kernel(
-    x_ref, wv_ref, bc_ref, o_ref,
+    x_ref, wv_ref, bc_ref, o_ref, z_ref=None,
     *, M, N, K,
     ACTIVATION, PRECISION, INTERPRET,
     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
 ):  # fmt: skip
-    # twin-diff: strides and HAS_BIAS are implied by the refs (an absent bc_ref is None).
+    # twin-diff: strides and HAS_BIAS/STORE_PREACT are implied by the refs (an absent bc_ref is
+    # None; z_ref, the packed pre-activation [z|g] output, exists only when the launch asks).
     # 1. program -> tile: an output tile of h, and the packed tile of wv twice as wide
     pid_m, pid_n = _grouped_tile(pl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + jnp.arange(BLOCK_M)
@@ -100,6 +101,9 @@ def _gated_fwd_kernel(
     if bc_ref is not None:
         bc = plgpu.load(bc_ref, mask=mask_p, other=0.0).astype(jnp.float32)
         acc = acc + bc[None, :]
+    if z_ref is not None:  # STORE_PREACT: the packed [z|g] tile, as the operand's columns
+        mask_z = mask_m[:, None] & mask_p[None, :]
+        plgpu.store(z_ref, round_to_dtype(acc, z_ref.dtype, INTERPRET), mask=mask_z)
     g, u = _gate_split(acc, BLOCK_M, BLOCK_N, _PACK)
     acc = apply_activation(g, ACTIVATION) * u
     mask_mn = mask_m[:, None] & mask_n[None, :]
@@ -136,12 +140,15 @@ def _packed_specs(M: int, N: int, K: int, config: TileConfig):
     return x_spec, wv_spec, bc_spec, o_spec
 
 
-@functools.partial(jax.jit, static_argnames=("n", *_STATICS))
-def _gated_fwd_jit(x, wv, bc, *, n, activation, config, fp32_precision, interpret):
+@functools.partial(jax.jit, static_argnames=("n", "store_preact", *_STATICS))
+def _gated_fwd_jit(x, wv, bc, *, n, store_preact, activation, config, fp32_precision, interpret):
     M, K = x.shape
     N = n
+    out_shape = jax.ShapeDtypeStruct((M, N), x.dtype)
+    z_shape = jax.ShapeDtypeStruct((M, wv.shape[1]), x.dtype)  # packed [z|g], 2·Np wide
     if M == 0 or N == 0:
-        return jnp.zeros((M, N), dtype=x.dtype)
+        out = jnp.zeros((M, N), dtype=x.dtype)
+        return (out, jnp.zeros(z_shape.shape, x.dtype)) if store_preact else out
     grid = (pl.cdiv(M, config.block_m) * pl.cdiv(N, config.block_n),)
     x_spec, wv_spec, bc_spec, o_spec = _packed_specs(M, N, K, config)
     kernel = functools.partial(
@@ -150,12 +157,13 @@ def _gated_fwd_jit(x, wv, bc, *, n, activation, config, fp32_precision, interpre
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
     )  # fmt: skip
+    z_spec = pl.BlockSpec((config.block_m, 2 * config.block_n), o_spec.index_map)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),
+        out_shape=(out_shape, z_shape) if store_preact else out_shape,
         grid=grid,
         in_specs=[x_spec, wv_spec, bc_spec if bc is not None else None],
-        out_specs=o_spec,
+        out_specs=(o_spec, z_spec) if store_preact else o_spec,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
@@ -174,9 +182,11 @@ def gated_fwd(
     config: TileConfig,
     fp32_precision: str = "ieee",
     interpret: bool | None = None,
-) -> jax.Array:
+    store_preact: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Launch on a 2-D x [M, K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns
-    h [M, n] in x.dtype. Trusts input; a block_n under 64 is read as 64."""
+    h [M, n] in x.dtype. Trusts input; a block_n under 64 is read as 64. `store_preact` (the
+    training forward): returns (h, zg) with zg = x·wv + bc, the packed [z|g] [M, 2·Np]."""
     if interpret is None:
         interpret = compat.interpret_mode()
     config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
@@ -190,6 +200,7 @@ def gated_fwd(
             wv,
             bc,
             n=n,
+            store_preact=store_preact,
             activation=activation,
             config=config,
             fp32_precision=fp32_precision,

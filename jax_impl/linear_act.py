@@ -54,12 +54,13 @@ def _grouped_tile(pid, M, N, BLOCK_M: int, BLOCK_N: int, GROUP_M: int):
 
 
 def _linear_act_fwd_kernel(
-    x_ref, w_ref, b_ref, r_ref, o_ref,
+    x_ref, w_ref, b_ref, r_ref, o_ref, z_ref=None,
     *, M, N, K,
     ACTIVATION, PRECISION, INTERPRET,
     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
 ):  # fmt: skip
-    # twin-diff: strides and HAS_BIAS/HAS_RESIDUAL are implied by the refs (absent refs are None).
+    # twin-diff: strides and HAS_BIAS/HAS_RESIDUAL/STORE_PREACT are implied by the refs (absent
+    # refs are None; z_ref, the pre-activation output, exists only when the launch asks for it).
     # 1. program -> tile
     pid_m, pid_n = _grouped_tile(pl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + jnp.arange(BLOCK_M)
@@ -95,6 +96,9 @@ def _linear_act_fwd_kernel(
     if b_ref is not None:
         b = plgpu.load(b_ref, mask=mask_n, other=0.0).astype(jnp.float32)
         acc = acc + b[None, :]
+    if z_ref is not None:  # STORE_PREACT: the training forward keeps z for the backward
+        mask_z = mask_m[:, None] & mask_n[None, :]
+        plgpu.store(z_ref, round_to_dtype(acc, z_ref.dtype, INTERPRET), mask=mask_z)
     acc = apply_activation(acc, ACTIVATION)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if r_ref is not None:
@@ -145,12 +149,16 @@ def _specs(M: int, N: int, K: int, config: TileConfig):
 _STATICS = ("activation", "config", "fp32_precision", "interpret")
 
 
-@functools.partial(jax.jit, static_argnames=_STATICS)
-def _linear_act_fwd_jit(x, w, b, residual, *, activation, config, fp32_precision, interpret):
+@functools.partial(jax.jit, static_argnames=("store_preact", *_STATICS))
+def _linear_act_fwd_jit(
+    x, w, b, residual, *, store_preact, activation, config, fp32_precision, interpret
+):
     M, K = x.shape
     N = w.shape[1]
+    out_shape = jax.ShapeDtypeStruct((M, N), x.dtype)
     if M == 0 or N == 0:
-        return jnp.zeros((M, N), dtype=x.dtype)
+        out = jnp.zeros((M, N), dtype=x.dtype)
+        return (out, out) if store_preact else out
     grid = (pl.cdiv(M, config.block_m) * pl.cdiv(N, config.block_n),)
     x_spec, w_spec, b_spec, o_spec = _specs(M, N, K, config)
     kernel = functools.partial(
@@ -161,7 +169,8 @@ def _linear_act_fwd_jit(x, w, b, residual, *, activation, config, fp32_precision
     )  # fmt: skip
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),
+        # store_preact: a second output, z [M, N] (the pre-activation), tiled like the output
+        out_shape=(out_shape, out_shape) if store_preact else out_shape,
         grid=grid,
         in_specs=[
             x_spec,
@@ -169,7 +178,7 @@ def _linear_act_fwd_jit(x, w, b, residual, *, activation, config, fp32_precision
             b_spec if b is not None else None,
             o_spec if residual is not None else None,
         ],
-        out_specs=o_spec,
+        out_specs=(o_spec, o_spec) if store_preact else o_spec,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
@@ -188,8 +197,10 @@ def linear_act_fwd(
     config: TileConfig,
     fp32_precision: str = "ieee",
     interpret: bool | None = None,
-) -> jax.Array:
-    """Launch on a 2-D x [M, K], w [K, N]; returns [M, N] in x.dtype. Trusts input."""
+    store_preact: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Launch on a 2-D x [M, K], w [K, N]; returns [M, N] in x.dtype. Trusts input.
+    `store_preact` (the training forward): returns (out, z) with z = x·w + b [M, N] in x.dtype."""
     if interpret is None:
         interpret = compat.interpret_mode()
     # twin-diff: jax.jit caches the traced and compiled pallas_call per shape and statics (an eager
@@ -202,6 +213,7 @@ def linear_act_fwd(
             w,
             b,
             residual,
+            store_preact=store_preact,
             activation=activation,
             config=config,
             fp32_precision=fp32_precision,

@@ -222,6 +222,8 @@ class Run:
     step_time_s: float | None = None
     warmup_s: float | None = None
     interpreted: bool = False
+    chosen: str = ""  # what `impl` runs for this task's MLP in training (its plan)
+    plan: str = ""
     final: dict[str, float] = dataclasses.field(default_factory=dict)
     image: str | None = None
     note: str = ""
@@ -689,7 +691,27 @@ RUNNERS = {
 
 # ---- the runs of one command ---------------------------------------------------------------------
 def _interpreted(stack: str, impl: str, device: str) -> bool:
+    # `auto` on a CPU resolves to one of our kernels (no dispatch table there): interpreted.
+    if impl == "auto":
+        return device == "cpu"
     return (_torch_interpreted if stack == "torch" else _jax_interpreted)(impl, device)
+
+
+def _plan(stack: str, cfg: ImageConfig | LMConfig, impl: str, policy: Policy, device: str):
+    """(chosen implementation, plan text) of the task's MLP in a training call."""
+    if impl == BASELINE:
+        return ("nn.Linear" if stack == "torch" else "jax.numpy"), ""
+    if stack == "torch":
+        from fusedmlp.torch_impl import plan
+    else:
+        from fusedmlp.jax_impl import plan
+    spec = cfg.spec.replace(dtype=policy.compute_dtype)
+    m = cfg.size**2 if isinstance(cfg, ImageConfig) else cfg.batch
+    try:
+        the_plan = plan(spec, (m, spec.d_in), impl=impl, device=device, saved="preact")
+    except (NotImplementedError, ValueError) as exc:
+        return impl, f"no plan: {exc}"
+    return the_plan.impl, the_plan.describe()
 
 
 def run_task(
@@ -721,6 +743,7 @@ def run_task(
                     cfg, data, impl, policy, device, steps, tick or (lambda: None)
                 )
                 run, image = result if task == "image" else (result, None)
+                run.chosen, run.plan = _plan(stack, cfg, impl, policy, device)
                 if interpreted:
                     run.note = f"interpreted: {steps} of {cfg.steps} steps"
                 if image is not None and out_dir is not None:
@@ -755,6 +778,7 @@ def summarize(runs: list[dict]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "stack": run["stack"],
             "impl": run["impl"],
+            "chosen": run["chosen"],
             "precision": run["precision"],
             "steps": run["steps"],
             **run["final"],
@@ -819,7 +843,9 @@ def train_tables(train: dict[str, Any]) -> list[Any]:
         rows.append(
             [
                 r["stack"],
-                r["impl"],
+                r["impl"]
+                if r.get("chosen", r["impl"]) in (r["impl"], "nn.Linear", "jax.numpy")
+                else f"{r['impl']} → {r['chosen']}",
                 r["precision"],
                 str(r["steps"]),
                 fmt_num(r.get("psnr" if image else "val_loss"), ".3f"),

@@ -36,15 +36,20 @@ Dynamic loss scaling, the state machine (torch.amp.GradScaler's, the same consta
 Python runs it (tests, and the check against GradScaler) and JAX runs it traced with `jnp.where`
 inside `jit`; nothing here imports NumPy, torch or jax.
 
-Comparing training curves (tests/test_training.py, the kernels against the baseline from the same
-init and data order): the loss curve L(t) of a few steps is compared as one array with
-`common.tolerance.compare` against the same training run in float64 (the float64 baseline), with
-the framework's own curve in the compute dtype as the `baseline` (the 2× rule). Why the forward's
-bounds hold for a loss curve: at step 0, L = mean((y − t)²) and δL/L ≤ 2‖δy‖/‖y − t‖, which is
-the output's rel_fro error times 2‖y‖/‖y − t‖ (≈ 1–2 at the start of a fit, where the output is
-small against the target); each later step adds the error of the previous update, lr·δg, which
-is a product of the same rounding errors and stays ≪ u over a few steps at the test's learning
-rate. No new bound was needed: the existing `bounds(spec)` of the compute dtype apply.
+Comparing training curves (tests/test_training.py: our kernels against the baseline from the
+same init and data order, a few steps under the interpreters): the loss curve L(t) of a 16-bit run
+is compared as one array with `common.tolerance.compare`, the reference being the baseline's curve
+under the fp32 policy (its own error, ~1e-7 relative, is far below the 16-bit bounds: one
+precision up serves as the reference, as float64 does for a float32 kernel) and the baseline's
+curve under the same 16-bit policy as the `baseline` (the 2× rule). Why the forward's bounds of
+the compute dtype hold for a loss curve: at step 0, L = mean((y − t)²) and
+δL/L ≤ 2‖δy‖/‖y − t‖, the output's rel_fro error times 2‖y‖/‖y − t‖ (≈ 1–2 at the start of a
+fit, where the output is small against the target); each later step adds the previous update's
+error, lr·δg, a product of the same rounding errors, ≪ u over a few steps. Measured (CPU,
+interpreted, 3 steps): bf16 image fit rel_fro 2.1e-3 against the bound 3.1e-2 (8u), fp16
+2.7e-4 against 3.9e-3, bf16 LM 2.0e-4 with the baseline at 3.3e-4. No new bound was needed; over
+hundreds of steps the curves separate as any two roundings of a chaotic optimisation do (Adam's
+loss spikes), which is why end points, not curves, are compared on the GPU runs.
 """
 
 from __future__ import annotations

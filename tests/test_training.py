@@ -194,7 +194,7 @@ def _jax_fit(impl: str, precision: str, loss_scale: LossScaleConfig | None = Non
     return params, state, losses
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp16"])  # bf16 casts the same way (one jit less)
 def test_jax_master_params_stay_fp32(precision: str) -> None:
     import jax
     import jax.numpy as jnp
@@ -258,7 +258,7 @@ def test_baselines_learn_and_agree_across_stacks(task: str) -> None:
     """Both stacks' baselines from the same init and data: the loss falls, and the two curves
     agree closely over the first steps (same policy, same Adam)."""
     cfg = (
-        tr.ImageConfig(size=16, freqs=4, width=32, hidden_layers=2, steps=40, eval_every=20)
+        tr.ImageConfig(size=16, freqs=4, width=32, hidden_layers=2, steps=30, eval_every=15)
         if task == "image"
         else tr.LMConfig(
             context=4, embed=8, batch=64, lr=1e-2, steps=40, eval_every=20, val_windows=256
@@ -306,3 +306,115 @@ def test_cli_errors(capsys) -> None:
         main(["train", "lm", "--stack", "torch", "--impl", "nope"])
     with pytest.raises(SystemExit, match="--size: an image option"):
         main(["train", "lm", "--size", "8"])
+
+
+# ---- our kernels (interpreted) against the baseline, step by step --------------------------------
+# Small enough for the interpreters, large enough that the kernels' rounding differs from the
+# baselines' (K up to 32; at K ≤ 16 the interpreted kernels and torch agree bit for bit).
+KERNEL_IMAGE = tr.ImageConfig(size=8, freqs=8, width=32, hidden_layers=2, steps=3, eval_every=2)
+KERNEL_LM = tr.LMConfig(
+    context=4,
+    embed=8,
+    hidden=48,
+    blocks=1,
+    batch=16,
+    lr=1e-2,
+    steps=3,
+    eval_every=3,
+    val_windows=64,
+)
+
+
+def _curve(stack: str, task: str, impl: str, precision: str) -> dict:
+    cfg = KERNEL_IMAGE if task == "image" else KERNEL_LM
+    data = tr.image_data(cfg) if task == "image" else tr.lm_data(cfg)
+    out = tr.RUNNERS[(stack, task)](
+        cfg, data, impl, get_policy(precision), "cpu", cfg.steps, lambda: None
+    )
+    run = (out[0] if task == "image" else out).to_dict()
+    return {"loss": run["loss"], "val": run["val_loss"], "final": run["final"]}
+
+
+@pytest.mark.parametrize(
+    "stack,task,impl,precision",
+    [
+        ("torch", "image", "fused_small", "bf16"),
+        ("torch", "image", "triton", "fp16"),
+        ("torch", "lm", "auto", "bf16"),
+        ("jax", "image", "fused_small", "fp16"),
+        ("jax", "lm", "auto", "bf16"),
+    ],
+)
+def test_kernels_train_like_the_baseline(stack: str, task: str, impl: str, precision: str) -> None:
+    """Our kernels (interpreted) and the baseline from the same init and data order, under the
+    same policy: the loss curve (and the LM's validation losses) against the float32 baseline's
+    as the reference, with the tolerance policy of the compute dtype and its 2× baseline rule
+    (common/precision.py's docstring says why those bounds hold for a few steps)."""
+    from fusedmlp.common.tolerance import compare
+
+    ref = _curve(stack, task, tr.BASELINE, "fp32")
+    base = _curve(stack, task, tr.BASELINE, precision)
+    ours = _curve(stack, task, impl, precision)
+    cfg = KERNEL_IMAGE if task == "image" else KERNEL_LM
+    spec = cfg.spec.replace(dtype=get_policy(precision).compute_dtype)
+    for key in ("loss", "val") if task == "lm" else ("loss",):
+        result = compare(ours[key], ref[key], spec, baseline=base[key])
+        what = f"{key}: ours {ours[key]}, baseline {base[key]}, fp32 {ref[key]}"
+        assert result.passed, what + "\n" + result.report()
+    falls = ours["val"] if task == "lm" else ours["loss"]  # the LM's batches differ: val falls
+    assert falls[-1] < falls[0], falls
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf·0 on overflow
+@pytest.mark.parametrize("stack", tr.STACKS)
+def test_kernels_keep_fp32_masters_and_skip_overflow(stack: str) -> None:
+    """With our kernels: master params stay float32 through fp16 steps, and an fp16 overflow
+    skips the step (params and optimizer state unchanged) and halves the scale."""
+    if stack == "torch":
+        import torch
+
+        before, model, opt, scaler, _ = _torch_fit("triton", "fp16", OVERFLOW, steps=1)
+        assert scaler.get_scale() == 2.0**39 and not opt.state
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name]), name
+        before, model, _, _, losses = _torch_fit("triton", "fp16", steps=2)
+        for name, p in model.named_parameters():
+            assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+            assert not torch.equal(p, before[name]), name
+    else:
+        import jax.numpy as jnp
+
+        before, (params, opt_state, scale), _ = _jax_fit("pallas_triton", "fp16", OVERFLOW, 1)
+        assert float(scale.scale) == 2.0**39 and int(opt_state[0].count) == 0
+        for name, p in params.items():
+            assert np.array_equal(np.asarray(p), np.asarray(before[name])), name
+        before, (params, _, _), losses = _jax_fit("pallas_triton", "fp16", steps=2)
+        for name, p in params.items():
+            assert p.dtype == jnp.float32, name
+            assert not np.array_equal(np.asarray(p), np.asarray(before[name])), name
+    assert all(math.isfinite(v) for v in losses)
+
+
+# ---- the H200 (pytest -m gpu): both tasks long enough to converge, end points compared ---------
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", tr.TASKS)
+def test_gpu_kernels_converge_like_the_baselines(task: str) -> None:
+    """bf16, both stacks, `auto` against the baseline of the stack from the same init and data:
+    the image fit's final PSNR within 0.3 dB, the LM's validation loss within 1 % (issue 25's
+    convergence targets), at sizes that take seconds (the full runs: docs/training.md)."""
+    cfg = (
+        tr.ImageConfig(size=128, steps=400, eval_every=200)
+        if task == "image"
+        else tr.LMConfig(context=16, embed=32, hidden=1024, blocks=2, batch=1024, steps=200)
+    )
+    out = tr.run_task(
+        task, cfg, stacks=tr.STACKS, impls=["auto", tr.BASELINE], precisions=["bf16"],
+        device="cuda",
+    )  # fmt: skip
+    for row in out["summary"]:
+        if row["impl"] == tr.BASELINE:
+            continue
+        if task == "image":
+            assert abs(row["psnr_gap_db"]) <= 0.3, row
+        else:
+            assert abs(row["val_loss_gap"]) <= 0.01, row

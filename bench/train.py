@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from fusedmlp.common import MLPSpec, init_params
+from fusedmlp.common import MLPSpec, TileConfig, init_params
 from fusedmlp.common.packing import pack_params
 from fusedmlp.common.precision import DEFAULT_PRECISION, PRECISIONS, Policy, get_policy
 
@@ -65,6 +65,10 @@ WARMUP_STEPS = 3  # excluded from the step time: compilation, autotuning, first 
 DEFAULT_INTERPRETED_STEPS = 3
 LR_DECAY = 0.1  # the learning rate decays exponentially to LR_DECAY × lr at the last step
 CROSS_STACK_FIRST = 10  # steps over which the two stacks' curves are compared closely
+# Interpreted runs (CPU) pin large tiles: the interpreters cost ~4 ms per program iteration, and
+# the heuristic's interpreter tiles (16×32×16, sized for the tests' odd shapes) make the 4096-row
+# image fit ~2,000 iterations per kernel — minutes a step; 128×64×64 makes it ~32.
+INTERPRETED_CONFIG = TileConfig(block_m=128, block_n=64, block_k=64, group_m=1, num_stages=1)
 
 
 # ---- task configurations -------------------------------------------------------------------------
@@ -280,7 +284,13 @@ def psnr(mse: float) -> float:
 
 
 # ---- PyTorch -------------------------------------------------------------------------------------
-def _torch_mlp(spec: MLPSpec, params: dict[str, np.ndarray], impl: str, device: str) -> Any:
+def _torch_mlp(
+    spec: MLPSpec,
+    params: dict[str, np.ndarray],
+    impl: str,
+    device: str,
+    config: TileConfig | None = None,
+) -> Any:
     """FusedMLP(spec, impl) holding `params` (packed), or the nn.Linear baseline of the spec."""
     import torch
     from torch import nn
@@ -288,7 +298,8 @@ def _torch_mlp(spec: MLPSpec, params: dict[str, np.ndarray], impl: str, device: 
     from fusedmlp.torch_impl import FusedMLP
 
     if impl != BASELINE:
-        return FusedMLP(spec, impl=impl, device=device, seed=None).load_params(params)
+        fused = FusedMLP(spec, impl=impl, config=config, device=device, seed=None)
+        return fused.load_params(params)
 
     def linear(w: np.ndarray, b: np.ndarray | None) -> nn.Linear:
         lin = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device=device)
@@ -333,7 +344,9 @@ def _torch_rmsnorm(h: Any) -> Any:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def _torch_lm(cfg: LMConfig, init: dict[str, Any], impl: str, device: str) -> Any:
+def _torch_lm(
+    cfg: LMConfig, init: dict[str, Any], impl: str, device: str, config: TileConfig | None
+) -> Any:
     import torch
     from torch import nn
 
@@ -341,7 +354,9 @@ def _torch_lm(cfg: LMConfig, init: dict[str, Any], impl: str, device: str) -> An
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Parameter(torch.from_numpy(init["embed"]).to(device))
-            self.ffn = nn.ModuleList(_torch_mlp(cfg.spec, p, impl, device) for p in init["blocks"])
+            self.ffn = nn.ModuleList(
+                _torch_mlp(cfg.spec, p, impl, device, config) for p in init["blocks"]
+            )
             self.out = nn.Linear(cfg.d_model, 256, bias=False, device=device)
             with torch.no_grad():
                 self.out.weight.copy_(torch.from_numpy(np.ascontiguousarray(init["out"].T)))
@@ -384,8 +399,9 @@ def torch_image(
 
     from fusedmlp.torch_impl import training as tt
 
-    run = Run("torch", impl, policy.name, interpreted=_torch_interpreted(impl, device))
-    model = _torch_mlp(cfg.spec, image_init(cfg), impl, device)
+    run = Run("torch", impl, policy.name, interpreted=_interpreted("torch", impl, device))
+    config = INTERPRETED_CONFIG if run.interpreted else None
+    model = _torch_mlp(cfg.spec, image_init(cfg), impl, device, config)
     tt.check_master(model, policy)
     x = torch.from_numpy(data["x"]).to(device)
     rgb = torch.from_numpy(data["rgb"]).to(device)
@@ -427,8 +443,9 @@ def torch_lm(
 
     from fusedmlp.torch_impl import training as tt
 
-    run = Run("torch", impl, policy.name, interpreted=_torch_interpreted(impl, device))
-    model = _torch_lm(cfg, lm_init(cfg), impl, device)
+    run = Run("torch", impl, policy.name, interpreted=_interpreted("torch", impl, device))
+    config = INTERPRETED_CONFIG if run.interpreted else None
+    model = _torch_lm(cfg, lm_init(cfg), impl, device, config)
     tt.check_master(model, policy)
     train = torch.from_numpy(data["train"].astype(np.int64)).to(device)
     starts = torch.from_numpy(data["starts"]).to(device)
@@ -496,7 +513,9 @@ def _jax_mlp_params(spec: MLPSpec, params: dict[str, np.ndarray], impl: str) -> 
     return {k: jnp.asarray(v) for k, v in held.items()}
 
 
-def _jax_apply_mlp(spec: MLPSpec, impl: str, policy: Policy) -> Callable[[Any, Any], Any]:
+def _jax_apply_mlp(
+    spec: MLPSpec, impl: str, policy: Policy, config: TileConfig | None = None
+) -> Callable[[Any, Any], Any]:
     """h (any float dtype), master params → the MLP's output in the compute dtype (rules 1, 2)."""
     import jax
     import jax.numpy as jnp
@@ -509,7 +528,8 @@ def _jax_apply_mlp(spec: MLPSpec, impl: str, policy: Policy) -> Callable[[Any, A
     act = {"relu": jax.nn.relu, "silu": jax.nn.silu}[spec.base_activation]
 
     def fused(h: Any, params: Any) -> Any:
-        return jax_impl.mlp(h.astype(cdt), cast_to_compute(params, policy), cspec, impl=impl)
+        p = cast_to_compute(params, policy)
+        return jax_impl.mlp(h.astype(cdt), p, cspec, impl=impl, config=config)
 
     def baseline(h: Any, params: Any) -> Any:
         # Plain jax.numpy as a careful user writes it: compute-dtype operands, float32
@@ -557,11 +577,12 @@ def jax_image(
 
     from fusedmlp.jax_impl import training as jt
 
-    run = Run("jax", impl, policy.name, interpreted=_jax_interpreted(impl, device))
+    run = Run("jax", impl, policy.name, interpreted=_interpreted("jax", impl, device))
     with jax.default_device(_jax_device(device)):
         params = _jax_mlp_params(cfg.spec, image_init(cfg), impl)
         jt.check_master(params, policy)
-        apply = _jax_apply_mlp(cfg.spec, impl, policy)
+        config = INTERPRETED_CONFIG if run.interpreted else None
+        apply = _jax_apply_mlp(cfg.spec, impl, policy, config)
         x, rgb = jnp.asarray(data["x"]), jnp.asarray(data["rgb"])
 
         def loss_fn(p: Any, batch: Any) -> Any:
@@ -607,7 +628,7 @@ def jax_lm(
     from fusedmlp.jax_impl import training as jt
     from fusedmlp.jax_impl.training import cast_to_compute
 
-    run = Run("jax", impl, policy.name, interpreted=_jax_interpreted(impl, device))
+    run = Run("jax", impl, policy.name, interpreted=_interpreted("jax", impl, device))
     init = lm_init(cfg)
     span = cfg.context + 1
     with jax.default_device(_jax_device(device)):
@@ -617,7 +638,8 @@ def jax_lm(
             "out": jnp.asarray(init["out"]),
         }
         jt.check_master(params, policy)
-        apply_ffn = _jax_apply_mlp(cfg.spec, impl, policy)
+        config = INTERPRETED_CONFIG if run.interpreted else None
+        apply_ffn = _jax_apply_mlp(cfg.spec, impl, policy, config)
         cdt = jt.jnp_dtype(policy.compute_dtype)
 
         def logits(p: Any, x: Any) -> Any:

@@ -747,8 +747,10 @@ def run_task(
     out_dir: Path | None = None,
     interpreted_steps: int = DEFAULT_INTERPRETED_STEPS,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every (stack, precision, impl) run of `task`; the `train` section of a results file."""
+    """Every (stack, precision, impl) run of `task`; the `train` section of a results file.
+    `checkpoint` gets the section so far after each run (a time limit keeps what finished)."""
     data = image_data(cfg) if task == "image" else lm_data(cfg)
     if out_dir is not None and task == "image":
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -773,6 +775,12 @@ def run_task(
                     save_png(image, path)
                     run.image = path.name
                 runs.append(run.to_dict())
+                if checkpoint is not None:
+                    checkpoint(_section(task, device, cfg, runs))
+    return _section(task, device, cfg, runs)
+
+
+def _section(task: str, device: str, cfg: ImageConfig | LMConfig, runs: list[dict]) -> dict:
     return {
         "task": task,
         "device": device,
@@ -1027,6 +1035,17 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         task = bar.add_task(what, total=steps)
         return lambda: bar.advance(task)
 
+    json_path = out_dir / f"train-{args.task}.json"
+
+    def checkpoint(partial: dict[str, Any]) -> None:
+        rep.write_json(_results("train", partial), json_path)
+        r = partial["runs"][-1]  # one line per finished run, also where no bar is drawn (a log)
+        end = ", ".join(f"{k} {v:.4g}" for k, v in r["final"].items())
+        console.print(
+            f"done {r['stack']}:{r['impl']} ({r['chosen']}) {r['precision']}: {r['steps']} steps, "
+            f"{rep.fmt_time(r['step_time_s'])}/step, warm-up {rep.fmt_time(r['warmup_s'])}, {end}"
+        )
+
     with bar:
         train = run_task(
             args.task,
@@ -1038,10 +1057,10 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
             out_dir=out_dir,
             interpreted_steps=args.interpreted_steps,
             progress=progress,
+            checkpoint=checkpoint,
         )
     results = _results("train", train)
     rep.print_tables(console, train_tables(train))
-    json_path = out_dir / f"train-{args.task}.json"
     rep.write_json(results, json_path)
     png = plot_train(train, out_dir / f"train-{args.task}.png")
     console.print(f"wrote {json_path}, {png}")

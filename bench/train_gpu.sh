@@ -2,7 +2,7 @@
 # The real training runs of issue 25 on one GPU: bash bench/train_gpu.sh OUTDIR
 #
 # Installs the project offline (the GPU image has torch, jax, optax, scikit-image), then runs
-#   fusedmlp train image: astronaut 512², 2,000 steps, bf16 and fp16 (loss scaling)
+#   fusedmlp train image: astronaut 256², 2,000 steps, bf16 and fp16 (loss scaling)
 #   fusedmlp train lm:    pydoc byte LM, d 1024, SwiGLU 4096, 4 blocks, batch 4096, 300 steps, bf16
 # both stacks, `auto` against the baseline of each stack from the same init and data order, each
 # under its own time limit, and writes into OUTDIR: train-image.json, train-lm.json (curves, step

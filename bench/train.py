@@ -32,7 +32,8 @@ baselines run all `--steps`.
 Outputs in `--out` (default ./train-results): `train-<task>.json` (a fusedmlp results file with a
 `train` section: curves, step times, final metrics, environment), `train-<task>.png` (the curves,
 one panel per stack and precision, every implementation on it), for `image` the original and each
-run's reconstruction as PNG (`image-original.png`, `image-<stack>-<precision>-<impl>.png`).
+run's reconstruction as PNG (`image-original.png`, `image-<stack>-<precision>-<impl>.png`) and
+all of them side by side (`image-compare.png`).
 `fusedmlp report train-<task>.json` renders a saved run again. Step time: the wall time of the
 training steps after the first `WARMUP_STEPS` (compilation, autotuning), synchronised at the
 evaluation points and at the end, divided by their number.
@@ -947,6 +948,30 @@ def plot_train(train: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_images(train: dict[str, Any], out_dir: Path) -> Path | None:
+    """The original photograph beside every run's reconstruction, titled with its PSNR."""
+    from .report import _plt
+
+    runs = [r for r in train["runs"] if r.get("image") and (out_dir / r["image"]).exists()]
+    if train["task"] != "image" or not runs or not (out_dir / "image-original.png").exists():
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(2.6 * (len(runs) + 1), 3.2), squeeze=False)
+    panels = [("original", "image-original.png")]
+    for r in runs:
+        what = f"{r['stack']}:{r['impl']} {r['precision']}"
+        panels.append((f"{what}\n{r['final']['psnr']:.2f} dB, {r['steps']} steps", r["image"]))
+    for ax, (title, name) in zip(axes[0], panels, strict=True):
+        ax.imshow(plt.imread(out_dir / name))
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    path = out_dir / "image-compare.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---- command line --------------------------------------------------------------------------------
 def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
@@ -1066,6 +1091,9 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
     rep.write_json(results, json_path)
     png = plot_train(train, out_dir / f"train-{args.task}.png")
     console.print(f"wrote {json_path}, {png}")
+    compare = plot_images(train, out_dir)
+    if compare is not None:
+        console.print(f"wrote {compare}")
     bad = [r for r in train["runs"] if not all(math.isfinite(x) for x in r["loss"])]
     for r in bad:
         console.print(f"[bold red]{r['stack']}:{r['impl']} {r['precision']}: non-finite loss[/]")

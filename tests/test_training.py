@@ -297,7 +297,12 @@ def test_cli_writes_and_report_renders(tmp_path) -> None:
         ("fp16", 2, 2),
     ]
     assert len(runs[1]["scale"]) == 2
-    for name in ("train-image.png", "image-original.png", "image-torch-bf16-baseline.png"):
+    for name in (
+        "train-image.png",
+        "image-original.png",
+        "image-torch-bf16-baseline.png",
+        "image-compare.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert main(["report", str(out / "train-image.json"), "--plot-dir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "train.png").exists()

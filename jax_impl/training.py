@@ -15,7 +15,8 @@ float32 for the loss, norms and residual stream (rule 3). Dynamic loss scaling i
 constants), its state a `LossScaleState` pytree; a skipped step leaves params AND optimizer state
 as they were, as GradScaler skips `optimizer.step()`.
 
-Twin: torch_impl/training.py (`train_step` with torch.autocast and torch.amp.GradScaler).
+Twin: torch_impl/training.py (`train_step` with torch.autocast and torch.amp.GradScaler; the
+twin-diff of the public names is listed there).
 """
 
 from __future__ import annotations

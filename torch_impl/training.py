@@ -12,8 +12,11 @@ built from the policy's `LossScaleConfig`, is the dynamic loss scaling state mac
 (`common.precision.next_loss_scale` is the same machine; tests/test_training.py checks they agree).
 Master params stay float32: the model is built in float32 and only autocast's casts are 16-bit.
 
-Twin: jax_impl/training.py (the same `train_step` under the same policy, with optax and the
-loss scaler written out).
+Twin: jax_impl/training.py (the same step under the same policy, with optax and the loss scaler
+written out). twin-diff: the public names differ where the frameworks do — here `autocast` and
+`make_scaler` (torch's own casting and GradScaler); there `cast_to_compute`, `LossScaleState`,
+`init_loss_scale`, `update_loss_scale`, `all_finite` (what those do, written out); `train_step`
+(one eager step) ↔ `make_train_step` (builds one jitted step); `check_master` in both.
 """
 
 from __future__ import annotations

@@ -523,16 +523,13 @@ def _jax_apply_mlp(
     import jax
     import jax.numpy as jnp
 
-    from fusedmlp import jax_impl
-    from fusedmlp.jax_impl.training import cast_to_compute, jnp_dtype
+    from fusedmlp.jax_impl.training import cast_to_compute, jnp_dtype, policy_mlp
 
     cdt = jnp_dtype(policy.compute_dtype)
-    cspec = spec.replace(dtype=policy.compute_dtype)
     act = {"relu": jax.nn.relu, "silu": jax.nn.silu}[spec.base_activation]
 
     def fused(h: Any, params: Any) -> Any:
-        p = cast_to_compute(params, policy)
-        return jax_impl.mlp(h.astype(cdt), p, cspec, impl=impl, config=config)
+        return policy_mlp(h, params, spec, policy, impl=impl, config=config)
 
     def baseline(h: Any, params: Any) -> Any:
         # Plain jax.numpy as a careful user writes it: compute-dtype operands, float32

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fusedmlp.common import MLPSpec, TileConfig
 from fusedmlp.common.precision import Policy, get_policy, next_loss_scale
 
 _JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -70,6 +71,32 @@ def cast_to_compute(tree: Any, policy: Policy | str) -> Any:
         return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
     return jax.tree.map(cast, tree)
+
+
+def policy_mlp(
+    x: jax.Array,
+    params: Any,
+    spec: MLPSpec,
+    policy: Policy | str,
+    *,
+    impl: str = "auto",
+    config: TileConfig | None = None,
+) -> jax.Array:
+    """`jax_impl.mlp` under the policy, from float32 master params: x and params cast to the
+    compute dtype (rules 1, 2), the spec of that dtype; the output keeps it. What torch.autocast
+    does for FusedMLP without user code; differentiable (grads land in float32)."""
+    from . import front
+
+    policy = get_policy(policy)
+    dtype = jnp_dtype(policy.compute_dtype)
+    cspec = spec.replace(dtype=policy.compute_dtype, fp32_precision=_precision(spec, policy))
+    p = cast_to_compute(params, policy)
+    return front.mlp(x.astype(dtype), p, cspec, impl=impl, config=config)
+
+
+def _precision(spec: MLPSpec, policy: Policy) -> str:
+    # tf32 describes float32 products only; a 16-bit spec has IEEE products, fp32 accumulation.
+    return spec.fp32_precision if policy.compute_dtype == "float32" else "ieee"
 
 
 def all_finite(tree: Any) -> jax.Array:

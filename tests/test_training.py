@@ -432,3 +432,22 @@ def test_gpu_kernels_converge_like_the_baselines(task: str) -> None:
             assert abs(row["psnr_gap_db"]) <= 0.3, row
         else:
             assert abs(row["val_loss_gap"]) <= 0.01, row
+
+
+def test_jax_policy_mlp_is_mlp_of_the_cast_params() -> None:
+    """policy_mlp = jax_impl.mlp of the compute-dtype casts (the spec of that dtype), and its
+    gradient lands in the float32 masters."""
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp.jax_impl import mlp
+    from fusedmlp.jax_impl.training import cast_to_compute, policy_mlp
+
+    params = {k: jnp.asarray(v) for k, v in init_params(SMALL_SPEC, 5).items()}
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((9, 6)).astype(np.float32))
+    got = policy_mlp(x, params, SMALL_SPEC, "bf16", impl="xla")
+    bf16 = SMALL_SPEC.replace(dtype="bfloat16")
+    want = mlp(x.astype(jnp.bfloat16), cast_to_compute(params, "bf16"), bf16, impl="xla")
+    assert got.dtype == jnp.bfloat16 and np.array_equal(np.asarray(got), np.asarray(want))
+    g = jax.grad(lambda p: policy_mlp(x, p, SMALL_SPEC, "bf16", impl="xla").sum())(params)
+    assert all(a.dtype == jnp.float32 for a in g.values())

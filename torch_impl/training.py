@@ -15,7 +15,8 @@ Master params stay float32: the model is built in float32 and only autocast's ca
 Twin: jax_impl/training.py (the same step under the same policy, with optax and the loss scaler
 written out). twin-diff: the public names differ where the frameworks do — here `autocast` and
 `make_scaler` (torch's own casting and GradScaler); there `cast_to_compute`, `LossScaleState`,
-`init_loss_scale`, `update_loss_scale`, `all_finite` (what those do, written out); `train_step`
+`init_loss_scale`, `update_loss_scale`, `all_finite` (what those do, written out) and
+`policy_mlp` (jax_impl.mlp from float32 masters: what autocast does for FusedMLP here); `train_step`
 (one eager step) ↔ `make_train_step` (builds one jitted step); `check_master` in both.
 """
 

@@ -11,6 +11,7 @@ torch_impl/training.py, jax_impl/training.py and the two tasks of bench/train.py
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -337,6 +338,7 @@ KERNEL_LM = tr.LMConfig(
 )
 
 
+@functools.cache  # the same run serves several tests of one worker
 def _curve(stack: str, task: str, impl: str, precision: str) -> dict:
     cfg = KERNEL_IMAGE if task == "image" else KERNEL_LM
     data = tr.image_data(cfg) if task == "image" else tr.lm_data(cfg)
@@ -344,7 +346,7 @@ def _curve(stack: str, task: str, impl: str, precision: str) -> dict:
         cfg, data, impl, get_policy(precision), "cpu", cfg.steps, lambda: None
     )
     run = (out[0] if task == "image" else out).to_dict()
-    return {"loss": run["loss"], "val": run["val_loss"], "final": run["final"]}
+    return {"loss": tuple(run["loss"]), "val": tuple(run["val_loss"]), "final": run["final"]}
 
 
 @pytest.mark.parametrize(
@@ -375,6 +377,20 @@ def test_kernels_train_like_the_baseline(stack: str, task: str, impl: str, preci
         assert result.passed, what + "\n" + result.report()
     falls = ours["val"] if task == "lm" else ours["loss"]  # the LM's batches differ: val falls
     assert falls[-1] < falls[0], falls
+
+
+def test_stacks_train_alike_with_the_same_kernels() -> None:
+    """torch's and JAX's fused_small runs (twin kernels, one policy, same init and data): each
+    within the fp16 bounds of the float32 baseline's curve, and of each other."""
+    from fusedmlp.common.tolerance import compare
+
+    ref = _curve("torch", "image", tr.BASELINE, "fp32")
+    runs = {s: _curve(s, "image", "fused_small", "fp16")["loss"] for s in tr.STACKS}
+    spec = KERNEL_IMAGE.spec.replace(dtype="float16")
+    for stack, loss in runs.items():
+        assert compare(loss, ref["loss"], spec).passed, (stack, loss, ref["loss"])
+    between = compare(runs["jax"], runs["torch"], spec)
+    assert between.passed, between.report()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf·0 on overflow

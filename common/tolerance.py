@@ -41,13 +41,18 @@ matters for relu only: its derivative jumps at 0, and against the unrounded forw
 flips the sign of a fraction ~u of the next pre-activations, each flip an O(1) error in its element
 (rel_fro ~ √u, 0.06 in bfloat16: no multiple of u bounds that); torch autograd flips the same way.
 At the rounded forward the only flips left come from float32 accumulation (~2^-24 relative).
+Measured in float64 (256-wide 3-layer relu MLP, M=512): the two linearisation points differ by
+8.2 u rel_fro in bfloat16 and 28 u in float16 (max_scaled up to 274 u) — the √u law — against
+≤ 0.6 u for gelu and silu.
 A backward rounds more often than a forward: per layer the saved pre-activation (and gate), the
 activation-gradient product dZ and the propagated dh, each ≤ u, plus the forward's hidden; about
 three times the forward's rounding points, √3 times its random-sign error, so the gradient bounds
 are twice the forward's: GRAD_REL_FRO_UNITS = 16, GRAD_MAX_SCALED_UNITS = 64, and for float32
 (accumulation over M as well as K in dW = hᵀ·dZ) FP32_GRAD_REL_FRO = 4e-5, FP32_GRAD_MAX_SCALED =
 4e-4. The baseline rule (2× torch autograd / jax.grad of the plain baseline + 1 u) applies
-unchanged.
+unchanged. Measured (torch's Triton kernels under the interpreter, 2026-12-01, odd sizes of 19–70,
+2–3 layers, every activation): 16-bit ≤ 0.9 u rel_fro and ≤ 1.5 u max_scaled; float32 ≤ 5.6 u
+(3.3e-7) and ≤ 7.4 u.
 """
 
 from __future__ import annotations

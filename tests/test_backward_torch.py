@@ -308,14 +308,16 @@ def test_dgrad_kernel_epilogues(dtype):
     assert_grads_close({"x": to_numpy(out)}, {"x": want}, spec)
     # gated: the output is the packed [dz|dg] of the gated layer's ko output columns
     zg = to_torch(rand(rng, (m, packed_width(ko)), dtype))
-    out = backward.dgrad_fwd(a, w, zg, epilogue="dact_gated", activation="silu", config=CONFIG)
-    out = to_numpy(out)
     zz, gg = (_f64(t) for t in _unpack(zg, ko))
     dz = acc * gg * reference.activation_grad("silu", zz)
     dg = acc * reference.activation("silu", zz)
-    got_z, got_g = _unpack(out, ko)
-    assert_grads_close({"z": got_z, "g": got_g}, {"z": dz, "g": dg}, spec)
-    assert (out[:, _padded(ko)] == 0).all()
+    # block_n 16 is read as 64 (one gate/up pair per tile); 128 holds two pairs (the GPU's tile)
+    for config in (CONFIG, TileConfig(16, 128, 16, group_m=1, num_stages=1)):
+        out = backward.dgrad_fwd(a, w, zg, epilogue="dact_gated", activation="silu", config=config)
+        out = to_numpy(out)
+        got_z, got_g = _unpack(out, ko)
+        assert_grads_close({"z": got_z, "g": got_g}, {"z": dz, "g": dg}, spec, what=str(config))
+        assert (out[:, _padded(ko)] == 0).all()
 
 
 def _unpack(packed, n):
@@ -399,3 +401,51 @@ def test_baseline_module_trains_repeatedly():
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
     ref = _reference(spec, x, module.params(), dy)
     assert_grads_close(first, ref, spec)
+
+
+def test_wide_pinned_tiles():
+    # A tile of two gate/up pairs (block_n 128, as the GPU heuristic's) through the whole training
+    # step: the saving forward, the packed dgrad epilogue, the wgrad over the packed width.
+    spec = MLPSpec((19, 150, 23), "geglu", True, "bfloat16")
+    config = TileConfig(32, 128, 32, group_m=2, num_warps=4, num_stages=1)
+    module = FusedMLP(spec, impl="triton", config=config, seed=43)
+    x = to_torch(make_input(spec, 29, seed=44))
+    dy = to_torch(make_grad_output(spec, 29, seed=45))
+    got = _module_grads(module, x, dy)
+    assert_grads_close(got, _reference(spec, x, module.params(), dy), spec)
+
+
+def test_params_only_skips_dx():
+    # x without requires_grad: the first layer's dgrad is skipped; the param gradients are the same
+    spec = _spec(CASES[7])
+    module = FusedMLP(spec, impl="triton", seed=46)
+    x = to_torch(make_input(spec, 9, seed=47))
+    dy = to_torch(make_grad_output(spec, 9, seed=48))
+    with_x = _module_grads(module, x, dy)
+    for p in module.parameters():
+        p.grad = None
+    module(x).backward(dy)
+    assert not x.requires_grad and x.grad is None
+    packed = {k: to_numpy(v.grad) for k, v in module.packed_params().items()}
+    got = unpack_params(spec, packed)
+    for name in got:
+        np.testing.assert_array_equal(got[name], with_x[name], err_msg=name)
+
+
+# ---- GPU (`pytest -m gpu`; skipped on the CPU machines) -----------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "widths,activation", [((512, 1000, 384), "swiglu"), ((384, 1000, 300, 256), "gelu")]
+)
+def test_gpu_training_heuristic_tiles(widths, activation, dtype):
+    # The GPU heuristic's tiles (16-bit: 128x256, gated 128x128 over 256 packed columns, the
+    # 128-column dact cap) on odd sizes, vs the float64 reference on the host and eager autograd.
+    spec = MLPSpec(widths, activation, True, dtype)
+    module = FusedMLP(spec, impl="triton", device="cuda", seed=49)
+    x = to_torch(make_input(spec, 1001, seed=50))
+    dy = to_torch(make_grad_output(spec, 1001, seed=51))
+    got = _module_grads(module, x.cuda(), dy.cuda())
+    params = {k: v.detach().cpu() for k, v in module.params().items()}
+    base = _eager_grads(spec, x.cuda(), {k: v.cuda() for k, v in params.items()}, dy.cuda())
+    assert_grads_close(got, _reference(spec, x, params, dy), spec, baselines=base, what=str(spec))

@@ -23,6 +23,12 @@ never loses to the unfused code — and the plan quotes the measurement. Elsewhe
   3. `triton_tma` on Hopper, with each layer that misses TMA's 16-byte stride rule run by the
      portable kernel;
   4. `triton`, the portable kernels, everywhere else (and on the CPU, under Triton's interpreter).
+
+Training (issue 24): where autograd would record the call, `mlp` goes through the registered
+training op (custom_op.py) with the `saved=` policy; `training_forward` is its forward ("preact":
+backward.forward_saving, the portable saving kernels whatever impl was asked for; "inputs": the
+asked impl, x kept), `plan(..., saved=)` says so with the bytes kept. Baselines train through
+torch autograd.
 """
 
 from __future__ import annotations

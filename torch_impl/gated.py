@@ -54,13 +54,54 @@ def _gate_split(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.cons
 
 @triton.jit
 def _gated_fwd_kernel(
+    x_ptr, wv_ptr, bc_ptr, o_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # The forward-only kernel: the tile below without the pre-activation store. Its signature is
+    # the one jax_impl/cross calls by name; its sm_90 PTX is what it was before issue 24 (line
+    # info aside: the tile is inlined).
+    _gated_fwd_tile(
+        x_ptr, wv_ptr, bc_ptr, o_ptr, None,
+        M, N, K,
+        stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
+        ACTIVATION, HAS_BIAS, INPUT_PRECISION, INTERPRET,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gated_saving_fwd(
     x_ptr, wv_ptr, bc_ptr, o_ptr, z_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    STORE_PREACT: tl.constexpr = False,
+):  # fmt: skip
+    # twin-diff: the training forward (backward.py) is a second kernel of the same tile, storing
+    # the packed [z|g] as well (z_ptr: contiguous [M, 2·Np]); the Pallas twin adds an output.
+    _gated_fwd_tile(
+        x_ptr, wv_ptr, bc_ptr, o_ptr, z_ptr,
+        M, N, K,
+        stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
+        ACTIVATION, HAS_BIAS, INPUT_PRECISION, INTERPRET,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gated_fwd_tile(
+    x_ptr, wv_ptr, bc_ptr, o_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wvk, stride_wvn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: an output tile of h, and the packed tile of wv twice as wide
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -128,8 +169,8 @@ def gated_fwd(
     """Launch on a 2-D x [M, K] (any strides), wv [K, packed_width(n)], bc [packed_width(n)] or
     None; returns h [M, n] in x.dtype. Trusts input; a block_n under 64 is read as 64.
     `store_preact` (training, backward.py): returns (h, zg) with zg = x·wv + bc, the packed
-    [M, packed_width(n)] pre-activation (padded columns 0 for finite x); off, the kernel is
-    compiled exactly as before (STORE_PREACT=False, z_ptr None)."""
+    [M, packed_width(n)] pre-activation (padded columns 0 for finite x); off, the forward-only
+    kernel runs (`_gated_saving_fwd` is the storing one)."""
     M, K = x.shape
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
     z = None
@@ -139,15 +180,15 @@ def gated_fwd(
         return out if z is None else (out, z)
     config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(n, config.block_n),)
-    _gated_fwd_kernel[grid](
-        x, wv, bc, out, z,
+    kernel, outs = (_gated_saving_fwd, (out, z)) if store_preact else (_gated_fwd_kernel, (out,))
+    kernel[grid](
+        x, wv, bc, *outs,
         M, n, K,
         x.stride(0), x.stride(1), wv.stride(0), wv.stride(1), out.stride(0), out.stride(1),
         ACTIVATION=activation, HAS_BIAS=bc is not None,
         INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-        STORE_PREACT=store_preact,
     )  # fmt: skip
     return out if z is None else (out, z)
 

@@ -2,7 +2,8 @@
 
 Formula: acc = Σ_k x[m, k]·W[k, n] in fp32; out = act(acc + b[n]) + residual[m, n], cast once to
 the dtype at the store. The pre-activation never touches memory, except in the training forward
-(`STORE_PREACT`, backward.py), which also stores z = acc + b once in the dtype.
+(`_linear_act_saving_fwd`, the same tile with STORE_PREACT; backward.py), which also stores
+z = acc + b once in the dtype.
 
 Grid: 1-D, one program per (BLOCK_M × BLOCK_N) output tile; `_grouped_tile` maps the program id to
 (pid_m, pid_n) in groups of GROUP_M tile rows (Triton tutorial 03's grouped ordering: programs that
@@ -51,13 +52,54 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _linear_act_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # The forward-only kernel: the tile below without the pre-activation store. Its signature is
+    # the one jax_impl/cross calls by name; its sm_90 PTX is what it was before issue 24 (line
+    # info aside: the tile is inlined).
+    _linear_act_fwd_tile(
+        x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, None,
+        M, N, K,
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
+        ACTIVATION, HAS_BIAS, HAS_RESIDUAL, INPUT_PRECISION, INTERPRET,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _linear_act_saving_fwd(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    STORE_PREACT: tl.constexpr = False,
+):  # fmt: skip
+    # twin-diff: the training forward (backward.py) is a second kernel of the same tile, storing
+    # z = x·W + b as well (z_ptr: [M, N], out's strides); the Pallas twin adds an output instead.
+    _linear_act_fwd_tile(
+        x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
+        M, N, K,
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
+        ACTIVATION, HAS_BIAS, HAS_RESIDUAL, INPUT_PRECISION, INTERPRET,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True,
+    )  # fmt: skip
+
+
+@triton.jit
+def _linear_act_fwd_tile(
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -130,7 +172,7 @@ def linear_act_fwd(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch on a 2-D x [M, K] (any strides), w [K, N]; returns [M, N] in x.dtype. Trusts input.
     `store_preact` (training, backward.py): returns (out, z) with z = x·W + b [M, N] as well;
-    off, the kernel is compiled exactly as before (STORE_PREACT=False, z_ptr None)."""
+    off, the forward-only kernel runs (`_linear_act_saving_fwd` is the storing one)."""
     M, K = x.shape
     N = w.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -139,8 +181,11 @@ def linear_act_fwd(
         return out if z is None else (out, z)
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
     r = residual if residual is not None else out  # a placeholder pointer, never read
-    _linear_act_fwd_kernel[grid](
-        x, w, b, residual, out, z,
+    kernel, outs = (
+        (_linear_act_saving_fwd, (out, z)) if store_preact else (_linear_act_fwd_kernel, (out,))
+    )
+    kernel[grid](
+        x, w, b, residual, *outs,
         M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), r.stride(0), r.stride(1),
         out.stride(0), out.stride(1),
@@ -148,7 +193,6 @@ def linear_act_fwd(
         INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-        STORE_PREACT=store_preact,
     )  # fmt: skip
     return out if z is None else (out, z)
 

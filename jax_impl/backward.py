@@ -145,10 +145,13 @@ def _dgrad_kernel(
         if INTERPRET:  # interpreter only: keeps the twin's arithmetic (see linear_act)
             a = a.astype(jnp.float32)
             w = w.astype(jnp.float32)
+        wt = jnp.transpose(w)  # [BLOCK_K, BLOCK_N]: the twin's tile of wᵀ
+        if INTERPRET:  # twin-diff: XLA CPU folds the transpose into its dot and sums in another
+            # order than NumPy's matmul (1739 of 2590 fp32 elements differed); kept apart, the
+            # dot is the twin's [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] product bit for bit
+            wt = jax.lax.optimization_barrier(wt)
         # 3. compute: fp32 accumulate
-        return acc + jax.lax.dot_general(
-            a, w, _CONTRACT_COLUMNS, precision=PRECISION, preferred_element_type=jnp.float32
-        )
+        return acc + jax.lax.dot(a, wt, precision=PRECISION, preferred_element_type=jnp.float32)
 
     acc = jnp.zeros((BLOCK_M, BLOCK_N), dtype=jnp.float32)
     acc = jax.lax.fori_loop(0, pl.cdiv(K, BLOCK_K), body, acc)

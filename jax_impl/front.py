@@ -222,15 +222,15 @@ def plan(
 
     Raises NotImplementedError when an explicitly requested `impl` cannot take this spec (the
     message names the constraint, the value and the fallback); `auto` never does. `saved` (a
-    training policy, common/config.py's SAVED_POLICIES): the plan's reason also says what a
-    differentiated call keeps for the backward, in bytes, and which kernels train (None: the
-    inference plan only).
+    training policy, common/config.py's SAVED_POLICIES): the plan of a TRAINING call — its reason
+    names the policy, the bytes it keeps for the backward (`cost.saved_bytes`) and which kernels
+    train (None: the inference plan only).
     """
     if saved is not None:
         the_plan = plan(
             spec, x_shape, impl=impl, device=device, config=config, residual=residual
         )  # fmt: skip
-        return _with_training(the_plan, spec, math.prod(tuple(x_shape)[:-1]), check_saved(saved))
+        return _training_plan(spec, the_plan, math.prod(tuple(x_shape)[:-1]), check_saved(saved))
     spec = check_spec(spec)
     check_impl(impl, STACK)
     check_config(config)
@@ -261,18 +261,22 @@ def plan(
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
 
 
-def _with_training(the_plan: Plan, spec: MLPSpec, m: int, saved: str) -> Plan:
-    """The plan with the training policy in its reason: bytes kept, what runs forward and back."""
+def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
+    mib = saved_bytes(spec, m, saved) / 2**20
     if _entry(the_plan.impl).baseline:
-        training = f"training: jax autodiff of {the_plan.impl} (saved= does not apply)"
-    else:
-        again = ", pallas_triton saving forward again in the backward" if saved == "inputs" else ""
-        forward = "pallas_triton saving" if saved == "preact" else the_plan.impl
-        training = (
-            f"training: saved={saved}, {saved_bytes(spec, m, saved)} bytes kept for the backward "
-            f"({forward} forward{again}; pallas_triton backward: dact, wgrad, dgrad)"
+        note = f"training: {the_plan.impl} differentiates through jax autodiff"
+    elif saved == "preact":
+        note = (
+            f"training: saved='preact' keeps {mib:.1f} MiB (every layer's input and "
+            "pre-activation); the saving forward runs the portable pallas_triton kernels; "
+            "backward: portable dgrad/wgrad kernels (jax_impl/backward.py)"
         )
-    reason = "; ".join(r for r in (the_plan.reason, training) if r)
+    else:
+        note = (
+            f"training: saved='inputs' keeps {mib:.1f} MiB (x); the backward recomputes the "
+            "forward with the portable saving kernels, then the portable dgrad/wgrad kernels"
+        )
+    reason = "; ".join(r for r in (the_plan.reason, note) if r)
     return Plan(the_plan.impl, the_plan.requested, the_plan.launches, reason)
 
 

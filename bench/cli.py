@@ -11,6 +11,8 @@
     fusedmlp sweep    [--short] [--widths 16,32] [--depths 2,4] [--m M] [--json ...] [--plot ...]
     fusedmlp report   RESULTS.json [MORE.json ...] [--markdown PATH] [--plot-dir DIR] [--json PATH]
     fusedmlp compress [--ranks 16,64] [--sentences N] [--json PATH] [--markdown PATH] [--plot PATH]
+    fusedmlp train    image|lm [--stack torch,jax] [--impl auto,baseline] [--precision bf16,fp16]
+                      [--steps N] [--device cpu|cuda] [--out DIR]   (bench/train.py)
 
 Exit status: 0 on success, 1 when any parity check fails (parity, and bench's parity gate, which
 flags failing paths instead of timing them) or a timed row is an error or an invalid measurement
@@ -584,11 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import add_parser as add_models_parser  # `fusedmlp models` (bench/models.py)
 
     add_models_parser(sub)
-    from .compress import (
-        add_parser as add_compress_parser,
-    )  # `fusedmlp compress` (bench/compress.py)
+    from .compress import add_parser as add_compress_parser  # `fusedmlp compress`
 
     add_compress_parser(sub)
+    from .train import add_parser as add_train_parser  # `fusedmlp train` (bench/train.py)
+
+    add_train_parser(sub)
     return parser
 
 

@@ -378,11 +378,18 @@ def sweep_tables(sweep: dict[str, Any]) -> list[Table]:
     ]
 
 
+def train_tables(train: dict[str, Any]) -> list[Table]:
+    from .train import train_tables as tables_of_train  # `fusedmlp train` runs (bench/train.py)
+
+    return tables_of_train(train)
+
+
 SECTIONS = {
     "parity": parity_tables,
     "bench": bench_tables,
     "overhead": overhead_tables,
     "sweep": sweep_tables,
+    "train": train_tables,
 }
 
 
@@ -566,7 +573,13 @@ def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-PLOTS = {"bench": plot_bench, "sweep": plot_sweep, "overhead": plot_overhead}
+def plot_train(train: dict[str, Any], path: Path) -> Path:
+    from .train import plot_train as plot_of_train
+
+    return plot_of_train(train, path)
+
+
+PLOTS = {"bench": plot_bench, "sweep": plot_sweep, "overhead": plot_overhead, "train": plot_train}
 
 
 def plot_all(results: dict[str, Any], out_dir: Path, stem: str = "") -> list[Path]:

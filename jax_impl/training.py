@@ -1,0 +1,153 @@
+"""Mixed-precision training in JAX under the one policy of `fusedmlp.common.precision`.
+
+    step(master, opt_state, scale_state, batch):       # one jitted function
+        loss, grads = value_and_grad(scale · loss_fn(cast_to_compute(master), batch))
+        grads = grads / scale                          # fp32, the master params' dtype
+        finite = every grad finite
+        master, opt_state = optax update, kept only where finite   (fp16; else always applied)
+        scale_state = next_loss_scale(scale_state, finite)          (fp16)
+
+The policy's cast rules, written out (JAX has no autocast): the float32 master tree is cast to the
+compute dtype at the top of the loss (`cast_to_compute`; the cast's transpose brings the grads
+back to float32), the model feeds `jax_impl.mlp` / `jnp.dot` compute-dtype arrays and casts to
+float32 for the loss, norms and residual stream (rule 3). Dynamic loss scaling is
+`common.precision.next_loss_scale` under `jnp.where` (the same machine as torch's GradScaler, same
+constants), its state a `LossScaleState` pytree; a skipped step leaves params AND optimizer state
+as they were, as GradScaler skips `optimizer.step()`.
+
+Twin: torch_impl/training.py (`train_step` with torch.autocast and torch.amp.GradScaler; the
+twin-diff of the public names is listed there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fusedmlp.common import MLPSpec, TileConfig
+from fusedmlp.common.precision import Policy, get_policy, next_loss_scale
+
+_JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def jnp_dtype(name: str) -> Any:
+    return _JNP_DTYPES[name]
+
+
+class LossScaleState(NamedTuple):
+    """Dynamic loss scaling's state: the scale (float32) and finite steps in a row (int32)."""
+
+    scale: jax.Array
+    good_steps: jax.Array
+
+
+def init_loss_scale(policy: Policy | str) -> LossScaleState:
+    """The policy's initial scale (1.0 and never changing when the policy does not scale)."""
+    cfg = get_policy(policy).loss_scale
+    scale = cfg.init_scale if cfg is not None else 1.0
+    return LossScaleState(jnp.asarray(scale, jnp.float32), jnp.asarray(0, jnp.int32))
+
+
+def update_loss_scale(
+    state: LossScaleState, finite: jax.Array, policy: Policy | str
+) -> LossScaleState:
+    """One transition of the policy's loss scaling (identity when it does not scale)."""
+    cfg = get_policy(policy).loss_scale
+    if cfg is None:
+        return state
+    scale, good = next_loss_scale(state.scale, state.good_steps, finite, cfg, where=jnp.where)
+    return LossScaleState(scale.astype(jnp.float32), good.astype(jnp.int32))
+
+
+def cast_to_compute(tree: Any, policy: Policy | str) -> Any:
+    """Every floating leaf of `tree` in the policy's compute dtype (rule 1)."""
+    dtype = jnp_dtype(get_policy(policy).compute_dtype)
+
+    def cast(a: Any) -> Any:
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree.map(cast, tree)
+
+
+def policy_mlp(
+    x: jax.Array,
+    params: Any,
+    spec: MLPSpec,
+    policy: Policy | str,
+    *,
+    impl: str = "auto",
+    config: TileConfig | None = None,
+) -> jax.Array:
+    """`jax_impl.mlp` under the policy, from float32 master params: x and params cast to the
+    compute dtype (rules 1, 2), the spec of that dtype; the output keeps it. What torch.autocast
+    does for FusedMLP without user code; differentiable (grads land in float32)."""
+    from . import front
+
+    policy = get_policy(policy)
+    dtype = jnp_dtype(policy.compute_dtype)
+    cspec = spec.replace(dtype=policy.compute_dtype, fp32_precision=_precision(spec, policy))
+    p = cast_to_compute(params, policy)
+    return front.mlp(x.astype(dtype), p, cspec, impl=impl, config=config)
+
+
+def _precision(spec: MLPSpec, policy: Policy) -> str:
+    # tf32 describes float32 products only; a 16-bit spec has IEEE products, fp32 accumulation.
+    return spec.fp32_precision if policy.compute_dtype == "float32" else "ieee"
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True where every element of every leaf is finite (a scalar bool array)."""
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def check_master(params: Any, policy: Policy | str) -> None:
+    """ValueError unless every leaf of `params` has the policy's master dtype."""
+    want = jnp_dtype(get_policy(policy).param_dtype)
+    bad = [
+        (jax.tree_util.keystr(k), a.dtype)
+        for k, a in jax.tree_util.tree_leaves_with_path(params)
+        if a.dtype != want
+    ]
+    if bad:
+        raise ValueError(f"params: expected master params in {jnp.dtype(want)}, got {bad[:4]}")
+
+
+def make_train_step(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    optimizer: optax.GradientTransformation,
+    policy: Policy | str,
+    *,
+    jit: bool = True,
+) -> Callable[..., tuple[Any, Any, LossScaleState, jax.Array]]:
+    """`step(params, opt_state, scale_state, batch) -> (params, opt_state, scale_state, loss)`:
+    one optimizer step of `loss_fn(compute_params, batch)` (a float32 scalar) under `policy`.
+    `params` are the float32 master params; the loss returned is unscaled. `lr_scale` (a float32
+    scalar, default 1) multiplies the optimizer's update: a learning-rate schedule evaluated by
+    the caller on the global step, as torch's LambdaLR multiplies the learning rate."""
+    policy = get_policy(policy)
+
+    def scaled_loss(params: Any, batch: Any, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+        loss = loss_fn(cast_to_compute(params, policy), batch).astype(jnp.float32)
+        return loss * scale, loss
+
+    def step(params, opt_state, scale_state, batch, lr_scale=1.0):
+        grads, loss = jax.grad(scaled_loss, has_aux=True)(params, batch, scale_state.scale)
+        # The cast's transpose gave float32 grads; unscale in float32 (1/scale is a power of 2).
+        grads = jax.tree.map(lambda g: g / scale_state.scale, grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: u * lr_scale, updates)
+        new_params = optax.apply_updates(params, updates)
+        if policy.loss_scale is not None:
+            finite = all_finite(grads)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_params = keep(new_params, params)
+            new_opt_state = keep(new_opt_state, opt_state)
+            scale_state = update_loss_scale(scale_state, finite, policy)
+        return new_params, new_opt_state, scale_state, loss
+
+    return jax.jit(step) if jit else step

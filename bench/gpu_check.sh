@@ -88,7 +88,7 @@ if [ "$mode" = gpu ]; then
   xdist=()
   if "$py" -c "import xdist" > /dev/null 2>&1; then xdist=(-n 8); fi
   t_pytest=$SECONDS
-  step pytest-gpu 110 "$py" -m pytest -m gpu -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
+  step pytest-gpu 120 "$py" -m pytest -m gpu -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
     --durations=15 --ignore=tests/test_timing.py
   step pytest-gpu-timing 25 "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=5 \
     tests/test_timing.py

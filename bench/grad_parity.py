@@ -27,7 +27,7 @@ from fusedmlp.common import reference, tolerance
 from fusedmlp.common.dtypes import cast
 
 from .cases import Case, to_numpy
-from .parity import BASELINE_OF, _failed, strip, summarize
+from .parity import BASELINE_OF, _failed, row_header, run_parity, strip
 from .providers import FAULTS, TWINS, Provider, front, sync
 
 MAX_M = 4096  # rows of the float64 reference backward (M·widths² float64 FLOPs on the host)
@@ -86,13 +86,7 @@ def _jax_grads(p: Provider, case: Case) -> dict[str, Any]:
 
 def run_provider(p: Provider, case: Case) -> dict[str, Any]:
     """One provider's gradients (kept under '_grads', NumPy), not yet judged."""
-    row: dict[str, Any] = {
-        "provider": p.name,
-        "stack": p.stack,
-        "impl": p.impl,
-        "baseline": p.baseline,
-        "interpreted": p.interpreted(case.device, case),
-    }
+    row = row_header(p, case)
     reason = p.enabled(case.device)
     if reason is not None:
         return {**row, "status": "skipped", "message": reason}
@@ -232,12 +226,7 @@ def run_grad_parity(
     on_row: Any = None,
     checkpoint: Any = None,
 ) -> dict[str, Any]:
-    """Every case in turn; `checkpoint` gets the results so far after each case."""
-    cases = []
-    for spec, m in items:
-        case = Case(spec, m, device, rotate=False)
-        cases.append(parity_case(case, providers, on_row=on_row))
-        case.release()
-        if checkpoint is not None:
-            checkpoint({"cases": cases, **summarize(cases), "partial": True})
-    return {"cases": cases, **summarize(cases)}
+    """`parity.run_parity` with the gradients' `parity_case`."""
+    return run_parity(
+        items, providers, device, on_row=on_row, checkpoint=checkpoint, case_fn=parity_case
+    )

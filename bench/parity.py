@@ -44,15 +44,20 @@ def _failed(row: dict[str, Any], exc: Exception) -> dict[str, Any]:
     return {**row, "status": "error", "message": _short(exc), "traceback": traceback.format_exc()}
 
 
-def run_provider(p: Provider, case: Case) -> dict[str, Any]:
-    """Plan and run one provider once; the row without judgement (output kept under '_out')."""
-    row: dict[str, Any] = {
+def row_header(p: Provider, case: Case) -> dict[str, Any]:
+    """The fields every row of a provider starts with."""
+    return {
         "provider": p.name,
         "stack": p.stack,
         "impl": p.impl,
         "baseline": p.baseline,
         "interpreted": p.interpreted(case.device, case),
     }
+
+
+def run_provider(p: Provider, case: Case) -> dict[str, Any]:
+    """Plan and run one provider once; the row without judgement (output kept under '_out')."""
+    row = row_header(p, case)
     reason = p.enabled(case.device)
     if reason is not None:
         return {**row, "status": "skipped", "message": reason}
@@ -191,12 +196,15 @@ def run_parity(
     *,
     on_row: Any = None,
     checkpoint: Any = None,
+    case_fn: Any = None,
 ) -> dict[str, Any]:
-    """Every case in turn; `checkpoint` gets the results so far after each case."""
+    """Every case in turn; `checkpoint` gets the results so far after each case. `case_fn`: what
+    one case runs (default `parity_case`; grad_parity's for the gradients)."""
+    case_fn = case_fn or parity_case
     cases = []
     for spec, m in items:
         case = Case(spec, m, device, rotate=False)
-        cases.append(parity_case(case, providers, on_row=on_row))
+        cases.append(case_fn(case, providers, on_row=on_row))
         case.release()
         if checkpoint is not None:
             checkpoint({"cases": cases, **summarize(cases), "partial": True})

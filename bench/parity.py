@@ -97,21 +97,32 @@ def judge(row: dict[str, Any], case: Case, baseline: np.ndarray | None) -> dict[
     return row
 
 
-def cross(a: dict[str, Any], b: dict[str, Any], case: Case) -> dict[str, Any]:
-    """Two outputs of the same inputs compared with each other, in the policy's own measures."""
-    ref = case.reference()
-    bounds = tolerance.bounds(case.spec)
-    x = np.asarray(a["_out"], dtype=np.float64)
-    y = np.asarray(b["_out"], dtype=np.float64)
+def difference(x: Any, y: Any, ref: np.ndarray) -> tuple[float, float, float, bool, bool]:
+    """x − y in the policy's measures, scaled by `ref`: (rel_fro, max_abs, max_scaled, identical
+    bits, NaNs in the same places)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     finite = np.isfinite(ref)
     diff = np.where(finite, x - y, 0.0)
     ref_norm = float(np.linalg.norm(np.where(finite, ref, 0.0))) or 1.0
     ref_max = float(np.max(np.abs(ref[finite]))) if finite.any() else 1.0
     rel = float(np.linalg.norm(diff)) / ref_norm
     max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
-    scaled = max_abs / (ref_max or 1.0)
+    identical = bool(np.array_equal(x, y, equal_nan=True))
+    same_nans = bool(np.array_equal(np.isnan(x), np.isnan(y)))
+    return rel, max_abs, max_abs / (ref_max or 1.0), identical, same_nans
+
+
+def pair_row(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    measures: tuple[float, float, float, bool, bool],
+    bounds: tolerance.Bounds,
+) -> dict[str, Any]:
+    """A twin pair's row: within twice the policy's bounds (what two outputs that each pass must
+    satisfy, by the triangle inequality), NaNs in the same places."""
+    rel, max_abs, scaled, identical, same_nans = measures
     ok = bool(np.isfinite(rel)) and rel <= 2 * bounds.rel_fro and scaled <= 2 * bounds.max_scaled
-    ok = ok and bool(np.array_equal(np.isnan(x), np.isnan(y)))
     return {
         "pair": f"{a['provider']} vs {b['provider']}",
         "rel_fro": rel,
@@ -119,9 +130,15 @@ def cross(a: dict[str, Any], b: dict[str, Any], case: Case) -> dict[str, Any]:
         "max_scaled": scaled,
         "bound_rel_fro": 2 * bounds.rel_fro,
         "bound_max_scaled": 2 * bounds.max_scaled,
-        "identical": bool(np.array_equal(x, y, equal_nan=True)),
-        "status": "pass" if ok else "FAIL",
+        "identical": identical,
+        "status": "pass" if ok and same_nans else "FAIL",
     }
+
+
+def cross(a: dict[str, Any], b: dict[str, Any], case: Case) -> dict[str, Any]:
+    """Two outputs of the same inputs compared with each other, in the policy's own measures."""
+    measures = difference(a["_out"], b["_out"], case.reference())
+    return pair_row(a, b, measures, tolerance.bounds(case.spec))
 
 
 def parity_case(case: Case, providers: list[Provider], *, on_row: Any = None) -> dict[str, Any]:

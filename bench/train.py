@@ -568,6 +568,48 @@ def _jax_losses(items: list[Any]) -> list[float]:
     return np.asarray(jnp.stack(items)).astype(float).tolist() if items else []
 
 
+def _jax_train(
+    run: Run,
+    step: Callable[..., Any],
+    state: list[Any],
+    batch_of: Callable[[int], Any],
+    steps: int,
+    cfg: Any,
+    policy: Policy,
+    tick: Callable[[], None],
+    before_segment: Callable[[int], None] | None = None,
+) -> None:
+    """The JAX runs' step loop (both tasks): `step(*state, batch, lr)` per step, timed by segment
+    (`before_segment(start)` runs untimed first, e.g. an evaluation), then the run's losses, loss
+    scales and step count. `state` [params, optimizer state, loss scale] is updated in place."""
+    import jax
+
+    from fusedmlp.jax_impl import training as jt
+
+    losses: list[Any] = []
+    scales: list[Any] = []
+
+    def run_steps(start: int, stop: int) -> None:
+        for s in range(start, stop):
+            *new, loss = step(*state, batch_of(s), np.float32(lr_factor(s, cfg.steps)))
+            state[:] = new
+            losses.append(loss)
+            scales.append(state[2].scale)
+            tick()
+
+    clock = _Clock(lambda: jax.block_until_ready(state))
+    for start, stop in _segments(steps, cfg.eval_every):
+        if before_segment is not None:
+            before_segment(start)
+        clock.segment(run_steps, start, stop)
+    clock.finish(run)
+    jt.check_master(state[0], policy)
+    run.steps = steps
+    run.loss = _jax_losses(losses)
+    if policy.loss_scale is not None:
+        run.scale = _jax_losses(scales)
+
+
 def jax_image(
     cfg: ImageConfig, data: dict, impl: str, policy: Policy, device: str, steps: int, tick
 ) -> tuple[Run, np.ndarray]:
@@ -592,26 +634,7 @@ def jax_image(
         opt = optax.adam(cfg.lr)
         step = jt.make_train_step(loss_fn, opt, policy)
         state = [params, opt.init(params), jt.init_loss_scale(policy)]
-        losses: list[Any] = []
-        scales: list[Any] = []
-
-        def run_steps(start: int, stop: int) -> None:
-            for s in range(start, stop):
-                *new, loss = step(*state, (x, rgb), np.float32(lr_factor(s, cfg.steps)))
-                state[:] = new
-                losses.append(loss)
-                scales.append(state[2].scale)
-                tick()
-
-        clock = _Clock(lambda: jax.block_until_ready(state))
-        for start, stop in _segments(steps, cfg.eval_every):
-            clock.segment(run_steps, start, stop)
-        clock.finish(run)
-        jt.check_master(state[0], policy)
-        run.steps = steps
-        run.loss = _jax_losses(losses)
-        if policy.loss_scale is not None:
-            run.scale = _jax_losses(scales)
+        _jax_train(run, step, state, lambda s: (x, rgb), steps, cfg, policy, tick)
         out = jnp.clip(jax.jit(apply)(x, state[0]).astype(jnp.float32), 0, 1)
         mse = float(jnp.mean((out - rgb) ** 2))
     run.final = {"loss": mse, "psnr": psnr(mse)}
@@ -674,31 +697,15 @@ def jax_lm(
         opt = optax.adam(cfg.lr)
         step = jt.make_train_step(loss_fn, opt, policy)
         state = [params, opt.init(params), jt.init_loss_scale(policy)]
-        losses: list[Any] = []
-        scales: list[Any] = []
 
-        def run_steps(start: int, stop: int) -> None:
-            for s in range(start, stop):
-                *new, loss = step(*state, starts[s], np.float32(lr_factor(s, cfg.steps)))
-                state[:] = new
-                losses.append(loss)
-                scales.append(state[2].scale)
-                tick()
-
-        clock = _Clock(lambda: jax.block_until_ready(state))
-        for start, stop in _segments(steps, cfg.eval_every):
+        def validate(start: int) -> None:  # before each eval_every-th segment (untimed)
             if start in (0, *range(cfg.eval_every, steps, cfg.eval_every)):
                 run.val_steps.append(start)
                 run.val_loss.append(evaluate())
-            clock.segment(run_steps, start, stop)
-        clock.finish(run)
-        jt.check_master(state[0], policy)
+
+        _jax_train(run, step, state, lambda s: starts[s], steps, cfg, policy, tick, validate)
         run.val_steps.append(steps)
         run.val_loss.append(evaluate())
-        run.steps = steps
-        run.loss = _jax_losses(losses)
-        if policy.loss_scale is not None:
-            run.scale = _jax_losses(scales)
     run.final = {"loss": run.loss[-1] if run.loss else math.nan, "val_loss": run.val_loss[-1]}
     return run
 

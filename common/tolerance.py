@@ -85,6 +85,18 @@ FP32_GRAD_MAX_SCALED = 4e-4
 REFERENCE_RTOL = 1e-12
 REFERENCE_GRAD_RTOL = 1e-10
 REFERENCE_ATOL = 1e-12
+# An activation derivative in float32 (jax_impl/torch_impl activations: exp, ÷ and the erfc fit,
+# whose fractional error is < 1.2e-7) against reference.activation_grad at the same float32
+# point: a handful of float32 roundings (2^-24 each) and the fit's error, relative to the value.
+ACTIVATION_FP32_RTOL = 2e-6
+# float64 factorisations (common/lowrank.py: SVD, Cholesky/eigh whitening) on matrices <= 41
+# wide: backward-stable to ~n·κ·2^-53 (about 1e-13 here); identities they satisfy (Eckart–Young,
+# TᵀT = C + δI, U·Vt = W at full rank) are checked at FACTOR_RTOL / FACTOR_ATOL. The whitened
+# tail identity holds for the ridged covariance; measured on the unridged one (ridge 1e-12 of
+# the trace) it moves by up to the ridge times the whitening's condition: RIDGE_RTOL.
+FACTOR_RTOL = 1e-10
+FACTOR_ATOL = 1e-9
+RIDGE_RTOL = 1e-6
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,14 @@ import pytest
 from fusedmlp.common import lowrank
 from fusedmlp.common.dtypes import DTYPES
 from fusedmlp.common.spec import KERNEL_ACTIVATIONS, MLPSpec
-from fusedmlp.common.tolerance import assert_close, compare
+from fusedmlp.common.tolerance import (
+    FACTOR_ATOL,
+    FACTOR_RTOL,
+    REFERENCE_ATOL,
+    RIDGE_RTOL,
+    assert_close,
+    compare,
+)
 from helpers import layer_spec, rand, run_script, to_numpy, to_torch
 
 # (M, K, N): odd sizes; N = 75 gives 3 tiles of 32 in 2 panels of 2 (the second one ragged).
@@ -40,7 +47,7 @@ def test_plain_svd_error_is_the_tail_of_the_spectrum() -> None:
         u, vt = lowrank.svd_factor(w, rank=r)
         assert u.shape == (41, r) and vt.shape == (r, 29)
         err2 = np.linalg.norm(w - u @ vt) ** 2
-        np.testing.assert_allclose(err2, np.sum(s[r:] ** 2), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(err2, np.sum(s[r:] ** 2), rtol=FACTOR_RTOL, atol=FACTOR_RTOL)
         q, _ = np.linalg.qr(rng.standard_normal((41, r)))
         assert err2 <= np.linalg.norm(w - q @ (q.T @ w)) ** 2 + 1e-12
 
@@ -91,7 +98,7 @@ def test_activation_aware_error_on_calibration_is_its_tail() -> None:
     for r in (3, 10):
         u, vt = parts.truncate(rank=r)
         err2 = np.linalg.norm(x @ (w - u @ vt)) ** 2 / x.shape[0]
-        np.testing.assert_allclose(err2, np.sum(parts.s[r:] ** 2), rtol=1e-6)
+        np.testing.assert_allclose(err2, np.sum(parts.s[r:] ** 2), rtol=RIDGE_RTOL)
         up, vtp = lowrank.svd_factor(w, rank=r)
         assert err2 <= np.linalg.norm(x @ (w - up @ vtp)) ** 2 / x.shape[0]
 
@@ -108,7 +115,7 @@ def test_singular_covariance_is_regularised() -> None:
     w = rng.standard_normal((12, 9))
     u, vt = lowrank.whitened_svd_factor(w, cov, rank=9)
     assert np.isfinite(u).all() and np.isfinite(vt).all()
-    np.testing.assert_allclose(u @ vt, w, atol=1e-9)
+    np.testing.assert_allclose(u @ vt, w, atol=FACTOR_ATOL)
 
 
 def test_whitening_is_a_square_root_of_the_ridged_covariance(monkeypatch) -> None:
@@ -118,14 +125,14 @@ def test_whitening_is_a_square_root_of_the_ridged_covariance(monkeypatch) -> Non
     cov = lowrank.input_covariance(x)
     want = cov + 1e-2 * np.trace(cov) / 10 * np.eye(10)
     t = lowrank.whitening(cov)
-    np.testing.assert_allclose(t.T @ t, want, atol=1e-12)
+    np.testing.assert_allclose(t.T @ t, want, atol=REFERENCE_ATOL)
 
     def refuse(a):
         raise np.linalg.LinAlgError("not positive definite")
 
     monkeypatch.setattr(np.linalg, "cholesky", refuse)
     t = lowrank.whitening(cov)
-    np.testing.assert_allclose(t.T @ t, want, atol=1e-12)
+    np.testing.assert_allclose(t.T @ t, want, atol=REFERENCE_ATOL)
     with pytest.raises(ValueError, match=r"damp: expected a float > 0, got 0\.0"):
         lowrank.whitening(cov, damp=0.0)
 

@@ -131,7 +131,7 @@ def test_fused_mlp_skips_the_op_only_where_nothing_needs_it(monkeypatch):
         return op
 
     monkeypatch.setattr(module_py, "MLP_OP", counting("mlp", module_py.MLP_OP))
-    monkeypatch.setattr(module_py, "MLP_TRAIN_OP", counting("train", module_py.MLP_TRAIN_OP))
+    monkeypatch.setattr(module_py, "train_call", counting("train", module_py.train_call))
     fused = FusedMLP(SPEC, impl="triton", seed=4)
     x, _ = _torch_inputs(SPEC, 3)
     with torch.no_grad():

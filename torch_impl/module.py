@@ -26,8 +26,10 @@ Like nn.Linear's, the cast reads every float32 weight and writes a 16-bit copy o
 times the weight bytes the kernels then read: for inference, `.to(torch.bfloat16)` the module.
 
 Training: `loss.backward()` works (issue 24). Where a gradient is to be built, forward calls the
-training op `torch.ops.fusedmlp.mlp_train` (custom_op.py) with the module's `saved` policy
-("preact", the default, or "inputs": common.config.SAVED_POLICIES); its backward runs the portable
+training op `torch.ops.fusedmlp.mlp_train` (custom_op.py `train_call`: the op under a trace, the
+same forward and backward as one autograd.Function in eager mode, without the op's dispatch) with
+the module's `saved` policy ("preact", the default, or "inputs": common.config.SAVED_POLICIES);
+its backward runs the portable
 backward kernels (backward.py) and the gradients land in the parameters in their dtype and packed
 layout (a gated layer's `wv{i}` gets the packed gradient directly). Under autocast the cast to the
 autocast dtype is an ordinary differentiable op outside the custom op, so float32 parameters get
@@ -53,7 +55,7 @@ from fusedmlp.common.registry import AUTO, check_impl, get_implementation
 from fusedmlp.common.validate import check_config, check_saved, check_spec, fmt_shape
 
 from . import front
-from .custom_op import MLP_OP, MLP_TRAIN_OP, config_to_json, spec_to_json
+from .custom_op import MLP_OP, config_to_json, spec_to_json, train_call
 from .packing import pack_params, unpack_params
 
 _TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -297,7 +299,7 @@ class FusedMLP(nn.Module):
                     x, named, spec, impl=self._impl, config=self._config, residual=residual
                 )
             impl, config_json = self._impl, self._config_json
-            return MLP_TRAIN_OP(x, params, spec_json, impl, config_json, residual, self._saved)[0]
+            return train_call(x, params, spec_json, impl, config_json, residual, self._saved)
         return MLP_OP(x, params, spec_json, self._impl, self._config_json, residual)
 
     # ---- converters (convert.py) -----------------------------------------------------------------

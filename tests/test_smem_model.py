@@ -302,6 +302,7 @@ def tuned_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
     monkeypatch.delenv(tuning.NO_TUNED_ENV, raising=False)
     tuning._committed_entries.cache_clear()
+    tuning._committed_config.cache_clear()
     previous = tuning.registered_device()
     cfg = TileConfig(128, 128, 64, num_warps=8, num_stages=3, epilogue_subtile=2)
     key = tuning.make_key("NVIDIA H200", "triton_tma", "gated", 8192, 14336, 4096, "bfloat16")
@@ -310,6 +311,7 @@ def tuned_dir(tmp_path, monkeypatch):
     yield cfg
     tuning.register_device(previous)
     tuning._committed_entries.cache_clear()
+    tuning._committed_config.cache_clear()
 
 
 def test_committed_table_lookup(tuned_dir, monkeypatch):

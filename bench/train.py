@@ -695,7 +695,8 @@ def jax_lm(
             return total / len(val)
 
         opt = optax.adam(cfg.lr)
-        step = jt.make_train_step(loss_fn, opt, policy)
+        # The table stays float32, as torch.autocast leaves nn.Embedding (the torch twin's).
+        step = jt.make_train_step(loss_fn, opt, policy, keep=("embed",))
         state = [params, opt.init(params), jt.init_loss_scale(policy)]
 
         def validate(start: int) -> None:  # before each eval_every-th segment (untimed)

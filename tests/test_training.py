@@ -236,6 +236,8 @@ def test_jax_check_master_and_casts() -> None:
     tree = {"w": jnp.ones(2), "i": jnp.arange(3)}
     cast = jt.cast_to_compute(tree, "bf16")
     assert cast["w"].dtype == jnp.bfloat16 and cast["i"].dtype == tree["i"].dtype
+    kept = jt.cast_to_compute({"embed": jnp.ones(2), "mlp": {"w": jnp.ones(2)}}, "bf16", ("embed",))
+    assert kept["embed"].dtype == jnp.float32 and kept["mlp"]["w"].dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"params: expected master params in float32"):
         jt.check_master({"w": jnp.ones(2, jnp.bfloat16)}, "bf16")
     assert bool(jt.all_finite(tree)) and not bool(jt.all_finite({"w": jnp.array([1.0, jnp.inf])}))

@@ -97,6 +97,13 @@ ACTIVATION_FP32_RTOL = 2e-6
 FACTOR_RTOL = 1e-10
 FACTOR_ATOL = 1e-9
 RIDGE_RTOL = 1e-6
+# A float32 pre-activation the saving forward keeps (one fp32-accumulated dot over K <= 100
+# terms, the bias added, one rounding) against its float64 value: within K·2^-24 ≈ 6e-6 of the
+# terms' magnitude (x and W of order 1) by the usual dot-product bound, 1e-5 absolute/relative.
+FP32_PREACT_TOL = 1e-5
+# A float32 value that is one rounding of a float64 mean (the training image's block means)
+# against that mean: 2^-24 ≈ 6e-8 relative; the bound leaves an order of magnitude.
+FP32_ROUNDED_RTOL = 1e-6
 
 
 @dataclass(frozen=True)

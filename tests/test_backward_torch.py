@@ -36,6 +36,7 @@ from fusedmlp.common.tolerance import FP32_PREACT_TOL, assert_grads_close, grad_
 from fusedmlp.torch_impl import FusedMLP, backward, custom_op, front
 from fusedmlp.torch_impl.baselines import eager
 from fusedmlp.torch_impl.gated import gated
+from fusedmlp.torch_impl.tma import backward as tma_backward
 from helpers import dynamo_as_torch_2_11, rand, to_numpy, to_torch
 
 # (widths, activation, bias, dtype, fp32_precision, M): every activation, dtype, bias or not,
@@ -167,6 +168,50 @@ def test_eager_training_skips_the_ops_dispatch_with_the_same_bits():
     (y_op.float() * dy.float()).sum().backward()
     for got, want in zip([xo.grad, *(p.grad for p in params)], eager_grads, strict=True):
         assert torch.equal(got, want)
+
+
+# ---- the Hopper backward (tma/backward.py), under the interpreter -------------------------------
+HOPPER_CASES = [  # M a multiple of 8: the 16-byte rule on the M-major activations
+    ((24, 72, 40), "swiglu", True, "bfloat16", "ieee", 40),
+    ((16, 48, 32, 24), "gelu_tanh", True, "float32", "ieee", 24),
+    ((24, 64, 16), "relu", False, "float16", "ieee", 16),
+]
+
+
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=_case_id)
+def test_hopper_backward_matches_reference(case):
+    spec = _spec(case)
+    m = case[-1]
+    assert tma_backward.unsupported_reason(spec, m) is None
+    plain = {k: to_torch(v) for k, v in init_params(spec, 30).items()}
+    packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 30)).items()}
+    x = to_torch(make_input(spec, m, seed=31))
+    dy = to_torch(make_grad_output(spec, m, seed=32))
+    for saved in SAVED_POLICIES:
+        _, kept = backward.forward_saving(x, packed, spec, saved=saved)
+        grads = tma_backward.mlp_backward(dy, kept, packed, spec, saved=saved)
+        got = {"x": to_numpy(grads.pop("x")), **unpack_params(spec, _numpy(grads))}
+        want = _reference(spec, x, plain, dy)
+        assert_grads_close(got, want, spec, baselines=_eager_grads(spec, x, plain, dy))
+    # Through the training op's backward with the flag the forward sets on a Hopper GPU.
+    spec_json = custom_op.spec_to_json(spec)
+    listed = [packed[n] for n in custom_op.names_for(spec_json, True)]
+    via_op = custom_op._mlp_backward_op(
+        dy, x, list(kept[1:]), listed, spec_json, None, "inputs", True, True
+    )
+    for got_t, name in zip(via_op[1:], custom_op.names_for(spec_json, True), strict=True):
+        assert torch.equal(got_t, grads[name]), name
+
+
+def test_hopper_backward_refuses_what_tma_cannot_address():
+    spec = _spec(HOPPER_CASES[0])
+    why = tma_backward.unsupported_reason(spec, 21)  # rows of 21 bf16 = 42 bytes
+    assert why is not None and "layer" in why and "16-byte" in why
+    assert not tma_backward.applies("auto", spec, 40, "cpu")  # a CPU: backward.py's kernels
+
+
+def _numpy(grads):
+    return {k: to_numpy(v) for k, v in grads.items()}
 
 
 # ---- the saved policies ------------------------------------------------------------------------
@@ -470,6 +515,31 @@ def test_gpu_training_heuristic_tiles(widths, activation, dtype):
     module = FusedMLP(spec, impl="triton", device="cuda", seed=49)
     x = to_torch(make_input(spec, 1001, seed=50))
     dy = to_torch(make_grad_output(spec, 1001, seed=51))
+    got = _module_grads(module, x.cuda(), dy.cuda())
+    params = {k: v.detach().cpu() for k, v in module.params().items()}
+    base = _eager_grads(spec, x.cuda(), {k: v.cuda() for k, v in params.items()}, dy.cuda())
+    assert_grads_close(got, _reference(spec, x, params, dy), spec, baselines=base, what=str(spec))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "widths,activation", [((512, 1000, 384), "swiglu"), ((384, 1000, 296, 256), "gelu")]
+)
+def test_gpu_hopper_backward(widths, activation, dtype):
+    # `auto` on the H200 trains through tma/backward.py (the persistent TMA GEMMs): its gradients
+    # against the float64 reference and eager autograd, at the GPU heuristic's tiles; M = 1000 is
+    # a multiple of 8 (the 16-byte rule on the M-major activations), the widths are not of a tile.
+    spec = MLPSpec(widths, activation, True, dtype)
+    module = FusedMLP(spec, device="cuda", seed=52)
+    x = to_torch(make_input(spec, 1000, seed=53))
+    dy = to_torch(make_grad_output(spec, 1000, seed=54))
+    xs = x.cuda().requires_grad_()
+    assert module(xs).grad_fn._forward_cls.__name__ == "_EagerTrain"
+    assert (
+        "tma/backward.py"
+        in front.plan(spec, (1000, widths[0]), device="cuda", saved="preact").reason
+    )
     got = _module_grads(module, x.cuda(), dy.cuda())
     params = {k: v.detach().cpu() for k, v in module.params().items()}
     base = _eager_grads(spec, x.cuda(), {k: v.cuda() for k, v in params.items()}, dy.cuda())

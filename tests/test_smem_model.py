@@ -149,7 +149,7 @@ def compile_one(family, persistent, dtype, precision, residual, cfg):
         if not residual:
             const["r_ptr"] = None
         if persistent:
-            const["W_KMAJOR"] = False
+            const["W_KMAJOR"] = const["X_KMAJOR"] = False
     sig, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in const:

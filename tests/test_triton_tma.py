@@ -671,6 +671,7 @@ def test_gpu_ptx_uses_tma_and_wgmma():
         GROUP_M=cfg.group_m,
         SUBTILE=1,
         W_KMAJOR=False,
+        X_KMAJOR=False,
         FLATTEN=True,
         WARP_SPECIALIZE=False,
         num_warps=cfg.num_warps,

@@ -31,8 +31,10 @@ Training (issue 24): a second op, `fusedmlp::mlp_train(x, params, spec_json, imp
 residual, saved) -> (y, Tensor[] kept)`, runs the saving forward (`front.training_forward`; policy
 `saved`, common.config.SAVED_POLICIES) and returns what the backward needs besides x and the params
 (x is an input: an output may not alias it); its `register_autograd` backward calls
-`fusedmlp::mlp_backward(dy, x, kept, params, spec_json, config_json, saved, need_dx) -> Tensor[]`
-([dx, d params in the list's order and layout]; backward.py's kernels). Both have fakes, so
+`fusedmlp::mlp_backward(dy, x, kept, params, spec_json, config_json, saved, need_dx, hopper) ->
+Tensor[]` ([dx, d params in the list's order and layout]; backward.py's kernels, or with `hopper`
+— decided at the forward: an sm_90 GPU, impl auto or a Hopper one, no pinned config, the 16-byte
+rule met — tma/backward.py's persistent TMA GEMMs). Both have fakes, so
 torch.compile(fullgraph=True) traces forward and backward as two opaque nodes. `mlp()` and
 FusedMLP call the training op where a gradient is to be built (`train_call`: in eager mode the
 same forward and backward as one torch.autograd.Function, without the ops' dispatch), the
@@ -64,6 +66,7 @@ from fusedmlp.common.validate import check_call_inputs, check_saved, check_spec,
 
 from . import backward, front
 from .packing import unpack_params
+from .tma import backward as tma_backward
 
 
 # ---- spec and config as strings ------------------------------------------------------------------
@@ -251,26 +254,25 @@ def _mlp_backward_op(
     config_json: str | None,
     saved: str,
     need_dx: bool,
+    hopper: bool,
 ) -> list[torch.Tensor]:
     """[dx (an empty [0] tensor unless need_dx), d params in the list order and layout of
-    `params`] from backward.mlp_backward."""
-    return _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_dx)
+    `params`] from backward.mlp_backward, or tma/backward.py's where `hopper`."""
+    return _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper)
 
 
-def _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_dx):
+def _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper):
     spec = parse_spec(spec_json)
     named = _named(spec_json, params)
     m = x.numel() // spec.d_in if spec.d_in else 0
     x2d = x.reshape(m, spec.d_in)
-    grads = backward.mlp_backward(
-        grad_y.reshape(m, spec.d_out),
-        (x2d, *kept),
-        front.kernel_params(spec, named),
-        spec,
-        saved=saved,
-        config=parse_config(config_json),
-        need_dx=need_dx,
-    )
+    args = (grad_y.reshape(m, spec.d_out), (x2d, *kept), front.kernel_params(spec, named), spec)
+    if hopper:  # decided at the forward (`_hopper_backward`): the persistent TMA GEMMs
+        grads = tma_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
+    else:
+        grads = backward.mlp_backward(
+            *args, saved=saved, config=parse_config(config_json), need_dx=need_dx
+        )
     dx = grads.pop("x")
     if not is_packed(named) and spec.gated:  # the caller's params are plain: unpack W|V, b|c
         packed = set(grads)
@@ -281,13 +283,24 @@ def _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_
 
 
 @_mlp_backward_op.register_fake
-def _mlp_backward_fake(grad_y, x, kept, params, spec_json, config_json, saved, need_dx):
+def _mlp_backward_fake(grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper):
     dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
     return [dx, *(torch.empty_like(p) for p in params)]
 
 
+def _hopper_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: str | None) -> bool:
+    """Whether this call's backward runs tma/backward.py's kernels (a pinned config keeps the
+    portable kernels it was written for)."""
+    if config_json is not None:
+        return False
+    spec = parse_spec(spec_json)
+    m = x.numel() // spec.d_in if spec.d_in else 0
+    return tma_backward.applies(impl, spec, m, x.device)
+
+
 def _train_setup_context(ctx, inputs, output):
-    x, params, spec_json, _, config_json, residual, saved = inputs
+    x, params, spec_json, impl, config_json, residual, saved = inputs
+    ctx.hopper = _hopper_backward(impl, spec_json, x, config_json)
     # The kept tensors are outputs nobody differentiates: no zero-filled gradients for them
     # (measured on the H200: three fills, 46 µs at hf-blog and 209 µs at llama3-8b a step).
     ctx.set_materialize_grads(False)
@@ -303,7 +316,7 @@ def _train_backward(ctx, grad_y, _grad_kept):
     spec_json, config_json, saved = ctx.strings
     need_dx = ctx.needs_input_grad[0]
     grads = _mlp_backward_op(
-        grad_y, x, list(kept), list(params), spec_json, config_json, saved, need_dx
+        grad_y, x, list(kept), list(params), spec_json, config_json, saved, need_dx, ctx.hopper
     )
     # d(y + residual)/d(residual) is the identity: exact, so it needs no kernel.
     grad_residual = grad_y if ctx.has_residual else None
@@ -330,6 +343,7 @@ class _EagerTrain(torch.autograd.Function):
         ctx.n_params = len(params)
         ctx.strings = (spec_json, config_json, saved)
         ctx.has_residual = residual is not None
+        ctx.hopper = _hopper_backward(impl, spec_json, x, config_json)
         return y
 
     @staticmethod
@@ -339,7 +353,7 @@ class _EagerTrain(torch.autograd.Function):
         spec_json, config_json, saved = ctx.strings
         need_dx = ctx.needs_input_grad[0]
         grads = _backward_impl(
-            grad_y, x, list(kept), list(params), spec_json, config_json, saved, need_dx
+            grad_y, x, list(kept), list(params), spec_json, config_json, saved, need_dx, ctx.hopper
         )
         grad_residual = grad_y if ctx.has_residual else None
         dx = grads[0] if need_dx else None
@@ -368,13 +382,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, *params)
     ctx.strings = (inputs[2], inputs[4])
     ctx.has_residual = inputs[5] is not None
+    ctx.hopper = _hopper_backward(inputs[3], inputs[2], x, inputs[4])
 
 
 def _backward(ctx, grad_y):
     x, *params = ctx.saved_tensors
     spec_json, config_json = ctx.strings
     need_dx = ctx.needs_input_grad[0]
-    grads = _mlp_backward_op(grad_y, x, [], list(params), spec_json, config_json, "inputs", need_dx)
+    grads = _mlp_backward_op(
+        grad_y, x, [], list(params), spec_json, config_json, "inputs", need_dx, ctx.hopper
+    )
     grad_residual = grad_y if ctx.has_residual else None
     return grads[0] if need_dx else None, list(grads[1:]), None, None, None, grad_residual
 

@@ -238,7 +238,8 @@ def plan(
         the_plan = plan(
             spec, x_shape, impl=impl, device=device, config=config, residual=residual, tune=tune
         )
-        return _training_plan(spec, the_plan, math.prod(tuple(x_shape)[:-1]), check_saved(saved))
+        m = math.prod(tuple(x_shape)[:-1])
+        return _training_plan(spec, the_plan, m, check_saved(saved), device, config)
     m = math.prod(tuple(x_shape)[:-1])
     chosen, reason = (impl, "") if impl != AUTO else _resolve_auto(spec, m, device)
     entry = _entry(chosen)
@@ -266,20 +267,30 @@ def plan(
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
 
 
-def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
+def _training_plan(
+    spec: MLPSpec, the_plan: Plan, m: int, saved: str, device: str, config: TileConfig | None
+) -> Plan:
+    from .tma import backward as tma_backward
+
     mib = cost.saved_bytes(spec, m, saved) / 2**20
-    if _entry(the_plan.impl).baseline:
+    hopper = config is None and tma_backward.applies(the_plan.requested, spec, m, device)
+    kernels = (
+        "the persistent TMA GEMMs and an elementwise act' pass (torch_impl/tma/backward.py)"
+        if hopper
+        else "portable dgrad/wgrad kernels (torch_impl/backward.py)"
+    )
+    if _entry(the_plan.impl).baseline and the_plan.requested != AUTO:
         note = f"training: {the_plan.impl} differentiates through torch autograd"
     elif saved == "preact":
         note = (
             f"training: saved='preact' keeps {mib:.1f} MiB (every layer's input and "
-            "pre-activation); the saving forward runs the portable triton kernels; backward: "
-            "portable dgrad/wgrad kernels (torch_impl/backward.py)"
+            f"pre-activation); the saving forward runs the portable triton kernels; backward: "
+            f"{kernels}"
         )
     else:
         note = (
             f"training: saved='inputs' keeps {mib:.1f} MiB (x); the backward recomputes the "
-            "forward with the portable saving kernels, then the portable dgrad/wgrad kernels"
+            f"forward with the portable saving kernels, then {kernels}"
         )
     reason = "; ".join(r for r in (the_plan.reason, note) if r)
     return Plan(the_plan.impl, the_plan.requested, the_plan.launches, reason)

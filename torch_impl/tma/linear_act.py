@@ -25,7 +25,10 @@ W layout: [K, N] row-major as everywhere, or K-major — a [K, N] view of an [N,
 (`w_nk.t()`), detected from the strides: the descriptor is then [N, K] and the dot takes its
 tile transposed (`W_KMAJOR`), the layout of cuBLAS's "TN" GEMM. Worth it only if measured
 (bench/sweep_triton.py times both for the down projection); a caller who wants it keeps W2 so,
-packed once at load, never transposed per call.
+packed once at load, never transposed per call. The backward (tma/backward.py) uses it for
+dX = dZ·Wᵀ (Wᵀ is the K-major view of W), and reads x M-major the same way (`X_KMAJOR`: an
+[M, K] view of a [K, M] row-major buffer) for the weight gradient hᵀ·dZ, so that neither
+operand is transposed in memory.
 
 Addressing: x, W and the output through descriptors built in the kernel
 (`tl.make_tensor_descriptor`): the launch then takes plain pointers, as the portable kernel does,
@@ -59,6 +62,7 @@ from ..front import ADAPTER
 from ..linear_act import _grouped_tile, _input_precision
 from ..runtime import INTERPRET, check_kernel_device
 from .support import (
+    TMA_ALIGN_BYTES,
     as_tma_operand,
     ensure_allocator,
     is_k_major,
@@ -147,13 +151,18 @@ def _linear_act_fwd_kernel(
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr,
+    SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
-    x_desc = tl.make_tensor_descriptor(
-        x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
-    )
+    if X_KMAJOR:  # x is [K, M] in memory: the backward's hᵀ·dZ reads h as it is
+        x_desc = tl.make_tensor_descriptor(
+            x_ptr, shape=[K, M], strides=[M, 1], block_shape=[BLOCK_K, BLOCK_M]
+        )
+    else:
+        x_desc = tl.make_tensor_descriptor(
+            x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
     if W_KMAJOR:  # w is [N, K] in memory
         w_desc = tl.make_tensor_descriptor(
             w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K]
@@ -181,7 +190,10 @@ def _linear_act_fwd_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_tiles):
             # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
-            x = x_desc.load([off_m, k * BLOCK_K])
+            if X_KMAJOR:
+                x = x_desc.load([k * BLOCK_K, off_m]).T
+            else:
+                x = x_desc.load([off_m, k * BLOCK_K])
             if W_KMAJOR:
                 w = w_desc.load([off_n, k * BLOCK_K]).T
             else:
@@ -234,7 +246,8 @@ def linear_act_fwd(
     """Launch on a 2-D x [M, K], w [K, N] meeting the 16-byte rule; returns [M, N] in x.dtype.
 
     Trusts its input; makes operands contiguous and 16-byte aligned (copies only where not); a
-    K-major w (`w_nk.t()`) is read as it is.
+    K-major w (`w_nk.t()`) is read as it is, and so is an M-major x (`x_km.t()`, the backward's
+    transposed activations) where its rows (M elements) meet the 16-byte rule.
     """
     M, K = x.shape
     N = w.shape[1]
@@ -242,7 +255,8 @@ def linear_act_fwd(
     if M == 0 or N == 0:
         return out
     w_kmajor = is_k_major(w)
-    x = as_tma_operand(x)
+    x_kmajor = is_k_major(x) and (M * x.element_size()) % TMA_ALIGN_BYTES == 0
+    x = as_tma_operand(x.t()).t() if x_kmajor else as_tma_operand(x)
     w = as_tma_operand(w.t()).t() if w_kmajor else as_tma_operand(w)
     b = b.contiguous() if b is not None else None
     if residual is not None:
@@ -259,7 +273,7 @@ def linear_act_fwd(
         INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
-        FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
+        X_KMAJOR=x_kmajor, FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

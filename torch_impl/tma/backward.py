@@ -1,0 +1,137 @@
+"""Hopper backward: backward.py's gradients with every GEMM on the persistent TMA kernel.
+
+Per layer i, in reverse, from dZ_i (the gradient at the layer's pre-activation; gated: the packed
+[dz|dg], common/packing.py), the same formulas as torch_impl/backward.py:
+
+    dW_i = h_iᵀ·dZ_i        linear_act (identity) with x = h_iᵀ read M-major in place (X_KMAJOR)
+    db_i = Σ_m dZ_i         one fp32 column sum (torch.sum: deterministic), rounded once
+    dh_i = dZ_i·W_iᵀ        linear_act (identity) with w = W_iᵀ read K-major in place (W_KMAJOR)
+    dZ_{i-1} = dh_i ⊙ act'  backward.dact_fwd (the portable elementwise kernel)
+
+Why this and not backward.py's kernels on Hopper: those are pointer kernels (mma through cp.async,
+no TMA, no persistent grid), 70-85 % of cuBLAS on the H200: at llama3-8b M=8192 their dgrad and
+wgrad took 10.9 ms against ~7.6 ms for four GEMMs at the TMA kernel's measured 98-102 % of
+cuBLAS (docs/performance.md). The price: the act' step is a separate elementwise pass over
+dh and z (the TMA kernel's epilogue has no dact form yet), ~0.3 ms at llama3-8b, as in eager
+autograd; and dh is rounded to the dtype before act' is applied (eager rounds there too).
+
+Used by custom_op's backward on an sm_90 GPU when the forward's impl is `auto` or a Hopper impl
+(`triton_tma`, `mosaic`) and every operand meets TMA's 16-byte rule (`unsupported_reason`);
+otherwise backward.py's portable kernels run. The saving forward ("preact") is backward.py's
+`forward_saving` either way. Runs under TRITON_INTERPRET=1 too (tests/test_backward_torch.py).
+
+Twin: none yet (the JAX stack's backward is the Pallas-Triton twin of backward.py; a Mosaic GPU
+sibling of this module is later work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fusedmlp.common.packing import packed_names, packed_width
+from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.validate import check_saved
+
+from .. import backward as portable
+from ..runtime import INTERPRET
+from .linear_act import linear_act_fwd
+from .support import tma_unsupported_reason
+
+
+def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
+    """None if every GEMM of the backward meets TMA's 16-byte rule at M = m, else why not.
+
+    The GEMMs per layer (K = d_in, Nc = d_out or the packed 2·Np): hᵀ·dZ reads rows of M (h
+    M-major) and of Nc (dZ); dZ·Wᵀ reads rows of Nc (dZ) and of Nc (W K-major), writes rows of K.
+    """
+    for layer in spec.layers():
+        width = packed_width(layer.d_out) if layer.gated else layer.d_out
+        for what, (rows, n, k) in (
+            ("weight gradient", (layer.d_in, width, m)),
+            ("input gradient", (m, layer.d_in, width)),
+        ):
+            why = tma_unsupported_reason(rows, n, k, spec.dtype)
+            if why is not None:
+                return f"layer {layer.index} {what}: {why}"
+    return None
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, spec: MLPSpec) -> torch.Tensor:
+    """a·b on the TMA kernel (a [M, K] and b [K, N] row-major or transposed views)."""
+    m, k = a.shape
+    cfg = heuristic_config(
+        "linear_act", m, b.shape[1], k, spec.dtype, interpret=INTERPRET, persistent=True,
+        fp32_precision=spec.fp32_precision,
+    )  # fmt: skip
+    return linear_act_fwd(
+        a, b, None, None, activation="identity", config=cfg, fp32_precision=spec.fp32_precision
+    )
+
+
+def mlp_backward(
+    dy2d: torch.Tensor,
+    residuals: tuple[torch.Tensor, ...],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    need_dx: bool = True,
+) -> dict[str, torch.Tensor | None]:
+    """backward.mlp_backward's result (same arguments, same names and layouts) from the TMA GEMMs.
+    Trusts input: the caller checked `unsupported_reason(spec, M)`."""
+    check_saved(saved)
+    if saved == "inputs":
+        _, residuals = portable.forward_saving(residuals[0], params, spec, saved="preact")
+    layers = spec.layers()
+    hs, zs = residuals[0::2], residuals[1::2]
+    m = dy2d.shape[0]
+    grads: dict[str, torch.Tensor | None] = {"x": None}
+    top = layers[-1]
+    if portable._stores_preact(top):
+        cfg = portable._config(
+            spec, "gated" if top.gated else "linear_act", m, top.d_out, top.d_in, None
+        )
+        dz = portable.dact_fwd(dy2d, zs[-1], activation=top.activation, gated=top.gated, config=cfg)
+    else:
+        dz = dy2d
+    for layer in reversed(layers):
+        i = layer.index
+        wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
+        w = params[wname]
+        grads[wname] = _gemm(hs[i].t(), dz, spec).to(w.dtype)
+        if layer.bias:
+            grads[bname] = dz.sum(0, dtype=torch.float32).to(params[bname].dtype)
+        if i == 0 and not need_dx:
+            break
+        dh = _gemm(dz, w.t(), spec)
+        prev = layers[i - 1] if i > 0 else None
+        if prev is None or not portable._stores_preact(prev):
+            dz = dh
+        else:
+            cfg = portable._config(
+                spec, "gated" if prev.gated else "linear_act", m, prev.d_out, prev.d_in, None
+            )
+            dz = portable.dact_fwd(
+                dh, zs[i - 1], activation=prev.activation, gated=prev.gated, config=cfg
+            )
+        if i == 0:
+            grads["x"] = dz
+    return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}
+
+
+def applies(impl: str, spec: MLPSpec, m: int, device: torch.device | str) -> bool:
+    """Whether the training op's backward runs here: a Hopper GPU (not the interpreter), a forward
+    impl of `auto` or a Hopper one (an explicit portable impl keeps its own backward, so the two
+    can be compared), and every operand meeting the 16-byte rule."""
+    from fusedmlp.common.registry import AUTO, get_implementation
+
+    from ..front import _is_hopper
+
+    if INTERPRET or torch.device(device).type != "cuda" or not _is_hopper():
+        return False
+    if impl != AUTO and not get_implementation(impl).hopper:
+        return False
+    return unsupported_reason(spec, m) is None

@@ -1,4 +1,5 @@
-"""Forward+backward probe on one GPU (issue 24): FusedMLP(impl="triton") training vs the eager
+"""Forward+backward probe on one GPU (issue 24): FusedMLP training (impl "auto": on Hopper the
+TMA backward; impl "triton": the portable kernels, both saved policies) vs the eager
 baseline (torch autograd through `baselines.eager`, the plain ops a user writes) and torch.compile
 of the same function, at llama3-8b and hf-blog-geglu, M=8192 by default.
 
@@ -64,6 +65,7 @@ def _probe(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, spec.dtype)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     module = FusedMLP(spec, impl="triton", device=DEVICE, seed=0)
+    auto = FusedMLP(spec, device=DEVICE, seed=0)  # on Hopper: the TMA backward (tma/backward.py)
     plain = {k: v.detach().clone().requires_grad_() for k, v in module.params().items()}
     x = torch.randn(m, spec.d_in, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
     dy = torch.randn(m, spec.d_out, device=DEVICE, dtype=dtype, generator=gen)
@@ -77,6 +79,7 @@ def _probe(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
         return fwd, list(module.parameters())
 
     variants: dict[str, tuple[Any, list[torch.Tensor]]] = {
+        "auto preact": (lambda: auto(x), list(auto.parameters())),
         "triton preact": with_saved("preact"),
         "triton inputs": with_saved("inputs"),
         "eager": (lambda: eager(x, plain, spec), list(plain.values())),
@@ -128,6 +131,8 @@ def _probe(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
 
     tri, base = as_plain(grads["triton preact"]), grads["eager"]
     diffs = {n: _rel(a, b) for n, a, b in zip(["x", *names], tri, base, strict=True)}
+    hop = as_plain(grads["auto preact"])
+    auto_diffs = {n: _rel(a, b) for n, a, b in zip(["x", *names], hop, base, strict=True)}
     same = all(
         torch.equal(a, b)
         for a, b in zip(grads["triton preact"], grads["triton inputs"], strict=True)
@@ -158,6 +163,8 @@ def _probe(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
     plan = front.plan(spec, (m, spec.d_in), impl="triton", saved="preact").describe()
     return dict(
         preset=name, m=m, spec=str(spec), rows=rows, grad_rel_diff_vs_eager=diffs,
+        auto_grad_rel_diff_vs_eager=auto_diffs,
+        auto_plan=front.plan(spec, (m, spec.d_in), device=DEVICE, saved="preact").describe(),
         policies_bitwise_equal=same, kernels_ms=kernels, plan=plan,
         saved_mib={s: cost.saved_bytes(spec, m, s) / 2**20 for s in ("preact", "inputs")},
     )  # fmt: skip
@@ -199,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{case['policies_bitwise_equal']}")  # fmt: skip
         worst = max(case["grad_rel_diff_vs_eager"].items(), key=lambda kv: kv[1])
         print(f"  grad rel diff vs eager: worst {worst[0]} {worst[1]:.2e}")
+        worst = max(case["auto_grad_rel_diff_vs_eager"].items(), key=lambda kv: kv[1])
+        print(
+            f"  auto: worst grad rel diff vs eager {worst[0]} {worst[1]:.2e}; {case['auto_plan']}"
+        )
         print(f"  {'impl':14s} {'fwd+bwd ms':>10s} {'fwd ms':>8s} {'TFLOP/s':>8s} "
               f"{'vs best':>8s} {'peak MiB':>9s} {'1st s':>6s}")  # fmt: skip
         for r in case["rows"]:

@@ -147,13 +147,7 @@ def _device_providers_items(
     args: argparse.Namespace,
 ) -> tuple[str, list[Any], list[tuple[str, MLPSpec, int]]]:
     """What `parity` and `bench` run: the device, the providers, the (label, spec, M) items."""
-    import torch
-
     device = _device(args)
-    # `compile` is one graph per (spec, M) of one function (torch_impl/baselines.py, dynamic=False):
-    # past Dynamo's recompile limit (8 graphs) it would run eager without a word, and the default
-    # GPU presets are 11 cases (bench/models.py and sweep_decode.py raise it the same way).
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return device, _providers(args), resolve_items(args, device)
 
 

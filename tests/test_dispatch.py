@@ -215,6 +215,24 @@ def test_committed_table_is_format_2():
         assert {impl for impl, _ in point.ranking} <= set(impl_names(point.stack))
 
 
+def test_committed_table_is_what_derive_makes_of_its_results():
+    """The committed table is `derive` of the committed results it names (source: '... at commit
+    <hash>', results in bench/results/*-<hash[:7]>/), so no hand edit hides in it."""
+    from pathlib import Path
+
+    from fusedmlp.common.dispatch import TABLE_DIR
+
+    table = Table.from_json((TABLE_DIR / "nvidia-h200.json").read_text())
+    commit = table.source.rsplit(" ", 1)[-1][:7]
+    root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    found = sorted(root.glob(f"*-{commit}/results.json"))
+    if not found:
+        pytest.skip(f"no bench/results/*-{commit}/results.json for {table.source!r}")
+    results = json.loads(found[0].read_text())
+    again = derive(measurements_from_bench(results["bench"]), gpu=table.gpu, source=table.source)
+    assert again == table
+
+
 def test_table_json_round_trip_and_missing_file(tmp_path):
     table = derive(rows(NERF, 2_097_152, "nerf", fused_small=140, eager=1680), gpu="G", source="x")
     again = Table.from_json(table.to_json())

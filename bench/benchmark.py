@@ -15,6 +15,7 @@ move) and % of the roofline floor.
 
 from __future__ import annotations
 
+import time
 import traceback
 from typing import Any
 
@@ -199,9 +200,11 @@ def run_bench(
     for label, spec, m in items:
         if on_case is not None:
             on_case(label, spec, m)
+        start = time.perf_counter()
         case = Case(spec, m, device)
         result = bench_case(case, providers, ceil, timing=timing, on_row=on_row)
         result["preset"] = label
+        result["wall_s"] = round(time.perf_counter() - start, 1)  # the runner's budget (log.txt)
         cases.append(result)
         case.release()
         if checkpoint is not None:

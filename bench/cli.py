@@ -277,6 +277,7 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     results = _results("bench", result)
     rep.print_tables(console, rep.bench_tables(result))
     _write(args, results, console)
+    _print_wall(console, "bench", result)
     failed = [
         f"{c.get('preset')} M={c['m']}: {r['provider']}: {r['status']}"
         for c in result["cases"]
@@ -289,6 +290,15 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
         path = _derive_auto(results, args.derive_auto or None, console)
         failed += _retime_auto(path, result, items, providers, device, args, console)
     return 1 if failed else 0
+
+
+def _print_wall(console: Any, what: str, result: dict[str, Any]) -> None:
+    """One line of wall time per case, for the GPU runner's time budget (bench/gpu_check.sh)."""
+    cases = [c for c in result["cases"] if "wall_s" in c]
+    if cases:
+        total = sum(c["wall_s"] for c in cases)
+        each = ", ".join(f"{c.get('preset')} M={c['m']} {c['wall_s']:.0f}" for c in cases)
+        console.print(f"{what}: {total:.0f} s wall over {len(cases)} cases (s each: {each})")
 
 
 def _retime_auto(
@@ -326,6 +336,7 @@ def _retime_auto(
     results = _results("bench", result)
     rep.print_tables(console, rep.bench_tables(result))
     _write(args, results, console)
+    _print_wall(console, "auto re-timed", again)
     return [
         f"{c.get('preset')} M={c['m']}: {r['provider']}: {r['status']}"
         for c in again["cases"]
@@ -349,7 +360,7 @@ def _derive_auto(results: dict[str, Any], out: str | None, console: Any) -> Path
     path = Path(out) if out else dispatch.TABLE_DIR / f"{dispatch.gpu_slug(gpu)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table.to_json())
-    console.print(f"wrote {path}: {len(table.entries)} entries for {gpu}")
+    console.print(f"wrote {path}: {len(table.points)} measured points for {gpu}")
     return path
 
 

@@ -138,6 +138,12 @@ class Provider:
         spec, impl = case.spec, self.impl
         faulty = self.name in FAULTS or self.impl in FAULTS
         if self.stack == "torch":
+            import torch  # after the front: fusedmlp.torch_impl sets up Triton before Dynamo
+
+            # `compile` is one graph per (spec, M) of one function (torch_impl/baselines.py,
+            # dynamic=False): past Dynamo's recompile limit (8) it would run eager without a word,
+            # and the default GPU presets are 11 cases (models.py, sweep_decode.py do the same).
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             sets = case.torch_sets()
 
             tune = TUNING["torch"] and impl in ("triton", "triton_tma")

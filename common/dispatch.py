@@ -2,39 +2,67 @@
 
 A dispatch table is one JSON file per GPU model in `common/dispatch/` (`nvidia-h200.json`), written
 by `fusedmlp bench --derive-auto` from a benchmark run on that GPU and committed with the results it
-came from. Each entry says, for one stack, dtype and shape class, over a range of M, which
-implementation was fastest — a kernel of ours, or the framework's own baseline where none of ours
+came from. It holds measured POINTS: for one stack, dtype and shape class, at one batch size M and
+one problem size (the weight bytes of the spec, `cost.param_bytes`), the implementations timed
+there ranked by speed — a kernel of ours first, or the framework's own baseline where none of ours
 won (then `auto` runs the baseline and `plan()` says so: `auto` never loses to the unfused code).
 
-Shape class: what decides which kernels can run and which wins —
+Shape class: what decides which kernels can run at all:
   - `narrow`: every width <= 128 (the whole MLP fits on chip: `fused_small`'s domain);
   - `mlp2`: two layers, some width > 128 (one hidden: `fused_decode`'s domain at small M);
   - `deep`: anything else;
 with `-gated` appended for gated activations (their hidden layer is one packed GEMM).
 
-Derivation: the measured M values of a class split the M axis at their geometric midpoints; each
-measured point picks the implementation whose worst ratio to the best time over the cases measured
-there (several presets can share a class) is smallest — minimax, so one preset's win cannot hide
-another's loss; neighbouring ranges with the same choice merge. Lookup returns None where the table
-says nothing (another GPU, a class or dtype not measured): the front's static order applies then,
-and its plan says so.
+Size: within a class, which kernel wins depends on M AND on how big the layers are. The first table
+(format 1) knew `mlp2` only from gpt-mlp (4096→16384, 268 MB of weights) at M=8192 and extended
+that choice to every M and width of the class, so GPT-2's MLP (768→3072, 9.4 MB) at 1-512 tokens ran
+a kernel built for 8192-row GEMMs and lost to the Hugging Face module (29.6 µs against 12.8, H200,
+874ab79). The weight bytes stand for the size: at small M they set the time (the weights are
+streamed once; the floor is bytes / bandwidth, and below a few MB the launches' latency dominates)
+and at large M the work is M x the weights.
+
+Derivation (`derive`): rows are grouped by (stack, dtype, class, M); inside a group, presets whose
+weight bytes are within SIZE_MERGE (2x) of the group's smallest one still unassigned form one
+point (its size the geometric mean of theirs). Each point ranks the implementations by their worst
+ratio to the best time over the cases measured there (several presets can share a point) —
+minimax, so one preset's win cannot hide another's loss.
+
+Lookup (`Table.lookup`): among the points of the call's stack, dtype and class, the NEAREST in the
+plane (log2 M, log2 weight bytes) — Euclidean, ties to the smaller M (then the smaller size), so
+with one size per class the M axis splits at the geometric midpoints of the measured M, as format 1
+did. Calls outside every measured M or size take the nearest point (extrapolation, named as such).
+At that point the first implementation of its ranking that can take the call (`accept`, the
+front's check: fused_decode stops at M=64, an implementation may be unavailable) is chosen; the
+returned evidence names the point used, its measured times and, when it is not the call's own
+(M, size), the call's, so `plan().reason` says which measurement decided. None where the table
+says nothing (another GPU, a stack, dtype or class not measured, no ranked implementation can take
+the call): the front's static order applies then, and its plan says so.
+
+Format: `"format": 2` with `points`. A format-1 file (`entries`: M ranges per class, no size, no
+`format` key) still loads and is looked up by its M ranges for any size, as before; `fusedmlp
+derive-auto RESULTS.json` rewrites it as format 2 from the results it came from.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cost import param_bytes
 from .spec import MLPSpec
 
 TABLE_DIR = Path(__file__).parent / "dispatch"
 NARROW_MAX_WIDTH = 128
+FORMAT = 2
+# Presets at one M whose weight bytes differ by at most this factor are one point (minimax over
+# them): llama3-8b (352 MB) and a Gemma-2b MLP (201 MB) would share one, GPT-2 (9.4 MB) and
+# gpt-mlp (268 MB) do not.
+SIZE_MERGE = 2.0
 
 
 def shape_class(spec: MLPSpec) -> str:
@@ -48,9 +76,26 @@ def shape_class(spec: MLPSpec) -> str:
     return f"{kind}-gated" if spec.gated else kind
 
 
+def weight_bytes(spec: MLPSpec) -> int:
+    """The size axis of the table: the spec's parameter bytes (packed gated operands included)."""
+    return param_bytes(spec)
+
+
 def gpu_slug(name: str) -> str:
     """'NVIDIA H200' -> 'nvidia-h200': the table's file name for a device name."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _fmt_bytes(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB"
+
+
+def _fmt_us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms"
 
 
 @dataclass(frozen=True)
@@ -67,7 +112,62 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class Point:
+    """One measured point: the implementations timed at (M, size) ranked best first, each with
+    its worst ratio to the best time over the point's cases (None: not timed in every case)."""
+
+    stack: str
+    dtype: str
+    shape_class: str
+    m: int
+    weight_bytes: int
+    ranking: tuple[tuple[str, float | None], ...]
+    evidence: str
+
+    @property
+    def impl(self) -> str:
+        return self.ranking[0][0]
+
+    def where(self) -> str:
+        return f"M={self.m}, {_fmt_bytes(self.weight_bytes)} of weights"
+
+    def distance(self, m: int, size: int) -> float:
+        """Euclidean distance in (log2 M, log2 weight bytes)."""
+        return math.hypot(math.log2(m / self.m), math.log2(size / self.weight_bytes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stack": self.stack,
+            "dtype": self.dtype,
+            "shape_class": self.shape_class,
+            "m": self.m,
+            "weight_bytes": self.weight_bytes,
+            "ranking": [[impl, ratio] for impl, ratio in self.ranking],
+            "evidence": self.evidence,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Point:
+        ranking = tuple(
+            (str(impl), None if ratio is None else float(ratio)) for impl, ratio in data["ranking"]
+        )
+        if not ranking:
+            raise ValueError(f"dispatch point: an empty ranking in {dict(data)!r}")
+        return cls(
+            data["stack"],
+            data["dtype"],
+            data["shape_class"],
+            int(data["m"]),
+            int(data["weight_bytes"]),
+            ranking,
+            data.get("evidence", ""),
+        )
+
+
+@dataclass(frozen=True)
 class Entry:
+    """A format-1 row: one choice over an M range of a class, for every size (still loaded)."""
+
     stack: str
     dtype: str
     shape_class: str
@@ -86,46 +186,96 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """What `Table.lookup` returns: the implementation, and the evidence the plan quotes."""
+
+    impl: str
+    evidence: str
+    point: Point | Entry
+
+
+@dataclass(frozen=True)
 class Table:
     gpu: str
     source: str
-    entries: tuple[Entry, ...]
+    points: tuple[Point, ...] = ()
+    legacy: tuple[Entry, ...] = ()  # a format-1 file's entries (M ranges, any size)
 
-    def lookup(self, stack: str, spec: MLPSpec, m: int) -> Entry | None:
+    def lookup(
+        self,
+        stack: str,
+        spec: MLPSpec,
+        m: int,
+        accept: Callable[[str], bool] | None = None,
+    ) -> Choice | None:
+        """The measured choice for this call (module docstring), or None. `accept(impl)`: whether
+        an implementation can take the call (None: every one can)."""
         klass = shape_class(spec)
-        for entry in self.entries:
+        ok = accept or (lambda impl: True)
+        here = [
+            p
+            for p in self.points
+            if (p.stack, p.dtype, p.shape_class) == (stack, spec.dtype, klass)
+        ]
+        if here:
+            size = weight_bytes(spec)
+            point = min(here, key=lambda p: (round(p.distance(m, size), 9), p.m, p.weight_bytes))
+            usable = [i for i, (impl, _) in enumerate(point.ranking) if ok(impl)]
+            if not usable:
+                return None
+            impl, ratio = point.ranking[usable[0]]
+            skipped = [name for name, _ in point.ranking[: usable[0]]]
+            if (point.m, point.weight_bytes) == (m, size):
+                text = f"measured at {point.where()}: {point.evidence}"
+            else:
+                text = (
+                    f"nearest measured point {point.where()} (this call: M={m}, "
+                    f"{_fmt_bytes(size)}): {point.evidence}"
+                )
+            if skipped:
+                behind = "untimed in some case" if ratio is None else f"{ratio:.3f}x the best"
+                text += (
+                    f"; {', '.join(skipped)} cannot take this call, so {impl}, the next in that "
+                    f"point's ranking ({behind})"
+                )
+            return Choice(impl, text, point)
+        for entry in self.legacy:
             if entry.covers(stack, spec.dtype, klass, m):
-                return entry
+                if not ok(entry.impl):
+                    return None
+                return Choice(entry.impl, f"{entry.evidence} (format-1 table: M only)", entry)
         return None
 
     def to_json(self) -> str:
-        body = {
-            "gpu": self.gpu,
-            "source": self.source,
-            "entries": [entry.__dict__ for entry in self.entries],
-        }
-        return json.dumps(body, indent=1) + "\n"
+        body: dict[str, Any] = {"format": FORMAT, "gpu": self.gpu, "source": self.source}
+        body["points"] = [p.to_dict() for p in self.points]
+        if self.legacy:
+            body["entries"] = [entry.__dict__ for entry in self.legacy]
+        text = json.dumps(body, indent=1)
+        # one line per ranked implementation: ["mosaic", 1.0], not four
+        return re.sub(r"\[\s+(\"[^\"]*\"),\s+([^\s\]]+)\s+\]", r"[\1, \2]", text) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Table:
         data = json.loads(text)
-        entries = tuple(Entry(**e) for e in data["entries"])
-        return cls(data["gpu"], data.get("source", ""), entries)
+        version = data.get("format", 1)
+        if version not in (1, FORMAT):
+            raise ValueError(
+                f"dispatch table: format must be 1 or {FORMAT}, got {version!r} (a newer fusedmlp?)"
+            )
+        points = tuple(Point.from_dict(p) for p in data.get("points", ()))
+        legacy = tuple(Entry(**e) for e in data.get("entries", ()))
+        return cls(data["gpu"], data.get("source", ""), points, legacy)
 
 
-def _fmt_us(seconds: float) -> str:
-    return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms"
-
-
-def _choose(rows: list[Measurement]) -> tuple[str, str]:
-    """The implementation with the smallest worst ratio to the best time over `rows`' cases."""
+def _rank(rows: list[Measurement]) -> tuple[tuple[tuple[str, float | None], ...], str]:
+    """The implementations ranked by their worst ratio to the best time over `rows`' cases
+    (best first; ties by name), and the evidence: each case's time of the first beside the best
+    baseline's."""
     by_case: dict[str, dict[str, Measurement]] = {}
     for row in rows:
         case = row.label or str(row.spec)
         by_case.setdefault(case, {})[row.impl] = row
-    impls = set.intersection(*(set(c) for c in by_case.values()))
-    if not impls:  # no implementation timed in every case: judge each on the cases it has
-        impls = {row.impl for row in rows}
 
     def worst_ratio(impl: str) -> float:
         ratios = []
@@ -134,7 +284,11 @@ def _choose(rows: list[Measurement]) -> tuple[str, str]:
             ratios.append(case[impl].seconds / best if impl in case else math.inf)
         return max(ratios)
 
-    impl = min(sorted(impls), key=lambda name: (worst_ratio(name), name))
+    impls = sorted({row.impl for row in rows}, key=lambda name: (worst_ratio(name), name))
+    ranking = tuple(
+        (name, None if math.isinf(r := worst_ratio(name)) else round(r, 4)) for name in impls
+    )
+    impl = impls[0]
     parts = []
     for case_name, case in sorted(by_case.items()):
         baselines = [r for r in case.values() if r.baseline]
@@ -144,39 +298,36 @@ def _choose(rows: list[Measurement]) -> tuple[str, str]:
         if best_base is not None and best_base.impl != impl:
             text += f" vs {best_base.impl} {_fmt_us(best_base.seconds)}"
         parts.append(text)
-    return impl, "; ".join(parts)
+    return ranking, "; ".join(parts)
+
+
+def _size_groups(rows: list[Measurement]) -> list[list[Measurement]]:
+    """`rows` (one M) split into points by weight bytes: each group starts at the smallest size
+    left and takes every size up to SIZE_MERGE times it."""
+    sizes = sorted({weight_bytes(r.spec) for r in rows})
+    groups: list[list[int]] = []
+    for size in sizes:
+        if groups and size <= SIZE_MERGE * groups[-1][0]:
+            groups[-1].append(size)
+        else:
+            groups.append([size])
+    return [[r for r in rows if weight_bytes(r.spec) in group] for group in groups]
 
 
 def derive(rows: Iterable[Measurement], *, gpu: str, source: str) -> Table:
     """The dispatch table from one benchmark run's timed rows (see the module docstring)."""
-    groups: dict[tuple[str, str, str], dict[int, list[Measurement]]] = {}
+    groups: dict[tuple[str, str, str, int], list[Measurement]] = {}
     for row in rows:
-        key = (row.stack, row.spec.dtype, shape_class(row.spec))
-        groups.setdefault(key, {}).setdefault(row.m, []).append(row)
-    entries: list[Entry] = []
-    for (stack, dtype, klass), by_m in sorted(groups.items()):
-        ms = sorted(by_m)
-        picks = [_choose(by_m[m]) for m in ms]
-        bounds = [1]
-        for lo, hi in itertools.pairwise(ms):
-            bounds.append(math.isqrt(lo * hi) + 1)
-        bounds.append(2**62)
-        for i, (impl, evidence) in enumerate(picks):
-            m_min, m_max = bounds[i], bounds[i + 1] - 1
-            last = entries[-1] if entries else None
-            if (
-                last is not None
-                and (last.stack, last.dtype, last.shape_class, last.impl)
-                == (stack, dtype, klass, impl)
-                and last.m_max + 1 == m_min
-            ):
-                merged = f"{last.evidence} | M={ms[i]}: {evidence}"
-                entries[-1] = Entry(stack, dtype, klass, last.m_min, m_max, impl, merged)
-            else:
-                entries.append(
-                    Entry(stack, dtype, klass, m_min, m_max, impl, f"M={ms[i]}: {evidence}")
-                )
-    return Table(gpu, source, tuple(entries))
+        key = (row.stack, row.spec.dtype, shape_class(row.spec), row.m)
+        groups.setdefault(key, []).append(row)
+    points = []
+    for (stack, dtype, klass, m), at_m in sorted(groups.items()):
+        for group in _size_groups(at_m):
+            sizes = sorted({weight_bytes(r.spec) for r in group})
+            size = round(math.exp(sum(math.log(s) for s in sizes) / len(sizes)))
+            ranking, evidence = _rank(group)
+            points.append(Point(stack, dtype, klass, m, size, ranking, evidence))
+    return Table(gpu, source, tuple(points))
 
 
 _TABLES: dict[str, Table | None] = {}

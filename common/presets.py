@@ -21,14 +21,22 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "llama3-8b",
             MLPSpec((4096, 14336, 4096), "swiglu", bias=False, dtype="bfloat16"),
-            (16, 64, 8192),
-            "Llama 3 8B MLP (gate/up/down); M=16 and 64 are decode, M=8192 prefill",
+            (16, 64, 512, 8192),
+            "Llama 3 8B MLP (gate/up/down); M=16 and 64 are decode, M=8192 prefill, M=512 a "
+            "short prefill (auto's nearest measured point for Gemma-2b's MLP at 512 tokens)",
         ),
         Preset(
             "gpt-mlp",
             MLPSpec((4096, 16384, 4096), "gelu_tanh", bias=True, dtype="bfloat16"),
             (8192,),
             "GPT-style 4x MLP with biases and tanh-GELU",
+        ),
+        Preset(
+            "gpt2-mlp",
+            MLPSpec((768, 3072, 768), "gelu_tanh", bias=True, dtype="bfloat16"),
+            (1, 16, 512, 4096),
+            "GPT-2 small's MLP (c_fc/c_proj, 9.4 MB of weights), at the token counts of the "
+            "drop-in check (bench/models.py): launch-bound at 1-512, where gpt-mlp's choice lost",
         ),
         Preset(
             "hf-blog-geglu",
@@ -53,7 +61,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 DEFAULT_CPU_PRESET = "cpu-small"
-DEFAULT_GPU_PRESETS: tuple[str, ...] = ("llama3-8b", "gpt-mlp", "hf-blog-geglu", "nerf-64x5")
+DEFAULT_GPU_PRESETS: tuple[str, ...] = (
+    "llama3-8b",
+    "gpt-mlp",
+    "gpt2-mlp",
+    "hf-blog-geglu",
+    "nerf-64x5",
+)
 
 
 def get_preset(name: str) -> Preset:

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from fusedmlp.common import MLPSpec
 from fusedmlp.common.dispatch import (
+    SIZE_MERGE,
     Measurement,
+    Point,
     Table,
     derive,
     gpu_slug,
     load_table,
     measurements_from_bench,
     shape_class,
+    weight_bytes,
 )
 
 LLAMA = MLPSpec((4096, 14336, 4096), "swiglu", bias=False, dtype="bfloat16")
 BLOG = MLPSpec((768, 3072, 768), "geglu_tanh", bias=False, dtype="bfloat16")
 NERF = MLPSpec((64,) * 6, "relu", bias=False, dtype="float16")
+GPT2 = MLPSpec((768, 3072, 768), "gelu_tanh", bias=True, dtype="bfloat16")
+GPT_MLP = MLPSpec((4096, 16384, 4096), "gelu_tanh", bias=True, dtype="bfloat16")
+GEMMA = MLPSpec((2048, 16384, 2048), "geglu_tanh", bias=False, dtype="bfloat16")
 
 
 def rows(spec, m, label, **times_us):
@@ -50,38 +59,185 @@ def test_derive_picks_fastest_and_splits_m_at_geometric_midpoints():
         LLAMA, 8192, "llama3-8b", fused_decode=9e9, triton_tma=3600, eager=3950
     )
     table = derive(data, gpu="NVIDIA H200", source="test")
-    assert [(e.m_min, e.m_max, e.impl) for e in table.entries] == [
-        (1, 362, "fused_decode"),  # floor(sqrt(16 * 8192)) = 362
-        (363, 2**62 - 1, "triton_tma"),
+    size = weight_bytes(LLAMA)
+    assert [(p.m, p.weight_bytes, p.impl) for p in table.points] == [
+        (16, size, "fused_decode"),
+        (8192, size, "triton_tma"),
     ]
-    assert "fused_decode 85.0 µs vs eager 111.0 µs" in table.entries[0].evidence
+    assert table.points[0].ranking == (("fused_decode", 1.0), ("eager", 1.3059), ("triton", 2.7059))
+    assert "fused_decode 85.0 µs vs eager 111.0 µs" in table.points[0].evidence
+    # one size: the M axis splits at the geometric midpoint, floor(sqrt(16 * 8192)) = 362
     assert table.lookup("torch", LLAMA, 1).impl == "fused_decode"
+    assert table.lookup("torch", LLAMA, 362).impl == "fused_decode"
     assert table.lookup("torch", LLAMA, 363).impl == "triton_tma"
+    assert table.lookup("torch", LLAMA, 10**6).impl == "triton_tma"
     assert table.lookup("jax", LLAMA, 16) is None  # the other stack was not measured
     assert table.lookup("torch", LLAMA.replace(dtype="float16"), 16) is None
+    assert table.lookup("torch", GPT_MLP, 16) is None  # another class
 
 
-def test_derive_is_minimax_over_presets_of_one_class():
-    # triton_tma wins llama by a little and loses the blog case by a lot: eager is the safe pick.
+def test_derive_is_minimax_over_presets_of_one_point():
+    # Two gated presets within SIZE_MERGE of each other at one M are one point: triton_tma wins
+    # llama by a little and loses the Gemma-sized case by a lot, so eager is the safe pick.
+    assert weight_bytes(LLAMA) < SIZE_MERGE * weight_bytes(GEMMA)
     data = rows(LLAMA, 8192, "llama3-8b", triton_tma=3800, eager=3950) + rows(
-        BLOG, 8192, "hf-blog-geglu", triton_tma=400, eager=240
+        GEMMA, 8192, "gemma", triton_tma=4000, eager=2400
     )
-    (entry,) = derive(data, gpu="g", source="s").entries
-    assert entry.impl == "eager"
-    assert "hf-blog-geglu" in entry.evidence and "llama3-8b" in entry.evidence
+    (point,) = derive(data, gpu="g", source="s").points
+    assert point.impl == "eager"
+    assert "gemma" in point.evidence and "llama3-8b" in point.evidence
+    geo = math.sqrt(weight_bytes(LLAMA) * weight_bytes(GEMMA))
+    assert point.weight_bytes == pytest.approx(geo, abs=1)
 
 
-def test_derive_merges_neighbouring_ranges_with_the_same_choice():
-    data = [r for m in (1, 4, 16, 64) for r in rows(LLAMA, m, "l", fused_decode=80, eager=110)]
-    (entry,) = derive(data, gpu="g", source="s").entries
-    assert (entry.m_min, entry.m_max, entry.impl) == (1, 2**62 - 1, "fused_decode")
-    assert entry.evidence.count("M=") == 4
+def test_derive_chooses_per_size_within_a_class():
+    """GPT-2's MLP (9.4 MB) and gpt-mlp (268 MB) are both `mlp2`: each size gets its own points,
+    so the big GEMM's winner no longer decides for the small one (issue 23)."""
+    assert shape_class(GPT2) == shape_class(GPT_MLP) == "mlp2"
+    data = (
+        rows(GPT2, 1, "gpt2-mlp", fused_decode=10, mosaic=29, compile=12.8)
+        + rows(GPT2, 16, "gpt2-mlp", fused_decode=11, mosaic=29, compile=13.5)
+        + rows(GPT2, 512, "gpt2-mlp", triton_tma=30, mosaic=34, compile=19)
+        + rows(GPT2, 4096, "gpt2-mlp", triton_tma=70, mosaic=84, compile=74)
+        + rows(GPT_MLP, 8192, "gpt-mlp", triton_tma=3400, mosaic=3366, eager=3409, compile=3500)
+    )
+    table = derive(data, gpu="g", source="s")
+    assert [(p.m, p.impl) for p in table.points] == [
+        (1, "fused_decode"),
+        (16, "fused_decode"),
+        (512, "compile"),
+        (4096, "triton_tma"),
+        (8192, "mosaic"),
+    ]
+    pick = {m: table.lookup("torch", GPT2, m).impl for m in (1, 16, 90, 91, 512, 4096, 8192)}
+    assert pick == {
+        1: "fused_decode",
+        16: "fused_decode",
+        90: "fused_decode",  # sqrt(16 * 512) = 90.5
+        91: "compile",
+        512: "compile",
+        4096: "triton_tma",
+        8192: "triton_tma",  # GPT-2's own 4096 point, not gpt-mlp's 8192 one
+    }
+    assert table.lookup("torch", GPT_MLP, 8192).impl == "mosaic"
+    assert table.lookup("torch", GPT_MLP, 4096).impl == "mosaic"
+
+
+def test_lookup_is_nearest_in_m_and_size_and_says_which_point():
+    data = (
+        rows(GPT2, 16, "gpt2-mlp", fused_decode=11, compile=13.5)
+        + rows(GPT2, 4096, "gpt2-mlp", triton_tma=70, compile=74)
+        + rows(GPT_MLP, 16, "gpt-mlp", fused_decode=80, compile=70)
+        + rows(GPT_MLP, 8192, "gpt-mlp", mosaic=3366, eager=3409)
+    )
+    table = derive(data, gpu="g", source="s")
+    exact = table.lookup("torch", GPT2, 16)
+    assert exact.impl == "fused_decode"
+    assert exact.evidence.startswith("measured at M=16, 9.4 MB of weights: gpt2-mlp:")
+    assert exact.point.m == 16 and exact.point.weight_bytes == weight_bytes(GPT2)
+    # a size between the two: 2048→8192 (67 MB) is nearer gpt-mlp (268 MB) in log2 than GPT-2
+    mid = MLPSpec((2048, 8192, 2048), "gelu_tanh", bias=True, dtype="bfloat16")
+    near = table.lookup("torch", mid, 16)
+    assert near.impl == "compile" and near.point.weight_bytes == weight_bytes(GPT_MLP)
+    assert near.evidence.startswith(
+        "nearest measured point M=16, 268.5 MB of weights (this call: M=16, 67.1 MB):"
+    )
+    # outside every measured size and M: the nearest point still answers, and says so
+    tiny = MLPSpec((256, 512, 256), "gelu_tanh", bias=True, dtype="bfloat16")
+    assert table.lookup("torch", tiny, 1).point.m == 16
+    assert table.lookup("torch", tiny, 1).impl == "fused_decode"
+    huge = MLPSpec((8192, 32768, 8192), "gelu_tanh", bias=True, dtype="bfloat16")
+    assert table.lookup("torch", huge, 65536).impl == "mosaic"
+    assert "nearest measured point M=8192" in table.lookup("torch", huge, 65536).evidence
+    # in (M, size) both count: GPT-2's size at M=2048 is nearer its own 4096 point than 16's
+    assert table.lookup("torch", GPT2, 2048).point.m == 4096
+
+
+def test_lookup_ties_go_to_the_smaller_m():
+    data = rows(GPT2, 16, "a", fused_decode=1, compile=2) + rows(GPT2, 256, "a", compile=1)
+    table = derive(data, gpu="g", source="s")
+    assert table.lookup("torch", GPT2, 64).impl == "fused_decode"  # log2: 2 from both
+    assert table.lookup("torch", GPT2, 65).impl == "compile"
+
+
+def test_lookup_accept_takes_the_next_of_the_ranking():
+    data = rows(GPT2, 16, "gpt2-mlp", fused_decode=10, compile=12, mosaic=29)
+    table = derive(data, gpu="g", source="s")
+    got = table.lookup("torch", GPT2, 90, accept=lambda impl: impl != "fused_decode")
+    assert got.impl == "compile"
+    assert "fused_decode cannot take this call, so compile" in got.evidence
+    assert "1.200x the best" in got.evidence
+    assert table.lookup("torch", GPT2, 16, accept=lambda impl: False) is None
+
+
+FORMAT1 = """{
+ "gpu": "NVIDIA H200",
+ "source": "fusedmlp bench at commit 6d6ff60f5c",
+ "entries": [
+  {"stack": "torch", "dtype": "bfloat16", "shape_class": "mlp2-gated", "m_min": 1, "m_max": 32,
+   "impl": "fused_decode", "evidence": "M=16: llama3-8b: fused_decode 97.7 \\u00b5s"},
+  {"stack": "torch", "dtype": "bfloat16", "shape_class": "mlp2-gated", "m_min": 33,
+   "m_max": 4611686018427387903, "impl": "mosaic", "evidence": "M=8192: llama3-8b: mosaic"}
+ ]
+}
+"""
+
+
+def test_format1_table_still_loads_and_looks_up_by_m_only(tmp_path):
+    table = Table.from_json(FORMAT1)
+    assert table.points == () and len(table.legacy) == 2
+    for spec in (LLAMA, BLOG):  # any size: format 1 knew none
+        got = table.lookup("torch", spec, 16)
+        assert got.impl == "fused_decode" and "format-1 table" in got.evidence
+        assert table.lookup("torch", spec, 33).impl == "mosaic"
+    assert table.lookup("torch", LLAMA, 16, accept=lambda impl: False) is None
+    assert table.lookup("jax", LLAMA, 16) is None
+    assert Table.from_json(table.to_json()) == table
+    (tmp_path / "nvidia-h200.json").write_text(FORMAT1)
+    assert load_table("NVIDIA H200", tmp_path) == table
+    with pytest.raises(ValueError, match="format must be 1 or 2, got 3"):
+        Table.from_json('{"format": 3, "gpu": "g", "points": []}')
+
+
+def test_committed_table_is_format_2():
+    """common/dispatch/nvidia-h200.json loads as measured points, each naming known names."""
+    from fusedmlp.common.dispatch import FORMAT, TABLE_DIR
+    from fusedmlp.common.registry import impl_names
+
+    path = TABLE_DIR / "nvidia-h200.json"
+    assert json.loads(path.read_text())["format"] == FORMAT
+    table = Table.from_json(path.read_text())
+    assert table.points and not table.legacy
+    for point in table.points:
+        assert point.stack in ("torch", "jax")
+        assert point.shape_class.removesuffix("-gated") in ("narrow", "mlp2", "deep")
+        assert point.weight_bytes > 0 and point.m >= 1
+        assert {impl for impl, _ in point.ranking} <= set(impl_names(point.stack))
+
+
+def test_committed_table_is_what_derive_makes_of_its_results():
+    """The committed table is `derive` of the committed results it names (source: '... at commit
+    <hash>', results in bench/results/*-<hash[:7]>/), so no hand edit hides in it."""
+    from pathlib import Path
+
+    from fusedmlp.common.dispatch import TABLE_DIR
+
+    table = Table.from_json((TABLE_DIR / "nvidia-h200.json").read_text())
+    commit = table.source.rsplit(" ", 1)[-1][:7]
+    root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    found = sorted(root.glob(f"*-{commit}/results.json"))
+    if not found:
+        pytest.skip(f"no bench/results/*-{commit}/results.json for {table.source!r}")
+    results = json.loads(found[0].read_text())
+    again = derive(measurements_from_bench(results["bench"]), gpu=table.gpu, source=table.source)
+    assert again == table
 
 
 def test_table_json_round_trip_and_missing_file(tmp_path):
     table = derive(rows(NERF, 2_097_152, "nerf", fused_small=140, eager=1680), gpu="G", source="x")
     again = Table.from_json(table.to_json())
     assert again == table
+    assert '["fused_small", 1.0]' in table.to_json()  # one line per ranked implementation
     (tmp_path / "nvidia-h200.json").write_text(table.to_json())
     assert load_table("NVIDIA H200", tmp_path) == table
     assert load_table("Some Other GPU", tmp_path) is None
@@ -132,18 +288,26 @@ def test_fronts_take_the_measured_choice(monkeypatch, tmp_path):
 
     tplan = tfront.plan(spec, (64, 96), device="cuda")
     assert tplan.impl == "eager"
-    assert "measured on Test GPU" in tplan.reason and "eager 50.0 µs" in tplan.reason
+    assert "measured on Test GPU: measured at M=64, 297.3 kB of weights" in tplan.reason
+    assert "eager 50.0 µs" in tplan.reason
     jplan = jfront.plan(spec, (64, 96), device="gpu")
     assert jplan.impl == "xla" and "measured on Test GPU" in jplan.reason
+    # another M: the plan names the measured point it used, and the call's own (M, size)
+    near = tfront.plan(spec, (200, 96), device="cuda")
+    assert near.impl == "eager"
+    assert "nearest measured point M=64, 297.3 kB of weights (this call: M=200" in near.reason
 
-    # A measured choice that cannot take the problem falls through to the static order.
-    bad = Table(
-        "Test GPU",
-        "test",
-        (dispatch.Entry("torch", "float32", "mlp2-gated", 1, 10**9, "fused_small", "made up"),),
-    )
-    monkeypatch.setattr(dispatch, "load_table", lambda name: bad)
+    # A measured choice that cannot take the problem (fused_small on wide layers) gives way to
+    # the next of the point's ranking; with none left, the static order applies.
+    size = weight_bytes(spec)
+    ranked = (("fused_small", 1.0), ("eager", 1.3))
+    point = Point("torch", "float32", "mlp2-gated", 64, size, ranked, "made up")
+    monkeypatch.setattr(dispatch, "load_table", lambda name: Table("Test GPU", "t", (point,)))
     monkeypatch.setattr(tfront, "_is_hopper", lambda: False)
+    again = tfront.plan(spec, (64, 96), device="cuda")
+    assert again.impl == "eager" and "fused_small cannot take this call" in again.reason
+    alone = Point("torch", "float32", "mlp2-gated", 64, size, ranked[:1], "made up")
+    monkeypatch.setattr(dispatch, "load_table", lambda name: Table("Test GPU", "t", (alone,)))
     assert tfront.plan(spec, (64, 96), device="cuda").impl != "fused_small"
 
 

@@ -96,12 +96,14 @@ def test_from_json_rejects_unknown_and_missing_fields():
 def test_presets_match_the_issue():
     llama = MLPSpec.preset("llama3-8b")
     assert llama == MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
-    assert preset_batch_sizes("llama3-8b") == (16, 64, 8192)
+    assert preset_batch_sizes("llama3-8b") == (16, 64, 512, 8192)
     assert MLPSpec.preset("gpt-mlp") == MLPSpec((4096, 16384, 4096), "gelu_tanh", True, "bfloat16")
     assert MLPSpec.preset("hf-blog-geglu") == MLPSpec(
         (768, 3072, 768), "geglu_tanh", False, "bfloat16"
     )
     assert preset_batch_sizes("hf-blog-geglu") == (8192,)
+    assert MLPSpec.preset("gpt2-mlp") == MLPSpec((768, 3072, 768), "gelu_tanh", True, "bfloat16")
+    assert preset_batch_sizes("gpt2-mlp") == (1, 16, 512, 4096)
     assert MLPSpec.preset("nerf-64x5") == MLPSpec((64,) * 6, "relu", False, "float16")
     assert preset_batch_sizes("nerf-64x5") == (2_097_152,)
     assert MLPSpec.preset("cpu-small") == MLPSpec((96, 256, 96), "swiglu", True, "float32")

@@ -177,8 +177,11 @@ def _measured_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | No
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return None
     table = dispatch.load_table(_gpu_name())
-    found = table.lookup(STACK, spec, m) if table is not None else None
-    if found is None or not _can_take(found.impl, spec, m, device):
+    if table is None:
+        return None
+    # the nearest measured point's fastest implementation that can take this call
+    found = table.lookup(STACK, spec, m, accept=lambda impl: _can_take(impl, spec, m, device))
+    if found is None:
         return None
     return found.impl, f"auto: measured on {table.gpu}: {found.evidence}"
 

@@ -7,6 +7,7 @@ Interpreted kernels are slow: odd sizes of 21..73, M ≤ 19."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +295,18 @@ def test_twin_contract() -> None:
     assert names[0] == names[1], names[0] ^ names[1]
     assert {"factorise", "lowrank_mlp", "plan"} <= names[0]
     assert json.loads(ls.LowRankSpec(MLPSpec((4, 4), "relu", True, "float32"), (4,)).to_json())
+
+
+def test_docs_usage_snippets_run(capsys) -> None:
+    """docs/lowrank.md's Usage snippets run as written (torch, then JAX)."""
+    import re
+
+    pytest.importorskip("transformers")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "lowrank.md").read_text()
+    usage = text.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", usage, flags=re.S)
+    assert len(blocks) == 2
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/lowrank.md usage {i}", "exec"), {})
+    out = capsys.readouterr().out
+    assert "torch lowrank" in out and "fused, t on chip" in out and "| 1 | 96→40 | 8 |" in out

@@ -310,3 +310,17 @@ def test_docs_usage_snippets_run(capsys) -> None:
         exec(compile(block, f"docs/lowrank.md usage {i}", "exec"), {})
     out = capsys.readouterr().out
     assert "torch lowrank" in out and "fused, t on chip" in out and "| 1 | 96→40 | 8 |" in out
+
+
+def test_jax_lowrank_mlp_under_jit() -> None:
+    """A LowRankSpec is hashable: a static argument of jax.jit; jitted and eager calls agree."""
+    import jax
+
+    jnp, front = _jax()
+    case = golden.load_lowrank("lowrank-gelu-float32")
+    x, params = jnp.asarray(case.x), {k: jnp.asarray(v) for k, v in case.params.items()}
+    jitted = jax.jit(front.lowrank_mlp, static_argnames=("lspec",))(x, params, lspec=case.lspec)
+    assert (
+        np.asarray(jitted).tobytes()
+        == np.asarray(front.lowrank_mlp(x, params, case.lspec)).tobytes()
+    )

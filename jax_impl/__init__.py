@@ -10,3 +10,8 @@ from .front import is_interpreted, mlp, plan, unavailable_reason
 compat.filter_pallas_triton_deprecation()
 
 __all__ = ["is_interpreted", "mlp", "plan", "unavailable_reason"]
+
+# ---- low-rank factorised MLPs (issue 26) ---------------------------------------------------------
+from .lowrank_front import factorise, lowrank_mlp  # noqa: E402
+
+__all__ += ["factorise", "lowrank_mlp"]

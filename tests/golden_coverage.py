@@ -26,6 +26,7 @@ FILES = (
     "tests/test_triton_tma.py",
     "tests/test_pallas_mosaic.py",
     "tests/test_module.py",
+    "tests/test_lowrank_front.py",
 )
 # test id pattern -> (stack, impl) of each parametrisation; `case` is the golden name.
 STACK_IMPL = {"triton": ("torch", "triton"), "pallas_triton": ("jax", "pallas_triton")}
@@ -55,6 +56,8 @@ def _pairs(node: str, names: set[str]) -> tuple[str, str, str, str] | None:
         stack, impl = "jax", "pallas_mosaic"
     elif name == "test_module":
         stack, impl = "torch", "auto"
+    elif name == "test_lowrank_front":  # factorised cases (the manifest's lowrank_cases)
+        stack, impl = head, "lowrank"
     else:
         return None
     return file, stack, impl, case
@@ -66,6 +69,8 @@ def _exercised(stack: str, impl: str, case_name: str) -> tuple[bool, str]:
     from fusedmlp.common import golden
 
     front = importlib.import_module(f"fusedmlp.{stack}_impl")
+    if impl == "lowrank":  # every stack runs every factorised case (no GPU-only path)
+        return True, impl
     case = golden.load(case_name)
     if front.unavailable_reason(impl, "cpu") is not None:
         return False, impl
@@ -79,7 +84,7 @@ def _exercised(stack: str, impl: str, case_name: str) -> tuple[bool, str]:
 def main() -> int:
     from fusedmlp.common import golden
 
-    names = set(golden.case_names())
+    names = set(golden.case_names()) | set(golden.lowrank_case_names())
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
          *FILES], capture_output=True, text=True, cwd=ROOT,

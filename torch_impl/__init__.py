@@ -25,3 +25,9 @@ __all__ += [
     "param_to_linear",
     "to_linears",
 ]
+
+# ---- low-rank factorised MLPs (issue 26) ---------------------------------------------------------
+from .lowrank_front import factorise, lowrank_mlp  # noqa: E402
+from .lowrank_module import FactorisedMLP  # noqa: E402
+
+__all__ += ["FactorisedMLP", "factorise", "lowrank_mlp"]

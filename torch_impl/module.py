@@ -305,9 +305,28 @@ class FusedMLP(nn.Module):
     # ---- converters (convert.py) -----------------------------------------------------------------
     @classmethod
     def from_hf(
-        cls, module: nn.Module, *, impl: str = AUTO, config: TileConfig | None = None
+        cls,
+        module: nn.Module,
+        *,
+        impl: str = AUTO,
+        config: TileConfig | None = None,
+        rank: int | tuple[int, ...] | None = None,
+        energy: float | tuple[float, ...] | None = None,
+        calibration: torch.Tensor | None = None,
     ) -> FusedMLP:
-        """A FusedMLP computing what a Hugging Face LlamaMLP / GemmaMLP / GPT2MLP computes."""
+        """A FusedMLP computing what a Hugging Face LlamaMLP / GemmaMLP / GPT2MLP computes.
+
+        With `rank=` or `energy=` (and optionally `calibration=`, the block's real inputs
+        [..., d_in]: activation-aware SVD): a low-rank compressed FactorisedMLP instead
+        (lowrank_module.py; `config` then a LowRankConfig or None, `impl` "auto")."""
+        if rank is not None or energy is not None or calibration is not None:
+            from .lowrank_front import check_impl as lowrank_impl
+            from .lowrank_module import from_hf as lowrank_from_hf
+
+            lowrank_impl(impl)
+            return lowrank_from_hf(  # type: ignore[return-value]
+                module, rank=rank, energy=energy, calibration=calibration, config=config
+            )
         from .convert import from_hf
 
         return from_hf(module, impl=impl, config=config)

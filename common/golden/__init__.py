@@ -6,6 +6,15 @@ reference output `y`, the output with the kernels' storage rounding `y_rounded`,
 gradients `grad_x`, `grad_<param>` of `sum(y * dy)`. `MANIFEST.json` lists every case with its spec
 and the SHA-256 of its file.
 
+Factorised (low-rank) cases (issue 26) are listed apart, under the manifest's `lowrank_cases`
+(`lowrank_case_names`, `load_lowrank`), so every dense golden test keeps its case list: the spec is
+a `LowRankSpec` (an MLPSpec and each layer's rank), params `u{i}`, `vt{i}` (`w{i}` for a layer that
+runs dense) and `b{i}`, and the outputs `y` (exact float64) and `y_rounded` (the kernels' rounding
+points: t = x·U and each hidden layer rounded to the dtype). No gradients (no factorised backward).
+Their factors are DRAWN (seeded, like `init_params`), not computed by an SVD: LAPACK's SVD is not
+bit-reproducible across builds (signs, last bits) and the files must regenerate bit for bit; the
+factorisation has its own tests (tests/test_lowrank.py: Eckart–Young, the whitened tail).
+
 Regenerate with `python -m fusedmlp.common.golden` (add `--check` to verify instead of writing).
 """
 
@@ -20,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import reference
-from ..dtypes import DTYPES, numpy_dtype
+from .. import lowrank_spec, reference
+from ..dtypes import DTYPES, cast, numpy_dtype
+from ..lowrank_spec import LowRankSpec
 from ..params import init_params, make_grad_output, make_input
 from ..spec import ACTIVATIONS, MLPSpec
 
@@ -111,6 +121,71 @@ def build_case(d: CaseDef) -> GoldenCase:
     return GoldenCase(d.name, d.spec, x, params, dy, y, y_rounded, grads)
 
 
+# ---- factorised (low-rank) cases -----------------------------------------------------------------
+@dataclass(frozen=True)
+class LowRankCaseDef:
+    name: str
+    lspec: LowRankSpec
+    lead_shape: tuple[int, ...]
+    seed: int
+
+
+@dataclass
+class LowRankGoldenCase:
+    name: str
+    lspec: LowRankSpec
+    x: np.ndarray
+    params: dict[str, np.ndarray]
+    y: np.ndarray
+    y_rounded: np.ndarray
+
+    @property
+    def spec(self) -> MLPSpec:
+        return self.lspec.spec
+
+
+def lowrank_case_defs() -> list[LowRankCaseDef]:
+    """A 2-layer plain MLP at the odd widths, both layers factorised, in each dtype; and one whose
+    last layer runs dense (rank = min(K, N)), without bias, relu (the twins agree bit for bit on
+    it), 3-D input."""
+    defs = []
+    seed = 300
+    for dtype in DTYPES:
+        lspec = LowRankSpec(MLPSpec(ODD_WIDTHS, "gelu", True, dtype), (9, 5))
+        defs.append(LowRankCaseDef(f"lowrank-gelu-{dtype}", lspec, (ODD_M,), seed))
+        seed += 1
+    lspec = LowRankSpec(MLPSpec(ODD_WIDTHS, "relu", False, "float16"), (17, 21))
+    defs.append(LowRankCaseDef("lowrank-dense1-relu-float16-nobias", lspec, (3, 5), seed))
+    return defs
+
+
+def lowrank_params(lspec: LowRankSpec, seed: int) -> dict[str, np.ndarray]:
+    """Drawn factors in the dtype: U ~ N(0, 1/K), Vt ~ N(0, 1/r) (U·Vt ~ N(0, 1/K), as a dense
+    init_params weight), W and b ~ N(0, 1/K)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in lowrank_spec.param_shapes(lspec).items():
+        fan_in = shape[0] if not name.startswith("b") else lspec.spec.widths[int(name[1:])]
+        params[name] = cast(rng.standard_normal(shape) / np.sqrt(fan_in), lspec.dtype)
+    return params
+
+
+def build_lowrank_case(d: LowRankCaseDef) -> LowRankGoldenCase:
+    params = lowrank_params(d.lspec, d.seed)
+    x = make_input(d.lspec.spec, d.lead_shape, seed=d.seed + 10_000)
+    y = lowrank_spec.reference(d.lspec, x, params)
+    y_rounded = lowrank_spec.reference(
+        d.lspec, x, params, round_intermediate=True, round_hidden=True
+    )
+    return LowRankGoldenCase(d.name, d.lspec, x, params, y, y_rounded)
+
+
+def _lowrank_arrays(case: LowRankGoldenCase) -> dict[str, np.ndarray]:
+    arrays = {"x": case.x, "y": case.y, "y_rounded": case.y_rounded}
+    arrays.update({f"param_{k}": v for k, v in case.params.items()})
+    return arrays
+
+
 # ---- file format ---------------------------------------------------------------------------------
 def _to_storable(a: np.ndarray) -> np.ndarray:
     if a.dtype == numpy_dtype("bfloat16"):
@@ -154,7 +229,25 @@ def render() -> tuple[dict[str, bytes], dict]:
             "seed": d.seed,
             "nan_at": list(d.nan_at) if d.nan_at else None,
         }
-    manifest = {"format": FORMAT_VERSION, "numpy": np.__version__, "cases": entries}
+    lowrank_entries = {}
+    for d in lowrank_case_defs():
+        case = build_lowrank_case(d)
+        data = _npz_bytes(_lowrank_arrays(case))
+        fname = f"{d.name}.npz"
+        files[fname] = data
+        lowrank_entries[d.name] = {
+            "file": fname,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "spec": d.lspec.to_dict(),
+            "x_shape": list(case.x.shape),
+            "seed": d.seed,
+        }
+    manifest = {
+        "format": FORMAT_VERSION,
+        "numpy": np.__version__,
+        "cases": entries,
+        "lowrank_cases": lowrank_entries,
+    }
     return files, manifest
 
 
@@ -182,7 +275,11 @@ def check(directory: Path = GOLDEN_DIR) -> list[str]:
         problems.append(
             f"case names differ: {sorted(set(stored['cases']) ^ set(manifest['cases']))}"
         )
-    for name, entry in manifest["cases"].items():
+    stored_lowrank = stored.get("lowrank_cases", {})
+    if set(stored_lowrank) != set(manifest["lowrank_cases"]):
+        names = sorted(set(stored_lowrank) ^ set(manifest["lowrank_cases"]))
+        problems.append(f"lowrank case names differ: {names}")
+    for name, entry in [*manifest["cases"].items(), *manifest["lowrank_cases"].items()]:
         path = directory / entry["file"]
         if not path.exists():
             problems.append(f"{name}: missing file {path.name}")
@@ -190,7 +287,8 @@ def check(directory: Path = GOLDEN_DIR) -> list[str]:
         on_disk = hashlib.sha256(path.read_bytes()).hexdigest()
         if on_disk != entry["sha256"]:
             problems.append(f"{name}: regenerated sha256 {entry['sha256']} != file {on_disk}")
-        if stored["cases"].get(name, {}).get("sha256") != on_disk:
+        listed = stored["cases"].get(name) or stored_lowrank.get(name) or {}
+        if listed.get("sha256") != on_disk:
             problems.append(f"{name}: manifest sha256 does not match the file")
     return problems
 
@@ -236,3 +334,26 @@ def load(name: str, directory: Path = GOLDEN_DIR) -> GoldenCase:
 
 def load_all(directory: Path = GOLDEN_DIR) -> list[GoldenCase]:
     return [load(n, directory) for n in case_names(directory)]
+
+
+def lowrank_case_names(directory: Path = GOLDEN_DIR) -> list[str]:
+    return list(load_manifest(directory).get("lowrank_cases", {}))
+
+
+def load_lowrank(name: str, directory: Path = GOLDEN_DIR) -> LowRankGoldenCase:
+    cases = load_manifest(directory).get("lowrank_cases", {})
+    if name not in cases:
+        raise ValueError(f"golden lowrank case: unknown name {name!r}; known: {sorted(cases)}")
+    entry = cases[name]
+    lspec = LowRankSpec.from_dict(entry["spec"])
+    dtype = numpy_dtype(lspec.dtype)
+    with np.load(directory / entry["file"], allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+
+    def inp(a: np.ndarray) -> np.ndarray:
+        return a.view(dtype) if a.dtype == np.uint16 else a
+
+    params = {k.removeprefix("param_"): inp(v) for k, v in arrays.items() if k.startswith("param_")}
+    return LowRankGoldenCase(
+        name, lspec, inp(arrays["x"]), params, arrays["y"], arrays["y_rounded"]
+    )

@@ -22,7 +22,8 @@ def main() -> int:
         return 1 if problems else 0
     manifest = regenerate()
     size = sum(p.stat().st_size for p in GOLDEN_DIR.glob("*.npz"))
-    print(f"wrote {len(manifest['cases'])} cases, {size / 1e6:.2f} MB, to {GOLDEN_DIR}")
+    count = len(manifest["cases"]) + len(manifest["lowrank_cases"])
+    print(f"wrote {count} cases, {size / 1e6:.2f} MB, to {GOLDEN_DIR}")
     return 0
 
 

@@ -1,0 +1,487 @@
+"""A factorised MLP's description: each layer's rank, how each layer runs, its cost and reference.
+
+`LowRankSpec(spec, ranks)` wraps an `MLPSpec` (left unchanged: its JSON, the dense fronts and every
+dense test see no new field) with one rank per layer. From (K, N, r) alone each layer gets a mode
+(`layer_mode`), the same for every batch size, so the params a module holds never change with M:
+
+- `lowrank`: r ≤ MAX_RANK (256) and r·(K + N) < K·N: the fused kernel `lowrank_linear_act`,
+  t = x·U kept on chip; fewer FLOPs (2M·r·(K+N) vs 2M·K·N) and fewer weight bytes (the same
+  inequality), the activations' bytes unchanged;
+- `two_gemm`: r > MAX_RANK and r·(K + N) < K·N: the [BLOCK_M, r] intermediate does not fit on
+  chip, so two `linear_act` launches with t written to memory and read back (2·M·r more bytes);
+  the factors are kept (the memory the compression saved), the plan shows the dense cost beside;
+- `dense`: r·(K + N) ≥ K·N (r = min(K, N) always is): factorising saves neither FLOPs nor
+  bytes, so the layer keeps its ORIGINAL weight `w{i}` (exact, and no bigger) and runs the dense
+  fused `linear_act`.
+
+Params of a factorised MLP (`param_shapes`): per layer `u{i}` [K, r] and `vt{i}` [r, N], or `w{i}`
+[K, N] for a dense layer; `b{i}` [N] where the spec has biases.
+
+`factorise` turns a dense MLP's params into them (common/lowrank.py's plain or activation-aware
+SVD per layer); `reference` is the float64 forward with the kernels' rounding points optional;
+`plan` gives per layer the rank, the mode and why, the parameter counts, FLOPs and bytes, and the
+launches with their configs (both stacks' `plan` return it).
+
+Gated MLPs: no factorised gated kernel exists yet (issue 26); `check_factorisable` is the one place
+that refuses them (GATED_FACTORISED).
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import lowrank
+from . import reference as dense_reference
+from .dtypes import cast, numpy_dtype, round_to
+from .spec import Layer, MLPSpec
+from .tiling import heuristic_config
+
+MODES = ("lowrank", "two_gemm", "dense")
+# The one switch for gated MLPs: True once a gated factorised kernel and its reference exist.
+GATED_FACTORISED = False
+
+
+def check_factorisable(spec: MLPSpec) -> None:
+    """ValueError for what no factorised kernel takes yet: gated activations (Llama's, Gemma's)."""
+    if spec.gated and not GATED_FACTORISED:
+        raise ValueError(
+            f"spec: a gated MLP ({spec.activation!r}: gate/up/down projections) has no factorised "
+            "kernel yet (issue 26: the gated factorised kernels come next); expected a plain "
+            "activation (relu, gelu, gelu_tanh, silu), or keep the dense FusedMLP"
+        )
+
+
+# ---- one layer: its mode and cost ----------------------------------------------------------------
+def layer_mode(k: int, n: int, r: int) -> tuple[str, str]:
+    """(mode, why) for a [K, N] weight at rank r (see the module docstring)."""
+    fact, dense = r * (k + n), k * n
+    if fact >= dense:
+        return "dense", (
+            f"rank {r}: r·(K+N) = {fact:,} ≥ K·N = {dense:,}: no fewer FLOPs or weight bytes than "
+            "the dense layer; dense, W kept"
+        )
+    if r > lowrank.MAX_RANK:
+        return "two_gemm", (
+            f"rank {r} > {lowrank.MAX_RANK}: the intermediate does not fit on chip; two GEMMs "
+            f"(t = x·U through memory), r·(K+N) = {fact:,} < K·N = {dense:,}"
+        )
+    return "lowrank", (
+        f"rank {r} ≤ {lowrank.MAX_RANK} and r·(K+N) = {fact:,} < K·N = {dense:,}: fused, t on chip"
+    )
+
+
+def layer_params(k: int, n: int, r: int, mode: str, bias: bool) -> int:
+    weights = k * n if mode == "dense" else r * (k + n)
+    return weights + (n if bias else 0)
+
+
+def layer_flops(m: int, k: int, n: int, r: int, mode: str) -> int:
+    return 2 * m * (k * n if mode == "dense" else r * (k + n))
+
+
+def layer_bytes(m: int, k: int, n: int, r: int, mode: str, bias: bool, itemsize: int) -> int:
+    """The fewest bytes the layer moves: its params, x read and out written once; two_gemm adds
+    t's round trip (M·r written, read back)."""
+    moved = layer_params(k, n, r, mode, bias) + m * (k + n)
+    if mode == "two_gemm":
+        moved += 2 * m * r
+    return itemsize * moved
+
+
+@dataclass(frozen=True)
+class LowRankLayer:
+    layer: Layer
+    rank: int
+    mode: str
+    reason: str
+
+
+# ---- the spec ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LowRankSpec:
+    """An MLPSpec and each layer's rank (1 ≤ r ≤ min(K, N)); the modes follow (`layers()`)."""
+
+    spec: MLPSpec
+    ranks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, MLPSpec):
+            raise TypeError(
+                f"spec: expected a fusedmlp.common.MLPSpec, got {type(self.spec).__name__}"
+            )
+        check_factorisable(self.spec)
+        ranks = self.ranks
+        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+            raise TypeError(f"ranks: expected a sequence of ints, got {type(ranks).__name__}")
+        ranks = tuple(ranks)
+        if len(ranks) != self.spec.num_layers:
+            raise ValueError(
+                f"ranks: expected one rank per layer ({self.spec.num_layers}), got {len(ranks)}"
+            )
+        for layer, r in zip(self.spec.layers(), ranks, strict=True):
+            check_rank(r, layer.d_in, layer.d_out, f"ranks[{layer.index}]")
+        object.__setattr__(self, "ranks", tuple(int(r) for r in ranks))
+
+    def layers(self) -> tuple[LowRankLayer, ...]:
+        return tuple(
+            LowRankLayer(layer, r, *layer_mode(layer.d_in, layer.d_out, r))
+            for layer, r in zip(self.spec.layers(), self.ranks, strict=True)
+        )
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(lay.mode for lay in self.layers())
+
+    @property
+    def dtype(self) -> str:
+        return self.spec.dtype
+
+    def with_dtype(self, dtype: str) -> LowRankSpec:
+        if dtype == self.spec.dtype:
+            return self
+        precision = self.spec.fp32_precision if dtype == "float32" else "ieee"
+        return LowRankSpec(self.spec.replace(dtype=dtype, fp32_precision=precision), self.ranks)
+
+    def param_count(self) -> int:
+        return sum(
+            layer_params(lay.layer.d_in, lay.layer.d_out, lay.rank, lay.mode, lay.layer.bias)
+            for lay in self.layers()
+        )
+
+    # ---- JSON: the spec's own fields and `ranks` -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.spec.to_dict(), "ranks": list(self.ranks)}
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LowRankSpec:
+        if not isinstance(data, dict):
+            raise ValueError(f"spec: expected a JSON object, got {type(data).__name__}")
+        if "ranks" not in data:
+            raise ValueError("spec: missing fields ['ranks']")
+        rest = {k: v for k, v in data.items() if k != "ranks"}
+        return cls(MLPSpec.from_dict(rest), tuple(data["ranks"]))
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike[str]) -> LowRankSpec:
+        text = str(text_or_path)
+        if isinstance(text_or_path, os.PathLike) or not text.lstrip().startswith("{"):
+            with open(text_or_path) as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+    def __str__(self) -> str:
+        ranks = ", ".join(
+            f"{lay.rank}" + ("" if lay.mode == "lowrank" else f" ({lay.mode})")
+            for lay in self.layers()
+        )
+        return f"{self.spec}, ranks [{ranks}]"
+
+
+def check_rank(r: object, k: int, n: int, name: str = "rank") -> None:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(r).__name__}")
+    if not 1 <= r <= min(k, n):
+        raise ValueError(
+            f"{name}: expected an int in [1, {min(k, n)}] (min(K, N) of a [{k}, {n}] weight), "
+            f"got {r}"
+        )
+
+
+def param_shapes(lspec: LowRankSpec) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a factorised MLP's params, in layer order (u, vt | w, then b)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for lay in lspec.layers():
+        i, k, n = lay.layer.index, lay.layer.d_in, lay.layer.d_out
+        if lay.mode == "dense":
+            shapes[f"w{i}"] = (k, n)
+        else:
+            shapes[f"u{i}"] = (k, lay.rank)
+            shapes[f"vt{i}"] = (lay.rank, n)
+        if lay.layer.bias:
+            shapes[f"b{i}"] = (n,)
+    return shapes
+
+
+# ---- factorising a dense MLP ---------------------------------------------------------------------
+def _per_layer_checked(value: object, name: str, spec: MLPSpec) -> list:
+    """One value per layer (a scalar for all, or a sequence); a sequence's entries are named
+    `name[i]` in errors."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    values = lowrank._per_layer(value, spec, name)
+    return values
+
+
+def factorise(
+    spec: MLPSpec,
+    params: Mapping[str, np.ndarray],
+    *,
+    rank: int | Sequence[int] | None = None,
+    energy: float | Sequence[float] | None = None,
+    calibration: np.ndarray | None = None,
+    damp: float = lowrank.DEFAULT_DAMP,
+) -> tuple[LowRankSpec, dict[str, np.ndarray]]:
+    """(LowRankSpec, float64 params) of the dense MLP (`spec`, `params` as `w{i}`, `b{i}`).
+
+    `rank` or `energy` (exactly one): one value for every layer or one per layer. `calibration`:
+    the MLP's real inputs [..., d_in] → activation-aware (whitened) SVD, each layer on the inputs
+    the uncompressed MLP gives it; without it, plain SVD. A layer whose rank brings no saving
+    (`layer_mode` "dense") keeps its original weight."""
+    if not isinstance(spec, MLPSpec):
+        raise TypeError(f"spec: expected a fusedmlp.common.MLPSpec, got {type(spec).__name__}")
+    check_factorisable(spec)
+    if (rank is None) == (energy is None):
+        raise ValueError(
+            f"rank, energy: expected exactly one of them, got rank={rank!r}, energy={energy!r}"
+        )
+    ranks_in = _per_layer_checked(rank, "rank", spec)
+    energies = _per_layer_checked(energy, "energy", spec)
+    many = isinstance(rank if rank is not None else energy, (list, tuple, np.ndarray))
+    for layer in spec.layers():
+        i = layer.index
+        name = ("rank" if rank is not None else "energy") + (f"[{i}]" if many else "")
+        try:
+            lowrank._check_rank_energy(ranks_in[i], energies[i], layer.d_in, layer.d_out)
+        except (TypeError, ValueError) as err:
+            msg = str(err).split(": ", 1)[1]
+            raise type(err)(f"{name}: {msg}") from None
+    if calibration is not None:
+        shape = np.shape(calibration)
+        if (
+            len(shape) < 1
+            or shape[-1] != spec.d_in
+            or not np.issubdtype(np.asarray(calibration).dtype, np.number)
+        ):
+            raise ValueError(
+                f"calibration: expected a numeric array of shape [..., {spec.d_in}] (the MLP's "
+                f"inputs), got shape {list(shape)}"
+            )
+    missing = [f"w{lay.index}" for lay in spec.layers() if f"w{lay.index}" not in params]
+    if missing:
+        raise ValueError(f"params: missing {missing}")
+    fact = lowrank.factorise_mlp(
+        spec,
+        params,
+        rank=tuple(ranks_in) if rank is not None else None,
+        energy=tuple(energies) if energy is not None else None,
+        calibration=calibration,
+        damp=damp,
+    )
+    lspec = LowRankSpec(spec, fact.ranks)
+    out: dict[str, np.ndarray] = {}
+    for lay in lspec.layers():
+        i = lay.layer.index
+        if lay.mode == "dense":
+            out[f"w{i}"] = np.asarray(params[f"w{i}"], dtype=np.float64)
+        else:
+            out[f"u{i}"], out[f"vt{i}"] = fact.params[f"u{i}"], fact.params[f"vt{i}"]
+        if lay.layer.bias:
+            out[f"b{i}"] = fact.params[f"b{i}"]
+    return lspec, out
+
+
+def cast_params(lspec: LowRankSpec, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The params in the spec's dtype (common.dtypes.cast: bfloat16 through float32)."""
+    return {k: cast(params[k], lspec.dtype) for k in param_shapes(lspec)}
+
+
+def check_params(lspec: LowRankSpec, params: Mapping[str, Any]) -> None:
+    """ValueError naming what is missing, unexpected or of the wrong shape."""
+    expected = param_shapes(lspec)
+    missing = [n for n in expected if n not in params]
+    extra = sorted(n for n in params if n not in expected)
+    if missing or extra:
+        raise ValueError(
+            f"params: missing {missing}, unexpected {extra}; the spec {lspec} needs "
+            f"{list(expected)}"
+        )
+    for name, shape in expected.items():
+        got = tuple(np.shape(params[name]))
+        if got != shape:
+            raise ValueError(f"params[{name!r}]: expected shape {list(shape)}, got {list(got)}")
+
+
+# ---- the float64 reference -----------------------------------------------------------------------
+def reference(
+    lspec: LowRankSpec,
+    x: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    *,
+    round_intermediate: bool = False,
+    round_hidden: bool = False,
+) -> np.ndarray:
+    """y in float64, [..., d_out], on the params as stored. `round_intermediate`: t = x·U rounded
+    to the dtype (the fused kernel's rounding point, and two_gemm's store of t); `round_hidden`:
+    each hidden layer and y rounded to the dtype (per-layer kernels store them)."""
+    spec = lspec.spec
+    if np.ndim(x) < 1 or np.shape(x)[-1] != spec.d_in:
+        raise ValueError(f"x: expected shape [..., {spec.d_in}], got {list(np.shape(x))}")
+    check_params(lspec, params)
+    f64 = np.float64
+    h = np.asarray(x, dtype=f64).reshape(-1, spec.d_in)
+    rounding = spec.dtype if round_intermediate else None
+    for lay in lspec.layers():
+        i, act = lay.layer.index, lay.layer.activation
+        b = params[f"b{i}"] if lay.layer.bias else None
+        if lay.mode == "dense":
+            z = h @ np.asarray(params[f"w{i}"], dtype=f64)
+            if b is not None:
+                z = z + np.asarray(b, dtype=f64)
+            h = dense_reference.activation(act, z)
+        else:
+            h = lowrank.layer(
+                h, params[f"u{i}"], params[f"vt{i}"], b, act, round_intermediate=rounding
+            )
+        if round_hidden:
+            h = round_to(h, spec.dtype)
+    return h.reshape(*np.shape(x)[:-1], spec.d_out)
+
+
+# ---- plan ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer of a factorised MLP's plan: how it runs, why, and what it costs at this M."""
+
+    index: int
+    k: int
+    n: int
+    rank: int
+    mode: str
+    reason: str
+    activation: str
+    params: int
+    dense_params: int
+    flops: int
+    dense_flops: int
+    bytes: int
+    dense_bytes: int
+    launches: tuple[str, ...]  # "lowrank_linear_act(gelu) 19x67x33 r=9 [config]", ...
+
+    def __str__(self) -> str:
+        return (
+            f"layer {self.index} {self.k}→{self.n} rank {self.rank}: {self.mode} ({self.reason}); "
+            f"params {self.params:,} (dense {self.dense_params:,}), FLOPs {self.flops:,} (dense "
+            f"{self.dense_flops:,}), bytes {self.bytes:,} (dense {self.dense_bytes:,}); "
+            + "; ".join(self.launches)
+        )
+
+
+@dataclass(frozen=True)
+class LowRankPlan:
+    lspec: LowRankSpec
+    m: int
+    layers: tuple[LayerPlan, ...]
+    stack: str
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.layers)
+
+    @property
+    def flops(self) -> int:
+        return sum(r.flops for r in self.layers)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.layers)
+
+    def describe(self) -> str:
+        stack = f"{self.stack} " if self.stack else ""
+        head = (
+            f"{stack}lowrank {self.lspec}, M={self.m}: params {self.params:,} "
+            f"(dense {sum(r.dense_params for r in self.layers):,})"
+        )
+        return "\n".join([head, *(f"  {r}" for r in self.layers)])
+
+    def table(self) -> str:
+        """Markdown: one row per layer."""
+        rows = [
+            "| layer | K→N | rank | runs | params (dense) | GFLOP (dense) | MB (dense) | why |",
+            "| ---: | --- | ---: | --- | ---: | ---: | ---: | --- |",
+        ]
+        for r in self.layers:
+            rows.append(
+                f"| {r.index} | {r.k}→{r.n} | {r.rank} | {r.mode} | {r.params:,} "
+                f"({r.dense_params:,}) | {r.flops / 1e9:.3g} ({r.dense_flops / 1e9:.3g}) | "
+                f"{r.bytes / 1e6:.3g} ({r.dense_bytes / 1e6:.3g}) | {r.reason} |"
+            )
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def plan(
+    lspec: LowRankSpec,
+    x_shape: Sequence[int],
+    *,
+    config: lowrank.LowRankConfig | None = None,
+    interpret: bool = False,
+    stack: str = "",
+) -> LowRankPlan:
+    """Per layer: rank, mode and why, params, FLOPs and bytes (and the dense layer's), launches."""
+    if not isinstance(lspec, LowRankSpec):
+        raise TypeError(
+            f"lspec: expected a fusedmlp.common.lowrank_spec.LowRankSpec, got "
+            f"{type(lspec).__name__}"
+        )
+    shape = tuple(int(d) for d in x_shape)
+    if len(shape) < 1 or shape[-1] != lspec.spec.d_in:
+        raise ValueError(f"x: expected shape [..., {lspec.spec.d_in}], got {list(shape)}")
+    m = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    itemsize = numpy_dtype(lspec.dtype).itemsize
+    dtype = lspec.dtype
+    rows = []
+    for lay in lspec.layers():
+        k, n, r, mode, bias = lay.layer.d_in, lay.layer.d_out, lay.rank, lay.mode, lay.layer.bias
+        act = lay.layer.activation
+        if mode == "lowrank":
+            cfg = (
+                config
+                if config is not None
+                else lowrank.lowrank_config(m, n, k, r, dtype, interpret=interpret)
+            )
+            launches = (f"lowrank_linear_act({act}) {m}x{n}x{k} r={r} [{cfg}]",)
+        elif mode == "two_gemm":
+            c1 = heuristic_config("linear_act", m, r, k, dtype, interpret=interpret)
+            c2 = heuristic_config("linear_act", m, n, r, dtype, interpret=interpret)
+            launches = (
+                f"linear_act(identity) {m}x{r}x{k} [{c1}]",
+                f"linear_act({act}) {m}x{n}x{r} [{c2}]",
+            )
+        else:
+            cfg = heuristic_config("linear_act", m, n, k, dtype, interpret=interpret)
+            launches = (f"linear_act({act}) {m}x{n}x{k} [{cfg}]",)
+        rows.append(
+            LayerPlan(
+                index=lay.layer.index,
+                k=k,
+                n=n,
+                rank=r,
+                mode=mode,
+                reason=lay.reason,
+                activation=act,
+                params=layer_params(k, n, r, mode, bias),
+                dense_params=layer_params(k, n, r, "dense", bias),
+                flops=layer_flops(m, k, n, r, mode),
+                dense_flops=layer_flops(m, k, n, r, "dense"),
+                bytes=layer_bytes(m, k, n, r, mode, bias, itemsize),
+                dense_bytes=layer_bytes(m, k, n, r, "dense", bias, itemsize),
+                launches=launches,
+            )
+        )
+    return LowRankPlan(lspec, m, tuple(rows), stack)

@@ -1,0 +1,182 @@
+"""The factorised MLP's functional front: `lowrank_mlp()` runs it, `plan()` says how, `factorise()`
+makes its params from a dense MLP's.
+
+    y = lowrank_mlp(x, params, lspec)       lspec: common.lowrank_spec.LowRankSpec (spec + ranks)
+
+Per layer, by its mode (common/lowrank_spec.py, the same for every M): `lowrank` runs the fused
+`lowrank_linear_act` (lowrank.py), `two_gemm` two `linear_act` launches with t = x·U stored in the
+dtype, `dense` one `linear_act` on the layer's original weight. Hidden layers are stored in the
+dtype between launches, so the parity target is `lowrank_spec.reference(..., round_intermediate=
+True, round_hidden=True)`; the exact float64 factorised MLP is met within the tolerance policy.
+
+impl: "auto" and "pallas_triton" are the same here (the modes decide per layer). Inference only:
+there is no factorised backward kernel.
+
+Twin: torch_impl/lowrank_front.py (the same public names and checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusedmlp.common import MLPSpec
+from fusedmlp.common import lowrank_spec as ls
+from fusedmlp.common.lowrank import DEFAULT_DAMP, LowRankConfig
+from fusedmlp.common.registry import AUTO
+
+from . import compat
+from .linear_act import linear_act
+from .lowrank import lowrank_linear_act
+
+STACK = "jax"
+IMPLS = (AUTO, "pallas_triton")
+
+
+# ---- checks --------------------------------------------------------------------------------------
+def check_impl(impl: object) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS} for a factorised MLP, got {impl!r}")
+    return impl  # type: ignore[return-value]
+
+
+def check_lspec(lspec: object) -> ls.LowRankSpec:
+    if not isinstance(lspec, ls.LowRankSpec):
+        raise TypeError(
+            f"lspec: expected a fusedmlp.common.lowrank_spec.LowRankSpec, got "
+            f"{type(lspec).__name__}"
+        )
+    return lspec
+
+
+def check_call(x: object, params: Mapping[str, object], lspec: ls.LowRankSpec) -> None:
+    """Types, names, shapes and the dtype; the kernels' public functions check the rest."""
+    # twin-diff: jax.Array for torch.Tensor (a tracer is a jax.Array too).
+    if not isinstance(x, jax.Array):
+        raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a mapping of name -> array, got {type(params).__name__}")
+    for name, value in params.items():
+        if not isinstance(value, jax.Array):
+            raise TypeError(f"params[{name!r}]: expected a jax.Array, got {type(value).__name__}")
+    ls.check_params(lspec, params)
+    if x.ndim < 1 or x.shape[-1] != lspec.spec.d_in:
+        raise ValueError(f"x: expected shape [..., {lspec.spec.d_in}], got {list(x.shape)}")
+    dtype = str(x.dtype)
+    if dtype != lspec.dtype:
+        raise ValueError(f"x: expected dtype {lspec.dtype} (the spec's), got {dtype}")
+
+
+# ---- plan ----------------------------------------------------------------------------------------
+def plan(
+    lspec: ls.LowRankSpec,
+    x_shape: Sequence[int],
+    *,
+    impl: str = AUTO,
+    config: LowRankConfig | None = None,
+    interpret: bool | None = None,
+) -> ls.LowRankPlan:
+    """Per layer: rank, how it runs and why, params, FLOPs and bytes vs dense, the launches."""
+    check_impl(impl)
+    interpret = compat.interpret_mode() if interpret is None else interpret
+    return ls.plan(check_lspec(lspec), x_shape, config=config, interpret=interpret, stack=STACK)
+
+
+# ---- run -----------------------------------------------------------------------------------------
+def run_layers(
+    x: jax.Array,
+    params: Mapping[str, jax.Array],
+    lspec: ls.LowRankSpec,
+    config: LowRankConfig | None,
+    interpret: bool,
+) -> jax.Array:
+    """The launches, on validated input."""
+    precision = lspec.spec.fp32_precision
+    h = x
+    for lay in lspec.layers():
+        i, act = lay.layer.index, lay.layer.activation
+        b = params.get(f"b{i}")
+        if lay.mode == "lowrank":
+            h = lowrank_linear_act(
+                h,
+                params[f"u{i}"],
+                params[f"vt{i}"],
+                b,
+                activation=act,
+                config=config,
+                fp32_precision=precision,
+                interpret=interpret,
+            )
+        elif lay.mode == "two_gemm":
+            t = linear_act(h, params[f"u{i}"], fp32_precision=precision, interpret=interpret)
+            h = linear_act(
+                t,
+                params[f"vt{i}"],
+                b,
+                activation=act,
+                fp32_precision=precision,
+                interpret=interpret,
+            )
+        else:
+            h = linear_act(
+                h, params[f"w{i}"], b, activation=act, fp32_precision=precision, interpret=interpret
+            )
+    return h
+
+
+def lowrank_mlp(
+    x: jax.Array,
+    params: Mapping[str, jax.Array],
+    lspec: ls.LowRankSpec,
+    *,
+    impl: str = AUTO,
+    config: LowRankConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """y = the factorised MLP of `lspec` on x [..., d_in] -> [..., d_out], in the spec dtype.
+    `config`: one LowRankConfig for every fused factorised layer (None: the heuristic).
+    `interpret`: Pallas' interpreter (None: where there is no GPU)."""
+    check_impl(impl)
+    check_call(x, params, check_lspec(lspec))
+    if config is not None and not isinstance(config, LowRankConfig):
+        raise TypeError(
+            f"config: expected a fusedmlp.common.lowrank.LowRankConfig or None, "
+            f"got {type(config).__name__}"
+        )
+    # twin-diff: `interpret` is a call's choice here, a process's (TRITON_INTERPRET) in torch.
+    interpret = compat.interpret_mode() if interpret is None else interpret
+    return run_layers(x, params, lspec, config, interpret)
+
+
+# ---- factorise -----------------------------------------------------------------------------------
+def _numpy(name: str, value: object) -> np.ndarray:
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return np.asarray(value, dtype=np.float64)
+    raise TypeError(f"{name}: expected a jax.Array or np.ndarray, got {type(value).__name__}")
+
+
+def factorise(
+    params: Mapping[str, jax.Array | np.ndarray],
+    spec: MLPSpec,
+    *,
+    rank: int | Sequence[int] | None = None,
+    energy: float | Sequence[float] | None = None,
+    calibration: jax.Array | np.ndarray | None = None,
+    damp: float = DEFAULT_DAMP,
+) -> tuple[ls.LowRankSpec, dict[str, jax.Array]]:
+    """(LowRankSpec, params as arrays in spec.dtype) of the dense MLP (`params` `w{i}`, `b{i}`).
+
+    `rank` / `energy` (exactly one; one value or one per layer); `calibration` (the MLP's real
+    inputs [..., d_in]) selects the activation-aware SVD. The factorisation runs in float64 on
+    the host (common/lowrank.py); the factors are then rounded once to the dtype."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a mapping of name -> array, got {type(params).__name__}")
+    arrays = {k: _numpy(f"params[{k!r}]", v) for k, v in params.items()}
+    calib = None if calibration is None else _numpy("calibration", calibration)
+    lspec, fact = ls.factorise(spec, arrays, rank=rank, energy=energy, calibration=calib, damp=damp)
+    # twin-diff: no device argument (jax places the arrays).
+    out = {k: jnp.asarray(v) for k, v in ls.cast_params(lspec, fact).items()}
+    return lspec, out

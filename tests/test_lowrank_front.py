@@ -1,0 +1,326 @@
+"""The low-rank front (issue 26 item 3): LowRankSpec and its modes, plan rows, the factorised
+goldens in both stacks, `FusedMLP.from_hf(rank= | energy= | calibration=)` against the float64
+factorised reference, the JAX twin equal to torch, torch.compile, and bad input.
+
+Interpreted kernels are slow: odd sizes of 21..73, M ≤ 19."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fusedmlp.common import MLPSpec, golden, init_params, lowrank, make_input
+from fusedmlp.common import lowrank_spec as ls
+from fusedmlp.common.dtypes import DTYPES, cast
+from fusedmlp.common.tolerance import assert_close
+from fusedmlp.torch_impl import FactorisedMLP, FusedMLP
+from fusedmlp.torch_impl import lowrank_front as torch_front
+from helpers import dynamo_as_torch_2_11, to_numpy, to_torch
+
+LOWRANK_GOLDEN = golden.lowrank_case_names()
+
+
+def _jax():
+    import jax.numpy as jnp
+
+    from fusedmlp.jax_impl import lowrank_front
+
+    return jnp, lowrank_front
+
+
+def _run(stack: str, x: np.ndarray, params: dict, lspec: ls.LowRankSpec) -> np.ndarray:
+    if stack == "torch":
+        tp = {k: to_torch(v) for k, v in params.items()}
+        return to_numpy(torch_front.lowrank_mlp(to_torch(x), tp, lspec))
+    jnp, front = _jax()
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    return to_numpy(front.lowrank_mlp(jnp.asarray(x), jp, lspec))
+
+
+def _check(out: np.ndarray, x, params, lspec: ls.LowRankSpec, what: str) -> None:
+    """The kernels' rounding points and the exact factorised MLP, both within the policy."""
+    rounded = ls.reference(lspec, x, params, round_intermediate=True, round_hidden=True)
+    assert_close(out, rounded, lspec.spec, what=f"{what} vs rounded reference")
+    assert_close(out, ls.reference(lspec, x, params), lspec.spec, what=f"{what} vs exact")
+
+
+# ==== the spec and its modes ======================================================================
+def test_layer_mode_and_reasons() -> None:
+    assert ls.layer_mode(33, 67, 9)[0] == "lowrank"
+    mode, why = ls.layer_mode(67, 21, 21)  # r = min(K, N): never cheaper
+    assert mode == "dense" and "r·(K+N) = 1,848 ≥ K·N = 1,407" in why
+    mode, why = ls.layer_mode(600, 600, 257)
+    assert mode == "two_gemm"
+    assert why.startswith("rank 257 > 256: the intermediate does not fit on chip; two GEMMs")
+    # llama3-8b's up projection: r = 256 fused; r = 3200 (r·(K+N) ≥ K·N) dense
+    assert ls.layer_mode(4096, 14336, 256)[0] == "lowrank"
+    assert ls.layer_mode(4096, 14336, 3200)[0] == "dense"
+    assert ls.layer_mode(4096, 14336, 3000)[0] == "two_gemm"
+
+
+def test_lowrank_spec_json_and_checks() -> None:
+    spec = MLPSpec((33, 67, 21), "gelu", True, "bfloat16")
+    lspec = ls.LowRankSpec(spec, (9, 21))
+    assert lspec.modes == ("lowrank", "dense")
+    assert ls.LowRankSpec.from_json(lspec.to_json()) == lspec
+    assert MLPSpec.from_json(spec.to_json()) == spec and "ranks" not in spec.to_dict()
+    assert list(ls.param_shapes(lspec)) == ["u0", "vt0", "b0", "w1", "b1"]
+    assert lspec.param_count() == 33 * 9 + 9 * 67 + 67 + 67 * 21 + 21
+    assert str(lspec).endswith("ranks [9, 21 (dense)]")
+    with pytest.raises(ValueError, match=r"ranks: expected one rank per layer \(2\), got 3"):
+        ls.LowRankSpec(spec, (1, 2, 3))
+    with pytest.raises(ValueError, match=r"ranks\[1\]: expected an int in \[1, 21\] .* got 22"):
+        ls.LowRankSpec(spec, (9, 22))
+    with pytest.raises(ValueError, match=r"ranks\[0\]: expected an int in \[1, 33\] .* got 0"):
+        ls.LowRankSpec(spec, (0, 5))
+    with pytest.raises(TypeError, match=r"ranks\[0\]: expected an int, got float"):
+        ls.LowRankSpec(spec, (2.0, 5))
+    with pytest.raises(ValueError, match=r"gated MLP .* has no factorised kernel yet"):
+        ls.LowRankSpec(MLPSpec((8, 8, 8), "swiglu", True, "float32"), (2, 2))
+
+
+def test_gated_refusal_has_one_switch(monkeypatch) -> None:
+    """GATED_FACTORISED is the one place the refusal lives (the gated kernels lift it)."""
+    monkeypatch.setattr(ls, "GATED_FACTORISED", True)
+    ls.check_factorisable(MLPSpec((8, 8, 8), "swiglu", True, "float32"))
+
+
+def test_plan_rows() -> None:
+    lspec = ls.LowRankSpec(MLPSpec((33, 67, 21), "gelu", True, "float16"), (9, 21))
+    p = torch_front.plan(lspec, (19, 33))
+    first, last = p.layers
+    assert (first.rank, first.mode, last.mode) == (9, "lowrank", "dense")
+    assert first.params == 9 * (33 + 67) + 67 and first.dense_params == 33 * 67 + 67
+    assert first.flops == 2 * 19 * 9 * 100 and first.dense_flops == 2 * 19 * 33 * 67
+    assert first.bytes == 2 * (first.params + 19 * 100)
+    assert last.params == last.dense_params and last.flops == last.dense_flops
+    assert first.launches[0].startswith("lowrank_linear_act(gelu) 19x67x33 r=9")
+    assert last.launches[0].startswith("linear_act(identity) 19x21x67")
+    text = p.describe()
+    assert "torch lowrank" in text and "fused, t on chip" in text and "dense, W kept" in text
+    assert p.table().count("\n") == 3 and p.params == lspec.param_count()
+    jax_plan = _jax()[1].plan(lspec, (19, 33), interpret=True)
+    assert jax_plan.layers == p.layers  # the same rows and configs (one heuristic)
+    with pytest.raises(TypeError, match=r"lspec: expected a fusedmlp\.common\.lowrank_spec"):
+        torch_front.plan(lspec.spec, (19, 33))
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 33\], got \[19, 32\]"):
+        torch_front.plan(lspec, (19, 32))
+
+
+# ==== goldens =====================================================================================
+@pytest.mark.parametrize("name", LOWRANK_GOLDEN)
+@pytest.mark.parametrize("stack", ["torch", "jax"])
+def test_golden_lowrank(stack: str, name: str) -> None:
+    case = golden.load_lowrank(name)
+    out = _run(stack, case.x, case.params, case.lspec)
+    assert out.shape == case.y.shape
+    assert_close(out, case.y_rounded, case.spec, what=f"{stack}/{name} vs y_rounded")
+    assert_close(out, case.y, case.spec, what=f"{stack}/{name} vs y")
+
+
+def test_golden_lowrank_files() -> None:
+    """Each dtype; a layer that runs dense; the files hold what the reference computes."""
+    cases = [golden.load_lowrank(n) for n in LOWRANK_GOLDEN]
+    assert {c.spec.dtype for c in cases} == set(DTYPES)
+    assert any("dense" in c.lspec.modes for c in cases)
+    assert set(LOWRANK_GOLDEN).isdisjoint(golden.case_names())  # dense goldens' lists unchanged
+    for case in cases:
+        np.testing.assert_array_equal(case.y, ls.reference(case.lspec, case.x, case.params))
+        assert case.x.dtype.name == case.spec.dtype
+
+
+def test_golden_twins_bitwise() -> None:
+    """relu and identity: the twins agree bit for bit under the interpreters."""
+    case = golden.load_lowrank("lowrank-dense1-relu-float16-nobias")
+    out_t, out_j = (_run(s, case.x, case.params, case.lspec) for s in ("torch", "jax"))
+    assert out_t.tobytes() == out_j.tobytes()
+
+
+# ==== factorise in both stacks ====================================================================
+def test_factorise_twins_and_two_gemm(monkeypatch) -> None:
+    """torch's and JAX's factorise give the same bits; the two-GEMM mode (rank past the on-chip
+    limit, lowered to 8 here so that small sizes reach it) runs in both stacks."""
+    jnp, jax_front = _jax()
+    spec = MLPSpec((33, 67, 21), "silu", True, "float32")
+    params = init_params(spec, seed=5)
+    lt, pt = torch_front.factorise({k: to_torch(v) for k, v in params.items()}, spec, rank=12)
+    lj, pj = jax_front.factorise({k: jnp.asarray(v) for k, v in params.items()}, spec, rank=12)
+    assert lt == lj and lt.ranks == (12, 12) and list(pt) == list(pj)
+    for k in pt:
+        np.testing.assert_array_equal(to_numpy(pt[k]), np.asarray(pj[k]))
+    monkeypatch.setattr(lowrank, "MAX_RANK", 8)
+    assert lt.modes == ("two_gemm", "two_gemm")
+    x = make_input(spec, 7, seed=6)
+    arrays = {k: to_numpy(v) for k, v in pt.items()}
+    for stack in ("torch", "jax"):
+        _check(_run(stack, x, arrays, lt), x, arrays, lt, f"{stack} two_gemm")
+
+
+# ==== from_hf =====================================================================================
+def _gpt2(dtype: str):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    config = transformers.GPT2Config(n_embd=45, n_head=5, activation_function="gelu_new")
+    module = GPT2MLP(73, config)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[0] ** 0.5)
+    return module.eval().to(getattr(torch, dtype))
+
+
+def _factorised_reference(module, rank=None, energy=None, calibration=None):
+    """The float64 factorisation of the module's own (dtype) weights, rounded to the dtype."""
+    dense = FusedMLP.from_hf(module)
+    spec = dense.spec
+    params = {k: to_numpy(v).astype(np.float64) for k, v in dense.params().items()}
+    calib = None if calibration is None else to_numpy(calibration).astype(np.float64)
+    lspec, fact = ls.factorise(spec, params, rank=rank, energy=energy, calibration=calib)
+    return lspec, ls.cast_params(lspec, fact)
+
+
+@pytest.mark.parametrize(
+    "dtype, kwargs",
+    [
+        ("float32", dict(rank=(11, 7))),
+        ("float16", dict(energy=0.6)),
+        ("bfloat16", dict(rank=13, calibration=True)),
+    ],
+    ids=["rank-float32", "energy-float16", "calibration-bfloat16"],
+)
+def test_from_hf(dtype: str, kwargs: dict) -> None:
+    module = _gpt2(dtype)
+    if kwargs.get("calibration"):
+        gen = torch.Generator().manual_seed(8)
+        kwargs["calibration"] = (torch.randn(40, 45, generator=gen) * 2).to(module.c_fc.weight)
+    fm = FusedMLP.from_hf(module, **kwargs)
+    assert isinstance(fm, FactorisedMLP)
+    lspec, want = _factorised_reference(module, **kwargs)
+    assert fm.lspec == lspec and fm.ranks == lspec.ranks
+    for name, value in fm.params().items():
+        assert value.dtype == getattr(torch, dtype) and not value.requires_grad
+        np.testing.assert_array_equal(to_numpy(value), want[name].astype(np.float32), err_msg=name)
+    x = _x(dtype)
+    out = fm(x)  # grad mode on: the parameters need no gradient
+    assert out.shape == (2, 5, 45) and out.dtype == x.dtype
+    _check(to_numpy(out), to_numpy(x), {k: to_numpy(v) for k, v in fm.params().items()}, lspec,
+           f"from_hf {kwargs}")  # fmt: skip
+    if "calibration" in kwargs:  # activation-aware: differs from plain at the same rank
+        plain = FusedMLP.from_hf(module, rank=13)
+        assert not torch.equal(plain.params()["u0"], fm.params()["u0"])
+
+
+def _x(dtype: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(9)
+    return torch.randn(2, 5, 45, generator=gen).to(getattr(torch, dtype))
+
+
+def test_from_hf_bad_input() -> None:
+    module = _gpt2("float32")
+    with pytest.raises(ValueError, match=r"rank: expected an int in \[1, 45\] .* got 0"):
+        FusedMLP.from_hf(module, rank=0)
+    with pytest.raises(ValueError, match=r"rank: expected an int in \[1, 45\] .* got 46"):
+        FusedMLP.from_hf(module, rank=46)
+    with pytest.raises(ValueError, match=r"rank\[1\]: expected an int in \[1, 45\] .* got 50"):
+        FusedMLP.from_hf(module, rank=(5, 50))
+    with pytest.raises(TypeError, match="rank: expected an int, got float"):
+        FusedMLP.from_hf(module, rank=4.5)
+    with pytest.raises(ValueError, match="rank, energy: expected exactly one of them"):
+        FusedMLP.from_hf(module, rank=4, energy=0.5)
+    with pytest.raises(ValueError, match="rank, energy: expected exactly one of them"):
+        FusedMLP.from_hf(module, calibration=torch.zeros(3, 45))
+    with pytest.raises(ValueError, match=r"energy: expected a float in \(0, 1\], got 1.5"):
+        FusedMLP.from_hf(module, energy=1.5)
+    with pytest.raises(
+        ValueError, match=r"calibration: expected shape \[\.\.\., 45\] .*got \[3, 44"
+    ):
+        FusedMLP.from_hf(module, rank=4, calibration=torch.zeros(3, 44))
+    with pytest.raises(TypeError, match=r"calibration: expected a torch\.Tensor or np\.ndarray"):
+        FusedMLP.from_hf(module, rank=4, calibration=[[0.0] * 45])
+    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'triton'\)"):
+        FusedMLP.from_hf(module, rank=4, impl="triton_tma")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    llama = LlamaMLP(LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"gated MLP \('swiglu'.* no factorised kernel yet"):
+        FusedMLP.from_hf(llama, rank=4)
+
+
+def test_factorised_module_refuses_gradients_and_bad_x() -> None:
+    module = _gpt2("float32")
+    fm = FusedMLP.from_hf(module, rank=5)
+    x = _x("float32").requires_grad_()
+    with pytest.raises(NotImplementedError, match="inference only"):
+        fm(x)
+    with torch.no_grad():
+        assert fm(x).shape == (2, 5, 45)
+        with pytest.raises(ValueError, match=r"x: expected dtype float32 .*got float16"):
+            fm(x.detach().half())
+        with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 45\], got \[2, 44\]"):
+            fm(torch.zeros(2, 44))
+
+
+# ==== torch.compile and autocast ==================================================================
+@pytest.mark.parametrize("autocast", [False, True], ids=["inference", "autocast"])
+def test_factorised_fullgraph_as_torch_2_11(autocast: bool) -> None:
+    torch._dynamo.reset()
+    lspec = ls.LowRankSpec(MLPSpec((19, 37, 11), "silu", True, "float32"), (6, 11))
+    params = {k: to_torch(v) for k, v in golden.lowrank_params(lspec, 3).items()}
+    fm = FactorisedMLP.from_params(params, lspec)
+    x = to_torch(make_input(lspec.spec, 6, seed=4))
+    with dynamo_as_torch_2_11():
+        compiled = torch.compile(fm, fullgraph=True, backend="aot_eager")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = compiled(x)
+            eager = fm(x)
+    assert torch.equal(out, eager)
+    run = lspec.with_dtype("bfloat16") if autocast else lspec
+    assert out.dtype == getattr(torch, run.dtype)
+    arrays = {k: cast(to_numpy(v), run.dtype) for k, v in params.items()}
+    _check(to_numpy(out), cast(to_numpy(x), run.dtype), arrays, run, f"compiled {run.dtype}")
+
+
+def test_twin_contract() -> None:
+    import test_twins as tw
+
+    names = [
+        tw.public(tw.defined_names(d / "lowrank_front.py")) for d in (tw.TORCH_DIR, tw.JAX_DIR)
+    ]
+    assert names[0] == names[1], names[0] ^ names[1]
+    assert {"factorise", "lowrank_mlp", "plan"} <= names[0]
+    assert json.loads(ls.LowRankSpec(MLPSpec((4, 4), "relu", True, "float32"), (4,)).to_json())
+
+
+def test_docs_usage_snippets_run(capsys) -> None:
+    """docs/lowrank.md's Usage snippets run as written (torch, then JAX)."""
+    import re
+
+    pytest.importorskip("transformers")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "lowrank.md").read_text()
+    usage = text.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", usage, flags=re.S)
+    assert len(blocks) == 2
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/lowrank.md usage {i}", "exec"), {})
+    out = capsys.readouterr().out
+    assert "torch lowrank" in out and "fused, t on chip" in out and "| 1 | 96→40 | 8 |" in out
+
+
+def test_jax_lowrank_mlp_under_jit() -> None:
+    """A LowRankSpec is hashable: a static argument of jax.jit; jitted and eager calls agree."""
+    import jax
+
+    jnp, front = _jax()
+    case = golden.load_lowrank("lowrank-gelu-float32")
+    x, params = jnp.asarray(case.x), {k: jnp.asarray(v) for k, v in case.params.items()}
+    jitted = jax.jit(front.lowrank_mlp, static_argnames=("lspec",))(x, params, lspec=case.lspec)
+    assert (
+        np.asarray(jitted).tobytes()
+        == np.asarray(front.lowrank_mlp(x, params, case.lspec)).tobytes()
+    )

@@ -346,6 +346,89 @@ def test_wgrad_kernel_with_bias(dtype):
     assert db2 is None and torch.equal(dw2, dw)  # deterministic, strides only
 
 
+# ---- the weight gradient split over M (issue 25) ------------------------------------------------
+# M = 37 rows are 3 steps of 16 (a ragged tail), K = 29 and N = 45 are 2 × 3 ragged tiles of 16:
+# S = 2 deals the steps 2 + 1, S = 3 one each; under the interpreter the heuristic would keep S = 1.
+SPLIT_M, SPLIT_K, SPLIT_N = 37, 29, 45
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bias", "splits"),
+    [("float32", True, 3), ("float16", False, 2), ("bfloat16", True, 2), ("bfloat16", False, 3)],
+)
+def test_wgrad_split_against_float64(dtype, bias, splits):
+    rng = np.random.default_rng(34)
+    h = to_torch(rand(rng, (SPLIT_M, SPLIT_K), dtype))
+    d = to_torch(rand(rng, (SPLIT_M, SPLIT_N), dtype))
+    dw, db = backward.wgrad_fwd(
+        h.t().contiguous().t(), d, has_bias=bias, config=CONFIG, splits=splits
+    )
+    spec = MLPSpec((2, 2), "relu", True, dtype)
+    assert dw.dtype == h.dtype and (db is None or db.dtype == h.dtype)
+    got = {"w": to_numpy(dw)} | ({"b": to_numpy(db)} if bias else {})
+    want = {"w": _f64(h).T @ _f64(d)} | ({"b": _f64(d).sum(axis=0)} if bias else {})
+    assert_grads_close(got, want, spec)
+    # deterministic: the same bits on a second run (fresh, poisoned buffers)
+    dw2, db2 = backward.wgrad_fwd(h, d, has_bias=bias, config=CONFIG, splits=splits)
+    assert torch.equal(dw2, dw) and (db is None or torch.equal(db2, db))
+
+
+def test_wgrad_split_propagates_nan():
+    # one NaN in d (row 5, column 7): dw's column 7 and db[7] are NaN, every other element finite,
+    # through the partials of the split that holds row 5 and the fixed-order sum.
+    rng = np.random.default_rng(35)
+    h = rand(rng, (SPLIT_M, SPLIT_K), "bfloat16")
+    d = rand(rng, (SPLIT_M, SPLIT_N), "bfloat16")
+    d[5, 7] = np.nan
+    dw, db = backward.wgrad_fwd(to_torch(h), to_torch(d), has_bias=True, config=CONFIG, splits=3)
+    want = {"w": _f64(h).T @ _f64(d), "b": _f64(d).sum(axis=0)}
+    got = {"w": to_numpy(dw), "b": to_numpy(db)}
+    assert_grads_close(got, want, MLPSpec((2, 2), "relu", True, "bfloat16"))
+    assert np.isnan(got["w"][:, 7]).all() and np.isnan(got["b"][7])
+    assert np.isfinite(np.delete(got["w"], 7, axis=1)).all()
+    assert np.isfinite(np.delete(got["b"], 7)).all()
+
+
+def test_wgrad_splits_choice():
+    from fusedmlp.common.tiling import wgrad_splits
+
+    # the cases common/tiling.py explains (H200, 132 SMs, the bf16 heuristic's tiles)
+    assert wgrad_splits(1, 65536, 128) == (128, 4)  # image fit, 64×64: one tile
+    assert wgrad_splits(288, 8192, 64) == (1, 128)  # hf-blog's packed 768×6144
+    assert wgrad_splits(72, 8192, 64) == (3, 43)  # hf-blog's 3072×768
+    assert wgrad_splits(1792, 8192, 64) == (1, 128)  # llama3-8b
+    assert wgrad_splits(6, 37, 16) == (1, 3)  # interpreter sizes: S = 1 unless forced
+    for tiles in (1, 5, 72, 100, 500):
+        for m, splits in ((1, None), (33, None), (65536, None), (37, 2), (37, 3), (37, 7)):
+            n, per = wgrad_splits(tiles, m, 16, splits=splits)
+            steps = max(1, -(-m // 16))
+            assert n * per >= steps > (n - 1) * per, (tiles, m, splits)  # no empty split
+            assert n <= steps and (splits is None or n <= splits)
+
+
+def test_split_training_step(monkeypatch):
+    # The whole backward with the split chosen by the heuristic: one step per split at most, so
+    # every weight gradient of this MLP (M = 33: 3 steps; 6 tiles each) runs S = 3.
+    from fusedmlp.common import tiling
+
+    chosen: list[int] = []
+
+    def spy(*args, **kwargs):
+        out = tiling.wgrad_splits(*args, **kwargs)
+        chosen.append(out[0])
+        return out
+
+    monkeypatch.setattr(tiling, "WGRAD_MIN_STEPS", 1)
+    monkeypatch.setattr(backward, "wgrad_splits", spy)
+    spec = _spec(CASES[3])  # silu, bias, bf16, M = 33
+    module = FusedMLP(spec, impl="triton", config=CONFIG, seed=46)
+    x = to_torch(make_input(spec, 33, seed=47))
+    dy = to_torch(make_grad_output(spec, 33, seed=48))
+    got = _module_grads(module, x, dy)
+    assert chosen == [3, 3], chosen
+    assert_grads_close(got, _reference(spec, x, module.params(), dy), spec)
+
+
 def test_dact_kernel_plain_and_gated():
     rng = np.random.default_rng(33)
     m, n = 13, 70

@@ -11,6 +11,8 @@ skips is NaN and fails the NaN check.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -427,6 +429,80 @@ def test_split_training_step(monkeypatch):
     got = _module_grads(module, x, dy)
     assert chosen == [3, 3], chosen
     assert_grads_close(got, _reference(spec, x, module.params(), dy), spec)
+
+
+_COMPILE_WGRAD = r"""
+import json, os, re, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedmlp.common import tiling
+from fusedmlp.torch_impl import backward as bw
+
+PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+
+def compile_one(fn, types, const, warps, stages):
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in const:
+            sig[p.name] = "constexpr"
+        else:
+            sig[p.name] = types.get(p.name, "i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(k.asm["ptx"])
+        log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                             capture_output=True, text=True)
+    info = log.stdout + log.stderr
+    return dict(shared=k.metadata.shared, ok=not log.returncode,
+                spills=[int(v) for v in re.findall(r"(\d+) bytes spill stores", info)],
+                wgmma="wgmma.mma_async" in k.asm["ptx"])
+
+out = []
+for K, N, M in json.loads(sys.argv[1]):
+    cfg = tiling.heuristic_config("linear_act", K, N, M, "bfloat16")
+    tiles = triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    S, _ = tiling.wgrad_splits(tiles, M, cfg.block_k)
+    for bias in (True, False):
+        wt = "*fp32" if S > 1 else "*bf16"
+        types = dict(a_ptr="*bf16", d_ptr="*bf16", dw_ptr=wt, db_ptr=wt)
+        row = compile_one(bw._wgrad_kernel, types,
+                          dict(HAS_DBIAS=bias, INPUT_PRECISION="ieee", INTERPRET=False,
+                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                               GROUP_M=cfg.group_m, stride_ak=1, stride_dn=1, stride_wn=1),
+                          cfg.num_warps, cfg.num_stages)
+        out.append(dict(K=K, N=N, S=S, kernel="wgrad", block_m=cfg.block_m, bias=bias, **row))
+        if S > 1:
+            row = compile_one(bw._wgrad_sum_kernel,
+                              dict(ws_ptr="*fp32", wsb_ptr="*fp32", dw_ptr="*bf16", db_ptr="*bf16"),
+                              dict(HAS_DBIAS=bias, INTERPRET=False, BLOCK=tiling.WGRAD_SUM_BLOCK,
+                                   UNROLL=min(tiling.WGRAD_SUM_UNROLL, S)),
+                              tiling.WGRAD_SUM_WARPS, 1)
+            out.append(dict(K=K, N=N, S=S, kernel="sum", block_m=0, bias=bias, **row))
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_wgrad_compiles_for_sm90_without_spills():
+    """The heuristic's bf16 configs and splits for the image fit's 64×64 and 32×64 gradients (M =
+    65,536: S = 128) and hf-blog's 3072×768 (M = 8192: S = 3), both kernels, bias and none:
+    within 227 KiB of shared memory, no spills (ptxas -v), wgmma where the tile has 64 rows."""
+    from helpers import run_script
+
+    cases = [(64, 64, 65536), (32, 64, 65536), (3072, 768, 8192)]
+    got = run_script(_COMPILE_WGRAD, json.dumps(cases), timeout=600)
+    assert [row["S"] for row in got if row["kernel"] == "wgrad"] == [128, 128, 128, 128, 3, 3]
+    for row in got:
+        assert row["ok"] and row["spills"] == [0], row
+        assert row["shared"] <= 227 * 1024, row
+        assert row["wgmma"] == (row["block_m"] >= 64), row
 
 
 def test_dact_kernel_plain_and_gated():

@@ -298,6 +298,64 @@ def heuristic_config(
     return _large_m_16bit(family, m, n, persistent, num_sms)
 
 
+# ---- the weight gradient's split over M (issue 25) -----------------------------------------------
+# `_wgrad_kernel` (backward.py, both stacks) computes dw = hᵀ·dZ [K, N] with one program per
+# block_m × block_n output tile, each reducing over the M rows in block_k steps. Narrow layers have
+# too few tiles to fill the GPU: the image fit's 64×64 layers (65,536 rows, 16-bit heuristic tile
+# 64×64×128) are ONE tile, so one SM of 132 reads the 16 MB of h and dZ alone (~350 µs a layer, the
+# JAX step's 2.3 ms against XLA's 0.55). So the rows are split: program (t, s) reduces the s-th run
+# of whole block_k steps into an fp32 partial [S, K, N] (db: [S, N]), and `_wgrad_sum_kernel` adds
+# the S partials of each element in the fixed order s = 0, 1, …, S−1 and rounds once: no atomics,
+# the same bits every run (for a given S; another S sums in another order).
+#
+# S comes from the tile count, the rows and the SM count (a constant, not the device's: the
+# interpreters and the GPU choose alike, so the twins stay bitwise equal): the S ≤ WGRAD_WAVES
+# waves' worth of programs, and ≤ steps // WGRAD_MIN_STEPS (a split shorter than a few steps is
+# all pipeline ramp and partial store), that minimises whole waves per unit of work, ⌈tiles·S /
+# SMs⌉ / S (the smallest S on ties); the steps are then dealt evenly (`wgrad_splits`). What it
+# chooses (H200, 132 SMs, bf16 heuristic tiles):
+# - image fit, 64×64 (and 32×64, 64×3) at M = 65,536: 1 tile, 512 steps of 128 rows: S = 128
+#   (the 4-step floor binds), 128 programs of 512 rows on 128 SMs, 2 MiB of fp32 partials;
+# - hf-blog-geglu at M = 8192: the packed 768×6144 gradient is 288 tiles of 128×128 (2.2 waves,
+#   more than 2 waves' worth: S = 1); the 3072×768 one is 72 tiles of 128×256 on 128 steps of 64:
+#   S = 3 (216 programs, 2 waves of a third of the work: 0.67 of S = 1's single wave; S = 2 also
+#   needs 2 waves, S = 4 three), 28 MiB of partials;
+# - llama3-8b at M = 8192: 3584 and 1792 tiles: S = 1 (the single-kernel path, no workspace).
+# From 89 tiles up S = 1: two runs of 89–132 tiles need two waves of half the work (no gain), and
+# past 132 a split could only fill part of a last wave while costing the partials' traffic (S·K·N·4
+# bytes written and read back).
+WGRAD_WAVES = 2
+WGRAD_MIN_STEPS = 4
+# `_wgrad_sum_kernel`: BLOCK partials' elements per program (2 per thread at 4 warps), UNROLL
+# partials loaded at once. The sum is a chain of dependent adds per element, so a program's time
+# is ~S / UNROLL load latencies (L2, ~0.3–0.5 µs each): UNROLL = 16 puts 16 independent loads in
+# flight (image fit: S = 128 is 8 rounds, ~3 µs; 17 programs of 256 elements for the 4096 + 64 of
+# dw and db); large gradients are bandwidth-bound instead (hf-blog's 3072×768 at S = 3: 9,216
+# programs, 28 MiB read, ~8–10 µs).
+WGRAD_SUM_BLOCK = 256
+WGRAD_SUM_UNROLL = 16
+WGRAD_SUM_WARPS = 4
+
+
+def wgrad_splits(
+    tiles: int,
+    m: int,
+    block_k: int,
+    *,
+    num_sms: int = NUM_SMS,
+    splits: int | None = None,
+) -> tuple[int, int]:
+    """(S, block_k steps per split) for a weight gradient of `tiles` output tiles over `m` rows:
+    the choice explained above, or `splits` forced (tests: S > 1 at interpreter sizes). The steps
+    are dealt evenly and no split is empty: S·per ≥ steps > (S − 1)·per."""
+    steps = max(1, _cdiv(m, block_k))
+    if splits is None:
+        limit = max(1, min(steps // WGRAD_MIN_STEPS, WGRAD_WAVES * num_sms // max(1, tiles)))
+        splits = min(range(1, limit + 1), key=lambda s: (_cdiv(tiles * s, num_sms) / s, s))
+    per = _cdiv(steps, max(1, min(splits, steps)))
+    return _cdiv(steps, per), per
+
+
 # ---- the tuning search space ---------------------------------------------------------------------
 def search_space(
     family: str, m: int, dtype: str, *, persistent: bool = False, fp32_precision: str = "ieee"

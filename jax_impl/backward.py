@@ -17,17 +17,21 @@ Kernels:
    is (each program's block is a row panel of it, contracted on its columns: no transpose
    materialised), fp32 accumulate.
 2. `_wgrad_kernel`: dw = aᵀ·d, a = the layer input h [M, K] (a column panel, contracted on its
-   rows), d = dZ [M, Nc]; one program per (K-block × Nc-block) reduces over ALL of M
-   (deterministic: no atomics, no split); with a bias the programs of the first K-block also sum
-   the dZ tiles they load anyway -> db [Nc] (fp32, one rounding).
+   rows), d = dZ [M, Nc]; program (t, s) reduces output tile t (K-block × Nc-block) over the s-th of
+   S runs of M (whole block_k steps); with a bias the programs of the first K-block also sum the dZ
+   tiles they load anyway -> db [Nc]. S = 1 (enough tiles to fill the GPU): dw and db stored
+   directly (fp32 accumulate, one rounding). S > 1 (narrow layers, e.g. the image fit's 64×64
+   gradient: one tile; `common.tiling.wgrad_splits`): fp32 partials [S, K, Nc] and [S, Nc], then
+   `_wgrad_sum_kernel` adds each element's S partials in the fixed order s = 0, 1, … and rounds
+   once. Deterministic either way: no atomics.
 3. `_dact_kernel`: elementwise dZ = dy ⊙ act'(z) (or the gated form), the last layer only.
 The act' step (`_dact_epilogue`) is one helper shared by kernels 1 and 3.
 
-Grid: 1-D over output tiles, `_grouped_tile` order (linear_act's), also in the BlockSpecs' index
-maps. Masks on every edge (the Triton lowering does not mask edge blocks; the interpreter pads them
-with NaN); 16-bit tiles upcast after each load when interpreting; every store rounds once
-(`round_to_dtype`): dZ and dh in the compute dtype, dW and db in the param dtype (the same here:
-the spec's), as autodiff of the plain function on 16-bit arrays rounds.
+Grid: over output tiles, `_grouped_tile` order (linear_act's; wgrad: × S runs of M), also in the
+BlockSpecs' index maps. Masks on every edge (the Triton lowering does not mask edge blocks; the
+interpreter pads them with NaN); 16-bit tiles upcast after each load when interpreting; every store
+rounds once (`round_to_dtype`): dZ and dh in the compute dtype, dW and db in the param dtype (the
+same here: the spec's), as autodiff of the plain function on 16-bit arrays rounds.
 
 Saved policy (`saved=`, common.config.SAVED_POLICIES): "preact" (default) — the training forward
 (`forward_saving`) runs the portable `linear_act`/`gated` kernels with `store_preact` and keeps per
@@ -55,7 +59,15 @@ from jax.experimental.pallas import triton as plgpu
 from fusedmlp.common import MLPSpec
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
-from fusedmlp.common.tiling import cap_for_preact, gated_config, heuristic_config
+from fusedmlp.common.tiling import (
+    WGRAD_SUM_BLOCK,
+    WGRAD_SUM_UNROLL,
+    WGRAD_SUM_WARPS,
+    cap_for_preact,
+    gated_config,
+    heuristic_config,
+    wgrad_splits,
+)
 from fusedmlp.common.validate import check_saved
 
 from . import compat
@@ -167,25 +179,31 @@ def _dgrad_kernel(
         )  # fmt: skip
 
 
-# ==== kernel 2: wgrad, dw = aᵀ · d (+ db = Σ_m d) =================================================
+# ==== kernel 2: wgrad, dw = aᵀ · d (+ db = Σ_m d), and the fixed-order sum of its splits =========
 def _wgrad_kernel(
     a_ref, d_ref, dw_ref, db_ref,
-    *, M, N, K,
+    *, M, N, K, STEPS,
     PRECISION, INTERPRET,
     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
 ):  # fmt: skip
     # The output dw is [K, N]: BLOCK_M rows of it (a block of K), BLOCK_N columns; the reduction
     # runs over M in BLOCK_K steps (the config's fields keep their tile meaning: out rows, out
-    # columns, reduction step).
+    # columns, reduction step). Split over M (grid axis 1, S runs of STEPS steps): dw_ref / db_ref
+    # are this program's blocks of the fp32 partials [S, K, N] / [S, N] and the store below is
+    # exact; S = 1: of dw / db themselves ([1, K, N] / [1, N]) in the param dtype, one rounding.
     # twin-diff: HAS_DBIAS is implied by db_ref (None without a bias); a's column panel [M,
     # BLOCK_M] is this program's block and the dot contracts the rows of both tiles, where the
-    # Triton twin reads the [BLOCK_M, BLOCK_K] tile of hᵀ through the strides.
-    # 1. program -> tile
+    # Triton twin reads the [BLOCK_M, BLOCK_K] tile of hᵀ through the strides; the split's block
+    # is chosen by the BlockSpecs, where the twin offsets its pointers by stride_ws / stride_bs.
+    # 1. program -> tile: output tile t, run s of the rows
     pid_k, pid_n = _grouped_tile(pl.program_id(0), K, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_s = pl.program_id(1)
     offs_k = pid_k * BLOCK_M + jnp.arange(BLOCK_M)
     offs_n = pid_n * BLOCK_N + jnp.arange(BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
+    m_lo = pid_s * STEPS
+    m_hi = jnp.minimum(m_lo + STEPS, pl.cdiv(M, BLOCK_K))
 
     def body(m, carry):
         acc, db = carry
@@ -206,7 +224,7 @@ def _wgrad_kernel(
         if INTERPRET:  # interpreter only: keeps the twin's arithmetic (see linear_act)
             a = a.astype(jnp.float32)
             d = d.astype(jnp.float32)
-        # 3. compute: fp32 accumulate over all of M; the bias gradient from the same dZ tiles
+        # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
         acc = acc + jax.lax.dot_general(
             a, d, _CONTRACT_ROWS, precision=PRECISION, preferred_element_type=jnp.float32
         )
@@ -218,14 +236,61 @@ def _wgrad_kernel(
 
     acc = jnp.zeros((BLOCK_M, BLOCK_N), dtype=jnp.float32)
     db = jnp.zeros((BLOCK_N,), dtype=jnp.float32)
-    acc, db = jax.lax.fori_loop(0, pl.cdiv(M, BLOCK_K), body, (acc, db))
+    acc, db = jax.lax.fori_loop(m_lo, m_hi, body, (acc, db))
 
-    # 4. store: one rounding to the param dtype
+    # 4. store: one rounding to the param dtype (S = 1), or the exact fp32 partial (S > 1)
     mask_kn = mask_k[:, None] & mask_n[None, :]
     plgpu.store(dw_ref, round_to_dtype(acc, dw_ref.dtype, INTERPRET), mask=mask_kn)
     if db_ref is not None:
         db_out = round_to_dtype(db, db_ref.dtype, INTERPRET)
         plgpu.store(db_ref, db_out, mask=mask_n & (pid_k == 0))
+
+
+def _wgrad_sum_kernel(
+    ws_ref, wsb_ref, dw_ref, db_ref,
+    *, S, L, N,
+    INTERPRET,
+    BLOCK, UNROLL,
+):  # fmt: skip
+    # dw = round(Σ_s ws[s]) and db = round(Σ_s wsb[s]), the S partials of each element added in
+    # the fixed order s = 0, 1, …, S−1 (deterministic: the same bits every run). ws [S, L] (L =
+    # K·N, the partials' free reshape), dw [L], wsb [S, N], db [N], whole arrays. Programs
+    # [0, cdiv(L, BLOCK)) sum BLOCK elements of dw, the rest (with a bias) BLOCK elements of db:
+    # each program's other side is fully masked (offsets clamped in range).
+    # twin-diff: HAS_DBIAS is implied by db_ref (None without a bias).
+    # 1. program -> tile
+    pid = pl.program_id(0)
+    nb = pl.cdiv(L, BLOCK)
+    is_w = pid < nb
+    start_w = jnp.minimum(pid, nb - 1) * BLOCK
+    start_b = jnp.maximum(pid - nb, 0) * BLOCK
+    mask_w = is_w & (start_w + jnp.arange(BLOCK) < L)
+    mask_b = (pid >= nb) & (start_b + jnp.arange(BLOCK) < N)
+
+    def body(c, acc):
+        for u in range(UNROLL):  # UNROLL independent loads in flight, adds in order
+            s = c * UNROLL + u
+            ok = s < S
+            row = jnp.minimum(s, S - 1)
+            # 2. load: partial s of this program's elements (fp32: no interpreter upcast)
+            part = plgpu.load(ws_ref.at[row, pl.ds(start_w, BLOCK)], mask=mask_w & ok, other=0.0)
+            if db_ref is not None:
+                part_b = plgpu.load(
+                    wsb_ref.at[row, pl.ds(start_b, BLOCK)], mask=mask_b & ok, other=0.0
+                )
+                part = jnp.where(is_w, part, part_b)
+            # 3. compute: one add per partial, in the order s = 0, 1, …
+            acc = jnp.where(ok, acc + part, acc)
+        return acc
+
+    acc = jnp.zeros((BLOCK,), dtype=jnp.float32)
+    acc = jax.lax.fori_loop(0, pl.cdiv(S, UNROLL), body, acc)
+
+    # 4. store: one rounding to the param dtype
+    out = round_to_dtype(acc, dw_ref.dtype, INTERPRET)
+    plgpu.store(dw_ref.at[pl.ds(start_w, BLOCK)], out, mask=mask_w)
+    if db_ref is not None:
+        plgpu.store(db_ref.at[pl.ds(start_b, BLOCK)], out, mask=mask_b)
 
 
 # ==== kernel 3: dact, dZ = dy ⊙ act'(z) (the last layer) ==========================================
@@ -324,37 +389,67 @@ def dgrad_fwd(
         )  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("has_bias", "dtype", *_STATICS[1:]))
-def _wgrad_jit(a, d, *, has_bias, dtype, config, fp32_precision, interpret):
+@functools.partial(jax.jit, static_argnames=("has_bias", "dtype", "splits", *_STATICS[1:]))
+def _wgrad_jit(a, d, *, has_bias, dtype, splits, config, fp32_precision, interpret):
     M, K = a.shape
     Nc = d.shape[1]
     if M == 0 or K == 0 or Nc == 0:  # a sum over no rows
         return jnp.zeros((K, Nc), dtype), jnp.zeros((Nc,), dtype) if has_bias else None
     bm, bn = config.block_m, config.block_n
+    tiles = pl.cdiv(K, bm) * pl.cdiv(Nc, bn)
+    S, steps = wgrad_splits(tiles, M, config.block_k, splits=splits)
     tile = _tile_map(K, Nc, bm, bn, config.group_m)
-    a_spec = pl.BlockSpec((M, bm), lambda pid: (0, tile(pid)[0]))
-    d_spec = pl.BlockSpec((M, bn), lambda pid: (0, tile(pid)[1]))
-    dw_spec = pl.BlockSpec((bm, bn), tile)
-    db_spec = pl.BlockSpec((bn,), lambda pid: (tile(pid)[1],))
+    a_spec = pl.BlockSpec((M, bm), lambda pid, s: (0, tile(pid)[0]))
+    d_spec = pl.BlockSpec((M, bn), lambda pid, s: (0, tile(pid)[1]))
+    # S = 1: dw and db themselves (as [1, K, Nc] / [1, Nc]); S > 1: their fp32 partials
+    out_dtype = dtype if S == 1 else jnp.float32
+    dw_spec = pl.BlockSpec((pl.squeezed, bm, bn), lambda pid, s: (s, *tile(pid)))
+    db_spec = pl.BlockSpec((pl.squeezed, bn), lambda pid, s: (s, tile(pid)[1]))
     kernel = functools.partial(
-        _wgrad_kernel, M=M, N=Nc, K=K,
+        _wgrad_kernel, M=M, N=Nc, K=K, STEPS=steps,
         PRECISION=_precision(fp32_precision), INTERPRET=interpret,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, GROUP_M=config.group_m,
     )  # fmt: skip
-    dw_shape = jax.ShapeDtypeStruct((K, Nc), dtype)
+    dw_shape = jax.ShapeDtypeStruct((S, K, Nc), out_dtype)
+    db_shape = jax.ShapeDtypeStruct((S, Nc), out_dtype)
     if not has_bias:
         kernel = functools.partial(kernel, db_ref=None)
     out = pl.pallas_call(
         kernel,
-        out_shape=(dw_shape, jax.ShapeDtypeStruct((Nc,), dtype)) if has_bias else dw_shape,
-        grid=(pl.cdiv(K, bm) * pl.cdiv(Nc, bn),),
+        out_shape=(dw_shape, db_shape) if has_bias else dw_shape,
+        grid=(tiles, S),
         in_specs=[a_spec, d_spec],
         out_specs=(dw_spec, db_spec) if has_bias else dw_spec,
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="wgrad",
     )(a, d)
-    return out if has_bias else (out, None)
+    ws, wsb = out if has_bias else (out, None)
+    if S == 1:
+        return ws.reshape(K, Nc), wsb.reshape(Nc) if has_bias else None
+    L = K * Nc
+    nb = pl.cdiv(L, WGRAD_SUM_BLOCK) + (pl.cdiv(Nc, WGRAD_SUM_BLOCK) if has_bias else 0)
+    summed = functools.partial(
+        _wgrad_sum_kernel, S=S, L=L, N=Nc, INTERPRET=interpret,
+        BLOCK=WGRAD_SUM_BLOCK, UNROLL=min(WGRAD_SUM_UNROLL, S),
+    )  # fmt: skip
+    if not has_bias:  # twin-diff: Pallas passes the refs it has, inputs then outputs
+        summed = functools.partial(_no_bias_refs, summed)
+    dw_flat = jax.ShapeDtypeStruct((L,), dtype)
+    out = pl.pallas_call(
+        summed,
+        out_shape=(dw_flat, jax.ShapeDtypeStruct((Nc,), dtype)) if has_bias else dw_flat,
+        grid=(nb,),
+        compiler_params=plgpu.CompilerParams(num_warps=WGRAD_SUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="wgrad_sum",
+    )(ws.reshape(S, L), *((wsb,) if has_bias else ()))
+    dw, db = out if has_bias else (out, None)
+    return dw.reshape(K, Nc), db
+
+
+def _no_bias_refs(kernel, ws_ref, dw_ref):
+    return kernel(ws_ref, None, dw_ref, None)
 
 
 def wgrad_fwd(
@@ -365,18 +460,26 @@ def wgrad_fwd(
     config: TileConfig,
     fp32_precision: str = "ieee",
     dtype: jnp.dtype | None = None,
+    splits: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """(aᵀ·d [K, Nc], Σ_m d [Nc] or None) for a [M, K], d [M, Nc], in `dtype` (the param dtype;
-    default a's). config: block_m × block_n tiles of the output, block_k the M step. Trusts
-    input."""
+    default a's). config: block_m × block_n tiles of the output, block_k the M step. The rows
+    are split in S runs where the output has too few tiles to fill the GPU
+    (`common.tiling.wgrad_splits`; `splits` forces S): fp32 partials, then `_wgrad_sum_kernel`.
+    Trusts input."""
     if interpret is None:
         interpret = compat.interpret_mode()
     dtype = jnp.dtype(dtype or a.dtype)
+    # twin-diff: S is chosen here, outside the jitted launcher whose trace it keys (the shapes
+    # are static), so that a change of the choice (WGRAD_MIN_STEPS, a test's) is never cached away.
+    M, K = a.shape
+    tiles = pl.cdiv(K, config.block_m) * pl.cdiv(d.shape[1], config.block_n)
+    splits, _ = wgrad_splits(tiles, M, config.block_k, splits=splits)
     with compat.quiet_pallas_triton():
         return _wgrad_jit(
-            a, d, has_bias=has_bias, dtype=dtype, config=config, fp32_precision=fp32_precision,
-            interpret=interpret,
+            a, d, has_bias=has_bias, dtype=dtype, splits=splits, config=config,
+            fp32_precision=fp32_precision, interpret=interpret,
         )  # fmt: skip
 
 

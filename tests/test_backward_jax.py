@@ -319,6 +319,50 @@ def test_wgrad_reduces_over_every_row(bias: bool) -> None:
     assert_grads_close(got, want, MLPSpec((2, 2), "relu", True, "float16"))
 
 
+# ---- the weight gradient split over M (issue 25) ------------------------------------------------
+# M = 37 rows are 3 steps of 16 (a ragged tail), K = 29 and N = 70 are 2 × 3 ragged tiles of SMALL:
+# S = 2 deals the steps 2 + 1, S = 3 one each; under the interpreter the heuristic keeps S = 1.
+@pytest.mark.parametrize(
+    ("dtype", "bias", "splits"),
+    [("float32", False, 2), ("float16", True, 3), ("bfloat16", True, 2), ("bfloat16", False, 3)],
+)
+def test_wgrad_split_against_float64(dtype: str, bias: bool, splits: int) -> None:
+    rng = np.random.default_rng(9)
+    a, dz = rand(rng, (37, 29), dtype), rand(rng, (37, 70), dtype)
+    run = functools.partial(
+        backward.wgrad_fwd, jnp.asarray(a), jnp.asarray(dz), has_bias=bias, config=SMALL,
+        splits=splits,
+    )  # fmt: skip
+    dw, db = run()
+    got = {"w": _f64(dw)} | ({"b": _f64(db)} if bias else {})
+    want = {"w": _f64(a).T @ _f64(dz)} | ({"b": _f64(dz).sum(axis=0)} if bias else {})
+    assert dw.dtype == jnp.dtype(dtype) and (db is None or db.dtype == jnp.dtype(dtype))
+    assert_grads_close(got, want, MLPSpec((2, 2), "relu", True, dtype))
+    # deterministic: the same bits on a second run (jax.jit's cache off: traced again)
+    with jax.disable_jit():
+        dw2, db2 = run()
+    np.testing.assert_array_equal(_f64(dw2), _f64(dw))
+    if bias:
+        np.testing.assert_array_equal(_f64(db2), _f64(db))
+
+
+def test_wgrad_split_propagates_nan() -> None:
+    """One NaN in dz (row 5, column 7): dw's column 7 and db[7] are NaN, every other element
+    finite, through the partials of the split holding row 5 and the fixed-order sum."""
+    rng = np.random.default_rng(10)
+    a, dz = rand(rng, (37, 29), "bfloat16"), rand(rng, (37, 70), "bfloat16")
+    dz[5, 7] = np.nan
+    dw, db = backward.wgrad_fwd(
+        jnp.asarray(a), jnp.asarray(dz), has_bias=True, config=SMALL, splits=3
+    )
+    got = {"w": _f64(dw), "b": _f64(db)}
+    want = {"w": _f64(a).T @ _f64(dz), "b": _f64(dz).sum(axis=0)}
+    assert_grads_close(got, want, MLPSpec((2, 2), "relu", True, "bfloat16"))
+    assert np.isnan(got["w"][:, 7]).all() and np.isnan(got["b"][7])
+    assert np.isfinite(np.delete(got["w"], 7, axis=1)).all()
+    assert np.isfinite(np.delete(got["b"], 7)).all()
+
+
 # ---- the kernels lower for CUDA (no GPU needed) --------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_backward_kernels_lower_for_cuda(dtype: str) -> None:
@@ -353,6 +397,9 @@ def test_backward_kernels_lower_for_cuda(dtype: str) -> None:
             config=heuristic_config("linear_act", k, n, m, dtype), interpret=False,
         )  # fmt: skip
         lower_for_cuda(wgrad, S((m, k), dt), S((m, n), dt))
+        # the split over M (S > 1: the partials and the fixed-order sum, a second pallas_call)
+        text = lower_for_cuda(functools.partial(wgrad, splits=3), S((m, k), dt), S((m, n), dt))
+        assert "wgrad_sum" in text
     # The saving forward kernels (STORE_PREACT).
     from fusedmlp.jax_impl import gated, linear_act
 
@@ -408,3 +455,42 @@ def test_backward_twins_bitwise(spec: MLPSpec) -> None:
     np.testing.assert_array_equal(to_numpy(y_j), to_numpy(y_t))
     for name in g_j:
         np.testing.assert_array_equal(to_numpy(g_j[name]), to_numpy(g_t[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_wgrad_split_twins_bitwise(dtype: str) -> None:
+    """torch_impl and jax_impl `wgrad_fwd` with S = 1, 2, 3 on the same inputs: the same bits
+    under the interpreters (the partials and their fixed-order sum included), bias and none."""
+    pytest.importorskip("torch", reason="the jax-only CI job has no torch")
+    from fusedmlp.bench.cases import to_numpy
+    from fusedmlp.torch_impl import backward as torch_backward
+    from fusedmlp.torch_impl.runtime import INTERPRET
+    from helpers import to_torch
+
+    if not INTERPRET:
+        pytest.skip("twins are compared under the interpreters")
+    rng = np.random.default_rng(11)
+    a, dz = rand(rng, (37, 29), dtype), rand(rng, (37, 70), dtype)
+    for splits, bias in ((1, True), (2, False), (3, True)):
+        j = backward.wgrad_fwd(
+            jnp.asarray(a), jnp.asarray(dz), has_bias=bias, config=SMALL, splits=splits
+        )
+        t = torch_backward.wgrad_fwd(
+            to_torch(a), to_torch(dz), has_bias=bias, config=SMALL, splits=splits
+        )
+        for name, x, y in zip(("w", "b"), j, t, strict=True):
+            if x is None:
+                assert y is None
+                continue
+            np.testing.assert_array_equal(to_numpy(x), to_numpy(y), err_msg=f"S={splits} d{name}")
+
+
+def test_backward_twins_bitwise_split(monkeypatch) -> None:
+    """The whole backward of both stacks with the heuristic's split forced on (one step per
+    split at least: M = 21 is 2 steps, so every weight gradient runs S = 2): bit for bit."""
+    pytest.importorskip("torch", reason="the jax-only CI job has no torch")
+    from fusedmlp.common import tiling
+
+    monkeypatch.setattr(tiling, "WGRAD_MIN_STEPS", 1)
+    assert tiling.wgrad_splits(6, 21, SMALL.block_k) == (2, 1)
+    test_backward_twins_bitwise(MLPSpec((19, 45, 33, 13), "relu", True, "float16"))

@@ -11,6 +11,8 @@ skips is NaN and fails the NaN check.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -414,6 +416,163 @@ def test_wgrad_kernel_with_bias(dtype):
     assert_grads_close({"w": to_numpy(dw), "b": to_numpy(db)}, want, spec)
     dw2, db2 = backward.wgrad_fwd(h, d, has_bias=False, config=CONFIG)
     assert db2 is None and torch.equal(dw2, dw)  # deterministic, strides only
+
+
+# ---- the weight gradient split over M (issue 25) ------------------------------------------------
+# M = 37 rows are 3 steps of 16 (a ragged tail), K = 29 and N = 45 are 2 × 3 ragged tiles of 16:
+# S = 2 deals the steps 2 + 1, S = 3 one each; under the interpreter the heuristic would keep S = 1.
+SPLIT_M, SPLIT_K, SPLIT_N = 37, 29, 45
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bias", "splits"),
+    [("float32", True, 3), ("float16", False, 2), ("bfloat16", True, 2), ("bfloat16", False, 3)],
+)
+def test_wgrad_split_against_float64(dtype, bias, splits):
+    rng = np.random.default_rng(34)
+    h = to_torch(rand(rng, (SPLIT_M, SPLIT_K), dtype))
+    d = to_torch(rand(rng, (SPLIT_M, SPLIT_N), dtype))
+    dw, db = backward.wgrad_fwd(
+        h.t().contiguous().t(), d, has_bias=bias, config=CONFIG, splits=splits
+    )
+    spec = MLPSpec((2, 2), "relu", True, dtype)
+    assert dw.dtype == h.dtype and (db is None or db.dtype == h.dtype)
+    got = {"w": to_numpy(dw)} | ({"b": to_numpy(db)} if bias else {})
+    want = {"w": _f64(h).T @ _f64(d)} | ({"b": _f64(d).sum(axis=0)} if bias else {})
+    assert_grads_close(got, want, spec)
+    # deterministic: the same bits on a second run (fresh, poisoned buffers)
+    dw2, db2 = backward.wgrad_fwd(h, d, has_bias=bias, config=CONFIG, splits=splits)
+    assert torch.equal(dw2, dw) and (db is None or torch.equal(db2, db))
+
+
+def test_wgrad_split_propagates_nan():
+    # one NaN in d (row 5, column 7): dw's column 7 and db[7] are NaN, every other element finite,
+    # through the partials of the split that holds row 5 and the fixed-order sum.
+    rng = np.random.default_rng(35)
+    h = rand(rng, (SPLIT_M, SPLIT_K), "bfloat16")
+    d = rand(rng, (SPLIT_M, SPLIT_N), "bfloat16")
+    d[5, 7] = np.nan
+    dw, db = backward.wgrad_fwd(to_torch(h), to_torch(d), has_bias=True, config=CONFIG, splits=3)
+    want = {"w": _f64(h).T @ _f64(d), "b": _f64(d).sum(axis=0)}
+    got = {"w": to_numpy(dw), "b": to_numpy(db)}
+    assert_grads_close(got, want, MLPSpec((2, 2), "relu", True, "bfloat16"))
+    assert np.isnan(got["w"][:, 7]).all() and np.isnan(got["b"][7])
+    assert np.isfinite(np.delete(got["w"], 7, axis=1)).all()
+    assert np.isfinite(np.delete(got["b"], 7)).all()
+
+
+def test_wgrad_splits_choice():
+    from fusedmlp.common.tiling import wgrad_splits
+
+    # the cases common/tiling.py explains (H200, 132 SMs, the bf16 heuristic's tiles)
+    assert wgrad_splits(1, 65536, 128) == (128, 4)  # image fit, 64×64: one tile
+    assert wgrad_splits(288, 8192, 64) == (1, 128)  # hf-blog's packed 768×6144
+    assert wgrad_splits(72, 8192, 64) == (3, 43)  # hf-blog's 3072×768
+    assert wgrad_splits(1792, 8192, 64) == (1, 128)  # llama3-8b
+    assert wgrad_splits(6, 37, 16) == (1, 3)  # interpreter sizes: S = 1 unless forced
+    for tiles in (1, 5, 72, 100, 500):
+        for m, splits in ((1, None), (33, None), (65536, None), (37, 2), (37, 3), (37, 7)):
+            n, per = wgrad_splits(tiles, m, 16, splits=splits)
+            steps = max(1, -(-m // 16))
+            assert n * per >= steps > (n - 1) * per, (tiles, m, splits)  # no empty split
+            assert n <= steps and (splits is None or n <= splits)
+
+
+def test_split_training_step(monkeypatch):
+    # The whole backward with the split chosen by the heuristic: one step per split at most, so
+    # every weight gradient of this MLP (M = 33: 3 steps; 6 tiles each) runs S = 3.
+    from fusedmlp.common import tiling
+
+    chosen: list[int] = []
+
+    def spy(*args, **kwargs):
+        out = tiling.wgrad_splits(*args, **kwargs)
+        chosen.append(out[0])
+        return out
+
+    monkeypatch.setattr(tiling, "WGRAD_MIN_STEPS", 1)
+    monkeypatch.setattr(backward, "wgrad_splits", spy)
+    spec = _spec(CASES[3])  # silu, bias, bf16, M = 33
+    module = FusedMLP(spec, impl="triton", config=CONFIG, seed=46)
+    x = to_torch(make_input(spec, 33, seed=47))
+    dy = to_torch(make_grad_output(spec, 33, seed=48))
+    got = _module_grads(module, x, dy)
+    assert chosen == [3, 3], chosen
+    assert_grads_close(got, _reference(spec, x, module.params(), dy), spec)
+
+
+_COMPILE_WGRAD = r"""
+import json, os, re, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedmlp.common import tiling
+from fusedmlp.torch_impl import backward as bw
+
+PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+
+def compile_one(fn, types, const, warps, stages):
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in const:
+            sig[p.name] = "constexpr"
+        else:
+            sig[p.name] = types.get(p.name, "i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(k.asm["ptx"])
+        log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                             capture_output=True, text=True)
+    info = log.stdout + log.stderr
+    return dict(shared=k.metadata.shared, ok=not log.returncode,
+                spills=[int(v) for v in re.findall(r"(\d+) bytes spill stores", info)],
+                wgmma="wgmma.mma_async" in k.asm["ptx"])
+
+out = []
+for K, N, M in json.loads(sys.argv[1]):
+    cfg = tiling.heuristic_config("linear_act", K, N, M, "bfloat16")
+    tiles = triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    S, _ = tiling.wgrad_splits(tiles, M, cfg.block_k)
+    for bias in (True, False):
+        wt = "*fp32" if S > 1 else "*bf16"
+        types = dict(a_ptr="*bf16", d_ptr="*bf16", dw_ptr=wt, db_ptr=wt)
+        row = compile_one(bw._wgrad_kernel, types,
+                          dict(HAS_DBIAS=bias, INPUT_PRECISION="ieee", INTERPRET=False,
+                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                               GROUP_M=cfg.group_m, stride_ak=1, stride_dn=1, stride_wn=1),
+                          cfg.num_warps, cfg.num_stages)
+        out.append(dict(K=K, N=N, S=S, kernel="wgrad", block_m=cfg.block_m, bias=bias, **row))
+        if S > 1:
+            row = compile_one(bw._wgrad_sum_kernel,
+                              dict(ws_ptr="*fp32", wsb_ptr="*fp32", dw_ptr="*bf16", db_ptr="*bf16"),
+                              dict(HAS_DBIAS=bias, INTERPRET=False, BLOCK=tiling.WGRAD_SUM_BLOCK,
+                                   UNROLL=min(tiling.WGRAD_SUM_UNROLL, S)),
+                              tiling.WGRAD_SUM_WARPS, 1)
+            out.append(dict(K=K, N=N, S=S, kernel="sum", block_m=0, bias=bias, **row))
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_wgrad_compiles_for_sm90_without_spills():
+    """The heuristic's bf16 configs and splits for the image fit's 64×64 and 32×64 gradients (M =
+    65,536: S = 128) and hf-blog's 3072×768 (M = 8192: S = 3), both kernels, bias and none:
+    within 227 KiB of shared memory, no spills (ptxas -v), wgmma where the tile has 64 rows."""
+    from helpers import run_script
+
+    cases = [(64, 64, 65536), (32, 64, 65536), (3072, 768, 8192)]
+    got = run_script(_COMPILE_WGRAD, json.dumps(cases), timeout=600)
+    assert [row["S"] for row in got if row["kernel"] == "wgrad"] == [128, 128, 128, 128, 3, 3]
+    for row in got:
+        assert row["ok"] and row["spills"] == [0], row
+        assert row["shared"] <= 227 * 1024, row
+        assert row["wgmma"] == (row["block_m"] >= 64), row
 
 
 def test_dact_kernel_plain_and_gated():

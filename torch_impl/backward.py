@@ -15,17 +15,21 @@ identity: dZ = dy).
 Kernels:
 1. `_dgrad_kernel`: out = epilogue(a·wᵀ), a [M, Kc], w [Ko, Kc] read through its strides (the
    forward weight [K, N] as it is: no transpose materialised), fp32 accumulate.
-2. `_wgrad_kernel`: dw = aᵀ·d, a = the layer input h [M, K] read transposed through strides,
-   d = dZ [M, Nc]; one program per (K-block × Nc-block) reduces over ALL of M (deterministic: no
-   atomics, no split); with HAS_DBIAS the programs of the first K-block also sum the dZ tiles they
-   load anyway -> db [Nc] (fp32, one rounding).
+2. `_wgrad_kernel`: dw = aᵀ·d, a = the layer input h [M, K] read transposed through strides, d = dZ
+   [M, Nc]; program (t, s) reduces output tile t (K-block × Nc-block) over the s-th of S runs of M
+   (whole block_k steps); with a bias the programs of the first K-block also sum the dZ tiles they
+   load anyway -> db [Nc]. S = 1 (enough tiles to fill the GPU): dw and db stored directly (fp32
+   accumulate, one rounding). S > 1 (narrow layers, e.g. the image fit's 64×64 gradient: one tile;
+   `common.tiling.wgrad_splits`): fp32 partials [S, K, Nc] and [S, Nc], then `_wgrad_sum_kernel`
+   adds each element's S partials in the fixed order s = 0, 1, … and rounds once. Deterministic
+   either way: no atomics.
 3. `_dact_kernel`: elementwise dZ = dy ⊙ act'(z) (or the gated form), the last layer only.
 The act' step (`_dact_epilogue`) is one helper shared by kernels 1 and 3.
 
-Grid: 1-D over output tiles, `_grouped_tile` order (linear_act's). Masks on every edge, int64
-offsets, any strides; under TRITON_INTERPRET=1 16-bit tiles are upcast after each load; every
-store rounds once (`round_to_dtype`): dZ and dh in the compute dtype, dW and db in the param dtype
-(the same here: the spec's), as torch autograd on 16-bit tensors rounds.
+Grid: over output tiles, `_grouped_tile` order (linear_act's; wgrad: × S runs of M). Masks on every
+edge, int64 offsets, any strides; under TRITON_INTERPRET=1 16-bit tiles are upcast after each load;
+every store rounds once (`round_to_dtype`): dZ and dh in the compute dtype, dW and db in the param
+dtype (the same here: the spec's), as torch autograd on 16-bit tensors rounds.
 
 Saved policy (`saved=`, common.config.SAVED_POLICIES): "preact" (default) — the training forward
 (`forward_saving`) runs the portable `linear_act`/`gated` kernels with STORE_PREACT and keeps per
@@ -50,7 +54,15 @@ import triton.language as tl
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.common.tiling import cap_for_preact, gated_config, heuristic_config
+from fusedmlp.common.tiling import (
+    WGRAD_SUM_BLOCK,
+    WGRAD_SUM_UNROLL,
+    WGRAD_SUM_WARPS,
+    cap_for_preact,
+    gated_config,
+    heuristic_config,
+    wgrad_splits,
+)
 from fusedmlp.common.validate import check_saved
 
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
@@ -170,32 +182,38 @@ def _dgrad_kernel(
         )  # fmt: skip
 
 
-# ==== kernel 2: wgrad, dw = aᵀ · d (+ db = Σ_m d) =================================================
+# ==== kernel 2: wgrad, dw = aᵀ · d (+ db = Σ_m d), and the fixed-order sum of its splits =========
 @triton.jit
 def _wgrad_kernel(
     a_ptr, d_ptr, dw_ptr, db_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_dm, stride_dn, stride_wk, stride_wn,
+    M, N, K, STEPS,
+    stride_am, stride_ak, stride_dm, stride_dn, stride_ws, stride_wk, stride_wn, stride_bs,
     HAS_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # The output dw is [K, N]: BLOCK_M rows of it (a block of K), BLOCK_N columns; the reduction
     # runs over M in BLOCK_K steps (the config's fields keep their tile meaning: out rows, out
-    # columns, reduction step).
-    # 1. program -> tile
+    # columns, reduction step). Split over M (grid axis 1, S runs of STEPS steps): dw_ptr / db_ptr
+    # are the fp32 partials [S, K, N] / [S, N] (stride_ws / stride_bs apart) and the store below
+    # is exact; S = 1: dw / db themselves (strides 0) in the param dtype, one rounding.
+    # 1. program -> tile: output tile t, run s of the rows
     pid_k, pid_n = _grouped_tile(tl.program_id(0), K, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
     ks = offs_k.to(tl.int64)
     cols = offs_n.to(tl.int64)
+    split = pid_s.to(tl.int64)
     a_ptrs = a_ptr + ks[:, None] * stride_ak
     d_ptrs = d_ptr + cols[None, :] * stride_dn
+    m_lo = pid_s * STEPS
+    m_hi = tl.minimum(m_lo + STEPS, tl.cdiv(M, BLOCK_K))
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m in range(0, tl.cdiv(M, BLOCK_K)):
+    for m in range(m_lo, m_hi):
         # 2. load: hᵀ tile [BLOCK_M (k), BLOCK_K (m)] and dZ tile [BLOCK_K (m), BLOCK_N]
         offs_r = m * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_r = offs_r < M
@@ -209,19 +227,61 @@ def _wgrad_kernel(
         if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
             a = a.to(tl.float32)
             d = d.to(tl.float32)
-        # 3. compute: fp32 accumulate over all of M; the bias gradient from the same dZ tiles
+        # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
         acc = tl.dot(a, d, acc, input_precision=INPUT_PRECISION)
         if HAS_DBIAS:  # noqa: SIM102 (a constexpr, then a runtime test: two ifs in Triton)
             if pid_k == 0:
                 db = db + tl.sum(d.to(tl.float32), axis=0)
 
-    # 4. store: one rounding to the param dtype
+    # 4. store: one rounding to the param dtype (S = 1), or the exact fp32 partial (S > 1)
     mask_kn = mask_k[:, None] & mask_n[None, :]
-    dw_ptrs = dw_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    dw_ptrs = dw_ptr + split * stride_ws + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     tl.store(dw_ptrs, round_to_dtype(acc, dw_ptr.dtype.element_ty, INTERPRET), mask=mask_kn)
     if HAS_DBIAS:
         db_out = round_to_dtype(db, db_ptr.dtype.element_ty, INTERPRET)
-        tl.store(db_ptr + cols, db_out, mask=mask_n & (pid_k == 0))
+        tl.store(db_ptr + split * stride_bs + cols, db_out, mask=mask_n & (pid_k == 0))
+
+
+@triton.jit
+def _wgrad_sum_kernel(
+    ws_ptr, wsb_ptr, dw_ptr, db_ptr,
+    S, L, N,
+    HAS_DBIAS: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+):  # fmt: skip
+    # dw = round(Σ_s ws[s]) and db = round(Σ_s wsb[s]), the S partials of each element added in
+    # the fixed order s = 0, 1, …, S−1 (deterministic: the same bits every run). ws [S, L] (L =
+    # K·N) and dw [L] are contiguous (the launcher's own buffers), wsb [S, N], db [N]. Programs
+    # [0, cdiv(L, BLOCK)) sum BLOCK elements of dw, the rest (HAS_DBIAS) BLOCK elements of db: each
+    # program's other side is fully masked (offsets clamped in range).
+    # 1. program -> tile
+    pid = tl.program_id(0)
+    nb = tl.cdiv(L, BLOCK)
+    is_w = pid < nb
+    offs_w = tl.minimum(pid, nb - 1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_b = tl.maximum(pid - nb, 0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask_w = is_w & (offs_w < L)
+    mask_b = (pid >= nb) & (offs_b < N)
+
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(0, tl.cdiv(S, UNROLL)):
+        for u in tl.static_range(UNROLL):  # UNROLL independent loads in flight, adds in order
+            s = c * UNROLL + u
+            ok = s < S
+            row = tl.minimum(s, S - 1).to(tl.int64)
+            # 2. load: partial s of this program's elements (fp32: no interpreter upcast)
+            part = tl.load(ws_ptr + row * L + offs_w, mask=mask_w & ok, other=0.0)
+            if HAS_DBIAS:
+                part_b = tl.load(wsb_ptr + row * N + offs_b, mask=mask_b & ok, other=0.0)
+                part = tl.where(is_w, part, part_b)
+            # 3. compute: one add per partial, in the order s = 0, 1, …
+            acc = tl.where(ok, acc + part, acc)
+
+    # 4. store: one rounding to the param dtype
+    out = round_to_dtype(acc, dw_ptr.dtype.element_ty, INTERPRET)
+    tl.store(dw_ptr + offs_w, out, mask=mask_w)
+    if HAS_DBIAS:
+        tl.store(db_ptr + offs_b, out, mask=mask_b)
 
 
 # ==== kernel 3: dact, dZ = dy ⊙ act'(z) (the last layer) ==========================================
@@ -298,9 +358,12 @@ def wgrad_fwd(
     config: TileConfig,
     fp32_precision: str = "ieee",
     dtype: torch.dtype | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(aᵀ·d [K, Nc], Σ_m d [Nc] or None) for a [M, K], d [M, Nc] (any strides), in `dtype` (the
     param dtype; default a's). config: block_m × block_n tiles of the output, block_k the M step.
+    The rows are split in S runs where the output has too few tiles to fill the GPU
+    (`common.tiling.wgrad_splits`; `splits` forces S): fp32 partials, then `_wgrad_sum_kernel`.
     Trusts input."""
     M, K = a.shape
     Nc = d.shape[1]
@@ -312,14 +375,34 @@ def wgrad_fwd(
     db = torch.empty((Nc,), device=a.device, dtype=dtype) if has_bias else None
     if K == 0 or Nc == 0:
         return dw, db
-    grid = (triton.cdiv(K, config.block_m) * triton.cdiv(Nc, config.block_n),)
-    _wgrad_kernel[grid](
-        a, d, dw, db,
-        M, Nc, K,
-        a.stride(0), a.stride(1), d.stride(0), d.stride(1), dw.stride(0), dw.stride(1),
+    tiles = triton.cdiv(K, config.block_m) * triton.cdiv(Nc, config.block_n)
+    S, steps = wgrad_splits(tiles, M, config.block_k, splits=splits)
+    if S == 1:  # the single-kernel path: dw and db written directly
+        ws, wsb, stride_ws, stride_bs = dw, db, 0, 0
+    else:
+        ws = torch.empty((S, K, Nc), device=a.device, dtype=torch.float32)
+        wsb = torch.empty((S, Nc), device=a.device, dtype=torch.float32) if has_bias else None
+        stride_ws, stride_bs = ws.stride(0), Nc
+    _wgrad_kernel[(tiles, S)](
+        a, d, ws, wsb,
+        M, Nc, K, steps,
+        a.stride(0), a.stride(1), d.stride(0), d.stride(1), stride_ws, ws.stride(-2), ws.stride(-1),
+        stride_bs,
         HAS_DBIAS=has_bias, INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if S == 1:
+        return dw, db
+    L = K * Nc
+    grid = (
+        triton.cdiv(L, WGRAD_SUM_BLOCK) + (triton.cdiv(Nc, WGRAD_SUM_BLOCK) if has_bias else 0),
+    )
+    _wgrad_sum_kernel[grid](
+        ws, wsb if has_bias else ws, dw, db if has_bias else dw,
+        S, L, Nc,
+        HAS_DBIAS=has_bias, INTERPRET=INTERPRET,
+        BLOCK=WGRAD_SUM_BLOCK, UNROLL=min(WGRAD_SUM_UNROLL, S), num_warps=WGRAD_SUM_WARPS,
     )  # fmt: skip
     return dw, db
 

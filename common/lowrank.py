@@ -534,6 +534,44 @@ def lowrank_config(
     )
 
 
+def check_lowrank_gated_layer(
+    adapter: object,
+    x: object,
+    uw: object,
+    vw: object,
+    uv: object,
+    vv: object,
+    b: object,
+    c: object,
+    *,
+    activation: str,
+    config: object,
+    fp32_precision: str,
+) -> tuple[str, int, int, int]:
+    """Every check of `lowrank_gated_linear_act(x, uw, vw, uv, vv, b, c, ...)`: the gate branch
+    (uw [K, r], vw [r, N], b [N]) and the linear branch (uv, vv, c) each as check_lowrank_layer
+    checks a layer, the same rank r in both, b and c both given or both None. Returns
+    (dtype, K, r, N)."""
+    from .validate import _check_devices, check_array
+
+    dtype, k, r, n = check_lowrank_layer(
+        adapter, x, uw, vw, b, activation=activation, config=config, fp32_precision=fp32_precision
+    )
+    infos = {
+        "uv": check_array(adapter, "uv", uv, shape=[k, r], dtype=dtype),
+        "vv": check_array(adapter, "vv", vv, shape=[r, n], dtype=dtype),
+    }
+    if (b is None) != (c is None):
+        raise ValueError(
+            "b, c: expected both biases or neither, got "
+            f"b={'None' if b is None else 'an array'}, c={'None' if c is None else 'an array'}"
+        )
+    if c is not None:
+        infos["c"] = check_array(adapter, "c", c, shape=[n], dtype=dtype)
+    _check_devices(check_array(adapter, "x", x, shape=None, dtype=None), infos)
+    return dtype, k, r, n
+
+
 def check_lowrank_layer(
     adapter: object,
     x: object,
@@ -571,42 +609,4 @@ def check_lowrank_layer(
             f"u: rank {r} > {MAX_RANK}, the widest intermediate the fused kernel keeps on chip; "
             "fallback: two GEMMs (linear_act(linear_act(x, u), v, b))"
         )
-    return dtype, k, r, n
-
-
-def check_lowrank_gated_layer(
-    adapter: object,
-    x: object,
-    uw: object,
-    vw: object,
-    uv: object,
-    vv: object,
-    b: object,
-    c: object,
-    *,
-    activation: str,
-    config: object,
-    fp32_precision: str,
-) -> tuple[str, int, int, int]:
-    """Every check of `lowrank_gated_linear_act(x, uw, vw, uv, vv, b, c, ...)`: the gate branch
-    (uw [K, r], vw [r, N], b [N]) and the linear branch (uv, vv, c) each as check_lowrank_layer
-    checks a layer, the same rank r in both, b and c both given or both None. Returns
-    (dtype, K, r, N)."""
-    from .validate import _check_devices, check_array
-
-    dtype, k, r, n = check_lowrank_layer(
-        adapter, x, uw, vw, b, activation=activation, config=config, fp32_precision=fp32_precision
-    )
-    infos = {
-        "uv": check_array(adapter, "uv", uv, shape=[k, r], dtype=dtype),
-        "vv": check_array(adapter, "vv", vv, shape=[r, n], dtype=dtype),
-    }
-    if (b is None) != (c is None):
-        raise ValueError(
-            "b, c: expected both biases or neither, got "
-            f"b={'None' if b is None else 'an array'}, c={'None' if c is None else 'an array'}"
-        )
-    if c is not None:
-        infos["c"] = check_array(adapter, "c", c, shape=[n], dtype=dtype)
-    _check_devices(check_array(adapter, "x", x, shape=None, dtype=None), infos)
     return dtype, k, r, n

@@ -45,6 +45,7 @@ it the reference is the exact factorised layer, which the kernels meet within th
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -342,6 +343,27 @@ def forward(
     return h.reshape(*np.shape(x)[:-1], spec.d_out)
 
 
+def gated_layer(
+    x: np.ndarray,
+    uw: np.ndarray,
+    vw: np.ndarray,
+    uv: np.ndarray,
+    vv: np.ndarray,
+    b: np.ndarray | None,
+    c: np.ndarray | None,
+    activation: str,
+    *,
+    round_intermediate: str | None = None,
+) -> np.ndarray:
+    """A gated factorised layer, act((x·Uw)·Vw + b) ⊙ ((x·Uv)·Vv + c), in float64 on the arrays as
+    stored (`activation` the gate's elementwise function: silu for SwiGLU, gelu for GeGLU).
+    `round_intermediate` rounds both rank-r intermediates, tw = x·Uw and tv = x·Uv, to that dtype
+    before their second products: the kernels' rounding points (as `layer`)."""
+    gate = layer(x, uw, vw, b, activation, round_intermediate=round_intermediate)
+    up = layer(x, uv, vv, c, "identity", round_intermediate=round_intermediate)
+    return gate * up
+
+
 # ---- the fused kernels' contract (torch_impl/lowrank.py, jax_impl/lowrank.py) --------------------
 # The widest intermediate the kernels keep on chip: t [BLOCK_M, BLOCK_R] in fp32 registers while it
 # is accumulated, then in the dtype as the second product's operand. Past it, two GEMMs.
@@ -356,11 +378,18 @@ def block_r(r: int) -> int:
 
 @dataclass(frozen=True)
 class LowRankConfig:
-    """Tiles of the fused low-rank kernel, read by both twins.
+    """Tiles of the fused low-rank kernels, read by both twins.
 
-    A program owns BLOCK_M rows and `n_tiles` consecutive BLOCK_N-wide output tiles (a panel of
-    n_tiles·BLOCK_N columns): it computes t = x·U once (K walked in BLOCK_K steps) and reuses it
-    for every tile of its panel. The rank's block is not a field: it follows from r (`block_r`)."""
+    One pass (`split_k` = 0): a program owns BLOCK_M rows and `n_tiles` consecutive BLOCK_N-wide
+    output tiles (a panel of n_tiles·BLOCK_N columns): it computes t = x·U once (K walked in
+    BLOCK_K steps) and reuses it for every tile of its panel.
+
+    Two passes (`split_k` = S ≥ 1): launch 1 computes fp32 partials of t = x·U, one per
+    (row block, `split_block_r`-wide rank tile, K split of cdiv(cdiv(K, BLOCK_K), S) steps);
+    launch 2 is the panel kernel with part A replaced by the sum of the S partials in the fixed
+    order s = 0..S-1 (deterministic, no atomics), rounded once to the dtype (the same rounding
+    point), then part B as in one pass. The rank's block is not a field: it follows from r
+    (`block_r`)."""
 
     block_m: int = 64
     block_n: int = 128
@@ -369,9 +398,11 @@ class LowRankConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 0
+    split_block_r: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("block_m", "block_n", "block_k", "split_block_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 16:
                 raise ValueError(f"{name}: expected a power of two >= 16, got {value!r}")
@@ -381,49 +412,164 @@ class LowRankConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        value = self.split_k
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SPLIT_K:
+            raise ValueError(
+                f"split_k: expected an int in [0, {MAX_SPLIT_K}] (0: one pass), got {value!r}"
+            )
 
+    @property
+    def two_pass(self) -> bool:
+        return self.split_k > 0
+
+
+# The two-pass path's K splits: the second launch sums S partials (unrolled loads), so S is small.
+MAX_SPLIT_K = 16
 
 # Under an interpreter: small tiles, 2 tiles per program, so that odd test shapes span several
 # programs in M and N, a panel's second tile, and the panel's ragged end.
 INTERPRET_LOWRANK_CONFIG = LowRankConfig(
     block_m=16, block_n=32, block_k=16, n_tiles=2, group_m=2, num_warps=4, num_stages=1
 )
+# The two-pass path under an interpreter: 3 K splits of 16-wide steps (a test's K = 53 gives
+# splits of 2, 2 and 0 steps: the empty split's partial is zeros) and 32-wide rank tiles (r = 64:
+# two of them). Not 16: XLA's CPU dot sums a [16, 16]·[16, 16] product in another order than
+# NumPy's (149 of 256 fp32 elements differ, measured), and the twins must agree bit for bit;
+# from 32 columns on they agree.
+INTERPRET_TWO_PASS_CONFIG = LowRankConfig(
+    block_m=16, block_n=32, block_k=16, n_tiles=2, group_m=2, num_warps=4, num_stages=1,
+    split_k=3, split_block_r=32,
+)  # fmt: skip
+
+# The two-pass path below this many rows (decode). Why M ≤ 64, llama3-8b's layer (K = 4096,
+# N = 14336), BLOCK_N = 128, bf16: one pass there has a single row block, so its grid is 112
+# programs over N, and each recomputes t and reads all of U from L2 — 112 copies of U, 56-224 MiB
+# of L2 reads for r = 64-256, through a serial K loop of 64 steps per program (the measured 43 /
+# 115 / 136 us at M = 16 vs a 0.7-2.4 us HBM floor). Two passes read U once (0.5-2 MiB, spread
+# over S·r/16 programs of 8 K steps each) plus the partials, S·BLOCK_M·BLOCK_R·4 bytes per
+# launch-2 program: at M = 16, S = 8: 32-128 KiB a program, 3.5-14 MiB in all — 16x less L2
+# traffic than one pass, for one more launch (~2-3 us). At M = 128 one pass still has one or two
+# row blocks, but the partials grow with BLOCK_M (S·128·256·4 = 1 MiB a program at S = 8, r =
+# 256), as many bytes as one pass's copies of U: past 64 rows the trade is unmeasured, and one
+# pass (measured 1.7x at M = 8192) stays.
+TWO_PASS_MAX_M = 64
+# K per split: 8 steps of 64 (a short serial chain: the decode kernel is latency-bound, not
+# bandwidth-bound; 64 steps a program measured 43 us at r = 64 for 0.6 MB of weights).
+SPLIT_K_SPAN = 512
 
 
+# Cached: a decode step calls it once per layer, and building a validated config costs ~10 us
+# of host time (41 us on the loaded CI machine) — a quarter of the two-pass path's GPU time.
+@functools.lru_cache(maxsize=1024)
 def lowrank_config(
-    m: int, n: int, k: int, r: int, dtype: str, *, interpret: bool = False
+    m: int, n: int, k: int, r: int, dtype: str, *, interpret: bool = False, gated: bool = False
 ) -> LowRankConfig:
     """The heuristic tiling (the cost model is in torch_impl/lowrank.py's docstring).
 
-    Rows: BLOCK_M = M rounded up to 16..128 (64 for r > 128, where a 128-row fp32 t would take
-    all the registers). Columns: enough N-panels that the grid fills the SMs once,
-    G = max(1, NUM_SMS // m_tiles) panels of n_tiles = cdiv(n_tiles_total, G) tiles: at M = 16 a
-    program per output tile (t recomputed by each), at M = 8192 two panels per row block (t
-    computed twice per row block)."""
-    del dtype, k
+    M ≤ TWO_PASS_MAX_M (decode): two passes. BLOCK_M = M rounded up to 16..64; S = cdiv(K,
+    SPLIT_K_SPAN) K splits, capped so that S·BLOCK_M ≤ 128 (the partials each launch-2 program
+    sums: S·BLOCK_M·BLOCK_R·4 bytes ≤ 128 KiB at r = 256); 16-wide rank tiles in launch 1 (the
+    most programs: 32 / 64 / 128 at r = 64 / 128 / 256, S = 8); launch 2: one 128-wide output
+    tile a program (112 at N = 14336), one dot of K = BLOCK_R each.
+
+    Larger M: one pass. Rows: BLOCK_M = M rounded up to 16..128. Columns: enough N-panels that
+    the grid fills the SMs once, G = max(1, NUM_SMS // m_tiles) panels of n_tiles =
+    cdiv(n_tiles_total, G) tiles: at M = 8192 two panels per row block (t computed twice per row
+    block). r = 256: 64-wide output tiles and 32-deep K steps (3 stages fit; see below).
+
+    Gated (two intermediates, two V tiles a step): two passes as above with S·BLOCK_M ≤ 64 (the
+    partials are twice as wide); one pass at BLOCK_M = 64 (two fp32 [BLOCK_M, BLOCK_R] tiles in
+    registers) and, for r ≥ 128, BLOCK_N = 64 (V's and Vg's tiles fit in shared memory, no
+    spills; sm_90 compile checked in tests/test_lowrank.py)."""
+    del dtype
     if interpret:
-        return INTERPRET_LOWRANK_CONFIG
-    bm = 16
-    while bm < min(m, 128 if block_r(r) <= 128 else 64):
-        bm *= 2
+        return INTERPRET_TWO_PASS_CONFIG if m <= TWO_PASS_MAX_M else INTERPRET_LOWRANK_CONFIG
     bn = 128
+    if m <= TWO_PASS_MAX_M:
+        bm = 16
+        while bm < m:
+            bm *= 2
+        splits = max(1, min(-(-k // SPLIT_K_SPAN), (64 if gated else 128) // bm, MAX_SPLIT_K))
+        return LowRankConfig(
+            block_m=bm,
+            block_n=bn,
+            block_k=64,
+            n_tiles=1,
+            group_m=8,
+            num_warps=8 if block_r(r) >= 256 else 4,
+            num_stages=3,
+            split_k=splits,
+            split_block_r=16,
+        )
+    wide = block_r(r) >= 256
+    bm = 16
+    while bm < min(m, 64 if gated else 128):
+        bm *= 2
+    bk = 64
+    stages = 3
+    if gated and block_r(r) >= 128:
+        # two V tiles a stage; 64 wide: r = 128 at 3 stages 122,880 B, 238 registers (128 wide
+        # spills 148 B); r = 256 at 2 stages 204,800 B, 192 registers (sm_90 compile, no spills)
+        bn, stages = 64, (2 if wide else 3)
+    elif wide:
+        # r = 256: 128-row blocks (half the L2 reads of V of 64-row blocks: M/BLOCK_M·r·N·2 =
+        # 470 MB at M = 8192, and half of U's at G = 2), 64-wide V tiles and 32-deep K steps so
+        # that 3 stages fit: 114,688 B of shared memory, 194 registers, no spills (sm_90 compile).
+        # The previous choice (64 rows, 128-wide tiles, 2 stages: 180,224 B; 3 stages need
+        # 245,760 B) measured 568 us (0.96x eager); bench/lowrank_probe.py times both.
+        bn, bk = 64, 32
     m_tiles = -(-m // bm)
     n_total = -(-n // bn)
     groups = max(1, min(n_total, NUM_SMS // m_tiles))
     n_tiles = -(-n_total // groups)
-    warps = 8 if bm >= 128 or block_r(r) >= 256 else 4
-    # r = 256: V's [256, 128] tile is 64 KiB a stage; 3 stages with x/U's need 240 KiB > 227 KiB
-    # (sm_90 compile), 2 stages 176 KiB (BLOCK_M = 64, 187 registers, no spills).
-    stages = 2 if block_r(r) >= 256 else 3
+    warps = 8 if bm >= 128 or wide else 4
     return LowRankConfig(
         block_m=bm,
         block_n=bn,
-        block_k=64,
+        block_k=bk,
         n_tiles=n_tiles,
         group_m=8,
         num_warps=warps,
         num_stages=stages,
     )
+
+
+def check_lowrank_gated_layer(
+    adapter: object,
+    x: object,
+    uw: object,
+    vw: object,
+    uv: object,
+    vv: object,
+    b: object,
+    c: object,
+    *,
+    activation: str,
+    config: object,
+    fp32_precision: str,
+) -> tuple[str, int, int, int]:
+    """Every check of `lowrank_gated_linear_act(x, uw, vw, uv, vv, b, c, ...)`: the gate branch
+    (uw [K, r], vw [r, N], b [N]) and the linear branch (uv, vv, c) each as check_lowrank_layer
+    checks a layer, the same rank r in both, b and c both given or both None. Returns
+    (dtype, K, r, N)."""
+    from .validate import _check_devices, check_array
+
+    dtype, k, r, n = check_lowrank_layer(
+        adapter, x, uw, vw, b, activation=activation, config=config, fp32_precision=fp32_precision
+    )
+    infos = {
+        "uv": check_array(adapter, "uv", uv, shape=[k, r], dtype=dtype),
+        "vv": check_array(adapter, "vv", vv, shape=[r, n], dtype=dtype),
+    }
+    if (b is None) != (c is None):
+        raise ValueError(
+            "b, c: expected both biases or neither, got "
+            f"b={'None' if b is None else 'an array'}, c={'None' if c is None else 'an array'}"
+        )
+    if c is not None:
+        infos["c"] = check_array(adapter, "c", c, shape=[n], dtype=dtype)
+    _check_devices(check_array(adapter, "x", x, shape=None, dtype=None), infos)
+    return dtype, k, r, n
 
 
 def check_lowrank_layer(

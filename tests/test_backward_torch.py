@@ -205,6 +205,33 @@ def test_hopper_backward_matches_reference(case):
         assert torch.equal(got_t, grads[name]), name
 
 
+@pytest.mark.parametrize("module", ["portable", "hopper"])
+def test_backward_frees_each_residual_after_its_last_use(module):
+    # A residuals list is consumed (every entry None by the end), and the eager training path
+    # hands its only references over: the memory of h_i and z_i goes during the backward.
+    spec = _spec(HOPPER_CASES[0])
+    packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 33)).items()}
+    x = to_torch(make_input(spec, 40, seed=34))
+    dy = to_torch(make_grad_output(spec, 40, seed=35))
+    _, kept = backward.forward_saving(x, packed, spec, saved="preact")
+    run = tma_backward.mlp_backward if module == "hopper" else backward.mlp_backward
+    as_tuple = run(dy, kept, packed, spec, saved="preact")
+    residuals = list(kept)
+    as_list = run(dy, residuals, packed, spec, saved="preact")
+    assert all(r is None for r in residuals)
+    for name in as_tuple:
+        assert torch.equal(as_list[name], as_tuple[name]), name
+
+
+def test_eager_training_backward_twice_says_why():
+    module = FusedMLP(_spec(CASES[6]), impl="triton", seed=36)
+    x = to_torch(make_input(module.spec, 3, seed=37))
+    y = module(x).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="residuals are freed as the first backward reads"):
+        y.backward()
+
+
 def test_hopper_backward_refuses_what_tma_cannot_address():
     spec = _spec(HOPPER_CASES[0])
     why = tma_backward.unsupported_reason(spec, 21)  # rows of 21 bf16 = 42 bytes

@@ -518,12 +518,16 @@ def mlp_backward(
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of sum(y ⊙ dy): "x" (None unless `need_dx`) and every param in the packed
     layout (`packed_names(spec)`: `wv{i}`/`bc{i}` come back packed), from `forward_saving`'s
-    residuals of the same `saved` policy ("inputs": the saving forward is recomputed here)."""
+    residuals of the same `saved` policy ("inputs": the saving forward is recomputed here).
+    A `residuals` LIST is consumed: each entry is set to None once its last kernel has read it,
+    so a caller that hands over its only references frees them during the backward."""
     check_saved(saved)
     if saved == "inputs":
         _, residuals = forward_saving(residuals[0], params, spec, saved="preact", config=config)
+    # twin-diff: torch frees memory as references go; XLA plans buffer lifetimes itself.
+    res = residuals if isinstance(residuals, list) else list(residuals)  # h_0, z_0, h_1, z_1, …
+    del residuals
     layers = spec.layers()
-    hs, zs = residuals[0::2], residuals[1::2]
     precision = spec.fp32_precision
     m = dy2d.shape[0]
     grads: dict[str, torch.Tensor | None] = {"x": None}
@@ -531,9 +535,10 @@ def mlp_backward(
     top = layers[-1]
     if _stores_preact(top):
         cfg = _config(spec, "gated" if top.gated else "linear_act", m, top.d_out, top.d_in, config)
-        dz = dact_fwd(dy2d, zs[-1], activation=top.activation, gated=top.gated, config=cfg)
+        dz = dact_fwd(dy2d, res[-1], activation=top.activation, gated=top.gated, config=cfg)
     else:
         dz = dy2d
+    res[-1] = None
     for layer in reversed(layers):
         i = layer.index
         wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
@@ -541,8 +546,10 @@ def mlp_backward(
         width = w.shape[1]  # N, or the packed 2·Np
         cfg = _config(spec, "linear_act", layer.d_in, width, m, config)
         dw, db = wgrad_fwd(
-            hs[i], dz, has_bias=layer.bias, config=cfg, fp32_precision=precision, dtype=w.dtype
-        )
+            res[2 * i], dz, has_bias=layer.bias, config=cfg, fp32_precision=precision,
+            dtype=w.dtype,
+        )  # fmt: skip
+        res[2 * i] = None  # h_i: read by this weight gradient only
         grads[wname] = dw
         if layer.bias:
             grads[bname] = db
@@ -554,12 +561,14 @@ def mlp_backward(
             epilogue, z, act = "none", None, "identity"
         else:
             epilogue = "dact_gated" if prev.gated else "dact"
-            z, act = zs[i - 1], prev.activation
+            z, act = res[2 * i - 1], prev.activation
         family = "gated" if epilogue == "dact_gated" else "linear_act"
         cfg = _config(spec, family, m, layer.d_in, width, config, preact=epilogue == "dact")
         dz = dgrad_fwd(
             dz, w, z, epilogue=epilogue, activation=act, config=cfg, fp32_precision=precision
         )
+        if i > 0:
+            res[2 * i - 1] = z = None  # z_{i-1}: read by this epilogue only
         if i == 0:
             grads["x"] = dz
     return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}

@@ -258,15 +258,18 @@ def _mlp_backward_op(
 ) -> list[torch.Tensor]:
     """[dx (an empty [0] tensor unless need_dx), d params in the list order and layout of
     `params`] from backward.mlp_backward, or tma/backward.py's where `hopper`."""
+    kept = list(kept)  # the backward consumes its list: never the op's own argument
     return _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper)
 
 
 def _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper):
+    """`kept` (a list) is consumed: x is put in front of it and the backward sets each entry to
+    None after its last use, so the caller's list frees them too."""
     spec = parse_spec(spec_json)
     named = _named(spec_json, params)
     m = x.numel() // spec.d_in if spec.d_in else 0
-    x2d = x.reshape(m, spec.d_in)
-    args = (grad_y.reshape(m, spec.d_out), (x2d, *kept), front.kernel_params(spec, named), spec)
+    kept.insert(0, x.reshape(m, spec.d_in))  # the residuals h_0, z_0, h_1, …
+    args = (grad_y.reshape(m, spec.d_out), kept, front.kernel_params(spec, named), spec)
     if hopper:  # decided at the forward (`_hopper_backward`): the persistent TMA GEMMs
         grads = tma_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
     else:
@@ -339,7 +342,12 @@ class _EagerTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec_json, impl, config_json, residual, saved, *params):
         y, kept = _train_forward(x, list(params), spec_json, impl, config_json, residual, saved)
-        ctx.save_for_backward(x, *params, *kept)
+        ctx.save_for_backward(x, *params)
+        # The kept tensors (made here, neither inputs nor outputs) ride on ctx, not in
+        # save_for_backward, so that the backward can drop each one after its last use: with
+        # saved tensors every residual lives until the backward returns (llama3-8b "preact"
+        # peaked at 1.66× eager's memory).
+        ctx.kept = kept
         ctx.n_params = len(params)
         ctx.strings = (spec_json, config_json, saved)
         ctx.has_residual = residual is not None
@@ -348,12 +356,17 @@ class _EagerTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, *rest = ctx.saved_tensors
-        params, kept = rest[: ctx.n_params], rest[ctx.n_params :]
+        x, *params = ctx.saved_tensors
+        if ctx.kept is None:
+            raise RuntimeError(
+                "FusedMLP's training backward ran twice on one graph (retain_graph=True): its "
+                "residuals are freed as the first backward reads them; run the forward again"
+            )
+        kept, ctx.kept = ctx.kept, None  # handed over: mlp_backward frees each after its last use
         spec_json, config_json, saved = ctx.strings
         need_dx = ctx.needs_input_grad[0]
         grads = _backward_impl(
-            grad_y, x, list(kept), list(params), spec_json, config_json, saved, need_dx, ctx.hopper
+            grad_y, x, kept, params, spec_json, config_json, saved, need_dx, ctx.hopper
         )
         grad_residual = grad_y if ctx.has_residual else None
         dx = grads[0] if need_dx else None

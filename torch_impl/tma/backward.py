@@ -85,8 +85,9 @@ def mlp_backward(
     check_saved(saved)
     if saved == "inputs":
         _, residuals = portable.forward_saving(residuals[0], params, spec, saved="preact")
+    res = residuals if isinstance(residuals, list) else list(residuals)  # consumed, as there
+    del residuals
     layers = spec.layers()
-    hs, zs = residuals[0::2], residuals[1::2]
     m = dy2d.shape[0]
     grads: dict[str, torch.Tensor | None] = {"x": None}
     top = layers[-1]
@@ -94,14 +95,18 @@ def mlp_backward(
         cfg = portable._config(
             spec, "gated" if top.gated else "linear_act", m, top.d_out, top.d_in, None
         )
-        dz = portable.dact_fwd(dy2d, zs[-1], activation=top.activation, gated=top.gated, config=cfg)
+        top_z = res[-1]
+        dz = portable.dact_fwd(dy2d, top_z, activation=top.activation, gated=top.gated, config=cfg)
+        del top_z
     else:
         dz = dy2d
+    res[-1] = None
     for layer in reversed(layers):
         i = layer.index
         wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
         w = params[wname]
-        grads[wname] = _gemm(hs[i].t(), dz, spec).to(w.dtype)
+        grads[wname] = _gemm(res[2 * i].t(), dz, spec).to(w.dtype)
+        res[2 * i] = None  # h_i: read by this weight gradient only
         if layer.bias:
             grads[bname] = dz.sum(0, dtype=torch.float32).to(params[bname].dtype)
         if i == 0 and not need_dx:
@@ -115,8 +120,10 @@ def mlp_backward(
                 spec, "gated" if prev.gated else "linear_act", m, prev.d_out, prev.d_in, None
             )
             dz = portable.dact_fwd(
-                dh, zs[i - 1], activation=prev.activation, gated=prev.gated, config=cfg
+                dh, res[2 * i - 1], activation=prev.activation, gated=prev.gated, config=cfg
             )
+            res[2 * i - 1] = None  # z_{i-1}: read by this act' pass only
+        del dh
         if i == 0:
             grads["x"] = dz
     return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}

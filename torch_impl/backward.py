@@ -59,6 +59,7 @@ from fusedmlp.common.tiling import (
     WGRAD_SUM_UNROLL,
     WGRAD_SUM_WARPS,
     cap_for_preact,
+    cdiv,
     gated_config,
     heuristic_config,
     wgrad_splits,
@@ -336,7 +337,7 @@ def dgrad_fwd(
     if epilogue == "dact_gated":
         config = gated_config(config)  # whole packed block pairs per tile
     zz = z if z is not None else out  # a placeholder for the strides, never read
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(Ko, config.block_n),)
+    grid = (cdiv(M, config.block_m) * cdiv(Ko, config.block_n),)
     _dgrad_kernel[grid](
         a, w, z, out,
         M, Ko, Kc,
@@ -375,7 +376,7 @@ def wgrad_fwd(
     db = torch.empty((Nc,), device=a.device, dtype=dtype) if has_bias else None
     if K == 0 or Nc == 0:
         return dw, db
-    tiles = triton.cdiv(K, config.block_m) * triton.cdiv(Nc, config.block_n)
+    tiles = cdiv(K, config.block_m) * cdiv(Nc, config.block_n)
     S, steps = wgrad_splits(tiles, M, config.block_k, splits=splits)
     if S == 1:  # the single-kernel path: dw and db written directly
         ws, wsb, stride_ws, stride_bs = dw, db, 0, 0
@@ -395,9 +396,7 @@ def wgrad_fwd(
     if S == 1:
         return dw, db
     L = K * Nc
-    grid = (
-        triton.cdiv(L, WGRAD_SUM_BLOCK) + (triton.cdiv(Nc, WGRAD_SUM_BLOCK) if has_bias else 0),
-    )
+    grid = (cdiv(L, WGRAD_SUM_BLOCK) + (cdiv(Nc, WGRAD_SUM_BLOCK) if has_bias else 0),)
     _wgrad_sum_kernel[grid](
         ws, wsb if has_bias else ws, dw, db if has_bias else dw,
         S, L, Nc,
@@ -425,7 +424,7 @@ def dact_fwd(
         return out
     if gated:
         config = gated_config(config)
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
+    grid = (cdiv(M, config.block_m) * cdiv(N, config.block_n),)
     _dact_kernel[grid](
         dy, z, out,
         M, N,

@@ -71,6 +71,7 @@ from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     DecodeConfig,
+    cdiv,
     decode_config_for,
     decode_splits,
 )
@@ -287,14 +288,14 @@ def fused_decode_fwd(
     out = (
         y if splits == 1 else torch.empty(splits, m, d_out, dtype=torch.float32, device=x2d.device)
     )
-    _fused_decode_up_kernel[(triton.cdiv(hidden, cfg.block_h),)](
+    _fused_decode_up_kernel[(cdiv(hidden, cfg.block_h),)](
         x2d, w1, b1, h,
         m, d_in, hidden, w1.shape[1],
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **launch,
     )  # fmt: skip
-    _fused_decode_down_kernel[(triton.cdiv(d_out, cfg.block_n), splits)](
+    _fused_decode_down_kernel[(cdiv(d_out, cfg.block_n), splits)](
         h, w2, b2, out,
         m, hidden, d_out,
         HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
@@ -302,7 +303,7 @@ def fused_decode_fwd(
         DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **dependent,
     )  # fmt: skip
     if splits > 1:
-        _fused_decode_reduce_kernel[(triton.cdiv(d_out, REDUCE_BLOCK_N),)](
+        _fused_decode_reduce_kernel[(cdiv(d_out, REDUCE_BLOCK_N),)](
             out, b2, y,
             m, d_out,
             HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,

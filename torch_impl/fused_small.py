@@ -58,6 +58,7 @@ from fusedmlp.common.tiling import (
     NUM_SMS,
     WHOLE_WIDTHS,
     SmallConfig,
+    cdiv,
     fused_small_programs,
     padded_width,
     small_config_for,
@@ -305,7 +306,7 @@ def fused_small_fwd(
     programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
     _fused_small_fwd_kernel[(programs,)](
         x2d, weights, biases, y,
-        m, x2d.stride(0), y.stride(0), triton.cdiv(triton.cdiv(m, cfg.block_m), programs),
+        m, x2d.stride(0), y.stride(0), cdiv(cdiv(m, cfg.block_m), programs),
         WIDTHS=spec.widths, W_COLS=tuple(w.shape[1] for w in weights), NUM_LAYERS=spec.num_layers,
         WIDTH=padded_width(max(spec.widths)), BLOCK_M=cfg.block_m,
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,

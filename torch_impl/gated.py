@@ -30,7 +30,7 @@ import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import PACK_BLOCK
-from fusedmlp.common.tiling import gated_config, heuristic_config
+from fusedmlp.common.tiling import cdiv, gated_config, heuristic_config
 from fusedmlp.common.validate import check_packed_gated
 
 from .activations import apply_activation, round_to_dtype
@@ -179,7 +179,7 @@ def gated_fwd(
     if M == 0 or n == 0:
         return out if z is None else (out, z)
     config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(n, config.block_n),)
+    grid = (cdiv(M, config.block_m) * cdiv(n, config.block_n),)
     kernel, outs = (_gated_saving_fwd, (out, z)) if store_preact else (_gated_fwd_kernel, (out,))
     kernel[grid](
         x, wv, bc, *outs,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.tiling import cdiv, heuristic_config
 from fusedmlp.common.validate import check_layer
 
 from . import tuning  # noqa: F401  (registers the GPU for the committed tuned configs)
@@ -179,7 +179,7 @@ def linear_act_fwd(
     z = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_preact else None
     if M == 0 or N == 0:
         return out if z is None else (out, z)
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
+    grid = (cdiv(M, config.block_m) * cdiv(N, config.block_n),)
     r = residual if residual is not None else out  # a placeholder pointer, never read
     kernel, outs = (
         (_linear_act_saving_fwd, (out, z)) if store_preact else (_linear_act_fwd_kernel, (out,))

@@ -76,6 +76,7 @@ from fusedmlp.common.lowrank import (
     check_lowrank_layer,
     lowrank_config,
 )
+from fusedmlp.common.tiling import cdiv
 
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
@@ -267,14 +268,14 @@ def lowrank_linear_act_fwd(
     if M == 0 or N == 0:
         return out
     ug, vg, c = gate if gate is not None else (u, v, None)
-    mp = triton.cdiv(M, config.block_m) * config.block_m
+    mp = cdiv(M, config.block_m) * config.block_m
     part = part_g = x  # one pass: launch 2's partials pointers are unused (any tensor serves)
     if config.two_pass:
         part, part_g = lowrank_xu_partials(
             x, u, config=config, fp32_precision=fp32_precision, ug=ug if gate else None
         )
     panel = config.block_n * config.n_tiles
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, panel),)
+    grid = (cdiv(M, config.block_m) * cdiv(N, panel),)
     _lowrank_linear_act_fwd_kernel[grid](
         x, u, ug, part, part_g, v, vg, b, c, out,
         M, N, K, R, mp,
@@ -306,11 +307,11 @@ def lowrank_xu_partials(
     R = u.shape[1]
     rp = block_r(R)
     sbr = min(config.split_block_r, rp)
-    m_tiles = triton.cdiv(M, config.block_m)
+    m_tiles = cdiv(M, config.block_m)
     mp = m_tiles * config.block_m
     splits = config.split_k
     # each split takes cdiv(K steps, S) steps of BLOCK_K; a split past K has none (zeros)
-    split_steps = triton.cdiv(triton.cdiv(K, config.block_k), splits)
+    split_steps = cdiv(cdiv(K, config.block_k), splits)
     part = torch.empty((splits * mp, rp), device=x.device, dtype=torch.float32)
     part_g = torch.empty_like(part) if ug is not None else part
     r_tiles = rp // sbr

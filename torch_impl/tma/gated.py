@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.tiling import cdiv, heuristic_config
 from fusedmlp.common.validate import check_packed_gated
 
 from .. import gated as portable
@@ -140,7 +140,7 @@ def gated_fwd(
     config, ws = launch_config("gated", config, x.dtype, fp32_precision, False)
     x, wv = as_tma_operand(x), as_tma_operand(wv)
     bc = bc.contiguous() if bc is not None else None
-    num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(n, config.block_n)
+    num_tiles = cdiv(M, config.block_m) * cdiv(n, config.block_n)
     programs = num_programs(num_tiles, x.device)
     ensure_allocator()
     _gated_fwd_kernel[(programs,)](

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import heuristic_config
+from fusedmlp.common.tiling import cdiv, heuristic_config
 from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
@@ -263,7 +263,7 @@ def linear_act_fwd(
         residual = residual.contiguous()  # row stride N
     # a residual gets room in shared memory (more epilogue slices, then fewer stages)
     config, ws = launch_config("linear_act", config, x.dtype, fp32_precision, residual is not None)
-    num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = num_programs(num_tiles, x.device)
     ensure_allocator()
     _linear_act_fwd_kernel[(programs,)](

@@ -9,6 +9,7 @@ Liger).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -98,18 +99,8 @@ class MLPSpec:
         return GATED_ACTIVATIONS.get(self.activation, self.activation)
 
     def layers(self) -> tuple[Layer, ...]:
-        last = self.num_layers - 1
-        return tuple(
-            Layer(
-                index=i,
-                d_in=self.widths[i],
-                d_out=self.widths[i + 1],
-                activation="identity" if i == last else self.base_activation,
-                gated=self.gated and i != last,
-                bias=self.bias,
-            )
-            for i in range(self.num_layers)
-        )
+        # Cached per spec (both are frozen): every launch path walks the layers on every call.
+        return _layers(self)
 
     def replace(self, **changes: Any) -> MLPSpec:
         return dataclasses.replace(self, **changes)
@@ -170,3 +161,19 @@ class MLPSpec:
         bias = "bias" if self.bias else "no bias"
         precision = f", {self.fp32_precision}" if self.dtype == "float32" else ""
         return f"{arrow} {self.activation}, {bias}, {self.dtype}{precision}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _layers(spec: MLPSpec) -> tuple[Layer, ...]:
+    last = spec.num_layers - 1
+    return tuple(
+        Layer(
+            index=i,
+            d_in=spec.widths[i],
+            d_out=spec.widths[i + 1],
+            activation="identity" if i == last else spec.base_activation,
+            gated=spec.gated and i != last,
+            bias=spec.bias,
+        )
+        for i in range(spec.num_layers)
+    )

@@ -453,10 +453,15 @@ def test_factorised_module_refuses_gradients_and_bad_x() -> None:
 
 
 # ==== torch.compile and autocast ==================================================================
-@pytest.mark.parametrize("autocast", [False, True], ids=["inference", "autocast"])
-def test_factorised_fullgraph_as_torch_2_11(autocast: bool) -> None:
+@pytest.mark.parametrize(
+    "autocast, activation",
+    [(False, "silu"), (True, "silu"), (False, "swiglu")],
+    ids=["inference", "autocast", "gated"],
+)
+def test_factorised_fullgraph_as_torch_2_11(autocast: bool, activation: str) -> None:
+    """One node under torch 2.11's Dynamo; gated: a fused gated layer, then a dense last one."""
     torch._dynamo.reset()
-    lspec = ls.LowRankSpec(MLPSpec((19, 37, 11), "silu", True, "float32"), (6, 11))
+    lspec = ls.LowRankSpec(MLPSpec((19, 37, 11), activation, True, "float32"), (6, 11))
     params = {k: to_torch(v) for k, v in golden.lowrank_params(lspec, 3).items()}
     fm = FactorisedMLP.from_params(params, lspec)
     x = to_torch(make_input(lspec.spec, 6, seed=4))

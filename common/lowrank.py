@@ -34,7 +34,8 @@ whitened).
 
 Params of a factorised MLP: `u{i}` [d_in, r_i] and `vt{i}` [r_i, d_out] in place of `w{i}`
 (`vt`, the right factor, so as not to be read as a gated layer's `v{i}`); biases `b{i}` unchanged.
-`ranks` records each layer's rank. Gated layers are not factorised here (issue 26, later parts).
+`ranks` records each layer's rank. A gated layer's up matrix V (`v{i}`) → `uv{i}` [d_in, r_i],
+`vtv{i}` [r_i, d_out] at the same rank as its gate (`u{i}`, `vt{i}`), bias `c{i}` unchanged.
 
 The reference, `forward` / `layer`: float64 on the arrays as stored. The kernels
 (torch_impl/lowrank.py, jax_impl/lowrank.py) round the [M, r] intermediate t = x·U once to the
@@ -130,17 +131,28 @@ class SVDParts:
 
 
 def svd_parts(
-    w: np.ndarray, cov: np.ndarray | None = None, *, damp: float = DEFAULT_DAMP
+    w: np.ndarray,
+    cov: np.ndarray | None = None,
+    *,
+    damp: float = DEFAULT_DAMP,
+    whiten: np.ndarray | None = None,
 ) -> SVDParts:
-    """The full SVD of w [K, N] (cov None), or of T·w for inputs of covariance cov [K, K]."""
+    """The full SVD of w [K, N] (cov None), or of T·w for inputs of covariance cov [K, K].
+    `whiten`: T itself (`whitening(cov, damp)`, computed once for several weights that share an
+    input, as a gated layer's W and V do), in place of `cov`."""
     w = _check_weight(w)
     k = w.shape[0]
-    if cov is None:
+    if cov is None and whiten is None:
         a, s, bt = np.linalg.svd(w, full_matrices=False)
         return SVDParts(a, s, bt)
-    if np.shape(cov) != (k, k):
-        raise ValueError(f"cov: expected shape [{k}, {k}], got {list(np.shape(cov))}")
-    t = whitening(cov, damp)
+    if whiten is not None:
+        t = np.asarray(whiten, dtype=np.float64)
+        if t.shape != (k, k):
+            raise ValueError(f"whiten: expected shape [{k}, {k}], got {list(t.shape)}")
+    else:
+        if np.shape(cov) != (k, k):
+            raise ValueError(f"cov: expected shape [{k}, {k}], got {list(np.shape(cov))}")
+        t = whitening(cov, damp)
     a, s, bt = np.linalg.svd(t @ w, full_matrices=False)
     # T⁻¹·A by a solve (one LU), not an explicit inverse (3× the work at K = 1536)
     return SVDParts(np.linalg.solve(t, a), s, bt)
@@ -239,18 +251,18 @@ def factorise_mlp(
     calibration: np.ndarray | None = None,
     damp: float = DEFAULT_DAMP,
 ) -> Factorised:
-    """Factorise every layer of a plain (non-gated) MLP: `rank` or `energy`, one value or one per
-    layer. With `calibration` (inputs x [..., d_in]) each layer is factorised activation-aware on
-    its own inputs, measured by running the UNCOMPRESSED float64 reference on the calibration rows
-    (each layer is fitted to the inputs the original model gives it, so the layers are independent
-    and can be compressed at different ranks without refitting); without it, plain SVD."""
+    """Factorise every layer of an MLP: `rank` or `energy`, one value or one per layer. With
+    `calibration` (inputs x [..., d_in]) each layer is factorised activation-aware on its own
+    inputs, measured by running the UNCOMPRESSED float64 reference on the calibration rows (each
+    layer is fitted to the inputs the original model gives it, so the layers are independent and
+    can be compressed at different ranks without refitting); without it, plain SVD.
+
+    A gated layer (act(x·W + b) ⊙ (x·V + c)): W → `u{i}`, `vt{i}` and V → `uv{i}`, `vtv{i}`, both
+    at the layer's one rank (the kernels take one r); W and V read the same input, so one
+    whitening T serves both. By energy, the rank is the larger of the two matrices' energy ranks
+    (both keep at least `energy`)."""
     if not isinstance(spec, MLPSpec):
         raise TypeError(f"spec: expected a fusedmlp.common.MLPSpec, got {type(spec).__name__}")
-    if spec.gated:
-        raise NotImplementedError(
-            f"spec: gated activations are not factorised yet (got {spec.activation!r}); "
-            "fallback: keep the dense weights"
-        )
     ranks_in = _per_layer(rank, spec, "rank")
     energies = _per_layer(energy, spec, "energy")
     inputs: list[np.ndarray] = []
@@ -262,37 +274,57 @@ def factorise_mlp(
             )
         h = h.reshape(-1, spec.d_in)
         for layer in spec.layers():
+            i = layer.index
             inputs.append(h)
-            z = h @ np.asarray(params[f"w{layer.index}"], dtype=np.float64)
+            z = h @ np.asarray(params[f"w{i}"], dtype=np.float64)
             if layer.bias:
-                z = z + np.asarray(params[f"b{layer.index}"], dtype=np.float64)
-            h = reference.activation(layer.activation, z)
+                z = z + np.asarray(params[f"b{i}"], dtype=np.float64)
+            out_h = reference.activation(layer.activation, z)
+            if layer.gated:
+                g = h @ np.asarray(params[f"v{i}"], dtype=np.float64)
+                if layer.bias:
+                    g = g + np.asarray(params[f"c{i}"], dtype=np.float64)
+                out_h = out_h * g
+            h = out_h
     out: dict[str, np.ndarray] = {}
     ranks = []
     for layer in spec.layers():
         i = layer.index
-        w = params[f"w{i}"]
-        if calibration is None:
-            u, vt = svd_factor(w, rank=ranks_in[i], energy=energies[i])
-        else:
-            cov = input_covariance(inputs[i])
-            u, vt = whitened_svd_factor(w, cov, rank=ranks_in[i], energy=energies[i], damp=damp)
-        out[f"u{i}"], out[f"vt{i}"] = u, vt
+        # (weight, left name, right name): the gate (or only) matrix, then a gated layer's up
+        mats = [("w", "u", "vt")] + ([("v", "uv", "vtv")] if layer.gated else [])
+        _check_rank_energy(ranks_in[i], energies[i], layer.d_in, layer.d_out)
+        whiten = None
+        if calibration is not None:
+            whiten = whitening(input_covariance(inputs[i]), damp)
+        parts = [svd_parts(params[f"{w}{i}"], whiten=whiten) for w, _, _ in mats]
+        r = ranks_in[i]
+        if r is None:
+            r = max(rank_for_energy(p.s, energies[i]) for p in parts)
+        for (_, left, right), p in zip(mats, parts, strict=True):
+            out[f"{left}{i}"], out[f"{right}{i}"] = p.truncate(rank=r)
         if layer.bias:
             out[f"b{i}"] = np.asarray(params[f"b{i}"], dtype=np.float64)
-        ranks.append(u.shape[1])
+            if layer.gated:
+                out[f"c{i}"] = np.asarray(params[f"c{i}"], dtype=np.float64)
+        ranks.append(int(r))
     method = "plain" if calibration is None else "activation"
     return Factorised(spec, out, tuple(ranks), method)
 
 
 def factorised_shapes(spec: MLPSpec, ranks: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of a factorised MLP's params, in layer order."""
+    """Names and shapes of a factorised MLP's params, in layer order: u, vt, [uv, vtv,] b, [c]."""
     shapes: dict[str, tuple[int, ...]] = {}
     for layer, r in zip(spec.layers(), ranks, strict=True):
-        shapes[f"u{layer.index}"] = (layer.d_in, r)
-        shapes[f"vt{layer.index}"] = (r, layer.d_out)
+        i = layer.index
+        shapes[f"u{i}"] = (layer.d_in, r)
+        shapes[f"vt{i}"] = (r, layer.d_out)
+        if layer.gated:
+            shapes[f"uv{i}"] = (layer.d_in, r)
+            shapes[f"vtv{i}"] = (r, layer.d_out)
         if layer.bias:
-            shapes[f"b{layer.index}"] = (layer.d_out,)
+            shapes[f"b{i}"] = (layer.d_out,)
+            if layer.gated:
+                shapes[f"c{i}"] = (layer.d_out,)
     return shapes
 
 
@@ -335,9 +367,23 @@ def forward(
     for lay in spec.layers():
         i = lay.index
         b = p[f"b{i}"] if lay.bias else None
-        h = layer(
-            h, p[f"u{i}"], p[f"vt{i}"], b, lay.activation, round_intermediate=round_intermediate
-        )
+        if lay.gated:
+            c = p[f"c{i}"] if lay.bias else None
+            h = gated_layer(
+                h,
+                p[f"u{i}"],
+                p[f"vt{i}"],
+                p[f"uv{i}"],
+                p[f"vtv{i}"],
+                b,
+                c,
+                lay.activation,
+                round_intermediate=round_intermediate,
+            )
+        else:
+            h = layer(
+                h, p[f"u{i}"], p[f"vt{i}"], b, lay.activation, round_intermediate=round_intermediate
+            )
         if round_hidden:
             h = round_to(h, spec.dtype).astype(np.float64)
     return h.reshape(*np.shape(x)[:-1], spec.d_out)

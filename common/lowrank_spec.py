@@ -17,13 +17,29 @@ dense test see no new field) with one rank per layer. From (K, N, r) alone each 
 Params of a factorised MLP (`param_shapes`): per layer `u{i}` [K, r] and `vt{i}` [r, N], or `w{i}`
 [K, N] for a dense layer; `b{i}` [N] where the spec has biases.
 
+Gated layers (SwiGLU / GeGLU: act(x·W + b) ⊙ (x·V + c), every layer but the last of a gated spec):
+W and V have the same shape and are factorised at the layer's one rank, so the mode rule above
+holds for both at once (their FLOPs, bytes and params are twice one matrix's). Names: the gate W
+→ `u{i}`, `vt{i}` as a plain layer's, the up V → `uv{i}` [K, r], `vtv{i}` [r, N] (the `v` suffix
+marks the contract's `v{i}`, as `c{i}` does its bias), biases `b{i}`, `c{i}`. By mode:
+
+- `lowrank`: the fused `lowrank_gated_linear_act` (one x tile a K step feeds both U's; both
+  intermediates rounded once to the dtype; act(tw·Vt + b) ⊙ (tv·Vtv + c) rounded once);
+- `two_gemm`: two launches that keep the gated epilogue's rounding order: `linear_act(x, [U | Uv])`
+  gives [tw | tv] [M, 2r] rounded to the dtype (the fused kernel's rounding point), then the
+  dense `gated` kernel on it with the block-diagonal packed operand pack([Vt; 0], [0; Vtv]) [2r,
+  2·Np] and bc = pack(b, c): its gate columns sum tw·Vt (+ tv·0, exact zeros) and its up columns
+  tv·Vtv, the one rounding after act(gate) ⊙ up, as the fused kernel. The concatenation and the
+  block-diagonal operand are built per call (the factors stay as stored: the memory the
+  compression saved; the zero half doubles the second launch's MACs — a fallback past r = 256);
+- `dense`: the ORIGINAL W and V, held packed as FusedMLP holds them, `wv{i}` [K, 2·Np] and
+  `bc{i}` [2·Np] (common/packing.py), and the dense `gated` kernel; param counts are W's and V's
+  (the padding is layout, not parameters).
+
 `factorise` turns a dense MLP's params into them (common/lowrank.py's plain or activation-aware
 SVD per layer); `reference` is the float64 forward with the kernels' rounding points optional;
 `plan` gives per layer the rank, the mode and why, the parameter counts, FLOPs and bytes, and the
 launches with their configs (both stacks' `plan` return it).
-
-Gated MLPs: no factorised gated kernel exists yet (issue 26); `check_factorisable` is the one place
-that refuses them (GATED_FACTORISED).
 """
 
 from __future__ import annotations
@@ -40,22 +56,11 @@ import numpy as np
 from . import lowrank
 from . import reference as dense_reference
 from .dtypes import cast, numpy_dtype, round_to
+from .packing import is_packed, pack_gated, packed_width, unpack_gated, unpack_params
 from .spec import Layer, MLPSpec
 from .tiling import heuristic_config
 
 MODES = ("lowrank", "two_gemm", "dense")
-# The one switch for gated MLPs: True once a gated factorised kernel and its reference exist.
-GATED_FACTORISED = False
-
-
-def check_factorisable(spec: MLPSpec) -> None:
-    """ValueError for what no factorised kernel takes yet: gated activations (Llama's, Gemma's)."""
-    if spec.gated and not GATED_FACTORISED:
-        raise ValueError(
-            f"spec: a gated MLP ({spec.activation!r}: gate/up/down projections) has no factorised "
-            "kernel yet (issue 26: the gated factorised kernels come next); expected a plain "
-            "activation (relu, gelu, gelu_tanh, silu), or keep the dense FusedMLP"
-        )
 
 
 # ---- one layer: its mode and cost ----------------------------------------------------------------
@@ -77,21 +82,25 @@ def layer_mode(k: int, n: int, r: int) -> tuple[str, str]:
     )
 
 
-def layer_params(k: int, n: int, r: int, mode: str, bias: bool) -> int:
+def layer_params(k: int, n: int, r: int, mode: str, bias: bool, gated: bool = False) -> int:
+    """Weights and biases; a gated layer has two of each (W and V, b and c)."""
     weights = k * n if mode == "dense" else r * (k + n)
-    return weights + (n if bias else 0)
+    return (2 if gated else 1) * (weights + (n if bias else 0))
 
 
-def layer_flops(m: int, k: int, n: int, r: int, mode: str) -> int:
-    return 2 * m * (k * n if mode == "dense" else r * (k + n))
+def layer_flops(m: int, k: int, n: int, r: int, mode: str, gated: bool = False) -> int:
+    """The useful FLOPs (a gated two_gemm's second launch also multiplies its operand's zeros)."""
+    return (2 if gated else 1) * 2 * m * (k * n if mode == "dense" else r * (k + n))
 
 
-def layer_bytes(m: int, k: int, n: int, r: int, mode: str, bias: bool, itemsize: int) -> int:
+def layer_bytes(
+    m: int, k: int, n: int, r: int, mode: str, bias: bool, itemsize: int, gated: bool = False
+) -> int:
     """The fewest bytes the layer moves: its params, x read and out written once; two_gemm adds
-    t's round trip (M·r written, read back)."""
-    moved = layer_params(k, n, r, mode, bias) + m * (k + n)
+    t's round trip (M·r written, read back; a gated layer's [tw | tv] is M·2r)."""
+    moved = layer_params(k, n, r, mode, bias, gated) + m * (k + n)
     if mode == "two_gemm":
-        moved += 2 * m * r
+        moved += 2 * m * r * (2 if gated else 1)
     return itemsize * moved
 
 
@@ -116,7 +125,6 @@ class LowRankSpec:
             raise TypeError(
                 f"spec: expected a fusedmlp.common.MLPSpec, got {type(self.spec).__name__}"
             )
-        check_factorisable(self.spec)
         ranks = self.ranks
         if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
             raise TypeError(f"ranks: expected a sequence of ints, got {type(ranks).__name__}")
@@ -151,7 +159,9 @@ class LowRankSpec:
 
     def param_count(self) -> int:
         return sum(
-            layer_params(lay.layer.d_in, lay.layer.d_out, lay.rank, lay.mode, lay.layer.bias)
+            layer_params(
+                lay.layer.d_in, lay.layer.d_out, lay.rank, lay.mode, lay.layer.bias, lay.layer.gated
+            )
             for lay in self.layers()
         )
 
@@ -202,17 +212,29 @@ def check_rank(r: object, k: int, n: int, name: str = "rank") -> None:
 
 
 def param_shapes(lspec: LowRankSpec) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a factorised MLP's params, in layer order (u, vt | w, then b)."""
+    """Names and shapes of a factorised MLP's params, in layer order: u, vt | w, then b; a gated
+    layer u, vt, uv, vtv, then b, c | wv, then bc (dense: packed, common/packing.py)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for lay in lspec.layers():
-        i, k, n = lay.layer.index, lay.layer.d_in, lay.layer.d_out
+        i, k, n, r = lay.layer.index, lay.layer.d_in, lay.layer.d_out, lay.rank
+        gated, bias = lay.layer.gated, lay.layer.bias
+        if lay.mode == "dense" and gated:
+            shapes[f"wv{i}"] = (k, packed_width(n))
+            if bias:
+                shapes[f"bc{i}"] = (packed_width(n),)
+            continue
         if lay.mode == "dense":
             shapes[f"w{i}"] = (k, n)
         else:
-            shapes[f"u{i}"] = (k, lay.rank)
-            shapes[f"vt{i}"] = (lay.rank, n)
-        if lay.layer.bias:
+            shapes[f"u{i}"] = (k, r)
+            shapes[f"vt{i}"] = (r, n)
+            if gated:
+                shapes[f"uv{i}"] = (k, r)
+                shapes[f"vtv{i}"] = (r, n)
+        if bias:
             shapes[f"b{i}"] = (n,)
+            if gated:
+                shapes[f"c{i}"] = (n,)
     return shapes
 
 
@@ -235,15 +257,15 @@ def factorise(
     calibration: np.ndarray | None = None,
     damp: float = lowrank.DEFAULT_DAMP,
 ) -> tuple[LowRankSpec, dict[str, np.ndarray]]:
-    """(LowRankSpec, float64 params) of the dense MLP (`spec`, `params` as `w{i}`, `b{i}`).
+    """(LowRankSpec, float64 params) of the dense MLP (`spec`, `params` as `w{i}`, `b{i}`, and a
+    gated layer's `v{i}`, `c{i}`; packed `wv{i}`, `bc{i}` are unpacked first).
 
     `rank` or `energy` (exactly one): one value for every layer or one per layer. `calibration`:
     the MLP's real inputs [..., d_in] → activation-aware (whitened) SVD, each layer on the inputs
     the uncompressed MLP gives it; without it, plain SVD. A layer whose rank brings no saving
-    (`layer_mode` "dense") keeps its original weight."""
+    (`layer_mode` "dense") keeps its original weight (a gated layer's W and V, packed)."""
     if not isinstance(spec, MLPSpec):
         raise TypeError(f"spec: expected a fusedmlp.common.MLPSpec, got {type(spec).__name__}")
-    check_factorisable(spec)
     if (rank is None) == (energy is None):
         raise ValueError(
             f"rank, energy: expected exactly one of them, got rank={rank!r}, energy={energy!r}"
@@ -270,7 +292,12 @@ def factorise(
                 f"calibration: expected a numeric array of shape [..., {spec.d_in}] (the MLP's "
                 f"inputs), got shape {list(shape)}"
             )
-    missing = [f"w{lay.index}" for lay in spec.layers() if f"w{lay.index}" not in params]
+    if is_packed(params):
+        params = unpack_params(spec, params)
+    needed = [
+        f"{w}{lay.index}" for lay in spec.layers() for w in (("w", "v") if lay.gated else ("w",))
+    ]
+    missing = [name for name in needed if name not in params]
     if missing:
         raise ValueError(f"params: missing {missing}")
     fact = lowrank.factorise_mlp(
@@ -283,14 +310,24 @@ def factorise(
     )
     lspec = LowRankSpec(spec, fact.ranks)
     out: dict[str, np.ndarray] = {}
+    f64 = np.float64
     for lay in lspec.layers():
-        i = lay.layer.index
+        i, gated, bias = lay.layer.index, lay.layer.gated, lay.layer.bias
+        if lay.mode == "dense" and gated:
+            w, v = (np.asarray(params[f"{a}{i}"], dtype=f64) for a in ("w", "v"))
+            out[f"wv{i}"] = pack_gated(w, v)
+            if bias:
+                out[f"bc{i}"] = pack_gated(fact.params[f"b{i}"], fact.params[f"c{i}"])
+            continue
         if lay.mode == "dense":
-            out[f"w{i}"] = np.asarray(params[f"w{i}"], dtype=np.float64)
+            out[f"w{i}"] = np.asarray(params[f"w{i}"], dtype=f64)
         else:
-            out[f"u{i}"], out[f"vt{i}"] = fact.params[f"u{i}"], fact.params[f"vt{i}"]
-        if lay.layer.bias:
+            names = ("u", "vt", "uv", "vtv") if gated else ("u", "vt")
+            out.update({f"{a}{i}": fact.params[f"{a}{i}"] for a in names})
+        if bias:
             out[f"b{i}"] = fact.params[f"b{i}"]
+            if gated:
+                out[f"c{i}"] = fact.params[f"c{i}"]
     return lspec, out
 
 
@@ -336,8 +373,10 @@ def reference(
     rounding = spec.dtype if round_intermediate else None
     for lay in lspec.layers():
         i, act = lay.layer.index, lay.layer.activation
-        b = params[f"b{i}"] if lay.layer.bias else None
-        if lay.mode == "dense":
+        b = params[f"b{i}"] if lay.layer.bias and f"b{i}" in params else None  # gated dense: bc
+        if lay.layer.gated:
+            h = _gated_reference(lay, h, params, rounding)
+        elif lay.mode == "dense":
             z = h @ np.asarray(params[f"w{i}"], dtype=f64)
             if b is not None:
                 z = z + np.asarray(b, dtype=f64)
@@ -349,6 +388,25 @@ def reference(
         if round_hidden:
             h = round_to(h, spec.dtype)
     return h.reshape(*np.shape(x)[:-1], spec.d_out)
+
+
+def _gated_reference(
+    lay: LowRankLayer, h: np.ndarray, params: Mapping[str, np.ndarray], rounding: str | None
+) -> np.ndarray:
+    """A gated layer in float64: factorised (`lowrank.gated_layer`, t's rounding optional), or the
+    original W and V unpacked from `wv{i}`, `bc{i}` (dense: no intermediate to round)."""
+    i, n, act, f64 = lay.layer.index, lay.layer.d_out, lay.layer.activation, np.float64
+    if lay.mode != "dense":
+        b, c = (params[f"{a}{i}"] if lay.layer.bias else None for a in ("b", "c"))
+        names = ("u", "vt", "uv", "vtv")
+        factors = (params[f"{a}{i}"] for a in names)
+        return lowrank.gated_layer(h, *factors, b, c, act, round_intermediate=rounding)
+    w, v = unpack_gated(np.asarray(params[f"wv{i}"], dtype=f64), n)
+    z, g = h @ w, h @ v
+    if lay.layer.bias:
+        b, c = unpack_gated(np.asarray(params[f"bc{i}"], dtype=f64), n)
+        z, g = z + b, g + c
+    return dense_reference.activation(act, z) * g
 
 
 # ---- plan ----------------------------------------------------------------------------------------
@@ -370,10 +428,12 @@ class LayerPlan:
     bytes: int
     dense_bytes: int
     launches: tuple[str, ...]  # "lowrank_linear_act(gelu) 19x67x33 r=9 [config]", ...
+    gated: bool = False
 
     def __str__(self) -> str:
         return (
-            f"layer {self.index} {self.k}→{self.n} rank {self.rank}: {self.mode} ({self.reason}); "
+            f"layer {self.index} {self.k}→{self.n}{' gated' if self.gated else ''} rank "
+            f"{self.rank}: {self.mode} ({self.reason}); "
             f"params {self.params:,} (dense {self.dense_params:,}), FLOPs {self.flops:,} (dense "
             f"{self.dense_flops:,}), bytes {self.bytes:,} (dense {self.dense_bytes:,}); "
             + "; ".join(self.launches)
@@ -414,8 +474,9 @@ class LowRankPlan:
             "| ---: | --- | ---: | --- | ---: | ---: | ---: | --- |",
         ]
         for r in self.layers:
+            gated = " gated" if r.gated else ""
             rows.append(
-                f"| {r.index} | {r.k}→{r.n} | {r.rank} | {r.mode} | {r.params:,} "
+                f"| {r.index} | {r.k}→{r.n}{gated} | {r.rank} | {r.mode} | {r.params:,} "
                 f"({r.dense_params:,}) | {r.flops / 1e9:.3g} ({r.dense_flops / 1e9:.3g}) | "
                 f"{r.bytes / 1e6:.3g} ({r.dense_bytes / 1e6:.3g}) | {r.reason} |"
             )
@@ -423,6 +484,41 @@ class LowRankPlan:
 
     def __str__(self) -> str:
         return self.describe()
+
+
+def _launches(
+    m: int,
+    k: int,
+    n: int,
+    r: int,
+    mode: str,
+    act: str,
+    gated: bool,
+    dtype: str,
+    config: lowrank.LowRankConfig | None,
+    interpret: bool,
+) -> tuple[str, ...]:
+    """The launches of one layer and their configs (the stacks' run_layers makes these calls)."""
+    if mode == "lowrank":
+        cfg = (
+            config
+            if config is not None
+            else lowrank.lowrank_config(m, n, k, r, dtype, interpret=interpret, gated=gated)
+        )
+        name = "lowrank_gated_linear_act" if gated else "lowrank_linear_act"
+        return (f"{name}({act}) {m}x{n}x{k} r={r} [{cfg}]",)
+    if mode == "two_gemm":
+        t = 2 * r if gated else r  # a gated layer's [tw | tv]
+        second = "gated" if gated else "linear_act"
+        c1 = heuristic_config("linear_act", m, t, k, dtype, interpret=interpret)
+        c2 = heuristic_config(second, m, n, t, dtype, interpret=interpret)
+        return (
+            f"linear_act(identity) {m}x{t}x{k} [{c1}]",
+            f"{second}({act}) {m}x{n}x{t} [{c2}]",
+        )
+    family = "gated" if gated else "linear_act"
+    cfg = heuristic_config(family, m, n, k, dtype, interpret=interpret)
+    return (f"{family}({act}) {m}x{n}x{k} [{cfg}]",)
 
 
 def plan(
@@ -448,24 +544,8 @@ def plan(
     rows = []
     for lay in lspec.layers():
         k, n, r, mode, bias = lay.layer.d_in, lay.layer.d_out, lay.rank, lay.mode, lay.layer.bias
-        act = lay.layer.activation
-        if mode == "lowrank":
-            cfg = (
-                config
-                if config is not None
-                else lowrank.lowrank_config(m, n, k, r, dtype, interpret=interpret)
-            )
-            launches = (f"lowrank_linear_act({act}) {m}x{n}x{k} r={r} [{cfg}]",)
-        elif mode == "two_gemm":
-            c1 = heuristic_config("linear_act", m, r, k, dtype, interpret=interpret)
-            c2 = heuristic_config("linear_act", m, n, r, dtype, interpret=interpret)
-            launches = (
-                f"linear_act(identity) {m}x{r}x{k} [{c1}]",
-                f"linear_act({act}) {m}x{n}x{r} [{c2}]",
-            )
-        else:
-            cfg = heuristic_config("linear_act", m, n, k, dtype, interpret=interpret)
-            launches = (f"linear_act({act}) {m}x{n}x{k} [{cfg}]",)
+        act, gated = lay.layer.activation, lay.layer.gated
+        launches = _launches(m, k, n, r, mode, act, gated, dtype, config, interpret)
         rows.append(
             LayerPlan(
                 index=lay.layer.index,
@@ -475,13 +555,14 @@ def plan(
                 mode=mode,
                 reason=lay.reason,
                 activation=act,
-                params=layer_params(k, n, r, mode, bias),
-                dense_params=layer_params(k, n, r, "dense", bias),
-                flops=layer_flops(m, k, n, r, mode),
-                dense_flops=layer_flops(m, k, n, r, "dense"),
-                bytes=layer_bytes(m, k, n, r, mode, bias, itemsize),
-                dense_bytes=layer_bytes(m, k, n, r, "dense", bias, itemsize),
+                params=layer_params(k, n, r, mode, bias, gated),
+                dense_params=layer_params(k, n, r, "dense", bias, gated),
+                flops=layer_flops(m, k, n, r, mode, gated),
+                dense_flops=layer_flops(m, k, n, r, "dense", gated),
+                bytes=layer_bytes(m, k, n, r, mode, bias, itemsize, gated),
+                dense_bytes=layer_bytes(m, k, n, r, "dense", bias, itemsize, gated),
                 launches=launches,
+                gated=gated,
             )
         )
     return LowRankPlan(lspec, m, tuple(rows), stack)

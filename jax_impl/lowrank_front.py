@@ -5,7 +5,11 @@ makes its params from a dense MLP's.
 
 Per layer, by its mode (common/lowrank_spec.py, the same for every M): `lowrank` runs the fused
 `lowrank_linear_act` (lowrank.py), `two_gemm` two `linear_act` launches with t = x·U stored in the
-dtype, `dense` one `linear_act` on the layer's original weight. Hidden layers are stored in the
+dtype, `dense` one `linear_act` on the layer's original weight. A gated layer (SwiGLU / GeGLU):
+`lowrank` runs `lowrank_gated_linear_act`, `two_gemm` `linear_act(x, [U | Uv])` then the dense
+`gated` kernel on [tw | tv] with the block-diagonal packed operand (the gated epilogue's rounding
+order; common/lowrank_spec.py says why it is exact), `dense` the `gated` kernel on the original
+packed W and V. Hidden layers are stored in the
 dtype between launches, so the parity target is `lowrank_spec.reference(..., round_intermediate=
 True, round_hidden=True)`; the exact float64 factorised MLP is met within the tolerance policy.
 
@@ -29,8 +33,10 @@ from fusedmlp.common.lowrank import DEFAULT_DAMP, LowRankConfig
 from fusedmlp.common.registry import AUTO
 
 from . import compat
+from .gated import gated
 from .linear_act import linear_act
-from .lowrank import lowrank_linear_act
+from .lowrank import lowrank_gated_linear_act, lowrank_linear_act
+from .packing import pack_gated
 
 STACK = "jax"
 IMPLS = (AUTO, "pallas_triton")
@@ -99,7 +105,9 @@ def run_layers(
     for lay in lspec.layers():
         i, act = lay.layer.index, lay.layer.activation
         b = params.get(f"b{i}")
-        if lay.mode == "lowrank":
+        if lay.layer.gated:
+            h = run_gated_layer(h, params, lay, config, precision, interpret)
+        elif lay.mode == "lowrank":
             h = lowrank_linear_act(
                 h,
                 params[f"u{i}"],
@@ -125,6 +133,48 @@ def run_layers(
                 h, params[f"w{i}"], b, activation=act, fp32_precision=precision, interpret=interpret
             )
     return h
+
+
+def run_gated_layer(
+    x: jax.Array,
+    params: Mapping[str, jax.Array],
+    lay: ls.LowRankLayer,
+    config: LowRankConfig | None,
+    fp32_precision: str,
+    interpret: bool,
+) -> jax.Array:
+    """One gated layer, act(x·W + b) ⊙ (x·V + c), by its mode (common/lowrank_spec.py)."""
+    i, n, act = lay.layer.index, lay.layer.d_out, lay.layer.activation
+    if lay.mode == "dense":
+        wv, bc = params[f"wv{i}"], params.get(f"bc{i}")
+        return gated(
+            x, wv, bc, n=n, activation=act, fp32_precision=fp32_precision, interpret=interpret
+        )
+    u, vt, uv, vtv = (params[f"{a}{i}"] for a in ("u", "vt", "uv", "vtv"))
+    b, c = params.get(f"b{i}"), params.get(f"c{i}")
+    if lay.mode == "lowrank":
+        return lowrank_gated_linear_act(
+            x,
+            u,
+            vt,
+            uv,
+            vtv,
+            b,
+            c,
+            activation=act,
+            config=config,
+            fp32_precision=fp32_precision,
+            interpret=interpret,
+        )
+    # two_gemm: [tw | tv] rounded once to the dtype, then the gated epilogue over the block-
+    # diagonal packed operand (gate columns tw·Vt + tv·0, up columns tw·0 + tv·Vtv: exact zeros)
+    t = linear_act(
+        x, jnp.concatenate([u, uv], axis=1), fp32_precision=fp32_precision, interpret=interpret
+    )
+    zeros = jnp.zeros_like(vt)
+    wv = pack_gated(jnp.concatenate([vt, zeros], axis=0), jnp.concatenate([zeros, vtv], axis=0))
+    bc = pack_gated(b, c) if b is not None else None
+    return gated(t, wv, bc, n=n, activation=act, fp32_precision=fp32_precision, interpret=interpret)
 
 
 def lowrank_mlp(

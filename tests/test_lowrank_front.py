@@ -79,14 +79,45 @@ def test_lowrank_spec_json_and_checks() -> None:
         ls.LowRankSpec(spec, (0, 5))
     with pytest.raises(TypeError, match=r"ranks\[0\]: expected an int, got float"):
         ls.LowRankSpec(spec, (2.0, 5))
-    with pytest.raises(ValueError, match=r"gated MLP .* has no factorised kernel yet"):
-        ls.LowRankSpec(MLPSpec((8, 8, 8), "swiglu", True, "float32"), (2, 2))
 
 
-def test_gated_refusal_has_one_switch(monkeypatch) -> None:
-    """GATED_FACTORISED is the one place the refusal lives (the gated kernels lift it)."""
-    monkeypatch.setattr(ls, "GATED_FACTORISED", True)
-    ls.check_factorisable(MLPSpec((8, 8, 8), "swiglu", True, "float32"))
+def test_gated_spec_names_counts_and_plan() -> None:
+    """A gated layer: the up pair `uv`/`vtv` and `c` beside the gate's, twice a plain layer's
+    params and FLOPs; dense keeps W and V packed; plan rows name the gated launches."""
+    lspec = ls.LowRankSpec(MLPSpec((33, 67, 21), "swiglu", True, "bfloat16"), (9, 5))
+    assert lspec.modes == ("lowrank", "lowrank")
+    assert ls.LowRankSpec.from_json(lspec.to_json()) == lspec
+    shapes = ls.param_shapes(lspec)
+    assert list(shapes) == ["u0", "vt0", "uv0", "vtv0", "b0", "c0", "u1", "vt1", "b1"]
+    assert shapes["uv0"] == (33, 9) and shapes["vtv0"] == (9, 67) and shapes["c0"] == (67,)
+    assert lspec.param_count() == 2 * (9 * 100 + 67) + 5 * 88 + 21
+    dense = ls.LowRankSpec(MLPSpec((33, 67, 21), "geglu", False, "float16"), (33, 5))
+    assert dense.modes == ("dense", "lowrank")
+    assert list(ls.param_shapes(dense)) == ["wv0", "u1", "vt1"]
+    assert ls.param_shapes(dense)["wv0"] == (33, 256)  # packed: 67 → Np = 128, 2·Np columns
+    assert dense.param_count() == 2 * 33 * 67 + 5 * 88  # padding is layout, not params
+    p = torch_front.plan(lspec, (19, 33))
+    first, last = p.layers
+    assert first.gated and not last.gated and "33→67 gated" in str(first)
+    assert first.params == 2 * (9 * 100 + 67) and first.dense_params == 2 * (33 * 67 + 67)
+    assert first.flops == 2 * 2 * 19 * 9 * 100 and first.dense_flops == 2 * 2 * 19 * 33 * 67
+    assert first.bytes == 2 * (first.params + 19 * 100)
+    assert first.launches[0].startswith("lowrank_gated_linear_act(silu) 19x67x33 r=9")
+    assert "| 0 | 33→67 gated | 9 | lowrank |" in p.table()
+    pd = torch_front.plan(dense, (19, 33))
+    assert pd.layers[0].launches[0].startswith("gated(gelu) 19x67x33 [")
+    assert "dense, W kept" in pd.layers[0].reason
+    assert _jax()[1].plan(lspec, (19, 33), interpret=True).layers == p.layers
+
+
+def test_gated_two_gemm_plan(monkeypatch) -> None:
+    monkeypatch.setattr(lowrank, "MAX_RANK", 8)
+    lspec = ls.LowRankSpec(MLPSpec((33, 67, 21), "swiglu", True, "float32"), (9, 5))
+    assert lspec.modes == ("two_gemm", "lowrank")
+    row = torch_front.plan(lspec, (7, 33)).layers[0]
+    assert row.launches[0].startswith("linear_act(identity) 7x18x33 [")  # [tw | tv]
+    assert row.launches[1].startswith("gated(silu) 7x67x18 [")
+    assert row.bytes == 4 * (row.params + 7 * 100 + 2 * 7 * 18)
 
 
 def test_plan_rows() -> None:
@@ -127,6 +158,7 @@ def test_golden_lowrank_files() -> None:
     cases = [golden.load_lowrank(n) for n in LOWRANK_GOLDEN]
     assert {c.spec.dtype for c in cases} == set(DTYPES)
     assert any("dense" in c.lspec.modes for c in cases)
+    assert any(c.spec.gated and c.lspec.modes[0] == "lowrank" for c in cases)
     assert set(LOWRANK_GOLDEN).isdisjoint(golden.case_names())  # dense goldens' lists unchanged
     for case in cases:
         np.testing.assert_array_equal(case.y, ls.reference(case.lspec, case.x, case.params))
@@ -158,6 +190,75 @@ def test_factorise_twins_and_two_gemm(monkeypatch) -> None:
     arrays = {k: to_numpy(v) for k, v in pt.items()}
     for stack in ("torch", "jax"):
         _check(_run(stack, x, arrays, lt), x, arrays, lt, f"{stack} two_gemm")
+
+
+def test_factorise_gated_twins_modes_and_reference(monkeypatch) -> None:
+    """A SwiGLU MLP: torch's and JAX's factorise give the same bits (activation-aware: one
+    whitening for W and V); by energy the layer's rank keeps the energy in both; full rank
+    reproduces the dense reference; the dense (packed W, V) and two-GEMM gated modes run in
+    both stacks within the policy of both references."""
+    from fusedmlp.common import reference
+    from fusedmlp.common.packing import pack_gated
+
+    jnp, jax_front = _jax()
+    spec = MLPSpec((33, 67, 21), "swiglu", True, "float32")
+    params = init_params(spec, seed=5)
+    calib = make_input(spec, 40, seed=7)
+    tp = {k: to_torch(v) for k, v in params.items()}
+    lt, pt = torch_front.factorise(tp, spec, rank=(12, 6), calibration=to_torch(calib))
+    lj, pj = jax_front.factorise(
+        {k: jnp.asarray(v) for k, v in params.items()}, spec, rank=(12, 6), calibration=calib
+    )
+    assert lt == lj and lt.ranks == (12, 6) and list(pt) == list(pj) == list(ls.param_shapes(lt))
+    for k in pt:
+        np.testing.assert_array_equal(to_numpy(pt[k]), np.asarray(pj[k]), err_msg=k)
+    plain = torch_front.factorise(tp, spec, rank=(12, 6))[1]
+    assert not torch.equal(plain["uv0"], pt["uv0"])  # activation-aware changes both factors
+    # energy: the larger of W's and V's energy ranks
+    le = ls.factorise(spec, params, energy=0.7)[0]
+    s_w, s_v = (np.linalg.svd(params[n].astype(np.float64), compute_uv=False) for n in ("w0", "v0"))
+    r_w, r_v = (lowrank.rank_for_energy(sv, 0.7) for sv in (s_w, s_v))
+    assert le.ranks[0] == max(r_w, r_v)
+    # full rank: dense, the original W and V packed, the dense reference
+    lf, pf = ls.factorise(spec, params, rank=(33, 21))
+    assert lf.modes == ("dense", "dense") and list(pf) == ["wv0", "bc0", "w1", "b1"]
+    np.testing.assert_array_equal(pf["wv0"], pack_gated(params["w0"], params["v0"]))
+    x = make_input(spec, 7, seed=6)
+    np.testing.assert_array_equal(ls.reference(lf, x, pf), reference.forward(spec, x, params))
+    # each mode of a gated layer in both stacks: dense; two GEMMs (on-chip limit lowered to 8)
+    cases = [ls.factorise(spec, params, rank=(33, 6))]
+    monkeypatch.setattr(lowrank, "MAX_RANK", 8)
+    cases.append((lt, {k: to_numpy(v) for k, v in pt.items()}))
+    assert [c[0].modes for c in cases] == [("dense", "lowrank"), ("two_gemm", "lowrank")]
+    for lspec, arrays in cases:
+        arrays = ls.cast_params(lspec, arrays)
+        for stack in ("torch", "jax"):
+            _check(_run(stack, x, arrays, lspec), x, arrays, lspec, f"{stack} {lspec.modes}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gated_twins_bitwise_every_mode(monkeypatch, dtype: str) -> None:
+    """The twins give the same bits on every gated mode (fused, two GEMMs, dense) where every
+    operation rounds alike: a relu gate ("reglu", registered for this test only). silu's and
+    gelu's exp differ between the interpreters (tests/test_lowrank.py::test_twins_bitwise says
+    the same of the kernels), so the SwiGLU/GeGLU runs are held to the policy instead."""
+    from fusedmlp.common import spec as spec_module
+
+    monkeypatch.setitem(spec_module.GATED_ACTIVATIONS, "reglu", "relu")
+    monkeypatch.setattr(spec_module, "ACTIVATIONS", (*spec_module.ACTIVATIONS, "reglu"))
+    spec = MLPSpec((33, 67, 21), "reglu", True, dtype)
+    params = init_params(spec, seed=11)
+    x = make_input(spec, (3, 5), seed=12)
+    lspecs = []
+    for ranks in ((9, 5), (33, 5), (12, 5)):
+        lspecs.append(ls.factorise(spec, params, rank=ranks))
+    monkeypatch.setattr(lowrank, "MAX_RANK", 10)
+    assert [c[0].modes[0] for c in lspecs] == ["lowrank", "dense", "two_gemm"]
+    for lspec, fact in lspecs:
+        arrays = ls.cast_params(lspec, fact)
+        out_t, out_j = (_run(stack, x, arrays, lspec) for stack in ("torch", "jax"))
+        assert out_t.tobytes() == out_j.tobytes(), lspec.modes
+        _check(out_t, x, arrays, lspec, f"reglu {lspec.modes}")
 
 
 # ==== from_hf =====================================================================================
@@ -215,6 +316,97 @@ def test_from_hf(dtype: str, kwargs: dict) -> None:
         assert not torch.equal(plain.params()["u0"], fm.params()["u0"])
 
 
+def _hf_gated(kind: str, dtype: str):
+    """A tiny LlamaMLP (SwiGLU; `llama_bias`: mlp_bias) or GemmaMLP (GeGLU, tanh), random weights:
+    hidden 42 (3 heads of 14, as tests/test_convert.py), intermediate 73."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    tiny = dict(hidden_size=42, intermediate_size=73, num_attention_heads=3, num_key_value_heads=3)
+    if kind == "gemma":
+        module = GemmaMLP(transformers.GemmaConfig(**tiny, head_dim=14))
+    else:
+        module = LlamaMLP(transformers.LlamaConfig(**tiny, mlp_bias=kind == "llama_bias"))
+    gen = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return module.eval().to(getattr(torch, dtype))
+
+
+@pytest.mark.parametrize(
+    "kind, dtype, kwargs",
+    [
+        ("llama", "float32", dict(rank=(11, 7))),
+        ("llama_bias", "float16", dict(energy=0.6)),
+        ("gemma", "bfloat16", dict(rank=13, calibration=True)),
+    ],
+    ids=["llama-rank-float32", "llama_bias-energy-float16", "gemma-calibration-bfloat16"],
+)
+def test_from_hf_gated(kind: str, dtype: str, kwargs: dict) -> None:
+    """Llama's and Gemma's gated blocks: the factors are the float64 factorisation of the block's
+    own weights rounded once; the output meets both factorised references, and so does the JAX
+    twin on the same params (bit for bit only with a select gate: test_gated_twins_bitwise_...)."""
+    jnp, jax_front = _jax()
+    module = _hf_gated(kind, dtype)
+    if kwargs.get("calibration"):
+        gen = torch.Generator().manual_seed(18)
+        kwargs["calibration"] = (torch.randn(40, 42, generator=gen) * 2).to(module.up_proj.weight)
+    fm = FusedMLP.from_hf(module, **kwargs)
+    assert isinstance(fm, FactorisedMLP) and fm.spec.gated
+    lspec, want = _factorised_reference(module, **kwargs)
+    assert fm.lspec == lspec and lspec.modes == ("lowrank", "lowrank")
+    assert list(fm.params()) == ["u0", "vt0", "uv0", "vtv0"] + ["b0", "c0"] * (
+        kind == "llama_bias"
+    ) + ["u1", "vt1"] + ["b1"] * (kind == "llama_bias")
+    for name, value in fm.params().items():
+        assert value.dtype == getattr(torch, dtype) and not value.requires_grad
+        np.testing.assert_array_equal(to_numpy(value), want[name].astype(np.float32), err_msg=name)
+    x = torch.randn(2, 5, 42, generator=torch.Generator().manual_seed(9)).to(getattr(torch, dtype))
+    out = fm(x)
+    assert out.shape == (2, 5, 42) and out.dtype == x.dtype
+    arrays = {k: to_numpy(v) for k, v in fm.params().items()}
+    _check(to_numpy(out), to_numpy(x), arrays, lspec, f"from_hf {kind} {dtype}")
+    out_j = jax_front.lowrank_mlp(  # to_numpy gives bfloat16 as float32: cast back
+        jnp.asarray(cast(to_numpy(x), dtype)),
+        {k: jnp.asarray(cast(v, dtype)) for k, v in arrays.items()},
+        lspec,
+    )
+    _check(np.asarray(out_j), to_numpy(x), arrays, lspec, f"jax {kind} {dtype}")
+    if "calibration" in kwargs:  # activation-aware: differs from plain at the same rank
+        plain = FusedMLP.from_hf(module, rank=13)
+        assert not torch.equal(plain.params()["uv0"], fm.params()["uv0"])
+
+
+def test_from_hf_gated_bad_input() -> None:
+    llama = _hf_gated("llama", "float32")
+    with pytest.raises(ValueError, match=r"rank: expected an int in \[1, 42\] .* got 0"):
+        FusedMLP.from_hf(llama, rank=0)
+    with pytest.raises(ValueError, match=r"rank\[1\]: expected an int in \[1, 42\] .* got 50"):
+        FusedMLP.from_hf(llama, rank=(5, 50))
+    with pytest.raises(ValueError, match=r"energy: expected a float in \(0, 1\], got 0"):
+        FusedMLP.from_hf(llama, energy=0)
+    with pytest.raises(
+        ValueError, match=r"calibration: expected shape \[\.\.\., 42\] .*got \[3, 41"
+    ):
+        FusedMLP.from_hf(llama, rank=4, calibration=torch.zeros(3, 41))
+    spec = MLPSpec((42, 73, 42), "swiglu", False, "float32")
+    params = init_params(spec, seed=1)
+    with pytest.raises(ValueError, match=r"params: missing \['v0'\]"):
+        ls.factorise(spec, {k: v for k, v in params.items() if k != "v0"}, rank=4)
+    lspec, fact = ls.factorise(spec, params, rank=4)
+    tp = {k: to_torch(v) for k, v in ls.cast_params(lspec, fact).items()}
+    x = torch.zeros(3, 42)
+    with pytest.raises(ValueError, match=r"params: missing \['uv0'\], unexpected \[\]"):
+        torch_front.lowrank_mlp(x, {k: v for k, v in tp.items() if k != "uv0"}, lspec)
+    bad = {**tp, "vtv0": tp["vtv0"][:, :72]}
+    with pytest.raises(
+        ValueError, match=r"params\['vtv0'\]: expected shape \[4, 73\], got \[4, 72\]"
+    ):
+        torch_front.lowrank_mlp(x, bad, lspec)
+
+
 def _x(dtype: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(9)
     return torch.randn(2, 5, 45, generator=gen).to(getattr(torch, dtype))
@@ -244,12 +436,6 @@ def test_from_hf_bad_input() -> None:
         FusedMLP.from_hf(module, rank=4, calibration=[[0.0] * 45])
     with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'triton'\)"):
         FusedMLP.from_hf(module, rank=4, impl="triton_tma")
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    llama = LlamaMLP(LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=2))
-    with pytest.raises(ValueError, match=r"gated MLP \('swiglu'.* no factorised kernel yet"):
-        FusedMLP.from_hf(llama, rank=4)
 
 
 def test_factorised_module_refuses_gradients_and_bad_x() -> None:
@@ -267,10 +453,15 @@ def test_factorised_module_refuses_gradients_and_bad_x() -> None:
 
 
 # ==== torch.compile and autocast ==================================================================
-@pytest.mark.parametrize("autocast", [False, True], ids=["inference", "autocast"])
-def test_factorised_fullgraph_as_torch_2_11(autocast: bool) -> None:
+@pytest.mark.parametrize(
+    "autocast, activation",
+    [(False, "silu"), (True, "silu"), (False, "swiglu")],
+    ids=["inference", "autocast", "gated"],
+)
+def test_factorised_fullgraph_as_torch_2_11(autocast: bool, activation: str) -> None:
+    """One node under torch 2.11's Dynamo; gated: a fused gated layer, then a dense last one."""
     torch._dynamo.reset()
-    lspec = ls.LowRankSpec(MLPSpec((19, 37, 11), "silu", True, "float32"), (6, 11))
+    lspec = ls.LowRankSpec(MLPSpec((19, 37, 11), activation, True, "float32"), (6, 11))
     params = {k: to_torch(v) for k, v in golden.lowrank_params(lspec, 3).items()}
     fm = FactorisedMLP.from_params(params, lspec)
     x = to_torch(make_input(lspec.spec, 6, seed=4))

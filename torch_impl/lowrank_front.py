@@ -5,7 +5,11 @@ makes its params from a dense MLP's.
 
 Per layer, by its mode (common/lowrank_spec.py, the same for every M): `lowrank` runs the fused
 `lowrank_linear_act` (lowrank.py), `two_gemm` two `linear_act` launches with t = x·U stored in the
-dtype, `dense` one `linear_act` on the layer's original weight. Hidden layers are stored in the
+dtype, `dense` one `linear_act` on the layer's original weight. A gated layer (SwiGLU / GeGLU):
+`lowrank` runs `lowrank_gated_linear_act`, `two_gemm` `linear_act(x, [U | Uv])` then the dense
+`gated` kernel on [tw | tv] with the block-diagonal packed operand (the gated epilogue's rounding
+order; common/lowrank_spec.py says why it is exact), `dense` the `gated` kernel on the original
+packed W and V. Hidden layers are stored in the
 dtype between launches, so the parity target is `lowrank_spec.reference(..., round_intermediate=
 True, round_hidden=True)`; the exact float64 factorised MLP is met within the tolerance policy.
 
@@ -27,9 +31,11 @@ from fusedmlp.common import lowrank_spec as ls
 from fusedmlp.common.lowrank import DEFAULT_DAMP, LowRankConfig
 from fusedmlp.common.registry import AUTO
 
+from .gated import gated
 from .linear_act import linear_act
-from .lowrank import lowrank_linear_act
+from .lowrank import lowrank_gated_linear_act, lowrank_linear_act
 from .module import to_torch
+from .packing import pack_gated
 from .runtime import INTERPRET
 
 STACK = "torch"
@@ -99,7 +105,9 @@ def run_layers(
     for lay in lspec.layers():
         i, act = lay.layer.index, lay.layer.activation
         b = params.get(f"b{i}")
-        if lay.mode == "lowrank":
+        if lay.layer.gated:
+            h = run_gated_layer(h, params, lay, config, precision)
+        elif lay.mode == "lowrank":
             h = lowrank_linear_act(
                 h,
                 params[f"u{i}"],
@@ -115,6 +123,33 @@ def run_layers(
         else:
             h = linear_act(h, params[f"w{i}"], b, activation=act, fp32_precision=precision)
     return h
+
+
+def run_gated_layer(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    lay: ls.LowRankLayer,
+    config: LowRankConfig | None,
+    fp32_precision: str,
+) -> torch.Tensor:
+    """One gated layer, act(x·W + b) ⊙ (x·V + c), by its mode (common/lowrank_spec.py)."""
+    i, n, act = lay.layer.index, lay.layer.d_out, lay.layer.activation
+    if lay.mode == "dense":
+        wv, bc = params[f"wv{i}"], params.get(f"bc{i}")
+        return gated(x, wv, bc, n=n, activation=act, fp32_precision=fp32_precision)
+    u, vt, uv, vtv = (params[f"{a}{i}"] for a in ("u", "vt", "uv", "vtv"))
+    b, c = params.get(f"b{i}"), params.get(f"c{i}")
+    if lay.mode == "lowrank":
+        return lowrank_gated_linear_act(
+            x, u, vt, uv, vtv, b, c, activation=act, config=config, fp32_precision=fp32_precision
+        )
+    # two_gemm: [tw | tv] rounded once to the dtype, then the gated epilogue over the block-
+    # diagonal packed operand (gate columns tw·Vt + tv·0, up columns tw·0 + tv·Vtv: exact zeros)
+    t = linear_act(x, torch.cat([u, uv], dim=1), fp32_precision=fp32_precision)
+    zeros = torch.zeros_like(vt)
+    wv = pack_gated(torch.cat([vt, zeros], dim=0), torch.cat([zeros, vtv], dim=0))
+    bc = pack_gated(b, c) if b is not None else None
+    return gated(t, wv, bc, n=n, activation=act, fp32_precision=fp32_precision)
 
 
 def lowrank_mlp(

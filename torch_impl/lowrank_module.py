@@ -1,13 +1,15 @@
 """FactorisedMLP: a low-rank compressed MLP as an `nn.Module`, and its registered operator.
 
-    y = FactorisedMLP(x),   layer i: act((h·U_i)·Vt_i + b_i)   (or act(h·W_i + b_i) where dense)
+    y = FactorisedMLP(x),   layer i: act((h·U_i)·Vt_i + b_i)   (or act(h·W_i + b_i) where dense;
+                            gated: act((h·U_i)·Vt_i + b_i) ⊙ ((h·Uv_i)·Vtv_i + c_i))
 
 Built by `FusedMLP.from_hf(module, rank=… | energy=…, calibration=…)` (or `from_hf` here, or
 `FactorisedMLP.from_params(params, lspec)`): the HF block's dense weights are factorised in float64
 (common/lowrank.py: plain SVD, or activation-aware SVD on the block's real inputs), each layer's
 rank decides how it runs (common/lowrank_spec.py: the fused `lowrank_linear_act`, two GEMMs past
 rank 256, or dense where factorising saves nothing), and the factors are held as parameters
-`u{i}` [in, r], `vt{i}` [r, out] (a dense layer `w{i}`), `b{i}`, in the module's dtype.
+`u{i}` [in, r], `vt{i}` [r, out] (a dense layer `w{i}`), `b{i}` (a gated layer adds the up pair
+`uv{i}`, `vtv{i}` and `c{i}`; dense, packed `wv{i}`, `bc{i}`), in the module's dtype.
 
 Why a class of its own and not a mode of FusedMLP: the params have other names and shapes (FusedMLP
 packs gated layers and holds `w{i}` per layer, and its load/state-dict/params() code is built on
@@ -259,15 +261,15 @@ def from_hf(
     damp: float = DEFAULT_DAMP,
     config: LowRankConfig | None = None,
 ) -> FactorisedMLP:
-    """A FactorisedMLP approximating the Hugging Face MLP block `module` (GPT2MLP-style: plain
-    activations; gated blocks are refused by `lowrank_spec.check_factorisable`).
+    """A FactorisedMLP approximating the Hugging Face MLP block `module`: plain (GPT2MLP-style)
+    or gated (LlamaMLP / GemmaMLP: gate and up factorised at the layer's rank, one whitening for
+    both; common/lowrank_spec.py).
 
     `rank` or `energy` (exactly one; one value or one per layer); `calibration`: a tensor of the
     block's real inputs [..., d_in] → activation-aware SVD (plain SVD without it)."""
     from .convert import from_hf as dense_from_hf
 
     dense = dense_from_hf(module)
-    ls.check_factorisable(dense.spec)
     if isinstance(calibration, torch.Tensor) and (
         calibration.dim() < 1 or calibration.shape[-1] != dense.spec.d_in
     ):

@@ -9,8 +9,9 @@ and the SHA-256 of its file.
 Factorised (low-rank) cases (issue 26) are listed apart, under the manifest's `lowrank_cases`
 (`lowrank_case_names`, `load_lowrank`), so every dense golden test keeps its case list: the spec is
 a `LowRankSpec` (an MLPSpec and each layer's rank), params `u{i}`, `vt{i}` (`w{i}` for a layer that
-runs dense) and `b{i}`, and the outputs `y` (exact float64) and `y_rounded` (the kernels' rounding
-points: t = x·U and each hidden layer rounded to the dtype). No gradients (no factorised backward).
+runs dense) and `b{i}` (a gated case adds `uv{i}`, `vtv{i}`, `c{i}`), and the outputs `y` (exact
+float64) and `y_rounded` (the kernels' rounding points: t = x·U and each hidden layer rounded to
+the dtype). No gradients (no factorised backward).
 Their factors are DRAWN (seeded, like `init_params`), not computed by an SVD: LAPACK's SVD is not
 bit-reproducible across builds (signs, last bits) and the files must regenerate bit for bit; the
 factorisation has its own tests (tests/test_lowrank.py: Eckart–Young, the whitened tail).
@@ -32,6 +33,7 @@ import numpy as np
 from .. import lowrank_spec, reference
 from ..dtypes import DTYPES, cast, numpy_dtype
 from ..lowrank_spec import LowRankSpec
+from ..packing import pack_gated
 from ..params import init_params, make_grad_output, make_input
 from ..spec import ACTIVATIONS, MLPSpec
 
@@ -147,7 +149,8 @@ class LowRankGoldenCase:
 def lowrank_case_defs() -> list[LowRankCaseDef]:
     """A 2-layer plain MLP at the odd widths, both layers factorised, in each dtype; and one whose
     last layer runs dense (rank = min(K, N)), without bias, relu (the twins agree bit for bit on
-    it), 3-D input."""
+    it), 3-D input; and a gated one (SwiGLU, both layers factorised: the hidden layer runs
+    `lowrank_gated_linear_act`). New cases go at the end: the draws of the others stay put."""
     defs = []
     seed = 300
     for dtype in DTYPES:
@@ -156,16 +159,28 @@ def lowrank_case_defs() -> list[LowRankCaseDef]:
         seed += 1
     lspec = LowRankSpec(MLPSpec(ODD_WIDTHS, "relu", False, "float16"), (17, 21))
     defs.append(LowRankCaseDef("lowrank-dense1-relu-float16-nobias", lspec, (3, 5), seed))
+    seed += 1
+    lspec = LowRankSpec(MLPSpec(ODD_WIDTHS, "swiglu", True, "float16"), (9, 5))
+    defs.append(LowRankCaseDef("lowrank-swiglu-float16", lspec, (ODD_M,), seed))
     return defs
 
 
 def lowrank_params(lspec: LowRankSpec, seed: int) -> dict[str, np.ndarray]:
     """Drawn factors in the dtype: U ~ N(0, 1/K), Vt ~ N(0, 1/r) (U·Vt ~ N(0, 1/K), as a dense
-    init_params weight), W and b ~ N(0, 1/K)."""
+    init_params weight), W and b ~ N(0, 1/K) (gated: Uv, Vtv, V and c alike; a dense gated
+    layer's packed `wv`/`bc` from drawn W and V, b and c, zero padding)."""
     rng = np.random.default_rng(seed)
     params = {}
+    widths = lspec.spec.widths
     for name, shape in lowrank_spec.param_shapes(lspec).items():
-        fan_in = shape[0] if not name.startswith("b") else lspec.spec.widths[int(name[1:])]
+        if name.startswith(("wv", "bc")):
+            i = int(name[2:])
+            half = (widths[i], widths[i + 1]) if name.startswith("wv") else (widths[i + 1],)
+            w, v = (rng.standard_normal(half) / np.sqrt(widths[i]) for _ in range(2))
+            params[name] = cast(pack_gated(w, v), lspec.dtype)
+            continue
+        bias = name[0] in "bc" and name[1:].isdigit()
+        fan_in = widths[int(name[1:])] if bias else shape[0]
         params[name] = cast(rng.standard_normal(shape) / np.sqrt(fan_in), lspec.dtype)
     return params
 

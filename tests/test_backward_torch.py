@@ -232,6 +232,21 @@ def test_eager_training_backward_twice_says_why():
         y.backward()
 
 
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=_case_id)
+def test_hopper_saving_forward_keeps_what_the_portable_one_keeps(case):
+    # forward_saving(hopper=True): gated and identity layers on the persistent TMA kernels (the
+    # gated one storing its packed pre-activation); same y and residuals, bit for bit here.
+    spec = _spec(case)
+    packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 38)).items()}
+    x = to_torch(make_input(spec, case[-1], seed=39))
+    y, kept = backward.forward_saving(x, packed, spec, saved="preact")
+    y_h, kept_h = backward.forward_saving(x, packed, spec, saved="preact", hopper=True)
+    assert torch.equal(y_h, y)
+    assert len(kept_h) == len(kept)
+    for got, want in zip(kept_h, kept, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_hopper_backward_refuses_what_tma_cannot_address():
     spec = _spec(HOPPER_CASES[0])
     why = tma_backward.unsupported_reason(spec, 21)  # rows of 21 bf16 = 42 bytes

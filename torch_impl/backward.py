@@ -34,11 +34,13 @@ dtype (the same here: the spec's), as torch autograd on 16-bit tensors rounds.
 Saved policy (`saved=`, common.config.SAVED_POLICIES): "preact" (default) — the training forward
 (`forward_saving`) runs the portable `linear_act`/`gated` kernels with STORE_PREACT and keeps per
 layer its input h_i and pre-activation z_i (gated: the packed [z|g]; a plain identity layer's z is
-not kept: act' = 1); this is the portable forward whatever impl was asked for (a saving Hopper
-forward is later work). "inputs" — the forward is the asked impl and saves x only; `mlp_backward`
-recomputes the saving forward once (one extra forward's FLOPs, `cost.saved_bytes` less memory).
-fused_small / fused_decode train through this per-layer backward (a whole-MLP backward is later
-work). The backward kernels are always these portable ones.
+not kept: act' = 1); this is the portable forward whatever impl was asked for, except on Hopper
+(`hopper=True`, decided with tma/backward.py's `applies`), where gated and identity layers run the
+persistent TMA kernels (the gated one with its own STORE_PREACT). "inputs" — the forward is the
+asked impl and saves x only; `mlp_backward` recomputes the saving forward once (one extra
+forward's FLOPs, `cost.saved_bytes` less memory). fused_small / fused_decode train through this
+per-layer backward (a whole-MLP backward is later work). On Hopper the backward's GEMMs run
+tma/backward.py's sibling of `mlp_backward` instead of these kernels.
 
 Twin: jax_impl/backward.py (Pallas-Triton), line for line; differences carry `# twin-diff:`.
 """
@@ -469,12 +471,19 @@ def forward_saving(
     saved: str,
     config: TileConfig | None = None,
     residual: torch.Tensor | None = None,
+    hopper: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(y2d, residuals) for x2d [M, d_in] and params in the packed layout (`w{i}`, `b{i}`,
     `wv{i}`, `bc{i}`), with the portable kernels. residuals: "preact" (h_0, z_0, h_1, z_1, …) with
     h_0 = x2d, z_i [M, N_i] (plain), the packed [M, 2·Np_i] (gated) or [M, 0] (plain identity);
-    "inputs" (x2d,). `residual` [M, d_out] is added in the last layer's epilogue."""
+    "inputs" (x2d,). `residual` [M, d_out] is added in the last layer's epilogue. `hopper` (the
+    caller checked tma/backward.py's `applies`): gated layers and layers that keep no
+    pre-activation run the persistent TMA kernels instead (the gated one stores its packed
+    pre-activation as the portable one does); a plain layer that keeps one stays portable."""
     check_saved(saved)
+    if hopper:
+        from .tma import gated as tma_gated  # tma imports this module
+        from .tma import linear_act as tma_linear
     layers = spec.layers()
     last = layers[-1].index
     precision = spec.fp32_precision
@@ -483,7 +492,24 @@ def forward_saving(
     for layer in layers:
         i, m = layer.index, h.shape[0]
         store = saved == "preact" and _stores_preact(layer)
-        if layer.gated:
+        if hopper and (layer.gated or not store):
+            family = "gated" if layer.gated else "linear_act"
+            cfg = heuristic_config(
+                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=INTERPRET,
+                persistent=True, fp32_precision=precision,
+            )  # fmt: skip
+            if layer.gated:
+                outs = tma_gated.gated_fwd(
+                    h, params[f"wv{i}"], params.get(f"bc{i}"), n=layer.d_out,
+                    activation=layer.activation, config=cfg, fp32_precision=precision,
+                    store_preact=store,
+                )  # fmt: skip
+            else:
+                outs = tma_linear.linear_act_fwd(
+                    h, params[f"w{i}"], params.get(f"b{i}"), residual if i == last else None,
+                    activation=layer.activation, config=cfg, fp32_precision=precision,
+                )  # fmt: skip
+        elif layer.gated:
             cfg = _config(spec, "gated", m, layer.d_out, layer.d_in, config)
             outs = gated_fwd(
                 h, params[f"wv{i}"], params.get(f"bc{i}"), n=layer.d_out,

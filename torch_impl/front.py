@@ -282,18 +282,22 @@ def _training_plan(
         if hopper
         else "portable dgrad/wgrad kernels (torch_impl/backward.py)"
     )
+    saving = (
+        "persistent TMA kernels (gated and identity layers)"
+        if hopper
+        else "portable triton kernels"
+    )
     if _entry(the_plan.impl).baseline and the_plan.requested != AUTO:
         note = f"training: {the_plan.impl} differentiates through torch autograd"
     elif saved == "preact":
         note = (
             f"training: saved='preact' keeps {mib:.1f} MiB (every layer's input and "
-            f"pre-activation); the saving forward runs the portable triton kernels; backward: "
-            f"{kernels}"
+            f"pre-activation); the saving forward runs the {saving}; backward: {kernels}"
         )
     else:
         note = (
             f"training: saved='inputs' keeps {mib:.1f} MiB (x); the backward recomputes the "
-            f"forward with the portable saving kernels, then {kernels}"
+            f"forward with the saving kernels ({saving}), then {kernels}"
         )
     reason = "; ".join(r for r in (the_plan.reason, note) if r)
     return Plan(the_plan.impl, the_plan.requested, the_plan.launches, reason)
@@ -550,12 +554,18 @@ def training_forward(
     check_saved(saved)
     if saved == "inputs":
         return forward(x, params, spec, impl=impl, config=config, residual=residual), []
+    from .tma import backward as tma_backward
+
     call = prepare(x, params, spec, impl, config, residual)
     x2d = x.reshape(call.m, spec.d_in)
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
+    # On Hopper (as the backward decides: custom_op._hopper_backward) the saving forward's gated
+    # and identity layers run the persistent TMA kernels.
+    hopper = config is None and tma_backward.applies(impl, spec, call.m, x.device)
     y2d, kept = backward.forward_saving(
-        x2d, kernel_params(spec, params), spec, saved="preact", config=config, residual=residual2d
-    )
+        x2d, kernel_params(spec, params), spec, saved="preact", config=config,
+        residual=residual2d, hopper=hopper,
+    )  # fmt: skip
     return y2d.reshape(*call.lead, spec.d_out), list(kept[1:])
 
 

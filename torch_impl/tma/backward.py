@@ -84,7 +84,9 @@ def mlp_backward(
     Trusts input: the caller checked `unsupported_reason(spec, M)`."""
     check_saved(saved)
     if saved == "inputs":
-        _, residuals = portable.forward_saving(residuals[0], params, spec, saved="preact")
+        _, residuals = portable.forward_saving(
+            residuals[0], params, spec, saved="preact", hopper=True
+        )
     res = residuals if isinstance(residuals, list) else list(residuals)  # consumed, as there
     del residuals
     layers = spec.layers()

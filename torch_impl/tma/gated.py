@@ -7,7 +7,8 @@ tile splits into gate and up (`_gate_split`, shared with the portable kernel: an
 split, no data movement), out = act(gate) · up, cast once at the store. One X tile and one packed
 tile per K step feed ONE wgmma group with a 2·BLOCK_N wide accumulator (128×256 for the 16-bit
 large-M config): the X tile is read from shared memory once, there is one MMA group to wait on,
-and the TMA copies are as large as linear_act's. Only h [M, N] is written.
+and the TMA copies are as large as linear_act's. Only h [M, N] is written — and, for training
+(STORE_PREACT), the packed pre-activation tile, in slices as h is.
 
 Grid: persistent, as tma/linear_act.py: min(#SMs, #tiles) programs, each walking output tiles
 p, p + P, ... in the portable kernel's grouped order (`_grouped_tile` over h's [M, N]), K in
@@ -58,12 +59,13 @@ from .support import (
 # ==== forward kernel ==============================================================================
 @triton.jit
 def _gated_fwd_kernel(
-    x_ptr, wv_ptr, bc_ptr, o_ptr,
+    x_ptr, wv_ptr, bc_ptr, o_ptr, z_ptr,
     M, N, K, NUM_PROGRAMS,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    STORE_PREACT: tl.constexpr, Z_SUBTILE: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the output tiles
     n_packed = 2 * tl.cdiv(N, _PACK) * _PACK  # 2·Np
@@ -76,6 +78,11 @@ def _gated_fwd_kernel(
     o_desc = tl.make_tensor_descriptor(
         o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
     )
+    if STORE_PREACT:  # training: the packed [z|g] pre-activation, [M, 2·Np]
+        z_desc = tl.make_tensor_descriptor(
+            z_ptr, shape=[M, n_packed], strides=[n_packed, 1],
+            block_shape=[BLOCK_M, 2 * BLOCK_N // Z_SUBTILE],
+        )  # fmt: skip
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
@@ -109,6 +116,11 @@ def _gated_fwd_kernel(
             offs_p = tile_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
             bc = tl.load(bc_ptr + offs_p, mask=offs_p < n_packed, other=0.0).to(tl.float32)
             acc = acc + bc[None, :]
+        if STORE_PREACT:  # rounded once, as the portable saving kernel stores it
+            _store_tile(
+                z_desc, acc, o_ptr, out_m, tile_n * 2 * BLOCK_N, M, n_packed, False, INTERPRET,
+                BLOCK_M, 2 * BLOCK_N, Z_SUBTILE,
+            )  # fmt: skip
         g, u = _gate_split(acc, BLOCK_M, BLOCK_N, _PACK)
         h = apply_activation(g, ACTIVATION) * u
 
@@ -128,14 +140,18 @@ def gated_fwd(
     activation: str,
     config: TileConfig,
     fp32_precision: str = "ieee",
-) -> torch.Tensor:
+    store_preact: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch on a 2-D x [M, K], wv [K, packed_width(n)], bc [packed_width(n)] or None, meeting the
     16-byte rule; returns h [M, n] in x.dtype. Trusts its input (a block_n under 64 is read as
-    64); makes operands contiguous and 16-byte aligned."""
+    64); makes operands contiguous and 16-byte aligned. `store_preact` (training, the Hopper
+    path of backward.forward_saving): returns (h, zg), zg = x·wv + bc, the packed [M, 2·Np]
+    pre-activation rounded once to x.dtype, as the portable saving kernel stores it."""
     M, K = x.shape
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, wv.shape[1]), device=x.device, dtype=x.dtype) if store_preact else None
     if M == 0 or n == 0:
-        return out
+        return (out, z) if store_preact else out
     # block_n: whole packed block pairs (at least 64)
     config, ws = launch_config("gated", config, x.dtype, fp32_precision, False)
     x, wv = as_tma_operand(x), as_tma_operand(wv)
@@ -144,16 +160,17 @@ def gated_fwd(
     programs = num_programs(num_tiles, x.device)
     ensure_allocator()
     _gated_fwd_kernel[(programs,)](
-        x, wv, bc, out,
+        x, wv, bc, out, z,
         M, n, K, programs,
         ACTIVATION=activation, HAS_BIAS=bc is not None,
         INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
         FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
+        STORE_PREACT=store_preact, Z_SUBTILE=min(4, 2 * config.epilogue_subtile),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out
+    return (out, z) if store_preact else out
 
 
 # ==== public function =============================================================================

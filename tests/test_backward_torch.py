@@ -247,6 +247,31 @@ def test_hopper_saving_forward_keeps_what_the_portable_one_keeps(case):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated):
+    # The TMA kernel's "dact"/"dact_gated" epilogue is backward.py's `_dact_epilogue` on its fp32
+    # accumulator: the same bits as the portable dgrad kernel here.
+    from fusedmlp.common.tiling import INTERPRET_CONFIG
+    from fusedmlp.torch_impl.tma.linear_act import linear_act_fwd
+
+    spec = _spec(HOPPER_CASES[0] if gated else HOPPER_CASES[1])
+    packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 40)).items()}
+    x = to_torch(make_input(spec, 24, seed=41))
+    _, kept = backward.forward_saving(x, packed, spec, saved="preact")
+    w = packed["w1"]
+    dz = to_torch(make_input(MLPSpec((w.shape[1], 8), "relu", True, spec.dtype), 24, seed=42))
+    epilogue = "dact_gated" if gated else "dact"
+    act = spec.layers()[0].activation
+    want = backward.dgrad_fwd(
+        dz, w, kept[1], epilogue=epilogue, activation=act, config=INTERPRET_CONFIG
+    )
+    got = linear_act_fwd(
+        dz, w.t(), None, None, activation="identity", config=INTERPRET_CONFIG,
+        epilogue=epilogue, z=kept[1], dact_activation=act,
+    )  # fmt: skip
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_hopper_backward_refuses_what_tma_cannot_address():
     spec = _spec(HOPPER_CASES[0])
     why = tma_backward.unsupported_reason(spec, 21)  # rows of 21 bf16 = 42 bytes

@@ -152,6 +152,7 @@ def compile_one(family, persistent, dtype, precision, residual, cfg):
             const["r_ptr"] = None
         if persistent:
             const["W_KMAJOR"] = const["X_KMAJOR"] = False
+            const.update(EPILOGUE="none", DACT_ACTIVATION="identity", z_ptr=None)
     sig, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in const:

@@ -110,11 +110,15 @@ def all_layers_aligned(spec: MLPSpec) -> bool:
 
 
 # ---- the contract -------------------------------------------------------------------------------
+# The training options are not shared by every pair: `store_preact` (the saving forward's
+# pre-activation output: the portable launchers and the TMA gated one) and the TMA linear_act's
+# dgrad epilogue (`epilogue`, `z`, `dact_activation`: tma/backward.py).
+_TRAINING_OPTIONS = ("store_preact", "epilogue", "z", "dact_activation")
+
+
 def _without_store_preact(fn) -> inspect.Signature:
-    # The portable launchers' `store_preact` (the training forward's pre-activation output,
-    # torch_impl/backward.py) is theirs alone: the saving forward is portable-only for now.
     sig = inspect.signature(fn)
-    params = [p for name, p in sig.parameters.items() if name != "store_preact"]
+    params = [p for name, p in sig.parameters.items() if name not in _TRAINING_OPTIONS]
     return sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
 
 
@@ -656,6 +660,7 @@ def test_gpu_ptx_uses_tma_and_wgmma():
         bt,
         None,
         out,
+        None,
         300,
         512,
         256,
@@ -674,6 +679,8 @@ def test_gpu_ptx_uses_tma_and_wgmma():
         X_KMAJOR=False,
         FLATTEN=True,
         WARP_SPECIALIZE=False,
+        EPILOGUE="none",
+        DACT_ACTIVATION="identity",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

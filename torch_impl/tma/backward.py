@@ -5,20 +5,25 @@ Per layer i, in reverse, from dZ_i (the gradient at the layer's pre-activation; 
 
     dW_i = h_iᵀ·dZ_i        linear_act (identity) with x = h_iᵀ read M-major in place (X_KMAJOR)
     db_i = Σ_m dZ_i         one fp32 column sum (torch.sum: deterministic), rounded once
-    dh_i = dZ_i·W_iᵀ        linear_act (identity) with w = W_iᵀ read K-major in place (W_KMAJOR)
-    dZ_{i-1} = dh_i ⊙ act'  backward.dact_fwd (the portable elementwise kernel)
+    dZ_{i-1} = (dZ_i·W_iᵀ) ⊙ act'(z_{i-1})
+                            linear_act with w = W_iᵀ read K-major in place (W_KMAJOR) and the
+                            previous layer's act' step in its epilogue (EPILOGUE "dact" /
+                            "dact_gated": backward.py's `_dact_epilogue`, applied to the fp32
+                            accumulator and rounded once, as the portable dgrad does)
 
 Why this and not backward.py's kernels on Hopper: those are pointer kernels (mma through cp.async,
 no TMA, no persistent grid), 70-85 % of cuBLAS on the H200: at llama3-8b M=8192 their dgrad and
 wgrad took 10.9 ms against ~7.6 ms for four GEMMs at the TMA kernel's measured 98-102 % of
-cuBLAS (docs/performance.md). The price: the act' step is a separate elementwise pass over
-dh and z (the TMA kernel's epilogue has no dact form yet), ~0.3 ms at llama3-8b, as in eager
-autograd; and dh is rounded to the dtype before act' is applied (eager rounds there too).
+cuBLAS (docs/performance.md). The first version ran the act' step as a separate elementwise pass
+(backward.dact_fwd, ~0.3 ms at llama3-8b, measured 13.79 ms a step in all); the epilogue form
+removes that pass and dh's rounding before act'. The dact epilogue's tiles are capped at 128
+output columns (the z tile it loads: common.tiling.cap_for_preact), as the portable dgrad's.
 
 Used by custom_op's backward on an sm_90 GPU when the forward's impl is `auto` or a Hopper impl
 (`triton_tma`, `mosaic`) and every operand meets TMA's 16-byte rule (`unsupported_reason`);
 otherwise backward.py's portable kernels run. The saving forward ("preact") is backward.py's
-`forward_saving` either way. Runs under TRITON_INTERPRET=1 too (tests/test_backward_torch.py).
+`forward_saving`, with `hopper=True` here (gated and identity layers on the TMA kernels). Runs
+under TRITON_INTERPRET=1 too (tests/test_backward_torch.py).
 
 Twin: none yet (the JAX stack's backward is the Pallas-Triton twin of backward.py; a Mosaic GPU
 sibling of this module is later work).
@@ -59,16 +64,25 @@ def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
     return None
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, spec: MLPSpec) -> torch.Tensor:
-    """a·b on the TMA kernel (a [M, K] and b [K, N] row-major or transposed views)."""
+def _gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    spec: MLPSpec,
+    epilogue: str = "none",
+    z: torch.Tensor | None = None,
+    activation: str = "identity",
+) -> torch.Tensor:
+    """a·b on the TMA kernel (a [M, K] and b [K, N] row-major or transposed views), with the
+    previous layer's act' step in the epilogue where `epilogue` says (linear_act_fwd)."""
     m, k = a.shape
     cfg = heuristic_config(
         "linear_act", m, b.shape[1], k, spec.dtype, interpret=INTERPRET, persistent=True,
         fp32_precision=spec.fp32_precision,
     )  # fmt: skip
     return linear_act_fwd(
-        a, b, None, None, activation="identity", config=cfg, fp32_precision=spec.fp32_precision
-    )
+        a, b, None, None, activation="identity", config=cfg, fp32_precision=spec.fp32_precision,
+        epilogue=epilogue, z=z, dact_activation=activation,
+    )  # fmt: skip
 
 
 def mlp_backward(
@@ -113,19 +127,14 @@ def mlp_backward(
             grads[bname] = dz.sum(0, dtype=torch.float32).to(params[bname].dtype)
         if i == 0 and not need_dx:
             break
-        dh = _gemm(dz, w.t(), spec)
+        # dh = dZ·Wᵀ, with the previous layer's act' step in the epilogue (dh is its dout)
         prev = layers[i - 1] if i > 0 else None
         if prev is None or not portable._stores_preact(prev):
-            dz = dh
+            dz = _gemm(dz, w.t(), spec)
         else:
-            cfg = portable._config(
-                spec, "gated" if prev.gated else "linear_act", m, prev.d_out, prev.d_in, None
-            )
-            dz = portable.dact_fwd(
-                dh, res[2 * i - 1], activation=prev.activation, gated=prev.gated, config=cfg
-            )
-            res[2 * i - 1] = None  # z_{i-1}: read by this act' pass only
-        del dh
+            epilogue = "dact_gated" if prev.gated else "dact"
+            dz = _gemm(dz, w.t(), spec, epilogue, res[2 * i - 1], prev.activation)
+            res[2 * i - 1] = None  # z_{i-1}: read by this epilogue only
         if i == 0:
             grads["x"] = dz
     return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}

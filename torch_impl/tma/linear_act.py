@@ -53,12 +53,15 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import cdiv, heuristic_config
+from fusedmlp.common.packing import packed_width
+from fusedmlp.common.tiling import cap_for_preact, cdiv, gated_config, heuristic_config
 from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
 from ..activations import apply_activation, round_to_dtype
+from ..backward import _dact_epilogue
 from ..front import ADAPTER
+from ..gated import _PACK
 from ..linear_act import _grouped_tile, _input_precision
 from ..runtime import INTERPRET, check_kernel_device
 from .support import (
@@ -146,13 +149,14 @@ def _store_tile(
 
 @triton.jit
 def _linear_act_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
     M, N, K, NUM_PROGRAMS,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
     if X_KMAJOR:  # x is [K, M] in memory: the backward's hᵀ·dZ reads h as it is
@@ -171,9 +175,10 @@ def _linear_act_fwd_kernel(
         w_desc = tl.make_tensor_descriptor(
             w_ptr, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N]
         )
-    o_desc = tl.make_tensor_descriptor(
-        o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
-    )
+    if EPILOGUE == "none":
+        o_desc = tl.make_tensor_descriptor(
+            o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
+        )
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
@@ -216,20 +221,18 @@ def _linear_act_fwd_kernel(
         acc = apply_activation(acc, ACTIVATION)
 
         # 4. store: the residual added and the tile stored slice by slice
-        _store_tile(
-            o_desc,
-            acc,
-            r_ptr,
-            out_m,
-            out_n,
-            M,
-            N,
-            HAS_RESIDUAL,
-            INTERPRET,
-            BLOCK_M,
-            BLOCK_N,
-            SUBTILE,
-        )
+        if EPILOGUE == "none":
+            _store_tile(
+                o_desc, acc, r_ptr, out_m, out_n, M, N, HAS_RESIDUAL, INTERPRET,
+                BLOCK_M, BLOCK_N, SUBTILE,
+            )  # fmt: skip
+        else:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32, rounded once
+            width = 2 * tl.cdiv(N, _PACK) * _PACK if EPILOGUE == "dact_gated" else N
+            _dact_epilogue(
+                acc, z_ptr, o_ptr, tile_n, out_m + tl.arange(0, BLOCK_M),
+                out_n + tl.arange(0, BLOCK_N), M, N, width, 1, width, 1,
+                DACT_ACTIVATION, EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
 
 
 # ==== launcher ====================================================================================
@@ -242,16 +245,25 @@ def linear_act_fwd(
     activation: str,
     config: TileConfig,
     fp32_precision: str = "ieee",
+    epilogue: str = "none",
+    z: torch.Tensor | None = None,
+    dact_activation: str = "identity",
 ) -> torch.Tensor:
     """Launch on a 2-D x [M, K], w [K, N] meeting the 16-byte rule; returns [M, N] in x.dtype.
 
     Trusts its input; makes operands contiguous and 16-byte aligned (copies only where not); a
     K-major w (`w_nk.t()`) is read as it is, and so is an M-major x (`x_km.t()`, the backward's
     transposed activations) where its rows (M elements) meet the 16-byte rule.
+
+    `epilogue` (the backward's dgrad, tma/backward.py; `activation` identity, no bias or
+    residual): "dact" returns acc ⊙ act'(z) for z [M, N]; "dact_gated" the packed [dz|dg]
+    [M, packed_width(N)] from the packed z (backward.py's `_dact_epilogue`, `dact_activation`
+    its act), each rounded once from fp32.
     """
     M, K = x.shape
     N = w.shape[1]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    width = packed_width(N) if epilogue == "dact_gated" else N
+    out = torch.empty((M, width), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
     w_kmajor = is_k_major(w)
@@ -259,21 +271,29 @@ def linear_act_fwd(
     x = as_tma_operand(x.t()).t() if x_kmajor else as_tma_operand(x)
     w = as_tma_operand(w.t()).t() if w_kmajor else as_tma_operand(w)
     b = b.contiguous() if b is not None else None
+    z = z.contiguous() if z is not None else None  # the epilogue's row stride is its width
     if residual is not None:
         residual = residual.contiguous()  # row stride N
     # a residual gets room in shared memory (more epilogue slices, then fewer stages)
     config, ws = launch_config("linear_act", config, x.dtype, fp32_precision, residual is not None)
+    if epilogue != "none":
+        # A pointer epilogue that loads the saved z tile: the portable dgrad's tile cap (register
+        # pressure), whole packed block pairs when gated, no warp specialisation.
+        config, ws = cap_for_preact(config), False
+        if epilogue == "dact_gated":
+            config = gated_config(config)
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = num_programs(num_tiles, x.device)
     ensure_allocator()
     _linear_act_fwd_kernel[(programs,)](
-        x, w, b, residual, out,
+        x, w, b, residual, out, z,
         M, N, K, programs,
         ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
         INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
         X_KMAJOR=x_kmajor, FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
+        EPILOGUE=epilogue, DACT_ACTIVATION=dact_activation,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

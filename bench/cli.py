@@ -6,7 +6,7 @@
     fusedmlp parity   [--preset NAME | --spec FILE] [--m LIST] [--impl LIST] [--dtype LIST]
                       [--backward] [--device cpu|cuda] [--json PATH] [--markdown PATH]
     fusedmlp bench    [--preset ...] [--m 16,8192] [--impl LIST] [--device ...] [--json PATH]
-                      [--markdown PATH] [--plot PATH]
+                      [--markdown PATH] [--plot PATH] [--backward [--saved preact|inputs]]
     fusedmlp overhead [--device ...] [--impl LIST] [--json PATH] [--markdown PATH] [--plot PATH]
     fusedmlp sweep    [--short] [--widths 16,32] [--depths 2,4] [--m M] [--json ...] [--plot ...]
     fusedmlp report   RESULTS.json [MORE.json ...] [--markdown PATH] [--plot-dir DIR] [--json PATH]
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fusedmlp.common import MLPSpec
+from fusedmlp.common.config import DEFAULT_SAVED, SAVED_POLICIES
 from fusedmlp.common.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESETS, PRESETS, get_preset
 
 from . import report as rep
@@ -261,6 +262,8 @@ def _timing(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace, console: Any) -> int:
+    if getattr(args, "backward", False):
+        return cmd_bench_backward(args, console)
     from .benchmark import run_bench
 
     device, providers, items = _device_providers_items(args)
@@ -289,6 +292,38 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     if getattr(args, "derive_auto", None) is not None:
         path = _derive_auto(results, args.derive_auto or None, console)
         failed += _retime_auto(path, result, items, providers, device, args, console)
+    return 1 if failed else 0
+
+
+def cmd_bench_backward(args: argparse.Namespace, console: Any) -> int:
+    """`bench --backward`: one training step per provider (bench/bench_backward.py), in the
+    results' `bench_backward` section."""
+    from .bench_backward import run_bench_backward
+
+    device, providers, items = _device_providers_items(args)
+    with _Progress(console, len(items) * len(providers), "bench --backward") as bar:
+        result = run_bench_backward(
+            items,
+            providers,
+            device,
+            saved=args.saved or DEFAULT_SAVED,
+            quick=args.quick,
+            timing=_timing(args),
+            on_row=bar.row,
+            checkpoint=_checkpoint(args, "bench_backward"),
+        )
+    results = _results("bench_backward", result)
+    rep.print_tables(console, rep.bench_backward_tables(result))
+    _write(args, results, console)
+    _print_wall(console, "bench --backward", result)
+    failed = [
+        f"{c.get('preset')} M={c['m']}: {r['provider']}: {r['status']}"
+        for c in result["cases"]
+        for r in c["rows"]
+        if _failed(r)
+    ]
+    for line in failed:
+        console.print(f"[bold red]not a result: {line}[/]")
     return 1 if failed else 0
 
 
@@ -559,6 +594,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU: write auto's dispatch table from this run's timings (default "
         "common/dispatch/<gpu>.json)",
     )
+    p.add_argument(
+        "--backward",
+        action="store_true",
+        help="time one training step (forward + backward, dx and every param's gradient) and "
+        "its peak memory instead of the forward; gradients gated by parity first",
+    )
+    p.add_argument(
+        "--saved",
+        choices=SAVED_POLICIES,
+        help=f"with --backward: what our paths keep for the backward (default {DEFAULT_SAVED})",
+    )
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
@@ -614,6 +660,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if getattr(args, "reps", None) is not None and args.reps < 20:
         parser.error(f"--reps: expected at least 20, got {args.reps}")
+    if getattr(args, "saved", None) and not getattr(args, "backward", False):
+        parser.error("--saved: only with --backward (the forward keeps nothing)")
+    if getattr(args, "backward", False) and args.command == "bench":
+        for flag, value in (("--tune", args.tune), ("--derive-auto", args.derive_auto)):
+            if value not in (False, None):
+                parser.error(f"{flag}: not with --backward (it concerns the forward's kernels)")
     console = _console()
     func = getattr(args, "func", None)
     return (func or cmd_default)(args, console)

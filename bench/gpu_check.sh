@@ -4,10 +4,13 @@
 # On the GPU image (nvidia-smi sees a GPU): installs the project offline (and .wheels/*.whl when
 # carried), then runs `pytest -m gpu`, the parity matrix and the benchmark of the default presets
 # (both stacks, every implementation, each stack's `auto`), the overhead table and the narrow
-# sweep, each under its own time limit inside a 560 s budget, and writes into OUTDIR at most 6
-# files:
+# sweep, then the training step's bench (`bench --backward`, llama3-8b and hf-blog-geglu at
+# M=8192, bf16), each under its own time limit inside a 560 s budget, and writes into OUTDIR at
+# most 8 files:
 #   results.json  every section with the environment block (machine, versions, commit)
-#   results.md    the tables          bench.png, sweep.png, overhead.png   the plots
+#   results.md    the tables
+#   bench.png, bench_backward.png, sweep.png, overhead.png   the plots
+#   dispatch.json auto's dispatch table derived from the bench (GPU)
 #   log.txt       everything printed, with each step's time and exit status and pytest's duration
 # On a machine without a GPU it runs the same pipeline in its short mode (cpu-small, short sweep, no
 # pytest -m gpu: CI runs the CPU tests itself), in about two minutes; .ci/run calls it that way.
@@ -109,15 +112,26 @@ if [ "$mode" = gpu ]; then
   # and 8 bracket the grid; `fusedmlp sweep` runs the full grid with torch.compile by default.
   step sweep 80 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
     --json "$work/sweep.json"
+  # One training step (forward + backward) per path, both stacks, at the two presets the backward
+  # was built for (bf16 both). Kept small: --quick (20 timed steps), and the rows that run
+  # distinct kernels — with saved=preact every torch impl but auto/triton_tma runs the portable
+  # saving forward and backward (triton stands for them), auto the Hopper TMA backward; every JAX
+  # kernel runs the portable saving forward and Pallas backward (pallas_triton; auto as called).
+  # Most of the time is compiling (inductor's forward+backward graphs, the Pallas backward).
+  step bench-backward 100 "${cli[@]}" bench --backward --quick --preset llama3-8b,hf-blog-geglu \
+    --m 8192 --impl triton,pallas_triton,auto,baselines --json "$work/bench_backward.json"
 else
   step parity 70 "${cli[@]}" parity --device cpu --json "$work/parity.json"
   step bench 50 "${cli[@]}" bench --device cpu --quick --json "$work/bench.json"
   step overhead 45 "${cli[@]}" overhead --device cpu --quick --json "$work/overhead.json"
   step sweep 35 "${cli[@]}" sweep --device cpu --short --quick --json "$work/sweep.json"
+  # The training step's wiring: baselines timed, kernels gated under the interpreters (~15 s).
+  step bench-backward 40 "${cli[@]}" bench --backward --device cpu --quick --m 8 \
+    --impl triton,pallas_triton,eager,xla --json "$work/bench_backward.json"
 fi
 
 jsons=()
-for name in parity parity.bench bench overhead sweep; do
+for name in parity parity.bench bench overhead sweep bench_backward; do
   [ -f "$work/$name.json" ] && jsons+=("$work/$name.json")
 done
 if [ ${#jsons[@]} -gt 0 ]; then

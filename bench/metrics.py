@@ -93,3 +93,28 @@ def all_metrics(
     spec: MLPSpec, m: int, impl: str, seconds: float, ceilings: Ceilings
 ) -> dict[str, float]:
     return {name: fn(spec, m, impl, seconds, ceilings) for name, fn in METRICS.items()}
+
+
+def backward_floor(
+    spec: MLPSpec, m: int, saved: str, ceilings: Ceilings, *, check: bool = False
+) -> cost.Floor:
+    """The roofline floor of one training step under policy `saved` (`cost.backward_floor`), at
+    the copy rate; with `check`, at the fastest memory rate measured (as `floor`)."""
+    return cost.backward_floor(
+        spec,
+        m,
+        flops_per_s=ceilings.matmul[matmul_key(spec)],
+        bytes_per_s=ceilings.memory if check else ceilings.copy,
+        saved=saved,
+    )
+
+
+def backward_metrics(
+    spec: MLPSpec, m: int, saved: str, seconds: float, ceilings: Ceilings
+) -> dict[str, float]:
+    """TFLOP/s, GB/s (of the step's fewest bytes) and % of the step's floor."""
+    return {
+        "tflops": cost.backward_flops(spec, m, saved) / seconds / 1e12,
+        "gbps": cost.backward_bytes(spec, m, saved) / seconds / 1e9,
+        "pct_roofline": 100.0 * backward_floor(spec, m, saved, ceilings).seconds / seconds,
+    }

@@ -1,9 +1,10 @@
 """Reports from results: tables (rich on the console, Markdown in files) and PNG plots.
 
-Every section of a results JSON (`parity`, `bench`, `overhead`, `sweep`) turns into a list of
-`Table`s (title, headers, rows of text) by one function, so the console and the Markdown files show
-the same numbers. Plots (matplotlib, Agg backend): the benchmark as bars of median time with min/max
-whiskers and the floor as a line, one panel per case; the sweep as a heat map of fused_small's
+Every section of a results JSON (`parity`, `bench`, `bench_backward`, `overhead`, `sweep`) turns
+into a list of `Table`s (title, headers, rows of text) by one function, so the console and the
+Markdown files show the same numbers. Plots (matplotlib, Agg backend): the benchmark (forward,
+and the training step of `bench --backward`) as bars of median time with min/max whiskers and the
+floor as a line, one panel per case; the sweep as a heat map of fused_small's
 speedup over the best baseline of each stack, each cell annotated with its floor; overheads as bars.
 """
 
@@ -227,6 +228,106 @@ def bench_tables(bench: dict[str, Any]) -> list[Table]:
     return tables
 
 
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def bench_backward_tables(bench: dict[str, Any]) -> list[Table]:
+    """`bench --backward`: one training step per row, with its peak memory and its speed against
+    the best baseline of its stack."""
+    c = bench["ceilings"]
+    mm = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in c["matmul"].items())
+    read = c.get("read")
+    tables = [
+        Table(
+            "Ceilings (measured in this run)",
+            ["matmul", "copy (read + write)", "read only"],
+            [[mm, f"{c['copy'] / 1e9:.4g} GB/s", f"{read / 1e9:.4g} GB/s" if read else "-"]],
+        )
+    ]
+    for case in bench["cases"]:
+        fl = case["floor"]
+        gpu = case["device"] == "cuda"
+        rows = []
+        for r in case["rows"]:
+            t = r.get("time") if is_result(r) else None
+            rows.append(
+                [
+                    _provider(r) + (" (baseline)" if r.get("baseline") else ""),
+                    r.get("kernels", "-"),
+                    r.get("saved", "-"),
+                    fmt_time(t["median"]) if t else "-",
+                    f"{fmt_time(t['min'])} … {fmt_time(t['max'])}" if t else "-",
+                    str(t["n"]) if t else "-",
+                    fmt_time(_stat(r, "span")) if t else "-",
+                    str(r["kernels_per_call"]) if t and r.get("kernels_per_call") else "-",
+                    fmt_time(_stat(r, "throughput")),
+                    fmt_time(_stat(r, "host_issue")),
+                    fmt_num(r.get("tflops"), ".3g"),
+                    fmt_num(r.get("gbps"), ".4g"),
+                    fmt_num(r.get("pct_roofline"), ".1f"),
+                    f"{r['vs_best_baseline']:.2f}x" if r.get("vs_best_baseline") else "-",
+                    fmt_bytes(r.get("peak_bytes")),
+                    r.get("parity", "-"),
+                    _status(r),
+                ]
+            )
+        methods = sorted({r["time"]["method"] for r in case["rows"] if is_result(r)})
+        memory = sorted(
+            {f"{r['stack']}: {r['memory_method']}" for r in case["rows"] if r.get("peak_bytes")}
+        )
+        tables.append(
+            Table(
+                f"Bench --backward (forward + backward): {case.get('preset', '')} "
+                f"{case['spec_text']}, M={case['m']} on {case['device']}, "
+                f"saved={case['saved']}",
+                [
+                    "provider",
+                    "kernels",
+                    "saved",
+                    "device" if gpu else "host sync",
+                    "min … max",
+                    "n",
+                    "span",
+                    "K",
+                    "throughput",
+                    "host issue",
+                    "TFLOP/s",
+                    "GB/s",
+                    "% floor",
+                    "vs best baseline",
+                    "peak memory",
+                    "parity",
+                    "status",
+                ],
+                rows,
+                caption=(
+                    f"one step = forward + backward of loss Σ y·dy (dx and every param's "
+                    f"gradient); floor {fmt_time(fl['preact_s'])} (preact, the baselines') / "
+                    f"{fmt_time(fl['inputs_s'])} (inputs: the forward again), {fl['bound']}-bound "
+                    f"({fl['flops_preact'] / 1e9:.4g} GFLOP, {fl['bytes_preact'] / 2**20:.4g} MiB "
+                    f"at least); gradients gated by {case.get('gate', '-')}; "
+                    f"{case.get('input_sets', 1)} input set(s) rotated. "
+                    + (
+                        "device = sum of the step's kernel durations (K per step), each step "
+                        "after an L2 flush; throughput = N steps back to back + one wait"
+                        if gpu
+                        else "No device on a CPU: the time is the host clock around each "
+                        "synchronised step, not device time"
+                    )
+                    + "; vs best baseline = the stack's best baseline time / the row's; peak "
+                    "memory = the step's peak above its resident inputs ("
+                    + ("; ".join(memory) or "-")
+                    + "); timed with "
+                    + ("; ".join(methods) or "-")
+                ),
+            )
+        )
+    return tables
+
+
 def overhead_tables(overhead: dict[str, Any]) -> list[Table]:
     rows = []
     for r in overhead["rows"]:
@@ -387,6 +488,7 @@ def train_tables(train: dict[str, Any]) -> list[Table]:
 SECTIONS = {
     "parity": parity_tables,
     "bench": bench_tables,
+    "bench_backward": bench_backward_tables,
     "overhead": overhead_tables,
     "sweep": sweep_tables,
     "train": train_tables,
@@ -466,6 +568,7 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
 
 
 def plot_bench(bench: dict[str, Any], path: Path) -> Path:
+    """Bars per case; a `bench --backward` result (its floors per policy) draws its steps."""
     plt = _plt()
     import textwrap
 
@@ -489,19 +592,21 @@ def plot_bench(bench: dict[str, Any], path: Path) -> Path:
             for r in timed
         ]
         ax.barh(names, med, xerr=[lo, hi], color=colors, capsize=3)
-        ax.axvline(
-            case["floor"]["per_layer_s"] * 1e3, color="k", ls="--", lw=1, label="floor, per-layer"
+        lines = (
+            (("preact_s", "--", "floor, saved=preact"), ("inputs_s", ":", "floor, saved=inputs"))
+            if "preact_s" in case["floor"]
+            else (("per_layer_s", "--", "floor, per-layer"), ("whole_s", ":", "floor, whole MLP"))
         )
-        ax.axvline(
-            case["floor"]["whole_s"] * 1e3, color="k", ls=":", lw=1, label="floor, whole MLP"
-        )
+        for key, style, label in lines:
+            ax.axvline(case["floor"][key] * 1e3, color="k", ls=style, lw=1, label=label)
         untimed = [r["provider"] for r in case["rows"] if not is_result(r)]
         title = f"{case.get('preset', '')} M={case['m']} ({case['spec_text']})"
         if untimed:
             title += "\n" + textwrap.fill(f"not timed: {', '.join(untimed)}", 120)
         ax.set_title(title, fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel("median time per call, ms, log scale (whiskers: min/max)")
+        what = "step (forward + backward)" if "preact_s" in case["floor"] else "call"
+        ax.set_xlabel(f"median time per {what}, ms, log scale (whiskers: min/max)")
         ax.legend(fontsize=7, loc="lower right")
         ax.tick_params(labelsize=7)
     return _save(plt, fig, path)
@@ -579,7 +684,13 @@ def plot_train(train: dict[str, Any], path: Path) -> Path:
     return plot_of_train(train, path)
 
 
-PLOTS = {"bench": plot_bench, "sweep": plot_sweep, "overhead": plot_overhead, "train": plot_train}
+PLOTS = {
+    "bench": plot_bench,
+    "bench_backward": plot_bench,
+    "sweep": plot_sweep,
+    "overhead": plot_overhead,
+    "train": plot_train,
+}
 
 
 def plot_all(results: dict[str, Any], out_dir: Path, stem: str = "") -> list[Path]:

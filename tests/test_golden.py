@@ -1,10 +1,12 @@
-"""Golden files: regeneration is bit-identical, coverage, size."""
+"""Golden files: regeneration is bit-identical, coverage, size; the gradient files' contents."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from fusedmlp.common import ACTIVATIONS, DTYPES, golden, reference
+from fusedmlp.common.packing import pack_params, packed_names, unpack_params
+from fusedmlp.common.tiling import WHOLE_WIDTHS
 
 
 def test_regeneration_is_bit_identical():
@@ -35,3 +37,48 @@ def test_files_hold_what_the_reference_computes():
 def test_total_size_under_5mb():
     size = sum(p.stat().st_size for p in golden.GOLDEN_DIR.glob("*.npz"))
     assert size < 5_000_000
+
+
+# ---- gradient files (the manifest's grad_cases) --------------------------------------------------
+def test_grad_files_hold_the_rounded_forward_gradients():
+    """Each gradient file: the dense case's dy, and `reference.backward(round_hidden=True)` in
+    the packed names (padded columns exact zeros), bit for bit; its manifest entry says so."""
+    manifest = golden.load_manifest()
+    for name in golden.grad_case_names():
+        case, grad, entry = golden.load(name), golden.load_grad(name), manifest["grad_cases"][name]
+        assert entry["case"] == name and entry["case_file"] == manifest["cases"][name]["file"]
+        assert grad.spec == case.spec and entry["linearisation"] == "round_hidden"
+        assert grad.dy.dtype == case.dy.dtype and grad.dy.tobytes() == case.dy.tobytes()
+        assert entry["dy_shape"] == list(grad.dy.shape) and entry["dy_dtype"] == case.spec.dtype
+        assert list(grad.grads) == ["x", *packed_names(case.spec)]
+        assert entry["grad_shapes"] == {k: list(v.shape) for k, v in grad.grads.items()}
+        assert all(v.dtype == np.float64 for v in grad.grads.values())
+        want = reference.backward(case.spec, case.x, case.params, case.dy, round_hidden=True)
+        got = grad.contract_grads()
+        assert list(got) == list(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: d{key}")
+        if case.spec.dtype != "float32":  # not the dense file's gradients at the exact forward
+            assert any(not np.array_equal(case.grads[k], want[k]) for k in want), name
+        params = {k: v for k, v in grad.grads.items() if k != "x"}
+        for key, again in pack_params(case.spec, unpack_params(case.spec, params)).items():
+            np.testing.assert_array_equal(params[key], again, err_msg=f"{name}: {key} padding")
+
+
+def test_coverage_of_grad_cases():
+    """The gradient cases span the training matrix: plain and gated (swiglu and geglu), 2 and 3+
+    layers, each dtype, bias and none, 3-D, M = 1, NaN, relu; fused_small takes each."""
+    names = golden.grad_case_names()
+    assert set(names) <= set(golden.case_names())
+    cases = [golden.load(n) for n in names]
+    specs = [c.spec for c in cases]
+    assert {s.dtype for s in specs} == set(DTYPES)
+    assert {s.bias for s in specs} == {True, False}
+    assert {"swiglu", "geglu", "relu"} <= {s.activation for s in specs}
+    assert any(not s.gated and s.num_layers == 2 for s in specs)
+    assert any(s.gated and s.num_layers >= 3 for s in specs)
+    assert any(not s.gated and s.num_layers >= 3 for s in specs)
+    assert any(c.x.ndim == 3 for c in cases)
+    assert any(c.x.shape[0] == 1 and c.x.ndim == 2 for c in cases)
+    assert any(np.isnan(c.x).any() for c in cases)
+    assert all(max(s.widths) <= WHOLE_WIDTHS[-1] for s in specs)

@@ -3,8 +3,18 @@
 Each case is one `.npz` (written with fixed zip timestamps and no compression, so regeneration is
 bit-identical) holding the inputs in the spec dtype (bfloat16 as raw uint16 bits), the float64
 reference output `y`, the output with the kernels' storage rounding `y_rounded`, and float64
-gradients `grad_x`, `grad_<param>` of `sum(y * dy)`. `MANIFEST.json` lists every case with its spec
-and the SHA-256 of its file.
+gradients `grad_x`, `grad_<param>` of `sum(y * dy)` at the exact forward (the math's gradient).
+`MANIFEST.json` lists every case with its spec and the SHA-256 of its file.
+
+Gradient cases (issue 24) are listed apart, under the manifest's `grad_cases` (`grad_case_names`,
+`load_grad`): for a subset of the dense cases (`GRAD_CASES`: each axis of the training matrix at
+least once), `grad-<case>.npz` holds the upstream gradient `dy` (the case's own, spec dtype) and
+the float64 gradients of `sum(y * dy)` that the gradient tolerance judges by:
+`reference.backward(..., round_hidden=True)`, at the forward AS THE KERNELS STORE IT (hidden
+layers rounded to the dtype; common/tolerance.py says why relu needs it), keyed "x" and by the
+PACKED param names the stacks train (`wv{i}`, `bc{i}` of gated layers, zero in the padded
+columns: common/packing.py). x and the params are the dense case's file. Each entry names its
+case, the shapes of dy and of every gradient, the dtypes, dy's seed and the file's SHA-256.
 
 Factorised (low-rank) cases (issue 26) are listed apart, under the manifest's `lowrank_cases`
 (`lowrank_case_names`, `load_lowrank`), so every dense golden test keeps its case list: the spec is
@@ -33,7 +43,7 @@ import numpy as np
 from .. import lowrank_spec, reference
 from ..dtypes import DTYPES, cast, numpy_dtype
 from ..lowrank_spec import LowRankSpec
-from ..packing import pack_gated
+from ..packing import pack_gated, pack_params, packed_names, unpack_params
 from ..params import init_params, make_grad_output, make_input
 from ..spec import ACTIVATIONS, MLPSpec
 
@@ -44,6 +54,7 @@ FORMAT_VERSION = 1
 # Odd sizes, multiples of neither 8 nor 16, so every kernel needs masks on every edge.
 ODD_WIDTHS = (33, 67, 21)
 ODD_M = 19
+DY_SEED_OFFSET = 20_000  # a case's dy is drawn with seed + this (x: seed + 10_000)
 
 
 @dataclass(frozen=True)
@@ -116,11 +127,55 @@ def build_case(d: CaseDef) -> GoldenCase:
     x = make_input(d.spec, d.lead_shape, seed=d.seed + 10_000)
     if d.nan_at is not None:
         x[d.nan_at] = np.nan
-    dy = make_grad_output(d.spec, d.lead_shape, seed=d.seed + 20_000)
+    dy = make_grad_output(d.spec, d.lead_shape, seed=d.seed + DY_SEED_OFFSET)
     y = reference.forward(d.spec, x, params)
     y_rounded = reference.forward(d.spec, x, params, round_hidden=True)
     grads = reference.backward(d.spec, x, params, dy)
     return GoldenCase(d.name, d.spec, x, params, dy, y, y_rounded, grads)
+
+
+# ---- gradient cases (issue 24) -------------------------------------------------------------------
+# Dense cases that also get a gradient file: plain and gated (swiglu, geglu), 2 to 4 layers, the
+# three dtypes, bias and none, a 3-D input, M = 1 (fused_decode's regime), a NaN row, relu (whose
+# gradient depends on the linearisation point), erf (geglu), exp (silu, swiglu) and tanh
+# (gelu_tanh) derivatives; every width <= 128, so fused_small takes each. Kept small: each case
+# is trained by both stacks under the interpreters (tests/test_golden_grad.py), ~5 s a case in JAX.
+GRAD_CASES: tuple[str, ...] = (
+    "relu-bfloat16-nobias",
+    "swiglu-float32-nobias",
+    "geglu-float16-bias",
+    "deep-gelu_tanh-float16",
+    "deep-swiglu-bfloat16",
+    "batch3d-silu-float32",
+    "m1-swiglu-bfloat16",
+    "nan-relu-float32",
+)
+GRAD_PREFIX = "grad-"
+
+
+@dataclass
+class GoldenGrad:
+    name: str  # the dense case's name: x and the params are in its file
+    spec: MLPSpec
+    dy: np.ndarray  # the upstream gradient, spec dtype (the dense case's dy)
+    grads: dict[str, np.ndarray]  # float64; "x" and the packed param names
+
+    def contract_grads(self) -> dict[str, np.ndarray]:
+        """The gradients in the contract's names (`reference.backward`'s keys): the packed gated
+        ones unpacked, by slicing, bit for bit."""
+        params = {k: v for k, v in self.grads.items() if k != "x"}
+        return {"x": self.grads["x"], **unpack_params(self.spec, params)}
+
+
+def build_grad(case: GoldenCase) -> GoldenGrad:
+    """The gradients the tolerance judges by: at the rounded forward, params packed."""
+    grads = reference.backward(case.spec, case.x, case.params, case.dy, round_hidden=True)
+    dx = grads.pop("x")
+    return GoldenGrad(case.name, case.spec, case.dy, {"x": dx, **pack_params(case.spec, grads)})
+
+
+def _grad_arrays(grad: GoldenGrad) -> dict[str, np.ndarray]:
+    return {"dy": grad.dy, **{f"grad_{k}": v for k, v in grad.grads.items()}}
 
 
 # ---- factorised (low-rank) cases -----------------------------------------------------------------
@@ -230,7 +285,7 @@ def _case_arrays(case: GoldenCase) -> dict[str, np.ndarray]:
 
 def render() -> tuple[dict[str, bytes], dict]:
     """Every case's file contents and the manifest, computed from the reference."""
-    files, entries = {}, {}
+    files, entries, grad_entries = {}, {}, {}
     for d in case_defs():
         case = build_case(d)
         data = _npz_bytes(_case_arrays(case))
@@ -244,6 +299,29 @@ def render() -> tuple[dict[str, bytes], dict]:
             "seed": d.seed,
             "nan_at": list(d.nan_at) if d.nan_at else None,
         }
+        if d.name not in GRAD_CASES:
+            continue
+        grad = build_grad(case)
+        data = _npz_bytes(_grad_arrays(grad))
+        fname = f"{GRAD_PREFIX}{d.name}.npz"
+        files[fname] = data
+        grad_entries[d.name] = {
+            "file": fname,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "case": d.name,
+            "case_file": entries[d.name]["file"],
+            "spec": d.spec.to_dict(),
+            "x_shape": list(case.x.shape),
+            "dy_shape": list(grad.dy.shape),
+            "dy_dtype": d.spec.dtype,
+            "dy_seed": d.seed + DY_SEED_OFFSET,
+            "grad_dtype": "float64",
+            "grad_shapes": {k: list(v.shape) for k, v in grad.grads.items()},
+            "linearisation": "round_hidden",
+        }
+    missing = sorted(set(GRAD_CASES) - set(grad_entries))
+    if missing:
+        raise ValueError(f"GRAD_CASES: expected names of dense cases, got unknown {missing}")
     lowrank_entries = {}
     for d in lowrank_case_defs():
         case = build_lowrank_case(d)
@@ -262,6 +340,7 @@ def render() -> tuple[dict[str, bytes], dict]:
         "numpy": np.__version__,
         "cases": entries,
         "lowrank_cases": lowrank_entries,
+        "grad_cases": grad_entries,
     }
     return files, manifest
 
@@ -286,25 +365,32 @@ def check(directory: Path = GOLDEN_DIR) -> list[str]:
     _, manifest = render()
     problems = []
     stored = load_manifest(directory)
-    if set(stored["cases"]) != set(manifest["cases"]):
-        problems.append(
-            f"case names differ: {sorted(set(stored['cases']) ^ set(manifest['cases']))}"
-        )
-    stored_lowrank = stored.get("lowrank_cases", {})
-    if set(stored_lowrank) != set(manifest["lowrank_cases"]):
-        names = sorted(set(stored_lowrank) ^ set(manifest["lowrank_cases"]))
-        problems.append(f"lowrank case names differ: {names}")
-    for name, entry in [*manifest["cases"].items(), *manifest["lowrank_cases"].items()]:
-        path = directory / entry["file"]
-        if not path.exists():
-            problems.append(f"{name}: missing file {path.name}")
-            continue
-        on_disk = hashlib.sha256(path.read_bytes()).hexdigest()
-        if on_disk != entry["sha256"]:
-            problems.append(f"{name}: regenerated sha256 {entry['sha256']} != file {on_disk}")
-        listed = stored["cases"].get(name) or stored_lowrank.get(name) or {}
-        if listed.get("sha256") != on_disk:
-            problems.append(f"{name}: manifest sha256 does not match the file")
+    sections = ("cases", "lowrank_cases", "grad_cases")
+    for section in sections:
+        stored_names, names = set(stored.get(section, {})), set(manifest[section])
+        if stored_names != names:
+            problems.append(f"{section} names differ: {sorted(stored_names ^ names)}")
+    for section in sections:
+        listed_section = stored.get(section, {})
+        for name, entry in manifest[section].items():
+            where = name if section == "cases" else f"{section}[{name!r}]"
+            path = directory / entry["file"]
+            if not path.exists():
+                problems.append(f"{where}: missing file {path.name}")
+                continue
+            on_disk = hashlib.sha256(path.read_bytes()).hexdigest()
+            if on_disk != entry["sha256"]:
+                problems.append(f"{where}: regenerated sha256 {entry['sha256']} != file {on_disk}")
+            listed = listed_section.get(name, {})
+            if listed.get("sha256") != on_disk:
+                problems.append(f"{where}: manifest sha256 does not match the file")
+            elif listed != json.loads(json.dumps(entry)):  # tuples read back as lists
+                problems.append(f"{where}: manifest entry differs from the regenerated one")
+    stray = {p.name for p in directory.glob("*.npz")} - {
+        e["file"] for section in sections for e in manifest[section].values()
+    }
+    if stray:
+        problems.append(f"files listed in no manifest section: {sorted(stray)}")
     return problems
 
 
@@ -372,3 +458,24 @@ def load_lowrank(name: str, directory: Path = GOLDEN_DIR) -> LowRankGoldenCase:
     return LowRankGoldenCase(
         name, lspec, inp(arrays["x"]), params, arrays["y"], arrays["y_rounded"]
     )
+
+
+def grad_case_names(directory: Path = GOLDEN_DIR) -> list[str]:
+    """The dense cases that have a gradient file (the manifest's `grad_cases`)."""
+    return list(load_manifest(directory).get("grad_cases", {}))
+
+
+def load_grad(name: str, directory: Path = GOLDEN_DIR) -> GoldenGrad:
+    """The gradient file of dense case `name` (its x and params: `load(name)`)."""
+    cases = load_manifest(directory).get("grad_cases", {})
+    if name not in cases:
+        raise ValueError(f"golden grad case: unknown name {name!r}; known: {sorted(cases)}")
+    entry = cases[name]
+    spec = MLPSpec.from_dict(entry["spec"])
+    with np.load(directory / entry["file"], allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    dy = arrays.pop("dy")
+    dy = dy.view(numpy_dtype(spec.dtype)) if dy.dtype == np.uint16 else dy
+    grads = {k.removeprefix("grad_"): v for k, v in arrays.items()}
+    # The file's keys are sorted: put them back in the contract's order, "x" then the params'.
+    return GoldenGrad(name, spec, dy, {k: grads[k] for k in ("x", *packed_names(spec))})

@@ -23,7 +23,8 @@ def main() -> int:
     manifest = regenerate()
     size = sum(p.stat().st_size for p in GOLDEN_DIR.glob("*.npz"))
     count = len(manifest["cases"]) + len(manifest["lowrank_cases"])
-    print(f"wrote {count} cases, {size / 1e6:.2f} MB, to {GOLDEN_DIR}")
+    grads = len(manifest["grad_cases"])
+    print(f"wrote {count} cases and {grads} gradient files, {size / 1e6:.2f} MB, to {GOLDEN_DIR}")
     return 0
 
 

@@ -273,10 +273,14 @@ def plan(
 def _training_plan(
     spec: MLPSpec, the_plan: Plan, m: int, saved: str, device: str, config: TileConfig | None
 ) -> Plan:
+    from . import fused_small_backward
     from .tma import backward as tma_backward
 
     mib = cost.saved_bytes(spec, m, saved) / 2**20
-    hopper = config is None and tma_backward.applies(the_plan.requested, spec, m, device)
+    whole = fused_small_backward.applies(the_plan.impl, spec)
+    hopper = (
+        not whole and config is None and tma_backward.applies(the_plan.requested, spec, m, device)
+    )
     kernels = (
         "the persistent TMA GEMMs and an elementwise act' pass (torch_impl/tma/backward.py)"
         if hopper
@@ -287,6 +291,9 @@ def _training_plan(
         if hopper
         else "portable triton kernels"
     )
+    if whole:
+        kernels = "fused_small's whole-MLP kernels A and B (torch_impl/fused_small_backward.py)"
+        saving = "fused_small kernel (one launch)"
     if _entry(the_plan.impl).baseline and the_plan.requested != AUTO:
         note = f"training: {the_plan.impl} differentiates through torch autograd"
     elif saved == "preact":

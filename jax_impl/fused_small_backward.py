@@ -32,8 +32,9 @@ price of registers that fit.
 
 Rounding points: those of backward.py (dZ and dx in the compute dtype, dW and db in the param
 dtype, fp32 accumulation everywhere). Against `backward.mlp_backward` the order of additions is
-the same where the tiles are (a pinned per-layer config whose tiles span the padded width), so the
-bits are; elsewhere equal within the tolerance policy.
+the same where the tiles are — a pinned config whose tiles span the padded width 64 (its packed
+dgrad then steps over the gate block, then the up block: the two products dz·Wᵀ + dg·Vᵀ here) —
+and so are the bits (tested on torch); elsewhere equal within the tolerance policy.
 
 Refs are whole arrays addressed with `pl.ds` windows and masks (index arrays for the transposed
 weight tiles), as fused_small.py's are. 16-bit tiles upcast after each load when interpreting.
@@ -80,8 +81,6 @@ from .fused_small import (
 )
 
 WGRAD_ROWS = 64  # rows of a layer's dW per kernel-B program (its fp32 accumulator: 64 × WIDTH)
-# dot_general dimension numbers: aᵀ·d (contract both tiles' rows), backward.py's.
-_CONTRACT_ROWS = (((0,), (0,)), ((), ()))
 
 
 # ---- forward kernel: the saving forward ----------------------------------------------------------
@@ -202,8 +201,7 @@ def _fused_small_dgrad_kernel(
         dg = d
 
         # 3. compute: the layers in reverse, dh in registers, act' on its fp32 accumulator
-        for j in range(NUM_LAYERS):
-            layer = last - j
+        for layer in range(last, -1, -1):
             if HOIST:
                 wt, vt = tiles[layer]
             else:
@@ -247,8 +245,6 @@ def _wgrad_layer(
     2·Np) reduced over run pid_s of the rows (STEPS steps of BLOCK_K), with db from the K-tile 0
     programs. dw_ref / db_ref: the gradient itself (one run) or the fp32 partials [S·D_IN, NC] /
     [S, NC] (run pid_s's rows: the store below is exact)."""
-    # twin-diff: h's tile is [BLOCK_K (m), BLOCK_R (k)] and the dot contracts the rows of both
-    # tiles, where the Triton twin loads hᵀ through the strides (backward.py's wgrad does alike).
     # 1. program -> tile
     k0 = pid_k * BLOCK_R
     offs_k = k0 + jnp.arange(BLOCK_R)
@@ -262,12 +258,16 @@ def _wgrad_layer(
 
     def body(m, carry):
         acc, acc_v, db, dc = carry
-        # 2. load: the h tile [BLOCK_K (m), BLOCK_R (k)] and the dZ tile(s) [BLOCK_K (m), WIDTH]
+        # 2. load: hᵀ tile [BLOCK_R (k), BLOCK_K (m)] and the dZ tile(s) [BLOCK_K (m), WIDTH]
         r0 = m * BLOCK_K
-        mask_r = r0 + jnp.arange(BLOCK_K) < M
+        offs_r = r0 + jnp.arange(BLOCK_K)
+        mask_r = offs_r < M
+        # twin-diff: hᵀ gathered through index arrays where the twin adds offsets (a dot_general
+        # over h's rows, as backward.py's wgrad does, sums in another order than NumPy's matmul
+        # under the interpreters: 9 of 6144 bf16 elements of a 24x256 gradient differed)
         a = plgpu.load(
-            h_ref.at[pl.ds(r0, BLOCK_K), pl.ds(k0, BLOCK_R)],
-            mask=mask_r[:, None] & mask_k[None, :],
+            h_ref.at[offs_r[None, :], offs_k[:, None]],
+            mask=mask_k[:, None] & mask_r[None, :],
             other=0.0,
         )
         if GATED_LAYER:
@@ -284,13 +284,9 @@ def _wgrad_layer(
             d = d.astype(jnp.float32)
             dg = dg.astype(jnp.float32)
         # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
-        acc = acc + jax.lax.dot_general(
-            a, d, _CONTRACT_ROWS, precision=DOT_PRECISION, preferred_element_type=jnp.float32
-        )
+        acc = acc + plgpu.dot(a, d, precision=DOT_PRECISION)
         if GATED_LAYER:
-            acc_v = acc_v + jax.lax.dot_general(
-                a, dg, _CONTRACT_ROWS, precision=DOT_PRECISION, preferred_element_type=jnp.float32
-            )
+            acc_v = acc_v + plgpu.dot(a, dg, precision=DOT_PRECISION)
         if HAS_BIAS:
             db = jax.lax.cond(
                 pid_k == 0, lambda: db + jnp.sum(d.astype(jnp.float32), axis=0), lambda: db

@@ -316,6 +316,7 @@ def _hopper_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: st
 
 @functools.lru_cache(maxsize=256)
 def _whole_of(impl: str, spec_json: str, m: int, device: str, config_json: str | None, gen) -> bool:
+    # cached per call signature (and dispatch table generation): setup_context runs every step
     spec = parse_spec(spec_json)
     chosen = front.plan(
         spec, (m, spec.d_in), impl=impl, device=device, config=parse_config(config_json)
@@ -328,9 +329,12 @@ def _whole_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: str
     resolved to it, on a spec it takes): front.training_forward decides alike. It comes before
     the Hopper backward."""
     spec = parse_spec(spec_json)
+    if impl != AUTO:
+        return fused_small_backward.applies(impl, spec)
     m = x.numel() // spec.d_in if spec.d_in else 0
-    gen = dispatch.generation() if impl == AUTO else 0
-    return _whole_of(impl, spec_json, m, x.device.type, config_json, gen)
+    if not isinstance(m, int):  # a symbolic size (torch.export, dynamic shapes): not cached
+        return _whole_of.__wrapped__(impl, spec_json, m, x.device.type, config_json, 0)
+    return _whole_of(impl, spec_json, m, x.device.type, config_json, dispatch.generation())
 
 
 def _train_setup_context(ctx, inputs, output):

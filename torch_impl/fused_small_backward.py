@@ -33,9 +33,9 @@ price of registers that fit.
 
 Rounding points: those of backward.py (dZ and dx in the compute dtype, dW and db in the param
 dtype, fp32 accumulation everywhere). Against `backward.mlp_backward` the order of additions is
-the same where the tiles are (plain layers, a pinned per-layer config whose tiles span the padded
-width), so the bits are; a gated layer's dh is two products here (dz·Wᵀ, then + dg·Vᵀ) where the
-per-layer dgrad contracts the packed 2·Np at once: equal within the tolerance policy.
+the same where the tiles are — a pinned config whose tiles span the padded width 64 (its packed
+dgrad then steps over the gate block, then the up block: the two products dz·Wᵀ + dg·Vᵀ here) —
+and so are the bits (tested, plain and gated); elsewhere equal within the tolerance policy.
 
 Under TRITON_INTERPRET=1 16-bit tiles are upcast after each load, as everywhere.
 Twin: jax_impl/fused_small_backward.py (Pallas-Triton, same names and sections).
@@ -211,8 +211,7 @@ def _fused_small_dgrad_kernel(
         dg = d
 
         # 3. compute: the layers in reverse, dh in registers, act' on its fp32 accumulator
-        for j in tl.static_range(NUM_LAYERS):
-            layer: tl.constexpr = last - j
+        for layer in tl.static_range(last, -1, -1):
             if HOIST:
                 wt, vt = tiles[layer]
             else:

@@ -39,9 +39,10 @@ layer its input h_i and pre-activation z_i (gated: the packed [z|g]; a plain ide
 not kept: act' = 1); this is the portable forward whatever impl was asked for (a saving Hopper
 forward is later work). "inputs" — the forward is the asked impl and saves x only; `mlp_backward`
 recomputes the saving forward once (one extra forward's FLOPs, `cost.saved_bytes` less memory).
-fused_small / fused_decode (and pallas_mosaic, jax_triton) train through this per-layer backward
-(a whole-MLP backward is later work). The backward kernels are always these portable ones; the
-autodiff binding (`jax.custom_vjp`) is in front.py.
+fused_small trains through its own saving forward and whole-MLP backward
+(fused_small_backward.py: the same residuals, 3-4 launches a step); fused_decode (and
+pallas_mosaic, jax_triton) train through this per-layer backward. The backward kernels are
+always these portable ones here; the autodiff binding (`jax.custom_vjp`) is in front.py.
 
 Twin: torch_impl/backward.py (Triton), line for line; differences carry `# twin-diff:`.
 """

@@ -27,7 +27,9 @@ never loses to the unfused code — and the plan quotes the measurement. Elsewhe
 
 Training: `mlp` is differentiable (`jax.grad`, `value_and_grad`, under `jit` and `vmap`). Every
 implementation but the `xla` baseline (which JAX differentiates itself) is wrapped in one
-`jax.custom_vjp` whose backward is `backward.mlp_backward`, the portable Pallas-Triton kernels.
+`jax.custom_vjp` whose backward is `backward.mlp_backward`, the portable Pallas-Triton kernels
+(fused_small, and auto resolved to it: fused_small_backward.py's saving forward and whole-MLP
+backward, as torch's training op chooses).
 `saved=` picks what the differentiated forward keeps (common/config.py's SAVED_POLICIES):
 "preact" (the default) runs the portable saving forward (`backward.forward_saving`, whatever
 `impl` was asked for: a Hopper saving forward is later work); "inputs" runs the asked `impl` and
@@ -265,9 +267,18 @@ def plan(
 
 
 def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
+    from . import fused_small_backward
+
     mib = saved_bytes(spec, m, saved) / 2**20
+    whole = fused_small_backward.applies(the_plan.impl, spec)
     if _entry(the_plan.impl).baseline:
         note = f"training: {the_plan.impl} differentiates through jax autodiff"
+    elif whole:
+        note = (
+            f"training: saved={saved!r} keeps {mib:.1f} MiB; the saving forward is one "
+            "fused_small kernel, the backward fused_small's whole-MLP kernels A and B "
+            "(jax_impl/fused_small_backward.py)"
+        )
     elif saved == "preact":
         note = (
             f"training: saved='preact' keeps {mib:.1f} MiB (every layer's input and "
@@ -369,12 +380,18 @@ def _jitted_runner(spec: MLPSpec, the_plan: Plan) -> Callable[..., jax.Array]:
 
 # ---- autodiff binding: jax.custom_vjp over the runner, the portable backward --------------------
 @functools.cache
-def _saving_forward(spec: MLPSpec, config: TileConfig | None) -> Callable[..., Any]:
+def _saving_forward(
+    spec: MLPSpec, config: TileConfig | None, whole: bool = False
+) -> Callable[..., Any]:
     """The jitted "preact" training forward (x2d, packed params, residual2d) -> (y2d, kept), one
-    per (spec, config): every implementation's custom_vjp shares its compilation."""
-    from . import backward
+    per (spec, config): every implementation's custom_vjp shares its compilation. `whole`:
+    fused_small's saving forward (fused_small_backward.py, the same residuals)."""
+    from . import backward, fused_small_backward
 
     def forward(x2d, params, residual2d):
+        if whole:
+            y2d, kept = fused_small_backward.forward_saving(x2d, params, spec, config=config)
+            return (y2d + residual2d if residual2d is not None else y2d), kept
         return backward.forward_saving(
             x2d, params, spec, saved="preact", config=config, residual=residual2d
         )
@@ -383,12 +400,16 @@ def _saving_forward(spec: MLPSpec, config: TileConfig | None) -> Callable[..., A
 
 
 @functools.cache
-def _backward_pass(spec: MLPSpec, saved: str, config: TileConfig | None) -> Callable[..., Any]:
-    """The jitted backward (dy2d, kept, packed params) -> gradients, per (spec, saved, config)."""
-    from . import backward
+def _backward_pass(
+    spec: MLPSpec, saved: str, config: TileConfig | None, whole: bool = False
+) -> Callable[..., Any]:
+    """The jitted backward (dy2d, kept, packed params) -> gradients, per (spec, saved, config);
+    `whole`: fused_small's whole-MLP backward (fused_small_backward.py)."""
+    from . import backward, fused_small_backward
 
     def backward_pass(dy2d, kept, params):
-        return backward.mlp_backward(dy2d, kept, params, spec, saved=saved, config=config)
+        run = fused_small_backward.mlp_backward if whole else backward.mlp_backward
+        return run(dy2d, kept, params, spec, saved=saved, config=config)
 
     return jax.jit(backward_pass)
 
@@ -401,8 +422,11 @@ def _trainable(
     config: TileConfig | None,
     names: tuple[str, ...],
     has_residual: bool,
+    whole: bool = False,
 ) -> Callable[..., jax.Array]:
-    """`run` (x2d, params, residual2d) -> y2d, differentiable through `backward.mlp_backward`.
+    """`run` (x2d, params, residual2d) -> y2d, differentiable through `backward.mlp_backward`, or
+    with `whole` (impl fused_small on a spec it takes) fused_small_backward.py's saving forward
+    and whole-MLP backward.
 
     `names`: the caller's param names (packed or not: gradients come back in those names, the
     packed dwv/dbc as they are, or unpacked to dw/dv, db/dc); d(y + r)/dr = dy. Spec, policy,
@@ -419,14 +443,14 @@ def _trainable(
     def core_fwd(x2d, params, residual2d):
         kernel_params = pack_params(spec, params)  # the packed names only (a copy when plain)
         if saved == "preact":
-            y2d, kept = _saving_forward(spec, config)(x2d, kernel_params, residual2d)
+            y2d, kept = _saving_forward(spec, config, whole)(x2d, kernel_params, residual2d)
         else:  # "inputs": the asked implementation's forward; x is all the backward needs
             y2d, kept = run(x2d, params, residual2d), (x2d,)
         return y2d, (kept, kernel_params)
 
     def core_bwd(res, dy2d):
         kept, kernel_params = res
-        grads = _backward_pass(spec, saved, config)(dy2d, kept, kernel_params)
+        grads = _backward_pass(spec, saved, config, whole)(dy2d, kept, kernel_params)
         dx = grads.pop("x")
         if not packed:
             grads = unpack_params(spec, grads)
@@ -457,9 +481,12 @@ def _validate_and_plan(x, params, spec, impl, config, residual, saved) -> _Prepa
     run = _jitted_runner(spec, the_plan)
     train = run  # the baselines: jax differentiates their plain jax.numpy itself
     if not _entry(the_plan.impl).baseline:
+        from . import fused_small_backward
+
         train = _trainable(
             spec, run, saved=saved, config=config, names=tuple(params),
             has_residual=residual is not None,
+            whole=fused_small_backward.applies(the_plan.impl, spec),
         )  # fmt: skip
     return _Prepared(the_plan, lead, math.prod(lead), run, train)
 

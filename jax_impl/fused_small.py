@@ -58,8 +58,10 @@ from fusedmlp.common.tiling import (
 from fusedmlp.common.validate import check_packed_call
 
 from .activations import apply_activation, round_to_dtype
+from .backward import _gate_join
 from .compat import interpret_mode, quiet_pallas_triton
 from .front import ADAPTER, STACK
+from .gated import _gate_split
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
@@ -133,34 +135,116 @@ def _hidden_layer(
     h, w, v, b, c,
     ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, DTYPE, INTERPRET,
 ):  # fmt: skip
-    """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers."""
+    """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers; also
+    its fp32 pre-activation z = h·w + b and up g = h·v + c (z again, plain), which only the saving
+    forward stores (fused_small_backward.py): unused, they cost nothing."""
     if INTERPRET:
         w = w.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
         v = v.astype(jnp.float32)
     z = plgpu.dot(h, w, precision=DOT_PRECISION)
     if HAS_BIAS:
         z += b[None, :]
-    z = apply_activation(z, ACTIVATION)
+    out = apply_activation(z, ACTIVATION)
+    g = z
     if GATED:
         g = plgpu.dot(h, v, precision=DOT_PRECISION)
         if HAS_BIAS:
             g += c[None, :]
-        z = z * g
+        out = out * g
     # round the hidden as a per-layer kernel's store would, then feed the next dot
-    h = round_to_dtype(z, DTYPE, INTERPRET)
+    h = round_to_dtype(out, DTYPE, INTERPRET)
     if INTERPRET:
         h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
-    return h
+    return h, z, g
+
+
+def _packed_store(
+    ref, row0, row_ok, gate, up,
+    ROWS, NP, WIDTH, PACK,
+    INTERPRET,
+):  # fmt: skip
+    """Stores fp32 gate and up tiles [ROWS, WIDTH] (lane c = hidden column c) rounded to ref's
+    dtype into rows [row0, row0 + ROWS) of a packed [., 2·NP] array (common/packing.py): gate
+    lane c at column 2·PACK·(c // PACK) + c % PACK, up lane at that + PACK; every column of the
+    packed width is written (lanes past the tiles' reach as exact zeros)."""
+    # twin-diff: a row window `pl.ds(row0, ROWS)` where the twin takes row offsets and a stride.
+    dtype = ref.dtype
+    rows = pl.ds(row0, ROWS)
+    if WIDTH >= PACK:  # whole block pairs: one contiguous packed tile
+        cols = jnp.arange(2 * WIDTH)
+        t = round_to_dtype(_gate_join(gate, up, ROWS, WIDTH, PACK), dtype, INTERPRET)
+        ok = row_ok[:, None] & (cols[None, :] < 2 * NP)
+        plgpu.store(ref.at[rows, pl.ds(0, 2 * WIDTH)], t, mask=ok)
+    else:  # one block pair, partly filled: the two halves, then zeros past WIDTH
+        lanes = jnp.arange(WIDTH)
+        ok = row_ok[:, None] & (lanes[None, :] >= 0)
+        plgpu.store(ref.at[rows, pl.ds(0, WIDTH)], round_to_dtype(gate, dtype, INTERPRET), mask=ok)
+        plgpu.store(ref.at[rows, pl.ds(PACK, WIDTH)], round_to_dtype(up, dtype, INTERPRET), mask=ok)
+        pad = jnp.arange(PACK)
+        zeros = jnp.zeros((ROWS, PACK), dtype)
+        ok = row_ok[:, None] & (pad[None, :] >= WIDTH)
+        plgpu.store(ref.at[rows, pl.ds(0, PACK)], zeros, mask=ok)
+        plgpu.store(ref.at[rows, pl.ds(PACK, PACK)], zeros, mask=ok)
+
+
+def _packed_load(
+    ref, row0, row_ok,
+    ROWS, NP, WIDTH, PACK,
+):  # fmt: skip
+    """`_packed_store` undone: the gate and up tiles [ROWS, WIDTH] of a packed array, in its
+    dtype (padded lanes read as 0)."""
+    rows = pl.ds(row0, ROWS)
+    if WIDTH >= PACK:
+        cols = jnp.arange(2 * WIDTH)
+        ok = row_ok[:, None] & (cols[None, :] < 2 * NP)
+        t = plgpu.load(ref.at[rows, pl.ds(0, 2 * WIDTH)], mask=ok, other=0.0)
+        gate, up = _gate_split(t, ROWS, WIDTH, PACK)
+    else:
+        lanes = jnp.arange(WIDTH)
+        ok = row_ok[:, None] & (lanes[None, :] >= 0)
+        gate = plgpu.load(ref.at[rows, pl.ds(0, WIDTH)], mask=ok, other=0.0)
+        up = plgpu.load(ref.at[rows, pl.ds(PACK, WIDTH)], mask=ok, other=0.0)
+    return gate, up
+
+
+def _save_layer(
+    h, z, g, h_ref, z_ref, row0, row_ok, d_out,
+    BLOCK_M, WIDTH, GATED, STORES_Z,
+    PACK, INTERPRET,
+):  # fmt: skip
+    """The saving forward's residuals of one hidden layer, as backward.forward_saving keeps them:
+    its output h [M, d_out] and pre-activation z [M, d_out] (gated: the packed [z|g] [M, 2·Np])."""
+    # row0: the tile's first row; h is already rounded (exact in h's dtype)
+    lanes = jnp.arange(WIDTH)
+    ok = row_ok[:, None] & (lanes[None, :] < d_out)
+    rows = pl.ds(row0, BLOCK_M)
+    plgpu.store(h_ref.at[rows, pl.ds(0, WIDTH)], h.astype(h_ref.dtype), mask=ok)
+    if STORES_Z:
+        if GATED:
+            NP = (d_out + PACK - 1) // PACK * PACK
+            _packed_store(z_ref, row0, row_ok, z, g, BLOCK_M, NP, WIDTH, PACK, INTERPRET)
+        else:
+            zr = round_to_dtype(z, z_ref.dtype, INTERPRET)
+            plgpu.store(z_ref.at[rows, pl.ds(0, WIDTH)], zr, mask=ok)
 
 
 def _fused_small_fwd_kernel(
     x_ref, *refs,
     M, TILES_PER_PROGRAM,
     WIDTHS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
-    DOT_PRECISION, INTERPRET,
+    DOT_PRECISION, INTERPRET, SAVE=False, STORES_Z=False,
 ):  # fmt: skip
-    # twin-diff: the layers' refs arrive flat (weights, biases, then y); Triton takes tuples
-    w_refs, b_refs, y_ref = refs[:NUM_LAYERS], refs[NUM_LAYERS : 2 * NUM_LAYERS], refs[-1]
+    # twin-diff: the layers' refs arrive flat (weights, biases, y, then with SAVE the hidden
+    # outputs h_1 … h_{L-1} and the kept pre-activations z_0 …); Triton takes tuples. SAVE (the
+    # training forward, fused_small_backward.py) is a flag of this kernel, where the Triton
+    # twin's inference kernel keeps its signature and a second kernel shares its rows.
+    w_refs, b_refs, y_ref = (
+        refs[:NUM_LAYERS],
+        refs[NUM_LAYERS : 2 * NUM_LAYERS],
+        refs[2 * NUM_LAYERS],
+    )
+    h_refs = refs[2 * NUM_LAYERS + 1 : 3 * NUM_LAYERS]
+    z_refs = refs[3 * NUM_LAYERS :] if STORES_Z else h_refs
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = pl.program_id(0)
     num_programs = pl.num_programs(0)
@@ -199,12 +283,28 @@ def _fused_small_fwd_kernel(
             h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
 
         # 3. compute: every layer from registers; the hidden never leaves the program
-        if HOIST:
-            w_last, b_last = w_out, b_out
+        if HOIST or SAVE:
             for layer in range(last):
-                w, v, b, c = hidden[layer]
-                h = _hidden_layer(
+                if HOIST:
+                    w, v, b, c = hidden[layer]
+                else:
+                    w, v, b, c = _layer_operands(
+                        w_refs[layer], b_refs[layer], WIDTHS[layer], WIDTHS[layer + 1],
+                        WIDTH, GATED, HAS_BIAS, PACK,
+                    )  # fmt: skip
+                h, z, g = _hidden_layer(
                     h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
+                if SAVE:
+                    _save_layer(
+                        h, z, g, h_refs[layer], z_refs[layer], start, row_ok,
+                        WIDTHS[layer + 1], BLOCK_M, WIDTH, GATED, STORES_Z, PACK, INTERPRET,
+                    )  # fmt: skip
+            if HOIST:
+                w_last, b_last = w_out, b_out
+            else:
+                w_last, b_last = _output_operands(
+                    w_refs, b_refs, WIDTHS, NUM_LAYERS, WIDTH, HAS_BIAS, PACK
                 )
         else:
             # weights streamed from L2 per tile, through a runtime loop: the code (and compile
@@ -215,7 +315,7 @@ def _fused_small_fwd_kernel(
                 )
                 return _hidden_layer(
                     h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
-                )
+                )[0]
 
             h = jax.lax.fori_loop(0, last, layer_step, h) if last else h
             w_last, b_last = _output_operands(
@@ -227,7 +327,7 @@ def _fused_small_fwd_kernel(
         if HAS_BIAS:
             z += b_last[None, :]
 
-        # 4. store: only y leaves the program
+        # 4. store: only y leaves the program (and, SAVE, the residuals above)
         y = round_to_dtype(z, dtype, INTERPRET)
         plgpu.store(
             y_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],

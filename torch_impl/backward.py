@@ -38,8 +38,9 @@ not kept: act' = 1); this is the portable forward whatever impl was asked for, e
 (`hopper=True`, decided with tma/backward.py's `applies`), where gated and identity layers run the
 persistent TMA kernels (the gated one with its own STORE_PREACT). "inputs" — the forward is the
 asked impl and saves x only; `mlp_backward` recomputes the saving forward once (one extra
-forward's FLOPs, `cost.saved_bytes` less memory). fused_small / fused_decode train through this
-per-layer backward (a whole-MLP backward is later work). On Hopper the backward's GEMMs run
+forward's FLOPs, `cost.saved_bytes` less memory). fused_small trains through its own saving
+forward and whole-MLP backward (fused_small_backward.py: the same residuals, 3-4 launches a
+step); fused_decode trains through this per-layer backward. On Hopper the backward's GEMMs run
 tma/backward.py's sibling of `mlp_backward` instead of these kernels.
 
 Twin: jax_impl/backward.py (Pallas-Triton), line for line; differences carry `# twin-diff:`.

@@ -31,15 +31,16 @@ Training (issue 24): a second op, `fusedmlp::mlp_train(x, params, spec_json, imp
 residual, saved) -> (y, Tensor[] kept)`, runs the saving forward (`front.training_forward`; policy
 `saved`, common.config.SAVED_POLICIES) and returns what the backward needs besides x and the params
 (x is an input: an output may not alias it); its `register_autograd` backward calls
-`fusedmlp::mlp_backward(dy, x, kept, params, spec_json, config_json, saved, need_dx, hopper) ->
-Tensor[]` ([dx, d params in the list's order and layout]; backward.py's kernels, or with `hopper`
-— decided at the forward: an sm_90 GPU, impl auto or a Hopper one, no pinned config, the 16-byte
-rule met — tma/backward.py's persistent TMA GEMMs). Both have fakes, so
-torch.compile(fullgraph=True) traces forward and backward as two opaque nodes. `mlp()` and
-FusedMLP call the training op where a gradient is to be built (`train_call`: in eager mode the
-same forward and backward as one torch.autograd.Function, without the ops' dispatch), the
-inference op elsewhere; the inference op differentiates too, as the "inputs" policy (it kept only
-x and the params).
+`fusedmlp::mlp_backward(dy, x, kept, params, spec_json, config_json, saved, need_dx, hopper,
+whole=False) -> Tensor[]` ([dx, d params in the list's order and layout]; backward.py's kernels,
+or with `whole` — decided at the forward: impl fused_small, or auto resolved to it, on a spec it
+takes — fused_small_backward.py's whole-MLP backward, or with `hopper` — an sm_90 GPU, impl auto
+or a Hopper one, no pinned config, the 16-byte rule met — tma/backward.py's persistent TMA GEMMs).
+Both have fakes, so torch.compile(fullgraph=True) traces forward and backward as two opaque
+nodes. `mlp()` and FusedMLP call the training op where a gradient is to be built (`train_call`:
+in eager mode the same forward and backward as one torch.autograd.Function, without the ops'
+dispatch), the inference op elsewhere; the inference op differentiates too, as the "inputs"
+policy (it kept only x and the params).
 
 Validation: `mlp()` checks types and param names before the op (ValueError/TypeError, the front's
 messages); the op's fake runs the front's checks at trace time, so a compiled call fails with the
@@ -58,13 +59,13 @@ from collections.abc import Mapping
 
 import torch
 
-from fusedmlp.common import MLPSpec, TileConfig, param_shapes
+from fusedmlp.common import MLPSpec, TileConfig, dispatch, param_shapes
 from fusedmlp.common.config import DEFAULT_SAVED
 from fusedmlp.common.packing import is_packed, packed_names, packed_width
 from fusedmlp.common.registry import AUTO, check_impl, get_implementation
 from fusedmlp.common.validate import check_call_inputs, check_saved, check_spec, check_types
 
-from . import backward, front
+from . import backward, front, fused_small_backward
 from .packing import unpack_params
 from .tma import backward as tma_backward
 
@@ -255,14 +256,20 @@ def _mlp_backward_op(
     saved: str,
     need_dx: bool,
     hopper: bool,
+    whole: bool = False,
 ) -> list[torch.Tensor]:
     """[dx (an empty [0] tensor unless need_dx), d params in the list order and layout of
-    `params`] from backward.mlp_backward, or tma/backward.py's where `hopper`."""
+    `params`] from backward.mlp_backward, tma/backward.py's where `hopper`, or
+    fused_small_backward.py's whole-MLP backward where `whole`."""
     kept = list(kept)  # the backward consumes its list: never the op's own argument
-    return _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper)
+    return _backward_impl(
+        grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper, whole
+    )
 
 
-def _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper):
+def _backward_impl(
+    grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper, whole=False
+):
     """`kept` (a list) is consumed: x is put in front of it and the backward sets each entry to
     None after its last use, so the caller's list frees them too."""
     spec = parse_spec(spec_json)
@@ -270,7 +277,11 @@ def _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_
     m = x.numel() // spec.d_in if spec.d_in else 0
     kept.insert(0, x.reshape(m, spec.d_in))  # the residuals h_0, z_0, h_1, …
     args = (grad_y.reshape(m, spec.d_out), kept, front.kernel_params(spec, named), spec)
-    if hopper:  # decided at the forward (`_hopper_backward`): the persistent TMA GEMMs
+    if whole:  # decided at the forward (`_whole_backward`): fused_small's two-kernel backward
+        grads = fused_small_backward.mlp_backward(
+            *args, saved=saved, config=parse_config(config_json), need_dx=need_dx
+        )
+    elif hopper:  # decided at the forward (`_hopper_backward`): the persistent TMA GEMMs
         grads = tma_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
     else:
         grads = backward.mlp_backward(
@@ -286,7 +297,9 @@ def _backward_impl(grad_y, x, kept, params, spec_json, config_json, saved, need_
 
 
 @_mlp_backward_op.register_fake
-def _mlp_backward_fake(grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper):
+def _mlp_backward_fake(
+    grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper, whole=False
+):
     dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
     return [dx, *(torch.empty_like(p) for p in params)]
 
@@ -301,9 +314,33 @@ def _hopper_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: st
     return tma_backward.applies(impl, spec, m, x.device)
 
 
+@functools.lru_cache(maxsize=256)
+def _whole_of(impl: str, spec_json: str, m: int, device: str, config_json: str | None, gen) -> bool:
+    # cached per call signature (and dispatch table generation): setup_context runs every step
+    spec = parse_spec(spec_json)
+    chosen = front.plan(
+        spec, (m, spec.d_in), impl=impl, device=device, config=parse_config(config_json)
+    )
+    return fused_small_backward.applies(chosen.impl, spec)
+
+
+def _whole_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: str | None) -> bool:
+    """Whether this call trains through fused_small_backward.py (impl fused_small, or auto
+    resolved to it, on a spec it takes): front.training_forward decides alike. It comes before
+    the Hopper backward."""
+    spec = parse_spec(spec_json)
+    if impl != AUTO:
+        return fused_small_backward.applies(impl, spec)
+    m = x.numel() // spec.d_in if spec.d_in else 0
+    if not isinstance(m, int):  # a symbolic size (torch.export, dynamic shapes): not cached
+        return _whole_of.__wrapped__(impl, spec_json, m, x.device.type, config_json, 0)
+    return _whole_of(impl, spec_json, m, x.device.type, config_json, dispatch.generation())
+
+
 def _train_setup_context(ctx, inputs, output):
     x, params, spec_json, impl, config_json, residual, saved = inputs
-    ctx.hopper = _hopper_backward(impl, spec_json, x, config_json)
+    ctx.whole = _whole_backward(impl, spec_json, x, config_json)
+    ctx.hopper = not ctx.whole and _hopper_backward(impl, spec_json, x, config_json)
     # The kept tensors are outputs nobody differentiates: no zero-filled gradients for them
     # (measured on the H200: three fills, 46 µs at hf-blog and 209 µs at llama3-8b a step).
     ctx.set_materialize_grads(False)
@@ -319,8 +356,9 @@ def _train_backward(ctx, grad_y, _grad_kept):
     spec_json, config_json, saved = ctx.strings
     need_dx = ctx.needs_input_grad[0]
     grads = _mlp_backward_op(
-        grad_y, x, list(kept), list(params), spec_json, config_json, saved, need_dx, ctx.hopper
-    )
+        grad_y, x, list(kept), list(params), spec_json, config_json, saved, need_dx, ctx.hopper,
+        ctx.whole,
+    )  # fmt: skip
     # d(y + residual)/d(residual) is the identity: exact, so it needs no kernel.
     grad_residual = grad_y if ctx.has_residual else None
     dx = grads[0] if need_dx else None
@@ -351,7 +389,8 @@ class _EagerTrain(torch.autograd.Function):
         ctx.n_params = len(params)
         ctx.strings = (spec_json, config_json, saved)
         ctx.has_residual = residual is not None
-        ctx.hopper = _hopper_backward(impl, spec_json, x, config_json)
+        ctx.whole = _whole_backward(impl, spec_json, x, config_json)
+        ctx.hopper = not ctx.whole and _hopper_backward(impl, spec_json, x, config_json)
         return y
 
     @staticmethod
@@ -366,7 +405,7 @@ class _EagerTrain(torch.autograd.Function):
         spec_json, config_json, saved = ctx.strings
         need_dx = ctx.needs_input_grad[0]
         grads = _backward_impl(
-            grad_y, x, kept, params, spec_json, config_json, saved, need_dx, ctx.hopper
+            grad_y, x, kept, params, spec_json, config_json, saved, need_dx, ctx.hopper, ctx.whole
         )
         grad_residual = grad_y if ctx.has_residual else None
         dx = grads[0] if need_dx else None
@@ -395,7 +434,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, *params)
     ctx.strings = (inputs[2], inputs[4])
     ctx.has_residual = inputs[5] is not None
-    ctx.hopper = _hopper_backward(inputs[3], inputs[2], x, inputs[4])
+    ctx.whole = _whole_backward(inputs[3], inputs[2], x, inputs[4])
+    ctx.hopper = not ctx.whole and _hopper_backward(inputs[3], inputs[2], x, inputs[4])
 
 
 def _backward(ctx, grad_y):
@@ -403,8 +443,9 @@ def _backward(ctx, grad_y):
     spec_json, config_json = ctx.strings
     need_dx = ctx.needs_input_grad[0]
     grads = _mlp_backward_op(
-        grad_y, x, [], list(params), spec_json, config_json, "inputs", need_dx, ctx.hopper
-    )
+        grad_y, x, [], list(params), spec_json, config_json, "inputs", need_dx, ctx.hopper,
+        ctx.whole,
+    )  # fmt: skip
     grad_residual = grad_y if ctx.has_residual else None
     return grads[0] if need_dx else None, list(grads[1:]), None, None, None, grad_residual
 

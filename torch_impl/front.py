@@ -273,10 +273,14 @@ def plan(
 def _training_plan(
     spec: MLPSpec, the_plan: Plan, m: int, saved: str, device: str, config: TileConfig | None
 ) -> Plan:
+    from . import fused_small_backward
     from .tma import backward as tma_backward
 
     mib = cost.saved_bytes(spec, m, saved) / 2**20
-    hopper = config is None and tma_backward.applies(the_plan.requested, spec, m, device)
+    whole = fused_small_backward.applies(the_plan.impl, spec)
+    hopper = (
+        not whole and config is None and tma_backward.applies(the_plan.requested, spec, m, device)
+    )
     kernels = (
         "the persistent TMA GEMMs and an elementwise act' pass (torch_impl/tma/backward.py)"
         if hopper
@@ -287,6 +291,9 @@ def _training_plan(
         if hopper
         else "portable triton kernels"
     )
+    if whole:
+        kernels = "fused_small's whole-MLP kernels A and B (torch_impl/fused_small_backward.py)"
+        saving = "fused_small kernel (one launch)"
     if _entry(the_plan.impl).baseline and the_plan.requested != AUTO:
         note = f"training: {the_plan.impl} differentiates through torch autograd"
     elif saved == "preact":
@@ -547,9 +554,10 @@ def training_forward(
     saved: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The training op's forward (custom_op.py): (y, residuals without x) under policy `saved`.
-    "preact": backward.forward_saving (the portable saving kernels); "inputs": the asked impl
+    "preact": backward.forward_saving (the portable saving kernels), or for fused_small its own
+    saving forward (fused_small_backward.py, the same residuals); "inputs": the asked impl
     (`forward`), nothing saved but x (which the op keeps as its input)."""
-    from . import backward
+    from . import backward, fused_small_backward
 
     check_saved(saved)
     if saved == "inputs":
@@ -559,8 +567,16 @@ def training_forward(
     call = prepare(x, params, spec, impl, config, residual)
     x2d = x.reshape(call.m, spec.d_in)
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
-    # On Hopper (as the backward decides: custom_op._hopper_backward) the saving forward's gated
-    # and identity layers run the persistent TMA kernels.
+    # fused_small trains through its own saving forward and whole-MLP backward
+    # (fused_small_backward.py; custom_op._whole_backward decides alike). Else, on Hopper (as the
+    # backward decides: custom_op._hopper_backward), the saving forward's gated and identity layers
+    # run the persistent TMA kernels.
+    if fused_small_backward.applies(call.plan.impl, spec):
+        y2d, kept = fused_small_backward.forward_saving(
+            x2d, kernel_params(spec, params), spec, config=config
+        )
+        y2d = y2d + residual2d if residual2d is not None else y2d
+        return y2d.reshape(*call.lead, spec.d_out), list(kept[1:])
     hopper = config is None and tma_backward.applies(impl, spec, call.m, x.device)
     y2d, kept = backward.forward_saving(
         x2d, kernel_params(spec, params), spec, saved="preact", config=config,

@@ -66,7 +66,9 @@ from fusedmlp.common.tiling import (
 from fusedmlp.common.validate import check_packed_call
 
 from .activations import apply_activation, round_to_dtype
+from .backward import _gate_join
 from .front import ADAPTER, STACK
+from .gated import _gate_split
 from .runtime import INTERPRET, check_kernel_device
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
@@ -148,24 +150,101 @@ def _hidden_layer(
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers."""
+    """round(act(h·w + b) [⊙ (h·v + c)]): one hidden layer, from registers to registers; also
+    its fp32 pre-activation z = h·w + b and up g = h·v + c (z again, plain), which only the saving
+    forward stores (fused_small_backward.py): unused, they cost nothing."""
     if INTERPRET:
         w = w.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
         v = v.to(tl.float32)
     z = tl.dot(h, w, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         z += b[None, :]
-    z = apply_activation(z, ACTIVATION)
+    out = apply_activation(z, ACTIVATION)
+    g = z
     if GATED:
         g = tl.dot(h, v, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             g += c[None, :]
-        z = z * g
+        out = out * g
     # round the hidden as a per-layer kernel's store would, then feed the next dot
-    h = round_to_dtype(z, DTYPE, INTERPRET)
+    h = round_to_dtype(out, DTYPE, INTERPRET)
     if INTERPRET:
         h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
-    return h
+    return h, z, g
+
+
+@triton.jit
+def _packed_store(
+    ptr, row_offs, row_ok, stride_r, gate, up,
+    ROWS: tl.constexpr, NP: tl.constexpr, WIDTH: tl.constexpr, PACK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Stores fp32 gate and up tiles [ROWS, WIDTH] (lane c = hidden column c) rounded to ptr's
+    dtype into rows `row_offs` of a row-major packed [., 2·NP] array (common/packing.py): gate
+    lane c at column 2·PACK·(c // PACK) + c % PACK, up lane at that + PACK; every column of the
+    packed width is written (lanes past the tiles' reach as exact zeros)."""
+    dtype = ptr.dtype.element_ty
+    if WIDTH >= PACK:  # whole block pairs: one contiguous packed tile
+        cols = tl.arange(0, 2 * WIDTH)
+        t = round_to_dtype(_gate_join(gate, up, ROWS, WIDTH, PACK), dtype, INTERPRET)
+        ok = row_ok[:, None] & (cols[None, :] < 2 * NP)
+        tl.store(ptr + row_offs[:, None] * stride_r + cols[None, :], t, mask=ok)
+    else:  # one block pair, partly filled: the two halves, then zeros past WIDTH
+        lanes = tl.arange(0, WIDTH)
+        base = ptr + row_offs[:, None] * stride_r
+        tl.store(
+            base + lanes[None, :], round_to_dtype(gate, dtype, INTERPRET), mask=row_ok[:, None]
+        )
+        tl.store(
+            base + PACK + lanes[None, :], round_to_dtype(up, dtype, INTERPRET), mask=row_ok[:, None]
+        )
+        pad = tl.arange(0, PACK)
+        zeros = tl.zeros((ROWS, PACK), dtype=dtype)
+        ok = row_ok[:, None] & (pad[None, :] >= WIDTH)
+        tl.store(base + pad[None, :], zeros, mask=ok)
+        tl.store(base + PACK + pad[None, :], zeros, mask=ok)
+
+
+@triton.jit
+def _packed_load(
+    ptr, row_offs, row_ok, stride_r,
+    ROWS: tl.constexpr, NP: tl.constexpr, WIDTH: tl.constexpr, PACK: tl.constexpr,
+):  # fmt: skip
+    """`_packed_store` undone: the gate and up tiles [ROWS, WIDTH] of a packed array, in its
+    dtype (padded lanes read as 0)."""
+    if WIDTH >= PACK:
+        cols = tl.arange(0, 2 * WIDTH)
+        ok = row_ok[:, None] & (cols[None, :] < 2 * NP)
+        t = tl.load(ptr + row_offs[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
+        gate, up = _gate_split(t, ROWS, WIDTH, PACK)
+    else:
+        lanes = tl.arange(0, WIDTH)
+        base = ptr + row_offs[:, None] * stride_r + lanes[None, :]
+        gate = tl.load(base, mask=row_ok[:, None], other=0.0)
+        up = tl.load(base + PACK, mask=row_ok[:, None], other=0.0)
+    return gate, up
+
+
+@triton.jit
+def _save_layer(
+    h, z, g, h_ptr, z_ptr, rows, row_ok, d_out: tl.constexpr,
+    BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, GATED: tl.constexpr, STORES_Z: tl.constexpr,
+    PACK: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """The saving forward's residuals of one hidden layer, as backward.forward_saving keeps them:
+    its output h [M, d_out] and pre-activation z [M, d_out] (gated: the packed [z|g] [M, 2·Np])."""
+    # rows: int64 row indices; h is already rounded (exact in h's dtype)
+    lanes = tl.arange(0, WIDTH)
+    ok = row_ok[:, None] & (lanes[None, :] < d_out)
+    row_offs = rows[:, None]
+    tl.store(h_ptr + row_offs * d_out + lanes[None, :], h.to(h_ptr.dtype.element_ty), mask=ok)
+    if STORES_Z:
+        if GATED:
+            NP: tl.constexpr = (d_out + PACK - 1) // PACK * PACK
+            _packed_store(z_ptr, rows, row_ok, 2 * NP, z, g, BLOCK_M, NP, WIDTH, PACK, INTERPRET)
+        else:
+            zr = round_to_dtype(z, z_ptr.dtype.element_ty, INTERPRET)
+            tl.store(z_ptr + row_offs * d_out + lanes[None, :], zr, mask=ok)
 
 
 @triton.jit
@@ -177,6 +256,30 @@ def _fused_small_fwd_kernel(
     HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
+    # The inference kernel: the rows below without the residual stores (its signature is what
+    # the sm_90 compile tests and bench/sweep_decode.py build; its code is what it was before the
+    # saving forward, the tile helper inlined).
+    _fused_small_rows(
+        x_ptr, w_ptrs, b_ptrs, y_ptr, None, None,
+        M, stride_xm, stride_ym, TILES_PER_PROGRAM,
+        WIDTHS, W_COLS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
+        DOT_PRECISION, INTERPRET, False, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _fused_small_rows(
+    x_ptr, w_ptrs, b_ptrs, y_ptr, h_ptrs, z_ptrs,
+    M, stride_xm, stride_ym, TILES_PER_PROGRAM,
+    WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SAVE: tl.constexpr, STORES_Z: tl.constexpr,
+):  # fmt: skip
+    # SAVE (the training forward, fused_small_backward.py): every hidden layer's output h_{l+1}
+    # (h_ptrs[l]) and, where STORES_Z, its pre-activation (z_ptrs[l]) are stored as well; the
+    # layers then run in the static loop (a residual's pointer is chosen at compile time).
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -220,11 +323,26 @@ def _fused_small_fwd_kernel(
             h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
 
         # 3. compute: every layer from registers; the hidden never leaves the program
-        if HOIST:
+        if HOIST or SAVE:
             for layer in tl.static_range(last):
-                w, v, b, c = hidden[layer]
-                h = _hidden_layer(
+                if HOIST:
+                    w, v, b, c = hidden[layer]
+                else:
+                    w, v, b, c = _layer_operands(
+                        w_ptrs[layer], b_ptrs[layer], WIDTHS[layer], WIDTHS[layer + 1],
+                        W_COLS[layer], WIDTH, GATED, HAS_BIAS, PACK,
+                    )  # fmt: skip
+                h, z, g = _hidden_layer(
                     h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
+                )
+                if SAVE:
+                    _save_layer(
+                        h, z, g, h_ptrs[layer], z_ptrs[layer], rows.to(tl.int64), row_ok,
+                        WIDTHS[layer + 1], BLOCK_M, WIDTH, GATED, STORES_Z, PACK, INTERPRET,
+                    )  # fmt: skip
+            if not HOIST:
+                w_out, b_out = _output_operands(
+                    w_ptrs, b_ptrs, WIDTHS, W_COLS, NUM_LAYERS, WIDTH, HAS_BIAS, PACK
                 )
         else:
             # weights streamed from L2 per tile, through a runtime loop: the code (and compile
@@ -236,7 +354,7 @@ def _fused_small_fwd_kernel(
                 w, v, b, c = _layer_operands(
                     w_ptr, b_ptr, d_in, d_out, w_cols, WIDTH, GATED, HAS_BIAS, PACK
                 )
-                h = _hidden_layer(
+                h, _, _ = _hidden_layer(
                     h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
                 )
             w_out, b_out = _output_operands(
@@ -248,7 +366,7 @@ def _fused_small_fwd_kernel(
         if HAS_BIAS:
             z += b_out[None, :]
 
-        # 4. store: only y leaves the program
+        # 4. store: only y leaves the program (and, SAVE, the residuals above)
         y = round_to_dtype(z, dtype, INTERPRET)
         tl.store(
             y_ptr + row_offs * stride_ym + lanes[None, :],

@@ -1,0 +1,687 @@
+"""fused_small's training: a saving forward and a whole-MLP backward, four Pallas-Triton launches.
+
+Formula (the float64 twin is `common.reference.backward`; backward.py has the per-layer form):
+the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1
+    dh = dZ_l·W_lᵀ (gated: dz·Wᵀ + dg·Vᵀ)                             fp32, in registers
+    plain:  dZ_{l-1} = round(dh ⊙ act'(z_{l-1}))                       [M, N]
+    gated:  dZ_{l-1} = round([dh ⊙ g ⊙ act'(z) | dh ⊙ act(z)])         packed [M, 2·Np]
+and dx = round(dZ_0·W_0ᵀ); dW_l = h_lᵀ·dZ_l (gated: the packed dwv), db_l = Σ_m dZ_l.
+
+Launches (a 5-layer MLP: 4 a step where the per-layer path launches 20, `launch_count`):
+1. `_fused_small_fwd_kernel` with SAVE (fused_small.py) — y, and per hidden layer h_{l+1} and z_l
+   (gated: the packed [z|g]; none for an identity activation), the layout and rounding of
+   backward.forward_saving(saved="preact"), so either backward takes either forward's residuals.
+2. `_fused_small_dgrad_kernel` (kernel A) — the persistent grid of the forward: a program loads
+   every layer's transposed weight tiles once (`hoist`, else per row tile) and walks its row tiles
+   through the layers in reverse; dh never leaves registers, act' is applied on the fp32
+   accumulator (dh is not rounded first, as in backward.py's dgrad epilogue), dZ_l is rounded once
+   to the compute dtype and stored (kernel B needs it), and dx.
+3. `_fused_small_wgrad_kernel` (kernel B) — every layer's weight and bias gradients in ONE launch:
+   grid (layers × K-tiles of BLOCK_R rows of dW, S runs of M); a program picks its layer in a
+   compile-time-unrolled branch (its widths are constants there) and reduces hᵀ·dZ over its run of
+   whole BLOCK_K-row steps, `_wgrad_kernel`'s loop (backward.py). S from
+   `common.tiling.wgrad_splits` over all the layers' tiles: S = 1 stores dW, db in the param dtype;
+4. S > 1: fp32 partials [S, K, Nc] / [S, Nc] per layer, then `_fused_small_wgrad_sum_kernel` adds
+   each element's S partials in the fixed order s = 0, 1, … and rounds once (`_wgrad_sum_kernel`'s
+   loop, over every layer's dw and db in one launch). Deterministic: no atomics.
+Why not dW inside kernel A (dZ never in memory): a program would hold every layer's fp32 dW
+partial through its whole row loop — nerf-64x5 is 5 × 64×64 fp32, 160 registers a thread at 4 warps
+before anything else, twice that gated or at width 128 — and Triton has no shared-memory
+accumulator to put them in; the dZ round trip (M × width × 2 bytes a layer, read once) is the
+price of registers that fit.
+
+Rounding points: those of backward.py (dZ and dx in the compute dtype, dW and db in the param
+dtype, fp32 accumulation everywhere). Against `backward.mlp_backward` the order of additions is
+the same where the tiles are — a pinned config whose tiles span the padded width 64 (its packed
+dgrad then steps over the gate block, then the up block: the two products dz·Wᵀ + dg·Vᵀ here) —
+and so are the bits (tested on torch); elsewhere equal within the tolerance policy.
+
+Refs are whole arrays addressed with `pl.ds` windows and masks (index arrays for the transposed
+weight tiles), as fused_small.py's are. 16-bit tiles upcast after each load when interpreting.
+Twin: torch_impl/fused_small_backward.py (Triton, same names and sections).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from fusedmlp.common.config import TileConfig
+from fusedmlp.common.packing import PACK_BLOCK, packed_names, packed_width
+from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import (
+    INTERPRET_NUM_SMS,
+    NUM_SMS,
+    WGRAD_SUM_BLOCK,
+    WGRAD_SUM_UNROLL,
+    WGRAD_SUM_WARPS,
+    SmallConfig,
+    cdiv,
+    fused_small_programs,
+    padded_width,
+    small_config_for,
+    wgrad_splits,
+)
+from fusedmlp.common.validate import check_saved
+
+from .activations import apply_activation, apply_activation_grad, round_to_dtype
+from .compat import interpret_mode, quiet_pallas_triton
+from .fused_small import (
+    _fused_small_fwd_kernel,
+    _packed_load,
+    _packed_store,
+    dot_precision,
+    layer_params,
+    supports,
+)
+
+WGRAD_ROWS = 64  # rows of a layer's dW per kernel-B program (its fp32 accumulator: 64 × WIDTH)
+
+
+# ---- forward kernel: the saving forward ----------------------------------------------------------
+# twin-diff: `_fused_small_fwd_kernel` with SAVE=True (fused_small.py), where the Triton twin has a
+# second kernel `_fused_small_saving_kernel` of the same rows.
+
+
+# ---- backward kernel A: dZ of every layer (and dx), the layers in reverse per row tile -----------
+def _layer_operands_t(
+    w_ref, d_in, d_out,
+    WIDTH, GATED_LAYER, PACK,
+):  # fmt: skip
+    """One layer's zero-padded weight tiles transposed, [WIDTH (output lanes), WIDTH (input
+    lanes)]: Wᵀ (the gate's, gated) and Vᵀ (gated; else Wᵀ again), gathered through index arrays
+    (no transpose materialised)."""
+    lanes = jnp.arange(WIDTH)
+    # a gated layer's gate lanes are packed columns 2·PACK·(c // PACK) + c % PACK, up lanes + PACK
+    cols = (lanes // PACK) * (2 * PACK) + lanes % PACK if GATED_LAYER else lanes
+    # twin-diff: rows and columns as index arrays (a gather) where the twin adds offsets
+    ok = (lanes[None, :] < d_in) & (lanes[:, None] < d_out)
+    wt = plgpu.load(w_ref.at[lanes[None, :], cols[:, None]], mask=ok, other=0.0)
+    vt = wt
+    if GATED_LAYER:
+        vt = plgpu.load(w_ref.at[lanes[None, :], cols[:, None] + PACK], mask=ok, other=0.0)
+    return wt, vt
+
+
+def _dact_step(
+    acc, z_ref, dz_ref, row0, row_ok,
+    N, ACTIVATION, GATED_LAYER,
+    STORES_Z, BLOCK_M, WIDTH, PACK,
+    INTERPRET,
+):  # fmt: skip
+    """dh (the fp32 accumulator [BLOCK_M, WIDTH]; lanes: the columns of the hidden layer of
+    width N) -> that layer's dZ, rounded once to the compute dtype, stored ([M, N], or the packed
+    [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next product's
+    operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros."""
+    lanes = jnp.arange(WIDTH)
+    lane_ok = lanes[None, :] < N
+    dtype = dz_ref.dtype
+    if GATED_LAYER:
+        NP = (N + PACK - 1) // PACK * PACK
+        # 2. load: the saved packed [z|g] tile of this row tile
+        z, g = _packed_load(z_ref, row0, row_ok, BLOCK_M, NP, WIDTH, PACK)
+        z = z.astype(jnp.float32)
+        g = g.astype(jnp.float32)
+        # 3. compute: dz = dh ⊙ g ⊙ act'(z), dg = dh ⊙ act(z), in fp32
+        dz = jnp.where(lane_ok, acc * g * apply_activation_grad(z, ACTIVATION), 0.0)
+        dg = jnp.where(lane_ok, acc * apply_activation(z, ACTIVATION), 0.0)
+        # 4. store: one rounding, the packed layout
+        _packed_store(dz_ref, row0, row_ok, dz, dg, BLOCK_M, NP, WIDTH, PACK, INTERPRET)
+        dz = round_to_dtype(dz, dtype, INTERPRET)
+        dg = round_to_dtype(dg, dtype, INTERPRET)
+    else:
+        window = (pl.ds(row0, BLOCK_M), pl.ds(0, WIDTH))
+        ok = row_ok[:, None] & lane_ok
+        dz = acc
+        if STORES_Z:  # an identity activation keeps no z: act' = 1
+            z = plgpu.load(z_ref.at[window], mask=ok, other=0.0).astype(jnp.float32)
+            dz = acc * apply_activation_grad(z, ACTIVATION)
+        dz = round_to_dtype(jnp.where(lane_ok, dz, 0.0), dtype, INTERPRET)
+        plgpu.store(dz_ref.at[window], dz, mask=ok)
+        dg = dz
+    if INTERPRET:  # the twin's arithmetic: fp32 tiles under its interpreter
+        dz = dz.astype(jnp.float32)
+        dg = dg.astype(jnp.float32)
+    return dz, dg
+
+
+def _fused_small_dgrad_kernel(
+    dy_ref, *refs,
+    M, TILES_PER_PROGRAM,
+    WIDTHS, NUM_LAYERS, WIDTH,
+    BLOCK_M, ACTIVATION, GATED,
+    STORES_Z, PACK, HOIST,
+    DOT_PRECISION, INTERPRET,
+):  # fmt: skip
+    # twin-diff: refs arrive flat: the weights, the kept zs (STORES_Z), then the outputs dZ_0 …
+    # dZ_{L-2} and dx (always: jax's custom_vjp asks for every input's cotangent, no NEED_DX).
+    L = NUM_LAYERS
+    w_refs = refs[:L]
+    z_refs = refs[L : 2 * L - 1] if STORES_Z else ()
+    dz_refs = refs[len(refs) - L : len(refs) - 1]
+    dx_ref = refs[-1]
+    z_refs = z_refs or dz_refs
+    # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
+    pid = pl.program_id(0)
+    num_programs = pl.num_programs(0)
+    lanes = jnp.arange(WIDTH)
+    last = NUM_LAYERS - 1
+
+    # 2. load: HOIST — every layer's transposed weight tiles once per program
+    tiles = ()
+    if HOIST:
+        for layer in range(NUM_LAYERS):
+            operands = _layer_operands_t(
+                w_refs[layer],
+                WIDTHS[layer],
+                WIDTHS[layer + 1],
+                WIDTH,
+                GATED and layer != last,
+                PACK,
+            )
+            tiles = tiles + (operands,)  # noqa: RUF005 (the twin's tuple, grown per layer)
+
+    def row_tile(i, carry):
+        start = (pid + i * num_programs) * BLOCK_M
+        rows = start + jnp.arange(BLOCK_M)
+        row_ok = rows < M
+        # 2. load: dy, the output layer's dZ (an identity layer: act' = 1)
+        d = plgpu.load(
+            dy_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
+            other=0.0,
+        )
+        if INTERPRET:
+            d = d.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
+        dg = d
+
+        # 3. compute: the layers in reverse, dh in registers, act' on its fp32 accumulator
+        for layer in range(last, -1, -1):
+            if HOIST:
+                wt, vt = tiles[layer]
+            else:
+                wt, vt = _layer_operands_t(
+                    w_refs[layer], WIDTHS[layer], WIDTHS[layer + 1], WIDTH,
+                    GATED and layer != last, PACK,
+                )  # fmt: skip
+            if INTERPRET:
+                wt = wt.astype(jnp.float32)
+                vt = vt.astype(jnp.float32)
+            acc = plgpu.dot(d, wt, precision=DOT_PRECISION)
+            if GATED and layer != last:
+                acc = acc + plgpu.dot(dg, vt, precision=DOT_PRECISION)
+            if layer > 0:
+                # 4. store (inside): dZ of hidden layer - 1
+                d, dg = _dact_step(
+                    acc, z_refs[layer - 1], dz_refs[layer - 1], start, row_ok, WIDTHS[layer],
+                    ACTIVATION, GATED, STORES_Z, BLOCK_M, WIDTH, PACK, INTERPRET,
+                )  # fmt: skip
+            else:
+                # 4. store: dx, rounded once
+                plgpu.store(
+                    dx_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+                    round_to_dtype(acc, dx_ref.dtype, INTERPRET),
+                    mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
+                )
+        return carry
+
+    jax.lax.fori_loop(0, TILES_PER_PROGRAM, row_tile, 0)
+
+
+# ---- backward kernel B: every layer's dW and db in one launch, and the sum of its splits --------
+def _wgrad_layer(
+    h_ref, d_ref, dw_ref, db_ref, pid_k, pid_s,
+    M, STEPS,
+    D_IN, D_OUT, NC, GATED_LAYER,
+    HAS_BIAS, WIDTH, BLOCK_K, BLOCK_R,
+    PACK, DOT_PRECISION, INTERPRET,
+):  # fmt: skip
+    """Rows [pid_k·BLOCK_R, +BLOCK_R) of one layer's dW [D_IN, NC] (NC: D_OUT, or the packed
+    2·Np) reduced over run pid_s of the rows (STEPS steps of BLOCK_K), with db from the K-tile 0
+    programs. dw_ref / db_ref: the gradient itself (one run) or the fp32 partials [S·D_IN, NC] /
+    [S, NC] (run pid_s's rows: the store below is exact)."""
+    # 1. program -> tile
+    k0 = pid_k * BLOCK_R
+    offs_k = k0 + jnp.arange(BLOCK_R)
+    mask_k = offs_k < D_IN
+    lanes = jnp.arange(WIDTH)
+    lane_ok = lanes < D_OUT
+    m_lo = pid_s * STEPS
+    m_hi = jnp.minimum(m_lo + STEPS, pl.cdiv(M, BLOCK_K))
+    m_hi = jnp.where(pid_k * BLOCK_R < D_IN, m_hi, m_lo)  # a tile past D_IN: nothing to reduce
+    NP = (D_OUT + PACK - 1) // PACK * PACK
+
+    def body(m, carry):
+        acc, acc_v, db, dc = carry
+        # 2. load: hᵀ tile [BLOCK_R (k), BLOCK_K (m)] and the dZ tile(s) [BLOCK_K (m), WIDTH]
+        r0 = m * BLOCK_K
+        offs_r = r0 + jnp.arange(BLOCK_K)
+        mask_r = offs_r < M
+        # twin-diff: hᵀ gathered through index arrays where the twin adds offsets (a dot_general
+        # over h's rows, as backward.py's wgrad does, sums in another order than NumPy's matmul
+        # under the interpreters: 9 of 6144 bf16 elements of a 24x256 gradient differed)
+        a = plgpu.load(
+            h_ref.at[offs_r[None, :], offs_k[:, None]],
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        if GATED_LAYER:
+            d, dg = _packed_load(d_ref, r0, mask_r, BLOCK_K, NP, WIDTH, PACK)
+        else:
+            d = plgpu.load(
+                d_ref.at[pl.ds(r0, BLOCK_K), pl.ds(0, WIDTH)],
+                mask=mask_r[:, None] & lane_ok[None, :],
+                other=0.0,
+            )
+            dg = d
+        if INTERPRET:  # interpreter only: keeps the twin's arithmetic (see linear_act)
+            a = a.astype(jnp.float32)
+            d = d.astype(jnp.float32)
+            dg = dg.astype(jnp.float32)
+        # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
+        acc = acc + plgpu.dot(a, d, precision=DOT_PRECISION)
+        if GATED_LAYER:
+            acc_v = acc_v + plgpu.dot(a, dg, precision=DOT_PRECISION)
+        if HAS_BIAS:
+            db = jax.lax.cond(
+                pid_k == 0, lambda: db + jnp.sum(d.astype(jnp.float32), axis=0), lambda: db
+            )
+            if GATED_LAYER:
+                dc = jax.lax.cond(
+                    pid_k == 0, lambda: dc + jnp.sum(dg.astype(jnp.float32), axis=0), lambda: dc
+                )
+        return acc, acc_v, db, dc
+
+    acc = jnp.zeros((BLOCK_R, WIDTH), dtype=jnp.float32)
+    db = jnp.zeros((WIDTH,), dtype=jnp.float32)
+    acc, acc_v, db, dc = jax.lax.fori_loop(m_lo, m_hi, body, (acc, acc, db, db))
+
+    # 4. store: one rounding to the param dtype (one run), or the exact fp32 partial
+    # twin-diff: the run's rows of the [S·D_IN, NC] / [S, NC] arrays, where the twin offsets
+    # its pointers by the run.
+    first = (jnp.arange(1) + pid_k) == 0  # the db row: K-tile 0 only
+    row0 = pid_s * D_IN + k0
+    if GATED_LAYER:
+        _packed_store(dw_ref, row0, mask_k, acc, acc_v, BLOCK_R, NP, WIDTH, PACK, INTERPRET)
+        if HAS_BIAS:
+            db2 = db.reshape(1, WIDTH)
+            dc2 = dc.reshape(1, WIDTH)
+            _packed_store(db_ref, pid_s, first, db2, dc2, 1, NP, WIDTH, PACK, INTERPRET)
+    else:
+        plgpu.store(
+            dw_ref.at[pl.ds(row0, BLOCK_R), pl.ds(0, WIDTH)],
+            round_to_dtype(acc, dw_ref.dtype, INTERPRET),
+            mask=mask_k[:, None] & lane_ok[None, :],
+        )
+        if HAS_BIAS:
+            db_out = round_to_dtype(db, db_ref.dtype, INTERPRET).reshape(1, WIDTH)
+            plgpu.store(
+                db_ref.at[pl.ds(pid_s, 1), pl.ds(0, WIDTH)],
+                db_out,
+                mask=first[:, None] & lane_ok[None, :],
+            )
+
+
+def _fused_small_wgrad_kernel(
+    *refs,
+    M, STEPS,
+    WIDTHS, W_COLS, NUM_LAYERS, WIDTH,
+    GATED, HAS_BIAS, K_TILES,
+    BLOCK_K, BLOCK_R, PACK,
+    DOT_PRECISION, INTERPRET,
+):  # fmt: skip
+    # h_refs[l]: layer l's input (x, then the saved h_l); d_refs[l]: its dZ (kernel A's, dy for
+    # the output layer). Layer l's widths are constants only inside its branch below.
+    # twin-diff: refs arrive flat (h, d, dw, then db with a bias); no strides.
+    L = NUM_LAYERS
+    h_refs, d_refs, dw_refs = refs[:L], refs[L : 2 * L], refs[2 * L : 3 * L]
+    db_refs = refs[3 * L :] if HAS_BIAS else dw_refs
+    # 1. program -> tile: (layer, K-tile) on axis 0, the run of M on axis 1
+    pid = pl.program_id(0)
+    layer_id = pid // K_TILES
+    pid_k = pid % K_TILES
+    pid_s = pl.program_id(1)
+    last = NUM_LAYERS - 1
+    for layer in range(NUM_LAYERS):
+        # twin-diff: pl.when where the Triton twin has a runtime `if`
+        pl.when(layer_id == layer)(
+            functools.partial(
+                _wgrad_layer,
+                h_refs[layer],
+                d_refs[layer],
+                dw_refs[layer],
+                db_refs[layer],
+                pid_k,
+                pid_s,
+                M,
+                STEPS,
+                WIDTHS[layer],
+                WIDTHS[layer + 1],
+                W_COLS[layer],
+                GATED and layer != last,
+                HAS_BIAS,
+                WIDTH,
+                BLOCK_K,
+                BLOCK_R,
+                PACK,
+                DOT_PRECISION,
+                INTERPRET,
+            )
+        )
+
+
+def _sum_partials(
+    ws_ref, out_ref, block, S, L,
+    BLOCK, UNROLL, INTERPRET,
+):  # fmt: skip
+    """out[block's BLOCK elements] = round(Σ_s ws[s]) for ws [S, L], the partials added in the
+    fixed order s = 0, 1, …, S−1 (backward.py's `_wgrad_sum_kernel` loop)."""
+    start = block * BLOCK
+    mask = start + jnp.arange(BLOCK) < L
+
+    def body(c, acc):
+        for u in range(UNROLL):  # UNROLL independent loads in flight, adds in order
+            s = c * UNROLL + u
+            ok = s < S
+            row = jnp.minimum(s, S - 1)
+            # 2. load: partial s of this program's elements (fp32: no interpreter upcast)
+            part = plgpu.load(ws_ref.at[row, pl.ds(start, BLOCK)], mask=mask & ok, other=0.0)
+            # 3. compute: one add per partial, in the order s = 0, 1, …
+            acc = jnp.where(ok, acc + part, acc)
+        return acc
+
+    acc = jnp.zeros((BLOCK,), dtype=jnp.float32)
+    acc = jax.lax.fori_loop(0, pl.cdiv(S, UNROLL), body, acc)
+    # 4. store: one rounding to the param dtype
+    out = round_to_dtype(acc, out_ref.dtype, INTERPRET)
+    plgpu.store(out_ref.at[pl.ds(start, BLOCK)], out, mask=mask)
+
+
+def _fused_small_wgrad_sum_kernel(
+    *refs,
+    S,
+    SIZES, STARTS, TARGETS,
+    BLOCK, UNROLL, INTERPRET,
+):  # fmt: skip
+    # Targets: every layer's dw (then db, with a bias), SIZES[t] elements; programs
+    # [STARTS[t], STARTS[t + 1]) sum target t's blocks.
+    # twin-diff: refs arrive flat (the partials [S, SIZES[t]], then the outputs).
+    ws_refs, out_refs = refs[:TARGETS], refs[TARGETS:]
+    # 1. program -> tile
+    pid = pl.program_id(0)
+    for t in range(TARGETS):
+        pl.when((pid >= STARTS[t]) & (pid < STARTS[t + 1]))(
+            functools.partial(
+                _sum_partials,
+                ws_refs[t],
+                out_refs[t],
+                pid - STARTS[t],
+                S,
+                SIZES[t],
+                BLOCK,
+                UNROLL,
+                INTERPRET,
+            )
+        )
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+def applies(impl: str, spec: MLPSpec) -> bool:
+    """Whether a training call of (resolved) implementation `impl` runs this module's forward and
+    backward: fused_small, on a spec it takes. Everything else trains per layer (backward.py)."""
+    return impl == "fused_small" and supports(spec) is None
+
+
+def _stores_z(spec: MLPSpec) -> bool:
+    # backward._stores_preact for the hidden layers (all alike): a plain identity keeps no z.
+    return spec.gated or spec.base_activation != "identity"
+
+
+def _statics(spec: MLPSpec, weights: tuple[jax.Array, ...], interpret: bool) -> dict:
+    # twin-diff: no W_COLS for the kernels that read weights through refs (they know their shape)
+    return dict(
+        WIDTHS=spec.widths, NUM_LAYERS=spec.num_layers, WIDTH=padded_width(max(spec.widths)),
+        GATED=spec.gated, PACK=PACK_BLOCK, DOT_PRECISION=dot_precision(spec), INTERPRET=interpret,
+    )  # fmt: skip
+
+
+def _grid(m: int, cfg: SmallConfig, interpret: bool) -> tuple[int, int]:
+    programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if interpret else NUM_SMS)
+    return programs, cdiv(cdiv(m, cfg.block_m), programs)
+
+
+def _compiler_params(cfg: SmallConfig):
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "config", "interpret"))
+def forward_saving(
+    x2d: jax.Array,
+    params: Mapping[str, jax.Array],
+    spec: MLPSpec,
+    *,
+    config: TileConfig | SmallConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, tuple[jax.Array | None, ...]]:
+    """(y2d, residuals) for x2d [M, d_in] and PACKED params: backward.forward_saving(
+    saved="preact")'s residuals (h_0 = x2d, z_0, h_1, …, z_{L-1}; an unkept z is None) from one
+    fused_small launch. Trusts its inputs."""
+    interpret = interpret_mode() if interpret is None else interpret
+    m = x2d.shape[0]
+    cfg = small_config_for(config, spec, m, interpret=interpret)
+    weights, biases = layer_params(params, spec)
+    stores = _stores_z(spec)
+    hidden = spec.layers()[:-1]
+    shapes = [jax.ShapeDtypeStruct((m, spec.d_out), x2d.dtype)]
+    shapes += [jax.ShapeDtypeStruct((m, lay.d_out), x2d.dtype) for lay in hidden]
+    if stores:
+        shapes += [
+            jax.ShapeDtypeStruct(
+                (m, packed_width(lay.d_out) if lay.gated else lay.d_out), x2d.dtype
+            )
+            for lay in hidden
+        ]
+    if m == 0:
+        outs = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    else:
+        programs, tiles = _grid(m, cfg, interpret)
+        kernel = functools.partial(
+            _fused_small_fwd_kernel, M=m, TILES_PER_PROGRAM=tiles, BLOCK_M=cfg.block_m,
+            ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias, HOIST=cfg.hoist, SAVE=True,
+            STORES_Z=stores, **_statics(spec, weights, interpret),
+        )  # fmt: skip
+        with quiet_pallas_triton():
+            outs = pl.pallas_call(
+                kernel,
+                out_shape=tuple(shapes),
+                grid=(programs,),
+                compiler_params=_compiler_params(cfg),
+                interpret=interpret,
+                name="fused_small_saving_fwd",
+            )(x2d, *weights, *biases)
+    y, hs = outs[0], outs[1 : len(hidden) + 1]
+    zs = outs[len(hidden) + 1 :] if stores else (None,) * len(hidden)
+    kept: list[jax.Array | None] = [x2d]
+    for h, z in zip(hs, zs, strict=True):
+        kept += [z, h]
+    kept.append(None)  # the output layer: identity, no z
+    return y, tuple(kept)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "config", "interpret"))
+def dgrad_fwd(
+    dy2d: jax.Array,
+    residuals: tuple[jax.Array | None, ...],
+    params: Mapping[str, jax.Array],
+    spec: MLPSpec,
+    *,
+    config: TileConfig | SmallConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[list[jax.Array], jax.Array]:
+    """Kernel A: (dZ_l of every hidden layer l — [M, N_l], packed [M, 2·Np_l] gated — and dx
+    [M, d_in]) from dy2d [M, d_out] and the "preact" residuals. M >= 1."""
+    # twin-diff: always dx (no need_dx).
+    interpret = interpret_mode() if interpret is None else interpret
+    m = dy2d.shape[0]
+    cfg = small_config_for(config, spec, m, interpret=interpret)
+    weights, _ = layer_params(params, spec)
+    stores = _stores_z(spec)
+    zs = [residuals[2 * i + 1] for i in range(spec.num_layers - 1)] if stores else []
+    shapes = [
+        jax.ShapeDtypeStruct((m, packed_width(lay.d_out) if lay.gated else lay.d_out), dy2d.dtype)
+        for lay in spec.layers()[:-1]
+    ]
+    shapes.append(jax.ShapeDtypeStruct((m, spec.d_in), dy2d.dtype))
+    programs, tiles = _grid(m, cfg, interpret)
+    kernel = functools.partial(
+        _fused_small_dgrad_kernel, M=m, TILES_PER_PROGRAM=tiles, BLOCK_M=cfg.block_m,
+        ACTIVATION=spec.base_activation, STORES_Z=stores, HOIST=cfg.hoist,
+        **_statics(spec, weights, interpret),
+    )  # fmt: skip
+    with quiet_pallas_triton():
+        outs = pl.pallas_call(
+            kernel,
+            out_shape=tuple(shapes),
+            grid=(programs,),
+            compiler_params=_compiler_params(cfg),
+            interpret=interpret,
+            name="fused_small_dgrad",
+        )(dy2d, *weights, *zs)
+    return list(outs[:-1]), outs[-1]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "config", "splits", "interpret"))
+def wgrad_fwd(
+    hs: list[jax.Array],
+    ds: list[jax.Array],
+    params: Mapping[str, jax.Array],
+    spec: MLPSpec,
+    *,
+    config: TileConfig | SmallConfig | None = None,
+    splits: int | None = None,
+    interpret: bool | None = None,
+) -> dict[str, jax.Array]:
+    """Kernel B (+ the sum of its splits): every layer's weight gradient (`w{i}`, or the packed
+    `wv{i}`) and, with a bias, its bias gradient (`b{i}`/`bc{i}`), in the params' dtype, from
+    the layer inputs hs[l] [M, d_in_l] and the dZs ds[l] (the last: dy). S from `wgrad_splits`
+    over every layer's tiles; `splits` forces it."""
+    interpret = interpret_mode() if interpret is None else interpret
+    m = hs[0].shape[0]
+    cfg = small_config_for(config, spec, m, interpret=interpret)
+    weights, _ = layer_params(params, spec)
+    width = padded_width(max(spec.widths))
+    block_r = min(width, WGRAD_ROWS)
+    k_tiles = cdiv(width, block_r)
+    S, steps = wgrad_splits(spec.num_layers * k_tiles, m, cfg.block_m, splits=splits)
+    names, dw_shapes, db_shapes = [], [], []
+    for layer, w in zip(spec.layers(), weights, strict=True):
+        i, nc = layer.index, w.shape[1]
+        names.append((f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}"))
+        # S = 1: the gradients directly (as [K, Nc] / [1, Nc]); else their fp32 partials
+        dtype = w.dtype if S == 1 else jnp.float32
+        dw_shapes.append(jax.ShapeDtypeStruct((S * layer.d_in, nc), dtype))
+        db_shapes.append(jax.ShapeDtypeStruct((S, nc), dtype))
+    if m == 0:  # a sum over no rows
+        grads = {}
+        for (wname, bname), layer, w in zip(names, spec.layers(), weights, strict=True):
+            grads[wname] = jnp.zeros((layer.d_in, w.shape[1]), w.dtype)
+            if spec.bias:
+                grads[bname] = jnp.zeros((w.shape[1],), w.dtype)
+        return grads
+    kernel = functools.partial(
+        _fused_small_wgrad_kernel, M=m, STEPS=steps, W_COLS=tuple(w.shape[1] for w in weights),
+        HAS_BIAS=spec.bias, K_TILES=k_tiles, BLOCK_K=cfg.block_m, BLOCK_R=block_r,
+        **_statics(spec, weights, interpret),
+    )  # fmt: skip
+    shapes = dw_shapes + (db_shapes if spec.bias else [])
+    with quiet_pallas_triton():
+        outs = pl.pallas_call(
+            kernel,
+            out_shape=tuple(shapes),
+            grid=(spec.num_layers * k_tiles, S),
+            compiler_params=_compiler_params(cfg),
+            interpret=interpret,
+            name="fused_small_wgrad",
+        )(*hs, *ds)
+    L = spec.num_layers
+    dws, dbs = outs[:L], outs[L:]
+    # the targets of the sum, in the twin's order: dw_0 (db_0), dw_1 (db_1), …
+    parts = []
+    for layer_idx, layer in enumerate(spec.layers()):
+        nc = weights[layer_idx].shape[1]
+        parts.append(dws[layer_idx].reshape(S, layer.d_in * nc))
+        if spec.bias:
+            parts.append(dbs[layer_idx])
+    if S > 1:
+        sizes = tuple(p.shape[1] for p in parts)
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + cdiv(size, WGRAD_SUM_BLOCK))
+        summed = functools.partial(
+            _fused_small_wgrad_sum_kernel, S=S,
+            SIZES=sizes, STARTS=tuple(starts), TARGETS=len(parts), BLOCK=WGRAD_SUM_BLOCK,
+            UNROLL=min(WGRAD_SUM_UNROLL, S), INTERPRET=interpret,
+        )  # fmt: skip
+        out_dtypes = [w.dtype for w in weights for _ in range(2 if spec.bias else 1)]
+        with quiet_pallas_triton():
+            parts = pl.pallas_call(
+                summed,
+                out_shape=tuple(
+                    jax.ShapeDtypeStruct((size,), dt)
+                    for size, dt in zip(sizes, out_dtypes, strict=True)
+                ),
+                grid=(starts[-1],),
+                compiler_params=plgpu.CompilerParams(num_warps=WGRAD_SUM_WARPS, num_stages=1),
+                interpret=interpret,
+                name="fused_small_wgrad_sum",
+            )(*parts)
+    grads, t = {}, 0
+    for (wname, bname), layer, w in zip(names, spec.layers(), weights, strict=True):
+        grads[wname] = parts[t].reshape(layer.d_in, w.shape[1])
+        t += 1
+        if spec.bias:
+            grads[bname] = parts[t].reshape(w.shape[1])
+            t += 1
+    return grads
+
+
+# ---- orchestration -------------------------------------------------------------------------------
+def mlp_backward(
+    dy2d: jax.Array,
+    residuals: tuple[jax.Array | None, ...],
+    params: Mapping[str, jax.Array],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    config: TileConfig | SmallConfig | None = None,
+) -> dict[str, jax.Array]:
+    """backward.mlp_backward's result (same arguments, names and layouts) from kernels A and B:
+    "x" and every packed param's gradient; "inputs" recomputes this module's saving forward
+    first."""
+    # twin-diff: no need_dx (jax's custom_vjp always asks for every input's cotangent).
+    check_saved(saved)
+    if saved == "inputs":
+        _, residuals = forward_saving(residuals[0], params, spec, config=config)
+    m = dy2d.shape[0]
+    if m == 0:
+        dzs: list[jax.Array] = []
+        dx = jnp.zeros((0, spec.d_in), dy2d.dtype)
+    else:
+        dzs, dx = dgrad_fwd(dy2d, tuple(residuals), params, spec, config=config)
+    hs = list(residuals[0::2])
+    grads = wgrad_fwd(hs, [*dzs, dy2d], params, spec, config=config)
+    return {"x": dx, **{k: grads[k] for k in packed_names(spec)}}
+
+
+def launch_count(spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None = None) -> int:
+    """Kernel launches of one training step (saving forward + backward, dx included) here: 3, or
+    4 where the weight gradients are split over M."""
+    cfg = small_config_for(config, spec, m, interpret=interpret_mode())
+    width = padded_width(max(spec.widths))
+    tiles = spec.num_layers * cdiv(width, min(width, WGRAD_ROWS))
+    return 3 + (wgrad_splits(tiles, m, cfg.block_m)[0] > 1)

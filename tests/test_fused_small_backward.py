@@ -1,0 +1,266 @@
+"""fused_small's training (fused_small_backward.py, both stacks): the saving forward and the
+whole-MLP backward (kernel A: every layer's dZ and dx; kernel B: every layer's dW and db in one
+launch, split-M partials summed in a fixed order).
+
+Gradients against `reference.backward(..., round_hidden=True)` under the gradient tolerance
+(`common.tolerance.assert_grads_close`) at odd M and odd widths (padded to WIDTH 64 and 128),
+plain and gated, 2-5 layers, the three dtypes, bias and none, relu/silu/gelu_tanh/swiglu/geglu;
+the residuals and gradients bitwise equal to the per-layer path (backward.py) where the
+accumulation order is the same (a pinned config whose tiles span the padded width); the twins
+bitwise under the interpreters; a NaN row; `loss.backward()` through FusedMLP and `jax.grad`
+through the JAX front take this path (impl fused_small and auto). Outputs are poisoned: torch's
+empty tensors are NaN-filled (conftest.py), Pallas' interpreter fills outputs with NaN.
+
+Interpreted kernels are slow on 2 cores: few cases, each covering several axes; M = 300 only where
+the weight gradients must split (S > 1: the sum kernel runs).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from fusedmlp.common import (
+    MLPSpec,
+    TileConfig,
+    init_params,
+    make_grad_output,
+    make_input,
+    reference,
+)
+from fusedmlp.common.packing import pack_params, unpack_params
+from fusedmlp.common.tolerance import assert_grads_close
+from helpers import STACKS, to_numpy, to_torch
+
+# (widths, activation, bias, dtype, M)
+CASES = [
+    ((24, 40, 17), "relu", True, "float32", 37),  # padded to WIDTH 64, S = 1
+    ((24, 40, 17), "silu", False, "float16", 1),
+    ((24, 100, 33, 17), "swiglu", True, "bfloat16", 300),  # 3 layers gated, WIDTH 128, S > 1
+    ((19, 64, 64, 64, 64, 3), "gelu_tanh", True, "float16", 37),  # nerf-like, 5 layers
+    ((24, 30, 17), "geglu", False, "float32", 40),  # gated WIDTH 32: a partly filled block pair
+]
+
+
+def _id(case) -> str:
+    widths, act, bias, dtype, m = case
+    return f"{'x'.join(map(str, widths))}-{act}-{'b' if bias else 'nob'}-{dtype}-M{m}"
+
+
+def _spec(case) -> MLPSpec:
+    widths, act, bias, dtype, _ = case
+    return MLPSpec(widths, act, bias, dtype)
+
+
+class Stack:
+    """One stack's fused_small_backward behind one interface: NumPy in, NumPy out."""
+
+    def __init__(self, name: str):
+        import importlib
+
+        self.name = name
+        self.mod = importlib.import_module(f"fusedmlp.{name}_impl.fused_small_backward")
+
+    def array(self, a: np.ndarray):
+        if self.name == "torch":
+            return to_torch(a)
+        import jax.numpy as jnp
+
+        return jnp.asarray(a)
+
+    def run(self, spec, x, packed, dy, config=None, residuals=None):
+        """(y, residuals, grads) as NumPy; `residuals` replaces the saving forward's."""
+        p = {k: self.array(v) for k, v in packed.items()}
+        y, kept = self.mod.forward_saving(self.array(x), p, spec, config=config)
+        if residuals is not None:
+            kept = tuple(self.array(r) if r is not None else None for r in residuals)
+            if self.name == "torch":
+                kept = tuple(
+                    k if k is not None else next(iter(p.values())).new_empty((x.shape[0], 0))
+                    for k in kept
+                )
+        grads = self.mod.mlp_backward(self.array(dy), kept, p, spec, saved="preact", config=config)
+        as_np = lambda a: None if a is None or a.shape[-1] == 0 else to_numpy(a)  # noqa: E731
+        return to_numpy(y), [as_np(k) for k in kept], {k: to_numpy(v) for k, v in grads.items()}
+
+
+@functools.cache
+def _stack(name: str) -> Stack:
+    return Stack(name)
+
+
+@functools.cache
+def _inputs(case):
+    spec = _spec(case)
+    plain = init_params(spec, seed=11)
+    x = make_input(spec, case[-1], seed=12)
+    dy = make_grad_output(spec, case[-1], seed=13)
+    return spec, plain, pack_params(spec, plain), x, dy
+
+
+@functools.cache
+def _run(name: str, case):
+    spec, _, packed, x, dy = _inputs(case)
+    return _stack(name).run(spec, x, packed, dy)
+
+
+# ---- gradients vs the float64 reference, and the twins bit for bit -------------------------------
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("name", STACKS)
+def test_gradients_match_reference(name, case):
+    spec, plain, _, x, dy = _inputs(case)
+    grads = dict(_run(name, case)[2])  # a copy: the cached result is shared
+    got = {"x": grads.pop("x"), **unpack_params(spec, grads)}
+    want = reference.backward(spec, x, plain, dy, round_hidden=True)
+    assert_grads_close(got, want, spec, what=f"{name} {spec}")
+
+
+TWIN_CASES = [CASES[0], ((24, 100, 17), "relu", False, "bfloat16", 300)]  # WIDTH 64; 128, S > 1
+
+
+@pytest.mark.parametrize("case", TWIN_CASES, ids=_id)
+def test_twins_bitwise(case):
+    # relu only: the backward's fp32 act' of the exp-built activations (silu, gelu, gelu_tanh and
+    # the gated ones) differs by an ulp between the interpreters' exp (docs/cross_stack_cpu.md),
+    # which a 16-bit rounding of dZ does not always hide (swiglu bf16: 15 of 76,800 dZ elements).
+    (y_t, kept_t, g_t), (y_j, kept_j, g_j) = (_run(name, case) for name in STACKS)
+    assert y_t.tobytes() == y_j.tobytes()
+    for a, b in zip(kept_t, kept_j, strict=True):
+        assert (a is None and b is None) or a.tobytes() == b.tobytes()
+    for k in g_t:
+        assert g_t[k].tobytes() == g_j[k].tobytes(), (k, np.sum(g_t[k] != g_j[k]))
+
+
+def test_twin_contract():
+    """Both twins define the same public names (the Triton saving kernel is the twin-diff)."""
+    names = ("applies", "forward_saving", "dgrad_fwd", "wgrad_fwd", "mlp_backward", "launch_count")
+    for name in (*names, "WGRAD_ROWS"):
+        assert all(hasattr(_stack(stack).mod, name) for stack in STACKS), name
+    assert _stack("torch").mod.WGRAD_ROWS == _stack("jax").mod.WGRAD_ROWS
+
+
+def test_weight_gradients_split_over_m():
+    # M = 300 over 32-row steps: kernel B runs in S > 1 runs and the sum kernel adds them.
+    from fusedmlp.common.tiling import wgrad_splits
+
+    spec = _spec(CASES[2])
+    assert wgrad_splits(2 * spec.num_layers, 300, 32)[0] > 1
+    for name in STACKS:
+        assert _stack(name).mod.launch_count(spec, 300) == 4
+    assert _stack("torch").mod.launch_count(_spec(CASES[0]), 37) == 3
+
+
+# ---- against the per-layer path (backward.py) ----------------------------------------------------
+# Tiles spanning the padded width (64): the per-layer kernels add in the fused kernels' order.
+SPAN = TileConfig(block_m=64, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ((24, 40, 17), "relu", True, "float32", 100),
+        ((24, 40, 33, 17), "swiglu", True, "float32", 70),
+    ],
+    ids=_id,
+)
+def test_bitwise_equal_to_per_layer_path(case):
+    import torch
+
+    from fusedmlp.torch_impl import backward
+
+    spec, _, packed, x, dy = _inputs(case)
+    p = {k: to_torch(v) for k, v in packed.items()}
+    y, kept, grads = _stack("torch").run(spec, x, packed, dy, config=SPAN)
+    y_l, kept_l = backward.forward_saving(to_torch(x), p, spec, saved="preact", config=SPAN)
+    assert y.tobytes() == to_numpy(y_l).tobytes()
+    for a, b in zip(kept, kept_l, strict=True):
+        assert (a is None and b.shape[-1] == 0) or a.tobytes() == to_numpy(b).tobytes()
+    per_layer = backward.mlp_backward(to_torch(dy), kept_l, p, spec, saved="preact", config=SPAN)
+    for k, v in per_layer.items():
+        assert torch.equal(torch.from_numpy(np.ascontiguousarray(grads[k])), v), k
+    # and the per-layer backward on this module's residuals (either backward takes either forward's)
+    _, _, crossed = _stack("torch").run(spec, x, packed, dy, config=SPAN, residuals=kept)
+    for k in grads:
+        assert grads[k].tobytes() == crossed[k].tobytes(), k
+
+
+def test_default_tiles_against_per_layer_path_within_tolerance():
+    # Default tiles (another order of additions): the two backwards agree within the policy.
+    from fusedmlp.torch_impl import backward
+
+    case = CASES[3]
+    spec, plain, packed, x, dy = _inputs(case)
+    p = {k: to_torch(v) for k, v in packed.items()}
+    _, kept_l = backward.forward_saving(to_torch(x), p, spec, saved="preact")
+    g = backward.mlp_backward(to_torch(dy), kept_l, p, spec, saved="preact")
+    per_layer = {
+        "x": to_numpy(g.pop("x")),
+        **unpack_params(spec, {k: to_numpy(v) for k, v in g.items()}),
+    }
+    _, _, grads = _run("torch", case)
+    fused = {"x": grads["x"], **unpack_params(spec, {k: v for k, v in grads.items() if k != "x"})}
+    want = reference.backward(spec, x, plain, dy, round_hidden=True)
+    assert_grads_close(fused, want, spec, baselines=per_layer)
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_nan_row_stays_in_its_row(name):
+    # A NaN in row 3 of x: dx's row 3 is NaN (relu' of NaN is NaN), every other row finite.
+    spec = MLPSpec((24, 40, 17), "relu", True, "float16")
+    plain = init_params(spec, seed=21)
+    x = make_input(spec, 9, seed=22)
+    x[3, 5] = np.nan
+    dy = make_grad_output(spec, 9, seed=23)
+    _, _, grads = _stack(name).run(spec, x, pack_params(spec, plain), dy)
+    dx = grads["x"].astype(np.float32)
+    assert np.isnan(dx[3]).all() and not np.isnan(np.delete(dx, 3, axis=0)).any()
+
+
+# ---- through the fronts --------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["fused_small", "auto"])
+def test_torch_module_backward_takes_the_whole_mlp_path(impl, monkeypatch):
+    from fusedmlp.torch_impl import FusedMLP, backward, fused_small_backward
+
+    calls = []
+    whole = fused_small_backward.mlp_backward
+    monkeypatch.setattr(
+        fused_small_backward, "mlp_backward", lambda *a, **k: calls.append(1) or whole(*a, **k)
+    )
+    monkeypatch.setattr(backward, "mlp_backward", lambda *a, **k: pytest.fail("per-layer path"))
+    spec = _spec(CASES[1])
+    module = FusedMLP(spec, impl=impl, seed=31)
+    x = to_torch(make_input(spec, 5, seed=32)).requires_grad_()
+    dy = to_torch(make_grad_output(spec, 5, seed=33))
+    (module(x).float() * dy.float()).sum().backward()
+    assert calls == [1]
+    packed = {k: to_numpy(v.grad) for k, v in module.packed_params().items()}
+    got = {"x": to_numpy(x.grad), **unpack_params(spec, packed)}
+    plain = {k: to_numpy(v) for k, v in module.params().items()}
+    want = reference.backward(spec, to_numpy(x.detach()), plain, to_numpy(dy), round_hidden=True)
+    assert_grads_close(got, want, spec)
+
+
+def test_jax_grad_through_the_front():
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp import jax_impl
+
+    spec, plain, _, x, dy = _inputs(CASES[3])
+    params = {k: jnp.asarray(v) for k, v in plain.items()}
+    plan = jax_impl.plan(spec, x.shape, impl="fused_small", saved="preact")
+    assert "fused_small_backward" in plan.reason
+
+    def loss(x, p):
+        y = jax_impl.mlp(x, p, spec, impl="fused_small")
+        return jnp.sum(y.astype(jnp.float32) * jnp.asarray(dy).astype(jnp.float32))
+
+    gx, gp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), params)
+    got = {"x": np.asarray(gx), **{k: np.asarray(v) for k, v in gp.items()}}
+    want = reference.backward(spec, x, plain, dy, round_hidden=True)
+    assert_grads_close(got, want, spec)
+    # the same kernels as the module's direct call: the bits of `_run`
+    _, _, direct = _run("jax", CASES[3])
+    assert got["x"].tobytes() == direct["x"].tobytes()

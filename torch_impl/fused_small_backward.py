@@ -1,0 +1,601 @@
+"""fused_small's training: a saving forward and a whole-MLP backward, four Triton launches a step.
+
+Formula (the float64 twin is `common.reference.backward`; backward.py has the per-layer form):
+the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1
+    dh = dZ_l·W_lᵀ (gated: dz·Wᵀ + dg·Vᵀ)                             fp32, in registers
+    plain:  dZ_{l-1} = round(dh ⊙ act'(z_{l-1}))                       [M, N]
+    gated:  dZ_{l-1} = round([dh ⊙ g ⊙ act'(z) | dh ⊙ act(z)])         packed [M, 2·Np]
+and dx = round(dZ_0·W_0ᵀ); dW_l = h_lᵀ·dZ_l (gated: the packed dwv), db_l = Σ_m dZ_l.
+
+Launches (a 5-layer MLP: 4 a step where the per-layer path launches 20, `launch_count`):
+1. `_fused_small_saving_kernel` — the forward (fused_small.py's rows, `SAVE`): y, and per hidden
+   layer h_{l+1} and z_l (gated: the packed [z|g]; none for an identity activation), the layout and
+   rounding of backward.forward_saving(saved="preact"), so either backward takes either forward's
+   residuals.
+2. `_fused_small_dgrad_kernel` (kernel A) — the persistent grid of the forward: a program loads
+   every layer's transposed weight tiles once (`hoist`, else per row tile) and walks its row tiles
+   through the layers in reverse; dh never leaves registers, act' is applied on the fp32
+   accumulator (dh is not rounded first, as in backward.py's dgrad epilogue), dZ_l is rounded once
+   to the compute dtype and stored (kernel B needs it), dx where asked.
+3. `_fused_small_wgrad_kernel` (kernel B) — every layer's weight and bias gradients in ONE launch:
+   grid (layers × K-tiles of BLOCK_R rows of dW, S runs of M); a program picks its layer in a
+   compile-time-unrolled branch (its widths are constants there) and reduces hᵀ·dZ over its run of
+   whole BLOCK_K-row steps, `_wgrad_kernel`'s loop (backward.py). S from
+   `common.tiling.wgrad_splits` over all the layers' tiles: S = 1 stores dW, db in the param dtype;
+4. S > 1: fp32 partials [S, K, Nc] / [S, Nc] per layer, then `_fused_small_wgrad_sum_kernel` adds
+   each element's S partials in the fixed order s = 0, 1, … and rounds once (`_wgrad_sum_kernel`'s
+   loop, over every layer's dw and db in one launch). Deterministic: no atomics.
+Why not dW inside kernel A (dZ never in memory): a program would hold every layer's fp32 dW
+partial through its whole row loop — nerf-64x5 is 5 × 64×64 fp32, 160 registers a thread at 4 warps
+before anything else, twice that gated or at width 128 — and Triton has no shared-memory
+accumulator to put them in; the dZ round trip (M × width × 2 bytes a layer, read once) is the
+price of registers that fit.
+
+Rounding points: those of backward.py (dZ and dx in the compute dtype, dW and db in the param
+dtype, fp32 accumulation everywhere). Against `backward.mlp_backward` the order of additions is
+the same where the tiles are — a pinned config whose tiles span the padded width 64 (its packed
+dgrad then steps over the gate block, then the up block: the two products dz·Wᵀ + dg·Vᵀ here) —
+and so are the bits (tested, plain and gated); elsewhere equal within the tolerance policy.
+
+Under TRITON_INTERPRET=1 16-bit tiles are upcast after each load, as everywhere.
+Twin: jax_impl/fused_small_backward.py (Pallas-Triton, same names and sections).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedmlp.common.config import TileConfig
+from fusedmlp.common.packing import PACK_BLOCK, packed_names, packed_width
+from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import (
+    INTERPRET_NUM_SMS,
+    NUM_SMS,
+    WGRAD_SUM_BLOCK,
+    WGRAD_SUM_UNROLL,
+    WGRAD_SUM_WARPS,
+    SmallConfig,
+    cdiv,
+    fused_small_programs,
+    padded_width,
+    small_config_for,
+    wgrad_splits,
+)
+from fusedmlp.common.validate import check_saved
+
+from .activations import apply_activation, apply_activation_grad, round_to_dtype
+from .fused_small import (
+    _fused_small_rows,
+    _packed_load,
+    _packed_store,
+    dot_precision,
+    layer_params,
+    supports,
+)
+from .runtime import INTERPRET
+
+WGRAD_ROWS = 64  # rows of a layer's dW per kernel-B program (its fp32 accumulator: 64 × WIDTH)
+
+
+# ---- forward kernel: the saving forward ----------------------------------------------------------
+@triton.jit
+def _fused_small_saving_kernel(
+    x_ptr, w_ptrs, b_ptrs, y_ptr, h_ptrs, z_ptrs,
+    M, stride_xm, stride_ym, TILES_PER_PROGRAM,
+    WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STORES_Z: tl.constexpr,
+):  # fmt: skip
+    # twin-diff: a second kernel of the forward's rows (the inference kernel keeps its signature);
+    # the Pallas twin passes SAVE to the same kernel function.
+    _fused_small_rows(
+        x_ptr, w_ptrs, b_ptrs, y_ptr, h_ptrs, z_ptrs,
+        M, stride_xm, stride_ym, TILES_PER_PROGRAM,
+        WIDTHS, W_COLS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
+        DOT_PRECISION, INTERPRET, True, STORES_Z,
+    )  # fmt: skip
+
+
+# ---- backward kernel A: dZ of every layer (and dx), the layers in reverse per row tile -----------
+@triton.jit
+def _layer_operands_t(
+    w_ptr, d_in, d_out, w_cols,
+    WIDTH: tl.constexpr, GATED_LAYER: tl.constexpr, PACK: tl.constexpr,
+):  # fmt: skip
+    """One layer's zero-padded weight tiles transposed, [WIDTH (output lanes), WIDTH (input
+    lanes)]: Wᵀ (the gate's, gated) and Vᵀ (gated; else Wᵀ again), read through the weight's row
+    stride (no transpose materialised)."""
+    lanes = tl.arange(0, WIDTH)
+    # a gated layer's gate lanes are packed columns 2·PACK·(c // PACK) + c % PACK, up lanes + PACK
+    cols = (lanes // PACK) * (2 * PACK) + lanes % PACK if GATED_LAYER else lanes
+    offs = lanes[None, :] * w_cols + cols[:, None]
+    ok = (lanes[None, :] < d_in) & (lanes[:, None] < d_out)
+    wt = tl.load(w_ptr + offs, mask=ok, other=0.0)
+    vt = wt
+    if GATED_LAYER:
+        vt = tl.load(w_ptr + offs + PACK, mask=ok, other=0.0)
+    return wt, vt
+
+
+@triton.jit
+def _dact_step(
+    acc, z_ptr, dz_ptr, rows, row_ok,
+    N: tl.constexpr, ACTIVATION: tl.constexpr, GATED_LAYER: tl.constexpr,
+    STORES_Z: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, PACK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """dh (the fp32 accumulator [BLOCK_M, WIDTH]; lanes: the columns of the hidden layer of
+    width N) -> that layer's dZ, rounded once to the compute dtype, stored ([M, N], or the packed
+    [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next product's
+    operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros."""
+    lanes = tl.arange(0, WIDTH)
+    lane_ok = lanes[None, :] < N
+    dtype = dz_ptr.dtype.element_ty
+    if GATED_LAYER:
+        NP: tl.constexpr = (N + PACK - 1) // PACK * PACK
+        # 2. load: the saved packed [z|g] tile of this row tile
+        z, g = _packed_load(z_ptr, rows, row_ok, 2 * NP, BLOCK_M, NP, WIDTH, PACK)
+        z = z.to(tl.float32)
+        g = g.to(tl.float32)
+        # 3. compute: dz = dh ⊙ g ⊙ act'(z), dg = dh ⊙ act(z), in fp32
+        dz = tl.where(lane_ok, acc * g * apply_activation_grad(z, ACTIVATION), 0.0)
+        dg = tl.where(lane_ok, acc * apply_activation(z, ACTIVATION), 0.0)
+        # 4. store: one rounding, the packed layout
+        _packed_store(dz_ptr, rows, row_ok, 2 * NP, dz, dg, BLOCK_M, NP, WIDTH, PACK, INTERPRET)
+        dz = round_to_dtype(dz, dtype, INTERPRET)
+        dg = round_to_dtype(dg, dtype, INTERPRET)
+    else:
+        offs = rows[:, None] * N + lanes[None, :]
+        ok = row_ok[:, None] & lane_ok
+        dz = acc
+        if STORES_Z:  # an identity activation keeps no z: act' = 1
+            z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            dz = acc * apply_activation_grad(z, ACTIVATION)
+        dz = round_to_dtype(tl.where(lane_ok, dz, 0.0), dtype, INTERPRET)
+        tl.store(dz_ptr + offs, dz, mask=ok)
+        dg = dz
+    if INTERPRET:  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
+        dz = dz.to(tl.float32)
+        dg = dg.to(tl.float32)
+    return dz, dg
+
+
+@triton.jit
+def _fused_small_dgrad_kernel(
+    dy_ptr, w_ptrs, z_ptrs, dz_ptrs, dx_ptr,
+    M, stride_dym, stride_dyn, TILES_PER_PROGRAM,
+    WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    STORES_Z: tl.constexpr, NEED_DX: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    # z_ptrs[l] / dz_ptrs[l]: hidden layer l's saved pre-activation and its dZ (l < L-1).
+    # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    lanes = tl.arange(0, WIDTH)
+    last: tl.constexpr = NUM_LAYERS - 1
+
+    # 2. load: HOIST — every layer's transposed weight tiles once per program
+    tiles = ()
+    if HOIST:
+        for layer in tl.static_range(NUM_LAYERS):
+            operands = _layer_operands_t(
+                w_ptrs[layer],
+                WIDTHS[layer],
+                WIDTHS[layer + 1],
+                W_COLS[layer],
+                WIDTH,
+                GATED and layer != last,
+                PACK,
+            )
+            tiles = tiles + (operands,)  # noqa: RUF005 (no starred tuples in Triton's frontend)
+
+    for i in range(0, TILES_PER_PROGRAM):
+        rows = (pid + i * num_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        rs = rows.to(tl.int64)
+        # 2. load: dy, the output layer's dZ (an identity layer: act' = 1)
+        d = tl.load(
+            dy_ptr + rs[:, None] * stride_dym + lanes[None, :] * stride_dyn,
+            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
+            other=0.0,
+        )
+        if INTERPRET:
+            d = d.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
+        dg = d
+
+        # 3. compute: the layers in reverse, dh in registers, act' on its fp32 accumulator
+        for layer in tl.static_range(last, -1, -1):
+            if HOIST:
+                wt, vt = tiles[layer]
+            else:
+                wt, vt = _layer_operands_t(
+                    w_ptrs[layer], WIDTHS[layer], WIDTHS[layer + 1], W_COLS[layer], WIDTH,
+                    GATED and layer != last, PACK,
+                )  # fmt: skip
+            if INTERPRET:
+                wt = wt.to(tl.float32)
+                vt = vt.to(tl.float32)
+            acc = tl.dot(d, wt, input_precision=DOT_PRECISION)
+            if GATED and layer != last:
+                acc = tl.dot(dg, vt, acc, input_precision=DOT_PRECISION)
+            if layer > 0:
+                # 4. store (inside): dZ of hidden layer - 1
+                d, dg = _dact_step(
+                    acc, z_ptrs[layer - 1], dz_ptrs[layer - 1], rs, row_ok, WIDTHS[layer],
+                    ACTIVATION, GATED, STORES_Z, BLOCK_M, WIDTH, PACK, INTERPRET,
+                )  # fmt: skip
+            elif NEED_DX:
+                # 4. store: dx, rounded once
+                tl.store(
+                    dx_ptr + rs[:, None] * WIDTHS[0] + lanes[None, :],
+                    round_to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET),
+                    mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
+                )
+
+
+# ---- backward kernel B: every layer's dW and db in one launch, and the sum of its splits --------
+@triton.jit
+def _wgrad_layer(
+    h_ptr, d_ptr, dw_ptr, db_ptr, pid_k, pid_s,
+    M, STEPS, stride_hm, stride_dm, stride_dn,
+    D_IN: tl.constexpr, D_OUT: tl.constexpr, NC: tl.constexpr, GATED_LAYER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PACK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Rows [pid_k·BLOCK_R, +BLOCK_R) of one layer's dW [D_IN, NC] (NC: D_OUT, or the packed
+    2·Np) reduced over run pid_s of the rows (STEPS steps of BLOCK_K), with db from the K-tile 0
+    programs. dw_ptr / db_ptr: the gradient itself (one run) or the fp32 partials [S, D_IN, NC] /
+    [S, NC] (run pid_s's slice: the store below is exact)."""
+    # 1. program -> tile
+    offs_k = pid_k * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_k = offs_k < D_IN
+    ks = offs_k.to(tl.int64)
+    lanes = tl.arange(0, WIDTH)
+    lane_ok = lanes < D_OUT
+    split = pid_s.to(tl.int64)
+    m_lo = pid_s * STEPS
+    m_hi = tl.minimum(m_lo + STEPS, tl.cdiv(M, BLOCK_K))
+    m_hi = tl.where(pid_k * BLOCK_R < D_IN, m_hi, m_lo)  # a tile past D_IN: nothing to reduce
+    NP: tl.constexpr = (D_OUT + PACK - 1) // PACK * PACK
+
+    acc = tl.zeros((BLOCK_R, WIDTH), dtype=tl.float32)
+    acc_v = tl.zeros((BLOCK_R, WIDTH), dtype=tl.float32)
+    db = tl.zeros((WIDTH,), dtype=tl.float32)
+    dc = tl.zeros((WIDTH,), dtype=tl.float32)
+    for m in range(m_lo, m_hi):
+        # 2. load: hᵀ tile [BLOCK_R (k), BLOCK_K (m)] and the dZ tile(s) [BLOCK_K (m), WIDTH]
+        offs_r = m * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_r = offs_r < M
+        rs = offs_r.to(tl.int64)
+        a = tl.load(
+            h_ptr + rs[None, :] * stride_hm + ks[:, None],
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        if GATED_LAYER:
+            d, dg = _packed_load(d_ptr, rs, mask_r, stride_dm, BLOCK_K, NP, WIDTH, PACK)
+        else:
+            d = tl.load(
+                d_ptr + rs[:, None] * stride_dm + lanes[None, :] * stride_dn,
+                mask=mask_r[:, None] & lane_ok[None, :],
+                other=0.0,
+            )
+            dg = d
+        if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            a = a.to(tl.float32)
+            d = d.to(tl.float32)
+            dg = dg.to(tl.float32)
+        # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
+        acc = tl.dot(a, d, acc, input_precision=DOT_PRECISION)
+        if GATED_LAYER:
+            acc_v = tl.dot(a, dg, acc_v, input_precision=DOT_PRECISION)
+        if HAS_BIAS:  # noqa: SIM102 (a constexpr, then a runtime test: two ifs in Triton)
+            if pid_k == 0:
+                db = db + tl.sum(d.to(tl.float32), axis=0)
+                if GATED_LAYER:
+                    dc = dc + tl.sum(dg.to(tl.float32), axis=0)
+
+    # 4. store: one rounding to the param dtype (one run), or the exact fp32 partial
+    dw_ptr = dw_ptr + split * (D_IN * NC)
+    db_ptr = db_ptr + split * NC
+    first = (tl.arange(0, 1) + pid_k) == 0  # the db row: K-tile 0 only
+    if GATED_LAYER:
+        _packed_store(dw_ptr, ks, mask_k, NC, acc, acc_v, BLOCK_R, NP, WIDTH, PACK, INTERPRET)
+        if HAS_BIAS:
+            db2 = tl.reshape(db, (1, WIDTH))
+            dc2 = tl.reshape(dc, (1, WIDTH))
+            zero = tl.zeros((1,), dtype=tl.int64)
+            _packed_store(db_ptr, zero, first, 0, db2, dc2, 1, NP, WIDTH, PACK, INTERPRET)
+    else:
+        tl.store(
+            dw_ptr + ks[:, None] * NC + lanes[None, :],
+            round_to_dtype(acc, dw_ptr.dtype.element_ty, INTERPRET),
+            mask=mask_k[:, None] & lane_ok[None, :],
+        )
+        if HAS_BIAS:
+            db_out = round_to_dtype(db, db_ptr.dtype.element_ty, INTERPRET)
+            tl.store(db_ptr + lanes, db_out, mask=lane_ok & (pid_k == 0))
+
+
+@triton.jit
+def _fused_small_wgrad_kernel(
+    h_ptrs, d_ptrs, dw_ptrs, db_ptrs,
+    M, STEPS, stride_xm, stride_dym, stride_dyn,
+    WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, K_TILES: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PACK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    # h_ptrs[l]: layer l's input (x, then the saved h_l); d_ptrs[l]: its dZ (kernel A's, dy for
+    # the output layer). Layer l's widths are constants only inside its branch below.
+    # 1. program -> tile: (layer, K-tile) on axis 0, the run of M on axis 1
+    pid = tl.program_id(0)
+    layer_id = pid // K_TILES
+    pid_k = pid % K_TILES
+    pid_s = tl.program_id(1)
+    last: tl.constexpr = NUM_LAYERS - 1
+    for layer in tl.static_range(NUM_LAYERS):
+        if layer_id == layer:
+            # twin-diff: the Pallas twin branches with pl.when
+            _wgrad_layer(
+                h_ptrs[layer], d_ptrs[layer], dw_ptrs[layer], db_ptrs[layer], pid_k, pid_s,
+                M, STEPS,
+                stride_xm if layer == 0 else WIDTHS[layer],
+                stride_dym if layer == last else W_COLS[layer],
+                stride_dyn if layer == last else 1,
+                WIDTHS[layer], WIDTHS[layer + 1], W_COLS[layer], GATED and layer != last,
+                HAS_BIAS, WIDTH, BLOCK_K, BLOCK_R, PACK, DOT_PRECISION, INTERPRET,
+            )  # fmt: skip
+
+
+@triton.jit
+def _sum_partials(
+    ws_ptr, out_ptr, block, S, L,
+    BLOCK: tl.constexpr, UNROLL: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """out[block's BLOCK elements] = round(Σ_s ws[s]) for ws [S, L] contiguous, the partials added
+    in the fixed order s = 0, 1, …, S−1 (backward.py's `_wgrad_sum_kernel` loop)."""
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(0, tl.cdiv(S, UNROLL)):
+        for u in tl.static_range(UNROLL):  # UNROLL independent loads in flight, adds in order
+            s = c * UNROLL + u
+            ok = s < S
+            row = tl.minimum(s, S - 1).to(tl.int64)
+            # 2. load: partial s of this program's elements (fp32: no interpreter upcast)
+            part = tl.load(ws_ptr + row * L + offs, mask=mask & ok, other=0.0)
+            # 3. compute: one add per partial, in the order s = 0, 1, …
+            acc = tl.where(ok, acc + part, acc)
+    # 4. store: one rounding to the param dtype
+    tl.store(out_ptr + offs, round_to_dtype(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _fused_small_wgrad_sum_kernel(
+    ws_ptrs, out_ptrs, S,
+    SIZES: tl.constexpr, STARTS: tl.constexpr, TARGETS: tl.constexpr,
+    BLOCK: tl.constexpr, UNROLL: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    # Targets: every layer's dw (then db, with a bias), SIZES[t] elements; programs
+    # [STARTS[t], STARTS[t + 1]) sum target t's blocks.
+    # 1. program -> tile
+    pid = tl.program_id(0)
+    for t in tl.static_range(TARGETS):
+        if (pid >= STARTS[t]) & (pid < STARTS[t + 1]):
+            _sum_partials(
+                ws_ptrs[t], out_ptrs[t], pid - STARTS[t], S, SIZES[t], BLOCK, UNROLL, INTERPRET
+            )
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+def applies(impl: str, spec: MLPSpec) -> bool:
+    """Whether a training call of (resolved) implementation `impl` runs this module's forward and
+    backward: fused_small, on a spec it takes. Everything else trains per layer (backward.py)."""
+    return impl == "fused_small" and supports(spec) is None
+
+
+def _stores_z(spec: MLPSpec) -> bool:
+    # backward._stores_preact for the hidden layers (all alike): a plain identity keeps no z.
+    return spec.gated or spec.base_activation != "identity"
+
+
+def _statics(spec: MLPSpec, weights: tuple[torch.Tensor, ...], cfg: SmallConfig) -> dict:
+    return dict(
+        WIDTHS=spec.widths, W_COLS=tuple(w.shape[1] for w in weights), NUM_LAYERS=spec.num_layers,
+        WIDTH=padded_width(max(spec.widths)), GATED=spec.gated, PACK=PACK_BLOCK,
+        DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
+    )  # fmt: skip
+
+
+def _layer_params(params: Mapping[str, torch.Tensor], spec: MLPSpec):
+    # fused_small.layer_params, contiguous (a no-op for the packed params a module holds)
+    weights, biases = layer_params(params, spec)
+    return tuple(w.contiguous() for w in weights), tuple(b.contiguous() for b in biases)
+
+
+def _grid(m: int, cfg: SmallConfig) -> tuple[int, int]:
+    programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
+    return programs, cdiv(cdiv(m, cfg.block_m), programs)
+
+
+def forward_saving(
+    x2d: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    config: TileConfig | SmallConfig | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(y2d, residuals) for x2d [M, d_in] (unit column stride) and PACKED params, each contiguous:
+    backward.forward_saving(saved="preact")'s residuals (h_0 = x2d, z_0, h_1, …, z_{L-1}; an
+    unkept z is [M, 0]) from one fused_small launch. Trusts its inputs."""
+    m = x2d.shape[0]
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    weights, biases = _layer_params(params, spec)
+    y = torch.empty(m, spec.d_out, dtype=x2d.dtype, device=x2d.device)
+    stores = _stores_z(spec)
+    hs, zs = [], []
+    for layer in spec.layers()[:-1]:
+        hs.append(torch.empty(m, layer.d_out, dtype=x2d.dtype, device=x2d.device))
+        width = (packed_width(layer.d_out) if layer.gated else layer.d_out) if stores else 0
+        zs.append(torch.empty(m, width, dtype=x2d.dtype, device=x2d.device))
+    kept: list[torch.Tensor] = [x2d]
+    for h, z in zip(hs, zs, strict=True):
+        kept += [z, h]
+    kept.append(x2d.new_empty((m, 0)))  # the output layer: identity, no z
+    if m == 0:
+        return y, tuple(kept)
+    programs, tiles = _grid(m, cfg)
+    # a 1-layer MLP has no residuals: y stands in (never stored to) where a tuple needs an entry
+    _fused_small_saving_kernel[(programs,)](
+        x2d, weights, biases, y, tuple(hs) or (y,), tuple(zs if stores else hs) or (y,),
+        m, x2d.stride(0), y.stride(0), tiles,
+        BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias,
+        HOIST=cfg.hoist, STORES_Z=stores, **_statics(spec, weights, cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y, tuple(kept)
+
+
+def dgrad_fwd(
+    dy2d: torch.Tensor,
+    residuals: list[torch.Tensor | None],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    config: TileConfig | SmallConfig | None = None,
+    need_dx: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Kernel A: (dZ_l of every hidden layer l — [M, N_l], packed [M, 2·Np_l] gated — and dx
+    [M, d_in] or None) from dy2d [M, d_out] (any strides) and the "preact" residuals. M >= 1."""
+    m = dy2d.shape[0]
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    weights, _ = _layer_params(params, spec)
+    dzs = [
+        torch.empty(m, packed_width(lay.d_out) if lay.gated else lay.d_out, dtype=dy2d.dtype,
+                    device=dy2d.device)
+        for lay in spec.layers()[:-1]
+    ]  # fmt: skip
+    dx = torch.empty(m, spec.d_in, dtype=dy2d.dtype, device=dy2d.device) if need_dx else None
+    zs = [residuals[2 * i + 1] for i in range(spec.num_layers - 1)]
+    stores = _stores_z(spec)
+    programs, tiles = _grid(m, cfg)
+    _fused_small_dgrad_kernel[(programs,)](
+        dy2d, weights, tuple(zs if stores else dzs) or (dy2d,), tuple(dzs) or (dy2d,),
+        dx if need_dx else dy2d,
+        m, dy2d.stride(0), dy2d.stride(1), tiles,
+        BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, STORES_Z=stores, NEED_DX=need_dx,
+        HOIST=cfg.hoist, **_statics(spec, weights, cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return dzs, dx
+
+
+def wgrad_fwd(
+    hs: list[torch.Tensor],
+    ds: list[torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    config: TileConfig | SmallConfig | None = None,
+    splits: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Kernel B (+ the sum of its splits): every layer's weight gradient (`w{i}`, or the packed
+    `wv{i}`) and, with a bias, its bias gradient (`b{i}`/`bc{i}`), in the params' dtype, from
+    the layer inputs hs[l] [M, d_in_l] (hs[0] = x: unit column stride) and the dZs ds[l] (the
+    last: dy, any strides). S from `wgrad_splits` over every layer's tiles; `splits` forces it."""
+    m = hs[0].shape[0]
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    weights, _ = _layer_params(params, spec)
+    width = padded_width(max(spec.widths))
+    block_r = min(width, WGRAD_ROWS)
+    k_tiles = cdiv(width, block_r)
+    S, steps = wgrad_splits(spec.num_layers * k_tiles, m, cfg.block_m, splits=splits)
+    grads, outs, parts = {}, [], []  # outs[t]: the gradients; parts[t]: their fp32 partials
+    for layer, w in zip(spec.layers(), weights, strict=True):
+        i, nc = layer.index, w.shape[1]
+        wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
+        grads[wname] = torch.empty(layer.d_in, nc, dtype=w.dtype, device=w.device)
+        outs.append(grads[wname])
+        parts.append(torch.empty(S, layer.d_in, nc, dtype=torch.float32, device=w.device))
+        if spec.bias:
+            grads[bname] = torch.empty(nc, dtype=w.dtype, device=w.device)
+            outs.append(grads[bname])
+            parts.append(torch.empty(S, nc, dtype=torch.float32, device=w.device))
+    if m == 0:  # a sum over no rows
+        return {k: v.zero_() for k, v in grads.items()}
+    into = outs if S == 1 else parts  # S = 1: the gradients directly
+    dws = tuple(into[0 :: 2 if spec.bias else 1])
+    dbs = tuple(into[1::2]) if spec.bias else dws
+    dy = ds[-1]
+    _fused_small_wgrad_kernel[(spec.num_layers * k_tiles, S)](
+        tuple(hs), tuple(ds), dws, dbs,
+        m, steps, hs[0].stride(0), dy.stride(0), dy.stride(1),
+        HAS_BIAS=spec.bias, K_TILES=k_tiles, BLOCK_K=cfg.block_m, BLOCK_R=block_r,
+        **_statics(spec, weights, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if S > 1:
+        sizes = tuple(o.numel() for o in outs)
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + cdiv(size, WGRAD_SUM_BLOCK))
+        _fused_small_wgrad_sum_kernel[(starts[-1],)](
+            tuple(parts), tuple(outs), S,
+            SIZES=sizes, STARTS=tuple(starts), TARGETS=len(outs), BLOCK=WGRAD_SUM_BLOCK,
+            UNROLL=min(WGRAD_SUM_UNROLL, S), INTERPRET=INTERPRET, num_warps=WGRAD_SUM_WARPS,
+        )  # fmt: skip
+    return grads
+
+
+# ---- orchestration -------------------------------------------------------------------------------
+def mlp_backward(
+    dy2d: torch.Tensor,
+    residuals: tuple[torch.Tensor, ...] | list[torch.Tensor | None],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    config: TileConfig | SmallConfig | None = None,
+    need_dx: bool = True,
+) -> dict[str, torch.Tensor | None]:
+    """backward.mlp_backward's result (same arguments, names, layouts and list consumption) from
+    kernels A and B: "x" (None unless `need_dx`) and every packed param's gradient; "inputs"
+    recomputes this module's saving forward first. Params packed and contiguous."""
+    check_saved(saved)
+    if saved == "inputs":
+        _, residuals = forward_saving(residuals[0], params, spec, config=config)
+    # twin-diff: torch frees memory as references go; XLA plans buffer lifetimes itself.
+    res = residuals if isinstance(residuals, list) else list(residuals)  # h_0, z_0, h_1, z_1, …
+    del residuals
+    if res[0].stride(-1) != 1:  # kernel B reads x with unit column stride
+        res[0] = res[0].contiguous()
+    m = dy2d.shape[0]
+    if m == 0:
+        dzs: list[torch.Tensor] = []
+        dx = dy2d.new_empty((0, spec.d_in)) if need_dx else None
+    else:
+        dzs, dx = dgrad_fwd(dy2d, res, params, spec, config=config, need_dx=need_dx)
+    hs = res[0::2]
+    res[1::2] = [None] * len(res[1::2])  # the zs: read by kernel A only
+    grads = wgrad_fwd(hs, [*dzs, dy2d], params, spec, config=config)
+    del hs, dzs
+    res[0::2] = [None] * len(res[0::2])
+    return {"x": dx, **{k: grads[k] for k in packed_names(spec)}}
+
+
+def launch_count(spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None = None) -> int:
+    """Kernel launches of one training step (saving forward + backward, dx included) here: 3, or
+    4 where the weight gradients are split over M."""
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    width = padded_width(max(spec.widths))
+    tiles = spec.num_layers * cdiv(width, min(width, WGRAD_ROWS))
+    return 3 + (wgrad_splits(tiles, m, cfg.block_m)[0] > 1)

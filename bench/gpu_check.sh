@@ -112,14 +112,8 @@ if [ "$mode" = gpu ]; then
   # and 8 bracket the grid; `fusedmlp sweep` runs the full grid with torch.compile by default.
   step sweep 80 "${cli[@]}" sweep --full --depths 2,8 --impl fused_small,eager,xla \
     --json "$work/sweep.json"
-  # One training step (forward + backward) per path, both stacks, at the two presets the backward
-  # was built for (bf16 both). Kept small: --quick (20 timed steps), and the rows that run
-  # distinct kernels — with saved=preact every torch impl but auto/triton_tma runs the portable
-  # saving forward and backward (triton stands for them), auto the Hopper TMA backward; every JAX
-  # kernel runs the portable saving forward and Pallas backward (pallas_triton; auto as called).
-  # Most of the time is compiling (inductor's forward+backward graphs, the Pallas backward).
-  step bench-backward 100 "${cli[@]}" bench --backward --quick --preset llama3-8b,hf-blog-geglu \
-    --m 8192 --impl triton,pallas_triton,auto,baselines --json "$work/bench_backward.json"
+  # The training step's bench (`bench --backward`) runs in bench/train_gpu.sh: the steps above
+  # fill this call's budget.
 else
   step parity 70 "${cli[@]}" parity --device cpu --json "$work/parity.json"
   step bench 50 "${cli[@]}" bench --device cpu --quick --json "$work/bench.json"

@@ -2,12 +2,19 @@
 # The real training runs of issue 25 on one GPU: bash bench/train_gpu.sh OUTDIR
 #
 # Installs the project offline (the GPU image has torch, jax, optax, scikit-image), then runs
+#   fusedmlp bench --backward: one training step (forward + backward) per path, both stacks, at
+#     llama3-8b and hf-blog-geglu M=8192 (bf16) and nerf-64x5 (fp16, its 2M rows): the rows that
+#     run distinct kernels (with saved=preact every torch impl but auto/triton_tma/fused_small
+#     runs the portable saving forward and backward: triton stands for them; auto the Hopper TMA
+#     backward; fused_small its whole-MLP backward); --quick (20 timed steps); most of the time
+#     is compiling (inductor's forward+backward graphs, the Pallas backward)
 #   fusedmlp train image: astronaut 256², 2,000 steps, bf16 and fp16 (loss scaling)
 #   fusedmlp train lm:    pydoc byte LM, d 1024, SwiGLU 4096, 4 blocks, batch 4096, 300 steps, bf16
 # both stacks, `auto` against the baseline of each stack from the same init and data order, each
 # under its own time limit, and writes into OUTDIR: train-image.json, train-lm.json (curves, step
 # times, end points, what `auto` chose), train-image.png, train-lm.png (the curves), the original
-# photograph, every run's reconstruction and image-compare.png, log.txt. Budget: 4 minutes.
+# photograph, every run's reconstruction and image-compare.png, bench_backward.json/.md,
+# bench_backward_nerf.json/.md, log.txt. Budget: 7 minutes.
 # FUSEDMLP_TRAIN_ARGS replaces "--device cuda" (a CPU smoke run: "--device cpu --steps 4").
 set -uo pipefail
 out=${1:?usage: bash bench/train_gpu.sh OUTDIR}
@@ -28,6 +35,14 @@ run() {
   echo "== exit $rc after $((SECONDS - t0)) s"
   [ "$rc" -ne 0 ] && status=1
 }
+if [ "$extra" = "--device cuda" ]; then
+  run 100 "$py" -m fusedmlp.bench.cli bench --backward --quick --preset llama3-8b,hf-blog-geglu \
+    --m 8192 --impl triton,pallas_triton,auto,baselines --json "$out/bench_backward.json" \
+    --markdown "$out/bench_backward.md"
+  run 80 "$py" -m fusedmlp.bench.cli bench --backward --quick --preset nerf-64x5 \
+    --impl triton,fused_small,pallas_triton,auto,baselines --json "$out/bench_backward_nerf.json" \
+    --markdown "$out/bench_backward_nerf.md"
+fi
 # shellcheck disable=SC2086  # $extra is a list of options
 run 150 "$py" -m fusedmlp.bench.cli train image $extra --precision bf16,fp16 --out "$out"
 # shellcheck disable=SC2086

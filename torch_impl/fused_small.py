@@ -409,25 +409,25 @@ def layer_params(
     return tuple(weights), tuple(biases)
 
 
-def layer_names(spec: MLPSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _layer_names(spec: MLPSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """`layer_params`' names: per layer its weight's and its bias' (empty without biases)."""
     weights = tuple(f"wv{lay.index}" if lay.gated else f"w{lay.index}" for lay in spec.layers())
     biases = tuple(f"bc{lay.index}" if lay.gated else f"b{lay.index}" for lay in spec.layers())
     return weights, biases if spec.bias else ()
 
 
-def small_statics(spec: MLPSpec) -> dict:
+def _small_statics(spec: MLPSpec) -> dict:
     """The constexprs every whole-MLP kernel takes from the spec (here and fused_small_backward)."""
     shapes = packed_names(spec)
     return dict(
-        WIDTHS=spec.widths, W_COLS=tuple(shapes[w][1] for w in layer_names(spec)[0]),
+        WIDTHS=spec.widths, W_COLS=tuple(shapes[w][1] for w in _layer_names(spec)[0]),
         NUM_LAYERS=spec.num_layers, WIDTH=padded_width(max(spec.widths)), GATED=spec.gated,
         PACK=PACK_BLOCK, DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
     )  # fmt: skip
 
 
 def _fused_small_launch(x_shape, x_strides, spec, config):
-    """`fused_small_fwd`'s launch for this key (`_LAUNCHES`), with `layer_names(spec)`; y is a
+    """`fused_small_fwd`'s launch for this key (`_LAUNCHES`), with `_layer_names(spec)`; y is a
     fresh contiguous [M, d_out]."""
     m = x_shape[0]
     cfg = small_config_for(config, spec, m, interpret=INTERPRET)
@@ -437,11 +437,11 @@ def _fused_small_launch(x_shape, x_strides, spec, config):
         (m, x_strides[0], spec.d_out, cdiv(cdiv(m, cfg.block_m), programs)),
         dict(
             BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias,
-            HOIST=cfg.hoist, **small_statics(spec), num_warps=cfg.num_warps,
+            HOIST=cfg.hoist, **_small_statics(spec), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         ),
     )  # fmt: skip
-    return launch, *layer_names(spec)
+    return launch, *_layer_names(spec)
 
 
 _LAUNCHES = LaunchCache(_fused_small_launch)

@@ -71,10 +71,10 @@ from fusedmlp.common.validate import check_saved
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
 from .fused_small import (
     _fused_small_rows,
+    _layer_names,
     _packed_load,
     _packed_store,
-    layer_names,
-    small_statics,
+    _small_statics,
     supports,
 )
 from .launch import Launch, LaunchCache
@@ -437,11 +437,11 @@ def _saving_launch(x_shape, x_strides, spec, config):
         _fused_small_saving_kernel, (programs,), (m, x_strides[0], spec.d_out, tiles),
         dict(
             BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias,
-            HOIST=cfg.hoist, STORES_Z=stores, **small_statics(spec),
+            HOIST=cfg.hoist, STORES_Z=stores, **_small_statics(spec),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ),
     )  # fmt: skip
-    return launch, layer_names(spec), tuple(h_shapes), tuple(z_shapes)
+    return launch, _layer_names(spec), tuple(h_shapes), tuple(z_shapes)
 
 
 _SAVING = LaunchCache(_saving_launch)
@@ -490,11 +490,11 @@ def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx):
         _fused_small_dgrad_kernel, (programs,), (m, *dy_strides, tiles),
         dict(
             BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, STORES_Z=_stores_z(spec),
-            NEED_DX=need_dx, HOIST=cfg.hoist, **small_statics(spec),
+            NEED_DX=need_dx, HOIST=cfg.hoist, **_small_statics(spec),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ),
     )  # fmt: skip
-    return launch, layer_names(spec), dz_shapes
+    return launch, _layer_names(spec), dz_shapes
 
 
 _DGRAD = LaunchCache(_dgrad_launch)
@@ -542,7 +542,7 @@ class _WgradLaunches:
         self.splits = S
         # the gradients in `outs` order (per layer: weight, then bias), with their names
         packed = packed_names(spec)
-        w_names, b_names = layer_names(spec)
+        w_names, b_names = _layer_names(spec)
         names, shapes = [], []
         for i, name in enumerate(w_names):
             names.append(name)
@@ -557,7 +557,7 @@ class _WgradLaunches:
             (m, steps, x_strides[0], *dy_strides),
             dict(
                 HAS_BIAS=spec.bias, K_TILES=k_tiles, BLOCK_K=cfg.block_m, BLOCK_R=block_r,
-                **small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             ),
         )  # fmt: skip
         sizes = tuple(math.prod(shape) for shape in shapes)

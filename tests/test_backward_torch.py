@@ -35,7 +35,7 @@ from fusedmlp.common.packing import (
     unpack_params,
 )
 from fusedmlp.common.tolerance import FP32_PREACT_TOL, assert_grads_close, grad_bounds
-from fusedmlp.torch_impl import FusedMLP, backward, custom_op, front
+from fusedmlp.torch_impl import FusedMLP, backward, custom_op, front, launch
 from fusedmlp.torch_impl.baselines import eager
 from fusedmlp.torch_impl.gated import gated
 from fusedmlp.torch_impl.tma import backward as tma_backward
@@ -545,7 +545,7 @@ def test_wgrad_splits_choice():
             assert n <= steps and (splits is None or n <= splits)
 
 
-def test_split_training_step(monkeypatch):
+def test_split_training_step(monkeypatch, request):
     # The whole backward with the split chosen by the heuristic: one step per split at most, so
     # every weight gradient of this MLP (M = 33: 3 steps; 6 tiles each) runs S = 3.
     from fusedmlp.common import tiling
@@ -559,6 +559,9 @@ def test_split_training_step(monkeypatch):
 
     monkeypatch.setattr(tiling, "WGRAD_MIN_STEPS", 1)
     monkeypatch.setattr(backward, "wgrad_splits", spy)
+    # launch records are built from WGRAD_MIN_STEPS: none from before, none kept after
+    launch.clear_all()
+    request.addfinalizer(launch.clear_all)
     spec = _spec(CASES[3])  # silu, bias, bf16, M = 33
     module = FusedMLP(spec, impl="triton", config=CONFIG, seed=46)
     x = to_torch(make_input(spec, 33, seed=47))

@@ -48,6 +48,7 @@ Twin: jax_impl/backward.py (Pallas-Triton), line for line; differences carry `# 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -67,10 +68,12 @@ from fusedmlp.common.tiling import (
     heuristic_config,
     wgrad_splits,
 )
+from fusedmlp.common.tuning import registered_device
 from fusedmlp.common.validate import check_saved
 
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
 from .gated import _PACK, _gate_split, gated_fwd
+from .launch import Launch, LaunchCache
 from .linear_act import _grouped_tile, _input_precision, linear_act_fwd
 from .runtime import INTERPRET
 
@@ -317,6 +320,40 @@ def _dact_kernel(
 
 
 # ==== launchers ===================================================================================
+def _dgrad_launch(
+    a_shape,
+    a_strides,
+    w_shape,
+    w_strides,
+    z_strides,
+    epilogue,
+    activation,
+    config,
+    fp32_precision,
+) -> Launch:
+    """`dgrad_fwd`'s launch for this key (`_DGRAD`); out is a fresh contiguous [M, width]."""
+    M, Kc = a_shape
+    Ko = w_shape[0]
+    width = packed_width(Ko) if epilogue == "dact_gated" else Ko
+    if epilogue == "dact_gated":
+        config = gated_config(config)  # whole packed block pairs per tile
+    out_strides = (width, 1)
+    zz = z_strides if z_strides is not None else out_strides  # a placeholder, never read
+    return Launch(
+        _dgrad_kernel, (cdiv(M, config.block_m) * cdiv(Ko, config.block_n),),
+        (M, Ko, Kc, *a_strides, w_strides[1], w_strides[0], *zz, *out_strides),
+        dict(
+            EPILOGUE=epilogue, ACTIVATION=activation,
+            INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+        ),
+    )  # fmt: skip
+
+
+_DGRAD = LaunchCache(_dgrad_launch)
+
+
 def dgrad_fwd(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -331,27 +368,58 @@ def dgrad_fwd(
     [M, Ko]; "dact" ⊙ act'(z), z [M, Ko]; "dact_gated" (z the packed [M, packed_width(Ko)] of the
     gated layer whose output gradient this is) the packed [dz|dg] [M, packed_width(Ko)]. Trusts
     input; for "dact_gated" a block_n under 64 is read as 64."""
-    M, Kc = a.shape
+    M = a.shape[0]
     Ko = w.shape[0]
     width = packed_width(Ko) if epilogue == "dact_gated" else Ko
     out = torch.empty((M, width), device=a.device, dtype=a.dtype)
     if M == 0 or Ko == 0:
         return out
-    if epilogue == "dact_gated":
-        config = gated_config(config)  # whole packed block pairs per tile
-    zz = z if z is not None else out  # a placeholder for the strides, never read
-    grid = (cdiv(M, config.block_m) * cdiv(Ko, config.block_n),)
-    _dgrad_kernel[grid](
-        a, w, z, out,
-        M, Ko, Kc,
-        a.stride(0), a.stride(1), w.stride(1), w.stride(0), zz.stride(0), zz.stride(1),
-        out.stride(0), out.stride(1),
-        EPILOGUE=epilogue, ACTIVATION=activation,
-        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    launch = _DGRAD.get((
+        a.shape, a.stride(), w.shape, w.stride(), z.stride() if z is not None else None,
+        epilogue, activation, config, fp32_precision,
+    ))  # fmt: skip
+    launch(a, w, z, out)
     return out
+
+
+class _WgradLaunches:
+    """`wgrad_fwd`'s plan for one key: S, the fp32 workspaces' shapes (S > 1) and its launches."""
+
+    __slots__ = ("splits", "wgrad", "wgrad_sum", "ws_shape", "wsb_shape")
+
+    def __init__(
+        self, a_shape, a_strides, d_strides, n_cols, has_bias, config, precision, splits
+    ) -> None:
+        M, K = a_shape
+        Nc = n_cols
+        tiles = cdiv(K, config.block_m) * cdiv(Nc, config.block_n)
+        S, steps = wgrad_splits(tiles, M, config.block_k, splits=splits)
+        self.splits = S
+        self.ws_shape, self.wsb_shape = (S, K, Nc), (S, Nc)
+        # S = 1, the single-kernel path: dw [K, Nc] and db written directly (no split strides)
+        ws_strides = (0, Nc, 1) if S == 1 else (K * Nc, Nc, 1)
+        self.wgrad = Launch(
+            _wgrad_kernel, (tiles, S),
+            (M, Nc, K, steps, *a_strides, *d_strides, *ws_strides, 0 if S == 1 else Nc),
+            dict(
+                HAS_DBIAS=has_bias, INPUT_PRECISION=_input_precision(precision),
+                INTERPRET=INTERPRET, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            ),
+        )  # fmt: skip
+        L = K * Nc
+        grid = (cdiv(L, WGRAD_SUM_BLOCK) + (cdiv(Nc, WGRAD_SUM_BLOCK) if has_bias else 0),)
+        self.wgrad_sum = Launch(
+            _wgrad_sum_kernel, grid, (S, L, Nc),
+            dict(
+                HAS_DBIAS=has_bias, INTERPRET=INTERPRET, BLOCK=WGRAD_SUM_BLOCK,
+                UNROLL=min(WGRAD_SUM_UNROLL, S), num_warps=WGRAD_SUM_WARPS,
+            ),
+        )  # fmt: skip
+
+
+_WGRAD = LaunchCache(_WgradLaunches)
 
 
 def wgrad_fwd(
@@ -379,34 +447,37 @@ def wgrad_fwd(
     db = torch.empty((Nc,), device=a.device, dtype=dtype) if has_bias else None
     if K == 0 or Nc == 0:
         return dw, db
-    tiles = cdiv(K, config.block_m) * cdiv(Nc, config.block_n)
-    S, steps = wgrad_splits(tiles, M, config.block_k, splits=splits)
-    if S == 1:  # the single-kernel path: dw and db written directly
-        ws, wsb, stride_ws, stride_bs = dw, db, 0, 0
-    else:
-        ws = torch.empty((S, K, Nc), device=a.device, dtype=torch.float32)
-        wsb = torch.empty((S, Nc), device=a.device, dtype=torch.float32) if has_bias else None
-        stride_ws, stride_bs = ws.stride(0), Nc
-    _wgrad_kernel[(tiles, S)](
-        a, d, ws, wsb,
-        M, Nc, K, steps,
-        a.stride(0), a.stride(1), d.stride(0), d.stride(1), stride_ws, ws.stride(-2), ws.stride(-1),
-        stride_bs,
-        HAS_DBIAS=has_bias, INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    if S == 1:
+    plan = _WGRAD.get(
+        (a.shape, a.stride(), d.stride(), Nc, has_bias, config, fp32_precision, splits)
+    )
+    if plan.splits == 1:  # the single-kernel path: dw and db written directly
+        plan.wgrad(a, d, dw, db)
         return dw, db
-    L = K * Nc
-    grid = (cdiv(L, WGRAD_SUM_BLOCK) + (cdiv(Nc, WGRAD_SUM_BLOCK) if has_bias else 0),)
-    _wgrad_sum_kernel[grid](
-        ws, wsb if has_bias else ws, dw, db if has_bias else dw,
-        S, L, Nc,
-        HAS_DBIAS=has_bias, INTERPRET=INTERPRET,
-        BLOCK=WGRAD_SUM_BLOCK, UNROLL=min(WGRAD_SUM_UNROLL, S), num_warps=WGRAD_SUM_WARPS,
-    )  # fmt: skip
+    ws = torch.empty(plan.ws_shape, device=a.device, dtype=torch.float32)
+    wsb = torch.empty(plan.wsb_shape, device=a.device, dtype=torch.float32) if has_bias else None
+    plan.wgrad(a, d, ws, wsb)
+    plan.wgrad_sum(ws, wsb if has_bias else ws, dw, db if has_bias else dw)
     return dw, db
+
+
+def _dact_launch(dy_shape, dy_strides, z_strides, activation, gated, config) -> Launch:
+    """`dact_fwd`'s launch for this key (`_DACT`); out is a fresh contiguous [M, width]."""
+    M, N = dy_shape
+    width = packed_width(N) if gated else N
+    if gated:
+        config = gated_config(config)
+    return Launch(
+        _dact_kernel, (cdiv(M, config.block_m) * cdiv(N, config.block_n),),
+        (M, N, *dy_strides, *z_strides, width, 1),
+        dict(
+            ACTIVATION=activation, GATED=gated, INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m,
+            num_warps=config.num_warps,
+        ),
+    )  # fmt: skip
+
+
+_DACT = LaunchCache(_dact_launch)
 
 
 def dact_fwd(
@@ -425,17 +496,8 @@ def dact_fwd(
     out = torch.empty((M, width), device=dy.device, dtype=dy.dtype)
     if M == 0 or N == 0:
         return out
-    if gated:
-        config = gated_config(config)
-    grid = (cdiv(M, config.block_m) * cdiv(N, config.block_n),)
-    _dact_kernel[grid](
-        dy, z, out,
-        M, N,
-        dy.stride(0), dy.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-        ACTIVATION=activation, GATED=gated, INTERPRET=INTERPRET,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m,
-        num_warps=config.num_warps,
-    )  # fmt: skip
+    launch = _DACT.get((dy.shape, dy.stride(), z.stride(), activation, gated, config))
+    launch(dy, z, out)
     return out
 
 
@@ -453,9 +515,25 @@ def _config(
     pre-activation tile (capped: common.tiling.PREACT_MAX_BLOCK_N)."""
     if config is not None:
         return config
+    return _heuristic(family, m, n, k, spec.dtype, spec.fp32_precision, preact, False)
+
+
+def _heuristic(
+    family: str, m: int, n: int, k: int, dtype: str, precision: str, preact: bool, persistent: bool
+) -> TileConfig:
+    # A training step asks for every layer's config in the forward and the backward, every step:
+    # cached. heuristic_config is a function of its arguments, of this process's INTERPRET and
+    # of the GPU registered with common.tuning (whose committed configs it reads): in the key.
+    key = (family, m, n, k, dtype, precision, preact, persistent, registered_device())
+    return _heuristic_of(*key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _heuristic_of(family, m, n, k, dtype, precision, preact, persistent, device) -> TileConfig:
     cfg = heuristic_config(
-        family, m, n, k, spec.dtype, interpret=INTERPRET, fp32_precision=spec.fp32_precision
-    )
+        family, m, n, k, dtype, interpret=INTERPRET, persistent=persistent,
+        fp32_precision=precision, device=device,
+    )  # fmt: skip
     return cap_for_preact(cfg) if preact else cfg
 
 
@@ -495,9 +573,8 @@ def forward_saving(
         store = saved == "preact" and _stores_preact(layer)
         if hopper and (layer.gated or not store):
             family = "gated" if layer.gated else "linear_act"
-            cfg = heuristic_config(
-                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=INTERPRET,
-                persistent=True, fp32_precision=precision,
+            cfg = _heuristic(
+                family, m, layer.d_out, layer.d_in, spec.dtype, precision, False, True
             )  # fmt: skip
             if layer.gated:
                 outs = tma_gated.gated_fwd(

@@ -374,21 +374,39 @@ _CONVERTED = _Converted()
 # ---- runners: 2-D input, params in the kernels' layout, a plan -> 2-D output --------------------
 def _run_per_layer(x2d, params, spec, the_plan, residual2d):
     h = x2d
-    precision = spec.fp32_precision
+    for fwd, w, b, residual, options in _layer_steps(the_plan, spec.fp32_precision):
+        if residual is None:  # gated: one GEMM over the packed operand (common/packing.py)
+            h = fwd(h, params[w], params.get(b), **options)
+        else:
+            h = fwd(h, params[w], params.get(b), residual2d if residual else None, **options)
+    return h
+
+
+# Each plan's launches as the per-layer runner calls them — (launcher, weight and bias names,
+# residual flag or None for a gated layer, keyword arguments) — built once per plan object rather
+# than per call (~1.5 µs a launch: the launcher lookup, the names, the keywords). Keyed by the
+# plan's identity: an entry holds its plan, so no other object can take that id while it lives.
+_STEPS: dict[tuple[int, str], tuple[Plan, tuple]] = {}
+
+
+def _layer_steps(the_plan: Plan, precision: str) -> tuple:
+    key = (id(the_plan), precision)
+    hit = _STEPS.get(key)
+    if hit is not None and hit[0] is the_plan:
+        return hit[1]
+    steps = []
     for launch in the_plan.launches:
         i = launch.layer
         fwd = _launcher(launch.impl, launch.family, launch.tune)
-        if launch.family == "gated":  # one GEMM over the packed operand (common/packing.py)
-            h = fwd(
-                h, params[f"wv{i}"], params.get(f"bc{i}"), n=launch.n,
-                activation=launch.activation, config=launch.config, fp32_precision=precision,
-            )  # fmt: skip
+        options = dict(activation=launch.activation, config=launch.config, fp32_precision=precision)
+        if launch.family == "gated":
+            steps.append((fwd, f"wv{i}", f"bc{i}", None, {"n": launch.n, **options}))
         else:
-            h = fwd(
-                h, params[f"w{i}"], params.get(f"b{i}"), residual2d if launch.residual else None,
-                activation=launch.activation, config=launch.config, fp32_precision=precision,
-            )  # fmt: skip
-    return h
+            steps.append((fwd, f"w{i}", f"b{i}", launch.residual, options))
+    if len(_STEPS) >= _PREPARED_MAX:
+        _STEPS.clear()
+    _STEPS[key] = (the_plan, tuple(steps))
+    return _STEPS[key][1]
 
 
 def _run_whole(x2d, params, spec, the_plan, residual2d):
@@ -417,6 +435,7 @@ class _Prepared:
     m: int
     layouts: frozenset[str]  # the params layouts the launches read
     convert: bool  # the params must be converted (layout, or a strided bias) before the launches
+    is_2d: bool  # x is [M, d_in] already (and a residual [M, d_out])
 
 
 _PREPARED: dict[tuple, _Prepared] = {}
@@ -445,7 +464,7 @@ def _validate_and_plan(x, params, spec, impl, config, residual, tune) -> _Prepar
     lead = tuple(x.shape[:-1])
     layouts = _layouts(the_plan)
     convert = _needs_conversion(spec, params, layouts)
-    return _Prepared(the_plan, lead, math.prod(lead), layouts, convert)
+    return _Prepared(the_plan, lead, math.prod(lead), layouts, convert, len(lead) == 1)
 
 
 def prepare(x, params, spec, impl=AUTO, config=None, residual=None, tune=False) -> _Prepared:
@@ -453,7 +472,7 @@ def prepare(x, params, spec, impl=AUTO, config=None, residual=None, tune=False) 
     try:
         key = (
             spec, impl, dispatch.generation() if impl == AUTO else 0, config, tune, _signature(x),
-            tuple((k, *_signature(v)) for k, v in params.items()),
+            tuple(params), tuple(map(_signature, params.values())),
             None if residual is None else _signature(residual),
         )  # fmt: skip
         hit = _PREPARED.get(key)
@@ -527,8 +546,11 @@ def forward(
     call = prepare(x, params, spec, impl, config, residual, tune)
     if call.m == 0:
         return x.new_empty((*call.lead, spec.d_out))
-    x2d = x.reshape(call.m, spec.d_in)
-    residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
+    if call.is_2d:  # no reshapes (a view of the same strides each, ~1 µs)
+        x2d, residual2d = x, residual
+    else:
+        x2d = x.reshape(call.m, spec.d_in)
+        residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
     flat = params
     if call.convert:
         # A baseline in training differentiates through the conversion itself: converted afresh
@@ -537,7 +559,7 @@ def forward(
         derived = _derive(spec, params, call.layouts) if grad else None
         flat = {**params, **(derived or _CONVERTED.get(spec, params, call.layouts))}
     y2d = _RUNNERS[call.plan.impl](x2d, flat, spec, call.plan, residual2d)
-    return y2d.reshape(*call.lead, spec.d_out)
+    return y2d if call.is_2d else y2d.reshape(*call.lead, spec.d_out)
 
 
 _PACKED = frozenset({"packed"})
@@ -557,13 +579,10 @@ def training_forward(
     "preact": backward.forward_saving (the portable saving kernels), or for fused_small its own
     saving forward (fused_small_backward.py, the same residuals); "inputs": the asked impl
     (`forward`), nothing saved but x (which the op keeps as its input)."""
-    from . import backward, fused_small_backward
-
     check_saved(saved)
     if saved == "inputs":
         return forward(x, params, spec, impl=impl, config=config, residual=residual), []
-    from .tma import backward as tma_backward
-
+    backward, fused_small_backward, tma_backward = _training_modules()
     call = prepare(x, params, spec, impl, config, residual)
     x2d = x.reshape(call.m, spec.d_in)
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
@@ -583,6 +602,16 @@ def training_forward(
         residual=residual2d, hopper=hopper,
     )  # fmt: skip
     return y2d.reshape(*call.lead, spec.d_out), list(kept[1:])
+
+
+@functools.cache
+def _training_modules():
+    # imported at the first training call (they import this module), then held: an import
+    # statement in the function body cost ~1 µs each per step
+    from . import backward, fused_small_backward
+    from .tma import backward as tma_backward
+
+    return backward, fused_small_backward, tma_backward
 
 
 def kernel_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -66,7 +66,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.packing import PACK_BLOCK, packed_names
 from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
@@ -80,6 +80,7 @@ from fusedmlp.common.validate import check_packed_call
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER, STACK
 from .fused_small import dot_precision
+from .launch import Launch, LaunchCache
 from .runtime import INTERPRET, check_kernel_device
 
 MAX_M = 64
@@ -261,6 +262,55 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
     return None
 
 
+class _DecodeLaunches:
+    """`fused_decode_fwd`'s record for one key: the params' names, the buffers' shapes and the
+    two or three launches (up, down, and the split-K reduction where splits > 1)."""
+
+    __slots__ = ("down", "names", "out_shape", "reduce", "splits", "up")
+
+    def __init__(self, m: int, spec: MLPSpec, config) -> None:
+        d_in, hidden, d_out = spec.widths
+        cfg = decode_config_for(config, spec, m, interpret=INTERPRET)
+        w1_name = "wv0" if spec.gated else "w0"
+        # absent biases: any pointer will do, HAS_BIAS keeps the kernels from reading them
+        b1_name = ("bc0" if spec.gated else "b0") if spec.bias else w1_name
+        self.names = (w1_name, "w1", b1_name, "b1" if spec.bias else "w1")
+        w1_cols = packed_names(spec)[w1_name][1]
+        splits, k_iters = decode_splits(hidden, cfg.block_k2, cfg.split_k)
+        self.splits = splits
+        self.out_shape = (splits, m, d_out)
+        pdl = cfg.pdl and not INTERPRET
+        launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        dependent = {**launch, "launch_pdl": True} if pdl else launch
+        precision = dot_precision(spec)
+        self.up = Launch(
+            _fused_decode_up_kernel, (cdiv(hidden, cfg.block_h),), (m, d_in, hidden, w1_cols),
+            dict(
+                ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
+                PACK=PACK_BLOCK, BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+                DOT_PRECISION=precision, USE_PDL=pdl, INTERPRET=INTERPRET, **launch,
+            ),
+        )  # fmt: skip
+        self.down = Launch(
+            _fused_decode_down_kernel, (cdiv(d_out, cfg.block_n), splits), (m, hidden, d_out),
+            dict(
+                HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k2, K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION=precision,
+                USE_PDL=pdl, INTERPRET=INTERPRET, **dependent,
+            ),
+        )  # fmt: skip
+        self.reduce = Launch(
+            _fused_decode_reduce_kernel, (cdiv(d_out, REDUCE_BLOCK_N),), (m, d_out),
+            dict(
+                HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
+                USE_PDL=pdl, INTERPRET=INTERPRET, **{**dependent, "num_warps": 4, "num_stages": 1},
+            ),
+        )  # fmt: skip
+
+
+_LAUNCHES = LaunchCache(_DecodeLaunches)
+
+
 def fused_decode_fwd(
     x2d: torch.Tensor,
     params: dict[str, torch.Tensor],
@@ -272,43 +322,16 @@ def fused_decode_fwd(
     a gated first layer, common/packing.py); returns [M, d_out]. Trusts its inputs; a pinned
     config it cannot run raises ValueError (`decode_config_for`)."""
     m = x2d.shape[0]
-    d_in, hidden, d_out = spec.widths
-    cfg = decode_config_for(config, spec, m, interpret=INTERPRET)
-    w1 = params["wv0"] if spec.gated else params["w0"]
-    w2 = params["w1"]
-    # absent biases: any pointer will do, HAS_BIAS keeps the kernels from reading them
-    b1 = params.get("bc0" if spec.gated else "b0", w1)
-    b2 = params.get("b1", w2)
-    splits, k_iters = decode_splits(hidden, cfg.block_k2, cfg.split_k)
-    pdl = cfg.pdl and not INTERPRET
-    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    dependent = {**launch, "launch_pdl": True} if pdl else launch
-    h = torch.empty(m, hidden, dtype=x2d.dtype, device=x2d.device)
-    y = torch.empty(m, d_out, dtype=x2d.dtype, device=x2d.device)
-    out = (
-        y if splits == 1 else torch.empty(splits, m, d_out, dtype=torch.float32, device=x2d.device)
-    )
-    _fused_decode_up_kernel[(cdiv(hidden, cfg.block_h),)](
-        x2d, w1, b1, h,
-        m, d_in, hidden, w1.shape[1],
-        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
-        BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **launch,
-    )  # fmt: skip
-    _fused_decode_down_kernel[(cdiv(d_out, cfg.block_n), splits)](
-        h, w2, b2, out,
-        m, hidden, d_out,
-        HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
-        K_ITERS=k_iters, SPLIT_K=splits,
-        DOT_PRECISION=dot_precision(spec), USE_PDL=pdl, INTERPRET=INTERPRET, **dependent,
-    )  # fmt: skip
-    if splits > 1:
-        _fused_decode_reduce_kernel[(cdiv(d_out, REDUCE_BLOCK_N),)](
-            out, b2, y,
-            m, d_out,
-            HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
-            USE_PDL=pdl, INTERPRET=INTERPRET, **{**dependent, "num_warps": 4, "num_stages": 1},
-        )  # fmt: skip
+    plan = _LAUNCHES.get((m, spec, config))
+    w1, w2, b1, b2 = (params[name] for name in plan.names)
+    dtype, device = x2d.dtype, x2d.device
+    h = torch.empty(m, spec.widths[1], dtype=dtype, device=device)
+    y = torch.empty(m, spec.d_out, dtype=dtype, device=device)
+    out = y if plan.splits == 1 else torch.empty(plan.out_shape, dtype=torch.float32, device=device)
+    plan.up(x2d, w1, b1, h)
+    plan.down(h, w2, b2, out)
+    if plan.splits > 1:
+        plan.reduce(out, b2, y)
     return y
 
 

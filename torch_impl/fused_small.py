@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.packing import PACK_BLOCK, packed_names
 from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
@@ -69,6 +69,7 @@ from .activations import apply_activation, round_to_dtype
 from .backward import _gate_join
 from .front import ADAPTER, STACK
 from .gated import _gate_split
+from .launch import Launch, LaunchCache
 from .runtime import INTERPRET, check_kernel_device
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
@@ -408,6 +409,44 @@ def layer_params(
     return tuple(weights), tuple(biases)
 
 
+def _layer_names(spec: MLPSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`layer_params`' names: per layer its weight's and its bias' (empty without biases)."""
+    weights = tuple(f"wv{lay.index}" if lay.gated else f"w{lay.index}" for lay in spec.layers())
+    biases = tuple(f"bc{lay.index}" if lay.gated else f"b{lay.index}" for lay in spec.layers())
+    return weights, biases if spec.bias else ()
+
+
+def _small_statics(spec: MLPSpec) -> dict:
+    """The constexprs every whole-MLP kernel takes from the spec (here and fused_small_backward)."""
+    shapes = packed_names(spec)
+    return dict(
+        WIDTHS=spec.widths, W_COLS=tuple(shapes[w][1] for w in _layer_names(spec)[0]),
+        NUM_LAYERS=spec.num_layers, WIDTH=padded_width(max(spec.widths)), GATED=spec.gated,
+        PACK=PACK_BLOCK, DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
+    )  # fmt: skip
+
+
+def _fused_small_launch(x_shape, x_strides, spec, config):
+    """`fused_small_fwd`'s launch for this key (`_LAUNCHES`), with `_layer_names(spec)`; y is a
+    fresh contiguous [M, d_out]."""
+    m = x_shape[0]
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
+    launch = Launch(
+        _fused_small_fwd_kernel, (programs,),
+        (m, x_strides[0], spec.d_out, cdiv(cdiv(m, cfg.block_m), programs)),
+        dict(
+            BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias,
+            HOIST=cfg.hoist, **_small_statics(spec), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        ),
+    )  # fmt: skip
+    return launch, *_layer_names(spec)
+
+
+_LAUNCHES = LaunchCache(_fused_small_launch)
+
+
 def fused_small_fwd(
     x2d: torch.Tensor,
     params: dict[str, torch.Tensor],
@@ -417,20 +456,12 @@ def fused_small_fwd(
 ) -> torch.Tensor:
     """Launch on an [M, d_in] input (unit column stride) with M >= 1 and PACKED params
     (common/packing.py), each contiguous; returns [M, d_out]. Trusts its inputs."""
-    m = x2d.shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
-    weights, biases = layer_params(params, spec)
-    y = torch.empty(m, spec.d_out, dtype=x2d.dtype, device=x2d.device)
-    programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
-    _fused_small_fwd_kernel[(programs,)](
-        x2d, weights, biases, y,
-        m, x2d.stride(0), y.stride(0), cdiv(cdiv(m, cfg.block_m), programs),
-        WIDTHS=spec.widths, W_COLS=tuple(w.shape[1] for w in weights), NUM_LAYERS=spec.num_layers,
-        WIDTH=padded_width(max(spec.widths)), BLOCK_M=cfg.block_m,
-        ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
-        HOIST=cfg.hoist, DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    launch, w_names, b_names = _LAUNCHES.get((x2d.shape, x2d.stride(), spec, config))
+    weights = tuple(params[n] for n in w_names)
+    # absent biases: the weights stand in (HAS_BIAS keeps the kernel from reading them)
+    biases = tuple(params[n] for n in b_names) if b_names else weights
+    y = torch.empty(x2d.shape[0], spec.d_out, dtype=x2d.dtype, device=x2d.device)
+    launch(x2d, weights, biases, y)
     return y
 
 

@@ -43,6 +43,7 @@ Twin: jax_impl/fused_small_backward.py (Pallas-Triton, same names and sections).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -50,7 +51,7 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK, packed_names, packed_width
+from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     INTERPRET_NUM_SMS,
@@ -70,12 +71,13 @@ from fusedmlp.common.validate import check_saved
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
 from .fused_small import (
     _fused_small_rows,
+    _layer_names,
     _packed_load,
     _packed_store,
-    dot_precision,
-    layer_params,
+    _small_statics,
     supports,
 )
+from .launch import Launch, LaunchCache
 from .runtime import INTERPRET
 
 WGRAD_ROWS = 64  # rows of a layer's dW per kernel-B program (its fp32 accumulator: 64 × WIDTH)
@@ -407,23 +409,42 @@ def _stores_z(spec: MLPSpec) -> bool:
     return spec.gated or spec.base_activation != "identity"
 
 
-def _statics(spec: MLPSpec, weights: tuple[torch.Tensor, ...], cfg: SmallConfig) -> dict:
-    return dict(
-        WIDTHS=spec.widths, W_COLS=tuple(w.shape[1] for w in weights), NUM_LAYERS=spec.num_layers,
-        WIDTH=padded_width(max(spec.widths)), GATED=spec.gated, PACK=PACK_BLOCK,
-        DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
-    )  # fmt: skip
-
-
-def _layer_params(params: Mapping[str, torch.Tensor], spec: MLPSpec):
-    # fused_small.layer_params, contiguous (a no-op for the packed params a module holds)
-    weights, biases = layer_params(params, spec)
-    return tuple(w.contiguous() for w in weights), tuple(b.contiguous() for b in biases)
+def _layer_params(params: Mapping[str, torch.Tensor], names: tuple[tuple[str, ...], ...]):
+    # fused_small.layer_params from its names, contiguous (a no-op for the packed params a module
+    # holds); absent biases: the weights stand in (HAS_BIAS keeps the kernels from reading them)
+    weights = tuple(params[n].contiguous() for n in names[0])
+    return weights, tuple(params[n].contiguous() for n in names[1]) if names[1] else weights
 
 
 def _grid(m: int, cfg: SmallConfig) -> tuple[int, int]:
     programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
     return programs, cdiv(cdiv(m, cfg.block_m), programs)
+
+
+def _saving_launch(x_shape, x_strides, spec, config):
+    """`forward_saving`'s record for this key: (launch, names, shapes of the hidden layers' h and
+    z — an unkept z is [M, 0])."""
+    m = x_shape[0]
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    stores = _stores_z(spec)
+    h_shapes, z_shapes = [], []
+    for layer in spec.layers()[:-1]:
+        h_shapes.append((m, layer.d_out))
+        width = (packed_width(layer.d_out) if layer.gated else layer.d_out) if stores else 0
+        z_shapes.append((m, width))
+    programs, tiles = _grid(m, cfg)
+    launch = Launch(
+        _fused_small_saving_kernel, (programs,), (m, x_strides[0], spec.d_out, tiles),
+        dict(
+            BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias,
+            HOIST=cfg.hoist, STORES_Z=stores, **_small_statics(spec),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ),
+    )  # fmt: skip
+    return launch, _layer_names(spec), tuple(h_shapes), tuple(z_shapes)
+
+
+_SAVING = LaunchCache(_saving_launch)
 
 
 def forward_saving(
@@ -437,33 +458,46 @@ def forward_saving(
     backward.forward_saving(saved="preact")'s residuals (h_0 = x2d, z_0, h_1, …, z_{L-1}; an
     unkept z is [M, 0]) from one fused_small launch. Trusts its inputs."""
     m = x2d.shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    weights, biases = _layer_params(params, spec)
-    y = torch.empty(m, spec.d_out, dtype=x2d.dtype, device=x2d.device)
-    stores = _stores_z(spec)
-    hs, zs = [], []
-    for layer in spec.layers()[:-1]:
-        hs.append(torch.empty(m, layer.d_out, dtype=x2d.dtype, device=x2d.device))
-        width = (packed_width(layer.d_out) if layer.gated else layer.d_out) if stores else 0
-        zs.append(torch.empty(m, width, dtype=x2d.dtype, device=x2d.device))
+    launch, names, h_shapes, z_shapes = _SAVING.get((x2d.shape, x2d.stride(), spec, config))
+    weights, biases = _layer_params(params, names)
+    dtype, device = x2d.dtype, x2d.device
+    y = torch.empty(m, spec.d_out, dtype=dtype, device=device)
+    hs = [torch.empty(shape, dtype=dtype, device=device) for shape in h_shapes]
+    zs = [torch.empty(shape, dtype=dtype, device=device) for shape in z_shapes]
     kept: list[torch.Tensor] = [x2d]
     for h, z in zip(hs, zs, strict=True):
         kept += [z, h]
     kept.append(x2d.new_empty((m, 0)))  # the output layer: identity, no z
     if m == 0:
         return y, tuple(kept)
-    programs, tiles = _grid(m, cfg)
     # a 1-layer MLP has no residuals: y stands in (never stored to) where a tuple needs an entry
-    _fused_small_saving_kernel[(programs,)](
-        x2d, weights, biases, y, tuple(hs) or (y,), tuple(zs if stores else hs) or (y,),
-        m, x2d.stride(0), y.stride(0), tiles,
-        BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias,
-        HOIST=cfg.hoist, STORES_Z=stores, **_statics(spec, weights, cfg),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    stores = _stores_z(spec)
+    launch(x2d, weights, biases, y, tuple(hs) or (y,), tuple(zs if stores else hs) or (y,))
     return y, tuple(kept)
+
+
+def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx):
+    """`dgrad_fwd`'s record for this key: (launch, names, the dZs' shapes)."""
+    m = dy_shape[0]
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    dz_shapes = tuple(
+        (m, packed_width(lay.d_out) if lay.gated else lay.d_out) for lay in spec.layers()[:-1]
+    )
+    programs, tiles = _grid(m, cfg)
+    launch = Launch(
+        _fused_small_dgrad_kernel, (programs,), (m, *dy_strides, tiles),
+        dict(
+            BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, STORES_Z=_stores_z(spec),
+            NEED_DX=need_dx, HOIST=cfg.hoist, **_small_statics(spec),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ),
+    )  # fmt: skip
+    return launch, _layer_names(spec), dz_shapes
+
+
+_DGRAD = LaunchCache(_dgrad_launch)
 
 
 def dgrad_fwd(
@@ -478,26 +512,68 @@ def dgrad_fwd(
     """Kernel A: (dZ_l of every hidden layer l — [M, N_l], packed [M, 2·Np_l] gated — and dx
     [M, d_in] or None) from dy2d [M, d_out] (any strides) and the "preact" residuals. M >= 1."""
     m = dy2d.shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
-    weights, _ = _layer_params(params, spec)
-    dzs = [
-        torch.empty(m, packed_width(lay.d_out) if lay.gated else lay.d_out, dtype=dy2d.dtype,
-                    device=dy2d.device)
-        for lay in spec.layers()[:-1]
-    ]  # fmt: skip
-    dx = torch.empty(m, spec.d_in, dtype=dy2d.dtype, device=dy2d.device) if need_dx else None
-    zs = [residuals[2 * i + 1] for i in range(spec.num_layers - 1)]
+    launch, names, dz_shapes = _DGRAD.get((dy2d.shape, dy2d.stride(), spec, config, need_dx))
+    weights, _ = _layer_params(params, names)
+    dtype, device = dy2d.dtype, dy2d.device
+    dzs = [torch.empty(shape, dtype=dtype, device=device) for shape in dz_shapes]
+    dx = torch.empty(m, spec.d_in, dtype=dtype, device=device) if need_dx else None
+    zs = residuals[1:-1:2]  # z_0, …, z_{L-2}: the hidden layers'
     stores = _stores_z(spec)
-    programs, tiles = _grid(m, cfg)
-    _fused_small_dgrad_kernel[(programs,)](
+    launch(
         dy2d, weights, tuple(zs if stores else dzs) or (dy2d,), tuple(dzs) or (dy2d,),
         dx if need_dx else dy2d,
-        m, dy2d.stride(0), dy2d.stride(1), tiles,
-        BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, STORES_Z=stores, NEED_DX=need_dx,
-        HOIST=cfg.hoist, **_statics(spec, weights, cfg),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dzs, dx
+
+
+class _WgradLaunches:
+    """`wgrad_fwd`'s record for one key: S, the gradients' and (S > 1) fp32 partials' shapes,
+    kernel B's launch and (S > 1) the sum's."""
+
+    __slots__ = ("names", "part_shapes", "shapes", "splits", "wgrad", "wgrad_sum")
+
+    def __init__(self, x_shape, x_strides, dy_strides, spec, config, splits) -> None:
+        m = x_shape[0]
+        cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+        width = padded_width(max(spec.widths))
+        block_r = min(width, WGRAD_ROWS)
+        k_tiles = cdiv(width, block_r)
+        S, steps = wgrad_splits(spec.num_layers * k_tiles, m, cfg.block_m, splits=splits)
+        self.splits = S
+        # the gradients in `outs` order (per layer: weight, then bias), with their names
+        packed = packed_names(spec)
+        w_names, b_names = _layer_names(spec)
+        names, shapes = [], []
+        for i, name in enumerate(w_names):
+            names.append(name)
+            shapes.append(packed[name])
+            if spec.bias:
+                names.append(b_names[i])
+                shapes.append(packed[b_names[i]])
+        self.names, self.shapes = tuple(names), tuple(shapes)
+        self.part_shapes = tuple((S, *shape) for shape in shapes)
+        self.wgrad = Launch(
+            _fused_small_wgrad_kernel, (spec.num_layers * k_tiles, S),
+            (m, steps, x_strides[0], *dy_strides),
+            dict(
+                HAS_BIAS=spec.bias, K_TILES=k_tiles, BLOCK_K=cfg.block_m, BLOCK_R=block_r,
+                **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ),
+        )  # fmt: skip
+        sizes = tuple(math.prod(shape) for shape in shapes)
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + cdiv(size, WGRAD_SUM_BLOCK))
+        self.wgrad_sum = Launch(
+            _fused_small_wgrad_sum_kernel, (starts[-1],), (S,),
+            dict(
+                SIZES=sizes, STARTS=tuple(starts), TARGETS=len(shapes), BLOCK=WGRAD_SUM_BLOCK,
+                UNROLL=min(WGRAD_SUM_UNROLL, S), INTERPRET=INTERPRET, num_warps=WGRAD_SUM_WARPS,
+            ),
+        )  # fmt: skip
+
+
+_WGRAD = LaunchCache(_WgradLaunches)
 
 
 def wgrad_fwd(
@@ -513,46 +589,26 @@ def wgrad_fwd(
     `wv{i}`) and, with a bias, its bias gradient (`b{i}`/`bc{i}`), in the params' dtype, from
     the layer inputs hs[l] [M, d_in_l] (hs[0] = x: unit column stride) and the dZs ds[l] (the
     last: dy, any strides). S from `wgrad_splits` over every layer's tiles; `splits` forces it."""
-    m = hs[0].shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
-    weights, _ = _layer_params(params, spec)
-    width = padded_width(max(spec.widths))
-    block_r = min(width, WGRAD_ROWS)
-    k_tiles = cdiv(width, block_r)
-    S, steps = wgrad_splits(spec.num_layers * k_tiles, m, cfg.block_m, splits=splits)
-    grads, outs, parts = {}, [], []  # outs[t]: the gradients; parts[t]: their fp32 partials
-    for layer, w in zip(spec.layers(), weights, strict=True):
-        i, nc = layer.index, w.shape[1]
-        wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
-        grads[wname] = torch.empty(layer.d_in, nc, dtype=w.dtype, device=w.device)
-        outs.append(grads[wname])
-        parts.append(torch.empty(S, layer.d_in, nc, dtype=torch.float32, device=w.device))
-        if spec.bias:
-            grads[bname] = torch.empty(nc, dtype=w.dtype, device=w.device)
-            outs.append(grads[bname])
-            parts.append(torch.empty(S, nc, dtype=torch.float32, device=w.device))
-    if m == 0:  # a sum over no rows
+    x, dy = hs[0], ds[-1]
+    plan = _WGRAD.get((x.shape, x.stride(), dy.stride(), spec, config, splits))
+    first = params[plan.names[0]]
+    dtype, device = first.dtype, first.device
+    outs = [torch.empty(shape, dtype=dtype, device=device) for shape in plan.shapes]
+    grads = dict(zip(plan.names, outs, strict=True))
+    if x.shape[0] == 0:  # a sum over no rows
         return {k: v.zero_() for k, v in grads.items()}
-    into = outs if S == 1 else parts  # S = 1: the gradients directly
+    S = plan.splits
+    if S == 1:  # the gradients directly
+        into = outs
+    else:
+        into = [
+            torch.empty(shape, dtype=torch.float32, device=device) for shape in plan.part_shapes
+        ]
     dws = tuple(into[0 :: 2 if spec.bias else 1])
     dbs = tuple(into[1::2]) if spec.bias else dws
-    dy = ds[-1]
-    _fused_small_wgrad_kernel[(spec.num_layers * k_tiles, S)](
-        tuple(hs), tuple(ds), dws, dbs,
-        m, steps, hs[0].stride(0), dy.stride(0), dy.stride(1),
-        HAS_BIAS=spec.bias, K_TILES=k_tiles, BLOCK_K=cfg.block_m, BLOCK_R=block_r,
-        **_statics(spec, weights, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    plan.wgrad(tuple(hs), tuple(ds), dws, dbs)
     if S > 1:
-        sizes = tuple(o.numel() for o in outs)
-        starts = [0]
-        for size in sizes:
-            starts.append(starts[-1] + cdiv(size, WGRAD_SUM_BLOCK))
-        _fused_small_wgrad_sum_kernel[(starts[-1],)](
-            tuple(parts), tuple(outs), S,
-            SIZES=sizes, STARTS=tuple(starts), TARGETS=len(outs), BLOCK=WGRAD_SUM_BLOCK,
-            UNROLL=min(WGRAD_SUM_UNROLL, S), INTERPRET=INTERPRET, num_warps=WGRAD_SUM_WARPS,
-        )  # fmt: skip
+        plan.wgrad_sum(tuple(into), tuple(outs))
     return grads
 
 

@@ -35,6 +35,7 @@ from fusedmlp.common.validate import check_packed_gated
 
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
+from .launch import Launch, LaunchCache
 from .linear_act import _grouped_tile, _input_precision
 from .runtime import INTERPRET, check_kernel_device
 
@@ -155,6 +156,28 @@ def _gated_fwd_tile(
 
 
 # ==== launcher ====================================================================================
+def _gated_launch(
+    x_shape, x_strides, wv_strides, n, has_bias, activation, config, fp32_precision, store_preact
+) -> Launch:
+    """`gated_fwd`'s launch for this key (`_LAUNCHES`); out is a fresh contiguous [M, n]."""
+    M, K = x_shape
+    config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
+    kernel = _gated_saving_fwd if store_preact else _gated_fwd_kernel
+    return Launch(
+        kernel, (cdiv(M, config.block_m) * cdiv(n, config.block_n),),
+        (M, n, K, *x_strides, *wv_strides, n, 1),
+        dict(
+            ACTIVATION=activation, HAS_BIAS=has_bias,
+            INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+        ),
+    )  # fmt: skip
+
+
+_LAUNCHES = LaunchCache(_gated_launch)
+
+
 def gated_fwd(
     x: torch.Tensor,
     wv: torch.Tensor,
@@ -171,26 +194,22 @@ def gated_fwd(
     `store_preact` (training, backward.py): returns (h, zg) with zg = x·wv + bc, the packed
     [M, packed_width(n)] pre-activation (padded columns 0 for finite x); off, the forward-only
     kernel runs (`_gated_saving_fwd` is the storing one)."""
-    M, K = x.shape
+    M = x.shape[0]
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
     z = None
     if store_preact:
         z = torch.empty((M, wv.shape[1]), device=x.device, dtype=x.dtype)
     if M == 0 or n == 0:
         return out if z is None else (out, z)
-    config = gated_config(config)  # block_n: whole packed block pairs (at least 64)
-    grid = (cdiv(M, config.block_m) * cdiv(n, config.block_n),)
-    kernel, outs = (_gated_saving_fwd, (out, z)) if store_preact else (_gated_fwd_kernel, (out,))
-    kernel[grid](
-        x, wv, bc, *outs,
-        M, n, K,
-        x.stride(0), x.stride(1), wv.stride(0), wv.stride(1), out.stride(0), out.stride(1),
-        ACTIVATION=activation, HAS_BIAS=bc is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    return out if z is None else (out, z)
+    launch = _LAUNCHES.get((
+        x.shape, x.stride(), wv.stride(), n, bc is not None, activation, config, fp32_precision,
+        store_preact,
+    ))  # fmt: skip
+    if z is None:
+        launch(x, wv, bc, out)
+        return out
+    launch(x, wv, bc, out, z)
+    return out, z
 
 
 # ==== public function =============================================================================

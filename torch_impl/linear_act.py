@@ -32,6 +32,7 @@ from fusedmlp.common.validate import check_layer
 from . import tuning  # noqa: F401  (registers the GPU for the committed tuned configs)
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
+from .launch import Launch, LaunchCache
 from .runtime import INTERPRET, check_kernel_device
 
 
@@ -159,6 +160,40 @@ def _input_precision(fp32_precision: str) -> str:
     return "tf32" if fp32_precision == "tf32" else "ieee"
 
 
+def _linear_act_launch(
+    x_shape,
+    x_strides,
+    w_shape,
+    w_strides,
+    r_strides,
+    has_bias,
+    activation,
+    config,
+    precision,
+    preact,
+) -> Launch:
+    """`linear_act_fwd`'s launch for this key (`_LAUNCHES`); out is a fresh contiguous [M, N]."""
+    M, K = x_shape
+    N = w_shape[1]
+    out_strides = (N, 1)
+    # without a residual, out stands in for its pointer and strides (never read)
+    r = r_strides if r_strides is not None else out_strides
+    kernel = _linear_act_saving_fwd if preact else _linear_act_fwd_kernel
+    return Launch(
+        kernel, (cdiv(M, config.block_m) * cdiv(N, config.block_n),),
+        (M, N, K, *x_strides, *w_strides, *r, *out_strides),
+        dict(
+            ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=r_strides is not None,
+            INPUT_PRECISION=_input_precision(precision), INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+        ),
+    )  # fmt: skip
+
+
+_LAUNCHES = LaunchCache(_linear_act_launch)
+
+
 def linear_act_fwd(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -173,28 +208,22 @@ def linear_act_fwd(
     """Launch on a 2-D x [M, K] (any strides), w [K, N]; returns [M, N] in x.dtype. Trusts input.
     `store_preact` (training, backward.py): returns (out, z) with z = x·W + b [M, N] as well;
     off, the forward-only kernel runs (`_linear_act_saving_fwd` is the storing one)."""
-    M, K = x.shape
+    M = x.shape[0]
     N = w.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     z = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_preact else None
     if M == 0 or N == 0:
         return out if z is None else (out, z)
-    grid = (cdiv(M, config.block_m) * cdiv(N, config.block_n),)
-    r = residual if residual is not None else out  # a placeholder pointer, never read
-    kernel, outs = (
-        (_linear_act_saving_fwd, (out, z)) if store_preact else (_linear_act_fwd_kernel, (out,))
-    )
-    kernel[grid](
-        x, w, b, residual, *outs,
-        M, N, K,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), r.stride(0), r.stride(1),
-        out.stride(0), out.stride(1),
-        ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    return out if z is None else (out, z)
+    launch = _LAUNCHES.get((
+        x.shape, x.stride(), w.shape, w.stride(),
+        residual.stride() if residual is not None else None, b is not None, activation, config,
+        fp32_precision, store_preact,
+    ))  # fmt: skip
+    if z is None:
+        launch(x, w, b, residual, out)
+        return out
+    launch(x, w, b, residual, out, z)
+    return out, z
 
 
 # ==== public function =============================================================================

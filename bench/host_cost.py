@@ -1,0 +1,254 @@
+"""Our own host cost per call in the torch path, measured on the CPU with Triton's launches stubbed.
+
+    python -m fusedmlp.bench.host_cost [--json PATH] [--repeats 7] [--calls 200] [--only NAME]
+
+On the H200 the small cases are host-bound: decode at M = 16 takes ~12 µs of device time, less
+than the Python of the front and Triton's launch per call. This tool isolates OUR share of that
+host time — the Python from the module / front / op call down to the point where a kernel is
+launched — so that it can be measured, and guarded, on any CPU machine without a GPU.
+
+The method (run in a fresh process; `main` sets it up before anything imports Triton):
+  - TRITON_INTERPRET=0, so every `@triton.jit` kernel is a `JITFunction`;
+  - `JITFunction.__getitem__` (the `kernel[grid]` of every launch) is replaced by a launcher that
+    counts the launch and returns (a grid callable is called with the keyword arguments, as Triton
+    does) — no argument binding, no specialisation key, no compiled-kernel lookup, no driver call;
+  - `runtime.kernel_device_ok` accepts CPU tensors and `front.unavailable_reason` lets the
+    non-GPU-only implementations run on the CPU, while every module's INTERPRET stays False: the
+    configs, grids and constexprs are the GPU's (the heuristic rules, NUM_SMS = 132, no committed
+    tuned configs: no GPU is registered), not the interpreter's;
+  - tensors are CPU tensors; their contents are never read (the parameters are left
+    uninitialised: nothing computes).
+
+What a number here INCLUDES: FusedMLP.forward, the front (signature key, cached plan, params),
+the custom op's dispatch where the call goes through it, autograd's Function machinery and the
+engine's backward pass for training steps, torch.compile's guards and compiled wrapper, our
+launchers (configs, grids, strides, constexpr dicts) and the torch ops they call (torch.empty,
+reshape) — on CPU tensors, whose allocation cost differs somewhat from the CUDA caching
+allocator's. What it EXCLUDES: Triton's launch path (JITFunction.run: binding, specialisation,
+cache lookup, the driver's cuLaunchKernel — ~15-40 µs per launch on the H200 host, measured
+apart), the Hopper (triton_tma) paths, which need a CUDA device, and everything on the GPU.
+
+Per case: µs per call (best of `--repeats` runs of `--calls` calls; the CPU is shared, so the
+minimum is the least disturbed), launches per call (counted by the stub), and µs of ours per
+launch. Cases: FusedMLP inference (no_grad) at decode and field sizes, training steps (forward +
+backward, x requires grad), the registered op called directly, and torch.compile(FusedMLP,
+fullgraph=True) inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LAUNCHES = [0]  # the stub's counter
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    preset: str  # a preset name, or "image-fit" (bench/train.py's ImageConfig().spec)
+    m: int
+    impl: str
+    mode: str  # "no_grad", "train", "op", "front", "compile"
+
+
+CASES: tuple[Case, ...] = (
+    Case("gpt2 M=1 triton", "gpt2-mlp", 1, "triton", "no_grad"),
+    Case("gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "no_grad"),
+    Case("gpt2 M=16 fused_decode", "gpt2-mlp", 16, "fused_decode", "no_grad"),
+    Case("llama3-8b M=16 triton", "llama3-8b", 16, "triton", "no_grad"),
+    Case("nerf-64x5 M=4096 fused_small", "nerf-64x5", 4096, "fused_small", "no_grad"),
+    Case("train hf-blog-geglu M=64 triton", "hf-blog-geglu", 64, "triton", "train"),
+    Case("train image-fit M=4096 fused_small", "image-fit", 4096, "fused_small", "train"),
+    Case("op gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "op"),
+    Case("front.forward gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "front"),
+    Case("compile gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "compile"),
+)
+
+
+# ---- the stub ------------------------------------------------------------------------------------
+def install_stub() -> None:
+    """Set the process up as the module docstring says. Must run before triton is imported."""
+    if "triton" in sys.modules or "fusedmlp.torch_impl" in sys.modules:
+        raise RuntimeError(
+            "host_cost: triton or fusedmlp.torch_impl is already imported; run this tool in a "
+            "fresh process (python -m fusedmlp.bench.host_cost)"
+        )
+    os.environ["TRITON_INTERPRET"] = "0"
+    from triton.runtime.jit import JITFunction
+
+    def stub_getitem(self: Any, grid: Any) -> Callable[..., None]:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            LAUNCHES[0] += 1
+            if callable(grid):  # a grid lambda reads the launch's meta-parameters
+                grid(kwargs)
+
+        return launch
+
+    JITFunction.__getitem__ = stub_getitem  # type: ignore[method-assign]
+
+    from fusedmlp.torch_impl import front, runtime
+
+    runtime.kernel_device_ok = lambda tensor: True
+    unavailable = front.unavailable_reason
+
+    def available_on_cpu(impl: str, device: str = "cpu") -> str | None:
+        reason = unavailable(impl, device)
+        if reason is not None and "TRITON_INTERPRET=1" in reason:
+            return None  # the stub takes the launch: CPU tensors are fine
+        return reason
+
+    front.unavailable_reason = available_on_cpu
+
+
+# ---- the cases -----------------------------------------------------------------------------------
+def _spec(preset: str):
+    if preset == "image-fit":
+        from fusedmlp.bench.train import ImageConfig
+
+        return ImageConfig().spec
+    from fusedmlp.common import get_preset
+
+    return get_preset(preset).spec
+
+
+def make_call(case: Case) -> Callable[[], Any]:
+    """A zero-argument function doing one call (or one training step) of `case`."""
+    import torch
+
+    from fusedmlp.torch_impl import FusedMLP, front
+
+    spec = _spec(case.preset)
+    dtype = getattr(torch, spec.dtype)
+    module = FusedMLP(spec, impl=case.impl, seed=None)  # uninitialised: nothing reads them
+    x = torch.empty(case.m, spec.d_in, dtype=dtype)
+    if case.mode == "train":
+        x.requires_grad_()
+        dy = torch.empty(case.m, spec.d_out, dtype=dtype)
+        params = list(module.parameters())
+
+        def step() -> None:
+            x.grad = None
+            for p in params:
+                p.grad = None
+            module(x).backward(dy)
+
+        return step
+    module.requires_grad_(False)
+    if case.mode == "op":
+        listed = [module._parameters[n] for n in module._names]
+        args = (x, listed, module._spec_json_default, case.impl, module._config_json, None)
+        op = torch.ops.fusedmlp.mlp.default
+        return lambda: op(*args)
+    if case.mode == "front":
+        named = module.packed_params()
+        return lambda: front.forward(x, named, spec, impl=case.impl)
+    if case.mode == "compile":
+        compiled = torch.compile(module, fullgraph=True)
+        return lambda: compiled(x)
+    return lambda: module(x)
+
+
+def measure(case: Case, repeats: int, calls: int) -> dict[str, Any]:
+    import torch
+
+    call = make_call(case)
+    with torch.no_grad() if case.mode != "train" else torch.enable_grad():
+        for _ in range(20):  # first calls: plans, caches, compilation
+            call()
+        LAUNCHES[0] = 0
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            runs.append((time.perf_counter() - t0) / calls * 1e6)
+    launches = LAUNCHES[0] / (repeats * calls)
+    best = min(runs)
+    return {
+        **case.__dict__,
+        "us_per_call": round(best, 2),
+        "us_per_call_median": round(sorted(runs)[len(runs) // 2], 2),
+        "launches_per_call": launches,
+        "us_per_launch": round(best / launches, 2) if launches else None,
+    }
+
+
+def profile(case: Case, calls: int, top: int) -> None:
+    """cProfile's `top` functions by own time over `calls` calls of `case` (to stderr)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    call = make_call(case)
+    with torch.no_grad() if case.mode != "train" else torch.enable_grad():
+        for _ in range(20):
+            call()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            call()
+        profiler.disable()
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(top)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| case | µs/call (best) | median | launches | µs/launch |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        per = f"{r['us_per_launch']:.1f}" if r["us_per_launch"] is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['us_per_call']:.1f} | {r['us_per_call_median']:.1f} | "
+            f"{r['launches_per_call']:g} | {per} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (best kept)")
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed run")
+    parser.add_argument("--only", action="append", help="run the cases whose name contains this")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="after timing, print cProfile's N functions by own time for each case",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    install_stub()
+    from fusedmlp.bench.env import environment
+
+    cases = [c for c in CASES if not args.only or any(s in c.name for s in args.only)]
+    rows = []
+    for case in cases:
+        calls = args.calls if case.mode != "compile" else max(args.calls // 2, 1)
+        rows.append(measure(case, args.repeats, calls))
+        print(f"{case.name}: {rows[-1]['us_per_call']:.1f} µs/call", file=sys.stderr, flush=True)
+        if args.profile:
+            profile(case, args.calls, args.profile)
+    print(table(rows))
+    if args.json:
+        result = {
+            "method": "stubbed Triton launches on the CPU (bench/host_cost.py docstring)",
+            "environment": environment(),
+            "repeats": args.repeats,
+            "calls": args.calls,
+            "cases": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Launch records (torch_impl/launch.py): a repeated call plans, validates and configures nothing.
+
+The first call of a signature builds each launch's record (config, grid, scalars, constexprs);
+a repeated call — inference, a training step, fused_small's forward and backward — must only
+allocate and launch: these tests count the planning functions and the record builds on the
+repeat (zero), check that the kernels' outputs are bitwise those of a call whose records were
+just built (under TRITON_INTERPRET=1 the kernels really run), and that what changes a launch — a
+pinned config, the dispatch table generation, a stride — makes a new record or plan.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import pytest
+import torch
+
+from fusedmlp.common import MLPSpec, TileConfig, dispatch, make_grad_output, make_input, validate
+from fusedmlp.torch_impl import FusedMLP, backward, front, fused_small, fused_small_backward, launch
+from helpers import to_torch
+
+GATED = MLPSpec((19, 37, 11), "swiglu", True, "float32")  # gated + plain layer, odd widths
+SMALL = MLPSpec((13, 24, 24, 5), "gelu", True, "float32")  # fused_small (3 layers)
+
+
+def _builds() -> int:
+    return sum(cache.builds for cache in launch._CACHES)
+
+
+@pytest.fixture
+def counts(monkeypatch):
+    """Calls of the plan, the checks and the config functions a repeated call must not make."""
+    seen: collections.Counter[str] = collections.Counter()
+
+    def counting(module, name):
+        real = getattr(module, name)
+
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):
+            seen[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(front, "plan")
+    counting(validate, "check_call")
+    counting(backward, "heuristic_config")
+    counting(backward, "wgrad_splits")
+    counting(fused_small, "small_config_for")
+    counting(fused_small_backward, "small_config_for")
+    counting(fused_small_backward, "wgrad_splits")
+    front._PREPARED.clear()
+    launch.clear_all()
+    backward._heuristic_of.cache_clear()
+    return seen
+
+
+def _step(module, x, dy):
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
+    y = module(x)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def _assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    elif isinstance(a, tuple):
+        for u, v in zip(a, b, strict=True):
+            _assert_same(u, v)
+    else:
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("spec", "impl"), [(GATED, "triton"), (SMALL, "fused_small")])
+def test_repeated_inference_and_training_do_no_planning(counts, spec, impl):
+    module = FusedMLP(spec, impl=impl, seed=5)
+    x = to_torch(make_input(spec, 7, seed=6)).requires_grad_()
+    dy = to_torch(make_grad_output(spec, 7, seed=7))
+    with torch.no_grad():
+        first = module(x)
+    step = _step(module, x, dy)  # the training forward and backward: their records built here
+    planned, built = dict(counts), _builds()
+    assert built > 0 and planned["plan"] >= 1
+    with torch.no_grad():
+        again = module(x)
+    step_again = _step(module, x, dy)
+    assert dict(counts) == planned, "a repeated call planned, checked or configured again"
+    assert _builds() == built, "a repeated call built a launch record"
+    assert torch.equal(again, first)
+    _assert_same(step_again, step)
+    # Bitwise the same with every record rebuilt (a fresh process's first call).
+    launch.clear_all()
+    with torch.no_grad():
+        assert torch.equal(module(x), first)
+    _assert_same(_step(module, x, dy), step)
+    assert _builds() > built
+
+
+def test_what_changes_a_launch_makes_a_new_record(counts, monkeypatch):
+    module = FusedMLP(GATED, impl="triton", seed=8)
+    x = to_torch(make_input(GATED, 9, seed=9))
+    with torch.no_grad():
+        want = module(x)
+        built = _builds()
+        # a stride: the same shape and values, a strided view (x's columns inside a wider row)
+        wide = torch.zeros(9, GATED.d_in + 4)
+        wide[:, : GATED.d_in] = x
+        assert torch.equal(module(wide[:, : GATED.d_in]), want)
+        assert _builds() > built
+        # a pinned config: new records, the kernels' own tiles (fp32: the same sums per element)
+        built = _builds()
+        module.config = TileConfig(16, 16, 16, num_warps=2, num_stages=1)
+        pinned = module(x)
+        assert _builds() > built
+        torch.testing.assert_close(pinned, want)  # other tiles may sum K in another order
+        module.config = None
+        assert torch.equal(module(x), want)
+        # the dispatch table generation (a table installed): `auto` plans again
+        module.impl = "auto"
+        module(x)
+        plans = counts["plan"]
+        module(x)
+        assert counts["plan"] == plans
+        generation = dispatch.generation() + 1  # as dispatch.install(table) would leave it
+        monkeypatch.setattr(dispatch, "generation", lambda: generation)
+        module(x)
+        assert counts["plan"] == plans + 1
+
+
+def test_launch_cache_is_bounded():
+    built = []
+    cache = launch.LaunchCache(lambda k: built.append(k) or k * 2, maxsize=2)
+    try:
+        assert [cache.get((k,)) for k in (1, 2, 1, 3, 4)] == [2, 4, 2, 6, 8]
+        assert built == [1, 2, 3, 4] and len(cache) <= 2 and cache.builds == 4
+    finally:
+        launch._CACHES.remove(cache)

@@ -240,3 +240,33 @@ def test_baselines_compile(name):
     x, params = _torch_inputs(case.spec, case.x, case.params)
     out = torch_impl.mlp(x, params, case.spec, impl="compile").float().numpy()
     assert_close(out, case.y, case.spec, what=f"compile/{name}")
+
+
+def _strided_views(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x [m, d] as views that are not contiguous: every other column of a wider tensor, a column
+    window of a wider row, a permuted batch of 3-D input, and one row expanded to m rows."""
+    m, d = x.shape
+    wide = torch.zeros(m, 2 * d, dtype=x.dtype)
+    wide[:, ::2] = x
+    window = torch.zeros(m, d + 7, dtype=x.dtype)
+    window[:, 3 : 3 + d] = x
+    return {
+        "column stride 2": wide[:, ::2],
+        "row stride d + 7": window[:, 3 : 3 + d],
+        "permuted 3-D": x.reshape(2, m // 2, d).transpose(0, 1).contiguous().transpose(0, 1),
+        "expanded row": x[:1].expand(m, d),
+    }
+
+
+@pytest.mark.parametrize("impl", ["fused_small", "fused_decode", "auto", "triton"])
+def test_strided_x_gives_the_contiguous_result(impl):
+    # A view with strides is the tensor it shows: every implementation gives, bit for bit, what it
+    # gives on a contiguous copy (the whole-MLP launchers once read a strided x as if dense).
+    spec = MLPSpec((24, 40, 17), "relu", True, "float32")
+    params = {k: to_torch(v) for k, v in init_params(spec, seed=1).items()}
+    x = to_torch(make_input(spec, 6, seed=2))
+    for name, view in _strided_views(x).items():
+        assert not view.is_contiguous(), name
+        want = torch_impl.mlp(view.contiguous(), params, spec, impl=impl)
+        got = torch_impl.mlp(view, params, spec, impl=impl)
+        assert torch.equal(got, want), f"{impl}, x {name}"

@@ -411,6 +411,11 @@ def _layer_steps(the_plan: Plan, precision: str) -> tuple:
 
 def _run_whole(x2d, params, spec, the_plan, residual2d):
     launch = the_plan.launches[0]
+    if not x2d.is_contiguous():
+        # The whole-MLP launchers take a contiguous x (fused_decode) or one with unit column
+        # stride (fused_small), as their public functions make it: a strided view (a column
+        # slice, an expanded or permuted batch) is copied once here, never read as if dense.
+        x2d = x2d.contiguous()
     y = _launcher(launch.impl, launch.family)(x2d, params, spec, config=launch.config)
     return y + residual2d if residual2d is not None else y
 

@@ -20,7 +20,8 @@ Above, the reference is out of reach on the host (dW sums over every row), so ea
 gradients must agree with its stack's framework gradients within twice `tolerance.grad_bounds`
 (what two results that each pass must satisfy, the twins' rule), computed on the device; the
 framework rows `eager` and `xla` are held to each other the same way where both stacks run, and
-are the yardstick (`parity: "yardstick"`, timed) where only one does.
+are the yardstick (`parity: "yardstick"`, timed) where only one does; where the framework's own
+step failed there is nothing to hold our rows to, and they are flagged, not timed.
 
 Timing: `timing.measure` of the step, as the forward bench times a call — on a GPU the device
 time (the sum of the step's kernel durations, each step after the L2 flush, from torch.profiler
@@ -422,11 +423,18 @@ def _gate(
         row["parity_method"] = "float64 reference backward (tolerance.compare_grads)"
         return
     if yardstick is None:
-        row["parity"] = YARDSTICK
-        row["parity_method"] = (
-            f"none: M={case.m} > {REFERENCE_MAX_M} (no float64 reference) and no other "
-            "framework's gradients to compare with; the framework's own autodiff"
-        )
+        if p.baseline:  # the framework's own autodiff, with nothing to hold it to
+            row["parity"] = YARDSTICK
+            row["parity_method"] = (
+                f"none: M={case.m} > {REFERENCE_MAX_M} (no float64 reference) and no other "
+                "framework's gradients to compare with; the framework's own autodiff"
+            )
+        else:  # no yardstick (the framework's step failed): ours cannot be gated, so not timed
+            row["parity"] = "FAIL"
+            row["parity_method"] = (
+                f"not gated: M={case.m} > {REFERENCE_MAX_M} (no float64 reference) and the "
+                "framework's own step gave no gradients to compare with"
+            )
         return
     verdict = agreement(row["_grads"], yardstick, case.spec)
     row.update({k: v for k, v in verdict.items() if k != "status"})

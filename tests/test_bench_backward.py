@@ -161,6 +161,30 @@ def test_above_the_reference_the_gate_is_agreement(
         assert rows[name]["rel_fro"] <= rows[name]["bound_rel_fro"]
 
 
+def test_without_a_yardstick_ours_are_not_timed(
+    spec_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Above the reference's reach, a framework step that fails (out of memory, say) leaves
+    # nothing to hold our rows to: they are flagged, not timed ungated.
+    monkeypatch.setattr(bench_backward, "REFERENCE_MAX_M", 0)
+    real_step = bench_backward.torch_step
+
+    def torch_step(sets, spec, impl, dy, **kw):
+        if impl == "eager":
+            raise RuntimeError("out of memory (simulated)")
+        return real_step(sets, spec, impl, dy, **kw)
+
+    monkeypatch.setattr(bench_backward, "torch_step", torch_step)
+    out = tmp_path / "noyard.json"
+    common = ["bench", "--backward", "--quick", "--device", "cpu", "--spec", str(spec_file)]
+    code = cli.main([*common, "--m", "7", "--impl", "torch:triton,eager", "--json", str(out)])
+    assert code == 1
+    _, rows = _rows(out)
+    ours = rows["torch:triton"]
+    assert ours["status"] == "FAIL parity — not timed" and "time" not in ours
+    assert "not gated" in ours["parity_method"]
+
+
 def test_a_gpu_time_below_the_steps_floor_is_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
     """The floor check of the forward bench, with the step's floor (no GPU needed: the
     measurement is faked at half the floor)."""

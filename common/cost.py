@@ -51,10 +51,11 @@ def saved_bytes(spec: MLPSpec, m: int, saved: str) -> int:
     """Bytes the training forward keeps for the backward under policy `saved` (SAVED_POLICIES).
 
     "inputs": x only, M·d_in. "preact": per layer its input h_i (h_0 = x) and its pre-activation,
-    M·(K_i + Z_i) with Z_i = N_i (plain), the packed 2·Np_i (gated, `[z|g]`), or 0 for a plain
-    identity layer (act' = 1: its z is never read, so it is not stored — every preset's last
-    layer). Both in the spec's dtype; params and the output y are not counted (kept by the caller
-    either way)."""
+    M·(K_i + Z_i) with Z_i = N_i (plain), the packed 2·Np_i (gated, `[z|g]`), or 0 where act' can
+    be read off the layer's output, kept anyway as the next layer's input (`_preact_width`: a
+    plain identity layer, act' = 1 — every preset's last layer — and a plain relu layer, act' from
+    the output's sign). Both in the spec's dtype; params and the output y are not counted (kept by
+    the caller either way)."""
     if saved not in SAVED_POLICIES:
         raise ValueError(f"saved: expected one of {SAVED_POLICIES}, got {saved!r}")
     itemsize = numpy_dtype(spec.dtype).itemsize
@@ -62,9 +63,8 @@ def saved_bytes(spec: MLPSpec, m: int, saved: str) -> int:
         return itemsize * m * spec.d_in
     total = 0
     for layer in spec.layers():
-        z = packed_width(layer.d_out) if layer.gated else layer.d_out
-        if not layer.gated and layer.activation == "identity":
-            z = 0  # never read by the backward: not saved
+        # the backward's rule, with the packed layout's padding (`_preact_width` counts 2·N)
+        z = packed_width(layer.d_out) if layer.gated else _preact_width(layer)
         total += m * (layer.d_in + z)
     return itemsize * total
 

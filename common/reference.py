@@ -19,6 +19,11 @@ Activation formulas (each kernel helper computes the same expressions):
     gelu(z)      = z/2 · (1 + erf(z/√2))
     gelu_tanh(z) = z/2 · (1 + tanh(√(2/π) · (z + 0.044715 z³)))
     silu(z)      = z · sigmoid(z)
+and their derivatives in `activation_grad`; relu'(z) = 1 where z > 0, NaN where z is NaN, else 0.
+The kernels' training keeps no z for relu and reads relu' off the stored output h = relu(z)
+instead (1 where h > 0, NaN where h is NaN, 0 elsewhere; torch's ReLU backward does the same):
+that differs from relu'(z) here only where 0 < z and the rounded output is 0 (fp16 below ~3e-8),
+where the stored z the kernels read before rounded to 0 as well.
 """
 
 from __future__ import annotations

@@ -35,14 +35,17 @@ same here: the spec's), as autodiff of the plain function on 16-bit arrays round
 
 Saved policy (`saved=`, common.config.SAVED_POLICIES): "preact" (default) — the training forward
 (`forward_saving`) runs the portable `linear_act`/`gated` kernels with `store_preact` and keeps per
-layer its input h_i and pre-activation z_i (gated: the packed [z|g]; a plain identity layer's z is
-not kept: act' = 1); this is the portable forward whatever impl was asked for (a saving Hopper
-forward is later work). "inputs" — the forward is the asked impl and saves x only; `mlp_backward`
-recomputes the saving forward once (one extra forward's FLOPs, `cost.saved_bytes` less memory).
-fused_small trains through its own saving forward and whole-MLP backward
-(fused_small_backward.py: the same residuals, 3-4 launches a step); fused_decode (and
-pallas_mosaic, jax_triton) train through this per-layer backward. The backward kernels are
-always these portable ones here; the autodiff binding (`jax.custom_vjp`) is in front.py.
+layer its input h_i and pre-activation z_i (gated: the packed [z|g]). A plain identity or relu layer
+keeps no z: identity's act' = 1, and relu's is read off its output h_{i+1}, kept anyway as the next
+layer's input (`_dact_from_output`: 1 where h > 0, NaN where h is NaN, 0 elsewhere, as torch's ReLU
+backward reads its result; it differs from act'(z) only where 0 < z rounds to an output of 0, fp16
+below ~3e-8). This is the portable forward whatever impl was asked for (a saving Hopper forward is
+later work). "inputs" — the forward is the asked impl and saves x only; `mlp_backward` recomputes
+the saving forward once (one extra forward's FLOPs, `cost.saved_bytes` less memory). fused_small
+trains through its own saving forward and whole-MLP backward (fused_small_backward.py: the same
+residuals, 3-4 launches a step); fused_decode (and pallas_mosaic, jax_triton) train through this
+per-layer backward. The backward kernels are always these portable ones here; the autodiff binding
+(`jax.custom_vjp`) is in front.py.
 
 Twin: torch_impl/backward.py (Triton), line for line; differences carry `# twin-diff:`.
 """
@@ -97,7 +100,9 @@ def _dact_epilogue(
 ):  # fmt: skip
     """dout (fp32 [BLOCK_M, BLOCK_N], output columns offs_n of the layer) -> dZ stored: plain
     dout ⊙ act'(z) [M, N]; gated the packed [dz|dg] tile of those columns [M, 2·Np], padded
-    columns (n ≥ N) exact zeros whatever the saved tile holds."""
+    columns (n ≥ N) exact zeros whatever the saved tile holds. For relu z_ref is the layer's
+    OUTPUT h = relu(z) (`_dact_from_output`): relu' of h is relu' of z (same sign, NaN kept),
+    and of the stored z bit for bit, both rounded from one fp32 value."""
     # twin-diff: no strides; z_ref and o_ref are this tile's blocks (BlockSpecs).
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -375,9 +380,9 @@ def dgrad_fwd(
     interpret: bool | None = None,
 ) -> jax.Array:
     """epilogue(a · wᵀ) for a [M, Kc] and the forward weight w [Ko, Kc]: "none" [M, Ko]; "dact"
-    ⊙ act'(z), z [M, Ko]; "dact_gated" (z the packed [M, packed_width(Ko)] of the gated layer
-    whose output gradient this is) the packed [dz|dg] [M, packed_width(Ko)]. Trusts input; for
-    "dact_gated" a block_n under 64 is read as 64."""
+    ⊙ act'(z), z [M, Ko] (relu: the layer's output instead); "dact_gated" (z the packed [M,
+    packed_width(Ko)] of the gated layer whose output gradient this is) the packed [dz|dg] [M,
+    packed_width(Ko)]. Trusts input; for "dact_gated" a block_n under 64 is read as 64."""
     if interpret is None:
         interpret = compat.interpret_mode()
     if epilogue == "dact_gated":
@@ -555,8 +560,16 @@ def _config(
 
 
 def _stores_preact(layer) -> bool:
-    # A plain identity layer's z is never read (act' = 1): not stored (cost.saved_bytes).
-    return layer.gated or layer.activation != "identity"
+    # A plain layer keeps z only where act' needs it (cost.saved_bytes): not for identity (act' =
+    # 1) nor relu (act' from its output, `_dact_from_output`).
+    return layer.gated or layer.activation not in ("identity", "relu")
+
+
+def _dact_from_output(layer) -> bool:
+    # relu's act' is read off its output h_{i+1} = relu(z_i), the next layer's input (kept
+    # anyway): apply_activation_grad("relu") of h is 1 where h > 0, NaN where h is NaN, 0
+    # elsewhere. A hidden layer only (the spec's last layer is identity: its output is y).
+    return not layer.gated and layer.activation == "relu"
 
 
 def forward_saving(
@@ -570,8 +583,9 @@ def forward_saving(
 ) -> tuple[jax.Array, tuple[jax.Array | None, ...]]:
     """(y2d, residuals) for x2d [M, d_in] and params in the packed layout (`w{i}`, `b{i}`,
     `wv{i}`, `bc{i}`), with the portable kernels. residuals: "preact" (h_0, z_0, h_1, z_1, …) with
-    h_0 = x2d, z_i [M, N_i] (plain), the packed [M, 2·Np_i] (gated) or None (plain identity);
-    "inputs" (x2d,). `residual` [M, d_out] is added in the last layer's epilogue."""
+    h_0 = x2d, z_i [M, N_i] (plain), the packed [M, 2·Np_i] (gated) or None (plain identity or
+    relu: act' needs no z); "inputs" (x2d,). `residual` [M, d_out] is added in the last layer's
+    epilogue."""
     check_saved(saved)
     layers = spec.layers()
     last = layers[-1].index
@@ -641,16 +655,18 @@ def mlp_backward(
         dw, db = wgrad_fwd(
             hs[i], dz, has_bias=layer.bias, config=cfg, fp32_precision=precision, dtype=w.dtype
         )
+        prev = layers[i - 1] if i > 0 else None
+        # h_i: read by this weight gradient and, after a relu layer, by its act' step below
+        out = hs[i] if prev is not None and _dact_from_output(prev) else None
         grads[wname] = dw
         if layer.bias:
             grads[bname] = db
         # dh = dZ·Wᵀ, with the previous layer's act' step in the epilogue (dh is its dout)
-        prev = layers[i - 1] if i > 0 else None
-        if prev is None or not _stores_preact(prev):
+        if prev is None or not (_stores_preact(prev) or _dact_from_output(prev)):
             epilogue, z, act = "none", None, "identity"
         else:
             epilogue = "dact_gated" if prev.gated else "dact"
-            z, act = zs[i - 1], prev.activation
+            z, act = (out if out is not None else zs[i - 1]), prev.activation
         family = "gated" if epilogue == "dact_gated" else "linear_act"
         cfg = _config(spec, family, m, layer.d_in, width, config, preact=epilogue == "dact")
         dz = dgrad_fwd(

@@ -282,7 +282,8 @@ def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
     elif saved == "preact":
         note = (
             f"training: saved='preact' keeps {mib:.1f} MiB (every layer's input and "
-            "pre-activation); the saving forward runs the portable pallas_triton kernels; "
+            "pre-activation, none for identity or relu layers); the saving forward runs the "
+            "portable pallas_triton kernels; "
             "backward: portable dgrad/wgrad kernels (jax_impl/backward.py)"
         )
     else:

@@ -213,7 +213,8 @@ def _save_layer(
     PACK, INTERPRET,
 ):  # fmt: skip
     """The saving forward's residuals of one hidden layer, as backward.forward_saving keeps them:
-    its output h [M, d_out] and pre-activation z [M, d_out] (gated: the packed [z|g] [M, 2·Np])."""
+    its output h [M, d_out] and, where STORES_Z, its pre-activation z [M, d_out] (gated: the packed
+    [z|g] [M, 2·Np]; none for identity or relu, whose act' needs no z)."""
     # row0: the tile's first row; h is already rounded (exact in h's dtype)
     lanes = jnp.arange(WIDTH)
     ok = row_ok[:, None] & (lanes[None, :] < d_out)
@@ -235,9 +236,10 @@ def _fused_small_fwd_kernel(
     DOT_PRECISION, INTERPRET, SAVE=False, STORES_Z=False,
 ):  # fmt: skip
     # twin-diff: the layers' refs arrive flat (weights, biases, y, then with SAVE the hidden
-    # outputs h_1 … h_{L-1} and the kept pre-activations z_0 …); Triton takes tuples. SAVE (the
-    # training forward, fused_small_backward.py) is a flag of this kernel, where the Triton
-    # twin's inference kernel keeps its signature and a second kernel shares its rows.
+    # outputs h_1 … h_{L-1} and, STORES_Z (not identity or relu), the pre-activations z_0 …);
+    # Triton takes tuples. SAVE (the training forward, fused_small_backward.py) is a flag of
+    # this kernel, where the Triton twin's inference kernel keeps its signature and a second
+    # kernel shares its rows.
     w_refs, b_refs, y_ref = (
         refs[:NUM_LAYERS],
         refs[NUM_LAYERS : 2 * NUM_LAYERS],

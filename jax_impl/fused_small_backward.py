@@ -4,13 +4,15 @@ Formula (the float64 twin is `common.reference.backward`; backward.py has the pe
 the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1
     dh = dZ_l·W_lᵀ (gated: dz·Wᵀ + dg·Vᵀ)                             fp32, in registers
     plain:  dZ_{l-1} = round(dh ⊙ act'(z_{l-1}))                       [M, N]
+            (relu: act' read off the layer's output h_l, backward.py's `_dact_from_output`)
     gated:  dZ_{l-1} = round([dh ⊙ g ⊙ act'(z) | dh ⊙ act(z)])         packed [M, 2·Np]
 and dx = round(dZ_0·W_0ᵀ); dW_l = h_lᵀ·dZ_l (gated: the packed dwv), db_l = Σ_m dZ_l.
 
 Launches (a 5-layer MLP: 4 a step where the per-layer path launches 20, `launch_count`):
 1. `_fused_small_fwd_kernel` with SAVE (fused_small.py) — y, and per hidden layer h_{l+1} and z_l
-   (gated: the packed [z|g]; none for an identity activation), the layout and rounding of
-   backward.forward_saving(saved="preact"), so either backward takes either forward's residuals.
+   (gated: the packed [z|g]; none for an identity or relu activation: act' is 1, or relu's read
+   off h_{l+1}), the layout and rounding of backward.forward_saving(saved="preact"), so either
+   backward takes either forward's residuals.
 2. `_fused_small_dgrad_kernel` (kernel A) — the persistent grid of the forward: a program loads
    every layer's transposed weight tiles once (`hoist`, else per row tile) and walks its row tiles
    through the layers in reverse; dh never leaves registers, act' is applied on the fp32
@@ -111,13 +113,14 @@ def _layer_operands_t(
 def _dact_step(
     acc, z_ref, dz_ref, row0, row_ok,
     N, ACTIVATION, GATED_LAYER,
-    STORES_Z, BLOCK_M, WIDTH, PACK,
+    DACT, BLOCK_M, WIDTH, PACK,
     INTERPRET,
 ):  # fmt: skip
     """dh (the fp32 accumulator [BLOCK_M, WIDTH]; lanes: the columns of the hidden layer of
     width N) -> that layer's dZ, rounded once to the compute dtype, stored ([M, N], or the packed
     [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next product's
-    operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros."""
+    operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros. z_ref: the saved
+    z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept)."""
     lanes = jnp.arange(WIDTH)
     lane_ok = lanes[None, :] < N
     dtype = dz_ref.dtype
@@ -138,7 +141,7 @@ def _dact_step(
         window = (pl.ds(row0, BLOCK_M), pl.ds(0, WIDTH))
         ok = row_ok[:, None] & lane_ok
         dz = acc
-        if STORES_Z:  # an identity activation keeps no z: act' = 1
+        if DACT:  # else an identity activation: act' = 1, nothing to read
             z = plgpu.load(z_ref.at[window], mask=ok, other=0.0).astype(jnp.float32)
             dz = acc * apply_activation_grad(z, ACTIVATION)
         dz = round_to_dtype(jnp.where(lane_ok, dz, 0.0), dtype, INTERPRET)
@@ -155,14 +158,15 @@ def _fused_small_dgrad_kernel(
     M, TILES_PER_PROGRAM,
     WIDTHS, NUM_LAYERS, WIDTH,
     BLOCK_M, ACTIVATION, GATED,
-    STORES_Z, PACK, HOIST,
+    DACT, PACK, HOIST,
     DOT_PRECISION, INTERPRET,
 ):  # fmt: skip
-    # twin-diff: refs arrive flat: the weights, the kept zs (STORES_Z), then the outputs dZ_0 …
-    # dZ_{L-2} and dx (always: jax's custom_vjp asks for every input's cotangent, no NEED_DX).
+    # twin-diff: refs arrive flat: the weights, the act' operands (DACT: the kept zs, or for relu
+    # the outputs h_1 …), then the outputs dZ_0 … dZ_{L-2} and dx (always: jax's custom_vjp asks
+    # for every input's cotangent, no NEED_DX).
     L = NUM_LAYERS
     w_refs = refs[:L]
-    z_refs = refs[L : 2 * L - 1] if STORES_Z else ()
+    z_refs = refs[L : 2 * L - 1] if DACT else ()
     dz_refs = refs[len(refs) - L : len(refs) - 1]
     dx_ref = refs[-1]
     z_refs = z_refs or dz_refs
@@ -219,7 +223,7 @@ def _fused_small_dgrad_kernel(
                 # 4. store (inside): dZ of hidden layer - 1
                 d, dg = _dact_step(
                     acc, z_refs[layer - 1], dz_refs[layer - 1], start, row_ok, WIDTHS[layer],
-                    ACTIVATION, GATED, STORES_Z, BLOCK_M, WIDTH, PACK, INTERPRET,
+                    ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET,
                 )  # fmt: skip
             else:
                 # 4. store: dx, rounded once
@@ -438,8 +442,13 @@ def applies(impl: str, spec: MLPSpec) -> bool:
 
 
 def _stores_z(spec: MLPSpec) -> bool:
-    # backward._stores_preact for the hidden layers (all alike): a plain identity keeps no z.
-    return spec.gated or spec.base_activation != "identity"
+    # backward._stores_preact for the hidden layers (all alike): plain identity and relu keep no z.
+    return spec.gated or spec.base_activation not in ("identity", "relu")
+
+
+def _dact_from_output(spec: MLPSpec) -> bool:
+    # backward._dact_from_output for the hidden layers: relu's act' is read off h_{l+1}.
+    return not spec.gated and spec.base_activation == "relu"
 
 
 def _statics(spec: MLPSpec, weights: tuple[jax.Array, ...], interpret: bool) -> dict:
@@ -530,8 +539,9 @@ def dgrad_fwd(
     m = dy2d.shape[0]
     cfg = small_config_for(config, spec, m, interpret=interpret)
     weights, _ = layer_params(params, spec)
-    stores = _stores_z(spec)
-    zs = [residuals[2 * i + 1] for i in range(spec.num_layers - 1)] if stores else []
+    # the hidden layers' act' operands: z_0, …, z_{L-2}, or for relu their outputs h_1, …, h_{L-1}
+    zs = residuals[2::2] if _dact_from_output(spec) else residuals[1:-1:2]
+    dact = _stores_z(spec) or _dact_from_output(spec)
     shapes = [
         jax.ShapeDtypeStruct((m, packed_width(lay.d_out) if lay.gated else lay.d_out), dy2d.dtype)
         for lay in spec.layers()[:-1]
@@ -540,7 +550,7 @@ def dgrad_fwd(
     programs, tiles = _grid(m, cfg, interpret)
     kernel = functools.partial(
         _fused_small_dgrad_kernel, M=m, TILES_PER_PROGRAM=tiles, BLOCK_M=cfg.block_m,
-        ACTIVATION=spec.base_activation, STORES_Z=stores, HOIST=cfg.hoist,
+        ACTIVATION=spec.base_activation, DACT=dact, HOIST=cfg.hoist,
         **_statics(spec, weights, interpret),
     )  # fmt: skip
     with quiet_pallas_triton():
@@ -551,7 +561,7 @@ def dgrad_fwd(
             compiler_params=_compiler_params(cfg),
             interpret=interpret,
             name="fused_small_dgrad",
-        )(dy2d, *weights, *zs)
+        )(dy2d, *weights, *(zs if dact else ()))
     return list(outs[:-1]), outs[-1]
 
 

@@ -193,13 +193,14 @@ MLP_OP = torch.ops.fusedmlp.mlp.default
 # ---- training: the saving forward, the backward op, the autograd bindings ------------------------
 def _preact_shapes(spec: MLPSpec, m) -> list[tuple]:
     """Shapes of the training op's residuals for "preact" (backward.forward_saving's without x):
-    z_0, h_1, z_1, …, z_L; a plain identity layer's z is [M, 0] (not stored)."""
+    z_0, h_1, z_1, …, z_L; a plain identity or relu layer's z is [M, 0] (not stored: act' is 1,
+    or relu's read off its output h, backward._stores_preact)."""
     shapes: list[tuple] = []
     for layer in spec.layers():
         if layer.gated:
             width = packed_width(layer.d_out)
         else:
-            width = 0 if layer.activation == "identity" else layer.d_out
+            width = 0 if layer.activation in ("identity", "relu") else layer.d_out
         shapes.append((m, width))
         if layer.index != spec.num_layers - 1:
             shapes.append((m, layer.d_out))

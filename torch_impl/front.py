@@ -287,7 +287,7 @@ def _training_plan(
         else "portable dgrad/wgrad kernels (torch_impl/backward.py)"
     )
     saving = (
-        "persistent TMA kernels (gated and identity layers)"
+        "persistent TMA kernels (gated, identity and relu layers)"
         if hopper
         else "portable triton kernels"
     )
@@ -299,7 +299,8 @@ def _training_plan(
     elif saved == "preact":
         note = (
             f"training: saved='preact' keeps {mib:.1f} MiB (every layer's input and "
-            f"pre-activation); the saving forward runs the {saving}; backward: {kernels}"
+            "pre-activation, none for identity or relu layers); the saving forward runs the "
+            f"{saving}; backward: {kernels}"
         )
     else:
         note = (
@@ -593,8 +594,8 @@ def training_forward(
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
     # fused_small trains through its own saving forward and whole-MLP backward
     # (fused_small_backward.py; custom_op._whole_backward decides alike). Else, on Hopper (as the
-    # backward decides: custom_op._hopper_backward), the saving forward's gated and identity layers
-    # run the persistent TMA kernels.
+    # backward decides: custom_op._hopper_backward), the saving forward's gated, identity and relu
+    # layers run the persistent TMA kernels.
     if fused_small_backward.applies(call.plan.impl, spec):
         y2d, kept = fused_small_backward.forward_saving(
             x2d, kernel_params(spec, params), spec, config=config

@@ -233,7 +233,8 @@ def _save_layer(
     PACK: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """The saving forward's residuals of one hidden layer, as backward.forward_saving keeps them:
-    its output h [M, d_out] and pre-activation z [M, d_out] (gated: the packed [z|g] [M, 2·Np])."""
+    its output h [M, d_out] and, where STORES_Z, its pre-activation z [M, d_out] (gated: the packed
+    [z|g] [M, 2·Np]; none for identity or relu, whose act' needs no z)."""
     # rows: int64 row indices; h is already rounded (exact in h's dtype)
     lanes = tl.arange(0, WIDTH)
     ok = row_ok[:, None] & (lanes[None, :] < d_out)
@@ -279,8 +280,9 @@ def _fused_small_rows(
     SAVE: tl.constexpr, STORES_Z: tl.constexpr,
 ):  # fmt: skip
     # SAVE (the training forward, fused_small_backward.py): every hidden layer's output h_{l+1}
-    # (h_ptrs[l]) and, where STORES_Z, its pre-activation (z_ptrs[l]) are stored as well; the
-    # layers then run in the static loop (a residual's pointer is chosen at compile time).
+    # (h_ptrs[l]) and, where STORES_Z (not identity or relu), its pre-activation (z_ptrs[l]) are
+    # stored as well; the layers then run in the static loop (a residual's pointer is chosen at
+    # compile time).
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)

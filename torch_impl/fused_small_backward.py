@@ -4,14 +4,15 @@ Formula (the float64 twin is `common.reference.backward`; backward.py has the pe
 the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1
     dh = dZ_l·W_lᵀ (gated: dz·Wᵀ + dg·Vᵀ)                             fp32, in registers
     plain:  dZ_{l-1} = round(dh ⊙ act'(z_{l-1}))                       [M, N]
+            (relu: act' read off the layer's output h_l, backward.py's `_dact_from_output`)
     gated:  dZ_{l-1} = round([dh ⊙ g ⊙ act'(z) | dh ⊙ act(z)])         packed [M, 2·Np]
 and dx = round(dZ_0·W_0ᵀ); dW_l = h_lᵀ·dZ_l (gated: the packed dwv), db_l = Σ_m dZ_l.
 
 Launches (a 5-layer MLP: 4 a step where the per-layer path launches 20, `launch_count`):
 1. `_fused_small_saving_kernel` — the forward (fused_small.py's rows, `SAVE`): y, and per hidden
-   layer h_{l+1} and z_l (gated: the packed [z|g]; none for an identity activation), the layout and
-   rounding of backward.forward_saving(saved="preact"), so either backward takes either forward's
-   residuals.
+   layer h_{l+1} and z_l (gated: the packed [z|g]; none for an identity or relu activation: act'
+   is 1, or relu's read off h_{l+1}), the layout and rounding of
+   backward.forward_saving(saved="preact"), so either backward takes either forward's residuals.
 2. `_fused_small_dgrad_kernel` (kernel A) — the persistent grid of the forward: a program loads
    every layer's transposed weight tiles once (`hoist`, else per row tile) and walks its row tiles
    through the layers in reverse; dh never leaves registers, act' is applied on the fp32
@@ -128,13 +129,14 @@ def _layer_operands_t(
 def _dact_step(
     acc, z_ptr, dz_ptr, rows, row_ok,
     N: tl.constexpr, ACTIVATION: tl.constexpr, GATED_LAYER: tl.constexpr,
-    STORES_Z: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, PACK: tl.constexpr,
+    DACT: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, PACK: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """dh (the fp32 accumulator [BLOCK_M, WIDTH]; lanes: the columns of the hidden layer of
     width N) -> that layer's dZ, rounded once to the compute dtype, stored ([M, N], or the packed
     [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next product's
-    operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros."""
+    operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros. z_ptr: the saved
+    z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept)."""
     lanes = tl.arange(0, WIDTH)
     lane_ok = lanes[None, :] < N
     dtype = dz_ptr.dtype.element_ty
@@ -155,7 +157,7 @@ def _dact_step(
         offs = rows[:, None] * N + lanes[None, :]
         ok = row_ok[:, None] & lane_ok
         dz = acc
-        if STORES_Z:  # an identity activation keeps no z: act' = 1
+        if DACT:  # else an identity activation: act' = 1, nothing to read
             z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             dz = acc * apply_activation_grad(z, ACTIVATION)
         dz = round_to_dtype(tl.where(lane_ok, dz, 0.0), dtype, INTERPRET)
@@ -173,10 +175,11 @@ def _fused_small_dgrad_kernel(
     M, stride_dym, stride_dyn, TILES_PER_PROGRAM,
     WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
-    STORES_Z: tl.constexpr, NEED_DX: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
+    DACT: tl.constexpr, NEED_DX: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # z_ptrs[l] / dz_ptrs[l]: hidden layer l's saved pre-activation and its dZ (l < L-1).
+    # z_ptrs[l] / dz_ptrs[l]: hidden layer l's act' operand (its saved pre-activation, or for relu
+    # its output h_{l+1}; DACT false: identity, none) and its dZ (l < L-1).
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -231,7 +234,7 @@ def _fused_small_dgrad_kernel(
                 # 4. store (inside): dZ of hidden layer - 1
                 d, dg = _dact_step(
                     acc, z_ptrs[layer - 1], dz_ptrs[layer - 1], rs, row_ok, WIDTHS[layer],
-                    ACTIVATION, GATED, STORES_Z, BLOCK_M, WIDTH, PACK, INTERPRET,
+                    ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET,
                 )  # fmt: skip
             elif NEED_DX:
                 # 4. store: dx, rounded once
@@ -405,8 +408,13 @@ def applies(impl: str, spec: MLPSpec) -> bool:
 
 
 def _stores_z(spec: MLPSpec) -> bool:
-    # backward._stores_preact for the hidden layers (all alike): a plain identity keeps no z.
-    return spec.gated or spec.base_activation != "identity"
+    # backward._stores_preact for the hidden layers (all alike): plain identity and relu keep no z.
+    return spec.gated or spec.base_activation not in ("identity", "relu")
+
+
+def _dact_from_output(spec: MLPSpec) -> bool:
+    # backward._dact_from_output for the hidden layers: relu's act' is read off h_{l+1}.
+    return not spec.gated and spec.base_activation == "relu"
 
 
 def _layer_params(params: Mapping[str, torch.Tensor], names: tuple[tuple[str, ...], ...]):
@@ -489,9 +497,9 @@ def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx):
     launch = Launch(
         _fused_small_dgrad_kernel, (programs,), (m, *dy_strides, tiles),
         dict(
-            BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, STORES_Z=_stores_z(spec),
-            NEED_DX=need_dx, HOIST=cfg.hoist, **_small_statics(spec),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation,
+            DACT=_stores_z(spec) or _dact_from_output(spec), NEED_DX=need_dx, HOIST=cfg.hoist,
+            **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ),
     )  # fmt: skip
     return launch, _layer_names(spec), dz_shapes
@@ -517,10 +525,11 @@ def dgrad_fwd(
     dtype, device = dy2d.dtype, dy2d.device
     dzs = [torch.empty(shape, dtype=dtype, device=device) for shape in dz_shapes]
     dx = torch.empty(m, spec.d_in, dtype=dtype, device=device) if need_dx else None
-    zs = residuals[1:-1:2]  # z_0, …, z_{L-2}: the hidden layers'
-    stores = _stores_z(spec)
+    # the hidden layers' act' operands: z_0, …, z_{L-2}, or for relu their outputs h_1, …, h_{L-1}
+    zs = residuals[2::2] if _dact_from_output(spec) else residuals[1:-1:2]
+    dact = _stores_z(spec) or _dact_from_output(spec)
     launch(
-        dy2d, weights, tuple(zs if stores else dzs) or (dy2d,), tuple(dzs) or (dy2d,),
+        dy2d, weights, tuple(zs if dact else dzs) or (dy2d,), tuple(dzs) or (dy2d,),
         dx if need_dx else dy2d,
     )  # fmt: skip
     return dzs, dx

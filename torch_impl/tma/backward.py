@@ -9,7 +9,9 @@ Per layer i, in reverse, from dZ_i (the gradient at the layer's pre-activation; 
                             linear_act with w = W_iᵀ read K-major in place (W_KMAJOR) and the
                             previous layer's act' step in its epilogue (EPILOGUE "dact" /
                             "dact_gated": backward.py's `_dact_epilogue`, applied to the fp32
-                            accumulator and rounded once, as the portable dgrad does)
+                            accumulator and rounded once, as the portable dgrad does); after a
+                            relu layer the epilogue reads its output h_i instead of a z
+                            (backward.py's `_dact_from_output`: relu keeps no z)
 
 Why this and not backward.py's kernels on Hopper: those are pointer kernels (mma through cp.async,
 no TMA, no persistent grid), 70-85 % of cuBLAS on the H200: at llama3-8b M=8192 their dgrad and
@@ -22,8 +24,9 @@ output columns (the z tile it loads: common.tiling.cap_for_preact), as the porta
 Used by custom_op's backward on an sm_90 GPU when the forward's impl is `auto` or a Hopper impl
 (`triton_tma`, `mosaic`) and every operand meets TMA's 16-byte rule (`unsupported_reason`);
 otherwise backward.py's portable kernels run. The saving forward ("preact") is backward.py's
-`forward_saving`, with `hopper=True` here (gated and identity layers on the TMA kernels). Runs
-under TRITON_INTERPRET=1 too (tests/test_backward_torch.py).
+`forward_saving`, with `hopper=True` here (gated layers and those that keep no pre-activation —
+identity, relu — on the TMA kernels). Runs under TRITON_INTERPRET=1 too
+(tests/test_backward_torch.py, tests/test_relu_from_output.py).
 
 Twin: none yet (the JAX stack's backward is the Pallas-Triton twin of backward.py; a Mosaic GPU
 sibling of this module is later work).
@@ -122,19 +125,22 @@ def mlp_backward(
         wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
         w = params[wname]
         grads[wname] = _gemm(res[2 * i].t(), dz, spec).to(w.dtype)
-        res[2 * i] = None  # h_i: read by this weight gradient only
+        prev = layers[i - 1] if i > 0 else None
+        # h_i: read by this weight gradient and, after a relu layer, by its act' step below
+        out = res[2 * i] if prev is not None and portable._dact_from_output(prev) else None
+        res[2 * i] = None
         if layer.bias:
             grads[bname] = dz.sum(0, dtype=torch.float32).to(params[bname].dtype)
         if i == 0 and not need_dx:
             break
         # dh = dZ·Wᵀ, with the previous layer's act' step in the epilogue (dh is its dout)
-        prev = layers[i - 1] if i > 0 else None
-        if prev is None or not portable._stores_preact(prev):
+        if prev is None or not (portable._stores_preact(prev) or out is not None):
             dz = _gemm(dz, w.t(), spec)
         else:
             epilogue = "dact_gated" if prev.gated else "dact"
-            dz = _gemm(dz, w.t(), spec, epilogue, res[2 * i - 1], prev.activation)
-            res[2 * i - 1] = None  # z_{i-1}: read by this epilogue only
+            z = out if out is not None else res[2 * i - 1]
+            dz = _gemm(dz, w.t(), spec, epilogue, z, prev.activation)
+            res[2 * i - 1] = z = out = None  # z_{i-1} (or relu's h_i): read by this epilogue only
         if i == 0:
             grads["x"] = dz
     return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}

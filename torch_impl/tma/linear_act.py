@@ -226,7 +226,8 @@ def _linear_act_fwd_kernel(
                 o_desc, acc, r_ptr, out_m, out_n, M, N, HAS_RESIDUAL, INTERPRET,
                 BLOCK_M, BLOCK_N, SUBTILE,
             )  # fmt: skip
-        else:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32, rounded once
+        else:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32, rounded once;
+            # z_ptr: the saved z, or for relu the layer's output (backward.py `_dact_from_output`)
             width = 2 * tl.cdiv(N, _PACK) * _PACK if EPILOGUE == "dact_gated" else N
             _dact_epilogue(
                 acc, z_ptr, o_ptr, tile_n, out_m + tl.arange(0, BLOCK_M),
@@ -256,7 +257,8 @@ def linear_act_fwd(
     transposed activations) where its rows (M elements) meet the 16-byte rule.
 
     `epilogue` (the backward's dgrad, tma/backward.py; `activation` identity, no bias or
-    residual): "dact" returns acc ⊙ act'(z) for z [M, N]; "dact_gated" the packed [dz|dg]
+    residual): "dact" returns acc ⊙ act'(z) for z [M, N] (for relu z is the layer's output h:
+    relu' of h is relu' of z, NaN kept); "dact_gated" the packed [dz|dg]
     [M, packed_width(N)] from the packed z (backward.py's `_dact_epilogue`, `dact_activation`
     its act), each rounded once from fp32.
     """

@@ -31,8 +31,9 @@ apart), the Hopper (triton_tma) paths, which need a CUDA device, and everything 
 Per case: µs per call (best of `--repeats` runs of `--calls` calls; the CPU is shared, so the
 minimum is the least disturbed), launches per call (counted by the stub), and µs of ours per
 launch. Cases: FusedMLP inference (no_grad) at decode and field sizes, training steps (forward +
-backward, x requires grad), the registered op called directly, and torch.compile(FusedMLP,
-fullgraph=True) inference.
+backward, x requires grad), the registered op called directly, torch.compile(FusedMLP,
+fullgraph=True) inference, and the factorised MLP of issue 26 (FactorisedMLP, no_grad, and
+lowrank_front.lowrank_mlp; every layer at the case's rank).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class Case:
     preset: str  # a preset name, or "image-fit" (bench/train.py's ImageConfig().spec)
     m: int
     impl: str
-    mode: str  # "no_grad", "train", "op", "front", "compile"
+    mode: str  # "no_grad", "train", "op", "front", "compile", "lowrank", "lowrank_front"
+    rank: int = 0  # lowrank modes: every layer's rank
 
 
 CASES: tuple[Case, ...] = (
@@ -70,6 +72,11 @@ CASES: tuple[Case, ...] = (
     Case("op gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "op"),
     Case("front.forward gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "front"),
     Case("compile gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "compile"),
+    # issue 26: the factorised MLP (FactorisedMLP, no_grad), every layer at rank 64
+    Case("lowrank llama3-8b-silu M=16 r=64", "llama3-8b-silu", 16, "auto", "lowrank", 64),
+    Case("lowrank llama3-8b M=16 r=64 gated", "llama3-8b", 16, "auto", "lowrank", 64),
+    Case("lowrank gpt2 M=1 r=64", "gpt2-mlp", 1, "auto", "lowrank", 64),
+    Case("lowrank_mlp llama3-8b M=16 r=64 gated", "llama3-8b", 16, "auto", "lowrank_front", 64),
 )
 
 
@@ -116,7 +123,27 @@ def _spec(preset: str):
         return ImageConfig().spec
     from fusedmlp.common import get_preset
 
+    if preset == "llama3-8b-silu":  # llama3-8b's widths, plain (the probe's silu layer)
+        return get_preset("llama3-8b").spec.replace(activation="silu")
     return get_preset(preset).spec
+
+
+def _lowrank_call(case: Case) -> Callable[[], Any]:
+    """A FactorisedMLP call (mode "lowrank") or lowrank_front.lowrank_mlp ("lowrank_front")."""
+    import torch
+
+    from fusedmlp.common.lowrank_spec import LowRankSpec
+    from fusedmlp.torch_impl import lowrank_front
+    from fusedmlp.torch_impl.lowrank_module import FactorisedMLP
+
+    spec = _spec(case.preset)
+    lspec = LowRankSpec(spec, (case.rank,) * spec.num_layers)
+    module = FactorisedMLP(lspec)  # uninitialised: nothing reads them
+    x = torch.empty(case.m, spec.d_in, dtype=getattr(torch, spec.dtype))
+    if case.mode == "lowrank_front":
+        named = module.params()
+        return lambda: lowrank_front.lowrank_mlp(x, named, lspec, impl=case.impl)
+    return lambda: module(x)
 
 
 def make_call(case: Case) -> Callable[[], Any]:
@@ -125,6 +152,8 @@ def make_call(case: Case) -> Callable[[], Any]:
 
     from fusedmlp.torch_impl import FusedMLP, front
 
+    if case.mode in ("lowrank", "lowrank_front"):
+        return _lowrank_call(case)
     spec = _spec(case.preset)
     dtype = getattr(torch, spec.dtype)
     module = FusedMLP(spec, impl=case.impl, seed=None)  # uninitialised: nothing reads them

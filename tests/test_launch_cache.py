@@ -5,7 +5,9 @@ a repeated call — inference, a training step, fused_small's forward and backwa
 allocate and launch: these tests count the planning functions and the record builds on the
 repeat (zero), check that the kernels' outputs are bitwise those of a call whose records were
 just built (under TRITON_INTERPRET=1 the kernels really run), and that what changes a launch — a
-pinned config, the dispatch table generation, a stride — makes a new record or plan.
+pinned config, the dispatch table generation, a stride — makes a new record or plan. The same for
+the factorised MLP (issue 26): lowrank_front's per-signature steps and lowrank.py's records — a
+changed rank, config, stride or MAX_RANK (the modes) plans or builds anew.
 """
 
 from __future__ import annotations
@@ -141,3 +143,119 @@ def test_launch_cache_is_bounded():
         assert built == [1, 2, 3, 4] and len(cache) <= 2 and cache.builds == 4
     finally:
         launch._CACHES.remove(cache)
+
+
+# ---- the factorised MLP (issue 26): lowrank_front's per-signature steps, lowrank.py's records ---
+LOWRANK = MLPSpec((19, 37, 11), "silu", True, "float32")  # two fused factorised layers
+LOWRANK_GATED = MLPSpec((19, 37, 11), "swiglu", True, "float32")  # gated fused, then plain fused
+
+
+@pytest.fixture
+def lowrank_counts(monkeypatch):
+    """Calls of the checks, modes and configs a repeated factorised call must not make."""
+    from fusedmlp.common import lowrank_spec
+    from fusedmlp.torch_impl import lowrank, lowrank_front
+
+    seen: collections.Counter[str] = collections.Counter()
+
+    def counting(owner, name):
+        real = getattr(owner, name)
+
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):
+            seen[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    counting(lowrank_front, "check_call")
+    counting(lowrank_front, "lowrank_config")
+    counting(lowrank, "lowrank_config")
+    counting(lowrank, "check_lowrank_layer")
+    counting(lowrank, "check_lowrank_gated_layer")
+    counting(lowrank_spec, "check_params")
+    counting(lowrank_spec.LowRankSpec, "layers")
+    lowrank_front._PREPARED.clear()
+    launch.clear_all()
+    return seen
+
+
+def _factorised(spec, ranks, seed):
+    from fusedmlp.common import golden
+    from fusedmlp.common.lowrank_spec import LowRankSpec
+    from fusedmlp.torch_impl import FactorisedMLP
+
+    lspec = LowRankSpec(spec, ranks)
+    params = {k: to_torch(v) for k, v in golden.lowrank_params(lspec, seed).items()}
+    return FactorisedMLP.from_params(params, lspec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "lead"), [(LOWRANK, (7,)), (LOWRANK_GATED, (2, 3))], ids=["plain", "gated-3d"]
+)
+def test_repeated_lowrank_call_does_no_planning(lowrank_counts, spec, lead):
+    """M ≤ 64: both layers two-pass (4 launches). The first call runs the checking public
+    functions; the repeat runs the recorded steps and records: bitwise the same."""
+    from fusedmlp.torch_impl import lowrank_front
+
+    module = _factorised(spec, (6, 5), seed=3)
+    assert module.lspec.modes == ("lowrank", "lowrank")
+    x = to_torch(make_input(spec, lead, seed=4))
+    base = _builds()
+    with torch.no_grad():
+        first = module(x)
+        checked, built = dict(lowrank_counts), _builds()
+        # the two layers' records (plain: one per layer; gated: the gated one and the plain one)
+        assert checked["check_call"] == 1 and checked["lowrank_config"] >= 1
+        assert built - base == 2
+        again = module(x)
+        function = lowrank_front.lowrank_mlp(x, module.params(), module.lspec)
+        assert dict(lowrank_counts) == checked, "a repeated call checked, planned or configured"
+        assert _builds() == built, "a repeated call built a launch record"
+        assert torch.equal(again, first) and torch.equal(function, first)
+        # every record rebuilt (a fresh process's first call, past the prepared steps)
+        launch.clear_all()
+        assert torch.equal(module(x), first)
+        assert _builds() - built == built - base
+        assert dict(lowrank_counts) == checked
+
+
+def test_what_changes_a_lowrank_launch_makes_a_new_record(lowrank_counts, monkeypatch):
+    from fusedmlp.common import lowrank
+    from fusedmlp.common.lowrank import LowRankConfig
+    from fusedmlp.torch_impl import lowrank_front
+
+    module = _factorised(LOWRANK_GATED, (6, 5), seed=5)
+    x = to_torch(make_input(LOWRANK_GATED, 9, seed=6))
+    with torch.no_grad():
+        want = module(x)
+        module(x)
+        checks, built = lowrank_counts["check_call"], _builds()
+        # a stride: the same values in a strided view -> new records (and a new signature)
+        wide = torch.zeros(9, LOWRANK_GATED.d_in + 4)
+        wide[:, : LOWRANK_GATED.d_in] = x
+        assert torch.equal(module(wide[:, : LOWRANK_GATED.d_in]), want)
+        assert _builds() > built and lowrank_counts["check_call"] == checks + 1
+        # a pinned config (one pass here): new records; other tiles may sum K in another order
+        built = _builds()
+        module.config = LowRankConfig(16, 16, 16, n_tiles=3, group_m=1, num_stages=1)
+        torch.testing.assert_close(module(x), want)
+        assert _builds() > built
+        module.config = None
+        built = _builds()
+        assert torch.equal(module(x), want) and _builds() == built
+        # a changed rank: another spec, its own steps and records, bitwise its checking path
+        other = _factorised(LOWRANK_GATED, (7, 5), seed=5)
+        built = _builds()
+        y = other(x)
+        assert _builds() > built
+        built = _builds()
+        assert torch.equal(other(x), y) and _builds() == built
+        assert torch.equal(lowrank_front.run_layers(x, other.params(), other.lspec, None), y)
+        # MAX_RANK (the modes): rank 7 > 6 runs layer 0 as two GEMMs, planned anew; the repeat
+        # keeps that layer's public functions
+        monkeypatch.setattr(lowrank, "MAX_RANK", 6)
+        assert other.lspec.modes == ("two_gemm", "lowrank")
+        checks = lowrank_counts["check_call"]
+        y = other(x)
+        assert torch.equal(other(x), y) and lowrank_counts["check_call"] == checks + 1

@@ -60,6 +60,9 @@ Interpreter: under TRITON_INTERPRET=1 16-bit tiles are upcast to fp32 right afte
 the rounded t again after its rounding (the interpreter's bf16 arithmetic operates on raw bit
 patterns); on a GPU both dots take 16-bit tiles natively.
 
+Host cost: the launcher keeps a launch record per key of shapes, strides, concrete config and
+flags (launch.py): at decode a layer's two launches cost the allocations and the calls only.
+
 Twin: jax_impl/lowrank.py (Pallas-Triton), line for line; differences carry `# twin-diff:`.
 """
 
@@ -80,6 +83,7 @@ from fusedmlp.common.tiling import cdiv
 
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
+from .launch import Launch, LaunchCache
 from .linear_act import _grouped_tile, _input_precision
 from .runtime import INTERPRET, check_kernel_device
 
@@ -247,6 +251,96 @@ def _lowrank_linear_act_fwd_kernel(
 
 
 # ==== launcher ====================================================================================
+# Launch records (launch.py): everything but the tensors — the workspace shape, both grids, the
+# sizes, strides, split steps and constexprs — is built once per key; a repeated call allocates
+# and launches. ug, vg are read with u's and v's strides, b and c are contiguous: none is keyed.
+# twin-diff: the JAX twin's jit keeps its trace per static arguments and shapes instead.
+def _xu_partials_launch(
+    x_shape, x_strides, u_strides, R, gated, config, fp32_precision
+) -> tuple[Launch, tuple[int, int]]:
+    """`lowrank_xu_partials`' launch for this key (`_PARTIALS`) and the workspace shape
+    [S·MP, RP] (fresh, contiguous: strides (RP, 1))."""
+    M, K = x_shape
+    rp = block_r(R)
+    sbr = min(config.split_block_r, rp)
+    m_tiles = cdiv(M, config.block_m)
+    mp = m_tiles * config.block_m
+    splits = config.split_k
+    # each split takes cdiv(K steps, S) steps of BLOCK_K; a split past K has none (zeros)
+    split_steps = cdiv(cdiv(K, config.block_k), splits)
+    r_tiles = rp // sbr
+    launch = Launch(
+        _lowrank_xu_partial_kernel, (splits * m_tiles * r_tiles,),
+        (M, K, R, mp, r_tiles, split_steps, *x_strides, *u_strides, rp, 1),
+        dict(
+            GATED=gated, INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_BLOCK_R=sbr, num_warps=4,
+            num_stages=config.num_stages,
+        ),
+    )  # fmt: skip
+    return launch, (splits * mp, rp)
+
+
+_PARTIALS = LaunchCache(_xu_partials_launch)
+
+
+def _lowrank_launch(
+    x_shape,
+    x_strides,
+    u_strides,
+    v_shape,
+    v_strides,
+    has_bias,
+    gated,
+    activation,
+    config,
+    fp32_precision,
+) -> tuple[tuple[Launch, tuple[int, int]] | None, Launch]:
+    """`lowrank_linear_act_fwd`'s launches for this key (`_LAUNCHES`): launch 1 and its workspace
+    shape (None in one pass), launch 2; out is a fresh contiguous [M, N]."""
+    M, K = x_shape
+    R, N = v_shape
+    mp = cdiv(M, config.block_m) * config.block_m
+    partials = None
+    p_strides = x_strides  # one pass: launch 2's partials pointers are x's (unused)
+    if config.two_pass:
+        partials = _xu_partials_launch(
+            x_shape, x_strides, u_strides, R, gated, config, fp32_precision
+        )
+        p_strides = (partials[1][1], 1)  # the workspace: fresh, contiguous
+    panel = config.block_n * config.n_tiles
+    launch = Launch(
+        _lowrank_linear_act_fwd_kernel, (cdiv(M, config.block_m) * cdiv(N, panel),),
+        (M, N, K, R, mp, *x_strides, *u_strides, *p_strides, *v_strides, N, 1),
+        dict(
+            ACTIVATION=activation, HAS_BIAS=has_bias, GATED=gated,
+            INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            BLOCK_R=block_r(R), N_TILES=config.n_tiles, GROUP_M=config.group_m,
+            SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        ),
+    )  # fmt: skip
+    return partials, launch
+
+
+_LAUNCHES = LaunchCache(_lowrank_launch)
+
+
+def _run_partials(
+    record: tuple[Launch, tuple[int, int]],
+    x: torch.Tensor,
+    u: torch.Tensor,
+    ug: torch.Tensor,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate launch 1's workspaces (gated: two) and launch it."""
+    launch, shape = record
+    part = torch.empty(shape, device=x.device, dtype=torch.float32)
+    part_g = torch.empty_like(part) if gated else part
+    launch(x, u, ug, part, part_g)
+    return part, part_g
+
+
 def lowrank_linear_act_fwd(
     x: torch.Tensor,
     u: torch.Tensor,
@@ -262,32 +356,21 @@ def lowrank_linear_act_fwd(
     One kernel (config.split_k = 0) or two (the fp32 partials of x·U, then the panel kernel).
     `gate` = (ug, vg, c): the gated layer act(x·u·v + b) ⊙ (x·ug·vg + c), ug and vg with u's
     and v's strides. Trusts its input (1 ≤ r ≤ MAX_RANK)."""
-    M, K = x.shape
-    R, N = v.shape
+    M = x.shape[0]
+    N = v.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
-    ug, vg, c = gate if gate is not None else (u, v, None)
-    mp = cdiv(M, config.block_m) * config.block_m
+    gated = gate is not None
+    partials, launch = _LAUNCHES.get((
+        x.shape, x.stride(), u.stride(), v.shape, v.stride(), b is not None, gated, activation,
+        config, fp32_precision,
+    ))  # fmt: skip
+    ug, vg, c = gate if gated else (u, v, None)
     part = part_g = x  # one pass: launch 2's partials pointers are unused (any tensor serves)
-    if config.two_pass:
-        part, part_g = lowrank_xu_partials(
-            x, u, config=config, fp32_precision=fp32_precision, ug=ug if gate else None
-        )
-    panel = config.block_n * config.n_tiles
-    grid = (cdiv(M, config.block_m) * cdiv(N, panel),)
-    _lowrank_linear_act_fwd_kernel[grid](
-        x, u, ug, part, part_g, v, vg, b, c, out,
-        M, N, K, R, mp,
-        x.stride(0), x.stride(1), u.stride(0), u.stride(1), part.stride(0), part.stride(1),
-        v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        ACTIVATION=activation, HAS_BIAS=b is not None, GATED=gate is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCK_R=block_r(R), N_TILES=config.n_tiles, GROUP_M=config.group_m,
-        SPLIT_K=config.split_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    if partials is not None:
+        part, part_g = _run_partials(partials, x, u, ug, gated)
+    launch(x, u, ug, part, part_g, v, vg, b, c, out)
     return out
 
 
@@ -303,28 +386,11 @@ def lowrank_xu_partials(
     config.split_k ways: [S·MP, RP] (MP = M rounded up to BLOCK_M, RP = block_r(r); partial s in
     rows [s·MP, (s+1)·MP); rows past M and columns past r zeros), and with `ug` (u's strides) the
     same of x·ug (else the first again). Trusts its input."""
-    M, K = x.shape
-    R = u.shape[1]
-    rp = block_r(R)
-    sbr = min(config.split_block_r, rp)
-    m_tiles = cdiv(M, config.block_m)
-    mp = m_tiles * config.block_m
-    splits = config.split_k
-    # each split takes cdiv(K steps, S) steps of BLOCK_K; a split past K has none (zeros)
-    split_steps = cdiv(cdiv(K, config.block_k), splits)
-    part = torch.empty((splits * mp, rp), device=x.device, dtype=torch.float32)
-    part_g = torch.empty_like(part) if ug is not None else part
-    r_tiles = rp // sbr
-    grid = (splits * m_tiles * r_tiles,)
-    _lowrank_xu_partial_kernel[grid](
-        x, u, ug if ug is not None else u, part, part_g,
-        M, K, R, mp, r_tiles, split_steps,
-        x.stride(0), x.stride(1), u.stride(0), u.stride(1), part.stride(0), part.stride(1),
-        GATED=ug is not None, INPUT_PRECISION=_input_precision(fp32_precision),
-        INTERPRET=INTERPRET, BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_BLOCK_R=sbr,
-        num_warps=4, num_stages=config.num_stages,
-    )  # fmt: skip
-    return part, part_g
+    gated = ug is not None
+    record = _PARTIALS.get(
+        (x.shape, x.stride(), u.stride(), u.shape[1], gated, config, fp32_precision)
+    )
+    return _run_partials(record, x, u, ug if gated else u, gated)
 
 
 # ==== public function =============================================================================

@@ -13,6 +13,11 @@ packed W and V. Hidden layers are stored in the
 dtype between launches, so the parity target is `lowrank_spec.reference(..., round_intermediate=
 True, round_hidden=True)`; the exact float64 factorised MLP is met within the tolerance policy.
 
+Host cost: the checks, the modes and the configs run on the first call of a signature (the spec,
+the config, and type, shape, dtype, device and contiguity of x and every param); a repeated call
+goes to the launchers' records (`_forward`; ~95-120 -> ~25-30 us a decode call on the CPU with
+the launches stubbed, bench/results/2026-12-01-cpu-host/README.md).
+
 impl: "auto" and "triton" are the same here (the modes decide per layer; no measured dispatch
 table for factorised layers yet). Inference only: there is no factorised backward kernel.
 
@@ -21,19 +26,22 @@ Twin: jax_impl/lowrank_front.py (the same public names and checks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from fusedmlp.common import MLPSpec
+from fusedmlp.common import MLPSpec, lowrank
 from fusedmlp.common import lowrank_spec as ls
-from fusedmlp.common.lowrank import DEFAULT_DAMP, LowRankConfig
+from fusedmlp.common.lowrank import DEFAULT_DAMP, LowRankConfig, lowrank_config
 from fusedmlp.common.registry import AUTO
 
 from .gated import gated
 from .linear_act import linear_act
-from .lowrank import lowrank_gated_linear_act, lowrank_linear_act
+from .lowrank import lowrank_gated_linear_act, lowrank_linear_act, lowrank_linear_act_fwd
 from .module import to_torch
 from .packing import pack_gated
 from .runtime import INTERPRET
@@ -99,30 +107,40 @@ def run_layers(
     lspec: ls.LowRankSpec,
     config: LowRankConfig | None,
 ) -> torch.Tensor:
-    """The launches, on validated input (the registered op's body too)."""
+    """The launches, on validated input, through the layers' public (checking) functions."""
     precision = lspec.spec.fp32_precision
     h = x
     for lay in lspec.layers():
-        i, act = lay.layer.index, lay.layer.activation
-        b = params.get(f"b{i}")
-        if lay.layer.gated:
-            h = run_gated_layer(h, params, lay, config, precision)
-        elif lay.mode == "lowrank":
-            h = lowrank_linear_act(
-                h,
-                params[f"u{i}"],
-                params[f"vt{i}"],
-                b,
-                activation=act,
-                config=config,
-                fp32_precision=precision,
-            )
-        elif lay.mode == "two_gemm":
-            t = linear_act(h, params[f"u{i}"], fp32_precision=precision)
-            h = linear_act(t, params[f"vt{i}"], b, activation=act, fp32_precision=precision)
-        else:
-            h = linear_act(h, params[f"w{i}"], b, activation=act, fp32_precision=precision)
+        h = _run_layer(h, params, lay, config, precision)
     return h
+
+
+def _run_layer(
+    h: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    lay: ls.LowRankLayer,
+    config: LowRankConfig | None,
+    precision: str,
+) -> torch.Tensor:
+    """One layer by its mode, through the public functions (each checks its input)."""
+    i, act = lay.layer.index, lay.layer.activation
+    b = params.get(f"b{i}")
+    if lay.layer.gated:
+        return run_gated_layer(h, params, lay, config, precision)
+    if lay.mode == "lowrank":
+        return lowrank_linear_act(
+            h,
+            params[f"u{i}"],
+            params[f"vt{i}"],
+            b,
+            activation=act,
+            config=config,
+            fp32_precision=precision,
+        )
+    if lay.mode == "two_gemm":
+        t = linear_act(h, params[f"u{i}"], fp32_precision=precision)
+        return linear_act(t, params[f"vt{i}"], b, activation=act, fp32_precision=precision)
+    return linear_act(h, params[f"w{i}"], b, activation=act, fp32_precision=precision)
 
 
 def run_gated_layer(
@@ -163,13 +181,120 @@ def lowrank_mlp(
     """y = the factorised MLP of `lspec` on x [..., d_in] -> [..., d_out], in the spec dtype.
     `config`: one LowRankConfig for every fused factorised layer (None: the heuristic)."""
     check_impl(impl)
+    return _forward(x, params, lspec, config)
+
+
+# ---- validate and plan, once per call signature --------------------------------------------------
+# twin-diff: torch only. The JAX front is traced once per signature by jit; in eager torch each
+# call paid the checks of the call and of every layer, param_shapes, layers() and the configs
+# (the module docstring's numbers, bench/host_cost.py). The first call of a
+# signature runs `run_layers` (every public function checks its real input, hiddens included);
+# it then records, per fused layer, the launcher and its resolved config, so a repeated call
+# goes to lowrank_linear_act_fwd directly (lowrank.py: launch records). The key holds what any
+# check or choice reads: the spec (widths, activation, dtype, precision, ranks), the config,
+# MAX_RANK (the modes), and type, shape, dtype, device and contiguity of x and of every param.
+_FUSED, _PUBLIC = "fused", "public"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    lead: tuple[int, ...]
+    m: int
+    is_2d: bool  # x is [M, d_in] already: no reshapes
+    # per layer: (_FUSED, names, bias names, launcher keywords) or (_PUBLIC, layer, None, None)
+    steps: tuple[tuple, ...]
+
+
+_PREPARED: dict[tuple, _Prepared] = {}
+_PREPARED_MAX = 4096  # distinct call signatures kept (a dynamic-shape server stays bounded)
+
+
+def _signature(a: Any) -> tuple:
+    return (type(a), a.shape, a.dtype, a.device, a.is_contiguous())
+
+
+def _plan_steps(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    lspec: ls.LowRankSpec,
+    config: LowRankConfig | None,
+) -> _Prepared:
+    """The steps of a validated call. A fused layer goes to the launcher with the config its
+    public function would resolve, where every tensor that function makes contiguous already is
+    (plain: b; gated: the factors and biases); any other layer (two_gemm, dense, or a strided
+    param) keeps its public function."""
+    lead = tuple(x.shape[:-1])
+    m = math.prod(lead)
+    precision = lspec.spec.fp32_precision
+    steps = []
+    for lay in lspec.layers():
+        i, k, n, r = lay.layer.index, lay.layer.d_in, lay.layer.d_out, lay.rank
+        gated = lay.layer.gated
+        factors = (f"u{i}", f"vt{i}", f"uv{i}", f"vtv{i}") if gated else (f"u{i}", f"vt{i}")
+        biases = tuple(a for a in ((f"b{i}", f"c{i}") if gated else (f"b{i}",)) if a in params)
+        made_contiguous = (*factors, *biases) if gated else biases
+        if lay.mode == "lowrank" and all(params[a].is_contiguous() for a in made_contiguous):
+            cfg = config
+            if cfg is None:  # the layer function's heuristic, for the same (M, N, K, r)
+                cfg = lowrank_config(m, n, k, r, lspec.dtype, interpret=INTERPRET, gated=gated)
+            options = dict(activation=lay.layer.activation, config=cfg, fp32_precision=precision)
+            steps.append((_FUSED, factors, biases, options))
+        else:
+            steps.append((_PUBLIC, lay, None, None))
+    return _Prepared(lead, m, len(lead) == 1, tuple(steps))
+
+
+def _run_steps(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    lspec: ls.LowRankSpec,
+    config: LowRankConfig | None,
+    call: _Prepared,
+) -> torch.Tensor:
+    h = x if call.is_2d else x.reshape(call.m, lspec.spec.d_in)
+    for kind, names, biases, options in call.steps:
+        if kind is _PUBLIC:
+            h = _run_layer(h, params, names, config, lspec.spec.fp32_precision)
+        elif len(names) == 2:
+            b = params[biases[0]] if biases else None
+            h = lowrank_linear_act_fwd(h, params[names[0]], params[names[1]], b, **options)
+        else:
+            b, c = (params[biases[0]], params[biases[1]]) if biases else (None, None)
+            u, vt, uv, vtv = (params[n] for n in names)
+            h = lowrank_linear_act_fwd(h, u, vt, b, gate=(uv, vtv, c), **options)
+    return h if call.is_2d else h.reshape(*call.lead, lspec.spec.d_out)
+
+
+def _forward(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    lspec: ls.LowRankSpec,
+    config: LowRankConfig | None,
+) -> torch.Tensor:
+    """`lowrank_mlp` after the impl check (FactorisedMLP's eager call too): checked and planned
+    on the first call of a signature, then the recorded steps."""
+    try:
+        key = (
+            lspec, config, lowrank.MAX_RANK, _signature(x), tuple(params),
+            tuple(map(_signature, params.values())),
+        )  # fmt: skip
+        call = _PREPARED.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: the checks name the argument
+        key, call = None, None
+    if call is not None:
+        return _run_steps(x, params, lspec, config, call)
     check_call(x, params, check_lspec(lspec))
     if config is not None and not isinstance(config, LowRankConfig):
         raise TypeError(
             f"config: expected a fusedmlp.common.lowrank.LowRankConfig or None, "
             f"got {type(config).__name__}"
         )
-    return run_layers(x, params, lspec, config)
+    y = run_layers(x, params, lspec, config)  # every layer's checks, on the real tensors
+    if key is not None:
+        if len(_PREPARED) >= _PREPARED_MAX:
+            _PREPARED.clear()
+        _PREPARED[key] = _plan_steps(x, params, lspec, config)
+    return y
 
 
 # ---- factorise -----------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ spec_json, config_json)` — registered with `torch.library.custom_op` and a fak
 registers the dense op, so the whole MLP is one opaque node — with strings built when the module
 is built or changed (no dataclass enters the trace: torch 2.11's Dynamo cannot make constants of
 them, custom_op.py says more). Eager calls with no trace skip the op's dispatch and run the
-launches directly (lowrank_front.run_layers), as FusedMLP does.
+launches directly (lowrank_front's per-signature steps: the checks and configs on the first call
+of a signature, then the launchers' records), as FusedMLP does.
 
 Autocast: as FusedMLP (and nn.Linear): x and the params are cast to the autocast dtype, the spec of
 that dtype runs, the output has it.
@@ -243,10 +244,10 @@ class FactorisedMLP(nn.Module):
             and _dispatch_modes() == 0
         ):
             # No trace to keep it one node: the launches directly, without the op's dispatch.
+            # Checked and planned once per call signature (lowrank_front._forward).
             lspec = self._lspecs.get(dtype, self._lspec)
             named = dict(zip(self._names, params, strict=True))
-            lowrank_front.check_call(x, named, lspec)
-            return lowrank_front.run_layers(x, named, lspec, self._config)
+            return lowrank_front._forward(x, named, lspec, self._config)
         spec_json = self._spec_json.get(dtype, self._spec_json_default)
         return LOWRANK_MLP_OP(x, params, spec_json, self._config_json)
 

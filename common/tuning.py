@@ -236,6 +236,13 @@ def _committed_entries(path: str) -> dict[str, dict[str, Any]]:
     return TuningCache(path).entries
 
 
+def tables_state() -> tuple[bool, Path]:
+    """What, besides a launch's own fields, decides `committed_config`'s answer: whether the
+    tables are switched off (FUSEDMLP_NO_TUNED=1) and the folder they are read from. A cache of
+    configs derived from the tables keys on it, so toggling either takes effect at the next call."""
+    return os.environ.get(NO_TUNED_ENV) == "1", TUNED_DIR
+
+
 def committed_config(
     device: str,
     impl: str,

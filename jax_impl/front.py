@@ -62,6 +62,7 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
+from fusedmlp.common.tuning import tables_state
 from fusedmlp.common.validate import (
     Adapter,
     ArrayInfo,
@@ -498,7 +499,8 @@ def prepare(
     """The validated plan of this call, from the cache when the signature was seen before."""
     try:
         key = (
-            spec, impl, dispatch.generation() if impl == AUTO else 0, config, _signature(x),
+            spec, impl, dispatch.generation() if impl == AUTO else 0, tables_state(), config,
+            _signature(x),
             tuple((k, *_signature(v)) for k, v in params.items()),
             None if residual is None else _signature(residual), saved,
         )  # fmt: skip

@@ -371,3 +371,24 @@ def test_committed_h200_table_parses():
             persistent=key["impl"] == "triton_tma",
             fp32_precision=key["fp32_precision"],
         )
+
+
+def test_cached_backward_configs_follow_the_tables_state(tuned_dir, monkeypatch):
+    # backward._heuristic caches a config per launch shape; what the committed tables answer
+    # depends on FUSEDMLP_NO_TUNED and their folder too, so that state is in the cache's key.
+    from fusedmlp.torch_impl import backward
+
+    tuned, rules = tuned_dir, TileConfig(64, 64, 32)
+
+    def heuristic(*args, **kwargs):  # stands in for the tables (the interpreter never reads them)
+        return rules if tuning.tables_state()[0] else tuned
+
+    monkeypatch.setattr(backward, "heuristic_config", heuristic)
+    backward._heuristic_of.cache_clear()
+    args = ("gated", 8192, 14336, 4096, "bfloat16", "ieee", False, True)
+    assert backward._heuristic(*args) == tuned
+    monkeypatch.setenv(tuning.NO_TUNED_ENV, "1")
+    assert backward._heuristic(*args) == rules
+    monkeypatch.delenv(tuning.NO_TUNED_ENV)
+    assert backward._heuristic(*args) == tuned
+    backward._heuristic_of.cache_clear()

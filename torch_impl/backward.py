@@ -71,7 +71,7 @@ from fusedmlp.common.tiling import (
     heuristic_config,
     wgrad_splits,
 )
-from fusedmlp.common.tuning import registered_device
+from fusedmlp.common.tuning import registered_device, tables_state
 from fusedmlp.common.validate import check_saved
 
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
@@ -529,13 +529,15 @@ def _heuristic(
 ) -> TileConfig:
     # A training step asks for every layer's config in the forward and the backward, every step:
     # cached. heuristic_config is a function of its arguments, of this process's INTERPRET and
-    # of the GPU registered with common.tuning (whose committed configs it reads): in the key.
+    # of the GPU registered with common.tuning and the state of its committed tables: in the key.
     key = (family, m, n, k, dtype, precision, preact, persistent, registered_device())
-    return _heuristic_of(*key)
+    return _heuristic_of(*key, tables_state())
 
 
 @functools.lru_cache(maxsize=1024)
-def _heuristic_of(family, m, n, k, dtype, precision, preact, persistent, device) -> TileConfig:
+def _heuristic_of(
+    family, m, n, k, dtype, precision, preact, persistent, device, tables
+) -> TileConfig:
     cfg = heuristic_config(
         family, m, n, k, dtype, interpret=INTERPRET, persistent=persistent,
         fp32_precision=precision, device=device,

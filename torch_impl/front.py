@@ -54,6 +54,7 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
+from fusedmlp.common.tuning import tables_state
 from fusedmlp.common.validate import (
     Adapter,
     ArrayInfo,
@@ -477,7 +478,8 @@ def prepare(x, params, spec, impl=AUTO, config=None, residual=None, tune=False) 
     """The validated plan of this call, from the cache when the signature was seen before."""
     try:
         key = (
-            spec, impl, dispatch.generation() if impl == AUTO else 0, config, tune, _signature(x),
+            spec, impl, dispatch.generation() if impl == AUTO else 0, tables_state(), config, tune,
+            _signature(x),
             tuple(params), tuple(map(_signature, params.values())),
             None if residual is None else _signature(residual),
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""fused_small's training: a saving forward and a whole-MLP backward, four Pallas-Triton launches.
+"""fused_small's training: a saving forward and a whole-MLP backward, 3-4 Pallas-Triton launches.
 
 Formula (the float64 twin is `common.reference.backward`; backward.py has the per-layer form):
 the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1
@@ -451,7 +451,7 @@ def _dact_from_output(spec: MLPSpec) -> bool:
     return not spec.gated and spec.base_activation == "relu"
 
 
-def _statics(spec: MLPSpec, weights: tuple[jax.Array, ...], interpret: bool) -> dict:
+def _small_statics(spec: MLPSpec, weights: tuple[jax.Array, ...], interpret: bool) -> dict:
     # twin-diff: no W_COLS for the kernels that read weights through refs (they know their shape)
     return dict(
         WIDTHS=spec.widths, NUM_LAYERS=spec.num_layers, WIDTH=padded_width(max(spec.widths)),
@@ -502,7 +502,7 @@ def forward_saving(
         kernel = functools.partial(
             _fused_small_fwd_kernel, M=m, TILES_PER_PROGRAM=tiles, BLOCK_M=cfg.block_m,
             ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias, HOIST=cfg.hoist, SAVE=True,
-            STORES_Z=stores, **_statics(spec, weights, interpret),
+            STORES_Z=stores, **_small_statics(spec, weights, interpret),
         )  # fmt: skip
         with quiet_pallas_triton():
             outs = pl.pallas_call(
@@ -551,7 +551,7 @@ def dgrad_fwd(
     kernel = functools.partial(
         _fused_small_dgrad_kernel, M=m, TILES_PER_PROGRAM=tiles, BLOCK_M=cfg.block_m,
         ACTIVATION=spec.base_activation, DACT=dact, HOIST=cfg.hoist,
-        **_statics(spec, weights, interpret),
+        **_small_statics(spec, weights, interpret),
     )  # fmt: skip
     with quiet_pallas_triton():
         outs = pl.pallas_call(
@@ -606,7 +606,7 @@ def wgrad_fwd(
     kernel = functools.partial(
         _fused_small_wgrad_kernel, M=m, STEPS=steps, W_COLS=tuple(w.shape[1] for w in weights),
         HAS_BIAS=spec.bias, K_TILES=k_tiles, BLOCK_K=cfg.block_m, BLOCK_R=block_r,
-        **_statics(spec, weights, interpret),
+        **_small_statics(spec, weights, interpret),
     )  # fmt: skip
     shapes = dw_shapes + (db_shapes if spec.bias else [])
     with quiet_pallas_triton():

@@ -1,4 +1,4 @@
-"""fused_small's training: a saving forward and a whole-MLP backward, four Triton launches a step.
+"""fused_small's training: a saving forward and a whole-MLP backward, 3-4 Triton launches a step.
 
 Formula (the float64 twin is `common.reference.backward`; backward.py has the per-layer form):
 the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1

@@ -12,7 +12,7 @@
     fusedmlp report   RESULTS.json [MORE.json ...] [--markdown PATH] [--plot-dir DIR] [--json PATH]
     fusedmlp compress [--ranks 16,64] [--sentences N] [--json PATH] [--markdown PATH] [--plot PATH]
     fusedmlp train    image|lm [--stack torch,jax] [--impl auto,baseline] [--precision bf16,fp16]
-                      [--steps N] [--device cpu|cuda] [--out DIR]   (bench/train.py)
+                      [--steps N] [--seed N] [--device cpu|cuda] [--out DIR]   (bench/train.py)
 
 Exit status: 0 on success, 1 when any parity check fails (parity, and bench's parity gate, which
 flags failing paths instead of timing them) or a timed row is an error or an invalid measurement

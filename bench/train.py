@@ -2,7 +2,7 @@
 plain baselines from the same init and data order, both stacks, under one precision policy.
 
     fusedmlp train image [--stack torch,jax] [--impl auto,baseline] [--precision bf16,fp16]
-                         [--steps N] [--device cpu|cuda] [--out DIR]
+                         [--steps N] [--seed N] [--device cpu|cuda] [--out DIR]
     fusedmlp train lm    [... the same ...]
 
 Tasks (the data ships with the installed packages: nothing is downloaded):
@@ -1008,6 +1008,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr", type=float, help="Adam's learning rate (default: the task's)")
     p.add_argument("--batch", type=int, help="lm: windows per step")
     p.add_argument(
+        "--seed",
+        type=int,
+        help="the init's seed (and the LM's data order); default 0. One seed's end point moves "
+        "by tenths of a dB with any change of rounding: compare means over several seeds",
+    )
+    p.add_argument(
         "--interpreted-steps",
         type=int,
         default=DEFAULT_INTERPRETED_STEPS,
@@ -1047,7 +1053,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
 
     _check_args(args)
     device = resolve_device(args.device)
-    overrides = {"steps": args.steps, "lr": args.lr}
+    overrides = {"steps": args.steps, "lr": args.lr, "seed": args.seed}
     overrides |= {"size": args.size} if args.task == "image" else {"batch": args.batch}
     try:
         cfg = task_config(args.task, device, **overrides)

@@ -294,9 +294,10 @@ def test_cli_writes_and_report_renders(tmp_path) -> None:
     out = tmp_path / "runs"
     args = ["train", "image", "--device", "cpu", "--impl", "baseline", "--stack", "torch"]
     args += ["--steps", "2", "--size", "8", "--precision", "bf16,fp16", "--out", str(out)]
-    assert main(args) == 0
+    assert main([*args, "--seed", "7"]) == 0
     results = json.loads((out / "train-image.json").read_text())
     assert results["kind"] == "fusedmlp-results" and "environment" in results
+    assert results["train"]["config"]["seed"] == 7  # the init's seed, recorded with the run
     runs = results["train"]["runs"]
     assert [(r["precision"], r["steps"], len(r["loss"])) for r in runs] == [
         ("bf16", 2, 2),

@@ -26,14 +26,18 @@ launchers (configs, grids, strides, constexpr dicts) and the torch ops they call
 reshape) — on CPU tensors, whose allocation cost differs somewhat from the CUDA caching
 allocator's. What it EXCLUDES: Triton's launch path (JITFunction.run: binding, specialisation,
 cache lookup, the driver's cuLaunchKernel — ~15-40 µs per launch on the H200 host, measured
-apart), the Hopper (triton_tma) paths, which need a CUDA device, and everything on the GPU.
+apart), and everything on the GPU. The Hopper (triton_tma) paths need a CUDA device behind the
+front, so the tma cases call their launchers directly (`_tma_call`: no front, no capability check
+on that path; the persistent grid is the CPU's `support.num_programs`, 3 programs, which changes
+no host work).
 
 Per case: µs per call (best of `--repeats` runs of `--calls` calls; the CPU is shared, so the
 minimum is the least disturbed), launches per call (counted by the stub), and µs of ours per
 launch. Cases: FusedMLP inference (no_grad) at decode and field sizes, training steps (forward +
 backward, x requires grad), the registered op called directly, torch.compile(FusedMLP,
-fullgraph=True) inference, and the factorised MLP of issue 26 (FactorisedMLP, no_grad, and
-lowrank_front.lowrank_mlp; every layer at the case's rank).
+fullgraph=True) inference, the factorised MLP of issue 26 (FactorisedMLP, no_grad, and
+lowrank_front.lowrank_mlp; every layer at the case's rank), and the Hopper launchers
+(tma/linear_act.py, tma/gated.py, tma/backward.py's mlp_backward) at hf-blog-geglu M=8192.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class Case:
     preset: str  # a preset name, or "image-fit" (bench/train.py's ImageConfig().spec)
     m: int
     impl: str
-    mode: str  # "no_grad", "train", "op", "front", "compile", "lowrank", "lowrank_front"
+    mode: str  # "no_grad", "train", "op", "front", "compile", "lowrank", "lowrank_front", "tma_*"
     rank: int = 0  # lowrank modes: every layer's rank
 
 
@@ -77,6 +81,15 @@ CASES: tuple[Case, ...] = (
     Case("lowrank llama3-8b M=16 r=64 gated", "llama3-8b", 16, "auto", "lowrank", 64),
     Case("lowrank gpt2 M=1 r=64", "gpt2-mlp", 1, "auto", "lowrank", 64),
     Case("lowrank_mlp llama3-8b M=16 r=64 gated", "llama3-8b", 16, "auto", "lowrank_front", 64),
+    # the Hopper launchers (torch_impl/tma/), called directly: `auto` runs them on the H200 at
+    # large M, and the Hopper training backward (tma/backward.py) is all linear_act_fwd launches
+    Case(
+        "tma linear_act_fwd hf-blog-geglu M=8192", "hf-blog-geglu", 8192, "triton_tma", "tma_linear"
+    ),
+    Case("tma gated_fwd hf-blog-geglu M=8192", "hf-blog-geglu", 8192, "triton_tma", "tma_gated"),
+    Case(
+        "tma mlp_backward hf-blog-geglu M=8192", "hf-blog-geglu", 8192, "triton_tma", "tma_backward"
+    ),
 )
 
 
@@ -146,6 +159,47 @@ def _lowrank_call(case: Case) -> Callable[[], Any]:
     return lambda: module(x)
 
 
+def _tma_call(case: Case) -> Callable[[], Any]:
+    """A call of a Hopper launcher (torch_impl/tma/) on CPU tensors, past every capability check:
+    "tma_linear" the last layer's linear_act_fwd, "tma_gated" the first layer's gated_fwd (the
+    training forward's: storing the pre-activation), "tma_backward" tma/backward.py's
+    mlp_backward from the Hopper saving forward's residuals (made once, not timed)."""
+    import torch
+
+    from fusedmlp.common.packing import packed_width
+    from fusedmlp.torch_impl import FusedMLP, backward
+    from fusedmlp.torch_impl.tma import backward as tma_backward
+    from fusedmlp.torch_impl.tma import gated as tma_gated
+    from fusedmlp.torch_impl.tma import linear_act as tma_linear
+
+    spec = _spec(case.preset)
+    dtype = getattr(torch, spec.dtype)
+    layers = spec.layers()
+    precision = spec.fp32_precision
+    if case.mode == "tma_backward":
+        params = FusedMLP(spec, impl="triton", seed=None).requires_grad_(False).packed_params()
+        x = torch.empty(case.m, spec.d_in, dtype=dtype)
+        dy = torch.empty(case.m, spec.d_out, dtype=dtype)
+        _, res = backward.forward_saving(x, params, spec, saved="preact", hopper=True)
+        return lambda: tma_backward.mlp_backward(dy, res, params, spec, saved="preact")
+    family = "gated" if case.mode == "tma_gated" else "linear_act"
+    layer = next(la for la in layers if la.gated == (family == "gated"))
+    cfg = backward._heuristic(
+        family, case.m, layer.d_out, layer.d_in, spec.dtype, precision, False, True
+    )
+    x = torch.empty(case.m, layer.d_in, dtype=dtype)
+    if family == "gated":
+        wv = torch.empty(layer.d_in, packed_width(layer.d_out), dtype=dtype)
+        return lambda: tma_gated.gated_fwd(
+            x, wv, None, n=layer.d_out, activation=layer.activation, config=cfg,
+            fp32_precision=precision, store_preact=True,
+        )  # fmt: skip
+    w = torch.empty(layer.d_in, layer.d_out, dtype=dtype)
+    return lambda: tma_linear.linear_act_fwd(
+        x, w, None, None, activation=layer.activation, config=cfg, fp32_precision=precision
+    )
+
+
 def make_call(case: Case) -> Callable[[], Any]:
     """A zero-argument function doing one call (or one training step) of `case`."""
     import torch
@@ -154,6 +208,8 @@ def make_call(case: Case) -> Callable[[], Any]:
 
     if case.mode in ("lowrank", "lowrank_front"):
         return _lowrank_call(case)
+    if case.mode.startswith("tma_"):
+        return _tma_call(case)
     spec = _spec(case.preset)
     dtype = getattr(torch, spec.dtype)
     module = FusedMLP(spec, impl=case.impl, seed=None)  # uninitialised: nothing reads them

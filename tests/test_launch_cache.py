@@ -259,3 +259,78 @@ def test_what_changes_a_lowrank_launch_makes_a_new_record(lowrank_counts, monkey
         checks = lowrank_counts["check_call"]
         y = other(x)
         assert torch.equal(other(x), y) and lowrank_counts["check_call"] == checks + 1
+
+
+# ---- the Hopper launchers (torch_impl/tma/), under the interpreter -------------------------------
+HOPPER = MLPSpec((24, 72, 40), "swiglu", True, "float32")  # rows of 24, 72, 40 x 4 bytes: TMA's
+
+
+def test_repeated_tma_launches_build_no_record_and_give_the_same_bits():
+    """tma/backward.py's step — the Hopper saving forward (gated_fwd storing its pre-activation,
+    linear_act_fwd) and mlp_backward (linear_act_fwd with the dact epilogues, an M-major x and a
+    K-major w): the repeat builds no record, and a rebuild gives the same bits."""
+    from fusedmlp.common import init_params
+    from fusedmlp.common.packing import pack_params
+    from fusedmlp.torch_impl.tma import backward as tma_backward
+    from fusedmlp.torch_impl.tma import gated as tma_gated
+    from fusedmlp.torch_impl.tma import linear_act as tma_linear
+
+    m = 16  # rows of M-major activations: 16 x 4 bytes
+    assert tma_backward.unsupported_reason(HOPPER, m) is None
+    packed = {k: to_torch(v) for k, v in pack_params(HOPPER, init_params(HOPPER, 40)).items()}
+    x = to_torch(make_input(HOPPER, m, seed=41))
+    dy = to_torch(make_grad_output(HOPPER, m, seed=42))
+
+    def step():
+        y, kept = backward.forward_saving(x, packed, HOPPER, saved="preact", hopper=True)
+        return y, kept, tma_backward.mlp_backward(dy, kept, packed, HOPPER, saved="preact")
+
+    launch.clear_all()
+    base = _builds()
+    first = step()
+    built = _builds()
+    assert len(tma_gated._LAUNCHES) == 1 and len(tma_linear._LAUNCHES) >= 3
+    again = step()
+    assert _builds() == built, "a repeated TMA launch built a launch record"
+    _assert_same(again, first)
+    # every record rebuilt (a fresh process's first call): the same records, the same bits
+    launch.clear_all()
+    _assert_same(step(), first)
+    assert _builds() - built == built - base
+
+
+def test_what_changes_a_tma_launch_makes_a_new_record():
+    from fusedmlp.common.packing import packed_width
+    from fusedmlp.common.tiling import INTERPRET_CONFIG, INTERPRET_CONFIG_GATED
+    from fusedmlp.torch_impl.tma import gated as tma_gated
+    from fusedmlp.torch_impl.tma import linear_act as tma_linear
+
+    gen = torch.Generator().manual_seed(43)
+    x = torch.randn(13, 24, generator=gen)  # rows of 24 and 40 meet the 16-byte rule in bf16 too
+    w = torch.randn(24, 40, generator=gen)
+    wv = torch.randn(24, packed_width(40), generator=gen)
+    cfg, cfg_gated = INTERPRET_CONFIG, INTERPRET_CONFIG_GATED
+    for run, cache in (
+        (lambda x, c: tma_linear.linear_act_fwd(x, w, None, None, activation="gelu", config=c),
+         tma_linear._LAUNCHES),
+        (lambda x, c: tma_gated.gated_fwd(x, wv, None, n=40, activation="silu", config=c),
+         tma_gated._LAUNCHES),
+    ):  # fmt: skip
+        config = cfg_gated if cache is tma_gated._LAUNCHES else cfg
+        want = run(x, config)
+        built = cache.builds
+        assert torch.equal(run(x, config), want) and cache.builds == built
+        # a stride: the same values in a strided view (copied for TMA: the same kernel)
+        wide = torch.zeros(13, 28)
+        wide[:, :24] = x
+        assert torch.equal(run(wide[:, :24], config), want)
+        assert cache.builds == built + (cache is tma_linear._LAUNCHES)  # gated: no strides read
+        # a config: a new record; other tiles may sum K in another order
+        built = cache.builds
+        other = TileConfig(16, 32 if cache is tma_linear._LAUNCHES else 64, 16, num_stages=1)
+        torch.testing.assert_close(run(x, other), want)
+        assert cache.builds == built + 1
+        # a dtype: a new record
+        built = cache.builds
+        assert run(x.to(torch.bfloat16), config).dtype == torch.bfloat16
+        assert cache.builds == built + 1

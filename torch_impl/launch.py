@@ -11,8 +11,10 @@ The key IS the build's argument list: a record is a function of its key and of n
 (module constants aside), so whatever changes a launch — a pinned config, a tuned or heuristic
 config (resolved before the launcher: the key holds the concrete TileConfig), a dispatch table
 (it changes the plan, hence the config or the launcher), a stride, a shape, a flag — is a
-different key. dtype and device are not in it: the record holds neither (outputs are allocated
-from the call's tensors). Each cache is bounded: cleared when it reaches `maxsize` records.
+different key. dtype and device are not in the portable launchers' keys: their records hold
+neither (outputs are allocated from the call's tensors); the Hopper launchers' (torch_impl/tma/)
+hold both, as their configs and persistent grids depend on them. Each cache is bounded: cleared
+when it reaches `maxsize` records.
 
 Measured on the 2-core CPU with the Triton launches stubbed (bench/host_cost.py): the portable
 linear_act launcher took ~6 µs of our Python per launch (8 stride calls, two cdivs, a 13-entry

@@ -24,6 +24,8 @@ Epilogue: bc added to the packed tile, the split, act(g)·u in fp32, then h stor
 Addressing: x, wv and h through in-kernel descriptors (why in-kernel: see tma/linear_act.py);
 reads past the edges give zeros (rows past M, the K tail), writes are clipped at M and N (the
 packed padding columns, zeros, meet only output columns ≥ N); only the 1-D bias is masked.
+Launcher: a launch record per key, as tma/linear_act.py's (shapes, dtype, device, config, flags;
+no strides: the operands are made contiguous).
 Interpreter: 16-bit tiles are upcast to fp32 after the load.
 
 Twin: none in JAX — the sibling is jax_impl/mosaic/gated.py (same signatures); portable twin
@@ -44,6 +46,7 @@ from .. import gated as portable
 from ..activations import apply_activation
 from ..front import ADAPTER
 from ..gated import _PACK, _gate_split
+from ..launch import Launch, LaunchCache
 from ..linear_act import _grouped_tile, _input_precision
 from ..runtime import INTERPRET, check_kernel_device
 from .linear_act import _store_tile
@@ -131,6 +134,45 @@ def _gated_fwd_kernel(
 
 
 # ==== launcher ====================================================================================
+def _gated_launch(
+    x_shape: torch.Size,
+    wv_shape: torch.Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    has_bias: bool,
+    n: int,
+    activation: str,
+    config: TileConfig,
+    precision: str,
+    store_preact: bool,
+) -> Launch | None:
+    """`gated_fwd`'s launch for this key (`_LAUNCHES`), None when M or n is 0. No strides in the
+    key: the operands are made contiguous, and the kernel's strides follow from the shapes. dtype
+    is (`launch_config`'s key has it), and the device: the persistent grid is its SM count."""
+    M, K = x_shape
+    if M == 0 or n == 0:
+        return None
+    # block_n: whole packed block pairs (at least 64)
+    config, ws = launch_config("gated", config, dtype, precision, False)
+    num_tiles = cdiv(M, config.block_m) * cdiv(n, config.block_n)
+    programs = num_programs(num_tiles, device)
+    return Launch(
+        _gated_fwd_kernel, (programs,), (M, n, K, programs),
+        dict(
+            ACTIVATION=activation, HAS_BIAS=has_bias,
+            INPUT_PRECISION=_input_precision(precision), INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
+            FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
+            STORE_PREACT=store_preact, Z_SUBTILE=min(4, 2 * config.epilogue_subtile),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        ),
+    )  # fmt: skip
+
+
+_LAUNCHES = LaunchCache(_gated_launch)
+
+
 def gated_fwd(
     x: torch.Tensor,
     wv: torch.Tensor,
@@ -147,29 +189,20 @@ def gated_fwd(
     64); makes operands contiguous and 16-byte aligned. `store_preact` (training, the Hopper
     path of backward.forward_saving): returns (h, zg), zg = x·wv + bc, the packed [M, 2·Np]
     pre-activation rounded once to x.dtype, as the portable saving kernel stores it."""
-    M, K = x.shape
+    M = x.shape[0]
+    launch = _LAUNCHES.get((
+        x.shape, wv.shape, x.dtype, x.device, bc is not None, n, activation, config,
+        fp32_precision, store_preact,
+    ))  # fmt: skip
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
     z = torch.empty((M, wv.shape[1]), device=x.device, dtype=x.dtype) if store_preact else None
-    if M == 0 or n == 0:
+    if launch is None:  # M == 0 or n == 0
         return (out, z) if store_preact else out
-    # block_n: whole packed block pairs (at least 64)
-    config, ws = launch_config("gated", config, x.dtype, fp32_precision, False)
+    # per call: the operands' own facts (a copy where not contiguous or not 16-byte aligned)
     x, wv = as_tma_operand(x), as_tma_operand(wv)
     bc = bc.contiguous() if bc is not None else None
-    num_tiles = cdiv(M, config.block_m) * cdiv(n, config.block_n)
-    programs = num_programs(num_tiles, x.device)
-    ensure_allocator()
-    _gated_fwd_kernel[(programs,)](
-        x, wv, bc, out, z,
-        M, n, K, programs,
-        ACTIVATION=activation, HAS_BIAS=bc is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
-        FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
-        STORE_PREACT=store_preact, Z_SUBTILE=min(4, 2 * config.epilogue_subtile),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    ensure_allocator()  # per call: Triton keeps the allocator per context (support.py)
+    launch(x, wv, bc, out, z)
     return (out, z) if store_preact else out
 
 

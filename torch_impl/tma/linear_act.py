@@ -40,6 +40,12 @@ residual. With a residual, a config whose shared memory would pass 227 KB gets m
 slices (common/tiling.py `with_residual_room`). Descriptors need 16-byte row strides:
 `support.tma_unsupported_reason` says when the portable kernel must run.
 
+Launcher: a launch record per key (torch_impl/launch.py `LaunchCache`: shapes, strides, dtype,
+device, config, flags) holds the resolved config, the x / W layouts, the persistent grid and the
+constexprs; a repeated call allocates the output, makes the operands TMA-ready (their alignment is
+the pointer's, so per call) and launches. The descriptors are the kernel's, made from pointers:
+nothing of a tensor's address is in a record.
+
 Interpreter: 16-bit tiles are upcast to fp32 right after the load (its bf16 arithmetic is wrong).
 
 Twin: none in JAX — the sibling is jax_impl/mosaic/ (TMA + wgmma); the portable twin is
@@ -62,6 +68,7 @@ from ..activations import apply_activation, round_to_dtype
 from ..backward import _dact_epilogue
 from ..front import ADAPTER
 from ..gated import _PACK
+from ..launch import Launch, LaunchCache
 from ..linear_act import _grouped_tile, _input_precision
 from ..runtime import INTERPRET, check_kernel_device
 from .support import (
@@ -237,6 +244,65 @@ def _linear_act_fwd_kernel(
 
 
 # ==== launcher ====================================================================================
+def _linear_act_launch(
+    x_shape: torch.Size,
+    x_strides: tuple[int, ...],
+    w_shape: torch.Size,
+    w_strides: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    has_bias: bool,
+    has_residual: bool,
+    activation: str,
+    config: TileConfig,
+    precision: str,
+    epilogue: str,
+    dact_activation: str,
+) -> tuple[Launch | None, int, bool, bool]:
+    """`linear_act_fwd`'s record for this key (`_LAUNCHES`): its launch (None when M or N is 0),
+    the output's width and whether x and w are read as they are, M-major and K-major.
+
+    dtype is in the key: the residual's shared-memory room (`launch_config`) and the 16-byte rule
+    of an M-major x depend on the element size. device too: the persistent grid is its SM count.
+    """
+    M, K = x_shape
+    N = w_shape[1]
+    width = packed_width(N) if epilogue == "dact_gated" else N
+    if M == 0 or N == 0:
+        return None, width, False, False
+    # the layouts from the key's shapes and strides alone (a meta tensor holds no data)
+    x_meta = torch.empty_strided(x_shape, x_strides, dtype=dtype, device="meta")
+    w_meta = torch.empty_strided(w_shape, w_strides, dtype=dtype, device="meta")
+    w_kmajor = is_k_major(w_meta)
+    x_kmajor = is_k_major(x_meta) and (M * x_meta.element_size()) % TMA_ALIGN_BYTES == 0
+    # a residual gets room in shared memory (more epilogue slices, then fewer stages)
+    config, ws = launch_config("linear_act", config, dtype, precision, has_residual)
+    if epilogue != "none":
+        # A pointer epilogue that loads the saved z tile: the portable dgrad's tile cap (register
+        # pressure), whole packed block pairs when gated, no warp specialisation.
+        config, ws = cap_for_preact(config), False
+        if epilogue == "dact_gated":
+            config = gated_config(config)
+    num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
+    programs = num_programs(num_tiles, device)
+    launch = Launch(
+        _linear_act_fwd_kernel, (programs,), (M, N, K, programs),
+        dict(
+            ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
+            INPUT_PRECISION=_input_precision(precision), INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
+            X_KMAJOR=x_kmajor, FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
+            EPILOGUE=epilogue, DACT_ACTIVATION=dact_activation,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        ),
+    )  # fmt: skip
+    return launch, width, x_kmajor, w_kmajor
+
+
+_LAUNCHES = LaunchCache(_linear_act_launch)
+
+
 def linear_act_fwd(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -262,42 +328,23 @@ def linear_act_fwd(
     [M, packed_width(N)] from the packed z (backward.py's `_dact_epilogue`, `dact_activation`
     its act), each rounded once from fp32.
     """
-    M, K = x.shape
-    N = w.shape[1]
-    width = packed_width(N) if epilogue == "dact_gated" else N
+    M = x.shape[0]
+    launch, width, x_kmajor, w_kmajor = _LAUNCHES.get((
+        x.shape, x.stride(), w.shape, w.stride(), x.dtype, x.device, b is not None,
+        residual is not None, activation, config, fp32_precision, epilogue, dact_activation,
+    ))  # fmt: skip
     out = torch.empty((M, width), device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:
+    if launch is None:  # M == 0 or N == 0
         return out
-    w_kmajor = is_k_major(w)
-    x_kmajor = is_k_major(x) and (M * x.element_size()) % TMA_ALIGN_BYTES == 0
+    # per call: the operands' own facts (a copy where a base is not 16-byte aligned)
     x = as_tma_operand(x.t()).t() if x_kmajor else as_tma_operand(x)
     w = as_tma_operand(w.t()).t() if w_kmajor else as_tma_operand(w)
     b = b.contiguous() if b is not None else None
     z = z.contiguous() if z is not None else None  # the epilogue's row stride is its width
     if residual is not None:
         residual = residual.contiguous()  # row stride N
-    # a residual gets room in shared memory (more epilogue slices, then fewer stages)
-    config, ws = launch_config("linear_act", config, x.dtype, fp32_precision, residual is not None)
-    if epilogue != "none":
-        # A pointer epilogue that loads the saved z tile: the portable dgrad's tile cap (register
-        # pressure), whole packed block pairs when gated, no warp specialisation.
-        config, ws = cap_for_preact(config), False
-        if epilogue == "dact_gated":
-            config = gated_config(config)
-    num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
-    programs = num_programs(num_tiles, x.device)
-    ensure_allocator()
-    _linear_act_fwd_kernel[(programs,)](
-        x, w, b, residual, out, z,
-        M, N, K, programs,
-        ACTIVATION=activation, HAS_BIAS=b is not None, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
-        X_KMAJOR=x_kmajor, FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
-        EPILOGUE=epilogue, DACT_ACTIVATION=dact_activation,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    ensure_allocator()  # per call: Triton keeps the allocator per context (support.py)
+    launch(x, w, b, residual, out, z)
     return out
 
 

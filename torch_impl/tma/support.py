@@ -19,9 +19,13 @@
 Nothing that is fixed for a device or a config is read per launch (issue 23: a launch once
 imported its allocator probe and read the device's capability and SM count on every call): the SM
 count is read once per device, the launch config once per (family, config, dtype, precision,
-residual), the allocator probe imported once. What remains per launch is one read of Triton's
-allocator context variable — Triton keeps the allocator per context (thread), so a thread that
-has none gets ours at its first launch — and the operands' own facts (alignment, strides).
+residual), the allocator probe imported once; and since the launchers keep launch records
+(torch_impl/launch.py; the keys hold the dtype and the device, which the configs, the 16-byte
+rule of an M-major x and the grid depend on), a repeated launch calls none of these: the record
+holds the config, the layouts, the grid and the constexprs. What remains per launch is one read of
+Triton's allocator context variable — Triton keeps the allocator per context (thread), so a
+thread that has none gets ours at its first launch — and the operands' own facts (a base's
+16-byte alignment is the pointer's: checked every call).
 """
 
 from __future__ import annotations

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -68,12 +67,12 @@ from fusedmlp.common.packing import unpack_params
 
 from . import ceilings as ceilings_mod
 from . import grad_parity
-from .benchmark import INVALID, NOT_TIMED_FAILED, NOT_TIMED_INTERPRETED, TIMED, ceiling_keys
+from .benchmark import NOT_TIMED_FAILED, NOT_TIMED_INTERPRETED, TIMED, ceiling_keys, timed_verdict
 from .cases import Case, to_numpy, torch_to_jax
 from .metrics import Ceilings, backward_floor, backward_metrics
 from .parity import BASELINE_OF, _failed, pair_row, row_header, strip
 from .providers import FAULTS, Provider, front
-from .timing import judge_timing, measure
+from .timing import measure
 
 NO_CUDAGRAPH = (
     "not attempted: a training step allocates its gradients and runs autograd's engine; the "
@@ -454,37 +453,19 @@ def time_step(
     saved: str,
 ) -> dict[str, Any]:
     """The timing fields and verdict of one step (benchmark.time_row with the backward floor)."""
-    try:
-        out = measure(
+    return timed_verdict(
+        lambda: measure(
             p.stack,
             case.device,
             fn,
             _wait(p.stack),
             cudagraph=NO_CUDAGRAPH if p.stack == "torch" and case.device == "cuda" else False,
             **timing,
-        )
-    except Exception as exc:
-        return {
-            "status": "error",
-            "message": f"timing failed: {type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-        }
-    if "device_error" in out:
-        return {**out, "status": "error", "message": f"device time: {out['device_error']}"}
-    out["floor_s"] = backward_floor(case.spec, case.m, saved, ceil).seconds
-    if case.device == "cuda":
-        check = backward_floor(case.spec, case.m, saved, ceil, check=True)
-        out["floor_check_s"] = check.seconds
-        invalid, flags = judge_timing(out, check.seconds, check.bound)
-        if flags:
-            out["flags"] = flags
-        if invalid:
-            return {**out, "status": INVALID, "message": invalid}
-    return {
-        **out,
-        "status": TIMED,
-        **backward_metrics(case.spec, case.m, saved, out["time"]["median"], ceil),
-    }
+        ),
+        case.device,
+        lambda check: backward_floor(case.spec, case.m, saved, ceil, check=check),
+        lambda seconds: backward_metrics(case.spec, case.m, saved, seconds, ceil),
+    )
 
 
 def _memory(row: dict[str, Any]) -> None:

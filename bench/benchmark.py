@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from fusedmlp.common import MLPSpec
@@ -140,15 +141,32 @@ def time_row(
 ) -> dict[str, Any]:
     """The timing fields and verdict of one row (`chosen`: the impl that runs, for `auto`)."""
     chosen = chosen or p.impl
-    try:
-        out = measure(
+    return timed_verdict(
+        lambda: measure(
             p.stack,
             case.device,
             fn,
             lambda o: sync(p.stack, o),
             cudagraph=cudagraph_request(p, case.device, chosen),
             **timing,
-        )
+        ),
+        case.device,
+        lambda check: floor(case.spec, case.m, chosen, ceil, check=check),
+        lambda seconds: all_metrics(case.spec, case.m, chosen, seconds, ceil),
+    )
+
+
+def timed_verdict(
+    run: Callable[[], dict[str, Any]],
+    device: str,
+    floor_of: Callable[[bool], Any],
+    metrics_of: Callable[[float], dict[str, Any]],
+) -> dict[str, Any]:
+    """A row's timing fields and verdict, for the forward bench and the backward one alike: `run()`
+    measures (timing.measure), `floor_of(check)` is the row's floor (`check=True`: the one the
+    judgement uses), `metrics_of(median_s)` the throughput fields of a timed row."""
+    try:
+        out = run()
     except Exception as exc:
         return {
             "status": "error",
@@ -157,22 +175,18 @@ def time_row(
         }
     if "device_error" in out:
         return {**out, "status": "error", "message": f"device time: {out['device_error']}"}
-    out["floor_s"] = floor(case.spec, case.m, chosen, ceil).seconds
-    if case.device == "cuda":
+    out["floor_s"] = floor_of(False).seconds
+    if device == "cuda":
         # Judged at the fastest memory rate measured (copy or read-only), so that a kernel that
         # streams its weights faster than a copy moves bytes is not called impossible.
-        check = floor(case.spec, case.m, chosen, ceil, check=True)
+        check = floor_of(True)
         out["floor_check_s"] = check.seconds
         invalid, flags = judge_timing(out, check.seconds, check.bound)
         if flags:
             out["flags"] = flags
         if invalid:
             return {**out, "status": INVALID, "message": invalid}
-    return {
-        **out,
-        "status": TIMED,
-        **all_metrics(case.spec, case.m, chosen, out["time"]["median"], ceil),
-    }
+    return {**out, "status": TIMED, **metrics_of(out["time"]["median"])}
 
 
 def ceiling_keys(specs: list[MLPSpec]) -> tuple[str, ...]:

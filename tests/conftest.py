@@ -83,3 +83,29 @@ def _poison_torch_outputs():
     finally:
         torch.use_deterministic_algorithms(previous)
         torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+# ---- the harness CLI's tests (test_harness.py, test_bench_backward.py) ---------------------------
+@pytest.fixture
+def no_cli_faults():
+    """No injected fault leaks between tests, and the CLI's CPU-thread pinning is undone."""
+    import torch
+
+    from fusedmlp.bench import providers
+
+    threads = torch.get_num_threads()  # the CLI pins CPU threads; give other tests theirs back
+    providers.FAULTS.clear()
+    yield
+    providers.FAULTS.clear()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory: pytest.TempPathFactory):
+    """The CLI tests' tiny swiglu spec (helpers.CLI_TINY_SPEC) as a spec file."""
+    from fusedmlp.common import MLPSpec
+    from helpers import CLI_TINY_SPEC
+
+    path = tmp_path_factory.mktemp("specs") / "tiny.json"
+    MLPSpec(**CLI_TINY_SPEC).to_json(path)
+    return path

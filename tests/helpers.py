@@ -463,3 +463,8 @@ def lower_whole_mlp(fwd: Callable, spec: MLPSpec, m: int, **kw) -> str:
     shapes = {k: jax.ShapeDtypeStruct(v, dt) for k, v in packed_names(spec).items()}
     x = jax.ShapeDtypeStruct((m, spec.d_in), dt)
     return lower_for_cuda(functools.partial(fwd, spec=spec, interpret=False, **kw), x, shapes)
+
+
+# The CLI tests' tiny spec (test_harness.py, test_bench_backward.py, conftest's spec_file):
+# odd widths and M keep the interpreted kernels honest and fast.
+CLI_TINY_SPEC = {"widths": (13, 24, 11), "activation": "swiglu", "bias": True, "dtype": "float32"}

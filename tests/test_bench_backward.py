@@ -22,26 +22,13 @@ from fusedmlp.bench.metrics import Ceilings
 from fusedmlp.common import MLPSpec, cost
 
 # Odd widths and M, as tests/test_harness.py: the interpreted kernels stay honest and fast.
-TINY = MLPSpec((13, 24, 11), "swiglu", bias=True, dtype="float32")
+from helpers import CLI_TINY_SPEC
+
+TINY = MLPSpec(**CLI_TINY_SPEC)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _no_faults():
-    import torch
-
-    threads = torch.get_num_threads()  # the CLI pins CPU threads; give other tests theirs back
-    providers.FAULTS.clear()
-    yield
-    providers.FAULTS.clear()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def spec_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("specs") / "tiny.json"
-    TINY.to_json(path)
-    return path
+pytestmark = pytest.mark.usefixtures("no_cli_faults")
 
 
 def _rows(path: Path) -> tuple[dict, dict[str, dict]]:

@@ -23,27 +23,14 @@ from fusedmlp.bench.timing import Stats, time_host
 from fusedmlp.common import MLPSpec, param_shapes
 
 # Odd widths and M (multiples of no block size) keep the interpreted kernels honest and fast.
-TINY = MLPSpec((13, 24, 11), "swiglu", bias=True, dtype="float32")
+from helpers import CLI_TINY_SPEC
+
+TINY = MLPSpec(**CLI_TINY_SPEC)
 TINY_M = "7"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _no_faults():
-    import torch
-
-    threads = torch.get_num_threads()  # the CLI pins CPU threads; give other tests theirs back
-    providers.FAULTS.clear()
-    yield
-    providers.FAULTS.clear()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def spec_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("specs") / "tiny.json"
-    TINY.to_json(path)
-    return path
+pytestmark = pytest.mark.usefixtures("no_cli_faults")
 
 
 def _cli(command: str, *paths: Path, **flags: object) -> int:

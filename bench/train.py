@@ -234,10 +234,11 @@ class Run:
     final: dict[str, float] = dataclasses.field(default_factory=dict)
     image: str | None = None
     note: str = ""
+    graph: bool = False  # torch: every step replayed from one CUDA graph (--graph)
 
     @property
     def label(self) -> str:
-        return f"{self.stack}:{self.impl}"
+        return f"{self.stack}:{self.impl}" + (" (graph)" if self.graph else "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -389,13 +390,44 @@ def _torch_interpreted(impl: str, device: str) -> bool:
 def _torch_optimizer(model: Any, lr: float, device: str, steps: int) -> tuple[Any, Any]:
     import torch
 
-    # fused Adam on CUDA: one launch for every param, the same for every implementation.
-    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device == "cuda")
+    from fusedmlp.torch_impl import training as tt
+
+    # fused Adam on CUDA: one launch for every param, the same for every implementation, with its
+    # lr in a device tensor in every run (what a CUDA graph needs), so that the eager and the
+    # graphed runs of an implementation do the same arithmetic.
+    if device == "cuda":
+        opt = tt.graph_capturable_optimizer(model.parameters(), lr, device)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps))
 
 
+def _torch_stepper(
+    model: Any, loss_fn: Any, batch: Any, opt: Any, scaler: Any, policy: Policy, graph: bool
+) -> Callable[[Any], Any]:
+    """step(batch) -> loss: the eager `train_step`, or one CUDA graph replayed (`graph`)."""
+    from fusedmlp.torch_impl import training as tt
+
+    if graph:
+        return tt.GraphedTrainStep(model, loss_fn, batch, opt, scaler, policy)
+    return lambda b: tt.train_step(model, loss_fn, b, opt, scaler, policy)
+
+
+def _scale_trace(scales: list[Any]) -> list[float]:
+    import torch
+
+    return torch.stack(scales).cpu().tolist() if scales else []
+
+
 def torch_image(
-    cfg: ImageConfig, data: dict, impl: str, policy: Policy, device: str, steps: int, tick
+    cfg: ImageConfig,
+    data: dict,
+    impl: str,
+    policy: Policy,
+    device: str,
+    steps: int,
+    tick,
+    graph: bool = False,
 ) -> tuple[Run, np.ndarray]:
     import torch
     import torch.nn.functional as F
@@ -403,6 +435,7 @@ def torch_image(
     from fusedmlp.torch_impl import training as tt
 
     run = Run("torch", impl, policy.name, interpreted=_interpreted("torch", impl, device))
+    run.graph = graph
     config = INTERPRETED_CONFIG if run.interpreted else None
     model = _torch_mlp(cfg.spec, image_init(cfg), impl, device, config)
     tt.check_master(model, policy)
@@ -415,13 +448,15 @@ def torch_image(
         return F.mse_loss(m(batch[0]).float(), batch[1])
 
     losses: list[Any] = []
+    scales: list[Any] = []  # fp16: the scale after each step, kept on the device (no sync a step)
+    step = _torch_stepper(model, loss_fn, (x, rgb), opt, scaler, policy, graph)
 
     def run_steps(start: int, stop: int) -> None:
         for _ in range(start, stop):
-            losses.append(tt.train_step(model, loss_fn, (x, rgb), opt, scaler, policy))
+            losses.append(step((x, rgb)))
             schedule.step()
             if policy.loss_scale is not None:
-                run.scale.append(scaler.get_scale())
+                scales.append(tt.scale_tensor(scaler).clone())
             tick()
 
     clock = _Clock(_torch_sync(device))
@@ -429,6 +464,7 @@ def torch_image(
         clock.segment(run_steps, start, stop)
     clock.finish(run)
     tt.check_master(model, policy)
+    run.scale = _scale_trace(scales)
     run.steps = steps
     run.loss = torch.stack(losses).cpu().tolist() if losses else []
     with torch.no_grad(), tt.autocast(policy, device):
@@ -439,7 +475,14 @@ def torch_image(
 
 
 def torch_lm(
-    cfg: LMConfig, data: dict, impl: str, policy: Policy, device: str, steps: int, tick
+    cfg: LMConfig,
+    data: dict,
+    impl: str,
+    policy: Policy,
+    device: str,
+    steps: int,
+    tick,
+    graph: bool = False,
 ) -> Run:
     import torch
     import torch.nn.functional as F
@@ -447,6 +490,7 @@ def torch_lm(
     from fusedmlp.torch_impl import training as tt
 
     run = Run("torch", impl, policy.name, interpreted=_interpreted("torch", impl, device))
+    run.graph = graph
     config = INTERPRETED_CONFIG if run.interpreted else None
     model = _torch_lm(cfg, lm_init(cfg), impl, device, config)
     tt.check_master(model, policy)
@@ -468,14 +512,17 @@ def torch_lm(
         return float(total) / len(val)
 
     losses: list[Any] = []
+    scales: list[Any] = []
+    step = _torch_stepper(
+        model, loss_fn, train[starts[0][:, None] + offsets], opt, scaler, policy, graph
+    )
 
     def run_steps(start: int, stop: int) -> None:
         for s in range(start, stop):
-            w = train[starts[s][:, None] + offsets]
-            losses.append(tt.train_step(model, loss_fn, w, opt, scaler, policy))
+            losses.append(step(train[starts[s][:, None] + offsets]))
             schedule.step()
             if policy.loss_scale is not None:
-                run.scale.append(scaler.get_scale())
+                scales.append(tt.scale_tensor(scaler).clone())
             tick()
 
     clock = _Clock(_torch_sync(device))
@@ -486,6 +533,7 @@ def torch_lm(
         clock.segment(run_steps, start, stop)
     clock.finish(run)
     tt.check_master(model, policy)
+    run.scale = _scale_trace(scales)
     run.val_steps.append(steps)
     run.val_loss.append(evaluate())
     run.steps = steps
@@ -756,9 +804,14 @@ def run_task(
     interpreted_steps: int = DEFAULT_INTERPRETED_STEPS,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    graph: str = "off",
 ) -> dict[str, Any]:
     """Every (stack, precision, impl) run of `task`; the `train` section of a results file.
-    `checkpoint` gets the section so far after each run (a time limit keeps what finished)."""
+    `checkpoint` gets the section so far after each run (a time limit keeps what finished).
+    `graph` (torch runs): "off" eager steps, "on" one CUDA graph replayed a step, "both" each
+    torch run twice. JAX steps are jitted either way."""
+    if graph not in GRAPH_MODES:
+        raise ValueError(f"graph: expected one of {GRAPH_MODES}, got {graph!r}")
     data = image_data(cfg) if task == "image" else lm_data(cfg)
     if out_dir is not None and task == "image":
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -767,25 +820,37 @@ def run_task(
     for stack in stacks:
         for precision in precisions:
             policy = get_policy(precision)
-            for impl in impls:
+            for impl, graphed in itertools.product(impls, _graph_flags(stack, graph)):
                 interpreted = _interpreted(stack, impl, device)
                 steps = min(cfg.steps, interpreted_steps) if interpreted else cfg.steps
-                tick = progress(f"{task} {stack}:{impl} {precision}", steps) if progress else None
+                what = f"{task} {stack}:{impl}{' (graph)' if graphed else ''} {precision}"
+                tick = progress(what, steps) if progress else None
+                extra = {"graph": graphed} if stack == "torch" else {}
                 result = RUNNERS[(stack, task)](
-                    cfg, data, impl, policy, device, steps, tick or (lambda: None)
+                    cfg, data, impl, policy, device, steps, tick or (lambda: None), **extra
                 )
                 run, image = result if task == "image" else (result, None)
                 run.chosen, run.plan = _plan(stack, cfg, impl, policy, device)
                 if interpreted:
                     run.note = f"interpreted: {steps} of {cfg.steps} steps"
                 if image is not None and out_dir is not None:
-                    path = out_dir / f"image-{stack}-{precision}-{impl}.png"
+                    tag = "-graph" if graphed else ""
+                    path = out_dir / f"image-{stack}-{precision}-{impl}{tag}.png"
                     save_png(image, path)
                     run.image = path.name
                 runs.append(run.to_dict())
                 if checkpoint is not None:
                     checkpoint(_section(task, device, cfg, runs))
     return _section(task, device, cfg, runs)
+
+
+GRAPH_MODES = ("off", "on", "both")
+
+
+def _graph_flags(stack: str, graph: str) -> tuple[bool, ...]:
+    if stack != "torch" or graph == "off":
+        return (False,)
+    return (True,) if graph == "on" else (False, True)
 
 
 def _section(task: str, device: str, cfg: ImageConfig | LMConfig, runs: list[dict]) -> dict:
@@ -799,9 +864,17 @@ def _section(task: str, device: str, cfg: ImageConfig | LMConfig, runs: list[dic
     }
 
 
-def _baseline_of(runs: list[dict], run: dict) -> dict | None:
+def _baseline_of(runs: list[dict], run: dict, graph: bool | None = None) -> dict | None:
+    """The baseline run of `run`'s stack and precision, stepped as `run` is (eager or graph)
+    unless `graph` says which."""
+    want = (
+        run["stack"],
+        run["precision"],
+        BASELINE,
+        run.get("graph", False) if graph is None else graph,
+    )
     for r in runs:
-        if (r["stack"], r["precision"], r["impl"]) == (run["stack"], run["precision"], BASELINE):
+        if (r["stack"], r["precision"], r["impl"], r.get("graph", False)) == want:
             return r
     return None
 
@@ -816,6 +889,7 @@ def summarize(runs: list[dict]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "stack": run["stack"],
             "impl": run["impl"],
+            "graph": run.get("graph", False),
             "chosen": run["chosen"],
             "precision": run["precision"],
             "steps": run["steps"],
@@ -850,6 +924,10 @@ def summarize(runs: list[dict]) -> list[dict[str, Any]]:
                 rel = np.abs(a - b) / np.abs(b)
                 row["cross_stack_max_rel"] = float(np.max(rel))
                 row["cross_stack_max_rel_first"] = float(np.max(rel[:CROSS_STACK_FIRST]))
+        eager = _baseline_of(runs, run, graph=False)
+        timed = eager is not None and eager["steps"] == run["steps"] and eager["step_time_s"]
+        if run.get("graph") and timed and run["step_time_s"]:
+            row["speedup_vs_eager"] = eager["step_time_s"] / run["step_time_s"]
         rows.append(row)
     return rows
 
@@ -874,22 +952,28 @@ def train_tables(train: dict[str, Any]) -> list[Any]:
     image = train["task"] == "image"
     headers = ["stack", "impl", "precision", "steps"]
     headers += ["PSNR dB", "Δ vs baseline dB"] if image else ["val loss", "Δ vs baseline"]
-    headers += ["step time", "speedup", "skipped", "torch↔jax first", "torch↔jax all", "note"]
+    graphs = any(r.get("graph") for r in train["summary"])
+    headers += ["step time", "speedup", *(["vs eager baseline"] if graphs else [])]
+    headers += ["skipped", "torch↔jax first", "torch↔jax all", "note"]
     rows = []
     for r in train["summary"]:
         gap = r.get("psnr_gap_db") if image else r.get("val_loss_gap")
+        impl = (
+            r["impl"]
+            if r.get("chosen", r["impl"]) in (r["impl"], "nn.Linear", "jax.numpy")
+            else f"{r['impl']} → {r['chosen']}"
+        )
         rows.append(
             [
                 r["stack"],
-                r["impl"]
-                if r.get("chosen", r["impl"]) in (r["impl"], "nn.Linear", "jax.numpy")
-                else f"{r['impl']} → {r['chosen']}",
+                impl + (" (graph)" if r.get("graph") else ""),
                 r["precision"],
                 str(r["steps"]),
                 fmt_num(r.get("psnr" if image else "val_loss"), ".3f"),
                 fmt_num(gap, "+.3f") if image else fmt_num(gap, "+.2%"),
                 fmt_time(r["step_time_s"]),
                 fmt_num(r.get("speedup"), ".2f"),
+                *([fmt_num(r.get("speedup_vs_eager"), ".2f")] if graphs else []),
                 str(r["skipped_steps"]),
                 fmt_num(r.get("cross_stack_max_rel_first"), ".1e"),
                 fmt_num(r.get("cross_stack_max_rel"), ".1e"),
@@ -908,7 +992,9 @@ def train_tables(train: dict[str, Any]) -> list[Any]:
             f"Training, {what}, on {train['device']}",
             headers,
             rows,
-            caption="speedup: the baseline's step time (same stack and precision) / this run's; "
+            caption="speedup: the baseline's step time (same stack and precision, stepped the "
+            "same way: eager, or (graph) one CUDA graph replayed a step) / this run's; vs eager "
+            "baseline: the eager baseline's step time / this graphed run's; "
             "skipped: fp16 steps skipped by loss scaling; torch↔jax: the largest relative gap "
             f"between the two stacks' training-loss curves (same impl and precision) over the "
             f"first {CROSS_STACK_FIRST} steps and over all",
@@ -932,13 +1018,14 @@ def plot_train(train: dict[str, Any], path: Path) -> Path:
             loss = np.asarray(r["loss"], dtype=float)
             x = np.arange(1, len(loss) + 1)
             style = "--" if r["impl"] == BASELINE else "-"
+            name = r["impl"] + (" (graph)" if r.get("graph") else "")
             if image:
-                ax.plot(x, -10 * np.log10(loss), style, lw=1.2, label=r["impl"])
+                ax.plot(x, -10 * np.log10(loss), style, lw=1.2, label=name)
             else:
-                (line,) = ax.plot(x, loss, style, lw=0.8, alpha=0.6, label=f"{r['impl']} train")
+                (line,) = ax.plot(x, loss, style, lw=0.8, alpha=0.6, label=f"{name} train")
                 ax.plot(
                     r["val_steps"], r["val_loss"], "o" + style, ms=3, color=line.get_color(),
-                    label=f"{r['impl']} val",
+                    label=f"{name} val",
                 )  # fmt: skip
         ax.set_title(f"{stack}, {precision}", fontsize=9)
         ax.set_xlabel("step")
@@ -1019,6 +1106,14 @@ def add_parser(sub: Any) -> None:
         default=DEFAULT_INTERPRETED_STEPS,
         help=f"steps of an interpreted implementation (default {DEFAULT_INTERPRETED_STEPS})",
     )
+    p.add_argument(
+        "--graph",
+        choices=GRAPH_MODES,
+        default="off",
+        help="torch runs (CUDA only): 'on' captures the training step once as a CUDA graph and "
+        "replays it every step (what jax.jit does for the JAX step), the baseline's too; 'both' "
+        "makes each torch run eager and graphed (default off)",
+    )
     p.add_argument("--out", metavar="DIR", default="train-results", help="JSON, PNGs")
     p.set_defaults(func=cmd_train)
 
@@ -1053,6 +1148,8 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
 
     _check_args(args)
     device = resolve_device(args.device)
+    if args.graph != "off" and device != "cuda" and "torch" in args.stack:
+        raise SystemExit(f"fusedmlp train: --graph {args.graph}: CUDA graphs need --device cuda")
     overrides = {"steps": args.steps, "lr": args.lr, "seed": args.seed}
     overrides |= {"size": args.size} if args.task == "image" else {"batch": args.batch}
     try:
@@ -1079,8 +1176,10 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         rep.write_json(_results("train", partial), json_path)
         r = partial["runs"][-1]  # one line per finished run, also where no bar is drawn (a log)
         end = ", ".join(f"{k} {v:.4g}" for k, v in r["final"].items())
+        graphed = " (graph)" if r.get("graph") else ""
         console.print(
-            f"done {r['stack']}:{r['impl']} ({r['chosen']}) {r['precision']}: {r['steps']} steps, "
+            f"done {r['stack']}:{r['impl']}{graphed} ({r['chosen']}) {r['precision']}: "
+            f"{r['steps']} steps, "
             f"{rep.fmt_time(r['step_time_s'])}/step, warm-up {rep.fmt_time(r['warmup_s'])}, {end}"
         )
 
@@ -1096,6 +1195,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
             interpreted_steps=args.interpreted_steps,
             progress=progress,
             checkpoint=checkpoint,
+            graph=args.graph,
         )
     results = _results("train", train)
     rep.print_tables(console, train_tables(train))

@@ -10,11 +10,12 @@
 #     is compiling (inductor's forward+backward graphs, the Pallas backward)
 #   fusedmlp train image: astronaut 256², 2,000 steps, bf16 and fp16 (loss scaling)
 #   fusedmlp train lm:    pydoc byte LM, d 1024, SwiGLU 4096, 4 blocks, batch 4096, 300 steps, bf16
+#   (torch runs eager and as one CUDA graph replayed a step: --graph both)
 # both stacks, `auto` against the baseline of each stack from the same init and data order, each
 # under its own time limit, and writes into OUTDIR: train-image.json, train-lm.json (curves, step
 # times, end points, what `auto` chose), train-image.png, train-lm.png (the curves), the original
 # photograph, every run's reconstruction and image-compare.png, bench_backward.json/.md,
-# bench_backward_nerf.json/.md, log.txt. Budget: 7 minutes.
+# bench_backward_nerf.json/.md, log.txt. Budget: 8 minutes.
 # FUSEDMLP_TRAIN_ARGS replaces "--device cuda" (a CPU smoke run: "--device cpu --steps 4").
 set -uo pipefail
 out=${1:?usage: bash bench/train_gpu.sh OUTDIR}
@@ -43,9 +44,15 @@ if [ "$extra" = "--device cuda" ]; then
     --impl triton,fused_small,pallas_triton,auto,baselines --json "$out/bench_backward_nerf.json" \
     --markdown "$out/bench_backward_nerf.md"
 fi
+# --graph both: every torch run eager and again with its step replayed from one CUDA graph (what
+# jax.jit makes of the JAX step), so the torch tables show the kernels' speed and the host's apart.
+graph=()
+[ "$extra" = "--device cuda" ] && graph=(--graph both)
 # shellcheck disable=SC2086  # $extra is a list of options
-run 150 "$py" -m fusedmlp.bench.cli train image $extra --precision bf16,fp16 --out "$out"
+run 180 "$py" -m fusedmlp.bench.cli train image $extra ${graph[@]+"${graph[@]}"} \
+  --precision bf16,fp16 --out "$out"
 # shellcheck disable=SC2086
-run 80 "$py" -m fusedmlp.bench.cli train lm $extra --precision bf16 --out "$out"
+run 100 "$py" -m fusedmlp.bench.cli train lm $extra ${graph[@]+"${graph[@]}"} --precision bf16 \
+  --out "$out"
 ls -la "$out"
 exit $status

@@ -24,6 +24,9 @@ An entry says everything a front needs to plan and launch it:
 - `layout`: the params layout the kernels take, `"plain"` (`w{i}`, `v{i}`, `b{i}`, `c{i}`) or
   `"packed"` (`wv{i}`, `bc{i}` of gated layers: common/packing.py). The fronts accept either from
   the caller and convert once (cached) to what the entry declares.
+- `capturable`: False where the launches cannot be recorded in a torch CUDA graph (torch's
+  `mosaic`: JAX's launcher runs on the device's default stream); `auto` passes over it while a
+  graph is being captured or prepared (torch_impl/front.py `graph_safe`).
 - `gpu_only` (no interpreter can run it), `hopper` (on a GPU it needs sm_90: TMA, wgmma),
   `tunable` (`mlp(tune=True)` sweeps its configs on a GPU), `kernel_prefix` (how plans print its
   kernels: "tma.gated", "torch.eager").
@@ -60,6 +63,7 @@ class Implementation:
     hopper: bool = False  # True: on a GPU it needs Hopper (sm_90)
     tunable: bool = False  # True: `tune=True` sweeps its configs on a GPU (torch_impl/tuning.py)
     kernel_prefix: str = ""  # plans print its kernels as prefix + family
+    capturable: bool = True  # False: a torch CUDA graph cannot record its launches
 
     @property
     def baseline(self) -> bool:
@@ -156,6 +160,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         gpu_only=True,
         hopper=True,
         kernel_prefix="mosaic.",
+        capturable=False,
     ),
     Implementation(
         "jax_triton",

@@ -325,6 +325,83 @@ def test_cli_errors(capsys) -> None:
         main(["train", "lm", "--stack", "torch", "--impl", "nope"])
     with pytest.raises(SystemExit, match="--size: an image option"):
         main(["train", "lm", "--size", "8"])
+    with pytest.raises(SystemExit, match="--graph on: CUDA graphs need --device cuda"):
+        main(["train", "image", "--device", "cpu", "--graph", "on"])
+
+
+# ---- CUDA graphs (torch): what a CPU can check; the replay itself is a `pytest -m gpu` test -----
+def test_graphed_step_checks_its_arguments() -> None:
+    import torch
+
+    from fusedmlp.torch_impl import training as tt
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = tt.make_scaler("fp32", "cpu")
+    batch = (torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=r"model: a CUDA graph needs a model on a CUDA device"):
+        tt.GraphedTrainStep(model, lambda m, b: m(b[0]).sum(), batch, opt, scaler, "fp32")
+    with pytest.raises(ValueError, match=r"device: a CUDA graph needs a CUDA device, got cpu"):
+        tt.graph_capturable_optimizer(model.parameters(), 1e-3, "cpu")
+    # the batch a replay reads is the captured one: same nesting, shapes and dtypes
+    tt._copy_into(batch, (torch.ones(4, 3), torch.ones(4, 2)))
+    assert bool((batch[0] == 1).all()) and bool((batch[1] == 1).all())
+    with pytest.raises(ValueError, match=r"batch: expected \(4, 3\) torch.float32.*got \(5, 3\)"):
+        tt._copy_into(batch, (torch.ones(5, 3), torch.ones(4, 2)))
+    with pytest.raises(ValueError, match=r"batch: expected 2 items, got 1"):
+        tt._copy_into(batch, (torch.ones(4, 3),))
+    with pytest.raises(TypeError, match=r"batch: expected a tensor, got ndarray"):
+        tt._copy_into(batch, (np.ones((4, 3)), torch.ones(4, 2)))
+
+
+def test_auto_passes_over_what_a_graph_cannot_record(monkeypatch) -> None:
+    """Under graph_safe() `auto` does not take torch's `mosaic` (JAX launches it on the default
+    stream), whatever the dispatch table says; outside, the choice is the table's as before."""
+    from fusedmlp.torch_impl import front, graph_safe
+
+    spec = MLPSpec((64, 128, 64), "swiglu", bias=False, dtype="bfloat16")
+    monkeypatch.setattr(front, "unavailable_reason", lambda impl, device="cpu": None)
+    monkeypatch.setattr(front, "_function", lambda impl, field: lambda *a: None)
+    assert front._can_take("mosaic", spec, 4096, "cuda")
+    with graph_safe():
+        assert not front._can_take("mosaic", spec, 4096, "cuda")
+        assert front._can_take("triton_tma", spec, 4096, "cuda")
+    assert front._can_take("mosaic", spec, 4096, "cuda")
+
+
+def test_summary_of_graphed_runs() -> None:
+    """A graphed run's speedup is against the baseline stepped the same way, and its ratio to
+    the eager baseline is given beside it."""
+
+    def run(impl: str, graph: bool, step: float) -> dict:
+        return {
+            "stack": "torch", "impl": impl, "chosen": impl, "precision": "bf16", "steps": 10,
+            "final": {"loss": 0.1, "psnr": 10.0}, "step_time_s": step, "scale": [], "note": "",
+            "loss": [1.0] * 10, "graph": graph,
+        }  # fmt: skip
+
+    runs = [
+        run(tr.BASELINE, False, 2.0e-3),
+        run(tr.BASELINE, True, 0.5e-3),
+        run("auto", False, 2.5e-3),
+        run("auto", True, 0.25e-3),
+    ]
+    rows = tr.summarize(runs)
+    assert [r["speedup"] for r in rows[2:]] == pytest.approx([0.8, 2.0])
+    assert "speedup_vs_eager" not in rows[2]
+    assert rows[3]["speedup_vs_eager"] == pytest.approx(8.0)
+    assert rows[1]["speedup_vs_eager"] == pytest.approx(4.0)
+    table = tr.train_tables(
+        {
+            "task": "image",
+            "summary": rows,
+            "config": {"size": 8},
+            "spec": {"widths": [2, 3]},
+            "device": "cuda",
+        }
+    )[0]
+    assert "vs eager baseline" in table.headers
+    assert any("(graph)" in row[1] for row in table.rows)
 
 
 # ---- our kernels (interpreted) against the baseline, step by step --------------------------------
@@ -454,6 +531,58 @@ def test_gpu_kernels_converge_like_the_baselines(task: str) -> None:
             assert abs(row["psnr_gap_db"]) <= 0.3, row
         else:
             assert abs(row["val_loss_gap"]) <= 0.01, row
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "impl, widths, act, rows",
+    [("auto", (32, 64, 64, 64, 3), "relu", 4096), ("auto", (256, 1024, 256), "swiglu", 2048),
+     (tr.BASELINE, (32, 64, 64, 3), "relu", 4096)],
+)  # fmt: skip
+def test_gpu_graphed_step_is_the_eager_step(impl, widths, act, rows, precision) -> None:
+    """GraphedTrainStep replays the eager step's launches: from the same init, data and
+    (capturable, tensor-lr) optimizer, every step's loss and the final params and loss scale are
+    bit for bit those of eager steps — fused_small's whole-MLP backward, the gated Hopper or
+    portable path `auto` takes under graph_safe(), and nn.Linear under autocast."""
+    import torch
+    import torch.nn.functional as F
+
+    from fusedmlp.torch_impl import graph_safe
+    from fusedmlp.torch_impl import training as tt
+
+    spec = MLPSpec(widths, act, bias=act == "relu", dtype="float32")
+    params = init_params(spec, 5)
+    policy = get_policy(precision)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(rows, widths[0], device="cuda", generator=gen) for _ in range(6)]
+    ts = [torch.rand(rows, widths[-1], device="cuda", generator=gen) for _ in range(6)]
+
+    def loss_fn(m, batch):
+        return F.mse_loss(m(batch[0]).float(), batch[1])
+
+    def fit(graph: bool):
+        model = tr._torch_mlp(spec, params, impl, "cuda")
+        opt, schedule = tr._torch_optimizer(model, 1e-2, "cuda", len(xs))
+        scaler = tt.make_scaler(policy, "cuda")
+        step = tr._torch_stepper(model, loss_fn, (xs[0].clone(), ts[0].clone()), opt, scaler,
+                                 policy, graph)  # fmt: skip
+        losses = []
+        with graph_safe():  # the eager reference takes what the capture takes
+            for x, t in zip(xs, ts, strict=True):
+                losses.append(step((x, t)))
+                schedule.step()
+        torch.cuda.synchronize()
+        state = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return torch.stack(losses), state, tt.scale_tensor(scaler)
+
+    loss_e, params_e, scale_e = fit(False)
+    loss_g, params_g, scale_g = fit(True)
+    assert torch.isfinite(loss_e).all()
+    assert torch.equal(loss_e, loss_g), (loss_e, loss_g)
+    for name in params_e:
+        assert torch.equal(params_e[name], params_g[name]), name
+    assert (scale_e is None and scale_g is None) or torch.equal(scale_e, scale_g)
 
 
 def test_jax_policy_mlp_is_mlp_of_the_cast_params() -> None:

@@ -33,11 +33,13 @@ torch autograd.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import math
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,10 +162,36 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(torch.cuda.current_device())
 
 
+# True while a CUDA graph is prepared or captured (`graph_safe`): `auto` passes over what a graph
+# cannot record. A context variable, so that other threads' calls plan as usual.
+_GRAPH_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graph_safe", default=False)
+
+
+@contextlib.contextmanager
+def graph_safe() -> Iterator[None]:
+    """Within this context `auto` chooses only implementations whose launches a CUDA graph can
+    record (registry `capturable`; the torch `mosaic` launches on the default stream). Enter it
+    for the eager warm-up steps as well as the capture (training.GraphedTrainStep does), so both
+    run, and compile, the same kernels."""
+    token = _GRAPH_SAFE.set(True)
+    try:
+        yield
+    finally:
+        _GRAPH_SAFE.reset(token)
+
+
+def _graph_safe() -> bool:
+    return _GRAPH_SAFE.get() or (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    )
+
+
 def _can_take(impl: str, spec: MLPSpec, m: int, device: str) -> bool:
     """Whether `impl` runs here and takes this problem (what a measured choice must pass)."""
     entry = _entry(impl)
     if unavailable_reason(impl, device) is not None:
+        return False
+    if not entry.capturable and _graph_safe():
         return False
     if entry.runner == "whole":
         return _function(impl, "supports")(spec, m) is None
@@ -479,6 +507,7 @@ def prepare(x, params, spec, impl=AUTO, config=None, residual=None, tune=False) 
     try:
         key = (
             spec, impl, dispatch.generation() if impl == AUTO else 0, tables_state(), config, tune,
+            impl == AUTO and _graph_safe(),
             _signature(x),
             tuple(params), tuple(map(_signature, params.values())),
             None if residual is None else _signature(residual),

@@ -30,6 +30,8 @@ import torch
 
 from fusedmlp.common.precision import Policy, get_policy
 
+from .front import graph_safe
+
 _TORCH_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -42,14 +44,17 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def autocast(policy: Policy | str, device: torch.device | str) -> Iterator[None]:
-    """torch.autocast in the policy's compute dtype (none for fp32)."""
+def autocast(
+    policy: Policy | str, device: torch.device | str, *, cache: bool = True
+) -> Iterator[None]:
+    """torch.autocast in the policy's compute dtype (none for fp32). `cache=False` inside a CUDA
+    graph capture: autocast's cache of cast weights would outlive the capture (torch's advice)."""
     policy = get_policy(policy)
     device_type = torch.device(device).type
     if not policy.mixed:
         yield
         return
-    with torch.autocast(device_type, dtype=torch_dtype(policy.compute_dtype)):
+    with torch.autocast(device_type, dtype=torch_dtype(policy.compute_dtype), cache_enabled=cache):
         yield
 
 
@@ -67,6 +72,16 @@ def make_scaler(policy: Policy | str, device: torch.device | str) -> torch.amp.G
         backoff_factor=cfg.backoff_factor,
         growth_interval=cfg.growth_interval,
     )
+
+
+def scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """The loss scale as a device tensor (None when the scaler is disabled), without the host
+    synchronisation of `scaler.get_scale()`, which would serialise every step's host and device
+    work when a run records the scale per step."""
+    if not scaler.is_enabled():
+        return None
+    # _get_scale_async is GradScaler's own sync-free accessor (what step() uses).
+    return scaler._get_scale_async()
 
 
 def check_master(model: torch.nn.Module, policy: Policy | str) -> None:
@@ -89,11 +104,138 @@ def train_step(
     detached, unscaled). With fp16 the step is skipped when a gradient is not finite and the
     scaler's scale goes down (`scaler.get_scale()`)."""
     policy = get_policy(policy)
-    device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
-    with autocast(policy, device):
+    return _step_body(model, loss_fn, batch, optimizer, scaler, policy)
+
+
+def _step_body(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    batch: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    policy: Policy,
+    *,
+    cache: bool = True,
+) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with autocast(policy, device, cache=cache):
         loss = loss_fn(model, batch)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss.detach().float()
+
+
+def graph_capturable_optimizer(
+    params: Any, lr: float, device: torch.device | str
+) -> torch.optim.Optimizer:
+    """Adam as a CUDA graph can replay it: fused (one launch for every param, its step counters on
+    the device) with the learning rate held in a device tensor, which a schedule (LambdaLR) then
+    writes in place — a float lr would be baked into the captured launch."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: a CUDA graph needs a CUDA device, got {device}")
+    lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
+    return torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True)
+
+
+class GraphedTrainStep:
+    """`train_step` captured once as a CUDA graph and replayed: what `jax.jit` makes of the JAX
+    step (jax_impl/training.py `make_train_step`), the host's Python, autograd and launches paid
+    once at capture instead of every step. twin-diff: the JAX step is compiled; this one records
+    the launches of the eager step and replays them, so its arithmetic is the eager step's, bit
+    for bit (tests/test_training.py, `pytest -m gpu`).
+
+        step = GraphedTrainStep(model, loss_fn, batch, optimizer, scaler, policy)
+        for ...:
+            loss = step(new_batch)   # copied into the captured batch, then one replay
+
+    The batch's tensors are the graph's inputs: a call copies a new batch into them (same shapes
+    and dtypes) or, without one, trains on them as they are. The first `warmup` calls run the
+    eager step on a side stream (Triton compiles, the optimizer's state and the scaler's scale
+    are created outside the capture); the next call captures and replays, later calls replay.
+    Every call is one real training step. The optimizer must be capturable
+    (`graph_capturable_optimizer`); fp16's GradScaler is captured as it is (its skip and scale
+    update run on the device)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        batch: Any,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        policy: Policy | str,
+        *,
+        warmup: int = 3,
+    ) -> None:
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"model: a CUDA graph needs a model on a CUDA device, got {device}")
+        for i, group in enumerate(optimizer.param_groups):
+            if not group.get("capturable") or not isinstance(group["lr"], torch.Tensor):
+                raise ValueError(
+                    f"optimizer: expected capturable=True and a tensor lr (see "
+                    f"graph_capturable_optimizer), got param group {i} with capturable="
+                    f"{group.get('capturable')}, lr {type(group['lr']).__name__}"
+                )
+        if warmup < 1:
+            raise ValueError(f"warmup: expected >= 1 eager step before the capture, got {warmup}")
+        self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, scaler
+        self.policy = get_policy(policy)
+        self.batch = batch
+        self.warmup = warmup
+        self.eager_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._loss: torch.Tensor | None = None
+
+    def __call__(self, batch: Any = None) -> torch.Tensor:
+        """One training step; returns its loss (float32, detached, unscaled, a fresh tensor)."""
+        if batch is not None:
+            _copy_into(self.batch, batch)
+        if self.graph is None and self.eager_steps < self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), graph_safe():
+                loss = train_step(
+                    self.model, self.loss_fn, self.batch, self.optimizer, self.scaler, self.policy
+                )
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_steps += 1
+            return loss
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # the capture allocates the .grads
+            with torch.cuda.graph(self.graph), graph_safe():
+                self._loss = _step_body(
+                    self.model, self.loss_fn, self.batch, self.optimizer, self.scaler,
+                    self.policy, cache=False,
+                )  # fmt: skip
+        self.graph.replay()
+        assert self._loss is not None
+        return self._loss.clone()
+
+
+def _copy_into(static: Any, new: Any) -> None:
+    """Copy the tensors of `new` into those of `static` (the same nesting of tuples, lists and
+    dicts); ValueError naming the first shape or dtype that differs."""
+    if isinstance(static, torch.Tensor):
+        if not isinstance(new, torch.Tensor):
+            raise TypeError(f"batch: expected a tensor, got {type(new).__name__}")
+        if new.shape != static.shape or new.dtype != static.dtype:
+            raise ValueError(
+                f"batch: expected {tuple(static.shape)} {static.dtype} (the captured batch), "
+                f"got {tuple(new.shape)} {new.dtype}"
+            )
+        static.copy_(new)
+    elif isinstance(static, dict):
+        for key in static:
+            _copy_into(static[key], new[key])
+    elif isinstance(static, (tuple, list)):
+        if len(new) != len(static):
+            raise ValueError(f"batch: expected {len(static)} items, got {len(new)}")
+        for a, b in zip(static, new, strict=True):
+            _copy_into(a, b)
+    else:
+        raise TypeError(f"batch: expected tensors in tuples, lists or dicts, got {type(static)}")

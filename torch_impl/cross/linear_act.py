@@ -225,6 +225,12 @@ def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device
     if device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             return _launch(kernel, operands, device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"impl {IMPL!r}: a CUDA graph cannot record this launch (JAX's as_torch_kernel runs "
+            "on the default stream); capture impl 'auto' under torch_impl.graph_safe(), or a "
+            "Triton impl"
+        )
     current = torch.cuda.current_stream(device)
     default = torch.cuda.default_stream(device)
     if current == default:

@@ -152,6 +152,48 @@ def test_weight_gradients_split_over_m():
     assert _stack("torch").mod.launch_count(_spec(CASES[0]), 37) == 3
 
 
+def test_offset_width_follows_the_arrays():
+    # Triton saving forward and kernel A: int32 row offsets unless rows · stride can pass 2^31
+    # (host only: the launch records' choice).
+    from fusedmlp.torch_impl import fused_small_backward as fsb
+
+    nerf = MLPSpec((64,) * 6, "relu", False, "float16")
+    x_shape, dense = (2_097_152, 64), (64, 1)
+    assert not fsb._SAVING.build(x_shape, dense, nerf, None)[0].meta["INT64_ROWS"]
+    assert not fsb._DGRAD.build(x_shape, dense, nerf, None, True)[0].meta["INT64_ROWS"]
+    big = (1 << 25, 64)  # 2^25 rows of 64: offsets reach 2^31
+    assert fsb._SAVING.build(big, dense, nerf, None)[0].meta["INT64_ROWS"]
+    assert fsb._DGRAD.build(big, dense, nerf, None, True)[0].meta["INT64_ROWS"]
+    # column strides count (dy a transposed view of a [64, 2^25] array), and x's row stride
+    assert not fsb._DGRAD.build(x_shape, (1, x_shape[0]), nerf, None, True)[0].meta["INT64_ROWS"]
+    assert fsb._DGRAD.build(x_shape, (1, 1 << 25), nerf, None, True)[0].meta["INT64_ROWS"]
+    assert fsb._SAVING.build(x_shape, (1024, 1), nerf, None)[0].meta["INT64_ROWS"]
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=_id)  # plain; gated (packed z, dZ)
+def test_int64_offsets_same_bits(case, monkeypatch):
+    # The offsets' width changes addresses only: forced int64, the same bits as int32.
+    from fusedmlp.torch_impl import fused_small_backward as fsb
+    from fusedmlp.torch_impl import launch
+
+    spec, _, packed, x, dy = _inputs(case)
+    narrow = _run("torch", case)
+    launch.clear_all()
+    monkeypatch.setattr(fsb, "_int64_offsets", lambda *a: True)
+    try:
+        wide = _stack("torch").run(spec, x, packed, dy)
+        assert fsb._DGRAD.get(((case[-1], spec.d_out), (spec.d_out, 1), spec, None, True))[0].meta[
+            "INT64_ROWS"
+        ]
+    finally:
+        launch.clear_all()
+    assert narrow[0].tobytes() == wide[0].tobytes()
+    for a, b in zip(narrow[1], wide[1], strict=True):
+        assert (a is None and b is None) or a.tobytes() == b.tobytes()
+    for k in narrow[2]:
+        assert narrow[2][k].tobytes() == wide[2][k].tobytes(), k
+
+
 # ---- against the per-layer path (backward.py) ----------------------------------------------------
 # Tiles spanning the padded width (64): the per-layer kernels add in the fused kernels' order.
 SPAN = TileConfig(block_m=64, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=1)

@@ -235,7 +235,7 @@ def _save_layer(
     """The saving forward's residuals of one hidden layer, as backward.forward_saving keeps them:
     its output h [M, d_out] and, where STORES_Z, its pre-activation z [M, d_out] (gated: the packed
     [z|g] [M, 2·Np]; none for identity or relu, whose act' needs no z)."""
-    # rows: int64 row indices; h is already rounded (exact in h's dtype)
+    # rows: row indices (int64 where the offsets need it); h is already rounded (exact in h's dtype)
     lanes = tl.arange(0, WIDTH)
     ok = row_ok[:, None] & (lanes[None, :] < d_out)
     row_offs = rows[:, None]
@@ -265,7 +265,7 @@ def _fused_small_fwd_kernel(
         x_ptr, w_ptrs, b_ptrs, y_ptr, None, None,
         M, stride_xm, stride_ym, TILES_PER_PROGRAM,
         WIDTHS, W_COLS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
-        DOT_PRECISION, INTERPRET, False, False,
+        DOT_PRECISION, INTERPRET, False, False, True,
     )  # fmt: skip
 
 
@@ -277,12 +277,13 @@ def _fused_small_rows(
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    SAVE: tl.constexpr, STORES_Z: tl.constexpr,
+    SAVE: tl.constexpr, STORES_Z: tl.constexpr, INT64_ROWS: tl.constexpr,
 ):  # fmt: skip
     # SAVE (the training forward, fused_small_backward.py): every hidden layer's output h_{l+1}
     # (h_ptrs[l]) and, where STORES_Z (not identity or relu), its pre-activation (z_ptrs[l]) are
     # stored as well; the layers then run in the static loop (a residual's pointer is chosen at
-    # compile time).
+    # compile time). INT64_ROWS: row offsets in int64 (`_int64_offsets`; the inference kernel
+    # always, its signature kept).
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -313,9 +314,13 @@ def _fused_small_rows(
     for i in range(0, TILES_PER_PROGRAM):
         rows = (pid + i * num_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        # int64 row offsets: rows · stride passes 2^31 from 2^31 / 128 ≈ 16.8M rows at width 128.
+        # int64 row offsets only where rows · stride can pass 2^31 (from 2^31 / 128 ≈ 16.8M rows
+        # at width 128): 64-bit address arithmetic on every tile costs registers and issue slots
+        # (the saving forward at nerf-64x5, triton 3.6 for sm_90a: 232 registers and 1,422
+        # instructions a row tile in int64, 212 and 1,314 in int32).
         # twin-diff: the Pallas lowering widens offsets itself for arrays over 2^32 bytes.
-        row_offs = rows.to(tl.int64)[:, None]
+        rs = rows.to(tl.int64) if INT64_ROWS else rows
+        row_offs = rs[:, None]
         # 2. load: the x tile (pipelined: the next tiles' loads are in flight during this one)
         h = tl.load(
             x_ptr + row_offs * stride_xm + lanes[None, :],
@@ -340,7 +345,7 @@ def _fused_small_rows(
                 )
                 if SAVE:
                     _save_layer(
-                        h, z, g, h_ptrs[layer], z_ptrs[layer], rows.to(tl.int64), row_ok,
+                        h, z, g, h_ptrs[layer], z_ptrs[layer], rs, row_ok,
                         WIDTHS[layer + 1], BLOCK_M, WIDTH, GATED, STORES_Z, PACK, INTERPRET,
                     )  # fmt: skip
             if not HOIST:
@@ -426,6 +431,14 @@ def _small_statics(spec: MLPSpec) -> dict:
         NUM_LAYERS=spec.num_layers, WIDTH=padded_width(max(spec.widths)), GATED=spec.gated,
         PACK=PACK_BLOCK, DOT_PRECISION=dot_precision(spec), INTERPRET=INTERPRET,
     )  # fmt: skip
+
+
+def _int64_offsets(rows: int, strides: list[tuple[int, int]], width: int) -> bool:
+    """Whether a whole-MLP kernel needs int64 element offsets: `rows` row indices a grid can form
+    (masked tiles past M included: programs × tiles per program × block_m) times an array's
+    (row, column) strides, over at most 2·width columns (a packed gated tile), can pass
+    2^31 - 1. Else int32 offsets, as the Pallas lowering chooses per array (up to 2^32 bytes)."""
+    return max(rows * row + 2 * width * col for row, col in strides) >= 2**31
 
 
 def _fused_small_launch(x_shape, x_strides, spec, config):

@@ -72,6 +72,7 @@ from fusedmlp.common.validate import check_saved
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
 from .fused_small import (
     _fused_small_rows,
+    _int64_offsets,
     _layer_names,
     _packed_load,
     _packed_store,
@@ -93,14 +94,16 @@ def _fused_small_saving_kernel(
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STORES_Z: tl.constexpr,
+    INT64_ROWS: tl.constexpr,
 ):  # fmt: skip
     # twin-diff: a second kernel of the forward's rows (the inference kernel keeps its signature);
-    # the Pallas twin passes SAVE to the same kernel function.
+    # the Pallas twin passes SAVE to the same kernel function. INT64_ROWS: the launcher's choice
+    # of offset width (fused_small._int64_offsets; Pallas decides per array).
     _fused_small_rows(
         x_ptr, w_ptrs, b_ptrs, y_ptr, h_ptrs, z_ptrs,
         M, stride_xm, stride_ym, TILES_PER_PROGRAM,
         WIDTHS, W_COLS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
-        DOT_PRECISION, INTERPRET, True, STORES_Z,
+        DOT_PRECISION, INTERPRET, True, STORES_Z, INT64_ROWS,
     )  # fmt: skip
 
 
@@ -176,10 +179,16 @@ def _fused_small_dgrad_kernel(
     WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     DACT: tl.constexpr, NEED_DX: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, INT64_ROWS: tl.constexpr,
 ):  # fmt: skip
     # z_ptrs[l] / dz_ptrs[l]: hidden layer l's act' operand (its saved pre-activation, or for relu
     # its output h_{l+1}; DACT false: identity, none) and its dZ (l < L-1).
+    # INT64_ROWS: int64 row offsets, only where the launcher finds that rows · stride can pass
+    # 2^31 (fused_small._int64_offsets). Always int64, this kernel took 255 registers, spilt 120
+    # bytes a thread and ran 2,206 instructions a row tile at nerf-64x5; int32: 228, no spill,
+    # 1,981 (triton 3.6 for sm_90a, ptxas -v and cuobjdump; the Pallas twin's TTIR through the
+    # same compiler: 186 and 1,801, the rest from M and strides it knows at compile time).
+    # twin-diff: the Pallas lowering widens offsets itself for arrays over 2^32 bytes.
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -204,7 +213,7 @@ def _fused_small_dgrad_kernel(
     for i in range(0, TILES_PER_PROGRAM):
         rows = (pid + i * num_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        rs = rows.to(tl.int64)
+        rs = rows.to(tl.int64) if INT64_ROWS else rows
         # 2. load: dy, the output layer's dZ (an identity layer: act' = 1)
         d = tl.load(
             dy_ptr + rs[:, None] * stride_dym + lanes[None, :] * stride_dyn,
@@ -441,11 +450,16 @@ def _saving_launch(x_shape, x_strides, spec, config):
         width = (packed_width(layer.d_out) if layer.gated else layer.d_out) if stores else 0
         z_shapes.append((m, width))
     programs, tiles = _grid(m, cfg)
+    # x, y, then every h and z ([M, 0] when not kept), each (row stride, column stride)
+    strides = [(x_strides[0], 1), (spec.d_out, 1)]
+    strides += [(shape[1], 1) for shape in (*h_shapes, *z_shapes)]
+    width = padded_width(max(spec.widths))
     launch = Launch(
         _fused_small_saving_kernel, (programs,), (m, x_strides[0], spec.d_out, tiles),
         dict(
             BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias,
             HOIST=cfg.hoist, STORES_Z=stores, **_small_statics(spec),
+            INT64_ROWS=_int64_offsets(programs * tiles * cfg.block_m, strides, width),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ),
     )  # fmt: skip
@@ -494,11 +508,15 @@ def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx):
         (m, packed_width(lay.d_out) if lay.gated else lay.d_out) for lay in spec.layers()[:-1]
     )
     programs, tiles = _grid(m, cfg)
+    # dy (any strides), dx, every dZ and the act' operands (z, packed, or h: at most as wide)
+    strides = [tuple(dy_strides), (spec.d_in, 1)] + [(shape[1], 1) for shape in dz_shapes]
+    width = padded_width(max(spec.widths))
     launch = Launch(
         _fused_small_dgrad_kernel, (programs,), (m, *dy_strides, tiles),
         dict(
             BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation,
             DACT=_stores_z(spec) or _dact_from_output(spec), NEED_DX=need_dx, HOIST=cfg.hoist,
+            INT64_ROWS=_int64_offsets(programs * tiles * cfg.block_m, strides, width),
             **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ),
     )  # fmt: skip

@@ -808,6 +808,7 @@ def compile_report() -> list[dict[str, Any]]:
                 HOIST=cfg.hoist,
                 DOT_PRECISION="ieee",
                 INTERPRET=False,
+                INT64_ROWS=False,
             ),
             cfg.num_warps,
             cfg.num_stages,

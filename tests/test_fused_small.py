@@ -223,7 +223,7 @@ _COMPILE = textwrap.dedent(
                           WIDTH=padded_width(max(widths)), BLOCK_M=cfg.block_m,
                           ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=bias,
                           PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION="ieee",
-                          INTERPRET=False)
+                          INTERPRET=False, INT64_ROWS=False)
         # CPU seconds (this process and its ptxas children), not wall time: a loaded machine
         # (2 cores shared by several pytest workers) stretches the wall clock, not the work.
         start = time.process_time() + _children_cpu()

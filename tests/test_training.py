@@ -514,23 +514,30 @@ def test_kernels_keep_fp32_masters_and_skip_overflow(stack: str) -> None:
 def test_gpu_kernels_converge_like_the_baselines(task: str) -> None:
     """bf16, both stacks, `auto` against the baseline of the stack from the same init and data:
     the image fit's final PSNR within 0.3 dB, the LM's validation loss within 1 % (issue 25's
-    convergence targets), at sizes that take seconds (the full runs: docs/training.md)."""
-    cfg = (
-        tr.ImageConfig(size=128, steps=400, eval_every=200)
-        if task == "image"
-        else tr.LMConfig(context=16, embed=32, hidden=1024, blocks=2, batch=1024, steps=200)
-    )
-    out = tr.run_task(
-        task, cfg, stacks=tr.STACKS, impls=["auto", tr.BASELINE], precisions=["bf16"],
-        device="cuda",
-    )  # fmt: skip
-    for row in out["summary"]:
-        if row["impl"] == tr.BASELINE:
-            continue
+    convergence targets), at sizes that take seconds (the full runs: docs/training.md). The
+    image fit's end point moves by tenths of a dB with any change of rounding (seeds 0-3 of one
+    program: standard deviation 0.28 dB), so its gap is the mean over three seeds' runs."""
+    gaps: dict[str, list[float]] = {}
+    for seed in (0, 1, 2) if task == "image" else (0,):
+        cfg = (
+            tr.ImageConfig(size=128, steps=400, eval_every=200, seed=seed)
+            if task == "image"
+            else tr.LMConfig(context=16, embed=32, hidden=1024, blocks=2, batch=1024, steps=200)
+        )
+        out = tr.run_task(
+            task, cfg, stacks=tr.STACKS, impls=["auto", tr.BASELINE], precisions=["bf16"],
+            device="cuda",
+        )  # fmt: skip
+        for row in out["summary"]:
+            if row["impl"] != tr.BASELINE:
+                gap = row["psnr_gap_db"] if task == "image" else row["val_loss_gap"]
+                gaps.setdefault(row["stack"], []).append(gap)
+    assert set(gaps) == set(tr.STACKS)
+    for stack, values in gaps.items():
         if task == "image":
-            assert abs(row["psnr_gap_db"]) <= 0.3, row
+            assert abs(np.mean(values)) <= 0.3, (stack, values)
         else:
-            assert abs(row["val_loss_gap"]) <= 0.01, row
+            assert abs(values[0]) <= 0.01, (stack, values)
 
 
 @pytest.mark.gpu

@@ -256,16 +256,16 @@ def _fused_small_fwd_kernel(
     WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, INT64_ROWS: tl.constexpr,
 ):  # fmt: skip
     # The inference kernel: the rows below without the residual stores (its signature is what
-    # the sm_90 compile tests and bench/sweep_decode.py build; its code is what it was before the
-    # saving forward, the tile helper inlined).
+    # the sm_90 compile tests and bench/sweep_decode.py build). INT64_ROWS: the launcher's
+    # choice of offset width (`_int64_offsets`; twin-diff: Pallas decides per array).
     _fused_small_rows(
         x_ptr, w_ptrs, b_ptrs, y_ptr, None, None,
         M, stride_xm, stride_ym, TILES_PER_PROGRAM,
         WIDTHS, W_COLS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
-        DOT_PRECISION, INTERPRET, False, False, True,
+        DOT_PRECISION, INTERPRET, False, False, INT64_ROWS,
     )  # fmt: skip
 
 
@@ -447,13 +447,17 @@ def _fused_small_launch(x_shape, x_strides, spec, config):
     m = x_shape[0]
     cfg = small_config_for(config, spec, m, interpret=INTERPRET)
     programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
+    tiles = cdiv(cdiv(m, cfg.block_m), programs)
+    width = padded_width(max(spec.widths))
+    strides = [tuple(x_strides), (spec.d_out, 1)]
     launch = Launch(
         _fused_small_fwd_kernel, (programs,),
-        (m, x_strides[0], spec.d_out, cdiv(cdiv(m, cfg.block_m), programs)),
+        (m, x_strides[0], spec.d_out, tiles),
         dict(
             BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=spec.bias,
             HOIST=cfg.hoist, **_small_statics(spec), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            INT64_ROWS=_int64_offsets(programs * tiles * cfg.block_m, strides, width),
         ),
     )  # fmt: skip
     return launch, *_layer_names(spec)

@@ -352,6 +352,7 @@ def _torch_lm(
     cfg: LMConfig, init: dict[str, Any], impl: str, device: str, config: TileConfig | None
 ) -> Any:
     import torch
+    import torch.nn.functional as F
     from torch import nn
 
     class LM(nn.Module):
@@ -367,7 +368,10 @@ def _torch_lm(
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             # A lookup is not a GEMM: the table is read in float32 (autocast leaves it alone).
-            h = self.embed[x].reshape(x.shape[0], -1)
+            # F.embedding, not self.embed[x]: the indexing form's backward (index_put_ with
+            # accumulate) adds each row's duplicates one after another — 131,072 lookups into 256
+            # rows a step — where embedding's backward reduces them in parallel segments.
+            h = F.embedding(x, self.embed).reshape(x.shape[0], -1)
             for ffn in self.ffn:
                 h = h + ffn(_torch_rmsnorm(h)).float()  # the residual stream in float32
             return self.out(_torch_rmsnorm(h)).float()

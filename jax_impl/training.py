@@ -128,6 +128,7 @@ def make_train_step(
     *,
     jit: bool = True,
     keep: tuple[str, ...] = (),
+    donate: bool = True,
 ) -> Callable[..., tuple[Any, Any, LossScaleState, jax.Array]]:
     """`step(params, opt_state, scale_state, batch) -> (params, opt_state, scale_state, loss)`:
     one optimizer step of `loss_fn(compute_params, batch)` (a float32 scalar) under `policy`.
@@ -137,7 +138,11 @@ def make_train_step(
     params' top-level entries left in the master dtype (`cast_to_compute`): an embedding table's
     gradient is a scatter-add, and in bfloat16 XLA runs it as compare-and-swap loops contending
     on every row (measured on the H200: the byte LM's step took 290-380 ms with its table cast,
-    against ~2 ms of GEMMs)."""
+    against ~2 ms of GEMMs). `donate` (jitted): the params and optimizer state passed in are
+    consumed — XLA writes the new ones into their buffers — so a caller keeps only what the step
+    returns (copy first to keep an old state). A step that allocates and frees every param and
+    moment is host time: the image fit's jitted step (120 µs of kernels) took 363 µs of host
+    dispatch a step without donation and 167 µs with it (H200, 87c88fd)."""
     policy = get_policy(policy)
 
     def scaled_loss(params: Any, batch: Any, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -159,4 +164,6 @@ def make_train_step(
             scale_state = update_loss_scale(scale_state, finite, policy)
         return new_params, new_opt_state, scale_state, loss
 
-    return jax.jit(step) if jit else step
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())

@@ -177,6 +177,7 @@ def _jax_fit(
     steps: int = 2,
     keep_history: bool = False,
 ):
+    import jax
     import jax.numpy as jnp
     import optax
 
@@ -194,12 +195,14 @@ def _jax_fit(
 
     opt = optax.adam(1e-3)
     step = jt.make_train_step(loss_fn, opt, policy)
-    state = [params, opt.init(params), jt.init_loss_scale(policy)]
+    # the step consumes (donates) the params and optimizer state it is given: train on copies
+    copy = functools.partial(jax.tree.map, jnp.copy)
+    state = [copy(params), opt.init(params), jt.init_loss_scale(policy)]
     losses, history = [], []
     for _ in range(steps):
         *state, loss = step(*state, (x, t))
         losses.append(float(loss))
-        history.append(state)
+        history.append(copy(state))
     return params, history if keep_history else state, losses
 
 

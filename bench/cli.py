@@ -324,6 +324,8 @@ def cmd_bench_backward(args: argparse.Namespace, console: Any) -> int:
     ]
     for line in failed:
         console.print(f"[bold red]not a result: {line}[/]")
+    if getattr(args, "derive_auto", None) is not None:
+        _derive_auto(results, args.derive_auto or None, console)
     return 1 if failed else 0
 
 
@@ -382,7 +384,9 @@ def _retime_auto(
 
 def _derive_auto(results: dict[str, Any], out: str | None, console: Any) -> Path:
     """The dispatch table of `auto` (common/dispatch.py) from a bench result, written to `out`
-    (default: common/dispatch/<gpu>.json in the source tree, to be committed with the results)."""
+    (default: common/dispatch/<gpu>.json in the source tree, to be committed with the results).
+    A `bench` section gives the forward points, a `bench_backward` section the training points;
+    the file's points of the other phase are kept."""
     from fusedmlp.common import dispatch
 
     gpus = (results.get("environment") or {}).get("gpus") or []
@@ -390,20 +394,37 @@ def _derive_auto(results: dict[str, Any], out: str | None, console: Any) -> Path
     if not gpu:
         raise SystemExit("--derive-auto: the results name no GPU (a CPU run decides nothing)")
     commit = ((results.get("environment") or {}).get("git") or {}).get("commit") or "unknown"
-    rows = dispatch.measurements_from_bench(results["bench"])
-    table = dispatch.derive(rows, gpu=gpu, source=f"fusedmlp bench at commit {commit[:10]}")
     path = Path(out) if out else dispatch.TABLE_DIR / f"{dispatch.gpu_slug(gpu)}.json"
+    table = dispatch.Table.from_json(path.read_text()) if path.is_file() else None
+    if "bench" in results:
+        rows = dispatch.measurements_from_bench(results["bench"])
+        source = f"fusedmlp bench at commit {commit[:10]}"
+        table = dispatch.with_phase(table, dispatch.derive(rows, gpu=gpu, source=source), "forward")
+    if "bench_backward" in results:
+        rows = dispatch.measurements_from_bench_backward(results["bench_backward"])
+        source = f"fusedmlp bench --backward at commit {commit[:10]}"
+        derived = dispatch.derive(rows, gpu=gpu, source=source, phase="train")
+        table = dispatch.with_phase(table, derived, "train")
+    assert table is not None  # the callers pass results with one of the two sections
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table.to_json())
-    console.print(f"wrote {path}: {len(table.points)} measured points for {gpu}")
+    train = sum(p.phase == "train" for p in table.points)
+    console.print(
+        f"wrote {path}: {len(table.points) - train} forward and {train} training points for {gpu}"
+    )
     return path
 
 
 def cmd_derive_auto(args: argparse.Namespace, console: Any) -> int:
     """`fusedmlp derive-auto RESULTS.json`: the dispatch table from saved bench results."""
-    results = rep.merge([rep.load(Path(p)) for p in args.results])
-    if "bench" not in results:
-        raise SystemExit("derive-auto: the results hold no bench section")
+    items = [rep.load(Path(p)) for p in args.results]
+    results = rep.merge(items)
+    if "bench" not in results and "bench_backward" not in results:
+        raise SystemExit("derive-auto: the results hold no bench or bench_backward section")
+    for section in ("bench", "bench_backward"):  # every file's cases count, not the last file's
+        parts = [item[section] for item in items if section in item]
+        if len(parts) > 1:
+            results[section] = {**parts[0], "cases": [c for part in parts for c in part["cases"]]}
     _derive_auto(results, args.out, console)
     return 0
 
@@ -592,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="GPU: write auto's dispatch table from this run's timings (default "
-        "common/dispatch/<gpu>.json)",
+        "common/dispatch/<gpu>.json; with --backward its training points, the forward's kept)",
     )
     p.add_argument(
         "--backward",
@@ -662,10 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--reps: expected at least 20, got {args.reps}")
     if getattr(args, "saved", None) and not getattr(args, "backward", False):
         parser.error("--saved: only with --backward (the forward keeps nothing)")
-    if getattr(args, "backward", False) and args.command == "bench":
-        for flag, value in (("--tune", args.tune), ("--derive-auto", args.derive_auto)):
-            if value not in (False, None):
-                parser.error(f"{flag}: not with --backward (it concerns the forward's kernels)")
+    if getattr(args, "backward", False) and args.command == "bench" and args.tune:
+        parser.error("--tune: not with --backward (it concerns the forward's kernels)")
     console = _console()
     func = getattr(args, "func", None)
     return (func or cmd_default)(args, console)

@@ -38,6 +38,17 @@ returned evidence names the point used, its measured times and, when it is not t
 says nothing (another GPU, a stack, dtype or class not measured, no ranked implementation can take
 the call): the front's static order applies then, and its plan says so.
 
+Training (`phase: "train"` points, from `fusedmlp bench --backward --derive-auto`): `auto` picks
+the forward's kernels by the forward points, and training inherits that choice — our saving
+forward and backward kernels — unless a training point says a baseline trains faster there (then
+`auto` differentiates through the baseline's own ops, torch autograd or jax autodiff, and the plan
+says so). A training point ranks `kernels` (what `auto` trains with without the point) against
+the baselines, from one forward + backward step each. Unlike forward points, training points do
+not extrapolate: a call uses one only within TRAIN_REACH (one octave in the (log2 M, log2 bytes)
+plane). The H200's first three training points (llama3-8b and hf-blog at M=8192, nerf-64x5) would
+otherwise send the byte LM's 1024→4096 SwiGLU at 4,096 rows to the hf-blog point's XLA, where JAX
+`auto` measured 1.70× faster than XLA.
+
 Format: `"format": 2` with `points`. A format-1 file (`entries`: M ranges per class, no size, no
 `format` key) still loads and is looked up by its M ranges for any size, as before; `fusedmlp
 derive-auto RESULTS.json` rewrites it as format 2 from the results it came from.
@@ -45,6 +56,7 @@ derive-auto RESULTS.json` rewrites it as format 2 from the results it came from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -63,6 +75,11 @@ FORMAT = 2
 # them): llama3-8b (352 MB) and a Gemma-2b MLP (201 MB) would share one, GPT-2 (9.4 MB) and
 # gpt-mlp (268 MB) do not.
 SIZE_MERGE = 2.0
+PHASES = ("forward", "train")
+# A training point decides only calls within this distance of it (see the module docstring).
+TRAIN_REACH = 1.0
+# The name a training point gives our own training path (what `auto` trains with without it).
+KERNELS = "kernels"
 
 
 def shape_class(spec: MLPSpec) -> str:
@@ -123,6 +140,7 @@ class Point:
     weight_bytes: int
     ranking: tuple[tuple[str, float | None], ...]
     evidence: str
+    phase: str = "forward"  # PHASES: a forward call's point, or a training step's
 
     @property
     def impl(self) -> str:
@@ -136,7 +154,9 @@ class Point:
         return math.hypot(math.log2(m / self.m), math.log2(size / self.weight_bytes))
 
     def to_dict(self) -> dict[str, Any]:
+        phase = {} if self.phase == "forward" else {"phase": self.phase}
         return {
+            **phase,
             "stack": self.stack,
             "dtype": self.dtype,
             "shape_class": self.shape_class,
@@ -153,6 +173,9 @@ class Point:
         )
         if not ranking:
             raise ValueError(f"dispatch point: an empty ranking in {dict(data)!r}")
+        phase = data.get("phase", "forward")
+        if phase not in PHASES:
+            raise ValueError(f"dispatch point: phase must be one of {PHASES}, got {phase!r}")
         return cls(
             data["stack"],
             data["dtype"],
@@ -161,6 +184,7 @@ class Point:
             int(data["weight_bytes"]),
             ranking,
             data.get("evidence", ""),
+            phase,
         )
 
 
@@ -200,6 +224,7 @@ class Table:
     source: str
     points: tuple[Point, ...] = ()
     legacy: tuple[Entry, ...] = ()  # a format-1 file's entries (M ranges, any size)
+    train_source: str = ""  # where the training points came from (`source`: the forward's)
 
     def lookup(
         self,
@@ -207,16 +232,23 @@ class Table:
         spec: MLPSpec,
         m: int,
         accept: Callable[[str], bool] | None = None,
+        phase: str = "forward",
     ) -> Choice | None:
         """The measured choice for this call (module docstring), or None. `accept(impl)`: whether
-        an implementation can take the call (None: every one can)."""
+        an implementation can take the call (None: every one can). `phase="train"`: the training
+        points, and only one within TRAIN_REACH of the call."""
         klass = shape_class(spec)
         ok = accept or (lambda impl: True)
         here = [
             p
             for p in self.points
-            if (p.stack, p.dtype, p.shape_class) == (stack, spec.dtype, klass)
+            if (p.stack, p.dtype, p.shape_class, p.phase) == (stack, spec.dtype, klass, phase)
         ]
+        if phase != "forward":
+            size = weight_bytes(spec)
+            here = [p for p in here if p.distance(m, size) <= TRAIN_REACH]
+            if not here:
+                return None
         if here:
             size = weight_bytes(spec)
             point = min(here, key=lambda p: (round(p.distance(m, size), 9), p.m, p.weight_bytes))
@@ -239,7 +271,7 @@ class Table:
                     f"point's ranking ({behind})"
                 )
             return Choice(impl, text, point)
-        for entry in self.legacy:
+        for entry in self.legacy if phase == "forward" else ():
             if entry.covers(stack, spec.dtype, klass, m):
                 if not ok(entry.impl):
                     return None
@@ -248,6 +280,8 @@ class Table:
 
     def to_json(self) -> str:
         body: dict[str, Any] = {"format": FORMAT, "gpu": self.gpu, "source": self.source}
+        if self.train_source:
+            body["train_source"] = self.train_source
         body["points"] = [p.to_dict() for p in self.points]
         if self.legacy:
             body["entries"] = [entry.__dict__ for entry in self.legacy]
@@ -265,7 +299,9 @@ class Table:
             )
         points = tuple(Point.from_dict(p) for p in data.get("points", ()))
         legacy = tuple(Entry(**e) for e in data.get("entries", ()))
-        return cls(data["gpu"], data.get("source", ""), points, legacy)
+        return cls(
+            data["gpu"], data.get("source", ""), points, legacy, data.get("train_source", "")
+        )
 
 
 def _rank(rows: list[Measurement]) -> tuple[tuple[tuple[str, float | None], ...], str]:
@@ -295,8 +331,12 @@ def _rank(rows: list[Measurement]) -> tuple[tuple[tuple[str, float | None], ...]
         best_base = min(baselines, key=lambda r: r.seconds) if baselines else None
         mine = case.get(impl)
         text = f"{case_name}: {impl} {_fmt_us(mine.seconds)}" if mine else f"{case_name}: -"
+        ours = [r for r in case.values() if not r.baseline]
         if best_base is not None and best_base.impl != impl:
             text += f" vs {best_base.impl} {_fmt_us(best_base.seconds)}"
+        elif mine is not None and mine.baseline and ours:  # a baseline won: by how much
+            best_ours = min(ours, key=lambda r: r.seconds)
+            text += f" vs {best_ours.impl} {_fmt_us(best_ours.seconds)}"
         parts.append(text)
     return ranking, "; ".join(parts)
 
@@ -314,8 +354,22 @@ def _size_groups(rows: list[Measurement]) -> list[list[Measurement]]:
     return [[r for r in rows if weight_bytes(r.spec) in group] for group in groups]
 
 
-def derive(rows: Iterable[Measurement], *, gpu: str, source: str) -> Table:
-    """The dispatch table from one benchmark run's timed rows (see the module docstring)."""
+def with_phase(table: Table | None, derived: Table, phase: str) -> Table:
+    """`derived`'s points of `phase` (and its source) in place of `table`'s, the other phase's
+    points kept: a training derivation lands in the file that holds the forward points, and the
+    reverse. `table` None: `derived` alone."""
+    if table is None:
+        return derived
+    kept = tuple(p for p in table.points if p.phase != phase)
+    points = kept + tuple(p for p in derived.points if p.phase == phase)
+    if phase == "train":
+        return dataclasses.replace(table, points=points, train_source=derived.train_source)
+    return dataclasses.replace(table, points=points, source=derived.source, legacy=derived.legacy)
+
+
+def derive(rows: Iterable[Measurement], *, gpu: str, source: str, phase: str = "forward") -> Table:
+    """The dispatch table from one benchmark run's timed rows (see the module docstring); `phase`
+    "train" for the rows of `bench --backward` (`measurements_from_bench_backward`)."""
     groups: dict[tuple[str, str, str, int], list[Measurement]] = {}
     for row in rows:
         key = (row.stack, row.spec.dtype, shape_class(row.spec), row.m)
@@ -326,7 +380,9 @@ def derive(rows: Iterable[Measurement], *, gpu: str, source: str) -> Table:
             sizes = sorted({weight_bytes(r.spec) for r in group})
             size = round(math.exp(sum(math.log(s) for s in sizes) / len(sizes)))
             ranking, evidence = _rank(group)
-            points.append(Point(stack, dtype, klass, m, size, ranking, evidence))
+            points.append(Point(stack, dtype, klass, m, size, ranking, evidence, phase))
+    if phase == "train":
+        return Table(gpu, "", tuple(points), train_source=source)
     return Table(gpu, source, tuple(points))
 
 
@@ -378,6 +434,39 @@ def measurements_from_bench(bench: Mapping[str, Any]) -> list[Measurement]:
                     int(case["m"]),
                     float(seconds),
                     case.get("preset", ""),
+                )
+            )
+    return out
+
+
+def measurements_from_bench_backward(section: Mapping[str, Any]) -> list[Measurement]:
+    """Timed, gated rows of a `fusedmlp bench --backward` result (its `bench_backward` section):
+    the baselines, and each stack's `auto` row as KERNELS (the training path `auto` takes without
+    a training point). Explicit kernel rows are left out: a training point chooses between our
+    path and a baseline, not among our kernels. A stack whose `auto` row was not timed in a case
+    gives no rows for it (its baselines alone would rank a baseline first by default)."""
+    out = []
+    for case in section["cases"]:
+        spec = MLPSpec.from_dict(case["spec"])
+        timed = [r for r in case["rows"] if r.get("status") == "timed"]
+        with_auto = {r["stack"] for r in timed if r["impl"] == "auto"}
+        for row in timed:
+            if row["stack"] not in with_auto or not (row.get("baseline") or row["impl"] == "auto"):
+                continue
+            seconds = row.get("time", {}).get("median")
+            if not seconds:
+                continue
+            impl = KERNELS if row["impl"] == "auto" else row["impl"]
+            label = case.get("preset", "") or case.get("spec_text", "")
+            out.append(
+                Measurement(
+                    row["stack"],
+                    impl,
+                    bool(row.get("baseline")),
+                    spec,
+                    int(case["m"]),
+                    float(seconds),
+                    label,
                 )
             )
     return out

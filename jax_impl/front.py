@@ -170,11 +170,17 @@ def _can_take(impl: str, spec: MLPSpec, m: int, device: str) -> bool:
     return True
 
 
-def _measured_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | None:
-    """The committed dispatch table's choice for this GPU (common/dispatch.py), if it has one."""
+def _table(device: str) -> dispatch.Table | None:
+    """The committed dispatch table of this GPU (common/dispatch.py); None off a GPU or where none
+    is committed."""
     if device not in ("cuda", "gpu") or not compat.on_gpu():
         return None
-    table = dispatch.load_table(_gpu_name())
+    return dispatch.load_table(_gpu_name())
+
+
+def _measured_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | None:
+    """The committed dispatch table's choice for this GPU (common/dispatch.py), if it has one."""
+    table = _table(device)
     if table is None:
         return None
     # the nearest measured point's fastest implementation that can take this call
@@ -182,6 +188,26 @@ def _measured_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | No
     if found is None:
         return None
     return found.impl, f"auto: measured on {table.gpu}: {found.evidence}"
+
+
+def training_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | None:
+    """(baseline, evidence) where `auto` trains through a baseline (jax autodiff of its
+    jax.numpy) because a training point of the dispatch table measured it faster than our
+    training path within dispatch.TRAIN_REACH of this call; None where `auto` trains with our
+    kernels. The forward of a call that is not differentiated keeps the forward's choice."""
+    table = _table(device)
+    if table is None:
+        return None
+    found = table.lookup(
+        STACK, spec, m, phase="train",
+        accept=lambda impl: impl == dispatch.KERNELS or _can_take(impl, spec, m, device),
+    )  # fmt: skip
+    if found is None or found.impl == dispatch.KERNELS:
+        return None
+    return (
+        found.impl,
+        f"auto trains through {found.impl}: measured on {table.gpu}: {found.evidence}",
+    )
 
 
 def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:
@@ -233,10 +259,16 @@ def plan(
     train (None: the inference plan only).
     """
     if saved is not None:
+        m = math.prod(tuple(x_shape)[:-1])
+        trained = training_choice(spec, m, device) if impl == AUTO and config is None else None
+        if trained is not None:  # a training point: a baseline trains faster here
+            base = plan(spec, x_shape, impl=trained[0], device=device, residual=residual)
+            note = f"training: {trained[0]} differentiates through jax autodiff"
+            return Plan(trained[0], impl, base.launches, f"{trained[1]}; {note}")
         the_plan = plan(
             spec, x_shape, impl=impl, device=device, config=config, residual=residual
         )  # fmt: skip
-        return _training_plan(spec, the_plan, math.prod(tuple(x_shape)[:-1]), check_saved(saved))
+        return _training_plan(spec, the_plan, m, check_saved(saved))
     spec = check_spec(spec)
     check_impl(impl, STACK)
     check_config(config)
@@ -462,6 +494,29 @@ def _trainable(
     return core
 
 
+def _differentiated_by(
+    run: Callable[..., jax.Array], baseline: Callable[..., jax.Array]
+) -> Callable[..., jax.Array]:
+    """`run` where no gradient is taken; where one is, the baseline's forward and jax's own
+    derivative of it (a training point of the dispatch table measured that faster: `auto`'s
+    training choice). twin-diff: torch decides per call, before its training op
+    (custom_op.mlp, module.FusedMLP); here the custom_vjp's forward rule is the differentiated
+    call."""
+
+    @jax.custom_vjp
+    def core(x2d, params, residual2d):
+        return run(x2d, params, residual2d)
+
+    def core_fwd(x2d, params, residual2d):
+        return jax.vjp(baseline, x2d, params, residual2d)
+
+    def core_bwd(vjp, dy2d):
+        return vjp(dy2d)
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
 def _check_available(impl: str, device: str) -> None:
     reason = unavailable_reason(impl, device)
     if reason is not None:
@@ -482,7 +537,13 @@ def _validate_and_plan(x, params, spec, impl, config, residual, saved) -> _Prepa
     lead = tuple(x.shape[:-1])
     run = _jitted_runner(spec, the_plan)
     train = run  # the baselines: jax differentiates their plain jax.numpy itself
-    if not _entry(the_plan.impl).baseline:
+    trained = None
+    if impl == AUTO and config is None and not _entry(the_plan.impl).baseline:
+        trained = training_choice(spec, math.prod(x.shape[:-1]), device)
+    if trained is not None:  # a training point: the baseline's autodiff where a gradient is taken
+        base_plan = plan(spec, tuple(x.shape), impl=trained[0], device=device)
+        train = _differentiated_by(run, _jitted_runner(spec, base_plan))
+    elif not _entry(the_plan.impl).baseline:
         from . import fused_small_backward
 
         train = _trainable(

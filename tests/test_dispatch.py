@@ -9,7 +9,9 @@ import pytest
 
 from fusedmlp.common import MLPSpec
 from fusedmlp.common.dispatch import (
+    KERNELS,
     SIZE_MERGE,
+    TRAIN_REACH,
     Measurement,
     Point,
     Table,
@@ -17,8 +19,10 @@ from fusedmlp.common.dispatch import (
     gpu_slug,
     load_table,
     measurements_from_bench,
+    measurements_from_bench_backward,
     shape_class,
     weight_bytes,
+    with_phase,
 )
 
 LLAMA = MLPSpec((4096, 14336, 4096), "swiglu", bias=False, dtype="bfloat16")
@@ -212,7 +216,9 @@ def test_committed_table_is_format_2():
         assert point.stack in ("torch", "jax")
         assert point.shape_class.removesuffix("-gated") in ("narrow", "mlp2", "deep")
         assert point.weight_bytes > 0 and point.m >= 1
-        assert {impl for impl, _ in point.ranking} <= set(impl_names(point.stack))
+        ours = (KERNELS,) if point.phase == "train" else ()
+        assert {impl for impl, _ in point.ranking} <= {*impl_names(point.stack), *ours}
+    assert {p.phase for p in table.points} == {"forward", "train"} and table.train_source
 
 
 def test_committed_table_is_what_derive_makes_of_its_results():
@@ -223,14 +229,22 @@ def test_committed_table_is_what_derive_makes_of_its_results():
     from fusedmlp.common.dispatch import TABLE_DIR
 
     table = Table.from_json((TABLE_DIR / "nvidia-h200.json").read_text())
-    commit = table.source.rsplit(" ", 1)[-1][:7]
     root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    # the forward points: `fusedmlp bench` results of the commit in `source`
+    commit = table.source.rsplit(" ", 1)[-1][:7]
     found = sorted(root.glob(f"*-{commit}/results.json"))
-    if not found:
-        pytest.skip(f"no bench/results/*-{commit}/results.json for {table.source!r}")
+    assert found, f"no bench/results/*-{commit}/results.json for {table.source!r}"
     results = json.loads(found[0].read_text())
     again = derive(measurements_from_bench(results["bench"]), gpu=table.gpu, source=table.source)
-    assert again == table
+    assert again.points == tuple(p for p in table.points if p.phase == "forward")
+    # the training points: `bench --backward` results of the commit in `train_source`
+    commit = table.train_source.rsplit(" ", 1)[-1][:7]
+    files = sorted(root.glob(f"*-{commit}/**/bench_backward*.json"))
+    assert files, f"no bench/results/*-{commit}/**/bench_backward*.json for {table.train_source!r}"
+    cases = [c for f in files for c in json.loads(f.read_text())["bench_backward"]["cases"]]
+    rows = measurements_from_bench_backward({"cases": cases})
+    trained = derive(rows, gpu=table.gpu, source=table.train_source, phase="train")
+    assert set(trained.points) == {p for p in table.points if p.phase == "train"}
 
 
 def test_table_json_round_trip_and_missing_file(tmp_path):
@@ -372,3 +386,60 @@ def test_bench_derive_auto_writes_the_table_and_retimes_auto(monkeypatch, tmp_pa
     saved = json.loads(json_path.read_text())["bench"]
     assert saved["auto_table"]["path"] == str(table_path)
     assert {r["provider"] for r in saved["cases"][0]["rows"]} >= {"torch:auto", "jax:auto"}
+
+
+# ---- training points (bench --backward) ----------------------------------------------------------
+def _backward_case(spec, m, preset, **times_ms):
+    rows_ = [
+        {"stack": stack, "impl": impl, "baseline": impl in ("eager", "compile", "xla"),
+         "status": "timed", "time": {"median": t * 1e-3}}
+        for key, t in times_ms.items()
+        for stack, impl in [key.split("_", 1)]
+    ]  # fmt: skip
+    return {"preset": preset, "m": m, "spec": spec.to_dict(), "rows": rows_}
+
+
+def test_training_points_decide_near_their_measurement_only():
+    """`bench --backward` rows become training points (our path as KERNELS against the
+    baselines); a stack without a timed `auto` row gives none; lookups of phase "train" take a
+    point only within TRAIN_REACH, and forward lookups never see training points."""
+    section = {
+        "cases": [
+            _backward_case(BLOG, 8192, "hf-blog-geglu", torch_auto=0.722, torch_compile=0.588,
+                           torch_eager=0.677, jax_xla=0.582, jax_pallas_triton=0.831),
+            _backward_case(NERF, 2_097_152, "nerf-64x5", torch_auto=1.76, torch_eager=3.30),
+        ]
+    }  # fmt: skip
+    rows_ = measurements_from_bench_backward(section)
+    assert {(r.stack, r.impl) for r in rows_} == {
+        ("torch", KERNELS),
+        ("torch", "compile"),
+        ("torch", "eager"),
+    }  # fmt: skip  (jax timed no auto row at hf-blog: no jax point)
+    trained = derive(rows_, gpu="G", source="backward at commit abc", phase="train")
+    assert {p.phase for p in trained.points} == {"train"}
+    assert trained.train_source == "backward at commit abc" and trained.source == ""
+    blog = trained.lookup("torch", BLOG, 8192, phase="train")
+    assert blog.impl == "compile" and "compile 588.0 µs vs kernels 722.0 µs" in blog.evidence
+    assert trained.lookup("torch", NERF, 2_097_152, phase="train").impl == KERNELS
+    # within one octave in (log2 M, log2 bytes): taken; beyond: not (no extrapolation)
+    assert trained.lookup("torch", BLOG, 8192 // 2, phase="train").impl == "compile"
+    lm = MLPSpec((1024, 4096, 1024), "swiglu", bias=False, dtype="bfloat16")  # the byte LM's FFN
+    assert blog.point.distance(4096, weight_bytes(lm)) > TRAIN_REACH
+    assert trained.lookup("torch", lm, 4096, phase="train") is None
+    assert trained.lookup("torch", BLOG, 8192) is None  # the forward phase has no points here
+    # one file holds both phases: each derivation replaces its own phase's points
+    forward = derive(rows(BLOG, 8192, "hf-blog-geglu", triton_tma=180, eager=220), gpu="G",
+                     source="bench at commit def")  # fmt: skip
+    both = with_phase(forward, trained, "train")
+    assert both.source == "bench at commit def" and both.train_source == trained.train_source
+    assert both.lookup("torch", BLOG, 8192).impl == "triton_tma"
+    assert both.lookup("torch", BLOG, 8192, phase="train").impl == "compile"
+    again = Table.from_json(both.to_json())
+    assert again == both and '"phase": "train"' in both.to_json()
+    refreshed = with_phase(
+        both, derive(rows(BLOG, 8192, "b", eager=1), gpu="G", source="s2"), "forward"
+    )
+    assert refreshed.train_source == both.train_source
+    assert refreshed.lookup("torch", BLOG, 8192).impl == "eager"
+    assert refreshed.lookup("torch", BLOG, 8192, phase="train").impl == "compile"

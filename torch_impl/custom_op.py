@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Mapping
 
 import torch
@@ -482,7 +483,11 @@ def mlp(
     listed = [params[n] for n in names]
     config_json = config_to_json(config)
     if front.needs_grad(x, params, residual):
-        if impl != AUTO and get_implementation(impl).baseline:
-            return front.forward(x, params, spec, impl=impl, config=config, residual=residual)
+        baseline = impl if impl != AUTO and get_implementation(impl).baseline else None
+        if impl == AUTO and config is None and not torch.compiler.is_compiling():
+            trained = front.training_choice(spec, math.prod(x.shape[:-1]), x.device.type)
+            baseline = trained[0] if trained is not None else None
+        if baseline is not None:  # torch autograd through the baseline's ops
+            return front.forward(x, params, spec, impl=baseline, config=config, residual=residual)
         return train_call(x, listed, spec_json, impl, config_json, residual, saved)
     return MLP_OP(x, listed, spec_json, impl, config_json, residual)

@@ -201,11 +201,17 @@ def _can_take(impl: str, spec: MLPSpec, m: int, device: str) -> bool:
     return True
 
 
-def _measured_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | None:
-    """The committed dispatch table's choice for this GPU (common/dispatch.py), if it has one."""
+def _table(device: str) -> dispatch.Table | None:
+    """The committed dispatch table of this GPU (common/dispatch.py); None off a GPU or where none
+    is committed."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return None
-    table = dispatch.load_table(_gpu_name())
+    return dispatch.load_table(_gpu_name())
+
+
+def _measured_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | None:
+    """The committed dispatch table's choice for this GPU (common/dispatch.py), if it has one."""
+    table = _table(device)
     if table is None:
         return None
     # the nearest measured point's fastest implementation that can take this call
@@ -213,6 +219,31 @@ def _measured_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | No
     if found is None:
         return None
     return found.impl, f"auto: measured on {table.gpu}: {found.evidence}"
+
+
+def training_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | None:
+    """(baseline, evidence) where `auto` trains through a baseline's own ops (torch autograd)
+    because a training point of the dispatch table measured it faster than our training path
+    within dispatch.TRAIN_REACH of this call; None where `auto` trains with our kernels."""
+    return _training_choice_of(spec, m, torch.device(device).type, dispatch.generation())
+
+
+@functools.lru_cache(maxsize=1024)
+def _training_choice_of(spec, m, device_type, generation) -> tuple[str, str] | None:
+    # a training step asks every step: cached per (spec, M, device), and per installed table
+    table = _table(device_type)
+    if table is None:
+        return None
+    found = table.lookup(
+        STACK, spec, m, phase="train",
+        accept=lambda impl: impl == dispatch.KERNELS or _can_take(impl, spec, m, device_type),
+    )  # fmt: skip
+    if found is None or found.impl == dispatch.KERNELS:
+        return None
+    return (
+        found.impl,
+        f"auto trains through {found.impl}: measured on {table.gpu}: {found.evidence}",
+    )
 
 
 def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:
@@ -267,10 +298,15 @@ def plan(
     check_impl(impl, STACK)
     check_config(config)
     if saved is not None:
+        m = math.prod(tuple(x_shape)[:-1])
+        trained = training_choice(spec, m, device) if impl == AUTO and config is None else None
+        if trained is not None:  # a training point: a baseline trains faster here
+            base = plan(spec, x_shape, impl=trained[0], device=device, residual=residual)
+            note = f"training: {trained[0]} differentiates through torch autograd"
+            return Plan(trained[0], impl, base.launches, f"{trained[1]}; {note}")
         the_plan = plan(
             spec, x_shape, impl=impl, device=device, config=config, residual=residual, tune=tune
         )
-        m = math.prod(tuple(x_shape)[:-1])
         return _training_plan(spec, the_plan, m, check_saved(saved), device, config)
     m = math.prod(tuple(x_shape)[:-1])
     chosen, reason = (impl, "") if impl != AUTO else _resolve_auto(spec, m, device)

@@ -41,6 +41,7 @@ Converters from Hugging Face modules and `nn.Linear` stacks: convert.py (`FusedM
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -293,15 +294,26 @@ class FusedMLP(nn.Module):
         spec_json = self._spec_json.get(dtype, self._spec_json_default)
         # torch.export keeps the one inference op (it differentiates too, as saved="inputs").
         if _builds_grad(x, params, residual) and not torch.compiler.is_exporting():
-            if self._baseline:  # torch's own autograd through the baseline's ops
+            baseline = self._impl if self._baseline else self._trained_by(x, dtype)
+            if baseline is not None:  # torch's own autograd through the baseline's ops
                 spec = self._specs.get(dtype, self._spec)
                 named = dict(zip(self._names, params, strict=True))
                 return front.forward(
-                    x, named, spec, impl=self._impl, config=self._config, residual=residual
+                    x, named, spec, impl=baseline, config=self._config, residual=residual
                 )
             impl, config_json = self._impl, self._config_json
             return train_call(x, params, spec_json, impl, config_json, residual, self._saved)
         return MLP_OP(x, params, spec_json, self._impl, self._config_json, residual)
+
+    def _trained_by(self, x: torch.Tensor, dtype: torch.dtype) -> str | None:
+        """The baseline `auto` trains through at this call (a training point of the dispatch
+        table: front.training_choice), or None for our kernels. Not under torch.compile: a
+        compiled graph keeps the training op (one node), whatever the table says."""
+        if self._impl != AUTO or self._config is not None or torch.compiler.is_compiling():
+            return None
+        spec = self._specs.get(dtype, self._spec)
+        trained = front.training_choice(spec, math.prod(x.shape[:-1]), x.device.type)
+        return trained[0] if trained is not None else None
 
     # ---- converters (convert.py) -----------------------------------------------------------------
     @classmethod

@@ -4,9 +4,10 @@
 
 For each implementation, the jitted step of `fusedmlp train image` (bf16, GPU defaults) is run
 `--steps` times back to back three ways — the learning-rate factor passed as a NumPy scalar (a
-host-to-device copy a step, as `bench/train.py` passes it), as a device scalar, and as a Python
-float — and timed twice: `issue` (host seconds to enqueue the steps, no wait) and `wall` (the same
-steps and one wait at the end). wall ≈ issue means the host sets the pace, wall > issue the GPU.
+host-to-device copy a step, as `bench/train.py` passed it until this probe), as a device scalar
+(what it passes now), and as a Python float — and timed twice: `issue` (host seconds to enqueue
+the steps, no wait) and `wall` (the same steps and one wait at the end). wall ≈ issue means the
+host sets the pace, wall > issue the GPU.
 Then one profiled run gives the step's device time and its largest kernels (jax.profiler, CUPTI).
 
 Measured on the H200 at 87c88fd (bench/results/2026-12-01-h200-87c88fd/probe/): `auto`

@@ -42,6 +42,7 @@ evaluation points and at the end, divided by their number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -369,8 +370,10 @@ def _torch_lm(
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             # A lookup is not a GEMM: the table is read in float32 (autocast leaves it alone).
             # F.embedding, not self.embed[x]: the indexing form's backward (index_put_ with
-            # accumulate) adds each row's duplicates one after another — 131,072 lookups into 256
-            # rows a step — where embedding's backward reduces them in parallel segments.
+            # accumulate) cost ~4.4 ms of the H200's step for 131,072 lookups into 256 rows (the
+            # graphed step 8.37 -> 3.96 ms with F.embedding). Its CUDA backward accumulates a row's
+            # duplicates with atomics, so the torch LM's curves are not bitwise reproducible from
+            # run to run (the image fit's are).
             h = F.embedding(x, self.embed).reshape(x.shape[0], -1)
             for ffn in self.ffn:
                 h = h + ffn(_torch_rmsnorm(h)).float()  # the residual stream in float32
@@ -413,7 +416,10 @@ def _torch_stepper(
     from fusedmlp.torch_impl import training as tt
 
     if graph:
-        return tt.GraphedTrainStep(model, loss_fn, batch, opt, scaler, policy)
+        # the capture is the last of the WARMUP_STEPS untimed steps: the clock sees replays only
+        return tt.GraphedTrainStep(
+            model, loss_fn, batch, opt, scaler, policy, warmup=WARMUP_STEPS - 1
+        )
     return lambda b: tt.train_step(model, loss_fn, b, opt, scaler, policy)
 
 
@@ -783,18 +789,30 @@ def _interpreted(stack: str, impl: str, device: str) -> bool:
     return (_torch_interpreted if stack == "torch" else _jax_interpreted)(impl, device)
 
 
-def _plan(stack: str, cfg: ImageConfig | LMConfig, impl: str, policy: Policy, device: str):
-    """(chosen implementation, plan text) of the task's MLP in a training call."""
+def _plan(
+    stack: str,
+    cfg: ImageConfig | LMConfig,
+    impl: str,
+    policy: Policy,
+    device: str,
+    graphed: bool = False,
+):
+    """(chosen implementation, plan text) of the task's MLP in a training call (a graphed torch
+    run's: as planned inside `graph_safe`, what the capture ran)."""
     if impl == BASELINE:
         return ("nn.Linear" if stack == "torch" else "jax.numpy"), ""
+    context: Any = contextlib.nullcontext()
     if stack == "torch":
-        from fusedmlp.torch_impl import plan
+        from fusedmlp.torch_impl import graph_safe, plan
+
+        context = graph_safe() if graphed else context
     else:
         from fusedmlp.jax_impl import plan
     spec = cfg.spec.replace(dtype=policy.compute_dtype)
     m = cfg.size**2 if isinstance(cfg, ImageConfig) else cfg.batch
     try:
-        the_plan = plan(spec, (m, spec.d_in), impl=impl, device=device, saved="preact")
+        with context:
+            the_plan = plan(spec, (m, spec.d_in), impl=impl, device=device, saved="preact")
     except (NotImplementedError, ValueError) as exc:
         return impl, f"no plan: {exc}"
     return the_plan.impl, the_plan.describe()
@@ -838,7 +856,7 @@ def run_task(
                     cfg, data, impl, policy, device, steps, tick or (lambda: None), **extra
                 )
                 run, image = result if task == "image" else (result, None)
-                run.chosen, run.plan = _plan(stack, cfg, impl, policy, device)
+                run.chosen, run.plan = _plan(stack, cfg, impl, policy, device, graphed)
                 if interpreted:
                     run.note = f"interpreted: {steps} of {cfg.steps} steps"
                 if image is not None and out_dir is not None:
@@ -1059,7 +1077,7 @@ def plot_images(train: dict[str, Any], out_dir: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(runs) + 1, figsize=(2.6 * (len(runs) + 1), 3.2), squeeze=False)
     panels = [("original", "image-original.png")]
     for r in runs:
-        what = f"{r['stack']}:{r['impl']} {r['precision']}"
+        what = f"{r['stack']}:{r['impl']}{' (graph)' if r.get('graph') else ''} {r['precision']}"
         panels.append((f"{what}\n{r['final']['psnr']:.2f} dB, {r['steps']} steps", r["image"]))
     for ax, (title, name) in zip(axes[0], panels, strict=True):
         ax.imshow(plt.imread(out_dir / name))

@@ -121,6 +121,39 @@ def test_deterministic(stack):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_int64_offsets_same_bits(activation, monkeypatch):
+    """The inference kernel's offset width (INT64_ROWS, chosen by the launcher where rows ·
+    stride can pass 2^31) changes addresses only: forced int64, the same bits as int32."""
+    import torch
+
+    from fusedmlp.torch_impl import fused_small as fs
+    from fusedmlp.torch_impl import launch
+    from fusedmlp.torch_impl.packing import pack_params
+
+    spec = MLPSpec(ODD_WIDTHS, activation, True, "float16")
+    params = {k: torch.from_numpy(v) for k, v in init_params(spec, 7).items()}
+    packed = {k: v.contiguous() for k, v in pack_params(spec, params).items()}
+    x = torch.from_numpy(make_input(spec, 90, seed=8))
+    launch.clear_all()
+    narrow = fs.fused_small_fwd(x, packed, spec)
+    key = (x.shape, x.stride(), spec, None)
+    assert not fs._LAUNCHES.get(key)[0].meta["INT64_ROWS"]  # 90 rows: int32
+    rule = fs._int64_offsets
+    launch.clear_all()
+    monkeypatch.setattr(fs, "_int64_offsets", lambda *a: True)
+    try:
+        wide = fs.fused_small_fwd(x, packed, spec)
+        assert key in fs._LAUNCHES._records and fs._LAUNCHES.get(key)[0].meta["INT64_ROWS"]
+    finally:
+        launch.clear_all()
+    assert narrow.numpy().tobytes() == wide.numpy().tobytes()
+    # the launcher's rule: int64 once the last row's offset (plus a packed tile's columns) can
+    # reach 2^31
+    assert not rule(2**31 // 64 - 3, [(64, 1)], 64)
+    assert rule(2**31 // 64, [(64, 1)], 64)
+
+
 def test_unsupported(stack):
     fallback = "'triton'" if stack.name == "torch" else "'pallas_triton'"
     wide = MLPSpec((32, 256, 16), "relu", True, "float32")

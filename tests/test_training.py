@@ -355,6 +355,34 @@ def test_graphed_step_checks_its_arguments() -> None:
         tt._copy_into(batch, (torch.ones(4, 3),))
     with pytest.raises(TypeError, match=r"batch: expected a tensor, got ndarray"):
         tt._copy_into(batch, (np.ones((4, 3)), torch.ones(4, 2)))
+    with pytest.raises(TypeError, match=r"batch: expected a tuple or list, got Tensor"):
+        tt._copy_into(batch, torch.ones(4, 3))
+    named = {"x": torch.zeros(2), "t": torch.zeros(2)}
+    with pytest.raises(
+        ValueError, match=r"batch: expected a dict with keys \['t', 'x'\], got \['x'\]"
+    ):
+        tt._copy_into(named, {"x": torch.ones(2)})
+    # the graph's input buffers are copies: the caller's batch is never written
+    clone = tt._clone(named)
+    tt._copy_into(clone, {"x": torch.ones(2), "t": torch.ones(2)})
+    assert bool((named["x"] == 0).all()) and bool((clone["x"] == 1).all())
+
+
+def test_tensor_lr_schedule_does_not_compound() -> None:
+    """LambdaLR over a tensor lr (what a CUDA graph needs) writes lr0 · factor(t) in place, as
+    over a float (pytorch#126854 was a compounding regression of exactly this)."""
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    lr = torch.tensor(0.01)
+    opt = torch.optim.Adam([param], lr=lr, foreach=False)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: tr.lr_factor(t, 10))
+    for t in range(1, 6):
+        param.grad = torch.ones(3)
+        opt.step()
+        schedule.step()
+        assert opt.param_groups[0]["lr"] is lr  # the same tensor, written in place
+        assert float(lr) == pytest.approx(0.01 * tr.lr_factor(t, 10), rel=1e-6)
 
 
 def test_auto_passes_over_what_a_graph_cannot_record(monkeypatch) -> None:
@@ -593,6 +621,28 @@ def test_gpu_graphed_step_is_the_eager_step(impl, widths, act, rows, precision) 
     for name in params_e:
         assert torch.equal(params_e[name], params_g[name]), name
     assert (scale_e is None and scale_g is None) or torch.equal(scale_e, scale_g)
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_step_refuses_what_it_cannot_capture() -> None:
+    """fp16 loss scaling needs a fused optimizer (GradScaler's other path reads the found-inf
+    flag on the host, which a capture cannot); the lr tensor must sit on the model's device."""
+    import torch
+
+    from fusedmlp.torch_impl import training as tt
+
+    model = torch.nn.Linear(8, 4, device="cuda")
+    batch = (torch.zeros(16, 8, device="cuda"),)
+    scaler = tt.make_scaler("fp16", "cuda")
+    lr = torch.tensor(1e-3, device="cuda")
+    foreach = torch.optim.Adam(model.parameters(), lr=lr, capturable=True, foreach=True)
+    with pytest.raises(ValueError, match=r"optimizer: expected a fused optimizer under fp16"):
+        tt.GraphedTrainStep(model, lambda m, b: m(b[0]).sum(), batch, foreach, scaler, "fp16")
+    on_cpu = torch.optim.Adam(
+        model.parameters(), lr=torch.tensor(1e-3), fused=True, capturable=True
+    )
+    with pytest.raises(ValueError, match=r"optimizer: expected the lr tensor on the model's"):
+        tt.GraphedTrainStep(model, lambda m, b: m(b[0]).sum(), batch, on_cpu, scaler, "fp16")
 
 
 def test_jax_policy_mlp_is_mlp_of_the_cast_params() -> None:

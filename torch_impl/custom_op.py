@@ -317,8 +317,12 @@ def _hopper_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: st
 
 
 @functools.lru_cache(maxsize=256)
-def _whole_of(impl: str, spec_json: str, m: int, device: str, config_json: str | None, gen) -> bool:
-    # cached per call signature (and dispatch table generation): setup_context runs every step
+def _whole_of(
+    impl: str, spec_json: str, m: int, device: str, config_json: str | None, gen, graph_safe=False
+) -> bool:
+    # cached per call signature, dispatch table generation and graph safety (front.graph_safe
+    # changes what auto may choose, and the forward's plan is keyed on it too): setup_context
+    # runs every step
     spec = parse_spec(spec_json)
     chosen = front.plan(
         spec, (m, spec.d_in), impl=impl, device=device, config=parse_config(config_json)
@@ -336,7 +340,10 @@ def _whole_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: str
     m = x.numel() // spec.d_in if spec.d_in else 0
     if not isinstance(m, int):  # a symbolic size (torch.export, dynamic shapes): not cached
         return _whole_of.__wrapped__(impl, spec_json, m, x.device.type, config_json, 0)
-    return _whole_of(impl, spec_json, m, x.device.type, config_json, dispatch.generation())
+    graph_safe = front._graph_safe()  # impl is AUTO here
+    return _whole_of(
+        impl, spec_json, m, x.device.type, config_json, dispatch.generation(), graph_safe
+    )
 
 
 def _train_setup_context(ctx, inputs, output):

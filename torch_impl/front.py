@@ -167,6 +167,7 @@ def _gpu_name() -> str:
 _GRAPH_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graph_safe", default=False)
 
 
+# twin-diff: torch only — a jitted JAX step is one executable, nothing to capture.
 @contextlib.contextmanager
 def graph_safe() -> Iterator[None]:
     """Within this context `auto` chooses only implementations whose launches a CUDA graph can
@@ -180,10 +181,15 @@ def graph_safe() -> Iterator[None]:
         _GRAPH_SAFE.reset(token)
 
 
+@functools.cache
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()  # ~0.6 µs a call: asked once
+
+
 def _graph_safe() -> bool:
-    return _GRAPH_SAFE.get() or (
-        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    )
+    """Whether `auto` must choose what a CUDA graph can record: inside `graph_safe()`, or while
+    this thread's stream is capturing."""
+    return _GRAPH_SAFE.get() or (_has_cuda() and torch.cuda.is_current_stream_capturing())
 
 
 def _can_take(impl: str, spec: MLPSpec, m: int, device: str) -> bool:

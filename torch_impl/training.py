@@ -17,7 +17,10 @@ written out). twin-diff: the public names differ where the frameworks do — her
 `make_scaler` (torch's own casting and GradScaler); there `cast_to_compute`, `LossScaleState`,
 `init_loss_scale`, `update_loss_scale`, `all_finite` (what those do, written out) and
 `policy_mlp` (jax_impl.mlp from float32 masters: what autocast does for FusedMLP here); `train_step`
-(one eager step) ↔ `make_train_step` (builds one jitted step); `check_master` in both.
+(one eager step) ↔ `make_train_step` (builds one jitted step); `check_master` in both. Torch only:
+`GraphedTrainStep` with `graph_capturable_optimizer` and `scale_tensor` (the step captured as a
+CUDA graph: what jitting gives the JAX step), where the JAX twin has `make_train_step(donate=)`
+(the jitted step reuses the buffers of the params and optimizer state it is given).
 """
 
 from __future__ import annotations
@@ -151,13 +154,15 @@ class GraphedTrainStep:
         for ...:
             loss = step(new_batch)   # copied into the captured batch, then one replay
 
-    The batch's tensors are the graph's inputs: a call copies a new batch into them (same shapes
-    and dtypes) or, without one, trains on them as they are. The first `warmup` calls run the
-    eager step on a side stream (Triton compiles, the optimizer's state and the scaler's scale
-    are created outside the capture); the next call captures and replays, later calls replay.
-    Every call is one real training step. The optimizer must be capturable
-    (`graph_capturable_optimizer`); fp16's GradScaler is captured as it is (its skip and scale
-    update run on the device)."""
+    The graph reads a copy of `batch` made here (`step.batch`; the caller's tensors are never
+    written): a call copies a new batch into it (same nesting, shapes and dtypes) or, without
+    one, trains on it as it is. The first `warmup` calls run the eager step on a side stream
+    (Triton compiles, the optimizer's state and the scaler's scale are created outside the
+    capture); the next call captures and replays, later calls replay. Every call is one real
+    training step (a timing loop that skips its first W steps passes warmup=W - 1, so that the
+    capture falls among them). The optimizer must be capturable (`graph_capturable_optimizer`),
+    and under fp16 loss scaling fused: GradScaler's other path reads the found-inf flag on the
+    host; the fused one keeps the skip and the scale update on the device."""
 
     def __init__(
         self,
@@ -174,17 +179,29 @@ class GraphedTrainStep:
         if device.type != "cuda":
             raise ValueError(f"model: a CUDA graph needs a model on a CUDA device, got {device}")
         for i, group in enumerate(optimizer.param_groups):
-            if not group.get("capturable") or not isinstance(group["lr"], torch.Tensor):
+            lr = group["lr"]
+            if not group.get("capturable") or not isinstance(lr, torch.Tensor):
                 raise ValueError(
                     f"optimizer: expected capturable=True and a tensor lr (see "
                     f"graph_capturable_optimizer), got param group {i} with capturable="
-                    f"{group.get('capturable')}, lr {type(group['lr']).__name__}"
+                    f"{group.get('capturable')}, lr {type(lr).__name__}"
                 )
+            if lr.device != device:
+                raise ValueError(
+                    f"optimizer: expected the lr tensor on the model's device {device}, got "
+                    f"{lr.device} (param group {i})"
+                )
+        if scaler.is_enabled() and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise ValueError(
+                f"optimizer: expected a fused optimizer under fp16 loss scaling (its skip stays "
+                f"on the device), got {type(optimizer).__name__} without fused=True"
+            )
         if warmup < 1:
             raise ValueError(f"warmup: expected >= 1 eager step before the capture, got {warmup}")
         self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, scaler
         self.policy = get_policy(policy)
-        self.batch = batch
+        self.device = device
+        self.batch = _clone(batch)
         self.warmup = warmup
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -192,29 +209,47 @@ class GraphedTrainStep:
 
     def __call__(self, batch: Any = None) -> torch.Tensor:
         """One training step; returns its loss (float32, detached, unscaled, a fresh tensor)."""
-        if batch is not None:
-            _copy_into(self.batch, batch)
-        if self.graph is None and self.eager_steps < self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), graph_safe():
-                loss = train_step(
-                    self.model, self.loss_fn, self.batch, self.optimizer, self.scaler, self.policy
-                )
-            torch.cuda.current_stream().wait_stream(side)
-            self.eager_steps += 1
-            return loss
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            self.optimizer.zero_grad(set_to_none=True)  # the capture allocates the .grads
-            with torch.cuda.graph(self.graph), graph_safe():
-                self._loss = _step_body(
-                    self.model, self.loss_fn, self.batch, self.optimizer, self.scaler,
-                    self.policy, cache=False,
-                )  # fmt: skip
-        self.graph.replay()
-        assert self._loss is not None
-        return self._loss.clone()
+        with torch.cuda.device(self.device):  # streams and capture on the model's device
+            if batch is not None:
+                _copy_into(self.batch, batch)
+            if self.graph is None and self.eager_steps < self.warmup:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), graph_safe():
+                    loss = train_step(
+                        self.model, self.loss_fn, self.batch, self.optimizer, self.scaler,
+                        self.policy,
+                    )  # fmt: skip
+                torch.cuda.current_stream().wait_stream(side)
+                self.eager_steps += 1
+                return loss
+            if self.graph is None:
+                graph = torch.cuda.CUDAGraph()
+                self.optimizer.zero_grad(set_to_none=True)  # the capture allocates the .grads
+                # thread_local: another thread's CUDA calls (JAX's runtime in `fusedmlp train`)
+                # do not invalidate the capture
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"), graph_safe():
+                    loss = _step_body(
+                        self.model, self.loss_fn, self.batch, self.optimizer, self.scaler,
+                        self.policy, cache=False,
+                    )  # fmt: skip
+                self.graph, self._loss = graph, loss  # only a capture that finished is replayed
+            self.graph.replay()
+            assert self._loss is not None
+            return self._loss.clone()
+
+
+def _clone(batch: Any) -> Any:
+    """A copy of a batch's tensors, same nesting (the graph's input buffers)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, dict):
+        return {key: _clone(value) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_clone(value) for value in batch)
+    raise TypeError(
+        f"batch: expected tensors in tuples, lists or dicts, got {type(batch).__name__}"
+    )
 
 
 def _copy_into(static: Any, new: Any) -> None:
@@ -230,9 +265,14 @@ def _copy_into(static: Any, new: Any) -> None:
             )
         static.copy_(new)
     elif isinstance(static, dict):
+        if not isinstance(new, dict) or set(new) != set(static):
+            got = sorted(new) if isinstance(new, dict) else type(new).__name__
+            raise ValueError(f"batch: expected a dict with keys {sorted(static)}, got {got}")
         for key in static:
             _copy_into(static[key], new[key])
     elif isinstance(static, (tuple, list)):
+        if not isinstance(new, (tuple, list)):
+            raise TypeError(f"batch: expected a tuple or list, got {type(new).__name__}")
         if len(new) != len(static):
             raise ValueError(f"batch: expected {len(static)} items, got {len(new)}")
         for a, b in zip(static, new, strict=True):

@@ -386,6 +386,23 @@ def derive(rows: Iterable[Measurement], *, gpu: str, source: str, phase: str = "
     return Table(gpu, source, tuple(points))
 
 
+def training_baseline(
+    table: Table | None, stack: str, spec: MLPSpec, m: int, can_take: Callable[[str], bool]
+) -> tuple[str, str] | None:
+    """(baseline, evidence) where a training point of `table` within TRAIN_REACH ranks a
+    baseline that `can_take` the call before our kernels: `auto` then trains through it (both
+    fronts' `training_choice`); None where `auto` trains with our kernels."""
+    if table is None:
+        return None
+    found = table.lookup(
+        stack, spec, m, phase="train", accept=lambda impl: impl == KERNELS or can_take(impl)
+    )
+    if found is None or found.impl == KERNELS:
+        return None
+    evidence = f"auto trains through {found.impl}: measured on {table.gpu}: {found.evidence}"
+    return found.impl, evidence
+
+
 _TABLES: dict[str, Table | None] = {}
 _GENERATION = [0]
 

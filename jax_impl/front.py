@@ -195,19 +195,8 @@ def training_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | Non
     jax.numpy) because a training point of the dispatch table measured it faster than our
     training path within dispatch.TRAIN_REACH of this call; None where `auto` trains with our
     kernels. The forward of a call that is not differentiated keeps the forward's choice."""
-    table = _table(device)
-    if table is None:
-        return None
-    found = table.lookup(
-        STACK, spec, m, phase="train",
-        accept=lambda impl: impl == dispatch.KERNELS or _can_take(impl, spec, m, device),
-    )  # fmt: skip
-    if found is None or found.impl == dispatch.KERNELS:
-        return None
-    return (
-        found.impl,
-        f"auto trains through {found.impl}: measured on {table.gpu}: {found.evidence}",
-    )
+    can_take = functools.partial(_can_take, spec=spec, m=m, device=device)
+    return dispatch.training_baseline(_table(device), STACK, spec, m, can_take)
 
 
 def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:

@@ -14,15 +14,17 @@ import pytest
 
 from fusedmlp.common import MLPSpec, init_params
 from fusedmlp.common.dispatch import KERNELS, Point, Table, shape_class, weight_bytes
+from helpers import to_torch
 
 SPEC = MLPSpec((24, 40, 24), "swiglu", bias=False, dtype="float32")
 M = 37
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def train_table(stack: str, winner: str, m: int = M) -> Table:
+def train_table(stack: str, winner: str, m: int = M, spec: MLPSpec = SPEC) -> Table:
     ranking = ((winner, 1.0), (KERNELS, 1.25)) if winner != KERNELS else ((KERNELS, 1.0),)
     point = Point(
-        stack, SPEC.dtype, shape_class(SPEC), m, weight_bytes(SPEC), ranking,
+        stack, spec.dtype, shape_class(spec), m, weight_bytes(spec), ranking,
         f"test: {winner} first", phase="train",
     )  # fmt: skip
     return Table("Test GPU", "", (point,), train_source="test table")
@@ -51,30 +53,32 @@ def _torch_grads(module, x, dy):
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
-def test_torch_auto_trains_through_the_measured_baseline(torch_table) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_auto_trains_through_the_measured_baseline(torch_table, dtype) -> None:
     import torch
 
     from fusedmlp.torch_impl import FusedMLP, mlp, plan
 
-    torch_table(train_table("torch", "eager"))
-    params = init_params(SPEC, 3)
-    auto = FusedMLP(SPEC, impl="auto", seed=None).load_params(params)
-    eager = FusedMLP(SPEC, impl="eager", seed=None).load_params(params)
+    spec = SPEC.replace(dtype=dtype)
+    torch_table(train_table("torch", "eager", spec=spec))
+    params = init_params(spec, 3)
+    auto = FusedMLP(spec, impl="auto", seed=None).load_params(params)
+    eager = FusedMLP(spec, impl="eager", seed=None).load_params(params)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(M, SPEC.d_in, generator=gen)
-    dy = torch.randn(M, SPEC.d_out, generator=gen)
+    x = torch.randn(M, spec.d_in, generator=gen).to(getattr(torch, dtype))
+    dy = torch.randn(M, spec.d_out, generator=gen).to(getattr(torch, dtype))
     got, want = _torch_grads(auto, x, dy), _torch_grads(eager, x, dy)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     for name in want[2]:
         assert torch.equal(got[2][name], want[2][name]), name
-    the_plan = plan(SPEC, (M, SPEC.d_in), impl="auto", saved="preact")
+    the_plan = plan(spec, (M, spec.d_in), impl="auto", saved="preact")
     assert the_plan.impl == "eager" and the_plan.requested == "auto"
     assert "auto trains through eager" in the_plan.reason and "torch autograd" in the_plan.reason
 
     # the functional front takes the same route (custom_op.mlp)
     def functional(impl: str):
-        named = {k: torch.from_numpy(v).requires_grad_() for k, v in params.items()}
-        y = mlp(x, named, SPEC, impl=impl)
+        named = {k: to_torch(v).requires_grad_() for k, v in params.items()}
+        y = mlp(x, named, spec, impl=impl)
         y.backward(dy)
         return y.detach(), {k: t.grad for k, t in named.items()}
 
@@ -84,7 +88,7 @@ def test_torch_auto_trains_through_the_measured_baseline(torch_table) -> None:
         assert torch.equal(g_auto[name], g_eager[name]), name
     # no gradient built: the forward's choice (our kernels here), not the baseline
     with torch.no_grad():
-        assert plan(SPEC, (M, SPEC.d_in), impl="auto").impl != "eager"
+        assert plan(spec, (M, spec.d_in), impl="auto").impl != "eager"
 
 
 def test_torch_auto_keeps_its_kernels_beyond_reach_or_pinned(torch_table) -> None:
@@ -112,20 +116,22 @@ def jax_table(monkeypatch):
     front._PREPARED.clear()
 
 
-def test_jax_auto_trains_through_the_measured_baseline(jax_table) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_jax_auto_trains_through_the_measured_baseline(jax_table, dtype) -> None:
     import jax
     import jax.numpy as jnp
 
     from fusedmlp.jax_impl import mlp, plan
 
-    jax_table(train_table("jax", "xla"))
-    params = {k: jnp.asarray(v) for k, v in init_params(SPEC, 3).items()}
+    spec = SPEC.replace(dtype=dtype)
+    jax_table(train_table("jax", "xla", spec=spec))
+    params = {k: jnp.asarray(v) for k, v in init_params(spec, 3).items()}
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((M, SPEC.d_in)).astype(np.float32))
-    dy = jnp.asarray(rng.standard_normal((M, SPEC.d_out)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((M, spec.d_in)).astype(np.float32)).astype(dtype)
+    dy = jnp.asarray(rng.standard_normal((M, spec.d_out)).astype(np.float32)).astype(dtype)
 
     def grads(impl: str):
-        y, vjp = jax.vjp(lambda x_, p: mlp(x_, p, SPEC, impl=impl), x, params)
+        y, vjp = jax.vjp(lambda x_, p: mlp(x_, p, spec, impl=impl), x, params)
         return y, *vjp(dy)
 
     (y_auto, dx_auto, dp_auto), (y_xla, dx_xla, dp_xla) = grads("auto"), grads("xla")
@@ -134,11 +140,11 @@ def test_jax_auto_trains_through_the_measured_baseline(jax_table) -> None:
         assert np.array_equal(np.asarray(dp_auto[name]), np.asarray(dp_xla[name])), name
     # differentiated: the baseline's forward; not differentiated: the forward's choice
     assert np.array_equal(np.asarray(y_auto), np.asarray(y_xla))
-    forward_choice = plan(SPEC, (M, SPEC.d_in), impl="auto").impl
+    forward_choice = plan(spec, (M, spec.d_in), impl="auto").impl
     assert forward_choice != "xla"
-    kernels = mlp(x, params, SPEC, impl=forward_choice)
-    assert np.array_equal(np.asarray(mlp(x, params, SPEC)), np.asarray(kernels))
-    the_plan = plan(SPEC, (M, SPEC.d_in), impl="auto", saved="preact")
+    kernels = mlp(x, params, spec, impl=forward_choice)
+    assert np.array_equal(np.asarray(mlp(x, params, spec)), np.asarray(kernels))
+    the_plan = plan(spec, (M, spec.d_in), impl="auto", saved="preact")
     assert the_plan.impl == "xla" and "auto trains through xla" in the_plan.reason
-    jax_table(train_table("jax", "xla", m=M * 4))
-    assert plan(SPEC, (M, SPEC.d_in), impl="auto", saved="preact").impl != "xla"
+    jax_table(train_table("jax", "xla", m=M * 4, spec=spec))
+    assert plan(spec, (M, spec.d_in), impl="auto", saved="preact").impl != "xla"

@@ -237,19 +237,8 @@ def training_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | Non
 @functools.lru_cache(maxsize=1024)
 def _training_choice_of(spec, m, device_type, generation) -> tuple[str, str] | None:
     # a training step asks every step: cached per (spec, M, device), and per installed table
-    table = _table(device_type)
-    if table is None:
-        return None
-    found = table.lookup(
-        STACK, spec, m, phase="train",
-        accept=lambda impl: impl == dispatch.KERNELS or _can_take(impl, spec, m, device_type),
-    )  # fmt: skip
-    if found is None or found.impl == dispatch.KERNELS:
-        return None
-    return (
-        found.impl,
-        f"auto trains through {found.impl}: measured on {table.gpu}: {found.evidence}",
-    )
+    can_take = functools.partial(_can_take, spec=spec, m=m, device=device_type)
+    return dispatch.training_baseline(_table(device_type), STACK, spec, m, can_take)
 
 
 def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:

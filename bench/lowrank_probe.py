@@ -19,14 +19,14 @@ llama3-8b-shaped layer (K = 4096 -> N = 14336), bf16, silu, ranks r = 64, 128, 2
 Every variant is checked against a float64 reference with the kernel's rounding point (t = x·U
 rounded to bf16) before it is timed; a failing one is reported, not timed.
 
-Times: `us`, triton.testing.do_bench (median, L2 flushed before each call by its cache clear:
-device time as long as a call's host cost stays under the ~70 us flush, which holds here);
-`loop_us`, the wall clock of back-to-back calls without a flush (what an eager decode loop sees:
-max(host cost, device time)). Roofline: the layer's own FLOPs 2·M·r·(K + N) and bytes
-2·(M·K + K·r + r·N + N + M·N) (gated: twice the factors' and bias terms and FLOPs) against the
-ceilings measured at the start of this run (bench/ceilings.py: cuBLAS bf16 8192³ halved and a
-256 MiB copy, --quick sizes: ~3 s); `floor` = max(FLOPs / matmul, bytes / copy), `%roof` =
-floor / us.
+Times: `us`, the device time as the harness defines it (bench/timing.time_device: the sum of a
+call's kernel durations read from CUPTI through torch.profiler, each of 30 calls after the 256 MiB
+L2 flush; median) — until 2026-12-02 do_bench, whose host clock at M = 16 timed the launches' issue,
+not the kernels; `loop_us`, the wall clock of back-to-back calls without a flush (what an eager
+decode loop sees: max(host cost, device time)). Roofline: the layer's own FLOPs 2·M·r·(K + N) and
+bytes 2·(M·K + K·r + r·N + N + M·N) (gated: twice the factors' and bias terms and FLOPs) against the
+ceilings measured at the start of this run (bench/ceilings.py: cuBLAS bf16 8192³ halved and a 256
+MiB copy, --quick sizes: ~3 s); `floor` = max(FLOPs / matmul, bytes / copy), `%roof` = floor / us.
 
 JAX rows (bench/lowrank_probe_jax.py, run as a subprocess after the torch rows, so that its
 allocator and profiler are its own): jitted jax_impl.lowrank.lowrank_linear_act (heuristic
@@ -68,6 +68,7 @@ K, N = 4096, 14336
 RANKS = (64, 128, 256)
 MS = (16, 8192)
 LOOP_CALLS = 50
+DEVICE_CALLS = 30
 # Past this share of --budget-s, only the essential rows are still timed (the JAX subprocess gets
 # what is left): the whole call stays inside the lead's 3 minutes.
 TORCH_SHARE = 0.6
@@ -95,6 +96,16 @@ def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str,
     else:  # M = 8192
         out.append(("one-pass", base))
         out.append(("two-pass:S=1", rep(base, split_k=1, split_block_r=64)))
+        # Launch 2 over every (row block, output tile): part B is a GEMM of K = r whose store
+        # (M·N·2 bytes) is the floor; many small programs keep stores in flight, each reading
+        # its t rows (fp32 partials) and one V tile from L2.
+        if r <= 128:
+            two = rep(base, split_k=1, block_m=128, num_warps=8)
+            for sbr in (16, 64):
+                for bn, nt in ((128, 1), (128, 2), (256, 1)):
+                    name = f"2p:sbr{sbr}-bn{bn}-nt{nt}"
+                    out.append((name, rep(two, split_block_r=sbr, block_n=bn, n_tiles=nt)))
+            out.append(("2p:bm64-bn128-nt2", rep(two, block_m=64, n_tiles=2, num_warps=4)))
         if not quick:
             n_total = -(-N // 128)
             if r >= 256:
@@ -148,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         K, N, RANKS, MS = 40, 300, (17,), (16, 70)
 
     import torch
-    import triton
 
     from fusedmlp.bench.env import environment
+    from fusedmlp.bench.timing import time_device
     from fusedmlp.torch_impl.lowrank import lowrank_gated_linear_act, lowrank_linear_act
 
     if not torch.cuda.is_available() and not args.smoke:
@@ -175,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
-        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+        # device time as the harness defines it (bench/timing.py: the call's kernel durations
+        # from CUPTI, each call after the L2 flush); do_bench's host clock at M = 16 measured
+        # the launches' issue time, not the kernels
+        fn()
+        sync()
+        timing = time_device("torch", lambda i: fn(), DEVICE_CALLS, lambda _: sync())
+        return timing.device.median * 1e3
 
     def loop_us(fn) -> float:
         calls = 2 if args.smoke else LOOP_CALLS
@@ -202,6 +219,17 @@ def main(argv: list[str] | None = None) -> int:
                 ("eager", None, lambda x=x, u=u, v=v: act(x @ u @ v + b), ref),
                 ("dense", None, lambda x=x, w=w: act(x @ w + b), None),
             ]
+            if not args.smoke and m > 64:
+                # what `auto` falls back to where t is better kept in memory: two GEMMs of our
+                # own kernels, t = round(x·U) stored (M·r·2 bytes), then act(t·V + b) fused
+                from fusedmlp.torch_impl import linear_act as pl
+                from fusedmlp.torch_impl.tma import linear_act as tl_
+
+                for name, mod in (("2gemm:triton", pl), ("2gemm:triton_tma", tl_)):
+                    fn = lambda x=x, u=u, v=v, mod=mod: mod.linear_act(  # noqa: E731
+                        mod.linear_act(x, u), v, b, activation="silu"
+                    )
+                    variants.append((name, None, fn, ref))
             for name, cfg in configs(m, r, args.quick):
                 fn = lambda x=x, u=u, v=v, cfg=cfg: lowrank_linear_act(  # noqa: E731
                     x, u, v, b, activation="silu", config=cfg

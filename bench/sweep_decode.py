@@ -503,6 +503,17 @@ def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
         ("stages-1", replace(d, num_stages=max(1, d.num_stages - 1))),
         ("warps8", replace(d, num_warps=8)),
         ("hoist" if not d.hoist else "streamed", replace(d, hoist=not d.hoist)),
+        # more row tiles in flight per SM (issue 22: each tile's five dependent MMAs leave the
+        # tensor cores idle between layers unless another program's tile fills the gaps):
+        # 64-row tiles fit three programs an SM (68 KiB each at nerf-64x5), 8 warps split a
+        # 128- or 256-row tile over two warpgroups
+        ("rows/2 3/SM", replace(d, block_m=max(16, d.block_m // 2), programs_per_sm=3)),
+        (
+            "rows/2 s2 3/SM",
+            replace(d, block_m=max(16, d.block_m // 2), num_stages=2, programs_per_sm=3),
+        ),
+        ("warps8 s2", replace(d, num_warps=8, num_stages=2)),
+        ("rows*2 w8 1/SM", replace(d, block_m=2 * d.block_m, num_warps=8, programs_per_sm=1)),
     ]
     return out
 

@@ -66,7 +66,7 @@ PEAK_FLOPS = 800e12  # fallbacks only, where the ceilings cannot be measured
 PEAK_BYTES = 4.24e12
 K, N = 4096, 14336
 RANKS = (64, 128, 256)
-MS = (16, 8192)
+MS = (16, 512, 8192)
 LOOP_CALLS = 50
 DEVICE_CALLS = 30
 # Past this share of --budget-s, only the essential rows are still timed (the JAX subprocess gets
@@ -192,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         fn()
         sync()
         timing = time_device("torch", lambda i: fn(), DEVICE_CALLS, lambda _: sync())
+        names, times = timing.kernel_names, timing.kernel_times
+        kernels[:] = [(name[:40], t * 1e6) for name, t in zip(names, times, strict=True)]
         return timing.device.median * 1e3
+
+    kernels: list[tuple[str, float]] = []  # the last device timing's kernels (name, µs)
 
     def loop_us(fn) -> float:
         calls = 2 if args.smoke else LOOP_CALLS
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                             rows.append(row)
                             continue
                     row["us"] = ms(fn) * 1e3
+                    row["kernels"] = list(kernels)
                     row["loop_us"] = loop_us(fn)
                     row["tflops"] = flops / row["us"] / 1e6
                     row["tbps"] = nbytes / row["us"] / 1e6
@@ -328,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                     + (f"{100 * g['of_roofline']:4.0f}%" if us else f"{'-':>5}")
                     + f" {speed}  {g.get('error', '')}"
                 )
+                if len(g.get("kernels", ())) > 1:  # where a variant's time goes
+                    print(" " * 11 + "  ".join(f"{n[:24]} {t:.1f}" for n, t in g["kernels"]))
     if jax_doc is not None:
         from fusedmlp.bench.lowrank_probe_jax import table
 

@@ -127,6 +127,8 @@ class DeviceTiming:
     kernels_per_call: int
     kernel_names: tuple[str, ...]  # one call's kernels, in stream order
     excluded: dict[str, int] = field(default_factory=dict)  # flush, memcpy/memset: counts
+    # median duration (s) of each of a call's kernels, in stream order (probes print them)
+    kernel_times: tuple[float, ...] = ()
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -212,12 +214,17 @@ def device_timing(
     lines = len({k.line for g in groups for k in g})
     k = len(groups[0])
     how = f"{method}: sum of {k} kernel(s) per call" + (f" on {lines} streams" if lines > 1 else "")
+    ordered = [sorted(g, key=lambda x: (x.start_ns, x.end_ns)) for g in groups]
+    kernel_times = tuple(
+        statistics.median(g[i].duration_ns for g in ordered) / 1e9 for i in range(k)
+    )
     return DeviceTiming(
         Stats.of(device, how),
         Stats.of(span, f"{method}: first start to last end"),
         k,
         tuple(x.name for x in groups[0]),
         excluded,
+        kernel_times,
     )
 
 

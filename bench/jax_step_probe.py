@@ -87,9 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--impl", default="auto,baseline", help="comma-separated")
     parser.add_argument("--no-donate", action="store_true", help="keep the inputs (no donation)")
+    parser.add_argument(
+        "--wgrad-waves",
+        default="",
+        help="comma-separated WGRAD_WAVES values (common/tiling.py) to time `auto` under: how "
+        "many waves of programs kernel B's split over the rows may fill",
+    )
     args = parser.parse_args(argv)
     for impl in args.impl.split(","):
         probe(impl.strip(), args.size, args.steps, donate=not args.no_donate)
+    for waves in filter(None, args.wgrad_waves.split(",")):
+        from fusedmlp.common import tiling
+        from fusedmlp.jax_impl import front
+
+        # read by wgrad_splits at trace time: the front's cached jitted passes are dropped so
+        # that the step below traces them afresh
+        tiling.WGRAD_WAVES = int(waves)
+        for value in vars(front).values():
+            if hasattr(value, "cache_clear"):
+                value.cache_clear()
+        print(f"== WGRAD_WAVES={waves}")
+        probe("auto", args.size, args.steps, donate=not args.no_donate)
     return 0
 
 

@@ -665,8 +665,11 @@ def padded_width(width: int) -> int:
     return next(w for w in WHOLE_WIDTHS if w >= width)
 
 
-def fused_small_config(spec: MLPSpec, m: int, *, interpret: bool = False) -> SmallConfig:
-    """The default tiles for a narrow MLP (every width <= 128) over m rows.
+def fused_small_config(
+    spec: MLPSpec, m: int, *, interpret: bool = False, inference: bool = False
+) -> SmallConfig:
+    """The default tiles for a narrow MLP (every width <= 128) over m rows; `inference`: for the
+    forward kernel alone (the training kernels keep the tiles their runs measured).
 
     The reasoning (predictions, measured by bench/sweep_decode.py): the floor is reading x and
     writing y once (nerf-64x5 fp16, 2M rows: 537 MB, 127 us at 4.24 TB/s), and the matrix work is
@@ -688,6 +691,15 @@ def fused_small_config(spec: MLPSpec, m: int, *, interpret: bool = False) -> Sma
         block_m, warps, stages = {128: (16, 8, 1), 64: (32, 4, 1)}.get(width, (64, 4, 1))
     else:
         block_m, warps, stages = (64 if width == 128 else 128), 4, 3
+    if inference and width == 64 and spec.dtype != "float32" and hoist:
+        # more row tiles in flight an SM: each tile's chain of dependent 64-wide MMAs leaves the
+        # tensor cores idle between layers unless another program's tile fills the gap, and
+        # 64-row tiles fit three programs where 128-row ones fit two (nerf-64x5: 68 KiB each).
+        # H200, bench/sweep_decode.py (results 2026-12-02-h200-0ec778c): 203.7 µs against
+        # 207.5 for 8 warps at 128 rows and 224.3 for 64 rows at two programs an SM.
+        three = SmallConfig(64, 4, 3, 3, hoist)
+        if 3 * (small_smem_bytes(spec, three) + 2048) <= SMEM_PER_SM:
+            return three
     config = SmallConfig(block_m, warps, stages, 2, hoist)
     if small_smem_bytes(spec, config) > SMEM_PER_SM // 2 - 2048:
         config = SmallConfig(block_m, warps, stages, 1, hoist)
@@ -760,13 +772,19 @@ def decode_config_for(
 
 
 def small_config_for(
-    config: TileConfig | SmallConfig | None, spec: MLPSpec, m: int, *, interpret: bool = False
+    config: TileConfig | SmallConfig | None,
+    spec: MLPSpec,
+    m: int,
+    *,
+    interpret: bool = False,
+    inference: bool = False,
 ) -> SmallConfig:
-    """What a fused_small launcher runs: the heuristic (None), a SmallConfig as is, or a pinned
-    TileConfig (block_m, num_warps, num_stages; hoisting as the heuristic would)."""
+    """What a fused_small launcher runs: the heuristic (None; `inference` for the forward kernel
+    alone), a SmallConfig as is, or a pinned TileConfig (block_m, num_warps, num_stages;
+    hoisting as the heuristic would)."""
     if isinstance(config, SmallConfig):
         return config
     if config is None:
-        return fused_small_config(spec, m, interpret=interpret)
+        return fused_small_config(spec, m, interpret=interpret, inference=inference)
     # a pinned TileConfig: block_m, num_warps, num_stages as is (the tile's N and K are the width)
     return SmallConfig(config.block_m, config.num_warps, config.num_stages, hoist=small_hoist(spec))

@@ -16,9 +16,9 @@ p + 2P, ... (TILES_PER_PROGRAM of them; a tile past M is fully masked). Before i
 program loads every layer's zero-padded [WIDTH, WIDTH] weight tiles once (`hoist`: they stay in
 shared memory for all its tiles — 40 KiB for nerf-64x5 — where they fit SMALL_HOIST_BYTES; else each
 tile reads them again, from L2). The x tiles are software-pipelined (`num_stages` - 1 tiles of
-BLOCK_M rows in flight through cp.async while one is computed: 2 x 16 KiB at the default 128 rows
-of 64 fp16, and two programs per SM), loaded and stored with 16-byte accesses where the row stride
-allows it.
+BLOCK_M rows in flight through cp.async while one is computed: 2 x 8 KiB at nerf-64x5's default 64
+rows of 64 fp16, and three programs per SM; the training kernels keep 128 rows and two programs),
+loaded and stored with 16-byte accesses where the row stride allows it.
 
 Params are read where they are: the kernel takes a tuple of the layers' own weight pointers (and one
 of biases) — Triton passes tuples of tensors as kernel arguments and indexes them in
@@ -445,7 +445,7 @@ def _fused_small_launch(x_shape, x_strides, spec, config):
     """`fused_small_fwd`'s launch for this key (`_LAUNCHES`), with `_layer_names(spec)`; y is a
     fresh contiguous [M, d_out]."""
     m = x_shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET, inference=True)
     programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
     tiles = cdiv(cdiv(m, cfg.block_m), programs)
     width = padded_width(max(spec.widths))

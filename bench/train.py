@@ -71,6 +71,12 @@ CROSS_STACK_FIRST = 10  # steps over which the two stacks' curves are compared c
 # the heuristic's interpreter tiles (16×32×16, sized for the tests' odd shapes) make the 4096-row
 # image fit ~2,000 iterations per kernel — minutes a step; 128×64×64 makes it ~32.
 INTERPRETED_CONFIG = TileConfig(block_m=128, block_n=64, block_k=64, group_m=1, num_stages=1)
+# JAX --graph: steps per jitted call (jax_impl/training.py `make_train_loop`, a lax.scan). One
+# dispatch (a jitted call ~30 µs on the H200) shared by 50 steps is < 1 µs a step, against the
+# image fit's 167-580 µs of host time a step at one call each; longer chunks could gain < 1 µs a
+# step. 50 divides both tasks' GPU `eval_every` (500, 50), so a run has three chunk lengths, each
+# one compile: 3 (the warm-up), 47 (to the first multiple of 50), 50.
+SCAN_STEPS = 50
 
 
 # ---- task configurations -------------------------------------------------------------------------
@@ -235,11 +241,12 @@ class Run:
     final: dict[str, float] = dataclasses.field(default_factory=dict)
     image: str | None = None
     note: str = ""
-    graph: bool = False  # torch: every step replayed from one CUDA graph (--graph)
+    # --graph: torch replays every step from one CUDA graph; JAX runs SCAN_STEPS steps a call
+    graph: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.stack}:{self.impl}" + (" (graph)" if self.graph else "")
+        return f"{self.stack}:{self.impl}{_stepping(self.stack, self.graph)}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,6 +276,14 @@ class _Clock:
     def finish(self, run: Run) -> None:
         run.warmup_s = self.warmup
         run.step_time_s = self.total / self.count if self.count else None
+
+
+def _stepping(stack: str, graph: bool) -> str:
+    """A --graph run's tag in labels, tables and plots: torch's step replayed from one CUDA
+    graph, "(graph)"; JAX's steps scanned SCAN_STEPS to a jitted call, "(scan)"."""
+    if not graph:
+        return ""
+    return " (graph)" if stack == "torch" else " (scan)"
 
 
 def _segments(steps: int, eval_every: int) -> list[tuple[int, int]]:
@@ -621,26 +636,35 @@ def _jax_rmsnorm(h: Any) -> Any:
 
 
 def _jax_losses(items: list[Any]) -> list[float]:
+    """Per-step values from a run's list of step scalars, or of [K] arrays (scanned chunks)."""
     import jax.numpy as jnp
 
-    return np.asarray(jnp.stack(items)).astype(float).tolist() if items else []
+    if not items:
+        return []
+    flat = jnp.concatenate(items) if items[0].ndim else jnp.stack(items)
+    return np.asarray(flat).astype(float).tolist()
 
 
 def _jax_train(
     run: Run,
-    step: Callable[..., Any],
+    step: Callable[..., Any] | None,
     state: list[Any],
-    batch_of: Callable[[int], Any],
+    batch_of: Callable[..., Any],
     steps: int,
     cfg: Any,
     policy: Policy,
     tick: Callable[[], None],
     before_segment: Callable[[int], None] | None = None,
+    loop: Callable[..., Any] | None = None,
 ) -> None:
-    """The JAX runs' step loop (both tasks): `step(*state, batch, lr)` per step, timed by segment
-    (`before_segment(start)` runs untimed first, e.g. an evaluation), then the run's losses, loss
-    scales and step count. `state` [params, optimizer state, loss scale] is updated in place."""
+    """The JAX runs' step loop (both tasks): `step(*state, batch_of(s), lr)` per step, timed by
+    segment (`before_segment(start)` runs untimed first, e.g. an evaluation), then the run's
+    losses, loss scales and step count. `state` [params, optimizer state, loss scale] is updated
+    in place. With `loop` (`make_train_loop`, --graph; `step` unused) each segment runs in chunks
+    of at most SCAN_STEPS steps, one call `loop(*state, batch_of(start, stop), lrs)` each (the
+    batches of the chunk's steps stacked, or None); a chunk never crosses a segment's end."""
     import jax
+    import jax.numpy as jnp
 
     from fusedmlp.jax_impl import training as jt
 
@@ -649,18 +673,56 @@ def _jax_train(
     # The schedule's factors on the device before the clock starts: a NumPy scalar argument is a
     # host-to-device copy in every step's dispatch (bench/jax_step_probe.py: 248 against 167 µs of
     # host time a step for the image fit on the H200).
-    lr_factors = [jax.device_put(np.float32(lr_factor(s, cfg.steps))) for s in range(steps)]
-
-    def run_steps(start: int, stop: int) -> None:
-        for s in range(start, stop):
-            *new, loss = step(*state, batch_of(s), lr_factors[s])
-            state[:] = new
-            losses.append(loss)
-            scales.append(state[2].scale)
-            tick()
-
+    factors = np.asarray([lr_factor(s, cfg.steps) for s in range(steps)], np.float32)
+    segments = _segments(steps, cfg.eval_every)
     clock = _Clock(lambda: jax.block_until_ready(state))
-    for start, stop in _segments(steps, cfg.eval_every):
+
+    if loop is None:
+        lr_factors = [jax.device_put(f) for f in factors]
+
+        def run_steps(start: int, stop: int) -> None:
+            for s in range(start, stop):
+                *new, loss = step(*state, batch_of(s), lr_factors[s])
+                state[:] = new
+                losses.append(loss)
+                scales.append(state[2].scale)
+                tick()
+
+    else:
+        # Before the clock: every chunk's inputs on the device, and one executable per chunk
+        # length, compiled ahead (lowered from the real arguments, which lowering does not
+        # consume) and, where a timed chunk is its first use, run once on a copy of the state
+        # (discarded): a jit call would compile inside the first timed chunk of a new length,
+        # and its first run is slow (the image fit's 4-step chunk, 8² pixels, on the CPU: 34 ms
+        # the first run, 0.9 ms from the third). That time is counted as warm-up.
+        chunks = [
+            (a, min(a + SCAN_STEPS, stop))
+            for start, stop in segments
+            for a in range(start, stop, SCAN_STEPS)
+        ]
+        inputs = {(a, b): (batch_of(a, b), jax.device_put(factors[a:b])) for a, b in chunks}
+        t0 = time.perf_counter()
+        compiled = {}
+        for (a, b), args in inputs.items():
+            if b - a in compiled:
+                continue
+            compiled[b - a] = loop.lower(*state, *args).compile()
+            if a >= WARMUP_STEPS:
+                spare = jax.tree.map(jnp.copy, state[:2])  # the loop donates params and moments
+                jax.block_until_ready(compiled[b - a](*spare, state[2], *args))
+        clock.warmup += time.perf_counter() - t0
+
+        def run_steps(start: int, stop: int) -> None:
+            for a in range(start, stop, SCAN_STEPS):
+                b = min(a + SCAN_STEPS, stop)
+                *new, chunk_losses, chunk_scales = compiled[b - a](*state, *inputs[(a, b)])
+                state[:] = new
+                losses.append(chunk_losses)
+                scales.append(chunk_scales)
+                for _ in range(a, b):
+                    tick()
+
+    for start, stop in segments:
         if before_segment is not None:
             before_segment(start)
         clock.segment(run_steps, start, stop)
@@ -673,7 +735,14 @@ def _jax_train(
 
 
 def jax_image(
-    cfg: ImageConfig, data: dict, impl: str, policy: Policy, device: str, steps: int, tick
+    cfg: ImageConfig,
+    data: dict,
+    impl: str,
+    policy: Policy,
+    device: str,
+    steps: int,
+    tick,
+    graph: bool = False,
 ) -> tuple[Run, np.ndarray]:
     import jax
     import jax.numpy as jnp
@@ -682,6 +751,7 @@ def jax_image(
     from fusedmlp.jax_impl import training as jt
 
     run = Run("jax", impl, policy.name, interpreted=_interpreted("jax", impl, device))
+    run.graph = graph
     with jax.default_device(_jax_device(device)):
         params = _jax_mlp_params(cfg.spec, image_init(cfg), impl)
         jt.check_master(params, policy)
@@ -694,9 +764,15 @@ def jax_image(
             return jnp.mean((y - batch[1]) ** 2)
 
         opt = optax.adam(cfg.lr)
-        step = jt.make_train_step(loss_fn, opt, policy)
         state = [params, opt.init(params), jt.init_loss_scale(policy)]
-        _jax_train(run, step, state, lambda s: (x, rgb), steps, cfg, policy, tick)
+        if graph:
+            # Every step's batch is the whole image: the scanned loss closes over it (batches
+            # None), for our kernels and the baseline alike.
+            loop = jt.make_train_loop(lambda p, _: loss_fn(p, (x, rgb)), opt, policy)
+            _jax_train(run, None, state, lambda a, b: None, steps, cfg, policy, tick, loop=loop)
+        else:
+            step = jt.make_train_step(loss_fn, opt, policy)
+            _jax_train(run, step, state, lambda s: (x, rgb), steps, cfg, policy, tick)
         out = jnp.clip(jax.jit(apply)(x, state[0]).astype(jnp.float32), 0, 1)
         mse = float(jnp.mean((out - rgb) ** 2))
     run.final = {"loss": mse, "psnr": psnr(mse)}
@@ -704,7 +780,14 @@ def jax_image(
 
 
 def jax_lm(
-    cfg: LMConfig, data: dict, impl: str, policy: Policy, device: str, steps: int, tick
+    cfg: LMConfig,
+    data: dict,
+    impl: str,
+    policy: Policy,
+    device: str,
+    steps: int,
+    tick,
+    graph: bool = False,
 ) -> Run:
     import jax
     import jax.numpy as jnp
@@ -714,6 +797,7 @@ def jax_lm(
     from fusedmlp.jax_impl.training import cast_to_compute
 
     run = Run("jax", impl, policy.name, interpreted=_interpreted("jax", impl, device))
+    run.graph = graph
     init = lm_init(cfg)
     span = cfg.context + 1
     with jax.default_device(_jax_device(device)):
@@ -758,7 +842,11 @@ def jax_lm(
 
         opt = optax.adam(cfg.lr)
         # The table stays float32, as torch.autocast leaves nn.Embedding (the torch twin's).
-        step = jt.make_train_step(loss_fn, opt, policy, keep=("embed",))
+        step = loop = None
+        if graph:  # a chunk's batches: its steps' rows of window starts, [K, batch]
+            loop = jt.make_train_loop(loss_fn, opt, policy, keep=("embed",))
+        else:
+            step = jt.make_train_step(loss_fn, opt, policy, keep=("embed",))
         state = [params, opt.init(params), jt.init_loss_scale(policy)]
 
         def validate(start: int) -> None:  # before each eval_every-th segment (untimed)
@@ -766,7 +854,8 @@ def jax_lm(
                 run.val_steps.append(start)
                 run.val_loss.append(evaluate())
 
-        _jax_train(run, step, state, lambda s: starts[s], steps, cfg, policy, tick, validate)
+        batch_of = (lambda a, b: starts[a:b]) if graph else (lambda s: starts[s])
+        _jax_train(run, step, state, batch_of, steps, cfg, policy, tick, validate, loop)
         run.val_steps.append(steps)
         run.val_loss.append(evaluate())
     run.final = {"loss": run.loss[-1] if run.loss else math.nan, "val_loss": run.val_loss[-1]}
@@ -834,8 +923,9 @@ def run_task(
 ) -> dict[str, Any]:
     """Every (stack, precision, impl) run of `task`; the `train` section of a results file.
     `checkpoint` gets the section so far after each run (a time limit keeps what finished).
-    `graph` (torch runs): "off" eager steps, "on" one CUDA graph replayed a step, "both" each
-    torch run twice. JAX steps are jitted either way."""
+    `graph`: "off" one call a step (torch eager, JAX one jitted step), "on" torch replays one
+    CUDA graph a step and JAX runs SCAN_STEPS steps a jitted call (`make_train_loop`), "both"
+    each run twice."""
     if graph not in GRAPH_MODES:
         raise ValueError(f"graph: expected one of {GRAPH_MODES}, got {graph!r}")
     data = image_data(cfg) if task == "image" else lm_data(cfg)
@@ -846,21 +936,20 @@ def run_task(
     for stack in stacks:
         for precision in precisions:
             policy = get_policy(precision)
-            for impl, graphed in itertools.product(impls, _graph_flags(stack, graph)):
+            for impl, graphed in itertools.product(impls, _graph_flags(graph)):
                 interpreted = _interpreted(stack, impl, device)
                 steps = min(cfg.steps, interpreted_steps) if interpreted else cfg.steps
-                what = f"{task} {stack}:{impl}{' (graph)' if graphed else ''} {precision}"
+                what = f"{task} {stack}:{impl}{_stepping(stack, graphed)} {precision}"
                 tick = progress(what, steps) if progress else None
-                extra = {"graph": graphed} if stack == "torch" else {}
                 result = RUNNERS[(stack, task)](
-                    cfg, data, impl, policy, device, steps, tick or (lambda: None), **extra
+                    cfg, data, impl, policy, device, steps, tick or (lambda: None), graphed
                 )
                 run, image = result if task == "image" else (result, None)
                 run.chosen, run.plan = _plan(stack, cfg, impl, policy, device, graphed)
                 if interpreted:
                     run.note = f"interpreted: {steps} of {cfg.steps} steps"
                 if image is not None and out_dir is not None:
-                    tag = "-graph" if graphed else ""
+                    tag = "-" + _stepping(stack, graphed).strip(" ()") if graphed else ""
                     path = out_dir / f"image-{stack}-{precision}-{impl}{tag}.png"
                     save_png(image, path)
                     run.image = path.name
@@ -873,8 +962,8 @@ def run_task(
 GRAPH_MODES = ("off", "on", "both")
 
 
-def _graph_flags(stack: str, graph: str) -> tuple[bool, ...]:
-    if stack != "torch" or graph == "off":
+def _graph_flags(graph: str) -> tuple[bool, ...]:
+    if graph == "off":
         return (False,)
     return (True,) if graph == "on" else (False, True)
 
@@ -992,7 +1081,7 @@ def train_tables(train: dict[str, Any]) -> list[Any]:
         rows.append(
             [
                 r["stack"],
-                impl + (" (graph)" if r.get("graph") else ""),
+                impl + _stepping(r["stack"], r.get("graph", False)),
                 r["precision"],
                 str(r["steps"]),
                 fmt_num(r.get("psnr" if image else "val_loss"), ".3f"),
@@ -1019,8 +1108,10 @@ def train_tables(train: dict[str, Any]) -> list[Any]:
             headers,
             rows,
             caption="speedup: the baseline's step time (same stack and precision, stepped the "
-            "same way: eager, or (graph) one CUDA graph replayed a step) / this run's; vs eager "
-            "baseline: the eager baseline's step time / this graphed run's; "
+            "same way: one call a step — torch eager, JAX one jitted step — or (graph) one CUDA "
+            f"graph replayed a step, (scan) {SCAN_STEPS} steps a jitted JAX call) / this run's; "
+            "vs eager baseline: the baseline's step time at one call a step / this (graph) or "
+            "(scan) run's; "
             "skipped: fp16 steps skipped by loss scaling; torch↔jax: the largest relative gap "
             f"between the two stacks' training-loss curves (same impl and precision) over the "
             f"first {CROSS_STACK_FIRST} steps and over all",
@@ -1044,7 +1135,7 @@ def plot_train(train: dict[str, Any], path: Path) -> Path:
             loss = np.asarray(r["loss"], dtype=float)
             x = np.arange(1, len(loss) + 1)
             style = "--" if r["impl"] == BASELINE else "-"
-            name = r["impl"] + (" (graph)" if r.get("graph") else "")
+            name = r["impl"] + _stepping(r["stack"], r.get("graph", False))
             if image:
                 ax.plot(x, -10 * np.log10(loss), style, lw=1.2, label=name)
             else:
@@ -1077,7 +1168,8 @@ def plot_images(train: dict[str, Any], out_dir: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(runs) + 1, figsize=(2.6 * (len(runs) + 1), 3.2), squeeze=False)
     panels = [("original", "image-original.png")]
     for r in runs:
-        what = f"{r['stack']}:{r['impl']}{' (graph)' if r.get('graph') else ''} {r['precision']}"
+        what = f"{r['stack']}:{r['impl']}{_stepping(r['stack'], r.get('graph', False))}"
+        what += f" {r['precision']}"
         panels.append((f"{what}\n{r['final']['psnr']:.2f} dB, {r['steps']} steps", r["image"]))
     for ax, (title, name) in zip(axes[0], panels, strict=True):
         ax.imshow(plt.imread(out_dir / name))
@@ -1136,9 +1228,10 @@ def add_parser(sub: Any) -> None:
         "--graph",
         choices=GRAPH_MODES,
         default="off",
-        help="torch runs (CUDA only): 'on' captures the training step once as a CUDA graph and "
-        "replays it every step (what jax.jit does for the JAX step), the baseline's too; 'both' "
-        "makes each torch run eager and graphed (default off)",
+        help="'on': torch runs (CUDA only) capture the training step once as a CUDA graph and "
+        f"replay it every step; JAX runs take {SCAN_STEPS} steps a jitted call (lax.scan); the "
+        "baselines' too. 'both' makes each run twice, one call a step and graphed/scanned "
+        "(default off)",
     )
     p.add_argument("--out", metavar="DIR", default="train-results", help="JSON, PNGs")
     p.set_defaults(func=cmd_train)
@@ -1175,7 +1268,10 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
     _check_args(args)
     device = resolve_device(args.device)
     if args.graph != "off" and device != "cuda" and "torch" in args.stack:
-        raise SystemExit(f"fusedmlp train: --graph {args.graph}: CUDA graphs need --device cuda")
+        raise SystemExit(
+            f"fusedmlp train: --graph {args.graph}: CUDA graphs need --device cuda (the torch "
+            "runs; --stack jax scans its steps on any device)"
+        )
     overrides = {"steps": args.steps, "lr": args.lr, "seed": args.seed}
     overrides |= {"size": args.size} if args.task == "image" else {"batch": args.batch}
     try:
@@ -1202,7 +1298,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         rep.write_json(_results("train", partial), json_path)
         r = partial["runs"][-1]  # one line per finished run, also where no bar is drawn (a log)
         end = ", ".join(f"{k} {v:.4g}" for k, v in r["final"].items())
-        graphed = " (graph)" if r.get("graph") else ""
+        graphed = _stepping(r["stack"], r.get("graph", False))
         console.print(
             f"done {r['stack']}:{r['impl']}{graphed} ({r['chosen']}) {r['precision']}: "
             f"{r['steps']} steps, "

@@ -7,6 +7,9 @@
         master, opt_state = optax update, kept only where finite   (fp16; else always applied)
         scale_state = next_loss_scale(scale_state, finite)          (fp16)
 
+    loop(master, opt_state, scale_state, batches, lr_scales):       # one jitted call, K steps
+        lax.scan of the same step over the K batches and learning-rate factors
+
 The policy's cast rules, written out (JAX has no autocast): the float32 master tree is cast to the
 compute dtype at the top of the loss (`cast_to_compute`; the cast's transpose brings the grads
 back to float32), the model feeds `jax_impl.mlp` / `jnp.dot` compute-dtype arrays and casts to
@@ -16,7 +19,9 @@ constants), its state a `LossScaleState` pytree; a skipped step leaves params AN
 as they were, as GradScaler skips `optimizer.step()`.
 
 Twin: torch_impl/training.py (`train_step` with torch.autocast and torch.amp.GradScaler; the
-twin-diff of the public names is listed there).
+twin-diff of the public names is listed there). twin-diff: `make_train_loop` (JAX only) is what
+torch's `GraphedTrainStep` is to its eager step, the host's per-step work removed: the jitted step
+still costs one dispatch a step, the scanned loop one per K steps (docs/porting.md).
 """
 
 from __future__ import annotations
@@ -143,7 +148,74 @@ def make_train_step(
     returns (copy first to keep an old state). A step that allocates and frees every param and
     moment is host time: the image fit's jitted step (120 µs of kernels) took 363 µs of host
     dispatch a step without donation and 167 µs with it (H200, 87c88fd)."""
-    policy = get_policy(policy)
+    step = _step(loss_fn, optimizer, get_policy(policy), keep)
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_train_loop(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    optimizer: optax.GradientTransformation,
+    policy: Policy | str,
+    *,
+    keep: tuple[str, ...] = (),
+    donate: bool = True,
+) -> Callable[..., tuple[Any, Any, LossScaleState, jax.Array, jax.Array]]:
+    """`loop(params, opt_state, scale_state, batches, lr_scales) -> (params, opt_state,
+    scale_state, losses, scales)`: K optimizer steps in ONE jitted call, `jax.lax.scan` of the
+    step `make_train_step` builds (the same function, arguments as there). `lr_scales`: float32
+    [K], step k's `lr_scale`; `batches`: a pytree whose leaves have a leading axis K (step k gets
+    the k-th slice of each), or None (every step gets batch None: a loss that closes over its
+    data). `losses` [K] float32, unscaled; `scales` [K] float32, the loss scale after each step.
+    Jitted with `make_train_step`'s donation. The results are those of K calls of the jitted step
+    (tests/test_training.py checks them bit for bit on the CPU).
+
+    What the scan removes is the host's share of a step: the jitted step costs one dispatch a
+    step (167-580 µs for the image fit's 120 µs of kernels on the H200), the loop one per K
+    steps, as replaying a CUDA graph does for the torch step (torch_impl/training.py
+    `GraphedTrainStep`). What it costs: one executable per K (scan's length is static), the
+    losses and scales come back per call, not per step, and a K-step call cannot stop between
+    its steps (an evaluation falls between calls)."""
+    step = _step(loss_fn, optimizer, get_policy(policy), keep)
+
+    def loop(params, opt_state, scale_state, batches, lr_scales):
+        lr_scales = jnp.asarray(lr_scales)
+        if lr_scales.ndim != 1 or lr_scales.dtype != jnp.float32:
+            raise ValueError(
+                f"lr_scales: expected float32 [K], got {lr_scales.dtype} {lr_scales.shape}"
+            )
+        k = lr_scales.shape[0]
+        bad = [
+            (jax.tree_util.keystr(path), a.shape)
+            for path, a in jax.tree_util.tree_leaves_with_path(batches)
+            if a.ndim == 0 or a.shape[0] != k
+        ]
+        if bad:
+            raise ValueError(
+                f"batches: expected a leading axis of {k} (the length of lr_scales) on every "
+                f"leaf, got {bad[:4]}"
+            )
+
+        def body(carry, xs):
+            batch, lr_scale = xs
+            params, opt_state, scale_state, loss = step(*carry, batch, lr_scale)
+            return (params, opt_state, scale_state), (loss, scale_state.scale)
+
+        carry = (params, opt_state, scale_state)
+        carry, (losses, scales) = jax.lax.scan(body, carry, (batches, lr_scales))
+        return (*carry, losses, scales)
+
+    return jax.jit(loop, donate_argnums=(0, 1) if donate else ())
+
+
+def _step(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    optimizer: optax.GradientTransformation,
+    policy: Policy,
+    keep: tuple[str, ...],
+) -> Callable[..., tuple[Any, Any, LossScaleState, jax.Array]]:
+    """The one step, unjitted: what `make_train_step` jits and `make_train_loop` scans."""
 
     def scaled_loss(params: Any, batch: Any, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
         loss = loss_fn(cast_to_compute(params, policy, keep), batch).astype(jnp.float32)
@@ -164,6 +236,4 @@ def make_train_step(
             scale_state = update_loss_scale(scale_state, finite, policy)
         return new_params, new_opt_state, scale_state, loss
 
-    if not jit:
-        return step
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return step

@@ -247,6 +247,98 @@ def test_jax_check_master_and_casts() -> None:
     assert bool(jt.all_finite(tree)) and not bool(jt.all_finite({"w": jnp.array([1.0, jnp.inf])}))
 
 
+# ---- JAX: K steps in one jitted call (make_train_loop, a lax.scan) -------------------------------
+@pytest.mark.parametrize(
+    "impl, precision, batched",
+    [
+        ("xla", "fp32", True),
+        ("xla", "bf16", False),
+        ("xla", "fp16", True),
+        ("fused_small", "fp16", True),  # the interpreted Pallas kernels' custom_vjp, scanned
+    ],
+)
+def test_jax_train_loop_is_the_jitted_steps(impl: str, precision: str, batched: bool) -> None:
+    """make_train_loop's one call of K scanned steps gives what K calls of make_train_step's
+    jitted step give, bit for bit: every loss and loss scale, the params, Adam's state and the
+    scale state after them. Per-step batches, or batches None (the loss closes over its data),
+    a learning-rate schedule, and under fp16 a step whose gradient is inf (its target is), which
+    both skip: the scale halves, nothing else moves."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from fusedmlp.jax_impl import training as jt
+
+    k = 3 if impl == "fused_small" else 4  # interpreted steps cost ~0.3 s each
+    policy = get_policy(precision)
+    params = tr._jax_mlp_params(SMALL_SPEC, init_params(SMALL_SPEC, 3), impl)
+    apply = tr._jax_apply_mlp(SMALL_SPEC, impl, policy)
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.standard_normal((k, 17, 6)).astype(np.float32))
+    targets = rng.uniform(size=(k, 17, 3)).astype(np.float32)
+    if policy.loss_scale is not None:
+        targets[1, 4, 2] = np.inf
+    ts = jnp.asarray(targets)
+    lr_scales = jnp.asarray([tr.lr_factor(s, k) for s in range(k)], jnp.float32)
+
+    def mse(p, x, t):
+        return jnp.mean((apply(x, p).astype(jnp.float32) - t) ** 2)
+
+    if batched:
+        loss_fn, batches = (lambda p, b: mse(p, *b)), (xs, ts)
+    else:
+        loss_fn, batches = (lambda p, b: mse(p, xs[0], ts[0])), None
+    opt = optax.adam(1e-2)
+    copy = functools.partial(jax.tree.map, jnp.copy)  # both donate what they are given
+    step = jt.make_train_step(loss_fn, opt, policy)
+    state = [copy(params), opt.init(params), jt.init_loss_scale(policy)]
+    losses, scales = [], []
+    for i in range(k):
+        *state, loss = step(*state, (xs[i], ts[i]) if batched else None, lr_scales[i])
+        losses.append(loss)
+        scales.append(state[2].scale)
+    loop = jt.make_train_loop(loss_fn, opt, policy)
+    *got, got_losses, got_scales = loop(
+        copy(params), opt.init(params), jt.init_loss_scale(policy), batches, lr_scales
+    )
+    assert got_losses.shape == (k,) and got_losses.dtype == jnp.float32
+    np.testing.assert_array_equal(got_losses, np.stack(losses))
+    np.testing.assert_array_equal(got_scales, np.stack(scales))
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    for (path, want), have in zip(leaves, jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
+    jt.check_master(got[0], policy)
+    if policy.loss_scale is not None:
+        finite = np.isfinite(np.asarray(got_losses)).tolist()
+        assert finite[:3] == [True, False, True]
+        assert got_scales.tolist()[:3] == [2.0**16, 2.0**15, 2.0**15]
+        assert int(got[1][0].count) == k - 1, "Adam stepped on the skipped step"
+
+
+def test_jax_train_loop_checks_its_arguments() -> None:
+    import jax.numpy as jnp
+    import optax
+
+    from fusedmlp.jax_impl import training as jt
+
+    opt = optax.sgd(0.5)
+    loop = jt.make_train_loop(lambda p, b: jnp.sum(p["w"] * b), opt, "fp32", donate=False)
+    params = {"w": jnp.ones(3)}
+    state = (params, opt.init(params), jt.init_loss_scale("fp32"))
+    with pytest.raises(
+        ValueError, match=r"lr_scales: expected float32 \[K\], got float32 \(2, 2\)"
+    ):
+        loop(*state, jnp.ones((2, 3)), jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"lr_scales: expected float32 \[K\], got int32"):
+        loop(*state, jnp.ones((2, 3)), jnp.arange(2))
+    with pytest.raises(ValueError, match=r"batches: expected a leading axis of 2 .*\(3, 3\)"):
+        loop(*state, jnp.ones((3, 3)), jnp.ones(2))
+    new, _, _, losses, scales = loop(*state, jnp.ones((2, 3)), jnp.asarray([1.0, 0.5]))
+    # sgd: w - 0.5 · lr_scale · b per step, b = 1; the loss of each step before its update
+    assert np.asarray(new["w"]).tolist() == [0.25] * 3 and losses.tolist() == [3.0, 1.5]
+    assert scales.tolist() == [1.0, 1.0] and np.asarray(params["w"]).tolist() == [1.0] * 3
+
+
 # ---- the tasks -----------------------------------------------------------------------------------
 def test_task_data() -> None:
     d = tr.image_data(TINY_IMAGE)
@@ -291,7 +383,7 @@ def test_baselines_learn_and_agree_across_stacks(task: str) -> None:
         assert row["cross_stack_max_rel_first"] < 1e-3, row
 
 
-def test_cli_writes_and_report_renders(tmp_path) -> None:
+def test_cli_writes_and_report_renders(tmp_path, monkeypatch) -> None:
     from fusedmlp.bench.cli import main
 
     out = tmp_path / "runs"
@@ -317,6 +409,19 @@ def test_cli_writes_and_report_renders(tmp_path) -> None:
     assert main(["report", str(out / "train-image.json"), "--plot-dir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "train.png").exists()
     assert "Training, image fit" in (out / "train-image.md").read_text()
+
+    # JAX --graph: the steps scanned in jitted chunks (2 here: chunks 0-2, 2-3 | 3-5 split at the
+    # warm-up's end) give the per-step losses and scales of one jitted call a step, bit for bit
+    monkeypatch.setattr(tr, "SCAN_STEPS", 2)
+    args = ["train", "image", "--device", "cpu", "--impl", "baseline", "--stack", "jax"]
+    args += ["--steps", "5", "--size", "8", "--precision", "fp16", "--graph", "both"]
+    assert main([*args, "--out", str(tmp_path / "jax")]) == 0
+    train = json.loads((tmp_path / "jax" / "train-image.json").read_text())["train"]
+    one, scanned = train["runs"]
+    assert (one["graph"], scanned["graph"]) == (False, True) and len(scanned["loss"]) == 5
+    assert scanned["loss"] == one["loss"] and scanned["scale"] == one["scale"]
+    assert scanned["image"] == "image-jax-fp16-baseline-scan.png"
+    assert "baseline (scan)" in tr.train_tables(train)[0].rows[1][1]
 
 
 def test_cli_errors(capsys) -> None:

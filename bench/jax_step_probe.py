@@ -29,6 +29,7 @@ import optax
 
 from fusedmlp.bench import timing
 from fusedmlp.bench import train as tr
+from fusedmlp.common import tiling
 from fusedmlp.common.precision import get_policy
 from fusedmlp.jax_impl import training as jt
 
@@ -81,6 +82,16 @@ def probe(impl: str, size: int, steps: int, donate: bool) -> None:
         print(f"   {us:8.1f} µs ×{count[name] / calls:.0f} {name[:100]}")
 
 
+def _fresh_traces() -> None:
+    """Drop the JAX front's cached jitted passes, so that the next step traces them afresh (after
+    a tiling choice was changed)."""
+    from fusedmlp.jax_impl import front
+
+    for value in vars(front).values():
+        if hasattr(value, "cache_clear"):
+            value.cache_clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image side (a divisor of 512)")
@@ -93,21 +104,35 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated WGRAD_WAVES values (common/tiling.py) to time `auto` under: how "
         "many waves of programs kernel B's split over the rows may fill",
     )
+    parser.add_argument(
+        "--small-configs",
+        default="",
+        help="semicolon-separated block_m,num_warps,num_stages,programs_per_sm tiles to time "
+        "`auto` under: every whole-MLP training kernel (saving forward, kernels A and B) takes "
+        "them in place of the heuristic's",
+    )
     args = parser.parse_args(argv)
     for impl in args.impl.split(","):
         probe(impl.strip(), args.size, args.steps, donate=not args.no_donate)
     for waves in filter(None, args.wgrad_waves.split(",")):
-        from fusedmlp.common import tiling
-        from fusedmlp.jax_impl import front
-
-        # read by wgrad_splits at trace time: the front's cached jitted passes are dropped so
-        # that the step below traces them afresh
-        tiling.WGRAD_WAVES = int(waves)
-        for value in vars(front).values():
-            if hasattr(value, "cache_clear"):
-                value.cache_clear()
+        tiling.WGRAD_WAVES = int(waves)  # read by wgrad_splits at trace time
+        _fresh_traces()
         print(f"== WGRAD_WAVES={waves}")
         probe("auto", args.size, args.steps, donate=not args.no_donate)
+    heuristic = tiling.fused_small_config
+    for text in filter(None, args.small_configs.split(";")):
+        tiles = tuple(int(v) for v in text.split(","))
+
+        def pinned(spec, m, *, interpret=False, inference=False, tiles=tiles):
+            if interpret:
+                return heuristic(spec, m, interpret=interpret, inference=inference)
+            return tiling.SmallConfig(*tiles, tiling.small_hoist(spec))
+
+        tiling.fused_small_config = pinned  # small_config_for reads it at trace time
+        _fresh_traces()
+        print(f"== small config {text}")
+        probe("auto", args.size, args.steps, donate=not args.no_donate)
+        tiling.fused_small_config = heuristic
     return 0
 
 

@@ -497,7 +497,8 @@ INTERPRET_TWO_PASS_CONFIG = LowRankConfig(
 # traffic than one pass, for one more launch (~2-3 us). At M = 128 one pass still has one or two
 # row blocks, but the partials grow with BLOCK_M (S·128·256·4 = 1 MiB a program at S = 8, r =
 # 256), as many bytes as one pass's copies of U: past 64 rows the trade is unmeasured, and one
-# pass (measured 1.7x at M = 8192) stays.
+# pass (measured 1.7x at M = 8192) stays. Past 64 rows a factorised MLP's plain layers run two
+# GEMMs instead (common/lowrank_spec.py `layer_run`: the fused kernel loses there, measured).
 TWO_PASS_MAX_M = 64
 # K per split: 8 steps of 64 (a short serial chain: the decode kernel is latency-bound, not
 # bandwidth-bound; 64 steps a program measured 43 us at r = 64 for 0.6 MB of weights).
@@ -518,8 +519,18 @@ def lowrank_config(
     most programs: 32 / 64 / 128 at r = 64 / 128 / 256, S = 8); launch 2: one 128-wide output
     tile a program (112 at N = 14336), one dot of K = BLOCK_R each.
 
-    Larger M: one pass. Rows: BLOCK_M = M rounded up to 16..128. Columns: enough N-panels that
-    the grid fills the SMs once, G = max(1, NUM_SMS // m_tiles) panels of n_tiles =
+    Larger M (a direct call: the fronts run plain layers there as two GEMMs,
+    lowrank_spec.layer_run), plain, r ≤ 64 (block_r ≤ 64): two passes with S = 1, 64-row blocks,
+    panels of two 128-wide tiles, 4 warps, 16-wide rank tiles — the H200 probe's best at
+    llama3-8b's layer, M = 8192, bf16 (commit 0ec778c, bench/lowrank_probe.py, device time):
+    170.6 µs vs 289.7 for the one pass below. Launch 1 computes t once per row block (no
+    recompute per panel); launch 2 runs a GEMM of K = r over every (row block, panel): many small
+    programs keep the output's stores (M·N·2 bytes, the floor) in flight. At r = 128 / 256 the
+    probe's best variants were within 1–2 % of the one pass (283.0 vs 285.4, 432.1 vs 438.6 µs),
+    so the one pass stays there.
+
+    Larger M, otherwise: one pass. Rows: BLOCK_M = M rounded up to 16..128. Columns: enough
+    N-panels that the grid fills the SMs once, G = max(1, NUM_SMS // m_tiles) panels of n_tiles =
     cdiv(n_tiles_total, G) tiles: at M = 8192 two panels per row block (t computed twice per row
     block). r = 256: 64-wide output tiles and 32-deep K steps (3 stages fit; see below).
 
@@ -545,6 +556,18 @@ def lowrank_config(
             num_warps=8 if block_r(r) >= 256 else 4,
             num_stages=3,
             split_k=splits,
+            split_block_r=16,
+        )
+    if not gated and block_r(r) <= 64:
+        return LowRankConfig(
+            block_m=64,
+            block_n=128,
+            block_k=64,
+            n_tiles=2,
+            group_m=8,
+            num_warps=4,
+            num_stages=3,
+            split_k=1,
             split_block_r=16,
         )
     wide = block_r(r) >= 256

@@ -5,10 +5,12 @@ dense test see no new field) with one rank per layer. From (K, N, r) alone each 
 (`layer_mode`), the same for every batch size, so the params a module holds never change with M:
 
 - `lowrank`: r ≤ MAX_RANK (256) and r·(K + N) < K·N: the fused kernel `lowrank_linear_act`,
-  t = x·U kept on chip; fewer FLOPs (2M·r·(K+N) vs 2M·K·N) and fewer weight bytes (the same
-  inequality), the activations' bytes unchanged;
+  t = x·U kept on chip (plain: at M ≤ 64, two GEMMs above: `layer_run`, below); fewer FLOPs
+  (2M·r·(K+N) vs 2M·K·N) and fewer weight bytes (the same inequality), the activations' bytes
+  unchanged;
 - `two_gemm`: r > MAX_RANK and r·(K + N) < K·N: the [BLOCK_M, r] intermediate does not fit on
-  chip, so two `linear_act` launches with t written to memory and read back (2·M·r more bytes);
+  chip, so two `linear_act` launches (each front's Hopper kernel where it applies) with t
+  written to memory and read back (2·M·r more bytes);
   the factors are kept (the memory the compression saved), the plan shows the dense cost beside;
 - `dense`: r·(K + N) ≥ K·N (r = min(K, N) always is): factorising saves neither FLOPs nor
   bytes, so the layer keeps its ORIGINAL weight `w{i}` (exact, and no bigger) and runs the dense
@@ -36,10 +38,22 @@ marks the contract's `v{i}`, as `c{i}` does its bias), biases `b{i}`, `c{i}`. By
   `bc{i}` [2·Np] (common/packing.py), and the dense `gated` kernel; param counts are W's and V's
   (the padding is layout, not parameters).
 
+How a `lowrank` layer RUNS depends on M as well (`layer_run(layer, m)`, the one rule both fronts
+and `plan` read; the params stay M-independent): at M ≤ lowrank.TWO_PASS_MAX_M (64, decode) the
+fused kernel; above it two GEMMs as `two_gemm` runs them (t = x·U stored in the dtype: the fused
+kernel's rounding point, so the same parity target), because the fused kernel, designed for
+decode, loses at large M. Measured on the H200 (commit 0ec778c, bench/lowrank_probe.py, device
+time), llama3-8b's layer 4096 → 14336, silu, bf16, r = 64 / 128 / 256: M = 8192: two GEMMs on the
+Hopper TMA linear_act 177.9 / 205.0 / 232.4 µs vs the fused kernel 289.7 / 285.4 / 438.6 (eager
+510.9 / 519.8 / 557.3); M = 16: fused 8.9 / 10.9 / 12.1 µs vs eager 14.2 / 15.0 / 16.0. A gated
+`lowrank` layer keeps the fused kernel at every M: its two-GEMM path builds the concatenated U's
+and the block-diagonal packed operand per call (fused at M = 8192: 519 / 800 / 1,083 µs vs eager
+1,060 / 1,078 / 1,152).
+
 `factorise` turns a dense MLP's params into them (common/lowrank.py's plain or activation-aware
 SVD per layer); `reference` is the float64 forward with the kernels' rounding points optional;
-`plan` gives per layer the rank, the mode and why, the parameter counts, FLOPs and bytes, and the
-launches with their configs (both stacks' `plan` return it).
+`plan` gives per layer the rank, the mode, what runs at this M and why, the parameter counts,
+FLOPs and bytes, and the launches with their configs (both stacks' `plan` return it).
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +93,32 @@ def layer_mode(k: int, n: int, r: int) -> tuple[str, str]:
         )
     return "lowrank", (
         f"rank {r} ≤ {lowrank.MAX_RANK} and r·(K+N) = {fact:,} < K·N = {dense:,}: fused, t on chip"
+    )
+
+
+# ---- how a layer runs at M rows (the measured numbers: the module docstring) ---------------------
+def layer_run(lay: LowRankLayer, m: int) -> tuple[str, str]:
+    """(how, why): how the layer runs at M rows (one of MODES; "lowrank" is the fused kernel) and
+    why. Only a plain `lowrank` layer's choice depends on M: fused at M ≤ TWO_PASS_MAX_M, two
+    GEMMs above; every other layer runs its mode."""
+    if lay.mode != "lowrank":
+        return lay.mode, lay.reason
+    limit = lowrank.TWO_PASS_MAX_M
+    if lay.layer.gated:
+        return "lowrank", (
+            f"{lay.reason}; gated: fused at every M (two GEMMs would build [U | Uv] and the "
+            "block-diagonal packed operand per call); H200, M = 8192, r = 64/128/256: fused "
+            "519/800/1,083 µs vs eager 1,060/1,078/1,152"
+        )
+    if m <= limit:
+        return "lowrank", (
+            f"{lay.reason}; M = {m} ≤ {limit} (decode): H200, M = 16, r = 64/128/256: fused "
+            "8.9/10.9/12.1 µs vs eager 14.2/15.0/16.0"
+        )
+    return "two_gemm", (
+        f"{lay.reason} at M ≤ {limit}; M = {m}: two GEMMs instead (t = x·U stored in the dtype, "
+        "the fused kernel's rounding point); H200, M = 8192, r = 64/128/256: 178/205/232 µs "
+        "(Hopper TMA linear_act) vs fused 290/285/439"
     )
 
 
@@ -412,13 +452,16 @@ def _gated_reference(
 # ---- plan ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer of a factorised MLP's plan: how it runs, why, and what it costs at this M."""
+    """One layer of a factorised MLP's plan: how it runs, why, and what it costs at this M.
+    `mode` decides the params (M-independent), `runs` what runs at this M (`layer_run`), `reason`
+    why; params, FLOPs and bytes are those of what runs."""
 
     index: int
     k: int
     n: int
     rank: int
     mode: str
+    runs: str
     reason: str
     activation: str
     params: int
@@ -431,9 +474,10 @@ class LayerPlan:
     gated: bool = False
 
     def __str__(self) -> str:
+        runs = self.runs if self.runs == self.mode else f"{self.mode}, runs {self.runs}"
         return (
             f"layer {self.index} {self.k}→{self.n}{' gated' if self.gated else ''} rank "
-            f"{self.rank}: {self.mode} ({self.reason}); "
+            f"{self.rank}: {runs} ({self.reason}); "
             f"params {self.params:,} (dense {self.dense_params:,}), FLOPs {self.flops:,} (dense "
             f"{self.dense_flops:,}), bytes {self.bytes:,} (dense {self.dense_bytes:,}); "
             + "; ".join(self.launches)
@@ -476,7 +520,7 @@ class LowRankPlan:
         for r in self.layers:
             gated = " gated" if r.gated else ""
             rows.append(
-                f"| {r.index} | {r.k}→{r.n}{gated} | {r.rank} | {r.mode} | {r.params:,} "
+                f"| {r.index} | {r.k}→{r.n}{gated} | {r.rank} | {r.runs} | {r.params:,} "
                 f"({r.dense_params:,}) | {r.flops / 1e9:.3g} ({r.dense_flops / 1e9:.3g}) | "
                 f"{r.bytes / 1e6:.3g} ({r.dense_bytes / 1e6:.3g}) | {r.reason} |"
             )
@@ -486,20 +530,26 @@ class LowRankPlan:
         return self.describe()
 
 
+# (name, config) of the linear_act kernel a two-GEMM launch of [m, k]·[k, n] runs in a stack:
+# `gemm(m, n, k)`; each front passes its own (torch: the Hopper TMA kernel where it applies).
+GemmChoice = Callable[[int, int, int], tuple[str, Any]]
+
+
 def _launches(
     m: int,
     k: int,
     n: int,
     r: int,
-    mode: str,
+    runs: str,
     act: str,
     gated: bool,
     dtype: str,
     config: lowrank.LowRankConfig | None,
     interpret: bool,
+    gemm: GemmChoice,
 ) -> tuple[str, ...]:
-    """The launches of one layer and their configs (the stacks' run_layers makes these calls)."""
-    if mode == "lowrank":
+    """The launches of one layer and their configs (the stacks' run paths make these calls)."""
+    if runs == "lowrank":
         cfg = (
             config
             if config is not None
@@ -507,15 +557,14 @@ def _launches(
         )
         name = "lowrank_gated_linear_act" if gated else "lowrank_linear_act"
         return (f"{name}({act}) {m}x{n}x{k} r={r} [{cfg}]",)
-    if mode == "two_gemm":
+    if runs == "two_gemm":
         t = 2 * r if gated else r  # a gated layer's [tw | tv]
-        second = "gated" if gated else "linear_act"
-        c1 = heuristic_config("linear_act", m, t, k, dtype, interpret=interpret)
-        c2 = heuristic_config(second, m, n, t, dtype, interpret=interpret)
-        return (
-            f"linear_act(identity) {m}x{t}x{k} [{c1}]",
-            f"{second}({act}) {m}x{n}x{t} [{c2}]",
-        )
+        name1, c1 = gemm(m, t, k)
+        if gated:
+            name2, c2 = "gated", heuristic_config("gated", m, n, t, dtype, interpret=interpret)
+        else:
+            name2, c2 = gemm(m, n, t)
+        return (f"{name1}(identity) {m}x{t}x{k} [{c1}]", f"{name2}({act}) {m}x{n}x{t} [{c2}]")
     family = "gated" if gated else "linear_act"
     cfg = heuristic_config(family, m, n, k, dtype, interpret=interpret)
     return (f"{family}({act}) {m}x{n}x{k} [{cfg}]",)
@@ -528,8 +577,11 @@ def plan(
     config: lowrank.LowRankConfig | None = None,
     interpret: bool = False,
     stack: str = "",
+    gemm: GemmChoice | None = None,
 ) -> LowRankPlan:
-    """Per layer: rank, mode and why, params, FLOPs and bytes (and the dense layer's), launches."""
+    """Per layer: rank, mode, what runs at this M and why (`layer_run`), params, FLOPs and bytes
+    (and the dense layer's), launches. `gemm`: the stack's two-GEMM kernel choice (None: the
+    portable linear_act at its heuristic config)."""
     if not isinstance(lspec, LowRankSpec):
         raise TypeError(
             f"lspec: expected a fusedmlp.common.lowrank_spec.LowRankSpec, got "
@@ -541,11 +593,17 @@ def plan(
     m = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     itemsize = numpy_dtype(lspec.dtype).itemsize
     dtype = lspec.dtype
+    if gemm is None:
+
+        def gemm(m: int, n: int, k: int) -> tuple[str, Any]:
+            return "linear_act", heuristic_config("linear_act", m, n, k, dtype, interpret=interpret)
+
     rows = []
     for lay in lspec.layers():
         k, n, r, mode, bias = lay.layer.d_in, lay.layer.d_out, lay.rank, lay.mode, lay.layer.bias
         act, gated = lay.layer.activation, lay.layer.gated
-        launches = _launches(m, k, n, r, mode, act, gated, dtype, config, interpret)
+        runs, why = layer_run(lay, m)
+        launches = _launches(m, k, n, r, runs, act, gated, dtype, config, interpret, gemm)
         rows.append(
             LayerPlan(
                 index=lay.layer.index,
@@ -553,13 +611,14 @@ def plan(
                 n=n,
                 rank=r,
                 mode=mode,
-                reason=lay.reason,
+                runs=runs,
+                reason=why,
                 activation=act,
                 params=layer_params(k, n, r, mode, bias, gated),
                 dense_params=layer_params(k, n, r, "dense", bias, gated),
-                flops=layer_flops(m, k, n, r, mode, gated),
+                flops=layer_flops(m, k, n, r, runs, gated),
                 dense_flops=layer_flops(m, k, n, r, "dense", gated),
-                bytes=layer_bytes(m, k, n, r, mode, bias, itemsize, gated),
+                bytes=layer_bytes(m, k, n, r, runs, bias, itemsize, gated),
                 dense_bytes=layer_bytes(m, k, n, r, "dense", bias, itemsize, gated),
                 launches=launches,
                 gated=gated,

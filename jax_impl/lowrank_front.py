@@ -3,36 +3,46 @@ makes its params from a dense MLP's.
 
     y = lowrank_mlp(x, params, lspec)       lspec: common.lowrank_spec.LowRankSpec (spec + ranks)
 
-Per layer, by its mode (common/lowrank_spec.py, the same for every M): `lowrank` runs the fused
-`lowrank_linear_act` (lowrank.py), `two_gemm` two `linear_act` launches with t = x·U stored in the
-dtype, `dense` one `linear_act` on the layer's original weight. A gated layer (SwiGLU / GeGLU):
-`lowrank` runs `lowrank_gated_linear_act`, `two_gemm` `linear_act(x, [U | Uv])` then the dense
-`gated` kernel on [tw | tv] with the block-diagonal packed operand (the gated epilogue's rounding
-order; common/lowrank_spec.py says why it is exact), `dense` the `gated` kernel on the original
-packed W and V. Hidden layers are stored in the
-dtype between launches, so the parity target is `lowrank_spec.reference(..., round_intermediate=
-True, round_hidden=True)`; the exact float64 factorised MLP is met within the tolerance policy.
+Per layer, by its mode (common/lowrank_spec.py, the same for every M) and the M of the call
+(`lowrank_spec.layer_run`, one rule for both fronts and `plan`): `lowrank` runs the fused
+`lowrank_linear_act` (lowrank.py) at M ≤ 64 and, being slower there (H200: 269 vs XLA's 239 µs
+at M = 8192, r = 64), two GEMMs above; `two_gemm` two `linear_act` launches with t = x·U stored
+in the dtype (the fused kernel's rounding point: the same reference); `dense` one `linear_act`
+on the layer's original weight. The two GEMMs run Mosaic GPU's `linear_act`
+(mosaic/linear_act.py, the sibling of torch's TMA kernel) on a Hopper GPU where its K and N
+rule holds, else the portable one (always when interpreted). A gated layer (SwiGLU / GeGLU):
+`lowrank` runs `lowrank_gated_linear_act` at every M, `two_gemm` `linear_act(x, [U | Uv])` then
+the dense `gated` kernel on [tw | tv] with the block-diagonal packed operand (the gated
+epilogue's rounding order; common/lowrank_spec.py says why it is exact), `dense` the `gated`
+kernel on the original packed W and V. Hidden layers are stored in the dtype between launches, so
+the parity target is `lowrank_spec.reference(..., round_intermediate=True, round_hidden=True)`;
+the exact float64 factorised MLP is met within the tolerance policy.
 
-impl: "auto" and "pallas_triton" are the same here (the modes decide per layer). Inference only:
-there is no factorised backward kernel.
+impl: "auto" and "pallas_triton" are the same here (the modes and M decide per layer). Inference
+only: there is no factorised backward kernel.
 
 Twin: torch_impl/lowrank_front.py (the same public names and checks).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedmlp.common import MLPSpec
+from fusedmlp.common import MLPSpec, TileConfig
 from fusedmlp.common import lowrank_spec as ls
 from fusedmlp.common.lowrank import DEFAULT_DAMP, LowRankConfig
 from fusedmlp.common.registry import AUTO
+from fusedmlp.common.tiling import heuristic_config
 
 from . import compat
+from . import linear_act as portable_linear_act
+from .front import _is_hopper
 from .gated import gated
 from .linear_act import linear_act
 from .lowrank import lowrank_gated_linear_act, lowrank_linear_act
@@ -88,10 +98,56 @@ def plan(
     """Per layer: rank, how it runs and why, params, FLOPs and bytes vs dense, the launches."""
     check_impl(impl)
     interpret = compat.interpret_mode() if interpret is None else interpret
-    return ls.plan(check_lspec(lspec), x_shape, config=config, interpret=interpret, stack=STACK)
+    dtype = check_lspec(lspec).dtype
+
+    def gemm(m: int, n: int, k: int) -> tuple[str, TileConfig]:
+        return _gemm(m, n, k, dtype, interpret)[:2]
+
+    return ls.plan(lspec, x_shape, config=config, interpret=interpret, stack=STACK, gemm=gemm)
 
 
 # ---- run -----------------------------------------------------------------------------------------
+def _gemm(
+    m: int, n: int, k: int, dtype: str, interpret: bool
+) -> tuple[str, TileConfig, ModuleType]:
+    """(name, config, module) of the linear_act that runs one launch of two GEMMs, [m, k]·[k, n]:
+    Mosaic GPU's on a Hopper GPU where its rule holds (16-bit, K and N multiples of 16), else the
+    portable one, and always when interpreted."""
+    # twin-diff: the Hopper kernel is the Mosaic GPU sibling (torch: the TMA Triton kernel), its
+    # package imported only here (a CPU run never needs it). Unmeasured at these shapes: the H200
+    # numbers (two GEMMs 178/205/232 µs vs fused 290/285/439 at M = 8192) are torch's.
+    if not interpret and _is_hopper():
+        from .mosaic import linear_act as mosaic_linear_act
+        from .mosaic import pipeline
+
+        if pipeline.unsupported_reason(m, n, k, dtype) is None:
+            config = pipeline.default_config("linear_act", m, n, k, dtype)
+            return "mosaic.linear_act", config, mosaic_linear_act
+    config = heuristic_config("linear_act", m, n, k, dtype, interpret=interpret)
+    return "linear_act", config, portable_linear_act
+
+
+def _two_gemms(
+    h: jax.Array,
+    u: jax.Array,
+    vt: jax.Array,
+    b: jax.Array | None,
+    activation: str,
+    precision: str,
+    interpret: bool,
+) -> jax.Array:
+    """act((h·U)·Vt + b) as two linear_act launches, t = h·U stored in the dtype (the fused
+    kernel's rounding point), through the public (checking) functions."""
+    m, k, (r, n) = math.prod(h.shape[:-1]), h.shape[-1], vt.shape
+    dtype = str(h.dtype)
+    _, c1, first = _gemm(m, r, k, dtype, interpret)
+    t = first.linear_act(h, u, config=c1, fp32_precision=precision, interpret=interpret)
+    _, c2, second = _gemm(m, n, r, dtype, interpret)
+    return second.linear_act(
+        t, vt, b, activation=activation, config=c2, fp32_precision=precision, interpret=interpret
+    )
+
+
 def run_layers(
     x: jax.Array,
     params: Mapping[str, jax.Array],
@@ -99,15 +155,17 @@ def run_layers(
     config: LowRankConfig | None,
     interpret: bool,
 ) -> jax.Array:
-    """The launches, on validated input."""
+    """The launches, on validated input, each layer as it runs at x's M (`layer_run`)."""
     precision = lspec.spec.fp32_precision
+    m = math.prod(x.shape[:-1])
     h = x
     for lay in lspec.layers():
         i, act = lay.layer.index, lay.layer.activation
         b = params.get(f"b{i}")
+        runs, _ = ls.layer_run(lay, m)
         if lay.layer.gated:
             h = run_gated_layer(h, params, lay, config, precision, interpret)
-        elif lay.mode == "lowrank":
+        elif runs == "lowrank":
             h = lowrank_linear_act(
                 h,
                 params[f"u{i}"],
@@ -118,16 +176,8 @@ def run_layers(
                 fp32_precision=precision,
                 interpret=interpret,
             )
-        elif lay.mode == "two_gemm":
-            t = linear_act(h, params[f"u{i}"], fp32_precision=precision, interpret=interpret)
-            h = linear_act(
-                t,
-                params[f"vt{i}"],
-                b,
-                activation=act,
-                fp32_precision=precision,
-                interpret=interpret,
-            )
+        elif runs == "two_gemm":
+            h = _two_gemms(h, params[f"u{i}"], params[f"vt{i}"], b, act, precision, interpret)
         else:
             h = linear_act(
                 h, params[f"w{i}"], b, activation=act, fp32_precision=precision, interpret=interpret
@@ -143,7 +193,8 @@ def run_gated_layer(
     fp32_precision: str,
     interpret: bool,
 ) -> jax.Array:
-    """One gated layer, act(x·W + b) ⊙ (x·V + c), by its mode (common/lowrank_spec.py)."""
+    """One gated layer, act(x·W + b) ⊙ (x·V + c), by its mode (common/lowrank_spec.py: a gated
+    `lowrank` layer runs fused at every M)."""
     i, n, act = lay.layer.index, lay.layer.d_out, lay.layer.activation
     if lay.mode == "dense":
         wv, bc = params[f"wv{i}"], params.get(f"bc{i}")
@@ -168,9 +219,10 @@ def run_gated_layer(
         )
     # two_gemm: [tw | tv] rounded once to the dtype, then the gated epilogue over the block-
     # diagonal packed operand (gate columns tw·Vt + tv·0, up columns tw·0 + tv·Vtv: exact zeros)
-    t = linear_act(
-        x, jnp.concatenate([u, uv], axis=1), fp32_precision=fp32_precision, interpret=interpret
-    )
+    m, k, dtype = math.prod(x.shape[:-1]), x.shape[-1], str(x.dtype)
+    _, c1, first = _gemm(m, 2 * u.shape[1], k, dtype, interpret)
+    uuv = jnp.concatenate([u, uv], axis=1)
+    t = first.linear_act(x, uuv, config=c1, fp32_precision=fp32_precision, interpret=interpret)
     zeros = jnp.zeros_like(vt)
     wv = pack_gated(jnp.concatenate([vt, zeros], axis=0), jnp.concatenate([zeros, vtv], axis=0))
     bc = pack_gated(b, c) if b is not None else None
@@ -187,7 +239,8 @@ def lowrank_mlp(
     interpret: bool | None = None,
 ) -> jax.Array:
     """y = the factorised MLP of `lspec` on x [..., d_in] -> [..., d_out], in the spec dtype.
-    `config`: one LowRankConfig for every fused factorised layer (None: the heuristic).
+    `config`: one LowRankConfig for every layer that runs the fused kernel at this M (None: the
+    heuristic); a plain `lowrank` layer past 64 rows runs two GEMMs, which do not take it.
     `interpret`: Pallas' interpreter (None: where there is no GPU)."""
     check_impl(impl)
     check_call(x, params, check_lspec(lspec))

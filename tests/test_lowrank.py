@@ -253,7 +253,12 @@ def test_interpret_config_and_heuristic() -> None:
         gated = lowrank.lowrank_config(16, 14336, 4096, r, "bfloat16", gated=True)
         assert gated.two_pass and gated.split_k == 4
     assert lowrank.lowrank_config(64, 14336, 4096, 64, "bfloat16").split_k == 2
-    assert not lowrank.lowrank_config(65, 14336, 4096, 64, "bfloat16").two_pass
+    # past 64 rows, r ≤ 64, plain: two passes, S = 1, the H200 probe's best (170.6 vs 289.7 us)
+    best = lowrank.LowRankConfig(64, 128, 64, 2, 8, 4, 3, split_k=1, split_block_r=16)
+    for m, r in ((65, 64), (8192, 64), (8192, 17)):
+        assert lowrank.lowrank_config(m, 14336, 4096, r, "bfloat16") == best
+    assert not lowrank.lowrank_config(65, 14336, 4096, 64, "bfloat16", gated=True).two_pass
+    assert not lowrank.lowrank_config(65, 14336, 4096, 65, "bfloat16").two_pass
     prefill = lowrank.lowrank_config(8192, 14336, 4096, 128, "bfloat16")
     assert not prefill.two_pass
     assert prefill.block_m == 128 and 8192 // 128 * -(-14336 // (128 * prefill.n_tiles)) <= 132
@@ -294,7 +299,8 @@ def test_gated_reference() -> None:
 # ==== the fused kernel twins under the interpreters ===============================================
 INTERP_ONE = lowrank.INTERPRET_LOWRANK_CONFIG
 INTERP_TWO = lowrank.INTERPRET_TWO_PASS_CONFIG
-# The two paths, forced (the heuristic picks two passes at M ≤ 64 and one pass above).
+# The two paths, forced (the heuristic picks two passes at M ≤ 64, one pass above but two for
+# a plain r ≤ 64 on a GPU; interpreted, one pass above 64 rows).
 PATHS = {"one-pass": INTERP_ONE, "two-pass": INTERP_TWO}
 
 
@@ -614,11 +620,12 @@ print("RESULT" + json.dumps(out))
 @pytest.mark.slow
 def test_compiles_for_sm90_without_spills() -> None:
     """The heuristic's configs for llama3-8b's layer (K = 4096, N = 14336): r = 64, 128, 256 at
-    M = 8192 (one pass, wgmma) and M = 16 (two passes, both kernels), plain and gated: they fit
-    the 227 KiB of shared memory and do not spill (ptxas -v)."""
+    M = 8192 (one pass, wgmma; plain r = 64: two passes with S = 1, both kernels) and M = 16 (two
+    passes, both kernels), plain and gated: they fit the 227 KiB of shared memory and do not
+    spill (ptxas -v)."""
     cases = [(r, m, g) for g in (False, True) for r in (64, 128, 256) for m in (16, 8192)]
     got = run_script(_COMPILE, json.dumps(cases), timeout=900)
-    assert len(got) == 18
+    assert len(got) == 19  # 12 panel kernels, 7 partials (6 at M = 16, plain r = 64 at 8192)
     for row in got:
         assert row["ok"], row
         assert row["shared"] <= 227 * 1024, row
@@ -663,7 +670,8 @@ def test_compress_study_small(tmp_path) -> None:
 @pytest.mark.parametrize("r, m", [(64, 8192), (256, 16), (17, 100), (128, 16)])
 def test_jax_twin_lowers_for_cuda(r: int, m: int, gated: bool) -> None:
     """The Pallas-Triton twin with the heuristic configs lowers for CUDA (the real lowering rules,
-    no GPU compiler): one pass (M = 100, 8192) and two passes (M = 16), plain and gated."""
+    no GPU compiler): one pass (M = 100, 8192; plain r ≤ 64 there: two passes with S = 1) and
+    two passes (M = 16), plain and gated."""
     import jax
     import jax.numpy as jnp
 

@@ -19,6 +19,7 @@ from fusedmlp.common.dtypes import DTYPES, cast
 from fusedmlp.common.tolerance import assert_close
 from fusedmlp.torch_impl import FactorisedMLP, FusedMLP
 from fusedmlp.torch_impl import lowrank_front as torch_front
+from fusedmlp.torch_impl.tma import linear_act as tma_linear
 from helpers import dynamo_as_torch_2_11, to_numpy, to_torch
 
 LOWRANK_GOLDEN = golden.lowrank_case_names()
@@ -140,6 +141,104 @@ def test_plan_rows() -> None:
         torch_front.plan(lspec.spec, (19, 33))
     with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 33\], got \[19, 32\]"):
         torch_front.plan(lspec, (19, 32))
+
+
+# ==== the run choice by M (lowrank_spec.layer_run) ================================================
+def test_run_choice_by_m(monkeypatch) -> None:
+    """A plain `lowrank` layer runs fused at M ≤ TWO_PASS_MAX_M (64) and as two GEMMs above (its
+    mode and params unchanged); a gated one fused at every M; plan says which and why, both
+    stacks alike. On a Hopper GPU (faked) the two GEMMs name the Hopper kernels, and torch's
+    run on the TMA kernel (interpreted)."""
+    assert lowrank.TWO_PASS_MAX_M == 64
+    lspec = ls.LowRankSpec(MLPSpec((33, 67, 21), "gelu", True, "float16"), (9, 21))
+    at64, at65 = (torch_front.plan(lspec, shape) for shape in ((4, 16, 33), (5, 13, 33)))
+    assert [r.runs for r in at64.layers] == ["lowrank", "dense"]
+    assert [r.runs for r in at65.layers] == ["two_gemm", "dense"]
+    assert [r.mode for r in at65.layers] == ["lowrank", "dense"] == list(lspec.modes)
+    first = at65.layers[0]
+    assert "fused, t on chip at M ≤ 64; M = 65: two GEMMs instead (t = x·U stored" in first.reason
+    assert "H200, M = 8192, r = 64/128/256: 178/205/232 µs" in first.reason
+    assert "M = 64 ≤ 64 (decode)" in at64.layers[0].reason
+    assert at64.layers[0].launches[0].startswith("lowrank_linear_act(gelu) 64x67x33 r=9")
+    assert first.launches[0].startswith("linear_act(identity) 65x9x33 [")
+    assert first.launches[1].startswith("linear_act(gelu) 65x67x9 [")
+    assert first.params == at64.layers[0].params and first.flops == 2 * 65 * 9 * 100
+    assert first.bytes == 2 * (first.params + 65 * 100 + 2 * 65 * 9)  # t's round trip
+    assert "lowrank, runs two_gemm (" in str(first) and "| 0 | 33→67 | 9 | two_gemm |" in (
+        at65.table()
+    )
+    assert ls.layer_run(lspec.layers()[0], 65) == ("two_gemm", first.reason)
+    jax_front = _jax()[1]
+    assert jax_front.plan(lspec, (5, 13, 33), interpret=True).layers == at65.layers
+    gated = ls.LowRankSpec(MLPSpec((33, 67, 21), "swiglu", True, "float16"), (9, 5))
+    rows = torch_front.plan(gated, (65, 33)).layers
+    assert [r.runs for r in rows] == ["lowrank", "two_gemm"]
+    assert "gated: fused at every M (two GEMMs would build [U | Uv]" in rows[0].reason
+    # a Hopper GPU, faked for the choice only: the TMA / Mosaic GPU linear_act where their rules
+    # hold (16-bit, K and N multiples of 16 here), the portable one elsewhere
+    monkeypatch.setattr(torch_front, "_is_hopper", lambda: True)
+    monkeypatch.setattr(torch_front, "INTERPRET", False)
+    monkeypatch.setattr(jax_front, "_is_hopper", lambda: True)
+    dt = "float16"
+    aligned = ls.LowRankSpec(MLPSpec((48, 80, 32), "gelu", True, dt), (16, 16))
+    hopper = {
+        "torch": torch_front.plan(aligned, (65, 48)).layers[0].launches,
+        "jax": jax_front.plan(aligned, (65, 48), interpret=False).layers[0].launches,
+    }
+    from fusedmlp.common.tiling import heuristic_config
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    configs = {  # each Hopper kernel's own default for the launch
+        "torch": lambda m, n, k: heuristic_config("linear_act", m, n, k, dt, persistent=True),
+        "jax": lambda m, n, k: pipeline.default_config("linear_act", m, n, k, dt),
+    }
+    for stack, name in (("torch", "tma.linear_act"), ("jax", "mosaic.linear_act")):
+        c1, c2 = configs[stack](65, 16, 48), configs[stack](65, 80, 16)
+        assert hopper[stack] == (
+            f"{name}(identity) 65x16x48 [{c1}]",
+            f"{name}(gelu) 65x80x16 [{c2}]",
+        )
+    # the TMA choice runs (its kernels interpreted: tma/support.py reads the interpreter flag of
+    # its own): the checking call, then the recorded steps, meet the reference with the same bits
+    monkeypatch.setattr(torch_front, "_PREPARED", {})  # records made here stay here
+    fact = ls.cast_params(aligned, golden.lowrank_params(aligned, 23))
+    x = make_input(aligned.spec, (5, 13), seed=24)
+    outs = [_run("torch", x, fact, aligned) for _ in range(2)]
+    (call,) = torch_front._PREPARED.values()
+    assert [s[3][0][0][0] for s in call.steps] == [tma_linear.linear_act_fwd] * 2
+    assert outs[0].tobytes() == outs[1].tobytes()
+    _check(outs[0], x, fact, aligned, "torch two GEMMs on the TMA kernel")
+    unaligned = (  # K = 33: no 16-byte rows
+        torch_front.plan(lspec, (65, 33)).layers[0].launches[0],
+        jax_front.plan(lspec, (65, 33), interpret=False).layers[0].launches[0],
+    )
+    assert all(launch.startswith("linear_act(identity) 65x9x33 [") for launch in unaligned)
+
+
+def test_each_side_of_the_threshold() -> None:
+    """M = 63 (fused) and M = 65 (two GEMMs), bfloat16: both fronts meet both references within
+    the policy, the twins with the same bits (relu: a select, rounded alike in both
+    interpreters); FactorisedMLP's recorded steps (two GEMM launches a layer at 65) repeat the
+    checking path's bits."""
+    dtype = "bfloat16"
+    spec = MLPSpec((33, 67, 21), "relu", True, dtype)
+    lspec, fact = ls.factorise(spec, init_params(spec, seed=21), rank=(9, 5))
+    params = ls.cast_params(lspec, fact)
+    module = FactorisedMLP.from_params({k: to_torch(v) for k, v in params.items()}, lspec)
+    for lead in ((7, 9), (5, 13)):
+        x = make_input(spec, lead, seed=22)
+        torch_front._PREPARED.clear()  # torch's first call of the signature: the checking path
+        outs = {stack: _run(stack, x, params, lspec) for stack in ("torch", "jax")}
+        for stack, out in outs.items():
+            _check(out, x, params, lspec, f"{stack} {dtype} M={np.prod(lead)}")
+        assert outs["torch"].tobytes() == outs["jax"].tobytes(), lead
+        xt = to_torch(x)
+        kinds = [s[0] for s in torch_front._plan_steps(xt, module.params(), lspec, None).steps]
+        assert kinds == (["two_gemm"] * 2 if lead == (5, 13) else ["fused"] * 2)
+        with torch.no_grad():
+            first, again = module(xt), module(xt)  # the steps recorded by the checking call
+        assert torch.equal(first, again)
+        assert to_numpy(first).tobytes() == outs["torch"].tobytes()
 
 
 # ==== goldens =====================================================================================

@@ -36,6 +36,12 @@ The choice follows the M:
   NUM_SMS // row blocks panels (2 or 1) fill the SMs once, so t is computed G times: +22 % MACs
   (K / (K + N)) at G = 2; at G = 1 no recompute at all. Recomputing per N-tile (G = 112) would
   cost 112·M·K·r = 25× the useful MACs there — the reason the panel exists.
+  Measured there (H200, commit 0ec778c, bench/lowrank_probe.py, device time, silu, bf16), r =
+  64 / 128 / 256: this one pass 289.7 / 285.4 / 438.6 µs, eager 510.9 / 519.8 / 557.3, two
+  GEMMs with t stored (Hopper TMA linear_act) 177.9 / 205.0 / 232.4 — so the fronts run plain
+  factorised layers past 64 rows as two GEMMs (common/lowrank_spec.py `layer_run`). For a direct
+  call at r ≤ 64 the heuristic now takes two passes with S = 1 (64-row blocks, panels of two
+  128-wide tiles): 170.6 µs, the probe's best (common/lowrank.py `lowrank_config`).
 
 Two passes (config.split_k = S > 0; the heuristic's choice at M ≤ 64, common/lowrank.py says
 why): at decode one pass has a single row block, so its 112 programs each recompute t and read

@@ -2,20 +2,21 @@
 
     python bench/lowrank_probe.py OUT.json [--quick] [--no-jax] [--budget-s S] [--smoke]
 
-llama3-8b-shaped layer (K = 4096 -> N = 14336), bf16, silu, ranks r = 64, 128, 256, M = 16 and
-8192. Torch rows (this process), per (r, M):
+llama3-8b-shaped layer (K = 4096 -> N = 14336), bf16, silu, ranks r = 64, 128, 256, M = 16, 512
+and 8192. Torch rows (this process), per (r, M):
 - `eager`: silu(x @ U @ V + b) in eager torch (two cuBLAS GEMMs, the bias add, the activation);
 - `dense`: silu(x @ W + b), W = U·V materialised (what the factorisation replaces), for context;
-- `two-pass`: torch_impl.lowrank.lowrank_linear_act with a two-pass config (launch 1: fp32
-  partials of x·U, K split S ways; launch 2: the fixed-order sum, t rounded once, t·V + b, silu);
-  the heuristic's choice at M = 16 (S = 8), and at M = 8192 S = 1 with the one-pass tiling;
-- `one-pass`: the panel kernel alone (t = x·U recomputed per panel); the heuristic's choice at
-  M = 8192, and at M = 16 the previous heuristic (one program per output tile: 112 programs, each
-  re-reading all of U);
-- without --quick, alternatives: at M = 16 two passes with S = 4 / 16 and 2 tiles a program; at
-  M = 8192, r = 256 the previous config (64 rows, 128-wide tiles, 2 stages), 64 rows at 64-wide
-  tiles and 32-deep K steps (3 stages), 128 rows at 2 stages (128-wide); r ≤ 128 one panel a row
-  block; and the gated layer (SwiGLU: silu(x·Uw·Vw + b) ⊙ (x·Uv·Vv + c)) fused vs eager.
+- M ≤ 64 (decode, where the front runs the fused kernel): `two-pass`, torch_impl.lowrank.
+  lowrank_linear_act with the heuristic's config (launch 1: fp32 partials of x·U, K split S ways;
+  launch 2: the fixed-order sum, t rounded once, t·V + b, silu); `one-pass`, the previous
+  heuristic (one program per output tile, t recomputed by each, all of U re-read);
+- M > 64: `2gemm:triton_tma` and `2gemm:triton`, what the front runs there (common/lowrank_spec.
+  layer_run): t = linear_act(x, U) stored in the dtype, then linear_act(t, V, b, silu) — the
+  Hopper TMA kernels and the portable ones; `fused`, the fused kernel's heuristic for a direct
+  call (r ≤ 64: two passes since 2026-12-02) and, at r ≤ 64, `one-pass`, its previous choice;
+- without --quick: at M = 16 two passes with S = 4 / 16 and 2 tiles a program; at M > 64, r = 256
+  the fused kernel's earlier configs; and the gated layer (SwiGLU: silu(x·Uw·Vw + b) ⊙ (x·Uv·Vv +
+  c)) fused vs eager.
 Every variant is checked against a float64 reference with the kernel's rounding point (t = x·U
 rounded to bf16) before it is timed; a failing one is reported, not timed.
 
@@ -72,7 +73,7 @@ DEVICE_CALLS = 30
 # Past this share of --budget-s, only the essential rows are still timed (the JAX subprocess gets
 # what is left): the whole call stays inside the lead's 3 minutes.
 TORCH_SHARE = 0.6
-ESSENTIAL = ("eager", "two-pass", "one-pass")
+ESSENTIAL = ("eager", "two-pass", "fused", "2gemm:triton_tma")
 
 
 def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str, Any]]:
@@ -84,7 +85,7 @@ def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str,
     if gated:
         return [("gated:fused", base)]
     out: list[tuple[str, Any]] = []
-    if base.two_pass:  # M = 16
+    if m <= 64:  # decode: the fused kernel's two passes
         out.append(("two-pass", base))
         stages = 2 if r >= 256 else 3
         # the previous heuristic: one program per output tile, t recomputed by each
@@ -93,19 +94,10 @@ def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str,
             out.append(("two-pass:S=4", rep(base, split_k=4)))
             out.append(("two-pass:S=16", rep(base, split_k=16)))
             out.append(("two-pass:2tiles", rep(base, n_tiles=2)))
-    else:  # M = 8192
-        out.append(("one-pass", base))
-        out.append(("two-pass:S=1", rep(base, split_k=1, split_block_r=64)))
-        # Launch 2 over every (row block, output tile): part B is a GEMM of K = r whose store
-        # (M·N·2 bytes) is the floor; many small programs keep stores in flight, each reading
-        # its t rows (fp32 partials) and one V tile from L2.
-        if r <= 128:
-            two = rep(base, split_k=1, block_m=128, num_warps=8)
-            for sbr in (16, 64):
-                for bn, nt in ((128, 1), (128, 2), (256, 1)):
-                    name = f"2p:sbr{sbr}-bn{bn}-nt{nt}"
-                    out.append((name, rep(two, split_block_r=sbr, block_n=bn, n_tiles=nt)))
-            out.append(("2p:bm64-bn128-nt2", rep(two, block_m=64, n_tiles=2, num_warps=4)))
+    else:  # the fused kernel where the front runs two GEMMs (the 2gemm rows)
+        out.append(("fused", base))
+        if base.two_pass:  # r <= 64: the one pass the heuristic ran until 2026-12-02
+            out.append(("one-pass", LowRankConfig(128, 128, 64, -(-N // 128) // 2, 8, 8, 3)))
         if not quick:
             n_total = -(-N // 128)
             if r >= 256:
@@ -127,8 +119,6 @@ def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str,
                         LowRankConfig(128, 128, 64, -(-n_total // 2), 8, 8, 2),
                     )
                 )
-            else:
-                out.append(("one-pass:g1", rep(base, n_tiles=-(-N // base.block_n))))
     return out
 
 

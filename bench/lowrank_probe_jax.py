@@ -3,10 +3,13 @@
     python bench/lowrank_probe_jax.py OUT.json [--budget-s S] [--smoke]
 
 (bench/lowrank_probe.py runs it as a subprocess after its torch rows and merges OUT.json.)
-llama3-8b's layer (K = 4096 -> N = 14336), bf16, silu, r = 64 / 128 / 256, M = 16 and 8192:
+llama3-8b's layer (K = 4096 -> N = 14336), bf16, silu, r = 64 / 128 / 256, M = 16, 512, 8192:
 - `xla`: jax.jit(lambda x, u, v, b: silu(x @ u @ v + b)) — XLA's two GEMMs (and its fusions);
-- `pallas`: jax.jit of jax_impl.lowrank.lowrank_linear_act with the heuristic config (two passes
-  at M = 16, one pass at M = 8192), Pallas-Triton.
+- `pallas`: jax.jit of jax_impl.lowrank.lowrank_linear_act with the heuristic config, the fused
+  kernel (Pallas-Triton; what the front runs at M ≤ 64);
+- at M > 64, what the front runs there (common/lowrank_spec.layer_run): two GEMMs, t stored in the
+  dtype — `2gemm:mosaic` (Mosaic GPU linear_act: the front's choice on a Hopper GPU) and
+  `2gemm:pallas` (the portable Pallas-Triton linear_act).
 Parity: each against XLA in float32 with t = x·U rounded to bf16 (the kernel's rounding point),
 relative Frobenius error < 1e-2, before timing.
 Times, as bench/backward_probe_jax.py times JAX: `loop_us`, the wall clock of back-to-back calls
@@ -21,6 +24,7 @@ the launch gap between the two passes included). A device timing that fails leav
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -30,7 +34,7 @@ from typing import Any
 
 K, N = 4096, 14336
 RANKS = (64, 128, 256)
-MS = (16, 8192)
+MS = (16, 512, 8192)
 SETS = 3
 SAMPLES = 5
 SAMPLE_S = 0.03
@@ -94,7 +98,21 @@ def probe(budget_s: float, smoke: bool = False) -> dict[str, Any]:
             def fused(x, u, v, b, cfg=cfg):
                 return lowrank_linear_act(x, u, v, b, activation="silu", config=cfg)
 
-            for name, fn, config in (("xla", xla, None), ("pallas", fused, cfg)):
+            variants = [("xla", xla, None), ("pallas", fused, cfg)]
+            if m > 64:  # what the front runs there (lowrank_spec.layer_run): two GEMMs
+                from fusedmlp.jax_impl.linear_act import linear_act as portable
+
+                def two_gemm(x, u, v, b, linear=portable):
+                    return linear(linear(x, u), v, b, activation="silu")
+
+                variants.append(("2gemm:pallas", two_gemm, None))
+                if not smoke:  # Mosaic GPU: the front's choice on a Hopper GPU
+                    from fusedmlp.jax_impl.mosaic.linear_act import linear_act as mosaic
+
+                    variants.append(
+                        ("2gemm:mosaic", functools.partial(two_gemm, linear=mosaic), None)
+                    )
+            for name, fn, config in variants:
                 row: dict[str, Any] = dict(r=r, m=m, variant=name)
                 if config is not None:
                     row["config"] = dict(config.__dict__)
@@ -146,7 +164,7 @@ def table(doc: dict[str, Any]) -> str:
         return f"\nlowrank probe (jax): {doc.get('error', 'no rows')}"
     lines = [
         f"\nlowrank probe (jax {doc.get('jax_version')}): {doc.get('seconds')} s",
-        f"{'r':>4} {'M':>5} {'variant':<8} {'device_us':>9} {'span_us':>8} {'loop_us':>8} "
+        f"{'r':>4} {'M':>5} {'variant':<12} {'device_us':>9} {'span_us':>8} {'loop_us':>8} "
         f"{'vs xla':>7}  note",
     ]
     cases = sorted({(g["r"], g["m"]) for g in doc["rows"]})
@@ -161,7 +179,7 @@ def table(doc: dict[str, Any]) -> str:
             speed = f"{ref / mine:7.2f}" if ref and mine else f"{'-':>7}"
             note = g.get("error") or g.get("device_error") or ""
             lines.append(
-                f"{r:>4} {m:>5} {name:<8} "
+                f"{r:>4} {m:>5} {name:<12} "
                 + (f"{dev:9.1f}" if dev else f"{'-':>9}")
                 + (f" {span:8.1f}" if span else f" {'-':>8}")
                 + (f" {loop:8.1f}" if loop else f" {'-':>8}")

@@ -83,13 +83,17 @@ def probe(impl: str, size: int, steps: int, donate: bool) -> None:
 
 
 def _fresh_traces() -> None:
-    """Drop the JAX front's cached jitted passes, so that the next step traces them afresh (after
-    a tiling choice was changed)."""
+    """Drop every cached trace, so that the next step traces the kernels afresh after a tiling
+    choice was changed: the front's functools caches of jitted passes, and JAX's own caches of
+    jitted functions keyed by their static arguments (a spec and config=None trace the same key
+    whatever tiles the heuristic would now give: without this the variants re-ran the old
+    kernels — the first two runs of this option, 8259aab and 4922964, measured nothing)."""
     from fusedmlp.jax_impl import front
 
     for value in vars(front).values():
         if hasattr(value, "cache_clear"):
             value.cache_clear()
+    jax.clear_caches()
 
 
 def main(argv: list[str] | None = None) -> int:

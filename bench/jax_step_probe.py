@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     for text in filter(None, args.small_configs.split(";")):
         tiles = tuple(int(v) for v in text.split(","))
 
-        def pinned(spec, m, *, interpret=False, inference=False, tiles=tiles):
+        def pinned(spec, m, *, interpret=False, kernel="saving", tiles=tiles):
             if interpret:
-                return heuristic(spec, m, interpret=interpret, inference=inference)
+                return heuristic(spec, m, interpret=interpret, kernel=kernel)
             return tiling.SmallConfig(*tiles, tiling.small_hoist(spec))
 
         tiling.fused_small_config = pinned  # small_config_for reads it at trace time

@@ -411,7 +411,7 @@ def run_providers(run: Run, case: Case, section: str, *, only_compile: bool) -> 
         from fusedmlp.jax_impl import fused_small as jmod
         from fusedmlp.torch_impl import fused_small as tmod
 
-        cfg = fused_small_config(spec, m, interpret=DRY["on"], inference=True)
+        cfg = fused_small_config(spec, m, interpret=DRY["on"], kernel="forward")
     else:
         from fusedmlp.jax_impl import fused_decode as jmod
         from fusedmlp.torch_impl import fused_decode as tmod
@@ -494,7 +494,7 @@ def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
 
 
 def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
-    d = fused_small_config(spec, m, interpret=DRY["on"], inference=True)
+    d = fused_small_config(spec, m, interpret=DRY["on"], kernel="forward")
     out = [
         ("1/SM", replace(d, programs_per_sm=1)),
         ("3/SM", replace(d, programs_per_sm=3)),
@@ -788,7 +788,7 @@ def compile_report() -> list[dict[str, Any]]:
         for w in NARROW_WIDTHS
     ]
     for spec, preset in narrow:
-        cfg = fused_small_config(spec, NARROW_M, inference=True)
+        cfg = fused_small_config(spec, NARROW_M, kernel="forward")
         shapes = packed_names(spec)
         w_cols = tuple(
             shapes[("wv" if lay.gated else "w") + str(lay.index)][1] for lay in spec.layers()

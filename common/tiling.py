@@ -665,11 +665,17 @@ def padded_width(width: int) -> int:
     return next(w for w in WHOLE_WIDTHS if w >= width)
 
 
+# The whole-MLP kernels a fused_small tile choice is for: the forward (inference) kernel, the saving
+# forward of a training step, kernel A (dgrad: every layer's dZ, walking back) and kernel B (wgrad:
+# every layer's dW and db; its rows per step are block_m).
+SMALL_KERNELS = ("forward", "saving", "dgrad", "wgrad")
+
+
 def fused_small_config(
-    spec: MLPSpec, m: int, *, interpret: bool = False, inference: bool = False
+    spec: MLPSpec, m: int, *, interpret: bool = False, kernel: str = "saving"
 ) -> SmallConfig:
-    """The default tiles for a narrow MLP (every width <= 128) over m rows; `inference`: for the
-    forward kernel alone (the training kernels keep the tiles their runs measured).
+    """The default tiles for a narrow MLP (every width <= 128) over m rows, for `kernel` (one of
+    SMALL_KERNELS; "saving" and "wgrad" share the tiles their runs measured).
 
     The reasoning (predictions, measured by bench/sweep_decode.py): the floor is reading x and
     writing y once (nerf-64x5 fp16, 2M rows: 537 MB, 127 us at 4.24 TB/s), and the matrix work is
@@ -683,6 +689,8 @@ def fused_small_config(
     compile of a depth-8 width-128 geglu: ~3 s at 16 rows and 8 warps, 56 s at 32 rows and 4).
     """
     del m
+    if kernel not in SMALL_KERNELS:
+        raise ValueError(f"kernel: expected one of {SMALL_KERNELS}, got {kernel!r}")
     hoist = small_hoist(spec)
     if interpret:  # float32 "ieee" takes the unhoisted path there too, so the tests run both
         return SmallConfig(**{**SMALL_INTERPRET_CONFIG.__dict__, "hoist": hoist})
@@ -691,7 +699,8 @@ def fused_small_config(
         block_m, warps, stages = {128: (16, 8, 1), 64: (32, 4, 1)}.get(width, (64, 4, 1))
     else:
         block_m, warps, stages = (64 if width == 128 else 128), 4, 3
-    if inference and width == 64 and spec.dtype != "float32" and hoist:
+    narrow_16bit = width == 64 and spec.dtype != "float32" and hoist
+    if kernel == "forward" and narrow_16bit:
         # more row tiles in flight an SM: each tile's chain of dependent 64-wide MMAs leaves the
         # tensor cores idle between layers unless another program's tile fills the gap, and
         # 64-row tiles fit three programs where 128-row ones fit two (nerf-64x5: 68 KiB each).
@@ -700,6 +709,14 @@ def fused_small_config(
         three = SmallConfig(64, 4, 3, 3, hoist)
         if 3 * (small_smem_bytes(spec, three) + 2048) <= SMEM_PER_SM:
             return three
+    if kernel == "dgrad" and narrow_16bit:
+        # kernel A walks every layer back per row tile (a dot and act' a layer, every dZ stored):
+        # half the rows a tile halves each program's registers and doubles the tiles in flight.
+        # H200, the image fit's JAX step (bench/jax_step_probe.py --small-configs, results
+        # 2026-12-02-h200-a536a6c): kernel A 23.4 µs at 64 rows and 2 stages against 31.6 at
+        # 128 rows and 3; kernel B, whose rows per step are block_m, went 38.1 -> 69.4 µs at 64
+        # rows, so it keeps 128.
+        return SmallConfig(64, 4, 2, 2, hoist)
     config = SmallConfig(block_m, warps, stages, 2, hoist)
     if small_smem_bytes(spec, config) > SMEM_PER_SM // 2 - 2048:
         config = SmallConfig(block_m, warps, stages, 1, hoist)
@@ -777,14 +794,14 @@ def small_config_for(
     m: int,
     *,
     interpret: bool = False,
-    inference: bool = False,
+    kernel: str = "saving",
 ) -> SmallConfig:
-    """What a fused_small launcher runs: the heuristic (None; `inference` for the forward kernel
-    alone), a SmallConfig as is, or a pinned TileConfig (block_m, num_warps, num_stages;
-    hoisting as the heuristic would)."""
+    """What a fused_small launcher runs: the heuristic for `kernel` (None; SMALL_KERNELS), a
+    SmallConfig as is, or a pinned TileConfig (block_m, num_warps, num_stages; hoisting as the
+    heuristic would)."""
     if isinstance(config, SmallConfig):
         return config
     if config is None:
-        return fused_small_config(spec, m, interpret=interpret, inference=inference)
+        return fused_small_config(spec, m, interpret=interpret, kernel=kernel)
     # a pinned TileConfig: block_m, num_warps, num_stages as is (the tile's N and K are the width)
     return SmallConfig(config.block_m, config.num_warps, config.num_stages, hoist=small_hoist(spec))

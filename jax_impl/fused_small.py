@@ -390,7 +390,7 @@ def fused_small_fwd(
     on every call (0.35-1.2 s a call interpreted here), a jitted one once per shape."""
     interpret = interpret_mode() if interpret is None else interpret
     m = x2d.shape[0]
-    cfg = small_config_for(config, spec, m, interpret=interpret, inference=True)
+    cfg = small_config_for(config, spec, m, interpret=interpret, kernel="forward")
     weights, biases = layer_params(params, spec)
     programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if interpret else NUM_SMS)
     kernel = functools.partial(

@@ -482,7 +482,7 @@ def forward_saving(
     fused_small launch. Trusts its inputs."""
     interpret = interpret_mode() if interpret is None else interpret
     m = x2d.shape[0]
-    cfg = small_config_for(config, spec, m, interpret=interpret)
+    cfg = small_config_for(config, spec, m, interpret=interpret, kernel="saving")
     weights, biases = layer_params(params, spec)
     stores = _stores_z(spec)
     hidden = spec.layers()[:-1]
@@ -537,7 +537,7 @@ def dgrad_fwd(
     # twin-diff: always dx (no need_dx).
     interpret = interpret_mode() if interpret is None else interpret
     m = dy2d.shape[0]
-    cfg = small_config_for(config, spec, m, interpret=interpret)
+    cfg = small_config_for(config, spec, m, interpret=interpret, kernel="dgrad")
     weights, _ = layer_params(params, spec)
     # the hidden layers' act' operands: z_0, …, z_{L-2}, or for relu their outputs h_1, …, h_{L-1}
     zs = residuals[2::2] if _dact_from_output(spec) else residuals[1:-1:2]
@@ -582,7 +582,7 @@ def wgrad_fwd(
     over every layer's tiles; `splits` forces it."""
     interpret = interpret_mode() if interpret is None else interpret
     m = hs[0].shape[0]
-    cfg = small_config_for(config, spec, m, interpret=interpret)
+    cfg = small_config_for(config, spec, m, interpret=interpret, kernel="wgrad")
     weights, _ = layer_params(params, spec)
     width = padded_width(max(spec.widths))
     block_r = min(width, WGRAD_ROWS)
@@ -691,7 +691,7 @@ def mlp_backward(
 def launch_count(spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None = None) -> int:
     """Kernel launches of one training step (saving forward + backward, dx included) here: 3, or
     4 where the weight gradients are split over M."""
-    cfg = small_config_for(config, spec, m, interpret=interpret_mode())
+    cfg = small_config_for(config, spec, m, interpret=interpret_mode(), kernel="wgrad")
     width = padded_width(max(spec.widths))
     tiles = spec.num_layers * cdiv(width, min(width, WGRAD_ROWS))
     return 3 + (wgrad_splits(tiles, m, cfg.block_m)[0] > 1)

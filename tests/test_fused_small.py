@@ -22,6 +22,7 @@ from fusedmlp.common.config import TileConfig
 from fusedmlp.common.params import init_params, make_input
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
+    SMALL_KERNELS,
     SMEM_PER_SM,
     SmallConfig,
     fused_small_config,
@@ -197,8 +198,8 @@ def test_default_tiles():
                 ("geglu", "float32"),
             ):
                 spec = MLPSpec((width,) * (depth + 1), activation, True, dtype)
-                for inference in (False, True):
-                    cfg = fused_small_config(spec, 1 << 20, inference=inference)
+                for kernel in SMALL_KERNELS:
+                    cfg = fused_small_config(spec, 1 << 20, kernel=kernel)
                     smem = small_smem_bytes(spec, cfg)
                     assert cfg.programs_per_sm * (smem + 2048) <= SMEM_PER_SM, (spec, cfg, smem)
     nerf = MLPSpec((64,) * 6, "relu", False, "float16")
@@ -206,9 +207,14 @@ def test_default_tiles():
     assert cfg.hoist and cfg.programs_per_sm == 2 and cfg.block_m == 128
     assert fused_small_programs(2_097_152, cfg) == 264
     # the forward kernel alone: three programs of 64-row tiles an SM (measured faster)
-    cfg = fused_small_config(nerf, 2_097_152, inference=True)
+    cfg = fused_small_config(nerf, 2_097_152, kernel="forward")
     assert cfg.hoist and cfg.programs_per_sm == 3 and cfg.block_m == 64
     assert fused_small_programs(2_097_152, cfg) == 396
+    # kernel A: 64-row tiles at two stages (measured faster); kernel B keeps the training tiles
+    assert fused_small_config(nerf, 65_536, kernel="dgrad") == SmallConfig(64, 4, 2, 2, True)
+    assert fused_small_config(nerf, 65_536, kernel="wgrad") == fused_small_config(nerf, 65_536)
+    with pytest.raises(ValueError, match=r"kernel: expected one of .*'forward'.*got 'fwd'"):
+        fused_small_config(nerf, 100, kernel="fwd")
     assert fused_small_programs(300, SmallConfig(block_m=32, programs_per_sm=1), 3) == 3
     pinned = small_config_for(TileConfig(32, 16, 16, num_warps=8, num_stages=2), nerf, 100)
     assert (pinned.block_m, pinned.num_warps, pinned.num_stages) == (32, 8, 2)
@@ -238,7 +244,7 @@ _COMPILE = textwrap.dedent(
     out = []
     for widths, activation, bias, dtype in json.loads(sys.argv[1]):
         spec = MLPSpec(tuple(widths), activation, bias, dtype)
-        cfg = fused_small_config(spec, 1 << 20, inference=True)
+        cfg = fused_small_config(spec, 1 << 20, kernel="forward")
         shapes = packed_names(spec)
         w_cols = tuple(shapes[("wv" if l.gated else "w") + str(l.index)][1]
                        for l in spec.layers())

@@ -445,7 +445,7 @@ def _fused_small_launch(x_shape, x_strides, spec, config):
     """`fused_small_fwd`'s launch for this key (`_LAUNCHES`), with `_layer_names(spec)`; y is a
     fresh contiguous [M, d_out]."""
     m = x_shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET, inference=True)
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="forward")
     programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
     tiles = cdiv(cdiv(m, cfg.block_m), programs)
     width = padded_width(max(spec.widths))

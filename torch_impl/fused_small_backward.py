@@ -442,7 +442,7 @@ def _saving_launch(x_shape, x_strides, spec, config):
     """`forward_saving`'s record for this key: (launch, names, shapes of the hidden layers' h and
     z — an unkept z is [M, 0])."""
     m = x_shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="saving")
     stores = _stores_z(spec)
     h_shapes, z_shapes = [], []
     for layer in spec.layers()[:-1]:
@@ -503,7 +503,7 @@ def forward_saving(
 def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx):
     """`dgrad_fwd`'s record for this key: (launch, names, the dZs' shapes)."""
     m = dy_shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="dgrad")
     dz_shapes = tuple(
         (m, packed_width(lay.d_out) if lay.gated else lay.d_out) for lay in spec.layers()[:-1]
     )
@@ -561,7 +561,7 @@ class _WgradLaunches:
 
     def __init__(self, x_shape, x_strides, dy_strides, spec, config, splits) -> None:
         m = x_shape[0]
-        cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+        cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="wgrad")
         width = padded_width(max(spec.widths))
         block_r = min(width, WGRAD_ROWS)
         k_tiles = cdiv(width, block_r)
@@ -678,7 +678,7 @@ def mlp_backward(
 def launch_count(spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None = None) -> int:
     """Kernel launches of one training step (saving forward + backward, dx included) here: 3, or
     4 where the weight gradients are split over M."""
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET)
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="wgrad")
     width = padded_width(max(spec.widths))
     tiles = spec.num_layers * cdiv(width, min(width, WGRAD_ROWS))
     return 3 + (wgrad_splits(tiles, m, cfg.block_m)[0] > 1)

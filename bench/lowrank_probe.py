@@ -79,6 +79,7 @@ ESSENTIAL = ("eager", "two-pass", "fused", "2gemm:triton_tma")
 def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str, Any]]:
     """(name, LowRankConfig) of the fused variants timed at (M, r)."""
     from fusedmlp.common.lowrank import LowRankConfig, lowrank_config
+    from fusedmlp.common.tiling import NUM_SMS
 
     base = lowrank_config(m, N, K, r, "bfloat16", gated=gated)
     rep = dataclasses.replace
@@ -97,7 +98,9 @@ def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str,
     else:  # the fused kernel where the front runs two GEMMs (the 2gemm rows)
         out.append(("fused", base))
         if base.two_pass:  # r <= 64: the one pass the heuristic ran until 2026-12-02
-            out.append(("one-pass", LowRankConfig(128, 128, 64, -(-N // 128) // 2, 8, 8, 3)))
+            m_tiles, n_total = -(-m // 128), -(-N // 128)
+            panels = max(1, min(n_total, NUM_SMS // m_tiles))  # that heuristic's G
+            out.append(("one-pass", LowRankConfig(128, 128, 64, -(-n_total // panels), 8, 8, 3)))
         if not quick:
             n_total = -(-N // 128)
             if r >= 256:

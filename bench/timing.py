@@ -214,9 +214,20 @@ def device_timing(
     lines = len({k.line for g in groups for k in g})
     k = len(groups[0])
     how = f"{method}: sum of {k} kernel(s) per call" + (f" on {lines} streams" if lines > 1 else "")
-    ordered = [sorted(g, key=lambda x: (x.start_ns, x.end_ns)) for g in groups]
+
+    # each of call 0's kernels matched in every call by (name, occurrence of that name): start
+    # order alone could pair different kernels where several streams interleave
+    def keyed(g: list[Kernel]) -> dict[tuple[str, int], float]:
+        seen: collections.Counter[str] = collections.Counter()
+        out = {}
+        for x in sorted(g, key=lambda x: (x.start_ns, x.end_ns)):
+            out[(x.name, seen[x.name])] = x.duration_ns
+            seen[x.name] += 1
+        return out
+
+    per_call = [keyed(g) for g in groups]
     kernel_times = tuple(
-        statistics.median(g[i].duration_ns for g in ordered) / 1e9 for i in range(k)
+        statistics.median(call[key] for call in per_call) / 1e9 for key in per_call[0]
     )
     return DeviceTiming(
         Stats.of(device, how),

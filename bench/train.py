@@ -75,7 +75,7 @@ INTERPRETED_CONFIG = TileConfig(block_m=128, block_n=64, block_k=64, group_m=1, 
 # dispatch (a jitted call ~30 µs on the H200) shared by 50 steps is < 1 µs a step, against the
 # image fit's 167-580 µs of host time a step at one call each; longer chunks could gain < 1 µs a
 # step. 50 divides both tasks' GPU `eval_every` (500, 50), so a run has three chunk lengths, each
-# one compile: 3 (the warm-up), 47 (to the first multiple of 50), 50.
+# one compile: 3 (the warm-up), 47 (the rest of the first segment, steps 453-500), 50.
 SCAN_STEPS = 50
 
 

@@ -496,9 +496,9 @@ INTERPRET_TWO_PASS_CONFIG = LowRankConfig(
 # launch-2 program: at M = 16, S = 8: 32-128 KiB a program, 3.5-14 MiB in all — 16x less L2
 # traffic than one pass, for one more launch (~2-3 us). At M = 128 one pass still has one or two
 # row blocks, but the partials grow with BLOCK_M (S·128·256·4 = 1 MiB a program at S = 8, r =
-# 256), as many bytes as one pass's copies of U: past 64 rows the trade is unmeasured, and one
-# pass (measured 1.7x at M = 8192) stays. Past 64 rows a factorised MLP's plain layers run two
-# GEMMs instead (common/lowrank_spec.py `layer_run`: the fused kernel loses there, measured).
+# 256), as many bytes as one pass's copies of U. Past 64 rows `lowrank_config` takes one pass but
+# at r ≤ 64 (two passes with S = 1, measured best there), and a factorised MLP's plain layers run
+# two GEMMs instead (common/lowrank_spec.py `layer_run` has the measurements).
 TWO_PASS_MAX_M = 64
 # K per split: 8 steps of 64 (a short serial chain: the decode kernel is latency-bound, not
 # bandwidth-bound; 64 steps a program measured 43 us at r = 64 for 0.6 MB of weights).

@@ -41,14 +41,16 @@ marks the contract's `v{i}`, as `c{i}` does its bias), biases `b{i}`, `c{i}`. By
 How a `lowrank` layer RUNS depends on M as well (`layer_run(layer, m)`, the one rule both fronts
 and `plan` read; the params stay M-independent): at M ≤ lowrank.TWO_PASS_MAX_M (64, decode) the
 fused kernel; above it two GEMMs as `two_gemm` runs them (t = x·U stored in the dtype: the fused
-kernel's rounding point, so the same parity target), because the fused kernel, designed for
-decode, loses at large M. Measured on the H200 (commit 0ec778c, bench/lowrank_probe.py, device
-time), llama3-8b's layer 4096 → 14336, silu, bf16, r = 64 / 128 / 256: M = 8192: two GEMMs on the
-Hopper TMA linear_act 177.9 / 205.0 / 232.4 µs vs the fused kernel 289.7 / 285.4 / 438.6 (eager
-510.9 / 519.8 / 557.3); M = 16: fused 8.9 / 10.9 / 12.1 µs vs eager 14.2 / 15.0 / 16.0. A gated
-`lowrank` layer keeps the fused kernel at every M: its two-GEMM path builds the concatenated U's
-and the block-diagonal packed operand per call (fused at M = 8192: 519 / 800 / 1,083 µs vs eager
-1,060 / 1,078 / 1,152).
+kernel's rounding point, so the same parity target) on the stack's Hopper GEMM. Measured on the
+H200 (commit 4922964, bench/lowrank_probe.py, device time), llama3-8b's layer 4096 → 14336, silu,
+bf16, r = 64 / 128 / 256: M = 16, fused 8.9 / 10.9 / 12.2 µs vs eager 14.0 / 14.9 / 16.0; M = 512,
+torch's two TMA GEMMs 36.6 / 38.8 / 42.1 vs the fused kernel 40.1 / 51.3 / 90.3; M = 8192, two TMA
+GEMMs 179 / 199 / 231 vs fused 171 / 287 / 440 (eager 511 / 520 / 559), JAX's two Mosaic GEMMs 182
+/ 202 / 245 vs its fused twin 194 / 297 / 428. One rule for every M > 64 and both stacks costs
+torch ~5 % at r ≤ 64, M = 8192 (where the fused kernel's two-pass tiles edge ahead) and wins
+everywhere else measured. A gated `lowrank` layer keeps the fused kernel at every M: its two-GEMM
+path builds the concatenated U's and the block-diagonal packed operand per call (fused at M =
+8192: 519 / 800 / 1,083 µs vs eager 1,060 / 1,078 / 1,152).
 
 `factorise` turns a dense MLP's params into them (common/lowrank.py's plain or activation-aware
 SVD per layer); `reference` is the float64 forward with the kernels' rounding points optional;
@@ -113,12 +115,12 @@ def layer_run(lay: LowRankLayer, m: int) -> tuple[str, str]:
     if m <= limit:
         return "lowrank", (
             f"{lay.reason}; M = {m} ≤ {limit} (decode): H200, M = 16, r = 64/128/256: fused "
-            "8.9/10.9/12.1 µs vs eager 14.2/15.0/16.0"
+            "8.9/10.9/12.2 µs vs eager 14.0/14.9/16.0"
         )
     return "two_gemm", (
         f"{lay.reason} at M ≤ {limit}; M = {m}: two GEMMs instead (t = x·U stored in the dtype, "
-        "the fused kernel's rounding point); H200, M = 8192, r = 64/128/256: 178/205/232 µs "
-        "(Hopper TMA linear_act) vs fused 290/285/439"
+        "the fused kernel's rounding point); H200, r = 64/128/256: M = 512 36.6/38.8/42.1 µs "
+        "(Hopper TMA linear_act) vs fused 40.1/51.3/90.3, M = 8192 179/199/231 vs 171/287/440"
     )
 
 

@@ -672,10 +672,11 @@ SMALL_KERNELS = ("forward", "saving", "dgrad", "wgrad")
 
 
 def fused_small_config(
-    spec: MLPSpec, m: int, *, interpret: bool = False, kernel: str = "saving"
+    spec: MLPSpec, m: int, *, interpret: bool = False, kernel: str = "forward"
 ) -> SmallConfig:
     """The default tiles for a narrow MLP (every width <= 128) over m rows, for `kernel` (one of
-    SMALL_KERNELS; "saving" and "wgrad" share the tiles their runs measured).
+    SMALL_KERNELS; the forward kernel by default, what `plan()` shows; "saving" and "wgrad" share
+    the tiles their runs measured).
 
     The reasoning (predictions, measured by bench/sweep_decode.py): the floor is reading x and
     writing y once (nerf-64x5 fp16, 2M rows: 537 MB, 127 us at 4.24 TB/s), and the matrix work is
@@ -794,7 +795,7 @@ def small_config_for(
     m: int,
     *,
     interpret: bool = False,
-    kernel: str = "saving",
+    kernel: str = "forward",
 ) -> SmallConfig:
     """What a fused_small launcher runs: the heuristic for `kernel` (None; SMALL_KERNELS), a
     SmallConfig as is, or a pinned TileConfig (block_m, num_warps, num_stages; hoisting as the

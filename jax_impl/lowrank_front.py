@@ -5,18 +5,18 @@ makes its params from a dense MLP's.
 
 Per layer, by its mode (common/lowrank_spec.py, the same for every M) and the M of the call
 (`lowrank_spec.layer_run`, one rule for both fronts and `plan`): `lowrank` runs the fused
-`lowrank_linear_act` (lowrank.py) at M ≤ 64 and, being slower there (H200: 269 vs XLA's 239 µs
-at M = 8192, r = 64), two GEMMs above; `two_gemm` two `linear_act` launches with t = x·U stored
-in the dtype (the fused kernel's rounding point: the same reference); `dense` one `linear_act`
-on the layer's original weight. The two GEMMs run Mosaic GPU's `linear_act`
-(mosaic/linear_act.py, the sibling of torch's TMA kernel) on a Hopper GPU where its K and N
-rule holds, else the portable one (always when interpreted). A gated layer (SwiGLU / GeGLU):
-`lowrank` runs `lowrank_gated_linear_act` at every M, `two_gemm` `linear_act(x, [U | Uv])` then
-the dense `gated` kernel on [tw | tv] with the block-diagonal packed operand (the gated
-epilogue's rounding order; common/lowrank_spec.py says why it is exact), `dense` the `gated`
-kernel on the original packed W and V. Hidden layers are stored in the dtype between launches, so
-the parity target is `lowrank_spec.reference(..., round_intermediate=True, round_hidden=True)`;
-the exact float64 factorised MLP is met within the tolerance policy.
+`lowrank_linear_act` (lowrank.py) at M ≤ 64 and two GEMMs above (H200, M = 8192, r = 64-256: Mosaic
+GPU 182-245 µs vs the fused twin 194-428 and XLA 240-282); `two_gemm` two `linear_act` launches with
+t = x·U stored in the dtype (the fused kernel's rounding point: the same reference); `dense` one
+`linear_act` on the layer's original weight. The two GEMMs run Mosaic GPU's `linear_act`
+(mosaic/linear_act.py, the sibling of torch's TMA kernel) on a Hopper GPU where its K and N rule
+holds, else the portable one (always when interpreted). A gated layer (SwiGLU / GeGLU): `lowrank`
+runs `lowrank_gated_linear_act` at every M, `two_gemm` `linear_act(x, [U | Uv])` then the dense
+`gated` kernel on [tw | tv] with the block-diagonal packed operand (the gated epilogue's rounding
+order; common/lowrank_spec.py says why it is exact), `dense` the `gated` kernel on the original
+packed W and V. Hidden layers are stored in the dtype between launches, so the parity target is
+`lowrank_spec.reference(..., round_intermediate=True, round_hidden=True)`; the exact float64
+factorised MLP is met within the tolerance policy.
 
 impl: "auto" and "pallas_triton" are the same here (the modes and M decide per layer). Inference
 only: there is no factorised backward kernel.
@@ -114,8 +114,8 @@ def _gemm(
     Mosaic GPU's on a Hopper GPU where its rule holds (16-bit, K and N multiples of 16), else the
     portable one, and always when interpreted."""
     # twin-diff: the Hopper kernel is the Mosaic GPU sibling (torch: the TMA Triton kernel), its
-    # package imported only here (a CPU run never needs it). Unmeasured at these shapes: the H200
-    # numbers (two GEMMs 178/205/232 µs vs fused 290/285/439 at M = 8192) are torch's.
+    # package imported only here (a CPU run never needs it). H200 (4922964), M = 8192, r =
+    # 64/128/256: 182/202/245 µs vs XLA's 240/251/282; at M = 512 it loses (32/37/57 vs 28/31/36).
     if not interpret and _is_hopper():
         from .mosaic import linear_act as mosaic_linear_act
         from .mosaic import pipeline

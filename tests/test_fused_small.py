@@ -203,7 +203,7 @@ def test_default_tiles():
                     smem = small_smem_bytes(spec, cfg)
                     assert cfg.programs_per_sm * (smem + 2048) <= SMEM_PER_SM, (spec, cfg, smem)
     nerf = MLPSpec((64,) * 6, "relu", False, "float16")
-    cfg = fused_small_config(nerf, 2_097_152)  # the training kernels' tiles
+    cfg = fused_small_config(nerf, 2_097_152, kernel="saving")  # the training forward's tiles
     assert cfg.hoist and cfg.programs_per_sm == 2 and cfg.block_m == 128
     assert fused_small_programs(2_097_152, cfg) == 264
     # the forward kernel alone: three programs of 64-row tiles an SM (measured faster)
@@ -212,7 +212,13 @@ def test_default_tiles():
     assert fused_small_programs(2_097_152, cfg) == 396
     # kernel A: 64-row tiles at two stages (measured faster); kernel B keeps the training tiles
     assert fused_small_config(nerf, 65_536, kernel="dgrad") == SmallConfig(64, 4, 2, 2, True)
-    assert fused_small_config(nerf, 65_536, kernel="wgrad") == fused_small_config(nerf, 65_536)
+    assert fused_small_config(nerf, 65_536, kernel="wgrad") == fused_small_config(
+        nerf, 65_536, kernel="saving"
+    )
+    # the default is the forward kernel's: what plan() shows for fused_small
+    assert fused_small_config(nerf, 2_097_152) == fused_small_config(
+        nerf, 2_097_152, kernel="forward"
+    )
     with pytest.raises(ValueError, match=r"kernel: expected one of .*'forward'.*got 'fwd'"):
         fused_small_config(nerf, 100, kernel="fwd")
     assert fused_small_programs(300, SmallConfig(block_m=32, programs_per_sm=1), 3) == 3

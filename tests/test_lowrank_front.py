@@ -157,7 +157,7 @@ def test_run_choice_by_m(monkeypatch) -> None:
     assert [r.mode for r in at65.layers] == ["lowrank", "dense"] == list(lspec.modes)
     first = at65.layers[0]
     assert "fused, t on chip at M ≤ 64; M = 65: two GEMMs instead (t = x·U stored" in first.reason
-    assert "H200, M = 8192, r = 64/128/256: 178/205/232 µs" in first.reason
+    assert "H200, r = 64/128/256: M = 512 36.6/38.8/42.1 µs" in first.reason
     assert "M = 64 ≤ 64 (decode)" in at64.layers[0].reason
     assert at64.layers[0].launches[0].startswith("lowrank_linear_act(gelu) 64x67x33 r=9")
     assert first.launches[0].startswith("linear_act(identity) 65x9x33 [")
@@ -239,6 +239,32 @@ def test_each_side_of_the_threshold() -> None:
             first, again = module(xt), module(xt)  # the steps recorded by the checking call
         assert torch.equal(first, again)
         assert to_numpy(first).tobytes() == outs["torch"].tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 65, 512])
+def test_gpu_both_fronts_each_side_of_the_threshold(m: int) -> None:
+    """On the GPU: the fused kernel at M = 16, two GEMMs at 65 and 512 — on a Hopper GPU the TMA
+    linear_act (torch) and Mosaic GPU's (JAX), K and N multiples of 16 so their rules hold — each
+    front within the policy of both references, torch's recorded steps (FactorisedMLP) repeating
+    its checking call's bits. (Added after the sixth session's last H200 call: its first run is the
+    next `pytest -m gpu`.)"""
+    spec = MLPSpec((256, 1024, 128), "silu", True, "bfloat16")
+    lspec, fact = ls.factorise(spec, init_params(spec, seed=31), rank=(64, 32))
+    params = ls.cast_params(lspec, fact)
+    x = make_input(spec, (m,), seed=32)
+    runs = [row.runs for row in torch_front.plan(lspec, x.shape).layers]
+    assert runs == (["lowrank"] * 2 if m <= 64 else ["two_gemm"] * 2), runs
+    tp = {k: to_torch(v).cuda() for k, v in params.items()}
+    module = FactorisedMLP.from_params(tp, lspec)
+    torch_front._PREPARED.clear()
+    with torch.no_grad():
+        first, again = module(to_torch(x).cuda()), module(to_torch(x).cuda())
+    assert torch.equal(first, again)
+    _check(to_numpy(first.cpu()), x, params, lspec, f"torch cuda M={m}")
+    jnp, front = _jax()
+    out = front.lowrank_mlp(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}, lspec)
+    _check(to_numpy(out), x, params, lspec, f"jax gpu M={m}")
 
 
 # ==== goldens =====================================================================================

@@ -17,7 +17,7 @@ program loads every layer's zero-padded [WIDTH, WIDTH] weight tiles once (`hoist
 shared memory for all its tiles — 40 KiB for nerf-64x5 — where they fit SMALL_HOIST_BYTES; else each
 tile reads them again, from L2). The x tiles are software-pipelined (`num_stages` - 1 tiles of
 BLOCK_M rows in flight through cp.async while one is computed: 2 x 8 KiB at nerf-64x5's default 64
-rows of 64 fp16, and three programs per SM; the training kernels keep 128 rows and two programs),
+rows of 64 fp16, and three programs per SM; each training kernel has its own: `SMALL_KERNELS`),
 loaded and stored with 16-byte accesses where the row stride allows it.
 
 Params are read where they are: the kernel takes a tuple of the layers' own weight pointers (and one

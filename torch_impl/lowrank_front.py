@@ -5,19 +5,18 @@ makes its params from a dense MLP's.
 
 Per layer, by its mode (common/lowrank_spec.py, the same for every M) and the M of the call
 (`lowrank_spec.layer_run`, one rule for both fronts and `plan`): `lowrank` runs the fused
-`lowrank_linear_act` (lowrank.py) at M ≤ 64 and, being slower there (H200: 290 vs 178 µs at
-M = 8192, r = 64), two GEMMs above; `two_gemm` two `linear_act` launches with t = x·U stored in
-the dtype (the fused kernel's rounding point: the same reference); `dense` one `linear_act` on
-the layer's original weight. The two GEMMs run the Hopper TMA `linear_act` (tma/linear_act.py)
-on a Hopper GPU where TMA's 16-byte rule holds, else the portable one (always under
-TRITON_INTERPRET: CI's time stays as it was; the TMA kernel's own tests interpret it). A gated
+`lowrank_linear_act` (lowrank.py) at M ≤ 64 and two GEMMs above (H200: 36.6-42.1 vs 40.1-90.3 µs at
+M = 512, 179-231 vs 171-440 at M = 8192, r = 64-256); `two_gemm` two `linear_act` launches with t =
+x·U stored in the dtype (the fused kernel's rounding point: the same reference); `dense` one
+`linear_act` on the layer's original weight. The two GEMMs run the Hopper TMA `linear_act`
+(tma/linear_act.py) on a Hopper GPU where TMA's 16-byte rule holds, else the portable one (always
+under TRITON_INTERPRET: CI's time stays as it was; the TMA kernel's own tests interpret it). A gated
 layer (SwiGLU / GeGLU): `lowrank` runs `lowrank_gated_linear_act` at every M, `two_gemm`
-`linear_act(x, [U | Uv])` then the dense `gated` kernel on [tw | tv] with the block-diagonal
-packed operand (the gated epilogue's rounding order; common/lowrank_spec.py says why it is
-exact), `dense` the `gated` kernel on the original packed W and V. Hidden layers are stored
-in the dtype between launches, so the parity target is `lowrank_spec.reference(...,
-round_intermediate=True, round_hidden=True)`; the exact float64 factorised MLP is met within the
-tolerance policy.
+`linear_act(x, [U | Uv])` then the dense `gated` kernel on [tw | tv] with the block-diagonal packed
+operand (the gated epilogue's rounding order; common/lowrank_spec.py says why it is exact), `dense`
+the `gated` kernel on the original packed W and V. Hidden layers are stored in the dtype between
+launches, so the parity target is `lowrank_spec.reference(..., round_intermediate=True,
+round_hidden=True)`; the exact float64 factorised MLP is met within the tolerance policy.
 
 Host cost: the checks, the modes and the configs run on the first call of a signature (the spec,
 the config, and type, shape, dtype, device and contiguity of x and every param); a repeated call

@@ -15,12 +15,13 @@ Master params stay float32: the model is built in float32 and only autocast's ca
 Twin: jax_impl/training.py (the same step under the same policy, with optax and the loss scaler
 written out). twin-diff: the public names differ where the frameworks do — here `autocast` and
 `make_scaler` (torch's own casting and GradScaler); there `cast_to_compute`, `LossScaleState`,
-`init_loss_scale`, `update_loss_scale`, `all_finite` (what those do, written out) and
-`policy_mlp` (jax_impl.mlp from float32 masters: what autocast does for FusedMLP here); `train_step`
-(one eager step) ↔ `make_train_step` (builds one jitted step); `check_master` in both. Torch only:
-`GraphedTrainStep` with `graph_capturable_optimizer` and `scale_tensor` (the step captured as a
-CUDA graph: what jitting gives the JAX step), where the JAX twin has `make_train_step(donate=)`
-(the jitted step reuses the buffers of the params and optimizer state it is given).
+`init_loss_scale`, `update_loss_scale`, `all_finite` (what those do, written out) and `policy_mlp`
+(jax_impl.mlp from float32 masters: what autocast does for FusedMLP here); `train_step` (one eager
+step) ↔ `make_train_step` (builds one jitted step); `check_master` in both. Torch only:
+`GraphedTrainStep` with `graph_capturable_optimizer` and `scale_tensor` (the step captured as a CUDA
+graph and replayed: the host out of the step), where the JAX twin has `make_train_step(donate=)`
+(the jitted step reuses the buffers of the params and optimizer state it is given) and
+`make_train_loop` (K steps in one jitted call through `lax.scan`: its way of taking the host out).
 """
 
 from __future__ import annotations

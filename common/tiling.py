@@ -33,7 +33,7 @@ import dataclasses
 import math
 
 from .config import TileConfig
-from .packing import PACK_BLOCK
+from .packing import PACK_BLOCK, packed_width
 
 FAMILIES: tuple[str, ...] = ("linear_act", "gated")
 
@@ -806,3 +806,34 @@ def small_config_for(
         return fused_small_config(spec, m, interpret=interpret, kernel=kernel)
     # a pinned TileConfig: block_m, num_warps, num_stages as is (the tile's N and K are the width)
     return SmallConfig(config.block_m, config.num_warps, config.num_stages, hoist=small_hoist(spec))
+
+
+# fused_small's backward in row chunks (fused_small_backward.py, both twins). Kernel A stores
+# every hidden layer's dZ [M, width] for kernel B, so at large M the dZs dominate a step's memory:
+# nerf-64x5 at 2M rows holds 4 x 2M x 64 x 2 B = 1 GiB of them (the step's measured peak 2562 MiB,
+# eager torch's 1792). Above SMALL_DZ_BUDGET bytes the rows go through kernels A and B in C chunks,
+# only one chunk's dZs alive at a time. 128 MiB: nerf at 2M rows runs 8 chunks of 262,144 rows (each
+# still 2,048 row tiles of 128, ~8 waves of kernel A's persistent grid) and drops 1024 - 128 = 896
+# MiB of dZ; the image fit (65,536 rows, 4 x 64 wide fp16: 32 MiB of dZ) keeps C = 1, today's
+# launches and bits. Smaller budgets buy little more (the residuals h, kept by the forward, are of
+# the same size) for 2 more launches a chunk.
+SMALL_DZ_BUDGET = 128 * 1024 * 1024
+
+
+def backward_chunks(
+    spec: MLPSpec, m: int, row_tile: int, *, budget: int | None = None
+) -> tuple[int, int]:
+    """(C, rows per chunk) for fused_small's backward over m rows: C = 1 (rows = m) where every
+    hidden layer's dZ (packed [M, 2·Np] gated) fits `budget` bytes (None: SMALL_DZ_BUDGET, read
+    at call time), else chunks of the most whole `row_tile`s whose dZs fit (at least one tile),
+    the last chunk ragged. `row_tile`: a multiple of every backward kernel's row tile, so each
+    chunk's tiles are whole except the last chunk's."""
+    budget = SMALL_DZ_BUDGET if budget is None else budget
+    hidden = spec.layers()[:-1]
+    row_bytes = _ITEMSIZE[spec.dtype] * sum(
+        packed_width(layer.d_out) if layer.gated else layer.d_out for layer in hidden
+    )
+    if m * row_bytes <= budget:
+        return 1, m
+    rows = max(row_tile, budget // row_bytes // row_tile * row_tile)
+    return _cdiv(m, rows), rows

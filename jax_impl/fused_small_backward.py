@@ -1,4 +1,5 @@
-"""fused_small's training: a saving forward and a whole-MLP backward, 3-4 Pallas-Triton launches.
+"""fused_small's training: a saving forward and a whole-MLP backward, 3-4 Pallas-Triton launches
+(2 + 2·C in C row chunks).
 
 Formula (the float64 twin is `common.reference.backward`; backward.py has the per-layer form):
 the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1
@@ -32,6 +33,21 @@ before anything else, twice that gated or at width 128 — and Triton has no sha
 accumulator to put them in; the dZ round trip (M × width × 2 bytes a layer, read once) is the
 price of registers that fit.
 
+Row chunks (`common.tiling.backward_chunks`): the dZs are M × Σ width × itemsize (nerf-64x5 at
+M = 2,097,152: 1 GiB, the step's measured peak 2562 MiB against eager torch's 1792). Where they
+pass SMALL_DZ_BUDGET (128 MiB) the rows go in C chunks on whole row tiles: per chunk kernel A then
+kernel B (its S runs' fp32 partials into its rows of ONE workspace [Σ S, …] per gradient), then
+one sum kernel over all the partials in the fixed order (chunk, run): deterministic, the same
+rounding points, another order of additions than C = 1 (within the tolerance policy). Cost:
+2 + 2·C launches a step (nerf at 2M rows: 18 for 4) and 16 MiB of partials (208 runs) for 2;
+predicted peak there 2562 − 896 + 14 ≈ 1680 MiB. Below the budget C = 1: today's launches, bits.
+Kernels A and B read the whole arrays at the chunk's row offset (ROW0; a slice would be an XLA
+copy); dx and the workspace pass from chunk to chunk through input_output_aliases, updated in
+place; the whole loop is one jit, so XLA's buffer assignment reuses one chunk's dZ buffers for the
+next (checked: nerf-64x5 at 2M rows with the kernels as opaque calls, every chunk's four dZs at the
+same offsets, 128 MiB). ROW0 and the first run are compile-time constants: each chunk compiles
+its own kernels A and B (C of each per shape, once; Triton's pointers need no such thing).
+
 Rounding points: those of backward.py (dZ and dx in the compute dtype, dW and db in the param
 dtype, fp32 accumulation everywhere). Against `backward.mlp_backward` the order of additions is
 the same where the tiles are — a pinned config whose tiles span the padded width 64 (its packed
@@ -46,6 +62,7 @@ Twin: torch_impl/fused_small_backward.py (Triton, same names and sections).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import jax
@@ -63,6 +80,7 @@ from fusedmlp.common.tiling import (
     WGRAD_SUM_UNROLL,
     WGRAD_SUM_WARPS,
     SmallConfig,
+    backward_chunks,
     cdiv,
     fused_small_programs,
     padded_width,
@@ -111,7 +129,7 @@ def _layer_operands_t(
 
 
 def _dact_step(
-    acc, z_ref, dz_ref, row0, row_ok,
+    acc, z_ref, dz_ref, row0, z_row0, row_ok,
     N, ACTIVATION, GATED_LAYER,
     DACT, BLOCK_M, WIDTH, PACK,
     INTERPRET,
@@ -120,14 +138,16 @@ def _dact_step(
     width N) -> that layer's dZ, rounded once to the compute dtype, stored ([M, N], or the packed
     [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next product's
     operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros. z_ref: the saved
-    z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept)."""
+    z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept).
+    twin-diff: z_row0, the tile's first row in z_ref (a chunk's tile reads the whole array's z at
+    its row offset; the twin passes row views)."""
     lanes = jnp.arange(WIDTH)
     lane_ok = lanes[None, :] < N
     dtype = dz_ref.dtype
     if GATED_LAYER:
         NP = (N + PACK - 1) // PACK * PACK
         # 2. load: the saved packed [z|g] tile of this row tile
-        z, g = _packed_load(z_ref, row0, row_ok, BLOCK_M, NP, WIDTH, PACK)
+        z, g = _packed_load(z_ref, z_row0, row_ok, BLOCK_M, NP, WIDTH, PACK)
         z = z.astype(jnp.float32)
         g = g.astype(jnp.float32)
         # 3. compute: dz = dh ⊙ g ⊙ act'(z), dg = dh ⊙ act(z), in fp32
@@ -142,7 +162,8 @@ def _dact_step(
         ok = row_ok[:, None] & lane_ok
         dz = acc
         if DACT:  # else an identity activation: act' = 1, nothing to read
-            z = plgpu.load(z_ref.at[window], mask=ok, other=0.0).astype(jnp.float32)
+            z_window = (pl.ds(z_row0, BLOCK_M), pl.ds(0, WIDTH))
+            z = plgpu.load(z_ref.at[z_window], mask=ok, other=0.0).astype(jnp.float32)
             dz = acc * apply_activation_grad(z, ACTIVATION)
         dz = round_to_dtype(jnp.where(lane_ok, dz, 0.0), dtype, INTERPRET)
         plgpu.store(dz_ref.at[window], dz, mask=ok)
@@ -159,11 +180,14 @@ def _fused_small_dgrad_kernel(
     WIDTHS, NUM_LAYERS, WIDTH,
     BLOCK_M, ACTIVATION, GATED,
     DACT, PACK, HOIST,
-    DOT_PRECISION, INTERPRET,
+    DOT_PRECISION, INTERPRET, ROW0=0,
 ):  # fmt: skip
     # twin-diff: refs arrive flat: the weights, the act' operands (DACT: the kept zs, or for relu
-    # the outputs h_1 …), then the outputs dZ_0 … dZ_{L-2} and dx (always: jax's custom_vjp asks
+    # the outputs h_1 …), (a chunk past the first: the dx being assembled, aliased to the dx
+    # output, never read), then the outputs dZ_0 … dZ_{L-2} and dx (always: jax's custom_vjp asks
     # for every input's cotangent, no NEED_DX).
+    # A chunk (mlp_backward): rows ROW0 … ROW0 + M - 1 of dy, the zs and dx (whole arrays, read
+    # and written at that offset, where the twin passes row views); its dZs are [M, …].
     L = NUM_LAYERS
     w_refs = refs[:L]
     z_refs = refs[L : 2 * L - 1] if DACT else ()
@@ -196,7 +220,7 @@ def _fused_small_dgrad_kernel(
         row_ok = rows < M
         # 2. load: dy, the output layer's dZ (an identity layer: act' = 1)
         d = plgpu.load(
-            dy_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+            dy_ref.at[pl.ds(ROW0 + start, BLOCK_M), pl.ds(0, WIDTH)],
             mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
             other=0.0,
         )
@@ -222,13 +246,14 @@ def _fused_small_dgrad_kernel(
             if layer > 0:
                 # 4. store (inside): dZ of hidden layer - 1
                 d, dg = _dact_step(
-                    acc, z_refs[layer - 1], dz_refs[layer - 1], start, row_ok, WIDTHS[layer],
+                    acc, z_refs[layer - 1], dz_refs[layer - 1], start, ROW0 + start, row_ok,
+                    WIDTHS[layer],
                     ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET,
                 )  # fmt: skip
             else:
                 # 4. store: dx, rounded once
                 plgpu.store(
-                    dx_ref.at[pl.ds(start, BLOCK_M), pl.ds(0, WIDTH)],
+                    dx_ref.at[pl.ds(ROW0 + start, BLOCK_M), pl.ds(0, WIDTH)],
                     round_to_dtype(acc, dx_ref.dtype, INTERPRET),
                     mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
                 )
@@ -240,7 +265,7 @@ def _fused_small_dgrad_kernel(
 # ---- backward kernel B: every layer's dW and db in one launch, and the sum of its splits --------
 def _wgrad_layer(
     h_ref, d_ref, dw_ref, db_ref, pid_k, pid_s,
-    M, STEPS,
+    M, STEPS, H_ROW0, D_ROW0, SPLIT0,
     D_IN, D_OUT, NC, GATED_LAYER,
     HAS_BIAS, WIDTH, BLOCK_K, BLOCK_R,
     PACK, DOT_PRECISION, INTERPRET,
@@ -248,7 +273,10 @@ def _wgrad_layer(
     """Rows [pid_k·BLOCK_R, +BLOCK_R) of one layer's dW [D_IN, NC] (NC: D_OUT, or the packed
     2·Np) reduced over run pid_s of the rows (STEPS steps of BLOCK_K), with db from the K-tile 0
     programs. dw_ref / db_ref: the gradient itself (one run) or the fp32 partials [S·D_IN, NC] /
-    [S, NC] (run pid_s's rows: the store below is exact)."""
+    [S, NC] (run pid_s's rows: the store below is exact).
+    twin-diff: a chunk's rows start at H_ROW0 of h_ref and D_ROW0 of d_ref (whole arrays: x, the
+    hs, dy; a chunk's own dZ: 0), and its runs are pid_s ≥ the chunk's first (where the twin
+    passes views of its rows and of its workspace rows)."""
     # 1. program -> tile
     k0 = pid_k * BLOCK_R
     offs_k = k0 + jnp.arange(BLOCK_R)
@@ -270,15 +298,15 @@ def _wgrad_layer(
         # over h's rows, as backward.py's wgrad does, sums in another order than NumPy's matmul
         # under the interpreters: 9 of 6144 bf16 elements of a 24x256 gradient differed)
         a = plgpu.load(
-            h_ref.at[offs_r[None, :], offs_k[:, None]],
+            h_ref.at[H_ROW0 + offs_r[None, :], offs_k[:, None]],
             mask=mask_k[:, None] & mask_r[None, :],
             other=0.0,
         )
         if GATED_LAYER:
-            d, dg = _packed_load(d_ref, r0, mask_r, BLOCK_K, NP, WIDTH, PACK)
+            d, dg = _packed_load(d_ref, D_ROW0 + r0, mask_r, BLOCK_K, NP, WIDTH, PACK)
         else:
             d = plgpu.load(
-                d_ref.at[pl.ds(r0, BLOCK_K), pl.ds(0, WIDTH)],
+                d_ref.at[pl.ds(D_ROW0 + r0, BLOCK_K), pl.ds(0, WIDTH)],
                 mask=mask_r[:, None] & lane_ok[None, :],
                 other=0.0,
             )
@@ -309,13 +337,14 @@ def _wgrad_layer(
     # twin-diff: the run's rows of the [S·D_IN, NC] / [S, NC] arrays, where the twin offsets
     # its pointers by the run.
     first = (jnp.arange(1) + pid_k) == 0  # the db row: K-tile 0 only
-    row0 = pid_s * D_IN + k0
+    split = SPLIT0 + pid_s
+    row0 = split * D_IN + k0
     if GATED_LAYER:
         _packed_store(dw_ref, row0, mask_k, acc, acc_v, BLOCK_R, NP, WIDTH, PACK, INTERPRET)
         if HAS_BIAS:
             db2 = db.reshape(1, WIDTH)
             dc2 = dc.reshape(1, WIDTH)
-            _packed_store(db_ref, pid_s, first, db2, dc2, 1, NP, WIDTH, PACK, INTERPRET)
+            _packed_store(db_ref, split, first, db2, dc2, 1, NP, WIDTH, PACK, INTERPRET)
     else:
         plgpu.store(
             dw_ref.at[pl.ds(row0, BLOCK_R), pl.ds(0, WIDTH)],
@@ -325,7 +354,7 @@ def _wgrad_layer(
         if HAS_BIAS:
             db_out = round_to_dtype(db, db_ref.dtype, INTERPRET).reshape(1, WIDTH)
             plgpu.store(
-                db_ref.at[pl.ds(pid_s, 1), pl.ds(0, WIDTH)],
+                db_ref.at[pl.ds(split, 1), pl.ds(0, WIDTH)],
                 db_out,
                 mask=first[:, None] & lane_ok[None, :],
             )
@@ -337,14 +366,18 @@ def _fused_small_wgrad_kernel(
     WIDTHS, W_COLS, NUM_LAYERS, WIDTH,
     GATED, HAS_BIAS, K_TILES,
     BLOCK_K, BLOCK_R, PACK,
-    DOT_PRECISION, INTERPRET,
+    DOT_PRECISION, INTERPRET, ROW0=0, SPLIT0=0,
 ):  # fmt: skip
     # h_refs[l]: layer l's input (x, then the saved h_l); d_refs[l]: its dZ (kernel A's, dy for
     # the output layer). Layer l's widths are constants only inside its branch below.
-    # twin-diff: refs arrive flat (h, d, dw, then db with a bias); no strides.
+    # twin-diff: refs arrive flat (h, d, then — a chunk past the first — the workspace being
+    # filled, aliased to the outputs and never read, then the outputs dw, and db with a bias);
+    # no strides. A chunk: rows ROW0 … of x, the hs and dy; its runs' partials at SPLIT0 ….
     L = NUM_LAYERS
-    h_refs, d_refs, dw_refs = refs[:L], refs[L : 2 * L], refs[2 * L : 3 * L]
-    db_refs = refs[3 * L :] if HAS_BIAS else dw_refs
+    h_refs, d_refs = refs[:L], refs[L : 2 * L]
+    outs = refs[len(refs) - (2 * L if HAS_BIAS else L) :]
+    dw_refs = outs[:L]
+    db_refs = outs[L:] if HAS_BIAS else dw_refs
     # 1. program -> tile: (layer, K-tile) on axis 0, the run of M on axis 1
     pid = pl.program_id(0)
     layer_id = pid // K_TILES
@@ -364,6 +397,9 @@ def _fused_small_wgrad_kernel(
                 pid_s,
                 M,
                 STEPS,
+                ROW0,
+                ROW0 if layer == last else 0,
+                SPLIT0,
                 WIDTHS[layer],
                 WIDTHS[layer + 1],
                 W_COLS[layer],
@@ -522,7 +558,7 @@ def forward_saving(
     return y, tuple(kept)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("spec", "config", "rows", "interpret"))
 def dgrad_fwd(
     dy2d: jax.Array,
     residuals: tuple[jax.Array | None, ...],
@@ -530,13 +566,23 @@ def dgrad_fwd(
     spec: MLPSpec,
     *,
     config: TileConfig | SmallConfig | None = None,
+    rows: tuple[int, int] | None = None,
+    dx: jax.Array | None = None,
     interpret: bool | None = None,
 ) -> tuple[list[jax.Array], jax.Array]:
     """Kernel A: (dZ_l of every hidden layer l — [M, N_l], packed [M, 2·Np_l] gated — and dx
-    [M, d_in]) from dy2d [M, d_out] and the "preact" residuals. M >= 1."""
-    # twin-diff: always dx (no need_dx).
+    [M, d_in]) from dy2d [M, d_out] and the "preact" residuals. M >= 1.
+    `rows` (r0, r1): rows r0 … r1-1 of dy2d and the residuals only (a chunk: its dZs are
+    [r1 - r0, …]), their dx written into those rows of `dx` [M, d_in] (None: a new one)."""
+    # twin-diff: always dx (no need_dx). A chunk reads the whole arrays at row offset r0 (a
+    # slice would be an XLA copy) and writes its rows of dx in place: the dx argument is aliased
+    # to the dx output (input_output_aliases; under jit, where nothing else holds the previous
+    # chunk's dx, XLA updates the one buffer in place), so dx is neither zero-filled nor
+    # assembled from per-chunk pieces (dynamic_update_slice: a copy of each chunk's rows).
     interpret = interpret_mode() if interpret is None else interpret
-    m = dy2d.shape[0]
+    full = dy2d.shape[0]
+    r0, r1 = (0, full) if rows is None else rows
+    m = r1 - r0
     cfg = small_config_for(config, spec, m, interpret=interpret, kernel="dgrad")
     weights, _ = layer_params(params, spec)
     # the hidden layers' act' operands: z_0, …, z_{L-2}, or for relu their outputs h_1, …, h_{L-1}
@@ -546,26 +592,30 @@ def dgrad_fwd(
         jax.ShapeDtypeStruct((m, packed_width(lay.d_out) if lay.gated else lay.d_out), dy2d.dtype)
         for lay in spec.layers()[:-1]
     ]
-    shapes.append(jax.ShapeDtypeStruct((m, spec.d_in), dy2d.dtype))
+    shapes.append(jax.ShapeDtypeStruct((full, spec.d_in), dy2d.dtype))
     programs, tiles = _grid(m, cfg, interpret)
     kernel = functools.partial(
         _fused_small_dgrad_kernel, M=m, TILES_PER_PROGRAM=tiles, BLOCK_M=cfg.block_m,
-        ACTIVATION=spec.base_activation, DACT=dact, HOIST=cfg.hoist,
+        ACTIVATION=spec.base_activation, DACT=dact, HOIST=cfg.hoist, ROW0=r0,
         **_small_statics(spec, weights, interpret),
     )  # fmt: skip
+    inputs = (dy2d, *weights, *(zs if dact else ()), *(() if dx is None else (dx,)))
     with quiet_pallas_triton():
         outs = pl.pallas_call(
             kernel,
             out_shape=tuple(shapes),
             grid=(programs,),
+            input_output_aliases={} if dx is None else {len(inputs) - 1: len(shapes) - 1},
             compiler_params=_compiler_params(cfg),
             interpret=interpret,
             name="fused_small_dgrad",
-        )(dy2d, *weights, *(zs if dact else ()))
+        )(*inputs)
     return list(outs[:-1]), outs[-1]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "config", "splits", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("spec", "config", "splits", "rows", "runs", "interpret")
+)
 def wgrad_fwd(
     hs: list[jax.Array],
     ds: list[jax.Array],
@@ -574,28 +624,37 @@ def wgrad_fwd(
     *,
     config: TileConfig | SmallConfig | None = None,
     splits: int | None = None,
+    rows: tuple[int, int] | None = None,
+    runs: tuple[int, int] | None = None,
+    workspace: dict[str, jax.Array] | None = None,
     interpret: bool | None = None,
 ) -> dict[str, jax.Array]:
     """Kernel B (+ the sum of its splits): every layer's weight gradient (`w{i}`, or the packed
     `wv{i}`) and, with a bias, its bias gradient (`b{i}`/`bc{i}`), in the params' dtype, from
     the layer inputs hs[l] [M, d_in_l] and the dZs ds[l] (the last: dy). S from `wgrad_splits`
-    over every layer's tiles; `splits` forces it."""
+    over every layer's tiles; `splits` forces it.
+    A chunk (mlp_backward): `rows` (r0, r1) of hs and dy only (ds[:-1] are that chunk's dZs),
+    and `runs` (s0, total): its S runs' fp32 partials go to runs s0 … s0 + S - 1 of a workspace
+    of `total` runs per gradient — `workspace` (the previous chunk's), or None: a new one — which
+    is returned ({name: its partials}) in place of the gradients, for `_wgrad_grads`."""
     interpret = interpret_mode() if interpret is None else interpret
-    m = hs[0].shape[0]
+    full = hs[0].shape[0]
+    r0, r1 = (0, full) if rows is None else rows
+    m = r1 - r0
     cfg = small_config_for(config, spec, m, interpret=interpret, kernel="wgrad")
     weights, _ = layer_params(params, spec)
     width = padded_width(max(spec.widths))
     block_r = min(width, WGRAD_ROWS)
     k_tiles = cdiv(width, block_r)
     S, steps = wgrad_splits(spec.num_layers * k_tiles, m, cfg.block_m, splits=splits)
-    names, dw_shapes, db_shapes = [], [], []
+    s0, total = (0, S) if runs is None else runs
+    names, dw_shapes, db_shapes = _grad_names(spec), [], []
     for layer, w in zip(spec.layers(), weights, strict=True):
-        i, nc = layer.index, w.shape[1]
-        names.append((f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}"))
+        nc = w.shape[1]
         # S = 1: the gradients directly (as [K, Nc] / [1, Nc]); else their fp32 partials
-        dtype = w.dtype if S == 1 else jnp.float32
-        dw_shapes.append(jax.ShapeDtypeStruct((S * layer.d_in, nc), dtype))
-        db_shapes.append(jax.ShapeDtypeStruct((S, nc), dtype))
+        dtype = w.dtype if total == 1 and runs is None else jnp.float32
+        dw_shapes.append(jax.ShapeDtypeStruct((total * layer.d_in, nc), dtype))
+        db_shapes.append(jax.ShapeDtypeStruct((total, nc), dtype))
     if m == 0:  # a sum over no rows
         grads = {}
         for (wname, bname), layer, w in zip(names, spec.layers(), weights, strict=True):
@@ -606,50 +665,55 @@ def wgrad_fwd(
     kernel = functools.partial(
         _fused_small_wgrad_kernel, M=m, STEPS=steps, W_COLS=tuple(w.shape[1] for w in weights),
         HAS_BIAS=spec.bias, K_TILES=k_tiles, BLOCK_K=cfg.block_m, BLOCK_R=block_r,
-        **_small_statics(spec, weights, interpret),
+        ROW0=r0, SPLIT0=s0, **_small_statics(spec, weights, interpret),
     )  # fmt: skip
     shapes = dw_shapes + (db_shapes if spec.bias else [])
+    # the workspace's arrays in the outputs' order (every dw, then every db), aliased to them
+    targets = [w for w, _ in names] + ([b for _, b in names] if spec.bias else [])
+    held = [] if workspace is None else [workspace[n] for n in targets]
+    inputs = (*hs, *ds, *held)
+    aliases = {len(hs) + len(ds) + t: t for t in range(len(held))}
     with quiet_pallas_triton():
         outs = pl.pallas_call(
             kernel,
             out_shape=tuple(shapes),
             grid=(spec.num_layers * k_tiles, S),
+            input_output_aliases=aliases,
             compiler_params=_compiler_params(cfg),
             interpret=interpret,
             name="fused_small_wgrad",
-        )(*hs, *ds)
-    L = spec.num_layers
-    dws, dbs = outs[:L], outs[L:]
+        )(*inputs)
+    if runs is not None:  # a chunk's partials: the workspace, as kernel B stores it
+        return dict(zip(targets, outs, strict=True))
+    return _wgrad_grads(dict(zip(targets, outs, strict=True)), names, weights, spec, interpret)
+
+
+def _grad_names(spec: MLPSpec) -> list[tuple[str, str]]:
+    # every layer's (weight, bias) gradient names: the packed `wv{i}`, `bc{i}` where gated
+    return [
+        (f"wv{lay.index}", f"bc{lay.index}") if lay.gated else (f"w{lay.index}", f"b{lay.index}")
+        for lay in spec.layers()
+    ]
+
+
+def _wgrad_grads(
+    outs: dict[str, jax.Array],
+    names: list[tuple[str, str]],
+    weights: tuple[jax.Array, ...],
+    spec: MLPSpec,
+    interpret: bool,
+) -> dict[str, jax.Array]:
+    """The gradients from kernel B's outputs (`outs`: by name, [S·K, Nc] and [S, Nc]): as they
+    are (S = 1), or their S fp32 partials summed by the sum kernel."""
     # the targets of the sum, in the twin's order: dw_0 (db_0), dw_1 (db_1), …
     parts = []
-    for layer_idx, layer in enumerate(spec.layers()):
-        nc = weights[layer_idx].shape[1]
-        parts.append(dws[layer_idx].reshape(S, layer.d_in * nc))
+    for (wname, bname), layer in zip(names, spec.layers(), strict=True):
+        S = outs[wname].shape[0] // layer.d_in
+        parts.append(outs[wname].reshape(S, -1))
         if spec.bias:
-            parts.append(dbs[layer_idx])
+            parts.append(outs[bname])
     if S > 1:
-        sizes = tuple(p.shape[1] for p in parts)
-        starts = [0]
-        for size in sizes:
-            starts.append(starts[-1] + cdiv(size, WGRAD_SUM_BLOCK))
-        summed = functools.partial(
-            _fused_small_wgrad_sum_kernel, S=S,
-            SIZES=sizes, STARTS=tuple(starts), TARGETS=len(parts), BLOCK=WGRAD_SUM_BLOCK,
-            UNROLL=min(WGRAD_SUM_UNROLL, S), INTERPRET=interpret,
-        )  # fmt: skip
-        out_dtypes = [w.dtype for w in weights for _ in range(2 if spec.bias else 1)]
-        with quiet_pallas_triton():
-            parts = pl.pallas_call(
-                summed,
-                out_shape=tuple(
-                    jax.ShapeDtypeStruct((size,), dt)
-                    for size, dt in zip(sizes, out_dtypes, strict=True)
-                ),
-                grid=(starts[-1],),
-                compiler_params=plgpu.CompilerParams(num_warps=WGRAD_SUM_WARPS, num_stages=1),
-                interpret=interpret,
-                name="fused_small_wgrad_sum",
-            )(*parts)
+        parts = _wgrad_sum(parts, [w.dtype for w in weights], spec, interpret)
     grads, t = {}, 0
     for (wname, bname), layer, w in zip(names, spec.layers(), weights, strict=True):
         grads[wname] = parts[t].reshape(layer.d_in, w.shape[1])
@@ -660,7 +724,98 @@ def wgrad_fwd(
     return grads
 
 
+def _wgrad_sum(
+    parts: list[jax.Array], dtypes: list, spec: MLPSpec, interpret: bool
+) -> list[jax.Array]:
+    """The sum kernel: each target's S partials parts[t] [S, size] added in the fixed order
+    s = 0, 1, … and rounded once to its layer's dtype (dtypes: one a layer)."""
+    S = parts[0].shape[0]
+    sizes = tuple(p.shape[1] for p in parts)
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + cdiv(size, WGRAD_SUM_BLOCK))
+    summed = functools.partial(
+        _fused_small_wgrad_sum_kernel, S=S,
+        SIZES=sizes, STARTS=tuple(starts), TARGETS=len(parts), BLOCK=WGRAD_SUM_BLOCK,
+        UNROLL=min(WGRAD_SUM_UNROLL, S), INTERPRET=interpret,
+    )  # fmt: skip
+    out_dtypes = [dt for dt in dtypes for _ in range(2 if spec.bias else 1)]
+    with quiet_pallas_triton():
+        return pl.pallas_call(
+            summed,
+            out_shape=tuple(
+                jax.ShapeDtypeStruct((size,), dt)
+                for size, dt in zip(sizes, out_dtypes, strict=True)
+            ),
+            grid=(starts[-1],),
+            compiler_params=plgpu.CompilerParams(num_warps=WGRAD_SUM_WARPS, num_stages=1),
+            interpret=interpret,
+            name="fused_small_wgrad_sum",
+        )(*parts)
+
+
 # ---- orchestration -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1024)  # a step's host path: once per key (budget None: the
+# SMALL_DZ_BUDGET of the first call)
+def _chunk_spans(
+    spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None, dz_budget: int | None
+) -> tuple[tuple[int, int], ...]:
+    """The backward's row chunks (r0, r1) by `common.tiling.backward_chunks`: ((0, m),) (C = 1)
+    unless the dZs pass the budget; else boundaries on whole tiles of kernel A and kernel B."""
+    interpret = interpret_mode()
+    tile = math.lcm(
+        small_config_for(config, spec, m, interpret=interpret, kernel="dgrad").block_m,
+        small_config_for(config, spec, m, interpret=interpret, kernel="wgrad").block_m,
+    )
+    chunks, rows = backward_chunks(spec, m, tile, budget=dz_budget)
+    if chunks == 1:
+        return ((0, m),)
+    return tuple((r0, min(r0 + rows, m)) for r0 in range(0, m, rows))
+
+
+def _chunk_splits(spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None) -> int:
+    """Kernel B's S over m rows (`wgrad_fwd`'s choice)."""
+    cfg = small_config_for(config, spec, m, interpret=interpret_mode(), kernel="wgrad")
+    width = padded_width(max(spec.widths))
+    tiles = spec.num_layers * cdiv(width, min(width, WGRAD_ROWS))
+    return wgrad_splits(tiles, m, cfg.block_m)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "spans", "config"))
+def _chunked_backward(
+    dy2d: jax.Array,
+    residuals: tuple[jax.Array | None, ...],
+    params: Mapping[str, jax.Array],
+    spec: MLPSpec,
+    spans: tuple[tuple[int, int], ...],
+    config: TileConfig | SmallConfig | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(dx, grads) over C > 1 row chunks: per chunk kernel A (its dZs, its rows of the one dx)
+    then kernel B (its S runs' fp32 partials into its rows of one workspace [Σ S, …] per
+    gradient), then ONE sum kernel adds each element's partials in the fixed order (chunk, run)
+    and rounds once. No atomics."""
+    # twin-diff: one jit, so that XLA sees every chunk: a chunk's dZs are dead once its kernel B
+    # ran and their buffers are reused by the next chunk's (buffer assignment; the twin drops
+    # references), and dx and the workspace, aliased from chunk to chunk, are updated in place.
+    splits = [_chunk_splits(spec, r1 - r0, config) for r0, r1 in spans]
+    total = sum(splits)
+    hs = list(residuals[0::2])
+    dx, workspace, s0 = None, None, 0
+    for (r0, r1), S in zip(spans, splits, strict=True):
+        dzs, dx = dgrad_fwd(dy2d, residuals, params, spec, config=config, rows=(r0, r1), dx=dx)
+        workspace = wgrad_fwd(
+            hs, [*dzs, dy2d], params, spec, config=config, rows=(r0, r1),
+            runs=(s0, total), workspace=workspace,
+        )  # fmt: skip
+        # the next chunk's kernel A takes dx only after this chunk's kernel B: nothing else
+        # orders them (kernel A depends on the previous kernel A only, through dx), and a
+        # scheduler free to run two chunks' kernels A first would hold both chunks' dZs
+        dx, workspace = jax.lax.optimization_barrier((dx, workspace))
+        s0 += S
+    weights, _ = layer_params(params, spec)
+    return dx, _wgrad_grads(workspace, _grad_names(spec), weights, spec, interpret_mode())
+
+
 def mlp_backward(
     dy2d: jax.Array,
     residuals: tuple[jax.Array | None, ...],
@@ -669,15 +824,21 @@ def mlp_backward(
     *,
     saved: str,
     config: TileConfig | SmallConfig | None = None,
+    dz_budget: int | None = None,
 ) -> dict[str, jax.Array]:
     """backward.mlp_backward's result (same arguments, names and layouts) from kernels A and B:
     "x" and every packed param's gradient; "inputs" recomputes this module's saving forward
-    first."""
+    first. Rows in C > 1 chunks where the dZs pass `dz_budget` bytes (None:
+    common.tiling.SMALL_DZ_BUDGET)."""
     # twin-diff: no need_dx (jax's custom_vjp always asks for every input's cotangent).
     check_saved(saved)
     if saved == "inputs":
         _, residuals = forward_saving(residuals[0], params, spec, config=config)
     m = dy2d.shape[0]
+    spans = _chunk_spans(spec, m, config, dz_budget)
+    if len(spans) > 1:
+        dx, grads = _chunked_backward(dy2d, tuple(residuals), params, spec, spans, config)
+        return {"x": dx, **grads}
     if m == 0:
         dzs: list[jax.Array] = []
         dx = jnp.zeros((0, spec.d_in), dy2d.dtype)
@@ -688,10 +849,17 @@ def mlp_backward(
     return {"x": dx, **{k: grads[k] for k in packed_names(spec)}}
 
 
-def launch_count(spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None = None) -> int:
+def launch_count(
+    spec: MLPSpec,
+    m: int,
+    config: TileConfig | SmallConfig | None = None,
+    *,
+    dz_budget: int | None = None,
+) -> int:
     """Kernel launches of one training step (saving forward + backward, dx included) here: 3, or
-    4 where the weight gradients are split over M."""
-    cfg = small_config_for(config, spec, m, interpret=interpret_mode(), kernel="wgrad")
-    width = padded_width(max(spec.widths))
-    tiles = spec.num_layers * cdiv(width, min(width, WGRAD_ROWS))
-    return 3 + (wgrad_splits(tiles, m, cfg.block_m)[0] > 1)
+    4 where the weight gradients are split over M; in C > 1 row chunks 2 + 2·C (kernels A and B
+    a chunk, one sum)."""
+    chunks = len(_chunk_spans(spec, m, config, dz_budget))
+    if chunks > 1:
+        return 2 + 2 * chunks
+    return 3 + (_chunk_splits(spec, m, config) > 1)

@@ -70,8 +70,9 @@ class Stack:
 
         return jnp.asarray(a)
 
-    def run(self, spec, x, packed, dy, config=None, residuals=None):
-        """(y, residuals, grads) as NumPy; `residuals` replaces the saving forward's."""
+    def run(self, spec, x, packed, dy, config=None, residuals=None, dz_budget=None):
+        """(y, residuals, grads) as NumPy; `residuals` replaces the saving forward's;
+        `dz_budget`: mlp_backward's (row chunks where the dZs pass it)."""
         p = {k: self.array(v) for k, v in packed.items()}
         y, kept = self.mod.forward_saving(self.array(x), p, spec, config=config)
         if residuals is not None:
@@ -81,7 +82,9 @@ class Stack:
                     k if k is not None else next(iter(p.values())).new_empty((x.shape[0], 0))
                     for k in kept
                 )
-        grads = self.mod.mlp_backward(self.array(dy), kept, p, spec, saved="preact", config=config)
+        grads = self.mod.mlp_backward(
+            self.array(dy), kept, p, spec, saved="preact", config=config, dz_budget=dz_budget
+        )
         as_np = lambda a: None if a is None or a.shape[-1] == 0 else to_numpy(a)  # noqa: E731
         return to_numpy(y), [as_np(k) for k in kept], {k: to_numpy(v) for k, v in grads.items()}
 
@@ -192,6 +195,89 @@ def test_int64_offsets_same_bits(case, monkeypatch):
         assert (a is None and b is None) or a.tobytes() == b.tobytes()
     for k in narrow[2]:
         assert narrow[2][k].tobytes() == wide[2][k].tobytes(), k
+
+
+# ---- the backward in row chunks (common.tiling.backward_chunks) ----------------------------------
+def _dz_row_bytes(spec: MLPSpec) -> int:
+    # every hidden layer's dZ row (gated: the packed [dz|dg]), the rule's measure
+    from fusedmlp.common.packing import packed_width
+
+    itemsize = 4 if spec.dtype == "float32" else 2
+    hidden = spec.layers()[:-1]
+    return itemsize * sum(packed_width(lay.d_out) if lay.gated else lay.d_out for lay in hidden)
+
+
+# M = 301 in chunks of 96 rows (3 whole tiles of the interpreters' 32 rows): 96, 96, 96, 13
+CHUNK_ROWS = 96
+CHUNKED = [
+    ((24, 40, 17), "relu", True, "float16", 301),
+    ((19, 40, 33, 5), "relu", False, "float32", 301),  # 3 layers: two dZs a chunk
+    ((24, 30, 17), "swiglu", True, "bfloat16", 301),  # gated: packed z and dZ, WIDTH 32
+]
+
+
+@functools.cache
+def _run_chunked(name: str, case):
+    spec, _, packed, x, dy = _inputs(case)
+    budget = CHUNK_ROWS * _dz_row_bytes(spec)
+    return _stack(name).run(spec, x, packed, dy, dz_budget=budget)
+
+
+def test_chunk_rule():
+    from fusedmlp.common.presets import get_preset
+    from fusedmlp.common.tiling import SMALL_DZ_BUDGET, backward_chunks
+
+    nerf = get_preset("nerf-64x5").spec  # 4 dZs of 64 fp16: 512 bytes a row
+    assert SMALL_DZ_BUDGET == 128 << 20
+    assert backward_chunks(nerf, 2_097_152, 128) == (8, 262_144)  # 1 GiB of dZ -> 128 MiB
+    assert backward_chunks(nerf, 65_536, 128) == (1, 65_536)  # the image fit: one chunk
+    assert backward_chunks(nerf, 262_145, 128) == (2, 262_144)
+    # boundaries on whole tiles, at least one; the budget read at call time
+    assert backward_chunks(nerf, 1000, 96, budget=100 * 512) == (11, 96)
+    assert backward_chunks(nerf, 1000, 128, budget=100 * 512) == (8, 128)
+    assert backward_chunks(nerf, 0, 128, budget=1) == (1, 0)
+    for name in STACKS:
+        mod = _stack(name).mod
+        assert mod.launch_count(nerf, 2_097_152) == 2 + 2 * 8
+        spec = _spec(CHUNKED[0])
+        budget = CHUNK_ROWS * _dz_row_bytes(spec)
+        spans = mod._chunk_spans(spec, 301, None, budget)
+        assert spans == ((0, 96), (96, 192), (192, 288), (288, 301)), spans
+        assert mod.launch_count(spec, 301, dz_budget=budget) == 2 + 2 * 4
+
+
+@pytest.mark.parametrize("case", CHUNKED, ids=_id)
+@pytest.mark.parametrize("name", STACKS)
+def test_chunked_gradients_match_reference(name, case):
+    # Outputs poisoned (NaN): every chunk writes its rows of the one dx and its runs' partials.
+    spec, plain, _, x, dy = _inputs(case)
+    grads = dict(_run_chunked(name, case)[2])
+    got = {"x": grads.pop("x"), **unpack_params(spec, grads)}
+    want = reference.backward(spec, x, plain, dy, round_hidden=True)
+    assert_grads_close(got, want, spec, what=f"{name} {spec} chunked")
+
+
+@pytest.mark.parametrize("case", CHUNKED[:2], ids=_id)  # relu: see test_twins_bitwise
+def test_chunked_twins_bitwise(case):
+    (_, _, g_t), (_, _, g_j) = (_run_chunked(name, case) for name in STACKS)
+    for k in g_t:
+        assert g_t[k].tobytes() == g_j[k].tobytes(), (k, np.sum(g_t[k] != g_j[k]))
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_one_chunk_within_budget_same_bits(name):
+    # dZs exactly at the budget: C = 1, today's launches and bits.
+    case = CASES[0]
+    spec, _, packed, x, dy = _inputs(case)
+    budget = case[-1] * _dz_row_bytes(spec)
+    mod = _stack(name).mod
+    assert mod._chunk_spans(spec, case[-1], None, budget) == ((0, case[-1]),)
+    assert mod._chunk_spans(spec, case[-1], None, budget - 1) == ((0, 32), (32, 37))
+    assert mod.launch_count(spec, case[-1], dz_budget=budget) == 3
+    _, _, got = _stack(name).run(spec, x, packed, dy, dz_budget=budget)
+    _, _, want = _run(name, case)
+    for k in want:
+        assert got[k].tobytes() == want[k].tobytes(), k
 
 
 # ---- against the per-layer path (backward.py) ----------------------------------------------------

@@ -1,4 +1,5 @@
-"""fused_small's training: a saving forward and a whole-MLP backward, 3-4 Triton launches a step.
+"""fused_small's training: a saving forward and a whole-MLP backward, 3-4 Triton launches a step
+(2 + 2·C in C row chunks).
 
 Formula (the float64 twin is `common.reference.backward`; backward.py has the per-layer form):
 the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1
@@ -32,6 +33,17 @@ before anything else, twice that gated or at width 128 — and Triton has no sha
 accumulator to put them in; the dZ round trip (M × width × 2 bytes a layer, read once) is the
 price of registers that fit.
 
+Row chunks (`common.tiling.backward_chunks`): the dZs are M × Σ width × itemsize (nerf-64x5 at
+M = 2,097,152: 1 GiB, the step's measured peak 2562 MiB against eager torch's 1792). Where they
+pass SMALL_DZ_BUDGET (128 MiB) the rows go in C chunks on whole row tiles: per chunk kernel A then
+kernel B (its S runs' fp32 partials into its rows of ONE workspace [Σ S, …] per gradient), then
+one sum kernel over all the partials in the fixed order (chunk, run): deterministic, the same
+rounding points, another order of additions than C = 1 (within the tolerance policy). Cost:
+2 + 2·C launches a step (nerf at 2M rows: 18 for 4) and 16 MiB of partials (208 runs) for 2;
+predicted peak there 2562 − 896 + 14 ≈ 1680 MiB. Below the budget C = 1: today's launches, bits.
+Each chunk's dZs are dropped before the next chunk's are allocated (the caching allocator
+reuses their blocks), and kernels A and B take row views of dy, the residuals and dx (no copy).
+
 Rounding points: those of backward.py (dZ and dx in the compute dtype, dW and db in the param
 dtype, fp32 accumulation everywhere). Against `backward.mlp_backward` the order of additions is
 the same where the tiles are — a pinned config whose tiles span the padded width 64 (its packed
@@ -44,6 +56,7 @@ Twin: jax_impl/fused_small_backward.py (Pallas-Triton, same names and sections).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -61,6 +74,7 @@ from fusedmlp.common.tiling import (
     WGRAD_SUM_UNROLL,
     WGRAD_SUM_WARPS,
     SmallConfig,
+    backward_chunks,
     cdiv,
     fused_small_programs,
     padded_width,
@@ -534,21 +548,29 @@ def dgrad_fwd(
     *,
     config: TileConfig | SmallConfig | None = None,
     need_dx: bool = True,
+    rows: tuple[int, int] | None = None,
+    dx: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Kernel A: (dZ_l of every hidden layer l — [M, N_l], packed [M, 2·Np_l] gated — and dx
-    [M, d_in] or None) from dy2d [M, d_out] (any strides) and the "preact" residuals. M >= 1."""
-    m = dy2d.shape[0]
+    [M, d_in] or None) from dy2d [M, d_out] (any strides) and the "preact" residuals. M >= 1.
+    `rows` (r0, r1): rows r0 … r1-1 of dy2d and the residuals only (a chunk: its dZs are
+    [r1 - r0, …]), their dx written into those rows of `dx` [M, d_in] (None: a new one)."""
+    full = dy2d.shape[0]
+    r0, r1 = (0, full) if rows is None else rows
+    if need_dx and dx is None:
+        dx = torch.empty(full, spec.d_in, dtype=dy2d.dtype, device=dy2d.device)
+    if rows is not None:  # twin-diff: row views (no copy) where the Pallas twin offsets by r0
+        dy2d, residuals = dy2d[r0:r1], [r[r0:r1] for r in residuals]
     launch, names, dz_shapes = _DGRAD.get((dy2d.shape, dy2d.stride(), spec, config, need_dx))
     weights, _ = _layer_params(params, names)
     dtype, device = dy2d.dtype, dy2d.device
     dzs = [torch.empty(shape, dtype=dtype, device=device) for shape in dz_shapes]
-    dx = torch.empty(m, spec.d_in, dtype=dtype, device=device) if need_dx else None
     # the hidden layers' act' operands: z_0, …, z_{L-2}, or for relu their outputs h_1, …, h_{L-1}
     zs = residuals[2::2] if _dact_from_output(spec) else residuals[1:-1:2]
     dact = _stores_z(spec) or _dact_from_output(spec)
     launch(
         dy2d, weights, tuple(zs if dact else dzs) or (dy2d,), tuple(dzs) or (dy2d,),
-        dx if need_dx else dy2d,
+        (dx if rows is None else dx[r0:r1]) if need_dx else dy2d,
     )  # fmt: skip
     return dzs, dx
 
@@ -587,20 +609,26 @@ class _WgradLaunches:
                 **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             ),
         )  # fmt: skip
-        sizes = tuple(math.prod(shape) for shape in shapes)
-        starts = [0]
-        for size in sizes:
-            starts.append(starts[-1] + cdiv(size, WGRAD_SUM_BLOCK))
-        self.wgrad_sum = Launch(
-            _fused_small_wgrad_sum_kernel, (starts[-1],), (S,),
-            dict(
-                SIZES=sizes, STARTS=tuple(starts), TARGETS=len(shapes), BLOCK=WGRAD_SUM_BLOCK,
-                UNROLL=min(WGRAD_SUM_UNROLL, S), INTERPRET=INTERPRET, num_warps=WGRAD_SUM_WARPS,
-            ),
-        )  # fmt: skip
+        self.wgrad_sum = _WGRAD_SUM.get((self.shapes, S))
+
+
+def _wgrad_sum_launch(shapes, S):
+    """The sum kernel's launch for S partials of gradients of these shapes."""
+    sizes = tuple(math.prod(shape) for shape in shapes)
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + cdiv(size, WGRAD_SUM_BLOCK))
+    return Launch(
+        _fused_small_wgrad_sum_kernel, (starts[-1],), (S,),
+        dict(
+            SIZES=sizes, STARTS=tuple(starts), TARGETS=len(shapes), BLOCK=WGRAD_SUM_BLOCK,
+            UNROLL=min(WGRAD_SUM_UNROLL, S), INTERPRET=INTERPRET, num_warps=WGRAD_SUM_WARPS,
+        ),
+    )  # fmt: skip
 
 
 _WGRAD = LaunchCache(_WgradLaunches)
+_WGRAD_SUM = LaunchCache(_wgrad_sum_launch)
 
 
 def wgrad_fwd(
@@ -611,35 +639,117 @@ def wgrad_fwd(
     *,
     config: TileConfig | SmallConfig | None = None,
     splits: int | None = None,
+    rows: tuple[int, int] | None = None,
+    runs: tuple[int, int] | None = None,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Kernel B (+ the sum of its splits): every layer's weight gradient (`w{i}`, or the packed
     `wv{i}`) and, with a bias, its bias gradient (`b{i}`/`bc{i}`), in the params' dtype, from
     the layer inputs hs[l] [M, d_in_l] (hs[0] = x: unit column stride) and the dZs ds[l] (the
-    last: dy, any strides). S from `wgrad_splits` over every layer's tiles; `splits` forces it."""
+    last: dy, any strides). S from `wgrad_splits` over every layer's tiles; `splits` forces it.
+    A chunk (mlp_backward): `rows` (r0, r1) of hs and dy only (ds[:-1] are that chunk's dZs),
+    and `runs` (s0, total): its S runs' fp32 partials go to runs s0 … s0 + S - 1 of a workspace
+    of `total` runs per gradient — `workspace` (the previous chunk's), or None: a new one — which
+    is returned ({name: its partials [total, …]}) in place of the gradients, summed later."""
+    if rows is not None:  # twin-diff: row views (no copy) where the Pallas twin offsets by r0
+        hs = [h[rows[0] : rows[1]] for h in hs]
+        ds = [*ds[:-1], ds[-1][rows[0] : rows[1]]]
     x, dy = hs[0], ds[-1]
     plan = _WGRAD.get((x.shape, x.stride(), dy.stride(), spec, config, splits))
-    first = params[plan.names[0]]
-    dtype, device = first.dtype, first.device
-    outs = [torch.empty(shape, dtype=dtype, device=device) for shape in plan.shapes]
-    grads = dict(zip(plan.names, outs, strict=True))
-    if x.shape[0] == 0:  # a sum over no rows
-        return {k: v.zero_() for k, v in grads.items()}
     S = plan.splits
-    if S == 1:  # the gradients directly
-        into = outs
+    if runs is not None:  # a chunk's runs: fp32 partials into their workspace rows
+        s0, total = runs
+        if workspace is None:
+            device = x.device
+            workspace = {
+                name: torch.empty((total, *shape), dtype=torch.float32, device=device)
+                for name, shape in zip(plan.names, plan.shapes, strict=True)
+            }
+        into = [workspace[name][s0 : s0 + S] for name in plan.names]
+        grads = workspace
     else:
-        into = [
-            torch.empty(shape, dtype=torch.float32, device=device) for shape in plan.part_shapes
-        ]
+        first = params[plan.names[0]]
+        dtype, device = first.dtype, first.device
+        outs = [torch.empty(shape, dtype=dtype, device=device) for shape in plan.shapes]
+        grads = dict(zip(plan.names, outs, strict=True))
+        if x.shape[0] == 0:  # a sum over no rows
+            return {k: v.zero_() for k, v in grads.items()}
+        if S == 1:  # the gradients directly
+            into = outs
+        else:
+            into = [
+                torch.empty(shape, dtype=torch.float32, device=device) for shape in plan.part_shapes
+            ]
     dws = tuple(into[0 :: 2 if spec.bias else 1])
     dbs = tuple(into[1::2]) if spec.bias else dws
     plan.wgrad(tuple(hs), tuple(ds), dws, dbs)
-    if S > 1:
+    if S > 1 and runs is None:
         plan.wgrad_sum(tuple(into), tuple(outs))
     return grads
 
 
 # ---- orchestration -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1024)  # a step's host path: once per key (budget None: the
+# SMALL_DZ_BUDGET of the first call)
+def _chunk_spans(
+    spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None, dz_budget: int | None
+) -> tuple[tuple[int, int], ...]:
+    """The backward's row chunks (r0, r1) by `common.tiling.backward_chunks`: ((0, m),) (C = 1)
+    unless the dZs pass the budget; else boundaries on whole tiles of kernel A and kernel B."""
+    tile = math.lcm(
+        small_config_for(config, spec, m, interpret=INTERPRET, kernel="dgrad").block_m,
+        small_config_for(config, spec, m, interpret=INTERPRET, kernel="wgrad").block_m,
+    )
+    chunks, rows = backward_chunks(spec, m, tile, budget=dz_budget)
+    if chunks == 1:
+        return ((0, m),)
+    return tuple((r0, min(r0 + rows, m)) for r0 in range(0, m, rows))
+
+
+def _chunk_splits(spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None) -> int:
+    """Kernel B's S over m rows (`_WgradLaunches`' choice)."""
+    cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="wgrad")
+    width = padded_width(max(spec.widths))
+    tiles = spec.num_layers * cdiv(width, min(width, WGRAD_ROWS))
+    return wgrad_splits(tiles, m, cfg.block_m)[0]
+
+
+def _chunked_backward(
+    dy2d: torch.Tensor,
+    res: list[torch.Tensor | None],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    spans: tuple[tuple[int, int], ...],
+    config: TileConfig | SmallConfig | None,
+    need_dx: bool,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(dx, grads) over C > 1 row chunks: per chunk kernel A (its dZs, its rows of the one dx)
+    then kernel B (its S runs' fp32 partials into its rows of one workspace [Σ S, …] per
+    gradient), that chunk's dZs dropped before the next chunk's; then ONE sum kernel adds each
+    element's partials in the fixed order (chunk, run) and rounds once. No atomics."""
+    splits = [_chunk_splits(spec, r1 - r0, config) for r0, r1 in spans]
+    total = sum(splits)
+    dx, workspace, s0 = None, None, 0
+    for (r0, r1), S in zip(spans, splits, strict=True):
+        dzs, dx = dgrad_fwd(
+            dy2d, res, params, spec, config=config, need_dx=need_dx, rows=(r0, r1), dx=dx
+        )
+        workspace = wgrad_fwd(
+            res[0::2], [*dzs, dy2d], params, spec, config=config, rows=(r0, r1),
+            runs=(s0, total), workspace=workspace,
+        )  # fmt: skip
+        del dzs  # the caching allocator hands this chunk's dZ blocks to the next chunk
+        s0 += S
+    res[:] = [None] * len(res)
+    # twin-diff: the Pallas twin's `_wgrad_grads` (its sum launch built per call)
+    shapes = packed_names(spec)  # per layer: weight, then bias (`_WgradLaunches`' order)
+    first = params[next(iter(shapes))]
+    outs = [torch.empty(shape, dtype=first.dtype, device=first.device) for shape in shapes.values()]
+    into = tuple(workspace[name] for name in shapes)
+    _WGRAD_SUM.get((tuple(shapes.values()), total))(into, tuple(outs))
+    return dx, dict(zip(shapes, outs, strict=True))
+
+
 def mlp_backward(
     dy2d: torch.Tensor,
     residuals: tuple[torch.Tensor, ...] | list[torch.Tensor | None],
@@ -649,10 +759,12 @@ def mlp_backward(
     saved: str,
     config: TileConfig | SmallConfig | None = None,
     need_dx: bool = True,
+    dz_budget: int | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """backward.mlp_backward's result (same arguments, names, layouts and list consumption) from
     kernels A and B: "x" (None unless `need_dx`) and every packed param's gradient; "inputs"
-    recomputes this module's saving forward first. Params packed and contiguous."""
+    recomputes this module's saving forward first. Params packed and contiguous. Rows in C > 1
+    chunks where the dZs pass `dz_budget` bytes (None: common.tiling.SMALL_DZ_BUDGET)."""
     check_saved(saved)
     if saved == "inputs":
         _, residuals = forward_saving(residuals[0], params, spec, config=config)
@@ -662,6 +774,10 @@ def mlp_backward(
     if res[0].stride(-1) != 1:  # kernel B reads x with unit column stride
         res[0] = res[0].contiguous()
     m = dy2d.shape[0]
+    spans = _chunk_spans(spec, m, config, dz_budget)
+    if len(spans) > 1:
+        dx, grads = _chunked_backward(dy2d, res, params, spec, spans, config, need_dx)
+        return {"x": dx, **grads}
     if m == 0:
         dzs: list[torch.Tensor] = []
         dx = dy2d.new_empty((0, spec.d_in)) if need_dx else None
@@ -675,10 +791,17 @@ def mlp_backward(
     return {"x": dx, **{k: grads[k] for k in packed_names(spec)}}
 
 
-def launch_count(spec: MLPSpec, m: int, config: TileConfig | SmallConfig | None = None) -> int:
+def launch_count(
+    spec: MLPSpec,
+    m: int,
+    config: TileConfig | SmallConfig | None = None,
+    *,
+    dz_budget: int | None = None,
+) -> int:
     """Kernel launches of one training step (saving forward + backward, dx included) here: 3, or
-    4 where the weight gradients are split over M."""
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="wgrad")
-    width = padded_width(max(spec.widths))
-    tiles = spec.num_layers * cdiv(width, min(width, WGRAD_ROWS))
-    return 3 + (wgrad_splits(tiles, m, cfg.block_m)[0] > 1)
+    4 where the weight gradients are split over M; in C > 1 row chunks 2 + 2·C (kernels A and B
+    a chunk, one sum)."""
+    chunks = len(_chunk_spans(spec, m, config, dz_budget))
+    if chunks > 1:
+        return 2 + 2 * chunks
+    return 3 + (_chunk_splits(spec, m, config) > 1)

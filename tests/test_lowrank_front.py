@@ -241,6 +241,25 @@ def test_each_side_of_the_threshold() -> None:
         assert to_numpy(first).tobytes() == outs["torch"].tobytes()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_two_gemms_other_dtypes(dtype: str) -> None:
+    """The two-GEMM run past 64 rows in the dtypes the threshold test leaves (M = 65, odd sizes):
+    both fronts within the policy of both references, the twins with the same bits, torch's
+    recorded steps repeating its checking call's."""
+    spec = MLPSpec((33, 67, 21), "relu", True, dtype)
+    lspec, fact = ls.factorise(spec, init_params(spec, seed=23), rank=(9, 5))
+    params = ls.cast_params(lspec, fact)
+    x = make_input(spec, (5, 13), seed=24)
+    assert [row.runs for row in torch_front.plan(lspec, x.shape).layers] == ["two_gemm"] * 2
+    torch_front._PREPARED.clear()
+    outs = {stack: _run(stack, x, params, lspec) for stack in ("torch", "jax")}
+    for stack, out in outs.items():
+        _check(out, x, params, lspec, f"{stack} {dtype} M=65")
+    assert outs["torch"].tobytes() == outs["jax"].tobytes()
+    again = _run("torch", x, params, lspec)  # the recorded steps
+    assert again.tobytes() == outs["torch"].tobytes()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [16, 65, 512])
 def test_gpu_both_fronts_each_side_of_the_threshold(m: int) -> None:

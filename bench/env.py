@@ -99,6 +99,10 @@ def gpu_info() -> list[dict[str, Any]]:
     return gpus
 
 
+# Environment variables that change what a run computes or how it is timed.
+RECORDED_ENV = ("TRITON_INTERPRET", "JAX_PLATFORMS", "FUSEDMLP_FLUSH")
+
+
 def environment() -> dict[str, Any]:
     """The block recorded with every result."""
     return {
@@ -110,7 +114,7 @@ def environment() -> dict[str, Any]:
         "gpus": gpu_info(),
         "versions": versions(),
         "git": git_info(),
-        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "JAX_PLATFORMS") if k in os.environ},
+        "env": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},
     }
 
 

@@ -60,6 +60,11 @@ WARMUP_S = 0.05
 TARGET_S = 0.25
 # The flush: larger than any L2 this project runs on (H200: 60 MB), written and read back.
 FLUSH_BYTES = 256 * 2**20
+# How the flush touches its buffer: "rmw" (read-modify-write, what every run up to 2026-12-02 used:
+# the L2 is left full of the buffer's dirty lines, whose write-back the next call then pays) or
+# "read" (a sum: the L2 is left holding clean lines only). $FUSEDMLP_FLUSH picks one.
+FLUSH_ENV = "FUSEDMLP_FLUSH"
+FLUSH_KINDS = ("rmw", "read")
 THROUGHPUT_BATCHES = 5
 HOST_ISSUE_REPS = 30
 # Cross-check tolerances (issue 20). The floor's slack is the ceilings' own spread on the H200:
@@ -254,31 +259,49 @@ class Flush:
 
     MODULE = "fusedmlp_l2_flush"
 
-    def __init__(self, stack: str, run: Callable[[], None], wait: Callable[[], None]) -> None:
-        self.stack = stack
+    def __init__(
+        self, stack: str, run: Callable[[], Any], wait: Callable[[], Any], kind: str = "rmw"
+    ) -> None:
+        self.stack, self.kind = stack, kind
         self.names: dict[str, frozenset[str]] = {}  # per profiler: the flush's kernel names
         self._run, self._wait = run, wait
 
     @classmethod
-    def for_stack(cls, stack: str) -> Flush:
+    def for_stack(cls, stack: str, kind: str | None = None) -> Flush:
+        kind = kind or flush_kind()
         if stack == "torch":
             import torch
 
-            buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-            return cls(stack, buf.bitwise_not_, torch.cuda.synchronize)
+            buf = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+            if kind == "read":
+                return cls(stack, lambda: torch.sum(buf), torch.cuda.synchronize, kind)
+            return cls(stack, buf.bitwise_not_, torch.cuda.synchronize, kind)
         import jax
         import jax.numpy as jnp
+
+        state = [jnp.zeros(FLUSH_BYTES // 4, jnp.uint32)]
+        if kind == "read":
+
+            def fusedmlp_l2_flush(buf: Any) -> Any:
+                return jnp.sum(buf)
+
+            read = jax.jit(fusedmlp_l2_flush)
+            last = [None]
+
+            def run() -> None:
+                last[0] = read(state[0])
+
+            return cls(stack, run, lambda: last[0] is None or last[0].block_until_ready(), kind)
 
         def fusedmlp_l2_flush(buf: Any) -> Any:
             return ~buf
 
         step = jax.jit(fusedmlp_l2_flush, donate_argnums=0)
-        state = [jnp.zeros(FLUSH_BYTES // 4, jnp.uint32)]
 
         def run() -> None:
             state[0] = step(state[0])  # donated: the same memory, rewritten in place
 
-        return cls(stack, run, lambda: state[0].block_until_ready())
+        return cls(stack, run, lambda: state[0].block_until_ready(), kind)
 
     def __call__(self) -> None:
         self._run()
@@ -313,9 +336,21 @@ class Flush:
         self.names[profiler] = frozenset(names)
 
 
+def flush_kind() -> str:
+    """$FUSEDMLP_FLUSH, checked (default "rmw")."""
+    kind = os.environ.get(FLUSH_ENV, "rmw")
+    if kind not in FLUSH_KINDS:
+        raise ValueError(f"{FLUSH_ENV}: expected one of {FLUSH_KINDS}, got {kind!r}")
+    return kind
+
+
 @functools.cache
+def _flush_for(stack: str, kind: str) -> Flush:
+    return Flush.for_stack(stack, kind)
+
+
 def flush_for(stack: str) -> Flush:
-    return Flush.for_stack(stack)
+    return _flush_for(stack, flush_kind())
 
 
 # ---- torch.profiler ----------------------------------------------------------------------------
@@ -494,6 +529,7 @@ def time_device(
     if profiler != stack:
         method += f" on {stack}'s kernels"
     flush = flush or flush_for(stack)
+    method += f", {flush.kind} flush"
     flush.learn(profiler, trace)
     counter = itertools.count()
 

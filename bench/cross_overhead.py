@@ -316,7 +316,8 @@ def decompose(
 def attribute(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per kernel: cross call minus native call for each measured column — the framework's share,
     since the kernel is the same. Positive: the cross route costs more. `kernels_delta` counts the
-    extra kernels per call (a pad or a copy on one side is device work of that framework)."""
+    extra kernels per call (a pad or a copy on one side is device work of that framework). A pair
+    with a side not measured (its row's note says why: no jax_triton, say) has no delta: left out."""
     out = []
     by_key = {(r["kernel"], r["framework"]): r for r in rows}
     for (kernel, fw), row in by_key.items():
@@ -324,6 +325,8 @@ def attribute(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if fw != native_fw or (kernel, cross_fw) not in by_key:
             continue
         cross = by_key[kernel, cross_fw]
+        if row.get("note") or cross.get("note"):
+            continue
         out.append(
             {
                 "kernel": kernel,

@@ -172,6 +172,9 @@ def test_decomposition_attribution_and_bit_check() -> None:
         row("mosaic.gated", "jax", 8.0, 1, 6.0, 20.0, 700.0),
         # From torch the Mosaic call pads its operands first: two more kernels, on the device.
         row("mosaic.gated", "torch", 9.25, 3, 31.0, 45.0, 650.0),
+        # A cross side not measured (no jax_triton on that machine): no delta for the pair.
+        row("triton.linear_act", "torch", 5.0, 1, 9.0, 20.0, 800.0),
+        {**row("triton.linear_act", "jax", float("nan"), 0, 0.0, 0.0, 0.0), "note": "no jax"},
     ]
     got = {r["kernel"]: r for r in cross_overhead.attribute(rows)}
     assert set(got) == {"triton.gated", "mosaic.gated"}

@@ -316,8 +316,8 @@ def decompose(
 def attribute(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per kernel: cross call minus native call for each measured column — the framework's share,
     since the kernel is the same. Positive: the cross route costs more. `kernels_delta` counts the
-    extra kernels per call (a pad or a copy on one side is device work of that framework). A pair
-    with a side not measured (its row's note says why: no jax_triton, say) has no delta: left out."""
+    extra kernels per call (a pad or a copy on one side is device work of that framework). A
+    pair with a side not measured (its row's note says why: no jax_triton, say) is left out."""
     out = []
     by_key = {(r["kernel"], r["framework"]): r for r in rows}
     for (kernel, fw), row in by_key.items():

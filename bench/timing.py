@@ -5,8 +5,9 @@ What every timed row carries (seconds per call; `Stats` = median, min, max, n, m
 - **device**: the sum of the durations of the GPU kernels that belong to one call, read from CUPTI
   through the framework's own profiler — `torch.profiler` (Kineto) for torch, a `jax.profiler`
   trace (the XSpace `.xplane.pb`, read with `jax.profiler.ProfileData`) for JAX. N warm calls are
-  issued back to back, each right after the same L2 flush (`Flush`: a 256 MB read-modify-write on
-  the call's own stream; the L2 of an H200 holds 60 MB). Kernels are assigned to calls by their
+  issued back to back, each right after the same L2 flush (`Flush`: a 256 MB read on the call's
+  own stream, which leaves the L2 — 60 MB on an H200 — holding none of the call's data and no dirty
+  line; see FLUSH_KINDS). Kernels are assigned to calls by their
   place in the stream: the flush kernels delimit the calls, every other kernel between two flushes
   belongs to the call in between, and the number and names of a call's kernels (K) must be the same
   for all N calls — checked, never assumed. Flush kernels are recognised by the kernel names a
@@ -60,11 +61,15 @@ WARMUP_S = 0.05
 TARGET_S = 0.25
 # The flush: larger than any L2 this project runs on (H200: 60 MB), written and read back.
 FLUSH_BYTES = 256 * 2**20
-# How the flush touches its buffer: "rmw" (read-modify-write, what every run up to 2026-12-02 used:
-# the L2 is left full of the buffer's dirty lines, whose write-back the next call then pays) or
-# "read" (a sum: the L2 is left holding clean lines only). $FUSEDMLP_FLUSH picks one.
+# How the flush touches its buffer. "read" (the default since 2026-12-02, commit after b92e5d2): row
+# sums of the buffer, which leave the L2 holding clean lines only. "rmw" (read-modify-write, every
+# run before): the L2 is left full of the flush's own dirty lines, up to 60 MB whose write-back
+# the next call paid — harness work charged to the call. Measured on the H200 (b92e5d2, one
+# process each): llama3-8b decode 96.4 → 88.4 µs (fused_decode), eager 102.6 → 96.1, XLA 97.9 →
+# 91.5; the copy ceiling 4221 → 4341 GB/s, the read ceiling 3567 → 3971; nerf-64x5 (compute-bound)
+# unchanged. $FUSEDMLP_FLUSH=rmw reproduces the old numbers.
 FLUSH_ENV = "FUSEDMLP_FLUSH"
-FLUSH_KINDS = ("rmw", "read")
+FLUSH_KINDS = ("read", "rmw")
 FLUSH_ROW = 1024  # the read flush sums rows of this many 4-byte words
 THROUGHPUT_BATCHES = 5
 HOST_ISSUE_REPS = 30
@@ -247,21 +252,24 @@ def device_timing(
 
 # ---- the L2 flush, on each stack's own stream ---------------------------------------------
 class Flush:
-    """Overwrites FLUSH_BYTES on the device before each timed call, in the call's stream order.
+    """Sweeps FLUSH_BYTES through the L2 before each timed call, in the call's stream order.
 
-    torch: `bitwise_not_` of an int32 buffer (one elementwise kernel on the current stream). JAX: a
-    jitted, donated `~buf` (`jit_fusedmlp_l2_flush`, one XLA kernel on JAX's compute stream; a
-    torch-side flush would run on another stream and not order with JAX's calls). Both read and
-    write the buffer (~125 µs on an H200). `learn` traces the flush alone once per process and
-    keeps its kernel names, which is how the flush is told apart from a call's kernels (with
-    XLA's hlo_module tag, where the kernels carry one). `Flush.for_stack` builds the real ones;
-    tests build fakes from two callables.
+    `kind` "read" (default): torch sums the rows of an int32 buffer (one reduction kernel on the
+    current stream); JAX a jitted row sum (`jit_fusedmlp_l2_flush`, one XLA kernel on JAX's compute
+    stream; a torch-side flush would run on another stream and not order with JAX's calls). The
+    call then finds the L2 cold and clean: its own data absent, and no dirty line of anyone's to
+    write back (the previous call's outputs were written back during the flush, outside any call).
+    "rmw": torch `bitwise_not_` of the buffer, JAX a donated `~buf` (~125 µs on an H200), which
+    leave the flush's own dirty lines for the next call to write back. `learn` traces the flush
+    alone once per process and keeps its kernel names, which is how the flush is told apart from
+    a call's kernels (with XLA's hlo_module tag, where the kernels carry one). `Flush.for_stack`
+    builds the real ones; tests build fakes from two callables.
     """
 
     MODULE = "fusedmlp_l2_flush"
 
     def __init__(
-        self, stack: str, run: Callable[[], Any], wait: Callable[[], Any], kind: str = "rmw"
+        self, stack: str, run: Callable[[], Any], wait: Callable[[], Any], kind: str = "read"
     ) -> None:
         self.stack, self.kind = stack, kind
         self.names: dict[str, frozenset[str]] = {}  # per profiler: the flush's kernel names
@@ -341,8 +349,8 @@ class Flush:
 
 
 def flush_kind() -> str:
-    """$FUSEDMLP_FLUSH, checked (default "rmw")."""
-    kind = os.environ.get(FLUSH_ENV, "rmw")
+    """$FUSEDMLP_FLUSH, checked (default "read")."""
+    kind = os.environ.get(FLUSH_ENV, "read")
     if kind not in FLUSH_KINDS:
         raise ValueError(f"{FLUSH_ENV}: expected one of {FLUSH_KINDS}, got {kind!r}")
     return kind

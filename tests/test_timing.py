@@ -620,3 +620,15 @@ def test_gpu_cudagraph_cross_check_agrees_on_a_stream_kernel() -> None:
     assert invalid is None and row["kernels_per_call"] >= 1
     assert abs(row["cudagraph"]["median"] / row["time"]["median"] - 1) < 0.10, row
     assert row["throughput"]["median"] > 0.9 * row["time"]["median"], (row, flags)
+
+
+def test_flush_kind_defaults_to_read_and_refuses_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read flush leaves no dirty line for the timed call (docs/benchmarking.md);
+    $FUSEDMLP_FLUSH picks the old read-modify-write, and anything else is refused by name."""
+    monkeypatch.delenv(timing.FLUSH_ENV, raising=False)
+    assert timing.flush_kind() == "read"
+    monkeypatch.setenv(timing.FLUSH_ENV, "rmw")
+    assert timing.flush_kind() == "rmw"
+    monkeypatch.setenv(timing.FLUSH_ENV, "write")
+    with pytest.raises(ValueError, match=r"FUSEDMLP_FLUSH.*'write'"):
+        timing.flush_kind()

@@ -47,6 +47,10 @@ class TileConfig:
     num_stages: int = 3
     warp_specialize: bool = False
     epilogue_subtile: int = 1
+    # Persistent (triton_tma) kernels: programs of the grid per SM. 2 lets one program's epilogue
+    # run while the other's loads and stores are in flight (short-K, store-bound GEMMs); the
+    # portable kernels, one tile a program, have no use for it.
+    programs_per_sm: int = 1
 
     def __post_init__(self) -> None:
         # tl.dot / wgmma need every tile dimension to be a power of two of at least 16.
@@ -68,6 +72,10 @@ class TileConfig:
             raise ValueError(
                 f"epilogue_subtile: expected one of (1, 2, 4), got {self.epilogue_subtile!r}"
             )
+        if self.programs_per_sm not in (1, 2, 3, 4) or isinstance(self.programs_per_sm, bool):
+            raise ValueError(
+                f"programs_per_sm: expected one of (1, 2, 3, 4), got {self.programs_per_sm!r}"
+            )
         if self.block_n % self.epilogue_subtile or self.block_n // self.epilogue_subtile < 16:
             raise ValueError(
                 f"epilogue_subtile: block_n={self.block_n} must split into {self.epilogue_subtile}"
@@ -82,8 +90,10 @@ class TileConfig:
         return cls(**data)
 
     def __str__(self) -> str:
-        extras = ("" if not self.warp_specialize else " ws") + (
-            "" if self.epilogue_subtile == 1 else f" sub{self.epilogue_subtile}"
+        extras = (
+            ("" if not self.warp_specialize else " ws")
+            + ("" if self.epilogue_subtile == 1 else f" sub{self.epilogue_subtile}")
+            + ("" if self.programs_per_sm == 1 else f" p{self.programs_per_sm}")
         )
         return (
             f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "

@@ -212,6 +212,25 @@ def _waves_cost(m: int, n_out: int, bm: int, bn: int, op_n: int, num_sms: int) -
     return waves * bm * op_n / (_TILE_RATE[(bm, op_n)] * 128 * 256)
 
 
+# A persistent linear_act with a short K (a factorised layer's t·V: K = r ≤ 256, 1–4 K steps) is
+# bound by its stores and its epilogue's arithmetic, not its MMAs: silu costs two MUFU operations
+# an element (ex2 and the reciprocal), ~50 µs at 8192 × 14336 on an H200 — as long as the stores.
+# With one program per SM they run one after the other; with two, one program's epilogue runs
+# while the other's loads and stores are in flight. bench/epilogue_probe.py (H200, d63908d, bf16,
+# M = 8192, N = 14336, silu, device µs): r = 64: 128×256 w8 at 1/SM (the rule below) 143.7, 64×256
+# w4 s2 at 2/SM 118.5 (identity 104.5 → 73.2, cuBLAS's plain t @ V 73.1); r = 128: 187.3 → 141.7.
+# (A reciprocal by Newton steps instead of the MUFU was slower — the FMA pipe is busy too — and
+# tanh.approx's 2^-11 error is too coarse to ship.)
+SHORT_K = 256
+SHORT_K_CONFIG = TileConfig(
+    64, 256, 64, group_m=8, num_warps=4, num_stages=2, epilogue_subtile=2, programs_per_sm=2
+)
+
+
+def _tiles(m: int, n: int, config: TileConfig) -> int:
+    return _cdiv(m, config.block_m) * _cdiv(n, config.block_n)
+
+
 def _large_m_16bit(family: str, m: int, n: int, persistent: bool, num_sms: int) -> TileConfig:
     gated = family == "gated"
     # (block_m, output block_n) candidates, best tile first; gated output tiles are half the
@@ -295,6 +314,8 @@ def heuristic_config(
         # Decode-sized M: the weights dominate; narrow M tiles and long K tiles stream them.
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         return TileConfig(block_m, 64, 128, group_m=1, num_warps=4, num_stages=4)
+    if persistent and not gated and k <= SHORT_K and _tiles(m, n, SHORT_K_CONFIG) >= 2 * num_sms:
+        return SHORT_K_CONFIG
     return _large_m_16bit(family, m, n, persistent, num_sms)
 
 

@@ -14,6 +14,7 @@ TMA and wgmma in the PTX. Only `tolerance.assert_close` decides pass/fail.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -342,6 +343,41 @@ def test_several_tiles_per_program_uneven_split():
             assert_close(to_numpy(y), ref, spec, what=f"persistent {dtype} gated={gated}")
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's program count")
+def test_two_programs_per_sm_walk_every_tile_once():
+    """`programs_per_sm` = 2: twice the persistent grid (6 programs under the interpreter) over 16
+    tiles (3, 3, 3, 3, 2, 2), the same result as one program per SM, bit for bit."""
+    m, k, n = 53, 40, 104
+    one = INTERPRET_CONFIG
+    two = dataclasses.replace(one, programs_per_sm=2)
+    tiles = -(-m // one.block_m) * -(-n // one.block_n)
+    assert support.num_programs(tiles, torch.device(DEVICE), two.programs_per_sm) == 6
+    for dtype, seed in (("bfloat16", 510), ("float16", 511)):
+        spec, x, p = layer_problem(dtype, True, m, seed, gated=False, widths=(k, n))
+        xt, w, b = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"])
+        y1 = tma_linear.linear_act_fwd(xt, w, b, None, activation="silu", config=one)
+        y2 = tma_linear.linear_act_fwd(xt, w, b, None, activation="silu", config=two)
+        assert torch.equal(y1, y2)
+        assert_close(to_numpy(y2), ref_linear(x, p["w0"], p["b0"], "silu"), spec, what=dtype)
+
+
+def test_short_k_heuristic_runs_two_programs_per_sm():
+    """A persistent linear_act with K <= SHORT_K and enough tiles (a factorised layer's t·V) takes
+    the two-programs-per-SM config; long K, a gated layer or the portable kernel do not."""
+    from fusedmlp.common import tiling
+
+    def cfg(family, m, n, k, persistent=True):
+        return tiling.heuristic_config(family, m, n, k, "bfloat16", persistent=persistent)
+
+    assert cfg("linear_act", 8192, 14336, 64) == tiling.SHORT_K_CONFIG
+    assert cfg("linear_act", 8192, 14336, 256) == tiling.SHORT_K_CONFIG
+    assert cfg("linear_act", 8192, 14336, 4096).programs_per_sm == 1
+    assert cfg("linear_act", 8192, 14336, 64, persistent=False).programs_per_sm == 1
+    assert cfg("gated", 8192, 14336, 64).programs_per_sm == 1
+    assert cfg("linear_act", 128, 256, 64).programs_per_sm == 1  # too few tiles for two waves
+    assert str(tiling.SHORT_K_CONFIG).endswith(" p2")
+
+
 def test_explicit_configs_cover_edges():
     """Blocks larger than the problem, and a single program walking every tile."""
     spec, x, p = layer_problem("float16", True, 37, 600, gated=False)
@@ -648,6 +684,24 @@ def test_gpu_heuristic_configs_odd_aligned_shapes(dtype, gated):
             ref = ref_linear(x, p["w0"], p["b0"], "silu", r)
         torch.cuda.synchronize()
         assert_close(to_numpy(y), ref, spec, what=f"gpu {dtype} gated={gated} M={m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_short_k_two_programs_per_sm(dtype):
+    """The short-K heuristic (64×256, 2 programs per SM) at a factorised layer's t·V shape, odd M
+    and N, K = r = 64 and 200: against the reference, and bit for bit the 1-per-SM result."""
+    from fusedmlp.common import tiling
+
+    for m, k, n, seed in ((4099, 64, 3000, 820), (2051, 200, 5128, 821)):
+        spec, x, p = layer_problem(dtype, True, m, seed, gated=False, widths=(k, n))
+        xt, w, b = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"])
+        y = tma_linear.linear_act(xt, w, b, activation="silu")
+        one = dataclasses.replace(tiling.SHORT_K_CONFIG, programs_per_sm=1)
+        y1 = tma_linear.linear_act(xt, w, b, activation="silu", config=one)
+        torch.cuda.synchronize()
+        assert torch.equal(y, y1)
+        assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "silu"), spec, what=f"M={m}")
 
 
 @pytest.mark.gpu

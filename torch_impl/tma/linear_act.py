@@ -284,7 +284,7 @@ def _linear_act_launch(
         if epilogue == "dact_gated":
             config = gated_config(config)
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
-    programs = num_programs(num_tiles, device)
+    programs = num_programs(num_tiles, device, config.programs_per_sm)
     launch = Launch(
         _linear_act_fwd_kernel, (programs,), (M, N, K, programs),
         dict(

@@ -99,12 +99,12 @@ def _max_programs(device_type: str, index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_programs(num_tiles: int, device: torch.device) -> int:
-    """Programs of the persistent grid: one per SM (never more than there are tiles)."""
+def num_programs(num_tiles: int, device: torch.device, per_sm: int = 1) -> int:
+    """Programs of the persistent grid: `per_sm` per SM (never more than there are tiles)."""
     index = device.index
     if index is None and device.type == "cuda" and not INTERPRET:  # a bare "cuda" device
         index = torch.cuda.current_device()
-    return max(1, min(_max_programs(device.type, index), num_tiles))
+    return max(1, min(per_sm * _max_programs(device.type, index), num_tiles))
 
 
 @functools.cache

@@ -236,7 +236,9 @@ def _large_m_16bit(family: str, m: int, n: int, persistent: bool, num_sms: int) 
     # (block_m, output block_n) candidates, best tile first; gated output tiles are half the
     # packed operand tile (one wgmma group 2·block_n wide).
     shapes = [(128, 128), (128, 64)] if gated else [(128, 256), (128, 128)]
-    if m < 1024:
+    # 64-row tiles at small M, and wherever 128-row tiles leave SMs without a tile (a narrow
+    # output: a factorised layer's x·U, N = r ≤ 128, has 64 tiles of 128 rows at M = 8192)
+    if m < 1024 or math.ceil(m / 128) * math.ceil(n / 128) < num_sms:
         shapes.append((64, 64) if gated else (64, 128))
     best = min(
         shapes, key=lambda s: _waves_cost(m, n, s[0], s[1], (2 if gated else 1) * s[1], num_sms)

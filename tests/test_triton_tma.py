@@ -376,6 +376,16 @@ def test_short_k_heuristic_runs_two_programs_per_sm():
     assert cfg("gated", 8192, 14336, 64).programs_per_sm == 1
     assert cfg("linear_act", 128, 256, 64).programs_per_sm == 1  # too few tiles for two waves
     assert str(tiling.SHORT_K_CONFIG).endswith(" p2")
+    # a narrow output (a factorised layer's x·U) takes 64-row tiles: 128 of them at M = 8192, not
+    # 64 tiles of 128 rows for 132 SMs; wide outputs keep the 128-row tiles
+    assert (
+        cfg("linear_act", 8192, 64, 4096).block_m,
+        cfg("linear_act", 8192, 128, 4096).block_m,
+    ) == (
+        64,
+        64,
+    )
+    assert cfg("linear_act", 8192, 14336, 4096).block_m == 128
 
 
 def test_explicit_configs_cover_edges():

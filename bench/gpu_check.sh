@@ -123,7 +123,9 @@ if [ "$mode" = gpu ]; then
   # --derive-auto: auto's dispatch table from this run's timings (common/dispatch.py), then the
   # auto rows timed again under it; the table comes back as dispatch.json to be committed.
   # 330 s: 184-218 s for the 6 cases before gpt2-mlp (1, 16, 512, 4096 tokens) and llama3-8b
-  # M=512 were added (issue 23: auto chooses per size); each case's wall time is in the log.
+  # M=512 were added (issue 23: auto chooses per size), 281 s for those 11; gpt-mlp and
+  # hf-blog-geglu at M = 1, 16, 64 (issue 22's decode targets, auto's points there) add ~45 s.
+  # Each case's wall time is in the log.
   step parity+bench 330 "${cli[@]}" --json "$work/parity.json" --derive-auto "$out/dispatch.json"
   # A fresh Triton cache, so that first calls include the Triton JIT compile.
   step overhead 45 env TRITON_CACHE_DIR="$work/triton-cache" \

@@ -28,8 +28,9 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "gpt-mlp",
             MLPSpec((4096, 16384, 4096), "gelu_tanh", bias=True, dtype="bfloat16"),
-            (8192,),
-            "GPT-style 4x MLP with biases and tanh-GELU",
+            (1, 16, 64, 8192),
+            "GPT-style 4x MLP with biases and tanh-GELU; M = 1, 16, 64 are decode (issue 22's "
+            "targets, and auto's measured points for a plain MLP of 268 MB of weights)",
         ),
         Preset(
             "gpt2-mlp",
@@ -41,9 +42,10 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "hf-blog-geglu",
             MLPSpec((768, 3072, 768), "geglu_tanh", bias=False, dtype="bfloat16"),
-            (8192,),
-            "batch 64 x seq 128, the case profiled in the Hugging Face article "
-            "'Profiling in PyTorch (Part 2): From nn.Linear to a Fused MLP'",
+            (1, 16, 64, 8192),
+            "batch 64 x seq 128 (M = 8192), the case profiled in the Hugging Face article "
+            "'Profiling in PyTorch (Part 2): From nn.Linear to a Fused MLP'; M = 1, 16, 64 "
+            "decode (auto's measured points for a small gated MLP)",
         ),
         Preset(
             "nerf-64x5",

@@ -101,7 +101,8 @@ def test_presets_match_the_issue():
     assert MLPSpec.preset("hf-blog-geglu") == MLPSpec(
         (768, 3072, 768), "geglu_tanh", False, "bfloat16"
     )
-    assert preset_batch_sizes("hf-blog-geglu") == (8192,)
+    assert preset_batch_sizes("hf-blog-geglu") == (1, 16, 64, 8192)  # issue 22's decode sizes
+    assert preset_batch_sizes("gpt-mlp") == (1, 16, 64, 8192)
     assert MLPSpec.preset("gpt2-mlp") == MLPSpec((768, 3072, 768), "gelu_tanh", True, "bfloat16")
     assert preset_batch_sizes("gpt2-mlp") == (1, 16, 512, 4096)
     assert MLPSpec.preset("nerf-64x5") == MLPSpec((64,) * 6, "relu", False, "float16")

@@ -382,7 +382,12 @@ def _retime_auto(
     ]
 
 
-def _derive_auto(results: dict[str, Any], out: str | None, console: Any) -> Path:
+def _derive_auto(
+    results: dict[str, Any],
+    out: str | None,
+    console: Any,
+    commits: dict[str, list[str]] | None = None,
+) -> Path:
     """The dispatch table of `auto` (common/dispatch.py) from a bench result, written to `out`
     (default: common/dispatch/<gpu>.json in the source tree, to be committed with the results).
     A `bench` section gives the forward points, a `bench_backward` section the training points;
@@ -393,16 +398,17 @@ def _derive_auto(results: dict[str, Any], out: str | None, console: Any) -> Path
     gpu = gpus[0].get("name") if gpus else None
     if not gpu:
         raise SystemExit("--derive-auto: the results name no GPU (a CPU run decides nothing)")
-    commit = ((results.get("environment") or {}).get("git") or {}).get("commit") or "unknown"
+    commits = commits or {}
+    own = [_commit_of(results)]
     path = Path(out) if out else dispatch.TABLE_DIR / f"{dispatch.gpu_slug(gpu)}.json"
     table = dispatch.Table.from_json(path.read_text()) if path.is_file() else None
     if "bench" in results:
         rows = dispatch.measurements_from_bench(results["bench"])
-        source = f"fusedmlp bench at commit {commit[:10]}"
+        source = _source("fusedmlp bench", commits.get("bench") or own)
         table = dispatch.with_phase(table, dispatch.derive(rows, gpu=gpu, source=source), "forward")
     if "bench_backward" in results:
         rows = dispatch.measurements_from_bench_backward(results["bench_backward"])
-        source = f"fusedmlp bench --backward at commit {commit[:10]}"
+        source = _source("fusedmlp bench --backward", commits.get("bench_backward") or own)
         derived = dispatch.derive(rows, gpu=gpu, source=source, phase="train")
         table = dispatch.with_phase(table, derived, "train")
     assert table is not None  # the callers pass results with one of the two sections
@@ -417,16 +423,35 @@ def _derive_auto(results: dict[str, Any], out: str | None, console: Any) -> Path
 
 def cmd_derive_auto(args: argparse.Namespace, console: Any) -> int:
     """`fusedmlp derive-auto RESULTS.json`: the dispatch table from saved bench results."""
+    from fusedmlp.common import dispatch
+
     items = [rep.load(Path(p)) for p in args.results]
     results = rep.merge(items)
     if "bench" not in results and "bench_backward" not in results:
         raise SystemExit("derive-auto: the results hold no bench or bench_backward section")
-    for section in ("bench", "bench_backward"):  # every file's cases count, not the last file's
-        parts = [item[section] for item in items if section in item]
-        if len(parts) > 1:
-            results[section] = {**parts[0], "cases": [c for part in parts for c in part["cases"]]}
-    _derive_auto(results, args.out, console)
+    # Every file's cases count, not the last file's; files in order, oldest first: a later run's
+    # case of the same spec and M replaces an earlier one's (a partial rerun updates its points).
+    commits = {}
+    for section in ("bench", "bench_backward"):
+        with_section = [item for item in items if section in item]
+        if len(with_section) > 1:
+            parts = [item[section] for item in with_section]
+            results[section] = {**parts[-1], "cases": dispatch.newest_cases(parts)}
+        commits[section] = [_commit_of(item) for item in with_section]
+    _derive_auto(results, args.out, console, commits=commits)
     return 0
+
+
+def _commit_of(results: dict[str, Any]) -> str:
+    return (((results.get("environment") or {}).get("git") or {}).get("commit") or "unknown")[:10]
+
+
+def _source(what: str, commits: list[str]) -> str:
+    """The table's `source`: "<what> at commit C", or "at commits A, B" for a merge (oldest
+    first, later cases replacing earlier ones: tests/test_dispatch.py re-derives from it)."""
+    if len(commits) == 1:
+        return f"{what} at commit {commits[0]}"
+    return f"{what} at commits {', '.join(commits)}"
 
 
 def _failed(row: dict[str, Any]) -> bool:

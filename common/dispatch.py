@@ -60,7 +60,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -426,6 +426,19 @@ def install(table: Table) -> None:
 def generation() -> int:
     """Changes whenever a table is installed: the fronts key their cached `auto` plans on it."""
     return _GENERATION[0]
+
+
+def newest_cases(sections: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The cases of several bench sections (oldest first), a later run's case replacing an earlier
+    run's of the same spec and M: a partial rerun updates the points it measured and leaves the
+    rest to the run before it (`fusedmlp derive-auto OLD.json NEW.json`)."""
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    for section in sections:
+        for case in section["cases"]:
+            key = (json.dumps(case["spec"], sort_keys=True), int(case["m"]))
+            by_key.pop(key, None)  # re-inserted last: the newest run's order wins
+            by_key[key] = case
+    return list(by_key.values())
 
 
 def measurements_from_bench(bench: Mapping[str, Any]) -> list[Measurement]:

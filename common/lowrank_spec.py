@@ -42,15 +42,15 @@ How a `lowrank` layer RUNS depends on M as well (`layer_run(layer, m)`, the one 
 and `plan` read; the params stay M-independent): at M ≤ lowrank.TWO_PASS_MAX_M (64, decode) the
 fused kernel; above it two GEMMs as `two_gemm` runs them (t = x·U stored in the dtype: the fused
 kernel's rounding point, so the same parity target) on the stack's Hopper GEMM. Measured on the
-H200 (commit 4922964, bench/lowrank_probe.py, device time), llama3-8b's layer 4096 → 14336, silu,
-bf16, r = 64 / 128 / 256: M = 16, fused 8.9 / 10.9 / 12.2 µs vs eager 14.0 / 14.9 / 16.0; M = 512,
-torch's two TMA GEMMs 36.6 / 38.8 / 42.1 vs the fused kernel 40.1 / 51.3 / 90.3; M = 8192, two TMA
-GEMMs 179 / 199 / 231 vs fused 171 / 287 / 440 (eager 511 / 520 / 559), JAX's two Mosaic GEMMs 182
-/ 202 / 245 vs its fused twin 194 / 297 / 428. One rule for every M > 64 and both stacks costs
-torch ~5 % at r ≤ 64, M = 8192 (where the fused kernel's two-pass tiles edge ahead) and wins
-everywhere else measured. A gated `lowrank` layer keeps the fused kernel at every M: its two-GEMM
-path builds the concatenated U's and the block-diagonal packed operand per call (fused at M =
-8192: 519 / 800 / 1,083 µs vs eager 1,060 / 1,078 / 1,152).
+H200 (commit 84f2c0e, bench/lowrank_probe.py, device time, read flush), llama3-8b's layer 4096 →
+14336, silu, bf16, r = 64 / 128 / 256: M = 16, fused 8.2 / 10.1 / 11.1 µs vs eager 14.4 / 15.0 /
+16.1; M = 512, torch's two TMA GEMMs 34.7 / 37.3 / 40.8 vs the fused kernel 38.8 / 49.5 / 86.0; M =
+8192, two TMA GEMMs 156 / 173 / 229 vs fused 163 / 275 / 428 (eager 506 / 514 / 554); JAX's two
+Mosaic GEMMs (4922964, rmw flush) 182 / 202 / 245 vs its fused twin 194 / 297 / 428. One rule for
+every M > 64 and both stacks wins everywhere measured in torch (JAX at M = 512 loses to XLA: see
+docs/lowrank.md). A gated `lowrank` layer keeps the fused kernel at every M: its two-GEMM path
+builds the concatenated U's and the block-diagonal packed operand per call (fused at M = 8192:
+519 / 800 / 1,083 µs vs eager 1,060 / 1,078 / 1,152).
 
 `factorise` turns a dense MLP's params into them (common/lowrank.py's plain or activation-aware
 SVD per layer); `reference` is the float64 forward with the kernels' rounding points optional;
@@ -115,12 +115,12 @@ def layer_run(lay: LowRankLayer, m: int) -> tuple[str, str]:
     if m <= limit:
         return "lowrank", (
             f"{lay.reason}; M = {m} ≤ {limit} (decode): H200, M = 16, r = 64/128/256: fused "
-            "8.9/10.9/12.2 µs vs eager 14.0/14.9/16.0"
+            "8.2/10.1/11.1 µs vs eager 14.4/15.0/16.1"
         )
     return "two_gemm", (
         f"{lay.reason} at M ≤ {limit}; M = {m}: two GEMMs instead (t = x·U stored in the dtype, "
-        "the fused kernel's rounding point); H200, r = 64/128/256: M = 512 36.6/38.8/42.1 µs "
-        "(Hopper TMA linear_act) vs fused 40.1/51.3/90.3, M = 8192 179/199/231 vs 171/287/440"
+        "the fused kernel's rounding point); H200, r = 64/128/256: M = 512 34.7/37.3/40.8 µs "
+        "(Hopper TMA linear_act) vs fused 38.8/49.5/86.0, M = 8192 156/173/229 vs 163/275/428"
     )
 
 

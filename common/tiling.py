@@ -220,8 +220,10 @@ def _waves_cost(m: int, n_out: int, bm: int, bn: int, op_n: int, num_sms: int) -
 # M = 8192, N = 14336, silu, device µs): r = 64: 128×256 w8 at 1/SM (the rule below) 143.7, 64×256
 # w4 s2 at 2/SM 118.5 (identity 104.5 → 73.2, cuBLAS's plain t @ V 73.1); r = 128: 187.3 → 141.7.
 # (A reciprocal by Newton steps instead of the MUFU was slower — the FMA pipe is busy too — and
-# tanh.approx's 2^-11 error is too coarse to ship.)
-SHORT_K = 256
+# tanh.approx's 2^-11 error is too coarse to ship.) In the low-rank front's two GEMMs (84f2c0e,
+# bench/lowrank_probe.py): t·V 141.0 → 121.0 µs at r = 64, 160.7 → 145.6 at r = 128, but 191.8 →
+# 197.0 at r = 256 (4 K steps: the MMAs and the 2-stage ring matter again), so K ≤ 128 only.
+SHORT_K = 128
 SHORT_K_CONFIG = TileConfig(
     64, 256, 64, group_m=8, num_warps=4, num_stages=2, epilogue_subtile=2, programs_per_sm=2
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -20,6 +21,7 @@ from fusedmlp.common.dispatch import (
     load_table,
     measurements_from_bench,
     measurements_from_bench_backward,
+    newest_cases,
     shape_class,
     weight_bytes,
     with_phase,
@@ -230,12 +232,15 @@ def test_committed_table_is_what_derive_makes_of_its_results():
 
     table = Table.from_json((TABLE_DIR / "nvidia-h200.json").read_text())
     root = Path(__file__).resolve().parents[1] / "bench" / "results"
-    # the forward points: `fusedmlp bench` results of the commit in `source`
-    commit = table.source.rsplit(" ", 1)[-1][:7]
-    found = sorted(root.glob(f"*-{commit}/results.json"))
-    assert found, f"no bench/results/*-{commit}/results.json for {table.source!r}"
-    results = json.loads(found[0].read_text())
-    again = derive(measurements_from_bench(results["bench"]), gpu=table.gpu, source=table.source)
+    # the forward points: `fusedmlp bench` results of the commit(s) in `source` (several: oldest
+    # first, a later run's case replacing an earlier one's — `fusedmlp derive-auto OLD NEW`)
+    sections = []
+    for commit in re.split(r",\s*", table.source.split(" at commit", 1)[1].split(" ", 1)[1]):
+        found = sorted(root.glob(f"*-{commit[:7]}/results.json"))
+        assert found, f"no bench/results/*-{commit[:7]}/results.json for {table.source!r}"
+        sections.append(json.loads(found[0].read_text())["bench"])
+    bench = {"cases": newest_cases(sections)}
+    again = derive(measurements_from_bench(bench), gpu=table.gpu, source=table.source)
     assert again.points == tuple(p for p in table.points if p.phase == "forward")
     # the training points: `bench --backward` results of the commit in `train_source`
     commit = table.train_source.rsplit(" ", 1)[-1][:7]
@@ -245,6 +250,24 @@ def test_committed_table_is_what_derive_makes_of_its_results():
     rows = measurements_from_bench_backward({"cases": cases})
     trained = derive(rows, gpu=table.gpu, source=table.train_source, phase="train")
     assert set(trained.points) == {p for p in table.points if p.phase == "train"}
+
+
+def test_newest_cases_replace_older_ones_of_the_same_spec_and_m():
+    """A partial rerun updates the points it measured; the older run keeps the rest."""
+    old = {
+        "cases": [
+            {"spec": {"a": 1}, "m": 16, "run": "old"},
+            {"spec": {"a": 2}, "m": 8, "run": "old"},
+        ]
+    }
+    new = {
+        "cases": [
+            {"spec": {"a": 1}, "m": 16, "run": "new"},
+            {"spec": {"a": 1}, "m": 64, "run": "new"},
+        ]
+    }
+    got = [(c["spec"]["a"], c["m"], c["run"]) for c in newest_cases([old, new])]
+    assert got == [(2, 8, "old"), (1, 16, "new"), (1, 64, "new")]
 
 
 def test_table_json_round_trip_and_missing_file(tmp_path):

@@ -14,7 +14,8 @@
 #   results.json  every section with the environment block (machine, versions, commit)
 #   results.md    the tables
 #   bench.png, sweep.png, overhead.png   the plots
-#   dispatch.json auto's dispatch table derived from the bench (GPU)
+#   dispatch.json auto's dispatch table derived from the bench (GPU; dispatch.partial.json
+#                 when the bench step was cut short: merge before committing, see below)
 #   log.txt       everything printed, with each step's time and exit status and pytest's duration
 # On a machine without a GPU it runs the same pipeline in its short mode (cpu-small, short sweep, no
 # pytest -m gpu: CI runs the CPU tests itself), in about two minutes; .ci/run calls it that way.
@@ -128,6 +129,13 @@ if [ "$mode" = gpu ]; then
   # did not fit 330 s at 84f2c0e (parity ~200 s, the bench 5-16 s a case): ~360 s predicted.
   # Each case's wall time is in the log.
   step parity+bench 400 "${cli[@]}" --json "$work/parity.json" --derive-auto "$out/dispatch.json"
+  # Cut short, the step derives nothing: derive from the cases it finished (saved after each),
+  # named for what it is — commit it only merged with the previous run's results (`fusedmlp
+  # derive-auto OLD/results.json NEW/results.json`: the newer run's cases replace the older's).
+  if [ ! -f "$out/dispatch.json" ] && [ -f "$work/parity.bench.json" ]; then
+    step derive-partial 15 "${cli[@]}" derive-auto --out "$out/dispatch.partial.json" \
+      "$work/parity.bench.json"
+  fi
   # A fresh Triton cache, so that first calls include the Triton JIT compile.
   # 55 s: 37-43 s until the read flush's learning trace came in (84f2c0e: cut at 45 s, tables done)
   step overhead 55 env TRITON_CACHE_DIR="$work/triton-cache" \

@@ -449,6 +449,7 @@ def _commit_of(results: dict[str, Any]) -> str:
 def _source(what: str, commits: list[str]) -> str:
     """The table's `source`: "<what> at commit C", or "at commits A, B" for a merge (oldest
     first, later cases replacing earlier ones: tests/test_dispatch.py re-derives from it)."""
+    commits = list(dict.fromkeys(commits))  # several files of one run name it once
     if len(commits) == 1:
         return f"{what} at commit {commits[0]}"
     return f"{what} at commits {', '.join(commits)}"

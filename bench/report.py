@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -705,8 +706,13 @@ def plot_all(results: dict[str, Any], out_dir: Path, stem: str = "") -> list[Pat
 # ---- files
 # ----------------------------------------------------------------------------------------
 def write_json(results: dict[str, Any], path: Path) -> None:
+    """Atomically (a temporary file, then a rename): a run killed by its time limit mid-write
+    leaves the previous checkpoint, which the runner's report and derive steps still read."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def load(path: Path) -> dict[str, Any]:

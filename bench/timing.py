@@ -59,7 +59,7 @@ MAX_REPS = 200
 WARMUP_S = 0.05
 # Timed repetitions aim at this much total time, within the repetition bounds above.
 TARGET_S = 0.25
-# The flush: larger than any L2 this project runs on (H200: 60 MB), written and read back.
+# The flush: larger than any L2 this project runs on (H200: 60 MB), swept once per timed call.
 FLUSH_BYTES = 256 * 2**20
 # How the flush touches its buffer. "read" (the default since 2026-12-02, commit after b92e5d2): row
 # sums of the buffer, which leave the L2 holding clean lines only. "rmw" (read-modify-write, every
@@ -254,9 +254,10 @@ def device_timing(
 class Flush:
     """Sweeps FLUSH_BYTES through the L2 before each timed call, in the call's stream order.
 
-    `kind` "read" (default): torch sums the rows of an int32 buffer (one reduction kernel on the
-    current stream); JAX a jitted row sum (`jit_fusedmlp_l2_flush`, one XLA kernel on JAX's compute
-    stream; a torch-side flush would run on another stream and not order with JAX's calls). The
+    `kind` "read" (default): torch sums the rows of an int32 buffer in int32 (one reduction kernel
+    on the current stream); JAX runs `jax_read_flush`, a Pallas-Triton row sum named FLUSH_KERNEL,
+    jitted as `jit_fusedmlp_l2_flush` (one kernel on JAX's compute stream; a torch-side flush would
+    run on another stream and not order with JAX's calls). The
     call then finds the L2 cold and clean: its own data absent, and no dirty line of anyone's to
     write back (the previous call's outputs were written back during the flush, outside any call).
     "rmw": torch `bitwise_not_` of the buffer, JAX a donated `~buf` (~125 µs on an H200), which
@@ -278,15 +279,19 @@ class Flush:
     @classmethod
     def for_stack(cls, stack: str, kind: str | None = None) -> Flush:
         kind = kind or flush_kind()
+        if kind not in FLUSH_KINDS:
+            raise ValueError(f"kind: expected one of {FLUSH_KINDS}, got {kind!r}")
         if stack == "torch":
             import torch
 
             buf = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
             if kind == "read":
-                # Row sums: one reduction kernel (a full sum adds a semaphore memset and a second
-                # pass), whose 512 KiB of output are the only lines it dirties.
+                # Row sums kept in int32: one reduction kernel whose 256 KiB of output are the only
+                # lines it dirties (a full sum adds a semaphore memset and a second pass; an int64
+                # sum first casts the whole buffer: a second kernel writing 512 MiB).
                 rows = buf.view(-1, FLUSH_ROW)
-                return cls(stack, lambda: rows.sum(dim=1), torch.cuda.synchronize, kind)
+                run = functools.partial(torch.sum, rows, dim=1, dtype=torch.int32)
+                return cls(stack, run, torch.cuda.synchronize, kind)
             return cls(stack, buf.bitwise_not_, torch.cuda.synchronize, kind)
         import jax
         import jax.numpy as jnp
@@ -294,11 +299,11 @@ class Flush:
         state = [jnp.zeros(FLUSH_BYTES // 4, jnp.uint32)]
         if kind == "read":
 
-            def fusedmlp_l2_flush(buf: Any) -> Any:
-                return jnp.sum(buf.reshape(-1, FLUSH_ROW), axis=1)
+            def fusedmlp_l2_flush(buf: Any) -> Any:  # jit_<this name>: XLA's module tag (MODULE)
+                return jax_read_flush(buf)
 
             read = jax.jit(fusedmlp_l2_flush)
-            last = [None]
+            last: list[Any] = [None]
 
             def run() -> None:
                 last[0] = read(state[0])
@@ -363,6 +368,42 @@ def _flush_for(stack: str, kind: str) -> Flush:
 
 def flush_for(stack: str) -> Flush:
     return _flush_for(stack, flush_kind())
+
+
+# The JAX read flush is a Pallas-Triton kernel of its own name: XLA's row sum compiles to
+# `input_reduce_fusion`, the name of XLA's reductions in the timed calls too, and torch.profiler
+# (the harness's reader of JAX kernels) carries no hlo_module tag to tell them apart — at 84f2c0e
+# it cost the XLA row of gpt2-mlp M=1 ("400 flushes in the trace for 200 calls").
+FLUSH_KERNEL = "fusedmlp_l2_flush"
+FLUSH_BLOCK_ROWS = 16  # rows of FLUSH_ROW words a program sums (64 KiB)
+
+
+def jax_read_flush(buf: Any, *, interpret: bool = False) -> Any:
+    """Row sums of `buf` (a multiple of FLUSH_ROW · FLUSH_BLOCK_ROWS uint32 words) by one
+    Pallas-Triton kernel named FLUSH_KERNEL: every word read, one uint32 per row written."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    from fusedmlp.jax_impl.compat import quiet_pallas_triton
+
+    rows = buf.reshape(-1, FLUSH_ROW)
+
+    def kernel(x_ref: Any, o_ref: Any) -> None:
+        o_ref[...] = jnp.sum(x_ref[...], axis=1)
+
+    with quiet_pallas_triton():
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((rows.shape[0],), rows.dtype),
+            grid=(rows.shape[0] // FLUSH_BLOCK_ROWS,),
+            in_specs=[pl.BlockSpec((FLUSH_BLOCK_ROWS, FLUSH_ROW), lambda i: (i, 0))],
+            out_specs=pl.BlockSpec((FLUSH_BLOCK_ROWS,), lambda i: (i,)),
+            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+            interpret=interpret,
+            name=FLUSH_KERNEL,
+        )(rows)
 
 
 # ---- torch.profiler ----------------------------------------------------------------------------

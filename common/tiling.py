@@ -224,6 +224,9 @@ def _waves_cost(m: int, n_out: int, bm: int, bn: int, op_n: int, num_sms: int) -
 # bench/lowrank_probe.py): t·V 141.0 → 121.0 µs at r = 64, 160.7 → 145.6 at r = 128, but 191.8 →
 # 197.0 at r = 256 (4 K steps: the MMAs and the 2-stage ring matter again), so K ≤ 128 only.
 SHORT_K = 128
+# Measured at N = 14336 only; a narrow output (a 64-wide layer) would leave most of a 256-wide tile
+# idle, so the rule wants several such tiles per row.
+SHORT_K_MIN_N = 1024
 SHORT_K_CONFIG = TileConfig(
     64, 256, 64, group_m=8, num_warps=4, num_stages=2, epilogue_subtile=2, programs_per_sm=2
 )
@@ -298,7 +301,9 @@ def heuristic_config(
     - decode-sized M (≤ 64): narrow M tiles and long K tiles stream the weights;
     - 16-bit: 128×256 (gated 128×128 over a 128×256 packed operand), or a narrower tile where the
       wider one leaves the last wave of the persistent grid mostly empty (`_waves_cost`), 8 warps;
-      persistent: 4 stages and a 2-slice epilogue; portable: 3 stages.
+      persistent: 4 stages and a 2-slice epilogue; portable: 3 stages;
+    - persistent linear_act with K ≤ SHORT_K and N ≥ SHORT_K_MIN_N (a factorised layer's t·V):
+      SHORT_K_CONFIG, two programs per SM (see there).
     """
     _check_family(family)
     gated = family == "gated"
@@ -318,7 +323,13 @@ def heuristic_config(
         # Decode-sized M: the weights dominate; narrow M tiles and long K tiles stream them.
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         return TileConfig(block_m, 64, 128, group_m=1, num_warps=4, num_stages=4)
-    if persistent and not gated and k <= SHORT_K and _tiles(m, n, SHORT_K_CONFIG) >= 2 * num_sms:
+    if (
+        persistent
+        and not gated
+        and k <= SHORT_K
+        and n >= SHORT_K_MIN_N
+        and _tiles(m, n, SHORT_K_CONFIG) >= 2 * num_sms
+    ):
         return SHORT_K_CONFIG
     return _large_m_16bit(family, m, n, persistent, num_sms)
 

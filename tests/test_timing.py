@@ -22,6 +22,7 @@ import itertools
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fusedmlp.bench import benchmark, timing
@@ -632,3 +633,33 @@ def test_flush_kind_defaults_to_read_and_refuses_unknown(monkeypatch: pytest.Mon
     monkeypatch.setenv(timing.FLUSH_ENV, "write")
     with pytest.raises(ValueError, match=r"FUSEDMLP_FLUSH.*'write'"):
         timing.flush_kind()
+
+
+def test_jax_read_flush_sums_every_row():
+    """The JAX read flush (a Pallas-Triton kernel of its own name) reads every word: its row sums,
+    under the interpreter, are NumPy's."""
+    import jax.numpy as jnp
+
+    words = timing.FLUSH_ROW * timing.FLUSH_BLOCK_ROWS * 3
+    buf = jnp.arange(words, dtype=jnp.uint32) * jnp.uint32(2654435761)  # wraps: bits mix
+    got = np.asarray(timing.jax_read_flush(buf, interpret=True))
+    want = np.asarray(buf).reshape(-1, timing.FLUSH_ROW).sum(axis=1, dtype=np.uint32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_jax_read_flush_lowers_for_cuda_under_its_own_name():
+    """Its kernel name is FLUSH_KERNEL, not an XLA fusion's (`input_reduce_fusion` is also the name
+    of the timed calls' own reductions, which torch.profiler cannot tell apart)."""
+    import jax
+
+    from helpers import lower_for_cuda, needs_jax_0_10_lowering
+
+    needs_jax_0_10_lowering()
+    words = timing.FLUSH_ROW * timing.FLUSH_BLOCK_ROWS * 4
+    text = lower_for_cuda(timing.jax_read_flush, jax.ShapeDtypeStruct((words,), np.uint32))
+    assert timing.FLUSH_KERNEL in text and "triton" in text.lower()
+
+
+def test_flush_for_stack_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match=r"kind: expected one of \('read', 'rmw'\), got 'bogus'"):
+        Flush.for_stack("jax", "bogus")

@@ -376,6 +376,7 @@ def test_short_k_heuristic_runs_two_programs_per_sm():
     assert cfg("linear_act", 8192, 14336, 64, persistent=False).programs_per_sm == 1
     assert cfg("gated", 8192, 14336, 64).programs_per_sm == 1
     assert cfg("linear_act", 128, 256, 64).programs_per_sm == 1  # too few tiles for two waves
+    assert cfg("linear_act", 2_097_152, 64, 64).programs_per_sm == 1  # a 64-wide output
     assert str(tiling.SHORT_K_CONFIG).endswith(" p2")
     # a narrow output (a factorised layer's x·U) takes 64-row tiles: 128 of them at M = 8192, not
     # 64 tiles of 128 rows for 132 SMs; wide outputs keep the 128-row tiles
@@ -707,6 +708,8 @@ def test_gpu_short_k_two_programs_per_sm(dtype):
     for m, k, n, seed in ((4099, 64, 3000, 820), (2051, 120, 5128, 821)):
         spec, x, p = layer_problem(dtype, True, m, seed, gated=False, widths=(k, n))
         xt, w, b = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"])
+        chosen = tiling.heuristic_config("linear_act", m, n, k, dtype, persistent=True)
+        assert chosen == tiling.SHORT_K_CONFIG  # (a tuned entry would replace it: then fix this)
         y = tma_linear.linear_act(xt, w, b, activation="silu")
         one = dataclasses.replace(tiling.SHORT_K_CONFIG, programs_per_sm=1)
         y1 = tma_linear.linear_act(xt, w, b, activation="silu", config=one)

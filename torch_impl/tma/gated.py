@@ -10,7 +10,8 @@ large-M config): the X tile is read from shared memory once, there is one MMA gr
 and the TMA copies are as large as linear_act's. Only h [M, N] is written — and, for training
 (STORE_PREACT), the packed pre-activation tile, in slices as h is.
 
-Grid: persistent, as tma/linear_act.py: min(#SMs, #tiles) programs, each walking output tiles
+Grid: persistent, as tma/linear_act.py: min(programs_per_sm·#SMs, #tiles) programs (the heuristic
+gives gated layers 1 per SM), each walking output tiles
 p, p + P, ... in the portable kernel's grouped order (`_grouped_tile` over h's [M, N]), K in
 BLOCK_K steps; `flatten=True` lets the pipeliner overlap the next tile's loads with this tile's
 epilogue. `TileConfig.warp_specialize` is ignored: triton 3.6's Hopper warp-specialisation pass
@@ -155,7 +156,7 @@ def _gated_launch(
     # block_n: whole packed block pairs (at least 64)
     config, ws = launch_config("gated", config, dtype, precision, False)
     num_tiles = cdiv(M, config.block_m) * cdiv(n, config.block_n)
-    programs = num_programs(num_tiles, device)
+    programs = num_programs(num_tiles, device, config.programs_per_sm)
     return Launch(
         _gated_fwd_kernel, (programs,), (M, n, K, programs),
         dict(

@@ -54,6 +54,8 @@ torch_impl/linear_act.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -280,7 +282,8 @@ def _linear_act_launch(
     if epilogue != "none":
         # A pointer epilogue that loads the saved z tile: the portable dgrad's tile cap (register
         # pressure), whole packed block pairs when gated, no warp specialisation.
-        config, ws = cap_for_preact(config), False
+        # One program per SM: two per SM were measured for the plain epilogue only (tiling.py).
+        config, ws = dataclasses.replace(cap_for_preact(config), programs_per_sm=1), False
         if epilogue == "dact_gated":
             config = gated_config(config)
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)

@@ -8,8 +8,9 @@
   The front records the reason in its plan and runs impl `triton` instead.
 - `is_k_major(w)`: a [K, N] w that is the transposed view of a row-major [N, K] buffer, read by
   the linear_act kernel as it is (W_KMAJOR) instead of being copied.
-- `num_programs(num_tiles, device)`: the persistent grid, min(#SMs, #tiles) programs on a GPU; under
-  the interpreter a handful, so that each program really walks several tiles.
+- `num_programs(num_tiles, device, per_sm)`: the persistent grid, min(per_sm·#SMs, #tiles) programs
+  on a GPU (`TileConfig.programs_per_sm`, 1 unless a config says 2 or more); under the interpreter
+  per_sm times a handful, so that each program really walks several tiles.
 - `launch_config(family, config, dtype, fp32_precision, residual)`: the config a launch runs and
   whether its tile loop is warp-specialised.
 - `ensure_allocator()`: descriptors built inside a kernel (`tl.make_tensor_descriptor`) live in a

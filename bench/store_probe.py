@@ -9,6 +9,11 @@ linear_act over a grid of tiles, each with the activation (silu) and without (id
 epilogue's arithmetic and the store path are told apart. One GPU call, ~60 s:
 
     python3 bench/store_probe.py OUT.json
+
+`--narrow` times the layer's first GEMM instead, x·U at M = 8192, K = 4096, N = r (a read-bound
+GEMM: 67 MB of x): cuBLAS, and TMA linear_act tiles deeper in K or in stages than the heuristic's
+64×128×64 at 4 stages (35.0 / 26.9 / 31.4 µs at 84f2c0e, 1.9–2.5 TB/s: one serial K loop of 64
+steps a program, ~96 KB in flight per SM).
 """
 
 from __future__ import annotations
@@ -48,8 +53,63 @@ def variants() -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
+# x·U variants (--narrow): (block_m, block_n, block_k, warps, stages, programs per SM)
+NARROW = (
+    (64, 128, 64, 4, 4, 1),  # the heuristic at 84f2c0e
+    (64, 128, 64, 4, 8, 1),
+    (64, 128, 128, 4, 4, 1),
+    (64, 64, 64, 4, 8, 1),
+    (64, 64, 128, 4, 6, 1),
+    (128, 64, 64, 4, 6, 1),
+    (64, 64, 64, 4, 4, 2),
+)
+K_IN = 4096
+
+
+def narrow_main(out_path: str) -> int:
+    import torch
+
+    from fusedmlp.bench.timing import time_device
+    from fusedmlp.common.config import TileConfig
+    from fusedmlp.torch_impl.tma import linear_act as tma
+
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    sync = torch.cuda.synchronize
+    for r in RANKS:
+        torch.manual_seed(0)
+        x = torch.randn(M, K_IN, device="cuda", dtype=torch.bfloat16)
+        u = (torch.randn(K_IN, r, device="cuda") * K_IN**-0.5).to(torch.bfloat16)
+        ref = x.float() @ u.float()
+        cases: list[tuple[str, Any]] = [("cublas x @ u", lambda x=x, u=u: x @ u)]
+        for bm, bn, bk, warps, stages, per_sm in NARROW:
+            cfg = TileConfig(
+                bm, bn, bk, num_warps=warps, num_stages=stages, epilogue_subtile=2,
+                programs_per_sm=per_sm,
+            )  # fmt: skip
+            cases.append((f"tma {cfg}", lambda x=x, u=u, cfg=cfg: tma.linear_act(x, u, config=cfg)))
+        for name, fn in cases:
+            row: dict[str, Any] = {"r": r, "variant": name}
+            try:
+                row["rel_err"] = float((fn().float() - ref).norm() / ref.norm())
+                fn()
+                sync()
+                timing = time_device("torch", lambda i, fn=fn: fn(), CALLS, lambda _: sync())
+                us = timing.device.median * 1e6
+                row.update(us=round(us, 2), read_tbps=round(M * K_IN * 2 / us / 1e6, 3))
+            except Exception as e:  # a config the compiler refuses (shared memory, say)
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        _write(out_path, rows, start)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--narrow" in argv:
+        argv = [a for a in argv if a != "--narrow"]
+        return narrow_main(argv[0] if argv else "store_probe_narrow.json")
     out_path = argv[0] if argv else "store_probe.json"
     import torch
 

@@ -37,8 +37,11 @@ from .packing import PACK_BLOCK, packed_width
 
 FAMILIES: tuple[str, ...] = ("linear_act", "gated")
 
-# The most shared memory one block may use on sm_90 (H100, H200): 227 KiB.
+# The most shared memory one block may use on sm_90 (H100, H200): 227 KiB, of an SM's 228 (each
+# resident block also takes 1 KiB of the SM's for itself).
 SMEM_LIMIT = 227 * 1024
+SMEM_PER_SM = 228 * 1024
+SMEM_BLOCK_RESERVED = 1024
 # Streaming multiprocessors of an H100 SXM / H200: the persistent grid and the wave count below.
 NUM_SMS = 132
 
@@ -182,7 +185,11 @@ def fits(
     fp32_precision: str = "ieee",
     residual: bool = False,
 ) -> bool:
-    """Whether the kernel's shared memory stays within an sm_90 block's 227 KB (`smem_bytes`)."""
+    """Whether the kernel's shared memory stays within an sm_90 block's 227 KB (`smem_bytes`), and,
+    for `programs_per_sm` > 1, whether that many blocks fit on one SM together (else the second
+    waits for the first: one program per SM in effect)."""
+    per_sm = config.programs_per_sm
+    limit = min(SMEM_LIMIT, SMEM_PER_SM // per_sm - SMEM_BLOCK_RESERVED)
     return (
         smem_bytes(
             family,
@@ -192,7 +199,7 @@ def fits(
             fp32_precision=fp32_precision,
             residual=residual,
         )
-        <= SMEM_LIMIT
+        <= limit
     )
 
 
@@ -400,7 +407,8 @@ def search_space(
 
     Persistent (triton_tma): each tile and stage count with the smallest epilogue slicing that
     fits and the next one, and for linear_act the warp-specialised form (4 warps, unsliced
-    epilogue: what triton 3.6's Hopper pass takes, `warp_specialize_applies`).
+    epilogue: what triton 3.6's Hopper pass takes, `warp_specialize_applies`) and, in 16 bits,
+    two programs per SM where two blocks fit on one SM.
     """
     _check_family(family)
     gated = family == "gated"
@@ -452,6 +460,10 @@ def search_space(
                 ]
                 for sub in fitting[:2]:
                     add(_with(base, epilogue_subtile=sub))
+                    if not gated and dtype != "float32":
+                        # two programs per SM where both fit (SHORT_K_CONFIG's kind: short-K,
+                        # store-bound GEMMs); `add` prunes the ones that do not
+                        add(_with(base, epilogue_subtile=sub, programs_per_sm=2))
                 if not gated and w == 4 and bm >= 128:
                     add(_with(base, warp_specialize=True))
     return tuple(out)
@@ -480,7 +492,6 @@ from .packing import PACK_BLOCK  # noqa: E402
 from .spec import MLPSpec  # noqa: E402
 
 NUM_SMS = 132
-SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KiB usable per block)
 WHOLE_WIDTHS = (16, 32, 64, 128)  # fused_small's closed set of compile-time widths
 
 

@@ -392,3 +392,28 @@ def test_cached_backward_configs_follow_the_tables_state(tuned_dir, monkeypatch)
     monkeypatch.delenv(tuning.NO_TUNED_ENV)
     assert backward._heuristic(*args) == tuned
     backward._heuristic_of.cache_clear()
+
+
+def test_two_programs_per_sm_must_fit_one_sm_together():
+    """`programs_per_sm` = 2 fits only where two blocks share an SM's 228 KB (1 KB each reserved);
+    the persistent 16-bit search space offers those, SHORT_K_CONFIG among them."""
+    import dataclasses
+
+    from fusedmlp.common import tiling
+
+    short = tiling.SHORT_K_CONFIG
+    assert tiling.fits("linear_act", short, "bfloat16", persistent=True)
+    four = dataclasses.replace(short, num_stages=4)  # 177 KB: one block fits, two do not
+    assert tiling.fits("linear_act", dataclasses.replace(four, programs_per_sm=1), "bfloat16",
+                       persistent=True)  # fmt: skip
+    assert not tiling.fits("linear_act", four, "bfloat16", persistent=True)
+    space = tiling.search_space("linear_act", 8192, "bfloat16", persistent=True)
+    assert short in space
+    two = [c for c in space if c.programs_per_sm == 2]
+    assert two and all(
+        2 * (tiling.smem_bytes("linear_act", c, "bfloat16", persistent=True) + 1024)
+        <= tiling.SMEM_PER_SM
+        for c in two
+    )
+    assert all(c.programs_per_sm == 1 for c in tiling.search_space("gated", 8192, "bfloat16",
+                                                                     persistent=True))  # fmt: skip

@@ -49,7 +49,8 @@ class TileConfig:
     epilogue_subtile: int = 1
     # Persistent (triton_tma) kernels: programs of the grid per SM. 2 lets one program's epilogue
     # run while the other's loads and stores are in flight (short-K, store-bound GEMMs); the
-    # portable kernels, one tile a program, have no use for it.
+    # portable kernels, one tile a program, have no use for it, and Mosaic GPU runs one block per
+    # SM. fused_small's grid is its own SmallConfig.programs_per_sm (default 2), not this field.
     programs_per_sm: int = 1
 
     def __post_init__(self) -> None:

@@ -97,6 +97,13 @@ def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str,
             out.append(("two-pass:2tiles", rep(base, n_tiles=2)))
     else:  # the fused kernel where the front runs two GEMMs (the 2gemm rows)
         out.append(("fused", base))
+        if m <= 1024:
+            # x·U is the slow half of both routes at M = 512 (20.6 µs of the two TMA GEMMs'
+            # 34.7, 25.3 of the fused 38.8 at 84f2c0e: 8 row blocks walk K = 4096 serially):
+            # split K as the decode path does, at the cost of launch 2 summing S partials
+            two = base if base.two_pass else LowRankConfig(64, 128, 64, 2, 8, 4 if r <= 128 else 8)
+            out.append(("fused:S=4", rep(two, split_k=4)))
+            out.append(("fused:S=8", rep(two, split_k=8)))
         if base.two_pass:  # r <= 64: the one pass the heuristic ran until 2026-12-02
             m_tiles, n_total = -(-m // 128), -(-N // 128)
             panels = max(1, min(n_total, NUM_SMS // m_tiles))  # that heuristic's G

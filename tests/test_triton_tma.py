@@ -343,22 +343,59 @@ def test_several_tiles_per_program_uneven_split():
             assert_close(to_numpy(y), ref, spec, what=f"persistent {dtype} gated={gated}")
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the interpreter's program count")
 def test_two_programs_per_sm_walk_every_tile_once():
-    """`programs_per_sm` = 2: twice the persistent grid (6 programs under the interpreter) over 16
-    tiles (3, 3, 3, 3, 2, 2), the same result as one program per SM, bit for bit."""
+    """`programs_per_sm` = 2: twice the persistent grid (under the interpreter 6 programs over 16
+    tiles: 3, 3, 3, 3, 2, 2; on a GPU as many as there are tiles), the same result as one program
+    per SM bit for bit, in every dtype, for linear_act and gated; the backward's dact epilogue
+    keeps one program per SM (two were measured for the plain epilogue only)."""
     m, k, n = 53, 40, 104
-    one = INTERPRET_CONFIG
-    two = dataclasses.replace(one, programs_per_sm=2)
-    tiles = -(-m // one.block_m) * -(-n // one.block_n)
-    assert support.num_programs(tiles, torch.device(DEVICE), two.programs_per_sm) == 6
-    for dtype, seed in (("bfloat16", 510), ("float16", 511)):
-        spec, x, p = layer_problem(dtype, True, m, seed, gated=False, widths=(k, n))
-        xt, w, b = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"])
-        y1 = tma_linear.linear_act_fwd(xt, w, b, None, activation="silu", config=one)
-        y2 = tma_linear.linear_act_fwd(xt, w, b, None, activation="silu", config=two)
-        assert torch.equal(y1, y2)
-        assert_close(to_numpy(y2), ref_linear(x, p["w0"], p["b0"], "silu"), spec, what=dtype)
+    device = torch.device(DEVICE)
+    for family, one in (("linear", INTERPRET_CONFIG), ("gated", INTERPRET_CONFIG_GATED)):
+        two = dataclasses.replace(one, programs_per_sm=2)
+        tiles = -(-m // one.block_m) * -(-n // one.block_n)
+        sms = support.num_programs(10**9, device)  # the grid's cap at one program per SM
+        assert support.num_programs(tiles, device, 2) == min(tiles, 2 * sms)
+        if INTERPRET:
+            assert support.num_programs(tiles, device, 2) == 2 * support.INTERPRET_PROGRAMS
+        for dtype, seed in (("bfloat16", 510), ("float16", 511), ("float32", 512)):
+            gated = family == "gated"
+            spec, x, p = layer_problem(dtype, True, m, seed, gated=gated, widths=(k, n))
+            xt = to_torch(x)
+            if gated:
+                run = functools.partial(tma_gated.gated_fwd, xt, *packed(p), n=n, activation="gelu")
+                ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "gelu")
+            else:
+                w, b = to_torch(p["w0"]), to_torch(p["b0"])
+                run = functools.partial(
+                    tma_linear.linear_act_fwd, xt, w, b, None, activation="silu"
+                )
+                ref = ref_linear(x, p["w0"], p["b0"], "silu")
+            y1, y2 = run(config=one), run(config=two)
+            assert torch.equal(y1, y2), (family, dtype)
+            assert_close(to_numpy(y2), ref, spec, what=f"{family} {dtype} 2 per SM")
+    two = dataclasses.replace(INTERPRET_CONFIG, programs_per_sm=2)
+    x_shape, w_shape = torch.Size((m, k)), torch.Size((k, n))
+    grids = {
+        epilogue: tma_linear._linear_act_launch(
+            x_shape,
+            (k, 1),
+            w_shape,
+            (n, 1),
+            torch.bfloat16,
+            device,
+            False,
+            False,
+            "identity",
+            two,
+            "ieee",
+            epilogue,
+            "silu",
+        )[0].grid
+        for epilogue in ("none", "dact")
+    }
+    tiles = -(-m // INTERPRET_CONFIG.block_m) * -(-n // min(INTERPRET_CONFIG.block_n, 128))
+    assert grids["none"] == (support.num_programs(tiles, device, 2),)
+    assert grids["dact"] == (support.num_programs(tiles, device, 1),)
 
 
 def test_short_k_heuristic_runs_two_programs_per_sm():

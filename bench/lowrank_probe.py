@@ -97,13 +97,14 @@ def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str,
             out.append(("two-pass:2tiles", rep(base, n_tiles=2)))
     else:  # the fused kernel where the front runs two GEMMs (the 2gemm rows)
         out.append(("fused", base))
-        if m <= 1024:
+        if m <= 4096:
             # x·U is the slow half of both routes at M = 512 (20.6 µs of the two TMA GEMMs'
             # 34.7, 25.3 of the fused 38.8 at 84f2c0e: 8 row blocks walk K = 4096 serially):
             # split K as the decode path does, at the cost of launch 2 summing S partials
             two = base if base.two_pass else LowRankConfig(64, 128, 64, 2, 8, 4 if r <= 128 else 8)
-            out.append(("fused:S=4", rep(two, split_k=4)))
-            out.append(("fused:S=8", rep(two, split_k=8)))
+            for splits in (4, 8):
+                if two.split_k != splits:  # the heuristic's own S is the `fused` row
+                    out.append((f"fused:S={splits}", rep(two, split_k=splits)))
         if base.two_pass:  # r <= 64: the one pass the heuristic ran until 2026-12-02
             m_tiles, n_total = -(-m // 128), -(-N // 128)
             panels = max(1, min(n_total, NUM_SMS // m_tiles))  # that heuristic's G
@@ -152,8 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="CPU check of the script: tiny shapes, interpreted"
     )
+    parser.add_argument("--m", help="rows, comma-separated (default 16,512,8192)")
+    parser.add_argument("--ranks", help="ranks, comma-separated (default 64,128,256)")
     args = parser.parse_args(argv)
     global K, N, RANKS, MS
+    if args.m:
+        MS = tuple(int(v) for v in args.m.split(","))
+    if args.ranks:
+        RANKS = tuple(int(v) for v in args.ranks.split(","))
     if args.smoke:  # before fusedmlp.torch_impl is imported: the interpreter decides at import
         os.environ["TRITON_INTERPRET"] = "1"
         K, N, RANKS, MS = 40, 300, (17,), (16, 70)
@@ -300,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         left = max(20.0, args.budget_s - (time.perf_counter() - start))
         cmd = [sys.executable, str(Path(__file__).with_name("lowrank_probe_jax.py")), jax_json,
                "--budget-s", f"{left - 10:.0f}"] + (["--smoke"] if args.smoke else [])  # fmt: skip
+        if not args.smoke:
+            cmd += ["--m", ",".join(map(str, MS)), "--ranks", ",".join(map(str, RANKS))]
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         try:
             proc = subprocess.run(cmd, env=env, timeout=left, capture_output=True, text=True)

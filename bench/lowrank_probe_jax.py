@@ -24,6 +24,7 @@ the launch gap between the two passes included). A device timing that fails leav
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -99,6 +100,13 @@ def probe(budget_s: float, smoke: bool = False) -> dict[str, Any]:
                 return lowrank_linear_act(x, u, v, b, activation="silu", config=cfg)
 
             variants = [("xla", xla, None), ("pallas", fused, cfg)]
+            if 64 < m <= 4096 and cfg.two_pass:  # the x·U split the other side of the rule
+                other = dataclasses.replace(cfg, split_k=4 if cfg.split_k != 4 else 1)
+
+                def fused_other(x, u, v, b, cfg=other):
+                    return lowrank_linear_act(x, u, v, b, activation="silu", config=cfg)
+
+                variants.append((f"pallas:S={other.split_k}", fused_other, other))
             if m > 64:  # what the front runs there (lowrank_spec.layer_run): two GEMMs
                 from fusedmlp.jax_impl.linear_act import linear_act as portable
 
@@ -193,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="JSON results path")
     parser.add_argument("--budget-s", type=float, default=90.0)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: interpreted)")
+    parser.add_argument("--m", help="rows, comma-separated")
+    parser.add_argument("--ranks", help="ranks, comma-separated")
     args = parser.parse_args(argv)
+    global MS, RANKS
+    if args.m:
+        MS = tuple(int(v) for v in args.m.split(","))
+    if args.ranks:
+        RANKS = tuple(int(v) for v in args.ranks.split(","))
     doc = probe(args.budget_s, args.smoke)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -215,7 +215,7 @@ def bench_tables(bench: dict[str, Any]) -> list[Table]:
                         "device = sum of the call's kernel durations (K per call), span = first "
                         "kernel start to last end, each call after an L2 flush; throughput = N "
                         "calls back to back + one wait, per call; cudagraph = "
-                        "do_bench_cudagraph (flagged beyond 5 %)"
+                        "one CUDA graph of the calls, replayed (flagged beyond 5 %)"
                         if gpu
                         else "No device on a CPU: the time is the host clock around each "
                         "synchronised call"

@@ -55,13 +55,15 @@ def variants() -> list[tuple[str, str, dict[str, Any]]]:
 
 # x·U variants (--narrow): (block_m, block_n, block_k, warps, stages, programs per SM)
 NARROW = (
-    (64, 128, 64, 4, 4, 1),  # the heuristic at 84f2c0e
+    (64, 128, 64, 4, 4, 1),  # the heuristic at 84f2c0e (NARROW_CONFIG* since 86f9df2: below)
     (64, 128, 64, 4, 8, 1),
     (64, 128, 128, 4, 4, 1),
     (64, 64, 64, 4, 8, 1),
     (64, 64, 128, 4, 6, 1),
     (128, 64, 64, 4, 6, 1),
     (64, 64, 64, 4, 4, 2),
+    (64, 256, 64, 8, 4, 1),  # r = 256: the whole rank in one tile (x read once, not twice)
+    (128, 128, 64, 8, 4, 1),
 )
 K_IN = 4096
 

@@ -688,14 +688,41 @@ def throughput(
     )
 
 
-def time_cudagraph(fn: Callable[[int], Any], rep_ms: float = 20.0) -> Stats:
-    """`triton.testing.do_bench_cudagraph` of the same callable, input sets rotated inside the graph
-    (the captured calls cycle through them as the timed calls do); its 10 replays as samples."""
-    from triton.testing import do_bench_cudagraph
+def time_cudagraph(fn: Callable[[int], Any], rep_ms: float = 20.0, replays: int = 10) -> Stats:
+    """The calls replayed from one CUDA graph, input sets rotated inside it (the captured calls
+    cycle through them as the timed calls do): `replays` replays of ~`rep_ms` each, their time per
+    call as samples (the method of `triton.testing.do_bench_cudagraph`, written out here for one
+    difference). The capture is `thread_local`: under the default ("global") mode a CUDA call that
+    another thread makes meanwhile — XLA's own threads, in a process that runs JAX rows too —
+    invalidates the capture and leaves both stacks' streams in an error state (seen on the H200:
+    cuBLAS "operation failed due to a previous error during capture", then JAX's "Callback registry
+    is closed" on the next row)."""
+    import torch
 
     counter = itertools.count()
-    times_ms = do_bench_cudagraph(lambda: fn(next(counter)), rep=rep_ms, return_mode="all")
-    return Stats.of([t / 1e3 for t in times_ms], "triton.testing.do_bench_cudagraph")
+    with torch.cuda.stream(torch.cuda.Stream()):
+        fn(next(counter))  # warm on the capture stream
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn(next(counter))
+        end.record()
+        torch.cuda.synchronize()
+        estimate_ms = start.elapsed_time(end) / 5
+        per_graph = max(1, int(rep_ms / estimate_ms)) if estimate_ms > 0 else 1000
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for _ in range(per_graph):
+                fn(next(counter))
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(replays):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / per_graph)
+    return Stats.of(samples, f"CUDA graph of {per_graph} calls, {replays} replays")
 
 
 # ---- one timed row: every measure with the same definitions --------------------------------------

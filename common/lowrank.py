@@ -500,6 +500,24 @@ INTERPRET_TWO_PASS_CONFIG = LowRankConfig(
 # at r ≤ 64 (two passes with S = 1, measured best there), and a factorised MLP's plain layers run
 # two GEMMs instead (common/lowrank_spec.py `layer_run` has the measurements).
 TWO_PASS_MAX_M = 64
+# Past decode, the fused kernel with x·U split FUSED_SPLIT ways runs up to this many rows at
+# r ≤ 64 (block_r ≤ 64): at M = 512 a row block's serial walk over K = 4096 was the slow half of
+# both routes (x·U 20.6 µs of the two TMA GEMMs' 34.6, 24.6 of the fused S = 1 kernel's 37.9), and
+# S = 4 puts four times the programs on it: fused 22.9 µs (H200, 86f9df2, bench/lowrank_probe.py,
+# llama3-8b's layer, bf16; eager 39.9, S = 8 23.7). At r = 128 the two GEMMs stay ahead (36.6 vs
+# 38.8 µs: the S·BLOCK_M·BLOCK_R partials double), so the rule stops at block_r 64.
+# The split pays for a long walk over K only: below FUSED_SPLIT_MIN_K (four splits of 4 steps of
+# 64) the two GEMMs' x·U is short whatever M is, and the rule has not been measured there.
+FUSED_SPLIT_MAX_M = 1024
+FUSED_SPLIT_MIN_K = 1024
+FUSED_SPLIT = 4
+
+
+def fused_split_applies(m: int, k: int, r: int) -> bool:
+    """Past decode, a plain layer runs fused with x·U split FUSED_SPLIT ways (see there)."""
+    return TWO_PASS_MAX_M < m <= FUSED_SPLIT_MAX_M and k >= FUSED_SPLIT_MIN_K and block_r(r) <= 64
+
+
 # K per split: 8 steps of 64 (a short serial chain: the decode kernel is latency-bound, not
 # bandwidth-bound; 64 steps a program measured 43 us at r = 64 for 0.6 MB of weights).
 SPLIT_K_SPAN = 512
@@ -520,7 +538,8 @@ def lowrank_config(
     tile a program (112 at N = 14336), one dot of K = BLOCK_R each.
 
     Larger M (a direct call: the fronts run plain layers there as two GEMMs,
-    lowrank_spec.layer_run), plain, r ≤ 64 (block_r ≤ 64): two passes with S = 1, 64-row blocks,
+    lowrank_spec.layer_run), plain, r ≤ 64 (block_r ≤ 64): two passes with S = FUSED_SPLIT where
+    `fused_split_applies` (the fronts run it there), else S = 1, 64-row blocks,
     panels of two 128-wide tiles, 4 warps, 16-wide rank tiles — the H200 probe's best at
     llama3-8b's layer, M = 8192, bf16 (commit 0ec778c, bench/lowrank_probe.py, device time):
     170.6 µs vs 289.7 for the one pass below. Launch 1 computes t once per row block (no
@@ -567,7 +586,7 @@ def lowrank_config(
             group_m=8,
             num_warps=4,
             num_stages=3,
-            split_k=1,
+            split_k=FUSED_SPLIT if fused_split_applies(m, k, r) else 1,
             split_block_r=16,
         )
     wide = block_r(r) >= 256

@@ -40,7 +40,9 @@ marks the contract's `v{i}`, as `c{i}` does its bias), biases `b{i}`, `c{i}`. By
 
 How a `lowrank` layer RUNS depends on M as well (`layer_run(layer, m)`, the one rule both fronts
 and `plan` read; the params stay M-independent): at M ≤ lowrank.TWO_PASS_MAX_M (64, decode) the
-fused kernel; above it two GEMMs as `two_gemm` runs them (t = x·U stored in the dtype: the fused
+fused kernel, and where `lowrank.fused_split_applies` (r ≤ 64, K ≥ 1024, M ≤ 1024) the fused
+kernel with x·U split four ways (M = 512, r = 64: 22.9 µs vs the two TMA GEMMs' 34.6; 86f9df2);
+elsewhere two GEMMs as `two_gemm` runs them (t = x·U stored in the dtype: the fused
 kernel's rounding point, so the same parity target) on the stack's Hopper GEMM. Measured on the
 H200 (commit 84f2c0e, bench/lowrank_probe.py, device time, read flush), llama3-8b's layer 4096 →
 14336, silu, bf16, r = 64 / 128 / 256: M = 16, fused 8.2 / 10.1 / 11.1 µs vs eager 14.4 / 15.0 /
@@ -101,8 +103,8 @@ def layer_mode(k: int, n: int, r: int) -> tuple[str, str]:
 # ---- how a layer runs at M rows (the measured numbers: the module docstring) ---------------------
 def layer_run(lay: LowRankLayer, m: int) -> tuple[str, str]:
     """(how, why): how the layer runs at M rows (one of MODES; "lowrank" is the fused kernel) and
-    why. Only a plain `lowrank` layer's choice depends on M: fused at M ≤ TWO_PASS_MAX_M, two
-    GEMMs above; every other layer runs its mode."""
+    why. Only a plain `lowrank` layer's choice depends on M: fused at M ≤ TWO_PASS_MAX_M (and at
+    r ≤ 64 up to FUSED_SPLIT_MAX_M, x·U split), two GEMMs above; every other layer runs its mode."""
     if lay.mode != "lowrank":
         return lay.mode, lay.reason
     limit = lowrank.TWO_PASS_MAX_M
@@ -117,10 +119,19 @@ def layer_run(lay: LowRankLayer, m: int) -> tuple[str, str]:
             f"{lay.reason}; M = {m} ≤ {limit} (decode): H200, M = 16, r = 64/128/256: fused "
             "8.2/10.1/11.1 µs vs eager 14.4/15.0/16.1"
         )
+    split_limit, split_k = lowrank.FUSED_SPLIT_MAX_M, lowrank.FUSED_SPLIT_MIN_K
+    if lowrank.fused_split_applies(m, lay.layer.d_in, lay.rank):
+        return "lowrank", (
+            f"{lay.reason}; r ≤ 64, K ≥ {split_k} and M = {m} ≤ {split_limit}: fused, x·U split "
+            f"{lowrank.FUSED_SPLIT} ways; H200, M = 512, K = 4096, r = 64: 22.9 µs vs two GEMMs "
+            "34.6, eager 39.9"
+        )
     return "two_gemm", (
-        f"{lay.reason} at M ≤ {limit}; M = {m}: two GEMMs instead (t = x·U stored in the dtype, "
-        "the fused kernel's rounding point); H200, r = 64/128/256: M = 512 34.7/37.3/40.8 µs "
-        "(Hopper TMA linear_act) vs fused 38.8/49.5/86.0, M = 8192 156/173/229 vs 163/275/428"
+        f"{lay.reason} at M ≤ {limit} (r ≤ 64 and K ≥ {split_k}: M ≤ {split_limit}); M = {m}: "
+        "two GEMMs instead "
+        "(t = x·U stored in the dtype, the fused kernel's rounding point); H200, r = 64/128/256: "
+        "M = 512 34.6/36.6/39.8 µs (Hopper TMA linear_act) vs fused 37.9/48.9/85.0, M = 8192 "
+        "157/183/221 vs 163/275/426"
     )
 
 

@@ -239,6 +239,18 @@ SHORT_K_CONFIG = TileConfig(
 )
 
 
+# A narrow output over a long K (a factorised layer's x·U: N = r ≤ 256, K = d_in) is a read-bound
+# GEMM (M·K·2 bytes of x; the output is r columns) whose speed is the bytes each SM keeps in
+# flight through its serial K loop. bench/store_probe.py --narrow (H200, 86f9df2, bf16, M = 8192,
+# K = 4096, device µs; cuBLAS 20.2 / 19.7 / 23.8 at r = 64 / 128 / 256): the large-M rule's
+# 64×128×64 at 4 stages 34.9 / 27.4 / 43.6; 64×64×128 at 6 stages (r ≤ 64: no idle half tile, 192
+# KB of loads in flight) 22.1; 64×128×128 at 4 stages 23.1 (r = 128) and 36.8 (r = 256).
+NARROW_N = 256
+NARROW_MIN_K = 1024
+NARROW_CONFIG_64 = TileConfig(64, 64, 128, group_m=8, num_warps=4, num_stages=6, epilogue_subtile=2)
+NARROW_CONFIG = TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=4, epilogue_subtile=2)
+
+
 def _tiles(m: int, n: int, config: TileConfig) -> int:
     return _cdiv(m, config.block_m) * _cdiv(n, config.block_n)
 
@@ -310,7 +322,9 @@ def heuristic_config(
       wider one leaves the last wave of the persistent grid mostly empty (`_waves_cost`), 8 warps;
       persistent: 4 stages and a 2-slice epilogue; portable: 3 stages;
     - persistent linear_act with K ≤ SHORT_K and N ≥ SHORT_K_MIN_N (a factorised layer's t·V):
-      SHORT_K_CONFIG, two programs per SM (see there).
+      SHORT_K_CONFIG, two programs per SM (see there);
+    - persistent linear_act with N ≤ NARROW_N and K ≥ NARROW_MIN_K (a factorised layer's x·U):
+      64-row tiles as narrow as the output, 128-deep K steps, every stage that fits (see there).
     """
     _check_family(family)
     gated = family == "gated"
@@ -338,6 +352,8 @@ def heuristic_config(
         and _tiles(m, n, SHORT_K_CONFIG) >= 2 * num_sms
     ):
         return SHORT_K_CONFIG
+    if persistent and not gated and n <= NARROW_N and k >= NARROW_MIN_K:
+        return NARROW_CONFIG_64 if n <= 64 else NARROW_CONFIG
     return _large_m_16bit(family, m, n, persistent, num_sms)
 
 

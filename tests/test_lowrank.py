@@ -7,6 +7,7 @@ ragged panel with the interpreter config (16 × 32 tiles, 2 per panel)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import zlib
@@ -255,8 +256,13 @@ def test_interpret_config_and_heuristic() -> None:
     assert lowrank.lowrank_config(64, 14336, 4096, 64, "bfloat16").split_k == 2
     # past 64 rows, r ≤ 64, plain: two passes, S = 1, the H200 probe's best (170.6 vs 289.7 us)
     best = lowrank.LowRankConfig(64, 128, 64, 2, 8, 4, 3, split_k=1, split_block_r=16)
-    for m, r in ((65, 64), (8192, 64), (8192, 17)):
+    for m, r in ((1025, 64), (8192, 64), (8192, 17)):
         assert lowrank.lowrank_config(m, 14336, 4096, r, "bfloat16") == best
+    # up to 1024 rows at K ≥ 1024 the same tiles with x·U split 4 ways (M = 512: 22.9 vs 37.9 us)
+    split = dataclasses.replace(best, split_k=lowrank.FUSED_SPLIT)
+    for m, r in ((65, 64), (512, 64), (1024, 17)):
+        assert lowrank.lowrank_config(m, 14336, 4096, r, "bfloat16") == split
+    assert lowrank.lowrank_config(512, 14336, 1023, 64, "bfloat16") == best  # short K
     assert not lowrank.lowrank_config(65, 14336, 4096, 64, "bfloat16", gated=True).two_pass
     assert not lowrank.lowrank_config(65, 14336, 4096, 65, "bfloat16").two_pass
     prefill = lowrank.lowrank_config(8192, 14336, 4096, 128, "bfloat16")
@@ -620,12 +626,13 @@ print("RESULT" + json.dumps(out))
 @pytest.mark.slow
 def test_compiles_for_sm90_without_spills() -> None:
     """The heuristic's configs for llama3-8b's layer (K = 4096, N = 14336): r = 64, 128, 256 at
-    M = 8192 (one pass, wgmma; plain r = 64: two passes with S = 1, both kernels) and M = 16 (two
-    passes, both kernels), plain and gated: they fit the 227 KiB of shared memory and do not
-    spill (ptxas -v)."""
+    M = 8192 (one pass, wgmma; plain r = 64: two passes with S = 1, both kernels; at M = 512 with
+    S = 4) and M = 16 (two passes, both kernels), plain and gated: they fit the 227 KiB of shared
+    memory and do not spill (ptxas -v)."""
     cases = [(r, m, g) for g in (False, True) for r in (64, 128, 256) for m in (16, 8192)]
+    cases.append((64, 512, False))  # x·U split 4 ways past decode
     got = run_script(_COMPILE, json.dumps(cases), timeout=900)
-    assert len(got) == 19  # 12 panel kernels, 7 partials (6 at M = 16, plain r = 64 at 8192)
+    assert len(got) == 21  # 13 panel kernels, 8 partials (6 at M = 16, plain r = 64 at 512, 8192)
     for row in got:
         assert row["ok"], row
         assert row["shared"] <= 227 * 1024, row

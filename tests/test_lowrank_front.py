@@ -156,8 +156,10 @@ def test_run_choice_by_m(monkeypatch) -> None:
     assert [r.runs for r in at65.layers] == ["two_gemm", "dense"]
     assert [r.mode for r in at65.layers] == ["lowrank", "dense"] == list(lspec.modes)
     first = at65.layers[0]
-    assert "fused, t on chip at M ≤ 64; M = 65: two GEMMs instead (t = x·U stored" in first.reason
-    assert "H200, r = 64/128/256: M = 512 34.7/37.3/40.8 µs" in first.reason
+    assert "fused, t on chip at M ≤ 64 (r ≤ 64 and K ≥ 1024: M ≤ 1024); M = 65: two GEMMs" in (
+        first.reason
+    )
+    assert "H200, r = 64/128/256: M = 512 34.6/36.6/39.8 µs" in first.reason
     assert "M = 64 ≤ 64 (decode)" in at64.layers[0].reason
     assert at64.layers[0].launches[0].startswith("lowrank_linear_act(gelu) 64x67x33 r=9")
     assert first.launches[0].startswith("linear_act(identity) 65x9x33 [")
@@ -174,6 +176,16 @@ def test_run_choice_by_m(monkeypatch) -> None:
     rows = torch_front.plan(gated, (65, 33)).layers
     assert [r.runs for r in rows] == ["lowrank", "two_gemm"]
     assert "gated: fused at every M (two GEMMs would build [U | Uv]" in rows[0].reason
+    # past decode, a long K (≥ 1024) and r ≤ 64: fused up to 1024 rows, x·U split four ways
+    long_k = ls.LowRankSpec(MLPSpec((1024, 80, 32), "gelu", True, "bfloat16"), (64, 16))
+    lay = long_k.layers()[0]
+    for m, runs in ((65, "lowrank"), (1024, "lowrank"), (1025, "two_gemm")):
+        assert ls.layer_run(lay, m)[0] == runs, m
+        assert torch_front.plan(long_k, (m, 1024)).layers[0].runs == runs
+    assert "K ≥ 1024 and M = 512 ≤ 1024: fused, x·U split 4 ways" in ls.layer_run(lay, 512)[1]
+    assert lowrank.lowrank_config(512, 80, 1024, 64, "bfloat16").split_k == lowrank.FUSED_SPLIT
+    wide_r = ls.LowRankSpec(MLPSpec((1024, 200, 32), "gelu", True, "bfloat16"), (65, 16))
+    assert ls.layer_run(wide_r.layers()[0], 512)[0] == "two_gemm"  # block_r 128: two GEMMs
     # a Hopper GPU, faked for the choice only: the TMA / Mosaic GPU linear_act where their rules
     # hold (16-bit, K and N multiples of 16 here), the portable one elsewhere
     monkeypatch.setattr(torch_front, "_is_hopper", lambda: True)
@@ -261,19 +273,20 @@ def test_two_gemms_other_dtypes(dtype: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [16, 65, 512])
+@pytest.mark.parametrize("m", [16, 65, 512, 1100])
 def test_gpu_both_fronts_each_side_of_the_threshold(m: int) -> None:
-    """On the GPU: the fused kernel at M = 16, two GEMMs at 65 and 512 — on a Hopper GPU the TMA
-    linear_act (torch) and Mosaic GPU's (JAX), K and N multiples of 16 so their rules hold — each
-    front within the policy of both references, torch's recorded steps (FactorisedMLP) repeating
-    its checking call's bits. (Added after the sixth session's last H200 call: its first run is the
-    next `pytest -m gpu`.)"""
+    """On the GPU: the fused kernel at M = 16; at 65 and 512 two GEMMs for the first layer (K =
+    256) and the fused kernel with x·U split four ways for the second (K = 1024, r = 32); at 1100
+    two GEMMs for both — on a Hopper GPU the TMA linear_act (torch) and Mosaic GPU's (JAX), K and
+    N multiples of 16 so their rules hold — each front within the policy of both references,
+    torch's recorded steps (FactorisedMLP) repeating its checking call's bits."""
     spec = MLPSpec((256, 1024, 128), "silu", True, "bfloat16")
     lspec, fact = ls.factorise(spec, init_params(spec, seed=31), rank=(64, 32))
     params = ls.cast_params(lspec, fact)
     x = make_input(spec, (m,), seed=32)
     runs = [row.runs for row in torch_front.plan(lspec, x.shape).layers]
-    assert runs == (["lowrank"] * 2 if m <= 64 else ["two_gemm"] * 2), runs
+    expected = {16: ["lowrank"] * 2, 65: ["two_gemm", "lowrank"], 512: ["two_gemm", "lowrank"]}
+    assert runs == expected.get(m, ["two_gemm"] * 2), runs
     tp = {k: to_torch(v).cuda() for k, v in params.items()}
     module = FactorisedMLP.from_params(tp, lspec)
     torch_front._PREPARED.clear()

@@ -427,6 +427,30 @@ def test_short_k_heuristic_runs_two_programs_per_sm():
     assert cfg("linear_act", 8192, 14336, 4096).block_m == 128
 
 
+def test_narrow_long_k_heuristic_streams_deep_k_steps():
+    """A persistent linear_act with a narrow output over a long K (a factorised layer's x·U) takes
+    the read-bound configs: 128-deep K steps, the tile as narrow as the output, every stage that
+    fits (the compiler's count, `fits`); gated layers, short K and the portable kernel do not."""
+    from fusedmlp.common import tiling
+
+    def cfg(family, m, n, k, persistent=True):
+        return tiling.heuristic_config(family, m, n, k, "bfloat16", persistent=persistent)
+
+    assert cfg("linear_act", 8192, 64, 4096) == tiling.NARROW_CONFIG_64
+    assert cfg("linear_act", 8192, 33, 4096) == tiling.NARROW_CONFIG_64
+    assert cfg("linear_act", 512, 128, 4096) == tiling.NARROW_CONFIG
+    assert cfg("linear_act", 8192, 256, 1024) == tiling.NARROW_CONFIG
+    assert cfg("linear_act", 8192, 257, 4096).block_k == 64
+    assert cfg("linear_act", 8192, 64, 512).block_k == 64
+    assert cfg("linear_act", 8192, 64, 4096, persistent=False).block_k == 64
+    assert cfg("gated", 8192, 64, 4096).block_k == 64
+    for config in (tiling.NARROW_CONFIG_64, tiling.NARROW_CONFIG):
+        assert config.block_k == 128 and config.block_m == 64
+        assert tiling.fits("linear_act", config, "bfloat16", persistent=True)
+        deeper = dataclasses.replace(config, num_stages=config.num_stages + 1)
+        assert not tiling.fits("linear_act", deeper, "bfloat16", persistent=True)
+
+
 def test_explicit_configs_cover_edges():
     """Blocks larger than the problem, and a single program walking every tile."""
     spec, x, p = layer_problem("float16", True, 37, 600, gated=False)

@@ -504,8 +504,10 @@ TWO_PASS_MAX_M = 64
 # r ≤ 64 (block_r ≤ 64): at M = 512 a row block's serial walk over K = 4096 was the slow half of
 # both routes (x·U 20.6 µs of the two TMA GEMMs' 34.6, 24.6 of the fused S = 1 kernel's 37.9), and
 # S = 4 puts four times the programs on it: fused 22.9 µs (H200, 86f9df2, bench/lowrank_probe.py,
-# llama3-8b's layer, bf16; eager 39.9, S = 8 23.7). At r = 128 the two GEMMs stay ahead (36.6 vs
-# 38.8 µs: the S·BLOCK_M·BLOCK_R partials double), so the rule stops at block_r 64.
+# llama3-8b's layer, bf16; eager 39.9, S = 8 23.7). With x·U's narrow tiles (tiling.NARROW_CONFIGS,
+# eaf3706) the two TMA GEMMs take 26.5 / 34.2 / 48.7 µs at M = 512 / 1024 / 2048 against the
+# fused S = 4 kernel's 22.9 / 32.1 / 52.3: the limit sits at 1024. At r = 128 the two GEMMs stay
+# ahead (30.8 vs 38.7 µs at 512: the S·BLOCK_M·BLOCK_R partials double): the rule stops at 64.
 # The split pays for a long walk over K only: below FUSED_SPLIT_MIN_K (four splits of 4 steps of
 # 64) the two GEMMs' x·U is short whatever M is, and the rule has not been measured there.
 FUSED_SPLIT_MAX_M = 1024

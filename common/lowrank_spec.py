@@ -41,7 +41,8 @@ marks the contract's `v{i}`, as `c{i}` does its bias), biases `b{i}`, `c{i}`. By
 How a `lowrank` layer RUNS depends on M as well (`layer_run(layer, m)`, the one rule both fronts
 and `plan` read; the params stay M-independent): at M ≤ lowrank.TWO_PASS_MAX_M (64, decode) the
 fused kernel, and where `lowrank.fused_split_applies` (r ≤ 64, K ≥ 1024, M ≤ 1024) the fused
-kernel with x·U split four ways (M = 512, r = 64: 22.9 µs vs the two TMA GEMMs' 34.6; 86f9df2);
+kernel with x·U split four ways (r = 64, M = 512 / 1024: 22.9 / 32.1 µs vs the two TMA GEMMs'
+26.5 / 34.2; eaf3706);
 elsewhere two GEMMs as `two_gemm` runs them (t = x·U stored in the dtype: the fused
 kernel's rounding point, so the same parity target) on the stack's Hopper GEMM. Measured on the
 H200 (commit 84f2c0e, bench/lowrank_probe.py, device time, read flush), llama3-8b's layer 4096 →
@@ -123,15 +124,15 @@ def layer_run(lay: LowRankLayer, m: int) -> tuple[str, str]:
     if lowrank.fused_split_applies(m, lay.layer.d_in, lay.rank):
         return "lowrank", (
             f"{lay.reason}; r ≤ 64, K ≥ {split_k} and M = {m} ≤ {split_limit}: fused, x·U split "
-            f"{lowrank.FUSED_SPLIT} ways; H200, M = 512, K = 4096, r = 64: 22.9 µs vs two GEMMs "
-            "34.6, eager 39.9"
+            f"{lowrank.FUSED_SPLIT} ways; H200, K = 4096, r = 64, M = 512 / 1024: 22.9 / 32.1 µs "
+            "vs two GEMMs 26.5 / 34.2, eager 39.5 / 70.2"
         )
     return "two_gemm", (
         f"{lay.reason} at M ≤ {limit} (r ≤ 64 and K ≥ {split_k}: M ≤ {split_limit}); M = {m}: "
         "two GEMMs instead "
-        "(t = x·U stored in the dtype, the fused kernel's rounding point); H200, r = 64/128/256: "
-        "M = 512 34.6/36.6/39.8 µs (Hopper TMA linear_act) vs fused 37.9/48.9/85.0, M = 8192 "
-        "157/183/221 vs 163/275/426"
+        "(t = x·U stored in the dtype, the fused kernel's rounding point); H200, r = 64/128: M = "
+        "2048 48.7/57.4 µs (Hopper TMA linear_act) vs fused 52.3/92.9, M = 512 r = 128 30.8 vs "
+        "38.7; M = 8192, r = 64/128/256, 157/183/221 vs 163/275/426"
     )
 
 

@@ -241,14 +241,23 @@ SHORT_K_CONFIG = TileConfig(
 
 # A narrow output over a long K (a factorised layer's x·U: N = r ≤ 256, K = d_in) is a read-bound
 # GEMM (M·K·2 bytes of x; the output is r columns) whose speed is the bytes each SM keeps in
-# flight through its serial K loop. bench/store_probe.py --narrow (H200, 86f9df2, bf16, M = 8192,
-# K = 4096, device µs; cuBLAS 20.2 / 19.7 / 23.8 at r = 64 / 128 / 256): the large-M rule's
-# 64×128×64 at 4 stages 34.9 / 27.4 / 43.6; 64×64×128 at 6 stages (r ≤ 64: no idle half tile, 192
-# KB of loads in flight) 22.1; 64×128×128 at 4 stages 23.1 (r = 128) and 36.8 (r = 256).
+# flight through its serial K loop. bench/store_probe.py --narrow (H200, bf16, M = 8192, K = 4096,
+# device µs; cuBLAS 18.9 / 19.7 / 23.8 at r = 64 / 128 / 256; 86f9df2 and eaf3706): the large-M
+# rule's 64×128×64 at 4 stages 35.1 / 27.5 / 44.0; 64×64×128 at 6 stages (r ≤ 64: no idle half
+# tile, 192 KB of loads in flight) 21.9; 64×128×128 at 4 stages 22.9 (r = 128; 36.0 at r = 256);
+# 128×128×64 at 4 stages, 8 warps 30.8 at r = 256 (x read by two column tiles instead of four).
 NARROW_N = 256
 NARROW_MIN_K = 1024
-NARROW_CONFIG_64 = TileConfig(64, 64, 128, group_m=8, num_warps=4, num_stages=6, epilogue_subtile=2)
-NARROW_CONFIG = TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=4, epilogue_subtile=2)
+NARROW_CONFIGS = (  # (widest output, config), narrowest first
+    (64, TileConfig(64, 64, 128, group_m=8, num_warps=4, num_stages=6, epilogue_subtile=2)),
+    (128, TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=4, epilogue_subtile=2)),
+    (256, TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4, epilogue_subtile=2)),
+)
+
+
+def narrow_config(n: int) -> TileConfig:
+    """The read-bound config for an output N ≤ NARROW_N wide (see there)."""
+    return next(config for widest, config in NARROW_CONFIGS if n <= widest)
 
 
 def _tiles(m: int, n: int, config: TileConfig) -> int:
@@ -324,7 +333,7 @@ def heuristic_config(
     - persistent linear_act with K ≤ SHORT_K and N ≥ SHORT_K_MIN_N (a factorised layer's t·V):
       SHORT_K_CONFIG, two programs per SM (see there);
     - persistent linear_act with N ≤ NARROW_N and K ≥ NARROW_MIN_K (a factorised layer's x·U):
-      64-row tiles as narrow as the output, 128-deep K steps, every stage that fits (see there).
+      tiles as narrow as the output, deep K steps, every stage that fits (see there).
     """
     _check_family(family)
     gated = family == "gated"
@@ -353,7 +362,7 @@ def heuristic_config(
     ):
         return SHORT_K_CONFIG
     if persistent and not gated and n <= NARROW_N and k >= NARROW_MIN_K:
-        return NARROW_CONFIG_64 if n <= 64 else NARROW_CONFIG
+        return narrow_config(n)
     return _large_m_16bit(family, m, n, persistent, num_sms)
 
 

@@ -159,7 +159,7 @@ def test_run_choice_by_m(monkeypatch) -> None:
     assert "fused, t on chip at M ≤ 64 (r ≤ 64 and K ≥ 1024: M ≤ 1024); M = 65: two GEMMs" in (
         first.reason
     )
-    assert "H200, r = 64/128/256: M = 512 34.6/36.6/39.8 µs" in first.reason
+    assert "H200, r = 64/128: M = 2048 48.7/57.4 µs" in first.reason
     assert "M = 64 ≤ 64 (decode)" in at64.layers[0].reason
     assert at64.layers[0].launches[0].startswith("lowrank_linear_act(gelu) 64x67x33 r=9")
     assert first.launches[0].startswith("linear_act(identity) 65x9x33 [")

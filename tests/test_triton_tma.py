@@ -429,26 +429,27 @@ def test_short_k_heuristic_runs_two_programs_per_sm():
 
 def test_narrow_long_k_heuristic_streams_deep_k_steps():
     """A persistent linear_act with a narrow output over a long K (a factorised layer's x·U) takes
-    the read-bound configs: 128-deep K steps, the tile as narrow as the output, every stage that
-    fits (the compiler's count, `fits`); gated layers, short K and the portable kernel do not."""
+    the read-bound configs (tiles as narrow as the output, every stage that fits: the compiler's
+    count, `fits`); gated layers, short K and the portable kernel do not."""
     from fusedmlp.common import tiling
 
     def cfg(family, m, n, k, persistent=True):
         return tiling.heuristic_config(family, m, n, k, "bfloat16", persistent=persistent)
 
-    assert cfg("linear_act", 8192, 64, 4096) == tiling.NARROW_CONFIG_64
-    assert cfg("linear_act", 8192, 33, 4096) == tiling.NARROW_CONFIG_64
-    assert cfg("linear_act", 512, 128, 4096) == tiling.NARROW_CONFIG
-    assert cfg("linear_act", 8192, 256, 1024) == tiling.NARROW_CONFIG
-    assert cfg("linear_act", 8192, 257, 4096).block_k == 64
+    (w64, c64), (w128, c128), (w256, c256) = tiling.NARROW_CONFIGS
+    assert (w64, w128, w256) == (64, 128, tiling.NARROW_N)
+    assert cfg("linear_act", 8192, 64, 4096) == c64 == tiling.narrow_config(33)
+    assert cfg("linear_act", 512, 128, 4096) == c128 == tiling.narrow_config(65)
+    assert cfg("linear_act", 8192, 256, 1024) == c256 == tiling.narrow_config(129)
+    assert (c64.block_n, c64.block_k, c128.block_n, c128.block_k) == (64, 128, 128, 128)
+    assert cfg("linear_act", 8192, 257, 4096) not in (c64, c128, c256)
     assert cfg("linear_act", 8192, 64, 512).block_k == 64
     assert cfg("linear_act", 8192, 64, 4096, persistent=False).block_k == 64
     assert cfg("gated", 8192, 64, 4096).block_k == 64
-    for config in (tiling.NARROW_CONFIG_64, tiling.NARROW_CONFIG):
-        assert config.block_k == 128 and config.block_m == 64
+    for _, config in tiling.NARROW_CONFIGS:
         assert tiling.fits("linear_act", config, "bfloat16", persistent=True)
         deeper = dataclasses.replace(config, num_stages=config.num_stages + 1)
-        assert not tiling.fits("linear_act", deeper, "bfloat16", persistent=True)
+        assert config is c256 or not tiling.fits("linear_act", deeper, "bfloat16", persistent=True)
 
 
 def test_explicit_configs_cover_edges():

@@ -150,11 +150,11 @@ def check(ours: Any, ref64: Any, baseline: Any, spec: Any) -> dict[str, Any]:
 
 
 # ---- timing --------------------------------------------------------------------------------------
-def device_ms(fn: Callable[[], Any]) -> float:
-    """Median device time of one call, as the harness defines it (bench/timing.py): the sum of
-    the call's kernel durations read by torch.profiler, each call after an L2 flush. (CUDA events
-    around one call would read host time for the small-token MLPs, whose front is slower than
-    their kernels.)"""
+def device_timing(fn: Callable[[], Any]) -> Any:
+    """One call's device time as the harness defines it (bench/timing.py): the sum of the call's
+    kernel durations read by torch.profiler, each call after an L2 flush (a DeviceTiming). (CUDA
+    events around one call would read host time for the small-token MLPs, whose front is slower
+    than their kernels.)"""
     import torch
 
     from .timing import reps_for, time_device, warmup
@@ -163,8 +163,29 @@ def device_ms(fn: Callable[[], Any]) -> float:
         torch.cuda.synchronize()
 
     per_call = warmup(lambda i: fn(), wait)
-    timing = time_device("torch", lambda i: fn(), reps_for(per_call), wait)
-    return timing.device.median * 1e3
+    return time_device("torch", lambda i: fn(), reps_for(per_call), wait)
+
+
+def device_ms(fn: Callable[[], Any]) -> float:
+    """Median device time of one call (ms): `device_timing`'s."""
+    return device_timing(fn).device.median * 1e3
+
+
+# Kernels listed per timed cell, longest total first: where a swapped model's time goes (a whole
+# model's call is ~40 kernels; the MLPs' and the rest's are told apart by name).
+TOP_KERNELS = 12
+
+
+def top_kernels(timing: Any, count: int = TOP_KERNELS) -> list[list[Any]]:
+    """[[kernel name (120 chars at most), calls of it per call, total µs per call], ...]: the
+    `count` largest by total median time."""
+    totals: dict[str, list[float]] = {}
+    for name, seconds in zip(timing.kernel_names, timing.kernel_times, strict=False):
+        entry = totals.setdefault(name[:120], [0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds * 1e6
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])[:count]
+    return [[name, int(n), round(us, 1)] for name, (n, us) in ranked]
 
 
 def host_us(fn: Callable[[], Any], calls: int = 50) -> float:
@@ -193,7 +214,14 @@ class Budget:
 def _timed(fn: Callable[[], Any], timed: bool) -> dict[str, Any]:
     if not timed:
         return {"status": "not timed"}
-    return {"status": "timed", "device_ms": device_ms(fn), "host_us": host_us(fn)}
+    timing = device_timing(fn)
+    return {
+        "status": "timed",
+        "device_ms": timing.device.median * 1e3,
+        "host_us": host_us(fn),
+        "kernels_per_call": timing.kernels_per_call,
+        "top_kernels": top_kernels(timing),
+    }
 
 
 # ---- one family ----------------------------------------------------------------------------------

@@ -56,3 +56,21 @@ def test_swapped_model_logits_gpu(family):
     )
     for name, check in result["checks"].items():
         assert check["passed"], f"{family} {name}: {check['report']}"
+
+
+def test_top_kernels_rank_by_total_time():
+    """Each timed cell lists where its time goes: kernels by name, calls per call and total µs,
+    longest first (a repeated kernel adds up), at most TOP_KERNELS rows."""
+    from fusedmlp.bench.timing import DeviceTiming, Stats
+
+    names = ("mm", "norm", "mm", "flash_attn", "norm", "add")
+    times = (40e-6, 2e-6, 30e-6, 60e-6, 3e-6, 1e-6)
+    timing = DeviceTiming(Stats.of([sum(times)], "test"), Stats.of([sum(times)], "test"),
+                          len(names), names, kernel_times=times)  # fmt: skip
+    assert models.top_kernels(timing) == [
+        ["mm", 2, 70.0],
+        ["flash_attn", 1, 60.0],
+        ["norm", 2, 5.0],
+        ["add", 1, 1.0],
+    ]
+    assert models.top_kernels(timing, count=1) == [["mm", 2, 70.0]]

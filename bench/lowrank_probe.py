@@ -10,10 +10,11 @@ and 8192. Torch rows (this process), per (r, M):
   lowrank_linear_act with the heuristic's config (launch 1: fp32 partials of x·U, K split S ways;
   launch 2: the fixed-order sum, t rounded once, t·V + b, silu); `one-pass`, the previous
   heuristic (one program per output tile, t recomputed by each, all of U re-read);
-- M > 64: `2gemm:triton_tma` and `2gemm:triton`, what the front runs there (common/lowrank_spec.
-  layer_run): t = linear_act(x, U) stored in the dtype, then linear_act(t, V, b, silu) — the
-  Hopper TMA kernels and the portable ones; `fused`, the fused kernel's heuristic for a direct
-  call (r ≤ 64: two passes since 2026-12-02) and, at r ≤ 64, `one-pass`, its previous choice;
+- M > 64: `2gemm:triton_tma` and `2gemm:triton`, what the front runs there unless x·U is split
+  (common/lowrank_spec.layer_run): t = linear_act(x, U) stored in the dtype, then linear_act(t, V,
+  b, silu) — the Hopper TMA kernels and the portable ones; `fused`, the fused kernel's heuristic for
+  a direct call (r ≤ 64: two passes since 2026-12-02; S = 4 where `fused_split_applies`, the front's
+  choice there) and, at r ≤ 64, `one-pass`, its previous choice; `fused:S=…` the other splits;
 - without --quick: at M = 16 two passes with S = 4 / 16 and 2 tiles a program; at M > 64, r = 256
   the fused kernel's earlier configs; and the gated layer (SwiGLU: silu(x·Uw·Vw + b) ⊙ (x·Uv·Vv +
   c)) fused vs eager.

@@ -7,9 +7,10 @@ llama3-8b's layer (K = 4096 -> N = 14336), bf16, silu, r = 64 / 128 / 256, M = 1
 - `xla`: jax.jit(lambda x, u, v, b: silu(x @ u @ v + b)) — XLA's two GEMMs (and its fusions);
 - `pallas`: jax.jit of jax_impl.lowrank.lowrank_linear_act with the heuristic config, the fused
   kernel (Pallas-Triton; what the front runs at M ≤ 64);
-- at M > 64, what the front runs there (common/lowrank_spec.layer_run): two GEMMs, t stored in the
-  dtype — `2gemm:mosaic` (Mosaic GPU linear_act: the front's choice on a Hopper GPU) and
-  `2gemm:pallas` (the portable Pallas-Triton linear_act).
+- `pallas:S=…`: the fused kernel at the other x·U split (4, or 1 where the heuristic takes 4);
+- at M > 64, what the front runs there unless x·U is split (common/lowrank_spec.layer_run): two
+  GEMMs, t stored in the dtype — `2gemm:mosaic` (Mosaic GPU linear_act: the front's choice on a
+  Hopper GPU) and `2gemm:pallas` (the portable Pallas-Triton linear_act).
 Parity: each against XLA in float32 with t = x·U rounded to bf16 (the kernel's rounding point),
 relative Frobenius error < 1e-2, before timing.
 Times, as bench/backward_probe_jax.py times JAX: `loop_us`, the wall clock of back-to-back calls
@@ -107,7 +108,7 @@ def probe(budget_s: float, smoke: bool = False) -> dict[str, Any]:
                     return lowrank_linear_act(x, u, v, b, activation="silu", config=cfg)
 
                 variants.append((f"pallas:S={other.split_k}", fused_other, other))
-            if m > 64:  # what the front runs there (lowrank_spec.layer_run): two GEMMs
+            if m > 64:  # the front's two GEMMs (lowrank_spec.layer_run; r ≤ 64 to 1024: fused)
                 from fusedmlp.jax_impl.linear_act import linear_act as portable
 
                 def two_gemm(x, u, v, b, linear=portable):

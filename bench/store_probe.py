@@ -55,7 +55,7 @@ def variants() -> list[tuple[str, str, dict[str, Any]]]:
 
 # x·U variants (--narrow): (block_m, block_n, block_k, warps, stages, programs per SM)
 NARROW = (
-    (64, 128, 64, 4, 4, 1),  # the heuristic at 84f2c0e (NARROW_CONFIG* since 86f9df2: below)
+    (64, 128, 64, 4, 4, 1),  # the heuristic at 84f2c0e (tiling.NARROW_CONFIGS since eaf3706)
     (64, 128, 64, 4, 8, 1),
     (64, 128, 128, 4, 4, 1),
     (64, 64, 64, 4, 8, 1),

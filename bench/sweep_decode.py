@@ -21,12 +21,13 @@ spent, so the call always finishes and writes its JSON):
 8. torch fused_small variants on nerf-64x5 and the 128-wide depth-8 cell (rows, stages, programs
    per SM, hoisted vs streamed weights).
 
-Timing. torch: `triton.testing.do_bench_cudagraph` (median of 10 replays of a CUDA graph of
-back-to-back calls), the call rotating over copies of its inputs so that the bytes one graph reads
-exceed the 60 MB L2 (decode: the weights, copied where one set is smaller than ~120 MB; narrow: x).
-JAX: one jitted function runs the call once on each rotating input set; it is dispatched R times
-without waiting (asynchronous dispatch, shorter than the GPU work of one dispatch: ~30 us against
->= 80 us) and timed by wall clock up to `block_until_ready`, median of 5 runs, per call. Both are
+Timing. torch: `bench/timing.py time_cudagraph` (do_bench_cudagraph's method, thread-local capture:
+median of 10 replays of a CUDA graph of back-to-back calls), the call rotating over copies of its
+inputs so that the bytes one graph reads exceed the 60 MB L2 (decode: the weights, copied where one
+set is smaller than ~120 MB; narrow: x). JAX: one jitted function runs the call once on each
+rotating input set; it is dispatched R times without waiting (asynchronous dispatch, shorter than
+the GPU work of one dispatch: ~30 us against >= 80 us) and timed by wall clock up to
+`block_until_ready`, median of 5 runs, per call. Both are
 device-bound times of the call, launch seams included.
 
 Every row is checked against the float64 reference (common/reference.py; narrow cases on their
@@ -202,9 +203,9 @@ def copies(n_bytes: int) -> int:
 
 # ---- timing --------------------------------------------------------------------------------------
 def time_torch(fn: Callable[..., Any], args: list[tuple[Any, ...]], rep_ms: int = 20) -> float:
-    """Median per-call time (us) of fn over a CUDA graph of back-to-back calls, rotating args."""
-    import triton
-
+    """Median per-call time (us) of fn over a CUDA graph of back-to-back calls, rotating args
+    (bench/timing.py `time_cudagraph`: a thread-local capture, which the JAX rows of the same
+    process cannot invalidate)."""
     state = {"i": 0}
 
     def call() -> Any:
@@ -217,7 +218,9 @@ def time_torch(fn: Callable[..., Any], args: list[tuple[Any, ...]], rep_ms: int 
         for _ in range(2):
             call()
         return 1e6 * (time.perf_counter() - start) / 2
-    return 1000.0 * triton.testing.do_bench_cudagraph(call, rep=rep_ms, return_mode="median")
+    from fusedmlp.bench.timing import time_cudagraph
+
+    return 1e6 * time_cudagraph(lambda i: call(), rep_ms=rep_ms).median
 
 
 def time_jax(fn: Callable[..., Any], args: list[tuple[Any, ...]], calls: int) -> tuple[float, Any]:

@@ -22,12 +22,12 @@ What every timed row carries (seconds per call; `Stats` = median, min, max, n, m
 - **host sync**: host time of one call and its wait (synchronised latency).
 - On a CPU there is no device: `time` is the host sync clock, labelled so.
 
-Cross-checks (functions at the end, applied by benchmark.py): a time below the case's roofline
-floor by more than the ceilings' own spread (3 % memory-bound, 10 % compute-bound) makes the row an
-`invalid measurement`; torch rows carry `triton.testing.do_bench_cudagraph` of the same callable
-(`cudagraph`) and are flagged where it differs from the device time by more than 5 %; every GPU row
-is flagged where device > throughput × 1.05 (the device cannot work longer per call than a loop of
-calls takes).
+Cross-checks (functions at the end, applied by benchmark.py): a time below the case's roofline floor
+by more than the ceilings' own spread (3 % memory-bound, 10 % compute-bound) makes the row an
+`invalid measurement`; torch rows carry the same callable replayed from one CUDA graph
+(`time_cudagraph`: do_bench_cudagraph's method, thread-local capture; `cudagraph`) and are flagged
+where it differs from the device time by more than 5 %; every GPU row is flagged where device >
+throughput × 1.05 (the device cannot work longer per call than a loop of calls takes).
 
 One CUPTI client per process: on the H200 (2026-12-01, torch 2.11, jax 0.11.2) jax.profiler's GPU
 tracer fails with "CUPTI call error" once torch.profiler has traced in the same process (the

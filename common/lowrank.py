@@ -539,7 +539,7 @@ def lowrank_config(
     most programs: 32 / 64 / 128 at r = 64 / 128 / 256, S = 8); launch 2: one 128-wide output
     tile a program (112 at N = 14336), one dot of K = BLOCK_R each.
 
-    Larger M (a direct call: the fronts run plain layers there as two GEMMs,
+    Larger M (the fronts run plain layers there as two GEMMs but where `fused_split_applies`,
     lowrank_spec.layer_run), plain, r ≤ 64 (block_r ≤ 64): two passes with S = FUSED_SPLIT where
     `fused_split_applies` (the fronts run it there), else S = 1, 64-row blocks,
     panels of two 128-wide tiles, 4 warps, 16-wide rank tiles — the H200 probe's best at
@@ -561,7 +561,8 @@ def lowrank_config(
     spills; sm_90 compile checked in tests/test_lowrank.py)."""
     del dtype
     if interpret:
-        return INTERPRET_TWO_PASS_CONFIG if m <= TWO_PASS_MAX_M else INTERPRET_LOWRANK_CONFIG
+        two = m <= TWO_PASS_MAX_M or (not gated and fused_split_applies(m, k, r))
+        return INTERPRET_TWO_PASS_CONFIG if two else INTERPRET_LOWRANK_CONFIG
     bn = 128
     if m <= TWO_PASS_MAX_M:
         bm = 16

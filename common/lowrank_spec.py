@@ -50,7 +50,7 @@ H200 (commit 84f2c0e, bench/lowrank_probe.py, device time, read flush), llama3-8
 16.1; M = 512, torch's two TMA GEMMs 34.7 / 37.3 / 40.8 vs the fused kernel 38.8 / 49.5 / 86.0; M =
 8192, two TMA GEMMs 156 / 173 / 229 vs fused 163 / 275 / 428 (eager 506 / 514 / 554); JAX's two
 Mosaic GEMMs (4922964, rmw flush) 182 / 202 / 245 vs its fused twin 194 / 297 / 428. One rule for
-every M > 64 and both stacks wins everywhere measured in torch (JAX at M = 512 loses to XLA: see
+both stacks wins everywhere measured in torch (JAX at M = 512–1024 and r = 128 loses to XLA: see
 docs/lowrank.md). A gated `lowrank` layer keeps the fused kernel at every M: its two-GEMM path
 builds the concatenated U's and the block-diagonal packed operand per call (fused at M = 8192:
 519 / 800 / 1,083 µs vs eager 1,060 / 1,078 / 1,152).

@@ -270,7 +270,8 @@ def _large_m_16bit(family: str, m: int, n: int, persistent: bool, num_sms: int) 
     # packed operand tile (one wgmma group 2·block_n wide).
     shapes = [(128, 128), (128, 64)] if gated else [(128, 256), (128, 128)]
     # 64-row tiles at small M, and wherever 128-row tiles leave SMs without a tile (a narrow
-    # output: a factorised layer's x·U, N = r ≤ 128, has 64 tiles of 128 rows at M = 8192)
+    # output, N ≤ 128, has 64 tiles of 128 rows at M = 8192; the forward's x·U takes
+    # NARROW_CONFIGS before this, the backward's narrow GEMMs come here)
     if m < 1024 or math.ceil(m / 128) * math.ceil(n / 128) < num_sms:
         shapes.append((64, 64) if gated else (64, 128))
     best = min(
@@ -316,6 +317,7 @@ def heuristic_config(
     impl: str | None = None,
     device: str | None = None,
     num_sms: int = NUM_SMS,
+    narrow: bool = True,
 ) -> TileConfig:
     """The config to launch with when none is given: `n` is the layer's OUTPUT width (for the
     gated family the packed operand is 2·Np wide), `persistent` selects the triton_tma kernels.
@@ -333,7 +335,9 @@ def heuristic_config(
     - persistent linear_act with K ≤ SHORT_K and N ≥ SHORT_K_MIN_N (a factorised layer's t·V):
       SHORT_K_CONFIG, two programs per SM (see there);
     - persistent linear_act with N ≤ NARROW_N and K ≥ NARROW_MIN_K (a factorised layer's x·U):
-      tiles as narrow as the output, deep K steps, every stage that fits (see there).
+      tiles as narrow as the output, deep K steps, every stage that fits (see there) — unless
+      `narrow` is False: the Hopper backward's GEMMs (dgrad, wgrad: transposed operands, "dact"
+      epilogues) ask without it, as the rule was measured on the forward's row-major x·U only.
     """
     _check_family(family)
     gated = family == "gated"
@@ -361,7 +365,7 @@ def heuristic_config(
         and _tiles(m, n, SHORT_K_CONFIG) >= 2 * num_sms
     ):
         return SHORT_K_CONFIG
-    if persistent and not gated and n <= NARROW_N and k >= NARROW_MIN_K:
+    if narrow and persistent and not gated and n <= NARROW_N and k >= NARROW_MIN_K:
         return narrow_config(n)
     return _large_m_16bit(family, m, n, persistent, num_sms)
 

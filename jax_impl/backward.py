@@ -552,9 +552,10 @@ def _config(
     pre-activation tile (capped: common.tiling.PREACT_MAX_BLOCK_N)."""
     if config is not None:
         return config
+    # narrow=False: tiling's read-bound x·U rule was measured on the forward only
     cfg = heuristic_config(
         family, m, n, k, spec.dtype, interpret=compat.interpret_mode(),
-        fp32_precision=spec.fp32_precision,
+        fp32_precision=spec.fp32_precision, narrow=False,
     )  # fmt: skip
     return cap_for_preact(cfg) if preact else cfg
 

@@ -26,8 +26,8 @@ The cost model, the two-pass path and the choice of tiles for M = 16 and M = 819
 torch_impl/lowrank.py's docstring (one heuristic, `common.lowrank.lowrank_config`, for both
 twins). Measured on the H200 (commit 0ec778c, device time, llama3-8b's layer, bf16, silu,
 r = 64 / 128 / 256): M = 8192 (one pass) 269 / 296 / 427 µs vs XLA's 239 / 254 / 287, M = 16
-8.8 / 11.9 / 13.4 vs 9.7 / 10.7 / 12.1 — the front runs plain layers past 64 rows as two GEMMs
-(common/lowrank_spec.py `layer_run`).
+8.8 / 11.9 / 13.4 vs 9.7 / 10.7 / 12.1 — the front runs plain layers at large M as two GEMMs
+(common/lowrank_spec.py `layer_run`; past 64 rows the fused kernel only where x·U is split).
 
 Interpreter: the 16-bit upcasts after the loads and after t's rounding are kept for symmetry with
 the Triton twin (Pallas' interpreter computes bf16 correctly; the upcasts make both interpreters

@@ -5,18 +5,19 @@ makes its params from a dense MLP's.
 
 Per layer, by its mode (common/lowrank_spec.py, the same for every M) and the M of the call
 (`lowrank_spec.layer_run`, one rule for both fronts and `plan`): `lowrank` runs the fused
-`lowrank_linear_act` (lowrank.py) at M ≤ 64 and two GEMMs above (H200, M = 8192, r = 64-256: Mosaic
-GPU 182-245 µs vs the fused twin 194-428 and XLA 240-282); `two_gemm` two `linear_act` launches with
-t = x·U stored in the dtype (the fused kernel's rounding point: the same reference); `dense` one
-`linear_act` on the layer's original weight. The two GEMMs run Mosaic GPU's `linear_act`
-(mosaic/linear_act.py, the sibling of torch's TMA kernel) on a Hopper GPU where its K and N rule
-holds, else the portable one (always when interpreted). A gated layer (SwiGLU / GeGLU): `lowrank`
-runs `lowrank_gated_linear_act` at every M, `two_gemm` `linear_act(x, [U | Uv])` then the dense
-`gated` kernel on [tw | tv] with the block-diagonal packed operand (the gated epilogue's rounding
-order; common/lowrank_spec.py says why it is exact), `dense` the `gated` kernel on the original
-packed W and V. Hidden layers are stored in the dtype between launches, so the parity target is
-`lowrank_spec.reference(..., round_intermediate=True, round_hidden=True)`; the exact float64
-factorised MLP is met within the tolerance policy.
+`lowrank_linear_act` (lowrank.py) at M ≤ 64 and where `lowrank.fused_split_applies` (r ≤ 64, K ≥
+1024, M ≤ 1024: x·U split 4 ways; H200, M = 512: 24.7 vs XLA 26.3 µs), two GEMMs elsewhere (H200, M
+= 8192, r = 64-256: Mosaic GPU 175-242 µs vs the fused twin 188-417 and XLA 233-282); `two_gemm` two
+`linear_act` launches with t = x·U stored in the dtype (the fused kernel's rounding point: the same
+reference); `dense` one `linear_act` on the layer's original weight. The two GEMMs run Mosaic GPU's
+`linear_act` (mosaic/linear_act.py, the sibling of torch's TMA kernel) on a Hopper GPU where its K
+and N rule holds, else the portable one (always when interpreted). A gated layer (SwiGLU / GeGLU):
+`lowrank` runs `lowrank_gated_linear_act` at every M, `two_gemm` `linear_act(x, [U | Uv])` then the
+dense `gated` kernel on [tw | tv] with the block-diagonal packed operand (the gated epilogue's
+rounding order; common/lowrank_spec.py says why it is exact), `dense` the `gated` kernel on the
+original packed W and V. Hidden layers are stored in the dtype between launches, so the parity
+target is `lowrank_spec.reference(..., round_intermediate=True, round_hidden=True)`; the exact
+float64 factorised MLP is met within the tolerance policy.
 
 impl: "auto" and "pallas_triton" are the same here (the modes and M decide per layer). Inference
 only: there is no factorised backward kernel.
@@ -240,7 +241,7 @@ def lowrank_mlp(
 ) -> jax.Array:
     """y = the factorised MLP of `lspec` on x [..., d_in] -> [..., d_out], in the spec dtype.
     `config`: one LowRankConfig for every layer that runs the fused kernel at this M (None: the
-    heuristic); a plain `lowrank` layer past 64 rows runs two GEMMs, which do not take it.
+    heuristic); a plain `lowrank` layer that runs two GEMMs at this M (`layer_run`) ignores it.
     `interpret`: Pallas' interpreter (None: where there is no GPU)."""
     check_impl(impl)
     check_call(x, params, check_lspec(lspec))

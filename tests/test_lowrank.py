@@ -306,7 +306,7 @@ def test_gated_reference() -> None:
 INTERP_ONE = lowrank.INTERPRET_LOWRANK_CONFIG
 INTERP_TWO = lowrank.INTERPRET_TWO_PASS_CONFIG
 # The two paths, forced (the heuristic picks two passes at M ≤ 64, one pass above but two for
-# a plain r ≤ 64 on a GPU; interpreted, one pass above 64 rows).
+# a plain r ≤ 64 on a GPU; interpreted, one pass above 64 rows unless x·U is split there).
 PATHS = {"one-pass": INTERP_ONE, "two-pass": INTERP_TWO}
 
 

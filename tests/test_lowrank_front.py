@@ -227,6 +227,36 @@ def test_run_choice_by_m(monkeypatch) -> None:
     assert all(launch.startswith("linear_act(identity) 65x9x33 [") for launch in unaligned)
 
 
+def test_split_route_past_decode_both_fronts(monkeypatch) -> None:
+    """The fused kernel past 64 rows with x·U split (`lowrank.fused_split_applies`: K ≥ 1024 on
+    the GPU, lowered to 32 here so that the interpreter reaches it at small sizes): at M = 65 both
+    layers run it with the two-pass config, both fronts meet both references within the policy,
+    the twins give the same bits, torch's recorded steps repeat the checking call's bits."""
+    monkeypatch.setattr(lowrank, "FUSED_SPLIT_MIN_K", 32)
+    monkeypatch.setattr(torch_front, "_PREPARED", {})
+    lowrank.lowrank_config.cache_clear()  # cached under the real constant
+    try:
+        spec = MLPSpec((33, 67, 21), "relu", True, "bfloat16")
+        lspec, fact = ls.factorise(spec, init_params(spec, seed=21), rank=(9, 5))
+        params = ls.cast_params(lspec, fact)
+        x = make_input(spec, (5, 13), seed=22)
+        rows = torch_front.plan(lspec, x.shape).layers
+        assert [r.runs for r in rows] == ["lowrank", "lowrank"]
+        assert "fused, x·U split 4 ways" in rows[0].reason
+        config = lowrank.lowrank_config(65, 67, 33, 9, "bfloat16", interpret=True)
+        assert config == lowrank.INTERPRET_TWO_PASS_CONFIG
+        outs = {stack: _run(stack, x, params, lspec) for stack in ("torch", "jax")}
+        for stack, out in outs.items():
+            _check(out, x, params, lspec, f"{stack} split M=65")
+        assert outs["torch"].tobytes() == outs["jax"].tobytes()
+        (call,) = torch_front._PREPARED.values()
+        assert [s[0] for s in call.steps] == ["fused"] * 2
+        assert _run("torch", x, params, lspec).tobytes() == outs["torch"].tobytes()  # recorded
+    finally:
+        monkeypatch.undo()
+        lowrank.lowrank_config.cache_clear()
+
+
 def test_each_side_of_the_threshold() -> None:
     """M = 63 (fused) and M = 65 (two GEMMs), bfloat16: both fronts meet both references within
     the policy, the twins with the same bits (relu: a select, rounded alike in both

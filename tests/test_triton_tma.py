@@ -446,6 +446,11 @@ def test_narrow_long_k_heuristic_streams_deep_k_steps():
     assert cfg("linear_act", 8192, 64, 512).block_k == 64
     assert cfg("linear_act", 8192, 64, 4096, persistent=False).block_k == 64
     assert cfg("gated", 8192, 64, 4096).block_k == 64
+    # the Hopper backward's GEMMs ask without the rule (measured on the forward's x·U only)
+    backward = tiling.heuristic_config(
+        "linear_act", 8192, 64, 4096, "bfloat16", persistent=True, narrow=False
+    )
+    assert backward not in (c64, c128, c256) and backward.block_k == 64
     for _, config in tiling.NARROW_CONFIGS:
         assert tiling.fits("linear_act", config, "bfloat16", persistent=True)
         deeper = dataclasses.replace(config, num_stages=config.num_stages + 1)

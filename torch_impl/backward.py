@@ -538,9 +538,10 @@ def _heuristic(
 def _heuristic_of(
     family, m, n, k, dtype, precision, preact, persistent, device, tables
 ) -> TileConfig:
+    # narrow=False: tiling's read-bound x·U rule was measured on the forward only
     cfg = heuristic_config(
         family, m, n, k, dtype, interpret=INTERPRET, persistent=persistent,
-        fp32_precision=precision, device=device,
+        fp32_precision=precision, device=device, narrow=False,
     )  # fmt: skip
     return cap_for_preact(cfg) if preact else cfg
 

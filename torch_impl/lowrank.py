@@ -39,7 +39,8 @@ The choice follows the M:
   Measured there (H200, commit 0ec778c, bench/lowrank_probe.py, device time, silu, bf16), r =
   64 / 128 / 256: this one pass 289.7 / 285.4 / 438.6 µs, eager 510.9 / 519.8 / 557.3, two
   GEMMs with t stored (Hopper TMA linear_act) 177.9 / 205.0 / 232.4 — so the fronts run plain
-  factorised layers past 64 rows as two GEMMs (common/lowrank_spec.py `layer_run`). For a direct
+  factorised layers at large M as two GEMMs (common/lowrank_spec.py `layer_run`; past 64 rows
+  the fused kernel only where x·U is split, `lowrank.fused_split_applies`). For a direct
   call at r ≤ 64 the heuristic now takes two passes with S = 1 (64-row blocks, panels of two
   128-wide tiles): 170.6 µs, the probe's best (common/lowrank.py `lowrank_config`).
 

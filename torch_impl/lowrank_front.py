@@ -5,18 +5,20 @@ makes its params from a dense MLP's.
 
 Per layer, by its mode (common/lowrank_spec.py, the same for every M) and the M of the call
 (`lowrank_spec.layer_run`, one rule for both fronts and `plan`): `lowrank` runs the fused
-`lowrank_linear_act` (lowrank.py) at M ≤ 64 and two GEMMs above (H200: 36.6-42.1 vs 40.1-90.3 µs at
-M = 512, 179-231 vs 171-440 at M = 8192, r = 64-256); `two_gemm` two `linear_act` launches with t =
-x·U stored in the dtype (the fused kernel's rounding point: the same reference); `dense` one
-`linear_act` on the layer's original weight. The two GEMMs run the Hopper TMA `linear_act`
-(tma/linear_act.py) on a Hopper GPU where TMA's 16-byte rule holds, else the portable one (always
-under TRITON_INTERPRET: CI's time stays as it was; the TMA kernel's own tests interpret it). A gated
-layer (SwiGLU / GeGLU): `lowrank` runs `lowrank_gated_linear_act` at every M, `two_gemm`
-`linear_act(x, [U | Uv])` then the dense `gated` kernel on [tw | tv] with the block-diagonal packed
-operand (the gated epilogue's rounding order; common/lowrank_spec.py says why it is exact), `dense`
-the `gated` kernel on the original packed W and V. Hidden layers are stored in the dtype between
-launches, so the parity target is `lowrank_spec.reference(..., round_intermediate=True,
-round_hidden=True)`; the exact float64 factorised MLP is met within the tolerance policy.
+`lowrank_linear_act` (lowrank.py) at M ≤ 64 and where `lowrank.fused_split_applies` (r ≤ 64, K ≥
+1024, M ≤ 1024: x·U split 4 ways), two GEMMs elsewhere (H200, r = 64, M = 512: fused 22.9 vs two
+GEMMs 26.5 µs; M = 8192, r = 64-256: two GEMMs 144-220 vs fused 166-428); `two_gemm` two
+`linear_act` launches with t = x·U stored in the dtype (the fused kernel's rounding point: the same
+reference); `dense` one `linear_act` on the layer's original weight. The two GEMMs run the Hopper
+TMA `linear_act` (tma/linear_act.py) on a Hopper GPU where TMA's 16-byte rule holds, else the
+portable one (always under TRITON_INTERPRET: CI's time stays as it was; the TMA kernel's own tests
+interpret it). A gated layer (SwiGLU / GeGLU): `lowrank` runs `lowrank_gated_linear_act` at every M,
+`two_gemm` `linear_act(x, [U | Uv])` then the dense `gated` kernel on [tw | tv] with the
+block-diagonal packed operand (the gated epilogue's rounding order; common/lowrank_spec.py says why
+it is exact), `dense` the `gated` kernel on the original packed W and V. Hidden layers are stored in
+the dtype between launches, so the parity target is `lowrank_spec.reference(...,
+round_intermediate=True, round_hidden=True)`; the exact float64 factorised MLP is met within the
+tolerance policy.
 
 Host cost: the checks, the modes and the configs run on the first call of a signature (the spec,
 the config, and type, shape, dtype, device and contiguity of x and every param); a repeated call
@@ -230,22 +232,22 @@ def lowrank_mlp(
 ) -> torch.Tensor:
     """y = the factorised MLP of `lspec` on x [..., d_in] -> [..., d_out], in the spec dtype.
     `config`: one LowRankConfig for every layer that runs the fused kernel at this M (None: the
-    heuristic); a plain `lowrank` layer past 64 rows runs two GEMMs, which do not take it."""
+    heuristic); a plain `lowrank` layer that runs two GEMMs at this M (`layer_run`) ignores it."""
     check_impl(impl)
     return _forward(x, params, lspec, config)
 
 
 # ---- validate and plan, once per call signature --------------------------------------------------
 # twin-diff: torch only. The JAX front is traced once per signature by jit; in eager torch each
-# call paid the checks of the call and of every layer, param_shapes, layers() and the configs
-# (the module docstring's numbers, bench/host_cost.py). The first call of a
-# signature runs `run_layers` (every public function checks its real input, hiddens included);
-# it then records, per fused layer, the launcher and its resolved config, so a repeated call
-# goes to lowrank_linear_act_fwd directly (lowrank.py: launch records), and per plain layer that
-# runs two GEMMs the two linear_act launchers (portable or TMA) and their configs. The key holds
-# what any check or choice reads: the spec (widths, activation, dtype, precision, ranks), the
-# config, MAX_RANK (the modes), TWO_PASS_MAX_M (the run choice), and type, shape, dtype, device
-# and contiguity of x and of every param.
+# call paid the checks of the call and of every layer, param_shapes, layers() and the configs (the
+# module docstring's numbers, bench/host_cost.py). The first call of a signature runs `run_layers`
+# (every public function checks its real input, hiddens included); it then records, per fused layer,
+# the launcher and its resolved config, so a repeated call goes to lowrank_linear_act_fwd directly
+# (lowrank.py: launch records), and per plain layer that runs two GEMMs the two linear_act launchers
+# (portable or TMA) and their configs. The key holds what any check or choice reads: the spec
+# (widths, activation, dtype, precision, ranks), the config, MAX_RANK (the modes), TWO_PASS_MAX_M
+# and the split rule's limits (the run choice), and type, shape, dtype, device and contiguity of x
+# and of every param.
 _FUSED, _TWO_GEMM, _PUBLIC = "fused", "two_gemm", "public"
 
 
@@ -344,7 +346,8 @@ def _forward(
     on the first call of a signature, then the recorded steps."""
     try:
         key = (
-            lspec, config, lowrank.MAX_RANK, lowrank.TWO_PASS_MAX_M, _signature(x), tuple(params),
+            lspec, config, lowrank.MAX_RANK, lowrank.TWO_PASS_MAX_M, lowrank.FUSED_SPLIT_MAX_M,
+            lowrank.FUSED_SPLIT_MIN_K, _signature(x), tuple(params),
             tuple(map(_signature, params.values())),
         )  # fmt: skip
         call = _PREPARED.get(key)

@@ -118,7 +118,7 @@ class FactorisedMLP(nn.Module):
     Args:
         lspec: the spec and each layer's rank (its dtype is the parameters' unless `dtype`).
         config: one LowRankConfig for every fused factorised layer (None: the heuristic); a plain
-            layer past 64 rows runs two GEMMs (`lowrank_spec.layer_run`) and ignores it.
+            layer that runs two GEMMs at the call's M (`lowrank_spec.layer_run`) ignores it.
         device, dtype: where and in what dtype the parameters live.
     """
 

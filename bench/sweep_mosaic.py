@@ -11,6 +11,14 @@ packed [W|V] operand) it times, in priority order and within a time budget:
 3. M=512, 2048 and the odd M=8191 for a few GEMMs, and one float16 row;
 4. what is left of the grid and the example's second config, if the budget allows.
 
+`--narrow` sweeps instead the first product of a low-rank layer, t = x·U (linear_act, identity, no
+bias, K = 4096, N = r = 64 / 128 / 256, M = 512 and 8192, bf16): XLA's `x @ u` and a grid of tiles
+for a narrow output over a long K (read-bound: M·K·2 bytes of x): the current default, 64-row
+tiles, block_n = r, 64- and 128-deep K slabs, as many pipeline slots (≤ 8) as fit shared memory;
+6-8 configs per (N, M), those that leave the busiest SM the fewest bytes to read first
+(`narrow_grid`). The first pass times XLA and 4 configs of every (N, M), the second the rest
+(48 measurements, ~100 s).
+
 Timing: a jitted function runs the op on R rotating input sets (weights included; together more
 than twice the 60 MB L2) back to back; it is dispatched `reps` times and timed by the host clock
 around the last result — the median of 5 samples of ~50 ms, divided by reps·R. Compile time is
@@ -18,10 +26,13 @@ recorded apart. Results are written after every row (partial runs keep what they
 
 Usage on the GPU (after `python3 -m pip install --no-deps --no-build-isolation -e .`):
     python3 bench/sweep_mosaic.py OUT.json --tuned-out TUNED.json [--budget-s 150] [--full]
+    python3 bench/sweep_mosaic.py OUT.json --narrow --tuned-out TUNED.json      (x·U, ~100 s)
 TUNED.json has the format of jax_impl/mosaic/tuned_h200.json (copy it there to make
-`default_config` use the measured tiles). On a CPU: `--dry-run` lowers every planned kernel for
-CUDA (Mosaic's checks, shared memory included) without timing; `--smoke` runs the whole script on
-tiny shapes under the Mosaic GPU interpreter (nothing it prints is a measurement).
+`default_config` use the measured tiles; the narrow mode's holds only x·U entries: merge its
+`configs` lists into the committed file instead). On a CPU: `--dry-run` lowers every planned
+kernel for CUDA (Mosaic's checks, shared memory included) without timing; `--smoke` runs the
+whole script on tiny shapes under the Mosaic GPU interpreter (nothing it prints is a
+measurement). With `--narrow` both do the narrow mode's kernels.
 """
 
 from __future__ import annotations
@@ -170,6 +181,93 @@ def example_configs(*, first: bool) -> list[Any]:
         mk(wg_dimension=hm.MatmulDimension.M),
         mk(wg_dimension=hm.MatmulDimension.N, grid_tile_width=16),
     ]
+
+
+# ==== narrow mode: x·U, the first product of a low-rank layer =====================================
+# t = x·U of a factorised layer: K = 4096 (llama3-8b's d_model), r output columns, no bias, no
+# activation. It is read-bound (M·K·2 bytes of x against 2·M·K·r FLOPs), and Mosaic has no split
+# K, so a block's whole K loop is serial: what counts is how many blocks share the reads and how
+# many bytes each keeps in flight. The heuristic's 128-row tile gives 4 blocks at M = 512 and 64
+# at M = 8192 on 132 SMs; 64-row tiles double that, narrower column tiles multiply it again.
+NARROW_K = 4096
+NARROW_RANKS = (64, 128, 256)
+NARROW_MS = (512, 8192)
+NARROW_HEAD = 4  # configs per (N, M) in the first pass: the default and the 3 best-ranked
+NARROW_GEMMS = {
+    f"xU.r{r}": Gemm(f"xU.r{r}", "linear_act", r, NARROW_K, "identity", False) for r in NARROW_RANKS
+}
+
+
+def _deepest(bm: int, bn: int, bk: int, *, ws: bool, sub: int = 1, most: int = 8) -> Any:
+    """The tile with the most pipeline slots (at most `most`) that fits shared memory: a
+    read-bound K loop wants as many bytes in flight as the block can hold."""
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    for stages in range(most, 1, -1):
+        cfg = _cfg(bm, bn, bk, stages, ws=ws, sub=sub)
+        try:
+            pipeline.check_config(cfg, "bfloat16", num_weights=1, residual=False)
+        except ValueError:
+            continue
+        return cfg
+    raise ValueError(f"no num_stages in [2, {most}] makes {_cfg(bm, bn, bk, 2, ws, sub)} legal")
+
+
+def _narrow_ranked(n: int) -> list[Any]:
+    """x·U tiles for an output n ≤ 256 wide, most promising first (before the M-dependent sort).
+    Legal at 64 rows (pipeline.plan_tiles): one warpgroup (ws=False) below a 256-wide tile, since
+    warp specialisation there splits the rows between two compute warpgroups (block_m ≥ 128);
+    at 256 columns also warp-specialised, the two compute warpgroups splitting the columns."""
+    if n <= 64:
+        return [
+            _deepest(64, 64, 128, ws=False),  # the TMA kernel's x·U tile for r ≤ 64: 6 slots
+            _deepest(64, 64, 64, ws=False),  # 8 slots of 64-deep slabs
+            _deepest(128, 64, 128, ws=True),  # the heuristic's rows, 128-deep slabs
+            _deepest(128, 64, 64, ws=True),
+            _cfg(64, 64, 128, 4, ws=False),  # fewer slots: does depth matter at all?
+        ]
+    if n <= 128:
+        return [
+            _deepest(64, 128, 128, ws=False),  # the TMA kernel's tile for r ≤ 128: 4 slots
+            _deepest(64, 128, 64, ws=False),
+            _deepest(64, 64, 128, ws=False),  # two column tiles: twice the blocks
+            _deepest(64, 64, 64, ws=False),
+            _deepest(128, 128, 64, ws=True, sub=2),  # the heuristic's tile, 6 slots
+            _deepest(128, 128, 128, ws=True, sub=2),
+        ]
+    return [
+        _deepest(64, n, 64, ws=True, sub=2),  # block_n = width at 64 rows, split along N
+        _deepest(128, 128, 64, ws=True, sub=2),  # the TMA kernel's tile for r ≤ 256
+        _deepest(64, 128, 128, ws=False),
+        _deepest(64, 64, 128, ws=False),  # four column tiles: the most blocks
+        _deepest(64, n, 128, ws=True, sub=2),  # 128-deep slabs: 2 slots fit
+        _deepest(64, 128, 64, ws=False),
+        _deepest(64, n, 64, ws=False, sub=4),  # one warpgroup holding the 64×256 accumulator
+    ]
+
+
+def _busiest_sm_bytes(cfg: Any, m: int, n: int, k: int) -> int:
+    """Bytes the busiest SM reads (the X and weight slabs of its tiles, one tile after another,
+    one block per SM): the read-bound model that orders the narrow grid."""
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
+    return math.ceil(tiles / pipeline.DEFAULT_NUM_SMS) * (cfg.block_m + cfg.block_n) * k * 2
+
+
+def narrow_grid(g: Gemm, m: int, *, first: bool) -> list[Any]:
+    """The x·U configs for GEMM g at M = m: `first` the default (what runs now: the tuned entry or
+    the heuristic, pipeline.default_config) and the best-ranked, else the rest; ≤ 10 in all.
+    Ranked by the bytes the busiest SM must read (fewest first), ties in _narrow_ranked's order.
+    Every one fits 227 KiB of shared memory (pipeline.check_config; --dry-run --narrow lowers
+    them)."""
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    n = g.n
+    default = pipeline.default_config("linear_act", m, n, g.k, "bfloat16")
+    ranked = sorted(_narrow_ranked(n), key=lambda c: _busiest_sm_bytes(c, m, n, g.k))
+    ordered = list(dict.fromkeys([default, pipeline._heuristic("linear_act", m, n), *ranked]))
+    return ordered[:NARROW_HEAD] if first else ordered[NARROW_HEAD:]
 
 
 # ==== inputs ======================================================================================
@@ -337,6 +435,7 @@ class Sweep:
     tuned_path: Path | None
     budget_s: float
     smoke: bool
+    narrow: bool = False
     start: float = field(default_factory=time.perf_counter)
     rows: list[dict[str, Any]] = field(default_factory=list)
     mlps: list[dict[str, Any]] = field(default_factory=list)
@@ -354,6 +453,7 @@ class Sweep:
         data = {
             "what": "pallas_mosaic sweep (bench/sweep_mosaic.py)",
             "smoke": self.smoke,
+            "narrow": self.narrow,
             "budget_s": self.budget_s,
             "elapsed_s": round(self.elapsed(), 1),
             "env": self.env,
@@ -633,6 +733,17 @@ def dataclass_replace(g: Gemm, **kw: Any) -> Gemm:
     return dataclasses.replace(g, **kw)
 
 
+def sweep_narrow(sw: Sweep, interpret: bool) -> None:
+    """The narrow mode: x·U at every (N, M), XLA's `x @ u` and the first configs of each, then
+    the rest of each grid. M = 512 before 8192 (JAX's two GEMMs lose to XLA at 512)."""
+    ms = (64, 128) if sw.smoke else NARROW_MS
+    for first in (True, False):
+        for m in ms:
+            for g in NARROW_GEMMS.values():
+                ours = narrow_grid(g, m, first=first)
+                sweep_gemm(sw, g, m, ours=ours, examples=[], xla=first, interpret=interpret)
+
+
 # ==== smoke mode: tiny shapes under the interpreter ===============================================
 def _smoke_specs() -> dict[str, Any]:
     from fusedmlp.common.spec import MLPSpec
@@ -650,6 +761,19 @@ SMOKE_SPECS: dict[str, Any] = {}
 def smoke_setup() -> None:
     """Shrink every GEMM to a few tiles and the grid to interpreter-friendly configs."""
     from fusedmlp.jax_impl.mosaic import pipeline
+
+    # x·U keeps its widths and the real narrow grid over two 128-deep K slabs, less the
+    # warp-specialised tiles: 1.5-3 s a call under the interpreter, seven calls a measurement
+    # (the dense smoke runs INTERPRET_CONFIG's warp-specialised path; --dry-run --narrow lowers
+    # them all).
+    for name, g in list(NARROW_GEMMS.items()):
+        NARROW_GEMMS[name] = dataclass_replace(g, k=256)
+    full_narrow_grid = narrow_grid
+
+    def smoke_narrow_grid(g: Gemm, m: int, *, first: bool) -> list[Any]:
+        return [c for c in full_narrow_grid(g, m, first=first) if not c.warp_specialize]
+
+    globals()["narrow_grid"] = smoke_narrow_grid
 
     SMOKE_SPECS.update(_smoke_specs())
     for name, g in list(GEMMS.items()):
@@ -674,9 +798,10 @@ def table(sw: Sweep) -> str:
         f"{'gemm':<18} {'M':>5} {'xla ms':>9} {'xla TF':>7} {'example TF':>10} "
         f"{'ours ms':>9} {'ours TF':>7} {'vs xla':>6} {'vs ex':>6}  best config"
     ]
+    order = list(GEMMS) + list(NARROW_GEMMS)
     keys = sorted(
         {(r["gemm"], r["m"], r["dtype"]) for r in sw.rows},
-        key=lambda t: (list(GEMMS).index(t[0]) if t[0] in GEMMS else 99, -t[1], t[2]),
+        key=lambda t: (order.index(t[0]) if t[0] in order else 99, -t[1], t[2]),
     )
     for gemm, m, dtype in keys:
         x, e, o = (
@@ -706,25 +831,34 @@ def table(sw: Sweep) -> str:
     return "\n".join(lines)
 
 
-def dry_run() -> int:
-    """Lower every planned pallas_mosaic kernel for CUDA (no GPU): configs, layouts, smem."""
+def dry_run(narrow: bool = False) -> int:
+    """Lower every planned pallas_mosaic kernel for CUDA (no GPU): configs, layouts, smem.
+    `narrow`: the kernels of the narrow mode instead (x·U, every (N, M) and config)."""
     import jax
     import jax.numpy as jnp
 
     from fusedmlp.jax_impl.mosaic import pipeline
 
     failures = 0
-    plan = [
-        (g, m, grid(g.family, m, first=f))
-        for g in GEMMS.values()
-        for m in (8192,)
-        for f in (True, False)
-    ]
-    plan += [
-        (GEMMS[n], m, grid(GEMMS[n].family, m, first=True))
-        for n in ("llama.gate_up", "llama.down", "hf.gate_up")
-        for m in (512, 2048, 8191)
-    ]
+    if narrow:
+        plan = [
+            (g, m, narrow_grid(g, m, first=f))
+            for g in NARROW_GEMMS.values()
+            for m in NARROW_MS
+            for f in (True, False)
+        ]
+    else:
+        plan = [
+            (g, m, grid(g.family, m, first=f))
+            for g in GEMMS.values()
+            for m in (8192,)
+            for f in (True, False)
+        ]
+        plan += [
+            (GEMMS[n], m, grid(GEMMS[n].family, m, first=True))
+            for n in ("llama.gate_up", "llama.down", "hf.gate_up")
+            for m in (512, 2048, 8191)
+        ]
     count = 0
     for g, m, configs in plan:
         for cfg in configs:
@@ -774,13 +908,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--dry-run", action="store_true", help="lower every kernel for CUDA; no GPU")
     ap.add_argument(
+        "--narrow",
+        action="store_true",
+        help="x·U of a low-rank layer instead (N = 64/128/256, K = 4096, M = 512/8192)",
+    )
+    ap.add_argument(
         "--smoke",
         action="store_true",
         help="tiny shapes under the interpreter (CPU; checks the script, not speed)",
     )
     args = ap.parse_args(argv)
     if args.dry_run:
-        return dry_run()
+        return dry_run(narrow=args.narrow)
     if args.out is None:
         ap.error("the output JSON path is required")
     import jax
@@ -793,9 +932,14 @@ def main(argv: list[str] | None = None) -> int:
         smoke_setup()
     from fusedmlp.bench.env import environment
 
-    sw = Sweep(args.out, args.tuned_out, 560.0 if args.full else args.budget_s, args.smoke)
+    sw = Sweep(
+        args.out, args.tuned_out, 560.0 if args.full else args.budget_s, args.smoke, args.narrow
+    )
     sw.env = environment()
     interpret = not on_gpu
+    if args.narrow:
+        sweep_narrow(sw, interpret)
+        return finish(sw, args)
     big = 128 if args.smoke else 8192
 
     def every_gemm(first: bool) -> None:
@@ -836,6 +980,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     # 4. the rest of the grid, the example's other configs
     every_gemm(first=False)
+    return finish(sw, args)
+
+
+def finish(sw: Sweep, args: argparse.Namespace) -> int:
+    """The last write, the summary table, where the files are."""
     sw.write()
     print()
     print(table(sw))

@@ -314,6 +314,27 @@ def test_sweep_grid_is_legal() -> None:
                     )
 
 
+def test_sweep_narrow_grid_lowers(capsys) -> None:
+    """bench/sweep_mosaic.py --narrow (x·U, N = 64/128/256, K = 4096): per (N, M) at most 10
+    configs, the default first, the tiles the mode is for among them (64 rows, block_n = N,
+    128-deep K slabs, ≥ 5 slots), and every one lowers for CUDA (its --dry-run --narrow, ~6 s)."""
+    from fusedmlp.bench import sweep_mosaic
+
+    count = 0
+    for g in sweep_mosaic.NARROW_GEMMS.values():
+        for m in sweep_mosaic.NARROW_MS:
+            head = sweep_mosaic.narrow_grid(g, m, first=True)
+            configs = head + sweep_mosaic.narrow_grid(g, m, first=False)
+            count += len(configs)
+            assert head[0] == pipeline.default_config("linear_act", m, g.n, g.k, "bfloat16")
+            assert len(set(configs)) == len(configs) <= 10, configs
+            assert any(c.block_m == 64 and c.block_n == g.n for c in configs), configs
+            assert any(c.block_k == 128 for c in configs), configs
+            assert any(c.num_stages >= 5 for c in configs), configs
+    assert sweep_mosaic.dry_run(narrow=True) == 0
+    assert f"{count} kernels lowered for CUDA, 0 failed" in capsys.readouterr().out
+
+
 def test_padded_extents() -> None:
     tiles = pipeline.plan_tiles(WS, "linear_act")
     if compat.mosaic_interpreter_models_tma_edges():

@@ -551,7 +551,9 @@ class DecodeConfig:
     layer's weights over d_in in block_k rows. Launch 2 (down): program (n, s) owns output columns
     [n·block_n, (n+1)·block_n) and the s-th of `split_k` equal runs of the hidden, in block_k2
     rows. With split_k > 1, launch 3 sums the split_k fp32 partials in order s = 0, 1, ….
-    `block_m` is M padded to a power of two >= 16 (tl.dot's smallest tile). `pdl` (torch on Hopper
+    `block_m` is M padded to a power of two >= 16 (tl.dot's smallest tile); a pinned block_m below
+    M makes cdiv(M, block_m) row blocks, the fastest index of each launch's grid (the programs that
+    stream one weight tile run side by side: the tile comes from HBM once). `pdl` (torch on Hopper
     only): launches 2 and 3 use programmatic dependent launch, so each is scheduled while the one
     before it drains (Pallas has no such launch attribute; ignored there and by the interpreter).
     """
@@ -855,8 +857,6 @@ def decode_config_for(
         decode = DecodeConfig.from_tile(config, fused_decode_config(spec, m).split_k)
         if spec.gated and decode.block_h > PACK_BLOCK:
             decode = DecodeConfig(**{**decode.__dict__, "block_h": PACK_BLOCK})
-    if decode.block_m < m:
-        raise ValueError(f"config: expected block_m >= M = {m}, got {decode.block_m}")
     if spec.gated and PACK_BLOCK % decode.block_h:
         raise ValueError(
             f"config: a gated spec's block_h must divide the packed block "

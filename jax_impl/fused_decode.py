@@ -22,6 +22,11 @@ Launch 2, grid (cdiv(d_out, BLOCK_N), S): program (n, s) owns output columns [n�
 adds b2 and stores y itself. S > 1: it stores its fp32 partial p_s, and launch 3 sums the S
 partials of each output tile in the fixed order s = 0, 1, ..., adds b2, rounds once and stores y.
 
+Row blocks: every program holds all M rows (block_m = M padded) unless a pinned config asks for a
+smaller block_m; then each launch's grid has cdiv(M, block_m) row blocks as its fastest index, so
+the programs that stream one weight tile run side by side and the tile should come from HBM once
+(bench/decode_rows_probe.py asks whether two 32-row blocks beat one 64-row block at M = 64).
+
 Deterministic by construction: no atomics, every sum in a fixed order. No memset, no repack: h and
 the partials are outputs of the launch that writes them, fully overwritten where read. The three
 `pallas_call`s are one jitted computation: XLA enqueues them back to back (no host in between);
@@ -65,13 +70,13 @@ REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 pr
 
 
 # ---- forward kernels -----------------------------------------------------------------------------
-def _k_slab(a_ref, w_ref, row_ok, k, k_ok, col0, col_ok, INTERPRET):
+def _k_slab(a_ref, w_ref, row0, row_ok, k, k_ok, col0, col_ok, INTERPRET):
     """One K step's operands: the activation tile (x or h: the rows × K run k) and the weight tile
     (K run k × the columns from col0; read once per call: evict first)."""
     # twin-diff: ref windows of the masks' sizes where the twin adds row and column offsets
     block_m, block_k, block_n = row_ok.shape[0], k_ok.shape[0], col_ok.shape[0]
     a = plgpu.load(
-        a_ref.at[pl.ds(0, block_m), pl.ds(k, block_k)],
+        a_ref.at[pl.ds(row0, block_m), pl.ds(k, block_k)],
         mask=row_ok[:, None] & k_ok[None, :],
         other=0.0,
     )
@@ -92,9 +97,13 @@ def _fused_decode_up_kernel(
     *, M, D_IN, HIDDEN,
     ACTIVATION, GATED, HAS_BIAS, PACK, BLOCK_M, BLOCK_H, BLOCK_K, DOT_PRECISION, INTERPRET,
 ):  # fmt: skip
-    # 1. program -> tile: every (padded) row, hidden columns [pid·BLOCK_H, (pid+1)·BLOCK_H)
-    pid = pl.program_id(0)
-    rows = jnp.arange(BLOCK_M)
+    # 1. program -> tile: row block pid_m (row blocks fastest: the programs that stream the same
+    # weight tile run side by side, so the tile comes from HBM once), hidden columns
+    # [pid·BLOCK_H, (pid+1)·BLOCK_H)
+    m_blocks = pl.cdiv(M, BLOCK_M)
+    pid = pl.program_id(0) // m_blocks
+    row0 = (pl.program_id(0) % m_blocks) * BLOCK_M
+    rows = row0 + jnp.arange(BLOCK_M)
     row_ok = rows < M
     cols_h = pid * BLOCK_H + jnp.arange(BLOCK_H)
     h_ok = cols_h < HIDDEN
@@ -115,7 +124,7 @@ def _fused_decode_up_kernel(
         k = i * BLOCK_K
         kk = k + offs_k
         k_ok = kk < D_IN
-        x, w = _k_slab(x_ref, w_ref, row_ok, k, k_ok, col0, h_ok, INTERPRET)
+        x, w = _k_slab(x_ref, w_ref, row0, row_ok, k, k_ok, col0, h_ok, INTERPRET)
         acc_z = acc_z + plgpu.dot(x, w, precision=DOT_PRECISION)
         if GATED:
             v = plgpu.load(
@@ -151,7 +160,7 @@ def _fused_decode_up_kernel(
 
     # 4. store: the M real rows of this hidden slice
     plgpu.store(
-        h_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)],
+        h_ref.at[pl.ds(row0, BLOCK_M), pl.ds(pid * BLOCK_H, BLOCK_H)],
         h,
         mask=row_ok[:, None] & h_ok[None, :],
     )
@@ -162,10 +171,12 @@ def _fused_decode_down_kernel(
     *, M, HIDDEN, D_OUT,
     HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, K_ITERS, SPLIT_K, DOT_PRECISION, INTERPRET,
 ):  # fmt: skip
-    # 1. program -> tile: every (padded) row, output columns of tile n, hidden run s
-    pid_n = pl.program_id(0)
+    # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n, run s
+    m_blocks = pl.cdiv(M, BLOCK_M)
+    pid_n = pl.program_id(0) // m_blocks
     pid_s = pl.program_id(1)
-    rows = jnp.arange(BLOCK_M)
+    row0 = (pl.program_id(0) % m_blocks) * BLOCK_M
+    rows = row0 + jnp.arange(BLOCK_M)
     row_ok = rows < M
     cols_n = pid_n * BLOCK_N + jnp.arange(BLOCK_N)
     n_ok = cols_n < D_OUT
@@ -178,7 +189,7 @@ def _fused_decode_down_kernel(
         k = k_lo + i * BLOCK_K
         kk = k + offs_k
         k_ok = kk < HIDDEN
-        h, w = _k_slab(h_ref, w_ref, row_ok, k, k_ok, pid_n * BLOCK_N, n_ok, INTERPRET)
+        h, w = _k_slab(h_ref, w_ref, row0, row_ok, k, k_ok, pid_n * BLOCK_N, n_ok, INTERPRET)
         return acc + plgpu.dot(h, w, precision=DOT_PRECISION)
 
     acc = jax.lax.fori_loop(0, K_ITERS, k_step, jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32))
@@ -192,10 +203,10 @@ def _fused_decode_down_kernel(
                 b_ref.at[pl.ds(pid_n * BLOCK_N, BLOCK_N)], mask=n_ok, other=0.0
             ).astype(jnp.float32)[None, :]
         y = round_to_dtype(acc, dtype, INTERPRET)
-        plgpu.store(out_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], y, mask=mask)
+        plgpu.store(out_ref.at[pl.ds(row0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], y, mask=mask)
     else:
         plgpu.store(
-            out_ref.at[pid_s, pl.ds(0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], acc, mask=mask
+            out_ref.at[pid_s, pl.ds(row0, BLOCK_M), pl.ds(pid_n * BLOCK_N, BLOCK_N)], acc, mask=mask
         )
 
 
@@ -205,9 +216,11 @@ def _fused_decode_reduce_kernel(
     HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K, INTERPRET,
 ):  # fmt: skip
     # twin-diff: no USE_PDL (see launch 1)
-    # 1. program -> tile: every (padded) row, output columns of tile n
-    pid = pl.program_id(0)
-    rows = jnp.arange(BLOCK_M)
+    # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n
+    m_blocks = pl.cdiv(M, BLOCK_M)
+    pid = pl.program_id(0) // m_blocks
+    row0 = (pl.program_id(0) % m_blocks) * BLOCK_M
+    rows = row0 + jnp.arange(BLOCK_M)
     cols_n = pid * BLOCK_N + jnp.arange(BLOCK_N)
     n_ok = cols_n < D_OUT
     mask = (rows < M)[:, None] & n_ok[None, :]
@@ -217,7 +230,7 @@ def _fused_decode_reduce_kernel(
     acc = jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32)
     for s in range(SPLIT_K):
         # twin-diff: a static index into a ref must be an array scalar in the interpreter
-        partial = ws_ref.at[jnp.int32(s), pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)]
+        partial = ws_ref.at[jnp.int32(s), pl.ds(row0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)]
         acc += plgpu.load(partial, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += plgpu.load(b_ref.at[pl.ds(pid * BLOCK_N, BLOCK_N)], mask=n_ok, other=0.0).astype(
@@ -226,7 +239,7 @@ def _fused_decode_reduce_kernel(
     y = round_to_dtype(acc, dtype, INTERPRET)
 
     # 4. store
-    plgpu.store(y_ref.at[pl.ds(0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)], y, mask=mask)
+    plgpu.store(y_ref.at[pl.ds(row0, BLOCK_M), pl.ds(pid * BLOCK_N, BLOCK_N)], y, mask=mask)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -265,6 +278,7 @@ def fused_decode_fwd(
     b1 = params.get("bc0" if spec.gated else "b0", w1)
     b2 = params.get("b1", w2)
     splits, k_iters = decode_splits(hidden, cfg.block_k2, cfg.split_k)
+    m_blocks = pl.cdiv(m, cfg.block_m)  # 1 unless a config pins block_m < M
     compiler = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     precision = dot_precision(spec)
     up = functools.partial(
@@ -282,7 +296,7 @@ def fused_decode_fwd(
         h = pl.pallas_call(
             up,
             out_shape=jax.ShapeDtypeStruct((m, hidden), x2d.dtype),
-            grid=(pl.cdiv(hidden, cfg.block_h),),
+            grid=(pl.cdiv(hidden, cfg.block_h) * m_blocks,),
             compiler_params=compiler,
             interpret=interpret,
             name="fused_decode_up",
@@ -291,7 +305,7 @@ def fused_decode_fwd(
         out = pl.pallas_call(
             down,
             out_shape=jax.ShapeDtypeStruct(out_shape, x2d.dtype if splits == 1 else jnp.float32),
-            grid=(pl.cdiv(d_out, cfg.block_n), splits),
+            grid=(pl.cdiv(d_out, cfg.block_n) * m_blocks, splits),
             compiler_params=compiler,
             interpret=interpret,
             name="fused_decode_down",
@@ -306,7 +320,7 @@ def fused_decode_fwd(
         return pl.pallas_call(
             reduce,
             out_shape=jax.ShapeDtypeStruct((m, d_out), x2d.dtype),
-            grid=(pl.cdiv(d_out, REDUCE_BLOCK_N),),
+            grid=(pl.cdiv(d_out, REDUCE_BLOCK_N) * m_blocks,),
             compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
             interpret=interpret,
             name="fused_decode_reduce",

@@ -27,6 +27,11 @@ such column tiles. S = 1: it adds b2 and stores y itself. S > 1: it stores its f
 (S·M·d_out·4 B: 8 MiB at llama3-8b, M = 64 — L2-resident), and launch 3 sums the S partials of
 each output tile in the fixed order s = 0, 1, ..., adds b2, rounds once and stores y.
 
+Row blocks: every program holds all M rows (block_m = M padded) unless a pinned config asks for a
+smaller block_m; then each launch's grid has cdiv(M, block_m) row blocks as its fastest index, so
+the programs that stream one weight tile run side by side and the tile should come from HBM once
+(bench/decode_rows_probe.py asks whether two 32-row blocks beat one 64-row block at M = 64).
+
 Deterministic by construction: no atomics, every sum in a fixed order, so repeated runs give the
 same bits (a given config's bits; another split S sums in another order). No memset, no repack: h
 and the partials are fresh `torch.empty` buffers, fully overwritten where read.
@@ -120,9 +125,12 @@ def _fused_decode_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # 1. program -> tile: every (padded) row, hidden columns [pid·BLOCK_H, (pid+1)·BLOCK_H)
-    pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
+    # 1. program -> tile: row block pid_m (row blocks fastest: the programs that stream the same
+    # weight tile run side by side, so the tile comes from HBM once), hidden columns
+    # [pid·BLOCK_H, (pid+1)·BLOCK_H)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0) // m_blocks
+    rows = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = cols_h < HIDDEN
@@ -184,10 +192,11 @@ def _fused_decode_down_kernel(
     BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # 1. program -> tile: every (padded) row, output columns of tile n, hidden run s
-    pid_n = tl.program_id(0)
+    # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n, run s
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    pid_n = tl.program_id(0) // m_blocks
     pid_s = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols_n < D_OUT
@@ -225,9 +234,10 @@ def _fused_decode_reduce_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # 1. program -> tile: every (padded) row, output columns of tile n
-    pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
+    # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0) // m_blocks
+    rows = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols_n < D_OUT
     mask = (rows < M)[:, None] & n_ok[None, :]
@@ -277,6 +287,7 @@ class _DecodeLaunches:
         self.names = (w1_name, "w1", b1_name, "b1" if spec.bias else "w1")
         w1_cols = packed_names(spec)[w1_name][1]
         splits, k_iters = decode_splits(hidden, cfg.block_k2, cfg.split_k)
+        m_blocks = cdiv(m, cfg.block_m)  # 1 unless a config pins block_m < M
         self.splits = splits
         self.out_shape = (splits, m, d_out)
         pdl = cfg.pdl and not INTERPRET
@@ -284,7 +295,8 @@ class _DecodeLaunches:
         dependent = {**launch, "launch_pdl": True} if pdl else launch
         precision = dot_precision(spec)
         self.up = Launch(
-            _fused_decode_up_kernel, (cdiv(hidden, cfg.block_h),), (m, d_in, hidden, w1_cols),
+            _fused_decode_up_kernel, (cdiv(hidden, cfg.block_h) * m_blocks,),
+            (m, d_in, hidden, w1_cols),
             dict(
                 ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
                 PACK=PACK_BLOCK, BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
@@ -292,7 +304,8 @@ class _DecodeLaunches:
             ),
         )  # fmt: skip
         self.down = Launch(
-            _fused_decode_down_kernel, (cdiv(d_out, cfg.block_n), splits), (m, hidden, d_out),
+            _fused_decode_down_kernel, (cdiv(d_out, cfg.block_n) * m_blocks, splits),
+            (m, hidden, d_out),
             dict(
                 HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k2, K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION=precision,
@@ -300,7 +313,7 @@ class _DecodeLaunches:
             ),
         )  # fmt: skip
         self.reduce = Launch(
-            _fused_decode_reduce_kernel, (cdiv(d_out, REDUCE_BLOCK_N),), (m, d_out),
+            _fused_decode_reduce_kernel, (cdiv(d_out, REDUCE_BLOCK_N) * m_blocks,), (m, d_out),
             dict(
                 HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
                 USE_PDL=pdl, INTERPRET=INTERPRET, **{**dependent, "num_warps": 4, "num_stages": 1},

@@ -740,6 +740,7 @@ def compile_report() -> list[dict[str, Any]]:
                     HAS_BIAS=spec.bias,
                     PACK=PACK_BLOCK,
                     BLOCK_M=cfg.block_m,
+                    M_BLOCKS=1,
                     BLOCK_H=cfg.block_h,
                     BLOCK_K=cfg.block_k,
                     DOT_PRECISION="ieee",
@@ -763,6 +764,7 @@ def compile_report() -> list[dict[str, Any]]:
                 dict(
                     HAS_BIAS=spec.bias,
                     BLOCK_M=cfg.block_m,
+                    M_BLOCKS=1,
                     BLOCK_N=cfg.block_n,
                     BLOCK_K=cfg.block_k2,
                     K_ITERS=k_iters,

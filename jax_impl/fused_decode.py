@@ -95,14 +95,14 @@ def _k_slab(a_ref, w_ref, row0, row_ok, k, k_ok, col0, col_ok, INTERPRET):
 def _fused_decode_up_kernel(
     x_ref, w_ref, b_ref, h_ref,
     *, M, D_IN, HIDDEN,
-    ACTIVATION, GATED, HAS_BIAS, PACK, BLOCK_M, BLOCK_H, BLOCK_K, DOT_PRECISION, INTERPRET,
+    ACTIVATION, GATED, HAS_BIAS, PACK, BLOCK_M, M_BLOCKS, BLOCK_H, BLOCK_K, DOT_PRECISION,
+    INTERPRET,
 ):  # fmt: skip
     # 1. program -> tile: row block pid_m (row blocks fastest: the programs that stream the same
     # weight tile run side by side, so the tile comes from HBM once), hidden columns
     # [pid·BLOCK_H, (pid+1)·BLOCK_H)
-    m_blocks = pl.cdiv(M, BLOCK_M)
-    pid = pl.program_id(0) // m_blocks
-    row0 = (pl.program_id(0) % m_blocks) * BLOCK_M
+    pid = pl.program_id(0) // M_BLOCKS  # M_BLOCKS = cdiv(M, BLOCK_M): a constant, 1 by default
+    row0 = (pl.program_id(0) % M_BLOCKS) * BLOCK_M
     rows = row0 + jnp.arange(BLOCK_M)
     row_ok = rows < M
     cols_h = pid * BLOCK_H + jnp.arange(BLOCK_H)
@@ -169,13 +169,12 @@ def _fused_decode_up_kernel(
 def _fused_decode_down_kernel(
     h_ref, w_ref, b_ref, out_ref,
     *, M, HIDDEN, D_OUT,
-    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, K_ITERS, SPLIT_K, DOT_PRECISION, INTERPRET,
+    HAS_BIAS, BLOCK_M, M_BLOCKS, BLOCK_N, BLOCK_K, K_ITERS, SPLIT_K, DOT_PRECISION, INTERPRET,
 ):  # fmt: skip
     # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n, run s
-    m_blocks = pl.cdiv(M, BLOCK_M)
-    pid_n = pl.program_id(0) // m_blocks
+    pid_n = pl.program_id(0) // M_BLOCKS
     pid_s = pl.program_id(1)
-    row0 = (pl.program_id(0) % m_blocks) * BLOCK_M
+    row0 = (pl.program_id(0) % M_BLOCKS) * BLOCK_M
     rows = row0 + jnp.arange(BLOCK_M)
     row_ok = rows < M
     cols_n = pid_n * BLOCK_N + jnp.arange(BLOCK_N)
@@ -213,13 +212,12 @@ def _fused_decode_down_kernel(
 def _fused_decode_reduce_kernel(
     ws_ref, b_ref, y_ref,
     *, M, D_OUT,
-    HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K, INTERPRET,
+    HAS_BIAS, BLOCK_M, M_BLOCKS, BLOCK_N, SPLIT_K, INTERPRET,
 ):  # fmt: skip
     # twin-diff: no USE_PDL (see launch 1)
     # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n
-    m_blocks = pl.cdiv(M, BLOCK_M)
-    pid = pl.program_id(0) // m_blocks
-    row0 = (pl.program_id(0) % m_blocks) * BLOCK_M
+    pid = pl.program_id(0) // M_BLOCKS
+    row0 = (pl.program_id(0) % M_BLOCKS) * BLOCK_M
     rows = row0 + jnp.arange(BLOCK_M)
     cols_n = pid * BLOCK_N + jnp.arange(BLOCK_N)
     n_ok = cols_n < D_OUT
@@ -284,12 +282,13 @@ def fused_decode_fwd(
     up = functools.partial(
         _fused_decode_up_kernel, M=m, D_IN=d_in, HIDDEN=hidden,
         ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias, PACK=PACK_BLOCK,
-        BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, M_BLOCKS=m_blocks, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         DOT_PRECISION=precision, INTERPRET=interpret,
     )  # fmt: skip
     down = functools.partial(
         _fused_decode_down_kernel, M=m, HIDDEN=hidden, D_OUT=d_out,
-        HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
+        HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, M_BLOCKS=m_blocks, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k2,
         K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION=precision, INTERPRET=interpret,
     )  # fmt: skip
     with quiet_pallas_triton():
@@ -314,7 +313,8 @@ def fused_decode_fwd(
             return out
         reduce = functools.partial(
             _fused_decode_reduce_kernel, M=m, D_OUT=d_out,
-            HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
+            HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, M_BLOCKS=m_blocks, BLOCK_N=REDUCE_BLOCK_N,
+            SPLIT_K=splits,
             INTERPRET=interpret,
         )  # fmt: skip
         return pl.pallas_call(

@@ -262,13 +262,14 @@ _COMPILE = textwrap.dedent(
             dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", h_ptr="*bf16", M="i32", D_IN="i32",
                  HIDDEN="i32", W_COLS="i32"),
             dict(ACTIVATION="silu", GATED=True, HAS_BIAS=False, PACK=PACK_BLOCK,
-                 BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+                 BLOCK_M=cfg.block_m, M_BLOCKS=1, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
                  DOT_PRECISION="ieee", USE_PDL=True, INTERPRET=False), cfg)
         down = compile_one(
             fd._fused_decode_down_kernel,
             dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", M="i32",
                  HIDDEN="i32", D_OUT="i32"),
-            dict(HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k2,
+            dict(HAS_BIAS=False, BLOCK_M=cfg.block_m, M_BLOCKS=1, BLOCK_N=cfg.block_n,
+                 BLOCK_K=cfg.block_k2,
                  K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION="ieee", USE_PDL=True,
                  INTERPRET=False), cfg)
         out[m] = dict(up=up, down=down)

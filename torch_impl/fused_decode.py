@@ -122,15 +122,14 @@ def _fused_decode_up_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr,
     M, D_IN, HIDDEN, W_COLS,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: row block pid_m (row blocks fastest: the programs that stream the same
     # weight tile run side by side, so the tile comes from HBM once), hidden columns
     # [pid·BLOCK_H, (pid+1)·BLOCK_H)
-    m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0) // m_blocks
-    rows = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0) // M_BLOCKS  # M_BLOCKS = cdiv(M, BLOCK_M): a constant, 1 by default
+    rows = (tl.program_id(0) % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = cols_h < HIDDEN
@@ -188,15 +187,14 @@ def _fused_decode_up_kernel(
 def _fused_decode_down_kernel(
     h_ptr, w_ptr, b_ptr, out_ptr,
     M, HIDDEN, D_OUT,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n, run s
-    m_blocks = tl.cdiv(M, BLOCK_M)
-    pid_n = tl.program_id(0) // m_blocks
+    pid_n = tl.program_id(0) // M_BLOCKS
     pid_s = tl.program_id(1)
-    rows = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols_n < D_OUT
@@ -231,13 +229,12 @@ def _fused_decode_down_kernel(
 def _fused_decode_reduce_kernel(
     ws_ptr, b_ptr, y_ptr,
     M, D_OUT,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n
-    m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0) // m_blocks
-    rows = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0) // M_BLOCKS
+    rows = (tl.program_id(0) % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols_n < D_OUT
     mask = (rows < M)[:, None] & n_ok[None, :]
@@ -299,7 +296,8 @@ class _DecodeLaunches:
             (m, d_in, hidden, w1_cols),
             dict(
                 ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
-                PACK=PACK_BLOCK, BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+                PACK=PACK_BLOCK, BLOCK_M=cfg.block_m, M_BLOCKS=m_blocks, BLOCK_H=cfg.block_h,
+                BLOCK_K=cfg.block_k,
                 DOT_PRECISION=precision, USE_PDL=pdl, INTERPRET=INTERPRET, **launch,
             ),
         )  # fmt: skip
@@ -307,7 +305,7 @@ class _DecodeLaunches:
             _fused_decode_down_kernel, (cdiv(d_out, cfg.block_n) * m_blocks, splits),
             (m, hidden, d_out),
             dict(
-                HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, M_BLOCKS=m_blocks, BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k2, K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION=precision,
                 USE_PDL=pdl, INTERPRET=INTERPRET, **dependent,
             ),
@@ -315,7 +313,8 @@ class _DecodeLaunches:
         self.reduce = Launch(
             _fused_decode_reduce_kernel, (cdiv(d_out, REDUCE_BLOCK_N) * m_blocks,), (m, d_out),
             dict(
-                HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
+                HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, M_BLOCKS=m_blocks,
+                BLOCK_N=REDUCE_BLOCK_N, SPLIT_K=splits,
                 USE_PDL=pdl, INTERPRET=INTERPRET, **{**dependent, "num_warps": 4, "num_stages": 1},
             ),
         )  # fmt: skip

@@ -154,6 +154,11 @@ def test_row_blocks_twins_bitwise():
     outs = [WholeStack(name, "fused_decode").run(x, params, spec, config=ROW_BLOCKS)
             for name in ("torch", "jax")]  # fmt: skip
     assert outs[0].tobytes() == outs[1].tobytes()
+    # a row's bits do not depend on the block it was computed in: each 16-row block alone
+    for lo in (0, 16, 32):
+        alone = WholeStack("torch", "fused_decode").run(x[lo : lo + 16], params, spec,
+                                                        config=ROW_BLOCKS)  # fmt: skip
+        assert outs[0][lo : lo + 16].tobytes() == alone.tobytes(), lo
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -339,6 +344,23 @@ def test_gpu_pdl():
     a = to_numpy(stack.call(x, params, spec, config=base))
     b = to_numpy(stack.call(x, params, spec, config=pdl))
     assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.gpu
+def test_gpu_row_blocks(stack):
+    """M = 64 as two 32-row blocks (the M = 32 tiles pinned: bench/decode_rows_probe.py's variant)
+    on the GPU's compiled kernels: within the policy of the float64 reference, and each output
+    row's bits those of the single-block run of its own 32 rows (a row's dot products are the
+    same operations in either: the block only decides which program computes it)."""
+    spec = MLPSpec((2048, 5632, 2048), "swiglu", True, "bfloat16")
+    params = init_params(spec, seed=51)
+    x = make_input(spec, 64, seed=52)
+    halves = fused_decode_config(spec, 32)
+    rows = to_numpy(stack.call(x, params, spec, config=halves))
+    assert_close(rows, reference.forward(spec, x, params), spec)
+    for lo in (0, 32):
+        alone = to_numpy(stack.call(x[lo : lo + 32], params, spec, config=halves))
+        assert rows[lo : lo + 32].tobytes() == alone.tobytes(), lo
 
 
 def test_sweep_script_dry_run(tmp_path):

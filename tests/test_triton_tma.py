@@ -457,6 +457,22 @@ def test_narrow_long_k_heuristic_streams_deep_k_steps():
         assert config is c256 or not tiling.fits("linear_act", deeper, "bfloat16", persistent=True)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])  # float32 never takes them
+def test_narrow_configs_run(dtype):
+    """Each of tiling.NARROW_CONFIGS (the heuristic's x·U tiles) run at an odd M spanning two row
+    blocks and a ragged third, a ragged last column tile, a K that ends mid-step: within the
+    policy of the float64 reference."""
+    from fusedmlp.common import tiling
+
+    for widest, cfg in tiling.NARROW_CONFIGS:
+        n = widest - 8 if widest > 64 else 40  # ragged inside the tile (TMA: 16-byte rows)
+        spec, x, p = layer_problem(dtype, True, 141, widest, gated=False, widths=(264, n))
+        y = tma_linear.linear_act(
+            to_torch(x), to_torch(p["w0"]), to_torch(p["b0"]), activation="relu", config=cfg
+        )
+        assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "relu"), spec, what=str(cfg))
+
+
 def test_explicit_configs_cover_edges():
     """Blocks larger than the problem, and a single program walking every tile."""
     spec, x, p = layer_problem("float16", True, 37, 600, gated=False)

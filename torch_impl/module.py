@@ -47,6 +47,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from fusedmlp.common import DTYPES, MLPSpec, TileConfig, init_params, param_shapes
 from fusedmlp.common import packing as common_packing
@@ -56,7 +57,8 @@ from fusedmlp.common.registry import AUTO, check_impl, get_implementation
 from fusedmlp.common.validate import check_config, check_saved, check_spec, fmt_shape
 
 from . import front
-from .custom_op import MLP_OP, config_to_json, spec_to_json, train_call
+from .baselines import eager_packed, packed_recipe
+from .custom_op import MLP_OP, config_to_json, parse_spec, spec_to_json, train_call
 from .packing import pack_params, unpack_params
 
 _TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -132,6 +134,9 @@ class FusedMLP(nn.Module):
         self.impl = impl
         self.config = config
         self._names = tuple(packed_names(spec))  # the parameters, in the op's list order
+        # What a compiled call that runs a baseline traces (`_traced_baseline`): primitives only.
+        self._recipe = packed_recipe(spec)
+        self._d_in, self._d_out = spec.d_in, spec.d_out
         for name, shape in packed_names(spec).items():
             empty = torch.empty(shape, device=device, dtype=getattr(torch, spec.dtype))
             self.register_parameter(name, nn.Parameter(empty))
@@ -281,6 +286,10 @@ class FusedMLP(nn.Module):
             x = _autocast(x, dtype)
             params = [_autocast(p, dtype) for p in params]
             residual = _autocast(residual, dtype) if residual is not None else None
+        if torch.compiler.is_compiling() and dtype in _TRACED_BASELINE_DTYPES:
+            traced = self._traced_baseline(x, params, dtype, residual)
+            if traced is not None:
+                return traced
         if not torch.compiler.is_compiling() and _eager_without_autograd(x, params, residual):
             # Nothing needs the registered op here (no trace to keep it one node, no gradient to
             # refuse): call the front directly and skip the op's dispatch, about 29 µs a call on
@@ -305,10 +314,52 @@ class FusedMLP(nn.Module):
             return train_call(x, params, spec_json, impl, config_json, residual, self._saved)
         return MLP_OP(x, params, spec_json, self._impl, self._config_json, residual)
 
+    def _traced_baseline(
+        self,
+        x: torch.Tensor,
+        params: list[torch.Tensor],
+        dtype: torch.dtype,
+        residual: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Under torch.compile, where this call's plan is a baseline — `auto`'s measured choice
+        at this M (front.plan; front.training_choice where a gradient is to be built) or a pinned
+        "eager" / "compile" — the baseline's ops on the packed params (baselines.eager_packed),
+        traced into the caller's graph: Inductor fuses them as it fuses the module this one
+        replaced, and the call pays no opaque op, no front and no nested compiled function (on
+        the H200 host that path cost ~400 µs a call more than the HF module compiled). None
+        where the op runs: our kernels, a symbolic M (dynamic shapes), or a call the front must
+        refuse (the op's fake raises its ValueError at trace time). Float32 keeps the op: the
+        spec's fp32_precision is a runtime flag (baselines.fp32_matmul_precision), not traced."""
+        lead = x.shape[:-1]
+        m = math.prod(lead)
+        # has_static_value, not isinstance: Dynamo folds isinstance(a SymInt, int) to True.
+        if not has_static_value(m) or x.dtype != dtype or x.shape[-1] != self._d_in:
+            return None
+        if x.device != params[0].device:
+            return None
+        if residual is not None and (
+            tuple(residual.shape) != (*lead, self._d_out)
+            or residual.dtype != dtype
+            or residual.device != x.device
+        ):
+            return None
+        spec_json = self._spec_json.get(dtype, self._spec_json_default)
+        training = _builds_grad(x, params, residual)
+        device = x.device.type
+        has_residual = residual is not None
+        if not _runs_baseline(
+            spec_json, self._impl, self._config_json, m, device, has_residual, training
+        ):
+            return None
+        named = dict(zip(self._names, params, strict=True))
+        residual2d = residual.reshape(m, self._d_out) if residual is not None else None
+        y = eager_packed(x.reshape(m, self._d_in), named, self._recipe, residual2d)
+        return y.reshape(*lead, self._d_out)
+
     def _trained_by(self, x: torch.Tensor, dtype: torch.dtype) -> str | None:
         """The baseline `auto` trains through at this call (a training point of the dispatch
-        table: front.training_choice), or None for our kernels. Not under torch.compile: a
-        compiled graph keeps the training op (one node), whatever the table says."""
+        table: front.training_choice), or None for our kernels. Not under torch.compile: there
+        `_traced_baseline` asks the same table at trace time."""
         if self._impl != AUTO or self._config is not None or torch.compiler.is_compiling():
             return None
         spec = self._specs.get(dtype, self._spec)
@@ -383,6 +434,35 @@ def _builds_grad(
         or any(p.requires_grad for p in params)
         or (residual is not None and residual.requires_grad)
     )
+
+
+# A compiled call traces a baseline's ops in these dtypes only (`FusedMLP._traced_baseline`).
+_TRACED_BASELINE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@torch.compiler.assume_constant_result
+def _runs_baseline(
+    spec_json: str,
+    impl: str,
+    config_json: str | None,
+    m: int,
+    device: str,
+    residual: bool,
+    training: bool,
+) -> bool:
+    """Whether a call of this signature runs a torch baseline: a pinned baseline impl, or what
+    `auto` resolves to (training: a training point of the dispatch table). Evaluated once, when
+    torch.compile traces the call (its arguments are primitives: see custom_op.py); the traced
+    graph guards on M, as static shapes do, so another M traces (and decides) again."""
+    if impl != AUTO:
+        return get_implementation(impl).baseline
+    if config_json is not None:  # a pinned config is for our kernels
+        return False
+    spec = parse_spec(spec_json)
+    if training:
+        return front.training_choice(spec, m, device) is not None
+    chosen = front.plan(spec, (m, spec.d_in), impl=impl, device=device, residual=residual).impl
+    return get_implementation(chosen).baseline
 
 
 def _dispatch_modes() -> int:

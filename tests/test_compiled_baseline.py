@@ -1,0 +1,243 @@
+"""A compiled FusedMLP whose plan is a baseline traces the baseline's ops (issue 23, host time).
+
+Where `auto` resolves to "eager" or "compile" at a call's M (the dispatch table measured a
+baseline faster there), or one is pinned, torch.compile(FusedMLP) traces
+`baselines.eager_packed` — the baseline's products and activations on the packed params — into
+the caller's graph instead of the opaque op: Inductor fuses them as it fuses the module the
+FusedMLP replaced, and the call pays no op dispatch, no front and no nested compiled function.
+Where the plan runs our kernels, where M is symbolic (dynamic shapes), for float32 (its
+fp32_precision is a runtime flag) and for a call the front refuses, the op stays. Every traced
+graph is checked for the op's absence or presence, every output against the float64 reference,
+under torch 2.11's Dynamo rules (helpers.dynamo_as_torch_2_11: no fusedmlp dataclass may enter
+the trace). The dispatch table is patched in: a CPU has none.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fusedmlp.common import MLPSpec, reference
+from fusedmlp.common.dispatch import KERNELS, Point, Table, shape_class, weight_bytes
+from fusedmlp.common.tolerance import assert_close, assert_grads_close
+from fusedmlp.torch_impl import FusedMLP, baselines, front
+from fusedmlp.torch_impl.packing import unpack_params
+from helpers import dynamo_as_torch_2_11, to_numpy
+
+# Two gated layers (the packed [W|V] view, d_out 37 is not a multiple of PACK_BLOCK) and a plain
+# last layer, with biases.
+SPEC = MLPSpec((19, 37, 23, 11), "swiglu", True, "bfloat16")
+LEAD = (2, 3)  # a 3-D input: M = 6
+
+
+class GraphRecorder:
+    """A torch.compile backend that keeps each traced graph's call targets, then runs it as
+    aot_eager does (the ops as traced, no code generation: fast on the 2-core CPU)."""
+
+    def __init__(self) -> None:
+        self.targets: list[list[object]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.targets.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def run(graph, _):
+            return make_boxed_func(graph)
+
+        return aot_autograd(fw_compiler=run, bw_compiler=run)(gm, example_inputs)
+
+    def ours(self) -> list[str]:
+        """The fusedmlp ops in every graph traced so far."""
+        return [str(t) for graph in self.targets for t in graph if "fusedmlp" in str(t)]
+
+
+def _inputs(spec: MLPSpec, lead=LEAD, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, spec.dtype)
+    x = torch.randn(*lead, spec.d_in, generator=gen).to(dtype)
+    residual = torch.randn(*lead, spec.d_out, generator=gen).to(dtype)
+    return x, residual
+
+
+def _reference(module: FusedMLP, x, residual=None) -> np.ndarray:
+    params = {k: to_numpy(v) for k, v in module.params().items()}
+    y = reference.forward(module.spec, to_numpy(x), params)
+    return y + to_numpy(residual) if residual is not None else y
+
+
+def _compiled(module: FusedMLP, recorder: GraphRecorder, **options):
+    torch._dynamo.reset()
+    return torch.compile(module, fullgraph=True, backend=recorder, **options)
+
+
+@pytest.fixture
+def torch_table(monkeypatch):
+    """Install a dispatch table for the CPU (the front's `_table` is what `auto` reads)."""
+
+    def use(table: Table | None) -> None:
+        monkeypatch.setattr(front, "_table", lambda device: table)
+        front._training_choice_of.cache_clear()
+        front._PREPARED.clear()
+
+    yield use
+    front._training_choice_of.cache_clear()
+    front._PREPARED.clear()
+
+
+def _table(spec: MLPSpec, ranking: tuple[str, str], m: int, phase: str = "forward") -> Table:
+    """One measured point at M: `ranking[0]` 1.25× faster than `ranking[1]` (training points
+    name our path KERNELS)."""
+    ranked = ((ranking[0], 1.0), (ranking[1], 1.25))
+    fields = (spec.dtype, shape_class(spec), m, weight_bytes(spec), ranked, "test point")
+    if phase == "train":
+        point = Point("torch", *fields, phase="train")
+        return Table("Test GPU", "", (point,), train_source="test table")
+    return Table("Test GPU", "", (Point("torch", *fields),))
+
+
+# ---- pinned baselines ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("impl", ["eager", "compile"])
+def test_pinned_baseline_is_traced_into_the_graph(impl, dtype):
+    spec = SPEC.replace(dtype=dtype)
+    module = FusedMLP(spec, impl=impl, seed=1)
+    x, residual = _inputs(spec, seed=2)
+    recorder = GraphRecorder()
+    with dynamo_as_torch_2_11(), torch.no_grad():
+        out = _compiled(module, recorder)(x, residual)
+    assert recorder.targets and not recorder.ours()  # the baseline's ops, no opaque op
+    assert any(t is torch.ops.aten.addmm.default for t in recorder.targets[0]) or any(
+        "addmm" in str(t) for t in recorder.targets[0]
+    )
+    assert out.shape == (*LEAD, spec.d_out) and out.dtype == getattr(torch, dtype)
+    assert_close(to_numpy(out), _reference(module, x, residual), spec, what=f"{impl} {dtype}")
+    # the traced ops are eager_packed's, as they run eagerly: the same bits
+    with torch.no_grad():
+        m = x.shape[0] * x.shape[1]
+        want = baselines.eager_packed(
+            x.reshape(m, spec.d_in), module.packed_params(), baselines.packed_recipe(spec),
+            residual.reshape(m, spec.d_out),
+        )  # fmt: skip
+    assert torch.equal(out.reshape(m, spec.d_out), want)
+
+
+def test_eager_packed_is_the_eager_baseline_on_packed_params():
+    # float32: the packed product's columns are the plain products' up to summation order (a
+    # padded width, 37, and a width of whole PACK_BLOCKs, 64)
+    for spec in (
+        SPEC.replace(dtype="float32"),
+        MLPSpec((16, 64, 64, 8), "geglu", False, "float32"),
+    ):
+        module = FusedMLP(spec, impl="eager", seed=3)
+        x, _ = _inputs(spec, lead=(7,), seed=4)
+        with torch.no_grad():
+            got = baselines.eager_packed(x, module.packed_params(), baselines.packed_recipe(spec))
+            want = baselines.eager(x, module.params(), spec)
+        assert_close(to_numpy(got), _reference(module, x), spec)
+        assert_close(to_numpy(want), _reference(module, x), spec)
+        assert torch.allclose(got, want, rtol=0, atol=1e-5)
+
+
+# ---- auto: the measured choice at this M ---------------------------------------------------------
+def test_auto_traces_the_baseline_where_the_table_measured_it_faster(torch_table):
+    module = FusedMLP(SPEC, impl="auto", seed=5)
+    x, residual = _inputs(SPEC, seed=6)
+    m = x.shape[0] * x.shape[1]
+    torch_table(_table(SPEC, ("compile", "triton"), m))
+    assert front.plan(SPEC, (m, SPEC.d_in), impl="auto").impl == "compile"
+    recorder = GraphRecorder()
+    with dynamo_as_torch_2_11(), torch.no_grad():
+        compiled = _compiled(module, recorder)
+        out = compiled(x, residual)
+        assert not recorder.ours()
+        assert_close(to_numpy(out), _reference(module, x, residual), SPEC, what="auto->compile")
+        # where our kernels were measured faster, the op (one opaque node)
+        torch_table(_table(SPEC, ("triton", "compile"), m))
+        out = _compiled(module, recorder)(x, residual)
+    assert recorder.ours() == ["fusedmlp.mlp.default"]
+    assert_close(to_numpy(out), _reference(module, x, residual), SPEC, what="auto->kernels")
+
+
+def test_auto_trains_through_the_traced_baseline(torch_table):
+    # a training point that ranks eager first: the compiled training graph differentiates the
+    # baseline's ops (no training op), gradients in the params' packed layout
+    module = FusedMLP(SPEC, impl="auto", seed=7)
+    x, _ = _inputs(SPEC, seed=8)
+    x.requires_grad_()
+    m = x.shape[0] * x.shape[1]
+    torch_table(_table(SPEC, ("eager", KERNELS), m, phase="train"))
+    recorder = GraphRecorder()
+    with dynamo_as_torch_2_11():
+        out = _compiled(module, recorder)(x)
+    assert recorder.targets and not recorder.ours()
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype)
+    out.backward(dy)
+    packed = {name: p.grad for name, p in module.named_parameters()}
+    grads = {"x": x.grad, **unpack_params(SPEC, packed)}
+    assert all(g is not None for g in grads.values())
+    ref = reference.backward(
+        SPEC, to_numpy(x.detach()), {k: to_numpy(v) for k, v in module.params().items()},
+        to_numpy(dy),
+    )  # fmt: skip
+    assert_grads_close({k: to_numpy(v) for k, v in grads.items()}, ref, SPEC)
+
+
+# ---- where the op stays --------------------------------------------------------------------------
+def test_the_op_stays_for_our_kernels_dynamic_shapes_and_float32():
+    cases = [
+        (FusedMLP(SPEC, impl="triton", seed=1), {}),  # our kernels
+        (FusedMLP(SPEC, impl="eager", seed=1), {"dynamic": True}),  # M symbolic
+        (FusedMLP(SPEC.replace(dtype="float32"), impl="eager", seed=1), {}),  # fp32 precision
+    ]
+    for module, options in cases:
+        x, _ = _inputs(module.spec, seed=3)
+        recorder = GraphRecorder()
+        with dynamo_as_torch_2_11(), torch.no_grad():
+            out = _compiled(module, recorder, **options)(x)
+        assert recorder.ours() == ["fusedmlp.mlp.default"], (module.impl, options)
+        assert_close(to_numpy(out), _reference(module, x), module.spec)
+
+
+def test_bad_input_keeps_the_fronts_message():
+    # A malformed call is never traced as a baseline: the op's fake raises the front's ValueError
+    # at trace time (Dynamo wraps it in its TorchRuntimeError; the front's message is kept).
+    module = FusedMLP(SPEC, impl="eager", seed=1)
+    x, residual = _inputs(SPEC, seed=4)
+    cases = [
+        ((x.float(),), "x: expected dtype bfloat16"),
+        ((x[..., :-1],), "x: expected"),
+        ((x, residual[..., :-1]), "residual: expected"),
+    ]
+    for args, message in cases:
+        with torch.no_grad(), pytest.raises(Exception, match=message):
+            _compiled(module, GraphRecorder())(*args)
+
+
+# ---- eager mode: auto's "compile" without Dynamo -------------------------------------------------
+def test_auto_runs_the_compiled_graph_without_dynamo(torch_table, monkeypatch):
+    # auto resolved to "compile" runs baselines.run_compiled_graph: the Inductor graph of
+    # torch.compile(eager), traced and compiled once per call signature, called without Dynamo's
+    # guards — the same bits as torch.compile's; a pinned impl="compile" keeps torch.compile
+    module = FusedMLP(SPEC, impl="auto", seed=10)
+    x, residual = _inputs(SPEC, seed=11)
+    m = x.shape[0] * x.shape[1]
+    torch_table(_table(SPEC, ("compile", "triton"), m))
+    baselines._GRAPHS.clear()
+    with torch.no_grad():
+        want = FusedMLP(SPEC, impl="compile", seed=10)(x, residual)  # torch.compile
+        real = baselines._compiled
+        monkeypatch.setattr(baselines, "_compiled", lambda spec: pytest.fail("torch.compile ran"))
+        got = [module(x, residual) for _ in range(3)]
+    assert len(baselines._GRAPHS) == 1  # one graph for the three calls of one signature
+    for out in got:
+        assert torch.equal(out, want)
+    assert_close(to_numpy(got[0]), _reference(module, x, residual), SPEC)
+    # the front's forward asked to build a gradient: torch.compile's autograd (the graph above is
+    # inference only)
+    monkeypatch.setattr(baselines, "_compiled", real)
+    xg = x.clone().requires_grad_()
+    front.forward(xg, module.packed_params(), SPEC, impl="auto", residual=residual).sum().backward()
+    assert len(baselines._GRAPHS) == 1
+    assert xg.grad is not None and all(p.grad is not None for p in module.parameters())

@@ -10,10 +10,13 @@ and the golden files use; `params()` gives them back in the contract's names. `l
 `load_state_dict` take either layout (a state dict saved with `w0`, `v0`, ... is packed on load).
 `forward` calls the registered op `torch.ops.fusedmlp.mlp` (custom_op.py), which runs
 `fusedmlp.torch_impl.front.mlp`: the front validates and plans once per call signature (`impl`,
-"auto" by default) and launches the kernels. torch.compile(fullgraph=True) sees one node. Where
-nothing needs the op — an eager call with no gradient to build (no_grad, inference_mode, or
-frozen params), no trace, no export — forward calls the front directly: the same kernels, without
-the op's dispatch cost.
+"auto" by default) and launches the kernels. torch.compile(fullgraph=True) sees one node — except
+where the call's plan is a baseline (`auto` measured "eager" or "compile" fastest at this M, or one
+is pinned; 16-bit dtypes, static shapes): there the compiled forward traces the baseline's ops on
+the packed params (baselines.eager_packed), and Inductor fuses them into the caller's graph as it
+fused the module this one replaced (`_traced_baseline`). Where nothing needs the op — an eager
+call with no gradient to build (no_grad, inference_mode, or frozen params), no trace, no export —
+forward calls the front directly: the same kernels, without the op's dispatch cost.
 
 dtype: the module computes in its parameters' dtype, as `nn.Linear` does: `FusedMLP(spec)` holds
 params in `spec.dtype`; `dtype=` or a later `.to(torch.bfloat16)` changes both, and `.spec` follows.
@@ -286,11 +289,12 @@ class FusedMLP(nn.Module):
             x = _autocast(x, dtype)
             params = [_autocast(p, dtype) for p in params]
             residual = _autocast(residual, dtype) if residual is not None else None
-        if torch.compiler.is_compiling() and dtype in _TRACED_BASELINE_DTYPES:
+        compiling = torch.compiler.is_compiling()
+        if compiling and dtype in _TRACED_BASELINE_DTYPES:
             traced = self._traced_baseline(x, params, dtype, residual)
             if traced is not None:
                 return traced
-        if not torch.compiler.is_compiling() and _eager_without_autograd(x, params, residual):
+        if not compiling and _eager_without_autograd(x, params, residual):
             # Nothing needs the registered op here (no trace to keep it one node, no gradient to
             # refuse): call the front directly and skip the op's dispatch, about 29 µs a call on
             # the 2-core CPU machine (FusedMLP 70 µs vs the front's 35 µs with eager ops, f32).

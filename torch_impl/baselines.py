@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -135,6 +136,7 @@ def run_compile(x2d, params, spec, residual=None):
 # torch.compile itself: the harness times that baseline as its users run it.
 _GRAPHS: dict[tuple, Callable] = {}
 _GRAPHS_MAX = 256  # compiled graphs kept (one per call signature)
+_COMPILE_LOCK = threading.Lock()
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -142,17 +144,24 @@ def _layout(t: torch.Tensor) -> tuple:
 
 
 def run_compiled_graph(x2d, params, spec, residual=None):
-    """`run_compile`'s Inductor graph called without Dynamo (no autograd: inference only)."""
+    """`run_compile`'s Inductor graph called without Dynamo: inference only, outside autocast
+    (the front calls `run_compile` where a gradient is to be built or autocast is on: make_fx
+    records autocast's casts in the graph, and this cache is keyed on the tensors alone)."""
     names = tuple(params)
     tensors = (x2d, *params.values(), *(() if residual is None else (residual,)))
     key = (spec, names, residual is not None, tuple(map(_layout, tensors)))
     graph = _GRAPHS.get(key)
     with fp32_matmul_precision(spec):
         if graph is None:
-            graph = _compile_graph(spec, names, residual is not None, tensors)
-            if len(_GRAPHS) >= _GRAPHS_MAX:
-                _GRAPHS.clear()
-            _GRAPHS[key] = graph
+            # One compile at a time (make_fx and Inductor keep process-global state; Dynamo has
+            # its own lock for torch.compile), and a graph another thread made meanwhile is used.
+            with _COMPILE_LOCK:
+                graph = _GRAPHS.get(key)
+                if graph is None:
+                    graph = _compile_graph(spec, names, residual is not None, tensors)
+                    if len(_GRAPHS) >= _GRAPHS_MAX:
+                        _GRAPHS.clear()
+                    _GRAPHS[key] = graph
         return graph(*tensors)
 
 

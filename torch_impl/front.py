@@ -484,10 +484,12 @@ def _run_whole(x2d, params, spec, the_plan, residual2d):
 
 def _run_baseline(x2d, params, spec, the_plan, residual2d):
     launch = the_plan.launches[0]
-    # auto's "compile" runs its Inductor graph without Dynamo (baselines.run_compiled_graph),
-    # unless a gradient is to be built: then torch.compile's autograd
-    auto_compile = launch.impl == "compile" and the_plan.requested == AUTO
-    if auto_compile and not needs_grad(x2d, params, residual2d):
+    # twin-diff: auto's "compile" runs its Inductor graph without Dynamo's per-call guards
+    # (baselines.run_compiled_graph), unless a gradient is to be built or autocast is on: then
+    # torch.compile, which guards on both. (jax.jit has no such cost to avoid.)
+    direct = launch.impl == "compile" and the_plan.requested == AUTO
+    direct = direct and not torch.is_autocast_enabled(x2d.device.type)
+    if direct and not needs_grad(x2d, params, residual2d):
         return baselines.run_compiled_graph(x2d, params, spec, residual2d)
     return _launcher(launch.impl, launch.family)(x2d, params, spec, residual2d)
 

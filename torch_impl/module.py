@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
-from fusedmlp.common import DTYPES, MLPSpec, TileConfig, init_params, param_shapes
+from fusedmlp.common import DTYPES, MLPSpec, TileConfig, dispatch, init_params, param_shapes
 from fusedmlp.common import packing as common_packing
 from fusedmlp.common.config import DEFAULT_SAVED
 from fusedmlp.common.packing import is_packed, packed_names
@@ -334,6 +334,8 @@ class FusedMLP(nn.Module):
         where the op runs: our kernels, a symbolic M (dynamic shapes), or a call the front must
         refuse (the op's fake raises its ValueError at trace time). Float32 keeps the op: the
         spec's fp32_precision is a runtime flag (baselines.fp32_matmul_precision), not traced."""
+        if torch.compiler.is_exporting() or x.ndim == 0:  # export keeps the one inference op
+            return None
         lead = x.shape[:-1]
         m = math.prod(lead)
         # has_static_value, not isinstance: Dynamo folds isinstance(a SymInt, int) to True.
@@ -351,8 +353,11 @@ class FusedMLP(nn.Module):
         training = _builds_grad(x, params, residual)
         device = x.device.type
         has_residual = residual is not None
+        # The table's generation is an argument so that Dynamo guards on it: a table installed
+        # after the trace (dispatch.install) retraces the call, which decides again.
+        generation = dispatch.generation()
         if not _runs_baseline(
-            spec_json, self._impl, self._config_json, m, device, has_residual, training
+            spec_json, self._impl, self._config_json, m, device, has_residual, training, generation
         ):
             return None
         named = dict(zip(self._names, params, strict=True))
@@ -451,13 +456,17 @@ def _runs_baseline(
     config_json: str | None,
     m: int,
     device: str,
-    residual: bool,
+    has_residual: bool,
     training: bool,
+    generation: int,
 ) -> bool:
     """Whether a call of this signature runs a torch baseline: a pinned baseline impl, or what
-    `auto` resolves to (training: a training point of the dispatch table). Evaluated once, when
-    torch.compile traces the call (its arguments are primitives: see custom_op.py); the traced
-    graph guards on M, as static shapes do, so another M traces (and decides) again."""
+    `auto` resolves to (training: a training point of the dispatch table of `generation`).
+    Evaluated once, when torch.compile traces the call (its arguments are primitives: see
+    custom_op.py). The graph guards on M as static shapes do (another M traces and decides again;
+    under automatic dynamic shapes the second M makes M symbolic, and the op runs from then on),
+    and on the table's generation."""
+    del generation  # a guard, not an input: front.plan reads the installed table itself
     if impl != AUTO:
         return get_implementation(impl).baseline
     if config_json is not None:  # a pinned config is for our kernels
@@ -465,8 +474,8 @@ def _runs_baseline(
     spec = parse_spec(spec_json)
     if training:
         return front.training_choice(spec, m, device) is not None
-    chosen = front.plan(spec, (m, spec.d_in), impl=impl, device=device, residual=residual).impl
-    return get_implementation(chosen).baseline
+    chosen = front.plan(spec, (m, spec.d_in), impl=impl, device=device, residual=has_residual)
+    return get_implementation(chosen.impl).baseline
 
 
 def _dispatch_modes() -> int:

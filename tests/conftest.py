@@ -109,3 +109,20 @@ def spec_file(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("specs") / "tiny.json"
     MLPSpec(**CLI_TINY_SPEC).to_json(path)
     return path
+
+
+@pytest.fixture
+def torch_table(monkeypatch):
+    """`torch_table(table)` installs a dispatch table for the torch front (a CPU has none: the
+    front's `_table` is what `auto`'s lookups read), its cached plans and training choices
+    dropped before and after."""
+    from fusedmlp.torch_impl import front
+
+    def use(table) -> None:
+        monkeypatch.setattr(front, "_table", lambda device: table)
+        front._training_choice_of.cache_clear()
+        front._PREPARED.clear()
+
+    yield use
+    front._training_choice_of.cache_clear()
+    front._PREPARED.clear()

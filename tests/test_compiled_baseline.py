@@ -74,20 +74,6 @@ def _compiled(module: FusedMLP, recorder: GraphRecorder, **options):
     return torch.compile(module, fullgraph=True, backend=recorder, **options)
 
 
-@pytest.fixture
-def torch_table(monkeypatch):
-    """Install a dispatch table for the CPU (the front's `_table` is what `auto` reads)."""
-
-    def use(table: Table | None) -> None:
-        monkeypatch.setattr(front, "_table", lambda device: table)
-        front._training_choice_of.cache_clear()
-        front._PREPARED.clear()
-
-    yield use
-    front._training_choice_of.cache_clear()
-    front._PREPARED.clear()
-
-
 def _table(spec: MLPSpec, ranking: tuple[str, str], m: int, phase: str = "forward") -> Table:
     """One measured point at M: `ranking[0]` 1.25× faster than `ranking[1]` (training points
     name our path KERNELS)."""

@@ -30,20 +30,6 @@ def train_table(stack: str, winner: str, m: int = M, spec: MLPSpec = SPEC) -> Ta
     return Table("Test GPU", "", (point,), train_source="test table")
 
 
-@pytest.fixture
-def torch_table(monkeypatch):
-    from fusedmlp.torch_impl import front
-
-    def use(table: Table | None) -> None:
-        monkeypatch.setattr(front, "_table", lambda device: table)
-        front._training_choice_of.cache_clear()
-        front._PREPARED.clear()
-
-    yield use
-    front._training_choice_of.cache_clear()
-    front._PREPARED.clear()
-
-
 def _torch_grads(module, x, dy):
     x = x.clone().requires_grad_()
     for p in module.parameters():

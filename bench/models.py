@@ -36,6 +36,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -188,18 +189,22 @@ def top_kernels(timing: Any, count: int = TOP_KERNELS) -> list[list[Any]]:
     return [[name, int(n), round(us, 1)] for name, (n, us) in ranked]
 
 
-def host_us(fn: Callable[[], Any], calls: int = 50) -> float:
-    """Host time per call: N calls issued back to back, no sync between, per call (µs)."""
+def host_us(fn: Callable[[], Any], calls: int = 50, batches: int = 5) -> float:
+    """Host time per call: `calls` calls issued back to back, no sync between, per call (µs);
+    the median of `batches` such batches (one batch of 50 spread by ±20 µs between repeats on
+    the H200's host: single batches made the overhead table a coin toss)."""
     import torch
 
     fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    issued = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return issued / calls * 1e6
+    per_call = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(per_call)
 
 
 @dataclass

@@ -103,7 +103,10 @@ def dynamo_as_torch_2_11(*, strict: bool = True) -> Iterator[None]:
        op's arguments from precomputed strings, so a dataclass that starts to reach a traced call
        fails here before it fails on the GPU image. (The functional `custom_op.mlp(x, p, spec)`
        takes a spec by design: it passes only the spec's fields on, which point 1 checks.)
+    3. `torch.compiler.is_exporting()` traced by 2.11's Dynamo is True under any torch.compile
+       (2.13 reads the export flag): FusedMLP's compiled routes took export's on the GPU image.
     """
+    import torch
     import torch._dynamo.variables.builder as builder
     import torch._dynamo.variables.functions as functions
 
@@ -127,8 +130,16 @@ def dynamo_as_torch_2_11(*, strict: bool = True) -> Iterator[None]:
             )
         return original(value)
 
+    # 3. torch.compiler.is_exporting() is True under every Dynamo trace on 2.11 (2.13 reads the
+    #    export flag): a function Dynamo inlines, True wherever it traces, the real one elsewhere.
+    real_is_exporting = torch.compiler.is_exporting
+
+    def is_exporting_as_2_11() -> bool:
+        return torch.compiler.is_compiling() or real_is_exporting()
+
     saved = functions.invoke_and_store_as_constant
     functions.invoke_and_store_as_constant = convert_as_2_11
+    torch.compiler.is_exporting = is_exporting_as_2_11
     if strict:
         builder.is_frozen_dataclass = refuse_ours
     try:
@@ -136,6 +147,7 @@ def dynamo_as_torch_2_11(*, strict: bool = True) -> Iterator[None]:
     finally:
         functions.invoke_and_store_as_constant = saved
         builder.is_frozen_dataclass = original
+        torch.compiler.is_exporting = real_is_exporting
 
 
 # ---- the golden test body ------------------------------------------------------------------------

@@ -11,8 +11,8 @@ and the golden files use; `params()` gives them back in the contract's names. `l
 `forward` calls the registered op `torch.ops.fusedmlp.mlp` (custom_op.py), which runs
 `fusedmlp.torch_impl.front.mlp`: the front validates and plans once per call signature (`impl`,
 "auto" by default) and launches the kernels. torch.compile(fullgraph=True) sees one node — except
-where the call's plan is a baseline (`auto` measured "eager" or "compile" fastest at this M, or one
-is pinned; 16-bit dtypes, static shapes): there the compiled forward traces the baseline's ops on
+where the call's plan is "compile" (`auto` measured it fastest at this M, or it is pinned; in
+training, a baseline; 16-bit dtypes, static shapes): there the compiled forward traces its ops on
 the packed params (baselines.eager_packed), and Inductor fuses them into the caller's graph as it
 fused the module this one replaced (`_traced_baseline`). Where nothing needs the op — an eager
 call with no gradient to build (no_grad, inference_mode, or frozen params), no trace, no export —
@@ -306,7 +306,7 @@ class FusedMLP(nn.Module):
         # A dtype outside the contract (float64 params, say) keeps the spec: the front names it.
         spec_json = self._spec_json.get(dtype, self._spec_json_default)
         # torch.export keeps the one inference op (it differentiates too, as saved="inputs").
-        if _builds_grad(x, params, residual) and not torch.compiler.is_exporting():
+        if _builds_grad(x, params, residual) and not _exporting():
             baseline = self._impl if self._baseline else self._trained_by(x, dtype)
             if baseline is not None:  # torch's own autograd through the baseline's ops
                 spec = self._specs.get(dtype, self._spec)
@@ -325,16 +325,18 @@ class FusedMLP(nn.Module):
         dtype: torch.dtype,
         residual: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """Under torch.compile, where this call's plan is a baseline — `auto`'s measured choice
-        at this M (front.plan; front.training_choice where a gradient is to be built) or a pinned
-        "eager" / "compile" — the baseline's ops on the packed params (baselines.eager_packed),
-        traced into the caller's graph: Inductor fuses them as it fuses the module this one
-        replaced, and the call pays no opaque op, no front and no nested compiled function (on
-        the H200 host that path cost ~400 µs a call more than the HF module compiled). None
-        where the op runs: our kernels, a symbolic M (dynamic shapes), or a call the front must
-        refuse (the op's fake raises its ValueError at trace time). Float32 keeps the op: the
-        spec's fp32_precision is a runtime flag (baselines.fp32_matmul_precision), not traced."""
-        if torch.compiler.is_exporting() or x.ndim == 0:  # export keeps the one inference op
+        """Under torch.compile, where this call's plan is "compile" (`auto`'s measured choice at
+        this M, or pinned; where a gradient is to be built, a baseline: a training point of the
+        table, or pinned — `_traces_baseline`), the baseline's ops on the packed params
+        (baselines.eager_packed), traced into the caller's graph: Inductor fuses them as it
+        fuses the module this one replaced, and the call pays no opaque op, no front and no
+        nested compiled function (on the H200 host that path cost ~400 µs a call more than the
+        HF module compiled). None where the op runs: our kernels, an "eager" plan (ATen's
+        kernels, measured faster there than Inductor's), a symbolic M (dynamic shapes), export,
+        or a call the front must refuse (the op's fake raises its ValueError at trace time).
+        Float32 keeps the op: the spec's fp32_precision is a runtime flag
+        (baselines.fp32_matmul_precision), not traced."""
+        if _exporting() or x.ndim == 0:  # export keeps the one inference op
             return None
         lead = x.shape[:-1]
         m = math.prod(lead)
@@ -356,7 +358,7 @@ class FusedMLP(nn.Module):
         # The table's generation is an argument so that Dynamo guards on it: a table installed
         # after the trace (dispatch.install) retraces the call, which decides again.
         generation = dispatch.generation()
-        if not _runs_baseline(
+        if not _traces_baseline(
             spec_json, self._impl, self._config_json, m, device, has_residual, training, generation
         ):
             return None
@@ -445,12 +447,20 @@ def _builds_grad(
     )
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing. Not `torch.compiler.is_exporting()`: torch 2.11's Dynamo
+    folds that call to True under every torch.compile trace (a table of tracing-state functions;
+    2.13 reads the flag), which sent compiled calls down export's route on the GPU image. The
+    flag it reads is read here directly, in eager code and under Dynamo alike."""
+    return getattr(torch.compiler, "_is_exporting_flag", False)
+
+
 # A compiled call traces a baseline's ops in these dtypes only (`FusedMLP._traced_baseline`).
 _TRACED_BASELINE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @torch.compiler.assume_constant_result
-def _runs_baseline(
+def _traces_baseline(
     spec_json: str,
     impl: str,
     config_json: str | None,
@@ -460,22 +470,26 @@ def _runs_baseline(
     training: bool,
     generation: int,
 ) -> bool:
-    """Whether a call of this signature runs a torch baseline: a pinned baseline impl, or what
-    `auto` resolves to (training: a training point of the dispatch table of `generation`).
-    Evaluated once, when torch.compile traces the call (its arguments are primitives: see
-    custom_op.py). The graph guards on M as static shapes do (another M traces and decides again;
-    under automatic dynamic shapes the second M makes M symbolic, and the op runs from then on),
-    and on the table's generation."""
+    """Whether a compiled call of this signature traces a baseline's ops instead of calling the
+    op. Inference: where its plan is "compile" (pinned, or what `auto` resolves to with the table
+    of `generation`): Inductor's graph of those ops is what was measured. An "eager" plan keeps
+    the op, whose ATen kernels `auto` measured faster than Inductor's there (GPT-2's MLP at 4096
+    tokens: ATen's gelu 29.2 µs, Inductor's 31.8 and 43.8 µs in two compiles of one graph).
+    Training: where a baseline is pinned or `auto`'s training point names one (its ops then
+    differentiate in the caller's graph). Evaluated once, when torch.compile traces the call (its
+    arguments are primitives: see custom_op.py). The graph guards on M as static shapes do
+    (another M traces and decides again; under automatic dynamic shapes the second M makes M
+    symbolic, and the op runs from then on), and on the table's generation."""
     del generation  # a guard, not an input: front.plan reads the installed table itself
     if impl != AUTO:
-        return get_implementation(impl).baseline
+        return get_implementation(impl).baseline if training else impl == "compile"
     if config_json is not None:  # a pinned config is for our kernels
         return False
     spec = parse_spec(spec_json)
     if training:
         return front.training_choice(spec, m, device) is not None
     chosen = front.plan(spec, (m, spec.d_in), impl=impl, device=device, residual=has_residual)
-    return get_implementation(chosen.impl).baseline
+    return chosen.impl == "compile"
 
 
 def _dispatch_modes() -> int:

@@ -131,11 +131,21 @@ def dynamo_as_torch_2_11(*, strict: bool = True) -> Iterator[None]:
         return original(value)
 
     # 3. torch.compiler.is_exporting() is True under every Dynamo trace on 2.11 (2.13 reads the
-    #    export flag): a function Dynamo inlines, True wherever it traces, the real one elsewhere.
+    #    export flag): a function Dynamo inlines, True in the code it traces, the real one
+    #    elsewhere (is_dynamo_compiling, not is_compiling: torch's own compile code, untraced,
+    #    runs with is_compiling() True and must keep the real answer).
+    #    Dynamo's own tables of torch functions are built first, from the real function (they
+    #    are cached on first use: built from the stand-in, they would keep it after this context
+    #    and treat the real is_exporting as an op in every later trace of the process).
+    import torch._dynamo.trace_rules as trace_rules
+    import torch._dynamo.variables.torch as torch_variables
+
+    trace_rules.get_torch_obj_rule_map()
+    torch_variables.tracing_state_functions()
     real_is_exporting = torch.compiler.is_exporting
 
     def is_exporting_as_2_11() -> bool:
-        return torch.compiler.is_compiling() or real_is_exporting()
+        return torch.compiler.is_dynamo_compiling() or real_is_exporting()
 
     saved = functions.invoke_and_store_as_constant
     functions.invoke_and_store_as_constant = convert_as_2_11

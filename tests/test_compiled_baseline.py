@@ -183,13 +183,28 @@ def test_the_op_stays_for_our_kernels_eager_dynamic_shapes_and_float32():
     for module, options in cases:
         x, _ = _inputs(module.spec, seed=3)
         recorder = GraphRecorder()
-        # not strict: the op's "compile" runs a nested torch.compile of `eager`, whose partial
-        # carries the spec (a trace of its own; 2.11 refuses dataclasses only as arguments of
+        # "compile" through the op runs a nested torch.compile of `eager`, whose partial carries
+        # the spec: a trace of its own, not strict (2.11 refuses dataclasses only as arguments of
         # assume_constant_result functions, which point 1 still checks)
-        with dynamo_as_torch_2_11(strict=False), torch.no_grad():
+        with dynamo_as_torch_2_11(strict=module.impl != "compile"), torch.no_grad():
             out = _compiled(module, recorder, **options)(x)
         assert recorder.ours() == ["fusedmlp.mlp.default"], (module.impl, options)
         assert_close(to_numpy(out), _reference(module, x), module.spec)
+
+
+def test_compiled_training_with_our_kernels_keeps_the_training_op():
+    # our kernels in training: the training op (its `saved` policy), never the inference op —
+    # on torch 2.11 an is_exporting() check sent compiled training to the inference op
+    module = FusedMLP(SPEC, impl="triton", seed=14, saved="preact")
+    x, _ = _inputs(SPEC, seed=15)
+    x.requires_grad_()
+    recorder = GraphRecorder()
+    with dynamo_as_torch_2_11():
+        out = _compiled(module, recorder)(x)
+    assert "fusedmlp.mlp_train.default" in recorder.ours()
+    assert "fusedmlp.mlp.default" not in recorder.ours()
+    out.float().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in module.parameters())
 
 
 def test_export_keeps_the_op():
@@ -266,3 +281,32 @@ def test_the_compiled_graph_is_not_reused_across_autocast(torch_table, monkeypat
 
 def _params_np(params):
     return {k: to_numpy(v) for k, v in params.items()}
+
+
+# ---- GPU (`pytest -m gpu`: the route on the GPU image's torch, 2.11) -----------------------------
+@pytest.mark.gpu
+def test_gpu_compiled_routes():
+    # "compile" traced (no op in the graph), "eager" and our kernels the op, training with our
+    # kernels the training op, export the op — on the real torch of the image, not an emulation
+    spec = SPEC
+    x, residual = (t.cuda() for t in _inputs(spec, seed=16))
+    routes = {}
+    for impl in ("compile", "eager", "triton"):
+        module = FusedMLP(spec, impl=impl, device="cuda", seed=17)
+        recorder = GraphRecorder()
+        with torch.no_grad():
+            out = _compiled(module, recorder)(x, residual)
+        routes[impl] = recorder.ours()
+        assert_close(to_numpy(out), _reference(module, x, residual), spec, what=impl)
+    assert routes == {
+        "compile": [],
+        "eager": ["fusedmlp.mlp.default"],
+        "triton": ["fusedmlp.mlp.default"],
+    }
+    module = FusedMLP(spec, impl="triton", device="cuda", seed=17)
+    recorder = GraphRecorder()
+    out = _compiled(module, recorder)(x.clone().requires_grad_())
+    assert "fusedmlp.mlp_train.default" in recorder.ours()
+    exported = torch.export.export(FusedMLP(spec, impl="compile", device="cuda", seed=17), (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.fusedmlp.mlp.default]

@@ -77,10 +77,10 @@ def eager_packed(
 ) -> torch.Tensor:
     """`eager` on the packed layout (common/packing.py): a gated layer is ONE product with
     [W|V] interleaved in blocks of PACK_BLOCK columns, split by a view. What a compiled FusedMLP
-    traces where its plan is a baseline: Inductor then fuses these ops into the caller's graph as
-    it does the module the FusedMLP replaced, with no opaque op and no copy of the weights in the
-    plain layout. Same products, same activations, same roundings as `eager` (each product
-    rounded to the spec dtype, then the activation and the gate)."""
+    traces where its plan is "compile" (module._traces_baseline): Inductor then fuses these ops
+    into the caller's graph as it does the module the FusedMLP replaced, with no opaque op and
+    no copy of the weights in the plain layout. Same products, same activations, same roundings
+    as `eager` (each product rounded to the spec dtype, then the activation and the gate)."""
     h = x2d
     for i, activation, gated, n, half in recipe:
         act = _ACTIVATIONS[activation]

@@ -355,8 +355,9 @@ class FusedMLP(nn.Module):
         training = _builds_grad(x, params, residual)
         device = x.device.type
         has_residual = residual is not None
-        # The table's generation is an argument so that Dynamo guards on it: a table installed
-        # after the trace (dispatch.install) retraces the call, which decides again.
+        # Reading the table's generation here makes Dynamo guard on it (a table installed after
+        # the trace, dispatch.install, retraces the call, which decides again); it is passed on
+        # so that the decision names everything it depends on.
         generation = dispatch.generation()
         if not _traces_baseline(
             spec_json, self._impl, self._config_json, m, device, has_residual, training, generation
@@ -370,7 +371,8 @@ class FusedMLP(nn.Module):
     def _trained_by(self, x: torch.Tensor, dtype: torch.dtype) -> str | None:
         """The baseline `auto` trains through at this call (a training point of the dispatch
         table: front.training_choice), or None for our kernels. Not under torch.compile: there
-        `_traced_baseline` asks the same table at trace time."""
+        `_traced_baseline` asks the same table at trace time (16-bit dtypes; a compiled float32
+        call trains through the training op)."""
         if self._impl != AUTO or self._config is not None or torch.compiler.is_compiling():
             return None
         spec = self._specs.get(dtype, self._spec)
@@ -474,7 +476,8 @@ def _traces_baseline(
     op. Inference: where its plan is "compile" (pinned, or what `auto` resolves to with the table
     of `generation`): Inductor's graph of those ops is what was measured. An "eager" plan keeps
     the op, whose ATen kernels `auto` measured faster than Inductor's there (GPT-2's MLP at 4096
-    tokens: ATen's gelu 29.2 µs, Inductor's 31.8 and 43.8 µs in two compiles of one graph).
+    tokens: ATen's gelu 29.2 µs for the model's two MLP calls, Inductor's 31.8 and 43.8 µs in
+    two compiles of one graph).
     Training: where a baseline is pinned or `auto`'s training point names one (its ops then
     differentiate in the caller's graph). Evaluated once, when torch.compile traces the call (its
     arguments are primitives: see custom_op.py). The graph guards on M as static shapes do

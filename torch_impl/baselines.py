@@ -5,6 +5,12 @@ These are what a user without this project writes; the harness times every kerne
 the tolerance policy's baseline rule (error ≤ 2 × the framework's own + a floor) is measured
 against `eager`. They take the contract's plain params (`w{i}`, `v{i}`, ...): the front unpacks
 packed ones for them, once.
+
+Two ways FusedMLP runs the "compile" baseline without paying torch.compile twice (issue 23):
+`eager_packed`, the same ops on the packed params, which a compiled FusedMLP traces into the
+caller's graph; and `run_compiled_graph`, the Inductor graph of `run_compile` called without
+Dynamo's per-call guards, which an eager `auto` runs. Twin-diff: jax.jit traces `xla` into the
+caller's computation by itself, so the JAX stack needs neither.
 """
 
 from __future__ import annotations

@@ -70,6 +70,16 @@ def _reference(module: FusedMLP, x, residual=None) -> np.ndarray:
     return y + to_numpy(residual) if residual is not None else y
 
 
+def _assert_grads_match_reference(module: FusedMLP, x: torch.Tensor, dy: torch.Tensor) -> None:
+    """x.grad and the module's (packed) parameter gradients against the float64 backward."""
+    packed = {name: p.grad for name, p in module.named_parameters()}
+    grads = {"x": x.grad, **unpack_params(module.spec, packed)}
+    assert all(g is not None for g in grads.values())
+    params = {k: to_numpy(v) for k, v in module.params().items()}
+    ref = reference.backward(module.spec, to_numpy(x.detach()), params, to_numpy(dy))
+    assert_grads_close({k: to_numpy(v) for k, v in grads.items()}, ref, module.spec)
+
+
 def _compiled(module: FusedMLP, recorder: GraphRecorder, **options):
     torch._dynamo.reset()
     return torch.compile(module, fullgraph=True, backend=recorder, **options)
@@ -161,14 +171,7 @@ def test_auto_trains_through_the_traced_baseline(torch_table):
     assert recorder.targets and not recorder.ours()
     dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype)
     out.backward(dy)
-    packed = {name: p.grad for name, p in module.named_parameters()}
-    grads = {"x": x.grad, **unpack_params(SPEC, packed)}
-    assert all(g is not None for g in grads.values())
-    ref = reference.backward(
-        SPEC, to_numpy(x.detach()), {k: to_numpy(v) for k, v in module.params().items()},
-        to_numpy(dy),
-    )  # fmt: skip
-    assert_grads_close({k: to_numpy(v) for k, v in grads.items()}, ref, SPEC)
+    _assert_grads_match_reference(module, x, dy)
 
 
 # ---- where the op stays --------------------------------------------------------------------------
@@ -203,8 +206,9 @@ def test_compiled_training_with_our_kernels_keeps_the_training_op():
         out = _compiled(module, recorder)(x)
     assert "fusedmlp.mlp_train.default" in recorder.ours()
     assert "fusedmlp.mlp.default" not in recorder.ours()
-    out.float().sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in module.parameters())
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(16)).to(out.dtype)
+    out.backward(dy)
+    _assert_grads_match_reference(module, x, dy)
 
 
 def test_export_keeps_the_op():
@@ -233,31 +237,36 @@ def test_bad_input_keeps_the_fronts_message():
 
 
 # ---- eager mode: auto's "compile" without Dynamo -------------------------------------------------
-def test_auto_runs_the_compiled_graph_without_dynamo(torch_table, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_auto_runs_the_compiled_graph_without_dynamo(torch_table, monkeypatch, dtype):
     # auto resolved to "compile" runs baselines.run_compiled_graph: the Inductor graph of
     # torch.compile(eager), traced and compiled once per call signature, called without Dynamo's
     # guards — the same bits as torch.compile's; a pinned impl="compile" keeps torch.compile
-    module = FusedMLP(SPEC, impl="auto", seed=10)
-    x, residual = _inputs(SPEC, seed=11)
+    # (float32: test_the_compiled_graph_is_not_reused_across_autocast)
+    spec = SPEC.replace(dtype=dtype)
+    module = FusedMLP(spec, impl="auto", seed=10)
+    x, residual = _inputs(spec, seed=11)
     m = x.shape[0] * x.shape[1]
-    torch_table(_table(SPEC, ("compile", "triton"), m))
+    torch_table(_table(spec, ("compile", "triton"), m))
     monkeypatch.setattr(baselines, "_GRAPHS", {})  # this test's graphs go with it
     with torch.no_grad():
-        want = FusedMLP(SPEC, impl="compile", seed=10)(x, residual)  # torch.compile
+        want = FusedMLP(spec, impl="compile", seed=10)(x, residual)  # torch.compile
         real = baselines._compiled
         monkeypatch.setattr(baselines, "_compiled", lambda spec: pytest.fail("torch.compile ran"))
         got = [module(x, residual) for _ in range(3)]
     assert len(baselines._GRAPHS) == 1  # one graph for the three calls of one signature
     for out in got:
         assert torch.equal(out, want)
-    assert_close(to_numpy(got[0]), _reference(module, x, residual), SPEC)
+    assert_close(to_numpy(got[0]), _reference(module, x, residual), spec)
     # the front's forward asked to build a gradient: torch.compile's autograd (the graph above is
     # inference only)
     monkeypatch.setattr(baselines, "_compiled", real)
     xg = x.clone().requires_grad_()
-    front.forward(xg, module.packed_params(), SPEC, impl="auto", residual=residual).sum().backward()
+    out = front.forward(xg, module.packed_params(), spec, impl="auto", residual=residual)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(12)).to(out.dtype)
+    out.backward(dy)
     assert len(baselines._GRAPHS) == 1
-    assert xg.grad is not None and all(p.grad is not None for p in module.parameters())
+    _assert_grads_match_reference(module, xg, dy)
 
 
 def test_the_compiled_graph_is_not_reused_across_autocast(torch_table, monkeypatch):
@@ -305,8 +314,12 @@ def test_gpu_compiled_routes():
     }
     module = FusedMLP(spec, impl="triton", device="cuda", seed=17)
     recorder = GraphRecorder()
-    out = _compiled(module, recorder)(x.clone().requires_grad_())
+    xg = x.clone().requires_grad_()
+    out = _compiled(module, recorder)(xg)
     assert "fusedmlp.mlp_train.default" in recorder.ours()
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(18)).to(out)
+    out.backward(dy)
+    _assert_grads_match_reference(module, xg, dy)
     exported = torch.export.export(FusedMLP(spec, impl="compile", device="cuda", seed=17), (x,))
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     assert targets == [torch.ops.fusedmlp.mlp.default]

@@ -21,9 +21,13 @@ An entry says everything a front needs to plan and launch it:
 - `on_unsupported`: `"refuse"` — the front raises NotImplementedError with the reason (an explicit
   `impl` never falls back silently); `"fallback"` — that layer runs the stack's FALLBACK kernels
   and the plan says why (triton_tma's 16-byte rule).
-- `layout`: the params layout the kernels take, `"plain"` (`w{i}`, `v{i}`, `b{i}`, `c{i}`) or
-  `"packed"` (`wv{i}`, `bc{i}` of gated layers: common/packing.py). The fronts accept either from
-  the caller and convert once (cached) to what the entry declares.
+- `layout`: the params layout the kernels take: `"packed"` (`wv{i}`, `bc{i}` of gated layers:
+  common/packing.py; every kernel of this project), or `"any"`, the caller's layout as it comes,
+  plain (`w{i}`, `v{i}`, `b{i}`, `c{i}`) or packed (the baselines: the same ops on either, a
+  gated layer's packed [W|V] as one product split by a view). The fronts accept either layout
+  from the caller and pack plain params once (cached) for a "packed" entry; an "any" entry gets
+  the params as given, so a FusedMLP (packed) that `auto` sends to a baseline holds no plain
+  copy of its weights.
 - `capturable`: False where the launches cannot be recorded in a torch CUDA graph (torch's
   `mosaic`: JAX's launcher runs on the device's default stream); `auto` passes over it while a
   graph is being captured or prepared (torch_impl/front.py `graph_safe`).
@@ -41,7 +45,7 @@ from dataclasses import dataclass
 STACKS: tuple[str, ...] = ("torch", "jax")
 AUTO = "auto"
 RUNNERS: tuple[str, ...] = ("per_layer", "whole", "baseline")
-LAYOUTS: tuple[str, ...] = ("plain", "packed")
+LAYOUTS: tuple[str, ...] = ("packed", "any")
 # The portable per-layer kernels of each stack: what `auto` takes when nothing better applies, and
 # where a whole-MLP or Hopper implementation that cannot take a problem points the caller.
 FALLBACK: dict[str, str] = {"torch": "triton", "jax": "pallas_triton"}
@@ -58,7 +62,7 @@ class Implementation:
     config_options: tuple[tuple[str, object], ...] = ()  # extra keywords for `config`
     supports: str = ""  # "module:function" -> None or why not ("" : takes every problem)
     on_unsupported: str = "refuse"  # "refuse" (NotImplementedError) or "fallback" (per layer)
-    layout: str = "plain"  # the params layout its kernels take: "plain" or "packed"
+    layout: str = "packed"  # the params layout its kernels take: "packed" or "any"
     gpu_only: bool = False  # True: needs a GPU (no interpreter can run it)
     hopper: bool = False  # True: on a GPU it needs Hopper (sm_90)
     tunable: bool = False  # True: `tune=True` sweeps its configs on a GPU (torch_impl/tuning.py)
@@ -178,6 +182,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         ("torch",),
         "baseline: plain torch ops in the spec dtype",
         runner="baseline",
+        layout="any",
         launcher="fusedmlp.torch_impl.baselines:run_eager",
         kernel_prefix="torch.",
     ),
@@ -186,6 +191,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         ("torch",),
         "baseline: torch.compile of the eager path",
         runner="baseline",
+        layout="any",
         launcher="fusedmlp.torch_impl.baselines:run_compile",
         kernel_prefix="torch.",
     ),
@@ -194,6 +200,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         ("jax",),
         "baseline: jax.jit of plain jax.numpy",
         runner="baseline",
+        layout="any",
         launcher="fusedmlp.jax_impl.baselines:xla",
         kernel_prefix="jax.",
     ),

@@ -1,7 +1,8 @@
 """Baseline of the JAX stack: plain jax.numpy in the spec dtype, run under `jax.jit` (`xla`).
 
 Twin: torch_impl/baselines.py (`eager`, `compile`). The front jits it together with the rest of the
-call, so this is exactly what XLA makes of the textbook MLP.
+call, so this is exactly what XLA makes of the textbook MLP. It takes the params in either layout,
+as the caller holds them (registry layout "any"): plain, or packed (`xla_packed`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fusedmlp.common import MLPSpec
+from fusedmlp.common.packing import PACK_BLOCK, is_packed, packed_width
 
 _ACTIVATIONS = {
     "identity": lambda z: z,
@@ -32,7 +34,10 @@ def _precision(spec: MLPSpec) -> jax.lax.Precision:
 def xla(
     x2d: jax.Array, params: dict[str, jax.Array], spec: MLPSpec, residual: jax.Array | None = None
 ) -> jax.Array:
-    """y = MLP(x) with jnp.matmul and jax.nn activations, in the spec dtype."""
+    """y = MLP(x) with jnp.matmul and jax.nn activations, in the spec dtype. Packed params
+    (common/packing.py) run `xla_packed`: the same ops, a gated layer's two products as one."""
+    if is_packed(params):
+        return xla_packed(x2d, params, spec, residual)
     precision = _precision(spec)
     h = x2d
     for layer in spec.layers():
@@ -47,4 +52,31 @@ def xla(
                 g = g + params[f"c{i}"]
             out = out * g
         h = out
+    return h + residual if residual is not None else h
+
+
+def xla_packed(
+    x2d: jax.Array, params: dict[str, jax.Array], spec: MLPSpec, residual: jax.Array | None = None
+) -> jax.Array:
+    """`xla` on the packed layout: a gated layer is ONE product with [W|V] interleaved in blocks
+    of PACK_BLOCK columns, split by a reshape (no copy of the weights in the plain layout). Same
+    products, activations and roundings as `xla`.
+    twin-diff: torch's `eager_packed` takes primitives instead of the spec (a compiled FusedMLP
+    traces it, and Dynamo must not see a dataclass); jax.jit has no such limit."""
+    precision = _precision(spec)
+    h = x2d
+    for layer in spec.layers():
+        i = layer.index
+        weight, bias = ("wv", "bc") if layer.gated else ("w", "b")
+        z = jnp.matmul(h, params[f"{weight}{i}"], precision=precision)
+        if layer.bias:
+            z = z + params[f"{bias}{i}"]
+        act = _ACTIVATIONS[layer.activation]
+        if layer.gated:
+            half = packed_width(layer.d_out) // 2
+            blocks = z.reshape(z.shape[0], half // PACK_BLOCK, 2, PACK_BLOCK)
+            h = (act(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(z.shape[0], half)
+            h = h[:, : layer.d_out]
+        else:
+            h = act(z)
     return h + residual if residual is not None else h

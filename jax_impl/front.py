@@ -8,10 +8,11 @@ other. Validation and the plan are computed once per call signature (spec, impl,
 shape/dtype of every array) and cached with one jitted runner (spec and plan bound), so `mlp` is
 also callable inside the caller's own `jax.jit`.
 
-Params may come in the contract's names or packed (`fusedmlp.jax_impl.packing.pack_params`); a
-layout other than the kernels' is converted inside the jitted runner, i.e. on every call of an
-eager caller and once per trace of a jitted one — a copy of every gated weight each time it runs.
-Callers that run `mlp` in a loop pack once, outside, in the layout the registry entry declares.
+Params may come in the contract's names or packed (`fusedmlp.jax_impl.packing.pack_params`); plain
+params are packed for our kernels inside the jitted runner, i.e. on every call of an eager caller
+and once per trace of a jitted one — a copy of every gated weight each time it runs. Callers that
+run `mlp` in a loop pack once, outside. The `xla` baseline reads either layout as given (its
+registry layout is "any").
 
 `auto`, on a GPU with a committed dispatch table (common/dispatch/<gpu>.json, derived by
 `fusedmlp bench --derive-auto` from a benchmark run on that GPU), runs what was measured fastest
@@ -319,19 +320,15 @@ def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
 
 # ---- params in the layout the kernels take -------------------------------------------------------
 def _layouts(the_plan: Plan) -> frozenset[str]:
-    """The params layouts the launches read ("plain", "packed")."""
+    """The params layouts the launches read: "packed" (our kernels), "any" (the baseline)."""
     return frozenset(_entry(k.impl).layout for k in the_plan.launches)
 
 
 def _with_layouts(spec: MLPSpec, params: Mapping[str, jax.Array], layouts: frozenset[str]):
     """`params` with every name the launches read (traced: a copy per run, see the docstring)."""
-    packed = is_packed(params)
-    out = dict(params)
-    if "plain" in layouts and packed:
-        out |= unpack_params(spec, params)
-    if "packed" in layouts and not packed:
-        out |= pack_params(spec, params)
-    return out
+    if "packed" in layouts and not is_packed(params):
+        return {**params, **pack_params(spec, params)}
+    return dict(params)
 
 
 # ---- runners: 2-D input, params in the kernels' layout, a plan -> 2-D output --------------------

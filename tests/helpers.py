@@ -323,7 +323,7 @@ class WholeMLPTests:
         stack.check(MLPSpec(self.golden_widths, activation, bias, dtype), self.golden_m, seed)
 
     def test_nan_propagates(self, stack):
-        """A NaN in one row of x makes that row of y NaN (relu is a select) and no other."""
+        """A NaN in one row of x makes that row of y NaN (relu propagates NaN) and no other."""
         dtype, m, row, col = self.nan_case
         spec = MLPSpec(self.odd_widths, "relu", True, dtype)
         params = init_params(spec, seed=13)
@@ -490,3 +490,17 @@ def lower_whole_mlp(fwd: Callable, spec: MLPSpec, m: int, **kw) -> str:
 # The CLI tests' tiny spec (test_harness.py, test_bench_backward.py, conftest's spec_file):
 # odd widths and M keep the interpreted kernels honest and fast.
 CLI_TINY_SPEC = {"widths": (13, 24, 11), "activation": "swiglu", "bias": True, "dtype": "float32"}
+
+
+def one_point_table(spec: MLPSpec, ranking: tuple[str, str], m: int, phase: str = "forward") -> Any:
+    """A torch dispatch table of one measured point at M: `ranking[0]` 1.25× faster than
+    `ranking[1]` (training points name our path KERNELS). Install it with the `torch_table`
+    fixture (conftest.py)."""
+    from fusedmlp.common.dispatch import Point, Table, shape_class, weight_bytes
+
+    ranked = ((ranking[0], 1.0), (ranking[1], 1.25))
+    fields = (spec.dtype, shape_class(spec), m, weight_bytes(spec), ranked, "test point")
+    if phase == "train":
+        point = Point("torch", *fields, phase="train")
+        return Table("Test GPU", "", (point,), train_source="test table")
+    return Table("Test GPU", "", (Point("torch", *fields),))

@@ -82,19 +82,18 @@ def test_torch_bad_call_after_good_one_still_raises(counts):
         torch_impl.mlp(x, params, SPEC.to_dict(), impl="eager")
 
 
-def test_packed_params_are_converted_once_per_set_of_tensors(counts):
+def test_plain_params_are_packed_once_per_set_of_tensors(counts):
     x, params = _torch_inputs(SPEC, 5)
-    packed = pack_params(SPEC, params)
-    want = torch_impl.mlp(x, params, SPEC, impl="eager")
-    for _ in range(3):  # the baseline takes plain params: unpacked on the first call only
-        assert torch.equal(torch_impl.mlp(x, packed, SPEC, impl="eager"), want)
+    want = torch_impl.mlp(x, pack_params(SPEC, params), SPEC, impl="triton")
+    for _ in range(3):  # the kernels take the packed layout: packed on the first call only
+        assert torch.equal(torch_impl.mlp(x, params, SPEC, impl="triton"), want)
     assert counts["torch.derive"] == 1
     with torch.no_grad():
-        packed["wv0"].mul_(2.0)  # an in-place update bumps the version counter: converted again
-    changed = torch_impl.mlp(x, packed, SPEC, impl="eager")
+        params["v0"].mul_(2.0)  # an in-place update bumps the version counter: converted again
+    changed = torch_impl.mlp(x, params, SPEC, impl="triton")
     assert counts["torch.derive"] == 2 and not torch.equal(changed, want)
     entries = len(tfront._CONVERTED)
-    del packed, changed
+    del params, changed
     assert len(tfront._CONVERTED) == entries - 1  # freed with its tensors
 
 

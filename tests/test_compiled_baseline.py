@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from fusedmlp.common import MLPSpec, dispatch, reference
-from fusedmlp.common.dispatch import KERNELS, Point, Table, shape_class, weight_bytes
+from fusedmlp.common.dispatch import KERNELS
 from fusedmlp.common.tolerance import assert_close, assert_grads_close
 from fusedmlp.torch_impl import FusedMLP, baselines, front
 from fusedmlp.torch_impl.packing import unpack_params
-from helpers import dynamo_as_torch_2_11, to_numpy
+from helpers import dynamo_as_torch_2_11, one_point_table, to_numpy
 
 # Two gated layers (the packed [W|V] view, d_out 37 is not a multiple of PACK_BLOCK) and a plain
 # last layer, with biases.
@@ -85,17 +85,6 @@ def _compiled(module: FusedMLP, recorder: GraphRecorder, **options):
     return torch.compile(module, fullgraph=True, backend=recorder, **options)
 
 
-def _table(spec: MLPSpec, ranking: tuple[str, str], m: int, phase: str = "forward") -> Table:
-    """One measured point at M: `ranking[0]` 1.25× faster than `ranking[1]` (training points
-    name our path KERNELS)."""
-    ranked = ((ranking[0], 1.0), (ranking[1], 1.25))
-    fields = (spec.dtype, shape_class(spec), m, weight_bytes(spec), ranked, "test point")
-    if phase == "train":
-        point = Point("torch", *fields, phase="train")
-        return Table("Test GPU", "", (point,), train_source="test table")
-    return Table("Test GPU", "", (Point("torch", *fields),))
-
-
 # ---- pinned baselines ----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_pinned_compile_is_traced_into_the_graph(dtype):
@@ -140,7 +129,7 @@ def test_auto_traces_the_baseline_where_the_table_measured_it_faster(torch_table
     module = FusedMLP(SPEC, impl="auto", seed=5)
     x, residual = _inputs(SPEC, seed=6)
     m = x.shape[0] * x.shape[1]
-    torch_table(_table(SPEC, ("compile", "triton"), m))
+    torch_table(one_point_table(SPEC, ("compile", "triton"), m))
     assert front.plan(SPEC, (m, SPEC.d_in), impl="auto").impl == "compile"
     recorder = GraphRecorder()
     with dynamo_as_torch_2_11(), torch.no_grad():
@@ -150,7 +139,7 @@ def test_auto_traces_the_baseline_where_the_table_measured_it_faster(torch_table
         assert_close(to_numpy(out), _reference(module, x, residual), SPEC, what="auto->compile")
         # a table installed after the trace (a new generation) retraces: the op, where our kernels
         # were measured faster — the same compiled module, no reset
-        torch_table(_table(SPEC, ("triton", "compile"), m))
+        torch_table(one_point_table(SPEC, ("triton", "compile"), m))
         dispatch._GENERATION[0] += 1
         out = compiled(x, residual)
     assert recorder.ours() == ["fusedmlp.mlp.default"]
@@ -164,7 +153,7 @@ def test_auto_trains_through_the_traced_baseline(torch_table):
     x, _ = _inputs(SPEC, seed=8)
     x.requires_grad_()
     m = x.shape[0] * x.shape[1]
-    torch_table(_table(SPEC, ("eager", KERNELS), m, phase="train"))
+    torch_table(one_point_table(SPEC, ("eager", KERNELS), m, phase="train"))
     recorder = GraphRecorder()
     with dynamo_as_torch_2_11():
         out = _compiled(module, recorder)(x)
@@ -247,7 +236,7 @@ def test_auto_runs_the_compiled_graph_without_dynamo(torch_table, monkeypatch, d
     module = FusedMLP(spec, impl="auto", seed=10)
     x, residual = _inputs(spec, seed=11)
     m = x.shape[0] * x.shape[1]
-    torch_table(_table(spec, ("compile", "triton"), m))
+    torch_table(one_point_table(spec, ("compile", "triton"), m))
     monkeypatch.setattr(baselines, "_GRAPHS", {})  # this test's graphs go with it
     with torch.no_grad():
         want = FusedMLP(spec, impl="compile", seed=10)(x, residual)  # torch.compile
@@ -275,7 +264,7 @@ def test_the_compiled_graph_is_not_reused_across_autocast(torch_table, monkeypat
     spec = SPEC.replace(dtype="float32")
     params = FusedMLP(spec, impl="eager", seed=12).params()
     x, _ = _inputs(spec, seed=13)
-    torch_table(_table(spec, ("compile", "triton"), x.shape[0] * x.shape[1]))
+    torch_table(one_point_table(spec, ("compile", "triton"), x.shape[0] * x.shape[1]))
     monkeypatch.setattr(baselines, "_GRAPHS", {})
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):

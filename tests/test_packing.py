@@ -15,7 +15,7 @@ from fusedmlp.common.packing import (
     packed_width,
     unpack_gated,
 )
-from helpers import to_numpy
+from helpers import one_point_table, to_numpy
 
 
 @pytest.mark.parametrize("n", [1, 13, 63, 64, 65, 97, 128, 200])
@@ -119,6 +119,47 @@ def test_fronts_take_packed_params(stack, impl):
     plain_out = np.asarray(to_numpy(front.mlp(x, params, GATED, impl=impl)))
     packed_out = np.asarray(to_numpy(front.mlp(x, packed, GATED, impl=impl)))
     np.testing.assert_array_equal(packed_out, plain_out)
+
+
+@pytest.mark.parametrize("impl", ["eager", "auto"])
+def test_a_baseline_reads_a_packed_module_as_it_is(impl, torch_table, monkeypatch):
+    """A baseline's registry layout is "any": a FusedMLP's packed params reach it as they are —
+    no plain copy is made or cached (it would double a gated layer's weights in memory for as
+    long as the module lives) — in inference and in training, where the gradient lands in the
+    packed `wv` directly. "auto" is sent to the "compile" baseline by a measured table (its
+    Inductor graph, traced on the packed params)."""
+    import torch
+
+    from fusedmlp.common import reference
+    from fusedmlp.common.tolerance import assert_close, assert_grads_close
+    from fusedmlp.torch_impl import FusedMLP, front
+    from fusedmlp.torch_impl.packing import unpack_params
+
+    derived = []
+    real_derive = front._derive
+    monkeypatch.setattr(front, "_derive", lambda *a: derived.append(1) or real_derive(*a))
+    monkeypatch.setattr(front, "_PREPARED", {})
+    x, params, packed = _stack_inputs("torch", GATED, m=9)
+    if impl == "auto":
+        torch_table(one_point_table(GATED, ("compile", "triton"), 9))
+    module = FusedMLP.from_params(packed, GATED, impl=impl)
+    entries = len(front._CONVERTED)
+    assert front.plan(GATED, (9, GATED.d_in), impl=impl).impl in ("eager", "compile")
+    params64 = {k: to_numpy(v) for k, v in params.items()}
+    with torch.no_grad():
+        y = module(x)
+    assert_close(to_numpy(y), reference.forward(GATED, to_numpy(x), params64), GATED)
+    xg = x.clone().requires_grad_()
+    out = module(xg)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out.dtype)
+    out.backward(dy)
+    grads = {
+        "x": xg.grad,
+        **unpack_params(GATED, {k: p.grad for k, p in module.named_parameters()}),
+    }
+    want = reference.backward(GATED, to_numpy(x), params64, to_numpy(dy))
+    assert_grads_close({k: to_numpy(v) for k, v in grads.items()}, want, GATED)
+    assert not derived and len(front._CONVERTED) == entries
 
 
 def test_custom_op_and_module_take_packed_params():

@@ -3,8 +3,9 @@ of the same function (`compile`). Twin: jax_impl/baselines.py (`xla`).
 
 These are what a user without this project writes; the harness times every kernel against them and
 the tolerance policy's baseline rule (error ≤ 2 × the framework's own + a floor) is measured
-against `eager`. They take the contract's plain params (`w{i}`, `v{i}`, ...): the front unpacks
-packed ones for them, once.
+against `eager`. They take the params in either layout, as the caller holds them (registry layout
+"any"): the contract's plain names (`w{i}`, `v{i}`, ...), or the packed ones of a FusedMLP, run
+by `eager_packed` — no plain copy of a packed module's weights is ever made for them.
 
 Two ways FusedMLP runs the "compile" baseline without paying torch.compile twice (issue 23):
 `eager_packed`, the same ops on the packed params, which a compiled FusedMLP traces into the
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedmlp.common import MLPSpec
-from fusedmlp.common.packing import PACK_BLOCK, packed_width
+from fusedmlp.common.packing import PACK_BLOCK, is_packed, packed_width
 
 _ACTIVATIONS = {
     "identity": lambda z: z,
@@ -45,7 +46,10 @@ def eager(
     spec: MLPSpec,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = MLP(x) with torch.addmm and torch.nn.functional activations, spec dtype."""
+    """y = MLP(x) with torch.addmm and torch.nn.functional activations, spec dtype. Packed params
+    (common/packing.py) run `eager_packed`: the same ops, a gated layer's two products as one."""
+    if is_packed(params):
+        return eager_packed(x2d, params, packed_recipe(spec), residual)
     h = x2d
     for layer in spec.layers():
         i = layer.index

@@ -8,10 +8,10 @@ functions, params layout); this file reads that one table and holds no other.
 
 Per call, only what cannot be reused is done: validation and the plan are computed once per call
 signature (spec, impl, config, tune, and the shape/dtype/device of every array) and cached, so a
-repeated call costs a dictionary lookup before its launches. Params in a layout other than the one
-the kernels take (packed vs plain, common/packing.py) are converted once per set of tensors —
-keyed by each tensor's identity and version counter, so an in-place update converts again — and
-the conversion is dropped with the tensors.
+repeated call costs a dictionary lookup before its launches. Plain params (the contract's names)
+are packed for our kernels (common/packing.py) once per set of tensors — keyed by each tensor's
+identity and version counter, so an in-place update converts again — and the copy is dropped with
+the tensors; the baselines read either layout as given (their registry layout is "any").
 
 `auto`, on a GPU with a committed dispatch table (common/dispatch/<gpu>.json, derived by
 `fusedmlp bench --derive-auto` from a benchmark run on that GPU), runs what was measured fastest
@@ -67,7 +67,7 @@ from fusedmlp.common.validate import (
 )
 
 from . import baselines
-from .packing import pack_params, unpack_params
+from .packing import pack_params
 from .runtime import INTERPRET
 
 STACK = "torch"
@@ -374,32 +374,28 @@ def _training_plan(
 
 # ---- params in the layout the kernels take (converted once per set of tensors) -------------------
 def _layouts(the_plan: Plan) -> frozenset[str]:
-    """The params layouts the launches read: "plain", "packed", or both (a per-layer fallback to
-    an implementation of the other layout)."""
+    """The params layouts the launches read: "packed" (our kernels), "any" (a baseline), or both
+    (a per-layer plan never mixes them today; the rule below would hold if one did)."""
     return frozenset(_entry(k.impl).layout for k in the_plan.launches)
 
 
 def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozenset[str]):
-    """The tensors the launches read that `params` lacks: the plain names of packed params or the
-    packed names of plain ones (contiguous copies), and contiguous copies of strided biases.
-    Never a tensor of `params` itself, so a cache of these keeps no caller's tensor alive."""
-    packed = is_packed(params)
-    out: dict[str, torch.Tensor] = {}
-    if "plain" in layouts and packed:
-        out |= {k: v.contiguous() for k, v in unpack_params(spec, params).items()}
-    if "packed" in layouts and not packed:
-        out |= pack_params(spec, params)
+    """The tensors our kernels read that `params` lacks: the packed names of plain params, and
+    contiguous copies of strided biases. Never a tensor of `params` itself, so a cache of these
+    keeps no caller's tensor alive. A baseline ("any") reads the params as they come."""
+    if "packed" not in layouts:
+        return {}
+    out = {} if is_packed(params) else pack_params(spec, params)
     # Launchers index biases with unit stride (N elements: cheaper than more stride arguments).
     out |= {k: v.contiguous() for k, v in params.items() if v.ndim == 1 and not v.is_contiguous()}
     return {k: v for k, v in out.items() if params.get(k) is not v}
 
 
 def _needs_conversion(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts) -> bool:
-    packed = is_packed(params)
-    return (
-        ("plain" in layouts and packed)
-        or ("packed" in layouts and not packed and spec.gated)
-        or any(v.ndim == 1 and not v.is_contiguous() for v in params.values())
+    if "packed" not in layouts:
+        return False
+    return (spec.gated and not is_packed(params)) or any(
+        v.ndim == 1 and not v.is_contiguous() for v in params.values()
     )
 
 

@@ -6,8 +6,9 @@ Pallas-Triton calls libdevice's expf). The activation is a static Python string,
 traced with exactly one branch. Formulas are the float64 reference's (common/reference.py), built
 only from exp, +, ×, ÷ and selects, as those lower everywhere: erf has no Pallas-Triton lowering
 rule (0.10 or 0.11) and no Mosaic GPU layout rule in jax 0.11 — both found by lowering for CUDA on a
-CPU. So tanh goes through exp, erf-gelu through `erfc` below, and relu is a select so that NaN
-propagates (a max would return 0 for NaN on the GPU).
+CPU. So tanh goes through exp, erf-gelu through `erfc` below, and relu is the reference's max(z, 0)
+with NaN propagated (`jnp.maximum` lowers to a NaN-propagating max: PTX `max.NaN`, one instruction
+an element where the select it replaced took two).
 
 `round_to_dtype(x, DTYPE, INTERPRET)` is every kernel's one rounding of an fp32 tile to the output
 (or hidden) dtype, in both stacks: a DTYPE tile, rounded to nearest even. Where the rounded value
@@ -47,10 +48,16 @@ def erfc(x: jax.Array) -> jax.Array:
     return jnp.where(x >= 0.0, r, 2.0 - r)
 
 
+def relu(x: jax.Array) -> jax.Array:
+    """max(x, 0) with NaN propagated, on an fp32 or a 16-bit tile (max is exact: a 16-bit tile's
+    relu equals the rounding of its fp32 relu, fused_small.py relies on it)."""
+    return jnp.maximum(x, 0.0)
+
+
 def apply_activation(x: jax.Array, activation: str) -> jax.Array:
     """act(x) for an fp32 tile; activation is one of ACTIVATION_KEYS."""
     if activation == "relu":
-        x = jnp.where(x < 0.0, 0.0, x)
+        x = relu(x)
     elif activation == "gelu":
         x = 0.5 * x * erfc(-x * SQRT_1_2)  # = x/2 · (1 + erf(x/√2))
     elif activation == "gelu_tanh":

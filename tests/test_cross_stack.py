@@ -244,7 +244,7 @@ def test_cross_stack(family: str, activation: str, dtype: str) -> None:
     row = compare_case(family, activation, dtype)
     base = GATED_ACTIVATIONS.get(activation, activation)
     if not PRIMITIVES[base]:
-        # Products, bias, relu's select and the output rounding agree to the last bit.
+        # Products, bias, relu's max and the output rounding agree to the last bit.
         assert row.identical, row
     else:
         # Any difference is explained by a primitive the formula calls, never by the dot/cast.
@@ -286,7 +286,7 @@ def markdown(rows: list[Row]) -> str:
         "- The fp32 products agree to the last bit for every dtype: 16-bit tiles are upcast to "
         "fp32 after the load in both interpreters, so both multiply the same fp32 tiles (products "
         "of 16-bit values are exact in fp32), and both sum each BLOCK_K slice and add it to the "
-        "accumulator in the same order. Bias, relu's select, the gate product and the output "
+        "accumulator in the same order. Bias, relu's max, the gate product and the output "
         "rounding agree too.",
         "- The only differences come from the one transcendental primitive, `exp` (silu; "
         "gelu_tanh through tanh; gelu through erfc; and their gated forms). In float32 they show "

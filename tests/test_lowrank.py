@@ -429,7 +429,7 @@ def test_leading_dims_and_empty(stack: Stack) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_propagates(stack: Stack, path: str) -> None:
-    """A NaN in one row of x makes that row NaN (relu is a select) and no other: every output
+    """A NaN in one row of x makes that row NaN (relu propagates NaN) and no other: every output
     element is written (torch's are poisoned with NaN, Pallas' interpreter fills with NaN). Two
     passes: the NaN travels through its row's partial, and no other row's."""
     x, u, v, b = _operands("float32", 17, True)

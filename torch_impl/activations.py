@@ -6,8 +6,9 @@ Pallas-Triton calls libdevice's expf). The activation is a string constexpr, so 
 compiled with exactly one branch. Formulas are the float64 reference's (common/reference.py), built
 only from exp, +, ×, ÷ and selects, as those lower everywhere: erf has no Pallas-Triton lowering
 rule (0.10 or 0.11) and no Mosaic GPU layout rule in jax 0.11, and the twins keep one formula. So
-tanh goes through exp, erf-gelu through `erfc` below, and relu is a select so that NaN propagates
-(a max would return 0 for NaN on the GPU).
+tanh goes through exp, erf-gelu through `erfc` below, and relu is the reference's max(z, 0) with NaN
+propagated (`propagate_nan=ALL`: PTX `max.NaN`, one instruction an element on Hopper where the
+select it replaced took two — the epilogue of a narrow MLP's layers was 79 % relu and rounding).
 
 `round_to_dtype(x, DTYPE, INTERPRET)` is every kernel's one rounding of an fp32 tile to the output
 (or hidden) dtype, in both stacks: a DTYPE tile, rounded to nearest even. Where the rounded value
@@ -52,10 +53,17 @@ def erfc(x):
 
 
 @triton.jit
+def relu(x):
+    """max(x, 0) with NaN propagated, on an fp32 or a 16-bit tile (max is exact: a 16-bit tile's
+    relu equals the rounding of its fp32 relu, fused_small.py relies on it)."""
+    return tl.maximum(x, tl.zeros_like(x), propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def apply_activation(x, ACTIVATION: tl.constexpr):
     """act(x) for an fp32 tile; ACTIVATION is one of ACTIVATION_KEYS."""
     if ACTIVATION == "relu":
-        x = tl.where(x < 0.0, 0.0, x)
+        x = relu(x)
     elif ACTIVATION == "gelu":
         x = 0.5 * x * erfc(-x * SQRT_1_2)  # = x/2 · (1 + erf(x/√2))
     elif ACTIVATION == "gelu_tanh":

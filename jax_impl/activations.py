@@ -7,8 +7,7 @@ traced with exactly one branch. Formulas are the float64 reference's (common/ref
 only from exp, +, ×, ÷ and selects, as those lower everywhere: erf has no Pallas-Triton lowering
 rule (0.10 or 0.11) and no Mosaic GPU layout rule in jax 0.11 — both found by lowering for CUDA on a
 CPU. So tanh goes through exp, erf-gelu through `erfc` below, and relu is the reference's max(z, 0)
-with NaN propagated (`jnp.maximum` lowers to a NaN-propagating max: PTX `max.NaN`, one instruction
-an element where the select it replaced took two).
+with NaN propagated: a select here (`relu`), as Pallas-Triton's max drops NaN.
 
 `round_to_dtype(x, DTYPE, INTERPRET)` is every kernel's one rounding of an fp32 tile to the output
 (or hidden) dtype, in both stacks: a DTYPE tile, rounded to nearest even. Where the rounded value
@@ -49,9 +48,13 @@ def erfc(x: jax.Array) -> jax.Array:
 
 
 def relu(x: jax.Array) -> jax.Array:
-    """max(x, 0) with NaN propagated, on an fp32 or a 16-bit tile (max is exact: a 16-bit tile's
-    relu equals the rounding of its fp32 relu, fused_small.py relies on it)."""
-    return jnp.maximum(x, 0.0)
+    """max(x, 0) with NaN propagated, on an fp32 or a 16-bit tile (exact: a 16-bit tile's relu
+    equals the rounding of its fp32 relu, fused_small.py relies on it).
+    twin-diff: a select, not `jnp.maximum`: Pallas-Triton lowers lax.max to `arith.maxnumf`
+    (PTX `max`, which returns the number when the other operand is NaN) where Triton's
+    `propagate_nan=ALL` gives `max.NaN`. `x <= 0` (not `x < 0`) makes -0.0 give +0.0 as the
+    max does, so the twins agree to the bit."""
+    return jnp.where(x <= 0.0, 0.0, x)
 
 
 def apply_activation(x: jax.Array, activation: str) -> jax.Array:

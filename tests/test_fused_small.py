@@ -302,7 +302,8 @@ def test_sm90_compile_default_configs():
     included; the old kernel took 43 s at float32 width 128), fit their programs per SM in shared
     memory; 16-bit ones use wgmma and do not spill."""
     cases = [
-        ((64,) * 6, "relu", False, "float16"),  # nerf-64x5
+        ((64,) * 6, "relu", False, "float16"),  # nerf-64x5: relu after the rounding, on f16x2
+        ((64,) * 4, "relu", False, "bfloat16"),  # relu before it (Triton's bf16 max is fp32)
         ((128,) * 9, "swiglu", True, "bfloat16"),  # the streamed path, gated, depth 8
         ((128,) * 9, "geglu", True, "float32"),
     ]  # the worst float32 case: FMA products

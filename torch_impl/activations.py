@@ -54,8 +54,9 @@ def erfc(x):
 
 @triton.jit
 def relu(x):
-    """max(x, 0) with NaN propagated, on an fp32 or a 16-bit tile (max is exact: a 16-bit tile's
-    relu equals the rounding of its fp32 relu, fused_small.py relies on it)."""
+    """max(x, 0) with NaN propagated, on an fp32 or a float16 tile (exact: a float16 tile's relu
+    equals the rounding of its fp32 relu, fused_small.py relies on it; Triton computes a
+    bfloat16 max in fp32, so it returns fp32 for one)."""
     return tl.maximum(x, tl.zeros_like(x), propagate_nan=tl.PropagateNan.ALL)
 
 

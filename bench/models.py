@@ -211,10 +211,11 @@ def paired_host_us(
     base: Callable[[], Any], ours: Callable[[], Any], calls: int = 50, pairs: int = 9
 ) -> tuple[float, float, float]:
     """(base µs, ours µs, ours − base µs) per call: batches of `calls` calls of each, issued in
-    alternation (base, ours, base, ...), no sync within a batch; medians of each and the median
-    of the `pairs` per-pair differences. Two separate medians drifted apart on the H200's host
-    (one session read −30 to +55 µs "above the launches" for the same code): a pair shares the
-    host's state of the moment, so the difference is what it measures."""
+    pairs (base then ours, ours then base, alternately: no order bias), no sync within a batch;
+    medians of each and the median of the `pairs` per-pair differences (not the difference of
+    the medians). Two separate medians drifted apart on the H200's host (one session read −30
+    to +55 µs "above the launches" for the same code): a pair shares the host's state of the
+    moment, so the difference is what it measures."""
     import torch
 
     def batch(fn: Callable[[], Any]) -> float:
@@ -227,7 +228,14 @@ def paired_host_us(
 
     base(), ours()
     torch.cuda.synchronize()
-    measured = [(batch(base), batch(ours)) for _ in range(pairs)]
+    measured = []
+    for i in range(pairs):
+        if i % 2:
+            o = batch(ours)
+            measured.append((batch(base), o))
+        else:
+            b = batch(base)
+            measured.append((b, batch(ours)))
     return (
         statistics.median(b for b, _ in measured),
         statistics.median(o for _, o in measured),
@@ -374,10 +382,9 @@ def run_overhead(device: str, impl: str = "auto") -> list[dict[str, Any]]:
         with torch.no_grad():
             ours(x)
             call = front.prepare(x, ours.packed_params(), ours.spec, ours.impl)
-            params = {
-                **ours.packed_params(),
-                **front._CONVERTED.get(ours.spec, ours.packed_params(), call.layouts),
-            }
+            params = ours.packed_params()
+            if call.convert:
+                params |= front._CONVERTED.get(ours.spec, params, call.layouts)
             runner = front._RUNNERS[call.plan.impl]
 
             def launches(x=x, call=call, params=params, runner=runner):
@@ -393,8 +400,9 @@ def run_overhead(device: str, impl: str = "auto") -> list[dict[str, Any]]:
             }
         # Grad mode with trainable params: the training path (the saving forward, which keeps
         # what the backward needs: a different computation from the launches above).
-        row["fused_grad_mode_host_us"] = host_us(lambda x=x: ours(x))
-        row["op_path_above_launches_us"] = row["fused_grad_mode_host_us"] - row["launches_host_us"]
+        _, row["fused_grad_mode_host_us"], row["op_path_above_launches_us"] = paired_host_us(
+            launches, lambda x=x: ours(x)
+        )
         row["hf_host_us"] = host_us(lambda x=x: hf(x))
         rows.append(row)
     return rows
@@ -448,8 +456,8 @@ def table(result: dict[str, Any]) -> str:
             continue
         lines.append(
             f"overhead M={row['tokens']:<4d} launches {row['launches_host_us']:6.1f} µs, FusedMLP "
-            f"+{row['above_launches_us']:5.1f} µs (no_grad), "
-            f"+{row['op_path_above_launches_us']:5.1f} µs (training path), "
+            f"{row['above_launches_us']:+6.1f} µs (no_grad), "
+            f"{row['op_path_above_launches_us']:+6.1f} µs (training path), "
             f"HF module {row['hf_host_us']:6.1f} µs  [{row['plan']}]"
         )
     cross = result.get("cross")

@@ -127,7 +127,7 @@ class Provider:
         )
 
     def layouts(self, case: Case) -> frozenset[str]:
-        """The params layouts this provider's launches read ("plain", "packed")."""
+        """The params layouts this provider's launches read ("packed", "any")."""
         return frozenset(
             get_implementation(launch.impl).layout for launch in self.plan(case).launches
         )

@@ -625,8 +625,9 @@ def forward(
         residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
     flat = params
     if call.convert:
-        # A baseline in training differentiates through the conversion itself: converted afresh
-        # (a cached copy would hold the graph of the call that made it).
+        # A call that builds a gradient through the packing (our kernels reached through
+        # `forward` with grad on: the packing is differentiable) converts afresh — a cached copy
+        # would hold the graph of the call that made it.
         grad = needs_grad(x, params, residual)
         derived = _derive(spec, params, call.layouts) if grad else None
         flat = {**params, **(derived or _CONVERTED.get(spec, params, call.layouts))}

@@ -57,7 +57,7 @@ from fusedmlp.common.tiling import (
 )
 from fusedmlp.common.validate import check_packed_call
 
-from .activations import apply_activation, relu, round_to_dtype
+from .activations import apply_activation, round_to_dtype
 from .backward import _gate_join
 from .compat import interpret_mode, quiet_pallas_triton
 from .front import ADAPTER, STACK
@@ -145,14 +145,11 @@ def _hidden_layer(
     if HAS_BIAS:
         z += b[None, :]
     g = z
-    if ACTIVATION == "relu" and not GATED and DTYPE != jnp.bfloat16:  # noqa: SIM300
-        # relu after the rounding: the same values (relu is exact and rounding monotone), on
-        # float16 tiles — the twin's order (torch: PTX max.NaN.f16x2, nerf-64x5 187 -> 154 µs on
-        # the H200); here `relu` is a select (activations.py), on half the bytes of an fp32 one.
-        h = round_to_dtype(z, DTYPE, INTERPRET)
-        if INTERPRET:
-            h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
-        return relu(h), z, g
+    # twin-diff: no relu after the rounding here (torch: float16 relu on packed pairs, PTX
+    # max.NaN.f16x2). Pallas-Triton's max drops NaN, so this relu is a select, and a select on
+    # the rounded float16 tile measured slower than on the fp32 one: nerf-64x5 192.9 -> 220.3 µs
+    # on the H200 (5fe85e1). The values are the same either way (relu is exact, rounding
+    # monotone), so the twins still agree to the bit.
     out = apply_activation(z, ACTIVATION)
     if GATED:
         g = plgpu.dot(h, v, precision=DOT_PRECISION)

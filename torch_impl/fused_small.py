@@ -165,8 +165,9 @@ def _hidden_layer(
         # relu after the rounding: the same values (relu is exact and rounding monotone), on
         # packed float16 pairs (PTX max.NaN.f16x2) — 2 instructions a pair of elements instead
         # of 5 on the layer's critical path (a tile's layers are one dependent chain of dot,
-        # wait, epilogue: nerf-64x5 187 -> 154 µs on the H200). Not bfloat16: Triton computes
-        # its max in fp32.
+        # wait, epilogue: nerf-64x5 187 -> 149-154 µs on the H200). Not bfloat16: Triton computes
+        # its max in fp32. twin-diff: the Pallas twin keeps relu before the rounding (its relu is
+        # a select, slower on float16 tiles).
         h = round_to_dtype(z, DTYPE, INTERPRET)
         if INTERPRET:
             h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles

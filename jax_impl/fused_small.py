@@ -131,6 +131,18 @@ def _select_layer(w_refs, b_refs, layer, WIDTHS, NUM_HIDDEN, WIDTH, GATED, HAS_B
     return jax.lax.switch(layer, branches)
 
 
+def _relu_f16x2(h: jax.Array) -> jax.Array:
+    """relu of a float16 tile, two elements an instruction, NaN propagated (GPU only)."""
+    (out,) = plgpu.elementwise_inline_asm(
+        "max.NaN.f16x2 $0, $1, $2;",
+        args=[h, jnp.zeros_like(h)],
+        constraints="=r,r,r",
+        pack=2,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(h.shape, h.dtype)],
+    )
+    return out
+
+
 def _hidden_layer(
     h, w, v, b, c,
     ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, DTYPE, INTERPRET,
@@ -145,11 +157,14 @@ def _hidden_layer(
     if HAS_BIAS:
         z += b[None, :]
     g = z
-    # twin-diff: no relu after the rounding here (torch: float16 relu on packed pairs, PTX
-    # max.NaN.f16x2). Pallas-Triton's max drops NaN, so this relu is a select, and a select on
-    # the rounded float16 tile measured slower than on the fp32 one: nerf-64x5 192.9 -> 220.3 µs
-    # on the H200 (5fe85e1). The values are the same either way (relu is exact, rounding
-    # monotone), so the twins still agree to the bit.
+    if ACTIVATION == "relu" and not GATED and DTYPE == jnp.float16 and not INTERPRET:  # noqa: SIM300
+        # relu after the rounding: the same values (relu is exact and rounding monotone), on
+        # packed float16 pairs (PTX max.NaN.f16x2) — the torch twin's order, nerf-64x5 187 ->
+        # 149-154 µs there. twin-diff: float16 on the GPU only, through inline PTX — Pallas-
+        # Triton's jnp.maximum drops NaN, and the select it would take instead measured slower
+        # on the float16 tile than on the fp32 one (nerf-64x5 192.9 -> 220.3 µs, 5fe85e1); the
+        # interpreter takes the path below, with the same values.
+        return _relu_f16x2(round_to_dtype(z, DTYPE, INTERPRET)), z, g
     out = apply_activation(z, ACTIVATION)
     if GATED:
         g = plgpu.dot(h, v, precision=DOT_PRECISION)

@@ -18,6 +18,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from fusedmlp.common import reference
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.params import init_params, make_input
 from fusedmlp.common.spec import MLPSpec
@@ -30,6 +31,7 @@ from fusedmlp.common.tiling import (
     small_config_for,
     small_smem_bytes,
 )
+from fusedmlp.common.tolerance import assert_close
 from helpers import (
     WholeMLPTests,
     lower_whole_mlp,
@@ -326,6 +328,34 @@ def test_pallas_lowers_for_cuda(activation, dtype, hoist):
     spec = MLPSpec((45, 128, 100, 17), activation, True, dtype)
     config = SmallConfig(block_m=64, num_warps=4, num_stages=3, hoist=hoist)
     assert "fused_small_fwd" in lower_whole_mlp(mod.fused_small_fwd, spec, 300, config=config)
+
+
+def test_pallas_float16_relu_lowers_to_the_nan_propagating_max():
+    """On the GPU the Pallas twin's float16 relu is inline PTX `max.NaN.f16x2` after the rounding
+    (jnp.maximum lowers to a max that drops NaN; the interpreter takes the select): lowering for
+    CUDA on this CPU shows it, and only for float16."""
+    from fusedmlp.jax_impl import fused_small as mod
+
+    needs_jax_0_10_lowering()
+    config = SmallConfig(block_m=64, num_warps=4, num_stages=3, hoist=True)
+    for dtype, count in (("float16", 1), ("bfloat16", 0)):
+        spec = MLPSpec((64,) * 4, "relu", False, dtype)
+        lowered = lower_whole_mlp(mod.fused_small_fwd, spec, 300, config=config)
+        assert lowered.count("max.NaN.f16x2") == count, dtype
+
+
+@pytest.mark.gpu
+def test_gpu_float16_relu_propagates_nan(stack):
+    """The float16 relu after the rounding (torch: tl.maximum with NaN propagated; JAX: inline
+    max.NaN.f16x2) on the GPU, where the interpreters' NumPy max cannot stand in: a NaN row of x
+    is a NaN row of y, every other row within the tolerance of the float64 reference."""
+    spec = MLPSpec((64,) * 6, "relu", False, "float16")  # nerf-64x5
+    params = init_params(spec, seed=41)
+    x = make_input(spec, 4099, seed=42)
+    x[7, 3] = np.nan
+    out = stack.run(x, params, spec)
+    assert np.isnan(out[7]).all() and not np.isnan(np.delete(out, 7, axis=0)).any()
+    assert_close(out, reference.forward(spec, x, params), spec)
 
 
 @pytest.mark.gpu

@@ -49,7 +49,7 @@ def erfc(x: jax.Array) -> jax.Array:
 
 def relu(x: jax.Array) -> jax.Array:
     """max(x, 0) with NaN propagated, on an fp32 tile (exact: the rounding of the relu is the relu
-    of the rounding, which the torch twin's fused_small uses).
+    of the rounding, which fused_small's float16 path uses, there through inline PTX).
     twin-diff: a select, not `jnp.maximum`: Pallas-Triton lowers lax.max to `arith.maxnumf`
     (PTX `max`, which returns the number when the other operand is NaN) where Triton's
     `propagate_nan=ALL` gives `max.NaN`. `x <= 0` (not `x < 0`) makes -0.0 give +0.0 as the

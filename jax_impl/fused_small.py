@@ -163,7 +163,7 @@ def _hidden_layer(
         # 149-154 µs there. twin-diff: float16 on the GPU only, through inline PTX — Pallas-
         # Triton's jnp.maximum drops NaN, and the select it would take instead measured slower
         # on the float16 tile than on the fp32 one (nerf-64x5 192.9 -> 220.3 µs, 5fe85e1); the
-        # interpreter takes the path below, with the same values.
+        # interpreter takes the path below, with the same values. The instruction needs sm_80+.
         return _relu_f16x2(round_to_dtype(z, DTYPE, INTERPRET)), z, g
     out = apply_activation(z, ACTIVATION)
     if GATED:

@@ -338,10 +338,12 @@ def test_pallas_float16_relu_lowers_to_the_nan_propagating_max():
 
     needs_jax_0_10_lowering()
     config = SmallConfig(block_m=64, num_warps=4, num_stages=3, hoist=True)
-    for dtype, count in (("float16", 1), ("bfloat16", 0)):
+    for dtype, emits in (("float16", True), ("bfloat16", False)):
         spec = MLPSpec((64,) * 4, "relu", False, dtype)
         lowered = lower_whole_mlp(mod.fused_small_fwd, spec, 300, config=config)
-        assert lowered.count("max.NaN.f16x2") == count, dtype
+        # the kernel is MLIR bytecode: its string table holds the instruction once, however many
+        # layers carry it
+        assert ("max.NaN.f16x2" in lowered) == emits, dtype
 
 
 @pytest.mark.gpu

@@ -166,8 +166,9 @@ def _hidden_layer(
         # packed float16 pairs (PTX max.NaN.f16x2) — 2 instructions a pair of elements instead
         # of 5 on the layer's critical path (a tile's layers are one dependent chain of dot,
         # wait, epilogue: nerf-64x5 187 -> 149-154 µs on the H200). Not bfloat16: Triton computes
-        # its max in fp32. twin-diff: the Pallas twin keeps relu before the rounding (its relu is
-        # a select, slower on float16 tiles).
+        # its max in fp32. twin-diff: the Pallas twin takes this order for float16 on the GPU
+        # only (inline max.NaN.f16x2: its jnp.maximum drops NaN); for float32 and under its
+        # interpreter it keeps relu before the rounding (the same values).
         h = round_to_dtype(z, DTYPE, INTERPRET)
         if INTERPRET:
             h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles

@@ -164,15 +164,16 @@ def _hidden_layer(
         # Triton's jnp.maximum drops NaN, and the select it would take instead measured slower
         # on the float16 tile than on the fp32 one (nerf-64x5 192.9 -> 220.3 µs, 5fe85e1); the
         # interpreter takes the path below, with the same values. The instruction needs sm_80+.
-        return _relu_f16x2(round_to_dtype(z, DTYPE, INTERPRET)), z, g
-    out = apply_activation(z, ACTIVATION)
-    if GATED:
-        g = plgpu.dot(h, v, precision=DOT_PRECISION)
-        if HAS_BIAS:
-            g += c[None, :]
-        out = out * g
-    # round the hidden as a per-layer kernel's store would, then feed the next dot
-    h = round_to_dtype(out, DTYPE, INTERPRET)
+        h = _relu_f16x2(round_to_dtype(z, DTYPE, INTERPRET))
+    else:
+        out = apply_activation(z, ACTIVATION)
+        if GATED:
+            g = plgpu.dot(h, v, precision=DOT_PRECISION)
+            if HAS_BIAS:
+                g += c[None, :]
+            out = out * g
+        # round the hidden as a per-layer kernel's store would, then feed the next dot
+        h = round_to_dtype(out, DTYPE, INTERPRET)
     if INTERPRET:
         h = h.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
     return h, z, g

@@ -169,18 +169,16 @@ def _hidden_layer(
         # its max in fp32. twin-diff: the Pallas twin takes this order for float16 on the GPU
         # only (inline max.NaN.f16x2: its jnp.maximum drops NaN); for float32 and under its
         # interpreter it keeps relu before the rounding (the same values).
-        h = round_to_dtype(z, DTYPE, INTERPRET)
-        if INTERPRET:
-            h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
-        return relu(h), z, g
-    out = apply_activation(z, ACTIVATION)
-    if GATED:
-        g = tl.dot(h, v, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            g += c[None, :]
-        out = out * g
-    # round the hidden as a per-layer kernel's store would, then feed the next dot
-    h = round_to_dtype(out, DTYPE, INTERPRET)
+        h = relu(round_to_dtype(z, DTYPE, INTERPRET))
+    else:
+        out = apply_activation(z, ACTIVATION)
+        if GATED:
+            g = tl.dot(h, v, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                g += c[None, :]
+            out = out * g
+        # round the hidden as a per-layer kernel's store would, then feed the next dot
+        h = round_to_dtype(out, DTYPE, INTERPRET)
     if INTERPRET:
         h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
     return h, z, g

@@ -788,6 +788,18 @@ def fused_small_config(
         three = SmallConfig(64, 4, 3, 3, hoist)
         if 3 * (small_smem_bytes(spec, three) + 2048) <= SMEM_PER_SM:
             return three
+    if kernel == "forward" and not hoist and spec.num_layers == 2 and spec.dtype != "float32":
+        # One hidden layer too wide to hoist (a gated 128-wide one: 96 KiB of tiles): the
+        # streamed path's layer loop then runs once, and Triton's pipeliner stages that layer's
+        # weight loads with the row loop — sm_90 compile of (64, 128, 64) swiglu float16 at 64
+        # rows, 3 stages: 352,256 B of shared memory, past the 227 KiB a program may have (the
+        # launch would fail). Held on chip instead: 155,648 B, one program an SM, the weights
+        # read once, wgmma kept — with 132 B of spill at 255 registers (the gate's two 64 x 128
+        # fp32 accumulators); 32 rows spill nothing but lose wgmma (it needs 64 rows a
+        # warpgroup), 8 warps still spill. Not measured on a GPU.
+        hoisted = SmallConfig(block_m, warps, stages, 1, True)
+        if small_smem_bytes(spec, hoisted) + 1024 <= SMEM_PER_SM:
+            return hoisted
     if kernel == "dgrad" and narrow_16bit:
         # kernel A walks every layer back per row tile (a dot and act' a layer, every dZ stored):
         # half the rows a tile halves each program's registers and doubles the tiles in flight.

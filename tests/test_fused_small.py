@@ -306,15 +306,20 @@ def test_sm90_compile_default_configs():
     cases = [
         ((64,) * 6, "relu", False, "float16"),  # nerf-64x5: relu after the rounding, on f16x2
         ((64,) * 4, "relu", False, "bfloat16"),  # relu before it (Triton's bf16 max is fp32)
+        ((64, 128, 64), "swiglu", True, "float16"),  # one hidden layer, too wide to stream
         ((128,) * 9, "swiglu", True, "bfloat16"),  # the streamed path, gated, depth 8
         ((128,) * 9, "geglu", True, "float32"),
     ]  # the worst float32 case: FMA products
     # a cold Triton cache: real compile times
+    # The one default known to spill: a single gated 128-wide hidden layer held on chip (132 B,
+    # common/tiling.fused_small_config says why: the alternatives did not fit or lost wgmma).
+    spills = {(64, 128, 64): 132}
     for info in run_script(_COMPILE, json.dumps(cases), timeout=900, cache="cold"):
         assert info["seconds"] <= COMPILE_LIMIT_S, info
         assert info["programs_per_sm"] * (info["shared"] + 1024) <= SMEM_PER_SM, info
         if info["dtype"] != "float32":
-            assert info["wgmma"] and info["spill"] == 0, info
+            assert info["wgmma"], info
+            assert info["spill"] == spills.get(tuple(info["widths"]), 0), info
 
 
 @pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "streamed"])

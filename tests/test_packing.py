@@ -121,8 +121,11 @@ def test_fronts_take_packed_params(stack, impl):
     np.testing.assert_array_equal(packed_out, plain_out)
 
 
-@pytest.mark.parametrize("impl", ["eager", "auto"])
-def test_a_baseline_reads_a_packed_module_as_it_is(impl, torch_table, monkeypatch):
+@pytest.mark.parametrize(
+    "impl, dtype",
+    [("eager", "float32"), ("eager", "float16"), ("eager", "bfloat16"), ("auto", "bfloat16")],
+)
+def test_a_baseline_reads_a_packed_module_as_it_is(impl, dtype, torch_table, monkeypatch):
     """A baseline's registry layout is "any": a FusedMLP's packed params reach it as they are —
     no plain copy is made or cached (it would double a gated layer's weights in memory for as
     long as the module lives) — in inference and in training, where the gradient lands in the
@@ -139,27 +142,64 @@ def test_a_baseline_reads_a_packed_module_as_it_is(impl, torch_table, monkeypatc
     real_derive = front._derive
     monkeypatch.setattr(front, "_derive", lambda *a: derived.append(1) or real_derive(*a))
     monkeypatch.setattr(front, "_PREPARED", {})
-    x, params, packed = _stack_inputs("torch", GATED, m=9)
+    spec = GATED.replace(dtype=dtype)
+    x, params, packed = _stack_inputs("torch", spec, m=9)
     if impl == "auto":
-        torch_table(one_point_table(GATED, ("compile", "triton"), 9))
-    module = FusedMLP.from_params(packed, GATED, impl=impl)
+        torch_table(one_point_table(spec, ("compile", "triton"), 9))
+    module = FusedMLP.from_params(packed, spec, impl=impl)
     entries = len(front._CONVERTED)
-    assert front.plan(GATED, (9, GATED.d_in), impl=impl).impl in ("eager", "compile")
+    assert front.plan(spec, (9, spec.d_in), impl=impl).impl in ("eager", "compile")
     params64 = {k: to_numpy(v) for k, v in params.items()}
     with torch.no_grad():
         y = module(x)
-    assert_close(to_numpy(y), reference.forward(GATED, to_numpy(x), params64), GATED)
+    assert_close(to_numpy(y), reference.forward(spec, to_numpy(x), params64), spec)
     xg = x.clone().requires_grad_()
     out = module(xg)
     dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out.dtype)
     out.backward(dy)
     grads = {
         "x": xg.grad,
-        **unpack_params(GATED, {k: p.grad for k, p in module.named_parameters()}),
+        **unpack_params(spec, {k: p.grad for k, p in module.named_parameters()}),
     }
-    want = reference.backward(GATED, to_numpy(x), params64, to_numpy(dy))
-    assert_grads_close({k: to_numpy(v) for k, v in grads.items()}, want, GATED)
+    want = reference.backward(spec, to_numpy(x), params64, to_numpy(dy))
+    assert_grads_close({k: to_numpy(v) for k, v in grads.items()}, want, spec)
     assert not derived and len(front._CONVERTED) == entries
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_xla_reads_packed_params_as_they_are(dtype, monkeypatch):
+    """The JAX baseline on packed params (`xla_packed`: one product over [W|V], nothing unpacked
+    in the jitted runner), 3-D x and a residual: the float64 reference's output and gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp import jax_impl
+    from fusedmlp.common import reference
+    from fusedmlp.common.tolerance import assert_close, assert_grads_close
+    from fusedmlp.jax_impl import front as jfront
+    from fusedmlp.jax_impl.packing import unpack_params
+
+    monkeypatch.setattr(jfront, "_PREPARED", {})
+    monkeypatch.setattr(jfront, "unpack_params", lambda *a: pytest.fail("unpacked"))
+    spec = GATED.replace(dtype=dtype)
+    x2, params, packed = _stack_inputs("jax", spec, m=6)
+    x = x2.reshape(2, 3, spec.d_in)
+    residual = jnp.ones((2, 3, spec.d_out), x.dtype)
+    x64 = np.asarray(to_numpy(x2), np.float64)
+    params64 = {k: np.asarray(to_numpy(v), np.float64) for k, v in params.items()}
+    y = jax_impl.mlp(x, packed, spec, impl="xla", residual=residual)
+    want = reference.forward(spec, x64, params64) + 1.0
+    assert_close(to_numpy(y).reshape(6, spec.d_out), want, spec)
+    dy = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3, spec.d_out)), x.dtype)
+
+    def loss(x, p):
+        return jnp.sum(jax_impl.mlp(x, p, spec, impl="xla").astype(jnp.float32) * dy)
+
+    dx, dp = jax.grad(loss, argnums=(0, 1))(x, packed)
+    got = {"x": dx.reshape(6, spec.d_in), **unpack_params(spec, dp)}
+    dy64 = np.asarray(to_numpy(dy), np.float64).reshape(6, spec.d_out)
+    ref = reference.backward(spec, x64, params64, dy64)
+    assert_grads_close({k: to_numpy(v) for k, v in got.items()}, ref, spec)
 
 
 def test_custom_op_and_module_take_packed_params():

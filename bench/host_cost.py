@@ -17,11 +17,16 @@ The method (run in a fresh process; `main` sets it up before anything imports Tr
     configs, grids and constexprs are the GPU's (the heuristic rules, NUM_SMS = 132, no committed
     tuned configs: no GPU is registered), not the interpreter's;
   - tensors are CPU tensors; their contents are never read (the parameters are left
-    uninitialised: nothing computes).
+    uninitialised: nothing computes);
+  - torch.compile's route for our kernels (torch_impl/graph_op.py: the launches as nodes of the
+    graph) runs as on the H200 up to the driver: Triton's driver answers with an sm_90 target,
+    Inductor compiles the kernels it emits for sm_90 (in this process), and the compiled
+    kernels' launcher (`CompiledKernel.run`) and `JITFunction.run` are stubs that count too.
 
 What a number here INCLUDES: FusedMLP.forward, the front (signature key, cached plan, params),
 the custom op's dispatch where the call goes through it, autograd's Function machinery and the
-engine's backward pass for training steps, torch.compile's guards and compiled wrapper, our
+engine's backward pass for training steps, torch.compile's guards and compiled wrapper (with
+the graph route, Inductor's generated call and its kernels' Python launchers), our
 launchers (configs, grids, strides, constexpr dicts) and the torch ops they call (torch.empty,
 reshape) — on CPU tensors, whose allocation cost differs somewhat from the CUDA caching
 allocator's. What it EXCLUDES: Triton's launch path (JITFunction.run: binding, specialisation,
@@ -52,7 +57,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LAUNCHES = [0]  # the stub's counter
+LAUNCHES = [0]  # the stubs' counter
+# Set to a list to record each stubbed launch as (kernel name, grid, its non-tensor arguments by
+# name: scalars and constexprs) — tests/test_graph_op.py compares the routes with it.
+RECORD: list[tuple[str, tuple[int, ...], dict[str, Any]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,9 @@ class Case:
     preset: str  # a preset name, or "image-fit" (bench/train.py's ImageConfig().spec)
     m: int
     impl: str
-    mode: str  # "no_grad", "train", "op", "front", "compile", "lowrank", "lowrank_front", "tma_*"
+    # "no_grad", "train", "op", "front", "compile", "compile_op" (compiled, the graph route
+    # off: the opaque op, as before graph_op.py), "lowrank", "lowrank_front", "tma_*"
+    mode: str
     rank: int = 0  # lowrank modes: every layer's rank
 
 
@@ -76,6 +86,9 @@ CASES: tuple[Case, ...] = (
     Case("op gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "op"),
     Case("front.forward gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "front"),
     Case("compile gpt2 M=16 triton", "gpt2-mlp", 16, "triton", "compile"),
+    Case("compile gpt2 M=16 triton (op)", "gpt2-mlp", 16, "triton", "compile_op"),
+    Case("compile llama3-8b M=16 fused_decode", "llama3-8b", 16, "fused_decode", "compile"),
+    Case("compile llama3-8b M=16 fused_decode (op)", "llama3-8b", 16, "fused_decode", "compile_op"),
     # issue 26: the factorised MLP (FactorisedMLP, no_grad), every layer at rank 64
     Case("lowrank llama3-8b-silu M=16 r=64", "llama3-8b-silu", 16, "auto", "lowrank", 64),
     Case("lowrank llama3-8b M=16 r=64 gated", "llama3-8b", 16, "auto", "lowrank", 64),
@@ -109,10 +122,13 @@ def install_stub() -> None:
             LAUNCHES[0] += 1
             if callable(grid):  # a grid lambda reads the launch's meta-parameters
                 grid(kwargs)
+            if RECORD is not None:
+                _record(self.fn.__name__, grid, _bind(self, args, kwargs))
 
         return launch
 
     JITFunction.__getitem__ = stub_getitem  # type: ignore[method-assign]
+    _stub_compiled_launches()
 
     from fusedmlp.torch_impl import front, runtime
 
@@ -126,6 +142,89 @@ def install_stub() -> None:
         return reason
 
     front.unavailable_reason = available_on_cpu
+
+
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
+
+
+def _bind(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A launch's arguments by parameter name, launch options left out."""
+    bound = dict(zip(kernel.arg_names, args, strict=False)) | kwargs  # kwargs: the rest
+    return {k: v for k, v in bound.items() if k not in _OPTIONS}
+
+
+def _record(name: str, grid: Any, arguments: dict[str, Any]) -> None:
+    """Appends (name, 3-D grid, the non-tensor arguments by name) to RECORD."""
+    import torch
+
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    assert RECORD is not None
+    scalars = {k: v for k, v in arguments.items() if not isinstance(v, torch.Tensor)}
+    RECORD.append((name, grid, scalars))
+
+
+class _Sm90Driver:
+    """What torch.compile asks Triton's driver while it traces and compiles user kernels: the
+    target (an H200's), a device and a stream. Nothing is ever launched through it."""
+
+    def get_current_target(self) -> Any:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+def _stub_compiled_launches() -> None:
+    """torch.compile's route for our kernels (torch_impl/graph_op.py) on the CPU: its trace reads
+    each kernel's TTIR for the tensors it writes (for the H200's target), Inductor compiles the
+    kernels it emits for sm_90 (ptxas runs: a real compile), and their launches — from
+    Inductor's generated wrapper (`CompiledKernel.run`), or from the graph node's eager
+    implementation (`JITFunction.run`, the aot_eager backend) — are counted and returned from.
+    The CPU tensors' device makes Inductor emit a CPU wrapper, whose launch calls are the GPU
+    wrapper's but for the stream."""
+    import torch._inductor.config
+    import triton
+    from torch._inductor.runtime import triton_heuristics
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.jit import JITFunction
+
+    torch._inductor.config.compile_threads = 1  # in this process: a worker has none of this
+    sm90 = _Sm90Driver()
+    triton.runtime.driver.set_active(sm90)
+    triton_heuristics.GPUTarget = lambda *args: sm90.get_current_target()
+    triton_heuristics.triton_helpers.set_driver_to_cpu = lambda: None
+
+    def stub_run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
+        LAUNCHES[0] += 1
+        if RECORD is not None:
+            _record(self.fn.__name__, grid, _bind(self, args, kwargs))
+
+    JITFunction.run = stub_run  # type: ignore[method-assign]
+
+    def stub_handles(self: Any) -> None:
+        if self._run is not None:
+            return
+        self.module, self.function = None, 0
+        self.n_regs, self.n_spills, self.n_max_threads = 0, 0, 1024
+        name, names = self.name, self.src.fn.arg_names
+        # The compiled constants (constexprs, and ints specialised to 1) by name, as compiled.
+        constants = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in
+                     self.src.constants.items()}  # fmt: skip
+
+        def run(grid_x: int, grid_y: int, grid_z: int, *rest: Any) -> None:
+            LAUNCHES[0] += 1
+            if RECORD is not None:  # rest: stream, function, metadata, hooks (5), then the args
+                args = dict(zip(names, rest[6:], strict=True))
+                _record(name, (grid_x, grid_y, grid_z), args | constants)
+
+        self._run = run
+
+    CompiledKernel._init_handles = stub_handles  # type: ignore[method-assign]
 
 
 # ---- the cases -----------------------------------------------------------------------------------
@@ -235,13 +334,25 @@ def make_call(case: Case) -> Callable[[], Any]:
     if case.mode == "front":
         named = module.packed_params()
         return lambda: front.forward(x, named, spec, impl=case.impl)
-    if case.mode == "compile":
+    if case.mode in ("compile", "compile_op"):
         compiled = torch.compile(module, fullgraph=True)
         return lambda: compiled(x)
     return lambda: module(x)
 
 
 def measure(case: Case, repeats: int, calls: int) -> dict[str, Any]:
+    from fusedmlp.torch_impl import graph_op
+
+    takes_call = graph_op.takes_call
+    if case.mode == "compile_op":  # read at trace time, and guarded on: off for the whole case
+        graph_op.takes_call = lambda *args: False
+    try:
+        return _measure(case, repeats, calls)
+    finally:
+        graph_op.takes_call = takes_call
+
+
+def _measure(case: Case, repeats: int, calls: int) -> dict[str, Any]:
     import torch
 
     call = make_call(case)
@@ -316,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in CASES if not args.only or any(s in c.name for s in args.only)]
     rows = []
     for case in cases:
-        calls = args.calls if case.mode != "compile" else max(args.calls // 2, 1)
+        calls = args.calls if not case.mode.startswith("compile") else max(args.calls // 2, 1)
         rows.append(measure(case, args.repeats, calls))
         print(f"{case.name}: {rows[-1]['us_per_call']:.1f} µs/call", file=sys.stderr, flush=True)
         if args.profile:

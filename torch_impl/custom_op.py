@@ -7,7 +7,10 @@ Why a custom op: Dynamo cannot trace into a Triton launch under the interpreter,
 with `torch.library.custom_op` and a fake (meta) implementation that gives the output's shape and
 dtype without running anything. `torch.compile(model, fullgraph=True)` then keeps the whole MLP as
 one opaque node: no graph break, with the eager, aot_eager and inductor backends, dynamic shapes
-included, on the GPU and on the CPU under TRITON_INTERPRET=1.
+included, on the GPU and on the CPU under TRITON_INTERPRET=1. On a GPU, an inference call whose
+plan launches only kernels a trace can record runs `fusedmlp::mlp_launches` instead (graph_op.py:
+the same front registered with `triton_op`, each launch a node of the caller's graph); `mlp()`
+below and FusedMLP choose it at trace time.
 
 Schema: `fusedmlp::mlp(Tensor x, Tensor[] params, str spec_json, str impl, str? config_json,
 Tensor? residual) -> Tensor`. A custom op takes no MLPSpec or dict, so the spec and the TileConfig
@@ -152,8 +155,17 @@ def _names_of_list(spec_json: str, count: int) -> tuple[str, ...]:
     return names
 
 
-def _named(spec_json: str, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def named_params(spec_json: str, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The op's params list as the dict the front takes (names from `_names_of_list`)."""
     return dict(zip(_names_of_list(spec_json, len(params)), params, strict=True))
+
+
+def exporting() -> bool:
+    """Whether torch.export is tracing. Not `torch.compiler.is_exporting()`: torch 2.11's Dynamo
+    folds that call to True under every torch.compile trace (a table of tracing-state functions;
+    2.13 reads the flag), which sent compiled calls down export's route on the GPU image. The
+    flag it reads is read here directly, in eager code and under Dynamo alike."""
+    return getattr(torch.compiler, "_is_exporting_flag", False)
 
 
 # ---- the operator --------------------------------------------------------------------------------
@@ -169,7 +181,7 @@ def _mlp_op(
     """The registered forward: `front.mlp` with the spec, params and config unpacked."""
     return front.mlp(
         x,
-        _named(spec_json, params),
+        named_params(spec_json, params),
         parse_spec(spec_json),
         impl=impl,
         config=parse_config(config_json),
@@ -183,7 +195,7 @@ def _mlp_fake(x, params, spec_json, impl, config_json, residual):
     # the same message as an eager call. Output: [..., d_out] in the spec dtype, on x's device.
     spec = parse_spec(spec_json)
     check_impl(impl, front.STACK)
-    check_call_inputs(front.ADAPTER, spec, x, _named(spec_json, params), None, residual)
+    check_call_inputs(front.ADAPTER, spec, x, named_params(spec_json, params), None, residual)
     return x.new_empty((*x.shape[:-1], spec.d_out))
 
 
@@ -225,7 +237,7 @@ def _mlp_train_op(
 def _train_forward(x, params, spec_json, impl, config_json, residual, saved):
     return front.training_forward(
         x,
-        _named(spec_json, params),
+        named_params(spec_json, params),
         parse_spec(spec_json),
         impl=impl,
         config=parse_config(config_json),
@@ -239,7 +251,7 @@ def _mlp_train_fake(x, params, spec_json, impl, config_json, residual, saved):
     spec = parse_spec(spec_json)
     check_impl(impl, front.STACK)
     check_saved(saved)
-    check_call_inputs(front.ADAPTER, spec, x, _named(spec_json, params), None, residual)
+    check_call_inputs(front.ADAPTER, spec, x, named_params(spec_json, params), None, residual)
     m = 1
     for d in x.shape[:-1]:
         m = m * d
@@ -275,7 +287,7 @@ def _backward_impl(
     """`kept` (a list) is consumed: x is put in front of it and the backward sets each entry to
     None after its last use, so the caller's list frees them too."""
     spec = parse_spec(spec_json)
-    named = _named(spec_json, params)
+    named = named_params(spec_json, params)
     m = x.numel() // spec.d_in if spec.d_in else 0
     kept.insert(0, x.reshape(m, spec.d_in))  # the residuals h_0, z_0, h_1, …
     args = (grad_y.reshape(m, spec.d_out), kept, front.kernel_params(spec, named), spec)
@@ -497,4 +509,12 @@ def mlp(
         if baseline is not None:  # torch autograd through the baseline's ops
             return front.forward(x, params, spec, impl=baseline, config=config, residual=residual)
         return train_call(x, listed, spec_json, impl, config_json, residual, saved)
+    # Under torch.compile, our launches as graph nodes (graph_op.py) where the params are in the
+    # kernels' layout already: plain gated params would be packed inside the traced body, i.e.
+    # copied on every call of the graph (the op packs them once per set of tensors).
+    if torch.compiler.is_compiling() and not front.converts_params(spec, params):
+        from . import graph_op  # graph_op imports this module
+
+        if graph_op.takes_call(x, spec_json, impl, config_json, residual):
+            return graph_op.MLP_LAUNCHES_OP(x, listed, spec_json, impl, config_json, residual)
     return MLP_OP(x, listed, spec_json, impl, config_json, residual)

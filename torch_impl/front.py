@@ -391,6 +391,12 @@ def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozense
     return {k: v for k, v in out.items() if params.get(k) is not v}
 
 
+def converts_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> bool:
+    """Whether our kernels would read `params` through a conversion (packing, a contiguous copy
+    of a strided bias) rather than as they are."""
+    return _needs_conversion(spec, params, frozenset({"packed"}))
+
+
 def _needs_conversion(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts) -> bool:
     if "packed" not in layouts:
         return False

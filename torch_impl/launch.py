@@ -22,12 +22,24 @@ keyword dict); a hit costs the key (~0.5 µs), the lookup and the call.
 
 Under TRITON_INTERPRET=1 the records are the same (the interpreter takes the same arguments), so
 the kernels the tests run are launched through them too.
+
+Launches inside a trace (graph_op.py): where `torch.compile` traces `fusedmlp::mlp_launches`, the
+launchers run on fake or functional tensors, and a record launches through `wrap_triton` instead:
+the launch becomes a `triton_kernel_wrapper` node of the caller's graph (same kernel, grid,
+scalars and constexprs), which Inductor compiles and launches from its own wrapper. Programmatic
+dependent launch is left out there (`launch_pdl`, and the kernels' USE_PDL): Inductor takes
+num_warps / num_stages as launch options but would pass any other keyword to the kernel as an
+argument; each launch then waits for the one before, as stream order has it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import torch
+
+from .runtime import INTERPRET
 
 _CACHES: list[LaunchCache] = []
 
@@ -36,19 +48,41 @@ class Launch:
     """One kernel launch with everything but its tensors decided: `launch(*tensors)` runs
     `kernel[grid](*tensors, *scalars, **meta)` (the launchers pass tensors first, then scalars)."""
 
-    __slots__ = ("grid", "kernel", "meta", "scalars")
+    __slots__ = ("_traced_meta", "grid", "kernel", "meta", "scalars")
 
     def __init__(
         self, kernel: Any, grid: tuple[int, ...], scalars: tuple[Any, ...], meta: dict[str, Any]
     ) -> None:
         self.kernel, self.grid, self.scalars, self.meta = kernel, grid, scalars, meta
+        self._traced_meta: dict[str, Any] | None = None
 
     def __call__(self, *tensors: Any) -> None:
-        self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
+        if INTERPRET or type(tensors[0]) is torch.Tensor or not is_traced(tensors[0]):
+            self.kernel[self.grid](*tensors, *self.scalars, **self.meta)  # a real launch
+            return
+        if self._traced_meta is None:  # see the module docstring
+            meta = {k: v for k, v in self.meta.items() if k != "launch_pdl"}
+            if "USE_PDL" in meta:
+                meta["USE_PDL"] = False
+            self._traced_meta = meta
+        # wrap_triton on each traced launch (trace time only): its wrapper holds the kernel's
+        # index in torch's kernel table, which torch.compiler.reset() empties.
+        from torch.library import wrap_triton
+
+        wrap_triton(self.kernel)[self.grid](*tensors, *self.scalars, **self._traced_meta)
 
     def __repr__(self) -> str:
         name = getattr(self.kernel, "__name__", None) or getattr(self.kernel, "fn", self.kernel)
         return f"Launch({name}, grid={self.grid}, scalars={self.scalars}, meta={self.meta})"
+
+
+def is_traced(t: Any) -> bool:
+    """Whether `t` is a trace's stand-in (a fake or functional tensor: torch.compile, make_fx),
+    whose launches must be recorded through `wrap_triton`, not run."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 class LaunchCache:

@@ -14,9 +14,13 @@ and the golden files use; `params()` gives them back in the contract's names. `l
 where the call's plan is "compile" (`auto` measured it fastest at this M, or it is pinned; in
 training, a baseline; 16-bit dtypes, static shapes): there the compiled forward traces its ops on
 the packed params (baselines.eager_packed), and Inductor fuses them into the caller's graph as it
-fused the module this one replaced (`_traced_baseline`). Where nothing needs the op — an eager
-call with no gradient to build (no_grad, inference_mode, or frozen params), no trace, no export —
-forward calls the front directly: the same kernels, without the op's dispatch cost.
+fused the module this one replaced (`_traced_baseline`) — and where an inference call of static
+shapes runs `fused_decode` or the portable kernels (not under Triton's interpreter): there it
+calls `torch.ops.fusedmlp.mlp_launches` (graph_op.py), whose launches are nodes of the caller's
+graph, so that Inductor launches the kernels itself and no op, front or Triton launch path runs
+per call. Where nothing needs the op — an eager call with no gradient to build (no_grad,
+inference_mode, or frozen params), no trace, no export — forward calls the front directly: the
+same kernels, without the op's dispatch cost.
 
 dtype: the module computes in its parameters' dtype, as `nn.Linear` does: `FusedMLP(spec)` holds
 params in `spec.dtype`; `dtype=` or a later `.to(torch.bfloat16)` changes both, and `.spec` follows.
@@ -59,9 +63,9 @@ from fusedmlp.common.packing import is_packed, packed_names
 from fusedmlp.common.registry import AUTO, check_impl, get_implementation
 from fusedmlp.common.validate import check_config, check_saved, check_spec, fmt_shape
 
-from . import front
+from . import front, graph_op
 from .baselines import eager_packed, packed_recipe
-from .custom_op import MLP_OP, config_to_json, parse_spec, spec_to_json, train_call
+from .custom_op import MLP_OP, config_to_json, exporting, parse_spec, spec_to_json, train_call
 from .packing import pack_params, unpack_params
 
 _TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -306,7 +310,7 @@ class FusedMLP(nn.Module):
         # A dtype outside the contract (float64 params, say) keeps the spec: the front names it.
         spec_json = self._spec_json.get(dtype, self._spec_json_default)
         # torch.export keeps the one inference op (it differentiates too, as saved="inputs").
-        if _builds_grad(x, params, residual) and not _exporting():
+        if _builds_grad(x, params, residual) and not exporting():
             baseline = self._impl if self._baseline else self._trained_by(x, dtype)
             if baseline is not None:  # torch's own autograd through the baseline's ops
                 spec = self._specs.get(dtype, self._spec)
@@ -316,6 +320,10 @@ class FusedMLP(nn.Module):
                 )
             impl, config_json = self._impl, self._config_json
             return train_call(x, params, spec_json, impl, config_json, residual, self._saved)
+        if compiling and graph_op.takes_call(x, spec_json, self._impl, self._config_json, residual):
+            # our kernels as nodes of the caller's graph, launched by Inductor (graph_op.py)
+            op = graph_op.MLP_LAUNCHES_OP
+            return op(x, params, spec_json, self._impl, self._config_json, residual)
         return MLP_OP(x, params, spec_json, self._impl, self._config_json, residual)
 
     def _traced_baseline(
@@ -336,7 +344,7 @@ class FusedMLP(nn.Module):
         or a call the front must refuse (the op's fake raises its ValueError at trace time).
         Float32 keeps the op: the spec's fp32_precision is a runtime flag
         (baselines.fp32_matmul_precision), not traced."""
-        if _exporting() or x.ndim == 0:  # export keeps the one inference op
+        if exporting() or x.ndim == 0:  # export keeps the one inference op
             return None
         lead = x.shape[:-1]
         m = math.prod(lead)
@@ -447,14 +455,6 @@ def _builds_grad(
         or any(p.requires_grad for p in params)
         or (residual is not None and residual.requires_grad)
     )
-
-
-def _exporting() -> bool:
-    """Whether torch.export is tracing. Not `torch.compiler.is_exporting()`: torch 2.11's Dynamo
-    folds that call to True under every torch.compile trace (a table of tracing-state functions;
-    2.13 reads the flag), which sent compiled calls down export's route on the GPU image. The
-    flag it reads is read here directly, in eager code and under Dynamo alike."""
-    return getattr(torch.compiler, "_is_exporting_flag", False)
 
 
 # A compiled call traces a baseline's ops in these dtypes only (`FusedMLP._traced_baseline`).

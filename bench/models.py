@@ -13,7 +13,9 @@ on a GPU the MLP shapes of the issue — Llama 2048→8192, Gemma 2048→16384, 
    an L2 flush; bench/timing.py) and host time per call apart (the issue time of N calls with no
    sync between, per call);
 3. one MLP: FusedMLP against the Hugging Face module it replaces at 1, 16, 512 and 4096 tokens,
-   eager and compiled (the same two times).
+   eager and compiled (the same two times), with the route the compiled FusedMLP took, read off
+   the graph Dynamo traced: our launches as graph nodes (torch_impl/graph_op.py), the opaque op,
+   or the baseline's ops traced in.
 
 On a CPU the models are tiny (hidden 42–45), the kernels run under Triton's interpreter, nothing
 is timed (an interpreter's speed says nothing), and the compiled checks use the aot_eager backend;
@@ -345,8 +347,13 @@ def run_family(
             row["hf eager"] = _timed(lambda x=x: hf(x), timed)
             row["fused eager"] = _timed(lambda x=x: ours(x), timed)
             if timed and budget.left():
-                hf_c, ours_c = compiled(hf), compiled(ours)
+                targets: set[str] = set()
+                hf_c = compiled(hf)
+                ours_c = torch.compile(
+                    ours, fullgraph=True, backend=_recording(backend, targets), dynamic=False
+                )
                 hf_c(x), ours_c(x)
+                row["fused compiled route"] = _route(targets)
                 row["hf compiled"] = _timed(lambda x=x, f=hf_c: f(x), timed)
                 row["fused compiled"] = _timed(lambda x=x, f=ours_c: f(x), timed)
             else:
@@ -354,6 +361,30 @@ def run_family(
                 row["hf compiled"] = row["fused compiled"] = skipped
         out["mlp"].append(row)
     return out
+
+
+def _recording(backend: str, targets: set[str]) -> Any:
+    """`backend` (a registered name) that first adds the call targets of each graph Dynamo hands
+    it to `targets`: which route a compiled FusedMLP took (`_route`)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    compile_graph = lookup_backend(backend)
+
+    def record(gm: Any, example_inputs: Any) -> Any:
+        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_graph(gm, example_inputs)
+
+    return record
+
+
+def _route(targets: set[str]) -> str:
+    """What a compiled FusedMLP's graph held: our launches as graph nodes (graph_op.py), the
+    opaque op, or the baseline's ops traced in (module._traced_baseline)."""
+    if any("mlp_launches" in t for t in targets):
+        return "launches in the graph"
+    if any("fusedmlp.mlp" in t for t in targets):
+        return "opaque op"
+    return "baseline ops traced"
 
 
 def _plan(module: Any, x: Any) -> str:
@@ -483,7 +514,9 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"  model {name:19s} {_fmt(cell)}")
         for row in fam["mlp"]:
             for name in ("hf eager", "fused eager", "hf compiled", "fused compiled"):
-                lines.append(f"  mlp M={row['tokens']:<5d} {name:15s} {_fmt(row[name])}")
+                route = row.get("fused compiled route") if name == "fused compiled" else None
+                note = f"  ({route})" if route else ""
+                lines.append(f"  mlp M={row['tokens']:<5d} {name:15s} {_fmt(row[name])}{note}")
     return "\n".join(lines)
 
 

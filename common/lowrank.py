@@ -341,10 +341,10 @@ def layer(
     """act((x·U)·Vt + b) in float64 on the arrays as stored; `round_intermediate` (a dtype name)
     rounds t = x·U to that dtype before the second product, the kernels' rounding point."""
     f64 = np.float64
-    t = np.asarray(x, dtype=f64) @ np.asarray(u, dtype=f64)
+    t = reference.matmul(np.asarray(x, dtype=f64), np.asarray(u, dtype=f64))
     if round_intermediate is not None:
         t = round_to(t, round_intermediate).astype(f64)
-    z = t @ np.asarray(vt, dtype=f64)
+    z = reference.matmul(t, np.asarray(vt, dtype=f64))
     if b is not None:
         z = z + np.asarray(b, dtype=f64)
     return reference.activation(activation, z)

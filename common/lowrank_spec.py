@@ -431,7 +431,7 @@ def reference(
         if lay.layer.gated:
             h = _gated_reference(lay, h, params, rounding)
         elif lay.mode == "dense":
-            z = h @ np.asarray(params[f"w{i}"], dtype=f64)
+            z = dense_reference.matmul(h, np.asarray(params[f"w{i}"], dtype=f64))
             if b is not None:
                 z = z + np.asarray(b, dtype=f64)
             h = dense_reference.activation(act, z)
@@ -456,7 +456,7 @@ def _gated_reference(
         factors = (params[f"{a}{i}"] for a in names)
         return lowrank.gated_layer(h, *factors, b, c, act, round_intermediate=rounding)
     w, v = unpack_gated(np.asarray(params[f"wv{i}"], dtype=f64), n)
-    z, g = h @ w, h @ v
+    z, g = dense_reference.matmul(h, w), dense_reference.matmul(h, v)
     if lay.layer.bias:
         b, c = unpack_gated(np.asarray(params[f"bc{i}"], dtype=f64), n)
         z, g = z + b, g + c

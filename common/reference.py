@@ -24,11 +24,23 @@ The kernels' training keeps no z for relu and reads relu' off the stored output 
 instead (1 where h > 0, NaN where h is NaN, 0 elsewhere; torch's ReLU backward does the same):
 that differs from relu'(z) here only where 0 < z and the rounded output is 0 (fp16 below ~3e-8),
 where the stored z the kernels read before rounded to 0 as well.
+
+Reproducible mode (`with reproducible():`, what the golden files are computed and checked in):
+the same bits on every machine of the same platform. NumPy's `@` calls the BLAS, whose kernel
+(blocking, SIMD width, hence the order of additions) is chosen for the CPU at run time, and its
+exp, tanh and power have AVX-512 versions (other approximations than the AVX2 machines' C
+library): the golden files made on an AVX-512 machine did not reproduce on an AVX2 one (every
+case's sha256 differed, relu's too). In the mode, products are summed over K in order with one
+rounding per multiply and per add (`matmul`: NumPy's elementwise ops, exact per element whatever
+the SIMD width) and exp, tanh and powers come from the C library element by element (erf always
+does). About K times slower than BLAS: for the golden files' small arrays, not the harness's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -45,6 +57,64 @@ def erf(z: np.ndarray) -> np.ndarray:
     return _erf(z).astype(np.float64)
 
 
+# ---- reproducible mode (see the module docstring) ------------------------------------------------
+_REPRODUCIBLE = [False]
+
+
+@contextlib.contextmanager
+def reproducible() -> Iterator[None]:
+    """Within: every product, exp, tanh and power of this module CPU-independent."""
+    before = _REPRODUCIBLE[0]
+    _REPRODUCIBLE[0] = True
+    try:
+        yield
+    finally:
+        _REPRODUCIBLE[0] = before
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b for 2-D float64 arrays; in reproducible mode summed over K in order."""
+    if not _REPRODUCIBLE[0]:
+        return a @ b
+    out = np.zeros((a.shape[0], b.shape[1]))
+    for k in range(a.shape[1]):
+        out += a[:, k, None] * b[None, k, :]
+    return out
+
+
+def _libm_exp(v: float) -> float:
+    try:
+        return math.exp(v)
+    except OverflowError:  # math.exp raises where np.exp gives inf
+        return math.inf
+
+
+def _libm_cube(v: float) -> float:
+    try:
+        return math.pow(v, 3.0)
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
+_LIBM = {
+    "exp": np.frompyfunc(_libm_exp, 1, 1),
+    "tanh": np.frompyfunc(math.tanh, 1, 1),
+    "cube": np.frompyfunc(_libm_cube, 1, 1),
+}
+
+
+def _exp(z: np.ndarray) -> np.ndarray:
+    return _LIBM["exp"](z).astype(np.float64) if _REPRODUCIBLE[0] else np.exp(z)
+
+
+def _tanh(z: np.ndarray) -> np.ndarray:
+    return _LIBM["tanh"](z).astype(np.float64) if _REPRODUCIBLE[0] else np.tanh(z)
+
+
+def _cube(z: np.ndarray) -> np.ndarray:
+    return _LIBM["cube"](z).astype(np.float64) if _REPRODUCIBLE[0] else z**3
+
+
 def activation(name: str, z: np.ndarray) -> np.ndarray:
     """Elementwise activation in float64."""
     if name == "identity":
@@ -54,10 +124,10 @@ def activation(name: str, z: np.ndarray) -> np.ndarray:
     if name == "gelu":
         return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
     if name == "gelu_tanh":
-        return 0.5 * z * (1.0 + np.tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * z**3)))
+        return 0.5 * z * (1.0 + _tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * _cube(z))))
     if name == "silu":
         with np.errstate(over="ignore"):
-            return z / (1.0 + np.exp(-z))
+            return z / (1.0 + _exp(-z))
     raise ValueError(f"activation: unknown kernel activation {name!r}")
 
 
@@ -69,16 +139,16 @@ def activation_grad(name: str, z: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(z), np.nan, (z > 0).astype(np.float64))
     if name == "gelu":
         cdf = 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
-        pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        pdf = _exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
         return cdf + z * pdf
     if name == "gelu_tanh":
-        u = SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * z**3)
-        t = np.tanh(u)
+        u = SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * _cube(z))
+        t = _tanh(u)
         du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * z * z)
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
     if name == "silu":
         with np.errstate(over="ignore"):
-            s = 1.0 / (1.0 + np.exp(-z))
+            s = 1.0 / (1.0 + _exp(-z))
         return s * (1.0 + z * (1.0 - s))
     raise ValueError(f"activation: unknown kernel activation {name!r}")
 
@@ -103,8 +173,8 @@ def _layers_forward(
     h = x2d
     for layer in spec.layers():
         i = layer.index
-        z = h @ p[f"w{i}"] + (p[f"b{i}"] if layer.bias else 0.0)
-        gate = h @ p[f"v{i}"] + (p[f"c{i}"] if layer.bias else 0.0) if layer.gated else None
+        z = matmul(h, p[f"w{i}"]) + (p[f"b{i}"] if layer.bias else 0.0)
+        gate = matmul(h, p[f"v{i}"]) + (p[f"c{i}"] if layer.bias else 0.0) if layer.gated else None
         saved.append((h, z, gate))
         out = activation(layer.activation, z)
         if gate is not None:
@@ -160,14 +230,14 @@ def backward(
         if gate is not None:
             dz = dz * gate
             dg = dh * activation(layer.activation, z)
-            grads[f"v{i}"] = h_in.T @ dg
+            grads[f"v{i}"] = matmul(h_in.T, dg)
             if layer.bias:
                 grads[f"c{i}"] = dg.sum(axis=0)
-        grads[f"w{i}"] = h_in.T @ dz
+        grads[f"w{i}"] = matmul(h_in.T, dz)
         if layer.bias:
             grads[f"b{i}"] = dz.sum(axis=0)
-        dh = dz @ p[f"w{i}"].T
+        dh = matmul(dz, p[f"w{i}"].T)
         if gate is not None:
-            dh = dh + dg @ p[f"v{i}"].T
+            dh = dh + matmul(dg, p[f"v{i}"].T)
     grads["x"] = dh.reshape(np.shape(x))
     return {k: grads[k] for k in ("x", *param_shapes(spec))}

@@ -287,7 +287,10 @@ def markdown(rows: list[Row]) -> str:
         "fp32 after the load in both interpreters, so both multiply the same fp32 tiles (products "
         "of 16-bit values are exact in fp32), and both sum each BLOCK_K slice and add it to the "
         "accumulator in the same order. Bias, relu's max, the gate product and the output "
-        "rounding agree too.",
+        "rounding agree too. (Under the tests, Triton's interpreter multiplies float32 tiles with "
+        "XLA's product, as Pallas' does: NumPy's matmul is the BLAS, whose order of additions "
+        "depends on the CPU — on an AVX2 machine it matched neither XLA nor itself across tile "
+        "shapes; tests/conftest.py.)",
         "- The only differences come from the one transcendental primitive, `exp` (silu; "
         "gelu_tanh through tanh; gelu through erfc; and their gated forms). In float32 they show "
         "up as a few ulps; after rounding to float16/bfloat16 most of them disappear.",

@@ -78,7 +78,7 @@ _ROUTE = textwrap.dedent(
     from functorch.compile import make_boxed_func
     from fusedmlp.common import MLPSpec
     from fusedmlp.common.tiling import fused_decode_config
-    from fusedmlp.torch_impl import FusedMLP, custom_op, front
+    from fusedmlp.torch_impl import FusedMLP, custom_op, front, graph_op
     from fusedmlp.torch_impl import fused_decode as fd
     from helpers import dynamo_as_torch_2_11
 
@@ -125,6 +125,7 @@ _ROUTE = textwrap.dedent(
         call = make(*fields)
         case = {"eager": record(call) if mode != "train" else []}
         backends = ("aot_eager", "inductor") if mode in ("module", "functional") else ("aot_eager",)
+        graph_op.ENABLED = mode != "off"  # FUSEDMLP_GRAPH_LAUNCHES=0 sets it so at import
         for backend in backends:
             torch._dynamo.reset()
             graphs = Graphs() if backend == "aot_eager" else "inductor"
@@ -138,6 +139,7 @@ _ROUTE = textwrap.dedent(
             if backend == "aot_eager":
                 case["nodes"] = graphs.nodes
         result[name] = case
+    graph_op.ENABLED = True
 
     # A, torch.compiler.reset(), B, A: each trace registers its kernels with torch afresh
     cases = {c[0]: c[1:] for c in json.loads(sys.argv[1])}
@@ -174,7 +176,8 @@ _ROUTE = textwrap.dedent(
 
 # name, widths, activation, bias, dtype, impl, lead, residual, mode: "module" (FusedMLP),
 # "functional" (custom_op.mlp on packed params), "functional_plain" (plain params: they would be
-# packed in the graph, every call), "dynamic" (dynamic shapes), "train" (x requires grad)
+# packed in the graph, every call), "dynamic" (dynamic shapes), "off" (the route switched off:
+# FUSEDMLP_GRAPH_LAUNCHES=0), "train" (x requires grad)
 _CASES = [
     [name, list(spec.widths), spec.activation, spec.bias, spec.dtype, impl, list(lead), res, mode]
     for name, spec, impl, lead, res, mode in [
@@ -184,6 +187,7 @@ _CASES = [
         ("fused_small", MLPSpec((32, 64, 16), "relu", True, "float16"), "fused_small", (40,),
          False, "module"),
         ("dynamic", ROUTED[1][1], "triton", (3, 7), True, "dynamic"),
+        ("off", ROUTED[0][1], "auto", (5,), False, "off"),
         ("train", ROUTED[0][1], "auto", (5,), False, "train"),
     ]
 ]  # fmt: skip
@@ -229,10 +233,11 @@ def test_compiled_call_launches_from_the_graph(routes, name):
             assert args == expected, (backend, kernel)
 
 
-@pytest.mark.parametrize("name", ["functional_plain", "dynamic"])
-def test_calls_the_route_would_slow_keep_the_op(routes, name):
-    """Plain gated params (packed inside the graph: a copy of the gated weights every call) and a
-    symbolic M (the launch records are keyed on sizes) keep fusedmlp::mlp."""
+@pytest.mark.parametrize("name", ["functional_plain", "dynamic", "off"])
+def test_calls_that_keep_the_op(routes, name):
+    """Plain gated params (packed inside the graph: a copy of the gated weights every call), a
+    symbolic M (the launch records are keyed on sizes) and the route switched off keep
+    fusedmlp::mlp."""
     (nodes,) = routes[name]["nodes"]
     targets = [t for t, _ in nodes]
     assert "fusedmlp.mlp.default" in targets, targets

@@ -74,3 +74,27 @@ def test_top_kernels_rank_by_total_time():
         ["add", 1, 1.0],
     ]
     assert models.top_kernels(timing, count=1) == [["mm", 2, 70.0]]
+
+
+ROUTES = [("triton", "opaque op"), ("compile", "baseline ops traced")]
+
+
+@pytest.mark.parametrize("impl, route", ROUTES)
+def test_compiled_route_is_read_off_the_graph(impl, route):
+    """The bench names the route each compiled FusedMLP took, from the graph Dynamo handed the
+    backend: on the CPU our kernels keep the op (no trace records an interpreted launch), a
+    pinned "compile" traces the baseline's ops."""
+    import torch
+
+    from fusedmlp.common import MLPSpec
+    from fusedmlp.torch_impl import FusedMLP
+
+    torch._dynamo.reset()
+    module = FusedMLP(MLPSpec((24, 40, 16), "swiglu", True, "bfloat16"), impl=impl)
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    targets: set[str] = set()
+    backend = models._recording("aot_eager", targets)
+    with torch.no_grad():
+        torch.compile(module, fullgraph=True, backend=backend, dynamic=False)(x)
+    assert models._route(targets) == route, targets
+    assert models._route({"fusedmlp.mlp_launches.default"}) == "launches in the graph"

@@ -30,6 +30,8 @@ that wants the route at every M compiles with `dynamic=False` (one graph per M, 
 `fusedmlp models` does) or marks x static (`torch._dynamo.mark_static`).
 
 Eager calls of this op run the same front with real tensors (the launches run directly).
+FUSEDMLP_GRAPH_LAUNCHES=0 in the environment (read at import) turns the route off: every compiled
+call then keeps `fusedmlp::mlp`, as before this module existed.
 
 Twin: none (jax.jit traces jax_impl.front.mlp's pallas_calls into the caller's XLA program).
 """
@@ -37,6 +39,7 @@ Twin: none (jax.jit traces jax_impl.front.mlp's pallas_calls into the caller's X
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch.fx.experimental.symbolic_shapes import has_static_value
@@ -49,6 +52,8 @@ from . import front
 from .custom_op import exporting, named_params, parse_config, parse_spec
 from .runtime import INTERPRET
 
+# The route, unless switched off (see the module docstring).
+ENABLED: bool = os.environ.get("FUSEDMLP_GRAPH_LAUNCHES", "1") != "0"
 # Implementations whose launches a trace records as graph nodes (see the module docstring).
 GRAPH_IMPLS: frozenset[str] = frozenset({"fused_decode", "triton"})
 
@@ -127,7 +132,7 @@ def takes_call(
     """Under torch.compile: whether this inference call runs `fusedmlp::mlp_launches` rather
     than `fusedmlp::mlp` (`launches_in_graph`). Static shapes only: a symbolic size (dynamic
     shapes) keeps the op, whose launch records are keyed on concrete sizes."""
-    if INTERPRET or exporting() or x.ndim == 0:
+    if not ENABLED or INTERPRET or exporting() or x.ndim == 0:
         return False
     # has_static_value, not isinstance: Dynamo folds isinstance(a SymInt, int) to True.
     if not all(has_static_value(d) for d in x.shape):

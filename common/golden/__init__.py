@@ -25,6 +25,9 @@ the dtype). No gradients (no factorised backward).
 Their factors are DRAWN (seeded, like `init_params`), not computed by an SVD: LAPACK's SVD is not
 bit-reproducible across builds (signs, last bits) and the files must regenerate bit for bit; the
 factorisation has its own tests (tests/test_lowrank.py: Eckart–Young, the whitened tail).
+For the same reason the outputs are the reference's reproducible mode (`reference.reproducible`:
+no BLAS, the C library's exp and tanh), which gives the same bits on an AVX2 and an AVX-512 CPU;
+the files before it came from an AVX-512 machine's BLAS and did not regenerate on an AVX2 one.
 
 Regenerate with `python -m fusedmlp.common.golden` (add `--check` to verify instead of writing).
 """
@@ -284,7 +287,13 @@ def _case_arrays(case: GoldenCase) -> dict[str, np.ndarray]:
 
 
 def render() -> tuple[dict[str, bytes], dict]:
-    """Every case's file contents and the manifest, computed from the reference."""
+    """Every case's file contents and the manifest, computed from the reference in its
+    reproducible mode (the same bits on every machine: reference.reproducible)."""
+    with reference.reproducible():
+        return _render()
+
+
+def _render() -> tuple[dict[str, bytes], dict]:
     files, entries, grad_entries = {}, {}, {}
     for d in case_defs():
         case = build_case(d)

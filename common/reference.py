@@ -26,19 +26,22 @@ that differs from relu'(z) here only where 0 < z and the rounded output is 0 (fp
 where the stored z the kernels read before rounded to 0 as well.
 
 Reproducible mode (`with reproducible():`, what the golden files are computed and checked in):
-the same bits on every machine of the same platform. NumPy's `@` calls the BLAS, whose kernel
-(blocking, SIMD width, hence the order of additions) is chosen for the CPU at run time, and its
-exp, tanh and power have AVX-512 versions (other approximations than the AVX2 machines' C
-library): the golden files made on an AVX-512 machine did not reproduce on an AVX2 one (every
-case's sha256 differed, relu's too). In the mode, products are summed over K in order with one
-rounding per multiply and per add (`matmul`: NumPy's elementwise ops, exact per element whatever
-the SIMD width) and exp, tanh and powers come from the C library element by element (erf always
-does). About K times slower than BLAS: for the golden files' small arrays, not the harness's.
+the same bits on every x86-64 machine with FMA (every AVX2 and AVX-512 CPU) and glibc. NumPy's `@`
+calls the BLAS, whose kernel (blocking, SIMD width, hence the order of additions) is chosen for
+the CPU at run time, and NumPy's exp and tanh have SIMD versions per CPU (AVX2, AVX-512): the
+golden files made on an AVX-512 machine did not regenerate on an AVX2 one (57 of 61 differed,
+relu's among them). In the mode, products are summed over K in order with one rounding per
+multiply and per add (`matmul`: NumPy's elementwise ops, exact per element whatever the SIMD
+width), and exp and tanh come from the C library element by element (erf always does). glibc
+picks its FMA versions on CPUs with FMA: on an x86-64 CPU without FMA, exp and tanh can differ
+in the last bit. The cube in gelu_tanh is `z * z * z` in both modes (no library call). About K
+times slower than BLAS: for the golden files' small arrays, not the harness's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Iterator
 
@@ -58,23 +61,25 @@ def erf(z: np.ndarray) -> np.ndarray:
 
 
 # ---- reproducible mode (see the module docstring) ------------------------------------------------
-_REPRODUCIBLE = [False]
+_REPRODUCIBLE: contextvars.ContextVar[bool] = contextvars.ContextVar("reproducible", default=False)
 
 
 @contextlib.contextmanager
 def reproducible() -> Iterator[None]:
-    """Within: every product, exp, tanh and power of this module CPU-independent."""
-    before = _REPRODUCIBLE[0]
-    _REPRODUCIBLE[0] = True
+    """Within (this thread or task): every product, exp and tanh of this module the same bits on
+    every x86-64 CPU with FMA."""
+    token = _REPRODUCIBLE.set(True)
     try:
         yield
     finally:
-        _REPRODUCIBLE[0] = before
+        _REPRODUCIBLE.reset(token)
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b for 2-D float64 arrays; in reproducible mode summed over K in order."""
-    if not _REPRODUCIBLE[0]:
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"matmul: expected 2-D arrays, got shapes {a.shape} and {b.shape}")
+    if not _REPRODUCIBLE.get():
         return a @ b
     out = np.zeros((a.shape[0], b.shape[1]))
     for k in range(a.shape[1]):
@@ -89,30 +94,15 @@ def _libm_exp(v: float) -> float:
         return math.inf
 
 
-def _libm_cube(v: float) -> float:
-    try:
-        return math.pow(v, 3.0)
-    except OverflowError:
-        return math.copysign(math.inf, v)
-
-
-_LIBM = {
-    "exp": np.frompyfunc(_libm_exp, 1, 1),
-    "tanh": np.frompyfunc(math.tanh, 1, 1),
-    "cube": np.frompyfunc(_libm_cube, 1, 1),
-}
+_LIBM = {"exp": np.frompyfunc(_libm_exp, 1, 1), "tanh": np.frompyfunc(math.tanh, 1, 1)}
 
 
 def _exp(z: np.ndarray) -> np.ndarray:
-    return _LIBM["exp"](z).astype(np.float64) if _REPRODUCIBLE[0] else np.exp(z)
+    return _LIBM["exp"](z).astype(np.float64) if _REPRODUCIBLE.get() else np.exp(z)
 
 
 def _tanh(z: np.ndarray) -> np.ndarray:
-    return _LIBM["tanh"](z).astype(np.float64) if _REPRODUCIBLE[0] else np.tanh(z)
-
-
-def _cube(z: np.ndarray) -> np.ndarray:
-    return _LIBM["cube"](z).astype(np.float64) if _REPRODUCIBLE[0] else z**3
+    return _LIBM["tanh"](z).astype(np.float64) if _REPRODUCIBLE.get() else np.tanh(z)
 
 
 def activation(name: str, z: np.ndarray) -> np.ndarray:
@@ -124,7 +114,7 @@ def activation(name: str, z: np.ndarray) -> np.ndarray:
     if name == "gelu":
         return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
     if name == "gelu_tanh":
-        return 0.5 * z * (1.0 + _tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * _cube(z))))
+        return 0.5 * z * (1.0 + _tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * (z * z * z))))
     if name == "silu":
         with np.errstate(over="ignore"):
             return z / (1.0 + _exp(-z))
@@ -142,7 +132,7 @@ def activation_grad(name: str, z: np.ndarray) -> np.ndarray:
         pdf = _exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
         return cdf + z * pdf
     if name == "gelu_tanh":
-        u = SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * _cube(z))
+        u = SQRT_2_OVER_PI * (z + GELU_TANH_COEFF * (z * z * z))
         t = _tanh(u)
         du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * z * z)
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du

@@ -178,8 +178,14 @@ def _mlp_op(
     config_json: str | None,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The registered forward: `front.mlp` with the spec, params and config unpacked."""
-    return front.mlp(
+    """The registered forward (graph_op.py's op runs the same)."""
+    return op_forward(x, params, spec_json, impl, config_json, residual)
+
+
+def op_forward(x, params, spec_json, impl, config_json, residual) -> torch.Tensor:
+    """`front.forward` with the op's arguments unpacked: the spec, the named params, the config.
+    (Gradients are the registered autograd's business, never the front's, inside an op.)"""
+    return front.forward(
         x,
         named_params(spec_json, params),
         parse_spec(spec_json),

@@ -49,7 +49,7 @@ from fusedmlp.common import dispatch
 from fusedmlp.common.registry import AUTO
 
 from . import front
-from .custom_op import exporting, named_params, parse_config, parse_spec
+from .custom_op import exporting, op_forward, parse_config, parse_spec
 from .runtime import INTERPRET
 
 # The route, unless switched off (see the module docstring).
@@ -67,15 +67,8 @@ def _mlp_launches(
     config_json: str | None,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`front.forward` with the spec, params and config unpacked (the schema of fusedmlp::mlp)."""
-    return front.forward(
-        x,
-        named_params(spec_json, params),
-        parse_spec(spec_json),
-        impl=impl,
-        config=parse_config(config_json),
-        residual=residual,
-    )
+    """`front.forward` on the op's arguments (fusedmlp::mlp's schema and body)."""
+    return op_forward(x, params, spec_json, impl, config_json, residual)
 
 
 MLP_LAUNCHES_OP = torch.ops.fusedmlp.mlp_launches.default

@@ -26,8 +26,9 @@ Their factors are DRAWN (seeded, like `init_params`), not computed by an SVD: LA
 bit-reproducible across builds (signs, last bits) and the files must regenerate bit for bit; the
 factorisation has its own tests (tests/test_lowrank.py: Eckart–Young, the whitened tail).
 For the same reason the outputs are the reference's reproducible mode (`reference.reproducible`:
-no BLAS, the C library's exp and tanh), which gives the same bits on an AVX2 and an AVX-512 CPU;
-the files before it came from an AVX-512 machine's BLAS and did not regenerate on an AVX2 one.
+no BLAS, the C library's exp and tanh), which gives the same bits on every x86-64 CPU with FMA
+(AVX2, AVX-512); the files before it came from an AVX-512 machine's BLAS and did not regenerate
+on an AVX2 one.
 
 Regenerate with `python -m fusedmlp.common.golden` (add `--check` to verify instead of writing).
 """

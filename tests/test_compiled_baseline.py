@@ -24,7 +24,7 @@ import torch
 from fusedmlp.common import MLPSpec, dispatch, reference
 from fusedmlp.common.dispatch import KERNELS
 from fusedmlp.common.tolerance import assert_close, assert_grads_close
-from fusedmlp.torch_impl import FusedMLP, baselines, front
+from fusedmlp.torch_impl import FusedMLP, baselines, front, graph_op
 from fusedmlp.torch_impl.packing import unpack_params
 from helpers import dynamo_as_torch_2_11, one_point_table, to_numpy
 
@@ -283,23 +283,27 @@ def _params_np(params):
 
 # ---- GPU (`pytest -m gpu`: the route on the GPU image's torch, 2.11) -----------------------------
 @pytest.mark.gpu
-def test_gpu_compiled_routes():
-    # "compile" traced (no op in the graph), "eager" and our kernels the op, training with our
+def test_gpu_compiled_routes(monkeypatch):
+    # "compile" traced (no op in the graph), "eager" the op, our Triton kernels their launches
+    # in the graph (graph_op.py; the op with FUSEDMLP_GRAPH_LAUNCHES=0), training with our
     # kernels the training op, export the op — on the real torch of the image, not an emulation
     spec = SPEC
     x, residual = (t.cuda() for t in _inputs(spec, seed=16))
     routes = {}
-    for impl in ("compile", "eager", "triton"):
+    for impl, launches in (("compile", True), ("eager", True), ("triton", True), ("triton", False)):
+        monkeypatch.setattr(graph_op, "ENABLED", launches)
         module = FusedMLP(spec, impl=impl, device="cuda", seed=17)
         recorder = GraphRecorder()
         with torch.no_grad():
             out = _compiled(module, recorder)(x, residual)
-        routes[impl] = recorder.ours()
+        routes[impl if launches else f"{impl}, launches off"] = recorder.ours()
         assert_close(to_numpy(out), _reference(module, x, residual), spec, what=impl)
+    monkeypatch.setattr(graph_op, "ENABLED", True)
     assert routes == {
         "compile": [],
         "eager": ["fusedmlp.mlp.default"],
-        "triton": ["fusedmlp.mlp.default"],
+        "triton": ["fusedmlp.mlp_launches.default"],
+        "triton, launches off": ["fusedmlp.mlp.default"],
     }
     module = FusedMLP(spec, impl="triton", device="cuda", seed=17)
     recorder = GraphRecorder()

@@ -517,6 +517,16 @@ def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
         ),
         ("warps8 s2", replace(d, num_warps=8, num_stages=2)),
         ("rows*2 w8 1/SM", replace(d, block_m=2 * d.block_m, num_warps=8, programs_per_sm=1)),
+        # past three 64-row programs an SM (nerf-64x5's default since the tenth session): more,
+        # smaller tiles in flight (their MMA chains interleave across programs), or two 128-row
+        # tiles over two warpgroups each
+        ("rows/2 4/SM", replace(d, block_m=max(16, d.block_m // 2), programs_per_sm=4)),
+        (
+            "rows/2 s2 6/SM",
+            replace(d, block_m=max(16, d.block_m // 2), num_stages=2, programs_per_sm=6),
+        ),
+        ("rows*2 w8 2/SM", replace(d, block_m=2 * d.block_m, num_warps=8, programs_per_sm=2)),
+        ("s2 4/SM", replace(d, num_stages=2, programs_per_sm=4)),
     ]
     return out
 

@@ -9,6 +9,12 @@ rule (0.10 or 0.11) and no Mosaic GPU layout rule in jax 0.11 — both found by 
 CPU. So tanh goes through exp, erf-gelu through `erfc` below, and relu is the reference's max(z, 0)
 with NaN propagated: a select here (`relu`), as Pallas-Triton's max drops NaN.
 
+`fast=True` (the Mosaic GPU kernels, with `approx_math`: jax_impl/mosaic/pipeline.py) computes
+the same formulas with every reciprocal of a denominator ≥ 1 as rsqrt(d)², i.e. `rsqrt.approx.f32`
+(≤ 2^-22.9 relative) and a product, instead of an IEEE division — whose ~10-instruction sequence
+(a Newton step and a slow-path branch) Mosaic GPU emits for `/` — and exp as `ex2.approx` of
+x·log2(e), which is what Triton's `tl.exp` does. Pallas-Triton and the Triton twins keep `/`.
+
 `round_to_dtype(x, DTYPE, INTERPRET)` is every kernel's one rounding of an fp32 tile to the output
 (or hidden) dtype, in both stacks: a DTYPE tile, rounded to nearest even. Where the rounded value
 feeds another dot under the interpreter, the caller upcasts it again, as after a load.
@@ -16,6 +22,7 @@ feeds another dot under the interpreter, the caller upcasts it again, as after a
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 SQRT_1_2 = 0.7071067811865476  # 1/√2, for erf-gelu
 SQRT_2_OVER_PI = 0.7978845608028654  # √(2/π), for tanh-gelu
@@ -25,16 +32,26 @@ _INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π), gelu's normal density
 ACTIVATION_KEYS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 
 
-def tanh(x: jax.Array) -> jax.Array:
+def reciprocal(d: jax.Array, fast: bool = False) -> jax.Array:
+    """1/d for d ≥ 1 (every denominator below: 1 + e^y, 1 + z/2), or NaN. fast: rsqrt(d)², one
+    MUFU op and a product (d = inf gives 0, NaN stays NaN), not an IEEE division."""
+    if fast:
+        r = lax.rsqrt(d)
+        return r * r
+    return 1.0 / d
+
+
+def tanh(x: jax.Array, fast: bool = False) -> jax.Array:
     # 1 - 2/(1 + e^{2x}): exact limits at ±inf, NaN propagates; absolute error ~1 ulp of 1.
-    return 1.0 - 2.0 / (1.0 + jnp.exp(2.0 * x))
+    d = 1.0 + jnp.exp(2.0 * x)
+    return 1.0 - (2.0 * reciprocal(d, fast) if fast else 2.0 / d)
 
 
-def erfc(x: jax.Array) -> jax.Array:
+def erfc(x: jax.Array, fast: bool = False) -> jax.Array:
     # Chebyshev fit of erfc (Press et al., Numerical Recipes, 2nd ed., §6.2): fractional error
     # < 1.2e-7 for every x, so gelu's 1 + erf(x) = erfc(-x) stays accurate where it is tiny.
     z = jnp.abs(x)
-    t = 1.0 / (1.0 + 0.5 * z)
+    t = reciprocal(1.0 + 0.5 * z, fast)
     p = -0.82215223 + t * 0.17087277
     p = 1.48851587 + t * p
     p = -1.13520398 + t * p
@@ -57,16 +74,17 @@ def relu(x: jax.Array) -> jax.Array:
     return jnp.where(x <= 0.0, 0.0, x)
 
 
-def apply_activation(x: jax.Array, activation: str) -> jax.Array:
-    """act(x) for an fp32 tile; activation is one of ACTIVATION_KEYS."""
+def apply_activation(x: jax.Array, activation: str, fast: bool = False) -> jax.Array:
+    """act(x) for an fp32 tile; activation is one of ACTIVATION_KEYS; fast: the reciprocals as
+    rsqrt(d)² (the module docstring)."""
     if activation == "relu":
         x = relu(x)
     elif activation == "gelu":
-        x = 0.5 * x * erfc(-x * SQRT_1_2)  # = x/2 · (1 + erf(x/√2))
+        x = 0.5 * x * erfc(-x * SQRT_1_2, fast)  # = x/2 · (1 + erf(x/√2))
     elif activation == "gelu_tanh":
-        x = 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x)))
+        x = 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x), fast))
     elif activation == "silu":
-        x = x / (1.0 + jnp.exp(-x))
+        x = x / (1.0 + jnp.exp(-x)) if not fast else x * reciprocal(1.0 + jnp.exp(-x), fast)
     return x
 
 

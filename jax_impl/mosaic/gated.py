@@ -69,7 +69,7 @@ def _gated_fwd_kernel(
             if bc_ref is not None:
                 gate = gate + row_vector(bc_ref.at[pl.ds(2 * j * P, P)], EPI_M, interpret=interpret)
                 up = up + row_vector(bc_ref.at[pl.ds(2 * j * P + P, P)], EPI_M, interpret=interpret)
-            h = apply_activation(gate, activation) * up
+            h = apply_activation(gate, activation, fast=pipeline.APPROX_MATH) * up
             dst = o_slot if pairs == 1 else o_slot.at[:, pl.ds(p * P, P)]
             dst[...] = round_to_dtype(h, dtype, interpret)
 

@@ -60,7 +60,7 @@ def _linear_act_fwd_kernel(
         y = acc[rows, en * epi_n : (en + 1) * epi_n]
         if b_ref is not None:
             y = y + row_vector(b_ref.at[pl.ds(en * epi_n, epi_n)], EPI_M, interpret=interpret)
-        y = apply_activation(y, activation)
+        y = apply_activation(y, activation, fast=pipeline.APPROX_MATH)
         if has_residual:  # the driver loaded the residual slice into o_slot
             y = y + o_slot[...].astype(jnp.float32)
         o_slot[...] = round_to_dtype(y, dtype, interpret)

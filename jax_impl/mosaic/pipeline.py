@@ -53,6 +53,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ SMEM_BYTES = 227 * 1024  # H100/H200 shared memory per block
 # fp32 accumulator elements per compute warpgroup: 128×128 over 128 threads is 128 registers of a
 # thread; more leaves no room for the epilogue (ptxas spills).
 MAX_ACC_ELEMS = 128 * 128
+# Mosaic GPU's approximate math (`CompilerParams.approx_math`) in every kernel of this module: exp
+# as ex2.approx of x·log2(e) (what Triton's tl.exp is) and the epilogues' activations with their
+# reciprocals as rsqrt.approx squared (`apply_activation(..., fast=True)`), instead of libdevice's
+# expf and IEEE divisions per element. FUSEDMLP_MOSAIC_APPROX_MATH=1 turns it on (read at import).
+APPROX_MATH: bool = os.environ.get("FUSEDMLP_MOSAIC_APPROX_MATH", "0") == "1"
 MEMORY_REGISTERS = 40  # the memory warpgroup only issues TMA (jax's example uses 40 on H100)
 COMPUTE_WARPGROUPS = 2  # with warp_specialize
 # Under the interpreter the persistent grid has two blocks, so each walks several tiles.
@@ -412,7 +418,9 @@ def launch(
         grid=(max(1, min(num_sms(interpret), num_tiles)),),
         grid_names=("sm",),
         **threads,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=APPROX_MATH
+        ),
         interpret=interpret_param(interpret),
         kernel_name=name,
     )(*operands)

@@ -32,7 +32,7 @@ _INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π), gelu's normal density
 ACTIVATION_KEYS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 
 
-def reciprocal(d: jax.Array, fast: bool = False) -> jax.Array:
+def _reciprocal(d: jax.Array, fast: bool = False) -> jax.Array:
     """1/d for d ≥ 1 (every denominator below: 1 + e^y, 1 + z/2), or NaN. fast: rsqrt(d)², one
     MUFU op and a product (d = inf gives 0, NaN stays NaN), not an IEEE division."""
     if fast:
@@ -44,14 +44,14 @@ def reciprocal(d: jax.Array, fast: bool = False) -> jax.Array:
 def tanh(x: jax.Array, fast: bool = False) -> jax.Array:
     # 1 - 2/(1 + e^{2x}): exact limits at ±inf, NaN propagates; absolute error ~1 ulp of 1.
     d = 1.0 + jnp.exp(2.0 * x)
-    return 1.0 - (2.0 * reciprocal(d, fast) if fast else 2.0 / d)
+    return 1.0 - (2.0 * _reciprocal(d, fast) if fast else 2.0 / d)
 
 
 def erfc(x: jax.Array, fast: bool = False) -> jax.Array:
     # Chebyshev fit of erfc (Press et al., Numerical Recipes, 2nd ed., §6.2): fractional error
     # < 1.2e-7 for every x, so gelu's 1 + erf(x) = erfc(-x) stays accurate where it is tiny.
     z = jnp.abs(x)
-    t = reciprocal(1.0 + 0.5 * z, fast)
+    t = _reciprocal(1.0 + 0.5 * z, fast)
     p = -0.82215223 + t * 0.17087277
     p = 1.48851587 + t * p
     p = -1.13520398 + t * p
@@ -84,7 +84,7 @@ def apply_activation(x: jax.Array, activation: str, fast: bool = False) -> jax.A
     elif activation == "gelu_tanh":
         x = 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x), fast))
     elif activation == "silu":
-        x = x / (1.0 + jnp.exp(-x)) if not fast else x * reciprocal(1.0 + jnp.exp(-x), fast)
+        x = x / (1.0 + jnp.exp(-x)) if not fast else x * _reciprocal(1.0 + jnp.exp(-x), fast)
     return x
 
 

@@ -31,6 +31,7 @@ from fusedmlp.common.params import init_params, make_input
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.jax_impl import compat, packing
 from fusedmlp.jax_impl import mosaic as mosaic_pkg
+from fusedmlp.jax_impl.activations import ACTIVATION_KEYS, apply_activation
 from fusedmlp.jax_impl.mosaic import gated as gated_mod
 from fusedmlp.jax_impl.mosaic import linear_act as linear_act_mod
 from fusedmlp.jax_impl.mosaic import pipeline
@@ -455,6 +456,52 @@ def test_gpu_variant_lowers_for_cuda(family, dtype, activation, bias, config, mn
         family, m, n, k, dtype, activation, bias, cfg, residual=family == "linear_act" and bias
     )
     assert "mosaic_gpu" in text
+
+
+# ---- approximate math (FUSEDMLP_MOSAIC_APPROX_MATH=1) --------------------------------------------
+def test_fast_activations_agree_with_the_exact_ones() -> None:
+    # The reciprocals as rsqrt(d)² (d ≥ 1) against IEEE divisions, exact rsqrt on the CPU: a few
+    # ulp of the output's scale; ±inf, ±0 and NaN as the divisions give them.
+    grid = np.linspace(-100.0, 100.0, 40001)
+    special = [-np.inf, np.inf, np.nan, 0.0, -0.0, 1e-30, -1e-30, 88.7, -88.7, 44.0, -44.0]
+    x = jnp.asarray(np.concatenate([grid, special]), jnp.float32)
+    for activation in ACTIVATION_KEYS:
+        exact = np.asarray(apply_activation(x, activation), np.float64)
+        fast = np.asarray(apply_activation(x, activation, fast=True), np.float64)
+        assert np.array_equal(np.isnan(fast), np.isnan(exact)), activation
+        both = ~np.isnan(exact)
+        np.testing.assert_array_equal(np.isinf(fast[both]), np.isinf(exact[both]), activation)
+        finite = both & np.isfinite(exact)
+        scale = np.abs(np.asarray(x, np.float64)[finite]) + 1.0
+        err = np.abs(fast[finite] - exact[finite]) / scale
+        assert err.max() <= 4e-7, (activation, err.max())
+
+
+@pytest.mark.parametrize(
+    ("activation", "dtype", "config"),
+    [("swiglu", "bfloat16", WS), ("gelu_tanh", "float16", ONE_WG), ("gelu", "bfloat16", WS)],
+)
+def test_approx_math_against_the_reference(monkeypatch, activation, dtype, config) -> None:
+    monkeypatch.setattr(pipeline, "APPROX_MATH", True)
+    jax.clear_caches()  # the flag is read when a kernel is traced
+    try:
+        spec = MLPSpec((48, 80, 32), activation, True, dtype)
+        params = init_params(spec, seed=41)
+        x = make_input(spec, 67, seed=42)
+        out = mlp_per_layer(x, params, spec, config=config)
+        tolerance.assert_close(out, reference.forward(spec, x, params), spec, what=activation)
+        # the kernel for CUDA: rsqrt in the module, no IEEE division, the approx_math flag set
+        text = _lower_family("gated", 64, 80, 48, dtype, "silu", True, WS)
+        assert "rsqrt" in text and "divf" not in text
+    finally:
+        monkeypatch.setattr(pipeline, "APPROX_MATH", False)
+        jax.clear_caches()
+
+
+def test_exact_math_is_the_default() -> None:
+    assert pipeline.APPROX_MATH is False
+    text = _lower_family("gated", 64, 80, 48, "bfloat16", "silu", True, WS)
+    assert "divf" in text and "rsqrt" not in text
 
 
 # ---- the interpreter's race detector over the pipelines ------------------------------------------

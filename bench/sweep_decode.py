@@ -18,8 +18,8 @@ spent, so the call always finishes and writes its JSON):
 6. the narrow sweep subset: relu fp16, no bias, widths 16, 32, 64, 128 x depths 2, 4, 8 layers at
    M = 1,048,576: the same four providers;
 7. torch.compile baselines for every case above (compiling is what costs the most time);
-8. torch fused_small variants on nerf-64x5 and the 128-wide depth-8 cell (rows, stages, programs
-   per SM, hoisted vs streamed weights).
+8. torch fused_small variants (rows, stages, programs per SM, hoisted vs streamed weights) on
+   the cells `--small-cells` names (default: nerf-64x5 and the 128-wide depth-8 cell).
 
 Timing. torch: `bench/timing.py time_cudagraph` (do_bench_cudagraph's method, thread-local capture:
 median of 10 replays of a CUDA graph of back-to-back calls), the call rotating over copies of its
@@ -105,8 +105,16 @@ def _dry_spec(spec: MLPSpec) -> MLPSpec:
 class Run:
     """Rows, skips and the time budget of one sweep."""
 
-    def __init__(self, budget_s: float, sections: tuple[str, ...]):
+    def __init__(
+        self,
+        budget_s: float,
+        sections: tuple[str, ...],
+        small_cells: tuple[str, ...] = ("nerf", "128x8"),
+        jax_variants: bool = False,
+    ):
         self.start = time.monotonic()
+        self.small_cells = small_cells  # the cells of the small-variants section
+        self.jax_variants = jax_variants  # their configs through the JAX twin as well
         self.deadline = self.start + budget_s
         self.sections = sections
         self.rows: list[dict[str, Any]] = []
@@ -254,6 +262,8 @@ def measure(
         got = case.checked(out)
         row["time_us"] = t_us
         row["pct_floor"] = 100.0 * row["floor_us"] / t_us
+        if row["pct_floor"] > 100.0:  # no time below the physical floor is a measurement
+            row["invalid"] = "faster than its floor: the copy ceiling of this run was measured low"
         if row.get("weight_bytes"):
             row["weight_pct_copy"] = (
                 100.0 * row["weight_bytes"] / (t_us * 1e-6) / (run.ceilings["copy_TBps"] * 1e12)
@@ -279,6 +289,13 @@ def ceilings(run: Run) -> None:
     n = 2**20 if DRY["on"] else 2**30
     src = torch.empty(n, dtype=torch.uint8, device=_device()).random_()
     dst = torch.empty_like(src)
+    # An idle H200 sits at ~345 MHz and takes a moment to reach its clocks: measured cold, the
+    # copy read 2.77 TB/s (4.25 warm) in the twelfth session's call, and the floors with it.
+    warm_until = time.monotonic() + (0.0 if DRY["on"] else 0.5)
+    while time.monotonic() < warm_until:
+        for _ in range(20):
+            dst.copy_(src)
+        torch.cuda.synchronize()
     t_copy = time_torch(lambda: dst.copy_(src), [()], rep_ms=50)
     words = src.view(torch.float32)
     t_read = time_torch(lambda: words.sum(), [()], rep_ms=50)
@@ -460,11 +477,16 @@ def run_providers(run: Run, case: Case, section: str, *, only_compile: bool) -> 
 
 
 def run_variants(run: Run, case: Case, section: str, variants: list[tuple[str, Any]]) -> None:
+    """Each variant's config through our torch kernel, and through its JAX twin too where
+    --jax-variants asks for it (narrow cases)."""
     spec = case.spec
     if case.narrow:
+        from fusedmlp.jax_impl.fused_small import fused_small_fwd as jax_fwd
         from fusedmlp.torch_impl.fused_small import fused_small_fwd as fwd
     else:
         from fusedmlp.torch_impl.fused_decode import fused_decode_fwd as fwd
+    kernel = "fused_small" if case.narrow else "fused_decode"
+    with_jax = run.jax_variants and case.narrow
     for name, cfg in variants:
         if not run.allowed(f"{case.name} variant {name}", section):
             continue
@@ -475,8 +497,18 @@ def run_variants(run: Run, case: Case, section: str, variants: list[tuple[str, A
             sync()
             return time_torch(lambda x, p: fwd(x, p, spec, config=cfg), args), out
 
-        kernel = "fused_small" if case.narrow else "fused_decode"
         measure(run, case, case.base(run, "torch", kernel, name, cfg), timer)
+        if with_jax and run.allowed(f"{case.name} jax variant {name}", section):
+
+            def jax_fn(x, p, cfg=cfg):
+                return jax_fwd(x, p, spec, config=cfg, interpret=DRY["on"])
+
+            measure(
+                run,
+                case,
+                case.base(run, "jax", kernel, name, cfg),
+                lambda fn=jax_fn: time_jax(fn, case.jax_args(True), 10),
+            )
 
 
 def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
@@ -498,7 +530,26 @@ def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
 
 def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
     d = fused_small_config(spec, m, interpret=DRY["on"], kernel="forward")
+    if max(spec.widths) <= 32:
+        # 16/32 wide: a tile's chain of dependent MMAs is short work on tiny tiles, so an SM idles
+        # on the chain's latency unless many tiles are in flight: more programs an SM (their x
+        # tiles are 4-8 KiB), or more rows a tile
+        return [
+            ("default", d),
+            ("3/SM", replace(d, programs_per_sm=3)),
+            ("4/SM", replace(d, programs_per_sm=4)),
+            ("6/SM", replace(d, programs_per_sm=6)),
+            ("8/SM", replace(d, programs_per_sm=8)),
+            ("rows/2 4/SM", replace(d, block_m=max(16, d.block_m // 2), programs_per_sm=4)),
+            ("rows/2 8/SM", replace(d, block_m=max(16, d.block_m // 2), programs_per_sm=8)),
+            ("rows*2 2/SM", replace(d, block_m=2 * d.block_m)),
+            ("rows*2 w8 2/SM", replace(d, block_m=2 * d.block_m, num_warps=8)),
+            ("rows*2 4/SM", replace(d, block_m=2 * d.block_m, programs_per_sm=4)),
+            ("s2 4/SM", replace(d, num_stages=2, programs_per_sm=4)),
+            ("s4 4/SM", replace(d, num_stages=4, programs_per_sm=4)),
+        ]
     out = [
+        ("default", d),
         ("1/SM", replace(d, programs_per_sm=1)),
         ("3/SM", replace(d, programs_per_sm=3)),
         ("rows/2", replace(d, block_m=max(16, d.block_m // 2))),
@@ -528,6 +579,16 @@ def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
         ("rows*2 w8 2/SM", replace(d, block_m=2 * d.block_m, num_warps=8, programs_per_sm=2)),
         ("s2 4/SM", replace(d, num_stages=2, programs_per_sm=4)),
     ]
+    if max(spec.widths) > 64:
+        # 128 wide, streamed weights: fewer x buffers left room for more programs, 2 stages won
+        # at depth 8 in the twelfth session's call (679.9 against ~832 µs)
+        out += [
+            ("s2 3/SM", replace(d, num_stages=2, programs_per_sm=3)),
+            ("s2 1/SM", replace(d, num_stages=2, programs_per_sm=1)),
+            ("s1", replace(d, num_stages=1)),
+            ("s2 warps8", replace(d, num_stages=2, num_warps=8)),
+            ("s2 rows*2 w8", replace(d, num_stages=2, block_m=2 * d.block_m, num_warps=8)),
+        ]
     return out
 
 
@@ -549,7 +610,15 @@ def shapes() -> dict[str, Any]:
             for p in ("gpt-mlp", "hf-blog-geglu")
         ],
         "narrow": [(MLPSpec((w,) * (d + 1), "relu", False, "float16"), narrow_m) for w, d in cells],
-        "wide": (MLPSpec(((32 if dry else 128),) * 9, "relu", False, "float16"), narrow_m),
+        # the narrow sweep's cells by name ("WIDTHxDEPTH"), for --small-cells
+        "cells": {
+            f"{w}x{d}": (
+                MLPSpec(((16 if dry else w),) * (d + 1), "relu", False, "float16"),
+                narrow_m,
+            )
+            for w in NARROW_WIDTHS
+            for d in NARROW_DEPTHS
+        },
     }
 
 
@@ -596,9 +665,11 @@ def sweep(run: Run) -> None:
         name = case_name(spec, m, preset)
         if run.allowed(f"{name} torch:compile", "compile"):
             providers(spec, m, name, narrow, "compile", only_compile=True)
-    # 8. fused_small variants
-    wide, wide_m = plan["wide"]
-    for spec, m, preset in ((nerf, nerf_m, "nerf-64x5"), (wide, wide_m, None)):
+    # 8. fused_small variants on the chosen cells
+    for cell in run.small_cells:
+        spec, m, preset = (
+            (nerf, nerf_m, "nerf-64x5") if cell == "nerf" else (*plan["cells"][cell], None)
+        )
         name = case_name(spec, m, preset)
         if run.allowed(f"{name} variants", "small-variants"):
             case = Case(spec, m, name, narrow=True)
@@ -635,6 +706,7 @@ def table(run: Run) -> str:
             + (f"{wc:7.1f}% " if wc else f"{'':>8} ")
             + (f"{sp:6.2f}x " if sp else f"{'':>7} ")
             + (f"{'ok' if chk.get('passed') else 'FAIL':>5}" if chk else f"{'':>5}")
+            + ("  INVALID: below its floor" if r.get("invalid") else "")
         )
     if run.skipped:
         lines.append(
@@ -862,6 +934,17 @@ def main(argv: list[str] | None = None) -> int:
         help="stop starting new measurements after this many seconds",
     )
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    cells = [f"{w}x{d}" for w in NARROW_WIDTHS for d in NARROW_DEPTHS]
+    parser.add_argument(
+        "--small-cells",
+        default="nerf,128x8",
+        help=f"comma list of the cells the small-variants section runs: nerf or one of {cells}",
+    )
+    parser.add_argument(
+        "--jax-variants",
+        action="store_true",
+        help="small-variants: time every config through the JAX twin too",
+    )
     parser.add_argument(
         "--compile-only",
         action="store_true",
@@ -893,7 +976,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"--sections: unknown {unknown}; known {SECTIONS}")
-    run = Run(args.budget_s, sections)
+    small_cells = tuple(c for c in args.small_cells.split(",") if c)
+    unknown = sorted(set(small_cells) - {"nerf", *cells})
+    if unknown:
+        parser.error(f"--small-cells: unknown {unknown}; known nerf and {cells}")
+    run = Run(args.budget_s, sections, small_cells, args.jax_variants)
     try:
         sweep(run)
     finally:

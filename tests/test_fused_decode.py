@@ -384,6 +384,22 @@ def test_sweep_script_dry_run(tmp_path):
     assert data["dry_run"] and data["ceilings"]["copy_TBps"] > 0
 
 
+def test_sweep_small_variants_dry_run(tmp_path):
+    """The small-variants section on a named cell, each config through both stacks: the default
+    row first, every row checked against the reference; an unknown cell is refused by name."""
+    from fusedmlp.bench import sweep_decode
+
+    out = tmp_path / "variants.json"
+    argv = [str(out), "--dry-run", "--sections", "small-variants", "--small-cells", "16x2"]
+    assert sweep_decode.main([*argv, "--jax-variants", "--budget-s", "8"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["variant"] == "default" and rows[0]["provider"] == "torch:fused_small"
+    assert rows[1]["variant"] == "default" and rows[1]["provider"] == "jax:fused_small"
+    assert all(r["check"]["passed"] for r in rows), [r.get("error") for r in rows]
+    with pytest.raises(SystemExit):
+        sweep_decode.main([str(out), "--dry-run", "--small-cells", "24x2"])
+
+
 def test_rows_probe_smoke(tmp_path):
     """bench/decode_rows_probe.py --smoke: every variant, row blocks at M = 64 included, runs on
     this CPU (interpreted) and meets torch eager within the policy's bf16 relative bound (the

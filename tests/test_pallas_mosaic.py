@@ -458,7 +458,7 @@ def test_gpu_variant_lowers_for_cuda(family, dtype, activation, bias, config, mn
     assert "mosaic_gpu" in text
 
 
-# ---- approximate math (FUSEDMLP_MOSAIC_APPROX_MATH=1) --------------------------------------------
+# ---- approximate math (the default; FUSEDMLP_MOSAIC_APPROX_MATH=0 switches it off) -------------
 def test_fast_activations_agree_with_the_exact_ones() -> None:
     # The reciprocals as rsqrt(d)² (d ≥ 1) against IEEE divisions, exact rsqrt on the CPU: a few
     # ulp of the output's scale; ±inf, ±0 and NaN as the divisions give them.
@@ -481,27 +481,28 @@ def test_fast_activations_agree_with_the_exact_ones() -> None:
     ("activation", "dtype", "config"),
     [("swiglu", "bfloat16", WS), ("gelu_tanh", "float16", ONE_WG), ("gelu", "bfloat16", WS)],
 )
-def test_approx_math_against_the_reference(monkeypatch, activation, dtype, config) -> None:
-    monkeypatch.setattr(pipeline, "APPROX_MATH", True)
-    jax.clear_caches()  # the flag is read when a kernel is traced
+def test_approx_math_against_the_reference(activation, dtype, config) -> None:
+    assert pipeline.APPROX_MATH  # the default (FUSEDMLP_MOSAIC_APPROX_MATH unset)
+    spec = MLPSpec((48, 80, 32), activation, True, dtype)
+    params = init_params(spec, seed=41)
+    x = make_input(spec, 67, seed=42)
+    out = mlp_per_layer(x, params, spec, config=config)
+    tolerance.assert_close(out, reference.forward(spec, x, params), spec, what=activation)
+    # the kernel for CUDA: rsqrt in the module, no IEEE division
+    text = _lower_family("gated", 64, 80, 48, dtype, "silu", True, WS)
+    assert "rsqrt" in text and "divf" not in text
+
+
+def test_exact_math_when_switched_off(monkeypatch) -> None:
+    # FUSEDMLP_MOSAIC_APPROX_MATH=0: the IEEE division again, no rsqrt
+    monkeypatch.setattr(pipeline, "APPROX_MATH", False)
+    jax.clear_caches()
     try:
-        spec = MLPSpec((48, 80, 32), activation, True, dtype)
-        params = init_params(spec, seed=41)
-        x = make_input(spec, 67, seed=42)
-        out = mlp_per_layer(x, params, spec, config=config)
-        tolerance.assert_close(out, reference.forward(spec, x, params), spec, what=activation)
-        # the kernel for CUDA: rsqrt in the module, no IEEE division, the approx_math flag set
-        text = _lower_family("gated", 64, 80, 48, dtype, "silu", True, WS)
-        assert "rsqrt" in text and "divf" not in text
+        text = _lower_family("gated", 64, 80, 48, "bfloat16", "silu", True, WS)
+        assert "divf" in text and "rsqrt" not in text
     finally:
-        monkeypatch.setattr(pipeline, "APPROX_MATH", False)
+        monkeypatch.setattr(pipeline, "APPROX_MATH", True)
         jax.clear_caches()
-
-
-def test_exact_math_is_the_default() -> None:
-    assert pipeline.APPROX_MATH is False
-    text = _lower_family("gated", 64, 80, 48, "bfloat16", "silu", True, WS)
-    assert "divf" in text and "rsqrt" not in text
 
 
 # ---- the interpreter's race detector over the pipelines ------------------------------------------

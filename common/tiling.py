@@ -788,15 +788,26 @@ def fused_small_config(
         three = SmallConfig(64, 4, 3, 3, hoist)
         if 3 * (small_smem_bytes(spec, three) + 2048) <= SMEM_PER_SM:
             return three
-    if kernel == "forward" and not hoist and spec.num_layers == 2 and spec.dtype != "float32":
-        # One hidden layer too wide to hoist (a gated 128-wide one: 96 KiB of tiles): the
-        # streamed path's layer loop then runs once, and Triton's pipeliner stages that layer's
+    if kernel == "forward" and hoist and spec.dtype != "float32" and width <= 32:
+        # 16/32 wide: each tile's chain of dependent MMAs is short work on small tiles, so an SM
+        # idles on the chain's latency unless many tiles are in flight: more programs an SM, whose
+        # tiles (4-8 KiB) leave shared memory to spare. H200, bench/sweep_decode.py --small-cells
+        # (results 2026-12-03-h200-2369d39; relu fp16, depth 8, 1M rows): width 16 28.0 -> 19.8
+        # µs at eight 128-row programs an SM (6: 20.5, 4: 22.2); width 32 50.6 -> 44.3 µs at four
+        # 64-row ones (eight 128-row ones, 43.5, are past shared memory by small_smem_bytes).
+        many = SmallConfig(128, 4, 3, 8, hoist) if width == 16 else SmallConfig(64, 4, 3, 4, hoist)
+        if many.programs_per_sm * (small_smem_bytes(spec, many) + 2048) <= SMEM_PER_SM:
+            return many
+    if kernel == "forward" and not hoist and spec.dtype != "float32":
+        # Weights past SMALL_HOIST_BYTES that still fit one program's shared memory: held on chip
+        # for the whole row loop, one program an SM, rather than streamed from L2 for every tile
+        # by two. H200 (results 2026-12-03-h200-2369d39): relu fp16 width 128 depth 4 (128 KiB
+        # of weights), 1M rows, 431.4 -> 282.4 µs (torch) and 510.6 -> 281.1 (JAX). It also keeps
+        # the pipeliner off a lone streamed layer: with one hidden layer too wide to hoist (a
+        # gated 128-wide one, 96 KiB) the streamed layer loop runs once and Triton stages its
         # weight loads with the row loop — sm_90 compile of (64, 128, 64) swiglu float16 at 64
-        # rows, 3 stages: 352,256 B of shared memory, past the 227 KiB a program may have (the
-        # launch would fail). Held on chip instead: 155,648 B, one program an SM, the weights
-        # read once, wgmma kept — with 132 B of spill at 255 registers (the gate's two 64 x 128
-        # fp32 accumulators); 32 rows spill nothing but lose wgmma (it needs 64 rows a
-        # warpgroup), 8 warps still spill. Not measured on a GPU.
+        # rows, 3 stages: 352,256 B, past the 227 KiB a program may have; hoisted: 155,648 B,
+        # with 132 B of spill at 255 registers (the gate's two 64 x 128 fp32 accumulators).
         hoisted = SmallConfig(block_m, warps, stages, 1, True)
         if small_smem_bytes(spec, hoisted) + 1024 <= SMEM_PER_SM:
             return hoisted

@@ -212,6 +212,20 @@ def test_default_tiles():
     cfg = fused_small_config(nerf, 2_097_152, kernel="forward")
     assert cfg.hoist and cfg.programs_per_sm == 3 and cfg.block_m == 64
     assert fused_small_programs(2_097_152, cfg) == 396
+    # 16 / 32 wide: many programs an SM; weights past the hoisting threshold that fit one program
+    # (128 wide, depth 4: 128 KiB): hoisted at one program an SM (all three measured faster)
+    for width, tiles in (
+        (16, SmallConfig(128, 4, 3, 8, True)),
+        (32, SmallConfig(64, 4, 3, 4, True)),
+    ):
+        spec = MLPSpec((width,) * 9, "relu", False, "float16")
+        assert fused_small_config(spec, 1 << 20) == tiles
+        assert fused_small_config(spec, 1 << 20, kernel="saving").programs_per_sm == 2
+    wide = MLPSpec((128,) * 5, "relu", False, "float16")
+    assert fused_small_config(wide, 1 << 20) == SmallConfig(64, 4, 3, 1, True)
+    assert not fused_small_config(wide, 1 << 20, kernel="saving").hoist
+    deeper = MLPSpec((128,) * 9, "relu", False, "float16")  # 256 KiB: streamed by two programs
+    assert fused_small_config(deeper, 1 << 20) == SmallConfig(64, 4, 3, 2, False)
     # kernel A: 64-row tiles at two stages (measured faster); kernel B keeps the training tiles
     assert fused_small_config(nerf, 65_536, kernel="dgrad") == SmallConfig(64, 4, 2, 2, True)
     assert fused_small_config(nerf, 65_536, kernel="wgrad") == fused_small_config(

@@ -41,6 +41,8 @@ FAMILIES: tuple[str, ...] = ("linear_act", "gated")
 # resident block also takes 1 KiB of the SM's for itself).
 SMEM_LIMIT = 227 * 1024
 SMEM_PER_SM = 228 * 1024
+REGISTERS_PER_SM = 64 * 1024  # 32-bit registers an SM (sm_90)
+MAX_REGISTERS = 255  # a thread's most; past it ptxas spills
 SMEM_BLOCK_RESERVED = 1024
 # Streaming multiprocessors of an H100 SXM / H200: the persistent grid and the wave count below.
 NUM_SMS = 132
@@ -738,6 +740,28 @@ def fused_decode_config(
     return config
 
 
+# fused_small's forward kernel, 16-bit with its weights on chip: (rows a tile, programs an SM) by
+# padded width, best first; the first whose programs all fit an SM at once (shared memory and
+# registers: `small_resident`) is the default. A tile's chain of dependent MMAs (a dot, the
+# activation and a conversion a layer) leaves the tensor cores idle unless other programs' tiles
+# fill the gaps, and the narrower the MLP the shorter each link: so more, smaller programs an SM,
+# as many as fit. Measured on the H200 (bench/sweep_decode.py small-variants, relu fp16, 1M rows
+# unless named; torch µs):
+# - 16 wide (2026-12-03-h200-1a8c754): depth 2 23.8 -> 18.0, depth 8 28.5 -> 20.0 (two 128-row
+#   programs -> eight; 6: 18.4 / 20.7, 4: 19.4 / 22.4)
+# - 32 wide (same run): six 64-row programs 36.0 / 41.9 at depth 2 / 8 against 39.1 / 50.5 for
+#   two 128-row ones (four 64-row ones: 36.7 / 47.4)
+# - 64 wide: nerf-64x5 (2M rows, 2026-12-02-h200-0ec778c) three 64-row programs 203.7 against
+#   207.5 for 128 rows over 8 warps and 224.3 for two 64-row programs, which still beat one
+#   128-row program where neither three nor two 128-row ones fit (depth 8: 131.3 against 158.1,
+#   JAX 142.8 against 183.5, 2026-12-03-h200-1a8c754)
+SMALL_FORWARD_TILES: dict[int, tuple[tuple[int, int], ...]] = {
+    16: ((128, 8), (128, 6), (128, 4), (128, 2)),
+    32: ((64, 6), (64, 4), (128, 2), (64, 2)),
+    64: ((64, 3), (128, 2), (64, 2)),
+}
+
+
 def padded_width(width: int) -> int:
     """fused_small's compile-time width: the smallest of 16/32/64/128 that holds `width`."""
     return next(w for w in WHOLE_WIDTHS if w >= width)
@@ -779,25 +803,11 @@ def fused_small_config(
     else:
         block_m, warps, stages = (64 if width == 128 else 128), 4, 3
     narrow_16bit = width == 64 and spec.dtype != "float32" and hoist
-    if kernel == "forward" and narrow_16bit:
-        # more row tiles in flight an SM: each tile's chain of dependent 64-wide MMAs leaves the
-        # tensor cores idle between layers unless another program's tile fills the gap, and
-        # 64-row tiles fit three programs where 128-row ones fit two (nerf-64x5: 68 KiB each).
-        # H200, bench/sweep_decode.py (results 2026-12-02-h200-0ec778c): 203.7 µs against
-        # 207.5 for 8 warps at 128 rows and 224.3 for 64 rows at two programs an SM.
-        three = SmallConfig(64, 4, 3, 3, hoist)
-        if 3 * (small_smem_bytes(spec, three) + 2048) <= SMEM_PER_SM:
-            return three
-    if kernel == "forward" and hoist and spec.dtype != "float32" and width <= 32:
-        # 16/32 wide: each tile's chain of dependent MMAs is short work on small tiles, so an SM
-        # idles on the chain's latency unless many tiles are in flight: more programs an SM, whose
-        # tiles (4-8 KiB) leave shared memory to spare. H200, bench/sweep_decode.py --small-cells
-        # (results 2026-12-03-h200-2369d39; relu fp16, depth 8, 1M rows): width 16 28.0 -> 19.8
-        # µs at eight 128-row programs an SM (6: 20.5, 4: 22.2); width 32 50.6 -> 44.3 µs at four
-        # 64-row ones (eight 128-row ones, 43.5, are past shared memory by small_smem_bytes).
-        many = SmallConfig(128, 4, 3, 8, hoist) if width == 16 else SmallConfig(64, 4, 3, 4, hoist)
-        if many.programs_per_sm * (small_smem_bytes(spec, many) + 2048) <= SMEM_PER_SM:
-            return many
+    if kernel == "forward" and hoist and spec.dtype != "float32" and width in SMALL_FORWARD_TILES:
+        for rows, programs in SMALL_FORWARD_TILES[width]:
+            tiles = SmallConfig(rows, 4, 3, programs, hoist)
+            if small_resident(spec, tiles) and small_registers(spec, tiles) <= MAX_REGISTERS:
+                return tiles
     if kernel == "forward" and not hoist and spec.dtype != "float32":
         # Weights past SMALL_HOIST_BYTES that still fit one program's shared memory: held on chip
         # for the whole row loop, one program an SM, rather than streamed from L2 for every tile
@@ -809,7 +819,9 @@ def fused_small_config(
         # rows, 3 stages: 352,256 B, past the 227 KiB a program may have; hoisted: 155,648 B,
         # with 132 B of spill at 255 registers (the gate's two 64 x 128 fp32 accumulators).
         hoisted = SmallConfig(block_m, warps, stages, 1, True)
-        if small_smem_bytes(spec, hoisted) + 1024 <= SMEM_PER_SM:
+        lone = spec.num_layers == 2  # streamed, it would not launch (above): spills are the lesser
+        fits = lone or small_registers(spec, hoisted) <= MAX_REGISTERS
+        if small_resident(spec, hoisted) and fits:
             return hoisted
     if kernel == "dgrad" and narrow_16bit:
         # kernel A walks every layer back per row tile (a dot and act' a layer, every dZ stored):
@@ -842,6 +854,32 @@ def small_smem_bytes(spec: MLPSpec, config: SmallConfig) -> int:
     if config.hoist:
         return rows + small_weight_bytes(spec) + config.block_m * width
     return rows + max(1, config.num_stages - 1) * per_layer * tile + (tile if spec.gated else 0)
+
+
+def small_registers(spec: MLPSpec, config: SmallConfig) -> int:
+    """An estimate of the forward kernel's registers a thread where its weights are hoisted
+    (16-bit), fitted from above to triton 3.6's sm_90 compiles of widths 16-64 at depths 2-8
+    (tests/test_fused_small.py compiles such a grid and checks by ptxas' own count that every
+    default's programs are resident at once and do not spill): a base, the fp32 accumulators'
+    share of a tile (a gated layer has two), and for each hidden layer past the first what its
+    hoisted operands keep in registers, in units of width/4: a bias row 1, a gated layer's up
+    half 1, a plain layer's non-relu activation 1/2 (ptxas: relu without bias 50-52 at every
+    depth; swiglu with biases 62 / 94 / 138 at depths 2 / 4 / 8 16 wide, 72 / 126 / 225 32
+    wide)."""
+    width = padded_width(max(spec.widths))
+    accumulators = (2 if spec.gated else 1) * config.block_m * width // (32 * config.num_warps)
+    nonlinear = spec.base_activation not in ("relu", "identity") and not spec.gated
+    half_units = 2 * ((2 if spec.gated else 1) * spec.bias + spec.gated) + nonlinear
+    return 48 + accumulators + (spec.num_layers - 1) * (width // 8) * half_units
+
+
+def small_resident(spec: MLPSpec, config: SmallConfig) -> bool:
+    """Whether all of a config's programs an SM fit it at once, in shared memory and (by
+    small_registers) in registers: a program that waited for another to finish would add its whole
+    row loop to the kernel's time."""
+    smem = config.programs_per_sm * (small_smem_bytes(spec, config) + 2048)
+    threads = config.programs_per_sm * config.num_warps * 32
+    return smem <= SMEM_PER_SM and threads * small_registers(spec, config) <= REGISTERS_PER_SM
 
 
 def small_weight_bytes(spec: MLPSpec) -> int:

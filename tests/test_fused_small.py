@@ -23,6 +23,7 @@ from fusedmlp.common.config import TileConfig
 from fusedmlp.common.params import init_params, make_input
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
+    REGISTERS_PER_SM,
     SMALL_KERNELS,
     SMEM_PER_SM,
     SmallConfig,
@@ -216,11 +217,14 @@ def test_default_tiles():
     # (128 wide, depth 4: 128 KiB): hoisted at one program an SM (all three measured faster)
     for width, tiles in (
         (16, SmallConfig(128, 4, 3, 8, True)),
-        (32, SmallConfig(64, 4, 3, 4, True)),
+        (32, SmallConfig(64, 4, 3, 6, True)),
     ):
         spec = MLPSpec((width,) * 9, "relu", False, "float16")
         assert fused_small_config(spec, 1 << 20) == tiles
         assert fused_small_config(spec, 1 << 20, kernel="saving").programs_per_sm == 2
+    # fewer where each program needs more registers: a deep gated MLP with biases keeps them all
+    gated = MLPSpec((16,) * 9, "swiglu", True, "float16")
+    assert fused_small_config(gated, 1 << 20) == SmallConfig(128, 4, 3, 2, True)
     wide = MLPSpec((128,) * 5, "relu", False, "float16")
     assert fused_small_config(wide, 1 << 20) == SmallConfig(64, 4, 3, 1, True)
     assert not fused_small_config(wide, 1 << 20, kernel="saving").hoist
@@ -304,8 +308,10 @@ _COMPILE = textwrap.dedent(
             info = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
                                   capture_output=True, text=True).stderr
         spill = re.search(r"(\\d+) bytes spill stores", info)
+        registers = re.search(r"Used (\\d+) registers", info)
         out.append(dict(widths=widths, dtype=dtype, seconds=seconds, shared=k.metadata.shared,
-                        programs_per_sm=cfg.programs_per_sm,
+                        programs_per_sm=cfg.programs_per_sm, num_warps=cfg.num_warps,
+                        registers=int(registers.group(1)),
                         spill=int(spill.group(1)) if spill else None,
                         wgmma="wgmma.mma_async" in k.asm["ptx"]))
     print("RESULT" + json.dumps(out))
@@ -316,8 +322,13 @@ _COMPILE = textwrap.dedent(
 def test_sm90_compile_default_configs():
     """Default configs compile for the H200 here within COMPILE_LIMIT_S CPU seconds each (ptxas
     included; the old kernel took 43 s at float32 width 128), fit their programs per SM in shared
-    memory; 16-bit ones use wgmma and do not spill."""
+    memory and in registers (every program of the persistent grid resident at once: one that
+    waited for another to finish would add its whole row loop to the kernel's time); 16-bit ones
+    use wgmma and do not spill."""
     cases = [
+        ((16,) * 9, "swiglu", True, "bfloat16"),  # eight programs an SM: <= 64 registers
+        ((32,) * 9, "swiglu", True, "bfloat16"),  # four (six without the gate)
+        ((32,) * 3, "relu", False, "float16"),  # six
         ((64,) * 6, "relu", False, "float16"),  # nerf-64x5: relu after the rounding, on f16x2
         ((64,) * 4, "relu", False, "bfloat16"),  # relu before it (Triton's bf16 max is fp32)
         ((64, 128, 64), "swiglu", True, "float16"),  # one hidden layer, too wide to stream
@@ -331,9 +342,34 @@ def test_sm90_compile_default_configs():
     for info in run_script(_COMPILE, json.dumps(cases), timeout=900, cache="cold"):
         assert info["seconds"] <= COMPILE_LIMIT_S, info
         assert info["programs_per_sm"] * (info["shared"] + 1024) <= SMEM_PER_SM, info
+        threads = info["programs_per_sm"] * info["num_warps"] * 32
+        assert threads * info["registers"] <= REGISTERS_PER_SM, info
         if info["dtype"] != "float32":
             assert info["wgmma"], info
             assert info["spill"] == spills.get(tuple(info["widths"]), 0), info
+
+
+def test_sm90_default_programs_are_resident():
+    """common/tiling.small_registers against ptxas over a grid of 16-bit specs (widths 16-64,
+    depths 2 and 8, with and without bias, plain and gated, relu and a tanh activation): every
+    default's programs an SM fit its 64 K registers at once, and its shared memory."""
+    cases = [
+        ((width,) * (depth + 1), activation, bias, dtype)
+        for width in (16, 32, 64)
+        for depth in (2, 8)
+        for activation, bias, dtype in (
+            ("relu", False, "float16"),
+            ("relu", True, "bfloat16"),
+            ("gelu_tanh", True, "bfloat16"),
+            ("swiglu", False, "bfloat16"),
+            ("swiglu", True, "float16"),
+        )
+    ]
+    for info in run_script(_COMPILE, json.dumps(cases), timeout=900, cache="cold"):
+        threads = info["programs_per_sm"] * info["num_warps"] * 32
+        assert threads * info["registers"] <= REGISTERS_PER_SM, info
+        assert info["programs_per_sm"] * (info["shared"] + 1024) <= SMEM_PER_SM, info
+        assert info["spill"] == 0, info
 
 
 @pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "streamed"])

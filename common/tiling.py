@@ -790,6 +790,9 @@ def fused_small_config(
     products are FMA loops that the compiler unrolls over the whole width, with their operands in
     registers: few rows, more warps and no pipeline keep code size and ptxas time bounded (sm_90
     compile of a depth-8 width-128 geglu: ~3 s at 16 rows and 8 warps, 56 s at 32 rows and 4).
+    Measured since: the forward kernel at 16-64 wide wants more, smaller programs an SM than two
+    (SMALL_FORWARD_TILES, each default resident by `small_resident`), and weights too large to
+    hoist for two programs are best hoisted by one where they fit without spilling.
     """
     del m
     if kernel not in SMALL_KERNELS:

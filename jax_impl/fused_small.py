@@ -12,8 +12,10 @@ a gated layer, both fed by the same register input). The floor is that traffic (
 Persistent grid: min(row tiles, programs_per_sm · 132) programs; program p takes row tiles p, p + P,
 p + 2P, ... (TILES_PER_PROGRAM of them, a static count; a tile past M is fully masked). Before its
 row loop, a program loads every layer's zero-padded [WIDTH, WIDTH] weight tiles once (`hoist`:
-they are loop invariants of the row loop, kept on chip) where they fit SMALL_HOIST_BYTES; else each
-tile reads them again. The x tiles are software-pipelined over `num_stages` by the Triton compiler.
+they are loop invariants of the row loop, kept on chip) where they fit SMALL_HOIST_BYTES, or one
+program's shared memory without spilling; else each tile reads them again. The x tiles are
+software-pipelined over `num_stages` by the Triton compiler. Programs an SM by width
+(`SMALL_FORWARD_TILES`, the same tiles as the twin's).
 
 Params are read where they are: the kernel takes each layer's own weight and bias refs (no
 repacking, no host work beyond one launch). Gated layers come in the packed layout

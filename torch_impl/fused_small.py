@@ -14,11 +14,13 @@ must overlap.
 Persistent grid: min(row tiles, programs_per_sm · 132) programs; program p takes row tiles p, p + P,
 p + 2P, ... (TILES_PER_PROGRAM of them; a tile past M is fully masked). Before its row loop, a
 program loads every layer's zero-padded [WIDTH, WIDTH] weight tiles once (`hoist`: they stay in
-shared memory for all its tiles — 40 KiB for nerf-64x5 — where they fit SMALL_HOIST_BYTES; else each
-tile reads them again, from L2). The x tiles are software-pipelined (`num_stages` - 1 tiles of
-BLOCK_M rows in flight through cp.async while one is computed: 2 x 8 KiB at nerf-64x5's default 64
-rows of 64 fp16, and three programs per SM; each training kernel has its own: `SMALL_KERNELS`),
-loaded and stored with 16-byte accesses where the row stride allows it.
+shared memory for all its tiles — 40 KiB for nerf-64x5 — where they fit SMALL_HOIST_BYTES, or one
+program's shared memory without spilling; else each tile reads them again, from L2). The x tiles
+are software-pipelined (`num_stages` - 1 tiles of BLOCK_M rows in flight through cp.async while one
+is computed: 2 x 8 KiB at nerf-64x5's default 64 rows of 64 fp16), loaded and stored with 16-byte
+accesses where the row stride allows it. Programs an SM by width (`SMALL_FORWARD_TILES`: eight at
+16 wide, six at 32, three at 64, as many as registers and shared memory hold; each training kernel
+has its own tiles: `SMALL_KERNELS`).
 
 Params are read where they are: the kernel takes a tuple of the layers' own weight pointers (and one
 of biases) — Triton passes tuples of tensors as kernel arguments and indexes them in

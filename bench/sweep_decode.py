@@ -62,10 +62,14 @@ from fusedmlp.common import MLPSpec, cost, reference
 from fusedmlp.common.dtypes import numpy_dtype
 from fusedmlp.common.presets import get_preset
 from fusedmlp.common.tiling import (
+    SMEM_PER_SM,
     DecodeConfig,
     SmallConfig,
     fused_decode_config,
     fused_small_config,
+    padded_width,
+    small_hoist,
+    small_smem_bytes,
 )
 from fusedmlp.common.tolerance import compare
 
@@ -111,10 +115,12 @@ class Run:
         sections: tuple[str, ...],
         small_cells: tuple[str, ...] = ("nerf", "128x8"),
         jax_variants: bool = False,
+        variants: tuple[str, ...] = (),
     ):
         self.start = time.monotonic()
         self.small_cells = small_cells  # the cells of the small-variants section
         self.jax_variants = jax_variants  # their configs through the JAX twin as well
+        self.variants = variants  # only these variants of each cell (empty: all)
         self.deadline = self.start + budget_s
         self.sections = sections
         self.rows: list[dict[str, Any]] = []
@@ -531,6 +537,22 @@ def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
     return out
 
 
+def previous_small_config(spec: MLPSpec) -> SmallConfig:
+    """fused_small's forward default before 2026-12-03 for a 16-bit spec: 128-row tiles (64 at
+    128 wide), 3 stages, two programs an SM where shared memory holds them (64-wide ones: three of
+    64 rows first), weights hoisted only within SMALL_HOIST_BYTES (one hidden layer excepted)."""
+    hoist = small_hoist(spec)
+    width = padded_width(max(spec.widths))
+    three = SmallConfig(64, 4, 3, 3, hoist)
+    if width == 64 and hoist and 3 * (small_smem_bytes(spec, three) + 2048) <= SMEM_PER_SM:
+        return three
+    if not hoist and spec.num_layers == 2:
+        return fused_small_config(spec, NARROW_M)  # unchanged: hoisted by one program
+    two = SmallConfig(64 if width == 128 else 128, 4, 3, 2, hoist)
+    fits = 2 * (small_smem_bytes(spec, two) + 2048) <= SMEM_PER_SM
+    return two if fits else replace(two, programs_per_sm=1)
+
+
 def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
     d = fused_small_config(spec, m, interpret=DRY["on"], kernel="forward")
     if max(spec.widths) <= 32:
@@ -539,7 +561,7 @@ def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
         # tiles are 4-8 KiB), or more rows a tile
         return [
             ("default", d),
-            ("m128 2/SM", SmallConfig(128, 4, 3, 2, d.hoist)),  # the default before 2026-12-03
+            ("previous", previous_small_config(spec)),
             ("3/SM", replace(d, programs_per_sm=3)),
             ("4/SM", replace(d, programs_per_sm=4)),
             ("6/SM", replace(d, programs_per_sm=6)),
@@ -554,6 +576,7 @@ def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
         ]
     out = [
         ("default", d),
+        ("previous", previous_small_config(spec)),
         ("1/SM", replace(d, programs_per_sm=1)),
         ("3/SM", replace(d, programs_per_sm=3)),
         ("rows/2", replace(d, block_m=max(16, d.block_m // 2))),
@@ -602,6 +625,20 @@ def small_variants(spec: MLPSpec, m: int) -> list[tuple[str, SmallConfig]]:
 
 
 # ---- the sweep -----------------------------------------------------------------------------------
+def narrow_cell(name: str) -> MLPSpec:
+    """A narrow cell by name: "WxD" (relu, float16, no bias: the narrow sweep's) or
+    "WxD:ACTIVATION:bias|nobias:DTYPE" (e.g. "32x8:swiglu:bias:float16"); ValueError otherwise."""
+    shape, *rest = name.split(":")
+    width, _, depth = shape.partition("x")
+    if not (width.isdigit() and depth.isdigit()) or len(rest) not in (0, 3):
+        raise ValueError(f"cell: expected WxD or WxD:ACTIVATION:bias|nobias:DTYPE, got {name!r}")
+    activation, bias, dtype = rest or ("relu", "nobias", "float16")
+    if bias not in ("bias", "nobias"):
+        raise ValueError(f"cell {name!r}: expected bias or nobias, got {bias!r}")
+    w = 16 if DRY["on"] else int(width)
+    return MLPSpec((w,) * (int(depth) + 1), activation, bias == "bias", dtype)
+
+
 def shapes() -> dict[str, Any]:
     """The sweep's cases: the presets and the narrow cells (tiny stand-ins under --dry-run)."""
     dry = DRY["on"]
@@ -619,15 +656,6 @@ def shapes() -> dict[str, Any]:
             for p in ("gpt-mlp", "hf-blog-geglu")
         ],
         "narrow": [(MLPSpec((w,) * (d + 1), "relu", False, "float16"), narrow_m) for w, d in cells],
-        # the narrow sweep's cells by name ("WIDTHxDEPTH"), for --small-cells
-        "cells": {
-            f"{w}x{d}": (
-                MLPSpec(((16 if dry else w),) * (d + 1), "relu", False, "float16"),
-                narrow_m,
-            )
-            for w in NARROW_WIDTHS
-            for d in NARROW_DEPTHS
-        },
     }
 
 
@@ -676,13 +704,17 @@ def sweep(run: Run) -> None:
             providers(spec, m, name, narrow, "compile", only_compile=True)
     # 8. fused_small variants on the chosen cells
     for cell in run.small_cells:
-        spec, m, preset = (
-            (nerf, nerf_m, "nerf-64x5") if cell == "nerf" else (*plan["cells"][cell], None)
-        )
+        if cell == "nerf":
+            spec, m, preset = nerf, nerf_m, "nerf-64x5"
+        else:
+            spec, m, preset = narrow_cell(cell), 300 if DRY["on"] else NARROW_M, None
         name = case_name(spec, m, preset)
         if run.allowed(f"{name} variants", "small-variants"):
             case = Case(spec, m, name, narrow=True)
-            run_variants(run, case, "small-variants", small_variants(spec, m))
+            variants = small_variants(spec, m)
+            if run.variants:
+                variants = [(n, c) for n, c in variants if n in run.variants]
+            run_variants(run, case, "small-variants", variants)
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -943,11 +975,16 @@ def main(argv: list[str] | None = None) -> int:
         help="stop starting new measurements after this many seconds",
     )
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
-    cells = [f"{w}x{d}" for w in NARROW_WIDTHS for d in NARROW_DEPTHS]
     parser.add_argument(
         "--small-cells",
         default="nerf,128x8",
-        help=f"comma list of the cells the small-variants section runs: nerf or one of {cells}",
+        help="comma list of the cells the small-variants section runs: nerf, WxD (relu float16, "
+        "no bias) or WxD:ACTIVATION:bias|nobias:DTYPE",
+    )
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="small-variants: only the variants of this comma list (default: all of a cell's)",
     )
     parser.add_argument(
         "--jax-variants",
@@ -986,10 +1023,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--sections: unknown {unknown}; known {SECTIONS}")
     small_cells = tuple(c for c in args.small_cells.split(",") if c)
-    unknown = sorted(set(small_cells) - {"nerf", *cells})
-    if unknown:
-        parser.error(f"--small-cells: unknown {unknown}; known nerf and {cells}")
-    run = Run(args.budget_s, sections, small_cells, args.jax_variants)
+    for cell in small_cells:
+        if cell != "nerf":
+            try:
+                narrow_cell(cell)
+            except ValueError as exc:
+                parser.error(f"--small-cells: {exc}")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    run = Run(args.budget_s, sections, small_cells, args.jax_variants, variants)
     try:
         sweep(run)
     finally:

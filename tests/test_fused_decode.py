@@ -390,14 +390,22 @@ def test_sweep_small_variants_dry_run(tmp_path):
     from fusedmlp.bench import sweep_decode
 
     out = tmp_path / "variants.json"
-    argv = [str(out), "--dry-run", "--sections", "small-variants", "--small-cells", "16x2"]
-    assert sweep_decode.main([*argv, "--jax-variants", "--budget-s", "8"]) == 0
+    cells = "16x2,16x3:swiglu:bias:bfloat16"
+    argv = [str(out), "--dry-run", "--sections", "small-variants", "--small-cells", cells]
+    assert sweep_decode.main([*argv, "--jax-variants", "--variants", "default,previous"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert rows[0]["variant"] == "default" and rows[0]["provider"] == "torch:fused_small"
-    assert rows[1]["variant"] == "default" and rows[1]["provider"] == "jax:fused_small"
+    assert [(r["variant"], r["provider"]) for r in rows[:4]] == [
+        ("default", "torch:fused_small"),
+        ("default", "jax:fused_small"),
+        ("previous", "torch:fused_small"),
+        ("previous", "jax:fused_small"),
+    ]
+    assert len(rows) == 8 and "swiglu" in rows[4]["case"]
     assert all(r["check"]["passed"] for r in rows), [r.get("error") for r in rows]
     with pytest.raises(SystemExit):
-        sweep_decode.main([str(out), "--dry-run", "--small-cells", "24x2"])
+        sweep_decode.main([str(out), "--dry-run", "--small-cells", "16by2"])
+    with pytest.raises(ValueError, match="bias or nobias"):
+        sweep_decode.narrow_cell("16x2:relu:yes:float16")
 
 
 def test_rows_probe_smoke(tmp_path):

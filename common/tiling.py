@@ -809,7 +809,7 @@ def fused_small_config(
     if kernel == "forward" and hoist and spec.dtype != "float32" and width in SMALL_FORWARD_TILES:
         for rows, programs in SMALL_FORWARD_TILES[width]:
             tiles = SmallConfig(rows, 4, 3, programs, hoist)
-            if small_resident(spec, tiles) and small_registers(spec, tiles) <= MAX_REGISTERS:
+            if small_resident(spec, tiles):
                 return tiles
     if kernel == "forward" and not hoist and spec.dtype != "float32":
         # Weights past SMALL_HOIST_BYTES that still fit one program's shared memory: held on chip
@@ -822,9 +822,10 @@ def fused_small_config(
         # rows, 3 stages: 352,256 B, past the 227 KiB a program may have; hoisted: 155,648 B,
         # with 132 B of spill at 255 registers (the gate's two 64 x 128 fp32 accumulators).
         hoisted = SmallConfig(block_m, warps, stages, 1, True)
-        lone = spec.num_layers == 2  # streamed, it would not launch (above): spills are the lesser
-        fits = lone or small_registers(spec, hoisted) <= MAX_REGISTERS
-        if small_resident(spec, hoisted) and fits:
+        if small_resident(spec, hoisted):
+            return hoisted
+        # streamed, a lone hidden layer would not launch (above): its spill is the lesser evil
+        if spec.num_layers == 2 and small_smem_bytes(spec, hoisted) + 1024 <= SMEM_PER_SM:
             return hoisted
     if kernel == "dgrad" and narrow_16bit:
         # kernel A walks every layer back per row tile (a dot and act' a layer, every dZ stored):
@@ -878,11 +879,17 @@ def small_registers(spec: MLPSpec, config: SmallConfig) -> int:
 
 def small_resident(spec: MLPSpec, config: SmallConfig) -> bool:
     """Whether all of a config's programs an SM fit it at once, in shared memory and (by
-    small_registers) in registers: a program that waited for another to finish would add its whole
-    row loop to the kernel's time."""
+    small_registers) in registers, none spilling: a program that waited for another to finish
+    would add its whole row loop to the kernel's time, and a spill puts local memory traffic on
+    every tile's chain of layers."""
     smem = config.programs_per_sm * (small_smem_bytes(spec, config) + 2048)
+    registers = small_registers(spec, config)
     threads = config.programs_per_sm * config.num_warps * 32
-    return smem <= SMEM_PER_SM and threads * small_registers(spec, config) <= REGISTERS_PER_SM
+    return (
+        smem <= SMEM_PER_SM
+        and registers <= MAX_REGISTERS
+        and threads * registers <= REGISTERS_PER_SM
+    )
 
 
 def small_weight_bytes(spec: MLPSpec) -> int:

@@ -862,19 +862,23 @@ def small_smem_bytes(spec: MLPSpec, config: SmallConfig) -> int:
 
 def small_registers(spec: MLPSpec, config: SmallConfig) -> int:
     """An estimate of the forward kernel's registers a thread where its weights are hoisted
-    (16-bit), fitted from above to triton 3.6's sm_90 compiles of widths 16-64 at depths 2-8
+    (16-bit), fitted to triton 3.6's sm_90 compiles of widths 16-128 at depths 2-8
     (tests/test_fused_small.py compiles such a grid and checks by ptxas' own count that every
     default's programs are resident at once and do not spill): a base, the fp32 accumulators'
     share of a tile (a gated layer has two), and for each hidden layer past the first what its
     hoisted operands keep in registers, in units of width/4: a bias row 1, a gated layer's up
     half 1, a plain layer's non-relu activation 1/2 (ptxas: relu without bias 50-52 at every
     depth; swiglu with biases 62 / 94 / 138 at depths 2 / 4 / 8 16 wide, 72 / 126 / 225 32
-    wide)."""
+    wide). 128 wide (one program an SM, its weights hoisted past SMALL_HOIST_BYTES) the input tile
+    and each layer's hoisted fragments add more: relu without bias 147 / 170 at depths 2 / 4, with
+    bias 255 and a 4 B spill at depth 4. Within a few registers of ptxas either side: the test is
+    what guarantees the defaults."""
     width = padded_width(max(spec.widths))
     accumulators = (2 if spec.gated else 1) * config.block_m * width // (32 * config.num_warps)
     nonlinear = spec.base_activation not in ("relu", "identity") and not spec.gated
     half_units = 2 * ((2 if spec.gated else 1) * spec.bias + spec.gated) + nonlinear
-    return 48 + accumulators + (spec.num_layers - 1) * (width // 8) * half_units
+    wide = 32 + 12 * (spec.num_layers - 1) if width == 128 else 0
+    return 48 + accumulators + wide + (spec.num_layers - 1) * (width // 8) * half_units
 
 
 def small_resident(spec: MLPSpec, config: SmallConfig) -> bool:

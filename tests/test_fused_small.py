@@ -350,13 +350,15 @@ def test_sm90_compile_default_configs():
 
 
 def test_sm90_default_programs_are_resident():
-    """common/tiling.small_registers against ptxas over a grid of 16-bit specs (widths 16-64,
-    depths 2 and 8, with and without bias, plain and gated, relu and a tanh activation): every
-    default's programs an SM fit its 64 K registers at once, and its shared memory."""
+    """common/tiling.small_registers against ptxas over a grid of 16-bit specs (widths 16-64 at
+    depths 2 and 8, 128 at depths 2 and 4 where the weights can be hoisted, with and without bias,
+    plain and gated, relu and a tanh activation): every default's programs an SM fit its 64 K
+    registers at once and its shared memory, and none spills but the lone gated 128-wide hidden
+    layer held on chip (common/tiling.fused_small_config says why)."""
+    shapes = [(w, d) for w in (16, 32, 64) for d in (2, 8)] + [(128, 2), (128, 4)]
     cases = [
         ((width,) * (depth + 1), activation, bias, dtype)
-        for width in (16, 32, 64)
-        for depth in (2, 8)
+        for width, depth in shapes
         for activation, bias, dtype in (
             ("relu", False, "float16"),
             ("relu", True, "bfloat16"),
@@ -365,11 +367,13 @@ def test_sm90_default_programs_are_resident():
             ("swiglu", True, "float16"),
         )
     ]
-    for info in run_script(_COMPILE, json.dumps(cases), timeout=900, cache="cold"):
+    spills = {((128,) * 3, "swiglu", True, "float16"): 132}  # the lone hidden layer
+    infos = run_script(_COMPILE, json.dumps(cases), timeout=900, cache="cold")
+    for case, info in zip(cases, infos, strict=True):
         threads = info["programs_per_sm"] * info["num_warps"] * 32
-        assert threads * info["registers"] <= REGISTERS_PER_SM, info
-        assert info["programs_per_sm"] * (info["shared"] + 1024) <= SMEM_PER_SM, info
-        assert info["spill"] == 0, info
+        assert threads * info["registers"] <= REGISTERS_PER_SM, (case, info)
+        assert info["programs_per_sm"] * (info["shared"] + 1024) <= SMEM_PER_SM, (case, info)
+        assert info["spill"] == spills.get(case, 0), (case, info)
 
 
 @pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "streamed"])

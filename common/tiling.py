@@ -770,7 +770,7 @@ def padded_width(width: int) -> int:
 # The whole-MLP kernels a fused_small tile choice is for: the forward (inference) kernel, the saving
 # forward of a training step, kernel A (dgrad: every layer's dZ, walking back) and kernel B (wgrad:
 # every layer's dW and db; its rows per step are block_m).
-SMALL_KERNELS = ("forward", "saving", "dgrad", "wgrad")
+SMALL_KERNELS = ("forward", "saving", "dgrad", "dgrad_wgrad", "wgrad")
 
 
 def fused_small_config(
@@ -827,6 +827,8 @@ def fused_small_config(
         # streamed, a lone hidden layer would not launch (above): its spill is the lesser evil
         if spec.num_layers == 2 and small_smem_bytes(spec, hoisted) + 1024 <= SMEM_PER_SM:
             return hoisted
+    if kernel == "dgrad_wgrad" and spec.dtype != "float32":
+        return SMALL_WGRAD_ON_CHIP_CONFIG
     if kernel == "dgrad" and narrow_16bit:
         # kernel A walks every layer back per row tile (a dot and act' a layer, every dZ stored):
         # half the rows a tile halves each program's registers and doubles the tiles in flight.
@@ -957,6 +959,50 @@ def small_config_for(
         return fused_small_config(spec, m, interpret=interpret, kernel=kernel)
     # a pinned TileConfig: block_m, num_warps, num_stages as is (the tile's N and K are the width)
     return SmallConfig(config.block_m, config.num_warps, config.num_stages, hoist=small_hoist(spec))
+
+
+# fused_small's backward with every layer's dW on chip (kernel A's DW_ON_CHIP, both twins): a
+# program holds each layer's fp32 dW (and db) for its whole row loop, so no dZ goes to memory and
+# kernel B, its dZ reads and the row chunks go; its partials (one a program, [P, D_IN, NC]) are
+# summed in order by the sum kernel. One program an SM of 8 warps, 64 rows, weights read per tile
+# (L2), 2 stages: sm_90 ptxas (triton 3.6, compiled on the CPU) for nerf-64x5 takes 249 registers
+# and no spill there; hoisting the weights 255 and 60 B of spill, 4 warps 380-408 B, 128 rows
+# 44-216 B. The registers grow with every layer well past its accumulators (width 16, depth 8,
+# relu: 61 registers for kernel A alone, 169 with the dWs on chip at 1 stage, 255 at 2), so the
+# path is taken up to the depth a compile of that grid showed free of spills (bf16, 2 stages):
+# SMALL_WGRAD_ON_CHIP_LAYERS[padded width][kind], kind "relu" (relu or identity, no bias: no act'
+# operand to read, no db), "plain" (any other plain MLP: gelu_tanh with bias measured) or "gated"
+# (swiglu with bias measured). tests/test_fused_small_backward.py compiles each entry's deepest
+# case and checks it does not spill.
+SMALL_WGRAD_ON_CHIP_CONFIG = SmallConfig(
+    block_m=64, num_warps=8, num_stages=2, programs_per_sm=1, hoist=False
+)
+SMALL_WGRAD_ON_CHIP_LAYERS = {
+    16: {"relu": 8, "plain": 5, "gated": 4},
+    32: {"relu": 3, "plain": 3, "gated": 2},
+    64: {"relu": 5, "plain": 3, "gated": 0},
+}
+
+
+def small_wgrad_kind(spec: MLPSpec) -> str:
+    """The column of SMALL_WGRAD_ON_CHIP_LAYERS a spec reads: "gated", "relu" (relu or identity
+    without bias) or "plain"."""
+    if spec.gated:
+        return "gated"
+    if spec.base_activation in ("relu", "identity") and not spec.bias:
+        return "relu"
+    return "plain"
+
+
+def small_wgrad_on_chip(spec: MLPSpec) -> bool:
+    """Whether fused_small's backward accumulates every layer's dW on chip: 16-bit, padded width
+    <= 64, at most SMALL_WGRAD_ON_CHIP_LAYERS layers for its kind; else kernels A and B with dZ in
+    memory. float32 products are FMA loops holding their operands in registers
+    (fused_small_config): no room for the accumulators."""
+    width = padded_width(max(spec.widths))
+    if spec.dtype == "float32" or width not in SMALL_WGRAD_ON_CHIP_LAYERS:
+        return False
+    return spec.num_layers <= SMALL_WGRAD_ON_CHIP_LAYERS[width][small_wgrad_kind(spec)]
 
 
 # fused_small's backward in row chunks (fused_small_backward.py, both twins). Kernel A stores

@@ -85,6 +85,7 @@ from fusedmlp.common.tiling import (
     fused_small_programs,
     padded_width,
     small_config_for,
+    small_wgrad_on_chip,
     wgrad_splits,
 )
 from fusedmlp.common.validate import check_saved
@@ -129,16 +130,17 @@ def _layer_operands_t(
 
 
 def _dact_step(
-    acc, z_ref, dz_ref, row0, z_row0, row_ok,
+    acc, z_ref, dz_ref, row0, z_row0, row_ok, z_tile,
     N, ACTIVATION, GATED_LAYER,
     DACT, BLOCK_M, WIDTH, PACK,
-    INTERPRET,
+    INTERPRET, STORE, Z_GIVEN,
 ):  # fmt: skip
     """dh (the fp32 accumulator [BLOCK_M, WIDTH]; lanes: the columns of the hidden layer of
-    width N) -> that layer's dZ, rounded once to the compute dtype, stored ([M, N], or the packed
-    [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next product's
-    operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros. z_ref: the saved
-    z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept).
+    width N) -> that layer's dZ, rounded once to the compute dtype, stored where STORE ([M, N], or
+    the packed [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next
+    product's operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros. z_ref:
+    the saved z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept); Z_GIVEN:
+    that tile is z_tile already (plain layers; the on-chip dW path loaded it as a layer input).
     twin-diff: z_row0, the tile's first row in z_ref (a chunk's tile reads the whole array's z at
     its row offset; the twin passes row views)."""
     lanes = jnp.arange(WIDTH)
@@ -154,7 +156,8 @@ def _dact_step(
         dz = jnp.where(lane_ok, acc * g * apply_activation_grad(z, ACTIVATION), 0.0)
         dg = jnp.where(lane_ok, acc * apply_activation(z, ACTIVATION), 0.0)
         # 4. store: one rounding, the packed layout
-        _packed_store(dz_ref, row0, row_ok, dz, dg, BLOCK_M, NP, WIDTH, PACK, INTERPRET)
+        if STORE:
+            _packed_store(dz_ref, row0, row_ok, dz, dg, BLOCK_M, NP, WIDTH, PACK, INTERPRET)
         dz = round_to_dtype(dz, dtype, INTERPRET)
         dg = round_to_dtype(dg, dtype, INTERPRET)
     else:
@@ -162,16 +165,55 @@ def _dact_step(
         ok = row_ok[:, None] & lane_ok
         dz = acc
         if DACT:  # else an identity activation: act' = 1, nothing to read
-            z_window = (pl.ds(z_row0, BLOCK_M), pl.ds(0, WIDTH))
-            z = plgpu.load(z_ref.at[z_window], mask=ok, other=0.0).astype(jnp.float32)
+            if Z_GIVEN:
+                z = z_tile.astype(jnp.float32)
+            else:
+                z_window = (pl.ds(z_row0, BLOCK_M), pl.ds(0, WIDTH))
+                z = plgpu.load(z_ref.at[z_window], mask=ok, other=0.0).astype(jnp.float32)
             dz = acc * apply_activation_grad(z, ACTIVATION)
         dz = round_to_dtype(jnp.where(lane_ok, dz, 0.0), dtype, INTERPRET)
-        plgpu.store(dz_ref.at[window], dz, mask=ok)
+        if STORE:
+            plgpu.store(dz_ref.at[window], dz, mask=ok)
         dg = dz
     if INTERPRET:  # the twin's arithmetic: fp32 tiles under its interpreter
         dz = dz.astype(jnp.float32)
         dg = dg.astype(jnp.float32)
     return dz, dg
+
+
+def _wgrad_zeros(NUM_LAYERS, WIDTH, GATED, HAS_BIAS):
+    """The on-chip dW path's fp32 accumulators, per layer (dw, dv, db, dc) [WIDTH (input lanes),
+    WIDTH (output lanes)] and [WIDTH]: dv and dc are only carried for a gated hidden layer, db and
+    dc only with a bias (an unused entry is a 1-element placeholder the loop never touches)."""
+    accs = ()
+    for layer in range(NUM_LAYERS):
+        dw = jnp.zeros((WIDTH, WIDTH), dtype=jnp.float32)
+        dv = jnp.zeros((1, 1), dtype=jnp.float32)
+        db = jnp.zeros((WIDTH,) if HAS_BIAS else (1,), dtype=jnp.float32)
+        dc = jnp.zeros((1,), dtype=jnp.float32)
+        if GATED and layer != NUM_LAYERS - 1:
+            dv = jnp.zeros((WIDTH, WIDTH), dtype=jnp.float32)
+            dc = jnp.zeros((WIDTH,) if HAS_BIAS else (1,), dtype=jnp.float32)
+        accs = accs + ((dw, dv, db, dc),)  # noqa: RUF005 (the twin's tuple, grown per layer)
+    return accs
+
+
+def _wgrad_accumulate(
+    accs, ht, d, dg,
+    GATED_LAYER, HAS_BIAS, DOT_PRECISION,
+):  # fmt: skip
+    """One row tile's share of a layer's gradients added to its accumulators: dw += hᵀ·dz (gated:
+    dv += hᵀ·dg), db += Σ_rows dz (dc += Σ_rows dg) — kernel B's product and sums, on chip. ht:
+    the layer input's tile transposed, [WIDTH, BLOCK_M]."""
+    dw, dv, db, dc = accs
+    dw = dw + plgpu.dot(ht, d, precision=DOT_PRECISION)
+    if GATED_LAYER:
+        dv = dv + plgpu.dot(ht, dg, precision=DOT_PRECISION)
+    if HAS_BIAS:
+        db = db + jnp.sum(d.astype(jnp.float32), axis=0)
+        if GATED_LAYER:
+            dc = dc + jnp.sum(dg.astype(jnp.float32), axis=0)
+    return dw, dv, db, dc
 
 
 def _fused_small_dgrad_kernel(
@@ -181,18 +223,32 @@ def _fused_small_dgrad_kernel(
     BLOCK_M, ACTIVATION, GATED,
     DACT, PACK, HOIST,
     DOT_PRECISION, INTERPRET, ROW0=0,
+    DW_ON_CHIP=False, HAS_BIAS=False, RELU_FROM_OUTPUT=False,
 ):  # fmt: skip
     # twin-diff: refs arrive flat: the weights, the act' operands (DACT: the kept zs, or for relu
-    # the outputs h_1 …), (a chunk past the first: the dx being assembled, aliased to the dx
-    # output, never read), then the outputs dZ_0 … dZ_{L-2} and dx (always: jax's custom_vjp asks
-    # for every input's cotangent, no NEED_DX).
+    # the outputs h_1 …), then either (kernels A and B) — a chunk past the first: the dx being
+    # assembled, aliased to the dx output, never read — the outputs dZ_0 … dZ_{L-2} and dx
+    # (always: jax's custom_vjp asks for every input's cotangent, no NEED_DX); or (DW_ON_CHIP)
+    # the layer inputs h_0 = x, h_1 … (each read whole, its strides known), then the outputs dx,
+    # every layer's dW partials [P·D_IN, NC] and, with a bias, db partials [P, NC].
     # A chunk (mlp_backward): rows ROW0 … ROW0 + M - 1 of dy, the zs and dx (whole arrays, read
     # and written at that offset, where the twin passes row views); its dZs are [M, …].
+    # DW_ON_CHIP: no dZ leaves the program — each layer's dW (and db) is accumulated over the
+    # program's row tiles in fp32 registers from its input and stored once as the program's
+    # partial, rows pid·D_IN … of its dW partials (row pid of db's); the sum kernel adds the P
+    # partials in order. RELU_FROM_OUTPUT: the act' operand of layer l - 1 is that same h_l tile.
     L = NUM_LAYERS
     w_refs = refs[:L]
     z_refs = refs[L : 2 * L - 1] if DACT else ()
-    dz_refs = refs[len(refs) - L : len(refs) - 1]
-    dx_ref = refs[-1]
+    if DW_ON_CHIP:
+        h_refs = refs[L + len(z_refs) : L + len(z_refs) + L]
+        outs = refs[L + len(z_refs) + L :]
+        dx_ref, dw_refs = outs[0], outs[1 : 1 + L]
+        db_refs = outs[1 + L :] if HAS_BIAS else dw_refs
+        dz_refs = (dy_ref,) * (L - 1)  # no dZ is stored; the stand-ins give its dtype
+    else:
+        dz_refs = refs[len(refs) - L : len(refs) - 1]
+        dx_ref = refs[-1]
     z_refs = z_refs or dz_refs
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = pl.program_id(0)
@@ -213,8 +269,11 @@ def _fused_small_dgrad_kernel(
                 PACK,
             )
             tiles = tiles + (operands,)  # noqa: RUF005 (the twin's tuple, grown per layer)
+    accs = ()
+    if DW_ON_CHIP:
+        accs = _wgrad_zeros(NUM_LAYERS, WIDTH, GATED, HAS_BIAS)
 
-    def row_tile(i, carry):
+    def row_tile(i, accs):
         start = (pid + i * num_programs) * BLOCK_M
         rows = start + jnp.arange(BLOCK_M)
         row_ok = rows < M
@@ -230,6 +289,24 @@ def _fused_small_dgrad_kernel(
 
         # 3. compute: the layers in reverse, dh in registers, act' on its fp32 accumulator
         for layer in range(last, -1, -1):
+            h = d  # a stand-in: the layer input is only loaded for the on-chip dW
+            if DW_ON_CHIP:
+                # 2. load: the layer's input h_l (x for layer 0) transposed, [WIDTH, BLOCK_M],
+                # zero past its width (kernel B's hᵀ tile: the same product, the same bits)
+                # twin-diff: gathered through index arrays where the twin adds offsets
+                ht = plgpu.load(
+                    h_refs[layer].at[rows[None, :], lanes[:, None]],
+                    mask=(lanes[:, None] < WIDTHS[layer]) & row_ok[None, :],
+                    other=0.0,
+                )
+                if INTERPRET:
+                    ht = ht.astype(jnp.float32)
+                # 3. compute: this row tile's dW_l = h_lᵀ·dZ_l (and db_l) into the accumulators
+                layer_accs = _wgrad_accumulate(
+                    accs[layer], ht, d, dg, GATED and layer != last, HAS_BIAS, DOT_PRECISION
+                )
+                accs = accs[:layer] + (layer_accs,) + accs[layer + 1 :]  # noqa: RUF005 (as above)
+                h = ht.T  # relu's act' operand of layer - 1 (RELU_FROM_OUTPUT)
             if HOIST:
                 wt, vt = tiles[layer]
             else:
@@ -244,11 +321,12 @@ def _fused_small_dgrad_kernel(
             if GATED and layer != last:
                 acc = acc + plgpu.dot(dg, vt, precision=DOT_PRECISION)
             if layer > 0:
-                # 4. store (inside): dZ of hidden layer - 1
+                # 4. store (inside, unless on chip): dZ of hidden layer - 1
                 d, dg = _dact_step(
-                    acc, z_refs[layer - 1], dz_refs[layer - 1], start, ROW0 + start, row_ok,
+                    acc, z_refs[layer - 1], dz_refs[layer - 1], start, ROW0 + start, row_ok, h,
                     WIDTHS[layer],
-                    ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET,
+                    ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET, not DW_ON_CHIP,
+                    DW_ON_CHIP and RELU_FROM_OUTPUT,
                 )  # fmt: skip
             else:
                 # 4. store: dx, rounded once
@@ -257,9 +335,20 @@ def _fused_small_dgrad_kernel(
                     round_to_dtype(acc, dx_ref.dtype, INTERPRET),
                     mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
                 )
-        return carry
+        return accs
 
-    jax.lax.fori_loop(0, TILES_PER_PROGRAM, row_tile, 0)
+    accs = jax.lax.fori_loop(0, TILES_PER_PROGRAM, row_tile, accs)
+
+    if DW_ON_CHIP:
+        # 4. store: the program's exact fp32 partial of every layer's gradients, row pid
+        first = jnp.ones((1,), dtype=jnp.bool_)
+        for layer in range(NUM_LAYERS):
+            dw, dv, db, dc = accs[layer]
+            _store_wgrad(
+                dw_refs[layer], db_refs[layer], pid, 0, lanes < WIDTHS[layer], first,
+                dw, dv, db, dc, WIDTHS[layer], WIDTHS[layer + 1], GATED and layer != last,
+                HAS_BIAS, WIDTH, WIDTH, PACK, INTERPRET,
+            )  # fmt: skip
 
 
 # ---- backward kernel B: every layer's dW and db in one launch, and the sum of its splits --------
@@ -334,10 +423,27 @@ def _wgrad_layer(
     acc, acc_v, db, dc = jax.lax.fori_loop(m_lo, m_hi, body, (acc, acc, db, db))
 
     # 4. store: one rounding to the param dtype (one run), or the exact fp32 partial
-    # twin-diff: the run's rows of the [S·D_IN, NC] / [S, NC] arrays, where the twin offsets
-    # its pointers by the run.
     first = (jnp.arange(1) + pid_k) == 0  # the db row: K-tile 0 only
-    split = SPLIT0 + pid_s
+    _store_wgrad(
+        dw_ref, db_ref, SPLIT0 + pid_s, k0, mask_k, first, acc, acc_v, db, dc,
+        D_IN, D_OUT, GATED_LAYER, HAS_BIAS, WIDTH, BLOCK_R, PACK, INTERPRET,
+    )  # fmt: skip
+
+
+def _store_wgrad(
+    dw_ref, db_ref, split, k0, mask_k, first, acc, acc_v, db, dc,
+    D_IN, D_OUT, GATED_LAYER,
+    HAS_BIAS, WIDTH, BLOCK_R, PACK,
+    INTERPRET,
+):  # fmt: skip
+    """Rows k0 … k0 + BLOCK_R - 1 (`mask_k`) of one layer's dW [D_IN, NC] (acc; gated: the packed
+    pair acc | acc_v) and, where `first`, its db (db | dc), rounded to the refs' dtype, into run
+    `split` of [S·D_IN, NC] / [S, NC] (S = 1: the gradients themselves; fp32 partials: exact).
+    twin-diff: the run's rows of the [S·D_IN, NC] / [S, NC] arrays, where the twin offsets its
+    pointers by the run; no NC (the refs know their shape)."""
+    lanes = jnp.arange(WIDTH)
+    lane_ok = lanes < D_OUT
+    NP = (D_OUT + PACK - 1) // PACK * PACK
     row0 = split * D_IN + k0
     if GATED_LAYER:
         _packed_store(dw_ref, row0, mask_k, acc, acc_v, BLOCK_R, NP, WIDTH, PACK, INTERPRET)
@@ -613,6 +719,57 @@ def dgrad_fwd(
     return list(outs[:-1]), outs[-1]
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "config", "interpret"))
+def dgrad_wgrad_fwd(
+    dy2d: jax.Array,
+    residuals: tuple[jax.Array | None, ...],
+    params: Mapping[str, jax.Array],
+    spec: MLPSpec,
+    *,
+    config: TileConfig | SmallConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Kernel A with every layer's dW on chip (`common.tiling.small_wgrad_on_chip` says where),
+    then the sum of its programs' partials: (dx [M, d_in], every packed param's gradient in the
+    params' dtype) from dy2d [M, d_out] and the "preact" residuals. No dZ is stored: two
+    launches, no row chunks. M >= 1."""
+    interpret = interpret_mode() if interpret is None else interpret
+    m = dy2d.shape[0]
+    cfg = small_config_for(config, spec, m, interpret=interpret, kernel="dgrad_wgrad")
+    weights, _ = layer_params(params, spec)
+    zs = residuals[2::2] if _dact_from_output(spec) else residuals[1:-1:2]
+    dact = _stores_z(spec) or _dact_from_output(spec)
+    hs = residuals[0::2]
+    programs, tiles = _grid(m, cfg, interpret)
+    names = _grad_names(spec)
+    # dx, then every layer's fp32 dW partials [P·D_IN, NC], then (bias) its db partials [P, NC]
+    shapes = [jax.ShapeDtypeStruct((m, spec.d_in), dy2d.dtype)]
+    shapes += [
+        jax.ShapeDtypeStruct((programs * lay.d_in, w.shape[1]), jnp.float32)
+        for lay, w in zip(spec.layers(), weights, strict=True)
+    ]
+    if spec.bias:
+        shapes += [jax.ShapeDtypeStruct((programs, w.shape[1]), jnp.float32) for w in weights]
+    kernel = functools.partial(
+        _fused_small_dgrad_kernel, M=m, TILES_PER_PROGRAM=tiles, BLOCK_M=cfg.block_m,
+        ACTIVATION=spec.base_activation, DACT=dact, HOIST=cfg.hoist, DW_ON_CHIP=True,
+        HAS_BIAS=spec.bias, RELU_FROM_OUTPUT=_dact_from_output(spec),
+        **_small_statics(spec, weights, interpret),
+    )  # fmt: skip
+    with quiet_pallas_triton():
+        dx, *parts = pl.pallas_call(
+            kernel,
+            out_shape=tuple(shapes),
+            grid=(programs,),
+            compiler_params=_compiler_params(cfg),
+            interpret=interpret,
+            name="fused_small_dgrad_wgrad",
+        )(dy2d, *weights, *(zs if dact else ()), *hs)
+    targets = [w for w, _ in names] + ([b for _, b in names] if spec.bias else [])
+    outs = dict(zip(targets, parts, strict=True))
+    return dx, _wgrad_grads(outs, names, weights, spec, interpret, sum_one=True)
+
+
 @functools.partial(
     jax.jit, static_argnames=("spec", "config", "splits", "rows", "runs", "interpret")
 )
@@ -702,9 +859,12 @@ def _wgrad_grads(
     weights: tuple[jax.Array, ...],
     spec: MLPSpec,
     interpret: bool,
+    *,
+    sum_one: bool = False,
 ) -> dict[str, jax.Array]:
     """The gradients from kernel B's outputs (`outs`: by name, [S·K, Nc] and [S, Nc]): as they
-    are (S = 1), or their S fp32 partials summed by the sum kernel."""
+    are (S = 1), or their S fp32 partials summed by the sum kernel (`sum_one`: even one, the
+    fp32 partial of a single program of the on-chip path, rounded there)."""
     # the targets of the sum, in the twin's order: dw_0 (db_0), dw_1 (db_1), …
     parts = []
     for (wname, bname), layer in zip(names, spec.layers(), strict=True):
@@ -712,7 +872,7 @@ def _wgrad_grads(
         parts.append(outs[wname].reshape(S, -1))
         if spec.bias:
             parts.append(outs[bname])
-    if S > 1:
+    if S > 1 or sum_one:
         parts = _wgrad_sum(parts, [w.dtype for w in weights], spec, interpret)
     grads, t = {}, 0
     for (wname, bname), layer, w in zip(names, spec.layers(), weights, strict=True):
@@ -825,16 +985,22 @@ def mlp_backward(
     saved: str,
     config: TileConfig | SmallConfig | None = None,
     dz_budget: int | None = None,
+    on_chip: bool | None = None,
 ) -> dict[str, jax.Array]:
-    """backward.mlp_backward's result (same arguments, names and layouts) from kernels A and B:
-    "x" and every packed param's gradient; "inputs" recomputes this module's saving forward
-    first. Rows in C > 1 chunks where the dZs pass `dz_budget` bytes (None:
+    """backward.mlp_backward's result (same arguments, names and layouts) from kernel A with
+    every dW on chip and the sum of its partials where `on_chip` (None:
+    common.tiling.small_wgrad_on_chip), else kernels A and B: "x" and every packed param's
+    gradient; "inputs" recomputes this module's saving forward first. Kernels A and B take the
+    rows in C > 1 chunks where the dZs pass `dz_budget` bytes (None:
     common.tiling.SMALL_DZ_BUDGET)."""
     # twin-diff: no need_dx (jax's custom_vjp always asks for every input's cotangent).
     check_saved(saved)
     if saved == "inputs":
         _, residuals = forward_saving(residuals[0], params, spec, config=config)
     m = dy2d.shape[0]
+    if m > 0 and (small_wgrad_on_chip(spec) if on_chip is None else on_chip):
+        dx, grads = dgrad_wgrad_fwd(dy2d, tuple(residuals), params, spec, config=config)
+        return {"x": dx, **grads}
     spans = _chunk_spans(spec, m, config, dz_budget)
     if len(spans) > 1:
         dx, grads = _chunked_backward(dy2d, tuple(residuals), params, spec, spans, config)
@@ -855,10 +1021,13 @@ def launch_count(
     config: TileConfig | SmallConfig | None = None,
     *,
     dz_budget: int | None = None,
+    on_chip: bool | None = None,
 ) -> int:
-    """Kernel launches of one training step (saving forward + backward, dx included) here: 3, or
-    4 where the weight gradients are split over M; in C > 1 row chunks 2 + 2·C (kernels A and B
-    a chunk, one sum)."""
+    """Kernel launches of one training step (saving forward + backward, dx included) here: 3
+    with the dWs on chip (`mlp_backward`'s `on_chip`); else 3, or 4 where the weight gradients are
+    split over M, and in C > 1 row chunks 2 + 2·C (kernels A and B a chunk, one sum)."""
+    if m > 0 and (small_wgrad_on_chip(spec) if on_chip is None else on_chip):
+        return 3
     chunks = len(_chunk_spans(spec, m, config, dz_budget))
     if chunks > 1:
         return 2 + 2 * chunks

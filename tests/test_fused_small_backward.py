@@ -1,6 +1,8 @@
 """fused_small's training (fused_small_backward.py, both stacks): the saving forward and the
-whole-MLP backward (kernel A: every layer's dZ and dx; kernel B: every layer's dW and db in one
-launch, split-M partials summed in a fixed order).
+whole-MLP backward — kernel A with every layer's dW on chip and the sum of its programs' partials
+(where common.tiling.small_wgrad_on_chip holds, and forced on any spec), else kernel A (every
+layer's dZ and dx) and kernel B (every layer's dW and db in one launch, split-M partials summed in
+a fixed order).
 
 Gradients against `reference.backward(..., round_hidden=True)` under the gradient tolerance
 (`common.tolerance.assert_grads_close`) at odd M and odd widths (padded to WIDTH 64 and 128),
@@ -18,6 +20,8 @@ the weight gradients must split (S > 1: the sum kernel runs).
 from __future__ import annotations
 
 import functools
+import json
+import textwrap
 
 import numpy as np
 import pytest
@@ -31,8 +35,9 @@ from fusedmlp.common import (
     reference,
 )
 from fusedmlp.common.packing import pack_params, unpack_params
+from fusedmlp.common.tiling import REGISTERS_PER_SM, SMEM_PER_SM
 from fusedmlp.common.tolerance import assert_grads_close
-from helpers import STACKS, to_numpy, to_torch
+from helpers import STACKS, run_script, to_numpy, to_torch
 
 # (widths, activation, bias, dtype, M)
 CASES = [
@@ -70,9 +75,10 @@ class Stack:
 
         return jnp.asarray(a)
 
-    def run(self, spec, x, packed, dy, config=None, residuals=None, dz_budget=None):
+    def run(self, spec, x, packed, dy, config=None, residuals=None, dz_budget=None, on_chip=None):
         """(y, residuals, grads) as NumPy; `residuals` replaces the saving forward's;
-        `dz_budget`: mlp_backward's (row chunks where the dZs pass it)."""
+        `dz_budget`, `on_chip`: mlp_backward's (row chunks where the dZs pass it; the dWs on
+        chip, None: the rule's choice)."""
         p = {k: self.array(v) for k, v in packed.items()}
         y, kept = self.mod.forward_saving(self.array(x), p, spec, config=config)
         if residuals is not None:
@@ -83,8 +89,9 @@ class Stack:
                     for k in kept
                 )
         grads = self.mod.mlp_backward(
-            self.array(dy), kept, p, spec, saved="preact", config=config, dz_budget=dz_budget
-        )
+            self.array(dy), kept, p, spec, saved="preact", config=config, dz_budget=dz_budget,
+            on_chip=on_chip,
+        )  # fmt: skip
         as_np = lambda a: None if a is None or a.shape[-1] == 0 else to_numpy(a)  # noqa: E731
         return to_numpy(y), [as_np(k) for k in kept], {k: to_numpy(v) for k, v in grads.items()}
 
@@ -138,7 +145,10 @@ def test_twins_bitwise(case):
 
 def test_twin_contract():
     """Both twins define the same public names (the Triton saving kernel is the twin-diff)."""
-    names = ("applies", "forward_saving", "dgrad_fwd", "wgrad_fwd", "mlp_backward", "launch_count")
+    names = (
+        "applies", "forward_saving", "dgrad_fwd", "dgrad_wgrad_fwd", "wgrad_fwd", "mlp_backward",
+        "launch_count",
+    )  # fmt: skip
     for name in (*names, "WGRAD_ROWS"):
         assert all(hasattr(_stack(stack).mod, name) for stack in STACKS), name
     assert _stack("torch").mod.WGRAD_ROWS == _stack("jax").mod.WGRAD_ROWS
@@ -220,7 +230,7 @@ CHUNKED = [
 def _run_chunked(name: str, case):
     spec, _, packed, x, dy = _inputs(case)
     budget = CHUNK_ROWS * _dz_row_bytes(spec)
-    return _stack(name).run(spec, x, packed, dy, dz_budget=budget)
+    return _stack(name).run(spec, x, packed, dy, dz_budget=budget, on_chip=False)
 
 
 def test_chunk_rule():
@@ -238,12 +248,13 @@ def test_chunk_rule():
     assert backward_chunks(nerf, 0, 128, budget=1) == (1, 0)
     for name in STACKS:
         mod = _stack(name).mod
-        assert mod.launch_count(nerf, 2_097_152) == 2 + 2 * 8
+        assert mod.launch_count(nerf, 2_097_152) == 3  # the dWs on chip: no dZ, no chunks
+        assert mod.launch_count(nerf, 2_097_152, on_chip=False) == 2 + 2 * 8
         spec = _spec(CHUNKED[0])
         budget = CHUNK_ROWS * _dz_row_bytes(spec)
         spans = mod._chunk_spans(spec, 301, None, budget)
         assert spans == ((0, 96), (96, 192), (192, 288), (288, 301)), spans
-        assert mod.launch_count(spec, 301, dz_budget=budget) == 2 + 2 * 4
+        assert mod.launch_count(spec, 301, dz_budget=budget, on_chip=False) == 2 + 2 * 4
 
 
 @pytest.mark.parametrize("case", CHUNKED, ids=_id)
@@ -278,6 +289,167 @@ def test_one_chunk_within_budget_same_bits(name):
     _, _, want = _run(name, case)
     for k in want:
         assert got[k].tobytes() == want[k].tobytes(), k
+
+
+# ---- every layer's dW on chip (kernel A's DW_ON_CHIP, common.tiling.small_wgrad_on_chip) ---------
+ON_CHIP = [
+    ((24, 40, 17), "relu", True, "float32", 37),  # forced: the rule never takes float32
+    ((24, 40, 17), "silu", False, "float16", 1),  # M = 1: one program, one row
+    ((19, 64, 64, 64, 64, 3), "relu", False, "bfloat16", 100),  # nerf-like: the rule's
+    ((24, 30, 17), "geglu", True, "bfloat16", 100),  # gated with bias: packed dW | dV, db | dc
+    ((24, 100, 17), "gelu_tanh", True, "float16", 70),  # forced: WIDTH 128
+]
+
+
+@functools.cache
+def _run_on_chip(name: str, case):
+    spec, _, packed, x, dy = _inputs(case)
+    return _stack(name).run(spec, x, packed, dy, on_chip=True)
+
+
+@pytest.mark.parametrize("case", ON_CHIP, ids=_id)
+@pytest.mark.parametrize("name", STACKS)
+def test_on_chip_gradients_match_reference(name, case):
+    # Outputs and partials poisoned (NaN): every program writes its whole partial.
+    spec, plain, _, x, dy = _inputs(case)
+    grads = dict(_run_on_chip(name, case)[2])
+    got = {"x": grads.pop("x"), **unpack_params(spec, grads)}
+    want = reference.backward(spec, x, plain, dy, round_hidden=True)
+    assert_grads_close(got, want, spec, what=f"{name} {spec} on chip")
+
+
+# 16-bit: the float32 case's bias gradient differs in its last bits between the interpreters (an
+# fp32 column sum of a tile XLA fuses with the act' product that forms it, NumPy sums the stored
+# tile); its other gradients and every 16-bit one are the same bits.
+@pytest.mark.parametrize("case", ON_CHIP[1:4], ids=_id)
+def test_on_chip_twins_bitwise(case):
+    (_, _, g_t), (_, _, g_j) = (_run_on_chip(name, case) for name in STACKS)
+    for k in g_t:
+        assert g_t[k].tobytes() == g_j[k].tobytes(), (k, np.sum(g_t[k] != g_j[k]))
+
+
+def test_on_chip_rule():
+    from fusedmlp.common.presets import get_preset
+    from fusedmlp.common.tiling import small_wgrad_kind, small_wgrad_on_chip
+
+    nerf = get_preset("nerf-64x5").spec
+    assert small_wgrad_kind(nerf) == "relu" and small_wgrad_on_chip(nerf)
+    rule = {
+        ((64,) * 6, "relu", False, "bfloat16"): True,
+        ((64,) * 7, "relu", False, "float16"): False,  # 6 layers: past the compiled depth
+        ((64,) * 4, "relu", True, "float16"): True,  # bias: "plain", 3 layers
+        ((64,) * 5, "gelu_tanh", False, "float16"): False,
+        ((16,) * 9, "relu", False, "float16"): True,
+        ((24, 30, 17), "swiglu", True, "bfloat16"): True,  # WIDTH 32, 2 layers
+        ((64, 64, 17), "swiglu", False, "bfloat16"): False,  # gated 64: never
+        ((24, 100, 17), "relu", False, "float16"): False,  # WIDTH 128
+        ((24, 40, 17), "relu", False, "float32"): False,
+    }
+    for (widths, act, bias, dtype), expected in rule.items():
+        assert small_wgrad_on_chip(MLPSpec(widths, act, bias, dtype)) == expected, widths
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_on_chip_is_the_default_where_the_rule_holds(name, monkeypatch):
+    # mlp_backward takes the on-chip path by the rule (CASES[1]: WIDTH 64, 2 layers, float16)
+    # and kernels A and B elsewhere (CASES[0]: float32), with the same results as forced.
+    mod = _stack(name).mod
+    calls = []
+    on_chip = mod.dgrad_wgrad_fwd
+    monkeypatch.setattr(mod, "dgrad_wgrad_fwd", lambda *a, **k: calls.append(1) or on_chip(*a, **k))
+    spec, _, packed, x, dy = _inputs(CASES[1])
+    _, _, got = _stack(name).run(spec, x, packed, dy)
+    assert calls == [1] and mod.launch_count(spec, 1) == 3
+    _, _, forced = _run_on_chip(name, ON_CHIP[1])
+    for k in forced:
+        assert got[k].tobytes() == forced[k].tobytes(), k
+    spec, _, packed, x, dy = _inputs(CASES[0])
+    _stack(name).run(spec, x, packed, dy)
+    assert calls == [1]
+
+
+_COMPILE_ON_CHIP = textwrap.dedent(
+    """
+    import json, os, re, subprocess, sys, tempfile
+    os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusedmlp.common import MLPSpec
+    from fusedmlp.common.packing import PACK_BLOCK, packed_names
+    from fusedmlp.common.tiling import fused_small_config, padded_width
+    from fusedmlp.torch_impl import fused_small_backward as fb
+
+    PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    out = []
+    for widths, activation, bias, dtype in json.loads(sys.argv[1]):
+        spec = MLPSpec(tuple(widths), activation, bias, dtype)
+        cfg = fused_small_config(spec, 1 << 20, kernel="dgrad_wgrad")
+        shapes = packed_names(spec)
+        w_cols = tuple(shapes[("wv" if l.gated else "w") + str(l.index)][1]
+                       for l in spec.layers())
+        L = spec.num_layers
+        t = {"float16": "*fp16", "bfloat16": "*bf16"}[dtype]
+        types = dict(dy_ptr=t, w_ptrs=(t,) * L, z_ptrs=(t,) * max(1, L - 1),
+                     dz_ptrs=(t,) * max(1, L - 1), dx_ptr=t, h_ptrs=(t,) * L,
+                     dw_ptrs=("*fp32",) * L, db_ptrs=("*fp32",) * L, M="i32", stride_dym="i32",
+                     stride_dyn="i32", stride_xm="i32", TILES_PER_PROGRAM="i32")
+        sig, attrs = {}, {}
+        for i, p in enumerate(fb._fused_small_dgrad_kernel.params):
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+                continue
+            sig[p.name] = types[p.name]
+            if isinstance(types[p.name], tuple):
+                for j in range(len(types[p.name])):
+                    attrs[(i, j)] = [["tt.divisibility", 16]]
+            elif types[p.name].startswith("*") or p.name in ("stride_dym", "stride_xm"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        constexprs = dict(
+            WIDTHS=spec.widths, W_COLS=w_cols, NUM_LAYERS=L, WIDTH=padded_width(max(widths)),
+            BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, GATED=spec.gated,
+            DACT=fb._stores_z(spec) or fb._dact_from_output(spec), NEED_DX=True,
+            PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION="ieee", INTERPRET=False,
+            INT64_ROWS=False, DW_ON_CHIP=True, HAS_BIAS=bias,
+            RELU_FROM_OUTPUT=fb._dact_from_output(spec))
+        k = triton.compile(ASTSource(fb._fused_small_dgrad_kernel, sig, constexprs=constexprs,
+                                     attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(k.asm["ptx"])
+            info = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                                  capture_output=True, text=True).stderr
+        spill = re.search(r"(\\d+) bytes spill stores", info)
+        out.append(dict(registers=int(re.search(r"Used (\\d+) registers", info).group(1)),
+                        spill=int(spill.group(1)) if spill else 0, shared=k.metadata.shared,
+                        num_warps=cfg.num_warps, wgmma="wgmma" in k.asm["ptx"]))
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_on_chip_depths_compile_without_spills():
+    """Each SMALL_WGRAD_ON_CHIP_LAYERS entry's deepest case (bf16; "plain" as gelu_tanh with a
+    bias, "gated" as swiglu with a bias) compiles for sm_90 with its config resident (registers
+    and shared memory of one program an SM) and no spill, by ptxas' own count."""
+    from fusedmlp.common.tiling import SMALL_WGRAD_ON_CHIP_LAYERS, small_wgrad_on_chip
+
+    kinds = {"relu": ("relu", False), "plain": ("gelu_tanh", True), "gated": ("swiglu", True)}
+    cases = []
+    for width, depths in SMALL_WGRAD_ON_CHIP_LAYERS.items():
+        for kind, layers in depths.items():
+            if layers:
+                act, bias = kinds[kind]
+                case = ((width,) * (layers + 1), act, bias, "bfloat16")
+                assert small_wgrad_on_chip(MLPSpec(*case)), case
+                cases.append(case)
+    infos = run_script(_COMPILE_ON_CHIP, json.dumps(cases), timeout=900)
+    for case, info in zip(cases, infos, strict=True):
+        assert info["num_warps"] * 32 * info["registers"] <= REGISTERS_PER_SM, (case, info)
+        assert info["shared"] + 1024 <= SMEM_PER_SM, (case, info)
+        assert info["spill"] == 0 and info["wgmma"], (case, info)
 
 
 # ---- against the per-layer path (backward.py) ----------------------------------------------------

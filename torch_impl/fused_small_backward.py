@@ -79,6 +79,7 @@ from fusedmlp.common.tiling import (
     fused_small_programs,
     padded_width,
     small_config_for,
+    small_wgrad_on_chip,
     wgrad_splits,
 )
 from fusedmlp.common.validate import check_saved
@@ -144,16 +145,17 @@ def _layer_operands_t(
 
 @triton.jit
 def _dact_step(
-    acc, z_ptr, dz_ptr, rows, row_ok,
+    acc, z_ptr, dz_ptr, rows, row_ok, z_tile,
     N: tl.constexpr, ACTIVATION: tl.constexpr, GATED_LAYER: tl.constexpr,
     DACT: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, PACK: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, STORE: tl.constexpr, Z_GIVEN: tl.constexpr,
 ):  # fmt: skip
     """dh (the fp32 accumulator [BLOCK_M, WIDTH]; lanes: the columns of the hidden layer of
-    width N) -> that layer's dZ, rounded once to the compute dtype, stored ([M, N], or the packed
-    [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next product's
-    operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros. z_ptr: the saved
-    z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept)."""
+    width N) -> that layer's dZ, rounded once to the compute dtype, stored where STORE ([M, N], or
+    the packed [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next
+    product's operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros. z_ptr:
+    the saved z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept); Z_GIVEN:
+    that tile is z_tile already (plain layers; the on-chip dW path loaded it as a layer input)."""
     lanes = tl.arange(0, WIDTH)
     lane_ok = lanes[None, :] < N
     dtype = dz_ptr.dtype.element_ty
@@ -167,7 +169,8 @@ def _dact_step(
         dz = tl.where(lane_ok, acc * g * apply_activation_grad(z, ACTIVATION), 0.0)
         dg = tl.where(lane_ok, acc * apply_activation(z, ACTIVATION), 0.0)
         # 4. store: one rounding, the packed layout
-        _packed_store(dz_ptr, rows, row_ok, 2 * NP, dz, dg, BLOCK_M, NP, WIDTH, PACK, INTERPRET)
+        if STORE:
+            _packed_store(dz_ptr, rows, row_ok, 2 * NP, dz, dg, BLOCK_M, NP, WIDTH, PACK, INTERPRET)
         dz = round_to_dtype(dz, dtype, INTERPRET)
         dg = round_to_dtype(dg, dtype, INTERPRET)
     else:
@@ -175,10 +178,14 @@ def _dact_step(
         ok = row_ok[:, None] & lane_ok
         dz = acc
         if DACT:  # else an identity activation: act' = 1, nothing to read
-            z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if Z_GIVEN:
+                z = z_tile.to(tl.float32)
+            else:
+                z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             dz = acc * apply_activation_grad(z, ACTIVATION)
         dz = round_to_dtype(tl.where(lane_ok, dz, 0.0), dtype, INTERPRET)
-        tl.store(dz_ptr + offs, dz, mask=ok)
+        if STORE:
+            tl.store(dz_ptr + offs, dz, mask=ok)
         dg = dz
     if INTERPRET:  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
         dz = dz.to(tl.float32)
@@ -187,16 +194,61 @@ def _dact_step(
 
 
 @triton.jit
+def _wgrad_zeros(
+    NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr
+):  # fmt: skip
+    """The on-chip dW path's fp32 accumulators, per layer (dw, dv, db, dc) [WIDTH (input lanes),
+    WIDTH (output lanes)] and [WIDTH]: dv and dc are only carried for a gated hidden layer, db and
+    dc only with a bias (an unused entry is a 1-element placeholder the loop never touches)."""
+    accs = ()
+    for layer in tl.static_range(NUM_LAYERS):
+        dw = tl.zeros((WIDTH, WIDTH), dtype=tl.float32)
+        dv = tl.zeros((1, 1), dtype=tl.float32)
+        db = tl.zeros((WIDTH,) if HAS_BIAS else (1,), dtype=tl.float32)
+        dc = tl.zeros((1,), dtype=tl.float32)
+        if GATED and layer != NUM_LAYERS - 1:
+            dv = tl.zeros((WIDTH, WIDTH), dtype=tl.float32)
+            dc = tl.zeros((WIDTH,) if HAS_BIAS else (1,), dtype=tl.float32)
+        accs = accs + ((dw, dv, db, dc),)  # noqa: RUF005 (no starred tuples in Triton's frontend)
+    return accs
+
+
+@triton.jit
+def _wgrad_accumulate(
+    accs, ht, d, dg,
+    GATED_LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One row tile's share of a layer's gradients added to its accumulators: dw += hᵀ·dz (gated:
+    dv += hᵀ·dg), db += Σ_rows dz (dc += Σ_rows dg) — kernel B's product and sums, on chip. ht:
+    the layer input's tile transposed, [WIDTH, BLOCK_M]."""
+    dw, dv, db, dc = accs
+    dw = tl.dot(ht, d, dw, input_precision=DOT_PRECISION)
+    if GATED_LAYER:
+        dv = tl.dot(ht, dg, dv, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        db = db + tl.sum(d.to(tl.float32), axis=0)
+        if GATED_LAYER:
+            dc = dc + tl.sum(dg.to(tl.float32), axis=0)
+    return dw, dv, db, dc
+
+
+@triton.jit
 def _fused_small_dgrad_kernel(
-    dy_ptr, w_ptrs, z_ptrs, dz_ptrs, dx_ptr,
-    M, stride_dym, stride_dyn, TILES_PER_PROGRAM,
+    dy_ptr, w_ptrs, z_ptrs, dz_ptrs, dx_ptr, h_ptrs, dw_ptrs, db_ptrs,
+    M, stride_dym, stride_dyn, stride_xm, TILES_PER_PROGRAM,
     WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     DACT: tl.constexpr, NEED_DX: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, INT64_ROWS: tl.constexpr,
+    DW_ON_CHIP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_FROM_OUTPUT: tl.constexpr,
 ):  # fmt: skip
     # z_ptrs[l] / dz_ptrs[l]: hidden layer l's act' operand (its saved pre-activation, or for relu
     # its output h_{l+1}; DACT false: identity, none) and its dZ (l < L-1).
+    # DW_ON_CHIP: no dZ leaves the program — each layer's dW (and db) is accumulated over the
+    # program's row tiles in fp32 registers from its input h_ptrs[l] (x with stride_xm, then the
+    # saved h_l) and stored once as the program's partial, row `pid` of dw_ptrs[l] [P, D_IN, NC]
+    # and db_ptrs[l] [P, NC]; the sum kernel adds the P partials in order. RELU_FROM_OUTPUT: the
+    # act' operand of layer l - 1 is that same h_l tile, loaded once for both.
     # INT64_ROWS: int64 row offsets, only where the launcher finds that rows · stride can pass
     # 2^31 (fused_small._int64_offsets). Always int64, this kernel took 255 registers, spilt 120
     # bytes a thread and ran 2,206 instructions a row tile at nerf-64x5; int32: 228, no spill,
@@ -223,6 +275,9 @@ def _fused_small_dgrad_kernel(
                 PACK,
             )
             tiles = tiles + (operands,)  # noqa: RUF005 (no starred tuples in Triton's frontend)
+    accs = ()
+    if DW_ON_CHIP:
+        accs = _wgrad_zeros(NUM_LAYERS, WIDTH, GATED, HAS_BIAS)
 
     for i in range(0, TILES_PER_PROGRAM):
         rows = (pid + i * num_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -240,6 +295,24 @@ def _fused_small_dgrad_kernel(
 
         # 3. compute: the layers in reverse, dh in registers, act' on its fp32 accumulator
         for layer in tl.static_range(last, -1, -1):
+            h = d  # a stand-in: the layer input is only loaded for the on-chip dW
+            if DW_ON_CHIP:
+                # 2. load: the layer's input h_l (x for layer 0) transposed, [WIDTH, BLOCK_M],
+                # zero past its width (kernel B's hᵀ tile: the same product, the same bits)
+                stride_h = stride_xm if layer == 0 else WIDTHS[layer]
+                ht = tl.load(
+                    h_ptrs[layer] + rs[None, :] * stride_h + lanes[:, None],
+                    mask=(lanes[:, None] < WIDTHS[layer]) & row_ok[None, :],
+                    other=0.0,
+                )
+                if INTERPRET:
+                    ht = ht.to(tl.float32)
+                # 3. compute: this row tile's dW_l = h_lᵀ·dZ_l (and db_l) into the accumulators
+                layer_accs = _wgrad_accumulate(
+                    accs[layer], ht, d, dg, GATED and layer != last, HAS_BIAS, DOT_PRECISION
+                )
+                accs = accs[:layer] + (layer_accs,) + accs[layer + 1 :]  # noqa: RUF005 (as above)
+                h = tl.trans(ht)  # relu's act' operand of layer - 1 (RELU_FROM_OUTPUT)
             if HOIST:
                 wt, vt = tiles[layer]
             else:
@@ -254,10 +327,11 @@ def _fused_small_dgrad_kernel(
             if GATED and layer != last:
                 acc = tl.dot(dg, vt, acc, input_precision=DOT_PRECISION)
             if layer > 0:
-                # 4. store (inside): dZ of hidden layer - 1
+                # 4. store (inside, unless on chip): dZ of hidden layer - 1
                 d, dg = _dact_step(
-                    acc, z_ptrs[layer - 1], dz_ptrs[layer - 1], rs, row_ok, WIDTHS[layer],
-                    ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET,
+                    acc, z_ptrs[layer - 1], dz_ptrs[layer - 1], rs, row_ok, h, WIDTHS[layer],
+                    ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET, not DW_ON_CHIP,
+                    DW_ON_CHIP and RELU_FROM_OUTPUT,
                 )  # fmt: skip
             elif NEED_DX:
                 # 4. store: dx, rounded once
@@ -266,6 +340,17 @@ def _fused_small_dgrad_kernel(
                     round_to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET),
                     mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
                 )
+
+    if DW_ON_CHIP:
+        # 4. store: the program's exact fp32 partial of every layer's gradients, row pid
+        first = tl.full((1,), 1, tl.int1)
+        for layer in tl.static_range(NUM_LAYERS):
+            dw, dv, db, dc = accs[layer]
+            _store_wgrad(
+                dw_ptrs[layer], db_ptrs[layer], pid.to(tl.int64), lanes, lanes < WIDTHS[layer],
+                first, dw, dv, db, dc, WIDTHS[layer], WIDTHS[layer + 1], W_COLS[layer],
+                GATED and layer != last, HAS_BIAS, WIDTH, WIDTH, PACK, INTERPRET,
+            )  # fmt: skip
 
 
 # ---- backward kernel B: every layer's dW and db in one launch, and the sum of its splits --------
@@ -331,9 +416,28 @@ def _wgrad_layer(
                     dc = dc + tl.sum(dg.to(tl.float32), axis=0)
 
     # 4. store: one rounding to the param dtype (one run), or the exact fp32 partial
+    first = (tl.arange(0, 1) + pid_k) == 0  # the db row: K-tile 0 only
+    _store_wgrad(
+        dw_ptr, db_ptr, split, ks, mask_k, first, acc, acc_v, db, dc,
+        D_IN, D_OUT, NC, GATED_LAYER, HAS_BIAS, WIDTH, BLOCK_R, PACK, INTERPRET,
+    )  # fmt: skip
+
+
+@triton.jit
+def _store_wgrad(
+    dw_ptr, db_ptr, split, ks, mask_k, first, acc, acc_v, db, dc,
+    D_IN: tl.constexpr, D_OUT: tl.constexpr, NC: tl.constexpr, GATED_LAYER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, PACK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Rows `ks` of one layer's dW [D_IN, NC] (acc; gated: the packed pair acc | acc_v) and, where
+    `first`, its db (db | dc), rounded to the pointers' dtype, into run `split` of [S, D_IN, NC] /
+    [S, NC] (S = 1: the gradients themselves; fp32 partials: exact)."""
+    lanes = tl.arange(0, WIDTH)
+    lane_ok = lanes < D_OUT
+    NP: tl.constexpr = (D_OUT + PACK - 1) // PACK * PACK
     dw_ptr = dw_ptr + split * (D_IN * NC)
     db_ptr = db_ptr + split * NC
-    first = (tl.arange(0, 1) + pid_k) == 0  # the db row: K-tile 0 only
     if GATED_LAYER:
         _packed_store(dw_ptr, ks, mask_k, NC, acc, acc_v, BLOCK_R, NP, WIDTH, PACK, INTERPRET)
         if HAS_BIAS:
@@ -349,7 +453,7 @@ def _wgrad_layer(
         )
         if HAS_BIAS:
             db_out = round_to_dtype(db, db_ptr.dtype.element_ty, INTERPRET)
-            tl.store(db_ptr + lanes, db_out, mask=lane_ok & (pid_k == 0))
+            tl.store(db_ptr + lanes, db_out, mask=lane_ok & first)
 
 
 @triton.jit
@@ -514,30 +618,44 @@ def forward_saving(
     return y, tuple(kept)
 
 
-def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx):
-    """`dgrad_fwd`'s record for this key: (launch, names, the dZs' shapes)."""
+def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx, x_stride=None):
+    """`dgrad_fwd`'s record for this key: (launch, names, the dZs' shapes). `x_stride`: x's row
+    stride where each layer's dW is accumulated on chip (`dgrad_wgrad_fwd`: no dZ shapes), else
+    None."""
     m = dy_shape[0]
-    cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="dgrad")
+    on_chip = x_stride is not None
+    cfg = small_config_for(
+        config, spec, m, interpret=INTERPRET, kernel="dgrad_wgrad" if on_chip else "dgrad"
+    )
     dz_shapes = tuple(
         (m, packed_width(lay.d_out) if lay.gated else lay.d_out) for lay in spec.layers()[:-1]
     )
     programs, tiles = _grid(m, cfg)
     # dy (any strides), dx, every dZ and the act' operands (z, packed, or h: at most as wide)
     strides = [tuple(dy_strides), (spec.d_in, 1)] + [(shape[1], 1) for shape in dz_shapes]
+    if on_chip:
+        strides.append((x_stride, 1))
     width = padded_width(max(spec.widths))
     launch = Launch(
-        _fused_small_dgrad_kernel, (programs,), (m, *dy_strides, tiles),
+        _fused_small_dgrad_kernel, (programs,), (m, *dy_strides, x_stride or 0, tiles),
         dict(
             BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation,
             DACT=_stores_z(spec) or _dact_from_output(spec), NEED_DX=need_dx, HOIST=cfg.hoist,
             INT64_ROWS=_int64_offsets(programs * tiles * cfg.block_m, strides, width),
+            DW_ON_CHIP=on_chip, HAS_BIAS=spec.bias, RELU_FROM_OUTPUT=_dact_from_output(spec),
             **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ),
     )  # fmt: skip
-    return launch, _layer_names(spec), dz_shapes
+    return launch, _layer_names(spec), () if on_chip else dz_shapes
 
 
 _DGRAD = LaunchCache(_dgrad_launch)
+
+
+def _act_operands(spec: MLPSpec, residuals) -> list:
+    """The hidden layers' act' operands among the "preact" residuals (h_0, z_0, h_1, …): z_0, …,
+    z_{L-2}, or for relu their outputs h_1, …, h_{L-1}."""
+    return residuals[2::2] if _dact_from_output(spec) else residuals[1:-1:2]
 
 
 def dgrad_fwd(
@@ -565,14 +683,53 @@ def dgrad_fwd(
     weights, _ = _layer_params(params, names)
     dtype, device = dy2d.dtype, dy2d.device
     dzs = [torch.empty(shape, dtype=dtype, device=device) for shape in dz_shapes]
-    # the hidden layers' act' operands: z_0, …, z_{L-2}, or for relu their outputs h_1, …, h_{L-1}
-    zs = residuals[2::2] if _dact_from_output(spec) else residuals[1:-1:2]
+    zs = _act_operands(spec, residuals)
     dact = _stores_z(spec) or _dact_from_output(spec)
+    stand_in = (dy2d,) * spec.num_layers  # the on-chip path's operands, never read here
     launch(
         dy2d, weights, tuple(zs if dact else dzs) or (dy2d,), tuple(dzs) or (dy2d,),
-        (dx if rows is None else dx[r0:r1]) if need_dx else dy2d,
+        (dx if rows is None else dx[r0:r1]) if need_dx else dy2d, stand_in, stand_in, stand_in,
     )  # fmt: skip
     return dzs, dx
+
+
+def dgrad_wgrad_fwd(
+    dy2d: torch.Tensor,
+    residuals: list[torch.Tensor | None],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    config: TileConfig | SmallConfig | None = None,
+    need_dx: bool = True,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Kernel A with every layer's dW on chip (`common.tiling.small_wgrad_on_chip` says where),
+    then the sum of its programs' partials: (dx [M, d_in] or None, every packed param's gradient
+    in the params' dtype) from dy2d [M, d_out] (any strides) and the "preact" residuals (h_0 = x
+    with unit column stride). No dZ is stored: two launches, no row chunks. M >= 1."""
+    x = residuals[0]
+    key = (dy2d.shape, dy2d.stride(), spec, config, need_dx, x.stride(0))
+    launch, names, _ = _DGRAD.get(key)
+    weights, _ = _layer_params(params, names)
+    dtype, device = dy2d.dtype, dy2d.device
+    dx = torch.empty(dy2d.shape[0], spec.d_in, dtype=dtype, device=device) if need_dx else None
+    shapes = packed_names(spec)  # per layer: weight, then bias (the sum kernel's targets)
+    programs = launch.grid[0]
+    parts = [torch.empty((programs, *shape), dtype=torch.float32, device=device)
+             for shape in shapes.values()]  # fmt: skip
+    dws = tuple(parts[0 :: 2 if spec.bias else 1])
+    dbs = tuple(parts[1::2]) if spec.bias else dws
+    zs = _act_operands(spec, residuals)
+    dact = _stores_z(spec) or _dact_from_output(spec)
+    stand_in = (dy2d,) * max(1, spec.num_layers - 1)  # no dZ is stored
+    act_operands = (tuple(zs) if dact else ()) or stand_in
+    launch(
+        dy2d, weights, act_operands, stand_in, dy2d if dx is None else dx, tuple(residuals[0::2]),
+        dws, dbs,
+    )  # fmt: skip
+    first = params[next(iter(shapes))]
+    outs = [torch.empty(shape, dtype=first.dtype, device=device) for shape in shapes.values()]
+    _WGRAD_SUM.get((tuple(shapes.values()), programs))(tuple(parts), tuple(outs))
+    return dx, dict(zip(shapes, outs, strict=True))
 
 
 class _WgradLaunches:
@@ -760,20 +917,27 @@ def mlp_backward(
     config: TileConfig | SmallConfig | None = None,
     need_dx: bool = True,
     dz_budget: int | None = None,
+    on_chip: bool | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """backward.mlp_backward's result (same arguments, names, layouts and list consumption) from
-    kernels A and B: "x" (None unless `need_dx`) and every packed param's gradient; "inputs"
-    recomputes this module's saving forward first. Params packed and contiguous. Rows in C > 1
-    chunks where the dZs pass `dz_budget` bytes (None: common.tiling.SMALL_DZ_BUDGET)."""
+    kernel A with every dW on chip and the sum of its partials where `on_chip` (None:
+    common.tiling.small_wgrad_on_chip), else kernels A and B: "x" (None unless `need_dx`) and
+    every packed param's gradient; "inputs" recomputes this module's saving forward first. Params
+    packed and contiguous. Kernels A and B take the rows in C > 1 chunks where the dZs pass
+    `dz_budget` bytes (None: common.tiling.SMALL_DZ_BUDGET)."""
     check_saved(saved)
     if saved == "inputs":
         _, residuals = forward_saving(residuals[0], params, spec, config=config)
     # twin-diff: torch frees memory as references go; XLA plans buffer lifetimes itself.
     res = residuals if isinstance(residuals, list) else list(residuals)  # h_0, z_0, h_1, z_1, …
     del residuals
-    if res[0].stride(-1) != 1:  # kernel B reads x with unit column stride
+    if res[0].stride(-1) != 1:  # kernels A (on chip) and B read x with unit column stride
         res[0] = res[0].contiguous()
     m = dy2d.shape[0]
+    if m > 0 and (small_wgrad_on_chip(spec) if on_chip is None else on_chip):
+        dx, grads = dgrad_wgrad_fwd(dy2d, res, params, spec, config=config, need_dx=need_dx)
+        res[:] = [None] * len(res)
+        return {"x": dx, **grads}
     spans = _chunk_spans(spec, m, config, dz_budget)
     if len(spans) > 1:
         dx, grads = _chunked_backward(dy2d, res, params, spec, spans, config, need_dx)
@@ -797,10 +961,13 @@ def launch_count(
     config: TileConfig | SmallConfig | None = None,
     *,
     dz_budget: int | None = None,
+    on_chip: bool | None = None,
 ) -> int:
-    """Kernel launches of one training step (saving forward + backward, dx included) here: 3, or
-    4 where the weight gradients are split over M; in C > 1 row chunks 2 + 2·C (kernels A and B
-    a chunk, one sum)."""
+    """Kernel launches of one training step (saving forward + backward, dx included) here: 3
+    with the dWs on chip (`mlp_backward`'s `on_chip`); else 3, or 4 where the weight gradients are
+    split over M, and in C > 1 row chunks 2 + 2·C (kernels A and B a chunk, one sum)."""
+    if m > 0 and (small_wgrad_on_chip(spec) if on_chip is None else on_chip):
+        return 3
     chunks = len(_chunk_spans(spec, m, config, dz_budget))
     if chunks > 1:
         return 2 + 2 * chunks

@@ -63,6 +63,7 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
+from fusedmlp.common.tiling import small_wgrad_on_chip
 from fusedmlp.common.tuning import tables_state
 from fusedmlp.common.validate import (
     Adapter,
@@ -289,6 +290,13 @@ def plan(
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
 
 
+def _whole_backward_kernels(spec: MLPSpec) -> str:
+    # twin of torch_impl/front.py's: which of fused_small's backwards runs (the rule's choice)
+    if small_wgrad_on_chip(spec):
+        return "fused_small's kernel A with every dW on chip (no dZ in memory) and a sum kernel"
+    return "fused_small's whole-MLP kernels A and B"
+
+
 def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
     from . import fused_small_backward
 
@@ -299,7 +307,7 @@ def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
     elif whole:
         note = (
             f"training: saved={saved!r} keeps {mib:.1f} MiB; the saving forward is one "
-            "fused_small kernel, the backward fused_small's whole-MLP kernels A and B "
+            f"fused_small kernel, the backward {_whole_backward_kernels(spec)} "
             "(jax_impl/fused_small_backward.py)"
         )
     elif saved == "preact":

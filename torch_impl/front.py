@@ -56,6 +56,7 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
+from fusedmlp.common.tiling import small_wgrad_on_chip
 from fusedmlp.common.tuning import tables_state
 from fusedmlp.common.validate import (
     Adapter,
@@ -331,6 +332,13 @@ def plan(
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
 
 
+def _whole_backward_kernels(spec: MLPSpec) -> str:
+    # which of fused_small's backwards runs (fused_small_backward.mlp_backward: the rule's choice)
+    if small_wgrad_on_chip(spec):
+        return "fused_small's kernel A with every dW on chip (no dZ in memory) and a sum kernel"
+    return "fused_small's whole-MLP kernels A and B"
+
+
 def _training_plan(
     spec: MLPSpec, the_plan: Plan, m: int, saved: str, device: str, config: TileConfig | None
 ) -> Plan:
@@ -353,7 +361,7 @@ def _training_plan(
         else "portable triton kernels"
     )
     if whole:
-        kernels = "fused_small's whole-MLP kernels A and B (torch_impl/fused_small_backward.py)"
+        kernels = f"{_whole_backward_kernels(spec)} (torch_impl/fused_small_backward.py)"
         saving = "fused_small kernel (one launch)"
     if _entry(the_plan.impl).baseline and the_plan.requested != AUTO:
         note = f"training: {the_plan.impl} differentiates through torch autograd"

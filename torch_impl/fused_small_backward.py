@@ -1,5 +1,5 @@
-"""fused_small's training: a saving forward and a whole-MLP backward, 3-4 Triton launches a step
-(2 + 2·C in C row chunks).
+"""fused_small's training: a saving forward and a whole-MLP backward, 3 Triton launches a step with
+every dW on chip (else 3-4, 2 + 2·C in C row chunks).
 
 Formula (the float64 twin is `common.reference.backward`; backward.py has the per-layer form):
 the output layer is plain identity (the spec's rule), so dZ_{L-1} = dy; for l = L-1 … 1
@@ -27,22 +27,28 @@ Launches (a 5-layer MLP: 4 a step where the per-layer path launches 20, `launch_
 4. S > 1: fp32 partials [S, K, Nc] / [S, Nc] per layer, then `_fused_small_wgrad_sum_kernel` adds
    each element's S partials in the fixed order s = 0, 1, … and rounds once (`_wgrad_sum_kernel`'s
    loop, over every layer's dw and db in one launch). Deterministic: no atomics.
-Why not dW inside kernel A (dZ never in memory): a program would hold every layer's fp32 dW
-partial through its whole row loop — nerf-64x5 is 5 × 64×64 fp32, 160 registers a thread at 4 warps
-before anything else, twice that gated or at width 128 — and Triton has no shared-memory
-accumulator to put them in; the dZ round trip (M × width × 2 bytes a layer, read once) is the
-price of registers that fit.
 
-Row chunks (`common.tiling.backward_chunks`): the dZs are M × Σ width × itemsize (nerf-64x5 at
-M = 2,097,152: 1 GiB, the step's measured peak 2562 MiB against eager torch's 1792). Where they
-pass SMALL_DZ_BUDGET (128 MiB) the rows go in C chunks on whole row tiles: per chunk kernel A then
-kernel B (its S runs' fp32 partials into its rows of ONE workspace [Σ S, …] per gradient), then
-one sum kernel over all the partials in the fixed order (chunk, run): deterministic, the same
-rounding points, another order of additions than C = 1 (within the tolerance policy). Cost:
+dW inside kernel A (`DW_ON_CHIP`, where `common.tiling.small_wgrad_on_chip` holds; mlp_backward's
+`on_chip` forces either way): each program also loads every layer's input tile (x, the saved h_l,
+transposed as kernel B reads it) and adds hᵀ·dZ_l and Σ dZ_l to fp32 accumulators it carries
+through its whole row loop (`_wgrad_zeros`, `_wgrad_accumulate`), stores them once as its partial
+(`_store_wgrad`, row pid of [P, D_IN, NC] per layer), and the sum kernel adds the P partials in
+program order and rounds once (deterministic, no atomics). No dZ leaves registers: 2 launches for
+the backward, no chunks, the dZ bytes and kernel B gone. The price is registers: nerf-64x5's five
+64×64 fp32 accumulators are 80 a thread at 8 warps, and ptxas counts grow with every layer well
+past that, so the path is taken up to the depths a compile of the grid showed free of spills
+(SMALL_WGRAD_ON_CHIP_LAYERS; 4 warps, gated 64-wide layers or width 128 would spill).
+
+Row chunks (`common.tiling.backward_chunks`; kernels A and B): the dZs are M × Σ width × itemsize
+(nerf-64x5 at M = 2,097,152: 1 GiB, the step's measured peak 2562 MiB against eager torch's 1792).
+Where they pass SMALL_DZ_BUDGET (128 MiB) the rows go in C chunks on whole row tiles: per chunk
+kernel A then kernel B (its S runs' fp32 partials into its rows of ONE workspace [Σ S, …] per
+gradient), then one sum kernel over all the partials in the fixed order (chunk, run): deterministic,
+the same rounding points, another order of additions than C = 1 (within the tolerance policy). Cost:
 2 + 2·C launches a step (nerf at 2M rows: 18 for 4) and 16 MiB of partials (208 runs) for 2;
 predicted peak there 2562 − 896 + 14 ≈ 1680 MiB. Below the budget C = 1: today's launches, bits.
-Each chunk's dZs are dropped before the next chunk's are allocated (the caching allocator
-reuses their blocks), and kernels A and B take row views of dy, the residuals and dx (no copy).
+Each chunk's dZs are dropped before the next chunk's are allocated (the caching allocator reuses
+their blocks), and kernels A and B take row views of dy, the residuals and dx (no copy).
 
 Rounding points: those of backward.py (dZ and dx in the compute dtype, dW and db in the param
 dtype, fp32 accumulation everywhere). Against `backward.mlp_backward` the order of additions is

@@ -103,7 +103,13 @@ def _stack_rows(stack: str, spec: MLPSpec, m: int, device: str, variants) -> lis
         row: dict[str, Any] = {"stack": stack, "variant": variant}
         fn = saving if variant == "saving_forward" else (lambda i, v=variant: backward(v))
         if variant != "saving_forward":
-            got = {k: to_np(v) for k, v in backward(variant).items() if v is not None}
+            try:
+                got = {k: to_np(v) for k, v in backward(variant).items() if v is not None}
+            except Exception as exc:  # a variant past the GPU's resources: the row says so
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             if variant == "ab":
                 want = got
             row["rel_err_vs_ab"] = _rel_errors(got, want)

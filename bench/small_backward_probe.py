@@ -8,8 +8,8 @@ residuals of one saving forward, saved="preact": what a training step runs after
 and the saving forward once: device time by the project's method (bench/timing.time_device:
 kernel durations from the stack's profiler, each call after the L2 flush), with each kernel's
 median time. Variants: `ab` (kernels A and B: on_chip=False, the default tiles), `on_chip` (the
-default SMALL_WGRAD_ON_CHIP_CONFIG), and `on_chip:BMxWARPSxSTAGES[h]` pinned SmallConfigs
-(`h`: weights hoisted). Parity, before timing: each variant's gradients against the `ab` row of
+default SMALL_WGRAD_ON_CHIP_CONFIG), and `on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` pinned
+SmallConfigs (`h`: weights hoisted). Parity, before timing: each variant's gradients against the `ab` row of
 its stack in float32, relative Frobenius error per gradient (printed and kept; > 1e-2 flags the
 row `FAIL` and it is not timed). `--smoke`: a tiny spec under the interpreters (checks the
 script on a CPU; nothing is timed).
@@ -43,13 +43,14 @@ CALLS = 20
 
 
 def _config(variant: str) -> SmallConfig | None:
-    """The pinned SmallConfig of an `on_chip:BMxWARPSxSTAGES[h]` variant (None: the default)."""
+    """The pinned SmallConfig of an `on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` variant (programs an
+    SM: 1 unless given; None: the default)."""
     if ":" not in variant:
         return None
     tiles = variant.split(":", 1)[1]
     hoist = tiles.endswith("h")
-    block_m, warps, stages = (int(v) for v in tiles.rstrip("h").split("x"))
-    return SmallConfig(block_m, warps, stages, programs_per_sm=1, hoist=hoist)
+    block_m, warps, stages, *programs = (int(v) for v in tiles.rstrip("h").split("x"))
+    return SmallConfig(block_m, warps, stages, programs_per_sm=(programs or [1])[0], hoist=hoist)
 
 
 def _rel_errors(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, float]:

@@ -3,16 +3,16 @@ against kernels A and B (dZ in memory), both stacks, over tile variants of the o
 
     python bench/small_backward_probe.py OUT.json [--preset nerf-64x5] [--m M] [--smoke]
 
-For each stack and variant, the backward alone (`fused_small_backward.mlp_backward` on the
-residuals of one saving forward, saved="preact": what a training step runs after its forward)
-and the saving forward once: device time by the project's method (bench/timing.time_device:
-kernel durations from the stack's profiler, each call after the L2 flush), with each kernel's
-median time. Variants: `ab` (kernels A and B: on_chip=False, the default tiles), `on_chip` (the
-default SMALL_WGRAD_ON_CHIP_CONFIG), and `on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` pinned
-SmallConfigs (`h`: weights hoisted). Parity, before timing: each variant's gradients against the `ab` row of
-its stack in float32, relative Frobenius error per gradient (printed and kept; > 1e-2 flags the
-row `FAIL` and it is not timed). `--smoke`: a tiny spec under the interpreters (checks the
-script on a CPU; nothing is timed).
+For each stack and variant, the backward alone (`fused_small_backward.mlp_backward` on the residuals
+of one saving forward, saved="preact": what a training step runs after its forward) and the saving
+forward once: device time by the project's method (bench/timing.time_device: kernel durations from
+the stack's profiler, each call after the L2 flush), with each kernel's median time. Variants: `ab`
+(kernels A and B: on_chip=False, the default tiles), `on_chip` (the default
+SMALL_WGRAD_ON_CHIP_CONFIG), and `on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` pinned SmallConfigs (`h`:
+weights hoisted). Parity, before timing: each variant's gradients against the `ab` row of its stack
+in float32, relative Frobenius error per gradient (printed and kept; > 1e-2 flags the row `FAIL` and
+it is not timed). `--smoke`: a tiny spec under the interpreters (checks the script on a CPU; nothing
+is timed).
 """
 
 from __future__ import annotations

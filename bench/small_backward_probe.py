@@ -4,15 +4,18 @@ against kernels A and B (dZ in memory), both stacks, over tile variants of the o
     python bench/small_backward_probe.py OUT.json [--preset nerf-64x5] [--m M] [--smoke]
 
 For each stack and variant, the backward alone (`fused_small_backward.mlp_backward` on the residuals
-of one saving forward, saved="preact": what a training step runs after its forward) and the saving
-forward once: device time by the project's method (bench/timing.time_device: kernel durations from
-the stack's profiler, each call after the L2 flush), with each kernel's median time. Variants: `ab`
-(kernels A and B: on_chip=False, the default tiles), `on_chip` (the default
-SMALL_WGRAD_ON_CHIP_CONFIG), and `on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` pinned SmallConfigs (`h`:
-weights hoisted). Parity, before timing: each variant's gradients against the `ab` row of its stack
-in float32, relative Frobenius error per gradient (printed and kept; > 1e-2 flags the row `FAIL` and
-it is not timed). `--smoke`: a tiny spec under the interpreters (checks the script on a CPU; nothing
-is timed).
+of one saving forward, saved="preact": what a training step runs after its forward) or the saving
+forward: device time by the project's method (bench/timing.time_device: kernel durations from the
+stack's profiler, each call after the L2 flush), with each kernel's median time. Variants:
+`saving_forward` (always first: the default tiles), `ab` (kernels A and B: on_chip=False, the
+default tiles), `on_chip` (the default SMALL_WGRAD_ON_CHIP_CONFIG),
+`on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` pinned SmallConfigs (programs an SM 1 unless given; `h`:
+weights hoisted) and `saving:BMxWARPSxSTAGES[xPROGRAMS][h]`, the saving forward at pinned tiles.
+Parity, before timing: each backward variant's gradients against the `ab` row of its stack in
+float32, relative Frobenius error per gradient (kept; > 1e-2 flags the row `FAIL` and it is not
+timed); a saving variant's y must equal the default's bit for bit (row tiles are independent). A
+variant that does not launch (shared memory) is a row with its error. `--smoke`: a tiny spec under
+the interpreters (checks the script on a CPU; nothing is timed).
 """
 
 from __future__ import annotations
@@ -99,26 +102,32 @@ def _stack_rows(stack: str, spec: MLPSpec, m: int, device: str, variants) -> lis
         )
 
     rows, want = [], None
-    saving = lambda i: mod.forward_saving(x, params, spec)  # noqa: E731
+    y_default = to_np(mod.forward_saving(x, params, spec)[0])
     for variant in ("saving_forward", *variants):
         row: dict[str, Any] = {"stack": stack, "variant": variant}
-        fn = saving if variant == "saving_forward" else (lambda i, v=variant: backward(v))
-        if variant != "saving_forward":
-            try:
+        try:
+            if variant.startswith("saving"):
+                # the saving forward at the default tiles or pinned ones (`saving:BMx...`)
+                cfg = _config(variant)
+                fn = lambda i, c=cfg: mod.forward_saving(x, params, spec, config=c)  # noqa: E731
+                y = to_np(fn(0)[0])
+                row["same_y_as_default"] = bool(np.array_equal(y, y_default))
+                if not row["same_y_as_default"]:
+                    row["parity"] = "FAIL"
+            else:
+                fn = lambda i, v=variant: backward(v)  # noqa: E731
                 got = {k: to_np(v) for k, v in backward(variant).items() if v is not None}
-            except Exception as exc:  # a variant past the GPU's resources: the row says so
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                continue
-            if variant == "ab":
-                want = got
-            row["rel_err_vs_ab"] = _rel_errors(got, want)
-            if max(row["rel_err_vs_ab"].values()) > 1e-2:
-                row["parity"] = "FAIL"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                continue
+                if variant == "ab":
+                    want = got
+                row["rel_err_vs_ab"] = _rel_errors(got, want)
+                if max(row["rel_err_vs_ab"].values()) > 1e-2:
+                    row["parity"] = "FAIL"
+        except Exception as exc:  # a variant past the GPU's resources: the row says so
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if "error" in row or "parity" in row:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         if device == "cuda":
             wait(fn(0))
             dev_t = timing.time_device(stack, fn, CALLS, wait)

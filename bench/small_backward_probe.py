@@ -10,7 +10,9 @@ stack's profiler, each call after the L2 flush), with each kernel's median time.
 `saving_forward` (always first: the default tiles), `ab` (kernels A and B: on_chip=False, the
 default tiles), `on_chip` (the default SMALL_WGRAD_ON_CHIP_CONFIG),
 `on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` pinned SmallConfigs (programs an SM 1 unless given; `h`:
-weights hoisted) and `saving:BMxWARPSxSTAGES[xPROGRAMS][h]`, the saving forward at pinned tiles.
+weights hoisted), `saving:BMxWARPSxSTAGES[xPROGRAMS][h]`, the saving forward at pinned tiles, and
+`recompute[:BMx…]`, the on-chip kernel of saved="inputs" (x and dy its only inputs: it runs the
+forward again per row tile) at the default or pinned tiles.
 Parity, before timing: each backward variant's gradients against the `ab` row of its stack in
 float32, relative Frobenius error per gradient (kept; > 1e-2 flags the row `FAIL` and it is not
 timed); a saving variant's y must equal the default's bit for bit (row tiles are independent). A
@@ -95,6 +97,11 @@ def _stack_rows(stack: str, spec: MLPSpec, m: int, device: str, variants) -> lis
     _, kept = mod.forward_saving(x, params, spec)
 
     def backward(variant: str):
+        if variant.startswith("recompute"):  # saved="inputs": x alone, the forward in kernel A
+            dx, grads = mod.dgrad_wgrad_fwd(
+                dy, [x], params, spec, config=_config(variant), recompute=True
+            )
+            return {"x": dx, **grads}
         on_chip = variant != "ab"
         res = list(kept) if stack == "torch" else tuple(kept)
         return mod.mlp_backward(

@@ -1,18 +1,17 @@
 """GPU probe (issues 22 and 24): fused_small's whole-MLP backward with every layer's dW on chip
 against kernels A and B (dZ in memory), both stacks, over tile variants of the on-chip kernel.
 
-    python bench/small_backward_probe.py OUT.json [--preset nerf-64x5] [--m M] [--smoke]
+    python bench/small_backward_probe.py OUT.json [--preset nerf-64x5 | --spec 32x9,relu,0,float16]
+        [--m M] [--stacks torch,jax] [--variants ab,on_chip,...] [--smoke]
 
 For each stack and variant, the backward alone (`fused_small_backward.mlp_backward` on the residuals
 of one saving forward, saved="preact": what a training step runs after its forward) or the saving
 forward: device time by the project's method (bench/timing.time_device: kernel durations from the
 stack's profiler, each call after the L2 flush), with each kernel's median time. Variants:
 `saving_forward` (always first: the default tiles), `ab` (kernels A and B: on_chip=False, the
-default tiles), `on_chip` (the default SMALL_WGRAD_ON_CHIP_CONFIG),
+default tiles), `on_chip` (the default tiles, `common.tiling.small_wgrad_on_chip_config`),
 `on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` pinned SmallConfigs (programs an SM 1 unless given; `h`:
-weights hoisted), `saving:BMxWARPSxSTAGES[xPROGRAMS][h]`, the saving forward at pinned tiles, and
-`recompute[:BMx…]`, the on-chip kernel of saved="inputs" (x and dy its only inputs: it runs the
-forward again per row tile) at the default or pinned tiles.
+weights hoisted) and `saving:BMxWARPSxSTAGES[xPROGRAMS][h]`, the saving forward at pinned tiles.
 Parity, before timing: each backward variant's gradients against the `ab` row of its stack in
 float32, relative Frobenius error per gradient (kept; > 1e-2 flags the row `FAIL` and it is not
 timed); a saving variant's y must equal the default's bit for bit (row tiles are independent). A
@@ -97,11 +96,6 @@ def _stack_rows(stack: str, spec: MLPSpec, m: int, device: str, variants) -> lis
     _, kept = mod.forward_saving(x, params, spec)
 
     def backward(variant: str):
-        if variant.startswith("recompute"):  # saved="inputs": x alone, the forward in kernel A
-            dx, grads = mod.dgrad_wgrad_fwd(
-                dy, [x], params, spec, config=_config(variant), recompute=True
-            )
-            return {"x": dx, **grads}
         on_chip = variant != "ab"
         res = list(kept) if stack == "torch" else tuple(kept)
         return mod.mlp_backward(
@@ -155,11 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=int)
     parser.add_argument("--stacks", default="torch,jax")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--spec",
+        help="WIDTHxCOUNT,ACTIVATION,BIAS(0/1),DTYPE in place of the preset (e.g. 32x9,relu,0,"
+        "float16: 8 layers 32 wide), 1,048,576 rows unless --m",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny spec, interpreted")
     args = parser.parse_args(argv)
     preset = get_preset(args.preset)
     spec, m = preset.spec, args.m or preset_batch_sizes(args.preset)[0]
     device = "cuda"
+    if args.spec:
+        shape, act, bias, dtype = args.spec.split(",")
+        width, count = (int(v) for v in shape.split("x"))
+        spec, m = MLPSpec((width,) * count, act, bias == "1", dtype), args.m or 1 << 20
     if args.smoke:
         spec, m, device = MLPSpec((24, 40, 40, 17), "relu", False, "float16"), 70, "cpu"
     variants = tuple(args.variants.split(","))

@@ -330,16 +330,26 @@ def test_on_chip_twins_bitwise(case):
 
 def test_on_chip_rule():
     from fusedmlp.common.presets import get_preset
-    from fusedmlp.common.tiling import small_wgrad_kind, small_wgrad_on_chip
+    from fusedmlp.common.tiling import (
+        small_wgrad_kind,
+        small_wgrad_on_chip,
+        small_wgrad_on_chip_config,
+    )
 
     nerf = get_preset("nerf-64x5").spec
     assert small_wgrad_kind(nerf) == "relu" and small_wgrad_on_chip(nerf)
+    assert small_wgrad_on_chip_config(nerf).block_m == 128  # the measured tier
+    # 64 wide, gelu_tanh with bias, 3 layers: past the 128-row tier, inside the 64-row one
+    plain3 = MLPSpec((64,) * 4, "gelu_tanh", True, "bfloat16")
+    assert small_wgrad_on_chip_config(plain3).block_m == 64
     rule = {
         ((64,) * 6, "relu", False, "bfloat16"): True,
         ((64,) * 7, "relu", False, "float16"): False,  # 6 layers: past the compiled depth
         ((64,) * 4, "relu", True, "float16"): True,  # bias: "plain", 3 layers
         ((64,) * 5, "gelu_tanh", False, "float16"): False,
         ((16,) * 9, "relu", False, "float16"): True,
+        ((32,) * 9, "relu", False, "bfloat16"): True,  # 8 layers at 128 rows (3 at 64)
+        ((32,) * 5, "swiglu", True, "bfloat16"): False,  # gated 32 wide: 3 layers at most
         ((24, 30, 17), "swiglu", True, "bfloat16"): True,  # WIDTH 32, 2 layers
         ((64, 64, 17), "swiglu", False, "bfloat16"): False,  # gated 64: never
         ((24, 100, 17), "relu", False, "float16"): False,  # WIDTH 128
@@ -363,9 +373,10 @@ def test_on_chip_is_the_default_where_the_rule_holds(name, monkeypatch):
     _, _, forced = _run_on_chip(name, ON_CHIP[1])
     for k in forced:
         assert got[k].tobytes() == forced[k].tobytes(), k
+    calls.clear()  # the forced run above took the path too
     spec, _, packed, x, dy = _inputs(CASES[0])
     _stack(name).run(spec, x, packed, dy)
-    assert calls == [1]
+    assert calls == []
 
 
 _COMPILE_ON_CHIP = textwrap.dedent(
@@ -430,26 +441,32 @@ _COMPILE_ON_CHIP = textwrap.dedent(
 )
 
 
-def test_on_chip_depths_compile_without_spills():
-    """Each SMALL_WGRAD_ON_CHIP_LAYERS entry's deepest case (bf16; "plain" as gelu_tanh with a
-    bias, "gated" as swiglu with a bias) compiles for sm_90 with its config resident (registers
-    and shared memory of one program an SM) and no spill, by ptxas' own count."""
-    from fusedmlp.common.tiling import SMALL_WGRAD_ON_CHIP_LAYERS, small_wgrad_on_chip
+def test_on_chip_depths_compile_resident():
+    """Each SMALL_WGRAD_ON_CHIP_TIERS table entry's deepest case that its tier serves (bf16;
+    "plain" as gelu_tanh with a bias, "gated" as swiglu with a bias; an entry a tier before it
+    admits is that tier's) compiles for sm_90 at its tiles resident (registers and shared memory
+    of one program an SM) with at most SMALL_WGRAD_MAX_SPILL bytes of spill, by ptxas' own
+    count."""
+    from fusedmlp.common.tiling import (
+        SMALL_WGRAD_MAX_SPILL,
+        SMALL_WGRAD_ON_CHIP_TIERS,
+        small_wgrad_on_chip_config,
+    )
 
     kinds = {"relu": ("relu", False), "plain": ("gelu_tanh", True), "gated": ("swiglu", True)}
     cases = []
-    for width, depths in SMALL_WGRAD_ON_CHIP_LAYERS.items():
-        for kind, layers in depths.items():
-            if layers:
+    for config, table in SMALL_WGRAD_ON_CHIP_TIERS:
+        for width, depths in table.items():
+            for kind, layers in depths.items():
                 act, bias = kinds[kind]
                 case = ((width,) * (layers + 1), act, bias, "bfloat16")
-                assert small_wgrad_on_chip(MLPSpec(*case)), case
-                cases.append(case)
+                if layers and small_wgrad_on_chip_config(MLPSpec(*case)) == config:
+                    cases.append(case)
     infos = run_script(_COMPILE_ON_CHIP, json.dumps(cases), timeout=900)
     for case, info in zip(cases, infos, strict=True):
         assert info["num_warps"] * 32 * info["registers"] <= REGISTERS_PER_SM, (case, info)
         assert info["shared"] + 1024 <= SMEM_PER_SM, (case, info)
-        assert info["spill"] == 0 and info["wgmma"], (case, info)
+        assert info["spill"] <= SMALL_WGRAD_MAX_SPILL and info["wgmma"], (case, info)
 
 
 # ---- against the per-layer path (backward.py) ----------------------------------------------------

@@ -36,8 +36,10 @@ through its whole row loop (`_wgrad_zeros`, `_wgrad_accumulate`), stores them on
 program order and rounds once (deterministic, no atomics). No dZ leaves registers: 2 launches for
 the backward, no chunks, the dZ bytes and kernel B gone. The price is registers: nerf-64x5's five
 64×64 fp32 accumulators are 80 a thread at 8 warps, and ptxas counts grow with every layer well
-past that, so the path is taken up to the depths a compile of the grid showed free of spills
-(SMALL_WGRAD_ON_CHIP_LAYERS; 4 warps, gated 64-wide layers or width 128 would spill).
+past that, so the path is taken up to the depths a compile of the grid showed resident with at
+most a small spill, 128-row tiles first (two warpgroups on two chains of products: nerf-64x5 on the
+H200 704 µs against 1037 at 64 rows), then 64 (`common.tiling.SMALL_WGRAD_ON_CHIP_TIERS`; 4 warps,
+gated 64-wide layers or width 128 would spill more).
 
 Row chunks (`common.tiling.backward_chunks`; kernels A and B): the dZs are M × Σ width × itemsize
 (nerf-64x5 at M = 2,097,152: 1 GiB, the step's measured peak 2562 MiB against eager torch's 1792).
@@ -93,9 +95,7 @@ from fusedmlp.common.validate import check_saved
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
 from .fused_small import (
     _fused_small_rows,
-    _hidden_layer,
     _int64_offsets,
-    _layer_operands,
     _layer_names,
     _packed_load,
     _packed_store,
@@ -153,7 +153,7 @@ def _layer_operands_t(
 
 @triton.jit
 def _dact_step(
-    acc, z_ptr, dz_ptr, rows, row_ok, z_tile, g_tile,
+    acc, z_ptr, dz_ptr, rows, row_ok, z_tile,
     N: tl.constexpr, ACTIVATION: tl.constexpr, GATED_LAYER: tl.constexpr,
     DACT: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, PACK: tl.constexpr,
     INTERPRET: tl.constexpr, STORE: tl.constexpr, Z_GIVEN: tl.constexpr,
@@ -163,18 +163,14 @@ def _dact_step(
     the packed [M, 2·Np]: backward.py's `_dact_epilogue` in registers) and returned as the next
     product's operands (dz, dg; dg = dz for a plain layer). Lanes past N are exact zeros. z_ptr:
     the saved z, or for relu the layer's output h (relu' of h is relu' of z, NaN kept); Z_GIVEN:
-    that tile is z_tile (and g_tile, gated) already: the on-chip dW path loaded relu's as a layer
-    input, the recomputing path keeps them from its forward."""
+    that tile is z_tile already (plain layers; the on-chip dW path loaded it as a layer input)."""
     lanes = tl.arange(0, WIDTH)
     lane_ok = lanes[None, :] < N
     dtype = dz_ptr.dtype.element_ty
     if GATED_LAYER:
         NP: tl.constexpr = (N + PACK - 1) // PACK * PACK
-        if Z_GIVEN:
-            z, g = z_tile, g_tile
-        else:
-            # 2. load: the saved packed [z|g] tile of this row tile
-            z, g = _packed_load(z_ptr, rows, row_ok, 2 * NP, BLOCK_M, NP, WIDTH, PACK)
+        # 2. load: the saved packed [z|g] tile of this row tile
+        z, g = _packed_load(z_ptr, rows, row_ok, 2 * NP, BLOCK_M, NP, WIDTH, PACK)
         z = z.to(tl.float32)
         g = g.to(tl.float32)
         # 3. compute: dz = dh ⊙ g ⊙ act'(z), dg = dh ⊙ act(z), in fp32
@@ -246,14 +242,13 @@ def _wgrad_accumulate(
 
 @triton.jit
 def _fused_small_dgrad_kernel(
-    dy_ptr, w_ptrs, b_ptrs, z_ptrs, dz_ptrs, dx_ptr, h_ptrs, dw_ptrs, db_ptrs,
+    dy_ptr, w_ptrs, z_ptrs, dz_ptrs, dx_ptr, h_ptrs, dw_ptrs, db_ptrs,
     M, stride_dym, stride_dyn, stride_xm, TILES_PER_PROGRAM,
     WIDTHS: tl.constexpr, W_COLS: tl.constexpr, NUM_LAYERS: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     DACT: tl.constexpr, NEED_DX: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, INT64_ROWS: tl.constexpr,
     DW_ON_CHIP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_FROM_OUTPUT: tl.constexpr,
-    RECOMPUTE: tl.constexpr,
 ):  # fmt: skip
     # z_ptrs[l] / dz_ptrs[l]: hidden layer l's act' operand (its saved pre-activation, or for relu
     # its output h_{l+1}; DACT false: identity, none) and its dZ (l < L-1).
@@ -262,10 +257,6 @@ def _fused_small_dgrad_kernel(
     # saved h_l) and stored once as the program's partial, row `pid` of dw_ptrs[l] [P, D_IN, NC]
     # and db_ptrs[l] [P, NC]; the sum kernel adds the P partials in order. RELU_FROM_OUTPUT: the
     # act' operand of layer l - 1 is that same h_l tile, loaded once for both.
-    # RECOMPUTE (saved="inputs", with DW_ON_CHIP): no residual is read — each row tile runs the
-    # forward again from its x tile (b_ptrs: the biases; the saving forward's rounding points, so
-    # the same h and z) and walks back through the layer inputs and act' operands it kept in
-    # registers: dy and x in, dx out, the smallest traffic a backward can have.
     # INT64_ROWS: int64 row offsets, only where the launcher finds that rows · stride can pass
     # 2^31 (fused_small._int64_offsets). Always int64, this kernel took 255 registers, spilt 120
     # bytes a thread and ran 2,206 instructions a row tile at nerf-64x5; int32: 228, no spill,
@@ -277,7 +268,6 @@ def _fused_small_dgrad_kernel(
     num_programs = tl.num_programs(0)
     lanes = tl.arange(0, WIDTH)
     last: tl.constexpr = NUM_LAYERS - 1
-    dtype = dy_ptr.dtype.element_ty
 
     # 2. load: HOIST — every layer's transposed weight tiles once per program
     tiles = ()
@@ -310,43 +300,11 @@ def _fused_small_dgrad_kernel(
         if INTERPRET:
             d = d.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
         dg = d
-        fwd = ()
-        if RECOMPUTE:
-            # 2. load: the x tile; 3. compute: the forward again, (input h_l, z_l, g_l) of every
-            # layer kept (z and g rounded as the saving forward stores them; unused ones cost
-            # nothing)
-            h = tl.load(
-                h_ptrs[0] + rs[:, None] * stride_xm + lanes[None, :],
-                mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
-                other=0.0,
-            )
-            if INTERPRET:
-                h = h.to(tl.float32)
-            for layer in tl.static_range(last):
-                w, v, b, c = _layer_operands(
-                    w_ptrs[layer], b_ptrs[layer], WIDTHS[layer], WIDTHS[layer + 1],
-                    W_COLS[layer], WIDTH, GATED, HAS_BIAS, PACK,
-                )  # fmt: skip
-                h_out, z, g = _hidden_layer(
-                    h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
-                )
-                z = round_to_dtype(z, dtype, INTERPRET)
-                g = round_to_dtype(g, dtype, INTERPRET)
-                fwd = fwd + ((h, z, g),)  # noqa: RUF005 (no starred tuples in Triton's frontend)
-                h = h_out
-            fwd = fwd + ((h, h, h),)  # noqa: RUF005 (the output layer: its input only)
 
         # 3. compute: the layers in reverse, dh in registers, act' on its fp32 accumulator
         for layer in tl.static_range(last, -1, -1):
             h = d  # a stand-in: the layer input is only loaded for the on-chip dW
-            if RECOMPUTE:
-                h = fwd[layer][0]
-                ht = tl.trans(h)
-                layer_accs = _wgrad_accumulate(
-                    accs[layer], ht, d, dg, GATED and layer != last, HAS_BIAS, DOT_PRECISION
-                )
-                accs = accs[:layer] + (layer_accs,) + accs[layer + 1 :]  # noqa: RUF005 (as above)
-            elif DW_ON_CHIP:
+            if DW_ON_CHIP:
                 # 2. load: the layer's input h_l (x for layer 0) transposed, [WIDTH, BLOCK_M],
                 # zero past its width (kernel B's hᵀ tile: the same product, the same bits)
                 stride_h = stride_xm if layer == 0 else WIDTHS[layer]
@@ -377,14 +335,11 @@ def _fused_small_dgrad_kernel(
             if GATED and layer != last:
                 acc = tl.dot(dg, vt, acc, input_precision=DOT_PRECISION)
             if layer > 0:
-                z_tile, g_tile = h, h  # relu: its output (RELU_FROM_OUTPUT), else unused
-                if RECOMPUTE and not RELU_FROM_OUTPUT:
-                    z_tile, g_tile = fwd[layer - 1][1], fwd[layer - 1][2]
                 # 4. store (inside, unless on chip): dZ of hidden layer - 1
                 d, dg = _dact_step(
-                    acc, z_ptrs[layer - 1], dz_ptrs[layer - 1], rs, row_ok, z_tile, g_tile,
-                    WIDTHS[layer], ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET,
-                    not DW_ON_CHIP, RECOMPUTE or (DW_ON_CHIP and RELU_FROM_OUTPUT),
+                    acc, z_ptrs[layer - 1], dz_ptrs[layer - 1], rs, row_ok, h, WIDTHS[layer],
+                    ACTIVATION, GATED, DACT, BLOCK_M, WIDTH, PACK, INTERPRET, not DW_ON_CHIP,
+                    DW_ON_CHIP and RELU_FROM_OUTPUT,
                 )  # fmt: skip
             elif NEED_DX:
                 # 4. store: dx, rounded once
@@ -671,10 +626,10 @@ def forward_saving(
     return y, tuple(kept)
 
 
-def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx, x_stride=None, recompute=False):
+def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx, x_stride=None):
     """`dgrad_fwd`'s record for this key: (launch, names, the dZs' shapes). `x_stride`: x's row
     stride where each layer's dW is accumulated on chip (`dgrad_wgrad_fwd`: no dZ shapes), else
-    None; `recompute`: that path running the forward again from x (saved="inputs")."""
+    None."""
     m = dy_shape[0]
     on_chip = x_stride is not None
     cfg = small_config_for(
@@ -696,7 +651,7 @@ def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx, x_stride=None, re
             DACT=_stores_z(spec) or _dact_from_output(spec), NEED_DX=need_dx, HOIST=cfg.hoist,
             INT64_ROWS=_int64_offsets(programs * tiles * cfg.block_m, strides, width),
             DW_ON_CHIP=on_chip, HAS_BIAS=spec.bias, RELU_FROM_OUTPUT=_dact_from_output(spec),
-            RECOMPUTE=recompute, **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ),
     )  # fmt: skip
     return launch, _layer_names(spec), () if on_chip else dz_shapes
@@ -733,14 +688,14 @@ def dgrad_fwd(
     if rows is not None:  # twin-diff: row views (no copy) where the Pallas twin offsets by r0
         dy2d, residuals = dy2d[r0:r1], [r[r0:r1] for r in residuals]
     launch, names, dz_shapes = _DGRAD.get((dy2d.shape, dy2d.stride(), spec, config, need_dx))
-    weights, biases = _layer_params(params, names)
+    weights, _ = _layer_params(params, names)
     dtype, device = dy2d.dtype, dy2d.device
     dzs = [torch.empty(shape, dtype=dtype, device=device) for shape in dz_shapes]
     zs = _act_operands(spec, residuals)
     dact = _stores_z(spec) or _dact_from_output(spec)
     stand_in = (dy2d,) * spec.num_layers  # the on-chip path's operands, never read here
     launch(
-        dy2d, weights, biases, tuple(zs if dact else dzs) or (dy2d,), tuple(dzs) or (dy2d,),
+        dy2d, weights, tuple(zs if dact else dzs) or (dy2d,), tuple(dzs) or (dy2d,),
         (dx if rows is None else dx[r0:r1]) if need_dx else dy2d, stand_in, stand_in, stand_in,
     )  # fmt: skip
     return dzs, dx
@@ -754,18 +709,15 @@ def dgrad_wgrad_fwd(
     *,
     config: TileConfig | SmallConfig | None = None,
     need_dx: bool = True,
-    recompute: bool = False,
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """Kernel A with every layer's dW on chip (`common.tiling.small_wgrad_on_chip` says where),
     then the sum of its programs' partials: (dx [M, d_in] or None, every packed param's gradient
     in the params' dtype) from dy2d [M, d_out] (any strides) and the "preact" residuals (h_0 = x
-    with unit column stride) — or, `recompute`, from x = residuals[0] alone, the forward run again
-    in the kernel (`common.tiling.small_recompute` says where). No dZ is stored: two launches, no
-    row chunks. M >= 1."""
+    with unit column stride). No dZ is stored: two launches, no row chunks. M >= 1."""
     x = residuals[0]
-    key = (dy2d.shape, dy2d.stride(), spec, config, need_dx, x.stride(0), recompute)
+    key = (dy2d.shape, dy2d.stride(), spec, config, need_dx, x.stride(0))
     launch, names, _ = _DGRAD.get(key)
-    weights, biases = _layer_params(params, names)
+    weights, _ = _layer_params(params, names)
     dtype, device = dy2d.dtype, dy2d.device
     dx = torch.empty(dy2d.shape[0], spec.d_in, dtype=dtype, device=device) if need_dx else None
     shapes = packed_names(spec)  # per layer: weight, then bias (the sum kernel's targets)
@@ -774,15 +726,12 @@ def dgrad_wgrad_fwd(
              for shape in shapes.values()]  # fmt: skip
     dws = tuple(parts[0 :: 2 if spec.bias else 1])
     dbs = tuple(parts[1::2]) if spec.bias else dws
+    zs = _act_operands(spec, residuals)
+    dact = _stores_z(spec) or _dact_from_output(spec)
     stand_in = (dy2d,) * max(1, spec.num_layers - 1)  # no dZ is stored
-    if recompute:  # nothing read but x (h_ptrs[0]) and dy
-        act_operands, inputs = stand_in, (x,) * spec.num_layers
-    else:
-        zs = _act_operands(spec, residuals)
-        dact = _stores_z(spec) or _dact_from_output(spec)
-        act_operands, inputs = (tuple(zs) if dact else ()) or stand_in, tuple(residuals[0::2])
+    act_operands = (tuple(zs) if dact else ()) or stand_in
     launch(
-        dy2d, weights, biases, act_operands, stand_in, dy2d if dx is None else dx, inputs,
+        dy2d, weights, act_operands, stand_in, dy2d if dx is None else dx, tuple(residuals[0::2]),
         dws, dbs,
     )  # fmt: skip
     first = params[next(iter(shapes))]

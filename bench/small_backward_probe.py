@@ -79,7 +79,7 @@ def _stack_rows(stack: str, spec: MLPSpec, m: int, device: str, variants) -> lis
 
         dev = "cuda" if device == "cuda" else "cpu"
         dtype = getattr(torch, spec.dtype)
-        arr = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dtype)  # noqa: E731
+        arr = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(dev, dtype)  # noqa: E731
         to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
         wait = lambda out: torch.cuda.synchronize() if dev == "cuda" else None  # noqa: E731
     else:

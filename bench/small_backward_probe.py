@@ -9,7 +9,7 @@ of one saving forward, saved="preact": what a training step runs after its forwa
 forward: device time by the project's method (bench/timing.time_device: kernel durations from the
 stack's profiler, each call after the L2 flush), with each kernel's median time. Variants:
 `saving_forward` (always first: the default tiles), `ab` (kernels A and B: on_chip=False, the
-default tiles), `on_chip` (the default tiles, `common.tiling.small_wgrad_on_chip_config`),
+default tiles), `on_chip` (the default SMALL_WGRAD_ON_CHIP_CONFIG),
 `on_chip:BMxWARPSxSTAGES[xPROGRAMS][h]` pinned SmallConfigs (programs an SM 1 unless given; `h`:
 weights hoisted) and `saving:BMxWARPSxSTAGES[xPROGRAMS][h]`, the saving forward at pinned tiles.
 Parity, before timing: each backward variant's gradients against the `ab` row of its stack in

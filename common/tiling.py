@@ -828,8 +828,7 @@ def fused_small_config(
         if spec.num_layers == 2 and small_smem_bytes(spec, hoisted) + 1024 <= SMEM_PER_SM:
             return hoisted
     if kernel == "dgrad_wgrad" and spec.dtype != "float32":
-        # where the tiers do not admit the spec (the path forced): the lighter 64-row tiles
-        return small_wgrad_on_chip_config(spec) or SMALL_WGRAD_ON_CHIP_TIERS[-1][0]
+        return SMALL_WGRAD_ON_CHIP_CONFIG
     if kernel == "dgrad" and narrow_16bit:
         # kernel A walks every layer back per row tile (a dot and act' a layer, every dZ stored):
         # half the rows a tile halves each program's registers and doubles the tiles in flight.
@@ -965,45 +964,40 @@ def small_config_for(
 # fused_small's backward with every layer's dW on chip (kernel A's DW_ON_CHIP, both twins): a
 # program holds each layer's fp32 dW (and db) for its whole row loop, so no dZ goes to memory and
 # kernel B, its dZ reads and the row chunks go; its partials (one a program, [P, D_IN, NC]) are
-# summed in order by the sum kernel. One program an SM of 8 warps, weights read per tile (L2), 2
-# stages, in two tiers tried in order: 128 rows, then 64.
-# - 128 rows: two warpgroups each walk their own 64-row chain of products and hide each other's
-#   wgmma waits. H200, nerf-64x5 at 2M rows (results 2026-12-03-h200-30f1f9f): kernel A 704 µs
-#   (torch) and 764 (JAX) against 1037 and 1142 at 64 rows, although sm_90 ptxas spills 92 B a
-#   thread there (fp16; bf16 44) where 64 rows spill none. 1 stage: 1340 µs.
-# - 64 rows: 8 warps split the tile's columns, every product waited for in turn; no spill where
-#   128 rows spill more (gelu_tanh 64 wide, 3 layers: 0 B against 240).
-# The registers grow with every layer well past the accumulators (nerf-64x5's five 64×64 fp32 dWs
-# are 80 a thread at 8 warps; 255 with spill at 6 layers, 128 rows), so each tier takes a spec up
-# to the depth a compile of that grid showed resident (registers and shared memory of one program
-# an SM) with at most SMALL_WGRAD_MAX_SPILL bytes of spill a thread (bf16, sm_90 ptxas of triton
-# 3.6 on the CPU): layers[padded width][kind], kind "relu" (relu or identity, no bias: no act'
-# operand to read, no db), "plain" (any other plain MLP: gelu_tanh with bias compiled) or "gated"
-# (swiglu with bias). tests/test_fused_small_backward.py compiles each entry's deepest case.
-SMALL_WGRAD_MAX_SPILL = 96  # bytes a thread: nerf-64x5 fp16 at 128 rows, the measured winner
-SMALL_WGRAD_ON_CHIP_TIERS = (
-    (
-        SmallConfig(block_m=128, num_warps=8, num_stages=2, programs_per_sm=1, hoist=False),
-        {
-            16: {"relu": 8, "plain": 8, "gated": 5},
-            32: {"relu": 8, "plain": 5, "gated": 3},
-            64: {"relu": 5, "plain": 2, "gated": 0},
-        },
-    ),
-    (
-        SmallConfig(block_m=64, num_warps=8, num_stages=2, programs_per_sm=1, hoist=False),
-        {
-            16: {"relu": 8, "plain": 5, "gated": 4},
-            32: {"relu": 3, "plain": 3, "gated": 2},
-            64: {"relu": 5, "plain": 3, "gated": 0},
-        },
-    ),
+# summed in order by the sum kernel. One program an SM of 8 warps, 128 rows, weights read per
+# tile (L2), 2 stages: two warpgroups each walk their own 64-row chain of products and hide each
+# other's wgmma waits. H200 (results 2026-12-03-h200-30f1f9f, -b40326f, -f86947b): nerf-64x5 at 2M
+# rows 704 µs torch / 764 JAX against 1037 / 1142 at 64 rows (8 warps splitting the columns, every
+# product waited for in turn) and 1479 / 1429 for kernels A and B; 64 rows lost in every spec
+# measured, 1 stage too (1340 µs). ptxas spills there (nerf fp16 92 B a thread) and the 64-wide
+# gelu_tanh 3-layer case still won at 240 B: the path is taken where it was measured to win or
+# tie against kernels A and B at 1M rows in torch (the primary stack; JAX within 10 % of it but
+# for 32-wide gelu_tanh at 5 layers, +18 %), SMALL_WGRAD_ON_CHIP_LAYERS[padded width][kind] layers
+# at most, kind "relu" (relu or identity, no bias: no act' operand to read, no db), "plain" (any
+# other plain MLP: gelu_tanh with bias measured) or "gated" (swiglu with bias measured):
+#   gated 16 wide, 5 layers −35 %; 32 wide, 3 layers −32 %; 64 wide spills 328 B at 2: off
+#   relu 64 wide, 5 layers −52 % (nerf); 32 wide 3 and 5 layers −3 / +1 %, 8 layers +11 %: 5;
+#     16 wide, 8 layers +22 %: off (kernel B's dZ traffic is small at 16 wide, and the on-chip
+#     chain of 16 products a tile is what costs)
+#   plain 64 wide, 2 / 3 layers +0.3 / −4 %; 32 wide, 5 layers −0.5 % (JAX +18 %): 3;
+#     16 wide, 8 layers +15 %: off
+# Ties go on chip: no dZ in memory is a smaller peak and 2 launches instead of 3-4.
+# tests/test_fused_small_backward.py compiles each entry's deepest case for sm_90 and checks it is
+# resident with at most SMALL_WGRAD_MAX_SPILL bytes of spill a thread.
+SMALL_WGRAD_ON_CHIP_CONFIG = SmallConfig(
+    block_m=128, num_warps=8, num_stages=2, programs_per_sm=1, hoist=False
 )
+SMALL_WGRAD_ON_CHIP_LAYERS = {
+    16: {"relu": 0, "plain": 0, "gated": 5},
+    32: {"relu": 5, "plain": 3, "gated": 3},
+    64: {"relu": 5, "plain": 3, "gated": 0},
+}
+SMALL_WGRAD_MAX_SPILL = 256  # bytes a thread: 240 at 64-wide gelu_tanh, 3 layers (measured win)
 
 
 def small_wgrad_kind(spec: MLPSpec) -> str:
-    """The column of SMALL_WGRAD_ON_CHIP_TIERS' tables a spec reads: "gated", "relu" (relu or
-    identity without bias) or "plain"."""
+    """The column of SMALL_WGRAD_ON_CHIP_LAYERS a spec reads: "gated", "relu" (relu or identity
+    without bias) or "plain"."""
     if spec.gated:
         return "gated"
     if spec.base_activation in ("relu", "identity") and not spec.bias:
@@ -1011,25 +1005,15 @@ def small_wgrad_kind(spec: MLPSpec) -> str:
     return "plain"
 
 
-def small_wgrad_on_chip_config(spec: MLPSpec) -> SmallConfig | None:
-    """The tiles of fused_small's backward with every dW on chip: the first tier of
-    SMALL_WGRAD_ON_CHIP_TIERS whose table admits the spec (16-bit, padded width <= 64, at most
-    that many layers for its kind), or None: kernels A and B with dZ in memory. float32 products
-    are FMA loops holding their operands in registers (fused_small_config): no room for the
-    accumulators."""
-    width = padded_width(max(spec.widths))
-    if spec.dtype == "float32":
-        return None
-    for config, layers in SMALL_WGRAD_ON_CHIP_TIERS:
-        if width in layers and spec.num_layers <= layers[width][small_wgrad_kind(spec)]:
-            return config
-    return None
-
-
 def small_wgrad_on_chip(spec: MLPSpec) -> bool:
-    """Whether fused_small's backward accumulates every layer's dW on chip
-    (`small_wgrad_on_chip_config`)."""
-    return small_wgrad_on_chip_config(spec) is not None
+    """Whether fused_small's backward accumulates every layer's dW on chip: 16-bit, padded width
+    <= 64, at most SMALL_WGRAD_ON_CHIP_LAYERS layers for its kind; else kernels A and B with dZ in
+    memory. float32 products are FMA loops holding their operands in registers
+    (fused_small_config): no room for the accumulators."""
+    width = padded_width(max(spec.widths))
+    if spec.dtype == "float32" or width not in SMALL_WGRAD_ON_CHIP_LAYERS:
+        return False
+    return spec.num_layers <= SMALL_WGRAD_ON_CHIP_LAYERS[width][small_wgrad_kind(spec)]
 
 
 # fused_small's backward in row chunks (fused_small_backward.py, both twins). Kernel A stores

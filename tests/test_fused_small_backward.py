@@ -330,25 +330,19 @@ def test_on_chip_twins_bitwise(case):
 
 def test_on_chip_rule():
     from fusedmlp.common.presets import get_preset
-    from fusedmlp.common.tiling import (
-        small_wgrad_kind,
-        small_wgrad_on_chip,
-        small_wgrad_on_chip_config,
-    )
+    from fusedmlp.common.tiling import small_wgrad_kind, small_wgrad_on_chip
 
     nerf = get_preset("nerf-64x5").spec
     assert small_wgrad_kind(nerf) == "relu" and small_wgrad_on_chip(nerf)
-    assert small_wgrad_on_chip_config(nerf).block_m == 128  # the measured tier
-    # 64 wide, gelu_tanh with bias, 3 layers: past the 128-row tier, inside the 64-row one
-    plain3 = MLPSpec((64,) * 4, "gelu_tanh", True, "bfloat16")
-    assert small_wgrad_on_chip_config(plain3).block_m == 64
     rule = {
         ((64,) * 6, "relu", False, "bfloat16"): True,
-        ((64,) * 7, "relu", False, "float16"): False,  # 6 layers: past the compiled depth
+        ((64,) * 7, "relu", False, "float16"): False,  # 6 layers: past the measured depth
         ((64,) * 4, "relu", True, "float16"): True,  # bias: "plain", 3 layers
         ((64,) * 5, "gelu_tanh", False, "float16"): False,
-        ((16,) * 9, "relu", False, "float16"): True,
-        ((32,) * 9, "relu", False, "bfloat16"): True,  # 8 layers at 128 rows (3 at 64)
+        ((16,) * 9, "relu", False, "float16"): False,  # 16 wide relu: kernels A and B win
+        ((16,) * 6, "swiglu", True, "bfloat16"): True,  # 16 wide gated, 5 layers
+        ((32,) * 6, "relu", False, "bfloat16"): True,  # 5 layers
+        ((32,) * 9, "relu", False, "bfloat16"): False,  # 8 layers: past the measured depth
         ((32,) * 5, "swiglu", True, "bfloat16"): False,  # gated 32 wide: 3 layers at most
         ((24, 30, 17), "swiglu", True, "bfloat16"): True,  # WIDTH 32, 2 layers
         ((64, 64, 17), "swiglu", False, "bfloat16"): False,  # gated 64: never
@@ -442,26 +436,25 @@ _COMPILE_ON_CHIP = textwrap.dedent(
 
 
 def test_on_chip_depths_compile_resident():
-    """Each SMALL_WGRAD_ON_CHIP_TIERS table entry's deepest case that its tier serves (bf16;
-    "plain" as gelu_tanh with a bias, "gated" as swiglu with a bias; an entry a tier before it
-    admits is that tier's) compiles for sm_90 at its tiles resident (registers and shared memory
-    of one program an SM) with at most SMALL_WGRAD_MAX_SPILL bytes of spill, by ptxas' own
-    count."""
+    """Each SMALL_WGRAD_ON_CHIP_LAYERS entry's deepest case (bf16; "plain" as gelu_tanh with a
+    bias, "gated" as swiglu with a bias) compiles for sm_90 with its config resident (registers
+    and shared memory of one program an SM) and at most SMALL_WGRAD_MAX_SPILL bytes of spill a
+    thread, by ptxas' own count."""
     from fusedmlp.common.tiling import (
         SMALL_WGRAD_MAX_SPILL,
-        SMALL_WGRAD_ON_CHIP_TIERS,
-        small_wgrad_on_chip_config,
+        SMALL_WGRAD_ON_CHIP_LAYERS,
+        small_wgrad_on_chip,
     )
 
     kinds = {"relu": ("relu", False), "plain": ("gelu_tanh", True), "gated": ("swiglu", True)}
     cases = []
-    for config, table in SMALL_WGRAD_ON_CHIP_TIERS:
-        for width, depths in table.items():
-            for kind, layers in depths.items():
+    for width, depths in SMALL_WGRAD_ON_CHIP_LAYERS.items():
+        for kind, layers in depths.items():
+            if layers:
                 act, bias = kinds[kind]
                 case = ((width,) * (layers + 1), act, bias, "bfloat16")
-                if layers and small_wgrad_on_chip_config(MLPSpec(*case)) == config:
-                    cases.append(case)
+                assert small_wgrad_on_chip(MLPSpec(*case)), case
+                cases.append(case)
     infos = run_script(_COMPILE_ON_CHIP, json.dumps(cases), timeout=900)
     for case, info in zip(cases, infos, strict=True):
         assert info["num_warps"] * 32 * info["registers"] <= REGISTERS_PER_SM, (case, info)

@@ -36,10 +36,10 @@ through its whole row loop (`_wgrad_zeros`, `_wgrad_accumulate`), stores them on
 program order and rounds once (deterministic, no atomics). No dZ leaves registers: 2 launches for
 the backward, no chunks, the dZ bytes and kernel B gone. The price is registers: nerf-64x5's five
 64×64 fp32 accumulators are 80 a thread at 8 warps, and ptxas counts grow with every layer well
-past that, so the path is taken up to the depths a compile of the grid showed resident with at
-most a small spill, 128-row tiles first (two warpgroups on two chains of products: nerf-64x5 on the
-H200 704 µs against 1037 at 64 rows), then 64 (`common.tiling.SMALL_WGRAD_ON_CHIP_TIERS`; 4 warps,
-gated 64-wide layers or width 128 would spill more).
+past that. 128-row tiles (two warpgroups on two chains of products: nerf-64x5 on the H200 704 µs
+against 1037 at 64 rows and 1479 for kernels A and B); the path is taken where it was measured to
+win or tie against kernels A and B (`common.tiling.SMALL_WGRAD_ON_CHIP_LAYERS`: gated layers and
+64-wide relu most, not deep 16-wide plain MLPs, whose dZ traffic is small).
 
 Row chunks (`common.tiling.backward_chunks`; kernels A and B): the dZs are M × Σ width × itemsize
 (nerf-64x5 at M = 2,097,152: 1 GiB, the step's measured peak 2562 MiB against eager torch's 1792).

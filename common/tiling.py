@@ -828,7 +828,10 @@ def fused_small_config(
         if spec.num_layers == 2 and small_smem_bytes(spec, hoisted) + 1024 <= SMEM_PER_SM:
             return hoisted
     if kernel == "dgrad_wgrad" and spec.dtype != "float32":
-        return SMALL_WGRAD_ON_CHIP_CONFIG
+        hoist_kinds = SMALL_WGRAD_ON_CHIP_HOIST.get(width, ())
+        return dataclasses.replace(
+            SMALL_WGRAD_ON_CHIP_CONFIG, hoist=small_wgrad_kind(spec) in hoist_kinds
+        )
     if kernel == "dgrad" and narrow_16bit:
         # kernel A walks every layer back per row tile (a dot and act' a layer, every dZ stored):
         # half the rows a tile halves each program's registers and doubles the tiles in flight.
@@ -964,17 +967,18 @@ def small_config_for(
 # fused_small's backward with every layer's dW on chip (kernel A's DW_ON_CHIP, both twins): a
 # program holds each layer's fp32 dW (and db) for its whole row loop, so no dZ goes to memory and
 # kernel B, its dZ reads and the row chunks go; its partials (one a program, [P, D_IN, NC]) are
-# summed in order by the sum kernel. One program an SM of 8 warps, 128 rows, weights read per
-# tile (L2), 2 stages: two warpgroups each walk their own 64-row chain of products and hide each
-# other's wgmma waits. H200 (results 2026-12-03-h200-30f1f9f, -b40326f, -f86947b): nerf-64x5 at 2M
-# rows 704 µs torch / 764 JAX against 1037 / 1142 at 64 rows (8 warps splitting the columns, every
-# product waited for in turn) and 1479 / 1429 for kernels A and B; 64 rows lost in every spec
-# measured, 1 stage too (1340 µs). ptxas spills there (nerf fp16 92 B a thread) and the 64-wide
-# gelu_tanh 3-layer case still won at 240 B: the path is taken where it was measured to win or
-# tie against kernels A and B at 1M rows in torch (the primary stack; JAX within 10 % of it but
-# for 32-wide gelu_tanh at 5 layers, +18 %), SMALL_WGRAD_ON_CHIP_LAYERS[padded width][kind] layers
-# at most, kind "relu" (relu or identity, no bias: no act' operand to read, no db), "plain" (any
-# other plain MLP: gelu_tanh with bias measured) or "gated" (swiglu with bias measured):
+# summed in order by the sum kernel. One program an SM of 8 warps, 128 rows, 2 stages, weights read
+# from L2 every tile (held for the row loop where SMALL_WGRAD_ON_CHIP_HOIST says): two warpgroups
+# each walk their own 64-row chain of products and hide each other's wgmma waits. H200 (results
+# 2026-12-03-h200-30f1f9f, -b40326f, -f86947b): nerf-64x5 at 2M rows 704 µs torch / 764 JAX against
+# 1037 / 1142 at 64 rows (8 warps splitting the columns, every product waited for in turn) and 1479
+# / 1429 for kernels A and B; 64 rows lost in every spec measured, 1 stage too (1340 µs). ptxas
+# spills there (nerf fp16 92 B a thread) and the 64-wide gelu_tanh 3-layer case still won at 240 B:
+# the path is taken where it was measured to win or tie against kernels A and B at 1M rows in torch
+# (the primary stack; JAX within 10 % of it but for 32-wide gelu_tanh at 5 layers, +18 %),
+# SMALL_WGRAD_ON_CHIP_LAYERS[padded width][kind] layers at most, kind "relu" (relu or identity, no
+# bias: no act' operand to read, no db), "plain" (any other plain MLP: gelu_tanh with bias measured)
+# or "gated" (swiglu with bias measured):
 #   gated 16 wide, 5 layers −35 %; 32 wide, 3 layers −32 %; 64 wide spills 328 B at 2: off
 #   relu 64 wide, 5 layers −52 % (nerf); 32 wide 3 and 5 layers −3 / +1 %, 8 layers +11 %: 5;
 #     16 wide, 8 layers +22 %: off (kernel B's dZ traffic is small at 16 wide, and the on-chip
@@ -993,6 +997,11 @@ SMALL_WGRAD_ON_CHIP_LAYERS = {
     64: {"relu": 5, "plain": 3, "gated": 0},
 }
 SMALL_WGRAD_MAX_SPILL = 256  # bytes a thread: 240 at 64-wide gelu_tanh, 3 layers (measured win)
+# Kinds whose weights the on-chip kernel holds for its whole row loop (`hoist`) rather than reading
+# them from L2 every tile, by padded width: where it was measured. nerf-64x5 (results
+# 2026-12-03-h200-115f800-hoist): 706 -> 661 µs torch, 760 -> 689 JAX, with 192 B of spill (fp16;
+# bf16 208) against 92.
+SMALL_WGRAD_ON_CHIP_HOIST = {64: ("relu",)}
 
 
 def small_wgrad_kind(spec: MLPSpec) -> str:

@@ -18,9 +18,12 @@ software-pipelined over `num_stages` by the Triton compiler. Programs an SM by w
 (`SMALL_FORWARD_TILES`, the same tiles as the twin's).
 
 Params are read where they are: the kernel takes each layer's own weight and bias refs (no
-repacking, no host work beyond one launch). Gated layers come in the packed layout
-(common/packing.py): `wv{i}` [d_in, 2·Np], gate lane c at packed column 2·64·(c // 64) + c % 64,
-up lane at that + 64 — a gather of columns, loaded once per program.
+repacking, no host work beyond one launch). twin-diff: where the weights are streamed, the
+launcher also stacks the hidden layers zero-padded (`_stacked_hidden`, one small XLA fusion in the
+same jitted call) so the layer loop can index them, as the twin selects a pointer. Gated layers
+come in the packed layout (common/packing.py): `wv{i}` [d_in, 2·Np], gate lane c at packed
+column 2·64·(c // 64) + c % 64, up lane at that + 64 — a gather of columns, loaded once per
+program.
 
 Widths are compile-time constants from the closed set 16/32/64/128: every layer is padded to one
 WIDTH by masked loads (padded lanes of every hidden are act(0)·0 = 0 and contribute nothing). Refs
@@ -45,7 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import PACK_BLOCK
+from fusedmlp.common.packing import PACK_BLOCK, packed_width
 from fusedmlp.common.registry import FALLBACK
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
@@ -79,26 +82,29 @@ def dot_precision(spec: MLPSpec) -> jax.lax.Precision:
 # ---- forward kernel ------------------------------------------------------------------------------
 def _layer_operands(
     w_ref, b_ref, d_in, d_out,
-    WIDTH, GATED_LAYER, HAS_BIAS, PACK,
+    WIDTH, GATED_LAYER, HAS_BIAS, PACK, layer=None,
 ):  # fmt: skip
     """One layer's zero-padded operands: the [WIDTH, WIDTH] weight tile (the gate's, for a gated
-    layer), the up tile (gated; else the weight tile again), and the fp32 bias rows."""
+    layer), the up tile (gated; else the weight tile again), and the fp32 bias rows. `layer`: a
+    (runtime) index into stacked refs [L, WIDTH, NC] / [L, NC] (`_select_layer`), else None."""
     lanes = jnp.arange(WIDTH)
     # a gated layer's gate lanes are packed columns 2·PACK·(c // PACK) + c % PACK, up lanes + PACK
     cols = (lanes // PACK) * (2 * PACK) + lanes % PACK if GATED_LAYER else lanes
     # twin-diff: rows and columns as index arrays (a gather) where the twin adds offsets; the
     # ref knows its row stride
+    at = () if layer is None else (layer,)
     w_ok = (lanes[:, None] < d_in) & (lanes[None, :] < d_out)
-    w = plgpu.load(w_ref.at[lanes[:, None], cols[None, :]], mask=w_ok, other=0.0)
+    w = plgpu.load(w_ref.at[(*at, lanes[:, None], cols[None, :])], mask=w_ok, other=0.0)
     v = w
     b = jnp.zeros((WIDTH,), jnp.float32)
     c = b
     if HAS_BIAS:
-        b = plgpu.load(b_ref.at[cols], mask=lanes < d_out, other=0.0).astype(jnp.float32)
+        b = plgpu.load(b_ref.at[(*at, cols)], mask=lanes < d_out, other=0.0).astype(jnp.float32)
     if GATED_LAYER:
-        v = plgpu.load(w_ref.at[lanes[:, None], cols[None, :] + PACK], mask=w_ok, other=0.0)
+        v = plgpu.load(w_ref.at[(*at, lanes[:, None], cols[None, :] + PACK)], mask=w_ok, other=0.0)
         if HAS_BIAS:
-            c = plgpu.load(b_ref.at[cols + PACK], mask=lanes < d_out, other=0.0).astype(jnp.float32)
+            c = plgpu.load(b_ref.at[(*at, cols + PACK)], mask=lanes < d_out, other=0.0)
+            c = c.astype(jnp.float32)
     return w, v, b, c
 
 
@@ -112,25 +118,17 @@ def _output_operands(w_refs, b_refs, WIDTHS, NUM_LAYERS, WIDTH, HAS_BIAS, PACK):
     return w, b
 
 
-def _select_layer(w_refs, b_refs, layer, WIDTHS, NUM_HIDDEN, WIDTH, GATED, HAS_BIAS, PACK):
-    """Hidden layer `layer` (a runtime index < NUM_HIDDEN): its operands."""
-    # twin-diff: a ref cannot be selected at run time; switch between per-layer loads (the twin
-    # selects the pointer and loads once)
-    branches = [
-        functools.partial(
-            _layer_operands,
-            w_refs[j],
-            b_refs[j],
-            WIDTHS[j],
-            WIDTHS[j + 1],
-            WIDTH,
-            GATED,
-            HAS_BIAS,
-            PACK,
-        )
-        for j in range(NUM_HIDDEN)
-    ]
-    return jax.lax.switch(layer, branches)
+def _select_layer(w_stack_ref, b_stack_ref, layer, WIDTH, GATED, HAS_BIAS, PACK):
+    """Hidden layer `layer` (a runtime index): its operands, from the hidden layers' weights and
+    biases stacked and zero-padded ([L-1, WIDTH, NC], [L-1, NC]: `_stacked_hidden`)."""
+    # twin-diff: a ref cannot be selected at run time, so the launcher stacks the hidden layers
+    # (one small XLA fusion a call) and the layer is an index, as the twin's pointer select is:
+    # one load a layer that Triton's pipeliner prefetches. A `lax.switch` between per-layer loads
+    # lowered to a nest of scf.if, a load in each, which it could not (128x8 relu fp16, 1M rows:
+    # 913 µs against the twin's 681 on the H200, thirteenth session).
+    return _layer_operands(
+        w_stack_ref, b_stack_ref, WIDTH, WIDTH, WIDTH, GATED, HAS_BIAS, PACK, layer=layer
+    )
 
 
 def _relu_f16x2(h: jax.Array) -> jax.Array:
@@ -256,20 +254,20 @@ def _fused_small_fwd_kernel(
     x_ref, *refs,
     M, TILES_PER_PROGRAM,
     WIDTHS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
-    DOT_PRECISION, INTERPRET, SAVE=False, STORES_Z=False,
+    DOT_PRECISION, INTERPRET, SAVE=False, STORES_Z=False, STACKED=False,
 ):  # fmt: skip
-    # twin-diff: the layers' refs arrive flat (weights, biases, y, then with SAVE the hidden
-    # outputs h_1 … h_{L-1} and, STORES_Z (not identity or relu), the pre-activations z_0 …);
-    # Triton takes tuples. SAVE (the training forward, fused_small_backward.py) is a flag of
-    # this kernel, where the Triton twin's inference kernel keeps its signature and a second
-    # kernel shares its rows.
-    w_refs, b_refs, y_ref = (
-        refs[:NUM_LAYERS],
-        refs[NUM_LAYERS : 2 * NUM_LAYERS],
-        refs[2 * NUM_LAYERS],
-    )
-    h_refs = refs[2 * NUM_LAYERS + 1 : 3 * NUM_LAYERS]
-    z_refs = refs[3 * NUM_LAYERS :] if STORES_Z else h_refs
+    # twin-diff: the layers' refs arrive flat (weights, biases, with STACKED the hidden layers'
+    # stacked weights and biases (`_stacked_hidden`: the streamed loop's operands), y, then with
+    # SAVE the hidden outputs h_1 … h_{L-1} and, STORES_Z (not identity or relu), the
+    # pre-activations z_0 …); Triton takes tuples. SAVE (the training forward,
+    # fused_small_backward.py) is a flag of this kernel, where the Triton twin's inference kernel
+    # keeps its signature and a second kernel shares its rows.
+    w_refs, b_refs = refs[:NUM_LAYERS], refs[NUM_LAYERS : 2 * NUM_LAYERS]
+    rest = refs[2 * NUM_LAYERS :]
+    if STACKED:
+        (w_stack_ref, b_stack_ref), rest = rest[:2], rest[2:]
+    y_ref, h_refs = rest[0], rest[1:NUM_LAYERS]
+    z_refs = rest[NUM_LAYERS:] if STORES_Z else h_refs
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = pl.program_id(0)
     num_programs = pl.num_programs(0)
@@ -336,7 +334,7 @@ def _fused_small_fwd_kernel(
             # time) of one hidden layer whatever the depth
             def layer_step(layer, h):
                 w, v, b, c = _select_layer(
-                    w_refs, b_refs, layer, WIDTHS, last, WIDTH, GATED, HAS_BIAS, PACK
+                    w_stack_ref, b_stack_ref, layer, WIDTH, GATED, HAS_BIAS, PACK
                 )
                 return _hidden_layer(
                     h, w, v, b, c, ACTIVATION, GATED, HAS_BIAS, DOT_PRECISION, dtype, INTERPRET
@@ -397,6 +395,25 @@ def layer_params(
     return tuple(weights), tuple(biases)
 
 
+def _stacked_hidden(
+    weights: tuple[jax.Array, ...], biases: tuple[jax.Array, ...], spec: MLPSpec, width: int
+) -> tuple[jax.Array, jax.Array]:
+    """The hidden layers' weights and biases zero-padded to one shape and stacked, [L-1, WIDTH,
+    NC] and [L-1, NC] (NC: WIDTH, or the packed width of WIDTH for gated layers), for the
+    streamed layer loop (`_select_layer`): the padding reads as the masked loads' zeros, so the
+    products and bits are those of per-layer loads."""
+    nc = packed_width(width) if spec.gated else width
+    hidden = range(spec.num_layers - 1)
+    w = jnp.stack(
+        [jnp.pad(weights[i], ((0, width - weights[i].shape[0]), (0, nc - weights[i].shape[1])))
+         for i in hidden]
+    )  # fmt: skip
+    b = w[:, 0]  # a stand-in where there is no bias (HAS_BIAS keeps the kernel from reading it)
+    if spec.bias:
+        b = jnp.stack([jnp.pad(biases[i], (0, nc - biases[i].shape[0])) for i in hidden])
+    return w, b
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "config", "interpret"))
 def fused_small_fwd(
     x2d: jax.Array,
@@ -415,13 +432,17 @@ def fused_small_fwd(
     m = x2d.shape[0]
     cfg = small_config_for(config, spec, m, interpret=interpret, kernel="forward")
     weights, biases = layer_params(params, spec)
+    width = padded_width(max(spec.widths))
+    # the streamed layer loop reads the hidden layers stacked (twin-diff: see _select_layer)
+    stacked = not cfg.hoist and spec.num_layers > 1
+    stacks = _stacked_hidden(weights, biases, spec, width) if stacked else ()
     programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if interpret else NUM_SMS)
     kernel = functools.partial(
         _fused_small_fwd_kernel, M=m, TILES_PER_PROGRAM=pl.cdiv(pl.cdiv(m, cfg.block_m), programs),
-        WIDTHS=spec.widths, NUM_LAYERS=spec.num_layers, WIDTH=padded_width(max(spec.widths)),
+        WIDTHS=spec.widths, NUM_LAYERS=spec.num_layers, WIDTH=width,
         BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, GATED=spec.gated,
         HAS_BIAS=spec.bias, PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION=dot_precision(spec),
-        INTERPRET=interpret,
+        INTERPRET=interpret, STACKED=stacked,
     )  # fmt: skip
     with quiet_pallas_triton():
         return pl.pallas_call(
@@ -433,7 +454,7 @@ def fused_small_fwd(
             ),
             interpret=interpret,
             name="fused_small_fwd",
-        )(x2d, *weights, *biases)
+        )(x2d, *weights, *biases, *stacks)
 
 
 # ---- public function -----------------------------------------------------------------------------

@@ -34,7 +34,9 @@ from fusedmlp.common.tiling import (
 )
 from fusedmlp.common.tolerance import assert_close
 from helpers import (
+    STACKS,
     WholeMLPTests,
+    WholeStack,
     lower_whole_mlp,
     needs_jax_0_10_lowering,
     run_script,
@@ -115,6 +117,26 @@ def test_3d_input(stack):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pinned_config(stack, config, dtype):
     stack.check(MLPSpec(ODD_WIDTHS, "geglu", True, dtype), 300, seed=5, config=config)
+
+
+@pytest.mark.parametrize(
+    "widths, activation, dtype",
+    [
+        ((45, 128, 100, 17), "swiglu", "bfloat16"),  # hidden widths below WIDTH: zero padding
+        ((19, 30, 24, 7), "geglu", "float16"),  # gated WIDTH 32 < the 64-column pack block
+        (ODD_WIDTHS, "gelu_tanh", "float16"),
+    ],
+    ids=widths_id,
+)
+def test_streamed_twins_bitwise(widths, activation, dtype):
+    """The streamed layer loop (weights read again every tile): the torch twin selects each hidden
+    layer's pointer, the Pallas twin indexes the hidden layers stacked and zero-padded by its
+    launcher — the same products, the same bits."""
+    spec = MLPSpec(widths, activation, True, dtype)
+    config = SmallConfig(block_m=32, num_warps=4, num_stages=1, programs_per_sm=1, hoist=False)
+    params, x = init_params(spec, seed=21), make_input(spec, 70, seed=22)
+    outs = [WholeStack(name, "fused_small").run(x, params, spec, config=config) for name in STACKS]
+    assert outs[0].tobytes() == outs[1].tobytes()
 
 
 def test_deterministic(stack):
@@ -379,8 +401,9 @@ def test_sm90_default_programs_are_resident():
 @pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "streamed"])
 @pytest.mark.parametrize("activation, dtype", [("swiglu", "bfloat16"), ("relu", "float32")])
 def test_pallas_lowers_for_cuda(activation, dtype, hoist):
-    """Both weight paths of the Pallas twin (the streamed one through lax.switch) lower for CUDA
-    on this CPU (jax 0.10.2; jax 0.11 asks for a GPU description, tests/test_gpu_lowering.py)."""
+    """Both weight paths of the Pallas twin (the streamed one through its stacked hidden layers)
+    lower for CUDA on this CPU (jax 0.10.2; jax 0.11 asks for a GPU description,
+    tests/test_gpu_lowering.py)."""
     from fusedmlp.jax_impl import fused_small as mod
 
     needs_jax_0_10_lowering()

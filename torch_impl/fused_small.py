@@ -131,7 +131,7 @@ def _select_layer(
 ):
     """Hidden layer `layer` (a runtime index < NUM_HIDDEN): its weight and bias pointers, widths
     and weight row stride, picked from the constant tuples by a chain of selects."""
-    # twin-diff: Pallas cannot select a ref at run time; it switches between per-layer loads
+    # twin-diff: Pallas cannot select a ref at run time; it indexes the layers stacked
     w_ptr = w_ptrs[0]
     b_ptr = b_ptrs[0]
     d_in = WIDTHS[0] + 0 * layer

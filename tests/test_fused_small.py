@@ -125,6 +125,7 @@ def test_pinned_config(stack, config, dtype):
         ((45, 128, 100, 17), "swiglu", "bfloat16"),  # hidden widths below WIDTH: zero padding
         ((19, 30, 24, 7), "geglu", "float16"),  # gated WIDTH 32 < the 64-column pack block
         (ODD_WIDTHS, "gelu_tanh", "float16"),
+        ((45, 128, 100, 17), "silu", "float32"),
     ],
     ids=widths_id,
 )

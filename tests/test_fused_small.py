@@ -125,14 +125,15 @@ def test_pinned_config(stack, config, dtype):
         ((45, 128, 100, 17), "swiglu", "bfloat16"),  # hidden widths below WIDTH: zero padding
         ((19, 30, 24, 7), "geglu", "float16"),  # gated WIDTH 32 < the 64-column pack block
         (ODD_WIDTHS, "gelu_tanh", "float16"),
-        ((45, 128, 100, 17), "silu", "float32"),
     ],
     ids=widths_id,
 )
 def test_streamed_twins_bitwise(widths, activation, dtype):
     """The streamed layer loop (weights read again every tile): the torch twin selects each hidden
     layer's pointer, the Pallas twin indexes the hidden layers stacked and zero-padded by its
-    launcher — the same products, the same bits."""
+    launcher — the same products, the same bits. 16-bit: in float32 the interpreters' products
+    (NumPy's and XLA's) add in other orders before and after this change alike (silu with bias,
+    1-2 ulp); test_pinned_config's streamed case checks float32 against the reference."""
     spec = MLPSpec(widths, activation, True, dtype)
     config = SmallConfig(block_m=32, num_warps=4, num_stages=1, programs_per_sm=1, hoist=False)
     params, x = init_params(spec, seed=21), make_input(spec, 70, seed=22)

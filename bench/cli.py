@@ -23,6 +23,7 @@ until a command needs them, so `fusedmlp --help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -298,10 +299,15 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
 def cmd_bench_backward(args: argparse.Namespace, console: Any) -> int:
     """`bench --backward`: one training step per provider (bench/bench_backward.py), in the
     results' `bench_backward` section."""
+    from fusedmlp.common import dispatch
+
     from .bench_backward import run_bench_backward
 
     device, providers, items = _device_providers_items(args)
-    with _Progress(console, len(items) * len(providers), "bench --backward") as bar:
+    deriving = getattr(args, "derive_auto", None) is not None
+    # deriving: `auto` rows time our training path (dispatch.training_points_off says why)
+    points = dispatch.training_points_off() if deriving else contextlib.nullcontext()
+    with points, _Progress(console, len(items) * len(providers), "bench --backward") as bar:
         result = run_bench_backward(
             items,
             providers,

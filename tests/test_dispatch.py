@@ -17,12 +17,15 @@ from fusedmlp.common.dispatch import (
     Point,
     Table,
     derive,
+    generation,
     gpu_slug,
     load_table,
     measurements_from_bench,
     measurements_from_bench_backward,
     newest_cases,
     shape_class,
+    training_baseline,
+    training_points_off,
     weight_bytes,
     with_phase,
 )
@@ -470,3 +473,20 @@ def test_training_points_decide_near_their_measurement_only():
     assert refreshed.train_source == both.train_source
     assert refreshed.lookup("torch", BLOG, 8192).impl == "eager"
     assert refreshed.lookup("torch", BLOG, 8192, phase="train").impl == "compile"
+
+
+def test_training_points_off_while_deriving():
+    """Within `training_points_off` (what `bench --backward --derive-auto` times its `auto` rows
+    under) no training point sends `auto` to a baseline, and the fronts' cached plans see a new
+    generation on the way in and out."""
+    section = {"cases": [_backward_case(BLOG, 8192, "hf-blog-geglu", torch_auto=0.722,
+                                        torch_compile=0.588)]}  # fmt: skip
+    table = derive(measurements_from_bench_backward(section), gpu="G", source="s", phase="train")
+    take_any = lambda impl: True  # noqa: E731
+    assert training_baseline(table, "torch", BLOG, 8192, take_any)[0] == "compile"
+    before = generation()
+    with training_points_off():
+        assert training_baseline(table, "torch", BLOG, 8192, take_any) is None
+        inside = generation()
+    assert before < inside < generation()
+    assert training_baseline(table, "torch", BLOG, 8192, take_any)[0] == "compile"

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name in args.preset.split(","):
-        spec = get_preset(name)
+        spec = get_preset(name).spec
         plain = {k: jnp.asarray(v) for k, v in init_params(spec).items()}
         packed = {k: jnp.asarray(v) for k, v in pack_params(spec, init_params(spec)).items()}
         x = jnp.asarray(make_input(spec, args.m))

@@ -511,6 +511,20 @@ def _differentiated_by(
     return core
 
 
+def _on_plain_params(spec: MLPSpec, baseline: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`baseline` differentiated on w and v apart: packed params are unpacked inside the step
+    and their gradients packed back by autodiff. On the packed layout XLA builds each gated
+    layer's packed dZ as a sum of padded halves (measured on the H200 at 3009ab9, a training
+    step: hf-blog-geglu 661.0 µs packed, 590.5 unpacked in the step, 587.2 on plain params;
+    llama3-8b 13.35 / 13.22 / 12.96 ms; bench/packed_baseline_probe.py). twin-diff: torch
+    differentiates its packed baseline (baselines.eager_packed) as it is."""
+
+    def run(x2d, params, residual2d):
+        return baseline(x2d, unpack_params(spec, params), residual2d)
+
+    return run
+
+
 def _check_available(impl: str, device: str) -> None:
     reason = unavailable_reason(impl, device)
     if reason is not None:
@@ -536,7 +550,7 @@ def _validate_and_plan(x, params, spec, impl, config, residual, saved) -> _Prepa
         trained = training_choice(spec, math.prod(x.shape[:-1]), device)
     if trained is not None:  # a training point: the baseline's autodiff where a gradient is taken
         base_plan = plan(spec, tuple(x.shape), impl=trained[0], device=device)
-        train = _differentiated_by(run, _jitted_runner(spec, base_plan))
+        train = _differentiated_by(run, _on_plain_params(spec, _jitted_runner(spec, base_plan)))
     elif not _entry(the_plan.impl).baseline:
         from . import fused_small_backward
 

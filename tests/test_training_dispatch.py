@@ -108,6 +108,7 @@ def test_jax_auto_trains_through_the_measured_baseline(jax_table, dtype) -> None
     import jax.numpy as jnp
 
     from fusedmlp.jax_impl import mlp, plan
+    from fusedmlp.jax_impl.packing import pack_params
 
     spec = SPEC.replace(dtype=dtype)
     jax_table(train_table("jax", "xla", spec=spec))
@@ -132,5 +133,15 @@ def test_jax_auto_trains_through_the_measured_baseline(jax_table, dtype) -> None
     assert np.array_equal(np.asarray(mlp(x, params, spec)), np.asarray(kernels))
     the_plan = plan(spec, (M, spec.d_in), impl="auto", saved="preact")
     assert the_plan.impl == "xla" and "auto trains through xla" in the_plan.reason
+    # packed params (what FusedMLP and the harness hold): differentiated on w and v apart
+    # (front._on_plain_params), the gradients packed back — the plain gradients' bits, packed
+    packed = pack_params(spec, params)
+    _, vjp = jax.vjp(lambda x_, p: mlp(x_, p, spec), x, packed)
+    dx_packed, dp_packed = vjp(dy)
+    assert np.array_equal(np.asarray(dx_packed), np.asarray(dx_xla))
+    want = pack_params(spec, dp_xla)
+    assert set(dp_packed) == set(want)
+    for name, value in want.items():
+        assert np.array_equal(np.asarray(dp_packed[name]), np.asarray(value)), name
     jax_table(train_table("jax", "xla", m=M * 4, spec=spec))
     assert plan(spec, (M, spec.d_in), impl="auto", saved="preact").impl != "xla"

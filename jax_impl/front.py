@@ -517,7 +517,10 @@ def _on_plain_params(spec: MLPSpec, baseline: Callable[..., jax.Array]) -> Calla
     layer's packed dZ as a sum of padded halves (measured on the H200 at 3009ab9, a training
     step: hf-blog-geglu 661.0 µs packed, 590.5 unpacked in the step, 587.2 on plain params;
     llama3-8b 13.35 / 13.22 / 12.96 ms; bench/packed_baseline_probe.py). twin-diff: torch
-    differentiates its packed baseline (baselines.eager_packed) as it is."""
+    differentiates its packed baseline (baselines.eager_packed) as it is: unpacked before its
+    compiled baseline it measured slower (ff5c872: hf-blog 632 µs against compile's 589, llama3-8b
+    13.63 against 12.85 ms; the copies and their gradients ran as eager kernels around the
+    compiled step), packed 0.95-0.99× compile (bench/results/2026-12-04-h200-19150d8)."""
 
     def run(x2d, params, residual2d):
         return baseline(x2d, unpack_params(spec, params), residual2d)

@@ -513,8 +513,6 @@ def mlp(
             trained = front.training_choice(spec, math.prod(x.shape[:-1]), x.device.type)
             baseline = trained[0] if trained is not None else None
         if baseline is not None:  # torch autograd through the baseline's ops
-            if impl == AUTO:  # a training point: on w and v apart (front.on_plain_params)
-                params = front.on_plain_params(spec, params)
             return front.forward(x, params, spec, impl=baseline, config=config, residual=residual)
         return train_call(x, listed, spec_json, impl, config_json, residual, saved)
     # Under torch.compile, our launches as graph nodes (graph_op.py) where the params are in the

@@ -68,7 +68,7 @@ from fusedmlp.common.validate import (
 )
 
 from . import baselines
-from .packing import pack_params, unpack_params
+from .packing import pack_params
 from .runtime import INTERPRET
 
 STACK = "torch"
@@ -234,15 +234,6 @@ def training_choice(spec: MLPSpec, m: int, device: str) -> tuple[str, str] | Non
     because a training point of the dispatch table measured it faster than our training path
     within dispatch.TRAIN_REACH of this call; None where `auto` trains with our kernels."""
     return _training_choice_of(spec, m, torch.device(device).type, dispatch.generation())
-
-
-def on_plain_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The params `auto` trains a baseline on where a training point sends it there: packed
-    params unpacked (a copy of each gated weight a step; autograd packs the gradients back), as
-    the JAX twin does (jax_impl/front.py `_on_plain_params`): on the packed layout the
-    framework's autodiff builds each gated layer's packed dZ from padded halves (the JAX probe
-    on the H200: hf-blog-geglu 661.0 µs a step packed, 590.5 unpacked)."""
-    return unpack_params(spec, params)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -315,8 +315,6 @@ class FusedMLP(nn.Module):
             if baseline is not None:  # torch's own autograd through the baseline's ops
                 spec = self._specs.get(dtype, self._spec)
                 named = dict(zip(self._names, params, strict=True))
-                if not self._baseline:  # a training point: on w and v apart
-                    named = front.on_plain_params(spec, named)
                 return front.forward(
                     x, named, spec, impl=baseline, config=self._config, residual=residual
                 )

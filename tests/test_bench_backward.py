@@ -191,3 +191,38 @@ def test_a_gpu_time_below_the_steps_floor_is_invalid(monkeypatch: pytest.MonkeyP
     assert row["status"] == "invalid measurement", row
     assert row["floor_check_s"] == pytest.approx(floor) and "tflops" not in row
     assert "below the memory-bound floor" in row["message"]
+
+
+def test_packed_baseline_probe_steps_agree() -> None:
+    """bench/packed_baseline_probe.py's three XLA training steps give the float64 reference's
+    gradients under the tolerance policy, and unpacked in the step exactly the plain step's
+    gradients, packed."""
+    import importlib.util
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fusedmlp.common import init_params, make_grad_output, make_input, reference
+    from fusedmlp.common.packing import pack_params, unpack_params
+    from fusedmlp.common.tolerance import assert_grads_close
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "packed_baseline_probe.py"
+    module_spec = importlib.util.spec_from_file_location("packed_baseline_probe", path)
+    probe = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(probe)
+    spec = MLPSpec((48, 80, 40), "geglu_tanh", bias=True, dtype="float32")
+    params_np, x_np, dy_np = init_params(spec), make_input(spec, 33), make_grad_output(spec, 33)
+    ref = reference.backward(spec, x_np, params_np, dy_np, round_hidden=True)
+    plain = {k: jnp.asarray(v) for k, v in params_np.items()}
+    packed = pack_params(spec, plain)
+    x, dy = jnp.asarray(x_np), jnp.asarray(dy_np)
+    _, (dx, grads) = probe._step("xla", spec)(x, plain, dy)
+    assert_grads_close({"x": dx, **grads}, ref, spec, what="xla")
+    want = pack_params(spec, {k: np.asarray(v) for k, v in grads.items()})
+    for variant in ("xla_packed", "xla_unpacked_in_step"):
+        _, (dx_v, grads_v) = probe._step(variant, spec)(x, packed, dy)
+        assert set(grads_v) == set(want)
+        assert_grads_close({"x": dx_v, **unpack_params(spec, grads_v)}, ref, spec, what=variant)
+        if variant == "xla_unpacked_in_step":
+            for name, value in want.items():
+                assert np.array_equal(np.asarray(grads_v[name]), value), name

@@ -3,15 +3,16 @@
     python bench/packed_baseline_probe.py OUT.json [--preset hf-blog-geglu,llama3-8b] [--m 8192]
 
 `auto` trains through XLA where a training point of the dispatch table says XLA is faster than our
-kernels (jax_impl/front.py `_differentiated_by`); it runs on the params it is given, and FusedMLP
-and the harness give it the packed [W|V] layout (common/packing.py), so it differentiates
-`baselines.xla_packed` — one product of width 2N split by a reshape — where the XLA baseline
-differentiates `xla` on w and v apart. In the H200 run at 7869e5b the two differed by 12 % at
-hf-blog-geglu (649.1 against 579.9 µs a step). This probe times one jitted `value_and_grad` step
-(loss Σ y·dy, gradients of x and every param) of:
+kernels (jax_impl/front.py `_differentiated_by`). FusedMLP and the harness hold the packed [W|V]
+layout (common/packing.py); until 19150d8 `auto` differentiated `baselines.xla_packed` on it — one
+product of width 2N split by a reshape — where the XLA baseline differentiates `xla` on w and v
+apart, and in the H200 run at 7869e5b the two differed by 12 % at hf-blog-geglu (649.1 against
+579.9 µs a step). Since then `auto` unpacks inside the step (`front._on_plain_params`), what the
+third variant below measures. This probe times one jitted `value_and_grad` step (loss Σ y·dy,
+gradients of x and every param) of:
 
 - `xla`: the baseline on plain params (what `bench --backward` calls jax:xla);
-- `xla_packed`: the same ops on the packed params (what `auto` differentiates now);
+- `xla_packed`: the same ops on the packed params (what `auto` differentiated before 19150d8);
 - `xla_unpacked_in_step`: the packed params unpacked inside the step, then `xla` (a copy of the
   weights a step each way, which XLA may fold into the products' operands).
 

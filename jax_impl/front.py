@@ -514,7 +514,7 @@ def _differentiated_by(
 def _on_plain_params(spec: MLPSpec, baseline: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     """`baseline` differentiated on w and v apart: packed params are unpacked inside the step
     and their gradients packed back by autodiff. On the packed layout XLA builds each gated
-    layer's packed dZ as a sum of padded halves (measured on the H200 at 3009ab9, a training
+    layer's packed dZ as a sum of padded halves (measured on the H200 at 243dbf1, a training
     step: hf-blog-geglu 661.0 µs packed, 590.5 unpacked in the step, 587.2 on plain params;
     llama3-8b 13.35 / 13.22 / 12.96 ms; bench/packed_baseline_probe.py). twin-diff: torch
     differentiates its packed baseline (baselines.eager_packed) as it is: unpacked before its

@@ -782,7 +782,7 @@ def compile_report() -> list[dict[str, Any]]:
     from triton.compiler import ASTSource
 
     from fusedmlp.common.packing import PACK_BLOCK, packed_names
-    from fusedmlp.common.tiling import decode_splits, padded_width
+    from fusedmlp.common.tiling import SMALL_TMA_IO_WIDTHS, decode_splits, padded_width
     from fusedmlp.torch_impl import fused_decode as fd
     from fusedmlp.torch_impl import fused_small as fs
 
@@ -948,6 +948,8 @@ def compile_report() -> list[dict[str, Any]]:
                 DOT_PRECISION="ieee",
                 INTERPRET=False,
                 INT64_ROWS=False,
+                # the GPU path for aligned tensors (fused_small._tma_io)
+                TMA_IO=padded_width(max(spec.widths)) in SMALL_TMA_IO_WIDTHS,
             ),
             cfg.num_warps,
             cfg.num_stages,

@@ -762,6 +762,15 @@ SMALL_FORWARD_TILES: dict[int, tuple[tuple[int, int], ...]] = {
 }
 
 
+# Padded widths where fused_small's inference kernel loads x and stores y through tensor
+# descriptors (16-bit, where TMA's 16-byte rule holds: torch_impl/fused_small.py `_tma_io`; the
+# Pallas twin has no TMA). H200, torch (results 2026-12-04-h200-cd880c0-tmaio): nerf-64x5 (64 wide)
+# 150.5-151.2 -> 144.7-145.1 µs; 32 wide, 8 layers 41.1 -> 41.5-41.7 and 16 wide, 3 layers 16.1 ->
+# 26.4 (slower: one TMA copy of a 1-4 KiB tile, waited on an mbarrier, costs more there than the
+# 16-byte cp.async it replaces).
+SMALL_TMA_IO_WIDTHS = (64,)
+
+
 def padded_width(width: int) -> int:
     """fused_small's compile-time width: the smallest of 16/32/64/128 that holds `width`."""
     return next(w for w in WHOLE_WIDTHS if w >= width)
@@ -832,6 +841,13 @@ def fused_small_config(
         return dataclasses.replace(
             SMALL_WGRAD_ON_CHIP_CONFIG, hoist=small_wgrad_kind(spec) in hoist_kinds
         )
+    if kernel == "saving" and not hoist:
+        # The saving forward unrolls its layer loop (each layer's residual pointer is chosen at
+        # compile time), so the pipeliner buffers every unhoisted layer's weight tiles num_stages
+        # - 1 times over: sm_90 compile of 128 wide relu fp16, 8 layers at 3 stages 843,776 B of
+        # shared memory (4 layers 450,560; 3 layers 352,256), none of which launches on the H200.
+        # One stage: 49,152 B at any depth.
+        stages = 1
     if kernel == "dgrad" and narrow_16bit:
         # kernel A walks every layer back per row tile (a dot and act' a layer, every dZ stored):
         # half the rows a tile halves each program's registers and doubles the tiles in flight.

@@ -301,7 +301,9 @@ def _fused_small_dgrad_kernel(
             if DW_ON_CHIP:
                 # 2. load: the layer's input h_l (x for layer 0) transposed, [WIDTH, BLOCK_M],
                 # zero past its width (kernel B's hᵀ tile: the same product, the same bits)
-                # twin-diff: gathered through index arrays where the twin adds offsets
+                # twin-diff: gathered through index arrays where the twin adds offsets; and
+                # always so, where the twin loads dy and the layer inputs through tensor
+                # descriptors when TMA's 16-byte rule holds (TMA_LOADS: Pallas-Triton has none)
                 ht = plgpu.load(
                     h_refs[layer].at[rows[None, :], lanes[:, None]],
                     mask=(lanes[:, None] < WIDTHS[layer]) & row_ok[None, :],

@@ -165,7 +165,7 @@ def test_int64_offsets_same_bits(activation, monkeypatch):
     x = torch.from_numpy(make_input(spec, 90, seed=8))
     launch.clear_all()
     narrow = fs.fused_small_fwd(x, packed, spec)
-    key = (x.shape, x.stride(), spec, None)
+    key = (x.shape, x.stride(), spec, None, False)  # no TMA: ODD_WIDTHS pad to 128
     assert not fs._LAUNCHES.get(key)[0].meta["INT64_ROWS"]  # 90 rows: int32
     rule = fs._int64_offsets
     launch.clear_all()
@@ -180,6 +180,42 @@ def test_int64_offsets_same_bits(activation, monkeypatch):
     # reach 2^31
     assert not rule(2**31 // 64 - 3, [(64, 1)], 64)
     assert rule(2**31 // 64, [(64, 1)], 64)
+
+
+def test_tma_io_same_bits(monkeypatch):
+    """The inference kernel's x and y through tensor descriptors (TMA_IO, `_tma_io`: 64 wide
+    16-bit, TMA's 16-byte rule met) load and store the same tiles as its masked pointers: the same
+    bits, 300 rows (a partial last tile: zero-filled rows in, clipped rows out). And the rule."""
+    import torch
+
+    from fusedmlp.torch_impl import fused_small as fs
+    from fusedmlp.torch_impl import launch
+    from fusedmlp.torch_impl.packing import pack_params
+
+    spec = MLPSpec((64, 48, 64, 40), "gelu_tanh", True, "float16")  # padded to 64
+    params = {k: torch.from_numpy(v) for k, v in init_params(spec, 7).items()}
+    packed = {k: v.contiguous() for k, v in pack_params(spec, params).items()}
+    x = torch.from_numpy(make_input(spec, 300, seed=8))
+    assert fs._tma_io(spec, x)
+    launch.clear_all()
+    via_tma = fs.fused_small_fwd(x, packed, spec)
+    assert fs._LAUNCHES.get((x.shape, x.stride(), spec, None, True))[0].meta["TMA_IO"]
+    monkeypatch.setattr(fs, "_tma_io", lambda *a: False)
+    try:
+        via_pointers = fs.fused_small_fwd(x, packed, spec)
+    finally:
+        launch.clear_all()
+    assert via_tma.view(torch.int16).numpy().tobytes() == (
+        via_pointers.view(torch.int16).numpy().tobytes()
+    )
+    # the rule: the measured width, 16-bit, x on the 16-byte grid, y's rows in 16-byte units
+    monkeypatch.undo()
+    off_grid = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape)
+    assert not fs._tma_io(spec, off_grid)
+    assert not fs._tma_io(spec, torch.empty(300, 68, dtype=x.dtype)[:, :64])  # rows of 136 B
+    assert not fs._tma_io(MLPSpec((64, 64, 36), "relu", False, "float16"), x)  # y rows 72 B
+    assert not fs._tma_io(MLPSpec((32, 32), "relu", False, "float16"), x[:, :32])
+    assert not fs._tma_io(MLPSpec((64, 64), "relu", False, "float32"), x.float())
 
 
 def test_unsupported(stack):
@@ -279,7 +315,7 @@ _COMPILE = textwrap.dedent(
     from triton.compiler import ASTSource
     from fusedmlp.common import MLPSpec
     from fusedmlp.common.packing import PACK_BLOCK, packed_names
-    from fusedmlp.common.tiling import fused_small_config, padded_width
+    from fusedmlp.common.tiling import SMALL_TMA_IO_WIDTHS, fused_small_config, padded_width
     from fusedmlp.torch_impl import fused_small as fs
 
     DT = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
@@ -317,7 +353,8 @@ _COMPILE = textwrap.dedent(
                           WIDTH=padded_width(max(widths)), BLOCK_M=cfg.block_m,
                           ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=bias,
                           PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION="ieee",
-                          INTERPRET=False, INT64_ROWS=False)
+                          INTERPRET=False, INT64_ROWS=False,
+                          TMA_IO=padded_width(max(widths)) in SMALL_TMA_IO_WIDTHS)
         # CPU seconds (this process and its ptxas children), not wall time: a loaded machine
         # (2 cores shared by several pytest workers) stretches the wall clock, not the work.
         start = time.process_time() + _children_cpu()

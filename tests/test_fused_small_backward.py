@@ -298,7 +298,11 @@ ON_CHIP = [
     ((19, 64, 64, 64, 64, 3), "relu", False, "bfloat16", 100),  # nerf-like: the rule's
     ((24, 30, 17), "geglu", True, "bfloat16", 100),  # gated with bias: packed dW | dV, db | dc
     ((24, 100, 17), "gelu_tanh", True, "float16", 70),  # forced: WIDTH 128
+    # TMA's 16-byte rule met (every width a multiple of 8): torch loads dy and the layer inputs
+    # through tensor descriptors (TMA_LOADS); 301 rows, a partial last tile
+    ((24, 40, 40, 16), "relu", False, "float16", 301),
 ]
+TMA_CASE = ON_CHIP[-1]
 
 
 @functools.cache
@@ -321,11 +325,76 @@ def test_on_chip_gradients_match_reference(name, case):
 # 16-bit: the float32 case's bias gradient differs in its last bits between the interpreters (an
 # fp32 column sum of a tile XLA fuses with the act' product that forms it, NumPy sums the stored
 # tile); its other gradients and every 16-bit one are the same bits.
-@pytest.mark.parametrize("case", ON_CHIP[1:4], ids=_id)
+@pytest.mark.parametrize("case", [*ON_CHIP[1:4], TMA_CASE], ids=_id)
 def test_on_chip_twins_bitwise(case):
     (_, _, g_t), (_, _, g_j) = (_run_on_chip(name, case) for name in STACKS)
     for k in g_t:
         assert g_t[k].tobytes() == g_j[k].tobytes(), (k, np.sum(g_t[k] != g_j[k]))
+
+
+def test_on_chip_tma_loads_same_bits():
+    """Kernel A's tile loads through tensor descriptors (TMA_LOADS, where `_tma_loads` finds
+    TMA's 16-byte rule met) read the same tiles as its masked pointer loads: with dy column-
+    strided and x off the 16-byte grid (pointer loads), the same bits. And the rule."""
+    import torch
+
+    from fusedmlp.torch_impl import fused_small_backward as mod
+    from fusedmlp.torch_impl import launch
+
+    spec, _, packed, x, dy = _inputs(TMA_CASE)
+    p = {k: to_torch(v) for k, v in packed.items()}
+    _, kept = mod.forward_saving(to_torch(x), p, spec)
+    dy_t = to_torch(dy)
+    assert mod._tma_loads(dy_t, list(kept[0::2]))
+    launch.clear_all()
+    via_tma = mod.mlp_backward(dy_t, list(kept), p, spec, saved="preact", on_chip=True)
+    assert any(rec[0].meta["TMA_LOADS"] for rec in mod._DGRAD._records.values())
+    dy_cols = dy_t.t().contiguous().t()  # column stride M: no descriptor
+    x_off = torch.empty(kept[0].numel() + 1, dtype=kept[0].dtype)[1:].view(kept[0].shape)
+    x_off.copy_(kept[0])  # 2 bytes off the 16-byte grid: no descriptor
+    assert not mod._tma_loads(dy_cols, [kept[0]]) and not mod._tma_loads(dy_t, [x_off])
+    launch.clear_all()
+    via_pointers = mod.mlp_backward(
+        dy_cols, [x_off, *kept[1:]], p, spec, saved="preact", on_chip=True
+    )
+    assert not any(rec[0].meta["TMA_LOADS"] for rec in mod._DGRAD._records.values())
+    for k, want in via_tma.items():
+        assert to_numpy(via_pointers[k]).tobytes() == to_numpy(want).tobytes(), k
+    # rows of 17 halves (34 B) break the rule
+    assert not mod._tma_loads(dy_t, [torch.empty(5, 17, dtype=torch.float16)])
+
+
+def test_tma_probe_smoke(tmp_path):
+    """bench/tma_probe.py (the GPU A/B of the TMA paths against pointer loads) runs its tiny specs
+    under the interpreter, both ways, and finds the same bits."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "tma_probe.py"
+    module_spec = importlib.util.spec_from_file_location("tma_probe", path)
+    probe = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(probe)
+    out = tmp_path / "tma.json"
+    assert probe.main([str(out), "--smoke"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows if "bitwise_same" in r] == ["backward", "forward"]
+    assert all(r["bitwise_same"] for r in rows if "bitwise_same" in r)
+    assert sum("tma" in r for r in rows) == 8
+
+
+def test_saving_forward_unhoisted_takes_one_stage():
+    """The saving forward unrolls its layers, so unhoisted weights would be buffered once per
+    layer and stage: its config takes one stage there (sm_90, 128 wide relu, 8 layers: 843,776 B
+    of shared memory at 3 stages, past the H200's 232,448; 49,152 at one)."""
+    from fusedmlp.common.tiling import fused_small_config, small_hoist
+
+    for spec in (MLPSpec((128,) * 9, "relu", False, "float16"),
+                 MLPSpec((64,) * 9, "swiglu", True, "bfloat16")):  # fmt: skip
+        assert not small_hoist(spec)
+        assert fused_small_config(spec, 1 << 20, kernel="saving").num_stages == 1
+        assert fused_small_config(spec, 1 << 20, kernel="forward").num_stages == 3
+    nerf = MLPSpec((64,) * 6, "relu", False, "float16")  # hoisted: the pipeline stays
+    assert fused_small_config(nerf, 1 << 20, kernel="saving").num_stages == 3
 
 
 def test_on_chip_rule():
@@ -416,7 +485,7 @@ _COMPILE_ON_CHIP = textwrap.dedent(
             DACT=fb._stores_z(spec) or fb._dact_from_output(spec), NEED_DX=True,
             PACK=PACK_BLOCK, HOIST=cfg.hoist, DOT_PRECISION="ieee", INTERPRET=False,
             INT64_ROWS=False, DW_ON_CHIP=True, HAS_BIAS=bias,
-            RELU_FROM_OUTPUT=fb._dact_from_output(spec))
+            RELU_FROM_OUTPUT=fb._dact_from_output(spec), TMA_LOADS=True)  # the GPU path
         k = triton.compile(ASTSource(fb._fused_small_dgrad_kernel, sig, constexprs=constexprs,
                                      attrs=attrs), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

@@ -58,6 +58,7 @@ from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import (
     INTERPRET_NUM_SMS,
     NUM_SMS,
+    SMALL_TMA_IO_WIDTHS,
     WHOLE_WIDTHS,
     SmallConfig,
     cdiv,
@@ -71,8 +72,9 @@ from .activations import apply_activation, relu, round_to_dtype
 from .backward import _gate_join
 from .front import ADAPTER, STACK
 from .gated import _gate_split
-from .launch import Launch, LaunchCache
+from .launch import Launch, LaunchCache, is_traced
 from .runtime import INTERPRET, check_kernel_device
+from .tma.support import TMA_ALIGN_BYTES, ensure_allocator
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
@@ -269,15 +271,18 @@ def _fused_small_fwd_kernel(
     BLOCK_M: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, INT64_ROWS: tl.constexpr,
+    TMA_IO: tl.constexpr,
 ):  # fmt: skip
     # The inference kernel: the rows below without the residual stores (its signature is what
     # the sm_90 compile tests and bench/sweep_decode.py build). INT64_ROWS: the launcher's
-    # choice of offset width (`_int64_offsets`; twin-diff: Pallas decides per array).
+    # choice of offset width (`_int64_offsets`; twin-diff: Pallas decides per array). TMA_IO: x
+    # in and y out through tensor descriptors (`_tma_io` says where; twin-diff: Pallas-Triton
+    # has none).
     _fused_small_rows(
         x_ptr, w_ptrs, b_ptrs, y_ptr, None, None,
         M, stride_xm, stride_ym, TILES_PER_PROGRAM,
         WIDTHS, W_COLS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
-        DOT_PRECISION, INTERPRET, False, False, INT64_ROWS,
+        DOT_PRECISION, INTERPRET, False, False, INT64_ROWS, TMA_IO,
     )  # fmt: skip
 
 
@@ -290,12 +295,15 @@ def _fused_small_rows(
     HAS_BIAS: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     SAVE: tl.constexpr, STORES_Z: tl.constexpr, INT64_ROWS: tl.constexpr,
+    TMA_IO: tl.constexpr,
 ):  # fmt: skip
     # SAVE (the training forward, fused_small_backward.py): every hidden layer's output h_{l+1}
     # (h_ptrs[l]) and, where STORES_Z (not identity or relu), its pre-activation (z_ptrs[l]) are
     # stored as well; the layers then run in the static loop (a residual's pointer is chosen at
     # compile time). INT64_ROWS: row offsets in int64 (`_int64_offsets`; the inference kernel
-    # always, its signature kept).
+    # always, its signature kept). TMA_IO: x loaded and y stored through tensor descriptors (rows
+    # past M and lanes past a width: zero-filled by the load, clipped by the store, as the masks
+    # do); the saving forward keeps pointers (its five stores a tile measured no faster so).
     # 1. program -> tile: a persistent program takes row tiles pid, pid + P, pid + 2P, ...
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -333,12 +341,19 @@ def _fused_small_rows(
         # twin-diff: the Pallas lowering widens offsets itself for arrays over 2^32 bytes.
         rs = rows.to(tl.int64) if INT64_ROWS else rows
         row_offs = rs[:, None]
+        row0 = (pid + i * num_programs) * BLOCK_M
         # 2. load: the x tile (pipelined: the next tiles' loads are in flight during this one)
-        h = tl.load(
-            x_ptr + row_offs * stride_xm + lanes[None, :],
-            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
-            other=0.0,
-        )
+        if TMA_IO:  # one TMA copy a tile, no per-thread addresses
+            x_desc = tl.make_tensor_descriptor(
+                x_ptr, shape=[M, WIDTHS[0]], strides=[stride_xm, 1], block_shape=[BLOCK_M, WIDTH]
+            )
+            h = x_desc.load([row0, 0])
+        else:
+            h = tl.load(
+                x_ptr + row_offs * stride_xm + lanes[None, :],
+                mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[0]),
+                other=0.0,
+            )
         if INTERPRET:
             h = h.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
 
@@ -388,11 +403,18 @@ def _fused_small_rows(
 
         # 4. store: only y leaves the program (and, SAVE, the residuals above)
         y = round_to_dtype(z, dtype, INTERPRET)
-        tl.store(
-            y_ptr + row_offs * stride_ym + lanes[None, :],
-            y,
-            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
-        )
+        if TMA_IO:
+            y_desc = tl.make_tensor_descriptor(
+                y_ptr, shape=[M, WIDTHS[NUM_LAYERS]], strides=[stride_ym, 1],
+                block_shape=[BLOCK_M, WIDTH],
+            )  # fmt: skip
+            y_desc.store([row0, 0], y)
+        else:
+            tl.store(
+                y_ptr + row_offs * stride_ym + lanes[None, :],
+                y,
+                mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
+            )
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -453,9 +475,9 @@ def _int64_offsets(rows: int, strides: list[tuple[int, int]], width: int) -> boo
     return max(rows * row + 2 * width * col for row, col in strides) >= 2**31
 
 
-def _fused_small_launch(x_shape, x_strides, spec, config):
+def _fused_small_launch(x_shape, x_strides, spec, config, tma_io):
     """`fused_small_fwd`'s launch for this key (`_LAUNCHES`), with `_layer_names(spec)`; y is a
-    fresh contiguous [M, d_out]."""
+    fresh contiguous [M, d_out]; `tma_io`: x and y through tensor descriptors (`_tma_io`)."""
     m = x_shape[0]
     cfg = small_config_for(config, spec, m, interpret=INTERPRET, kernel="forward")
     programs = fused_small_programs(m, cfg, INTERPRET_NUM_SMS if INTERPRET else NUM_SMS)
@@ -470,12 +492,30 @@ def _fused_small_launch(x_shape, x_strides, spec, config):
             HOIST=cfg.hoist, **_small_statics(spec), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             INT64_ROWS=_int64_offsets(programs * tiles * cfg.block_m, strides, width),
+            TMA_IO=tma_io,
         ),
     )  # fmt: skip
     return launch, *_layer_names(spec)
 
 
 _LAUNCHES = LaunchCache(_fused_small_launch)
+
+
+def _tma_io(spec: MLPSpec, x2d: torch.Tensor) -> bool:
+    """Whether the inference kernel takes x and writes y through tensor descriptors: where it was
+    measured to pay (`common.tiling.SMALL_TMA_IO_WIDTHS`, 16-bit) and TMA's 16-byte rule holds
+    for x (base address, row stride) and y (a fresh [M, d_out]: its row). Never inside a trace
+    (graph_op.py): a fake tensor has no address, and a descriptor's scratch comes from Triton's
+    allocator, which the caller's compiled graph does not set."""
+    if padded_width(max(spec.widths)) not in SMALL_TMA_IO_WIDTHS or spec.dtype == "float32":
+        return False
+    item = x2d.element_size()
+    return (
+        not is_traced(x2d)
+        and x2d.data_ptr() % TMA_ALIGN_BYTES == 0
+        and (x2d.stride(0) * item) % TMA_ALIGN_BYTES == 0
+        and (spec.d_out * item) % TMA_ALIGN_BYTES == 0
+    )
 
 
 def fused_small_fwd(
@@ -487,7 +527,10 @@ def fused_small_fwd(
 ) -> torch.Tensor:
     """Launch on an [M, d_in] input (unit column stride) with M >= 1 and PACKED params
     (common/packing.py), each contiguous; returns [M, d_out]. Trusts its inputs."""
-    launch, w_names, b_names = _LAUNCHES.get((x2d.shape, x2d.stride(), spec, config))
+    tma_io = _tma_io(spec, x2d)
+    launch, w_names, b_names = _LAUNCHES.get((x2d.shape, x2d.stride(), spec, config, tma_io))
+    if tma_io:
+        ensure_allocator()  # per call: the descriptors' scratch (Triton keeps it per context)
     weights = tuple(params[n] for n in w_names)
     # absent biases: the weights stand in (HAS_BIAS keeps the kernel from reading them)
     biases = tuple(params[n] for n in b_names) if b_names else weights

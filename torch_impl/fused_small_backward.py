@@ -39,7 +39,11 @@ the backward, no chunks, the dZ bytes and kernel B gone. The price is registers:
 past that. 128-row tiles (two warpgroups on two chains of products: nerf-64x5 on the H200 704 µs
 against 1037 at 64 rows and 1479 for kernels A and B); the path is taken where it was measured to
 win or tie against kernels A and B (`common.tiling.SMALL_WGRAD_ON_CHIP_LAYERS`: gated layers and
-64-wide relu most, not deep 16-wide plain MLPs, whose dZ traffic is small).
+64-wide relu most, not deep 16-wide plain MLPs, whose dZ traffic is small). Where TMA's 16-byte
+rule holds (`_tma_loads`: every tensor it reads row by row), the kernel loads dy and the layer
+inputs through tensor descriptors (TMA_LOADS): each tile load then has its own barrier, waited
+just before its layer, where Triton's cp.async pipeline waited for all six at the top of the tile
+(nerf-64x5 on the H200: 664 -> 594 µs).
 
 Row chunks (`common.tiling.backward_chunks`; kernels A and B): the dZs are M × Σ width × itemsize
 (nerf-64x5 at M = 2,097,152: 1 GiB, the step's measured peak 2562 MiB against eager torch's 1792).
@@ -104,6 +108,7 @@ from .fused_small import (
 )
 from .launch import Launch, LaunchCache
 from .runtime import INTERPRET
+from .tma.support import TMA_ALIGN_BYTES, ensure_allocator
 
 WGRAD_ROWS = 64  # rows of a layer's dW per kernel-B program (its fp32 accumulator: 64 × WIDTH)
 
@@ -126,7 +131,7 @@ def _fused_small_saving_kernel(
         x_ptr, w_ptrs, b_ptrs, y_ptr, h_ptrs, z_ptrs,
         M, stride_xm, stride_ym, TILES_PER_PROGRAM,
         WIDTHS, W_COLS, NUM_LAYERS, WIDTH, BLOCK_M, ACTIVATION, GATED, HAS_BIAS, PACK, HOIST,
-        DOT_PRECISION, INTERPRET, True, STORES_Z, INT64_ROWS,
+        DOT_PRECISION, INTERPRET, True, STORES_Z, INT64_ROWS, False,
     )  # fmt: skip
 
 
@@ -249,6 +254,7 @@ def _fused_small_dgrad_kernel(
     DACT: tl.constexpr, NEED_DX: tl.constexpr, PACK: tl.constexpr, HOIST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, INT64_ROWS: tl.constexpr,
     DW_ON_CHIP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_FROM_OUTPUT: tl.constexpr,
+    TMA_LOADS: tl.constexpr,
 ):  # fmt: skip
     # z_ptrs[l] / dz_ptrs[l]: hidden layer l's act' operand (its saved pre-activation, or for relu
     # its output h_{l+1}; DACT false: identity, none) and its dZ (l < L-1).
@@ -257,6 +263,16 @@ def _fused_small_dgrad_kernel(
     # saved h_l) and stored once as the program's partial, row `pid` of dw_ptrs[l] [P, D_IN, NC]
     # and db_ptrs[l] [P, NC]; the sum kernel adds the P partials in order. RELU_FROM_OUTPUT: the
     # act' operand of layer l - 1 is that same h_l tile, loaded once for both.
+    # TMA_LOADS (DW_ON_CHIP, where `_tma_loads` finds TMA's 16-byte rule met): dy and the layer
+    # inputs come in through tensor descriptors (rows past M and lanes past a width zero-filled by
+    # the copy, as the masked loads read them). Why: Triton 3.6 pipelines this loop's pointer
+    # loads (cp.async) by issuing every load of tile i+1 at the end of tile i and waiting for all
+    # of them at the top of tile i+1 — ncu on the H200 put 19 % of the warps' stall samples at
+    # that barrier (nerf-64x5). Its TMA loads each get their own mbarrier, waited just before
+    # their layer: the inputs of later layers land while the first layers compute. No per-thread
+    # addresses or masks either: 253 registers, no spill (cp.async: 255 and 32-192 B). H200:
+    # nerf-64x5 664 -> 594 µs, 32-wide relu 5 layers 379 -> 292 (results 2026-12-04-h200-*-tma).
+    # twin-diff: Pallas-Triton has no tensor descriptors; the JAX twin keeps its pointer loads.
     # INT64_ROWS: int64 row offsets, only where the launcher finds that rows · stride can pass
     # 2^31 (fused_small._int64_offsets). Always int64, this kernel took 255 registers, spilt 120
     # bytes a thread and ran 2,206 instructions a row tile at nerf-64x5; int32: 228, no spill,
@@ -291,12 +307,20 @@ def _fused_small_dgrad_kernel(
         rows = (pid + i * num_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         rs = rows.to(tl.int64) if INT64_ROWS else rows
+        row0 = (pid + i * num_programs) * BLOCK_M
         # 2. load: dy, the output layer's dZ (an identity layer: act' = 1)
-        d = tl.load(
-            dy_ptr + rs[:, None] * stride_dym + lanes[None, :] * stride_dyn,
-            mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
-            other=0.0,
-        )
+        if TMA_LOADS:
+            dy_desc = tl.make_tensor_descriptor(
+                dy_ptr, shape=[M, WIDTHS[NUM_LAYERS]], strides=[stride_dym, 1],
+                block_shape=[BLOCK_M, WIDTH],
+            )  # fmt: skip
+            d = dy_desc.load([row0, 0])
+        else:
+            d = tl.load(
+                dy_ptr + rs[:, None] * stride_dym + lanes[None, :] * stride_dyn,
+                mask=row_ok[:, None] & (lanes[None, :] < WIDTHS[NUM_LAYERS]),
+                other=0.0,
+            )
         if INTERPRET:
             d = d.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
         dg = d
@@ -308,11 +332,18 @@ def _fused_small_dgrad_kernel(
                 # 2. load: the layer's input h_l (x for layer 0) transposed, [WIDTH, BLOCK_M],
                 # zero past its width (kernel B's hᵀ tile: the same product, the same bits)
                 stride_h = stride_xm if layer == 0 else WIDTHS[layer]
-                ht = tl.load(
-                    h_ptrs[layer] + rs[None, :] * stride_h + lanes[:, None],
-                    mask=(lanes[:, None] < WIDTHS[layer]) & row_ok[None, :],
-                    other=0.0,
-                )
+                if TMA_LOADS:
+                    h_desc = tl.make_tensor_descriptor(
+                        h_ptrs[layer], shape=[M, WIDTHS[layer]], strides=[stride_h, 1],
+                        block_shape=[BLOCK_M, WIDTH],
+                    )  # fmt: skip
+                    ht = tl.trans(h_desc.load([row0, 0]))
+                else:
+                    ht = tl.load(
+                        h_ptrs[layer] + rs[None, :] * stride_h + lanes[:, None],
+                        mask=(lanes[:, None] < WIDTHS[layer]) & row_ok[None, :],
+                        other=0.0,
+                    )
                 if INTERPRET:
                     ht = ht.to(tl.float32)
                 # 3. compute: this row tile's dW_l = h_lᵀ·dZ_l (and db_l) into the accumulators
@@ -626,10 +657,10 @@ def forward_saving(
     return y, tuple(kept)
 
 
-def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx, x_stride=None):
+def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx, x_stride=None, tma_loads=False):
     """`dgrad_fwd`'s record for this key: (launch, names, the dZs' shapes). `x_stride`: x's row
     stride where each layer's dW is accumulated on chip (`dgrad_wgrad_fwd`: no dZ shapes), else
-    None."""
+    None; `tma_loads`: there, its tile loads through tensor descriptors (`_tma_loads`)."""
     m = dy_shape[0]
     on_chip = x_stride is not None
     cfg = small_config_for(
@@ -651,6 +682,7 @@ def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx, x_stride=None):
             DACT=_stores_z(spec) or _dact_from_output(spec), NEED_DX=need_dx, HOIST=cfg.hoist,
             INT64_ROWS=_int64_offsets(programs * tiles * cfg.block_m, strides, width),
             DW_ON_CHIP=on_chip, HAS_BIAS=spec.bias, RELU_FROM_OUTPUT=_dact_from_output(spec),
+            TMA_LOADS=tma_loads,
             **_small_statics(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ),
     )  # fmt: skip
@@ -658,6 +690,18 @@ def _dgrad_launch(dy_shape, dy_strides, spec, config, need_dx, x_stride=None):
 
 
 _DGRAD = LaunchCache(_dgrad_launch)
+
+
+def _tma_loads(dy2d: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    """Whether the on-chip kernel's tile loads can go through tensor descriptors: dy and every
+    layer input (x, the saved h_l) with unit column stride, base address and row stride in whole
+    16-byte units. Per call: the base addresses are not in the launch key."""
+    return all(
+        t.stride(1) == 1
+        and t.data_ptr() % TMA_ALIGN_BYTES == 0
+        and (t.stride(0) * t.element_size()) % TMA_ALIGN_BYTES == 0
+        for t in (dy2d, *inputs)
+    )
 
 
 def _act_operands(spec: MLPSpec, residuals) -> list:
@@ -714,8 +758,9 @@ def dgrad_wgrad_fwd(
     then the sum of its programs' partials: (dx [M, d_in] or None, every packed param's gradient
     in the params' dtype) from dy2d [M, d_out] (any strides) and the "preact" residuals (h_0 = x
     with unit column stride). No dZ is stored: two launches, no row chunks. M >= 1."""
-    x = residuals[0]
-    key = (dy2d.shape, dy2d.stride(), spec, config, need_dx, x.stride(0))
+    x, inputs = residuals[0], residuals[0::2]  # the layers' inputs: x, h_1, …, h_{L-1}
+    tma_loads = _tma_loads(dy2d, inputs)
+    key = (dy2d.shape, dy2d.stride(), spec, config, need_dx, x.stride(0), tma_loads)
     launch, names, _ = _DGRAD.get(key)
     weights, _ = _layer_params(params, names)
     dtype, device = dy2d.dtype, dy2d.device
@@ -730,9 +775,10 @@ def dgrad_wgrad_fwd(
     dact = _stores_z(spec) or _dact_from_output(spec)
     stand_in = (dy2d,) * max(1, spec.num_layers - 1)  # no dZ is stored
     act_operands = (tuple(zs) if dact else ()) or stand_in
+    if tma_loads:
+        ensure_allocator()  # per call: the descriptors' scratch (Triton keeps it per context)
     launch(
-        dy2d, weights, act_operands, stand_in, dy2d if dx is None else dx, tuple(residuals[0::2]),
-        dws, dbs,
+        dy2d, weights, act_operands, stand_in, dy2d if dx is None else dx, tuple(inputs), dws, dbs
     )  # fmt: skip
     first = params[next(iter(shapes))]
     outs = [torch.empty(shape, dtype=first.dtype, device=device) for shape in shapes.values()]

@@ -43,7 +43,7 @@ win or tie against kernels A and B (`common.tiling.SMALL_WGRAD_ON_CHIP_LAYERS`: 
 rule holds (`_tma_loads`: every tensor it reads row by row), the kernel loads dy and the layer
 inputs through tensor descriptors (TMA_LOADS): each tile load then has its own barrier, waited
 just before its layer, where Triton's cp.async pipeline waited for all six at the top of the tile
-(nerf-64x5 on the H200: 664 -> 594 µs).
+(nerf-64x5 on the H200: 671 -> 601 µs, the on-chip kernel and its sum).
 
 Row chunks (`common.tiling.backward_chunks`; kernels A and B): the dZs are M × Σ width × itemsize
 (nerf-64x5 at M = 2,097,152: 1 GiB, the step's measured peak 2562 MiB against eager torch's 1792).
@@ -271,7 +271,7 @@ def _fused_small_dgrad_kernel(
     # that barrier (nerf-64x5). Its TMA loads each get their own mbarrier, waited just before
     # their layer: the inputs of later layers land while the first layers compute. No per-thread
     # addresses or masks either: 253 registers, no spill (cp.async: 255 and 32-192 B). H200:
-    # nerf-64x5 664 -> 594 µs, 32-wide relu 5 layers 379 -> 292 (results 2026-12-04-h200-*-tma).
+    # nerf-64x5 671 -> 601 µs, 32-wide relu 5 layers 386 -> 300 (results 2026-12-04-h200-0cff3e4).
     # twin-diff: Pallas-Triton has no tensor descriptors; the JAX twin keeps its pointer loads.
     # INT64_ROWS: int64 row offsets, only where the launcher finds that rows · stride can pass
     # 2^31 (fused_small._int64_offsets). Always int64, this kernel took 255 registers, spilt 120

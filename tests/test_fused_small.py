@@ -40,6 +40,7 @@ from helpers import (
     lower_whole_mlp,
     needs_jax_0_10_lowering,
     run_script,
+    to_torch,
     whole_stack_fixture,
     widths_id,
 )
@@ -182,7 +183,8 @@ def test_int64_offsets_same_bits(activation, monkeypatch):
     assert rule(2**31 // 64, [(64, 1)], 64)
 
 
-def test_tma_io_same_bits(monkeypatch):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tma_io_same_bits(dtype, monkeypatch):
     """The inference kernel's x and y through tensor descriptors (TMA_IO, `_tma_io`: 64 wide
     16-bit, TMA's 16-byte rule met) load and store the same tiles as its masked pointers: the same
     bits, 300 rows (a partial last tile: zero-filled rows in, clipped rows out). And the rule."""
@@ -192,10 +194,10 @@ def test_tma_io_same_bits(monkeypatch):
     from fusedmlp.torch_impl import launch
     from fusedmlp.torch_impl.packing import pack_params
 
-    spec = MLPSpec((64, 48, 64, 40), "gelu_tanh", True, "float16")  # padded to 64
-    params = {k: torch.from_numpy(v) for k, v in init_params(spec, 7).items()}
+    spec = MLPSpec((64, 48, 64, 40), "gelu_tanh", True, dtype)  # padded to 64
+    params = {k: to_torch(v) for k, v in init_params(spec, 7).items()}
     packed = {k: v.contiguous() for k, v in pack_params(spec, params).items()}
-    x = torch.from_numpy(make_input(spec, 300, seed=8))
+    x = to_torch(make_input(spec, 300, seed=8))
     assert fs._tma_io(spec, x)
     launch.clear_all()
     via_tma = fs.fused_small_fwd(x, packed, spec)
@@ -213,8 +215,8 @@ def test_tma_io_same_bits(monkeypatch):
     off_grid = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape)
     assert not fs._tma_io(spec, off_grid)
     assert not fs._tma_io(spec, torch.empty(300, 68, dtype=x.dtype)[:, :64])  # rows of 136 B
-    assert not fs._tma_io(MLPSpec((64, 64, 36), "relu", False, "float16"), x)  # y rows 72 B
-    assert not fs._tma_io(MLPSpec((32, 32), "relu", False, "float16"), x[:, :32])
+    assert not fs._tma_io(MLPSpec((64, 64, 36), "relu", False, dtype), x)  # y rows 72 B
+    assert not fs._tma_io(MLPSpec((32, 32), "relu", False, dtype), x[:, :32])
     assert not fs._tma_io(MLPSpec((64, 64), "relu", False, "float32"), x.float())
 
 

@@ -332,7 +332,16 @@ def test_on_chip_twins_bitwise(case):
         assert g_t[k].tobytes() == g_j[k].tobytes(), (k, np.sum(g_t[k] != g_j[k]))
 
 
-def test_on_chip_tma_loads_same_bits():
+@pytest.mark.parametrize(
+    "case",
+    [
+        TMA_CASE,
+        ((16, 32, 24), "swiglu", True, "bfloat16", 130),  # gated with bias: packed dW | dV
+        ((24, 40, 16), "gelu_tanh", True, "float32", 77),  # forced: the rule never takes float32
+    ],
+    ids=_id,
+)
+def test_on_chip_tma_loads_same_bits(case):
     """Kernel A's tile loads through tensor descriptors (TMA_LOADS, where `_tma_loads` finds
     TMA's 16-byte rule met) read the same tiles as its masked pointer loads: with dy column-
     strided and x off the 16-byte grid (pointer loads), the same bits. And the rule."""
@@ -341,7 +350,7 @@ def test_on_chip_tma_loads_same_bits():
     from fusedmlp.torch_impl import fused_small_backward as mod
     from fusedmlp.torch_impl import launch
 
-    spec, _, packed, x, dy = _inputs(TMA_CASE)
+    spec, _, packed, x, dy = _inputs(case)
     p = {k: to_torch(v) for k, v in packed.items()}
     _, kept = mod.forward_saving(to_torch(x), p, spec)
     dy_t = to_torch(dy)
@@ -361,7 +370,7 @@ def test_on_chip_tma_loads_same_bits():
     for k, want in via_tma.items():
         assert to_numpy(via_pointers[k]).tobytes() == to_numpy(want).tobytes(), k
     # rows of 17 halves (34 B) break the rule
-    assert not mod._tma_loads(dy_t, [torch.empty(5, 17, dtype=torch.float16)])
+    assert not mod._tma_loads(dy_t, [torch.empty(5, 17, dtype=kept[0].dtype)])
 
 
 def test_tma_probe_smoke(tmp_path):
@@ -421,17 +430,66 @@ def test_gpu_on_chip_backward(case):
     assert_grads_close(got, want, MLPSpec(*case), what=f"{case} on chip, GPU")
 
 
+_COMPILE_SAVING = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusedmlp.common import MLPSpec
+    from fusedmlp.common.tiling import fused_small_config
+    from fusedmlp.torch_impl import fused_small_backward as fb
+    from fusedmlp.torch_impl.fused_small import _small_statics
+
+    out = []
+    for widths, activation, bias, dtype in json.loads(sys.argv[1]):
+        spec = MLPSpec(tuple(widths), activation, bias, dtype)
+        cfg = fused_small_config(spec, 1 << 20, kernel="saving")
+        L, t = spec.num_layers, {"float16": "*fp16", "bfloat16": "*bf16"}[dtype]
+        types = dict(x_ptr=t, w_ptrs=(t,) * L, b_ptrs=(t,) * L, y_ptr=t, h_ptrs=(t,) * (L - 1),
+                     z_ptrs=(t,) * (L - 1), M="i32", stride_xm="i32", stride_ym="i32",
+                     TILES_PER_PROGRAM="i32")
+        sig, attrs = {}, {}
+        for i, p in enumerate(fb._fused_small_saving_kernel.params):
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+                continue
+            sig[p.name] = types[p.name]
+            if isinstance(types[p.name], tuple):
+                for j in range(len(types[p.name])):
+                    attrs[(i, j)] = [["tt.divisibility", 16]]
+            elif types[p.name].startswith("*") or p.name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        constexprs = dict(BLOCK_M=cfg.block_m, ACTIVATION=spec.base_activation, HAS_BIAS=bias,
+                          HOIST=cfg.hoist, STORES_Z=fb._stores_z(spec), INT64_ROWS=False,
+                          **{k: v for k, v in _small_statics(spec).items() if k != "INTERPRET"},
+                          INTERPRET=False)
+        k = triton.compile(ASTSource(fb._fused_small_saving_kernel, sig, constexprs=constexprs,
+                                     attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        out.append(dict(shared=k.metadata.shared, programs_per_sm=cfg.programs_per_sm,
+                        num_stages=cfg.num_stages))
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
 def test_saving_forward_unhoisted_takes_one_stage():
     """The saving forward unrolls its layers, so unhoisted weights would be buffered once per
     layer and stage: its config takes one stage there (sm_90, 128 wide relu, 8 layers: 843,776 B
-    of shared memory at 3 stages, past the H200's 232,448; 49,152 at one)."""
+    of shared memory at 3 stages, past the H200's 232,448; 49,152 at one), and the kernel then
+    fits its programs an SM by the compiler's own count."""
     from fusedmlp.common.tiling import fused_small_config, small_hoist
 
-    for spec in (MLPSpec((128,) * 9, "relu", False, "float16"),
-                 MLPSpec((64,) * 9, "swiglu", True, "bfloat16")):  # fmt: skip
+    cases = [((128,) * 9, "relu", False, "float16"), ((64,) * 9, "swiglu", True, "bfloat16")]
+    for case in cases:
+        spec = MLPSpec(*case)
         assert not small_hoist(spec)
         assert fused_small_config(spec, 1 << 20, kernel="saving").num_stages == 1
         assert fused_small_config(spec, 1 << 20, kernel="forward").num_stages == 3
+    for case, info in zip(cases, run_script(_COMPILE_SAVING, json.dumps(cases)), strict=True):
+        assert info["programs_per_sm"] * (info["shared"] + 1024) <= SMEM_PER_SM, (case, info)
     nerf = MLPSpec((64,) * 6, "relu", False, "float16")  # hoisted: the pipeline stays
     assert fused_small_config(nerf, 1 << 20, kernel="saving").num_stages == 3
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -156,9 +156,14 @@ def _check(spec: MLPSpec, x: np.ndarray, params: dict[str, np.ndarray]) -> None:
 
 
 def _layers_forward(
-    spec: MLPSpec, x2d: np.ndarray, p: dict[str, np.ndarray], round_hidden: bool
+    spec: MLPSpec,
+    x2d: np.ndarray,
+    p: dict[str, np.ndarray],
+    round_hidden: bool,
+    hidden: Sequence[np.ndarray] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Per layer: (input, pre-activation z = x·W + b, gate g = x·V + c or None); last: output."""
+    """Per layer: (input, pre-activation z = x·W + b, gate g = x·V + c or None); last: output.
+    `hidden`: hidden layer l's output is hidden[l] (float64 of the given values), not computed."""
     saved = []
     h = x2d
     for layer in spec.layers():
@@ -170,6 +175,8 @@ def _layers_forward(
         if gate is not None:
             out = out * gate
         h = round_to(out, spec.dtype) if round_hidden else out
+        if hidden is not None and i < spec.num_layers - 1:
+            h = np.asarray(hidden[i], dtype=np.float64).reshape(h.shape)
     saved.append((h, h, None))
     return saved
 
@@ -196,10 +203,15 @@ def backward(
     dy: np.ndarray,
     *,
     round_hidden: bool = False,
+    hidden: Sequence[np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Gradients of `sum(y * dy)` in float64: key "x" and every param, in its input's shape.
     `round_hidden`: at the forward with hidden layers rounded to the dtype, as the kernels store
-    them (the linearisation point the gradient tolerance uses: common/tolerance.py).
+    them (the linearisation point the gradient tolerance uses: common/tolerance.py). `hidden`: at
+    a kernel's own stored forward instead — hidden layers 0 … L-2's outputs as it saved them (each
+    [M, width]; every z and gate recomputed in float64 from them), for relu at many rows, where
+    the last bits of a kernel's hiddens (its fp32 sums rounded) move some pre-activations near 0
+    across it (common/tolerance.py).
 
     For a gated layer h = act(z) ⊙ g with z = x·W + b and g = x·V + c:
     dz = dh ⊙ g ⊙ act'(z), dg = dh ⊙ act(z), dW = xᵀ·dz, db = Σ dz, dV = xᵀ·dg, dc = Σ dg,
@@ -210,7 +222,11 @@ def backward(
         raise ValueError(
             f"dy: expected shape {[*np.shape(x)[:-1], spec.d_out]}, got {list(np.shape(dy))}"
         )
-    saved = _layers_forward(spec, x2d, p, round_hidden)
+    if hidden is not None and len(hidden) != spec.num_layers - 1:
+        raise ValueError(
+            f"hidden: expected {spec.num_layers - 1} hidden layers' outputs, got {len(hidden)}"
+        )
+    saved = _layers_forward(spec, x2d, p, round_hidden, hidden)
     grads: dict[str, np.ndarray] = {}
     dh = np.asarray(dy, dtype=np.float64).reshape(-1, spec.d_out)
     for layer in reversed(spec.layers()):

@@ -841,11 +841,12 @@ def fused_small_config(
         return dataclasses.replace(
             SMALL_WGRAD_ON_CHIP_CONFIG, hoist=small_wgrad_kind(spec) in hoist_kinds
         )
-    if kernel == "saving" and not hoist:
-        # The saving forward unrolls its layer loop (each layer's residual pointer is chosen at
-        # compile time), so the pipeliner buffers every unhoisted layer's weight tiles num_stages
-        # - 1 times over: sm_90 compile of 128 wide relu fp16, 8 layers at 3 stages 843,776 B of
-        # shared memory (4 layers 450,560; 3 layers 352,256), none of which launches on the H200.
+    if kernel in ("saving", "dgrad") and not hoist:
+        # The saving forward and kernel A unroll their layer loops (each layer's residual pointer
+        # is chosen at compile time), so the pipeliner buffers every unhoisted layer's weight
+        # tiles num_stages - 1 times over: sm_90 compile of 128 wide relu fp16 at 3 stages, 8
+        # layers, 843,776 B of shared memory for the saving forward (3 layers 352,256) and
+        # 1,032,192 B for kernel A (3 layers 376,832), none of which launches on the H200.
         # One stage: 49,152 B at any depth.
         stages = 1
     if kernel == "dgrad" and narrow_16bit:
@@ -995,22 +996,45 @@ def small_config_for(
 # SMALL_WGRAD_ON_CHIP_LAYERS[padded width][kind] layers at most, kind "relu" (relu or identity, no
 # bias: no act' operand to read, no db), "plain" (any other plain MLP: gelu_tanh with bias measured)
 # or "gated" (swiglu with bias measured):
-#   gated 16 wide, 5 layers −35 %; 32 wide, 3 layers −32 %; 64 wide spills 328 B at 2: off
-#   relu 64 wide, 5 layers −52 % (nerf); 32 wide 3 and 5 layers −3 / +1 %, 8 layers +11 %: 5;
-#     16 wide, 8 layers +22 %: off (kernel B's dZ traffic is small at 16 wide, and the on-chip
-#     chain of 16 products a tile is what costs)
-#   plain 64 wide, 2 / 3 layers +0.3 / −4 %; 32 wide, 5 layers −0.5 % (JAX +18 %): 3;
-#     16 wide, 8 layers +15 %: off
-# Ties go on chip: no dZ in memory is a smaller peak and 2 launches instead of 3-4.
-# tests/test_fused_small_backward.py compiles each entry's deepest case for sm_90 and checks it is
-# resident with at most SMALL_WGRAD_MAX_SPILL bytes of spill a thread.
+#   gated 16 wide, 5 layers −35 %; 32 wide, 3 layers −32 % (5 layers won at 3584ddd but spill:
+#     below); 64 wide spills 328 B at 2: off
+#   relu 64 wide, 5 layers −52 % (nerf); 32 wide 3 and 5 layers −3 / +1 %, 8 layers +11 % (JAX
+#     at 3584ddd, 8 layers: −12 %: 8); 16 wide, 8 layers +22 %: off (kernel B's dZ traffic is
+#     small at 16 wide, and the on-chip chain of 16 products a tile is what costs)
+#   plain 64 wide, 2 / 3 layers +0.3 / −4 %; 32 wide, 5 layers −0.5 % (JAX +18 %; +9 % at
+#     3584ddd): 3; 16 wide, 8 layers +15 %: off
+# This table is the pointer loads' (the JAX twin's, and torch's where TMA's rule fails);
+# SMALL_WGRAD_ON_CHIP_LAYERS_TMA below is the descriptor loads'. Ties go on chip: no dZ in memory
+# is a smaller peak and 2 launches instead of 3-4. tests/test_fused_small_backward.py compiles
+# each table's deepest case of every entry for sm_90, with its loads, and checks it is resident
+# with at most SMALL_WGRAD_MAX_SPILL bytes of spill a thread.
 SMALL_WGRAD_ON_CHIP_CONFIG = SmallConfig(
     block_m=128, num_warps=8, num_stages=2, programs_per_sm=1, hoist=False
 )
 SMALL_WGRAD_ON_CHIP_LAYERS = {
     16: {"relu": 0, "plain": 0, "gated": 5},
-    32: {"relu": 5, "plain": 3, "gated": 3},
+    32: {"relu": 8, "plain": 3, "gated": 3},
     64: {"relu": 5, "plain": 3, "gated": 0},
+}
+# The same with the tiles loaded through tensor descriptors (the torch twin where TMA's 16-byte
+# rule holds: fused_small_backward._tma_loads; Pallas-Triton has none): the inputs of later layers
+# land while the first compute, so the kernel wins at more specs. Measured on the H200 with the
+# descriptor loads (torch) and JAX's pointer loads, 1M rows fp16, against kernels A and B (results
+# 2026-12-04-h200-3584ddd-onchip; µs, on chip / A and B):
+#   relu 32 wide, 8 layers: torch 462 / 586 (−21 %), JAX 513 / 580 (−12 %): 8 in both tables
+#     (8 B of spill)
+#   gated 64 wide, 2 layers: torch 465 / 559 (−17 %; no spill), JAX 646 / 541 (+19 %; 328 B):
+#     2 here only; 3 layers does not launch (294,968 B of shared memory)
+#   plain 32 wide, 5 layers: torch 620 / 618 (a tie: on chip; 88 B), JAX 634 / 580 (+9 %): 5 here
+#   won but past SMALL_WGRAD_MAX_SPILL, so not taken: gated 32 wide, 5 layers, torch 1283 / 1521
+#     (−16 %), JAX 1247 / 1492 (−16 %) with 832-1544 B of spill (fp16 measured, bf16 not); gated
+#     16 wide, 8 layers, torch 1715 / 1757 (−2 %) with 604 B
+#   still off: 16 wide relu, 8 layers, 320 / 297 (+8 %); plain 647 / 538 (+20 %); plain 64 wide,
+#     5 layers, does not launch (344,152 B)
+SMALL_WGRAD_ON_CHIP_LAYERS_TMA = {
+    16: {"relu": 0, "plain": 0, "gated": 5},
+    32: {"relu": 8, "plain": 5, "gated": 3},
+    64: {"relu": 5, "plain": 3, "gated": 2},
 }
 SMALL_WGRAD_MAX_SPILL = 256  # bytes a thread: 240 at 64-wide gelu_tanh, 3 layers (measured win)
 # Kinds whose weights the on-chip kernel holds for its whole row loop (`hoist`) rather than reading
@@ -1030,15 +1054,17 @@ def small_wgrad_kind(spec: MLPSpec) -> str:
     return "plain"
 
 
-def small_wgrad_on_chip(spec: MLPSpec) -> bool:
+def small_wgrad_on_chip(spec: MLPSpec, *, descriptor_loads: bool = False) -> bool:
     """Whether fused_small's backward accumulates every layer's dW on chip: 16-bit, padded width
-    <= 64, at most SMALL_WGRAD_ON_CHIP_LAYERS layers for its kind; else kernels A and B with dZ in
-    memory. float32 products are FMA loops holding their operands in registers
+    <= 64, at most SMALL_WGRAD_ON_CHIP_LAYERS layers for its kind (SMALL_WGRAD_ON_CHIP_LAYERS_TMA
+    where its tiles load through tensor descriptors: `descriptor_loads`); else kernels A and B
+    with dZ in memory. float32 products are FMA loops holding their operands in registers
     (fused_small_config): no room for the accumulators."""
+    table = SMALL_WGRAD_ON_CHIP_LAYERS_TMA if descriptor_loads else SMALL_WGRAD_ON_CHIP_LAYERS
     width = padded_width(max(spec.widths))
-    if spec.dtype == "float32" or width not in SMALL_WGRAD_ON_CHIP_LAYERS:
+    if spec.dtype == "float32" or width not in table:
         return False
-    return spec.num_layers <= SMALL_WGRAD_ON_CHIP_LAYERS[width][small_wgrad_kind(spec)]
+    return spec.num_layers <= table[width][small_wgrad_kind(spec)]
 
 
 # fused_small's backward in row chunks (fused_small_backward.py, both twins). Kernel A stores

@@ -142,6 +142,31 @@ def test_reference_rejects_bad_shapes():
         reference.backward(spec, x, params, dy[:, :2])
 
 
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_reference_backward_at_given_hidden(activation):
+    # `hidden=` linearises at a kernel's stored forward: given the reference's own rounded
+    # hiddens it is the round_hidden gradient bit for bit; the next layer reads the given values
+    # (one element moved: only that row of the next layer's dW moves).
+    spec = MLPSpec((6, 9, 9, 4), activation, True, "float16")
+    params, x = init_params(spec, 3), make_input(spec, 11, 4)
+    dy = make_grad_output(spec, 11, 5)
+    x2d, p = reference._as_float64(spec, x, params)
+    hidden = [h for h, _, _ in reference._layers_forward(spec, x2d, p, True)[1:-1]]
+    want = reference.backward(spec, x, params, dy, round_hidden=True)
+    got = reference.backward(spec, x, params, dy, hidden=hidden)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    with pytest.raises(ValueError, match="hidden: expected 2 hidden layers' outputs, got 1"):
+        reference.backward(spec, x, params, dy, hidden=hidden[:1])
+    moved = [h.copy() for h in hidden]
+    row, col = np.argwhere(moved[1] != 0)[0]
+    moved[1][row, col] *= 2.0
+    key = "w2"
+    dw = reference.backward(spec, x, params, dy, hidden=moved)[key]
+    assert not np.array_equal(dw[col], want[key][col])
+    np.testing.assert_array_equal(np.delete(dw, col, 0), np.delete(want[key], col, 0))
+
+
 def test_cost_formulas_match_hand_counts():
     llama = MLPSpec.preset("llama3-8b")
     assert cost.flops(llama, 8192) == 2 * 8192 * 4096 * 14336 * 3

@@ -333,8 +333,9 @@ def plan(
 
 
 def _whole_backward_kernels(spec: MLPSpec) -> str:
-    # which of fused_small's backwards runs (fused_small_backward.mlp_backward: the rule's choice)
-    if small_wgrad_on_chip(spec):
+    # which of fused_small's backwards runs (fused_small_backward.mlp_backward: the rule's choice
+    # for inputs its tensor descriptors can load, the usual case)
+    if small_wgrad_on_chip(spec, descriptor_loads=True):
         return "fused_small's kernel A with every dW on chip (no dZ in memory) and a sum kernel"
     return "fused_small's whole-MLP kernels A and B"
 

@@ -988,7 +988,9 @@ def mlp_backward(
     if res[0].stride(-1) != 1:  # kernels A (on chip) and B read x with unit column stride
         res[0] = res[0].contiguous()
     m = dy2d.shape[0]
-    if m > 0 and (small_wgrad_on_chip(spec) if on_chip is None else on_chip):
+    if on_chip is None:  # the table of the loads the on-chip kernel would take here
+        on_chip = small_wgrad_on_chip(spec, descriptor_loads=_tma_loads(dy2d, res[0::2]))
+    if m > 0 and on_chip:
         dx, grads = dgrad_wgrad_fwd(dy2d, res, params, spec, config=config, need_dx=need_dx)
         res[:] = [None] * len(res)
         return {"x": dx, **grads}
@@ -1018,9 +1020,12 @@ def launch_count(
     on_chip: bool | None = None,
 ) -> int:
     """Kernel launches of one training step (saving forward + backward, dx included) here: 3
-    with the dWs on chip (`mlp_backward`'s `on_chip`); else 3, or 4 where the weight gradients are
-    split over M, and in C > 1 row chunks 2 + 2·C (kernels A and B a chunk, one sum)."""
-    if m > 0 and (small_wgrad_on_chip(spec) if on_chip is None else on_chip):
+    with the dWs on chip (`mlp_backward`'s `on_chip`; None: its rule for inputs TMA can load, the
+    usual case); else 3, or 4 where the weight gradients are split over M, and in C > 1 row
+    chunks 2 + 2·C (kernels A and B a chunk, one sum)."""
+    if on_chip is None:
+        on_chip = small_wgrad_on_chip(spec, descriptor_loads=True)
+    if m > 0 and on_chip:
         return 3
     chunks = len(_chunk_spans(spec, m, config, dz_budget))
     if chunks > 1:

@@ -27,6 +27,15 @@ def on_gpu() -> bool:
     return any(d.platform == "gpu" for d in jax.devices())
 
 
+@functools.cache
+def on_hopper() -> bool:
+    """True where jax's first GPU is a Hopper part (sm_90: TMA, wgmma; what Mosaic GPU targets)."""
+    if not on_gpu():
+        return False
+    kind = jax.devices("gpu")[0].device_kind
+    return any(name in kind for name in ("H100", "H200", "H800", "GH200"))
+
+
 def interpret_mode() -> bool:
     """True where Pallas kernels must run interpreted (no GPU)."""
     return not on_gpu()

@@ -118,10 +118,7 @@ def _launcher(impl: str, family: str) -> Callable[..., Any]:
 # ---- where an implementation can run (device facts read once) ----------------------------------
 @functools.cache
 def _is_hopper() -> bool:
-    if not compat.on_gpu():
-        return False
-    kind = jax.devices("gpu")[0].device_kind
-    return any(name in kind for name in ("H100", "H200", "H800", "GH200"))
+    return compat.on_hopper()
 
 
 def unavailable_reason(impl: str, device: str = "cpu") -> str | None:
@@ -274,6 +271,12 @@ def plan(
         if unsupported is not None:
             raise NotImplementedError(unsupported)
         cfg = config or _function(chosen, "config")(spec, m, interpret=_interpret(entry))
+        if chosen == "fused_small" and _sibling_runs(spec, config, _interpret(entry)):
+            from .mosaic import fused_small as sibling
+
+            cfg = sibling.DEFAULT_CONFIG
+            note = "its Mosaic GPU sibling runs here (jax_impl/mosaic/fused_small.py: 64 wide)"
+            reason = "; ".join(r for r in (reason, note) if r)
         launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation, cfg)
         return Plan(chosen, impl, (launch,), reason)
     launches, fallbacks = [], []
@@ -288,6 +291,14 @@ def plan(
                 fallbacks.append(f"layer {layer.index}: {why}")
         launches.append(_layer_launch(spec, layer, layer_impl, m, config, residual))
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
+
+
+def _sibling_runs(spec: MLPSpec, config: TileConfig | None, interpret: bool) -> bool:
+    # twin-diff: where the torch twin takes tensor descriptors inside the same kernel, this stack
+    # runs a sibling kernel (fused_small.takes_mosaic_sibling); the plan names it and its tiles
+    from . import fused_small
+
+    return fused_small.takes_mosaic_sibling(spec, config, interpret)
 
 
 def _whole_backward_kernels(spec: MLPSpec) -> str:

@@ -7,13 +7,14 @@ fused_small (jax_impl/fused_small.py) on the H200, over a sweep of the Mosaic ke
         [--out-slots 1,2] [--hidden regs,smem] [--barriers auto,none]
         [--calls 30] [--budget-s 540] [--smoke]
 
-Cases: `nerf` (nerf-64x5: 5 layers 64 wide, relu, no bias, fp16, 2,097,152 rows; floor 127 µs
-at 4.24 TB/s, Pallas-Triton 152 µs, torch with TMA x/y 145 µs) and `w32x8` (8 layers 32 wide,
-relu, fp16, 1,048,576 rows). Configs: the default (`DEFAULT_CONFIG`; `INTERPRET_CONFIG` with
-`--smoke`), then those of `--config` (knob=value pairs, bools as 0/1), the cartesian product of
-the grid flags (knobs left out keep the default's value) and, with `--sweep`, a built-in list
-around the default. A config that does not fit shared memory is skipped; one that fails to
-compile or run is printed as FAIL and the sweep goes on. Per line: device µs (median of
+Cases: `nerf` (nerf-64x5: 5 layers 64 wide, relu, no bias, fp16, 2,097,152 rows; floor 127 µs at
+4.24 TB/s, Pallas-Triton 152 µs, torch with TMA x/y 145 µs), `w32x8` (8 layers 32 wide, relu, fp16,
+1,048,576 rows), `w64gelu` (3 layers 64 wide, gelu_tanh with biases, bf16) and `w64x8` (8 layers 64
+wide, relu, bf16), both at 1,048,576 rows. Configs: the default (`DEFAULT_CONFIG`;
+`INTERPRET_CONFIG` with `--smoke`), then those of `--config` (knob=value pairs, bools as 0/1), the
+cartesian product of the grid flags (knobs left out keep the default's value) and, with `--sweep`, a
+built-in list around the default. A config that does not fit shared memory is skipped; one that
+fails to compile or run is printed as FAIL and the sweep goes on. Per line: device µs (median of
 `--calls` calls by bench/timing.time_device: kernel durations, L2 flushed before each call), the
 Pallas-Triton kernel's (pinned to its default tiles), bits equal to it, its max |diff|, and the
 tolerance policy's verdict against the float64 reference on the first 4096 rows. `--smoke`: tiny
@@ -46,6 +47,9 @@ def _cases(names: list[str], smoke: bool) -> list[tuple[str, MLPSpec, int]]:
     table = {
         "nerf": (get_preset("nerf-64x5").spec, 1 << 21),
         "w32x8": (MLPSpec((32,) * 9, "relu", False, "float16"), 1 << 20),
+        # the rule's other 64-wide specs: a smooth activation with biases, bfloat16, deeper
+        "w64gelu": (MLPSpec((64,) * 4, "gelu_tanh", True, "bfloat16"), 1 << 20),
+        "w64x8": (MLPSpec((64,) * 9, "relu", False, "bfloat16"), 1 << 20),
     }
     if smoke:
         table = {
@@ -259,7 +263,9 @@ def _summary(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
-    parser.add_argument("--cases", default="nerf,w32x8", help="comma list of: nerf, w32x8")
+    parser.add_argument(
+        "--cases", default="nerf,w32x8", help="comma list of: nerf, w32x8, w64gelu, w64x8"
+    )
     parser.add_argument("--sweep", action="store_true", help="add the built-in configs")
     parser.add_argument("--config", action="append", default=[], help="knob=value,... (repeat)")
     for flag in GRID_FLAGS:

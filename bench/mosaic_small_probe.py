@@ -192,7 +192,7 @@ def run_case(name: str, spec: MLPSpec, m: int, configs: list[Any], args: argpars
     p = {k: jnp.asarray(v) for k, v in params.items()}
     floor_us = (m * (spec.d_in + spec.d_out) * 2) / COPY_BYTES_PER_S * 1e6
     # the Pallas-Triton kernel at its default tiles, pinned: unpinned, fused_small takes this
-    # sibling at 64 wide on Hopper (jax_impl/fused_small.takes_mosaic_sibling)
+    # sibling at 64 wide on Hopper (jax_impl/fused_small._takes_mosaic_sibling)
     tiles = fused_small_config(spec, m, interpret=args.smoke)
     triton = jax.jit(lambda x, p: portable.fused_small(x, p, spec, config=tiles))
     base = np.asarray(jax.block_until_ready(triton(x, p)))

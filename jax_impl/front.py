@@ -295,10 +295,10 @@ def plan(
 
 def _sibling_runs(spec: MLPSpec, config: TileConfig | None, interpret: bool) -> bool:
     # twin-diff: where the torch twin takes tensor descriptors inside the same kernel, this stack
-    # runs a sibling kernel (fused_small.takes_mosaic_sibling); the plan names it and its tiles
+    # runs a sibling kernel (fused_small._takes_mosaic_sibling); the plan names it and its tiles
     from . import fused_small
 
-    return fused_small.takes_mosaic_sibling(spec, config, interpret)
+    return fused_small._takes_mosaic_sibling(spec, config, interpret)
 
 
 def _whole_backward_kernels(spec: MLPSpec) -> str:

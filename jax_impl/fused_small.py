@@ -36,7 +36,7 @@ fp32 accumulation; bias, activation and gate in fp32; the hidden rounded to the 
 the next layer's dot; y rounded once at the store.
 
 On a Hopper GPU at padded width 64 (16-bit, default tiles) the launch runs this kernel's Mosaic
-GPU sibling instead (`takes_mosaic_sibling`, jax_impl/mosaic/fused_small.py): x and y through TMA
+GPU sibling instead (`_takes_mosaic_sibling`, jax_impl/mosaic/fused_small.py): x and y through TMA
 rings, the weights in shared memory, four wgmma chains a block — where the torch twin loads x and
 stores y through tensor descriptors, which Pallas-Triton does not have. The same values (the same
 bits at nerf-64x5 on the H200: 151.4 -> 137.7 µs); under the interpreters this kernel runs.
@@ -431,13 +431,13 @@ def fused_small_fwd(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Launch on an [M, d_in] input with M >= 1 and PACKED params (common/packing.py); returns
-    [M, d_out]. Trusts its inputs. Where `takes_mosaic_sibling` holds, the Mosaic GPU sibling runs
+    [M, d_out]. Trusts its inputs. Where `_takes_mosaic_sibling` holds, the Mosaic GPU sibling runs
     instead (the same values, bit for bit where measured).
 
     Jitted (spec, config and interpret static): an eager `pallas_call` is traced and lowered again
     on every call (0.35-1.2 s a call interpreted here), a jitted one once per shape."""
     interpret = interpret_mode() if interpret is None else interpret
-    if takes_mosaic_sibling(spec, config, interpret):
+    if _takes_mosaic_sibling(spec, config, interpret):
         from .mosaic import fused_small as sibling
 
         return sibling.fused_small_fwd(x2d, params, spec, interpret=False)
@@ -469,7 +469,7 @@ def fused_small_fwd(
         )(x2d, *weights, *biases, *stacks)
 
 
-def takes_mosaic_sibling(spec: MLPSpec, config: object, interpret: bool) -> bool:
+def _takes_mosaic_sibling(spec: MLPSpec, config: object, interpret: bool) -> bool:
     """Whether a launch takes the Mosaic GPU sibling (jax_impl/mosaic/fused_small.py): on a Hopper
     GPU, at the default tiles (config None), 16-bit at padded width 64 (common.tiling.
     SMALL_TMA_IO_WIDTHS, where the torch twin takes tensor descriptors for x and y), a spec the

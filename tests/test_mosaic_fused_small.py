@@ -265,7 +265,7 @@ def test_the_rule_of_the_sibling(monkeypatch) -> None:
     from fusedmlp.jax_impl import fused_small as portable
 
     monkeypatch.setattr(portable, "on_hopper", lambda: True)
-    rule = functools.partial(portable.takes_mosaic_sibling, config=None, interpret=False)
+    rule = functools.partial(portable._takes_mosaic_sibling, config=None, interpret=False)
     nerf = get_preset("nerf-64x5").spec
     assert rule(nerf)
     assert rule(MLPSpec((48, 64, 40, 16), "gelu_tanh", True, "bfloat16"))  # pads to 64
@@ -273,8 +273,8 @@ def test_the_rule_of_the_sibling(monkeypatch) -> None:
     assert not rule(nerf.replace(dtype="float32"))
     assert not rule(MLPSpec((64, 64, 64), "swiglu", True, "float16"))  # gated: not yet
     assert not rule(MLPSpec((60, 64, 64), "relu", False, "float16"))  # d_in: not whole atoms
-    assert not portable.takes_mosaic_sibling(nerf, SmallConfig(64, 4, 3), False)  # pinned
-    assert not portable.takes_mosaic_sibling(nerf, None, True)  # interpreted
+    assert not portable._takes_mosaic_sibling(nerf, SmallConfig(64, 4, 3), False)  # pinned
+    assert not portable._takes_mosaic_sibling(nerf, None, True)  # interpreted
     monkeypatch.setattr(front, "_sibling_runs", lambda *args: True)
     the_plan = front.plan(nerf, (4099, 64), impl="fused_small")
     assert "Mosaic GPU sibling" in the_plan.reason
@@ -324,11 +324,11 @@ def test_gpu_fused_small_takes_the_sibling_at_64_wide() -> None:
     from fusedmlp.jax_impl import fused_small as portable
 
     nerf = get_preset("nerf-64x5").spec
-    assert portable.takes_mosaic_sibling(nerf, None, False)
-    assert not portable.takes_mosaic_sibling(nerf, mfs.DEFAULT_CONFIG, False)  # pinned tiles
-    assert not portable.takes_mosaic_sibling(nerf, None, True)  # interpreted
+    assert portable._takes_mosaic_sibling(nerf, None, False)
+    assert not portable._takes_mosaic_sibling(nerf, mfs.DEFAULT_CONFIG, False)  # pinned tiles
+    assert not portable._takes_mosaic_sibling(nerf, None, True)  # interpreted
     narrower = MLPSpec((32,) * 9, "relu", False, "float16")  # 32 wide: the sibling lost there
-    assert not portable.takes_mosaic_sibling(narrower, None, False)
+    assert not portable._takes_mosaic_sibling(narrower, None, False)
     x, _, p = _inputs(nerf, 4099, seed=22)
     via_front = np.asarray(portable.fused_small(jnp.asarray(x), p, nerf))
     direct = np.asarray(mfs.fused_small(jnp.asarray(x), p, nerf))

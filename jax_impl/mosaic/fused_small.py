@@ -149,7 +149,7 @@ INTERPRET_CONFIG = MosaicSmallConfig(
 
 def default_config(spec: MLPSpec, m: int, *, interpret: bool = False) -> MosaicSmallConfig:
     """The tiles: DEFAULT_CONFIG (measured at nerf-64x5, the width it is taken at:
-    jax_impl/fused_small.takes_mosaic_sibling), INTERPRET_CONFIG under the interpreter."""
+    jax_impl/fused_small._takes_mosaic_sibling), INTERPRET_CONFIG under the interpreter."""
     del spec, m
     return INTERPRET_CONFIG if interpret else DEFAULT_CONFIG
 

@@ -116,8 +116,10 @@ class Run:
         small_cells: tuple[str, ...] = ("nerf", "128x8"),
         jax_variants: bool = False,
         variants: tuple[str, ...] = (),
+        variant_m: tuple[int, ...] = VARIANT_M,
     ):
         self.start = time.monotonic()
+        self.variant_m = variant_m  # the llama3-8b M values of the fused_decode variants
         self.small_cells = small_cells  # the cells of the small-variants section
         self.jax_variants = jax_variants  # their configs through the JAX twin as well
         self.variants = variants  # only these variants of each cell (empty: all)
@@ -523,6 +525,7 @@ def run_variants(run: Run, case: Case, section: str, variants: list[tuple[str, A
 def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
     d = fused_decode_config(spec, m, interpret=DRY["on"])
     out = [
+        ("default", d),
         ("pdl", replace(d, pdl=True)),
         ("split1 n32", replace(d, split_k=1, block_n=32)),
         ("split1 n32 pdl", replace(d, split_k=1, block_n=32, pdl=True)),
@@ -534,6 +537,19 @@ def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
         ("stages-1", replace(d, num_stages=max(1, d.num_stages - 1))),
         ("warps8", replace(d, num_warps=8)),
     ]
+    if d.block_m >= 32:
+        # Shorter K steps, more of them in flight: at M >= 32 the x tile is a third of each
+        # stage's buffer (M = 64: 16 of 48 KiB), so 128-row steps leave one 32 KiB weight tile in
+        # flight per program (two programs an SM) where M <= 16 has two; the tuning run's "k64"
+        # kept 2 stages (124.6 µs at M = 64, its default 105.7). These keep two programs an SM.
+        out += [
+            ("k64 s3", replace(d, block_k=64, block_k2=64, num_stages=3)),
+            ("k64 s4", replace(d, block_k=64, block_k2=64, num_stages=4)),
+            ("k64 s4 pdl", replace(d, block_k=64, block_k2=64, num_stages=4, pdl=True)),
+            ("k32 s6", replace(d, block_k=32, block_k2=32, num_stages=6)),
+            ("k32 s8", replace(d, block_k=32, block_k2=32, num_stages=8)),
+            ("k64 s4 split16", replace(d, block_k=64, block_k2=64, num_stages=4, split_k=16)),
+        ]
     return out
 
 
@@ -678,7 +694,7 @@ def sweep(run: Run) -> None:
     if run.allowed("nerf-64x5", "nerf"):
         providers(nerf, nerf_m, case_name(nerf, nerf_m, "nerf-64x5"), True, "nerf")
     # 4. fused_decode variants on llama3-8b
-    for m in plan["variant_m"]:
+    for m in plan["variant_m"] if DRY["on"] else run.variant_m:
         if run.allowed(f"llama3-8b M={m} variants", "variants"):
             case = Case(llama, m, case_name(llama, m, "llama3-8b"), narrow=False)
             run_variants(run, case, "variants", decode_variants(llama, m))
@@ -989,6 +1005,11 @@ def main(argv: list[str] | None = None) -> int:
         help="small-variants: only the variants of this comma list (default: all of a cell's)",
     )
     parser.add_argument(
+        "--variant-m",
+        default=",".join(map(str, VARIANT_M)),
+        help="the variants section's llama3-8b decode M values (comma list)",
+    )
+    parser.add_argument(
         "--jax-variants",
         action="store_true",
         help="small-variants: time every config through the JAX twin too",
@@ -1032,7 +1053,11 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 parser.error(f"--small-cells: {exc}")
     variants = tuple(v for v in args.variants.split(",") if v)
-    run = Run(args.budget_s, sections, small_cells, args.jax_variants, variants)
+    try:
+        variant_m = tuple(int(m) for m in args.variant_m.split(",") if m)
+    except ValueError:
+        parser.error(f"--variant-m: expected a comma list of ints, got {args.variant_m!r}")
+    run = Run(args.budget_s, sections, small_cells, args.jax_variants, variants, variant_m)
     try:
         sweep(run)
     finally:

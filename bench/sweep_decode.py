@@ -532,23 +532,19 @@ def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
         ("split4", replace(d, split_k=4)),
         ("split16", replace(d, split_k=16)),
         ("h32", replace(d, block_h=32)),
-        ("k64", replace(d, block_k=64, block_k2=64)),
         ("stages+1", replace(d, num_stages=d.num_stages + 1)),
         ("stages-1", replace(d, num_stages=max(1, d.num_stages - 1))),
         ("warps8", replace(d, num_warps=8)),
     ]
     if d.block_m >= 32:
-        # Shorter K steps, more of them in flight: at M >= 32 the x tile is a third of each
-        # stage's buffer (M = 64: 16 of 48 KiB), so 128-row steps leave one 32 KiB weight tile in
-        # flight per program (two programs an SM) where M <= 16 has two; the tuning run's "k64"
-        # kept 2 stages (124.6 µs at M = 64, its default 105.7). These keep two programs an SM.
+        # M >= 32 (default: 64-row K steps, 3 stages since 2026-12-04): the 128-row steps it
+        # replaced (the x tile a third of each stage's buffer: one weight tile in flight a
+        # program), and steps of 32 rows
         out += [
-            ("k64 s3", replace(d, block_k=64, block_k2=64, num_stages=3)),
-            ("k64 s4", replace(d, block_k=64, block_k2=64, num_stages=4)),
-            ("k64 s4 pdl", replace(d, block_k=64, block_k2=64, num_stages=4, pdl=True)),
-            ("k32 s6", replace(d, block_k=32, block_k2=32, num_stages=6)),
-            ("k32 s8", replace(d, block_k=32, block_k2=32, num_stages=8)),
-            ("k64 s4 split16", replace(d, block_k=64, block_k2=64, num_stages=4, split_k=16)),
+            ("k128 s2", replace(d, block_k=128, block_k2=128, num_stages=2)),
+            ("k32 s4", replace(d, block_k=32, block_k2=32, num_stages=4)),
+            ("k32 s5", replace(d, block_k=32, block_k2=32, num_stages=5)),
+            ("k128 up k64 down", replace(d, block_k=128, num_stages=2)),
         ]
     return out
 

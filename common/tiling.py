@@ -706,8 +706,9 @@ def fused_decode_config(
     num_sms programs (llama3-8b: 64 -> 224 programs); launch 2 takes 256-byte columns (128 16-bit)
     and splits the hidden until there are ~2 programs per SM (llama3-8b: 32 column tiles x 8 = 256
     programs; the fp32 partials are 8·M·d_out·4 B <= 8 MiB, L2-resident). Stages: as many (<= 5)
-    as keep two programs' buffers within an SM's shared memory (llama3-8b bf16, M <= 32: 3 buffers
-    of 36 KiB, two 32 KiB weight tiles in flight per program; M = 64: 2 of 48 KiB).
+    as keep two programs' buffers within an SM's shared memory, at most 3 past M = 16 (llama3-8b
+    bf16, 64-row K steps: M <= 16 4 buffers of 18 KiB, three 16 KiB weight tiles in flight per
+    program; M = 64 3 of 24 KiB: measured below).
     """
     block_m = decode_block_m(m)
     if interpret:
@@ -721,19 +722,24 @@ def fused_decode_config(
     if gated:  # a hidden block must sit inside one packed (gate, up) pair
         choices = [b for b in choices if PACK_BLOCK % b == 0]
     block_h = next((b for b in choices if _cdiv(hidden, b) >= num_sms), choices[-1])
+    # 64-row K steps, 16-bit. Measured on the H200 (llama3-8b bf16): 86.3 / 88.8 µs at M = 1 /
+    # 16 against 90.3 / 92.3 µs with 128 (bench/results/2026-12-01-h200-tuning); at M = 32 / 64
+    # 90.2 / 94.2 against 94.0 / 103.9 at 3 stages (2026-12-04-h200-1f0f4a2: the x tile is a
+    # third of a 128-row step's buffer there, so 128-row steps left one weight tile in flight a
+    # program) — but 4 stages lost there (92.0 / 97.3), as the tuning run's 2 (124.6 at M = 64)
     block_k = 128 if itemsize == 2 else 64
-    if m <= 16 and itemsize == 2:
-        # Measured on the H200 (bench/results/2026-12-01-h200-tuning, llama3-8b bf16): 64-row K
-        # steps (more of them in flight) streamed 86.3 / 88.8 µs at M = 1 / 16 against 90.3 /
-        # 92.3 µs with 128; at M = 64 they lost (124.6 vs 105.7 µs), so only small M takes them.
+    most_stages = 5
+    if itemsize == 2:
         block_k = 64
+        if m > 16:
+            most_stages = 3
     block_n, block_k2 = wide, block_k
     tiles = _cdiv(d_out, block_n)
     chunks = _cdiv(hidden, block_k2)
     split_k = max(1, min(round(2 * num_sms / tiles), chunks // 2))
     config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, 2)
     budget = SMEM_PER_SM // 2 - 2048  # two programs per SM
-    for stages in (5, 4, 3, 2):
+    for stages in range(most_stages, 1, -1):
         config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, stages)
         if max(decode_smem_bytes(config, gated, itemsize)) <= budget:
             break

@@ -274,7 +274,7 @@ def plan(
         if chosen == "fused_small" and _sibling_runs(spec, config, _interpret(entry)):
             from .mosaic import fused_small as sibling
 
-            cfg = sibling.DEFAULT_CONFIG
+            cfg = sibling.default_config(spec, m, interpret=_interpret(entry))
             note = "its Mosaic GPU sibling runs here (jax_impl/mosaic/fused_small.py: 64 wide)"
             reason = "; ".join(r for r in (reason, note) if r)
         launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation, cfg)

@@ -49,6 +49,7 @@ Twin: torch_impl/fused_small.py (Triton, same names and sections).
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,9 @@ from .backward import _gate_join
 from .compat import interpret_mode, on_hopper, quiet_pallas_triton
 from .front import ADAPTER, STACK
 from .gated import _gate_split
+
+if TYPE_CHECKING:
+    from .mosaic.fused_small import MosaicSmallConfig
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
@@ -429,12 +433,13 @@ def fused_small_fwd(
     params: dict[str, jax.Array],
     spec: MLPSpec,
     *,
-    config: TileConfig | SmallConfig | None = None,
+    config: TileConfig | SmallConfig | MosaicSmallConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Launch on an [M, d_in] input with M >= 1 and PACKED params (common/packing.py); returns
     [M, d_out]. Trusts its inputs. Where `_takes_mosaic_sibling` holds, the Mosaic GPU sibling runs
-    instead (within the tolerance policy; the same bits at nerf-64x5).
+    instead (within the tolerance policy; the same bits at nerf-64x5), at `config` where that is
+    the sibling's own (a plan's launch records it). twin-diff: the torch twin has no sibling.
 
     Jitted (spec, config and interpret static): an eager `pallas_call` is traced and lowered again
     on every call (0.35-1.2 s a call interpreted here), a jitted one once per shape."""
@@ -442,7 +447,7 @@ def fused_small_fwd(
     if _takes_mosaic_sibling(spec, config, interpret):
         from .mosaic import fused_small as sibling
 
-        return sibling.fused_small_fwd(x2d, params, spec, interpret=False)
+        return sibling.fused_small_fwd(x2d, params, spec, config=config, interpret=interpret)
     m = x2d.shape[0]
     cfg = small_config_for(config, spec, m, interpret=interpret, kernel="forward")
     weights, biases = layer_params(params, spec)
@@ -479,13 +484,16 @@ def _takes_mosaic_sibling(spec: MLPSpec, config: object, interpret: bool) -> boo
     x and y, its weights in shared memory and four warpgroup chains a block are JAX's way to what
     the torch twin's `_tma_io` does. H200 (results 2026-12-04-h200-0bbeb43-mosaic): nerf-64x5, 2M
     rows, 151.4 -> 137.7 µs, the same bits; at 32 wide (8 layers, 1M rows) it lost (45.6 against
-    42.0), so 64 only."""
+    42.0), so 64 only. A pinned MosaicSmallConfig (what `plan()` records as the launch's tiles
+    where the sibling runs) pins the sibling, on the GPU or under its interpreter."""
+    from .mosaic import fused_small as sibling
+
+    if isinstance(config, sibling.MosaicSmallConfig):
+        return True
     if interpret or config is not None or spec.dtype == "float32":
         return False
     if padded_width(max(spec.widths)) not in SMALL_TMA_IO_WIDTHS or not on_hopper():
         return False
-    from .mosaic import fused_small as sibling
-
     return sibling.unsupported_reason(spec) is None
 
 

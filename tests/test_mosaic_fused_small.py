@@ -275,10 +275,29 @@ def test_the_rule_of_the_sibling(monkeypatch) -> None:
     assert not rule(MLPSpec((60, 64, 64), "relu", False, "float16"))  # d_in: not whole atoms
     assert not portable._takes_mosaic_sibling(nerf, SmallConfig(64, 4, 3), False)  # pinned
     assert not portable._takes_mosaic_sibling(nerf, None, True)  # interpreted
+    # the sibling's own tiles pin the sibling, interpreted too: they are what a plan records
+    assert portable._takes_mosaic_sibling(nerf, mfs.DEFAULT_CONFIG, False)
+    assert portable._takes_mosaic_sibling(nerf, Config(warpgroups=2), True)
     monkeypatch.setattr(front, "_sibling_runs", lambda *args: True)
     the_plan = front.plan(nerf, (4099, 64), impl="fused_small")
     assert "Mosaic GPU sibling" in the_plan.reason
-    assert the_plan.launches[0].config == mfs.DEFAULT_CONFIG
+    assert the_plan.launches[0].config == mfs.default_config(nerf, 4099, interpret=True)
+
+
+@needs_interpreter
+def test_the_front_runs_the_sibling_at_the_plans_tiles(monkeypatch) -> None:
+    """Where the plan names the sibling, the front's launch hands the sibling's tiles to
+    jax_impl/fused_small, which must run the sibling with them (the H200 at 1f0f4a2: the
+    Pallas-Triton launcher read them as its own tiles and raised AttributeError)."""
+    from fusedmlp.jax_impl import front
+
+    monkeypatch.setattr(front, "_sibling_runs", lambda *args: True)
+    spec = get_preset("nerf-64x5").spec
+    x, params, p = _inputs(spec, 70, seed=23)
+    via_front = np.asarray(front.mlp(jnp.asarray(x), p, spec, impl="fused_small"))
+    direct = np.asarray(mfs.fused_small(jnp.asarray(x), p, spec))  # the interpreter's tiles
+    np.testing.assert_array_equal(via_front.view(np.uint16), direct.view(np.uint16))
+    tolerance.assert_close(via_front, reference.forward(spec, x, params), spec)
 
 
 def test_probe_smoke(tmp_path) -> None:
@@ -325,7 +344,7 @@ def test_gpu_fused_small_takes_the_sibling_at_64_wide() -> None:
 
     nerf = get_preset("nerf-64x5").spec
     assert portable._takes_mosaic_sibling(nerf, None, False)
-    assert not portable._takes_mosaic_sibling(nerf, mfs.DEFAULT_CONFIG, False)  # pinned tiles
+    assert not portable._takes_mosaic_sibling(nerf, SmallConfig(64, 4, 3), False)  # pinned tiles
     assert not portable._takes_mosaic_sibling(nerf, None, True)  # interpreted
     narrower = MLPSpec((32,) * 9, "relu", False, "float16")  # 32 wide: the sibling lost there
     assert not portable._takes_mosaic_sibling(narrower, None, False)
@@ -333,3 +352,13 @@ def test_gpu_fused_small_takes_the_sibling_at_64_wide() -> None:
     via_front = np.asarray(portable.fused_small(jnp.asarray(x), p, nerf))
     direct = np.asarray(mfs.fused_small(jnp.asarray(x), p, nerf))
     np.testing.assert_array_equal(via_front.view(np.uint16), direct.view(np.uint16))
+    # and through the JAX front, by name and by auto (the plan's launch carries the sibling's
+    # tiles; 1f0f4a2's bench found that path raising AttributeError)
+    from fusedmlp import jax_impl
+
+    assert "Mosaic GPU sibling" in jax_impl.plan(nerf, x.shape, impl="fused_small").reason
+    y = np.asarray(jax_impl.mlp(jnp.asarray(x), p, nerf, impl="fused_small"))
+    np.testing.assert_array_equal(y.view(np.uint16), direct.view(np.uint16))
+    # auto at the preset's size (its dispatch point) resolves to the same route
+    auto_plan = jax_impl.plan(nerf, (2_097_152, 64), impl="auto")
+    assert auto_plan.impl == "fused_small" and "Mosaic GPU sibling" in auto_plan.reason

@@ -38,16 +38,18 @@ and the partials are fresh `torch.empty` buffers, fully overwritten where read.
 
 Bandwidth (the H200, 132 SMs, predictions for bench/sweep_decode.py to measure): HBM latency under
 load is ~1 us, so 4.2 TB/s needs ~4 MB in flight, ~32-64 KiB per SM. Each program pipelines its
-weight tiles through shared memory with 16-byte cp.async (at M <= 16, 4 stages: 3 buffers of 36
-KiB, two 32 KiB weight tiles in flight while one is multiplied; sm_90 compile: 110,592 B, 80
-registers, no spills), two programs fit per SM, so ~128 KiB are in flight per SM in both launches.
+weight tiles through shared memory with 16-byte cp.async, 64 weight rows a K step (llama3-8b
+bf16: at M <= 16, 5 stages, 4 buffers of 18 KiB: three 16 KiB weight tiles in flight while one is
+multiplied), two programs fit per SM, so ~96 KiB are in flight per SM in both launches.
 The weight loads ask for evict-first (so that x, h and the partials stay in L2), but Triton 3.6
 drops the hint on cp.async (plain `cp.async.cg` in the PTX). llama3-8b (M = 1 to 16): launch 1
 streams 235 MB (55.5 us at 4.24 TB/s), launch 2 117 MB (27.7 us), each with a ~1-2 us ramp and
 tail, launch 3 and the seams 2-4 us: predicted 87-93 us, against the 83 us floor. The tiniest M
 run the same padded tl.dot (16 rows, mma.sync) as M = 16: at decode sizes the tensor cores idle
 either way, and a dot keeps the weight tiles on the cp.async pipeline (an FMA GEMV would load them
-to registers, without it). M = 64 runs wgmma on 2 buffers of 48 KiB.
+to registers, without it). M = 32 and 64 take 3 stages of 64-row steps (M = 64: wgmma, 3
+buffers of 24 KiB): the x tile is a third of each buffer there, and 128-row steps in 2 buffers
+left one weight tile in flight a program (H200: 103.9 -> 94.2 µs at M = 64; 4 stages lost).
 
 Seams: launches 2 and 3 read what the launch before wrote, so they are three launches in one stream.
 A host never waits between them (they are enqueued back to back; the harness times them in one CUDA

@@ -117,9 +117,11 @@ class Run:
         jax_variants: bool = False,
         variants: tuple[str, ...] = (),
         variant_m: tuple[int, ...] = VARIANT_M,
+        variant_preset: str = "llama3-8b",
     ):
         self.start = time.monotonic()
-        self.variant_m = variant_m  # the llama3-8b M values of the fused_decode variants
+        self.variant_m = variant_m  # the M values of the fused_decode variants
+        self.variant_preset = variant_preset  # and their preset
         self.small_cells = small_cells  # the cells of the small-variants section
         self.jax_variants = jax_variants  # their configs through the JAX twin as well
         self.variants = variants  # only these variants of each cell (empty: all)
@@ -539,13 +541,19 @@ def decode_variants(spec: MLPSpec, m: int) -> list[tuple[str, DecodeConfig]]:
     if d.block_m >= 32:
         # M >= 32 (default: 64-row K steps, 3 stages since 2026-12-04): the 128-row steps it
         # replaced (the x tile a third of each stage's buffer: one weight tile in flight a
-        # program), and steps of 32 rows
+        # program), steps of 32 rows, and more stages where a stage is small (a plain first
+        # layer's 64-column block is 8 KiB a step: gpt-mlp)
         out += [
             ("k128 s2", replace(d, block_k=128, block_k2=128, num_stages=2)),
-            ("k32 s4", replace(d, block_k=32, block_k2=32, num_stages=4)),
             ("k32 s5", replace(d, block_k=32, block_k2=32, num_stages=5)),
-            ("k128 up k64 down", replace(d, block_k=128, num_stages=2)),
+            ("s5", replace(d, num_stages=5)),
+            ("s6", replace(d, num_stages=6)),
         ]
+        if not spec.gated:  # 128 hidden columns a program (a gated block sits in one pair)
+            out += [
+                ("h128 s3", replace(d, block_h=128)),
+                ("h128 s5", replace(d, block_h=128, num_stages=5)),
+            ]
     return out
 
 
@@ -690,10 +698,13 @@ def sweep(run: Run) -> None:
     if run.allowed("nerf-64x5", "nerf"):
         providers(nerf, nerf_m, case_name(nerf, nerf_m, "nerf-64x5"), True, "nerf")
     # 4. fused_decode variants on llama3-8b
+    preset = run.variant_preset
+    target = get_preset(preset).spec
+    target = _dry_spec(target) if DRY["on"] else target
     for m in plan["variant_m"] if DRY["on"] else run.variant_m:
-        if run.allowed(f"llama3-8b M={m} variants", "variants"):
-            case = Case(llama, m, case_name(llama, m, "llama3-8b"), narrow=False)
-            run_variants(run, case, "variants", decode_variants(llama, m))
+        if run.allowed(f"{preset} M={m} variants", "variants"):
+            case = Case(target, m, case_name(target, m, preset), narrow=False)
+            run_variants(run, case, "variants", decode_variants(target, m))
     # 5. gpt-mlp and hf-blog-geglu decode
     for preset, spec, ms in plan["decode"]:
         for m in ms:
@@ -1006,6 +1017,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the variants section's llama3-8b decode M values (comma list)",
     )
     parser.add_argument(
+        "--variant-preset",
+        default="llama3-8b",
+        help="the variants section's preset (a two-layer MLP: llama3-8b, gpt-mlp, hf-blog-geglu)",
+    )
+    parser.add_argument(
         "--jax-variants",
         action="store_true",
         help="small-variants: time every config through the JAX twin too",
@@ -1053,7 +1069,12 @@ def main(argv: list[str] | None = None) -> int:
         variant_m = tuple(int(m) for m in args.variant_m.split(",") if m)
     except ValueError:
         parser.error(f"--variant-m: expected a comma list of ints, got {args.variant_m!r}")
-    run = Run(args.budget_s, sections, small_cells, args.jax_variants, variants, variant_m)
+    if args.variant_preset not in DECODE_M:
+        parser.error(f"--variant-preset: expected one of {sorted(DECODE_M)}")
+    run = Run(
+        args.budget_s, sections, small_cells, args.jax_variants, variants, variant_m,
+        args.variant_preset,
+    )  # fmt: skip
     try:
         sweep(run)
     finally:

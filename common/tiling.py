@@ -667,6 +667,16 @@ INTERPRET_NUM_SMS = 3
 SMALL_HOIST_BYTES = 64 * 1024
 
 
+# fused_decode's prefetch a program (16-bit): launch 1's stages - 1 buffers of x and weight rows
+# at most this many bytes (two programs an SM). Measured on the H200 (2026-12-04, results
+# f5a51b4 and 0c720ab; µs): the best stage counts kept 36-54 KiB in flight — llama3-8b M = 1 / 16
+# 4 stages (3 x 18 KiB) 86.4 / 88.8 against 89.6 / 91.5 at 5; M = 32 3 (2 x 20) 90.3-91.6
+# against 92.0-93.3 at 4; M = 64 3 (2 x 24) 94.2-95.1 against 97.3-98.2 at 4 and 123 at 2;
+# gpt-mlp M = 64 4 (3 x 16) 79.3 against 83.0 at 3 and 81.2 at 5; M = 32 5 (4 x 12) 74.5 (4:
+# 74.0, 3: 78.7). More in flight than that lost in every case.
+DECODE_IN_FLIGHT_BYTES = 54 * 1024
+
+
 def decode_block_m(m: int) -> int:
     """M padded to a power of two >= 16 (tl.dot's smallest tile)."""
     return max(16, _next_pow2(m))
@@ -705,10 +715,10 @@ def fused_decode_config(
     gate plus the adjacent 128 B of up. Launch 1 takes the widest hidden block that still gives
     num_sms programs (llama3-8b: 64 -> 224 programs); launch 2 takes 256-byte columns (128 16-bit)
     and splits the hidden until there are ~2 programs per SM (llama3-8b: 32 column tiles x 8 = 256
-    programs; the fp32 partials are 8·M·d_out·4 B <= 8 MiB, L2-resident). Stages: as many (<= 5)
-    as keep two programs' buffers within an SM's shared memory, at most 3 past M = 16 (llama3-8b
-    bf16, 64-row K steps: M <= 16 4 buffers of 18 KiB, three 16 KiB weight tiles in flight per
-    program; M = 64 3 of 24 KiB: measured below).
+    programs; the fp32 partials are 8·M·d_out·4 B <= 8 MiB, L2-resident). Stages: as many (<= 6)
+    as keep two programs' buffers within an SM's shared memory and, 16-bit, launch 1's prefetch
+    within DECODE_IN_FLIGHT_BYTES (llama3-8b bf16, 64-row K steps: M <= 16 4 stages, three 18 KiB
+    tiles of x and weights in flight per program; M = 32 / 64 3).
     """
     block_m = decode_block_m(m)
     if interpret:
@@ -724,23 +734,22 @@ def fused_decode_config(
     block_h = next((b for b in choices if _cdiv(hidden, b) >= num_sms), choices[-1])
     # 64-row K steps, 16-bit. Measured on the H200 (llama3-8b bf16): 86.3 / 88.8 µs at M = 1 /
     # 16 against 90.3 / 92.3 µs with 128 (bench/results/2026-12-01-h200-tuning); at M = 32 / 64
-    # 90.2 / 94.2 against 94.0 / 103.9 at 3 stages (2026-12-04-h200-1f0f4a2: the x tile is a
-    # third of a 128-row step's buffer there, so 128-row steps left one weight tile in flight a
-    # program) — but 4 stages lost there (92.0 / 97.3), as the tuning run's 2 (124.6 at M = 64)
-    block_k = 128 if itemsize == 2 else 64
-    most_stages = 5
-    if itemsize == 2:
-        block_k = 64
-        if m > 16:
-            most_stages = 3
+    # 90.2 / 94.2 against 94.0 / 103.9 (2026-12-04-h200-1f0f4a2: the x tile is a third of a
+    # 128-row step's buffer there, so 128-row steps left one weight tile in flight a program).
+    # float32 took 64 (256-byte rows of x) already.
+    block_k = 64
     block_n, block_k2 = wide, block_k
     tiles = _cdiv(d_out, block_n)
     chunks = _cdiv(hidden, block_k2)
     split_k = max(1, min(round(2 * num_sms / tiles), chunks // 2))
     config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, 2)
     budget = SMEM_PER_SM // 2 - 2048  # two programs per SM
-    for stages in range(most_stages, 1, -1):
+    for stages in (6, 5, 4, 3, 2) if itemsize == 2 else (5, 4, 3, 2):
         config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, stages)
+        up_stage = decode_smem_bytes(dataclasses.replace(config, num_stages=1), gated, itemsize)[0]
+        in_flight = (stages - 1) * up_stage  # launch 1's prefetched stages
+        if itemsize == 2 and stages > 2 and in_flight > DECODE_IN_FLIGHT_BYTES:
+            continue
         if max(decode_smem_bytes(config, gated, itemsize)) <= budget:
             break
     return config

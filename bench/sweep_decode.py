@@ -704,7 +704,10 @@ def sweep(run: Run) -> None:
     for m in plan["variant_m"] if DRY["on"] else run.variant_m:
         if run.allowed(f"{preset} M={m} variants", "variants"):
             case = Case(target, m, case_name(target, m, preset), narrow=False)
-            run_variants(run, case, "variants", decode_variants(target, m))
+            variants = decode_variants(target, m)
+            if run.variants:
+                variants = [(n, c) for n, c in variants if n in run.variants]
+            run_variants(run, case, "variants", variants)
     # 5. gpt-mlp and hf-blog-geglu decode
     for preset, spec, ms in plan["decode"]:
         for m in ms:
@@ -1009,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="",
-        help="small-variants: only the variants of this comma list (default: all of a cell's)",
+        help="variants and small-variants: only the variants of this comma list (default: all)",
     )
     parser.add_argument(
         "--variant-m",

@@ -714,8 +714,9 @@ def fused_decode_config(
     weight row fragment should be >= 256 B (8 full L2 sectors): a 64-wide packed block is 128 B of
     gate plus the adjacent 128 B of up. Launch 1 takes the widest hidden block that still gives
     num_sms programs (llama3-8b: 64 -> 224 programs); launch 2 takes 256-byte columns (128 16-bit)
-    and splits the hidden until there are ~2 programs per SM (llama3-8b: 32 column tiles x 8 = 256
-    programs; the fp32 partials are 8·M·d_out·4 B <= 8 MiB, L2-resident). Stages: as many (<= 6)
+    and splits the hidden until there are ~2 programs per SM past M = 16, ~1 up to it (llama3-8b:
+    32 column tiles x 8 = 256 programs, x 4 = 128; the fp32 partials are 8·M·d_out·4 B <= 8 MiB,
+    L2-resident). Stages: as many (<= 6)
     as keep two programs' buffers within an SM's shared memory and, 16-bit, launch 1's prefetch
     within DECODE_IN_FLIGHT_BYTES (llama3-8b bf16, 64-row K steps: M <= 16 4 stages, three 18 KiB
     tiles of x and weights in flight per program; M = 32 / 64 3).
@@ -741,7 +742,13 @@ def fused_decode_config(
     block_n, block_k2 = wide, block_k
     tiles = _cdiv(d_out, block_n)
     chunks = _cdiv(hidden, block_k2)
-    split_k = max(1, min(round(2 * num_sms / tiles), chunks // 2))
+    # launch 2's programs an SM: two past M = 16, one up to it. H200 (2026-12-04, results
+    # 5e20604; µs, split 4 against 8 at llama3-8b's and gpt-mlp's 32 column tiles): llama3-8b M =
+    # 1 / 16 86.1 / 87.5 against 86.7 / 88.5, gpt-mlp 67.6 / 69.6 against 69.0 / 71.8; at M = 64
+    # llama3-8b lost (98.3 against 96.4; M = 32 95.4 against 91.6 in the call before), gpt-mlp
+    # won (75.3 against 79.5)
+    per_sm = 1 if m <= 16 else 2
+    split_k = max(1, min(round(per_sm * num_sms / tiles), chunks // 2))
     config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, 2)
     budget = SMEM_PER_SM // 2 - 2048  # two programs per SM
     for stages in (6, 5, 4, 3, 2) if itemsize == 2 else (5, 4, 3, 2):

@@ -214,7 +214,9 @@ def test_default_tiles():
         assert 64 % cfg.block_h == 0  # a gated hidden block sits in one packed pair
         assert 14336 // cfg.block_h >= NUM_SMS  # launch 1 fills the GPU
         splits, _ = decode_splits(14336, cfg.block_k2, cfg.split_k)
-        assert 4096 // cfg.block_n * splits >= NUM_SMS  # and so does launch 2
+        # and so does launch 2: about one program an SM up to M = 16, two past it
+        per_sm = 1 if m <= 16 else 2
+        assert abs(4096 // cfg.block_n * splits - per_sm * NUM_SMS) <= 8 * per_sm
         # two programs per SM fit in shared memory
         assert 2 * max(decode_smem_bytes(cfg, True, 2)) <= SMEM_PER_SM - 4096
         assert cfg.num_stages >= 2

@@ -425,3 +425,23 @@ def test_rows_probe_smoke(tmp_path):
     limit = bounds(MLPSpec((64, 128, 64), "swiglu", False, "bfloat16")).rel_fro
     for row in rows:
         assert "error" not in row and row["rel_err_vs_eager"] <= limit, row
+
+
+def test_launch_probe_smoke(tmp_path):
+    """bench/decode_launch_probe.py --smoke: both stacks' fused_decode at the presets' activation,
+    gating and dtype (interpreter sizes) run on this CPU and meet eager / XLA within the policy's
+    relative bound (the kernels' own checks against float64 are the tests above)."""
+    from fusedmlp.bench import decode_launch_probe
+    from fusedmlp.common.tolerance import bounds
+
+    out = tmp_path / "launches.json"
+    cases = "llama3-8b:16,gpt-mlp:64"
+    assert decode_launch_probe.main([str(out), "--smoke", "--cases", cases]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["stack"]) for r in rows] == [
+        ("llama3-8b:16", "torch"), ("llama3-8b:16", "jax"),
+        ("gpt-mlp:64", "torch"), ("gpt-mlp:64", "jax"),
+    ]  # fmt: skip
+    limit = bounds(MLPSpec((64, 96, 48), "swiglu", False, "bfloat16")).rel_fro
+    for row in rows:
+        assert "error" not in row and row["rel_err_vs_baseline"] <= limit, row

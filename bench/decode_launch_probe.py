@@ -1,0 +1,131 @@
+"""Where fused_decode's time goes: each launch's device time (up, down, reduce), both stacks.
+
+The runner times a call as the sum of its kernels; this probe keeps them apart, so a gap between
+two cases (llama3-8b at M = 64 against M = 16, JAX against torch at M = 64, gpt-mlp's plain first
+layer against llama3-8b's gated one) can be put on the launch that makes it. Each launch's weight
+bytes give its stream rate: launch 1 reads the first layer's weights (and x from L2 once a
+program), launch 2 the second's, launch 3 only the fp32 partials (L2).
+
+Rows: preset x M x stack, the default tiles (common/tiling.py `fused_decode_config`), each checked
+against eager / XLA first; device time as the harness defines it (bench/timing.py, read flush).
+
+    python3 bench/decode_launch_probe.py OUT.json [--cases llama3-8b:16,llama3-8b:64,gpt-mlp:64]
+    python3 bench/decode_launch_probe.py OUT.json --smoke   (CPU: tiny MLPs interpreted, parity
+                                                             only, nothing timed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+CALLS = 50
+DEFAULT_CASES = "llama3-8b:16,llama3-8b:64,gpt-mlp:16,gpt-mlp:64"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="path of the JSON results")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="comma list of PRESET:M")
+    parser.add_argument("--smoke", action="store_true", help="tiny MLPs, interpreted, untimed")
+    args = parser.parse_args(argv)
+    if args.smoke:  # before fusedmlp.torch_impl is imported: the interpreter decides at import
+        os.environ["TRITON_INTERPRET"] = "1"
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from fusedmlp.bench.env import environment
+    from fusedmlp.bench.timing import time_device
+    from fusedmlp.common import get_preset
+    from fusedmlp.common.params import init_params, make_input
+    from fusedmlp.common.tiling import fused_decode_config
+    from fusedmlp.jax_impl import baselines as jax_baselines
+    from fusedmlp.jax_impl import fused_decode as jax_decode
+    from fusedmlp.jax_impl.packing import pack_params as jax_pack
+    from fusedmlp.torch_impl import baselines as torch_baselines
+    from fusedmlp.torch_impl import fused_decode as torch_decode
+    from fusedmlp.torch_impl.packing import pack_params as torch_pack
+
+    if not torch.cuda.is_available() and not args.smoke:
+        print("decode_launch_probe: needs a CUDA GPU (or --smoke)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    dev = "cpu" if args.smoke else "cuda"
+    sync = torch.cuda.synchronize if not args.smoke else lambda: None
+    rows: list[dict[str, Any]] = []
+    for case in (c for c in args.cases.split(",") if c):
+        preset, m = case.split(":")
+        m = int(m)
+        spec = get_preset(preset).spec
+        if args.smoke:  # the preset's activation, gating and dtype at interpreter sizes
+            spec = spec.replace(widths=(64, 96, 48))
+        params = init_params(spec, seed=m)
+        x = make_input(spec, m, seed=m + 1)
+        cfg = fused_decode_config(spec, m, interpret=args.smoke)
+        to_t = {
+            k: torch.from_numpy(v.astype(np.float32)).to(dev, getattr(torch, spec.dtype))
+            for k, v in params.items()
+        }
+        xt = torch.from_numpy(x.astype(np.float32)).to(dev, getattr(torch, spec.dtype))
+        packed_t = torch_pack(spec, to_t)
+        to_j = {k: jnp.asarray(v) for k, v in params.items()}
+        xj = jnp.asarray(x)
+        packed_j = jax_pack(spec, to_j)
+        for stack in ("torch", "jax"):
+            if stack == "torch":
+                fn = functools.partial(torch_decode.fused_decode, xt, packed_t, spec)
+                ref = torch_baselines.eager(xt, to_t, spec).float().cpu().numpy()
+                wait = lambda _: sync()  # noqa: E731
+            else:
+                fn = functools.partial(jax_decode.fused_decode, xj, packed_j, spec)
+                ref = np.asarray(jax_baselines.xla(xj, to_j, spec), np.float32)
+                wait = jax.block_until_ready
+            row: dict[str, Any] = {"case": case, "stack": stack, "config": str(cfg)}
+            try:
+                out = fn()
+                got = out.float().cpu().numpy() if stack == "torch" else np.asarray(out, np.float32)
+                row["rel_err_vs_baseline"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                if not args.smoke:
+                    wait(fn())
+                    timing = time_device(stack, lambda i, fn=fn: fn(), CALLS, wait)
+                    us = timing.device.median * 1e6
+                    launches = [round(t * 1e6, 2) for t in timing.kernel_times]
+                    size = np.dtype(spec.dtype if spec.dtype != "bfloat16" else "float16").itemsize
+                    layer_bytes = [
+                        size * layer.d_in * layer.d_out * (2 if layer.gated else 1)
+                        for layer in spec.layers()
+                    ]
+                    row.update(
+                        us=round(us, 2),
+                        kernels=list(timing.kernel_names),
+                        launch_us=launches,
+                        # the weight stream of launches 1 and 2 (TB/s)
+                        launch_tbps=[
+                            round(b / t / 1e6, 3)
+                            for b, t in zip(layer_bytes, launches, strict=False)
+                        ],
+                    )
+            except Exception as exc:  # the row says why; the other rows still run
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {
+        "probe": "decode_launch_probe",
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+        "environment": environment(),
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,7 +66,13 @@ from .front import ADAPTER, STACK
 from .fused_small import dot_precision
 
 MAX_M = 64
-REDUCE_BLOCK_N = 64  # launch 3: output columns per program (d_out 4096 -> 64 programs)
+# Launch 3's tile: 16 rows x 64 output columns a program (llama3-8b: 64 programs at M <= 16, 256
+# at M = 64). Its rows are independent of launches 1-2's row blocks (each sum is the same fixed
+# order, s = 0, 1, ...: the same bits). H200 (bench/decode_launch_probe.py at 30bbe30): with the
+# whole padded M a program, 64 programs summed 8 partials of [64, 64] in 4.6 µs torch / 7.2 µs
+# JAX at M = 64 (8.4 MB from L2 at 1.2-1.8 TB/s) against 1.1-1.4 µs at M <= 16.
+REDUCE_BLOCK_M = 16
+REDUCE_BLOCK_N = 64
 
 
 # ---- forward kernels -----------------------------------------------------------------------------
@@ -311,16 +317,18 @@ def fused_decode_fwd(
         )(h, w2, b2)
         if splits == 1:
             return out
+        reduce_blocks = pl.cdiv(m, REDUCE_BLOCK_M)
         reduce = functools.partial(
             _fused_decode_reduce_kernel, M=m, D_OUT=d_out,
-            HAS_BIAS=spec.bias, BLOCK_M=cfg.block_m, M_BLOCKS=m_blocks, BLOCK_N=REDUCE_BLOCK_N,
+            HAS_BIAS=spec.bias, BLOCK_M=REDUCE_BLOCK_M, M_BLOCKS=reduce_blocks,
+            BLOCK_N=REDUCE_BLOCK_N,
             SPLIT_K=splits,
             INTERPRET=interpret,
         )  # fmt: skip
         return pl.pallas_call(
             reduce,
             out_shape=jax.ShapeDtypeStruct((m, d_out), x2d.dtype),
-            grid=(pl.cdiv(d_out, REDUCE_BLOCK_N) * m_blocks,),
+            grid=(pl.cdiv(d_out, REDUCE_BLOCK_N) * reduce_blocks,),
             compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
             interpret=interpret,
             name="fused_decode_reduce",

@@ -10,8 +10,10 @@ fused_small (jax_impl/fused_small.py) on the H200, over a sweep of the Mosaic ke
 Cases: `nerf` (nerf-64x5: 5 layers 64 wide, relu, no bias, fp16, 2,097,152 rows; floor 127 µs at
 4.24 TB/s, Pallas-Triton 152 µs, torch with TMA x/y 145 µs), `w32x8` (8 layers 32 wide, relu, fp16,
 1,048,576 rows), `w64gelu` (3 layers 64 wide, gelu_tanh with biases, bf16) and `w64x8` (8 layers 64
-wide, relu, bf16), both at 1,048,576 rows. Configs: the default (`DEFAULT_CONFIG`;
-`INTERPRET_CONFIG` with `--smoke`), then those of `--config` (knob=value pairs, bools as 0/1), the
+wide, relu, bf16), both at 1,048,576 rows, and `w128x8` (8 layers 128 wide, relu, fp16, 1,048,576
+rows: the weights through the chains' shared ring). Configs: the case's default
+(`default_config`: `DEFAULT_CONFIG`, `RING_CONFIG` at 128 wide; the interpreter's with `--smoke`),
+then those of `--config` (knob=value pairs, bools as 0/1), the
 cartesian product of the grid flags (knobs left out keep the default's value) and, with `--sweep`, a
 built-in list around the default. A config that does not fit shared memory is skipped; one that
 fails to compile or run is printed as FAIL and the sweep goes on. Per line: device µs (median of
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import sys
@@ -50,11 +53,15 @@ def _cases(names: list[str], smoke: bool) -> list[tuple[str, MLPSpec, int]]:
         # the rule's other 64-wide specs: a smooth activation with biases, bfloat16, deeper
         "w64gelu": (MLPSpec((64,) * 4, "gelu_tanh", True, "bfloat16"), 1 << 20),
         "w64x8": (MLPSpec((64,) * 9, "relu", False, "bfloat16"), 1 << 20),
+        # 128 wide: the weights through the ring the chains share (the narrow sweep's 128x8 cell;
+        # Pallas-Triton 677 µs, torch 676 µs at 289aa0a, compute floor 362 µs)
+        "w128x8": (MLPSpec((128,) * 9, "relu", False, "float16"), 1 << 20),
     }
     if smoke:
         table = {
             "nerf": (MLPSpec((64,) * 6, "relu", False, "float16"), 301),
             "w32x8": (MLPSpec((32,) * 4, "relu", False, "float16"), 130),
+            "w128x8": (MLPSpec((128,) * 4, "relu", False, "float16"), 200),
         }
     return [(name, *table[name]) for name in names]
 
@@ -105,12 +112,23 @@ def _grid(args: argparse.Namespace, default: Any) -> list[Any]:
     ]
 
 
-def _sweep(cls: type) -> list[Any]:
+def _sweep(default: Any) -> list[Any]:
     """Around the dataclass's defaults (64-row chains, 3 slots, 3 warpgroups, hidden in
     registers): the barriers, the hidden path, chains a block, slots, 128-row chains, several
     blocks an SM (17 configs, ~12 s each with compile and timing on the H200: the sweep of
-    bench/results/2026-12-04-h200-0bbeb43-mosaic)."""
-    c = cls
+    bench/results/2026-12-04-h200-0bbeb43-mosaic). A weight ring's default (128 wide): chains,
+    slots and ring slots within shared memory (192-208 KiB each)."""
+    if default.weight_slots:
+        r = functools.partial(dataclasses.replace, default)
+        return [
+            r(auto_barriers=False),
+            r(warpgroups=2, out_slots=2),
+            r(warpgroups=2, num_stages=3),
+            r(warpgroups=4, num_stages=1),
+            r(warpgroups=3, num_stages=1, weight_slots=3),
+            r(block_m=128, warpgroups=2, num_stages=1),
+        ]
+    c = type(default)
     return [
         c(auto_barriers=False),
         c(hidden_in_registers=False),
@@ -138,7 +156,7 @@ def _configs(args: argparse.Namespace, default: Any) -> list[Any]:
     configs += [_parse_config(text, default) for text in args.config]
     configs += _grid(args, default)
     if args.sweep:
-        configs += _sweep(type(default))
+        configs += _sweep(default)
     seen, unique = set(), []
     for cfg in configs:
         if cfg not in seen:
@@ -264,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
     parser.add_argument(
-        "--cases", default="nerf,w32x8", help="comma list of: nerf, w32x8, w64gelu, w64x8"
+        "--cases",
+        default="nerf,w32x8",
+        help="comma list of: nerf, w32x8, w64gelu, w64x8, w128x8",
     )
     parser.add_argument("--sweep", action="store_true", help="add the built-in configs")
     parser.add_argument("--config", action="append", default=[], help="knob=value,... (repeat)")
@@ -283,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and jax.default_backend() != "gpu":
         raise SystemExit("no GPU: pass --smoke to check the script under the interpreter")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
-    configs = _configs(args, mfs.INTERPRET_CONFIG if args.smoke else mfs.DEFAULT_CONFIG)
     rows = []
     for name, spec, m in _cases(args.cases.split(","), args.smoke):
+        # the case's default tiles first (a weight ring's at 128 wide)
+        configs = _configs(args, mfs.default_config(spec, m, interpret=args.smoke))
         rows += run_case(name, spec, m, configs, args)
     _summary(rows)
     if args.out:

@@ -13,6 +13,7 @@ Pallas-Triton fused_small; bench/mosaic_small_probe.py times both on the H200.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -86,6 +87,10 @@ def _inputs(spec: MLPSpec, m: int, seed: int) -> tuple[np.ndarray, dict, dict]:
         # hidden 48 padded to WIDTH 64 (zero weight rows and columns), d_in 32 and d_out 16 read
         # and written unpadded: one 32-byte swizzle for every tile
         ((32, 48, 48, 16), "gelu", "float16", True, 70),
+        # 128 wide: the weights through the ring (5 tiles over 4 chains: the step past a chain's
+        # last tile recomputes one and stores nothing)
+        ((128,) * 5, "relu", "float16", False, 301),
+        ((128,) * 3, "gelu_tanh", "bfloat16", True, 70),
     ],
 )
 @needs_interpreter
@@ -149,6 +154,23 @@ def test_no_races_in_the_ring(monkeypatch) -> None:
 
 
 @needs_interpreter
+def test_no_races_in_the_weight_ring(monkeypatch) -> None:
+    """128 wide, the weights streamed through a ring of two slots that two chains share in step
+    (460 rows: 8 tiles, 4 chains of 2 steps; 3 layers = 6 weight tiles a chain, so each slot is
+    refilled twice), under the race detector: a slot refilled before every chain's wgmma has read
+    it, or a missing wait on the ring's barriers, raises or is reported here."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    cls = type(compat.mosaic_interpret_params())
+    monkeypatch.setattr(compat, "mosaic_interpret_params", lambda: cls(detect_races=True))
+    spec = MLPSpec((128,) * 4, "relu", True, "float16")
+    x, params, p = _inputs(spec, 460, seed=6)
+    out = mfs.fused_small(jnp.asarray(x), p, spec, config=mfs.INTERPRET_RING_CONFIG)
+    assert not interpret_pallas_call.get_races().races_found
+    tolerance.assert_close(out, reference.forward(spec, x, params), spec)
+
+
+@needs_interpreter
 def test_jit_3d_input_and_empty() -> None:
     spec = MLPSpec((32, 32, 32), "relu", True, "bfloat16")
     x, params, p = _inputs(spec, 15, seed=7)
@@ -166,7 +188,9 @@ def test_jit_3d_input_and_empty() -> None:
     [
         (MLPSpec((64, 64), "relu", False, "float32"), "dtype float32 is not supported"),
         (MLPSpec((64, 64, 64), "swiglu", True, "float16"), "gated activation 'swiglu'"),
-        (MLPSpec((64, 128, 64), "relu", False, "float16"), "got 128 at widths\\[1\\]"),
+        (MLPSpec((64, 256, 64), "relu", False, "float16"), "got 256 at widths\\[1\\]"),
+        # 128 wide: the weight ring's square slots
+        (MLPSpec((64, 128, 64), "relu", False, "float16"), "at 128 wide every width must be 128"),
         (MLPSpec((64,) * 10, "relu", False, "float16"), "at most 8 layers, got 9"),
         (MLPSpec((63, 64, 64), "relu", False, "float16"), "d_in=63 is not a multiple of 16"),
         (MLPSpec((64, 64, 4), "relu", False, "bfloat16"), "d_out=4 is not a multiple of 16"),
@@ -188,6 +212,7 @@ def test_supported_specs() -> None:
         nerf,
         MLPSpec((32,) * 9, "relu", False, "float16"),
         MLPSpec((16, 40, 16), "gelu_tanh", True, "bfloat16"),
+        MLPSpec((128,) * 9, "relu", False, "float16"),
     ):
         assert mfs.unsupported_reason(spec, 1 << 20) is None, spec
 
@@ -210,6 +235,18 @@ def test_config_validation_and_mapping() -> None:
     with pytest.raises(ValueError, match="bytes of shared memory a block"):
         mfs.check_config(mfs.geometry(spec, Config(warpgroups=8, num_stages=4)))
     mfs.check_config(mfs.geometry(spec, mfs.DEFAULT_CONFIG))
+    # the weight ring: its knob, the square layers it takes, its tiles at 128 wide
+    with pytest.raises(ValueError, match="weight_slots: expected an int >= 0"):
+        Config(weight_slots=-1)
+    with pytest.raises(ValueError, match=r"weight_slots: the ring streams square \[WIDTH, WIDTH\]"):
+        mfs.check_config(mfs.geometry(spec.replace(widths=(32, 64, 64)), Config(weight_slots=2)))
+    wide = MLPSpec((128,) * 9, "relu", False, "float16")
+    assert mfs.default_config(wide, 1 << 20) == mfs.RING_CONFIG
+    assert mfs.default_config(wide, 1 << 20, interpret=True) == mfs.INTERPRET_RING_CONFIG
+    mfs.check_config(mfs.geometry(wide, mfs.RING_CONFIG))  # 208 KiB
+    with pytest.raises(ValueError, match="bytes of shared memory a block"):  # every layer resident
+        mfs.check_config(mfs.geometry(wide, dataclasses.replace(mfs.RING_CONFIG, weight_slots=0)))
+    assert str(mfs.RING_CONFIG).endswith(" ring2")
 
 
 def test_padded_rows() -> None:
@@ -238,10 +275,20 @@ LOWER_CASES = [
     (NERF, 1 << 21, Config(warpgroups=1, blocks_per_sm=3, num_stages=2)),
     (MLPSpec((32,) * 9, "relu", False, "float16"), 1 << 20, Config(warpgroups=4, num_stages=4)),
     (MLPSpec((16, 48, 48, 16), "gelu", True, "bfloat16"), 301, Config(auto_barriers=False)),
+    # 128 wide: the weight ring (its default tiles; with biases, a 3-slot ring over 2 chains)
+    (MLPSpec((128,) * 9, "relu", False, "float16"), 1 << 20, mfs.RING_CONFIG),
+    (
+        MLPSpec((128,) * 5, "gelu_tanh", True, "bfloat16"),
+        70_001,
+        Config(warpgroups=2, num_stages=2, out_slots=2, weight_slots=3),
+    ),
 ]
 
 
-LOWER_IDS = ["nerf", "nerf-nobar", "nerf-smemA-s4", "nerf-m128", "nerf-3blocks", "w32x8", "gelu-16"]
+LOWER_IDS = [
+    "nerf", "nerf-nobar", "nerf-smemA-s4", "nerf-m128", "nerf-3blocks", "w32x8", "gelu-16",
+    "w128x8-ring", "w128x4-gelu-ring3",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("spec", "m", "config"), LOWER_CASES, ids=LOWER_IDS)

@@ -1,4 +1,4 @@
-"""fused_small on Mosaic GPU: the whole narrow MLP (every width <= 64) in one persistent kernel.
+"""fused_small on Mosaic GPU: the whole narrow MLP (every width <= 128) in one persistent kernel.
 
     h_0 = x;   h_{l+1} = round(act(h_l·W_l + b_l))   (l < L-1)
     y = round(h_{L-1}·W_{L-1} + b_{L-1})
@@ -15,7 +15,13 @@ against a 127 µs floor; the torch twin with TMA loads and stores of x and y: 14
   g + G, g + 2G, ...: a persistent grid), so the SM's warp schedulers interleave several chains'
   products and epilogues.
 - Weights: every layer's [K, N] tile (zero-padded to the kernel's WIDTH where a layer is
-  narrower) and bias row go to shared memory once per block, by TMA, before any row loop.
+  narrower) and bias row go to shared memory once per block, by TMA, before any row loop. At 128
+  wide (32 KiB a layer: a deep MLP's do not fit beside the chains' slots) they stream instead
+  through a ring of `weight_slots` [WIDTH, WIDTH] slots that the block's chains share in step:
+  the k-th weight tile a chain reads is layer k % L in slot k % R; each chain arrives on the
+  slot's "free" barrier once its wgmma has read it, and warpgroup 0 refills it with tile k + R
+  when all have (every chain walks the same number of steps; a step past a chain's last tile
+  recomputes that tile and stores nothing). NOT MEASURED yet (`RING_CONFIG`).
 - x: per chain a ring of `num_stages` shared-memory slots filled by TMA; a slot is refilled with
   the chain's tile `num_stages` ahead as soon as the first layer's wgmma has read it, so the
   loads stay in flight while the chain computes.
@@ -38,8 +44,9 @@ activation) and contribute nothing to the next product. x and y are read and wri
 copy), so d_in and d_out must be multiples of 16 (wgmma's 32-byte swizzle atoms); the one swizzle
 of every tile is the largest that divides d_in, WIDTH and d_out (128 bytes for nerf-64x5). Hidden
 widths may be anything <= WIDTH (their weights are padded on the host: one small XLA op per
-padded layer, none for nerf-64x5). Gated specs, float32, widths over 64 and more than MAX_LAYERS
-layers are refused by `unsupported_reason` (fallback: jax_impl/fused_small.py).
+padded layer, none for nerf-64x5). Gated specs, float32, widths over 128, 128-wide specs whose
+widths are not all 128 (the ring's slots are square) and more than MAX_LAYERS layers are refused by
+`unsupported_reason` (fallback: jax_impl/fused_small.py).
 """
 
 from __future__ import annotations
@@ -47,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -68,7 +74,7 @@ from . import pipeline
 
 IMPL = "pallas_mosaic"
 FALLBACK_IMPL = "fused_small (Pallas-Triton, jax_impl/fused_small.py)"
-WIDTHS_SUPPORTED = (16, 32, 64)  # the closed set of compile-time widths
+WIDTHS_SUPPORTED = (16, 32, 64, 128)  # the closed set of compile-time widths (128: the ring)
 MAX_LAYERS = 8
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 MIN_IO_WIDTH = 16  # d_in, d_out: whole 32-byte swizzle atoms (wgmma's narrowest swizzle)
@@ -96,7 +102,10 @@ class MosaicSmallConfig:
     auto_barriers: Pallas' warpgroup barriers around every shared-memory store and TMA issue
     (its default). False (`CompilerParams.unsafe_no_auto_barriers`): only the barriers the kernel
     needs (its stores are never read back by the same thread; the one place that needs one, a
-    refilled x slot whose wgmma other warps may still read, gets `commit_smem`'s)."""
+    refilled x slot whose wgmma other warps may still read, gets `commit_smem`'s).
+    weight_slots: 0 — every layer's weights stay in shared memory for the whole row loop; R >= 1 —
+    they stream through a ring of R [WIDTH, WIDTH] slots that the block's chains share, in step
+    (every layer a square WIDTH x WIDTH one: `ring_reason`)."""
 
     block_m: int = 64
     num_stages: int = 3
@@ -105,6 +114,7 @@ class MosaicSmallConfig:
     out_slots: int = 2
     hidden_in_registers: bool = True
     auto_barriers: bool = True
+    weight_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.block_m not in (64, 128):
@@ -113,6 +123,9 @@ class MosaicSmallConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        slots = self.weight_slots
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+            raise ValueError(f"weight_slots: expected an int >= 0, got {slots!r}")
         if self.warpgroups * 128 > MAX_THREADS:
             raise ValueError(
                 f"warpgroups: expected at most {MAX_THREADS // 128} (a block's {MAX_THREADS} "
@@ -128,6 +141,7 @@ class MosaicSmallConfig:
             f"o{self.out_slots}"
             + (" regA" if self.hidden_in_registers else " smemA")
             + ("" if self.auto_barriers else " nobar")
+            + (f" ring{self.weight_slots}" if self.weight_slots else "")
         )
 
 
@@ -145,12 +159,24 @@ DEFAULT_CONFIG = MosaicSmallConfig(warpgroups=4)
 INTERPRET_CONFIG = MosaicSmallConfig(
     block_m=64, num_stages=1, warpgroups=2, blocks_per_sm=1, out_slots=2, hidden_in_registers=False
 )
+# 128 wide (NOT MEASURED yet; jax_impl/fused_small never routes there): the weights of a deep
+# 128-wide MLP (32 KiB a layer) do not fit beside the chains' x and y slots, so they stream
+# through a ring of two slots that three chains share in step — a quarter of the weight reads of
+# the Pallas-Triton kernel, whose 64-row programs each read every layer from L2 (128x8, 1M rows:
+# 256 KiB a tile, 681 µs on the H200 against a 362 µs compute floor). Shared memory: ring 64 KiB,
+# x 3 x 2 x 16 KiB, y 3 x 16 KiB: 208 KiB. docs/performance.md (nineteenth session) has the
+# prediction to measure (bench/mosaic_small_probe.py --cases w128x8).
+RING_CONFIG = MosaicSmallConfig(warpgroups=3, num_stages=2, out_slots=1, weight_slots=2)
+INTERPRET_RING_CONFIG = dataclasses.replace(INTERPRET_CONFIG, out_slots=1, weight_slots=2)
 
 
 def default_config(spec: MLPSpec, m: int, *, interpret: bool = False) -> MosaicSmallConfig:
     """The tiles: DEFAULT_CONFIG (measured at nerf-64x5, the width it is taken at:
-    jax_impl/fused_small._takes_mosaic_sibling), INTERPRET_CONFIG under the interpreter."""
-    del spec, m
+    jax_impl/fused_small._takes_mosaic_sibling), INTERPRET_CONFIG under the interpreter; at
+    padded width 128 the weight ring's (RING_CONFIG, INTERPRET_RING_CONFIG)."""
+    del m
+    if padded_width(max(spec.widths)) == 128:
+        return INTERPRET_RING_CONFIG if interpret else RING_CONFIG
     return INTERPRET_CONFIG if interpret else DEFAULT_CONFIG
 
 
@@ -219,14 +245,23 @@ class Geometry:
         8 bytes a barrier): weights, bias rows, and per chain its x ring, y staging and (hidden
         through shared memory) its hidden tile."""
         c = self.config
-        tiles = [math.prod(self.weight_shape(i)) for i in range(self.num_layers)]
+        if c.weight_slots:  # the ring: one allocation of its slots, a full and a free barrier each
+            tiles = [c.weight_slots * self.width * self.width]
+            weight_barriers = 2 * c.weight_slots
+        else:
+            tiles = [math.prod(self.weight_shape(i)) for i in range(self.num_layers)]
+            weight_barriers = self.num_layers
         if self.has_bias:
             tiles.append(self.num_layers * self.bias_len)
         chains = c.warpgroups * c.block_m
         tiles += [chains * c.num_stages * self.d_in, chains * c.out_slots * self.d_out]
         if not c.hidden_in_registers:
             tiles.append(chains * self.width)
-        barriers = self.num_layers * (2 if self.has_bias else 1) + c.warpgroups * c.num_stages
+        barriers = (
+            weight_barriers
+            + (self.num_layers if self.has_bias else 0)
+            + c.warpgroups * c.num_stages
+        )
         return sum(_align(t * self.itemsize) for t in tiles) + BARRIER_BYTES * barriers
 
 
@@ -246,8 +281,22 @@ def geometry(spec: MLPSpec, config: MosaicSmallConfig) -> Geometry:
     )
 
 
+def ring_reason(geo: Geometry) -> str | None:
+    """None when every layer's weight tile is the ring's [WIDTH, WIDTH] slot (d_in = d_out =
+    WIDTH: the ring holds one shape), else why the ring cannot stream them."""
+    if geo.d_in == geo.width == geo.d_out:
+        return None
+    return (
+        f"weight_slots: the ring streams square [WIDTH, WIDTH] = [{geo.width}, {geo.width}] "
+        f"layers only, got d_in={geo.d_in}, d_out={geo.d_out}"
+    )
+
+
 def check_config(geo: Geometry) -> None:
-    """ValueError naming the knob when a config's blocks do not fit an SM's shared memory."""
+    """ValueError naming the knob when a config's blocks do not fit an SM's shared memory, or its
+    weight ring cannot take the spec's layers."""
+    if geo.config.weight_slots and (reason := ring_reason(geo)) is not None:
+        raise ValueError(reason)
     need = geo.smem_bytes()
     per_block = min(SMEM_BYTES, SMEM_PER_SM // geo.config.blocks_per_sm - SMEM_BLOCK_RESERVED)
     if need > per_block:
@@ -288,6 +337,11 @@ def unsupported_reason(spec: MLPSpec, m: int | None = None) -> str | None:
                 f"{IMPL} fused_small: {name}={width} is not a multiple of {MIN_IO_WIDTH} (x and y "
                 f"go by TMA into wgmma's 32-byte swizzle atoms, unpadded); {fallback}"
             )
+    if padded_width(max(spec.widths)) == 128 and any(w != 128 for w in spec.widths):
+        return (
+            f"{IMPL} fused_small: at 128 wide every width must be 128 (the weights stream "
+            f"through a ring of square slots), got widths {spec.widths}; {fallback}"
+        )
     return None
 
 
@@ -327,23 +381,36 @@ def _fused_small_fwd_kernel(
 ) -> None:
     L = geo.num_layers
     cfg = geo.config
-    w_gmems = refs[:L]
-    b_gmems = refs[L : 2 * L] if geo.has_bias else (None,) * L
+    R = cfg.weight_slots  # 0: every layer resident; else the ring's slots
+    n_w = 1 if R else L  # the ring reads the layers stacked [L, W, W]
+    w_gmems = refs[:n_w]
+    b_gmems = refs[n_w : n_w + L] if geo.has_bias else (None,) * L
     y_gmem = refs[-1]
     dtype = y_gmem.dtype
     BM, S, WGS, OS = cfg.block_m, cfg.num_stages, cfg.warpgroups, cfg.out_slots
     m = x_gmem.shape[0]
     num_tiles = pipeline.cdiv(m, BM)
     chains = num_blocks * WGS
+    # the ring: every chain walks the same number of steps (its last past the end recomputes a
+    # real tile and stores nothing), so that each slot is released by all WGS chains every use
+    steps = pipeline.cdiv(num_tiles, chains)
+    uses = steps * L  # weight tiles a chain reads, the k-th is layer k % L in slot k % R
     transforms = pipeline.mma_transforms(geo.swizzle_cols, dtype)
+    weight_bars = R if R else L  # biases' barriers follow the weights'
 
     allocations = dict(
-        w_smem=tuple(
-            plgpu.SMEM(geo.weight_shape(i), dtype, transforms=transforms) for i in range(L)
+        w_smem=(
+            plgpu.SMEM((R, geo.width, geo.width), dtype, transforms=transforms)
+            if R
+            else tuple(
+                plgpu.SMEM(geo.weight_shape(i), dtype, transforms=transforms) for i in range(L)
+            )
         ),
         # one allocation for every bias row (each allocation takes a whole KiB)
         b_smem=plgpu.SMEM((L, geo.bias_len), dtype) if geo.has_bias else None,
-        w_bars=plgpu.Barrier(num_barriers=L * (2 if geo.has_bias else 1)),
+        w_bars=plgpu.Barrier(num_barriers=weight_bars + (L if geo.has_bias else 0)),
+        # the ring's slot k is free once every chain's wgmma has read it
+        w_free=plgpu.Barrier(num_arrivals=WGS, num_barriers=R) if R else None,
         x_smem=plgpu.SMEM((WGS, S, BM, geo.d_in), dtype, transforms=transforms),
         x_bars=plgpu.Barrier(num_barriers=WGS * S),
         h_smem=(
@@ -357,9 +424,10 @@ def _fused_small_fwd_kernel(
     )
 
     def scope(
-        w_smem: Sequence[Any],
+        w_smem: Any,
         b_smem: Any,
         w_bars: Any,
+        w_free: Any,
         x_smem: Any,
         x_bars: Any,
         h_smem: Any,
@@ -370,33 +438,78 @@ def _fused_small_fwd_kernel(
         g = lax.axis_index("sm") * WGS + wg
         mine = lax.div(num_tiles - g + chains - 1, chains)  # >= 0: g < chains
 
+        walked = steps if R else mine  # the ring's chains walk in step
+
+        def tile_of(i: Any) -> Any:
+            # the chain's i-th tile (the ring's step past its last tile: the last tile again)
+            return jnp.minimum(g + i * chains, num_tiles - 1) if R else g + i * chains
+
         def x_copy(i: Any, slot: Any) -> None:
-            rows = pl.ds((g + i * chains) * BM, BM)
+            rows = pl.ds(tile_of(i) * BM, BM)
             plgpu.copy_gmem_to_smem(x_gmem.at[rows], x_smem.at[wg, slot], x_bars.at[wg * S + slot])
 
-        # 2. load: the weights and biases once per block (warpgroup 0 issues, every chain waits)
+        def w_copy(k: Any) -> None:  # the ring's k-th weight tile: layer k % L into slot k % R
+            slot = lax.rem(k, R)
+            layer = w_gmems[0].at[lax.rem(k, L)]
+            plgpu.copy_gmem_to_smem(layer, w_smem.at[slot], w_bars.at[slot])
+
+        def weights(i: Any, layer: int) -> Any:
+            """Layer `layer`'s weight tile for step i (the ring: once it has landed)."""
+            if not R:
+                return w_smem[layer]
+            slot = lax.rem(i * L + layer, R)
+            plgpu.barrier_wait(w_bars.at[slot])
+            return w_smem.at[slot]
+
+        def release(i: Any, layer: int) -> None:
+            """The ring: this chain's wgmma has read the slot; warpgroup 0 refills it, R tiles
+            ahead, once every chain has (the chains stay within R layers of each other)."""
+            if not R:
+                return
+            k = i * L + layer
+            slot = lax.rem(k, R)
+            plgpu.barrier_arrive(w_free.at[slot])
+
+            @pl.when((wg == 0) & (k + R < uses))
+            def _refill() -> None:
+                plgpu.barrier_wait(w_free.at[slot])
+                w_copy(k + R)
+
+        # 2. load: the weights (resident: all; the ring: its first R tiles) and biases once per
+        # block (warpgroup 0 issues, every chain waits)
         @pl.when(wg == 0)
         def _issue_weights() -> None:
-            for i in range(L):
-                plgpu.copy_gmem_to_smem(w_gmems[i], w_smem[i], w_bars.at[i])
-                if geo.has_bias:
-                    plgpu.copy_gmem_to_smem(b_gmems[i], b_smem.at[i], w_bars.at[L + i])
+            for k in range(min(R, uses) if R else L):
+                if R:
+                    w_copy(k)
+                else:
+                    plgpu.copy_gmem_to_smem(w_gmems[k], w_smem[k], w_bars.at[k])
+            if geo.has_bias:
+                for i in range(L):
+                    plgpu.copy_gmem_to_smem(b_gmems[i], b_smem.at[i], w_bars.at[weight_bars + i])
 
-        # 2. load: the ring's first tiles, in flight while the weights land
+        # 2. load: the x ring's first tiles, in flight while the weights land
         for s in range(S):
-            pl.when(s < mine)(functools.partial(x_copy, s, s))
-        for i in range(L * (2 if geo.has_bias else 1)):
+            if R:
+                if s < steps:
+                    x_copy(s, s)
+            else:
+                pl.when(s < mine)(functools.partial(x_copy, s, s))
+        for i in range(0 if R else L):
             plgpu.barrier_wait(w_bars.at[i])
+        for i in range(L if geo.has_bias else 0):
+            plgpu.barrier_wait(w_bars.at[weight_bars + i])
 
         def row_tile(i: Any, carry: Any) -> Any:
             slot = lax.rem(i, S)
             plgpu.barrier_wait(x_bars.at[wg * S + slot])
             # 3. compute: layer 0 reads the x slot; once its wgmma is done the slot takes the
             # chain's tile S ahead, in flight while the rest of this chain computes
-            acc = _product(x_smem.at[wg, slot], w_smem[0], BM)
+            acc = _product(x_smem.at[wg, slot], weights(i, 0), BM)
+            release(i, 0)
             if not cfg.auto_barriers:
                 plgpu.commit_smem()  # every warp's wgmma wait passed before the slot is refilled
-            pl.when(i + S < mine)(lambda: x_copy(i + S, slot))
+            pl.when(i + S < walked)(lambda: x_copy(i + S, slot))
             for layer in range(1, L):
                 h = _epilogue(
                     acc, b_smem.at[layer - 1] if geo.has_bias else None,
@@ -410,20 +523,35 @@ def _fused_small_fwd_kernel(
                     h_smem.at[wg][...] = h
                     plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma
                     a = h_smem.at[wg]
-                acc = _product(a, w_smem[layer], BM)
+                acc = _product(a, weights(i, layer), BM)
+                release(i, layer)
             y = _epilogue(
                 acc, b_smem.at[L - 1] if geo.has_bias else None, geo.d_out, "identity", dtype,
                 interpret,
             )  # fmt: skip
+
             # 4. store: stage y in a free slot (the store OS tiles back is done reading it)
-            o_slot = y_smem.at[wg, lax.rem(i, OS)]
-            plgpu.wait_smem_to_gmem(OS - 1, wait_read_only=True)
-            o_slot[...] = y
-            plgpu.commit_smem()  # generic-proxy writes -> visible to TMA
-            plgpu.copy_smem_to_gmem(o_slot, y_gmem.at[pl.ds((g + i * chains) * BM, BM)])
+            def store() -> None:
+                o_slot = y_smem.at[wg, lax.rem(i, OS)]
+                plgpu.wait_smem_to_gmem(OS - 1, wait_read_only=True)
+                o_slot[...] = y
+                plgpu.commit_smem()  # generic-proxy writes -> visible to TMA
+                plgpu.copy_smem_to_gmem(o_slot, y_gmem.at[pl.ds((g + i * chains) * BM, BM)])
+
+            if R:
+                pl.when(i < mine)(store)  # the ring's step past the chain's last tile
+            else:
+                store()
             return carry
 
-        lax.fori_loop(0, mine, row_tile, 0)
+        lax.fori_loop(0, walked, row_tile, 0)
+        if R:  # the ring's last R releases, which no refill waited for (the interpreter checks)
+
+            @pl.when(wg == 0)
+            def _drain() -> None:
+                for k in range(max(0, uses - R), uses):
+                    plgpu.barrier_wait(w_free.at[k % R])
+
         # The block may not exit while a TMA store still reads its shared memory.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -469,6 +597,8 @@ def fused_small_fwd(
     geo = geometry(spec, cfg)
     check_config(geo)
     weights, biases = layer_params(params, geo)
+    if cfg.weight_slots:  # the ring copies layer k % L by index: one [L, W, W] operand
+        weights = [jnp.stack(weights)]
     mp = padded_rows(m, cfg.block_m, interpret)
     x_p = pipeline.pad_to(x2d, (mp, spec.d_in))
     tiles = pipeline.cdiv(mp, cfg.block_m)

@@ -716,10 +716,10 @@ def fused_decode_config(
     num_sms programs (llama3-8b: 64 -> 224 programs); launch 2 takes 256-byte columns (128 16-bit)
     and splits the hidden until there are ~2 programs per SM past M = 16, ~1 up to it (llama3-8b:
     32 column tiles x 8 = 256 programs, x 4 = 128; the fp32 partials are 8·M·d_out·4 B <= 8 MiB,
-    L2-resident). Stages: as many (<= 6)
-    as keep two programs' buffers within an SM's shared memory and, 16-bit, launch 1's prefetch
-    within DECODE_IN_FLIGHT_BYTES (llama3-8b bf16, 64-row K steps: M <= 16 4 stages, three 18 KiB
-    tiles of x and weights in flight per program; M = 32 / 64 3).
+    L2-resident). Stages: as many (<= 6) as keep two programs' buffers within an SM's shared
+    memory and, 16-bit, launch 1's prefetch within DECODE_IN_FLIGHT_BYTES (llama3-8b bf16, 64-row
+    K steps: M <= 16 4 stages, three 18 KiB tiles of x and weights in flight per program; M = 32
+    and 64 3).
     """
     block_m = decode_block_m(m)
     if interpret:
@@ -743,7 +743,7 @@ def fused_decode_config(
     tiles = _cdiv(d_out, block_n)
     chunks = _cdiv(hidden, block_k2)
     # launch 2's programs an SM: two past M = 16, one up to it. H200 (2026-12-04, results
-    # 5e20604; µs, split 4 against 8 at llama3-8b's and gpt-mlp's 32 column tiles): llama3-8b M =
+    # c74afde; µs, split 4 against 8 at llama3-8b's and gpt-mlp's 32 column tiles): llama3-8b M =
     # 1 / 16 86.1 / 87.5 against 86.7 / 88.5, gpt-mlp 67.6 / 69.6 against 69.0 / 71.8; at M = 64
     # llama3-8b lost (98.3 against 96.4; M = 32 95.4 against 91.6 in the call before), gpt-mlp
     # won (75.3 against 79.5)

@@ -40,8 +40,9 @@ and the partials are fresh `torch.empty` buffers, fully overwritten where read.
 Bandwidth (the H200, 132 SMs, predictions for bench/sweep_decode.py to measure): HBM latency under
 load is ~1 us, so 4.2 TB/s needs ~4 MB in flight, ~32-64 KiB per SM. Each program pipelines its
 weight tiles through shared memory with 16-byte cp.async, 64 weight rows a K step (llama3-8b
-bf16: at M <= 16, 5 stages, 4 buffers of 18 KiB: three 16 KiB weight tiles in flight while one is
-multiplied), two programs fit per SM, so ~96 KiB are in flight per SM in both launches.
+bf16: at M <= 16, 4 stages, 3 buffers of 18 KiB of x and weight rows in flight while the tile in
+registers is multiplied: `common.tiling.DECODE_IN_FLIGHT_BYTES`), two programs fit per SM, so
+~108 KiB are in flight per SM in both launches.
 The weight loads ask for evict-first (so that x, h and the partials stay in L2), but Triton 3.6
 drops the hint on cp.async (plain `cp.async.cg` in the PTX). llama3-8b (M = 1 to 16): launch 1
 streams 235 MB (55.5 us at 4.24 TB/s), launch 2 117 MB (27.7 us), each with a ~1-2 us ramp and

@@ -8,6 +8,9 @@ program), launch 2 the second's, launch 3 only the fp32 partials (L2).
 
 Rows: preset x M x stack, the default tiles (common/tiling.py `fused_decode_config`), each checked
 against eager / XLA first; device time as the harness defines it (bench/timing.py, read flush).
+A `PRESET:weights` row per preset times the fastest one-kernel moves of the same weight bytes (a
+sum over them, a device copy of them): at a few MB their ramp and tail, not the 1 GiB copy rate,
+are the floor no decode kernel beats (hf-blog-geglu: 14 MB, 3.3 µs at the copy rate).
 
     python3 bench/decode_launch_probe.py OUT.json [--cases llama3-8b:16,llama3-8b:64,gpt-mlp:64]
     python3 bench/decode_launch_probe.py OUT.json --smoke   (CPU: tiny MLPs interpreted, parity
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = "cpu" if args.smoke else "cuda"
     sync = torch.cuda.synchronize if not args.smoke else lambda: None
     rows: list[dict[str, Any]] = []
+    streamed: set[str] = set()  # presets whose weight bytes were read and copied alone
     for case in (c for c in args.cases.split(",") if c):
         preset, m = case.split(":")
         m = int(m)
@@ -116,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if not args.smoke and preset not in streamed:
+            streamed.add(preset)
+            row = _same_bytes_row(preset, spec, torch, time_device, sync)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     result = {
         "probe": "decode_launch_probe",
         "rows": rows,
@@ -125,6 +134,33 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def _same_bytes_row(preset: str, spec: Any, torch: Any, time_device: Any, sync: Any) -> dict:
+    """The fastest one-kernel moves of the preset's weight bytes: a sum over them (read) and a
+    device copy of them (read + write, the copy ceiling's own operation at this size). At a few
+    MB a kernel's ramp and tail are a large part of its time, so this, not the 1 GiB copy rate,
+    is what no decode kernel of these weights can beat."""
+    size = 2 if spec.dtype in ("float16", "bfloat16") else 4
+    weight_bytes = sum(
+        size * layer.d_in * layer.d_out * (2 if layer.gated else 1) for layer in spec.layers()
+    )
+    src = torch.ones(weight_bytes // 2, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    row: dict[str, Any] = {"case": f"{preset}:weights", "stack": "torch", "bytes": weight_bytes}
+    for what, fn, copies in (
+        ("read", lambda i: src.sum(), False),
+        ("copy", lambda i: dst.copy_(src), True),
+    ):
+        fn(0)
+        sync()
+        timing = time_device("torch", fn, CALLS, lambda _: sync(), count_copies=copies)
+        us = timing.device.median * 1e6
+        row[f"{what}_us"] = round(us, 2)
+        # the copy's rate counts read + write bytes, as the copy ceiling does
+        moved = weight_bytes * (2 if what == "copy" else 1)
+        row[f"{what}_tbps"] = round(moved / us / 1e6, 3)
+    return row
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@
   a kernel that only streams its weights may read faster than a copy moves bytes.
 
 Datasheet rates are leads only; measured ceilings are what "% of roofline" divides by and what the
-floor check of every row uses (H200, 2026-12-01: bf16 754–811 TFLOP/s, copy 4.24 TB/s). Timed with
-the kernels' own device method on a GPU (timing.time_device: torch.profiler, each call after the L2
-flush; the copy is a DtoD memcpy, so memcpy activity counts here), the host clock on a CPU.
+floor check of every row uses (H200, 2026-12-01: bf16 754–811 TFLOP/s, copy 4.24 TB/s) — except
+for arithmetic, where the check takes the physical peak (`physical_peak`: SMs × the architecture's
+FLOPs a clock an SM × the highest SM clock), because a kernel that moves less data than a large
+GEMM can run at a higher clock than cuBLAS's 8192³ product does (metrics.Ceilings.compute).
+Timed with the kernels' own device method on a GPU (timing.time_device: torch.profiler, each call
+after the L2 flush; the copy is a DtoD memcpy, so memcpy activity counts here), the host clock on a
+CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +31,41 @@ GPU_MATMUL_N = 8192
 CPU_MATMUL_N = 1024
 GPU_COPY_BYTES = 2**30
 CPU_COPY_BYTES = 64 * 2**20
+
+
+# Dense FLOPs an SM does a clock, per matmul key, by compute capability: tensor cores for the
+# 16-bit types and TF32, the FMA units (2 FLOPs each) for IEEE float32. Hopper SXM: 989.4 TFLOP/s
+# dense fp16 = 132 SMs x 4096 x 1.83 GHz; A100: 312 = 108 x 2048 x 1.41 GHz. Architectures not
+# listed get no peak: their floor check keeps the measured GEMM rate.
+FLOPS_PER_SM_CLOCK = {
+    (9, 0): {"bfloat16": 4096, "float16": 4096, "tf32": 2048, "float32": 256},
+    (8, 0): {"bfloat16": 2048, "float16": 2048, "tf32": 1024, "float32": 128},
+}
+
+
+def physical_peak(
+    capability: tuple[int, int], sm_count: int, max_clock_hz: float | None
+) -> dict[str, float] | None:
+    """Per matmul key the rate the arithmetic units cannot pass (FLOP/s) at `max_clock_hz`; None
+    for an architecture FLOPS_PER_SM_CLOCK does not list or an unknown clock."""
+    per_clock = FLOPS_PER_SM_CLOCK.get(tuple(capability))
+    if per_clock is None or not max_clock_hz or sm_count <= 0:
+        return None
+    return {key: float(sm_count * rate * max_clock_hz) for key, rate in per_clock.items()}
+
+
+def _device_peak() -> dict[str, float] | None:
+    """physical_peak of CUDA device 0, its highest SM clock from torch's device properties
+    (clock_rate, kHz: cudaDevAttrClockRate)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    clock_khz = getattr(props, "clock_rate", None)
+    return physical_peak(
+        (props.major, props.minor),
+        props.multi_processor_count,
+        clock_khz * 1e3 if clock_khz else None,
+    )
 
 
 @contextlib.contextmanager
@@ -103,4 +142,7 @@ def measure(device: str, keys: tuple[str, ...], *, quick: bool = False) -> Ceili
     del src, dst
     if gpu:
         torch.cuda.empty_cache()
-    return Ceilings(matmul, 2 * nbytes / stats.median, device, detail, read=nbytes / read.median)
+    peak = _device_peak() if gpu else None
+    return Ceilings(
+        matmul, 2 * nbytes / stats.median, device, detail, read=nbytes / read.median, peak=peak
+    )

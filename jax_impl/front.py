@@ -63,7 +63,7 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
-from fusedmlp.common.tiling import small_wgrad_on_chip
+from fusedmlp.common.tiling import padded_width, small_wgrad_on_chip
 from fusedmlp.common.tuning import tables_state
 from fusedmlp.common.validate import (
     Adapter,
@@ -275,7 +275,11 @@ def plan(
             from .mosaic import fused_small as sibling
 
             cfg = sibling.default_config(spec, m, interpret=_interpret(entry))
-            note = "its Mosaic GPU sibling runs here (jax_impl/mosaic/fused_small.py: 64 wide)"
+            weights = "a weight ring" if cfg.weight_slots else "weights resident"
+            note = (
+                "its Mosaic GPU sibling runs here (jax_impl/mosaic/fused_small.py: "
+                f"{padded_width(max(spec.widths))} wide, {weights})"
+            )
             reason = "; ".join(r for r in (reason, note) if r)
         launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation, cfg)
         return Plan(chosen, impl, (launch,), reason)

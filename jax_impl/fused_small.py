@@ -35,13 +35,14 @@ Config: `SmallConfig` (common/tiling.py, read by both twins). Rounding points (c
 fp32 accumulation; bias, activation and gate in fp32; the hidden rounded to the spec dtype before
 the next layer's dot; y rounded once at the store.
 
-On a Hopper GPU at padded width 64 (16-bit, default tiles) the launch runs this kernel's Mosaic
-GPU sibling instead (`_takes_mosaic_sibling`, jax_impl/mosaic/fused_small.py): x and y through TMA
-rings, the weights in shared memory, four wgmma chains a block — where the torch twin loads x and
-stores y through tensor descriptors, which Pallas-Triton does not have. Its values are within the
-tolerance policy of this kernel's (the same bits at nerf-64x5 on the H200, 151.4 -> 137.7 µs; a
-smooth activation may differ in last bits: it takes Mosaic GPU's approximate math); under the
-interpreters this kernel runs.
+On a Hopper GPU at padded width 64 or 128 (16-bit, default tiles) the launch runs this kernel's
+Mosaic GPU sibling instead (`_takes_mosaic_sibling`, jax_impl/mosaic/fused_small.py): x and y
+through TMA rings, the weights in shared memory (at 128 wide streamed through a ring its chains
+share), several wgmma chains a block — where the torch twin loads x and stores y through tensor
+descriptors, which Pallas-Triton does not have. Its values are within the tolerance policy of this
+kernel's (the same bits at nerf-64x5 and 128x8 relu on the H200: 151.4 -> 137.7 µs, 644.1 ->
+350.6 µs; a smooth activation may differ in last bits: it takes Mosaic GPU's approximate math);
+under the interpreters this kernel runs.
 
 Twin: torch_impl/fused_small.py (Triton, same names and sections).
 """
@@ -476,25 +477,38 @@ def fused_small_fwd(
         )(x2d, *weights, *biases, *stacks)
 
 
+# Padded widths where the Mosaic GPU sibling runs by default (`_takes_mosaic_sibling`).
+MOSAIC_SIBLING_WIDTHS = (*SMALL_TMA_IO_WIDTHS, 128)
+
+
 def _takes_mosaic_sibling(spec: MLPSpec, config: object, interpret: bool) -> bool:
     """Whether a launch takes the Mosaic GPU sibling (jax_impl/mosaic/fused_small.py): on a Hopper
-    GPU, at the default tiles (config None), 16-bit at padded width 64 (common.tiling.
-    SMALL_TMA_IO_WIDTHS, where the torch twin takes tensor descriptors for x and y), a spec the
-    sibling takes. twin-diff: Pallas-Triton has no tensor descriptors; the sibling's TMA rings of
-    x and y, its weights in shared memory and four warpgroup chains a block are JAX's way to what
-    the torch twin's `_tma_io` does. H200 (results 2026-12-04-h200-0bbeb43-mosaic): nerf-64x5, 2M
-    rows, 151.4 -> 137.7 µs, the same bits; at 32 wide (8 layers, 1M rows) it lost (45.6 against
-    42.0), so 64 only. A pinned MosaicSmallConfig (what `plan()` records as the launch's tiles
-    where the sibling runs) pins the sibling, on the GPU or under its interpreter."""
+    GPU, at the default tiles (config None), 16-bit, at padded width 64 (common.tiling.
+    SMALL_TMA_IO_WIDTHS, where the torch twin takes tensor descriptors for x and y) or 128 (where
+    the sibling's default tiles fit: every layer resident, or the weight ring of square layers), a
+    spec the sibling takes. twin-diff: Pallas-Triton has no tensor descriptors or shared weight
+    ring; the sibling's TMA rings of x and y, its weights in shared memory and its warpgroup
+    chains are JAX's way to what the torch twin's `_tma_io` does at 64 wide. H200: nerf-64x5, 2M
+    rows, 151.4 -> 137.7 µs, the same bits (results 2026-12-04-h200-0bbeb43-mosaic); 128x8 relu
+    fp16, 1M rows, 644.1 -> 350.6 µs, the same bits (2026-12-04-h200-5ec3c30); at 32 wide (8
+    layers, 1M rows) it lost (45.6 against 42.0), so not there. A pinned MosaicSmallConfig (what
+    `plan()` records as the launch's tiles where the sibling runs) pins the sibling, on the GPU or
+    under its interpreter."""
     from .mosaic import fused_small as sibling
 
     if isinstance(config, sibling.MosaicSmallConfig):
         return True
     if interpret or config is not None or spec.dtype == "float32":
         return False
-    if padded_width(max(spec.widths)) not in SMALL_TMA_IO_WIDTHS or not on_hopper():
+    if padded_width(max(spec.widths)) not in MOSAIC_SIBLING_WIDTHS or not on_hopper():
         return False
-    return sibling.unsupported_reason(spec) is None
+    if sibling.unsupported_reason(spec) is not None:
+        return False
+    try:  # at 128 wide, a deep MLP of non-square layers has neither resident room nor a ring
+        sibling.check_config(sibling.geometry(spec, sibling.default_config(spec, 0)))
+    except ValueError:
+        return False
+    return True
 
 
 # ---- public function -----------------------------------------------------------------------------

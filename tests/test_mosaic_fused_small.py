@@ -282,12 +282,13 @@ LOWER_CASES = [
         70_001,
         Config(warpgroups=2, num_stages=2, out_slots=2, weight_slots=3),
     ),
+    (MLPSpec((128,) * 3, "gelu_tanh", True, "bfloat16"), 70_001, mfs.RESIDENT_128_CONFIG),
 ]
 
 
 LOWER_IDS = [
     "nerf", "nerf-nobar", "nerf-smemA-s4", "nerf-m128", "nerf-3blocks", "w32x8", "gelu-16",
-    "w128x8-ring", "w128x4-gelu-ring3",
+    "w128x8-ring", "w128x4-gelu-ring3", "w128x2-gelu-resident",
 ]  # fmt: skip
 
 
@@ -320,6 +321,14 @@ def test_the_rule_of_the_sibling(monkeypatch) -> None:
     assert not rule(nerf.replace(dtype="float32"))
     assert not rule(MLPSpec((64, 64, 64), "swiglu", True, "float16"))  # gated: not yet
     assert not rule(MLPSpec((60, 64, 64), "relu", False, "float16"))  # d_in: not whole atoms
+    # 128 wide: the weight ring (square layers), or every layer resident (at most two)
+    assert rule(MLPSpec((128,) * 9, "relu", False, "float16"))
+    assert rule(MLPSpec((128,) * 3, "gelu_tanh", True, "bfloat16"))  # two layers: resident
+    assert not rule(MLPSpec((128, 96, 128), "relu", False, "float16"))  # 128 wide: all 128
+    assert not rule(MLPSpec((128,) * 9, "relu", False, "float32"))
+    assert mfs.default_config(MLPSpec((128,) * 9, "relu", False, "float16"), 1) == mfs.RING_CONFIG
+    resident = mfs.default_config(MLPSpec((128,) * 3, "relu", False, "float16"), 1)
+    assert resident == mfs.RESIDENT_128_CONFIG and not resident.weight_slots
     assert not portable._takes_mosaic_sibling(nerf, SmallConfig(64, 4, 3), False)  # pinned
     assert not portable._takes_mosaic_sibling(nerf, None, True)  # interpreted
     # the sibling's own tiles pin the sibling, interpreted too: they are what a plan records
@@ -327,8 +336,14 @@ def test_the_rule_of_the_sibling(monkeypatch) -> None:
     assert portable._takes_mosaic_sibling(nerf, Config(warpgroups=2), True)
     monkeypatch.setattr(front, "_sibling_runs", lambda *args: True)
     the_plan = front.plan(nerf, (4099, 64), impl="fused_small")
-    assert "Mosaic GPU sibling" in the_plan.reason
+    assert (
+        "Mosaic GPU sibling" in the_plan.reason and "64 wide, weights resident" in the_plan.reason
+    )
     assert the_plan.launches[0].config == mfs.default_config(nerf, 4099, interpret=True)
+    deep = MLPSpec((128,) * 9, "relu", False, "float16")
+    the_plan = front.plan(deep, (4099, 128), impl="fused_small")
+    assert "128 wide, a weight ring" in the_plan.reason
+    assert the_plan.launches[0].config == mfs.INTERPRET_RING_CONFIG
 
 
 @needs_interpreter
@@ -382,6 +397,36 @@ def test_gpu_nerf_against_pallas_triton(config: Config) -> None:
     theirs = np.asarray(portable.fused_small(jnp.asarray(x), p, spec, config=tiles))
     np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))
     tolerance.assert_close(ours, reference.forward(spec, x, params), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MLPSpec((128,) * 9, "relu", False, "float16"),
+        MLPSpec((128,) * 3, "gelu", True, "bfloat16"),
+    ],
+    ids=["w128x8-ring", "w128x2-resident"],
+)
+def test_gpu_128_wide_through_the_front(spec: MLPSpec) -> None:
+    # jax_impl/fused_small takes the sibling at 128 wide (the ring, or the weights resident): the
+    # front's call is the sibling's, within the policy of the reference and, relu, the same bits
+    # as the pinned Pallas-Triton kernel (H200, 5ec3c30: 134,217,728 of 134,217,728 at 128x8)
+    from fusedmlp import jax_impl
+    from fusedmlp.common.tiling import fused_small_config
+    from fusedmlp.jax_impl import fused_small as portable
+
+    m = 70_001
+    x, params, p = _inputs(spec, m, seed=24)
+    assert portable._takes_mosaic_sibling(spec, None, False)
+    y = np.asarray(jax_impl.mlp(jnp.asarray(x), p, spec, impl="fused_small"))
+    direct = np.asarray(mfs.fused_small(jnp.asarray(x), p, spec))
+    np.testing.assert_array_equal(y.view(np.uint16), direct.view(np.uint16))
+    tolerance.assert_close(y, reference.forward(spec, x, params), spec)
+    if spec.activation == "relu":
+        tiles = fused_small_config(spec, m)
+        theirs = np.asarray(portable.fused_small(jnp.asarray(x), p, spec, config=tiles))
+        np.testing.assert_array_equal(y.view(np.uint16), theirs.view(np.uint16))
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ GPU (`-m gpu`): the real profilers on a matmul, against triton's do_bench.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from types import SimpleNamespace
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fusedmlp.bench import benchmark, timing
+from fusedmlp.bench import benchmark, ceilings, timing
 from fusedmlp.bench.cases import Case
 from fusedmlp.bench.metrics import Ceilings
 from fusedmlp.bench.providers import Provider
@@ -535,6 +536,33 @@ def test_floor_check_allows_the_faster_of_copy_and_read(monkeypatch: pytest.Monk
     assert row["status"] == "timed" and row["pct_roofline"] == pytest.approx(104, abs=1)
     assert row["floor_check_s"] == pytest.approx(352e6 / 4.6e12, rel=0.01)
     assert benchmark.time_row(decode, case, None, CEIL, {})["status"] == "invalid measurement"
+
+
+def test_floor_check_takes_the_physical_peak_for_arithmetic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A narrow MLP whose weights stay on chip can beat the large GEMM's measured rate (the H200:
+    8 layers 128 wide fp16 at 1M rows, 275 GFLOP in 350.6 µs = 784 TFLOP/s, cuBLAS's 8192³ fp16
+    708 TFLOP/s): a result above 100 % of the measured roofline, held to the physical peak; an
+    architecture with no known peak keeps the measured rate's check."""
+    spec = MLPSpec((128,) * 9, "relu", bias=False, dtype="float16")
+    case = Case(spec, 1 << 20, "cuda")
+    monkeypatch.setattr(benchmark, "measure", _fake_measure(340e-6, throughput_s=345e-6))
+    small = Provider("jax", "fused_small", False)
+    measured = Ceilings({"float16": 708e12}, 4.24e12, "cuda", {})
+    peak = ceilings.physical_peak((9, 0), 132, 1.98e9)
+    assert peak is not None and peak["float16"] == pytest.approx(1.0704e15, rel=1e-3)
+    with_peak = dataclasses.replace(measured, peak=peak)
+    assert benchmark.time_row(small, case, None, measured, {})["status"] == "invalid measurement"
+    row = benchmark.time_row(small, case, None, with_peak, {})
+    assert row["status"] == "timed" and row["pct_roofline"] == pytest.approx(114, abs=1)
+    assert row["floor_check_s"] == pytest.approx(275e9 / 1.0704e15, rel=0.01)
+    # far below even the peak's floor: still an invalid measurement
+    monkeypatch.setattr(benchmark, "measure", _fake_measure(200e-6, throughput_s=205e-6))
+    assert benchmark.time_row(small, case, None, with_peak, {})["status"] == "invalid measurement"
+    assert Ceilings.from_dict(with_peak.to_dict()) == with_peak
+    assert ceilings.physical_peak((7, 5), 40, 1.5e9) is None  # not in the table
+    assert ceilings.physical_peak((9, 0), 132, None) is None  # no clock known
 
 
 def test_auto_rows_are_floored_as_the_implementation_chosen(

@@ -21,7 +21,8 @@ against a 127 µs floor; the torch twin with TMA loads and stores of x and y: 14
   the k-th weight tile a chain reads is layer k % L in slot k % R; each chain arrives on the
   slot's "free" barrier once its wgmma has read it, and warpgroup 0 refills it with tile k + R
   when all have (every chain walks the same number of steps; a step past a chain's last tile
-  recomputes that tile and stores nothing). NOT MEASURED yet (`RING_CONFIG`).
+  recomputes that tile and stores nothing) (`RING_CONFIG`: 128x8 fp16 on the H200 350.6 µs
+  against the Pallas-Triton kernel's 644.1).
 - x: per chain a ring of `num_stages` shared-memory slots filled by TMA; a slot is refilled with
   the chain's tile `num_stages` ahead as soon as the first layer's wgmma has read it, so the
   loads stay in flight while the chain computes.
@@ -159,23 +160,30 @@ DEFAULT_CONFIG = MosaicSmallConfig(warpgroups=4)
 INTERPRET_CONFIG = MosaicSmallConfig(
     block_m=64, num_stages=1, warpgroups=2, blocks_per_sm=1, out_slots=2, hidden_in_registers=False
 )
-# 128 wide (NOT MEASURED yet; jax_impl/fused_small never routes there): the weights of a deep
-# 128-wide MLP (32 KiB a layer) do not fit beside the chains' x and y slots, so they stream
-# through a ring of two slots that three chains share in step — a quarter of the weight reads of
-# the Pallas-Triton kernel, whose 64-row programs each read every layer from L2 (128x8, 1M rows:
-# 256 KiB a tile, 681 µs on the H200 against a 362 µs compute floor). Shared memory: ring 64 KiB,
-# x 3 x 2 x 16 KiB, y 3 x 16 KiB: 208 KiB. docs/performance.md (nineteenth session) has the
-# prediction to measure (bench/mosaic_small_probe.py --cases w128x8).
-RING_CONFIG = MosaicSmallConfig(warpgroups=3, num_stages=2, out_slots=1, weight_slots=2)
+# 128 wide: the weights of a deep 128-wide MLP (32 KiB a layer) do not fit beside the chains' x
+# and y slots, so they stream through a ring of two slots that the block's chains share in step —
+# where the Pallas-Triton kernel's 64-row programs each read every layer from L2 (128x8 fp16, 1M
+# rows: 256 KiB a tile). Two 64-row chains, two x slots and two y slots each: ring 64 KiB, x
+# 64 KiB, y 64 KiB = 192 KiB. H200 (results 2026-12-04-h200-5ec3c30; 128x8 relu fp16, 1M rows,
+# Pallas-Triton 644.1 µs, every config the same bits as it): wg2 o2 350.6 µs (784 TFLOP/s), wg2 s3
+# o1 351.6, three chains 481.7-482.1 (predicted 450-520), three chains over three ring slots
+# 430.1, 128-row chains 440.8, four chains at one slot 1314.4. Where every layer fits beside the
+# same slots (at most two: 64 KiB), the weights stay resident instead (`RESIDENT_128_CONFIG`).
+RING_CONFIG = MosaicSmallConfig(warpgroups=2, num_stages=2, out_slots=2, weight_slots=2)
+RESIDENT_128_CONFIG = dataclasses.replace(RING_CONFIG, weight_slots=0)
 INTERPRET_RING_CONFIG = dataclasses.replace(INTERPRET_CONFIG, out_slots=1, weight_slots=2)
+RESIDENT_128_LAYERS = 2  # layers whose weights RESIDENT_128_CONFIG keeps: 2 x 32 KiB
 
 
 def default_config(spec: MLPSpec, m: int, *, interpret: bool = False) -> MosaicSmallConfig:
     """The tiles: DEFAULT_CONFIG (measured at nerf-64x5, the width it is taken at:
     jax_impl/fused_small._takes_mosaic_sibling), INTERPRET_CONFIG under the interpreter; at
-    padded width 128 the weight ring's (RING_CONFIG, INTERPRET_RING_CONFIG)."""
+    padded width 128 the weights resident up to RESIDENT_128_LAYERS layers, else the weight
+    ring's (RING_CONFIG, INTERPRET_RING_CONFIG)."""
     del m
     if padded_width(max(spec.widths)) == 128:
+        if spec.num_layers <= RESIDENT_128_LAYERS:
+            return INTERPRET_CONFIG if interpret else RESIDENT_128_CONFIG
         return INTERPRET_RING_CONFIG if interpret else RING_CONFIG
     return INTERPRET_CONFIG if interpret else DEFAULT_CONFIG
 

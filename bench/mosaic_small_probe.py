@@ -11,17 +11,17 @@ Cases: `nerf` (nerf-64x5: 5 layers 64 wide, relu, no bias, fp16, 2,097,152 rows;
 4.24 TB/s, Pallas-Triton 152 µs, torch with TMA x/y 145 µs), `w32x8` (8 layers 32 wide, relu, fp16,
 1,048,576 rows), `w64gelu` (3 layers 64 wide, gelu_tanh with biases, bf16) and `w64x8` (8 layers 64
 wide, relu, bf16), both at 1,048,576 rows, and at 128 wide, 1,048,576 rows: `w128x8` (8 layers,
-relu, fp16: the weights through the chains' shared ring), `w128x2` (2 layers, relu, fp16: the
-weights resident) and `w128gelu` (4 layers, gelu_tanh with biases, bf16: the ring). Configs: the
-case's default (`default_config`: `DEFAULT_CONFIG`; at 128 wide `RESIDENT_128_CONFIG` up to two
-layers, else `RING_CONFIG`; the interpreter's with `--smoke`), then those of `--config` (knob=value
-pairs, bools as 0/1), the cartesian product of the grid flags (knobs left out keep the default's
-value) and, with `--sweep`, a built-in list around the default. A config that does not fit shared
-memory is skipped; one that fails to compile or run is printed as FAIL and the sweep goes on. Per
-line: device µs (median of `--calls` calls by bench/timing.time_device: kernel durations, L2 flushed
-before each call), the Pallas-Triton kernel's (pinned to its default tiles), bits equal to it, its
-max |diff|, and the tolerance policy's verdict against the float64 reference on the first 4096 rows.
-`--smoke`: tiny cases under the interpreter (checks the script on a CPU; nothing is timed).
+relu, fp16: the weights through the chains' shared ring), `w128x2` (2 layers, relu, fp16) and
+`w128gelu` (4 layers, gelu_tanh with biases, bf16: the ring). Configs: the case's default
+(`default_config`: `DEFAULT_CONFIG`, `RING_CONFIG` at 128 wide; the interpreter's with `--smoke`),
+then those of `--config` (knob=value pairs, bools as 0/1), the cartesian product of the grid flags
+(knobs left out keep the default's value) and, with `--sweep`, a built-in list around the default. A
+config that does not fit shared memory is skipped; one that fails to compile or run is printed as
+FAIL and the sweep goes on. Per line: device µs (median of `--calls` calls by
+bench/timing.time_device: kernel durations, L2 flushed before each call), the Pallas-Triton kernel's
+(pinned to its default tiles), bits equal to it, its max |diff|, and the tolerance policy's verdict
+against the float64 reference on the first 4096 rows. `--smoke`: tiny cases under the interpreter
+(checks the script on a CPU; nothing is timed).
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def _sweep(default: Any) -> list[Any]:
     """Around the dataclass's defaults (64-row chains, 3 slots, 3 warpgroups, hidden in
     registers): the barriers, the hidden path, chains a block, slots, 128-row chains, several
     blocks an SM (17 configs, ~12 s each with compile and timing on the H200: the sweep of
-    bench/results/2026-12-04-h200-0bbeb43-mosaic). The 128-wide defaults (two chains, two x and y
-    slots each): chains, slots, ring slots and the resident/ring choice within shared memory
+    bench/results/2026-12-04-h200-0bbeb43-mosaic). The 128-wide ring's (two chains, two x and y
+    slots each): chains, slots, ring slots and the weights resident, within shared memory
     (192-224 KiB each; a config past it is skipped)."""
     r = functools.partial(dataclasses.replace, default)
     if default.weight_slots:  # the ring (bench/results/2026-12-04-h200-5ec3c30: wg2 o2 350.6 µs)
@@ -135,15 +135,7 @@ def _sweep(default: Any) -> list[Any]:
             r(out_slots=1, weight_slots=3),
             r(weight_slots=3),
             r(block_m=128, warpgroups=1),
-        ]
-    if default.out_slots == 2 and default.warpgroups == 2:  # 128 wide, every layer resident
-        return [
-            r(weight_slots=2),
-            r(auto_barriers=False),
-            r(num_stages=3, out_slots=1),
-            r(warpgroups=3, out_slots=1),
-            r(block_m=128, warpgroups=1),
-            r(warpgroups=1, blocks_per_sm=2, num_stages=2, out_slots=1),
+            r(weight_slots=0),  # every layer resident: two layers at most (others skipped)
         ]
     c = type(default)
     return [

@@ -478,15 +478,15 @@ def fused_small_fwd(
 
 
 # Padded widths where the Mosaic GPU sibling runs by default (`_takes_mosaic_sibling`).
-MOSAIC_SIBLING_WIDTHS = (*SMALL_TMA_IO_WIDTHS, 128)
+_MOSAIC_SIBLING_WIDTHS = (*SMALL_TMA_IO_WIDTHS, 128)
 
 
 def _takes_mosaic_sibling(spec: MLPSpec, config: object, interpret: bool) -> bool:
     """Whether a launch takes the Mosaic GPU sibling (jax_impl/mosaic/fused_small.py): on a Hopper
     GPU, at the default tiles (config None), 16-bit, at padded width 64 (common.tiling.
-    SMALL_TMA_IO_WIDTHS, where the torch twin takes tensor descriptors for x and y) or 128 (where
-    the sibling's default tiles fit: every layer resident, or the weight ring of square layers), a
-    spec the sibling takes. twin-diff: Pallas-Triton has no tensor descriptors or shared weight
+    SMALL_TMA_IO_WIDTHS, where the torch twin takes tensor descriptors for x and y) or 128 (every
+    width 128: the weights through the sibling's ring), a spec the sibling takes and its default
+    tiles fit. twin-diff: Pallas-Triton has no tensor descriptors or shared weight
     ring; the sibling's TMA rings of x and y, its weights in shared memory and its warpgroup
     chains are JAX's way to what the torch twin's `_tma_io` does at 64 wide. H200: nerf-64x5, 2M
     rows, 151.4 -> 137.7 µs, the same bits (results 2026-12-04-h200-0bbeb43-mosaic); 128x8 relu
@@ -500,11 +500,11 @@ def _takes_mosaic_sibling(spec: MLPSpec, config: object, interpret: bool) -> boo
         return True
     if interpret or config is not None or spec.dtype == "float32":
         return False
-    if padded_width(max(spec.widths)) not in MOSAIC_SIBLING_WIDTHS or not on_hopper():
+    if padded_width(max(spec.widths)) not in _MOSAIC_SIBLING_WIDTHS or not on_hopper():
         return False
     if sibling.unsupported_reason(spec) is not None:
         return False
-    try:  # at 128 wide, a deep MLP of non-square layers has neither resident room nor a ring
+    try:  # the default tiles fit shared memory (else the sibling's launcher would raise)
         sibling.check_config(sibling.geometry(spec, sibling.default_config(spec, 0)))
     except ValueError:
         return False

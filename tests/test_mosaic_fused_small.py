@@ -267,6 +267,9 @@ def _lower(spec: MLPSpec, m: int, config: Config) -> str:
 
 
 NERF = MLPSpec((64,) * 6, "relu", False, "float16")
+# the 128-wide ring's tiles with every layer resident instead (measured: two layers 138.3 µs
+# against the ring's 136.8, so not a default; it still lowers)
+RESIDENT = {"warpgroups": 2, "num_stages": 2, "out_slots": 2}
 LOWER_CASES = [
     (NERF, 1 << 21, mfs.DEFAULT_CONFIG),
     (NERF, 1 << 21, Config(auto_barriers=False)),
@@ -282,7 +285,7 @@ LOWER_CASES = [
         70_001,
         Config(warpgroups=2, num_stages=2, out_slots=2, weight_slots=3),
     ),
-    (MLPSpec((128,) * 3, "gelu_tanh", True, "bfloat16"), 70_001, mfs.RESIDENT_128_CONFIG),
+    (MLPSpec((128,) * 3, "gelu_tanh", True, "bfloat16"), 70_001, Config(**RESIDENT)),
 ]
 
 
@@ -321,14 +324,12 @@ def test_the_rule_of_the_sibling(monkeypatch) -> None:
     assert not rule(nerf.replace(dtype="float32"))
     assert not rule(MLPSpec((64, 64, 64), "swiglu", True, "float16"))  # gated: not yet
     assert not rule(MLPSpec((60, 64, 64), "relu", False, "float16"))  # d_in: not whole atoms
-    # 128 wide: the weight ring (square layers), or every layer resident (at most two)
+    # 128 wide: the weight ring, every width 128
     assert rule(MLPSpec((128,) * 9, "relu", False, "float16"))
-    assert rule(MLPSpec((128,) * 3, "gelu_tanh", True, "bfloat16"))  # two layers: resident
+    assert rule(MLPSpec((128,) * 3, "gelu_tanh", True, "bfloat16"))
     assert not rule(MLPSpec((128, 96, 128), "relu", False, "float16"))  # 128 wide: all 128
     assert not rule(MLPSpec((128,) * 9, "relu", False, "float32"))
-    assert mfs.default_config(MLPSpec((128,) * 9, "relu", False, "float16"), 1) == mfs.RING_CONFIG
-    resident = mfs.default_config(MLPSpec((128,) * 3, "relu", False, "float16"), 1)
-    assert resident == mfs.RESIDENT_128_CONFIG and not resident.weight_slots
+    assert mfs.default_config(MLPSpec((128,) * 3, "relu", False, "float16"), 1) == mfs.RING_CONFIG
     assert not portable._takes_mosaic_sibling(nerf, SmallConfig(64, 4, 3), False)  # pinned
     assert not portable._takes_mosaic_sibling(nerf, None, True)  # interpreted
     # the sibling's own tiles pin the sibling, interpreted too: they are what a plan records
@@ -406,10 +407,10 @@ def test_gpu_nerf_against_pallas_triton(config: Config) -> None:
         MLPSpec((128,) * 9, "relu", False, "float16"),
         MLPSpec((128,) * 3, "gelu", True, "bfloat16"),
     ],
-    ids=["w128x8-ring", "w128x2-resident"],
+    ids=["w128x8", "w128x2-gelu"],
 )
 def test_gpu_128_wide_through_the_front(spec: MLPSpec) -> None:
-    # jax_impl/fused_small takes the sibling at 128 wide (the ring, or the weights resident): the
+    # jax_impl/fused_small takes the sibling at 128 wide (the weight ring): the
     # front's call is the sibling's, within the policy of the reference and, relu, the same bits
     # as the pinned Pallas-Triton kernel (H200, 5ec3c30: 134,217,728 of 134,217,728 at 128x8)
     from fusedmlp import jax_impl

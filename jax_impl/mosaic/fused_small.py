@@ -164,26 +164,23 @@ INTERPRET_CONFIG = MosaicSmallConfig(
 # and y slots, so they stream through a ring of two slots that the block's chains share in step —
 # where the Pallas-Triton kernel's 64-row programs each read every layer from L2 (128x8 fp16, 1M
 # rows: 256 KiB a tile). Two 64-row chains, two x slots and two y slots each: ring 64 KiB, x
-# 64 KiB, y 64 KiB = 192 KiB. H200 (results 2026-12-04-h200-5ec3c30; 128x8 relu fp16, 1M rows,
-# Pallas-Triton 644.1 µs, every config the same bits as it): wg2 o2 350.6 µs (784 TFLOP/s), wg2 s3
-# o1 351.6, three chains 481.7-482.1 (predicted 450-520), three chains over three ring slots
-# 430.1, 128-row chains 440.8, four chains at one slot 1314.4. Where every layer fits beside the
-# same slots (at most two: 64 KiB), the weights stay resident instead (`RESIDENT_128_CONFIG`).
+# 64 KiB, y 64 KiB = 192 KiB. H200 (results 2026-12-04-h200-5ec3c30 and -3665e08; 1M rows, every
+# relu config the same bits as the Pallas-Triton kernel): 128x8 relu fp16 wg2 o2 350.6 µs (784
+# TFLOP/s; Pallas-Triton 644.1), wg2 s3 o1 351.6, three chains 481.7-482.1 (predicted 450-520),
+# three chains over three ring slots 430.1, 128-row chains 440.8, four chains at one slot 1314.4;
+# 4 layers gelu_tanh with biases bf16 488.1-495.3 for two or three chains (Pallas-Triton 854.7),
+# three ring slots 507.1; two layers relu 136.8 (the weights resident instead: 138.3, so no
+# second rule; Pallas-Triton 167.1).
 RING_CONFIG = MosaicSmallConfig(warpgroups=2, num_stages=2, out_slots=2, weight_slots=2)
-RESIDENT_128_CONFIG = dataclasses.replace(RING_CONFIG, weight_slots=0)
 INTERPRET_RING_CONFIG = dataclasses.replace(INTERPRET_CONFIG, out_slots=1, weight_slots=2)
-RESIDENT_128_LAYERS = 2  # layers whose weights RESIDENT_128_CONFIG keeps: 2 x 32 KiB
 
 
 def default_config(spec: MLPSpec, m: int, *, interpret: bool = False) -> MosaicSmallConfig:
     """The tiles: DEFAULT_CONFIG (measured at nerf-64x5, the width it is taken at:
     jax_impl/fused_small._takes_mosaic_sibling), INTERPRET_CONFIG under the interpreter; at
-    padded width 128 the weights resident up to RESIDENT_128_LAYERS layers, else the weight
-    ring's (RING_CONFIG, INTERPRET_RING_CONFIG)."""
+    padded width 128 the weight ring's (RING_CONFIG, INTERPRET_RING_CONFIG)."""
     del m
     if padded_width(max(spec.widths)) == 128:
-        if spec.num_layers <= RESIDENT_128_LAYERS:
-            return INTERPRET_CONFIG if interpret else RESIDENT_128_CONFIG
         return INTERPRET_RING_CONFIG if interpret else RING_CONFIG
     return INTERPRET_CONFIG if interpret else DEFAULT_CONFIG
 

@@ -714,12 +714,12 @@ def fused_decode_config(
     weight row fragment should be >= 256 B (8 full L2 sectors): a 64-wide packed block is 128 B of
     gate plus the adjacent 128 B of up. Launch 1 takes the widest hidden block that still gives
     num_sms programs (llama3-8b: 64 -> 224 programs); launch 2 takes 256-byte columns (128 16-bit)
-    and splits the hidden until there are ~2 programs per SM past M = 16, ~1 up to it (llama3-8b:
-    32 column tiles x 8 = 256 programs, x 4 = 128; the fp32 partials are 8·M·d_out·4 B <= 8 MiB,
-    L2-resident). Stages: as many (<= 6) as keep two programs' buffers within an SM's shared
-    memory and, 16-bit, launch 1's prefetch within DECODE_IN_FLIGHT_BYTES (llama3-8b bf16, 64-row
-    K steps: M <= 16 4 stages, three 18 KiB tiles of x and weights in flight per program; M = 32
-    and 64 3).
+    and splits the hidden until there are ~2 programs per SM past M = 16 after a gated first layer,
+    ~1 up to it and after a plain one (llama3-8b: 32 column tiles x 8 = 256 programs, x 4 = 128; the
+    fp32 partials are 8·M·d_out·4 B <= 8 MiB, L2-resident). Stages: as many (<= 6) as keep two
+    programs' buffers within an SM's shared memory and, 16-bit, launch 1's prefetch within
+    DECODE_IN_FLIGHT_BYTES (llama3-8b bf16, 64-row K steps: M <= 16 4 stages, three 18 KiB tiles of
+    x and weights in flight per program; M = 32 and 64 3).
     """
     block_m = decode_block_m(m)
     if interpret:
@@ -742,12 +742,15 @@ def fused_decode_config(
     block_n, block_k2 = wide, block_k
     tiles = _cdiv(d_out, block_n)
     chunks = _cdiv(hidden, block_k2)
-    # launch 2's programs an SM: two past M = 16, one up to it. H200 (2026-12-04, results
-    # c74afde; µs, split 4 against 8 at llama3-8b's and gpt-mlp's 32 column tiles): llama3-8b M =
-    # 1 / 16 86.1 / 87.5 against 86.7 / 88.5, gpt-mlp 67.6 / 69.6 against 69.0 / 71.8; at M = 64
-    # llama3-8b lost (98.3 against 96.4; M = 32 95.4 against 91.6 in the call before), gpt-mlp
-    # won (75.3 against 79.5)
-    per_sm = 1 if m <= 16 else 2
+    # launch 2's programs an SM: one up to M = 16, and past it one after a plain first layer, two
+    # after a gated one. H200 (µs, split 4 against 8 at llama3-8b's and gpt-mlp's 32 column
+    # tiles): results c74afde, llama3-8b M = 1 / 16 86.1 / 87.5 against 86.7 / 88.5, gpt-mlp
+    # 67.6 / 69.6 against 69.0 / 71.8; results 2ceb77a (the reduce in 16-row tiles, two calls
+    # each within 0.3 µs), M = 32 / 64: llama3-8b lost (93.6 / 94.6 against 88.5 / 92.2), gpt-mlp
+    # won (70.2 / 72.7 against 73.8 / 76.9). Why the gated MLP's launch 2 wants more programs was
+    # not measured (its W2 is the same [hidden, 4096] stream, 3584 against 4096 rows a program at
+    # split 4); the rule is the measurement.
+    per_sm = 1 if m <= 16 or not gated else 2
     split_k = max(1, min(round(per_sm * num_sms / tiles), chunks // 2))
     config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, 2)
     budget = SMEM_PER_SM // 2 - 2048  # two programs per SM

@@ -222,6 +222,9 @@ def test_default_tiles():
         assert cfg.num_stages >= 2
     gpt = MLPSpec((4096, 16384, 4096), "gelu_tanh", True, "bfloat16")
     assert fused_decode_config(gpt, 1).block_h == 64  # 256 programs, 128-byte rows
+    # after a plain first layer, launch 2 keeps one program an SM past M = 16 too (measured)
+    assert [fused_decode_config(gpt, m).split_k for m in (16, 32, 64)] == [4, 4, 4]
+    assert [fused_decode_config(LLAMA, m).split_k for m in (16, 32, 64)] == [4, 8, 8]
     assert decode_splits(75, 16, 2) == (2, 3)
     assert decode_splits(75, 16, 9) == (5, 1)
     pinned = decode_config_for(TileConfig(32, 128, 32), LLAMA, 20)

@@ -177,8 +177,10 @@ def timed_verdict(
         return {**out, "status": "error", "message": f"device time: {out['device_error']}"}
     out["floor_s"] = floor_of(False).seconds
     if device == "cuda":
-        # Judged at the fastest memory rate measured (copy or read-only), so that a kernel that
-        # streams its weights faster than a copy moves bytes is not called impossible.
+        # Judged at the fastest memory rate measured (copy or read-only) and the arithmetic units'
+        # physical peak (Ceilings.compute), so that a kernel that streams its weights faster than
+        # a copy moves bytes, or computes faster than the large GEMM measured, is not called
+        # impossible.
         check = floor_of(True)
         out["floor_check_s"] = check.seconds
         invalid, flags = judge_timing(out, check.seconds, check.bound)

@@ -55,11 +55,13 @@ def physical_peak(
 
 
 def _device_peak() -> dict[str, float] | None:
-    """physical_peak of CUDA device 0, its highest SM clock from torch's device properties
-    (clock_rate, kHz: cudaDevAttrClockRate)."""
+    """physical_peak of the current CUDA device (the one `measure` times), its highest SM clock
+    from torch's device properties (clock_rate, kHz: cudaDevAttrClockRate). Keyed by compute
+    capability alone, it can only overstate a part with fewer units a clock (an upper bound, as
+    the check needs)."""
     import torch
 
-    props = torch.cuda.get_device_properties(0)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
     clock_khz = getattr(props, "clock_rate", None)
     return physical_peak(
         (props.major, props.minor),

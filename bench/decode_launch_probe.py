@@ -136,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
-def _same_bytes_row(preset: str, spec: Any, torch: Any, time_device: Any, sync: Any) -> dict:
-    """The fastest one-kernel moves of the preset's weight bytes: a sum over them (read) and a
-    device copy of them (read + write, the copy ceiling's own operation at this size). At a few
+def _same_bytes_row(
+    preset: str, spec: Any, torch: Any, time_device: Any, sync: Any
+) -> dict[str, Any]:
+    """torch's own moves of the preset's weight bytes: a sum over them (read; the kernels it took
+    are recorded) and a device copy of them (read + write, the copy ceiling's own operation at
+    this size). At a few
     MB a kernel's ramp and tail are a large part of its time, so this, not the 1 GiB copy rate,
     is what no decode kernel of these weights can beat."""
     size = 2 if spec.dtype in ("float16", "bfloat16") else 4
@@ -157,6 +160,7 @@ def _same_bytes_row(preset: str, spec: Any, torch: Any, time_device: Any, sync: 
         timing = time_device("torch", fn, CALLS, lambda _: sync(), count_copies=copies)
         us = timing.device.median * 1e6
         row[f"{what}_us"] = round(us, 2)
+        row[f"{what}_kernels"] = list(timing.kernel_names)  # a sum may be two kernels
         # the copy's rate counts read + write bytes, as the copy ceiling does
         moved = weight_bytes * (2 if what == "copy" else 1)
         row[f"{what}_tbps"] = round(moved / us / 1e6, 3)

@@ -57,8 +57,8 @@ def _cases(names: list[str], smoke: bool) -> list[tuple[str, MLPSpec, int]]:
         # 128 wide: the weights through the ring the chains share (the narrow sweep's 128x8 cell;
         # Pallas-Triton 677 µs, torch 676 µs at 289aa0a, compute floor 362 µs)
         "w128x8": (MLPSpec((128,) * 9, "relu", False, "float16"), 1 << 20),
-        # 128 wide, two layers: the weights resident (the narrow sweep's 128x2 cell: Pallas-Triton
-        # 167.7 µs at 289aa0a, 75 % of the floor); a smooth activation with biases over the ring
+        # 128 wide, two layers (the narrow sweep's 128x2 cell: Pallas-Triton 167.7 µs at 289aa0a,
+        # 75 % of the floor; its sweep adds the weights resident); a smooth activation with biases
         "w128x2": (MLPSpec((128,) * 3, "relu", False, "float16"), 1 << 20),
         "w128gelu": (MLPSpec((128,) * 5, "gelu_tanh", True, "bfloat16"), 1 << 20),
     }
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cases",
         default="nerf,w32x8",
-        help="comma list of: nerf, w32x8, w64gelu, w64x8, w128x8",
+        help="comma list of: nerf, w32x8, w64gelu, w64x8, w128x8, w128x2, w128gelu",
     )
     parser.add_argument("--sweep", action="store_true", help="add the built-in configs")
     parser.add_argument("--config", action="append", default=[], help="knob=value,... (repeat)")

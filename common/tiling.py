@@ -749,7 +749,8 @@ def fused_decode_config(
     # each within 0.3 µs), M = 32 / 64: llama3-8b lost (93.6 / 94.6 against 88.5 / 92.2), gpt-mlp
     # won (70.2 / 72.7 against 73.8 / 76.9). Why the gated MLP's launch 2 wants more programs was
     # not measured (its W2 is the same [hidden, 4096] stream, 3584 against 4096 rows a program at
-    # split 4); the rule is the measurement.
+    # split 4); the rule is the measurement (gpt2-mlp at M = 32 / 64 now splits 22 ways, was 24:
+    # not measured).
     per_sm = 1 if m <= 16 or not gated else 2
     split_k = max(1, min(round(per_sm * num_sms / tiles), chunks // 2))
     config = DecodeConfig(block_m, block_h, block_k, block_n, block_k2, split_k, 4, 2)

@@ -478,7 +478,7 @@ def fused_small_fwd(
 
 
 # Padded widths where the Mosaic GPU sibling runs by default (`_takes_mosaic_sibling`).
-_MOSAIC_SIBLING_WIDTHS = (*SMALL_TMA_IO_WIDTHS, 128)
+_MOSAIC_SIBLING_WIDTHS: tuple[int, ...] = (*SMALL_TMA_IO_WIDTHS, 128)
 
 
 def _takes_mosaic_sibling(spec: MLPSpec, config: object, interpret: bool) -> bool:

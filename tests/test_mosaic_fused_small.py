@@ -243,7 +243,7 @@ def test_config_validation_and_mapping() -> None:
     wide = MLPSpec((128,) * 9, "relu", False, "float16")
     assert mfs.default_config(wide, 1 << 20) == mfs.RING_CONFIG
     assert mfs.default_config(wide, 1 << 20, interpret=True) == mfs.INTERPRET_RING_CONFIG
-    mfs.check_config(mfs.geometry(wide, mfs.RING_CONFIG))  # 208 KiB
+    mfs.check_config(mfs.geometry(wide, mfs.RING_CONFIG))  # 192 KiB
     with pytest.raises(ValueError, match="bytes of shared memory a block"):  # every layer resident
         mfs.check_config(mfs.geometry(wide, dataclasses.replace(mfs.RING_CONFIG, weight_slots=0)))
     assert str(mfs.RING_CONFIG).endswith(" ring2")
@@ -310,8 +310,8 @@ def test_gpu_variant_lowers_for_cuda(monkeypatch, spec, m, config) -> None:
 
 
 def test_the_rule_of_the_sibling(monkeypatch) -> None:
-    """jax_impl/fused_small takes the sibling on Hopper, unpinned, 16-bit, at padded width 64 and
-    where the sibling takes the spec; `plan()` then names it and its tiles."""
+    """jax_impl/fused_small takes the sibling on Hopper, unpinned, 16-bit, at padded width 64 or
+    128 and where the sibling takes the spec; `plan()` then names it and its tiles."""
     from fusedmlp.jax_impl import front
     from fusedmlp.jax_impl import fused_small as portable
 
@@ -420,6 +420,7 @@ def test_gpu_128_wide_through_the_front(spec: MLPSpec) -> None:
     m = 70_001
     x, params, p = _inputs(spec, m, seed=24)
     assert portable._takes_mosaic_sibling(spec, None, False)
+    assert "128 wide, a weight ring" in jax_impl.plan(spec, x.shape, impl="fused_small").reason
     y = np.asarray(jax_impl.mlp(jnp.asarray(x), p, spec, impl="fused_small"))
     direct = np.asarray(mfs.fused_small(jnp.asarray(x), p, spec))
     np.testing.assert_array_equal(y.view(np.uint16), direct.view(np.uint16))
@@ -432,7 +433,8 @@ def test_gpu_128_wide_through_the_front(spec: MLPSpec) -> None:
 
 @pytest.mark.gpu
 def test_gpu_fused_small_takes_the_sibling_at_64_wide() -> None:
-    # jax_impl/fused_small on Hopper: the sibling at padded width 64 and the default tiles only
+    # jax_impl/fused_small on Hopper: the sibling at padded width 64 (and 128) at the default
+    # tiles only
     from fusedmlp.jax_impl import fused_small as portable
 
     nerf = get_preset("nerf-64x5").spec

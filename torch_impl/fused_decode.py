@@ -22,11 +22,12 @@ M = 64), written once and read back from L2 by launch 2.
 
 Launch 2, grid (cdiv(d_out, BLOCK_N), S): program (n, s) owns output columns [n·BLOCK_N,
 (n+1)·BLOCK_N) (128 16-bit columns: 256-byte rows of W2) and the s-th of S equal runs of the hidden
-(K_ITERS chunks of BLOCK_K2), so W2 is streamed by ~2 programs per SM past M = 16 (S = 8 at
-llama3-8b), ~1 up to it (S = 4, measured faster there), although d_out has only 32 such column
-tiles. S = 1: it adds b2 and stores y itself. S > 1: it stores its fp32 partial p_s
-(S·M·d_out·4 B: 8 MiB at llama3-8b, M = 64 — L2-resident), and launch 3 sums the S partials of
-each output tile in the fixed order s = 0, 1, ..., adds b2, rounds once and stores y.
+(K_ITERS chunks of BLOCK_K2), so W2 is streamed by ~2 programs per SM past M = 16 after a gated
+first layer (S = 8 at llama3-8b), ~1 up to it and after a plain one (S = 4, measured faster there),
+although d_out has only 32 such column tiles. S = 1: it adds b2 and stores y itself. S > 1: it
+stores its fp32 partial p_s (S·M·d_out·4 B: 8 MiB at llama3-8b, M = 64 — L2-resident), and launch 3
+sums the S partials of each output tile in the fixed order s = 0, 1, ..., adds b2, rounds once and
+stores y.
 
 Row blocks: every program holds all M rows (block_m = M padded) unless a pinned config asks for a
 smaller block_m; then each launch's grid has cdiv(M, block_m) row blocks as its fastest index, so

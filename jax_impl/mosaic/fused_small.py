@@ -39,16 +39,15 @@ rows (the TMA descriptors cut M into 8-row swizzle atoms: `pipeline.padded_exten
 interpreter raises on out-of-bounds boxes, so there M is padded to whole tiles
 (`compat.mosaic_interpreter_models_tma_edges`).
 
-Widths: every layer is padded to WIDTH = 16, 32 or 64 (`padded_width`); padded weight rows and
-columns and bias lanes are zeros, so padded lanes of every hidden are act(0) = 0 (every plain
-activation) and contribute nothing to the next product. x and y are read and written as they are (no
-copy), so d_in and d_out must be multiples of 16 (wgmma's 32-byte swizzle atoms); the one swizzle
-of every tile is the largest that divides d_in, WIDTH and d_out (128 bytes for nerf-64x5). Hidden
-widths may be anything <= WIDTH (their weights are padded on the host: one small XLA op per
-padded layer, none for nerf-64x5). Gated specs, float32, widths over 128, 128-wide specs whose
-widths are not all 128 (the ring's slots are square) and more than MAX_LAYERS layers are refused by
-`unsupported_reason` (fallback: jax_impl/fused_small.py).
-"""
+Widths: every layer is padded to WIDTH = 16, 32, 64 or 128 (`padded_width`; at 128 every width must
+be 128, the ring's square slots); padded weight rows and columns and bias lanes are zeros, so padded
+lanes of every hidden are act(0) = 0 (every plain activation) and contribute nothing to the next
+product. x and y are read and written as they are (no copy), so d_in and d_out must be multiples of
+16 (wgmma's 32-byte swizzle atoms); the one swizzle of every tile is the largest that divides d_in,
+WIDTH and d_out (128 bytes for nerf-64x5). Hidden widths may be anything <= WIDTH (their weights are
+padded on the host: one small XLA op per padded layer, none for nerf-64x5). Gated specs, float32,
+widths over 128, 128-wide specs whose widths are not all 128 (the ring's slots are square) and more
+than MAX_LAYERS layers are refused by `unsupported_reason` (fallback: jax_impl/fused_small.py)."""
 
 from __future__ import annotations
 
@@ -167,7 +166,7 @@ INTERPRET_CONFIG = MosaicSmallConfig(
 # 64 KiB, y 64 KiB = 192 KiB. H200 (results 2026-12-04-h200-5ec3c30 and -3665e08; 1M rows, every
 # relu config the same bits as the Pallas-Triton kernel): 128x8 relu fp16 wg2 o2 350.6 µs (784
 # TFLOP/s; Pallas-Triton 644.1), wg2 s3 o1 351.6, three chains 481.7-482.1 (predicted 450-520),
-# three chains over three ring slots 430.1, 128-row chains 440.8, four chains at one slot 1314.4;
+# three chains over three ring slots 430.1, 128-row chains 440.8, four chains at one x slot 1314.4;
 # 4 layers gelu_tanh with biases bf16 488.1-495.3 for two or three chains (Pallas-Triton 854.7),
 # three ring slots 507.1; two layers relu 136.8 (the weights resident instead: 138.3, so no
 # second rule; Pallas-Triton 167.1).

@@ -66,13 +66,18 @@ from .front import ADAPTER, STACK
 from .fused_small import dot_precision
 
 MAX_M = 64
-# Launch 3's tile: 16 rows x 64 output columns a program (llama3-8b: 64 programs at M <= 16, 256
-# at M = 64). Its rows are independent of launches 1-2's row blocks (each sum is the same fixed
-# order, s = 0, 1, ...: the same bits). H200 (bench/decode_launch_probe.py at 30bbe30): with the
-# whole padded M a program, 64 programs summed 8 partials of [64, 64] in 4.6 µs torch / 7.2 µs
-# JAX at M = 64 (8.4 MB from L2 at 1.2-1.8 TB/s) against 1.1-1.4 µs at M <= 16.
+# Launch 3's tile: 16 rows x 32 output columns a program (llama3-8b: 128 programs at M <= 16, 512
+# at M = 64). Its rows and columns are independent of launches 1-2's blocks (each sum is the same
+# fixed order, s = 0, 1, ...: the same bits). H200 (bench/decode_launch_probe.py at 30bbe30):
+# with the whole padded M a program, 64 programs summed 8 partials of [64, 64] in 4.6 µs torch /
+# 7.2 µs JAX at M = 64 (8.4 MB from L2 at 1.2-1.8 TB/s) against 1.1-1.4 µs at M <= 16.
+# twin-diff: 32 columns here, 64 in torch — at da89ed7 (results 2026-12-04-h200-da89ed7), this
+# launch with 32 / 64 / 128 columns: hf-blog-geglu M = 1 1.68 / 2.86 / 3.57 µs, M = 16 1.84 /
+# 3.46 / 6.91, llama3-8b M = 2 / 16 / 64 1.09 / 1.28 / 1.31, 1.25 / 1.44 / 1.78, 2.46 / 2.82 /
+# 4.03; the Triton twin's best was 64 (hf-blog 1.47 against 2.14 at 32): Pallas-Triton's code for
+# the wider masked tile is the slower one (not examined).
 REDUCE_BLOCK_M = 16
-REDUCE_BLOCK_N = 64
+REDUCE_BLOCK_N = 32
 
 
 # ---- forward kernels -----------------------------------------------------------------------------

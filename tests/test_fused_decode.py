@@ -45,7 +45,9 @@ from helpers import (
 # -> hidden 75 is 3 up programs (the third in the second packed block), d_in 19 is 2 K chunks,
 # d_out 33 is 2 down tiles (one ragged), the hidden's 5 chunks split 3 + 2.
 ODD_WIDTHS = (19, 75, 33)
-PUBLIC_NAMES = ("supports", "fused_decode_fwd", "fused_decode", "MAX_M", "REDUCE_BLOCK_N")
+# REDUCE_BLOCK_N is not among the shared constants: the reduce launch's column tile was measured
+# per stack (test_reduce_tiles_per_stack; the twins' bits do not depend on it)
+PUBLIC_NAMES = ("supports", "fused_decode_fwd", "fused_decode", "MAX_M", "REDUCE_BLOCK_M")
 LLAMA = MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
 
 
@@ -204,6 +206,18 @@ def test_validation(stack):
     plain = {k: stack.array(v) for k, v in params.items()}
     with pytest.raises(ValueError, match=r"missing \['wv0'\].*pack_params\(spec, params\)"):
         stack.mod.fused_decode(stack.array(x), plain, spec)
+
+
+def test_reduce_tiles_per_stack():
+    """Launch 3 sums each element's partials in the fixed order s = 0, 1, ... whatever its tile,
+    so the stacks may take different column tiles (the H200's best: 64 in Triton, 32 in
+    Pallas-Triton) and still agree bit for bit (TestShared.test_twins_bitwise runs both at their
+    own tiles); each tile divides the 128-column blocks of launch 2."""
+    from fusedmlp.jax_impl import fused_decode as jax_decode
+    from fusedmlp.torch_impl import fused_decode as torch_decode
+
+    assert (torch_decode.REDUCE_BLOCK_N, jax_decode.REDUCE_BLOCK_N) == (64, 32)
+    assert all(128 % mod.REDUCE_BLOCK_N == 0 for mod in (torch_decode, jax_decode))
 
 
 def test_default_tiles():

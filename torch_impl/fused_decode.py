@@ -99,6 +99,7 @@ MAX_M = 64
 # order, s = 0, 1, ...: the same bits). H200 (bench/decode_launch_probe.py at 30bbe30): with the
 # whole padded M a program, 64 programs summed 8 partials of [64, 64] in 4.6 µs torch / 7.2 µs
 # JAX at M = 64 (8.4 MB from L2 at 1.2-1.8 TB/s) against 1.1-1.4 µs at M <= 16.
+# twin-diff: 64 columns here, 32 in the JAX twin (measured per stack: its comment has the table).
 REDUCE_BLOCK_M = 16
 REDUCE_BLOCK_N = 64
 

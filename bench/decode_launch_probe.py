@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     timing = time_device(stack, lambda i, fn=fn: fn(), CALLS, wait)
                     us = timing.device.median * 1e6
                     launches = [round(t * 1e6, 2) for t in timing.kernel_times]
-                    size = np.dtype(spec.dtype if spec.dtype != "bfloat16" else "float16").itemsize
-                    layer_bytes = [
-                        size * layer.d_in * layer.d_out * (2 if layer.gated else 1)
-                        for layer in spec.layers()
-                    ]
+                    layer_bytes = _layer_weight_bytes(spec)
                     row.update(
                         us=round(us, 2),
                         kernels=list(timing.kernel_names),
@@ -122,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
         if not args.smoke and preset not in streamed:
             streamed.add(preset)
-            row = _same_bytes_row(preset, spec, torch, time_device, sync)
+            row = _same_bytes_row(preset, spec, torch, time_device, sync, "cuda")
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {
@@ -136,19 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
+def _layer_weight_bytes(spec: Any) -> list[int]:
+    """Each layer's weight bytes (a gated layer's gate and up both), the stream of its launch."""
+    size = 4 if spec.dtype == "float32" else 2
+    return [size * layer.d_in * layer.d_out * (2 if layer.gated else 1) for layer in spec.layers()]
+
+
 def _same_bytes_row(
-    preset: str, spec: Any, torch: Any, time_device: Any, sync: Any
+    preset: str, spec: Any, torch: Any, time_device: Any, sync: Any, device: str
 ) -> dict[str, Any]:
     """torch's own moves of the preset's weight bytes: a sum over them (read; the kernels it took
     are recorded) and a device copy of them (read + write, the copy ceiling's own operation at
-    this size). At a few
-    MB a kernel's ramp and tail are a large part of its time, so this, not the 1 GiB copy rate,
-    is what no decode kernel of these weights can beat."""
-    size = 2 if spec.dtype in ("float16", "bfloat16") else 4
-    weight_bytes = sum(
-        size * layer.d_in * layer.d_out * (2 if layer.gated else 1) for layer in spec.layers()
-    )
-    src = torch.ones(weight_bytes // 2, dtype=torch.float16, device="cuda")
+    this size). At a few MB a kernel's ramp and tail are a large part of its time, so this, not
+    the 1 GiB copy rate, is what no decode kernel of these weights can beat."""
+    weight_bytes = sum(_layer_weight_bytes(spec))
+    src = torch.ones(weight_bytes // 2, dtype=torch.float16, device=device)
     dst = torch.empty_like(src)
     row: dict[str, Any] = {"case": f"{preset}:weights", "stack": "torch", "bytes": weight_bytes}
     for what, fn, copies in (

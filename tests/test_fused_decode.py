@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from fusedmlp.common import reference
+from fusedmlp.common import get_preset, reference
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import pack_params
 from fusedmlp.common.params import init_params, make_input
@@ -462,3 +463,30 @@ def test_launch_probe_smoke(tmp_path):
     limit = bounds(MLPSpec((64, 96, 48), "swiglu", False, "bfloat16")).rel_fro
     for row in rows:
         assert "error" not in row and row["rel_err_vs_baseline"] <= limit, row
+
+
+def test_launch_probe_same_bytes_row():
+    """The probe's `PRESET:weights` row (GPU only in the probe) on this CPU with a stand-in
+    timer: hf-blog-geglu's weight bytes (gate|up 768 x 2·3072 and down 3072 x 768, bf16), each
+    move timed once, its rate over the bytes it moves (the copy both ways)."""
+    import torch
+
+    from fusedmlp.bench import decode_launch_probe
+    from fusedmlp.bench.timing import Stats
+
+    calls = []
+
+    def timer(stack, fn, n, wait, count_copies=False):
+        calls.append(count_copies)
+        fn(0)
+        stats = Stats.of([8e-6] * 3, "stand-in")
+        return SimpleNamespace(device=stats, kernel_names=("k",))
+
+    spec = get_preset("hf-blog-geglu").spec
+    row = decode_launch_probe._same_bytes_row("hf", spec, torch, timer, lambda: None, "cpu")
+    assert row["bytes"] == 2 * (768 * 2 * 3072 + 3072 * 768) == 14_155_776
+    assert calls == [False, True]
+    assert row["read_us"] == row["copy_us"] == 8.0
+    assert row["read_tbps"] == pytest.approx(14_155_776 / 8e-6 / 1e12, abs=1e-3)
+    assert row["copy_tbps"] == pytest.approx(2 * 14_155_776 / 8e-6 / 1e12, abs=1e-3)
+    assert row["read_kernels"] == ["k"]

@@ -330,6 +330,10 @@ def test_the_rule_of_the_sibling(monkeypatch) -> None:
     assert not rule(MLPSpec((128, 96, 128), "relu", False, "float16"))  # 128 wide: all 128
     assert not rule(MLPSpec((128,) * 9, "relu", False, "float32"))
     assert mfs.default_config(MLPSpec((128,) * 3, "relu", False, "float16"), 1) == mfs.RING_CONFIG
+    # default tiles past shared memory: the Pallas-Triton kernel runs, not a launch that raises
+    with monkeypatch.context() as patch:
+        patch.setattr(mfs, "default_config", lambda spec, m, **kw: Config(num_stages=16))
+        assert not rule(nerf)
     assert not portable._takes_mosaic_sibling(nerf, SmallConfig(64, 4, 3), False)  # pinned
     assert not portable._takes_mosaic_sibling(nerf, None, True)  # interpreted
     # the sibling's own tiles pin the sibling, interpreted too: they are what a plan records

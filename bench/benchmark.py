@@ -38,6 +38,11 @@ INVALID = "invalid measurement"
 NO_CUDAGRAPH = {
     "mosaic": "not captured: as_torch_kernel launches through JAX, outside torch's capture stream",
 }
+# A torch plan whose launches a graph would not record as planned (front.graph_capturable).
+NOT_CAPTURED = (
+    "not captured: the plan runs fused_small's Mosaic GPU sibling through as_torch_kernel, outside "
+    "torch's capture stream (a captured call would run the Triton kernel instead)"
+)
 
 
 def bench_case(
@@ -97,7 +102,15 @@ def bench_case(
                 row["status"] = NOT_TIMED_FAILED
             else:
                 row.update(
-                    time_row(p, case, row["_fn"], ceil, timing, chosen=row.get("chosen", p.impl))
+                    time_row(
+                        p,
+                        case,
+                        row["_fn"],
+                        ceil,
+                        timing,
+                        chosen=row.get("chosen", p.impl),
+                        capturable=row.get("_capturable", True),
+                    )
                 )
         strip(row)
         rows.append(row)
@@ -123,11 +136,14 @@ def bench_case(
     }
 
 
-def cudagraph_request(p: Provider, device: str, chosen: str) -> bool | str:
-    """timing.measure's `cudagraph` argument: True for torch rows on a GPU, or why not."""
+def cudagraph_request(p: Provider, device: str, chosen: str, capturable: bool = True) -> bool | str:
+    """timing.measure's `cudagraph` argument: True for torch rows on a GPU, or why not
+    (`capturable`: the provider's plan is recorded as planned, Provider.capturable)."""
     if p.stack != "torch" or device != "cuda":
         return False
-    return NO_CUDAGRAPH.get(chosen, True)
+    if chosen in NO_CUDAGRAPH:
+        return NO_CUDAGRAPH[chosen]
+    return True if capturable else NOT_CAPTURED
 
 
 def time_row(
@@ -138,8 +154,10 @@ def time_row(
     timing: dict[str, Any],
     *,
     chosen: str | None = None,
+    capturable: bool = True,
 ) -> dict[str, Any]:
-    """The timing fields and verdict of one row (`chosen`: the impl that runs, for `auto`)."""
+    """The timing fields and verdict of one row (`chosen`: the impl that runs, for `auto`;
+    `capturable`: whether a CUDA graph records its plan as planned)."""
     chosen = chosen or p.impl
     return timed_verdict(
         lambda: measure(
@@ -147,7 +165,7 @@ def time_row(
             case.device,
             fn,
             lambda o: sync(p.stack, o),
-            cudagraph=cudagraph_request(p, case.device, chosen),
+            cudagraph=cudagraph_request(p, case.device, chosen, capturable),
             **timing,
         ),
         case.device,

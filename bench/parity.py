@@ -66,6 +66,7 @@ def run_provider(p: Provider, case: Case) -> dict[str, Any]:
     except Exception as exc:
         return _failed(row, exc)
     row.update(plan=plan.describe(), kernels=plan.kernels(), chosen=plan.impl)
+    row["_capturable"] = p.capturable(plan)
     t0 = time.perf_counter()
     try:
         fn = p.make(case)
@@ -181,9 +182,10 @@ def parity_case(case: Case, providers: list[Provider], *, on_row: Any = None) ->
 
 
 def strip(row: dict[str, Any]) -> dict[str, Any]:
-    """Drop the in-memory fields (output, thunk) before a row is stored."""
+    """Drop the in-memory fields (output, thunk, capture flag) before a row is stored."""
     row.pop("_out", None)
     row.pop("_fn", None)
+    row.pop("_capturable", None)
     return row
 
 

@@ -126,6 +126,11 @@ class Provider:
             case.spec, (case.m, case.spec.d_in), impl=self.impl, device=case.device
         )
 
+    def capturable(self, plan: Any) -> bool:
+        """Whether a torch CUDA graph records this provider's planned launches (the timing's
+        cross-check captures them; JAX rows have none): torch front's `graph_capturable`."""
+        return self.stack != "torch" or bool(front(self.stack).graph_capturable(plan))
+
     def layouts(self, case: Case) -> frozenset[str]:
         """The params layouts this provider's launches read ("packed", "any")."""
         return frozenset(

@@ -776,6 +776,252 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
         mgpu_call(fn, unpadded)
 
 
+# ==== CPU: fused_small's Mosaic GPU sibling from torch ============================================
+
+
+def _deep(layers: int = 8, **changes: Any):
+    from fusedmlp.common import MLPSpec
+
+    spec = MLPSpec((128,) * (layers + 1), "relu", False, "float16")
+    return spec.replace(**changes) if changes else spec
+
+
+@pytest.fixture
+def as_hopper(monkeypatch: pytest.MonkeyPatch):
+    """This CPU as an H200 to torch's fused_small rule: compiled kernels, capability 9.0, jax usable
+    from torch. The rule's per-(spec, device) cache is cleared before and after."""
+    import torch
+
+    from fusedmlp.torch_impl import fused_small as tfs
+    from fusedmlp.torch_impl.cross import fused_small as cfs
+
+    monkeypatch.setattr(tfs, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cfs, "unavailable_reason", lambda: None)
+    tfs._sibling_takes.cache_clear()
+    yield monkeypatch
+    tfs._sibling_takes.cache_clear()
+
+
+def test_torch_fused_small_takes_the_sibling_at_128_wide(as_hopper) -> None:
+    """torch's fused_small runs the Mosaic GPU sibling from JAX on Hopper, 16-bit, every width 128,
+    default tiles, jax usable, no CUDA graph in the making; else its own Triton kernel."""
+    import torch
+
+    from fusedmlp.common import MLPSpec, get_preset
+    from fusedmlp.common.tiling import SmallConfig
+    from fusedmlp.jax_impl.mosaic import fused_small as mfs
+    from fusedmlp.torch_impl import front
+    from fusedmlp.torch_impl import fused_small as tfs
+    from fusedmlp.torch_impl.cross import fused_small as cfs
+
+    def rule(spec: MLPSpec) -> bool:
+        return tfs._sibling_applies(spec, "cuda")
+
+    deep = _deep()
+    assert rule(deep) and rule(_deep(2, activation="gelu_tanh", bias=True, dtype="bfloat16"))
+    assert not rule(deep.replace(dtype="float32"))
+    assert not rule(get_preset("nerf-64x5").spec)  # 64 wide: this kernel's own TMA I/O
+    assert not rule(MLPSpec((128, 96, 128), "relu", False, "float16"))  # the ring: all 128
+    assert not rule(_deep(2, activation="swiglu"))  # gated: the sibling has none yet
+    assert not tfs._sibling_applies(deep, "cpu")
+    with front.graph_safe():  # a CUDA graph is prepared: as_torch_kernel cannot be recorded
+        assert not rule(deep)
+    x = torch.zeros(3, 128, dtype=torch.float16)
+    assert not tfs._takes_mosaic_sibling(deep, SmallConfig(64, 4, 3), x)  # pinned: Triton
+    assert tfs._takes_mosaic_sibling(deep, mfs.RING_CONFIG, x)  # the sibling's own tiles
+    assert not tfs._takes_mosaic_sibling(deep, None, x)  # default tiles: the tensor's device
+    assert cfs.is_sibling_config(mfs.RING_CONFIG) and not cfs.is_sibling_config(None)
+    for why, patch in (
+        ("not Hopper", (torch.cuda, "get_device_capability", lambda index=None: (8, 0))),
+        ("no jax for torch", (cfs, "unavailable_reason", lambda: "jax too old")),
+        ("interpreted", (tfs, "INTERPRET", True)),
+    ):
+        with as_hopper.context() as m:
+            m.setattr(*patch)
+            tfs._sibling_takes.cache_clear()
+            assert not rule(deep), why
+    tfs._sibling_takes.cache_clear()
+    with as_hopper.context() as m:  # default tiles past shared memory: Triton, not a raise
+        m.setattr(mfs, "default_config", lambda spec, m_, **kw: mfs.MosaicSmallConfig(num_stages=9))
+        assert not rule(deep)
+
+
+def test_torch_plan_names_the_sibling_and_capture_plans_triton(as_hopper) -> None:
+    """The plan records the sibling's tiles (they pin the route at the launch) and says so; while a
+    CUDA graph is prepared it plans the Triton kernel, and the call cache keeps the two apart."""
+    import torch
+
+    from fusedmlp.common.tiling import SmallConfig
+    from fusedmlp.jax_impl.mosaic import fused_small as mfs
+    from fusedmlp.torch_impl import front
+
+    deep = _deep()
+    for impl in ("auto", "fused_small"):
+        the_plan = front.plan(deep, (4099, 128), impl=impl, device="cuda")
+        assert the_plan.impl == "fused_small", the_plan
+        assert "Mosaic GPU sibling runs here on these tensors" in the_plan.reason
+        assert the_plan.launches[0].config == mfs.RING_CONFIG
+        assert not front.graph_capturable(the_plan)
+        with front.graph_safe():
+            captured = front.plan(deep, (4099, 128), impl=impl, device="cuda")
+        assert isinstance(captured.launches[0].config, SmallConfig)
+        assert "sibling" not in captured.reason and front.graph_capturable(captured)
+    assert not front.graph_capturable(front.plan(deep, (64, 128), impl="mosaic", device="cuda"))
+    assert front.graph_capturable(front.plan(deep, (64, 128), impl="triton", device="cuda"))
+    # the prepared-call cache: the same signature plans apart inside and outside graph_safe (a
+    # CPU tensor, with the rule asked as on a GPU)
+    as_hopper.setattr(front, "_sibling_runs", lambda spec, device: not front._graph_safe())
+    x = torch.zeros(5, 128, dtype=torch.float16)
+    params = {f"w{i}": torch.zeros(128, 128, dtype=torch.float16) for i in range(8)}
+    eager = front.prepare(x, params, deep, "fused_small")
+    with front.graph_safe():
+        graphed = front.prepare(x, params, deep, "fused_small")
+    assert eager.plan.launches[0].config == mfs.RING_CONFIG
+    assert isinstance(graphed.plan.launches[0].config, SmallConfig)
+
+
+@pytest.mark.parametrize("m", [37, 1, 1024])
+def test_torch_sibling_operands_are_padded_like_the_jax_launcher(m: int) -> None:
+    """x's rows to whole 8-row TMA atoms (as the JAX launcher's `padded_rows`), bias rows to the
+    kernel's length; no copy of what already has the shape."""
+    import torch
+
+    from fusedmlp.common import MLPSpec
+    from fusedmlp.jax_impl.mosaic import fused_small as mfs
+    from fusedmlp.torch_impl.cross import fused_small as cfs
+
+    spec = MLPSpec((16, 64, 16), "gelu_tanh", True, "float16")  # 16-wide rows: bias rows padded
+    cfg = mfs.DEFAULT_CONFIG
+    x = torch.randn(m, 16).half()
+    params = {
+        "w0": torch.randn(16, 64).half(),
+        "w1": torch.randn(64, 16).half(),
+        "b0": torch.randn(64).half(),
+        "b1": torch.randn(16).half(),
+    }
+    ops, plan = cfs.operands(x, params, spec, cfg)
+    mp = mfs.padded_rows(m, cfg.block_m, interpret=False)
+    assert plan.mp == mp == (m if m <= 8 else -(-m // 8) * 8) and (plan.m, plan.n) == (m, 16)
+    assert [tuple(o.shape) for o in ops] == [(mp, 16), (16, 64), (64, 16), (64,), (64,)]
+    assert all(o.is_contiguous() for o in ops)
+    assert (ops[0].data_ptr() == x.data_ptr()) is (mp == m)
+    assert ops[1].data_ptr() == params["w0"].data_ptr()
+    assert ops[3].data_ptr() == params["b0"].data_ptr()  # 64 elements: a whole TMA copy already
+    assert torch.equal(ops[4][:16], params["b1"]) and not ops[4][16:].any()
+    assert torch.equal(ops[0][:m], x) and not ops[0][m:].any()
+
+
+@pytest.mark.parametrize(
+    ("layers", "activation", "bias", "dtype", "m"),
+    [(2, "relu", True, "float16", 37), (3, "gelu_tanh", False, "bfloat16", 1)],
+)
+def test_torch_fused_small_through_the_sibling_gives_the_jax_launchers_bits(
+    monkeypatch: pytest.MonkeyPatch, layers: int, activation: str, bias: bool, dtype: str, m: int
+) -> None:
+    """torch's fused_small_fwd at the sibling's tiles goes through the cross launcher — pad in
+    torch, the JAX launcher on operands it need not pad, slice in torch — and gives the JAX
+    launcher's own bits. The compiled kernel is stood in for by the same launcher under the Mosaic
+    GPU interpreter (as_torch_kernel needs a GPU)."""
+    import torch
+
+    from fusedmlp.common import init_params, make_input
+    from fusedmlp.jax_impl.mosaic import fused_small as mfs
+    from fusedmlp.torch_impl import fused_small as tfs
+    from fusedmlp.torch_impl.cross import fused_small as cfs
+
+    if _mosaic_interpreter_missing():
+        pytest.skip(_mosaic_interpreter_missing())
+    spec = _deep(layers, activation=activation, bias=bias, dtype=dtype)
+    cfg = mfs.INTERPRET_RING_CONFIG
+    params, x = init_params(spec, seed=layers), make_input(spec, m, seed=layers + 7)
+    made = []
+
+    def compiled_kernel(key, make, ops):
+        made.append((key, make()))
+
+        def interpreted(*aligned):
+            x_, *rest = (_torch_to_jax(a) for a in aligned)
+            p = {f"w{i}": w for i, w in enumerate(rest[: spec.num_layers])}
+            p |= {f"b{i}": b for i, b in enumerate(rest[spec.num_layers :])}
+            return _torch(np.asarray(mfs.fused_small_fwd(x_, p, spec, config=cfg, interpret=True)))
+
+        return interpreted
+
+    monkeypatch.setattr(cfs, "compiled_kernel", compiled_kernel)
+    t = {k: _torch(v) for k, v in params.items()}
+    out = tfs.fused_small_fwd(_torch(x), t, spec, config=cfg)
+    [(key, fn)] = made
+    assert key == ("fused_small", spec, cfg) and callable(fn)
+    assert tuple(out.shape) == (m, spec.d_out) and out.is_contiguous()
+    import jax.numpy as jnp
+
+    native = mfs.fused_small(
+        jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}, spec, config=cfg
+    )
+    got = np.asarray(to_numpy(out), np.float32).view(np.uint32)
+    want = np.asarray(native, np.float32).view(np.uint32)
+    assert np.array_equal(got, want), f"{np.sum(got != want)} elements differ"
+    assert isinstance(out, torch.Tensor)
+
+
+def _mosaic_interpreter_missing() -> str | None:
+    from fusedmlp.jax_impl import compat
+
+    try:
+        compat.mosaic_interpret_params()
+    except (ImportError, AttributeError) as err:
+        return f"no Mosaic GPU interpreter in this jax: {err}"
+    return None
+
+
+@pytest.mark.parametrize(
+    ("layers", "activation", "bias", "dtype"),
+    [(8, "relu", False, "float16"), (3, "gelu_tanh", True, "bfloat16")],
+)
+def test_torch_sibling_function_is_one_kernel_call(
+    layers: int, activation: str, bias: bool, dtype: str
+) -> None:
+    """Lowered for CUDA on this CPU, the function torch hands to as_torch_kernel for fused_small is
+    the one Mosaic GPU call as_torch_kernel accepts, at an odd M whose rows torch padded; without
+    that padding the launcher's own pad would be refused."""
+    import jax
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.numpy as jnp
+    from jax._src.lib.mlir import passmanager
+    from jax._src.pallas.mosaic_gpu import torch as mgpu_torch
+
+    from fusedmlp.jax_impl.mosaic import fused_small as mfs
+    from fusedmlp.torch_impl.cross import fused_small as cfs
+
+    spec = _deep(layers, activation=activation, bias=bias, dtype=dtype)
+    cfg = mfs.RING_CONFIG
+    m = 4099
+    plan, weights, bias_len = cfs.launch_plan(m, spec, cfg)
+    dt = jnp.dtype(dtype)
+    structs = [jax.ShapeDtypeStruct((plan.mp, 128), dt)]
+    structs += [jax.ShapeDtypeStruct(shape, dt) for shape in weights]
+    structs += [jax.ShapeDtypeStruct((bias_len,), dt)] * (layers if bias else 0)
+
+    def mgpu_call(fn, args):
+        module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir()
+        with module.context:
+            mgpu.dialect.register_inliner_extensions(module.context)
+            passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(
+                module.operation
+            )
+            return mgpu_torch._find_mgpu_call_in_module(module)[0]
+
+    fn = cfs.mosaic_function(spec, cfg)
+    call = mgpu_call(fn, structs)
+    assert len(list(call.operands)) == len(structs)
+    assert [tuple(r.type.shape) for r in call.results] == [(plan.mp, 128)]
+    assert plan.mp == 4104 != m
+    with pytest.raises(ValueError, match="Unsupported operation"):
+        mgpu_call(fn, [jax.ShapeDtypeStruct((m, 128), dt), *structs[1:]])
+
+
 # ==== CPU: bench/fetch_wheels.sh's compatibility check ============================================
 def _wheel(
     path: Path,

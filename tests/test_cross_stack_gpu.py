@@ -22,6 +22,7 @@ import importlib.util
 import os
 import re
 
+import numpy as np
 import pytest
 from test_cross_stack_cpu import _problem, _reference, _torch
 
@@ -290,3 +291,39 @@ def test_decompose_on_the_gpu() -> None:
     ]
     assert all(r["kernels_per_call"] == 1 for r in natives), natives
     assert len(cross_overhead.attribute(rows)) == (4 if HAVE_JAX_TRITON else 2)
+
+
+@pytest.mark.gpu
+def test_torch_fused_small_runs_the_sibling_at_128_wide() -> None:
+    """torch's fused_small at a 128-wide MLP plans its Mosaic GPU sibling (from JAX, on these
+    tensors) and gives the JAX front's bits, which runs the same kernel, within tolerance of the
+    float64 reference at an odd M (rows padded in torch); inside graph_safe it plans the Triton
+    kernel, and a CUDA graph captured there replays its bits."""
+    import torch
+
+    from fusedmlp.common import init_params, make_input, reference
+    from fusedmlp.jax_impl import front as jfront
+    from fusedmlp.torch_impl import front as tfront
+
+    spec = MLPSpec((128,) * 5, "relu", True, "float16")
+    params, x = init_params(spec, seed=41), make_input(spec, 4099, seed=42)
+    x[7, 3] = np.nan  # a NaN row of x is a NaN row of y
+    ref = reference.forward(spec, x, params)
+    tx, tp, jx, jp = _on_gpu(x, params)
+    the_plan = tfront.plan(spec, tuple(tx.shape), impl="fused_small", device="cuda")
+    assert "Mosaic GPU sibling runs here" in the_plan.reason, the_plan
+    y = tfront.mlp(tx, tp, spec, impl="fused_small")
+    assert _bits_equal(y, jfront.mlp(jx, jp, spec, impl="fused_small"))
+    assert_close(to_numpy(y), ref, spec, what="torch fused_small via the sibling")
+    assert np.isnan(to_numpy(y)[7]).all()
+    with tfront.graph_safe():
+        captured = tfront.plan(spec, tuple(tx.shape), impl="fused_small", device="cuda")
+        assert "sibling" not in captured.reason and tfront.graph_capturable(captured)
+        y_triton = tfront.mlp(tx, tp, spec, impl="fused_small")  # compiled before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = tfront.mlp(tx, tp, spec, impl="fused_small")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _bits_equal(y_graph, y_triton)
+    assert_close(to_numpy(y_triton), ref, spec, what="torch fused_small, Triton")

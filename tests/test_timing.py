@@ -522,6 +522,12 @@ def test_benchmark_rows_invalid_flagged_and_timed(monkeypatch: pytest.MonkeyPatc
     assert "as_torch_kernel" in row["_cudagraph_arg"]
     row = benchmark.time_row(Provider("jax", "xla", True), case, None, CEIL, {})
     assert row["_cudagraph_arg"] is False
+    # a torch plan a graph would not record as planned (fused_small's Mosaic GPU sibling): a
+    # capture would time the Triton kernel instead, so none is made
+    small = Provider("torch", "fused_small", False)
+    row = benchmark.time_row(small, case, None, CEIL, {}, capturable=False)
+    assert row["_cudagraph_arg"] == benchmark.NOT_CAPTURED
+    assert benchmark.time_row(small, case, None, CEIL, {})["_cudagraph_arg"] is True
 
 
 def test_floor_check_allows_the_faster_of_copy_and_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,9 +5,9 @@ y = mlp(x, params, spec)            # impl="auto"; or "triton", "triton_tma", "f
 """
 
 from . import runtime  # noqa: F401  (first: sets TRITON_INTERPRET on a machine without CUDA)
-from .front import graph_safe, is_interpreted, mlp, plan, unavailable_reason
+from .front import graph_capturable, graph_safe, is_interpreted, mlp, plan, unavailable_reason
 
-__all__ = ["graph_safe", "is_interpreted", "mlp", "plan", "unavailable_reason"]
+__all__ = ["graph_capturable", "graph_safe", "is_interpreted", "mlp", "plan", "unavailable_reason"]
 
 # ---- the user-facing layer: the module, the registered op, the converters -----------------------
 from . import custom_op  # registers torch.ops.fusedmlp.mlp

@@ -56,7 +56,7 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
-from fusedmlp.common.tiling import small_wgrad_on_chip
+from fusedmlp.common.tiling import padded_width, small_wgrad_on_chip
 from fusedmlp.common.tuning import tables_state
 from fusedmlp.common.validate import (
     Adapter,
@@ -316,6 +316,17 @@ def plan(
         if unsupported is not None:
             raise NotImplementedError(unsupported)
         cfg = config or _function(chosen, "config")(spec, m, interpret=_interpret(entry))
+        if chosen == "fused_small" and config is None and _sibling_runs(spec, device):
+            from .cross import fused_small as sibling
+
+            cfg = sibling.sibling_config(spec, m)
+            width = padded_width(max(spec.widths))
+            note = (
+                "its Mosaic GPU sibling runs here on these tensors (torch_impl/cross/"
+                f"fused_small.py -> jax_impl/mosaic/fused_small.py: {width} wide, a weight ring; "
+                "the Triton kernel while a CUDA graph is captured)"
+            )
+            reason = "; ".join(r for r in (reason, note) if r)
         launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation, cfg)
         return Plan(chosen, impl, (launch,), reason)
     launches, fallbacks = [], []
@@ -330,6 +341,26 @@ def plan(
                 fallbacks.append(f"layer {layer.index}: {why}")
         launches.append(_layer_launch(spec, layer, layer_impl, m, config, residual, tune))
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
+
+
+def _sibling_runs(spec: MLPSpec, device: str) -> bool:
+    # where the JAX twin's front names its own Mosaic GPU sibling, this one names the same kernel
+    # run on torch tensors (fused_small._sibling_applies); the plan records its tiles
+    from . import fused_small
+
+    return fused_small._sibling_applies(spec, device)
+
+
+def graph_capturable(the_plan: Plan) -> bool:
+    """Whether a CUDA graph records `the_plan`'s launches as planned: no implementation a graph
+    cannot record (registry `capturable`) and no launch of fused_small's Mosaic GPU sibling (while
+    a graph is captured the front plans the Triton kernel instead: not the plan's kernel)."""
+    from .cross.fused_small import is_sibling_config
+
+    return all(
+        _entry(launch.impl).capturable and not is_sibling_config(launch.config)
+        for launch in the_plan.launches
+    )
 
 
 def _whole_backward_kernels(spec: MLPSpec) -> str:
@@ -523,6 +554,9 @@ class _Prepared:
     is_2d: bool  # x is [M, d_in] already (and a residual [M, d_out])
 
 
+# What a plan chooses differently while a CUDA graph is prepared or captured (`graph_safe`): auto
+# (registry `capturable`) and fused_small (its Mosaic GPU sibling, fused_small._sibling_applies).
+_GRAPH_SENSITIVE = frozenset({AUTO, "fused_small"})
 _PREPARED: dict[tuple, _Prepared] = {}
 _PREPARED_MAX = 4096  # distinct call signatures kept (a dynamic-shape server stays bounded)
 
@@ -557,7 +591,7 @@ def prepare(x, params, spec, impl=AUTO, config=None, residual=None, tune=False) 
     try:
         key = (
             spec, impl, dispatch.generation() if impl == AUTO else 0, tables_state(), config, tune,
-            impl == AUTO and _graph_safe(),
+            impl in _GRAPH_SENSITIVE and _graph_safe(),
             _signature(x),
             tuple(params), tuple(map(_signature, params.values())),
             None if residual is None else _signature(residual),

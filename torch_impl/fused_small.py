@@ -49,6 +49,9 @@ Twin: jax_impl/fused_small.py (Pallas-Triton, same names and sections).
 
 from __future__ import annotations
 
+import functools
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
@@ -70,6 +73,7 @@ from fusedmlp.common.tiling import (
 )
 from fusedmlp.common.validate import check_packed_call
 
+from . import front
 from .activations import apply_activation, relu, round_to_dtype
 from .backward import _gate_join
 from .front import ADAPTER, STACK
@@ -77,6 +81,9 @@ from .gated import _gate_split
 from .launch import Launch, LaunchCache, is_traced
 from .runtime import INTERPRET, check_kernel_device
 from .tma.support import TMA_ALIGN_BYTES, ensure_allocator
+
+if TYPE_CHECKING:
+    from fusedmlp.jax_impl.mosaic.fused_small import MosaicSmallConfig
 
 WIDTHS_SUPPORTED = WHOLE_WIDTHS  # the closed set of compile-time widths
 MAX_LAYERS = 8
@@ -525,10 +532,18 @@ def fused_small_fwd(
     params: dict[str, torch.Tensor],
     spec: MLPSpec,
     *,
-    config: TileConfig | SmallConfig | None = None,
+    config: TileConfig | SmallConfig | MosaicSmallConfig | None = None,
 ) -> torch.Tensor:
     """Launch on an [M, d_in] input (unit column stride) with M >= 1 and PACKED params
-    (common/packing.py), each contiguous; returns [M, d_out]. Trusts its inputs."""
+    (common/packing.py), each contiguous; returns [M, d_out]. Trusts its inputs. Where
+    `_takes_mosaic_sibling` holds, the Mosaic GPU sibling runs instead, on these tensors
+    (torch_impl/cross/fused_small.py; the same bits as this kernel at 128x8 relu), at `config`
+    where that is the sibling's own (what the front's plan records)."""
+    if _takes_mosaic_sibling(spec, config, x2d):
+        from .cross import fused_small as sibling
+
+        cfg = config if config is not None else sibling.sibling_config(spec, x2d.shape[0])
+        return sibling.fused_small_fwd(x2d, params, spec, config=cfg)
     tma_io = _tma_io(spec, x2d)
     launch, w_names, b_names = _LAUNCHES.get((x2d.shape, x2d.stride(), spec, config, tma_io))
     if tma_io:
@@ -539,6 +554,62 @@ def fused_small_fwd(
     y = torch.empty(x2d.shape[0], spec.d_out, dtype=x2d.dtype, device=x2d.device)
     launch(x2d, weights, biases, y)
     return y
+
+
+# Padded widths where the Mosaic GPU sibling runs by default (`_takes_mosaic_sibling`): 128 only.
+# At 64 wide this kernel's tensor-descriptor I/O (`_tma_io`) is within 5 % of the sibling
+# (nerf-64x5: 145.1 against 138.0 µs in the runner at 79d2a66) and stays Triton. twin-diff: the
+# JAX twin takes its sibling at 64 and 128 (jax_impl/fused_small._MOSAIC_SIBLING_WIDTHS).
+_MOSAIC_SIBLING_WIDTHS: tuple[int, ...] = (128,)
+
+
+def _sibling_applies(spec: MLPSpec, device: torch.device | str) -> bool:
+    """Whether a default-tile launch on `device` takes the Mosaic GPU sibling from torch
+    (torch_impl/cross/fused_small.py): on a Hopper GPU, not interpreted, 16-bit, at a padded width
+    of _MOSAIC_SIBLING_WIDTHS, a spec the sibling takes and its default tiles fit, jax usable from
+    torch (>= 0.11.1 with its CUDA backend: else the Triton kernel runs), and no CUDA graph being
+    prepared or captured (front.graph_safe: as_torch_kernel launches outside torch's capture
+    stream). H200, 128x8 relu fp16, 1M rows: 672 µs here, 350.6 µs the sibling (from JAX), the
+    same bits."""
+    device = torch.device(device)
+    if INTERPRET or device.type != "cuda" or spec.dtype == "float32":
+        return False
+    if padded_width(max(spec.widths)) not in _MOSAIC_SIBLING_WIDTHS or front._graph_safe():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sibling_takes(spec, index)
+
+
+@functools.cache
+def _sibling_takes(spec: MLPSpec, device_index: int) -> bool:
+    # _sibling_applies' facts that do not change in a process: asked once per spec and device
+    if torch.cuda.get_device_capability(device_index)[0] != 9:
+        return False
+    from .cross import fused_small as sibling
+
+    if sibling.unavailable_reason() is not None:
+        return False
+    mosaic = sibling.mosaic_module("fused_small")
+    if mosaic.unsupported_reason(spec) is not None:
+        return False
+    try:  # the default tiles fit shared memory (else the sibling's launcher would raise)
+        mosaic.check_config(mosaic.geometry(spec, mosaic.default_config(spec, 0)))
+    except ValueError:
+        return False
+    return True
+
+
+def _takes_mosaic_sibling(spec: MLPSpec, config: object, x2d: torch.Tensor) -> bool:
+    """Whether this launch runs the sibling: its own config pins it (a plan's record); other
+    pinned tiles pin this kernel; the default tiles take it where `_sibling_applies` and x is a
+    real tensor (a trace's fake tensor has no address)."""
+    if config is not None:
+        if isinstance(config, (TileConfig, SmallConfig)):
+            return False
+        from .cross import fused_small as sibling
+
+        return sibling.is_sibling_config(config)
+    return not is_traced(x2d) and _sibling_applies(spec, x2d.device)
 
 
 # ---- public function -----------------------------------------------------------------------------

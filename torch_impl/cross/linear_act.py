@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,13 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 @functools.cache
 def as_torch_kernel() -> Callable[[Callable], Callable]:
-    """`plgpu.as_torch_kernel`, from a jax new enough for it to pass the right pointers."""
+    """`plgpu.as_torch_kernel`, from a jax new enough for it to pass the right pointers.
+
+    In a torch process torch's allocator owns the GPU's memory, and as_torch_kernel's outputs are
+    torch tensors: JAX's client, started here, must not reserve 75 % of the memory up front (its
+    default). XLA_PYTHON_CLIENT_PREALLOCATE=false is set unless the caller set it; it takes effect
+    where JAX's GPU client has not started yet."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         jax = importlib.import_module("jax")
         plgpu = importlib.import_module("jax.experimental.pallas.mosaic_gpu")

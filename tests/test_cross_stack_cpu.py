@@ -816,8 +816,8 @@ def test_torch_fused_small_takes_the_sibling_at_128_wide(as_hopper) -> None:
     from fusedmlp.torch_impl import fused_small as tfs
     from fusedmlp.torch_impl.cross import fused_small as cfs
 
-    def rule(spec: MLPSpec) -> bool:
-        return tfs._sibling_applies(spec, "cuda")
+    def rule(spec: MLPSpec, m: int = 1 << 20) -> bool:
+        return tfs._sibling_applies(spec, "cuda", m)
 
     deep = _deep()
     assert rule(deep) and rule(_deep(2, activation="gelu_tanh", bias=True, dtype="bfloat16"))
@@ -825,7 +825,10 @@ def test_torch_fused_small_takes_the_sibling_at_128_wide(as_hopper) -> None:
     assert not rule(get_preset("nerf-64x5").spec)  # 64 wide: this kernel's own TMA I/O
     assert not rule(MLPSpec((128, 96, 128), "relu", False, "float16"))  # the ring: all 128
     assert not rule(_deep(2, activation="swiglu"))  # gated: the sibling has none yet
-    assert not tfs._sibling_applies(deep, "cpu")
+    assert not tfs._sibling_applies(deep, "cpu", 1 << 20)
+    # below 2^21 rows x layers a stream of calls is bound by as_torch_kernel's host cost
+    assert rule(deep, 1 << 18) and not rule(deep, (1 << 18) - 1)
+    assert rule(_deep(2), 1 << 20) and not rule(_deep(2), 1 << 19)
     with front.graph_safe():  # a CUDA graph is prepared: as_torch_kernel cannot be recorded
         assert not rule(deep)
     x = torch.zeros(3, 128, dtype=torch.float16)
@@ -858,21 +861,23 @@ def test_torch_plan_names_the_sibling_and_capture_plans_triton(as_hopper) -> Non
     from fusedmlp.torch_impl import front
 
     deep = _deep()
+    m = 1 << 20
+    assert "sibling" not in front.plan(deep, (4099, 128), impl="fused_small", device="cuda").reason
     for impl in ("auto", "fused_small"):
-        the_plan = front.plan(deep, (4099, 128), impl=impl, device="cuda")
+        the_plan = front.plan(deep, (m, 128), impl=impl, device="cuda")
         assert the_plan.impl == "fused_small", the_plan
         assert "Mosaic GPU sibling runs here on these tensors" in the_plan.reason
         assert the_plan.launches[0].config == mfs.RING_CONFIG
         assert not front.graph_capturable(the_plan)
         with front.graph_safe():
-            captured = front.plan(deep, (4099, 128), impl=impl, device="cuda")
+            captured = front.plan(deep, (m, 128), impl=impl, device="cuda")
         assert isinstance(captured.launches[0].config, SmallConfig)
         assert "sibling" not in captured.reason and front.graph_capturable(captured)
     assert not front.graph_capturable(front.plan(deep, (64, 128), impl="mosaic", device="cuda"))
     assert front.graph_capturable(front.plan(deep, (64, 128), impl="triton", device="cuda"))
     # the prepared-call cache: the same signature plans apart inside and outside graph_safe (a
     # CPU tensor, with the rule asked as on a GPU)
-    as_hopper.setattr(front, "_sibling_runs", lambda spec, device: not front._graph_safe())
+    as_hopper.setattr(front, "_sibling_runs", lambda spec, device, m: not front._graph_safe())
     x = torch.zeros(5, 128, dtype=torch.float16)
     params = {f"w{i}": torch.zeros(128, 128, dtype=torch.float16) for i in range(8)}
     eager = front.prepare(x, params, deep, "fused_small")
@@ -1020,6 +1025,17 @@ def test_torch_sibling_function_is_one_kernel_call(
     assert plan.mp == 4104 != m
     with pytest.raises(ValueError, match="Unsupported operation"):
         mgpu_call(fn, [jax.ShapeDtypeStruct((m, 128), dt), *structs[1:]])
+
+
+def test_sibling_route_probe_smoke(tmp_path: Path) -> None:
+    """bench/sibling_route_probe.py's CPU mode: the Triton route interpreted, host times only."""
+    from fusedmlp.bench import sibling_route_probe
+
+    out = tmp_path / "route.json"
+    assert sibling_route_probe.main([str(out), "--smoke", "--cases", "w128x2", "--m", "64"]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert (row["case"], row["m"], row["route"]) == ("w128x2", 64, "triton")
+    assert row["idle_issue_us"] > 0 and "time_us" not in row
 
 
 # ==== CPU: bench/fetch_wheels.sh's compatibility check ============================================

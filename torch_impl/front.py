@@ -316,15 +316,15 @@ def plan(
         if unsupported is not None:
             raise NotImplementedError(unsupported)
         cfg = config or _function(chosen, "config")(spec, m, interpret=_interpret(entry))
-        if chosen == "fused_small" and config is None and _sibling_runs(spec, device):
+        if chosen == "fused_small" and config is None and _sibling_runs(spec, device, m):
             from .cross import fused_small as sibling
 
             cfg = sibling.sibling_config(spec, m)
             width = padded_width(max(spec.widths))
             note = (
                 "its Mosaic GPU sibling runs here on these tensors (torch_impl/cross/"
-                f"fused_small.py -> jax_impl/mosaic/fused_small.py: {width} wide, a weight ring; "
-                "the Triton kernel while a CUDA graph is captured)"
+                f"fused_small.py -> jax_impl/mosaic/fused_small.py: {width} wide, a weight ring, "
+                "M x layers >= 2^21; the Triton kernel while a CUDA graph is captured)"
             )
             reason = "; ".join(r for r in (reason, note) if r)
         launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation, cfg)
@@ -343,12 +343,12 @@ def plan(
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
 
 
-def _sibling_runs(spec: MLPSpec, device: str) -> bool:
+def _sibling_runs(spec: MLPSpec, device: str, m: int) -> bool:
     # where the JAX twin's front names its own Mosaic GPU sibling, this one names the same kernel
     # run on torch tensors (fused_small._sibling_applies); the plan records its tiles
     from . import fused_small
 
-    return fused_small._sibling_applies(spec, device)
+    return fused_small._sibling_applies(spec, device, m)
 
 
 def graph_capturable(the_plan: Plan) -> bool:

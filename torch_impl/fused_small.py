@@ -561,20 +561,31 @@ def fused_small_fwd(
 # (nerf-64x5: 145.1 against 138.0 µs in the runner at 79d2a66) and stays Triton. twin-diff: the
 # JAX twin takes its sibling at 64 and 128 (jax_impl/fused_small._MOSAIC_SIBLING_WIDTHS).
 _MOSAIC_SIBLING_WIDTHS: tuple[int, ...] = (128,)
+# The fewest rows × layers a call must have for the sibling: its kernel is faster (H200, relu
+# fp16: 44-64 ps a row-layer against this kernel's 65-84) but a call costs 100-175 µs of host
+# time through as_torch_kernel (its per-argument checks and launch: 60-105 µs; this kernel's whole
+# call 50-85), so below this a stream of calls is bound by the host and runs faster here. H200,
+# calls back to back (bench/sibling_route_probe.py, results 2026-12-04-h200-d726257): 128x8 at
+# 256K rows (2M row-layers) 166.8 µs a call against 172.3 here, at 1M rows 378.1 against 678.1;
+# 128x2 at 1M rows (2M) 146.8 against 175.3, at 256K rows 104.1 against 51.3. twin-diff: JAX
+# calls its sibling from its own program, at no such cost, at every M.
+SIBLING_MIN_ROW_LAYERS = 1 << 21
 
 
-def _sibling_applies(spec: MLPSpec, device: torch.device | str) -> bool:
-    """Whether a default-tile launch on `device` takes the Mosaic GPU sibling from torch
-    (torch_impl/cross/fused_small.py): on a Hopper GPU, not interpreted, 16-bit, at a padded width
-    of _MOSAIC_SIBLING_WIDTHS, a spec the sibling takes and its default tiles fit, jax usable from
-    torch (>= 0.11.1 with its CUDA backend: else the Triton kernel runs), and no CUDA graph being
-    prepared or captured (front.graph_safe: as_torch_kernel launches outside torch's capture
-    stream). H200, 128x8 relu fp16, 1M rows: 672 µs here, 350.6 µs the sibling (from JAX), the
-    same bits."""
+def _sibling_applies(spec: MLPSpec, device: torch.device | str, m: int) -> bool:
+    """Whether a default-tile launch of `m` rows on `device` takes the Mosaic GPU sibling from
+    torch (torch_impl/cross/fused_small.py): on a Hopper GPU, not interpreted, 16-bit, at a padded
+    width of _MOSAIC_SIBLING_WIDTHS, with m × layers >= SIBLING_MIN_ROW_LAYERS, a spec the sibling
+    takes and its default tiles fit, jax usable from torch (>= 0.11.1 with its CUDA backend: else
+    the Triton kernel runs), and no CUDA graph being prepared or captured (front.graph_safe:
+    as_torch_kernel launches outside torch's capture stream). H200, 128x8 relu fp16, 1M rows:
+    689.0 µs here, 368.2 µs the sibling, the same bits (results 2026-12-04-h200-d726257)."""
     device = torch.device(device)
     if INTERPRET or device.type != "cuda" or spec.dtype == "float32":
         return False
     if padded_width(max(spec.widths)) not in _MOSAIC_SIBLING_WIDTHS or front._graph_safe():
+        return False
+    if m * spec.num_layers < SIBLING_MIN_ROW_LAYERS:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _sibling_takes(spec, index)
@@ -609,7 +620,7 @@ def _takes_mosaic_sibling(spec: MLPSpec, config: object, x2d: torch.Tensor) -> b
         from .cross import fused_small as sibling
 
         return sibling.is_sibling_config(config)
-    return not is_traced(x2d) and _sibling_applies(spec, x2d.device)
+    return not is_traced(x2d) and _sibling_applies(spec, x2d.device, x2d.shape[0])
 
 
 # ---- public function -----------------------------------------------------------------------------

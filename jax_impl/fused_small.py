@@ -440,7 +440,8 @@ def fused_small_fwd(
     """Launch on an [M, d_in] input with M >= 1 and PACKED params (common/packing.py); returns
     [M, d_out]. Trusts its inputs. Where `_takes_mosaic_sibling` holds, the Mosaic GPU sibling runs
     instead (within the tolerance policy; the same bits at nerf-64x5), at `config` where that is
-    the sibling's own (a plan's launch records it). twin-diff: the torch twin has no sibling.
+    the sibling's own (a plan's launch records it). twin-diff: the torch twin calls this
+    stack's sibling through as_torch_kernel at 128 wide only, and from 2^21 rows x layers.
 
     Jitted (spec, config and interpret static): an eager `pallas_call` is traced and lowered again
     on every call (0.35-1.2 s a call interpreted here), a jitted one once per shape."""

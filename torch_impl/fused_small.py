@@ -44,6 +44,13 @@ Rounding points (common/reference.py): fp32 accumulation; bias, activation and g
 hidden is rounded to the spec dtype before the next layer's dot (what a per-layer kernel's store
 would do, so the two paths agree and tensor-core operands stay 16-bit); y rounded once at the store.
 
+On a Hopper GPU at padded width 128 (every width 128, 16-bit, default tiles) and from 2^21 rows ×
+layers, the launch runs the JAX twin's Mosaic GPU sibling on these tensors instead
+(`_takes_mosaic_sibling`, torch_impl/cross/fused_small.py): its two warpgroup chains stream the
+layers through one shared-memory ring, where this kernel's programs read every layer from L2 for
+every tile (H200, 128x8 relu fp16, 1M rows: 672 -> 358.7 µs, the same bits). Not while a CUDA
+graph is prepared or captured (front.graph_safe): as_torch_kernel launches outside the capture.
+
 Twin: jax_impl/fused_small.py (Pallas-Triton, same names and sections).
 """
 
@@ -569,13 +576,13 @@ _MOSAIC_SIBLING_WIDTHS: tuple[int, ...] = (128,)
 # 256K rows (2M row-layers) 166.8 µs a call against 172.3 here, at 1M rows 378.1 against 678.1;
 # 128x2 at 1M rows (2M) 146.8 against 175.3, at 256K rows 104.1 against 51.3. twin-diff: JAX
 # calls its sibling from its own program, at no such cost, at every M.
-SIBLING_MIN_ROW_LAYERS = 1 << 21
+_SIBLING_MIN_ROW_LAYERS = 1 << 21
 
 
 def _sibling_applies(spec: MLPSpec, device: torch.device | str, m: int) -> bool:
     """Whether a default-tile launch of `m` rows on `device` takes the Mosaic GPU sibling from
     torch (torch_impl/cross/fused_small.py): on a Hopper GPU, not interpreted, 16-bit, at a padded
-    width of _MOSAIC_SIBLING_WIDTHS, with m × layers >= SIBLING_MIN_ROW_LAYERS, a spec the sibling
+    width of _MOSAIC_SIBLING_WIDTHS, with m × layers >= _SIBLING_MIN_ROW_LAYERS, a spec the sibling
     takes and its default tiles fit, jax usable from torch (>= 0.11.1 with its CUDA backend: else
     the Triton kernel runs), and no CUDA graph being prepared or captured (front.graph_safe:
     as_torch_kernel launches outside torch's capture stream). H200, 128x8 relu fp16, 1M rows:
@@ -585,7 +592,7 @@ def _sibling_applies(spec: MLPSpec, device: torch.device | str, m: int) -> bool:
         return False
     if padded_width(max(spec.widths)) not in _MOSAIC_SIBLING_WIDTHS or front._graph_safe():
         return False
-    if m * spec.num_layers < SIBLING_MIN_ROW_LAYERS:
+    if m * spec.num_layers < _SIBLING_MIN_ROW_LAYERS:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _sibling_takes(spec, index)

@@ -223,25 +223,33 @@ def compiled_kernel(
     return kernel
 
 
+@functools.cache
+def _default_stream_handle(index: int) -> int:
+    return torch.cuda.default_stream(index).cuda_stream
+
+
 def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """as_torch_kernel launches on the current device's default stream: under `device` (entered
     only when it is not current) and fenced against the current stream only when that is a side
     stream, so callers on side streams see the usual semantics."""
     if device.type != "cuda":  # the CPU tests drive `run` with a stand-in kernel
         return kernel(*operands)
-    if device.index is not None and device.index != torch.cuda.current_device():
+    index = torch.cuda.current_device()
+    if device.index is not None and device.index != index:
         with torch.cuda.device(device):
             return _launch(kernel, operands, device)
+    current = torch.cuda.current_stream()
+    if current.cuda_stream == _default_stream_handle(index):
+        # the common case: already on the default stream, where no capture can run (CUDA captures
+        # side streams only) and no fence is needed
+        return kernel(*operands)
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"impl {IMPL!r}: a CUDA graph cannot record this launch (JAX's as_torch_kernel runs "
             "on the default stream); capture impl 'auto' under torch_impl.graph_safe(), or a "
             "Triton impl"
         )
-    current = torch.cuda.current_stream(device)
-    default = torch.cuda.default_stream(device)
-    if current == default:
-        return kernel(*operands)
+    default = torch.cuda.default_stream()
     default.wait_stream(current)
     y = kernel(*operands)
     current.wait_stream(default)

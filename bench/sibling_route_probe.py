@@ -69,12 +69,10 @@ def _route_row(name, spec, m, params, xs, route, cfg, smoke, sync) -> tuple[dict
     if route == "sibling":
         from fusedmlp.torch_impl.cross import fused_small as cfs
 
-        key = ("fused_small", spec, cfg)
-        ops, _ = cfs.operands(xs[0], params, spec, cfg)
-        kernel = cfs.compiled_kernel(key, None, ops)  # compiled by the first call
+        kernel, ops, _ = cfs.prepared(xs[0], params, spec, cfg)  # compiled by the first call
 
         def torch_side(i: int) -> Any:
-            return cfs.compiled_kernel(key, None, cfs.operands(xs[i % 2], params, spec, cfg)[0])
+            return cfs.prepared(xs[i % 2], params, spec, cfg)
 
         row["idle_torch_side_us"] = _idle_issue(torch_side, sync)
         row["idle_kernel_call_us"] = _idle_issue(lambda i: kernel(*ops), sync)

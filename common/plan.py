@@ -4,12 +4,15 @@ Both fronts' `plan()` return a `Plan`; the harness prints it beside every parity
 A launch names its kernel family and the implementation whose kernel runs as two fields (a
 triton_tma plan whose layer falls back runs `impl="triton"` for that layer), so a runner reads them
 and parses nothing. A launch whose config is to be tuned on its first call says so (`tune=True`,
-`config=None`); otherwise `config` is the TileConfig that runs (None only for baselines).
+`config=None`); otherwise `config` is the config that runs (None only for baselines): a TileConfig
+per layer, a SmallConfig for fused_small, or its Mosaic GPU sibling's MosaicSmallConfig where the
+sibling runs (a plan's record pins it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .config import TileConfig
 from .registry import get_implementation
@@ -23,7 +26,7 @@ class KernelLaunch:
     n: int
     k: int
     activation: str
-    config: TileConfig | None = None
+    config: TileConfig | Any | None = None  # TileConfig, SmallConfig or a sibling's config
     residual: bool = False  # the residual is added in this launch's epilogue
     layer: int = 0  # the spec layer a per-layer launch computes (0 for whole-MLP launches)
     tune: bool = False  # True: the config is swept on the first call of this shape, then cached

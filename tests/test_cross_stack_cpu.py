@@ -792,10 +792,14 @@ def as_hopper(monkeypatch: pytest.MonkeyPatch):
     from torch. The rule's per-(spec, device) cache is cleared before and after."""
     import torch
 
+    from fusedmlp.torch_impl import front
     from fusedmlp.torch_impl import fused_small as tfs
     from fusedmlp.torch_impl.cross import fused_small as cfs
 
     monkeypatch.setattr(tfs, "INTERPRET", False)
+    monkeypatch.setattr(front, "_has_cuda", lambda: False)  # no capture to ask this CPU about
+    monkeypatch.setattr(front, "_table", lambda device: None)  # no dispatch table: the heuristic
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(cfs, "unavailable_reason", lambda: None)
@@ -827,8 +831,12 @@ def test_torch_fused_small_takes_the_sibling_at_128_wide(as_hopper) -> None:
     assert not rule(_deep(2, activation="swiglu"))  # gated: the sibling has none yet
     assert not tfs._sibling_applies(deep, "cpu", 1 << 20)
     # below 2^21 rows x layers a stream of calls is bound by as_torch_kernel's host cost
-    assert rule(deep, 1 << 18) and not rule(deep, (1 << 18) - 1)
+    assert rule(deep, 1 << 18) and not rule(deep, (1 << 18) - 8)
     assert rule(_deep(2), 1 << 20) and not rule(_deep(2), 1 << 19)
+    assert not rule(deep, (1 << 20) + 3)  # x would be copied to whole 8-row TMA atoms
+    assert rule(deep, (1 << 20) + 8)
+    assert not tfs._sibling_applies(deep, "cuda:1", 1 << 20)  # compiled into the current device
+    assert tfs._sibling_applies(deep, "cuda:0", 1 << 20)
     with front.graph_safe():  # a CUDA graph is prepared: as_torch_kernel cannot be recorded
         assert not rule(deep)
     x = torch.zeros(3, 128, dtype=torch.float16)
@@ -836,10 +844,19 @@ def test_torch_fused_small_takes_the_sibling_at_128_wide(as_hopper) -> None:
     assert tfs._takes_mosaic_sibling(deep, mfs.RING_CONFIG, x)  # the sibling's own tiles
     assert not tfs._takes_mosaic_sibling(deep, None, x)  # default tiles: the tensor's device
     assert cfs.is_sibling_config(mfs.RING_CONFIG) and not cfs.is_sibling_config(None)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert not tfs._takes_mosaic_sibling(deep, None, fake)  # a trace: the Triton kernel
+        with pytest.raises(RuntimeError, match="cannot run inside a trace"):
+            tfs._takes_mosaic_sibling(deep, mfs.RING_CONFIG, fake)
     for why, patch in (
         ("not Hopper", (torch.cuda, "get_device_capability", lambda index=None: (8, 0))),
         ("no jax for torch", (cfs, "unavailable_reason", lambda: "jax too old")),
         ("interpreted", (tfs, "INTERPRET", True)),
+        ("switched off", (tfs, "_SIBLING_ENABLED", False)),
+        ("no CUDA", (torch.cuda, "is_available", lambda: False)),
     ):
         with as_hopper.context() as m:
             m.setattr(*patch)
@@ -873,6 +890,13 @@ def test_torch_plan_names_the_sibling_and_capture_plans_triton(as_hopper) -> Non
             captured = front.plan(deep, (m, 128), impl=impl, device="cuda")
         assert isinstance(captured.launches[0].config, SmallConfig)
         assert "sibling" not in captured.reason and front.graph_capturable(captured)
+    # training with saved="preact": the saving forward is fused_small's Triton kernel, and the
+    # plan says so; saved="inputs" runs the inference route (the sibling) forward
+    trains = front.plan(deep, (m, 128), impl="fused_small", device="cuda", saved="preact")
+    assert isinstance(trains.launches[0].config, SmallConfig) and "sibling" not in trains.reason
+    assert "saving forward runs the fused_small kernel" in trains.reason
+    inputs = front.plan(deep, (m, 128), impl="fused_small", device="cuda", saved="inputs")
+    assert inputs.launches[0].config == mfs.RING_CONFIG and "sibling runs here" in inputs.reason
     assert not front.graph_capturable(front.plan(deep, (64, 128), impl="mosaic", device="cuda"))
     assert front.graph_capturable(front.plan(deep, (64, 128), impl="triton", device="cuda"))
     # the prepared-call cache: the same signature plans apart inside and outside graph_safe (a
@@ -916,6 +940,13 @@ def test_torch_sibling_operands_are_padded_like_the_jax_launcher(m: int) -> None
     assert ops[3].data_ptr() == params["b0"].data_ptr()  # 64 elements: a whole TMA copy already
     assert torch.equal(ops[4][:16], params["b1"]) and not ops[4][16:].any()
     assert torch.equal(ops[0][:m], x) and not ops[0][m:].any()
+    # views at an odd offset: copied to 16-byte aligned buffers (TMA's descriptors need it; the
+    # Mosaic GPU runtime aborts the process on a misaligned base address)
+    buf = torch.randn(2048 + m * 16).half()
+    skewed = {**params, "w0": buf[5 : 5 + 16 * 64].view(16, 64), "b0": buf[1:65]}
+    ops, _ = cfs.operands(buf[3 : 3 + m * 16].view(m, 16), skewed, spec, cfg)
+    assert all(o.data_ptr() % 16 == 0 and o.is_contiguous() for o in ops)
+    assert torch.equal(ops[1], skewed["w0"]) and torch.equal(ops[3], skewed["b0"])
 
 
 @pytest.mark.parametrize(
@@ -956,7 +987,10 @@ def test_torch_fused_small_through_the_sibling_gives_the_jax_launchers_bits(
 
     monkeypatch.setattr(cfs, "compiled_kernel", compiled_kernel)
     t = {k: _torch(v) for k, v in params.items()}
+    tfs._WARMED.clear()
     out = tfs.fused_small_fwd(_torch(x), t, spec, config=cfg)
+    # the Triton kernel ran once beside it: a CUDA graph's capture plans it (`_warm_for_capture`)
+    assert len(tfs._WARMED) == 1
     [(key, fn)] = made
     assert key == ("fused_small", spec, cfg) and callable(fn)
     assert tuple(out.shape) == (m, spec.d_out) and out.is_contiguous()

@@ -297,17 +297,20 @@ def test_decompose_on_the_gpu() -> None:
 def test_torch_fused_small_runs_the_sibling_at_128_wide() -> None:
     """torch's fused_small at a 128-wide MLP of 2^21 rows x layers plans its Mosaic GPU sibling
     (from JAX, on these tensors) and gives the JAX front's bits, which runs the same kernel, within
-    tolerance of the float64 reference (on the first rows) at an odd M (rows padded in torch);
-    inside graph_safe it plans the Triton kernel, and a CUDA graph captured there replays its
+    tolerance of the float64 reference (on the first rows), a NaN row propagated; pinned at an odd
+    M (rows padded in torch) too. A CUDA graph captured after those eager calls, outside
+    graph_safe, plans the Triton kernel (loaded beside the sibling's first call) and replays its
     bits; at fewer rows the Triton kernel runs."""
     import torch
 
     from fusedmlp.common import init_params, make_input, reference
     from fusedmlp.jax_impl import front as jfront
+    from fusedmlp.jax_impl.mosaic import fused_small as mfs
     from fusedmlp.torch_impl import front as tfront
+    from fusedmlp.torch_impl import fused_small as tfs
 
     spec = MLPSpec((128,) * 5, "relu", True, "float16")
-    m, rows = (1 << 19) + 3, 4099  # 4 layers: 2^21 rows x layers, M odd; the reference's rows
+    m, rows = 1 << 19, 4099  # 4 layers: 2^21 rows x layers; the reference's rows, an odd M
     params, x = init_params(spec, seed=41), make_input(spec, m, seed=42)
     x[7, 3] = np.nan  # a NaN row of x is a NaN row of y
     ref = reference.forward(spec, x[:rows], params)
@@ -320,14 +323,16 @@ def test_torch_fused_small_runs_the_sibling_at_128_wide() -> None:
     assert _bits_equal(y, jfront.mlp(jx, jp, spec, impl="fused_small"))
     assert_close(to_numpy(y[:rows]), ref, spec, what="torch fused_small via the sibling")
     assert np.isnan(to_numpy(y)[7]).all()
+    odd = tfs.fused_small_fwd(tx[:rows], tp, spec, config=mfs.RING_CONFIG)
+    assert _bits_equal(odd, jfront.mlp(jx[:rows], jp, spec, impl="fused_small"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # no graph_safe: the capture plans the Triton kernel itself
+        y_graph = tfront.mlp(tx, tp, spec, impl="fused_small")
+    graph.replay()
+    torch.cuda.synchronize()
     with tfront.graph_safe():
         captured = tfront.plan(spec, tuple(tx.shape), impl="fused_small", device="cuda")
         assert "sibling" not in captured.reason and tfront.graph_capturable(captured)
-        y_triton = tfront.mlp(tx, tp, spec, impl="fused_small")  # compiled before the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y_graph = tfront.mlp(tx, tp, spec, impl="fused_small")
-    graph.replay()
-    torch.cuda.synchronize()
+        y_triton = tfront.mlp(tx, tp, spec, impl="fused_small")
     assert _bits_equal(y_graph, y_triton)
     assert_close(to_numpy(y_triton[:rows]), ref, spec, what="torch fused_small, Triton")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib
 import math
@@ -56,7 +57,7 @@ from fusedmlp.common.registry import (
     get_implementation,
     impl_names,
 )
-from fusedmlp.common.tiling import padded_width, small_wgrad_on_chip
+from fusedmlp.common.tiling import small_wgrad_on_chip
 from fusedmlp.common.tuning import tables_state
 from fusedmlp.common.validate import (
     Adapter,
@@ -165,7 +166,8 @@ def _gpu_name() -> str:
 
 
 # True while a CUDA graph is prepared or captured (`graph_safe`): `auto` passes over what a graph
-# cannot record. A context variable, so that other threads' calls plan as usual.
+# cannot record, and fused_small plans its Triton kernel, not its Mosaic GPU sibling. A context
+# variable, so that other threads' calls plan as usual.
 _GRAPH_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graph_safe", default=False)
 
 
@@ -173,9 +175,12 @@ _GRAPH_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graph_safe",
 @contextlib.contextmanager
 def graph_safe() -> Iterator[None]:
     """Within this context `auto` chooses only implementations whose launches a CUDA graph can
-    record (registry `capturable`; the torch `mosaic` launches on the default stream). Enter it
+    record (registry `capturable`; the torch `mosaic` launches on the default stream), and
+    fused_small its Triton kernel rather than its Mosaic GPU sibling (the same reason). Enter it
     for the eager warm-up steps as well as the capture (training.GraphedTrainStep does), so both
-    run, and compile, the same kernels."""
+    run, and compile, the same kernels. (A capture is planned so without it, too; fused_small
+    loads its Triton kernel beside the sibling's first call, so a capture after eager warm-up
+    calls outside this context finds it loaded.)"""
     token = _GRAPH_SAFE.set(True)
     try:
         yield
@@ -320,13 +325,7 @@ def plan(
             from .cross import fused_small as sibling
 
             cfg = sibling.sibling_config(spec, m)
-            width = padded_width(max(spec.widths))
-            note = (
-                "its Mosaic GPU sibling runs here on these tensors (torch_impl/cross/"
-                f"fused_small.py -> jax_impl/mosaic/fused_small.py: {width} wide, a weight ring, "
-                "M x layers >= 2^21; the Triton kernel while a CUDA graph is captured)"
-            )
-            reason = "; ".join(r for r in (reason, note) if r)
+            reason = "; ".join(r for r in (reason, _SIBLING_NOTE) if r)
         launch = KernelLaunch(chosen, chosen, m, spec.d_out, spec.d_in, spec.activation, cfg)
         return Plan(chosen, impl, (launch,), reason)
     launches, fallbacks = [], []
@@ -341,6 +340,14 @@ def plan(
                 fallbacks.append(f"layer {layer.index}: {why}")
         launches.append(_layer_launch(spec, layer, layer_impl, m, config, residual, tune))
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
+
+
+# What a plan's reason says where fused_small runs its Mosaic GPU sibling (one clause: no "; ").
+_SIBLING_NOTE = (
+    "its Mosaic GPU sibling runs here on these tensors (torch_impl/cross/fused_small.py -> "
+    "jax_impl/mosaic/fused_small.py: 128 wide, a weight ring, M x layers >= 2^21, the Triton "
+    "kernel while a CUDA graph is captured)"
+)
 
 
 def _sibling_runs(spec: MLPSpec, device: str, m: int) -> bool:
@@ -375,6 +382,7 @@ def _training_plan(
     spec: MLPSpec, the_plan: Plan, m: int, saved: str, device: str, config: TileConfig | None
 ) -> Plan:
     from . import fused_small_backward
+    from .cross.fused_small import is_sibling_config
     from .tma import backward as tma_backward
 
     mib = cost.saved_bytes(spec, m, saved) / 2**20
@@ -395,6 +403,13 @@ def _training_plan(
     if whole:
         kernels = f"{_whole_backward_kernels(spec)} (torch_impl/fused_small_backward.py)"
         saving = "fused_small kernel (one launch)"
+    launches, reason = the_plan.launches, the_plan.reason
+    if whole and saved == "preact" and is_sibling_config(launches[0].config):
+        # the saving forward is fused_small's own Triton kernel (fused_small_backward.py), not
+        # the inference sibling the plan names: show what trains
+        cfg = _function("fused_small", "config")(spec, m, interpret=False)
+        launches = (dataclasses.replace(launches[0], config=cfg),)
+        reason = "; ".join(r for r in reason.split("; ") if r != _SIBLING_NOTE)
     if _entry(the_plan.impl).baseline and the_plan.requested != AUTO:
         note = f"training: {the_plan.impl} differentiates through torch autograd"
     elif saved == "preact":
@@ -408,8 +423,8 @@ def _training_plan(
             f"training: saved='inputs' keeps {mib:.1f} MiB (x); the backward recomputes the "
             f"forward with the saving kernels ({saving}), then {kernels}"
         )
-    reason = "; ".join(r for r in (the_plan.reason, note) if r)
-    return Plan(the_plan.impl, the_plan.requested, the_plan.launches, reason)
+    reason = "; ".join(r for r in (reason, note) if r)
+    return Plan(the_plan.impl, the_plan.requested, launches, reason)
 
 
 # ---- params in the layout the kernels take (converted once per set of tensors) -------------------

@@ -57,6 +57,7 @@ Twin: jax_impl/fused_small.py (Pallas-Triton, same names and sections).
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -549,6 +550,7 @@ def fused_small_fwd(
     if _takes_mosaic_sibling(spec, config, x2d):
         from .cross import fused_small as sibling
 
+        _warm_for_capture(x2d, params, spec)
         cfg = config if config is not None else sibling.sibling_config(spec, x2d.shape[0])
         return sibling.fused_small_fwd(x2d, params, spec, config=cfg)
     tma_io = _tma_io(spec, x2d)
@@ -569,33 +571,45 @@ def fused_small_fwd(
 # JAX twin takes its sibling at 64 and 128 (jax_impl/fused_small._MOSAIC_SIBLING_WIDTHS).
 _MOSAIC_SIBLING_WIDTHS: tuple[int, ...] = (128,)
 # The fewest rows × layers a call must have for the sibling: its kernel is faster (H200, relu
-# fp16: 44-64 ps a row-layer against this kernel's 65-84) but a call costs 100-175 µs of host
-# time through as_torch_kernel (its per-argument checks and launch: 60-105 µs; this kernel's whole
-# call 50-85), so below this a stream of calls is bound by the host and runs faster here. H200,
-# calls back to back (bench/sibling_route_probe.py, results 2026-12-04-h200-d726257): 128x8 at
-# 256K rows (2M row-layers) 166.8 µs a call against 172.3 here, at 1M rows 378.1 against 678.1;
-# 128x2 at 1M rows (2M) 146.8 against 175.3, at 256K rows 104.1 against 51.3. twin-diff: JAX
-# calls its sibling from its own program, at no such cost, at every M.
+# fp16: 44-64 ps a row-layer against this kernel's 65-84) but a call costs 80-235 µs of host time
+# through as_torch_kernel (its compiled callable's per-argument checks and launch: 56-115 µs),
+# where this kernel's whole call costs 35-160, so below this a stream of calls is bound by the
+# host and runs faster here. H200, calls back to back (bench/sibling_route_probe.py, results
+# 2026-12-04-h200-d726257 and -c421052): 128x8 at 256K rows (2M row-layers) 166.8 / 128.1 µs a
+# call against 172.3 / 176.1 here; 128x2 at 1M rows (2M) 146.8 / 150.8 against 175.3 / 170.4, at
+# 256K rows 104.1 / 133.8 against 51.3 / 53.5. twin-diff: JAX calls its sibling from its own
+# program, at no such cost, at every M.
 _SIBLING_MIN_ROW_LAYERS = 1 << 21
+# FUSEDMLP_TORCH_SIBLING=0 in the environment (read at import) keeps torch's fused_small on its
+# Triton kernel everywhere: no jax in the process.
+_SIBLING_ENABLED: bool = os.environ.get("FUSEDMLP_TORCH_SIBLING", "1") != "0"
 
 
 def _sibling_applies(spec: MLPSpec, device: torch.device | str, m: int) -> bool:
     """Whether a default-tile launch of `m` rows on `device` takes the Mosaic GPU sibling from
-    torch (torch_impl/cross/fused_small.py): on a Hopper GPU, not interpreted, 16-bit, at a padded
-    width of _MOSAIC_SIBLING_WIDTHS, with m × layers >= _SIBLING_MIN_ROW_LAYERS, a spec the sibling
-    takes and its default tiles fit, jax usable from torch (>= 0.11.1 with its CUDA backend: else
-    the Triton kernel runs), and no CUDA graph being prepared or captured (front.graph_safe:
-    as_torch_kernel launches outside torch's capture stream). H200, 128x8 relu fp16, 1M rows:
-    689.0 µs here, 368.2 µs the sibling, the same bits (results 2026-12-04-h200-d726257)."""
+    torch (torch_impl/cross/fused_small.py): on a Hopper GPU that is the current device, not
+    interpreted, 16-bit, at a padded width of _MOSAIC_SIBLING_WIDTHS, with m × layers >=
+    _SIBLING_MIN_ROW_LAYERS and m a whole number of TMA row atoms (else x would be copied to pad
+    it: not measured), a spec the sibling takes and its default tiles fit, jax usable from torch
+    (>= 0.11.1 with its CUDA backend), no CUDA graph being prepared or captured (front.graph_safe:
+    as_torch_kernel launches outside torch's capture stream) and the route not switched off
+    (FUSEDMLP_TORCH_SIBLING=0). Else this kernel runs. H200, 128x8 relu fp16, 1M rows: 672 µs
+    here, 358.7 µs the sibling, the same bits (results 2026-12-04-h200-af6e94c)."""
     device = torch.device(device)
-    if INTERPRET or device.type != "cuda" or spec.dtype == "float32":
+    if not _SIBLING_ENABLED or INTERPRET or device.type != "cuda" or spec.dtype == "float32":
         return False
     if padded_width(max(spec.widths)) not in _MOSAIC_SIBLING_WIDTHS or front._graph_safe():
         return False
-    if m * spec.num_layers < _SIBLING_MIN_ROW_LAYERS:
+    if m * spec.num_layers < _SIBLING_MIN_ROW_LAYERS or not torch.cuda.is_available():
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sibling_takes(spec, index)
+    # the kernel is compiled into the current device's context: x must be there
+    index = torch.cuda.current_device()
+    if (device.index is not None and device.index != index) or not _sibling_takes(spec, index):
+        return False
+    from .cross import fused_small as sibling
+
+    plan = sibling.launch_plan(m, spec, sibling.sibling_config(spec, m))[0]
+    return plan.mp == m
 
 
 @functools.cache
@@ -620,14 +634,43 @@ def _sibling_takes(spec: MLPSpec, device_index: int) -> bool:
 def _takes_mosaic_sibling(spec: MLPSpec, config: object, x2d: torch.Tensor) -> bool:
     """Whether this launch runs the sibling: its own config pins it (a plan's record); other
     pinned tiles pin this kernel; the default tiles take it where `_sibling_applies` and x is a
-    real tensor (a trace's fake tensor has no address)."""
+    real tensor (a trace's fake tensor has no address: a pinned sibling raises there)."""
     if config is not None:
         if isinstance(config, (TileConfig, SmallConfig)):
             return False
         from .cross import fused_small as sibling
 
-        return sibling.is_sibling_config(config)
+        if not sibling.is_sibling_config(config):
+            return False
+        if is_traced(x2d):
+            raise RuntimeError(
+                "fused_small: its Mosaic GPU sibling (pinned by a MosaicSmallConfig) cannot run "
+                "inside a trace (as_torch_kernel reads the tensors' addresses); pin a SmallConfig "
+                "for the Triton kernel"
+            )
+        return True
     return not is_traced(x2d) and _sibling_applies(spec, x2d.device, x2d.shape[0])
+
+
+# The Triton launches run once beside the sibling's first call of each signature
+# (`_warm_for_capture`), bounded like the launch cache.
+_WARMED: set[tuple] = set()
+_WARMED_MAX = 4096
+
+
+def _warm_for_capture(x2d: torch.Tensor, params: dict[str, torch.Tensor], spec: MLPSpec) -> None:
+    """Run this kernel once where the sibling runs a signature for the first time. A CUDA graph
+    captured after eager warm-up calls plans this kernel (the sibling cannot be captured), and
+    compiling or loading a kernel inside a capture fails: so the capture finds it loaded, as it did
+    before the sibling existed. One extra launch per signature, its output dropped."""
+    key = (x2d.shape, x2d.stride(), x2d.dtype, x2d.device, spec)
+    if key in _WARMED:
+        return
+    if len(_WARMED) >= _WARMED_MAX:
+        _WARMED.clear()
+    config = small_config_for(None, spec, x2d.shape[0], interpret=INTERPRET, kernel="forward")
+    fused_small_fwd(x2d, params, spec, config=config)
+    _WARMED.add(key)
 
 
 # ---- public function -----------------------------------------------------------------------------

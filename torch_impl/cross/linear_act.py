@@ -145,19 +145,30 @@ def padded_shapes(m: int, n: int, k: int, config: TileConfig, family: str = FAMI
 
 
 # ==== launcher helpers ============================================================================
+# TMA's global addresses are 16-byte aligned: the Mosaic GPU runtime aborts the process (no Python
+# error) where cuTensorMapEncodeTiled refuses a base address, so a view at an odd offset is copied.
+TMA_BASE_ALIGN = 16
+
+
+def _usable(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.data_ptr() % TMA_BASE_ALIGN == 0
+
+
 def pad2d(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """`t` zero-padded at the end to [rows, cols], dense row-major (as_torch_kernel reads
-    data_ptr()); no copy when `t` is already that. Zero K padding adds nothing to the products."""
-    if tuple(t.shape) == (rows, cols):
-        return t.contiguous()
+    """`t` zero-padded at the end to [rows, cols], dense row-major at a 16-byte aligned address
+    (as_torch_kernel reads data_ptr(), TMA needs the alignment); no copy when `t` is already that.
+    Zero K padding adds nothing to the products."""
+    if tuple(t.shape) == (rows, cols) and _usable(t):
+        return t
     out = t.new_zeros((rows, cols))
     out[: t.shape[0], : t.shape[1]] = t
     return out
 
 
 def pad1d(t: torch.Tensor, size: int) -> torch.Tensor:
-    if t.shape[0] == size:
-        return t.contiguous()
+    """`pad2d` for a vector (bias rows)."""
+    if t.shape[0] == size and _usable(t):
+        return t
     out = t.new_zeros((size,))
     out[: t.shape[0]] = t
     return out
@@ -193,6 +204,9 @@ def check_launchable(x: torch.Tensor, config: TileConfig, num_weights: int, resi
 
 
 _COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
+# Compiled callables kept (each holds a loaded module; a Mosaic GPU kernel is compiled per shape,
+# so a workload of many distinct M stays bounded: past this the cache starts afresh).
+_COMPILED_MAX = 256
 
 
 def _compile(fn: Callable[..., Any], operands: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -219,6 +233,8 @@ def compiled_kernel(
     full = (key, tuple((tuple(t.shape), t.dtype) for t in operands))
     kernel = _COMPILED.get(full)
     if kernel is None:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.clear()
         kernel = _COMPILED[full] = _compile(make_fn(), operands)
     return kernel
 
@@ -245,9 +261,10 @@ def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device
         return kernel(*operands)
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            f"impl {IMPL!r}: a CUDA graph cannot record this launch (JAX's as_torch_kernel runs "
-            "on the default stream); capture impl 'auto' under torch_impl.graph_safe(), or a "
-            "Triton impl"
+            "a CUDA graph cannot record a Mosaic GPU kernel launched through JAX's "
+            "as_torch_kernel (impl 'mosaic', or fused_small's sibling pinned by its config): it "
+            "runs on the default stream; capture impl 'auto' or 'fused_small' under "
+            "torch_impl.graph_safe(), or a Triton impl"
         )
     default = torch.cuda.default_stream()
     default.wait_stream(current)

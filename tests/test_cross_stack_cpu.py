@@ -713,6 +713,24 @@ def test_mosaic_torch_padding_gives_the_jax_launchers_bits(
     assert isinstance(out, torch.Tensor)
 
 
+def _mgpu_call(fn: Any, structs: list) -> Any:
+    """`fn` traced on `structs`, lowered for CUDA on this CPU and inlined: the one Mosaic GPU call
+    that as_torch_kernel's own module check (jax's private `_find_mgpu_call_in_module`, the same in
+    0.10.2 and 0.11.2) finds in it, or its ValueError."""
+    import jax
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax._src.lib.mlir import passmanager
+    from jax._src.pallas.mosaic_gpu import torch as mgpu_torch
+
+    module = jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).compiler_ir()
+    with module.context:
+        mgpu.dialect.register_inliner_extensions(module.context)
+        passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(
+            module.operation
+        )
+        return mgpu_torch._find_mgpu_call_in_module(module)[0]
+
+
 @pytest.mark.parametrize(
     "family,bias,residual",
     [
@@ -728,10 +746,7 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
     one Mosaic GPU call and nothing else — at an odd M, where the torch side pads the rows the
     launcher would pad; without that padding the launcher's own pad would be refused."""
     import jax
-    import jax.experimental.mosaic.gpu as mgpu
     import jax.numpy as jnp
-    from jax._src.lib.mlir import passmanager
-    from jax._src.pallas.mosaic_gpu import torch as mgpu_torch
 
     from fusedmlp.common.packing import packed_width
     from fusedmlp.jax_impl.mosaic import default_config
@@ -745,15 +760,6 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
     def s(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
-    def mgpu_call(fn, structs):
-        module = jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).compiler_ir()
-        with module.context:
-            mgpu.dialect.register_inliner_extensions(module.context)
-            passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(
-                module.operation
-            )
-            return mgpu_torch._find_mgpu_call_in_module(module)[0]
-
     if family == "gated":
         fn = tg.mosaic_function("gelu_tanh", bias, n, cfg)
         structs = [s(plan.mp, plan.kp), s(plan.kp, packed_width(n))]
@@ -763,7 +769,7 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
         structs = [s(plan.mp, plan.kp), s(plan.kp, plan.np_)]
         structs += [s(plan.np_)] if bias else []
         structs += [s(plan.mp, plan.np_)] if residual else []
-    call = mgpu_call(fn, structs)
+    call = _mgpu_call(fn, structs)
     assert len(list(call.operands)) == len(structs)
     assert [tuple(r.type.shape) for r in call.results] == [(plan.mp, plan.np_)]
     assert plan.mp != m  # the odd M really was padded on the torch side
@@ -773,7 +779,7 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
     else:
         fn = tg.mosaic_function("gelu_tanh", False, n, cfg)
     with pytest.raises(ValueError, match="Unsupported operation"):
-        mgpu_call(fn, unpadded)
+        _mgpu_call(fn, unpadded)
 
 
 # ==== CPU: fused_small's Mosaic GPU sibling from torch ============================================
@@ -1026,10 +1032,7 @@ def test_torch_sibling_function_is_one_kernel_call(
     the one Mosaic GPU call as_torch_kernel accepts, at an odd M whose rows torch padded; without
     that padding the launcher's own pad would be refused."""
     import jax
-    import jax.experimental.mosaic.gpu as mgpu
     import jax.numpy as jnp
-    from jax._src.lib.mlir import passmanager
-    from jax._src.pallas.mosaic_gpu import torch as mgpu_torch
 
     from fusedmlp.jax_impl.mosaic import fused_small as mfs
     from fusedmlp.torch_impl.cross import fused_small as cfs
@@ -1043,22 +1046,13 @@ def test_torch_sibling_function_is_one_kernel_call(
     structs += [jax.ShapeDtypeStruct(shape, dt) for shape in weights]
     structs += [jax.ShapeDtypeStruct((bias_len,), dt)] * (layers if bias else 0)
 
-    def mgpu_call(fn, args):
-        module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir()
-        with module.context:
-            mgpu.dialect.register_inliner_extensions(module.context)
-            passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(
-                module.operation
-            )
-            return mgpu_torch._find_mgpu_call_in_module(module)[0]
-
     fn = cfs.mosaic_function(spec, cfg)
-    call = mgpu_call(fn, structs)
+    call = _mgpu_call(fn, structs)
     assert len(list(call.operands)) == len(structs)
     assert [tuple(r.type.shape) for r in call.results] == [(plan.mp, 128)]
     assert plan.mp == 4104 != m
     with pytest.raises(ValueError, match="Unsupported operation"):
-        mgpu_call(fn, [jax.ShapeDtypeStruct((m, 128), dt), *structs[1:]])
+        _mgpu_call(fn, [jax.ShapeDtypeStruct((m, 128), dt), *structs[1:]])
 
 
 def test_sibling_route_probe_smoke(tmp_path: Path) -> None:

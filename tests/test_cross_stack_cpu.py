@@ -841,8 +841,15 @@ def test_torch_fused_small_takes_the_sibling_at_128_wide(as_hopper) -> None:
     assert rule(_deep(2), 1 << 20) and not rule(_deep(2), 1 << 19)
     assert not rule(deep, (1 << 20) + 3)  # x would be copied to whole 8-row TMA atoms
     assert rule(deep, (1 << 20) + 8)
-    assert not tfs._sibling_applies(deep, "cuda:1", 1 << 20)  # compiled into the current device
-    assert tfs._sibling_applies(deep, "cuda:0", 1 << 20)
+    assert tfs._sibling_applies(deep, "cuda:1", 1 << 20)  # x's device decides, not the current
+    with as_hopper.context() as m:
+        m.setattr(
+            torch.cuda, "get_device_capability", lambda index=None: (9, 0) if not index else (8, 0)
+        )
+        tfs._sibling_takes.cache_clear()
+        assert not tfs._sibling_applies(deep, "cuda:1", 1 << 20)
+        assert tfs._sibling_applies(deep, "cuda:0", 1 << 20)
+    tfs._sibling_takes.cache_clear()
     with front.graph_safe():  # a CUDA graph is prepared: as_torch_kernel cannot be recorded
         assert not rule(deep)
     x = torch.zeros(3, 128, dtype=torch.float16)

@@ -587,14 +587,14 @@ _SIBLING_ENABLED: bool = os.environ.get("FUSEDMLP_TORCH_SIBLING", "1") != "0"
 
 def _sibling_applies(spec: MLPSpec, device: torch.device | str, m: int) -> bool:
     """Whether a default-tile launch of `m` rows on `device` takes the Mosaic GPU sibling from
-    torch (torch_impl/cross/fused_small.py): on a Hopper GPU that is the current device, not
-    interpreted, 16-bit, at a padded width of _MOSAIC_SIBLING_WIDTHS, with m × layers >=
-    _SIBLING_MIN_ROW_LAYERS and m a whole number of TMA row atoms (else x would be copied to pad
-    it: not measured), a spec the sibling takes and its default tiles fit, jax usable from torch
-    (>= 0.11.1 with its CUDA backend), no CUDA graph being prepared or captured (front.graph_safe:
-    as_torch_kernel launches outside torch's capture stream) and the route not switched off
-    (FUSEDMLP_TORCH_SIBLING=0). Else this kernel runs. H200, 128x8 relu fp16, 1M rows: 672 µs
-    here, 358.7 µs the sibling, the same bits (results 2026-12-04-h200-af6e94c)."""
+    torch (torch_impl/cross/fused_small.py): on a Hopper GPU, not interpreted, 16-bit, at a padded
+    width of _MOSAIC_SIBLING_WIDTHS, with m × layers >= _SIBLING_MIN_ROW_LAYERS and m a whole
+    number of TMA row atoms (else x would be copied to pad it: not measured), a spec the sibling
+    takes and its default tiles fit, jax usable from torch (>= 0.11.1 with its CUDA backend), no
+    CUDA graph being prepared or captured (front.graph_safe: as_torch_kernel launches outside
+    torch's capture stream) and the route not switched off (FUSEDMLP_TORCH_SIBLING=0). Else this
+    kernel runs. H200, 128x8 relu fp16, 1M rows: 672 µs here, 358.7 µs the sibling, the same bits
+    (results 2026-12-04-h200-af6e94c)."""
     device = torch.device(device)
     if not _SIBLING_ENABLED or INTERPRET or device.type != "cuda" or spec.dtype == "float32":
         return False
@@ -602,9 +602,9 @@ def _sibling_applies(spec: MLPSpec, device: torch.device | str, m: int) -> bool:
         return False
     if m * spec.num_layers < _SIBLING_MIN_ROW_LAYERS or not torch.cuda.is_available():
         return False
-    # the kernel is compiled into the current device's context: x must be there
-    index = torch.cuda.current_device()
-    if (device.index is not None and device.index != index) or not _sibling_takes(spec, index):
+    # the device the plan is for: x's (the sibling is compiled and launched there), else current
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not _sibling_takes(spec, index):
         return False
     from .cross import fused_small as sibling
 

@@ -39,6 +39,7 @@ Twin: jax_impl/cross/linear_act.py (the Triton kernel called from JAX), the othe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -229,13 +230,18 @@ def compiled_kernel(
     key: tuple, make_fn: Callable[[], Callable[..., Any]], operands: list[torch.Tensor]
 ) -> Callable[..., torch.Tensor]:
     """The compiled callable of the variant `key` (family, activation, flags, config) for these
-    operands' shapes and dtypes: compiled on first use, then a dict lookup."""
-    full = (key, tuple((tuple(t.shape), t.dtype) for t in operands))
+    operands' shapes, dtypes and device: compiled on first use, then a dict lookup. The module is
+    loaded into the operands' device's context (the current one while it compiles), where `_launch`
+    runs it."""
+    device = operands[0].device
+    full = (key, device, tuple((tuple(t.shape), t.dtype) for t in operands))
     kernel = _COMPILED.get(full)
     if kernel is None:
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.clear()
-        kernel = _COMPILED[full] = _compile(make_fn(), operands)
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            kernel = _COMPILED[full] = _compile(make_fn(), operands)
     return kernel
 
 

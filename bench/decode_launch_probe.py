@@ -8,15 +8,11 @@ program), launch 2 the second's, launch 3 only the fp32 partials (L2).
 
 Rows: preset x M x stack, the default tiles (common/tiling.py `fused_decode_config`), each checked
 against eager / XLA first; device time as the harness defines it (bench/timing.py, read flush).
-`--sync 1,2` adds a torch row per value: the same tiles as ONE cooperative launch of that many
-programs an SM (`DecodeConfig.sync_per_sm`: the three launches' tiles as phases separated by grid
-barriers), its bits compared with the three launches' (`same_bits`).
 A `PRESET:weights` row per preset times the fastest one-kernel moves of the same weight bytes (a
 sum over them, a device copy of them): at a few MB their ramp and tail, not the 1 GiB copy rate,
 are the floor no decode kernel beats (hf-blog-geglu: 14 MB, 3.3 µs at the copy rate).
 
     python3 bench/decode_launch_probe.py OUT.json [--cases llama3-8b:16,llama3-8b:64,gpt-mlp:64]
-    python3 bench/decode_launch_probe.py OUT.json --cases hf-blog-geglu:1 --sync 1,2
     python3 bench/decode_launch_probe.py OUT.json --smoke   (CPU: tiny MLPs interpreted, parity
                                                              only, nothing timed)
 """
@@ -40,9 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="path of the JSON results")
     parser.add_argument("--cases", default=DEFAULT_CASES, help="comma list of PRESET:M")
     parser.add_argument("--smoke", action="store_true", help="tiny MLPs, interpreted, untimed")
-    parser.add_argument(
-        "--sync", default="", help="comma list of sync_per_sm values: one-launch torch rows"
-    )
     args = parser.parse_args(argv)
     if args.smoke:  # before fusedmlp.torch_impl is imported: the interpreter decides at import
         os.environ["TRITON_INTERPRET"] = "1"
@@ -55,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from fusedmlp.bench.timing import time_device
     from fusedmlp.common import get_preset
     from fusedmlp.common.params import init_params, make_input
-    from fusedmlp.common.tiling import DecodeConfig, fused_decode_config
+    from fusedmlp.common.tiling import fused_decode_config
     from fusedmlp.jax_impl import baselines as jax_baselines
     from fusedmlp.jax_impl import fused_decode as jax_decode
     from fusedmlp.jax_impl.packing import pack_params as jax_pack
@@ -89,29 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         to_j = {k: jnp.asarray(v) for k, v in params.items()}
         xj = jnp.asarray(x)
         packed_j = jax_pack(spec, to_j)
-        syncs = [int(v) for v in args.sync.split(",") if v]
-        variants = [("torch", 0), ("jax", 0)] + [("torch", v) for v in syncs]
-        three_launch_bits = None
-        for stack, sync_per_sm in variants:
+        for stack in ("torch", "jax"):
             if stack == "torch":
-                pinned = DecodeConfig(**{**cfg.__dict__, "sync_per_sm": sync_per_sm})
-                fn = functools.partial(torch_decode.fused_decode, xt, packed_t, spec, config=pinned)
+                fn = functools.partial(torch_decode.fused_decode, xt, packed_t, spec)
                 ref = torch_baselines.eager(xt, to_t, spec).float().cpu().numpy()
                 wait = lambda _: sync()  # noqa: E731
             else:
                 fn = functools.partial(jax_decode.fused_decode, xj, packed_j, spec)
                 ref = np.asarray(jax_baselines.xla(xj, to_j, spec), np.float32)
                 wait = jax.block_until_ready
-            config = str(pinned) if stack == "torch" else str(cfg)
-            row: dict[str, Any] = {"case": case, "stack": stack, "config": config}
+            row: dict[str, Any] = {"case": case, "stack": stack, "config": str(cfg)}
             try:
                 out = fn()
                 got = out.float().cpu().numpy() if stack == "torch" else np.asarray(out, np.float32)
                 row["rel_err_vs_baseline"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-                if stack == "torch" and not sync_per_sm:
-                    three_launch_bits = got.tobytes()
-                elif stack == "torch":
-                    row["same_bits"] = got.tobytes() == three_launch_bits
                 if not args.smoke:
                     wait(fn())
                     timing = time_device(stack, lambda i, fn=fn: fn(), CALLS, wait)

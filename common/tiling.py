@@ -558,11 +558,6 @@ class DecodeConfig:
     stream one weight tile run side by side: the tile comes from HBM once). `pdl` (torch on Hopper
     only): launches 2 and 3 use programmatic dependent launch, so each is scheduled while the one
     before it drains (Pallas has no such launch attribute; ignored there and by the interpreter).
-    `sync_per_sm` > 0 (torch on CUDA only): the three launches' tiles run as the three phases of
-    ONE cooperative launch of sync_per_sm programs an SM, separated by grid-wide barriers (every
-    program resident, or the launch fails: it cannot hang) — the same tiles and sums, so the same
-    bits. Pallas has no cooperative launch: the JAX twin runs three launches; so does a call
-    traced by torch.compile or captured in a CUDA graph.
     """
 
     block_m: int = 16
@@ -574,7 +569,6 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     pdl: bool = False
-    sync_per_sm: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_h", "block_k", "block_n", "block_k2"):
@@ -591,12 +585,6 @@ class DecodeConfig:
             raise ValueError(f"num_stages: expected an int >= 1, got {self.num_stages!r}")
         if not isinstance(self.pdl, bool):
             raise ValueError(f"pdl: expected a bool, got {self.pdl!r}")
-        if (
-            isinstance(self.sync_per_sm, bool)
-            or not isinstance(self.sync_per_sm, int)
-            or not 0 <= self.sync_per_sm <= 4
-        ):
-            raise ValueError(f"sync_per_sm: expected an int in 0..4, got {self.sync_per_sm!r}")
 
     @classmethod
     def from_tile(cls, tile: TileConfig, split_k: int) -> DecodeConfig:
@@ -618,7 +606,6 @@ class DecodeConfig:
             f"m{self.block_m} up {self.block_h}x{self.block_k} down {self.block_n}x"
             f"{self.block_k2} split{self.split_k} w{self.num_warps} s{self.num_stages}"
             + (" pdl" if self.pdl else "")
-            + (f" sync{self.sync_per_sm}" if self.sync_per_sm else "")
         )
 
 

@@ -164,57 +164,6 @@ def test_row_blocks_twins_bitwise():
         assert outs[0][lo : lo + 16].tobytes() == alone.tobytes(), lo
 
 
-# The one launch (`sync_per_sm`, torch only): the three launches' tiles as phases of one grid. The
-# interpreter runs programs one after another, so with one program (sync 1 here: the interpreter
-# counts one SM) it runs all three phases in one launch through both barriers; with more, a phase
-# a launch. Either way the tiles and sums of the three launches: the same bits.
-@pytest.mark.parametrize("sync_per_sm", [1, 3])
-@pytest.mark.parametrize("split_k", [1, 2], ids=["y-in-phase-2", "reduce"])
-def test_one_launch_same_bits(sync_per_sm, split_k):
-    from fusedmlp.torch_impl import fused_decode as mod
-
-    torch_stack = WholeStack("torch", "fused_decode")
-    for spec, m, config in (
-        (MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16"), 5, fused_decode_config),
-        (MLPSpec(ODD_WIDTHS, "relu", False, "float32"), 37, ROW_BLOCKS),
-        (MLPSpec((40, 200, 70), "geglu_tanh", True, "float16"), 64, fused_decode_config),
-    ):
-        base = config(spec, m, interpret=True) if callable(config) else config
-        base = DecodeConfig(**{**base.__dict__, "split_k": split_k})
-        one = DecodeConfig(**{**base.__dict__, "sync_per_sm": sync_per_sm})
-        params = init_params(spec, seed=m)
-        x = make_input(spec, m, seed=m + 1)
-        three = torch_stack.run(x, params, spec, config=base)
-        assert torch_stack.run(x, params, spec, config=one).tobytes() == three.tobytes()
-        assert_close(three, reference.forward(spec, x, params), spec)
-    record = mod._LAUNCHES.get((5, MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16"),
-                                DecodeConfig(**{**fused_decode_config(
-                                    MLPSpec(ODD_WIDTHS, "swiglu", True, "bfloat16"), 5,
-                                    interpret=True).__dict__, "split_k": split_k,
-                                    "sync_per_sm": sync_per_sm}), 1))  # fmt: skip
-    assert len(record.one) == (1 if sync_per_sm == 1 else 3)
-    # every barrier leaves the words as it found them: nobody arrived, the generation moved on
-    for words in mod._SYNC_WORDS.values():
-        assert int(words[0]) == 0
-
-
-def test_one_launch_is_torch_only():
-    """The JAX twin has no cooperative launch: it runs its three launches for a config that asks
-    for the one launch, with the same bits; a bad count is refused by the config."""
-    spec = MLPSpec(ODD_WIDTHS, "geglu", True, "bfloat16")
-    params = init_params(spec, seed=61)
-    x = make_input(spec, 9, seed=62)
-    base = fused_decode_config(spec, 9, interpret=True)
-    one = DecodeConfig(**{**base.__dict__, "sync_per_sm": 2})
-    jax_stack = WholeStack("jax", "fused_decode")
-    a = jax_stack.run(x, params, spec, config=base)
-    assert jax_stack.run(x, params, spec, config=one).tobytes() == a.tobytes()
-    assert str(one).endswith(" sync2") and "sync" not in str(base)
-    for bad in (-1, 5, True, 1.0):
-        with pytest.raises(ValueError, match=f"sync_per_sm: expected an int in 0..4, got {bad!r}"):
-            DecodeConfig(sync_per_sm=bad)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_deterministic(stack, dtype):
     """Every sum in a fixed order, no atomics: three runs give the same bits."""
@@ -326,8 +275,7 @@ _COMPILE = textwrap.dedent(
         return dict(shared=k.metadata.shared,
                     cp_async_16=len(re.findall(r"cp\\.async\\.cg\\.shared\\.global.*0x10", ptx)),
                     wgmma=len(re.findall(r"wgmma\\.mma_async", ptx)),
-                    local=len(re.findall(r"\\b(ld|st)\\.local", ptx)),
-                    gpu_atomics=len(re.findall(r"atom\\.global\\.gpu\\.", ptx)))
+                    local=len(re.findall(r"\\b(ld|st)\\.local", ptx)))
 
     spec = MLPSpec((4096, 14336, 4096), "swiglu", False, "bfloat16")
     out = {}
@@ -349,19 +297,7 @@ _COMPILE = textwrap.dedent(
                  BLOCK_K=cfg.block_k2,
                  K_ITERS=k_iters, SPLIT_K=splits, DOT_PRECISION="ieee", USE_PDL=True,
                  INTERPRET=False), cfg)
-        one = compile_one(
-            fd._fused_decode_one_launch_kernel,
-            dict(x_ptr="*bf16", w1_ptr="*bf16", b1_ptr="*bf16", h_ptr="*bf16", w2_ptr="*bf16",
-                 b2_ptr="*bf16", ws_ptr="*fp32", y_ptr="*bf16", sync_ptr="*i32", M="i32",
-                 D_IN="i32", HIDDEN="i32", W_COLS="i32", D_OUT="i32"),
-            dict(ACTIVATION="silu", GATED=True, HAS_BIAS=False, PACK=PACK_BLOCK,
-                 BLOCK_M=cfg.block_m, M_BLOCKS=1, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-                 UP_TILES=14336 // cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_K2=cfg.block_k2,
-                 K_ITERS=k_iters, SPLIT_K=splits, DOWN_TILES=4096 // cfg.block_n,
-                 R_BLOCK_M=fd.REDUCE_BLOCK_M, R_M_BLOCKS=(m + 15) // 16,
-                 R_BLOCK_N=fd.REDUCE_BLOCK_N, REDUCE_TILES=4096 // fd.REDUCE_BLOCK_N,
-                 PROGRAMS=264, PHASES=7, DOT_PRECISION="ieee", INTERPRET=False), cfg)
-        out[m] = dict(up=up, down=down, one=one)
+        out[m] = dict(up=up, down=down)
     print("RESULT" + json.dumps(out))
     """
 )
@@ -369,9 +305,7 @@ _COMPILE = textwrap.dedent(
 
 def test_sm90_compile_default_configs():
     """llama3-8b's default tiles compile for the H200 here: two programs' shared memory per SM,
-    no local-memory spills, 16-byte cp.async weight loads, wgmma where M = 64 — in the three
-    launches and in the one launch, whose grid barriers are GPU-scope atomics (the arrival, the
-    reset, the release; the waits are acquire loads) and nothing else."""
+    no local-memory spills, 16-byte cp.async weight loads, wgmma where M = 64."""
     ms = [1, 32, 64]
     result = run_script(_COMPILE, json.dumps(ms), cache="cold")  # really compiled here
     for m in ms:
@@ -380,7 +314,6 @@ def test_sm90_compile_default_configs():
             assert info["local"] == 0, (m, launch, info)
             assert info["cp_async_16"] > 0, (m, launch, info)
             assert (info["wgmma"] > 0) == (m == 64), (m, launch, info)
-            assert info["gpu_atomics"] == (6 if launch == "one" else 0), (m, launch, info)
 
 
 @pytest.mark.parametrize("split_k", [1, 4])
@@ -431,27 +364,6 @@ def test_gpu_pdl():
     a = to_numpy(stack.call(x, params, spec, config=base))
     b = to_numpy(stack.call(x, params, spec, config=pdl))
     assert a.tobytes() == b.tobytes()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(("m", "sync_per_sm"), [(1, 1), (16, 2), (64, 2)])
-def test_gpu_one_launch(m, sync_per_sm):
-    """torch only: the cooperative one launch (grid barriers between the phases) gives the three
-    launches' bits, run after run (a barrier that let a phase read early would show as changed
-    bits, or as a difference from the reference), and leaves its barrier words at rest."""
-    from fusedmlp.torch_impl import fused_decode as mod
-
-    stack = WholeStack("torch", "fused_decode")
-    spec = MLPSpec((2048, 5632, 2048), "swiglu", True, "bfloat16")
-    params = init_params(spec, seed=43 + m)
-    x = make_input(spec, m, seed=44 + m)
-    base = fused_decode_config(spec, m)
-    one = DecodeConfig(**{**base.__dict__, "sync_per_sm": sync_per_sm})
-    three = to_numpy(stack.call(x, params, spec, config=base))
-    outs = [to_numpy(stack.call(x, params, spec, config=one)).tobytes() for _ in range(5)]
-    assert all(out == three.tobytes() for out in outs)
-    assert_close(three, reference.forward(spec, x, params), spec)
-    assert all(int(words[0]) == 0 for words in mod._SYNC_WORDS.values())
 
 
 @pytest.mark.gpu

@@ -60,6 +60,11 @@ graph, `do_bench_cudagraph`), but each seam costs the GPU a launch latency plus 
 launch's tail. With `pdl=True` (Hopper) launches 2 and 3 use programmatic dependent launch: launch 1
 (and 2) tell the GPU at their start that the next grid may be scheduled, so its programs are
 resident and waiting (`griddepcontrol.wait`) when the previous grid's last write lands.
+One cooperative launch instead (the three launches' tiles as phases of one resident grid, grid
+barriers between them: commit a4aeca4, the same bits) measured slower on the H200 at every case
+(bench/results/2026-12-04-h200-a4aeca4): llama3-8b M = 1 84.5 -> 88.5 µs, hf-blog-geglu 9.7 ->
+11.6 — a barrier costs what a seam does, the second phase's loads still start after it, and the
+harness's device time (the sum of kernel durations) never counted the seams' idle gaps.
 
 Config: `DecodeConfig` (common/tiling.py, read by both twins): block_m (M padded to a power of two
 >= 16), block_h and block_k (launch 1), block_n, block_k2 and split_k (launch 2), num_warps,
@@ -90,7 +95,7 @@ from fusedmlp.common.validate import check_packed_call
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER, STACK
 from .fused_small import dot_precision
-from .launch import Launch, LaunchCache, is_traced
+from .launch import Launch, LaunchCache
 from .runtime import INTERPRET, check_kernel_device
 
 MAX_M = 64
@@ -130,19 +135,18 @@ def _k_slab(
 
 
 @triton.jit
-def _up_tile(
-    tile, x_ptr, w_ptr, b_ptr, h_ptr,
+def _fused_decode_up_kernel(
+    x_ptr, w_ptr, b_ptr, h_ptr,
     M, D_IN, HIDDEN, W_COLS,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Launch 1's tile (phase 1 of the one launch): h[rows, hidden slice]."""
-    # 1. tile -> rows and columns: row block tile % M_BLOCKS (row blocks fastest: the programs
-    # that stream the same weight tile run side by side, so the tile comes from HBM once), hidden
-    # columns [j·BLOCK_H, (j+1)·BLOCK_H) for j = tile // M_BLOCKS
-    pid = tile // M_BLOCKS  # M_BLOCKS = cdiv(M, BLOCK_M): a constant, 1 by default
-    rows = (tile % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 1. program -> tile: row block pid_m (row blocks fastest: the programs that stream the same
+    # weight tile run side by side, so the tile comes from HBM once), hidden columns
+    # [pid·BLOCK_H, (pid+1)·BLOCK_H)
+    pid = tl.program_id(0) // M_BLOCKS  # M_BLOCKS = cdiv(M, BLOCK_M): a constant, 1 by default
+    rows = (tl.program_id(0) % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = cols_h < HIDDEN
@@ -156,6 +160,8 @@ def _up_tile(
     cols_w = col0 + tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     dtype = h_ptr.dtype.element_ty
+    if USE_PDL:
+        gdc_launch_dependents()  # launch 2 may be scheduled now; it waits for our h itself
 
     # 2. load + 3. compute: stream the weights over d_in; x is the same small tile for every program
     acc_z = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -195,23 +201,26 @@ def _up_tile(
 
 
 @triton.jit
-def _down_tile(
-    tile, pid_s, h_ptr, w_ptr, b_ptr, out_ptr,
+def _fused_decode_down_kernel(
+    h_ptr, w_ptr, b_ptr, out_ptr,
     M, HIDDEN, D_OUT,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Launch 2's tile (phase 2): run pid_s of the hidden times W2's output columns of `tile`."""
-    # 1. tile -> rows and columns: row block (fastest, as in launch 1), output columns of tile n
-    pid_n = tile // M_BLOCKS
-    rows = (tile % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n, run s
+    pid_n = tl.program_id(0) // M_BLOCKS
+    pid_s = tl.program_id(1)
+    rows = (tl.program_id(0) % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols_n < D_OUT
     k_lo = pid_s * (K_ITERS * BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     dtype = w_ptr.dtype.element_ty
+    if USE_PDL:
+        gdc_launch_dependents()  # launch 3 may be scheduled now
+        gdc_wait()  # h: launch 1's writes are complete and visible
 
     # 2. load + 3. compute: stream W2[run s, tile n]; h comes from L2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -234,21 +243,22 @@ def _down_tile(
 
 
 @triton.jit
-def _reduce_tile(
-    tile, ws_ptr, b_ptr, y_ptr,
+def _fused_decode_reduce_kernel(
+    ws_ptr, b_ptr, y_ptr,
     M, D_OUT,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Launch 3's tile (phase 3): y[rows, columns] = the S partials summed in order, + b2."""
-    # 1. tile -> rows and columns: row block (fastest, as in launch 1), output columns of tile n
-    pid = tile // M_BLOCKS
-    rows = (tile % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 1. program -> tile: row block (fastest, as in launch 1), output columns of tile n
+    pid = tl.program_id(0) // M_BLOCKS
+    rows = (tl.program_id(0) % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols_n < D_OUT
     mask = (rows < M)[:, None] & n_ok[None, :]
     offs = rows[:, None] * D_OUT + cols_n[None, :]
     dtype = y_ptr.dtype.element_ty
+    if USE_PDL:
+        gdc_wait()  # the partials: launch 2's writes are complete and visible
 
     # 2. load + 3. compute: the partials in the fixed order s = 0, 1, ...: the same bits every run
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -260,123 +270,6 @@ def _reduce_tile(
 
     # 4. store
     tl.store(y_ptr + offs, y, mask=mask)
-
-
-@triton.jit
-def _fused_decode_up_kernel(
-    x_ptr, w_ptr, b_ptr, h_ptr,
-    M, D_IN, HIDDEN, W_COLS,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
-    BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    if USE_PDL:
-        gdc_launch_dependents()  # launch 2 may be scheduled now; it waits for our h itself
-    _up_tile(
-        tl.program_id(0), x_ptr, w_ptr, b_ptr, h_ptr, M, D_IN, HIDDEN, W_COLS,
-        ACTIVATION, GATED, HAS_BIAS, PACK, BLOCK_M, M_BLOCKS, BLOCK_H, BLOCK_K,
-        DOT_PRECISION, INTERPRET,
-    )  # fmt: skip
-
-
-@triton.jit
-def _fused_decode_down_kernel(
-    h_ptr, w_ptr, b_ptr, out_ptr,
-    M, HIDDEN, D_OUT,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    if USE_PDL:
-        gdc_launch_dependents()  # launch 3 may be scheduled now
-        gdc_wait()  # h: launch 1's writes are complete and visible
-    _down_tile(
-        tl.program_id(0), tl.program_id(1), h_ptr, w_ptr, b_ptr, out_ptr, M, HIDDEN, D_OUT,
-        HAS_BIAS, BLOCK_M, M_BLOCKS, BLOCK_N, BLOCK_K, K_ITERS, SPLIT_K, DOT_PRECISION, INTERPRET,
-    )  # fmt: skip
-
-
-@triton.jit
-def _fused_decode_reduce_kernel(
-    ws_ptr, b_ptr, y_ptr,
-    M, D_OUT,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    if USE_PDL:
-        gdc_wait()  # the partials: launch 2's writes are complete and visible
-    _reduce_tile(
-        tl.program_id(0), ws_ptr, b_ptr, y_ptr, M, D_OUT,
-        HAS_BIAS, BLOCK_M, M_BLOCKS, BLOCK_N, SPLIT_K, INTERPRET,
-    )  # fmt: skip
-
-
-# ---- the one launch: the three launches' tiles as phases of one cooperative grid ----------------
-@triton.jit
-def _grid_barrier(sync_ptr, PROGRAMS: tl.constexpr):
-    """Every program of the grid waits here until all PROGRAMS have arrived; what each wrote
-    before is then visible to all. sync_ptr: [arrived, generation] int32, arrived == 0 between
-    barriers (the last to arrive resets it before it releases the others), so the buffer is left
-    as it was found and the next barrier, or the next call, can reuse it. The scalar atomics run
-    on one thread of the program, the debug barriers order them after (and before) every other
-    thread's loads and stores."""
-    tl.debug_barrier()  # every thread's stores of this phase are issued before the arrival
-    # the generation is read before arriving: it cannot change until every program has arrived
-    generation = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
-    arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == PROGRAMS - 1:
-        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")  # after the reset: release
-    else:
-        while tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu") == generation:
-            pass
-    tl.debug_barrier()  # no thread reads the next phase's inputs before the wait is over
-
-
-@triton.jit
-def _fused_decode_one_launch_kernel(
-    x_ptr, w1_ptr, b1_ptr, h_ptr, w2_ptr, b2_ptr, ws_ptr, y_ptr, sync_ptr,
-    M, D_IN, HIDDEN, W_COLS, D_OUT,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
-    BLOCK_M: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    UP_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr, K_ITERS: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOWN_TILES: tl.constexpr, R_BLOCK_M: tl.constexpr,
-    R_M_BLOCKS: tl.constexpr, R_BLOCK_N: tl.constexpr, REDUCE_TILES: tl.constexpr,
-    PROGRAMS: tl.constexpr, PHASES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """Phases 1-3 (PHASES: a bit each) over PROGRAMS persistent programs, each taking every
-    PROGRAMS-th tile of a phase in the order of the three launches' grids; a grid barrier between
-    two phases run here. All three phases need every program resident (a cooperative launch);
-    the interpreter, which runs programs one after another, runs one phase a launch instead (or
-    all three with one program)."""
-    pid = tl.program_id(0)
-    if PHASES & 1:
-        for tile in range(pid, UP_TILES, PROGRAMS):
-            _up_tile(
-                tile, x_ptr, w1_ptr, b1_ptr, h_ptr, M, D_IN, HIDDEN, W_COLS,
-                ACTIVATION, GATED, HAS_BIAS, PACK, BLOCK_M, M_BLOCKS, BLOCK_H, BLOCK_K,
-                DOT_PRECISION, INTERPRET,
-            )  # fmt: skip
-    if (PHASES & 3) == 3:
-        _grid_barrier(sync_ptr, PROGRAMS)
-    if PHASES & 2:
-        out_ptr = ws_ptr if SPLIT_K > 1 else y_ptr
-        for item in range(pid, DOWN_TILES * SPLIT_K, PROGRAMS):
-            _down_tile(
-                item % DOWN_TILES, item // DOWN_TILES, h_ptr, w2_ptr, b2_ptr, out_ptr,
-                M, HIDDEN, D_OUT, HAS_BIAS, BLOCK_M, M_BLOCKS, BLOCK_N, BLOCK_K2, K_ITERS, SPLIT_K,
-                DOT_PRECISION, INTERPRET,
-            )  # fmt: skip
-    if SPLIT_K > 1:
-        if (PHASES & 6) == 6:
-            _grid_barrier(sync_ptr, PROGRAMS)
-        if PHASES & 4:
-            for tile in range(pid, REDUCE_TILES, PROGRAMS):
-                _reduce_tile(
-                    tile, ws_ptr, b2_ptr, y_ptr, M, D_OUT,
-                    HAS_BIAS, R_BLOCK_M, R_M_BLOCKS, R_BLOCK_N, SPLIT_K, INTERPRET,
-                )  # fmt: skip
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -395,13 +288,11 @@ def supports(spec: MLPSpec, m: int | None = None) -> str | None:
 
 class _DecodeLaunches:
     """`fused_decode_fwd`'s record for one key: the params' names, the buffers' shapes and the
-    two or three launches (up, down, and the split-K reduction where splits > 1); with
-    `sync_per_sm`, also the one launch (`one`: the cooperative launch, or under the interpreter
-    its phases one launch each) that runs where a real launch can."""
+    two or three launches (up, down, and the split-K reduction where splits > 1)."""
 
-    __slots__ = ("down", "names", "one", "out_shape", "reduce", "splits", "up")
+    __slots__ = ("down", "names", "out_shape", "reduce", "splits", "up")
 
-    def __init__(self, m: int, spec: MLPSpec, config, num_sms: int) -> None:
+    def __init__(self, m: int, spec: MLPSpec, config) -> None:
         d_in, hidden, d_out = spec.widths
         cfg = decode_config_for(config, spec, m, interpret=INTERPRET)
         w1_name = "wv0" if spec.gated else "w0"
@@ -446,62 +337,6 @@ class _DecodeLaunches:
                 USE_PDL=pdl, INTERPRET=INTERPRET, **{**dependent, "num_warps": 4, "num_stages": 1},
             ),
         )  # fmt: skip
-        self.one = None
-        if cfg.sync_per_sm:
-            up_tiles = self.up.grid[0]
-            down_tiles = self.down.grid[0]
-            reduce_tiles = self.reduce.grid[0] if splits > 1 else 0
-            programs = min(
-                cfg.sync_per_sm * num_sms, max(up_tiles, down_tiles * splits, reduce_tiles)
-            )
-            meta = dict(
-                ACTIVATION=spec.base_activation, GATED=spec.gated, HAS_BIAS=spec.bias,
-                PACK=PACK_BLOCK, BLOCK_M=cfg.block_m, M_BLOCKS=m_blocks, BLOCK_H=cfg.block_h,
-                BLOCK_K=cfg.block_k, UP_TILES=up_tiles, BLOCK_N=cfg.block_n,
-                BLOCK_K2=cfg.block_k2, K_ITERS=k_iters, SPLIT_K=splits, DOWN_TILES=down_tiles,
-                R_BLOCK_M=REDUCE_BLOCK_M, R_M_BLOCKS=reduce_blocks, R_BLOCK_N=REDUCE_BLOCK_N,
-                REDUCE_TILES=reduce_tiles, PROGRAMS=programs, DOT_PRECISION=precision,
-                INTERPRET=INTERPRET, **launch,
-            )  # fmt: skip
-            scalars = (m, d_in, hidden, w1_cols, d_out)
-            kernel, grid = _fused_decode_one_launch_kernel, (programs,)
-            if not INTERPRET:  # every program resident, or the launch fails (it cannot hang)
-                self.one = (
-                    Launch(
-                        kernel,
-                        grid,
-                        scalars,
-                        {**meta, "PHASES": 7, "launch_cooperative_grid": True},
-                    ),
-                )
-            elif programs == 1:  # one program: the barriers are passed through in order
-                self.one = (Launch(kernel, grid, scalars, {**meta, "PHASES": 7}),)
-            else:  # the interpreter runs programs one after another: a phase a launch
-                self.one = tuple(
-                    Launch(kernel, grid, scalars, {**meta, "PHASES": phase}) for phase in (1, 2, 4)
-                )
-
-
-def _sync_words(device: torch.device) -> torch.Tensor:
-    """The one launch's barrier words ([arrived, generation] int32, zeroed once) for the current
-    stream of `device`: calls on one stream run one after another and leave arrived at 0, so they
-    can share them; two streams' calls could overlap, so each stream has its own."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    words = _SYNC_WORDS.get(key)
-    if words is None:
-        words = _SYNC_WORDS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return words
-
-
-_SYNC_WORDS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    """The SMs of `device` (1 under the interpreter: `sync_per_sm` programs in all)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _LAUNCHES = LaunchCache(_DecodeLaunches)
@@ -518,33 +353,17 @@ def fused_decode_fwd(
     a gated first layer, common/packing.py); returns [M, d_out]. Trusts its inputs; a pinned
     config it cannot run raises ValueError (`decode_config_for`)."""
     m = x2d.shape[0]
-    dtype, device = x2d.dtype, x2d.device
-    plan = _LAUNCHES.get((m, spec, config, _num_sms(device)))
+    plan = _LAUNCHES.get((m, spec, config))
     w1, w2, b1, b2 = (params[name] for name in plan.names)
+    dtype, device = x2d.dtype, x2d.device
     h = torch.empty(m, spec.widths[1], dtype=dtype, device=device)
     y = torch.empty(m, spec.d_out, dtype=dtype, device=device)
     out = y if plan.splits == 1 else torch.empty(plan.out_shape, dtype=torch.float32, device=device)
-    if plan.one is not None and _one_launch_here(x2d):
-        sync = _sync_words(device)
-        for launch in plan.one:
-            launch(x2d, w1, b1, h, w2, b2, out, y, sync)
-        return y
     plan.up(x2d, w1, b1, h)
     plan.down(h, w2, b2, out)
     if plan.splits > 1:
         plan.reduce(out, b2, y)
     return y
-
-
-def _one_launch_here(x2d: torch.Tensor) -> bool:
-    """Whether the one (cooperative) launch can run for this call: not inside a torch.compile
-    trace (Inductor launches the kernels it records without launch attributes) nor a CUDA graph
-    capture (the barrier words would be the graph's), else the three launches, the same bits."""
-    if INTERPRET:
-        return True
-    if type(x2d) is not torch.Tensor and is_traced(x2d):
-        return False
-    return not torch.cuda.is_current_stream_capturing()
 
 
 # ---- public function -----------------------------------------------------------------------------

@@ -11,6 +11,11 @@ packed [W|V] operand) it times, in priority order and within a time budget:
 3. M=512, 2048 and the odd M=8191 for a few GEMMs, and one float16 row;
 4. what is left of the grid and the example's second config, if the budget allows.
 
+`--pingpong` times, for every GEMM at M=8192, the committed tuned config (or the heuristic)
+against the ping-pong configs (`pingpong_grid`: programs_per_sm=2 — each compute warpgroup a tile
+and a ring of its own, the two taking turns at the K loop, so one's epilogue overlaps the other's
+K loop; `pipeline.pingpong_matmul`), XLA beside them, then the whole MLPs with each layer's best.
+
 `--narrow` sweeps instead the first product of a low-rank layer, t = x·U (linear_act, identity, no
 bias, K = 4096, N = r = 64 / 128 / 256, M = 512 and 8192, bf16): XLA's `x @ u` and a grid of tiles
 for a narrow output over a long K (read-bound: M·K·2 bytes of x): the current default, 64-row
@@ -27,6 +32,7 @@ recorded apart. Results are written after every row (partial runs keep what they
 Usage on the GPU (after `python3 -m pip install --no-deps --no-build-isolation -e .`):
     python3 bench/sweep_mosaic.py OUT.json --tuned-out TUNED.json [--budget-s 150] [--full]
     python3 bench/sweep_mosaic.py OUT.json --narrow --tuned-out TUNED.json      (x·U, ~100 s)
+    python3 bench/sweep_mosaic.py OUT.json --pingpong --tuned-out TUNED.json    (~150 s)
 TUNED.json has the format of jax_impl/mosaic/tuned_h200.json (copy it there to make
 `default_config` use the measured tiles; the narrow mode's holds only x·U entries: merge its
 `configs` lists into the committed file instead). On a CPU: `--dry-run` lowers every planned
@@ -100,7 +106,14 @@ MLPS = {
 
 
 def _cfg(
-    bm: int, bn: int, bk: int, stages: int, ws: bool = True, sub: int = 1, group_m: int = 8
+    bm: int,
+    bn: int,
+    bk: int,
+    stages: int,
+    ws: bool = True,
+    sub: int = 1,
+    group_m: int = 8,
+    pingpong: bool = False,
 ) -> Any:
     from fusedmlp.common.config import TileConfig
 
@@ -113,7 +126,27 @@ def _cfg(
         num_stages=stages,
         warp_specialize=ws,
         epilogue_subtile=sub,
+        programs_per_sm=2 if pingpong else 1,
     )
+
+
+def pingpong_grid(family: str) -> list[Any]:
+    """Ping-pong configs (a compute warpgroup's whole tile ≤ 128×128 fp32 of accumulator; two
+    rings of num_stages slots within 227 KiB): 128×128 operand tiles at 3 and 2 slots, the
+    64-row tile with a 256-wide operand, and a wider snaking band."""
+    if family == "gated":  # block_n = output columns: the operand tile is 2·block_n
+        return [
+            _cfg(128, 64, 64, 3, pingpong=True),
+            _cfg(128, 64, 64, 2, pingpong=True),
+            _cfg(64, 128, 64, 2, pingpong=True),
+            _cfg(128, 64, 64, 3, group_m=16, pingpong=True),
+        ]
+    return [
+        _cfg(128, 128, 64, 3, sub=2, pingpong=True),
+        _cfg(128, 128, 64, 2, pingpong=True),
+        _cfg(64, 256, 64, 2, sub=2, pingpong=True),
+        _cfg(128, 128, 64, 3, sub=2, group_m=16, pingpong=True),
+    ]
 
 
 def grid(family: str, m: int, *, first: bool) -> list[Any]:
@@ -530,7 +563,7 @@ def _config_str(cfg: Any) -> str:
         return (
             f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} s{cfg['num_stages']} "
             f"{'ws' if cfg['warp_specialize'] else '1wg'} sub{cfg['epilogue_subtile']} "
-            f"g{cfg['group_m']}"
+            f"g{cfg['group_m']}" + (" pingpong" if cfg.get("programs_per_sm") == 2 else "")
         )
     if isinstance(cfg, dict):
         return f"wg{cfg.get('wg_dimension')} gw{cfg.get('grid_tile_width')}"
@@ -616,6 +649,23 @@ def sweep_gemm(
     for cfg in ours:
         sw.run(g, m, "pallas_mosaic", mosaic_op(g, cfg, interpret), sets, ref, cfg, dtype_name)
     del sets, ref
+
+
+def sweep_pingpong(sw: Sweep, m: int, interpret: bool) -> None:
+    """Every GEMM: XLA, the config `default_config` takes now, the ping-pong grid; then the MLPs
+    with each layer's best (the smoke: the interpreter's tiles, ping-pong and not)."""
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    for g in GEMMS.values():
+        if sw.smoke:
+            ws = pipeline.INTERPRET_CONFIG
+            ours = [ws, dataclass_replace(ws, programs_per_sm=2)]
+        else:
+            now = pipeline.default_config(g.family, m, g.n, g.k, "bfloat16")
+            ours = [now, *(c for c in pingpong_grid(g.family) if c != now)]
+        sweep_gemm(sw, g, m, ours=ours, examples=[], xla=True, interpret=interpret)
+    for preset in MLPS:
+        sweep_mlp(sw, preset, m, interpret)
 
 
 def best_config(sw: Sweep, gemm: str, m: int) -> Any:
@@ -727,7 +777,7 @@ def sweep_mlp(sw: Sweep, preset: str, m: int, interpret: bool) -> None:
         sw.write()
 
 
-def dataclass_replace(g: Gemm, **kw: Any) -> Gemm:
+def dataclass_replace(g: Any, **kw: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(g, **kw)
@@ -913,6 +963,11 @@ def main(argv: list[str] | None = None) -> int:
         help="x·U of a low-rank layer instead (N = 64/128/256, K = 4096, M = 512/8192)",
     )
     ap.add_argument(
+        "--pingpong",
+        action="store_true",
+        help="the tuned configs against the ping-pong ones at M=8192, then the whole MLPs",
+    )
+    ap.add_argument(
         "--smoke",
         action="store_true",
         help="tiny shapes under the interpreter (CPU; checks the script, not speed)",
@@ -941,6 +996,9 @@ def main(argv: list[str] | None = None) -> int:
         sweep_narrow(sw, interpret)
         return finish(sw, args)
     big = 128 if args.smoke else 8192
+    if args.pingpong:
+        sweep_pingpong(sw, big, interpret)
+        return finish(sw, args)
 
     def every_gemm(first: bool) -> None:
         # at M=8192: the first configs with XLA beside them (step 1), or the rest (step 4)

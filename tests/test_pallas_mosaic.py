@@ -48,16 +48,27 @@ ONE_SLOT = TileConfig(64, 64, 32, group_m=1, num_stages=1)  # one warpgroup, no 
 SPLIT_N = TileConfig(64, 128, 16, group_m=2, num_stages=2, warp_specialize=True)  # gated: N split
 
 
-def _ws(block_m: int, block_n: int, stages: int, subtile: int = 1) -> TileConfig:
+def _ws(
+    block_m: int, block_n: int, stages: int, subtile: int = 1, *, pingpong: bool = False
+) -> TileConfig:
     """A warp-specialised 64-deep config (the GPU variant's large tiles)."""
     return TileConfig(
-        block_m, block_n, 64, num_stages=stages, warp_specialize=True, epilogue_subtile=subtile
+        block_m,
+        block_n,
+        64,
+        num_stages=stages,
+        warp_specialize=True,
+        epilogue_subtile=subtile,
+        programs_per_sm=2 if pingpong else 1,
     )
 
 
 SUBTILED = TileConfig(
     128, 128, 16, group_m=2, num_stages=2, warp_specialize=True, epilogue_subtile=2
 )  # linear_act: two 64-column epilogue tiles per warpgroup
+# ping-pong: each compute warpgroup a whole 128×64 tile (gated: one gate/up pair) and a ring of
+# two slots of its own, the two taking turns at the K loop (pipeline.pingpong_matmul)
+PINGPONG = dataclasses.replace(WS, programs_per_sm=2)
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +121,10 @@ def mlp_per_layer(x, params, spec: MLPSpec, *, residual=None, config=None, gated
         ("gelu_tanh", "bfloat16", False, 200, SUBTILED, None),  # 2 epilogue tiles a warpgroup
         ("relu", "float16", True, 64, WS, None),
         ("silu", "bfloat16", False, 9, ONE_WG, None),
+        # ping-pong: 3 M tiles (5 tiles a layer over 2 blocks: 3 and 2, so each warpgroup's
+        # count and the odd one out are both walked), biases, a ragged last tile
+        ("swiglu", "float16", True, 300, PINGPONG, None),
+        ("gelu_tanh", "bfloat16", False, 136, PINGPONG, None),
     ],
 )
 def test_fresh_inputs(activation, dtype, bias, m, config, gated_config) -> None:
@@ -244,6 +259,19 @@ def test_float32_not_implemented_names_fallback() -> None:
         (
             lambda x, w, wv: linear_act(x, w, config=_ws(128, 256, 5)),
             "bytes of shared memory",
+        ),
+        (
+            lambda x, w, wv: linear_act(x, w, config=TileConfig(128, 64, 16, programs_per_sm=2)),
+            r"config.programs_per_sm: expected 1, or 2 with warp_specialize .* got 2 "
+            r"\(warp_specialize=False\)",
+        ),
+        (
+            lambda x, w, wv: linear_act(x, w, config=dataclasses.replace(WS, programs_per_sm=3)),
+            r"config.programs_per_sm: expected 1, or 2 .* got 3",
+        ),
+        (
+            lambda x, w, wv: gated(x, wv, n=32, config=_ws(128, 128, 2, pingpong=True)),
+            "a compute warpgroup's fp32 accumulator would be 128 × 256",
         ),
         (
             lambda x, w, wv: linear_act(x, w, fp32_precision="high"),
@@ -394,6 +422,8 @@ def _lower_family(family, m, n, k, dtype, activation, bias, config, residual=Fal
             "exceeds",
         ),
         ("gated", TileConfig(64, 128, 128, num_stages=2), None),
+        ("gated", _ws(128, 64, 3, pingpong=True), None),  # two rings: 2 × 3 × 32 KiB
+        ("linear_act", _ws(128, 128, 3, pingpong=True), "exceeds"),  # 128-wide staging
     ],
 )
 def test_smem_model_matches_mosaic(monkeypatch, family, config, expected) -> None:
@@ -442,6 +472,17 @@ LOWER_CASES = [
     ("gated", "float16", "identity", True, WS, (136, 80, 48)),
     ("gated", "bfloat16", "relu", True, ONE_SLOT, (1, 80, 48)),
     ("gated", "float16", "silu", True, SPLIT_N, (136, 144, 48)),
+    # ping-pong at the swept tiles (bench/sweep_mosaic.py --pingpong): two rings of 3 slots
+    ("gated", "bfloat16", "gelu_tanh", False, _ws(128, 64, 3, pingpong=True), (8192, 3072, 768)),
+    (
+        "linear_act",
+        "bfloat16",
+        "identity",
+        True,
+        _ws(128, 128, 3, 2, pingpong=True),
+        (8192, 768, 3072),
+    ),
+    ("gated", "float16", "silu", True, PINGPONG, (136, 80, 48)),
 ]
 
 
@@ -506,7 +547,9 @@ def test_exact_math_when_switched_off(monkeypatch) -> None:
 
 
 # ---- the interpreter's race detector over the pipelines ------------------------------------------
-@pytest.mark.parametrize("config", [WS, ONE_WG], ids=["warp_specialized", "one_warpgroup"])
+@pytest.mark.parametrize(
+    "config", [WS, ONE_WG, PINGPONG], ids=["warp_specialized", "one_warpgroup", "pingpong"]
+)
 def test_no_races(monkeypatch, config: TileConfig) -> None:
     """With detect_races the interpreter keeps vector clocks for the TMA unit and the warpgroups
     and flags a shared-memory access not ordered by a barrier (and raises when a barrier completes
@@ -543,8 +586,8 @@ def test_gpu_default_tiles(activation: str, dtype: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("config", "gated_config"),
-    [(WS, WS), (ONE_WG, ONE_WG), (ONE_SLOT, ONE_SLOT), (SUBTILED, SPLIT_N)],
-    ids=["ws", "one_wg", "one_slot", "subtiled_split_n"],
+    [(WS, WS), (ONE_WG, ONE_WG), (ONE_SLOT, ONE_SLOT), (SUBTILED, SPLIT_N), (PINGPONG, PINGPONG)],
+    ids=["ws", "one_wg", "one_slot", "subtiled_split_n", "pingpong"],
 )
 def test_gpu_interpreter_tiles(config: TileConfig, gated_config: TileConfig) -> None:
     # The tiles the interpreter checks are legal on the GPU too: the same code path, compiled.

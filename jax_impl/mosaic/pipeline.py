@@ -219,6 +219,9 @@ class Tiles:
     epi_n: int  # output columns of one epilogue tile
     num_stages: int
     group_m: int
+    # ping-pong (programs_per_sm=2 with warp_specialize): each compute warpgroup owns a whole
+    # tile and a ring of its own, and the two take turns at the K loop (`pingpong_matmul`)
+    pingpong: bool = False
 
     @property
     def wgs(self) -> int:
@@ -241,9 +244,10 @@ class Tiles:
         return min(2, math.prod(self.epi_tiles))
 
     def smem_bytes(self, itemsize: int, has_bias: bool) -> int:
-        """Shared memory of the kernel: pipeline slots, output staging, bias rows (barriers add
-        a few bytes)."""
-        ring = self.num_stages * itemsize * (self.block_m + self.op_n) * self.block_k
+        """Shared memory of the kernel: pipeline slots (a ring per compute warpgroup in
+        ping-pong), output staging, bias rows (barriers add a few bytes)."""
+        rings = self.wgs if self.pingpong else 1
+        ring = rings * self.num_stages * itemsize * (self.block_m + self.op_n) * self.block_k
         out = self.wgs * self.out_slots * EPI_M * self.epi_n * itemsize
         bias = self.wgs * self.wg_op_n * itemsize if has_bias else 0
         return ring + out + bias
@@ -271,7 +275,16 @@ def plan_tiles(config: TileConfig, family: str) -> Tiles:
         )
     if config.block_k < 16:
         raise ValueError(f"config.block_k: expected at least 16 for {IMPL}, got {config.block_k}")
-    if config.warp_specialize:
+    pingpong = config.programs_per_sm == 2
+    if config.programs_per_sm not in (1, 2) or (pingpong and not config.warp_specialize):
+        raise ValueError(
+            f"config.programs_per_sm: expected 1, or 2 with warp_specialize (ping-pong: each "
+            f"compute warpgroup a tile of its own) for {IMPL}, got {config.programs_per_sm} "
+            f"(warp_specialize={config.warp_specialize})"
+        )
+    if pingpong:
+        split_n, wg_m, wg_op_n = False, bm, op_n
+    elif config.warp_specialize:
         split_n = op_n >= 2 * 128
         if not split_n and bm < 2 * WGMMA_M:
             raise ValueError(
@@ -324,6 +337,7 @@ def plan_tiles(config: TileConfig, family: str) -> Tiles:
         epi_n=epi_n,
         num_stages=config.num_stages,
         group_m=config.group_m,
+        pingpong=pingpong,
     )
 
 
@@ -464,13 +478,15 @@ def persistent_matmul(
 ) -> None:
     """The kernel body both families share: 1. program -> tile, 2. load, the K pipeline, the
     epilogue tiles (3. compute: `epilogue`), 4. store. Refs are whole arrays in GMEM."""
+    if tiles.pingpong:
+        pingpong_matmul(x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue)
+        return
     dtype = o_gmem.dtype
     t = tiles
     m, k = x_gmem.shape
     n_out = o_gmem.shape[1]
     m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_out, t.out_n), cdiv(k, t.block_k)
     ws = t.warp_specialize
-    em_tiles, en_tiles = t.epi_tiles
     slots = t.out_slots
 
     # wgmma wants A and B with one swizzle, of at least 32 bytes; a TMA box into a swizzled tile
@@ -572,24 +588,8 @@ def persistent_matmul(
                     if b_gmem is not None:
                         plgpu.barrier_wait(b_bars.at[wg])
                         bias = b_smem.at[wg]
-                    # The previous tile's stores must be done reading the staging slots.
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for em in range(em_tiles):
-                        for en in range(en_tiles):
-                            slot = (em * en_tiles + en) % slots
-                            o_slot = out_smem.at[wg, slot]
-                            gm = pl.ds(row0 + em * EPI_M, EPI_M)
-                            gn = pl.ds(col0 + en * t.epi_n, t.epi_n)
-                            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-                            if r_gmem is not None:
-                                bar = r_bars.at[wg * slots + slot]
-                                plgpu.copy_gmem_to_smem(r_gmem.at[gm, gn], o_slot, bar)
-                                plgpu.barrier_wait(bar)
-                            # 3. compute (the family's fp32 epilogue, staged in o_slot)
-                            epilogue(acc, bias, slice(em * EPI_M, (em + 1) * EPI_M), en, o_slot)
-                            # 4. store
-                            plgpu.commit_smem()  # generic-proxy writes -> visible to TMA
-                            plgpu.copy_smem_to_gmem(o_slot, o_gmem.at[gm, gn])
+                    store_tile(acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, o_gmem,
+                               tiles=t, epilogue=epilogue)  # fmt: skip
 
                 pl.run_scoped(acc_scope, plgpu.ACC((t.wg_m, t.wg_op_n), jnp.float32))
 
@@ -603,3 +603,213 @@ def persistent_matmul(
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     pl.run_scoped(scope, **allocations, collective_axes="wg" if ws else ())
+
+
+def store_tile(
+    acc: jax.Array,
+    bias: Any,
+    row0: Any,
+    col0: Any,
+    wg: Any,
+    out_smem: Any,
+    r_gmem: Any,
+    r_bars: Any,
+    o_gmem: Any,
+    *,
+    tiles: Tiles,
+    epilogue: EpilogueFn,
+) -> None:
+    """A compute warpgroup's epilogue tiles of one output tile (rows from row0, output columns
+    from col0): per 64-row × epi_n tile, the residual (if any) into a staging slot, 3. compute
+    (the family's `epilogue`, staged in the slot), 4. store by TMA; two slots, so one tile's
+    store overlaps the next one's math."""
+    t = tiles
+    em_tiles, en_tiles = t.epi_tiles
+    slots = t.out_slots
+    # The previous tile's stores must be done reading the staging slots.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for em in range(em_tiles):
+        for en in range(en_tiles):
+            slot = (em * en_tiles + en) % slots
+            o_slot = out_smem.at[wg, slot]
+            gm = pl.ds(row0 + em * EPI_M, EPI_M)
+            gn = pl.ds(col0 + en * t.epi_n, t.epi_n)
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+            if r_gmem is not None:
+                bar = r_bars.at[wg * slots + slot]
+                plgpu.copy_gmem_to_smem(r_gmem.at[gm, gn], o_slot, bar)
+                plgpu.barrier_wait(bar)
+            # 3. compute (the family's fp32 epilogue, staged in o_slot)
+            epilogue(acc, bias, slice(em * EPI_M, (em + 1) * EPI_M), en, o_slot)
+            # 4. store
+            plgpu.commit_smem()  # generic-proxy writes -> visible to TMA
+            plgpu.copy_smem_to_gmem(o_slot, o_gmem.at[gm, gn])
+
+
+def pingpong_matmul(
+    x_gmem: Any,
+    w_gmem: Any,
+    b_gmem: Any | None,
+    r_gmem: Any | None,
+    o_gmem: Any,
+    *,
+    tiles: Tiles,
+    epilogue: EpilogueFn,
+) -> None:
+    """`persistent_matmul` with the compute warpgroups in ping-pong (`Tiles.pingpong`).
+
+    Why: with the two compute warpgroups splitting one tile, both run their epilogues at the same
+    time and the tensor cores idle meanwhile — a large share of a tile's time where K is short
+    (hf-blog-geglu's gated layer: 12 K steps a tile). Here block `sm` takes tiles sm, sm + G, ...
+    (G blocks, the snaking order) and deals them to its compute warpgroups in turn: warpgroup w
+    owns its local tiles w, w + 2, ..., a whole tile each (accumulator block_m × op_n), and its
+    own ring of num_stages (X, W) slots. The memory warpgroup walks the local tiles in order,
+    filling each tile's ring; a `turn` barrier pair makes the compute warpgroups take turns at
+    the K loop (warpgroup w waits on turn[w] before its K loop and arrives on turn[1 - w] after
+    it), so one warpgroup's epilogue runs while the other's K loop keeps the tensor cores busy.
+    Each ring's barriers are waited in order by one consumer (Mosaic GPU tracks a barrier's
+    phase per waiter, so no phase may be skipped): `full` (both TMA copies of a slot landed)
+    by the slot's compute warpgroup, `free` (its wgmma is done reading) by the memory warpgroup.
+    """
+    dtype = o_gmem.dtype
+    t = tiles
+    m, k = x_gmem.shape
+    n_out = o_gmem.shape[1]
+    m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_out, t.out_n), cdiv(k, t.block_k)
+    num_tiles = m_iters * n_iters
+    S, WGS = t.num_stages, COMPUTE_WARPGROUPS
+    transforms = mma_transforms(math.gcd(t.block_k, k, t.op_n, w_gmem.shape[1]), dtype)
+    out_transforms = mma_transforms(math.gcd(t.epi_n, n_out), dtype)
+    slots = t.out_slots
+    allocations = dict(
+        x_smem=plgpu.SMEM((WGS, S, t.block_m, t.block_k), dtype, transforms=transforms),
+        w_smem=plgpu.SMEM((WGS, S, t.block_k, t.op_n), dtype, transforms=transforms),
+        full=plgpu.Barrier(num_arrivals=2, num_barriers=WGS * S),  # the X and W copies
+        free=plgpu.Barrier(num_barriers=WGS * S),
+        turn=plgpu.Barrier(num_barriers=WGS),
+        out_smem=plgpu.SMEM((WGS, slots, EPI_M, t.epi_n), dtype, transforms=out_transforms),
+        b_smem=plgpu.SMEM((WGS, t.op_n), dtype) if b_gmem is not None else None,
+        b_bars=plgpu.Barrier(num_barriers=WGS) if b_gmem is not None else None,
+        r_bars=plgpu.Barrier(num_barriers=WGS * slots) if r_gmem is not None else None,
+    )
+
+    def scope(
+        x_smem: Any,
+        w_smem: Any,
+        full: Any,
+        free: Any,
+        turn: Any,
+        out_smem: Any,
+        b_smem: Any,
+        b_bars: Any,
+        r_bars: Any,
+    ) -> None:
+        wg = lax.axis_index("wg")
+        sm, blocks = lax.axis_index("sm"), lax.axis_size("sm")
+        local_tiles = lax.div(num_tiles - sm + blocks - 1, blocks)  # >= 1: blocks <= tiles
+
+        def tile_at(i: Any) -> tuple[Any, Any]:
+            # 1. program -> tile: the block's i-th tile, grouped snaking order (group_m bands)
+            return plgpu.planar_snake(sm + i * blocks, (m_iters, n_iters), 0, t.group_m)
+
+        def memory_warpgroup() -> None:
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+            def tile(i: Any, carry: Any) -> Any:
+                w, j = lax.rem(i, 2), lax.div(i, 2)  # the i-th tile is warpgroup w's j-th
+                m_idx, n_idx = tile_at(i)
+
+                def step(kk: Any, carry: Any) -> Any:
+                    # 2. load: slab kk of the tile into the ring's next slot, once its last
+                    # reader (the use S before) has released it
+                    use = j * k_iters + kk
+                    bar = w * S + lax.rem(use, S)
+                    pl.when(use >= S)(lambda: plgpu.barrier_wait(free.at[bar]))
+                    k_slice = pl.ds(kk * t.block_k, t.block_k)
+                    plgpu.copy_gmem_to_smem(
+                        x_gmem.at[pl.ds(m_idx * t.block_m, t.block_m), k_slice],
+                        x_smem.at[w, lax.rem(use, S)],
+                        full.at[bar],
+                    )
+                    plgpu.copy_gmem_to_smem(
+                        w_gmem.at[k_slice, pl.ds(n_idx * t.op_n, t.op_n)],
+                        w_smem.at[w, lax.rem(use, S)],
+                        full.at[bar],
+                    )
+                    return carry
+
+                return lax.fori_loop(0, k_iters, step, carry)
+
+            lax.fori_loop(0, local_tiles, tile, 0)
+            # the last S releases of each ring, which no copy waited for: every arrival awaited
+            for w in range(WGS):
+                uses = lax.div(local_tiles - w + 1, 2) * k_iters
+                first = jnp.maximum(uses - S, 0)
+
+                def drain(use: Any, carry: Any, w: int = w) -> Any:
+                    plgpu.barrier_wait(free.at[w * S + lax.rem(use, S)])
+                    return carry
+
+                lax.fori_loop(first, uses, drain, 0)
+
+        def compute_warpgroup() -> None:
+            plgpu.set_max_registers(compute_registers(MEMORY_REGISTERS, WGS), action="increase")
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # warpgroup 0 goes first
+
+            def tile(j: Any, carry: Any) -> Any:
+                m_idx, n_idx = tile_at(2 * j + wg)
+                row0, op0, col0 = m_idx * t.block_m, n_idx * t.op_n, n_idx * t.out_n
+
+                def acc_scope(acc_ref: Any) -> None:
+                    # 2. load: this tile's bias row, landing while the K loop runs
+                    if b_gmem is not None:
+                        plgpu.copy_gmem_to_smem(
+                            b_gmem.at[pl.ds(op0, t.op_n)], b_smem.at[wg], b_bars.at[wg]
+                        )
+                    plgpu.barrier_wait(turn.at[wg])  # the other warpgroup's K loop is done
+
+                    def step(kk: Any, carry: Any) -> Any:
+                        use = j * k_iters + kk
+                        slot = lax.rem(use, S)
+                        plgpu.barrier_wait(full.at[wg * S + slot])
+                        plgpu.wgmma(acc_ref, x_smem.at[wg, slot], w_smem.at[wg, slot])
+                        # one wgmma in flight: the previous step's is done reading its slot
+                        plgpu.wgmma_wait(1)
+                        pl.when(kk > 0)(
+                            lambda: plgpu.barrier_arrive(free.at[wg * S + lax.rem(use - 1, S)])
+                        )
+                        return carry
+
+                    lax.fori_loop(0, k_iters, step, 0)
+                    plgpu.wgmma_wait(0)
+                    last = j * k_iters + k_iters - 1
+                    plgpu.barrier_arrive(free.at[wg * S + lax.rem(last, S)])
+                    plgpu.barrier_arrive(turn.at[1 - wg])  # its K loop may start
+                    acc = acc_ref[...]
+                    bias = None
+                    if b_gmem is not None:
+                        plgpu.barrier_wait(b_bars.at[wg])
+                        bias = b_smem.at[wg]
+                    store_tile(acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, o_gmem,
+                               tiles=t, epilogue=epilogue)  # fmt: skip
+
+                pl.run_scoped(acc_scope, plgpu.ACC((t.block_m, t.op_n), jnp.float32))
+                return carry
+
+            lax.fori_loop(0, lax.div(local_tiles - wg + 1, 2), tile, 0)
+            # The other warpgroup's last arrival on turn[wg] (after its last K loop), which no
+            # K loop of this one waited for (with L local tiles: warpgroup 0's when L is even,
+            # 1's when L is odd): every phase of a barrier is observed by its waiter.
+            pl.when(lax.rem(local_tiles + wg, 2) == 0)(lambda: plgpu.barrier_wait(turn.at[wg]))
+            # The block may not exit while a TMA store still reads its shared memory.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        lax.cond(wg == WGS, memory_warpgroup, compute_warpgroup)
+
+    pl.run_scoped(scope, **allocations, collective_axes="wg")
+
+
+def compute_registers(memory_registers: int, compute_warpgroups: int) -> int:
+    """Registers a compute thread may hold beside the memory warpgroup's (the 64 K of an SM over
+    the block's 128-thread warpgroups, at most 255, a multiple of 8), as jax's pipeline reckons."""
+    return int(min(256, (512 - memory_registers) / compute_warpgroups) // 8 * 8)

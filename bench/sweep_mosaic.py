@@ -131,21 +131,21 @@ def _cfg(
 
 
 def pingpong_grid(family: str) -> list[Any]:
-    """Ping-pong configs (a compute warpgroup's whole tile ≤ 128×128 fp32 of accumulator; two
-    rings of num_stages slots within 227 KiB): 128×128 operand tiles at 3 and 2 slots, the
-    64-row tile with a 256-wide operand, and a wider snaking band."""
+    """Ping-pong configs (a compute warpgroup's whole tile ≤ 128×128 fp32 of accumulator; the
+    ring's slots and both warpgroups' staging within 227 KiB): 128×128 operand tiles at 6 and 5
+    slots, the 64-row tile with a 256-wide operand, and a wider snaking band."""
     if family == "gated":  # block_n = output columns: the operand tile is 2·block_n
         return [
-            _cfg(128, 64, 64, 3, pingpong=True),
-            _cfg(128, 64, 64, 2, pingpong=True),
-            _cfg(64, 128, 64, 2, pingpong=True),
-            _cfg(128, 64, 64, 3, group_m=16, pingpong=True),
+            _cfg(128, 64, 64, 6, pingpong=True),
+            _cfg(128, 64, 64, 5, pingpong=True),
+            _cfg(64, 128, 64, 4, pingpong=True),
+            _cfg(128, 64, 64, 6, group_m=16, pingpong=True),
         ]
     return [
-        _cfg(128, 128, 64, 3, sub=2, pingpong=True),
-        _cfg(128, 128, 64, 2, pingpong=True),
-        _cfg(64, 256, 64, 2, sub=2, pingpong=True),
-        _cfg(128, 128, 64, 3, sub=2, group_m=16, pingpong=True),
+        _cfg(128, 128, 64, 6, sub=2, pingpong=True),
+        _cfg(128, 128, 64, 5, pingpong=True),
+        _cfg(64, 256, 64, 4, sub=2, pingpong=True),
+        _cfg(128, 128, 64, 6, sub=2, group_m=16, pingpong=True),
     ]
 
 

@@ -422,8 +422,8 @@ def _lower_family(family, m, n, k, dtype, activation, bias, config, residual=Fal
             "exceeds",
         ),
         ("gated", TileConfig(64, 128, 128, num_stages=2), None),
-        ("gated", _ws(128, 64, 3, pingpong=True), None),  # two rings: 2 × 3 × 32 KiB
-        ("linear_act", _ws(128, 128, 3, pingpong=True), "exceeds"),  # 128-wide staging
+        ("gated", _ws(128, 64, 6, pingpong=True), None),  # 6 slots of 32 KiB, 2 × 2 staging
+        ("linear_act", _ws(128, 128, 6, pingpong=True), "exceeds"),  # 128-wide staging
     ],
 )
 def test_smem_model_matches_mosaic(monkeypatch, family, config, expected) -> None:
@@ -473,13 +473,13 @@ LOWER_CASES = [
     ("gated", "bfloat16", "relu", True, ONE_SLOT, (1, 80, 48)),
     ("gated", "float16", "silu", True, SPLIT_N, (136, 144, 48)),
     # ping-pong at the swept tiles (bench/sweep_mosaic.py --pingpong): two rings of 3 slots
-    ("gated", "bfloat16", "gelu_tanh", False, _ws(128, 64, 3, pingpong=True), (8192, 3072, 768)),
+    ("gated", "bfloat16", "gelu_tanh", False, _ws(128, 64, 6, pingpong=True), (8192, 3072, 768)),
     (
         "linear_act",
         "bfloat16",
         "identity",
         True,
-        _ws(128, 128, 3, 2, pingpong=True),
+        _ws(128, 128, 6, 2, pingpong=True),
         (8192, 768, 3072),
     ),
     ("gated", "float16", "silu", True, PINGPONG, (136, 80, 48)),

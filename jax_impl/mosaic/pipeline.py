@@ -220,7 +220,7 @@ class Tiles:
     num_stages: int
     group_m: int
     # ping-pong (programs_per_sm=2 with warp_specialize): each compute warpgroup owns a whole
-    # tile and a ring of its own, and the two take turns at the K loop (`pingpong_matmul`)
+    # tile, and the two take turns at the K loop (`pingpong_matmul`)
     pingpong: bool = False
 
     @property
@@ -244,10 +244,9 @@ class Tiles:
         return min(2, math.prod(self.epi_tiles))
 
     def smem_bytes(self, itemsize: int, has_bias: bool) -> int:
-        """Shared memory of the kernel: pipeline slots (a ring per compute warpgroup in
-        ping-pong), output staging, bias rows (barriers add a few bytes)."""
-        rings = self.wgs if self.pingpong else 1
-        ring = rings * self.num_stages * itemsize * (self.block_m + self.op_n) * self.block_k
+        """Shared memory of the kernel: pipeline slots, output staging, bias rows (barriers add
+        a few bytes)."""
+        ring = self.num_stages * itemsize * (self.block_m + self.op_n) * self.block_k
         out = self.wgs * self.out_slots * EPI_M * self.epi_n * itemsize
         bias = self.wgs * self.wg_op_n * itemsize if has_bias else 0
         return ring + out + bias
@@ -662,14 +661,19 @@ def pingpong_matmul(
     time and the tensor cores idle meanwhile — a large share of a tile's time where K is short
     (hf-blog-geglu's gated layer: 12 K steps a tile). Here block `sm` takes tiles sm, sm + G, ...
     (G blocks, the snaking order) and deals them to its compute warpgroups in turn: warpgroup w
-    owns its local tiles w, w + 2, ..., a whole tile each (accumulator block_m × op_n), and its
-    own ring of num_stages (X, W) slots. The memory warpgroup walks the local tiles in order,
-    filling each tile's ring; a `turn` barrier pair makes the compute warpgroups take turns at
-    the K loop (warpgroup w waits on turn[w] before its K loop and arrives on turn[1 - w] after
-    it), so one warpgroup's epilogue runs while the other's K loop keeps the tensor cores busy.
-    Each ring's barriers are waited in order by one consumer (Mosaic GPU tracks a barrier's
-    phase per waiter, so no phase may be skipped): `full` (both TMA copies of a slot landed)
-    by the slot's compute warpgroup, `free` (its wgmma is done reading) by the memory warpgroup.
+    owns its local tiles w, w + 2, ..., a whole tile each (accumulator block_m × op_n). The memory
+    warpgroup streams the local tiles' (X, W) slabs in order through one ring of num_stages
+    slots, so the next tile's slabs land while this one's K loop runs; a `turn` barrier pair
+    makes the compute warpgroups take turns at the K loop (warpgroup w waits on turn[w] before
+    its K loop and arrives on turn[1 - w] after it), so one warpgroup's epilogue runs while the
+    other's K loop keeps the tensor cores busy.
+
+    Barriers: Mosaic GPU tracks a barrier's phase per waiter, so no waiter may skip a phase. A
+    slot is used by either warpgroup, so each slot has a `full` and a `free` barrier per
+    warpgroup: the copies into a use of the slot arrive on its owner's `full` (which only the
+    owner waits on, every phase in order), the owner's wgmma release arrives on its own `free`,
+    and the memory warpgroup, before refilling the slot, waits on the `free` of the slot's
+    previous owner (it waits on every phase of both, in order, the last ones after its loop).
     """
     dtype = o_gmem.dtype
     t = tiles
@@ -682,9 +686,10 @@ def pingpong_matmul(
     out_transforms = mma_transforms(math.gcd(t.epi_n, n_out), dtype)
     slots = t.out_slots
     allocations = dict(
-        x_smem=plgpu.SMEM((WGS, S, t.block_m, t.block_k), dtype, transforms=transforms),
-        w_smem=plgpu.SMEM((WGS, S, t.block_k, t.op_n), dtype, transforms=transforms),
-        full=plgpu.Barrier(num_arrivals=2, num_barriers=WGS * S),  # the X and W copies
+        x_smem=plgpu.SMEM((S, t.block_m, t.block_k), dtype, transforms=transforms),
+        w_smem=plgpu.SMEM((S, t.block_k, t.op_n), dtype, transforms=transforms),
+        # [owner · S + slot]; full: the X and W copies of a use of the slot
+        full=plgpu.Barrier(num_arrivals=2, num_barriers=WGS * S),
         free=plgpu.Barrier(num_barriers=WGS * S),
         turn=plgpu.Barrier(num_barriers=WGS),
         out_smem=plgpu.SMEM((WGS, slots, EPI_M, t.epi_n), dtype, transforms=out_transforms),
@@ -707,57 +712,59 @@ def pingpong_matmul(
         wg = lax.axis_index("wg")
         sm, blocks = lax.axis_index("sm"), lax.axis_size("sm")
         local_tiles = lax.div(num_tiles - sm + blocks - 1, blocks)  # >= 1: blocks <= tiles
+        uses = local_tiles * k_iters  # slot uses of the block, in order: tile by tile, K steps
 
         def tile_at(i: Any) -> tuple[Any, Any]:
             # 1. program -> tile: the block's i-th tile, grouped snaking order (group_m bands)
             return plgpu.planar_snake(sm + i * blocks, (m_iters, n_iters), 0, t.group_m)
 
+        def freed(use: Any) -> Any:
+            """The `free` barrier of slot use `use` (its owner: the warpgroup of its tile)."""
+            return free.at[lax.rem(lax.div(use, k_iters), 2) * S + lax.rem(use, S)]
+
         def memory_warpgroup() -> None:
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
             def tile(i: Any, carry: Any) -> Any:
-                w, j = lax.rem(i, 2), lax.div(i, 2)  # the i-th tile is warpgroup w's j-th
                 m_idx, n_idx = tile_at(i)
+                owner = lax.rem(i, 2)
 
                 def step(kk: Any, carry: Any) -> Any:
-                    # 2. load: slab kk of the tile into the ring's next slot, once its last
-                    # reader (the use S before) has released it
-                    use = j * k_iters + kk
-                    bar = w * S + lax.rem(use, S)
-                    pl.when(use >= S)(lambda: plgpu.barrier_wait(free.at[bar]))
+                    # 2. load: slab kk of the tile into the ring's next slot, once the slot's
+                    # previous use (S uses before, either warpgroup's) is released
+                    use = i * k_iters + kk
+                    slot = lax.rem(use, S)
+                    pl.when(use >= S)(lambda: plgpu.barrier_wait(freed(use - S)))
                     k_slice = pl.ds(kk * t.block_k, t.block_k)
+                    bar = full.at[owner * S + slot]
                     plgpu.copy_gmem_to_smem(
                         x_gmem.at[pl.ds(m_idx * t.block_m, t.block_m), k_slice],
-                        x_smem.at[w, lax.rem(use, S)],
-                        full.at[bar],
+                        x_smem.at[slot],
+                        bar,
                     )
                     plgpu.copy_gmem_to_smem(
-                        w_gmem.at[k_slice, pl.ds(n_idx * t.op_n, t.op_n)],
-                        w_smem.at[w, lax.rem(use, S)],
-                        full.at[bar],
+                        w_gmem.at[k_slice, pl.ds(n_idx * t.op_n, t.op_n)], w_smem.at[slot], bar
                     )
                     return carry
 
                 return lax.fori_loop(0, k_iters, step, carry)
 
             lax.fori_loop(0, local_tiles, tile, 0)
-            # the last S releases of each ring, which no copy waited for: every arrival awaited
-            for w in range(WGS):
-                uses = lax.div(local_tiles - w + 1, 2) * k_iters
-                first = jnp.maximum(uses - S, 0)
 
-                def drain(use: Any, carry: Any, w: int = w) -> Any:
-                    plgpu.barrier_wait(free.at[w * S + lax.rem(use, S)])
-                    return carry
+            # the last S releases, which no copy waited for: every arrival is awaited
+            def drain(use: Any, carry: Any) -> Any:
+                plgpu.barrier_wait(freed(use))
+                return carry
 
-                lax.fori_loop(first, uses, drain, 0)
+            lax.fori_loop(jnp.maximum(uses - S, 0), uses, drain, 0)
 
         def compute_warpgroup() -> None:
             plgpu.set_max_registers(compute_registers(MEMORY_REGISTERS, WGS), action="increase")
             pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # warpgroup 0 goes first
 
             def tile(j: Any, carry: Any) -> Any:
-                m_idx, n_idx = tile_at(2 * j + wg)
+                i = 2 * j + wg  # the block's i-th tile is this warpgroup's j-th
+                m_idx, n_idx = tile_at(i)
                 row0, op0, col0 = m_idx * t.block_m, n_idx * t.op_n, n_idx * t.out_n
 
                 def acc_scope(acc_ref: Any) -> None:
@@ -769,10 +776,10 @@ def pingpong_matmul(
                     plgpu.barrier_wait(turn.at[wg])  # the other warpgroup's K loop is done
 
                     def step(kk: Any, carry: Any) -> Any:
-                        use = j * k_iters + kk
+                        use = i * k_iters + kk
                         slot = lax.rem(use, S)
                         plgpu.barrier_wait(full.at[wg * S + slot])
-                        plgpu.wgmma(acc_ref, x_smem.at[wg, slot], w_smem.at[wg, slot])
+                        plgpu.wgmma(acc_ref, x_smem.at[slot], w_smem.at[slot])
                         # one wgmma in flight: the previous step's is done reading its slot
                         plgpu.wgmma_wait(1)
                         pl.when(kk > 0)(
@@ -782,7 +789,7 @@ def pingpong_matmul(
 
                     lax.fori_loop(0, k_iters, step, 0)
                     plgpu.wgmma_wait(0)
-                    last = j * k_iters + k_iters - 1
+                    last = i * k_iters + k_iters - 1
                     plgpu.barrier_arrive(free.at[wg * S + lax.rem(last, S)])
                     plgpu.barrier_arrive(turn.at[1 - wg])  # its K loop may start
                     acc = acc_ref[...]

@@ -49,8 +49,10 @@ class TileConfig:
     epilogue_subtile: int = 1
     # Persistent (triton_tma) kernels: programs of the grid per SM. 2 lets one program's epilogue
     # run while the other's loads and stores are in flight (short-K, store-bound GEMMs); the
-    # portable kernels, one tile a program, have no use for it, and Mosaic GPU runs one block per
-    # SM. fused_small's grid is its own SmallConfig.programs_per_sm (default 2), not this field.
+    # portable kernels, one tile a program, have no use for it. Mosaic GPU runs one block per SM;
+    # there 2 (with warp_specialize) is the same idea inside the block: ping-pong, each compute
+    # warpgroup a tile of its own (jax_impl/mosaic/pipeline.py). fused_small's grid is its own
+    # SmallConfig.programs_per_sm (default 2), not this field.
     programs_per_sm: int = 1
 
     def __post_init__(self) -> None:

@@ -28,6 +28,9 @@ How TileConfig maps onto Mosaic GPU (the portable twins read the same fields as 
 |                  | False: one warpgroup issues the TMA copies and the wgmma                     |
 | epilogue_subtile | column slices of a compute warpgroup's output tile per epilogue tile         |
 |                  | (epi_n = warpgroup columns / epilogue_subtile; gated: a multiple of 64)     |
+| programs_per_sm  | 1; or 2 with warp_specialize: ping-pong — each compute warpgroup owns a     |
+|                  | whole block_m × block_n tile and the two take turns at the K loop, so one's  |
+|                  | epilogue runs under the other's K loop (`pingpong_matmul`)                   |
 | num_warps        | ignored: a Pallas thread is one warpgroup (4 warps)                          |
 
 A compute warpgroup's accumulator is at most 128×128 fp32 (128 of a thread's registers; the

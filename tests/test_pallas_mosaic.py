@@ -341,6 +341,12 @@ def test_sweep_grid_is_legal() -> None:
                     pipeline.check_config(
                         cfg, "bfloat16", residual=False, num_weights=2 if g.family == "gated" else 1
                     )
+        # --pingpong's grid: ping-pong tiles only, each within the shared memory the model counts
+        for cfg in sweep_mosaic.pingpong_grid(g.family):
+            tiles = pipeline.check_config(
+                cfg, "bfloat16", residual=False, num_weights=2 if g.family == "gated" else 1
+            )
+            assert tiles.pingpong and tiles.wg_m * tiles.wg_op_n <= pipeline.MAX_ACC_ELEMS
 
 
 def test_sweep_narrow_grid_lowers(capsys) -> None:

@@ -270,6 +270,10 @@ def test_float32_not_implemented_names_fallback() -> None:
             r"config.programs_per_sm: expected 1, or 2 .* got 3",
         ),
         (
+            lambda x, w, wv: linear_act(x, w, config=_ws(128, 64, 1, pingpong=True)),
+            "config.num_stages: ping-pong needs at least 2 pipeline slots, got 1",
+        ),
+        (
             lambda x, w, wv: gated(x, wv, n=32, config=_ws(128, 128, 2, pingpong=True)),
             "a compute warpgroup's fp32 accumulator would be 128 × 256",
         ),

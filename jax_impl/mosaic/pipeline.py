@@ -284,6 +284,12 @@ def plan_tiles(config: TileConfig, family: str) -> Tiles:
             f"compute warpgroup a tile of its own) for {IMPL}, got {config.programs_per_sm} "
             f"(warp_specialize={config.warp_specialize})"
         )
+    if pingpong and config.num_stages < 2:
+        # a K step's slot is released once the NEXT step's wgmma is issued (one in flight), and
+        # that step's slab needs a free slot: with one slot the two would wait on each other
+        raise ValueError(
+            f"config.num_stages: ping-pong needs at least 2 pipeline slots, got {config.num_stages}"
+        )
     if pingpong:
         split_n, wg_m, wg_op_n = False, bm, op_n
     elif config.warp_specialize:

@@ -13,8 +13,8 @@ packed [W|V] operand) it times, in priority order and within a time budget:
 
 `--pingpong` times, for every GEMM at M=8192, the committed tuned config (or the heuristic)
 against the ping-pong configs (`pingpong_grid`: programs_per_sm=2 — each compute warpgroup a tile
-and a ring of its own, the two taking turns at the K loop, so one's epilogue overlaps the other's
-K loop; `pipeline.pingpong_matmul`), XLA beside them, then the whole MLPs with each layer's best.
+of its own, the two taking turns at the K loop, so one's epilogue overlaps the other's K loop;
+`pipeline.pingpong_matmul`), XLA beside them, then the whole MLPs with each layer's best.
 
 `--narrow` sweeps instead the first product of a low-rank layer, t = x·U (linear_act, identity, no
 bias, K = 4096, N = r = 64 / 128 / 256, M = 512 and 8192, bf16): XLA's `x @ u` and a grid of tiles

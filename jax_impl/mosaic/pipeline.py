@@ -468,6 +468,19 @@ def row_vector(ref: Any, rows: int, *, interpret: bool) -> jax.Array:
     return lax.broadcast_in_dim(v, (rows, v.shape[0]), (1,))
 
 
+def smem_transforms(t: Tiles, k: int, w_cols: int, n_out: int, dtype: Any) -> tuple[Any, Any]:
+    """The shared-memory transforms of the (X, W) slabs and of the output staging tiles.
+
+    wgmma wants A and B with one swizzle, of at least 32 bytes; a TMA box into a swizzled tile
+    needs the array's minor dimension to be a multiple of the swizzle's width (Mosaic GPU:
+    "dimension 1 must have size smaller or a multiple of its tiling"). So the slabs' swizzle is
+    the largest that divides the K slab, K, the weight tile and the weight's width: 128 bytes for
+    every model width (multiples of 64), 32 at least (unsupported_reason); the staging tile's,
+    the largest that divides its width and N."""
+    slabs = mma_transforms(math.gcd(t.block_k, k, t.op_n, w_cols), dtype)
+    return slabs, mma_transforms(math.gcd(t.epi_n, n_out), dtype)
+
+
 # The family's "3. compute" for one epilogue tile: (acc, bias_ref or None, rows, en, o_slot) ->
 # None, writing the tile (cast to the output dtype) into the shared-memory slot o_slot. For
 # linear_act with a residual, o_slot already holds the residual tile when it is called.
@@ -497,12 +510,7 @@ def persistent_matmul(
     ws = t.warp_specialize
     slots = t.out_slots
 
-    # wgmma wants A and B with one swizzle, of at least 32 bytes; a TMA box into a swizzled tile
-    # needs the array's minor dimension to be a multiple of the swizzle's width (Mosaic GPU:
-    # "dimension 1 must have size smaller or a multiple of its tiling"). So the swizzle is the
-    # largest that divides the K slab, K, the weight tile and the weight's width: 128 bytes for
-    # every model width (multiples of 64), 32 at least (unsupported_reason).
-    transforms = mma_transforms(math.gcd(t.block_k, k, t.op_n, w_gmem.shape[1]), dtype)
+    transforms, out_transforms = smem_transforms(t, k, w_gmem.shape[1], n_out, dtype)
     in_specs = [
         plgpu.BlockSpec(
             (t.block_m, t.block_k),
@@ -557,8 +565,6 @@ def persistent_matmul(
             max_concurrent_steps=t.num_stages,
         )
 
-    # The output staging tile: the largest swizzle that divides its width and N (TMA, as above).
-    out_transforms = mma_transforms(math.gcd(t.epi_n, n_out), dtype)
     ignore = lambda *_, **__: None  # noqa: E731  (the allocations do not depend on the bodies)
     allocations = dict(
         pipeline_allocs=ws_pipeline(ignore).get_allocations(x_gmem, w_gmem) if ws else None,
@@ -691,8 +697,7 @@ def pingpong_matmul(
     m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_out, t.out_n), cdiv(k, t.block_k)
     num_tiles = m_iters * n_iters
     S, WGS = t.num_stages, COMPUTE_WARPGROUPS
-    transforms = mma_transforms(math.gcd(t.block_k, k, t.op_n, w_gmem.shape[1]), dtype)
-    out_transforms = mma_transforms(math.gcd(t.epi_n, n_out), dtype)
+    transforms, out_transforms = smem_transforms(t, k, w_gmem.shape[1], n_out, dtype)
     slots = t.out_slots
     allocations = dict(
         x_smem=plgpu.SMEM((S, t.block_m, t.block_k), dtype, transforms=transforms),

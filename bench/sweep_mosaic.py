@@ -16,6 +16,10 @@ against the ping-pong configs (`pingpong_grid`: programs_per_sm=2 — each compu
 of its own, the two taking turns at the K loop, so one's epilogue overlaps the other's K loop;
 `pipeline.pingpong_matmul`), XLA beside them, then the whole MLPs with each layer's best.
 
+`--short-k` sweeps the second product of a low-rank layer, act(t·V + b) (linear_act, silu, bias,
+N = 14336, K = r = 64 / 128 / 256, M = 8192): XLA, the config `default_config` takes, and the
+ping-pong grid — a tile's K loop is 1-4 slabs, so its epilogue and stores are most of its time.
+
 `--narrow` sweeps instead the first product of a low-rank layer, t = x·U (linear_act, identity, no
 bias, K = 4096, N = r = 64 / 128 / 256, M = 512 and 8192, bf16): XLA's `x @ u` and a grid of tiles
 for a narrow output over a long K (read-bound: M·K·2 bytes of x): the current default, 64-row
@@ -33,6 +37,7 @@ Usage on the GPU (after `python3 -m pip install --no-deps --no-build-isolation -
     python3 bench/sweep_mosaic.py OUT.json --tuned-out TUNED.json [--budget-s 150] [--full]
     python3 bench/sweep_mosaic.py OUT.json --narrow --tuned-out TUNED.json      (x·U, ~100 s)
     python3 bench/sweep_mosaic.py OUT.json --pingpong --tuned-out TUNED.json    (~150 s)
+    python3 bench/sweep_mosaic.py OUT.json --short-k --tuned-out TUNED.json     (t·V, ~90 s)
 TUNED.json has the format of jax_impl/mosaic/tuned_h200.json (copy it there to make
 `default_config` use the measured tiles; the narrow mode's holds only x·U entries: merge its
 `configs` lists into the committed file instead). On a CPU: `--dry-run` lowers every planned
@@ -228,6 +233,13 @@ NARROW_MS = (512, 8192)
 NARROW_HEAD = 4  # configs per (N, M) in the first pass: the default and the 3 best-ranked
 NARROW_GEMMS = {
     f"xU.r{r}": Gemm(f"xU.r{r}", "linear_act", r, NARROW_K, "identity", False) for r in NARROW_RANKS
+}
+# The second product of a low-rank layer, act(t·V + b): llama3-8b's up width over K = r (the
+# --short-k mode). 1-4 K slabs a tile: the epilogue (silu: two MUFU operations an element) and the
+# stores are most of a tile's time, which is what ping-pong overlaps with the other tile's K loop.
+SHORT_K_N = 14336
+SHORT_K_GEMMS = {
+    f"tV.r{r}": Gemm(f"tV.r{r}", "linear_act", SHORT_K_N, r, "silu", True) for r in NARROW_RANKS
 }
 
 
@@ -783,6 +795,21 @@ def dataclass_replace(g: Any, **kw: Any) -> Any:
     return dataclasses.replace(g, **kw)
 
 
+def sweep_short_k(sw: Sweep, m: int, interpret: bool) -> None:
+    """The short-K mode: t·V at every rank (M = 8192), XLA's silu(t @ v + b), the config
+    `default_config` takes now and the ping-pong grid."""
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    for g in SHORT_K_GEMMS.values():
+        if sw.smoke:
+            ws = pipeline.INTERPRET_CONFIG
+            ours = [ws, dataclass_replace(ws, programs_per_sm=2)]
+        else:
+            now = pipeline.default_config(g.family, m, g.n, g.k, "bfloat16")
+            ours = [now, *(c for c in pingpong_grid(g.family) if c != now)]
+        sweep_gemm(sw, g, m, ours=ours, examples=[], xla=True, interpret=interpret)
+
+
 def sweep_narrow(sw: Sweep, interpret: bool) -> None:
     """The narrow mode: x·U at every (N, M), XLA's `x @ u` and the first configs of each, then
     the rest of each grid. M = 512 before 8192 (JAX's two GEMMs lose to XLA at 512)."""
@@ -968,6 +995,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the tuned configs against the ping-pong ones at M=8192, then the whole MLPs",
     )
     ap.add_argument(
+        "--short-k",
+        action="store_true",
+        help="t·V of a low-rank layer instead (N = 14336, K = r = 64/128/256, M = 8192, silu)",
+    )
+    ap.add_argument(
         "--smoke",
         action="store_true",
         help="tiny shapes under the interpreter (CPU; checks the script, not speed)",
@@ -996,6 +1028,12 @@ def main(argv: list[str] | None = None) -> int:
         sweep_narrow(sw, interpret)
         return finish(sw, args)
     big = 128 if args.smoke else 8192
+    if args.short_k:
+        if sw.smoke:
+            for name, g in list(SHORT_K_GEMMS.items()):
+                SHORT_K_GEMMS[name] = dataclass_replace(g, n=128)
+        sweep_short_k(sw, big, interpret)
+        return finish(sw, args)
     if args.pingpong:
         sweep_pingpong(sw, big, interpret)
         return finish(sw, args)

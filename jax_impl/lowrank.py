@@ -145,20 +145,21 @@ def _lowrank_xu_partial_kernel(
 
 
 # ==== the panel's helpers: t from the partials, t rounded, one output tile ========================
-def _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K, CACHE):
+def _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K):
     """t = the sum of the SPLIT_K fp32 partials of row block pid_m in the fixed order s = 0..
     SPLIT_K-1 (deterministic; no mask: every row < MP, column < RP was written); gated: and tg.
-    CACHE ".cg" reads them from L2, past the SM's L1 (the one launch: written by other SMs)."""
+    In the one launch other programs wrote them: plain loads see those stores because they come
+    after the acquiring wait and a barrier (the PTX memory model's release-acquire order)."""
 
     def add(s, carry):
         t, tg = carry
         # 2. load: partial s of this row block, [BLOCK_M, BLOCK_R] fp32 (gated: and Ug's)
         rows = pl.ds(s * MP + pid_m * BLOCK_M, BLOCK_M)
-        part = plgpu.load(p_ref.at[rows, :], cache_modifier=CACHE)
+        part = p_ref[rows, :]
         # 3. compute: fp32 sum
         t = t + part
         if GATED:
-            part_g = plgpu.load(pg_ref.at[rows, :], cache_modifier=CACHE)
+            part_g = pg_ref[rows, :]
             tg = tg + part_g
         return t, tg
 
@@ -249,7 +250,7 @@ def _lowrank_linear_act_fwd_kernel(
         )  # fmt: skip
     else:
         # part A, two passes: t = the sum of launch 1's SPLIT_K fp32 partials
-        t, tg = _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K, None)
+        t, tg = _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K)
     t, tg = _round_t(t, tg, o_ref.dtype, GATED, INTERPRET)
 
     # part B: each tile of the panel, out = act(t·V + b) (gated: ⊙ (tg·Vg + c))
@@ -325,8 +326,8 @@ def _lowrank_one_launch_kernel(
         plgpu.atomic_add(sync_ref, stored, zero - UNITS)
         plgpu.atomic_add(sync_ref, done, zero - programs)
 
-    # t = the sum of the partials, as launch 2 of two passes (the same bits), from L2
-    t, tg = _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K, ".cg")
+    # t = the sum of the partials, as launch 2 of two passes (the same bits)
+    t, tg = _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K)
     t, tg = _round_t(t, tg, o_ref.dtype, GATED, INTERPRET)
     # part B: the tile, out = act(t·V + b) (gated: ⊙ (tg·Vg + c))
     _out_tile(

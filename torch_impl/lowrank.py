@@ -190,22 +190,22 @@ def _lowrank_xu_partial_kernel(
 def _sum_partials(
     p_ptr, pg_ptr, pid_m, ranks, MP, stride_pm, stride_pr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
-    CACHE: tl.constexpr,
 ):  # fmt: skip
     """t = the sum of the SPLIT_K fp32 partials of row block pid_m in the fixed order s = 0..
     SPLIT_K-1 (deterministic; no mask: every row < MP, column < RP was written); gated: and tg.
-    CACHE ".cg" reads them from L2, past the SM's L1 (the one launch: written by other SMs)."""
+    In the one launch other programs wrote them: plain loads see those stores because they come
+    after the acquiring wait and a barrier (the PTX memory model's release-acquire order)."""
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     tg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     p_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for s in range(0, SPLIT_K):
         # 2. load: partial s of this row block, [BLOCK_M, BLOCK_R] fp32 (gated: and Ug's)
         p_offs = (s * MP + p_rows).to(tl.int64)[:, None] * stride_pm + ranks[None, :] * stride_pr
-        part = tl.load(p_ptr + p_offs, cache_modifier=CACHE)
+        part = tl.load(p_ptr + p_offs)
         # 3. compute: fp32 sum
         t = t + part
         if GATED:
-            part_g = tl.load(pg_ptr + p_offs, cache_modifier=CACHE)
+            part_g = tl.load(pg_ptr + p_offs)
             tg = tg + part_g
     return t, tg
 
@@ -303,7 +303,7 @@ def _lowrank_linear_act_fwd_kernel(
         # part A, two passes: t = the sum of launch 1's SPLIT_K fp32 partials
         t, tg = _sum_partials(
             p_ptr, pg_ptr, pid_m, ranks, MP, stride_pm, stride_pr,
-            GATED, BLOCK_M, BLOCK_R, SPLIT_K, "",
+            GATED, BLOCK_M, BLOCK_R, SPLIT_K,
         )  # fmt: skip
     t, tg = _round_t(t, tg, o_ptr.dtype.element_ty, GATED, INTERPRET)
 
@@ -370,10 +370,10 @@ def _lowrank_one_launch_kernel(
         tl.atomic_add(sync_ptr, -(UNITS + programs), sem="relaxed", scope="gpu")
         tl.atomic_add(sync_ptr + 1, -UNITS, sem="relaxed", scope="gpu")
         tl.atomic_add(sync_ptr + 2, -programs, sem="relaxed", scope="gpu")
-    # t = the sum of the partials, as launch 2 of two passes (the same bits), from L2
+    # t = the sum of the partials, as launch 2 of two passes (the same bits)
     t, tg = _sum_partials(
         p_ptr, pg_ptr, pid_m, ranks, MP, stride_pm, stride_pr,
-        GATED, BLOCK_M, BLOCK_R, SPLIT_K, ".cg",
+        GATED, BLOCK_M, BLOCK_R, SPLIT_K,
     )  # fmt: skip
     t, tg = _round_t(t, tg, o_ptr.dtype.element_ty, GATED, INTERPRET)
     # part B: the tile, out = act(t·V + b) (gated: ⊙ (tg·Vg + c))

@@ -10,10 +10,6 @@ and 8192. Torch rows (this process), per (r, M):
   lowrank_linear_act with the heuristic's config (launch 1: fp32 partials of x·U, K split S ways;
   launch 2: the fixed-order sum, t rounded once, t·V + b, silu); `one-pass`, the previous
   heuristic (one program per output tile, t recomputed by each, all of U re-read);
-- M ≤ 64 also `one-launch`: the two passes' work in one grid (LowRankConfig.one_launch: each
-  program requests its V tile, claims x·U's units from a counter, waits until all are stored,
-  sums them as launch 2 does: the same bits) at the heuristic's S, and at S = 16 / 4 and 32-wide
-  rank units;
 - M > 64: `2gemm:triton_tma` and `2gemm:triton`, what the front runs there unless x·U is split
   (common/lowrank_spec.layer_run): t = linear_act(x, U) stored in the dtype, then linear_act(t, V,
   b, silu) — the Hopper TMA kernels and the portable ones; `fused`, the fused kernel's heuristic for
@@ -78,7 +74,7 @@ DEVICE_CALLS = 30
 # Past this share of --budget-s, only the essential rows are still timed (the JAX subprocess gets
 # what is left): the whole call stays inside the lead's 3 minutes.
 TORCH_SHARE = 0.6
-ESSENTIAL = ("eager", "two-pass", "one-launch", "fused", "2gemm:triton_tma")
+ESSENTIAL = ("eager", "two-pass", "fused", "2gemm:triton_tma")
 
 
 def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str, Any]]:
@@ -91,13 +87,8 @@ def configs(m: int, r: int, quick: bool, gated: bool = False) -> list[tuple[str,
     if gated:
         return [("gated:fused", base)]
     out: list[tuple[str, Any]] = []
-    if m <= 64:  # decode: the fused kernel's two passes, and their work in one launch
+    if m <= 64:  # decode: the fused kernel's two passes
         out.append(("two-pass", base))
-        one = rep(base, one_launch=True)
-        out.append(("one-launch", one))
-        out.append(("one-launch:S=16", rep(one, split_k=16)))
-        out.append(("one-launch:S=4", rep(one, split_k=4)))
-        out.append(("one-launch:sbr=32", rep(one, split_block_r=32)))
         stages = 2 if r >= 256 else 3
         # the previous heuristic: one program per output tile, t recomputed by each
         out.append(("one-pass", rep(base, split_k=0, num_stages=stages)))

@@ -10,11 +10,7 @@ llama3-8b's layer (K = 4096 -> N = 14336), bf16, silu, r = 64 / 128 / 256, M = 1
 - `pallas:S=…`: the fused kernel at the other x·U split (4, or 1 where the heuristic takes 4);
 - at M > 64, what the front runs there unless x·U is split (common/lowrank_spec.layer_run): two
   GEMMs, t stored in the dtype — `2gemm:mosaic` (Mosaic GPU linear_act: the front's choice on a
-  Hopper GPU) and `2gemm:pallas` (the portable Pallas-Triton linear_act);
-- at M ≤ 64, `pallas:one` (and `pallas:one:S=16`): the two passes' work in one launch
-  (LowRankConfig.one_launch), its three counters zeroed by a memset each call.
-Device times count memcpy and memset activity (`count_copies`), for every row: the one launch's
-memset is part of its cost.
+  Hopper GPU) and `2gemm:pallas` (the portable Pallas-Triton linear_act).
 Parity: each against XLA in float32 with t = x·U rounded to bf16 (the kernel's rounding point),
 relative Frobenius error < 1e-2, before timing.
 Times, as bench/backward_probe_jax.py times JAX: `loop_us`, the wall clock of back-to-back calls
@@ -105,16 +101,6 @@ def probe(budget_s: float, smoke: bool = False) -> dict[str, Any]:
                 return lowrank_linear_act(x, u, v, b, activation="silu", config=cfg)
 
             variants = [("xla", xla, None), ("pallas", fused, cfg)]
-            if cfg.two_pass and m <= 64:  # the two passes' work in one launch
-                for label, one in (
-                    ("pallas:one", dataclasses.replace(cfg, one_launch=True)),
-                    ("pallas:one:S=16", dataclasses.replace(cfg, one_launch=True, split_k=16)),
-                ):
-
-                    def fused_one(x, u, v, b, cfg=one):
-                        return lowrank_linear_act(x, u, v, b, activation="silu", config=cfg)
-
-                    variants.append((label, fused_one, one))
             if 64 < m <= 4096 and cfg.two_pass:  # the x·U split the other side of the rule
                 other = dataclasses.replace(cfg, split_k=4 if cfg.split_k != 4 else 1)
 
@@ -162,8 +148,7 @@ def probe(budget_s: float, smoke: bool = False) -> dict[str, Any]:
                         def call(i, jitted=jitted, sets=sets):
                             return jitted(*sets[i % SETS])
 
-                        # memsets counted: the one launch's counters are a memset a call
-                        dev = time_device("jax", call, 30, jax.block_until_ready, count_copies=True)
+                        dev = time_device("jax", call, 30, jax.block_until_ready)
                         row["device_us"] = dev.device.median * 1e6
                         row["span_us"] = dev.span.median * 1e6
                         row["kernels_per_call"] = dev.to_row().get("kernels_per_call")
@@ -188,7 +173,7 @@ def table(doc: dict[str, Any]) -> str:
         return f"\nlowrank probe (jax): {doc.get('error', 'no rows')}"
     lines = [
         f"\nlowrank probe (jax {doc.get('jax_version')}): {doc.get('seconds')} s",
-        f"{'r':>4} {'M':>5} {'variant':<16} {'device_us':>9} {'span_us':>8} {'loop_us':>8} "
+        f"{'r':>4} {'M':>5} {'variant':<12} {'device_us':>9} {'span_us':>8} {'loop_us':>8} "
         f"{'vs xla':>7}  note",
     ]
     cases = sorted({(g["r"], g["m"]) for g in doc["rows"]})
@@ -203,7 +188,7 @@ def table(doc: dict[str, Any]) -> str:
             speed = f"{ref / mine:7.2f}" if ref and mine else f"{'-':>7}"
             note = g.get("error") or g.get("device_error") or ""
             lines.append(
-                f"{r:>4} {m:>5} {name:<16} "
+                f"{r:>4} {m:>5} {name:<12} "
                 + (f"{dev:9.1f}" if dev else f"{'-':>9}")
                 + (f" {span:8.1f}" if span else f" {'-':>8}")
                 + (f" {loop:8.1f}" if loop else f" {'-':>8}")

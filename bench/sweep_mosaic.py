@@ -17,8 +17,9 @@ of its own, the two taking turns at the K loop, so one's epilogue overlaps the o
 `pipeline.pingpong_matmul`), XLA beside them, then the whole MLPs with each layer's best.
 
 `--short-k` sweeps the second product of a low-rank layer, act(t·V + b) (linear_act, silu, bias,
-N = 14336, K = r = 64 / 128 / 256, M = 8192): XLA, the config `default_config` takes, and the
-ping-pong grid — a tile's K loop is 1-4 slabs, so its epilogue and stores are most of its time.
+N = 14336, K = r = 64 / 128 / 256, M = 8192 and 512): XLA, the config `default_config` takes, the
+heuristic's and the ping-pong grid — a tile's K loop is 1-4 slabs, so its epilogue and stores are
+most of its time.
 
 `--narrow` sweeps instead the first product of a low-rank layer, t = x·U (linear_act, identity, no
 bias, K = 4096, N = r = 64 / 128 / 256, M = 512 and 8192, bf16): XLA's `x @ u` and a grid of tiles
@@ -37,7 +38,7 @@ Usage on the GPU (after `python3 -m pip install --no-deps --no-build-isolation -
     python3 bench/sweep_mosaic.py OUT.json --tuned-out TUNED.json [--budget-s 150] [--full]
     python3 bench/sweep_mosaic.py OUT.json --narrow --tuned-out TUNED.json      (x·U, ~100 s)
     python3 bench/sweep_mosaic.py OUT.json --pingpong --tuned-out TUNED.json    (~150 s)
-    python3 bench/sweep_mosaic.py OUT.json --short-k --tuned-out TUNED.json     (t·V, ~90 s)
+    python3 bench/sweep_mosaic.py OUT.json --short-k --tuned-out TUNED.json     (t·V, ~110 s)
 TUNED.json has the format of jax_impl/mosaic/tuned_h200.json (copy it there to make
 `default_config` use the measured tiles; the narrow mode's holds only x·U entries: merge its
 `configs` lists into the committed file instead). On a CPU: `--dry-run` lowers every planned
@@ -238,6 +239,7 @@ NARROW_GEMMS = {
 # --short-k mode). 1-4 K slabs a tile: the epilogue (silu: two MUFU operations an element) and the
 # stores are most of a tile's time, which is what ping-pong overlaps with the other tile's K loop.
 SHORT_K_N = 14336
+SHORT_K_MS = (8192, 512)
 SHORT_K_GEMMS = {
     f"tV.r{r}": Gemm(f"tV.r{r}", "linear_act", SHORT_K_N, r, "silu", True) for r in NARROW_RANKS
 }
@@ -795,19 +797,22 @@ def dataclass_replace(g: Any, **kw: Any) -> Any:
     return dataclasses.replace(g, **kw)
 
 
-def sweep_short_k(sw: Sweep, m: int, interpret: bool) -> None:
-    """The short-K mode: t·V at every rank (M = 8192), XLA's silu(t @ v + b), the config
-    `default_config` takes now and the ping-pong grid."""
+def sweep_short_k(sw: Sweep, interpret: bool) -> None:
+    """The short-K mode: t·V at every rank and M (8192 first), XLA's silu(t @ v + b), the config
+    `default_config` takes now, the heuristic's (where a tuned entry replaced it) and the
+    ping-pong grid."""
     from fusedmlp.jax_impl.mosaic import pipeline
 
-    for g in SHORT_K_GEMMS.values():
-        if sw.smoke:
-            ws = pipeline.INTERPRET_CONFIG
-            ours = [ws, dataclass_replace(ws, programs_per_sm=2)]
-        else:
-            now = pipeline.default_config(g.family, m, g.n, g.k, "bfloat16")
-            ours = [now, *(c for c in pingpong_grid(g.family) if c != now)]
-        sweep_gemm(sw, g, m, ours=ours, examples=[], xla=True, interpret=interpret)
+    for m in (128,) if sw.smoke else SHORT_K_MS:
+        for g in SHORT_K_GEMMS.values():
+            if sw.smoke:
+                ws = pipeline.INTERPRET_CONFIG
+                ours = [ws, dataclass_replace(ws, programs_per_sm=2)]
+            else:
+                now = pipeline.default_config(g.family, m, g.n, g.k, "bfloat16")
+                heuristic = pipeline._heuristic(g.family, m, g.n)
+                ours = list(dict.fromkeys([now, heuristic, *pingpong_grid(g.family)]))
+            sweep_gemm(sw, g, m, ours=ours, examples=[], xla=True, interpret=interpret)
 
 
 def sweep_narrow(sw: Sweep, interpret: bool) -> None:
@@ -997,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--short-k",
         action="store_true",
-        help="t·V of a low-rank layer instead (N = 14336, K = r = 64/128/256, M = 8192, silu)",
+        help="t·V of a low-rank layer instead (N = 14336, K = r = 64/128/256, M = 8192/512)",
     )
     ap.add_argument(
         "--smoke",
@@ -1032,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
         if sw.smoke:
             for name, g in list(SHORT_K_GEMMS.items()):
                 SHORT_K_GEMMS[name] = dataclass_replace(g, n=128)
-        sweep_short_k(sw, big, interpret)
+        sweep_short_k(sw, interpret)
         return finish(sw, args)
     if args.pingpong:
         sweep_pingpong(sw, big, interpret)

@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -435,13 +435,7 @@ class LowRankConfig:
     launch 2 is the panel kernel with part A replaced by the sum of the S partials in the fixed
     order s = 0..S-1 (deterministic, no atomics), rounded once to the dtype (the same rounding
     point), then part B as in one pass. The rank's block is not a field: it follows from r
-    (`block_r`).
-
-    One launch (`one_launch`, with split_k ≥ 1 and n_tiles = 1): the two passes' work in one
-    grid of a program per output tile. Each program requests its V tile first, then claims
-    launch 1's units of x·U from a counter until none is left, waits until every unit is
-    stored, and sums the partials in the same order: the two passes' bits, without the second
-    launch's start and with V's loads under x·U."""
+    (`block_r`)."""
 
     block_m: int = 64
     block_n: int = 128
@@ -452,7 +446,6 @@ class LowRankConfig:
     num_stages: int = 3
     split_k: int = 0
     split_block_r: int = 16
-    one_launch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "split_block_r"):
@@ -469,13 +462,6 @@ class LowRankConfig:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SPLIT_K:
             raise ValueError(
                 f"split_k: expected an int in [0, {MAX_SPLIT_K}] (0: one pass), got {value!r}"
-            )
-        if not isinstance(self.one_launch, bool):
-            raise TypeError(f"one_launch: expected a bool, got {self.one_launch!r}")
-        if self.one_launch and (self.split_k == 0 or self.n_tiles != 1):
-            raise ValueError(
-                "one_launch: needs split_k >= 1 (x·U in units) and n_tiles == 1 (a program per "
-                f"output tile), got split_k={self.split_k}, n_tiles={self.n_tiles}"
             )
 
     @property
@@ -500,9 +486,6 @@ INTERPRET_TWO_PASS_CONFIG = LowRankConfig(
     block_m=16, block_n=32, block_k=16, n_tiles=2, group_m=2, num_warps=4, num_stages=1,
     split_k=3, split_block_r=32,
 )  # fmt: skip
-
-# The one launch under an interpreter: the two-pass tiles, one output tile a program.
-INTERPRET_ONE_LAUNCH_CONFIG = replace(INTERPRET_TWO_PASS_CONFIG, n_tiles=1, one_launch=True)
 
 # The two-pass path below this many rows (decode). Why M ≤ 64, llama3-8b's layer (K = 4096,
 # N = 14336), BLOCK_N = 128, bf16: one pass there has a single row block, so its grid is 112

@@ -61,16 +61,14 @@ from .linear_act import _grouped_tile, _precision
 
 # ==== part A: t = x·U over a range of K steps (both paths) ========================================
 def _xu(
-    x_ref, u_ref, ug_ref, row0, rank0, mask_m, mask_r, k_first, k_steps, K,
+    x_ref, u_ref, ug_ref, mask_m, mask_r, k_first, k_steps, K,
     GATED, PRECISION, INTERPRET,
     BLOCK_M, BLOCK_K, BLOCK_R,
 ):  # fmt: skip
     """fp32 Σ over K steps k_first..k_first+k_steps-1 of x[rows, k]·U[k, ranks], masked on M (or
     r) and on K's ragged tail (zeros outside). Gated: the same for Ug, from the same x tile;
     returns (t, tg) (tg zeros when not gated)."""
-    # twin-diff: rows and ranks are offsets into the refs (BLOCK_M rows from row0, BLOCK_R
-    # columns from rank0; 0 in a BlockSpec's block), each load one index of both axes.
-    rows, ranks = pl.ds(row0, BLOCK_M), pl.ds(rank0, BLOCK_R)
+    # twin-diff: the refs are this program's row panel of x and rank columns of U (BlockSpecs).
 
     def body(k, carry):
         t, tg = carry
@@ -78,16 +76,19 @@ def _xu(
         offs_k = k * BLOCK_K + jnp.arange(BLOCK_K)
         mask_k = offs_k < K
         mask_kr = mask_k[:, None] & mask_r[None, :]
-        ks = pl.ds(k * BLOCK_K, BLOCK_K)
-        x = plgpu.load(x_ref.at[rows, ks], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        u = plgpu.load(u_ref.at[ks, ranks], mask=mask_kr, other=0.0)
+        x = plgpu.load(
+            x_ref.at[:, pl.ds(k * BLOCK_K, BLOCK_K)],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        u = plgpu.load(u_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :], mask=mask_kr, other=0.0)
         if INTERPRET:  # interpreter only: keeps the twin's arithmetic (see module docstring)
             x = x.astype(jnp.float32)
             u = u.astype(jnp.float32)
         # 3. compute: fp32 accumulate
         t = t + jax.lax.dot(x, u, precision=PRECISION, preferred_element_type=jnp.float32)
         if GATED:  # one x tile feeds both products
-            ug = plgpu.load(ug_ref.at[ks, ranks], mask=mask_kr, other=0.0)
+            ug = plgpu.load(ug_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :], mask=mask_kr, other=0.0)
             if INTERPRET:
                 ug = ug.astype(jnp.float32)
             tg = tg + jax.lax.dot(x, ug, precision=PRECISION, preferred_element_type=jnp.float32)
@@ -100,128 +101,33 @@ def _xu(
 
 
 # ==== two passes, launch 1: fp32 partials of t = x·U, K split S ways ==============================
-def _xu_unit(
-    unit, x_ref, u_ref, ug_ref, p_ref, pg_ref,
-    M, K, R, MP, R_TILES, SPLIT_STEPS,
-    GATED, PRECISION, INTERPRET,
-    BLOCK_M, BLOCK_K, SPLIT_BLOCK_R,
-):  # fmt: skip
-    """One unit of x·U: the fp32 partial of t (gated: and of x·Ug) over one (K split, row block,
-    rank tile), stored in the workspace. Launch 1 runs a unit a program; the one launch's
-    programs claim them (`_lowrank_one_launch_kernel`)."""
-    # twin-diff: the refs are whole arrays (no BlockSpecs), as the one launch's are.
-    # 1. program -> tile: (K split s, row block, rank tile), rank tiles fastest (they share x)
-    m_tiles = MP // BLOCK_M
-    pid_r = unit % R_TILES
-    pid_m = (unit // R_TILES) % m_tiles
-    s = unit // (R_TILES * m_tiles)
-    offs_m = pid_m * BLOCK_M + jnp.arange(BLOCK_M)
-    offs_r = pid_r * SPLIT_BLOCK_R + jnp.arange(SPLIT_BLOCK_R)
-    # 2. load / 3. compute: this split's SPLIT_STEPS K steps (past K: none, the partial is zeros)
-    part, part_g = _xu(
-        x_ref, u_ref, ug_ref, pid_m * BLOCK_M, pid_r * SPLIT_BLOCK_R, offs_m < M, offs_r < R,
-        s * SPLIT_STEPS, SPLIT_STEPS, K,
-        GATED, PRECISION, INTERPRET, BLOCK_M, BLOCK_K, SPLIT_BLOCK_R,
-    )  # fmt: skip
-    # 4. store: fp32, unmasked (the workspace is [S·MP, RP], MP = M_TILES·BLOCK_M, RP =
-    # BLOCK_R: rows past M and columns past R hold zeros, so the sum reads it without masks;
-    # gated: Ug's partials in a second workspace of the same shape)
-    tile = (pl.ds(s * MP + pid_m * BLOCK_M, BLOCK_M), pl.ds(pid_r * SPLIT_BLOCK_R, SPLIT_BLOCK_R))
-    plgpu.store(p_ref.at[tile], part)
-    if GATED:
-        plgpu.store(pg_ref.at[tile], part_g)
-
-
 def _lowrank_xu_partial_kernel(
     x_ref, u_ref, ug_ref, p_ref, pg_ref,
     *, M, K, R, MP, R_TILES, SPLIT_STEPS,
     GATED, PRECISION, INTERPRET,
     BLOCK_M, BLOCK_K, SPLIT_BLOCK_R,
 ):  # fmt: skip
-    _xu_unit(
-        pl.program_id(0), x_ref, u_ref, ug_ref, p_ref, pg_ref, M, K, R, MP, R_TILES, SPLIT_STEPS,
+    # 1. program -> tile: (K split s, row block, rank tile), rank tiles fastest (they share x)
+    pid = pl.program_id(0)
+    m_tiles = MP // BLOCK_M
+    pid_r = pid % R_TILES
+    pid_m = (pid // R_TILES) % m_tiles
+    s = pid // (R_TILES * m_tiles)
+    offs_m = pid_m * BLOCK_M + jnp.arange(BLOCK_M)
+    offs_r = pid_r * SPLIT_BLOCK_R + jnp.arange(SPLIT_BLOCK_R)
+    # 2. load / 3. compute: this split's SPLIT_STEPS K steps (past K: none, the partial is zeros)
+    part, part_g = _xu(
+        x_ref, u_ref, ug_ref, offs_m < M, offs_r < R, s * SPLIT_STEPS, SPLIT_STEPS, K,
         GATED, PRECISION, INTERPRET, BLOCK_M, BLOCK_K, SPLIT_BLOCK_R,
     )  # fmt: skip
-
-
-# ==== the panel's helpers: t from the partials, t rounded, one output tile ========================
-def _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K):
-    """t = the sum of the SPLIT_K fp32 partials of row block pid_m in the fixed order s = 0..
-    SPLIT_K-1 (deterministic; no mask: every row < MP, column < RP was written); gated: and tg.
-    In the one launch other programs wrote them: plain loads see those stores because they come
-    after the acquiring wait and a barrier (the PTX memory model's release-acquire order)."""
-
-    def add(s, carry):
-        t, tg = carry
-        # 2. load: partial s of this row block, [BLOCK_M, BLOCK_R] fp32 (gated: and Ug's)
-        rows = pl.ds(s * MP + pid_m * BLOCK_M, BLOCK_M)
-        part = p_ref[rows, :]
-        # 3. compute: fp32 sum
-        t = t + part
-        if GATED:
-            part_g = pg_ref[rows, :]
-            tg = tg + part_g
-        return t, tg
-
-    t = jnp.zeros((BLOCK_M, BLOCK_R), dtype=jnp.float32)
-    tg = jnp.zeros((BLOCK_M, BLOCK_R), dtype=jnp.float32) if GATED else None
-    return jax.lax.fori_loop(0, SPLIT_K, add, (t, tg))
-
-
-def _round_t(t, tg, out_ty, GATED, INTERPRET):
-    """t (and tg) rounded once to the dtype: the second products' operands."""
-    t = round_to_dtype(t, out_ty, INTERPRET)
-    if INTERPRET:  # the rounded t feeds a dot: upcast again, as after a load
-        t = t.astype(jnp.float32)
+    # 4. store: fp32, unmasked (the workspace is [S·MP, RP], MP = M_TILES·BLOCK_M, RP =
+    # BLOCK_R: rows past M and columns past R hold zeros, so launch 2 reads it without masks;
+    # gated: Ug's partials in a second workspace of the same shape)
+    # twin-diff: the output BlockSpecs place the [BLOCK_M, SPLIT_BLOCK_R] tile at
+    # (s·m_tiles + pid_m, pid_r).
+    p_ref[...] = part
     if GATED:
-        tg = round_to_dtype(tg, out_ty, INTERPRET)
-        if INTERPRET:
-            tg = tg.astype(jnp.float32)
-    return t, tg
-
-
-def _out_tile(
-    t, tg, v, vg, col0, mask_n, mask_m, row0, b_ref, c_ref, o_ref,
-    ACTIVATION, GATED, PRECISION, INTERPRET,
-):  # fmt: skip
-    """One output tile from the loaded V (and Vg) tiles: act(t·V + b) (gated: ⊙ (tg·Vg + c))."""
-    # twin-diff: the tile is [row0, row0 + BLOCK_M) × [col0, col0 + BLOCK_N) of o_ref (the
-    # output's block or all of it); HAS_BIAS is b_ref's presence.
-    cols = pl.ds(col0, mask_n.shape[0])
-    # 3. compute: one dot over the padded rank, then the epilogue, all in fp32
-    acc = jax.lax.dot(t, v, precision=PRECISION, preferred_element_type=jnp.float32)
-    if b_ref is not None:
-        b = plgpu.load(b_ref.at[cols], mask=mask_n, other=0.0)
-        acc = acc + b.astype(jnp.float32)[None, :]
-    acc = apply_activation(acc, ACTIVATION)
-    if GATED:
-        # 3. compute: the linear branch and the product, in fp32
-        g = jax.lax.dot(tg, vg, precision=PRECISION, preferred_element_type=jnp.float32)
-        if c_ref is not None:
-            c = plgpu.load(c_ref.at[cols], mask=mask_n, other=0.0)
-            g = g + c.astype(jnp.float32)[None, :]
-        acc = acc * g
-    # 4. store: one rounding to the output dtype
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    tile = o_ref.at[pl.ds(row0, mask_m.shape[0]), cols]
-    plgpu.store(tile, round_to_dtype(acc, o_ref.dtype, INTERPRET), mask=mask_mn)
-
-
-def _v_tiles(v_ref, vg_ref, col0, mask_r, mask_n, GATED, INTERPRET):
-    """V's [BLOCK_R, BLOCK_N] tile (gated: and Vg's), rows past r and columns past N zero."""
-    # twin-diff: the tile's columns start at col0 of v_ref (V's panel or all of V).
-    # 2. load
-    tile = (pl.ds(0, mask_r.shape[0]), pl.ds(col0, mask_n.shape[0]))
-    mask_rn = mask_r[:, None] & mask_n[None, :]
-    v = plgpu.load(v_ref.at[tile], mask=mask_rn, other=0.0)
-    vg = v
-    if INTERPRET:
-        v = v.astype(jnp.float32)
-    if GATED:
-        vg = plgpu.load(vg_ref.at[tile], mask=mask_rn, other=0.0)
-        if INTERPRET:
-            vg = vg.astype(jnp.float32)
-    return v, vg
+        pg_ref[...] = part_g
 
 
 # ==== forward kernel ==============================================================================
@@ -245,95 +151,69 @@ def _lowrank_linear_act_fwd_kernel(
     # part A, one pass: t = x·U (gated: and tg = x·Ug) over all of K, the rank padded to BLOCK_R
     if SPLIT_K == 0:
         t, tg = _xu(
-            x_ref, u_ref, ug_ref, 0, 0, mask_m, mask_r, 0, pl.cdiv(K, BLOCK_K), K,
+            x_ref, u_ref, ug_ref, mask_m, mask_r, 0, pl.cdiv(K, BLOCK_K), K,
             GATED, PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R,
         )  # fmt: skip
     else:
-        # part A, two passes: t = the sum of launch 1's SPLIT_K fp32 partials
-        t, tg = _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K)
-    t, tg = _round_t(t, tg, o_ref.dtype, GATED, INTERPRET)
+        # part A, two passes: t = the sum of launch 1's SPLIT_K fp32 partials in the fixed order
+        # s = 0..SPLIT_K-1 (deterministic; no mask: launch 1 wrote every row < MP, column < RP)
+        def add(s, carry):
+            t, tg = carry
+            # 2. load: partial s of this row block, [BLOCK_M, BLOCK_R] fp32 (gated: and Ug's)
+            rows = pl.ds(s * MP + pid_m * BLOCK_M, BLOCK_M)
+            part = p_ref[rows, :]
+            # 3. compute: fp32 sum
+            t = t + part
+            if GATED:
+                part_g = pg_ref[rows, :]
+                tg = tg + part_g
+            return t, tg
+
+        t = jnp.zeros((BLOCK_M, BLOCK_R), dtype=jnp.float32)
+        tg = jnp.zeros((BLOCK_M, BLOCK_R), dtype=jnp.float32) if GATED else None
+        t, tg = jax.lax.fori_loop(0, SPLIT_K, add, (t, tg))
+    # 3. compute: t (and tg) rounded once to the dtype, the second products' operands
+    t = round_to_dtype(t, o_ref.dtype, INTERPRET)
+    if INTERPRET:  # the rounded t feeds a dot: upcast again, as after a load
+        t = t.astype(jnp.float32)
+    if GATED:
+        tg = round_to_dtype(tg, o_ref.dtype, INTERPRET)
+        if INTERPRET:
+            tg = tg.astype(jnp.float32)
 
     # part B: each tile of the panel, out = act(t·V + b) (gated: ⊙ (tg·Vg + c))
     def tile(j, carry):
         offs_n = (pid_p * N_TILES + j) * BLOCK_N + jnp.arange(BLOCK_N)
         mask_n = offs_n < N
-        v, vg = _v_tiles(v_ref, vg_ref, j * BLOCK_N, mask_r, mask_n, GATED, INTERPRET)
-        _out_tile(
-            t, tg, v, vg, j * BLOCK_N, mask_n, mask_m, 0, b_ref, c_ref, o_ref,
-            ACTIVATION, GATED, PRECISION, INTERPRET,
-        )  # fmt: skip
+        # 2. load: V's [BLOCK_R, BLOCK_N] tile, rows past r and columns past N zero
+        cols = pl.ds(j * BLOCK_N, BLOCK_N)
+        mask_rn = mask_r[:, None] & mask_n[None, :]
+        v = plgpu.load(v_ref.at[:, cols], mask=mask_rn, other=0.0)
+        if INTERPRET:
+            v = v.astype(jnp.float32)
+        # 3. compute: one dot over the padded rank, then the epilogue, all in fp32
+        acc = jax.lax.dot(t, v, precision=PRECISION, preferred_element_type=jnp.float32)
+        if b_ref is not None:
+            b = plgpu.load(b_ref.at[cols], mask=mask_n, other=0.0)
+            acc = acc + b.astype(jnp.float32)[None, :]
+        acc = apply_activation(acc, ACTIVATION)
+        if GATED:
+            # 2. load: Vg's tile (V's strides)
+            vg = plgpu.load(vg_ref.at[:, cols], mask=mask_rn, other=0.0)
+            if INTERPRET:
+                vg = vg.astype(jnp.float32)
+            # 3. compute: the linear branch and the product, in fp32
+            g = jax.lax.dot(tg, vg, precision=PRECISION, preferred_element_type=jnp.float32)
+            if c_ref is not None:
+                c = plgpu.load(c_ref.at[cols], mask=mask_n, other=0.0)
+                g = g + c.astype(jnp.float32)[None, :]
+            acc = acc * g
+        # 4. store: one rounding to the output dtype
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        plgpu.store(o_ref.at[:, cols], round_to_dtype(acc, o_ref.dtype, INTERPRET), mask=mask_mn)
         return carry
 
     jax.lax.fori_loop(0, N_TILES, tile, 0)
-
-
-# ==== one launch: the units of x·U claimed, then the panel, in one grid ===========================
-def _lowrank_one_launch_kernel(
-    x_ref, u_ref, ug_ref, v_ref, vg_ref, b_ref, c_ref, sync_in_ref,
-    o_ref, p_ref, pg_ref, sync_ref,
-    *, M, N, K, R, MP, R_TILES, SPLIT_STEPS, UNITS,
-    ACTIVATION, GATED, PRECISION, INTERPRET,
-    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-    GROUP_M, SPLIT_K, SPLIT_BLOCK_R,
-):  # fmt: skip
-    # twin-diff: every ref is a whole array; sync_ref is sync_in_ref's buffer (aliased), and
-    # Pallas' atomics are acquire-release at GPU scope (Triton's sem and scope, at their
-    # strongest); the interpreter runs programs one after another and has no debug barrier.
-    del sync_in_ref
-    # 1. program -> tile: a row block and one output tile (the panel kernel's, N_TILES = 1)
-    pid = pl.program_id(0)
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + jnp.arange(BLOCK_M)
-    offs_n = pid_n * BLOCK_N + jnp.arange(BLOCK_N)
-    offs_r = jnp.arange(BLOCK_R)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    # V's tile first: it does not depend on t, so it streams in while the grid computes x·U
-    v, vg = _v_tiles(v_ref, vg_ref, pid_n * BLOCK_N, offs_r < R, mask_n, GATED, INTERPRET)
-    # part A: claim units of x·U until none is left (a program waits only once every unit has
-    # been claimed, by programs that are running: no co-residency is assumed, none can hang),
-    # count each one stored; then wait until every unit is counted
-    # twin-diff: the words' indices and increments are traced values: the interpreter discharges
-    # a while loop only if its body closes over no constant.
-    zero = pid * 0
-    claims, stored, done, one = zero, zero + 1, zero + 2, zero + 1
-
-    def claim(unit):
-        _xu_unit(
-            unit, x_ref, u_ref, ug_ref, p_ref, pg_ref, M, K, R, MP, R_TILES, SPLIT_STEPS,
-            GATED, PRECISION, INTERPRET, BLOCK_M, BLOCK_K, SPLIT_BLOCK_R,
-        )  # fmt: skip
-        if not INTERPRET:
-            plgpu.debug_barrier()  # every thread's partial stores are issued before the count
-        plgpu.atomic_add(sync_ref, stored, one)
-        return plgpu.atomic_add(sync_ref, claims, one)
-
-    jax.lax.while_loop(lambda unit: unit < UNITS, claim, plgpu.atomic_add(sync_ref, claims, one))
-    jax.lax.while_loop(
-        lambda count: count < UNITS,
-        lambda count: plgpu.atomic_add(sync_ref, stored, zero),
-        plgpu.atomic_add(sync_ref, stored, zero),
-    )
-    if not INTERPRET:
-        plgpu.debug_barrier()  # no thread reads a partial before the wait is over
-    # the last program past the wait leaves the three words at zero for the next call (each
-    # program claimed once past the end: UNITS + programs claims, UNITS counts)
-    programs = pl.num_programs(0)
-
-    @pl.when(plgpu.atomic_add(sync_ref, done, one) == programs - 1)
-    def _reset():
-        plgpu.atomic_add(sync_ref, claims, zero - (UNITS + programs))
-        plgpu.atomic_add(sync_ref, stored, zero - UNITS)
-        plgpu.atomic_add(sync_ref, done, zero - programs)
-
-    # t = the sum of the partials, as launch 2 of two passes (the same bits)
-    t, tg = _sum_partials(p_ref, pg_ref, pid_m, MP, GATED, BLOCK_M, BLOCK_R, SPLIT_K)
-    t, tg = _round_t(t, tg, o_ref.dtype, GATED, INTERPRET)
-    # part B: the tile, out = act(t·V + b) (gated: ⊙ (tg·Vg + c))
-    _out_tile(
-        t, tg, v, vg, pid_n * BLOCK_N, mask_n, mask_m, pid_m * BLOCK_M, b_ref, c_ref, o_ref,
-        ACTIVATION, GATED, PRECISION, INTERPRET,
-    )  # fmt: skip
 
 
 # ==== launcher ====================================================================================
@@ -384,73 +264,48 @@ def _xu_partials(x, u, ug, *, config, fp32_precision, interpret):
     split_steps = pl.cdiv(pl.cdiv(K, config.block_k), splits)
     r_tiles = br // sbr
 
+    def unpack(pid):  # the kernel's program -> tile, for the BlockSpecs
+        return (pid // (r_tiles * m_tiles), (pid // r_tiles) % m_tiles, pid % r_tiles)
+
+    def x_map(pid):
+        return unpack(pid)[1], 0
+
+    def u_map(pid):
+        return 0, unpack(pid)[2]
+
+    def p_map(pid):
+        s, pid_m, pid_r = unpack(pid)
+        return s * m_tiles + pid_m, pid_r
+
     gated = ug is not None
     kernel = functools.partial(
         _lowrank_xu_partial_kernel, M=M, K=K, R=R, MP=mp, R_TILES=r_tiles,
         SPLIT_STEPS=split_steps, GATED=gated, PRECISION=_precision(fp32_precision),
         INTERPRET=interpret, BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_BLOCK_R=sbr,
     )  # fmt: skip
+    u_spec = pl.BlockSpec((K, sbr), u_map)
+    p_spec = pl.BlockSpec((config.block_m, sbr), p_map)
     p_shape = jax.ShapeDtypeStruct((splits * mp, br), jnp.float32)
-    # twin-diff: not gated, one output and no pg_ref (Triton passes the first workspace again);
-    # no BlockSpecs: every ref is the whole array (the unit places its tiles).
+    # twin-diff: not gated, one output and no pg_ref (Triton passes the first workspace again).
     if not gated:
 
         def one(x_ref, u_ref, p_ref):
             kernel(x_ref, u_ref, None, p_ref, None)
 
-        call, out_shape, args = one, p_shape, (x, u)
+        call, out_shape, out_specs, args = one, p_shape, p_spec, (x, u)
     else:
-        call, out_shape, args = kernel, (p_shape, p_shape), (x, u, ug)
+        call, out_shape, out_specs, args = kernel, (p_shape, p_shape), (p_spec, p_spec), (x, u, ug)
     out = pl.pallas_call(
         call,
         out_shape=out_shape,
         grid=(splits * m_tiles * r_tiles,),
+        in_specs=[pl.BlockSpec((config.block_m, K), x_map), u_spec] + ([u_spec] if gated else []),
+        out_specs=out_specs,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=config.num_stages),
         interpret=interpret,
         name="lowrank_xu_partials",
     )(*args)
     return out if gated else (out, out)
-
-
-def _one_launch(x, u, v, b, gate, *, activation, config, fp32_precision, interpret):
-    """The one launch (traced inside the jitted forward): a program per output tile, launch 1's
-    units of x·U claimed by them; returns out [M, N]."""
-    M, K = x.shape
-    R, N = v.shape
-    br = block_r(R)
-    sbr = min(config.split_block_r, br)
-    m_tiles = pl.cdiv(M, config.block_m)
-    mp = m_tiles * config.block_m
-    splits = config.split_k
-    split_steps = pl.cdiv(pl.cdiv(K, config.block_k), splits)
-    r_tiles = br // sbr
-    gated = gate is not None
-    ug, vg, c = gate if gated else (None, None, None)
-    kernel = functools.partial(
-        _lowrank_one_launch_kernel, M=M, N=N, K=K, R=R, MP=mp, R_TILES=r_tiles,
-        SPLIT_STEPS=split_steps, UNITS=splits * m_tiles * r_tiles,
-        ACTIVATION=activation, GATED=gated, PRECISION=_precision(fp32_precision),
-        INTERPRET=interpret, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, BLOCK_R=br, GROUP_M=config.group_m, SPLIT_K=splits,
-        SPLIT_BLOCK_R=sbr,
-    )  # fmt: skip
-    p_shape = jax.ShapeDtypeStruct((splits * mp, br), jnp.float32)
-    # twin-diff: the counters are a fresh zeroed buffer each call (a memset), aliased to an
-    # output: a functional program cannot keep torch's buffer per stream; not gated, no pg_ref.
-    sync = jnp.zeros((3,), jnp.int32)
-    out_shape = (jax.ShapeDtypeStruct((M, N), v.dtype), p_shape, p_shape if gated else None, sync)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(m_tiles * pl.cdiv(N, config.block_n),),
-        input_output_aliases={7 - sum(a is None for a in (ug, vg, b, c)): 2 + gated},
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
-        interpret=interpret,
-        name="lowrank_one_launch",
-    )(x, u, ug, v, vg, b, c, sync)
-    return out[0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATICS[1:])
@@ -464,11 +319,6 @@ def _lowrank_linear_act_fwd_jit(x, u, v, b, gate, *, activation, config, fp32_pr
     R, N = v.shape
     if M == 0 or N == 0:
         return jnp.zeros((M, N), dtype=x.dtype)
-    if config.one_launch:
-        return _one_launch(
-            x, u, v, b, gate, activation=activation, config=config,
-            fp32_precision=fp32_precision, interpret=interpret,
-        )  # fmt: skip
     ug, vg, c = gate if gate is not None else (None, None, None)
     mp = pl.cdiv(M, config.block_m) * config.block_m
     # twin-diff: one pass passes no partials, two passes no x, U and Ug; not gated no Ug, Vg, c
@@ -521,8 +371,7 @@ def lowrank_linear_act_fwd(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Launch on a 2-D x [M, K], u [K, r], v [r, N]; returns [M, N] in x.dtype. One kernel
-    (config.split_k = 0), two (the fp32 partials of x·U, then the panel kernel), or one again
-    with both (config.one_launch). `gate` =
+    (config.split_k = 0) or two (the fp32 partials of x·U, then the panel kernel). `gate` =
     (ug, vg, c): the gated layer act(x·u·v + b) ⊙ (x·ug·vg + c). Trusts its input
     (1 ≤ r ≤ MAX_RANK)."""
     if interpret is None:

@@ -117,6 +117,8 @@ def _gemm(
     # twin-diff: the Hopper kernel is the Mosaic GPU sibling (torch: the TMA Triton kernel), its
     # package imported only here (a CPU run never needs it). H200 (4922964), M = 8192, r =
     # 64/128/256: 182/202/245 µs vs XLA's 240/251/282; at M = 512 it loses (32/37/57 vs 28/31/36).
+    # With t·V's ping-pong tiles (tuned_h200.json, 1d81765): 115.8/133.3/163.3 µs vs XLA's
+    # 233.9/246.4/283.8 at M = 8192.
     if not interpret and _is_hopper():
         from .mosaic import linear_act as mosaic_linear_act
         from .mosaic import pipeline

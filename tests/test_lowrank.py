@@ -305,11 +305,9 @@ def test_gated_reference() -> None:
 # ==== the fused kernel twins under the interpreters ===============================================
 INTERP_ONE = lowrank.INTERPRET_LOWRANK_CONFIG
 INTERP_TWO = lowrank.INTERPRET_TWO_PASS_CONFIG
-INTERP_ONE_LAUNCH = lowrank.INTERPRET_ONE_LAUNCH_CONFIG
-# The paths, forced (the heuristic picks two passes at M ≤ 64, one pass above but two for a
-# plain r ≤ 64 on a GPU; interpreted, one pass above 64 rows unless x·U is split there); the one
-# launch is the two passes' work in one grid.
-PATHS = {"one-pass": INTERP_ONE, "two-pass": INTERP_TWO, "one-launch": INTERP_ONE_LAUNCH}
+# The two paths, forced (the heuristic picks two passes at M ≤ 64, one pass above but two for
+# a plain r ≤ 64 on a GPU; interpreted, one pass above 64 rows unless x·U is split there).
+PATHS = {"one-pass": INTERP_ONE, "two-pass": INTERP_TWO}
 
 
 class Stack:
@@ -448,40 +446,6 @@ def test_two_pass_is_deterministic(stack: Stack) -> None:
     assert first.tobytes() == again.tobytes()
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_one_launch_is_the_two_passes_bits(stack: Stack, gated: bool) -> None:
-    """The one launch sums the same partials in the same order as the two passes: the same bits,
-    at K splits of 1, 3 and 5 (5 steps of 16 over K = 53: an empty split), rank tiles of 16 and
-    32, one and three row blocks (M = 1, 37), with and without biases, plain and gated; torch
-    leaves its counters at zero after each call (the next call's start)."""
-    for m, bias in ((37, True), (1, False)):
-        shape = (m, 53, 75)
-        ops = _gated_operands("bfloat16", 33, bias, shape) if gated else None
-        plain = _operands("bfloat16", 33, bias, shape)
-        for splits, sbr in ((1, 16), (3, 32), (5, 16)):
-            two = dataclasses.replace(INTERP_TWO, split_k=splits, split_block_r=sbr, n_tiles=1)
-            one = dataclasses.replace(two, one_launch=True)
-            if gated:
-                got, want = (stack.gated(*ops, activation="silu", config=c) for c in (one, two))
-            else:
-                got, want = (stack.call(*plain, activation="relu", config=c) for c in (one, two))
-            assert got.tobytes() == want.tobytes(), (m, splits, sbr)
-    if stack.name == "torch":
-        from fusedmlp.torch_impl import lowrank as tk
-
-        assert all(not w.any() for w in tk._SYNC_WORDS.values()), tk._SYNC_WORDS
-
-
-def test_one_launch_config_rules() -> None:
-    """one_launch needs K split into units (split_k ≥ 1) and one output tile a program."""
-    with pytest.raises(ValueError, match=r"one_launch: needs split_k >= 1.*split_k=0"):
-        dataclasses.replace(INTERP_ONE, n_tiles=1, one_launch=True)
-    with pytest.raises(ValueError, match=r"one_launch: needs .*n_tiles=2"):
-        dataclasses.replace(INTERP_TWO, one_launch=True)
-    with pytest.raises(TypeError, match=r"one_launch: expected a bool, got 1"):
-        dataclasses.replace(INTERP_ONE_LAUNCH, one_launch=1)
-
-
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_twins_bitwise(dtype: str) -> None:
     """The same algorithm in both stacks: identical bits under the interpreters (relu and identity:
@@ -580,11 +544,7 @@ def test_twin_contract() -> None:
     assert (
         tw.kernels(torch_names)
         == tw.kernels(jax_names)
-        == {
-            "_lowrank_linear_act_fwd_kernel",
-            "_lowrank_one_launch_kernel",
-            "_lowrank_xu_partial_kernel",
-        }
+        == {"_lowrank_linear_act_fwd_kernel", "_lowrank_xu_partial_kernel"}
     )
 
     def order(path) -> list[str]:
@@ -622,7 +582,7 @@ def build(fn, const, warps, stages):
         if p.is_constexpr or p.name in const:
             sig[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            kind = {"p_ptr": "*fp32", "pg_ptr": "*fp32", "sync_ptr": "*i32"}.get(p.name, "*bf16")
+            kind = "*fp32" if p.name in ("p_ptr", "pg_ptr") else "*bf16"
             sig[p.name], attrs[(i,)] = kind, [["tt.divisibility", 16]]
         else:
             sig[p.name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
@@ -659,14 +619,6 @@ for r, m, gated in json.loads(sys.argv[1]):
                      stride_xk=1, stride_ur=1, stride_pr=1)
         row = build(lk._lowrank_xu_partial_kernel, const, 4, cfg.num_stages)
         out.append(dict(row, r=r, m=m, gated=gated, kernel="partials"))
-    if m <= 64:  # the one launch: the same tiles, one output tile a program
-        const = dict(ACTIVATION="silu", HAS_BIAS=True, GATED=gated, INPUT_PRECISION="ieee",
-                     INTERPRET=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                     BLOCK_K=cfg.block_k, BLOCK_R=block_r(r), GROUP_M=cfg.group_m,
-                     SPLIT_K=cfg.split_k, SPLIT_BLOCK_R=min(cfg.split_block_r, block_r(r)),
-                     stride_xk=1, stride_ur=1, stride_pr=1, stride_vn=1, stride_on=1)
-        row = build(lk._lowrank_one_launch_kernel, const, cfg.num_warps, cfg.num_stages)
-        out.append(dict(row, r=r, m=m, gated=gated, kernel="one launch"))
 print("RESULT" + json.dumps(out))
 """
 
@@ -680,14 +632,12 @@ def test_compiles_for_sm90_without_spills() -> None:
     cases = [(r, m, g) for g in (False, True) for r in (64, 128, 256) for m in (16, 8192)]
     cases.append((64, 512, False))  # x·U split 4 ways past decode
     got = run_script(_COMPILE, json.dumps(cases), timeout=900)
-    # 13 panel kernels, 8 partials (6 at M = 16, plain r = 64 at 512, 8192), 6 one launches
-    assert len(got) == 27
+    assert len(got) == 21  # 13 panel kernels, 8 partials (6 at M = 16, plain r = 64 at 512, 8192)
     for row in got:
         assert row["ok"], row
         assert row["shared"] <= 227 * 1024, row
         assert row["spills"] == [0], row
         assert row["wgmma"] == (row["m"] >= 64), row
-    assert sum(row["kernel"] == "one launch" for row in got) == 6
 
 
 # ==== the accuracy study, on 8 sentences and 2 ranks ==============================================
@@ -775,62 +725,3 @@ def test_compress_without_the_model_package_skips(monkeypatch, capsys) -> None:
     monkeypatch.setattr(compress, "model_dir", missing)
     assert cli.main(["compress", "--ranks", "16", "--sentences", "2"]) == 0
     assert "skipped: the accuracy study needs the model package" in capsys.readouterr().out
-
-
-# ==== the one launch on the GPU ===================================================================
-@pytest.mark.gpu
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("r", [64, 256])
-def test_gpu_one_launch(r: int, gated: bool) -> None:
-    """On the GPU, llama3-8b's layer at decode (M = 16, K = 4096, N = 14336, bf16): the one launch
-    gives the two passes' bits on every one of 20 calls (programs claiming units in whatever
-    order they run), within the policy of the reference, and torch's counters are left at zero;
-    replayed from a CUDA graph (its own counters, zeroed in the graph) the same bits; the JAX
-    twin within the policy and repeating its own bits."""
-    import jax.numpy as jnp
-    import torch
-
-    from fusedmlp.jax_impl import lowrank as jl
-    from fusedmlp.torch_impl import lowrank as tk
-
-    shape = (16, 4096, 14336)
-    ops = (_gated_operands if gated else _operands)("bfloat16", r, True, shape)
-    two = lowrank.lowrank_config(16, 14336, 4096, r, "bfloat16", gated=gated)
-    two = dataclasses.replace(two, one_launch=False)
-    one = dataclasses.replace(two, one_launch=True)
-    dev = [to_torch(a).cuda() if a is not None else None for a in ops]
-
-    def torch_call(config):
-        if gated:
-            return tk.lowrank_gated_linear_act(*dev, activation="silu", config=config)
-        return tk.lowrank_linear_act(*dev, activation="silu", config=config)
-
-    want = torch_call(two)
-    outs = [torch_call(one) for _ in range(20)]
-    torch.cuda.synchronize()
-    assert all(torch.equal(o, want) for o in outs)
-    assert all(not w.any() for w in tk._SYNC_WORDS.values())
-    graph = torch.cuda.CUDAGraph()
-    torch_call(one)  # warm: the capture launches a compiled kernel
-    with torch.cuda.graph(graph):
-        captured = torch_call(one)
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(captured, want)
-    got = to_numpy(want.float().cpu())
-    if gated:
-        _check_gated(got, ops, "silu", "bfloat16", f"torch gpu one launch gated r={r}")
-    else:
-        _check(got, *ops, "silu", "bfloat16", f"torch gpu one launch r={r}")
-
-    jops = [None if a is None else jnp.asarray(a) for a in ops]
-    fn = jl.lowrank_gated_linear_act if gated else jl.lowrank_linear_act
-    first, again = (to_numpy(fn(*jops, activation="silu", config=one)) for _ in range(2))
-    assert first.tobytes() == again.tobytes()
-    jwant = to_numpy(fn(*jops, activation="silu", config=two))
-    assert first.tobytes() == jwant.tobytes()
-    if gated:
-        _check_gated(first, ops, "silu", "bfloat16", f"jax gpu one launch gated r={r}")
-    else:
-        _check(first, *ops, "silu", "bfloat16", f"jax gpu one launch r={r}")

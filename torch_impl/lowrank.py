@@ -58,6 +58,16 @@ of partials from L2 (32-128 KiB at M = 16) instead of all of U (0.5-2 MiB). The 
 loop, not tl.static_range: unrolled, the S loads were hoisted together and the gated kernel
 spilled 10 KiB at r = 256 (sm_90 compile); as a loop it needs 60-159 registers, no spills.
 
+Tried and measured slower (2026-12-04, both twins, commits 852f955 / 1d81765, reverted): the two
+passes' work in ONE launch — a program per output tile requested its V tile first, claimed
+launch 1's units of x·U from a counter (so no program waits on one that is not running), counted
+each unit stored, waited until all were, then summed the partials as launch 2 does (the same
+bits). H200, M = 16, llama3-8b's layer, device time: torch 8.8 / 10.9 / 12.0-15.6 µs against the
+two passes' 8.1 / 9.9 / 10.8 (r = 64 / 128 / 256; S = 4 / 16 and 32-wide units no better); JAX
+12.0-18.5 against 8.0 / 10.6 / 12.0 with the counters' memset counted. A kernel boundary costs
+the device time little; the claims, the polling and the wait cost more than V's loads hidden
+under x·U saved.
+
 Gated (`gate` = (ug, vg, c)): part A accumulates t = x·U and tg = x·Ug from the same x tile (two
 U tiles, one x tile a K step; two partial workspaces in two passes), both rounded once; part B
 loads V's and Vg's tiles, acc = act(t·V + b) · (tg·Vg + c) in fp32, one rounding at the store.
@@ -90,7 +100,7 @@ from fusedmlp.common.tiling import cdiv
 
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
-from .launch import Launch, LaunchCache, is_traced
+from .launch import Launch, LaunchCache
 from .linear_act import _grouped_tile, _input_precision
 from .runtime import INTERPRET, check_kernel_device
 
@@ -136,21 +146,19 @@ def _xu(
 
 # ==== two passes, launch 1: fp32 partials of t = x·U, K split S ways ==============================
 @triton.jit
-def _xu_unit(
-    unit, x_ptr, u_ptr, ug_ptr, p_ptr, pg_ptr,
+def _lowrank_xu_partial_kernel(
+    x_ptr, u_ptr, ug_ptr, p_ptr, pg_ptr,
     M, K, R, MP, R_TILES, SPLIT_STEPS,
     stride_xm, stride_xk, stride_uk, stride_ur, stride_pm, stride_pr,
     GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """One unit of x·U: the fp32 partial of t (gated: and of x·Ug) over one (K split, row block,
-    rank tile), stored in the workspace. Launch 1 runs a unit a program; the one launch's
-    programs claim them (`_lowrank_one_launch_kernel`)."""
     # 1. program -> tile: (K split s, row block, rank tile), rank tiles fastest (they share x)
+    pid = tl.program_id(0)
     m_tiles = MP // BLOCK_M
-    pid_r = unit % R_TILES
-    pid_m = (unit // R_TILES) % m_tiles
-    s = unit // (R_TILES * m_tiles)
+    pid_r = pid % R_TILES
+    pid_m = (pid // R_TILES) % m_tiles
+    s = pid // (R_TILES * m_tiles)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * SPLIT_BLOCK_R + tl.arange(0, SPLIT_BLOCK_R)
     rows = offs_m.to(tl.int64)
@@ -162,112 +170,12 @@ def _xu_unit(
         GATED, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, SPLIT_BLOCK_R,
     )  # fmt: skip
     # 4. store: fp32, unmasked (the workspace is [S·MP, RP], MP = M_TILES·BLOCK_M, RP =
-    # BLOCK_R: rows past M and columns past R hold zeros, so the sum reads it without masks;
+    # BLOCK_R: rows past M and columns past R hold zeros, so launch 2 reads it without masks;
     # gated: Ug's partials in a second workspace of the same shape)
     p_offs = (s * MP + offs_m).to(tl.int64)[:, None] * stride_pm + ranks[None, :] * stride_pr
     tl.store(p_ptr + p_offs, part)
     if GATED:
         tl.store(pg_ptr + p_offs, part_g)
-
-
-@triton.jit
-def _lowrank_xu_partial_kernel(
-    x_ptr, u_ptr, ug_ptr, p_ptr, pg_ptr,
-    M, K, R, MP, R_TILES, SPLIT_STEPS,
-    stride_xm, stride_xk, stride_uk, stride_ur, stride_pm, stride_pr,
-    GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    _xu_unit(
-        tl.program_id(0), x_ptr, u_ptr, ug_ptr, p_ptr, pg_ptr, M, K, R, MP, R_TILES, SPLIT_STEPS,
-        stride_xm, stride_xk, stride_uk, stride_ur, stride_pm, stride_pr,
-        GATED, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, SPLIT_BLOCK_R,
-    )  # fmt: skip
-
-
-# ==== the panel's helpers: t from the partials, t rounded, one output tile ========================
-@triton.jit
-def _sum_partials(
-    p_ptr, pg_ptr, pid_m, ranks, MP, stride_pm, stride_pr,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    """t = the sum of the SPLIT_K fp32 partials of row block pid_m in the fixed order s = 0..
-    SPLIT_K-1 (deterministic; no mask: every row < MP, column < RP was written); gated: and tg.
-    In the one launch other programs wrote them: plain loads see those stores because they come
-    after the acquiring wait and a barrier (the PTX memory model's release-acquire order)."""
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    tg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    p_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    for s in range(0, SPLIT_K):
-        # 2. load: partial s of this row block, [BLOCK_M, BLOCK_R] fp32 (gated: and Ug's)
-        p_offs = (s * MP + p_rows).to(tl.int64)[:, None] * stride_pm + ranks[None, :] * stride_pr
-        part = tl.load(p_ptr + p_offs)
-        # 3. compute: fp32 sum
-        t = t + part
-        if GATED:
-            part_g = tl.load(pg_ptr + p_offs)
-            tg = tg + part_g
-    return t, tg
-
-
-@triton.jit
-def _round_t(t, tg, out_ty: tl.constexpr, GATED: tl.constexpr, INTERPRET: tl.constexpr):
-    """t (and tg) rounded once to the dtype: the second products' operands."""
-    t = round_to_dtype(t, out_ty, INTERPRET)
-    if INTERPRET:  # the rounded t feeds a dot: upcast again, as after a load
-        t = t.to(tl.float32)
-    if GATED:
-        tg = round_to_dtype(tg, out_ty, INTERPRET)
-        if INTERPRET:
-            tg = tg.to(tl.float32)
-    return t, tg
-
-
-@triton.jit
-def _out_tile(
-    t, tg, v, vg, offs_n, mask_n, mask_m, rows, cols, b_ptr, c_ptr, o_ptr, stride_om, stride_on,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """One output tile from the loaded V (and Vg) tiles: act(t·V + b) (gated: ⊙ (tg·Vg + c))."""
-    # 3. compute: one dot over the padded rank, then the epilogue, all in fp32
-    acc = tl.dot(t, v, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc + b[None, :]
-    acc = apply_activation(acc, ACTIVATION)
-    if GATED:
-        # 3. compute: the linear branch and the product, in fp32
-        g = tl.dot(tg, vg, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            g = g + c[None, :]
-        acc = acc * g
-    # 4. store: one rounding to the output dtype
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    o_ptrs = o_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(o_ptrs, round_to_dtype(acc, o_ptr.dtype.element_ty, INTERPRET), mask=mask_mn)
-
-
-@triton.jit
-def _v_tiles(
-    v_ptr, vg_ptr, ranks, cols, mask_r, mask_n, stride_vr, stride_vn,
-    GATED: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """V's [BLOCK_R, BLOCK_N] tile (gated: and Vg's, V's strides), rows past r and columns past
-    N zero."""
-    # 2. load
-    v_offs = ranks[:, None] * stride_vr + cols[None, :] * stride_vn
-    mask_rn = mask_r[:, None] & mask_n[None, :]
-    v = tl.load(v_ptr + v_offs, mask=mask_rn, other=0.0)
-    vg = v
-    if INTERPRET:
-        v = v.to(tl.float32)
-    if GATED:
-        vg = tl.load(vg_ptr + v_offs, mask=mask_rn, other=0.0)
-        if INTERPRET:
-            vg = vg.to(tl.float32)
-    return v, vg
 
 
 # ==== forward kernel ==============================================================================
@@ -300,87 +208,63 @@ def _lowrank_linear_act_fwd_kernel(
             GATED, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R,
         )  # fmt: skip
     else:
-        # part A, two passes: t = the sum of launch 1's SPLIT_K fp32 partials
-        t, tg = _sum_partials(
-            p_ptr, pg_ptr, pid_m, ranks, MP, stride_pm, stride_pr,
-            GATED, BLOCK_M, BLOCK_R, SPLIT_K,
-        )  # fmt: skip
-    t, tg = _round_t(t, tg, o_ptr.dtype.element_ty, GATED, INTERPRET)
+        # part A, two passes: t = the sum of launch 1's SPLIT_K fp32 partials in the fixed order
+        # s = 0..SPLIT_K-1 (deterministic; no mask: launch 1 wrote every row < MP, column < RP)
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        tg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        p_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        for s in range(0, SPLIT_K):
+            # 2. load: partial s of this row block, [BLOCK_M, BLOCK_R] fp32 (gated: and Ug's)
+            p_offs = (s * MP + p_rows).to(tl.int64)[:, None] * stride_pm + ranks[
+                None, :
+            ] * stride_pr
+            part = tl.load(p_ptr + p_offs)
+            # 3. compute: fp32 sum
+            t = t + part
+            if GATED:
+                part_g = tl.load(pg_ptr + p_offs)
+                tg = tg + part_g
+    # 3. compute: t (and tg) rounded once to the dtype, the second products' operands
+    t = round_to_dtype(t, o_ptr.dtype.element_ty, INTERPRET)
+    if INTERPRET:  # the rounded t feeds a dot: upcast again, as after a load
+        t = t.to(tl.float32)
+    if GATED:
+        tg = round_to_dtype(tg, o_ptr.dtype.element_ty, INTERPRET)
+        if INTERPRET:
+            tg = tg.to(tl.float32)
 
     # part B: each tile of the panel, out = act(t·V + b) (gated: ⊙ (tg·Vg + c))
     for j in range(0, N_TILES):
         offs_n = (pid_p * N_TILES + j) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         cols = offs_n.to(tl.int64)
-        v, vg = _v_tiles(
-            v_ptr, vg_ptr, ranks, cols, mask_r, mask_n, stride_vr, stride_vn, GATED, INTERPRET
-        )
-        _out_tile(
-            t, tg, v, vg, offs_n, mask_n, mask_m, rows, cols, b_ptr, c_ptr, o_ptr,
-            stride_om, stride_on, ACTIVATION, HAS_BIAS, GATED, INPUT_PRECISION, INTERPRET,
-        )  # fmt: skip
-
-
-# ==== one launch: the units of x·U claimed, then the panel, in one grid ===========================
-@triton.jit
-def _lowrank_one_launch_kernel(
-    x_ptr, u_ptr, ug_ptr, p_ptr, pg_ptr, v_ptr, vg_ptr, b_ptr, c_ptr, o_ptr, sync_ptr,
-    M, N, K, R, MP, R_TILES, SPLIT_STEPS, UNITS,
-    stride_xm, stride_xk, stride_uk, stride_ur, stride_pm, stride_pr,
-    stride_vr, stride_vn, stride_om, stride_on,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    # 1. program -> tile: a row block and one output tile (the panel kernel's, N_TILES = 1)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
-    ranks = offs_r.to(tl.int64)
-    # V's tile first: it does not depend on t, so it streams in while the grid computes x·U
-    v, vg = _v_tiles(
-        v_ptr, vg_ptr, ranks, cols, offs_r < R, mask_n, stride_vr, stride_vn, GATED, INTERPRET
-    )
-    # part A: claim units of x·U until none is left (a program waits only once every unit has
-    # been claimed, by programs that are running: no co-residency is assumed, none can hang),
-    # count each one stored; then wait until every unit is counted
-    unit = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-    while unit < UNITS:
-        _xu_unit(
-            unit, x_ptr, u_ptr, ug_ptr, p_ptr, pg_ptr, M, K, R, MP, R_TILES, SPLIT_STEPS,
-            stride_xm, stride_xk, stride_uk, stride_ur, stride_pm, stride_pr,
-            GATED, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, SPLIT_BLOCK_R,
-        )  # fmt: skip
-        tl.debug_barrier()  # every thread's partial stores are issued before the count
-        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
-        unit = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-    while tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu") < UNITS:
-        pass
-    tl.debug_barrier()  # no thread reads a partial before the wait is over
-    # the last program past the wait leaves the three words at zero for the next call (each
-    # program claimed once past the end: UNITS + programs claims, UNITS counts)
-    programs = tl.num_programs(0)
-    if tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel", scope="gpu") == programs - 1:
-        tl.atomic_add(sync_ptr, -(UNITS + programs), sem="relaxed", scope="gpu")
-        tl.atomic_add(sync_ptr + 1, -UNITS, sem="relaxed", scope="gpu")
-        tl.atomic_add(sync_ptr + 2, -programs, sem="relaxed", scope="gpu")
-    # t = the sum of the partials, as launch 2 of two passes (the same bits)
-    t, tg = _sum_partials(
-        p_ptr, pg_ptr, pid_m, ranks, MP, stride_pm, stride_pr,
-        GATED, BLOCK_M, BLOCK_R, SPLIT_K,
-    )  # fmt: skip
-    t, tg = _round_t(t, tg, o_ptr.dtype.element_ty, GATED, INTERPRET)
-    # part B: the tile, out = act(t·V + b) (gated: ⊙ (tg·Vg + c))
-    _out_tile(
-        t, tg, v, vg, offs_n, mask_n, mask_m, rows, cols, b_ptr, c_ptr, o_ptr,
-        stride_om, stride_on, ACTIVATION, HAS_BIAS, GATED, INPUT_PRECISION, INTERPRET,
-    )  # fmt: skip
+        # 2. load: V's [BLOCK_R, BLOCK_N] tile, rows past r and columns past N zero
+        v_offs = ranks[:, None] * stride_vr + cols[None, :] * stride_vn
+        mask_rn = mask_r[:, None] & mask_n[None, :]
+        v = tl.load(v_ptr + v_offs, mask=mask_rn, other=0.0)
+        if INTERPRET:
+            v = v.to(tl.float32)
+        # 3. compute: one dot over the padded rank, then the epilogue, all in fp32
+        acc = tl.dot(t, v, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc + b[None, :]
+        acc = apply_activation(acc, ACTIVATION)
+        if GATED:
+            # 2. load: Vg's tile (V's strides)
+            vg = tl.load(vg_ptr + v_offs, mask=mask_rn, other=0.0)
+            if INTERPRET:
+                vg = vg.to(tl.float32)
+            # 3. compute: the linear branch and the product, in fp32
+            g = tl.dot(tg, vg, input_precision=INPUT_PRECISION)
+            if HAS_BIAS:
+                c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                g = g + c[None, :]
+            acc = acc * g
+        # 4. store: one rounding to the output dtype
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        o_ptrs = o_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, round_to_dtype(acc, o_ptr.dtype.element_ty, INTERPRET), mask=mask_mn)
 
 
 # ==== launcher ====================================================================================
@@ -459,69 +343,6 @@ def _lowrank_launch(
 _LAUNCHES = LaunchCache(_lowrank_launch)
 
 
-def _one_launch(
-    x_shape,
-    x_strides,
-    u_strides,
-    v_shape,
-    v_strides,
-    has_bias,
-    gated,
-    activation,
-    config,
-    fp32_precision,
-) -> tuple[Launch, tuple[int, int]]:
-    """The one launch for this key (`_ONE_LAUNCHES`) and its workspace shape [S·MP, RP]: a
-    program per output tile, launch 1's units of x·U claimed by them."""
-    M, K = x_shape
-    R, N = v_shape
-    rp = block_r(R)
-    sbr = min(config.split_block_r, rp)
-    m_tiles = cdiv(M, config.block_m)
-    mp = m_tiles * config.block_m
-    splits = config.split_k
-    split_steps = cdiv(cdiv(K, config.block_k), splits)
-    r_tiles = rp // sbr
-    launch = Launch(
-        _lowrank_one_launch_kernel, (m_tiles * cdiv(N, config.block_n),),
-        (M, N, K, R, mp, r_tiles, split_steps, splits * m_tiles * r_tiles,
-         *x_strides, *u_strides, rp, 1, *v_strides, N, 1),
-        dict(
-            ACTIVATION=activation, HAS_BIAS=has_bias, GATED=gated,
-            INPUT_PRECISION=_input_precision(fp32_precision), INTERPRET=INTERPRET,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            BLOCK_R=rp, GROUP_M=config.group_m, SPLIT_K=splits, SPLIT_BLOCK_R=sbr,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        ),
-    )  # fmt: skip
-    return launch, (splits * mp, rp)
-
-
-_ONE_LAUNCHES = LaunchCache(_one_launch)
-
-
-def _sync_words(x: torch.Tensor) -> torch.Tensor:
-    """The one launch's three counters (units claimed, units stored, programs done; int32, zero
-    at the start of a call). The kernel leaves them at zero, so calls on one stream, which run
-    one after another, share one buffer per (device, stream); two streams' calls could overlap,
-    so each stream has its own. Inside a CUDA graph capture or a trace a fresh zeroed buffer
-    (a memset in the graph) keeps the graph from holding a buffer that eager calls also use."""
-    device = x.device
-    if device.type != "cuda":  # the interpreter: calls run one after another
-        key = (device, 0)
-    elif (type(x) is not torch.Tensor and is_traced(x)) or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(3, dtype=torch.int32, device=device)
-    else:
-        key = (device, torch.cuda.current_stream(device).cuda_stream)
-    words = _SYNC_WORDS.get(key)
-    if words is None:
-        words = _SYNC_WORDS[key] = torch.zeros(3, dtype=torch.int32, device=device)
-    return words
-
-
-_SYNC_WORDS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
 def _run_partials(
     record: tuple[Launch, tuple[int, int]],
     x: torch.Tensor,
@@ -549,28 +370,20 @@ def lowrank_linear_act_fwd(
     gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Launch on a 2-D x [M, K] (any strides), u [K, r], v [r, N]; returns [M, N] in x.dtype.
-    One kernel (config.split_k = 0), two (the fp32 partials of x·U, then the panel kernel), or
-    one again with both (config.one_launch). `gate` = (ug, vg, c): the gated layer
-    act(x·u·v + b) ⊙ (x·ug·vg + c), ug and vg with u's and v's strides. Trusts its input
-    (1 ≤ r ≤ MAX_RANK)."""
+    One kernel (config.split_k = 0) or two (the fp32 partials of x·U, then the panel kernel).
+    `gate` = (ug, vg, c): the gated layer act(x·u·v + b) ⊙ (x·ug·vg + c), ug and vg with u's
+    and v's strides. Trusts its input (1 ≤ r ≤ MAX_RANK)."""
     M = x.shape[0]
     N = v.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
     gated = gate is not None
-    key = (
+    partials, launch = _LAUNCHES.get((
         x.shape, x.stride(), u.stride(), v.shape, v.stride(), b is not None, gated, activation,
         config, fp32_precision,
-    )  # fmt: skip
+    ))  # fmt: skip
     ug, vg, c = gate if gated else (u, v, None)
-    if config.one_launch:
-        one, shape = _ONE_LAUNCHES.get(key)
-        part = torch.empty(shape, device=x.device, dtype=torch.float32)
-        part_g = torch.empty_like(part) if gated else part
-        one(x, u, ug, part, part_g, v, vg, b, c, out, _sync_words(x))
-        return out
-    partials, launch = _LAUNCHES.get(key)
     part = part_g = x  # one pass: launch 2's partials pointers are unused (any tensor serves)
     if partials is not None:
         part, part_g = _run_partials(partials, x, u, ug, gated)

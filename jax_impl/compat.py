@@ -62,6 +62,13 @@ def mosaic_interpreter_models_tma_edges() -> bool:
     return jax_version() >= (0, 11)
 
 
+def mosaic_interpreter_transposes() -> bool:
+    """True where the Mosaic GPU interpreter runs wgmma on `plgpu.transpose_ref` views (jax >=
+    0.11); jax 0.10.2 fails on the view ("'TransposeTransform' object has no attribute
+    'indices'") and its interpreter threads then hang. Lowering for CUDA works on both."""
+    return jax_version() >= (0, 11)
+
+
 def mosaic_interpreter_has_layouts() -> bool:
     """True where the Mosaic GPU interpreter runs `plgpu.load` and `layout_cast` (jax >= 0.11)."""
     return jax_version() >= (0, 11)

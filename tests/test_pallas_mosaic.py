@@ -37,7 +37,7 @@ from fusedmlp.jax_impl.mosaic import linear_act as linear_act_mod
 from fusedmlp.jax_impl.mosaic import pipeline
 from fusedmlp.jax_impl.mosaic.gated import gated
 from fusedmlp.jax_impl.mosaic.linear_act import linear_act
-from helpers import lower_for_cuda
+from helpers import layer_ref, layer_spec, lower_for_cuda
 
 pytest.importorskip("absl")  # jax.experimental.pallas.mosaic_gpu needs it on CPU machines
 
@@ -372,6 +372,83 @@ def test_sweep_narrow_grid_lowers(capsys) -> None:
             assert any(c.num_stages >= 5 for c in configs), configs
     assert sweep_mosaic.dry_run(narrow=True) == 0
     assert f"{count} kernels lowered for CUDA, 0 failed" in capsys.readouterr().out
+
+
+# ---- operands read transposed in place (the backward's hᵀ and Wᵀ) -------------------------------
+LAYOUTS = [(True, False), (False, True), (True, True)]
+
+
+def _layout_operands(dtype: str, m: int, k: int, n: int):
+    rng = np.random.default_rng(m + k + n)
+    dt = jnp.dtype(dtype)
+    x = jnp.asarray(rng.standard_normal((m, k)) * 0.5, dt)
+    w = jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, dt)
+    b = jnp.asarray(rng.standard_normal(n) * 0.1, dt)
+    return x, w, b
+
+
+@pytest.mark.skipif(
+    not compat.mosaic_interpreter_transposes(),
+    reason="jax 0.10's Mosaic GPU interpreter has no rule for transpose_ref views (the jax 0.11.2 "
+    "job of .ci/run runs this; lowering for CUDA is tested on both)",
+)
+@pytest.mark.parametrize("x_kmajor, w_kmajor", LAYOUTS)
+@pytest.mark.parametrize(
+    ("config", "dtype"), [(WS, "bfloat16"), (ONE_WG, "float16")], ids=["warp_specialized", "one_wg"]
+)
+def test_transposed_operands_give_the_same_bits(x_kmajor, w_kmajor, config, dtype) -> None:
+    """x given as its transpose [K, M] and/or w as [N, K], read in place through transpose_ref:
+    the same output, bit for bit, as the operands stored [M, K] and [K, N] (the same products in
+    the same order), and within the policy of the float64 reference; M = 80 and N = 144 leave
+    ragged tiles, K = 96 several K steps."""
+    m, k, n = 80, 96, 144
+    x, w, b = _layout_operands(dtype, m, k, n)
+
+    def run(xk: bool, wk: bool) -> jax.Array:
+        return linear_act_mod.linear_act_fwd(
+            x.T if xk else x, w.T if wk else w, b, None, activation="gelu_tanh", config=config,
+            interpret=True, x_kmajor=xk, w_kmajor=wk,
+        )  # fmt: skip
+
+    got, want = run(x_kmajor, w_kmajor), run(False, False)
+    assert got.shape == (m, n) and got.dtype == jnp.dtype(dtype)
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+    ref = layer_ref(np.asarray(x), np.asarray(w), np.asarray(b), "gelu_tanh")
+    what = f"transposed {x_kmajor, w_kmajor}"
+    tolerance.assert_close(np.asarray(got), ref, layer_spec(dtype), what=what)
+
+
+@pytest.mark.parametrize("x_kmajor, w_kmajor", LAYOUTS)
+@pytest.mark.parametrize(
+    "config",
+    [_ws(128, 256, 4, 2), TileConfig(128, 128, 64, num_stages=4)],
+    ids=["warp_specialized", "one_wg"],
+)
+def test_transposed_operands_lower_for_cuda(x_kmajor, w_kmajor, config) -> None:
+    """The transposed reads lower for CUDA at the large tiles (wgmma's and TMA's constraints on
+    MN-major operands, which no interpreter checks), on both jax versions."""
+    m, n, k = 1024, 768, 512
+    dt = jnp.dtype("bfloat16")
+    S = jax.ShapeDtypeStruct
+    fn = lambda x, w: linear_act_mod.linear_act_fwd(  # noqa: E731
+        x, w, None, None, activation="silu", config=config, interpret=False,
+        x_kmajor=x_kmajor, w_kmajor=w_kmajor,
+    )  # fmt: skip
+    x = S((k, m), dt) if x_kmajor else S((m, k), dt)
+    w = S((n, k), dt) if w_kmajor else S((k, n), dt)
+    assert "mosaic_gpu" in lower_for_cuda(fn, x, w)
+
+
+def test_transposed_operands_refused_where_unsupported() -> None:
+    x, w, b = _layout_operands("bfloat16", 48, 64, 64)
+    with pytest.raises(ValueError, match=r"operands: the ping-pong kernel .* reads X \[M, K\]"):
+        linear_act_mod.linear_act_fwd(
+            x.T, w, b, None, activation="relu", config=PINGPONG, interpret=True, x_kmajor=True
+        )
+    with pytest.raises(ValueError, match=r"x_kmajor: M .* multiple of 16, got 40"):
+        linear_act_mod.linear_act_fwd(
+            x[:40].T, w, b, None, activation="relu", config=WS, interpret=True, x_kmajor=True
+        )
 
 
 def test_padded_extents() -> None:

@@ -9,7 +9,9 @@ memory warpgroup, two compute warpgroups that split the tile) or on one warpgrou
 `epi_n` slice of a compute warpgroup's fp32 accumulator, adds the bias, applies the activation,
 adds the residual (loaded by TMA into the slice's output staging slot), casts, and stores the slice
 by TMA from one of two staging slots. Ragged M, N, K: TMA zero-fills and clips, nothing is padded.
-Nothing is saved for a backward pass (forward only).
+Nothing is saved for a backward pass (forward only). `linear_act_fwd` can read x as its transpose
+stored [K, M] (`x_kmajor`) and w as its transpose stored [N, K] (`w_kmajor`) in place — the
+backward's hᵀ·dZ and dZ·Wᵀ (`pipeline.Operands`; the cooperative kernels, not ping-pong).
 
 Sibling, not twin: jax_impl/linear_act.py (Pallas-Triton) and torch_impl/linear_act.py (Triton)
 export the same names; the dispatcher picks this module for impl "pallas_mosaic"; its Hopper
@@ -34,7 +36,7 @@ from ..activations import apply_activation, round_to_dtype
 from ..compat import interpret_mode
 from ..front import ADAPTER
 from . import pipeline
-from .pipeline import EPI_M, Tiles, persistent_matmul, row_vector
+from .pipeline import EPI_M, Operands, Tiles, persistent_matmul, row_vector
 
 FAMILY = "linear_act"
 
@@ -47,6 +49,7 @@ def _linear_act_fwd_kernel(
     has_residual: bool,
     tiles: Tiles,
     interpret: bool,
+    operands: Operands = pipeline.AS_STORED,
 ) -> None:
     x_gmem, w_gmem, *rest = refs
     b_gmem = rest.pop(0) if has_bias else None
@@ -66,7 +69,9 @@ def _linear_act_fwd_kernel(
         o_slot[...] = round_to_dtype(y, dtype, interpret)
 
     # 1. program -> tile, 2. load, 4. store: the shared persistent driver
-    persistent_matmul(x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue)
+    persistent_matmul(
+        x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue, operands=operands
+    )
 
 
 # ==== launcher ====================================================================================
@@ -80,24 +85,33 @@ def linear_act_fwd(
     config: TileConfig,
     fp32_precision: str = "ieee",
     interpret: bool | None = None,
+    x_kmajor: bool = False,
+    w_kmajor: bool = False,
 ) -> jax.Array:
     """act(x @ w + b) (+ residual) for 2-D x [M, K], w [K, N]; returns [M, N] in x.dtype.
 
     One kernel call on the operands as they are (TMA handles ragged edges; M ≥ 8 not a multiple
     of 8 is padded, `pipeline.padded_extents`); M = 0 returns an empty array without a launch.
     fp32_precision is taken for the twins' signature: 16-bit products are exact in the fp32
-    accumulator.
+    accumulator. `x_kmajor`: x is given as its transpose [K, M] and read in place (hᵀ of a
+    weight gradient); `w_kmajor`: w as its transpose [N, K] (Wᵀ of an input gradient) — the
+    cooperative kernels only (`pipeline.Operands`).
     """
     del fp32_precision
     if interpret is None:
         interpret = interpret_mode()
-    m, k = x.shape
-    n = w.shape[1]
+    m, k = x.shape[::-1] if x_kmajor else x.shape
+    n = w.shape[0] if w_kmajor else w.shape[1]
     if m == 0:
         return jnp.zeros((0, n), x.dtype)
     tiles = pipeline.plan_tiles(config, FAMILY)
+    layout = Operands(x_kmajor=x_kmajor, w_kmajor=w_kmajor)
+    layout.check(tiles, m)
     mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, interpret)
-    operands = [pipeline.pad_to(x, (mp, kp)), pipeline.pad_to(w, (kp, np_))]
+    operands = [
+        pipeline.pad_to(x, (kp, mp) if x_kmajor else (mp, kp)),
+        pipeline.pad_to(w, (np_, kp) if w_kmajor else (kp, np_)),
+    ]
     if b is not None:
         operands.append(pipeline.pad_to(b, (np_,)))
     if residual is not None:
@@ -109,6 +123,7 @@ def linear_act_fwd(
         has_residual=residual is not None,
         tiles=tiles,
         interpret=interpret,
+        operands=layout,
     )
     y = pipeline.launch(
         kernel, operands, (mp, np_), x.dtype, tiles, name="linear_act_fwd", interpret=interpret

@@ -468,7 +468,9 @@ def row_vector(ref: Any, rows: int, *, interpret: bool) -> jax.Array:
     return lax.broadcast_in_dim(v, (rows, v.shape[0]), (1,))
 
 
-def smem_transforms(t: Tiles, k: int, w_cols: int, n_out: int, dtype: Any) -> tuple[Any, Any]:
+def smem_transforms(
+    t: Tiles, k: int, w_cols: int, n_out: int, dtype: Any, *, x_minor: int = 0
+) -> tuple[Any, Any]:
     """The shared-memory transforms of the (X, W) slabs and of the output staging tiles.
 
     wgmma wants A and B with one swizzle, of at least 32 bytes; a TMA box into a swizzled tile
@@ -476,9 +478,80 @@ def smem_transforms(t: Tiles, k: int, w_cols: int, n_out: int, dtype: Any) -> tu
     "dimension 1 must have size smaller or a multiple of its tiling"). So the slabs' swizzle is
     the largest that divides the K slab, K, the weight tile and the weight's width: 128 bytes for
     every model width (multiples of 64), 32 at least (unsupported_reason); the staging tile's,
-    the largest that divides its width and N."""
-    slabs = mma_transforms(math.gcd(t.block_k, k, t.op_n, w_cols), dtype)
+    the largest that divides its width and N. A transposed operand (`Operands`) adds its slab's
+    and its array's minor extents: `x_minor` the X array's row length when X is read transposed
+    (its slab is then block_m wide), and `w_cols` is W's row length either way."""
+    minors = [t.block_k, k, t.op_n, w_cols]
+    if x_minor:
+        minors += [t.block_m, x_minor]
+    slabs = mma_transforms(math.gcd(*minors), dtype)
     return slabs, mma_transforms(math.gcd(t.epi_n, n_out), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """How the driver reads its two operands: X as [M, K] or, `x_kmajor`, as its transpose
+    stored [K, M] (the weight gradient's hᵀ, read in place); W as [K, N] or, `w_kmajor`, as its
+    transpose stored [N, K] (the input gradient's Wᵀ). A transposed slab is loaded by TMA as it
+    lies and handed to wgmma through `plgpu.transpose_ref` (16-bit operands may be MN-major)."""
+
+    x_kmajor: bool = False
+    w_kmajor: bool = False
+
+    def check(self, tiles: Tiles, m: int) -> None:
+        """ValueError where the driver cannot read these operands: the ping-pong kernel reads
+        neither transposed, and a transposed X's rows (M, its minor extent) must be a multiple of
+        16 (wgmma's 32-byte swizzle, as K's and N's are: `unsupported_reason`)."""
+        if self == AS_STORED:
+            return
+        if tiles.pingpong:
+            raise ValueError(
+                f"operands: the ping-pong kernel (programs_per_sm=2) reads X [M, K] and W [K, N] "
+                f"only, got {self}; use a cooperative config"
+            )
+        if self.x_kmajor and m % 16:
+            raise ValueError(
+                f"x_kmajor: M (x's row length, read transposed) must be a multiple of 16, got {m}"
+            )
+
+    def shapes(self, x_gmem: Any, w_gmem: Any) -> tuple[int, int, int]:
+        """(M, K, W's row length) of the product."""
+        m, k = x_gmem.shape[::-1] if self.x_kmajor else x_gmem.shape
+        return m, k, w_gmem.shape[1]
+
+    def specs(self, t: Tiles, transforms: Any) -> list[Any]:
+        """The K pipeline's BlockSpecs of X's and W's slabs (a K step ki each)."""
+
+        def spec(shape: tuple[int, int], index: Callable[[Any], tuple[Any, Any]]) -> Any:
+            return plgpu.BlockSpec(shape, index, transforms=transforms, memory_space=plgpu.SMEM)
+
+        x = (
+            spec((t.block_k, t.block_m), lambda ki: (ki, 0))
+            if self.x_kmajor
+            else spec((t.block_m, t.block_k), lambda ki: (0, ki))
+        )
+        w = (
+            spec((t.op_n, t.block_k), lambda ki: (0, ki))
+            if self.w_kmajor
+            else spec((t.block_k, t.op_n), lambda ki: (ki, 0))
+        )
+        return [x, w]
+
+    def tile_refs(self, x_gmem: Any, w_gmem: Any, m_slice: Any, op_slice: Any) -> tuple[Any, Any]:
+        """X's rows and W's columns of one output tile (every K)."""
+        x = x_gmem.at[:, m_slice] if self.x_kmajor else x_gmem.at[m_slice, :]
+        w = w_gmem.at[op_slice, :] if self.w_kmajor else w_gmem.at[:, op_slice]
+        return x, w
+
+    def mma_views(self, x_smem: Any, w_smem: Any, rows: Any, cols: Any) -> tuple[Any, Any]:
+        """A warpgroup's [rows, K slab] of X and [K slab, cols] of W, as wgmma takes them."""
+        a = plgpu.transpose_ref(x_smem.at[:, rows], (1, 0)) if self.x_kmajor else x_smem.at[rows]
+        b = plgpu.transpose_ref(w_smem.at[cols, :], (1, 0)) if self.w_kmajor else w_smem.at[:, cols]
+        return a, b
+
+
+# X [M, K] and W [K, N] as they are: the forward's operands (every family's default).
+AS_STORED = Operands()
 
 
 # The family's "3. compute" for one epilogue tile: (acc, bias_ref or None, rows, en, o_slot) ->
@@ -496,32 +569,26 @@ def persistent_matmul(
     *,
     tiles: Tiles,
     epilogue: EpilogueFn,
+    operands: Operands = AS_STORED,
 ) -> None:
     """The kernel body both families share: 1. program -> tile, 2. load, the K pipeline, the
-    epilogue tiles (3. compute: `epilogue`), 4. store. Refs are whole arrays in GMEM."""
+    epilogue tiles (3. compute: `epilogue`), 4. store. Refs are whole arrays in GMEM; `operands`
+    says whether X or W is read transposed (the cooperative kernels only)."""
+    operands.check(tiles, operands.shapes(x_gmem, w_gmem)[0])
     if tiles.pingpong:
         pingpong_matmul(x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue)
         return
     dtype = o_gmem.dtype
     t = tiles
-    m, k = x_gmem.shape
+    m, k, w_cols = operands.shapes(x_gmem, w_gmem)
     n_out = o_gmem.shape[1]
     m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_out, t.out_n), cdiv(k, t.block_k)
     ws = t.warp_specialize
     slots = t.out_slots
 
-    transforms, out_transforms = smem_transforms(t, k, w_gmem.shape[1], n_out, dtype)
-    in_specs = [
-        plgpu.BlockSpec(
-            (t.block_m, t.block_k),
-            lambda ki: (0, ki),
-            transforms=transforms,
-            memory_space=plgpu.SMEM,
-        ),
-        plgpu.BlockSpec(
-            (t.block_k, t.op_n), lambda ki: (ki, 0), transforms=transforms, memory_space=plgpu.SMEM
-        ),
-    ]
+    x_minor = m if operands.x_kmajor else 0
+    transforms, out_transforms = smem_transforms(t, k, w_cols, n_out, dtype, x_minor=x_minor)
+    in_specs = operands.specs(t, transforms)
 
     def warpgroup_slices(wg: Any) -> tuple[Any, Any]:
         """This compute warpgroup's rows of the X slab and columns of the weight slab."""
@@ -535,7 +602,7 @@ def persistent_matmul(
         del idxs
         wg = lax.axis_index("wg") if ws else 0
         rows, cols = warpgroup_slices(wg)
-        plgpu.wgmma(acc_ref, x_smem.at[rows], w_smem.at[:, cols])
+        plgpu.wgmma(acc_ref, *operands.mma_views(x_smem, w_smem, rows, cols))
         # Warp-specialised: the slot goes back to the memory warpgroup when this returns, so
         # the wgmma must be done reading it; the other compute warpgroup keeps the tensor core
         # busy meanwhile. One warpgroup: keep one wgmma in flight (the slot is released a step
@@ -607,7 +674,7 @@ def persistent_matmul(
 
                 pl.run_scoped(acc_scope, plgpu.ACC((t.wg_m, t.wg_op_n), jnp.float32))
 
-            x_tile, w_tile = x_gmem.at[m_slice, :], w_gmem.at[:, op_slice]
+            x_tile, w_tile = operands.tile_refs(x_gmem, w_gmem, m_slice, op_slice)
             if ws:
                 ws_pipeline(compute_context)(x_tile, w_tile, allocations=pipeline_allocs)
             else:

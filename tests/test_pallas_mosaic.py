@@ -392,16 +392,19 @@ def _layout_operands(dtype: str, m: int, k: int, n: int):
     reason="jax 0.10's Mosaic GPU interpreter has no rule for transpose_ref views (the jax 0.11.2 "
     "job of .ci/run runs this; lowering for CUDA is tested on both)",
 )
-@pytest.mark.parametrize("x_kmajor, w_kmajor", LAYOUTS)
+@pytest.mark.parametrize(
+    "x_kmajor, w_kmajor, m", [(*layout, 80) for layout in LAYOUTS] + [(False, True, 37)]
+)
 @pytest.mark.parametrize(
     ("config", "dtype"), [(WS, "bfloat16"), (ONE_WG, "float16")], ids=["warp_specialized", "one_wg"]
 )
-def test_transposed_operands_give_the_same_bits(x_kmajor, w_kmajor, config, dtype) -> None:
+def test_transposed_operands_give_the_same_bits(x_kmajor, w_kmajor, m, config, dtype) -> None:
     """x given as its transpose [K, M] and/or w as [N, K], read in place through transpose_ref:
     the same output, bit for bit, as the operands stored [M, K] and [K, N] (the same products in
     the same order), and within the policy of the float64 reference; M = 80 and N = 144 leave
-    ragged tiles, K = 96 several K steps."""
-    m, k, n = 80, 96, 144
+    ragged tiles, K = 96 several K steps; with only W transposed an odd M = 37 (its rows padded
+    as any odd M's; a transposed X needs M a multiple of 16)."""
+    k, n = 96, 144
     x, w, b = _layout_operands(dtype, m, k, n)
 
     def run(xk: bool, wk: bool) -> jax.Array:

@@ -6,7 +6,9 @@
 #     llama3-8b and hf-blog-geglu M=8192 (bf16) and nerf-64x5 (fp16, its 2M rows): the rows that
 #     run distinct kernels (with saved=preact every torch impl but auto/triton_tma/fused_small
 #     runs the portable saving forward and backward: triton stands for them; auto the Hopper TMA
-#     backward; fused_small its whole-MLP backward); --quick (20 timed steps); most of the time
+#     backward; fused_small its whole-MLP backward; in JAX pallas_triton the portable kernels,
+#     pallas_mosaic the Mosaic GPU saving forward and GEMMs, jax_impl/mosaic/backward.py, which
+#     auto takes where the training points say so); --quick (20 timed steps); most of the time
 #     is compiling (inductor's forward+backward graphs, the Pallas backward)
 #   fusedmlp train image: astronaut 256², 2,000 steps, bf16 and fp16 (loss scaling)
 #   fusedmlp train lm:    pydoc byte LM, d 1024, SwiGLU 4096, 4 blocks, batch 4096, 300 steps, bf16
@@ -41,8 +43,8 @@ run() {
   [ "$rc" -ne 0 ] && status=1
 }
 if [ "$extra" = "--device cuda" ] && [ "$part" != train ]; then
-  run 100 "$py" -m fusedmlp.bench.cli bench --backward --quick --preset llama3-8b,hf-blog-geglu \
-    --m 8192 --impl triton,pallas_triton,auto,baselines --json "$out/bench_backward.json" \
+  run 140 "$py" -m fusedmlp.bench.cli bench --backward --quick --preset llama3-8b,hf-blog-geglu \
+    --m 8192 --impl triton,pallas_triton,pallas_mosaic,auto,baselines --json "$out/bench_backward.json" \
     --markdown "$out/bench_backward.md"
   run 80 "$py" -m fusedmlp.bench.cli bench --backward --quick --preset nerf-64x5 \
     --impl triton,fused_small,pallas_triton,auto,baselines --json "$out/bench_backward_nerf.json" \

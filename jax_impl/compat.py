@@ -63,8 +63,8 @@ def mosaic_interpreter_models_tma_edges() -> bool:
 
 
 def mosaic_interpreter_transposes() -> bool:
-    """True where the Mosaic GPU interpreter runs wgmma on `plgpu.transpose_ref` views (jax >=
-    0.11); jax 0.10.2 fails on the view ("'TransposeTransform' object has no attribute
+    """True where the Mosaic GPU interpreter runs wgmma on transposed ref views (`ref.transpose`,
+    jax >= 0.11); jax 0.10.2 fails on the view ("'TransposeTransform' object has no attribute
     'indices'") and its interpreter threads then hang. Lowering for CUDA works on both."""
     return jax_version() >= (0, 11)
 

@@ -30,11 +30,12 @@ Training: `mlp` is differentiable (`jax.grad`, `value_and_grad`, under `jit` and
 implementation but the `xla` baseline (which JAX differentiates itself) is wrapped in one
 `jax.custom_vjp` whose backward is `backward.mlp_backward`, the portable Pallas-Triton kernels
 (fused_small, and auto resolved to it: fused_small_backward.py's saving forward and whole-MLP
-backward, as torch's training op chooses).
+backward, as torch's training op chooses; `auto` and `pallas_mosaic` on a Hopper GPU:
+mosaic/backward.py's saving forward and GEMMs, as torch's tma/backward.py — `_train_kernels`).
 `saved=` picks what the differentiated forward keeps (common/config.py's SAVED_POLICIES):
-"preact" (the default) runs the portable saving forward (`backward.forward_saving`, whatever
-`impl` was asked for: a Hopper saving forward is later work); "inputs" runs the asked `impl` and
-keeps x only, the backward running the saving forward again. A call that is not differentiated
+"preact" (the default) runs the saving forward of those kernels (`backward.forward_saving` but
+on Hopper, whatever `impl` was asked for); "inputs" runs the asked `impl` and keeps x only, the
+backward running the saving forward again. A call that is not differentiated
 runs the asked `impl` exactly as before. `plan(..., saved=...)` reports the policy and its bytes.
 The torch twin of this wiring is torch_impl/custom_op.py (`register_autograd`).
 """
@@ -317,6 +318,7 @@ def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
 
     mib = saved_bytes(spec, m, saved) / 2**20
     whole = fused_small_backward.applies(the_plan.impl, spec)
+    hopper = not whole and _train_kernels(the_plan.requested, the_plan.impl, spec, m) == "hopper"
     if _entry(the_plan.impl).baseline:
         note = f"training: {the_plan.impl} differentiates through jax autodiff"
     elif whole:
@@ -324,6 +326,12 @@ def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
             f"training: saved={saved!r} keeps {mib:.1f} MiB; the saving forward is one "
             f"fused_small kernel, the backward {_whole_backward_kernels(spec)} "
             "(jax_impl/fused_small_backward.py)"
+        )
+    elif hopper:
+        note = (
+            f"training: saved={saved!r} keeps {mib:.1f} MiB; the saving forward, weight and input "
+            "gradients run on the Mosaic GPU kernels (jax_impl/mosaic/backward.py: hᵀ and Wᵀ "
+            "read in place, the act' step in the input gradient's epilogue)"
         )
     elif saved == "preact":
         note = (
@@ -422,19 +430,28 @@ def _jitted_runner(spec: MLPSpec, the_plan: Plan) -> Callable[..., jax.Array]:
 
 
 # ---- autodiff binding: jax.custom_vjp over the runner, the portable backward --------------------
+# Which kernels train (`_trainable`): the portable per-layer ones (backward.py), fused_small's
+# whole-MLP ones (fused_small_backward.py) or the Mosaic GPU GEMMs on Hopper (mosaic/backward.py).
+TRAIN_KERNELS = ("portable", "whole", "hopper")
+
+
 @functools.cache
 def _saving_forward(
-    spec: MLPSpec, config: TileConfig | None, whole: bool = False
+    spec: MLPSpec, config: TileConfig | None, kernels: str = "portable"
 ) -> Callable[..., Any]:
     """The jitted "preact" training forward (x2d, packed params, residual2d) -> (y2d, kept), one
-    per (spec, config): every implementation's custom_vjp shares its compilation. `whole`:
-    fused_small's saving forward (fused_small_backward.py, the same residuals)."""
+    per (spec, config, kernels): every implementation's custom_vjp shares its compilation.
+    Every `kernels` keeps the same residuals (backward.py's layout)."""
     from . import backward, fused_small_backward
 
     def forward(x2d, params, residual2d):
-        if whole:
+        if kernels == "whole":
             y2d, kept = fused_small_backward.forward_saving(x2d, params, spec, config=config)
             return (y2d + residual2d if residual2d is not None else y2d), kept
+        if kernels == "hopper":
+            from .mosaic import backward as hopper
+
+            return hopper.forward_saving(x2d, params, spec, saved="preact", residual=residual2d)
         return backward.forward_saving(
             x2d, params, spec, saved="preact", config=config, residual=residual2d
         )
@@ -444,17 +461,38 @@ def _saving_forward(
 
 @functools.cache
 def _backward_pass(
-    spec: MLPSpec, saved: str, config: TileConfig | None, whole: bool = False
+    spec: MLPSpec, saved: str, config: TileConfig | None, kernels: str = "portable"
 ) -> Callable[..., Any]:
-    """The jitted backward (dy2d, kept, packed params) -> gradients, per (spec, saved, config);
-    `whole`: fused_small's whole-MLP backward (fused_small_backward.py)."""
+    """The jitted backward (dy2d, kept, packed params) -> gradients, per (spec, saved, config,
+    kernels)."""
     from . import backward, fused_small_backward
 
     def backward_pass(dy2d, kept, params):
-        run = fused_small_backward.mlp_backward if whole else backward.mlp_backward
+        if kernels == "hopper":
+            from .mosaic import backward as hopper
+
+            return hopper.mlp_backward(dy2d, kept, params, spec, saved=saved)
+        run = fused_small_backward.mlp_backward if kernels == "whole" else backward.mlp_backward
         return run(dy2d, kept, params, spec, saved=saved, config=config)
 
     return jax.jit(backward_pass)
+
+
+def _train_kernels(impl: str, resolved: str, spec: MLPSpec, m: int) -> str:
+    """Which of TRAIN_KERNELS a training call of the asked `impl` (resolved to `resolved`) runs:
+    fused_small's own where it takes the spec, the Mosaic GPU GEMMs on Hopper where the asked
+    impl is `auto` or `pallas_mosaic` and every GEMM fits them (mosaic/backward.py's `applies`;
+    an explicit portable impl keeps its backward, so the two can be compared), else portable."""
+    from . import fused_small_backward
+
+    if fused_small_backward.applies(resolved, spec):
+        return "whole"
+    if compat.on_hopper():
+        from .mosaic import backward as hopper
+
+        if hopper.applies(impl, spec, m):
+            return "hopper"
+    return "portable"
 
 
 def _trainable(
@@ -465,11 +503,11 @@ def _trainable(
     config: TileConfig | None,
     names: tuple[str, ...],
     has_residual: bool,
-    whole: bool = False,
+    kernels: str = "portable",
 ) -> Callable[..., jax.Array]:
-    """`run` (x2d, params, residual2d) -> y2d, differentiable through `backward.mlp_backward`, or
-    with `whole` (impl fused_small on a spec it takes) fused_small_backward.py's saving forward
-    and whole-MLP backward.
+    """`run` (x2d, params, residual2d) -> y2d, differentiable through `backward.mlp_backward`,
+    or, as `kernels` says (`_train_kernels`), fused_small_backward.py's saving forward and
+    whole-MLP backward, or mosaic/backward.py's Hopper GEMMs.
 
     `names`: the caller's param names (packed or not: gradients come back in those names, the
     packed dwv/dbc as they are, or unpacked to dw/dv, db/dc); d(y + r)/dr = dy. Spec, policy,
@@ -486,14 +524,14 @@ def _trainable(
     def core_fwd(x2d, params, residual2d):
         kernel_params = pack_params(spec, params)  # the packed names only (a copy when plain)
         if saved == "preact":
-            y2d, kept = _saving_forward(spec, config, whole)(x2d, kernel_params, residual2d)
+            y2d, kept = _saving_forward(spec, config, kernels)(x2d, kernel_params, residual2d)
         else:  # "inputs": the asked implementation's forward; x is all the backward needs
             y2d, kept = run(x2d, params, residual2d), (x2d,)
         return y2d, (kept, kernel_params)
 
     def core_bwd(res, dy2d):
         kept, kernel_params = res
-        grads = _backward_pass(spec, saved, config, whole)(dy2d, kept, kernel_params)
+        grads = _backward_pass(spec, saved, config, kernels)(dy2d, kept, kernel_params)
         dx = grads.pop("x")
         if not packed:
             grads = unpack_params(spec, grads)
@@ -570,12 +608,10 @@ def _validate_and_plan(x, params, spec, impl, config, residual, saved) -> _Prepa
         base_plan = plan(spec, tuple(x.shape), impl=trained[0], device=device)
         train = _differentiated_by(run, _on_plain_params(spec, _jitted_runner(spec, base_plan)))
     elif not _entry(the_plan.impl).baseline:
-        from . import fused_small_backward
-
         train = _trainable(
             spec, run, saved=saved, config=config, names=tuple(params),
             has_residual=residual is not None,
-            whole=fused_small_backward.applies(the_plan.impl, spec),
+            kernels=_train_kernels(impl, the_plan.impl, spec, math.prod(lead)),
         )  # fmt: skip
     return _Prepared(the_plan, lead, math.prod(lead), run, train)
 

@@ -389,7 +389,7 @@ def _layout_operands(dtype: str, m: int, k: int, n: int):
 
 @pytest.mark.skipif(
     not compat.mosaic_interpreter_transposes(),
-    reason="jax 0.10's Mosaic GPU interpreter has no rule for transpose_ref views (the jax 0.11.2 "
+    reason="jax 0.10's Mosaic GPU interpreter has no rule for transposed ref views (the jax 0.11.2 "
     "job of .ci/run runs this; lowering for CUDA is tested on both)",
 )
 @pytest.mark.parametrize(
@@ -399,7 +399,7 @@ def _layout_operands(dtype: str, m: int, k: int, n: int):
     ("config", "dtype"), [(WS, "bfloat16"), (ONE_WG, "float16")], ids=["warp_specialized", "one_wg"]
 )
 def test_transposed_operands_give_the_same_bits(x_kmajor, w_kmajor, m, config, dtype) -> None:
-    """x given as its transpose [K, M] and/or w as [N, K], read in place through transpose_ref:
+    """x given as its transpose [K, M] and/or w as [N, K], read in place through a transposed view:
     the same output, bit for bit, as the operands stored [M, K] and [K, N] (the same products in
     the same order), and within the policy of the float64 reference; M = 80 and N = 144 leave
     ragged tiles, K = 96 several K steps; with only W transposed an odd M = 37 (its rows padded

@@ -10,9 +10,10 @@ wgmma group to wait on, not two. Grid and pipeline: `pipeline.persistent_matmul`
 grouped snaking tile order, warp-specialised TMA pipeline; the module table in pipeline.py). The
 epilogue splits each 64-row slice of the accumulator into its 64-column gate and up blocks (an
 outer split: no data moves between threads), adds their biases, computes act(g)·u in fp32, casts,
-and stores only the hidden h [M, n] by TMA through shared memory. Ragged M, n, K need no padding:
+and stores only the hidden h [M, n] by TMA through shared memory (the saving forward's
+`store_preact` stores the packed pre-activation too). Ragged M, n, K need no padding:
 TMA zero-fills reads past the arrays (the packed zero columns meet only outputs ≥ n) and clips the
-stores. Nothing is saved for a backward pass (forward only).
+stores.
 
 Sibling, not twin: jax_impl/gated.py (Pallas-Triton) and torch_impl/gated.py (Triton) export the
 same names; torch_impl/tma/gated.py is the Hopper Triton counterpart with this signature. fp16/bf16
@@ -37,7 +38,7 @@ from ..activations import apply_activation, round_to_dtype
 from ..compat import interpret_mode
 from ..front import ADAPTER
 from . import pipeline
-from .pipeline import EPI_M, Tiles, persistent_matmul, row_vector
+from .pipeline import EPI_M, Outputs, Tiles, persistent_matmul, row_vector
 
 FAMILY = "gated"
 P = PACK_BLOCK
@@ -50,16 +51,19 @@ def _gated_fwd_kernel(
     has_bias: bool,
     tiles: Tiles,
     interpret: bool,
+    store_preact: bool = False,
 ) -> None:
-    if has_bias:
-        x_gmem, wv_gmem, bc_gmem, o_gmem = refs
-    else:
-        (x_gmem, wv_gmem, o_gmem), bc_gmem = refs, None
+    x_gmem, wv_gmem, *rest = refs
+    bc_gmem = rest.pop(0) if has_bias else None
+    o_gmem, z_gmem = rest if store_preact else (rest[0], None)
     dtype = o_gmem.dtype
     pairs = tiles.epi_n // P  # (gate, up) block pairs per epilogue slice
 
-    def epilogue(acc: jax.Array, bc_ref: Any, rows: slice, en: int, o_slot: Any) -> None:
+    def epilogue(
+        acc: jax.Array, bc_ref: Any, rows: slice, en: int, o_slot: Any, z_slot: Any
+    ) -> None:
         # 3. compute: per pair j of the slice, h = act(g + b) · (u + c) in fp32, rounded once
+        # (the packed pre-activation pair [g + b | u + c] to z_slot where it is kept)
         for p in range(pairs):
             j = en * pairs + p  # pair index in this warpgroup's accumulator
             gate, up = (
@@ -69,12 +73,18 @@ def _gated_fwd_kernel(
             if bc_ref is not None:
                 gate = gate + row_vector(bc_ref.at[pl.ds(2 * j * P, P)], EPI_M, interpret=interpret)
                 up = up + row_vector(bc_ref.at[pl.ds(2 * j * P + P, P)], EPI_M, interpret=interpret)
+            if z_slot is not None:
+                z_slot.at[:, pl.ds(2 * p * P, P)][...] = round_to_dtype(gate, dtype, interpret)
+                z_slot.at[:, pl.ds(2 * p * P + P, P)][...] = round_to_dtype(up, dtype, interpret)
             h = apply_activation(gate, activation, fast=pipeline.APPROX_MATH) * up
             dst = o_slot if pairs == 1 else o_slot.at[:, pl.ds(p * P, P)]
             dst[...] = round_to_dtype(h, dtype, interpret)
 
     # 1. program -> tile, 2. load, 4. store: the shared persistent driver
-    persistent_matmul(x_gmem, wv_gmem, bc_gmem, None, o_gmem, tiles=tiles, epilogue=epilogue)
+    persistent_matmul(
+        x_gmem, wv_gmem, bc_gmem, None, o_gmem, tiles=tiles, epilogue=epilogue,
+        outputs=Outputs(preact=store_preact), z_gmem=z_gmem,
+    )  # fmt: skip
 
 
 # ==== launcher ====================================================================================
@@ -88,21 +98,27 @@ def gated_fwd(
     config: TileConfig,
     fp32_precision: str = "ieee",
     interpret: bool | None = None,
-) -> jax.Array:
+    store_preact: bool = False,
+) -> Any:
     """act(x @ w + b) * (x @ v + c) for 2-D x [M, K] and the packed wv [K, 2·Np], bc [2·Np] (or
     None) of a layer of width n; returns h [M, n] in x.dtype.
 
     One kernel call on the operands as they are (M ≥ 8 not a multiple of 8 is padded,
     `pipeline.padded_extents`); M = 0 returns an empty array without a launch.
     fp32_precision is taken for the twins' signature (16-bit products are exact in fp32).
+    `store_preact` (the saving forward; cooperative configs only): returns (h, zg) with zg the
+    packed pre-activation [M, 2·Np] = x @ wv + bc, as jax_impl/gated.py stores it.
     """
     del fp32_precision
     if interpret is None:
         interpret = interpret_mode()
     m, k = x.shape
     if m == 0:
-        return jnp.zeros((0, n), x.dtype)
+        empty = jnp.zeros((0, n), x.dtype)
+        return (empty, jnp.zeros((0, wv.shape[1]), x.dtype)) if store_preact else empty
     tiles = pipeline.plan_tiles(config, FAMILY)
+    outputs = Outputs(preact=store_preact)
+    outputs.check(tiles)
     mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, interpret)
     width = max(wv.shape[1], 2 * np_)  # > 2·Np only under the jax 0.10 interpreter
     operands = [pipeline.pad_to(x, (mp, kp)), pipeline.pad_to(wv, (kp, width))]
@@ -114,11 +130,16 @@ def gated_fwd(
         has_bias=bc is not None,
         tiles=tiles,
         interpret=interpret,
+        store_preact=store_preact,
     )
-    h = pipeline.launch(
-        kernel, operands, (mp, np_), x.dtype, tiles, name="gated_fwd", interpret=interpret
-    )
-    return h if (mp, np_) == (m, n) else h[:m, :n]
+    outs = pipeline.launch(
+        kernel, operands, (mp, np_), x.dtype, tiles, name="gated_fwd", interpret=interpret,
+        outputs=outputs, preact_cols=width,
+    )  # fmt: skip
+    if not store_preact:
+        return outs if (mp, np_) == (m, n) else outs[:m, :n]
+    h, zg = outs
+    return h[:m, :n], zg[:m, : wv.shape[1]]
 
 
 # ==== public function =============================================================================

@@ -9,9 +9,11 @@ memory warpgroup, two compute warpgroups that split the tile) or on one warpgrou
 `epi_n` slice of a compute warpgroup's fp32 accumulator, adds the bias, applies the activation,
 adds the residual (loaded by TMA into the slice's output staging slot), casts, and stores the slice
 by TMA from one of two staging slots. Ragged M, N, K: TMA zero-fills and clips, nothing is padded.
-Nothing is saved for a backward pass (forward only). `linear_act_fwd` can read x as its transpose
+`linear_act_fwd` also serves training (jax_impl/mosaic/backward.py): it reads x as its transpose
 stored [K, M] (`x_kmajor`) and w as its transpose stored [N, K] (`w_kmajor`) in place — the
-backward's hᵀ·dZ and dZ·Wᵀ (`pipeline.Operands`; the cooperative kernels, not ping-pong).
+backward's hᵀ·dZ and dZ·Wᵀ (`pipeline.Operands`) —, fuses the previous layer's act' step into
+its epilogue (`epilogue="dact"`/`"dact_gated"`) and stores the pre-activation for the backward
+(`store_preact`): the cooperative kernels, not ping-pong.
 
 Sibling, not twin: jax_impl/linear_act.py (Pallas-Triton) and torch_impl/linear_act.py (Triton)
 export the same names; the dispatcher picks this module for impl "pallas_mosaic"; its Hopper
@@ -31,14 +33,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ...common.config import TileConfig
+from ...common.packing import PACK_BLOCK, packed_width
 from ...common.validate import check_layer
-from ..activations import apply_activation, round_to_dtype
+from ..activations import apply_activation, apply_activation_grad, round_to_dtype
 from ..compat import interpret_mode
 from ..front import ADAPTER
 from . import pipeline
-from .pipeline import EPI_M, Operands, Tiles, persistent_matmul, row_vector
+from .pipeline import EPI_M, Operands, Outputs, Tiles, persistent_matmul, row_vector
 
 FAMILY = "linear_act"
+P = PACK_BLOCK
+EPILOGUES = ("none", "dact", "dact_gated")  # jax_impl/backward.py's, the input gradient's
 
 
 # ==== forward kernel ==============================================================================
@@ -50,28 +55,61 @@ def _linear_act_fwd_kernel(
     tiles: Tiles,
     interpret: bool,
     operands: Operands = pipeline.AS_STORED,
+    epilogue_kind: str = "none",
+    dact_activation: str = "identity",
+    store_preact: bool = False,
 ) -> None:
     x_gmem, w_gmem, *rest = refs
     b_gmem = rest.pop(0) if has_bias else None
-    r_gmem = rest.pop(0) if has_residual else None
-    (o_gmem,) = rest
+    r_gmem = rest.pop(0) if has_residual else None  # the residual, or the act' step's saved z
+    o_gmem, z_gmem = rest if store_preact else (rest[0], None)
     dtype = o_gmem.dtype
     epi_n = tiles.epi_n
+    outputs = Outputs(scale=2 if epilogue_kind == "dact_gated" else 1, preact=store_preact)
 
-    def epilogue(acc: jax.Array, b_ref: Any, rows: slice, en: int, o_slot: Any) -> None:
-        # 3. compute: y = act(acc + b) + r in fp32 on one 64 × epi_n slice, rounded once
+    def epilogue(
+        acc: jax.Array, b_ref: Any, rows: slice, en: int, o_slot: Any, z_slot: Any
+    ) -> None:
+        # 3. compute, in fp32 on one 64 × epi_n slice of the accumulator, rounded once
         y = acc[rows, en * epi_n : (en + 1) * epi_n]
+        if epilogue_kind == "dact":  # dout ⊙ act'(z), z (or relu's output) loaded into o_slot
+            z = o_slot[...].astype(jnp.float32)
+            o_slot[...] = round_to_dtype(
+                y * apply_activation_grad(z, dact_activation), dtype, interpret
+            )
+            return
+        if epilogue_kind == "dact_gated":
+            _dact_gated(y, o_slot)
+            return
+        # y = act(acc + b) + r (the pre-activation acc + b to z_slot where it is kept)
         if b_ref is not None:
             y = y + row_vector(b_ref.at[pl.ds(en * epi_n, epi_n)], EPI_M, interpret=interpret)
+        if z_slot is not None:
+            z_slot[...] = round_to_dtype(y, dtype, interpret)
         y = apply_activation(y, activation, fast=pipeline.APPROX_MATH)
         if has_residual:  # the driver loaded the residual slice into o_slot
             y = y + o_slot[...].astype(jnp.float32)
         o_slot[...] = round_to_dtype(y, dtype, interpret)
 
+    def _dact_gated(dout: jax.Array, o_slot: Any) -> None:
+        # the previous (gated) layer's act' step: per 64-column block j of dout, its packed pair
+        # of the saved [z|g] (loaded into the doubled o_slot) -> dz = dout ⊙ g ⊙ act'(z),
+        # dg = dout ⊙ act(z), written back over it: the packed [dz|dg] (jax_impl/backward.py's
+        # `_dact_epilogue`). Padded columns: dout and the saved pair are exact zeros there.
+        for j in range(epi_n // P):
+            d = dout[:, j * P : (j + 1) * P]
+            z_ref, g_ref = o_slot.at[:, pl.ds(2 * j * P, P)], o_slot.at[:, pl.ds(2 * j * P + P, P)]
+            z, g = z_ref[...].astype(jnp.float32), g_ref[...].astype(jnp.float32)
+            dz = d * g * apply_activation_grad(z, dact_activation)
+            dg = d * apply_activation(z, dact_activation, fast=pipeline.APPROX_MATH)
+            z_ref[...] = round_to_dtype(dz, dtype, interpret)
+            g_ref[...] = round_to_dtype(dg, dtype, interpret)
+
     # 1. program -> tile, 2. load, 4. store: the shared persistent driver
     persistent_matmul(
-        x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue, operands=operands
-    )
+        x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue,
+        operands=operands, outputs=outputs, z_gmem=z_gmem,
+    )  # fmt: skip
 
 
 # ==== launcher ====================================================================================
@@ -87,7 +125,11 @@ def linear_act_fwd(
     interpret: bool | None = None,
     x_kmajor: bool = False,
     w_kmajor: bool = False,
-) -> jax.Array:
+    epilogue: str = "none",
+    z: jax.Array | None = None,
+    dact_activation: str = "identity",
+    store_preact: bool = False,
+) -> Any:
     """act(x @ w + b) (+ residual) for 2-D x [M, K], w [K, N]; returns [M, N] in x.dtype.
 
     One kernel call on the operands as they are (TMA handles ragged edges; M ≥ 8 not a multiple
@@ -96,39 +138,70 @@ def linear_act_fwd(
     accumulator. `x_kmajor`: x is given as its transpose [K, M] and read in place (hᵀ of a
     weight gradient); `w_kmajor`: w as its transpose [N, K] (Wᵀ of an input gradient) — the
     cooperative kernels only (`pipeline.Operands`).
+
+    The backward's forms (cooperative kernels only; no bias, activation or residual with an act'
+    step): `epilogue` "dact" returns acc ⊙ act'(z) for the saved z [M, N] (for relu z is the
+    layer's output h: relu' of h is relu' of z, NaN kept); "dact_gated" the packed [dz|dg]
+    [M, packed_width(N)] from the saved packed [z|g] (`dact_activation` is act; jax_impl/
+    backward.py's `_dact_epilogue`, applied to the fp32 accumulator and rounded once).
+    `store_preact` (the saving forward): returns (y, z) with z = x @ w + b [M, N] as well.
     """
     del fp32_precision
     if interpret is None:
         interpret = interpret_mode()
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {epilogue!r}")
+    dact = epilogue != "none"
+    if dact and (z is None or b is not None or residual is not None or store_preact):
+        raise ValueError(
+            f"epilogue {epilogue!r}: expected the saved z and no bias, residual or stored "
+            f"pre-activation, got z={'given' if z is not None else None}, "
+            f"b={'given' if b is not None else None}, "
+            f"residual={'given' if residual is not None else None}, store_preact={store_preact}"
+        )
     m, k = x.shape[::-1] if x_kmajor else x.shape
     n = w.shape[0] if w_kmajor else w.shape[1]
+    out_n = packed_width(n) if epilogue == "dact_gated" else n
     if m == 0:
-        return jnp.zeros((0, n), x.dtype)
+        empty = jnp.zeros((0, out_n), x.dtype)
+        return (empty, empty) if store_preact else empty
     tiles = pipeline.plan_tiles(config, FAMILY)
     layout = Operands(x_kmajor=x_kmajor, w_kmajor=w_kmajor)
     layout.check(tiles, m)
+    outputs = Outputs(scale=2 if epilogue == "dact_gated" else 1, preact=store_preact)
+    outputs.check(tiles)
     mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, interpret)
+    # the doubled output's padded width: whole 2·64 packed blocks of np_ columns
+    out_np = packed_width(np_) if epilogue == "dact_gated" else np_
     operands = [
         pipeline.pad_to(x, (kp, mp) if x_kmajor else (mp, kp)),
         pipeline.pad_to(w, (np_, kp) if w_kmajor else (kp, np_)),
     ]
     if b is not None:
         operands.append(pipeline.pad_to(b, (np_,)))
-    if residual is not None:
-        operands.append(pipeline.pad_to(residual, (mp, np_)))
+    if residual is not None or dact:
+        operands.append(pipeline.pad_to(z if dact else residual, (mp, out_np)))
     kernel = functools.partial(
         _linear_act_fwd_kernel,
         activation=activation,
         has_bias=b is not None,
-        has_residual=residual is not None,
+        has_residual=residual is not None or dact,
         tiles=tiles,
         interpret=interpret,
         operands=layout,
+        epilogue_kind=epilogue,
+        dact_activation=dact_activation,
+        store_preact=store_preact,
     )
-    y = pipeline.launch(
-        kernel, operands, (mp, np_), x.dtype, tiles, name="linear_act_fwd", interpret=interpret
-    )
-    return y if (mp, np_) == (m, n) else y[:m, :n]
+    name = "linear_act_fwd" if epilogue == "none" else f"linear_act_{epilogue}"
+    outs = pipeline.launch(
+        kernel, operands, (mp, out_np), x.dtype, tiles, name=name, interpret=interpret,
+        outputs=outputs, preact_cols=np_,
+    )  # fmt: skip
+    ys = outs if store_preact else (outs,)
+    if (mp, out_np) != (m, out_n):
+        ys = tuple(y[:m, : (out_n if i == 0 else n)] for i, y in enumerate(ys))
+    return ys if store_preact else ys[0]
 
 
 # ==== public function =============================================================================

@@ -246,11 +246,20 @@ class Tiles:
         the warpgroup stores a single epilogue tile."""
         return min(2, math.prod(self.epi_tiles))
 
-    def smem_bytes(self, itemsize: int, has_bias: bool) -> int:
-        """Shared memory of the kernel: pipeline slots, output staging, bias rows (barriers add
-        a few bytes)."""
+    @property
+    def preact_epi_n(self) -> int:
+        """Columns of one epilogue tile of the stored pre-activation (`Outputs.preact`): the
+        operand columns behind epi_n output columns (gated: the packed 2·epi_n)."""
+        return self.epi_n * self.op_n // self.out_n
+
+    def smem_bytes(self, itemsize: int, has_bias: bool, outputs: Outputs | None = None) -> int:
+        """Shared memory of the kernel: pipeline slots, output staging (wider for `outputs`
+        that scale the output or store the pre-activation too), bias rows (barriers add a few
+        bytes)."""
+        outputs = outputs or PLAIN_OUTPUT
         ring = self.num_stages * itemsize * (self.block_m + self.op_n) * self.block_k
-        out = self.wgs * self.out_slots * EPI_M * self.epi_n * itemsize
+        staged = self.epi_n * outputs.scale + (self.preact_epi_n if outputs.preact else 0)
+        out = self.wgs * self.out_slots * EPI_M * staged * itemsize
         bias = self.wgs * self.wg_op_n * itemsize if has_bias else 0
         return ring + out + bias
 
@@ -349,13 +358,21 @@ def plan_tiles(config: TileConfig, family: str) -> Tiles:
     )
 
 
-def check_config(config: TileConfig, dtype: str, num_weights: int, residual: bool) -> Tiles:
+def check_config(
+    config: TileConfig,
+    dtype: str,
+    num_weights: int,
+    residual: bool,
+    outputs: Outputs | None = None,
+) -> Tiles:
     """ValueError naming the field when a TileConfig cannot drive the Mosaic GPU kernel.
     num_weights: 1 for linear_act, 2 for gated (the packed [W|V] operand). The residual is
-    staged in the output slots, so it costs no shared memory of its own."""
+    staged in the output slots, so it costs no shared memory of its own; `outputs` (the
+    backward's wide or second outputs) does."""
     del residual
     tiles = plan_tiles(config, "gated" if num_weights == 2 else "linear_act")
-    need = tiles.smem_bytes(jnp.dtype(dtype).itemsize, has_bias=True)
+    (outputs or PLAIN_OUTPUT).check(tiles)
+    need = tiles.smem_bytes(jnp.dtype(dtype).itemsize, has_bias=True, outputs=outputs)
     if need > SMEM_BYTES:
         raise ValueError(
             f"config: expected at most {SMEM_BYTES} bytes of shared memory, got {need} for "
@@ -428,10 +445,18 @@ def launch(
     *,
     name: str,
     interpret: bool,
-) -> jax.Array:
-    """One `plgpu.kernel` call: a persistent grid of min(SMs, tiles) blocks of 1 or 3 warpgroups."""
+    outputs: Outputs | None = None,
+    preact_cols: int = 0,
+) -> Any:
+    """One `plgpu.kernel` call: a persistent grid of min(SMs, tiles) blocks of 1 or 3 warpgroups.
+    `out_shape` is the (first) output's; with `outputs.preact` the call returns (out, z), z
+    [M, preact_cols]."""
+    outputs = outputs or PLAIN_OUTPUT
     m, n = out_shape
-    num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.out_n)
+    num_tiles = cdiv(m, tiles.block_m) * cdiv(cdiv(n, outputs.scale), tiles.out_n)
+    out_type: Any = jax.ShapeDtypeStruct(out_shape, dtype)
+    if outputs.preact:
+        out_type = (out_type, jax.ShapeDtypeStruct((m, preact_cols), dtype))
     threads = (
         dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
         if (tiles.warp_specialize)
@@ -439,7 +464,7 @@ def launch(
     )
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+        out_type=out_type,
         grid=(max(1, min(num_sms(interpret), num_tiles)),),
         grid_names=("sm",),
         **threads,
@@ -469,7 +494,7 @@ def row_vector(ref: Any, rows: int, *, interpret: bool) -> jax.Array:
 
 
 def smem_transforms(
-    t: Tiles, k: int, w_cols: int, n_out: int, dtype: Any, *, x_minor: int = 0
+    t: Tiles, k: int, w_cols: int, n_out: int, dtype: Any, *, x_minor: int = 0, out_scale: int = 1
 ) -> tuple[Any, Any]:
     """The shared-memory transforms of the (X, W) slabs and of the output staging tiles.
 
@@ -480,12 +505,13 @@ def smem_transforms(
     every model width (multiples of 64), 32 at least (unsupported_reason); the staging tile's,
     the largest that divides its width and N. A transposed operand (`Operands`) adds its slab's
     and its array's minor extents: `x_minor` the X array's row length when X is read transposed
-    (its slab is then block_m wide), and `w_cols` is W's row length either way."""
+    (its slab is then block_m wide), and `w_cols` is W's row length either way. A staging tile
+    is out_scale·epi_n wide (`Outputs.scale`)."""
     minors = [t.block_k, k, t.op_n, w_cols]
     if x_minor:
         minors += [t.block_m, x_minor]
     slabs = mma_transforms(math.gcd(*minors), dtype)
-    return slabs, mma_transforms(math.gcd(t.epi_n, n_out), dtype)
+    return slabs, mma_transforms(math.gcd(out_scale * t.epi_n, n_out), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,7 +519,7 @@ class Operands:
     """How the driver reads its two operands: X as [M, K] or, `x_kmajor`, as its transpose
     stored [K, M] (the weight gradient's hᵀ, read in place); W as [K, N] or, `w_kmajor`, as its
     transpose stored [N, K] (the input gradient's Wᵀ). A transposed slab is loaded by TMA as it
-    lies and handed to wgmma through `plgpu.transpose_ref` (16-bit operands may be MN-major)."""
+    lies and handed to wgmma as a transposed view (16-bit operands may be MN-major)."""
 
     x_kmajor: bool = False
     w_kmajor: bool = False
@@ -545,8 +571,9 @@ class Operands:
 
     def mma_views(self, x_smem: Any, w_smem: Any, rows: Any, cols: Any) -> tuple[Any, Any]:
         """A warpgroup's [rows, K slab] of X and [K slab, cols] of W, as wgmma takes them."""
-        a = plgpu.transpose_ref(x_smem.at[:, rows], (1, 0)) if self.x_kmajor else x_smem.at[rows]
-        b = plgpu.transpose_ref(w_smem.at[cols, :], (1, 0)) if self.w_kmajor else w_smem.at[:, cols]
+        # ref.transpose: what plgpu.transpose_ref does in jax 0.10 and 0.11 (deprecated in 0.11)
+        a = x_smem.at[:, rows].transpose((1, 0)) if self.x_kmajor else x_smem.at[rows]
+        b = w_smem.at[cols, :].transpose((1, 0)) if self.w_kmajor else w_smem.at[:, cols]
         return a, b
 
 
@@ -554,10 +581,48 @@ class Operands:
 AS_STORED = Operands()
 
 
-# The family's "3. compute" for one epilogue tile: (acc, bias_ref or None, rows, en, o_slot) ->
-# None, writing the tile (cast to the output dtype) into the shared-memory slot o_slot. For
-# linear_act with a residual, o_slot already holds the residual tile when it is called.
-EpilogueFn = Callable[[jax.Array, Any, slice, int, Any], None]
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What the epilogue stores per accumulator tile, beyond one output tile of its columns:
+    `scale` output columns per accumulator column (2: a gated layer's act' step writes the packed
+    [dz|dg] from dh, the backward's "dact_gated"; the residual slot, which carries the saved
+    packed z there, is as wide), and `preact`: a second output, the pre-activation (accumulator
+    plus bias, in the operand's columns: packed for gated), which the saving forward keeps."""
+
+    scale: int = 1
+    preact: bool = False
+
+    def check(self, tiles: Tiles) -> None:
+        """ValueError where the driver cannot store these outputs: the ping-pong kernel stores
+        one plain output; a doubled output is built from whole 64-column gate/up blocks."""
+        if self == PLAIN_OUTPUT:
+            return
+        if tiles.pingpong:
+            raise ValueError(
+                f"outputs: the ping-pong kernel (programs_per_sm=2) stores one output tile per "
+                f"accumulator tile, got {self}; use a cooperative config"
+            )
+        if self.scale not in (1, 2) or (self.scale == 2 and (tiles.gated or self.preact)):
+            raise ValueError(
+                f"outputs: expected scale 1, or 2 for a linear_act product without a stored "
+                f"pre-activation (the packed act' step), got {self} for family "
+                f"{'gated' if tiles.gated else 'linear_act'}"
+            )
+        if self.scale == 2 and tiles.epi_n % PACK_BLOCK:
+            raise ValueError(
+                f"config.epilogue_subtile: a doubled (packed gate/up) output needs epilogue "
+                f"tiles of whole {PACK_BLOCK}-column blocks, got {tiles.epi_n} columns"
+            )
+
+
+PLAIN_OUTPUT = Outputs()
+
+
+# The family's "3. compute" for one epilogue tile: (acc, bias_ref or None, rows, en, o_slot,
+# z_slot) -> None, writing the tile (cast to the output dtype) into the shared-memory slot o_slot
+# and, where `Outputs.preact`, the pre-activation tile into z_slot (else None). With a residual
+# (linear_act's, or the saved z of an act' step) o_slot already holds its tile when it is called.
+EpilogueFn = Callable[[jax.Array, Any, slice, int, Any, Any], None]
 
 
 def persistent_matmul(
@@ -570,11 +635,15 @@ def persistent_matmul(
     tiles: Tiles,
     epilogue: EpilogueFn,
     operands: Operands = AS_STORED,
+    outputs: Outputs = PLAIN_OUTPUT,
+    z_gmem: Any | None = None,
 ) -> None:
     """The kernel body both families share: 1. program -> tile, 2. load, the K pipeline, the
     epilogue tiles (3. compute: `epilogue`), 4. store. Refs are whole arrays in GMEM; `operands`
-    says whether X or W is read transposed (the cooperative kernels only)."""
+    says whether X or W is read transposed, `outputs` whether the output is doubled or the
+    pre-activation stored too (into z_gmem) — the cooperative kernels only."""
     operands.check(tiles, operands.shapes(x_gmem, w_gmem)[0])
+    outputs.check(tiles)
     if tiles.pingpong:
         pingpong_matmul(x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue)
         return
@@ -582,12 +651,15 @@ def persistent_matmul(
     t = tiles
     m, k, w_cols = operands.shapes(x_gmem, w_gmem)
     n_out = o_gmem.shape[1]
-    m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_out, t.out_n), cdiv(k, t.block_k)
+    n_acc = cdiv(n_out, outputs.scale)  # output columns the accumulator tiles cover
+    m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_acc, t.out_n), cdiv(k, t.block_k)
     ws = t.warp_specialize
     slots = t.out_slots
 
     x_minor = m if operands.x_kmajor else 0
-    transforms, out_transforms = smem_transforms(t, k, w_cols, n_out, dtype, x_minor=x_minor)
+    transforms, out_transforms = smem_transforms(
+        t, k, w_cols, n_out, dtype, x_minor=x_minor, out_scale=outputs.scale
+    )
     in_specs = operands.specs(t, transforms)
 
     def warpgroup_slices(wg: Any) -> tuple[Any, Any]:
@@ -635,14 +707,33 @@ def persistent_matmul(
     ignore = lambda *_, **__: None  # noqa: E731  (the allocations do not depend on the bodies)
     allocations = dict(
         pipeline_allocs=ws_pipeline(ignore).get_allocations(x_gmem, w_gmem) if ws else None,
-        # Per compute warpgroup: `slots` output staging tiles and its bias row.
-        out_smem=plgpu.SMEM((t.wgs, slots, EPI_M, t.epi_n), dtype, transforms=out_transforms),
+        # Per compute warpgroup: `slots` output staging tiles (and pre-activation ones) and its
+        # bias row.
+        out_smem=plgpu.SMEM(
+            (t.wgs, slots, EPI_M, t.epi_n * outputs.scale), dtype, transforms=out_transforms
+        ),
+        z_smem=(
+            plgpu.SMEM(
+                (t.wgs, slots, EPI_M, t.preact_epi_n),
+                dtype,
+                transforms=mma_transforms(math.gcd(t.preact_epi_n, z_gmem.shape[1]), dtype),
+            )
+            if outputs.preact
+            else None
+        ),
         b_smem=plgpu.SMEM((t.wgs, t.wg_op_n), dtype) if b_gmem is not None else None,
         b_bars=plgpu.Barrier(num_barriers=t.wgs) if b_gmem is not None else None,
         r_bars=plgpu.Barrier(num_barriers=t.wgs * slots) if r_gmem is not None else None,
     )
 
-    def scope(pipeline_allocs: Any, out_smem: Any, b_smem: Any, b_bars: Any, r_bars: Any) -> None:
+    def scope(
+        pipeline_allocs: Any,
+        out_smem: Any,
+        z_smem: Any,
+        b_smem: Any,
+        b_bars: Any,
+        r_bars: Any,
+    ) -> None:
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tile_loop(info: Any) -> None:
             # 1. program -> tile: grouped, snaking order of the output tiles (group_m-row bands)
@@ -669,8 +760,10 @@ def persistent_matmul(
                     if b_gmem is not None:
                         plgpu.barrier_wait(b_bars.at[wg])
                         bias = b_smem.at[wg]
+                    preact = (z_smem, z_gmem, op0) if outputs.preact else None
                     store_tile(acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, o_gmem,
-                               tiles=t, epilogue=epilogue)  # fmt: skip
+                               tiles=t, epilogue=epilogue, out_scale=outputs.scale,
+                               preact=preact)  # fmt: skip
 
                 pl.run_scoped(acc_scope, plgpu.ACC((t.wg_m, t.wg_op_n), jnp.float32))
 
@@ -699,11 +792,15 @@ def store_tile(
     *,
     tiles: Tiles,
     epilogue: EpilogueFn,
+    out_scale: int = 1,
+    preact: tuple[Any, Any, Any] | None = None,
 ) -> None:
     """A compute warpgroup's epilogue tiles of one output tile (rows from row0, output columns
     from col0): per 64-row × epi_n tile, the residual (if any) into a staging slot, 3. compute
     (the family's `epilogue`, staged in the slot), 4. store by TMA; two slots, so one tile's
-    store overlaps the next one's math."""
+    store overlaps the next one's math. `out_scale` output (and residual) columns per
+    accumulator column; `preact` (z_smem, z_gmem, op0: the warpgroup's first operand column):
+    the pre-activation tile is staged and stored too, in the same bulk group as the output."""
     t = tiles
     em_tiles, en_tiles = t.epi_tiles
     slots = t.out_slots
@@ -714,16 +811,22 @@ def store_tile(
             slot = (em * en_tiles + en) % slots
             o_slot = out_smem.at[wg, slot]
             gm = pl.ds(row0 + em * EPI_M, EPI_M)
-            gn = pl.ds(col0 + en * t.epi_n, t.epi_n)
+            gn = pl.ds(out_scale * (col0 + en * t.epi_n), out_scale * t.epi_n)
+            # one bulk group per epilogue tile (its output and pre-activation stores together)
             plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
             if r_gmem is not None:
                 bar = r_bars.at[wg * slots + slot]
                 plgpu.copy_gmem_to_smem(r_gmem.at[gm, gn], o_slot, bar)
                 plgpu.barrier_wait(bar)
-            # 3. compute (the family's fp32 epilogue, staged in o_slot)
-            epilogue(acc, bias, slice(em * EPI_M, (em + 1) * EPI_M), en, o_slot)
+            z_slot = preact[0].at[wg, slot] if preact is not None else None
+            # 3. compute (the family's fp32 epilogue, staged in o_slot and z_slot)
+            epilogue(acc, bias, slice(em * EPI_M, (em + 1) * EPI_M), en, o_slot, z_slot)
             # 4. store
             plgpu.commit_smem()  # generic-proxy writes -> visible to TMA
+            if preact is not None:
+                _, z_gmem, op0 = preact
+                zn = pl.ds(op0 + en * t.preact_epi_n, t.preact_epi_n)
+                plgpu.copy_smem_to_gmem(z_slot, z_gmem.at[gm, zn], commit_group=False)
             plgpu.copy_smem_to_gmem(o_slot, o_gmem.at[gm, gn])
 
 

@@ -1,0 +1,257 @@
+"""Hopper backward on Mosaic GPU: backward.py's gradients with every GEMM on the persistent kernel.
+
+Per layer i, in reverse, from dZ_i (the gradient at the layer's pre-activation; gated: the packed
+[dz|dg], common/packing.py), the formulas of jax_impl/backward.py:
+
+    dW_i = h_iᵀ·dZ_i        linear_act (identity) with x = h_iᵀ read M-major in place (x_kmajor)
+    db_i = Σ_m dZ_i         one fp32 column sum (an XLA reduction, as torch.sum there), rounded once
+    dZ_{i-1} = (dZ_i·W_iᵀ) ⊙ act'(z_{i-1})
+                            linear_act with w = W_iᵀ read K-major in place (w_kmajor) and the
+                            previous layer's act' step in its epilogue ("dact": the saved z tile
+                            loaded by TMA into the output staging slot, as a residual is;
+                            "dact_gated": the saved packed [z|g] pair loaded into a doubled slot
+                            and overwritten by the packed [dz|dg] — `pipeline.Outputs`), applied
+                            to the fp32 accumulator and rounded once, as the portable dgrad does;
+                            after a relu layer the epilogue reads its output h_i instead of a z
+                            (backward.py's `_dact_from_output`: relu keeps no z)
+
+The saving forward ("preact") runs the Mosaic GPU forward kernels with `store_preact`: the epilogue
+stores the pre-activation (gated: the packed [z|g]) beside the output, from the same fp32 values,
+so the kept tensors are backward.py's (same names, layouts and roundings) and the output is the
+inference kernel's, bit for bit. Only the last layer's act' step, which has no GEMM before it, runs
+backward.py's elementwise `dact_fwd` (every preset's last layer is identity: none).
+
+Why this and not backward.py's kernels on Hopper: those are Pallas-Triton pointer kernels (no TMA,
+no wgmma pipeline, no persistent grid), 70-85 % of cuBLAS on the H200: the JAX llama3-8b step at
+M = 8192 took 15.43 ms on them against XLA's 13.10 (docs/performance.md, "Training"). The forward
+kernels here run at 95-100 % of jax's own Mosaic GPU Hopper matmul.
+
+Tiles: the forward's (`pipeline.default_config`: the committed H200 table, else the heuristic) made
+cooperative (the ping-pong kernel reads no transposed operand and stores one plain output) and
+fitted to the shared memory the extra staging needs (`fitted_config`: fewer pipeline slots first,
+then half-wide tiles). A pinned `config` is the portable kernels'; these GEMMs keep their own tiles,
+as torch_impl/tma/backward.py's do.
+
+Used by the JAX front's custom_vjp on a Hopper GPU when the asked impl is `auto` or `pallas_mosaic`
+and every GEMM meets Mosaic GPU's constraints (`unsupported_reason`; M a multiple of 16, since M is
+the weight gradients' contraction); otherwise backward.py's portable kernels run. Under the Mosaic
+GPU interpreter of jax ≥ 0.11 it runs on the CPU (tests/test_mosaic_backward.py); jax 0.10's
+interpreter cannot read an operand transposed (`compat.mosaic_interpreter_transposes`).
+
+Sibling, not twin: torch_impl/tma/backward.py (Triton, tensor descriptors) has this structure and
+these names; the Pallas-Triton twin of torch_impl/backward.py is jax_impl/backward.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from ...common import MLPSpec
+from ...common.config import TileConfig
+from ...common.packing import PACK_BLOCK, packed_names, packed_width
+from ...common.registry import AUTO
+from ...common.validate import check_saved
+from .. import backward as portable
+from .. import compat
+from . import gated as mosaic_gated
+from . import linear_act as mosaic_linear
+from . import pipeline
+from .pipeline import PLAIN_OUTPUT, Outputs
+
+IMPLS = (AUTO, pipeline.IMPL)  # the asked impls whose training runs this backward on Hopper
+
+
+def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
+    """None if every GEMM of the training step (saving forward, weight and input gradients) can
+    run on the Mosaic GPU kernels at M = m, else why not.
+
+    Per layer (K = d_in, Nc = d_out or the packed 2·Np): the forward x·W [m, Nc, K]; hᵀ·dZ reads
+    h transposed, so its rows (K) and its contraction (M) must be multiples of 16 — the swizzled
+    TMA tiles' rule that `pipeline.unsupported_reason` applies to K and N; dZ·Wᵀ [m, K, Nc]."""
+    for layer in spec.layers():
+        width = packed_width(layer.d_out) if layer.gated else layer.d_out
+        for what, (rows, n, k) in (
+            ("forward", (m, layer.d_out, layer.d_in)),
+            ("weight gradient", (layer.d_in, width, m)),
+            ("input gradient", (m, layer.d_in, width)),
+        ):
+            why = pipeline.unsupported_reason(rows, n, k, spec.dtype)
+            if why is not None:
+                what_k = "M" if what == "weight gradient" else "K"
+                return f"layer {layer.index} {what} (its contraction {what_k} = {k}): {why}"
+    return None
+
+
+def applies(impl: str, spec: MLPSpec, m: int) -> bool:
+    """Whether a training call's custom_vjp runs this module: a Hopper GPU (not the
+    interpreter), an asked impl of `auto` or `pallas_mosaic` (an explicit portable impl keeps
+    its own backward, so the two can be compared), every GEMM supported."""
+    if impl not in IMPLS or m == 0 or compat.interpret_mode() or not compat.on_hopper():
+        return False
+    return unsupported_reason(spec, m) is None
+
+
+def fitted_config(
+    family: str,
+    m: int,
+    n: int,
+    k: int,
+    dtype: str,
+    outputs: Outputs = PLAIN_OUTPUT,
+    *,
+    interpret: bool,
+) -> TileConfig:
+    """The forward's tiles for this GEMM, made cooperative and fitted to `outputs`' staging.
+
+    Tried in order: the default config (`pipeline.default_config`) with one program an SM; fewer
+    pipeline slots, down to 3; the half-wide tile with its slots from one more than the default
+    down to 3; 2 slots. The first that `pipeline.check_config` takes (ValueError if none)."""
+    base = pipeline.default_config(family, m, n, k, dtype, interpret=interpret)
+    base = dataclasses.replace(base, programs_per_sm=1)
+    tries = [dataclasses.replace(base, num_stages=s) for s in range(base.num_stages, 2, -1)]
+    half = base.block_n // 2
+    if half >= PACK_BLOCK and half % PACK_BLOCK == 0:
+        narrow = dataclasses.replace(base, block_n=half)
+        tries += [
+            dataclasses.replace(narrow, num_stages=s) for s in range(base.num_stages + 1, 2, -1)
+        ]
+    tries.append(dataclasses.replace(base, num_stages=2))
+    weights = 2 if family == "gated" else 1
+    errors = []
+    for cfg in tries:
+        try:
+            pipeline.check_config(cfg, dtype, weights, residual=False, outputs=outputs)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        return cfg
+    raise ValueError(
+        f"config: no cooperative Mosaic GPU tile fits {family} at (M, N, K) = {(m, n, k)} with "
+        f"{outputs}: {errors[-1]}"
+    )
+
+
+def forward_saving(
+    x2d: jax.Array,
+    params: Mapping[str, jax.Array],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    residual: jax.Array | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, tuple[jax.Array | None, ...]]:
+    """backward.forward_saving's result (same arguments, residuals and layouts) from the Mosaic
+    GPU forward kernels, the pre-activations stored by their epilogues (`store_preact`).
+    Trusts input: the caller checked `unsupported_reason(spec, M)`."""
+    check_saved(saved)
+    interpret = compat.interpret_mode() if interpret is None else interpret
+    layers = spec.layers()
+    last = layers[-1].index
+    h = x2d
+    kept: list[jax.Array | None] = [x2d]
+    for layer in layers:
+        i, m = layer.index, h.shape[0]
+        store = saved == "preact" and portable._stores_preact(layer)
+        family = "gated" if layer.gated else "linear_act"
+        cfg = fitted_config(
+            family, m, layer.d_out, layer.d_in, spec.dtype, Outputs(preact=store),
+            interpret=interpret,
+        )  # fmt: skip
+        if layer.gated:
+            outs = mosaic_gated.gated_fwd(
+                h, params[f"wv{i}"], params.get(f"bc{i}"), n=layer.d_out,
+                activation=layer.activation, config=cfg, interpret=interpret, store_preact=store,
+            )  # fmt: skip
+        else:
+            outs = mosaic_linear.linear_act_fwd(
+                h, params[f"w{i}"], params.get(f"b{i}"), residual if i == last else None,
+                activation=layer.activation, config=cfg, interpret=interpret, store_preact=store,
+            )  # fmt: skip
+        h, z = outs if store else (outs, None)
+        if layer.gated and i == last and residual is not None:  # no preset has one; kept exact
+            h = h + residual
+        if saved == "preact":
+            kept += [z, h] if i != last else [z]
+    return h, tuple(kept) if saved == "preact" else (x2d,)
+
+
+def _gemm(
+    a: jax.Array,
+    b: jax.Array,
+    spec: MLPSpec,
+    *,
+    interpret: bool,
+    x_kmajor: bool = False,
+    w_kmajor: bool = False,
+    epilogue: str = "none",
+    z: jax.Array | None = None,
+    activation: str = "identity",
+) -> jax.Array:
+    """a·b on the Mosaic GPU kernel, a [M, K] (or, x_kmajor, given as [K, M]) and b [K, N] (or,
+    w_kmajor, given as [N, K]), with the previous layer's act' step in the epilogue where
+    `epilogue` says (mosaic/linear_act.py's linear_act_fwd)."""
+    m, k = a.shape[::-1] if x_kmajor else a.shape
+    n = b.shape[0] if w_kmajor else b.shape[1]
+    outputs = Outputs(scale=2 if epilogue == "dact_gated" else 1)
+    cfg = fitted_config("linear_act", m, n, k, spec.dtype, outputs, interpret=interpret)
+    return mosaic_linear.linear_act_fwd(
+        a, b, None, None, activation="identity", config=cfg, interpret=interpret,
+        x_kmajor=x_kmajor, w_kmajor=w_kmajor, epilogue=epilogue, z=z, dact_activation=activation,
+    )  # fmt: skip
+
+
+def mlp_backward(
+    dy2d: jax.Array,
+    residuals: tuple[jax.Array | None, ...],
+    params: Mapping[str, jax.Array],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    interpret: bool | None = None,
+) -> dict[str, jax.Array]:
+    """backward.mlp_backward's result (same arguments, names and layouts: `wv{i}`/`bc{i}` come
+    back packed) from the Mosaic GPU GEMMs. Trusts input: the caller checked
+    `unsupported_reason(spec, M)`."""
+    check_saved(saved)
+    interpret = compat.interpret_mode() if interpret is None else interpret
+    if saved == "inputs":
+        _, residuals = forward_saving(
+            residuals[0], params, spec, saved="preact", interpret=interpret
+        )
+    layers = spec.layers()
+    hs, zs = residuals[0::2], residuals[1::2]
+    m = dy2d.shape[0]
+    grads: dict[str, jax.Array] = {}
+    top = layers[-1]
+    if portable._stores_preact(top):  # no GEMM before it: backward.py's elementwise act' step
+        cfg = portable._config(
+            spec, "gated" if top.gated else "linear_act", m, top.d_out, top.d_in, None
+        )
+        dz = portable.dact_fwd(dy2d, zs[-1], activation=top.activation, gated=top.gated, config=cfg)
+    else:
+        dz = dy2d
+    for layer in reversed(layers):
+        i = layer.index
+        wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
+        w = params[wname]
+        grads[wname] = _gemm(hs[i], dz, spec, interpret=interpret, x_kmajor=True).astype(w.dtype)
+        if layer.bias:
+            grads[bname] = jnp.sum(dz, axis=0, dtype=jnp.float32).astype(params[bname].dtype)
+        prev = layers[i - 1] if i > 0 else None
+        # dh = dZ·Wᵀ, with the previous layer's act' step in the epilogue (dh is its dout); after
+        # a relu layer the act' step reads this layer's input h_i, relu's output
+        if prev is None or not (portable._stores_preact(prev) or portable._dact_from_output(prev)):
+            dz = _gemm(dz, w, spec, interpret=interpret, w_kmajor=True)
+        else:
+            z = hs[i] if portable._dact_from_output(prev) else zs[i - 1]
+            dz = _gemm(
+                dz, w, spec, interpret=interpret, w_kmajor=True,
+                epilogue="dact_gated" if prev.gated else "dact", z=z, activation=prev.activation,
+            )  # fmt: skip
+        if i == 0:
+            grads["x"] = dz
+    return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}

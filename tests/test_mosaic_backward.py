@@ -1,0 +1,387 @@
+"""The JAX Hopper backward (issue 24): jax_impl/mosaic/backward.py and the Mosaic GPU kernels' forms
+it adds — the saving forward's stored pre-activations (`store_preact`), the input gradient's act'
+epilogues ("dact", "dact_gated": a doubled output, `pipeline.Outputs`) and the operands read
+transposed in place.
+
+Under the Mosaic GPU interpreter (jax ≥ 0.11: 0.10's cannot read an operand transposed, so the
+main job of .ci/run skips these and its jax 0.11.2 job runs them): gradients of every layer kind
+— plain with a kept z, relu read off its output, gated (packed, padded width) before a plain or a
+gated layer — against the float64 reference with the gradient tolerance and the baseline rule
+against `jax.grad` of the `xla` baseline; both saved policies bit for bit; the saving forward's
+output is the inference kernels' bit for bit and it keeps backward.py's residuals (same slots,
+shapes, dtypes); a NaN row propagates as the reference's. On both jax versions: the whole
+step lowers for CUDA at the large tiles; the shared-memory model counts what Mosaic counts with
+the wider staging; the tiles fitted for the backward fit and are cooperative; bad forms are refused
+with ValueErrors naming the argument. `-m gpu`: the step on the H200 against the reference and
+the portable backward, twice, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fusedmlp import jax_impl
+from fusedmlp.common import MLPSpec, TileConfig, init_params, make_input, reference
+from fusedmlp.common.config import SAVED_POLICIES
+from fusedmlp.common.packing import packed_width, unpack_params
+from fusedmlp.common.tolerance import assert_grads_close
+from fusedmlp.jax_impl import backward as portable
+from fusedmlp.jax_impl import compat
+from fusedmlp.jax_impl.mosaic import backward as hopper
+from fusedmlp.jax_impl.mosaic import gated as gated_mod
+from fusedmlp.jax_impl.mosaic import linear_act as linear_mod
+from fusedmlp.jax_impl.mosaic import pipeline
+from fusedmlp.jax_impl.packing import pack_params
+from helpers import lower_for_cuda
+
+F32 = jnp.float32
+
+needs_transposes = pytest.mark.skipif(
+    not compat.mosaic_interpreter_transposes(),
+    reason="jax 0.10's Mosaic GPU interpreter has no rule for transposed ref views (the jax 0.11.2 "
+    "job of .ci/run runs this; lowering for CUDA is tested on both)",
+)
+
+
+def _ws(bm: int, bn: int, stages: int, subtile: int = 1, pingpong: bool = False) -> TileConfig:
+    return TileConfig(
+        bm, bn, 64, group_m=8, num_warps=4, num_stages=stages, warp_specialize=True,
+        epilogue_subtile=subtile, programs_per_sm=2 if pingpong else 1,
+    )  # fmt: skip
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a).astype(F32), dtype=np.float64)
+
+
+def _inputs(spec: MLPSpec, m: int, seed: int):
+    params = init_params(spec, seed)
+    x = make_input(spec, (m,), seed + 1)
+    rng = np.random.default_rng(seed + 2)
+    dy = jnp.asarray(rng.standard_normal((m, spec.d_out)), F32).astype(spec.dtype)
+    return x, params, dy
+
+
+def _hopper_step(spec: MLPSpec, x, params, dy, *, saved: str = "preact", interpret: bool = True):
+    """(y, gradients in the contract's names) from mosaic/backward.py, as the front's custom_vjp
+    calls it."""
+    packed = pack_params(spec, {k: jnp.asarray(v) for k, v in params.items()})
+    x2d = jnp.asarray(x)
+    y, kept = hopper.forward_saving(x2d, packed, spec, saved="preact", interpret=interpret)
+    if saved == "inputs":
+        kept = (x2d,)
+    grads = hopper.mlp_backward(dy, kept, packed, spec, saved=saved, interpret=interpret)
+    dx = grads.pop("x")
+    return y, {"x": dx, **unpack_params(spec, grads)}
+
+
+def _baseline(spec: MLPSpec, x, params, dy) -> dict[str, np.ndarray]:
+    def loss(x, params):
+        y = jax_impl.mlp(x, params, spec, impl="xla")
+        return jnp.sum(y.astype(F32) * dy.astype(F32))
+
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    dx, dp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jp)
+    return {k: _f64(v) for k, v in {"x": dx, **dp}.items()}
+
+
+# ---- gradients under the interpreter ---------------------------------------------------------
+CASES = [  # (widths, activation, bias, dtype, M): every act' form once; widths multiples of 16
+    ((32, 80, 48), "swiglu", True, "bfloat16", 48),  # gated (80: packed padding) -> plain
+    ((48, 64, 32, 16), "relu", True, "float16", 32),  # relu' read off the outputs, twice
+    ((32, 48, 32), "gelu", False, "bfloat16", 64),  # plain with a kept z: "dact"
+    ((32, 80, 48, 32), "geglu_tanh", False, "float16", 32),  # "dact_gated" twice
+]
+
+
+def _case_id(case) -> str:
+    widths, activation, bias, dtype, m = case
+    return f"{'x'.join(map(str, widths))}-{activation}-{'bias' if bias else 'nobias'}-{dtype}-{m}"
+
+
+@needs_transposes
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_hopper_gradients_match_the_reference(case) -> None:
+    widths, activation, bias, dtype, m = case
+    spec = MLPSpec(widths, activation, bias, dtype)
+    assert hopper.unsupported_reason(spec, m) is None
+    x, params, dy = _inputs(spec, m, zlib.crc32(_case_id(case).encode()) % 1000)
+    y, grads = _hopper_step(spec, x, params, dy)
+    ref = reference.backward(spec, x, params, _f64(dy), round_hidden=True)
+    got = {k: _f64(v) for k, v in grads.items()}
+    assert_grads_close(got, ref, spec, baselines=_baseline(spec, x, params, dy), what=str(spec))
+    for name, g in grads.items():
+        want = x if name == "x" else params[name]
+        assert g.shape == want.shape and g.dtype == jnp.dtype(dtype), (name, g.shape, g.dtype)
+    # the saving forward's output is the inference kernels' (the same products and epilogue)
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    y_inference = jax_impl.mlp(jnp.asarray(x), jp, spec, impl="pallas_mosaic")
+    assert np.asarray(y).tobytes() == np.asarray(y_inference).tobytes()
+    # "inputs" recomputes the same saving forward: the same gradients, bit for bit
+    _, again = _hopper_step(spec, x, params, dy, saved="inputs")
+    for name in grads:
+        assert np.asarray(again[name]).tobytes() == np.asarray(grads[name]).tobytes(), name
+
+
+@needs_transposes
+def test_saving_forward_keeps_what_the_portable_one_keeps() -> None:
+    """The same residual slots (None where no z is kept), shapes and dtypes as backward.py's, so
+    either backward reads either forward's; the stored pre-activations within a rounding of the
+    portable kernel's (different products' order)."""
+    spec = MLPSpec((32, 80, 48, 32, 16), "geglu", True, "bfloat16")  # gated, gated, gated, plain
+    spec_relu = MLPSpec((32, 48, 32, 16), "relu", True, "bfloat16")
+    for s in (spec, spec_relu):
+        x, params, _ = _inputs(s, 48, 7)
+        packed = pack_params(s, {k: jnp.asarray(v) for k, v in params.items()})
+        for saved in SAVED_POLICIES:
+            _, mine = hopper.forward_saving(jnp.asarray(x), packed, s, saved=saved, interpret=True)
+            _, theirs = portable.forward_saving(jnp.asarray(x), packed, s, saved=saved)
+            assert len(mine) == len(theirs), saved
+            for a, b in zip(mine, theirs, strict=True):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a.shape == b.shape and a.dtype == b.dtype
+                    np.testing.assert_allclose(_f64(a), _f64(b), rtol=2**-7, atol=2**-7)
+
+
+@needs_transposes
+def test_nan_propagates() -> None:
+    spec = MLPSpec((32, 80, 48), "swiglu", True, "bfloat16")
+    x, params, dy = _inputs(spec, 32, 41)
+    x[5, 3] = np.nan
+    _, grads = _hopper_step(spec, x, params, dy)
+    ref = reference.backward(spec, x, params, _f64(dy), round_hidden=True)
+    assert np.isnan(ref["x"][5]).all() and np.isfinite(np.delete(ref["x"], 5, axis=0)).all()
+    assert_grads_close({k: _f64(v) for k, v in grads.items()}, ref, spec, what="NaN row")
+
+
+@needs_transposes
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_dact_gated_writes_packed_zeros_past_n(activation: str) -> None:
+    """The doubled output of the gated act' step: the packed [dz|dg] with exact zeros in the
+    padded columns (n = 80 of Np = 128), whatever dh is there — and the product's values."""
+    rng = np.random.default_rng(3)
+    m, n, nc = 48, 80, 96
+    dt = jnp.bfloat16
+    dz = jnp.asarray(rng.standard_normal((m, nc)), dt)
+    w = jnp.asarray(rng.standard_normal((n, nc)) * nc**-0.5, dt)
+    zg = np.asarray(rng.standard_normal((m, packed_width(n))), np.float32)
+    zg.reshape(m, 2, 2, 64)[:, 1, :, n - 64 :] = 0.0  # the packed padding, as the forward keeps
+    zg = jnp.asarray(zg, dt)
+    out = linear_mod.linear_act_fwd(
+        dz, w, None, None, activation="identity", config=pipeline.INTERPRET_CONFIG,
+        interpret=True, w_kmajor=True, epilogue="dact_gated", z=zg, dact_activation=activation,
+    )  # fmt: skip
+    assert out.shape == (m, packed_width(n)) and out.dtype == dt
+    blocks = _f64(out).reshape(m, 2, 2, 64)
+    assert (blocks[:, 1, :, n - 64 :] == 0).all()
+    want = _dact_gated_ref(_f64(dz) @ _f64(w).T, _f64(zg), n, activation)
+    np.testing.assert_allclose(_f64(out), want, rtol=2**-6, atol=2**-6)
+
+
+def _dact_gated_ref(dh: np.ndarray, zg: np.ndarray, n: int, activation: str) -> np.ndarray:
+    m = dh.shape[0]
+    half = packed_width(n) // 2
+    pairs = zg.reshape(m, half // 64, 2, 64)
+    z, g = pairs[:, :, 0].reshape(m, half)[:, :n], pairs[:, :, 1].reshape(m, half)[:, :n]
+    dz = dh * g * reference.activation_grad(activation, z)
+    dg = dh * reference.activation(activation, z)
+    out = np.zeros((m, half // 64, 2, 64))
+    out[:, :, 0] = np.pad(dz, ((0, 0), (0, half - n))).reshape(m, half // 64, 64)
+    out[:, :, 1] = np.pad(dg, ((0, 0), (0, half - n))).reshape(m, half // 64, 64)
+    return out.reshape(m, 2 * half)
+
+
+# ---- on both jax versions: lowering, shared memory, tiles, refusals ------------------------------
+LOWER_SPECS = [
+    MLPSpec((1024, 2048, 1024), "swiglu", False, "bfloat16"),  # llama's layer kinds, small
+    MLPSpec((512, 1024, 768, 512), "geglu_tanh", True, "float16"),  # "dact_gated"
+    MLPSpec((512, 1536, 512), "gelu_tanh", True, "bfloat16"),  # "dact"
+    MLPSpec((512, 1024, 1024, 512), "relu", True, "bfloat16"),  # relu' off the outputs
+]
+
+
+@pytest.mark.parametrize("spec", LOWER_SPECS, ids=lambda s: f"{s.activation}-{len(s.widths)}")
+def test_training_step_lowers_for_cuda(spec: MLPSpec) -> None:
+    """The saving forward and the backward, jitted together at the GPU's tiles (the fitted
+    cooperative configs: 128-wide and 256-wide tiles, 3-4 slots), lower for CUDA on this CPU —
+    layout inference, the doubled and second staging tiles and Mosaic's shared-memory total."""
+    m = 1024
+    dt = jnp.dtype(spec.dtype)
+    S = jax.ShapeDtypeStruct
+    packed = pack_params(spec, init_params(spec, 0))
+    shapes = {k: S(v.shape, dt) for k, v in packed.items()}
+
+    def step(x, params, dy):
+        _, kept = hopper.forward_saving(x, params, spec, saved="preact", interpret=False)
+        return hopper.mlp_backward(dy, kept, params, spec, saved="preact", interpret=False)
+
+    text = lower_for_cuda(step, S((m, spec.d_in), dt), shapes, S((m, spec.d_out), dt))
+    # the saving forward's kernels, the weight and input gradients (with their act' epilogues)
+    names = set(re.findall(r"linear_act_\w+|gated_fwd", text))
+    assert "linear_act_fwd" in names, names
+    if spec.gated and len(spec.widths) > 3:
+        assert "linear_act_dact_gated" in names, names
+    if spec.activation == "gelu_tanh":
+        assert "linear_act_dact" in names, names
+
+
+SMEM_CASES = [
+    # (family, config, outputs, bias)
+    ("linear_act", _ws(128, 128, 4, 2), pipeline.Outputs(scale=2), False),  # dact_gated
+    ("linear_act", _ws(128, 256, 3, 2), pipeline.Outputs(scale=2), False),
+    ("linear_act", _ws(128, 256, 3, 2), pipeline.Outputs(preact=True), True),
+    ("gated", _ws(128, 128, 2), pipeline.Outputs(preact=True), True),
+    ("gated", _ws(128, 64, 5), pipeline.Outputs(preact=True), True),
+    ("gated", _ws(128, 128, 3), pipeline.Outputs(preact=True), True),  # does not fit
+]
+
+
+@pytest.mark.parametrize("family, config, outputs, bias", SMEM_CASES)
+def test_smem_model_counts_the_wider_staging(monkeypatch, family, config, outputs, bias) -> None:
+    """`Tiles.smem_bytes(..., outputs=)` counts what Mosaic GPU totals at lowering (within its
+    barriers), so `fitted_config` keeps exactly the configs that fit."""
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+
+    m, n, k = 1024, 1024, 1024
+    dt = jnp.dtype("bfloat16")
+    S = jax.ShapeDtypeStruct
+    if family == "gated":
+        fn = lambda x, w, b: gated_mod.gated_fwd(  # noqa: E731
+            x, w, b, n=n, activation="silu", config=config, interpret=False, store_preact=True
+        )
+        args = (S((m, k), dt), S((k, packed_width(n)), dt), S((packed_width(n),), dt))
+    elif outputs.preact:
+        fn = lambda x, w, b: linear_mod.linear_act_fwd(  # noqa: E731
+            x, w, b, None, activation="gelu", config=config, interpret=False, store_preact=True
+        )
+        args = (S((m, k), dt), S((k, n), dt), S((n,), dt))
+    else:
+        fn = lambda d, w, z: linear_mod.linear_act_fwd(  # noqa: E731
+            d, w, None, None, activation="identity", config=config, interpret=False,
+            w_kmajor=True, epilogue="dact_gated", z=z, dact_activation="silu",
+        )  # fmt: skip
+        args = (S((m, k), dt), S((n, k), dt), S((m, packed_width(n)), dt))
+    tiles = pipeline.plan_tiles(config, family)
+    model = tiles.smem_bytes(2, has_bias=bias, outputs=outputs)
+    monkeypatch.setattr(mgpu_core, "_SMEM_SIZE_BOUND", 1)  # every kernel "exceeds": read the total
+    with pytest.raises(ValueError, match="exceeds available shared memory") as err:
+        lower_for_cuda(fn, *args)
+    got = int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
+    assert model <= got <= model + 2048, (model, got)
+    assert (got <= pipeline.SMEM_BYTES) == (model <= pipeline.SMEM_BYTES), (model, got)
+
+
+@pytest.mark.parametrize(
+    "family, mnk, outputs",
+    [
+        ("gated", (8192, 14336, 4096), pipeline.Outputs(preact=True)),  # llama3-8b gate/up
+        ("linear_act", (8192, 14336, 4096), pipeline.Outputs(scale=2)),  # its input gradient
+        ("linear_act", (4096, 28672, 8192), pipeline.PLAIN_OUTPUT),  # its weight gradient
+        ("gated", (8192, 3072, 768), pipeline.Outputs(preact=True)),  # hf-blog
+        ("linear_act", (8192, 3072, 768), pipeline.Outputs(scale=2)),
+        ("linear_act", (8192, 768, 3072), pipeline.PLAIN_OUTPUT),
+        ("linear_act", (8192, 768, 3072), pipeline.PLAIN_OUTPUT),  # hf-blog down: tuned ping-pong
+    ],
+)
+def test_fitted_configs_fit_and_are_cooperative(family, mnk, outputs) -> None:
+    m, n, k = mnk
+    cfg = hopper.fitted_config(family, m, n, k, "bfloat16", outputs, interpret=False)
+    assert cfg.programs_per_sm == 1 and cfg.num_stages >= 2
+    tiles = pipeline.check_config(cfg, "bfloat16", 2 if family == "gated" else 1, False, outputs)
+    assert tiles.smem_bytes(2, has_bias=True, outputs=outputs) <= pipeline.SMEM_BYTES
+    default = pipeline.default_config(family, m, n, k, "bfloat16")
+    if outputs == pipeline.PLAIN_OUTPUT and default.programs_per_sm == 1:
+        assert cfg == default  # nothing to fit: the forward's tiles
+
+
+def test_bad_forms_are_refused_by_name() -> None:
+    rng = np.random.default_rng(0)
+    dt = jnp.bfloat16
+    x = jnp.asarray(rng.standard_normal((64, 64)), dt)
+    w = jnp.asarray(rng.standard_normal((64, 128)), dt)
+    b = jnp.zeros((128,), dt)
+    z = jnp.zeros((64, 64), dt)
+    cfg = pipeline.INTERPRET_CONFIG
+    run = linear_mod.linear_act_fwd
+    with pytest.raises(ValueError, match=r"epilogue: expected one of .*got 'dgrad'"):
+        run(x, w, None, None, activation="identity", config=cfg, interpret=True, epilogue="dgrad")
+    with pytest.raises(ValueError, match=r"epilogue 'dact': expected the saved z and no bias"):
+        run(x, w, b, None, activation="identity", config=cfg, interpret=True, epilogue="dact", z=z)
+    with pytest.raises(ValueError, match=r"epilogue 'dact': expected the saved z .* z=None"):
+        run(x, w, None, None, activation="identity", config=cfg, interpret=True, epilogue="dact")
+    pingpong = _ws(128, 64, 4, pingpong=True)
+    with pytest.raises(ValueError, match=r"outputs: the ping-pong kernel .* stores one output"):
+        run(x, w, b, None, activation="relu", config=pingpong, interpret=True, store_preact=True)
+    with pytest.raises(ValueError, match=r"outputs: the ping-pong kernel"):
+        gated_mod.gated_fwd(
+            x, jnp.zeros((64, 128), dt), None, n=64, activation="silu", config=pingpong,
+            interpret=True, store_preact=True,
+        )  # fmt: skip
+    narrow_epi = dataclasses.replace(_ws(128, 128, 2), epilogue_subtile=4)  # 32-column tiles
+    with pytest.raises(ValueError, match=r"config.epilogue_subtile: a doubled .* got 32 columns"):
+        run(
+            x, w.T, None, None, activation="identity", config=narrow_epi, interpret=True,
+            w_kmajor=True, epilogue="dact_gated", z=jnp.zeros((64, 128), dt),
+        )  # fmt: skip
+
+
+def test_unsupported_reason_and_applies() -> None:
+    spec = MLPSpec((64, 128, 64), "swiglu", True, "bfloat16")
+    assert hopper.unsupported_reason(spec, 8192) is None
+    why = hopper.unsupported_reason(spec, 40)  # the weight gradients contract over M
+    assert why is not None and "layer 0 weight gradient (its contraction M = 40)" in why, why
+    why = hopper.unsupported_reason(MLPSpec((64, 128, 64), "swiglu", True, "float32"), 64)
+    assert why is not None and "float32 is not supported" in why, why
+    why = hopper.unsupported_reason(MLPSpec((40, 128, 64), "gelu", True, "float16"), 64)
+    assert why is not None and "layer 0 forward" in why and "K=40" in why, why
+    # never under the interpreter, never for an explicit portable impl
+    assert not hopper.applies("auto", spec, 8192) or compat.on_hopper()
+    assert not hopper.applies("pallas_triton", spec, 8192)
+
+
+# ---- on the GPU ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MLPSpec((1024, 2816, 1024), "swiglu", False, "bfloat16"),
+        MLPSpec((768, 3072, 768), "geglu_tanh", True, "bfloat16"),
+        MLPSpec((512, 1536, 1024, 512), "gelu", True, "float16"),
+        MLPSpec((512, 1024, 1024, 512), "relu", True, "bfloat16"),
+    ],
+    ids=lambda s: f"{s.activation}-{len(s.widths)}",
+)
+def test_gpu_step_matches_the_reference_and_repeats(spec: MLPSpec) -> None:
+    """On the H200: the Mosaic GPU step's gradients within the policy of the float64 reference
+    (baseline rule: XLA's autodiff), twice bit for bit (no atomics), and the front's jax.grad of
+    `pallas_mosaic` runs this backward (`_train_kernels`) and gives the same bits."""
+    if not compat.on_hopper():
+        pytest.skip("needs a Hopper GPU (sm_90: TMA, wgmma)")
+    m = 2048
+    assert hopper.applies("pallas_mosaic", spec, m)
+    x, params, dy = _inputs(spec, m, 5)
+    step = jax.jit(lambda x, dy: _hopper_step(spec, x, params, dy, interpret=False))
+    _, grads = step(jnp.asarray(x), dy)
+    _, again = step(jnp.asarray(x), dy)
+    for name in grads:
+        assert np.asarray(again[name]).tobytes() == np.asarray(grads[name]).tobytes(), name
+    ref = reference.backward(spec, x, params, _f64(dy), round_hidden=True)
+    got = {k: _f64(v) for k, v in grads.items()}
+    assert_grads_close(got, ref, spec, baselines=_baseline(spec, x, params, dy), what=str(spec))
+
+    def loss(x, p):
+        y = jax_impl.mlp(x, p, spec, impl="pallas_mosaic")
+        return jnp.sum(y.astype(F32) * dy.astype(F32))
+
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    dx, dp = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jp)
+    for name, g in {"x": dx, **dp}.items():
+        assert np.asarray(g).tobytes() == np.asarray(grads[name]).tobytes(), name

@@ -69,6 +69,16 @@ def mosaic_interpreter_transposes() -> bool:
     return jax_version() >= (0, 11)
 
 
+def mosaic_interpreter_stores_gated_preact() -> bool:
+    """True where the Mosaic GPU interpreter runs the warp-specialised gated kernel that stores its
+    pre-activation with a bias (jax >= 0.11). Under jax 0.10.2's its threads wait on a barrier
+    forever — with nothing written to the pre-activation's staging nor stored from it, so the
+    extra output and its staging allocation alone trigger it; without a bias, or on one
+    warpgroup, or for linear_act, it runs. Not explained further; the GPU lowering and jax
+    0.11.2's interpreter (the same kernel, bitwise against the inference kernel) are fine."""
+    return jax_version() >= (0, 11)
+
+
 def mosaic_interpreter_has_layouts() -> bool:
     """True where the Mosaic GPU interpreter runs `plgpu.load` and `layout_cast` (jax >= 0.11)."""
     return jax_version() >= (0, 11)

@@ -186,6 +186,84 @@ def test_dact_gated_writes_packed_zeros_past_n(activation: str) -> None:
     np.testing.assert_allclose(_f64(out), want, rtol=2**-6, atol=2**-6)
 
 
+# 128 output rows split between the compute warpgroups, 16-deep K slabs, epilogue tiles 64 wide:
+# two epilogue tiles a warpgroup, so the double-buffered staging (and its waits) is exercised
+TWO_TILES = TileConfig(
+    128, 128, 16, group_m=2, num_warps=4, num_stages=2, warp_specialize=True, epilogue_subtile=2
+)
+
+
+@pytest.mark.parametrize("family", ["linear_act", "gated"])
+def test_stored_preact_at_one_and_two_staging_slots(family: str) -> None:
+    """The saving forward's second output at two epilogue tiles a warpgroup: one or two staging
+    slots give the same bits, the output is the inference kernel's bit for bit, and z is the
+    fp32 pre-activation rounded once (within a rounding of the float64 product). jax 0.10's
+    interpreter hangs on the gated one with a bias: there it is refused with the reason."""
+    rng = np.random.default_rng(11)
+    m, k, n = 80, 48, 112
+    dt = jnp.bfloat16
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    width = packed_width(n) if family == "gated" else n
+    w = jnp.asarray(rng.standard_normal((k, width)) * k**-0.5, dt)
+    b = jnp.asarray(rng.standard_normal(width) * 0.1, dt)
+    if family == "gated":
+        w = w.reshape(k, -1, 2, 64).at[:, -1, :, n % 64 :].set(0).reshape(k, width)  # packing
+        b = b.reshape(-1, 2, 64).at[-1, :, n % 64 :].set(0).reshape(width)
+
+    def run(**kw):
+        if family == "gated":  # 128 rows a warpgroup (the tile split along N): two 64-row tiles
+            cfg = dataclasses.replace(TWO_TILES, epilogue_subtile=1)
+            return gated_mod.gated_fwd(
+                x, w, b, n=n, activation="gelu", config=cfg, interpret=True, **kw
+            )
+        return linear_mod.linear_act_fwd(
+            x, w, b, None, activation="gelu", config=TWO_TILES, interpret=True, **kw
+        )
+
+    plain = run()
+    if family == "gated" and not compat.mosaic_interpreter_stores_gated_preact():
+        with pytest.raises(NotImplementedError, match=r"store_preact: jax .* hangs on the"):
+            run(store_preact=True)  # refused, not hung (jax 0.10's interpreter)
+        return
+    (y2, z2), (y1, z1) = (run(store_preact=True, staging_slots=s) for s in (2, 1))
+    assert np.asarray(y2).tobytes() == np.asarray(plain).tobytes()
+    assert np.asarray(y1).tobytes() == np.asarray(y2).tobytes()
+    assert np.asarray(z1).tobytes() == np.asarray(z2).tobytes()
+    assert z2.shape == (m, width) and z2.dtype == dt
+    want = _f64(x) @ _f64(w) + _f64(b)
+    np.testing.assert_allclose(_f64(z2), want, rtol=2**-7, atol=2**-7)
+
+
+@needs_transposes
+@pytest.mark.parametrize("epilogue", ["dact", "dact_gated"])
+def test_act_steps_at_one_and_two_staging_slots(epilogue: str) -> None:
+    """The input gradient's act' epilogues at two epilogue tiles a warpgroup: one or two staging
+    slots, the same bits."""
+    rng = np.random.default_rng(12)
+    m, n, nc = 80, 128, 96
+    dt = jnp.bfloat16
+    dz = jnp.asarray(rng.standard_normal((m, nc)), dt)
+    w = jnp.asarray(rng.standard_normal((n, nc)) * nc**-0.5, dt)
+    width = packed_width(n) if epilogue == "dact_gated" else n
+    z = jnp.asarray(rng.standard_normal((m, width)), dt)
+
+    def run(slots: int) -> jax.Array:
+        return linear_mod.linear_act_fwd(
+            dz, w, None, None, activation="identity", config=TWO_TILES, interpret=True,
+            w_kmajor=True, epilogue=epilogue, z=z, dact_activation="silu", staging_slots=slots,
+        )  # fmt: skip
+
+    outs = [run(2), run(1)]
+    assert outs[0].shape == (m, width)
+    assert np.asarray(outs[0]).tobytes() == np.asarray(outs[1]).tobytes()
+    dh = _f64(dz) @ _f64(w).T
+    if epilogue == "dact_gated":
+        want = _dact_gated_ref(dh, _f64(z), n, "silu")
+    else:
+        want = dh * reference.activation_grad("silu", _f64(z))
+    np.testing.assert_allclose(_f64(outs[0]), want, rtol=2**-6, atol=2**-6)
+
+
 def _dact_gated_ref(dh: np.ndarray, zg: np.ndarray, n: int, activation: str) -> np.ndarray:
     m = dh.shape[0]
     half = packed_width(n) // 2
@@ -241,6 +319,8 @@ SMEM_CASES = [
     ("gated", _ws(128, 128, 2), pipeline.Outputs(preact=True), True),
     ("gated", _ws(128, 64, 5), pipeline.Outputs(preact=True), True),
     ("gated", _ws(128, 128, 3), pipeline.Outputs(preact=True), True),  # does not fit
+    ("gated", _ws(256, 64, 3), pipeline.Outputs(preact=True, slots=1), True),  # one staging slot
+    ("linear_act", _ws(128, 256, 4, 2), pipeline.Outputs(scale=2, slots=1), False),
 ]
 
 
@@ -255,18 +335,21 @@ def test_smem_model_counts_the_wider_staging(monkeypatch, family, config, output
     S = jax.ShapeDtypeStruct
     if family == "gated":
         fn = lambda x, w, b: gated_mod.gated_fwd(  # noqa: E731
-            x, w, b, n=n, activation="silu", config=config, interpret=False, store_preact=True
-        )
+            x, w, b, n=n, activation="silu", config=config, interpret=False, store_preact=True,
+            staging_slots=outputs.slots,
+        )  # fmt: skip
         args = (S((m, k), dt), S((k, packed_width(n)), dt), S((packed_width(n),), dt))
     elif outputs.preact:
         fn = lambda x, w, b: linear_mod.linear_act_fwd(  # noqa: E731
-            x, w, b, None, activation="gelu", config=config, interpret=False, store_preact=True
-        )
+            x, w, b, None, activation="gelu", config=config, interpret=False, store_preact=True,
+            staging_slots=outputs.slots,
+        )  # fmt: skip
         args = (S((m, k), dt), S((k, n), dt), S((n,), dt))
     else:
         fn = lambda d, w, z: linear_mod.linear_act_fwd(  # noqa: E731
             d, w, None, None, activation="identity", config=config, interpret=False,
             w_kmajor=True, epilogue="dact_gated", z=z, dact_activation="silu",
+            staging_slots=outputs.slots,
         )  # fmt: skip
         args = (S((m, k), dt), S((n, k), dt), S((m, packed_width(n)), dt))
     tiles = pipeline.plan_tiles(config, family)
@@ -293,13 +376,19 @@ def test_smem_model_counts_the_wider_staging(monkeypatch, family, config, output
 )
 def test_fitted_configs_fit_and_are_cooperative(family, mnk, outputs) -> None:
     m, n, k = mnk
-    cfg = hopper.fitted_config(family, m, n, k, "bfloat16", outputs, interpret=False)
-    assert cfg.programs_per_sm == 1 and cfg.num_stages >= 2
-    tiles = pipeline.check_config(cfg, "bfloat16", 2 if family == "gated" else 1, False, outputs)
-    assert tiles.smem_bytes(2, has_bias=True, outputs=outputs) <= pipeline.SMEM_BYTES
+    cfg, fitted = hopper.fitted_config(family, m, n, k, "bfloat16", outputs, interpret=False)
+    assert cfg.programs_per_sm == 1 and cfg.num_stages >= 3  # every one of these fits 3 K slots
+    assert dataclasses.replace(fitted, slots=2) == dataclasses.replace(outputs, slots=2)
+    tiles = pipeline.check_config(cfg, "bfloat16", 2 if family == "gated" else 1, False, fitted)
+    assert tiles.smem_bytes(2, has_bias=True, outputs=fitted) <= pipeline.SMEM_BYTES
     default = pipeline.default_config(family, m, n, k, "bfloat16")
-    if outputs == pipeline.PLAIN_OUTPUT and default.programs_per_sm == 1:
-        assert cfg == default  # nothing to fit: the forward's tiles
+    if outputs == pipeline.PLAIN_OUTPUT:
+        assert fitted.slots == 2
+        if default.programs_per_sm == 1:
+            assert cfg == default  # nothing to fit: the forward's tiles
+    if (family, mnk) == ("gated", (8192, 14336, 4096)):
+        # llama3-8b's tuned 256×64 gate/up tile: 2 staging slots would leave it 2 K slots
+        assert (cfg.block_m, cfg.block_n, cfg.num_stages, fitted.slots) == (256, 64, 3, 1)
 
 
 def test_bad_forms_are_refused_by_name() -> None:
@@ -326,6 +415,11 @@ def test_bad_forms_are_refused_by_name() -> None:
             interpret=True, store_preact=True,
         )  # fmt: skip
     narrow_epi = dataclasses.replace(_ws(128, 128, 2), epilogue_subtile=4)  # 32-column tiles
+    with pytest.raises(ValueError, match=r"outputs.slots: expected 1 or 2 staging slots, got 3"):
+        run(
+            x, w, b, None, activation="relu", config=cfg, interpret=True, store_preact=True,
+            staging_slots=3,
+        )  # fmt: skip
     with pytest.raises(ValueError, match=r"config.epilogue_subtile: a doubled .* got 32 columns"):
         run(
             x, w.T, None, None, activation="identity", config=narrow_epi, interpret=True,

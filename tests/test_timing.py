@@ -69,6 +69,9 @@ def test_kernels_are_assigned_to_calls_between_flushes() -> None:
     assert excluded == {"flush": 3, "memcpy/memset": 0, "before the first flush": 0}
     t = device_timing(events, 3, _flush_names, "fake")
     assert t.kernels_per_call == 3 and t.kernel_names == ("gemm", "act", "gemm2")
+    row = t.to_row()  # each kernel's median beside its name, in µs
+    assert row["kernel_names"] == ["gemm", "act", "gemm2"]
+    assert row["kernel_us"] == pytest.approx([0.04, 0.005, 0.03])
     # device = sum of the durations (75 ns); span = first start to last end (75 + 2 gaps of 3 ns).
     assert t.device.median == t.device.min == t.device.max == pytest.approx(75e-9)
     assert t.span.median == pytest.approx(81e-9)

@@ -28,9 +28,9 @@ kernels here run at 95-100 % of jax's own Mosaic GPU Hopper matmul.
 
 Tiles: the forward's (`pipeline.default_config`: the committed H200 table, else the heuristic) made
 cooperative (the ping-pong kernel reads no transposed operand and stores one plain output) and
-fitted to the shared memory the extra staging needs (`fitted_config`: fewer pipeline slots first,
-then half-wide tiles). A pinned `config` is the portable kernels'; these GEMMs keep their own tiles,
-as torch_impl/tma/backward.py's do.
+fitted to the shared memory the extra staging needs (`fitted_config`: fewer pipeline slots down to
+3, then one staging slot, then half-wide tiles). A pinned `config` is the portable kernels'; these
+GEMMs keep their own tiles, as torch_impl/tma/backward.py's do.
 
 Used by the JAX front's custom_vjp on a Hopper GPU when the asked impl is `auto` or `pallas_mosaic`
 and every GEMM meets Mosaic GPU's constraints (`unsupported_reason`; M a multiple of 16, since M is
@@ -104,31 +104,42 @@ def fitted_config(
     outputs: Outputs = PLAIN_OUTPUT,
     *,
     interpret: bool,
-) -> TileConfig:
-    """The forward's tiles for this GEMM, made cooperative and fitted to `outputs`' staging.
+) -> tuple[TileConfig, Outputs]:
+    """The forward's tiles for this GEMM, made cooperative and fitted to `outputs`' staging;
+    returns them with `outputs` (its staging slots chosen).
 
-    Tried in order: the default config (`pipeline.default_config`) with one program an SM; fewer
-    pipeline slots, down to 3; the half-wide tile with its slots from one more than the default
-    down to 3; 2 slots. The first that `pipeline.check_config` takes (ValueError if none)."""
+    Tried in order, the first that `pipeline.check_config` takes (ValueError if none): the default
+    config (`pipeline.default_config`) with one program an SM and two staging slots, at its
+    pipeline slots and fewer down to 3; the same with one staging slot (a wide staging tile —
+    the gated saving forward's packed z, the doubled act' output — costs a K slot less); the
+    half-wide tile likewise, from one K slot more than the default; the default at 2 K slots.
+    A deeper K pipeline is taken before a second staging slot: the epilogue's stores are a few
+    per cent of a tile's time, a load one slot ahead of the wgmma leaves it waiting."""
     base = pipeline.default_config(family, m, n, k, dtype, interpret=interpret)
     base = dataclasses.replace(base, programs_per_sm=1)
-    tries = [dataclasses.replace(base, num_stages=s) for s in range(base.num_stages, 2, -1)]
+    staging = (2,) if outputs == PLAIN_OUTPUT else (2, 1)
+
+    def deep_to_shallow(cfg: TileConfig, most: int) -> list[tuple[TileConfig, Outputs]]:
+        return [
+            (dataclasses.replace(cfg, num_stages=stages), dataclasses.replace(outputs, slots=slots))
+            for slots in staging
+            for stages in range(most, 2, -1)
+        ]
+
+    tries = deep_to_shallow(base, base.num_stages)
     half = base.block_n // 2
     if half >= PACK_BLOCK and half % PACK_BLOCK == 0:
-        narrow = dataclasses.replace(base, block_n=half)
-        tries += [
-            dataclasses.replace(narrow, num_stages=s) for s in range(base.num_stages + 1, 2, -1)
-        ]
-    tries.append(dataclasses.replace(base, num_stages=2))
+        tries += deep_to_shallow(dataclasses.replace(base, block_n=half), base.num_stages + 1)
+    tries.append((dataclasses.replace(base, num_stages=2), outputs))
     weights = 2 if family == "gated" else 1
     errors = []
-    for cfg in tries:
+    for cfg, outs in tries:
         try:
-            pipeline.check_config(cfg, dtype, weights, residual=False, outputs=outputs)
+            pipeline.check_config(cfg, dtype, weights, residual=False, outputs=outs)
         except ValueError as err:
             errors.append(str(err))
             continue
-        return cfg
+        return cfg, outs
     raise ValueError(
         f"config: no cooperative Mosaic GPU tile fits {family} at (M, N, K) = {(m, n, k)} with "
         f"{outputs}: {errors[-1]}"
@@ -157,19 +168,22 @@ def forward_saving(
         i, m = layer.index, h.shape[0]
         store = saved == "preact" and portable._stores_preact(layer)
         family = "gated" if layer.gated else "linear_act"
-        cfg = fitted_config(
+        cfg, kept_outputs = fitted_config(
             family, m, layer.d_out, layer.d_in, spec.dtype, Outputs(preact=store),
             interpret=interpret,
         )  # fmt: skip
+        slots = kept_outputs.slots
         if layer.gated:
             outs = mosaic_gated.gated_fwd(
                 h, params[f"wv{i}"], params.get(f"bc{i}"), n=layer.d_out,
                 activation=layer.activation, config=cfg, interpret=interpret, store_preact=store,
+                staging_slots=slots,
             )  # fmt: skip
         else:
             outs = mosaic_linear.linear_act_fwd(
                 h, params[f"w{i}"], params.get(f"b{i}"), residual if i == last else None,
                 activation=layer.activation, config=cfg, interpret=interpret, store_preact=store,
+                staging_slots=slots,
             )  # fmt: skip
         h, z = outs if store else (outs, None)
         if layer.gated and i == last and residual is not None:  # no preset has one; kept exact
@@ -197,10 +211,11 @@ def _gemm(
     m, k = a.shape[::-1] if x_kmajor else a.shape
     n = b.shape[0] if w_kmajor else b.shape[1]
     outputs = Outputs(scale=2 if epilogue == "dact_gated" else 1)
-    cfg = fitted_config("linear_act", m, n, k, spec.dtype, outputs, interpret=interpret)
+    cfg, outputs = fitted_config("linear_act", m, n, k, spec.dtype, outputs, interpret=interpret)
     return mosaic_linear.linear_act_fwd(
         a, b, None, None, activation="identity", config=cfg, interpret=interpret,
         x_kmajor=x_kmajor, w_kmajor=w_kmajor, epilogue=epilogue, z=z, dact_activation=activation,
+        staging_slots=outputs.slots,
     )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from ...common.config import TileConfig
 from ...common.packing import PACK_BLOCK
 from ...common.validate import check_packed_gated
+from .. import compat
 from ..activations import apply_activation, round_to_dtype
 from ..compat import interpret_mode
 from ..front import ADAPTER
@@ -51,8 +52,9 @@ def _gated_fwd_kernel(
     has_bias: bool,
     tiles: Tiles,
     interpret: bool,
-    store_preact: bool = False,
+    outputs: Outputs = pipeline.PLAIN_OUTPUT,
 ) -> None:
+    store_preact = outputs.preact
     x_gmem, wv_gmem, *rest = refs
     bc_gmem = rest.pop(0) if has_bias else None
     o_gmem, z_gmem = rest if store_preact else (rest[0], None)
@@ -83,7 +85,7 @@ def _gated_fwd_kernel(
     # 1. program -> tile, 2. load, 4. store: the shared persistent driver
     persistent_matmul(
         x_gmem, wv_gmem, bc_gmem, None, o_gmem, tiles=tiles, epilogue=epilogue,
-        outputs=Outputs(preact=store_preact), z_gmem=z_gmem,
+        outputs=outputs, z_gmem=z_gmem,
     )  # fmt: skip
 
 
@@ -99,6 +101,7 @@ def gated_fwd(
     fp32_precision: str = "ieee",
     interpret: bool | None = None,
     store_preact: bool = False,
+    staging_slots: int = 2,
 ) -> Any:
     """act(x @ w + b) * (x @ v + c) for 2-D x [M, K] and the packed wv [K, 2·Np], bc [2·Np] (or
     None) of a layer of width n; returns h [M, n] in x.dtype.
@@ -108,6 +111,7 @@ def gated_fwd(
     fp32_precision is taken for the twins' signature (16-bit products are exact in fp32).
     `store_preact` (the saving forward; cooperative configs only): returns (h, zg) with zg the
     packed pre-activation [M, 2·Np] = x @ wv + bc, as jax_impl/gated.py stores it.
+    `staging_slots`: 1 halves the epilogue's shared memory (`pipeline.Outputs.slots`).
     """
     del fp32_precision
     if interpret is None:
@@ -117,8 +121,21 @@ def gated_fwd(
         empty = jnp.zeros((0, n), x.dtype)
         return (empty, jnp.zeros((0, wv.shape[1]), x.dtype)) if store_preact else empty
     tiles = pipeline.plan_tiles(config, FAMILY)
-    outputs = Outputs(preact=store_preact)
+    outputs = Outputs(preact=store_preact, slots=staging_slots)
     outputs.check(tiles)
+    if (
+        interpret
+        and store_preact
+        and bc is not None
+        and tiles.warp_specialize
+        and not compat.mosaic_interpreter_stores_gated_preact()
+    ):
+        raise NotImplementedError(
+            f"store_preact: jax {jax.__version__}'s Mosaic GPU interpreter hangs on the "
+            "warp-specialised gated kernel storing its pre-activation with a bias "
+            "(compat.mosaic_interpreter_stores_gated_preact); interpret with jax >= 0.11, run "
+            "on the GPU, or use a config with warp_specialize=False"
+        )
     mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, interpret)
     width = max(wv.shape[1], 2 * np_)  # > 2·Np only under the jax 0.10 interpreter
     operands = [pipeline.pad_to(x, (mp, kp)), pipeline.pad_to(wv, (kp, width))]
@@ -130,7 +147,7 @@ def gated_fwd(
         has_bias=bc is not None,
         tiles=tiles,
         interpret=interpret,
-        store_preact=store_preact,
+        outputs=outputs,
     )
     outs = pipeline.launch(
         kernel, operands, (mp, np_), x.dtype, tiles, name="gated_fwd", interpret=interpret,

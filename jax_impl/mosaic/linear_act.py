@@ -57,15 +57,15 @@ def _linear_act_fwd_kernel(
     operands: Operands = pipeline.AS_STORED,
     epilogue_kind: str = "none",
     dact_activation: str = "identity",
-    store_preact: bool = False,
+    outputs: Outputs = pipeline.PLAIN_OUTPUT,
 ) -> None:
+    store_preact = outputs.preact
     x_gmem, w_gmem, *rest = refs
     b_gmem = rest.pop(0) if has_bias else None
     r_gmem = rest.pop(0) if has_residual else None  # the residual, or the act' step's saved z
     o_gmem, z_gmem = rest if store_preact else (rest[0], None)
     dtype = o_gmem.dtype
     epi_n = tiles.epi_n
-    outputs = Outputs(scale=2 if epilogue_kind == "dact_gated" else 1, preact=store_preact)
 
     def epilogue(
         acc: jax.Array, b_ref: Any, rows: slice, en: int, o_slot: Any, z_slot: Any
@@ -129,6 +129,7 @@ def linear_act_fwd(
     z: jax.Array | None = None,
     dact_activation: str = "identity",
     store_preact: bool = False,
+    staging_slots: int = 2,
 ) -> Any:
     """act(x @ w + b) (+ residual) for 2-D x [M, K], w [K, N]; returns [M, N] in x.dtype.
 
@@ -145,6 +146,8 @@ def linear_act_fwd(
     [M, packed_width(N)] from the saved packed [z|g] (`dact_activation` is act; jax_impl/
     backward.py's `_dact_epilogue`, applied to the fp32 accumulator and rounded once).
     `store_preact` (the saving forward): returns (y, z) with z = x @ w + b [M, N] as well.
+    `staging_slots`: 1 halves the epilogue's shared memory where its staging is wide
+    (`pipeline.Outputs.slots`; mosaic/backward.py's `fitted` chooses).
     """
     del fp32_precision
     if interpret is None:
@@ -168,7 +171,9 @@ def linear_act_fwd(
     tiles = pipeline.plan_tiles(config, FAMILY)
     layout = Operands(x_kmajor=x_kmajor, w_kmajor=w_kmajor)
     layout.check(tiles, m)
-    outputs = Outputs(scale=2 if epilogue == "dact_gated" else 1, preact=store_preact)
+    outputs = Outputs(
+        scale=2 if epilogue == "dact_gated" else 1, preact=store_preact, slots=staging_slots
+    )
     outputs.check(tiles)
     mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, interpret)
     # the doubled output's padded width: whole 2·64 packed blocks of np_ columns
@@ -191,7 +196,7 @@ def linear_act_fwd(
         operands=layout,
         epilogue_kind=epilogue,
         dact_activation=dact_activation,
-        store_preact=store_preact,
+        outputs=outputs,
     )
     name = "linear_act_fwd" if epilogue == "none" else f"linear_act_{epilogue}"
     outs = pipeline.launch(

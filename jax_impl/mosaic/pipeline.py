@@ -37,6 +37,11 @@ A compute warpgroup's accumulator is at most 128×128 fp32 (128 of a thread's re
 warp-specialised split leaves a compute thread 232). The packed gated operand is ONE wgmma of
 2·block_n columns; the epilogue splits it into its 64-column (gate, up) blocks.
 
+Training adds two descriptions to the cooperative kernel (mosaic/backward.py): `Operands` — X or W
+read as the transpose of what is stored (hᵀ·dZ, dZ·Wᵀ) — and `Outputs` — an output twice as wide
+as the accumulator (the packed [dz|dg] of a gated act' step) or a second output, the
+pre-activation, each with its own staging in shared memory.
+
 Edges: no padding of tile-ragged problems. TMA zero-fills the parts of a box that lie past the
 end of an array (reads; zero K columns add nothing) and clips them (writes), so M, N and K need
 not be multiples of the tiles. What TMA into swizzled tiles does need, as Mosaic GPU describes the
@@ -246,6 +251,10 @@ class Tiles:
         the warpgroup stores a single epilogue tile."""
         return min(2, math.prod(self.epi_tiles))
 
+    def staging_slots(self, outputs: Outputs) -> int:
+        """`out_slots`, or 1 where `outputs` asks for one slot (its staging is wide)."""
+        return min(outputs.slots, self.out_slots)
+
     @property
     def preact_epi_n(self) -> int:
         """Columns of one epilogue tile of the stored pre-activation (`Outputs.preact`): the
@@ -259,7 +268,7 @@ class Tiles:
         outputs = outputs or PLAIN_OUTPUT
         ring = self.num_stages * itemsize * (self.block_m + self.op_n) * self.block_k
         staged = self.epi_n * outputs.scale + (self.preact_epi_n if outputs.preact else 0)
-        out = self.wgs * self.out_slots * EPI_M * staged * itemsize
+        out = self.wgs * self.staging_slots(outputs) * EPI_M * staged * itemsize
         bias = self.wgs * self.wg_op_n * itemsize if has_bias else 0
         return ring + out + bias
 
@@ -591,10 +600,15 @@ class Outputs:
 
     scale: int = 1
     preact: bool = False
+    # staging slots per compute warpgroup: 2 lets one epilogue tile's TMA store overlap the next
+    # tile's math; 1 halves the staging, leaving room for a deeper K pipeline when it is wide
+    slots: int = 2
 
     def check(self, tiles: Tiles) -> None:
         """ValueError where the driver cannot store these outputs: the ping-pong kernel stores
         one plain output; a doubled output is built from whole 64-column gate/up blocks."""
+        if self.slots not in (1, 2):
+            raise ValueError(f"outputs.slots: expected 1 or 2 staging slots, got {self.slots}")
         if self == PLAIN_OUTPUT:
             return
         if tiles.pingpong:
@@ -654,7 +668,7 @@ def persistent_matmul(
     n_acc = cdiv(n_out, outputs.scale)  # output columns the accumulator tiles cover
     m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_acc, t.out_n), cdiv(k, t.block_k)
     ws = t.warp_specialize
-    slots = t.out_slots
+    slots = t.staging_slots(outputs)
 
     x_minor = m if operands.x_kmajor else 0
     transforms, out_transforms = smem_transforms(
@@ -763,7 +777,7 @@ def persistent_matmul(
                     preact = (z_smem, z_gmem, op0) if outputs.preact else None
                     store_tile(acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, o_gmem,
                                tiles=t, epilogue=epilogue, out_scale=outputs.scale,
-                               preact=preact)  # fmt: skip
+                               preact=preact, slots=slots)  # fmt: skip
 
                 pl.run_scoped(acc_scope, plgpu.ACC((t.wg_m, t.wg_op_n), jnp.float32))
 
@@ -794,16 +808,18 @@ def store_tile(
     epilogue: EpilogueFn,
     out_scale: int = 1,
     preact: tuple[Any, Any, Any] | None = None,
+    slots: int | None = None,
 ) -> None:
     """A compute warpgroup's epilogue tiles of one output tile (rows from row0, output columns
     from col0): per 64-row × epi_n tile, the residual (if any) into a staging slot, 3. compute
     (the family's `epilogue`, staged in the slot), 4. store by TMA; two slots, so one tile's
     store overlaps the next one's math. `out_scale` output (and residual) columns per
     accumulator column; `preact` (z_smem, z_gmem, op0: the warpgroup's first operand column):
-    the pre-activation tile is staged and stored too, in the same bulk group as the output."""
+    the pre-activation tile is staged and stored too, in the same bulk group as the output.
+    `slots`: the staging slots per warpgroup (default `tiles.out_slots`)."""
     t = tiles
     em_tiles, en_tiles = t.epi_tiles
-    slots = t.out_slots
+    slots = t.out_slots if slots is None else slots
     # The previous tile's stores must be done reading the staging slots.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     for em in range(em_tiles):

@@ -19,6 +19,7 @@ the portable backward, twice, bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import zlib
 
@@ -275,6 +276,55 @@ def _dact_gated_ref(dh: np.ndarray, zg: np.ndarray, n: int, activation: str) -> 
     out[:, :, 0] = np.pad(dz, ((0, 0), (0, half - n))).reshape(m, half // 64, 64)
     out[:, :, 1] = np.pad(dg, ((0, 0), (0, half - n))).reshape(m, half // 64, 64)
     return out.reshape(m, 2 * half)
+
+
+@pytest.fixture
+def as_on_hopper(monkeypatch):
+    """The front as on a Hopper GPU for its training choice, the kernels still interpreted:
+    `_train_kernels` sees Hopper, `applies` keeps its impl and support rules (not its hardware
+    check), and mosaic/backward.py's entry points run under the interpreter."""
+    from fusedmlp.jax_impl import front
+
+    monkeypatch.setattr(compat, "on_hopper", lambda: True)
+    monkeypatch.setattr(
+        hopper, "applies",
+        lambda impl, spec, m: impl in hopper.IMPLS and hopper.unsupported_reason(spec, m) is None,
+    )  # fmt: skip
+    for name in ("forward_saving", "mlp_backward"):
+        monkeypatch.setattr(hopper, name, functools.partial(getattr(hopper, name), interpret=True))
+    front._PREPARED.clear()
+    yield front
+    front._PREPARED.clear()
+    front._saving_forward.cache_clear()
+    front._backward_pass.cache_clear()
+
+
+@needs_transposes
+def test_front_trains_pallas_mosaic_through_the_hopper_backward(as_on_hopper) -> None:
+    """jax.grad through `jax_impl.mlp(impl="pallas_mosaic")` on Hopper runs this module (the
+    front's custom_vjp, `_train_kernels`): the same bits as calling it directly, in the caller's
+    names, for both saved policies; an explicit pallas_triton keeps the portable backward; the
+    training plan says which."""
+    front = as_on_hopper
+    spec = MLPSpec((48, 80, 32), "swiglu", True, "bfloat16")
+    m = 32
+    x, params, dy = _inputs(spec, m, 23)
+    _, want = _hopper_step(spec, x, params, dy)
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    for saved in SAVED_POLICIES:
+
+        def loss(x, p, saved=saved):
+            y = jax_impl.mlp(x, p, spec, impl="pallas_mosaic", saved=saved)
+            return jnp.sum(y.astype(F32) * dy.astype(F32))
+
+        dx, dp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jp)
+        for name, g in {"x": dx, **dp}.items():
+            assert np.asarray(g).tobytes() == np.asarray(want[name]).tobytes(), (saved, name)
+    assert front._train_kernels("pallas_mosaic", "pallas_mosaic", spec, m) == "hopper"
+    assert front._train_kernels("pallas_triton", "pallas_triton", spec, m) == "portable"
+    assert front._train_kernels("pallas_mosaic", "pallas_mosaic", spec, 40) == "portable"
+    note = jax_impl.plan(spec, (m, 48), impl="pallas_mosaic", saved="preact").reason
+    assert "Mosaic GPU kernels (jax_impl/mosaic/backward.py" in note, note
 
 
 # ---- on both jax versions: lowering, shared memory, tiles, refusals ------------------------------

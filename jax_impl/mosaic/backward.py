@@ -15,22 +15,24 @@ Per layer i, in reverse, from dZ_i (the gradient at the layer's pre-activation; 
                             after a relu layer the epilogue reads its output h_i instead of a z
                             (backward.py's `_dact_from_output`: relu keeps no z)
 
-The saving forward ("preact") runs the Mosaic GPU forward kernels with `store_preact`: the epilogue
-stores the pre-activation (gated: the packed [z|g]) beside the output, from the same fp32 values,
-so the kept tensors are backward.py's (same names, layouts and roundings) and the output is the
-inference kernel's, bit for bit. Only the last layer's act' step, which has no GEMM before it, runs
-backward.py's elementwise `dact_fwd` (every preset's last layer is identity: none).
+The saving forward ("preact") runs the Mosaic GPU forward kernels with `store_preact` where a layer
+keeps its pre-activation: the epilogue stores it (gated: the packed [z|g]) beside the output, from
+the same fp32 values, so the kept tensors are backward.py's (same names, layouts and roundings) and
+the output is the inference kernel's, bit for bit; a layer that keeps none (identity, relu) runs the
+inference forward's kernel and tiles as they are. Only the last layer's act' step, which has no GEMM
+before it, runs backward.py's elementwise `dact_fwd` (every preset's last layer is identity: none).
 
 Why this and not backward.py's kernels on Hopper: those are Pallas-Triton pointer kernels (no TMA,
 no wgmma pipeline, no persistent grid), 70-85 % of cuBLAS on the H200: the JAX llama3-8b step at
 M = 8192 took 15.43 ms on them against XLA's 13.10 (docs/performance.md, "Training"). The forward
 kernels here run at 95-100 % of jax's own Mosaic GPU Hopper matmul.
 
-Tiles: the forward's (`pipeline.default_config`: the committed H200 table, else the heuristic) made
-cooperative (the ping-pong kernel reads no transposed operand and stores one plain output) and
-fitted to the shared memory the extra staging needs (`fitted_config`: fewer pipeline slots down to
-3, then one staging slot, then half-wide tiles). A pinned `config` is the portable kernels'; these
-GEMMs keep their own tiles, as torch_impl/tma/backward.py's do.
+Tiles of the backward's GEMMs and the pre-activation-storing forwards: the forward's
+(`pipeline.default_config`: the committed H200 table, else the heuristic) made cooperative (the
+ping-pong kernel reads no transposed operand and stores one plain output) and fitted to the shared
+memory the extra staging needs (`fitted_config`: fewer pipeline slots down to 3, then one staging
+slot, then half-wide tiles). A pinned `config` is the portable kernels'; these GEMMs keep their own
+tiles, as torch_impl/tma/backward.py's do.
 
 Used by the JAX front's custom_vjp on a Hopper GPU when the asked impl is `auto` or `pallas_mosaic`
 and every GEMM meets Mosaic GPU's constraints (`unsupported_reason`; M a multiple of 16, since M is
@@ -168,11 +170,17 @@ def forward_saving(
         i, m = layer.index, h.shape[0]
         store = saved == "preact" and portable._stores_preact(layer)
         family = "gated" if layer.gated else "linear_act"
-        cfg, kept_outputs = fitted_config(
-            family, m, layer.d_out, layer.d_in, spec.dtype, Outputs(preact=store),
-            interpret=interpret,
-        )  # fmt: skip
-        slots = kept_outputs.slots
+        if store:  # fitted to the pre-activation's staging (cooperative)
+            cfg, kept_outputs = fitted_config(
+                family, m, layer.d_out, layer.d_in, spec.dtype, Outputs(preact=True),
+                interpret=interpret,
+            )  # fmt: skip
+            slots = kept_outputs.slots
+        else:  # the inference forward's kernel and tiles (ping-pong included)
+            cfg = pipeline.default_config(
+                family, m, layer.d_out, layer.d_in, spec.dtype, interpret=interpret
+            )
+            slots = PLAIN_OUTPUT.slots
         if layer.gated:
             outs = mosaic_gated.gated_fwd(
                 h, params[f"wv{i}"], params.get(f"bc{i}"), n=layer.d_out,

@@ -33,9 +33,9 @@ implementation but the `xla` baseline (which JAX differentiates itself) is wrapp
 backward, as torch's training op chooses; `auto` and `pallas_mosaic` on a Hopper GPU:
 mosaic/backward.py's saving forward and GEMMs, as torch's tma/backward.py — `_train_kernels`).
 `saved=` picks what the differentiated forward keeps (common/config.py's SAVED_POLICIES):
-"preact" (the default) runs the saving forward of those kernels (`backward.forward_saving` but
-on Hopper, whatever `impl` was asked for); "inputs" runs the asked `impl` and keeps x only, the
-backward running the saving forward again. A call that is not differentiated
+"preact" (the default) runs the saving forward of those kernels (`backward.forward_saving`, or
+mosaic/backward.py's on Hopper), whatever `impl` was asked for; "inputs" runs the asked `impl` and
+keeps x only, the backward running the saving forward again. A call that is not differentiated
 runs the asked `impl` exactly as before. `plan(..., saved=...)` reports the policy and its bytes.
 The torch twin of this wiring is torch_impl/custom_op.py (`register_autograd`).
 """
@@ -429,7 +429,7 @@ def _jitted_runner(spec: MLPSpec, the_plan: Plan) -> Callable[..., jax.Array]:
     return jax.jit(run)
 
 
-# ---- autodiff binding: jax.custom_vjp over the runner, the portable backward --------------------
+# ---- autodiff binding: jax.custom_vjp over the runner, the backward kernels ---------------------
 # Which kernels train (`_trainable`): the portable per-layer ones (backward.py), fused_small's
 # whole-MLP ones (fused_small_backward.py) or the Mosaic GPU GEMMs on Hopper (mosaic/backward.py).
 TRAIN_KERNELS = ("portable", "whole", "hopper")

@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 
 from fusedmlp import jax_impl
-from fusedmlp.common import MLPSpec, TileConfig, init_params, make_input, reference
+from fusedmlp.common import MLPSpec, TileConfig, init_params, make_input, reference, tolerance
 from fusedmlp.common.config import SAVED_POLICIES
-from fusedmlp.common.packing import packed_width, unpack_params
+from fusedmlp.common.packing import packed_width, unpack_gated, unpack_params
 from fusedmlp.common.tolerance import assert_grads_close
 from fusedmlp.jax_impl import backward as portable
 from fusedmlp.jax_impl import compat
@@ -40,7 +40,7 @@ from fusedmlp.jax_impl.mosaic import gated as gated_mod
 from fusedmlp.jax_impl.mosaic import linear_act as linear_mod
 from fusedmlp.jax_impl.mosaic import pipeline
 from fusedmlp.jax_impl.packing import pack_params
-from helpers import lower_for_cuda
+from helpers import layer_ref, layer_spec, lower_for_cuda
 
 F32 = jnp.float32
 
@@ -134,8 +134,8 @@ def test_hopper_gradients_match_the_reference(case) -> None:
 @needs_transposes
 def test_saving_forward_keeps_what_the_portable_one_keeps() -> None:
     """The same residual slots (None where no z is kept), shapes and dtypes as backward.py's, so
-    either backward reads either forward's; the stored pre-activations within a rounding of the
-    portable kernel's (different products' order)."""
+    either backward reads either forward's; each kept pre-activation (packed for gated) and each
+    kept hidden within the tolerance policy of the float64 layer on the kept input before it."""
     spec = MLPSpec((32, 80, 48, 32, 16), "geglu", True, "bfloat16")  # gated, gated, gated, plain
     spec_relu = MLPSpec((32, 48, 32, 16), "relu", True, "bfloat16")
     for s in (spec, spec_relu):
@@ -149,7 +149,26 @@ def test_saving_forward_keeps_what_the_portable_one_keeps() -> None:
                 assert (a is None) == (b is None)
                 if a is not None:
                     assert a.shape == b.shape and a.dtype == b.dtype
-                    np.testing.assert_allclose(_f64(a), _f64(b), rtol=2**-7, atol=2**-7)
+            if saved == "preact":
+                _check_kept(s, params, packed, mine)
+
+
+def _check_kept(spec: MLPSpec, params, packed, kept) -> None:
+    """Layer by layer: z_i against h_i·W_i + b_i (the packed product for gated), h_{i+1} against
+    the float64 layer of h_i, both by the tolerance policy."""
+    judge = layer_spec(spec.dtype)
+    for layer in spec.layers():
+        i, h = layer.index, _f64(kept[2 * layer.index])
+        z = kept[2 * i + 1]
+        if z is not None:
+            w, b = (packed[f"wv{i}"], packed.get(f"bc{i}")) if layer.gated else (
+                packed[f"w{i}"], packed.get(f"b{i}"))  # fmt: skip
+            want = h @ _f64(w) + (_f64(b) if b is not None else 0.0)
+            tolerance.assert_close(_f64(z), want, judge, what=f"{spec} z{i}")
+        if 2 * i + 2 < len(kept):
+            v, c = (params[f"v{i}"], params.get(f"c{i}")) if layer.gated else (None, None)
+            want = layer_ref(h, params[f"w{i}"], params.get(f"b{i}"), layer.activation, v=v, c=c)
+            tolerance.assert_close(_f64(kept[2 * i + 2]), want, judge, what=f"{spec} h{i + 1}")
 
 
 @needs_transposes
@@ -184,7 +203,7 @@ def test_dact_gated_writes_packed_zeros_past_n(activation: str) -> None:
     blocks = _f64(out).reshape(m, 2, 2, 64)
     assert (blocks[:, 1, :, n - 64 :] == 0).all()
     want = _dact_gated_ref(_f64(dz) @ _f64(w).T, _f64(zg), n, activation)
-    np.testing.assert_allclose(_f64(out), want, rtol=2**-6, atol=2**-6)
+    tolerance.assert_close(_f64(out), want, layer_spec("bfloat16"), what=f"dact_gated {activation}")
 
 
 # 128 output rows split between the compute warpgroups, 16-deep K slabs, epilogue tiles 64 wide:
@@ -232,7 +251,13 @@ def test_stored_preact_at_one_and_two_staging_slots(family: str) -> None:
     assert np.asarray(z1).tobytes() == np.asarray(z2).tobytes()
     assert z2.shape == (m, width) and z2.dtype == dt
     want = _f64(x) @ _f64(w) + _f64(b)
-    np.testing.assert_allclose(_f64(z2), want, rtol=2**-7, atol=2**-7)
+    tolerance.assert_close(_f64(z2), want, layer_spec("bfloat16"), what=f"{family} preact")
+    ref = (
+        layer_ref(_f64(x), _f64(w), _f64(b), "gelu")
+        if family == "linear_act"
+        else _gated_ref(x, w, b, n)
+    )
+    tolerance.assert_close(_f64(y2), ref, layer_spec("bfloat16"), what=f"{family} output")
 
 
 @needs_transposes
@@ -262,7 +287,14 @@ def test_act_steps_at_one_and_two_staging_slots(epilogue: str) -> None:
         want = _dact_gated_ref(dh, _f64(z), n, "silu")
     else:
         want = dh * reference.activation_grad("silu", _f64(z))
-    np.testing.assert_allclose(_f64(outs[0]), want, rtol=2**-6, atol=2**-6)
+    tolerance.assert_close(_f64(outs[0]), want, layer_spec("bfloat16"), what=epilogue)
+
+
+def _gated_ref(x, wv, bc, n: int) -> np.ndarray:
+    """gelu(x·w + b) ⊙ (x·v + c) in float64 from the packed operands, [M, n]."""
+    w, v = unpack_gated(np.asarray(_f64(wv)), n)
+    b, c = unpack_gated(np.asarray(_f64(bc)), n)
+    return layer_ref(_f64(x), w, b, "gelu", v=v, c=c)
 
 
 def _dact_gated_ref(dh: np.ndarray, zg: np.ndarray, n: int, activation: str) -> np.ndarray:

@@ -27,12 +27,14 @@ no wgmma pipeline, no persistent grid), 70-85 % of cuBLAS on the H200: the JAX l
 M = 8192 took 15.43 ms on them against XLA's 13.10 (docs/performance.md, "Training"). The forward
 kernels here run at 95-100 % of jax's own Mosaic GPU Hopper matmul.
 
-Tiles of the backward's GEMMs and the pre-activation-storing forwards: the forward's
-(`pipeline.default_config`: the committed H200 table, else the heuristic) made cooperative (the
-ping-pong kernel reads no transposed operand and stores one plain output) and fitted to the shared
-memory the extra staging needs (`fitted_config`: fewer pipeline slots down to 3, then one staging
-slot, then half-wide tiles). A pinned `config` is the portable kernels'; these GEMMs keep their own
-tiles, as torch_impl/tma/backward.py's do.
+Tiles of the backward's GEMMs and the pre-activation-storing forwards (`fitted_config`): the
+committed H200 sweep's best for the GEMM's kind and shape (tuned_h200_backward.json, written by
+bench/sweep_mosaic_backward.py: ping-pong where an epilogue that reads a saved [z|g] and writes two
+tiles would otherwise stall the tensor cores, cooperative where a long K hides it), else the
+forward's (`pipeline.default_config`) made cooperative and fitted to the shared memory the extra
+staging needs (fewer pipeline slots down to 3, then one staging slot, then half-wide tiles). A
+pinned `config` is the portable kernels'; these GEMMs keep their own tiles, as
+torch_impl/tma/backward.py's do.
 
 Used by the JAX front's custom_vjp on a Hopper GPU when the asked impl is `auto` or `pallas_mosaic`
 and every GEMM meets Mosaic GPU's constraints (`unsupported_reason`; M a multiple of 16, since M is
@@ -47,7 +49,12 @@ these names; the Pallas-Triton twin of torch_impl/backward.py is jax_impl/backwa
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,15 +63,17 @@ from ...common import MLPSpec
 from ...common.config import TileConfig
 from ...common.packing import PACK_BLOCK, packed_names, packed_width
 from ...common.registry import AUTO
+from ...common.tiling import shape_bucket
 from ...common.validate import check_saved
 from .. import backward as portable
 from .. import compat
 from . import gated as mosaic_gated
 from . import linear_act as mosaic_linear
 from . import pipeline
-from .pipeline import PLAIN_OUTPUT, Outputs
+from .pipeline import AS_STORED, PLAIN_OUTPUT, Operands, Outputs
 
 IMPLS = (AUTO, pipeline.IMPL)  # the asked impls whose training runs this backward on Hopper
+TUNED_FILE = Path(__file__).with_name("tuned_h200_backward.json")
 
 
 def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
@@ -97,6 +106,42 @@ def applies(impl: str, spec: MLPSpec, m: int) -> bool:
     return unsupported_reason(spec, m) is None
 
 
+def gemm_kind(
+    family: str, outputs: Outputs, operands: Operands = AS_STORED, epilogue: str = "none"
+) -> str:
+    """The tuned table's name for one of the step's GEMMs: the family and what it adds —
+    "gated.preact" (the saving forward), "linear_act.x_kmajor" (a weight gradient),
+    "linear_act.w_kmajor.dact_gated" (an input gradient with a gated act' step), ..."""
+    parts = [family]
+    parts += ["preact"] if outputs.preact else []
+    parts += ["x_kmajor"] if operands.x_kmajor else []
+    parts += ["w_kmajor"] if operands.w_kmajor else []
+    parts += [epilogue] if epilogue != "none" else []
+    return ".".join(parts)
+
+
+@functools.cache
+def tuned_table() -> dict[str, list[dict[str, Any]]]:
+    """The committed H200 sweep's best configs ({kind: [entry, ...]}; empty if none)."""
+    if not TUNED_FILE.exists():
+        return {}
+    return json.loads(TUNED_FILE.read_text()).get("configs", {})
+
+
+def tuned_config(
+    kind: str, m: int, n: int, k: int, *, interpret: bool
+) -> tuple[TileConfig, int] | None:
+    """(tiles, staging slots) of the committed sweep's entry for this kind and (N, K) at M's
+    bucket (else the nearest measured M), or None (and None under the interpreter, whose tiles
+    are INTERPRET_CONFIG's). Measured in bfloat16; float16 takes the same tiles."""
+    entries = [e for e in tuned_table().get(kind, []) if (e["n"], e["k"]) == (n, k)]
+    if interpret or not entries:
+        return None
+    bucket = int(shape_bucket(m))
+    best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["m"])) / bucket)))
+    return TileConfig.from_dict(best["config"]), int(best["slots"])
+
+
 def fitted_config(
     family: str,
     m: int,
@@ -106,17 +151,33 @@ def fitted_config(
     outputs: Outputs = PLAIN_OUTPUT,
     *,
     interpret: bool,
+    operands: Operands = AS_STORED,
+    epilogue: str = "none",
 ) -> tuple[TileConfig, Outputs]:
-    """The forward's tiles for this GEMM, made cooperative and fitted to `outputs`' staging;
-    returns them with `outputs` (its staging slots chosen).
+    """The tiles for this GEMM of the step; returns them with `outputs` (its staging slots
+    chosen). `operands` and `epilogue` name the GEMM's kind (`gemm_kind`).
 
-    Tried in order, the first that `pipeline.check_config` takes (ValueError if none): the default
+    The committed sweep's entry for the kind and shape (`tuned_config`) if there is one and
+    `pipeline.check_config` takes it; else the forward's tiles made cooperative and fitted to
+    `outputs`' staging, tried in order, the first that `pipeline.check_config` takes (ValueError
+    if none): the default
     config (`pipeline.default_config`) with one program an SM and two staging slots, at its
     pipeline slots and fewer down to 3; the same with one staging slot (a wide staging tile —
     the gated saving forward's packed z, the doubled act' output — costs a K slot less); the
     half-wide tile likewise, from one K slot more than the default; the default at 2 K slots.
     A deeper K pipeline is taken before a second staging slot: the epilogue's stores are a few
     per cent of a tile's time, a load one slot ahead of the wgmma leaves it waiting."""
+    weights = 2 if family == "gated" else 1
+    tuned = tuned_config(gemm_kind(family, outputs, operands, epilogue), m, n, k,
+                         interpret=interpret)  # fmt: skip
+    if tuned is not None:
+        cfg, slots = tuned
+        outs = dataclasses.replace(outputs, slots=slots)
+        try:
+            pipeline.check_config(cfg, dtype, weights, residual=False, outputs=outs)
+            return cfg, outs
+        except ValueError:
+            pass  # a table entry this dtype's shared memory cannot hold: the fitted tiles
     base = pipeline.default_config(family, m, n, k, dtype, interpret=interpret)
     base = dataclasses.replace(base, programs_per_sm=1)
     staging = (2,) if outputs == PLAIN_OUTPUT else (2, 1)
@@ -133,7 +194,6 @@ def fitted_config(
     if half >= PACK_BLOCK and half % PACK_BLOCK == 0:
         tries += deep_to_shallow(dataclasses.replace(base, block_n=half), base.num_stages + 1)
     tries.append((dataclasses.replace(base, num_stages=2), outputs))
-    weights = 2 if family == "gated" else 1
     errors = []
     for cfg, outs in tries:
         try:
@@ -219,7 +279,10 @@ def _gemm(
     m, k = a.shape[::-1] if x_kmajor else a.shape
     n = b.shape[0] if w_kmajor else b.shape[1]
     outputs = Outputs(scale=2 if epilogue == "dact_gated" else 1)
-    cfg, outputs = fitted_config("linear_act", m, n, k, spec.dtype, outputs, interpret=interpret)
+    cfg, outputs = fitted_config(
+        "linear_act", m, n, k, spec.dtype, outputs, interpret=interpret,
+        operands=Operands(x_kmajor=x_kmajor, w_kmajor=w_kmajor), epilogue=epilogue,
+    )  # fmt: skip
     return mosaic_linear.linear_act_fwd(
         a, b, None, None, activation="identity", config=cfg, interpret=interpret,
         x_kmajor=x_kmajor, w_kmajor=w_kmajor, epilogue=epilogue, z=z, dact_activation=activation,

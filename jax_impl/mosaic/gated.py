@@ -109,7 +109,7 @@ def gated_fwd(
     One kernel call on the operands as they are (M ≥ 8 not a multiple of 8 is padded,
     `pipeline.padded_extents`); M = 0 returns an empty array without a launch.
     fp32_precision is taken for the twins' signature (16-bit products are exact in fp32).
-    `store_preact` (the saving forward; cooperative configs only): returns (h, zg) with zg the
+    `store_preact` (the saving forward): returns (h, zg) with zg the
     packed pre-activation [M, 2·Np] = x @ wv + bc, as jax_impl/gated.py stores it.
     `staging_slots`: 1 halves the epilogue's shared memory (`pipeline.Outputs.slots`).
     """

@@ -13,7 +13,7 @@ by TMA from one of two staging slots. Ragged M, N, K: TMA zero-fills and clips, 
 stored [K, M] (`x_kmajor`) and w as its transpose stored [N, K] (`w_kmajor`) in place — the
 backward's hᵀ·dZ and dZ·Wᵀ (`pipeline.Operands`) —, fuses the previous layer's act' step into
 its epilogue (`epilogue="dact"`/`"dact_gated"`) and stores the pre-activation for the backward
-(`store_preact`): the cooperative kernels, not ping-pong.
+(`store_preact`), on the cooperative and the ping-pong kernels alike.
 
 Sibling, not twin: jax_impl/linear_act.py (Pallas-Triton) and torch_impl/linear_act.py (Triton)
 export the same names; the dispatcher picks this module for impl "pallas_mosaic"; its Hopper
@@ -137,17 +137,17 @@ def linear_act_fwd(
     of 8 is padded, `pipeline.padded_extents`); M = 0 returns an empty array without a launch.
     fp32_precision is taken for the twins' signature: 16-bit products are exact in the fp32
     accumulator. `x_kmajor`: x is given as its transpose [K, M] and read in place (hᵀ of a
-    weight gradient); `w_kmajor`: w as its transpose [N, K] (Wᵀ of an input gradient) — the
-    cooperative kernels only (`pipeline.Operands`).
+    weight gradient); `w_kmajor`: w as its transpose [N, K] (Wᵀ of an input gradient)
+    (`pipeline.Operands`).
 
-    The backward's forms (cooperative kernels only; no bias, activation or residual with an act'
-    step): `epilogue` "dact" returns acc ⊙ act'(z) for the saved z [M, N] (for relu z is the
-    layer's output h: relu' of h is relu' of z, NaN kept); "dact_gated" the packed [dz|dg]
+    The backward's forms (no bias, activation or residual with an act' step): `epilogue`
+    "dact" returns acc ⊙ act'(z) for the saved z [M, N] (for relu z is the layer's output h:
+    relu' of h is relu' of z, NaN kept); "dact_gated" the packed [dz|dg]
     [M, packed_width(N)] from the saved packed [z|g] (`dact_activation` is act; jax_impl/
     backward.py's `_dact_epilogue`, applied to the fp32 accumulator and rounded once).
     `store_preact` (the saving forward): returns (y, z) with z = x @ w + b [M, N] as well.
     `staging_slots`: 1 halves the epilogue's shared memory where its staging is wide
-    (`pipeline.Outputs.slots`; mosaic/backward.py's `fitted` chooses).
+    (`pipeline.Outputs.slots`; mosaic/backward.py's `fitted_config` chooses).
     """
     del fp32_precision
     if interpret is None:
@@ -170,7 +170,7 @@ def linear_act_fwd(
         return (empty, empty) if store_preact else empty
     tiles = pipeline.plan_tiles(config, FAMILY)
     layout = Operands(x_kmajor=x_kmajor, w_kmajor=w_kmajor)
-    layout.check(tiles, m)
+    layout.check(m)
     outputs = Outputs(
         scale=2 if epilogue == "dact_gated" else 1, preact=store_preact, slots=staging_slots
     )

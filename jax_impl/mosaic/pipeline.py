@@ -37,10 +37,12 @@ A compute warpgroup's accumulator is at most 128×128 fp32 (128 of a thread's re
 warp-specialised split leaves a compute thread 232). The packed gated operand is ONE wgmma of
 2·block_n columns; the epilogue splits it into its 64-column (gate, up) blocks.
 
-Training adds two descriptions to the cooperative kernel (mosaic/backward.py): `Operands` — X or W
-read as the transpose of what is stored (hᵀ·dZ, dZ·Wᵀ) — and `Outputs` — an output twice as wide
-as the accumulator (the packed [dz|dg] of a gated act' step) or a second output, the
-pre-activation, each with its own staging in shared memory.
+Training adds two descriptions to both kernels, cooperative and ping-pong (mosaic/backward.py):
+`Operands` — X or W read as the transpose of what is stored (hᵀ·dZ, dZ·Wᵀ) — and `Outputs` — an
+output twice as wide as the accumulator (the packed [dz|dg] of a gated act' step) or a second
+output, the pre-activation, each with its own staging in shared memory. Their epilogues are
+heavy (a saved [z|g] tile read, two tiles written per accumulator tile), which is what ping-pong
+hides under the other warpgroup's K loop.
 
 Edges: no padding of tile-ragged problems. TMA zero-fills the parts of a box that lie past the
 end of an array (reads; zero K columns add nothing) and clips them (writes), so M, N and K need
@@ -533,17 +535,10 @@ class Operands:
     x_kmajor: bool = False
     w_kmajor: bool = False
 
-    def check(self, tiles: Tiles, m: int) -> None:
-        """ValueError where the driver cannot read these operands: the ping-pong kernel reads
-        neither transposed, and a transposed X's rows (M, its minor extent) must be a multiple of
-        16 (wgmma's 32-byte swizzle, as K's and N's are: `unsupported_reason`)."""
-        if self == AS_STORED:
-            return
-        if tiles.pingpong:
-            raise ValueError(
-                f"operands: the ping-pong kernel (programs_per_sm=2) reads X [M, K] and W [K, N] "
-                f"only, got {self}; use a cooperative config"
-            )
+    def check(self, m: int) -> None:
+        """ValueError where the driver cannot read these operands: a transposed X's rows (M, its
+        minor extent) must be a multiple of 16 (wgmma's 32-byte swizzle, as K's and N's are:
+        `unsupported_reason`)."""
         if self.x_kmajor and m % 16:
             raise ValueError(
                 f"x_kmajor: M (x's row length, read transposed) must be a multiple of 16, got {m}"
@@ -578,6 +573,20 @@ class Operands:
         w = w_gmem.at[op_slice, :] if self.w_kmajor else w_gmem.at[:, op_slice]
         return x, w
 
+    def slab_shapes(self, t: Tiles) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The shared-memory shapes of one K step's X and W slabs, as they lie in GMEM."""
+        x = (t.block_k, t.block_m) if self.x_kmajor else (t.block_m, t.block_k)
+        w = (t.op_n, t.block_k) if self.w_kmajor else (t.block_k, t.op_n)
+        return x, w
+
+    def slab_refs(
+        self, x_gmem: Any, w_gmem: Any, m_slice: Any, op_slice: Any, k_slice: Any
+    ) -> tuple[Any, Any]:
+        """One K step's X and W slabs of an output tile, in GMEM (the ping-pong kernel's copies)."""
+        x = x_gmem.at[k_slice, m_slice] if self.x_kmajor else x_gmem.at[m_slice, k_slice]
+        w = w_gmem.at[op_slice, k_slice] if self.w_kmajor else w_gmem.at[k_slice, op_slice]
+        return x, w
+
     def mma_views(self, x_smem: Any, w_smem: Any, rows: Any, cols: Any) -> tuple[Any, Any]:
         """A warpgroup's [rows, K slab] of X and [K slab, cols] of W, as wgmma takes them."""
         # ref.transpose: what plgpu.transpose_ref does in jax 0.10 and 0.11 (deprecated in 0.11)
@@ -605,17 +614,12 @@ class Outputs:
     slots: int = 2
 
     def check(self, tiles: Tiles) -> None:
-        """ValueError where the driver cannot store these outputs: the ping-pong kernel stores
-        one plain output; a doubled output is built from whole 64-column gate/up blocks."""
+        """ValueError where the driver cannot store these outputs: a doubled output is built
+        from whole 64-column gate/up blocks."""
         if self.slots not in (1, 2):
             raise ValueError(f"outputs.slots: expected 1 or 2 staging slots, got {self.slots}")
         if self == PLAIN_OUTPUT:
             return
-        if tiles.pingpong:
-            raise ValueError(
-                f"outputs: the ping-pong kernel (programs_per_sm=2) stores one output tile per "
-                f"accumulator tile, got {self}; use a cooperative config"
-            )
         if self.scale not in (1, 2) or (self.scale == 2 and (tiles.gated or self.preact)):
             raise ValueError(
                 f"outputs: expected scale 1, or 2 for a linear_act product without a stored "
@@ -655,11 +659,12 @@ def persistent_matmul(
     """The kernel body both families share: 1. program -> tile, 2. load, the K pipeline, the
     epilogue tiles (3. compute: `epilogue`), 4. store. Refs are whole arrays in GMEM; `operands`
     says whether X or W is read transposed, `outputs` whether the output is doubled or the
-    pre-activation stored too (into z_gmem) — the cooperative kernels only."""
-    operands.check(tiles, operands.shapes(x_gmem, w_gmem)[0])
+    pre-activation stored too (into z_gmem); ping-pong tiles run `pingpong_matmul`."""
+    operands.check(operands.shapes(x_gmem, w_gmem)[0])
     outputs.check(tiles)
     if tiles.pingpong:
-        pingpong_matmul(x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue)
+        pingpong_matmul(x_gmem, w_gmem, b_gmem, r_gmem, o_gmem, tiles=tiles, epilogue=epilogue,
+                        operands=operands, outputs=outputs, z_gmem=z_gmem)  # fmt: skip
         return
     dtype = o_gmem.dtype
     t = tiles
@@ -855,8 +860,12 @@ def pingpong_matmul(
     *,
     tiles: Tiles,
     epilogue: EpilogueFn,
+    operands: Operands = AS_STORED,
+    outputs: Outputs = PLAIN_OUTPUT,
+    z_gmem: Any | None = None,
 ) -> None:
-    """`persistent_matmul` with the compute warpgroups in ping-pong (`Tiles.pingpong`).
+    """`persistent_matmul` with the compute warpgroups in ping-pong (`Tiles.pingpong`); the same
+    `operands` (X or W read transposed) and `outputs` (a doubled output, a stored pre-activation).
 
     Why: with the two compute warpgroups splitting one tile, both run their epilogues at the same
     time and the tensor cores idle meanwhile — a large share of a tile's time where K is short
@@ -878,21 +887,37 @@ def pingpong_matmul(
     """
     dtype = o_gmem.dtype
     t = tiles
-    m, k = x_gmem.shape
+    m, k, w_cols = operands.shapes(x_gmem, w_gmem)
     n_out = o_gmem.shape[1]
-    m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_out, t.out_n), cdiv(k, t.block_k)
+    n_acc = cdiv(n_out, outputs.scale)  # output columns the accumulator tiles cover
+    m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_acc, t.out_n), cdiv(k, t.block_k)
     num_tiles = m_iters * n_iters
     S, WGS = t.num_stages, COMPUTE_WARPGROUPS
-    transforms, out_transforms = smem_transforms(t, k, w_gmem.shape[1], n_out, dtype)
-    slots = t.out_slots
+    transforms, out_transforms = smem_transforms(
+        t, k, w_cols, n_out, dtype, x_minor=m if operands.x_kmajor else 0,
+        out_scale=outputs.scale,
+    )  # fmt: skip
+    slots = t.staging_slots(outputs)
+    x_slab, w_slab = operands.slab_shapes(t)
     allocations = dict(
-        x_smem=plgpu.SMEM((S, t.block_m, t.block_k), dtype, transforms=transforms),
-        w_smem=plgpu.SMEM((S, t.block_k, t.op_n), dtype, transforms=transforms),
+        x_smem=plgpu.SMEM((S, *x_slab), dtype, transforms=transforms),
+        w_smem=plgpu.SMEM((S, *w_slab), dtype, transforms=transforms),
         # [owner · S + slot]; full: the X and W copies of a use of the slot
         full=plgpu.Barrier(num_arrivals=2, num_barriers=WGS * S),
         free=plgpu.Barrier(num_barriers=WGS * S),
         turn=plgpu.Barrier(num_barriers=WGS),
-        out_smem=plgpu.SMEM((WGS, slots, EPI_M, t.epi_n), dtype, transforms=out_transforms),
+        out_smem=plgpu.SMEM(
+            (WGS, slots, EPI_M, t.epi_n * outputs.scale), dtype, transforms=out_transforms
+        ),
+        z_smem=(
+            plgpu.SMEM(
+                (WGS, slots, EPI_M, t.preact_epi_n),
+                dtype,
+                transforms=mma_transforms(math.gcd(t.preact_epi_n, z_gmem.shape[1]), dtype),
+            )
+            if outputs.preact
+            else None
+        ),
         b_smem=plgpu.SMEM((WGS, t.op_n), dtype) if b_gmem is not None else None,
         b_bars=plgpu.Barrier(num_barriers=WGS) if b_gmem is not None else None,
         r_bars=plgpu.Barrier(num_barriers=WGS * slots) if r_gmem is not None else None,
@@ -905,6 +930,7 @@ def pingpong_matmul(
         free: Any,
         turn: Any,
         out_smem: Any,
+        z_smem: Any,
         b_smem: Any,
         b_bars: Any,
         r_bars: Any,
@@ -935,16 +961,13 @@ def pingpong_matmul(
                     use = i * k_iters + kk
                     slot = lax.rem(use, S)
                     pl.when(use >= S)(lambda: plgpu.barrier_wait(freed(use - S)))
-                    k_slice = pl.ds(kk * t.block_k, t.block_k)
+                    x_src, w_src = operands.slab_refs(
+                        x_gmem, w_gmem, pl.ds(m_idx * t.block_m, t.block_m),
+                        pl.ds(n_idx * t.op_n, t.op_n), pl.ds(kk * t.block_k, t.block_k),
+                    )  # fmt: skip
                     bar = full.at[owner * S + slot]
-                    plgpu.copy_gmem_to_smem(
-                        x_gmem.at[pl.ds(m_idx * t.block_m, t.block_m), k_slice],
-                        x_smem.at[slot],
-                        bar,
-                    )
-                    plgpu.copy_gmem_to_smem(
-                        w_gmem.at[k_slice, pl.ds(n_idx * t.op_n, t.op_n)], w_smem.at[slot], bar
-                    )
+                    plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], bar)
+                    plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], bar)
                     return carry
 
                 return lax.fori_loop(0, k_iters, step, carry)
@@ -979,7 +1002,10 @@ def pingpong_matmul(
                         use = i * k_iters + kk
                         slot = lax.rem(use, S)
                         plgpu.barrier_wait(full.at[wg * S + slot])
-                        plgpu.wgmma(acc_ref, x_smem.at[slot], w_smem.at[slot])
+                        a, b = operands.mma_views(
+                            x_smem.at[slot], w_smem.at[slot], slice(None), slice(None)
+                        )
+                        plgpu.wgmma(acc_ref, a, b)
                         # one wgmma in flight: the previous step's is done reading its slot
                         plgpu.wgmma_wait(1)
                         pl.when(kk > 0)(
@@ -997,8 +1023,10 @@ def pingpong_matmul(
                     if b_gmem is not None:
                         plgpu.barrier_wait(b_bars.at[wg])
                         bias = b_smem.at[wg]
+                    preact = (z_smem, z_gmem, op0) if outputs.preact else None
                     store_tile(acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, o_gmem,
-                               tiles=t, epilogue=epilogue)  # fmt: skip
+                               tiles=t, epilogue=epilogue, out_scale=outputs.scale,
+                               preact=preact, slots=slots)  # fmt: skip
 
                 pl.run_scoped(acc_scope, plgpu.ACC((t.block_m, t.op_n), jnp.float32))
                 return carry

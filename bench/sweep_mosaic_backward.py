@@ -1,0 +1,475 @@
+"""One-call H200 sweep of the Mosaic GPU training step's GEMMs (jax_impl/mosaic/backward.py).
+
+For every GEMM of a training step (saved="preact") of llama3-8b and hf-blog-geglu at M = 8192
+(bf16) — the saving forward of a layer that keeps its pre-activation, each layer's weight
+gradient hᵀ·dZ (h read transposed) and input gradient dZ·Wᵀ (W read transposed, the previous
+layer's act' step in the epilogue) — it times, within a time budget:
+
+- `xla`: the same product as XLA computes it (a dot_general of the operands as they lie, the
+  act' step or the gating as its elementwise ops), for scale;
+- `fitted`: the tiles `backward.fitted_config` gives now (the committed table's, else the
+  forward's made cooperative and fitted to the staging);
+- a grid of cooperative and ping-pong tiles (`grid`): per tile shape, the deepest K pipeline
+  that fits with two staging slots and, where the staging is wide, with one.
+
+Why: on the H200 (05b43a3) the JAX step ran 0.99× XLA at llama3-8b and 0.84× at hf-blog, whose
+GEMMs have a short K (768: 12 K steps a tile) or few output tiles (the weight gradients: 768 ×
+6144 outputs, 144 tiles of 128×256 on 132 SMs), where the cooperative kernel's epilogue (a saved
+[z|g] tile read, two tiles written) stalls the tensor cores and the last wave runs half empty.
+
+Each kernel's result is checked against the fitted tiles' (relative Frobenius error; the fitted
+kernel is the one the GPU tests check against the float64 reference). Timing as
+bench/sweep_mosaic.py's: a jitted function over rotating input sets (together more than twice the
+L2), dispatched back to back, the host clock around the last result, median of 5 samples.
+
+    python3 bench/sweep_mosaic_backward.py OUT.json --tuned-out TUNED.json [--budget-s 380]
+        [--presets hf-blog-geglu,llama3-8b]
+
+TUNED.json has the format of jax_impl/mosaic/tuned_h200_backward.json (the best tiles per
+(kind, M, N, K); copy it there to make `fitted_config` take them). On a CPU, `--dry-run` lowers
+every planned kernel for CUDA without timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusedmlp.bench.sweep_mosaic import (
+    L2_BYTES,
+    MAX_SETS,
+    REL_ERR_LIMIT,
+    _config_dict,
+    _config_str,
+    measure,
+    rel_err,
+)
+
+PRESETS = ("hf-blog-geglu", "llama3-8b")  # the larger gap first
+M = 8192
+
+
+# ==== what is swept ===============================================================================
+@dataclass(frozen=True)
+class StepGemm:
+    """One GEMM of the training step as mosaic/backward.py launches it."""
+
+    preset: str
+    role: str  # "layer 0 saving forward", "layer 1 weight gradient", ...
+    family: str  # "gated" or "linear_act"
+    m: int
+    n: int  # the accumulator's output columns (gated: the layer's width)
+    k: int
+    x_kmajor: bool = False
+    w_kmajor: bool = False
+    epilogue: str = "none"  # "dact", "dact_gated" (the input gradient's act' step)
+    preact: bool = False  # the saving forward's stored pre-activation
+    activation: str = "identity"  # the forward's (preact) or the act' step's activation
+    bias: bool = False
+
+    @property
+    def operands(self) -> Any:
+        from fusedmlp.jax_impl.mosaic.pipeline import Operands
+
+        return Operands(x_kmajor=self.x_kmajor, w_kmajor=self.w_kmajor)
+
+    @property
+    def outputs(self) -> Any:
+        from fusedmlp.jax_impl.mosaic.pipeline import Outputs
+
+        return Outputs(scale=2 if self.epilogue == "dact_gated" else 1, preact=self.preact)
+
+    @property
+    def kind(self) -> str:
+        from fusedmlp.jax_impl.mosaic.backward import gemm_kind
+
+        return gemm_kind(self.family, self.outputs, self.operands, self.epilogue)
+
+    @property
+    def op_n(self) -> int:
+        from fusedmlp.common.packing import packed_width
+
+        return packed_width(self.n) if self.family == "gated" else self.n
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset} {self.role}"
+
+    def flops(self) -> int:
+        return 2 * self.m * self.op_n * self.k
+
+
+def step_gemms(preset: str, m: int = M) -> list[StepGemm]:
+    """The GEMMs mosaic/backward.py's saving forward and backward run through `fitted_config`
+    for this preset at M = m (saved="preact"), in the order they run; the layers that keep no
+    pre-activation run the inference forward's tiles and are not here."""
+    from fusedmlp.common import get_preset
+    from fusedmlp.common.packing import packed_width
+    from fusedmlp.jax_impl import backward as portable
+
+    spec = get_preset(preset).spec
+    layers = spec.layers()
+    gemms = []
+    for layer in layers:
+        if portable._stores_preact(layer):
+            family = "gated" if layer.gated else "linear_act"
+            gemms.append(StepGemm(preset, f"layer {layer.index} saving forward", family, m,
+                                  layer.d_out, layer.d_in, preact=True,
+                                  activation=layer.activation, bias=layer.bias))  # fmt: skip
+    for layer in reversed(layers):
+        i = layer.index
+        width = packed_width(layer.d_out) if layer.gated else layer.d_out
+        gemms.append(StepGemm(preset, f"layer {i} weight gradient", "linear_act", layer.d_in,
+                              width, m, x_kmajor=True))  # fmt: skip
+        prev = layers[i - 1] if i > 0 else None
+        epilogue, activation = "none", "identity"
+        if prev is not None and (portable._stores_preact(prev) or portable._dact_from_output(prev)):
+            epilogue = "dact_gated" if prev.gated else "dact"
+            activation = prev.activation
+        gemms.append(StepGemm(preset, f"layer {i} input gradient", "linear_act", m, layer.d_in,
+                              width, w_kmajor=True, epilogue=epilogue,
+                              activation=activation))  # fmt: skip
+    return gemms
+
+
+def _with_stages(cfg: Any, g: StepGemm, slots: int, most: int = 6) -> tuple[Any, Any] | None:
+    """`cfg` at the deepest K pipeline (≤ most slots) that fits with `slots` staging slots."""
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    outs = dataclasses.replace(g.outputs, slots=slots)
+    for stages in range(most, 2, -1):
+        c = dataclasses.replace(cfg, num_stages=stages)
+        try:
+            pipeline.check_config(c, "bfloat16", 2 if g.family == "gated" else 1, False, outs)
+        except ValueError:
+            continue
+        return c, outs
+    return None
+
+
+def _tile(bm: int, bn: int, sub: int, *, pingpong: bool) -> Any:
+    from fusedmlp.common.config import TileConfig
+
+    return TileConfig(bm, bn, 64, group_m=8, num_warps=4, num_stages=4, warp_specialize=True,
+                      epilogue_subtile=sub, programs_per_sm=2 if pingpong else 1)  # fmt: skip
+
+
+# (block_m, block_n, epilogue_subtile, ping-pong): ping-pong first (each compute warpgroup a
+# whole tile of at most 128×128 fp32, its epilogue under the other's K loop), then cooperative
+GATED_TILES = ((128, 64, 1, True), (64, 128, 1, True), (128, 128, 1, False), (256, 64, 1, False))
+LINEAR_TILES = (
+    (128, 128, 2, True),
+    (64, 256, 2, True),
+    (128, 64, 1, True),
+    (128, 256, 2, False),
+    (256, 128, 1, False),
+    (128, 128, 1, False),
+)
+
+
+def grid(g: StepGemm) -> list[tuple[Any, Any]]:
+    """(config, outputs) to time for `g`: the fitted tiles first, then per tile shape the
+    deepest pipeline with two staging slots and, where the staging is wide, with one."""
+    from fusedmlp.jax_impl.mosaic import backward as hopper
+    from fusedmlp.jax_impl.mosaic.pipeline import PLAIN_OUTPUT
+
+    fitted = hopper.fitted_config(g.family, g.m, g.n, g.k, "bfloat16", g.outputs,
+                                  interpret=False, operands=g.operands,
+                                  epilogue=g.epilogue)  # fmt: skip
+    out = [fitted]
+    for bm, bn, sub, pingpong in GATED_TILES if g.family == "gated" else LINEAR_TILES:
+        for slots in (2,) if g.outputs == PLAIN_OUTPUT else (2, 1):
+            try:
+                found = _with_stages(_tile(bm, bn, sub, pingpong=pingpong), g, slots)
+            except ValueError:  # a tile the family cannot take
+                found = None
+            if found is not None and found not in out:
+                out.append(found)
+    return out
+
+
+# ==== the ops =====================================================================================
+def make_sets(g: StepGemm, count: int) -> list[dict[str, Any]]:
+    """`count` input sets of the GEMM as mosaic/backward.py hands them over (bf16)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp.common.packing import packed_width
+
+    dt = jnp.bfloat16
+    sets = []
+    for i in range(count):
+        keys = jax.random.split(jax.random.key(1000 + i), 4)
+
+        def normal(key: Any, shape: tuple[int, ...], scale: float = 1.0) -> Any:
+            return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dt)
+
+        a_shape = (g.k, g.m) if g.x_kmajor else (g.m, g.k)
+        w_shape = (g.op_n, g.k) if g.w_kmajor else (g.k, g.op_n)
+        s = {"a": normal(keys[0], a_shape), "w": normal(keys[1], w_shape, g.k**-0.5)}
+        if g.bias:
+            s["b"] = normal(keys[2], (g.op_n,), 0.1)
+        if g.epilogue != "none":
+            width = packed_width(g.n) if g.epilogue == "dact_gated" else g.n
+            s["z"] = normal(keys[3], (g.m, width))
+        sets.append(s)
+    return sets
+
+
+def set_count(g: StepGemm) -> int:
+    set_bytes = 2 * (g.m * g.k + g.k * g.op_n + 2 * g.m * g.op_n)
+    return max(2, min(MAX_SETS, -(-2 * L2_BYTES // set_bytes)))
+
+
+def mosaic_op(g: StepGemm, cfg: Any, outs: Any, interpret: bool) -> Callable[[dict], Any]:
+    from fusedmlp.jax_impl.mosaic import gated, linear_act
+
+    if g.family == "gated":
+        return lambda s: gated.gated_fwd(
+            s["a"], s["w"], s.get("b"), n=g.n, activation=g.activation, config=cfg,
+            interpret=interpret, store_preact=True, staging_slots=outs.slots,
+        )  # fmt: skip
+    return lambda s: linear_act.linear_act_fwd(
+        s["a"], s["w"], s.get("b"), None, activation=g.activation if g.preact else "identity",
+        config=cfg, interpret=interpret, x_kmajor=g.x_kmajor, w_kmajor=g.w_kmajor,
+        epilogue=g.epilogue, z=s.get("z"), dact_activation=g.activation,
+        store_preact=g.preact, staging_slots=outs.slots,
+    )  # fmt: skip
+
+
+def xla_op(g: StepGemm) -> Callable[[dict], Any]:
+    """The same product by XLA (operands as they lie) with the epilogue as elementwise ops: the
+    scale the kernel is measured against (XLA's own step fuses differently)."""
+    import jax.numpy as jnp
+
+    from fusedmlp.common.packing import PACK_BLOCK
+    from fusedmlp.jax_impl.activations import apply_activation, apply_activation_grad
+
+    f32 = jnp.float32
+
+    def op(s: dict) -> Any:
+        a = s["a"].T if g.x_kmajor else s["a"]
+        w = s["w"].T if g.w_kmajor else s["w"]
+        acc = jnp.matmul(a, w, preferred_element_type=f32)
+        if g.preact:
+            z = acc + (s["b"].astype(f32) if g.bias else 0.0)
+            if g.family == "gated":  # the packed [z|g] blocks: act(z)·g
+                pairs = z.reshape(g.m, -1, 2, PACK_BLOCK)
+                h = apply_activation(pairs[:, :, 0], g.activation) * pairs[:, :, 1]
+                return h.reshape(g.m, -1).astype(a.dtype), z.astype(a.dtype)
+            return apply_activation(z, g.activation).astype(a.dtype), z.astype(a.dtype)
+        if g.epilogue == "dact":
+            return (acc * apply_activation_grad(s["z"].astype(f32), g.activation)).astype(a.dtype)
+        if g.epilogue == "dact_gated":  # the packed [dz|dg] from the saved [z|g]
+            zg = s["z"].astype(f32).reshape(g.m, -1, 2, PACK_BLOCK)
+            z, gate = zg[:, :, 0], zg[:, :, 1]
+            dh = acc.reshape(g.m, -1, PACK_BLOCK)
+            dz = dh * gate * apply_activation_grad(z, g.activation)
+            dg = dh * apply_activation(z, g.activation)
+            return jnp.stack([dz, dg], axis=2).reshape(g.m, -1).astype(a.dtype)
+        return acc.astype(a.dtype)
+
+    return op
+
+
+# ==== the sweep ===================================================================================
+@dataclass
+class Sweep:
+    out_path: Path
+    tuned_path: Path | None
+    budget_s: float
+    start: float = field(default_factory=time.perf_counter)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    env: dict[str, Any] = field(default_factory=dict)
+    in_flight: str | None = None
+
+    def left(self) -> bool:
+        return time.perf_counter() - self.start < self.budget_s
+
+    def write(self) -> None:
+        data = {
+            "what": "Mosaic GPU training-step GEMM sweep (bench/sweep_mosaic_backward.py)",
+            "budget_s": self.budget_s,
+            "elapsed_s": round(time.perf_counter() - self.start, 1),
+            "env": self.env,
+            "in_flight": self.in_flight,
+            "rows": self.rows,
+            "skipped": self.skipped,
+            "steps": step_totals(self.rows),
+        }
+        self.out_path.write_text(json.dumps(data, indent=1, default=str))
+        if self.tuned_path is not None:
+            self.tuned_path.write_text(json.dumps(tuned_file(self.rows, self.env), indent=1))
+
+    def run(self, g: StepGemm, impl: str, op: Callable, sets: list, ref: Any, cfg: Any = None,
+            outs: Any = None) -> dict[str, Any] | None:  # fmt: skip
+        label = f"{g.name} {impl} {cfg if cfg is not None else ''}"
+        if not self.left():
+            self.skipped.append(label)
+            return None
+        row: dict[str, Any] = {
+            "preset": g.preset, "role": g.role, "kind": g.kind, "m": g.m, "n": g.n, "k": g.k,
+            "impl": impl, "config": _config_dict(cfg), "slots": outs.slots if outs else None,
+        }  # fmt: skip
+        self.in_flight = label
+        self.write()
+        try:
+            res = measure(op, sets)
+            first = res.pop("first")
+            first = first[0] if isinstance(first, tuple) else first
+            row.update(res)
+            row["rel_err"] = rel_err(first, ref) if ref is not None else 0.0
+            row["tflops"] = g.flops() / (res["ms"] * 1e-3) / 1e12
+            row["status"] = "ok" if row["rel_err"] <= REL_ERR_LIMIT else "WRONG"
+            row["_out"] = first
+        except Exception as exc:  # a config that does not compile or run is a result too
+            row["status"] = "error"
+            row["error"] = f"{type(exc).__name__}: {exc}"[:600]
+            row["traceback"] = traceback.format_exc()[-1500:]
+        self.in_flight = None
+        out = row.pop("_out", None)
+        self.rows.append(row)
+        print(_row_line(row), flush=True)
+        self.write()
+        return {**row, "_out": out}
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    head = f"{r['preset']:<14} {r['role']:<26} {r['impl']:<7} {_config_str(r.get('config')):<30}"
+    head += f" slots {r['slots']}" if r.get("slots") else "        "
+    if r["status"] == "error":
+        return f"{head} ERROR {r['error'][:140]}"
+    return (
+        f"{head} {r['ms'] * 1e3:9.1f} µs {r['tflops']:6.1f} TF/s err {r['rel_err']:.1e} "
+        f"compile {r['compile_s']:.1f}s {'' if r['status'] == 'ok' else r['status']}"
+    )
+
+
+def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per (preset, role): the fastest correct Mosaic GPU row (fitted or grid)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["status"] != "ok" or r["impl"] == "xla":
+            continue
+        key = f"{r['preset']}|{r['role']}"
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    return best
+
+
+def step_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per preset, summed over the GEMMs measured: fitted, best and XLA's products (ms)."""
+    totals: dict[str, dict[str, float]] = {}
+    best = best_rows(rows)
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        t = totals.setdefault(r["preset"], {"fitted_ms": 0.0, "best_ms": 0.0, "xla_ms": 0.0})
+        if r["impl"] in ("fitted", "xla"):
+            t[f"{r['impl']}_ms"] += r["ms"]
+        if best.get(f"{r['preset']}|{r['role']}") is r:
+            t["best_ms"] += r["ms"]
+    return totals
+
+
+def tuned_file(rows: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
+    """The best tiles per (kind, m, n, k), in tuned_h200_backward.json's format."""
+    configs: dict[str, list[dict[str, Any]]] = {}
+    for r in best_rows(rows).values():
+        entry = {"m": r["m"], "n": r["n"], "k": r["k"], "config": r["config"], "slots": r["slots"]}
+        entry.update(us=round(r["ms"] * 1e3, 1), tflops=round(r["tflops"], 1))
+        entry["gemm"] = f"{r['preset']} {r['role']}"
+        configs.setdefault(r["kind"], []).append(entry)
+    gpus = env.get("gpus") or [{}]
+    return {
+        "about": "Best Mosaic GPU tiles per GEMM kind of the training step and (M, N, K), read by "
+        "jax_impl/mosaic/backward.fitted_config. Written by bench/sweep_mosaic_backward.py.",
+        "gpu": gpus[0].get("name"),
+        "commit": (env.get("git") or {}).get("commit"),
+        "jax": (env.get("versions") or {}).get("jax"),
+        "configs": configs,
+    }
+
+
+def sweep(sw: Sweep, presets: list[str]) -> None:
+    for preset in presets:
+        for g in step_gemms(preset):
+            if not sw.left():
+                sw.skipped.append(f"{g.name} (all)")
+                continue
+            sets = make_sets(g, set_count(g))
+            sw.run(g, "xla", xla_op(g), sets, None)
+            plan = grid(g)
+            first = sw.run(g, "fitted", mosaic_op(g, *plan[0], False), sets, None, *plan[0])
+            ref = first["_out"] if first and first["status"] == "ok" else None
+            for cfg, outs in plan[1:]:
+                sw.run(g, "grid", mosaic_op(g, cfg, outs, False), sets, ref, cfg, outs)
+            del sets
+
+
+def dry_run(presets: list[str]) -> int:
+    """Lower every planned kernel for CUDA (no GPU): the plan, the layouts, shared memory."""
+    import jax
+
+    failures = count = 0
+    for preset in presets:
+        for g in step_gemms(preset):
+            shapes = jax.eval_shape(functools.partial(make_sets, g, 1))[0]
+            for cfg, outs in grid(g):
+                count += 1
+                try:
+                    jax.jit(mosaic_op(g, cfg, outs, False)).trace(shapes).lower(
+                        lowering_platforms=("cuda",)
+                    )
+                    print(f"ok    {g.name:<40} {cfg} slots {outs.slots}")
+                except Exception as exc:
+                    failures += 1
+                    print(f"FAIL  {g.name:<40} {cfg}: {type(exc).__name__}: {exc}"[:300])
+    print(f"{count} kernels lowered for CUDA, {failures} failed")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, nargs="?", help="JSON file to write")
+    ap.add_argument("--tuned-out", type=Path, help="the best tiles (tuned_h200_backward format)")
+    ap.add_argument("--budget-s", type=float, default=380.0, help="no new measurement after")
+    ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
+    ap.add_argument("--dry-run", action="store_true", help="lower every kernel for CUDA; no GPU")
+    args = ap.parse_args(argv)
+    presets = args.presets.split(",")
+    if args.dry_run:
+        return dry_run(presets)
+    if args.out is None:
+        ap.error("the output JSON path is required")
+    import jax
+
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        print("no GPU visible to jax: use --dry-run on a CPU", file=sys.stderr)
+        return 2
+    from fusedmlp.bench.env import environment
+
+    sw = Sweep(args.out, args.tuned_out, args.budget_s)
+    sw.env = environment()
+    sweep(sw, presets)
+    sw.write()
+    for preset, t in step_totals(sw.rows).items():
+        print(f"{preset}: GEMMs fitted {t['fitted_ms']:.3f} ms, best {t['best_ms']:.3f} ms, "
+              f"XLA's products {t['xla_ms']:.3f} ms")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    sys.exit(main())

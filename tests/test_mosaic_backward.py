@@ -31,7 +31,7 @@ import pytest
 from fusedmlp import jax_impl
 from fusedmlp.common import MLPSpec, TileConfig, init_params, make_input, reference, tolerance
 from fusedmlp.common.config import SAVED_POLICIES
-from fusedmlp.common.packing import packed_width, unpack_gated, unpack_params
+from fusedmlp.common.packing import packed_names, packed_width, unpack_gated, unpack_params
 from fusedmlp.common.tolerance import assert_grads_close
 from fusedmlp.jax_impl import backward as portable
 from fusedmlp.jax_impl import compat
@@ -371,26 +371,38 @@ def test_tuned_config_takes_the_nearest_measured_m(monkeypatch) -> None:
     assert got.to_dict() == coop and outs.slots == 1
 
 
-def test_committed_backward_table_fits() -> None:
-    """Every entry of the committed H200 table (tuned_h200_backward.json) names a kind of the
-    step and fits the kernel's shared memory in both 16-bit dtypes with its outputs."""
-    table = hopper.tuned_table()
-    assert table, f"{hopper.TUNED_FILE} is missing or empty"
-    for kind, entries in table.items():
-        family, *extras = kind.split(".")
-        outputs = pipeline.Outputs(
-            scale=2 if "dact_gated" in extras else 1, preact="preact" in extras
+@pytest.mark.parametrize("preset", ["hf-blog-geglu", "llama3-8b"])
+def test_sweep_plans_the_steps_gemms_and_the_step_lowers(monkeypatch, preset: str) -> None:
+    """bench/sweep_mosaic_backward.py times the GEMMs the step runs through `fitted_config`:
+    its plan (`step_gemms`) is what the step asks for, kind and shape, in order; and the step at
+    M = 8192 lowers for CUDA on the tiles it then takes (the committed table's)."""
+    from fusedmlp.bench import sweep_mosaic_backward as sweep
+    from fusedmlp.common import get_preset
+
+    spec = get_preset(preset).spec
+    m = 8192
+    asked = []
+    fitted = hopper.fitted_config
+
+    def recording(family, m, n, k, dtype, outputs=pipeline.PLAIN_OUTPUT, **kw):
+        kind = hopper.gemm_kind(
+            family, outputs, kw.get("operands", pipeline.AS_STORED), kw.get("epilogue", "none")
         )
-        operands = pipeline.Operands("x_kmajor" in extras, "w_kmajor" in extras)
-        epilogue = next((e for e in extras if e.startswith("dact")), "none")
-        assert hopper.gemm_kind(family, outputs, operands, epilogue) == kind
-        for e in entries:
-            cfg = TileConfig.from_dict(e["config"])
-            for dtype in ("bfloat16", "float16"):
-                pipeline.check_config(
-                    cfg, dtype, 2 if family == "gated" else 1, residual=False,
-                    outputs=dataclasses.replace(outputs, slots=e["slots"]),
-                )  # fmt: skip
+        asked.append((kind, m, n, k))
+        return fitted(family, m, n, k, dtype, outputs, **kw)
+
+    monkeypatch.setattr(hopper, "fitted_config", recording)
+    dt = jnp.dtype(spec.dtype)
+    S = jax.ShapeDtypeStruct
+    shapes = {k: S(v, dt) for k, v in packed_names(spec).items()}
+
+    def step(x, params, dy):
+        _, kept = hopper.forward_saving(x, params, spec, saved="preact", interpret=False)
+        return hopper.mlp_backward(dy, kept, params, spec, saved="preact", interpret=False)
+
+    text = lower_for_cuda(step, S((m, spec.d_in), dt), shapes, S((m, spec.d_out), dt))
+    assert "linear_act_dact_gated" in text
+    assert asked == [(g.kind, g.m, g.n, g.k) for g in sweep.step_gemms(preset, m)]
 
 
 def _gated_ref(x, wv, bc, n: int) -> np.ndarray:
@@ -474,8 +486,9 @@ LOWER_SPECS = [
 @pytest.mark.parametrize("spec", LOWER_SPECS, ids=lambda s: f"{s.activation}-{len(s.widths)}")
 def test_training_step_lowers_for_cuda(spec: MLPSpec) -> None:
     """The saving forward and the backward, jitted together at the GPU's tiles (the fitted
-    cooperative configs: 128-wide and 256-wide tiles, 3-4 slots), lower for CUDA on this CPU —
-    layout inference, the doubled and second staging tiles and Mosaic's shared-memory total."""
+    configs: 128-wide and 256-wide tiles, 3-4 slots, ping-pong where the committed table has
+    these shapes), lower for CUDA on this CPU — layout inference, the doubled and second staging
+    tiles and Mosaic's shared-memory total."""
     m = 1024
     dt = jnp.dtype(spec.dtype)
     S = jax.ShapeDtypeStruct
@@ -559,7 +572,9 @@ def test_smem_model_counts_the_wider_staging(monkeypatch, family, config, output
         ("linear_act", (8192, 768, 3072), pipeline.PLAIN_OUTPUT),  # hf-blog down: tuned ping-pong
     ],
 )
-def test_fitted_configs_fit_and_are_cooperative(family, mnk, outputs) -> None:
+def test_fitted_configs_fit_and_are_cooperative(monkeypatch, family, mnk, outputs) -> None:
+    """The fitting rule for a shape the committed table does not hold (`tuned_table` emptied)."""
+    monkeypatch.setattr(hopper, "tuned_table", dict)
     m, n, k = mnk
     cfg, fitted = hopper.fitted_config(family, m, n, k, "bfloat16", outputs, interpret=False)
     assert cfg.programs_per_sm == 1 and cfg.num_stages >= 3  # every one of these fits 3 K slots

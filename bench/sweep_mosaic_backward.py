@@ -23,10 +23,12 @@ bench/sweep_mosaic.py's: a jitted function over rotating input sets (together mo
 L2), dispatched back to back, the host clock around the last result, median of 5 samples.
 
     python3 bench/sweep_mosaic_backward.py OUT.json --tuned-out TUNED.json [--budget-s 380]
-        [--presets hf-blog-geglu,llama3-8b]
+        [--presets hf-blog-geglu,llama3-8b] [--roles "layer 1 input"] [--merge-into TABLE]
 
-TUNED.json has the format of jax_impl/mosaic/tuned_h200_backward.json (the best tiles per
-(kind, M, N, K); copy it there to make `fitted_config` take them). On a CPU, `--dry-run` lowers
+TUNED.json has the format of jax_impl/mosaic/tuned_hopper_backward.json (the best tiles per
+(kind, M, N, K), each entry with the GPU and commit it was measured at; copy it there to make
+`fitted_config` take them; `--merge-into` the committed table to keep its entries of the GEMMs
+not swept). On a CPU, `--dry-run` lowers
 every planned kernel for CUDA without timing.
 """
 
@@ -293,6 +295,7 @@ class Sweep:
     skipped: list[str] = field(default_factory=list)
     env: dict[str, Any] = field(default_factory=dict)
     in_flight: str | None = None
+    base: dict[str, Any] | None = None  # a committed table the new entries are merged into
 
     def left(self) -> bool:
         return time.perf_counter() - self.start < self.budget_s
@@ -310,7 +313,8 @@ class Sweep:
         }
         self.out_path.write_text(json.dumps(data, indent=1, default=str))
         if self.tuned_path is not None:
-            self.tuned_path.write_text(json.dumps(tuned_file(self.rows, self.env), indent=1))
+            table = tuned_file(self.rows, self.env, self.base)
+            self.tuned_path.write_text(json.dumps(table, indent=1))
 
     def run(self, g: StepGemm, impl: str, op: Callable, sets: list, ref: Any, cfg: Any = None,
             outs: Any = None) -> dict[str, Any] | None:  # fmt: skip
@@ -383,15 +387,23 @@ def step_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return totals
 
 
-def tuned_file(rows: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
-    """The best tiles per (kind, m, n, k), in tuned_h200_backward.json's format."""
-    configs: dict[str, list[dict[str, Any]]] = {}
+def tuned_file(
+    rows: list[dict[str, Any]], env: dict[str, Any], base: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The best tiles per (kind, m, n, k), in tuned_hopper_backward.json's format; with `base`
+    (a committed table), its entries of the shapes not measured here are kept."""
+    gpus = env.get("gpus") or [{}]
+    commit = (env.get("git") or {}).get("commit")
+    configs: dict[str, list[dict[str, Any]]] = {
+        kind: list(entries) for kind, entries in ((base or {}).get("configs") or {}).items()
+    }
     for r in best_rows(rows).values():
         entry = {"m": r["m"], "n": r["n"], "k": r["k"], "config": r["config"], "slots": r["slots"]}
         entry.update(us=round(r["ms"] * 1e3, 1), tflops=round(r["tflops"], 1))
-        entry["gemm"] = f"{r['preset']} {r['role']}"
-        configs.setdefault(r["kind"], []).append(entry)
-    gpus = env.get("gpus") or [{}]
+        entry.update(gemm=f"{r['preset']} {r['role']}", gpu=gpus[0].get("name"), commit=commit)
+        shape = (r["m"], r["n"], r["k"])
+        kept = [e for e in configs.get(r["kind"], []) if (e["m"], e["n"], e["k"]) != shape]
+        configs[r["kind"]] = [*kept, entry]
     return {
         "about": "Best Mosaic GPU tiles per GEMM kind of the training step and (M, N, K), read by "
         "jax_impl/mosaic/backward.fitted_config. Written by bench/sweep_mosaic_backward.py.",
@@ -402,9 +414,11 @@ def tuned_file(rows: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any
     }
 
 
-def sweep(sw: Sweep, presets: list[str]) -> None:
+def sweep(sw: Sweep, presets: list[str], roles: list[str] | None = None) -> None:
     for preset in presets:
         for g in step_gemms(preset):
+            if roles and not any(role in g.role for role in roles):
+                continue
             if not sw.left():
                 sw.skipped.append(f"{g.name} (all)")
                 continue
@@ -443,9 +457,15 @@ def dry_run(presets: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, nargs="?", help="JSON file to write")
-    ap.add_argument("--tuned-out", type=Path, help="the best tiles (tuned_h200_backward format)")
+    ap.add_argument("--tuned-out", type=Path, help="the best tiles (tuned_hopper_backward format)")
     ap.add_argument("--budget-s", type=float, default=380.0, help="no new measurement after")
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
+    ap.add_argument(
+        "--roles", help="comma-separated parts of GEMM roles to sweep (e.g. 'layer 1 input')"
+    )
+    ap.add_argument(
+        "--merge-into", type=Path, help="a committed table: --tuned-out keeps its other entries"
+    )
     ap.add_argument("--dry-run", action="store_true", help="lower every kernel for CUDA; no GPU")
     args = ap.parse_args(argv)
     presets = args.presets.split(",")
@@ -462,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sw = Sweep(args.out, args.tuned_out, args.budget_s)
     sw.env = environment()
-    sweep(sw, presets)
+    if args.merge_into is not None:
+        sw.base = json.loads(args.merge_into.read_text())
+    sweep(sw, presets, args.roles.split(",") if args.roles else None)
     sw.write()
     for preset, t in step_totals(sw.rows).items():
         print(f"{preset}: GEMMs fitted {t['fitted_ms']:.3f} ms, best {t['best_ms']:.3f} ms, "

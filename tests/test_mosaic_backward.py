@@ -371,6 +371,28 @@ def test_tuned_config_takes_the_nearest_measured_m(monkeypatch) -> None:
     assert got.to_dict() == coop and outs.slots == 1
 
 
+def test_committed_backward_table_fits() -> None:
+    """Every entry of the committed H200 table (tuned_h200_backward.json) names a kind of the
+    step and fits the kernel's shared memory in both 16-bit dtypes with its outputs."""
+    table = hopper.tuned_table()
+    assert table, f"{hopper.TUNED_FILE} is missing or empty"
+    for kind, entries in table.items():
+        family, *extras = kind.split(".")
+        outputs = pipeline.Outputs(
+            scale=2 if "dact_gated" in extras else 1, preact="preact" in extras
+        )
+        operands = pipeline.Operands("x_kmajor" in extras, "w_kmajor" in extras)
+        epilogue = next((e for e in extras if e.startswith("dact")), "none")
+        assert hopper.gemm_kind(family, outputs, operands, epilogue) == kind
+        for e in entries:
+            cfg = TileConfig.from_dict(e["config"])
+            for dtype in ("bfloat16", "float16"):
+                pipeline.check_config(
+                    cfg, dtype, 2 if family == "gated" else 1, residual=False,
+                    outputs=dataclasses.replace(outputs, slots=e["slots"]),
+                )  # fmt: skip
+
+
 @pytest.mark.parametrize("preset", ["hf-blog-geglu", "llama3-8b"])
 def test_sweep_plans_the_steps_gemms_and_the_step_lowers(monkeypatch, preset: str) -> None:
     """bench/sweep_mosaic_backward.py times the GEMMs the step runs through `fitted_config`:

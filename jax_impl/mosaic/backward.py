@@ -28,7 +28,7 @@ M = 8192 took 15.43 ms on them against XLA's 13.10 (docs/performance.md, "Traini
 kernels here run at 95-100 % of jax's own Mosaic GPU Hopper matmul.
 
 Tiles of the backward's GEMMs and the pre-activation-storing forwards (`fitted_config`): the
-committed H200 sweep's best for the GEMM's kind and shape (tuned_h200_backward.json, written by
+committed sweep's best for the GEMM's kind and shape (tuned_hopper_backward.json, written by
 bench/sweep_mosaic_backward.py: ping-pong where an epilogue that reads a saved [z|g] and writes two
 tiles would otherwise stall the tensor cores, cooperative where a long K hides it), else the
 forward's (`pipeline.default_config`) made cooperative and fitted to the shared memory the extra
@@ -73,7 +73,7 @@ from . import pipeline
 from .pipeline import AS_STORED, PLAIN_OUTPUT, Operands, Outputs
 
 IMPLS = (AUTO, pipeline.IMPL)  # the asked impls whose training runs this backward on Hopper
-TUNED_FILE = Path(__file__).with_name("tuned_h200_backward.json")
+TUNED_FILE = Path(__file__).with_name("tuned_hopper_backward.json")
 
 
 def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
@@ -122,7 +122,9 @@ def gemm_kind(
 
 @functools.cache
 def tuned_table() -> dict[str, list[dict[str, Any]]]:
-    """The committed H200 sweep's best configs ({kind: [entry, ...]}; empty if none)."""
+    """The committed sweep's best configs ({kind: [entry, ...]}; empty if none). Entries name the
+    GPU they were measured on: the Hopper parts share the SM count and tensor cores, so one table
+    serves them (measured on an H100 at b566817 where no H200 was lent)."""
     if not TUNED_FILE.exists():
         return {}
     return json.loads(TUNED_FILE.read_text()).get("configs", {})

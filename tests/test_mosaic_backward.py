@@ -274,8 +274,9 @@ def test_stored_preact_at_one_and_two_staging_slots(family: str, kernel: str) ->
 @pytest.mark.parametrize("epilogue", ["dact", "dact_gated"])
 def test_act_steps_at_one_and_two_staging_slots(epilogue: str, kernel: str) -> None:
     """The input gradient's act' epilogues (W read transposed) at two epilogue tiles a
-    warpgroup, on the cooperative and the ping-pong kernel: one or two staging slots, the same
-    bits, within the policy of the float64 act' step."""
+    warpgroup, on the cooperative and the ping-pong kernel: one or two staging slots (one: the
+    first tile's residual prefetched before the K loop, the second loaded in the epilogue; two:
+    both prefetched), the same bits, within the policy of the float64 act' step."""
     rng = np.random.default_rng(12)
     m, n, nc = 80, 128, 96
     dt = jnp.bfloat16

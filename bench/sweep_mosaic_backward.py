@@ -110,6 +110,47 @@ class StepGemm:
     def flops(self) -> int:
         return 2 * self.m * self.op_n * self.k
 
+    def fields(self) -> dict[str, Any]:
+        """The GEMM's shape as a row of the sweep names it."""
+        return {"m": self.m, "n": self.n, "k": self.k}
+
+
+@dataclass(frozen=True)
+class WeightGradients:
+    """The step's weight gradients hᵢᵀ·dZᵢ as ONE grouped launch (mosaic linear_grouped, kind
+    `backward.GROUPED_KIND`), timed beside the same products apart on the tiles the step gives
+    them (`fitted_config`: "apart", what the step runs where the table has no grouped entry)."""
+
+    preset: str
+    gemms: tuple[StepGemm, ...]  # the weight gradients, in the order the backward reaches them
+    role: str = "weight gradients grouped"
+
+    @property
+    def kind(self) -> str:
+        from fusedmlp.jax_impl.mosaic.backward import GROUPED_KIND
+
+        return GROUPED_KIND
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset} {self.role}"
+
+    @property
+    def products(self) -> list[list[int]]:
+        return [[g.m, g.op_n] for g in self.gemms]
+
+    def flops(self) -> int:
+        return sum(g.flops() for g in self.gemms)
+
+    def fields(self) -> dict[str, Any]:
+        return {"products": self.products, "k": self.gemms[0].k}
+
+
+def weight_gradients(preset: str, m: int = M) -> WeightGradients:
+    """The grouped launch of the preset's weight gradients at M = m (`step_gemms`' order)."""
+    gemms = [g for g in step_gemms(preset, m) if g.role.endswith("weight gradient")]
+    return WeightGradients(preset, tuple(gemms))
+
 
 def step_gemms(preset: str, m: int = M) -> list[StepGemm]:
     """The GEMMs mosaic/backward.py's saving forward and backward run through `fitted_config`
@@ -179,6 +220,14 @@ LINEAR_TILES = (
 )
 
 
+def grouped_grid(wg: WeightGradients) -> list[tuple[Any, Any]]:
+    """(config, outputs) to time for the grouped launch: per tile shape of LINEAR_TILES the
+    deepest K pipeline that fits (the products store plainly: two staging slots)."""
+    found = [_with_stages(_tile(bm, bn, sub, pingpong=pp), wg.gemms[0], 2)
+             for bm, bn, sub, pp in LINEAR_TILES]  # fmt: skip
+    return [f for f in found if f is not None]
+
+
 def grid(g: StepGemm) -> list[tuple[Any, Any]]:
     """(config, outputs) to time for `g`: the fitted tiles first, then per tile shape the
     deepest pipeline with two staging slots and, where the staging is wide, with one."""
@@ -226,6 +275,42 @@ def make_sets(g: StepGemm, count: int) -> list[dict[str, Any]]:
             s["z"] = normal(keys[3], (g.m, width))
         sets.append(s)
     return sets
+
+
+def grouped_sets(wg: WeightGradients, count: int) -> list[dict[str, Any]]:
+    """Input sets of the grouped launch: product i's operands as "a{i}", "w{i}"."""
+    per = [make_sets(g, count) for g in wg.gemms]
+    return [
+        {f"{key}{i}": s[key] for i, sets in enumerate(per) for key in ("a", "w") for s in [sets[c]]}
+        for c in range(count)
+    ]
+
+
+def grouped_set_count(wg: WeightGradients) -> int:
+    set_bytes = sum(2 * (g.m * g.k + g.k * g.op_n + g.m * g.op_n) for g in wg.gemms)
+    return max(2, min(MAX_SETS, -(-2 * L2_BYTES // set_bytes)))
+
+
+def apart_op(wg: WeightGradients) -> Callable[[dict], Any]:
+    """The weight gradients one launch each, on the tiles the step gives them."""
+    from fusedmlp.jax_impl.mosaic import backward as hopper
+
+    ops = []
+    for g in wg.gemms:
+        cfg, outs = hopper.fitted_config(g.family, g.m, g.n, g.k, "bfloat16", g.outputs,
+                                         interpret=False, operands=g.operands)  # fmt: skip
+        ops.append(mosaic_op(g, cfg, outs, False))
+    return lambda s: tuple(op({"a": s[f"a{i}"], "w": s[f"w{i}"]}) for i, op in enumerate(ops))
+
+
+def grouped_op(wg: WeightGradients, cfg: Any) -> Callable[[dict], Any]:
+    from fusedmlp.jax_impl.mosaic import linear_act
+
+    count = len(wg.gemms)
+    return lambda s: linear_act.linear_grouped(
+        [s[f"a{i}"] for i in range(count)], [s[f"w{i}"] for i in range(count)], config=cfg,
+        interpret=False, x_kmajor=True,
+    )  # fmt: skip
 
 
 def set_count(g: StepGemm) -> int:
@@ -323,7 +408,7 @@ class Sweep:
             self.skipped.append(label)
             return None
         row: dict[str, Any] = {
-            "preset": g.preset, "role": g.role, "kind": g.kind, "m": g.m, "n": g.n, "k": g.k,
+            "preset": g.preset, "role": g.role, "kind": g.kind, **g.fields(),
             "impl": impl, "config": _config_dict(cfg), "slots": outs.slots if outs else None,
         }  # fmt: skip
         self.in_flight = label
@@ -331,9 +416,8 @@ class Sweep:
         try:
             res = measure(op, sets)
             first = res.pop("first")
-            first = first[0] if isinstance(first, tuple) else first
             row.update(res)
-            row["rel_err"] = rel_err(first, ref) if ref is not None else 0.0
+            row["rel_err"] = _rel_err_all(first, ref) if ref is not None else 0.0
             row["tflops"] = g.flops() / (res["ms"] * 1e-3) / 1e12
             row["status"] = "ok" if row["rel_err"] <= REL_ERR_LIMIT else "WRONG"
             row["_out"] = first
@@ -347,6 +431,14 @@ class Sweep:
         print(_row_line(row), flush=True)
         self.write()
         return {**row, "_out": out}
+
+
+def _rel_err_all(out: Any, ref: Any) -> float:
+    """The largest relative error over the outputs (a tuple: the stored pre-activation beside
+    the output, or the products of a grouped launch)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    return max(rel_err(o, r) for o, r in zip(outs, refs, strict=True))
 
 
 def _row_line(r: dict[str, Any]) -> str:
@@ -364,7 +456,7 @@ def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per (preset, role): the fastest correct Mosaic GPU row (fitted or grid)."""
     best: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if r["status"] != "ok" or r["impl"] == "xla":
+        if r["status"] != "ok" or r["impl"] in ("xla", "apart"):
             continue
         key = f"{r['preset']}|{r['role']}"
         if key not in best or r["ms"] < best[key]["ms"]:
@@ -377,7 +469,7 @@ def step_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     totals: dict[str, dict[str, float]] = {}
     best = best_rows(rows)
     for r in rows:
-        if r["status"] != "ok":
+        if r["status"] != "ok" or "products" in r:  # the grouped launch: its GEMMs are counted
             continue
         t = totals.setdefault(r["preset"], {"fitted_ms": 0.0, "best_ms": 0.0, "xla_ms": 0.0})
         if r["impl"] in ("fitted", "xla"):
@@ -385,6 +477,13 @@ def step_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         if best.get(f"{r['preset']}|{r['role']}") is r:
             t["best_ms"] += r["ms"]
     return totals
+
+
+def _shape_key(entry: dict[str, Any]) -> str:
+    """What a table entry is for: its (M, N, K), or a grouped launch's products and K."""
+    if "products" in entry:
+        return json.dumps([entry["products"], entry["k"]])
+    return json.dumps([entry["m"], entry["n"], entry["k"]])
 
 
 def tuned_file(
@@ -397,12 +496,19 @@ def tuned_file(
     configs: dict[str, list[dict[str, Any]]] = {
         kind: list(entries) for kind, entries in ((base or {}).get("configs") or {}).items()
     }
+    apart = {r["preset"]: r for r in rows if r["impl"] == "apart" and r["status"] == "ok"}
     for r in best_rows(rows).values():
-        entry = {"m": r["m"], "n": r["n"], "k": r["k"], "config": r["config"], "slots": r["slots"]}
+        if "products" in r:  # the grouped launch, with what it replaces (timed in this run)
+            if r["preset"] not in apart:
+                continue
+            entry = {"products": r["products"], "k": r["k"], "config": r["config"]}
+            entry["apart_us"] = round(apart[r["preset"]]["ms"] * 1e3, 1)
+        else:
+            entry = {"m": r["m"], "n": r["n"], "k": r["k"], "config": r["config"]}
+            entry["slots"] = r["slots"]
         entry.update(us=round(r["ms"] * 1e3, 1), tflops=round(r["tflops"], 1))
         entry.update(gemm=f"{r['preset']} {r['role']}", gpu=gpus[0].get("name"), commit=commit)
-        shape = (r["m"], r["n"], r["k"])
-        kept = [e for e in configs.get(r["kind"], []) if (e["m"], e["n"], e["k"]) != shape]
+        kept = [e for e in configs.get(r["kind"], []) if _shape_key(e) != _shape_key(entry)]
         configs[r["kind"]] = [*kept, entry]
     return {
         "about": "Best Mosaic GPU tiles per GEMM kind of the training step and (M, N, K), read by "
@@ -430,6 +536,18 @@ def sweep(sw: Sweep, presets: list[str], roles: list[str] | None = None) -> None
             for cfg, outs in plan[1:]:
                 sw.run(g, "grid", mosaic_op(g, cfg, outs, False), sets, ref, cfg, outs)
             del sets
+        wg = weight_gradients(preset)
+        if roles and not any(role in wg.role for role in roles):
+            continue
+        if not sw.left():
+            sw.skipped.append(f"{wg.name} (all)")
+            continue
+        sets = grouped_sets(wg, grouped_set_count(wg))
+        first = sw.run(wg, "apart", apart_op(wg), sets, None)
+        ref = first["_out"] if first and first["status"] == "ok" else None
+        for cfg, outs in grouped_grid(wg):
+            sw.run(wg, "grid", grouped_op(wg, cfg), sets, ref, cfg, outs)
+        del sets
 
 
 def dry_run(presets: list[str]) -> int:
@@ -450,6 +568,16 @@ def dry_run(presets: list[str]) -> int:
                 except Exception as exc:
                     failures += 1
                     print(f"FAIL  {g.name:<40} {cfg}: {type(exc).__name__}: {exc}"[:300])
+        wg = weight_gradients(preset)
+        shapes = jax.eval_shape(functools.partial(grouped_sets, wg, 1))[0]
+        for cfg, _ in grouped_grid(wg):
+            count += 1
+            try:
+                jax.jit(grouped_op(wg, cfg)).trace(shapes).lower(lowering_platforms=("cuda",))
+                print(f"ok    {wg.name:<40} {cfg}")
+            except Exception as exc:
+                failures += 1
+                print(f"FAIL  {wg.name:<40} {cfg}: {type(exc).__name__}: {exc}"[:300])
     print(f"{count} kernels lowered for CUDA, {failures} failed")
     return 1 if failures else 0
 

@@ -70,15 +70,19 @@ def _inputs(spec: MLPSpec, m: int, seed: int):
     return x, params, dy
 
 
-def _hopper_step(spec: MLPSpec, x, params, dy, *, saved: str = "preact", interpret: bool = True):
+def _hopper_step(
+    spec: MLPSpec, x, params, dy, *, saved: str = "preact", interpret: bool = True, grouped=None
+):
     """(y, gradients in the contract's names) from mosaic/backward.py, as the front's custom_vjp
-    calls it."""
+    calls it (`grouped`: tiles for the weight gradients' grouped launch)."""
     packed = pack_params(spec, {k: jnp.asarray(v) for k, v in params.items()})
     x2d = jnp.asarray(x)
     y, kept = hopper.forward_saving(x2d, packed, spec, saved="preact", interpret=interpret)
     if saved == "inputs":
         kept = (x2d,)
-    grads = hopper.mlp_backward(dy, kept, packed, spec, saved=saved, interpret=interpret)
+    grads = hopper.mlp_backward(
+        dy, kept, packed, spec, saved=saved, interpret=interpret, grouped=grouped
+    )
     dx = grads.pop("x")
     return y, {"x": dx, **unpack_params(spec, grads)}
 
@@ -212,7 +216,7 @@ TWO_TILES = TileConfig(
     128, 128, 16, group_m=2, num_warps=4, num_stages=2, warp_specialize=True, epilogue_subtile=2
 )
 # ping-pong: each compute warpgroup a whole 128 × 64 tile (two 64-row epilogue tiles), the two
-# taking turns at the K loop (pipeline.pingpong_matmul); gated: a 128-wide packed operand tile
+# taking turns at the K loop (pipeline.grouped_matmul); gated: a 128-wide packed operand tile
 PINGPONG = TileConfig(
     128, 64, 16, group_m=2, num_warps=4, num_stages=2, warp_specialize=True, programs_per_sm=2
 )
@@ -321,6 +325,139 @@ def test_weight_gradient_reads_h_transposed(kernel: str) -> None:
     tolerance.assert_close(_f64(got), want, layer_spec("bfloat16"), what=f"hᵀ·dZ {kernel}")
 
 
+# the grouped launch's tiles: cooperative split along M (128 × 64 tiles) and along N (a 256-wide
+# tile, 64 rows), ping-pong (each warpgroup a whole 128 × 64 tile)
+GROUPED = {
+    "cooperative-split-m": TWO_TILES,
+    "cooperative-split-n": TileConfig(
+        64,
+        256,
+        16,
+        group_m=2,
+        num_warps=4,
+        num_stages=3,
+        warp_specialize=True,
+        epilogue_subtile=2,
+    ),
+    "pingpong": PINGPONG,
+}
+
+
+@pytest.mark.parametrize("x_kmajor", [False, pytest.param(True, marks=needs_transposes)])
+@pytest.mark.parametrize("kernel", list(GROUPED))
+def test_grouped_products_are_the_separate_ones(kernel: str, x_kmajor: bool) -> None:
+    """`linear_grouped`: three products of different (ragged) M and N sharing K in one launch,
+    each within the policy of its float64 product and bit for bit the product `linear_act_fwd`
+    computes alone on the same tiles (the same K steps into the same fp32 accumulator); an
+    empty product comes back as zeros without a launch."""
+    rng = np.random.default_rng(17)
+    k, dt = 80, jnp.bfloat16
+    dims = [(96, 112), (48, 64), (144, 256)]  # (M, N): 3 tile lists of different lengths
+    xs = [jnp.asarray(rng.standard_normal((k, m) if x_kmajor else (m, k)), dt) for m, _ in dims]
+    ws = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, dt) for _, n in dims]
+    cfg = GROUPED[kernel]
+    outs = linear_mod.linear_grouped(xs, ws, config=cfg, interpret=True, x_kmajor=x_kmajor)
+    for (m, n), x, w, y in zip(dims, xs, ws, outs, strict=True):
+        assert y.shape == (m, n) and y.dtype == dt
+        alone = linear_mod.linear_act_fwd(
+            x, w, None, None, activation="identity", config=cfg, interpret=True, x_kmajor=x_kmajor
+        )
+        assert np.asarray(y).tobytes() == np.asarray(alone).tobytes(), (m, n)
+        want = (_f64(x).T if x_kmajor else _f64(x)) @ _f64(w)
+        tolerance.assert_close(_f64(y), want, layer_spec("bfloat16"), what=f"{kernel} {(m, n)}")
+    empty = jnp.zeros((k, 0) if x_kmajor else (0, k), dt)
+    got = linear_mod.linear_grouped(
+        [empty, xs[1]], [ws[0], ws[1]], config=cfg, interpret=True, x_kmajor=x_kmajor
+    )
+    assert got[0].shape == (0, 112)
+    assert np.asarray(got[1]).tobytes() == np.asarray(outs[1]).tobytes()
+
+
+@needs_transposes
+@pytest.mark.parametrize("kernel", ["cooperative-split-m", "pingpong"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=_case_id)
+def test_step_with_grouped_weight_gradients(monkeypatch, case, kernel: str) -> None:
+    """The step with its weight gradients in one grouped launch at the end: every gradient bit
+    for bit the step's with them apart on the same tiles (the tuned table pins every GEMM of the
+    step to them), within the policy of the float64 reference; `mlp_backward` asks
+    `grouped_config` for the products in the order it reaches them."""
+    widths, activation, bias, dtype, m = case
+    spec = MLPSpec(widths, activation, bias, dtype)
+    cfg = dataclasses.replace(GROUPED[kernel], epilogue_subtile=1)
+    monkeypatch.setattr(hopper, "tuned_config", lambda *a, **kw: (cfg, 2))
+    asked = []
+
+    def grouped_config(products, k, *, interpret):
+        asked.append((products, k))
+        return None
+
+    monkeypatch.setattr(hopper, "grouped_config", grouped_config)
+    x, params, dy = _inputs(spec, m, 23)
+    _, apart = _hopper_step(spec, x, params, dy)
+    layers = spec.layers()[::-1]
+    widths_out = [packed_width(la.d_out) if la.gated else la.d_out for la in layers]
+    assert asked == [([(la.d_in, w) for la, w in zip(layers, widths_out, strict=True)], m)]
+    _, grouped = _hopper_step(spec, x, params, dy, grouped=cfg)
+    for name in apart:
+        assert np.asarray(grouped[name]).tobytes() == np.asarray(apart[name]).tobytes(), name
+    ref = reference.backward(spec, x, params, _f64(dy), round_hidden=True)
+    got = {k: _f64(v) for k, v in grouped.items()}
+    assert_grads_close(got, ref, spec, baselines=_baseline(spec, x, params, dy), what=str(spec))
+
+
+def test_grouped_config_takes_only_what_was_measured_faster(monkeypatch) -> None:
+    """The grouped launch is taken where the committed sweep measured it faster than the
+    weight gradients apart, for these products (in order) at the nearest K bucket; never under
+    the interpreter."""
+    coop = _ws(128, 256, 4, subtile=2).to_dict()
+    pp = _ws(128, 128, 6, subtile=2, pingpong=True).to_dict()
+    products = [[3072, 768], [768, 6144]]
+    table = {
+        hopper.GROUPED_KIND: [
+            {"products": products, "k": 8192, "config": coop, "us": 160.0, "apart_us": 215.0},
+            {"products": products, "k": 1024, "config": pp, "us": 30.0, "apart_us": 29.0},
+        ]
+    }
+    monkeypatch.setattr(hopper, "tuned_table", lambda: table)
+    got = hopper.grouped_config([(3072, 768), (768, 6144)], 8000, interpret=False)
+    assert got is not None and got.to_dict() == coop
+    assert hopper.grouped_config([(3072, 768), (768, 6144)], 1024, interpret=False) is None
+    assert hopper.grouped_config([(768, 6144), (3072, 768)], 8192, interpret=False) is None
+    assert hopper.grouped_config([(3072, 768), (768, 6144)], 8192, interpret=True) is None
+
+
+def test_grouped_launch_lowers_for_cuda() -> None:
+    """hf-blog-geglu's two weight gradients at M = 8192 as one grouped launch, on the
+    cooperative 128×256 (split along N) and the ping-pong 128×128 tiles, lower for CUDA."""
+    m = 8192
+    S, dt = jax.ShapeDtypeStruct, jnp.bfloat16
+    shapes = [S((m, 3072), dt), S((m, 768), dt), S((m, 768), dt), S((m, 6144), dt)]
+    for cfg in (_ws(128, 256, 4, subtile=2), _ws(128, 128, 6, subtile=2, pingpong=True)):
+
+        def dws(h, dy, x, dz, cfg=cfg):
+            return linear_mod.linear_grouped(
+                [h, x], [dy, dz], config=cfg, interpret=False, x_kmajor=True
+            )
+
+        assert "linear_grouped" in lower_for_cuda(dws, *shapes)
+
+
+def test_grouped_bad_forms_are_refused_by_name() -> None:
+    dt = jnp.bfloat16
+    a, b = jnp.zeros((64, 32), dt), jnp.zeros((48, 32), dt)
+    w = jnp.zeros((32, 64), dt)
+    run = functools.partial(linear_mod.linear_grouped, config=TWO_TILES, interpret=True)
+    with pytest.raises(ValueError, match=r"xs, ws: expected as many .* got 2 and 1"):
+        run([a, b], [w])
+    with pytest.raises(ValueError, match=r"xs, ws: expected one K and one dtype"):
+        run([a, jnp.zeros((64, 48), dt)], [w, jnp.zeros((48, 64), dt)])
+    with pytest.raises(ValueError, match=r"xs, ws: expected one K and one dtype.*float16"):
+        run([a, b.astype(jnp.float16)], [w, w])
+    plain = dataclasses.replace(TWO_TILES, warp_specialize=False)
+    with pytest.raises(ValueError, match=r"config.warp_specialize: .* expected True"):
+        linear_mod.linear_grouped([a], [w], config=plain, interpret=True)
+
+
 @needs_transposes
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=_case_id)
 def test_step_on_tuned_pingpong_tiles(monkeypatch, case) -> None:
@@ -378,6 +515,12 @@ def test_committed_backward_table_fits() -> None:
     table = hopper.tuned_table()
     assert table, f"{hopper.TUNED_FILE} is missing or empty"
     for kind, entries in table.items():
+        if kind == hopper.GROUPED_KIND:  # the weight gradients' grouped launch (no staging)
+            for e in entries:
+                assert len(e["products"]) > 1 and e["us"] > 0 and e["apart_us"] > 0, e
+                for dtype in ("bfloat16", "float16"):
+                    pipeline.check_config(TileConfig.from_dict(e["config"]), dtype, 1, False)
+            continue
         family, *extras = kind.split(".")
         outputs = pipeline.Outputs(
             scale=2 if "dact_gated" in extras else 1, preact="preact" in extras
@@ -701,3 +844,35 @@ def test_gpu_step_matches_the_reference_and_repeats(spec: MLPSpec) -> None:
         assert np.asarray(g).tobytes() == np.asarray(grads[name]).tobytes(), name
     front64 = {k: _f64(v) for k, v in front.items()}
     assert_grads_close(front64, ref, spec, baselines=_baseline(spec, x, params, dy), what="front")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["cooperative", "pingpong"])
+def test_gpu_grouped_weight_gradients(kernel: str) -> None:
+    """On the H200: hf-blog-geglu's two weight gradients (a quarter of its batch) as one grouped
+    launch on the tiles the sweep tries first (cooperative 128×256, ping-pong 128×128): each
+    within the policy of its float64 product and bit for bit the product alone on the same tiles
+    (`linear_act_fwd`, whose cooperative kernel is jax's pipeline, the grouped one hand-rolled)."""
+    if not compat.on_hopper():
+        pytest.skip("needs a Hopper GPU (sm_90: TMA, wgmma)")
+    cfg = {
+        "cooperative": _ws(128, 256, 4, subtile=2),
+        "pingpong": _ws(128, 128, 6, subtile=2, pingpong=True),
+    }[kernel]
+    rng = np.random.default_rng(29)
+    k, dt = 2048, jnp.bfloat16
+    dims = [(3072, 768), (768, 6144)]  # (d_in, width) of layers 1 and 0
+    hs = [jnp.asarray(rng.standard_normal((k, m)), dt) for m, _ in dims]
+    dzs = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, dt) for _, n in dims]
+    outs = jax.jit(
+        lambda hs, dzs: linear_mod.linear_grouped(
+            hs, dzs, config=cfg, interpret=False, x_kmajor=True
+        )
+    )(hs, dzs)
+    for h, dz, y in zip(hs, dzs, outs, strict=True):
+        alone = linear_mod.linear_act_fwd(
+            h, dz, None, None, activation="identity", config=cfg, interpret=False, x_kmajor=True
+        )
+        want = _f64(h).T @ _f64(dz)
+        tolerance.assert_close(_f64(y), want, layer_spec("bfloat16"), what=f"{kernel} {y.shape}")
+        assert np.asarray(y).tobytes() == np.asarray(alone).tobytes(), y.shape

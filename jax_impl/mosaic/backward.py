@@ -144,6 +144,30 @@ def tuned_config(
     return TileConfig.from_dict(best["config"]), int(best["slots"])
 
 
+GROUPED_KIND = "linear_act.x_kmajor.grouped"  # the table's name for the grouped weight gradients
+
+
+def grouped_config(
+    products: list[tuple[int, int]], k: int, *, interpret: bool
+) -> TileConfig | None:
+    """The tiles for the step's weight gradients hᵢᵀ·dZᵢ as ONE grouped launch
+    (`mosaic_linear.linear_grouped`), or None: launch them apart, each on its own tiles.
+
+    `products`: each weight gradient's (M, N) — (d_in, the layer's width), in the order the
+    backward reaches them (last layer first); `k`: their shared contraction, the batch rows.
+    The committed sweep's entry (kind GROUPED_KIND) for these products at K's bucket (else the
+    nearest measured K), taken only where it measured the grouped launch faster than the
+    separate ones it replaces ("us" < "apart_us", both timed in one run); never under the
+    interpreter (the tests pass tiles to `mlp_backward`'s `grouped`)."""
+    entries = [e for e in tuned_table().get(GROUPED_KIND, []) if
+               [tuple(p) for p in e["products"]] == [tuple(p) for p in products]]  # fmt: skip
+    if interpret or not entries:
+        return None
+    bucket = int(shape_bucket(k))
+    best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["k"])) / bucket)))
+    return TileConfig.from_dict(best["config"]) if best["us"] < best["apart_us"] else None
+
+
 def fitted_config(
     family: str,
     m: int,
@@ -300,10 +324,15 @@ def mlp_backward(
     *,
     saved: str,
     interpret: bool | None = None,
+    grouped: TileConfig | None = None,
 ) -> dict[str, jax.Array]:
     """backward.mlp_backward's result (same arguments, names and layouts: `wv{i}`/`bc{i}` come
     back packed) from the Mosaic GPU GEMMs. Trusts input: the caller checked
-    `unsupported_reason(spec, M)`."""
+    `unsupported_reason(spec, M)`.
+
+    The weight gradients run apart, each after its dZ, or — where `grouped_config` has measured
+    tiles for them, or `grouped` gives tiles — all together at the end, one grouped launch
+    (`mosaic_linear.linear_grouped`), which keeps every layer's dZ until then."""
     check_saved(saved)
     interpret = compat.interpret_mode() if interpret is None else interpret
     if saved == "inputs":
@@ -313,6 +342,11 @@ def mlp_backward(
     layers = spec.layers()
     hs, zs = residuals[0::2], residuals[1::2]
     m = dy2d.shape[0]
+    if grouped is None and len(layers) > 1:
+        widths = [packed_width(la.d_out) if la.gated else la.d_out for la in reversed(layers)]
+        products = [(la.d_in, w) for la, w in zip(reversed(layers), widths, strict=True)]
+        grouped = grouped_config(products, m, interpret=interpret)
+    pending: list[tuple[str, jax.Array, jax.Array]] = []  # (name, h, dZ) for the grouped launch
     grads: dict[str, jax.Array] = {}
     top = layers[-1]
     if portable._stores_preact(top):  # no GEMM before it: backward.py's elementwise act' step
@@ -326,7 +360,10 @@ def mlp_backward(
         i = layer.index
         wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
         w = params[wname]
-        grads[wname] = _gemm(hs[i], dz, spec, interpret=interpret, x_kmajor=True).astype(w.dtype)
+        if grouped is None:
+            grads[wname] = _gemm(hs[i], dz, spec, interpret=interpret, x_kmajor=True)
+        else:
+            pending.append((wname, hs[i], dz))
         if layer.bias:
             grads[bname] = jnp.sum(dz, axis=0, dtype=jnp.float32).astype(params[bname].dtype)
         prev = layers[i - 1] if i > 0 else None
@@ -342,4 +379,11 @@ def mlp_backward(
             )  # fmt: skip
         if i == 0:
             grads["x"] = dz
-    return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}
+    if pending:
+        names, lhs, rhs = zip(*pending, strict=True)
+        dws = mosaic_linear.linear_grouped(
+            lhs, rhs, config=grouped, interpret=interpret, x_kmajor=True
+        )
+        grads.update(zip(names, dws, strict=True))
+    names = packed_names(spec)
+    return {"x": grads["x"], **{k: grads[k].astype(params[k].dtype) for k in names}}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -39,7 +40,7 @@ from ..activations import apply_activation, apply_activation_grad, round_to_dtyp
 from ..compat import interpret_mode
 from ..front import ADAPTER
 from . import pipeline
-from .pipeline import EPI_M, Operands, Outputs, Tiles, persistent_matmul, row_vector
+from .pipeline import EPI_M, Operands, Outputs, Product, Tiles, persistent_matmul, row_vector
 
 FAMILY = "linear_act"
 P = PACK_BLOCK
@@ -207,6 +208,94 @@ def linear_act_fwd(
     if (mp, out_np) != (m, out_n):
         ys = tuple(y[:m, : (out_n if i == 0 else n)] for i, y in enumerate(ys))
     return ys if store_preact else ys[0]
+
+
+# ==== grouped products (the weight gradients of a training step) ==================================
+def _linear_grouped_kernel(
+    *refs: Any, count: int, tiles: Tiles, interpret: bool, operands: Operands
+) -> None:
+    ins, outs = refs[: 2 * count], refs[2 * count :]
+    products = [Product(ins[2 * g], ins[2 * g + 1], outs[g]) for g in range(count)]
+    dtype, epi_n = outs[0].dtype, tiles.epi_n
+
+    def epilogue(
+        acc: jax.Array, b_ref: Any, rows: slice, en: int, o_slot: Any, z_slot: Any
+    ) -> None:
+        del b_ref, z_slot  # 3. compute: the fp32 product, rounded once
+        o_slot[...] = round_to_dtype(acc[rows, en * epi_n : (en + 1) * epi_n], dtype, interpret)
+
+    pipeline.grouped_matmul(products, tiles=tiles, epilogue=epilogue, operands=operands)
+
+
+def linear_grouped(
+    xs: Sequence[jax.Array],
+    ws: Sequence[jax.Array],
+    *,
+    config: TileConfig,
+    interpret: bool | None = None,
+    x_kmajor: bool = False,
+    w_kmajor: bool = False,
+) -> tuple[jax.Array, ...]:
+    """The products xs[g] @ ws[g] (no bias or activation) in ONE persistent launch whose grid
+    walks all their output tiles as one list (`pipeline.grouped_matmul`); returns them in xs'
+    dtype. The products share K; `x_kmajor` / `w_kmajor` read every x / w transposed, as
+    `linear_act_fwd` does — the training step's weight gradients hᵢᵀ·dZᵢ, which all contract
+    over the batch (jax_impl/mosaic/backward.py's `weight_gradients`).
+
+    Why: one of them alone leaves the last wave of the grid part empty (few output tiles, a
+    long K); launched together their tiles fill the waves (`grouped_matmul`'s docstring).
+    `config` must be warp-specialised (cooperative or ping-pong); ValueError otherwise, or when
+    the products do not share K and dtype."""
+    if interpret is None:
+        interpret = interpret_mode()
+    if not xs or len(xs) != len(ws):
+        raise ValueError(
+            f"xs, ws: expected as many (at least one) of each, got {len(xs)} and {len(ws)}"
+        )
+    dims = [
+        (*(x.shape[::-1] if x_kmajor else x.shape), w.shape[0] if w_kmajor else w.shape[1])
+        for x, w in zip(xs, ws, strict=True)
+    ]  # (M, K, N) of each product
+    if len({k for _, k, _ in dims}) != 1 or len({a.dtype for a in (*xs, *ws)}) != 1:
+        raise ValueError(
+            f"xs, ws: expected one K and one dtype, got (M, K, N) {dims} and dtypes "
+            f"{sorted({str(a.dtype) for a in (*xs, *ws)})}"
+        )
+    if not config.warp_specialize:
+        raise ValueError(
+            f"config.warp_specialize: the grouped kernel has a memory warpgroup, expected True, "
+            f"got {config}"
+        )
+    dtype = xs[0].dtype
+    empty = {g for g, dim in enumerate(dims) if 0 in dim}  # no launch for an empty product
+    tiles = pipeline.plan_tiles(config, FAMILY)
+    layout = Operands(x_kmajor=x_kmajor, w_kmajor=w_kmajor)
+    operands, padded = [], []
+    for g, (m, k, n) in enumerate(dims):
+        if g in empty:
+            continue
+        layout.check(m)
+        mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, interpret)
+        operands += [
+            pipeline.pad_to(xs[g], (kp, mp) if x_kmajor else (mp, kp)),
+            pipeline.pad_to(ws[g], (np_, kp) if w_kmajor else (kp, np_)),
+        ]
+        padded.append((mp, np_))
+    launched = iter(())
+    if padded:
+        kernel = functools.partial(
+            _linear_grouped_kernel, count=len(padded), tiles=tiles, interpret=interpret,
+            operands=layout,
+        )  # fmt: skip
+        launched = iter(
+            pipeline.launch_grouped(
+                kernel, operands, padded, dtype, tiles, name="linear_grouped", interpret=interpret
+            )
+        )
+    return tuple(
+        jnp.zeros((m, n), dtype) if g in empty else next(launched)[:m, :n]
+        for g, (m, _, n) in enumerate(dims)
+    )
 
 
 # ==== public function =============================================================================

@@ -468,10 +468,42 @@ def launch(
     out_type: Any = jax.ShapeDtypeStruct(out_shape, dtype)
     if outputs.preact:
         out_type = (out_type, jax.ShapeDtypeStruct((m, preact_cols), dtype))
+    return _kernel_call(
+        kernel, operands, out_type, num_tiles, tiles, name=name, interpret=interpret
+    )
+
+
+def launch_grouped(
+    kernel: Callable[..., None],
+    operands: Sequence[jax.Array],
+    out_shapes: Sequence[tuple[int, int]],
+    dtype: Any,
+    tiles: Tiles,
+    *,
+    name: str,
+    interpret: bool,
+) -> tuple[jax.Array, ...]:
+    """`launch` for a grouped kernel (`grouped_matmul`): one output per product, the grid over
+    all their tiles."""
+    num_tiles = sum(cdiv(m, tiles.block_m) * cdiv(n, tiles.out_n) for m, n in out_shapes)
+    out_type = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape in out_shapes)
+    return _kernel_call(
+        kernel, operands, out_type, num_tiles, tiles, name=name, interpret=interpret
+    )
+
+
+def _kernel_call(
+    kernel: Callable[..., None],
+    operands: Sequence[jax.Array],
+    out_type: Any,
+    num_tiles: int,
+    tiles: Tiles,
+    *,
+    name: str,
+    interpret: bool,
+) -> Any:
     threads = (
-        dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
-        if (tiles.warp_specialize)
-        else {}
+        dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg") if tiles.warp_specialize else {}
     )
     return plgpu.kernel(
         kernel,
@@ -900,6 +932,15 @@ def store_tile(
             plgpu.copy_smem_to_gmem(o_slot, o_gmem.at[gm, gn])
 
 
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """One product of a grouped launch (`grouped_matmul`): X, W and the output, GMEM refs."""
+
+    x: Any
+    w: Any
+    o: Any
+
+
 def pingpong_matmul(
     x_gmem: Any,
     w_gmem: Any,
@@ -913,48 +954,97 @@ def pingpong_matmul(
     outputs: Outputs = PLAIN_OUTPUT,
     z_gmem: Any | None = None,
 ) -> None:
-    """`persistent_matmul` with the compute warpgroups in ping-pong (`Tiles.pingpong`); the same
-    `operands` (X or W read transposed) and `outputs` (a doubled output, a stored pre-activation).
+    """`persistent_matmul` with the compute warpgroups in ping-pong (`Tiles.pingpong`): the
+    hand-rolled driver (`grouped_matmul`) on one product."""
+    grouped_matmul([Product(x_gmem, w_gmem, o_gmem)], b_gmem, r_gmem, z_gmem, tiles=tiles,
+                   epilogue=epilogue, operands=operands, outputs=outputs)  # fmt: skip
 
-    Why: with the two compute warpgroups splitting one tile, both run their epilogues at the same
-    time and the tensor cores idle meanwhile — a large share of a tile's time where K is short
-    (hf-blog-geglu's gated layer: 12 K steps a tile). Here block `sm` takes tiles sm, sm + G, ...
-    (G blocks, the snaking order) and deals them to its compute warpgroups in turn: warpgroup w
-    owns its local tiles w, w + 2, ..., a whole tile each (accumulator block_m × op_n). The memory
-    warpgroup streams the local tiles' (X, W) slabs in order through one ring of num_stages
-    slots, so the next tile's slabs land while this one's K loop runs; a `turn` barrier pair
-    makes the compute warpgroups take turns at the K loop (warpgroup w waits on turn[w] before
-    its K loop and arrives on turn[1 - w] after it), so one warpgroup's epilogue runs while the
-    other's K loop keeps the tensor cores busy.
 
-    Barriers: Mosaic GPU tracks a barrier's phase per waiter, so no waiter may skip a phase. A
-    slot is used by either warpgroup, so each slot has a `full` and a `free` barrier per
-    warpgroup: the copies into a use of the slot arrive on its owner's `full` (which only the
-    owner waits on, every phase in order), the owner's wgmma release arrives on its own `free`,
-    and the memory warpgroup, before refilling the slot, waits on the `free` of the slot's
-    previous owner (it waits on every phase of both, in order, the last ones after its loop).
+def grouped_matmul(
+    products: Sequence[Product],
+    b_gmem: Any | None = None,
+    r_gmem: Any | None = None,
+    z_gmem: Any | None = None,
+    *,
+    tiles: Tiles,
+    epilogue: EpilogueFn,
+    operands: Operands = AS_STORED,
+    outputs: Outputs = PLAIN_OUTPUT,
+) -> None:
+    """The hand-rolled warp-specialised driver: the output tiles of one or more products that
+    share K (and `operands`, `epilogue`, the tiles), walked by one persistent grid as one list —
+    product 0's tiles, then product 1's, ... —, the compute warpgroups in ping-pong
+    (`Tiles.pingpong`) or cooperative (splitting each tile, as `persistent_matmul`'s). Bias,
+    residual and a stored pre-activation (`outputs`) are taken with one product only.
+
+    Why ping-pong: with the two compute warpgroups splitting one tile, both run their epilogues
+    at the same time and the tensor cores idle meanwhile — a large share of a tile's time where
+    K is short (hf-blog-geglu's gated layer: 12 K steps a tile). Here block `sm` takes tiles
+    sm, sm + G, ... (G blocks, the snaking order) and deals them to its compute warpgroups in
+    turn: warpgroup w owns its local tiles w, w + 2, ..., a whole tile each (accumulator
+    block_m × op_n). A `turn` barrier pair makes the compute warpgroups take turns at the K loop
+    (warpgroup w waits on turn[w] before its K loop and arrives on turn[1 - w] after it), so one
+    warpgroup's epilogue runs while the other's K loop keeps the tensor cores busy.
+
+    Why groups: a weight gradient hᵀ·dZ has few output tiles and a long K (the batch), so its
+    last wave runs part empty — hf-blog-geglu's at M = 8192: 72 tiles of 128×256 (0.55 of a wave
+    on 132 SMs) and 144 (1.09 waves); H100, b566817: 80.8 and 134.8 µs, where the two launched
+    as one list of 216 tiles fill two waves. The products of a group share K, so every tile
+    costs the same K loop.
+
+    The memory warpgroup streams the local tiles' (X, W) slabs in order through one ring of
+    num_stages slots, so the next tile's slabs land while this one's K loop runs.
+    Barriers: Mosaic GPU tracks a barrier's phase per waiter, so no waiter may skip a phase.
+    Ping-pong: a slot is used by either warpgroup, so each slot has a `full` and a `free` barrier
+    per warpgroup: the copies into a use of the slot arrive on its owner's `full` (which only
+    the owner waits on, every phase in order), the owner's wgmma release arrives on its own
+    `free`, and the memory warpgroup, before refilling the slot, waits on the `free` of the
+    slot's previous owner (it waits on every phase of both, in order, the last ones after its
+    loop). Cooperative: one `full` a slot, which both compute warpgroups wait on, and one `free`
+    that takes an arrival from each.
     """
-    dtype = o_gmem.dtype
+    if not tiles.warp_specialize:
+        raise ValueError("grouped_matmul: expected warp_specialize tiles (a memory warpgroup)")
+    if len(products) > 1 and (b_gmem is not None or r_gmem is not None or outputs.preact):
+        raise ValueError(
+            f"grouped_matmul: a bias, residual or stored pre-activation is taken with one "
+            f"product only, got {len(products)} products"
+        )
     t = tiles
-    m, k, w_cols = operands.shapes(x_gmem, w_gmem)
-    n_out = o_gmem.shape[1]
-    n_acc = cdiv(n_out, outputs.scale)  # output columns the accumulator tiles cover
-    m_iters, n_iters, k_iters = cdiv(m, t.block_m), cdiv(n_acc, t.out_n), cdiv(k, t.block_k)
-    num_tiles = m_iters * n_iters
+    dtype = products[0].o.dtype
+    shapes = [operands.shapes(p.x, p.w) for p in products]  # (M, K, W's row length) each
+    k = shapes[0][1]
+    if any(s[1] != k for s in shapes):
+        raise ValueError(f"grouped_matmul: the products must share K, got {[s[1] for s in shapes]}")
+    for s in shapes:
+        operands.check(s[0])
+    # per product: (tiles along M, tiles along N) and the index of its first tile in the list
+    grids = [
+        (cdiv(s[0], t.block_m), cdiv(cdiv(p.o.shape[1], outputs.scale), t.out_n))
+        for s, p in zip(shapes, products, strict=True)
+    ]
+    firsts = [sum(gm * gn for gm, gn in grids[:g]) for g in range(len(grids))]
+    num_tiles = sum(gm * gn for gm, gn in grids)
+    k_iters = cdiv(k, t.block_k)
     S, WGS = t.num_stages, COMPUTE_WARPGROUPS
+    # one swizzle for every product's slabs and staging: the gcds over their extents
     transforms, out_transforms = smem_transforms(
-        t, k, w_cols, n_out, dtype, x_minor=m if operands.x_kmajor else 0,
+        t, k, math.gcd(*(s[2] for s in shapes)), math.gcd(*(p.o.shape[1] for p in products)),
+        dtype, x_minor=math.gcd(*(s[0] for s in shapes)) if operands.x_kmajor else 0,
         out_scale=outputs.scale,
     )  # fmt: skip
     slots = t.staging_slots(outputs)
     x_slab, w_slab = operands.slab_shapes(t)
+    # ping-pong: a `full` and a `free` barrier per slot and owner; cooperative: per slot, the
+    # `free` taking both compute warpgroups' arrivals
+    owners = WGS if t.pingpong else 1
     allocations = dict(
         x_smem=plgpu.SMEM((S, *x_slab), dtype, transforms=transforms),
         w_smem=plgpu.SMEM((S, *w_slab), dtype, transforms=transforms),
         # [owner · S + slot]; full: the X and W copies of a use of the slot
-        full=plgpu.Barrier(num_arrivals=2, num_barriers=WGS * S),
-        free=plgpu.Barrier(num_barriers=WGS * S),
-        turn=plgpu.Barrier(num_barriers=WGS),
+        full=plgpu.Barrier(num_arrivals=2, num_barriers=owners * S),
+        free=plgpu.Barrier(num_arrivals=WGS // owners, num_barriers=owners * S),
+        turn=plgpu.Barrier(num_barriers=WGS) if t.pingpong else None,
         out_smem=plgpu.SMEM(
             (WGS, slots, EPI_M, t.epi_n * outputs.scale), dtype, transforms=out_transforms
         ),
@@ -967,7 +1057,7 @@ def pingpong_matmul(
             if outputs.preact
             else None
         ),
-        b_smem=plgpu.SMEM((WGS, t.op_n), dtype) if b_gmem is not None else None,
+        b_smem=plgpu.SMEM((WGS, t.wg_op_n), dtype) if b_gmem is not None else None,
         b_bars=plgpu.Barrier(num_barriers=WGS) if b_gmem is not None else None,
         r_bars=plgpu.Barrier(num_barriers=WGS * slots) if r_gmem is not None else None,
     )
@@ -989,34 +1079,55 @@ def pingpong_matmul(
         local_tiles = lax.div(num_tiles - sm + blocks - 1, blocks)  # >= 1: blocks <= tiles
         uses = local_tiles * k_iters  # slot uses of the block, in order: tile by tile, K steps
 
-        def tile_at(i: Any) -> tuple[Any, Any]:
-            # 1. program -> tile: the block's i-th tile, grouped snaking order (group_m bands)
-            return plgpu.planar_snake(sm + i * blocks, (m_iters, n_iters), 0, t.group_m)
+        def tile_at(i: Any) -> tuple[Any, Any, Any]:
+            # 1. program -> tile: the block's i-th tile of the list — (product, tile along M,
+            # along N), each product's tiles in grouped snaking order (group_m bands)
+            lin = sm + i * blocks
+            group, m_idx, n_idx = 0, *plgpu.planar_snake(lin, grids[0], 0, t.group_m)
+            for g in range(1, len(grids)):
+                mine = lin >= firsts[g]
+                mg, ng = plgpu.planar_snake(lin - firsts[g], grids[g], 0, t.group_m)
+                group = jnp.where(mine, g, group)
+                m_idx, n_idx = jnp.where(mine, mg, m_idx), jnp.where(mine, ng, n_idx)
+            return group, m_idx, n_idx
 
-        def freed(use: Any) -> Any:
-            """The `free` barrier of slot use `use` (its owner: the warpgroup of its tile)."""
-            return free.at[lax.rem(lax.div(use, k_iters), 2) * S + lax.rem(use, S)]
+        def for_product(group: Any, body: Callable[[Product], None]) -> None:
+            """`body` on the tile's product: the refs are static, so one branch a product."""
+            if len(products) == 1:
+                body(products[0])
+                return
+            for g, p in enumerate(products):
+                pl.when(group == g)(functools.partial(body, p))
+
+        def owner(use: Any) -> Any:
+            """The warpgroup whose barriers slot use `use` goes by (its tile's, in ping-pong)."""
+            return lax.rem(lax.div(use, k_iters), 2) if t.pingpong else 0
+
+        def barrier(bars: Any, use: Any) -> Any:
+            return bars.at[owner(use) * S + lax.rem(use, S)]
 
         def memory_warpgroup() -> None:
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
             def tile(i: Any, carry: Any) -> Any:
-                m_idx, n_idx = tile_at(i)
-                owner = lax.rem(i, 2)
+                group, m_idx, n_idx = tile_at(i)
 
                 def step(kk: Any, carry: Any) -> Any:
                     # 2. load: slab kk of the tile into the ring's next slot, once the slot's
-                    # previous use (S uses before, either warpgroup's) is released
+                    # previous use (S uses before) is released
                     use = i * k_iters + kk
                     slot = lax.rem(use, S)
-                    pl.when(use >= S)(lambda: plgpu.barrier_wait(freed(use - S)))
-                    x_src, w_src = operands.slab_refs(
-                        x_gmem, w_gmem, pl.ds(m_idx * t.block_m, t.block_m),
-                        pl.ds(n_idx * t.op_n, t.op_n), pl.ds(kk * t.block_k, t.block_k),
-                    )  # fmt: skip
-                    bar = full.at[owner * S + slot]
-                    plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], bar)
-                    plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], bar)
+                    pl.when(use >= S)(lambda: plgpu.barrier_wait(barrier(free, use - S)))
+
+                    def load(p: Product) -> None:
+                        x_src, w_src = operands.slab_refs(
+                            p.x, p.w, pl.ds(m_idx * t.block_m, t.block_m),
+                            pl.ds(n_idx * t.op_n, t.op_n), pl.ds(kk * t.block_k, t.block_k),
+                        )  # fmt: skip
+                        plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], barrier(full, use))
+                        plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], barrier(full, use))
+
+                    for_product(group, load)
                     return carry
 
                 return lax.fori_loop(0, k_iters, step, carry)
@@ -1025,26 +1136,37 @@ def pingpong_matmul(
 
             # the last S releases, which no copy waited for: every arrival is awaited
             def drain(use: Any, carry: Any) -> Any:
-                plgpu.barrier_wait(freed(use))
+                plgpu.barrier_wait(barrier(free, use))
                 return carry
 
             lax.fori_loop(jnp.maximum(uses - S, 0), uses, drain, 0)
 
         def compute_warpgroup() -> None:
             plgpu.set_max_registers(compute_registers(MEMORY_REGISTERS, WGS), action="increase")
-            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # warpgroup 0 goes first
+            if t.pingpong:  # warpgroup 0 goes first
+                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
+            # this warpgroup's part of a tile: ping-pong, all of every other tile; cooperative,
+            # its half (along N where the operand tile is ≥ 256 wide, else along M) of each
+            rows, cols = slice(None), slice(None)
+            row_off = op_off = col_off = 0
+            if not t.pingpong and t.split_n:
+                cols = pl.ds(wg * t.wg_op_n, t.wg_op_n)
+                op_off, col_off = wg * t.wg_op_n, wg * t.wg_out_n
+            elif not t.pingpong:
+                rows, row_off = pl.ds(wg * t.wg_m, t.wg_m), wg * t.wg_m
 
             def tile(j: Any, carry: Any) -> Any:
-                i = 2 * j + wg  # the block's i-th tile is this warpgroup's j-th
-                m_idx, n_idx = tile_at(i)
-                row0, op0, col0 = m_idx * t.block_m, n_idx * t.op_n, n_idx * t.out_n
+                i = 2 * j + wg if t.pingpong else j  # the block's i-th tile
+                group, m_idx, n_idx = tile_at(i)
+                row0 = m_idx * t.block_m + row_off
+                op0, col0 = n_idx * t.op_n + op_off, n_idx * t.out_n + col_off
 
                 def acc_scope(acc_ref: Any) -> None:
                     # 2. load: this tile's bias row and first residual tiles, landing while the
                     # K loops run
                     if b_gmem is not None:
                         plgpu.copy_gmem_to_smem(
-                            b_gmem.at[pl.ds(op0, t.op_n)], b_smem.at[wg], b_bars.at[wg]
+                            b_gmem.at[pl.ds(op0, t.wg_op_n)], b_smem.at[wg], b_bars.at[wg]
                         )
                     prefetched = 0
                     if r_gmem is not None:
@@ -1052,46 +1174,47 @@ def pingpong_matmul(
                             r_gmem, row0, col0, wg, out_smem, r_bars,
                             tiles=t, out_scale=outputs.scale, slots=slots,
                         )  # fmt: skip
-                    plgpu.barrier_wait(turn.at[wg])  # the other warpgroup's K loop is done
+                    if t.pingpong:
+                        plgpu.barrier_wait(turn.at[wg])  # the other warpgroup's K loop is done
 
                     def step(kk: Any, carry: Any) -> Any:
                         use = i * k_iters + kk
                         slot = lax.rem(use, S)
-                        plgpu.barrier_wait(full.at[wg * S + slot])
-                        a, b = operands.mma_views(
-                            x_smem.at[slot], w_smem.at[slot], slice(None), slice(None)
-                        )
+                        plgpu.barrier_wait(barrier(full, use))
+                        a, b = operands.mma_views(x_smem.at[slot], w_smem.at[slot], rows, cols)
                         plgpu.wgmma(acc_ref, a, b)
                         # one wgmma in flight: the previous step's is done reading its slot
                         plgpu.wgmma_wait(1)
-                        pl.when(kk > 0)(
-                            lambda: plgpu.barrier_arrive(free.at[wg * S + lax.rem(use - 1, S)])
-                        )
+                        pl.when(kk > 0)(lambda: plgpu.barrier_arrive(barrier(free, use - 1)))
                         return carry
 
                     lax.fori_loop(0, k_iters, step, 0)
                     plgpu.wgmma_wait(0)
-                    last = i * k_iters + k_iters - 1
-                    plgpu.barrier_arrive(free.at[wg * S + lax.rem(last, S)])
-                    plgpu.barrier_arrive(turn.at[1 - wg])  # its K loop may start
+                    plgpu.barrier_arrive(barrier(free, i * k_iters + k_iters - 1))
+                    if t.pingpong:
+                        plgpu.barrier_arrive(turn.at[1 - wg])  # its K loop may start
                     acc = acc_ref[...]
                     bias = None
                     if b_gmem is not None:
                         plgpu.barrier_wait(b_bars.at[wg])
                         bias = b_smem.at[wg]
                     preact = (z_smem, z_gmem, op0) if outputs.preact else None
-                    store_tile(acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, o_gmem,
-                               tiles=t, epilogue=epilogue, out_scale=outputs.scale,
-                               preact=preact, slots=slots, prefetched=prefetched)  # fmt: skip
+                    for_product(group, lambda p: store_tile(
+                        acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, p.o, tiles=t,
+                        epilogue=epilogue, out_scale=outputs.scale, preact=preact, slots=slots,
+                        prefetched=prefetched,
+                    ))  # fmt: skip
 
-                pl.run_scoped(acc_scope, plgpu.ACC((t.block_m, t.op_n), jnp.float32))
+                pl.run_scoped(acc_scope, plgpu.ACC((t.wg_m, t.wg_op_n), jnp.float32))
                 return carry
 
-            lax.fori_loop(0, lax.div(local_tiles - wg + 1, 2), tile, 0)
-            # The other warpgroup's last arrival on turn[wg] (after its last K loop), which no
-            # K loop of this one waited for (with L local tiles: warpgroup 0's when L is even,
-            # 1's when L is odd): every phase of a barrier is observed by its waiter.
-            pl.when(lax.rem(local_tiles + wg, 2) == 0)(lambda: plgpu.barrier_wait(turn.at[wg]))
+            my_tiles = lax.div(local_tiles - wg + 1, 2) if t.pingpong else local_tiles
+            lax.fori_loop(0, my_tiles, tile, 0)
+            if t.pingpong:
+                # The other warpgroup's last arrival on turn[wg] (after its last K loop), which
+                # no K loop of this one waited for (with L local tiles: warpgroup 0's when L is
+                # even, 1's when L is odd): every phase of a barrier is observed by its waiter.
+                pl.when(lax.rem(local_tiles + wg, 2) == 0)(lambda: plgpu.barrier_wait(turn.at[wg]))
             # The block may not exit while a TMA store still reads its shared memory.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

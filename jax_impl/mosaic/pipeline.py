@@ -1083,10 +1083,18 @@ def grouped_matmul(
             # 1. program -> tile: the block's i-th tile of the list — (product, tile along M,
             # along N), each product's tiles in grouped snaking order (group_m bands)
             lin = sm + i * blocks
-            group, m_idx, n_idx = 0, *plgpu.planar_snake(lin, grids[0], 0, t.group_m)
-            for g in range(1, len(grids)):
-                mine = lin >= firsts[g]
-                mg, ng = plgpu.planar_snake(lin - firsts[g], grids[g], 0, t.group_m)
+            if len(grids) == 1:
+                return 0, *plgpu.planar_snake(lin, grids[0], 0, t.group_m)
+            group, m_idx, n_idx = 0, 0, 0
+            for g, (grid, first) in enumerate(zip(grids, firsts, strict=True)):
+                # Every product's index is computed and one is selected, so each is clamped into
+                # its own grid first: past a grid's end, planar_snake divides by its last band's
+                # width, 0 where group_m divides the rows — undefined behaviour that LLVM may
+                # read as "the index is in range" and fold the selection with (on the H200 it
+                # did: a product's tiles computed from another's operands, 536070e).
+                mine = (lin >= first) & (lin < first + math.prod(grid))
+                local = jnp.clip(lin - first, 0, math.prod(grid) - 1)
+                mg, ng = plgpu.planar_snake(local, grid, 0, t.group_m)
                 group = jnp.where(mine, g, group)
                 m_idx, n_idx = jnp.where(mine, mg, m_idx), jnp.where(mine, ng, n_idx)
             return group, m_idx, n_idx

@@ -321,6 +321,9 @@ def test_tuned_table_is_read(tmp_path, monkeypatch) -> None:
         assert pipeline.default_config("linear_act", 8192, 4096, 4096, "bfloat16") != best
         assert pipeline.default_config("gated", 8192, 4096, 14336, "bfloat16") != best
     finally:
+        # the committed file back BEFORE the cache is cleared: the cached table is read again
+        # below, and a later test in this worker must not inherit the temporary one
+        monkeypatch.undo()
         pipeline.tuned_table.cache_clear()
     # The committed table parses and every entry it holds is a legal config.
     for family, entries in pipeline.tuned_table().items():

@@ -540,8 +540,10 @@ def test_committed_backward_table_fits() -> None:
 @pytest.mark.parametrize("preset", ["hf-blog-geglu", "llama3-8b"])
 def test_sweep_plans_the_steps_gemms_and_the_step_lowers(monkeypatch, preset: str) -> None:
     """bench/sweep_mosaic_backward.py times the GEMMs the step runs through `fitted_config`:
-    its plan (`step_gemms`) is what the step asks for, kind and shape, in order; and the step at
-    M = 8192 lowers for CUDA on the tiles it then takes (the committed table's)."""
+    its plan (`step_gemms`) is what the step asks for, kind and shape, in order — the weight
+    gradients apart where the committed table has no grouped entry for them, else one grouped
+    launch of the products `weight_gradients` plans (`grouped_config`); and the step at M = 8192
+    lowers for CUDA on the tiles it then takes (the committed table's)."""
     from fusedmlp.bench import sweep_mosaic_backward as sweep
     from fusedmlp.common import get_preset
 
@@ -568,7 +570,11 @@ def test_sweep_plans_the_steps_gemms_and_the_step_lowers(monkeypatch, preset: st
 
     text = lower_for_cuda(step, S((m, spec.d_in), dt), shapes, S((m, spec.d_out), dt))
     assert "linear_act_dact_gated" in text
-    assert asked == [(g.kind, g.m, g.n, g.k) for g in sweep.step_gemms(preset, m)]
+    grouped = sweep.weight_gradients(preset, m)
+    group = hopper.grouped_config([tuple(p) for p in grouped.products], m, interpret=False)
+    planned = [g for g in sweep.step_gemms(preset, m) if group is None or g not in grouped.gemms]
+    assert asked == [(g.kind, g.m, g.n, g.k) for g in planned]
+    assert ("linear_grouped" in text) == (group is not None)
 
 
 def _gated_ref(x, wv, bc, n: int) -> np.ndarray:

@@ -3,7 +3,10 @@
 Per layer i, in reverse, from dZ_i (the gradient at the layer's pre-activation; gated: the packed
 [dz|dg], common/packing.py), the formulas of jax_impl/backward.py:
 
-    dW_i = h_iᵀ·dZ_i        linear_act (identity) with x = h_iᵀ read M-major in place (x_kmajor)
+    dW_i = h_iᵀ·dZ_i        linear_act (identity) with x = h_iᵀ read M-major in place (x_kmajor);
+                            every layer's in ONE grouped launch at the end where the committed
+                            sweep measured that faster (`grouped_config`; they all contract over
+                            the batch, and alone each leaves its last wave part empty)
     db_i = Σ_m dZ_i         one fp32 column sum (an XLA reduction, as torch.sum there), rounded once
     dZ_{i-1} = (dZ_i·W_iᵀ) ⊙ act'(z_{i-1})
                             linear_act with w = W_iᵀ read K-major in place (w_kmajor) and the

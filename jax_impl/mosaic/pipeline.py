@@ -42,7 +42,9 @@ Training adds two descriptions to both kernels, cooperative and ping-pong (mosai
 output twice as wide as the accumulator (the packed [dz|dg] of a gated act' step) or a second
 output, the pre-activation, each with its own staging in shared memory. Their epilogues are
 heavy (a saved [z|g] tile read, two tiles written per accumulator tile), which is what ping-pong
-hides under the other warpgroup's K loop.
+hides under the other warpgroup's K loop. `grouped_matmul` (the hand-rolled ping-pong loop,
+also in a cooperative form) walks the tiles of several products that share K as one list: the
+step's weight gradients in one launch.
 
 Edges: no padding of tile-ragged problems. TMA zero-fills the parts of a box that lie past the
 end of an array (reads; zero K columns add nothing) and clips them (writes), so M, N and K need

@@ -401,8 +401,8 @@ class Sweep:
             table = tuned_file(self.rows, self.env, self.base)
             self.tuned_path.write_text(json.dumps(table, indent=1))
 
-    def run(self, g: StepGemm, impl: str, op: Callable, sets: list, ref: Any, cfg: Any = None,
-            outs: Any = None) -> dict[str, Any] | None:  # fmt: skip
+    def run(self, g: StepGemm | WeightGradients, impl: str, op: Callable, sets: list, ref: Any,
+            cfg: Any = None, outs: Any = None) -> dict[str, Any] | None:  # fmt: skip
         label = f"{g.name} {impl} {cfg if cfg is not None else ''}"
         if not self.left():
             self.skipped.append(label)
@@ -520,13 +520,21 @@ def tuned_file(
     }
 
 
+def _wanted(sw: Sweep, item: StepGemm | WeightGradients, roles: list[str] | None) -> bool:
+    """Whether to time `item`: its role asked for (all without `roles`) and budget left (else
+    it is listed as skipped)."""
+    if roles and not any(role in item.role for role in roles):
+        return False
+    if not sw.left():
+        sw.skipped.append(f"{item.name} (all)")
+        return False
+    return True
+
+
 def sweep(sw: Sweep, presets: list[str], roles: list[str] | None = None) -> None:
     for preset in presets:
         for g in step_gemms(preset):
-            if roles and not any(role in g.role for role in roles):
-                continue
-            if not sw.left():
-                sw.skipped.append(f"{g.name} (all)")
+            if not _wanted(sw, g, roles):
                 continue
             sets = make_sets(g, set_count(g))
             sw.run(g, "xla", xla_op(g), sets, None)
@@ -537,10 +545,7 @@ def sweep(sw: Sweep, presets: list[str], roles: list[str] | None = None) -> None
                 sw.run(g, "grid", mosaic_op(g, cfg, outs, False), sets, ref, cfg, outs)
             del sets
         wg = weight_gradients(preset)
-        if roles and not any(role in wg.role for role in roles):
-            continue
-        if not sw.left():
-            sw.skipped.append(f"{wg.name} (all)")
+        if not _wanted(sw, wg, roles):
             continue
         sets = grouped_sets(wg, grouped_set_count(wg))
         first = sw.run(wg, "apart", apart_op(wg), sets, None)

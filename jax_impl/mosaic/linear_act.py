@@ -240,7 +240,7 @@ def linear_grouped(
     walks all their output tiles as one list (`pipeline.grouped_matmul`); returns them in xs'
     dtype. The products share K; `x_kmajor` / `w_kmajor` read every x / w transposed, as
     `linear_act_fwd` does — the training step's weight gradients hᵢᵀ·dZᵢ, which all contract
-    over the batch (jax_impl/mosaic/backward.py's `weight_gradients`).
+    over the batch (jax_impl/mosaic/backward.py's `mlp_backward`, `grouped_config`).
 
     Why: one of them alone leaves the last wave of the grid part empty (few output tiles, a
     long K); launched together their tiles fill the waves (`grouped_matmul`'s docstring).

@@ -176,11 +176,15 @@ def _check_kept(spec: MLPSpec, params, packed, kept) -> None:
 
 
 @needs_transposes
-def test_nan_propagates() -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["apart", "grouped"])
+def test_nan_propagates(grouped: bool) -> None:
+    """A NaN in one row of x: the reference's NaNs (that row of dx, every weight gradient that
+    sums over it) and nothing else, with the weight gradients apart or in one grouped launch."""
     spec = MLPSpec((32, 80, 48), "swiglu", True, "bfloat16")
     x, params, dy = _inputs(spec, 32, 41)
     x[5, 3] = np.nan
-    _, grads = _hopper_step(spec, x, params, dy)
+    cfg = dataclasses.replace(PINGPONG, epilogue_subtile=1) if grouped else None
+    _, grads = _hopper_step(spec, x, params, dy, grouped=cfg)
     ref = reference.backward(spec, x, params, _f64(dy), round_hidden=True)
     assert np.isnan(ref["x"][5]).all() and np.isfinite(np.delete(ref["x"], 5, axis=0)).all()
     assert_grads_close({k: _f64(v) for k, v in grads.items()}, ref, spec, what="NaN row")

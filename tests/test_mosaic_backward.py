@@ -347,15 +347,16 @@ GROUPED = {
 }
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("x_kmajor", [False, pytest.param(True, marks=needs_transposes)])
 @pytest.mark.parametrize("kernel", list(GROUPED))
-def test_grouped_products_are_the_separate_ones(kernel: str, x_kmajor: bool) -> None:
+def test_grouped_products_are_the_separate_ones(kernel: str, x_kmajor: bool, dtype: str) -> None:
     """`linear_grouped`: three products of different (ragged) M and N sharing K in one launch,
     each within the policy of its float64 product and bit for bit the product `linear_act_fwd`
     computes alone on the same tiles (the same K steps into the same fp32 accumulator); an
     empty product comes back as zeros without a launch."""
     rng = np.random.default_rng(17)
-    k, dt = 80, jnp.bfloat16
+    k, dt = 80, jnp.dtype(dtype)
     dims = [(96, 112), (48, 64), (144, 256)]  # (M, N): 3 tile lists of different lengths
     xs = [jnp.asarray(rng.standard_normal((k, m) if x_kmajor else (m, k)), dt) for m, _ in dims]
     ws = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, dt) for _, n in dims]
@@ -368,7 +369,7 @@ def test_grouped_products_are_the_separate_ones(kernel: str, x_kmajor: bool) -> 
         )
         assert np.asarray(y).tobytes() == np.asarray(alone).tobytes(), (m, n)
         want = (_f64(x).T if x_kmajor else _f64(x)) @ _f64(w)
-        tolerance.assert_close(_f64(y), want, layer_spec("bfloat16"), what=f"{kernel} {(m, n)}")
+        tolerance.assert_close(_f64(y), want, layer_spec(dtype), what=f"{kernel} {(m, n)}")
     empty = jnp.zeros((k, 0) if x_kmajor else (0, k), dt)
     got = linear_mod.linear_grouped(
         [empty, xs[1]], [ws[0], ws[1]], config=cfg, interpret=True, x_kmajor=x_kmajor
@@ -457,6 +458,11 @@ def test_grouped_bad_forms_are_refused_by_name() -> None:
         run([a, jnp.zeros((64, 48), dt)], [w, jnp.zeros((48, 64), dt)])
     with pytest.raises(ValueError, match=r"xs, ws: expected one K and one dtype.*float16"):
         run([a, b.astype(jnp.float16)], [w, w])
+    f32 = jnp.zeros((64, 32), jnp.float32)
+    with pytest.raises(NotImplementedError, match=r"linear_grouped: .*float32 is not supported"):
+        run([f32], [jnp.zeros((32, 64), jnp.float32)])
+    with pytest.raises(NotImplementedError, match=r"linear_grouped: .*N=40 is not a multiple"):
+        run([a], [jnp.zeros((32, 40), dt)])
     plain = dataclasses.replace(TWO_TILES, warp_specialize=False)
     with pytest.raises(ValueError, match=r"config.warp_specialize: .* expected True"):
         linear_mod.linear_grouped([a], [w], config=plain, interpret=True)

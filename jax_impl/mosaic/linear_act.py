@@ -245,7 +245,8 @@ def linear_grouped(
     Why: one of them alone leaves the last wave of the grid part empty (few output tiles, a
     long K); launched together their tiles fill the waves (`grouped_matmul`'s docstring).
     `config` must be warp-specialised (cooperative or ping-pong); ValueError otherwise, or when
-    the products do not share K and dtype."""
+    the products do not share K and dtype; NotImplementedError where `pipeline.unsupported_reason`
+    refuses a product (float32; K or N not a multiple of 16 elements)."""
     if interpret is None:
         interpret = interpret_mode()
     if not xs or len(xs) != len(ws):
@@ -266,6 +267,10 @@ def linear_grouped(
             f"config.warp_specialize: the grouped kernel has a memory warpgroup, expected True, "
             f"got {config}"
         )
+    for m, k, n in dims:  # float32, or rows the swizzled TMA tiles cannot cut: refused by name
+        reason = pipeline.unsupported_reason(m, n, k, str(xs[0].dtype))
+        if reason is not None:
+            raise NotImplementedError(f"linear_grouped: {reason}")
     dtype = xs[0].dtype
     empty = {g for g, dim in enumerate(dims) if 0 in dim}  # no launch for an empty product
     tiles = pipeline.plan_tiles(config, FAMILY)

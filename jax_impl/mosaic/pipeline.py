@@ -1092,8 +1092,8 @@ def grouped_matmul(
                 # Every product's index is computed and one is selected, so each is clamped into
                 # its own grid first: past a grid's end, planar_snake divides by its last band's
                 # width, 0 where group_m divides the rows — undefined behaviour that LLVM may
-                # read as "the index is in range" and fold the selection with (on the H200 it
-                # did: a product's tiles computed from another's operands, 536070e).
+                # read as "the index is in range" and fold the selection with (on the H200,
+                # 536070e, a product came out wrong without the clamp; 08322bc, right with it).
                 mine = (lin >= first) & (lin < first + math.prod(grid))
                 local = jnp.clip(lin - first, 0, math.prod(grid) - 1)
                 mg, ng = plgpu.planar_snake(local, grid, 0, t.group_m)

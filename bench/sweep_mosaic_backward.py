@@ -93,9 +93,13 @@ class StepGemm:
 
     @property
     def kind(self) -> str:
-        from fusedmlp.jax_impl.mosaic.backward import gemm_kind
+        """Its name in either stack's tuned table (mosaic/backward.gemm_kind's rule)."""
+        from fusedmlp.common.tiling import step_gemm_kind
 
-        return gemm_kind(self.family, self.outputs, self.operands, self.epilogue)
+        return step_gemm_kind(
+            self.family, preact=self.preact, x_kmajor=self.x_kmajor, w_kmajor=self.w_kmajor,
+            epilogue=self.epilogue,
+        )  # fmt: skip
 
     @property
     def op_n(self) -> int:
@@ -152,15 +156,21 @@ def weight_gradients(preset: str, m: int = M) -> WeightGradients:
     return WeightGradients(preset, tuple(gemms))
 
 
-def step_gemms(preset: str, m: int = M) -> list[StepGemm]:
+def step_gemms(preset: str, m: int = M, rules: Any = None, spec: Any = None) -> list[StepGemm]:
     """The GEMMs mosaic/backward.py's saving forward and backward run through `fitted_config`
     for this preset at M = m (saved="preact"), in the order they run; the layers that keep no
-    pre-activation run the inference forward's tiles and are not here."""
+    pre-activation run the inference forward's tiles and are not here. `rules`: the portable
+    backward module whose `_stores_preact` / `_dact_from_output` decide (jax_impl/backward.py
+    by default; its twin torch_impl/backward.py for bench/sweep_tma_backward.py). `spec`: an
+    MLPSpec to use instead of the preset's (`preset` then only names the rows)."""
     from fusedmlp.common import get_preset
     from fusedmlp.common.packing import packed_width
-    from fusedmlp.jax_impl import backward as portable
 
-    spec = get_preset(preset).spec
+    if rules is None:
+        from fusedmlp.jax_impl import backward as rules
+    portable = rules
+
+    spec = spec if spec is not None else get_preset(preset).spec
     layers = spec.layers()
     gemms = []
     for layer in layers:
@@ -376,9 +386,17 @@ def xla_op(g: StepGemm) -> Callable[[dict], Any]:
 # ==== the sweep ===================================================================================
 @dataclass
 class Sweep:
+    """The rows of one sweep run and their files, for either stack: `stack` "jax" (this
+    script: jitted JAX ops over rotating input sets, baseline rows "xla") or "torch"
+    (bench/sweep_tma_backward.py, which sets its own `measure` and `rel_err`; baseline rows
+    "cublas")."""
+
     out_path: Path
     tuned_path: Path | None
     budget_s: float
+    stack: str = "jax"
+    measure: Callable[[Callable, Any], dict[str, Any]] = measure
+    rel_err: Callable[[Any, Any], float] | None = None  # None: `_rel_err_all` (JAX arrays)
     start: float = field(default_factory=time.perf_counter)
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -390,20 +408,27 @@ class Sweep:
         return time.perf_counter() - self.start < self.budget_s
 
     def write(self) -> None:
+        what = {
+            "jax": "Mosaic GPU training-step GEMM sweep (bench/sweep_mosaic_backward.py)",
+            "torch": "Triton TMA training-step GEMM sweep (bench/sweep_tma_backward.py)",
+        }
         data = {
-            "what": "Mosaic GPU training-step GEMM sweep (bench/sweep_mosaic_backward.py)",
+            "what": what[self.stack],
             "budget_s": self.budget_s,
             "elapsed_s": round(time.perf_counter() - self.start, 1),
             "env": self.env,
             "in_flight": self.in_flight,
             "rows": self.rows,
             "skipped": self.skipped,
-            "steps": step_totals(self.rows),
+            "steps": self.totals(),
         }
         self.out_path.write_text(json.dumps(data, indent=1, default=str))
         if self.tuned_path is not None:
-            table = tuned_file(self.rows, self.env, self.base)
+            table = tuned_file(self.rows, self.env, self.base, self.stack)
             self.tuned_path.write_text(json.dumps(table, indent=1))
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        return step_totals(self.rows, BASELINE[self.stack])
 
     def run(self, g: StepGemm | WeightGradients, impl: str, op: Callable, sets: list, ref: Any,
             cfg: Any = None, outs: Any = None) -> dict[str, Any] | None:  # fmt: skip
@@ -418,10 +443,11 @@ class Sweep:
         self.in_flight = label
         self.write()
         try:
-            res = measure(op, sets)
+            res = self.measure(op, sets)
             first = res.pop("first")
             row.update(res)
-            row["rel_err"] = _rel_err_all(first, ref) if ref is not None else 0.0
+            err = self.rel_err or _rel_err_all
+            row["rel_err"] = err(first, ref) if ref is not None else 0.0
             row["tflops"] = g.flops() / (res["ms"] * 1e-3) / 1e12
             row["status"] = "ok" if row["rel_err"] <= REL_ERR_LIMIT else "WRONG"
             row["_out"] = first
@@ -456,11 +482,14 @@ def _row_line(r: dict[str, Any]) -> str:
     )
 
 
+BASELINE = {"jax": "xla", "torch": "cublas"}  # each stack's rows of the same product, for scale
+
+
 def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per (preset, role): the fastest correct Mosaic GPU row (fitted or grid)."""
+    """Per (preset, role): the fastest correct kernel row (fitted or grid)."""
     best: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if r["status"] != "ok" or r["impl"] in ("xla", "apart"):
+        if r["status"] != "ok" or r["impl"] in ("xla", "cublas", "apart"):
             continue
         key = f"{r['preset']}|{r['role']}"
         if key not in best or r["ms"] < best[key]["ms"]:
@@ -468,15 +497,17 @@ def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-def step_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per preset, summed over the GEMMs measured: fitted, best and XLA's products (ms)."""
+def step_totals(rows: list[dict[str, Any]], baseline: str = "xla") -> dict[str, dict[str, float]]:
+    """Per preset, summed over the GEMMs measured: fitted, best and the baseline's products
+    (ms; `baseline` the rows' impl, "xla" or "cublas")."""
     totals: dict[str, dict[str, float]] = {}
     best = best_rows(rows)
     for r in rows:
         if r["status"] != "ok" or "products" in r:  # the grouped launch: its GEMMs are counted
             continue
-        t = totals.setdefault(r["preset"], {"fitted_ms": 0.0, "best_ms": 0.0, "xla_ms": 0.0})
-        if r["impl"] in ("fitted", "xla"):
+        zero = {"fitted_ms": 0.0, "best_ms": 0.0, f"{baseline}_ms": 0.0}
+        t = totals.setdefault(r["preset"], zero)
+        if r["impl"] in ("fitted", baseline):
             t[f"{r['impl']}_ms"] += r["ms"]
         if best.get(f"{r['preset']}|{r['role']}") is r:
             t["best_ms"] += r["ms"]
@@ -491,10 +522,14 @@ def _shape_key(entry: dict[str, Any]) -> str:
 
 
 def tuned_file(
-    rows: list[dict[str, Any]], env: dict[str, Any], base: dict[str, Any] | None = None
+    rows: list[dict[str, Any]],
+    env: dict[str, Any],
+    base: dict[str, Any] | None = None,
+    stack: str = "jax",
 ) -> dict[str, Any]:
-    """The best tiles per (kind, m, n, k), in tuned_hopper_backward.json's format; with `base`
-    (a committed table), its entries of the shapes not measured here are kept."""
+    """The best tiles per (kind, m, n, k), in tuned_hopper_backward.json's format (either
+    stack's: jax_impl/mosaic/ or torch_impl/tma/); with `base` (a committed table), its
+    entries of the shapes not measured here are kept."""
     gpus = env.get("gpus") or [{}]
     commit = (env.get("git") or {}).get("commit")
     configs: dict[str, list[dict[str, Any]]] = {
@@ -509,17 +544,24 @@ def tuned_file(
             entry["apart_us"] = round(apart[r["preset"]]["ms"] * 1e3, 1)
         else:
             entry = {"m": r["m"], "n": r["n"], "k": r["k"], "config": r["config"]}
-            entry["slots"] = r["slots"]
+            if r["slots"] is not None:  # Mosaic GPU's staging slots (Triton has none)
+                entry["slots"] = r["slots"]
         entry.update(us=round(r["ms"] * 1e3, 1), tflops=round(r["tflops"], 1))
         entry.update(gemm=f"{r['preset']} {r['role']}", gpu=gpus[0].get("name"), commit=commit)
         kept = [e for e in configs.get(r["kind"], []) if _shape_key(e) != _shape_key(entry)]
         configs[r["kind"]] = [*kept, entry]
-    return {
-        "about": "Best Mosaic GPU tiles per GEMM kind of the training step and (M, N, K), read by "
+    about = {
+        "jax": "Best Mosaic GPU tiles per GEMM kind of the training step and (M, N, K), read by "
         "jax_impl/mosaic/backward.fitted_config. Written by bench/sweep_mosaic_backward.py.",
+        "torch": "Best Triton TMA tiles per GEMM kind of the training step and (M, N, K), read "
+        "by torch_impl/tma/backward.step_config. Written by bench/sweep_tma_backward.py.",
+    }
+    version = "jax" if stack == "jax" else "triton"
+    return {
+        "about": about[stack],
         "gpu": gpus[0].get("name"),
         "commit": (env.get("git") or {}).get("commit"),
-        "jax": (env.get("versions") or {}).get("jax"),
+        version: (env.get("versions") or {}).get(version),
         "configs": configs,
     }
 
@@ -623,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         sw.base = json.loads(args.merge_into.read_text())
     sweep(sw, presets, args.roles.split(",") if args.roles else None)
     sw.write()
-    for preset, t in step_totals(sw.rows).items():
+    for preset, t in sw.totals().items():
         print(f"{preset}: GEMMs fitted {t['fitted_ms']:.3f} ms, best {t['best_ms']:.3f} ms, "
               f"XLA's products {t['xla_ms']:.3f} ms")  # fmt: skip
     return 0

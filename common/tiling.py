@@ -511,6 +511,26 @@ def shape_bucket(m: int) -> str:
     return str(1 << (m - 1).bit_length())
 
 
+def step_gemm_kind(
+    family: str,
+    *,
+    preact: bool = False,
+    x_kmajor: bool = False,
+    w_kmajor: bool = False,
+    epilogue: str = "none",
+) -> str:
+    """The name of one GEMM of a training step in both stacks' tuned backward tables
+    (jax_impl/mosaic/ and torch_impl/tma/ tuned_hopper_backward.json): the family and what it
+    adds — "gated.preact" (the saving forward), "linear_act.x_kmajor" (a weight gradient),
+    "linear_act.w_kmajor.dact_gated" (an input gradient with a gated act' step), ..."""
+    parts = [family]
+    parts += ["preact"] if preact else []
+    parts += ["x_kmajor"] if x_kmajor else []
+    parts += ["w_kmajor"] if w_kmajor else []
+    parts += [epilogue] if epilogue != "none" else []
+    return ".".join(parts)
+
+
 # ==== whole-MLP kernels: fused_decode and fused_small (issue 22) ==================================
 # One section, read by both twins (torch_impl/ and jax_impl/ fused_decode.py, fused_small.py), so
 # the two stacks tile alike by construction. Nothing here knows the GPU it runs on: NUM_SMS is the

@@ -69,6 +69,7 @@ from fusedmlp.common.tiling import (
     cdiv,
     gated_config,
     heuristic_config,
+    step_gemm_kind,
     wgrad_splits,
 )
 from fusedmlp.common.tuning import registered_device, tables_state
@@ -578,7 +579,8 @@ def forward_saving(
     pre-activation as the portable one does); a plain layer that keeps one stays portable."""
     check_saved(saved)
     if hopper:
-        from .tma import gated as tma_gated  # tma imports this module
+        from .tma import backward as tma_backward  # tma imports this module
+        from .tma import gated as tma_gated
         from .tma import linear_act as tma_linear
     layers = spec.layers()
     last = layers[-1].index
@@ -590,8 +592,11 @@ def forward_saving(
         store = saved == "preact" and _stores_preact(layer)
         if hopper and (layer.gated or not store):
             family = "gated" if layer.gated else "linear_act"
-            cfg = _heuristic(
-                family, m, layer.d_out, layer.d_in, spec.dtype, precision, False, True
+            # the committed sweep's tiles for the GEMM (a gated one storing [z|g]), else the
+            # forward heuristic's (tma/backward.py `step_config`)
+            cfg = tma_backward.step_config(
+                step_gemm_kind(family, preact=store), family, m, layer.d_out, layer.d_in,
+                spec.dtype, precision,
             )  # fmt: skip
             if layer.gated:
                 outs = tma_gated.gated_fwd(

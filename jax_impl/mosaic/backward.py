@@ -66,7 +66,7 @@ from ...common import MLPSpec
 from ...common.config import TileConfig
 from ...common.packing import PACK_BLOCK, packed_names, packed_width
 from ...common.registry import AUTO
-from ...common.tiling import shape_bucket
+from ...common.tiling import shape_bucket, step_gemm_kind
 from ...common.validate import check_saved
 from .. import backward as portable
 from .. import compat
@@ -112,15 +112,12 @@ def applies(impl: str, spec: MLPSpec, m: int) -> bool:
 def gemm_kind(
     family: str, outputs: Outputs, operands: Operands = AS_STORED, epilogue: str = "none"
 ) -> str:
-    """The tuned table's name for one of the step's GEMMs: the family and what it adds —
-    "gated.preact" (the saving forward), "linear_act.x_kmajor" (a weight gradient),
-    "linear_act.w_kmajor.dact_gated" (an input gradient with a gated act' step), ..."""
-    parts = [family]
-    parts += ["preact"] if outputs.preact else []
-    parts += ["x_kmajor"] if operands.x_kmajor else []
-    parts += ["w_kmajor"] if operands.w_kmajor else []
-    parts += [epilogue] if epilogue != "none" else []
-    return ".".join(parts)
+    """The tuned table's name for one of the step's GEMMs (common.tiling.step_gemm_kind, the
+    torch twin's rule too)."""
+    return step_gemm_kind(
+        family, preact=outputs.preact, x_kmajor=operands.x_kmajor,
+        w_kmajor=operands.w_kmajor, epilogue=epilogue,
+    )  # fmt: skip
 
 
 @functools.cache

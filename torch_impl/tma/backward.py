@@ -28,18 +28,30 @@ otherwise backward.py's portable kernels run. The saving forward ("preact") is b
 identity, relu — on the TMA kernels). Runs under TRITON_INTERPRET=1 too
 (tests/test_backward_torch.py, tests/test_relu_from_output.py).
 
-Twin: none yet (the JAX stack's backward is the Pallas-Triton twin of backward.py; a Mosaic GPU
-sibling of this module is later work).
+Tiles: `step_config` — the committed sweep's entry for the GEMM's kind and shape
+(tuned_hopper_backward.json beside this file, written by bench/sweep_tma_backward.py; kinds named
+by common.tiling.step_gemm_kind, as the Mosaic GPU sibling's table), else the forward heuristic's
+(backward.py `_heuristic`), for the saving forward's gated layers too.
+
+Sibling: jax_impl/mosaic/backward.py (the same step on Mosaic GPU kernels, the same table format;
+it also groups the weight gradients into one launch, which this module does not).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import shape_bucket, step_gemm_kind
 from fusedmlp.common.validate import check_saved
 
 from .. import backward as portable
@@ -66,21 +78,58 @@ def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
     return None
 
 
+TUNED_FILE = Path(__file__).with_name("tuned_hopper_backward.json")
+
+
+@functools.cache
+def tuned_table() -> dict[str, list[dict[str, Any]]]:
+    """The committed sweep's best tiles ({kind: [entry, ...]}; empty if none), read once."""
+    if not TUNED_FILE.exists():
+        return {}
+    return json.loads(TUNED_FILE.read_text()).get("configs", {})
+
+
+def tuned_config(kind: str, m: int, n: int, k: int, dtype: str) -> TileConfig | None:
+    """The committed sweep's tiles for this kind and (N, K) at M's bucket (else the nearest
+    measured M), or None: none measured, float32 (the sweep times bfloat16, whose tiles float16
+    shares; float32's K step is half as wide), or under the interpreter (tiny tiles there)."""
+    entries = [e for e in tuned_table().get(kind, []) if (e["n"], e["k"]) == (n, k)]
+    if INTERPRET or dtype == "float32" or not entries:
+        return None
+    bucket = int(shape_bucket(m))
+    best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["m"])) / bucket)))
+    return TileConfig.from_dict(best["config"])
+
+
+def step_config(
+    kind: str, family: str, m: int, n: int, k: int, dtype: str, precision: str
+) -> TileConfig:
+    """The tiles for one GEMM of the step (`kind`: common.tiling.step_gemm_kind): the table's
+    (`tuned_config`), else backward.py's cached forward heuristic for the family and shape."""
+    tuned = tuned_config(kind, m, n, k, dtype)
+    if tuned is not None:
+        return tuned
+    return portable._heuristic(family, m, n, k, dtype, precision, False, True)
+
+
 def _gemm(
     a: torch.Tensor,
     b: torch.Tensor,
     spec: MLPSpec,
+    *,
+    weight_gradient: bool,
     epilogue: str = "none",
     z: torch.Tensor | None = None,
     activation: str = "identity",
 ) -> torch.Tensor:
-    """a·b on the TMA kernel (a [M, K] and b [K, N] row-major or transposed views), with the
-    previous layer's act' step in the epilogue where `epilogue` says (linear_act_fwd)."""
+    """a·b on the TMA kernel: a weight gradient hᵀ·dZ (a = hᵀ, a view of h) or an input
+    gradient dZ·Wᵀ (b = Wᵀ, a view of W), with the previous layer's act' step in the epilogue
+    where `epilogue` says (linear_act_fwd)."""
     m, k = a.shape
-    # backward.py's cached heuristic (keyed by the registered GPU and the tables' state as well)
-    cfg = portable._heuristic(
-        "linear_act", m, b.shape[1], k, spec.dtype, spec.fp32_precision, False, True
+    kind = step_gemm_kind(
+        "linear_act", x_kmajor=weight_gradient, w_kmajor=not weight_gradient, epilogue=epilogue
     )
+    cfg = step_config(kind, "linear_act", m, b.shape[1], k, spec.dtype, spec.fp32_precision)
     return linear_act_fwd(
         a, b, None, None, activation="identity", config=cfg, fp32_precision=spec.fp32_precision,
         epilogue=epilogue, z=z, dact_activation=activation,
@@ -123,7 +172,7 @@ def mlp_backward(
         i = layer.index
         wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
         w = params[wname]
-        grads[wname] = _gemm(res[2 * i].t(), dz, spec).to(w.dtype)
+        grads[wname] = _gemm(res[2 * i].t(), dz, spec, weight_gradient=True).to(w.dtype)
         prev = layers[i - 1] if i > 0 else None
         # h_i: read by this weight gradient and, after a relu layer, by its act' step below
         out = res[2 * i] if prev is not None and portable._dact_from_output(prev) else None
@@ -134,11 +183,14 @@ def mlp_backward(
             break
         # dh = dZ·Wᵀ, with the previous layer's act' step in the epilogue (dh is its dout)
         if prev is None or not (portable._stores_preact(prev) or out is not None):
-            dz = _gemm(dz, w.t(), spec)
+            dz = _gemm(dz, w.t(), spec, weight_gradient=False)
         else:
             epilogue = "dact_gated" if prev.gated else "dact"
             z = out if out is not None else res[2 * i - 1]
-            dz = _gemm(dz, w.t(), spec, epilogue, z, prev.activation)
+            dz = _gemm(
+                dz, w.t(), spec, weight_gradient=False, epilogue=epilogue, z=z,
+                activation=prev.activation,
+            )  # fmt: skip
             res[2 * i - 1] = z = out = None  # z_{i-1} (or relu's h_i): read by this epilogue only
         if i == 0:
             grads["x"] = dz

@@ -1,0 +1,110 @@
+"""The torch Hopper backward's tuned tiles: bench/sweep_tma_backward.py writes the table that
+torch_impl/tma/backward.step_config reads, kinds named as the Mosaic GPU sibling names them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusedmlp.common.config import TileConfig
+from fusedmlp.common.tiling import step_gemm_kind
+from fusedmlp.torch_impl import backward as portable
+from fusedmlp.torch_impl.tma import backward as hopper
+
+ROOT = Path(__file__).resolve().parents[1]
+TILES = TileConfig(128, 64, 64, group_m=8, num_warps=4, num_stages=5)
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """A committed-table stand-in with one weight-gradient entry, read as on a GPU."""
+    path = tmp_path / "tuned_hopper_backward.json"
+    entry = {"m": 3072, "n": 768, "k": 8192, "config": TILES.to_dict(), "us": 1.0}
+    path.write_text(json.dumps({"configs": {"linear_act.x_kmajor": [entry]}}))
+    monkeypatch.setattr(hopper, "TUNED_FILE", path)
+    monkeypatch.setattr(hopper, "INTERPRET", False)
+    hopper.tuned_table.cache_clear()
+    yield path
+    hopper.tuned_table.cache_clear()
+
+
+def test_step_config_takes_the_tables_tiles(table) -> None:
+    kind = step_gemm_kind("linear_act", x_kmajor=True)
+    assert kind == "linear_act.x_kmajor"
+    got = hopper.step_config(kind, "linear_act", 3072, 768, 8192, "bfloat16", "ieee")
+    assert got == TILES
+    # M's bucket: the nearest measured M serves a neighbour; float16 shares bfloat16's tiles
+    assert hopper.step_config(kind, "linear_act", 2500, 768, 8192, "float16", "ieee") == TILES
+
+
+def test_step_config_falls_back_to_the_heuristic(table) -> None:
+    heuristic = portable._heuristic("linear_act", 3072, 768, 8192, "float32", "ieee", False, True)
+    kind = "linear_act.x_kmajor"
+    # float32 (the sweep timed 16-bit tiles), another shape, another kind: the heuristic's
+    assert hopper.step_config(kind, "linear_act", 3072, 768, 8192, "float32", "ieee") == heuristic
+    other = hopper.step_config(kind, "linear_act", 3072, 512, 8192, "bfloat16", "ieee")
+    assert other == portable._heuristic(
+        "linear_act", 3072, 512, 8192, "bfloat16", "ieee", False, True
+    )
+    dgrad = hopper.step_config(
+        "linear_act.w_kmajor", "linear_act", 3072, 768, 8192, "bfloat16", "ieee"
+    )
+    assert dgrad != TILES
+
+
+def test_interpreter_never_takes_the_table(table, monkeypatch) -> None:
+    monkeypatch.setattr(hopper, "INTERPRET", True)
+    kind = "linear_act.x_kmajor"
+    assert hopper.tuned_config(kind, 3072, 768, 8192, "bfloat16") is None
+
+
+def test_committed_table_is_well_formed() -> None:
+    """Every committed entry names a kind the step asks for and tiles TileConfig takes."""
+    hopper.tuned_table.cache_clear()
+    kinds = {
+        step_gemm_kind("gated", preact=True),
+        step_gemm_kind("linear_act", x_kmajor=True),
+        *(step_gemm_kind("linear_act", w_kmajor=True, epilogue=e)
+          for e in ("none", "dact", "dact_gated")),
+    }  # fmt: skip
+    for kind, entries in hopper.tuned_table().items():
+        assert kind in kinds, kind
+        for e in entries:
+            TileConfig.from_dict(e["config"])
+            assert {"m", "n", "k", "us", "gpu", "commit"} <= set(e), e
+
+
+def test_sweep_smoke_writes_a_table_step_config_reads(tmp_path, monkeypatch) -> None:
+    """The sweep end to end under the interpreter (tiny gated MLP): every GEMM timed at the
+    fitted tiles and the grid's, each checked against the fitted one, and its table read back."""
+    out, tuned = tmp_path / "sweep.json", tmp_path / "tuned.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "sweep_tma_backward.py"), str(out),
+           "--tuned-out", str(tuned), "--smoke", "--presets", "smoke"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    roles = {r["role"] for r in rows}
+    assert roles == {
+        "layer 0 saving forward", "layer 1 weight gradient", "layer 1 input gradient",
+        "layer 0 weight gradient", "layer 0 input gradient",
+    }  # fmt: skip
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert {r["impl"] for r in rows} == {"fitted", "grid"}
+    kinds = {r["role"]: r["kind"] for r in rows}
+    assert kinds["layer 1 input gradient"] == "linear_act.w_kmajor.dact_gated"
+    assert kinds["layer 0 input gradient"] == "linear_act.w_kmajor"
+    monkeypatch.setattr(hopper, "TUNED_FILE", tuned)
+    monkeypatch.setattr(hopper, "INTERPRET", False)
+    hopper.tuned_table.cache_clear()
+    try:
+        for r in rows:
+            best = min((q for q in rows if q["role"] == r["role"]), key=lambda q: q["ms"])
+            family = "gated" if "forward" in r["role"] else "linear_act"
+            got = hopper.step_config(r["kind"], family, r["m"], r["n"], r["k"], "bfloat16", "ieee")
+            assert got == TileConfig.from_dict(best["config"])
+    finally:
+        hopper.tuned_table.cache_clear()

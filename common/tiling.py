@@ -104,6 +104,10 @@ def warp_specialize_applies(family: str, config: TileConfig) -> bool:
     stops at reshape, permute and split ("unsupported op type"), which the subtiled epilogue and
     the gated split are made of. So: linear_act with epilogue_subtile=1 and num_warps=4; elsewhere
     the kernels ignore the flag (the loop is flattened as usual).
+
+    And at most 4 K stages: warp-specialised at 5 stages (128×128×64, 4 warps) the kernel
+    compiled, ran and returned NaN on an H100 for every GEMM it was given (triton 3.6,
+    bench/results/2026-12-05-h100-38cf758/sweep.log), where 4 stages gave the right bits.
     """
     return (
         config.warp_specialize
@@ -111,6 +115,7 @@ def warp_specialize_applies(family: str, config: TileConfig) -> bool:
         and config.epilogue_subtile == 1
         and config.num_warps == 4
         and config.block_m >= 64
+        and config.num_stages <= 4
     )
 
 

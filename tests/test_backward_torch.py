@@ -279,6 +279,21 @@ def test_hopper_backward_refuses_what_tma_cannot_address():
     assert not tma_backward.applies("auto", spec, 40, "cpu")  # a CPU: backward.py's kernels
 
 
+def test_hopper_backward_runs_for_auto_and_the_hopper_impls(monkeypatch):
+    """On a Hopper GPU (faked here) `auto`, `triton_tma` and `mosaic` train through
+    tma/backward.py; an explicit portable impl keeps backward.py's kernels (the two compared)."""
+    from fusedmlp.torch_impl import front
+
+    spec = _spec(HOPPER_CASES[0])
+    monkeypatch.setattr(tma_backward, "INTERPRET", False)
+    monkeypatch.setattr(front, "_is_hopper", lambda: True)
+    for impl in ("auto", "triton_tma", "mosaic"):
+        assert tma_backward.applies(impl, spec, 64, "cuda"), impl
+    for impl in ("triton", "fused_small", "fused_decode"):
+        assert not tma_backward.applies(impl, spec, 64, "cuda"), impl
+    assert not tma_backward.applies("triton_tma", spec, 21, "cuda")  # 42-byte rows
+
+
 def _numpy(grads):
     return {k: to_numpy(v) for k, v in grads.items()}
 

@@ -197,16 +197,21 @@ def mlp_backward(
     return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}
 
 
-def applies(impl: str, spec: MLPSpec, m: int, device: torch.device | str) -> bool:
-    """Whether the training op's backward runs here: a Hopper GPU (not the interpreter), a forward
-    impl of `auto` or a Hopper one (an explicit portable impl keeps its own backward, so the two
-    can be compared), and every operand meeting the 16-byte rule."""
-    from fusedmlp.common.registry import AUTO, get_implementation
+# The asked impls whose training runs this backward on Hopper: `auto` and the Hopper kernels,
+# named (triton_tma is not registered `hopper`: elsewhere it falls back to the portable kernels,
+# and until 38cf758 an explicit triton_tma trained on backward.py's pointer kernels, measured
+# 1.15-1.24× slower on an H100).
+IMPLS = ("auto", "triton_tma", "mosaic")
 
+
+def applies(impl: str, spec: MLPSpec, m: int, device: torch.device | str) -> bool:
+    """Whether the training op's backward runs here: a Hopper GPU (not the interpreter), an
+    asked impl in IMPLS (an explicit portable impl keeps its own backward, so the two can be
+    compared), and every operand meeting the 16-byte rule."""
     from ..front import _is_hopper
 
-    if INTERPRET or torch.device(device).type != "cuda" or not _is_hopper():
+    if impl not in IMPLS or INTERPRET or torch.device(device).type != "cuda":
         return False
-    if impl != AUTO and not get_implementation(impl).hopper:
+    if not _is_hopper():
         return False
     return unsupported_reason(spec, m) is None

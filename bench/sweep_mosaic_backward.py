@@ -633,11 +633,12 @@ def dry_run(presets: list[str]) -> int:
     return 1 if failures else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path, nargs="?", help="JSON file to write")
+def step_sweep_arguments(doc: str, budget_s: float, out_required: bool) -> argparse.ArgumentParser:
+    """The command line both stacks' step sweeps share (this script, sweep_tma_backward.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("out", type=Path, nargs=None if out_required else "?", help="JSON to write")
     ap.add_argument("--tuned-out", type=Path, help="the best tiles (tuned_hopper_backward format)")
-    ap.add_argument("--budget-s", type=float, default=380.0, help="no new measurement after")
+    ap.add_argument("--budget-s", type=float, default=budget_s, help="no new measurement after")
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
     ap.add_argument(
         "--roles", help="comma-separated parts of GEMM roles to sweep (e.g. 'layer 1 input')"
@@ -645,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--merge-into", type=Path, help="a committed table: --tuned-out keeps its other entries"
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = step_sweep_arguments(__doc__, 380.0, out_required=False)
     ap.add_argument("--dry-run", action="store_true", help="lower every kernel for CUDA; no GPU")
     args = ap.parse_args(argv)
     presets = args.presets.split(",")

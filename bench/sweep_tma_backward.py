@@ -36,13 +36,11 @@ to run this script end to end without a GPU (the numbers mean nothing).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 if "--smoke" in sys.argv:  # before triton is imported: the interpreter on a CPU
@@ -50,7 +48,12 @@ if "--smoke" in sys.argv:  # before triton is imported: the interpreter on a CPU
 
 import torch
 
-from fusedmlp.bench.sweep_mosaic_backward import PRESETS, StepGemm, Sweep, step_gemms
+from fusedmlp.bench.sweep_mosaic_backward import (
+    StepGemm,
+    Sweep,
+    step_gemms,
+    step_sweep_arguments,
+)
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_width
 from fusedmlp.common.spec import MLPSpec
@@ -228,17 +231,7 @@ def sweep(sw: Sweep, presets: list[str], roles: list[str] | None, smoke: bool) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path, help="JSON file to write")
-    ap.add_argument("--tuned-out", type=Path, help="the best tiles (tuned_hopper_backward format)")
-    ap.add_argument("--budget-s", type=float, default=400.0, help="no new measurement after")
-    ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
-    ap.add_argument(
-        "--roles", help="comma-separated parts of GEMM roles to sweep (e.g. 'layer 1 input')"
-    )
-    ap.add_argument(
-        "--merge-into", type=Path, help="a committed table: --tuned-out keeps its other entries"
-    )
+    ap = step_sweep_arguments(__doc__, 400.0, out_required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under the interpreter")
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():

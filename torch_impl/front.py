@@ -391,7 +391,8 @@ def _training_plan(
         not whole and config is None and tma_backward.applies(the_plan.requested, spec, m, device)
     )
     kernels = (
-        "the persistent TMA GEMMs and an elementwise act' pass (torch_impl/tma/backward.py)"
+        "the persistent TMA GEMMs, each act' step in an input gradient's epilogue, on the "
+        "measured tiles of tma/tuned_hopper_backward.json (torch_impl/tma/backward.py)"
         if hopper
         else "portable dgrad/wgrad kernels (torch_impl/backward.py)"
     )

@@ -121,9 +121,10 @@ class StepGemm:
 
 @dataclass(frozen=True)
 class WeightGradients:
-    """The step's weight gradients hᵢᵀ·dZᵢ as ONE grouped launch (mosaic linear_grouped, kind
-    `backward.GROUPED_KIND`), timed beside the same products apart on the tiles the step gives
-    them (`fitted_config`: "apart", what the step runs where the table has no grouped entry)."""
+    """The step's weight gradients hᵢᵀ·dZᵢ as ONE grouped launch (either stack's
+    `linear_grouped`, kind common.tiling.GROUPED_KIND), timed beside the same products apart on
+    the tiles the step gives them ("apart": what the step runs where the table has no grouped
+    entry; here `fitted_config`'s, in sweep_tma_backward.py `step_config`'s)."""
 
     preset: str
     gemms: tuple[StepGemm, ...]  # the weight gradients, in the order the backward reaches them
@@ -131,7 +132,7 @@ class WeightGradients:
 
     @property
     def kind(self) -> str:
-        from fusedmlp.jax_impl.mosaic.backward import GROUPED_KIND
+        from fusedmlp.common.tiling import GROUPED_KIND
 
         return GROUPED_KIND
 
@@ -150,10 +151,13 @@ class WeightGradients:
         return {"products": self.products, "k": self.gemms[0].k}
 
 
-def weight_gradients(preset: str, m: int = M) -> WeightGradients:
-    """The grouped launch of the preset's weight gradients at M = m (`step_gemms`' order)."""
-    gemms = [g for g in step_gemms(preset, m) if g.role.endswith("weight gradient")]
-    return WeightGradients(preset, tuple(gemms))
+def weight_gradients(
+    preset: str, m: int = M, rules: Any = None, spec: Any = None
+) -> WeightGradients:
+    """The grouped launch of the preset's (or `spec`'s) weight gradients at M = m, in
+    `step_gemms`' order (`rules`, `spec`: as there)."""
+    gemms = step_gemms(preset, m, rules=rules, spec=spec)
+    return WeightGradients(preset, tuple(g for g in gemms if g.role.endswith("weight gradient")))
 
 
 def step_gemms(preset: str, m: int = M, rules: Any = None, spec: Any = None) -> list[StepGemm]:

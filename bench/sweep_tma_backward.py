@@ -15,6 +15,11 @@ K-major in place, the previous layer's act' step in the epilogue). Per GEMM, wit
   tile at 128 columns, one program an SM, no warp specialisation (tma/linear_act.py): its grid
   varies what that leaves free.
 
+Then the step's weight gradients as ONE grouped launch (tma/linear_act.py `linear_grouped`,
+GROUPED_GRID), beside the same products apart on the tiles `step_config` gives them ("apart", timed
+in the same run): the table's grouped entry records both, and `tma/backward.grouped_config` takes
+it only where the grouped launch was faster.
+
 Why: the torch step ran 0.95× torch.compile at llama3-8b and 0.82× at hf-blog (H200, 3009ab9)
 on tiles nobody measured for these GEMMs — the forward heuristic's, keyed by a forward's shapes.
 
@@ -51,8 +56,10 @@ import torch
 from fusedmlp.bench.sweep_mosaic_backward import (
     StepGemm,
     Sweep,
+    WeightGradients,
     step_gemms,
     step_sweep_arguments,
+    weight_gradients,
 )
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_width
@@ -103,6 +110,16 @@ DACT_GRID = [
     _c(128, 64, w=4, s=5),
     _c(256, 128, s=3),
     _c(128, 128, s=4, g=16),
+]
+# The grouped weight gradients: plain tile loops only (`linear_grouped` warp-specialises no launch
+# of two products or more: each loop would get buffers of its own, past the SM's shared memory).
+GROUPED_GRID = [
+    _c(128, 256, s=4, sub=2),
+    _c(128, 256, s=3, sub=2),
+    _c(128, 256, s=4, sub=4),
+    _c(128, 128, s=4, sub=2),
+    _c(128, 128, w=4, s=4),
+    _c(256, 128, s=3, sub=2),
 ]
 SMOKE_GRID = [TileConfig(32, 64, 32, num_warps=4, num_stages=2)]
 
@@ -164,6 +181,24 @@ def kernel_op(g: StepGemm, cfg: TileConfig, s: dict[str, torch.Tensor]) -> Calla
         a, w, None, None, activation="identity", config=cfg, epilogue=g.epilogue,
         z=s.get("z"), dact_activation=g.activation,
     )  # fmt: skip
+
+
+def apart_op(wg: WeightGradients, sets: list[dict[str, torch.Tensor]]) -> Callable[[], Any]:
+    """The weight gradients one launch each, on the tiles the step gives them."""
+    ops = [
+        kernel_op(g, hopper.step_config(g.kind, g.family, g.m, g.n, g.k, "bfloat16", "ieee"), s)
+        for g, s in zip(wg.gemms, sets, strict=True)
+    ]
+    return lambda: tuple(op() for op in ops)
+
+
+def grouped_op(
+    wg: WeightGradients, cfg: TileConfig, sets: list[dict[str, torch.Tensor]]
+) -> Callable[[], Any]:
+    """The weight gradients in ONE launch (`linear_grouped`), on `cfg`."""
+    views = [_views(g, s) for g, s in zip(wg.gemms, sets, strict=True)]
+    xs, ws = [a for a, _ in views], [w for _, w in views]
+    return lambda: tma_linear.linear_grouped(xs, ws, config=cfg)
 
 
 def cublas_op(g: StepGemm, s: dict[str, torch.Tensor]) -> Callable[[], Any]:
@@ -228,6 +263,19 @@ def sweep(sw: Sweep, presets: list[str], roles: list[str] | None, smoke: bool) -
             for cfg in plan[1:]:
                 sw.run(g, "grid", kernel_op(g, cfg, s), None, ref, cfg)
             del s, first, ref
+        spec = SMOKE_SPEC if smoke else None
+        wg = weight_gradients(preset, SMOKE_M if smoke else M, rules=portable, spec=spec)
+        if len(wg.gemms) < 2 or (roles and not any(role in wg.role for role in roles)):
+            continue
+        if not sw.left():
+            sw.skipped.append(f"{wg.name} (all)")
+            continue
+        sets = [make_operands(g, device, seed=i) for i, g in enumerate(wg.gemms)]
+        first = sw.run(wg, "apart", apart_op(wg, sets), None, None)
+        ref = first["_out"] if first and first["status"] == "ok" else None
+        for cfg in SMOKE_GRID if smoke else GROUPED_GRID:
+            sw.run(wg, "grid", grouped_op(wg, cfg, sets), None, ref, cfg)
+        del sets, first, ref
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -536,6 +536,11 @@ def step_gemm_kind(
     return ".".join(parts)
 
 
+# The tables' name for a step's weight gradients hᵢᵀ·dZᵢ run as ONE grouped launch (both stacks'
+# `linear_grouped`); its entries name the products ([M, N] each) and their shared K.
+GROUPED_KIND = step_gemm_kind("linear_act", x_kmajor=True) + ".grouped"
+
+
 # ==== whole-MLP kernels: fused_decode and fused_small (issue 22) ==================================
 # One section, read by both twins (torch_impl/ and jax_impl/ fused_decode.py, fused_small.py), so
 # the two stacks tile alike by construction. Nothing here knows the GPU it runs on: NUM_SMS is the

@@ -223,6 +223,45 @@ def test_backward_frees_each_residual_after_its_last_use(module):
         assert torch.equal(as_list[name], as_tuple[name]), name
 
 
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=_case_id)
+def test_hopper_step_with_grouped_weight_gradients(monkeypatch, case):
+    """The step with its weight gradients in one grouped launch at the end (tma/linear_act.py
+    `linear_grouped`): every gradient bit for bit the step's with them apart on the same tiles,
+    within the policy of the float64 reference; `mlp_backward` asks `grouped_config` for the
+    products in the order it reaches them. The residuals list is still consumed."""
+    spec = _spec(case)
+    m = case[-1]
+    tiles = TileConfig(16, 32, 16, group_m=2, num_warps=4, num_stages=2)
+    step_config = tma_backward.step_config
+
+    def pinned(kind, *args):  # the weight gradients apart on the grouped launch's tiles
+        return tiles if kind == "linear_act.x_kmajor" else step_config(kind, *args)
+
+    monkeypatch.setattr(tma_backward, "step_config", pinned)
+    asked = []
+    monkeypatch.setattr(
+        tma_backward, "grouped_config", lambda products, k, dtype: asked.append((products, k))
+    )
+    plain = {k: to_torch(v) for k, v in init_params(spec, 60).items()}
+    packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 60)).items()}
+    x = to_torch(make_input(spec, m, seed=61))
+    dy = to_torch(make_grad_output(spec, m, seed=62))
+    _, kept = backward.forward_saving(x, packed, spec, saved="preact")
+    apart = tma_backward.mlp_backward(dy, kept, packed, spec, saved="preact")
+    layers = spec.layers()[::-1]
+    widths = [packed_width(la.d_out) if la.gated else la.d_out for la in layers]
+    assert asked == [([(la.d_in, w) for la, w in zip(layers, widths, strict=True)], m)]
+    residuals = list(kept)
+    grouped = tma_backward.mlp_backward(dy, residuals, packed, spec, saved="preact", grouped=tiles)
+    assert all(r is None for r in residuals)
+    for name in apart:
+        assert torch.equal(grouped[name], apart[name]), name
+        assert grouped[name].dtype == apart[name].dtype, name
+    got = {"x": to_numpy(grouped.pop("x")), **unpack_params(spec, _numpy(grouped))}
+    want = _reference(spec, x, plain, dy)
+    assert_grads_close(got, want, spec, baselines=_eager_grads(spec, x, plain, dy))
+
+
 def test_eager_training_backward_twice_says_why():
     module = FusedMLP(_spec(CASES[6]), impl="triton", seed=36)
     x = to_torch(make_input(module.spec, 3, seed=37))
@@ -248,11 +287,17 @@ def test_hopper_saving_forward_keeps_what_the_portable_one_keeps(case):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated):
+@pytest.mark.parametrize("prefetch", [True, False], ids=["early-load", "late-load"])
+def test_tma_dgrad_epilogue_equals_the_portable_dgrad(monkeypatch, gated, prefetch):
     # The TMA kernel's "dact"/"dact_gated" epilogue is backward.py's `_dact_epilogue` on its fp32
-    # accumulator: the same bits as the portable dgrad kernel here.
+    # accumulator, its saved tile loaded before the K loop or after it: the same bits as the
+    # portable dgrad kernel here.
     from fusedmlp.common.tiling import INTERPRET_CONFIG
+    from fusedmlp.torch_impl.tma import linear_act as tma_linear
     from fusedmlp.torch_impl.tma.linear_act import linear_act_fwd
+
+    monkeypatch.setattr(tma_linear, "DACT_PREFETCH", prefetch)
+    launch.clear_all()  # records hold the flag
 
     spec = _spec(HOPPER_CASES[0] if gated else HOPPER_CASES[1])
     packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 40)).items()}

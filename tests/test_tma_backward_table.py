@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.tiling import step_gemm_kind
+from fusedmlp.common.tiling import GROUPED_KIND, step_gemm_kind
 from fusedmlp.torch_impl import backward as portable
 from fusedmlp.torch_impl.tma import backward as hopper
 
@@ -70,17 +70,20 @@ def test_committed_table_is_well_formed() -> None:
         step_gemm_kind("linear_act", x_kmajor=True),
         *(step_gemm_kind("linear_act", w_kmajor=True, epilogue=e)
           for e in ("none", "dact", "dact_gated")),
+        GROUPED_KIND,
     }  # fmt: skip
     for kind, entries in hopper.tuned_table().items():
         assert kind in kinds, kind
         for e in entries:
             TileConfig.from_dict(e["config"])
-            assert {"m", "n", "k", "us", "gpu", "commit"} <= set(e), e
+            shape = {"products", "k", "apart_us"} if kind == GROUPED_KIND else {"m", "n", "k"}
+            assert shape | {"us", "gpu", "commit"} <= set(e), e
 
 
 def test_sweep_smoke_writes_a_table_step_config_reads(tmp_path, monkeypatch) -> None:
     """The sweep end to end under the interpreter (tiny gated MLP): every GEMM timed at the
-    fitted tiles and the grid's, each checked against the fitted one, and its table read back."""
+    fitted tiles and the grid's, each checked against the fitted one, the weight gradients
+    grouped beside them apart, and its table read back (`step_config`, `grouped_config`)."""
     out, tuned = tmp_path / "sweep.json", tmp_path / "tuned.json"
     cmd = [sys.executable, str(ROOT / "bench" / "sweep_tma_backward.py"), str(out),
            "--tuned-out", str(tuned), "--smoke", "--presets", "smoke"]  # fmt: skip
@@ -90,10 +93,14 @@ def test_sweep_smoke_writes_a_table_step_config_reads(tmp_path, monkeypatch) -> 
     roles = {r["role"] for r in rows}
     assert roles == {
         "layer 0 saving forward", "layer 1 weight gradient", "layer 1 input gradient",
-        "layer 0 weight gradient", "layer 0 input gradient",
+        "layer 0 weight gradient", "layer 0 input gradient", "weight gradients grouped",
     }  # fmt: skip
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
-    assert {r["impl"] for r in rows} == {"fitted", "grid"}
+    assert {r["impl"] for r in rows} == {"fitted", "grid", "apart"}
+    grouped = [r for r in rows if r["role"] == "weight gradients grouped"]
+    rows = [r for r in rows if r not in grouped]
+    assert {r["kind"] for r in grouped} == {GROUPED_KIND}
+    assert grouped[0]["products"] == [[96, 64], [64, 256]]  # layer 1's, then layer 0's (packed)
     kinds = {r["role"]: r["kind"] for r in rows}
     assert kinds["layer 1 input gradient"] == "linear_act.w_kmajor.dact_gated"
     assert kinds["layer 0 input gradient"] == "linear_act.w_kmajor"
@@ -106,5 +113,9 @@ def test_sweep_smoke_writes_a_table_step_config_reads(tmp_path, monkeypatch) -> 
             family = "gated" if "forward" in r["role"] else "linear_act"
             got = hopper.step_config(r["kind"], family, r["m"], r["n"], r["k"], "bfloat16", "ieee")
             assert got == TileConfig.from_dict(best["config"])
+        apart, fastest = grouped[0], min(grouped[1:], key=lambda q: q["ms"])
+        want = TileConfig.from_dict(fastest["config"]) if fastest["ms"] < apart["ms"] else None
+        products = [tuple(p) for p in apart["products"]]
+        assert hopper.grouped_config(products, apart["k"], "bfloat16") == want
     finally:
         hopper.tuned_table.cache_clear()

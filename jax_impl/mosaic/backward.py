@@ -66,7 +66,7 @@ from ...common import MLPSpec
 from ...common.config import TileConfig
 from ...common.packing import PACK_BLOCK, packed_names, packed_width
 from ...common.registry import AUTO
-from ...common.tiling import shape_bucket, step_gemm_kind
+from ...common.tiling import GROUPED_KIND, shape_bucket, step_gemm_kind
 from ...common.validate import check_saved
 from .. import backward as portable
 from .. import compat
@@ -142,9 +142,6 @@ def tuned_config(
     bucket = int(shape_bucket(m))
     best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["m"])) / bucket)))
     return TileConfig.from_dict(best["config"]), int(best["slots"])
-
-
-GROUPED_KIND = "linear_act.x_kmajor.grouped"  # the table's name for the grouped weight gradients
 
 
 def grouped_config(

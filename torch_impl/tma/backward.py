@@ -3,7 +3,11 @@
 Per layer i, in reverse, from dZ_i (the gradient at the layer's pre-activation; gated: the packed
 [dz|dg], common/packing.py), the same formulas as torch_impl/backward.py:
 
-    dW_i = h_iᵀ·dZ_i        linear_act (identity) with x = h_iᵀ read M-major in place (X_KMAJOR)
+    dW_i = h_iᵀ·dZ_i        linear_act (identity) with x = h_iᵀ read M-major in place (X_KMAJOR);
+                            every layer's in ONE grouped launch at the end where the committed
+                            sweep measured that faster (`grouped_config`, linear_act.py's
+                            `linear_grouped`: they all contract over the batch, and alone each
+                            leaves its last wave part empty)
     db_i = Σ_m dZ_i         one fp32 column sum (torch.sum: deterministic), rounded once
     dZ_{i-1} = (dZ_i·W_iᵀ) ⊙ act'(z_{i-1})
                             linear_act with w = W_iᵀ read K-major in place (W_KMAJOR) and the
@@ -33,8 +37,8 @@ Tiles: `step_config` — the committed sweep's entry for the GEMM's kind and sha
 by common.tiling.step_gemm_kind, as the Mosaic GPU sibling's table), else the forward heuristic's
 (backward.py `_heuristic`), for the saving forward's gated layers too.
 
-Sibling: jax_impl/mosaic/backward.py (the same step on Mosaic GPU kernels, the same table format;
-it also groups the weight gradients into one launch, which this module does not).
+Sibling: jax_impl/mosaic/backward.py (the same step on Mosaic GPU kernels, the same table format,
+the weight gradients grouped by the same rule).
 """
 
 from __future__ import annotations
@@ -51,12 +55,12 @@ import torch
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.common.tiling import shape_bucket, step_gemm_kind
+from fusedmlp.common.tiling import GROUPED_KIND, shape_bucket, step_gemm_kind
 from fusedmlp.common.validate import check_saved
 
 from .. import backward as portable
 from ..runtime import INTERPRET
-from .linear_act import linear_act_fwd
+from .linear_act import linear_act_fwd, linear_grouped
 from .support import tma_unsupported_reason
 
 
@@ -112,6 +116,26 @@ def step_config(
     return portable._heuristic(family, m, n, k, dtype, precision, False, True)
 
 
+def grouped_config(products: list[tuple[int, int]], k: int, dtype: str) -> TileConfig | None:
+    """The tiles for the step's weight gradients hᵢᵀ·dZᵢ as ONE grouped launch
+    (`linear_act.linear_grouped`), or None: launch them apart, each on its own tiles.
+
+    `products`: each weight gradient's (M, N) — (d_in, the layer's width), in the order the
+    backward reaches them (last layer first); `k`: their shared contraction, the batch rows.
+    The committed sweep's entry (kind GROUPED_KIND) for these products at K's bucket (else the
+    nearest measured K), taken only where it measured the grouped launch faster than the
+    separate ones it replaces ("us" < "apart_us", both timed in one run); never for float32 or
+    under the interpreter (as `tuned_config`; the tests pass tiles to `mlp_backward`'s
+    `grouped`). jax_impl/mosaic/backward.py's `grouped_config`, the same rule."""
+    entries = [e for e in tuned_table().get(GROUPED_KIND, []) if
+               [tuple(p) for p in e["products"]] == [tuple(p) for p in products]]  # fmt: skip
+    if INTERPRET or dtype == "float32" or not entries:
+        return None
+    bucket = int(shape_bucket(k))
+    best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["k"])) / bucket)))
+    return TileConfig.from_dict(best["config"]) if best["us"] < best["apart_us"] else None
+
+
 def _gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -144,9 +168,14 @@ def mlp_backward(
     *,
     saved: str,
     need_dx: bool = True,
+    grouped: TileConfig | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """backward.mlp_backward's result (same arguments, same names and layouts) from the TMA GEMMs.
-    Trusts input: the caller checked `unsupported_reason(spec, M)`."""
+    Trusts input: the caller checked `unsupported_reason(spec, M)`.
+
+    The weight gradients run apart, each after its dZ, or — where `grouped_config` has measured
+    tiles for them, or `grouped` gives tiles — all together at the end, one grouped launch
+    (`linear_act.linear_grouped`), which keeps every layer's h and dZ until then."""
     check_saved(saved)
     if saved == "inputs":
         _, residuals = portable.forward_saving(
@@ -156,6 +185,11 @@ def mlp_backward(
     del residuals
     layers = spec.layers()
     m = dy2d.shape[0]
+    if grouped is None and len(layers) > 1:
+        widths = [packed_width(la.d_out) if la.gated else la.d_out for la in reversed(layers)]
+        products = [(la.d_in, w) for la, w in zip(reversed(layers), widths, strict=True)]
+        grouped = grouped_config(products, m, spec.dtype)
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, hᵀ, dZ) to group
     grads: dict[str, torch.Tensor | None] = {"x": None}
     top = layers[-1]
     if portable._stores_preact(top):
@@ -172,7 +206,10 @@ def mlp_backward(
         i = layer.index
         wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
         w = params[wname]
-        grads[wname] = _gemm(res[2 * i].t(), dz, spec, weight_gradient=True).to(w.dtype)
+        if grouped is None:
+            grads[wname] = _gemm(res[2 * i].t(), dz, spec, weight_gradient=True).to(w.dtype)
+        else:
+            pending.append((wname, res[2 * i].t(), dz))
         prev = layers[i - 1] if i > 0 else None
         # h_i: read by this weight gradient and, after a relu layer, by its act' step below
         out = res[2 * i] if prev is not None and portable._dact_from_output(prev) else None
@@ -194,6 +231,11 @@ def mlp_backward(
             res[2 * i - 1] = z = out = None  # z_{i-1} (or relu's h_i): read by this epilogue only
         if i == 0:
             grads["x"] = dz
+    if pending:
+        names, hts, dzs = zip(*pending, strict=True)
+        pending.clear()
+        dws = linear_grouped(hts, dzs, config=grouped, fp32_precision=spec.fp32_precision)
+        grads.update((n, dw.to(params[n].dtype)) for n, dw in zip(names, dws, strict=True))
     return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}
 
 

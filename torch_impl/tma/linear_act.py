@@ -55,6 +55,7 @@ torch_impl/linear_act.py.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -67,7 +68,7 @@ from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
 from ..activations import apply_activation, round_to_dtype
-from ..backward import _dact_epilogue
+from ..backward import _dact_epilogue, _dact_load, _dact_store
 from ..front import ADAPTER
 from ..gated import _PACK
 from ..launch import Launch, LaunchCache
@@ -165,7 +166,7 @@ def _linear_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr,
+    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr, DACT_PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
     if X_KMAJOR:  # x is [K, M] in memory: the backward's hᵀ·dZ reads h as it is
@@ -190,6 +191,7 @@ def _linear_act_fwd_kernel(
         )
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    z_width = 2 * tl.cdiv(N, _PACK) * _PACK if EPILOGUE == "dact_gated" else N  # z's row stride
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
     # loop flattened, a value used by both the next tile's loads and this tile's store would tie the
     # pipeliner's prologue to its epilogue.
@@ -201,6 +203,13 @@ def _linear_act_fwd_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
 
+        if EPILOGUE != "none" and DACT_PREFETCH:
+            # 2. load: the act' step's saved tile, before the K loop, so that its loads are in
+            # flight while the tensor cores run (a load waits only where its registers are read)
+            saved = _dact_load(
+                z_ptr, pid_n, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N,
+                z_width, 1, EPILOGUE == "dact_gated", BLOCK_M, BLOCK_N,
+            )  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_tiles):
             # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
@@ -235,17 +244,30 @@ def _linear_act_fwd_kernel(
                 o_desc, acc, r_ptr, out_m, out_n, M, N, HAS_RESIDUAL, INTERPRET,
                 BLOCK_M, BLOCK_N, SUBTILE,
             )  # fmt: skip
-        else:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32, rounded once;
-            # z_ptr: the saved z, or for relu the layer's output (backward.py `_dact_from_output`)
-            width = 2 * tl.cdiv(N, _PACK) * _PACK if EPILOGUE == "dact_gated" else N
+        elif DACT_PREFETCH:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32,
+            # rounded once; z_ptr: the saved z, or for relu the layer's output (backward.py
+            # `_dact_from_output`)
+            _dact_store(
+                acc, saved, o_ptr, tile_n, out_m + tl.arange(0, BLOCK_M),
+                out_n + tl.arange(0, BLOCK_N), M, N, z_width, 1,
+                DACT_ACTIVATION, EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+        else:  # the same, the saved tile loaded here
             _dact_epilogue(
                 acc, z_ptr, o_ptr, tile_n, out_m + tl.arange(0, BLOCK_M),
-                out_n + tl.arange(0, BLOCK_N), M, N, width, 1, width, 1,
+                out_n + tl.arange(0, BLOCK_N), M, N, z_width, 1, z_width, 1,
                 DACT_ACTIVATION, EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N,
             )  # fmt: skip
 
 
 # ==== launcher ====================================================================================
+# The act' epilogue loads its saved tile before the K loop (DACT_PREFETCH) rather than after it,
+# and its tile loop is then not flattened: compiled for sm_90 on a CPU (128×128×64, 8 warps, 5
+# stages, gated), the flattened loop holding the early tile spilled 3.2 KB a thread at 255
+# registers, the plain loop used 210 and spilled nothing (the late load, flattened: 255, 36 B).
+DACT_PREFETCH = True
+
+
 def _linear_act_launch(
     x_shape: torch.Size,
     x_strides: tuple[int, ...],
@@ -288,6 +310,7 @@ def _linear_act_launch(
             config = gated_config(config)
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = num_programs(num_tiles, device, config.programs_per_sm)
+    flatten = not (INTERPRET or ws or (epilogue != "none" and DACT_PREFETCH))
     launch = Launch(
         _linear_act_fwd_kernel, (programs,), (M, N, K, programs),
         dict(
@@ -295,8 +318,8 @@ def _linear_act_launch(
             INPUT_PRECISION=_input_precision(precision), INTERPRET=INTERPRET,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
-            X_KMAJOR=x_kmajor, FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
-            EPILOGUE=epilogue, DACT_ACTIVATION=dact_activation,
+            X_KMAJOR=x_kmajor, FLATTEN=flatten, WARP_SPECIALIZE=ws, EPILOGUE=epilogue,
+            DACT_ACTIVATION=dact_activation, DACT_PREFETCH=DACT_PREFETCH,
             num_warps=config.num_warps, num_stages=config.num_stages,
         ),
     )  # fmt: skip
@@ -349,6 +372,195 @@ def linear_act_fwd(
     ensure_allocator()  # per call: Triton keeps the allocator per context (support.py)
     launch(x, w, b, residual, out, z)
     return out
+
+
+# ==== grouped products (the weight gradients of a training step) ==================================
+@triton.jit
+def _product_tiles(
+    x_ptr, w_ptr, o_ptr, M, N, K, first, NUM_PROGRAMS,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
+    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):  # fmt: skip
+    """This program's tiles of one product x·w (no bias or activation): the forward kernel's tile
+    loop, over the tiles t of the grouped list with t ≡ program (mod NUM_PROGRAMS), where this
+    product's tiles are first, first + 1, ... Returns the product's tile count."""
+    # 1. program -> tile: the product's descriptors, then its share of the shared walk
+    if X_KMAJOR:
+        x_desc = tl.make_tensor_descriptor(
+            x_ptr, shape=[K, M], strides=[M, 1], block_shape=[BLOCK_K, BLOCK_M]
+        )
+    else:
+        x_desc = tl.make_tensor_descriptor(
+            x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+    if W_KMAJOR:
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
+    else:
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N]
+        )
+    o_desc = tl.make_tensor_descriptor(
+        o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
+    )
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # the program's first tile here: the least local t ≥ 0 with first + t ≡ program (operands
+    # of % kept non-negative: its sign rule for negative ones differs between C and Python)
+    start = (tl.program_id(0) + NUM_PROGRAMS - first % NUM_PROGRAMS) % NUM_PROGRAMS
+    tile_out = start - NUM_PROGRAMS  # the epilogue's own counter, as the forward kernel's
+    for tile in tl.range(
+        start, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    ):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_tiles):
+            # 2. load: TMA copies, zero-filled past the edges
+            if X_KMAJOR:
+                x = x_desc.load([k * BLOCK_K, off_m]).T
+            else:
+                x = x_desc.load([off_m, k * BLOCK_K])
+            if W_KMAJOR:
+                w = w_desc.load([off_n, k * BLOCK_K]).T
+            else:
+                w = w_desc.load([k * BLOCK_K, off_n])
+            if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            # 3. compute: fp32 accumulate
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        # 4. store: the fp32 product rounded once, slice by slice
+        tile_out += NUM_PROGRAMS
+        tile_m, tile_n = _grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _store_tile(
+            o_desc, acc, o_ptr, tile_m * BLOCK_M, tile_n * BLOCK_N, M, N, False, INTERPRET,
+            BLOCK_M, BLOCK_N, SUBTILE,
+        )  # fmt: skip
+    return num_tiles
+
+
+@triton.jit
+def _linear_grouped_kernel(
+    x_ptrs, w_ptrs, o_ptrs, ms, ns, K, NUM_PROGRAMS,
+    COUNT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
+    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):  # fmt: skip
+    # The products' tiles as ONE list (product 0's, then product 1's, ...) walked by every program
+    # with the persistent grid's stride: each product's loop continues the round where the one
+    # before it stopped, so a product with few tiles fills the last wave of the one before it.
+    first = 0
+    for g in tl.static_range(COUNT):
+        first += _product_tiles(
+            x_ptrs[g], w_ptrs[g], o_ptrs[g], ms[g], ns[g], K, first, NUM_PROGRAMS,
+            INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SUBTILE,
+            W_KMAJOR[g], X_KMAJOR[g], FLATTEN, WARP_SPECIALIZE,
+        )  # fmt: skip
+
+
+def _linear_grouped_launch(
+    x_shapes: tuple[torch.Size, ...],
+    x_strides: tuple[tuple[int, ...], ...],
+    w_shapes: tuple[torch.Size, ...],
+    w_strides: tuple[tuple[int, ...], ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    config: TileConfig,
+    precision: str,
+) -> tuple[Launch, tuple[bool, ...], tuple[bool, ...]]:
+    """`linear_grouped`'s record for this key (`_GROUPED_LAUNCHES`; every product non-empty): its
+    launch and, per product, whether x is read M-major and w K-major as they lie."""
+    ms = tuple(s[0] for s in x_shapes)
+    ns = tuple(s[1] for s in w_shapes)
+    k = x_shapes[0][1]
+    x_metas = [torch.empty_strided(s, st, dtype=dtype, device="meta")
+               for s, st in zip(x_shapes, x_strides, strict=True)]  # fmt: skip
+    w_metas = [torch.empty_strided(s, st, dtype=dtype, device="meta")
+               for s, st in zip(w_shapes, w_strides, strict=True)]  # fmt: skip
+    itemsize = x_metas[0].element_size()
+    x_kmajor = tuple(is_k_major(x) and (x.shape[0] * itemsize) % TMA_ALIGN_BYTES == 0
+                     for x in x_metas)  # fmt: skip
+    w_kmajor = tuple(is_k_major(w) for w in w_metas)
+    config, ws = launch_config("linear_act", config, dtype, precision, False)
+    # Warp-specialised, each product's tile loop got shared-memory buffers of its own (compiled
+    # for sm_90 on a CPU, triton 3.6: 128×256×64 at 3 stages asked 377 KB for two products, past
+    # the 227 KB an SM has); plain loops share theirs. So: only for a single product.
+    ws = ws and len(ms) == 1
+    num_tiles = sum(cdiv(m, config.block_m) * cdiv(n, config.block_n)
+                    for m, n in zip(ms, ns, strict=True))  # fmt: skip
+    programs = num_programs(num_tiles, device, config.programs_per_sm)
+    launch = Launch(
+        _linear_grouped_kernel, (programs,), (ms, ns, k, programs),
+        dict(
+            COUNT=len(ms), INPUT_PRECISION=_input_precision(precision), INTERPRET=INTERPRET,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
+            X_KMAJOR=x_kmajor, FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        ),
+    )  # fmt: skip
+    return launch, x_kmajor, w_kmajor
+
+
+_GROUPED_LAUNCHES = LaunchCache(_linear_grouped_launch)
+
+
+def linear_grouped(
+    xs: Sequence[torch.Tensor],
+    ws: Sequence[torch.Tensor],
+    *,
+    config: TileConfig,
+    fp32_precision: str = "ieee",
+) -> tuple[torch.Tensor, ...]:
+    """The products xs[g] @ ws[g] (2-D, no bias or activation) in ONE persistent launch whose
+    grid walks all their output tiles as one list (`_linear_grouped_kernel`); returns them in
+    xs' dtype. The products share K and dtype; each x may be an M-major view (`h.t()`) and each
+    w a K-major one (`w_nk.t()`), read in place as `linear_act_fwd` reads them — the training
+    step's weight gradients hᵢᵀ·dZᵢ, which all contract over the batch (tma/backward.py).
+
+    Why: one of them alone leaves the last wave of the grid part empty (few output tiles, a long
+    K); launched together their tiles fill the waves. Twin of jax_impl/mosaic/linear_act.py's
+    `linear_grouped` (same name, same arguments but the layout flags, which are read here from
+    the strides). Trusts its input to meet the 16-byte rule; ValueError when the products do not
+    share K and dtype or there are none. Under the interpreter the products come out bit for
+    bit as `linear_act_fwd`'s on the same config (tests/test_tma_grouped.py)."""
+    if not xs or len(xs) != len(ws):
+        raise ValueError(
+            f"xs, ws: expected as many (at least one) of each, got {len(xs)} and {len(ws)}"
+        )
+    dims = [(x.shape[0], x.shape[1], w.shape[1]) for x, w in zip(xs, ws, strict=True)]
+    ks = {x.shape[1] for x in xs} | {w.shape[0] for w in ws}
+    dtypes = {a.dtype for a in (*xs, *ws)}
+    if len(ks) != 1 or len(dtypes) != 1:
+        raise ValueError(
+            f"xs, ws: expected one K and one dtype, got x shapes {[tuple(x.shape) for x in xs]}, "
+            f"w shapes {[tuple(w.shape) for w in ws]} and dtypes {sorted(map(str, dtypes))}"
+        )
+    outs = [torch.empty((m, n), device=xs[0].device, dtype=xs[0].dtype) for m, _, n in dims]
+    live = [g for g, dim in enumerate(dims) if 0 not in dim]
+    for g in set(range(len(dims))) - set(live):  # no tiles, or an empty contraction (zeros)
+        outs[g].zero_()
+    if not live:
+        return tuple(outs)
+    launch, x_kmajor, w_kmajor = _GROUPED_LAUNCHES.get((
+        tuple(xs[g].shape for g in live), tuple(xs[g].stride() for g in live),
+        tuple(ws[g].shape for g in live), tuple(ws[g].stride() for g in live),
+        xs[0].dtype, xs[0].device, config, fp32_precision,
+    ))  # fmt: skip
+    # per call: the operands' own facts (a copy where a base is not 16-byte aligned)
+    x_ops = tuple(as_tma_operand(xs[g].t()).t() if xk else as_tma_operand(xs[g])
+                  for g, xk in zip(live, x_kmajor, strict=True))  # fmt: skip
+    w_ops = tuple(as_tma_operand(ws[g].t()).t() if wk else as_tma_operand(ws[g])
+                  for g, wk in zip(live, w_kmajor, strict=True))  # fmt: skip
+    ensure_allocator()
+    launch(x_ops, w_ops, tuple(outs[g] for g in live))
+    return tuple(outs)
 
 
 # ==== public function =============================================================================

@@ -12,8 +12,8 @@ K-major in place, the previous layer's act' step in the epilogue). Per GEMM, wit
   forward heuristic's, as the step has run them until this sweep);
 - a grid of Triton TMA tiles (`grid`): tile shape, K stages, epilogue slices, warp
   specialisation (GATED_GRID, LINEAR_GRID, DACT_GRID). The act' epilogue's launcher caps its
-  tile at 128 columns, one program an SM, no warp specialisation (tma/linear_act.py): its grid
-  varies what that leaves free.
+  tile at 128 columns and takes no warp specialisation (tma/linear_act.py): its grid varies what
+  that leaves free (its epilogue in column halves, two or three programs an SM).
 
 Then the step's weight gradients as ONE grouped launch (tma/linear_act.py `linear_grouped`,
 GROUPED_GRID), beside the same products apart on the tiles `step_config` gives them ("apart", timed
@@ -75,10 +75,11 @@ SMOKE_SPEC = MLPSpec((64, 96, 64), "geglu_tanh", bias=False, dtype="bfloat16")
 SMOKE_M = 72
 
 
-def _c(bm: int, bn: int, w: int = 8, s: int = 4, sub: int = 1, ws: bool = False, g: int = 8):
-    return TileConfig(
-        bm, bn, 64, group_m=g, num_warps=w, num_stages=s, epilogue_subtile=sub, warp_specialize=ws
-    )
+def _c(
+    bm: int, bn: int, w: int = 8, s: int = 4, sub: int = 1, ws: bool = False, g: int = 8, p: int = 1
+) -> TileConfig:
+    return TileConfig(bm, bn, 64, group_m=g, num_warps=w, num_stages=s, epilogue_subtile=sub,
+                      warp_specialize=ws, programs_per_sm=p)  # fmt: skip
 
 
 # The grids, after the fitted tiles. Gated: block_n is h's width (the accumulator is twice it);
@@ -110,6 +111,16 @@ DACT_GRID = [
     _c(128, 64, w=4, s=5),
     _c(256, 128, s=3),
     _c(128, 128, s=4, g=16),
+    # the act' step in column halves (sub 2): compiled for sm_90 on a CPU, 128×128 at 8 warps
+    # then holds 187-191 registers and spills nothing (whole: 255 and a spill); 64×128 at 4
+    # warps, 178 registers and ≤ 107 KB of shared memory, lets two programs share an SM, one's
+    # epilogue under the other's K loop
+    _c(128, 128, s=5, sub=2),
+    _c(128, 128, s=4, sub=2),
+    _c(128, 128, s=3, sub=2),
+    _c(64, 128, w=4, s=3, sub=2, p=2),
+    _c(64, 128, w=4, s=4, sub=2, p=2),
+    _c(64, 128, w=4, s=2, sub=2, p=3),
 ]
 # The grouped weight gradients: plain tile loops only (`linear_grouped` warp-specialises no launch
 # of two products or more: each loop would get buffers of its own, past the SM's shared memory).

@@ -102,46 +102,17 @@ def _dact_epilogue(
     dout ⊙ act'(z) [M, N]; gated the packed [dz|dg] tile of those columns [M, 2·Np], padded
     columns (n ≥ N) exact zeros whatever the saved tile holds. For relu z_ref is the layer's
     OUTPUT h = relu(z) (`_dact_from_output`): relu' of h is relu' of z (same sign, NaN kept),
-    and of the stored z bit for bit, both rounded from one fp32 value. In two halves, the load
-    and the rest, so that a kernel may load the saved tile early (torch_impl/tma/linear_act.py
-    does)."""
+    and of the stored z bit for bit, both rounded from one fp32 value."""
     # twin-diff: no strides; z_ref and o_ref are this tile's blocks (BlockSpecs).
-    saved = _dact_load(z_ref, pid_n, offs_m, offs_n, M, N, GATED, BLOCK_M, BLOCK_N)
-    _dact_store(
-        dout, saved, o_ref, pid_n, offs_m, offs_n, M, N,
-        ACTIVATION, GATED, INTERPRET, BLOCK_M, BLOCK_N,
-    )  # fmt: skip
-
-
-def _dact_load(z_ref, pid_n, offs_m, offs_n, M, N, GATED, BLOCK_M, BLOCK_N):
-    """The saved tile `_dact_epilogue` reads, as stored (zeros past the edges): gated the packed
-    [z|g] tile of these output columns (the forward's tile, [BLOCK_M, 2·BLOCK_N]), else z's."""
     mask_m = offs_m < M
+    mask_n = offs_n < N
     if GATED:
         # 2. load: the saved packed [z|g] tile of these output columns (the forward's tile)
         offs_p = pid_n * 2 * BLOCK_N + jnp.arange(2 * BLOCK_N)
         mask_p = offs_p < 2 * pl.cdiv(N, _PACK) * _PACK  # the packed width, 2·Np
         mask_mp = mask_m[:, None] & mask_p[None, :]
-        saved = plgpu.load(z_ref, mask=mask_mp, other=0.0)
-    else:
-        mask_mn = mask_m[:, None] & (offs_n < N)[None, :]
-        saved = plgpu.load(z_ref, mask=mask_mn, other=0.0)
-    return saved
-
-
-def _dact_store(
-    dout, saved, o_ref, pid_n, offs_m, offs_n, M, N,
-    ACTIVATION, GATED, INTERPRET,
-    BLOCK_M, BLOCK_N,
-):  # fmt: skip
-    """`_dact_epilogue` after its load: dZ from dout and the saved tile (`_dact_load`'s), stored."""
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    if GATED:
-        offs_p = pid_n * 2 * BLOCK_N + jnp.arange(2 * BLOCK_N)
-        mask_p = offs_p < 2 * pl.cdiv(N, _PACK) * _PACK
-        mask_mp = mask_m[:, None] & mask_p[None, :]
-        z, g = _gate_split(saved.astype(jnp.float32), BLOCK_M, BLOCK_N, _PACK)
+        zg = plgpu.load(z_ref, mask=mask_mp, other=0.0).astype(jnp.float32)
+        z, g = _gate_split(zg, BLOCK_M, BLOCK_N, _PACK)
         # 3. compute: dz = dout ⊙ g ⊙ act'(z), dg = dout ⊙ act(z), in fp32
         dz = dout * g * apply_activation_grad(z, ACTIVATION)
         dg = dout * apply_activation(z, ACTIVATION)
@@ -152,7 +123,8 @@ def _dact_store(
         plgpu.store(o_ref, round_to_dtype(out, o_ref.dtype, INTERPRET), mask=mask_mp)
     else:
         mask_mn = mask_m[:, None] & mask_n[None, :]
-        out = dout * apply_activation_grad(saved.astype(jnp.float32), ACTIVATION)
+        z = plgpu.load(z_ref, mask=mask_mn, other=0.0).astype(jnp.float32)
+        out = dout * apply_activation_grad(z, ACTIVATION)
         plgpu.store(o_ref, round_to_dtype(out, o_ref.dtype, INTERPRET), mask=mask_mn)
 
 

@@ -287,17 +287,15 @@ def test_hopper_saving_forward_keeps_what_the_portable_one_keeps(case):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("prefetch", [True, False], ids=["early-load", "late-load"])
-def test_tma_dgrad_epilogue_equals_the_portable_dgrad(monkeypatch, gated, prefetch):
+@pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
+def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated, halves):
     # The TMA kernel's "dact"/"dact_gated" epilogue is backward.py's `_dact_epilogue` on its fp32
-    # accumulator, its saved tile loaded before the K loop or after it: the same bits as the
-    # portable dgrad kernel here.
-    from fusedmlp.common.tiling import INTERPRET_CONFIG
-    from fusedmlp.torch_impl.tma import linear_act as tma_linear
-    from fusedmlp.torch_impl.tma.linear_act import linear_act_fwd
+    # accumulator, on the whole tile or on its column halves (epilogue_subtile 2; gated: tiles of
+    # two packed block pairs): the same bits as the portable dgrad kernel here.
+    import dataclasses
 
-    monkeypatch.setattr(tma_linear, "DACT_PREFETCH", prefetch)
-    launch.clear_all()  # records hold the flag
+    from fusedmlp.common.tiling import INTERPRET_CONFIG
+    from fusedmlp.torch_impl.tma.linear_act import linear_act_fwd
 
     spec = _spec(HOPPER_CASES[0] if gated else HOPPER_CASES[1])
     packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 40)).items()}
@@ -310,8 +308,11 @@ def test_tma_dgrad_epilogue_equals_the_portable_dgrad(monkeypatch, gated, prefet
     want = backward.dgrad_fwd(
         dz, w, kept[1], epilogue=epilogue, activation=act, config=INTERPRET_CONFIG
     )
+    tiles = INTERPRET_CONFIG
+    if halves:
+        tiles = dataclasses.replace(tiles, block_n=128 if gated else 32, epilogue_subtile=2)
     got = linear_act_fwd(
-        dz, w.t(), None, None, activation="identity", config=INTERPRET_CONFIG,
+        dz, w.t(), None, None, activation="identity", config=tiles,
         epilogue=epilogue, z=kept[1], dact_activation=act,
     )  # fmt: skip
     assert got.shape == want.shape and torch.equal(got, want)

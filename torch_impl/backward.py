@@ -107,60 +107,20 @@ def _dact_epilogue(
     dout ⊙ act'(z) [M, N]; gated the packed [dz|dg] tile of those columns [M, 2·Np], padded
     columns (n ≥ N) exact zeros whatever the saved tile holds. For relu z_ptr is the layer's
     OUTPUT h = relu(z) (`_dact_from_output`): relu' of h is relu' of z (same sign, NaN kept),
-    and of the stored z bit for bit, both rounded from one fp32 value. In two halves, the load
-    and the rest, so that a kernel may load the saved tile early (tma/linear_act.py does)."""
-    saved = _dact_load(
-        z_ptr, pid_n, offs_m, offs_n, M, N, stride_zm, stride_zn, GATED, BLOCK_M, BLOCK_N
-    )
-    _dact_store(
-        dout, saved, o_ptr, pid_n, offs_m, offs_n, M, N, stride_om, stride_on,
-        ACTIVATION, GATED, INTERPRET, BLOCK_M, BLOCK_N,
-    )  # fmt: skip
-
-
-@triton.jit
-def _dact_load(
-    z_ptr, pid_n, offs_m, offs_n, M, N, stride_zm, stride_zn,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """The saved tile `_dact_epilogue` reads, as stored (zeros past the edges): gated the packed
-    [z|g] tile of these output columns (the forward's tile, [BLOCK_M, 2·BLOCK_N]), else z's."""
+    and of the stored z bit for bit, both rounded from one fp32 value."""
     rows = offs_m.to(tl.int64)
     mask_m = offs_m < M
+    mask_n = offs_n < N
     if GATED:
         # 2. load: the saved packed [z|g] tile of these output columns (the forward's tile)
         offs_p = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
         mask_p = offs_p < 2 * tl.cdiv(N, _PACK) * _PACK  # the packed width, 2·Np
         ps = offs_p.to(tl.int64)
         mask_mp = mask_m[:, None] & mask_p[None, :]
-        saved = tl.load(
+        zg = tl.load(
             z_ptr + rows[:, None] * stride_zm + ps[None, :] * stride_zn, mask=mask_mp, other=0.0
-        )
-    else:
-        cols = offs_n.to(tl.int64)
-        mask_mn = mask_m[:, None] & (offs_n < N)[None, :]
-        saved = tl.load(
-            z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=mask_mn, other=0.0
-        )
-    return saved
-
-
-@triton.jit
-def _dact_store(
-    dout, saved, o_ptr, pid_n, offs_m, offs_n, M, N, stride_om, stride_on,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """`_dact_epilogue` after its load: dZ from dout and the saved tile (`_dact_load`'s), stored."""
-    rows = offs_m.to(tl.int64)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    if GATED:
-        offs_p = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
-        mask_p = offs_p < 2 * tl.cdiv(N, _PACK) * _PACK
-        ps = offs_p.to(tl.int64)
-        mask_mp = mask_m[:, None] & mask_p[None, :]
-        z, g = _gate_split(saved.to(tl.float32), BLOCK_M, BLOCK_N, _PACK)
+        ).to(tl.float32)
+        z, g = _gate_split(zg, BLOCK_M, BLOCK_N, _PACK)
         # 3. compute: dz = dout ⊙ g ⊙ act'(z), dg = dout ⊙ act(z), in fp32
         dz = dout * g * apply_activation_grad(z, ACTIVATION)
         dg = dout * apply_activation(z, ACTIVATION)
@@ -173,7 +133,10 @@ def _dact_store(
     else:
         cols = offs_n.to(tl.int64)
         mask_mn = mask_m[:, None] & mask_n[None, :]
-        out = dout * apply_activation_grad(saved.to(tl.float32), ACTIVATION)
+        z = tl.load(
+            z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=mask_mn, other=0.0
+        ).to(tl.float32)
+        out = dout * apply_activation_grad(z, ACTIVATION)
         o_ptrs = o_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(o_ptrs, round_to_dtype(out, o_ptr.dtype.element_ty, INTERPRET), mask=mask_mn)
 

@@ -43,6 +43,7 @@ the weight gradients grouped by the same rule).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -113,7 +114,12 @@ def step_config(
     tuned = tuned_config(kind, m, n, k, dtype)
     if tuned is not None:
         return tuned
-    return portable._heuristic(family, m, n, k, dtype, precision, False, True)
+    cfg = portable._heuristic(family, m, n, k, dtype, precision, False, True)
+    if kind.endswith("dact") or kind.endswith("dact_gated"):
+        # the forward's epilogue slices and programs an SM were measured for its plain
+        # epilogue, not the act' step's (whose slices are halves, two per SM untimed there)
+        cfg = dataclasses.replace(cfg, epilogue_subtile=1, programs_per_sm=1)
+    return cfg
 
 
 def grouped_config(products: list[tuple[int, int]], k: int, dtype: str) -> TileConfig | None:

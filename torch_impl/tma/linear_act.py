@@ -62,13 +62,13 @@ import triton
 import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import packed_width
+from fusedmlp.common.packing import PACK_BLOCK, packed_width
 from fusedmlp.common.tiling import cap_for_preact, cdiv, gated_config, heuristic_config
 from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
 from ..activations import apply_activation, round_to_dtype
-from ..backward import _dact_epilogue, _dact_load, _dact_store
+from ..backward import _dact_epilogue
 from ..front import ADAPTER
 from ..gated import _PACK
 from ..launch import Launch, LaunchCache
@@ -166,7 +166,7 @@ def _linear_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr, DACT_PREFETCH: tl.constexpr,
+    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
     if X_KMAJOR:  # x is [K, M] in memory: the backward's hᵀ·dZ reads h as it is
@@ -203,13 +203,6 @@ def _linear_act_fwd_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
 
-        if EPILOGUE != "none" and DACT_PREFETCH:
-            # 2. load: the act' step's saved tile, before the K loop, so that its loads are in
-            # flight while the tensor cores run (a load waits only where its registers are read)
-            saved = _dact_load(
-                z_ptr, pid_n, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N,
-                z_width, 1, EPILOGUE == "dact_gated", BLOCK_M, BLOCK_N,
-            )  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_tiles):
             # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
@@ -244,30 +237,31 @@ def _linear_act_fwd_kernel(
                 o_desc, acc, r_ptr, out_m, out_n, M, N, HAS_RESIDUAL, INTERPRET,
                 BLOCK_M, BLOCK_N, SUBTILE,
             )  # fmt: skip
-        elif DACT_PREFETCH:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32,
+        elif SUBTILE == 1:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32,
             # rounded once; z_ptr: the saved z, or for relu the layer's output (backward.py
             # `_dact_from_output`)
-            _dact_store(
-                acc, saved, o_ptr, tile_n, out_m + tl.arange(0, BLOCK_M),
-                out_n + tl.arange(0, BLOCK_N), M, N, z_width, 1,
-                DACT_ACTIVATION, EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        else:  # the same, the saved tile loaded here
             _dact_epilogue(
                 acc, z_ptr, o_ptr, tile_n, out_m + tl.arange(0, BLOCK_M),
                 out_n + tl.arange(0, BLOCK_N), M, N, z_width, 1, z_width, 1,
                 DACT_ACTIVATION, EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N,
             )  # fmt: skip
+        else:  # the same in two column halves, each its own tile of half the width (gated: a
+            # whole packed block pair, `_linear_act_launch`): half the saved tile live at a time
+            HALF: tl.constexpr = BLOCK_N // 2
+            a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
+            _dact_epilogue(
+                a0, z_ptr, o_ptr, 2 * tile_n, out_m + tl.arange(0, BLOCK_M),
+                out_n + tl.arange(0, HALF), M, N, z_width, 1, z_width, 1,
+                DACT_ACTIVATION, EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, HALF,
+            )  # fmt: skip
+            _dact_epilogue(
+                a1, z_ptr, o_ptr, 2 * tile_n + 1, out_m + tl.arange(0, BLOCK_M),
+                out_n + HALF + tl.arange(0, HALF), M, N, z_width, 1, z_width, 1,
+                DACT_ACTIVATION, EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, HALF,
+            )  # fmt: skip
 
 
 # ==== launcher ====================================================================================
-# The act' epilogue loads its saved tile before the K loop (DACT_PREFETCH) rather than after it,
-# and its tile loop is then not flattened: compiled for sm_90 on a CPU (128×128×64, 8 warps, 5
-# stages, gated), the flattened loop holding the early tile spilled 3.2 KB a thread at 255
-# registers, the plain loop used 210 and spilled nothing (the late load, flattened: 255, 36 B).
-DACT_PREFETCH = True
-
-
 def _linear_act_launch(
     x_shape: torch.Size,
     x_strides: tuple[int, ...],
@@ -303,14 +297,17 @@ def _linear_act_launch(
     config, ws = launch_config("linear_act", config, dtype, precision, has_residual)
     if epilogue != "none":
         # A pointer epilogue that loads the saved z tile: the portable dgrad's tile cap (register
-        # pressure), whole packed block pairs when gated, no warp specialisation.
-        # One program per SM: two per SM were measured for the plain epilogue only (tiling.py).
-        config, ws = dataclasses.replace(cap_for_preact(config), programs_per_sm=1), False
+        # pressure), whole packed block pairs when gated, no warp specialisation; in column
+        # halves where the config says 2 slices or more and a half is a whole pair (gated).
+        config, ws = cap_for_preact(config), False
         if epilogue == "dact_gated":
             config = gated_config(config)
+        pair = PACK_BLOCK if epilogue == "dact_gated" else 1
+        halves = config.epilogue_subtile > 1 and (config.block_n // 2) % pair == 0
+        config = dataclasses.replace(config, epilogue_subtile=2 if halves else 1)
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = num_programs(num_tiles, device, config.programs_per_sm)
-    flatten = not (INTERPRET or ws or (epilogue != "none" and DACT_PREFETCH))
+    flatten = not (INTERPRET or ws)
     launch = Launch(
         _linear_act_fwd_kernel, (programs,), (M, N, K, programs),
         dict(
@@ -319,7 +316,7 @@ def _linear_act_launch(
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
             X_KMAJOR=x_kmajor, FLATTEN=flatten, WARP_SPECIALIZE=ws, EPILOGUE=epilogue,
-            DACT_ACTIVATION=dact_activation, DACT_PREFETCH=DACT_PREFETCH,
+            DACT_ACTIVATION=dact_activation,
             num_warps=config.num_warps, num_stages=config.num_stages,
         ),
     )  # fmt: skip

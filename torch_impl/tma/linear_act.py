@@ -46,6 +46,14 @@ constexprs; a repeated call allocates the output, makes the operands TMA-ready (
 the pointer's, so per call) and launches. The descriptors are the kernel's, made from pointers:
 nothing of a tensor's address is in a record.
 
+The backward's act' epilogue (`EPILOGUE` "dact"/"dact_gated", tma/backward.py) loads the saved z
+tile by pointer beside the accumulator, on the whole tile or, with `epilogue_subtile` ≥ 2, on its
+two column halves (gated: each a whole packed block pair) so that fewer registers are live and two
+programs can share an SM (`programs_per_sm`), one's epilogue under the other's K loop. Loading
+the z tile before the K loop instead was measured slower (docs/performance.md, twenty-ninth
+session). `linear_grouped` runs several products sharing K in one persistent launch (the step's
+weight gradients; the twin of the Mosaic GPU `linear_grouped`).
+
 Interpreter: 16-bit tiles are upcast to fp32 right after the load (its bf16 arithmetic is wrong).
 
 Twin: none in JAX — the sibling is jax_impl/mosaic/ (TMA + wgmma); the portable twin is

@@ -75,10 +75,10 @@ from fusedmlp.common.tiling import cap_for_preact, cdiv, gated_config, heuristic
 from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
-from ..activations import apply_activation, apply_activation_grad, round_to_dtype
-from ..backward import _dact_epilogue, _gate_join
+from ..activations import apply_activation, round_to_dtype
+from ..backward import _dact_epilogue
 from ..front import ADAPTER
-from ..gated import _PACK, _gate_split
+from ..gated import _PACK
 from ..launch import Launch, LaunchCache
 from ..linear_act import _grouped_tile, _input_precision
 from ..runtime import INTERPRET, check_kernel_device
@@ -166,33 +166,6 @@ def _store_tile(
 
 
 @triton.jit
-def _dact_slice(
-    dout, z_desc, o_desc, off_m, col, N,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
-):  # fmt: skip
-    """backward.py's `_dact_epilogue` on one [BLOCK_M, WIDTH] slice of layer columns col...,
-    its saved tile loaded and dZ stored by TMA (`DACT_TMA`): no pointer tensors held, rows past
-    M zero-filled and clipped by the copy engine. Gated: the slice's packed [z|g] pair is the
-    contiguous packed columns 2·col ... 2·col + 2·WIDTH (WIDTH whole PACK blocks)."""
-    mask_n = (col + tl.arange(0, WIDTH)) < N
-    if GATED:
-        # 2. load: the saved packed [z|g] slice
-        zg = z_desc.load([off_m, 2 * col]).to(tl.float32)
-        z, g = _gate_split(zg, BLOCK_M, WIDTH, _PACK)
-        # 3. compute: dz = dout ⊙ g ⊙ act'(z), dg = dout ⊙ act(z), in fp32; exact zeros past N
-        dz = tl.where(mask_n[None, :], dout * g * apply_activation_grad(z, ACTIVATION), 0.0)
-        dg = tl.where(mask_n[None, :], dout * apply_activation(z, ACTIVATION), 0.0)
-        out = _gate_join(dz, dg, BLOCK_M, WIDTH, _PACK)
-        # 4. store: one rounding, the packed layout
-        o_desc.store([off_m, 2 * col], round_to_dtype(out, o_desc.dtype, INTERPRET))
-    else:
-        z = z_desc.load([off_m, col]).to(tl.float32)
-        out = dout * apply_activation_grad(z, ACTIVATION)
-        o_desc.store([off_m, col], round_to_dtype(out, o_desc.dtype, INTERPRET))
-
-
-@triton.jit
 def _linear_act_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
     M, N, K, NUM_PROGRAMS,
@@ -201,7 +174,7 @@ def _linear_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr, DACT_TMA: tl.constexpr,
+    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
     if X_KMAJOR:  # x is [K, M] in memory: the backward's hᵀ·dZ reads h as it is
@@ -220,21 +193,13 @@ def _linear_act_fwd_kernel(
         w_desc = tl.make_tensor_descriptor(
             w_ptr, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N]
         )
-    z_width = 2 * tl.cdiv(N, _PACK) * _PACK if EPILOGUE == "dact_gated" else N  # z's row stride
     if EPILOGUE == "none":
         o_desc = tl.make_tensor_descriptor(
             o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
         )
-    elif DACT_TMA:  # the act' step's saved tile and dZ, one slice of the tile a copy
-        SLICE: tl.constexpr = (2 if EPILOGUE == "dact_gated" else 1) * BLOCK_N // SUBTILE
-        z_desc = tl.make_tensor_descriptor(
-            z_ptr, shape=[M, z_width], strides=[z_width, 1], block_shape=[BLOCK_M, SLICE]
-        )
-        o_desc = tl.make_tensor_descriptor(
-            o_ptr, shape=[M, z_width], strides=[z_width, 1], block_shape=[BLOCK_M, SLICE]
-        )
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    z_width = 2 * tl.cdiv(N, _PACK) * _PACK if EPILOGUE == "dact_gated" else N  # z's row stride
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
     # loop flattened, a value used by both the next tile's loads and this tile's store would tie the
     # pipeliner's prologue to its epilogue.
@@ -280,22 +245,6 @@ def _linear_act_fwd_kernel(
                 o_desc, acc, r_ptr, out_m, out_n, M, N, HAS_RESIDUAL, INTERPRET,
                 BLOCK_M, BLOCK_N, SUBTILE,
             )  # fmt: skip
-        elif DACT_TMA:  # the same act' step, its saved tile and dZ moved by TMA
-            if SUBTILE == 1:
-                _dact_slice(
-                    acc, z_desc, o_desc, out_m, out_n, N, DACT_ACTIVATION,
-                    EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N,
-                )  # fmt: skip
-            else:
-                a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
-                _dact_slice(
-                    a0, z_desc, o_desc, out_m, out_n, N, DACT_ACTIVATION,
-                    EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N // 2,
-                )  # fmt: skip
-                _dact_slice(
-                    a1, z_desc, o_desc, out_m, out_n + BLOCK_N // 2, N, DACT_ACTIVATION,
-                    EPILOGUE == "dact_gated", INTERPRET, BLOCK_M, BLOCK_N // 2,
-                )  # fmt: skip
         elif SUBTILE == 1:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32,
             # rounded once; z_ptr: the saved z, or for relu the layer's output (backward.py
             # `_dact_from_output`)
@@ -321,30 +270,6 @@ def _linear_act_fwd_kernel(
 
 
 # ==== launcher ====================================================================================
-# The act' epilogue moves its saved tile and dZ by TMA (`_dact_slice`) rather than by pointer:
-# compiled for sm_90 on a CPU (gated, 128×128×64, 8 warps, column halves), 128 registers a thread
-# and no spill, against 187-191 by pointer (the pointer tensors are 64-bit a element).
-DACT_TMA = True
-SMEM_BYTES = 227 * 1024  # an sm_90 block's most dynamic shared memory
-
-
-def _dact_tma_room(config: TileConfig, gated: bool, dtype: torch.dtype) -> TileConfig | None:
-    """`config` with the K stages that leave room for the TMA act' epilogue's two staging slices
-    (the saved tile's and dZ's, [block_m, slice] each; gated, a slice is twice as wide) in its
-    share of the SM, fewest 2; None where even 2 do not fit (the pointer epilogue runs). The
-    count is the compiler's for sm_90 within 8 KB (2 stages 131 KB, 4 stages 197 KB, 5 stages
-    whole 295 KB at 128×128×64)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    width = (2 if gated else 1) * config.block_n // config.epilogue_subtile
-    staging = 2 * config.block_m * width * size
-    per_stage = (config.block_m + config.block_n) * config.block_k * size
-    room = SMEM_BYTES // config.programs_per_sm  # programs sharing an SM share its memory
-    for stages in range(config.num_stages, 1, -1):
-        if stages * per_stage + staging + 8 * 1024 <= room:
-            return dataclasses.replace(config, num_stages=stages)
-    return None
-
-
 def _linear_act_launch(
     x_shape: torch.Size,
     x_strides: tuple[int, ...],
@@ -388,11 +313,6 @@ def _linear_act_launch(
         pair = PACK_BLOCK if epilogue == "dact_gated" else 1
         halves = config.epilogue_subtile > 1 and (config.block_n // 2) % pair == 0
         config = dataclasses.replace(config, epilogue_subtile=2 if halves else 1)
-    dact_tma = epilogue != "none" and DACT_TMA
-    if dact_tma:
-        roomy = _dact_tma_room(config, epilogue == "dact_gated", dtype)
-        dact_tma = roomy is not None
-        config = roomy or config
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = num_programs(num_tiles, device, config.programs_per_sm)
     flatten = not (INTERPRET or ws)
@@ -404,7 +324,7 @@ def _linear_act_launch(
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
             X_KMAJOR=x_kmajor, FLATTEN=flatten, WARP_SPECIALIZE=ws, EPILOGUE=epilogue,
-            DACT_ACTIVATION=dact_activation, DACT_TMA=dact_tma,
+            DACT_ACTIVATION=dact_activation,
             num_warps=config.num_warps, num_stages=config.num_stages,
         ),
     )  # fmt: skip
@@ -451,7 +371,7 @@ def linear_act_fwd(
     x = as_tma_operand(x.t()).t() if x_kmajor else as_tma_operand(x)
     w = as_tma_operand(w.t()).t() if w_kmajor else as_tma_operand(w)
     b = b.contiguous() if b is not None else None
-    z = as_tma_operand(z) if z is not None else None  # row stride its width; TMA-aligned
+    z = z.contiguous() if z is not None else None  # the epilogue's row stride is its width
     if residual is not None:
         residual = residual.contiguous()  # row stride N
     ensure_allocator()  # per call: Triton keeps the allocator per context (support.py)

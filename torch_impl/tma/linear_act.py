@@ -166,17 +166,13 @@ def _store_tile(
 
 
 @triton.jit
-def _linear_act_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
-    M, N, K, NUM_PROGRAMS,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
-    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr,
+def _operand_descriptors(
+    x_ptr, w_ptr, M, N, K,
+    X_KMAJOR: tl.constexpr, W_KMAJOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
+    """x's and w's descriptors, each as it lies: x [M, K] or, M-major, [K, M] (the backward's hᵀ
+    read in place); w [K, N] or, K-major, [N, K]."""
     if X_KMAJOR:  # x is [K, M] in memory: the backward's hᵀ·dZ reads h as it is
         x_desc = tl.make_tensor_descriptor(
             x_ptr, shape=[K, M], strides=[M, 1], block_shape=[BLOCK_K, BLOCK_M]
@@ -193,6 +189,44 @@ def _linear_act_fwd_kernel(
         w_desc = tl.make_tensor_descriptor(
             w_ptr, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N]
         )
+    return x_desc, w_desc
+
+
+@triton.jit
+def _tile_product(
+    x_desc, w_desc, off_m, off_n, k_tiles,
+    X_KMAJOR: tl.constexpr, W_KMAJOR: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The fp32 [BLOCK_M, BLOCK_N] product tile at (off_m, off_n): the K loop."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_tiles):
+        # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
+        x = x_desc.load([k * BLOCK_K, off_m]).T if X_KMAJOR else x_desc.load([off_m, k * BLOCK_K])
+        w = w_desc.load([off_n, k * BLOCK_K]).T if W_KMAJOR else w_desc.load([k * BLOCK_K, off_n])
+        if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        # 3. compute: fp32 accumulate
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _linear_act_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
+    M, N, K, NUM_PROGRAMS,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
+    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr,
+):  # fmt: skip
+    # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
+    x_desc, w_desc = _operand_descriptors(
+        x_ptr, w_ptr, M, N, K, X_KMAJOR, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K
+    )
     if EPILOGUE == "none":
         o_desc = tl.make_tensor_descriptor(
             o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
@@ -211,22 +245,10 @@ def _linear_act_fwd_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(k_tiles):
-            # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
-            if X_KMAJOR:
-                x = x_desc.load([k * BLOCK_K, off_m]).T
-            else:
-                x = x_desc.load([off_m, k * BLOCK_K])
-            if W_KMAJOR:
-                w = w_desc.load([off_n, k * BLOCK_K]).T
-            else:
-                w = w_desc.load([k * BLOCK_K, off_n])
-            if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            # 3. compute: fp32 accumulate
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        acc = _tile_product(
+            x_desc, w_desc, off_m, off_n, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
+            INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
 
         # 3. compute: the epilogue, all in fp32
         tile_out += NUM_PROGRAMS
@@ -392,22 +414,9 @@ def _product_tiles(
     loop, over the tiles t of the grouped list with t ≡ program (mod NUM_PROGRAMS), where this
     product's tiles are first, first + 1, ... Returns the product's tile count."""
     # 1. program -> tile: the product's descriptors, then its share of the shared walk
-    if X_KMAJOR:
-        x_desc = tl.make_tensor_descriptor(
-            x_ptr, shape=[K, M], strides=[M, 1], block_shape=[BLOCK_K, BLOCK_M]
-        )
-    else:
-        x_desc = tl.make_tensor_descriptor(
-            x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
-        )
-    if W_KMAJOR:
-        w_desc = tl.make_tensor_descriptor(
-            w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K]
-        )
-    else:
-        w_desc = tl.make_tensor_descriptor(
-            w_ptr, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N]
-        )
+    x_desc, w_desc = _operand_descriptors(
+        x_ptr, w_ptr, M, N, K, X_KMAJOR, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K
+    )
     o_desc = tl.make_tensor_descriptor(
         o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
     )
@@ -423,22 +432,10 @@ def _product_tiles(
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(k_tiles):
-            # 2. load: TMA copies, zero-filled past the edges
-            if X_KMAJOR:
-                x = x_desc.load([k * BLOCK_K, off_m]).T
-            else:
-                x = x_desc.load([off_m, k * BLOCK_K])
-            if W_KMAJOR:
-                w = w_desc.load([off_n, k * BLOCK_K]).T
-            else:
-                w = w_desc.load([k * BLOCK_K, off_n])
-            if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            # 3. compute: fp32 accumulate
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        acc = _tile_product(
+            x_desc, w_desc, off_m, off_n, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
+            INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         # 4. store: the fp32 product rounded once, slice by slice
         tile_out += NUM_PROGRAMS
         tile_m, tile_n = _grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)

@@ -56,6 +56,21 @@ def test_step_config_falls_back_to_the_heuristic(table) -> None:
     assert dgrad != TILES
 
 
+def test_act_step_fallback_takes_whole_tiles_one_program_an_sm(table, monkeypatch) -> None:
+    # The heuristic's slices and programs an SM were measured for the forward's plain epilogue:
+    # an act' step without a table entry takes its tiles whole, one program an SM; a plain GEMM
+    # keeps them as the heuristic gives them.
+    forward = TileConfig(128, 256, 64, num_warps=8, num_stages=3, epilogue_subtile=2,
+                         programs_per_sm=2)  # fmt: skip
+    monkeypatch.setattr(portable, "_heuristic", lambda *args: forward)
+    for kind in ("linear_act.w_kmajor.dact", "linear_act.w_kmajor.dact_gated"):
+        act = hopper.step_config(kind, "linear_act", 8192, 3072, 768, "bfloat16", "ieee")
+        assert act == TileConfig(128, 256, 64, num_warps=8, num_stages=3), kind
+    plain = hopper.step_config("linear_act.w_kmajor", "linear_act", 8192, 768, 6144, "bfloat16",
+                               "ieee")  # fmt: skip
+    assert plain == forward
+
+
 def test_interpreter_never_takes_the_table(table, monkeypatch) -> None:
     monkeypatch.setattr(hopper, "INTERPRET", True)
     kind = "linear_act.x_kmajor"

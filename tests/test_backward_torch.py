@@ -288,16 +288,18 @@ def test_hopper_saving_forward_keeps_what_the_portable_one_keeps(case):
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
-def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated, halves):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated, halves, dtype):
     # The TMA kernel's "dact"/"dact_gated" epilogue is backward.py's `_dact_epilogue` on its fp32
     # accumulator, on the whole tile or on its column halves (epilogue_subtile 2; gated: tiles of
-    # two packed block pairs): the same bits as the portable dgrad kernel here.
+    # two packed block pairs): the same bits as the portable dgrad kernel here, in every dtype.
     import dataclasses
 
     from fusedmlp.common.tiling import INTERPRET_CONFIG
     from fusedmlp.torch_impl.tma.linear_act import linear_act_fwd
 
-    spec = _spec(HOPPER_CASES[0] if gated else HOPPER_CASES[1])
+    widths, activation = HOPPER_CASES[0][:2] if gated else HOPPER_CASES[1][:2]
+    spec = MLPSpec(widths, activation, True, dtype)
     packed = {k: to_torch(v) for k, v in pack_params(spec, init_params(spec, 40)).items()}
     x = to_torch(make_input(spec, 24, seed=41))
     _, kept = backward.forward_saving(x, packed, spec, saved="preact")

@@ -49,7 +49,6 @@ def _operands(dtype: str, x_mmajor: bool, w_kmajor: bool, seed: int = 0):
     return xs, ws
 
 
-@pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("x_mmajor,w_kmajor", [(True, False), (False, True)], ids=["hT", "wT"])
 def test_grouped_products_are_the_separate_ones(dtype: str, x_mmajor: bool, w_kmajor: bool):

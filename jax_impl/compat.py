@@ -69,6 +69,14 @@ def mosaic_interpreter_transposes() -> bool:
     return jax_version() >= (0, 11)
 
 
+def mosaic_kernel_aliases_refs() -> bool:
+    """True where `plgpu.kernel` takes a jax Ref operand and aliases it in and out of the kernel
+    (jax >= 0.11: the custom call's output_operand_aliases, on the GPU and in the interpreter);
+    jax 0.10.2's custom_vmap wrapper refuses the ref's write effect ("JaxprInputEffect ... does
+    not have a corresponding jaxpr input")."""
+    return jax_version() >= (0, 11)
+
+
 def mosaic_interpreter_stores_gated_preact() -> bool:
     """True where the Mosaic GPU interpreter runs the warp-specialised gated kernel that stores its
     pre-activation with a bias (jax >= 0.11). Under jax 0.10.2's its threads wait on a barrier

@@ -312,6 +312,99 @@ def test_act_steps_at_one_and_two_staging_slots(epilogue: str, kernel: str) -> N
 
 @needs_transposes
 @pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("epilogue", ["dact", "dact_gated"])
+def test_act_step_over_z_is_the_same_bits_and_leaves_z(epilogue: str, kernel: str) -> None:
+    """`overwrite_z` (the result in z's buffer, each tile stored where its z tile was read, on
+    the cooperative and the ping-pong kernel): the bits of the separate output, called eagerly,
+    jitted, and jitted with z donated; the caller's z unchanged wherever it was not donated."""
+    rng = np.random.default_rng(13)
+    m, n, nc = 96, 128, 80  # 2 × 2 tiles of the ping-pong kernel: every tile's z read and written
+    dt = jnp.bfloat16
+    dz = jnp.asarray(rng.standard_normal((m, nc)), dt)
+    w = jnp.asarray(rng.standard_normal((n, nc)) * nc**-0.5, dt)
+    width = packed_width(n) if epilogue == "dact_gated" else n
+    z = jnp.asarray(rng.standard_normal((m, width)), dt)
+    z_bytes = np.asarray(z).tobytes()
+
+    def run(z: jax.Array, overwrite: bool) -> jax.Array:
+        return linear_mod.linear_act_fwd(
+            dz, w, None, None, activation="identity", config=KERNELS[kernel], interpret=True,
+            w_kmajor=True, epilogue=epilogue, z=z, dact_activation="gelu",
+            overwrite_z=overwrite,
+        )  # fmt: skip
+
+    want = np.asarray(run(z, False)).tobytes()
+    assert np.asarray(run(z, True)).tobytes() == want
+    assert np.asarray(jax.jit(run, static_argnums=1)(z, True)).tobytes() == want
+    assert np.asarray(z).tobytes() == z_bytes
+    donated = jnp.array(z, copy=True)
+    over = jax.jit(run, static_argnums=1, donate_argnums=0)(donated, True)
+    assert np.asarray(over).tobytes() == want
+
+
+@needs_transposes
+def test_step_under_vmap_is_each_slice_alone() -> None:
+    """jax.vmap of the step (the front's custom_vjp under vmap runs it batched): the act' step's
+    z goes into the kernel as a jax Ref (`overwrite_z`), batched with x or left unbatched while
+    dy is — each slice's gradients are the step alone on it, bit for bit."""
+    spec = MLPSpec((32, 80, 48), "swiglu", True, "bfloat16")
+    packed = pack_params(spec, {k: jnp.asarray(v) for k, v in init_params(spec, 3).items()})
+    rng = np.random.default_rng(14)
+    xs = jnp.asarray(rng.standard_normal((2, 48, 32)), jnp.bfloat16)
+    dys = jnp.asarray(rng.standard_normal((2, 48, 48)), jnp.bfloat16)
+
+    def step(x, dy):
+        _, kept = hopper.forward_saving(x, packed, spec, saved="preact", interpret=True)
+        return hopper.mlp_backward(dy, kept, packed, spec, saved="preact", interpret=True)
+
+    both = jax.vmap(step)(xs, dys)
+    dy_only = jax.vmap(step, in_axes=(None, 0))(xs[0], dys)
+    for batched, x in ((both, xs[1]), (dy_only, xs[0])):
+        alone = step(x, dys[1])
+        for k, v in alone.items():
+            assert np.asarray(batched[k][1]).tobytes() == np.asarray(v).tobytes(), k
+
+
+# The act' steps whose result takes z's buffer in a lowered step: each "dact"/"dact_gated" GEMM
+# whose z dies with it, so all of them but relu's h_i that a grouped launch still reads.
+OVER_Z_CASES = [  # (spec, grouped, act' steps writing over z)
+    (MLPSpec((1024, 2048, 1024), "swiglu", False, "bfloat16"), False, 1),
+    (MLPSpec((1024, 2048, 1024), "swiglu", False, "bfloat16"), True, 1),
+    (MLPSpec((512, 1024, 768, 512), "geglu_tanh", True, "float16"), False, 2),
+    (MLPSpec((512, 1024, 1024, 512), "relu", True, "bfloat16"), False, 2),
+    (MLPSpec((512, 1024, 1024, 512), "relu", True, "bfloat16"), True, 0),
+]
+
+
+@pytest.mark.parametrize(
+    "spec, grouped, over_z", OVER_Z_CASES,
+    ids=[f"{s.activation}-{'grouped' if g else 'apart'}" for s, g, _ in OVER_Z_CASES],
+)  # fmt: skip
+def test_act_steps_take_z_buffer_where_it_dies(spec: MLPSpec, grouped: bool, over_z: int) -> None:
+    """The step lowered for CUDA: each act' GEMM whose z dies with it aliases its output to z
+    (the custom call's output_operand_aliases, which lets XLA give the result z's buffer: the
+    saved packed [z|g], 448 MiB at llama3-8b), relu's h_i not while the grouped launch still
+    reads it; none on jax 0.10 (`compat.mosaic_kernel_aliases_refs`)."""
+    m = 1024
+    dt = jnp.dtype(spec.dtype)
+    S = jax.ShapeDtypeStruct
+    packed = pack_params(spec, init_params(spec, 0))
+    shapes = {k: S(v.shape, dt) for k, v in packed.items()}
+    tiles = _ws(128, 128, 4, 2) if grouped else None
+
+    def step(x, params, dy):
+        _, kept = hopper.forward_saving(x, params, spec, saved="preact", interpret=False)
+        return hopper.mlp_backward(
+            dy, kept, params, spec, saved="preact", interpret=False, grouped=tiles
+        )
+
+    text = lower_for_cuda(step, S((m, spec.d_in), dt), shapes, S((m, spec.d_out), dt))
+    want = over_z if compat.mosaic_kernel_aliases_refs() else 0
+    assert text.count("output_operand_aliases") == want
+
+
+@needs_transposes
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_weight_gradient_reads_h_transposed(kernel: str) -> None:
     """hᵀ·dZ with h read transposed in place (x_kmajor), on both kernels: within the policy of
     the float64 product."""

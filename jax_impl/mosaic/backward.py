@@ -16,7 +16,10 @@ Per layer i, in reverse, from dZ_i (the gradient at the layer's pre-activation; 
                             and overwritten by the packed [dz|dg] — `pipeline.Outputs`), applied
                             to the fp32 accumulator and rounded once, as the portable dgrad does;
                             after a relu layer the epilogue reads its output h_i instead of a z
-                            (backward.py's `_dact_from_output`: relu keeps no z)
+                            (backward.py's `_dact_from_output`: relu keeps no z); the
+                            result takes z's buffer where z dies here (`overwrite_z`: every
+                            saved z, and relu's h_i unless a grouped launch still reads it), the
+                            step's largest tensor (the packed [z|g]: 448 MiB at llama3-8b)
 
 The saving forward ("preact") runs the Mosaic GPU forward kernels with `store_preact` where a layer
 keeps its pre-activation: the epilogue stores it (gated: the packed [z|g]) beside the output, from
@@ -295,10 +298,12 @@ def _gemm(
     epilogue: str = "none",
     z: jax.Array | None = None,
     activation: str = "identity",
+    overwrite_z: bool = False,
 ) -> jax.Array:
     """a·b on the Mosaic GPU kernel, a [M, K] (or, x_kmajor, given as [K, M]) and b [K, N] (or,
     w_kmajor, given as [N, K]), with the previous layer's act' step in the epilogue where
-    `epilogue` says (mosaic/linear_act.py's linear_act_fwd)."""
+    `epilogue` says (mosaic/linear_act.py's linear_act_fwd; `overwrite_z`: its result in z's
+    buffer)."""
     m, k = a.shape[::-1] if x_kmajor else a.shape
     n = b.shape[0] if w_kmajor else b.shape[1]
     outputs = Outputs(scale=2 if epilogue == "dact_gated" else 1)
@@ -309,7 +314,7 @@ def _gemm(
     return mosaic_linear.linear_act_fwd(
         a, b, None, None, activation="identity", config=cfg, interpret=interpret,
         x_kmajor=x_kmajor, w_kmajor=w_kmajor, epilogue=epilogue, z=z, dact_activation=activation,
-        staging_slots=outputs.slots,
+        staging_slots=outputs.slots, overwrite_z=overwrite_z,
     )  # fmt: skip
 
 
@@ -365,14 +370,19 @@ def mlp_backward(
             grads[bname] = jnp.sum(dz, axis=0, dtype=jnp.float32).astype(params[bname].dtype)
         prev = layers[i - 1] if i > 0 else None
         # dh = dZ·Wᵀ, with the previous layer's act' step in the epilogue (dh is its dout); after
-        # a relu layer the act' step reads this layer's input h_i, relu's output
+        # a relu layer the act' step reads this layer's input h_i, relu's output. Its result
+        # takes z's buffer where z dies here (the saved z_{i-1}: the step's largest tensor, at
+        # llama3-8b 448 MiB of a 1584 MiB peak): not relu's h_i while a grouped launch still
+        # needs it for the weight gradient
         if prev is None or not (portable._stores_preact(prev) or portable._dact_from_output(prev)):
             dz = _gemm(dz, w, spec, interpret=interpret, w_kmajor=True)
         else:
-            z = hs[i] if portable._dact_from_output(prev) else zs[i - 1]
+            from_output = portable._dact_from_output(prev)
             dz = _gemm(
                 dz, w, spec, interpret=interpret, w_kmajor=True,
-                epilogue="dact_gated" if prev.gated else "dact", z=z, activation=prev.activation,
+                epilogue="dact_gated" if prev.gated else "dact",
+                z=hs[i] if from_output else zs[i - 1], activation=prev.activation,
+                overwrite_z=not (from_output and grouped is not None),
             )  # fmt: skip
         if i == 0:
             grads["x"] = dz

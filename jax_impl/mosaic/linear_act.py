@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from ...common.config import TileConfig
 from ...common.packing import PACK_BLOCK, packed_width
 from ...common.validate import check_layer
+from .. import compat
 from ..activations import apply_activation, apply_activation_grad, round_to_dtype
 from ..compat import interpret_mode
 from ..front import ADAPTER
@@ -59,11 +60,14 @@ def _linear_act_fwd_kernel(
     epilogue_kind: str = "none",
     dact_activation: str = "identity",
     outputs: Outputs = pipeline.PLAIN_OUTPUT,
+    over_z: bool = False,
 ) -> None:
     store_preact = outputs.preact
     x_gmem, w_gmem, *rest = refs
     b_gmem = rest.pop(0) if has_bias else None
     r_gmem = rest.pop(0) if has_residual else None  # the residual, or the act' step's saved z
+    if over_z:  # the output is z's buffer: each tile stored where its z was read
+        rest.insert(0, r_gmem)
     o_gmem, z_gmem = rest if store_preact else (rest[0], None)
     dtype = o_gmem.dtype
     epi_n = tiles.epi_n
@@ -131,6 +135,7 @@ def linear_act_fwd(
     dact_activation: str = "identity",
     store_preact: bool = False,
     staging_slots: int = 2,
+    overwrite_z: bool = False,
 ) -> Any:
     """act(x @ w + b) (+ residual) for 2-D x [M, K], w [K, N]; returns [M, N] in x.dtype.
 
@@ -146,6 +151,10 @@ def linear_act_fwd(
     relu' of h is relu' of z, NaN kept); "dact_gated" the packed [dz|dg]
     [M, packed_width(N)] from the saved packed [z|g] (`dact_activation` is act; jax_impl/
     backward.py's `_dact_epilogue`, applied to the fp32 accumulator and rounded once).
+    `overwrite_z` (an act' epilogue): the result takes z's buffer, each tile stored where its z
+    tile was read (`pipeline.launch`'s over_last; jax >= 0.11, else ignored): XLA aliases the two
+    where nothing reads z after this call — the backward's saved z, 448 MiB at llama3-8b, dies
+    here — and copies z first where something does, so z itself is never changed.
     `store_preact` (the saving forward): returns (y, z) with z = x @ w + b [M, N] as well.
     `staging_slots`: 1 halves the epilogue's shared memory where its staging is wide
     (`pipeline.Outputs.slots`; mosaic/backward.py's `fitted_config` chooses).
@@ -187,6 +196,7 @@ def linear_act_fwd(
         operands.append(pipeline.pad_to(b, (np_,)))
     if residual is not None or dact:
         operands.append(pipeline.pad_to(z if dact else residual, (mp, out_np)))
+    over_z = dact and overwrite_z and compat.mosaic_kernel_aliases_refs()
     kernel = functools.partial(
         _linear_act_fwd_kernel,
         activation=activation,
@@ -198,11 +208,12 @@ def linear_act_fwd(
         epilogue_kind=epilogue,
         dact_activation=dact_activation,
         outputs=outputs,
+        over_z=over_z,
     )
     name = "linear_act_fwd" if epilogue == "none" else f"linear_act_{epilogue}"
     outs = pipeline.launch(
         kernel, operands, (mp, out_np), x.dtype, tiles, name=name, interpret=interpret,
-        outputs=outputs, preact_cols=np_,
+        outputs=outputs, preact_cols=np_, over_last=over_z,
     )  # fmt: skip
     ys = outs if store_preact else (outs,)
     if (mp, out_np) != (m, out_n):

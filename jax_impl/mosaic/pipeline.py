@@ -460,16 +460,36 @@ def launch(
     interpret: bool,
     outputs: Outputs | None = None,
     preact_cols: int = 0,
+    over_last: bool = False,
 ) -> Any:
     """One `plgpu.kernel` call: a persistent grid of min(SMs, tiles) blocks of 1 or 3 warpgroups.
     `out_shape` is the (first) output's; with `outputs.preact` the call returns (out, z), z
-    [M, preact_cols]."""
+    [M, preact_cols].
+
+    `over_last`: the output is written over the last operand (of its shape and dtype; the kernel
+    gets no output ref and writes that operand's), which goes in as a jax Ref: plgpu.kernel
+    aliases it in and out (`compat.mosaic_kernel_aliases_refs`), so XLA gives the output the
+    operand's buffer where nothing reads the operand after this call, and copies it first where
+    something does — the caller's array is never changed. The backward's act' step (its saved z
+    read tile by tile, each tile's gradient stored where it was read)."""
     outputs = outputs or PLAIN_OUTPUT
     m, n = out_shape
     num_tiles = cdiv(m, tiles.block_m) * cdiv(cdiv(n, outputs.scale), tiles.out_n)
     out_type: Any = jax.ShapeDtypeStruct(out_shape, dtype)
     if outputs.preact:
         out_type = (out_type, jax.ShapeDtypeStruct((m, preact_cols), dtype))
+    if over_last:
+        last = operands[-1]
+        if outputs.preact or (last.shape, last.dtype) != (tuple(out_shape), jnp.dtype(dtype)):
+            raise ValueError(
+                f"over_last: expected a last operand of the output's shape {tuple(out_shape)} and "
+                f"dtype {jnp.dtype(dtype)} and one output, got {last.shape} {last.dtype}, "
+                f"preact={outputs.preact}"
+            )
+        ref = jax.new_ref(last)
+        _kernel_call(kernel, [*operands[:-1], ref], (), num_tiles, tiles, name=name,
+                     interpret=interpret)  # fmt: skip
+        return ref[...]
     return _kernel_call(
         kernel, operands, out_type, num_tiles, tiles, name=name, interpret=interpret
     )

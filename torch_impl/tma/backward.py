@@ -40,7 +40,11 @@ by common.tiling.step_gemm_kind, as the Mosaic GPU sibling's table), else the fo
 (backward.py `_heuristic`), for the saving forward's gated layers too.
 
 Sibling: jax_impl/mosaic/backward.py (the same step on Mosaic GPU kernels, the same table format,
-the weight gradients grouped by the same rule).
+the weight gradients grouped by the same rule). One difference: there the act' step's result takes
+the saved z's buffer (a jax Ref the kernel writes over, which XLA aliases where z dies); here it is
+a new tensor, since the saved z is an input of `fusedmlp::mlp_backward` (custom_op.py), declared
+unmutated — writing over it would need `mutates_args`, under which functionalization copies a
+mutated graph input back. torch frees z right after (`res[...] = None`), within eager's peak.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ K-major in place, the previous layer's act' step in the epilogue). Per GEMM, wit
   forward heuristic's, as the step has run them until this sweep);
 - a grid of Triton TMA tiles (`grid`): tile shape, K stages, epilogue slices, warp
   specialisation (GATED_GRID, LINEAR_GRID, DACT_GRID). The act' epilogue's launcher caps its
-  tile at 128 columns and takes no warp specialisation (tma/linear_act.py): its grid varies what
-  that leaves free (its epilogue in column halves, two or three programs an SM).
+  tile at 128 columns (tma/linear_act.py): its grid varies what that leaves free (its epilogue in
+  column halves, two or three programs an SM, or whole and warp-specialised, column by column).
 
 Then the step's weight gradients as ONE grouped launch (tma/linear_act.py `linear_grouped`,
 GROUPED_GRID), beside the same products apart on the tiles `step_config` gives them ("apart", timed
@@ -121,6 +121,13 @@ DACT_GRID = [
     _c(64, 128, w=4, s=3, sub=2, p=2),
     _c(64, 128, w=4, s=4, sub=2, p=2),
     _c(64, 128, w=4, s=2, sub=2, p=3),
+    # whole tiles warp-specialised (`_dact_by_columns`: the packed z and g addressed column by
+    # column, no reshape for the pass to stop at): compiled for sm_90 on a CPU, a producer and
+    # two consumer warpgroups, 168 registers, no spill, 147 / 115 / 115 KB of shared memory
+    # (256×128 spills 12 KB: left out); the epilogue of one consumer under the other's wgmma
+    _c(128, 128, w=4, s=4, ws=True),
+    _c(128, 128, w=4, s=3, ws=True),
+    _c(128, 64, w=4, s=4, ws=True),
 ]
 # The grouped weight gradients: plain tile loops only (`linear_grouped` warp-specialises no launch
 # of two products or more: each loop would get buffers of its own, past the SM's shared memory).

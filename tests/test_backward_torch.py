@@ -287,15 +287,18 @@ def test_hopper_saving_forward_keeps_what_the_portable_one_keeps(case):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
+@pytest.mark.parametrize("form", ["whole", "halves", "by_columns"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated, halves, dtype):
+def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated, form, dtype):
     # The TMA kernel's "dact"/"dact_gated" epilogue is backward.py's `_dact_epilogue` on its fp32
     # accumulator, on the whole tile or on its column halves (epilogue_subtile 2; gated: tiles of
-    # two packed block pairs): the same bits as the portable dgrad kernel here, in every dtype.
+    # two packed block pairs), or on the whole tile column by column (`_dact_by_columns`, the
+    # warp-specialised launch's: 64×128, 4 warps; rows past M=24 masked, gated: two pairs): the
+    # same bits as the portable dgrad kernel here, in every dtype.
     import dataclasses
 
     from fusedmlp.common.tiling import INTERPRET_CONFIG
+    from fusedmlp.torch_impl.tma import linear_act as tma_linear
     from fusedmlp.torch_impl.tma.linear_act import linear_act_fwd
 
     widths, activation = HOPPER_CASES[0][:2] if gated else HOPPER_CASES[1][:2]
@@ -307,17 +310,26 @@ def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated, halves, dtype):
     dz = to_torch(make_input(MLPSpec((w.shape[1], 8), "relu", True, spec.dtype), 24, seed=42))
     epilogue = "dact_gated" if gated else "dact"
     act = spec.layers()[0].activation
-    want = backward.dgrad_fwd(
-        dz, w, kept[1], epilogue=epilogue, activation=act, config=INTERPRET_CONFIG
-    )
+    # (the same rows a tile: numpy's fp32 matmul may round a 64-row block's sums otherwise)
+    rows = dataclasses.replace(INTERPRET_CONFIG, block_m=64 if form == "by_columns" else 16)
+    want = backward.dgrad_fwd(dz, w, kept[1], epilogue=epilogue, activation=act, config=rows)
     tiles = INTERPRET_CONFIG
-    if halves:
+    if form == "halves":
         tiles = dataclasses.replace(tiles, block_n=128 if gated else 32, epilogue_subtile=2)
+    if form == "by_columns":
+        tiles = dataclasses.replace(
+            tiles, block_m=64, block_n=128 if gated else 32, num_stages=2, warp_specialize=True
+        )
     got = linear_act_fwd(
         dz, w.t(), None, None, activation="identity", config=tiles,
         epilogue=epilogue, z=kept[1], dact_activation=act,
     )  # fmt: skip
     assert got.shape == want.shape and torch.equal(got, want)
+    launch = tma_linear._linear_act_launch(
+        dz.shape, dz.stride(), w.t().shape, w.t().stride(), dz.dtype, dz.device, False, False,
+        "identity", tiles, spec.fp32_precision, epilogue, act,
+    )[0]  # fmt: skip
+    assert launch.meta["WARP_SPECIALIZE"] == (form == "by_columns")
 
 
 def test_hopper_backward_refuses_what_tma_cannot_address():

@@ -122,9 +122,10 @@ def step_config(
         return tuned
     cfg = portable._heuristic(family, m, n, k, dtype, precision, False, True)
     if kind.endswith("dact") or kind.endswith("dact_gated"):
-        # the forward's epilogue slices and programs an SM were measured for its plain
-        # epilogue, not the act' step's (whose slices are halves, two per SM untimed there)
-        cfg = dataclasses.replace(cfg, epilogue_subtile=1, programs_per_sm=1)
+        # the forward's epilogue slices, programs an SM and warp specialisation were measured
+        # for its plain epilogue, not the act' step's (whose slices are halves, two per SM
+        # untimed there, and whose warp-specialised form only the sweep's DACT_GRID times)
+        cfg = dataclasses.replace(cfg, epilogue_subtile=1, programs_per_sm=1, warp_specialize=False)
     return cfg
 
 

@@ -49,10 +49,13 @@ nothing of a tensor's address is in a record.
 The backward's act' epilogue (`EPILOGUE` "dact"/"dact_gated", tma/backward.py) loads the saved z
 tile by pointer beside the accumulator, on the whole tile or, with `epilogue_subtile` ≥ 2, on its
 two column halves (gated: each a whole packed block pair) so that fewer registers are live and two
-programs can share an SM (`programs_per_sm`), one's epilogue under the other's K loop. Loading
-the z tile before the K loop instead was measured slower (docs/performance.md, twenty-ninth
-session). `linear_grouped` runs several products sharing K in one persistent launch (the step's
-weight gradients; the twin of the Mosaic GPU `linear_grouped`).
+programs can share an SM (`programs_per_sm`), one's epilogue under the other's K loop; or
+warp-specialised on the whole tile, the packed z and g addressed column by column
+(`_dact_by_columns`: no reshape, which triton 3.6's pass refuses), one consumer warpgroup's
+epilogue under the other's wgmma. Loading the z tile before the K loop instead was measured
+slower (docs/performance.md, twenty-ninth session). `linear_grouped` runs several products
+sharing K in one persistent launch (the step's weight gradients; the twin of the Mosaic GPU
+`linear_grouped`).
 
 Interpreter: 16-bit tiles are upcast to fp32 right after the load (its bf16 arithmetic is wrong).
 
@@ -71,11 +74,17 @@ import triton.language as tl
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import PACK_BLOCK, packed_width
-from fusedmlp.common.tiling import cap_for_preact, cdiv, gated_config, heuristic_config
+from fusedmlp.common.tiling import (
+    cap_for_preact,
+    cdiv,
+    gated_config,
+    heuristic_config,
+    warp_specialize_applies,
+)
 from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
-from ..activations import apply_activation, round_to_dtype
+from ..activations import apply_activation, apply_activation_grad, round_to_dtype
 from ..backward import _dact_epilogue
 from ..front import ADAPTER
 from ..gated import _PACK
@@ -163,6 +172,41 @@ def _store_tile(
         _store_slice(
             o_desc, a11, r_ptr, off_m, off_n + 3 * Q, M, N, HAS_RESIDUAL, INTERPRET, BLOCK_M, Q
         )
+
+
+@triton.jit
+def _dact_by_columns(
+    dout, z_ptr, o_ptr, offs_m, offs_n, M, N, z_width,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """backward.py's `_dact_epilogue` on a whole tile, with no reshape: each output column n's z
+    (gated: its packed z and g columns, (n // PACK)·2·PACK + n % PACK and PACK after it) is
+    addressed directly, loaded and stored in dout's own shape. The same products in the same
+    order, so the same bits; what it buys is a kernel triton 3.6's warp-specialisation pass
+    takes (its data partitioner stops at the reshape / permute / split / join of the packed
+    tile's `_gate_split`). dout: fp32 [BLOCK_M, BLOCK_N], output columns offs_n; padded gated
+    columns (N ≤ n < Np) are stored as exact zeros, as the packed layout has them."""
+    rows = offs_m.to(tl.int64)
+    mask_m = offs_m < M
+    if GATED:
+        cols = ((offs_n // _PACK) * (2 * _PACK) + offs_n % _PACK).to(tl.int64)
+        mask = mask_m[:, None] & (offs_n < tl.cdiv(N, _PACK) * _PACK)[None, :]
+        z_ptrs = z_ptr + rows[:, None] * z_width + cols[None, :]
+        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(z_ptrs + _PACK, mask=mask, other=0.0).to(tl.float32)
+        live = (offs_n < N)[None, :]
+        dz = tl.where(live, dout * g * apply_activation_grad(z, ACTIVATION), 0.0)
+        dg = tl.where(live, dout * apply_activation(z, ACTIVATION), 0.0)
+        o_ptrs = o_ptr + rows[:, None] * z_width + cols[None, :]
+        tl.store(o_ptrs, round_to_dtype(dz, o_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(o_ptrs + _PACK, round_to_dtype(dg, o_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    else:
+        cols = offs_n.to(tl.int64)
+        mask = mask_m[:, None] & (offs_n < N)[None, :]
+        z = tl.load(z_ptr + rows[:, None] * z_width + cols[None, :], mask=mask, other=0.0)
+        out = dout * apply_activation_grad(z.to(tl.float32), ACTIVATION)
+        o_ptrs = o_ptr + rows[:, None] * z_width + cols[None, :]
+        tl.store(o_ptrs, round_to_dtype(out, o_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -267,9 +311,17 @@ def _linear_act_fwd_kernel(
                 o_desc, acc, r_ptr, out_m, out_n, M, N, HAS_RESIDUAL, INTERPRET,
                 BLOCK_M, BLOCK_N, SUBTILE,
             )  # fmt: skip
-        elif SUBTILE == 1:  # the backward's dgrad (tma/backward.py): dh ⊙ act'(z) in fp32,
-            # rounded once; z_ptr: the saved z, or for relu the layer's output (backward.py
-            # `_dact_from_output`)
+        elif SUBTILE == 1 and WARP_SPECIALIZE:  # the backward's dgrad (tma/backward.py):
+            # dh ⊙ act'(z) in fp32, rounded once; z_ptr: the saved z, or for relu the layer's
+            # output (backward.py `_dact_from_output`); column by column, which the warp
+            # specialisation pass takes (compiled for sm_90: 12 warps, 168 registers, no spill)
+            _dact_by_columns(
+                acc, z_ptr, o_ptr, out_m + tl.arange(0, BLOCK_M), out_n + tl.arange(0, BLOCK_N),
+                M, N, z_width, DACT_ACTIVATION, EPILOGUE == "dact_gated", INTERPRET,
+            )  # fmt: skip
+        elif SUBTILE == 1:  # the same through the portable dgrad's epilogue, as the committed
+            # table's plain-loop tiles were measured (their sm_90 code unchanged: by columns,
+            # 128×128 at 8 warps spills 24 bytes instead of 12)
             _dact_epilogue(
                 acc, z_ptr, o_ptr, tile_n, out_m + tl.arange(0, BLOCK_M),
                 out_n + tl.arange(0, BLOCK_N), M, N, z_width, 1, z_width, 1,
@@ -327,14 +379,17 @@ def _linear_act_launch(
     config, ws = launch_config("linear_act", config, dtype, precision, has_residual)
     if epilogue != "none":
         # A pointer epilogue that loads the saved z tile: the portable dgrad's tile cap (register
-        # pressure), whole packed block pairs when gated, no warp specialisation; in column
-        # halves where the config says 2 slices or more and a half is a whole pair (gated).
-        config, ws = cap_for_preact(config), False
+        # pressure), whole packed block pairs when gated; in column halves where the config says
+        # 2 slices or more and a half is a whole pair (gated), else whole, warp-specialised where
+        # the config asks and the pass takes it (`warp_specialize_applies`; the halves' split it
+        # does not)
+        config = cap_for_preact(config)
         if epilogue == "dact_gated":
             config = gated_config(config)
         pair = PACK_BLOCK if epilogue == "dact_gated" else 1
         halves = config.epilogue_subtile > 1 and (config.block_n // 2) % pair == 0
         config = dataclasses.replace(config, epilogue_subtile=2 if halves else 1)
+        ws = warp_specialize_applies("linear_act", config)
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = num_programs(num_tiles, device, config.programs_per_sm)
     flatten = not (INTERPRET or ws)

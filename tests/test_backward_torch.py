@@ -848,3 +848,57 @@ def test_gpu_hopper_backward(widths, activation, dtype):
     params = {k: v.detach().cpu() for k, v in module.params().items()}
     base = _eager_grads(spec, x.cuda(), {k: v.cuda() for k, v in params.items()}, dy.cuda())
     assert_grads_close(got, _reference(spec, x, params, dy), spec, baselines=base, what=str(spec))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True], ids=["dact", "dact_gated"])
+def test_gpu_tma_act_step_in_every_form(gated):
+    # The Hopper act' step (tma/linear_act.py) in each form the sweep may table — whole on a plain
+    # tile loop, in column halves two programs an SM, whole and warp-specialised column by column
+    # (`_dact_by_columns`, 128×128 and 128×64) — against the float64 act' step at an odd N (gated:
+    # padded packed columns, NaN-poisoned in the saved z, stored as zeros), M = 1000.
+    import dataclasses
+
+    from fusedmlp.common.tiling import INTERPRET_CONFIG
+    from fusedmlp.torch_impl.tma.linear_act import linear_act_fwd
+
+    rng = np.random.default_rng(55)
+    m, n, nc = 1000, 1000, 768
+    spec = MLPSpec((2, 2), "relu", True, "bfloat16")
+    dz = to_torch(rand(rng, (m, nc), "bfloat16")).cuda()
+    w = (to_torch(rand(rng, (n, nc), "bfloat16")) * nc**-0.5).to(torch.bfloat16).cuda()
+    z = to_torch(rand(rng, (m, packed_width(n) if gated else n), "bfloat16"))
+    if gated:
+        z[:, _padded(n)] = float("nan")
+    z = z.cuda()
+    dh = _f64(dz.cpu()) @ _f64(w.cpu()).T
+    if gated:
+        zz, gg = (_f64(t) for t in _unpack(z.cpu(), n))
+        want = {"z": dh * gg * reference.activation_grad("gelu_tanh", zz)}
+        want["g"] = dh * reference.activation("gelu_tanh", zz)
+    else:
+        want = {"z": dh * reference.activation_grad("gelu_tanh", _f64(z.cpu()))}
+    base = dataclasses.replace(INTERPRET_CONFIG, block_k=64, group_m=8)
+    forms = {
+        "whole": dataclasses.replace(base, block_m=128, block_n=128, num_warps=8, num_stages=4),
+        "halves": dataclasses.replace(
+            base, block_m=64, block_n=128, num_stages=4, epilogue_subtile=2, programs_per_sm=2
+        ),
+        "ws 128x128": dataclasses.replace(
+            base, block_m=128, block_n=128, num_stages=4, warp_specialize=True
+        ),
+        "ws 128x64": dataclasses.replace(
+            base, block_m=128, block_n=64, num_stages=4, warp_specialize=True
+        ),
+    }
+    for form, tiles in forms.items():
+        out = linear_act_fwd(
+            dz, w.t(), None, None, activation="identity", config=tiles,
+            epilogue="dact_gated" if gated else "dact", z=z, dact_activation="gelu_tanh",
+        ).cpu()  # fmt: skip
+        if gated:
+            got_z, got_g = _unpack(to_numpy(out), n)
+            assert_grads_close({"z": got_z, "g": got_g}, want, spec, what=form)
+            assert (to_numpy(out)[:, _padded(n)] == 0).all(), form
+        else:
+            assert_grads_close({"z": to_numpy(out)}, want, spec, what=form)

@@ -124,7 +124,7 @@ DACT_GRID = [
     # whole tiles warp-specialised (`_dact_by_columns`: the packed z and g addressed column by
     # column, no reshape for the pass to stop at): compiled for sm_90 on a CPU, a producer and
     # two consumer warpgroups, 168 registers, no spill, 147 / 115 / 115 KB of shared memory
-    # (256×128 spills 12 KB: left out); the epilogue of one consumer under the other's wgmma
+    # (256×128 spills 12 KB: left out); the next tile's loads under the epilogue
     _c(128, 128, w=4, s=4, ws=True),
     _c(128, 128, w=4, s=3, ws=True),
     _c(128, 64, w=4, s=4, ws=True),

@@ -51,11 +51,13 @@ tile by pointer beside the accumulator, on the whole tile or, with `epilogue_sub
 two column halves (gated: each a whole packed block pair) so that fewer registers are live and two
 programs can share an SM (`programs_per_sm`), one's epilogue under the other's K loop; or
 warp-specialised on the whole tile, the packed z and g addressed column by column
-(`_dact_by_columns`: no reshape, which triton 3.6's pass refuses), one consumer warpgroup's
-epilogue under the other's wgmma. Loading the z tile before the K loop instead was measured
-slower (docs/performance.md, twenty-ninth session). `linear_grouped` runs several products
-sharing K in one persistent launch (the step's weight gradients; the twin of the Mosaic GPU
-`linear_grouped`).
+(`_dact_by_columns`: no reshape, which triton 3.6's pass refuses): two consumer warpgroups
+split the tile's rows, 168 registers a thread and no spill where the plain loop at 8 warps holds
+255 and spills, and the producer warpgroup loads the next tile's slabs during the epilogue
+(cooperative, not ping-pong: the tensor cores wait for it). Loading the z tile before the K
+loop instead was measured slower (docs/performance.md, twenty-ninth session). `linear_grouped`
+runs several products sharing K in one persistent launch (the step's weight gradients; the twin
+of the Mosaic GPU `linear_grouped`).
 
 Interpreter: 16-bit tiles are upcast to fp32 right after the load (its bf16 arithmetic is wrong).
 

@@ -7,12 +7,15 @@
   array, clipped writes) and runs `plgpu.load`/`layout_cast`; 0.10.2's raises on both.
 - The Pallas Triton backend warns on every lowering from 0.11 on; `quiet_pallas_triton` filters
   exactly that warning where the twin is used on purpose.
+- Both versions' Mosaic GPU interpreter can deadlock XLA's CPU thread pool on a small machine:
+  `widen_cpu_pool` (run on import) sizes it first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +23,32 @@ from typing import Any
 import jax
 
 PALLAS_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
+# Threads of XLA's CPU pool the Mosaic GPU interpreter may hold blocked at once, twice over: one
+# running the kernel's grid loop (waiting in a callback for the simulated warpgroups) and one per
+# warpgroup but the last to arrive, waiting at a barrier (3 warpgroups a block here: a memory and
+# two compute warpgroups, or fused_small's three chains).
+CPU_POOL_THREADS = 8
+
+
+def widen_cpu_pool() -> None:
+    """Size XLA's CPU thread pool for the Mosaic GPU interpreter before any backend starts.
+
+    The interpreter (jax 0.10 and 0.11) runs each simulated warpgroup as its own XLA computation
+    from a Python thread pool, and their barrier waits block in host callbacks; when the CPU
+    client offloads those computations to its pool, a pool the size of the machine's cores (2
+    on CI) can have every thread blocked — the grid loop's in its callback, a warpgroup's at a
+    barrier — while the warpgroup that would release them waits for a thread: a deadlock (seen
+    once in 20-30 runs of tests/test_mosaic_fused_small.py on 2 cores; every time on one core,
+    py-spy showing exactly that). The pool's size comes from PJRT_NPROC when the CPU client is
+    made (XLA's `DefaultThreadPoolSize`), so this sets it, unless the user did, where the
+    cores are fewer than CPU_POOL_THREADS; it has no effect once a backend has started
+    (tests/test_mosaic_fused_small.py checks it on one core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if (cores or 1) < CPU_POOL_THREADS:
+        os.environ.setdefault("PJRT_NPROC", str(CPU_POOL_THREADS))
+
+
+widen_cpu_pool()
 
 
 @functools.cache

@@ -8,6 +8,9 @@
   outputs and out-of-bounds reads with NaN themselves.
 - `-m gpu` selects the GPU tests; they are skipped, with the reason, on a machine without one.
 - One float32 tile product for both interpreters (`_one_product_for_both_interpreters`).
+- XLA's CPU thread pool sized for the Mosaic GPU interpreter before any backend starts (the
+  package's `jax_impl.compat.widen_cpu_pool`, imported here first: a pool of the CI's 2 cores
+  could deadlock it).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Keep JAX off any accelerator-less warnings and on float32 defaults (x64 stays off, as for users).
 os.environ.setdefault("JAX_PLATFORMS", "" if _has_cuda() else "cpu")
+if importlib.util.find_spec("jax") is not None:
+    # XLA's CPU pool sized for the Mosaic GPU interpreter before any test starts a backend (the
+    # package does it on import: `fusedmlp.jax_impl.compat.widen_cpu_pool` says why)
+    from fusedmlp.jax_impl import compat as _jax_compat  # noqa: F401
 
 
 def _one_product_for_both_interpreters() -> None:

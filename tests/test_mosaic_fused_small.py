@@ -103,6 +103,35 @@ def test_against_reference(widths, activation, dtype, bias, m) -> None:
     tolerance.assert_close(out, ref, spec, what=f"{activation} {dtype}")
 
 
+def test_cpu_pool_sized_for_the_interpreter_before_any_backend() -> None:
+    """`compat.widen_cpu_pool`: importing the package sets PJRT_NPROC (XLA's CPU pool) to
+    CPU_POOL_THREADS on a machine of fewer cores, before any JAX backend has started, and keeps
+    a value the user set. With a pool of one, the 128-wide weight-ring case above (widths5:
+    warpgroups that wait on each other's barriers) deadlocked every time; on 2 cores about one
+    run in 20-30 (py-spy: the grid loop's thread in its callback, a warpgroup's at a barrier,
+    the warpgroup to release it waiting for a pool thread)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, fusedmlp.jax_impl\n"
+        "from jax._src import xla_bridge\n"
+        "print(os.environ.get('PJRT_NPROC'), xla_bridge.backends_are_initialized())"
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for preset, want in ((None, str(compat.CPU_POOL_THREADS)), ("3", "3")):
+        env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+        if preset is not None:
+            env["PJRT_NPROC"] = preset
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+        ).stdout.split()
+        if preset is None and (cores or 1) >= compat.CPU_POOL_THREADS:
+            want = "None"  # a machine that big keeps XLA's own size
+        assert out == [want, "False"], out
+
+
 @interpreted_only
 def test_poisoned_output_and_nan_row() -> None:
     """The interpreter's allocations start as NaN (so skipped rows would show), and a NaN in x

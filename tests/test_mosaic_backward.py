@@ -881,6 +881,8 @@ def test_bad_forms_are_refused_by_name() -> None:
         run(x, w, b, None, activation="identity", config=cfg, interpret=True, epilogue="dact", z=z)
     with pytest.raises(ValueError, match=r"epilogue 'dact': expected the saved z .* z=None"):
         run(x, w, None, None, activation="identity", config=cfg, interpret=True, epilogue="dact")
+    with pytest.raises(ValueError, match=r"overwrite_z: .* expected epilogue .*, got 'none'"):
+        run(x, w, None, None, activation="identity", config=cfg, interpret=True, overwrite_z=True)
     narrow_epi = dataclasses.replace(_ws(128, 128, 2), epilogue_subtile=4)  # 32-column tiles
     with pytest.raises(ValueError, match=r"outputs.slots: expected 1 or 2 staging slots, got 3"):
         run(

@@ -165,6 +165,11 @@ def linear_act_fwd(
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {epilogue!r}")
     dact = epilogue != "none"
+    if overwrite_z and not dact:
+        raise ValueError(
+            f"overwrite_z: writes an act' epilogue's result over its z, expected epilogue "
+            f"'dact' or 'dact_gated', got {epilogue!r}"
+        )
     if dact and (z is None or b is not None or residual is not None or store_preact):
         raise ValueError(
             f"epilogue {epilogue!r}: expected the saved z and no bias, residual or stored "

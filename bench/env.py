@@ -100,7 +100,7 @@ def gpu_info() -> list[dict[str, Any]]:
 
 
 # Environment variables that change what a run computes or how it is timed.
-RECORDED_ENV = ("TRITON_INTERPRET", "JAX_PLATFORMS", "FUSEDMLP_FLUSH")
+RECORDED_ENV = ("TRITON_INTERPRET", "JAX_PLATFORMS", "FUSEDMLP_FLUSH", "PJRT_NPROC")
 
 
 def environment() -> dict[str, Any]:

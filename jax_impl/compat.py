@@ -42,7 +42,7 @@ def widen_cpu_pool() -> None:
     py-spy showing exactly that). The pool's size comes from PJRT_NPROC when the CPU client is
     made (XLA's `DefaultThreadPoolSize`), so this sets it, unless the user did, where the
     cores are fewer than CPU_POOL_THREADS; it has no effect once a backend has started
-    (tests/test_mosaic_fused_small.py checks it on one core)."""
+    (tests/test_mosaic_fused_small.py checks that importing the package sets it before any)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if (cores or 1) < CPU_POOL_THREADS:
         os.environ.setdefault("PJRT_NPROC", str(CPU_POOL_THREADS))

@@ -461,17 +461,24 @@ def _saving_forward(
 
 @functools.cache
 def _backward_pass(
-    spec: MLPSpec, saved: str, config: TileConfig | None, kernels: str = "portable"
+    spec: MLPSpec,
+    saved: str,
+    config: TileConfig | None,
+    kernels: str = "portable",
+    overwrite_z: bool = False,
 ) -> Callable[..., Any]:
     """The jitted backward (dy2d, kept, packed params) -> gradients, per (spec, saved, config,
-    kernels)."""
+    kernels); `overwrite_z`: the Hopper act' steps write over their saved z (mosaic/backward.py's
+    `mlp_backward`)."""
     from . import backward, fused_small_backward
 
     def backward_pass(dy2d, kept, params):
         if kernels == "hopper":
             from .mosaic import backward as hopper
 
-            return hopper.mlp_backward(dy2d, kept, params, spec, saved=saved)
+            return hopper.mlp_backward(
+                dy2d, kept, params, spec, saved=saved, overwrite_z=overwrite_z
+            )
         run = fused_small_backward.mlp_backward if kernels == "whole" else backward.mlp_backward
         return run(dy2d, kept, params, spec, saved=saved, config=config)
 
@@ -531,7 +538,13 @@ def _trainable(
 
     def core_bwd(res, dy2d):
         kept, kernel_params = res
-        grads = _backward_pass(spec, saved, config, kernels)(dy2d, kept, kernel_params)
+        # The act' steps write over the saved z only where this backward is traced into an
+        # enclosing computation (a jitted step: the saved tensors die in it). Called eagerly,
+        # they are arguments of the backward's own jit, which XLA would copy before overwriting
+        # (a pass of 448 MiB at llama3-8b) where a new output costs nothing extra.
+        traced = any(isinstance(a, jax.core.Tracer) for a in kept)
+        backward_pass = _backward_pass(spec, saved, config, kernels, kernels == "hopper" and traced)
+        grads = backward_pass(dy2d, kept, kernel_params)
         dx = grads.pop("x")
         if not packed:
             grads = unpack_params(spec, grads)

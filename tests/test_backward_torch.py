@@ -860,6 +860,7 @@ def test_gpu_tma_act_step_in_every_form(gated):
     import dataclasses
 
     from fusedmlp.common.tiling import INTERPRET_CONFIG
+    from fusedmlp.torch_impl.tma import linear_act as tma_linear
     from fusedmlp.torch_impl.tma.linear_act import linear_act_fwd
 
     rng = np.random.default_rng(55)
@@ -891,11 +892,17 @@ def test_gpu_tma_act_step_in_every_form(gated):
             base, block_m=128, block_n=64, num_stages=4, warp_specialize=True
         ),
     }
+    epilogue = "dact_gated" if gated else "dact"
     for form, tiles in forms.items():
         out = linear_act_fwd(
             dz, w.t(), None, None, activation="identity", config=tiles,
-            epilogue="dact_gated" if gated else "dact", z=z, dact_activation="gelu_tanh",
+            epilogue=epilogue, z=z, dact_activation="gelu_tanh",
         ).cpu()  # fmt: skip
+        launch = tma_linear._linear_act_launch(
+            dz.shape, dz.stride(), w.t().shape, w.t().stride(), dz.dtype, dz.device, False,
+            False, "identity", tiles, "ieee", epilogue, "gelu_tanh",
+        )[0]  # fmt: skip
+        assert launch.meta["WARP_SPECIALIZE"] == form.startswith("ws"), form
         if gated:
             got_z, got_g = _unpack(to_numpy(out), n)
             assert_grads_close({"z": got_z, "g": got_g}, want, spec, what=form)

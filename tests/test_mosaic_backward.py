@@ -318,7 +318,7 @@ def test_act_step_over_z_is_the_same_bits_and_leaves_z(epilogue: str, kernel: st
     the cooperative and the ping-pong kernel): the bits of the separate output, called eagerly,
     jitted, and jitted with z donated; the caller's z unchanged wherever it was not donated."""
     rng = np.random.default_rng(13)
-    m, n, nc = 96, 128, 80  # 2 × 2 tiles of the ping-pong kernel: every tile's z read and written
+    m, n, nc = 96, 128, 80  # two tiles for the ping-pong kernel, one per block; one cooperative
     dt = jnp.bfloat16
     dz = jnp.asarray(rng.standard_normal((m, nc)), dt)
     w = jnp.asarray(rng.standard_normal((n, nc)) * nc**-0.5, dt)
@@ -359,10 +359,11 @@ def test_step_under_vmap_is_each_slice_alone() -> None:
 
     both = jax.vmap(step)(xs, dys)
     dy_only = jax.vmap(step, in_axes=(None, 0))(xs[0], dys)
-    for batched, x in ((both, xs[1]), (dy_only, xs[0])):
-        alone = step(x, dys[1])
-        for k, v in alone.items():
-            assert np.asarray(batched[k][1]).tobytes() == np.asarray(v).tobytes(), k
+    for i in (0, 1):
+        for batched, x in ((both, xs[i]), (dy_only, xs[0])):
+            alone = step(x, dys[i])
+            for k, v in alone.items():
+                assert np.asarray(batched[k][i]).tobytes() == np.asarray(v).tobytes(), (i, k)
 
 
 # The act' steps whose result takes z's buffer in a lowered step: each "dact"/"dact_gated" GEMM
@@ -751,6 +752,36 @@ def test_front_trains_pallas_mosaic_through_the_hopper_backward(as_on_hopper) ->
     assert front._train_kernels("pallas_mosaic", "pallas_mosaic", spec, 40) == "portable"
     note = jax_impl.plan(spec, (m, 48), impl="pallas_mosaic", saved="preact").reason
     assert "Mosaic GPU kernels (jax_impl/mosaic/backward.py" in note, note
+
+
+@needs_transposes
+def test_front_overwrites_z_only_inside_an_enclosing_jit(monkeypatch, as_on_hopper) -> None:
+    """The front's custom_vjp asks the act' steps to write over the saved z only where its
+    backward is traced into an enclosing jit (the saved tensors die in the step); `jax.grad`
+    called eagerly hands them to the backward's own jit as arguments, which XLA would copy
+    first, so there it asks for new buffers. The same gradients, bit for bit, either way."""
+    spec = MLPSpec((48, 80, 32), "swiglu", True, "bfloat16")
+    x, params, dy = _inputs(spec, 32, 24)
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    asked: list[bool] = []
+    run = hopper.mlp_backward
+
+    def recording(*args, overwrite_z: bool = True, **kw):
+        asked.append(overwrite_z)
+        return run(*args, overwrite_z=overwrite_z, **kw)
+
+    monkeypatch.setattr(hopper, "mlp_backward", recording)
+
+    def loss(x, p):
+        y = jax_impl.mlp(x, p, spec, impl="pallas_mosaic")
+        return jnp.sum(y.astype(F32) * dy.astype(F32))
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    eager = grad(jnp.asarray(x), jp)
+    jitted = jax.jit(grad)(jnp.asarray(x), jp)
+    assert asked == [False, True]
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
 # ---- on both jax versions: lowering, shared memory, tiles, refusals ------------------------------

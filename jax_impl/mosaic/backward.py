@@ -327,10 +327,13 @@ def mlp_backward(
     saved: str,
     interpret: bool | None = None,
     grouped: TileConfig | None = None,
+    overwrite_z: bool = True,
 ) -> dict[str, jax.Array]:
     """backward.mlp_backward's result (same arguments, names and layouts: `wv{i}`/`bc{i}` come
     back packed) from the Mosaic GPU GEMMs. Trusts input: the caller checked
-    `unsupported_reason(spec, M)`.
+    `unsupported_reason(spec, M)`. `overwrite_z`: each act' step's result takes its saved z's
+    buffer where z dies there (False: new buffers, for a caller whose residuals are arguments of
+    this computation, which XLA would copy first).
 
     The weight gradients run apart, each after its dZ, or — where `grouped_config` has measured
     tiles for them, or `grouped` gives tiles — all together at the end, one grouped launch
@@ -382,7 +385,7 @@ def mlp_backward(
                 dz, w, spec, interpret=interpret, w_kmajor=True,
                 epilogue="dact_gated" if prev.gated else "dact",
                 z=hs[i] if from_output else zs[i - 1], activation=prev.activation,
-                overwrite_z=not (from_output and grouped is not None),
+                overwrite_z=overwrite_z and not (from_output and grouped is not None),
             )  # fmt: skip
         if i == 0:
             grads["x"] = dz

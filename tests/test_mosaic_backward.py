@@ -359,10 +359,10 @@ def test_step_under_vmap_is_each_slice_alone() -> None:
 
     both = jax.vmap(step)(xs, dys)
     dy_only = jax.vmap(step, in_axes=(None, 0))(xs[0], dys)
+    alone = {(j, i): step(xs[j], dys[i]) for j, i in ((0, 0), (1, 1), (0, 1))}
     for i in (0, 1):
-        for batched, x in ((both, xs[i]), (dy_only, xs[0])):
-            alone = step(x, dys[i])
-            for k, v in alone.items():
+        for batched, j in ((both, i), (dy_only, 0)):
+            for k, v in alone[j, i].items():
                 assert np.asarray(batched[k][i]).tobytes() == np.asarray(v).tobytes(), (i, k)
 
 
@@ -727,41 +727,18 @@ def as_on_hopper(monkeypatch):
 
 
 @needs_transposes
-def test_front_trains_pallas_mosaic_through_the_hopper_backward(as_on_hopper) -> None:
+def test_front_trains_pallas_mosaic_through_the_hopper_backward(monkeypatch, as_on_hopper) -> None:
     """jax.grad through `jax_impl.mlp(impl="pallas_mosaic")` on Hopper runs this module (the
     front's custom_vjp, `_train_kernels`): the same bits as calling it directly, in the caller's
-    names, for both saved policies; an explicit pallas_triton keeps the portable backward; the
-    training plan says which."""
+    names, for both saved policies, eagerly and jitted; the act' steps are asked to write over
+    the saved z only inside the enclosing jit (eagerly the saved tensors are arguments of the
+    backward's own jit, which XLA would copy first); an explicit pallas_triton keeps the
+    portable backward; the training plan says which."""
     front = as_on_hopper
     spec = MLPSpec((48, 80, 32), "swiglu", True, "bfloat16")
     m = 32
     x, params, dy = _inputs(spec, m, 23)
     _, want = _hopper_step(spec, x, params, dy)
-    jp = {k: jnp.asarray(v) for k, v in params.items()}
-    for saved in SAVED_POLICIES:
-
-        def loss(x, p, saved=saved):
-            y = jax_impl.mlp(x, p, spec, impl="pallas_mosaic", saved=saved)
-            return jnp.sum(y.astype(F32) * dy.astype(F32))
-
-        dx, dp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jp)
-        for name, g in {"x": dx, **dp}.items():
-            assert np.asarray(g).tobytes() == np.asarray(want[name]).tobytes(), (saved, name)
-    assert front._train_kernels("pallas_mosaic", "pallas_mosaic", spec, m) == "hopper"
-    assert front._train_kernels("pallas_triton", "pallas_triton", spec, m) == "portable"
-    assert front._train_kernels("pallas_mosaic", "pallas_mosaic", spec, 40) == "portable"
-    note = jax_impl.plan(spec, (m, 48), impl="pallas_mosaic", saved="preact").reason
-    assert "Mosaic GPU kernels (jax_impl/mosaic/backward.py" in note, note
-
-
-@needs_transposes
-def test_front_overwrites_z_only_inside_an_enclosing_jit(monkeypatch, as_on_hopper) -> None:
-    """The front's custom_vjp asks the act' steps to write over the saved z only where its
-    backward is traced into an enclosing jit (the saved tensors die in the step); `jax.grad`
-    called eagerly hands them to the backward's own jit as arguments, which XLA would copy
-    first, so there it asks for new buffers. The same gradients, bit for bit, either way."""
-    spec = MLPSpec((48, 80, 32), "swiglu", True, "bfloat16")
-    x, params, dy = _inputs(spec, 32, 24)
     jp = {k: jnp.asarray(v) for k, v in params.items()}
     asked: list[bool] = []
     run = hopper.mlp_backward
@@ -771,17 +748,22 @@ def test_front_overwrites_z_only_inside_an_enclosing_jit(monkeypatch, as_on_hopp
         return run(*args, overwrite_z=overwrite_z, **kw)
 
     monkeypatch.setattr(hopper, "mlp_backward", recording)
+    for saved, jitted in (("preact", False), ("inputs", False), ("preact", True)):
 
-    def loss(x, p):
-        y = jax_impl.mlp(x, p, spec, impl="pallas_mosaic")
-        return jnp.sum(y.astype(F32) * dy.astype(F32))
+        def loss(x, p, saved=saved):
+            y = jax_impl.mlp(x, p, spec, impl="pallas_mosaic", saved=saved)
+            return jnp.sum(y.astype(F32) * dy.astype(F32))
 
-    grad = jax.grad(loss, argnums=(0, 1))
-    eager = grad(jnp.asarray(x), jp)
-    jitted = jax.jit(grad)(jnp.asarray(x), jp)
-    assert asked == [False, True]
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
-        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        grad = jax.grad(loss, argnums=(0, 1))
+        dx, dp = (jax.jit(grad) if jitted else grad)(jnp.asarray(x), jp)
+        for name, g in {"x": dx, **dp}.items():
+            assert np.asarray(g).tobytes() == np.asarray(want[name]).tobytes(), (saved, name)
+    assert asked == [False, False, True]
+    assert front._train_kernels("pallas_mosaic", "pallas_mosaic", spec, m) == "hopper"
+    assert front._train_kernels("pallas_triton", "pallas_triton", spec, m) == "portable"
+    assert front._train_kernels("pallas_mosaic", "pallas_mosaic", spec, 40) == "portable"
+    note = jax_impl.plan(spec, (m, 48), impl="pallas_mosaic", saved="preact").reason
+    assert "Mosaic GPU kernels (jax_impl/mosaic/backward.py" in note, note
 
 
 # ---- on both jax versions: lowering, shared memory, tiles, refusals ------------------------------

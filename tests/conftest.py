@@ -7,6 +7,8 @@
   that skips an element fails the NaN check of the tolerance policy; Pallas' interpreters fill
   outputs and out-of-bounds reads with NaN themselves.
 - `-m gpu` selects the GPU tests; they are skipped, with the reason, on a machine without one.
+- A `jax_matrix` test runs its first case only on jax < 0.11; .ci/run's jax 0.11.2 job runs it
+  whole (`_first_case_of_each_jax_matrix` says why).
 - One float32 tile product for both interpreters (`_one_product_for_both_interpreters`).
 - XLA's CPU thread pool sized for the Mosaic GPU interpreter before any backend starts (the
   package's `jax_impl.compat.widen_cpu_pool`, imported here first: a pool of the CI's 2 cores
@@ -79,7 +81,40 @@ def _one_product_for_both_interpreters() -> None:
 _one_product_for_both_interpreters()
 
 
+def _jax_before_0_11() -> bool:
+    if importlib.util.find_spec("jax") is None:
+        return False
+    import jax
+
+    return tuple(int(part) for part in jax.__version__.split(".")[:2]) < (0, 11)
+
+
+def _first_case_of_each_jax_matrix(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The cases a `jax_matrix` test leaves to jax >= 0.11 (all but the first of each test).
+
+    Such a matrix runs the Mosaic GPU or JAX backward kernels under jax's interpreters, case by
+    case, in seconds each; .ci/run's second job runs it whole on the GPU image's jax (0.11.2), the
+    one these kernels run on. On an older jax (the CPU version set's 0.10.2: the README's test
+    command) its first case runs, and every variant it leaves out is still traced and lowered
+    for CUDA there by the tests that do that (test_gpu_variant_lowers_for_cuda and the like)."""
+    seen: set[tuple[str, str]] = set()
+    left = []
+    for item in items:
+        if item.get_closest_marker("jax_matrix") is None:
+            continue
+        test = (str(item.path), getattr(item, "originalname", item.name))
+        if test in seen:
+            left.append(item)
+        seen.add(test)
+    return left
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _jax_before_0_11():
+        left = {id(item) for item in _first_case_of_each_jax_matrix(items)}
+        if left:
+            config.hook.pytest_deselected(items=[i for i in items if id(i) in left])
+            items[:] = [i for i in items if id(i) not in left]
     if _has_cuda():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: run `pytest -m gpu` on the GPU image")

@@ -326,6 +326,7 @@ def test_wgrad_reduces_over_every_row(bias: bool) -> None:
     ("dtype", "bias", "splits"),
     [("float32", False, 2), ("float16", True, 3), ("bfloat16", True, 2), ("bfloat16", False, 3)],
 )
+@pytest.mark.jax_matrix
 def test_wgrad_split_against_float64(dtype: str, bias: bool, splits: int) -> None:
     rng = np.random.default_rng(9)
     a, dz = rand(rng, (37, 29), dtype), rand(rng, (37, 70), dtype)
@@ -424,6 +425,7 @@ def test_backward_kernels_lower_for_cuda(dtype: str) -> None:
     ],
     ids=["swiglu-bf16", "relu-fp16"],
 )
+@pytest.mark.jax_matrix
 def test_backward_twins_bitwise(spec: MLPSpec) -> None:
     """torch_impl/backward.py and jax_impl/backward.py on the same packed params, input, dy and
     pinned config: the saving forward and every gradient bit for bit under the interpreters (the

@@ -229,6 +229,7 @@ KERNELS = {"cooperative": TWO_TILES, "pingpong": PINGPONG}
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("family", ["linear_act", "gated"])
+@pytest.mark.jax_matrix
 def test_stored_preact_at_one_and_two_staging_slots(family: str, kernel: str) -> None:
     """The saving forward's second output at two epilogue tiles a warpgroup, on the cooperative
     and the ping-pong kernel: one or two staging slots give the same bits, the output is the
@@ -381,6 +382,7 @@ OVER_Z_CASES = [  # (spec, grouped, act' steps writing over z)
     "spec, grouped, over_z", OVER_Z_CASES,
     ids=[f"{s.activation}-{'grouped' if g else 'apart'}" for s, g, _ in OVER_Z_CASES],
 )  # fmt: skip
+@pytest.mark.jax_matrix
 def test_act_steps_take_z_buffer_where_it_dies(spec: MLPSpec, grouped: bool, over_z: int) -> None:
     """The step lowered for CUDA: each act' GEMM whose z dies with it aliases its output to z
     (the custom call's output_operand_aliases, which lets XLA give the result z's buffer: the
@@ -448,6 +450,7 @@ GROUPED_CASES = [(kernel, "bfloat16") for kernel in GROUPED] + [("cooperative-sp
 
 @pytest.mark.parametrize("x_kmajor", [False, pytest.param(True, marks=needs_transposes)])
 @pytest.mark.parametrize("kernel, dtype", GROUPED_CASES)
+@pytest.mark.jax_matrix
 def test_grouped_products_are_the_separate_ones(kernel: str, x_kmajor: bool, dtype: str) -> None:
     """`linear_grouped`: three products of different (ragged) M and N sharing K in one launch,
     each within the policy of its float64 product and bit for bit the product `linear_act_fwd`

@@ -94,6 +94,7 @@ def _inputs(spec: MLPSpec, m: int, seed: int) -> tuple[np.ndarray, dict, dict]:
     ],
 )
 @needs_interpreter
+@pytest.mark.jax_matrix
 def test_against_reference(widths, activation, dtype, bias, m) -> None:
     spec = MLPSpec(widths, activation, bias, dtype)
     x, params, p = _inputs(spec, m, seed=m + len(widths))

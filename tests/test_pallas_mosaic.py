@@ -127,6 +127,7 @@ def mlp_per_layer(x, params, spec: MLPSpec, *, residual=None, config=None, gated
         ("gelu_tanh", "bfloat16", False, 136, PINGPONG, None),
     ],
 )
+@pytest.mark.jax_matrix
 def test_fresh_inputs(activation, dtype, bias, m, config, gated_config) -> None:
     spec = MLPSpec((48, 80, 32), activation, bias, dtype)  # N=80: a ragged 64-column tile
     params = init_params(spec, seed=m)
@@ -615,6 +616,7 @@ def test_fast_activations_agree_with_the_exact_ones() -> None:
     ("activation", "dtype", "config"),
     [("swiglu", "bfloat16", WS), ("gelu_tanh", "float16", ONE_WG), ("gelu", "bfloat16", WS)],
 )
+@pytest.mark.jax_matrix
 def test_approx_math_against_the_reference(activation, dtype, config) -> None:
     assert pipeline.APPROX_MATH  # the default (FUSEDMLP_MOSAIC_APPROX_MATH unset)
     spec = MLPSpec((48, 80, 32), activation, True, dtype)
@@ -643,6 +645,7 @@ def test_exact_math_when_switched_off(monkeypatch) -> None:
 @pytest.mark.parametrize(
     "config", [WS, ONE_WG, PINGPONG], ids=["warp_specialized", "one_warpgroup", "pingpong"]
 )
+@pytest.mark.jax_matrix
 def test_no_races(monkeypatch, config: TileConfig) -> None:
     """With detect_races the interpreter keeps vector clocks for the TMA unit and the warpgroups
     and flags a shared-memory access not ordered by a barrier (and raises when a barrier completes

@@ -108,6 +108,10 @@ def warp_specialize_applies(family: str, config: TileConfig) -> bool:
     And at most 4 K stages: warp-specialised at 5 stages (128×128×64, 4 warps) the kernel
     compiled, ran and returned NaN on an H100 for every GEMM it was given (triton 3.6,
     bench/results/2026-12-05-h100-38cf758/sweep.log), where 4 stages gave the right bits.
+
+    And one program an SM: the 12-warp program holds 168 registers a thread (the act' epilogue's
+    128×128 tile, sm_90 on a CPU), so two (2 × 384 threads × 168 > the SM's 64 K registers)
+    would not share an SM — the grid would only be twice as long.
     """
     return (
         config.warp_specialize
@@ -116,6 +120,7 @@ def warp_specialize_applies(family: str, config: TileConfig) -> bool:
         and config.num_warps == 4
         and config.block_m >= 64
         and config.num_stages <= 4
+        and config.programs_per_sm == 1
     )
 
 

@@ -26,6 +26,7 @@ registered GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from typing import Any
@@ -291,6 +292,25 @@ def test_search_space_fits_and_has_the_hopper_knobs(family, dtype, persistent):
     if family == "gated" and dtype == "bfloat16" and persistent:
         # The winner the old count pruned: the packed 128×(2·128)×64 tile at 4 stages.
         assert TileConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2) in big
+
+
+def test_warp_specialisation_applies_only_where_the_pass_takes_it():
+    """`warp_specialize_applies`: the flag is honoured on a linear_act tile loop the triton 3.6
+    pass takes (4 warps, a whole-tile epilogue, at most 4 stages, one program an SM) and ignored
+    everywhere else, each condition on its own."""
+    base = TileConfig(128, 128, 64, num_warps=4, num_stages=4, warp_specialize=True)
+    assert warp_specialize_applies("linear_act", base)
+    assert not warp_specialize_applies("gated", base)
+    for change in (
+        dict(warp_specialize=False),
+        dict(epilogue_subtile=2),
+        dict(num_warps=8),
+        dict(block_m=32),
+        dict(num_stages=5),
+        dict(programs_per_sm=2),
+    ):
+        changed = dataclasses.replace(base, **change)
+        assert not warp_specialize_applies("linear_act", changed), change
 
 
 def test_gated_config_reads_narrow_block_n_as_one_pair():

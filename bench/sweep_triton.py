@@ -100,10 +100,11 @@ class Gemm:
         return f"{self.name} {self.m}x{self.n}x{self.k}{extra}"
 
 
-def _c(bm, bn, bk, w=8, s=4, sub=1, ws=False, g=8) -> TileConfig:
+def _c(bm, bn, bk, w=8, s=4, sub=1, ws=False, g=8, p=1) -> TileConfig:
     return TileConfig(
-        bm, bn, bk, group_m=g, num_warps=w, num_stages=s, epilogue_subtile=sub, warp_specialize=ws
-    )
+        bm, bn, bk, group_m=g, num_warps=w, num_stages=s, epilogue_subtile=sub, warp_specialize=ws,
+        programs_per_sm=p,
+    )  # fmt: skip
 
 
 # The grids: the heuristic's choice first (added per shape), then what the probes and the shared
@@ -114,6 +115,13 @@ GATED_GRID = [
     _c(128, 128, 64, s=3),
     _c(128, 64, 64, s=4),
     _c(128, 128, 64, s=4, sub=2, g=16),
+    # two programs an SM at 4 warps (at most 255 registers a thread either way), one's epilogue
+    # under the other's K loop: what won the short-K act' step (bench/sweep_tma_backward.py) and
+    # Mosaic GPU's hf-blog GEMMs (jax_impl/mosaic/tuned_h200.json); the gated tile's accumulator
+    # is twice block_n wide
+    _c(128, 64, 64, w=4, s=3, p=2),
+    _c(64, 64, 64, w=4, s=4, p=2),
+    _c(64, 128, 64, w=4, s=3, sub=2, p=2),
 ]
 LINEAR_GRID = [
     _c(128, 256, 64, s=4, sub=2),
@@ -122,6 +130,11 @@ LINEAR_GRID = [
     _c(128, 128, 64, s=4, sub=2),
     _c(128, 128, 64, w=4, s=4, ws=True),
     _c(128, 256, 64, w=4, s=3, ws=True),
+    # two programs an SM (as GATED_GRID's)
+    _c(128, 128, 64, w=4, s=3, sub=2, p=2),
+    _c(64, 128, 64, w=4, s=4, sub=2, p=2),
+    _c(64, 256, 64, w=4, s=2, sub=2, p=2),
+    _c(128, 64, 64, w=4, s=4, p=2),
 ]
 KMAJOR_GRID = [_c(128, 256, 64, s=4, sub=2), _c(128, 128, 64, s=4, sub=2)]
 FP32_GRID = {
@@ -130,7 +143,12 @@ FP32_GRID = {
 }
 
 
-def gemms(smoke: bool) -> list[Gemm]:
+def gemms(smoke: bool, only: str = "") -> list[Gemm]:
+    """The GEMMs to sweep (`only`: those whose label contains it, e.g. "hf-blog" or "8192x")."""
+    return [g for g in _all_gemms(smoke) if only in g.label]
+
+
+def _all_gemms(smoke: bool) -> list[Gemm]:
     if smoke:
         return [
             Gemm("llama3-8b up", "gated", 256, 136, 64, "silu", False),
@@ -528,6 +546,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the tuned table's file (default: <out dir>/<gpu slug>.json)",
     )
+    ap.add_argument(
+        "--only", default="", help='sweep only the GEMMs whose label contains this ("hf-blog")'
+    )
+    ap.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        help="a committed table (common/tuned/*.json) whose entries the tuned table keeps where "
+        "this run measured nothing",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under the interpreter (CPU)")
     args = ap.parse_args(argv)
     # The heuristic's own rules, not a committed table: this script is what writes the table.
@@ -542,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         device, device_name = "cuda", torch.cuda.get_device_name()
     sw = Sweep(args.smoke, start + args.budget_s, device_name)
     summaries: list[dict[str, Any]] = []
-    for g in gemms(args.smoke):
+    for g in gemms(args.smoke, args.only):
         try:
             summaries.append(sweep_gemm(sw, g, device))
         except Exception:  # an operand or reference failure: say so, keep the rest
@@ -571,7 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         if s["best"] and s.get("best_kmajor") and s["dtype"] == "bfloat16"
     }
     mlps = []
-    for name in MLPS:
+    swept = {s["name"] for s in ok}
+    for name, (prefix, *_) in MLPS.items():
+        if not {f"{prefix} up", f"{prefix} down"} <= swept:
+            continue  # `--only` left this MLP's GEMMs out
         try:
             mlps.append(sweep_mlp(sw, name, 256 if args.smoke else 8192, best_cfg, best_k, device))
         except Exception:
@@ -587,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
 
     versions = {"triton": triton.__version__, "torch": torch.__version__}
     table = tuned_table(device_name, ok, versions)
+    if args.merge_into is not None and args.merge_into.exists():
+        # the committed entries of GEMMs this run did not measure stay as they are
+        committed = json.loads(args.merge_into.read_text()).get("entries", {})
+        table["entries"] = {**committed, **table["entries"]}
     result = dict(
         device=device_name,
         env=env,

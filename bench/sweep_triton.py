@@ -121,7 +121,7 @@ GATED_GRID = [
     # is twice block_n wide
     _c(128, 64, 64, w=4, s=3, p=2),
     _c(64, 64, 64, w=4, s=4, p=2),
-    _c(64, 128, 64, w=4, s=3, sub=2, p=2),
+    _c(64, 128, 64, w=4, s=2, sub=2, p=2),
 ]
 LINEAR_GRID = [
     _c(128, 256, 64, s=4, sub=2),

@@ -144,8 +144,10 @@ FP32_GRID = {
 
 
 def gemms(smoke: bool, only: str = "") -> list[Gemm]:
-    """The GEMMs to sweep (`only`: those whose label contains it, e.g. "hf-blog" or "8192x")."""
-    return [g for g in _all_gemms(smoke) if only in g.label]
+    """The GEMMs to sweep (`only`: those whose label contains one of its comma-separated parts,
+    e.g. "hf-blog" or "hf-blog up 8192,hf-blog down 8192")."""
+    parts = only.split(",")
+    return [g for g in _all_gemms(smoke) if any(part in g.label for part in parts)]
 
 
 def _all_gemms(smoke: bool) -> list[Gemm]:
@@ -547,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the tuned table's file (default: <out dir>/<gpu slug>.json)",
     )
     ap.add_argument(
-        "--only", default="", help='sweep only the GEMMs whose label contains this ("hf-blog")'
+        "--only",
+        default="",
+        help="sweep only the GEMMs whose label contains one of these comma-separated parts",
     )
     ap.add_argument(
         "--merge-into",

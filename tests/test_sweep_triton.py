@@ -24,7 +24,7 @@ def test_sweep_smoke_only_one_gemm_merged_into_a_committed_table(tmp_path) -> No
     table.write_text(json.dumps(committed))
     out, tuned = tmp_path / "sweep.json", tmp_path / "tuned.json"
     cmd = [sys.executable, str(ROOT / "bench" / "sweep_triton.py"), str(out), "--smoke",
-           "--only", "llama3-8b down", "--merge-into", str(table),
+           "--only", "no such GEMM,llama3-8b down", "--merge-into", str(table),
            "--tuned-out", str(tuned)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -121,6 +121,10 @@ DACT_GRID = [
     _c(64, 128, w=4, s=3, sub=2, p=2),
     _c(64, 128, w=4, s=4, sub=2, p=2),
     _c(64, 128, w=4, s=2, sub=2, p=3),
+    # 128 rows × 64 columns (one packed pair) two an SM: 255 registers and an 8-byte spill at 4
+    # stages, 104 KiB (sm_90 on a CPU); 128×128 at 4 warps, Mosaic GPU's hf-blog winner, spills
+    # ~800 bytes a thread here (the act' epilogue beside the accumulator) and is left out
+    _c(128, 64, w=4, s=4, p=2),
     # whole tiles warp-specialised (`_dact_by_columns`: the packed z and g addressed column by
     # column, no reshape for the pass to stop at): compiled for sm_90 on a CPU, a producer and
     # two consumer warpgroups, 168 registers, no spill, 147 / 115 / 115 KB of shared memory

@@ -146,8 +146,8 @@ FP32_GRID = {
 def gemms(smoke: bool, only: str = "") -> list[Gemm]:
     """The GEMMs to sweep (`only`: those whose label contains one of its comma-separated parts,
     e.g. "hf-blog" or "hf-blog up 8192,hf-blog down 8192")."""
-    parts = only.split(",")
-    return [g for g in _all_gemms(smoke) if any(part in g.label for part in parts)]
+    parts = [part.strip() for part in only.split(",") if part.strip()]
+    return [g for g in _all_gemms(smoke) if not parts or any(part in g.label for part in parts)]
 
 
 def _all_gemms(smoke: bool) -> list[Gemm]:
@@ -572,6 +572,16 @@ def main(argv: list[str] | None = None) -> int:
             print("sweep_triton: needs a CUDA GPU (or --smoke on a CPU)", file=sys.stderr)
             return 2
         device, device_name = "cuda", torch.cuda.get_device_name()
+    committed: dict[str, Any] = {}  # --merge-into's entries, checked before anything is timed
+    if args.merge_into is not None:
+        if not args.merge_into.is_file():
+            ap.error(f"--merge-into: no table at {args.merge_into}")
+        data = json.loads(args.merge_into.read_text())
+        if data.get("format") != FORMAT_VERSION or not isinstance(data.get("entries"), dict):
+            ap.error(f"--merge-into {args.merge_into}: not a format-{FORMAT_VERSION} table")
+        committed = data["entries"]
+    if not gemms(args.smoke, args.only):
+        ap.error(f"--only {args.only!r}: no GEMM's label contains any of its parts")
     sw = Sweep(args.smoke, start + args.budget_s, device_name)
     summaries: list[dict[str, Any]] = []
     for g in gemms(args.smoke, args.only):
@@ -603,12 +613,14 @@ def main(argv: list[str] | None = None) -> int:
         if s["best"] and s.get("best_kmajor") and s["dtype"] == "bfloat16"
     }
     mlps = []
-    swept = {s["name"] for s in ok}
+    mlp_m = 256 if args.smoke else 8192
     for name, (prefix, *_) in MLPS.items():
-        if not {f"{prefix} up", f"{prefix} down"} <= swept:
-            continue  # `--only` left this MLP's GEMMs out
+        if args.only and not {(f"{prefix} {p}", str(mlp_m)) for p in ("up", "down")} <= {
+            (s["name"], str(s["m"])) for s in ok
+        }:
+            continue  # `--only` left out one of this MLP's GEMMs at the MLP's M
         try:
-            mlps.append(sweep_mlp(sw, name, 256 if args.smoke else 8192, best_cfg, best_k, device))
+            mlps.append(sweep_mlp(sw, name, mlp_m, best_cfg, best_k, device))
         except Exception:
             traceback.print_exc()
             mlps.append(dict(mlp=name, error=traceback.format_exc()[-500:]))
@@ -622,10 +634,8 @@ def main(argv: list[str] | None = None) -> int:
 
     versions = {"triton": triton.__version__, "torch": torch.__version__}
     table = tuned_table(device_name, ok, versions)
-    if args.merge_into is not None and args.merge_into.exists():
-        # the committed entries of GEMMs this run did not measure stay as they are
-        committed = json.loads(args.merge_into.read_text()).get("entries", {})
-        table["entries"] = {**committed, **table["entries"]}
+    # the committed entries of GEMMs this run did not measure stay as they are
+    table["entries"] = {**committed, **table["entries"]}
     result = dict(
         device=device_name,
         env=env,

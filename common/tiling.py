@@ -109,9 +109,10 @@ def warp_specialize_applies(family: str, config: TileConfig) -> bool:
     compiled, ran and returned NaN on an H100 for every GEMM it was given (triton 3.6,
     bench/results/2026-12-05-h100-38cf758/sweep.log), where 4 stages gave the right bits.
 
-    And one program an SM: the 12-warp program holds 168 registers a thread (the act' epilogue's
-    128×128 tile, sm_90 on a CPU), so two (2 × 384 threads × 168 > the SM's 64 K registers)
-    would not share an SM — the grid would only be twice as long.
+    And one program an SM: a 12-warp program is 384 threads, so two share an SM's 64 K registers
+    only at ≤ 85 registers a thread; the warp-specialised tiles compiled for sm_90 on a CPU hold
+    168 (the forward's 128×128 and 128×256, the act' step's 128×128), so a second program would
+    only wait for the first — the grid twice as long, nothing overlapped.
     """
     return (
         config.warp_specialize

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 
 import pytest
@@ -86,7 +87,8 @@ def _jax_before_0_11() -> bool:
         return False
     import jax
 
-    return tuple(int(part) for part in jax.__version__.split(".")[:2]) < (0, 11)
+    major, minor = re.match(r"(\d+)\.(\d+)", jax.__version__).groups()
+    return (int(major), int(minor)) < (0, 11)
 
 
 def _first_case_of_each_jax_matrix(items: list[pytest.Item]) -> list[pytest.Item]:
@@ -96,19 +98,22 @@ def _first_case_of_each_jax_matrix(items: list[pytest.Item]) -> list[pytest.Item
     case, in seconds each; .ci/run's second job runs it whole on the GPU image's jax (0.11.2), the
     one these kernels run on. On an older jax (the CPU version set's 0.10.2: the README's test
     command) its first case runs, and every variant it leaves out is still traced and lowered
-    for CUDA there by the tests that do that (test_gpu_variant_lowers_for_cuda and the like)."""
-    seen: set[tuple[str, str]] = set()
+    for CUDA there by the tests that do that (test_gpu_variant_lowers_for_cuda and the like).
+    A `jax_matrix` test must run in that job (no torch there) and keep its first case runnable
+    on jax 0.10 (a case skipped there goes last)."""
+    seen: set[str] = set()
     left = []
     for item in items:
         if item.get_closest_marker("jax_matrix") is None:
             continue
-        test = (str(item.path), getattr(item, "originalname", item.name))
+        test = item.nodeid.split("[")[0]
         if test in seen:
             left.append(item)
         seen.add(test)
     return left
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have chosen: trim what they left
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _jax_before_0_11():
         left = {id(item) for item in _first_case_of_each_jax_matrix(items)}

@@ -425,7 +425,6 @@ def test_backward_kernels_lower_for_cuda(dtype: str) -> None:
     ],
     ids=["swiglu-bf16", "relu-fp16"],
 )
-@pytest.mark.jax_matrix
 def test_backward_twins_bitwise(spec: MLPSpec) -> None:
     """torch_impl/backward.py and jax_impl/backward.py on the same packed params, input, dy and
     pinned config: the saving forward and every gradient bit for bit under the interpreters (the

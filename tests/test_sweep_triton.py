@@ -40,3 +40,18 @@ def test_sweep_smoke_only_one_gemm_merged_into_a_committed_table(tmp_path) -> No
     best = min((r for r in rows if not r.get("kmajor")), key=lambda r: r["ms"])
     want = TileConfig.from_dict(best["config"])
     assert all(TileConfig.from_dict(e["config"]) == want for e in new)
+
+
+def test_sweep_refuses_a_filter_that_matches_nothing_and_a_missing_table(tmp_path) -> None:
+    """Both checked before anything is timed: a typo must not write an empty or unmerged table
+    over a committed one."""
+    script = [sys.executable, str(ROOT / "bench" / "sweep_triton.py"), str(tmp_path / "o.json")]
+    for extra, message in (
+        (["--only", "no such GEMM"], "no GEMM's label contains"),
+        (["--merge-into", str(tmp_path / "missing.json")], "no table at"),
+    ):
+        proc = subprocess.run(
+            [*script, "--smoke", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
+        assert not (tmp_path / "o.json").exists()

@@ -8,7 +8,7 @@
   outputs and out-of-bounds reads with NaN themselves.
 - `-m gpu` selects the GPU tests; they are skipped, with the reason, on a machine without one.
 - A `jax_matrix` test runs its first case only on jax < 0.11; .ci/run's jax 0.11.2 job runs it
-  whole (`_first_case_of_each_jax_matrix` says why).
+  whole (`_jax_matrix_cases_past_the_first` says why).
 - One float32 tile product for both interpreters (`_one_product_for_both_interpreters`).
 - XLA's CPU thread pool sized for the Mosaic GPU interpreter before any backend starts (the
   package's `jax_impl.compat.widen_cpu_pool`, imported here first: a pool of the CI's 2 cores
@@ -91,7 +91,7 @@ def _jax_before_0_11() -> bool:
     return (int(major), int(minor)) < (0, 11)
 
 
-def _first_case_of_each_jax_matrix(items: list[pytest.Item]) -> list[pytest.Item]:
+def _jax_matrix_cases_past_the_first(items: list[pytest.Item]) -> list[pytest.Item]:
     """The cases a `jax_matrix` test leaves to jax >= 0.11 (all but the first of each test).
 
     Such a matrix runs the Mosaic GPU or JAX backward kernels under jax's interpreters, case by
@@ -116,7 +116,7 @@ def _first_case_of_each_jax_matrix(items: list[pytest.Item]) -> list[pytest.Item
 @pytest.hookimpl(trylast=True)  # after -k / -m have chosen: trim what they left
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _jax_before_0_11():
-        left = {id(item) for item in _first_case_of_each_jax_matrix(items)}
+        left = {id(item) for item in _jax_matrix_cases_past_the_first(items)}
         if left:
             config.hook.pytest_deselected(items=[i for i in items if id(i) in left])
             items[:] = [i for i in items if id(i) not in left]

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 from fusedmlp.common.config import TileConfig
+from fusedmlp.common.tuning import FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sweep_smoke_only_one_gemm_merged_into_a_committed_table(tmp_path) -> None:
     committed = {
-        "format": 1,
+        "format": FORMAT_VERSION,
         "note": "a committed table",
         "entries": {"NVIDIA H200|triton_tma|gated|m=8192|n=3072|k=768|bfloat16|ieee": {"kept": 1}},
     }

@@ -199,7 +199,7 @@ def test_hopper_backward_matches_reference(case):
     spec_json = custom_op.spec_to_json(spec)
     listed = [packed[n] for n in custom_op.names_for(spec_json, True)]
     via_op = custom_op._mlp_backward_op(
-        dy, x, list(kept[1:]), listed, spec_json, None, "inputs", True, True
+        dy, x, list(kept[1:]), listed, spec_json, None, "inputs", True, "tma"
     )
     for got_t, name in zip(via_op[1:], custom_op.names_for(spec_json, True), strict=True):
         assert torch.equal(got_t, grads[name]), name

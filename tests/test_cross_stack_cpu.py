@@ -47,6 +47,7 @@ from helpers import (
     ROOT,
     layer_ref,
     layer_spec,
+    mosaic_gpu_call,
     needs_jax_triton_wheel,
     rand,
     run_script,
@@ -713,24 +714,6 @@ def test_mosaic_torch_padding_gives_the_jax_launchers_bits(
     assert isinstance(out, torch.Tensor)
 
 
-def _mgpu_call(fn: Any, structs: list) -> Any:
-    """`fn` traced on `structs`, lowered for CUDA on this CPU and inlined: the one Mosaic GPU call
-    that as_torch_kernel's own module check (jax's private `_find_mgpu_call_in_module`, the same in
-    0.10.2 and 0.11.2) finds in it, or its ValueError."""
-    import jax
-    import jax.experimental.mosaic.gpu as mgpu
-    from jax._src.lib.mlir import passmanager
-    from jax._src.pallas.mosaic_gpu import torch as mgpu_torch
-
-    module = jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).compiler_ir()
-    with module.context:
-        mgpu.dialect.register_inliner_extensions(module.context)
-        passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(
-            module.operation
-        )
-        return mgpu_torch._find_mgpu_call_in_module(module)[0]
-
-
 @pytest.mark.parametrize(
     "family,bias,residual",
     [
@@ -769,7 +752,7 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
         structs = [s(plan.mp, plan.kp), s(plan.kp, plan.np_)]
         structs += [s(plan.np_)] if bias else []
         structs += [s(plan.mp, plan.np_)] if residual else []
-    call = _mgpu_call(fn, structs)
+    call = mosaic_gpu_call(fn, structs)
     assert len(list(call.operands)) == len(structs)
     assert [tuple(r.type.shape) for r in call.results] == [(plan.mp, plan.np_)]
     assert plan.mp != m  # the odd M really was padded on the torch side
@@ -779,7 +762,7 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
     else:
         fn = tg.mosaic_function("gelu_tanh", False, n, cfg)
     with pytest.raises(ValueError, match="Unsupported operation"):
-        _mgpu_call(fn, unpadded)
+        mosaic_gpu_call(fn, unpadded)
 
 
 # ==== CPU: fused_small's Mosaic GPU sibling from torch ============================================
@@ -1042,12 +1025,12 @@ def test_torch_sibling_function_is_one_kernel_call(
     structs += [jax.ShapeDtypeStruct((bias_len,), dt)] * (layers if bias else 0)
 
     fn = cfs.mosaic_function(spec, cfg)
-    call = _mgpu_call(fn, structs)
+    call = mosaic_gpu_call(fn, structs)
     assert len(list(call.operands)) == len(structs)
     assert [tuple(r.type.shape) for r in call.results] == [(plan.mp, 128)]
     assert plan.mp == 4104 != m
     with pytest.raises(ValueError, match="Unsupported operation"):
-        _mgpu_call(fn, [jax.ShapeDtypeStruct((m, 128), dt), *structs[1:]])
+        mosaic_gpu_call(fn, [jax.ShapeDtypeStruct((m, 128), dt), *structs[1:]])
 
 
 def test_sibling_route_probe_smoke(tmp_path: Path) -> None:

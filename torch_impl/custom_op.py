@@ -37,8 +37,10 @@ residual, saved) -> (y, Tensor[] kept)`, runs the saving forward (`front.trainin
 `fusedmlp::mlp_backward(dy, x, kept, params, spec_json, config_json, saved, need_dx, hopper,
 whole=False) -> Tensor[]` ([dx, d params in the list's order and layout]; backward.py's kernels,
 or with `whole` — decided at the forward: impl fused_small, or auto resolved to it, on a spec it
-takes — fused_small_backward.py's whole-MLP backward, or with `hopper` — an sm_90 GPU, impl auto
-or a Hopper one, no pinned config, the 16-byte rule met — tma/backward.py's persistent TMA GEMMs).
+takes — fused_small_backward.py's whole-MLP backward, or with `hopper` "tma" — an sm_90 GPU, impl
+auto or a Hopper one, no pinned config, the 16-byte rule met — tma/backward.py's persistent TMA
+GEMMs, or with `hopper` "mosaic" — a `mosaic` forward, asked or auto's, whose GEMMs Mosaic GPU
+takes — cross/backward.py's Mosaic GPU GEMMs; front.hopper_route decides for both ops).
 Both have fakes, so torch.compile(fullgraph=True) traces forward and backward as two opaque
 nodes. `mlp()` and FusedMLP call the training op where a gradient is to be built (`train_call`:
 in eager mode the same forward and backward as one torch.autograd.Function, without the ops'
@@ -70,6 +72,7 @@ from fusedmlp.common.registry import AUTO, check_impl, get_implementation
 from fusedmlp.common.validate import check_call_inputs, check_saved, check_spec, check_types
 
 from . import backward, front, fused_small_backward
+from .cross import backward as cross_backward
 from .packing import unpack_params
 from .tma import backward as tma_backward
 
@@ -275,12 +278,13 @@ def _mlp_backward_op(
     config_json: str | None,
     saved: str,
     need_dx: bool,
-    hopper: bool,
+    hopper: str,
     whole: bool = False,
 ) -> list[torch.Tensor]:
     """[dx (an empty [0] tensor unless need_dx), d params in the list order and layout of
-    `params`] from backward.mlp_backward, tma/backward.py's where `hopper`, or
-    fused_small_backward.py's whole-MLP backward where `whole`."""
+    `params`] from backward.mlp_backward, the Hopper step `hopper` names ("tma":
+    tma/backward.py's, "mosaic": cross/backward.py's), or fused_small_backward.py's whole-MLP
+    backward where `whole`."""
     kept = list(kept)  # the backward consumes its list: never the op's own argument
     return _backward_impl(
         grad_y, x, kept, params, spec_json, config_json, saved, need_dx, hopper, whole
@@ -301,7 +305,9 @@ def _backward_impl(
         grads = fused_small_backward.mlp_backward(
             *args, saved=saved, config=parse_config(config_json), need_dx=need_dx
         )
-    elif hopper:  # decided at the forward (`_hopper_backward`): the persistent TMA GEMMs
+    elif hopper == "mosaic":  # decided at the forward (`_hopper_backward`): Mosaic GPU GEMMs
+        grads = cross_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
+    elif hopper:  # "tma", decided alike: the persistent Triton TMA GEMMs
         grads = tma_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
     else:
         grads = backward.mlp_backward(
@@ -324,20 +330,10 @@ def _mlp_backward_fake(
     return [dx, *(torch.empty_like(p) for p in params)]
 
 
-def _hopper_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: str | None) -> bool:
-    """Whether this call's backward runs tma/backward.py's kernels (a pinned config keeps the
-    portable kernels it was written for)."""
-    if config_json is not None:
-        return False
-    spec = parse_spec(spec_json)
-    m = x.numel() // spec.d_in if spec.d_in else 0
-    return tma_backward.applies(impl, spec, m, x.device)
-
-
 @functools.lru_cache(maxsize=256)
-def _whole_of(
+def _planned_of(
     impl: str, spec_json: str, m: int, device: str, config_json: str | None, gen, graph_safe=False
-) -> bool:
+) -> str:
     # cached per call signature, dispatch table generation and graph safety (front.graph_safe
     # changes what auto may choose, and the forward's plan is keyed on it too): setup_context
     # runs every step
@@ -345,29 +341,45 @@ def _whole_of(
     chosen = front.plan(
         spec, (m, spec.d_in), impl=impl, device=device, config=parse_config(config_json)
     )
-    return fused_small_backward.applies(chosen.impl, spec)
+    return chosen.impl
+
+
+def _planned(impl: str, spec_json: str, x: torch.Tensor, config_json: str | None) -> str:
+    """The impl this call's forward plan runs: `impl` itself, or what `auto` resolves to."""
+    if impl != AUTO:
+        return impl
+    spec = parse_spec(spec_json)
+    m = x.numel() // spec.d_in if spec.d_in else 0
+    if not isinstance(m, int):  # a symbolic size (torch.export, dynamic shapes): not cached
+        return _planned_of.__wrapped__(impl, spec_json, m, x.device.type, config_json, 0)
+    graph_safe = front._graph_safe()
+    return _planned_of(
+        impl, spec_json, m, x.device.type, config_json, dispatch.generation(), graph_safe
+    )
 
 
 def _whole_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: str | None) -> bool:
     """Whether this call trains through fused_small_backward.py (impl fused_small, or auto
     resolved to it, on a spec it takes): front.training_forward decides alike. It comes before
     the Hopper backward."""
-    spec = parse_spec(spec_json)
-    if impl != AUTO:
-        return fused_small_backward.applies(impl, spec)
-    m = x.numel() // spec.d_in if spec.d_in else 0
-    if not isinstance(m, int):  # a symbolic size (torch.export, dynamic shapes): not cached
-        return _whole_of.__wrapped__(impl, spec_json, m, x.device.type, config_json, 0)
-    graph_safe = front._graph_safe()  # impl is AUTO here
-    return _whole_of(
-        impl, spec_json, m, x.device.type, config_json, dispatch.generation(), graph_safe
+    return fused_small_backward.applies(
+        _planned(impl, spec_json, x, config_json), parse_spec(spec_json)
     )
+
+
+def _hopper_backward(impl: str, spec_json: str, x: torch.Tensor, config_json: str | None) -> str:
+    """Which Hopper step this call's backward runs (front.hopper_route: "mosaic", "tma" or ""
+    for the portable kernels; a pinned config keeps the portable kernels it was written for)."""
+    spec = parse_spec(spec_json)
+    m = x.numel() // spec.d_in if spec.d_in else 0
+    planned = _planned(impl, spec_json, x, config_json)
+    return front.hopper_route(impl, planned, spec, m, x.device, parse_config(config_json))
 
 
 def _train_setup_context(ctx, inputs, output):
     x, params, spec_json, impl, config_json, residual, saved = inputs
     ctx.whole = _whole_backward(impl, spec_json, x, config_json)
-    ctx.hopper = not ctx.whole and _hopper_backward(impl, spec_json, x, config_json)
+    ctx.hopper = "" if ctx.whole else _hopper_backward(impl, spec_json, x, config_json)
     # The kept tensors are outputs nobody differentiates: no zero-filled gradients for them
     # (measured on the H200: three fills, 46 µs at hf-blog and 209 µs at llama3-8b a step).
     ctx.set_materialize_grads(False)
@@ -417,7 +429,7 @@ class _EagerTrain(torch.autograd.Function):
         ctx.strings = (spec_json, config_json, saved)
         ctx.has_residual = residual is not None
         ctx.whole = _whole_backward(impl, spec_json, x, config_json)
-        ctx.hopper = not ctx.whole and _hopper_backward(impl, spec_json, x, config_json)
+        ctx.hopper = "" if ctx.whole else _hopper_backward(impl, spec_json, x, config_json)
         return y
 
     @staticmethod
@@ -462,7 +474,7 @@ def _setup_context(ctx, inputs, output):
     ctx.strings = (inputs[2], inputs[4])
     ctx.has_residual = inputs[5] is not None
     ctx.whole = _whole_backward(inputs[3], inputs[2], x, inputs[4])
-    ctx.hopper = not ctx.whole and _hopper_backward(inputs[3], inputs[2], x, inputs[4])
+    ctx.hopper = "" if ctx.whole else _hopper_backward(inputs[3], inputs[2], x, inputs[4])
 
 
 def _backward(ctx, grad_y):

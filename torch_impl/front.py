@@ -383,24 +383,22 @@ def _training_plan(
 ) -> Plan:
     from . import fused_small_backward
     from .cross.fused_small import is_sibling_config
-    from .tma import backward as tma_backward
 
     mib = cost.saved_bytes(spec, m, saved) / 2**20
     whole = fused_small_backward.applies(the_plan.impl, spec)
-    hopper = (
-        not whole and config is None and tma_backward.applies(the_plan.requested, spec, m, device)
-    )
-    kernels = (
-        "the persistent TMA GEMMs, each act' step in an input gradient's epilogue, on the "
-        "measured tiles of tma/tuned_hopper_backward.json (torch_impl/tma/backward.py)"
-        if hopper
-        else "portable dgrad/wgrad kernels (torch_impl/backward.py)"
-    )
-    saving = (
-        "persistent TMA kernels (gated, identity and relu layers)"
-        if hopper
-        else "portable triton kernels"
-    )
+    requested = the_plan.requested
+    route = "" if whole else hopper_route(requested, the_plan.impl, spec, m, device, config)
+    kernels = {
+        "mosaic": "the Mosaic GPU GEMMs on torch tensors (JAX's Hopper step through "
+        "as_torch_kernel), each act' step in an input gradient's epilogue, on the measured tiles "
+        "of jax_impl/mosaic/tuned_hopper_backward.json (torch_impl/cross/backward.py)",
+        "tma": "the persistent TMA GEMMs, each act' step in an input gradient's epilogue, on the "
+        "measured tiles of tma/tuned_hopper_backward.json (torch_impl/tma/backward.py)",
+    }.get(route, "portable dgrad/wgrad kernels (torch_impl/backward.py)")
+    saving = {
+        "mosaic": "Mosaic GPU kernels (every layer, each pre-activation stored by its epilogue)",
+        "tma": "persistent TMA kernels (gated, identity and relu layers)",
+    }.get(route, "portable triton kernels")
     if whole:
         kernels = f"{_whole_backward_kernels(spec)} (torch_impl/fused_small_backward.py)"
         saving = "fused_small kernel (one launch)"
@@ -720,26 +718,47 @@ def training_forward(
     check_saved(saved)
     if saved == "inputs":
         return forward(x, params, spec, impl=impl, config=config, residual=residual), []
-    backward, fused_small_backward, tma_backward = _training_modules()
+    backward, fused_small_backward, _, cross_backward = _training_modules()
     call = prepare(x, params, spec, impl, config, residual)
     x2d = x.reshape(call.m, spec.d_in)
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
     # fused_small trains through its own saving forward and whole-MLP backward
     # (fused_small_backward.py; custom_op._whole_backward decides alike). Else, on Hopper (as the
     # backward decides: custom_op._hopper_backward), the saving forward's gated, identity and relu
-    # layers run the persistent TMA kernels.
+    # layers run the persistent TMA kernels, or every layer the Mosaic GPU ones (`hopper_route`).
     if fused_small_backward.applies(call.plan.impl, spec):
         y2d, kept = fused_small_backward.forward_saving(
             x2d, kernel_params(spec, params), spec, config=config
         )
         y2d = y2d + residual2d if residual2d is not None else y2d
         return y2d.reshape(*call.lead, spec.d_out), list(kept[1:])
-    hopper = config is None and tma_backward.applies(impl, spec, call.m, x.device)
-    y2d, kept = backward.forward_saving(
-        x2d, kernel_params(spec, params), spec, saved="preact", config=config,
-        residual=residual2d, hopper=hopper,
-    )  # fmt: skip
+    route = hopper_route(impl, call.plan.impl, spec, call.m, x.device, config)
+    if route == "mosaic":
+        y2d, kept = cross_backward.forward_saving(
+            x2d, kernel_params(spec, params), spec, residual=residual2d
+        )
+    else:
+        y2d, kept = backward.forward_saving(
+            x2d, kernel_params(spec, params), spec, saved="preact", config=config,
+            residual=residual2d, hopper=route == "tma",
+        )  # fmt: skip
     return y2d.reshape(*call.lead, spec.d_out), list(kept[1:])
+
+
+def hopper_route(
+    impl: str, planned: str, spec: MLPSpec, m: Any, device: Any, config: TileConfig | None
+) -> str:
+    """Which step trains a call of the asked `impl` whose forward plan runs `planned`: "mosaic"
+    (the Mosaic GPU GEMMs on torch tensors, cross/backward.py: a `mosaic` forward, asked or
+    `auto`'s choice), "tma" (the Triton TMA GEMMs, tma/backward.py: `auto` and the Hopper impls
+    elsewhere on Hopper) or "" (backward.py's portable kernels; also wherever a config is
+    pinned). The saving forward (`training_forward`) and the backward (custom_op) ask alike."""
+    if config is not None:
+        return ""
+    _, _, tma_backward, cross_backward = _training_modules()
+    if isinstance(m, int) and cross_backward.applies(impl, planned, spec, m, device):
+        return "mosaic"
+    return "tma" if tma_backward.applies(impl, spec, m, device) else ""
 
 
 @functools.cache
@@ -747,9 +766,10 @@ def _training_modules():
     # imported at the first training call (they import this module), then held: an import
     # statement in the function body cost ~1 µs each per step
     from . import backward, fused_small_backward
+    from .cross import backward as cross_backward
     from .tma import backward as tma_backward
 
-    return backward, fused_small_backward, tma_backward
+    return backward, fused_small_backward, tma_backward, cross_backward
 
 
 def kernel_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,348 @@
+"""The Hopper training step from PyTorch: jax_impl/mosaic/backward.py's Mosaic GPU GEMMs on torch
+tensors (impl `mosaic`, Hopper GPU only).
+
+The same step as torch_impl/tma/backward.py — the saving forward storing each pre-activation
+from its epilogue, then per layer in reverse dW_i = h_iᵀ·dZ_i, db_i = Σ_m dZ_i and
+dZ_{i-1} = (dZ_i·W_iᵀ) ⊙ act'(z_{i-1}) with the act' step in the input gradient's epilogue, the
+weight gradients in one grouped launch where the committed sweep measured that faster — with
+every GEMM the Mosaic GPU kernel that JAX's step runs (tiles from jax_impl/mosaic/backward.py's
+`fitted_config` and `grouped_config`, the JAX step's table), called through as_torch_kernel as
+the forward's `mosaic` route is (cross/linear_act.py: one bare Mosaic GPU call per traced
+function, the compiled callable cached per shape, the default-stream launch). Residuals, names,
+layouts and roundings are backward.py's, so `fusedmlp::mlp_backward` takes them as it takes the
+Triton kernels'.
+
+Why: per kernel the Mosaic GPU sibling runs the step's GEMMs faster than the Triton TMA ones —
+its ping-pong puts one tile's epilogue (the act' step reads a saved [z|g] tile and writes two)
+under the other warpgroup's K loop, which triton 3.6 cannot express (docs/performance.md,
+twenty-ninth session: hf-blog-geglu at M = 8192 on the H200, torch / JAX µs, act' step 152 / 121,
+weight gradients 178 / 162, layer 0 input gradient 113 / 100, saving forward 148 / 138, down
+projection 60 / 52; the whole step 651 / 573).
+
+Two differences from the JAX step, both torch's rules: the act' step's result is a new tensor
+(the saved z is an input of the backward op, declared unmutated: tma/backward.py says why), and
+torch reduces the bias gradients (`torch.sum` in fp32, deterministic). Only the top layer's act'
+step, which has no GEMM before it, runs backward.py's elementwise Triton `dact_fwd` (every
+preset's top layer is identity: none).
+
+Where: `applies` — the asked impl is `mosaic`, or `auto` whose forward plan runs `mosaic`
+(training inherits the forward's choice, common/dispatch.py), on a Hopper GPU with jax >= 0.11.1,
+and every GEMM meets Mosaic GPU's constraints (`jax_impl.mosaic.backward.unsupported_reason`: M a
+multiple of 16, so no launcher pads and each traced function is the bare kernel call). Elsewhere
+tma/backward.py's Triton kernels train a `mosaic` forward.
+
+No interpreter runs this route (as_torch_kernel needs the GPU): the CPU tests lower every traced
+function for CUDA and run as_torch_kernel's own module check on it; `pytest -m gpu` checks the
+gradients against the float64 reference and, bit for bit, against the JAX step's.
+
+Sibling: torch_impl/tma/backward.py (the Triton step, same structure and names); twin of the
+kernels: jax_impl/mosaic/backward.py, whose functions this module calls for tiles and traces.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fusedmlp.common.config import TileConfig
+from fusedmlp.common.packing import packed_names, packed_width
+from fusedmlp.common.registry import AUTO
+from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.validate import check_saved
+
+from .. import backward as portable
+from .linear_act import IMPL, MOSAIC_PACKAGE, _launch, as_torch_kernel, compiled_kernel
+
+FAMILY = "backward"
+
+
+@functools.cache
+def _mosaic(name: str) -> Any:
+    """jax_impl/mosaic's module `name` (backward, pipeline, gated, linear_act): imports jax, as
+    new as as_torch_kernel needs (its launch convention), its client not preallocating."""
+    as_torch_kernel()
+    return importlib.import_module(f"{MOSAIC_PACKAGE}.{name}")
+
+
+def _outputs(**kw: Any) -> Any:
+    return _mosaic("pipeline").Outputs(**kw)
+
+
+# ==== where it runs ===============================================================================
+def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
+    """jax_impl/mosaic/backward.py's rule (imports jax): None where every GEMM of the step can
+    run on Mosaic GPU at M = m."""
+    return _mosaic("backward").unsupported_reason(spec, m)
+
+
+def applies(impl: str, planned: str, spec: MLPSpec, m: int, device: torch.device | str) -> bool:
+    """Whether a training call trains here: `impl` asked, `planned` the forward plan's choice
+    (`auto` inherits it), on a Hopper GPU (custom_op decides before tma/backward.py's `applies`,
+    which a `mosaic` forward falls back to where this is False)."""
+    from ..front import _is_hopper
+    from ..runtime import INTERPRET
+
+    if not (impl == IMPL or (impl == AUTO and planned == IMPL)):
+        return False
+    if INTERPRET or torch.device(device).type != "cuda" or not _is_hopper():
+        return False
+    try:
+        return unsupported_reason(spec, m) is None
+    except ImportError:  # no jax, or one too old for as_torch_kernel: the Triton step trains
+        return False
+
+
+# ==== traced functions (each one bare Mosaic GPU call) ============================================
+@functools.cache
+def _saving_function(
+    gated: bool, activation: str, n: int, has_bias: bool, has_residual: bool,
+    config: TileConfig, slots: int,
+) -> Callable[..., Any]:  # fmt: skip
+    """The saving forward of one layer: (y, its pre-activation) from one launch."""
+    gated_mod, linear_mod = _mosaic("gated"), _mosaic("linear_act")
+
+    def fn(x: Any, w: Any, *rest: Any) -> Any:
+        rest = list(rest)
+        b = rest.pop(0) if has_bias else None
+        r = rest.pop(0) if has_residual else None
+        if gated:
+            return gated_mod.gated_fwd(
+                x, w, b, n=n, activation=activation, config=config, interpret=False,
+                store_preact=True, staging_slots=slots,
+            )  # fmt: skip
+        return linear_mod.linear_act_fwd(
+            x, w, b, r, activation=activation, config=config, interpret=False,
+            store_preact=True, staging_slots=slots,
+        )  # fmt: skip
+
+    fn.__name__ = f"{'gated' if gated else 'linear_act'}_saving_{activation}"
+    return fn
+
+
+@functools.cache
+def _plain_function(
+    gated: bool, activation: str, n: int, has_bias: bool, has_residual: bool,
+    config: TileConfig, slots: int,
+) -> Callable[..., Any]:  # fmt: skip
+    """A layer that keeps no pre-activation: the inference forward's kernel and tiles."""
+    gated_mod, linear_mod = _mosaic("gated"), _mosaic("linear_act")
+
+    def fn(x: Any, w: Any, *rest: Any) -> Any:
+        rest = list(rest)
+        b = rest.pop(0) if has_bias else None
+        r = rest.pop(0) if has_residual else None
+        if gated:
+            return gated_mod.gated_fwd(
+                x, w, b, n=n, activation=activation, config=config, interpret=False,
+                staging_slots=slots,
+            )  # fmt: skip
+        return linear_mod.linear_act_fwd(
+            x, w, b, r, activation=activation, config=config, interpret=False,
+            staging_slots=slots,
+        )  # fmt: skip
+
+    fn.__name__ = f"{'gated' if gated else 'linear_act'}_fwd_{activation}"
+    return fn
+
+
+@functools.cache
+def _gemm_function(
+    x_kmajor: bool, w_kmajor: bool, epilogue: str, activation: str, config: TileConfig,
+    slots: int,
+) -> Callable[..., Any]:  # fmt: skip
+    """One GEMM of the backward: a weight gradient hᵀ·dZ (x_kmajor: h read in place) or an
+    input gradient dZ·Wᵀ (w_kmajor: W read in place), with an act' step where `epilogue` says."""
+    linear_mod = _mosaic("linear_act")
+
+    def fn(a: Any, b: Any, *rest: Any) -> Any:
+        z = rest[0] if rest else None
+        return linear_mod.linear_act_fwd(
+            a, b, None, None, activation="identity", config=config, interpret=False,
+            x_kmajor=x_kmajor, w_kmajor=w_kmajor, epilogue=epilogue, z=z,
+            dact_activation=activation, staging_slots=slots,
+        )  # fmt: skip
+
+    fn.__name__ = f"gemm_{epilogue}_{activation}"
+    return fn
+
+
+@functools.cache
+def _grouped_function(count: int, config: TileConfig) -> Callable[..., Any]:
+    """Every layer's weight gradient hᵢᵀ·dZᵢ in one grouped launch."""
+    linear_mod = _mosaic("linear_act")
+
+    def fn(*operands: Any) -> Any:
+        hs, dzs = operands[:count], operands[count:]
+        return linear_mod.linear_grouped(hs, dzs, config=config, interpret=False, x_kmajor=True)
+
+    fn.__name__ = f"grouped_{count}"
+    return fn
+
+
+def _call(key: tuple, make: Callable[[], Callable[..., Any]], operands: list[torch.Tensor]) -> Any:
+    """The compiled kernel of `key` launched on `operands` (dense, as as_torch_kernel reads them;
+    `applies` leaves no launcher anything to pad, so the result is the kernel's as it is)."""
+    operands = [t.contiguous() for t in operands]
+    kernel = compiled_kernel((FAMILY, *key), make, operands)
+    return _launch(kernel, operands, operands[0].device)
+
+
+# ==== the step ====================================================================================
+def forward_saving(
+    x2d: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """backward.forward_saving's result for saved="preact" (same residuals and layouts: h_0 = x2d,
+    z_0, h_1, …; [M, 0] where a layer keeps no z) from the Mosaic GPU forward kernels, each
+    layer's pre-activation stored by its epilogue. Trusts input: the caller checked `applies`."""
+    backward_mod, pipeline = _mosaic("backward"), _mosaic("pipeline")
+    layers = spec.layers()
+    last = layers[-1].index
+    h = x2d
+    kept: list[torch.Tensor] = [x2d]
+    for layer in layers:
+        i, m = layer.index, h.shape[0]
+        store = portable._stores_preact(layer)
+        family = "gated" if layer.gated else "linear_act"
+        w = params[f"wv{i}"] if layer.gated else params[f"w{i}"]
+        b = params.get(f"bc{i}") if layer.gated else params.get(f"b{i}")
+        r = residual if (i == last and not layer.gated) else None
+        operands = [h, w] + [t for t in (b, r) if t is not None]
+        flags = (layer.gated, layer.activation, layer.d_out, b is not None, r is not None)
+        if store:
+            cfg, outputs = backward_mod.fitted_config(
+                family, m, layer.d_out, layer.d_in, spec.dtype, _outputs(preact=True),
+                interpret=False,
+            )  # fmt: skip
+            h, z = _call(
+                ("saving", *flags, cfg, outputs.slots),
+                lambda f=flags, c=cfg, s=outputs.slots: _saving_function(*f, c, s),
+                operands,
+            )
+        else:
+            cfg = pipeline.default_config(family, m, layer.d_out, layer.d_in, spec.dtype)
+            slots = pipeline.PLAIN_OUTPUT.slots
+            h = _call(
+                ("plain", *flags, cfg, slots),
+                lambda f=flags, c=cfg, s=slots: _plain_function(*f, c, s),
+                operands,
+            )
+            z = h.new_empty((m, 0))
+        if layer.gated and i == last and residual is not None:  # no preset has one; kept exact
+            h = h + residual
+        kept += [z, h] if i != last else [z]
+    return h, tuple(kept)
+
+
+def _gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    spec: MLPSpec,
+    *,
+    weight_gradient: bool,
+    epilogue: str = "none",
+    z: torch.Tensor | None = None,
+    activation: str = "identity",
+) -> torch.Tensor:
+    """a·b on the Mosaic GPU kernel: a weight gradient hᵀ·dZ (`a` is h [M, K], read M-major) or
+    an input gradient dZ·Wᵀ (`b` is W [K, N], read K-major), with the previous layer's act' step
+    in the epilogue where `epilogue` says (mosaic/backward.py's `_gemm`, on torch tensors)."""
+    backward_mod, pipeline = _mosaic("backward"), _mosaic("pipeline")
+    m, k = a.shape[::-1] if weight_gradient else a.shape
+    n = b.shape[1] if weight_gradient else b.shape[0]
+    outputs = _outputs(scale=2 if epilogue == "dact_gated" else 1)
+    operands_layout = pipeline.Operands(x_kmajor=weight_gradient, w_kmajor=not weight_gradient)
+    cfg, outputs = backward_mod.fitted_config(
+        "linear_act", m, n, k, spec.dtype, outputs, interpret=False, operands=operands_layout,
+        epilogue=epilogue,
+    )  # fmt: skip
+    flags = (weight_gradient, not weight_gradient, epilogue, activation, cfg, outputs.slots)
+    operands = [a, b] + ([z] if z is not None else [])
+    return _call(("gemm", *flags), lambda: _gemm_function(*flags), operands)
+
+
+def _grouped(
+    hs: Sequence[torch.Tensor], dzs: Sequence[torch.Tensor], config: TileConfig
+) -> tuple[torch.Tensor, ...]:
+    count = len(hs)
+    out = _call(("grouped", count, config), lambda: _grouped_function(count, config), [*hs, *dzs])
+    return tuple(out)
+
+
+def mlp_backward(
+    dy2d: torch.Tensor,
+    residuals: list[torch.Tensor | None],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    need_dx: bool = True,
+) -> dict[str, torch.Tensor | None]:
+    """backward.mlp_backward's result (same arguments, names and layouts) from the Mosaic GPU
+    GEMMs. `residuals` (a list) is consumed as tma/backward.py consumes it: each entry None after
+    its last use. Trusts input: the caller checked `applies`."""
+    check_saved(saved)
+    backward_mod = _mosaic("backward")
+    if saved == "inputs":
+        _, residuals = forward_saving(residuals[0], params, spec)
+    res = residuals if isinstance(residuals, list) else list(residuals)
+    del residuals
+    layers = spec.layers()
+    m = dy2d.shape[0]
+    grouped = None
+    if len(layers) > 1:
+        widths = [packed_width(la.d_out) if la.gated else la.d_out for la in reversed(layers)]
+        products = [(la.d_in, w) for la, w in zip(reversed(layers), widths, strict=True)]
+        grouped = backward_mod.grouped_config(products, m, interpret=False)
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, h, dZ) to group
+    grads: dict[str, torch.Tensor | None] = {"x": None}
+    top = layers[-1]
+    if portable._stores_preact(top):  # no GEMM before it: backward.py's elementwise act' step
+        cfg = portable._config(
+            spec, "gated" if top.gated else "linear_act", m, top.d_out, top.d_in, None
+        )
+        dz = portable.dact_fwd(
+            dy2d, res[-1], activation=top.activation, gated=top.gated, config=cfg
+        )
+    else:
+        dz = dy2d
+    res[-1] = None
+    for layer in reversed(layers):
+        i = layer.index
+        wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
+        w = params[wname]
+        if grouped is None:
+            grads[wname] = _gemm(res[2 * i], dz, spec, weight_gradient=True).to(w.dtype)
+        else:
+            pending.append((wname, res[2 * i], dz))
+        prev = layers[i - 1] if i > 0 else None
+        out = res[2 * i] if prev is not None and portable._dact_from_output(prev) else None
+        res[2 * i] = None
+        if layer.bias:
+            grads[bname] = dz.sum(0, dtype=torch.float32).to(params[bname].dtype)
+        if i == 0 and not need_dx:
+            break
+        if prev is None or not (portable._stores_preact(prev) or out is not None):
+            dz = _gemm(dz, w, spec, weight_gradient=False)
+        else:
+            z = out if out is not None else res[2 * i - 1]
+            dz = _gemm(
+                dz, w, spec, weight_gradient=False,
+                epilogue="dact_gated" if prev.gated else "dact", z=z, activation=prev.activation,
+            )  # fmt: skip
+            res[2 * i - 1] = z = out = None  # z_{i-1} (or relu's h_i): read by this epilogue only
+        if i == 0:
+            grads["x"] = dz
+    if pending:
+        names, hs, dzs = zip(*pending, strict=True)
+        pending.clear()
+        dws = _grouped(hs, dzs, grouped)
+        grads.update((n, dw.to(params[n].dtype)) for n, dw in zip(names, dws, strict=True))
+    return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}

@@ -78,6 +78,7 @@ def test_route_follows_the_forward(on_hopper: pytest.MonkeyPatch) -> None:
     assert route("mosaic", "mosaic", spec, m, "cuda", GROUPED) == ""
     assert route("mosaic", "mosaic", spec, 40, "cuda", None) == "tma"  # 40: Mosaic's rows
     assert route("mosaic", "mosaic", spec, m, "cpu", None) == ""
+    assert route("mosaic", "mosaic", spec, 0, "cuda", None) == "tma"  # no kernel to call
     assert not cross.applies("triton", "triton", spec, m, "cuda")
 
     def too_old() -> None:
@@ -99,6 +100,23 @@ def test_training_plan_names_the_route(on_hopper: pytest.MonkeyPatch) -> None:
     assert "torch_impl/cross/backward.py" in note.reason, note.reason
     note = torch_impl.plan(spec, (m, spec.d_in), impl="triton_tma", device="cuda", saved="preact")
     assert "torch_impl/tma/backward.py" in note.reason, note.reason
+
+
+def test_operands_reach_the_kernel_dense_and_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """as_torch_kernel reads data_ptr() as a dense row-major buffer, and TMA needs a 16-byte
+    aligned base (the Mosaic GPU runtime aborts the process otherwise): a transposed view and a
+    view 2 bytes into its storage are copied, an aligned dense tensor is passed as it is."""
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(cross, "compiled_kernel", lambda key, make, operands: None)
+    monkeypatch.setattr(cross, "_launch", lambda kernel, operands, device: seen.extend(operands))
+    storage = torch.arange(1 + 32 * 48, dtype=torch.float32).to(torch.bfloat16)
+    shifted = storage[1:].view(32, 48)
+    transposed = torch.ones(80, 48, dtype=torch.bfloat16).t()
+    aligned = torch.ones(48, 80, dtype=torch.bfloat16)
+    cross._call(("test",), None, [shifted, transposed, aligned])
+    assert all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in seen)
+    assert torch.equal(seen[0], shifted) and torch.equal(seen[1], transposed)
+    assert seen[2] is aligned
 
 
 # ==== the same kernels as JAX's step ==============================================================

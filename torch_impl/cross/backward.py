@@ -55,7 +55,14 @@ from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.validate import check_saved
 
 from .. import backward as portable
-from .linear_act import IMPL, MOSAIC_PACKAGE, _launch, as_torch_kernel, compiled_kernel
+from .linear_act import (
+    IMPL,
+    MOSAIC_PACKAGE,
+    _launch,
+    _usable,
+    as_torch_kernel,
+    compiled_kernel,
+)
 
 FAMILY = "backward"
 
@@ -89,6 +96,8 @@ def applies(impl: str, planned: str, spec: MLPSpec, m: int, device: torch.device
     if not (impl == IMPL or (impl == AUTO and planned == IMPL)):
         return False
     if INTERPRET or torch.device(device).type != "cuda" or not _is_hopper():
+        return False
+    if m == 0:  # no kernel to call (as_torch_kernel needs one): the Triton step's empty results
         return False
     try:
         return unsupported_reason(spec, m) is None
@@ -184,9 +193,13 @@ def _grouped_function(count: int, config: TileConfig) -> Callable[..., Any]:
 
 
 def _call(key: tuple, make: Callable[[], Callable[..., Any]], operands: list[torch.Tensor]) -> Any:
-    """The compiled kernel of `key` launched on `operands` (dense, as as_torch_kernel reads them;
-    `applies` leaves no launcher anything to pad, so the result is the kernel's as it is)."""
-    operands = [t.contiguous() for t in operands]
+    """The compiled kernel of `key` launched on `operands` — each dense at a 16-byte aligned
+    address (as_torch_kernel reads data_ptr(); the Mosaic GPU runtime aborts the process where TMA
+    refuses a base address), copied where not. `applies` leaves no launcher anything to pad, so
+    the result is the kernel's as it is."""
+    operands = [
+        t if _usable(t) else t.clone(memory_format=torch.contiguous_format) for t in operands
+    ]
     kernel = compiled_kernel((FAMILY, *key), make, operands)
     return _launch(kernel, operands, operands[0].device)
 

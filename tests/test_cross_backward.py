@@ -329,12 +329,13 @@ def test_gpu_step_gives_the_jax_steps_bits(case) -> None:
     params = {k: v.detach().cpu() for k, v in module.params().items()}
 
     plain = {k: to_numpy(v) for k, v in params.items()}
-    packed = {k: jnp.asarray(v) for k, v in pack_params(spec, plain).items()}
+    # to_numpy widens bfloat16 to float32 exactly: back to the spec's dtype, as the module holds
+    packed = {k: jnp.asarray(v).astype(spec.dtype) for k, v in pack_params(spec, plain).items()}
     jx, jdy = jnp.asarray(xn), jnp.asarray(dyn)
     _, kept = jax_step.forward_saving(jx, packed, spec, saved="preact", interpret=False)
     jgrads = jax_step.mlp_backward(jdy, kept, packed, spec, saved="preact", interpret=False)
-    want = {"x": np.asarray(jgrads.pop("x"))}
-    want |= unpack_params(spec, {k: np.asarray(v) for k, v in jgrads.items()})
+    want = {"x": to_numpy(jgrads.pop("x"))}  # widened as _module_grads widens torch's
+    want |= unpack_params(spec, {k: to_numpy(v) for k, v in jgrads.items()})
     for name, g in got.items():
         if name.startswith(("b", "c")):  # bias gradients: torch.sum beside XLA's reduction
             continue

@@ -15,6 +15,7 @@ reference, and bit for bit against the JAX step's.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -51,7 +52,7 @@ def _case_id(case: tuple[MLPSpec, int]) -> str:
 
 
 @pytest.fixture
-def on_hopper(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+def on_hopper(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """This CPU as a Hopper GPU with a jax new enough for as_torch_kernel, to the route's rule."""
     from fusedmlp.torch_impl import runtime
     from fusedmlp.torch_impl.tma import backward as tma_backward
@@ -60,20 +61,27 @@ def on_hopper(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setattr(runtime, "INTERPRET", False)
     monkeypatch.setattr(tma_backward, "INTERPRET", False)
     monkeypatch.setattr(cross, "as_torch_kernel", lambda: None)
-    return monkeypatch
+    cross.clear_caches()  # the tests below change the JAX step's tile rules
+    yield monkeypatch
+    cross.clear_caches()
 
 
 # ==== the route ===================================================================================
-def test_route_follows_the_forward(on_hopper: pytest.MonkeyPatch) -> None:
-    """`mosaic` asked, or `auto` whose forward runs `mosaic`, trains on the Mosaic GPU GEMMs;
-    `auto` running triton_tma, and triton_tma asked, on the Triton ones; a pinned config on the
-    portable kernels; an M Mosaic GPU cannot take (not a multiple of 16), or no usable jax, falls
-    back to the Triton step; off the GPU nothing here runs."""
+def test_route_takes_the_mosaic_step_where_it_applies(on_hopper: pytest.MonkeyPatch) -> None:
+    """`mosaic` asked, or `auto` whose forward runs a Hopper GEMM kernel (mosaic, triton_tma),
+    trains on the Mosaic GPU GEMMs, but not while a CUDA graph is prepared; triton_tma asked, and
+    `auto` planning anything else, on the Triton ones; a pinned config on the portable kernels;
+    an M Mosaic GPU cannot take (not a multiple of 16, or 0), or no usable jax, falls back to the
+    Triton step; off the GPU nothing here runs."""
     spec, m = CASES[0]
     route = front.hopper_route
     assert route("mosaic", "mosaic", spec, m, "cuda", None) == "mosaic"
     assert route("auto", "mosaic", spec, m, "cuda", None) == "mosaic"
-    assert route("auto", "triton_tma", spec, m, "cuda", None) == "tma"
+    assert route("auto", "triton_tma", spec, m, "cuda", None) == "mosaic"  # trained faster
+    assert route("auto", "triton", spec, m, "cuda", None) == "tma"
+    with front.graph_safe():  # a CUDA graph cannot record as_torch_kernel's launch
+        assert route("auto", "triton_tma", spec, m, "cuda", None) == "tma"
+        assert route("mosaic", "mosaic", spec, m, "cuda", None) == "mosaic"  # asked: its error
     assert route("triton_tma", "triton_tma", spec, m, "cuda", None) == "tma"
     assert route("mosaic", "mosaic", spec, m, "cuda", GROUPED) == ""
     assert route("mosaic", "mosaic", spec, 40, "cuda", None) == "tma"  # 40: Mosaic's rows
@@ -85,11 +93,8 @@ def test_route_follows_the_forward(on_hopper: pytest.MonkeyPatch) -> None:
         raise ImportError("jax 0.10.2 is too old for as_torch_kernel")
 
     on_hopper.setattr(cross, "as_torch_kernel", too_old)
-    cross._mosaic.cache_clear()
-    try:
-        assert route("mosaic", "mosaic", spec, m, "cuda", None) == "tma"
-    finally:
-        cross._mosaic.cache_clear()
+    cross.clear_caches()  # as in a process whose jax is too old
+    assert route("mosaic", "mosaic", spec, m, "cuda", None) == "tma"
 
 
 def test_training_plan_names_the_route(on_hopper: pytest.MonkeyPatch) -> None:
@@ -258,29 +263,36 @@ def test_traced_functions_are_one_kernel_call(
         assert len(list(call.operands)) >= len(structs), key
 
 
-def test_grouped_config_is_the_jax_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiles_are_the_jax_steps_decided_once_per_shape(on_hopper: pytest.MonkeyPatch) -> None:
     """The grouped launch's tiles come from the JAX step's rule and table (asked with the
-    products in the order the backward reaches them, K = the batch rows)."""
+    products in the order the backward reaches them, K = the batch rows), and every tile decision
+    once per shape: a second step asks nothing (an eager step would pay ~20 µs of host time per
+    fitted config)."""
     asked = []
+    fitted = []
 
     def grouped_config(products, k, *, interpret):
         asked.append((products, k, interpret))
         return None
 
-    monkeypatch.setattr(jax_step, "grouped_config", grouped_config)
-    monkeypatch.setattr(cross, "as_torch_kernel", lambda: None)
+    def fitted_config(*args, _real=jax_step.fitted_config, **kw):
+        fitted.append(args)
+        return _real(*args, **kw)
+
+    on_hopper.setattr(jax_step, "grouped_config", grouped_config)
+    on_hopper.setattr(jax_step, "fitted_config", fitted_config)
     made: list = []
-    monkeypatch.setattr(cross, "_call", _on_shapes(made))
+    on_hopper.setattr(cross, "_call", _on_shapes(made))
     spec, m = CASES[1]
-    params = {
-        k: to_torch(np.asarray(v)) for k, v in pack_params(spec, init_params(spec, 0)).items()
-    }
-    x = to_torch(np.asarray(make_input(spec, m, seed=1)))
-    dy = to_torch(np.asarray(make_grad_output(spec, m, seed=2)))
-    kept = cross.forward_saving(x, params, spec)[1]
-    cross.mlp_backward(dy, list(kept), params, spec, saved="preact")
+    x, params, dy = _torch_inputs(spec, m)
+    for step in range(2):
+        kept = cross.forward_saving(x, params, spec)[1]
+        cross.mlp_backward(dy, list(kept), params, spec, saved="preact")
+        if step == 0:
+            first = len(fitted)
     layers = spec.layers()[::-1]
     assert asked == [([(la.d_in, la.d_out) for la in layers], m, False)]
+    assert first > 0 and len(fitted) == first
 
 
 def test_residuals_are_consumed(on_hopper: pytest.MonkeyPatch, recorded: list) -> None:

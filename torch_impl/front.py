@@ -749,10 +749,12 @@ def hopper_route(
     impl: str, planned: str, spec: MLPSpec, m: Any, device: Any, config: TileConfig | None
 ) -> str:
     """Which step trains a call of the asked `impl` whose forward plan runs `planned`: "mosaic"
-    (the Mosaic GPU GEMMs on torch tensors, cross/backward.py: a `mosaic` forward, asked or
-    `auto`'s choice), "tma" (the Triton TMA GEMMs, tma/backward.py: `auto` and the Hopper impls
-    elsewhere on Hopper) or "" (backward.py's portable kernels; also wherever a config is
-    pinned). The saving forward (`training_forward`) and the backward (custom_op) ask alike."""
+    (the Mosaic GPU GEMMs on torch tensors, cross/backward.py: `mosaic` asked, or `auto` planning
+    a Hopper GEMM kernel outside a CUDA graph's preparation — measured faster than the Triton
+    step, cross/backward.py `AUTO_FORWARDS`), "tma" (the Triton TMA GEMMs, tma/backward.py:
+    `auto` and the Hopper impls elsewhere on Hopper, triton_tma asked) or "" (backward.py's
+    portable kernels; also wherever a config is pinned). The saving forward (`training_forward`)
+    and the backward (custom_op) ask alike."""
     if config is not None:
         return ""
     _, _, tma_backward, cross_backward = _training_modules()

@@ -25,11 +25,12 @@ torch reduces the bias gradients (`torch.sum` in fp32, deterministic). Only the 
 step, which has no GEMM before it, runs backward.py's elementwise Triton `dact_fwd` (every
 preset's top layer is identity: none).
 
-Where: `applies` — the asked impl is `mosaic`, or `auto` whose forward plan runs `mosaic`
-(training inherits the forward's choice, common/dispatch.py), on a Hopper GPU with jax >= 0.11.1,
-and every GEMM meets Mosaic GPU's constraints (`jax_impl.mosaic.backward.unsupported_reason`: M a
-multiple of 16, so no launcher pads and each traced function is the bare kernel call). Elsewhere
-tma/backward.py's Triton kernels train a `mosaic` forward.
+Where: `applies` — the asked impl is `mosaic`, or `auto` whose forward plan runs a Hopper GEMM
+kernel (`mosaic` or `triton_tma`: trained, these GEMMs were faster at every size measured, see
+AUTO_FORWARDS) outside a CUDA graph's preparation, on a Hopper GPU with jax >= 0.11.1, and every
+GEMM meets Mosaic GPU's constraints (`jax_impl.mosaic.backward.unsupported_reason`: M a multiple
+of 16, so no launcher pads and each traced function is the bare kernel call). Elsewhere
+tma/backward.py's Triton kernels train (an explicit triton_tma always: the two can be compared).
 
 No interpreter runs this route (as_torch_kernel needs the GPU): the CPU tests lower every traced
 function for CUDA and run as_torch_kernel's own module check on it; `pytest -m gpu` checks the
@@ -79,6 +80,38 @@ def _outputs(**kw: Any) -> Any:
     return _mosaic("pipeline").Outputs(**kw)
 
 
+# The JAX step decides its tiles once, at trace time; a torch step runs eagerly, so the same
+# decisions (pure Python: ~20 µs for a fitted config, ~6 µs for the step's rule) are cached per
+# shape here instead of paid at every step.
+@functools.lru_cache(maxsize=1024)
+def _fitted(family: str, m: int, n: int, k: int, dtype: str, outputs: Any, **kw: Any) -> Any:
+    """mosaic/backward.py's `fitted_config`: (tiles, outputs with their staging slots)."""
+    return _mosaic("backward").fitted_config(family, m, n, k, dtype, outputs, interpret=False, **kw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _default(family: str, m: int, n: int, k: int, dtype: str) -> TileConfig:
+    """pipeline.default_config: the inference forward's tiles."""
+    return _mosaic("pipeline").default_config(family, m, n, k, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _grouped_tiles(products: tuple[tuple[int, int], ...], m: int) -> TileConfig | None:
+    """mosaic/backward.py's `grouped_config`: the weight gradients' grouped tiles, or None."""
+    return _mosaic("backward").grouped_config(list(products), m, interpret=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _fits(spec: MLPSpec, m: int) -> bool:
+    return _mosaic("backward").unsupported_reason(spec, m) is None
+
+
+def clear_caches() -> None:
+    """Forget the cached tile decisions (a process whose JAX tables change; the tests)."""
+    for cached in (_fitted, _default, _grouped_tiles, _fits, _mosaic):
+        cached.cache_clear()
+
+
 # ==== where it runs ===============================================================================
 def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
     """jax_impl/mosaic/backward.py's rule (imports jax): None where every GEMM of the step can
@@ -86,21 +119,32 @@ def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
     return _mosaic("backward").unsupported_reason(spec, m)
 
 
+# The forward plans whose training `auto` sends here: the Hopper GEMM kernels. Trained, the Mosaic
+# GPU step was faster than the Triton one wherever both were measured, bf16, M = 8192 — H100,
+# fbb09be (this route against the Triton step in one run): hf-blog-geglu 609.9 against 663.5 µs,
+# llama3-8b 11.957 against 12.423 ms; H200, aafb917: the JAX step (these kernels) 573 against the
+# Triton step's 651 µs, 12.71 against 13.00 ms — so `auto` trains here for a triton_tma forward
+# too; an explicit triton_tma keeps its own step.
+AUTO_FORWARDS = ("triton_tma", IMPL)
+
+
 def applies(impl: str, planned: str, spec: MLPSpec, m: int, device: torch.device | str) -> bool:
-    """Whether a training call trains here: `impl` asked, `planned` the forward plan's choice
-    (`auto` inherits it), on a Hopper GPU (custom_op decides before tma/backward.py's `applies`,
-    which a `mosaic` forward falls back to where this is False)."""
-    from ..front import _is_hopper
+    """Whether a training call trains here: `impl` asked, `planned` the forward plan's choice.
+    `mosaic` asked; or `auto` whose forward runs a Hopper GEMM kernel (`AUTO_FORWARDS`) while no
+    CUDA graph is being prepared (as_torch_kernel launches on the default stream: front.graph_safe);
+    on a Hopper GPU, M > 0, every GEMM within Mosaic GPU's rules. custom_op decides before
+    tma/backward.py's `applies`, which such a call falls back to where this is False."""
+    from ..front import _graph_safe, _is_hopper
     from ..runtime import INTERPRET
 
-    if not (impl == IMPL or (impl == AUTO and planned == IMPL)):
+    if not (impl == IMPL or (impl == AUTO and planned in AUTO_FORWARDS and not _graph_safe())):
         return False
     if INTERPRET or torch.device(device).type != "cuda" or not _is_hopper():
         return False
     if m == 0:  # no kernel to call (as_torch_kernel needs one): the Triton step's empty results
         return False
     try:
-        return unsupported_reason(spec, m) is None
+        return _fits(spec, m)
     except ImportError:  # no jax, or one too old for as_torch_kernel: the Triton step trains
         return False
 
@@ -215,7 +259,7 @@ def forward_saving(
     """backward.forward_saving's result for saved="preact" (same residuals and layouts: h_0 = x2d,
     z_0, h_1, …; [M, 0] where a layer keeps no z) from the Mosaic GPU forward kernels, each
     layer's pre-activation stored by its epilogue. Trusts input: the caller checked `applies`."""
-    backward_mod, pipeline = _mosaic("backward"), _mosaic("pipeline")
+    pipeline = _mosaic("pipeline")
     layers = spec.layers()
     last = layers[-1].index
     h = x2d
@@ -230,17 +274,16 @@ def forward_saving(
         operands = [h, w] + [t for t in (b, r) if t is not None]
         flags = (layer.gated, layer.activation, layer.d_out, b is not None, r is not None)
         if store:
-            cfg, outputs = backward_mod.fitted_config(
-                family, m, layer.d_out, layer.d_in, spec.dtype, _outputs(preact=True),
-                interpret=False,
-            )  # fmt: skip
+            cfg, outputs = _fitted(
+                family, m, layer.d_out, layer.d_in, spec.dtype, _outputs(preact=True)
+            )
             h, z = _call(
                 ("saving", *flags, cfg, outputs.slots),
                 lambda f=flags, c=cfg, s=outputs.slots: _saving_function(*f, c, s),
                 operands,
             )
         else:
-            cfg = pipeline.default_config(family, m, layer.d_out, layer.d_in, spec.dtype)
+            cfg = _default(family, m, layer.d_out, layer.d_in, spec.dtype)
             slots = pipeline.PLAIN_OUTPUT.slots
             h = _call(
                 ("plain", *flags, cfg, slots),
@@ -267,15 +310,14 @@ def _gemm(
     """a·b on the Mosaic GPU kernel: a weight gradient hᵀ·dZ (`a` is h [M, K], read M-major) or
     an input gradient dZ·Wᵀ (`b` is W [K, N], read K-major), with the previous layer's act' step
     in the epilogue where `epilogue` says (mosaic/backward.py's `_gemm`, on torch tensors)."""
-    backward_mod, pipeline = _mosaic("backward"), _mosaic("pipeline")
+    pipeline = _mosaic("pipeline")
     m, k = a.shape[::-1] if weight_gradient else a.shape
     n = b.shape[1] if weight_gradient else b.shape[0]
     outputs = _outputs(scale=2 if epilogue == "dact_gated" else 1)
     operands_layout = pipeline.Operands(x_kmajor=weight_gradient, w_kmajor=not weight_gradient)
-    cfg, outputs = backward_mod.fitted_config(
-        "linear_act", m, n, k, spec.dtype, outputs, interpret=False, operands=operands_layout,
-        epilogue=epilogue,
-    )  # fmt: skip
+    cfg, outputs = _fitted(
+        "linear_act", m, n, k, spec.dtype, outputs, operands=operands_layout, epilogue=epilogue
+    )
     flags = (weight_gradient, not weight_gradient, epilogue, activation, cfg, outputs.slots)
     operands = [a, b] + ([z] if z is not None else [])
     return _call(("gemm", *flags), lambda: _gemm_function(*flags), operands)
@@ -302,7 +344,6 @@ def mlp_backward(
     GEMMs. `residuals` (a list) is consumed as tma/backward.py consumes it: each entry None after
     its last use. Trusts input: the caller checked `applies`."""
     check_saved(saved)
-    backward_mod = _mosaic("backward")
     if saved == "inputs":
         _, residuals = forward_saving(residuals[0], params, spec)
     res = residuals if isinstance(residuals, list) else list(residuals)
@@ -313,7 +354,7 @@ def mlp_backward(
     if len(layers) > 1:
         widths = [packed_width(la.d_out) if la.gated else la.d_out for la in reversed(layers)]
         products = [(la.d_in, w) for la, w in zip(reversed(layers), widths, strict=True)]
-        grouped = backward_mod.grouped_config(products, m, interpret=False)
+        grouped = _grouped_tiles(tuple(products), m)
     pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, h, dZ) to group
     grads: dict[str, torch.Tensor | None] = {"x": None}
     top = layers[-1]

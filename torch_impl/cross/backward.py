@@ -103,7 +103,7 @@ def _grouped_tiles(products: tuple[tuple[int, int], ...], m: int) -> TileConfig 
 
 @functools.lru_cache(maxsize=256)
 def _fits(spec: MLPSpec, m: int) -> bool:
-    return _mosaic("backward").unsupported_reason(spec, m) is None
+    return unsupported_reason(spec, m) is None
 
 
 def clear_caches() -> None:

@@ -50,12 +50,11 @@ from typing import Any
 import torch
 
 from fusedmlp.common.config import TileConfig
-from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.registry import AUTO
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.common.validate import check_saved
 
 from .. import backward as portable
+from ..tma.backward import StepKernels, run_step
 from .linear_act import (
     IMPL,
     MOSAIC_PACKAGE,
@@ -324,11 +323,36 @@ def _gemm(
 
 
 def _grouped(
-    hs: Sequence[torch.Tensor], dzs: Sequence[torch.Tensor], config: TileConfig
+    hs: Sequence[torch.Tensor], dzs: Sequence[torch.Tensor], config: TileConfig, spec: MLPSpec
 ) -> tuple[torch.Tensor, ...]:
+    """Every hᵢᵀ·dZᵢ from one grouped launch (h read M-major in place)."""
     count = len(hs)
     out = _call(("grouped", count, config), lambda: _grouped_function(count, config), [*hs, *dzs])
     return tuple(out)
+
+
+# ---- this module's kernels for tma/backward.py's `run_step` (module globals looked up per call) --
+def _saving_forward(x2d: torch.Tensor, params: Mapping[str, torch.Tensor], spec: MLPSpec) -> Any:
+    return forward_saving(x2d, params, spec)
+
+
+def _step_grouped_tiles(
+    products: list[tuple[int, int]], m: int, spec: MLPSpec
+) -> TileConfig | None:
+    return _grouped_tiles(tuple(products), m)
+
+
+def _weight_gradient(h: torch.Tensor, dz: torch.Tensor, spec: MLPSpec) -> torch.Tensor:
+    return _gemm(h, dz, spec, weight_gradient=True)
+
+
+def _input_gradient(dz: torch.Tensor, w: torch.Tensor, spec: MLPSpec, **epilogue: Any) -> Any:
+    return _gemm(dz, w, spec, weight_gradient=False, **epilogue)
+
+
+MOSAIC_KERNELS = StepKernels(
+    _saving_forward, _step_grouped_tiles, _weight_gradient, _input_gradient, _grouped
+)
 
 
 def mlp_backward(
@@ -341,62 +365,7 @@ def mlp_backward(
     need_dx: bool = True,
 ) -> dict[str, torch.Tensor | None]:
     """backward.mlp_backward's result (same arguments, names and layouts) from the Mosaic GPU
-    GEMMs. `residuals` (a list) is consumed as tma/backward.py consumes it: each entry None after
-    its last use. Trusts input: the caller checked `applies`."""
-    check_saved(saved)
-    if saved == "inputs":
-        _, residuals = forward_saving(residuals[0], params, spec)
-    res = residuals if isinstance(residuals, list) else list(residuals)
-    del residuals
-    layers = spec.layers()
-    m = dy2d.shape[0]
-    grouped = None
-    if len(layers) > 1:
-        widths = [packed_width(la.d_out) if la.gated else la.d_out for la in reversed(layers)]
-        products = [(la.d_in, w) for la, w in zip(reversed(layers), widths, strict=True)]
-        grouped = _grouped_tiles(tuple(products), m)
-    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, h, dZ) to group
-    grads: dict[str, torch.Tensor | None] = {"x": None}
-    top = layers[-1]
-    if portable._stores_preact(top):  # no GEMM before it: backward.py's elementwise act' step
-        cfg = portable._config(
-            spec, "gated" if top.gated else "linear_act", m, top.d_out, top.d_in, None
-        )
-        dz = portable.dact_fwd(
-            dy2d, res[-1], activation=top.activation, gated=top.gated, config=cfg
-        )
-    else:
-        dz = dy2d
-    res[-1] = None
-    for layer in reversed(layers):
-        i = layer.index
-        wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
-        w = params[wname]
-        if grouped is None:
-            grads[wname] = _gemm(res[2 * i], dz, spec, weight_gradient=True).to(w.dtype)
-        else:
-            pending.append((wname, res[2 * i], dz))
-        prev = layers[i - 1] if i > 0 else None
-        out = res[2 * i] if prev is not None and portable._dact_from_output(prev) else None
-        res[2 * i] = None
-        if layer.bias:
-            grads[bname] = dz.sum(0, dtype=torch.float32).to(params[bname].dtype)
-        if i == 0 and not need_dx:
-            break
-        if prev is None or not (portable._stores_preact(prev) or out is not None):
-            dz = _gemm(dz, w, spec, weight_gradient=False)
-        else:
-            z = out if out is not None else res[2 * i - 1]
-            dz = _gemm(
-                dz, w, spec, weight_gradient=False,
-                epilogue="dact_gated" if prev.gated else "dact", z=z, activation=prev.activation,
-            )  # fmt: skip
-            res[2 * i - 1] = z = out = None  # z_{i-1} (or relu's h_i): read by this epilogue only
-        if i == 0:
-            grads["x"] = dz
-    if pending:
-        names, hs, dzs = zip(*pending, strict=True)
-        pending.clear()
-        dws = _grouped(hs, dzs, grouped)
-        grads.update((n, dw.to(params[n].dtype)) for n, dw in zip(names, dws, strict=True))
-    return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}
+    GEMMs: tma/backward.py's `run_step` (the Triton step's orchestration) on `MOSAIC_KERNELS`.
+    `residuals` (a list) is consumed: each entry None after its last use. Trusts input: the caller
+    checked `applies`."""
+    return run_step(dy2d, residuals, params, spec, MOSAIC_KERNELS, saved=saved, need_dx=need_dx)

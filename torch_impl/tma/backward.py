@@ -39,6 +39,10 @@ Tiles: `step_config` — the committed sweep's entry for the GEMM's kind and sha
 by common.tiling.step_gemm_kind, as the Mosaic GPU sibling's table), else the forward heuristic's
 (backward.py `_heuristic`), for the saving forward's gated layers too.
 
+The step's orchestration, `run_step`, is written once for both of torch's Hopper steps: it asks a
+`StepKernels` for each GEMM — this module's `TMA_KERNELS`, or cross/backward.py's `MOSAIC_KERNELS`
+(the Mosaic GPU GEMMs through as_torch_kernel, where `front.hopper_route` sends a call).
+
 Sibling: jax_impl/mosaic/backward.py (the same step on Mosaic GPU kernels, the same table format,
 the weight gradients grouped by the same rule). One difference: there the act' step's result takes
 the saved z's buffer (a jax Ref the kernel writes over, which XLA aliases where z dies); here it is
@@ -53,7 +57,7 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,27 +177,45 @@ def _gemm(
     )  # fmt: skip
 
 
-def mlp_backward(
+@dataclasses.dataclass(frozen=True)
+class StepKernels:
+    """The kernels one Hopper training step runs, for `run_step` (the one orchestration of both
+    Hopper steps: this module's Triton TMA GEMMs, `TMA_KERNELS`, and cross/backward.py's Mosaic
+    GPU ones). Each takes the step's tensors as they lie (h [M, K], W [K, N]) and the spec."""
+
+    saving_forward: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+    """(x2d, params, spec) -> (y, residuals of saved="preact"): the "inputs" policy's recompute"""
+    grouped_tiles: Callable[[list[tuple[int, int]], int, MLPSpec], TileConfig | None]
+    """(each weight gradient's (M, N), K, spec) -> tiles for one grouped launch, or None"""
+    weight_gradient: Callable[[torch.Tensor, torch.Tensor, MLPSpec], torch.Tensor]
+    """(h, dZ, spec) -> hᵀ·dZ"""
+    input_gradient: Callable[..., torch.Tensor]
+    """(dZ, W, spec, epilogue=, z=, activation=) -> dZ·Wᵀ, the act' step in its epilogue"""
+    grouped: Callable[..., Sequence[torch.Tensor]]
+    """(hs, dZs, tiles, spec) -> every hᵢᵀ·dZᵢ from one launch"""
+
+
+def run_step(
     dy2d: torch.Tensor,
-    residuals: tuple[torch.Tensor, ...],
+    residuals: tuple[torch.Tensor, ...] | list[torch.Tensor | None],
     params: Mapping[str, torch.Tensor],
     spec: MLPSpec,
+    kernels: StepKernels,
     *,
     saved: str,
     need_dx: bool = True,
     grouped: TileConfig | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """backward.mlp_backward's result (same arguments, same names and layouts) from the TMA GEMMs.
-    Trusts input: the caller checked `unsupported_reason(spec, M)`.
+    """backward.mlp_backward's result (same arguments, names and layouts) from `kernels`. Trusts
+    input: the caller checked that they take this step.
 
-    The weight gradients run apart, each after its dZ, or — where `grouped_config` has measured
-    tiles for them, or `grouped` gives tiles — all together at the end, one grouped launch
-    (`linear_act.linear_grouped`), which keeps every layer's h and dZ until then."""
+    The weight gradients run apart, each after its dZ, or — where `kernels.grouped_tiles` has
+    measured tiles for them, or `grouped` gives tiles — all together at the end, one grouped
+    launch, which keeps every layer's h and dZ until then. A `residuals` list is consumed (each
+    entry None after its last use), as backward.mlp_backward consumes it."""
     check_saved(saved)
     if saved == "inputs":
-        _, residuals = portable.forward_saving(
-            residuals[0], params, spec, saved="preact", hopper=True
-        )
+        _, residuals = kernels.saving_forward(residuals[0], params, spec)
     res = residuals if isinstance(residuals, list) else list(residuals)  # consumed, as there
     del residuals
     layers = spec.layers()
@@ -201,11 +223,11 @@ def mlp_backward(
     if grouped is None and len(layers) > 1:
         widths = [packed_width(la.d_out) if la.gated else la.d_out for la in reversed(layers)]
         products = [(la.d_in, w) for la, w in zip(reversed(layers), widths, strict=True)]
-        grouped = grouped_config(products, m, spec.dtype)
-    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, hᵀ, dZ) to group
+        grouped = kernels.grouped_tiles(products, m, spec)
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, h, dZ) to group
     grads: dict[str, torch.Tensor | None] = {"x": None}
     top = layers[-1]
-    if portable._stores_preact(top):
+    if portable._stores_preact(top):  # no GEMM before it: backward.py's elementwise act' step
         cfg = portable._config(
             spec, "gated" if top.gated else "linear_act", m, top.d_out, top.d_in, None
         )
@@ -220,9 +242,9 @@ def mlp_backward(
         wname, bname = (f"wv{i}", f"bc{i}") if layer.gated else (f"w{i}", f"b{i}")
         w = params[wname]
         if grouped is None:
-            grads[wname] = _gemm(res[2 * i].t(), dz, spec, weight_gradient=True).to(w.dtype)
+            grads[wname] = kernels.weight_gradient(res[2 * i], dz, spec).to(w.dtype)
         else:
-            pending.append((wname, res[2 * i].t(), dz))
+            pending.append((wname, res[2 * i], dz))
         prev = layers[i - 1] if i > 0 else None
         # h_i: read by this weight gradient and, after a relu layer, by its act' step below
         out = res[2 * i] if prev is not None and portable._dact_from_output(prev) else None
@@ -233,23 +255,71 @@ def mlp_backward(
             break
         # dh = dZ·Wᵀ, with the previous layer's act' step in the epilogue (dh is its dout)
         if prev is None or not (portable._stores_preact(prev) or out is not None):
-            dz = _gemm(dz, w.t(), spec, weight_gradient=False)
+            dz = kernels.input_gradient(dz, w, spec)
         else:
             epilogue = "dact_gated" if prev.gated else "dact"
             z = out if out is not None else res[2 * i - 1]
-            dz = _gemm(
-                dz, w.t(), spec, weight_gradient=False, epilogue=epilogue, z=z,
-                activation=prev.activation,
-            )  # fmt: skip
+            dz = kernels.input_gradient(
+                dz, w, spec, epilogue=epilogue, z=z, activation=prev.activation
+            )
             res[2 * i - 1] = z = out = None  # z_{i-1} (or relu's h_i): read by this epilogue only
         if i == 0:
             grads["x"] = dz
     if pending:
-        names, hts, dzs = zip(*pending, strict=True)
+        names, hs, dzs = zip(*pending, strict=True)
         pending.clear()
-        dws = linear_grouped(hts, dzs, config=grouped, fp32_precision=spec.fp32_precision)
+        dws = kernels.grouped(hs, dzs, grouped, spec)
         grads.update((n, dw.to(params[n].dtype)) for n, dw in zip(names, dws, strict=True))
     return {"x": grads["x"], **{k: grads[k] for k in packed_names(spec)}}
+
+
+# ---- this module's kernels for `run_step` (module globals looked up per call: tests pin them) ---
+Tensor = torch.Tensor
+
+
+def _saving_forward(x2d: Tensor, params: Mapping[str, Tensor], spec: MLPSpec) -> Any:
+    return portable.forward_saving(x2d, params, spec, saved="preact", hopper=True)
+
+
+def _grouped_tiles(products: list[tuple[int, int]], m: int, spec: MLPSpec) -> TileConfig | None:
+    return grouped_config(products, m, spec.dtype)
+
+
+def _weight_gradient(h: Tensor, dz: Tensor, spec: MLPSpec) -> Tensor:
+    return _gemm(h.t(), dz, spec, weight_gradient=True)  # hᵀ: a view, read M-major in place
+
+
+def _input_gradient(dz: Tensor, w: Tensor, spec: MLPSpec, **epilogue: Any) -> Tensor:
+    return _gemm(dz, w.t(), spec, weight_gradient=False, **epilogue)  # Wᵀ: K-major in place
+
+
+def _grouped(hs: Sequence[Tensor], dzs: Sequence[Tensor], config: TileConfig, spec: MLPSpec) -> Any:
+    hts = [h.t() for h in hs]
+    return linear_grouped(hts, dzs, config=config, fp32_precision=spec.fp32_precision)
+
+
+TMA_KERNELS = StepKernels(
+    _saving_forward, _grouped_tiles, _weight_gradient, _input_gradient, _grouped
+)
+
+
+def mlp_backward(
+    dy2d: torch.Tensor,
+    residuals: tuple[torch.Tensor, ...] | list[torch.Tensor | None],
+    params: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+    *,
+    saved: str,
+    need_dx: bool = True,
+    grouped: TileConfig | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """backward.mlp_backward's result (same arguments, same names and layouts) from the TMA GEMMs
+    (`run_step` on `TMA_KERNELS`). Trusts input: the caller checked `unsupported_reason(spec, M)`.
+    `grouped`: tiles for the weight gradients' one grouped launch (else the committed table's
+    `grouped_config`, else apart)."""
+    return run_step(
+        dy2d, residuals, params, spec, TMA_KERNELS, saved=saved, need_dx=need_dx, grouped=grouped
+    )
 
 
 # The asked impls whose training runs this backward on Hopper: `auto` and the Hopper kernels,

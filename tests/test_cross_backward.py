@@ -8,8 +8,8 @@ No interpreter runs as_torch_kernel, so the CPU proves what can be proven withou
   checks against the float64 reference under the Mosaic GPU interpreter;
 - every function handed to as_torch_kernel lowers for CUDA to the one bare Mosaic GPU call that
   as_torch_kernel accepts (its own module check).
-`pytest -m gpu` (tests/test_cross_stack_gpu.py) runs the step: gradients against the float64
-reference, and bit for bit against the JAX step's.
+`pytest -m gpu` runs the step (`test_gpu_step_gives_the_jax_steps_bits`, below): gradients against
+the float64 reference, and bit for bit against the JAX step's.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def on_hopper(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     monkeypatch.setattr(runtime, "INTERPRET", False)
     monkeypatch.setattr(tma_backward, "INTERPRET", False)
     monkeypatch.setattr(cross, "as_torch_kernel", lambda: None)
+    monkeypatch.setattr(cross, "unavailable_reason", lambda: None)  # jax runs on "the GPU"
     cross.clear_caches()  # the tests below change the JAX step's tile rules
     yield monkeypatch
     cross.clear_caches()
@@ -89,12 +90,10 @@ def test_route_takes_the_mosaic_step_where_it_applies(on_hopper: pytest.MonkeyPa
     assert route("mosaic", "mosaic", spec, 0, "cuda", None) == "tma"  # no kernel to call
     assert not cross.applies("triton", "triton", spec, m, "cuda")
 
-    def too_old() -> None:
-        raise ImportError("jax 0.10.2 is too old for as_torch_kernel")
-
-    on_hopper.setattr(cross, "as_torch_kernel", too_old)
-    cross.clear_caches()  # as in a process whose jax is too old
+    assert route("mosaic", "mosaic", spec.replace(dtype="float32"), m, "cuda", None) == "tma"
+    on_hopper.setattr(cross, "unavailable_reason", lambda: "jax 0.10.2 is too old")
     assert route("mosaic", "mosaic", spec, m, "cuda", None) == "tma"
+    assert route("auto", "triton_tma", spec, m, "cuda", None) == "tma"
 
 
 def test_training_plan_names_the_route(on_hopper: pytest.MonkeyPatch) -> None:
@@ -116,6 +115,7 @@ def test_operands_reach_the_kernel_dense_and_aligned(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(cross, "_launch", lambda kernel, operands, device: seen.extend(operands))
     storage = torch.arange(1 + 32 * 48, dtype=torch.float32).to(torch.bfloat16)
     shifted = storage[1:].view(32, 48)
+    assert shifted.data_ptr() % 16 != 0  # really misaligned: 2 bytes in
     transposed = torch.ones(80, 48, dtype=torch.bfloat16).t()
     aligned = torch.ones(48, 80, dtype=torch.bfloat16)
     cross._call(("test",), None, [shifted, transposed, aligned])
@@ -235,6 +235,7 @@ def test_step_launches_the_jax_steps_kernels(
     if grouped:
         on_hopper.setattr(jax_step, "grouped_config", lambda products, k, *, interpret: GROUPED)
     jax_calls, torch_calls, _ = _steps(spec, m, saved, on_hopper, recorded)
+    assert len(jax_calls) >= 2 * len(spec.layers())  # the recording works: forwards and GEMMs
     assert [c[:2] for c in torch_calls] == [c[:2] for c in jax_calls]
     assert not any(c[2] for c in torch_calls)
     names = [c[0] for c in torch_calls]
@@ -260,7 +261,7 @@ def test_traced_functions_are_one_kernel_call(
             continue
         seen.add(key)
         call = mosaic_gpu_call(fn, structs)
-        assert len(list(call.operands)) >= len(structs), key
+        assert len(list(call.operands)) == len(structs), key
 
 
 def test_tiles_are_the_jax_steps_decided_once_per_shape(on_hopper: pytest.MonkeyPatch) -> None:
@@ -355,3 +356,42 @@ def test_gpu_step_gives_the_jax_steps_bits(case) -> None:
 
     base = _eager_grads(spec, x.cuda(), {k: v.cuda() for k, v in params.items()}, dy.cuda())
     assert_grads_close(got, _reference(spec, x, params, dy), spec, baselines=base, what=str(spec))
+
+
+def test_backward_op_in_a_capture_runs_the_triton_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward op's route comes from the forward; a compiled graph fixes it at trace time,
+    before any CUDA graph capture. Inside a capture (`graph_safe`) a "mosaic" route runs the
+    Triton step on the same residuals (as_torch_kernel's launch cannot be recorded); outside it
+    the Mosaic GPU step; "tma" the Triton step; any other route string is refused."""
+    from fusedmlp.torch_impl import custom_op
+    from fusedmlp.torch_impl.tma import backward as tma_backward
+
+    spec, m = CASES[0]
+    x, params, dy = _torch_inputs(spec, m)
+    spec_json = custom_op.spec_to_json(spec)
+    names = custom_op.names_for(spec_json, True)
+    ran: list[str] = []
+
+    def stand_in(step: str):
+        def run(dy2d, residuals, params, spec, *, saved, need_dx):
+            ran.append(step)
+            grads = {"x": torch.zeros_like(x)} | {n: torch.zeros_like(params[n]) for n in names}
+            return grads
+
+        return run
+
+    monkeypatch.setattr(cross, "mlp_backward", stand_in("mosaic"))
+    monkeypatch.setattr(tma_backward, "mlp_backward", stand_in("tma"))
+    kept = [torch.empty(s) for s in custom_op._preact_shapes(spec, m)]
+
+    def backward(route: str) -> None:
+        listed = [params[n] for n in names]
+        custom_op._mlp_backward_op(dy, x, kept, listed, spec_json, None, "preact", True, route)
+
+    backward("mosaic")
+    backward("tma")
+    with front.graph_safe():
+        backward("mosaic")
+    assert ran == ["mosaic", "tma", "tma"]
+    with pytest.raises(ValueError, match="hopper: expected"):
+        backward("tmaa")

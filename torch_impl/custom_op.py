@@ -39,8 +39,9 @@ whole=False) -> Tensor[]` ([dx, d params in the list's order and layout]; backwa
 or with `whole` — decided at the forward: impl fused_small, or auto resolved to it, on a spec it
 takes — fused_small_backward.py's whole-MLP backward, or with `hopper` "tma" — an sm_90 GPU, impl
 auto or a Hopper one, no pinned config, the 16-byte rule met — tma/backward.py's persistent TMA
-GEMMs, or with `hopper` "mosaic" — a `mosaic` forward, asked or auto's, whose GEMMs Mosaic GPU
-takes — cross/backward.py's Mosaic GPU GEMMs; front.hopper_route decides for both ops).
+GEMMs, or with `hopper` "mosaic" — impl mosaic, or auto planning a Hopper GEMM kernel, where
+Mosaic GPU takes every GEMM — cross/backward.py's Mosaic GPU GEMMs; front.hopper_route decides for
+both ops).
 Both have fakes, so torch.compile(fullgraph=True) traces forward and backward as two opaque
 nodes. `mlp()` and FusedMLP call the training op where a gradient is to be built (`train_call`:
 in eager mode the same forward and backward as one torch.autograd.Function, without the ops'
@@ -305,10 +306,15 @@ def _backward_impl(
         grads = fused_small_backward.mlp_backward(
             *args, saved=saved, config=parse_config(config_json), need_dx=need_dx
         )
-    elif hopper == "mosaic":  # decided at the forward (`_hopper_backward`): Mosaic GPU GEMMs
+    elif hopper == "mosaic" and not front._graph_safe():
+        # decided at the forward (`_hopper_backward`): the Mosaic GPU GEMMs
         grads = cross_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
-    elif hopper:  # "tma", decided alike: the persistent Triton TMA GEMMs
+    elif hopper in ("tma", "mosaic"):  # decided alike: the persistent Triton TMA GEMMs; also a
+        # "mosaic" step inside a CUDA graph's capture (a compiled graph decides at trace time,
+        # before any capture; as_torch_kernel's launch cannot be recorded): the same residuals
         grads = tma_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
+    elif hopper:
+        raise ValueError(f"hopper: expected '', 'tma' or 'mosaic', got {hopper!r}")
     else:
         grads = backward.mlp_backward(
             *args, saved=saved, config=parse_config(config_json), need_dx=need_dx

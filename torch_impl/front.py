@@ -26,9 +26,9 @@ never loses to the unfused code — and the plan quotes the measurement. Elsewhe
 
 Training (issue 24): where autograd would record the call, `mlp` goes through the registered
 training op (custom_op.py) with the `saved=` policy; `training_forward` is its forward ("preact":
-backward.forward_saving, the portable saving kernels whatever impl was asked for; "inputs": the
-asked impl, x kept), `plan(..., saved=)` says so with the bytes kept. Baselines train through
-torch autograd.
+a saving forward — fused_small's own, the Mosaic GPU or Triton TMA kernels on Hopper as
+`hopper_route` says, else backward.py's portable ones; "inputs": the asked impl, x kept),
+`plan(..., saved=)` says which, with the bytes kept. Baselines train through torch autograd.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def plan(
 
     `saved` (a policy of common.config.SAVED_POLICIES): the plan of a TRAINING call — its reason
     names the policy, the bytes it keeps for the backward (`cost.saved_bytes`) and, for "preact",
-    that the saving forward runs the portable kernels whatever impl was asked for (backward.py).
+    which kernels the saving forward and the backward run (`hopper_route` on Hopper).
     Raises NotImplementedError when an explicitly requested `impl` cannot take this spec (the
     message names the constraint, the value and the fallback); `auto` never does.
     """
@@ -712,7 +712,8 @@ def training_forward(
     saved: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The training op's forward (custom_op.py): (y, residuals without x) under policy `saved`.
-    "preact": backward.forward_saving (the portable saving kernels), or for fused_small its own
+    "preact": backward.forward_saving (the portable saving kernels; on Hopper, as `hopper_route`
+    says, the Triton TMA or the Mosaic GPU ones), or for fused_small its own
     saving forward (fused_small_backward.py, the same residuals); "inputs": the asked impl
     (`forward`), nothing saved but x (which the op keeps as its input)."""
     check_saved(saved)
@@ -746,7 +747,12 @@ def training_forward(
 
 
 def hopper_route(
-    impl: str, planned: str, spec: MLPSpec, m: Any, device: Any, config: TileConfig | None
+    impl: str,
+    planned: str,
+    spec: MLPSpec,
+    m: int | torch.SymInt,
+    device: torch.device | str,
+    config: TileConfig | None,
 ) -> str:
     """Which step trains a call of the asked `impl` whose forward plan runs `planned`: "mosaic"
     (the Mosaic GPU GEMMs on torch tensors, cross/backward.py: `mosaic` asked, or `auto` planning
@@ -754,10 +760,15 @@ def hopper_route(
     step, cross/backward.py `AUTO_FORWARDS`), "tma" (the Triton TMA GEMMs, tma/backward.py:
     `auto` and the Hopper impls elsewhere on Hopper, triton_tma asked) or "" (backward.py's
     portable kernels; also wherever a config is pinned). The saving forward (`training_forward`)
-    and the backward (custom_op) ask alike."""
+    and the backward (custom_op) ask alike — in eager mode at the same call; under torch.compile
+    the backward's route is fixed at trace time, where a symbolic M (dynamic shapes) keeps the
+    Triton step while the compiled forward, called with a concrete M, may take the Mosaic GPU
+    kernels: both steps read and write the same residuals in the same layouts, so the mix is
+    correct, only not the JAX step's bits."""
     if config is not None:
         return ""
     _, _, tma_backward, cross_backward = _training_modules()
+    # a SymInt M (dynamic shapes under a trace) cannot key the route's caches: the Triton step
     if isinstance(m, int) and cross_backward.applies(impl, planned, spec, m, device):
         return "mosaic"
     return "tma" if tma_backward.applies(impl, spec, m, device) else ""

@@ -54,6 +54,7 @@ from fusedmlp.common.registry import AUTO
 from fusedmlp.common.spec import MLPSpec
 
 from .. import backward as portable
+from .. import front, runtime
 from ..tma.backward import StepKernels, run_step
 from .linear_act import (
     IMPL,
@@ -62,6 +63,7 @@ from .linear_act import (
     _usable,
     as_torch_kernel,
     compiled_kernel,
+    unavailable_reason,
 )
 
 FAMILY = "backward"
@@ -106,7 +108,8 @@ def _fits(spec: MLPSpec, m: int) -> bool:
 
 
 def clear_caches() -> None:
-    """Forget the cached tile decisions (a process whose JAX tables change; the tests)."""
+    """Forget the cached tile decisions and modules (the tests, which change the JAX step's tile
+    rules; jax_impl/mosaic/backward.py caches its tables apart)."""
     for cached in (_fitted, _default, _grouped_tiles, _fits, _mosaic):
         cached.cache_clear()
 
@@ -127,25 +130,27 @@ def unsupported_reason(spec: MLPSpec, m: int) -> str | None:
 AUTO_FORWARDS = ("triton_tma", IMPL)
 
 
+MOSAIC_DTYPES = ("float16", "bfloat16")  # wgmma's 16-bit inputs (pipeline.SUPPORTED_DTYPES)
+
+
 def applies(impl: str, planned: str, spec: MLPSpec, m: int, device: torch.device | str) -> bool:
     """Whether a training call trains here: `impl` asked, `planned` the forward plan's choice.
     `mosaic` asked; or `auto` whose forward runs a Hopper GEMM kernel (`AUTO_FORWARDS`) while no
     CUDA graph is being prepared (as_torch_kernel launches on the default stream: front.graph_safe);
-    on a Hopper GPU, M > 0, every GEMM within Mosaic GPU's rules. custom_op decides before
-    tma/backward.py's `applies`, which such a call falls back to where this is False."""
-    from ..front import _graph_safe, _is_hopper
-    from ..runtime import INTERPRET
-
-    if not (impl == IMPL or (impl == AUTO and planned in AUTO_FORWARDS and not _graph_safe())):
+    on a Hopper GPU, with jax able to run there (`unavailable_reason`: asked once a process), M a
+    positive multiple of 16 and every GEMM within Mosaic GPU's rules. front.hopper_route asks this
+    before tma/backward.py's `applies`, which such a call falls back to where this is False."""
+    asked = impl == IMPL
+    chosen = impl == AUTO and planned in AUTO_FORWARDS and not front._graph_safe()
+    if not (asked or chosen):
         return False
-    if INTERPRET or torch.device(device).type != "cuda" or not _is_hopper():
+    if runtime.INTERPRET or torch.device(device).type != "cuda" or not front._is_hopper():
         return False
-    if m == 0:  # no kernel to call (as_torch_kernel needs one): the Triton step's empty results
+    # the cheap refusals first: no jax import for a float32 spec or an M Mosaic GPU cannot take
+    # (M = 0: no kernel to call, and as_torch_kernel needs one)
+    if spec.dtype not in MOSAIC_DTYPES or m <= 0 or m % 16:
         return False
-    try:
-        return _fits(spec, m)
-    except ImportError:  # no jax, or one too old for as_torch_kernel: the Triton step trains
-        return False
+    return unavailable_reason() is None and _fits(spec, m)
 
 
 # ==== traced functions (each one bare Mosaic GPU call) ============================================
@@ -332,7 +337,9 @@ def _grouped(
 
 
 # ---- this module's kernels for tma/backward.py's `run_step` (module globals looked up per call) --
-def _saving_forward(x2d: torch.Tensor, params: Mapping[str, torch.Tensor], spec: MLPSpec) -> Any:
+def _saving_forward(
+    x2d: torch.Tensor, params: Mapping[str, torch.Tensor], spec: MLPSpec
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     return forward_saving(x2d, params, spec)
 
 
@@ -346,7 +353,9 @@ def _weight_gradient(h: torch.Tensor, dz: torch.Tensor, spec: MLPSpec) -> torch.
     return _gemm(h, dz, spec, weight_gradient=True)
 
 
-def _input_gradient(dz: torch.Tensor, w: torch.Tensor, spec: MLPSpec, **epilogue: Any) -> Any:
+def _input_gradient(
+    dz: torch.Tensor, w: torch.Tensor, spec: MLPSpec, **epilogue: Any
+) -> torch.Tensor:
     return _gemm(dz, w, spec, weight_gradient=False, **epilogue)
 
 

@@ -30,7 +30,6 @@ Twin: none — the JAX front calls jax_impl/mosaic/fused_small.py directly.
 from __future__ import annotations
 
 import functools
-import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -42,34 +41,20 @@ from fusedmlp.common.spec import MLPSpec
 from .linear_act import (
     MOSAIC_PACKAGE,
     MosaicLaunch,
-    as_torch_kernel,
     compiled_kernel,
     mosaic_module,
     pad1d,
     pad2d,
     run,
 )
+from .linear_act import (  # re-exported: torch_impl/fused_small.py asks it here, the tests pin it
+    unavailable_reason as unavailable_reason,
+)
 
 FAMILY = "fused_small"
 
 
 # ==== where this route can run ====================================================================
-@functools.cache
-def unavailable_reason() -> str | None:
-    """None when this process can run the sibling from torch (jax >= 0.11.1 with its CUDA
-    backend), else why not: torch's fused_small then keeps its Triton kernel. Asked once (it
-    imports jax and starts its GPU client, without the memory pool: linear_act.as_torch_kernel)."""
-    try:
-        as_torch_kernel()
-        jax = importlib.import_module("jax")
-        backend = jax.default_backend()
-    except Exception as err:  # whatever stops jax here, the Triton kernel runs instead
-        return f"{MOSAIC_PACKAGE}'s kernels cannot run from torch here: {err}"
-    if backend != "gpu":
-        return f"jax has no GPU backend here (its default backend is {backend!r})"
-    return None
-
-
 def sibling_config(spec: MLPSpec, m: int) -> Any:
     """The sibling's default tiles for this spec (jax_impl.mosaic.fused_small.default_config):
     what the front's plan records as the launch's config, which pins this route."""

@@ -95,6 +95,24 @@ def as_torch_kernel() -> Callable[[Callable], Callable]:
     return plgpu.as_torch_kernel
 
 
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when this process can run the Mosaic GPU kernels from torch (jax >= 0.11.1 with its
+    CUDA backend), else why not: a route that `auto` takes by itself (fused_small's sibling, the
+    training step of cross/backward.py) then keeps its Triton kernels. Asked once (it imports jax
+    and starts its GPU client, without the memory pool: `as_torch_kernel`); a failure is cached
+    too, so a process without jax does not retry the import at every call."""
+    try:
+        as_torch_kernel()
+        jax = importlib.import_module("jax")
+        backend = jax.default_backend()
+    except Exception as err:  # whatever stops jax here, the Triton kernels run instead
+        return f"{MOSAIC_PACKAGE}'s kernels cannot run from torch here: {err}"
+    if backend != "gpu":
+        return f"jax has no GPU backend here (its default backend is {backend!r})"
+    return None
+
+
 def mosaic_module(family: str) -> Any:
     """jax_impl's Mosaic GPU module of `family` (imports jax)."""
     return importlib.import_module(f"{MOSAIC_PACKAGE}.{family}")

@@ -27,9 +27,10 @@ output columns (the z tile it loads: common.tiling.cap_for_preact), as the porta
 the table says so it runs in column halves, two programs an SM (linear_act.py's launcher: on an
 H100, hf-blog's gated act' step 174.9 → 151.7 µs).
 
-Used by custom_op's backward on an sm_90 GPU when the forward's impl is `auto` or a Hopper impl
-(`triton_tma`, `mosaic`) and every operand meets TMA's 16-byte rule (`unsupported_reason`);
-otherwise backward.py's portable kernels run. The saving forward ("preact") is backward.py's
+Used by custom_op's backward on an sm_90 GPU when the asked impl is `triton_tma`, or `auto` or
+`mosaic` where the Mosaic GPU step (cross/backward.py) does not take the call (front.hopper_route
+asks that first), and every operand meets TMA's 16-byte rule (`unsupported_reason`); otherwise
+backward.py's portable kernels run. The saving forward ("preact") is backward.py's
 `forward_saving`, with `hopper=True` here (gated layers and those that keep no pre-activation —
 identity, relu — on the TMA kernels). Runs under TRITON_INTERPRET=1 too
 (tests/test_backward_torch.py, tests/test_relu_from_output.py).
@@ -274,10 +275,9 @@ def run_step(
 
 
 # ---- this module's kernels for `run_step` (module globals looked up per call: tests pin them) ---
-Tensor = torch.Tensor
-
-
-def _saving_forward(x2d: Tensor, params: Mapping[str, Tensor], spec: MLPSpec) -> Any:
+def _saving_forward(
+    x2d: torch.Tensor, params: Mapping[str, torch.Tensor], spec: MLPSpec
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     return portable.forward_saving(x2d, params, spec, saved="preact", hopper=True)
 
 
@@ -285,15 +285,19 @@ def _grouped_tiles(products: list[tuple[int, int]], m: int, spec: MLPSpec) -> Ti
     return grouped_config(products, m, spec.dtype)
 
 
-def _weight_gradient(h: Tensor, dz: Tensor, spec: MLPSpec) -> Tensor:
+def _weight_gradient(h: torch.Tensor, dz: torch.Tensor, spec: MLPSpec) -> torch.Tensor:
     return _gemm(h.t(), dz, spec, weight_gradient=True)  # hᵀ: a view, read M-major in place
 
 
-def _input_gradient(dz: Tensor, w: Tensor, spec: MLPSpec, **epilogue: Any) -> Tensor:
+def _input_gradient(
+    dz: torch.Tensor, w: torch.Tensor, spec: MLPSpec, **epilogue: Any
+) -> torch.Tensor:
     return _gemm(dz, w.t(), spec, weight_gradient=False, **epilogue)  # Wᵀ: K-major in place
 
 
-def _grouped(hs: Sequence[Tensor], dzs: Sequence[Tensor], config: TileConfig, spec: MLPSpec) -> Any:
+def _grouped(
+    hs: Sequence[torch.Tensor], dzs: Sequence[torch.Tensor], config: TileConfig, spec: MLPSpec
+) -> tuple[torch.Tensor, ...]:
     hts = [h.t() for h in hs]
     return linear_grouped(hts, dzs, config=config, fp32_precision=spec.fp32_precision)
 
@@ -330,9 +334,10 @@ IMPLS = ("auto", "triton_tma", "mosaic")
 
 
 def applies(impl: str, spec: MLPSpec, m: int, device: torch.device | str) -> bool:
-    """Whether the training op's backward runs here: a Hopper GPU (not the interpreter), an
-    asked impl in IMPLS (an explicit portable impl keeps its own backward, so the two can be
-    compared), and every operand meeting the 16-byte rule."""
+    """Whether the training op's backward can run here (front.hopper_route asks it after the
+    Mosaic GPU step's `applies`): a Hopper GPU (not the interpreter), an asked impl in IMPLS (an
+    explicit portable impl keeps its own backward, so the two can be compared), and every
+    operand meeting the 16-byte rule."""
     from ..front import _is_hopper
 
     if impl not in IMPLS or INTERPRET or torch.device(device).type != "cuda":

@@ -96,6 +96,38 @@ def test_route_takes_the_mosaic_step_where_it_applies(on_hopper: pytest.MonkeyPa
     assert route("auto", "triton_tma", spec, m, "cuda", None) == "tma"
 
 
+def test_jax_is_asked_once_a_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether jax can run the Mosaic GPU kernels from torch is asked once: a failure (jax
+    missing, too old, or without a GPU backend) is cached as a reason, not retried per step; and
+    a call the route refuses anyway (float32, an M that is not a multiple of 16) does not ask."""
+    from fusedmlp.torch_impl import runtime
+    from fusedmlp.torch_impl.cross import linear_act as cross_linear
+
+    tries: list[int] = []
+
+    def too_old() -> None:
+        tries.append(1)
+        raise ImportError("jax 0.10.2 is too old for as_torch_kernel")
+
+    monkeypatch.setattr(cross_linear, "as_torch_kernel", too_old)
+    cross_linear.unavailable_reason.cache_clear()
+    try:
+        for _ in range(3):
+            assert "too old" in cross_linear.unavailable_reason()
+        assert tries == [1]
+    finally:
+        cross_linear.unavailable_reason.cache_clear()
+
+    asked: list[int] = []
+    monkeypatch.setattr(front, "_is_hopper", lambda: True)
+    monkeypatch.setattr(runtime, "INTERPRET", False)
+    monkeypatch.setattr(cross, "unavailable_reason", lambda: asked.append(1))
+    spec, m = CASES[0]
+    assert not cross.applies("mosaic", "mosaic", spec.replace(dtype="float32"), m, "cuda")
+    assert not cross.applies("mosaic", "mosaic", spec, m + 8, "cuda")
+    assert asked == []
+
+
 def test_training_plan_names_the_route(on_hopper: pytest.MonkeyPatch) -> None:
     spec, m = CASES[0]
     from fusedmlp import torch_impl

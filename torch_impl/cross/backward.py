@@ -155,11 +155,12 @@ def applies(impl: str, planned: str, spec: MLPSpec, m: int, device: torch.device
 
 # ==== traced functions (each one bare Mosaic GPU call) ============================================
 @functools.cache
-def _saving_function(
+def _forward_function(
     gated: bool, activation: str, n: int, has_bias: bool, has_residual: bool,
-    config: TileConfig, slots: int,
+    config: TileConfig, slots: int, store_preact: bool,
 ) -> Callable[..., Any]:  # fmt: skip
-    """The saving forward of one layer: (y, its pre-activation) from one launch."""
+    """One layer's forward: with `store_preact` the saving forward ((y, its pre-activation) from
+    one launch), else the inference forward's kernel (a layer that keeps no pre-activation)."""
     gated_mod, linear_mod = _mosaic("gated"), _mosaic("linear_act")
 
     def fn(x: Any, w: Any, *rest: Any) -> Any:
@@ -169,40 +170,15 @@ def _saving_function(
         if gated:
             return gated_mod.gated_fwd(
                 x, w, b, n=n, activation=activation, config=config, interpret=False,
-                store_preact=True, staging_slots=slots,
+                store_preact=store_preact, staging_slots=slots,
             )  # fmt: skip
         return linear_mod.linear_act_fwd(
             x, w, b, r, activation=activation, config=config, interpret=False,
-            store_preact=True, staging_slots=slots,
+            store_preact=store_preact, staging_slots=slots,
         )  # fmt: skip
 
-    fn.__name__ = f"{'gated' if gated else 'linear_act'}_saving_{activation}"
-    return fn
-
-
-@functools.cache
-def _plain_function(
-    gated: bool, activation: str, n: int, has_bias: bool, has_residual: bool,
-    config: TileConfig, slots: int,
-) -> Callable[..., Any]:  # fmt: skip
-    """A layer that keeps no pre-activation: the inference forward's kernel and tiles."""
-    gated_mod, linear_mod = _mosaic("gated"), _mosaic("linear_act")
-
-    def fn(x: Any, w: Any, *rest: Any) -> Any:
-        rest = list(rest)
-        b = rest.pop(0) if has_bias else None
-        r = rest.pop(0) if has_residual else None
-        if gated:
-            return gated_mod.gated_fwd(
-                x, w, b, n=n, activation=activation, config=config, interpret=False,
-                staging_slots=slots,
-            )  # fmt: skip
-        return linear_mod.linear_act_fwd(
-            x, w, b, r, activation=activation, config=config, interpret=False,
-            staging_slots=slots,
-        )  # fmt: skip
-
-    fn.__name__ = f"{'gated' if gated else 'linear_act'}_fwd_{activation}"
+    what = "saving" if store_preact else "fwd"
+    fn.__name__ = f"{'gated' if gated else 'linear_act'}_{what}_{activation}"
     return fn
 
 
@@ -283,7 +259,7 @@ def forward_saving(
             )
             h, z = _call(
                 ("saving", *flags, cfg, outputs.slots),
-                lambda f=flags, c=cfg, s=outputs.slots: _saving_function(*f, c, s),
+                lambda f=flags, c=cfg, s=outputs.slots: _forward_function(*f, c, s, True),
                 operands,
             )
         else:
@@ -291,7 +267,7 @@ def forward_saving(
             slots = pipeline.PLAIN_OUTPUT.slots
             h = _call(
                 ("plain", *flags, cfg, slots),
-                lambda f=flags, c=cfg, s=slots: _plain_function(*f, c, s),
+                lambda f=flags, c=cfg, s=slots: _forward_function(*f, c, s, False),
                 operands,
             )
             z = h.new_empty((m, 0))

@@ -178,6 +178,9 @@ def grid(family: str, m: int, *, first: bool) -> list[Any]:
             _cfg(128, 128, 64, 4, ws=False),
             _cfg(64, 256, 64, 4, sub=2),
             _cfg(128, 256, 128, 2, sub=2),
+            # whole swizzle atoms, not a power of two: N = 768 in 4 column tiles (1.94 waves of
+            # 132 SMs at M = 8192, where 128×256 leaves 1.45); 5 slots exceed shared memory
+            _cfg(128, 192, 64, 4),
         ]
     if m <= 2048:  # fewer tiles than 2 waves of 132 SMs at 128×256: smaller tiles matter
         head = [

@@ -235,6 +235,7 @@ LINEAR_TILES = (
     (128, 256, 2, False),
     (256, 128, 1, False),
     (128, 128, 1, False),
+    (128, 192, 1, False),  # N = 768 in 4 column tiles (common/config.py: not a power of two)
 )
 
 

@@ -7,9 +7,16 @@ their tiles.
 
 `block_n` is always the OUTPUT columns of one tile: for the gated family, whose packed `[W|V]`
 operand interleaves gate and up in blocks of `common.packing.PACK_BLOCK` columns, the operand
-tile is `2 * block_n` wide and `block_n` a multiple of PACK_BLOCK (block_n is a power of two, so
-any block_n ≥ 64 is; the gated kernels read a smaller one — a config pinned for every layer of an
-MLP — as 64: `tiling.gated_config`).
+tile is `2 * block_n` wide and `block_n` a multiple of PACK_BLOCK (any block_n ≥ 64 is; the gated
+kernels read a smaller one — a config pinned for every layer of an MLP — as 64:
+`tiling.gated_config`).
+
+Tile sizes: block_m and block_k are powers of two ≥ 16 everywhere. block_n is a power of two ≥ 16
+or a multiple of 64: the Triton and Pallas-Triton kernels take powers of two only (their tiles
+are `tl.arange` ranges; `validate.check_config` refuses the others for them, naming the
+implementations that take them), while Mosaic GPU's wgmma takes any width that is whole 64-column
+swizzle atoms — 192 fills the waves of an N = 768 GEMM (hf-blog-geglu's down projection: 256
+tiles of 128×192 on 132 SMs, 1.94 waves, where 128×256 leaves 1.45).
 
 Hopper knobs, ignored where they mean nothing (the portable kernels, the interpreters):
 - `warp_specialize`: producer/consumer warp roles in the main loop (Triton's
@@ -37,6 +44,15 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+# Mosaic GPU tiles: whole 128-byte swizzle atoms of 16-bit elements (a 64-column multiple)
+SWIZZLE_COLUMNS = 64
+
+
+def is_power_of_two_tile(config: TileConfig) -> bool:
+    """Whether every tile dimension of `config` is a power of two (what Triton's kernels take)."""
+    return _is_power_of_two(config.block_n)
+
+
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int
@@ -56,13 +72,16 @@ class TileConfig:
     programs_per_sm: int = 1
 
     def __post_init__(self) -> None:
-        # tl.dot / wgmma need every tile dimension to be a power of two of at least 16.
+        # tl.dot needs every tile dimension to be a power of two of at least 16; Mosaic GPU's
+        # wgmma also takes a block_n of whole swizzle atoms (the module docstring)
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not _is_power_of_two(value):
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name}: expected a power of two >= 16, got {value!r}")
-            if value < 16:
-                raise ValueError(f"{name}: expected a power of two >= 16, got {value}")
+            wide = name == "block_n" and value > 0 and value % SWIZZLE_COLUMNS == 0
+            if value < 16 or not (_is_power_of_two(value) or wide):
+                also = f" or a multiple of {SWIZZLE_COLUMNS}" if name == "block_n" else ""
+                raise ValueError(f"{name}: expected a power of two >= 16{also}, got {value}")
         if not isinstance(self.group_m, int) or self.group_m < 1:
             raise ValueError(f"group_m: expected a positive int, got {self.group_m!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):

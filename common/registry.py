@@ -68,6 +68,8 @@ class Implementation:
     tunable: bool = False  # True: `tune=True` sweeps its configs on a GPU (torch_impl/tuning.py)
     kernel_prefix: str = ""  # plans print its kernels as prefix + family
     capturable: bool = True  # False: a torch CUDA graph cannot record its launches
+    # False: a TileConfig's block_n may be any multiple of 64 (Mosaic GPU), not only a power of two
+    power_of_two_tiles: bool = True
 
     @property
     def baseline(self) -> bool:
@@ -131,6 +133,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         supports="fusedmlp.jax_impl.mosaic.pipeline:unsupported_reason",
         hopper=True,
         kernel_prefix="mosaic.",
+        power_of_two_tiles=False,
     ),
     Implementation(
         "fused_small",
@@ -165,6 +168,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         hopper=True,
         kernel_prefix="mosaic.",
         capturable=False,
+        power_of_two_tiles=False,
     ),
     Implementation(
         "jax_triton",

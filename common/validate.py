@@ -24,10 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .config import SAVED_POLICIES, TileConfig
+from .config import SAVED_POLICIES, TileConfig, is_power_of_two_tile
 from .dtypes import DTYPES, FP32_PRECISIONS
 from .packing import is_packed, packed_names, packed_width
 from .params import param_shapes
+from .registry import IMPLEMENTATIONS, get_implementation
 from .spec import KERNEL_ACTIVATIONS, MLPSpec
 
 
@@ -63,10 +64,24 @@ def check_spec(spec: object) -> MLPSpec:
     return spec
 
 
-def check_config(config: object) -> TileConfig | None:
+def check_config(config: object, impl: str | None = None) -> TileConfig | None:
+    """`config` if it is a TileConfig or None (TypeError otherwise); with `impl`, also that its
+    tiles are ones `impl`'s kernels take: a block_n that is not a power of two (a Mosaic GPU
+    width such as 192) is a ValueError for the Triton and Pallas-Triton kernels."""
     if config is not None and not isinstance(config, TileConfig):
         raise TypeError(
             f"config: expected a fusedmlp.common.TileConfig or None, got {type(config).__name__}"
+        )
+    if (
+        impl is not None
+        and config is not None
+        and not is_power_of_two_tile(config)
+        and get_implementation(impl).power_of_two_tiles
+    ):
+        takers = tuple(e.name for e in IMPLEMENTATIONS if not e.power_of_two_tiles)
+        raise ValueError(
+            f"config.block_n: expected a power of two for {impl!r} (its tiles are tl.arange "
+            f"ranges), got {config.block_n}; only {takers} take a multiple of 64"
         )
     return config
 
@@ -252,6 +267,7 @@ def check_options(
     dtype: str,
     config: object,
     activations: Sequence[str] = KERNEL_ACTIVATIONS,
+    impl: str | None = None,
 ) -> None:
     if activation not in activations:
         raise ValueError(f"activation: expected one of {tuple(activations)}, got {activation!r}")
@@ -263,7 +279,7 @@ def check_options(
         raise ValueError(
             f"fp32_precision: 'tf32' applies to dtype 'float32' only, got dtype {dtype!r}"
         )
-    check_config(config)
+    check_config(config, impl)
 
 
 def check_layer(
@@ -277,6 +293,7 @@ def check_layer(
     config: object,
     fp32_precision: str,
     activations: Sequence[str] = KERNEL_ACTIVATIONS,
+    impl: str | None = None,
 ) -> LayerShape:
     """Every check of a per-layer public function, `linear_act(x, w, b, residual=...)`:
     x [..., K], w [K, N], b [N], residual [..., N], all in x's dtype, on x's device. Returns
@@ -291,7 +308,7 @@ def check_layer(
         infos["residual"] = check_array(
             adapter, "residual", residual, shape=[*xi.shape[:-1], n], dtype=dtype
         )
-    check_options(activation, fp32_precision, dtype, config, activations)
+    check_options(activation, fp32_precision, dtype, config, activations, impl)
     _check_devices(xi, infos)
     return LayerShape(dtype, k, n)
 
@@ -313,6 +330,7 @@ def check_packed_gated(
     config: object,
     fp32_precision: str,
     activations: Sequence[str] = KERNEL_ACTIVATIONS,
+    impl: str | None = None,
 ) -> LayerShape:
     """Every check of a packed gated public function, `gated(x, wv, bc=None, *, n, ...)`:
     x [..., K], wv [K, packed_width(n)] and bc [packed_width(n)] (common/packing.py) in x's dtype,
@@ -326,6 +344,6 @@ def check_packed_gated(
     infos = {"wv": check_array(adapter, "wv", wv, shape=[k, width], dtype=dtype)}
     if bc is not None:
         infos["bc"] = check_array(adapter, "bc", bc, shape=[width], dtype=dtype)
-    check_options(activation, fp32_precision, dtype, config, activations)
+    check_options(activation, fp32_precision, dtype, config, activations, impl)
     _check_devices(xi, infos)
     return LayerShape(dtype, k, n)

@@ -218,7 +218,7 @@ def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:
 def _layer_launch(spec, layer, impl, m, config, residual) -> KernelLaunch:
     entry = _entry(impl)
     family = "gated" if layer.gated else "linear_act"
-    cfg = config or _function(impl, "config")(
+    cfg = check_config(config, impl) or _function(impl, "config")(
         family, m, layer.d_out, layer.d_in, spec.dtype, interpret=_interpret(entry),
         **dict(entry.config_options),
     )  # fmt: skip
@@ -529,6 +529,8 @@ def _trainable(
         return run(x2d, params, residual2d)
 
     def core_fwd(x2d, params, residual2d):
+        if kernels == "portable":  # a pinned config trains on the portable kernels' tiles
+            check_config(config, FALLBACK[STACK])
         kernel_params = pack_params(spec, params)  # the packed names only (a copy when plain)
         if saved == "preact":
             y2d, kept = _saving_forward(spec, config, kernels)(x2d, kernel_params, residual2d)

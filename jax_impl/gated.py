@@ -224,7 +224,15 @@ def gated(
     x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n].
     `interpret`: run under Pallas' interpreter (None: where there is no GPU)."""
     dtype, K, n = check_packed_gated(
-        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+        ADAPTER,
+        x,
+        wv,
+        bc,
+        n=n,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        impl="pallas_triton",
     )
     # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are);
     # `interpret` is a call's choice here, a process's (TRITON_INTERPRET) in the Triton twin.

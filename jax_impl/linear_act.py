@@ -244,6 +244,7 @@ def linear_act(
         activation=activation,
         config=config,
         fp32_precision=fp32_precision,
+        impl="pallas_triton",
     )
     # twin-diff: no device check (jax places the arrays) and no contiguous() (jax arrays are);
     # `interpret` is a call's choice here, a process's (TRITON_INTERPRET) in the Triton twin.

@@ -109,6 +109,39 @@ def test_both_fronts_give_the_same_errors(mutate, expected):
         assert results["torch"] == results["jax"]
 
 
+def test_a_mosaic_width_is_refused_where_triton_kernels_would_run():
+    """A pinned block_n of 192 (Mosaic GPU's whole swizzle atoms, common/config.py): both fronts
+    refuse it with one message wherever the plan runs a Triton or Pallas-Triton kernel (the
+    portable impl asked; `auto` on a CPU) and where a training step would run the portable
+    kernels on it; pallas_mosaic's forward takes it (under the interpreter here)."""
+    spec = MLPSpec((64, 256, 64), "gelu", True, "bfloat16")  # too wide for fused_small
+    wide = TileConfig(64, 192, 32)
+    params, x = init_params(spec, 0), make_input(spec, 130, 1)  # too many rows for fused_decode
+
+    def refusal(impl: str) -> str:
+        return (
+            f"config.block_n: expected a power of two for {impl!r} (its tiles are tl.arange "
+            "ranges), got 192; only ('pallas_mosaic', 'mosaic') take a multiple of 64"
+        )
+
+    for stack, impl in (("torch", "triton"), ("torch", "auto"), ("jax", "pallas_triton")):
+        kind, message = _error(stack, spec, x, params, impl=impl, config=wide)
+        assert (kind, message) == (ValueError, refusal("triton" if stack == "torch" else impl))
+    assert _error("jax", spec, x, params, impl="auto", config=wide)[1] == refusal("pallas_triton")
+    jx, jp = _jax_inputs(spec, x, params)
+    y = jax_impl.mlp(jx, jp, spec, impl="pallas_mosaic", config=wide)
+    assert_close(y, reference.forward(spec, x, params), spec)
+    with pytest.raises(ValueError) as err:  # the training step: the portable kernels' tiles
+        jax.grad(lambda p: jax_impl.mlp(jx, p, spec, impl="pallas_mosaic", config=wide).sum())(jp)
+    assert str(err.value) == refusal("pallas_triton")
+    tx, tp = _torch_inputs(spec, x, params)
+    with pytest.raises(ValueError) as err:  # torch's twin of the custom_vjp's forward rule
+        torch_impl.front.training_forward(
+            tx, tp, spec, impl="mosaic", config=wide, residual=None, saved="preact"
+        )
+    assert str(err.value) == refusal("triton")
+
+
 def test_bad_impl_config_spec_and_residual():
     params = init_params(SPEC, 0)
     x = make_input(SPEC, 5, 1)

@@ -137,6 +137,21 @@ def test_fresh_inputs(activation, dtype, bias, m, config, gated_config) -> None:
     tolerance.assert_close(out, reference.forward(spec, x, params), spec, what=activation)
 
 
+# 192 columns: whole 64-column swizzle atoms, not a power of two (common/config.py): the tile that
+# fills the waves of hf-blog-geglu's N = 768 GEMMs (bench/sweep_mosaic.py)
+WIDE = TileConfig(128, 192, 32, group_m=2, num_stages=2, warp_specialize=True)
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_a_192_wide_tile(dtype: str) -> None:
+    # N = 448: two whole 192-column tiles and a ragged third; M = 200: a ragged second row tile
+    spec = MLPSpec((96, 448), "relu", True, dtype)
+    params = init_params(spec, seed=3)
+    x = make_input(spec, 200, seed=4)
+    out = mlp_per_layer(x, params, spec, config=WIDE)
+    tolerance.assert_close(out, reference.forward(spec, x, params), spec, what="192-wide tile")
+
+
 def test_bilinear_gate_and_k_ragged_against_the_slab() -> None:
     # identity gate (the bilinear GLU); K=48 against 32-wide slabs (the second one half past the
     # end of X and WV: zero-filled), N=48 < one 64-column gate/up pair
@@ -518,6 +533,7 @@ def _lower_family(family, m, n, k, dtype, activation, bias, config, residual=Fal
         ("gated", TileConfig(64, 128, 128, num_stages=2), None),
         ("gated", _ws(128, 64, 6, pingpong=True), None),  # 6 slots of 32 KiB, 2 × 2 staging
         ("linear_act", _ws(128, 128, 6, pingpong=True), "exceeds"),  # 128-wide staging
+        ("linear_act", _ws(128, 192, 5), "exceeds"),  # 254032 B on the GPU; 4 slots fit
     ],
 )
 def test_smem_model_matches_mosaic(monkeypatch, family, config, expected) -> None:
@@ -577,6 +593,8 @@ LOWER_CASES = [
         (8192, 768, 3072),
     ),
     ("gated", "float16", "silu", True, PINGPONG, (136, 80, 48)),
+    # hf-blog-geglu's down projection at the committed 192-wide tile
+    ("linear_act", "bfloat16", "identity", False, _ws(128, 192, 4), (8192, 768, 3072)),
 ]
 
 
@@ -691,6 +709,21 @@ def test_gpu_interpreter_tiles(config: TileConfig, gated_config: TileConfig) -> 
     params = init_params(spec, seed=13)
     x = make_input(spec, 131, seed=14)
     out = mlp_per_layer(x, params, spec, config=config, gated_config=gated_config)
+    tolerance.assert_close(out, reference.forward(spec, x, params), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_gpu_hf_blog_at_the_committed_tiles(dtype: str) -> None:
+    """hf-blog-geglu (768 → 3072 → 768) at the tuned table's tiles, odd M: the down projection
+    runs 128×192 (not a power of two, common/config.py), compiled."""
+    spec = dataclasses.replace(MLPSpec.preset("hf-blog-geglu"), dtype=dtype)
+    assert pipeline.default_config("linear_act", 1001, 768, 3072, dtype).block_n == 192
+    params = init_params(spec, seed=18)
+    x = make_input(spec, 1001, seed=19)
+    out = jax.jit(lambda x, p: mlp_per_layer(x, p, spec))(
+        jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}
+    )
     tolerance.assert_close(out, reference.forward(spec, x, params), spec)
 
 

@@ -127,6 +127,13 @@ def test_tile_config_validation_and_round_trip():
         TileConfig(48, 64, 32)
     with pytest.raises(ValueError, match="block_k: expected a power of two >= 16, got 8"):
         TileConfig(64, 64, 8)
+    # block_n: a power of two, or whole 64-column swizzle atoms (Mosaic GPU's 192); not block_m/k
+    assert TileConfig(128, 192, 64).block_n == 192
+    with pytest.raises(ValueError, match="block_n: expected a power of two >= 16 or a multiple of "
+                       "64, got 96"):  # fmt: skip
+        TileConfig(64, 96, 32)
+    with pytest.raises(ValueError, match="block_m: expected a power of two >= 16, got 192"):
+        TileConfig(192, 64, 32)
     with pytest.raises(ValueError, match="num_warps"):
         TileConfig(64, 64, 32, num_warps=3)
     two = TileConfig(64, 256, 64, programs_per_sm=2)

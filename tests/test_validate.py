@@ -260,6 +260,33 @@ def test_kernel_public_functions_share_the_check_layer():
             assert outcomes[name][i] == (kind, text), (name, want, outcomes[name][i], text)
 
 
+# a Mosaic GPU width: whole 64-column swizzle atoms, not a power of two (common/config.py)
+WIDE = TileConfig(64, 192, 32)
+
+
+@pytest.mark.parametrize("name", PER_LAYER)
+def test_a_mosaic_width_is_refused_by_the_triton_kernels_only(name):
+    """block_n = 192 is a TileConfig (Mosaic GPU's wgmma takes it), but the Triton and
+    Pallas-Triton kernels' tiles are tl.arange ranges: their public functions refuse it before
+    any kernel, with one message naming the field, the implementation and who takes it."""
+    linear_act, gated, a = _per_layer(name)
+    x, w = a(np.zeros((4, 6), np.float16)), a(np.zeros((6, 5), np.float16))
+    wv = a(np.zeros((6, 128), np.float16))
+    impl = name.split(":")[1]
+    if impl == "pallas_mosaic":  # (its numbers: test_pallas_mosaic.py)
+        wide_ok = a(np.zeros((16, 64), np.float16))  # rows of 32 bytes: Mosaic GPU's TMA tiles
+        assert linear_act(a(np.zeros((4, 16), np.float16)), wide_ok, config=WIDE).shape == (4, 64)
+        return
+    want = (
+        f"config.block_n: expected a power of two for {impl!r} (its tiles are tl.arange ranges), "
+        "got 192; only ('pallas_mosaic', 'mosaic') take a multiple of 64"
+    )
+    for call in (lambda: linear_act(x, w, config=WIDE), lambda: gated(x, wv, n=5, config=WIDE)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == want
+
+
 def test_torch_kernels_check_devices():
     """The device checks of the torch kernels: the arrays' devices agree (the shared layer), and
     the kernels take the device of this process' Triton (their own check: TRITON_INTERPRET)."""

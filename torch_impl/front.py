@@ -265,7 +265,7 @@ def _layer_launch(spec, layer, impl, m, config, residual, tune) -> KernelLaunch:
     family = "gated" if layer.gated else "linear_act"
     tuned = tune and config is None and entry.tunable and not _interpret(entry)
     if tuned or config is not None:
-        cfg = config
+        cfg = check_config(config, impl)
     else:
         options = dict(entry.config_options)
         cfg = _function(impl, "config")(
@@ -717,6 +717,8 @@ def training_forward(
     saving forward (fused_small_backward.py, the same residuals); "inputs": the asked impl
     (`forward`), nothing saved but x (which the op keeps as its input)."""
     check_saved(saved)
+    # a pinned config trains on the portable kernels' tiles (`hopper_route`)
+    check_config(config, FALLBACK[STACK])
     if saved == "inputs":
         return forward(x, params, spec, impl=impl, config=config, residual=residual), []
     backward, fused_small_backward, _, cross_backward = _training_modules()

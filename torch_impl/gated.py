@@ -226,7 +226,15 @@ def gated(
     """act(x @ w + b) * (x @ v + c) from the packed operands (`torch_impl.packing.pack_gated`):
     x [..., K], wv [K, packed_width(n)], bc [packed_width(n)] or None; returns [..., n]."""
     dtype, K, n = check_packed_gated(
-        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+        ADAPTER,
+        x,
+        wv,
+        bc,
+        n=n,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        impl="triton",
     )
     # twin-diff: the device check (TRITON_INTERPRET decides where the kernels run) and a
     # contiguous bc (2·Np elements: cheaper than one more stride argument) are torch's.

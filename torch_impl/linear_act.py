@@ -247,6 +247,7 @@ def linear_act(
         activation=activation,
         config=config,
         fp32_precision=fp32_precision,
+        impl="triton",
     )
     # twin-diff: the device check (TRITON_INTERPRET decides where the kernels run) and a
     # contiguous b (N elements: cheaper than one more stride argument) are torch's.

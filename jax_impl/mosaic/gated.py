@@ -176,7 +176,15 @@ def gated(
     `interpret`: run under the Mosaic GPU interpreter (None: where there is no GPU). The W
     branch's activation may be "identity" (the bilinear GLU variant)."""
     dtype, k, n = check_packed_gated(
-        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+        ADAPTER,
+        x,
+        wv,
+        bc,
+        n=n,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        impl="pallas_mosaic",
     )
     interpret = interpret_mode() if interpret is None else interpret
     lead = x.shape[:-1]

@@ -342,6 +342,7 @@ def linear_act(
         activation=activation,
         config=config,
         fp32_precision=fp32_precision,
+        impl="pallas_mosaic",
     )
     interpret = interpret_mode() if interpret is None else interpret
     lead = x.shape[:-1]

@@ -224,7 +224,15 @@ def gated(
     Where K or n breaks TMA's 16-byte stride rule, runs the portable `torch_impl.gated`.
     """
     dtype, K, n = check_packed_gated(
-        ADAPTER, x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
+        ADAPTER,
+        x,
+        wv,
+        bc,
+        n=n,
+        activation=activation,
+        config=config,
+        fp32_precision=fp32_precision,
+        impl="triton_tma",
     )
     check_kernel_device(x)
 

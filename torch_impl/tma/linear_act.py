@@ -646,6 +646,7 @@ def linear_act(
         activation=activation,
         config=config,
         fp32_precision=fp32_precision,
+        impl="triton_tma",
     )
     check_kernel_device(x)
     lead = list(x.shape[:-1])

@@ -76,11 +76,11 @@ class TileConfig:
         # wgmma also takes a block_n of whole swizzle atoms (the module docstring)
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
+            also = f" or a multiple of {SWIZZLE_COLUMNS}" if name == "block_n" else ""
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name}: expected a power of two >= 16, got {value!r}")
+                raise ValueError(f"{name}: expected a power of two >= 16{also}, got {value!r}")
             wide = name == "block_n" and value > 0 and value % SWIZZLE_COLUMNS == 0
             if value < 16 or not (_is_power_of_two(value) or wide):
-                also = f" or a multiple of {SWIZZLE_COLUMNS}" if name == "block_n" else ""
                 raise ValueError(f"{name}: expected a power of two >= 16{also}, got {value}")
         if not isinstance(self.group_m, int) or self.group_m < 1:
             raise ValueError(f"group_m: expected a positive int, got {self.group_m!r}")

@@ -34,6 +34,9 @@ An entry says everything a front needs to plan and launch it:
 - `gpu_only` (no interpreter can run it), `hopper` (on a GPU it needs sm_90: TMA, wgmma),
   `tunable` (`mlp(tune=True)` sweeps its configs on a GPU), `kernel_prefix` (how plans print its
   kernels: "tma.gated", "torch.eager").
+- `power_of_two_tiles`: False where a TileConfig's block_n may be any multiple of 64 (the Mosaic
+  GPU implementations: whole swizzle atoms, e.g. 192); the Triton and Pallas-Triton kernels'
+  tiles are `tl.arange` ranges (`validate.check_config` refuses the others for them by name).
 
 Nothing here imports torch or jax: the entries are strings, imported by the fronts on first use.
 """

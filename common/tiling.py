@@ -82,8 +82,8 @@ def operand_width(family: str, config: TileConfig) -> int:
 def gated_config(config: TileConfig) -> TileConfig:
     """The gated kernels' reading of a config: an output tile is a whole number of packed block
     pairs, so a block_n under PACK_BLOCK (a pinned config shared with the linear layers, e.g.
-    `mlp(..., config=TileConfig(16, 16, 16))`) is taken as PACK_BLOCK; block_n is a power of two,
-    so any larger one is already a multiple of it."""
+    `mlp(..., config=TileConfig(16, 16, 16))`) is taken as PACK_BLOCK; any larger block_n is
+    already a multiple of it (a power of two, or a Mosaic GPU width of whole 64-column atoms)."""
     if config.block_n >= PACK_BLOCK:
         return config
     return _with(config, block_n=PACK_BLOCK)

@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .config import TileConfig
+from .config import TileConfig, is_power_of_two_tile
 from .dtypes import DTYPES, FP32_PRECISIONS
 from .tiling import FAMILIES, shape_bucket
 
@@ -57,6 +57,16 @@ def cache_path(path: str | os.PathLike[str] | None = None) -> Path:
     """The cache file: `path` if given, else $FUSEDMLP_TUNING_CACHE, else ~/.cache/fusedmlp/."""
     chosen = path if path is not None else os.environ.get(CACHE_ENV) or DEFAULT_CACHE
     return Path(chosen).expanduser()
+
+
+def triton_config(data: dict[str, Any]) -> TileConfig:
+    """A stored Triton config (these tables and caches hold the Triton kernels' winners); a
+    ValueError for one the Triton kernels cannot take — a TileConfig may be a Mosaic GPU width
+    (block_n a multiple of 64, common/config.py), which no Triton sweep writes."""
+    config = TileConfig.from_dict(data)
+    if not is_power_of_two_tile(config):
+        raise ValueError(f"block_n={config.block_n} is not a power of two (Triton's tiles)")
+    return config
 
 
 @dataclass(frozen=True)
@@ -175,7 +185,7 @@ class TuningCache:
         if entry is None:
             return None
         try:
-            return TileConfig.from_dict(entry["config"])
+            return triton_config(entry["config"])
         except (KeyError, TypeError, ValueError) as err:
             warnings.warn(
                 f"tuning cache {self.path}: bad entry {key} ({err}); ignoring it", stacklevel=2
@@ -299,7 +309,7 @@ def _committed_config(
     if best is None:
         return None
     try:
-        return TileConfig.from_dict(best[1]["config"])
+        return triton_config(best[1]["config"])
     except (KeyError, TypeError, ValueError) as err:
         warnings.warn(
             f"tuned table {path}: bad entry for {want} ({err}); ignoring it", stacklevel=3

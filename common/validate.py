@@ -64,10 +64,14 @@ def check_spec(spec: object) -> MLPSpec:
     return spec
 
 
-def check_config(config: object, impl: str | None = None) -> TileConfig | None:
+def check_config(
+    config: object, impl: str | None = None, *, training: bool = False
+) -> TileConfig | None:
     """`config` if it is a TileConfig or None (TypeError otherwise); with `impl`, also that its
     tiles are ones `impl`'s kernels take: a block_n that is not a power of two (a Mosaic GPU
-    width such as 192) is a ValueError for the Triton and Pallas-Triton kernels."""
+    width such as 192) is a ValueError for the Triton and Pallas-Triton kernels. `training`: the
+    check is for the portable kernels a training step runs under a pinned config (the message
+    says so, since the caller may have asked for a Mosaic GPU implementation)."""
     if config is not None and not isinstance(config, TileConfig):
         raise TypeError(
             f"config: expected a fusedmlp.common.TileConfig or None, got {type(config).__name__}"
@@ -79,9 +83,15 @@ def check_config(config: object, impl: str | None = None) -> TileConfig | None:
         and get_implementation(impl).power_of_two_tiles
     ):
         takers = tuple(e.name for e in IMPLEMENTATIONS if not e.power_of_two_tiles)
+        whose = (
+            f"{impl!r}, whose kernels train under a pinned config (their tiles"
+            if training
+            else f"{impl!r} (its tiles"
+        )
         raise ValueError(
-            f"config.block_n: expected a power of two for {impl!r} (its tiles are tl.arange "
-            f"ranges), got {config.block_n}; only {takers} take a multiple of 64"
+            f"config.block_n: expected a power of two for {whose} are tl.arange ranges), got "
+            f"{config.block_n}; only {takers} take a multiple of 64"
+            + (", in their forward" if training else "")
         )
     return config
 

@@ -257,7 +257,7 @@ def plan(
         the_plan = plan(
             spec, x_shape, impl=impl, device=device, config=config, residual=residual
         )  # fmt: skip
-        return _training_plan(spec, the_plan, m, check_saved(saved))
+        return _training_plan(spec, the_plan, m, check_saved(saved), config)
     spec = check_spec(spec)
     check_impl(impl, STACK)
     check_config(config)
@@ -271,7 +271,9 @@ def plan(
         unsupported = _function(chosen, "supports")(spec, m)
         if unsupported is not None:
             raise NotImplementedError(unsupported)
-        cfg = config or _function(chosen, "config")(spec, m, interpret=_interpret(entry))
+        cfg = check_config(config, chosen) or _function(chosen, "config")(
+            spec, m, interpret=_interpret(entry)
+        )
         if chosen == "fused_small" and _sibling_runs(spec, config, _interpret(entry)):
             from .mosaic import fused_small as sibling
 
@@ -313,12 +315,16 @@ def _whole_backward_kernels(spec: MLPSpec) -> str:
     return "fused_small's whole-MLP kernels A and B"
 
 
-def _training_plan(spec: MLPSpec, the_plan: Plan, m: int, saved: str) -> Plan:
+def _training_plan(
+    spec: MLPSpec, the_plan: Plan, m: int, saved: str, config: TileConfig | None
+) -> Plan:
     from . import fused_small_backward
 
     mib = saved_bytes(spec, m, saved) / 2**20
     whole = fused_small_backward.applies(the_plan.impl, spec)
     hopper = not whole and _train_kernels(the_plan.requested, the_plan.impl, spec, m) == "hopper"
+    if not whole and not hopper and not _entry(the_plan.impl).baseline:
+        check_config(config, FALLBACK[STACK], training=True)  # as the custom_vjp refuses it
     if _entry(the_plan.impl).baseline:
         note = f"training: {the_plan.impl} differentiates through jax autodiff"
     elif whole:
@@ -529,8 +535,8 @@ def _trainable(
         return run(x2d, params, residual2d)
 
     def core_fwd(x2d, params, residual2d):
-        if kernels == "portable":  # a pinned config trains on the portable kernels' tiles
-            check_config(config, FALLBACK[STACK])
+        if kernels == "portable":  # the portable kernels train, on a pinned config's tiles
+            check_config(config, FALLBACK[STACK], training=True)
         kernel_params = pack_params(spec, params)  # the packed names only (a copy when plain)
         if saved == "preact":
             y2d, kept = _saving_forward(spec, config, kernels)(x2d, kernel_params, residual2d)

@@ -109,37 +109,69 @@ def test_both_fronts_give_the_same_errors(mutate, expected):
         assert results["torch"] == results["jax"]
 
 
-def test_a_mosaic_width_is_refused_where_triton_kernels_would_run():
+def _wide_refusal(impl: str, *, training: bool = False) -> str:
+    whose = (
+        f"{impl!r}, whose kernels train under a pinned config (their tiles"
+        if training
+        else f"{impl!r} (its tiles"
+    )
+    return (
+        f"config.block_n: expected a power of two for {whose} are tl.arange ranges), got 192; "
+        "only ('pallas_mosaic', 'mosaic') take a multiple of 64"
+        + (", in their forward" if training else "")
+    )
+
+
+def test_a_mosaic_width_is_refused_where_triton_kernels_would_run(monkeypatch):
     """A pinned block_n of 192 (Mosaic GPU's whole swizzle atoms, common/config.py): both fronts
-    refuse it with one message wherever the plan runs a Triton or Pallas-Triton kernel (the
-    portable impl asked; `auto` on a CPU) and where a training step would run the portable
-    kernels on it; pallas_mosaic's forward takes it (under the interpreter here)."""
+    refuse it with one message wherever a plan runs a Triton or Pallas-Triton kernel (the
+    per-layer portable impls, `auto` where it plans them, fused_decode) and wherever a training
+    step would run the portable kernels on it (a plan with `saved=`, the training forward);
+    pallas_mosaic's forward takes it (under the interpreter here)."""
     spec = MLPSpec((64, 256, 64), "gelu", True, "bfloat16")  # too wide for fused_small
     wide = TileConfig(64, 192, 32)
     params, x = init_params(spec, 0), make_input(spec, 130, 1)  # too many rows for fused_decode
-
-    def refusal(impl: str) -> str:
-        return (
-            f"config.block_n: expected a power of two for {impl!r} (its tiles are tl.arange "
-            "ranges), got 192; only ('pallas_mosaic', 'mosaic') take a multiple of 64"
+    for stack, impl in (("torch", "triton"), ("jax", "pallas_triton"), ("torch", "fused_decode")):
+        rows = 8 if impl == "fused_decode" else 130
+        kind, message = _error(stack, spec, x[:rows], params, impl=impl, config=wide)
+        assert (kind, message) == (ValueError, _wide_refusal(impl))
+    for stack, (front, _) in STACKS.items():  # `auto`: refused where it plans a Triton kernel
+        planned = front.plan(spec, (130, 64)).launches[0].impl
+        if _entry_takes_wide(planned):
+            continue
+        assert _error(stack, spec, x, params, impl="auto", config=wide) == (
+            ValueError,
+            _wide_refusal(planned),
         )
-
-    for stack, impl in (("torch", "triton"), ("torch", "auto"), ("jax", "pallas_triton")):
-        kind, message = _error(stack, spec, x, params, impl=impl, config=wide)
-        assert (kind, message) == (ValueError, refusal("triton" if stack == "torch" else impl))
-    assert _error("jax", spec, x, params, impl="auto", config=wide)[1] == refusal("pallas_triton")
+    for front, impl, portable in (
+        (torch_impl, "mosaic", "triton"),
+        (jax_impl, "pallas_mosaic", "pallas_triton"),
+    ):
+        assert front.plan(spec, (130, 64), impl=impl, config=wide).impl == impl
+        for saved in ("preact", "inputs"):  # a training plan: the portable step refuses it
+            with pytest.raises(ValueError) as err:
+                front.plan(spec, (130, 64), impl=impl, config=wide, saved=saved)
+            assert str(err.value) == _wide_refusal(portable, training=True)
     jx, jp = _jax_inputs(spec, x, params)
     y = jax_impl.mlp(jx, jp, spec, impl="pallas_mosaic", config=wide)
     assert_close(y, reference.forward(spec, x, params), spec)
     with pytest.raises(ValueError) as err:  # the training step: the portable kernels' tiles
         jax.grad(lambda p: jax_impl.mlp(jx, p, spec, impl="pallas_mosaic", config=wide).sum())(jp)
-    assert str(err.value) == refusal("pallas_triton")
+    assert str(err.value) == _wide_refusal("pallas_triton", training=True)
+    # torch's twin of the custom_vjp's forward rule; `mosaic` needs a GPU to run, not to refuse
+    monkeypatch.setattr(torch_impl.front, "_check_available", lambda impl, device: None)
     tx, tp = _torch_inputs(spec, x, params)
-    with pytest.raises(ValueError) as err:  # torch's twin of the custom_vjp's forward rule
+    with pytest.raises(ValueError) as err:
         torch_impl.front.training_forward(
             tx, tp, spec, impl="mosaic", config=wide, residual=None, saved="preact"
         )
-    assert str(err.value) == refusal("triton")
+    assert str(err.value) == _wide_refusal("triton", training=True)
+
+
+def _entry_takes_wide(impl: str) -> bool:
+    from fusedmlp.common.registry import get_implementation
+
+    return not get_implementation(impl).power_of_two_tiles
 
 
 def test_bad_impl_config_spec_and_residual():

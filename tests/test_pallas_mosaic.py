@@ -293,6 +293,15 @@ def test_float32_not_implemented_names_fallback() -> None:
             lambda x, w, wv: gated(x, wv, n=32, config=_ws(128, 128, 2, pingpong=True)),
             "a compute warpgroup's fp32 accumulator would be 128 × 256",
         ),
+        (  # a TileConfig (whole atoms), but halved between the compute warpgroups it is not
+            lambda x, w, wv: linear_act(x, w, config=_ws(128, 320, 2)),
+            r"config.block_n: a compute warpgroup's operand tile would be 160 columns "
+            r"\(block_n=320, family linear_act\); expected a power of two or a multiple of 64",
+        ),
+        (  # 192 holds one and a half gate/up pairs a warpgroup
+            lambda x, w, wv: gated(x, wv, n=32, config=_ws(64, 192, 2)),
+            "gated epilogue tiles hold whole gate/up blocks",
+        ),
         (
             lambda x, w, wv: linear_act(x, w, fp32_precision="high"),
             "fp32_precision: expected one of",
@@ -593,8 +602,9 @@ LOWER_CASES = [
         (8192, 768, 3072),
     ),
     ("gated", "float16", "silu", True, PINGPONG, (136, 80, 48)),
-    # hf-blog-geglu's down projection at the committed 192-wide tile
+    # hf-blog-geglu's down projection at the committed 192-wide tile, and the interpreter's 192
     ("linear_act", "bfloat16", "identity", False, _ws(128, 192, 4), (8192, 768, 3072)),
+    ("linear_act", "float16", "relu", True, WIDE, (200, 448, 96)),
 ]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.tiling import GROUPED_KIND, step_gemm_kind
+from fusedmlp.common.tuning import triton_config
 from fusedmlp.torch_impl import backward as portable
 from fusedmlp.torch_impl.tma import backward as hopper
 
@@ -78,7 +79,8 @@ def test_interpreter_never_takes_the_table(table, monkeypatch) -> None:
 
 
 def test_committed_table_is_well_formed() -> None:
-    """Every committed entry names a kind the step asks for and tiles TileConfig takes."""
+    """Every committed entry names a kind the step asks for and tiles the Triton kernels take
+    (a power-of-two block_n: a TileConfig may also hold a Mosaic GPU width)."""
     hopper.tuned_table.cache_clear()
     kinds = {
         step_gemm_kind("gated", preact=True),
@@ -90,7 +92,7 @@ def test_committed_table_is_well_formed() -> None:
     for kind, entries in hopper.tuned_table().items():
         assert kind in kinds, kind
         for e in entries:
-            TileConfig.from_dict(e["config"])
+            triton_config(e["config"])
             shape = {"products", "k", "apart_us"} if kind == GROUPED_KIND else {"m", "n", "k"}
             assert shape | {"us", "gpu", "commit"} <= set(e), e
 

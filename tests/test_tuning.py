@@ -132,6 +132,11 @@ def test_writers_merge_and_a_broken_file_is_replaced(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="bad entry"):
         assert TuningCache(path).get(k1) is None
+    data["entries"][str(k1)]["config"]["block_m"] = 64
+    data["entries"][str(k1)]["config"]["block_n"] = 192  # a TileConfig, but Mosaic GPU's width
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"bad entry .*block_n=192 is not a power of two"):
+        assert TuningCache(path).get(k1) is None
 
 
 # ---- torch_impl/tuning.py: the sweep, with a stand-in launcher and timer -------------------------

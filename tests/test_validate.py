@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from fusedmlp.common import MLPSpec, TileConfig
+from fusedmlp.common import MLPSpec, TileConfig, reference
 from fusedmlp.common.packing import pack_params
 from fusedmlp.common.params import init_params, make_input
+from fusedmlp.common.tolerance import assert_close
 from fusedmlp.common.validate import check_layer, check_packed_call, check_packed_gated, fmt_shape
 from fusedmlp.jax_impl.front import ADAPTER as JAX
 from fusedmlp.torch_impl.front import ADAPTER as TORCH
@@ -273,9 +274,11 @@ def test_a_mosaic_width_is_refused_by_the_triton_kernels_only(name):
     x, w = a(np.zeros((4, 6), np.float16)), a(np.zeros((6, 5), np.float16))
     wv = a(np.zeros((6, 128), np.float16))
     impl = name.split(":")[1]
-    if impl == "pallas_mosaic":  # (its numbers: test_pallas_mosaic.py)
-        wide_ok = a(np.zeros((16, 64), np.float16))  # rows of 32 bytes: Mosaic GPU's TMA tiles
-        assert linear_act(a(np.zeros((4, 16), np.float16)), wide_ok, config=WIDE).shape == (4, 64)
+    if impl == "pallas_mosaic":  # K = 16: rows of 32 bytes, Mosaic GPU's narrowest TMA tiles
+        spec = MLPSpec((16, 64), "relu", False, "float16")  # one layer: no activation
+        params, xin = init_params(spec, 5), make_input(spec, 4, 6)
+        out = linear_act(a(xin), a(params["w0"]), config=WIDE)
+        assert_close(out, reference.forward(spec, xin, params), spec)
         return
     want = (
         f"config.block_n: expected a power of two for {impl!r} (its tiles are tl.arange ranges), "

@@ -320,7 +320,9 @@ def plan(
         unsupported = _function(chosen, "supports")(spec, m)
         if unsupported is not None:
             raise NotImplementedError(unsupported)
-        cfg = config or _function(chosen, "config")(spec, m, interpret=_interpret(entry))
+        cfg = check_config(config, chosen) or _function(chosen, "config")(
+            spec, m, interpret=_interpret(entry)
+        )
         if chosen == "fused_small" and config is None and _sibling_runs(spec, device, m):
             from .cross import fused_small as sibling
 
@@ -388,6 +390,8 @@ def _training_plan(
     whole = fused_small_backward.applies(the_plan.impl, spec)
     requested = the_plan.requested
     route = "" if whole else hopper_route(requested, the_plan.impl, spec, m, device, config)
+    if not whole and not route and not _entry(the_plan.impl).baseline:
+        check_config(config, FALLBACK[STACK], training=True)  # as training_forward refuses it
     kernels = {
         "mosaic": "the Mosaic GPU GEMMs on torch tensors (JAX's Hopper step through "
         "as_torch_kernel), each act' step in an input gradient's epilogue, on the measured tiles "
@@ -717,25 +721,26 @@ def training_forward(
     saving forward (fused_small_backward.py, the same residuals); "inputs": the asked impl
     (`forward`), nothing saved but x (which the op keeps as its input)."""
     check_saved(saved)
-    # a pinned config trains on the portable kernels' tiles (`hopper_route`)
-    check_config(config, FALLBACK[STACK])
-    if saved == "inputs":
-        return forward(x, params, spec, impl=impl, config=config, residual=residual), []
     backward, fused_small_backward, _, cross_backward = _training_modules()
     call = prepare(x, params, spec, impl, config, residual)
+    whole = fused_small_backward.applies(call.plan.impl, spec)
+    route = "" if whole else hopper_route(impl, call.plan.impl, spec, call.m, x.device, config)
+    if not whole and not route:  # the portable kernels train, on a pinned config's tiles
+        check_config(config, FALLBACK[STACK], training=True)
+    if saved == "inputs":
+        return forward(x, params, spec, impl=impl, config=config, residual=residual), []
     x2d = x.reshape(call.m, spec.d_in)
     residual2d = residual.reshape(call.m, spec.d_out) if residual is not None else None
     # fused_small trains through its own saving forward and whole-MLP backward
     # (fused_small_backward.py; custom_op._whole_backward decides alike). Else, on Hopper (as the
     # backward decides: custom_op._hopper_backward), the saving forward's gated, identity and relu
     # layers run the persistent TMA kernels, or every layer the Mosaic GPU ones (`hopper_route`).
-    if fused_small_backward.applies(call.plan.impl, spec):
+    if whole:
         y2d, kept = fused_small_backward.forward_saving(
             x2d, kernel_params(spec, params), spec, config=config
         )
         y2d = y2d + residual2d if residual2d is not None else y2d
         return y2d.reshape(*call.lead, spec.d_out), list(kept[1:])
-    route = hopper_route(impl, call.plan.impl, spec, call.m, x.device, config)
     if route == "mosaic":
         y2d, kept = cross_backward.forward_saving(
             x2d, kernel_params(spec, params), spec, residual=residual2d

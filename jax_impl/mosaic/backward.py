@@ -38,7 +38,8 @@ committed sweep's best for the GEMM's kind and shape (tuned_hopper_backward.json
 bench/sweep_mosaic_backward.py: ping-pong where an epilogue that reads a saved [z|g] and writes two
 tiles would otherwise stall the tensor cores, cooperative where a long K hides it), else the
 forward's (`pipeline.default_config`) made cooperative and fitted to the shared memory the extra
-staging needs (fewer pipeline slots down to 3, then one staging slot, then half-wide tiles). A
+staging needs (fewer pipeline slots down to 3, then one staging slot, then half-wide tiles where
+half is whole 64-column blocks: not for a 192-wide tile). A
 pinned `config` is the portable kernels'; these GEMMs keep their own tiles, as
 torch_impl/tma/backward.py's do.
 

@@ -76,7 +76,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ...common.config import TileConfig
+from ...common.config import SWIZZLE_COLUMNS, TileConfig
 from ...common.packing import PACK_BLOCK
 from ...common.registry import FALLBACK
 from ...common.tiling import shape_bucket
@@ -183,7 +183,8 @@ def _ws_tile(block_m: int, block_n: int, *, epilogue_subtile: int) -> TileConfig
 
 @functools.cache
 def tuned_table() -> dict[str, list[dict[str, Any]]]:
-    """The committed H200 sweep's best configs ({family: [entry, ...]}; empty if none)."""
+    """The committed sweep's best configs ({family: [entry, ...]}; empty if none): measured on
+    the H200, but for entries that name another GPU (`gpu`), taken on every Hopper GPU."""
     if not TUNED_FILE.exists():
         return {}
     data = json.loads(TUNED_FILE.read_text())
@@ -205,8 +206,9 @@ def tuned_config(family: str, m: int, n: int, k: int, dtype: str) -> TileConfig 
 def default_config(
     family: str, m: int, n: int, k: int, dtype: str, *, interpret: bool = False
 ) -> TileConfig:
-    """The tiles without tuning: the committed H200 sweep's entry for this shape if there is one
-    (jax_impl/mosaic/tuned_h200.json), else the heuristic; INTERPRET_CONFIG under the interpreter.
+    """The tiles without tuning: the committed sweep's entry for this shape if there is one
+    (jax_impl/mosaic/tuned_h200.json, `tuned_table`), else the heuristic; INTERPRET_CONFIG under
+    the interpreter.
     """
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
@@ -325,6 +327,14 @@ def plan_tiles(config: TileConfig, family: str) -> Tiles:
         wg_m, wg_op_n = (bm, op_n // 2) if split_n else (bm // 2, op_n)
     else:
         split_n, wg_m, wg_op_n = False, bm, op_n
+    if wg_op_n % SWIZZLE_COLUMNS and wg_op_n & (wg_op_n - 1):
+        # 192 is whole swizzle atoms; 320 split between two warpgroups is 160 each, which Mosaic
+        # GPU cannot slice out of the swizzled operand tile (it lowers, then fails to compile)
+        raise ValueError(
+            f"config.block_n: a compute warpgroup's operand tile would be {wg_op_n} columns "
+            f"(block_n={bn}, family {family}); expected a power of two or a multiple of "
+            f"{SWIZZLE_COLUMNS} (whole swizzle atoms of the shared-memory tile)"
+        )
     if wg_op_n > WGMMA_MAX_N:
         raise ValueError(
             f"config.block_n: a warpgroup's operand tile is {wg_op_n} columns, over "

@@ -68,6 +68,7 @@ from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
 from fusedmlp.common.tiling import GROUPED_KIND, shape_bucket, step_gemm_kind
+from fusedmlp.common.tuning import triton_config
 from fusedmlp.common.validate import check_saved
 
 from .. import backward as portable
@@ -114,7 +115,7 @@ def tuned_config(kind: str, m: int, n: int, k: int, dtype: str) -> TileConfig | 
         return None
     bucket = int(shape_bucket(m))
     best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["m"])) / bucket)))
-    return TileConfig.from_dict(best["config"])
+    return triton_config(best["config"])
 
 
 def step_config(
@@ -151,7 +152,7 @@ def grouped_config(products: list[tuple[int, int]], k: int, dtype: str) -> TileC
         return None
     bucket = int(shape_bucket(k))
     best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["k"])) / bucket)))
-    return TileConfig.from_dict(best["config"]) if best["us"] < best["apart_us"] else None
+    return triton_config(best["config"]) if best["us"] < best["apart_us"] else None
 
 
 def _gemm(

@@ -49,7 +49,8 @@ SWIZZLE_COLUMNS = 64
 
 
 def is_power_of_two_tile(config: TileConfig) -> bool:
-    """Whether every tile dimension of `config` is a power of two (what Triton's kernels take)."""
+    """Whether every tile dimension of `config` is a power of two, what Triton's kernels take
+    (block_m and block_k always are; block_n may be a Mosaic GPU width)."""
     return _is_power_of_two(config.block_n)
 
 

@@ -39,9 +39,8 @@ bench/sweep_mosaic_backward.py: ping-pong where an epilogue that reads a saved [
 tiles would otherwise stall the tensor cores, cooperative where a long K hides it), else the
 forward's (`pipeline.default_config`) made cooperative and fitted to the shared memory the extra
 staging needs (fewer pipeline slots down to 3, then one staging slot, then half-wide tiles where
-half is whole 64-column blocks: not for a 192-wide tile). A
-pinned `config` is the portable kernels'; these GEMMs keep their own tiles, as
-torch_impl/tma/backward.py's do.
+half is whole 64-column blocks: not for a 192-wide tile). A pinned `config` is the portable
+kernels'; these GEMMs keep their own tiles, as torch_impl/tma/backward.py's do.
 
 Used by the JAX front's custom_vjp on a Hopper GPU when the asked impl is `auto` or `pallas_mosaic`
 and every GEMM meets Mosaic GPU's constraints (`unsupported_reason`; M a multiple of 16, since M is

@@ -18,6 +18,7 @@ from fusedmlp.common import (
     make_input,
     reference,
 )
+from fusedmlp.common.registry import get_implementation
 from fusedmlp.common.tolerance import assert_close
 from helpers import to_torch
 
@@ -125,9 +126,9 @@ def _wide_refusal(impl: str, *, training: bool = False) -> str:
 def test_a_mosaic_width_is_refused_where_triton_kernels_would_run(monkeypatch):
     """A pinned block_n of 192 (Mosaic GPU's whole swizzle atoms, common/config.py): both fronts
     refuse it with one message wherever a plan runs a Triton or Pallas-Triton kernel (the
-    per-layer portable impls, `auto` where it plans them, fused_decode) and wherever a training
-    step would run the portable kernels on it (a plan with `saved=`, the training forward);
-    pallas_mosaic's forward takes it (under the interpreter here)."""
+    per-layer portable impls, `auto` where it plans them, fused_small and fused_decode) and
+    wherever a training step would run the portable kernels on it (a plan with `saved=`, the
+    training forward); pallas_mosaic's forward takes it (under the interpreter here)."""
     spec = MLPSpec((64, 256, 64), "gelu", True, "bfloat16")  # too wide for fused_small
     wide = TileConfig(64, 192, 32)
     params, x = init_params(spec, 0), make_input(spec, 130, 1)  # too many rows for fused_decode
@@ -135,9 +136,15 @@ def test_a_mosaic_width_is_refused_where_triton_kernels_would_run(monkeypatch):
         rows = 8 if impl == "fused_decode" else 130
         kind, message = _error(stack, spec, x[:rows], params, impl=impl, config=wide)
         assert (kind, message) == (ValueError, _wide_refusal(impl))
+    narrow = MLPSpec((32, 64, 16), "relu", True, "float16")  # the whole-MLP kernels, both stacks
+    n_params, n_x = init_params(narrow, 2), make_input(narrow, 8, 3)
+    for impl in ("fused_small", "fused_decode"):
+        for stack in STACKS:
+            kind, message = _error(stack, narrow, n_x, n_params, impl=impl, config=wide)
+            assert (kind, message) == (ValueError, _wide_refusal(impl))
     for stack, (front, _) in STACKS.items():  # `auto`: refused where it plans a Triton kernel
         planned = front.plan(spec, (130, 64)).launches[0].impl
-        if _entry_takes_wide(planned):
+        if not get_implementation(planned).power_of_two_tiles:
             continue
         assert _error(stack, spec, x, params, impl="auto", config=wide) == (
             ValueError,
@@ -166,12 +173,6 @@ def test_a_mosaic_width_is_refused_where_triton_kernels_would_run(monkeypatch):
             tx, tp, spec, impl="mosaic", config=wide, residual=None, saved="preact"
         )
     assert str(err.value) == _wide_refusal("triton", training=True)
-
-
-def _entry_takes_wide(impl: str) -> bool:
-    from fusedmlp.common.registry import get_implementation
-
-    return not get_implementation(impl).power_of_two_tiles
 
 
 def test_bad_impl_config_spec_and_residual():

@@ -96,6 +96,14 @@ REFERENCE_ATOL = 1e-12
 # whose fractional error is < 1.2e-7) against reference.activation_grad at the same float32
 # point: a handful of float32 roundings (2^-24 each) and the fit's error, relative to the value.
 ACTIVATION_FP32_RTOL = 2e-6
+# The same under approximate math (the Mosaic GPU kernels' `approx_math`: exp as ex2.approx,
+# reciprocals as rsqrt.approx squared, ~2^-22 relative; their outputs are float16/bfloat16 only):
+# absolute error at most this times (1 + |z|), since the cancellations of the formulas — 1 + tanh
+# near -1, 1 − tanh², 1 − sigmoid — turn a reciprocal's relative error into an absolute one that
+# the factors z and gelu's du(z) then scale. 2^-16 is 1/64 of float16's spacing at 1, so it never
+# shows in a 16-bit output beyond that output's own rounding. On the CPU (exact rsqrt) the fast
+# forms err by at most 8.6e-7·(1 + |z|) on [-30, 30] (gelu_tanh' 4.7e-6 at z = -4.6).
+ACTIVATION_APPROX_ATOL = 2.0**-16
 # float64 factorisations (common/lowrank.py: SVD, Cholesky/eigh whitening) on matrices <= 41
 # wide: backward-stable to ~n·κ·2^-53 (about 1e-13 here); identities they satisfy (Eckart–Young,
 # TᵀT = C + δI, U·Vt = W at full rank) are checked at FACTOR_RTOL / FACTOR_ATOL. The whitened

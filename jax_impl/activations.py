@@ -88,25 +88,36 @@ def apply_activation(x: jax.Array, activation: str, fast: bool = False) -> jax.A
     return x
 
 
-def apply_activation_grad(x: jax.Array, activation: str) -> jax.Array:
+def apply_activation_grad(x: jax.Array, activation: str, fast: bool = False) -> jax.Array:
     """act'(x) for an fp32 tile (the backward, backward.py): reference.activation_grad's formulas
-    from the same exp-built helpers; relu' of NaN is NaN there, and here."""
+    from the same exp-built helpers; relu' of NaN is NaN there, and here. fast: the reciprocals
+    as rsqrt(d)² (the module docstring)."""
+    return activation_and_grad(x, activation, fast)[1]
+
+
+def activation_and_grad(
+    x: jax.Array, activation: str, fast: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """(act(x), act'(x)) for an fp32 tile, the two sharing their transcendental part — one tanh
+    for gelu_tanh, one sigmoid for silu, one erfc for gelu — each the expression
+    `apply_activation` / `apply_activation_grad` write. A gated act' step needs both per element
+    (dz = dout·u·act'(z), du = dout·act(z)); computed apart they cost twice the exp and division
+    work, which an epilogue that is issue-bound pays in full (the Mosaic GPU act' step)."""
     if activation == "relu":
-        d = jnp.where(x != x, x, jnp.where(x > 0.0, 1.0, 0.0))
-    elif activation == "gelu":
-        cdf = 0.5 * erfc(-x * SQRT_1_2)
+        return relu(x), jnp.where(x != x, x, jnp.where(x > 0.0, 1.0, 0.0))
+    if activation == "gelu":
+        e = erfc(-x * SQRT_1_2, fast)  # 1 + erf(x/√2)
         pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        d = cdf + x * pdf
-    elif activation == "gelu_tanh":
-        t = tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x))
+        return 0.5 * x * e, 0.5 * e + x * pdf
+    if activation == "gelu_tanh":
+        t = tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x), fast)
         du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * x * x)
-        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-    elif activation == "silu":
-        s = 1.0 / (1.0 + jnp.exp(-x))
-        d = s * (1.0 + x * (1.0 - s))
-    else:  # identity
-        d = jnp.zeros_like(x) + 1.0
-    return d
+        return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    if activation == "silu":
+        d = 1.0 + jnp.exp(-x)
+        s = _reciprocal(d, fast)
+        return (x * s if fast else x / d), s * (1.0 + x * (1.0 - s))
+    return x, jnp.zeros_like(x) + 1.0  # identity
 
 
 def round_to_dtype(x: jax.Array, DTYPE: jnp.dtype, INTERPRET: bool) -> jax.Array:

@@ -39,9 +39,17 @@ from fusedmlp.common.config import SAVED_POLICIES
 from fusedmlp.common.cost import saved_bytes
 from fusedmlp.common.packing import packed_width, unpack_gated
 from fusedmlp.common.tiling import heuristic_config
-from fusedmlp.common.tolerance import ACTIVATION_FP32_RTOL, assert_grads_close
+from fusedmlp.common.tolerance import (
+    ACTIVATION_APPROX_ATOL,
+    ACTIVATION_FP32_RTOL,
+    assert_grads_close,
+)
 from fusedmlp.jax_impl import backward
-from fusedmlp.jax_impl.activations import apply_activation_grad
+from fusedmlp.jax_impl.activations import (
+    activation_and_grad,
+    apply_activation,
+    apply_activation_grad,
+)
 from fusedmlp.jax_impl.packing import pack_gated, pack_params
 from helpers import lower_for_cuda, needs_jax_0_10_lowering, rand
 
@@ -109,6 +117,35 @@ def test_activation_grad_matches_the_reference(activation: str) -> None:
     np.testing.assert_allclose(
         got[finite], want[finite], rtol=ACTIVATION_FP32_RTOL, atol=ACTIVATION_FP32_RTOL
     )
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+@pytest.mark.parametrize("activation", KERNEL_ACTIVATIONS)
+def test_activation_and_grad_is_both_from_one_transcendental(activation: str, fast: bool) -> None:
+    """The Mosaic GPU act' step's pair: act(z) and act'(z) against the float64 reference on a
+    dense grid, NaN kept — exact within the fp32 tolerance, with the approximate reciprocals
+    within ACTIVATION_APPROX_ATOL·(1 + |z|); exact, each is `apply_activation`'s /
+    `apply_activation_grad`'s bits, so the portable twins lose nothing."""
+    z = np.concatenate([np.linspace(-30, 30, 20001), [0.0, -0.0, 1e-30, 60.0, -60.0, np.nan]])
+    zj = jnp.asarray(z, F32)
+    act, grad = (np.asarray(v, np.float64) for v in activation_and_grad(zj, activation, fast))
+    z64 = z.astype(np.float32).astype(np.float64)
+    for got, want in (
+        (act, reference.activation(activation, z64)),
+        (grad, reference.activation_grad(activation, z64)),
+    ):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        finite = ~np.isnan(want)
+        err = np.abs(got[finite] - want[finite])
+        if fast:
+            size = np.abs(np.nan_to_num(z64[finite]))  # identity' of NaN is 1
+            assert np.all(err <= ACTIVATION_APPROX_ATOL * (1.0 + size))
+        else:
+            scale = ACTIVATION_FP32_RTOL * np.maximum(np.abs(want[finite]), 1.0)
+            assert np.all(err <= scale), float(np.max(err / scale))
+    if not fast:
+        np.testing.assert_array_equal(act, np.asarray(apply_activation(zj, activation), np.float64))
+        np.testing.assert_array_equal(grad, np.asarray(apply_activation_grad(zj, activation)))
 
 
 # ---- gradients through the front vs the reference ------------------------------------------------

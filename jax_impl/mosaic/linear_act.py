@@ -37,7 +37,12 @@ from ...common.config import TileConfig
 from ...common.packing import PACK_BLOCK, packed_width
 from ...common.validate import check_layer
 from .. import compat
-from ..activations import apply_activation, apply_activation_grad, round_to_dtype
+from ..activations import (
+    activation_and_grad,
+    apply_activation,
+    apply_activation_grad,
+    round_to_dtype,
+)
 from ..compat import interpret_mode
 from ..front import ADAPTER
 from . import pipeline
@@ -79,9 +84,8 @@ def _linear_act_fwd_kernel(
         y = acc[rows, en * epi_n : (en + 1) * epi_n]
         if epilogue_kind == "dact":  # dout ⊙ act'(z), z (or relu's output) loaded into o_slot
             z = o_slot[...].astype(jnp.float32)
-            o_slot[...] = round_to_dtype(
-                y * apply_activation_grad(z, dact_activation), dtype, interpret
-            )
+            d = apply_activation_grad(z, dact_activation, fast=pipeline.APPROX_MATH)
+            o_slot[...] = round_to_dtype(y * d, dtype, interpret)
             return
         if epilogue_kind == "dact_gated":
             _dact_gated(y, o_slot)
@@ -105,8 +109,11 @@ def _linear_act_fwd_kernel(
             d = dout[:, j * P : (j + 1) * P]
             z_ref, g_ref = o_slot.at[:, pl.ds(2 * j * P, P)], o_slot.at[:, pl.ds(2 * j * P + P, P)]
             z, g = z_ref[...].astype(jnp.float32), g_ref[...].astype(jnp.float32)
-            dz = d * g * apply_activation_grad(z, dact_activation)
-            dg = d * apply_activation(z, dact_activation, fast=pipeline.APPROX_MATH)
+            # act(z) and act'(z) from one tanh/sigmoid/erfc (`activation_and_grad`): the
+            # epilogue's transcendental work is its largest cost after the bytes
+            act, act_grad = activation_and_grad(z, dact_activation, fast=pipeline.APPROX_MATH)
+            dz = d * g * act_grad
+            dg = d * act
             z_ref[...] = round_to_dtype(dz, dtype, interpret)
             g_ref[...] = round_to_dtype(dg, dtype, interpret)
 

@@ -13,7 +13,11 @@ with NaN propagated: a select here (`relu`), as Pallas-Triton's max drops NaN.
 the same formulas with every reciprocal of a denominator ≥ 1 as rsqrt(d)², i.e. `rsqrt.approx.f32`
 (≤ 2^-22.9 relative) and a product, instead of an IEEE division — whose ~10-instruction sequence
 (a Newton step and a slow-path branch) Mosaic GPU emits for `/` — and exp as `ex2.approx` of
-x·log2(e), which is what Triton's `tl.exp` does. Pallas-Triton and the Triton twins keep `/`.
+x·log2(e), which is what Triton's `tl.exp` does; gelu_tanh there takes its sigmoid form
+x·σ(2y) (one ex2.approx with log2(e) folded into its constants, one rsqrt.approx: 16 operations
+an element for act and act' together where the tanh form takes 25), and `activation_and_grad`
+gives act and act' from one transcendental. Pallas-Triton and the Triton twins keep `/` and the
+reference's expressions.
 
 `round_to_dtype(x, DTYPE, INTERPRET)` is every kernel's one rounding of an fp32 tile to the output
 (or hidden) dtype, in both stacks: a DTYPE tile, rounded to nearest even. Where the rounded value
@@ -28,6 +32,14 @@ SQRT_1_2 = 0.7071067811865476  # 1/√2, for erf-gelu
 SQRT_2_OVER_PI = 0.7978845608028654  # √(2/π), for tanh-gelu
 GELU_TANH_COEFF = 0.044715
 _INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π), gelu's normal density
+# fast gelu_tanh as x·σ(2y), y = √(2/π)·(x + 0.044715·x³): 1 + tanh(y) = 2σ(2y), so
+# x/2·(1 + tanh(y)) = x·σ(2y), and σ(2y) = 1/(1 + 2^(x·(A0 + A1·x²))) with log2(e) folded into the
+# constants; its derivative is σ·(1 + x·(1 − σ)·(B0 + B1·x²)), B0 + B1·x² = 2·dy/dx.
+_LOG2E = 1.4426950408889634
+_GELU_TANH_A0 = -2.0 * SQRT_2_OVER_PI * _LOG2E
+_GELU_TANH_A1 = _GELU_TANH_A0 * GELU_TANH_COEFF
+_GELU_TANH_B0 = 2.0 * SQRT_2_OVER_PI
+_GELU_TANH_B1 = 6.0 * SQRT_2_OVER_PI * GELU_TANH_COEFF
 
 ACTIVATION_KEYS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 
@@ -45,6 +57,12 @@ def tanh(x: jax.Array, fast: bool = False) -> jax.Array:
     # 1 - 2/(1 + e^{2x}): exact limits at ±inf, NaN propagates; absolute error ~1 ulp of 1.
     d = 1.0 + jnp.exp(2.0 * x)
     return 1.0 - (2.0 * _reciprocal(d, fast) if fast else 2.0 / d)
+
+
+def _gelu_tanh_sigmoid(x: jax.Array) -> jax.Array:
+    """σ(2y) of fast gelu_tanh (the constants' comment): one ex2.approx and one rsqrt.approx,
+    NaN kept; 2^(...) = inf past x ≈ -11 gives σ = 0, as it should."""
+    return _reciprocal(1.0 + jnp.exp2(x * (_GELU_TANH_A0 + _GELU_TANH_A1 * x * x)), fast=True)
 
 
 def erfc(x: jax.Array, fast: bool = False) -> jax.Array:
@@ -81,6 +99,8 @@ def apply_activation(x: jax.Array, activation: str, fast: bool = False) -> jax.A
         x = relu(x)
     elif activation == "gelu":
         x = 0.5 * x * erfc(-x * SQRT_1_2, fast)  # = x/2 · (1 + erf(x/√2))
+    elif activation == "gelu_tanh" and fast:
+        x = x * _gelu_tanh_sigmoid(x)
     elif activation == "gelu_tanh":
         x = 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x), fast))
     elif activation == "silu":
@@ -109,6 +129,9 @@ def activation_and_grad(
         e = erfc(-x * SQRT_1_2, fast)  # 1 + erf(x/√2)
         pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
         return 0.5 * x * e, 0.5 * e + x * pdf
+    if activation == "gelu_tanh" and fast:  # 16 operations an element, the tanh form 25
+        s = _gelu_tanh_sigmoid(x)
+        return x * s, s * (1.0 + x * (1.0 - s) * (_GELU_TANH_B0 + _GELU_TANH_B1 * x * x))
     if activation == "gelu_tanh":
         t = tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x), fast)
         du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * x * x)

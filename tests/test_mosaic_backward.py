@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import zlib
 
@@ -309,6 +310,53 @@ def test_act_steps_at_one_and_two_staging_slots(epilogue: str, kernel: str) -> N
     else:
         want = dh * reference.activation_grad("silu", _f64(z))
     tolerance.assert_close(_f64(outs[0]), want, layer_spec("bfloat16"), what=epilogue)
+
+
+# four epilogue tiles a warpgroup (2 × 2 of 64 × 64), as the committed act' steps have: the
+# ping-pong 128 × 128 tile (hf-blog-geglu's, `tuned_hopper_backward.json`) and a cooperative one
+FOUR_TILES = {
+    "pingpong": dataclasses.replace(PINGPONG, block_n=128, epilogue_subtile=2),
+    "cooperative": dataclasses.replace(TWO_TILES, block_m=256),
+}
+
+
+@needs_transposes
+@pytest.mark.parametrize(
+    ("epilogue", "kernel"), [("dact_gated", "pingpong"), ("dact", "cooperative")]
+)
+def test_act_steps_request_residuals_slots_ahead(epilogue: str, kernel: str) -> None:
+    """Four epilogue tiles a warpgroup at 1-4 staging slots: the first `slots` residual tiles
+    prefetched before the K loop, each later one requested as its slot's previous store has
+    read the slot (`pipeline.store_tile`), over ragged tiles (M = 200, N = 320) and several
+    tiles a warpgroup (the next tile's prefetch after the requests ahead): the same bits at
+    every count, within the policy of the float64 act' step."""
+    rng = np.random.default_rng(14)
+    m, n, nc = 200, 320, 48
+    dt = jnp.bfloat16
+    dz = jnp.asarray(rng.standard_normal((m, nc)), dt)
+    w = jnp.asarray(rng.standard_normal((n, nc)) * nc**-0.5, dt)
+    width = packed_width(n) if epilogue == "dact_gated" else n
+    z = jnp.asarray(rng.standard_normal((m, width)), dt)
+    assert math.prod(pipeline.plan_tiles(FOUR_TILES[kernel], "linear_act").epi_tiles) == 4
+
+    def run(slots: int) -> jax.Array:
+        return linear_mod.linear_act_fwd(
+            dz, w, None, None, activation="identity", config=FOUR_TILES[kernel],
+            interpret=True, w_kmajor=True, epilogue=epilogue, z=z, dact_activation="gelu_tanh",
+            staging_slots=slots,
+        )  # fmt: skip
+
+    outs = {slots: run(slots) for slots in pipeline.STAGING_SLOTS}
+    assert outs[2].shape == (m, width)
+    bits = {k: np.asarray(o).tobytes() for k, o in outs.items()}
+    differ = [k for k, b in bits.items() if b != bits[2]]
+    assert not differ, f"staging slots {differ} give other bits than 2"
+    dh = _f64(dz) @ _f64(w).T
+    if epilogue == "dact_gated":
+        want = _dact_gated_ref(dh, _f64(z), n, "gelu_tanh")
+    else:
+        want = dh * reference.activation_grad("gelu_tanh", _f64(z))
+    tolerance.assert_close(_f64(outs[4]), want, layer_spec("bfloat16"), what=epilogue)
 
 
 @needs_transposes
@@ -908,10 +956,10 @@ def test_bad_forms_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"overwrite_z: .* expected epilogue .*, got 'none'"):
         run(x, w, None, None, activation="identity", config=cfg, interpret=True, overwrite_z=True)
     narrow_epi = dataclasses.replace(_ws(128, 128, 2), epilogue_subtile=4)  # 32-column tiles
-    with pytest.raises(ValueError, match=r"outputs.slots: expected 1 or 2 staging slots, got 3"):
+    with pytest.raises(ValueError, match=r"outputs.slots: expected one of \(1, 2, 3, 4\) .*got 5"):
         run(
             x, w, b, None, activation="relu", config=cfg, interpret=True, store_preact=True,
-            staging_slots=3,
+            staging_slots=5,
         )  # fmt: skip
     with pytest.raises(ValueError, match=r"config.epilogue_subtile: a doubled .* got 32 columns"):
         run(

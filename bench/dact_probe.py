@@ -16,7 +16,8 @@ own process (the epilogue's helpers are read when the kernel is traced):
   stores.
 
 `--tile BMxBNxSTAGES[pp|coop]subS/slotsN` times the committed epilogue at other tiles.
-`--ncu` runs one variant twice without timing (the target of `ncu -k regex:dact_gated`).
+`--ncu` runs one variant twice without timing (the target of `ncu -k regex:dact_gated`); with
+`--role` another GEMM of the step (e.g. "layer 0 saving forward", `ncu -k regex:gated_fwd`).
 
     python3 bench/dact_probe.py OUT.json [--variants committed,separate,exact,light,plain]
         [--tiles 128x128x5pp2/2,...]
@@ -35,10 +36,10 @@ PRESET = "hf-blog-geglu"
 VARIANTS = ("committed", "separate", "exact", "light", "plain")
 
 
-def _gemm() -> Any:
+def _gemm(role: str = ROLE) -> Any:
     from fusedmlp.bench.sweep_mosaic_backward import step_gemms
 
-    return next(g for g in step_gemms(PRESET) if g.role == ROLE)
+    return next(g for g in step_gemms(PRESET) if g.role == role)
 
 
 def _patch(variant: str) -> None:
@@ -76,7 +77,7 @@ def _tile(text: str, g: Any) -> tuple[Any, Any]:
     return cfg, dataclasses.replace(g.outputs, slots=int(slots))
 
 
-def run_one(variant: str, tile: str | None, ncu: bool) -> dict[str, Any]:
+def run_one(variant: str, tile: str | None, ncu: bool, role: str = ROLE) -> dict[str, Any]:
     """Time (or, ncu, just run twice) one variant in this process."""
     import dataclasses
 
@@ -88,7 +89,7 @@ def run_one(variant: str, tile: str | None, ncu: bool) -> dict[str, Any]:
     from fusedmlp.jax_impl.mosaic import backward as hopper
 
     _patch(variant)
-    g = _gemm()
+    g = _gemm(role)
     if variant == "plain":
         g = dataclasses.replace(g, epilogue="none", activation="identity")
     if tile:
@@ -110,7 +111,7 @@ def run_one(variant: str, tile: str | None, ncu: bool) -> dict[str, Any]:
            "slots": outs.slots, **res}  # fmt: skip
     row["us"] = res["ms"] * 1e3
     row["tflops"] = g.flops() / (res["ms"] * 1e-3) / 1e12
-    if variant != "plain":  # against the committed epilogue (XLA's formulas, fp32)
+    if variant != "plain" and g.epilogue != "none":  # XLA's act' step in fp32
         ref = jax.jit(_reference(g))(sets[0])
         row["rel_err_vs_fp32"] = rel_err(first, ref)
     return row
@@ -143,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", help="(internal) run this variant in this process")
     p.add_argument("--tile", help="(internal) its tile")
     p.add_argument("--ncu", action="store_true", help="run --one twice, untimed")
+    p.add_argument("--role", default=ROLE, help="(with --one) another GEMM of the step, by role")
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(run_one(a.one, a.tile, a.ncu)))
+        print(json.dumps(run_one(a.one, a.tile, a.ncu, a.role)))
         return 0
     jobs = [(v, None) for v in a.variants.split(",") if v]
     jobs += [("committed", t) for t in a.tiles.split(",") if t]

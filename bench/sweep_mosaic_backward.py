@@ -249,7 +249,9 @@ def grouped_grid(wg: WeightGradients) -> list[tuple[Any, Any]]:
 
 def grid(g: StepGemm) -> list[tuple[Any, Any]]:
     """(config, outputs) to time for `g`: the fitted tiles first, then per tile shape the
-    deepest pipeline with two staging slots and, where the staging is wide, with one."""
+    deepest pipeline with two staging slots and, where the staging is wide, with one — and for
+    an act' step with three (three residual tiles prefetched under the K loop, at a ring one
+    slot shallower)."""
     from fusedmlp.jax_impl.mosaic import backward as hopper
     from fusedmlp.jax_impl.mosaic.pipeline import PLAIN_OUTPUT
 
@@ -258,7 +260,8 @@ def grid(g: StepGemm) -> list[tuple[Any, Any]]:
                                   epilogue=g.epilogue)  # fmt: skip
     out = [fitted]
     for bm, bn, sub, pingpong in GATED_TILES if g.family == "gated" else LINEAR_TILES:
-        for slots in (2,) if g.outputs == PLAIN_OUTPUT else (2, 1):
+        staging = (2, 1, 3) if g.epilogue != "none" else (2, 1)
+        for slots in (2,) if g.outputs == PLAIN_OUTPUT else staging:
             try:
                 found = _with_stages(_tile(bm, bn, sub, pingpong=pingpong), g, slots)
             except ValueError:  # a tile the family cannot take

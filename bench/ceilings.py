@@ -70,6 +70,14 @@ def _device_peak() -> dict[str, float] | None:
     )
 
 
+def _device_l2_bytes() -> int:
+    """The current CUDA device's L2 capacity (torch's `L2_cache_size`; 0 where torch has none)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or 0)
+
+
 @contextlib.contextmanager
 def _fp32_precision(mode: str) -> Iterator[None]:
     import torch
@@ -146,5 +154,6 @@ def measure(device: str, keys: tuple[str, ...], *, quick: bool = False) -> Ceili
         torch.cuda.empty_cache()
     peak = _device_peak() if gpu else None
     return Ceilings(
-        matmul, 2 * nbytes / stats.median, device, detail, read=nbytes / read.median, peak=peak
-    )
+        matmul, 2 * nbytes / stats.median, device, detail, read=nbytes / read.median, peak=peak,
+        l2_bytes=_device_l2_bytes() if gpu else 0,
+    )  # fmt: skip

@@ -28,6 +28,9 @@ class Ceilings:
     detail: dict[str, Any]
     read: float | None = None
     peak: dict[str, float] | None = None
+    # the GPU's L2 capacity (bytes, from the device's properties; 0 where unknown): writes it can
+    # hold past a call's end need not reach DRAM within the call (cost.floor's l2_write_back)
+    l2_bytes: int = 0
 
     @property
     def memory(self) -> float:
@@ -52,6 +55,7 @@ class Ceilings:
             "copy": self.copy,
             "read": self.read,
             "peak": self.peak,
+            "l2_bytes": self.l2_bytes,
             "device": self.device,
             "detail": self.detail,
         }
@@ -65,6 +69,7 @@ class Ceilings:
             data.get("detail", {}),
             data.get("read"),
             dict(data["peak"]) if data.get("peak") else None,
+            int(data.get("l2_bytes") or 0),
         )
 
 
@@ -77,13 +82,15 @@ def floor(
 ) -> cost.Floor:
     """The roofline floor of `impl`'s way of running the MLP at the copy rate and the measured
     matmul rate; with `check`, at the fastest memory rate measured and the physical peak where
-    known (the floor below which a time is an invalid measurement)."""
+    known, less the writes the L2 can hold past the call (the floor below which a time is an
+    invalid measurement)."""
     return cost.floor(
         spec,
         m,
         flops_per_s=ceilings.compute(matmul_key(spec), check=check),
         bytes_per_s=ceilings.memory if check else ceilings.copy,
         whole=impl in WHOLE_IMPLS,
+        l2_write_back=ceilings.l2_bytes if check else 0,
     )
 
 

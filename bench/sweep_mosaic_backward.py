@@ -537,7 +537,7 @@ def tuned_file(
 ) -> dict[str, Any]:
     """The best tiles per (kind, m, n, k), in tuned_hopper_backward.json's format (either
     stack's: jax_impl/mosaic/ or torch_impl/tma/); with `base` (a committed table), its
-    entries of the shapes not measured here are kept."""
+    entries of the shapes not measured here, and of other GPUs, are kept."""
     gpus = env.get("gpus") or [{}]
     commit = (env.get("git") or {}).get("commit")
     configs: dict[str, list[dict[str, Any]]] = {
@@ -556,7 +556,10 @@ def tuned_file(
                 entry["slots"] = r["slots"]
         entry.update(us=round(r["ms"] * 1e3, 1), tflops=round(r["tflops"], 1))
         entry.update(gemm=f"{r['preset']} {r['role']}", gpu=gpus[0].get("name"), commit=commit)
-        kept = [e for e in configs.get(r["kind"], []) if _shape_key(e) != _shape_key(entry)]
+        # this GPU's earlier entry for the shape goes; another GPU's stays (each GPU reads its own
+        # first: mosaic/pipeline.measured_here_first)
+        kept = [e for e in configs.get(r["kind"], [])
+                if (_shape_key(e), e.get("gpu")) != (_shape_key(entry), entry["gpu"])]  # fmt: skip
         configs[r["kind"]] = [*kept, entry]
     about = {
         "jax": "Best Mosaic GPU tiles per GEMM kind of the training step and (M, N, K), read by "

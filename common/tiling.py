@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from .config import TileConfig
 from .packing import PACK_BLOCK, packed_width
@@ -520,6 +521,16 @@ def shape_bucket(m: int) -> str:
     if m <= 0:
         return "0"
     return str(1 << (m - 1).bit_length())
+
+
+def measured_here_first(entries: list[dict[str, Any]], gpu: str | None) -> list[dict[str, Any]]:
+    """The tile-table entries measured on `gpu` (their "gpu" field) where there are any, else all
+    of them: one table serves every Hopper part (one SM, one tensor core), and where two parts
+    rank a shape's tiles differently each keeps its own measurement (the training step's saving
+    forward at hf-blog: the H200 and the H100 prefer different tiles by 4-5 %). Both stacks'
+    committed tables read this way (jax_impl/mosaic, torch_impl/tma)."""
+    mine = [e for e in entries if gpu is not None and e.get("gpu") == gpu]
+    return mine or entries
 
 
 def step_gemm_kind(

@@ -65,6 +65,13 @@ def on_hopper() -> bool:
     return any(name in kind for name in ("H100", "H200", "H800", "GH200"))
 
 
+@functools.cache
+def gpu_name() -> str | None:
+    """jax's first GPU's name ('NVIDIA H100 80GB HBM3'), None without one: what the committed
+    tile tables' entries name as the GPU they were measured on."""
+    return jax.devices("gpu")[0].device_kind if on_gpu() else None
+
+
 def interpret_mode() -> bool:
     """True where Pallas kernels must run interpreted (no GPU)."""
     return not on_gpu()

@@ -208,14 +208,28 @@ def test_format1_table_still_loads_and_looks_up_by_m_only(tmp_path):
         Table.from_json('{"format": 3, "gpu": "g", "points": []}')
 
 
-def test_committed_table_is_format_2():
-    """common/dispatch/nvidia-h200.json loads as measured points, each naming known names."""
-    from fusedmlp.common.dispatch import FORMAT, TABLE_DIR
+def _committed_tables() -> list[str]:
+    from fusedmlp.common.dispatch import TABLE_DIR
+
+    return sorted(path.name for path in TABLE_DIR.glob("*.json"))
+
+
+def test_a_table_is_committed_for_each_gpu_measured():
+    """The H200 (the issues' card) and the H100 (where the later sessions measured)."""
+    assert _committed_tables() == ["nvidia-h100-80gb-hbm3.json", "nvidia-h200.json"]
+
+
+@pytest.mark.parametrize("name", _committed_tables())
+def test_committed_table_is_format_2(name: str):
+    """Each committed table loads as measured points, each naming known names, for the GPU its
+    file is named after, forward and training points both."""
+    from fusedmlp.common.dispatch import FORMAT, TABLE_DIR, gpu_slug
     from fusedmlp.common.registry import impl_names
 
-    path = TABLE_DIR / "nvidia-h200.json"
+    path = TABLE_DIR / name
     assert json.loads(path.read_text())["format"] == FORMAT
     table = Table.from_json(path.read_text())
+    assert f"{gpu_slug(table.gpu)}.json" == name
     assert table.points and not table.legacy
     for point in table.points:
         assert point.stack in ("torch", "jax")
@@ -226,14 +240,15 @@ def test_committed_table_is_format_2():
     assert {p.phase for p in table.points} == {"forward", "train"} and table.train_source
 
 
-def test_committed_table_is_what_derive_makes_of_its_results():
+@pytest.mark.parametrize("name", _committed_tables())
+def test_committed_table_is_what_derive_makes_of_its_results(name: str):
     """The committed table is `derive` of the committed results it names (source: '... at commit
     <hash>', results in bench/results/*-<hash[:7]>/), so no hand edit hides in it."""
     from pathlib import Path
 
     from fusedmlp.common.dispatch import TABLE_DIR
 
-    table = Table.from_json((TABLE_DIR / "nvidia-h200.json").read_text())
+    table = Table.from_json((TABLE_DIR / name).read_text())
     root = Path(__file__).resolve().parents[1] / "bench" / "results"
     # the forward points: `fusedmlp bench` results of the commit(s) in `source` (several: oldest
     # first, a later run's case replacing an earlier one's — `fusedmlp derive-auto OLD NEW`)

@@ -672,6 +672,36 @@ def test_tuned_config_takes_the_nearest_measured_m(monkeypatch) -> None:
     assert got.to_dict() == coop and outs.slots == 1
 
 
+def test_each_gpu_reads_its_own_entry_first(monkeypatch) -> None:
+    """Two GPUs' entries for one shape (the committed saving forward at hf-blog has the H200's and
+    the H100's): each GPU takes its own, another GPU (or none: lowering on a CPU) the table's
+    first; a shape measured on one GPU only serves every GPU."""
+    pp = dataclasses.replace(PINGPONG, block_k=64, num_stages=5).to_dict()
+    coop = _ws(256, 64, 3).to_dict()
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    table = {
+        "gated.preact": [
+            {"m": 8192, "n": 3072, "k": 768, "config": coop, "slots": 1, "gpu": h200},
+            {"m": 8192, "n": 3072, "k": 768, "config": pp, "slots": 2, "gpu": h100},
+            {"m": 8192, "n": 14336, "k": 4096, "config": coop, "slots": 1, "gpu": h100},
+        ]
+    }
+    monkeypatch.setattr(hopper, "tuned_table", lambda: table)
+    for gpu, want in (
+        (h100, (pp, 2)),
+        (h200, (coop, 1)),
+        ("NVIDIA H800", (coop, 1)),
+        (None, (coop, 1)),
+    ):
+        monkeypatch.setattr(compat, "gpu_name", lambda gpu=gpu: gpu)
+        cfg, slots = hopper.tuned_config("gated.preact", 8192, 3072, 768, interpret=False)
+        assert (cfg.to_dict(), slots) == want, gpu
+        cfg, _ = hopper.tuned_config("gated.preact", 8192, 14336, 4096, interpret=False)
+        assert cfg.to_dict() == coop, gpu
+    committed = hopper.TUNED_FILE.read_text()
+    assert f'"gpu": "{h100}"' in committed and f'"gpu": "{h200}"' in committed
+
+
 def test_committed_backward_table_fits() -> None:
     """Every entry of the committed H200 table (tuned_h200_backward.json) names a kind of the
     step and fits the kernel's shared memory in both 16-bit dtypes with its outputs."""

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fusedmlp.bench import benchmark, ceilings, timing
+from fusedmlp.bench import benchmark, ceilings, metrics, timing
 from fusedmlp.bench.cases import Case
 from fusedmlp.bench.metrics import Ceilings
 from fusedmlp.bench.providers import Provider
 from fusedmlp.bench.timing import Flush, Kernel, TimingError, device_timing, split_calls
-from fusedmlp.common import MLPSpec
+from fusedmlp.common import MLPSpec, cost
 
 FLUSH = "void at::native::vectorized_elementwise_kernel<bitwise_not_kernel_cuda>"
 
@@ -545,6 +545,38 @@ def test_floor_check_allows_the_faster_of_copy_and_read(monkeypatch: pytest.Monk
     assert row["status"] == "timed" and row["pct_roofline"] == pytest.approx(104, abs=1)
     assert row["floor_check_s"] == pytest.approx(352e6 / 4.6e12, rel=0.01)
     assert benchmark.time_row(decode, case, None, CEIL, {})["status"] == "invalid measurement"
+
+
+def test_floor_check_leaves_out_the_writes_the_l2_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write-back L2 may still hold a call's output when the call ends (the next flush writes it
+    back): the H100 (c48a920) ran a 16-wide narrow MLP at 1M rows — 33.5 MB read, 33.5 MB written
+    — in 19.6 µs, 3.42 TB/s, over HBM3's peak. The check counts the writes past the L2's capacity
+    only (its 50 MB here: none of y), so the row is timed, its "% roofline" still over every byte;
+    a time under the reads alone stays invalid, and an output larger than the L2 keeps its excess;
+    the floor itself (and the copy rate's %) is unchanged."""
+    spec = MLPSpec((16, 16, 16), "relu", bias=False, dtype="float16")
+    case = Case(spec, 1 << 20, "cuda")
+    small = Provider("torch", "fused_small", False)
+    h100 = Ceilings({"float16": 700e12}, 3.11e12, "cuda", {}, read=2.93e12)
+    with_l2 = dataclasses.replace(h100, l2_bytes=50 * 2**20)
+    monkeypatch.setattr(benchmark, "measure", _fake_measure(19.6e-6, throughput_s=44.9e-6))
+    assert benchmark.time_row(small, case, None, h100, {})["status"] == "invalid measurement"
+    row = benchmark.time_row(small, case, None, with_l2, {})
+    everything, writes = 2 * 2 * (1 << 20) * 16 + 2 * 2 * 16 * 16, 2 * (1 << 20) * 16
+    assert row["status"] == "timed"
+    assert row["floor_s"] == pytest.approx(everything / 3.11e12, rel=1e-6)
+    assert row["floor_check_s"] == pytest.approx((everything - writes) / 3.11e12, rel=1e-6)
+    assert row["pct_roofline"] == pytest.approx(100 * everything / 3.11e12 / 19.6e-6, rel=1e-6)
+    monkeypatch.setattr(benchmark, "measure", _fake_measure(9e-6, throughput_s=44.9e-6))
+    assert benchmark.time_row(small, case, None, with_l2, {})["status"] == "invalid measurement"
+    wide = MLPSpec((64, 64, 64), "relu", bias=False, dtype="float16")  # y: 134 MB > the L2
+    check = metrics.floor(wide, 1 << 20, "fused_small", with_l2, check=True)
+    assert check.bytes == cost.min_bytes(wide, 1 << 20, whole=True) - 50 * 2**20
+    assert metrics.floor(wide, 1 << 20, "fused_small", with_l2).bytes == cost.min_bytes(
+        wide, 1 << 20, whole=True
+    )
+    assert Ceilings.from_dict(with_l2.to_dict()) == with_l2
+    assert Ceilings.from_dict({**h100.to_dict(), "l2_bytes": None}) == h100  # older results
 
 
 def test_floor_check_takes_the_physical_peak_for_arithmetic(

@@ -97,6 +97,15 @@ def apply_activation_grad(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def activation_and_grad(x, ACTIVATION: tl.constexpr):
+    """(act(x), act'(x)) for an fp32 tile: a gated act' step needs both per element. The twin's
+    fast forms (one transcendental, gelu_tanh as x·σ(2y)) serve the Mosaic GPU epilogues; here
+    the reference's expressions, both inlined into one kernel, where the compiler shares their
+    common tanh (tl.exp is ex2.approx already), so the bits are those of the two calls."""
+    return apply_activation(x, ACTIVATION), apply_activation_grad(x, ACTIVATION)
+
+
+@triton.jit
 def round_to_dtype(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """An fp32 tile rounded to DTYPE (round to nearest even), as a DTYPE tile."""
     if INTERPRET and DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is the constexpr)

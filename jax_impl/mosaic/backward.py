@@ -69,7 +69,7 @@ from ...common import MLPSpec
 from ...common.config import TileConfig
 from ...common.packing import PACK_BLOCK, packed_names, packed_width
 from ...common.registry import AUTO
-from ...common.tiling import GROUPED_KIND, shape_bucket, step_gemm_kind
+from ...common.tiling import GROUPED_KIND, measured_here_first, shape_bucket, step_gemm_kind
 from ...common.validate import check_saved
 from .. import backward as portable
 from .. import compat
@@ -127,7 +127,8 @@ def gemm_kind(
 def tuned_table() -> dict[str, list[dict[str, Any]]]:
     """The committed sweep's best configs ({kind: [entry, ...]}; empty if none). Entries name the
     GPU they were measured on: the Hopper parts share the SM count and tensor cores, so one table
-    serves them (measured on an H100 at b566817 where no H200 was lent)."""
+    serves them (measured on an H100 at b566817 where no H200 was lent), a GPU's own entry first
+    where a shape has one per GPU (`tuned_config`)."""
     if not TUNED_FILE.exists():
         return {}
     return json.loads(TUNED_FILE.read_text()).get("configs", {})
@@ -137,9 +138,11 @@ def tuned_config(
     kind: str, m: int, n: int, k: int, *, interpret: bool
 ) -> tuple[TileConfig, int] | None:
     """(tiles, staging slots) of the committed sweep's entry for this kind and (N, K) at M's
-    bucket (else the nearest measured M), or None (and None under the interpreter, whose tiles
-    are INTERPRET_CONFIG's). Measured in bfloat16; float16 takes the same tiles."""
+    bucket (else the nearest measured M), this GPU's own measurements first
+    (common.tiling.measured_here_first), or None (and None under the interpreter, whose tiles are
+    INTERPRET_CONFIG's). Measured in bfloat16; float16 takes the same tiles."""
     entries = [e for e in tuned_table().get(kind, []) if (e["n"], e["k"]) == (n, k)]
+    entries = measured_here_first(entries, compat.gpu_name())
     if interpret or not entries:
         return None
     bucket = int(shape_bucket(m))

@@ -79,7 +79,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ...common.config import SWIZZLE_COLUMNS, TileConfig
 from ...common.packing import PACK_BLOCK
 from ...common.registry import FALLBACK
-from ...common.tiling import shape_bucket
+from ...common.tiling import measured_here_first, shape_bucket
 from .. import compat
 from ..front import STACK
 
@@ -192,10 +192,12 @@ def tuned_table() -> dict[str, list[dict[str, Any]]]:
 
 
 def tuned_config(family: str, m: int, n: int, k: int, dtype: str) -> TileConfig | None:
-    """The tuned entry for (family, N, K) at M's bucket (else the nearest measured M), or None.
-    Entries are measured in bfloat16; float16 takes the same tiles (the same wgmma and bytes)."""
+    """The tuned entry for (family, N, K) at M's bucket (else the nearest measured M), or None;
+    this GPU's own measurements first (common.tiling.measured_here_first). Entries are measured in
+    bfloat16; float16 takes the same tiles (the same wgmma and bytes)."""
     del dtype
     entries = [e for e in tuned_table().get(family, []) if (e["n"], e["k"]) == (n, k)]
+    entries = measured_here_first(entries, compat.gpu_name())
     if not entries:
         return None
     bucket = int(shape_bucket(m))

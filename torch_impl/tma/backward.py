@@ -67,7 +67,7 @@ import torch
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.common.tiling import GROUPED_KIND, shape_bucket, step_gemm_kind
+from fusedmlp.common.tiling import GROUPED_KIND, measured_here_first, shape_bucket, step_gemm_kind
 from fusedmlp.common.tuning import triton_config
 from fusedmlp.common.validate import check_saved
 
@@ -108,11 +108,14 @@ def tuned_table() -> dict[str, list[dict[str, Any]]]:
 
 def tuned_config(kind: str, m: int, n: int, k: int, dtype: str) -> TileConfig | None:
     """The committed sweep's tiles for this kind and (N, K) at M's bucket (else the nearest
-    measured M), or None: none measured, float32 (the sweep times bfloat16, whose tiles float16
+    measured M), this GPU's own measurements first (common.tiling.measured_here_first), or None:
+    none measured, float32 (the sweep times bfloat16, whose tiles float16
     shares; float32's K step is half as wide), or under the interpreter (tiny tiles there)."""
     entries = [e for e in tuned_table().get(kind, []) if (e["n"], e["k"]) == (n, k)]
     if INTERPRET or dtype == "float32" or not entries:
         return None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    entries = measured_here_first(entries, gpu)
     bucket = int(shape_bucket(m))
     best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["m"])) / bucket)))
     return triton_config(best["config"])

@@ -86,7 +86,12 @@ from fusedmlp.common.tiling import (
 from fusedmlp.common.validate import check_layer
 
 from .. import linear_act as portable
-from ..activations import apply_activation, apply_activation_grad, round_to_dtype
+from ..activations import (
+    activation_and_grad,
+    apply_activation,
+    apply_activation_grad,
+    round_to_dtype,
+)
 from ..backward import _dact_epilogue
 from ..front import ADAPTER
 from ..gated import _PACK
@@ -197,8 +202,9 @@ def _dact_by_columns(
         z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(z_ptrs + _PACK, mask=mask, other=0.0).to(tl.float32)
         live = (offs_n < N)[None, :]
-        dz = tl.where(live, dout * g * apply_activation_grad(z, ACTIVATION), 0.0)
-        dg = tl.where(live, dout * apply_activation(z, ACTIVATION), 0.0)
+        act, act_grad = activation_and_grad(z, ACTIVATION)  # the Mosaic GPU sibling's pair
+        dz = tl.where(live, dout * g * act_grad, 0.0)
+        dg = tl.where(live, dout * act, 0.0)
         o_ptrs = o_ptr + rows[:, None] * z_width + cols[None, :]
         tl.store(o_ptrs, round_to_dtype(dz, o_ptr.dtype.element_ty, INTERPRET), mask=mask)
         tl.store(o_ptrs + _PACK, round_to_dtype(dg, o_ptr.dtype.element_ty, INTERPRET), mask=mask)

@@ -279,6 +279,34 @@ def test_stored_preact_at_one_and_two_staging_slots(family: str, kernel: str) ->
     tolerance.assert_close(_f64(y2), ref, layer_spec("bfloat16"), what=f"{family} output")
 
 
+def _act_step_case(seed: int, m: int, n: int, nc: int, epilogue: str) -> tuple[jax.Array, ...]:
+    """dZ [m, nc], W stored [n, nc] (read transposed) and the saved z [m, n] (gated: the packed
+    [z|g]) of an input gradient with the act' step `epilogue` in its epilogue, bf16."""
+    rng = np.random.default_rng(seed)
+    dt = jnp.bfloat16
+    dz = jnp.asarray(rng.standard_normal((m, nc)), dt)
+    w = jnp.asarray(rng.standard_normal((n, nc)) * nc**-0.5, dt)
+    width = packed_width(n) if epilogue == "dact_gated" else n
+    return dz, w, jnp.asarray(rng.standard_normal((m, width)), dt)
+
+
+def _act_step(dz, w, z, epilogue: str, config: TileConfig, activation: str, slots: int):
+    return linear_mod.linear_act_fwd(
+        dz, w, None, None, activation="identity", config=config, interpret=True, w_kmajor=True,
+        epilogue=epilogue, z=z, dact_activation=activation, staging_slots=slots,
+    )  # fmt: skip
+
+
+def _assert_act_step_close(out, dz, w, z, epilogue: str, activation: str) -> None:
+    """`out` within the policy of the float64 act' step."""
+    dh = _f64(dz) @ _f64(w).T
+    if epilogue == "dact_gated":
+        want = _dact_gated_ref(dh, _f64(z), w.shape[0], activation)
+    else:
+        want = dh * reference.activation_grad(activation, _f64(z))
+    tolerance.assert_close(_f64(out), want, layer_spec("bfloat16"), what=epilogue)
+
+
 @needs_transposes
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("epilogue", ["dact", "dact_gated"])
@@ -287,29 +315,11 @@ def test_act_steps_at_one_and_two_staging_slots(epilogue: str, kernel: str) -> N
     warpgroup, on the cooperative and the ping-pong kernel: one or two staging slots (one: the
     first tile's residual prefetched before the K loop, the second loaded in the epilogue; two:
     both prefetched), the same bits, within the policy of the float64 act' step."""
-    rng = np.random.default_rng(12)
-    m, n, nc = 80, 128, 96
-    dt = jnp.bfloat16
-    dz = jnp.asarray(rng.standard_normal((m, nc)), dt)
-    w = jnp.asarray(rng.standard_normal((n, nc)) * nc**-0.5, dt)
-    width = packed_width(n) if epilogue == "dact_gated" else n
-    z = jnp.asarray(rng.standard_normal((m, width)), dt)
-
-    def run(slots: int) -> jax.Array:
-        return linear_mod.linear_act_fwd(
-            dz, w, None, None, activation="identity", config=KERNELS[kernel], interpret=True,
-            w_kmajor=True, epilogue=epilogue, z=z, dact_activation="silu", staging_slots=slots,
-        )  # fmt: skip
-
-    outs = [run(2), run(1)]
-    assert outs[0].shape == (m, width)
+    dz, w, z = _act_step_case(12, 80, 128, 96, epilogue)
+    outs = [_act_step(dz, w, z, epilogue, KERNELS[kernel], "silu", slots) for slots in (2, 1)]
+    assert outs[0].shape == z.shape
     assert np.asarray(outs[0]).tobytes() == np.asarray(outs[1]).tobytes()
-    dh = _f64(dz) @ _f64(w).T
-    if epilogue == "dact_gated":
-        want = _dact_gated_ref(dh, _f64(z), n, "silu")
-    else:
-        want = dh * reference.activation_grad("silu", _f64(z))
-    tolerance.assert_close(_f64(outs[0]), want, layer_spec("bfloat16"), what=epilogue)
+    _assert_act_step_close(outs[0], dz, w, z, epilogue, "silu")
 
 
 # four epilogue tiles a warpgroup (2 × 2 of 64 × 64), as the committed act' steps have: the
@@ -330,33 +340,18 @@ def test_act_steps_request_residuals_slots_ahead(epilogue: str, kernel: str) -> 
     read the slot (`pipeline.store_tile`), over ragged tiles (M = 200, N = 320) and several
     tiles a warpgroup (the next tile's prefetch after the requests ahead): the same bits at
     every count, within the policy of the float64 act' step."""
-    rng = np.random.default_rng(14)
-    m, n, nc = 200, 320, 48
-    dt = jnp.bfloat16
-    dz = jnp.asarray(rng.standard_normal((m, nc)), dt)
-    w = jnp.asarray(rng.standard_normal((n, nc)) * nc**-0.5, dt)
-    width = packed_width(n) if epilogue == "dact_gated" else n
-    z = jnp.asarray(rng.standard_normal((m, width)), dt)
-    assert math.prod(pipeline.plan_tiles(FOUR_TILES[kernel], "linear_act").epi_tiles) == 4
-
-    def run(slots: int) -> jax.Array:
-        return linear_mod.linear_act_fwd(
-            dz, w, None, None, activation="identity", config=FOUR_TILES[kernel],
-            interpret=True, w_kmajor=True, epilogue=epilogue, z=z, dact_activation="gelu_tanh",
-            staging_slots=slots,
-        )  # fmt: skip
-
-    outs = {slots: run(slots) for slots in pipeline.STAGING_SLOTS}
-    assert outs[2].shape == (m, width)
+    dz, w, z = _act_step_case(14, 200, 320, 48, epilogue)
+    config = FOUR_TILES[kernel]
+    assert math.prod(pipeline.plan_tiles(config, "linear_act").epi_tiles) == 4
+    outs = {
+        slots: _act_step(dz, w, z, epilogue, config, "gelu_tanh", slots)
+        for slots in pipeline.STAGING_SLOTS
+    }
+    assert outs[2].shape == z.shape
     bits = {k: np.asarray(o).tobytes() for k, o in outs.items()}
     differ = [k for k, b in bits.items() if b != bits[2]]
     assert not differ, f"staging slots {differ} give other bits than 2"
-    dh = _f64(dz) @ _f64(w).T
-    if epilogue == "dact_gated":
-        want = _dact_gated_ref(dh, _f64(z), n, "gelu_tanh")
-    else:
-        want = dh * reference.activation_grad("gelu_tanh", _f64(z))
-    tolerance.assert_close(_f64(outs[4]), want, layer_spec("bfloat16"), what=epilogue)
+    _assert_act_step_close(outs[4], dz, w, z, epilogue, "gelu_tanh")
 
 
 @needs_transposes

@@ -236,6 +236,10 @@ LINEAR_TILES = (
     (256, 128, 1, False),
     (128, 128, 1, False),
     (128, 192, 1, False),  # N = 768 in 4 column tiles (common/config.py: not a power of two)
+    # llama3-8b's act' step runs 256×128 with one 64 × 256 staging slot a warpgroup (its doubled
+    # output): half-wide epilogue tiles fit two slots — two residual tiles in flight, the others
+    # requested a tile ahead (`pipeline.store_tile`) — or, at one slot, a fourth K slot
+    (256, 128, 2, False),
 )
 
 

@@ -336,8 +336,11 @@ def test_tuned_table_is_read(tmp_path, monkeypatch) -> None:
         256, 128, 64, group_m=4, num_stages=4, warp_specialize=True, epilogue_subtile=2
     )
     entry = {"m": 8192, "n": 4096, "k": 14336, "dtype": "bfloat16", "config": best.to_dict()}
+    # another GPU's measurement of the same shape: read on that GPU only (measured_here_first)
+    theirs = dataclasses.replace(best, block_m=128, num_stages=5)
+    other = {**entry, "config": theirs.to_dict(), "gpu": "NVIDIA H100 80GB HBM3"}
     path = tmp_path / "tuned.json"
-    path.write_text(json.dumps({"gpu": "test", "configs": {"linear_act": [entry]}}))
+    path.write_text(json.dumps({"gpu": "test", "configs": {"linear_act": [entry, other]}}))
     monkeypatch.setattr(pipeline, "TUNED_FILE", path)
     pipeline.tuned_table.cache_clear()
     try:
@@ -345,6 +348,10 @@ def test_tuned_table_is_read(tmp_path, monkeypatch) -> None:
         assert pipeline.default_config("linear_act", 6000, 4096, 14336, "bfloat16") == best
         assert pipeline.default_config("linear_act", 8192, 4096, 4096, "bfloat16") != best
         assert pipeline.default_config("gated", 8192, 4096, 14336, "bfloat16") != best
+        monkeypatch.setattr(compat, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+        assert pipeline.default_config("linear_act", 8192, 4096, 14336, "bfloat16") == theirs
+        monkeypatch.setattr(compat, "gpu_name", lambda: "NVIDIA H200")
+        assert pipeline.default_config("linear_act", 8192, 4096, 14336, "bfloat16") == best
     finally:
         # the committed file back BEFORE the cache is cleared: the cached table is read again
         # below, and a later test in this worker must not inherit the temporary one

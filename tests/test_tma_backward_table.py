@@ -42,6 +42,30 @@ def test_step_config_takes_the_tables_tiles(table) -> None:
     assert hopper.step_config(kind, "linear_act", 2500, 768, 8192, "float16", "ieee") == TILES
 
 
+def test_each_gpu_reads_its_own_entry_first(tmp_path, monkeypatch) -> None:
+    """Two GPUs' entries for one shape: the GPU torch sees takes its own, another GPU (or none)
+    the table's first (common.tiling.measured_here_first, as the Mosaic GPU tables read)."""
+    other = TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
+    entries = [
+        {"m": 3072, "n": 768, "k": 8192, "config": TILES.to_dict(), "gpu": "NVIDIA H200"},
+        {"m": 3072, "n": 768, "k": 8192, "config": other.to_dict(), "gpu": "NVIDIA H100"},
+    ]
+    path = tmp_path / "tuned_hopper_backward.json"
+    path.write_text(json.dumps({"configs": {"linear_act.x_kmajor": entries}}))
+    monkeypatch.setattr(hopper, "TUNED_FILE", path)
+    monkeypatch.setattr(hopper, "INTERPRET", False)
+    hopper.tuned_table.cache_clear()
+    try:
+        wants = {"NVIDIA H100": other, "NVIDIA H200": TILES, "X": TILES, None: TILES}
+        for gpu, want in wants.items():
+            monkeypatch.setattr(hopper.torch.cuda, "is_available", lambda gpu=gpu: gpu is not None)
+            monkeypatch.setattr(hopper.torch.cuda, "get_device_name", lambda *a, gpu=gpu: gpu)
+            got = hopper.tuned_config("linear_act.x_kmajor", 3072, 768, 8192, "bfloat16")
+            assert got == want, gpu
+    finally:
+        hopper.tuned_table.cache_clear()
+
+
 def test_step_config_falls_back_to_the_heuristic(table) -> None:
     heuristic = portable._heuristic("linear_act", 3072, 768, 8192, "float32", "ieee", False, True)
     kind = "linear_act.x_kmajor"

@@ -100,8 +100,8 @@ def apply_activation_grad(x, ACTIVATION: tl.constexpr):
 def activation_and_grad(x, ACTIVATION: tl.constexpr):
     """(act(x), act'(x)) for an fp32 tile: a gated act' step needs both per element. The twin's
     fast forms (one transcendental, gelu_tanh as x·σ(2y)) serve the Mosaic GPU epilogues; here
-    the reference's expressions, both inlined into one kernel, where the compiler shares their
-    common tanh (tl.exp is ex2.approx already), so the bits are those of the two calls."""
+    the reference's expressions, the bits of the two calls (`apply_activation`,
+    `apply_activation_grad`), inlined into one kernel."""
     return apply_activation(x, ACTIVATION), apply_activation_grad(x, ACTIVATION)
 
 

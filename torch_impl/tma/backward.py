@@ -109,8 +109,8 @@ def tuned_table() -> dict[str, list[dict[str, Any]]]:
 def tuned_config(kind: str, m: int, n: int, k: int, dtype: str) -> TileConfig | None:
     """The committed sweep's tiles for this kind and (N, K) at M's bucket (else the nearest
     measured M), this GPU's own measurements first (common.tiling.measured_here_first), or None:
-    none measured, float32 (the sweep times bfloat16, whose tiles float16
-    shares; float32's K step is half as wide), or under the interpreter (tiny tiles there)."""
+    none measured, float32 (the sweep times bfloat16, whose tiles float16 shares; float32's K step
+    is half as wide), or under the interpreter (tiny tiles there)."""
     entries = [e for e in tuned_table().get(kind, []) if (e["n"], e["k"]) == (n, k)]
     if INTERPRET or dtype == "float32" or not entries:
         return None

@@ -243,12 +243,43 @@ LINEAR_TILES = (
 )
 
 
-def grouped_grid(wg: WeightGradients) -> list[tuple[Any, Any]]:
-    """(config, outputs) to time for the grouped launch: per tile shape of LINEAR_TILES the
-    deepest K pipeline that fits (the products store plainly: two staging slots)."""
+def grouped_grid(wg: WeightGradients) -> list[tuple[Any, Any, Any]]:
+    """(config, outputs, widths) to time for the grouped launch: per tile shape of LINEAR_TILES
+    the deepest K pipeline that fits (the products store plainly: two staging slots), on one
+    width (widths None) and on the mixed widths that `width_plans` finds fill the waves better."""
     found = [_with_stages(_tile(bm, bn, sub, pingpong=pp), wg.gemms[0], 2)
              for bm, bn, sub, pp in LINEAR_TILES]  # fmt: skip
-    return [f for f in found if f is not None]
+    return [(cfg, outs, widths) for cfg, outs in filter(None, found)
+            for widths in (None, *width_plans(wg, cfg))]  # fmt: skip
+
+
+def width_plans(wg: WeightGradients, cfg: Any, most: int = 2) -> list[tuple[int, ...]]:
+    """Up to `most` choices of each product's block_n (from cfg's, 3/4 and 1/2 of it) that the
+    Mosaic GPU grouped launch takes (`pipeline.plan_widths`) and whose busiest block does less
+    work than on cfg's width alone (common.tiling.grouped_makespan), least work first."""
+    import itertools
+
+    from fusedmlp.common.tiling import grouped_makespan
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    products = [(g.m, g.op_n) for g in wg.gemms]
+    bn = cfg.block_n
+    choices = sorted({bn, bn * 3 // 4, bn // 2}, reverse=True)
+
+    def work(widths: tuple[int, ...]) -> float:
+        return grouped_makespan(products, cfg.block_m, list(widths), unit=bn)
+
+    uniform = work((bn,) * len(products))
+    plans = []
+    for widths in itertools.product(choices, repeat=len(products)):
+        if len(set(widths)) == 1 or work(widths) >= uniform:
+            continue
+        try:
+            pipeline.plan_widths(cfg, widths, "linear_act", "bfloat16")
+        except ValueError:
+            continue
+        plans.append(widths)
+    return sorted(plans, key=work)[:most]
 
 
 def grid(g: StepGemm) -> list[tuple[Any, Any]]:
@@ -329,13 +360,13 @@ def apart_op(wg: WeightGradients) -> Callable[[dict], Any]:
     return lambda s: tuple(op({"a": s[f"a{i}"], "w": s[f"w{i}"]}) for i, op in enumerate(ops))
 
 
-def grouped_op(wg: WeightGradients, cfg: Any) -> Callable[[dict], Any]:
+def grouped_op(wg: WeightGradients, cfg: Any, widths: Any = None) -> Callable[[dict], Any]:
     from fusedmlp.jax_impl.mosaic import linear_act
 
     count = len(wg.gemms)
     return lambda s: linear_act.linear_grouped(
         [s[f"a{i}"] for i in range(count)], [s[f"w{i}"] for i in range(count)], config=cfg,
-        interpret=False, x_kmajor=True,
+        widths=widths, interpret=False, x_kmajor=True,
     )  # fmt: skip
 
 
@@ -443,7 +474,8 @@ class Sweep:
         return step_totals(self.rows, BASELINE[self.stack])
 
     def run(self, g: StepGemm | WeightGradients, impl: str, op: Callable, sets: list, ref: Any,
-            cfg: Any = None, outs: Any = None) -> dict[str, Any] | None:  # fmt: skip
+            cfg: Any = None, outs: Any = None,
+            extra: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
         label = f"{g.name} {impl} {cfg if cfg is not None else ''}"
         if not self.left():
             self.skipped.append(label)
@@ -451,6 +483,7 @@ class Sweep:
         row: dict[str, Any] = {
             "preset": g.preset, "role": g.role, "kind": g.kind, **g.fields(),
             "impl": impl, "config": _config_dict(cfg), "slots": outs.slots if outs else None,
+            **(extra or {}),
         }  # fmt: skip
         self.in_flight = label
         self.write()
@@ -486,6 +519,7 @@ def _rel_err_all(out: Any, ref: Any) -> float:
 def _row_line(r: dict[str, Any]) -> str:
     head = f"{r['preset']:<14} {r['role']:<26} {r['impl']:<7} {_config_str(r.get('config')):<30}"
     head += f" slots {r['slots']}" if r.get("slots") else "        "
+    head += f" widths {r['widths']}" if r.get("widths") else ""
     if r["status"] == "error":
         return f"{head} ERROR {r['error'][:140]}"
     return (
@@ -553,6 +587,8 @@ def tuned_file(
             if r["preset"] not in apart:
                 continue
             entry = {"products": r["products"], "k": r["k"], "config": r["config"]}
+            if r.get("widths"):  # each product's block_n (Mosaic GPU's linear_grouped)
+                entry["widths"] = r["widths"]
             entry["apart_us"] = round(apart[r["preset"]]["ms"] * 1e3, 1)
         else:
             entry = {"m": r["m"], "n": r["n"], "k": r["k"], "config": r["config"]}
@@ -611,8 +647,9 @@ def sweep(sw: Sweep, presets: list[str], roles: list[str] | None = None) -> None
         sets = grouped_sets(wg, grouped_set_count(wg))
         first = sw.run(wg, "apart", apart_op(wg), sets, None)
         ref = first["_out"] if first and first["status"] == "ok" else None
-        for cfg, outs in grouped_grid(wg):
-            sw.run(wg, "grid", grouped_op(wg, cfg), sets, ref, cfg, outs)
+        for cfg, outs, widths in grouped_grid(wg):
+            sw.run(wg, "grid", grouped_op(wg, cfg, widths), sets, ref, cfg, outs,
+                   extra={"widths": list(widths)} if widths else None)  # fmt: skip
         del sets
 
 
@@ -636,14 +673,17 @@ def dry_run(presets: list[str]) -> int:
                     print(f"FAIL  {g.name:<40} {cfg}: {type(exc).__name__}: {exc}"[:300])
         wg = weight_gradients(preset)
         shapes = jax.eval_shape(functools.partial(grouped_sets, wg, 1))[0]
-        for cfg, _ in grouped_grid(wg):
+        for cfg, _, widths in grouped_grid(wg):
             count += 1
             try:
-                jax.jit(grouped_op(wg, cfg)).trace(shapes).lower(lowering_platforms=("cuda",))
-                print(f"ok    {wg.name:<40} {cfg}")
+                op = grouped_op(wg, cfg, widths)
+                jax.jit(op).trace(shapes).lower(lowering_platforms=("cuda",))
+                print(f"ok    {wg.name:<40} {cfg} widths {widths}")
             except Exception as exc:
                 failures += 1
-                print(f"FAIL  {wg.name:<40} {cfg}: {type(exc).__name__}: {exc}"[:300])
+                print(
+                    f"FAIL  {wg.name:<40} {cfg} widths {widths}: {type(exc).__name__}: {exc}"[:300]
+                )
     print(f"{count} kernels lowered for CUDA, {failures} failed")
     return 1 if failures else 0
 

@@ -558,6 +558,49 @@ def step_gemm_kind(
 GROUPED_KIND = step_gemm_kind("linear_act", x_kmajor=True) + ".grouped"
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupedTiles:
+    """The tiles of a grouped launch: one TileConfig, and each product's block_n where they differ
+    (`widths`, None: config.block_n for all) — a table entry's "config" and "widths". Mosaic GPU's
+    `linear_grouped` takes widths; Triton's runs one width."""
+
+    config: TileConfig
+    widths: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, tiles: TileConfig | GroupedTiles) -> GroupedTiles:
+        """`tiles` as a GroupedTiles (a TileConfig: every product on it)."""
+        return tiles if isinstance(tiles, GroupedTiles) else cls(tiles)
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> GroupedTiles:
+        widths = entry.get("widths")
+        return cls(TileConfig.from_dict(entry["config"]), tuple(widths) if widths else None)
+
+
+def grouped_makespan(
+    products: list[tuple[int, int]],
+    block_m: int,
+    widths: list[int],
+    *,
+    unit: int = 256,
+    sms: int = 132,
+) -> float:
+    """The busiest block's work in a grouped launch, in tiles of `block_m` × `unit`: the
+    products' tiles (each product's `block_m` × widths[g], all of one K) as one list, block b of
+    min(sms, tiles) taking items b, b + blocks, ... (the static order of
+    jax_impl/mosaic/pipeline.grouped_matmul), a tile's K loop costing its area. hf-blog-geglu's
+    weight gradients [(3072, 768), (768, 6144)] at 128 rows: 2.0 on widths 256, 256 (216 tiles,
+    1.64 tiles of work a block), 1.75 on 256, 192."""
+    costs = [
+        width / unit
+        for (m, n), width in zip(products, widths, strict=True)
+        for _ in range(-(-m // block_m) * -(-n // width))
+    ]
+    blocks = max(1, min(sms, len(costs)))
+    return max(sum(costs[b::blocks]) for b in range(blocks))
+
+
 # ==== whole-MLP kernels: fused_decode and fused_small (issue 22) ==================================
 # One section, read by both twins (torch_impl/ and jax_impl/ fused_decode.py, fused_small.py), so
 # the two stacks tile alike by construction. Nothing here knows the GPU it runs on: NUM_SMS is the

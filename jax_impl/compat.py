@@ -128,6 +128,12 @@ def mosaic_interpreter_has_layouts() -> bool:
     return jax_version() >= (0, 11)
 
 
+def mosaic_interpreter_has_ref_union() -> bool:
+    """True where the Mosaic GPU interpreter allocates a `plgpu.RefUnion` (jax >= 0.11: one
+    buffer a member; jax 0.10's has no rule for it)."""
+    return jax_version() >= (0, 11)
+
+
 def filter_pallas_triton_deprecation() -> None:
     """Silence exactly the Pallas-Triton deprecation warning, for the whole process.
 

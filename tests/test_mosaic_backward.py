@@ -33,6 +33,7 @@ from fusedmlp import jax_impl
 from fusedmlp.common import MLPSpec, TileConfig, init_params, make_input, reference, tolerance
 from fusedmlp.common.config import SAVED_POLICIES
 from fusedmlp.common.packing import packed_names, packed_width, unpack_gated, unpack_params
+from fusedmlp.common.tiling import GroupedTiles
 from fusedmlp.common.tolerance import assert_grads_close
 from fusedmlp.jax_impl import backward as portable
 from fusedmlp.jax_impl import compat
@@ -526,13 +527,75 @@ def test_grouped_products_are_the_separate_ones(kernel: str, x_kmajor: bool, dty
     assert np.asarray(got[1]).tobytes() == np.asarray(outs[1]).tobytes()
 
 
+# (config, each product's width): split along M at two widths; ping-pong at two widths; the
+# 256-wide tile split along N beside 192-wide ones split along M (hf-blog-geglu's plan, at 16-deep K
+# slabs). Three products, the middle one of the other width, so each block's list changes width
+# twice; K = 32 is two K steps a tile, fewer than the three-slot ring of the first.
+MIXED_WIDTHS = {
+    "split-m": (dataclasses.replace(TWO_TILES, block_n=64, epilogue_subtile=1, num_stages=3),
+                (64, 128, 64)),
+    "pingpong": (PINGPONG, (64, 128, 64)),
+    "split-n-beside-split-m": (
+        TileConfig(128, 256, 16, group_m=2, num_warps=4, num_stages=2, warp_specialize=True,
+                   epilogue_subtile=2), (256, 192, 256)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("plan", list(MIXED_WIDTHS))
+@pytest.mark.parametrize("x_kmajor", [False, pytest.param(True, marks=needs_transposes)])
+@pytest.mark.jax_matrix
+def test_grouped_products_of_different_widths(plan: str, x_kmajor: bool) -> None:
+    """`linear_grouped` with `widths`: each product on its own block_n in one launch — bit for bit
+    the product `linear_act_fwd` computes alone at that width (the same K steps into the same fp32
+    accumulator), within the policy of its float64 product. Each block's tiles change width (and
+    weight ring) twice, and with K = 32 a ring's slot uses span tiles, so the memory warpgroup's
+    wait for every earlier release before a new ring (`pipeline.grouped_matmul`) is exercised
+    where its count of awaited releases matters (a wrong count hangs or races)."""
+    rng = np.random.default_rng(29)
+    cfg, widths = MIXED_WIDTHS[plan]
+    k, dt = 32, jnp.bfloat16
+    dims = [(96, 112), (144, 256), (48, 64)]  # (M, N), ragged
+    xs = [jnp.asarray(rng.standard_normal((k, m) if x_kmajor else (m, k)), dt) for m, _ in dims]
+    ws = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, dt) for _, n in dims]
+    outs = linear_mod.linear_grouped(
+        xs, ws, config=cfg, widths=widths, interpret=True, x_kmajor=x_kmajor
+    )
+    for (m, n), x, w, y, width in zip(dims, xs, ws, outs, widths, strict=True):
+        assert y.shape == (m, n) and y.dtype == dt
+        alone = linear_mod.linear_act_fwd(
+            x, w, None, None, activation="identity", interpret=True, x_kmajor=x_kmajor,
+            config=dataclasses.replace(cfg, block_n=width, epilogue_subtile=1),
+        )  # fmt: skip
+        assert np.asarray(y).tobytes() == np.asarray(alone).tobytes(), (plan, m, n)
+        want = (_f64(x).T if x_kmajor else _f64(x)) @ _f64(w)
+        tolerance.assert_close(_f64(y), want, layer_spec("bfloat16"), what=f"{plan} {(m, n)}")
+
+
+def test_grouped_widths_refused_by_name() -> None:
+    """Widths the grouped launch cannot take: not one a product; a warpgroup's columns that are
+    not whole epilogue tiles; a ring that does not fit in shared memory — each a ValueError
+    naming `widths`."""
+    dt = jnp.bfloat16
+    a, w = jnp.zeros((64, 32), dt), jnp.zeros((32, 64), dt)
+    run = functools.partial(linear_mod.linear_grouped, interpret=True)
+    with pytest.raises(ValueError, match=r"widths: expected one a product \(2\), got \[64\]"):
+        run([a, a], [w, w], config=TWO_TILES, widths=[64])
+    wide_epilogue = dataclasses.replace(TWO_TILES, epilogue_subtile=1)  # 128-column epilogue tiles
+    with pytest.raises(ValueError, match=r"widths: block_n=192 leaves .* 192 output columns"):
+        run([a, a], [w, w], config=wide_epilogue, widths=[128, 192])
+    deep = _ws(128, 128, 6, subtile=2)  # 192 KiB of ring at 128 wide: 288 at 256
+    with pytest.raises(ValueError, match=r"widths: block_n=256 needs \d+ bytes of shared memory"):
+        run([a, a], [w, w], config=deep, widths=[128, 256])
+
+
 @needs_transposes
 @pytest.mark.parametrize("kernel", ["cooperative-split-m", "pingpong"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=_case_id)
 def test_step_with_grouped_weight_gradients(monkeypatch, case, kernel: str) -> None:
     """The step with its weight gradients in one grouped launch at the end: every gradient bit
     for bit the step's with them apart on the same tiles (the tuned table pins every GEMM of the
-    step to them), within the policy of the float64 reference; `mlp_backward` asks
+    step to them) — on one width, and with every product but the first on tiles twice as wide
+    (`GroupedTiles.widths`) — within the policy of the float64 reference; `mlp_backward` asks
     `grouped_config` for the products in the order it reaches them."""
     widths, activation, bias, dtype, m = case
     spec = MLPSpec(widths, activation, bias, dtype)
@@ -550,9 +613,12 @@ def test_step_with_grouped_weight_gradients(monkeypatch, case, kernel: str) -> N
     layers = spec.layers()[::-1]
     widths_out = [packed_width(la.d_out) if la.gated else la.d_out for la in layers]
     assert asked == [([(la.d_in, w) for la, w in zip(layers, widths_out, strict=True)], m)]
-    _, grouped = _hopper_step(spec, x, params, dy, grouped=cfg)
-    for name in apart:
-        assert np.asarray(grouped[name]).tobytes() == np.asarray(apart[name]).tobytes(), name
+    two_widths = (cfg.block_n,) + (2 * cfg.block_n,) * (len(layers) - 1)
+    plans = [cfg, GroupedTiles(cfg, two_widths)]
+    for plan in plans:
+        _, grouped = _hopper_step(spec, x, params, dy, grouped=plan)
+        for name in apart:
+            assert np.asarray(grouped[name]).tobytes() == np.asarray(apart[name]).tobytes(), name
     ref = reference.backward(spec, x, params, _f64(dy), round_hidden=True)
     got = {k: _f64(v) for k, v in grouped.items()}
     assert_grads_close(got, ref, spec, baselines=_baseline(spec, x, params, dy), what=str(spec))
@@ -573,23 +639,55 @@ def test_grouped_config_takes_only_what_was_measured_faster(monkeypatch) -> None
     }
     monkeypatch.setattr(hopper, "tuned_table", lambda: table)
     got = hopper.grouped_config([(3072, 768), (768, 6144)], 8000, interpret=False)
-    assert got is not None and got.to_dict() == coop
+    assert got == GroupedTiles(TileConfig.from_dict(coop))
     assert hopper.grouped_config([(3072, 768), (768, 6144)], 1024, interpret=False) is None
     assert hopper.grouped_config([(768, 6144), (3072, 768)], 8192, interpret=False) is None
     assert hopper.grouped_config([(3072, 768), (768, 6144)], 8192, interpret=True) is None
+    # an entry with each product's width
+    table[hopper.GROUPED_KIND][0]["widths"] = [256, 192]
+    got = hopper.grouped_config([(3072, 768), (768, 6144)], 8192, interpret=False)
+    assert got == GroupedTiles(TileConfig.from_dict(coop), (256, 192))
+
+
+def test_sweep_plans_widths_that_fill_the_waves() -> None:
+    """The busiest block's work of a grouped launch (common.tiling.grouped_makespan) on 132 SMs,
+    and the sweep's width plans from it: hf-blog-geglu's weight gradients run 2 tiles a block on
+    one 128×256 width (216 tiles, 1.64 tiles of work a block) and 1.75 on 256 beside 192; the
+    sweep plans that (and 192 beside 128, the same 1.75) for the cooperative 128×256, nothing
+    that does not beat one width, and nothing the launch refuses."""
+    from fusedmlp.bench import sweep_mosaic_backward as sweep
+    from fusedmlp.common.tiling import grouped_makespan
+
+    products = [(3072, 768), (768, 6144)]
+    assert grouped_makespan(products, 128, [256, 256]) == 2.0
+    assert grouped_makespan(products, 128, [256, 192]) == 1.75
+    assert grouped_makespan(products, 128, [192, 256]) == 2.0
+    assert grouped_makespan([(64, 64)], 128, [64], unit=64) == 1.0  # fewer tiles than SMs
+    wg = sweep.weight_gradients("hf-blog-geglu")
+    assert sweep.width_plans(wg, _ws(128, 256, 4, subtile=2)) == [(256, 192), (192, 128)]
+    assert sweep.width_plans(wg, _ws(128, 128, 6, subtile=2, pingpong=True)) == []
+    for cfg, _, widths in sweep.grouped_grid(wg):
+        if widths is not None:
+            pipeline.plan_widths(cfg, widths, "linear_act", "bfloat16")
 
 
 def test_grouped_launch_lowers_for_cuda() -> None:
     """hf-blog-geglu's two weight gradients at M = 8192 as one grouped launch, on the
-    cooperative 128×256 (split along N) and the ping-pong 128×128 tiles, lower for CUDA."""
+    cooperative 128×256 (split along N) and the ping-pong 128×128 tiles, and on 128×256 beside
+    128×192 (split along M; the weight rings in one RefUnion), lower for CUDA."""
     m = 8192
     S, dt = jax.ShapeDtypeStruct, jnp.bfloat16
     shapes = [S((m, 3072), dt), S((m, 768), dt), S((m, 768), dt), S((m, 6144), dt)]
-    for cfg in (_ws(128, 256, 4, subtile=2), _ws(128, 128, 6, subtile=2, pingpong=True)):
+    plans = [
+        (_ws(128, 256, 4, subtile=2), None),
+        (_ws(128, 128, 6, subtile=2, pingpong=True), None),
+        (_ws(128, 256, 4, subtile=2), (256, 192)),  # the committed plan: 1.75 tiles a block
+    ]
+    for cfg, widths in plans:
 
-        def dws(h, dy, x, dz, cfg=cfg):
+        def dws(h, dy, x, dz, cfg=cfg, widths=widths):
             return linear_mod.linear_grouped(
-                [h, x], [dy, dz], config=cfg, interpret=False, x_kmajor=True
+                [h, x], [dy, dz], config=cfg, widths=widths, interpret=False, x_kmajor=True
             )
 
         assert "linear_grouped" in lower_for_cuda(dws, *shapes)
@@ -1055,17 +1153,20 @@ def test_gpu_step_matches_the_reference_and_repeats(spec: MLPSpec) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["cooperative", "pingpong"])
+@pytest.mark.parametrize("kernel", ["cooperative", "pingpong", "two-widths"])
 def test_gpu_grouped_weight_gradients(kernel: str) -> None:
     """On the H200: hf-blog-geglu's two weight gradients (a quarter of its batch) as one grouped
-    launch on the tiles the sweep tries first (cooperative 128×256, ping-pong 128×128): each
-    within the policy of its float64 product and bit for bit the product alone on the same tiles
-    (`linear_act_fwd`, whose cooperative kernel is jax's pipeline, the grouped one hand-rolled)."""
+    launch on the tiles the sweep tries first (cooperative 128×256, ping-pong 128×128) and on
+    128×256 beside 128×192 (`widths`: two weight rings in one RefUnion, the memory warpgroup
+    waiting out the old ring before the new): each within the policy of its float64 product and
+    bit for bit the product alone on the same tiles at its width (`linear_act_fwd`, whose
+    cooperative kernel is jax's pipeline, the grouped one hand-rolled)."""
     if not compat.on_hopper():
         pytest.skip("needs a Hopper GPU (sm_90: TMA, wgmma)")
-    cfg = {
-        "cooperative": _ws(128, 256, 4, subtile=2),
-        "pingpong": _ws(128, 128, 6, subtile=2, pingpong=True),
+    cfg, widths = {
+        "cooperative": (_ws(128, 256, 4, subtile=2), None),
+        "pingpong": (_ws(128, 128, 6, subtile=2, pingpong=True), None),
+        "two-widths": (_ws(128, 256, 4, subtile=2), (256, 192)),
     }[kernel]
     rng = np.random.default_rng(29)
     k, dt = 2048, jnp.bfloat16
@@ -1074,13 +1175,15 @@ def test_gpu_grouped_weight_gradients(kernel: str) -> None:
     dzs = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, dt) for _, n in dims]
     outs = jax.jit(
         lambda hs, dzs: linear_mod.linear_grouped(
-            hs, dzs, config=cfg, interpret=False, x_kmajor=True
+            hs, dzs, config=cfg, widths=widths, interpret=False, x_kmajor=True
         )
     )(hs, dzs)
-    for h, dz, y in zip(hs, dzs, outs, strict=True):
+    for g, (h, dz, y) in enumerate(zip(hs, dzs, outs, strict=True)):
+        alone_cfg = cfg if widths is None else _ws(128, widths[g], 4)
         alone = linear_mod.linear_act_fwd(
-            h, dz, None, None, activation="identity", config=cfg, interpret=False, x_kmajor=True
-        )
+            h, dz, None, None, activation="identity", config=alone_cfg, interpret=False,
+            x_kmajor=True,
+        )  # fmt: skip
         want = _f64(h).T @ _f64(dz)
         tolerance.assert_close(_f64(y), want, layer_spec("bfloat16"), what=f"{kernel} {y.shape}")
         assert np.asarray(y).tobytes() == np.asarray(alone).tobytes(), y.shape

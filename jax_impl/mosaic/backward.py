@@ -69,7 +69,13 @@ from ...common import MLPSpec
 from ...common.config import TileConfig
 from ...common.packing import PACK_BLOCK, packed_names, packed_width
 from ...common.registry import AUTO
-from ...common.tiling import GROUPED_KIND, measured_here_first, shape_bucket, step_gemm_kind
+from ...common.tiling import (
+    GROUPED_KIND,
+    GroupedTiles,
+    measured_here_first,
+    shape_bucket,
+    step_gemm_kind,
+)
 from ...common.validate import check_saved
 from .. import backward as portable
 from .. import compat
@@ -152,9 +158,10 @@ def tuned_config(
 
 def grouped_config(
     products: list[tuple[int, int]], k: int, *, interpret: bool
-) -> TileConfig | None:
+) -> GroupedTiles | None:
     """The tiles for the step's weight gradients hᵢᵀ·dZᵢ as ONE grouped launch
-    (`mosaic_linear.linear_grouped`), or None: launch them apart, each on its own tiles.
+    (`mosaic_linear.linear_grouped`: a TileConfig and each product's width), or None: launch
+    them apart, each on its own tiles.
 
     `products`: each weight gradient's (M, N) — (d_in, the layer's width), in the order the
     backward reaches them (last layer first); `k`: their shared contraction, the batch rows.
@@ -164,11 +171,12 @@ def grouped_config(
     interpreter (the tests pass tiles to `mlp_backward`'s `grouped`)."""
     entries = [e for e in tuned_table().get(GROUPED_KIND, []) if
                [tuple(p) for p in e["products"]] == [tuple(p) for p in products]]  # fmt: skip
+    entries = measured_here_first(entries, compat.gpu_name())
     if interpret or not entries:
         return None
     bucket = int(shape_bucket(k))
     best = min(entries, key=lambda e: abs(math.log2(int(shape_bucket(e["k"])) / bucket)))
-    return TileConfig.from_dict(best["config"]) if best["us"] < best["apart_us"] else None
+    return GroupedTiles.from_entry(best) if best["us"] < best["apart_us"] else None
 
 
 def fitted_config(
@@ -329,7 +337,7 @@ def mlp_backward(
     *,
     saved: str,
     interpret: bool | None = None,
-    grouped: TileConfig | None = None,
+    grouped: TileConfig | GroupedTiles | None = None,
     overwrite_z: bool = True,
 ) -> dict[str, jax.Array]:
     """backward.mlp_backward's result (same arguments, names and layouts: `wv{i}`/`bc{i}` come
@@ -394,8 +402,9 @@ def mlp_backward(
             grads["x"] = dz
     if pending:
         names, lhs, rhs = zip(*pending, strict=True)
+        tiles = GroupedTiles.of(grouped)
         dws = mosaic_linear.linear_grouped(
-            lhs, rhs, config=grouped, interpret=interpret, x_kmajor=True
+            lhs, rhs, config=tiles.config, widths=tiles.widths, interpret=interpret, x_kmajor=True
         )
         grads.update(zip(names, dws, strict=True))
     names = packed_names(spec)

@@ -235,11 +235,14 @@ def linear_act_fwd(
 
 # ==== grouped products (the weight gradients of a training step) ==================================
 def _linear_grouped_kernel(
-    *refs: Any, count: int, tiles: Tiles, interpret: bool, operands: Operands
+    *refs: Any, product_tiles: Sequence[Tiles], interpret: bool, operands: Operands
 ) -> None:
+    count = len(product_tiles)
     ins, outs = refs[: 2 * count], refs[2 * count :]
-    products = [Product(ins[2 * g], ins[2 * g + 1], outs[g]) for g in range(count)]
-    dtype, epi_n = outs[0].dtype, tiles.epi_n
+    products = [
+        Product(ins[2 * g], ins[2 * g + 1], outs[g], tiles=product_tiles[g]) for g in range(count)
+    ]
+    dtype, epi_n = outs[0].dtype, product_tiles[0].epi_n  # one epi_n: pipeline.check_widths
 
     def epilogue(
         acc: jax.Array, b_ref: Any, rows: slice, en: int, o_slot: Any, z_slot: Any
@@ -247,7 +250,9 @@ def _linear_grouped_kernel(
         del b_ref, z_slot  # 3. compute: the fp32 product, rounded once
         o_slot[...] = round_to_dtype(acc[rows, en * epi_n : (en + 1) * epi_n], dtype, interpret)
 
-    pipeline.grouped_matmul(products, tiles=tiles, epilogue=epilogue, operands=operands)
+    pipeline.grouped_matmul(
+        products, tiles=product_tiles[0], epilogue=epilogue, operands=operands, interpret=interpret
+    )
 
 
 def linear_grouped(
@@ -255,6 +260,7 @@ def linear_grouped(
     ws: Sequence[jax.Array],
     *,
     config: TileConfig,
+    widths: Sequence[int] | None = None,
     interpret: bool | None = None,
     x_kmajor: bool = False,
     w_kmajor: bool = False,
@@ -267,15 +273,20 @@ def linear_grouped(
 
     Why: one of them alone leaves the last wave of the grid part empty (few output tiles, a
     long K); launched together their tiles fill the waves (`grouped_matmul`'s docstring).
-    `config` must be warp-specialised (cooperative or ping-pong); ValueError otherwise, or when
-    the products do not share K and dtype; NotImplementedError where `pipeline.unsupported_reason`
-    refuses a product (float32; K or N not a multiple of 16 elements)."""
+    `widths`: each product's block_n (None: config's for all) — tiles of different widths fill
+    the waves more evenly (`pipeline.plan_widths`). `config` must be warp-specialised
+    (cooperative or ping-pong); ValueError otherwise, or when the products do not share K and
+    dtype, or `widths` is not one a product or a width cannot be; NotImplementedError where
+    `pipeline.unsupported_reason` refuses a product (float32; K or N not a multiple of 16)."""
     if interpret is None:
         interpret = interpret_mode()
     if not xs or len(xs) != len(ws):
         raise ValueError(
             f"xs, ws: expected as many (at least one) of each, got {len(xs)} and {len(ws)}"
         )
+    widths = [config.block_n] * len(xs) if widths is None else list(widths)
+    if len(widths) != len(xs):
+        raise ValueError(f"widths: expected one a product ({len(xs)}), got {widths}")
     dims = [
         (*(x.shape[::-1] if x_kmajor else x.shape), w.shape[0] if w_kmajor else w.shape[1])
         for x, w in zip(xs, ws, strict=True)
@@ -295,31 +306,32 @@ def linear_grouped(
         if reason is not None:
             raise NotImplementedError(f"linear_grouped: {reason}")
     dtype = xs[0].dtype
+    all_tiles = pipeline.plan_widths(config, widths, FAMILY, str(dtype))
     empty = {g for g, dim in enumerate(dims) if 0 in dim}  # no launch for an empty product
-    tiles = pipeline.plan_tiles(config, FAMILY)
     layout = Operands(x_kmajor=x_kmajor, w_kmajor=w_kmajor)
-    operands, padded = [], []
+    operands, padded, product_tiles = [], [], []
     for g, (m, k, n) in enumerate(dims):
         if g in empty:
             continue
         layout.check(m)
-        mp, np_, kp = pipeline.padded_extents(m, n, k, tiles, interpret)
+        mp, np_, kp = pipeline.padded_extents(m, n, k, all_tiles[g], interpret)
         operands += [
             pipeline.pad_to(xs[g], (kp, mp) if x_kmajor else (mp, kp)),
             pipeline.pad_to(ws[g], (np_, kp) if w_kmajor else (kp, np_)),
         ]
         padded.append((mp, np_))
+        product_tiles.append(all_tiles[g])
     launched = iter(())
     if padded:
         kernel = functools.partial(
-            _linear_grouped_kernel, count=len(padded), tiles=tiles, interpret=interpret,
+            _linear_grouped_kernel, product_tiles=product_tiles, interpret=interpret,
             operands=layout,
         )  # fmt: skip
-        launched = iter(
-            pipeline.launch_grouped(
-                kernel, operands, padded, dtype, tiles, name="linear_grouped", interpret=interpret
-            )
-        )
+        outs = pipeline.launch_grouped(
+            kernel, operands, padded, dtype, product_tiles, name="linear_grouped",
+            interpret=interpret,
+        )  # fmt: skip
+        launched = iter(outs)
     return tuple(
         jnp.zeros((m, n), dtype) if g in empty else next(launched)[:m, :n]
         for g, (m, _, n) in enumerate(dims)

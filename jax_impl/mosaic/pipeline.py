@@ -384,6 +384,35 @@ def plan_tiles(config: TileConfig, family: str) -> Tiles:
     )
 
 
+def plan_widths(config: TileConfig, widths: Sequence[int], family: str, dtype: str) -> list[Tiles]:
+    """The tiles of a grouped launch's products (`grouped_matmul`), `widths` their block_n: each
+    `config`'s but for its width, with `config`'s epilogue tiles (epi_n columns: one staging
+    ring serves every product), so a product's warpgroup columns must be whole epilogue tiles —
+    hf-blog's 128×256 (split along N, 2 × 64-column epilogue tiles a warpgroup) beside 128×192
+    (split along M, 3 a warpgroup). ValueError naming what cannot be, or where a product's
+    tiles do not fit in shared memory (`check_config`'s rule; the rings of different widths
+    share theirs)."""
+    base = check_config(config, dtype, num_weights=2 if family == "gated" else 1, residual=False)
+    tiles = []
+    for bn in widths:
+        t = plan_tiles(dataclasses.replace(config, block_n=bn, epilogue_subtile=1), family)
+        if t.wg_out_n % base.epi_n:
+            raise ValueError(
+                f"widths: block_n={bn} leaves a compute warpgroup {t.wg_out_n} output columns, "
+                f"not whole epilogue tiles of {base.epi_n} (config.block_n={config.block_n}, "
+                f"epilogue_subtile={config.epilogue_subtile})"
+            )
+        t = dataclasses.replace(t, epi_n=base.epi_n)
+        need = t.smem_bytes(jnp.dtype(dtype).itemsize, has_bias=False)
+        if need > SMEM_BYTES:
+            raise ValueError(
+                f"widths: block_n={bn} needs {need} bytes of shared memory, over {SMEM_BYTES} "
+                f"(config {config})"
+            )
+        tiles.append(t)
+    return tiles
+
+
 def check_config(
     config: TileConfig,
     dtype: str,
@@ -513,17 +542,20 @@ def launch_grouped(
     operands: Sequence[jax.Array],
     out_shapes: Sequence[tuple[int, int]],
     dtype: Any,
-    tiles: Tiles,
+    product_tiles: Sequence[Tiles],
     *,
     name: str,
     interpret: bool,
 ) -> tuple[jax.Array, ...]:
-    """`launch` for a grouped kernel (`grouped_matmul`): one output per product, the grid over
-    all their tiles."""
-    num_tiles = sum(cdiv(m, tiles.block_m) * cdiv(n, tiles.out_n) for m, n in out_shapes)
+    """`launch` for a grouped kernel (`grouped_matmul`): one output per product (each on its
+    tiles), the grid over all their tiles."""
+    num_tiles = sum(
+        cdiv(m, t.block_m) * cdiv(n, t.out_n)
+        for (m, n), t in zip(out_shapes, product_tiles, strict=True)
+    )
     out_type = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape in out_shapes)
     return _kernel_call(
-        kernel, operands, out_type, num_tiles, tiles, name=name, interpret=interpret
+        kernel, operands, out_type, num_tiles, product_tiles[0], name=name, interpret=interpret
     )
 
 
@@ -572,7 +604,15 @@ def row_vector(ref: Any, rows: int, *, interpret: bool) -> jax.Array:
 
 
 def smem_transforms(
-    t: Tiles, k: int, w_cols: int, n_out: int, dtype: Any, *, x_minor: int = 0, out_scale: int = 1
+    t: Tiles,
+    k: int,
+    w_cols: int,
+    n_out: int,
+    dtype: Any,
+    *,
+    x_minor: int = 0,
+    out_scale: int = 1,
+    op_n: int = 0,
 ) -> tuple[Any, Any]:
     """The shared-memory transforms of the (X, W) slabs and of the output staging tiles.
 
@@ -584,8 +624,9 @@ def smem_transforms(
     the largest that divides its width and N. A transposed operand (`Operands`) adds its slab's
     and its array's minor extents: `x_minor` the X array's row length when X is read transposed
     (its slab is then block_m wide), and `w_cols` is W's row length either way. A staging tile
-    is out_scale·epi_n wide (`Outputs.scale`)."""
-    minors = [t.block_k, k, t.op_n, w_cols]
+    is out_scale·epi_n wide (`Outputs.scale`). `op_n`: the weight tiles' width where a grouped
+    launch's products differ in it (their gcd; 0: the tiles')."""
+    minors = [t.block_k, k, op_n or t.op_n, w_cols]
     if x_minor:
         minors += [t.block_m, x_minor]
     slabs = mma_transforms(math.gcd(*minors), dtype)
@@ -989,11 +1030,33 @@ def store_tile(
 
 @dataclasses.dataclass(frozen=True)
 class Product:
-    """One product of a grouped launch (`grouped_matmul`): X, W and the output, GMEM refs."""
+    """One product of a grouped launch (`grouped_matmul`): X, W and the output, GMEM refs, and
+    the product's own tiles where they are narrower or wider than the launch's (None: the
+    launch's; `check_widths` says what may differ)."""
 
     x: Any
     w: Any
     o: Any
+    tiles: Tiles | None = None
+
+
+# What every product of a grouped launch shares: the K loop (slab, ring depth), the X slab (rows),
+# the compute warpgroups' roles and the staging tiles. Widths (block_n, so the operand tile, the
+# warpgroups' split, the epilogue tiles' count) and the snaking band may differ.
+SHARED_TILE_FIELDS = ("gated", "block_m", "block_k", "warp_specialize", "num_stages", "pingpong",
+                      "epi_n")  # fmt: skip
+
+
+def check_widths(tiles: Tiles, product_tiles: Sequence[Tiles]) -> None:
+    """ValueError naming the fields where a product's tiles differ from the launch's in more
+    than their width (SHARED_TILE_FIELDS)."""
+    for g, pt in enumerate(product_tiles):
+        differ = [f for f in SHARED_TILE_FIELDS if getattr(pt, f) != getattr(tiles, f)]
+        if differ:
+            raise ValueError(
+                f"config: product {g}'s tiles may differ from the launch's only in width, got "
+                + ", ".join(f"{f}={getattr(pt, f)} (launch: {getattr(tiles, f)})" for f in differ)
+            )
 
 
 def pingpong_matmul(
@@ -1015,6 +1078,22 @@ def pingpong_matmul(
                    epilogue=epilogue, operands=operands, outputs=outputs)  # fmt: skip
 
 
+def weight_rings(
+    shapes: Sequence[tuple[int, int]], dtype: Any, transforms: Any, *, num_stages: int,
+    interpret: bool,
+) -> Any:  # fmt: skip
+    """The allocation of the weight slabs' rings, one a slab shape: one ring, or rings over the
+    same shared memory (`plgpu.RefUnion`; the driver never has two in use at once). Under an
+    interpreter that has no RefUnion (jax 0.10's) they are apart: it does not bound shared
+    memory. The scope receives what `tuple(...)` turns into the rings, in `shapes`' order."""
+    rings = [plgpu.SMEM((num_stages, *shape), dtype, transforms=transforms) for shape in shapes]
+    if len(rings) == 1:
+        return rings[0]
+    if interpret and not compat.mosaic_interpreter_has_ref_union():
+        return tuple(rings)
+    return plgpu.RefUnion(*rings)
+
+
 def grouped_matmul(
     products: Sequence[Product],
     b_gmem: Any | None = None,
@@ -1025,12 +1104,15 @@ def grouped_matmul(
     epilogue: EpilogueFn,
     operands: Operands = AS_STORED,
     outputs: Outputs = PLAIN_OUTPUT,
+    interpret: bool = False,
 ) -> None:
     """The hand-rolled warp-specialised driver: the output tiles of one or more products that
-    share K (and `operands`, `epilogue`, the tiles), walked by one persistent grid as one list —
-    product 0's tiles, then product 1's, ... —, the compute warpgroups in ping-pong
-    (`Tiles.pingpong`) or cooperative (splitting each tile, as `persistent_matmul`'s). Bias,
-    residual and a stored pre-activation (`outputs`) are taken with one product only.
+    share K (and `operands`, `epilogue`, the tiles but for their widths: `Product.tiles`), walked
+    by one persistent grid as one list — product 0's tiles, then product 1's, ... —, the compute
+    warpgroups in ping-pong (`Tiles.pingpong`) or cooperative (splitting each tile, as
+    `persistent_matmul`'s). Bias, residual and a stored pre-activation (`outputs`) are taken
+    with one product only. `interpret`: tells the allocation of several weight rings
+    (`weight_rings`).
 
     Why ping-pong: with the two compute warpgroups splitting one tile, both run their epilogues
     at the same time and the tensor cores idle meanwhile — a large share of a tile's time where
@@ -1044,8 +1126,14 @@ def grouped_matmul(
     Why groups: a weight gradient hᵀ·dZ has few output tiles and a long K (the batch), so its
     last wave runs part empty — hf-blog-geglu's at M = 8192: 72 tiles of 128×256 (0.55 of a wave
     on 132 SMs) and 144 (1.09 waves); H100, b566817: 80.8 and 134.8 µs, where the two launched
-    as one list of 216 tiles fill two waves. The products of a group share K, so every tile
-    costs the same K loop.
+    as one list of 216 tiles fill two waves. The products of a group share K, so every tile of
+    one width costs the same K loop.
+
+    Why widths: 216 tiles on 132 SMs are 1.64 waves of work that run as 2. With the second
+    product's tiles 3/4 as wide (128×192: 192 of them), the list is 72 tiles of 1 and 192 of
+    3/4 — 264 = 2 × 132, each block a tile of 1 and one of 3/4 or two of 3/4: 1.75 waves.
+    Products of one width share a branch of the compute warpgroups' code; each width has its own
+    ring of weight slabs, the rings in one union of shared memory (`weight_rings`).
 
     The memory warpgroup streams the local tiles' (X, W) slabs in order through one ring of
     num_stages slots, so the next tile's slabs land while this one's K loop runs.
@@ -1056,7 +1144,11 @@ def grouped_matmul(
     `free`, and the memory warpgroup, before refilling the slot, waits on the `free` of the
     slot's previous owner (it waits on every phase of both, in order, the last ones after its
     loop). Cooperative: one `full` a slot, which both compute warpgroups wait on, and one `free`
-    that takes an arrival from each.
+    that takes an arrival from each. Where a tile's weight ring differs from the previous
+    tile's, a slot of the new ring may lie over any slot of the old one, so the memory
+    warpgroup first waits until every earlier use is released (the `free` phases it has not yet
+    waited on: it counts them), then copies into the new ring — a pipeline's depth of K steps
+    once a block, where its tiles change width.
     """
     if not tiles.warp_specialize:
         raise ValueError("grouped_matmul: expected warp_specialize tiles (a memory warpgroup)")
@@ -1066,6 +1158,8 @@ def grouped_matmul(
             f"product only, got {len(products)} products"
         )
     t = tiles
+    ptiles = [p.tiles or t for p in products]
+    check_widths(t, ptiles)
     dtype = products[0].o.dtype
     shapes = [operands.shapes(p.x, p.w) for p in products]  # (M, K, W's row length) each
     k = shapes[0][1]
@@ -1075,8 +1169,8 @@ def grouped_matmul(
         operands.check(s[0])
     # per product: (tiles along M, tiles along N) and the index of its first tile in the list
     grids = [
-        (cdiv(s[0], t.block_m), cdiv(cdiv(p.o.shape[1], outputs.scale), t.out_n))
-        for s, p in zip(shapes, products, strict=True)
+        (cdiv(s[0], pt.block_m), cdiv(cdiv(p.o.shape[1], outputs.scale), pt.out_n))
+        for s, p, pt in zip(shapes, products, ptiles, strict=True)
     ]
     firsts = [sum(gm * gn for gm, gn in grids[:g]) for g in range(len(grids))]
     num_tiles = sum(gm * gn for gm, gn in grids)
@@ -1086,26 +1180,30 @@ def grouped_matmul(
     transforms, out_transforms = smem_transforms(
         t, k, math.gcd(*(s[2] for s in shapes)), math.gcd(*(p.o.shape[1] for p in products)),
         dtype, x_minor=math.gcd(*(s[0] for s in shapes)) if operands.x_kmajor else 0,
-        out_scale=outputs.scale,
+        out_scale=outputs.scale, op_n=math.gcd(*(pt.op_n for pt in ptiles)),
     )  # fmt: skip
-    slots = t.staging_slots(outputs)
-    x_slab, w_slab = operands.slab_shapes(t)
+    slots = [pt.staging_slots(outputs) for pt in ptiles]
+    x_slab = operands.slab_shapes(t)[0]
+    # the products' widths: each its own branch of the compute code and its own weight ring
+    widths = list(dict.fromkeys(ptiles))
+    width_of = [widths.index(pt) for pt in ptiles]
+    w_slabs = [operands.slab_shapes(pt)[1] for pt in widths]
     # ping-pong: a `full` and a `free` barrier per slot and owner; cooperative: per slot, the
     # `free` taking both compute warpgroups' arrivals
     owners = WGS if t.pingpong else 1
     allocations = dict(
         x_smem=plgpu.SMEM((S, *x_slab), dtype, transforms=transforms),
-        w_smem=plgpu.SMEM((S, *w_slab), dtype, transforms=transforms),
+        w_smem=weight_rings(w_slabs, dtype, transforms, num_stages=S, interpret=interpret),
         # [owner · S + slot]; full: the X and W copies of a use of the slot
         full=plgpu.Barrier(num_arrivals=2, num_barriers=owners * S),
         free=plgpu.Barrier(num_arrivals=WGS // owners, num_barriers=owners * S),
         turn=plgpu.Barrier(num_barriers=WGS) if t.pingpong else None,
         out_smem=plgpu.SMEM(
-            (WGS, slots, EPI_M, t.epi_n * outputs.scale), dtype, transforms=out_transforms
+            (WGS, max(slots), EPI_M, t.epi_n * outputs.scale), dtype, transforms=out_transforms
         ),
         z_smem=(
             plgpu.SMEM(
-                (WGS, slots, EPI_M, t.preact_epi_n),
+                (WGS, slots[0], EPI_M, t.preact_epi_n),
                 dtype,
                 transforms=mma_transforms(math.gcd(t.preact_epi_n, z_gmem.shape[1]), dtype),
             )
@@ -1114,7 +1212,7 @@ def grouped_matmul(
         ),
         b_smem=plgpu.SMEM((WGS, t.wg_op_n), dtype) if b_gmem is not None else None,
         b_bars=plgpu.Barrier(num_barriers=WGS) if b_gmem is not None else None,
-        r_bars=plgpu.Barrier(num_barriers=WGS * slots) if r_gmem is not None else None,
+        r_bars=plgpu.Barrier(num_barriers=WGS * slots[0]) if r_gmem is not None else None,
     )
 
     def scope(
@@ -1133,6 +1231,7 @@ def grouped_matmul(
         sm, blocks = lax.axis_index("sm"), lax.axis_size("sm")
         local_tiles = lax.div(num_tiles - sm + blocks - 1, blocks)  # >= 1: blocks <= tiles
         uses = local_tiles * k_iters  # slot uses of the block, in order: tile by tile, K steps
+        w_rings = tuple(w_smem) if len(widths) > 1 else (w_smem,)
 
         def tile_at(i: Any) -> tuple[Any, Any, Any]:
             # 1. program -> tile: the block's i-th tile of the list — (product, tile along M,
@@ -1149,18 +1248,26 @@ def grouped_matmul(
                 # 536070e, a product came out wrong without the clamp; 08322bc, right with it).
                 mine = (lin >= first) & (lin < first + math.prod(grid))
                 local = jnp.clip(lin - first, 0, math.prod(grid) - 1)
-                mg, ng = plgpu.planar_snake(local, grid, 0, t.group_m)
+                mg, ng = plgpu.planar_snake(local, grid, 0, ptiles[g].group_m)
                 group = jnp.where(mine, g, group)
                 m_idx, n_idx = jnp.where(mine, mg, m_idx), jnp.where(mine, ng, n_idx)
             return group, m_idx, n_idx
 
-        def for_product(group: Any, body: Callable[[Product], None]) -> None:
-            """`body` on the tile's product: the refs are static, so one branch a product."""
-            if len(products) == 1:
-                body(products[0])
+        def width_index(group: Any) -> Any:
+            """The tile's width (index into `widths`) from its product."""
+            index = 0
+            for g, wi in enumerate(width_of):
+                index = jnp.where(group == g, wi, index)
+            return index
+
+        def for_product(group: Any, body: Callable[[int], None], among: Sequence[int]) -> None:
+            """`body(g)` on the tile's product g of `among`: refs and tiles are static, so one
+            branch a product."""
+            if len(among) == 1:
+                body(among[0])
                 return
-            for g, p in enumerate(products):
-                pl.when(group == g)(functools.partial(body, p))
+            for g in among:
+                pl.when(group == g)(functools.partial(body, g))
 
         def owner(use: Any) -> Any:
             """The warpgroup whose barriers slot use `use` goes by (its tile's, in ping-pong)."""
@@ -1169,106 +1276,133 @@ def grouped_matmul(
         def barrier(bars: Any, use: Any) -> Any:
             return bars.at[owner(use) * S + lax.rem(use, S)]
 
-        def memory_warpgroup() -> None:
-            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+        def wait_released(lo: Any, hi: Any) -> None:
+            """Wait on the `free` of slot uses lo .. hi - 1, in order."""
 
-            def tile(i: Any, carry: Any) -> Any:
-                group, m_idx, n_idx = tile_at(i)
-
-                def step(kk: Any, carry: Any) -> Any:
-                    # 2. load: slab kk of the tile into the ring's next slot, once the slot's
-                    # previous use (S uses before) is released
-                    use = i * k_iters + kk
-                    slot = lax.rem(use, S)
-                    pl.when(use >= S)(lambda: plgpu.barrier_wait(barrier(free, use - S)))
-
-                    def load(p: Product) -> None:
-                        x_src, w_src = operands.slab_refs(
-                            p.x, p.w, pl.ds(m_idx * t.block_m, t.block_m),
-                            pl.ds(n_idx * t.op_n, t.op_n), pl.ds(kk * t.block_k, t.block_k),
-                        )  # fmt: skip
-                        plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], barrier(full, use))
-                        plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], barrier(full, use))
-
-                    for_product(group, load)
-                    return carry
-
-                return lax.fori_loop(0, k_iters, step, carry)
-
-            lax.fori_loop(0, local_tiles, tile, 0)
-
-            # the last S releases, which no copy waited for: every arrival is awaited
-            def drain(use: Any, carry: Any) -> Any:
+            def wait(use: Any, carry: Any) -> Any:
                 plgpu.barrier_wait(barrier(free, use))
                 return carry
 
-            lax.fori_loop(jnp.maximum(uses - S, 0), uses, drain, 0)
+            lax.fori_loop(lo, hi, wait, 0)
+
+        def memory_warpgroup() -> None:
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+            # `waited`: the slot uses whose release this warpgroup has waited on (a prefix)
+            def tile(i: Any, waited: Any) -> Any:
+                group, m_idx, n_idx = tile_at(i)
+                first_use = i * k_iters
+                if len(widths) > 1:  # a new ring: every earlier use released first
+                    new_ring = (i > 0) & (
+                        width_index(group) != width_index(tile_at(jnp.maximum(i - 1, 0))[0])
+                    )
+                    wait_released(jnp.where(new_ring, waited, first_use), first_use)
+                    waited = jnp.where(new_ring, first_use, waited)
+
+                def step(kk: Any, waited: Any) -> Any:
+                    # 2. load: slab kk of the tile into the ring's next slot, once the slot's
+                    # previous use (S uses before) is released
+                    use = first_use + kk
+                    slot = lax.rem(use, S)
+                    pl.when(use - S >= waited)(lambda: plgpu.barrier_wait(barrier(free, use - S)))
+
+                    def load(g: int) -> None:
+                        p, pt = products[g], ptiles[g]
+                        x_src, w_src = operands.slab_refs(
+                            p.x, p.w, pl.ds(m_idx * t.block_m, t.block_m),
+                            pl.ds(n_idx * pt.op_n, pt.op_n), pl.ds(kk * t.block_k, t.block_k),
+                        )  # fmt: skip
+                        w_dst = w_rings[width_of[g]].at[slot]
+                        plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], barrier(full, use))
+                        plgpu.copy_gmem_to_smem(w_src, w_dst, barrier(full, use))
+
+                    for_product(group, load, range(len(products)))
+                    return jnp.maximum(waited, use - S + 1)
+
+                return lax.fori_loop(0, k_iters, step, waited)
+
+            waited = lax.fori_loop(0, local_tiles, tile, jnp.int32(0))
+            # the last releases, which no copy waited for: every arrival is awaited
+            wait_released(waited, uses)
 
         def compute_warpgroup() -> None:
             plgpu.set_max_registers(compute_registers(MEMORY_REGISTERS, WGS), action="increase")
             if t.pingpong:  # warpgroup 0 goes first
                 pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
-            # this warpgroup's part of a tile: ping-pong, all of every other tile; cooperative,
-            # its half (along N where the operand tile is ≥ 256 wide, else along M) of each
-            rows, cols = slice(None), slice(None)
-            row_off = op_off = col_off = 0
-            if not t.pingpong and t.split_n:
-                cols = pl.ds(wg * t.wg_op_n, t.wg_op_n)
-                op_off, col_off = wg * t.wg_op_n, wg * t.wg_out_n
-            elif not t.pingpong:
-                rows, row_off = pl.ds(wg * t.wg_m, t.wg_m), wg * t.wg_m
 
             def tile(j: Any, carry: Any) -> Any:
                 i = 2 * j + wg if t.pingpong else j  # the block's i-th tile
                 group, m_idx, n_idx = tile_at(i)
-                row0 = m_idx * t.block_m + row_off
-                op0, col0 = n_idx * t.op_n + op_off, n_idx * t.out_n + col_off
 
-                def acc_scope(acc_ref: Any) -> None:
-                    # 2. load: this tile's bias row and first residual tiles, landing while the
-                    # K loops run
-                    if b_gmem is not None:
-                        plgpu.copy_gmem_to_smem(
-                            b_gmem.at[pl.ds(op0, t.wg_op_n)], b_smem.at[wg], b_bars.at[wg]
-                        )
-                    prefetched = 0
-                    if r_gmem is not None:
-                        prefetched = prefetch_residual(
-                            r_gmem, row0, col0, wg, out_smem, r_bars,
-                            tiles=t, out_scale=outputs.scale, slots=slots,
-                        )  # fmt: skip
-                    if t.pingpong:
-                        plgpu.barrier_wait(turn.at[wg])  # the other warpgroup's K loop is done
+                def width_scope(w: int) -> None:
+                    pt = widths[w]
+                    # this warpgroup's part of a tile: ping-pong, all of every other tile;
+                    # cooperative, its half (along N where the operand tile is ≥ 256 wide, else
+                    # along M) of each
+                    rows, cols = slice(None), slice(None)
+                    row_off = op_off = col_off = 0
+                    if not pt.pingpong and pt.split_n:
+                        cols = pl.ds(wg * pt.wg_op_n, pt.wg_op_n)
+                        op_off, col_off = wg * pt.wg_op_n, wg * pt.wg_out_n
+                    elif not pt.pingpong:
+                        rows, row_off = pl.ds(wg * pt.wg_m, pt.wg_m), wg * pt.wg_m
+                    row0 = m_idx * pt.block_m + row_off
+                    op0, col0 = n_idx * pt.op_n + op_off, n_idx * pt.out_n + col_off
+                    w_ring = w_rings[w]
+                    among = [g for g, wi in enumerate(width_of) if wi == w]
 
-                    def step(kk: Any, carry: Any) -> Any:
-                        use = i * k_iters + kk
-                        slot = lax.rem(use, S)
-                        plgpu.barrier_wait(barrier(full, use))
-                        a, b = operands.mma_views(x_smem.at[slot], w_smem.at[slot], rows, cols)
-                        plgpu.wgmma(acc_ref, a, b)
-                        # one wgmma in flight: the previous step's is done reading its slot
-                        plgpu.wgmma_wait(1)
-                        pl.when(kk > 0)(lambda: plgpu.barrier_arrive(barrier(free, use - 1)))
-                        return carry
+                    def acc_scope(acc_ref: Any) -> None:
+                        # 2. load: this tile's bias row and first residual tiles, landing while
+                        # the K loops run
+                        if b_gmem is not None:
+                            plgpu.copy_gmem_to_smem(
+                                b_gmem.at[pl.ds(op0, pt.wg_op_n)], b_smem.at[wg], b_bars.at[wg]
+                            )
+                        prefetched = 0
+                        if r_gmem is not None:
+                            prefetched = prefetch_residual(
+                                r_gmem, row0, col0, wg, out_smem, r_bars,
+                                tiles=pt, out_scale=outputs.scale, slots=slots[0],
+                            )  # fmt: skip
+                        if t.pingpong:
+                            plgpu.barrier_wait(turn.at[wg])  # the other's K loop is done
 
-                    lax.fori_loop(0, k_iters, step, 0)
-                    plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(barrier(free, i * k_iters + k_iters - 1))
-                    if t.pingpong:
-                        plgpu.barrier_arrive(turn.at[1 - wg])  # its K loop may start
-                    acc = acc_ref[...]
-                    bias = None
-                    if b_gmem is not None:
-                        plgpu.barrier_wait(b_bars.at[wg])
-                        bias = b_smem.at[wg]
-                    preact = (z_smem, z_gmem, op0) if outputs.preact else None
-                    for_product(group, lambda p: store_tile(
-                        acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, p.o, tiles=t,
-                        epilogue=epilogue, out_scale=outputs.scale, preact=preact, slots=slots,
-                        prefetched=prefetched,
-                    ))  # fmt: skip
+                        def step(kk: Any, carry: Any) -> Any:
+                            use = i * k_iters + kk
+                            slot = lax.rem(use, S)
+                            plgpu.barrier_wait(barrier(full, use))
+                            a, b = operands.mma_views(x_smem.at[slot], w_ring.at[slot], rows, cols)
+                            plgpu.wgmma(acc_ref, a, b)
+                            # one wgmma in flight: the previous step's is done reading its slot
+                            plgpu.wgmma_wait(1)
+                            pl.when(kk > 0)(lambda: plgpu.barrier_arrive(barrier(free, use - 1)))
+                            return carry
 
-                pl.run_scoped(acc_scope, plgpu.ACC((t.wg_m, t.wg_op_n), jnp.float32))
+                        lax.fori_loop(0, k_iters, step, 0)
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(barrier(free, i * k_iters + k_iters - 1))
+                        if t.pingpong:
+                            plgpu.barrier_arrive(turn.at[1 - wg])  # its K loop may start
+                        acc = acc_ref[...]
+                        bias = None
+                        if b_gmem is not None:
+                            plgpu.barrier_wait(b_bars.at[wg])
+                            bias = b_smem.at[wg]
+                        preact = (z_smem, z_gmem, op0) if outputs.preact else None
+                        for_product(group, lambda g: store_tile(
+                            acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, products[g].o,
+                            tiles=pt, epilogue=epilogue, out_scale=outputs.scale, preact=preact,
+                            slots=slots[g], prefetched=prefetched,
+                        ), among)  # fmt: skip
+
+                    pl.run_scoped(acc_scope, plgpu.ACC((pt.wg_m, pt.wg_op_n), jnp.float32))
+
+                if len(widths) == 1:
+                    width_scope(0)
+                else:
+                    w_index = width_index(group)
+                    for w in range(len(widths)):
+                        pl.when(w_index == w)(functools.partial(width_scope, w))
                 return carry
 
             my_tiles = lax.div(local_tiles - wg + 1, 2) if t.pingpong else local_tiles

@@ -52,6 +52,7 @@ import torch
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.registry import AUTO
 from fusedmlp.common.spec import MLPSpec
+from fusedmlp.common.tiling import GroupedTiles
 
 from .. import backward as portable
 from .. import front, runtime
@@ -97,7 +98,7 @@ def _default(family: str, m: int, n: int, k: int, dtype: str) -> TileConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _grouped_tiles(products: tuple[tuple[int, int], ...], m: int) -> TileConfig | None:
+def _grouped_tiles(products: tuple[tuple[int, int], ...], m: int) -> GroupedTiles | None:
     """mosaic/backward.py's `grouped_config`: the weight gradients' grouped tiles, or None."""
     return _mosaic("backward").grouped_config(list(products), m, interpret=False)
 
@@ -204,13 +205,15 @@ def _gemm_function(
 
 
 @functools.cache
-def _grouped_function(count: int, config: TileConfig) -> Callable[..., Any]:
+def _grouped_function(count: int, tiles: GroupedTiles) -> Callable[..., Any]:
     """Every layer's weight gradient hᵢᵀ·dZᵢ in one grouped launch."""
     linear_mod = _mosaic("linear_act")
 
     def fn(*operands: Any) -> Any:
         hs, dzs = operands[:count], operands[count:]
-        return linear_mod.linear_grouped(hs, dzs, config=config, interpret=False, x_kmajor=True)
+        return linear_mod.linear_grouped(
+            hs, dzs, config=tiles.config, widths=tiles.widths, interpret=False, x_kmajor=True
+        )
 
     fn.__name__ = f"grouped_{count}"
     return fn
@@ -304,11 +307,14 @@ def _gemm(
 
 
 def _grouped(
-    hs: Sequence[torch.Tensor], dzs: Sequence[torch.Tensor], config: TileConfig, spec: MLPSpec
+    hs: Sequence[torch.Tensor],
+    dzs: Sequence[torch.Tensor],
+    tiles: TileConfig | GroupedTiles,
+    spec: MLPSpec,
 ) -> tuple[torch.Tensor, ...]:
     """Every hᵢᵀ·dZᵢ from one grouped launch (h read M-major in place)."""
-    count = len(hs)
-    out = _call(("grouped", count, config), lambda: _grouped_function(count, config), [*hs, *dzs])
+    count, tiles = len(hs), GroupedTiles.of(tiles)
+    out = _call(("grouped", count, tiles), lambda: _grouped_function(count, tiles), [*hs, *dzs])
     return tuple(out)
 
 
@@ -321,7 +327,7 @@ def _saving_forward(
 
 def _step_grouped_tiles(
     products: list[tuple[int, int]], m: int, spec: MLPSpec
-) -> TileConfig | None:
+) -> GroupedTiles | None:
     return _grouped_tiles(tuple(products), m)
 
 

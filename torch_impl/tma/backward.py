@@ -67,7 +67,13 @@ import torch
 from fusedmlp.common.config import TileConfig
 from fusedmlp.common.packing import packed_names, packed_width
 from fusedmlp.common.spec import MLPSpec
-from fusedmlp.common.tiling import GROUPED_KIND, measured_here_first, shape_bucket, step_gemm_kind
+from fusedmlp.common.tiling import (
+    GROUPED_KIND,
+    GroupedTiles,
+    measured_here_first,
+    shape_bucket,
+    step_gemm_kind,
+)
 from fusedmlp.common.tuning import triton_config
 from fusedmlp.common.validate import check_saved
 
@@ -190,8 +196,9 @@ class StepKernels:
 
     saving_forward: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
     """(x2d, params, spec) -> (y, residuals of saved="preact"): the "inputs" policy's recompute"""
-    grouped_tiles: Callable[[list[tuple[int, int]], int, MLPSpec], TileConfig | None]
-    """(each weight gradient's (M, N), K, spec) -> tiles for one grouped launch, or None"""
+    grouped_tiles: Callable[[list[tuple[int, int]], int, MLPSpec], TileConfig | GroupedTiles | None]
+    """(each weight gradient's (M, N), K, spec) -> tiles for one grouped launch (Mosaic GPU's
+    with each product's width: common.tiling.GroupedTiles), or None"""
     weight_gradient: Callable[[torch.Tensor, torch.Tensor, MLPSpec], torch.Tensor]
     """(h, dZ, spec) -> hᵀ·dZ"""
     input_gradient: Callable[..., torch.Tensor]
@@ -209,7 +216,7 @@ def run_step(
     *,
     saved: str,
     need_dx: bool = True,
-    grouped: TileConfig | None = None,
+    grouped: TileConfig | GroupedTiles | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """backward.mlp_backward's result (same arguments, names and layouts) from `kernels`. Trusts
     input: the caller checked that they take this step.

@@ -1179,7 +1179,7 @@ def test_gpu_grouped_weight_gradients(kernel: str) -> None:
         )
     )(hs, dzs)
     for g, (h, dz, y) in enumerate(zip(hs, dzs, outs, strict=True)):
-        alone_cfg = cfg if widths is None else _ws(128, widths[g], 4)
+        alone_cfg = cfg if widths is None else _ws(128, widths[g], 3)  # (bits: any depth)
         alone = linear_mod.linear_act_fwd(
             h, dz, None, None, activation="identity", config=alone_cfg, interpret=False,
             x_kmajor=True,

@@ -1120,8 +1120,10 @@ def grouped_matmul(
     sm, sm + G, ... (G blocks, the snaking order) and deals them to its compute warpgroups in
     turn: warpgroup w owns its local tiles w, w + 2, ..., a whole tile each (accumulator
     block_m × op_n). A `turn` barrier pair makes the compute warpgroups take turns at the K loop
-    (warpgroup w waits on turn[w] before its K loop and arrives on turn[1 - w] after it), so one
-    warpgroup's epilogue runs while the other's K loop keeps the tensor cores busy.
+    (warpgroup w waits on turn[w] before its K loop and arrives on turn[1 - w] once it has issued
+    its last wgmma, before waiting for them, so the other's queue behind them and the tensor
+    cores do not drain between tiles, as CUTLASS's ping-pong hands over), so one warpgroup's
+    epilogue runs while the other's K loop keeps the tensor cores busy.
 
     Why groups: a weight gradient hᵀ·dZ has few output tiles and a long K (the batch), so its
     last wave runs part empty — hf-blog-geglu's at M = 8192: 72 tiles of 128×256 (0.55 of a wave
@@ -1379,10 +1381,13 @@ def grouped_matmul(
                             return carry
 
                         lax.fori_loop(0, k_iters, step, 0)
+                        if t.pingpong:
+                            # the other's K loop may start: its wgmma queue behind this one's
+                            # last, which is still running — handing over after the wait below
+                            # let the tensor cores drain at every tile
+                            plgpu.barrier_arrive(turn.at[1 - wg])
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(barrier(free, i * k_iters + k_iters - 1))
-                        if t.pingpong:
-                            plgpu.barrier_arrive(turn.at[1 - wg])  # its K loop may start
                         acc = acc_ref[...]
                         bias = None
                         if b_gmem is not None:

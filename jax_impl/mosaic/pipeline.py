@@ -881,18 +881,10 @@ def persistent_matmul(
                 col0 = n_idx * t.out_n + (wg * t.wg_out_n if t.split_n else 0)
 
                 def acc_scope(acc_ref: Any) -> None:
-                    # 2. load: this warpgroup's bias row and first residual tiles, landing
-                    # while the K loop runs
-                    if b_gmem is not None:
-                        plgpu.copy_gmem_to_smem(
-                            b_gmem.at[pl.ds(op0, t.wg_op_n)], b_smem.at[wg], b_bars.at[wg]
-                        )
-                    prefetched = 0
-                    if r_gmem is not None:
-                        prefetched = prefetch_residual(
-                            r_gmem, row0, col0, wg, out_smem, r_bars,
-                            tiles=t, out_scale=outputs.scale, slots=slots,
-                        )  # fmt: skip
+                    prefetched = request_bias_and_residual(
+                        b_gmem, r_gmem, wg, op0, row0, col0, b_smem, b_bars, out_smem, r_bars,
+                        tiles=t, out_scale=outputs.scale, slots=slots,
+                    )  # fmt: skip
                     run_pipeline(acc_ref)
                     acc = acc_ref[...]  # awaits every wgmma
                     bias = None
@@ -955,6 +947,35 @@ def prefetch_residual(
         gm, gn = _epilogue_window(row0, col0, s // en_tiles, s % en_tiles, tiles, out_scale)
         plgpu.copy_gmem_to_smem(r_gmem.at[gm, gn], out_smem.at[wg, s], r_bars.at[wg * slots + s])
     return count
+
+
+def request_bias_and_residual(
+    b_gmem: Any | None,
+    r_gmem: Any | None,
+    wg: Any,
+    op0: Any,
+    row0: Any,
+    col0: Any,
+    b_smem: Any,
+    b_bars: Any,
+    out_smem: Any,
+    r_bars: Any,
+    *,
+    tiles: Tiles,
+    out_scale: int,
+    slots: int,
+) -> int:
+    """2. load, before a warpgroup's K loop: its bias row (from operand column op0) and its first
+    residual tiles (`prefetch_residual`), landing while the K loop runs; returns how many residual
+    tiles were requested (store_tile's `prefetched`). Both drivers' (persistent_matmul,
+    grouped_matmul)."""
+    if b_gmem is not None:
+        plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(op0, tiles.wg_op_n)], b_smem.at[wg], b_bars.at[wg])
+    if r_gmem is None:
+        return 0
+    return prefetch_residual(
+        r_gmem, row0, col0, wg, out_smem, r_bars, tiles=tiles, out_scale=out_scale, slots=slots
+    )
 
 
 def store_tile(
@@ -1354,18 +1375,10 @@ def grouped_matmul(
                     among = [g for g, wi in enumerate(width_of) if wi == w]
 
                     def acc_scope(acc_ref: Any) -> None:
-                        # 2. load: this tile's bias row and first residual tiles, landing while
-                        # the K loops run
-                        if b_gmem is not None:
-                            plgpu.copy_gmem_to_smem(
-                                b_gmem.at[pl.ds(op0, pt.wg_op_n)], b_smem.at[wg], b_bars.at[wg]
-                            )
-                        prefetched = 0
-                        if r_gmem is not None:
-                            prefetched = prefetch_residual(
-                                r_gmem, row0, col0, wg, out_smem, r_bars,
-                                tiles=pt, out_scale=outputs.scale, slots=slots[0],
-                            )  # fmt: skip
+                        prefetched = request_bias_and_residual(
+                            b_gmem, r_gmem, wg, op0, row0, col0, b_smem, b_bars, out_smem,
+                            r_bars, tiles=pt, out_scale=outputs.scale, slots=slots[0],
+                        )  # fmt: skip
                         if t.pingpong:
                             plgpu.barrier_wait(turn.at[wg])  # the other's K loop is done
 

@@ -562,7 +562,9 @@ GROUPED_KIND = step_gemm_kind("linear_act", x_kmajor=True) + ".grouped"
 class GroupedTiles:
     """The tiles of a grouped launch: one TileConfig, and each product's block_n where they differ
     (`widths`, None: config.block_n for all) — a table entry's "config" and "widths". Mosaic GPU's
-    `linear_grouped` takes widths; Triton's runs one width."""
+    `linear_grouped` takes widths; Triton's runs one width: its block shapes are powers of two
+    (`tl.arange`), so the 3/4-wide tile that evens hf-blog's waves (192 beside 256) has no Triton
+    form, and widths of 1/2 do not beat one width there (`grouped_makespan`)."""
 
     config: TileConfig
     widths: tuple[int, ...] | None = None

@@ -541,10 +541,18 @@ MIXED_WIDTHS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("plan", list(MIXED_WIDTHS))
-@pytest.mark.parametrize("x_kmajor", [False, pytest.param(True, marks=needs_transposes)])
+# every plan in bfloat16, x as stored and read transposed; float16 on one (the element type
+# changes no path of the driver)
+MIXED_CASES = [
+    (plan, "bfloat16", x_kmajor)
+    for plan in MIXED_WIDTHS
+    for x_kmajor in (False, pytest.param(True, marks=needs_transposes))
+] + [("split-n-beside-split-m", "float16", False)]
+
+
+@pytest.mark.parametrize("plan, dtype, x_kmajor", MIXED_CASES)
 @pytest.mark.jax_matrix
-def test_grouped_products_of_different_widths(plan: str, x_kmajor: bool) -> None:
+def test_grouped_products_of_different_widths(plan: str, dtype: str, x_kmajor: bool) -> None:
     """`linear_grouped` with `widths`: each product on its own block_n in one launch — bit for bit
     the product `linear_act_fwd` computes alone at that width (the same K steps into the same fp32
     accumulator), within the policy of its float64 product. Each block's tiles change width (and
@@ -553,7 +561,7 @@ def test_grouped_products_of_different_widths(plan: str, x_kmajor: bool) -> None
     where its count of awaited releases matters (a wrong count hangs or races)."""
     rng = np.random.default_rng(29)
     cfg, widths = MIXED_WIDTHS[plan]
-    k, dt = 32, jnp.bfloat16
+    k, dt = 32, jnp.dtype(dtype)
     dims = [(96, 112), (144, 256), (48, 64)]  # (M, N), ragged
     xs = [jnp.asarray(rng.standard_normal((k, m) if x_kmajor else (m, k)), dt) for m, _ in dims]
     ws = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, dt) for _, n in dims]
@@ -568,7 +576,7 @@ def test_grouped_products_of_different_widths(plan: str, x_kmajor: bool) -> None
         )  # fmt: skip
         assert np.asarray(y).tobytes() == np.asarray(alone).tobytes(), (plan, m, n)
         want = (_f64(x).T if x_kmajor else _f64(x)) @ _f64(w)
-        tolerance.assert_close(_f64(y), want, layer_spec("bfloat16"), what=f"{plan} {(m, n)}")
+        tolerance.assert_close(_f64(y), want, layer_spec(dtype), what=f"{plan} {(m, n)}")
 
 
 def test_grouped_widths_refused_by_name() -> None:
@@ -647,6 +655,31 @@ def test_grouped_config_takes_only_what_was_measured_faster(monkeypatch) -> None
     table[hopper.GROUPED_KIND][0]["widths"] = [256, 192]
     got = hopper.grouped_config([(3072, 768), (768, 6144)], 8192, interpret=False)
     assert got == GroupedTiles(TileConfig.from_dict(coop), (256, 192))
+
+
+def test_grouped_config_reads_this_gpus_entry_first(monkeypatch) -> None:
+    """Where two GPUs measured the grouped launch of the same products, each reads its own entry
+    (common.tiling.measured_here_first): the H100 its two widths, the H200 its one width; a GPU
+    with none of its own reads the table's."""
+    coop = _ws(128, 256, 4, subtile=2).to_dict()
+    products = [[3072, 768], [768, 6144]]
+    entry = {"products": products, "k": 8192, "config": coop, "apart_us": 220.0}
+    table = {
+        hopper.GROUPED_KIND: [
+            {**entry, "us": 183.2, "gpu": "NVIDIA H200"},
+            {**entry, "us": 164.0, "gpu": "NVIDIA H100 80GB HBM3", "widths": [256, 192]},
+        ]
+    }
+    monkeypatch.setattr(hopper, "tuned_table", lambda: table)
+    ask = functools.partial(hopper.grouped_config, [(3072, 768), (768, 6144)], 8192,
+                            interpret=False)  # fmt: skip
+    cfg = TileConfig.from_dict(coop)
+    monkeypatch.setattr(compat, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    assert ask() == GroupedTiles(cfg, (256, 192))
+    monkeypatch.setattr(compat, "gpu_name", lambda: "NVIDIA H200")
+    assert ask() == GroupedTiles(cfg)
+    monkeypatch.setattr(compat, "gpu_name", lambda: "NVIDIA B200")
+    assert ask() == GroupedTiles(cfg)  # the first of the table's: no entry of its own
 
 
 def test_sweep_plans_widths_that_fill_the_waves() -> None:

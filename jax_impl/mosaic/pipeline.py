@@ -1207,10 +1207,10 @@ def grouped_matmul(
     )  # fmt: skip
     slots = [pt.staging_slots(outputs) for pt in ptiles]
     x_slab = operands.slab_shapes(t)[0]
-    # the products' widths: each its own branch of the compute code and its own weight ring
-    widths = list(dict.fromkeys(ptiles))
-    width_of = [widths.index(pt) for pt in ptiles]
-    w_slabs = [operands.slab_shapes(pt)[1] for pt in widths]
+    # the products' widths (as tiles): each its own branch of the compute code and weight ring
+    width_tiles = list(dict.fromkeys(ptiles))
+    width_of = [width_tiles.index(pt) for pt in ptiles]
+    w_slabs = [operands.slab_shapes(pt)[1] for pt in width_tiles]
     # ping-pong: a `full` and a `free` barrier per slot and owner; cooperative: per slot, the
     # `free` taking both compute warpgroups' arrivals
     owners = WGS if t.pingpong else 1
@@ -1254,7 +1254,7 @@ def grouped_matmul(
         sm, blocks = lax.axis_index("sm"), lax.axis_size("sm")
         local_tiles = lax.div(num_tiles - sm + blocks - 1, blocks)  # >= 1: blocks <= tiles
         uses = local_tiles * k_iters  # slot uses of the block, in order: tile by tile, K steps
-        w_rings = tuple(w_smem) if len(widths) > 1 else (w_smem,)
+        w_rings = tuple(w_smem) if len(width_tiles) > 1 else (w_smem,)
 
         def tile_at(i: Any) -> tuple[Any, Any, Any]:
             # 1. program -> tile: the block's i-th tile of the list — (product, tile along M,
@@ -1277,7 +1277,7 @@ def grouped_matmul(
             return group, m_idx, n_idx
 
         def width_index(group: Any) -> Any:
-            """The tile's width (index into `widths`) from its product."""
+            """The tile's width (index into `width_tiles`) from its product."""
             index = 0
             for g, wi in enumerate(width_of):
                 index = jnp.where(group == g, wi, index)
@@ -1315,7 +1315,7 @@ def grouped_matmul(
             def tile(i: Any, waited: Any) -> Any:
                 group, m_idx, n_idx = tile_at(i)
                 first_use = i * k_iters
-                if len(widths) > 1:  # a new ring: every earlier use released first
+                if len(width_tiles) > 1:  # a new ring: every earlier use released first
                     new_ring = (i > 0) & (
                         width_index(group) != width_index(tile_at(jnp.maximum(i - 1, 0))[0])
                     )
@@ -1358,7 +1358,7 @@ def grouped_matmul(
                 group, m_idx, n_idx = tile_at(i)
 
                 def width_scope(w: int) -> None:
-                    pt = widths[w]
+                    pt = width_tiles[w]
                     # this warpgroup's part of a tile: ping-pong, all of every other tile;
                     # cooperative, its half (along N where the operand tile is ≥ 256 wide, else
                     # along M) of each
@@ -1415,11 +1415,11 @@ def grouped_matmul(
 
                     pl.run_scoped(acc_scope, plgpu.ACC((pt.wg_m, pt.wg_op_n), jnp.float32))
 
-                if len(widths) == 1:
+                if len(width_tiles) == 1:
                     width_scope(0)
                 else:
                     w_index = width_index(group)
-                    for w in range(len(widths)):
+                    for w in range(len(width_tiles)):
                         pl.when(w_index == w)(functools.partial(width_scope, w))
                 return carry
 

@@ -355,49 +355,6 @@ def test_act_steps_request_residuals_slots_ahead(epilogue: str, kernel: str) -> 
     _assert_act_step_close(outs[4], dz, w, z, epilogue, "gelu_tanh")
 
 
-# hf-blog-geglu's act' step tile with its 64-deep K slabs: one 128 × 64 X slab, one 128 × 64 W slab
-# (read transposed) and one doubled 64 × 128 epilogue tile are the same bytes
-RING_TILE = dataclasses.replace(FOUR_TILES["pingpong"], block_k=64)
-
-
-def test_residual_ring_uses_where_the_slabs_hold_an_epilogue_tile(monkeypatch) -> None:
-    """Two ring-borne residual tiles a ring use, past the staged ones, only for ping-pong tiles
-    whose X and W slabs are each an epilogue tile's bytes, without a stored pre-activation, and
-    not with the switch off."""
-    tiles = pipeline.plan_tiles(RING_TILE, "linear_act")
-    transposed, gated = pipeline.Operands(w_kmajor=True), pipeline.Outputs(scale=2)
-    uses = {s: pipeline.residual_ring_uses(tiles, transposed, gated, s, True) for s in range(1, 5)}
-    assert uses == {1: 1, 2: 1, 3: 0, 4: 0}
-    assert pipeline.residual_ring_uses(tiles, transposed, gated, 2, False) == 0  # no residual
-    assert pipeline.residual_ring_uses(tiles, transposed, pipeline.Outputs(), 2, True) == 0
-    shallow = pipeline.plan_tiles(FOUR_TILES["pingpong"], "linear_act")  # 16-deep slabs
-    assert pipeline.residual_ring_uses(shallow, transposed, gated, 2, True) == 0
-    cooperative = pipeline.plan_tiles(
-        dataclasses.replace(RING_TILE, programs_per_sm=1), "linear_act"
-    )
-    assert pipeline.residual_ring_uses(cooperative, transposed, gated, 2, True) == 0
-    monkeypatch.setattr(pipeline, "RING_RESIDUALS", False)
-    assert pipeline.residual_ring_uses(tiles, transposed, gated, 2, True) == 0
-
-
-@needs_transposes
-@pytest.mark.parametrize("slots", [1, 2])
-def test_act_step_residuals_through_the_ring_are_the_same_bits(monkeypatch, slots: int) -> None:
-    """The gated act' step on hf-blog-geglu's ping-pong tile (64-deep K slabs): its residual
-    tiles past the staged ones loaded by the memory warpgroup into the K ring, computed there
-    first and stored from there (`pipeline.residual_ring_uses`), over ragged tiles (M = 200,
-    N = 320), two K steps and several tiles a warpgroup (the ring slots' uses alternating between
-    K slabs and residuals, the compute warpgroups taking turns): the bits of the kernel with the
-    switch off, within the policy of the float64 act' step."""
-    dz, w, z = _act_step_case(15, 200, 320, 128, "dact_gated")
-    on = _act_step(dz, w, z, "dact_gated", RING_TILE, "gelu_tanh", slots)
-    monkeypatch.setattr(pipeline, "RING_RESIDUALS", False)
-    off = _act_step(dz, w, z, "dact_gated", RING_TILE, "gelu_tanh", slots)
-    assert on.shape == z.shape
-    assert np.asarray(on).tobytes() == np.asarray(off).tobytes()
-    _assert_act_step_close(on, dz, w, z, "dact_gated", "gelu_tanh")
-
-
 @needs_transposes
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("epilogue", ["dact", "dact_gated"])

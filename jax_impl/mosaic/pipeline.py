@@ -103,11 +103,6 @@ MAX_ACC_ELEMS = 128 * 128
 # llama3-8b 4.161 / 4.258 -> 4.110 ms; parity passed. FUSEDMLP_MOSAIC_APPROX_MATH=0 switches it
 # off (read at import).
 APPROX_MATH: bool = os.environ.get("FUSEDMLP_MOSAIC_APPROX_MATH", "1") != "0"
-# The hand-rolled ping-pong driver carries an act' step's residual tiles past the staged ones
-# through its K ring, two a ring use after the tile's K slabs (`residual_ring_uses`), instead of
-# requesting each once a store has left its staging slot: FUSEDMLP_MOSAIC_RING_RESIDUALS=0 switches
-# it off (read at import), for A/B timing.
-RING_RESIDUALS: bool = os.environ.get("FUSEDMLP_MOSAIC_RING_RESIDUALS", "1") != "0"
 MEMORY_REGISTERS = 40  # the memory warpgroup only issues TMA (jax's example uses 40 on H100)
 COMPUTE_WARPGROUPS = 2  # with warp_specialize
 # Under the interpreter the persistent grid has two blocks, so each walks several tiles.
@@ -1000,16 +995,13 @@ def store_tile(
     preact: tuple[Any, Any, Any] | None = None,
     slots: int | None = None,
     prefetched: int = 0,
-    count: int | None = None,
 ) -> None:
     """A compute warpgroup's epilogue tiles of one output tile (rows from row0, output columns
-    from col0) — its first `count` (default all; the driver stores the rest from its K ring:
-    `residual_ring_uses`): per 64-row × epi_n tile, the residual (if any) into a staging slot,
-    3. compute (the family's `epilogue`, staged in the slot), 4. store by TMA; two slots or
-    more, so one tile's store overlaps the next one's math. `out_scale` output (and residual)
-    columns per accumulator column; `preact` (z_smem, z_gmem, op0: the warpgroup's first operand
-    column): the pre-activation tile is staged and stored too, in the same bulk group as the
-    output.
+    from col0): per 64-row × epi_n tile, the residual (if any) into a staging slot, 3. compute
+    (the family's `epilogue`, staged in the slot), 4. store by TMA; two slots or more, so one
+    tile's store overlaps the next one's math. `out_scale` output (and residual) columns per
+    accumulator column; `preact` (z_smem, z_gmem, op0: the warpgroup's first operand column):
+    the pre-activation tile is staged and stored too, in the same bulk group as the output.
     `slots`: the staging slots per warpgroup (default `tiles.out_slots`); `prefetched`: how many
     leading epilogue tiles' residuals `prefetch_residual` already requested (awaited here, not
     loaded again).
@@ -1022,7 +1014,7 @@ def store_tile(
     away (99.7 → 96.5 with none); it is also what lets 3 or 4 slots keep residuals in flight."""
     t = tiles
     em_tiles, en_tiles = t.epi_tiles
-    count = em_tiles * en_tiles if count is None else count
+    count = em_tiles * en_tiles
     slots = t.out_slots if slots is None else slots
     # The previous tile's stores must be done reading the staging slots.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -1109,50 +1101,18 @@ def pingpong_matmul(
 
 def weight_rings(
     shapes: Sequence[tuple[int, int]], dtype: Any, transforms: Any, *, num_stages: int,
-    interpret: bool, extra: Sequence[Any] = (),
+    interpret: bool,
 ) -> Any:  # fmt: skip
-    """The allocation of the weight slabs' rings, one a slab shape, and `extra` rings after
-    them (`ring_union`). The scope receives what `tuple(...)` turns into the rings (where more
-    than one), in that order."""
+    """The allocation of the weight slabs' rings, one a slab shape: one ring, or rings over the
+    same shared memory (`plgpu.RefUnion`; the driver never has two in use at once). Under an
+    interpreter that has no RefUnion (jax 0.10's) they are apart: it does not bound shared
+    memory. The scope receives what `tuple(...)` turns into the rings, in `shapes`' order."""
     rings = [plgpu.SMEM((num_stages, *shape), dtype, transforms=transforms) for shape in shapes]
-    return ring_union([*rings, *extra], interpret=interpret)
-
-
-def ring_union(rings: Sequence[Any], *, interpret: bool) -> Any:
-    """One ring, or rings over the same shared memory (`plgpu.RefUnion`): each starts at the
-    union's start, so rings of one slot size overlay slot by slot — the driver uses a slot as
-    one ring's at a time (a weight ring of another width, or the residual ring of an act' step's
-    epilogue). Under an interpreter that has no RefUnion (jax 0.10's) they are apart: it does not
-    bound shared memory, and the driver's barriers order every use of a slot either way."""
     if len(rings) == 1:
         return rings[0]
     if interpret and not compat.mosaic_interpreter_has_ref_union():
         return tuple(rings)
     return plgpu.RefUnion(*rings)
-
-
-def residual_ring_uses(
-    t: Tiles, operands: Operands, outputs: Outputs, slots: int, residual: bool
-) -> int:
-    """Ring uses a ping-pong tile adds after its K slabs for its residual (an act' step's saved
-    [z|g]): its epilogue tiles past the `slots` staged ones, two a use — one where the X slab
-    lies, one where the W slab lies, each an epilogue tile's bytes — or 0 where that does not hold
-    (RING_RESIDUALS off, cooperative tiles, a stored pre-activation, slabs of another size).
-
-    Why: the staged tiles' residuals are requested before the K loop and land under it; a tile
-    past them was requested only once a store had left its slot, a DRAM round trip inside every
-    epilogue, which then outlasted the other warpgroup's K loop (hf-blog-geglu's act' step: 12
-    K steps, ~4.2 µs; ncu had 43 % of its warp samples waiting on barriers, DRAM at 66 % of its
-    rate). The memory warpgroup requests them with the tile's K slabs instead, a ring's depth
-    ahead; the epilogue computes them first, in place in the ring slot, stores them from there
-    and gives the slot back once the stores have read it."""
-    if not (RING_RESIDUALS and residual and t.pingpong) or outputs.preact:
-        return 0
-    tile = EPI_M * t.epi_n * outputs.scale
-    if any(math.prod(shape) != tile for shape in operands.slab_shapes(t)):
-        return 0
-    count = math.prod(t.epi_tiles)
-    return (count - min(slots, count)) // 2
 
 
 def grouped_matmul(
@@ -1254,23 +1214,9 @@ def grouped_matmul(
     # ping-pong: a `full` and a `free` barrier per slot and owner; cooperative: per slot, the
     # `free` taking both compute warpgroups' arrivals
     owners = WGS if t.pingpong else 1
-    # an act' step's residual tiles past the staged ones, two a ring use after a tile's K slabs
-    # (`residual_ring_uses`): a residual ring over the X ring and one over the W ring
-    ring_uses = residual_ring_uses(ptiles[0], operands, outputs, slots[0], r_gmem is not None)
-    uses_per_tile = k_iters + ring_uses
-    r_rings = (
-        [plgpu.SMEM((S, EPI_M, t.epi_n * outputs.scale), dtype, transforms=out_transforms)] * 2
-        if ring_uses
-        else []
-    )
     allocations = dict(
-        x_smem=ring_union(
-            [plgpu.SMEM((S, *x_slab), dtype, transforms=transforms), *r_rings[:1]],
-            interpret=interpret,
-        ),
-        w_smem=weight_rings(
-            w_slabs, dtype, transforms, num_stages=S, interpret=interpret, extra=r_rings[1:]
-        ),
+        x_smem=plgpu.SMEM((S, *x_slab), dtype, transforms=transforms),
+        w_smem=weight_rings(w_slabs, dtype, transforms, num_stages=S, interpret=interpret),
         # [owner · S + slot]; full: the X and W copies of a use of the slot
         full=plgpu.Barrier(num_arrivals=2, num_barriers=owners * S),
         free=plgpu.Barrier(num_arrivals=WGS // owners, num_barriers=owners * S),
@@ -1307,14 +1253,8 @@ def grouped_matmul(
         wg = lax.axis_index("wg")
         sm, blocks = lax.axis_index("sm"), lax.axis_size("sm")
         local_tiles = lax.div(num_tiles - sm + blocks - 1, blocks)  # >= 1: blocks <= tiles
-        # slot uses of the block, in order: tile by tile, its K steps, then its residual uses
-        uses = local_tiles * uses_per_tile
-        w_all = tuple(w_smem) if len(width_tiles) > 1 or ring_uses else (w_smem,)
-        w_rings = w_all[: len(width_tiles)]
-        x_ring, *x_residual = tuple(x_smem) if ring_uses else (x_smem,)
-        residual_rings = (*x_residual, *w_all[len(width_tiles) :])  # (over X, over W)
-        en_tiles = ptiles[0].epi_tiles[1]
-        ring_first = math.prod(ptiles[0].epi_tiles) - 2 * ring_uses  # the first ring-borne tile
+        uses = local_tiles * k_iters  # slot uses of the block, in order: tile by tile, K steps
+        w_rings = tuple(w_smem) if len(width_tiles) > 1 else (w_smem,)
 
         def tile_at(i: Any) -> tuple[Any, Any, Any]:
             # 1. program -> tile: the block's i-th tile of the list — (product, tile along M,
@@ -1354,7 +1294,7 @@ def grouped_matmul(
 
         def owner(use: Any) -> Any:
             """The warpgroup whose barriers slot use `use` goes by (its tile's, in ping-pong)."""
-            return lax.rem(lax.div(use, uses_per_tile), 2) if t.pingpong else 0
+            return lax.rem(lax.div(use, k_iters), 2) if t.pingpong else 0
 
         def barrier(bars: Any, use: Any) -> Any:
             return bars.at[owner(use) * S + lax.rem(use, S)]
@@ -1374,7 +1314,7 @@ def grouped_matmul(
             # `waited`: the slot uses whose release this warpgroup has waited on (a prefix)
             def tile(i: Any, waited: Any) -> Any:
                 group, m_idx, n_idx = tile_at(i)
-                first_use = i * uses_per_tile
+                first_use = i * k_iters
                 if len(width_tiles) > 1:  # a new ring: every earlier use released first
                     new_ring = (i > 0) & (
                         width_index(group) != width_index(tile_at(jnp.maximum(i - 1, 0))[0])
@@ -1396,53 +1336,17 @@ def grouped_matmul(
                             pl.ds(n_idx * pt.op_n, pt.op_n), pl.ds(kk * t.block_k, t.block_k),
                         )  # fmt: skip
                         w_dst = w_rings[width_of[g]].at[slot]
-                        plgpu.copy_gmem_to_smem(x_src, x_ring.at[slot], barrier(full, use))
+                        plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], barrier(full, use))
                         plgpu.copy_gmem_to_smem(w_src, w_dst, barrier(full, use))
 
                     for_product(group, load, range(len(products)))
                     return jnp.maximum(waited, use - S + 1)
 
-                waited = lax.fori_loop(0, k_iters, step, waited)
-                for e in range(ring_uses):  # the tile's ring-borne residual tiles, two a use
-                    use = first_use + k_iters + e
-                    slot = lax.rem(use, S)
-                    previous = barrier(free, use - S)
-                    pl.when(use - S >= waited)(lambda b=previous: plgpu.barrier_wait(b))
-                    pt = ptiles[0]
-                    for half, ring in enumerate(residual_rings):
-                        em, en = divmod(ring_first + 2 * e + half, en_tiles)
-                        gm, gn = _epilogue_window(
-                            m_idx * pt.block_m, n_idx * pt.out_n, em, en, pt, outputs.scale
-                        )
-                        plgpu.copy_gmem_to_smem(
-                            r_gmem.at[gm, gn], ring.at[slot], barrier(full, use)
-                        )
-                    waited = jnp.maximum(waited, use - S + 1)
-                return waited
+                return lax.fori_loop(0, k_iters, step, waited)
 
             waited = lax.fori_loop(0, local_tiles, tile, jnp.int32(0))
             # the last releases, which no copy waited for: every arrival is awaited
             wait_released(waited, uses)
-
-        def store_ring_tiles(i: Any, acc: Any, bias: Any, row0: Any, col0: Any, pt: Tiles) -> None:
-            """The tile's ring-borne epilogue tiles (one product: the act' step's), first: each
-            computed in place in its ring slot (its residual there) and stored from it; the uses
-            go back to the memory warpgroup once the stores have read them, before the staged
-            tiles, so the other warpgroup's K loop finds the slot refilled."""
-            for e in range(ring_uses):
-                use = i * uses_per_tile + k_iters + e
-                plgpu.barrier_wait(barrier(full, use))
-                slot = lax.rem(use, S)
-                for half, ring in enumerate(residual_rings):
-                    em, en = divmod(ring_first + 2 * e + half, en_tiles)
-                    tile_ref = ring.at[slot]
-                    epilogue(acc, bias, slice(em * EPI_M, (em + 1) * EPI_M), en, tile_ref, None)
-                    plgpu.commit_smem()  # generic-proxy writes -> visible to TMA
-                    gm, gn = _epilogue_window(row0, col0, em, en, pt, outputs.scale)
-                    plgpu.copy_smem_to_gmem(tile_ref, products[0].o.at[gm, gn])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            for e in range(ring_uses):
-                plgpu.barrier_arrive(barrier(free, i * uses_per_tile + k_iters + e))
 
         def compute_warpgroup() -> None:
             plgpu.set_max_registers(compute_registers(MEMORY_REGISTERS, WGS), action="increase")
@@ -1479,10 +1383,10 @@ def grouped_matmul(
                             plgpu.barrier_wait(turn.at[wg])  # the other's K loop is done
 
                         def step(kk: Any, carry: Any) -> Any:
-                            use = i * uses_per_tile + kk
+                            use = i * k_iters + kk
                             slot = lax.rem(use, S)
                             plgpu.barrier_wait(barrier(full, use))
-                            a, b = operands.mma_views(x_ring.at[slot], w_ring.at[slot], rows, cols)
+                            a, b = operands.mma_views(x_smem.at[slot], w_ring.at[slot], rows, cols)
                             plgpu.wgmma(acc_ref, a, b)
                             # one wgmma in flight: the previous step's is done reading its slot
                             plgpu.wgmma_wait(1)
@@ -1496,20 +1400,17 @@ def grouped_matmul(
                             # let the tensor cores drain at every tile
                             plgpu.barrier_arrive(turn.at[1 - wg])
                         plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(barrier(free, i * uses_per_tile + k_iters - 1))
+                        plgpu.barrier_arrive(barrier(free, i * k_iters + k_iters - 1))
                         acc = acc_ref[...]
                         bias = None
                         if b_gmem is not None:
                             plgpu.barrier_wait(b_bars.at[wg])
                             bias = b_smem.at[wg]
-                        if ring_uses:
-                            store_ring_tiles(i, acc, bias, row0, col0, pt)
                         preact = (z_smem, z_gmem, op0) if outputs.preact else None
                         for_product(group, lambda g: store_tile(
                             acc, bias, row0, col0, wg, out_smem, r_gmem, r_bars, products[g].o,
                             tiles=pt, epilogue=epilogue, out_scale=outputs.scale, preact=preact,
                             slots=slots[g], prefetched=prefetched,
-                            count=ring_first if ring_uses else None,
                         ), among)  # fmt: skip
 
                     pl.run_scoped(acc_scope, plgpu.ACC((pt.wg_m, pt.wg_op_n), jnp.float32))

@@ -279,7 +279,8 @@ def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device
         with torch.cuda.device(device):
             return _launch(kernel, operands, device)
     # by index: torch.cuda.current_stream() without one looks the device up again through the
-    # availability checks, ~15 µs of a step's host time per launch (an H100's profile, 8e0353e)
+    # availability checks every launch (an eager hf-blog training step's five launches: 13-55 µs
+    # of host time on an H100, bench/results/2026-12-06-h100-8e0353e call 7)
     current = torch.cuda.current_stream(index)
     if current.cuda_stream == _default_stream_handle(index):
         # the common case: already on the default stream, where no capture can run (CUDA captures

@@ -480,6 +480,16 @@ def mosaic_gpu_call(fn: Callable, structs: list) -> Any:
         return mgpu_torch._find_mgpu_call_in_module(module)[0]
 
 
+def direct_launch_plan(fn: Callable, structs: list) -> Any:
+    """`fn` traced on `structs`, lowered for CUDA on this CPU: torch's direct launcher's plan of
+    it (`torch_impl.cross.launcher.plan_of`), None where the module is more than the bare call."""
+    from fusedmlp.torch_impl.cross import launcher
+
+    module, single = launcher.lowered_module(fn, structs, platforms=("cuda",))
+    with module.context:
+        return launcher.plan_of(module, single=single)
+
+
 def needs_jax_0_10_lowering() -> None:
     """Skips the calling test unless jax is 0.10: lowering Pallas-Triton for CUDA without a GPU
     needs it (jax 0.11 asks for a GPU device description)."""

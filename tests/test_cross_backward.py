@@ -33,7 +33,7 @@ from fusedmlp.jax_impl.mosaic import linear_act as linear_mod
 from fusedmlp.jax_impl.packing import pack_params
 from fusedmlp.torch_impl import front
 from fusedmlp.torch_impl.cross import backward as cross
-from helpers import mosaic_gpu_call, to_numpy, to_torch
+from helpers import direct_launch_plan, mosaic_gpu_call, to_numpy, to_torch
 
 # (spec, M): Mosaic GPU's constraints met (M a multiple of 16, every width of 16)
 CASES = [
@@ -294,6 +294,14 @@ def test_traced_functions_are_one_kernel_call(
         seen.add(key)
         call = mosaic_gpu_call(fn, structs)
         assert len(list(call.operands)) == len(structs), key
+        # and torch's direct launcher plans it: each operand a function argument, every result
+        plan = direct_launch_plan(fn, structs)
+        assert plan is not None and sorted(plan.operand_order) == list(range(len(structs))), key
+        assert [o.shape for o in plan.outputs] == [tuple(r.type.shape) for r in call.results]
+        assert all(o.alias is None for o in plan.outputs), key  # no output overwrites an input
+        assert sorted(plan.returned) == list(range(len(plan.outputs))) and plan.module_asm, key
+        for i, operand in zip(plan.operand_order, call.operands, strict=True):
+            assert tuple(structs[i].shape) == tuple(operand.type.shape), key
 
 
 def test_tiles_are_the_jax_steps_decided_once_per_shape(on_hopper: pytest.MonkeyPatch) -> None:

@@ -159,3 +159,35 @@ def test_mosaic_compiled_callable_is_cached_per_shape(monkeypatch) -> None:
     assert len(compiled) == 1 and kernel is tl_.compiled_kernel(key, lambda: None, [x, w])
     tl_.compiled_kernel(key, lambda: None, [torch.zeros(71, 64), w])
     assert len(compiled) == 2  # a new shape compiles once more
+
+
+def test_direct_kernel_passes_pointers_in_the_kernels_order() -> None:
+    """torch's direct launch (torch_impl/cross/launcher.py) hands the plugin's launch function the
+    kernel operands' pointers in the kernel's order (the grouped launch interleaves its products'),
+    then its outputs' — fresh tensors of the plan's shapes and dtypes on the operands' device, or
+    the operand an output aliases — on the stream it is given, and returns what the traced
+    function returns, in the function's order."""
+    import torch
+
+    from fusedmlp.torch_impl.cross.launcher import DirectKernel, KernelPlan, Output
+
+    calls = []
+    plan = KernelPlan(
+        module_asm=b"",
+        operand_order=(0, 2, 1, 3),
+        outputs=(Output((5, 3), torch.bfloat16), Output((2, 2), torch.float32, alias=3)),
+        returned=(1, 0),
+        single=False,
+    )
+    kernel = DirectKernel(plan, "function", lambda *args: calls.append(args))
+    ops = [torch.zeros(2, 4), torch.ones(3), torch.zeros(7, dtype=torch.float16), torch.zeros(2, 2)]
+    first, second = kernel(*ops, stream=1234)
+    assert first is ops[3]  # the aliased output, returned first as the function does
+    assert second.shape == (5, 3) and second.dtype == torch.bfloat16
+    [(function, stream, pointers)] = calls
+    assert (function, stream) == ("function", 1234)
+    want = [ops[i].data_ptr() for i in (0, 2, 1, 3)] + [second.data_ptr(), ops[3].data_ptr()]
+    assert list(pointers) == want
+    plan_one = KernelPlan(b"", (0,), (Output((4,), torch.float16),), (0,), single=True)
+    out = DirectKernel(plan_one, "f", lambda *args: None)(torch.zeros(4), stream=0)
+    assert isinstance(out, torch.Tensor) and out.shape == (4,) and out.dtype == torch.float16

@@ -45,6 +45,7 @@ from fusedmlp.common.packing import pack_gated
 from fusedmlp.common.tolerance import assert_close
 from helpers import (
     ROOT,
+    direct_launch_plan,
     layer_ref,
     layer_spec,
     mosaic_gpu_call,
@@ -727,14 +728,17 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
     """Lowered for CUDA on this CPU, the function handed to as_torch_kernel passes as_torch_kernel's
     own module check (jax's private `_find_mgpu_call_in_module`, the same in 0.10.2 and 0.11.2):
     one Mosaic GPU call and nothing else — at an odd M, where the torch side pads the rows the
-    launcher would pad; without that padding the launcher's own pad would be refused."""
+    launcher would pad; without that padding the launcher's own pad would be refused. torch's
+    direct launcher (torch_impl/cross/launcher.py) plans the first and refuses the second."""
     import jax
     import jax.numpy as jnp
+    import torch
 
     from fusedmlp.common.packing import packed_width
     from fusedmlp.jax_impl.mosaic import default_config
     from fusedmlp.torch_impl.cross import gated as tg
     from fusedmlp.torch_impl.cross import linear_act as tl_
+    from fusedmlp.torch_impl.cross.launcher import Output
 
     m, k, n = 37, 64, 80
     cfg = default_config(family, m, n, k, "bfloat16", interpret=False)
@@ -755,6 +759,11 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
     call = mosaic_gpu_call(fn, structs)
     assert len(list(call.operands)) == len(structs)
     assert [tuple(r.type.shape) for r in call.results] == [(plan.mp, plan.np_)]
+    # torch's direct launcher plans the same call (one fresh bf16 output, the operands in order)
+    direct = direct_launch_plan(fn, structs)
+    assert direct is not None and direct.single and direct.returned == (0,)
+    assert direct.operand_order == tuple(range(len(structs)))
+    assert direct.outputs == (Output((plan.mp, plan.np_), torch.bfloat16),)
     assert plan.mp != m  # the odd M really was padded on the torch side
     unpadded = [s(m, k), structs[1]]
     if family == "linear_act":
@@ -763,6 +772,7 @@ def test_mosaic_function_is_one_kernel_call(family: str, bias: bool, residual: b
         fn = tg.mosaic_function("gelu_tanh", False, n, cfg)
     with pytest.raises(ValueError, match="Unsupported operation"):
         mosaic_gpu_call(fn, unpadded)
+    assert direct_launch_plan(fn, unpadded) is None  # the launcher's pad: not the bare call
 
 
 # ==== CPU: fused_small's Mosaic GPU sibling from torch ============================================

@@ -53,6 +53,7 @@ from fusedmlp.common.config import TileConfig
 from fusedmlp.common.registry import FALLBACK
 
 from ..front import STACK
+from . import launcher
 
 FAMILY = "linear_act"
 IMPL = "mosaic"
@@ -226,21 +227,31 @@ _COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
 # Compiled callables kept (each holds a loaded module; a Mosaic GPU kernel is compiled per shape,
 # so a workload of many distinct M stays bounded: past this the cache starts afresh).
 _COMPILED_MAX = 256
+# Launch through launcher.DirectKernel where the module allows (False: as_torch_kernel's own
+# callable always; the host-time probe compares the two in one process).
+DIRECT_LAUNCH = True
 
 
 def _compile(fn: Callable[..., Any], operands: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """The compiled torch callable of `fn` for these operands' shapes and dtypes: the per-shape
-    compile inside as_torch_kernel (jax._src.pallas.mosaic_gpu.torch._compile_fn, jax 0.11.1 and
-    0.11.2), or the public wrapper where that is gone (it then re-derives the shapes per call)."""
+    """The compiled torch callable of `fn` for these operands' shapes and dtypes: a
+    `launcher.DirectKernel` (launched on the current stream, `_launch`) where the lowered module is
+    the bare kernel call, which is what every traced function of this route lowers to; else the
+    per-shape compile inside as_torch_kernel (jax._src.pallas.mosaic_gpu.torch._compile_fn, jax
+    0.11.1 and 0.11.2), or the public wrapper where that is gone (it then re-derives the shapes
+    per call). Both of those launch on the default stream."""
     wrapper = as_torch_kernel()(fn)  # also the jax version check
     jax = importlib.import_module("jax")
+    structs = tuple(
+        jax.ShapeDtypeStruct(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in operands
+    )
+    if DIRECT_LAUNCH:
+        direct = launcher.compile_direct(fn, structs)
+        if direct is not None:
+            return direct
     try:
         compile_fn = importlib.import_module("jax._src.pallas.mosaic_gpu.torch")._compile_fn
     except (ImportError, AttributeError):
         return wrapper
-    structs = tuple(
-        jax.ShapeDtypeStruct(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in operands
-    )
     return compile_fn(fn, structs)
 
 
@@ -268,10 +279,19 @@ def _default_stream_handle(index: int) -> int:
     return torch.cuda.default_stream(index).cuda_stream
 
 
+def _current_stream_handle(index: int) -> int:
+    """The raw handle of the device's current stream: torch's own accessor (what Triton's
+    launcher calls), without building a Stream object; the public one where it is gone."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
+
+
 def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """as_torch_kernel launches on the current device's default stream: under `device` (entered
-    only when it is not current) and fenced against the current stream only when that is a side
-    stream, so callers on side streams see the usual semantics."""
+    """The kernel on `operands`, under `device` (entered only when it is not current). A
+    `launcher.DirectKernel` launches on the current stream; as_torch_kernel's callable on the
+    default stream, fenced against the current stream only when that is a side stream, so
+    callers on side streams see the usual semantics either way. Neither is recorded by a CUDA
+    graph capture (refused, naming what can be captured)."""
     if device.type != "cuda":  # the CPU tests drive `run` with a stand-in kernel
         return kernel(*operands)
     index = torch.cuda.current_device()
@@ -281,22 +301,24 @@ def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device
     # by index: torch.cuda.current_stream() without one looks the device up again through the
     # availability checks every launch (an eager hf-blog training step's five launches: 13-55 µs
     # of host time on an H100, bench/results/2026-12-06-h100-8e0353e call 7)
-    current = torch.cuda.current_stream(index)
-    if current.cuda_stream == _default_stream_handle(index):
-        # the common case: already on the default stream, where no capture can run (CUDA captures
-        # side streams only) and no fence is needed
-        return kernel(*operands)
-    if torch.cuda.is_current_stream_capturing():
+    current = _current_stream_handle(index)
+    on_default = current == _default_stream_handle(index)
+    # (the default stream never captures: CUDA records side streams only)
+    if not on_default and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            "a CUDA graph cannot record a Mosaic GPU kernel launched through JAX's "
-            "as_torch_kernel (impl 'mosaic', or fused_small's sibling pinned by its config): it "
-            "runs on the default stream; capture impl 'auto' or 'fused_small' under "
-            "torch_impl.graph_safe(), or a Triton impl"
+            "a CUDA graph cannot record a Mosaic GPU kernel launched from torch (impl 'mosaic', "
+            "or fused_small's sibling pinned by its config): its launch is not verified under "
+            "capture; capture impl 'auto' or 'fused_small' under torch_impl.graph_safe(), or a "
+            "Triton impl"
         )
-    default = torch.cuda.default_stream(index)
-    default.wait_stream(current)
+    if isinstance(kernel, launcher.DirectKernel):
+        return kernel(*operands, stream=current)
+    if on_default:  # as_torch_kernel's stream: no fence needed
+        return kernel(*operands)
+    default, side = torch.cuda.default_stream(index), torch.cuda.current_stream(index)
+    default.wait_stream(side)
     y = kernel(*operands)
-    current.wait_stream(default)
+    side.wait_stream(default)
     return y
 
 

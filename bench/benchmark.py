@@ -33,15 +33,13 @@ NOT_TIMED_INTERPRETED = "interpreted — not timed"
 NOT_TIMED_FAILED = "FAIL parity — not timed"
 TIMED = "timed"
 INVALID = "invalid measurement"
-# torch providers whose call cannot be captured in a CUDA graph, and why (not attempted: a failed
-# capture can leave the other framework's stream in an error state).
-NO_CUDAGRAPH = {
-    "mosaic": "not captured: as_torch_kernel launches through JAX, outside torch's capture stream",
-}
-# A torch plan whose launches a graph would not record as planned (front.graph_capturable).
+# A torch plan whose launches a graph would not record as planned (front.graph_capturable; not
+# attempted). Every torch implementation's launches record (torch's `mosaic` since its direct
+# launch, torch_impl/cross/launcher.py); fused_small's Mosaic GPU sibling is planned as the Triton
+# kernel while a graph is captured.
 NOT_CAPTURED = (
-    "not captured: the plan runs fused_small's Mosaic GPU sibling through as_torch_kernel, outside "
-    "torch's capture stream (a captured call would run the Triton kernel instead)"
+    "not captured: the plan runs fused_small's Mosaic GPU sibling, which a capture plans as the "
+    "Triton kernel (torch front's graph_safe): a captured call would run that kernel instead"
 )
 
 
@@ -136,13 +134,11 @@ def bench_case(
     }
 
 
-def cudagraph_request(p: Provider, device: str, chosen: str, capturable: bool = True) -> bool | str:
+def cudagraph_request(p: Provider, device: str, capturable: bool = True) -> bool | str:
     """timing.measure's `cudagraph` argument: True for torch rows on a GPU, or why not
     (`capturable`: the provider's plan is recorded as planned, Provider.capturable)."""
     if p.stack != "torch" or device != "cuda":
         return False
-    if chosen in NO_CUDAGRAPH:
-        return NO_CUDAGRAPH[chosen]
     return True if capturable else NOT_CAPTURED
 
 
@@ -165,7 +161,7 @@ def time_row(
             case.device,
             fn,
             lambda o: sync(p.stack, o),
-            cudagraph=cudagraph_request(p, case.device, chosen, capturable),
+            cudagraph=cudagraph_request(p, case.device, capturable),
             **timing,
         ),
         case.device,

@@ -28,9 +28,11 @@ An entry says everything a front needs to plan and launch it:
   from the caller and pack plain params once (cached) for a "packed" entry; an "any" entry gets
   the params as given, so a FusedMLP (packed) that `auto` sends to a baseline holds no plain
   copy of its weights.
-- `capturable`: False where the launches cannot be recorded in a torch CUDA graph (torch's
-  `mosaic`: JAX's launcher runs on the device's default stream); `auto` passes over it while a
-  graph is being captured or prepared (torch_impl/front.py `graph_safe`).
+- `capturable`: False where the launches cannot be recorded in a torch CUDA graph; `auto` passes
+  over such an implementation while a graph is being captured or prepared (torch_impl/front.py
+  `graph_safe`). Every implementation records today: torch's `mosaic` since its kernels are
+  launched on the current stream (torch_impl/cross/launcher.py; as_torch_kernel's own launch went
+  to the default stream, and `mosaic` was False until 2026-12-06).
 - `gpu_only` (no interpreter can run it), `hopper` (on a GPU it needs sm_90: TMA, wgmma),
   `tunable` (`mlp(tune=True)` sweeps its configs on a GPU), `kernel_prefix` (how plans print its
   kernels: "tma.gated", "torch.eager").
@@ -161,7 +163,8 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation(
         "mosaic",
         ("torch",),
-        "the pallas_mosaic kernels called on torch tensors (plgpu.as_torch_kernel)",
+        "the pallas_mosaic kernels called on torch tensors (compiled as plgpu.as_torch_kernel "
+        "compiles them, launched on the current stream)",
         runner="per_layer",
         layout="packed",
         launcher="fusedmlp.torch_impl.cross",
@@ -170,7 +173,6 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         gpu_only=True,
         hopper=True,
         kernel_prefix="mosaic.",
-        capturable=False,
         power_of_two_tiles=False,
     ),
     Implementation(

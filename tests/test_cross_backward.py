@@ -70,7 +70,8 @@ def on_hopper(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 # ==== the route ===================================================================================
 def test_route_takes_the_mosaic_step_where_it_applies(on_hopper: pytest.MonkeyPatch) -> None:
     """`mosaic` asked, or `auto` whose forward runs a Hopper GEMM kernel (mosaic, triton_tma),
-    trains on the Mosaic GPU GEMMs, but not while a CUDA graph is prepared; triton_tma asked, and
+    trains on the Mosaic GPU GEMMs, also while a CUDA graph is prepared (the launches record:
+    cross/launcher.py); triton_tma asked, and
     `auto` planning anything else, on the Triton ones; a pinned config on the portable kernels;
     an M Mosaic GPU cannot take (not a multiple of 16, or 0), or no usable jax, falls back to the
     Triton step; off the GPU nothing here runs."""
@@ -80,9 +81,9 @@ def test_route_takes_the_mosaic_step_where_it_applies(on_hopper: pytest.MonkeyPa
     assert route("auto", "mosaic", spec, m, "cuda", None) == "mosaic"
     assert route("auto", "triton_tma", spec, m, "cuda", None) == "mosaic"  # trained faster
     assert route("auto", "triton", spec, m, "cuda", None) == "tma"
-    with front.graph_safe():  # a CUDA graph cannot record as_torch_kernel's launch
-        assert route("auto", "triton_tma", spec, m, "cuda", None) == "tma"
-        assert route("mosaic", "mosaic", spec, m, "cuda", None) == "mosaic"  # asked: its error
+    with front.graph_safe():  # a CUDA graph records the direct launch
+        assert route("auto", "triton_tma", spec, m, "cuda", None) == "mosaic"
+        assert route("mosaic", "mosaic", spec, m, "cuda", None) == "mosaic"
     assert route("triton_tma", "triton_tma", spec, m, "cuda", None) == "tma"
     assert route("mosaic", "mosaic", spec, m, "cuda", GROUPED) == ""
     assert route("mosaic", "mosaic", spec, 40, "cuda", None) == "tma"  # 40: Mosaic's rows
@@ -398,11 +399,59 @@ def test_gpu_step_gives_the_jax_steps_bits(case) -> None:
     assert_grads_close(got, _reference(spec, x, params, dy), spec, baselines=base, what=str(spec))
 
 
-def test_backward_op_in_a_capture_runs_the_triton_step(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.gpu
+def test_gpu_step_replayed_from_a_cuda_graph_gives_the_eager_bits() -> None:
+    """A training step through FusedMLP(impl="mosaic") — its saving forward and every backward
+    GEMM on the Mosaic GPU kernels, launched on the current stream (cross/launcher.py) — captured
+    in a CUDA graph after eager warm-up and replayed on new inputs copied into the captured ones:
+    every gradient bit for bit an eager step's on those inputs."""
+    import torch
+
+    from fusedmlp.torch_impl import FusedMLP
+
+    spec, m = GPU_CASES[0]
+    module = FusedMLP(spec, impl="mosaic", device="cuda", seed=63)
+    x = to_torch(make_input(spec, m, seed=64)).cuda().requires_grad_()
+    dy = to_torch(make_grad_output(spec, m, seed=65)).cuda()
+    tensors = [x, *module.parameters()]
+
+    def step() -> None:
+        for t in tensors:
+            t.grad = None
+        (module(x).float() * dy.float()).sum().backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compiles and loads every kernel outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in tensors:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: JAX's threads in this process make no unsafe call the capture would refuse
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        (module(x).float() * dy.float()).sum().backward()
+    graphed = [t.grad for t in tensors]
+    with torch.no_grad():  # new inputs in the captured buffers
+        x.copy_(to_torch(make_input(spec, m, seed=66)))
+        dy.copy_(to_torch(make_grad_output(spec, m, seed=67)))
+    for g in graphed:
+        g.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [g.clone() for g in graphed]
+    step()
+    torch.cuda.synchronize()
+    for t, got in zip(tensors, replayed, strict=True):
+        assert torch.equal(got.view(torch.uint8), t.grad.view(torch.uint8)), tuple(t.shape)
+
+
+def test_backward_op_runs_the_step_its_route_names(monkeypatch: pytest.MonkeyPatch) -> None:
     """The backward op's route comes from the forward; a compiled graph fixes it at trace time,
-    before any CUDA graph capture. Inside a capture (`graph_safe`) a "mosaic" route runs the
-    Triton step on the same residuals (as_torch_kernel's launch cannot be recorded); outside it
-    the Mosaic GPU step; "tma" the Triton step; any other route string is refused."""
+    before any CUDA graph capture. A "mosaic" route runs the Mosaic GPU step, inside a capture
+    (`graph_safe`) too (its launches record); "tma" the Triton step; any other route string is
+    refused."""
     from fusedmlp.torch_impl import custom_op
     from fusedmlp.torch_impl.tma import backward as tma_backward
 
@@ -432,6 +481,6 @@ def test_backward_op_in_a_capture_runs_the_triton_step(monkeypatch: pytest.Monke
     backward("tma")
     with front.graph_safe():
         backward("mosaic")
-    assert ran == ["mosaic", "tma", "tma"]
+    assert ran == ["mosaic", "tma", "mosaic"]
     with pytest.raises(ValueError, match="hopper: expected"):
         backward("tmaa")

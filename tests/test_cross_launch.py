@@ -159,6 +159,14 @@ def test_mosaic_compiled_callable_is_cached_per_shape(monkeypatch) -> None:
     assert len(compiled) == 1 and kernel is tl_.compiled_kernel(key, lambda: None, [x, w])
     tl_.compiled_kernel(key, lambda: None, [torch.zeros(71, 64), w])
     assert len(compiled) == 2  # a new shape compiles once more
+    # inside a CUDA graph capture a new shape is refused before anything compiles (a compile and
+    # a module load cannot be recorded); a compiled one is looked up as ever
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"not yet compiled .*\(72, 64\).*once before the"):
+        tl_.compiled_kernel(key, lambda: None, [torch.zeros(72, 64), w])
+    assert len(compiled) == 2
+    assert tl_.compiled_kernel(key, lambda: None, [x, w]) is kernel
 
 
 def test_direct_kernel_passes_pointers_in_the_kernels_order() -> None:

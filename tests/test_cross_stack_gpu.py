@@ -175,7 +175,8 @@ def test_mosaic_from_torch_same_bits_as_pallas_mosaic(
 
 @pytest.mark.gpu
 def test_mosaic_from_torch_on_a_side_stream() -> None:
-    """as_torch_kernel launches on the default stream; the launcher fences it for side streams."""
+    """On a side stream the kernel runs after that stream's earlier work (the direct launch goes to
+    the current stream; as_torch_kernel's own, where it runs, is fenced against it)."""
     import torch
 
     from fusedmlp.jax_impl.mosaic import default_config
@@ -196,6 +197,37 @@ def test_mosaic_from_torch_on_a_side_stream() -> None:
         got = got.clone()
     torch.cuda.synchronize()
     assert _bits_equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_mosaic_from_torch_in_a_cuda_graph() -> None:
+    """The direct launch (torch_impl/cross/launcher.py) goes to the current stream, so a CUDA
+    graph records it: captured after a first (compiling) call and replayed on a new x copied into
+    the captured one, it gives the eager call's bits on that x. A shape not compiled before the
+    capture is refused before anything is recorded (the CPU test checks the message)."""
+    import torch
+
+    from fusedmlp.jax_impl.mosaic import default_config
+    from fusedmlp.torch_impl.cross import linear_act as tl_
+
+    m, k, n = 304, 256, 144
+    ops = _problem("linear_act", m, k, n, "bfloat16", True)
+    t = {name: _torch(a, "cuda") for name, a in ops.items()}
+    cfg = default_config("linear_act", m, n, k, "bfloat16", interpret=False)
+    x = t["x"].clone()
+    tl_.linear_act_fwd(x, t["w"], t["b"], None, activation="gelu_tanh", config=cfg)  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: JAX's threads in this process make no unsafe call the capture would refuse
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        y = tl_.linear_act_fwd(x, t["w"], t["b"], None, activation="gelu_tanh", config=cfg)
+    new_x = torch.randn_like(x)
+    x.copy_(new_x)
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = tl_.linear_act_fwd(new_x, t["w"], t["b"], None, activation="gelu_tanh", config=cfg)
+    assert _bits_equal(y, want)
 
 
 # One golden case of each kind (gated with bias in float16; plain without bias in bfloat16): whole

@@ -491,18 +491,31 @@ def test_tensor_lr_schedule_does_not_compound() -> None:
 
 
 def test_auto_passes_over_what_a_graph_cannot_record(monkeypatch) -> None:
-    """Under graph_safe() `auto` does not take torch's `mosaic` (JAX launches it on the default
-    stream), whatever the dispatch table says; outside, the choice is the table's as before."""
+    """Under graph_safe() `auto` does not take an implementation whose launches a CUDA graph
+    cannot record (registry `capturable`), whatever the dispatch table says; outside, the choice
+    is the table's as before. torch's `mosaic` records since its launch goes to the current
+    stream (torch_impl/cross/launcher.py): it is taken in a graph too."""
+    import dataclasses
+
     from fusedmlp.torch_impl import front, graph_safe
 
     spec = MLPSpec((64, 128, 64), "swiglu", bias=False, dtype="bfloat16")
     monkeypatch.setattr(front, "unavailable_reason", lambda impl, device="cpu": None)
     monkeypatch.setattr(front, "_function", lambda impl, field: lambda *a: None)
-    assert front._can_take("mosaic", spec, 4096, "cuda")
     with graph_safe():
-        assert not front._can_take("mosaic", spec, 4096, "cuda")
-        assert front._can_take("triton_tma", spec, 4096, "cuda")
-    assert front._can_take("mosaic", spec, 4096, "cuda")
+        assert front._can_take("mosaic", spec, 4096, "cuda")
+    entry = front._entry
+
+    def entries(impl: str):  # triton_tma, as if its launches could not be recorded
+        found = entry(impl)
+        return dataclasses.replace(found, capturable=False) if impl == "triton_tma" else found
+
+    monkeypatch.setattr(front, "_entry", entries)
+    assert front._can_take("triton_tma", spec, 4096, "cuda")
+    with graph_safe():
+        assert not front._can_take("triton_tma", spec, 4096, "cuda")
+        assert front._can_take("mosaic", spec, 4096, "cuda")
+    assert front._can_take("triton_tma", spec, 4096, "cuda")
 
 
 def test_summary_of_graphed_runs() -> None:

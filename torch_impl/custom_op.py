@@ -306,12 +306,11 @@ def _backward_impl(
         grads = fused_small_backward.mlp_backward(
             *args, saved=saved, config=parse_config(config_json), need_dx=need_dx
         )
-    elif hopper == "mosaic" and not front._graph_safe():
-        # decided at the forward (`_hopper_backward`): the Mosaic GPU GEMMs
+    elif hopper == "mosaic":
+        # decided at the forward (`_hopper_backward`): the Mosaic GPU GEMMs (a CUDA graph records
+        # their launches: cross/launcher.py)
         grads = cross_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
-    elif hopper in ("tma", "mosaic"):  # decided alike: the persistent Triton TMA GEMMs; also a
-        # "mosaic" step inside a CUDA graph's capture (a compiled graph decides at trace time,
-        # before any capture; as_torch_kernel's launch cannot be recorded): the same residuals
+    elif hopper == "tma":  # decided alike: the persistent Triton TMA GEMMs
         grads = tma_backward.mlp_backward(*args, saved=saved, need_dx=need_dx)
     elif hopper:
         raise ValueError(f"hopper: expected '', 'tma' or 'mosaic', got {hopper!r}")

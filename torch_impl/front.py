@@ -166,8 +166,8 @@ def _gpu_name() -> str:
 
 
 # True while a CUDA graph is prepared or captured (`graph_safe`): `auto` passes over what a graph
-# cannot record, and fused_small plans its Triton kernel, not its Mosaic GPU sibling. A context
-# variable, so that other threads' calls plan as usual.
+# cannot record (registry `capturable`), and fused_small plans its Triton kernel, not its Mosaic
+# GPU sibling. A context variable, so that other threads' calls plan as usual.
 _GRAPH_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graph_safe", default=False)
 
 
@@ -175,12 +175,13 @@ _GRAPH_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graph_safe",
 @contextlib.contextmanager
 def graph_safe() -> Iterator[None]:
     """Within this context `auto` chooses only implementations whose launches a CUDA graph can
-    record (registry `capturable`; the torch `mosaic` launches on the default stream), and
-    fused_small its Triton kernel rather than its Mosaic GPU sibling (the same reason). Enter it
-    for the eager warm-up steps as well as the capture (training.GraphedTrainStep does), so both
-    run, and compile, the same kernels. (A capture is planned so without it, too; fused_small
-    loads its Triton kernel beside the sibling's first call, so a capture after eager warm-up
-    calls outside this context finds it loaded.)"""
+    record (registry `capturable`: all of them today), and fused_small its Triton kernel rather
+    than its Mosaic GPU sibling (its rule, `fused_small._sibling_applies`, predates the recordable
+    launch of cross/launcher.py and is kept as it was). Enter it for the eager warm-up steps as
+    well as the capture (training.GraphedTrainStep does), so both run, and compile, the same
+    kernels. (A capture is planned so without it, too; fused_small loads its Triton kernel beside
+    the sibling's first call, so a capture after eager warm-up calls outside this context finds
+    it loaded.)"""
     token = _GRAPH_SAFE.set(True)
     try:
         yield
@@ -763,8 +764,8 @@ def hopper_route(
 ) -> str:
     """Which step trains a call of the asked `impl` whose forward plan runs `planned`: "mosaic"
     (the Mosaic GPU GEMMs on torch tensors, cross/backward.py: `mosaic` asked, or `auto` planning
-    a Hopper GEMM kernel outside a CUDA graph's preparation — measured faster than the Triton
-    step, cross/backward.py `AUTO_FORWARDS`), "tma" (the Triton TMA GEMMs, tma/backward.py:
+    a Hopper GEMM kernel — measured faster than the Triton step, cross/backward.py
+    `AUTO_FORWARDS`), "tma" (the Triton TMA GEMMs, tma/backward.py:
     `auto` and the Hopper impls elsewhere on Hopper, triton_tma asked) or "" (backward.py's
     portable kernels; also wherever a config is pinned). The saving forward (`training_forward`)
     and the backward (custom_op) ask alike — in eager mode at the same call; under torch.compile

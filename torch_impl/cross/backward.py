@@ -6,9 +6,9 @@ from its epilogue, then per layer in reverse dW_i = h_iᵀ·dZ_i, db_i = Σ_m dZ
 dZ_{i-1} = (dZ_i·W_iᵀ) ⊙ act'(z_{i-1}) with the act' step in the input gradient's epilogue, the
 weight gradients in one grouped launch where the committed sweep measured that faster — with
 every GEMM the Mosaic GPU kernel that JAX's step runs (tiles from jax_impl/mosaic/backward.py's
-`fitted_config` and `grouped_config`, the JAX step's table), called through as_torch_kernel as
-the forward's `mosaic` route is (cross/linear_act.py: one bare Mosaic GPU call per traced
-function, the compiled callable cached per shape, the default-stream launch). Residuals, names,
+`fitted_config` and `grouped_config`, the JAX step's table), called from torch as the forward's
+`mosaic` route is (cross/linear_act.py: one bare Mosaic GPU call per traced function, compiled
+as as_torch_kernel compiles it, cached per shape, launched on the current stream). Residuals, names,
 layouts and roundings are backward.py's, so `fusedmlp::mlp_backward` takes them as it takes the
 Triton kernels'.
 
@@ -27,14 +27,16 @@ preset's top layer is identity: none).
 
 Where: `applies` — the asked impl is `mosaic`, or `auto` whose forward plan runs a Hopper GEMM
 kernel (`mosaic` or `triton_tma`: trained, these GEMMs were faster at every size measured, see
-AUTO_FORWARDS) outside a CUDA graph's preparation, on a Hopper GPU with jax >= 0.11.1, and every
-GEMM meets Mosaic GPU's constraints (`jax_impl.mosaic.backward.unsupported_reason`: M a multiple
-of 16, so no launcher pads and each traced function is the bare kernel call). Elsewhere
-tma/backward.py's Triton kernels train (an explicit triton_tma always: the two can be compared).
+AUTO_FORWARDS) — in a CUDA graph too, which records the launches (cross/launcher.py) — on a
+Hopper GPU with jax >= 0.11.1, and every GEMM meets Mosaic GPU's constraints
+(`jax_impl.mosaic.backward.unsupported_reason`: M a multiple of 16, so no launcher pads and each
+traced function is the bare kernel call). Elsewhere tma/backward.py's Triton kernels train (an
+explicit triton_tma always: the two can be compared).
 
-No interpreter runs this route (as_torch_kernel needs the GPU): the CPU tests lower every traced
-function for CUDA and run as_torch_kernel's own module check on it; `pytest -m gpu` checks the
-gradients against the float64 reference and, bit for bit, against the JAX step's.
+No interpreter runs this route (the kernels need the GPU): the CPU tests lower every traced
+function for CUDA and run as_torch_kernel's own module check and the direct launcher's plan on
+it; `pytest -m gpu` checks the gradients against the float64 reference and, bit for bit, against
+the JAX step's, eagerly and replayed from a CUDA graph.
 
 Sibling: torch_impl/tma/backward.py (the Triton step, same structure and names); twin of the
 kernels: jax_impl/mosaic/backward.py, whose functions this module calls for tiles and traces.
@@ -136,13 +138,13 @@ MOSAIC_DTYPES = ("float16", "bfloat16")  # wgmma's 16-bit inputs (pipeline.SUPPO
 
 def applies(impl: str, planned: str, spec: MLPSpec, m: int, device: torch.device | str) -> bool:
     """Whether a training call trains here: `impl` asked, `planned` the forward plan's choice.
-    `mosaic` asked; or `auto` whose forward runs a Hopper GEMM kernel (`AUTO_FORWARDS`) while no
-    CUDA graph is being prepared (as_torch_kernel launches on the default stream: front.graph_safe);
-    on a Hopper GPU, with jax able to run there (`unavailable_reason`: asked once a process), M a
-    positive multiple of 16 and every GEMM within Mosaic GPU's rules. front.hopper_route asks this
-    before tma/backward.py's `applies`, which such a call falls back to where this is False."""
+    `mosaic` asked; or `auto` whose forward runs a Hopper GEMM kernel (`AUTO_FORWARDS`, also while
+    a CUDA graph is prepared: the launches record, cross/launcher.py); on a Hopper GPU, with jax
+    able to run there (`unavailable_reason`: asked once a process), M a positive multiple of 16
+    and every GEMM within Mosaic GPU's rules. front.hopper_route asks this before
+    tma/backward.py's `applies`, which such a call falls back to where this is False."""
     asked = impl == IMPL
-    chosen = impl == AUTO and planned in AUTO_FORWARDS and not front._graph_safe()
+    chosen = impl == AUTO and planned in AUTO_FORWARDS
     if not (asked or chosen):
         return False
     if runtime.INTERPRET or torch.device(device).type != "cuda" or not front._is_hopper():

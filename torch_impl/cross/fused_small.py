@@ -14,15 +14,16 @@ gives no hold on shared memory across a loop of dots; Mosaic GPU does. So torch 
 compiled kernel as JAX's front, and the two stacks give the same bits.
 
 How the call is made: as torch_impl/cross/linear_act.py (its docstring: one bare Mosaic GPU call
-per traced function, dense operands, the default-stream launch fenced against a side stream, the
-compiled callable cached per shape, jax >= 0.11.1 imported lazily). What the JAX launcher would pad
+per traced function, dense operands, the launch on the current stream, the compiled kernel
+cached per shape, jax >= 0.11.1 imported lazily). What the JAX launcher would pad
 — x's rows to whole 8-row TMA atoms (`padded_rows`), weights and bias rows to the kernel's
 geometry (`layer_params`: nothing at 128 wide) — is padded here, so the function handed to
 as_torch_kernel traces to the bare kernel call (checked on a CPU by lowering for CUDA).
 
-Not in a CUDA graph: as_torch_kernel launches on the default stream, outside torch's capture
-stream, so torch's front takes the Triton kernel while a graph is prepared or captured
-(front.graph_safe); `run` refuses a capture with a RuntimeError naming the way out.
+In a CUDA graph torch's front takes the Triton kernel (front.graph_safe): the route's rule was
+set when its launch went through as_torch_kernel to the default stream, which a capture cannot
+record, and is kept so. The launch itself now records (cross/launcher.py), so a pinned sibling
+config runs in a capture once its shape has been compiled before it.
 
 Twin: none — the JAX front calls jax_impl/mosaic/fused_small.py directly.
 """

@@ -8,28 +8,31 @@ tile in grouped order, a `num_stages`-slot TMA ring feeding wgmma — from the s
 (`fusedmlp.jax_impl.mosaic.default_config`), so `mosaic` here and `pallas_mosaic` in the JAX front
 run the same compiled kernel and can be compared bit for bit and timed against each other.
 
-How the call is made (`jax.experimental.pallas.mosaic_gpu.as_torch_kernel`):
-- as_torch_kernel lowers a JAX function once per (function, input shapes/dtypes) and accepts only a
-  *single* Mosaic GPU call in it, with no other JAX op (a pad or a slice is refused: "Unsupported
-  operation found in the kernel module"). Whatever the JAX launcher pads (today's launcher: M, N,
-  K to whole tiles; the launcher that relies on TMA's zero-fill and clipping: only M ≥ 8 that is
-  not a multiple of 8, its `pipeline.padded_extents`), torch pads here (`padded_shapes`, `pad2d`)
-  and slices after, so the JAX launcher is handed operands it need not pad and traces to the bare
-  kernel call (checked on a CPU by lowering for CUDA). Where the launcher pads nothing, no copy is
-  made in torch either.
-- It reads `data_ptr()` and assumes dense row-major buffers: every operand is made contiguous.
-- It launches on `torch.cuda.default_stream()` of the *current* device, not on the current stream:
-  the call is fenced when a side stream is current and runs under the tensor's device — both
-  checked per call and skipped when already so (`run`).
+How the call is made (jax's `as_torch_kernel` compile, our launch: cross/launcher.py):
+- A JAX function is lowered once per (function, input shapes/dtypes), and only a *single* Mosaic
+  GPU call in it, with no other JAX op, can be launched from torch (as_torch_kernel refuses a pad
+  or a slice: "Unsupported operation found in the kernel module"). Whatever the JAX launcher pads
+  (M ≥ 8 that is not a multiple of 8, its `pipeline.padded_extents`), torch pads here
+  (`padded_shapes`, `pad2d`) and slices after, so the JAX launcher is handed operands it need not
+  pad and traces to the bare kernel call (checked on a CPU by lowering for CUDA). Where the
+  launcher pads nothing, no copy is made in torch either.
+- The launch reads `data_ptr()` and assumes dense row-major buffers: every operand is made
+  contiguous.
+- `launcher.DirectKernel` launches the compiled kernel on the *current* stream, under the
+  tensors' device (entered per call only when it is not current: `_launch`), so a CUDA graph
+  captures it (its first call of a shape, which compiles, must come before the capture). Where a
+  module is more than the bare call, as_torch_kernel's own callable runs it instead, on the
+  current device's *default* stream, fenced when a side stream is current, never captured.
 - jax < 0.11.1 passes the buffers to the compiled launcher with the wrong calling convention
   (fixed upstream in jax-ml/jax PR #39640, in 0.11.1 and 0.11.2): older jax is refused.
-- Per call, the public as_torch_kernel wrapper rebuilds a ShapeDtypeStruct per argument through
-  jax.tree.map and looks the shapes up in its compile cache (797 µs against 128 µs for the same
-  kernels from JAX at llama3-8b M=16 on the H200, with the per-call config checks and copies this
-  file then had). Here the compiled callable itself is cached per (variant, shapes, dtypes)
-  (`compiled_kernel`), taken from the same per-shape compile the wrapper uses, and the config is
-  checked once per variant: a repeated call is a dict lookup, the pads that are needed, and the
-  launch.
+- Host time per call: the public as_torch_kernel wrapper rebuilds a ShapeDtypeStruct per argument
+  through jax.tree.map and looks the shapes up in its compile cache (797 µs against 128 µs for
+  the same kernels from JAX at llama3-8b M=16 on the H200, with the per-call config checks and
+  copies this file then had); its compiled callable still re-checks every argument and asks
+  torch for the default stream through the device-availability checks (launcher.py says what
+  that cost). Here the compiled kernel is cached per (variant, shapes, dtypes)
+  (`compiled_kernel`) and the config checked once per variant: a repeated call is a dict lookup,
+  the pads that are needed, the outputs' allocation and the launch.
 
 Imports: jax (and the Mosaic GPU kernels) are imported lazily on the first call, the one documented
 place where torch_impl reaches jax; a missing jax raises ImportError naming it.
@@ -261,11 +264,18 @@ def compiled_kernel(
     """The compiled callable of the variant `key` (family, activation, flags, config) for these
     operands' shapes, dtypes and device: compiled on first use, then a dict lookup. The module is
     loaded into the operands' device's context (the current one while it compiles), where `_launch`
-    runs it."""
+    runs it. A first call inside a CUDA graph capture is refused: a compile cannot be recorded."""
     device = operands[0].device
     full = (key, device, tuple((tuple(t.shape), t.dtype) for t in operands))
     kernel = _COMPILED.get(full)
     if kernel is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"impl {IMPL!r}: a CUDA graph capture reached a Mosaic GPU kernel not yet compiled "
+                f"for these operands ({', '.join(str(tuple(t.shape)) for t in operands)}); "
+                "compiling and loading it cannot be recorded: run the same call once before the "
+                "capture (warm-up steps, as training.GraphedTrainStep takes)"
+            )
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.clear()
         on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -288,10 +298,10 @@ def _current_stream_handle(index: int) -> int:
 
 def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The kernel on `operands`, under `device` (entered only when it is not current). A
-    `launcher.DirectKernel` launches on the current stream; as_torch_kernel's callable on the
-    default stream, fenced against the current stream only when that is a side stream, so
-    callers on side streams see the usual semantics either way. Neither is recorded by a CUDA
-    graph capture (refused, naming what can be captured)."""
+    `launcher.DirectKernel` launches on the current stream, so a CUDA graph capture records it;
+    as_torch_kernel's callable on the default stream, fenced against the current stream only when
+    that is a side stream, so callers on side streams see the usual semantics either way — a
+    capture cannot record that one (refused, naming what can be captured)."""
     if device.type != "cuda":  # the CPU tests drive `run` with a stand-in kernel
         return kernel(*operands)
     index = torch.cuda.current_device()
@@ -303,16 +313,17 @@ def _launch(kernel: Callable, operands: list[torch.Tensor], device: torch.device
     # of host time on an H100, bench/results/2026-12-06-h100-8e0353e call 7)
     current = _current_stream_handle(index)
     on_default = current == _default_stream_handle(index)
+    if isinstance(kernel, launcher.DirectKernel):
+        # a CUDA graph records it like any launch on the capturing stream: the kernel's TMA
+        # descriptors travel by value among its parameters (built on the host at each launch)
+        return kernel(*operands, stream=current)
     # (the default stream never captures: CUDA records side streams only)
     if not on_default and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            "a CUDA graph cannot record a Mosaic GPU kernel launched from torch (impl 'mosaic', "
-            "or fused_small's sibling pinned by its config): its launch is not verified under "
-            "capture; capture impl 'auto' or 'fused_small' under torch_impl.graph_safe(), or a "
-            "Triton impl"
+            "a CUDA graph cannot record as_torch_kernel's own launch (it goes to the default "
+            "stream), which this jax's Mosaic GPU module needed (launcher.plan_of refused it); "
+            "capture impl 'auto' under torch_impl.graph_safe(), or a Triton impl"
         )
-    if isinstance(kernel, launcher.DirectKernel):
-        return kernel(*operands, stream=current)
     if on_default:  # as_torch_kernel's stream: no fence needed
         return kernel(*operands)
     default, side = torch.cuda.default_stream(index), torch.cuda.current_stream(index)

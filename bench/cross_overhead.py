@@ -2,8 +2,10 @@
 
 Holding the kernel fixed makes every difference the framework's. For each kernel — the Triton
 kernels of torch_impl (native from torch, `jax_triton` from JAX) and the Mosaic GPU kernels of
-jax_impl/mosaic (native from JAX, `as_torch_kernel` from torch), families linear_act and gated — and
-each framework, `decompose` measures, with the definitions of the bench (timing.measure):
+jax_impl/mosaic (native from JAX; from torch, torch_impl/cross: compiled as `as_torch_kernel`
+compiles them, launched directly by torch_impl/cross/launcher.py), families linear_act and
+gated — and each framework, `decompose` measures, with the definitions of the bench
+(timing.measure):
 
 - device_us: the sum of the call's kernel durations, from the framework's own profiler (each call
   after the L2 flush), with kernels_per_call (K) and span_us. The same kernel gives the same device
@@ -11,7 +13,8 @@ each framework, `decompose` measures, with the definitions of the bench (timing.
   a larger K too.
 - throughput_us: per call, N calls issued back to back and one wait.
 - host_issue_us: host time to issue one call without waiting: torch's launcher (Triton's Python
-  launch path, or as_torch_kernel's argument marshalling) vs JAX's jitted dispatch (pytree
+  launch path, or the Mosaic GPU route's: the compiled-kernel lookup, outputs, pointers, the
+  plugin's launch function) vs JAX's jitted dispatch (pytree
   flattening, executable lookup, the custom call's launch); host_sync_us: one call and its wait.
 - first_call_ms: the first call, synchronised: trace + lowering + compile + launch. Triton's disk
   cache is pointed at a fresh directory for the run so torch's first call compiles; jax_triton and
@@ -58,7 +61,7 @@ ROUTE = {
     ("triton", "torch"): "torch_impl (native Triton launch)",
     ("triton", "jax"): "jax_impl.cross via jax_triton.triton_call",
     ("mosaic", "jax"): "jax_impl.mosaic (native, jax.jit)",
-    ("mosaic", "torch"): "torch_impl.cross via plgpu.as_torch_kernel",
+    ("mosaic", "torch"): "torch_impl.cross (as_torch_kernel's compile, launcher.py's launch)",
 }
 
 

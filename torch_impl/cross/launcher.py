@@ -11,17 +11,20 @@ the reason the forward of gpt2-mlp at M = 4096 issued at 126 µs a call against 
 What is left per call here: one `torch.empty` per output, the pointers into a ctypes array and
 the plugin's launch function (which builds the kernel's TMA descriptors).
 
-What it takes (`plan_of`): a module whose main function is the Mosaic GPU call alone, its
-operands the function's arguments in order and its results returned in order (an output may
-alias an operand: it is that operand). as_torch_kernel also evaluates allocations and constants
-per call; none of our traced functions has one, and a module that does is not planned — the
-caller keeps as_torch_kernel's own callable (`cross/linear_act._compile`).
+What it takes (`plan_of`): a module whose main function is the Mosaic GPU call alone, each of
+its operands one of the function's arguments and each returned value one of its results (an
+output may alias an operand: it is that operand). as_torch_kernel also evaluates allocations and
+constants per call; none of our traced functions has one, and a module that does is not planned
+— the caller keeps as_torch_kernel's own callable (`cross/linear_act._compile`).
 
 The same C entry points as_torch_kernel uses (`MosaicGpuCompile`, `MosaicGpuUnload` of the CUDA
 plugin; jax's `mosaic/gpu/core._compile_as_torch_gpu_kernel`), called with the stream the caller
 gives: the current stream, so no fence against it is needed (as_torch_kernel launches on the
-default stream). GPU only to run; the module check runs on a CPU on a module lowered for CUDA
-(tests/test_cross_launch.py).
+default stream), and a CUDA graph capture records the launch — the kernel's TMA descriptors,
+built on the host at each launch, travel by value among its parameters (jax's
+`launch_context.Scratch`). GPU only to run; the module check runs on a CPU on a module lowered
+for CUDA (tests/test_cross_stack_cpu.py, tests/test_cross_backward.py), the launch's pointer
+order with a stand-in (tests/test_cross_launch.py).
 """
 
 from __future__ import annotations
@@ -210,5 +213,7 @@ def compile_direct(fn: Any, structs: Sequence[Any]) -> DirectKernel | None:
     if not compiled:
         raise RuntimeError("the CUDA plugin's MosaicGpuCompile failed on the kernel's module")
     kernel = DirectKernel(plan, compiled[0], _LAUNCH_FN(compiled[1]))
-    weakref.finalize(kernel, unload, compiled)
+    # unloaded when dropped (the route's cache starts afresh past its bound), not at exit: the
+    # CUDA context may be gone by then
+    weakref.finalize(kernel, unload, compiled).atexit = False
     return kernel

@@ -20,10 +20,10 @@ cached per shape, jax >= 0.11.1 imported lazily). What the JAX launcher would pa
 geometry (`layer_params`: nothing at 128 wide) — is padded here, so the function handed to
 as_torch_kernel traces to the bare kernel call (checked on a CPU by lowering for CUDA).
 
-In a CUDA graph: the launch goes to the current stream (cross/launcher.py), so a capture records
-it, once the call's shape has been compiled by an eager call before the capture (a compile
-inside one is refused by name). (While its launch went through as_torch_kernel to the default
-stream, torch's front planned the Triton kernel in a graph instead.)
+In a CUDA graph torch's front takes the Triton kernel (front.graph_safe): the route's rule was
+set when its launch went through as_torch_kernel to the default stream, which a capture cannot
+record, and is kept so. The launch itself now records (cross/launcher.py), so a pinned sibling
+config runs in a capture once its shape has been compiled before it.
 
 Twin: none — the JAX front calls jax_impl/mosaic/fused_small.py directly.
 """

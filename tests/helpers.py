@@ -466,17 +466,12 @@ def mosaic_gpu_call(fn: Callable, structs: list) -> Any:
     """`fn` traced on `structs`, lowered for CUDA on this CPU and inlined: the one Mosaic GPU call
     that as_torch_kernel's own module check (jax's private `_find_mgpu_call_in_module`, the same in
     0.10.2 and 0.11.2) finds in it, or its ValueError."""
-    import jax
-    import jax.experimental.mosaic.gpu as mgpu
-    from jax._src.lib.mlir import passmanager
     from jax._src.pallas.mosaic_gpu import torch as mgpu_torch
 
-    module = jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).compiler_ir()
+    from fusedmlp.torch_impl.cross import launcher
+
+    module, _ = launcher.lowered_module(fn, structs, platforms=("cuda",))
     with module.context:
-        mgpu.dialect.register_inliner_extensions(module.context)
-        passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(
-            module.operation
-        )
         return mgpu_torch._find_mgpu_call_in_module(module)[0]
 
 

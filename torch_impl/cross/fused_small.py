@@ -22,8 +22,9 @@ as_torch_kernel traces to the bare kernel call (checked on a CPU by lowering for
 
 In a CUDA graph torch's front takes the Triton kernel (front.graph_safe): the route's rule was
 set when its launch went through as_torch_kernel to the default stream, which a capture cannot
-record, and is kept so. The launch itself now records (cross/launcher.py), so a pinned sibling
-config runs in a capture once its shape has been compiled before it.
+record, and is kept so. The launch now goes to the current stream (cross/launcher.py), as
+linear_act's and the training step's do, which a capture records (`pytest -m gpu`); a capture of
+this kernel itself (a pinned sibling config) has not been run on a GPU yet.
 
 Twin: none — the JAX front calls jax_impl/mosaic/fused_small.py directly.
 """

@@ -33,13 +33,13 @@ NOT_TIMED_INTERPRETED = "interpreted — not timed"
 NOT_TIMED_FAILED = "FAIL parity — not timed"
 TIMED = "timed"
 INVALID = "invalid measurement"
-# A torch plan whose launches a graph would not record as planned (front.graph_capturable; not
-# attempted). Every torch implementation's launches record (torch's `mosaic` since its direct
-# launch, torch_impl/cross/launcher.py); fused_small's Mosaic GPU sibling is planned as the Triton
-# kernel while a graph is captured.
+# A torch plan whose launches a graph would not record (front.graph_capturable; not attempted: a
+# failed capture can leave a stream in an error state). None today: every torch implementation's
+# launches record (torch's Mosaic GPU kernels since their direct launch,
+# torch_impl/cross/launcher.py).
 NOT_CAPTURED = (
-    "not captured: the plan runs fused_small's Mosaic GPU sibling, which a capture plans as the "
-    "Triton kernel (torch front's graph_safe): a captured call would run that kernel instead"
+    "not captured: the plan runs an implementation whose launches a CUDA graph cannot record "
+    "(registry capturable)"
 )
 
 

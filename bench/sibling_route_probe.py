@@ -10,9 +10,10 @@ device-timed call): device µs, throughput µs (calls back to back), host issue 
 calls issued ten at a time, so a launch that waits for the GPU shows here), and the idle issue:
 one call's host time with the GPU idle (synchronised before it), the pure host cost. For the
 sibling the idle issue is split into torch's side (padding, the compiled-kernel lookup:
-`operands` + `compiled_kernel`) and the kernel call (as_torch_kernel's compiled callable: its
-per-argument checks, the outputs' allocation and the Mosaic GPU launch). Routes: `sibling` (the
-plan's MosaicSmallConfig) and `triton` (the plan's SmallConfig, as under front.graph_safe). Bits
+`operands` + `compiled_kernel`) and the kernel call (`linear_act._launch`: since cd416db the
+direct launch of cross/launcher.py — the outputs' allocation, the pointers and the Mosaic GPU
+launch on the current stream; as_torch_kernel's callable where a module is not plannable). Routes:
+`sibling` (the plan's MosaicSmallConfig) and `triton` (the plan's SmallConfig). Bits
 of the two compared. `--smoke`: the Triton route only, interpreted on a CPU, nothing timed.
 """
 
@@ -68,6 +69,7 @@ def _route_row(name, spec, m, params, xs, route, cfg, smoke, sync) -> tuple[dict
     row["idle_issue_us"] = _idle_issue(fn, sync, 3 if smoke else IDLE_REPS)
     if route == "sibling":
         from fusedmlp.torch_impl.cross import fused_small as cfs
+        from fusedmlp.torch_impl.cross import linear_act as cla
 
         kernel, ops, _ = cfs.prepared(xs[0], params, spec, cfg)  # compiled by the first call
 
@@ -75,7 +77,9 @@ def _route_row(name, spec, m, params, xs, route, cfg, smoke, sync) -> tuple[dict
             return cfs.prepared(xs[i % 2], params, spec, cfg)
 
         row["idle_torch_side_us"] = _idle_issue(torch_side, sync)
-        row["idle_kernel_call_us"] = _idle_issue(lambda i: kernel(*ops), sync)
+        row["idle_kernel_call_us"] = _idle_issue(
+            lambda i: cla._launch(kernel, ops, ops[0].device), sync
+        )
     return row, out
 
 

@@ -330,9 +330,9 @@ def test_torch_fused_small_runs_the_sibling_at_128_wide() -> None:
     """torch's fused_small at a 128-wide MLP of 2^21 rows x layers plans its Mosaic GPU sibling
     (from JAX, on these tensors) and gives the JAX front's bits, which runs the same kernel, within
     tolerance of the float64 reference (on the first rows), a NaN row propagated; pinned at an odd
-    M (rows padded in torch) too. A CUDA graph captured after those eager calls, outside
-    graph_safe, plans the Triton kernel (loaded beside the sibling's first call) and replays its
-    bits; at fewer rows the Triton kernel runs."""
+    M (rows padded in torch) too. A CUDA graph captured after those eager calls records the
+    sibling's launch (cross/launcher.py) and replays the eager call's bits on a new x copied into
+    the captured one, under graph_safe too; at fewer rows the Triton kernel runs."""
     import torch
 
     from fusedmlp.common import init_params, make_input, reference
@@ -357,14 +357,17 @@ def test_torch_fused_small_runs_the_sibling_at_128_wide() -> None:
     assert np.isnan(to_numpy(y)[7]).all()
     odd = tfs.fused_small_fwd(tx[:rows], tp, spec, config=mfs.RING_CONFIG)
     assert _bits_equal(odd, jfront.mlp(jx[:rows], jp, spec, impl="fused_small"))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # no graph_safe: the capture plans the Triton kernel itself
-        y_graph = tfront.mlp(tx, tp, spec, impl="fused_small")
-    graph.replay()
-    torch.cuda.synchronize()
     with tfront.graph_safe():
         captured = tfront.plan(spec, tuple(tx.shape), impl="fused_small", device="cuda")
-        assert "sibling" not in captured.reason and tfront.graph_capturable(captured)
-        y_triton = tfront.mlp(tx, tp, spec, impl="fused_small")
-    assert _bits_equal(y_graph, y_triton)
-    assert_close(to_numpy(y_triton[:rows]), ref, spec, what="torch fused_small, Triton")
+        assert "sibling runs here" in captured.reason and tfront.graph_capturable(captured)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: JAX's threads in this process make no unsafe call the capture would refuse
+    with tfront.graph_safe(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        y_graph = tfront.mlp(tx, tp, spec, impl="fused_small")
+    new_x = torch.flip(tx, dims=(0,))
+    tx.copy_(new_x)
+    y_graph.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _bits_equal(y_graph, tfront.mlp(new_x, tp, spec, impl="fused_small"))
+    assert np.isnan(to_numpy(y_graph)[m - 1 - 7]).all()  # the NaN row, flipped

@@ -166,8 +166,8 @@ def _gpu_name() -> str:
 
 
 # True while a CUDA graph is prepared or captured (`graph_safe`): `auto` passes over what a graph
-# cannot record (registry `capturable`), and fused_small plans its Triton kernel, not its Mosaic
-# GPU sibling. A context variable, so that other threads' calls plan as usual.
+# cannot record (registry `capturable`). A context variable, so that other threads' calls plan as
+# usual.
 _GRAPH_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graph_safe", default=False)
 
 
@@ -175,13 +175,11 @@ _GRAPH_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graph_safe",
 @contextlib.contextmanager
 def graph_safe() -> Iterator[None]:
     """Within this context `auto` chooses only implementations whose launches a CUDA graph can
-    record (registry `capturable`: all of them today), and fused_small its Triton kernel rather
-    than its Mosaic GPU sibling (its rule, `fused_small._sibling_applies`, predates the recordable
-    launch of cross/launcher.py and is kept as it was). Enter it for the eager warm-up steps as
-    well as the capture (training.GraphedTrainStep does), so both run, and compile, the same
-    kernels. (A capture is planned so without it, too; fused_small loads its Triton kernel beside
-    the sibling's first call, so a capture after eager warm-up calls outside this context finds
-    it loaded.)"""
+    record (registry `capturable`: all of them today, torch's Mosaic GPU kernels included since
+    their launch goes to the current stream, cross/launcher.py). Enter it for the eager warm-up
+    steps as well as the capture (training.GraphedTrainStep does), so both run, and compile, the
+    same kernels: a kernel compiled or loaded inside a capture cannot be recorded. (A capture is
+    planned so without it, too.)"""
     token = _GRAPH_SAFE.set(True)
     try:
         yield
@@ -348,8 +346,7 @@ def plan(
 # What a plan's reason says where fused_small runs its Mosaic GPU sibling (one clause: no "; ").
 _SIBLING_NOTE = (
     "its Mosaic GPU sibling runs here on these tensors (torch_impl/cross/fused_small.py -> "
-    "jax_impl/mosaic/fused_small.py: 128 wide, a weight ring, M x layers >= 2^21, the Triton "
-    "kernel while a CUDA graph is captured)"
+    "jax_impl/mosaic/fused_small.py: 128 wide, a weight ring, M x layers >= 2^21)"
 )
 
 
@@ -363,14 +360,9 @@ def _sibling_runs(spec: MLPSpec, device: str, m: int) -> bool:
 
 def graph_capturable(the_plan: Plan) -> bool:
     """Whether a CUDA graph records `the_plan`'s launches as planned: no implementation a graph
-    cannot record (registry `capturable`) and no launch of fused_small's Mosaic GPU sibling (while
-    a graph is captured the front plans the Triton kernel instead: not the plan's kernel)."""
-    from .cross.fused_small import is_sibling_config
-
-    return all(
-        _entry(launch.impl).capturable and not is_sibling_config(launch.config)
-        for launch in the_plan.launches
-    )
+    cannot record (registry `capturable`; fused_small's Mosaic GPU sibling records as its Triton
+    kernel does, cross/launcher.py)."""
+    return all(_entry(launch.impl).capturable for launch in the_plan.launches)
 
 
 def _whole_backward_kernels(spec: MLPSpec) -> str:
@@ -574,8 +566,8 @@ class _Prepared:
 
 
 # What a plan chooses differently while a CUDA graph is prepared or captured (`graph_safe`): auto
-# (registry `capturable`) and fused_small (its Mosaic GPU sibling, fused_small._sibling_applies).
-_GRAPH_SENSITIVE = frozenset({AUTO, "fused_small"})
+# (registry `capturable`).
+_GRAPH_SENSITIVE = frozenset({AUTO})
 _PREPARED: dict[tuple, _Prepared] = {}
 _PREPARED_MAX = 4096  # distinct call signatures kept (a dynamic-shape server stays bounded)
 

@@ -48,8 +48,8 @@ On a Hopper GPU at padded width 128 (every width 128, 16-bit, default tiles) and
 layers, the launch runs the JAX twin's Mosaic GPU sibling on these tensors instead
 (`_takes_mosaic_sibling`, torch_impl/cross/fused_small.py): its two warpgroup chains stream the
 layers through one shared-memory ring, where this kernel's programs read every layer from L2 for
-every tile (H200, 128x8 relu fp16, 1M rows: 672 -> 358.7 µs, the same bits). Not while a CUDA
-graph is prepared or captured (front.graph_safe): as_torch_kernel launches outside the capture.
+every tile (H200, 128x8 relu fp16, 1M rows: 672 -> 358.7 µs, the same bits). A CUDA graph records
+its launch like this kernel's (torch_impl/cross/launcher.py).
 
 Twin: jax_impl/fused_small.py (Pallas-Triton, same names and sections).
 """
@@ -81,7 +81,6 @@ from fusedmlp.common.tiling import (
 )
 from fusedmlp.common.validate import check_packed_call
 
-from . import front
 from .activations import apply_activation, relu, round_to_dtype
 from .backward import _gate_join
 from .front import ADAPTER, STACK
@@ -550,7 +549,6 @@ def fused_small_fwd(
     if _takes_mosaic_sibling(spec, config, x2d):
         from .cross import fused_small as sibling
 
-        _warm_for_capture(x2d, params, spec)
         cfg = config if config is not None else sibling.sibling_config(spec, x2d.shape[0])
         return sibling.fused_small_fwd(x2d, params, spec, config=cfg)
     tma_io = _tma_io(spec, x2d)
@@ -590,15 +588,15 @@ def _sibling_applies(spec: MLPSpec, device: torch.device | str, m: int) -> bool:
     torch (torch_impl/cross/fused_small.py): on a Hopper GPU, not interpreted, 16-bit, at a padded
     width of _MOSAIC_SIBLING_WIDTHS, with m × layers >= _SIBLING_MIN_ROW_LAYERS and m a whole
     number of TMA row atoms (else x would be copied to pad it: not measured), a spec the sibling
-    takes and its default tiles fit, jax usable from torch (>= 0.11.1 with its CUDA backend), no
-    CUDA graph being prepared or captured (front.graph_safe: as_torch_kernel launches outside
-    torch's capture stream) and the route not switched off (FUSEDMLP_TORCH_SIBLING=0). Else this
-    kernel runs. H200, 128x8 relu fp16, 1M rows: 672 µs here, 358.7 µs the sibling, the same bits
-    (results 2026-12-04-h200-af6e94c)."""
+    takes and its default tiles fit, jax usable from torch (>= 0.11.1 with its CUDA backend) and
+    the route not switched off (FUSEDMLP_TORCH_SIBLING=0) — in a CUDA graph too, which records
+    the sibling's launch (torch_impl/cross/launcher.py). Else this kernel runs. H200, 128x8 relu
+    fp16, 1M rows: 672 µs here, 358.7 µs the sibling, the same bits (results
+    2026-12-04-h200-af6e94c)."""
     device = torch.device(device)
     if not _SIBLING_ENABLED or INTERPRET or device.type != "cuda" or spec.dtype == "float32":
         return False
-    if padded_width(max(spec.widths)) not in _MOSAIC_SIBLING_WIDTHS or front._graph_safe():
+    if padded_width(max(spec.widths)) not in _MOSAIC_SIBLING_WIDTHS:
         return False
     if m * spec.num_layers < _SIBLING_MIN_ROW_LAYERS or not torch.cuda.is_available():
         return False
@@ -650,27 +648,6 @@ def _takes_mosaic_sibling(spec: MLPSpec, config: object, x2d: torch.Tensor) -> b
             )
         return True
     return not is_traced(x2d) and _sibling_applies(spec, x2d.device, x2d.shape[0])
-
-
-# The Triton launches run once beside the sibling's first call of each signature
-# (`_warm_for_capture`), bounded like the launch cache.
-_WARMED: set[tuple] = set()
-_WARMED_MAX = 4096
-
-
-def _warm_for_capture(x2d: torch.Tensor, params: dict[str, torch.Tensor], spec: MLPSpec) -> None:
-    """Run this kernel once where the sibling runs a signature for the first time. A CUDA graph
-    captured after eager warm-up calls plans this kernel (the sibling cannot be captured), and
-    compiling or loading a kernel inside a capture fails: so the capture finds it loaded, as it did
-    before the sibling existed. One extra launch per signature, its output dropped."""
-    key = (x2d.shape, x2d.stride(), x2d.dtype, x2d.device, spec)
-    if key in _WARMED:
-        return
-    if len(_WARMED) >= _WARMED_MAX:
-        _WARMED.clear()
-    config = small_config_for(None, spec, x2d.shape[0], interpret=INTERPRET, kernel="forward")
-    fused_small_fwd(x2d, params, spec, config=config)
-    _WARMED.add(key)
 
 
 # ---- public function -----------------------------------------------------------------------------

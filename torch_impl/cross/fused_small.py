@@ -20,11 +20,10 @@ cached per shape, jax >= 0.11.1 imported lazily). What the JAX launcher would pa
 geometry (`layer_params`: nothing at 128 wide) — is padded here, so the function handed to
 as_torch_kernel traces to the bare kernel call (checked on a CPU by lowering for CUDA).
 
-In a CUDA graph torch's front takes the Triton kernel (front.graph_safe): the route's rule was
-set when its launch went through as_torch_kernel to the default stream, which a capture cannot
-record, and is kept so. The launch now goes to the current stream (cross/launcher.py), as
-linear_act's and the training step's do, which a capture records (`pytest -m gpu`); a capture of
-this kernel itself (a pinned sibling config) has not been run on a GPU yet.
+In a CUDA graph: the launch goes to the current stream (cross/launcher.py), so a capture records
+it, once the call's shape has been compiled by an eager call before the capture (a compile
+inside one is refused by name). (While its launch went through as_torch_kernel to the default
+stream, torch's front planned the Triton kernel in a graph instead.)
 
 Twin: none — the JAX front calls jax_impl/mosaic/fused_small.py directly.
 """

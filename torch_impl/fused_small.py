@@ -44,7 +44,7 @@ Rounding points (common/reference.py): fp32 accumulation; bias, activation and g
 hidden is rounded to the spec dtype before the next layer's dot (what a per-layer kernel's store
 would do, so the two paths agree and tensor-core operands stay 16-bit); y rounded once at the store.
 
-On a Hopper GPU at padded width 128 (every width 128, 16-bit, default tiles) and from 2^21 rows ×
+On a Hopper GPU at padded width 128 (every width 128, 16-bit, default tiles) and from 2^17 rows ×
 layers, the launch runs the JAX twin's Mosaic GPU sibling on these tensors instead
 (`_takes_mosaic_sibling`, torch_impl/cross/fused_small.py): its two warpgroup chains stream the
 layers through one shared-memory ring, where this kernel's programs read every layer from L2 for
@@ -568,16 +568,17 @@ def fused_small_fwd(
 # (nerf-64x5: 145.1 against 138.0 µs in the runner at 79d2a66) and stays Triton. twin-diff: the
 # JAX twin takes its sibling at 64 and 128 (jax_impl/fused_small._MOSAIC_SIBLING_WIDTHS).
 _MOSAIC_SIBLING_WIDTHS: tuple[int, ...] = (128,)
-# The fewest rows × layers a call must have for the sibling: its kernel is faster (H200, relu
-# fp16: 44-64 ps a row-layer against this kernel's 65-84) but a call costs 80-235 µs of host time
-# through as_torch_kernel (its compiled callable's per-argument checks and launch: 56-115 µs),
-# where this kernel's whole call costs 35-160, so below this a stream of calls is bound by the
-# host and runs faster here. H200, calls back to back (bench/sibling_route_probe.py, results
-# 2026-12-04-h200-d726257 and -c421052): 128x8 at 256K rows (2M row-layers) 166.8 / 128.1 µs a
-# call against 172.3 / 176.1 here; 128x2 at 1M rows (2M) 146.8 / 150.8 against 175.3 / 170.4, at
-# 256K rows 104.1 / 133.8 against 51.3 / 53.5. twin-diff: JAX calls its sibling from its own
-# program, at no such cost, at every M.
-_SIBLING_MIN_ROW_LAYERS = 1 << 21
+# The fewest rows × layers a call must have for the sibling. Its kernel is faster (relu fp16:
+# 44-64 ps a row-layer on the H200 against this kernel's 65-84) and, launched directly
+# (torch_impl/cross/launcher.py), a call costs 30-66 µs of host time, about this kernel's whole
+# call (36-77 µs on the same H100 host): back to back it won at 9 of the 10 points from 2^15 to
+# 2^21 row-layers (bench/sibling_route_probe.py, results 2026-12-06-h100-a81c745: 128x8 at 16K
+# rows, 2^17, 40.7 against 67.9 µs a call; 128x2 at 64K rows, 2^17, 28.9 against 34.3). The bound
+# is kept for what host time does not show: a Mosaic GPU kernel compiles per M (~1-2 s each),
+# Triton's once, so small varied M stay here. (Through as_torch_kernel's callable the call cost
+# 80-235 µs and the bound was 2^21: results 2026-12-04-h200-d726257.) twin-diff: JAX calls its
+# sibling from its own program, at every M.
+_SIBLING_MIN_ROW_LAYERS = 1 << 17
 # FUSEDMLP_TORCH_SIBLING=0 in the environment (read at import) keeps torch's fused_small on its
 # Triton kernel everywhere: no jax in the process.
 _SIBLING_ENABLED: bool = os.environ.get("FUSEDMLP_TORCH_SIBLING", "1") != "0"

@@ -441,7 +441,7 @@ def fused_small_fwd(
     [M, d_out]. Trusts its inputs. Where `_takes_mosaic_sibling` holds, the Mosaic GPU sibling runs
     instead (within the tolerance policy; the same bits at nerf-64x5), at `config` where that is
     the sibling's own (a plan's launch records it). twin-diff: the torch twin calls this
-    stack's sibling (launched from torch_impl/cross) at 128 wide only, from 2^17 rows x layers.
+    stack's sibling (launched from torch_impl/cross) at 128 wide only, from 2^19 rows x layers.
 
     Jitted (spec, config and interpret static): an eager `pallas_call` is traced and lowered again
     on every call (0.35-1.2 s a call interpreted here), a jitted one once per shape."""

@@ -829,9 +829,9 @@ def test_torch_fused_small_takes_the_sibling_at_128_wide(as_hopper) -> None:
     assert not rule(MLPSpec((128, 96, 128), "relu", False, "float16"))  # the ring: all 128
     assert not rule(_deep(2, activation="swiglu"))  # gated: the sibling has none yet
     assert not tfs._sibling_applies(deep, "cpu", 1 << 20)
-    # from 2^17 rows x layers (below it the Triton kernel: one compile for every M)
-    assert rule(deep, 1 << 14) and not rule(deep, (1 << 14) - 8)
-    assert rule(_deep(2), 1 << 16) and not rule(_deep(2), 1 << 15)
+    # from 2^19 rows x layers (below it the Triton kernel: one compile for every M)
+    assert rule(deep, 1 << 16) and not rule(deep, (1 << 16) - 8)
+    assert rule(_deep(2), 1 << 18) and not rule(_deep(2), 1 << 17)
     assert not rule(deep, (1 << 20) + 3)  # x would be copied to whole 8-row TMA atoms
     assert rule(deep, (1 << 20) + 8)
     assert tfs._sibling_applies(deep, "cuda:1", 1 << 20)  # x's device decides, not the current

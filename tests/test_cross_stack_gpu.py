@@ -332,7 +332,7 @@ def test_torch_fused_small_runs_the_sibling_at_128_wide() -> None:
     tolerance of the float64 reference (on the first rows), a NaN row propagated; pinned at an odd
     M (rows padded in torch) too. A CUDA graph captured after those eager calls records the
     sibling's launch (cross/launcher.py) and replays the eager call's bits on a new x copied into
-    the captured one, under graph_safe too. The bound: the sibling from 2^17 rows x layers, the
+    the captured one, under graph_safe too. The bound: the sibling from 2^19 rows x layers, the
     Triton kernel below."""
     import torch
 
@@ -352,9 +352,9 @@ def test_torch_fused_small_runs_the_sibling_at_128_wide() -> None:
     assert "Mosaic GPU sibling runs here" in the_plan.reason, the_plan
     fewer = tfront.plan(spec, (rows, 128), impl="fused_small", device="cuda")
     assert "sibling" not in fewer.reason, fewer
-    at_bound = tfront.plan(spec, (1 << 15, 128), impl="fused_small", device="cuda")  # 2^17
+    at_bound = tfront.plan(spec, (1 << 17, 128), impl="fused_small", device="cuda")  # 2^19
     assert "sibling runs here" in at_bound.reason, at_bound
-    below = tfront.plan(spec, ((1 << 15) - 8, 128), impl="fused_small", device="cuda")
+    below = tfront.plan(spec, ((1 << 17) - 8, 128), impl="fused_small", device="cuda")
     assert "sibling" not in below.reason, below
     y = tfront.mlp(tx, tp, spec, impl="fused_small")
     assert _bits_equal(y, jfront.mlp(jx, jp, spec, impl="fused_small"))

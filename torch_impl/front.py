@@ -346,7 +346,7 @@ def plan(
 # What a plan's reason says where fused_small runs its Mosaic GPU sibling (one clause: no "; ").
 _SIBLING_NOTE = (
     "its Mosaic GPU sibling runs here on these tensors (torch_impl/cross/fused_small.py -> "
-    "jax_impl/mosaic/fused_small.py: 128 wide, a weight ring, M x layers >= 2^17)"
+    "jax_impl/mosaic/fused_small.py: 128 wide, a weight ring, M x layers >= 2^19)"
 )
 
 

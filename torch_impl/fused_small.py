@@ -44,7 +44,7 @@ Rounding points (common/reference.py): fp32 accumulation; bias, activation and g
 hidden is rounded to the spec dtype before the next layer's dot (what a per-layer kernel's store
 would do, so the two paths agree and tensor-core operands stay 16-bit); y rounded once at the store.
 
-On a Hopper GPU at padded width 128 (every width 128, 16-bit, default tiles) and from 2^17 rows ×
+On a Hopper GPU at padded width 128 (every width 128, 16-bit, default tiles) and from 2^19 rows ×
 layers, the launch runs the JAX twin's Mosaic GPU sibling on these tensors instead
 (`_takes_mosaic_sibling`, torch_impl/cross/fused_small.py): its two warpgroup chains stream the
 layers through one shared-memory ring, where this kernel's programs read every layer from L2 for
@@ -570,15 +570,17 @@ def fused_small_fwd(
 _MOSAIC_SIBLING_WIDTHS: tuple[int, ...] = (128,)
 # The fewest rows × layers a call must have for the sibling. Its kernel is faster (relu fp16:
 # 44-64 ps a row-layer on the H200 against this kernel's 65-84) and, launched directly
-# (torch_impl/cross/launcher.py), a call costs 30-66 µs of host time, about this kernel's whole
-# call (36-77 µs on the same H100 host): back to back it won at 9 of the 10 points from 2^15 to
-# 2^21 row-layers (bench/sibling_route_probe.py, results 2026-12-06-h100-a81c745: 128x8 at 16K
-# rows, 2^17, 40.7 against 67.9 µs a call; 128x2 at 64K rows, 2^17, 28.9 against 34.3). The bound
-# is kept for what host time does not show: a Mosaic GPU kernel compiles per M (~1-2 s each),
-# Triton's once, so small varied M stay here. (Through as_torch_kernel's callable the call cost
-# 80-235 µs and the bound was 2^21: results 2026-12-04-h200-d726257.) twin-diff: JAX calls its
-# sibling from its own program, at every M.
-_SIBLING_MIN_ROW_LAYERS = 1 << 17
+# (torch_impl/cross/launcher.py), a call costs 25-66 µs of host time, about this kernel's whole
+# call (32-77 µs on the same H100 host). Back to back (bench/sibling_route_probe.py, results
+# 2026-12-06-h100-a81c745 and -be556b9) it won at every point measured from 2^13 to 2^21
+# row-layers but one, 128x2 at 128K rows (2^18), lost in all three runs (49.6-59.5 against
+# 34.0-41.9 µs a call; not explained: the points beside it, 96K and 160K rows, win). 2^19 is the
+# smallest bound above which every measured point wins (128x8 from 64K rows: 62.3 against 67.4 µs
+# a call, at 128K 55.1 against 91.8; 128x2 from 256K rows: 53.7 against 59.3); it also keeps
+# small varied M on the kernel that compiles once (a Mosaic GPU kernel compiles per M, ~1-2 s
+# each). Through as_torch_kernel's callable a call cost 80-235 µs and the bound was 2^21 (results
+# 2026-12-04-h200-d726257). twin-diff: JAX calls its sibling from its own program, at every M.
+_SIBLING_MIN_ROW_LAYERS = 1 << 19
 # FUSEDMLP_TORCH_SIBLING=0 in the environment (read at import) keeps torch's fused_small on its
 # Triton kernel everywhere: no jax in the process.
 _SIBLING_ENABLED: bool = os.environ.get("FUSEDMLP_TORCH_SIBLING", "1") != "0"

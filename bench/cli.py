@@ -4,7 +4,8 @@
                                   implementation that runs here; GPU -> parity + bench of the
                                   default presets
     fusedmlp parity   [--preset NAME | --spec FILE] [--m LIST] [--impl LIST] [--dtype LIST]
-                      [--backward] [--device cpu|cuda] [--json PATH] [--markdown PATH]
+                      [--fp32-precision ieee,tf32] [--backward] [--device cpu|cuda] [--json PATH]
+                      [--markdown PATH]
     fusedmlp bench    [--preset ...] [--m 16,8192] [--impl LIST] [--device ...] [--json PATH]
                       [--markdown PATH] [--plot PATH] [--backward [--saved preact|inputs]]
     fusedmlp overhead [--device ...] [--impl LIST] [--json PATH] [--markdown PATH] [--plot PATH]
@@ -117,12 +118,19 @@ def _items(args: argparse.Namespace, device: str) -> list[tuple[str, MLPSpec, in
         for one in _names(name):
             p = get_preset(one)
             base.append((p.name, p.spec, p.batch_sizes))
+    precisions = getattr(args, "fp32_precision", None)
     items = []
     for label, spec, sizes in base:
         specs = [
             spec.replace(dtype=d, fp32_precision="ieee") if d != spec.dtype else spec
             for d in (args.dtype or (spec.dtype,))
         ]
+        if precisions:  # each float32 spec once per precision; 16-bit ones have none to set
+            specs = [
+                s.replace(fp32_precision=p) if s.dtype == "float32" else s
+                for s in specs
+                for p in (precisions if s.dtype == "float32" else precisions[:1])
+            ]
         for s in specs:
             for m in args.m or sizes:
                 items.append((label, s, m))
@@ -577,6 +585,13 @@ def _case_args(p: argparse.ArgumentParser) -> None:
         type=_names,
         metavar="LIST",
         help="run the spec(s) in these dtypes instead (float32,float16,bfloat16)",
+    )
+    p.add_argument(
+        "--fp32-precision",
+        type=_names,
+        metavar="LIST",
+        help="the float32 cases' products: ieee, tf32 or both, e.g. ieee,tf32 (each float32 "
+        "spec once per precision; default: the spec's)",
     )
 
 

@@ -175,6 +175,23 @@ def test_parity_dtype_override_and_bad_impl(spec_file: Path, tmp_path: Path) -> 
         cli.main(["parity", "--spec", str(spec_file), "--impl", "nope"])
 
 
+def test_fp32_precision_runs_each_float32_case_once_per_precision(spec_file: Path) -> None:
+    args = cli.build_parser().parse_args(
+        ["parity", "--spec", str(spec_file), "--m", "1,3", "--dtype", "bfloat16,float32",
+         "--fp32-precision", "ieee,tf32"]
+    )  # fmt: skip
+    items = cli.resolve_items(args, "cpu")
+    got = [(s.dtype, s.fp32_precision, m) for _, s, m in items]
+    assert got == [
+        ("bfloat16", "ieee", 1), ("bfloat16", "ieee", 3),
+        ("float32", "ieee", 1), ("float32", "ieee", 3),
+        ("float32", "tf32", 1), ("float32", "tf32", 3),
+    ]  # fmt: skip
+    args.fp32_precision = ("fast",)
+    with pytest.raises(SystemExit, match="fp32_precision: expected one of"):
+        cli.resolve_items(args, "cpu")
+
+
 # ---- bench -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bench_json(spec_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

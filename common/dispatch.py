@@ -2,10 +2,11 @@
 
 A dispatch table is one JSON file per GPU model in `common/dispatch/` (`nvidia-h200.json`), written
 by `fusedmlp bench --derive-auto` from a benchmark run on that GPU and committed with the results it
-came from. It holds measured POINTS: for one stack, dtype and shape class, at one batch size M and
-one problem size (the weight bytes of the spec, `cost.param_bytes`), the implementations timed
-there ranked by speed — a kernel of ours first, or the framework's own baseline where none of ours
-won (then `auto` runs the baseline and `plan()` says so: `auto` never loses to the unfused code).
+came from. It holds measured POINTS: for one stack, dtype (float32: and its products, IEEE or TF32,
+`spec.fp32_precision`) and shape class, at one batch size M and one problem size (the weight bytes
+of the spec, `cost.param_bytes`), the implementations timed there ranked by speed — a kernel of
+ours first, or the framework's own baseline where none of ours won (then `auto` runs the baseline
+and `plan()` says so: `auto` never loses to the unfused code).
 
 Shape class: what decides which kernels can run at all:
   - `narrow`: every width <= 128 (the whole MLP fits on chip: `fused_small`'s domain);
@@ -21,22 +22,23 @@ a kernel built for 8192-row GEMMs and lost to the Hugging Face module (29.6 µs 
 streamed once; the floor is bytes / bandwidth, and below a few MB the launches' latency dominates)
 and at large M the work is M x the weights.
 
-Derivation (`derive`): rows are grouped by (stack, dtype, class, M); inside a group, presets whose
-weight bytes are within SIZE_MERGE (2x) of the group's smallest one still unassigned form one
-point (its size the geometric mean of theirs). Each point ranks the implementations by their worst
-ratio to the best time over the cases measured there (several presets can share a point) —
-minimax, so one preset's win cannot hide another's loss.
+Derivation (`derive`): rows are grouped by (stack, dtype, fp32 precision, class, M); inside a
+group, presets whose weight bytes are within SIZE_MERGE (2x) of the group's smallest one still
+unassigned form one point (its size the geometric mean of theirs). Each point ranks the
+implementations by their worst ratio to the best time over the cases measured there (several
+presets can share a point) — minimax, so one preset's win cannot hide another's loss.
 
-Lookup (`Table.lookup`): among the points of the call's stack, dtype and class, the NEAREST in the
-plane (log2 M, log2 weight bytes) — Euclidean, ties to the smaller M (then the smaller size), so
-with one size per class the M axis splits at the geometric midpoints of the measured M, as format 1
-did. Calls outside every measured M or size take the nearest point (extrapolation, named as such).
-At that point the first implementation of its ranking that can take the call (`accept`, the
-front's check: fused_decode stops at M=64, an implementation may be unavailable) is chosen; the
-returned evidence names the point used, its measured times and, when it is not the call's own
-(M, size), the call's, so `plan().reason` says which measurement decided. None where the table
-says nothing (another GPU, a stack, dtype or class not measured, no ranked implementation can take
-the call): the front's static order applies then, and its plan says so.
+Lookup (`Table.lookup`): among the points of the call's stack, dtype (and precision) and class,
+the NEAREST in the plane (log2 M, log2 weight bytes) — Euclidean, ties to the smaller M (then the
+smaller size), so with one size per class the M axis splits at the geometric midpoints of the
+measured M, as format 1 did. Calls outside every measured M or size take the nearest point
+(extrapolation, named as such). At that point the first implementation of its ranking that can
+take the call (`accept`, the front's check: fused_decode stops at M=64, an implementation may be
+unavailable) is chosen; the returned evidence names the point used, its measured times and, when
+it is not the call's own (M, size), the call's, so `plan().reason` says which measurement decided.
+None where the table says nothing (another GPU, a stack, dtype, precision or class not measured,
+no ranked implementation can take the call): the front's static order applies then, and its plan
+says so.
 
 Training (`phase: "train"` points, from `fusedmlp bench --backward --derive-auto`): `auto` picks
 the forward's kernels by the forward points, and training inherits that choice — our saving
@@ -142,6 +144,9 @@ class Point:
     ranking: tuple[tuple[str, float | None], ...]
     evidence: str
     phase: str = "forward"  # PHASES: a forward call's point, or a training step's
+    # float32's products (spec.fp32_precision): "tf32" points rank other kernels than "ieee" ones
+    # (cuBLAS's TF32 GEMMs run ~8x its IEEE ones on Hopper), so the two never share a point
+    fp32_precision: str = "ieee"
 
     @property
     def impl(self) -> str:
@@ -156,10 +161,12 @@ class Point:
 
     def to_dict(self) -> dict[str, Any]:
         phase = {} if self.phase == "forward" else {"phase": self.phase}
+        precision = {} if self.fp32_precision == "ieee" else {"fp32_precision": self.fp32_precision}
         return {
             **phase,
             "stack": self.stack,
             "dtype": self.dtype,
+            **precision,
             "shape_class": self.shape_class,
             "m": self.m,
             "weight_bytes": self.weight_bytes,
@@ -186,6 +193,7 @@ class Point:
             ranking,
             data.get("evidence", ""),
             phase,
+            data.get("fp32_precision", "ieee"),
         )
 
 
@@ -240,10 +248,11 @@ class Table:
         points, and only one within TRAIN_REACH of the call."""
         klass = shape_class(spec)
         ok = accept or (lambda impl: True)
+        key = (stack, spec.dtype, spec.fp32_precision, klass, phase)
         here = [
             p
             for p in self.points
-            if (p.stack, p.dtype, p.shape_class, p.phase) == (stack, spec.dtype, klass, phase)
+            if (p.stack, p.dtype, p.fp32_precision, p.shape_class, p.phase) == key
         ]
         if phase != "forward":
             size = weight_bytes(spec)
@@ -272,7 +281,7 @@ class Table:
                     f"point's ranking ({behind})"
                 )
             return Choice(impl, text, point)
-        for entry in self.legacy if phase == "forward" else ():
+        for entry in self.legacy if phase == "forward" and spec.fp32_precision == "ieee" else ():
             if entry.covers(stack, spec.dtype, klass, m):
                 if not ok(entry.impl):
                     return None
@@ -371,17 +380,18 @@ def with_phase(table: Table | None, derived: Table, phase: str) -> Table:
 def derive(rows: Iterable[Measurement], *, gpu: str, source: str, phase: str = "forward") -> Table:
     """The dispatch table from one benchmark run's timed rows (see the module docstring); `phase`
     "train" for the rows of `bench --backward` (`measurements_from_bench_backward`)."""
-    groups: dict[tuple[str, str, str, int], list[Measurement]] = {}
+    groups: dict[tuple[str, str, str, str, int], list[Measurement]] = {}
     for row in rows:
-        key = (row.stack, row.spec.dtype, shape_class(row.spec), row.m)
+        spec = row.spec
+        key = (row.stack, spec.dtype, spec.fp32_precision, shape_class(spec), row.m)
         groups.setdefault(key, []).append(row)
     points = []
-    for (stack, dtype, klass, m), at_m in sorted(groups.items()):
+    for (stack, dtype, precision, klass, m), at_m in sorted(groups.items()):
         for group in _size_groups(at_m):
             sizes = sorted({weight_bytes(r.spec) for r in group})
             size = round(math.exp(sum(math.log(s) for s in sizes) / len(sizes)))
             ranking, evidence = _rank(group)
-            points.append(Point(stack, dtype, klass, m, size, ranking, evidence, phase))
+            points.append(Point(stack, dtype, klass, m, size, ranking, evidence, phase, precision))
     if phase == "train":
         return Table(gpu, "", tuple(points), train_source=source)
     return Table(gpu, source, tuple(points))

@@ -132,6 +132,31 @@ def test_derive_chooses_per_size_within_a_class():
     assert table.lookup("torch", GPT_MLP, 4096).impl == "mosaic"
 
 
+def test_float32_points_are_per_precision():
+    # TF32 products are another race than IEEE ones (cuBLAS's TF32 GEMMs run ~8x its IEEE
+    # ones): each precision gets points of its own, and a call finds its own precision's only.
+    ieee, tf32 = (
+        LLAMA.replace(dtype="float32"),
+        LLAMA.replace(dtype="float32", fp32_precision="tf32"),
+    )
+    data = rows(ieee, 2048, "llama3-8b", triton_tma=9300, eager=11300) + rows(
+        tf32, 2048, "llama3-8b", triton_tma=6100, eager=1500
+    )
+    table = derive(data, gpu="G", source="s")
+    assert [(p.fp32_precision, p.impl) for p in table.points] == [
+        ("ieee", "triton_tma"), ("tf32", "eager")
+    ]  # fmt: skip
+    assert table.lookup("torch", ieee, 2048).impl == "triton_tma"
+    assert table.lookup("torch", tf32, 4096).impl == "eager"
+    assert table.lookup("torch", LLAMA, 2048) is None  # bfloat16: not measured
+    again = Table.from_json(table.to_json())
+    assert again == table
+    assert json.loads(table.to_json())["points"][1]["fp32_precision"] == "tf32"
+    assert "fp32_precision" not in json.loads(table.to_json())["points"][0]  # IEEE: as before
+    only_ieee = Table("G", "s", table.points[:1])
+    assert only_ieee.lookup("torch", tf32, 2048) is None  # the static order decides, not IEEE's
+
+
 def test_lookup_is_nearest_in_m_and_size_and_says_which_point():
     data = (
         rows(GPT2, 16, "gpt2-mlp", fused_decode=11, compile=13.5)

@@ -140,7 +140,7 @@ def compile_one(family, persistent, dtype, precision, residual, cfg):
         const.update(SUBTILE=cfg.epilogue_subtile, FLATTEN=not ws, WARP_SPECIALIZE=ws)
         fn = tg._gated_fwd_kernel if family == "gated" else tl_._linear_act_fwd_kernel
         if family == "gated":
-            const.update(STORE_PREACT=False, Z_SUBTILE=1, z_ptr=None)
+            const.update(STORE_PREACT=False, Z_SUBTILE=1, z_ptr=None, WV_KMAJOR=False)
     else:  # the launch specialises unit strides to constexpr 1
         fn = pg._gated_fwd_kernel if family == "gated" else pl._linear_act_fwd_kernel
         const.update(stride_xk=1, stride_on=1)

@@ -609,6 +609,30 @@ def test_k_major_w_is_read_in_place(dtype, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_major_wv_is_read_in_place(dtype, monkeypatch):
+    """The packed [W|V] as a [K, 2·Np] view of a [2·Np, K] buffer (the layout a float32 "tf32"
+    wgmma reads without a pass through registers) is read as it is: the same bits as the
+    row-major operand, and no transposed copy."""
+    spec, x, p = layer_problem(dtype, True, 37, 1300 + DTYPES.index(dtype), gated=True)
+    wv, bc = packed(p)
+    wv_pk = wv.t().contiguous().t()
+    assert support.is_k_major(wv_pk)
+    copies = []
+    real = support.as_tma_operand
+    monkeypatch.setattr(
+        tma_gated, "as_tma_operand", lambda t: copies.append(t.data_ptr()) or real(t)
+    )
+    cfg = TileConfig(16, 64, 16, group_m=2, num_warps=4, num_stages=1, epilogue_subtile=2)
+    n = spec.widths[1]
+    y = tma_gated.gated_fwd(to_torch(x), wv_pk, bc, n=n, activation="gelu", config=cfg)
+    assert wv_pk.data_ptr() in copies  # handed over as the [2·Np, K] buffer
+    row_major = tma_gated.gated_fwd(to_torch(x), wv, bc, n=n, activation="gelu", config=cfg)
+    assert torch.equal(y, row_major)
+    ref = ref_gated(x, p["w0"], p["v0"], p["b0"], p["c0"], "gelu")
+    assert_close(to_numpy(y), ref, spec, what=f"K-major WV {dtype}")
+
+
 def test_residual_gets_room_in_shared_memory():
     """The 16-bit large-M linear config (4 stages, 2 slices: 225 KB) would pass 227 KB with the
     residual's slice; the launcher takes 4 slices instead (209 KB + 16 KB); configs that fit keep

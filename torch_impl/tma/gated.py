@@ -25,8 +25,13 @@ Epilogue: bc added to the packed tile, the split, act(g)·u in fp32, then h stor
 Addressing: x, wv and h through in-kernel descriptors (why in-kernel: see tma/linear_act.py);
 reads past the edges give zeros (rows past M, the K tail), writes are clipped at M and N (the
 packed padding columns, zeros, meet only output columns ≥ N); only the 1-D bias is masked.
-Launcher: a launch record per key, as tma/linear_act.py's (shapes, dtype, device, config, flags;
-no strides: the operands are made contiguous).
+Layout of wv: [K, 2·Np] row-major as everywhere, or K-major — the [K, 2·Np] view of a row-major
+[2·Np, K] buffer (`WV_KMAJOR`), read as it is: 16-bit wgmma reads either from shared memory, but
+float32's ("tf32") reads a K-major operand only, and a row-major slab costs a transposing pass
+through registers every K step with its wgmma waited on at once (found by compiling for sm_90;
+bench/tf32_probe.py measures it).
+Launcher: a launch record per key, as tma/linear_act.py's (shapes, dtype, device, config, flags,
+wv's layout; no strides: the operands are made contiguous in their layout).
 Interpreter: 16-bit tiles are upcast to fp32 after the load.
 
 Twin: none in JAX — the sibling is jax_impl/mosaic/gated.py (same signatures); portable twin
@@ -54,6 +59,7 @@ from .linear_act import _store_tile
 from .support import (
     as_tma_operand,
     ensure_allocator,
+    is_k_major,
     launch_config,
     num_programs,
     tma_unsupported_reason,
@@ -69,16 +75,21 @@ def _gated_fwd_kernel(
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    STORE_PREACT: tl.constexpr, Z_SUBTILE: tl.constexpr,
+    STORE_PREACT: tl.constexpr, Z_SUBTILE: tl.constexpr, WV_KMAJOR: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the output tiles
     n_packed = 2 * tl.cdiv(N, _PACK) * _PACK  # 2·Np
     x_desc = tl.make_tensor_descriptor(
         x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
     )
-    wv_desc = tl.make_tensor_descriptor(
-        wv_ptr, shape=[K, n_packed], strides=[n_packed, 1], block_shape=[BLOCK_K, 2 * BLOCK_N]
-    )
+    if WV_KMAJOR:  # wv is [2·Np, K] in memory (`wv_pk.t()`): a free transpose in shared memory
+        wv_desc = tl.make_tensor_descriptor(
+            wv_ptr, shape=[n_packed, K], strides=[K, 1], block_shape=[2 * BLOCK_N, BLOCK_K]
+        )
+    else:
+        wv_desc = tl.make_tensor_descriptor(
+            wv_ptr, shape=[K, n_packed], strides=[n_packed, 1], block_shape=[BLOCK_K, 2 * BLOCK_N]
+        )
     o_desc = tl.make_tensor_descriptor(
         o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
     )
@@ -104,7 +115,10 @@ def _gated_fwd_kernel(
         for k in range(k_tiles):
             # 2. load: one X tile, one packed tile; past the edges TMA reads zeros
             x = x_desc.load([off_m, k * BLOCK_K])
-            wv = wv_desc.load([k * BLOCK_K, off_p])
+            if WV_KMAJOR:
+                wv = wv_desc.load([off_p, k * BLOCK_K]).T
+            else:
+                wv = wv_desc.load([k * BLOCK_K, off_p])
             if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
                 x = x.to(tl.float32)
                 wv = wv.to(tl.float32)
@@ -146,6 +160,7 @@ def _gated_launch(
     config: TileConfig,
     precision: str,
     store_preact: bool,
+    wv_kmajor: bool,
 ) -> Launch | None:
     """`gated_fwd`'s launch for this key (`_LAUNCHES`), None when M or n is 0. No strides in the
     key: the operands are made contiguous, and the kernel's strides follow from the shapes. dtype
@@ -166,7 +181,7 @@ def _gated_launch(
             GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
             FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
             STORE_PREACT=store_preact, Z_SUBTILE=min(4, 2 * config.epilogue_subtile),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            WV_KMAJOR=wv_kmajor, num_warps=config.num_warps, num_stages=config.num_stages,
         ),
     )  # fmt: skip
 
@@ -187,20 +202,23 @@ def gated_fwd(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch on a 2-D x [M, K], wv [K, packed_width(n)], bc [packed_width(n)] or None, meeting the
     16-byte rule; returns h [M, n] in x.dtype. Trusts its input (a block_n under 64 is read as
-    64); makes operands contiguous and 16-byte aligned. `store_preact` (training, the Hopper
+    64); makes operands contiguous and 16-byte aligned; a K-major wv (`wv_pk.t()`, a [2·Np, K]
+    buffer) is read as it is. `store_preact` (training, the Hopper
     path of backward.forward_saving): returns (h, zg), zg = x·wv + bc, the packed [M, 2·Np]
     pre-activation rounded once to x.dtype, as the portable saving kernel stores it."""
     M = x.shape[0]
+    wv_kmajor = is_k_major(wv)
     launch = _LAUNCHES.get((
         x.shape, wv.shape, x.dtype, x.device, bc is not None, n, activation, config,
-        fp32_precision, store_preact,
+        fp32_precision, store_preact, wv_kmajor,
     ))  # fmt: skip
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
     z = torch.empty((M, wv.shape[1]), device=x.device, dtype=x.dtype) if store_preact else None
     if launch is None:  # M == 0 or n == 0
         return (out, z) if store_preact else out
     # per call: the operands' own facts (a copy where not contiguous or not 16-byte aligned)
-    x, wv = as_tma_operand(x), as_tma_operand(wv)
+    x = as_tma_operand(x)
+    wv = as_tma_operand(wv.t()).t() if wv_kmajor else as_tma_operand(wv)
     bc = bc.contiguous() if bc is not None else None
     ensure_allocator()  # per call: Triton keeps the allocator per context (support.py)
     launch(x, wv, bc, out, z)

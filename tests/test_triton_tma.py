@@ -315,6 +315,34 @@ def test_tf32():
     )
 
 
+def test_front_reads_tf32_weights_k_major(monkeypatch):
+    """float32 "tf32" through the front on the TMA kernels: the weights are converted once to
+    K-major copies (the layout 32-bit wgmma reads from shared memory as it is), the caller's
+    params are left as they are, and the output is the row-major launches' bit for bit."""
+    from fusedmlp.torch_impl import front
+
+    spec = MLPSpec((40, 72, 24), "swiglu", True, "float32", "tf32")
+    x = to_torch(make_input(spec, 37, seed=1400))
+    params = {k: to_torch(v) for k, v in init_params(spec, seed=1401).items()}
+    call = front.prepare(x, params, spec, "triton_tma")
+    assert front.KMAJOR in call.layouts and call.convert
+    y = front.mlp(x, params, spec, impl="triton_tma")
+    derived = front._CONVERTED.get(spec, params, call.layouts)
+    assert support.is_k_major(derived["wv0"]) and support.is_k_major(derived["w1"])
+    assert all(t.is_contiguous() for t in params.values())  # the caller's tensors untouched
+    packed_kmajor = {
+        name: derived.get(name, params.get(name)) for name in ("wv0", "bc0", "w1", "b1")
+    }
+    assert not front.prepare(x, packed_kmajor, spec, "triton_tma").convert  # taken as they are
+    monkeypatch.setattr(front, "_KMAJOR_TF32_IMPLS", frozenset())
+    front._PREPARED.clear()
+    assert front.KMAJOR not in front.prepare(x, params, spec, "triton_tma").layouts
+    assert torch.equal(front.mlp(x, params, spec, impl="triton_tma"), y)
+    front._PREPARED.clear()
+    assert_close(to_numpy(y), reference.forward(spec, make_input(spec, 37, seed=1400),
+                 init_params(spec, seed=1401)), spec, what="front tf32 K-major")  # fmt: skip
+
+
 # ---- the persistent loop ------------------------------------------------------------------------
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's program count")
 def test_several_tiles_per_program_uneven_split():

@@ -69,7 +69,7 @@ from fusedmlp.common.validate import (
 )
 
 from . import baselines
-from .packing import pack_params
+from .packing import is_k_major, k_major, pack_params
 from .runtime import INTERPRET
 
 STACK = "torch"
@@ -424,21 +424,45 @@ def _training_plan(
 
 
 # ---- params in the layout the kernels take (converted once per set of tensors) -------------------
-def _layouts(the_plan: Plan) -> frozenset[str]:
+# The launches' extra layout where float32 products are "tf32" on the Hopper TMA kernels: every
+# weight K-major (packing.k_major). wgmma takes 32-bit operands K-major only, so a row-major W
+# slab costs those kernels a transposing pass through registers every K step, its wgmma waited
+# on at once (seen compiling for sm_90; bench/tf32_probe.py measures it); a K-major one is a free
+# view of shared memory. 16-bit operands are read either way, so nothing else converts.
+KMAJOR = "kmajor"
+_KMAJOR_TF32_IMPLS = frozenset({"triton_tma"})
+
+
+def _layouts(the_plan: Plan, spec: MLPSpec) -> frozenset[str]:
     """The params layouts the launches read: "packed" (our kernels), "any" (a baseline), or both
-    (a per-layer plan never mixes them today; the rule below would hold if one did)."""
-    return frozenset(_entry(k.impl).layout for k in the_plan.launches)
+    (a per-layer plan never mixes them today; the rule below would hold if one did); with KMAJOR
+    where float32 "tf32" launches read their weights K-major."""
+    layouts = frozenset(_entry(k.impl).layout for k in the_plan.launches)
+    if spec.fp32_precision == "tf32" and any(
+        k.impl in _KMAJOR_TF32_IMPLS for k in the_plan.launches
+    ):
+        layouts |= {KMAJOR}
+    return layouts
+
+
+def _weight_names(spec: MLPSpec) -> list[str]:
+    """The packed params' weight names, one a layer (`wv{i}` gated, `w{i}` otherwise)."""
+    return [f"wv{layer.index}" if layer.gated else f"w{layer.index}" for layer in spec.layers()]
 
 
 def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozenset[str]):
-    """The tensors our kernels read that `params` lacks: the packed names of plain params, and
-    contiguous copies of strided biases. Never a tensor of `params` itself, so a cache of these
-    keeps no caller's tensor alive. A baseline ("any") reads the params as they come."""
+    """The tensors our kernels read that `params` lacks: the packed names of plain params,
+    contiguous copies of strided biases and, with KMAJOR, K-major copies of the weights. Never a
+    tensor of `params` itself, so a cache of these keeps no caller's tensor alive. A baseline
+    ("any") reads the params as they come."""
     if "packed" not in layouts:
         return {}
     out = {} if is_packed(params) else pack_params(spec, params)
     # Launchers index biases with unit stride (N elements: cheaper than more stride arguments).
     out |= {k: v.contiguous() for k, v in params.items() if v.ndim == 1 and not v.is_contiguous()}
+    if KMAJOR in layouts:
+        merged = {**params, **out}
+        out |= {name: k_major(merged[name]) for name in _weight_names(spec)}
     return {k: v for k, v in out.items() if params.get(k) is not v}
 
 
@@ -451,6 +475,10 @@ def converts_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> bool:
 def _needs_conversion(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts) -> bool:
     if "packed" not in layouts:
         return False
+    if KMAJOR in layouts and not all(
+        name in params and is_k_major(params[name]) for name in _weight_names(spec)
+    ):
+        return True
     return (spec.gated and not is_packed(params)) or any(
         v.ndim == 1 and not v.is_contiguous() for v in params.values()
     )
@@ -592,7 +620,7 @@ def _validate_and_plan(x, params, spec, impl, config, residual, tune) -> _Prepar
     )  # fmt: skip
     _check_available(the_plan.impl, x.device)
     lead = tuple(x.shape[:-1])
-    layouts = _layouts(the_plan)
+    layouts = _layouts(the_plan, spec)
     convert = _needs_conversion(spec, params, layouts)
     return _Prepared(the_plan, lead, math.prod(lead), layouts, convert, len(lead) == 1)
 

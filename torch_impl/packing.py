@@ -17,7 +17,24 @@ from fusedmlp.common import MLPSpec, packing
 from fusedmlp.common.packing import PACK_BLOCK, packed_width, unpack_gated, unpack_params
 
 # unpack_gated and unpack_params reshape and slice only: common/packing.py's serve every stack.
-__all__ = ["pack_gated", "pack_params", "unpack_gated", "unpack_params"]
+__all__ = ["is_k_major", "k_major", "pack_gated", "pack_params", "unpack_gated", "unpack_params"]
+
+
+def is_k_major(w: torch.Tensor) -> bool:
+    """True when a [K, N] `w` is the transposed view of a row-major [N, K] buffer (`w_nk.t()`).
+
+    The Hopper TMA kernels then read it K-major, as it is, instead of copying it row-major.
+    A [K, N] that is row-major as well (N == 1 or K == 1) counts as row-major.
+    """
+    k, n = w.shape
+    return not w.is_contiguous() and w.stride() == (1, k) and n > 1
+
+
+def k_major(w: torch.Tensor) -> torch.Tensor:
+    """A [K, N] weight as the [K, N] view of a row-major [N, K] copy (itself if it is one): the
+    layout float32 "tf32" products read without a pass through registers on Hopper (wgmma takes
+    32-bit operands K-major only). Reads and writes the whole weight: once, not per call."""
+    return w if is_k_major(w) else w.t().contiguous().t()
 
 
 def pack_gated(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

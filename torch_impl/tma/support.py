@@ -44,6 +44,7 @@ from fusedmlp.common.tiling import gated_config, warp_specialize_applies, with_r
 
 from .. import tuning  # noqa: F401  (registers the GPU for the committed tuned configs)
 from ..front import STACK
+from ..packing import is_k_major  # noqa: F401  (the kernels' layout test, re-exported)
 from ..runtime import INTERPRET
 
 TMA_ALIGN_BYTES = 16
@@ -72,16 +73,6 @@ def tma_unsupported_reason(m: int, n: int, k: int, dtype: str) -> str | None:
                 f"falls back to impl '{FALLBACK[STACK]}'"
             )
     return None
-
-
-def is_k_major(w: torch.Tensor) -> bool:
-    """True when a [K, N] `w` is the transposed view of a row-major [N, K] buffer (`w_nk.t()`).
-
-    The linear_act kernel then reads it K-major, as it is, instead of copying it row-major.
-    A [K, N] that is row-major as well (N == 1 or K == 1) counts as row-major.
-    """
-    k, n = w.shape
-    return not w.is_contiguous() and w.stride() == (1, k) and n > 1
 
 
 def as_tma_operand(t: torch.Tensor) -> torch.Tensor:

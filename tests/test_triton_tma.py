@@ -326,6 +326,7 @@ def test_front_reads_tf32_weights_k_major(monkeypatch):
     params = {k: to_torch(v) for k, v in init_params(spec, seed=1401).items()}
     call = front.prepare(x, params, spec, "triton_tma")
     assert front.KMAJOR in call.layouts and call.convert
+    assert "the weights are read K-major" in call.plan.reason
     y = front.mlp(x, params, spec, impl="triton_tma")
     derived = front._CONVERTED.get(spec, params, call.layouts)
     assert support.is_k_major(derived["wv0"]) and support.is_k_major(derived["w1"])

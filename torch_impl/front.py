@@ -340,7 +340,9 @@ def plan(
                 layer_impl = FALLBACK[STACK]
                 fallbacks.append(f"layer {layer.index}: {why}")
         launches.append(_layer_launch(spec, layer, layer_impl, m, config, residual, tune))
-    return Plan(chosen, impl, tuple(launches), "; ".join(r for r in (reason, *fallbacks) if r))
+    kmajor = spec.fp32_precision == "tf32" and any(k.impl in _KMAJOR_TF32_IMPLS for k in launches)
+    notes = (reason, *fallbacks, _KMAJOR_NOTE if kmajor else "")
+    return Plan(chosen, impl, tuple(launches), "; ".join(r for r in notes if r))
 
 
 # What a plan's reason says where fused_small runs its Mosaic GPU sibling (one clause: no "; ").
@@ -431,6 +433,13 @@ def _training_plan(
 # view of shared memory. 16-bit operands are read either way, so nothing else converts.
 KMAJOR = "kmajor"
 _KMAJOR_TF32_IMPLS = frozenset({"triton_tma"})
+
+
+# What the plan's reason says where it does (one clause: no "; ").
+_KMAJOR_NOTE = (
+    "float32 tf32: the weights are read K-major, from a copy made once per set of params "
+    "(32-bit wgmma takes K-major operands only)"
+)
 
 
 def _layouts(the_plan: Plan, spec: MLPSpec) -> frozenset[str]:

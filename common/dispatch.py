@@ -79,6 +79,18 @@ FORMAT = 2
 # gpt-mlp (268 MB) do not.
 SIZE_MERGE = 2.0
 PHASES = ("forward", "train")
+# What `auto` runs for float32 on a GPU whose table has no float32 point (either precision): the
+# stack's own baseline, per the only float32 measurement of our GEMM kernels there is: the H200
+# release run (1845c27), llama3-8b's up projection at M = 2048 at 83 % ("ieee") and 25 % ("tf32")
+# of cuBLAS's time. The tf32 kernels read K-major weights since (torch_impl/front.py `KMAJOR`);
+# `bench/fp32_check.sh` measures both, and its points then decide as any other.
+FLOAT32_BASELINE = {"torch": "eager", "jax": "xla"}
+FLOAT32_UNMEASURED = (
+    "float32 on a GPU whose dispatch table has no float32 point for this precision: the "
+    "baseline (the one float32 measurement of our GEMMs, the H200 release run at 1845c27, had "
+    "them at 83 % of cuBLAS's speed for 'ieee' and 25 % for 'tf32'; bench/fp32_check.sh "
+    "measures the points that would decide)"
+)
 # A training point decides only calls within this distance of it (see the module docstring).
 TRAIN_REACH = 1.0
 # The name a training point gives our own training path (what `auto` trains with without it).

@@ -206,6 +206,8 @@ def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:
     for name in ("fused_small", "fused_decode"):
         if _function(name, "supports")(spec, m) is None:
             return name, f"auto: {_entry(name).description}"
+    if spec.dtype == "float32" and device in ("cuda", "gpu"):
+        return dispatch.FLOAT32_BASELINE[STACK], f"auto: {dispatch.FLOAT32_UNMEASURED}"
     if device in ("cuda", "gpu") and _is_hopper():
         supports = _function("pallas_mosaic", "supports")
         reasons = [supports(m, l.d_out, l.d_in, spec.dtype) for l in spec.layers()]

@@ -395,6 +395,41 @@ def test_fronts_take_the_measured_choice(monkeypatch, tmp_path):
     assert tfront.plan(spec, (64, 96), device="cuda").impl != "fused_small"
 
 
+def test_float32_without_its_point_runs_the_baseline_on_a_gpu(monkeypatch):
+    """float32 on a GPU whose table has no float32 point of the call's precision: both fronts'
+    `auto` run their stack's baseline and say why (our float32 GEMMs' one measurement lost to
+    cuBLAS); a float32 point decides as any other; 16-bit calls and CPUs keep the static order."""
+    import torch
+
+    from fusedmlp.common import dispatch
+    from fusedmlp.jax_impl import front as jfront
+    from fusedmlp.torch_impl import front as tfront
+
+    ieee = MLPSpec((96, 256, 96), "swiglu", bias=True, dtype="float32")
+    tf32 = ieee.replace(fp32_precision="tf32")
+    data = [  # (a baseline first: this CPU's tests interpret the kernels, which a GPU call refuses)
+        Measurement("torch", "compile", True, ieee, 256, 40e-6, "cpu-small"),
+        Measurement("torch", "eager", True, ieee, 256, 50e-6, "cpu-small"),
+    ]
+    table = derive(data, gpu="Test GPU", source="test")
+    monkeypatch.setattr(dispatch, "load_table", lambda name: table if name == "Test GPU" else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tfront, "_gpu_name", lambda: "Test GPU")
+    monkeypatch.setattr(tfront, "_is_hopper", lambda: True)
+    monkeypatch.setattr(jfront, "_gpu_name", lambda: "Test GPU")
+    monkeypatch.setattr(jfront.compat, "on_gpu", lambda: True)
+
+    assert tfront.plan(ieee, (256, 96), device="cuda").impl == "compile"  # its point
+    plan = tfront.plan(tf32, (256, 96), device="cuda")
+    assert plan.impl == "eager" and dispatch.FLOAT32_UNMEASURED in plan.reason
+    jplan = jfront.plan(tf32, (256, 96), device="gpu")
+    assert jplan.impl == "xla" and dispatch.FLOAT32_UNMEASURED in jplan.reason
+    monkeypatch.setattr(tfront, "unavailable_reason", lambda impl, device="cpu": None)
+    bf16 = ieee.replace(dtype="bfloat16")
+    assert tfront.plan(bf16, (256, 96), device="cuda").impl == "triton_tma"  # no rule for 16-bit
+    assert tfront.plan(tf32, (256, 96), device="cpu").impl not in ("eager", "compile")
+
+
 def test_cli_derive_auto_from_saved_results(tmp_path):
     import json
 

@@ -254,6 +254,8 @@ def _resolve_auto(spec: MLPSpec, m: int, device: str) -> tuple[str, str]:
     for name in ("fused_small", "fused_decode"):
         if _function(name, "supports")(spec, m) is None:
             return name, f"auto: {_entry(name).description}"
+    if spec.dtype == "float32" and torch.device(device).type == "cuda":
+        return dispatch.FLOAT32_BASELINE[STACK], f"auto: {dispatch.FLOAT32_UNMEASURED}"
     if torch.device(device).type == "cuda" and _is_hopper():
         return "triton_tma", "auto: Hopper GPU"
     return FALLBACK[STACK], "auto: portable kernels"

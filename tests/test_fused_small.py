@@ -422,11 +422,9 @@ def test_sm90_default_programs_are_resident():
     cases = [
         ((width,) * (depth + 1), activation, bias, dtype)
         for width, depth in shapes
-        for activation, bias, dtype in (
+        for activation, bias, dtype in (  # each dtype, bias or none, plain and gated
             ("relu", False, "float16"),
-            ("relu", True, "bfloat16"),
             ("gelu_tanh", True, "bfloat16"),
-            ("swiglu", False, "bfloat16"),
             ("swiglu", True, "float16"),
         )
     ]

@@ -131,10 +131,12 @@ def test_hopper_gradients_match_the_reference(case) -> None:
     jp = {k: jnp.asarray(v) for k, v in params.items()}
     y_inference = jax_impl.mlp(jnp.asarray(x), jp, spec, impl="pallas_mosaic")
     assert np.asarray(y).tobytes() == np.asarray(y_inference).tobytes()
-    # "inputs" recomputes the same saving forward: the same gradients, bit for bit
-    _, again = _hopper_step(spec, x, params, dy, saved="inputs")
-    for name in grads:
-        assert np.asarray(again[name]).tobytes() == np.asarray(grads[name]).tobytes(), name
+    # "inputs" recomputes the same saving forward: the same gradients, bit for bit (the gated
+    # cases: the recompute path is one for every spec, a step a case under the interpreter)
+    if spec.gated:
+        _, again = _hopper_step(spec, x, params, dy, saved="inputs")
+        for name in grads:
+            assert np.asarray(again[name]).tobytes() == np.asarray(grads[name]).tobytes(), name
 
 
 @needs_transposes
@@ -597,8 +599,11 @@ def test_grouped_widths_refused_by_name() -> None:
 
 
 @needs_transposes
-@pytest.mark.parametrize("kernel", ["cooperative-split-m", "pingpong"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=_case_id)
+@pytest.mark.parametrize(  # each kernel and each spec once (a step under the interpreter: ~15 s)
+    "case, kernel",
+    [(CASES[0], "pingpong"), (CASES[1], "cooperative-split-m")],
+    ids=lambda v: v if isinstance(v, str) else _case_id(v),
+)
 def test_step_with_grouped_weight_gradients(monkeypatch, case, kernel: str) -> None:
     """The step with its weight gradients in one grouped launch at the end: every gradient bit
     for bit the step's with them apart on the same tiles (the tuned table pins every GEMM of the
@@ -748,7 +753,7 @@ def test_grouped_bad_forms_are_refused_by_name() -> None:
 
 
 @needs_transposes
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[3]], ids=_case_id)  # both act' steps "dact_gated", 4 layers
 def test_step_on_tuned_pingpong_tiles(monkeypatch, case) -> None:
     """The whole step with every GEMM on ping-pong tiles, as a tuned table may pick them
     (`tuned_config`): gradients within the policy of the float64 reference, and every GEMM of the

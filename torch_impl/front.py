@@ -342,8 +342,7 @@ def plan(
                 layer_impl = FALLBACK[STACK]
                 fallbacks.append(f"layer {layer.index}: {why}")
         launches.append(_layer_launch(spec, layer, layer_impl, m, config, residual, tune))
-    kmajor = spec.fp32_precision == "tf32" and any(k.impl in _KMAJOR_TF32_IMPLS for k in launches)
-    notes = (reason, *fallbacks, _KMAJOR_NOTE if kmajor else "")
+    notes = (reason, *fallbacks, _KMAJOR_NOTE if _reads_k_major(spec, launches) else "")
     return Plan(chosen, impl, tuple(launches), "; ".join(r for r in notes if r))
 
 
@@ -449,11 +448,11 @@ def _layouts(the_plan: Plan, spec: MLPSpec) -> frozenset[str]:
     (a per-layer plan never mixes them today; the rule below would hold if one did); with KMAJOR
     where float32 "tf32" launches read their weights K-major."""
     layouts = frozenset(_entry(k.impl).layout for k in the_plan.launches)
-    if spec.fp32_precision == "tf32" and any(
-        k.impl in _KMAJOR_TF32_IMPLS for k in the_plan.launches
-    ):
-        layouts |= {KMAJOR}
-    return layouts
+    return layouts | {KMAJOR} if _reads_k_major(spec, the_plan.launches) else layouts
+
+
+def _reads_k_major(spec: MLPSpec, launches) -> bool:
+    return spec.fp32_precision == "tf32" and any(k.impl in _KMAJOR_TF32_IMPLS for k in launches)
 
 
 def _weight_names(spec: MLPSpec) -> list[str]:

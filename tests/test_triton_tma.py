@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import sys
 
 import numpy as np
@@ -342,6 +343,60 @@ def test_front_reads_tf32_weights_k_major(monkeypatch):
     front._PREPARED.clear()
     assert_close(to_numpy(y), reference.forward(spec, make_input(spec, 37, seed=1400),
                  init_params(spec, seed=1401)), spec, what="front tf32 K-major")  # fmt: skip
+
+
+_TF32_TTGIR = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedmlp.common import TileConfig
+from fusedmlp.torch_impl.tma import gated as tg, linear_act as tl_
+
+cfg = TileConfig(128, 128, 32, num_warps=8, num_stages=3)
+out = {}
+for family, kmajor in json.loads(sys.argv[1]):
+    const = dict(ACTIVATION="silu", HAS_BIAS=True, INPUT_PRECISION="tf32", INTERPRET=False,
+                 BLOCK_M=128, BLOCK_N=128 if family == "linear_act" else 64, BLOCK_K=32,
+                 GROUP_M=8, SUBTILE=1, FLATTEN=True, WARP_SPECIALIZE=False)
+    if family == "gated":
+        fn = tg._gated_fwd_kernel
+        const.update(STORE_PREACT=False, Z_SUBTILE=1, z_ptr=None, WV_KMAJOR=kmajor)
+    else:
+        fn = tl_._linear_act_fwd_kernel
+        const.update(HAS_RESIDUAL=False, r_ptr=None, W_KMAJOR=kmajor, X_KMAJOR=False,
+                     EPILOGUE="none", DACT_ACTIVATION="identity", z_ptr=None)
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in const:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        else:
+            sig[p.name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
+    ttgir = k.asm["ttgir"]
+    out[f"{family}-{kmajor}"] = dict(
+        local_loads=ttgir.count("ttg.local_load"), pipelined="pendings = 1" in ttgir,
+        wgmma="wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32" in k.asm["ptx"])
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_tf32_k_major_weights_compile_to_a_pipelined_wgmma():
+    """Why the front converts float32 "tf32" weights to K-major (front.KMAJOR), compiled for sm_90
+    on this CPU (triton 3.6): wgmma takes 32-bit operands K-major only, so a row-major W slab is
+    loaded into registers and stored back transposed every K step, its wgmma waited on at once;
+    a K-major W (linear_act's W_KMAJOR, gated's WV_KMAJOR) is a shared-memory view and the
+    wgmma stays in flight while the next slab lands (`pendings = 1`)."""
+    cases = [("linear_act", False), ("linear_act", True), ("gated", True)]
+    got = helpers.run_script(_TF32_TTGIR, json.dumps(cases), timeout=600)
+    assert got["linear_act-False"]["local_loads"] >= 1  # the W round trip through registers
+    assert not got["linear_act-False"]["pipelined"]
+    for name in ("linear_act-True", "gated-True"):
+        assert got[name] == {"local_loads": 0, "pipelined": True, "wgmma": True}, (name, got[name])
 
 
 # ---- the persistent loop ------------------------------------------------------------------------

@@ -432,6 +432,8 @@ def _training_plan(
 # slab costs those kernels a transposing pass through registers every K step, its wgmma waited
 # on at once (seen compiling for sm_90; bench/tf32_probe.py measures it); a K-major one is a free
 # view of shared memory. 16-bit operands are read either way, so nothing else converts.
+# twin-diff: torch only — JAX's float32 runs pallas_triton (pallas_mosaic takes 16-bit only), and
+# a JAX array has no strides to hold a K-major view in (docs/porting.md, Part 2 §8).
 KMAJOR = "kmajor"
 _KMAJOR_TF32_IMPLS = frozenset({"triton_tma"})
 

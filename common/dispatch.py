@@ -79,10 +79,10 @@ FORMAT = 2
 # gpt-mlp (268 MB) do not.
 SIZE_MERGE = 2.0
 PHASES = ("forward", "train")
-# What `auto` runs for float32 on a GPU whose table has no float32 point (either precision): the
-# stack's own baseline, per the only float32 measurement of our GEMM kernels there is: the H200
+# What `auto` runs for float32 on a GPU whose table has no float32 point of the call's precision:
+# the stack's own baseline, per the only float32 measurement of our GEMM kernels there is: the H200
 # release run (1845c27), llama3-8b's up projection at M = 2048 at 83 % ("ieee") and 25 % ("tf32")
-# of cuBLAS's time. The tf32 kernels read K-major weights since (torch_impl/front.py `KMAJOR`);
+# of cuBLAS's speed. The tf32 kernels read K-major weights since (torch_impl/front.py `KMAJOR`);
 # `bench/fp32_check.sh` measures both, and its points then decide as any other.
 FLOAT32_BASELINE = {"torch": "eager", "jax": "xla"}
 FLOAT32_UNMEASURED = (
@@ -157,7 +157,7 @@ class Point:
     evidence: str
     phase: str = "forward"  # PHASES: a forward call's point, or a training step's
     # float32's products (spec.fp32_precision): "tf32" points rank other kernels than "ieee" ones
-    # (cuBLAS's TF32 GEMMs run ~8x its IEEE ones on Hopper), so the two never share a point
+    # (cuBLAS's TF32 GEMMs ran 6x its IEEE ones in the H200 release run), so none is shared
     fp32_precision: str = "ieee"
 
     @property

@@ -133,7 +133,7 @@ def test_derive_chooses_per_size_within_a_class():
 
 
 def test_float32_points_are_per_precision():
-    # TF32 products are another race than IEEE ones (cuBLAS's TF32 GEMMs run ~8x its IEEE
+    # TF32 products are another race than IEEE ones (cuBLAS's TF32 GEMMs ran 6x its IEEE
     # ones): each precision gets points of its own, and a call finds its own precision's only.
     ieee, tf32 = (
         LLAMA.replace(dtype="float32"),

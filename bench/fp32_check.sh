@@ -16,22 +16,8 @@ set -uo pipefail
 out=${1:?usage: bash bench/fp32_check.sh OUTDIR [probe|bench|all]}
 part=${2:-all}
 case "$part" in all | probe | bench) ;; *) echo "fp32_check: PART: expected all, probe or bench, got $part" >&2; exit 2 ;; esac
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
-exec > >(tee -a "$out/log.txt") 2>&1
-py=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false COLUMNS=200
-"$py" -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || true
-status=0
-run() {
-  local t0=$SECONDS
-  echo "== $*"
-  timeout -k 10 "$@"
-  local rc=$?
-  echo "== exit $rc after $((SECONDS - t0)) s"
-  [ "$rc" -ne 0 ] && status=1
-}
+# shellcheck source=bench/gpu_steps.sh
+source "$(dirname "$0")/gpu_steps.sh"  # $out absolute, the log, the install, `run`
 if [ "$part" != bench ]; then
   run 200 "$py" bench/tf32_probe.py "$out/tf32_probe.json" --gemms llama-up,hf-up,llama-down
 fi

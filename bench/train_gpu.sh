@@ -25,23 +25,9 @@ set -uo pipefail
 out=${1:?usage: bash bench/train_gpu.sh OUTDIR [all|backward|train]}
 part=${2:-all}
 case "$part" in all | backward | train) ;; *) echo "train_gpu: PART: expected all, backward or train, got $part" >&2; exit 2 ;; esac
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
-exec > >(tee -a "$out/log.txt") 2>&1
-py=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false COLUMNS=200
-"$py" -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || true
+# shellcheck source=bench/gpu_steps.sh
+source "$(dirname "$0")/gpu_steps.sh"  # $out absolute, the log, the install, `run`
 extra=${FUSEDMLP_TRAIN_ARGS:---device cuda}
-status=0
-run() {
-  local t0=$SECONDS
-  echo "== $*"
-  timeout -k 10 "$@"
-  local rc=$?
-  echo "== exit $rc after $((SECONDS - t0)) s"
-  [ "$rc" -ne 0 ] && status=1
-}
 if [ "$extra" = "--device cuda" ] && [ "$part" != train ]; then
   run 140 "$py" -m fusedmlp.bench.cli bench --backward --quick --preset llama3-8b,hf-blog-geglu \
     --m 8192 --impl triton,pallas_triton,pallas_mosaic,auto,baselines --json "$out/bench_backward.json" \

@@ -347,11 +347,24 @@ def test_measurements_from_bench_keeps_timed_rows_only():
     ]
 
 
+def _on_a_test_gpu(monkeypatch, table: Table) -> None:
+    """Both fronts as on a GPU named "Test GPU" whose committed dispatch table is `table`."""
+    import torch
+
+    from fusedmlp.common import dispatch
+    from fusedmlp.jax_impl import front as jfront
+    from fusedmlp.torch_impl import front as tfront
+
+    monkeypatch.setattr(dispatch, "load_table", lambda name: table if name == table.gpu else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tfront, "_gpu_name", lambda: table.gpu)
+    monkeypatch.setattr(jfront, "_gpu_name", lambda: table.gpu)
+    monkeypatch.setattr(jfront.compat, "on_gpu", lambda: True)
+
+
 def test_fronts_take_the_measured_choice(monkeypatch, tmp_path):
     """With a table for "this GPU", both fronts' `auto` run its choice and quote the evidence;
     a choice that cannot take the problem (fused_small on wide layers) is passed over."""
-    import torch
-
     from fusedmlp.common import dispatch
     from fusedmlp.jax_impl import front as jfront
     from fusedmlp.torch_impl import front as tfront
@@ -363,12 +376,7 @@ def test_fronts_take_the_measured_choice(monkeypatch, tmp_path):
         Measurement("jax", "xla", True, spec, 64, 40e-6, "cpu-small"),
         Measurement("jax", "pallas_triton", False, spec, 64, 80e-6, "cpu-small"),
     ]
-    table = derive(data, gpu="Test GPU", source="test")
-    monkeypatch.setattr(dispatch, "load_table", lambda name: table if name == "Test GPU" else None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(tfront, "_gpu_name", lambda: "Test GPU")
-    monkeypatch.setattr(jfront, "_gpu_name", lambda: "Test GPU")
-    monkeypatch.setattr(jfront.compat, "on_gpu", lambda: True)
+    _on_a_test_gpu(monkeypatch, derive(data, gpu="Test GPU", source="test"))
 
     tplan = tfront.plan(spec, (64, 96), device="cuda")
     assert tplan.impl == "eager"
@@ -399,8 +407,6 @@ def test_float32_without_its_point_runs_the_baseline_on_a_gpu(monkeypatch):
     """float32 on a GPU whose table has no float32 point of the call's precision: both fronts'
     `auto` run their stack's baseline and say why (our float32 GEMMs' one measurement lost to
     cuBLAS); a float32 point decides as any other; 16-bit calls and CPUs keep the static order."""
-    import torch
-
     from fusedmlp.common import dispatch
     from fusedmlp.jax_impl import front as jfront
     from fusedmlp.torch_impl import front as tfront
@@ -411,13 +417,8 @@ def test_float32_without_its_point_runs_the_baseline_on_a_gpu(monkeypatch):
         Measurement("torch", "compile", True, ieee, 256, 40e-6, "cpu-small"),
         Measurement("torch", "eager", True, ieee, 256, 50e-6, "cpu-small"),
     ]
-    table = derive(data, gpu="Test GPU", source="test")
-    monkeypatch.setattr(dispatch, "load_table", lambda name: table if name == "Test GPU" else None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(tfront, "_gpu_name", lambda: "Test GPU")
+    _on_a_test_gpu(monkeypatch, derive(data, gpu="Test GPU", source="test"))
     monkeypatch.setattr(tfront, "_is_hopper", lambda: True)
-    monkeypatch.setattr(jfront, "_gpu_name", lambda: "Test GPU")
-    monkeypatch.setattr(jfront.compat, "on_gpu", lambda: True)
 
     assert tfront.plan(ieee, (256, 96), device="cuda").impl == "compile"  # its point
     plan = tfront.plan(tf32, (256, 96), device="cuda")

@@ -336,6 +336,8 @@ def test_front_reads_tf32_weights_k_major(monkeypatch):
         name: derived.get(name, params.get(name)) for name in ("wv0", "bc0", "w1", "b1")
     }
     assert not front.prepare(x, packed_kmajor, spec, "triton_tma").convert  # taken as they are
+    # under torch.compile the op (one conversion per set of tensors), not a copy in the graph
+    assert front.converts_params(spec, params) and not front.converts_params(spec, packed_kmajor)
     monkeypatch.setattr(front, "_KMAJOR_TF32_IMPLS", frozenset())
     front._PREPARED.clear()
     assert front.KMAJOR not in front.prepare(x, params, spec, "triton_tma").layouts

@@ -479,9 +479,11 @@ def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozense
 
 
 def converts_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> bool:
-    """Whether our kernels would read `params` through a conversion (packing, a contiguous copy
-    of a strided bias) rather than as they are."""
-    return _needs_conversion(spec, params, frozenset({"packed"}))
+    """Whether our kernels may read `params` through a conversion (packing, a contiguous copy
+    of a strided bias, K-major copies of float32 "tf32" weights) rather than as they are: the
+    compiled route then keeps the op, which converts once per set of tensors."""
+    tf32 = spec.fp32_precision == "tf32"  # K-major where the TMA kernels run: any plan, to be safe
+    return _needs_conversion(spec, params, frozenset({"packed", KMAJOR} if tf32 else {"packed"}))
 
 
 def _needs_conversion(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts) -> bool:

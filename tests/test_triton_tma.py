@@ -316,16 +316,21 @@ def test_tf32():
     )
 
 
-def test_front_reads_tf32_weights_k_major(monkeypatch):
+@pytest.mark.parametrize("d_in", [40, 37], ids=["tma", "layer0-portable"])
+def test_front_reads_tf32_weights_k_major(monkeypatch, d_in):
     """float32 "tf32" through the front on the TMA kernels: the weights are converted once to
     K-major copies (the layout 32-bit wgmma reads from shared memory as it is), the caller's
-    params are left as they are, and the output is the row-major launches' bit for bit."""
+    params are left as they are, and the output is the row-major launches' bit for bit — also
+    where a layer falls back to the portable kernel (K = 37 breaks TMA's 16-byte rule), which
+    reads the K-major copy through its strides."""
     from fusedmlp.torch_impl import front
 
-    spec = MLPSpec((40, 72, 24), "swiglu", True, "float32", "tf32")
+    spec = MLPSpec((d_in, 72, 24), "swiglu", True, "float32", "tf32")
     x = to_torch(make_input(spec, 37, seed=1400))
     params = {k: to_torch(v) for k, v in init_params(spec, seed=1401).items()}
     call = front.prepare(x, params, spec, "triton_tma")
+    impls = [k.impl for k in call.plan.launches]
+    assert impls == (["triton_tma"] * 2 if d_in == 40 else ["triton", "triton_tma"])
     assert front.KMAJOR in call.layouts and call.convert
     assert "the weights are read K-major" in call.plan.reason
     y = front.mlp(x, params, spec, impl="triton_tma")

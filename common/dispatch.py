@@ -165,7 +165,9 @@ class Point:
         return self.ranking[0][0]
 
     def where(self) -> str:
-        return f"M={self.m}, {_fmt_bytes(self.weight_bytes)} of weights"
+        # a float32 point names its precision: a "tf32" choice is no evidence for an "ieee" call
+        products = f", float32 products {self.fp32_precision}" if self.dtype == "float32" else ""
+        return f"M={self.m}, {_fmt_bytes(self.weight_bytes)} of weights{products}"
 
     def distance(self, m: int, size: int) -> float:
         """Euclidean distance in (log2 M, log2 weight bytes)."""

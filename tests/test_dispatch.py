@@ -148,6 +148,8 @@ def test_float32_points_are_per_precision():
     ]  # fmt: skip
     assert table.lookup("torch", ieee, 2048).impl == "triton_tma"
     assert table.lookup("torch", tf32, 4096).impl == "eager"
+    assert ", float32 products tf32:" in table.lookup("torch", tf32, 2048).evidence
+    assert ", float32 products ieee (this call" in table.lookup("torch", ieee, 4096).evidence
     assert table.lookup("torch", LLAMA, 2048) is None  # bfloat16: not measured
     again = Table.from_json(table.to_json())
     assert again == table
@@ -387,7 +389,10 @@ def test_fronts_take_the_measured_choice(monkeypatch, tmp_path):
     # another M: the plan names the measured point it used, and the call's own (M, size)
     near = tfront.plan(spec, (200, 96), device="cuda")
     assert near.impl == "eager"
-    assert "nearest measured point M=64, 297.3 kB of weights (this call: M=200" in near.reason
+    assert (
+        "nearest measured point M=64, 297.3 kB of weights, float32 products ieee (this call: M=200"
+        in near.reason
+    )
 
     # A measured choice that cannot take the problem (fused_small on wide layers) gives way to
     # the next of the point's ranking; with none left, the static order applies.

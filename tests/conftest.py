@@ -13,6 +13,7 @@
 - XLA's CPU thread pool sized for the Mosaic GPU interpreter before any backend starts (the
   package's `jax_impl.compat.widen_cpu_pool`, imported here first: a pool of the CI's 2 cores
   could deadlock it).
+- Without a GPU, XLA compiles at backend optimization level 0 (`_compile_fast_on_the_cpu`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ def _has_cuda() -> bool:
 
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _compile_fast_on_the_cpu() -> None:
+    """The interpreters' tests spend most of their time in XLA CPU's compiler: every interpreted
+    Pallas kernel is a new XLA program of nested loops, run once or twice. At LLVM optimization
+    level 0 they compile faster (tests/test_parity_golden.py with test_golden_grad.py: 123 s ->
+    90 s on 2 cores, 2026-12-07) and compute the same bits: the golden files, compared bit for bit
+    by those tests on both jax versions, would fail on any rounding the level changed. Set before
+    any backend starts; a level the user set is kept."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+if not _has_cuda():
+    _compile_fast_on_the_cpu()
 # Keep JAX off any accelerator-less warnings and on float32 defaults (x64 stays off, as for users).
 os.environ.setdefault("JAX_PLATFORMS", "" if _has_cuda() else "cpu")
 if importlib.util.find_spec("jax") is not None:

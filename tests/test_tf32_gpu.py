@@ -22,6 +22,7 @@ SPEC = MLPSpec.preset("hf-blog-geglu").replace(dtype="float32", fp32_precision="
 M = 512
 TRUNCATED = pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,  # the tolerance's verdict only: any other error still fails
     reason="wgmma truncates float32 operands to tf32 (cuBLAS rounds them): the rounding fix of "
     "docs/performance.md's forty-first session turns this into a pass",
 )

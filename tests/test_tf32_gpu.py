@@ -3,10 +3,12 @@ the float64 reference, the framework's own tf32 baseline (torch eager, XLA) as t
 
 The interpreters compute a tf32 product exactly, so only a GPU shows how a kernel's tensor cores
 take 32-bit operands. Found on an H100 (2026-12-07, docs/performance.md, forty-first session):
-wgmma reads them from shared memory truncated to tf32, where cuBLAS and jaxlib's Triton round to
-nearest — torch's `triton` and `triton_tma` at ~4.5× eager's error at K ≥ 768, failing the 2×
-rule. Those two cases are strict xfails until the kernels round their operands: once they pass,
-the marker must go. hf-blog-geglu's shape (768→3072→768): the measured excess was 1.5× the limit.
+torch's `triton` and `triton_tma` at ~4.5× eager's error at K ≥ 768, failing the 2× rule, while
+jax's `pallas_triton` matched XLA — which fits wgmma truncating operands read from shared memory
+to tf32 where cuBLAS and jaxlib's Triton round to nearest. Those two cases are strict xfails until
+the kernels round their operands: once they pass, the marker must go. hf-blog-geglu's shape
+(768→3072→768): the measured excess was 1.5× the limit. (Written after the session's device time
+was spent: not yet run on a GPU.)
 """
 
 from __future__ import annotations

@@ -62,3 +62,32 @@ def cast(array: np.ndarray, name: str) -> np.ndarray:
 def round_to(array: np.ndarray, name: str) -> np.ndarray:
     """Round `array` to the named dtype as float64 (a reference rounding point)."""
     return cast(array, name).astype(np.float64)
+
+
+# ---- tf32: what fp32_precision="tf32" means ----------------------------------------------------
+# A "tf32" product multiplies float32 operands rounded to tf32 — fp32's sign and 8-bit exponent,
+# 10 explicit mantissa bits — to nearest (ties to even), exactly, and sums in float32. The GPU's
+# tensor cores take the rounded operands but do not round them: Hopper's wgmma reads a float32
+# operand as tf32 by dropping its 13 low mantissa bits (truncation, an error biased towards zero:
+# measured 4.5× cuBLAS's error on an H100, docs/performance.md, forty-first session). cuBLAS and
+# XLA round before the product; our kernels round every operand of a tf32 product themselves
+# (torch_impl/tf32.py, jax_impl/tf32.py), and on the CPU, where no framework has tf32 products,
+# the baselines round theirs too, so the tolerance policy's baseline rule compares like with like.
+# Every twin of `round_to_tf32` computes these bits: add half a tf32 unit minus one plus the lowest
+# kept bit (ties to even), then clear the 13 dropped bits; ±Inf and NaN keep theirs (a NaN's
+# payload may lie in the dropped bits alone), and a value beyond tf32's largest rounds to ±Inf.
+TF32_DROPPED_BITS = 13
+TF32_HALF_UNIT = (1 << (TF32_DROPPED_BITS - 1)) - 1  # 0x0FFF: half the dropped range, minus one
+TF32_KEPT_MASK = 0xFFFFFFFF ^ ((1 << TF32_DROPPED_BITS) - 1)  # 0xFFFFE000
+FP32_EXPONENT_MASK = 0x7F800000
+
+
+def round_to_tf32(array: np.ndarray) -> np.ndarray:
+    """float32 `array` rounded to the nearest tf32 value (ties to even), as float32."""
+    values = np.ascontiguousarray(array, dtype=np.float32)
+    bits = values.view(np.uint32)
+    lowest_kept = (bits >> np.uint32(TF32_DROPPED_BITS)) & np.uint32(1)
+    # uint32 addition wraps only for NaN bit patterns, which the where() below keeps as they are
+    rounded = (bits + np.uint32(TF32_HALF_UNIT) + lowest_kept) & np.uint32(TF32_KEPT_MASK)
+    special = (bits & np.uint32(FP32_EXPONENT_MASK)) == np.uint32(FP32_EXPONENT_MASK)
+    return np.where(special, bits, rounded).view(np.float32)

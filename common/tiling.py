@@ -11,7 +11,8 @@ the persistent kernels and pruned exactly the configs that win (gated 128×(2·1
 linear 128×256×64 at 3–4 stages). What the compiler does, measured:
 
 - wgmma path (16-bit operands, or float32 with tf32 products; block_m ≥ 64): `num_stages` buffers
-  of the X tile and the W (or packed W|V) tile;
+  of the X tile and the W (or packed W|V) tile; tf32 one X buffer fewer (its operands are rounded
+  in registers, X then feeds wgmma from there; W's rounded copy takes the buffer W leaves);
 - mma.sync / FMA paths (block_m < 64, or float32 "ieee", which Triton computes with FMAs):
   `num_stages - 1` buffers (the last stage is in registers), and in the persistent kernels a
   layout-conversion scratch wherever the accumulator is split (gated, or a sliced epilogue);
@@ -151,6 +152,11 @@ def smem_bytes(
     wgmma = uses_wgmma(config, dtype, fp32_precision)
     buffers = config.num_stages if wgmma else max(1, config.num_stages - 1)
     total = buffers * stage
+    if wgmma and dtype == "float32":
+        # tf32: the kernels round both operands in registers (torch_impl/tf32.py), so A feeds
+        # wgmma from registers and the pipeline keeps one A buffer fewer, while B, rounded, is
+        # stored back once (the buffer it leaves is taken by that copy; compiled for sm_90)
+        total -= bm * bk * size
     if persistent:
         slice_bytes = bm * (bn // config.epilogue_subtile) * size
         total += slice_bytes

@@ -78,6 +78,7 @@ from . import compat
 from .activations import apply_activation, apply_activation_grad, round_to_dtype
 from .gated import _PACK, _gate_split, gated_fwd
 from .linear_act import _grouped_tile, _precision, linear_act_fwd
+from .tf32 import tf32_operand
 
 EPILOGUES = ("none", "dact", "dact_gated")
 
@@ -169,7 +170,12 @@ def _dgrad_kernel(
             # dot is the twin's [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] product bit for bit
             wt = jax.lax.optimization_barrier(wt)
         # 3. compute: fp32 accumulate
-        return acc + jax.lax.dot(a, wt, precision=PRECISION, preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot(
+            tf32_operand(a, PRECISION),
+            tf32_operand(wt, PRECISION),
+            precision=PRECISION,
+            preferred_element_type=jnp.float32,
+        )
 
     acc = jnp.zeros((BLOCK_M, BLOCK_N), dtype=jnp.float32)
     acc = jax.lax.fori_loop(0, pl.cdiv(K, BLOCK_K), body, acc)
@@ -232,7 +238,11 @@ def _wgrad_kernel(
             d = d.astype(jnp.float32)
         # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
         acc = acc + jax.lax.dot_general(
-            a, d, _CONTRACT_ROWS, precision=PRECISION, preferred_element_type=jnp.float32
+            tf32_operand(a, PRECISION),
+            tf32_operand(d, PRECISION),
+            _CONTRACT_ROWS,
+            precision=PRECISION,
+            preferred_element_type=jnp.float32,
         )
         if db_ref is not None:
             db = jax.lax.cond(

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from fusedmlp.common import MLPSpec
 from fusedmlp.common.packing import PACK_BLOCK, is_packed, packed_width
 
+from .tf32 import emulated_tf32_matmul
+
 _ACTIVATIONS = {
     "identity": lambda z: z,
     "relu": jax.nn.relu,
@@ -31,6 +33,23 @@ def _precision(spec: MLPSpec) -> jax.lax.Precision:
     return jax.lax.Precision.DEFAULT
 
 
+def emulates_tf32(spec: MLPSpec) -> bool:
+    """Whether the baseline's products round their operands to tf32 themselves: float32 "tf32"
+    on the CPU backend, which has no tf32 products (XLA on a GPU rounds them under DEFAULT).
+    Without this the CPU's "tf32" baseline would be exact float32, and the 2× rule would judge a
+    correctly rounding kernel against an error it cannot have (common/dtypes.py).
+    twin-diff: asks the default backend (a traced array has no device to ask); torch asks x."""
+    tf32 = spec.dtype == "float32" and spec.fp32_precision == "tf32"
+    return tf32 and jax.default_backend() == "cpu"
+
+
+def _matmul(h: jax.Array, w: jax.Array, spec: MLPSpec) -> jax.Array:
+    """h·w under the spec's precision, or of tf32-rounded operands (`emulates_tf32`)."""
+    if emulates_tf32(spec):
+        return emulated_tf32_matmul(h, w)
+    return jnp.matmul(h, w, precision=_precision(spec))
+
+
 def xla(
     x2d: jax.Array, params: dict[str, jax.Array], spec: MLPSpec, residual: jax.Array | None = None
 ) -> jax.Array:
@@ -38,16 +57,15 @@ def xla(
     (common/packing.py) run `xla_packed`: the same ops, a gated layer's two products as one."""
     if is_packed(params):
         return xla_packed(x2d, params, spec, residual)
-    precision = _precision(spec)
     h = x2d
     for layer in spec.layers():
         i = layer.index
-        z = jnp.matmul(h, params[f"w{i}"], precision=precision)
+        z = _matmul(h, params[f"w{i}"], spec)
         if layer.bias:
             z = z + params[f"b{i}"]
         out = _ACTIVATIONS[layer.activation](z)
         if layer.gated:
-            g = jnp.matmul(h, params[f"v{i}"], precision=precision)
+            g = _matmul(h, params[f"v{i}"], spec)
             if layer.bias:
                 g = g + params[f"c{i}"]
             out = out * g
@@ -63,12 +81,11 @@ def xla_packed(
     products, activations and roundings as `xla`.
     twin-diff: torch's `eager_packed` takes primitives instead of the spec (a compiled FusedMLP
     traces it, and Dynamo must not see a dataclass); jax.jit has no such limit."""
-    precision = _precision(spec)
     h = x2d
     for layer in spec.layers():
         i = layer.index
         weight, bias = ("wv", "bc") if layer.gated else ("w", "b")
-        z = jnp.matmul(h, params[f"{weight}{i}"], precision=precision)
+        z = _matmul(h, params[f"{weight}{i}"], spec)
         if layer.bias:
             z = z + params[f"{bias}{i}"]
         act = _ACTIVATIONS[layer.activation]

@@ -64,6 +64,7 @@ from .activations import apply_activation, round_to_dtype
 from .compat import interpret_mode, quiet_pallas_triton
 from .front import ADAPTER, STACK
 from .fused_small import dot_precision
+from .tf32 import tf32_operand
 
 MAX_M = 64
 # Launch 3's tile: 16 rows x 32 output columns a program (llama3-8b: 128 programs at M <= 16, 512
@@ -136,7 +137,9 @@ def _fused_decode_up_kernel(
         kk = k + offs_k
         k_ok = kk < D_IN
         x, w = _k_slab(x_ref, w_ref, row0, row_ok, k, k_ok, col0, h_ok, INTERPRET)
-        acc_z = acc_z + plgpu.dot(x, w, precision=DOT_PRECISION)
+        acc_z = acc_z + plgpu.dot(
+            tf32_operand(x, DOT_PRECISION), tf32_operand(w, DOT_PRECISION), precision=DOT_PRECISION
+        )
         if GATED:
             v = plgpu.load(
                 w_ref.at[pl.ds(k, BLOCK_K), pl.ds(col0 + PACK, BLOCK_H)],
@@ -146,7 +149,11 @@ def _fused_decode_up_kernel(
             )
             if INTERPRET:
                 v = v.astype(jnp.float32)
-            acc_g = acc_g + plgpu.dot(x, v, precision=DOT_PRECISION)
+            acc_g = acc_g + plgpu.dot(
+                tf32_operand(x, DOT_PRECISION),
+                tf32_operand(v, DOT_PRECISION),
+                precision=DOT_PRECISION,
+            )
         return acc_z, acc_g
 
     acc_z = jnp.zeros((BLOCK_M, BLOCK_H), jnp.float32)
@@ -200,7 +207,9 @@ def _fused_decode_down_kernel(
         kk = k + offs_k
         k_ok = kk < HIDDEN
         h, w = _k_slab(h_ref, w_ref, row0, row_ok, k, k_ok, pid_n * BLOCK_N, n_ok, INTERPRET)
-        return acc + plgpu.dot(h, w, precision=DOT_PRECISION)
+        return acc + plgpu.dot(
+            tf32_operand(h, DOT_PRECISION), tf32_operand(w, DOT_PRECISION), precision=DOT_PRECISION
+        )
 
     acc = jax.lax.fori_loop(0, K_ITERS, k_step, jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32))
 

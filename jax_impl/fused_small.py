@@ -78,6 +78,7 @@ from .backward import _gate_join
 from .compat import interpret_mode, on_hopper, quiet_pallas_triton
 from .front import ADAPTER, STACK
 from .gated import _gate_split
+from .tf32 import tf32_operand
 
 if TYPE_CHECKING:
     from .mosaic.fused_small import MosaicSmallConfig
@@ -167,7 +168,9 @@ def _hidden_layer(
     if INTERPRET:
         w = w.astype(jnp.float32)  # the twin's arithmetic: fp32 tiles under its interpreter
         v = v.astype(jnp.float32)
-    z = plgpu.dot(h, w, precision=DOT_PRECISION)
+    z = plgpu.dot(
+        tf32_operand(h, DOT_PRECISION), tf32_operand(w, DOT_PRECISION), precision=DOT_PRECISION
+    )
     if HAS_BIAS:
         z += b[None, :]
     g = z
@@ -182,7 +185,11 @@ def _hidden_layer(
     else:
         out = apply_activation(z, ACTIVATION)
         if GATED:
-            g = plgpu.dot(h, v, precision=DOT_PRECISION)
+            g = plgpu.dot(
+                tf32_operand(h, DOT_PRECISION),
+                tf32_operand(v, DOT_PRECISION),
+                precision=DOT_PRECISION,
+            )
             if HAS_BIAS:
                 g += c[None, :]
             out = out * g
@@ -360,7 +367,11 @@ def _fused_small_fwd_kernel(
             )
         if INTERPRET:
             w_last = w_last.astype(jnp.float32)
-        z = plgpu.dot(h, w_last, precision=DOT_PRECISION)
+        z = plgpu.dot(
+            tf32_operand(h, DOT_PRECISION),
+            tf32_operand(w_last, DOT_PRECISION),
+            precision=DOT_PRECISION,
+        )
         if HAS_BIAS:
             z += b_last[None, :]
 

@@ -108,6 +108,7 @@ from .fused_small import (
     layer_params,
     supports,
 )
+from .tf32 import tf32_operand
 
 WGRAD_ROWS = 64  # rows of a layer's dW per kernel-B program (its fp32 accumulator: 64 × WIDTH)
 
@@ -214,9 +215,15 @@ def _wgrad_accumulate(
     dv += hᵀ·dg), db += Σ_rows dz (dc += Σ_rows dg) — kernel B's product and sums, on chip. ht:
     the layer input's tile transposed, [WIDTH, BLOCK_M]."""
     dw, dv, db, dc = accs
-    dw = dw + plgpu.dot(ht, d, precision=DOT_PRECISION)
+    dw = dw + plgpu.dot(
+        tf32_operand(ht, DOT_PRECISION), tf32_operand(d, DOT_PRECISION), precision=DOT_PRECISION
+    )
     if GATED_LAYER:
-        dv = dv + plgpu.dot(ht, dg, precision=DOT_PRECISION)
+        dv = dv + plgpu.dot(
+            tf32_operand(ht, DOT_PRECISION),
+            tf32_operand(dg, DOT_PRECISION),
+            precision=DOT_PRECISION,
+        )
     if HAS_BIAS:
         db = db + jnp.sum(d.astype(jnp.float32), axis=0)
         if GATED_LAYER:
@@ -327,9 +334,17 @@ def _fused_small_dgrad_kernel(
             if INTERPRET:
                 wt = wt.astype(jnp.float32)
                 vt = vt.astype(jnp.float32)
-            acc = plgpu.dot(d, wt, precision=DOT_PRECISION)
+            acc = plgpu.dot(
+                tf32_operand(d, DOT_PRECISION),
+                tf32_operand(wt, DOT_PRECISION),
+                precision=DOT_PRECISION,
+            )
             if GATED and layer != last:
-                acc = acc + plgpu.dot(dg, vt, precision=DOT_PRECISION)
+                acc = acc + plgpu.dot(
+                    tf32_operand(dg, DOT_PRECISION),
+                    tf32_operand(vt, DOT_PRECISION),
+                    precision=DOT_PRECISION,
+                )
             if layer > 0:
                 # 4. store (inside, unless on chip): dZ of hidden layer - 1
                 d, dg = _dact_step(
@@ -415,9 +430,15 @@ def _wgrad_layer(
             d = d.astype(jnp.float32)
             dg = dg.astype(jnp.float32)
         # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
-        acc = acc + plgpu.dot(a, d, precision=DOT_PRECISION)
+        acc = acc + plgpu.dot(
+            tf32_operand(a, DOT_PRECISION), tf32_operand(d, DOT_PRECISION), precision=DOT_PRECISION
+        )
         if GATED_LAYER:
-            acc_v = acc_v + plgpu.dot(a, dg, precision=DOT_PRECISION)
+            acc_v = acc_v + plgpu.dot(
+                tf32_operand(a, DOT_PRECISION),
+                tf32_operand(dg, DOT_PRECISION),
+                precision=DOT_PRECISION,
+            )
         if HAS_BIAS:
             db = jax.lax.cond(
                 pid_k == 0, lambda: db + jnp.sum(d.astype(jnp.float32), axis=0), lambda: db

@@ -42,6 +42,7 @@ from . import compat
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
 from .linear_act import _STATICS, _grouped_tile, _precision
+from .tf32 import tf32_operand
 
 # The packed layout's block (common/packing.py), a static for the kernels.
 _PACK = PACK_BLOCK
@@ -92,7 +93,12 @@ def _gated_fwd_kernel(
             x = x.astype(jnp.float32)
             wv = wv.astype(jnp.float32)
         # 3. compute: fp32 accumulate, gate and up in one product
-        return acc + jax.lax.dot(x, wv, precision=PRECISION, preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot(
+            tf32_operand(x, PRECISION),
+            tf32_operand(wv, PRECISION),
+            precision=PRECISION,
+            preferred_element_type=jnp.float32,
+        )
 
     acc = jnp.zeros((BLOCK_M, 2 * BLOCK_N), dtype=jnp.float32)
     acc = jax.lax.fori_loop(0, pl.cdiv(K, BLOCK_K), body, acc)

@@ -37,6 +37,7 @@ from fusedmlp.common.validate import check_layer
 from . import compat
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
+from .tf32 import tf32_operand
 
 
 # ==== forward kernel ==============================================================================
@@ -87,7 +88,12 @@ def _linear_act_fwd_kernel(
             x = x.astype(jnp.float32)
             w = w.astype(jnp.float32)
         # 3. compute: fp32 accumulate
-        return acc + jax.lax.dot(x, w, precision=PRECISION, preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot(
+            tf32_operand(x, PRECISION),
+            tf32_operand(w, PRECISION),
+            precision=PRECISION,
+            preferred_element_type=jnp.float32,
+        )
 
     acc = jnp.zeros((BLOCK_M, BLOCK_N), dtype=jnp.float32)
     acc = jax.lax.fori_loop(0, pl.cdiv(K, BLOCK_K), body, acc)

@@ -57,6 +57,7 @@ from . import compat
 from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
 from .linear_act import _grouped_tile, _precision
+from .tf32 import tf32_operand
 
 
 # ==== part A: t = x·U over a range of K steps (both paths) ========================================
@@ -86,12 +87,22 @@ def _xu(
             x = x.astype(jnp.float32)
             u = u.astype(jnp.float32)
         # 3. compute: fp32 accumulate
-        t = t + jax.lax.dot(x, u, precision=PRECISION, preferred_element_type=jnp.float32)
+        t = t + jax.lax.dot(
+            tf32_operand(x, PRECISION),
+            tf32_operand(u, PRECISION),
+            precision=PRECISION,
+            preferred_element_type=jnp.float32,
+        )
         if GATED:  # one x tile feeds both products
             ug = plgpu.load(ug_ref.at[pl.ds(k * BLOCK_K, BLOCK_K), :], mask=mask_kr, other=0.0)
             if INTERPRET:
                 ug = ug.astype(jnp.float32)
-            tg = tg + jax.lax.dot(x, ug, precision=PRECISION, preferred_element_type=jnp.float32)
+            tg = tg + jax.lax.dot(
+                tf32_operand(x, PRECISION),
+                tf32_operand(ug, PRECISION),
+                precision=PRECISION,
+                preferred_element_type=jnp.float32,
+            )
         return t, tg
 
     t = jnp.zeros((BLOCK_M, BLOCK_R), dtype=jnp.float32)
@@ -192,7 +203,12 @@ def _lowrank_linear_act_fwd_kernel(
         if INTERPRET:
             v = v.astype(jnp.float32)
         # 3. compute: one dot over the padded rank, then the epilogue, all in fp32
-        acc = jax.lax.dot(t, v, precision=PRECISION, preferred_element_type=jnp.float32)
+        acc = jax.lax.dot(
+            tf32_operand(t, PRECISION),
+            tf32_operand(v, PRECISION),
+            precision=PRECISION,
+            preferred_element_type=jnp.float32,
+        )
         if b_ref is not None:
             b = plgpu.load(b_ref.at[cols], mask=mask_n, other=0.0)
             acc = acc + b.astype(jnp.float32)[None, :]
@@ -203,7 +219,12 @@ def _lowrank_linear_act_fwd_kernel(
             if INTERPRET:
                 vg = vg.astype(jnp.float32)
             # 3. compute: the linear branch and the product, in fp32
-            g = jax.lax.dot(tg, vg, precision=PRECISION, preferred_element_type=jnp.float32)
+            g = jax.lax.dot(
+                tf32_operand(tg, PRECISION),
+                tf32_operand(vg, PRECISION),
+                precision=PRECISION,
+                preferred_element_type=jnp.float32,
+            )
             if c_ref is not None:
                 c = plgpu.load(c_ref.at[cols], mask=mask_n, other=0.0)
                 g = g + c.astype(jnp.float32)[None, :]

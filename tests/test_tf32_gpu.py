@@ -1,14 +1,14 @@
 """float32 "tf32" products on the GPU (`-m gpu`): each stack's portable and Hopper paths against
 the float64 reference, the framework's own tf32 baseline (torch eager, XLA) as the 2× rule's.
 
-The interpreters compute a tf32 product exactly, so only a GPU shows how a kernel's tensor cores
-take 32-bit operands. Found on an H100 (2026-12-07, docs/performance.md, forty-first session):
-torch's `triton` and `triton_tma` at ~4.5× eager's error at K ≥ 768, failing the 2× rule, while
-jax's `pallas_triton` matched XLA — which fits wgmma truncating operands read from shared memory
-to tf32 where cuBLAS and jaxlib's Triton round to nearest. Those two cases are strict xfails until
-the kernels round their operands: once they pass, the marker must go. hf-blog-geglu's shape
-(768→3072→768): the measured excess was 1.5× the limit. (Written after the session's device time
-was spent: not yet run on a GPU.)
+The interpreters compute a tf32 product exactly unless the kernel rounds its operands itself, so
+only a GPU shows how the tensor cores take 32-bit operands. Found on an H100 (2026-12-07,
+docs/performance.md, forty-first session): torch's `triton` and `triton_tma` at ~4.5× eager's
+error at K ≥ 768, failing the 2× rule, while jax's `pallas_triton` matched XLA — as if wgmma
+truncated operands to tf32 where cuBLAS rounds them. The kernels now round every tf32 operand to
+nearest themselves (torch_impl/tf32.py, jax_impl/tf32.py); these cases check that on the GPU, at
+hf-blog-geglu's shape (768→3072→768): through the front (the TMA kernels' weights rounded in
+memory, once) and through the TMA launcher with a weight it must round in registers.
 """
 
 from __future__ import annotations
@@ -22,12 +22,6 @@ from helpers import to_numpy, to_torch
 
 SPEC = MLPSpec.preset("hf-blog-geglu").replace(dtype="float32", fp32_precision="tf32")
 M = 512
-TRUNCATED = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # the tolerance's verdict only: any other error still fails
-    reason="wgmma truncates float32 operands to tf32 (cuBLAS rounds them): the rounding fix of "
-    "docs/performance.md's forty-first session turns this into a pass",
-)
 
 
 def _problem():
@@ -36,9 +30,7 @@ def _problem():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "impl", [pytest.param("triton", marks=TRUNCATED), pytest.param("triton_tma", marks=TRUNCATED)]
-)
+@pytest.mark.parametrize("impl", ["triton", "triton_tma"])
 def test_torch_tf32_as_accurate_as_cublas(impl: str) -> None:
     from fusedmlp.torch_impl import mlp
 
@@ -47,6 +39,24 @@ def test_torch_tf32_as_accurate_as_cublas(impl: str) -> None:
     pt = {k: to_torch(v, "cuda") for k, v in params.items()}
     baseline = to_numpy(mlp(xt, pt, SPEC, impl="eager"))
     assert_close(to_numpy(mlp(xt, pt, SPEC, impl=impl)), ref, SPEC, baseline=baseline, what=impl)
+
+
+@pytest.mark.gpu
+def test_tma_launcher_rounds_an_unrounded_weight() -> None:
+    # w_tf32_exact off (the default): the kernel rounds W in registers, slower but as accurate
+    import torch
+
+    from fusedmlp.torch_impl import mlp
+    from fusedmlp.torch_impl.tma.linear_act import linear_act
+
+    _, params, _ = _problem()
+    spec = MLPSpec(SPEC.widths[1:], "relu", True, "float32", "tf32")  # the down projection alone
+    plain = {"w0": to_torch(params["w1"], "cuda"), "b0": to_torch(params["b1"], "cuda")}
+    h = torch.randn(M, spec.d_in, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    ref = reference.forward(spec, to_numpy(h), {k: to_numpy(v) for k, v in plain.items()})
+    baseline = to_numpy(mlp(h, plain, spec, impl="eager"))
+    got = linear_act(h, plain["w0"], plain["b0"], fp32_precision="tf32")  # the last layer: no act
+    assert_close(to_numpy(got), ref, spec, baseline=baseline, what="tma linear_act, W unrounded")
 
 
 @pytest.mark.gpu

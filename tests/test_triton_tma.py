@@ -115,8 +115,10 @@ def all_layers_aligned(spec: MLPSpec) -> bool:
 # ---- the contract -------------------------------------------------------------------------------
 # The training options are not shared by every pair: `store_preact` (the saving forward's
 # pre-activation output: the portable launchers and the TMA gated one) and the TMA linear_act's
-# dgrad epilogue (`epilogue`, `z`, `dact_activation`: tma/backward.py).
-_TRAINING_OPTIONS = ("store_preact", "epilogue", "z", "dact_activation")
+# dgrad epilogue (`epilogue`, `z`, `dact_activation`: tma/backward.py); nor is the TMA launchers'
+# `w_tf32_exact` (a tf32 W rounded in memory, read as it lies: the portable kernels read W
+# through registers and round it there at no pipeline cost).
+_TRAINING_OPTIONS = ("store_preact", "epilogue", "z", "dact_activation", "w_tf32_exact")
 
 
 def _without_store_preact(fn) -> inspect.Signature:
@@ -319,11 +321,13 @@ def test_tf32():
 @pytest.mark.parametrize("d_in", [40, 37], ids=["tma", "layer0-portable"])
 def test_front_reads_tf32_weights_k_major(monkeypatch, d_in):
     """float32 "tf32" through the front on the TMA kernels: the weights are converted once to
-    K-major copies (the layout 32-bit wgmma reads from shared memory as it is), the caller's
-    params are left as they are, and the output is the row-major launches' bit for bit — also
+    K-major copies rounded to tf32 (the layout 32-bit wgmma reads from shared memory as it is,
+    and the values it reads without rounding), the caller's params are left as they are, and the
+    output is the row-major launches' (which round W in registers) bit for bit — also
     where a layer falls back to the portable kernel (K = 37 breaks TMA's 16-byte rule), which
     reads the K-major copy through its strides."""
     from fusedmlp.torch_impl import front
+    from fusedmlp.torch_impl.tf32 import round_to_tf32
 
     spec = MLPSpec((d_in, 72, 24), "swiglu", True, "float32", "tf32")
     x = to_torch(make_input(spec, 37, seed=1400))
@@ -337,12 +341,17 @@ def test_front_reads_tf32_weights_k_major(monkeypatch, d_in):
     derived = front._CONVERTED.get(spec, params, call.layouts)
     assert support.is_k_major(derived["wv0"]) and support.is_k_major(derived["w1"])
     assert all(t.is_contiguous() for t in params.values())  # the caller's tensors untouched
+    # the copies hold tf32 values (rounded once: the kernels read them as they lie)
+    assert torch.equal(derived["w1"], round_to_tf32(params["w1"]))
+    assert torch.equal(round_to_tf32(derived["wv0"]), derived["wv0"])
     packed_kmajor = {
         name: derived.get(name, params.get(name)) for name in ("wv0", "bc0", "w1", "b1")
     }
-    assert not front.prepare(x, packed_kmajor, spec, "triton_tma").convert  # taken as they are
+    # K-major params are converted all the same: nothing says they hold tf32 values
+    assert front.prepare(x, packed_kmajor, spec, "triton_tma").convert
+    assert torch.equal(front.mlp(x, packed_kmajor, spec, impl="triton_tma"), y)
     # under torch.compile the op (one conversion per set of tensors), not a copy in the graph
-    assert front.converts_params(spec, params) and not front.converts_params(spec, packed_kmajor)
+    assert front.converts_params(spec, params) and front.converts_params(spec, packed_kmajor)
     monkeypatch.setattr(front, "_KMAJOR_TF32_IMPLS", frozenset())
     front._PREPARED.clear()
     assert front.KMAJOR not in front.prepare(x, params, spec, "triton_tma").layouts
@@ -353,7 +362,7 @@ def test_front_reads_tf32_weights_k_major(monkeypatch, d_in):
 
 
 _TF32_TTGIR = r"""
-import json, os, sys
+import json, os, re, sys
 os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
 import triton
 from triton.backends.compiler import GPUTarget
@@ -363,17 +372,18 @@ from fusedmlp.torch_impl.tma import gated as tg, linear_act as tl_
 
 cfg = TileConfig(128, 128, 32, num_warps=8, num_stages=3)
 out = {}
-for family, kmajor in json.loads(sys.argv[1]):
+for family, kmajor, exact in json.loads(sys.argv[1]):
     const = dict(ACTIVATION="silu", HAS_BIAS=True, INPUT_PRECISION="tf32", INTERPRET=False,
                  BLOCK_M=128, BLOCK_N=128 if family == "linear_act" else 64, BLOCK_K=32,
                  GROUP_M=8, SUBTILE=1, FLATTEN=True, WARP_SPECIALIZE=False)
     if family == "gated":
         fn = tg._gated_fwd_kernel
-        const.update(STORE_PREACT=False, Z_SUBTILE=1, z_ptr=None, WV_KMAJOR=kmajor)
+        const.update(STORE_PREACT=False, Z_SUBTILE=1, z_ptr=None, WV_KMAJOR=kmajor,
+                     WV_TF32_EXACT=exact)
     else:
         fn = tl_._linear_act_fwd_kernel
         const.update(HAS_RESIDUAL=False, r_ptr=None, W_KMAJOR=kmajor, X_KMAJOR=False,
-                     EPILOGUE="none", DACT_ACTIVATION="identity", z_ptr=None)
+                     EPILOGUE="none", DACT_ACTIVATION="identity", z_ptr=None, W_TF32_EXACT=exact)
     sig, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in const:
@@ -385,25 +395,34 @@ for family, kmajor in json.loads(sys.argv[1]):
     k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
     ttgir = k.asm["ttgir"]
-    out[f"{family}-{kmajor}"] = dict(
-        local_loads=ttgir.count("ttg.local_load"), pipelined="pendings = 1" in ttgir,
+    out[f"{family}-{kmajor}-{exact}"] = dict(
+        local_loads=ttgir.count("ttg.local_load"),
+        pipelined=re.search(r"warp_group_dot_wait [^{]*[{]pendings = [1-9]", ttgir) is not None,
         wgmma="wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32" in k.asm["ptx"])
 print("RESULT" + json.dumps(out))
 """
 
 
 def test_tf32_k_major_weights_compile_to_a_pipelined_wgmma():
-    """Why the front converts float32 "tf32" weights to K-major (front.KMAJOR), compiled for sm_90
-    on this CPU (triton 3.6): wgmma takes 32-bit operands K-major only, so a row-major W slab is
-    loaded into registers and stored back transposed every K step, its wgmma waited on at once;
-    a K-major W (linear_act's W_KMAJOR, gated's WV_KMAJOR) is a shared-memory view and the
-    wgmma stays in flight while the next slab lands (`pendings = 1`)."""
-    cases = [("linear_act", False), ("linear_act", True), ("gated", True)]
+    """Why the front hands the tf32 kernels K-major weights rounded in memory (front.KMAJOR,
+    `w_tf32_exact`), compiled for sm_90 on this CPU (triton 3.6): wgmma takes 32-bit operands
+    K-major only, so a row-major W slab is loaded into registers and stored back transposed every
+    K step, its wgmma waited on at once; a K-major W (linear_act's W_KMAJOR, gated's WV_KMAJOR)
+    rounded beforehand is a shared-memory view and the wgmmas stay in flight while the next slab
+    lands (`pendings` ≥ 1), x alone passing through registers to be rounded (one local_load);
+    the same W rounded in registers is stored back and every wgmma is waited on at once."""
+    cases = [
+        ("linear_act", False, False),
+        ("linear_act", True, True),
+        ("gated", True, True),
+        ("linear_act", True, False),
+    ]
     got = helpers.run_script(_TF32_TTGIR, json.dumps(cases), timeout=600)
-    assert got["linear_act-False"]["local_loads"] >= 1  # the W round trip through registers
-    assert not got["linear_act-False"]["pipelined"]
-    for name in ("linear_act-True", "gated-True"):
-        assert got[name] == {"local_loads": 0, "pipelined": True, "wgmma": True}, (name, got[name])
+    assert got["linear_act-False-False"]["local_loads"] >= 1  # the W round trip through registers
+    assert not got["linear_act-False-False"]["pipelined"]
+    for name in ("linear_act-True-True", "gated-True-True"):
+        assert got[name] == {"local_loads": 1, "pipelined": True, "wgmma": True}, (name, got[name])
+    assert not got["linear_act-True-False"]["pipelined"]  # W rounded in registers
 
 
 # ---- the persistent loop ------------------------------------------------------------------------
@@ -482,6 +501,7 @@ def test_two_programs_per_sm_walk_every_tile_once():
             "ieee",
             epilogue,
             "silu",
+            False,
         )[0].grid
         for epilogue in ("none", "dact")
     }
@@ -951,6 +971,7 @@ def test_gpu_ptx_uses_tma_and_wgmma():
         WARP_SPECIALIZE=False,
         EPILOGUE="none",
         DACT_ACTIVATION="identity",
+        W_TF32_EXACT=False,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -80,6 +80,7 @@ from .gated import _PACK, _gate_split, gated_fwd
 from .launch import Launch, LaunchCache
 from .linear_act import _grouped_tile, _input_precision, linear_act_fwd
 from .runtime import INTERPRET
+from .tf32 import tf32_operand
 
 EPILOGUES = ("none", "dact", "dact_gated")
 
@@ -180,7 +181,12 @@ def _dgrad_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         # 3. compute: fp32 accumulate
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            tf32_operand(a, INPUT_PRECISION),
+            tf32_operand(w, INPUT_PRECISION),
+            acc,
+            input_precision=INPUT_PRECISION,
+        )
 
     # 3. compute + 4. store: the epilogue
     if EPILOGUE == "none":
@@ -241,7 +247,12 @@ def _wgrad_kernel(
             a = a.to(tl.float32)
             d = d.to(tl.float32)
         # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
-        acc = tl.dot(a, d, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            tf32_operand(a, INPUT_PRECISION),
+            tf32_operand(d, INPUT_PRECISION),
+            acc,
+            input_precision=INPUT_PRECISION,
+        )
         if HAS_DBIAS:  # noqa: SIM102 (a constexpr, then a runtime test: two ifs in Triton)
             if pid_k == 0:
                 db = db + tl.sum(d.to(tl.float32), axis=0)

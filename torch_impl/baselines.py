@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from fusedmlp.common import MLPSpec
 from fusedmlp.common.packing import PACK_BLOCK, is_packed, packed_width
 
+from .tf32 import emulated_tf32_matmul
+
 _ACTIVATIONS = {
     "identity": lambda z: z,
     "relu": F.relu,
@@ -40,6 +42,23 @@ def _matmul_precision(spec: MLPSpec) -> str:
     return "high" if spec.fp32_precision == "tf32" else "highest"
 
 
+def emulates_tf32(spec: MLPSpec, x: torch.Tensor) -> bool:
+    """Whether the baseline's products round their operands to tf32 themselves: float32 "tf32"
+    on the CPU, which has no tf32 products (cuBLAS on a GPU rounds them: the flag of
+    `fp32_matmul_precision` asks it to). Without this the CPU's "tf32" baseline would be exact
+    float32, and the 2× rule would judge a correctly rounding kernel against an error it cannot
+    have (common/dtypes.py)."""
+    return spec.dtype == "float32" and spec.fp32_precision == "tf32" and x.device.type == "cpu"
+
+
+def _affine(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tf32: bool) -> torch.Tensor:
+    """h·w + b as torch.addmm computes it, or of tf32-rounded operands (`emulates_tf32`)."""
+    if tf32:
+        z = emulated_tf32_matmul(h, w)
+        return z + b if b is not None else z
+    return torch.addmm(b, h, w) if b is not None else h @ w
+
+
 def eager(
     x2d: torch.Tensor,
     params: dict[str, torch.Tensor],
@@ -48,19 +67,16 @@ def eager(
 ) -> torch.Tensor:
     """y = MLP(x) with torch.addmm and torch.nn.functional activations, spec dtype. Packed params
     (common/packing.py) run `eager_packed`: the same ops, a gated layer's two products as one."""
+    tf32 = emulates_tf32(spec, x2d)
     if is_packed(params):
-        return eager_packed(x2d, params, packed_recipe(spec), residual)
+        return eager_packed(x2d, params, packed_recipe(spec), residual, emulate_tf32=tf32)
     h = x2d
     for layer in spec.layers():
         i = layer.index
         act = _ACTIVATIONS[layer.activation]
-        b = params.get(f"b{i}")
-        z = torch.addmm(b, h, params[f"w{i}"]) if b is not None else h @ params[f"w{i}"]
-        out = act(z)
+        out = act(_affine(h, params[f"w{i}"], params.get(f"b{i}"), tf32))
         if layer.gated:
-            c = params.get(f"c{i}")
-            g = torch.addmm(c, h, params[f"v{i}"]) if c is not None else h @ params[f"v{i}"]
-            out = out * g
+            out = out * _affine(h, params[f"v{i}"], params.get(f"c{i}"), tf32)
         h = out
     return h + residual if residual is not None else h
 
@@ -84,19 +100,20 @@ def eager_packed(
     params: dict[str, torch.Tensor],
     recipe: tuple[LayerRecipe, ...],
     residual: torch.Tensor | None = None,
+    emulate_tf32: bool = False,
 ) -> torch.Tensor:
     """`eager` on the packed layout (common/packing.py): a gated layer is ONE product with
     [W|V] interleaved in blocks of PACK_BLOCK columns, split by a view. What a compiled FusedMLP
     traces where its plan is "compile" (module._traces_baseline): Inductor then fuses these ops
     into the caller's graph as it does the module the FusedMLP replaced, with no opaque op and
     no copy of the weights in the plain layout. Same products, same activations, same roundings
-    as `eager` (each product rounded to the spec dtype, then the activation and the gate)."""
+    as `eager` (each product rounded to the spec dtype, then the activation and the gate);
+    `emulate_tf32` as `eager` decides it (`emulates_tf32`)."""
     h = x2d
     for i, activation, gated, n, half in recipe:
         act = _ACTIVATIONS[activation]
         weight, bias = ("wv", "bc") if gated else ("w", "b")
-        w, b = params[f"{weight}{i}"], params.get(f"{bias}{i}")
-        z = torch.addmm(b, h, w) if b is not None else h @ w
+        z = _affine(h, params[f"{weight}{i}"], params.get(f"{bias}{i}"), emulate_tf32)
         if gated:
             blocks = z.view(z.shape[0], half // PACK_BLOCK, 2, PACK_BLOCK)
             h = (act(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(z.shape[0], half)[:, :n]

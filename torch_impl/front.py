@@ -69,8 +69,9 @@ from fusedmlp.common.validate import (
 )
 
 from . import baselines
-from .packing import is_k_major, k_major, pack_params
+from .packing import k_major, pack_params
 from .runtime import INTERPRET
+from .tf32 import round_to_tf32
 
 STACK = "torch"
 
@@ -464,9 +465,9 @@ def _weight_names(spec: MLPSpec) -> list[str]:
 
 def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozenset[str]):
     """The tensors our kernels read that `params` lacks: the packed names of plain params,
-    contiguous copies of strided biases and, with KMAJOR, K-major copies of the weights. Never a
-    tensor of `params` itself, so a cache of these keeps no caller's tensor alive. A baseline
-    ("any") reads the params as they come."""
+    contiguous copies of strided biases and, with KMAJOR, K-major copies of the weights rounded to
+    tf32 (`_tf32_k_major`). Never a tensor of `params` itself, so a cache of these keeps no
+    caller's tensor alive. A baseline ("any") reads the params as they come."""
     if "packed" not in layouts:
         return {}
     out = {} if is_packed(params) else pack_params(spec, params)
@@ -474,8 +475,18 @@ def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozense
     out |= {k: v.contiguous() for k, v in params.items() if v.ndim == 1 and not v.is_contiguous()}
     if KMAJOR in layouts:
         merged = {**params, **out}
-        out |= {name: k_major(merged[name]) for name in _weight_names(spec)}
+        out |= {name: _tf32_k_major(merged[name]) for name in _weight_names(spec)}
     return {k: v for k, v in out.items() if params.get(k) is not v}
+
+
+def _tf32_k_major(w: torch.Tensor) -> torch.Tensor:
+    """w rounded to tf32 in a K-major copy (a [K, N] view of a row-major [N, K] buffer): what the
+    TMA kernels' wgmma reads straight from shared memory (`w_tf32_exact`). Rounding it there, once
+    per set of params, keeps every wgmma in flight; rounding each slab in registers, as x is,
+    would serialise them (tests/test_triton_tma.py compiles both for sm_90). Differentiable
+    where w requires grad (a straight-through rounding: the gradient of w is that of its copy)."""
+    rounded = round_to_tf32(w.detach().t()).t()
+    return k_major(w + (rounded - w).detach()) if w.requires_grad else rounded
 
 
 def converts_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> bool:
@@ -489,9 +500,7 @@ def converts_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> bool:
 def _needs_conversion(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts) -> bool:
     if "packed" not in layouts:
         return False
-    if KMAJOR in layouts and not all(
-        name in params and is_k_major(params[name]) for name in _weight_names(spec)
-    ):
+    if KMAJOR in layouts:  # tf32's K-major weights are rounded copies, whatever the layout given
         return True
     return (spec.gated and not is_packed(params)) or any(
         v.ndim == 1 and not v.is_contiguous() for v in params.values()
@@ -556,6 +565,8 @@ def _layer_steps(the_plan: Plan, precision: str) -> tuple:
         i = launch.layer
         fwd = _launcher(launch.impl, launch.family, launch.tune)
         options = dict(activation=launch.activation, config=launch.config, fp32_precision=precision)
+        if precision == "tf32" and launch.impl in _KMAJOR_TF32_IMPLS:
+            options["w_tf32_exact"] = True  # _derive's K-major copies are rounded to tf32
         if launch.family == "gated":
             steps.append((fwd, f"wv{i}", f"bc{i}", None, {"n": launch.n, **options}))
         else:

@@ -97,6 +97,7 @@ from .front import ADAPTER, STACK
 from .fused_small import dot_precision
 from .launch import Launch, LaunchCache
 from .runtime import INTERPRET, check_kernel_device
+from .tf32 import tf32_operand
 
 MAX_M = 64
 # Launch 3's tile: 16 rows x 64 output columns a program (llama3-8b: 64 programs at M <= 16, 256
@@ -170,7 +171,12 @@ def _fused_decode_up_kernel(
         kk = k + offs_k
         k_ok = kk < D_IN
         x, w = _k_slab(x_ptr, w_ptr, rows, row_ok, kk, k_ok, cols_w, h_ok, D_IN, W_COLS, INTERPRET)
-        acc_z = tl.dot(x, w, acc_z, input_precision=DOT_PRECISION)
+        acc_z = tl.dot(
+            tf32_operand(x, DOT_PRECISION),
+            tf32_operand(w, DOT_PRECISION),
+            acc_z,
+            input_precision=DOT_PRECISION,
+        )
         if GATED:
             v = tl.load(
                 w_ptr + kk[:, None] * W_COLS + (cols_w + PACK)[None, :],
@@ -180,7 +186,12 @@ def _fused_decode_up_kernel(
             )
             if INTERPRET:
                 v = v.to(tl.float32)
-            acc_g = tl.dot(x, v, acc_g, input_precision=DOT_PRECISION)
+            acc_g = tl.dot(
+                tf32_operand(x, DOT_PRECISION),
+                tf32_operand(v, DOT_PRECISION),
+                acc_g,
+                input_precision=DOT_PRECISION,
+            )
 
     # 3. compute: bias, activation, gate in fp32; padded hidden lanes are never stored
     z = acc_z
@@ -228,7 +239,12 @@ def _fused_decode_down_kernel(
         kk = k_lo + i * BLOCK_K + offs_k
         k_ok = kk < HIDDEN
         h, w = _k_slab(h_ptr, w_ptr, rows, row_ok, kk, k_ok, cols_n, n_ok, HIDDEN, D_OUT, INTERPRET)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(
+            tf32_operand(h, DOT_PRECISION),
+            tf32_operand(w, DOT_PRECISION),
+            acc,
+            input_precision=DOT_PRECISION,
+        )
 
     # 4. store: y itself (one run), or this run's fp32 partial for launch 3
     mask = row_ok[:, None] & n_ok[None, :]

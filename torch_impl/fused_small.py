@@ -87,6 +87,7 @@ from .front import ADAPTER, STACK
 from .gated import _gate_split
 from .launch import Launch, LaunchCache, is_traced
 from .runtime import INTERPRET, check_kernel_device
+from .tf32 import tf32_operand
 from .tma.support import TMA_ALIGN_BYTES, ensure_allocator
 
 if TYPE_CHECKING:
@@ -177,7 +178,11 @@ def _hidden_layer(
     if INTERPRET:
         w = w.to(tl.float32)  # interpreter bf16 arithmetic is broken: compute on fp32 tiles
         v = v.to(tl.float32)
-    z = tl.dot(h, w, input_precision=DOT_PRECISION)
+    z = tl.dot(
+        tf32_operand(h, DOT_PRECISION),
+        tf32_operand(w, DOT_PRECISION),
+        input_precision=DOT_PRECISION,
+    )
     if HAS_BIAS:
         z += b[None, :]
     g = z
@@ -193,7 +198,11 @@ def _hidden_layer(
     else:
         out = apply_activation(z, ACTIVATION)
         if GATED:
-            g = tl.dot(h, v, input_precision=DOT_PRECISION)
+            g = tl.dot(
+                tf32_operand(h, DOT_PRECISION),
+                tf32_operand(v, DOT_PRECISION),
+                input_precision=DOT_PRECISION,
+            )
             if HAS_BIAS:
                 g += c[None, :]
             out = out * g
@@ -413,7 +422,11 @@ def _fused_small_rows(
             )
         if INTERPRET:
             w_out = w_out.to(tl.float32)
-        z = tl.dot(h, w_out, input_precision=DOT_PRECISION)
+        z = tl.dot(
+            tf32_operand(h, DOT_PRECISION),
+            tf32_operand(w_out, DOT_PRECISION),
+            input_precision=DOT_PRECISION,
+        )
         if HAS_BIAS:
             z += b_out[None, :]
 

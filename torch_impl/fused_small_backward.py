@@ -108,6 +108,7 @@ from .fused_small import (
 )
 from .launch import Launch, LaunchCache
 from .runtime import INTERPRET
+from .tf32 import tf32_operand
 from .tma.support import TMA_ALIGN_BYTES, ensure_allocator
 
 WGRAD_ROWS = 64  # rows of a layer's dW per kernel-B program (its fp32 accumulator: 64 × WIDTH)
@@ -235,9 +236,19 @@ def _wgrad_accumulate(
     dv += hᵀ·dg), db += Σ_rows dz (dc += Σ_rows dg) — kernel B's product and sums, on chip. ht:
     the layer input's tile transposed, [WIDTH, BLOCK_M]."""
     dw, dv, db, dc = accs
-    dw = tl.dot(ht, d, dw, input_precision=DOT_PRECISION)
+    dw = tl.dot(
+        tf32_operand(ht, DOT_PRECISION),
+        tf32_operand(d, DOT_PRECISION),
+        dw,
+        input_precision=DOT_PRECISION,
+    )
     if GATED_LAYER:
-        dv = tl.dot(ht, dg, dv, input_precision=DOT_PRECISION)
+        dv = tl.dot(
+            tf32_operand(ht, DOT_PRECISION),
+            tf32_operand(dg, DOT_PRECISION),
+            dv,
+            input_precision=DOT_PRECISION,
+        )
     if HAS_BIAS:
         db = db + tl.sum(d.to(tl.float32), axis=0)
         if GATED_LAYER:
@@ -362,9 +373,18 @@ def _fused_small_dgrad_kernel(
             if INTERPRET:
                 wt = wt.to(tl.float32)
                 vt = vt.to(tl.float32)
-            acc = tl.dot(d, wt, input_precision=DOT_PRECISION)
+            acc = tl.dot(
+                tf32_operand(d, DOT_PRECISION),
+                tf32_operand(wt, DOT_PRECISION),
+                input_precision=DOT_PRECISION,
+            )
             if GATED and layer != last:
-                acc = tl.dot(dg, vt, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(
+                    tf32_operand(dg, DOT_PRECISION),
+                    tf32_operand(vt, DOT_PRECISION),
+                    acc,
+                    input_precision=DOT_PRECISION,
+                )
             if layer > 0:
                 # 4. store (inside, unless on chip): dZ of hidden layer - 1
                 d, dg = _dact_step(
@@ -445,9 +465,19 @@ def _wgrad_layer(
             d = d.to(tl.float32)
             dg = dg.to(tl.float32)
         # 3. compute: fp32 accumulate over the run; the bias gradient from the same dZ tiles
-        acc = tl.dot(a, d, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(
+            tf32_operand(a, DOT_PRECISION),
+            tf32_operand(d, DOT_PRECISION),
+            acc,
+            input_precision=DOT_PRECISION,
+        )
         if GATED_LAYER:
-            acc_v = tl.dot(a, dg, acc_v, input_precision=DOT_PRECISION)
+            acc_v = tl.dot(
+                tf32_operand(a, DOT_PRECISION),
+                tf32_operand(dg, DOT_PRECISION),
+                acc_v,
+                input_precision=DOT_PRECISION,
+            )
         if HAS_BIAS:  # noqa: SIM102 (a constexpr, then a runtime test: two ifs in Triton)
             if pid_k == 0:
                 db = db + tl.sum(d.to(tl.float32), axis=0)

@@ -38,6 +38,7 @@ from .front import ADAPTER
 from .launch import Launch, LaunchCache
 from .linear_act import _grouped_tile, _input_precision
 from .runtime import INTERPRET, check_kernel_device
+from .tf32 import tf32_operand
 
 # The packed layout's block (common/packing.py), a constexpr for the kernels.
 _PACK = tl.constexpr(PACK_BLOCK)
@@ -135,7 +136,12 @@ def _gated_fwd_tile(
             x = x.to(tl.float32)
             wv = wv.to(tl.float32)
         # 3. compute: fp32 accumulate, gate and up in one product
-        acc = tl.dot(x, wv, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            tf32_operand(x, INPUT_PRECISION),
+            tf32_operand(wv, INPUT_PRECISION),
+            acc,
+            input_precision=INPUT_PRECISION,
+        )
 
     # 3. compute: the epilogue, all in fp32
     if HAS_BIAS:

@@ -34,6 +34,7 @@ from .activations import apply_activation, round_to_dtype
 from .front import ADAPTER
 from .launch import Launch, LaunchCache
 from .runtime import INTERPRET, check_kernel_device
+from .tf32 import tf32_operand
 
 
 # ==== forward kernel ==============================================================================
@@ -131,7 +132,12 @@ def _linear_act_fwd_tile(
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         # 3. compute: fp32 accumulate
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            tf32_operand(x, INPUT_PRECISION),
+            tf32_operand(w, INPUT_PRECISION),
+            acc,
+            input_precision=INPUT_PRECISION,
+        )
 
     # 3. compute: the epilogue, all in fp32
     if HAS_BIAS:

@@ -103,6 +103,7 @@ from .front import ADAPTER
 from .launch import Launch, LaunchCache
 from .linear_act import _grouped_tile, _input_precision
 from .runtime import INTERPRET, check_kernel_device
+from .tf32 import tf32_operand
 
 
 # ==== part A: t = x·U over a range of K steps (both paths) ========================================
@@ -135,12 +136,22 @@ def _xu(
             x = x.to(tl.float32)
             u = u.to(tl.float32)
         # 3. compute: fp32 accumulate
-        t = tl.dot(x, u, t, input_precision=INPUT_PRECISION)
+        t = tl.dot(
+            tf32_operand(x, INPUT_PRECISION),
+            tf32_operand(u, INPUT_PRECISION),
+            t,
+            input_precision=INPUT_PRECISION,
+        )
         if GATED:  # one x tile feeds both products
             ug = tl.load(ug_ptrs + ks[:, None] * stride_uk, mask=mask_kr, other=0.0)
             if INTERPRET:
                 ug = ug.to(tl.float32)
-            tg = tl.dot(x, ug, tg, input_precision=INPUT_PRECISION)
+            tg = tl.dot(
+                tf32_operand(x, INPUT_PRECISION),
+                tf32_operand(ug, INPUT_PRECISION),
+                tg,
+                input_precision=INPUT_PRECISION,
+            )
     return t, tg
 
 
@@ -245,7 +256,11 @@ def _lowrank_linear_act_fwd_kernel(
         if INTERPRET:
             v = v.to(tl.float32)
         # 3. compute: one dot over the padded rank, then the epilogue, all in fp32
-        acc = tl.dot(t, v, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            tf32_operand(t, INPUT_PRECISION),
+            tf32_operand(v, INPUT_PRECISION),
+            input_precision=INPUT_PRECISION,
+        )
         if HAS_BIAS:
             b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc = acc + b[None, :]
@@ -256,7 +271,11 @@ def _lowrank_linear_act_fwd_kernel(
             if INTERPRET:
                 vg = vg.to(tl.float32)
             # 3. compute: the linear branch and the product, in fp32
-            g = tl.dot(tg, vg, input_precision=INPUT_PRECISION)
+            g = tl.dot(
+                tf32_operand(tg, INPUT_PRECISION),
+                tf32_operand(vg, INPUT_PRECISION),
+                input_precision=INPUT_PRECISION,
+            )
             if HAS_BIAS:
                 c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 g = g + c[None, :]

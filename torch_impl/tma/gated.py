@@ -55,6 +55,7 @@ from ..gated import _PACK, _gate_split
 from ..launch import Launch, LaunchCache
 from ..linear_act import _grouped_tile, _input_precision
 from ..runtime import INTERPRET, check_kernel_device
+from ..tf32 import tf32_operand
 from .linear_act import _store_tile
 from .support import (
     as_tma_operand,
@@ -76,6 +77,7 @@ def _gated_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     STORE_PREACT: tl.constexpr, Z_SUBTILE: tl.constexpr, WV_KMAJOR: tl.constexpr,
+    WV_TF32_EXACT: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the output tiles
     n_packed = 2 * tl.cdiv(N, _PACK) * _PACK  # 2·Np
@@ -122,8 +124,10 @@ def _gated_fwd_kernel(
             if INTERPRET:  # interpreter only: its 16-bit arithmetic is wrong (TOOLCHAIN.md)
                 x = x.to(tl.float32)
                 wv = wv.to(tl.float32)
-            # 3. compute: fp32 accumulate, gate and up in one product
-            acc = tl.dot(x, wv, acc, input_precision=INPUT_PRECISION)
+            # 3. compute: fp32 accumulate, gate and up in one product; tf32 operands rounded in
+            # registers, but a wv rounded in memory (linear_act's `_tile_product` says why)
+            wv = wv if WV_TF32_EXACT else tf32_operand(wv, INPUT_PRECISION)
+            acc = tl.dot(tf32_operand(x, INPUT_PRECISION), wv, acc, input_precision=INPUT_PRECISION)
 
         # 3. compute: the epilogue, all in fp32
         tile_out += NUM_PROGRAMS
@@ -161,6 +165,7 @@ def _gated_launch(
     precision: str,
     store_preact: bool,
     wv_kmajor: bool,
+    wv_tf32_exact: bool,
 ) -> Launch | None:
     """`gated_fwd`'s launch for this key (`_LAUNCHES`), None when M or n is 0. No strides in the
     key: the operands are made contiguous, and the kernel's strides follow from the shapes. dtype
@@ -181,7 +186,8 @@ def _gated_launch(
             GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
             FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
             STORE_PREACT=store_preact, Z_SUBTILE=min(4, 2 * config.epilogue_subtile),
-            WV_KMAJOR=wv_kmajor, num_warps=config.num_warps, num_stages=config.num_stages,
+            WV_KMAJOR=wv_kmajor, WV_TF32_EXACT=wv_tf32_exact,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         ),
     )  # fmt: skip
 
@@ -199,18 +205,20 @@ def gated_fwd(
     config: TileConfig,
     fp32_precision: str = "ieee",
     store_preact: bool = False,
+    w_tf32_exact: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch on a 2-D x [M, K], wv [K, packed_width(n)], bc [packed_width(n)] or None, meeting the
     16-byte rule; returns h [M, n] in x.dtype. Trusts its input (a block_n under 64 is read as
     64); makes operands contiguous and 16-byte aligned; a K-major wv (`wv_pk.t()`, a [2·Np, K]
     buffer) is read as it is. `store_preact` (training, the Hopper
     path of backward.forward_saving): returns (h, zg), zg = x·wv + bc, the packed [M, 2·Np]
-    pre-activation rounded once to x.dtype, as the portable saving kernel stores it."""
+    pre-activation rounded once to x.dtype, as the portable saving kernel stores it.
+    `w_tf32_exact`: as linear_act_fwd's (the caller vouches that wv holds tf32 values)."""
     M = x.shape[0]
     wv_kmajor = is_k_major(wv)
     launch = _LAUNCHES.get((
         x.shape, wv.shape, x.dtype, x.device, bc is not None, n, activation, config,
-        fp32_precision, store_preact, wv_kmajor,
+        fp32_precision, store_preact, wv_kmajor, w_tf32_exact and fp32_precision == "tf32",
     ))  # fmt: skip
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
     z = torch.empty((M, wv.shape[1]), device=x.device, dtype=x.dtype) if store_preact else None

@@ -98,6 +98,7 @@ from ..gated import _PACK
 from ..launch import Launch, LaunchCache
 from ..linear_act import _grouped_tile, _input_precision
 from ..runtime import INTERPRET, check_kernel_device
+from ..tf32 import tf32_operand
 from .support import (
     TMA_ALIGN_BYTES,
     as_tma_operand,
@@ -248,9 +249,13 @@ def _operand_descriptors(
 def _tile_product(
     x_desc, w_desc, off_m, off_n, k_tiles,
     X_KMAJOR: tl.constexpr, W_KMAJOR: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_TF32_EXACT: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The fp32 [BLOCK_M, BLOCK_N] product tile at (off_m, off_n): the K loop."""
+    """The fp32 [BLOCK_M, BLOCK_N] product tile at (off_m, off_n): the K loop. Under tf32 both
+    operands are rounded in registers (tf32.py), but w where W_TF32_EXACT says it was rounded in
+    memory: wgmma then reads it straight from shared memory and stays in flight while the next
+    slab lands, where rounding it in registers serialises every wgmma (compiled for sm_90)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_tiles):
         # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
@@ -260,7 +265,8 @@ def _tile_product(
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         # 3. compute: fp32 accumulate
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        w = w if W_TF32_EXACT else tf32_operand(w, INPUT_PRECISION)
+        acc = tl.dot(tf32_operand(x, INPUT_PRECISION), w, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -273,7 +279,7 @@ def _linear_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr,
+    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr, W_TF32_EXACT: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
     x_desc, w_desc = _operand_descriptors(
@@ -299,7 +305,7 @@ def _linear_act_fwd_kernel(
 
         acc = _tile_product(
             x_desc, w_desc, off_m, off_n, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
-            INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+            W_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
         # 3. compute: the epilogue, all in fp32
@@ -366,6 +372,7 @@ def _linear_act_launch(
     precision: str,
     epilogue: str,
     dact_activation: str,
+    w_tf32_exact: bool,
 ) -> tuple[Launch | None, int, bool, bool]:
     """`linear_act_fwd`'s record for this key (`_LAUNCHES`): its launch (None when M or N is 0),
     the output's width and whether x and w are read as they are, M-major and K-major.
@@ -409,7 +416,7 @@ def _linear_act_launch(
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
             X_KMAJOR=x_kmajor, FLATTEN=flatten, WARP_SPECIALIZE=ws, EPILOGUE=epilogue,
-            DACT_ACTIVATION=dact_activation,
+            DACT_ACTIVATION=dact_activation, W_TF32_EXACT=w_tf32_exact,
             num_warps=config.num_warps, num_stages=config.num_stages,
         ),
     )  # fmt: skip
@@ -431,6 +438,7 @@ def linear_act_fwd(
     epilogue: str = "none",
     z: torch.Tensor | None = None,
     dact_activation: str = "identity",
+    w_tf32_exact: bool = False,
 ) -> torch.Tensor:
     """Launch on a 2-D x [M, K], w [K, N] meeting the 16-byte rule; returns [M, N] in x.dtype.
 
@@ -443,11 +451,16 @@ def linear_act_fwd(
     relu' of h is relu' of z, NaN kept); "dact_gated" the packed [dz|dg]
     [M, packed_width(N)] from the packed z (backward.py's `_dact_epilogue`, `dact_activation`
     its act), each rounded once from fp32.
+
+    `w_tf32_exact` (float32 "tf32"): the caller vouches that w holds tf32 values already (the
+    front's K-major copies are rounded: front._derive), so the kernel reads it as it lies rather
+    than rounding it in registers (`_tile_product`); a w that is not would be truncated by wgmma.
     """
     M = x.shape[0]
     launch, width, x_kmajor, w_kmajor = _LAUNCHES.get((
         x.shape, x.stride(), w.shape, w.stride(), x.dtype, x.device, b is not None,
         residual is not None, activation, config, fp32_precision, epilogue, dact_activation,
+        w_tf32_exact and fp32_precision == "tf32",
     ))  # fmt: skip
     out = torch.empty((M, width), device=x.device, dtype=x.dtype)
     if launch is None:  # M == 0 or N == 0
@@ -496,7 +509,7 @@ def _product_tiles(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = _tile_product(
-            x_desc, w_desc, off_m, off_n, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
+            x_desc, w_desc, off_m, off_n, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION, False,
             INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         # 4. store: the fp32 product rounded once, slice by slice

@@ -9,10 +9,11 @@ its wgmma is waited on at once (no MMA overlaps the next slab's copy); a K-major
 shared-memory view and a pipelined wgmma. This probe times, per GEMM (bias + silu epilogue,
 float32, device time as bench/timing.py defines it): cuBLAS under each precision (addmm + silu,
 as eager runs it), the TMA and the portable linear_act under "tf32" with W N-major and K-major
-over a few tiles (and the front's path: W K-major, rounded to tf32 once, `w_tf32_exact`), and
+over a few tiles (and the front's path: W K-major rounded to tf32 once, x rounded by one pass a
+call, both read as they lie: `tf32_operands_exact`), and
 under "ieee" at the heuristic's tile; each row with its error against float64. Since the tf32
-kernels round their operands (torch_impl/tf32.py), a W they round in registers serialises the
-wgmmas: the "rounded" rows are the ones the front runs. One GPU call, ~60-120 s:
+kernels round their operands (torch_impl/tf32.py), operands they round in registers cost the
+pipeline: the "rounded in memory" rows are the ones the front runs. One GPU call, ~60-120 s:
 
     python3 bench/tf32_probe.py OUT.json [--gemms llama-up,llama-down,hf-up,hf-down]
 """
@@ -68,7 +69,7 @@ def gemm_rows(name: str) -> list[dict[str, Any]]:
     from fusedmlp.common.config import TileConfig
     from fusedmlp.common.tiling import heuristic_config
     from fusedmlp.torch_impl import linear_act as portable
-    from fusedmlp.torch_impl.tf32 import round_to_tf32
+    from fusedmlp.torch_impl.tf32 import round_to_tf32, tf32_copy
     from fusedmlp.torch_impl.tma import linear_act as tma
 
     sync = torch.cuda.synchronize
@@ -94,10 +95,12 @@ def gemm_rows(name: str) -> list[dict[str, Any]]:
 
     w_rounded_kmajor = round_to_tf32(w_nk).t()
 
-    def rounded_w_kernel(cfg: Any, wt: Any) -> Any:
+    def rounded_in_memory(cfg: Any, wt: Any) -> Any:
+        # the front's path: x rounded by one pass per call (timed with the GEMM), W once
         return lambda: tma.linear_act_fwd(
-            x, wt, b, None, activation="silu", config=cfg, fp32_precision="tf32", w_tf32_exact=True
-        )
+            tf32_copy(x), wt, b, None, activation="silu", config=cfg, fp32_precision="tf32",
+            tf32_operands_exact=True,
+        )  # fmt: skip
 
     def ours(mod: Any, cfg: Any, wt: Any, precision: str) -> Any:
         return lambda: mod.linear_act(
@@ -123,10 +126,11 @@ def gemm_rows(name: str) -> list[dict[str, Any]]:
             for kernel, mod in (("tma", tma), ("portable", portable)):
                 if kernel == "tma" or not ws:
                     cases.append((kernel, f"{cfg} w {layout}", "tf32", ours(mod, cfg, wt, "tf32")))
-        # the front's path: W K-major and rounded to tf32 once, read as it lies (w_tf32_exact)
+        # the front's path: x and W (K-major) rounded in memory, read as they lie
         cases.append(
-            ("tma", f"{cfg} w K-major rounded", "tf32", rounded_w_kernel(cfg, w_rounded_kmajor))
-        )
+            ("tma", f"{cfg} w K-major, x and w rounded in memory", "tf32",
+             rounded_in_memory(cfg, w_rounded_kmajor))
+        )  # fmt: skip
     for kernel, variant, precision, fn in cases:
         row: dict[str, Any] = {"gemm": name, "m": m, "n": n, "k": k, "kernel": kernel,
                                "variant": variant, "precision": precision}  # fmt: skip

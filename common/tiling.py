@@ -11,8 +11,9 @@ the persistent kernels and pruned exactly the configs that win (gated 128×(2·1
 linear 128×256×64 at 3–4 stages). What the compiler does, measured:
 
 - wgmma path (16-bit operands, or float32 with tf32 products; block_m ≥ 64): `num_stages` buffers
-  of the X tile and the W (or packed W|V) tile; tf32 one X buffer fewer (its operands are rounded
-  in registers, X then feeds wgmma from there; W's rounded copy takes the buffer W leaves);
+  of the X tile and the W (or packed W|V) tile; the pointer kernels under tf32 one X buffer fewer
+  (their operands are rounded in registers, X then feeds wgmma from there; W's rounded copy takes
+  the buffer W leaves), the TMA kernels on the front's path none (operands rounded in memory);
 - mma.sync / FMA paths (block_m < 64, or float32 "ieee", which Triton computes with FMAs):
   `num_stages - 1` buffers (the last stage is in registers), and in the persistent kernels a
   layout-conversion scratch wherever the accumulator is split (gated, or a sliced epilogue);
@@ -152,10 +153,12 @@ def smem_bytes(
     wgmma = uses_wgmma(config, dtype, fp32_precision)
     buffers = config.num_stages if wgmma else max(1, config.num_stages - 1)
     total = buffers * stage
-    if wgmma and dtype == "float32":
-        # tf32: the kernels round both operands in registers (torch_impl/tf32.py), so A feeds
-        # wgmma from registers and the pipeline keeps one A buffer fewer, while B, rounded, is
-        # stored back once (the buffer it leaves is taken by that copy; compiled for sm_90)
+    if wgmma and dtype == "float32" and not persistent:
+        # tf32 on the pointer kernels: both operands rounded in registers (torch_impl/tf32.py), so
+        # A feeds wgmma from registers and the pipeline keeps one A buffer fewer, while B, rounded,
+        # is stored back once (the buffer it leaves is taken by that copy; compiled for sm_90).
+        # The TMA kernels on the front's path read operands rounded in memory: the full count (a
+        # launcher call that leaves the rounding to them needs less: the model is an upper bound)
         total -= bm * bk * size
     if persistent:
         slice_bytes = bm * (bn // config.epilogue_subtile) * size
@@ -324,6 +327,18 @@ def cap_for_preact(config: TileConfig) -> TileConfig:
     return dataclasses.replace(config, block_n=PREACT_MAX_BLOCK_N)
 
 
+# float32 "tf32" on the TMA kernels: 128×256×32 (gated 128×128 over the 256-wide packed operand),
+# 8 warps, 3 stages, 2 epilogue slices — the fastest of 7 tiles per GEMM on an H100 at llama-up
+# (2048×14336×4096) and hf-up (8192×3072×768), both when the kernels truncated their operands
+# (bench/results/2026-12-07-h100-2bc8c63/: 611.7 and 132.4 µs against cuBLAS's 751.4 and 195.1)
+# and with W rounded in memory and x in registers (2026-12-07-h100-2d92464-tf32/: 878.8, 174.0);
+# 214 KB of shared memory (compiled for sm_90).
+TF32_TMA_CONFIG = TileConfig(128, 256, 32, group_m=8, num_warps=8, num_stages=3, epilogue_subtile=2)
+TF32_TMA_CONFIG_GATED = TileConfig(
+    128, 128, 32, group_m=8, num_warps=8, num_stages=3, epilogue_subtile=2
+)
+
+
 def heuristic_config(
     family: str,
     m: int,
@@ -347,7 +362,8 @@ def heuristic_config(
     device is `device` or the one registered by the stack at import) comes first; otherwise these
     rules:
     - float32: 128×128×32 tiles (gated 128×64 output, the same 128-wide operand), 8 warps, 3
-      stages; "ieee" products run on FMAs, "tf32" on wgmma;
+      stages; "ieee" products run on FMAs, "tf32" on wgmma; the TMA kernels under "tf32" past
+      decode sizes TF32_TMA_CONFIG (see there);
     - decode-sized M (≤ 64): narrow M tiles and long K tiles stream the weights;
     - 16-bit: 128×256 (gated 128×128 over a 128×256 packed operand), or a narrower tile where the
       wider one leaves the last wave of the persistent grid mostly empty (`_waves_cost`), 8 warps;
@@ -372,6 +388,8 @@ def heuristic_config(
         if committed is not None:
             return committed
     if dtype == "float32":
+        if persistent and fp32_precision == "tf32" and m > 64:
+            return TF32_TMA_CONFIG_GATED if gated else TF32_TMA_CONFIG
         return TileConfig(128, 64 if gated else 128, 32, group_m=8, num_warps=8, num_stages=3)
     if m <= 64:
         # Decode-sized M: the weights dominate; narrow M tiles and long K tiles stream them.

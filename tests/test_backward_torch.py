@@ -327,7 +327,7 @@ def test_tma_dgrad_epilogue_equals_the_portable_dgrad(gated, form, dtype):
     assert got.shape == want.shape and torch.equal(got, want)
     launch = tma_linear._linear_act_launch(
         dz.shape, dz.stride(), w.t().shape, w.t().stride(), dz.dtype, dz.device, False, False,
-        "identity", tiles, spec.fp32_precision, epilogue, act, False,
+        "identity", tiles, spec.fp32_precision, epilogue, act, False, False,
     )[0]  # fmt: skip
     assert launch.meta["WARP_SPECIALIZE"] == (form == "by_columns")
 
@@ -900,7 +900,7 @@ def test_gpu_tma_act_step_in_every_form(gated):
         ).cpu()  # fmt: skip
         launch = tma_linear._linear_act_launch(
             dz.shape, dz.stride(), w.t().shape, w.t().stride(), dz.dtype, dz.device, False,
-            False, "identity", tiles, "ieee", epilogue, "gelu_tanh", False,
+            False, "identity", tiles, "ieee", epilogue, "gelu_tanh", False, False,
         )[0]  # fmt: skip
         assert launch.meta["WARP_SPECIALIZE"] == form.startswith("ws"), form
         if gated:

@@ -79,7 +79,8 @@ MODEL_CASES = [
     _case("tma-gated-128x128-s4-whole-epilogue", GATED, F16, _cfg(128, 128, 64, 8, 4, 1)),
     # 257 KB: does not fit
     _case("tma-gated-256x128-s3", GATED, BF16, _cfg(256, 128, 64, 8, 3, 1)),
-    # tf32: operands rounded in registers (torch_impl/tf32.py), one A buffer fewer
+    # tf32: the TMA kernels' operands rounded in memory (the front's path); the pointer kernels'
+    # in registers (torch_impl/tf32.py), one A buffer fewer
     _case("tma-linear-tf32-128x128x32-s3", LIN, F32, _cfg(128, 128, 32, 8, 3, 1), precision="tf32"),
     _case("tma-gated-tf32-64x64x32-s4", GATED, F32, _cfg(64, 64, 32, 4, 4, 1), precision="tf32"),
     _case("portable-linear-tf32-128x128-s3", LIN, F32, _cfg(128, 128, 32, 8, 3), precision="tf32"),
@@ -145,7 +146,7 @@ def compile_one(family, persistent, dtype, precision, residual, cfg):
         fn = tg._gated_fwd_kernel if family == "gated" else tl_._linear_act_fwd_kernel
         if family == "gated":
             const.update(STORE_PREACT=False, Z_SUBTILE=1, z_ptr=None, WV_KMAJOR=False,
-                         WV_TF32_EXACT=precision == "tf32")
+                         OPERANDS_TF32_EXACT=precision == "tf32", OUT_TF32=False)
     else:  # the launch specialises unit strides to constexpr 1
         fn = pg._gated_fwd_kernel if family == "gated" else pl._linear_act_fwd_kernel
         const.update(stride_xk=1, stride_on=1)
@@ -158,7 +159,8 @@ def compile_one(family, persistent, dtype, precision, residual, cfg):
             const["r_ptr"] = None
         if persistent:
             const["W_KMAJOR"] = const["X_KMAJOR"] = False
-            const["W_TF32_EXACT"] = precision == "tf32"  # the front's rounded weights
+            const["OPERANDS_TF32_EXACT"] = precision == "tf32"  # the front's rounded operands
+            const["OUT_TF32"] = False
             const.update(EPILOGUE="none", DACT_ACTIVATION="identity", z_ptr=None)
     sig, attrs = {}, {}
     for i, p in enumerate(fn.params):

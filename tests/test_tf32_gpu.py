@@ -43,19 +43,19 @@ def test_torch_tf32_as_accurate_as_cublas(impl: str) -> None:
 
 @pytest.mark.gpu
 def test_tma_launcher_rounds_an_unrounded_weight() -> None:
-    # w_tf32_exact off (the default): the kernel rounds W in registers, slower but as accurate
+    # tf32_operands_exact off (the default): the kernel rounds x and W in registers (slower)
     import torch
 
     from fusedmlp.torch_impl import mlp
     from fusedmlp.torch_impl.tma.linear_act import linear_act
 
     _, params, _ = _problem()
-    spec = MLPSpec(SPEC.widths[1:], "relu", True, "float32", "tf32")  # the down projection alone
-    plain = {"w0": to_torch(params["w1"], "cuda"), "b0": to_torch(params["b1"], "cuda")}
+    spec = MLPSpec(SPEC.widths[1:], "relu", SPEC.bias, "float32", "tf32")  # the down projection
+    plain = {f"{k[0]}0": to_torch(v, "cuda") for k, v in params.items() if k in ("w1", "b1")}
     h = torch.randn(M, spec.d_in, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     ref = reference.forward(spec, to_numpy(h), {k: to_numpy(v) for k, v in plain.items()})
     baseline = to_numpy(mlp(h, plain, spec, impl="eager"))
-    got = linear_act(h, plain["w0"], plain["b0"], fp32_precision="tf32")  # the last layer: no act
+    got = linear_act(h, plain["w0"], plain.get("b0"), fp32_precision="tf32")  # last layer: no act
     assert_close(to_numpy(got), ref, spec, baseline=baseline, what="tma linear_act, W unrounded")
 
 

@@ -115,10 +115,17 @@ def all_layers_aligned(spec: MLPSpec) -> bool:
 # ---- the contract -------------------------------------------------------------------------------
 # The training options are not shared by every pair: `store_preact` (the saving forward's
 # pre-activation output: the portable launchers and the TMA gated one) and the TMA linear_act's
-# dgrad epilogue (`epilogue`, `z`, `dact_activation`: tma/backward.py); nor is the TMA launchers'
-# `w_tf32_exact` (a tf32 W rounded in memory, read as it lies: the portable kernels read W
-# through registers and round it there at no pipeline cost).
-_TRAINING_OPTIONS = ("store_preact", "epilogue", "z", "dact_activation", "w_tf32_exact")
+# dgrad epilogue (`epilogue`, `z`, `dact_activation`: tma/backward.py); nor are the TMA launchers'
+# tf32 options (`tf32_operands_exact`, `tf32_output`: operands rounded in memory, read as they lie;
+# the portable kernels read theirs through registers and round them there at no pipeline cost).
+_TRAINING_OPTIONS = (
+    "store_preact",
+    "epilogue",
+    "z",
+    "dact_activation",
+    "tf32_operands_exact",
+    "tf32_output",
+)
 
 
 def _without_store_preact(fn) -> inspect.Signature:
@@ -361,6 +368,46 @@ def test_front_reads_tf32_weights_k_major(monkeypatch, d_in):
                  init_params(spec, seed=1401)), spec, what="front tf32 K-major")  # fmt: skip
 
 
+def test_front_rounds_tf32_inputs_and_hidden_layers_in_memory(monkeypatch):
+    """The front's tf32 path on a 3-layer plain MLP of TMA launches: x rounded by the runner, each
+    hidden layer rounded at its store (`tf32_output`), every launch reading its operands as they
+    lie — the same bits as the launchers rounding everything in registers, and the hidden layers
+    themselves hold tf32 values."""
+    from fusedmlp.torch_impl import front
+    from fusedmlp.torch_impl.tf32 import round_to_tf32
+
+    spec = MLPSpec((40, 72, 48, 24), "gelu", True, "float32", "tf32")
+    x = to_torch(make_input(spec, 37, seed=1410))
+    params = {k: to_torch(v) for k, v in init_params(spec, seed=1411).items()}
+    steps = front._layer_steps(front.prepare(x, params, spec, "triton_tma").plan, "tf32")
+    assert [step[-1] for step in steps] == [True, False, False]  # only x is rounded by the runner
+    assert [step[4]["tf32_output"] for step in steps] == [True, True, False]
+    hidden = []
+    real = tma_linear.linear_act_fwd
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        hidden.append((kwargs.get("tf32_output"), out))
+        return out
+
+    monkeypatch.setattr(tma_linear, "linear_act_fwd", spy)
+    front._STEPS.clear()
+    front._launcher.cache_clear()  # the launcher is looked up once per (impl, family)
+    y = front.mlp(x, params, spec, impl="triton_tma")
+    monkeypatch.undo()
+    assert [flag for flag, _ in hidden] == [True, True, False]
+    for _, h in hidden[:2]:
+        assert torch.equal(round_to_tf32(h), h)
+    front._launcher.cache_clear()
+    monkeypatch.setattr(front, "_KMAJOR_TF32_IMPLS", frozenset())
+    front._PREPARED.clear()
+    front._STEPS.clear()
+    assert torch.equal(front.mlp(x, params, spec, impl="triton_tma"), y)
+    monkeypatch.undo()
+    front._PREPARED.clear()
+    front._STEPS.clear()
+
+
 _TF32_TTGIR = r"""
 import json, os, re, sys
 os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing
@@ -379,11 +426,12 @@ for family, kmajor, exact in json.loads(sys.argv[1]):
     if family == "gated":
         fn = tg._gated_fwd_kernel
         const.update(STORE_PREACT=False, Z_SUBTILE=1, z_ptr=None, WV_KMAJOR=kmajor,
-                     WV_TF32_EXACT=exact)
+                     OPERANDS_TF32_EXACT=exact, OUT_TF32=False)
     else:
         fn = tl_._linear_act_fwd_kernel
         const.update(HAS_RESIDUAL=False, r_ptr=None, W_KMAJOR=kmajor, X_KMAJOR=False,
-                     EPILOGUE="none", DACT_ACTIVATION="identity", z_ptr=None, W_TF32_EXACT=exact)
+                     EPILOGUE="none", DACT_ACTIVATION="identity", z_ptr=None,
+                     OPERANDS_TF32_EXACT=exact, OUT_TF32=False)
     sig, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in const:
@@ -404,13 +452,15 @@ print("RESULT" + json.dumps(out))
 
 
 def test_tf32_k_major_weights_compile_to_a_pipelined_wgmma():
-    """Why the front hands the tf32 kernels K-major weights rounded in memory (front.KMAJOR,
-    `w_tf32_exact`), compiled for sm_90 on this CPU (triton 3.6): wgmma takes 32-bit operands
-    K-major only, so a row-major W slab is loaded into registers and stored back transposed every
-    K step, its wgmma waited on at once; a K-major W (linear_act's W_KMAJOR, gated's WV_KMAJOR)
-    rounded beforehand is a shared-memory view and the wgmmas stay in flight while the next slab
-    lands (`pendings` ≥ 1), x alone passing through registers to be rounded (one local_load);
-    the same W rounded in registers is stored back and every wgmma is waited on at once."""
+    """Why the front hands the tf32 TMA kernels their operands rounded in memory and the weights
+    K-major (front.KMAJOR, `tf32_operands_exact`), compiled for sm_90 on this CPU (triton 3.6):
+    wgmma takes 32-bit operands K-major only, so a row-major W slab is loaded into registers and
+    stored back transposed every K step, its wgmma waited on at once; K-major operands rounded
+    beforehand are shared-memory views and the wgmma stays in flight while the next slab lands
+    (`pendings` ≥ 1, nothing through registers); the same operands rounded in registers (the
+    launchers' default) put x through registers and store W back, every wgmma waited on at once.
+    On an H100 the second form cost 1.4-1.5× the first's time (bench/results/
+    2026-12-07-h100-2d92464-tf32/, W only rounded in memory there)."""
     cases = [
         ("linear_act", False, False),
         ("linear_act", True, True),
@@ -421,8 +471,29 @@ def test_tf32_k_major_weights_compile_to_a_pipelined_wgmma():
     assert got["linear_act-False-False"]["local_loads"] >= 1  # the W round trip through registers
     assert not got["linear_act-False-False"]["pipelined"]
     for name in ("linear_act-True-True", "gated-True-True"):
-        assert got[name] == {"local_loads": 1, "pipelined": True, "wgmma": True}, (name, got[name])
-    assert not got["linear_act-True-False"]["pipelined"]  # W rounded in registers
+        assert got[name] == {"local_loads": 0, "pipelined": True, "wgmma": True}, (name, got[name])
+    assert got["linear_act-True-False"]["local_loads"] >= 1  # rounded in registers
+    assert not got["linear_act-True-False"]["pipelined"]
+
+
+def test_tf32_never_warp_specialises_a_transposed_operand():
+    """Warp-specialised with a tf32 operand transposed through registers (a row-major W),
+    Triton 3.6's kernel returned wrong products on an H100 (support.py
+    `tf32_safe_warp_specialize`): such launches run the plain loop; K-major, and 16-bit, keep
+    the config's warp specialisation (linear_act's only: gated never takes it)."""
+    ws_cfg = TileConfig(128, 128, 32, num_warps=4, num_stages=4, warp_specialize=True)
+    k, n = 64, 128
+    row_major, k_major = ((k, n), (n, 1)), ((k, n), (1, k))
+
+    def linear(dtype, precision, w):
+        launch = tma_linear._linear_act_launch(
+            torch.Size((256, k)), (k, 1), torch.Size(w[0]), w[1], dtype, torch.device("cpu"),
+            False, False, "identity", ws_cfg, precision, "none", "identity", False, False,
+        )[0]  # fmt: skip
+        return launch.meta["WARP_SPECIALIZE"]
+
+    assert linear(torch.float32, "tf32", k_major) and linear(torch.bfloat16, "ieee", row_major)
+    assert not linear(torch.float32, "tf32", row_major)
 
 
 # ---- the persistent loop ------------------------------------------------------------------------
@@ -501,6 +572,7 @@ def test_two_programs_per_sm_walk_every_tile_once():
             "ieee",
             epilogue,
             "silu",
+            False,
             False,
         )[0].grid
         for epilogue in ("none", "dact")
@@ -971,7 +1043,8 @@ def test_gpu_ptx_uses_tma_and_wgmma():
         WARP_SPECIALIZE=False,
         EPILOGUE="none",
         DACT_ACTIVATION="identity",
-        W_TF32_EXACT=False,
+        OPERANDS_TF32_EXACT=False,
+        OUT_TF32=False,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

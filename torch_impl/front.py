@@ -71,7 +71,7 @@ from fusedmlp.common.validate import (
 from . import baselines
 from .packing import k_major, pack_params
 from .runtime import INTERPRET
-from .tf32 import round_to_tf32
+from .tf32 import round_to_tf32, tf32_copy
 
 STACK = "torch"
 
@@ -481,9 +481,9 @@ def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozense
 
 def _tf32_k_major(w: torch.Tensor) -> torch.Tensor:
     """w rounded to tf32 in a K-major copy (a [K, N] view of a row-major [N, K] buffer): what the
-    TMA kernels' wgmma reads straight from shared memory (`w_tf32_exact`). Rounding it there, once
-    per set of params, keeps every wgmma in flight; rounding each slab in registers, as x is,
-    would serialise them (tests/test_triton_tma.py compiles both for sm_90). Differentiable
+    TMA kernels' wgmma reads straight from shared memory (`tf32_operands_exact`). Rounded there,
+    once per set of params, every wgmma stays in flight; rounded slab by slab in registers, they
+    are serialised (tests/test_triton_tma.py compiles both for sm_90). Differentiable
     where w requires grad (a straight-through rounding: the gradient of w is that of its copy)."""
     rounded = round_to_tf32(w.detach().t()).t()
     return k_major(w + (rounded - w).detach()) if w.requires_grad else rounded
@@ -540,7 +540,9 @@ _CONVERTED = _Converted()
 # ---- runners: 2-D input, params in the kernels' layout, a plan -> 2-D output --------------------
 def _run_per_layer(x2d, params, spec, the_plan, residual2d):
     h = x2d
-    for fwd, w, b, residual, options in _layer_steps(the_plan, spec.fp32_precision):
+    for fwd, w, b, residual, options, round_input in _layer_steps(the_plan, spec.fp32_precision):
+        if round_input:  # a tf32 TMA launch reads its input as it lies: rounded here, once
+            h = tf32_copy(h)
         if residual is None:  # gated: one GEMM over the packed operand (common/packing.py)
             h = fwd(h, params[w], params.get(b), **options)
         else:
@@ -549,9 +551,10 @@ def _run_per_layer(x2d, params, spec, the_plan, residual2d):
 
 
 # Each plan's launches as the per-layer runner calls them — (launcher, weight and bias names,
-# residual flag or None for a gated layer, keyword arguments) — built once per plan object rather
-# than per call (~1.5 µs a launch: the launcher lookup, the names, the keywords). Keyed by the
-# plan's identity: an entry holds its plan, so no other object can take that id while it lives.
+# residual flag or None for a gated layer, keyword arguments, whether the input is rounded to
+# tf32 first) — built once per plan object rather than per call (~1.5 µs a launch: the launcher
+# lookup, the names, the keywords). Keyed by the plan's identity: an entry holds its plan, so no
+# other object can take that id while it lives.
 _STEPS: dict[tuple[int, str], tuple[Plan, tuple]] = {}
 
 
@@ -561,16 +564,25 @@ def _layer_steps(the_plan: Plan, precision: str) -> tuple:
     if hit is not None and hit[0] is the_plan:
         return hit[1]
     steps = []
-    for launch in the_plan.launches:
+    input_rounded = False  # x, as the caller gave it
+    last = len(the_plan.launches) - 1
+    for j, launch in enumerate(the_plan.launches):
         i = launch.layer
         fwd = _launcher(launch.impl, launch.family, launch.tune)
         options = dict(activation=launch.activation, config=launch.config, fp32_precision=precision)
-        if precision == "tf32" and launch.impl in _KMAJOR_TF32_IMPLS:
-            options["w_tf32_exact"] = True  # _derive's K-major copies are rounded to tf32
+        # float32 "tf32" on the TMA kernels: their operands in memory as tf32 values, read as they
+        # lie (wgmma straight from shared memory): the weights from _derive's rounded copies, x
+        # rounded by the runner, a hidden layer rounded at its store by the TMA launch that makes
+        # it (`tf32_output`) or else by the runner. The pointer kernels round in registers.
+        tma_tf32 = precision == "tf32" and launch.impl in _KMAJOR_TF32_IMPLS
+        round_input = tma_tf32 and not input_rounded
+        if tma_tf32:
+            options |= dict(tf32_operands_exact=True, tf32_output=j < last)
+        input_rounded = tma_tf32 and j < last
         if launch.family == "gated":
-            steps.append((fwd, f"wv{i}", f"bc{i}", None, {"n": launch.n, **options}))
+            steps.append((fwd, f"wv{i}", f"bc{i}", None, {"n": launch.n, **options}, round_input))
         else:
-            steps.append((fwd, f"w{i}", f"b{i}", launch.residual, options))
+            steps.append((fwd, f"w{i}", f"b{i}", launch.residual, options, round_input))
     if len(_STEPS) >= _PREPARED_MAX:
         _STEPS.clear()
     _STEPS[key] = (the_plan, tuple(steps))

@@ -12,7 +12,9 @@ kernel measured 4.5× cuBLAS's error (docs/performance.md, forty-first session).
   input_precision and multiplies exactly) the kernels thus compute true tf32 products. On a GPU an
   operand the TMA kernels would hand wgmma straight from shared memory now passes through
   registers: what that costs, and the in-memory alternative, in docs/performance.md.
-- `round_to_tf32(t)`: a float32 tensor rounded in memory (the same bits), for the baseline below.
+- `round_to_tf32(t)` (torch ops) and `tf32_copy(t)` (one Triton pass): a float32 tensor rounded
+  in memory — the baseline below, the front's rounded weight copies, and the TMA kernels' inputs,
+  which those kernels then read as they lie (`tf32_operands_exact`).
 - `emulated_tf32_matmul(a, b)`: on a device without tf32 products (the CPU), the eager baseline's
   product of rounded operands, an autograd.Function whose backward products round theirs as well
   (as cuBLAS's do on a GPU): the 2× baseline rule then compares a tf32 kernel with tf32
@@ -52,6 +54,28 @@ def tf32_operand(t, INPUT_PRECISION: tl.constexpr):
         return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
     else:
         return t
+
+
+_COPY_BLOCK = 1024
+
+
+@triton.jit
+def _tf32_copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst_ptr + offs, tf32_operand(tl.load(src_ptr + offs, mask=mask), "tf32"), mask=mask)
+
+
+def tf32_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of float32 `t` rounded to tf32, in one pass (one Triton kernel: a read
+    and a write, where `round_to_tf32`'s torch ops take six): the TMA kernels' inputs that no
+    kernel rounded at its store (the front's x). Same bits as `round_to_tf32`."""
+    src = t.contiguous()
+    out = torch.empty_like(src)
+    if src.numel():
+        grid = (triton.cdiv(src.numel(), _COPY_BLOCK),)
+        _tf32_copy_kernel[grid](src, out, src.numel(), BLOCK=_COPY_BLOCK)
+    return out
 
 
 def round_to_tf32(t: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def _gated_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     STORE_PREACT: tl.constexpr, Z_SUBTILE: tl.constexpr, WV_KMAJOR: tl.constexpr,
-    WV_TF32_EXACT: tl.constexpr,
+    OPERANDS_TF32_EXACT: tl.constexpr, OUT_TF32: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the output tiles
     n_packed = 2 * tl.cdiv(N, _PACK) * _PACK  # 2·Np
@@ -125,9 +125,11 @@ def _gated_fwd_kernel(
                 x = x.to(tl.float32)
                 wv = wv.to(tl.float32)
             # 3. compute: fp32 accumulate, gate and up in one product; tf32 operands rounded in
-            # registers, but a wv rounded in memory (linear_act's `_tile_product` says why)
-            wv = wv if WV_TF32_EXACT else tf32_operand(wv, INPUT_PRECISION)
-            acc = tl.dot(tf32_operand(x, INPUT_PRECISION), wv, acc, input_precision=INPUT_PRECISION)
+            # registers unless rounded in memory (linear_act's `_tile_product` says why)
+            if not OPERANDS_TF32_EXACT:
+                x = tf32_operand(x, INPUT_PRECISION)
+                wv = tf32_operand(wv, INPUT_PRECISION)
+            acc = tl.dot(x, wv, acc, input_precision=INPUT_PRECISION)
 
         # 3. compute: the epilogue, all in fp32
         tile_out += NUM_PROGRAMS
@@ -145,6 +147,8 @@ def _gated_fwd_kernel(
             )  # fmt: skip
         g, u = _gate_split(acc, BLOCK_M, BLOCK_N, _PACK)
         h = apply_activation(g, ACTIVATION) * u
+        if OUT_TF32:  # under tf32, h as the next product reads it (linear_act's `tf32_output`)
+            h = tf32_operand(h, "tf32")
 
         # 4. store: slice by slice, one rounding each; TMA clips at M and N
         _store_tile(
@@ -165,7 +169,8 @@ def _gated_launch(
     precision: str,
     store_preact: bool,
     wv_kmajor: bool,
-    wv_tf32_exact: bool,
+    tf32_operands_exact: bool,
+    tf32_output: bool,
 ) -> Launch | None:
     """`gated_fwd`'s launch for this key (`_LAUNCHES`), None when M or n is 0. No strides in the
     key: the operands are made contiguous, and the kernel's strides follow from the shapes. dtype
@@ -186,7 +191,7 @@ def _gated_launch(
             GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile,
             FLATTEN=not (INTERPRET or ws), WARP_SPECIALIZE=ws,
             STORE_PREACT=store_preact, Z_SUBTILE=min(4, 2 * config.epilogue_subtile),
-            WV_KMAJOR=wv_kmajor, WV_TF32_EXACT=wv_tf32_exact,
+            WV_KMAJOR=wv_kmajor, OPERANDS_TF32_EXACT=tf32_operands_exact, OUT_TF32=tf32_output,
             num_warps=config.num_warps, num_stages=config.num_stages,
         ),
     )  # fmt: skip
@@ -205,7 +210,8 @@ def gated_fwd(
     config: TileConfig,
     fp32_precision: str = "ieee",
     store_preact: bool = False,
-    w_tf32_exact: bool = False,
+    tf32_operands_exact: bool = False,
+    tf32_output: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch on a 2-D x [M, K], wv [K, packed_width(n)], bc [packed_width(n)] or None, meeting the
     16-byte rule; returns h [M, n] in x.dtype. Trusts its input (a block_n under 64 is read as
@@ -213,12 +219,14 @@ def gated_fwd(
     buffer) is read as it is. `store_preact` (training, the Hopper
     path of backward.forward_saving): returns (h, zg), zg = x·wv + bc, the packed [M, 2·Np]
     pre-activation rounded once to x.dtype, as the portable saving kernel stores it.
-    `w_tf32_exact`: as linear_act_fwd's (the caller vouches that wv holds tf32 values)."""
+    `tf32_operands_exact`, `tf32_output`: as linear_act_fwd's (x and wv hold tf32 values; h is
+    stored rounded to tf32 for the product that reads it next)."""
     M = x.shape[0]
     wv_kmajor = is_k_major(wv)
     launch = _LAUNCHES.get((
         x.shape, wv.shape, x.dtype, x.device, bc is not None, n, activation, config,
-        fp32_precision, store_preact, wv_kmajor, w_tf32_exact and fp32_precision == "tf32",
+        fp32_precision, store_preact, wv_kmajor, tf32_operands_exact and fp32_precision == "tf32",
+        tf32_output and fp32_precision == "tf32",
     ))  # fmt: skip
     out = torch.empty((M, n), device=x.device, dtype=x.dtype)
     z = torch.empty((M, wv.shape[1]), device=x.device, dtype=x.dtype) if store_preact else None

@@ -106,6 +106,7 @@ from .support import (
     is_k_major,
     launch_config,
     num_programs,
+    tf32_safe_warp_specialize,
     tma_unsupported_reason,
 )
 
@@ -249,13 +250,15 @@ def _operand_descriptors(
 def _tile_product(
     x_desc, w_desc, off_m, off_n, k_tiles,
     X_KMAJOR: tl.constexpr, W_KMAJOR: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    W_TF32_EXACT: tl.constexpr, INTERPRET: tl.constexpr,
+    OPERANDS_TF32_EXACT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The fp32 [BLOCK_M, BLOCK_N] product tile at (off_m, off_n): the K loop. Under tf32 both
-    operands are rounded in registers (tf32.py), but w where W_TF32_EXACT says it was rounded in
-    memory: wgmma then reads it straight from shared memory and stays in flight while the next
-    slab lands, where rounding it in registers serialises every wgmma (compiled for sm_90)."""
+    operands are rounded in registers (tf32.py), unless OPERANDS_TF32_EXACT says they were
+    rounded in memory (the front's rounded weights, inputs and hidden layers): wgmma then reads
+    them straight from shared memory and stays in flight while the next slab lands. Rounded in
+    registers, W serialises every wgmma (compiled for sm_90) and x through registers cost its
+    products 31-44 % on an H100 (bench/results/2026-12-07-h100-2d92464-tf32/)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_tiles):
         # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
@@ -265,8 +268,10 @@ def _tile_product(
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         # 3. compute: fp32 accumulate
-        w = w if W_TF32_EXACT else tf32_operand(w, INPUT_PRECISION)
-        acc = tl.dot(tf32_operand(x, INPUT_PRECISION), w, acc, input_precision=INPUT_PRECISION)
+        if not OPERANDS_TF32_EXACT:
+            x = tf32_operand(x, INPUT_PRECISION)
+            w = tf32_operand(w, INPUT_PRECISION)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -279,7 +284,8 @@ def _linear_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr, W_TF32_EXACT: tl.constexpr,
+    EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr, OPERANDS_TF32_EXACT: tl.constexpr,
+    OUT_TF32: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
     x_desc, w_desc = _operand_descriptors(
@@ -305,7 +311,7 @@ def _linear_act_fwd_kernel(
 
         acc = _tile_product(
             x_desc, w_desc, off_m, off_n, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
-            W_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+            OPERANDS_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
         # 3. compute: the epilogue, all in fp32
@@ -318,6 +324,8 @@ def _linear_act_fwd_kernel(
             b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc = acc + b[None, :]
         acc = apply_activation(acc, ACTIVATION)
+        if OUT_TF32:  # a hidden layer under tf32 (no residual): stored as the next product reads it
+            acc = tf32_operand(acc, "tf32")
 
         # 4. store: the residual added and the tile stored slice by slice
         if EPILOGUE == "none":
@@ -372,7 +380,8 @@ def _linear_act_launch(
     precision: str,
     epilogue: str,
     dact_activation: str,
-    w_tf32_exact: bool,
+    tf32_operands_exact: bool,
+    tf32_output: bool,
 ) -> tuple[Launch | None, int, bool, bool]:
     """`linear_act_fwd`'s record for this key (`_LAUNCHES`): its launch (None when M or N is 0),
     the output's width and whether x and w are read as they are, M-major and K-major.
@@ -405,6 +414,7 @@ def _linear_act_launch(
         halves = config.epilogue_subtile > 1 and (config.block_n // 2) % pair == 0
         config = dataclasses.replace(config, epilogue_subtile=2 if halves else 1)
         ws = warp_specialize_applies("linear_act", config)
+    ws = tf32_safe_warp_specialize(ws, dtype, precision, x_kmajor or not w_kmajor)
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = num_programs(num_tiles, device, config.programs_per_sm)
     flatten = not (INTERPRET or ws)
@@ -416,7 +426,8 @@ def _linear_act_launch(
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
             X_KMAJOR=x_kmajor, FLATTEN=flatten, WARP_SPECIALIZE=ws, EPILOGUE=epilogue,
-            DACT_ACTIVATION=dact_activation, W_TF32_EXACT=w_tf32_exact,
+            DACT_ACTIVATION=dact_activation, OPERANDS_TF32_EXACT=tf32_operands_exact,
+            OUT_TF32=tf32_output,
             num_warps=config.num_warps, num_stages=config.num_stages,
         ),
     )  # fmt: skip
@@ -438,7 +449,8 @@ def linear_act_fwd(
     epilogue: str = "none",
     z: torch.Tensor | None = None,
     dact_activation: str = "identity",
-    w_tf32_exact: bool = False,
+    tf32_operands_exact: bool = False,
+    tf32_output: bool = False,
 ) -> torch.Tensor:
     """Launch on a 2-D x [M, K], w [K, N] meeting the 16-byte rule; returns [M, N] in x.dtype.
 
@@ -452,15 +464,18 @@ def linear_act_fwd(
     [M, packed_width(N)] from the packed z (backward.py's `_dact_epilogue`, `dact_activation`
     its act), each rounded once from fp32.
 
-    `w_tf32_exact` (float32 "tf32"): the caller vouches that w holds tf32 values already (the
-    front's K-major copies are rounded: front._derive), so the kernel reads it as it lies rather
-    than rounding it in registers (`_tile_product`); a w that is not would be truncated by wgmma.
+    float32 "tf32" (the front's path): `tf32_operands_exact` — the caller vouches that x and w
+    hold tf32 values already (front: x and the hidden layers rounded in memory, the weights'
+    K-major copies rounded once), so the kernel reads them as they lie rather than rounding them in
+    registers (`_tile_product`; operands that are not tf32 values would be truncated by wgmma);
+    `tf32_output` — the output is a hidden layer that a tf32 product reads next: stored rounded to
+    tf32 (no residual), so that product can read it as it lies.
     """
     M = x.shape[0]
     launch, width, x_kmajor, w_kmajor = _LAUNCHES.get((
         x.shape, x.stride(), w.shape, w.stride(), x.dtype, x.device, b is not None,
         residual is not None, activation, config, fp32_precision, epilogue, dact_activation,
-        w_tf32_exact and fp32_precision == "tf32",
+        tf32_operands_exact and fp32_precision == "tf32", tf32_output and fp32_precision == "tf32",
     ))  # fmt: skip
     out = torch.empty((M, width), device=x.device, dtype=x.dtype)
     if launch is None:  # M == 0 or N == 0
@@ -570,6 +585,8 @@ def _linear_grouped_launch(
     # for sm_90 on a CPU, triton 3.6: 128×256×64 at 3 stages asked 377 KB for two products, past
     # the 227 KB an SM has); plain loops share theirs. So: only for a single product.
     ws = ws and len(ms) == 1
+    transposed = any(x_kmajor) or not all(w_kmajor)
+    ws = tf32_safe_warp_specialize(ws, dtype, precision, transposed)
     num_tiles = sum(cdiv(m, config.block_m) * cdiv(n, config.block_n)
                     for m, n in zip(ms, ns, strict=True))  # fmt: skip
     programs = num_programs(num_tiles, device, config.programs_per_sm)

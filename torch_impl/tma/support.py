@@ -114,6 +114,18 @@ def launch_config(
     return config, warp_specialize_applies(family, config)
 
 
+def tf32_safe_warp_specialize(
+    ws: bool, dtype: torch.dtype, fp32_precision: str, transposed_operand: bool
+) -> bool:
+    """`ws`, unless a float32 "tf32" operand is transposed through registers (a row-major W, an
+    M-major x): warp-specialised that way, Triton 3.6's kernel computed wrong products on an
+    H100 (rel_err 0.87 against float64 at llama-up and hf-up, bench/tf32_probe.py at 2d92464,
+    bench/results/2026-12-07-h100-2d92464-tf32/; before the operands were rounded it did not
+    compile at all), while the same config read K-major was right."""
+    tf32 = dtype == torch.float32 and fp32_precision == "tf32"
+    return ws and not (tf32 and transposed_operand)
+
+
 def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     # Through torch's caching allocator: cheap per launch, and legal inside CUDA-graph capture.
     del alignment, stream  # torch's blocks are 256-byte aligned; the stream is torch's current one

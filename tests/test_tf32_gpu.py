@@ -7,8 +7,10 @@ docs/performance.md, forty-first session): torch's `triton` and `triton_tma` at 
 error at K ≥ 768, failing the 2× rule, while jax's `pallas_triton` matched XLA — as if wgmma
 truncated operands to tf32 where cuBLAS rounds them. The kernels now round every tf32 operand to
 nearest themselves (torch_impl/tf32.py, jax_impl/tf32.py); these cases check that on the GPU, at
-hf-blog-geglu's shape (768→3072→768): through the front (the TMA kernels' weights rounded in
-memory, once) and through the TMA launcher with a weight it must round in registers.
+hf-blog-geglu's shape (768→3072→768): through the front (the TMA kernels' operands rounded in
+memory: the weights once, x a call, the hidden layer at its store) and through the TMA launcher
+with operands it must round in registers. First run on an H100 at 2d92464
+(bench/results/2026-12-07-h100-2d92464-tf32/): the front's cases and `pallas_triton` passed.
 """
 
 from __future__ import annotations

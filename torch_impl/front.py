@@ -270,6 +270,8 @@ def _layer_launch(spec, layer, impl, m, config, residual, tune) -> KernelLaunch:
         cfg = check_config(config, impl)
     else:
         options = dict(entry.config_options)
+        if options.get("persistent") and spec.fp32_precision == "tf32":
+            options["fp32_precision"] = "tf32"  # the TMA kernels' tf32 tile (TF32_TMA_CONFIG)
         cfg = _function(impl, "config")(
             family, m, layer.d_out, layer.d_in, spec.dtype, interpret=_interpret(entry), **options
         )

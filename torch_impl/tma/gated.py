@@ -278,7 +278,10 @@ def gated(
             x, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
         )
     if config is None:
-        config = heuristic_config("gated", M, n, K, dtype, interpret=INTERPRET, persistent=True)
+        config = heuristic_config(
+            "gated", M, n, K, dtype, interpret=INTERPRET, persistent=True,
+            fp32_precision=fp32_precision,
+        )  # fmt: skip
     out = gated_fwd(
         x2d, wv, bc, n=n, activation=activation, config=config, fp32_precision=fp32_precision
     )

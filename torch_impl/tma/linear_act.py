@@ -702,8 +702,9 @@ def linear_act(
     r2d = residual.reshape(-1, N) if residual is not None else None
     if config is None:
         config = heuristic_config(
-            "linear_act", M, N, K, dtype, interpret=INTERPRET, persistent=True
-        )
+            "linear_act", M, N, K, dtype, interpret=INTERPRET, persistent=True,
+            fp32_precision=fp32_precision,
+        )  # fmt: skip
     out = linear_act_fwd(
         x2d, w, b, r2d, activation=activation, config=config, fp32_precision=fp32_precision
     )

@@ -12,8 +12,10 @@ common/dtypes.py (`round_to_tf32`, the NumPy definition every twin here matches 
   product of rounded operands, with a custom_vjp whose backward products round theirs as well (as
   XLA's do on a GPU). `baselines.xla` uses it there.
 
-Twin: torch_impl/tf32.py (its baseline form is a dispatch mode; a JAX program has no dispatcher to
-hook, so the baseline calls the product by name — twin-diff).
+Twin: torch_impl/tf32.py (the same names). twin-diff: no `tf32_copy` — the one-pass rounding in
+memory serves torch's TMA kernels, which read their tf32 operands from shared memory as they lie;
+JAX's float32 runs Pallas-Triton, whose operands pass through registers (pallas_mosaic takes
+16-bit only).
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ kernel measured 4.5× cuBLAS's error (docs/performance.md, forty-first session).
 
 - `tf32_operand(t, INPUT_PRECISION)`: inside a Triton kernel, a dot operand rounded where
   INPUT_PRECISION is "tf32" (a constexpr: nothing is emitted for "ieee" or 16-bit tiles). Every
-  `tl.dot` of the kernels, the TMA ones included, reads both operands through it; the tensor
-  cores' truncation of a rounded operand is exact. Under the interpreter (whose tl.dot ignores
-  input_precision and multiplies exactly) the kernels thus compute true tf32 products. On a GPU an
-  operand the TMA kernels would hand wgmma straight from shared memory now passes through
-  registers: what that costs, and the in-memory alternative, in docs/performance.md.
+  `tl.dot` of the pointer kernels reads both operands through it, and so do the TMA kernels'
+  unless told their operands are rounded in memory already (`tf32_operands_exact`: in registers
+  an operand wgmma would read from shared memory costs the pipeline, 31-44 % on an H100); the
+  tensor cores' truncation of a rounded operand is exact. Under the interpreter (whose tl.dot
+  ignores input_precision and multiplies exactly) the kernels thus compute true tf32 products.
 - `round_to_tf32(t)` (torch ops) and `tf32_copy(t)` (one Triton pass): a float32 tensor rounded
   in memory — the baseline below, the front's rounded weight copies, and the TMA kernels' inputs,
   which those kernels then read as they lie (`tf32_operands_exact`).

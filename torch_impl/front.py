@@ -444,7 +444,8 @@ _KMAJOR_TF32_IMPLS = frozenset({"triton_tma"})
 # What the plan's reason says where it does (one clause: no "; ").
 _KMAJOR_NOTE = (
     "float32 tf32: the weights are read K-major, from a copy made once per set of params "
-    "(32-bit wgmma takes K-major operands only)"
+    "(32-bit wgmma takes K-major operands only) and rounded to tf32, as x and the hidden layers "
+    "are, in memory"
 )
 
 

@@ -76,6 +76,18 @@ def test_torch_twin_matches_the_definition():
         torch_round(torch.zeros(3, dtype=torch.float16))
 
 
+def test_one_pass_copy_matches_the_definition():
+    from fusedmlp.torch_impl.tf32 import tf32_copy
+
+    x = torch.from_numpy(_values())
+    assert (_bits(tf32_copy(x).numpy()) == _bits(round_to_tf32(x.numpy()))).all()
+    strided = x[: 64 * 100].reshape(64, 100).t()  # a transposed view: rounded into a dense copy
+    got = tf32_copy(strided)
+    assert got.is_contiguous() and got.shape == strided.shape
+    assert (_bits(got.numpy()) == _bits(round_to_tf32(strided.numpy()))).all()
+    assert tf32_copy(torch.empty(0, 5)).shape == (0, 5)
+
+
 def test_jax_twin_matches_the_definition():
     import jax.numpy as jnp
 

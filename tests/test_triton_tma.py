@@ -431,6 +431,39 @@ def test_tf32_plans_take_the_tf32_tile(monkeypatch):
     ).config != (tiling.TF32_TMA_CONFIG)
 
 
+def test_tf32_weights_keep_inf_and_pass_gradients_straight_through():
+    """The front's rounded K-major weight copies (tf32.rounded_k_major) of parameters that require
+    grad: an infinite weight stays infinite (the output as eager's: +Inf, not NaN), and the copy's
+    gradient reaches the weight unchanged; a residual cannot be combined with a rounded output."""
+    from fusedmlp.torch_impl import front
+    from fusedmlp.torch_impl.tf32 import rounded_k_major
+
+    spec = MLPSpec((48, 64, 32), "relu", True, "float32", "tf32")
+    x = to_torch(np.abs(make_input(spec, 19, seed=1420)))
+    params = {k: to_torch(v).requires_grad_() for k, v in init_params(spec, seed=1421).items()}
+    with torch.no_grad():
+        params["w1"][5, 3] = float("inf")
+        y = front.mlp(x, params, spec, impl="triton_tma")
+        want = front.mlp(x, params, spec, impl="eager")
+    assert torch.isinf(want).any()  # the rows where the hidden unit is 0 give NaN in both
+    for where in (torch.isposinf, torch.isneginf, torch.isnan):
+        assert torch.equal(where(y), where(want)), where.__name__
+
+    w = torch.randn(24, 40, requires_grad=True)
+    copy = rounded_k_major(w)
+    assert support.is_k_major(copy) and copy.requires_grad
+    g = torch.randn(24, 40)
+    (copy * g).sum().backward()
+    assert torch.equal(w.grad, g)
+
+    h, w0 = torch.randn(8, 64), torch.randn(64, 32)
+    with pytest.raises(ValueError, match="tf32_output"):
+        tma_linear.linear_act_fwd(
+            h, w0, None, torch.zeros(8, 32), activation="identity", config=INTERPRET_CONFIG,
+            fp32_precision="tf32", tf32_output=True,
+        )  # fmt: skip
+
+
 _TF32_TTGIR = r"""
 import json, os, re, sys
 os.environ["TRITON_INTERPRET"] = "0"  # real Triton functions: compile for sm_90, launch nothing

@@ -69,9 +69,9 @@ from fusedmlp.common.validate import (
 )
 
 from . import baselines
-from .packing import k_major, pack_params
+from .packing import pack_params
 from .runtime import INTERPRET
-from .tf32 import round_to_tf32, tf32_copy
+from .tf32 import rounded_k_major, tf32_copy
 
 STACK = "torch"
 
@@ -431,7 +431,7 @@ def _training_plan(
 
 # ---- params in the layout the kernels take (converted once per set of tensors) -------------------
 # The launches' extra layout where float32 products are "tf32" on the Hopper TMA kernels: every
-# weight K-major (packing.k_major). wgmma takes 32-bit operands K-major only, so a row-major W
+# weight K-major (tf32.rounded_k_major). wgmma takes 32-bit operands K-major only, so a row-major W
 # slab costs those kernels a transposing pass through registers every K step, its wgmma waited
 # on at once (seen compiling for sm_90; bench/tf32_probe.py measures it); a K-major one is a free
 # view of shared memory. 16-bit operands are read either way, so nothing else converts.
@@ -469,7 +469,7 @@ def _weight_names(spec: MLPSpec) -> list[str]:
 def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozenset[str]):
     """The tensors our kernels read that `params` lacks: the packed names of plain params,
     contiguous copies of strided biases and, with KMAJOR, K-major copies of the weights rounded to
-    tf32 (`_tf32_k_major`). Never a tensor of `params` itself, so a cache of these keeps no
+    tf32 (`tf32.rounded_k_major`). Never a tensor of `params` itself, so a cache of these keeps no
     caller's tensor alive. A baseline ("any") reads the params as they come."""
     if "packed" not in layouts:
         return {}
@@ -478,18 +478,10 @@ def _derive(spec: MLPSpec, params: Mapping[str, torch.Tensor], layouts: frozense
     out |= {k: v.contiguous() for k, v in params.items() if v.ndim == 1 and not v.is_contiguous()}
     if KMAJOR in layouts:
         merged = {**params, **out}
-        out |= {name: _tf32_k_major(merged[name]) for name in _weight_names(spec)}
+        # rounded to tf32 there, once per set of params, every wgmma stays in flight; rounded slab
+        # by slab in registers they are serialised (tests/test_triton_tma.py compiles both)
+        out |= {name: rounded_k_major(merged[name]) for name in _weight_names(spec)}
     return {k: v for k, v in out.items() if params.get(k) is not v}
-
-
-def _tf32_k_major(w: torch.Tensor) -> torch.Tensor:
-    """w rounded to tf32 in a K-major copy (a [K, N] view of a row-major [N, K] buffer): what the
-    TMA kernels' wgmma reads straight from shared memory (`tf32_operands_exact`). Rounded there,
-    once per set of params, every wgmma stays in flight; rounded slab by slab in registers, they
-    are serialised (tests/test_triton_tma.py compiles both for sm_90). Differentiable
-    where w requires grad (a straight-through rounding: the gradient of w is that of its copy)."""
-    rounded = round_to_tf32(w.detach().t()).t()
-    return k_major(w + (rounded - w).detach()) if w.requires_grad else rounded
 
 
 def converts_params(spec: MLPSpec, params: Mapping[str, torch.Tensor]) -> bool:

@@ -91,6 +91,27 @@ def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
     return torch.where(special, bits, rounded).view(torch.float32).view_as(t)
 
 
+class _RoundedKMajor(torch.autograd.Function):
+    @staticmethod
+    def forward(w: torch.Tensor) -> torch.Tensor:
+        return round_to_tf32(w.t()).t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def rounded_k_major(w: torch.Tensor) -> torch.Tensor:
+    """A [K, N] w as a K-major copy (a [K, N] view of a row-major [N, K] buffer) rounded to tf32:
+    what the TMA kernels' wgmma reads straight from shared memory. Differentiable straight
+    through (the copy's gradient is w's), with ±Inf kept (no w + (copy - w) arithmetic)."""
+    return _RoundedKMajor.apply(w)
+
+
 def _as_int32(mask: int) -> int:
     """A 32-bit mask as the int32 that has its bits (torch has no uint32 arithmetic on the CPU)."""
     return mask - (1 << 32) if mask >= 1 << 31 else mask

@@ -471,6 +471,11 @@ def linear_act_fwd(
     `tf32_output` — the output is a hidden layer that a tf32 product reads next: stored rounded to
     tf32 (no residual), so that product can read it as it lies.
     """
+    if tf32_output and residual is not None:
+        raise ValueError(
+            "tf32_output: a launch with a residual stores the MLP's output, which is not rounded "
+            "to tf32 (the rounding would come before the residual's add); got both"
+        )
     M = x.shape[0]
     launch, width, x_kmajor, w_kmajor = _LAUNCHES.get((
         x.shape, x.stride(), w.shape, w.stride(), x.dtype, x.device, b is not None,

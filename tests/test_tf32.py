@@ -18,7 +18,7 @@ import triton.language as tl
 from fusedmlp.common import MLPSpec, reference
 from fusedmlp.common.dtypes import round_to_tf32
 from fusedmlp.common.params import init_params, make_input
-from fusedmlp.common.tolerance import compare
+from fusedmlp.common.tolerance import compare, compare_grads
 from fusedmlp.torch_impl.tf32 import tf32_operand
 from helpers import to_numpy, to_torch
 
@@ -173,3 +173,130 @@ def test_cpu_baseline_and_kernels_multiply_tf32_operands(stack):
     ref = reference.forward(SPEC, x, params)
     got = compare(run(x, params, kernel), ref, SPEC, baseline=run(x, params, baseline))
     assert got.passed, got.report()
+
+
+# ---- every kernel multiplies tf32 operands: its result ignores the bits rounding drops ----------
+# A kernel whose products are of operands rounded to tf32 gives the same bits on x and the
+# weights as on their tf32 roundings (bias vectors are no product's operand); one that multiplied
+# them exactly would not (the "ieee" check above shows the inputs differ where it matters).
+GATED = MLPSpec((40, 72, 24), "swiglu", True, "float32", "tf32")  # 16-byte rows: TMA takes it
+DEEP = MLPSpec((37, 53, 45, 19), "gelu", True, "float32", "tf32")
+FORWARD_CASES = [
+    ("torch", "triton", DEEP), ("torch", "triton_tma", GATED), ("torch", "fused_small", DEEP),
+    ("torch", "fused_decode", GATED), ("jax", "pallas_triton", DEEP), ("jax", "fused_small", GATED),
+    ("jax", "fused_decode", GATED),
+]  # fmt: skip
+
+
+def _rounded_weights(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: round_to_tf32(v) if v.ndim == 2 else v for k, v in params.items()}
+
+
+def _front(stack: str):
+    if stack == "torch":
+        from fusedmlp.torch_impl import mlp
+
+        def run(x, params, spec, impl):
+            pt = {k: to_torch(v) for k, v in params.items()}
+            return to_numpy(mlp(to_torch(x), pt, spec, impl=impl))
+
+        return run
+    import jax.numpy as jnp
+
+    from fusedmlp.jax_impl import mlp
+
+    def run(x, params, spec, impl):
+        pj = {k: jnp.asarray(v) for k, v in params.items()}
+        return to_numpy(mlp(jnp.asarray(x), pj, spec, impl=impl))
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "stack,impl,spec",
+    FORWARD_CASES,
+    ids=[f"{s}-{i}-{len(sp.widths)}" for s, i, sp in FORWARD_CASES],
+)
+def test_kernel_forward_multiplies_tf32_operands(stack, impl, spec):
+    x, params = make_input(spec, 21, seed=4205), init_params(spec, seed=4206)
+    run = _front(stack)
+    got = run(x, params, spec, impl)
+    assert np.array_equal(got, run(round_to_tf32(x), _rounded_weights(params), spec, impl))
+    assert compare(got, reference.forward(spec, x, params), spec).passed
+
+
+@pytest.mark.parametrize("stack", ["torch", "jax"])
+def test_lowrank_kernels_multiply_tf32_operands(stack):
+    from fusedmlp.common import lowrank_spec as ls
+
+    lspec = ls.LowRankSpec(MLPSpec((33, 67, 21), "swiglu", True, "float32", "tf32"), (9, 5))
+    rng = np.random.default_rng(4207)
+    params = {
+        name: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        for name, shape in ls.param_shapes(lspec).items()
+    }
+    x = make_input(lspec.spec, 21, seed=4208)
+    if stack == "torch":
+        from fusedmlp.torch_impl import lowrank_mlp
+
+        def run(xx, pp):
+            return to_numpy(
+                lowrank_mlp(to_torch(xx), {k: to_torch(v) for k, v in pp.items()}, lspec)
+            )
+    else:
+        import jax.numpy as jnp
+
+        from fusedmlp.jax_impl import lowrank_mlp
+
+        def run(xx, pp):
+            pj = {k: jnp.asarray(v) for k, v in pp.items()}
+            return to_numpy(lowrank_mlp(jnp.asarray(xx), pj, lspec))
+
+    got = run(x, params)
+    assert np.array_equal(got, run(round_to_tf32(x), _rounded_weights(params)))
+    assert compare(got, ls.reference(lspec, x, params), lspec.spec).passed
+
+
+def _torch_grads(x, params, spec, impl, dy):
+    from fusedmlp.torch_impl import mlp
+
+    xs = to_torch(x).requires_grad_()
+    ps = {k: to_torch(v).requires_grad_() for k, v in params.items()}
+    mlp(xs, ps, spec, impl=impl).backward(to_torch(dy))
+    return {"x": to_numpy(xs.grad), **{k: to_numpy(v.grad) for k, v in ps.items()}}
+
+
+def _jax_grads(x, params, spec, impl, dy):
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmlp.jax_impl import mlp
+
+    def loss(xx, pp):
+        return jnp.sum(mlp(xx, pp, spec, impl=impl) * jnp.asarray(dy))
+
+    gx, gp = jax.grad(loss, argnums=(0, 1))(
+        jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}
+    )
+    return {"x": to_numpy(gx), **{k: to_numpy(v) for k, v in gp.items()}}
+
+
+BACKWARD_CASES = [("torch", "triton"), ("torch", "fused_small"), ("jax", "pallas_triton"),
+                  ("jax", "fused_small")]  # fmt: skip
+
+
+@pytest.mark.parametrize("stack,impl", BACKWARD_CASES, ids=[f"{s}-{i}" for s, i in BACKWARD_CASES])
+def test_kernel_backward_multiplies_tf32_operands(stack, impl):
+    """The backward's products (dX = dZ·Wᵀ, dW = hᵀ·dZ, and the forward it recomputes) round
+    theirs too: every gradient is the same bits for x and the weights as for their roundings."""
+    x, params = make_input(GATED, 21, seed=4209), init_params(GATED, seed=4210)
+    dy = np.random.default_rng(4211).standard_normal((21, GATED.d_out)).astype(np.float32)
+    grads = _torch_grads if stack == "torch" else _jax_grads
+    got = grads(x, params, GATED, impl, dy)
+    again = grads(round_to_tf32(x), _rounded_weights(params), GATED, impl, dy)
+    assert got.keys() == again.keys()
+    for name in got:
+        assert np.array_equal(got[name], again[name]), name
+    want = reference.backward(GATED, x, params, dy, round_hidden=True)
+    verdicts = compare_grads(got, want, GATED)
+    assert all(c.passed for c in verdicts.values()), {k: c.report() for k, c in verdicts.items()}

@@ -60,6 +60,7 @@ from fusedmlp.torch_impl import gated as portable_gated
 from fusedmlp.torch_impl import linear_act as portable_linear
 from fusedmlp.torch_impl.packing import pack_gated
 from fusedmlp.torch_impl.runtime import INTERPRET
+from fusedmlp.torch_impl.tf32 import round_to_tf32, tf32_copy
 from fusedmlp.torch_impl.tma import gated as tma_gated
 from fusedmlp.torch_impl.tma import linear_act as tma_linear
 
@@ -222,6 +223,7 @@ class Operands:
     wv: torch.Tensor | None = None  # packed once, outside every timed call
     bc: torch.Tensor | None = None
     w_kmajor: torch.Tensor | None = None  # [K, N] view of an [N, K] copy, made once
+    w_tf32: torch.Tensor | None = None  # tf32: W (gated: [W|V]) K-major and rounded, made once
     ref: torch.Tensor | None = None  # float32, from torch
 
 
@@ -268,12 +270,30 @@ def kernel_call(
     g: Gemm, ops: Operands, impl: str, cfg: TileConfig, kmajor: bool = False
 ) -> Callable[[], torch.Tensor]:
     kw = dict(activation=g.activation, config=cfg, fp32_precision=g.precision)
+    if impl == "triton_tma" and g.precision == "tf32":
+        return _tf32_front_call(g, ops, cfg)
     if g.family == "gated":
         mod = tma_gated if impl == "triton_tma" else portable_gated
         return lambda: mod.gated_fwd(ops.x, ops.wv, ops.bc, n=g.n, **kw)
     mod = tma_linear if impl == "triton_tma" else portable_linear
     w = ops.w_kmajor if kmajor else ops.w
     return lambda: mod.linear_act_fwd(ops.x, w, ops.b, None, **kw)
+
+
+def _tf32_front_call(g: Gemm, ops: Operands, cfg: TileConfig) -> Callable[[], torch.Tensor]:
+    """The TMA kernel under "tf32" as the front runs it (torch_impl/front.py's `_layer_steps`): W
+    (gated: the packed [W|V]) K-major and rounded to tf32 once, x rounded by one pass a call (timed
+    with the GEMM), every operand read as it lies (`tf32_operands_exact`). The launcher's other
+    form, operands rounded in registers, serialises wgmma (bench/results/2026-12-07-h100-2d92464-
+    tf32: +31-44 %) and no plan runs it, so a tile chosen on it would be chosen for the wrong
+    kernel."""
+    w = ops.wv if g.family == "gated" else ops.w
+    if ops.w_tf32 is None:
+        ops.w_tf32 = round_to_tf32(w.t().contiguous()).t()  # once, outside every timed call
+    kw = dict(activation=g.activation, config=cfg, fp32_precision="tf32", tf32_operands_exact=True)
+    if g.family == "gated":
+        return lambda: tma_gated.gated_fwd(tf32_copy(ops.x), ops.w_tf32, ops.bc, n=g.n, **kw)
+    return lambda: tma_linear.linear_act_fwd(tf32_copy(ops.x), ops.w_tf32, ops.b, None, **kw)
 
 
 @dataclass

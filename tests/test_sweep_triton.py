@@ -56,3 +56,44 @@ def test_sweep_refuses_a_filter_that_matches_nothing_and_a_missing_table(tmp_pat
         )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
         assert not (tmp_path / "o.json").exists()
+
+
+def test_sweep_times_the_tf32_tma_kernel_as_the_front_runs_it(monkeypatch) -> None:
+    """Under "tf32" the sweep's TMA rows launch what a plan launches (torch_impl/front.py): W
+    (gated: the packed [W|V]) K-major and rounded to tf32 once, x rounded by one pass a call, both
+    read as they lie — not the launchers' register-rounding form, whose pipeline differs (a tile
+    chosen on it would be committed for the wrong kernel)."""
+    import torch
+
+    from fusedmlp.bench import sweep_triton as sweep
+    from fusedmlp.torch_impl.tf32 import round_to_tf32
+
+    seen: list[dict] = []
+
+    def recorder(name):
+        def launch(x, w, *args, **kwargs):
+            seen.append(dict(name=name, x=x.clone(), w=w, **kwargs))
+            return x
+
+        return launch
+
+    monkeypatch.setattr(sweep.tma_gated, "gated_fwd", recorder("gated"))
+    monkeypatch.setattr(sweep.tma_linear, "linear_act_fwd", recorder("linear_act"))
+    cfg = TileConfig(16, 64, 16, num_warps=4, num_stages=1)
+    for family, bias in (("gated", False), ("linear_act", True)):
+        g = sweep.Gemm("t", family, 40, 72, 32, "silu", bias, "float32", "tf32")
+        ops = sweep.make_operands(g, "cpu")
+        call = sweep.kernel_call(g, ops, "triton_tma", cfg)
+        call(), call()
+        first, second = seen[-2:]
+        assert first["name"] == second["name"] == family
+        assert first["tf32_operands_exact"] and first["fp32_precision"] == "tf32"
+        assert first["w"] is second["w"]  # rounded once, outside the timed calls
+        w = ops.wv if family == "gated" else ops.w
+        assert first["w"].stride() == (1, w.shape[0])  # K-major: a [K, N] view of an [N, K] copy
+        assert torch.equal(first["w"], round_to_tf32(w))
+        assert torch.equal(first["x"], round_to_tf32(ops.x))  # a fresh rounded x every call
+    # 16-bit and "ieee" rows keep the launchers' plain call
+    g = sweep.Gemm("t", "linear_act", 40, 72, 32, "silu", True, "float32", "ieee")
+    sweep.kernel_call(g, sweep.make_operands(g, "cpu"), "triton_tma", cfg)()
+    assert "tf32_operands_exact" not in seen[-1]

@@ -192,6 +192,29 @@ def test_sweep_picks_fastest_records_skips_and_reuses(tmp_path):
     )
 
 
+def test_tuned_launcher_times_the_launch_the_caller_makes(tmp_path):
+    """The front's tf32 TMA launches pass `tf32_operands_exact` / `tf32_output` (operands rounded in
+    memory): every timed candidate and the final launch get them, the gated `n` too — a sweep of
+    the launcher's register-rounding form would pick a tile for a kernel no plan runs."""
+    seen: list[dict] = []
+
+    def fake_fwd(x, w, b, *, activation, config, fp32_precision="ieee", **options):
+        seen.append(dict(options, config=config, fp32_precision=fp32_precision))
+        return {CFG_A: 0.8, CFG_B: 0.3}.get(config, 1.0)
+
+    x = torch.zeros((100, 40), dtype=torch.float32)
+    wv = torch.zeros((40, 128), dtype=torch.float32)
+    launch = tuning.tuned(
+        "gated", fake_fwd, configs=[CFG_A, CFG_B], cache_file=str(tmp_path / "t.json"),
+        interpret=False, device_name="Fake GPU", bench=_run_bench,
+    )  # fmt: skip
+    flags = dict(tf32_operands_exact=True, tf32_output=True)
+    launch(x, wv, None, n=64, activation="silu", fp32_precision="tf32", **flags)
+    assert [s["config"] for s in seen] == [CFG_A, CFG_B, CFG_B]  # two timed, then the launch
+    for call in seen:
+        assert call == dict(flags, n=64, config=call["config"], fp32_precision="tf32")
+
+
 def test_sweep_with_no_runnable_config_names_every_reason(tmp_path):
     fake = _fake_launcher([])
     args = (

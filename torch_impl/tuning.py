@@ -169,9 +169,14 @@ def tuned_config(
     bench: Bench | None = None,
     use_committed: bool = True,
     n: int | None = None,
+    launch_options: dict[str, Any] | None = None,
 ) -> TileConfig:
     """The config for `launcher` on `args` (x [M, K], w [K, N] or wv [K, 2·Np], ...): cached,
     committed, swept, or heuristic. `n`: the gated layer's output width (its launcher's `n=`).
+    `launch_options`: the launcher's other keywords, passed to every timed launch, so the sweep
+    times the kernel the caller runs — the front's tf32 TMA launches read operands rounded in
+    memory (`tf32_operands_exact`, `tf32_output`), whose pipeline differs from the register-rounding
+    form the launcher runs without them (bench/results/2026-12-07-h100-2d92464-tf32: +31-44 %).
 
     `interpret`, `device_name` and `bench` default to this process's interpreter flag, the GPU of x
     and `do_bench`'s median; tests pass their own to exercise the sweep without a GPU.
@@ -185,7 +190,7 @@ def tuned_config(
             raise ValueError("n: expected the gated layer's output width, got None")
         n = w.shape[1]
     dtype = str(x.dtype).removeprefix("torch.")
-    launch_kw = {"n": n} if family == "gated" else {}
+    launch_kw = {**(launch_options or {}), **({"n": n} if family == "gated" else {})}
     if INTERPRET if interpret is None else interpret:
         return heuristic_config(family, m, n, k, dtype, interpret=True)
     if device_name is None:
@@ -237,6 +242,7 @@ def tuned(family: str, launcher: Launcher, **tune_options: Any) -> Launcher:
                 activation=activation,
                 fp32_precision=fp32_precision,
                 n=launch_kw.get("n"),
+                launch_options={k: v for k, v in launch_kw.items() if k != "n"},
                 **tune_options,
             )
         return launcher(

@@ -19,9 +19,9 @@ then those of `--config` (knob=value pairs, bools as 0/1), the cartesian product
 config that does not fit shared memory is skipped; one that fails to compile or run is printed as
 FAIL and the sweep goes on. Per line: device µs (median of `--calls` calls by
 bench/timing.time_device: kernel durations, L2 flushed before each call), the Pallas-Triton kernel's
-(pinned to its default tiles), bits equal to it, its max |diff|, and the tolerance policy's verdict
-against the float64 reference on the first 4096 rows. `--smoke`: tiny cases under the interpreter
-(checks the script on a CPU; nothing is timed).
+(pinned to its default tiles), bits equal to it, its max |diff|, and the tolerance policy's verdicts
+against it and against the float64 reference on the first 4096 rows. `--smoke`: tiny cases under
+the interpreter (checks the script on a CPU; nothing is timed).
 """
 
 from __future__ import annotations
@@ -195,9 +195,14 @@ def _compare(out: np.ndarray, base: np.ndarray, x: np.ndarray, params: dict, spe
     diff = np.abs(out.astype(np.float32) - base.astype(np.float32))
     ref = reference.forward(spec, x[:REF_ROWS], params)
     verdict = tolerance.compare(out[:REF_ROWS], ref, spec)
+    # the policy's verdict against the Pallas-Triton kernel as well: on the GPU the two give the
+    # same bits; under the CPU interpreters they sum products in their own orders (NumPy's matmul,
+    # XLA's dot), equal or not by the CPU's instruction set
+    twin = tolerance.compare(out, base.astype(np.float64), spec)
     return {
         "bitwise_equal": int(bits.sum()),
         "elements": int(out.size),
+        "twin_pass": bool(twin.passed),
         "max_abs_diff": float(np.nanmax(diff)) if diff.size else 0.0,
         "nan": int(np.isnan(out.astype(np.float32)).sum()),
         "ref_pass": bool(verdict.passed),
@@ -249,6 +254,7 @@ def run_case(name: str, spec: MLPSpec, m: int, configs: list[Any], args: argpars
             print(
                 f"   {cfg!s:38} {row['device_us']} us (pallas_triton {triton_us}) "
                 f"bits {row['bitwise_equal']}/{row['elements']} max|d| {row['max_abs_diff']:.3g} "
+                f"twin {'PASS' if row['twin_pass'] else 'FAIL'} "
                 f"nan {row['nan']} ref {'PASS' if row['ref_pass'] else 'FAIL'} "
                 f"compile {row['compile_s']} s",
                 flush=True,

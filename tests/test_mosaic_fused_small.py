@@ -150,8 +150,8 @@ def test_poisoned_output_and_nan_row() -> None:
 def test_matches_the_pallas_triton_kernel(record_property) -> None:
     """The same values as jax_impl/fused_small.py (Pallas-Triton, interpreted) within tolerance;
     the count of equal bits is reported, not asserted: the interpreters sum the products in
-    their own orders (NumPy's matmul here, XLA's dot there), equal on this CPU for relu
-    (19264 of 19264 elements at 2026-12 on this machine)."""
+    their own orders (NumPy's matmul here, XLA's dot there): 19264 of 19264 elements equal on
+    earlier sessions' CPUs, 19200 on an AMD EPYC with AVX2 and no AVX-512 (2026-12-07)."""
     from fusedmlp.jax_impl import fused_small as portable
 
     spec = MLPSpec((64,) * 6, "relu", False, "float16")
@@ -399,7 +399,12 @@ def test_the_front_runs_the_sibling_at_the_plans_tiles(monkeypatch) -> None:
 
 def test_probe_smoke(tmp_path) -> None:
     """bench/mosaic_small_probe.py under the interpreter: both cases run at the interpreter's
-    config, pass the reference and match the (pinned) Pallas-Triton kernel bit for bit."""
+    config, pass the reference and agree with the (pinned) Pallas-Triton kernel under the tolerance
+    policy, the equal bits counted. Not asserted bit for bit here, as in
+    test_matches_the_pallas_triton_kernel: the two interpreters sum products in their own orders
+    (NumPy's matmul, XLA's dot): every element equal at nerf on earlier sessions' CPUs, 19187 of
+    19264 on an AMD EPYC with AVX2 and no AVX-512 (2026-12-07). On the GPU
+    test_gpu_nerf_against_pallas_triton asserts the bits."""
     import importlib.util
     import json
     from pathlib import Path
@@ -412,7 +417,8 @@ def test_probe_smoke(tmp_path) -> None:
     assert probe.main(["--smoke", "--out", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["rows"] if r["impl"] == "mosaic"]
     assert [r["case"] for r in rows] == ["nerf", "w32x8"]
-    assert all(r["ref_pass"] and r["bitwise_equal"] == r["elements"] for r in rows)
+    assert all(r["ref_pass"] and r["twin_pass"] for r in rows), rows
+    assert all(0 < r["bitwise_equal"] <= r["elements"] for r in rows), rows
 
 
 # ---- on the GPU ----------------------------------------------------------------------------------

@@ -377,6 +377,8 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fusedmlp.bench.report import save_chart
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"plain": ("tab:blue", "plain SVD"), "activation": ("tab:red", "activation-aware SVD")}
     for method in doc["methods"]:
@@ -394,8 +396,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("all-MiniLM-L6-v2, low-rank FFNs: held-out CPython documentation text")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 # ---- command line --------------------------------------------------------------------------------

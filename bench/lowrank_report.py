@@ -96,6 +96,8 @@ def plot(table: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fusedmlp.bench.report import save_chart
+
     labels = [f"r={row['r']}\nM={row['m']}" for row in table]
     xs = range(len(table))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(table) + 2), 3.6))
@@ -114,8 +116,7 @@ def plot(table: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1120,7 +1120,7 @@ def train_tables(train: dict[str, Any]) -> list[Any]:
 
 
 def plot_train(train: dict[str, Any], path: Path) -> Path:
-    from .report import _plt
+    from .report import _plt, save_chart
 
     plt = _plt()
     image = train["task"] == "image"
@@ -1152,9 +1152,7 @@ def plot_train(train: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"fusedmlp train {train['task']} on {train['device']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_chart(fig, path)
 
 
 def plot_images(train: dict[str, Any], out_dir: Path) -> Path | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fusedmlp.bench import cli, providers, report
 from fusedmlp.bench.timing import Stats, time_host
@@ -314,6 +315,8 @@ def test_report_writes_markdown_and_png(
     assert "Overhead:" in text and "Machine: CPU" in text
     for name in ("bench.png", "overhead.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+        with Image.open(tmp_path / name) as image:  # a palette PNG (report.save_chart)
+            assert image.mode == "P"
     data = _load(merged)
     assert "bench" in data and "overhead" in data
     with pytest.raises(SystemExit, match="expected a fusedmlp results file"):

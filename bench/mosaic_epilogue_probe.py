@@ -40,34 +40,44 @@ M = 8192
 PROBED = ("gpt.up", "gpt.down", "llama.down")
 
 
+def mosaic_variants(g: Gemm, m: int, *, smoke: bool) -> dict[str, tuple[Gemm, Any]]:
+    """The pallas_mosaic kernels timed for one GEMM, by name: (the layer, its TileConfig)."""
+    from fusedmlp.jax_impl.mosaic import pipeline
+
+    table = pipeline.default_config(g.family, m, g.n, g.k, "bfloat16")
+    kernels = {f"mosaic {table}": (g, table)}
+    plain = dataclasses.replace(g, bias=False)
+    if g.bias:
+        kernels["mosaic, no bias"] = (plain, table)
+    if g.activation != "identity":
+        kernels["mosaic, no bias, identity"] = (
+            dataclasses.replace(plain, activation="identity"),
+            table,
+        )
+    if g.name == "gpt.up":  # the cooperative 128×256 tile beside the table's ping-pong one
+        wide = (
+            sweep_mosaic._cfg(128, 128, 32, 2)
+            if smoke
+            else sweep_mosaic._cfg(128, 256, 64, 4, sub=2)
+        )
+        if wide != table:
+            kernels[f"mosaic {wide}"] = (g, wide)
+    return kernels
+
+
 def variants(g: Gemm, m: int, *, smoke: bool) -> dict[str, Callable[[dict[str, Any]], Any]]:
     """The ops timed for one GEMM, by name."""
     import jax.numpy as jnp
 
-    from fusedmlp.jax_impl.mosaic import pipeline
-
-    interpret = smoke
-    table = pipeline.default_config(g.family, m, g.n, g.k, "bfloat16")
     ops: dict[str, Callable[[dict[str, Any]], Any]] = {
         "xla layer": sweep_mosaic.xla_op(g),
         "xla matmul": lambda s: jnp.matmul(s["x"], s["w"]),
-        f"mosaic {table}": sweep_mosaic.mosaic_op(g, table, interpret),
     }
     if not smoke:  # the example has no interpreter path of its own worth timing
         cfg = sweep_mosaic.example_configs(first=True)[0]
         ops["example GEMM"] = sweep_mosaic.example_op(g, cfg)
-    plain = dataclasses.replace(g, bias=False)
-    if g.bias:
-        ops["mosaic, no bias"] = sweep_mosaic.mosaic_op(plain, table, interpret)
-    if g.activation != "identity":
-        bare = dataclasses.replace(plain, activation="identity")
-        ops["mosaic, no bias, identity"] = sweep_mosaic.mosaic_op(bare, table, interpret)
-    if g.name == "gpt.up":
-        wide = sweep_mosaic._cfg(128, 256, 64, 4, sub=2)
-        if smoke:
-            wide = sweep_mosaic._cfg(128, 128, 32, 2)
-        if wide != table:
-            ops[f"mosaic {wide}"] = sweep_mosaic.mosaic_op(g, wide, interpret)
+    for name, (layer, config) in mosaic_variants(g, m, smoke=smoke).items():
+        ops[name] = sweep_mosaic.mosaic_op(layer, config, interpret=smoke)
     return ops
 
 

@@ -388,6 +388,30 @@ def test_sweep_grid_is_legal() -> None:
             assert tiles.pingpong and tiles.wg_m * tiles.wg_op_n <= pipeline.MAX_ACC_ELEMS
 
 
+def test_epilogue_probe_times_each_epilogue_piece_apart() -> None:
+    """bench/mosaic_epilogue_probe.py: per gpt-mlp GEMM the layer at its table tile, the same
+    kernel without its bias, and without bias or activation (the up GEMM also at the 128×256
+    tile); every kernel it times is legal (check_config)."""
+    from fusedmlp.bench import mosaic_epilogue_probe as probe
+    from fusedmlp.bench import sweep_mosaic
+
+    up = probe.mosaic_variants(sweep_mosaic.GEMMS["gpt.up"], 8192, smoke=False)
+    down = probe.mosaic_variants(sweep_mosaic.GEMMS["gpt.down"], 8192, smoke=False)
+    assert [(g.bias, g.activation) for g, _ in up.values()] == [
+        (True, "gelu_tanh"),
+        (False, "gelu_tanh"),
+        (False, "identity"),
+        (True, "gelu_tanh"),
+    ]
+    assert [(g.bias, g.activation) for g, _ in down.values()] == [
+        (True, "identity"),
+        (False, "identity"),
+    ]
+    assert list(up.values())[-1][1].block_n == 256
+    for _, config in [*up.values(), *down.values()]:
+        pipeline.check_config(config, "bfloat16", residual=False, num_weights=1)
+
+
 def test_sweep_narrow_grid_lowers(capsys) -> None:
     """bench/sweep_mosaic.py --narrow (x·U, N = 64/128/256, K = 4096): per (N, M) at most 10
     configs, the default first, the tiles the mode is for among them (64 rows, block_n = N,

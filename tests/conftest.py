@@ -21,9 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import sys
-import tempfile
 
 import pytest
 
@@ -57,37 +55,8 @@ def _compile_fast_on_the_cpu() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
 
 
-def _share_compiled_programs() -> None:
-    """One JAX persistent compilation cache for a test run: its xdist workers and the scripts
-    its tests start (jax keys each entry by its version, its flags and the program). The
-    interpreters compile the same kernel programs in many tests and in both workers; a hit is
-    XLA's own executable of the same program, the same bits. Measured on CI's 2 cores:
-    tests/test_parity_golden.py and test_golden_grad.py's JAX cases 130 -> 119 s from an empty
-    cache (2026-12-07). The folder is made by the first pytest process (xdist's controller; its
-    workers and the scripts tests start inherit the variable) and removed when it ends; a cache
-    the user configured is kept."""
-    global _CACHE_MADE_HERE
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return  # the user's, or the one the controller made (xdist's workers inherit it)
-    folder = tempfile.mkdtemp(prefix="fusedmlp-jax-cache-")
-    _CACHE_MADE_HERE = folder
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-    # every program, however small or fast to compile (jax's defaults skip those under 1 s)
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-
-_CACHE_MADE_HERE: str | None = None
 if not _has_cuda():
     _compile_fast_on_the_cpu()
-    _share_compiled_programs()
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if _CACHE_MADE_HERE is not None:
-        shutil.rmtree(_CACHE_MADE_HERE, ignore_errors=True)
-
-
 # Keep JAX off any accelerator-less warnings and on float32 defaults (x64 stays off, as for users).
 os.environ.setdefault("JAX_PLATFORMS", "" if _has_cuda() else "cpu")
 if importlib.util.find_spec("jax") is not None:

@@ -582,7 +582,7 @@ def save_chart(fig: Any, path: Path, *, dpi: int = 110) -> Path:
     return path
 
 
-def _save(plt: Any, fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     return save_chart(fig, path)
 
@@ -629,7 +629,7 @@ def plot_bench(bench: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel(f"median time per {what}, ms, log scale (whiskers: min/max)")
         ax.legend(fontsize=7, loc="lower right")
         ax.tick_params(labelsize=7)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
@@ -665,7 +665,7 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
     fig.suptitle(
         f"{sweep['activation']}, {sweep['dtype']}, M={sweep['m']}, {sweep['device']}", fontsize=9
     )
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
@@ -695,7 +695,7 @@ def plot_overhead(overhead: dict[str, Any], path: Path) -> Path:
     fig.suptitle(
         f"Overhead: {overhead['spec_text']}, M={overhead['m']}, {overhead['device']}", fontsize=9
     )
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_train(train: dict[str, Any], path: Path) -> Path:

@@ -407,7 +407,7 @@ def mosaic_op(g: Gemm, config: Any, interpret: bool) -> Callable[[dict[str, Any]
         return lambda s: gated.gated_fwd(
             s["x"],
             s["wv"],
-            s["bc"],
+            s["bc"] if g.bias else None,  # the layer's own bias, whatever the set holds
             n=g.n,
             activation=g.activation,
             config=config,
@@ -416,7 +416,7 @@ def mosaic_op(g: Gemm, config: Any, interpret: bool) -> Callable[[dict[str, Any]
     return lambda s: linear_act.linear_act_fwd(
         s["x"],
         s["w"],
-        s.get("b"),
+        s["b"] if g.bias else None,
         None,
         activation=g.activation,
         config=config,

@@ -23,10 +23,11 @@ from typing import Any
 from fusedmlp.common import MLPSpec
 
 from . import ceilings as ceilings_mod
+from . import paired
 from .cases import Case
 from .metrics import Ceilings, all_metrics, floor, matmul_key
 from .parity import BASELINE_OF, judge, run_provider, strip
-from .providers import Provider, sync
+from .providers import AUTO, Provider, sync
 from .timing import judge_timing, measure
 
 NOT_TIMED_INTERPRETED = "interpreted — not timed"
@@ -50,11 +51,15 @@ def bench_case(
     *,
     timing: dict[str, Any] | None = None,
     on_row: Any = None,
+    paired_rounds: int = 0,
 ) -> dict[str, Any]:
+    """Every provider's row on one case; with `paired_rounds`, `auto` and its stack's baselines
+    timed again in interleaved rounds (bench/paired.py) under the result's "paired"."""
     timing = timing or {}
     spec, m = case.spec, case.m
     base_out: dict[str, Any] = {}
     done: dict[str, dict[str, Any]] = {}
+    timed_fns: dict[Provider, tuple[str, Any]] = {}  # the timed rows' callables, for the pairing
     for stack, impl in BASELINE_OF.items():
         base = Provider(stack, impl, True)
         if base in providers and base.enabled(case.device) is None:
@@ -110,12 +115,15 @@ def bench_case(
                         capturable=row.get("_capturable", True),
                     )
                 )
+                if row["status"] == TIMED:
+                    timed_fns[p] = (row.get("chosen", p.impl), row["_fn"])
         strip(row)
         rows.append(row)
         if on_row is not None:
             on_row(row)
     per_layer = floor(spec, m, "triton", ceil)
     whole = floor(spec, m, "fused_small", ceil)
+    pairs = pair_rows(case.device, timed_fns, paired_rounds) if paired_rounds else []
     return {
         "spec": spec.to_dict(),
         "spec_text": str(spec),
@@ -131,7 +139,36 @@ def bench_case(
             "bytes_whole": whole.bytes,
         },
         "rows": rows,
+        **({"paired": pairs} if paired_rounds else {}),
     }
+
+
+def pair_rows(
+    device: str, timed: dict[Provider, tuple[str, Any]], rounds: int
+) -> list[dict[str, Any]]:
+    """Per stack whose `auto` and at least one baseline were timed: paired.pair_stack over them.
+    A stack whose pairing fails says why in its entry; the rows stand either way."""
+    out = []
+    for stack in dict.fromkeys(p.stack for p in timed):
+        ours = [p for p in timed if p.stack == stack and p.impl == AUTO]
+        bases = {p.name: timed[p][1] for p in timed if p.stack == stack and p.baseline}
+        if not ours or not bases:
+            continue
+        auto = ours[0]
+        try:
+            out.append(
+                paired.pair_stack(
+                    stack,
+                    device,
+                    (auto.name, timed[auto][0], timed[auto][1]),
+                    bases,
+                    lambda o, s=stack: sync(s, o),
+                    rounds=rounds,
+                )
+            )
+        except Exception as exc:
+            out.append({"stack": stack, "error": f"{type(exc).__name__}: {exc}"})
+    return out
 
 
 def cudagraph_request(p: Provider, device: str, capturable: bool = True) -> bool | str:
@@ -220,6 +257,7 @@ def run_bench(
     on_case: Any = None,
     checkpoint: Any = None,
     ceilings: Ceilings | None = None,
+    paired_rounds: int = 0,
 ) -> dict[str, Any]:
     """`items` are (preset name or label, spec, M). Ceilings first, then every case; `checkpoint`
     gets the results so far after each case (the runner saves them, so a time limit keeps them)."""
@@ -232,7 +270,9 @@ def run_bench(
             on_case(label, spec, m)
         start = time.perf_counter()
         case = Case(spec, m, device)
-        result = bench_case(case, providers, ceil, timing=timing, on_row=on_row)
+        result = bench_case(
+            case, providers, ceil, timing=timing, on_row=on_row, paired_rounds=paired_rounds
+        )
         result["preset"] = label
         result["wall_s"] = round(time.perf_counter() - start, 1)  # the runner's budget (log.txt)
         cases.append(result)

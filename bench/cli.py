@@ -46,6 +46,16 @@ def _console() -> Any:
     return Console(width=None if wide else 200, highlight=False)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(t) for t in text.split(",") if t.strip())
@@ -285,6 +295,7 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
             timing=_timing(args),
             on_row=bar.row,
             checkpoint=_checkpoint(args, "bench"),
+            paired_rounds=args.paired or 0,
         )
     results = _results("bench", result)
     rep.print_tables(console, rep.bench_tables(result))
@@ -673,6 +684,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SAVED_POLICIES,
         help=f"with --backward: what our paths keep for the backward (default {DEFAULT_SAVED})",
     )
+    p.add_argument(
+        "--paired",
+        type=_positive,
+        metavar="ROUNDS",
+        help="then time each stack's auto and its baselines again in ROUNDS interleaved rounds "
+        "and report their ratios per round (bench/paired.py: drift between rows cancels)",
+    )
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
@@ -732,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--saved: only with --backward (the forward keeps nothing)")
     if getattr(args, "backward", False) and args.command == "bench" and args.tune:
         parser.error("--tune: not with --backward (it concerns the forward's kernels)")
+    if getattr(args, "backward", False) and getattr(args, "paired", None):
+        parser.error("--paired: not with --backward (it pairs the forward's rows)")
     console = _console()
     func = getattr(args, "func", None)
     return (func or cmd_default)(args, console)

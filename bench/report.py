@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import paired as paired_mod
 from .env import describe
 
 RESULTS_KIND = "fusedmlp-results"
@@ -227,7 +228,50 @@ def bench_tables(bench: dict[str, Any]) -> list[Table]:
                 ),
             )
         )
-    return tables
+    paired = paired_table(bench["cases"])
+    return tables + ([paired] if paired else [])
+
+
+def paired_table(cases: list[dict[str, Any]]) -> Table | None:
+    """`bench --paired`: each stack's `auto` against its baselines, the ratio taken inside each
+    interleaved round (bench/paired.py); None where no case was paired."""
+    rows = []
+    for case in cases:
+        for pair in case.get("paired", []):
+            label = f"{case.get('preset', '')} M={case['m']}"
+            if "error" in pair:
+                rows.append([label, pair["stack"], "-", "-", "-", "-", "-", pair["error"]])
+                continue
+            ours = pair["time"][pair["ours"]]["median"]
+            for base, ratio in pair["ratio"].items():
+                theirs = (
+                    min(pair["time"][b]["median"] for b in pair["baselines"])
+                    if base == paired_mod.BEST
+                    else pair["time"][base]["median"]
+                )
+                rows.append(
+                    [
+                        label,
+                        f"{pair['ours']} → {pair['chosen']}",
+                        base,
+                        fmt_time(ours),
+                        fmt_time(theirs),
+                        f"{ratio['median']:.3f}×",
+                        f"{ratio['min']:.3f} … {ratio['max']:.3f}",
+                        f"{pair['rounds']} × {pair['calls']}",
+                    ]
+                )
+    if not rows:
+        return None
+    return Table(
+        "Paired rounds: auto against its stack's baselines",
+        ["case", "ours", "baseline", "ours (median)", "baseline (median)", "×", "range", "rounds"],
+        rows,
+        caption="× = baseline ÷ ours inside each round (above 1: ours is faster), its median and "
+        "range over the rounds; each round times every contender `calls` calls back to back, "
+        "the order rotated round by round, so drift between rounds cancels (bench/paired.py); "
+        "best = the round's fastest baseline; times are the medians of the rounds' medians",
+    )
 
 
 def fmt_bytes(n: float | None) -> str:

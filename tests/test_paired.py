@@ -1,0 +1,143 @@
+"""`fusedmlp bench --paired`: auto against its stack's baselines in interleaved rounds
+(bench/paired.py), the ratio taken inside each round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusedmlp.bench import paired
+from fusedmlp.bench.benchmark import pair_rows
+from fusedmlp.bench.cli import main
+from fusedmlp.bench.providers import Provider
+from fusedmlp.bench.report import bench_tables, paired_table
+from fusedmlp.common import MLPSpec
+from helpers import CLI_TINY_SPEC, one_point_table
+
+
+def test_rounds_rotate_the_order():
+    order: list[str] = []
+
+    def sampler(name: str):
+        return lambda: order.append(name) or 1.0
+
+    samples = paired.interleave({n: sampler(n) for n in "abc"}, rounds=4)
+    assert order == list("abcbcacababc")
+    assert samples == {n: [1.0] * 4 for n in "abc"}
+    with pytest.raises(ValueError, match="rounds: expected >= 1, got 0"):
+        paired.interleave({"a": lambda: 1.0}, rounds=0)
+
+
+def test_a_drift_between_rounds_cancels_in_the_ratio():
+    """The clock halves the speed of everything from round to round: each row alone moves 4×,
+    the ratio inside each round stays 1.25 (the baseline is 25 % slower than ours)."""
+    calls = {"ours": 0, "eager": 0, "compile": 0}
+    base_time = {"ours": 1.0, "eager": 1.25, "compile": 1.5}
+
+    def sampler(name: str):
+        def sample() -> float:
+            calls[name] += 1
+            return base_time[name] * 2 ** (calls[name] - 1)
+
+        return sample
+
+    samples = paired.interleave({n: sampler(n) for n in base_time}, rounds=3)
+    assert samples["ours"] == [1.0, 2.0, 4.0]
+    ratio = paired.ratios(samples, "ours", ["eager", "compile"])
+    assert ratio["eager"]["median"] == ratio["eager"]["min"] == ratio["eager"]["max"] == 1.25
+    assert ratio["compile"]["median"] == 1.5
+    assert ratio[paired.BEST]["per_round"] == [1.25, 1.25, 1.25]  # the round's fastest baseline
+    with pytest.raises(ValueError, match="baselines: expected at least one"):
+        paired.ratios(samples, "ours", [])
+    # one baseline: no separate "best"
+    assert set(paired.ratios(samples, "ours", ["eager"])) == {"eager"}
+
+
+def test_pair_rows_times_auto_and_each_baseline_per_stack_on_the_cpu():
+    """Real samplers on the CPU's host clock: every contender timed each round, the ratio's
+    per-round values are the rounds' times divided; a stack without a timed baseline is left out."""
+    a = np.ones((64, 64), np.float32)
+
+    def work(reps: int):
+        return lambda i: [a @ a for _ in range(reps)][-1]
+
+    timed = {
+        Provider("torch", "auto", False): ("triton", work(1)),
+        Provider("torch", "eager", True): ("eager", work(4)),
+        Provider("torch", "compile", True): ("compile", work(2)),
+        Provider("jax", "auto", False): ("xla", work(1)),  # no JAX baseline timed: no pair
+    }
+    [pair] = pair_rows("cpu", timed, rounds=3)
+    assert pair["stack"] == "torch" and pair["ours"] == "torch:auto" and pair["chosen"] == "triton"
+    assert pair["baselines"] == ["torch:eager", "torch:compile"]
+    assert pair["method"] == "host clock, synchronised" and pair["calls"] == paired.DEFAULT_CALLS
+    times = pair["time"]
+    assert all(len(times[n]["per_round"]) == 3 for n in times)
+    for name in pair["baselines"]:
+        theirs, ours = times[name]["per_round"], times["torch:auto"]["per_round"]
+        per_round = [t / o for t, o in zip(theirs, ours, strict=True)]
+        assert pair["ratio"][name]["per_round"] == pytest.approx(per_round)
+    assert set(pair["ratio"]) == {"torch:eager", "torch:compile", paired.BEST}
+
+    # the report's table: one line per baseline and "best", the ratio and its range
+    case = {"preset": "cpu-small", "m": 64, "paired": [pair, {"stack": "jax", "error": "boom"}]}
+    table = paired_table([case])
+    assert [r[2] for r in table.rows] == ["torch:eager", "torch:compile", "best", "-"]
+    assert table.rows[0][1] == "torch:auto → triton" and table.rows[0][-1] == "3 × 20"
+    assert table.rows[-1][-1] == "boom"
+    assert paired_table([{"preset": "x", "m": 1}]) is None
+
+
+def test_a_failed_pairing_says_why_and_keeps_the_rows():
+    def broken(i):
+        raise RuntimeError("no device")
+
+    timed = {
+        Provider("jax", "auto", False): ("pallas_triton", broken),
+        Provider("jax", "xla", True): ("xla", lambda i: np.zeros(1)),
+    }
+    assert pair_rows("cpu", timed, rounds=2) == [
+        {"stack": "jax", "error": "RuntimeError: no device"}
+    ]
+
+
+def test_cli_refuses_a_bad_paired_argument(capsys):
+    for argv, why in [
+        (["bench", "--paired", "0"], "expected a positive int, got 0"),
+        (["bench", "--paired", "x"], "expected a positive int, got 'x'"),
+        (["bench", "--backward", "--paired", "3"], "--paired: not with --backward"),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2
+        assert why in capsys.readouterr().err
+
+
+def test_bench_without_paired_has_no_table():
+    bench = {
+        "ceilings": {"matmul": {}, "copy": 1e12},
+        "cases": [],
+    }
+    assert [t.title for t in bench_tables(bench)] == ["Ceilings (measured in this run)"]
+
+
+def test_bench_pairs_auto_end_to_end_where_auto_is_timed(
+    spec_file: Path, tmp_path: Path, torch_table, no_cli_faults
+):
+    """On a CPU `auto` is timed only where it runs a baseline: a table sends it to eager here, so
+    `bench --paired 2` pairs torch's auto (→ eager) with eager and compile; JAX's auto (an
+    interpreted kernel, not timed) is left unpaired."""
+    m = 9
+    torch_table(one_point_table(MLPSpec(**CLI_TINY_SPEC), ("eager", "triton"), m))
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--device", "cpu", "--quick", "--spec", str(spec_file), "--m", str(m)]
+    assert main([*argv, "--impl", "baselines,auto", "--paired", "2", "--json", str(out)]) == 0
+    [case] = json.loads(out.read_text())["bench"]["cases"]
+    [pair] = case["paired"]
+    assert (pair["stack"], pair["ours"], pair["chosen"]) == ("torch", "torch:auto", "eager")
+    assert pair["baselines"] == ["torch:eager", "torch:compile"] and pair["rounds"] == 2
+    # auto → eager and eager are one function: their ratio sits near 1 (host clock, 2 cores)
+    assert 0.5 < pair["ratio"]["torch:eager"]["median"] < 2.0

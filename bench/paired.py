@@ -5,10 +5,18 @@ here the same kernel's device time moved 9 % and torch eager's 12 % between two 
 (bench/results/2026-12-07-h100-40f0116-sweep/) — more than the 5 % the large-M targets ask for — so
 a ratio of two rows carries whatever the clocks did between them. `fusedmlp bench --paired ROUNDS`
 adds, per case and stack, rounds in which `auto` and each of the stack's timed baselines run
-`calls` calls each, back to back, in an order that rotates every round. Each ratio (baseline ÷
-`auto`: above 1, `auto` is faster; "best" takes the round's fastest baseline) is taken inside one
-round, and the rounds give its median and range: drift between rounds cancels, drift inside a
-round (a fraction of a second) is what is left.
+`calls` calls each, back to back. A round is a palindrome — A B C C B A, its start rotated round
+by round — and a contender's time in it is the mean of its two samples, so a clock that drifts
+linearly through the round (power management works on tens of milliseconds) cancels out of every
+ratio, and no contender always follows the same one. Each ratio (baseline ÷ `auto`: above 1,
+`auto` is faster; "best" takes the round's fastest baseline) is taken inside one round; the rounds
+give its median, range, and the median's distribution-free 95 % interval (order statistics).
+
+What 7 one-way rounds (A B C, 06f19d6) showed on an H100 (bench/results/2026-12-07-h100-06f19d6-
+paired/): at hf-blog M = 8192 (~170 µs a call) every round agreed to ±0.2 %; at gpt-mlp and
+llama3-8b (3-4 ms a call) single rounds spread ±5-10 %, and a pair of one XLA executable timed
+twice (JAX `auto` → XLA at gpt-mlp) read 0.97-1.01 — the drift inside a round, which the
+palindrome is for.
 
 The measure is the row's own: device time (`timing.time_device`: CUPTI, an L2 flush before every
 call; the median over the round's calls) on a GPU, the host clock around each synchronised call on
@@ -17,6 +25,7 @@ a CPU. `interleave` and `ratios` are pure (tested with fakes); `pair_stack` time
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,25 +35,52 @@ DEFAULT_CALLS = 20
 BEST = "best"  # the ratio against the round's fastest baseline
 
 
+def round_order(names: Sequence[str], r: int) -> list[str]:
+    """Round r's sampling order: the names rotated by r, then the same backwards (a palindrome)."""
+    shift = r % len(names)
+    there = list(names[shift:]) + list(names[:shift])
+    return there + there[::-1]
+
+
 def interleave(samplers: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Each sampler once a round, `rounds` rounds; round r starts at the r-th sampler (rotated),
-    so no contender always runs first after another's heat or a clock change."""
+    """`rounds` palindromic rounds (`round_order`); a contender's value in a round is the mean of
+    its two samples there, in which a linear drift through the round is the same for everyone."""
     if rounds < 1:
         raise ValueError(f"rounds: expected >= 1, got {rounds}")
     names = list(samplers)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(samplers[name]())
+        taken: dict[str, list[float]] = {name: [] for name in names}
+        for name in round_order(names, r):
+            taken[name].append(samplers[name]())
+        for name in names:
+            samples[name].append(statistics.fmean(taken[name]))
     return samples
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the k-th smallest and k-th largest value,
+    k the largest rank whose binomial tail P(Bin(n, 1/2) < k) stays within (1 - level) / 2 (the
+    whole range when n is too small for any narrower one: up to 7 values at 95 %)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    tail, k, below = (1 - level) / 2, 1, 0.0
+    while k < n:
+        below += math.comb(n, k - 1) / 2**n  # P(Bin(n, 1/2) <= k - 1)
+        if below > tail:
+            break
+        k += 1
+    k = max(1, k - 1)
+    return ordered[k - 1], ordered[n - k]
+
+
 def _spread(values: Sequence[float]) -> dict[str, Any]:
+    low, high = median_interval(values)
     return {
         "median": statistics.median(values),
         "min": min(values),
         "max": max(values),
+        "ci95": [low, high],
         "per_round": list(values),
     }
 

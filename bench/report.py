@@ -240,7 +240,7 @@ def paired_table(cases: list[dict[str, Any]]) -> Table | None:
         for pair in case.get("paired", []):
             label = f"{case.get('preset', '')} M={case['m']}"
             if "error" in pair:
-                rows.append([label, pair["stack"], "-", "-", "-", "-", "-", pair["error"]])
+                rows.append([label, pair["stack"], "-", "-", "-", "-", "-", "-", pair["error"]])
                 continue
             ours = pair["time"][pair["ours"]]["median"]
             for base, ratio in pair["ratio"].items():
@@ -257,6 +257,7 @@ def paired_table(cases: list[dict[str, Any]]) -> Table | None:
                         fmt_time(ours),
                         fmt_time(theirs),
                         f"{ratio['median']:.3f}×",
+                        "{:.3f} … {:.3f}".format(*ratio["ci95"]) if "ci95" in ratio else "-",
                         f"{ratio['min']:.3f} … {ratio['max']:.3f}",
                         f"{pair['rounds']} × {pair['calls']}",
                     ]
@@ -265,12 +266,24 @@ def paired_table(cases: list[dict[str, Any]]) -> Table | None:
         return None
     return Table(
         "Paired rounds: auto against its stack's baselines",
-        ["case", "ours", "baseline", "ours (median)", "baseline (median)", "×", "range", "rounds"],
+        [
+            "case",
+            "ours",
+            "baseline",
+            "ours (median)",
+            "baseline (median)",
+            "×",
+            "95 % interval",
+            "range",
+            "rounds × calls",
+        ],
         rows,
-        caption="× = baseline ÷ ours inside each round (above 1: ours is faster), its median and "
-        "range over the rounds; each round times every contender `calls` calls back to back, "
-        "the order rotated round by round, so drift between rounds cancels (bench/paired.py); "
-        "best = the round's fastest baseline; times are the medians of the rounds' medians",
+        caption="× = baseline ÷ ours inside each round (above 1: ours is faster): its median over "
+        "the rounds, the median's distribution-free 95 % interval and the range; a round times "
+        "every contender twice, `calls` calls each time, in a palindrome (A B C C B A, its start "
+        "rotated round by round), so drift between rounds and linear drift inside one cancel "
+        "(bench/paired.py); best = the round's fastest baseline; times are the medians over the "
+        "rounds",
     )
 
 

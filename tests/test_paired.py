@@ -18,38 +18,36 @@ from fusedmlp.common import MLPSpec
 from helpers import CLI_TINY_SPEC, one_point_table
 
 
-def test_rounds_rotate_the_order():
+def test_rounds_are_palindromes_with_a_rotating_start():
     order: list[str] = []
 
     def sampler(name: str):
         return lambda: order.append(name) or 1.0
 
     samples = paired.interleave({n: sampler(n) for n in "abc"}, rounds=4)
-    assert order == list("abcbcacababc")
+    assert "".join(order) == "abccba" + "bcaacb" + "cabbac" + "abccba"
     assert samples == {n: [1.0] * 4 for n in "abc"}
     with pytest.raises(ValueError, match="rounds: expected >= 1, got 0"):
         paired.interleave({"a": lambda: 1.0}, rounds=0)
 
 
-def test_a_drift_between_rounds_cancels_in_the_ratio():
-    """The clock halves the speed of everything from round to round: each row alone moves 4×,
-    the ratio inside each round stays 1.25 (the baseline is 25 % slower than ours)."""
-    calls = {"ours": 0, "eager": 0, "compile": 0}
-    base_time = {"ours": 1.0, "eager": 1.25, "compile": 1.5}
+def test_drift_between_rounds_and_a_linear_one_inside_cancel_in_the_ratio():
+    """Each sample runs 10 % slower than the one before (a clock drifting through the run): rows
+    timed one after another would carry it, yet inside each palindromic round every contender's
+    two samples sit symmetrically, so the ratios are exactly 1.25 and 1.5."""
+    clock = iter(range(1000))
+    base_time = {"ours": 10.0, "eager": 12.5, "compile": 15.0}
 
     def sampler(name: str):
-        def sample() -> float:
-            calls[name] += 1
-            return base_time[name] * 2 ** (calls[name] - 1)
-
-        return sample
+        return lambda: base_time[name] * (1 + 0.1 * next(clock))
 
     samples = paired.interleave({n: sampler(n) for n in base_time}, rounds=3)
-    assert samples["ours"] == [1.0, 2.0, 4.0]
+    assert samples["ours"][2] > 1.5 * samples["ours"][0]  # the drift itself, rounds apart
     ratio = paired.ratios(samples, "ours", ["eager", "compile"])
-    assert ratio["eager"]["median"] == ratio["eager"]["min"] == ratio["eager"]["max"] == 1.25
-    assert ratio["compile"]["median"] == 1.5
-    assert ratio[paired.BEST]["per_round"] == [1.25, 1.25, 1.25]  # the round's fastest baseline
+    assert ratio["eager"]["per_round"] == pytest.approx([1.25] * 3)
+    assert ratio["compile"]["per_round"] == pytest.approx([1.5] * 3)
+    assert ratio[paired.BEST]["per_round"] == pytest.approx([1.25] * 3)  # the fastest baseline
+    assert ratio["eager"]["ci95"] == pytest.approx([1.25, 1.25])
     with pytest.raises(ValueError, match="baselines: expected at least one"):
         paired.ratios(samples, "ours", [])
     # one baseline: no separate "best"
@@ -141,3 +139,22 @@ def test_bench_pairs_auto_end_to_end_where_auto_is_timed(
     assert pair["baselines"] == ["torch:eager", "torch:compile"] and pair["rounds"] == 2
     # auto → eager and eager are one function: their ratio sits near 1 (host clock, 2 cores)
     assert 0.5 < pair["ratio"]["torch:eager"]["median"] < 2.0
+
+
+@pytest.mark.parametrize(
+    "n, ranks",
+    [
+        (5, (1, 5)),
+        (8, (1, 8)),
+        (9, (2, 8)),
+        (11, (2, 10)),
+        (15, (4, 12)),
+        (21, (6, 16)),
+        (30, (10, 21)),
+    ],
+)
+def test_the_medians_interval_takes_the_binomial_ranks(n, ranks):
+    """The ranks of the distribution-free 95 % interval of a median (the textbook table: the 6th
+    and 16th of 21 values; the whole range up to 8 values)."""
+    values = [float(v) for v in range(n, 0, -1)]
+    assert paired.median_interval(values) == tuple(map(float, ranks))

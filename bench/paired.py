@@ -12,11 +12,11 @@ ratio, and no contender always follows the same one. Each ratio (baseline ÷ `au
 `auto` is faster; "best" takes the round's fastest baseline) is taken inside one round; the rounds
 give its median, range, and the median's distribution-free 95 % interval (order statistics).
 
-What 7 one-way rounds (A B C, 06f19d6) showed on an H100 (bench/results/2026-12-07-h100-06f19d6-
-paired/): at hf-blog M = 8192 (~170 µs a call) every round agreed to ±0.2 %; at gpt-mlp and
-llama3-8b (3-4 ms a call) single rounds spread ±5-10 %, and a pair of one XLA executable timed
-twice (JAX `auto` → XLA at gpt-mlp) read 0.97-1.01 — the drift inside a round, which the
-palindrome is for.
+What 7 one-way rounds (A B C, 06f19d6) showed on an H100
+(bench/results/2026-12-07-h100-06f19d6-paired/): at hf-blog M = 8192 (~170 µs a call) every round
+agreed to ±0.2 %; at gpt-mlp and llama3-8b (3-4 ms a call) single rounds spread ±5-10 %, and one
+XLA executable timed twice (JAX `auto` → XLA at gpt-mlp) read 0.905-1.059 round by round (medians
+1.006 and 0.972) — drift inside a round, which the palindrome is for.
 
 The measure is the row's own: device time (`timing.time_device`: CUPTI, an L2 flush before every
 call; the median over the round's calls) on a GPU, the host clock around each synchronised call on

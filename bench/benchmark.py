@@ -52,9 +52,11 @@ def bench_case(
     timing: dict[str, Any] | None = None,
     on_row: Any = None,
     paired_rounds: int = 0,
+    paired_calls: int = paired.DEFAULT_CALLS,
 ) -> dict[str, Any]:
     """Every provider's row on one case; with `paired_rounds`, `auto` and its stack's baselines
-    timed again in interleaved rounds (bench/paired.py) under the result's "paired"."""
+    timed again in interleaved rounds of `paired_calls` calls a sample (bench/paired.py) under
+    the result's "paired"."""
     timing = timing or {}
     spec, m = case.spec, case.m
     base_out: dict[str, Any] = {}
@@ -123,7 +125,11 @@ def bench_case(
             on_row(row)
     per_layer = floor(spec, m, "triton", ceil)
     whole = floor(spec, m, "fused_small", ceil)
-    pairs = pair_rows(case.device, timed_fns, paired_rounds) if paired_rounds else []
+    pairs = (
+        pair_rows(case.device, timed_fns, paired_rounds, calls=paired_calls)
+        if paired_rounds
+        else []
+    )
     return {
         "spec": spec.to_dict(),
         "spec_text": str(spec),
@@ -144,7 +150,11 @@ def bench_case(
 
 
 def pair_rows(
-    device: str, timed: dict[Provider, tuple[str, Any]], rounds: int
+    device: str,
+    timed: dict[Provider, tuple[str, Any]],
+    rounds: int,
+    *,
+    calls: int = paired.DEFAULT_CALLS,
 ) -> list[dict[str, Any]]:
     """Per stack whose `auto` and at least one baseline were timed: paired.pair_stack over them.
     A stack whose pairing fails says why in its entry; the rows stand either way."""
@@ -164,6 +174,7 @@ def pair_rows(
                     bases,
                     lambda o, s=stack: sync(s, o),
                     rounds=rounds,
+                    calls=calls,
                 )
             )
         except Exception as exc:
@@ -258,6 +269,7 @@ def run_bench(
     checkpoint: Any = None,
     ceilings: Ceilings | None = None,
     paired_rounds: int = 0,
+    paired_calls: int = paired.DEFAULT_CALLS,
 ) -> dict[str, Any]:
     """`items` are (preset name or label, spec, M). Ceilings first, then every case; `checkpoint`
     gets the results so far after each case (the runner saves them, so a time limit keeps them)."""
@@ -271,7 +283,13 @@ def run_bench(
         start = time.perf_counter()
         case = Case(spec, m, device)
         result = bench_case(
-            case, providers, ceil, timing=timing, on_row=on_row, paired_rounds=paired_rounds
+            case,
+            providers,
+            ceil,
+            timing=timing,
+            on_row=on_row,
+            paired_rounds=paired_rounds,
+            paired_calls=paired_calls,
         )
         result["preset"] = label
         result["wall_s"] = round(time.perf_counter() - start, 1)  # the runner's budget (log.txt)

@@ -35,6 +35,7 @@ from fusedmlp.common import MLPSpec
 from fusedmlp.common.config import DEFAULT_SAVED, SAVED_POLICIES
 from fusedmlp.common.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESETS, PRESETS, get_preset
 
+from . import paired
 from . import report as rep
 
 
@@ -296,6 +297,7 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
             on_row=bar.row,
             checkpoint=_checkpoint(args, "bench"),
             paired_rounds=args.paired or 0,
+            paired_calls=args.paired_calls or paired.DEFAULT_CALLS,
         )
     results = _results("bench", result)
     rep.print_tables(console, rep.bench_tables(result))
@@ -691,6 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="then time each stack's auto and its baselines again in ROUNDS interleaved rounds "
         "and report their ratios per round (bench/paired.py: drift between rows cancels)",
     )
+    p.add_argument(
+        "--paired-calls",
+        type=_positive,
+        metavar="N",
+        help=f"with --paired: calls a sample (default {paired.DEFAULT_CALLS}; a row times up to "
+        "200: on a card at its power limit a longer sample reads closer to a sustained load)",
+    )
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
@@ -752,6 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tune: not with --backward (it concerns the forward's kernels)")
     if getattr(args, "backward", False) and getattr(args, "paired", None):
         parser.error("--paired: not with --backward (it pairs the forward's rows)")
+    if getattr(args, "paired_calls", None) and not getattr(args, "paired", None):
+        parser.error("--paired-calls: only with --paired")
     console = _console()
     func = getattr(args, "func", None)
     return (func or cmd_default)(args, console)

@@ -107,6 +107,8 @@ def test_cli_refuses_a_bad_paired_argument(capsys):
         (["bench", "--paired", "0"], "expected a positive int, got 0"),
         (["bench", "--paired", "x"], "expected a positive int, got 'x'"),
         (["bench", "--backward", "--paired", "3"], "--paired: not with --backward"),
+        (["bench", "--paired-calls", "50"], "--paired-calls: only with --paired"),
+        (["bench", "--paired", "3", "--paired-calls", "0"], "expected a positive int, got 0"),
     ]:
         with pytest.raises(SystemExit) as err:
             main(argv)
@@ -132,11 +134,13 @@ def test_bench_pairs_auto_end_to_end_where_auto_is_timed(
     torch_table(one_point_table(MLPSpec(**CLI_TINY_SPEC), ("eager", "triton"), m))
     out = tmp_path / "bench.json"
     argv = ["bench", "--device", "cpu", "--quick", "--spec", str(spec_file), "--m", str(m)]
-    assert main([*argv, "--impl", "baselines,auto", "--paired", "2", "--json", str(out)]) == 0
+    paired_args = ["--paired", "2", "--paired-calls", "5"]
+    assert main([*argv, "--impl", "baselines,auto", *paired_args, "--json", str(out)]) == 0
     [case] = json.loads(out.read_text())["bench"]["cases"]
     [pair] = case["paired"]
     assert (pair["stack"], pair["ours"], pair["chosen"]) == ("torch", "torch:auto", "eager")
-    assert pair["baselines"] == ["torch:eager", "torch:compile"] and pair["rounds"] == 2
+    assert pair["baselines"] == ["torch:eager", "torch:compile"]
+    assert (pair["rounds"], pair["calls"]) == (2, 5)
     # auto → eager and eager are one function: their ratio sits near 1 (host clock, 2 cores)
     assert 0.5 < pair["ratio"]["torch:eager"]["median"] < 2.0
 

@@ -697,8 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--paired-calls",
         type=_positive,
         metavar="N",
-        help=f"with --paired: calls a sample (default {paired.DEFAULT_CALLS}; a row times up to "
-        "200: on a card at its power limit a longer sample reads closer to a sustained load)",
+        help=f"with --paired: calls a sample (default {paired.DEFAULT_CALLS}, about a row's; on a "
+        "card at its power limit shorter samples read a burst, not a sustained load)",
     )
     p.add_argument("--inject-fault", action="append", metavar="IMPL", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

@@ -84,7 +84,7 @@ def test_pair_rows_times_auto_and_each_baseline_per_stack_on_the_cpu():
     case = {"preset": "cpu-small", "m": 64, "paired": [pair, {"stack": "jax", "error": "boom"}]}
     table = paired_table([case])
     assert [r[2] for r in table.rows] == ["torch:eager", "torch:compile", "best", "-"]
-    assert table.rows[0][1] == "torch:auto → triton" and table.rows[0][-1] == "3 × 20"
+    assert table.rows[0][1] == "torch:auto → triton" and table.rows[0][-1] == "3 × 80"
     assert table.rows[-1][-1] == "boom"
     assert paired_table([{"preset": "x", "m": 1}]) is None
 

@@ -117,7 +117,7 @@ def bench_case(
                         capturable=row.get("_capturable", True),
                     )
                 )
-                if row["status"] == TIMED:
+                if paired_rounds and row["status"] == TIMED:
                     timed_fns[p] = (row.get("chosen", p.impl), row["_fn"])
         strip(row)
         rows.append(row)
@@ -156,13 +156,17 @@ def pair_rows(
     *,
     calls: int = paired.DEFAULT_CALLS,
 ) -> list[dict[str, Any]]:
-    """Per stack whose `auto` and at least one baseline were timed: paired.pair_stack over them.
-    A stack whose pairing fails says why in its entry; the rows stand either way."""
-    out = []
+    """Per stack with a timed row: paired.pair_stack over its `auto` and timed baselines, or an
+    entry saying why not ("skipped": `auto` or every baseline untimed; "error": the pairing
+    raised). The rows stand either way."""
+    out: list[dict[str, Any]] = []
     for stack in dict.fromkeys(p.stack for p in timed):
         ours = [p for p in timed if p.stack == stack and p.impl == AUTO]
         bases = {p.name: timed[p][1] for p in timed if p.stack == stack and p.baseline}
         if not ours or not bases:
+            missing = "auto" if not ours else "a baseline"
+            why = f"no timed row of {missing} in this stack (not asked for, or not timed)"
+            out.append({"stack": stack, "skipped": why})
             continue
         auto = ours[0]
         try:

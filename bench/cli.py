@@ -309,6 +309,14 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
         for r in c["rows"]
         if _failed(r)
     ]
+    for case in result["cases"]:  # --paired: a pairing that raised fails the run, a skip is said
+        for pair in case.get("paired", []):
+            where = f"{case.get('preset')} M={case['m']}: {pair['stack']}"
+            if "error" in pair:
+                failed.append(f"{where}: pairing failed")
+                console.print(f"[bold red]paired rounds failed: {where}: {pair['error']}[/]")
+            elif "skipped" in pair:
+                console.print(f"[yellow]paired rounds skipped: {where}: {pair['skipped']}[/]")
     for line in failed:
         console.print(f"[bold red]not a result: {line}[/]")
     if getattr(args, "derive_auto", None) is not None:
@@ -761,6 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tune: not with --backward (it concerns the forward's kernels)")
     if getattr(args, "backward", False) and getattr(args, "paired", None):
         parser.error("--paired: not with --backward (it pairs the forward's rows)")
+    if getattr(args, "paired", None) and getattr(args, "derive_auto", None) is not None:
+        # the auto rows are timed again under the derived table; the pairs would be the old auto's
+        parser.error("--paired: not with --derive-auto (run it after, under the derived table)")
     if getattr(args, "paired_calls", None) and not getattr(args, "paired", None):
         parser.error("--paired-calls: only with --paired")
     console = _console()

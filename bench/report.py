@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import paired as paired_mod
 from .env import describe
 
 RESULTS_KIND = "fusedmlp-results"
@@ -239,16 +238,16 @@ def paired_table(cases: list[dict[str, Any]]) -> Table | None:
     for case in cases:
         for pair in case.get("paired", []):
             label = f"{case.get('preset', '')} M={case['m']}"
-            if "error" in pair:
-                rows.append([label, pair["stack"], "-", "-", "-", "-", "-", "-", pair["error"]])
+            if "ratio" not in pair:  # {"error": ...} or {"skipped": ...} (benchmark.pair_rows)
+                why = pair.get("error") or f"skipped: {pair.get('skipped')}"
+                rows.append([label, pair["stack"], "-", "-", "-", "-", "-", "-", why])
                 continue
             ours = pair["time"][pair["ours"]]["median"]
             for base, ratio in pair["ratio"].items():
-                theirs = (
-                    min(pair["time"][b]["median"] for b in pair["baselines"])
-                    if base == paired_mod.BEST
-                    else pair["time"][base]["median"]
-                )
+                if base in pair["time"]:
+                    theirs = pair["time"][base]["median"]
+                else:  # 06f19d6's files have no "best" time: the smallest baseline median
+                    theirs = min(pair["time"][b]["median"] for b in pair["baselines"])
                 rows.append(
                     [
                         label,
@@ -257,6 +256,7 @@ def paired_table(cases: list[dict[str, Any]]) -> Table | None:
                         fmt_time(ours),
                         fmt_time(theirs),
                         f"{ratio['median']:.3f}×",
+                        # (06f19d6's files predate the interval)
                         "{:.3f} … {:.3f}".format(*ratio["ci95"]) if "ci95" in ratio else "-",
                         f"{ratio['min']:.3f} … {ratio['max']:.3f}",
                         f"{pair['rounds']} × {pair['calls']}",
@@ -282,8 +282,8 @@ def paired_table(cases: list[dict[str, Any]]) -> Table | None:
         "the rounds, the median's distribution-free 95 % interval and the range; a round times "
         "every contender twice, `calls` calls each time, in a palindrome (A B C C B A, its start "
         "rotated round by round), so drift between rounds and linear drift inside one cancel "
-        "(bench/paired.py); best = the round's fastest baseline; times are the medians over the "
-        "rounds",
+        "(bench/paired.py), after an unrecorded warm round; best = each round's fastest baseline; "
+        "times are the medians over the rounds (best's: of each round's fastest)",
     )
 
 

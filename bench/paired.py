@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -135,25 +134,21 @@ def sampler(
     calls: int,
     methods: list[str] | None = None,
 ) -> Callable[[], float]:
-    """One round's measure of `fn`: the median per-call time of `calls` warm calls (device time
-    on a GPU, host sync clock on a CPU); the GPU's measure names its method in `methods`."""
-    from .timing import time_device
+    """One round's measure of `fn`: the median per-call time of `calls` warm calls — the rows'
+    own measures, `timing.time_device` on a GPU, `timing.time_host` (3 untimed calls first) on a
+    CPU; each sample names its method in `methods`."""
+    from .timing import time_device, time_host
 
-    def on_gpu() -> float:
-        timing = time_device(stack, fn, calls, wait)
+    def sample() -> float:
+        if device == "cuda":
+            stats = time_device(stack, fn, calls, wait).device
+        else:
+            stats = time_host(fn, wait, min_reps=calls, max_reps=calls, warmup_s=0.0)
         if methods is not None:
-            methods.append(timing.device.method)
-        return timing.device.median
+            methods.append(stats.method)
+        return stats.median
 
-    def on_cpu() -> float:
-        times = []
-        for i in range(calls):
-            t0 = time.perf_counter()
-            wait(fn(i))
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return on_gpu if device == "cuda" else on_cpu
+    return sample
 
 
 def pair_stack(
@@ -184,7 +179,7 @@ def pair_stack(
         "rounds": rounds,
         "calls": calls,
         "warm_rounds": WARM_ROUNDS,
-        "method": methods[-1] if methods else "host clock, synchronised",
+        "method": methods[-1],
         "time": times,
         "ratio": ratios(samples, name, list(baselines)),
     }

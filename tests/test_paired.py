@@ -115,7 +115,9 @@ def test_each_contender_is_called_twice_a_round_after_the_warm_round():
         "torch", "cpu", ("ours", "x", counting("ours")), {"base": counting("base")},
         lambda out: None, rounds=3, calls=4,
     )  # fmt: skip
-    assert calls == {"ours": (3 + paired.WARM_ROUNDS) * 2 * 4, "base": (3 + paired.WARM_ROUNDS) * 8}
+    # each sample: 3 untimed calls (timing.warmup's least) and 4 timed ones, two samples a round
+    samples = (3 + paired.WARM_ROUNDS) * 2
+    assert calls == {"ours": samples * (3 + 4), "base": samples * (3 + 4)}
     assert set(result["ratio"]) == {"base"} and paired.BEST not in result["time"]
 
 

@@ -141,6 +141,30 @@ def parity_tables(parity: dict[str, Any]) -> list[Table]:
     return tables
 
 
+def same_code_rows(case: dict[str, Any]) -> list[str]:
+    """Rows that time one code path twice in a case — a provider whose choice is another row's
+    implementation of the same stack (`jax:auto → xla` beside `jax:xla`): their gap is the run's
+    row-to-row noise, free in every bench that times `auto`. Each as 'a / b: ±x %'."""
+    timed = [r for r in case["rows"] if is_result(r)]
+    notes = []
+    for row in timed:
+        chosen = row.get("chosen")
+        if not chosen or chosen == row.get("impl"):
+            continue
+        for twin in timed:
+            if (
+                twin is not row
+                and twin.get("stack") == row.get("stack")
+                and twin.get("impl") == chosen
+            ):
+                a, b = row["time"]["median"], twin["time"]["median"]
+                notes.append(
+                    f"{_provider(row)} {fmt_time(a)} / {twin['provider']} {fmt_time(b)}: "
+                    f"{(a / b - 1) * 100:+.1f} %"
+                )
+    return notes
+
+
 def bench_tables(bench: dict[str, Any]) -> list[Table]:
     c = bench["ceilings"]
     mm = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in c["matmul"].items())
@@ -187,6 +211,7 @@ def bench_tables(bench: dict[str, Any]) -> list[Table]:
                 if r.get("cudagraph_note")
             }
         )
+        twice = same_code_rows(case)
         tables.append(
             Table(
                 f"Bench: {case.get('preset', '')} {case['spec_text']}, M={case['m']} "
@@ -224,6 +249,12 @@ def bench_tables(bench: dict[str, Any]) -> list[Table]:
                     + "; timed with "
                     + ("; ".join(methods) or "-")
                     + ("" if not notes else "; " + "; ".join(notes))
+                    + (
+                        ""
+                        if not twice
+                        else "; the same kernels timed twice (row-to-row noise): "
+                        + "; ".join(twice)
+                    )
                 ),
             )
         )

@@ -332,6 +332,32 @@ def test_provider_selection() -> None:
     assert {p.stack for p in providers.select("jax")} == {"jax"}
 
 
+def test_the_same_kernels_timed_twice_are_named_as_the_runs_noise() -> None:
+    def row(stack: str, impl: str, seconds: float, chosen: str | None = None) -> dict:
+        return {
+            "provider": f"{stack}:{impl}", "impl": impl, "chosen": chosen or impl, "stack": stack,
+            "status": "timed", "time": {"median": seconds},
+        }  # fmt: skip
+
+    case = {
+        "rows": [
+            row("torch", "triton_tma", 3.240e-3),
+            row("torch", "eager", 3.242e-3),
+            row("torch", "auto", 3.245e-3, chosen="triton_tma"),
+            row("jax", "xla", 3.294e-3),
+            row("jax", "auto", 3.241e-3, chosen="xla"),
+            row("jax", "auto_untimed", 1.0, chosen="pallas_mosaic"),  # its twin was not timed
+            {**row("torch", "mosaic", 1.0), "status": "failed"},
+        ]
+    }
+    assert report.same_code_rows(case) == [
+        "torch:auto → triton_tma 3.245 ms / torch:triton_tma 3.240 ms: +0.2 %",
+        "jax:auto → xla 3.241 ms / jax:xla 3.294 ms: -1.6 %",
+    ]
+    case["rows"] = case["rows"][:2]  # no `auto` timed: nothing to say
+    assert report.same_code_rows(case) == []
+
+
 # ---- GPU only ------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_inputs_are_shared_through_dlpack() -> None:

@@ -51,12 +51,13 @@ def bench_case(
     *,
     timing: dict[str, Any] | None = None,
     on_row: Any = None,
+    on_pair: Any = None,
     paired_rounds: int = 0,
     paired_calls: int = paired.DEFAULT_CALLS,
 ) -> dict[str, Any]:
     """Every provider's row on one case; with `paired_rounds`, `auto` and its stack's baselines
     timed again in interleaved rounds of `paired_calls` calls a sample (bench/paired.py) under
-    the result's "paired"."""
+    the result's "paired" (`on_pair` hears which stack is being paired)."""
     timing = timing or {}
     spec, m = case.spec, case.m
     base_out: dict[str, Any] = {}
@@ -126,7 +127,7 @@ def bench_case(
     per_layer = floor(spec, m, "triton", ceil)
     whole = floor(spec, m, "fused_small", ceil)
     pairs = (
-        pair_rows(case.device, timed_fns, paired_rounds, calls=paired_calls)
+        pair_rows(case.device, timed_fns, paired_rounds, calls=paired_calls, on_pair=on_pair)
         if paired_rounds
         else []
     )
@@ -155,10 +156,12 @@ def pair_rows(
     rounds: int,
     *,
     calls: int = paired.DEFAULT_CALLS,
+    on_pair: Any = None,
 ) -> list[dict[str, Any]]:
     """Per stack with a timed row: paired.pair_stack over its `auto` and timed baselines, or an
     entry saying why not ("skipped": `auto` or every baseline untimed; "error": the pairing
-    raised). The rows stand either way."""
+    raised). The rows stand either way. `on_pair(text)` is told each stack's pairing as it starts
+    (a minute or more at M = 8192: the progress bar says so)."""
     out: list[dict[str, Any]] = []
     for stack in dict.fromkeys(p.stack for p in timed):
         ours = [p for p in timed if p.stack == stack and p.impl == AUTO]
@@ -169,6 +172,11 @@ def pair_rows(
             out.append({"stack": stack, "skipped": why})
             continue
         auto = ours[0]
+        if on_pair is not None:
+            on_pair(
+                f"{stack}: paired rounds ({paired.WARM_ROUNDS} + {rounds} of "
+                f"{len(bases) + 1} contenders × 2 × {calls} calls)"
+            )
         try:
             out.append(
                 paired.pair_stack(
@@ -269,6 +277,7 @@ def run_bench(
     quick: bool = False,
     timing: dict[str, Any] | None = None,
     on_row: Any = None,
+    on_pair: Any = None,
     on_case: Any = None,
     checkpoint: Any = None,
     ceilings: Ceilings | None = None,
@@ -292,6 +301,7 @@ def run_bench(
             ceil,
             timing=timing,
             on_row=on_row,
+            on_pair=on_pair,
             paired_rounds=paired_rounds,
             paired_calls=paired_calls,
         )

@@ -233,6 +233,10 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
 
+    def say(self, text: str) -> None:
+        """Name what runs now without advancing (a phase after the rows, e.g. paired rounds)."""
+        self.progress.update(self.task, description=text)
+
     def row(self, row: dict[str, Any]) -> None:
         self.progress.update(
             self.task, advance=1, description=f"{row.get('provider', '')}: {row.get('status', '')}"
@@ -295,6 +299,7 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
             quick=args.quick,
             timing=_timing(args),
             on_row=bar.row,
+            on_pair=bar.say,
             checkpoint=_checkpoint(args, "bench"),
             paired_rounds=args.paired or 0,
             paired_calls=args.paired_calls or paired.DEFAULT_CALLS,

@@ -74,7 +74,9 @@ def test_pair_rows_times_auto_and_each_baseline_per_stack_on_the_cpu():
         Provider("torch", "compile", True): ("compile", work(6)),
         Provider("jax", "auto", False): ("xla", work(1)),  # no JAX baseline timed: no pair
     }
-    pair, jax = pair_rows("cpu", timed, rounds=3, calls=7)
+    said: list[str] = []
+    pair, jax = pair_rows("cpu", timed, rounds=3, calls=7, on_pair=said.append)
+    assert said == ["torch: paired rounds (1 + 3 of 3 contenders × 2 × 7 calls)"]  # the bar's text
     assert jax == {"stack": "jax", "skipped": jax["skipped"]} and "a baseline" in jax["skipped"]
     assert pair["stack"] == "torch" and pair["ours"] == "torch:auto" and pair["chosen"] == "triton"
     assert pair["baselines"] == ["torch:eager", "torch:compile"]
@@ -208,6 +210,7 @@ def test_paired_calls_default_to_about_a_rows_length(monkeypatch):
 
     def fake_run_bench(items, providers, device, **kwargs):
         seen.append((kwargs["paired_rounds"], kwargs["paired_calls"]))
+        assert callable(kwargs["on_pair"])  # the progress bar names the pairing phase
         return {"ceilings": {"matmul": {}, "copy": 1e12}, "cases": []}
 
     monkeypatch.setattr(benchmark, "run_bench", fake_run_bench)

@@ -242,6 +242,34 @@ def _waves_cost(m: int, n_out: int, bm: int, bn: int, op_n: int, num_sms: int) -
     return waves * bm * op_n / (_TILE_RATE[(bm, op_n)] * 128 * 256)
 
 
+# Stream-K for a persistent launch's last wave (Osama et al., "Stream-K", 2023): with T tiles on P
+# programs, a persistent grid runs ceil(T / P) waves, so gpt-mlp's up projection at M = 8192 —
+# 4096 tiles of 128×256 on 132 SMs, 31.03 waves — runs 32, four programs alone in the last; its
+# down projection (1024 tiles, 7.76 waves) runs 8. Stream-K gives the last full wave and the
+# partial one (P + T mod P tiles) to all P programs as equal runs of K steps, so each runs about
+# (P + T mod P) / P tiles' worth after the data-parallel waves: 30 + 1.03 tile-times for the up
+# projection instead of 32 (−3 %), 6 + 1.76 for the down projection instead of 8 (−3 %). A tile
+# cut between two programs costs a fp32 partial written by each and read by the one that finishes
+# last (no float atomics: the sum of two partials is the same bits whichever arrives last).
+# Worth it where the last wave is mostly idle and a tile's K loop is long enough to pay the
+# partials; the bounds below are a first rule, measured in docs/performance.md (forty-sixth
+# session) on gpt-mlp's and llama3-8b's projections.
+STREAM_K_MAX_LAST_WAVE = 0.8  # the last wave's share of the programs busy, above which DP alone
+STREAM_K_MIN_K_TILES = 8  # K steps a tile needs before partials pay
+
+
+def stream_k_tiles(num_tiles: int, programs: int, k_tiles: int) -> int:
+    """How many of a persistent launch's last tiles go to stream-K (0: data-parallel only): the
+    last full wave and the partial one, where the partial wave leaves most programs idle. Each
+    program's run of K steps is then at least one tile long, so a tile has at most two."""
+    full, rest = divmod(num_tiles, programs)
+    if full == 0 or rest == 0 or k_tiles < STREAM_K_MIN_K_TILES:
+        return 0
+    if rest / programs > STREAM_K_MAX_LAST_WAVE:
+        return 0
+    return programs + rest
+
+
 # A persistent linear_act with a short K (a factorised layer's t·V: K = r ≤ 256, 1–4 K steps) is
 # bound by its stores and its epilogue's arithmetic, not its MMAs: silu costs two MUFU operations
 # an element (ex2 and the reciprocal), ~50 µs at 8192 × 14336 on an H200 — as long as the stores.

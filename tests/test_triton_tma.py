@@ -580,6 +580,57 @@ def test_several_tiles_per_program_uneven_split():
             assert_close(to_numpy(y), ref, spec, what=f"persistent {dtype} gated={gated}")
 
 
+def test_stream_k_takes_the_last_wave_where_it_is_mostly_idle():
+    """common/tiling.stream_k_tiles on the shapes it was written for (132 SMs, 128×256 tiles)."""
+    from fusedmlp.common.tiling import STREAM_K_MIN_K_TILES, stream_k_tiles
+
+    assert stream_k_tiles(4096, 132, 64) == 136  # gpt-mlp up: 31.03 waves, the last 4 tiles
+    assert stream_k_tiles(1024, 132, 256) == 232  # its down projection: 7.76 waves
+    assert stream_k_tiles(7 * 132 + 122, 132, 256) == 0  # a last wave 92 % busy: data-parallel
+    assert stream_k_tiles(132 * 8, 132, 64) == 0  # whole waves
+    assert stream_k_tiles(100, 132, 64) == 0  # under one wave: nothing to even out
+    assert stream_k_tiles(4096, 132, STREAM_K_MIN_K_TILES - 1) == 0  # K too short for partials
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's program count")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m,n", [(30, 56), (100, 24)], ids=["4 tiles, all stream-K", "7 tiles, 3 data-parallel"]
+)
+def test_stream_k_tail_against_the_reference(dtype, m, n):
+    """3 programs, 9 K steps a tile (K = 136, a ragged tail): each program's run is 12 steps, so
+    tile 0 (of the stream-K ones) is whole in program 0, tiles 1 and 2 are cut between two
+    programs (the later one adds the earlier's partial), tile 3 whole in program 2. With bias,
+    an activation and a residual against float64; the same bits twice (no float atomics); the
+    data-parallel launch's bits but in the two cut tiles (each sums its K in two parts)."""
+    k = 136  # rows of 16 bytes in every dtype (TMA's rule), the last K step half zeros
+    seed = 540 + DTYPES.index(dtype) + m
+    spec, x, p = layer_problem(dtype, True, m, seed, gated=False, widths=(k, n))
+    r = make_input(MLPSpec((n, 4), "relu", True, dtype), m, seed=seed + 1)
+    xt, wt, bt, rt = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"]), to_torch(r)
+    cfg = INTERPRET_CONFIG
+    launch_, tail, *_ = tma_linear._linear_act_launch(
+        xt.shape, xt.stride(), wt.shape, wt.stride(), xt.dtype, xt.device, True, True, "gelu",
+        cfg, "ieee", "none", "identity", False, False,
+    )  # fmt: skip
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    assert tail is not None and tail.tiles == 4 and launch_.scalars[-1] == tiles - 4
+    assert tail.launch.scalars[-2:] == (tiles - 4, 4)
+
+    def run(stream_k: bool) -> torch.Tensor:
+        return tma_linear.linear_act_fwd(
+            xt, wt, bt, rt, activation="gelu", config=cfg, stream_k=stream_k
+        )
+
+    y = run(True)
+    assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "gelu", r), spec, what="stream-K")
+    assert torch.equal(y, run(True))
+    data_parallel = run(False)
+    assert_close(to_numpy(data_parallel), ref_linear(x, p["w0"], p["b0"], "gelu", r), spec)
+    differ = int((data_parallel != y).sum())
+    assert differ <= 2 * cfg.block_m * cfg.block_n, differ
+
+
 def test_two_programs_per_sm_walk_every_tile_once():
     """`programs_per_sm` = 2: twice the persistent grid (under the interpreter 6 programs over 16
     tiles: 3, 3, 3, 3, 2, 2; on a GPU as many as there are tiles), the same result as one program
@@ -988,6 +1039,39 @@ def test_gpu_launches_read_device_facts_once(monkeypatch):
     assert calls["get_device_properties"] == 1 and calls["set_allocator"] <= 1, calls
     assert not calls["get_device_capability"] and not calls["get_device_name"], calls
     assert support.launch_config.cache_info().misses == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_stream_k_tail_against_the_reference(dtype):
+    """On the GPU (132 SMs on an H100 or H200): 16 × 9 = 144 tiles of 128×256, a wave and 9 %,
+    so all 144 run as stream-K, 17 K steps a tile (K = 1032, a ragged tail), odd M; bias, gelu_tanh
+    and a residual against float64, the same bits twice, and the data-parallel launch's result
+    close by the same policy."""
+    m, k, n = 2047, 1032, 2304
+    cfg = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, epilogue_subtile=2)
+    spec, x, p = layer_problem(dtype, True, m, 860, gated=False, widths=(k, n))
+    r = make_input(MLPSpec((n, 4), "relu", True, dtype), m, seed=861)
+    xt, wt, bt, rt = (to_torch(a, DEVICE) for a in (x, p["w0"], p["b0"], r))
+    tiles = -(-m // 128) * -(-n // 256)
+    programs = support.num_programs(tiles, xt.device)
+    assert programs < tiles < 2 * programs  # a wave and a few tiles: all of them stream-K
+    _, tail, *_ = tma_linear._linear_act_launch(
+        xt.shape, xt.stride(), wt.shape, wt.stride(), xt.dtype, xt.device, True, True,
+        "gelu_tanh", cfg, "ieee", "none", "identity", False, False,
+    )  # fmt: skip
+    assert tail is not None and tail.tiles == tiles
+
+    def run(stream_k: bool) -> torch.Tensor:
+        return tma_linear.linear_act_fwd(
+            xt, wt, bt, rt, activation="gelu_tanh", config=cfg, stream_k=stream_k
+        )
+
+    want = ref_linear(x, p["w0"], p["b0"], "gelu_tanh", r)
+    y = run(True)
+    assert_close(to_numpy(y), want, spec, what=f"stream-K {dtype}")
+    assert torch.equal(y, run(True))
+    assert_close(to_numpy(run(False)), want, spec, what=f"data-parallel {dtype}")
 
 
 # ---- validation ---------------------------------------------------------------------------------

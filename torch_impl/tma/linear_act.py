@@ -81,6 +81,7 @@ from fusedmlp.common.tiling import (
     cdiv,
     gated_config,
     heuristic_config,
+    stream_k_tiles,
     warp_specialize_applies,
 )
 from fusedmlp.common.validate import check_layer
@@ -248,19 +249,20 @@ def _operand_descriptors(
 
 @triton.jit
 def _tile_product(
-    x_desc, w_desc, off_m, off_n, k_tiles,
+    x_desc, w_desc, off_m, off_n, k_first, k_tiles,
     X_KMAJOR: tl.constexpr, W_KMAJOR: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     OPERANDS_TF32_EXACT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The fp32 [BLOCK_M, BLOCK_N] product tile at (off_m, off_n): the K loop. Under tf32 both
+    """The fp32 [BLOCK_M, BLOCK_N] product tile at (off_m, off_n) over K steps k_first … k_tiles - 1
+    (all of them but for a stream-K run, `_linear_act_stream_k_kernel`). Under tf32 both
     operands are rounded in registers (tf32.py), unless OPERANDS_TF32_EXACT says they were
     rounded in memory (the front's rounded weights, inputs and hidden layers): wgmma then reads
     them straight from shared memory and stays in flight while the next slab lands. Rounded in
     registers, W serialises every wgmma (compiled for sm_90) and x through registers cost its
     products 31-44 % on an H100 (bench/results/2026-12-07-h100-2d92464-tf32/)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_tiles):
+    for k in range(k_first, k_tiles):
         # 2. load: TMA copies; rows past M, columns past N and the K tail read as zeros
         x = x_desc.load([k * BLOCK_K, off_m]).T if X_KMAJOR else x_desc.load([off_m, k * BLOCK_K])
         w = w_desc.load([off_n, k * BLOCK_K]).T if W_KMAJOR else w_desc.load([k * BLOCK_K, off_n])
@@ -276,9 +278,26 @@ def _tile_product(
 
 
 @triton.jit
+def _bias_act(
+    acc, b_ptr, off_n, N,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_TF32: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The forward epilogue's arithmetic on an fp32 tile: + b, act, and under tf32 a hidden
+    layer's rounding (no residual: it is stored as the next product reads it)."""
+    if HAS_BIAS:
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    acc = apply_activation(acc, ACTIVATION)
+    if OUT_TF32:
+        acc = tf32_operand(acc, "tf32")
+    return acc
+
+
+@triton.jit
 def _linear_act_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, z_ptr,
-    M, N, K, NUM_PROGRAMS,
+    M, N, K, NUM_PROGRAMS, TILES,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -287,7 +306,8 @@ def _linear_act_fwd_kernel(
     EPILOGUE: tl.constexpr, DACT_ACTIVATION: tl.constexpr, OPERANDS_TF32_EXACT: tl.constexpr,
     OUT_TF32: tl.constexpr,
 ):  # fmt: skip
-    # 1. program -> tile: descriptors once per program, then a strided walk over the tiles
+    # 1. program -> tile: descriptors once per program, then a strided walk over the tiles (TILES:
+    # all of them, or the data-parallel ones before a stream-K launch takes the rest)
     x_desc, w_desc = _operand_descriptors(
         x_ptr, w_ptr, M, N, K, X_KMAJOR, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K
     )
@@ -295,7 +315,6 @@ def _linear_act_fwd_kernel(
         o_desc = tl.make_tensor_descriptor(
             o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
         )
-    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     z_width = 2 * tl.cdiv(N, _PACK) * _PACK if EPILOGUE == "dact_gated" else N  # z's row stride
     # The epilogue recomputes its tile from a counter of its own (Triton tutorial 09): with the tile
@@ -303,14 +322,14 @@ def _linear_act_fwd_kernel(
     # pipeliner's prologue to its epilogue.
     tile_out = tl.program_id(0) - NUM_PROGRAMS
     for tile in tl.range(
-        tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+        tl.program_id(0), TILES, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
     ):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
 
         acc = _tile_product(
-            x_desc, w_desc, off_m, off_n, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
+            x_desc, w_desc, off_m, off_n, 0, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
             OPERANDS_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
@@ -319,13 +338,7 @@ def _linear_act_fwd_kernel(
         tile_m, tile_n = _grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         out_m = tile_m * BLOCK_M
         out_n = tile_n * BLOCK_N
-        if HAS_BIAS:
-            offs_n = out_n + tl.arange(0, BLOCK_N)
-            b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            acc = acc + b[None, :]
-        acc = apply_activation(acc, ACTIVATION)
-        if OUT_TF32:  # a hidden layer under tf32 (no residual): stored as the next product reads it
-            acc = tf32_operand(acc, "tf32")
+        acc = _bias_act(acc, b_ptr, out_n, N, ACTIVATION, HAS_BIAS, OUT_TF32, BLOCK_N)
 
         # 4. store: the residual added and the tile stored slice by slice
         if EPILOGUE == "none":
@@ -365,6 +378,74 @@ def _linear_act_fwd_kernel(
             )  # fmt: skip
 
 
+@triton.jit
+def _linear_act_stream_k_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, part_ptr, count_ptr,
+    M, N, K, NUM_PROGRAMS, FIRST_TILE, TILES,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
+    OPERANDS_TF32_EXACT: tl.constexpr, OUT_TF32: tl.constexpr,
+):  # fmt: skip
+    """The last TILES tiles (from FIRST_TILE, in the grouped order) as stream-K: their K steps laid
+    end to end, tile after tile, and cut into NUM_PROGRAMS equal runs (common/tiling.py
+    `stream_k_tiles`). A run is at least one tile long, so a tile is whole in one run or cut in two:
+    each side writes its fp32 partial (part_ptr: [TILES, 2, BLOCK_M, BLOCK_N], side 0 the one with
+    the tile's first K step) and adds its K steps to the tile's counter (count_ptr, zeros); the
+    side that brings the count to all K steps adds the other's partial and runs the epilogue. No
+    waiting on another program (the interpreter runs programs one after another) and no float
+    atomics: a + b is the same bits whichever side finishes."""
+    # 1. program -> its run of K steps over the stream-K tiles
+    x_desc, w_desc = _operand_descriptors(
+        x_ptr, w_ptr, M, N, K, X_KMAJOR, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K
+    )
+    o_desc = tl.make_tensor_descriptor(
+        o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
+    )
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    work = TILES * k_tiles
+    pid = tl.program_id(0)
+    step = (pid * work // NUM_PROGRAMS).to(tl.int32)
+    end = ((pid + 1) * work // NUM_PROGRAMS).to(tl.int32)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    while step < end:
+        t = step // k_tiles  # the stream-K tile, and this run's K steps in it
+        k_first = step - t * k_tiles
+        k_last = tl.minimum(k_tiles, k_first + end - step)
+        pid_m, pid_n = _grouped_tile(FIRST_TILE + t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = _tile_product(
+            x_desc, w_desc, off_m, off_n, k_first, k_last, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
+            OPERANDS_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        finish = k_last - k_first == k_tiles  # the whole tile in this run
+        if not finish:  # the tile is cut: partials
+            side = (k_first > 0).to(tl.int32)
+            tile_part = part_ptr + t.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
+            offs = rows[:, None] * BLOCK_N + cols[None, :]
+            tl.store(tile_part + side * (BLOCK_M * BLOCK_N) + offs, acc)
+            # every thread's stores issued before the count says so (release at GPU scope)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + t, k_last - k_first, sem="acq_rel", scope="gpu")
+            finish = done + (k_last - k_first) == k_tiles
+            if finish:  # the other side's partial, read past L1 (written by another SM)
+                other = tl.load(
+                    tile_part + (1 - side) * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg"
+                )
+                acc = acc + other
+        if finish:
+            # 3. compute: the forward kernel's epilogue; 4. store: slice by slice
+            acc = _bias_act(acc, b_ptr, off_n, N, ACTIVATION, HAS_BIAS, OUT_TF32, BLOCK_N)
+            _store_tile(
+                o_desc, acc, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, INTERPRET,
+                BLOCK_M, BLOCK_N, SUBTILE,
+            )  # fmt: skip
+        step += k_last - k_first
+
+
 # ==== launcher ====================================================================================
 def _linear_act_launch(
     x_shape: torch.Size,
@@ -382,8 +463,10 @@ def _linear_act_launch(
     dact_activation: str,
     tf32_operands_exact: bool,
     tf32_output: bool,
-) -> tuple[Launch | None, int, bool, bool]:
+    stream_k: bool = True,
+) -> tuple[Launch | None, StreamK | None, int, bool, bool]:
     """`linear_act_fwd`'s record for this key (`_LAUNCHES`): its launch (None when M or N is 0),
+    the stream-K launch for its last tiles where `stream_k` asks and `stream_k_tiles` gives some,
     the output's width and whether x and w are read as they are, M-major and K-major.
 
     dtype is in the key: the residual's shared-memory room (`launch_config`) and the 16-byte rule
@@ -393,7 +476,7 @@ def _linear_act_launch(
     N = w_shape[1]
     width = packed_width(N) if epilogue == "dact_gated" else N
     if M == 0 or N == 0:
-        return None, width, False, False
+        return None, None, width, False, False
     # the layouts from the key's shapes and strides alone (a meta tensor holds no data)
     x_meta = torch.empty_strided(x_shape, x_strides, dtype=dtype, device="meta")
     w_meta = torch.empty_strided(w_shape, w_strides, dtype=dtype, device="meta")
@@ -418,23 +501,59 @@ def _linear_act_launch(
     num_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = num_programs(num_tiles, device, config.programs_per_sm)
     flatten = not (INTERPRET or ws)
+    k_tiles = cdiv(K, config.block_k)
+    sk_tiles = (
+        stream_k_tiles(num_tiles, programs, k_tiles)
+        if stream_k and epilogue == "none" and config.programs_per_sm == 1
+        else 0
+    )
+    if sk_tiles * k_tiles * (programs + 1) >= 2**31:  # the runs' bounds are int32 in the kernel
+        sk_tiles = 0
+    shared = dict(
+        ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
+        INPUT_PRECISION=_input_precision(precision), INTERPRET=INTERPRET,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
+        X_KMAJOR=x_kmajor, OPERANDS_TF32_EXACT=tf32_operands_exact, OUT_TF32=tf32_output,
+        num_stages=config.num_stages,
+    )  # fmt: skip
     launch = Launch(
-        _linear_act_fwd_kernel, (programs,), (M, N, K, programs),
+        _linear_act_fwd_kernel, (programs,), (M, N, K, programs, num_tiles - sk_tiles),
         dict(
-            ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
-            INPUT_PRECISION=_input_precision(precision), INTERPRET=INTERPRET,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            GROUP_M=config.group_m, SUBTILE=config.epilogue_subtile, W_KMAJOR=w_kmajor,
-            X_KMAJOR=x_kmajor, FLATTEN=flatten, WARP_SPECIALIZE=ws, EPILOGUE=epilogue,
-            DACT_ACTIVATION=dact_activation, OPERANDS_TF32_EXACT=tf32_operands_exact,
-            OUT_TF32=tf32_output,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            shared, FLATTEN=flatten, WARP_SPECIALIZE=ws, EPILOGUE=epilogue,
+            DACT_ACTIVATION=dact_activation, num_warps=config.num_warps,
         ),
     )  # fmt: skip
-    return launch, width, x_kmajor, w_kmajor
+    tail = None
+    if sk_tiles:
+        # a plain K loop (no warp specialisation): a warp-specialised config's 4 warps would hold
+        # a 128×256 fp32 accumulator at 256 registers a thread, so 8 warps there
+        warps = max(config.num_warps, config.block_m * config.block_n // 4096)
+        tail = StreamK(
+            Launch(
+                _linear_act_stream_k_kernel, (programs,),
+                (M, N, K, programs, num_tiles - sk_tiles, sk_tiles),
+                dict(shared, num_warps=warps),
+            ),
+            sk_tiles,
+            (sk_tiles, 2, config.block_m, config.block_n),
+        )  # fmt: skip
+    return launch, tail, width, x_kmajor, w_kmajor
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamK:
+    """A launch's stream-K part: its launch, its tiles (one counter each) and its partials' shape
+    (fp32, two a tile)."""
+
+    launch: Launch
+    tiles: int
+    partials: tuple[int, int, int, int]
 
 
 _LAUNCHES = LaunchCache(_linear_act_launch)
+# The forward's stream-K tail where a launch does not say (`linear_act_fwd`'s `stream_k`).
+STREAM_K = True
 
 
 def linear_act_fwd(
@@ -451,6 +570,7 @@ def linear_act_fwd(
     dact_activation: str = "identity",
     tf32_operands_exact: bool = False,
     tf32_output: bool = False,
+    stream_k: bool | None = None,
 ) -> torch.Tensor:
     """Launch on a 2-D x [M, K], w [K, N] meeting the 16-byte rule; returns [M, N] in x.dtype.
 
@@ -470,6 +590,10 @@ def linear_act_fwd(
     registers (`_tile_product`; operands that are not tf32 values would be truncated by wgmma);
     `tf32_output` — the output is a hidden layer that a tf32 product reads next: stored rounded to
     tf32 (no residual), so that product can read it as it lies.
+
+    `stream_k`: the forward's last tiles as stream-K where `common.tiling.stream_k_tiles` gives
+    some (a second launch); False: data-parallel only; None: `STREAM_K` (bench/stream_k_probe.py
+    sets it to time the front both ways).
     """
     if tf32_output and residual is not None:
         raise ValueError(
@@ -477,10 +601,11 @@ def linear_act_fwd(
             "to tf32 (the rounding would come before the residual's add); got both"
         )
     M = x.shape[0]
-    launch, width, x_kmajor, w_kmajor = _LAUNCHES.get((
+    launch, tail, width, x_kmajor, w_kmajor = _LAUNCHES.get((
         x.shape, x.stride(), w.shape, w.stride(), x.dtype, x.device, b is not None,
         residual is not None, activation, config, fp32_precision, epilogue, dact_activation,
         tf32_operands_exact and fp32_precision == "tf32", tf32_output and fp32_precision == "tf32",
+        STREAM_K if stream_k is None else stream_k,
     ))  # fmt: skip
     out = torch.empty((M, width), device=x.device, dtype=x.dtype)
     if launch is None:  # M == 0 or N == 0
@@ -494,6 +619,10 @@ def linear_act_fwd(
         residual = residual.contiguous()  # row stride N
     ensure_allocator()  # per call: Triton keeps the allocator per context (support.py)
     launch(x, w, b, residual, out, z)
+    if tail is not None:
+        partials = torch.empty(tail.partials, device=x.device, dtype=torch.float32)
+        counts = torch.zeros(tail.tiles, device=x.device, dtype=torch.int32)
+        tail.launch(x, w, b, residual, out, partials, counts)
     return out
 
 
@@ -529,7 +658,7 @@ def _product_tiles(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = _tile_product(
-            x_desc, w_desc, off_m, off_n, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION, False,
+            x_desc, w_desc, off_m, off_n, 0, k_tiles, X_KMAJOR, W_KMAJOR, INPUT_PRECISION, False,
             INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         # 4. store: the fp32 product rounded once, slice by slice

@@ -117,7 +117,9 @@ def all_layers_aligned(spec: MLPSpec) -> bool:
 # pre-activation output: the portable launchers and the TMA gated one) and the TMA linear_act's
 # dgrad epilogue (`epilogue`, `z`, `dact_activation`: tma/backward.py); nor are the TMA launchers'
 # tf32 options (`tf32_operands_exact`, `tf32_output`: operands rounded in memory, read as they lie;
-# the portable kernels read theirs through registers and round them there at no pipeline cost).
+# the portable kernels read theirs through registers and round them there at no pipeline cost),
+# nor its `stream_k` (a persistent grid's last wave: the portable kernels' grid is one tile a
+# program).
 _TRAINING_OPTIONS = (
     "store_preact",
     "epilogue",
@@ -125,6 +127,7 @@ _TRAINING_OPTIONS = (
     "dact_activation",
     "tf32_operands_exact",
     "tf32_output",
+    "stream_k",
 )
 
 
@@ -1052,7 +1055,7 @@ def test_gpu_stream_k_tail_against_the_reference(dtype):
     cfg = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, epilogue_subtile=2)
     spec, x, p = layer_problem(dtype, True, m, 860, gated=False, widths=(k, n))
     r = make_input(MLPSpec((n, 4), "relu", True, dtype), m, seed=861)
-    xt, wt, bt, rt = (to_torch(a, DEVICE) for a in (x, p["w0"], p["b0"], r))
+    xt, wt, bt, rt = (to_torch(a).to(DEVICE) for a in (x, p["w0"], p["b0"], r))
     tiles = -(-m // 128) * -(-n // 256)
     programs = support.num_programs(tiles, xt.device)
     assert programs < tiles < 2 * programs  # a wave and a few tiles: all of them stream-K

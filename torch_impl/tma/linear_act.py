@@ -393,9 +393,9 @@ def _linear_act_stream_k_kernel(
     `stream_k_tiles`). A run is at least one tile long, so a tile is whole in one run or cut in two:
     each side writes its fp32 partial (part_ptr: [TILES, 2, BLOCK_M, BLOCK_N], side 0 the one with
     the tile's first K step) and adds its K steps to the tile's counter (count_ptr, zeros); the
-    side that brings the count to all K steps adds the other's partial and runs the epilogue. No
-    waiting on another program (the interpreter runs programs one after another) and no float
-    atomics: a + b is the same bits whichever side finishes."""
+    side that brings the count to all K steps reads both partials back, adds them (side 0 + side
+    1) and runs the epilogue. No waiting on another program (the interpreter runs programs one
+    after another) and no float atomics: the same bits whichever side finishes."""
     # 1. program -> its run of K steps over the stream-K tiles
     x_desc, w_desc = _operand_descriptors(
         x_ptr, w_ptr, M, N, K, X_KMAJOR, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K
@@ -403,47 +403,65 @@ def _linear_act_stream_k_kernel(
     o_desc = tl.make_tensor_descriptor(
         o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
     )
+    HALF: tl.constexpr = BLOCK_N // 2
+    half_desc = tl.make_tensor_descriptor(
+        o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF]
+    )
     k_tiles = tl.cdiv(K, BLOCK_K)
     work = TILES * k_tiles
     pid = tl.program_id(0)
     step = (pid * work // NUM_PROGRAMS).to(tl.int32)
     end = ((pid + 1) * work // NUM_PROGRAMS).to(tl.int32)
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    while step < end:
-        t = step // k_tiles  # the stream-K tile, and this run's K steps in it
-        k_first = step - t * k_tiles
-        k_last = tl.minimum(k_tiles, k_first + end - step)
-        pid_m, pid_n = _grouped_tile(FIRST_TILE + t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = _tile_product(
-            x_desc, w_desc, off_m, off_n, k_first, k_last, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
-            OPERANDS_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        finish = k_last - k_first == k_tiles  # the whole tile in this run
-        if not finish:  # the tile is cut: partials
-            side = (k_first > 0).to(tl.int32)
-            tile_part = part_ptr + t.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
-            offs = rows[:, None] * BLOCK_N + cols[None, :]
-            tl.store(tile_part + side * (BLOCK_M * BLOCK_N) + offs, acc)
-            # every thread's stores issued before the count says so (release at GPU scope)
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + t, k_last - k_first, sem="acq_rel", scope="gpu")
-            finish = done + (k_last - k_first) == k_tiles
-            if finish:  # the other side's partial, read past L1 (written by another SM)
-                other = tl.load(
-                    tile_part + (1 - side) * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg"
-                )
-                acc = acc + other
-        if finish:
-            # 3. compute: the forward kernel's epilogue; 4. store: slice by slice
-            acc = _bias_act(acc, b_ptr, off_n, N, ACTIVATION, HAS_BIAS, OUT_TF32, BLOCK_N)
-            _store_tile(
-                o_desc, acc, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, INTERPRET,
-                BLOCK_M, BLOCK_N, SUBTILE,
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    half_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, HALF)[None, :]
+    # A run is under two tiles' K steps ((P + T mod P)·k_tiles / P < 2·k_tiles), so it touches at
+    # most three tiles: a static loop (its K loop pipelined as the data-parallel kernel's; inside
+    # a `while` triton 3.6 ran it at a third of the speed: bench/results/2026-12-07-h100-53c8ff4-
+    # stream-k/)
+    for _ in range(3):
+        if step < end:
+            t = step // k_tiles  # the stream-K tile, and this run's K steps in it
+            k_first = step - t * k_tiles
+            k_last = tl.minimum(k_tiles, k_first + end - step)
+            pid_m, pid_n = _grouped_tile(FIRST_TILE + t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc = _tile_product(
+                x_desc, w_desc, off_m, off_n, k_first, k_last, X_KMAJOR, W_KMAJOR,
+                INPUT_PRECISION, OPERANDS_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-        step += k_last - k_first
+            if k_last - k_first == k_tiles:  # the whole tile in this run
+                # 3. compute: the forward kernel's epilogue; 4. store: slice by slice
+                acc = _bias_act(acc, b_ptr, off_n, N, ACTIVATION, HAS_BIAS, OUT_TF32, BLOCK_N)
+                _store_tile(
+                    o_desc, acc, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, INTERPRET,
+                    BLOCK_M, BLOCK_N, SUBTILE,
+                )  # fmt: skip
+            else:  # cut: this side's partial, then the count of the tile's K steps done
+                side = (k_first > 0).to(tl.int32)
+                tile_part = part_ptr + t.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
+                tl.store(tile_part + side * (BLOCK_M * BLOCK_N) + offs, acc)
+                # every thread's stores issued before the count says so (release at GPU scope)
+                tl.debug_barrier()
+                done = tl.atomic_add(count_ptr + t, k_last - k_first, sem="acq_rel", scope="gpu")
+                if done + (k_last - k_first) == k_tiles:  # the last side: finish the tile
+                    tl.debug_barrier()
+                    # side 0 + side 1 in column halves, read past L1 (one side is another SM's):
+                    # the accumulator is dead, so no second tile of registers is live
+                    for h in tl.static_range(2):
+                        part = tl.load(tile_part + h * HALF + half_offs, cache_modifier=".cg")
+                        part += tl.load(
+                            tile_part + BLOCK_M * BLOCK_N + h * HALF + half_offs,
+                            cache_modifier=".cg",
+                        )
+                        part = _bias_act(
+                            part, b_ptr, off_n + h * HALF, N, ACTIVATION, HAS_BIAS, OUT_TF32, HALF
+                        )
+                        _store_slice(
+                            half_desc, part, r_ptr, off_m, off_n + h * HALF, M, N, HAS_RESIDUAL,
+                            INTERPRET, BLOCK_M, HALF,
+                        )  # fmt: skip
+            step += k_last - k_first
 
 
 # ==== launcher ====================================================================================

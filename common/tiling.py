@@ -252,8 +252,9 @@ def _waves_cost(m: int, n_out: int, bm: int, bn: int, op_n: int, num_sms: int) -
 # cut between two programs costs a fp32 partial written by each and read by the one that finishes
 # last (no float atomics: the sum of two partials is the same bits whichever arrives last).
 # Worth it where the last wave is mostly idle and a tile's K loop is long enough to pay the
-# partials; the bounds below are a first rule, measured in docs/performance.md (forty-sixth
-# session) on gpt-mlp's and llama3-8b's projections.
+# partials: the bounds below are a first rule. Not on by default: measured on an H100, the
+# stream-K kernel ran its K steps at a third to a half of the data-parallel kernel's speed
+# (torch_impl/tma/linear_act.py `STREAM_K`; docs/performance.md, forty-sixth session).
 STREAM_K_MAX_LAST_WAVE = 0.8  # the last wave's share of the programs busy, above which DP alone
 STREAM_K_MIN_K_TILES = 8  # K steps a tile needs before partials pay
 

@@ -415,9 +415,7 @@ def _linear_act_stream_k_kernel(
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     half_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, HALF)[None, :]
     # A run is under two tiles' K steps ((P + T mod P)·k_tiles / P < 2·k_tiles), so it touches at
-    # most three tiles: a static loop (its K loop pipelined as the data-parallel kernel's; inside
-    # a `while` triton 3.6 ran it at a third of the speed: bench/results/2026-12-07-h100-53c8ff4-
-    # stream-k/)
+    # most three tiles: a static loop of three segments
     for _ in range(3):
         if step < end:
             t = step // k_tiles  # the stream-K tile, and this run's K steps in it
@@ -570,8 +568,13 @@ class StreamK:
 
 
 _LAUNCHES = LaunchCache(_linear_act_launch)
-# The forward's stream-K tail where a launch does not say (`linear_act_fwd`'s `stream_k`).
-STREAM_K = True
+# The forward's stream-K tail where a launch does not say (`linear_act_fwd`'s `stream_k`). Off:
+# on an H100 the stream-K kernel ran its K steps at a third to a half of the data-parallel
+# kernel's speed (same tile, stages and warps; 160 registers, no spills, the same shared memory),
+# so gpt-mlp's down projection took 1.96 ms against 1.40 data-parallel, its up projection 1.56
+# against 1.53 (bench/results/2026-12-07-h100-53c8ff4-stream-k/, -67226b8-stream-k/); the cause
+# is not found yet. bench/stream_k_probe.py times both.
+STREAM_K = False
 
 
 def linear_act_fwd(

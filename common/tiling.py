@@ -242,33 +242,42 @@ def _waves_cost(m: int, n_out: int, bm: int, bn: int, op_n: int, num_sms: int) -
     return waves * bm * op_n / (_TILE_RATE[(bm, op_n)] * 128 * 256)
 
 
-# Stream-K for a persistent launch's last wave (Osama et al., "Stream-K", 2023): with T tiles on P
-# programs, a persistent grid runs ceil(T / P) waves, so gpt-mlp's up projection at M = 8192 —
-# 4096 tiles of 128×256 on 132 SMs, 31.03 waves — runs 32, four programs alone in the last; its
-# down projection (1024 tiles, 7.76 waves) runs 8. Stream-K gives the last full wave and the
-# partial one (P + T mod P tiles) to all P programs as equal runs of K steps, so each runs about
-# (P + T mod P) / P tiles' worth after the data-parallel waves: 30 + 1.03 tile-times for the up
-# projection instead of 32 (−3 %), 6 + 1.76 for the down projection instead of 8 (−3 %). A tile
-# cut between two programs costs a fp32 partial written by each and read by the one that finishes
-# last (no float atomics: the sum of two partials is the same bits whichever arrives last).
-# Worth it where the last wave is mostly idle and a tile's K loop is long enough to pay the
-# partials: the bounds below are a first rule. Not on by default: measured on an H100, the
-# stream-K kernel ran its K steps at a third to a half of the data-parallel kernel's speed
-# (torch_impl/tma/linear_act.py `STREAM_K`; docs/performance.md, forty-sixth session).
-STREAM_K_MAX_LAST_WAVE = 0.8  # the last wave's share of the programs busy, above which DP alone
-STREAM_K_MIN_K_TILES = 8  # K steps a tile needs before partials pay
+# The persistent grid's last wave. With T tiles on P programs a persistent launch runs ceil(T / P)
+# waves: gpt-mlp's up projection at M = 8192 (4096 tiles of 128×256 on 132 SMs, 31.03 waves) runs
+# 32 with four programs alone in the last; its down projection (1024 tiles, 7.76 waves) runs 8.
+# The last T mod P tiles can instead be split in K: each into S equal runs of K steps, the runs
+# taken chunk by chunk (all tiles' first runs, then their second ...) by the programs in turn, so
+# the tail takes ceil((T mod P)·S / P) / S tile-times instead of one; each run writes a fp32
+# partial and the tile's last run to finish adds the S in order (no waiting, no float atomics).
+# Taking the runs chunk by chunk keeps the programs at the same K steps at the same time, as the
+# data-parallel waves are, so x's and W's slabs are shared in L2. A first form (stream-K: the last
+# full and partial waves as one long run of K steps a program, each program at its own K offset)
+# ran its K steps at a third to a half of the data-parallel speed on an H100 — about what reading
+# every operand slab from HBM once per tile takes (gpt-mlp's down projection: 232 tiles × 12 MB) —
+# bench/results/2026-12-07-h100-53c8ff4-stream-k/. The cost model below, in tile-times: a wave of
+# runs 1 / S, a run's partial (written, then read back by the last run) `SPLIT_TAIL_RUN_STEPS` K
+# steps; a split only where it saves `SPLIT_TAIL_MIN_GAIN`. A first guess, to be measured.
+SPLIT_TAIL_MIN_STEPS = 8  # K steps a run needs (a pipeline of 4 stages fills in 4)
+SPLIT_TAIL_MAX_SPLITS = 16
+SPLIT_TAIL_RUN_STEPS = 8  # a 128×256 fp32 partial out and back: 256 KB, about 8 K steps' slabs
+SPLIT_TAIL_MIN_GAIN = 0.1
 
 
-def stream_k_tiles(num_tiles: int, programs: int, k_tiles: int) -> int:
-    """How many of a persistent launch's last tiles go to stream-K (0: data-parallel only): the
-    last full wave and the partial one, where the partial wave leaves most programs idle. Each
-    program's run of K steps is then at least one tile long, so a tile has at most two."""
+def last_wave_split(num_tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
+    """(tiles, splits): how many of a persistent launch's last tiles to split in K and into how many
+    runs each, or (0, 1) for data-parallel only (see the comment above)."""
     full, rest = divmod(num_tiles, programs)
-    if full == 0 or rest == 0 or k_tiles < STREAM_K_MIN_K_TILES:
-        return 0
-    if rest / programs > STREAM_K_MAX_LAST_WAVE:
-        return 0
-    return programs + rest
+    if full == 0 or rest == 0:
+        return 0, 1
+    best, best_time = 1, 1.0  # unsplit, the tail is one wave
+    for splits in range(2, min(SPLIT_TAIL_MAX_SPLITS, k_tiles // SPLIT_TAIL_MIN_STEPS) + 1):
+        waves = math.ceil(rest * splits / programs) / splits
+        time = waves + SPLIT_TAIL_RUN_STEPS * splits / k_tiles
+        if time < best_time:
+            best, best_time = splits, time
+    if best == 1 or 1.0 - best_time < SPLIT_TAIL_MIN_GAIN:
+        return 0, 1
+    return rest, best
 
 
 # A persistent linear_act with a short K (a factorised layer's t·V: K = r ≤ 256, 1–4 K steps) is

@@ -118,7 +118,7 @@ def all_layers_aligned(spec: MLPSpec) -> bool:
 # dgrad epilogue (`epilogue`, `z`, `dact_activation`: tma/backward.py); nor are the TMA launchers'
 # tf32 options (`tf32_operands_exact`, `tf32_output`: operands rounded in memory, read as they lie;
 # the portable kernels read theirs through registers and round them there at no pipeline cost),
-# nor its `stream_k` (a persistent grid's last wave: the portable kernels' grid is one tile a
+# nor its `split_tail` (a persistent grid's last wave: the portable kernels' grid is one tile a
 # program).
 _TRAINING_OPTIONS = (
     "store_preact",
@@ -127,7 +127,7 @@ _TRAINING_OPTIONS = (
     "dact_activation",
     "tf32_operands_exact",
     "tf32_output",
-    "stream_k",
+    "split_tail",
 )
 
 
@@ -583,55 +583,58 @@ def test_several_tiles_per_program_uneven_split():
             assert_close(to_numpy(y), ref, spec, what=f"persistent {dtype} gated={gated}")
 
 
-def test_stream_k_takes_the_last_wave_where_it_is_mostly_idle():
-    """common/tiling.stream_k_tiles on the shapes it was written for (132 SMs, 128×256 tiles)."""
-    from fusedmlp.common.tiling import STREAM_K_MIN_K_TILES, stream_k_tiles
+def test_the_last_wave_is_split_where_the_model_says_it_pays():
+    """common/tiling.last_wave_split on the shapes it was written for (132 SMs, 128×256 tiles)."""
+    from fusedmlp.common.tiling import SPLIT_TAIL_MIN_STEPS, last_wave_split
 
-    assert stream_k_tiles(4096, 132, 64) == 136  # gpt-mlp up: 31.03 waves, the last 4 tiles
-    assert stream_k_tiles(1024, 132, 256) == 232  # its down projection: 7.76 waves
-    assert stream_k_tiles(7 * 132 + 122, 132, 256) == 0  # a last wave 92 % busy: data-parallel
-    assert stream_k_tiles(132 * 8, 132, 64) == 0  # whole waves
-    assert stream_k_tiles(100, 132, 64) == 0  # under one wave: nothing to even out
-    assert stream_k_tiles(4096, 132, STREAM_K_MIN_K_TILES - 1) == 0  # K too short for partials
+    assert last_wave_split(4096, 132, 64) == (4, 3)  # gpt-mlp up: 31.03 waves, 4 tiles in 3 runs
+    assert last_wave_split(7168, 132, 64) == (40, 3)  # llama3-8b's packed up: 54.3 waves
+    assert last_wave_split(1024, 132, 256) == (0, 1)  # its down projection: 100 of 132 busy
+    assert last_wave_split(132 * 8, 132, 64) == (0, 1)  # whole waves
+    assert last_wave_split(100, 132, 64) == (0, 1)  # under one wave
+    assert last_wave_split(4096, 132, 2 * SPLIT_TAIL_MIN_STEPS - 1) == (0, 1)  # runs too short
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's program count")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "m,n", [(30, 56), (100, 24)], ids=["4 tiles, all stream-K", "7 tiles, 3 data-parallel"]
+    "m,n,splits",
+    [(30, 56, 2), (50, 56, 3), (100, 24, 4)],
+    ids=["4 tiles, 1 split in 2", "8 tiles, 2 split in 3", "7 tiles, 1 split in 4"],
 )
-def test_stream_k_tail_against_the_reference(dtype, m, n):
-    """3 programs, 9 K steps a tile (K = 136, a ragged tail): each program's run is 12 steps, so
-    tile 0 (of the stream-K ones) is whole in program 0, tiles 1 and 2 are cut between two
-    programs (the later one adds the earlier's partial), tile 3 whole in program 2. With bias,
-    an activation and a residual against float64; the same bits twice (no float atomics); the
-    data-parallel launch's bits but in the two cut tiles (each sums its K in two parts)."""
+def test_split_tail_against_the_reference(dtype, m, n, splits):
+    """3 programs, 9 K steps a tile (K = 136, a ragged tail): the T mod 3 last tiles split in K
+    into `splits` runs taken by the programs in turn, the last run of each tile adding the
+    partials; with bias, an activation and a residual against float64, the same bits twice (no
+    float atomics), and the data-parallel launch's bits in every tile but the split ones."""
     k = 136  # rows of 16 bytes in every dtype (TMA's rule), the last K step half zeros
     seed = 540 + DTYPES.index(dtype) + m
     spec, x, p = layer_problem(dtype, True, m, seed, gated=False, widths=(k, n))
     r = make_input(MLPSpec((n, 4), "relu", True, dtype), m, seed=seed + 1)
     xt, wt, bt, rt = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"]), to_torch(r)
     cfg = INTERPRET_CONFIG
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     launch_, tail, *_ = tma_linear._linear_act_launch(
         xt.shape, xt.stride(), wt.shape, wt.stride(), xt.dtype, xt.device, True, True, "gelu",
-        cfg, "ieee", "none", "identity", False, False,
+        cfg, "ieee", "none", "identity", False, False, splits,
     )  # fmt: skip
-    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    assert tail is not None and tail.tiles == 4 and launch_.scalars[-1] == tiles - 4
-    assert tail.launch.scalars[-2:] == (tiles - 4, 4)
+    assert tail is not None and (tail.tiles, tail.splits) == (tiles % 3, splits)
+    assert launch_.scalars[-1] == tiles - tiles % 3
+    assert tail.launch.scalars[-3:] == (tiles - tiles % 3, tiles % 3, splits)
 
-    def run(stream_k: bool) -> torch.Tensor:
+    def run(split_tail: bool | int) -> torch.Tensor:
         return tma_linear.linear_act_fwd(
-            xt, wt, bt, rt, activation="gelu", config=cfg, stream_k=stream_k
+            xt, wt, bt, rt, activation="gelu", config=cfg, split_tail=split_tail
         )
 
-    y = run(True)
-    assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "gelu", r), spec, what="stream-K")
-    assert torch.equal(y, run(True))
+    y = run(splits)
+    want = ref_linear(x, p["w0"], p["b0"], "gelu", r)
+    assert_close(to_numpy(y), want, spec, what="split tail")
+    assert torch.equal(y, run(splits))
     data_parallel = run(False)
-    assert_close(to_numpy(data_parallel), ref_linear(x, p["w0"], p["b0"], "gelu", r), spec)
+    assert_close(to_numpy(data_parallel), want, spec)
     differ = int((data_parallel != y).sum())
-    assert differ <= 2 * cfg.block_m * cfg.block_n, differ
+    assert differ <= tail.tiles * cfg.block_m * cfg.block_n, differ
 
 
 def test_two_programs_per_sm_walk_every_tile_once():
@@ -1046,11 +1049,11 @@ def test_gpu_launches_read_device_facts_once(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_gpu_stream_k_tail_against_the_reference(dtype):
-    """On the GPU (132 SMs on an H100 or H200): 16 × 9 = 144 tiles of 128×256, a wave and 9 %,
-    so all 144 run as stream-K, 17 K steps a tile (K = 1032, a ragged tail), odd M; bias, gelu_tanh
-    and a residual against float64, the same bits twice, and the data-parallel launch's result
-    close by the same policy."""
+def test_gpu_split_tail_against_the_reference(dtype):
+    """On the GPU (132 SMs on an H100 or H200): 16 × 9 = 144 tiles of 128×256, a wave and 12
+    tiles, the 12 split in K into 4 runs, 17 K steps a tile (K = 1032, a ragged tail), odd M;
+    bias, gelu_tanh and a residual against float64, the same bits twice, and the data-parallel
+    launch's result within the same policy."""
     m, k, n = 2047, 1032, 2304
     cfg = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, epilogue_subtile=2)
     spec, x, p = layer_problem(dtype, True, m, 860, gated=False, widths=(k, n))
@@ -1058,22 +1061,22 @@ def test_gpu_stream_k_tail_against_the_reference(dtype):
     xt, wt, bt, rt = (to_torch(a).to(DEVICE) for a in (x, p["w0"], p["b0"], r))
     tiles = -(-m // 128) * -(-n // 256)
     programs = support.num_programs(tiles, xt.device)
-    assert programs < tiles < 2 * programs  # a wave and a few tiles: all of them stream-K
+    assert programs < tiles < 2 * programs  # a wave and a few tiles
     _, tail, *_ = tma_linear._linear_act_launch(
         xt.shape, xt.stride(), wt.shape, wt.stride(), xt.dtype, xt.device, True, True,
-        "gelu_tanh", cfg, "ieee", "none", "identity", False, False,
+        "gelu_tanh", cfg, "ieee", "none", "identity", False, False, 4,
     )  # fmt: skip
-    assert tail is not None and tail.tiles == tiles
+    assert tail is not None and (tail.tiles, tail.splits) == (tiles - programs, 4)
 
-    def run(stream_k: bool) -> torch.Tensor:
+    def run(split_tail: bool | int) -> torch.Tensor:
         return tma_linear.linear_act_fwd(
-            xt, wt, bt, rt, activation="gelu_tanh", config=cfg, stream_k=stream_k
+            xt, wt, bt, rt, activation="gelu_tanh", config=cfg, split_tail=split_tail
         )
 
     want = ref_linear(x, p["w0"], p["b0"], "gelu_tanh", r)
-    y = run(True)
-    assert_close(to_numpy(y), want, spec, what=f"stream-K {dtype}")
-    assert torch.equal(y, run(True))
+    y = run(4)
+    assert_close(to_numpy(y), want, spec, what=f"split tail {dtype}")
+    assert torch.equal(y, run(4))
     assert_close(to_numpy(run(False)), want, spec, what=f"data-parallel {dtype}")
 
 

@@ -81,7 +81,7 @@ from fusedmlp.common.tiling import (
     cdiv,
     gated_config,
     heuristic_config,
-    stream_k_tiles,
+    last_wave_split,
     warp_specialize_applies,
 )
 from fusedmlp.common.validate import check_layer
@@ -255,7 +255,7 @@ def _tile_product(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The fp32 [BLOCK_M, BLOCK_N] product tile at (off_m, off_n) over K steps k_first … k_tiles - 1
-    (all of them but for a stream-K run, `_linear_act_stream_k_kernel`). Under tf32 both
+    (all of them but for a split run, `_linear_act_split_tail_kernel`). Under tf32 both
     operands are rounded in registers (tf32.py), unless OPERANDS_TF32_EXACT says they were
     rounded in memory (the front's rounded weights, inputs and hidden layers): wgmma then reads
     them straight from shared memory and stays in flight while the next slab lands. Rounded in
@@ -307,7 +307,7 @@ def _linear_act_fwd_kernel(
     OUT_TF32: tl.constexpr,
 ):  # fmt: skip
     # 1. program -> tile: descriptors once per program, then a strided walk over the tiles (TILES:
-    # all of them, or the data-parallel ones before a stream-K launch takes the rest)
+    # all of them, or the data-parallel ones before a split-tail launch takes the rest)
     x_desc, w_desc = _operand_descriptors(
         x_ptr, w_ptr, M, N, K, X_KMAJOR, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K
     )
@@ -379,87 +379,70 @@ def _linear_act_fwd_kernel(
 
 
 @triton.jit
-def _linear_act_stream_k_kernel(
+def _linear_act_split_tail_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, part_ptr, count_ptr,
-    M, N, K, NUM_PROGRAMS, FIRST_TILE, TILES,
+    M, N, K, NUM_PROGRAMS, FIRST_TILE, TILES, SPLITS,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr, W_KMAJOR: tl.constexpr, X_KMAJOR: tl.constexpr,
     OPERANDS_TF32_EXACT: tl.constexpr, OUT_TF32: tl.constexpr,
 ):  # fmt: skip
-    """The last TILES tiles (from FIRST_TILE, in the grouped order) as stream-K: their K steps laid
-    end to end, tile after tile, and cut into NUM_PROGRAMS equal runs (common/tiling.py
-    `stream_k_tiles`). A run is at least one tile long, so a tile is whole in one run or cut in two:
-    each side writes its fp32 partial (part_ptr: [TILES, 2, BLOCK_M, BLOCK_N], side 0 the one with
-    the tile's first K step) and adds its K steps to the tile's counter (count_ptr, zeros); the
-    side that brings the count to all K steps reads both partials back, adds them (side 0 + side
-    1) and runs the epilogue. No waiting on another program (the interpreter runs programs one
-    after another) and no float atomics: the same bits whichever side finishes."""
-    # 1. program -> its run of K steps over the stream-K tiles
+    """The last TILES tiles (from FIRST_TILE, in the grouped order), each split in K into SPLITS
+    runs of equal K steps (common/tiling.py `last_wave_split`). Run u is chunk u // TILES of tile
+    u % TILES, and the programs take runs program, program + NUM_PROGRAMS, ...: chunk by chunk, so
+    a wave's programs read the same K slabs at the same time (shared in L2), as the data-parallel
+    waves do. Each run writes its fp32 partial (part_ptr: [TILES, SPLITS, BLOCK_M, BLOCK_N]) and
+    counts itself on its tile (count_ptr: zeros); the run that brings the count to SPLITS reads the
+    partials back in chunk order, adds them and runs the epilogue. No waiting on another program
+    (the interpreter runs programs one after another) and no float atomics: the same bits whichever
+    run finishes last."""
+    # 1. program -> its runs
     x_desc, w_desc = _operand_descriptors(
         x_ptr, w_ptr, M, N, K, X_KMAJOR, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K
-    )
-    o_desc = tl.make_tensor_descriptor(
-        o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // SUBTILE]
     )
     HALF: tl.constexpr = BLOCK_N // 2
     half_desc = tl.make_tensor_descriptor(
         o_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF]
     )
     k_tiles = tl.cdiv(K, BLOCK_K)
-    work = TILES * k_tiles
-    pid = tl.program_id(0)
-    step = (pid * work // NUM_PROGRAMS).to(tl.int32)
-    end = ((pid + 1) * work // NUM_PROGRAMS).to(tl.int32)
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     half_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, HALF)[None, :]
-    # A run is under two tiles' K steps ((P + T mod P)·k_tiles / P < 2·k_tiles), so it touches at
-    # most three tiles: a static loop of three segments
-    for _ in range(3):
-        if step < end:
-            t = step // k_tiles  # the stream-K tile, and this run's K steps in it
-            k_first = step - t * k_tiles
-            k_last = tl.minimum(k_tiles, k_first + end - step)
-            pid_m, pid_n = _grouped_tile(FIRST_TILE + t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            off_m = pid_m * BLOCK_M
-            off_n = pid_n * BLOCK_N
-            acc = _tile_product(
-                x_desc, w_desc, off_m, off_n, k_first, k_last, X_KMAJOR, W_KMAJOR,
-                INPUT_PRECISION, OPERANDS_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-            if k_last - k_first == k_tiles:  # the whole tile in this run
-                # 3. compute: the forward kernel's epilogue; 4. store: slice by slice
-                acc = _bias_act(acc, b_ptr, off_n, N, ACTIVATION, HAS_BIAS, OUT_TF32, BLOCK_N)
-                _store_tile(
-                    o_desc, acc, r_ptr, off_m, off_n, M, N, HAS_RESIDUAL, INTERPRET,
-                    BLOCK_M, BLOCK_N, SUBTILE,
+    for run in range(tl.program_id(0), TILES * SPLITS, NUM_PROGRAMS):
+        t = run % TILES
+        chunk = run // TILES
+        pid_m, pid_n = _grouped_tile(FIRST_TILE + t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = _tile_product(
+            x_desc, w_desc, off_m, off_n, chunk * k_tiles // SPLITS,
+            (chunk + 1) * k_tiles // SPLITS, X_KMAJOR, W_KMAJOR, INPUT_PRECISION,
+            OPERANDS_TF32_EXACT, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        tile_part = part_ptr + t.to(tl.int64) * (SPLITS * BLOCK_M * BLOCK_N)
+        tl.store(tile_part + chunk * (BLOCK_M * BLOCK_N) + offs, acc)
+        # every thread's stores issued before the count says so (release at GPU scope)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + t, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:  # the tile's last run: add the partials, finish the tile
+            tl.debug_barrier()
+            # in column halves, read past L1 (the other runs' are other SMs' writes); the
+            # accumulator is dead by now, so no second tile of registers is live
+            for h in tl.static_range(2):
+                part = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+                for c in range(SPLITS):
+                    part += tl.load(
+                        tile_part + c * (BLOCK_M * BLOCK_N) + h * HALF + half_offs,
+                        cache_modifier=".cg",
+                    )
+                # 3. compute: the forward kernel's epilogue; 4. store
+                part = _bias_act(
+                    part, b_ptr, off_n + h * HALF, N, ACTIVATION, HAS_BIAS, OUT_TF32, HALF
+                )
+                _store_slice(
+                    half_desc, part, r_ptr, off_m, off_n + h * HALF, M, N, HAS_RESIDUAL,
+                    INTERPRET, BLOCK_M, HALF,
                 )  # fmt: skip
-            else:  # cut: this side's partial, then the count of the tile's K steps done
-                side = (k_first > 0).to(tl.int32)
-                tile_part = part_ptr + t.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
-                tl.store(tile_part + side * (BLOCK_M * BLOCK_N) + offs, acc)
-                # every thread's stores issued before the count says so (release at GPU scope)
-                tl.debug_barrier()
-                done = tl.atomic_add(count_ptr + t, k_last - k_first, sem="acq_rel", scope="gpu")
-                if done + (k_last - k_first) == k_tiles:  # the last side: finish the tile
-                    tl.debug_barrier()
-                    # side 0 + side 1 in column halves, read past L1 (one side is another SM's):
-                    # the accumulator is dead, so no second tile of registers is live
-                    for h in tl.static_range(2):
-                        part = tl.load(tile_part + h * HALF + half_offs, cache_modifier=".cg")
-                        part += tl.load(
-                            tile_part + BLOCK_M * BLOCK_N + h * HALF + half_offs,
-                            cache_modifier=".cg",
-                        )
-                        part = _bias_act(
-                            part, b_ptr, off_n + h * HALF, N, ACTIVATION, HAS_BIAS, OUT_TF32, HALF
-                        )
-                        _store_slice(
-                            half_desc, part, r_ptr, off_m, off_n + h * HALF, M, N, HAS_RESIDUAL,
-                            INTERPRET, BLOCK_M, HALF,
-                        )  # fmt: skip
-            step += k_last - k_first
 
 
 # ==== launcher ====================================================================================
@@ -479,10 +462,11 @@ def _linear_act_launch(
     dact_activation: str,
     tf32_operands_exact: bool,
     tf32_output: bool,
-    stream_k: bool = True,
-) -> tuple[Launch | None, StreamK | None, int, bool, bool]:
+    split_tail: bool | int = True,
+) -> tuple[Launch | None, SplitTail | None, int, bool, bool]:
     """`linear_act_fwd`'s record for this key (`_LAUNCHES`): its launch (None when M or N is 0),
-    the stream-K launch for its last tiles where `stream_k` asks and `stream_k_tiles` gives some,
+    the split-tail launch for its last tiles where `split_tail` asks (True: as `last_wave_split`
+    says; an int: that many runs a tile, the probe's and the tests' choice),
     the output's width and whether x and w are read as they are, M-major and K-major.
 
     dtype is in the key: the residual's shared-memory room (`launch_config`) and the 16-byte rule
@@ -518,13 +502,12 @@ def _linear_act_launch(
     programs = num_programs(num_tiles, device, config.programs_per_sm)
     flatten = not (INTERPRET or ws)
     k_tiles = cdiv(K, config.block_k)
-    sk_tiles = (
-        stream_k_tiles(num_tiles, programs, k_tiles)
-        if stream_k and epilogue == "none" and config.programs_per_sm == 1
-        else 0
-    )
-    if sk_tiles * k_tiles * (programs + 1) >= 2**31:  # the runs' bounds are int32 in the kernel
-        sk_tiles = 0
+    tail_tiles, splits = 0, 1
+    if split_tail is not False and epilogue == "none" and config.programs_per_sm == 1:
+        if split_tail is True:
+            tail_tiles, splits = last_wave_split(num_tiles, programs, k_tiles)
+        elif num_tiles > programs and num_tiles % programs and 2 <= split_tail <= k_tiles:
+            tail_tiles, splits = num_tiles % programs, split_tail
     shared = dict(
         ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
         INPUT_PRECISION=_input_precision(precision), INTERPRET=INTERPRET,
@@ -534,47 +517,45 @@ def _linear_act_launch(
         num_stages=config.num_stages,
     )  # fmt: skip
     launch = Launch(
-        _linear_act_fwd_kernel, (programs,), (M, N, K, programs, num_tiles - sk_tiles),
+        _linear_act_fwd_kernel, (programs,), (M, N, K, programs, num_tiles - tail_tiles),
         dict(
             shared, FLATTEN=flatten, WARP_SPECIALIZE=ws, EPILOGUE=epilogue,
             DACT_ACTIVATION=dact_activation, num_warps=config.num_warps,
         ),
     )  # fmt: skip
     tail = None
-    if sk_tiles:
+    if tail_tiles:
         # a plain K loop (no warp specialisation): a warp-specialised config's 4 warps would hold
         # a 128×256 fp32 accumulator at 256 registers a thread, so 8 warps there
         warps = max(config.num_warps, config.block_m * config.block_n // 4096)
-        tail = StreamK(
+        tail = SplitTail(
             Launch(
-                _linear_act_stream_k_kernel, (programs,),
-                (M, N, K, programs, num_tiles - sk_tiles, sk_tiles),
+                _linear_act_split_tail_kernel, (programs,),
+                (M, N, K, programs, num_tiles - tail_tiles, tail_tiles, splits),
                 dict(shared, num_warps=warps),
             ),
-            sk_tiles,
-            (sk_tiles, 2, config.block_m, config.block_n),
+            tail_tiles,
+            splits,
+            (tail_tiles, splits, config.block_m, config.block_n),
         )  # fmt: skip
     return launch, tail, width, x_kmajor, w_kmajor
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamK:
-    """A launch's stream-K part: its launch, its tiles (one counter each) and its partials' shape
-    (fp32, two a tile)."""
+class SplitTail:
+    """A launch's split tail: its launch, its tiles (one counter each), the runs a tile and the
+    partials' shape (fp32, one a run)."""
 
     launch: Launch
     tiles: int
+    splits: int
     partials: tuple[int, int, int, int]
 
 
 _LAUNCHES = LaunchCache(_linear_act_launch)
-# The forward's stream-K tail where a launch does not say (`linear_act_fwd`'s `stream_k`). Off:
-# on an H100 the stream-K kernel ran its K steps at a third to a half of the data-parallel
-# kernel's speed (same tile, stages and warps; 160 registers, no spills, the same shared memory),
-# so gpt-mlp's down projection took 1.96 ms against 1.40 data-parallel, its up projection 1.56
-# against 1.53 (bench/results/2026-12-07-h100-53c8ff4-stream-k/, -67226b8-stream-k/); the cause
-# is not found yet. bench/stream_k_probe.py times both.
-STREAM_K = False
+# The forward's last wave split in K where a launch does not say (`linear_act_fwd`'s
+# `split_tail`). Off until measured (docs/performance.md, forty-sixth session).
+SPLIT_TAIL = False
 
 
 def linear_act_fwd(
@@ -591,7 +572,7 @@ def linear_act_fwd(
     dact_activation: str = "identity",
     tf32_operands_exact: bool = False,
     tf32_output: bool = False,
-    stream_k: bool | None = None,
+    split_tail: bool | int | None = None,
 ) -> torch.Tensor:
     """Launch on a 2-D x [M, K], w [K, N] meeting the 16-byte rule; returns [M, N] in x.dtype.
 
@@ -612,9 +593,9 @@ def linear_act_fwd(
     `tf32_output` — the output is a hidden layer that a tf32 product reads next: stored rounded to
     tf32 (no residual), so that product can read it as it lies.
 
-    `stream_k`: the forward's last tiles as stream-K where `common.tiling.stream_k_tiles` gives
-    some (a second launch); False: data-parallel only; None: `STREAM_K` (bench/stream_k_probe.py
-    sets it to time the front both ways).
+    `split_tail`: the forward's last T mod P tiles split in K (a second launch) where
+    `common.tiling.last_wave_split` says (True), into that many runs a tile (an int ≥ 2), or not
+    (False); None: `SPLIT_TAIL` (bench/split_tail_probe.py sets it to time the front both ways).
     """
     if tf32_output and residual is not None:
         raise ValueError(
@@ -626,7 +607,7 @@ def linear_act_fwd(
         x.shape, x.stride(), w.shape, w.stride(), x.dtype, x.device, b is not None,
         residual is not None, activation, config, fp32_precision, epilogue, dact_activation,
         tf32_operands_exact and fp32_precision == "tf32", tf32_output and fp32_precision == "tf32",
-        STREAM_K if stream_k is None else stream_k,
+        SPLIT_TAIL if split_tail is None else split_tail,
     ))  # fmt: skip
     out = torch.empty((M, width), device=x.device, dtype=x.dtype)
     if launch is None:  # M == 0 or N == 0

@@ -621,6 +621,7 @@ def test_split_tail_against_the_reference(dtype, m, n, splits):
     assert tail is not None and (tail.tiles, tail.splits) == (tiles % 3, splits)
     assert launch_.scalars[-1] == tiles - tiles % 3
     assert tail.launch.scalars[-3:] == (tiles - tiles % 3, tiles % 3, splits)
+    assert tail.launch.grid == (min(3, tiles % 3 * splits),)  # no program without a run
 
     def run(split_tail: bool | int) -> torch.Tensor:
         return tma_linear.linear_act_fwd(

@@ -528,10 +528,11 @@ def _linear_act_launch(
         # a plain K loop (no warp specialisation): a warp-specialised config's 4 warps would hold
         # a 128×256 fp32 accumulator at 256 registers a thread, so 8 warps there
         warps = max(config.num_warps, config.block_m * config.block_n // 4096)
+        runners = min(programs, tail_tiles * splits)  # gpt-mlp's up projection: 12 runs
         tail = SplitTail(
             Launch(
-                _linear_act_split_tail_kernel, (programs,),
-                (M, N, K, programs, num_tiles - tail_tiles, tail_tiles, splits),
+                _linear_act_split_tail_kernel, (runners,),
+                (M, N, K, runners, num_tiles - tail_tiles, tail_tiles, splits),
                 dict(shared, num_warps=warps),
             ),
             tail_tiles,

@@ -92,7 +92,8 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
     return ordered[k - 1], ordered[n - k]
 
 
-def _spread(values: Sequence[float]) -> dict[str, Any]:
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max, the median's 95 % interval (`median_interval`) and the values."""
     low, high = median_interval(values)
     return {
         "median": statistics.median(values),
@@ -117,12 +118,12 @@ def ratios(
         raise ValueError("baselines: expected at least one, got none")
     mine = samples[ours]
     out = {
-        b: _spread([theirs / own for theirs, own in zip(samples[b], mine, strict=True)])
+        b: spread([theirs / own for theirs, own in zip(samples[b], mine, strict=True)])
         for b in baselines
     }
     if len(baselines) > 1:
         best = fastest(samples, baselines)
-        out[BEST] = _spread([f / own for f, own in zip(best, mine, strict=True)])
+        out[BEST] = spread([f / own for f, own in zip(best, mine, strict=True)])
     return out
 
 
@@ -168,9 +169,9 @@ def pair_stack(
     methods: list[str] = []
     samplers = {n: sampler(stack, device, f, wait, calls, methods) for n, f in fns.items()}
     samples = interleave(samplers, rounds)
-    times = {n: _spread(s) for n, s in samples.items()}
+    times = {n: spread(s) for n, s in samples.items()}
     if len(baselines) > 1:
-        times[BEST] = _spread(fastest(samples, list(baselines)))
+        times[BEST] = spread(fastest(samples, list(baselines)))
     return {
         "stack": stack,
         "ours": name,

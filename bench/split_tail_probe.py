@@ -57,9 +57,9 @@ def _rounds(fns: dict[str, Any], rounds: int, calls: int) -> dict[str, Any]:
     samplers = {name: paired.sampler("torch", "cuda", fn, _wait, calls) for name, fn in fns.items()}
     samples = paired.interleave(samplers, rounds)
     return {
-        "time": {n: paired._spread(v) for n, v in samples.items()},
+        "time": {n: paired.spread(v) for n, v in samples.items()},
         "ratio": {  # dp ÷ each split, and cuBLAS (eager) ÷ each of ours: above 1, the second wins
-            f"{a}/{b}": paired._spread([x / y for x, y in zip(samples[a], samples[b], strict=True)])
+            f"{a}/{b}": paired.spread([x / y for x, y in zip(samples[a], samples[b], strict=True)])
             for a in ("dp", "cublas")
             for b in samples
             if b not in (a, "cublas")

@@ -595,28 +595,37 @@ def test_the_last_wave_is_split_where_the_model_says_it_pays():
     assert last_wave_split(4096, 132, 2 * SPLIT_TAIL_MIN_STEPS - 1) == (0, 1)  # runs too short
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the interpreter's program count")
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.skipif(
+    not INTERPRET,
+    reason="counts tiles and runs on the interpreter's 3 programs; on a GPU (132 SMs) "
+    "test_gpu_split_tail_against_the_reference checks the kernel",
+)
+@pytest.mark.parametrize(
+    "dtype,precision", [*((d, "ieee") for d in DTYPES), ("float32", "tf32")], ids=str
+)
 @pytest.mark.parametrize(
     "m,n,splits",
     [(30, 56, 2), (50, 56, 3), (100, 24, 4)],
     ids=["4 tiles, 1 split in 2", "8 tiles, 2 split in 3", "7 tiles, 1 split in 4"],
 )
-def test_split_tail_against_the_reference(dtype, m, n, splits):
+def test_split_tail_against_the_reference(dtype, precision, m, n, splits):
     """3 programs, 9 K steps a tile (K = 136, a ragged tail): the T mod 3 last tiles split in K
     into `splits` runs taken by the programs in turn, the last run of each tile adding the
-    partials; with bias, an activation and a residual against float64, the same bits twice (no
-    float atomics), and the data-parallel launch's bits in every tile but the split ones."""
+    partials; with bias, an activation and a residual against float64 (float32 also with tf32
+    products), the same bits twice (no float atomics), and the data-parallel launch's bits in
+    every tile but the split ones."""
     k = 136  # rows of 16 bytes in every dtype (TMA's rule), the last K step half zeros
     seed = 540 + DTYPES.index(dtype) + m
-    spec, x, p = layer_problem(dtype, True, m, seed, gated=False, widths=(k, n))
+    spec, x, p = layer_problem(
+        dtype, True, m, seed, gated=False, widths=(k, n), fp32_precision=precision
+    )
     r = make_input(MLPSpec((n, 4), "relu", True, dtype), m, seed=seed + 1)
     xt, wt, bt, rt = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"]), to_torch(r)
     cfg = INTERPRET_CONFIG
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     launch_, tail, *_ = tma_linear._linear_act_launch(
         xt.shape, xt.stride(), wt.shape, wt.stride(), xt.dtype, xt.device, True, True, "gelu",
-        cfg, "ieee", "none", "identity", False, False, splits,
+        cfg, precision, "none", "identity", False, False, splits,
     )  # fmt: skip
     assert tail is not None and (tail.tiles, tail.splits) == (tiles % 3, splits)
     assert launch_.scalars[-1] == tiles - tiles % 3
@@ -625,8 +634,9 @@ def test_split_tail_against_the_reference(dtype, m, n, splits):
 
     def run(split_tail: bool | int) -> torch.Tensor:
         return tma_linear.linear_act_fwd(
-            xt, wt, bt, rt, activation="gelu", config=cfg, split_tail=split_tail
-        )
+            xt, wt, bt, rt, activation="gelu", config=cfg, fp32_precision=precision,
+            split_tail=split_tail,
+        )  # fmt: skip
 
     y = run(splits)
     want = ref_linear(x, p["w0"], p["b0"], "gelu", r)
@@ -1049,7 +1059,7 @@ def test_gpu_launches_read_device_facts_once(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float32's slabs pass 227 KB here
 def test_gpu_split_tail_against_the_reference(dtype):
     """On the GPU (132 SMs on an H100 or H200): 16 × 9 = 144 tiles of 128×256, a wave and 12
     tiles, the 12 split in K into 4 runs, 17 K steps a tile (K = 1032, a ragged tail), odd M;

@@ -462,7 +462,7 @@ def _linear_act_launch(
     dact_activation: str,
     tf32_operands_exact: bool,
     tf32_output: bool,
-    split_tail: bool | int = True,
+    split_tail: bool | int = False,
 ) -> tuple[Launch | None, SplitTail | None, int, bool, bool]:
     """`linear_act_fwd`'s record for this key (`_LAUNCHES`): its launch (None when M or N is 0),
     the split-tail launch for its last tiles where `split_tail` asks (True: as `last_wave_split`

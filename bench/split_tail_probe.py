@@ -7,10 +7,11 @@ Per GEMM (bf16, M = 8192, the front's config for the shape; gpt-mlp's up project
 gelu_tanh and bias): `triton_tma`'s linear_act data-parallel only ("dp") and with its last
 T mod P tiles split into S runs ("s2", "s4", ... forced), cuBLAS's plain x @ W beside them; then
 the whole gpt-mlp through the front (impl triton_tma, `tma_linear.SPLIT_TAIL` off and as the
-model says) beside `F.linear` eager. Every contender timed in palindromic rounds after a warm one
-(bench/paired.py, device time, an L2 flush before each call), so the ratios are taken inside a
-round; the bits against dp and the float64 reference's worst error over the last 2,048 rows (where
-the split tiles are) are recorded. One GPU call:
+model says) beside `F.linear` eager and the front's `mosaic` (torch `auto`'s choice there). Every
+contender timed in palindromic rounds after a warm one (bench/paired.py, device time, an L2 flush
+before each call), so the ratios are taken inside a round; the bits against dp and the float64
+reference's worst error over the last 2,048 rows (where the split tiles are) are recorded. One GPU
+call:
 
     python3 bench/split_tail_probe.py OUT.json [--rounds 7] [--calls 40]
 """
@@ -58,11 +59,12 @@ def _rounds(fns: dict[str, Any], rounds: int, calls: int) -> dict[str, Any]:
     samples = paired.interleave(samplers, rounds)
     return {
         "time": {n: paired.spread(v) for n, v in samples.items()},
-        "ratio": {  # dp ÷ each split, and cuBLAS (eager) ÷ each of ours: above 1, the second wins
+        "ratio": {  # dp, cuBLAS (eager), mosaic ÷ each split: above 1, the second wins
             f"{a}/{b}": paired.spread([x / y for x, y in zip(samples[a], samples[b], strict=True)])
-            for a in ("dp", "cublas")
+            for a in ("dp", "cublas", "mosaic")
+            if a in samples
             for b in samples
-            if b not in (a, "cublas")
+            if b not in (a, "cublas", "mosaic")
         },
     }
 
@@ -123,10 +125,16 @@ def whole_mlp(rounds: int, calls: int) -> dict:
         )
         return torch.nn.functional.linear(h, params["w1"].t(), params["b1"])
 
-    fns = {"dp": tma(False), "model": tma(True), "cublas": eager}
+    def mosaic(i):  # what torch `auto` runs at gpt-mlp M = 8192 on both cards' tables
+        return front.mlp(x, params, spec, impl="mosaic")
+
+    fns = {"dp": tma(False), "model": tma(True), "cublas": eager, "mosaic": mosaic}
     outs = {name: fn(0) for name, fn in fns.items()}
     tma_linear.SPLIT_TAIL = False
-    out = {"case": "gpt-mlp M=8192 (front, impl triton_tma; cublas = F.linear eager)"}
+    out = {
+        "case": "gpt-mlp M=8192 (front: impl triton_tma data-parallel and as the model says, "
+        "impl mosaic; cublas = F.linear eager)"
+    }
     out["bits_differ_from_dp"] = int((outs["model"] != outs["dp"]).sum())
     out.update(_rounds(fns, rounds, calls))
     return out

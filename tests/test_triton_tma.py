@@ -648,6 +648,42 @@ def test_split_tail_against_the_reference(dtype, precision, m, n, splits):
     assert differ <= tail.tiles * cfg.block_m * cfg.block_n, differ
 
 
+@pytest.mark.skipif(
+    not INTERPRET, reason="the model's split on the interpreter's 3 programs (a GPU has 132)"
+)
+def test_the_default_splits_the_last_wave_as_the_model_says():
+    """`SPLIT_TAIL` is on (measured: bench/results/2026-12-07-h100-ed8571f-split-tail/): a call
+    that does not say splits where `last_wave_split` does — 4 tiles on 3 programs, 64 K steps: the
+    one tail tile in 3 runs — with the bits of `split_tail=True` and within the policy of the
+    float64 reference; a shape the model declines (4 K steps) launches no tail."""
+    from fusedmlp.common.tiling import last_wave_split
+
+    assert tma_linear.SPLIT_TAIL is True
+    m, n, k = 30, 56, 64 * INTERPRET_CONFIG.block_k
+    assert last_wave_split(4, 3, 64) == (1, 3) and last_wave_split(4, 3, 4) == (0, 1)
+    spec, x, p = layer_problem("bfloat16", True, m, 570, gated=False, widths=(k, n))
+    xt, wt, bt = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"])
+    _, tail, *_ = tma_linear._linear_act_launch(
+        xt.shape, xt.stride(), wt.shape, wt.stride(), xt.dtype, xt.device, True, False, "silu",
+        INTERPRET_CONFIG, "ieee", "none", "identity", False, False, True,
+    )  # fmt: skip
+    assert tail is not None and (tail.tiles, tail.splits) == (1, 3)
+
+    def run(**kw) -> torch.Tensor:
+        return tma_linear.linear_act_fwd(
+            xt, wt, bt, None, activation="silu", config=INTERPRET_CONFIG, **kw
+        )
+
+    y = run()
+    assert torch.equal(y, run(split_tail=True))
+    assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "silu"), spec, what="default")
+    short = tma_linear._linear_act_launch(
+        xt[:, :64].shape, (64, 1), wt[:64].shape, wt.stride(), xt.dtype, xt.device, True, False,
+        "silu", INTERPRET_CONFIG, "ieee", "none", "identity", False, False, True,
+    )  # fmt: skip
+    assert short[1] is None
+
+
 def test_two_programs_per_sm_walk_every_tile_once():
     """`programs_per_sm` = 2: twice the persistent grid (under the interpreter 6 programs over 16
     tiles: 3, 3, 3, 3, 2, 2; on a GPU as many as there are tiles), the same result as one program

@@ -554,9 +554,12 @@ class SplitTail:
 
 
 _LAUNCHES = LaunchCache(_linear_act_launch)
-# The forward's last wave split in K where a launch does not say (`linear_act_fwd`'s
-# `split_tail`). Off until measured (docs/performance.md, forty-sixth session).
-SPLIT_TAIL = False
+# The last wave split in K where `last_wave_split` says and a launch does not (`linear_act_fwd`'s
+# `split_tail`). On an H100 (bench/results/2026-12-07-h100-ed8571f-split-tail/) gpt-mlp's up
+# projection, the one GEMM measured where the model splits (4 tail tiles in 3 runs), ran 3 % faster
+# (1.609 → 1.554 ms, faster in 6 of 7 paired rounds); where it declines (100-tile tails) no forced
+# split won. bench/split_tail_probe.py sets it to time the front both ways.
+SPLIT_TAIL = True
 
 
 def linear_act_fwd(
@@ -596,7 +599,7 @@ def linear_act_fwd(
 
     `split_tail`: the forward's last T mod P tiles split in K (a second launch) where
     `common.tiling.last_wave_split` says (True), into that many runs a tile (an int ≥ 2), or not
-    (False); None: `SPLIT_TAIL` (bench/split_tail_probe.py sets it to time the front both ways).
+    (False); None: `SPLIT_TAIL` (on).
     """
     if tf32_output and residual is not None:
         raise ValueError(

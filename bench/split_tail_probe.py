@@ -59,7 +59,7 @@ def _rounds(fns: dict[str, Any], rounds: int, calls: int) -> dict[str, Any]:
     samples = paired.interleave(samplers, rounds)
     return {
         "time": {n: paired.spread(v) for n, v in samples.items()},
-        "ratio": {  # dp, cuBLAS (eager), mosaic ÷ each split: above 1, the second wins
+        "ratio": {  # dp, cuBLAS (eager), mosaic ÷ each triton_tma variant: above 1, the second wins
             f"{a}/{b}": paired.spread([x / y for x, y in zip(samples[a], samples[b], strict=True)])
             for a in ("dp", "cublas", "mosaic")
             if a in samples

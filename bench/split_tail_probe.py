@@ -130,14 +130,16 @@ def whole_mlp(rounds: int, calls: int) -> dict:
 
     fns = {"dp": tma(False), "model": tma(True), "cublas": eager, "mosaic": mosaic}
     default = tma_linear.SPLIT_TAIL
-    outs = {name: fn(0) for name, fn in fns.items()}
-    out = {
-        "case": "gpt-mlp M=8192 (front: impl triton_tma data-parallel and as the model says, "
-        "impl mosaic; cublas = F.linear eager)"
-    }
-    out["bits_differ_from_dp"] = int((outs["model"] != outs["dp"]).sum())
-    out.update(_rounds(fns, rounds, calls))
-    tma_linear.SPLIT_TAIL = default
+    try:
+        outs = {name: fn(0) for name, fn in fns.items()}
+        out = {
+            "case": "gpt-mlp M=8192 (front: impl triton_tma data-parallel and as the model says, "
+            "impl mosaic; cublas = F.linear eager)"
+        }
+        out["bits_differ_from_dp"] = int((outs["model"] != outs["dp"]).sum())
+        out.update(_rounds(fns, rounds, calls))
+    finally:
+        tma_linear.SPLIT_TAIL = default
     return out
 
 

@@ -256,7 +256,12 @@ def _waves_cost(m: int, n_out: int, bm: int, bn: int, op_n: int, num_sms: int) -
 # every operand slab from HBM once per tile takes (gpt-mlp's down projection: 232 tiles × 12 MB) —
 # bench/results/2026-12-07-h100-53c8ff4-stream-k/. The cost model below, in tile-times: a wave of
 # runs 1 / S, a run's partial (written, then read back by the last run) `SPLIT_TAIL_RUN_STEPS` K
-# steps; a split only where it saves `SPLIT_TAIL_MIN_GAIN`. A first guess, to be measured.
+# steps; a split only where it saves `SPLIT_TAIL_MIN_GAIN`, and into one wave of runs at most
+# (T mod P · S ≤ P: at most P fp32 partials, 17 MB of 128×256 at 132 SMs, well inside the L2).
+# Measured on an H100 (bench/results/2026-12-07-h100-ed8571f-split-tail/): gpt-mlp's up
+# projection (4 tail tiles in 3 runs, one wave) 3 % faster; every forced split of a 100-tile tail
+# (several waves of runs; 300-900 partials, 39-118 MB) level or slower, llama3-8b's down
+# projection 5.7 % slower at S = 5 — the partials outgrowing the 50 MiB L2 the likely reason.
 SPLIT_TAIL_MIN_STEPS = 8  # K steps a run needs (a pipeline of 4 stages fills in 4)
 SPLIT_TAIL_MAX_SPLITS = 16
 SPLIT_TAIL_RUN_STEPS = 8  # a 128×256 fp32 partial out and back: 256 KB, about 8 K steps' slabs
@@ -270,9 +275,9 @@ def last_wave_split(num_tiles: int, programs: int, k_tiles: int) -> tuple[int, i
     if full == 0 or rest == 0:
         return 0, 1
     best, best_time = 1, 1.0  # unsplit, the tail is one wave
-    for splits in range(2, min(SPLIT_TAIL_MAX_SPLITS, k_tiles // SPLIT_TAIL_MIN_STEPS) + 1):
-        waves = math.ceil(rest * splits / programs) / splits
-        time = waves + SPLIT_TAIL_RUN_STEPS * splits / k_tiles
+    most = min(SPLIT_TAIL_MAX_SPLITS, k_tiles // SPLIT_TAIL_MIN_STEPS, programs // rest)
+    for splits in range(2, most + 1):
+        time = 1 / splits + SPLIT_TAIL_RUN_STEPS * splits / k_tiles  # one wave of runs
         if time < best_time:
             best, best_time = splits, time
     if best == 1 or 1.0 - best_time < SPLIT_TAIL_MIN_GAIN:

@@ -590,6 +590,8 @@ def test_the_last_wave_is_split_where_the_model_says_it_pays():
     assert last_wave_split(4096, 132, 64) == (4, 3)  # gpt-mlp up: 31.03 waves, 4 tiles in 3 runs
     assert last_wave_split(7168, 132, 64) == (40, 3)  # llama3-8b's packed up: 54.3 waves
     assert last_wave_split(1024, 132, 256) == (0, 1)  # its down projection: 100 of 132 busy
+    assert last_wave_split(192, 132, 48) == (60, 2)  # hf-blog's down: one wave of 120 runs
+    assert last_wave_split(132 * 7 + 67, 132, 256) == (0, 1)  # 2 runs of 67 tiles: past a wave
     assert last_wave_split(132 * 8, 132, 64) == (0, 1)  # whole waves
     assert last_wave_split(100, 132, 64) == (0, 1)  # under one wave
     assert last_wave_split(4096, 132, 2 * SPLIT_TAIL_MIN_STEPS - 1) == (0, 1)  # runs too short
@@ -651,37 +653,46 @@ def test_split_tail_against_the_reference(dtype, precision, m, n, splits):
 @pytest.mark.skipif(
     not INTERPRET, reason="the model's split on the interpreter's 3 programs (a GPU has 132)"
 )
-def test_the_default_splits_the_last_wave_as_the_model_says():
+def test_the_default_splits_the_last_wave_as_the_model_says(monkeypatch):
     """`SPLIT_TAIL` is on (measured: bench/results/2026-12-07-h100-ed8571f-split-tail/): a call
-    that does not say splits where `last_wave_split` does — 4 tiles on 3 programs, 64 K steps: the
-    one tail tile in 3 runs — with the bits of `split_tail=True` and within the policy of the
-    float64 reference; a shape the model declines (4 K steps) launches no tail."""
+    that does not say fetches a launch record with a split tail where `last_wave_split` gives one
+    — 4 tiles on 3 programs, 64 K steps: the one tail tile in 3 runs — and its result is within
+    the policy of the float64 reference with the bits of `split_tail=True`; float32 (measured
+    nowhere) and a shape the model declines (4 K steps) fetch none."""
     from fusedmlp.common.tiling import last_wave_split
 
     assert tma_linear.SPLIT_TAIL is True
-    m, n, k = 30, 56, 64 * INTERPRET_CONFIG.block_k
     assert last_wave_split(4, 3, 64) == (1, 3) and last_wave_split(4, 3, 4) == (0, 1)
-    spec, x, p = layer_problem("bfloat16", True, m, 570, gated=False, widths=(k, n))
-    xt, wt, bt = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"])
-    _, tail, *_ = tma_linear._linear_act_launch(
-        xt.shape, xt.stride(), wt.shape, wt.stride(), xt.dtype, xt.device, True, False, "silu",
-        INTERPRET_CONFIG, "ieee", "none", "identity", False, False, True,
-    )  # fmt: skip
-    assert tail is not None and (tail.tiles, tail.splits) == (1, 3)
+    fetched = []
+    real_get = tma_linear._LAUNCHES.get
 
-    def run(**kw) -> torch.Tensor:
-        return tma_linear.linear_act_fwd(
-            xt, wt, bt, None, activation="silu", config=INTERPRET_CONFIG, **kw
-        )
+    def get(key):
+        record = real_get(key)
+        fetched.append(record[1])  # (launch, tail, width, x_kmajor, w_kmajor)
+        return record
 
-    y = run()
-    assert torch.equal(y, run(split_tail=True))
-    assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "silu"), spec, what="default")
-    short = tma_linear._linear_act_launch(
-        xt[:, :64].shape, (64, 1), wt[:64].shape, wt.stride(), xt.dtype, xt.device, True, False,
-        "silu", INTERPRET_CONFIG, "ieee", "none", "identity", False, False, True,
-    )  # fmt: skip
-    assert short[1] is None
+    monkeypatch.setattr(tma_linear._LAUNCHES, "get", get)
+    m, n = 30, 56
+    for dtype, k, splits in (
+        ("bfloat16", 64 * INTERPRET_CONFIG.block_k, (1, 3)),
+        ("float32", 64 * INTERPRET_CONFIG.block_k, None),
+        ("bfloat16", 4 * INTERPRET_CONFIG.block_k, None),
+    ):
+        spec, x, p = layer_problem(dtype, True, m, 570, gated=False, widths=(k, n))
+        xt, wt, bt = to_torch(x), to_torch(p["w0"]), to_torch(p["b0"])
+        fetched.clear()
+        y = tma_linear.linear_act_fwd(xt, wt, bt, None, activation="silu", config=INTERPRET_CONFIG)
+        (tail,) = fetched
+        if splits:
+            assert tail is not None and (tail.tiles, tail.splits) == splits, (dtype, k)
+        else:
+            assert tail is None, (dtype, k)
+        assert_close(to_numpy(y), ref_linear(x, p["w0"], p["b0"], "silu"), spec, what=dtype)
+        if splits:
+            forced = tma_linear.linear_act_fwd(
+                xt, wt, bt, None, activation="silu", config=INTERPRET_CONFIG, split_tail=3
+            )
+            assert torch.equal(y, forced)
 
 
 def test_two_programs_per_sm_walk_every_tile_once():

@@ -504,7 +504,10 @@ def _linear_act_launch(
     k_tiles = cdiv(K, config.block_k)
     tail_tiles, splits = 0, 1
     if split_tail is not False and epilogue == "none" and config.programs_per_sm == 1:
-        if split_tail is True:
+        if split_tail is True and dtype != torch.float32 and not (x_kmajor or w_kmajor):
+            # the model's split where it was measured: 16-bit operands read as they lie (the
+            # forward); float32's K-major weights and the backward's transposed operands have
+            # neither been timed nor tested through the split kernel
             tail_tiles, splits = last_wave_split(num_tiles, programs, k_tiles)
         elif num_tiles > programs and num_tiles % programs and 2 <= split_tail <= k_tiles:
             tail_tiles, splits = num_tiles % programs, split_tail
@@ -558,7 +561,8 @@ _LAUNCHES = LaunchCache(_linear_act_launch)
 # `split_tail`). On an H100 (bench/results/2026-12-07-h100-ed8571f-split-tail/) gpt-mlp's up
 # projection, the one GEMM measured where the model splits (4 tail tiles in 3 runs), ran 3 % faster
 # (1.609 → 1.554 ms, faster in 6 of 7 paired rounds); where it declines (100-tile tails) no forced
-# split won. bench/split_tail_probe.py sets it to time the front both ways.
+# split won. 16-bit operands read as they lie only (`_linear_act_launch`); the probe
+# (bench/split_tail_probe.py) sets it to time the front both ways.
 SPLIT_TAIL = True
 
 
@@ -597,9 +601,10 @@ def linear_act_fwd(
     `tf32_output` — the output is a hidden layer that a tf32 product reads next: stored rounded to
     tf32 (no residual), so that product can read it as it lies.
 
-    `split_tail`: the forward's last T mod P tiles split in K (a second launch) where
-    `common.tiling.last_wave_split` says (True), into that many runs a tile (an int ≥ 2), or not
-    (False); None: `SPLIT_TAIL` (on).
+    `split_tail`: the last T mod P tiles split in K (a second launch, epilogue "none" only) where
+    `common.tiling.last_wave_split` says (True: for 16-bit x and w read as they lie, where it was
+    measured), into that many runs a tile (an int ≥ 2, any layout), or not (False); None:
+    `SPLIT_TAIL` (on).
     """
     if tf32_output and residual is not None:
         raise ValueError(
